@@ -1,0 +1,61 @@
+"""Compile Triton kernels for GPUs that are not here (sm_90, sm_80) and read their resource usage.
+
+Every kernel variant is compiled this way in the tests, so a kernel that only runs in the CPU
+interpreter cannot land. Usage:
+
+    res = compile_for_gpu(_my_kernel, signature={"x_ptr": "*fp16", "n": "i32"},
+                          constexprs={"BLOCK": 128}, arch=90, num_warps=4, num_stages=3)
+    assert res.spills == 0
+
+``signature`` maps every non-constexpr argument to a Triton type string ("*fp16", "*bf16", "*fp32",
+"*i64", "i32", "i64", "fp32"); ``constexprs`` maps every tl.constexpr argument to its value.
+"""
+import dataclasses
+import os
+import re
+import subprocess
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@dataclasses.dataclass
+class CompiledKernel:
+    arch: int
+    registers: int
+    spills: int  # bytes spilled (stores + loads)
+    shared_bytes: int
+    ptx: str
+
+
+def _cuobjdump():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_stages=3):
+    constexprs = dict(constexprs or {})
+    full_sig = dict(signature)
+    for name in constexprs:
+        full_sig.setdefault(name, "constexpr")
+    src = ASTSource(fn=fn, signature=full_sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    cubin = compiled.asm["cubin"]
+    path = f"/tmp/_tc_{os.getpid()}_{fn.__name__}_{arch}.cubin"
+    with open(path, "wb") as f:
+        f.write(cubin)
+    try:
+        out = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.remove(path)
+    reg = int(re.search(r"REG:(\d+)", out).group(1))
+    shared = int(re.search(r"SHARED:(\d+)", out).group(1))
+    stack = re.search(r"STACK:(\d+)", out)
+    spill_st = re.search(r"spill stores? *[:=]? *(\d+)", out, re.I)
+    spill_ld = re.search(r"spill loads? *[:=]? *(\d+)", out, re.I)
+    spills = (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0)
+    if stack and int(stack.group(1)) > 0 and spills == 0:
+        spills = int(stack.group(1))  # a stack frame on these kernels means local-memory spilling
+    return CompiledKernel(arch=arch, registers=reg, spills=spills, shared_bytes=shared, ptx=compiled.asm["ptx"])
