@@ -18,6 +18,7 @@ import subprocess
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
 
 
 @dataclasses.dataclass
@@ -33,7 +34,15 @@ def _cuobjdump():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
+def _as_jit_function(fn):
+    # Under TRITON_INTERPRET=1 @triton.jit yields an InterpretedFunction; rebuild the compilable form.
+    if isinstance(fn, JITFunction):
+        return fn
+    return JITFunction(fn.fn)
+
+
 def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_stages=3):
+    fn = _as_jit_function(fn)
     constexprs = dict(constexprs or {})
     full_sig = dict(signature)
     for name in constexprs:

@@ -1,0 +1,126 @@
+"""Shared benchmark plumbing: timing, peak memory, CSV rows and plots.
+
+Every benchmark writes rows with the columns in ``FIELDS``; ``extra`` holds anything op-specific
+as ``key=value;key=value``. Timings on CUDA use CUDA events around repeated calls after warm-up;
+on CPU they use wall-clock time (CI runs the benchmarks on CPU with tiny shapes so they never rot).
+"""
+import csv
+import datetime
+import os
+import subprocess
+import time
+
+import torch
+
+FIELDS = ["gpu", "date", "commit", "bench", "shape", "impl", "pass", "ms", "tflops", "peak_mb", "extra"]
+
+
+def device_name(device=None):
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def git_commit():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return os.environ.get("LLM2VEC_COMMIT", "unknown")
+
+
+def timeit(fn, warmup=3, iters=10, device="cuda"):
+    """Median milliseconds of fn() over iters runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def peak_memory_mb(fn, device="cuda"):
+    """Peak CUDA memory above what was allocated before fn() ran (MB). NaN on CPU."""
+    if not (device == "cuda" and torch.cuda.is_available()):
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+class CsvWriter:
+    def __init__(self, path, bench):
+        self.path, self.bench = path, bench
+        self.meta = {"gpu": device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit()}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        new = not os.path.exists(path)
+        self._f = open(path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=FIELDS)
+        if new:
+            self._w.writeheader()
+        self.rows = []
+
+    def add(self, shape, impl, pass_, ms, tflops=float("nan"), peak_mb=float("nan"), **extra):
+        row = dict(self.meta, bench=self.bench, shape=shape, impl=impl, **{"pass": pass_},
+                   ms=f"{ms:.4f}", tflops=f"{tflops:.2f}", peak_mb=f"{peak_mb:.1f}",
+                   extra=";".join(f"{k}={v}" for k, v in extra.items()))
+        self._w.writerow(row)
+        self._f.flush()
+        self.rows.append(row)
+        print(f"{self.bench:12s} {shape:40s} {impl:22s} {pass_:8s} {float(ms):10.3f} ms "
+              f"{float(tflops):8.1f} TFLOP/s {float(peak_mb):10.1f} MB {row['extra']}", flush=True)
+        return row
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot(csv_path, png_path, metric="ms", title=None):
+    """Grouped bar chart of ``metric`` per (shape, pass), one bar per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path) if r[metric] not in ("nan", "")]
+    if not rows:
+        return None
+    groups = sorted({(r["shape"], r["pass"]) for r in rows}, key=lambda g: (g[1], g[0]))
+    impls = sorted({r["impl"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.9), 5))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        vals = []
+        for g in groups:
+            match = [float(r[metric]) for r in rows if (r["shape"], r["pass"]) == g and r["impl"] == impl]
+            vals.append(match[-1] if match else 0.0)
+        ax.bar([x + i * width for x in range(len(groups))], vals, width, label=impl)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+    ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{os.path.basename(csv_path)} ({rows[0]['gpu']}, {rows[0]['commit']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
