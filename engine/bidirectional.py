@@ -1,0 +1,160 @@
+"""One generic switch that makes a decoder-only model attend bidirectionally.
+
+It works through transformers' public extension points only:
+
+* ``AttentionInterface.register(ATTN_NAME, _attention)``: every attention layer of every supported
+  family calls ``_attention(module, q, k, v, attention_mask, dropout=, scaling=, sliding_window=,
+  softcap=, **kwargs)``; we route that to ``kernels.flash_attention`` (non-causal).
+* ``AttentionMaskInterface.register(ATTN_NAME, _padding_mask)``: mask construction returns the 2-D
+  padding mask (or None) instead of a causal 4-D mask, so nothing causal survives and no dense
+  (B, 1, S, S) mask is ever built.
+
+Inputs can arrive three ways: packed varlen (batch 1 with ``cu_seq_lens_q``/``max_length_q`` kwargs,
+as the engine always calls it: no work is spent on padding anywhere in the model), padded with a
+2-D mask (unpadded per layer here), or dense without padding.
+
+The per-architecture table below lists what each family needs; anything else is refused with a
+clear error, since a family whose attention module ignores the interface would silently stay causal.
+"""
+import torch
+
+import kernels
+
+ATTN_NAME = "llm2vec_bidirectional"
+
+# model_type -> notes on what the switch must honour for that family.
+SUPPORTED_ARCHITECTURES = {
+    "llama": {},
+    "mistral": {"sliding_window": True},
+    "qwen2": {"sliding_window": True},
+    "qwen3": {"sliding_window": True},
+    "gemma": {},
+    "gemma2": {"sliding_window": True, "attn_softcap": True, "final_softcap": True},
+}
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def check_architecture(config):
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported for bidirectional conversion; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
+    return SUPPORTED_ARCHITECTURES[model_type]
+
+
+def _cu_from_mask(mask2d):
+    # mask2d: (B, S) bool -> token indices into the flattened (B*S) layout, cu_seqlens (B+1,) int32, max len
+    lengths = mask2d.sum(dim=1, dtype=torch.int32)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=mask2d.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    idx = mask2d.flatten().nonzero().squeeze(1)
+    return idx, cu, int(lengths.max().item()) if lengths.numel() else 0
+
+
+def _draw_seed():
+    # From torch's CPU RNG so that activation checkpointing and gradient caching, which replay the RNG
+    # state, replay the same dropout pattern.
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _varlen(q, k, v, cu, max_len, scale, dropout, window, softcap, module):
+    # q: (T, Hq, D), k/v: (T, Hkv, D)
+    seed = _draw_seed() if dropout > 0 else None
+    needs_window = window is not None and max_len > window
+    if softcap is not None or needs_window:
+        # The Triton kernel has neither soft-capping nor banded masks: take the exact torch path.
+        return kernels.flash_attention_reference(
+            q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout, seed=seed,
+            window=window if needs_window else None, softcap=softcap)
+    return kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout,
+                                   seed=seed)
+
+
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+               softcap=None, **kwargs):
+    # query: (B, Hq, S, D), key/value: (B, Hkv, S, D) -> output (B, S, Hq, D), no weights
+    B, Hq, S, D = query.shape
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if B != 1:
+            raise ValueError("packed varlen attention expects batch size 1")
+        out = _varlen(q[0], k[0], v[0], cu.to(torch.int32), int(kwargs.get("max_length_q") or S), scaling,
+                      dropout, sliding_window, softcap, module)
+        return out.unsqueeze(0), None
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        idx, cu, max_len = _cu_from_mask(attention_mask.bool())
+        flat = lambda t: t.reshape(B * S, t.shape[2], D).index_select(0, idx)  # noqa: E731
+        o = _varlen(flat(q), flat(k), flat(v), cu, max_len, scaling, dropout, sliding_window, softcap, module)
+        out = q.new_zeros(B * S, Hq, D).index_copy(0, idx, o)
+        return out.view(B, S, Hq, D), None
+    if attention_mask is not None and attention_mask.dim() == 4:
+        raise ValueError("the bidirectional attention path takes 2-D padding masks, not 4-D masks")
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
+    o = _varlen(q.reshape(B * S, -1, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D), cu, S, scaling,
+                dropout, sliding_window, softcap, module)
+    return o.view(B, S, Hq, D), None
+
+
+def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                  attention_mask=None, **kwargs):
+    # Ignore the causal mask_function: bidirectional means "every real token sees every real token".
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+_registered = False
+
+
+def register():
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, _padding_mask)
+    _registered = True
+
+
+def set_attention_dropout(model, p):
+    """Dropout on attention probabilities in every attention layer (active only in train mode)."""
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "attention_dropout") and hasattr(mod, "q_proj"):
+            mod.attention_dropout = float(p)
+            n += 1
+    model.config.attention_dropout = float(p)
+    return n
+
+
+def make_bidirectional(model):
+    """Switch a loaded HF decoder (or a PEFT wrapper of one) to bidirectional attention in place."""
+    register()
+    base = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    check_architecture(base.config)
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(ATTN_NAME)
+    else:  # older transformers
+        base.config._attn_implementation = ATTN_NAME
+    for cfg in {id(c): c for c in (base.config, getattr(base.config, "text_config", None)) if c is not None}.values():
+        cfg._attn_implementation = ATTN_NAME
+        cfg.is_causal = False
+    for mod in base.modules():
+        if hasattr(mod, "is_causal"):
+            mod.is_causal = False
+    return model
+
+
+def is_bidirectional(model):
+    cfg = model.config
+    return getattr(cfg, "_attn_implementation", None) == ATTN_NAME

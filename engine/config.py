@@ -1,0 +1,298 @@
+"""Typed run configuration: YAML files mapped onto dataclasses, with ``key=value`` overrides.
+
+    cfg = load_config("configs/smollm2-135m/mntp.yaml", ["max_steps=20", "lora.r=8", "data=a.txt"])
+
+Unknown keys are errors that name the key and suggest close matches. The DeepSpeed dict is built
+from the config (``deepspeed_config``); nothing is left as "auto".
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+STAGES = ("mntp", "simcse", "supervised")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # hub id, local HF folder, GGUF folder/file, or an alias such as "smollm2-135m"
+    gguf_file: typing.Optional[str] = None  # GGUF file name inside name_or_path (or a full path)
+    tokenizer: typing.Optional[str] = None  # defaults to the model's own
+    random_init: typing.Optional[dict] = None  # transformers config kwargs (with model_type): random weights, tests only
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    bidirectional: bool = True
+    attention: str = "auto"  # attention kernel: auto (Triton on CUDA, torch on CPU) | triton | torch
+    loss: str = "auto"  # masked-CE / contrastive kernels: auto | triton | torch
+    attention_dropout: float = 0.0  # dropout on attention probabilities (SimCSE uses 0.3)
+    gradient_checkpointing: bool = True
+    adapters: typing.List[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: typing.List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class MNTPConfig:
+    mask_prob: float = 0.2
+    scheme: str = "bert"  # bert: 80% mask token / 10% random / 10% unchanged;  all: always the mask token
+    mask_token: str = "_"  # "_" (a blank token), "eos", "<mask>" (added to the vocab), or any single token
+    z_loss: float = 0.0
+
+
+@dataclass
+class ContrastiveConfig:
+    temperature: float = 0.05
+    pooling: str = "mean"  # mean | weighted_mean | eos | last | bos
+    max_len: int = 128  # query / sentence max tokens
+    doc_max_len: typing.Optional[int] = None  # positives/negatives; defaults to max_len
+    instruction: str = ""  # default instruction for queries when the data has none
+    num_hard_negatives: int = 1
+    gather_across_ranks: bool = True
+    grad_cache_chunk: int = 0  # >0: gradient caching with this many texts per chunk
+    source_homogeneous_batches: bool = True
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "mntp"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    mntp: MNTPConfig = field(default_factory=MNTPConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    data: typing.List[str] = field(default_factory=list)  # local files or hf:NAME[:CONFIG[:SPLIT]]
+    eval_data: typing.List[str] = field(default_factory=list)
+    max_samples: int = 0  # >0: use only the first N documents/examples (quick runs)
+    output_dir: str = "outputs/run"
+    max_seq_len: int = 512
+    batch_size: int = 32  # global batch per optimizer step
+    micro_batch_size: int = 4  # per rank per forward
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    lr_schedule: str = "linear"  # linear | cosine | constant
+    max_steps: int = 1000
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 20
+    save_every: int = 0  # 0: save only at the end
+    keep_checkpoints: int = 2
+    logger: str = "csv"  # csv | tensorboard | both
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    progress_bar: bool = True
+
+
+def _type_name(tp):
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _coerce(value, [a for a in args if a is not type(None)][0], key)
+    if origin in (list, typing.List):
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(v, args[0], key) if args else v for v in value]
+    if origin in (dict, typing.Dict) or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown(key, known, prefix):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(sorted(known))})")
+
+
+def _build(cls, raw, prefix=""):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {raw!r}")
+    hints = _fields(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise _unknown(key, list(hints), prefix)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def _set_dotted(raw, dotted, value, cls):
+    parts = dotted.split(".")
+    node, node_cls, prefix = raw, cls, ""
+    for i, part in enumerate(parts):
+        hints = _fields(node_cls)
+        if part not in hints:
+            raise _unknown(part, list(hints), prefix)
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(hints[part]):
+            raise ConfigError(f"config key '{prefix}{part}' is not a section; cannot set '{dotted}'")
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        node_cls, prefix = hints[part], prefix + part + "."
+
+
+def parse_overrides(items):
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value) if value.strip() else ""))
+    return out
+
+
+def load_config(path=None, overrides=()):
+    raw = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for key, value in parse_overrides(overrides):
+        if key in ("data", "eval_data", "model.adapters") and isinstance(value, str) and "," in value:
+            value = [v for v in value.split(",") if v]
+        _set_dotted(raw, key, value, TrainConfig)
+    cfg = _build(TrainConfig, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
+    if not cfg.model.name_or_path and not cfg.model.random_init:
+        raise ConfigError("model.name_or_path is required (or model.random_init for a random test model)")
+    for key, allowed in (("model.attention", ("auto", "triton", "torch")), ("model.loss", ("auto", "triton", "torch")),
+                         ("model.dtype", ("auto", "bf16", "fp16", "fp32")),
+                         ("lr_schedule", ("linear", "cosine", "constant")),
+                         ("logger", ("csv", "tensorboard", "both")),
+                         ("mntp.scheme", ("bert", "all")),
+                         ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos"))):
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {obj!r}")
+    if not 0.0 < cfg.mntp.mask_prob < 1.0:
+        raise ConfigError(f"mntp.mask_prob must be in (0, 1), got {cfg.mntp.mask_prob}")
+    for key in ("batch_size", "micro_batch_size", "max_steps", "max_seq_len"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_stage must be 0..3, got {cfg.zero_stage}")
+    if not 0.0 <= cfg.model.attention_dropout < 1.0:
+        raise ConfigError(f"model.attention_dropout must be in [0, 1), got {cfg.model.attention_dropout}")
+
+
+def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.batch_size % per_step != 0:
+        raise ConfigError(
+            f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {cfg.micro_batch_size} x world size "
+            f"{world_size} = {per_step}; choose a batch_size that is a multiple of {per_step}")
+    return cfg.batch_size // per_step
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16: bool = False) -> dict:
+    """The DeepSpeed dict, fully resolved from the run config (no "auto")."""
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero.update({
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+            "stage3_param_persistence_threshold": 10_000,
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_prefetch_bucket_size": 50_000_000,
+            "reduce_bucket_size": 50_000_000,
+        })
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params and cfg.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
+        "gradient_clipping": cfg.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_bf16)},
+        "fp16": {"enabled": bool(use_fp16)},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

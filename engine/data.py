@@ -1,0 +1,298 @@
+"""Reading training data and planning batches.
+
+Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` package and network):
+
+* plain text: one document (or sentence) per line;
+* JSONL: a ``text`` field (MNTP/SimCSE), or ``query``/``positive``/``negative(s)``/``instruction``
+  (supervised; an optional ``source`` field groups examples so that each batch comes from one source);
+* the STS Benchmark TSV (genre, source, year, id, score, sentence1, sentence2[, extra columns...]).
+
+Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty, malformed
+and (later, at tokenisation) truncated counts, which the trainer logs.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class DataStats:
+    read: int = 0
+    kept: int = 0
+    empty: int = 0
+    duplicates: int = 0
+    truncated: int = 0  # texts cut to the max length at tokenisation
+    sources: dict = dataclasses.field(default_factory=dict)
+
+    def merge(self, other):
+        for f in ("read", "kept", "empty", "duplicates", "truncated"):
+            setattr(self, f, getattr(self, f) + getattr(other, f))
+        for k, v in other.sources.items():
+            self.sources[k] = self.sources.get(k, 0) + v
+        return self
+
+    def summary(self):
+        return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
+                f"truncated {self.truncated}, sources {self.sources}")
+
+
+def _check_file(path):
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path} (use hf:NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset)")
+    if not os.path.isfile(path):
+        raise DataError(f"data path is not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data file is empty: {path}")
+
+
+def is_sts_file(path):
+    """STS Benchmark TSV: >= 7 tab-separated fields with a numeric score in column 5."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 7:
+                return False
+            try:
+                float(parts[4])
+                return True
+            except ValueError:
+                return False
+    return False
+
+
+def read_sts(path):
+    """[(sentence1, sentence2, score)] from an STS Benchmark TSV. Malformed rows are errors with a line number."""
+    _check_file(path)
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 7:
+                raise DataError(f"{path}:{n}: expected >= 7 tab-separated columns (genre, source, year, id, score, "
+                                f"sentence1, sentence2), got {len(parts)}")
+            try:
+                score = float(parts[4])
+            except ValueError:
+                raise DataError(f"{path}:{n}: score column is not a number: {parts[4]!r}") from None
+            pairs.append((parts[5].strip(), parts[6].strip(), score))
+    if not pairs:
+        raise DataError(f"no STS pairs in {path}")
+    return pairs
+
+
+def _load_hf(spec):
+    parts = spec[3:].split(":")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: Hugging Face datasets need `pip install datasets` (and network)") from None
+    return datasets.load_dataset(name, config, split=split)
+
+
+def read_texts(sources, max_samples=0, dedup=False):
+    """Documents/sentences for MNTP and SimCSE. Returns (texts, stats)."""
+    if not sources:
+        raise DataError("no data given: set data=FILE (or a list of files)")
+    texts, stats = [], DataStats()
+    seen = set()
+    for src in sources:
+        if src.startswith("hf:"):
+            ds = _load_hf(src)
+            col = "text" if "text" in ds.column_names else ds.column_names[0]
+            raw = (r[col] for r in ds)
+        else:
+            _check_file(src)
+            if is_sts_file(src):
+                raw = (s for a, b, _ in read_sts(src) for s in (a, b))
+            elif src.endswith((".jsonl", ".json")):
+                raw = _jsonl_field(src, "text")
+            else:
+                raw = _lines(src)
+        n_before = len(texts)
+        for t in raw:
+            stats.read += 1
+            t = (t or "").strip()
+            if not t:
+                stats.empty += 1
+                continue
+            if dedup:
+                if t in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(t)
+            texts.append(t)
+            if max_samples and len(texts) >= max_samples:
+                break
+        stats.sources[src] = len(texts) - n_before
+        if max_samples and len(texts) >= max_samples:
+            break
+    stats.kept = len(texts)
+    if not texts:
+        raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
+    return texts, stats
+
+
+def _lines(path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n")
+
+
+def _jsonl_field(path, field):
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            yield ""
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if field not in obj:
+            raise DataError(f"{path}:{n}: missing field {field!r}")
+        yield obj[field]
+
+
+def read_supervised(sources, max_samples=0, default_instruction=""):
+    """[{query, positive, negatives: [...], instruction, source}] from JSONL. Returns (examples, stats)."""
+    if not sources:
+        raise DataError("no data given: set data=FILE.jsonl")
+    out, stats = [], DataStats()
+    for src in sources:
+        if src.startswith("hf:"):
+            rows = ((i, dict(r)) for i, r in enumerate(_load_hf(src), 1))
+        else:
+            _check_file(src)
+            rows = _json_rows(src)
+        n_before = len(out)
+        for n, obj in rows:
+            stats.read += 1
+            if obj is None:
+                stats.empty += 1
+                continue
+            for key in ("query", "positive"):
+                if key not in obj:
+                    raise DataError(f"{src}:{n}: missing field {key!r} (supervised rows need query, positive, "
+                                    f"negative or negatives)")
+            negs = obj.get("negatives", obj.get("negative", []))
+            negs = [negs] if isinstance(negs, str) else list(negs)
+            q, p = str(obj["query"]).strip(), str(obj["positive"]).strip()
+            if not q or not p or not negs or any(not str(x).strip() for x in negs):
+                stats.empty += 1
+                continue
+            out.append({"query": q, "positive": p, "negatives": [str(x).strip() for x in negs],
+                        "instruction": obj.get("instruction", default_instruction) or "",
+                        "source": str(obj.get("source", src))})
+            if max_samples and len(out) >= max_samples:
+                break
+        stats.sources[src] = len(out) - n_before
+        if max_samples and len(out) >= max_samples:
+            break
+    stats.kept = len(out)
+    if not out:
+        raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
+    return out, stats
+
+
+def _json_rows(path):
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            yield n, None
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+
+
+def chunk_documents(texts, tokenizer, max_seq_len):
+    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens (BOS first if the model has one).
+
+    Nothing is lost: a long document spans several blocks; the last, shorter block is kept (padded later).
+    """
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+    body = max_seq_len - len(bos)
+    if body < 2:
+        raise DataError(f"max_seq_len {max_seq_len} is too short")
+    stream, blocks = [], []
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for ids in enc:
+        stream.extend(ids)
+        if eos is not None:
+            stream.append(eos)
+        while len(stream) >= body:
+            blocks.append(bos + stream[:body])
+            stream = stream[body:]
+    if len(stream) > 1:
+        blocks.append(bos + stream)
+    return blocks
+
+
+class BatchPlan:
+    """Deterministic global batches, sharded over ranks and accumulation steps.
+
+    Global batch g of epoch e is a fixed function of (seed, e); rank r's a-th micro-batch of it is
+    ``g[(a * world + r) * micro : ... + micro]``. The position after k optimizer steps is therefore
+    (k // steps_per_epoch, k % steps_per_epoch): resuming at a step resumes at the same data.
+    With ``groups`` (a source label per item) every global batch is drawn from one source.
+    """
+
+    def __init__(self, n_items, global_batch, micro, world, rank, seed, groups=None):
+        if n_items < global_batch:
+            raise DataError(f"the data has {n_items} examples, fewer than one global batch ({global_batch})")
+        self.n, self.global_batch, self.micro, self.world, self.rank, self.seed = (
+            n_items, global_batch, micro, world, rank, seed)
+        self.accum = global_batch // (micro * world)
+        self.groups = groups
+        self._cache = {}
+        self.steps_per_epoch = len(self._epoch(0))
+        if self.steps_per_epoch == 0:
+            raise DataError("no source has enough examples for one global batch")
+
+    def _epoch(self, epoch):
+        if epoch not in self._cache:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            if self.groups is None:
+                order = list(range(self.n))
+                rng.shuffle(order)
+                batches = [order[i:i + self.global_batch]
+                           for i in range(0, self.n - self.global_batch + 1, self.global_batch)]
+            else:
+                by_src = {}
+                for i, g in enumerate(self.groups):
+                    by_src.setdefault(g, []).append(i)
+                batches = []
+                for src in sorted(by_src):
+                    idx = by_src[src]
+                    rng.shuffle(idx)
+                    batches += [idx[i:i + self.global_batch]
+                                for i in range(0, len(idx) - self.global_batch + 1, self.global_batch)]
+                rng.shuffle(batches)
+            self._cache = {epoch: batches}
+        return self._cache[epoch]
+
+    def position(self, step):
+        return step // self.steps_per_epoch, step % self.steps_per_epoch
+
+    def micro_batches(self, step):
+        """The `accum` micro-batches (index lists) this rank processes for optimizer step `step`."""
+        epoch, i = self.position(step)
+        g = self._epoch(epoch)[i]
+        return [g[(a * self.world + self.rank) * self.micro:(a * self.world + self.rank + 1) * self.micro]
+                for a in range(self.accum)]
+
+    @property
+    def epochs_for(self):
+        return lambda steps: math.ceil(steps / self.steps_per_epoch)

@@ -1,0 +1,156 @@
+"""Loading models and running them the engine's way (packed, padding-free).
+
+``load_model`` turns a model spec (hub name, local HF folder, GGUF, alias such as "smollm2-135m",
+or a random test config) into (model, tokenizer), merges earlier stages' adapters, makes it
+bidirectional and sets attention dropout. ``packed_hidden_states`` runs the decoder on only the
+real tokens of a padded batch: sequences are concatenated into one (1, T) row with per-sequence
+position ids and cu_seqlens, so neither attention nor the MLPs spend work on padding.
+"""
+import json
+import os
+
+import torch
+
+from . import assets
+from .bidirectional import check_architecture, make_bidirectional, set_attention_dropout
+
+
+def resolve_model_path(name_or_path, gguf_file=None):
+    """Return (path, gguf_file) for from_pretrained. Aliases are fetched into the local cache."""
+    if assets.is_alias(name_or_path):
+        return assets.fetch(name_or_path, quiet=True), None
+    if name_or_path.endswith(".gguf"):
+        if not os.path.isfile(name_or_path):
+            raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
+        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+    if gguf_file and os.path.isabs(gguf_file):
+        return os.path.dirname(gguf_file), os.path.basename(gguf_file)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"model path not found: {name_or_path}")
+    return os.path.expanduser(name_or_path), gguf_file
+
+
+def torch_dtype(name, device_type):
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_tokenizer(mcfg):
+    from transformers import AutoTokenizer
+
+    name = mcfg.tokenizer or mcfg.name_or_path
+    path, gguf = resolve_model_path(name, mcfg.gguf_file if not mcfg.tokenizer else None)
+    kw = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
+    """(model, tokenizer) with earlier adapters merged, bidirectional per config. No new LoRA here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = torch_dtype(mcfg.dtype, device_type)
+    tok = tokenizer or load_tokenizer(mcfg)
+    if mcfg.random_init:
+        spec = dict(mcfg.random_init)
+        model_type = spec.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model.random_init needs a model_type (e.g. llama)")
+        seed = spec.pop("seed", 0)
+        spec.setdefault("vocab_size", len(tok))
+        config = AutoConfig.for_model(model_type, **spec)
+        check_architecture(config)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        path, gguf = resolve_model_path(mcfg.name_or_path, mcfg.gguf_file)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code,
+                                            **({"gguf_file": gguf} if gguf else {}))
+        if bidirectional if bidirectional is not None else mcfg.bidirectional:
+            check_architecture(config)  # fail before loading weights
+        kw = {"gguf_file": gguf} if gguf else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
+                                                     attn_implementation="sdpa", **kw)
+    for adapter in mcfg.adapters:
+        model = merge_adapter(model, adapter)
+    if bidirectional if bidirectional is not None else mcfg.bidirectional:
+        make_bidirectional(model)
+    set_attention_dropout(model, mcfg.attention_dropout)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def merge_adapter(model, adapter_path):
+    from peft import PeftModel
+
+    if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
+        raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter_path}")
+    model = PeftModel.from_pretrained(model, adapter_path)
+    return model.merge_and_unload()
+
+
+def add_lora(model, lcfg):
+    from peft import LoraConfig, get_peft_model
+
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in lcfg.target_modules if t in present]
+    if not targets:
+        raise ValueError(f"none of lora.target_modules {lcfg.target_modules} exist in this model")
+    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, pcfg)
+
+
+def decoder_of(model):
+    """The bare decoder stack (embeddings -> final norm) under any PEFT/CausalLM wrapping."""
+    base = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    return base.get_decoder() if hasattr(base, "get_decoder") else base.model
+
+
+def lm_head_of(model):
+    base = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    return base.get_output_embeddings()
+
+
+def pack(input_ids, attention_mask):
+    # (B, S) padded (left or right) -> ids (1, T), position_ids (1, T), cu (B+1,), max_len, flat index (T,)
+    mask = attention_mask.to(torch.bool)
+    lengths = mask.sum(1)
+    if bool((lengths == 0).any()):
+        raise ValueError("empty sequence in batch (all padding)")
+    idx = mask.flatten().nonzero().squeeze(1)
+    pos = (torch.cumsum(mask, dim=1) - 1).flatten().index_select(0, idx)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return input_ids.flatten().index_select(0, idx)[None], pos[None], cu, int(lengths.max().item()), idx
+
+
+def packed_hidden_states(model, input_ids, attention_mask, packed=True):
+    """Final hidden states (B, S, H) of a padded batch; padding rows are zero."""
+    dec = decoder_of(model)
+    if not packed:
+        pos = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)
+        return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+    ids, pos, cu, max_len, idx = pack(input_ids, attention_mask)
+    out = dec(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
+              max_length_k=max_len).last_hidden_state[0]  # (T, H)
+    B, S = input_ids.shape
+    full = out.new_zeros(B * S, out.shape[-1]).index_copy(0, idx, out)
+    return full.view(B, S, -1)
+
+
+def save_encoder_meta(path, meta):
+    tmp = os.path.join(path, "engine_encoder.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(path, "engine_encoder.json"))

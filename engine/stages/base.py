@@ -1,0 +1,48 @@
+import torch
+
+
+class Stage:
+    """A training stage: items -> collated batch -> loss.
+
+    ``load(sources)`` returns (items, stats, groups or None); ``collate(items, generator)`` builds
+    tensors on CPU; ``loss(module, batch)`` runs inside the DeepSpeed-wrapped module's forward;
+    ``train_micro_step(engine, batch)`` does forward + backward for one micro-batch.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+
+    def prepare_model(self, model):
+        return model
+
+    def load(self, sources, max_samples=0):
+        raise NotImplementedError
+
+    def collate(self, items, generator):
+        raise NotImplementedError
+
+    def loss(self, module, batch):
+        raise NotImplementedError
+
+    def train_micro_step(self, engine, batch):
+        loss, metrics = engine(batch)
+        engine.backward(loss)
+        return loss.detach(), metrics
+
+    @torch.no_grad()
+    def evaluate(self, engine, items, world, rank, max_batches):
+        """Mean loss over held-out items (every rank runs the same batches: ZeRO-3 forward is collective)."""
+        losses = []
+        g = torch.Generator().manual_seed(1234)
+        mb = self.cfg.micro_batch_size
+        for b in range(min(max_batches, max(1, len(items) // mb))):
+            batch = self.collate(items[b * mb:(b + 1) * mb], g)
+            loss, _ = engine(batch)
+            losses.append(float(loss))
+        return {"eval_loss": sum(losses) / max(len(losses), 1)}
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -1,0 +1,84 @@
+"""Shared machinery of the contrastive stages: embedding, the loss, and gradient caching.
+
+Gradient caching (``contrastive.grad_cache_chunk > 0``) makes the contrastive batch independent of
+activation memory: (1) embed the micro-batch in chunks without grad, saving the RNG state before
+each chunk; (2) compute the loss (cross-rank negatives included) on the detached embeddings and get
+d loss / d embedding; (3) re-embed each chunk with grad, replaying its RNG state so dropout masks
+are identical (SimCSE relies on dropout), and back-propagate the cached embedding gradients
+through it as the surrogate loss sum(e * g).
+"""
+import torch
+
+import kernels
+
+from ..encoding import embed_batch
+from .base import Stage
+
+
+def _rng_state():
+    st = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st):
+    torch.set_rng_state(st["cpu"])
+    if "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+class ContrastiveStage(Stage):
+    """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries."""
+
+    def embed(self, module, input_ids, attention_mask, pool_mask):
+        return embed_batch(module.model, input_ids, attention_mask, pool_mask, self.cfg.contrastive.pooling)
+
+    def split(self, emb, batch):
+        nq = int(batch["n_queries"])
+        return emb[:nq], emb[nq:]
+
+    def contrastive(self, q, d):
+        c = self.cfg.contrastive
+        return kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
+
+    def loss(self, module, batch):
+        if batch.get("mode") == "embed":
+            return self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"]), {}
+        emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"])
+        q, d = self.split(emb, batch)
+        return self.contrastive(q, d), {"tokens": batch["attention_mask"].sum()}
+
+    def train_micro_step(self, engine, batch):
+        chunk = self.cfg.contrastive.grad_cache_chunk
+        if chunk <= 0:
+            return super().train_micro_step(engine, batch)
+        n = batch["input_ids"].shape[0]
+        spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+        def sub(s, e):
+            return {"mode": "embed", "input_ids": batch["input_ids"][s:e], "attention_mask": batch["attention_mask"][s:e],
+                    "pool_mask": batch["pool_mask"][s:e]}
+
+        states, embs = [], []
+        with torch.no_grad():
+            for s, e in spans:
+                states.append(_rng_state())
+                embs.append(engine(sub(s, e))[0])
+        after = _rng_state()
+        emb = torch.cat(embs).detach().requires_grad_(True)
+        q, d = self.split(emb, batch)
+        loss = self.contrastive(q, d)
+        loss.backward()
+        cached = emb.grad
+        for (s, e), st in zip(spans, states):
+            _set_rng_state(st)
+            e_chunk = engine(sub(s, e))[0]
+            engine.backward((e_chunk * cached[s:e].to(e_chunk.dtype)).sum())
+        _set_rng_state(after)
+        return loss.detach(), {"tokens": batch["attention_mask"].sum()}
+
+    @torch.no_grad()
+    def evaluate(self, engine, items, world, rank, max_batches):
+        out = super().evaluate(engine, items, world, rank, max_batches)
+        return out

@@ -1,0 +1,38 @@
+"""Supervised contrastive learning on (query, positive, hard negatives) with instructions.
+
+Queries carry their instruction (attended, not pooled); documents carry none. Candidates are
+[positives (B), hard negatives (B*n)], gathered across ranks with gradient, so each query sees
+world * B * (1 + n) candidates. With several sources, each global batch is drawn from one source.
+"""
+import torch
+
+from ..data import read_supervised
+from ..encoding import pad_batch, tokenize_with_instruction
+from .contrastive import ContrastiveStage
+
+
+class SupervisedStage(ContrastiveStage):
+    name = "supervised"
+
+    def load(self, sources, max_samples=0):
+        ex, stats = read_supervised(sources, max_samples, self.cfg.contrastive.instruction)
+        groups = [e["source"] for e in ex] if self.cfg.contrastive.source_homogeneous_batches else None
+        if groups is not None and len(set(groups)) == 1:
+            groups = None
+        return ex, stats, groups
+
+    def collate(self, items, generator):
+        if not items:
+            raise ValueError("empty batch")
+        c = self.cfg.contrastive
+        n = c.num_hard_negatives
+        doc_len = c.doc_max_len or c.max_len
+        q_ids, q_pm, t1 = tokenize_with_instruction(self.tok, [e["query"] for e in items],
+                                                    [e["instruction"] for e in items], c.max_len, c.pooling)
+        docs = [e["positive"] for e in items]
+        for k in range(n):
+            docs += [e["negatives"][k % len(e["negatives"])] for e in items]
+        d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, None, doc_len, c.pooling)
+        ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
+        return {"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": torch.tensor(len(items)),
+                "truncated": t1 + t2}

@@ -1,0 +1,39 @@
+"""Train one LLM2Vec stage.
+
+    deepspeed [--num_gpus N | --hostfile H] engine/train.py --config configs/X.yaml [key=value ...]
+    python engine/train.py --config configs/X.yaml [key=value ...]        # one process
+"""
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import ConfigError, load_config  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML run config")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from engine.data import DataError
+    from engine.trainer import train
+
+    try:
+        train(cfg)
+    except (DataError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
