@@ -174,7 +174,7 @@ def read_supervised(sources, max_samples=0, default_instruction=""):
             rows = ((i, dict(r)) for i, r in enumerate(_load_hf(src), 1))
         else:
             _check_file(src)
-            rows = _json_rows(src)
+            rows = ((i, r) for i, r in enumerate(sts_supervised_rows(src), 1)) if is_sts_file(src) else _json_rows(src)
         n_before = len(out)
         for n, obj in rows:
             stats.read += 1
@@ -203,6 +203,36 @@ def read_supervised(sources, max_samples=0, default_instruction=""):
     if not out:
         raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
     return out, stats
+
+
+def sts_supervised_rows(path, positive_min=4.0, negative_max=2.0):
+    """Supervised rows from an STS Benchmark TSV (scores as the only supervision).
+
+    Each pair scoring >= positive_min gives two rows (a -> b and b -> a). The hard negative is a
+    sentence of a pair scoring <= negative_max from the same genre and source (similar topic, other
+    meaning), picked deterministically; if that group has none, from any low-score pair.
+    """
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 7:
+                rows.append(((parts[0], parts[1]), float(parts[4]), parts[5].strip(), parts[6].strip()))
+    low_by_group, low_all = {}, []
+    for group, score, a, b in rows:
+        if score <= negative_max:
+            low_by_group.setdefault(group, []).extend([a, b])
+            low_all.extend([a, b])
+    if not low_all:
+        raise DataError(f"{path}: no pair scores <= {negative_max}; cannot pick hard negatives")
+    out = []
+    for k, (group, score, a, b) in enumerate(rows):
+        if score < positive_min:
+            continue
+        for q, p in ((a, b), (b, a)):
+            pool = [s for s in low_by_group.get(group, low_all) if s not in (q, p)] or low_all
+            out.append({"query": q, "positive": p, "negative": pool[(k * 7919 + len(out)) % len(pool)]})
+    return out
 
 
 def _json_rows(path):

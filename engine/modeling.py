@@ -75,7 +75,7 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
             check_architecture(config)  # fail before loading weights
         kw = {"gguf_file": gguf} if gguf else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
-                                                     attn_implementation="sdpa", **kw)
+                                                     **kw)
     for adapter in mcfg.adapters:
         model = merge_adapter(model, adapter)
     if bidirectional if bidirectional is not None else mcfg.bidirectional:

@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STS = os.path.join(ROOT, "..", "shared", "data", "stsbenchmark")
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def run_cmd(args, env=None, timeout=600, cwd=ROOT):
+    e = dict(os.environ)
+    e.pop("TRITON_INTERPRET", None)  # the engine's CPU path uses the torch references
+    e.update(env or {})
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_cmd(nproc, *args):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(29500 + (os.getpid() * 7) % 2000), "engine/train.py", *args]

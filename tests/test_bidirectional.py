@@ -1,0 +1,119 @@
+"""The generic bidirectional switch, across the supported families, with padding and packing."""
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import kernels
+from engine.bidirectional import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, make_bidirectional
+from engine.modeling import packed_hidden_states
+
+COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
+EXTRA = {
+    "mistral": {"sliding_window": 4096},
+    "qwen2": {"use_sliding_window": False},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+               "query_pre_attn_scalar": 8},
+    "llama": {},
+}
+
+
+def tiny(model_type, **kw):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **EXTRA[model_type], **kw})
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def hidden(model, ids, **kw):
+    return model.get_decoder()(input_ids=ids, **kw).last_hidden_state
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
+def test_later_token_changes_earlier_state_only_when_bidirectional(model_type):
+    model = tiny(model_type)
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(1))
+    ids2 = ids.clone()
+    ids2[0, 9] = (ids2[0, 9] + 5) % 97
+    with torch.no_grad():
+        c1, c2 = hidden(model, ids), hidden(model, ids2)
+        assert torch.allclose(c1[0, :9], c2[0, :9], atol=1e-6), "the causal model must not see later tokens"
+        make_bidirectional(model)
+        b1, b2 = hidden(model, ids), hidden(model, ids2)
+    assert (b1[0, 2] - b2[0, 2]).abs().max() > 1e-4, "bidirectional: position 2 must see position 9"
+    # position 11 (after the change) differs in both, sanity
+    assert (b1[0, 11] - b2[0, 11]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "qwen2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_never_leaks(model_type, side):
+    model = make_bidirectional(tiny(model_type))
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(3, 97, (n,), generator=g) for n in (11, 5, 8)]
+    S = 11
+    ids = torch.zeros(3, S, dtype=torch.long)
+    am = torch.zeros(3, S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+        ids[i, sl], am[i, sl] = s, 1
+    with torch.no_grad():
+        alone = [hidden(model, s[None])[0] for s in seqs]
+        for packed in (True, False):
+            batch = packed_hidden_states(model, ids, am, packed=packed)
+            for i, s in enumerate(seqs):
+                sl = slice(S - len(s), S) if side == "left" else slice(0, len(s))
+                torch.testing.assert_close(batch[i, sl], alone[i], atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_window_is_honoured_bidirectionally():
+    # A window smaller than the sequence: token 0 must not see token 9 when the window is 4.
+    model = make_bidirectional(tiny("mistral", sliding_window=4))
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids2 = ids.clone()
+    ids2[0, 9] = (ids2[0, 9] + 7) % 97
+    with torch.no_grad():
+        a, b = hidden(model, ids), hidden(model, ids2)
+    # two layers of a +-3 band: position 9 reaches 9-6=3 at most
+    assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6)
+    assert (a[0, 6] - b[0, 6]).abs().max() > 1e-4  # within reach, and from the right side (bidirectional)
+
+
+def test_gemma2_softcap_matches_reference_maths():
+    model = make_bidirectional(tiny("gemma2"))
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 6, 8)
+    k = torch.randn(1, 2, 6, 8)
+    v = torch.randn(1, 2, 6, 8)
+    from engine.bidirectional import _attention
+
+    out, _ = _attention(attn, q * 20, k * 20, v, None, scaling=0.35, softcap=50.0)
+    ref = kernels.flash_attention_reference(
+        (q * 20).transpose(1, 2).double(), (k * 20).transpose(1, 2).double(), v.transpose(1, 2).double(),
+        scale=0.35, softcap=50.0)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    nocap = kernels.flash_attention_reference((q * 20).transpose(1, 2), (k * 20).transpose(1, 2),
+                                              v.transpose(1, 2), scale=0.35)
+    assert (nocap - out).abs().max() > 1e-3  # the cap really changes the result at these magnitudes
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2' is not supported.*llama.*mistral"):
+        make_bidirectional(model)
+
+
+def test_transformers_does_not_mistake_our_kernels_package_for_the_hub_one():
+    import transformers.utils.import_utils as iu
+    from transformers.utils import is_kernels_available
+
+    assert not is_kernels_available()
+    # and hub-kernel integration imports as without our package
+    import transformers.integrations.hub_kernels  # noqa: F401
+
+    model = tiny("llama")
+    assert model.config._attn_implementation == "sdpa"
+    assert iu.is_kernels_available() is False

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from engine.data import BatchPlan, DataError, read_sts, read_supervised, read_texts
+
+from .helpers import STS
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(DataError, match="data file not found: .*nope.txt"):
+        read_texts([str(tmp_path / "nope.txt")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="data file is empty"):
+        read_texts([str(empty)])
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    with pytest.raises(DataError, match=r"no non-empty text.*empty 3"):
+        read_texts([str(blank)])
+    with pytest.raises(DataError, match="no data given"):
+        read_texts([])
+
+
+def test_empty_lines_are_counted(tmp_path):
+    p = tmp_path / "docs.txt"
+    p.write_text("first doc\n\nsecond doc\n   \nthird\n")
+    texts, stats = read_texts([str(p)])
+    assert texts == ["first doc", "second doc", "third"]
+    assert (stats.read, stats.kept, stats.empty) == (5, 3, 2)
+
+
+def test_jsonl_and_errors(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    texts, stats = read_texts([str(p)])
+    assert texts == ["a", "b"] and stats.empty == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        read_texts([str(bad)])
+    nofield = tmp_path / "nofield.jsonl"
+    nofield.write_text('{"body": "a"}\n')
+    with pytest.raises(DataError, match=r"nofield.jsonl:1: missing field 'text'"):
+        read_texts([str(nofield)])
+
+
+def test_sts_reader_handles_extra_columns_and_rejects_malformed(tmp_path):
+    pairs = read_sts(f"{STS}/sts-test.csv")
+    assert len(pairs) == 1379
+    assert all(0.0 <= s <= 5.0 for _, _, s in pairs)
+    texts, _ = read_texts([f"{STS}/sts-dev.csv"])
+    assert len(texts) == 3000  # each sentence of each pair is a document
+    bad = tmp_path / "bad.csv"
+    bad.write_text("g\ts\t2012\t1\t4.0\ta\tb\ng\ts\t2012\t2\tfive\ta\tb\n")
+    with pytest.raises(DataError, match=r"bad.csv:2: score column is not a number"):
+        read_sts(str(bad))
+
+
+def test_supervised_jsonl_and_sts_conversion(tmp_path):
+    p = tmp_path / "s.jsonl"
+    rows = [{"query": "q1", "positive": "p1", "negative": "n1", "instruction": "Find: "},
+            {"query": "q2", "positive": "p2", "negatives": ["n2", "m2"], "source": "other"},
+            {"query": "", "positive": "p3", "negative": "n3"}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ex, stats = read_supervised([str(p)])
+    assert [e["negatives"] for e in ex] == [["n1"], ["n2", "m2"]]
+    assert ex[0]["instruction"] == "Find: " and ex[1]["source"] == "other"
+    assert stats.empty == 1
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    with pytest.raises(DataError, match="missing field 'positive'"):
+        read_supervised([str(bad)])
+    sts_ex, _ = read_supervised([f"{STS}/sts-train.csv"])
+    gold_list = [(a, b) for a, b, s in read_sts(f"{STS}/sts-train.csv") if s >= 4.0]
+    gold = set(gold_list)
+    assert len(sts_ex) == 2 * len(gold_list)
+    assert all((e["query"], e["positive"]) in gold or (e["positive"], e["query"]) in gold for e in sts_ex)
+    assert all(e["negatives"][0] not in (e["query"], e["positive"]) for e in sts_ex)
+
+
+def test_batch_plan_is_deterministic_sharded_and_resumable():
+    world, micro, glob = 2, 3, 12
+    plans = [BatchPlan(100, glob, micro, world, r, seed=5) for r in range(world)]
+    assert plans[0].accum == 2 and plans[0].steps_per_epoch == 8
+    for step in (0, 7, 8, 19):
+        shards = [idx for p in plans for mb in p.micro_batches(step) for idx in mb]
+        assert len(shards) == glob and len(set(shards)) == glob  # the ranks split the global batch
+        again = BatchPlan(100, glob, micro, world, 0, seed=5)  # a resumed process sees the same data
+        assert again.micro_batches(step) == plans[0].micro_batches(step)
+    epoch0 = {i for s in range(8) for p in plans for mb in p.micro_batches(s) for i in mb}
+    assert len(epoch0) == 96  # no repeats inside an epoch
+    assert plans[0].micro_batches(0) != plans[0].micro_batches(8)  # reshuffled next epoch
+
+
+def test_batch_plan_source_homogeneous():
+    groups = ["a"] * 40 + ["b"] * 30
+    plan = BatchPlan(70, 10, 5, 1, 0, seed=1, groups=groups)
+    for step in range(plan.steps_per_epoch):
+        idx = [i for mb in plan.micro_batches(step) for i in mb]
+        assert len({groups[i] for i in idx}) == 1
+
+
+def test_too_little_data_for_a_batch():
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        BatchPlan(5, 8, 2, 2, 0, seed=0)
