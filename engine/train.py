@@ -24,12 +24,13 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from engine.bidirectional import UnsupportedArchitectureError
     from engine.data import DataError
     from engine.trainer import train
 
     try:
         train(cfg)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, UnsupportedArchitectureError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
