@@ -24,7 +24,8 @@ def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, 
         prefix = instr if (not instr or instr.endswith((" ", "\n"))) else instr + " "
         enc = tokenizer(prefix + text, add_special_tokens=True, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        pm = [1 if (s >= len(prefix) and e > s) else 0 for s, e in offsets]
+        # a token is a text token if it covers any character of the text (BPE glues the space to the next word)
+        pm = [1 if (e > len(prefix) and e > s) else 0 for s, e in offsets]
         if len(ids) > budget:
             truncated += 1
             ids, pm = ids[:budget], pm[:budget]

@@ -53,10 +53,10 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     _check_adapter(os.path.join(crash, "adapter"))
 
 
-@pytest.mark.parametrize("stage", ["simcse", "supervised"])
-def test_contrastive_stages_two_ranks(tmp_path, stage):
+@pytest.mark.parametrize("stage,extra", [("simcse", []), ("supervised", ["contrastive.grad_cache_chunk=5"])])
+def test_contrastive_stages_two_ranks(tmp_path, stage, extra):
     out = str(tmp_path / stage)
-    r = run_cmd(deepspeed_cmd(2, "--config", f"configs/tiny/{stage}.yaml", f"output_dir={out}"))
+    r = run_cmd(deepspeed_cmd(2, "--config", f"configs/tiny/{stage}.yaml", f"output_dir={out}", *extra))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _metrics(out)
     assert len(rows) == 6 and all(float(x["loss"]) >= 0 for x in rows)

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from engine.encoding import pad_batch, tokenize_with_instruction
+from engine.pooling import pool
+
+
+def _hidden():
+    # (B=2, S=4, H=2) with easy numbers
+    return torch.tensor([[[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [9.0, 9.0]],
+                         [[2.0, 2.0], [4.0, 0.0], [7.0, 7.0], [8.0, 8.0]]])
+
+
+def test_mean_weighted_eos_bos_right_padding():
+    h = _hidden()
+    am = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    torch.testing.assert_close(pool(h, am, "mean"), torch.tensor([[3.0, 2.0], [3.0, 1.0]]))
+    # weights 1,2,3 / 1,2
+    torch.testing.assert_close(pool(h, am, "weighted_mean"),
+                               torch.tensor([[(1 + 6 + 15) / 6, (0 + 4 + 12) / 6], [(2 + 8) / 3, (2 + 0) / 3]]))
+    torch.testing.assert_close(pool(h, am, "eos"), torch.tensor([[5.0, 4.0], [4.0, 0.0]]))
+    torch.testing.assert_close(pool(h, am, "last"), torch.tensor([[5.0, 4.0], [4.0, 0.0]]))
+    torch.testing.assert_close(pool(h, am, "bos"), torch.tensor([[1.0, 0.0], [2.0, 2.0]]))
+
+
+def test_left_padding_gives_the_same_answers():
+    h = _hidden()
+    am = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    torch.testing.assert_close(pool(h, am, "mean"), torch.tensor([[17 / 3, 5.0], [7.5, 7.5]]))
+    torch.testing.assert_close(pool(h, am, "weighted_mean"),
+                               torch.tensor([[(3 + 10 + 27) / 6, (2 + 8 + 27) / 6], [(7 + 16) / 3, (7 + 16) / 3]]))
+    torch.testing.assert_close(pool(h, am, "eos"), torch.tensor([[9.0, 9.0], [8.0, 8.0]]))
+    torch.testing.assert_close(pool(h, am, "bos"), torch.tensor([[3.0, 2.0], [7.0, 7.0]]))
+
+
+def test_instruction_tokens_are_attended_but_not_pooled():
+    h = _hidden()
+    am = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    pm = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])  # first tokens are the instruction
+    torch.testing.assert_close(pool(h, am, "mean", pm), torch.tensor([[7.0, 6.5], [5.5, 3.5]]))
+    torch.testing.assert_close(pool(h, am, "weighted_mean", pm),
+                               torch.tensor([[(5 + 18) / 3, (4 + 18) / 3], [(4 + 14) / 3, (0 + 14) / 3]]))
+    with pytest.raises(ValueError, match="no tokens to pool"):
+        pool(h, am, "mean", torch.zeros_like(am))
+    with pytest.raises(ValueError, match="unknown pooling mode"):
+        pool(h, am, "max")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from engine.config import ModelConfig
+    from engine.modeling import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+
+
+def test_instruction_boundary_comes_from_one_tokenization(tok):
+    instr = "Retrieve a similar sentence:"
+    text = "A dog runs on the beach."
+    ids, pms, trunc = tokenize_with_instruction(tok, [text], [instr], max_len=64)
+    joint = tok(instr + " " + text, add_special_tokens=True)["input_ids"]
+    assert ids[0] == joint and trunc == 0
+    pooled = [t for t, m in zip(ids[0], pms[0]) if m]
+    assert tok.decode(pooled).strip() == text
+    # eos pooling appends and pools EOS; truncation is counted
+    ids2, pms2, trunc2 = tokenize_with_instruction(tok, [text * 20], [instr], max_len=16, pooling="eos")
+    assert len(ids2[0]) == 16 and ids2[0][-1] == tok.eos_token_id and pms2[0][-1] == 1 and trunc2 == 1
+
+
+def test_pad_batch_sides():
+    ids, am = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and am.tolist() == [[1, 1, 1], [0, 0, 1]]
