@@ -1,12 +1,522 @@
-"""Fused LM head + cross-entropy over labelled rows.
+"""Fused LM head + cross-entropy over labelled rows, without materialising the logits.
 
-STATUS: reference only; the Triton kernel lands with issue 5 behind the same public function.
+READ kernels/MASKED_CE_TASK.md FIRST (full task brief from the lead).
+
+Shapes: hidden (N, H), weight (V, H), labels (N,). Only the M rows with label != ignore_index do any
+work: they are gathered once (index_select) and everything below runs on h = hidden[idx] (M, H).
+
+Maths (per labelled row, z = h @ W^T, optionally soft-capped z <- c * tanh(z / c)):
+
+    lse  = log sum_v exp(z_v)                       loss = lse - z_y + z_loss * lse^2
+    dloss/dz_v = p_v * (1 + 2 * z_loss * lse) - [v == y],      p = softmax(z)
+    soft-cap chain rule: d(c * tanh(x / c))/dx = 1 - tanh^2(x / c)
+
+Forward (``_ce_fwd_kernel``): a GEMM-shaped grid of (row block, vocab group) programs. Each program
+streams the vocab blocks of its group; for each it computes one (BLOCK_M x BLOCK_V) logit tile with
+tl.dot over H in fp32, then folds it into an online log-sum-exp. The online LSE works in base 2
+(s = z * log2(e), so exp becomes the cheaper exp2):  m' = max(m, max_v s_v),
+l' = l * 2^(m - m') + sum_v 2^(s_v - m'),  and finally lse = (m + log2 l) * ln 2.
+Each program writes only (m, l) for its group plus the target logit when y falls in its range;
+``_ce_combine_kernel`` merges the groups of a row the same way and writes lse and the loss.
+Extra memory: (M x groups) fp32 partials, a few MB.
+
+Backward. dHidden = dZ @ W contracts over the whole vocab while its output row is H wide, so a
+(rows x H) fp32 accumulator (BLOCK_M=128, H=4096: 2 MB) cannot stay on chip; accumulating it
+with atomics would cost M * H * V / BLOCK_V fp32 atomics (~13e9 at the Llama-3 shape), and
+splitting H instead would recompute the logits H / BLOCK_H times. So the backward walks the vocab
+in chunks of VC columns (VC from a fixed scratch budget, default 128 MiB):
+  1. ``_ce_bwd_dlogits_kernel`` recomputes each (BLOCK_M x BLOCK_V) logit tile of the chunk with
+     tl.dot (fp32), turns it into dZ using the saved lse, and stores dZ for that chunk only,
+     in the input dtype (M x VC scratch, reused for every chunk). No logits are ever stored.
+  2. ``_ce_bwd_dh_kernel``: dH (+)= dZ_chunk @ W_chunk with an fp32 accumulator that carries over
+     chunks in an (M, H) fp32 buffer; the last chunk applies the per-row upstream gradient in fp32
+     and scatters rows straight into dHidden (N, H) (unlabelled rows stay zero).
+  3. ``_ce_bwd_dw_kernel`` (only when weight.requires_grad): dW_chunk = (r * dZ_chunk)^T @ h. Each
+     vocab row of dW belongs to one chunk and one program, so dW is written once, no atomics.
+Everything is deterministic (no atomics, fixed reduction orders).
+
+FLOPs: forward 2*M*V*H, backward 4*M*V*H (recompute + dH), plus 2*M*V*H for dW when needed.
+The "gather then torch" path does one GEMM fewer but streams M x V fp32 logits through memory
+several times; which wins depends on the GPU (see benchmarks/bench_masked_ce.py).
+
+Caveats: labels outside [0, V) give a NaN loss for that row (the reference raises instead); the
+kernel path needs hidden and weight in the same dtype (fp16, bf16 or fp32) and weight contiguous
+along H. ZeRO-3: the weight is only read through ctx.saved_tensors in backward, never cached.
 """
+import contextlib
+import time
+
 import torch
+import triton
+import triton.language as tl
 
 from ._backend import resolve_impl
 
+# Scratch budget for one backward vocab chunk of dZ (M x VC in the input dtype).
+BWD_SCRATCH_BYTES = 128 * 2**20
 
+# Fixed launch configs (no autotune). Keys: kernel -> (block sizes..., num_warps, num_stages).
+#   fwd / dlogits: (BLOCK_M, BLOCK_V, BLOCK_K)    dh: (BLOCK_M, BLOCK_N over H, BLOCK_K over vocab)
+#   dw: (BLOCK_V, BLOCK_N over H, BLOCK_K over rows)
+_GPU_CONFIGS = {
+    # bf16 / fp16 on sm_90 / sm_80: wgmma / mma tiles, shared memory well under 163 KB.
+    "half": {
+        "fwd": dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        "dlogits": dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        "dh": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        "dw": dict(BLOCK_V=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+        "vblocks_per_prog": 8,
+    },
+    # fp32 uses IEEE dots (no TF32) to match torch's fp32 matmul; smaller tiles.
+    "fp32": {
+        "fwd": dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        "dlogits": dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        "dh": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+        "dw": dict(BLOCK_V=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+        "vblocks_per_prog": 8,
+    },
+}
+# CPU interpreter (tests): tiny tiles so small shapes still cover many blocks, groups and tails.
+_INTERP_CONFIG = {
+    "fwd": dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dlogits": dict(BLOCK_M=16, BLOCK_V=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dh": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1),
+    "dw": dict(BLOCK_V=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
+    "vblocks_per_prog": 2,
+}
+_COMBINE = dict(BLOCK_R=32, BLOCK_G=32, num_warps=4)
+# Rows of hidden that a group of programs shares should stay resident in L2 (H100: 50 MB).
+_L2_HIDDEN_BYTES = 24 * 2**20
+
+_DOT_PREC = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}  # ignored for half
+
+
+def default_config(dtype, device):
+    """Launch config used for (dtype, device). A dict; copy it and pass ``cfg=`` to override."""
+    if device.type != "cuda":
+        cfg = _INTERP_CONFIG
+    else:
+        cfg = _GPU_CONFIGS["fp32" if dtype == torch.float32 else "half"]
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _swizzle(pid, num_a, num_b, group_a):
+    # Map a 1-D program id onto (a, b) tiles in groups of `group_a` consecutive a-tiles, so that
+    # programs running at the same time share their b-tile (L2 reuse), as in the Triton matmul
+    # tutorial. a = row blocks, b = vocab / H blocks.
+    per_group = group_a * num_b
+    group = pid // per_group
+    first_a = group * group_a
+    size = tl.minimum(num_a - first_a, group_a)
+    a = first_a + (pid % per_group) % size
+    b = (pid % per_group) // size
+    return a, b
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hm, stride_hk, stride_wv, stride_wk,
+                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    # One (BLOCK_M x BLOCK_V) tile of z = h @ W^T in fp32. rows / cols are int64 and already
+    # clamped in range; only the H tail is masked.
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = h_ptr + rows[:, None] * stride_hm + offs_k[None, :] * stride_hk  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_k[:, None] * stride_wk  # (BLOCK_K, BLOCK_V) = W^T
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = offs_k < H - k * BLOCK_K
+        a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        h_ptrs += BLOCK_K * stride_hk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates cleanly to +-1 (exp2 -> inf or 0), abs error ~1e-7.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit(do_not_specialize=["M", "V", "num_vgroups", "vblocks_per_prog", "group_m", "stride_pm",
+                               "stride_pg"])
+def _ce_fwd_kernel(
+    h_ptr, w_ptr, y_ptr, m_part_ptr, l_part_ptr, tgt_ptr,
+    M, V, H, num_vgroups, vblocks_per_prog, group_m,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_pm, stride_pg,
+    softcap,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # h (M, H), w (V, H), y (M,) int64 -> m_part / l_part (M, num_vgroups) fp32 in base 2, tgt (M,).
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    rb, vg = _swizzle(pid, tl.cdiv(M, BLOCK_M), num_vgroups, group_m)
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = (offs_m % M).to(tl.int64)  # tail rows recompute row 0..; their stores are masked
+    y = tl.load(y_ptr + rows)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    t_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    vb_start = vg * vblocks_per_prog
+    vb_end = tl.minimum(vb_start + vblocks_per_prog, tl.cdiv(V, BLOCK_V))
+    for vb in range(vb_start, vb_end):
+        offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+        col_ok = offs_v < V
+        cols = (offs_v % V).to(tl.int64)
+        z = _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hm, stride_hk, stride_wv, stride_wk,
+                         BLOCK_M, BLOCK_V, BLOCK_K, DOT_PREC)
+        if softcap > 0:
+            z = softcap * _tanh(z / softcap)
+        # target logit: exactly one vocab block of one program holds column y
+        t_i += tl.sum(tl.where(offs_v[None, :].to(tl.int64) == y[:, None], z, 0.0), axis=1)
+        s = tl.where(col_ok[None, :], z * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid column
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+
+    p_off = rows * stride_pm + vg * stride_pg
+    tl.store(m_part_ptr + p_off, m_i, mask=row_ok)
+    tl.store(l_part_ptr + p_off, l_i, mask=row_ok)
+    has_y = row_ok & (y >= vb_start * BLOCK_V) & (y < vb_end * BLOCK_V)
+    tl.store(tgt_ptr + rows, t_i, mask=has_y)
+
+
+@triton.jit(do_not_specialize=["M", "G", "stride_pm", "stride_pg"])
+def _ce_combine_kernel(
+    m_part_ptr, l_part_ptr, tgt_ptr, lse_ptr, loss_ptr,
+    M, G, stride_pm, stride_pg, z_loss,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    # (M, G) base-2 partials -> lse (M,) natural log, loss = lse - z_y + z_loss * lse^2 (M,).
+    LN2: tl.constexpr = 0.6931471805599453
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < M
+    rows = (offs_r % M).to(tl.int64)
+    m_acc = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        g_ok = offs_g < G
+        off = rows[:, None] * stride_pm + offs_g[None, :] * stride_pg
+        m = tl.load(m_part_ptr + off, mask=g_ok[None, :], other=float("-inf"))
+        l = tl.load(l_part_ptr + off, mask=g_ok[None, :], other=0.0)
+        m_new = tl.maximum(m_acc, tl.max(m, axis=1))  # finite: column g0 is always valid
+        l_acc = l_acc * tl.exp2(m_acc - m_new) + tl.sum(l * tl.exp2(m - m_new[:, None]), axis=1)
+        m_acc = m_new
+    lse = (m_acc + tl.log2(l_acc)) * LN2
+    loss = lse - tl.load(tgt_ptr + rows) + z_loss * lse * lse
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "V", "v0", "group_m"])
+def _ce_bwd_dlogits_kernel(
+    h_ptr, w_ptr, y_ptr, lse_ptr, dz_ptr,
+    M, V, H, v0, kc, group_m,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_dzm, stride_dzv,
+    softcap, z_loss,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Recompute z for vocab columns [v0, v0 + kc) and store dZ = dloss/dz (unscaled by the
+    # upstream gradient) into dz (M, >= kc) in the input dtype.
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    rb, cb = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(kc, BLOCK_V), group_m)
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < M
+    rows = (offs_m % M).to(tl.int64)
+    offs_c = cb * BLOCK_V + tl.arange(0, BLOCK_V)  # column inside the chunk
+    col_ok = offs_c < kc
+    cols = v0 + (offs_c % kc).to(tl.int64)  # vocab id, clamped inside the chunk
+
+    z = _logits_tile(h_ptr, w_ptr, rows, cols, H, stride_hm, stride_hk, stride_wv, stride_wk,
+                     BLOCK_M, BLOCK_V, BLOCK_K, DOT_PREC)
+    if softcap > 0:
+        t = _tanh(z / softcap)
+        z = softcap * t
+        dcap = 1.0 - t * t  # d(c tanh(x / c))/dx
+    else:
+        dcap = tl.full((BLOCK_M, BLOCK_V), 1.0, dtype=tl.float32)
+    lse = tl.load(lse_ptr + rows)
+    y = tl.load(y_ptr + rows)
+    p = tl.exp2((z - lse[:, None]) * LOG2E)
+    dz = p * (1.0 + 2.0 * z_loss * lse)[:, None] - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)
+    dz = dz * dcap
+    dz_off = rows[:, None] * stride_dzm + offs_c[None, :].to(tl.int64) * stride_dzv
+    tl.store(dz_ptr + dz_off, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "v0", "group_m", "acc_in", "final"])
+def _ce_bwd_dh_kernel(
+    dz_ptr, w_ptr, acc_ptr, r_ptr, idx_ptr, dh_ptr,
+    M, H, v0, kc, group_m, acc_in, final,
+    stride_dzm, stride_dzv, stride_wv, stride_wk, stride_am, stride_ah, stride_r,
+    stride_dhn, stride_dhk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # acc (M, H) fp32 (+)= dz[:, :kc] @ W[v0:v0 + kc]. On the last chunk (`final`), instead of
+    # storing acc: dh[idx[m], :] = r[m] * acc[m, :] in dh's dtype (r = upstream grad per row).
+    pid = tl.program_id(0)
+    rb, nb = _swizzle(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(H, BLOCK_N), group_m)
+    offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    n_ok = offs_n < H
+    rows = (offs_m % M).to(tl.int64)
+    # The H offsets stay unclamped and masked: a modulo would hide their contiguity from the
+    # compiler and turn the vectorised 16-byte (cp.async) loads into scalar ones.
+    hcols = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = dz_ptr + rows[:, None] * stride_dzm + offs_k[None, :] * stride_dzv  # (BLOCK_M, BLOCK_K)
+    b_ptrs = w_ptr + (v0 + offs_k.to(tl.int64))[:, None] * stride_wv + hcols[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(kc, BLOCK_K)):
+        k_ok = offs_k < kc - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_dzv
+        b_ptrs += BLOCK_K * stride_wv
+    acc_off = rows[:, None] * stride_am + hcols[None, :] * stride_ah
+    mask = row_ok[:, None] & n_ok[None, :]
+    if acc_in:
+        acc += tl.load(acc_ptr + acc_off, mask=mask, other=0.0)
+    if final:
+        r = tl.load(r_ptr + rows * stride_r)
+        dst = tl.load(idx_ptr + rows)
+        out = acc * r[:, None]
+        dh_off = dst[:, None] * stride_dhn + hcols[None, :] * stride_dhk
+        tl.store(dh_ptr + dh_off, out.to(dh_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(acc_ptr + acc_off, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "v0", "group_m"])
+def _ce_bwd_dw_kernel(
+    dz_ptr, h_ptr, r_ptr, dw_ptr,
+    M, H, v0, kc, group_m,
+    stride_dzm, stride_dzv, stride_hm, stride_hk, stride_r, stride_dwv, stride_dwk,
+    BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # dw[v0:v0 + kc] = (r * dz[:, :kc])^T @ h, contraction over the M labelled rows.
+    pid = tl.program_id(0)
+    cb, nb = _swizzle(pid, tl.cdiv(kc, BLOCK_V), tl.cdiv(H, BLOCK_N), group_m)
+    offs_c = cb * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < kc
+    n_ok = offs_n < H
+    ccols = offs_c.to(tl.int64)  # unclamped + masked along the contiguous dims (see dh kernel)
+    hcols = offs_n.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = dz_ptr + offs_k[:, None].to(tl.int64) * stride_dzm + ccols[None, :] * stride_dzv  # (BK, BV)
+    b_ptrs = h_ptr + offs_k[:, None].to(tl.int64) * stride_hm + hcols[None, :] * stride_hk  # (BK, BN)
+    r_ptrs = r_ptr + offs_k.to(tl.int64) * stride_r
+    acc = tl.zeros((BLOCK_V, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(M, BLOCK_K)):
+        k_ok = offs_k < M - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=k_ok[:, None] & c_ok[None, :], other=0.0)
+        r = tl.load(r_ptrs, mask=k_ok, other=0.0)
+        # the per-row upstream gradient must be applied inside the contraction over rows
+        a = (a.to(tl.float32) * r[:, None]).to(dz_ptr.dtype.element_ty)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K * stride_dzm
+        b_ptrs += BLOCK_K * stride_hm
+        r_ptrs += BLOCK_K * stride_r
+    dw_off = (v0 + ccols)[:, None] * stride_dwv + hcols[None, :] * stride_dwk
+    tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _group_rows(block_rows, H, esize, num_row_blocks):
+    # number of row blocks whose hidden rows (block_rows x H) fit the L2 share
+    return max(1, min(num_row_blocks, _L2_HIDDEN_BYTES // max(1, block_rows * H * esize)))
+
+
+def _check_inputs(hidden, weight, labels):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden (N, H) and weight (V, H), "
+                         f"got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be (N,) = {tuple(hidden.shape[:1])}, got {tuple(labels.shape)}")
+    if hidden.dtype not in _DOT_PREC:
+        raise TypeError(f"masked_cross_entropy (triton): hidden must be fp16, bf16 or fp32, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"masked_cross_entropy (triton): hidden ({hidden.dtype}) and weight ({weight.dtype}) "
+                        "must have the same dtype")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if hidden.device != weight.device or hidden.device != labels.device:
+        raise ValueError(f"hidden, weight, labels on different devices: "
+                         f"{hidden.device}, {weight.device}, {labels.device}")
+    if weight.stride(1) != 1:
+        raise ValueError(f"weight must be contiguous along H (stride(1) == 1), got strides {weight.stride()}")
+
+
+def _forward_rows(h, weight, y, softcap, z_loss, cfg):
+    """h (M, H) contiguous, weight (V, H), y (M,) int64 -> (loss (M,) fp32, lse (M,) fp32)."""
+    M, H = h.shape
+    V = weight.shape[0]
+    c = cfg["fwd"]
+    BM, BV = c["BLOCK_M"], c["BLOCK_V"]
+    num_rb = triton.cdiv(M, BM)
+    num_vb = triton.cdiv(V, BV)
+    vpp = max(1, min(int(cfg["vblocks_per_prog"]), num_vb))
+    num_vg = triton.cdiv(num_vb, vpp)
+    group_m = _group_rows(BM, H, h.element_size(), num_rb)
+    m_part = torch.empty((M, num_vg), device=h.device, dtype=torch.float32)
+    l_part = torch.empty_like(m_part)
+    tgt = torch.full((M,), float("nan"), device=h.device, dtype=torch.float32)  # NaN if y not in [0, V)
+    _ce_fwd_kernel[(num_rb * num_vg,)](
+        h, weight, y, m_part, l_part, tgt,
+        M, V, H, num_vg, vpp, group_m,
+        h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), m_part.stride(0), m_part.stride(1),
+        float(softcap or 0.0),
+        BLOCK_M=BM, BLOCK_V=BV, BLOCK_K=c["BLOCK_K"], DOT_PREC=_DOT_PREC[h.dtype],
+        num_warps=c["num_warps"], num_stages=c["num_stages"],
+    )
+    lse = torch.empty((M,), device=h.device, dtype=torch.float32)
+    loss = torch.empty_like(lse)
+    _ce_combine_kernel[(triton.cdiv(M, _COMBINE["BLOCK_R"]),)](
+        m_part, l_part, tgt, lse, loss, M, num_vg, m_part.stride(0), m_part.stride(1), float(z_loss),
+        BLOCK_R=_COMBINE["BLOCK_R"], BLOCK_G=_COMBINE["BLOCK_G"], num_warps=_COMBINE["num_warps"],
+    )
+    return loss, lse
+
+
+def _vocab_chunk(M, V, esize, cfg):
+    if cfg.get("vocab_chunk"):
+        return int(cfg["vocab_chunk"])
+    vc = (BWD_SCRATCH_BYTES // max(1, M * esize)) // 256 * 256
+    return int(max(256, min(vc, triton.cdiv(V, 256) * 256)))
+
+
+def _backward_rows(hidden, weight, idx, y, lse, r, softcap, z_loss, need_h, need_w, cfg):
+    """Gradients for the labelled rows. r (M,) fp32 upstream grad per row (any stride).
+
+    Returns dhidden (N, H) in hidden.dtype (rows not in idx are zero) or None, dweight (V, H) or None.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    M = idx.numel()
+    h = hidden.index_select(0, idx)  # (M, H), contiguous
+    dtype = hidden.dtype
+    prec = _DOT_PREC[dtype]
+    vc = _vocab_chunk(M, V, h.element_size(), cfg)
+    num_chunks = triton.cdiv(V, vc)
+    # scratch reused per chunk; its row stride stays a multiple of 256 even when vc > V, so the
+    # compiled variant (16-divisible strides) is the same for every shape
+    dz = torch.empty((M, vc), device=h.device, dtype=dtype)
+    dh = torch.zeros((N, H), device=h.device, dtype=dtype) if need_h else None
+    acc = torch.empty((M, H), device=h.device, dtype=torch.float32) if (need_h and num_chunks > 1) else None
+    dw = torch.empty((V, H), device=weight.device, dtype=weight.dtype) if need_w else None
+    dummy = torch.empty((1, 16), device=h.device, dtype=torch.float32)  # same stride class as acc
+    cl, ch, cw = cfg["dlogits"], cfg["dh"], cfg["dw"]
+    num_rb = triton.cdiv(M, cl["BLOCK_M"])
+    g_rows = _group_rows(cl["BLOCK_M"], H, h.element_size(), num_rb)
+    for ci in range(num_chunks):
+        v0 = ci * vc
+        kc = min(vc, V - v0)
+        _ce_bwd_dlogits_kernel[(num_rb * triton.cdiv(kc, cl["BLOCK_V"]),)](
+            h, weight, y, lse, dz,
+            M, V, H, v0, kc, g_rows,
+            h.stride(0), h.stride(1), weight.stride(0), weight.stride(1), dz.stride(0), dz.stride(1),
+            float(softcap or 0.0), float(z_loss),
+            BLOCK_M=cl["BLOCK_M"], BLOCK_V=cl["BLOCK_V"], BLOCK_K=cl["BLOCK_K"], DOT_PREC=prec,
+            num_warps=cl["num_warps"], num_stages=cl["num_stages"],
+        )
+        if need_h:
+            final = ci == num_chunks - 1
+            acc_t = acc if acc is not None else dummy  # single chunk: the fp32 buffer is never touched
+            num_mb = triton.cdiv(M, ch["BLOCK_M"])
+            _ce_bwd_dh_kernel[(num_mb * triton.cdiv(H, ch["BLOCK_N"]),)](
+                dz, weight, acc_t, r, idx, dh,
+                M, H, v0, kc, min(8, num_mb), int(ci > 0), int(final),
+                dz.stride(0), dz.stride(1), weight.stride(0), weight.stride(1),
+                acc_t.stride(0), acc_t.stride(1), r.stride(0), dh.stride(0), dh.stride(1),
+                BLOCK_M=ch["BLOCK_M"], BLOCK_N=ch["BLOCK_N"], BLOCK_K=ch["BLOCK_K"], DOT_PREC=prec,
+                num_warps=ch["num_warps"], num_stages=ch["num_stages"],
+            )
+        if need_w:
+            num_cb = triton.cdiv(kc, cw["BLOCK_V"])
+            _ce_bwd_dw_kernel[(num_cb * triton.cdiv(H, cw["BLOCK_N"]),)](
+                dz, h, r, dw,
+                M, H, v0, kc, min(8, num_cb),
+                dz.stride(0), dz.stride(1), h.stride(0), h.stride(1), r.stride(0), dw.stride(0), dw.stride(1),
+                BLOCK_V=cw["BLOCK_V"], BLOCK_N=cw["BLOCK_N"], BLOCK_K=cw["BLOCK_K"], DOT_PREC=prec,
+                num_warps=cw["num_warps"], num_stages=cw["num_stages"],
+            )
+    return dh, dw
+
+
+class _MaskedCrossEntropy(torch.autograd.Function):
+    """(hidden (N, H), weight (V, H), idx (M,), y (M,)) -> per labelled row loss (M,) fp32.
+
+    The reduction is left to torch outside, so backward receives one upstream gradient per row
+    (an expanded scalar for "mean" / "sum"), applied in fp32 in the dH epilogue and the dW operand.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, idx, y, softcap, z_loss, cfg):
+        M = idx.numel()
+        if M == 0:
+            lse = loss = torch.zeros((0,), device=hidden.device, dtype=torch.float32)
+        else:
+            with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+                loss, lse = _forward_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss, cfg)
+        # ZeRO-3 gathers `weight` around this call; backward reads it back from saved_tensors.
+        ctx.save_for_backward(hidden, weight, idx, y, lse)
+        ctx.softcap, ctx.z_loss, ctx.cfg, ctx.weight_shape = softcap, z_loss, cfg, tuple(weight.shape)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hidden, weight, idx, y, lse = ctx.saved_tensors
+        if tuple(weight.shape) != ctx.weight_shape:
+            raise RuntimeError(f"masked_cross_entropy backward: weight is {tuple(weight.shape)}, was "
+                               f"{ctx.weight_shape} in forward (a ZeRO-3 partitioned weight must be gathered "
+                               "again for backward)")
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if idx.numel() == 0 or not (need_h or need_w):
+            dh = torch.zeros_like(hidden) if need_h else None
+            dw = torch.zeros_like(weight) if need_w else None
+            return dh, dw, None, None, None, None, None
+        r = grad_rows.float().contiguous()  # (M,); from .sum() it is an expanded scalar
+        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+            dh, dw = _backward_rows(hidden, weight, idx, y, lse, r, ctx.softcap, ctx.z_loss,
+                                    need_h, need_w, ctx.cfg)
+        return dh, dw, None, None, None, None, None
+
+
+def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None,
+                      z_loss=0.0, cfg=None):
+    _check_inputs(hidden, weight, labels)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    cfg = cfg or default_config(hidden.dtype, hidden.device)
+    idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) labelled rows; one host sync
+    y = labels.index_select(0, idx)  # (M,) int64
+    rows = _MaskedCrossEntropy.apply(hidden, weight, idx, y, softcap, float(z_loss), cfg)  # (M,) fp32
+    if reduction == "none":
+        return torch.zeros(hidden.shape[0], dtype=rows.dtype, device=hidden.device).index_put((idx,), rows)
+    total = rows.sum()
+    return total if reduction == "sum" else total / max(int(idx.numel()), 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference and public function
+# ----------------------------------------------------------------------------------------------
 def masked_cross_entropy_reference(
     hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0
 ):
@@ -14,6 +524,7 @@ def masked_cross_entropy_reference(
 
     All rows ignored -> loss 0 (connected to the graph, so gradients are zeros, not NaN).
     reduction: "mean" | "sum" | "none" (per-row (N,), zeros on ignored rows).
+    Math in fp32 for half inputs (fp64 stays fp64, which the tests use as ground truth).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -44,8 +555,108 @@ def masked_cross_entropy_reference(
 def masked_cross_entropy(
     hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0, impl=None
 ):
+    """Cross-entropy of softmax(hidden @ weight^T) over rows with label != ignore_index.
+
+    hidden (N, H), weight (V, H), labels (N,) int64. Returns a scalar (fp32 for half inputs) for
+    "mean" / "sum", or (N,) with zeros on ignored rows for "none". ``softcap``: Gemma2-style
+    z <- c * tanh(z / c). ``z_loss`` adds z_loss * lse^2 per row. impl: "auto" | "triton" | "torch".
+    The Triton path never stores logits and skips the weight gradient when weight is frozen.
+    """
     backend = resolve_impl("masked_ce", impl, hidden)
     if backend == "triton":
-        raise NotImplementedError("Triton masked cross-entropy not built yet (issue 5)")
+        return _masked_ce_triton(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                                 softcap=softcap, z_loss=z_loss)
     return masked_cross_entropy_reference(
         hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU self-check (the lead runs this on the device machine)
+# ----------------------------------------------------------------------------------------------
+def _hf_style_loss(hidden, weight, labels, ignore_index, reduction, softcap, z_loss):
+    # What an HF model does in the input dtype: logits in that dtype, fp32 upcast, then the loss.
+    keep = labels != ignore_index
+    logits = torch.nn.functional.linear(hidden[keep], weight).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    lse = torch.logsumexp(logits, dim=-1)
+    rows = lse - logits.gather(1, labels[keep][:, None]).squeeze(1) + z_loss * lse.square()
+    return rows.sum() / (max(int(keep.sum()), 1) if reduction == "mean" else 1)
+
+
+# (case, dtype, tokens N, H, V, labelled fraction, softcap, z_loss, reduction, weight requires grad)
+GPU_CHECK_CASES = [
+    ("llama3-8b frozen W", torch.bfloat16, 4096, 4096, 128256, 0.8, None, 0.0, "mean", False),
+    ("mistral-7b fp16 train W", torch.float16, 2048, 4096, 32000, 0.8, None, 0.0, "mean", True),
+    ("gemma2 softcap30 z1e-4 sum train W", torch.bfloat16, 1024, 2304, 256000, 0.5, 30.0, 1e-4, "sum", True),
+    ("V=262144 H=8192 int64 offsets", torch.bfloat16, 48, 8192, 262144, 1.0, None, 0.0, "mean", False),
+    ("N=1 train W", torch.bfloat16, 1, 4096, 128256, 1.0, None, 0.0, "mean", True),
+    ("all ignored", torch.bfloat16, 64, 4096, 32000, 0.0, None, 0.0, "mean", True),
+]
+
+
+def gpu_check(cases=None, device="cuda"):
+    """Run the Triton path in bf16 / fp16 on real shapes, forward and backward -> list[dict].
+
+    Ground truth: the reference in fp32 on the same (rounded) inputs. One row per case and
+    quantity (loss / dhidden / dweight): {"op", "case", "dtype", "quantity", "max_err",
+    "torch_bf16_err", "ok", "s"}; torch_bf16_err is the error of the HF-style torch path in the same
+    dtype (logits in that dtype, fp32 upcast). ok: finite and max_err <= 2 x torch_bf16_err + a
+    floor of 2^-12 x max |reference|; for "all ignored" ok means exactly zero loss and gradients.
+    ``cases`` / ``device`` exist so the CPU tests can exercise this harness at tiny shapes.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("gpu_check needs CUDA")
+    rows = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be true fp32
+    try:
+        for case in cases or GPU_CHECK_CASES:
+            rows += _gpu_check_case(case, dev)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return rows
+
+
+def _gpu_check_case(case, dev):
+    rows = []
+    name, dtype, n, hdim, vocab, frac, softcap, z_loss, reduction, train_w = case
+    t0 = time.perf_counter()
+    gen = torch.Generator(device=dev).manual_seed(1234 + n + vocab)
+    hidden = torch.randn(n, hdim, device=dev, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hdim, device=dev, generator=gen) * hdim ** -0.5 * 2.0).to(dtype)
+    weight.requires_grad_(train_w)
+    labels = torch.randint(0, vocab, (n,), device=dev, generator=gen)
+    labels[torch.rand(n, device=dev, generator=gen) >= frac] = -100
+    kw = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
+
+    def loss_and_grads(fn, h, w):
+        leaves = [h] + ([w] if w.requires_grad else [])
+        loss = fn(h, w)
+        return [loss.detach().float()] + [g.float() for g in torch.autograd.grad(loss, leaves)]
+
+    out = loss_and_grads(lambda h, w: masked_cross_entropy(h, w, labels, impl="triton", **kw), hidden, weight)
+    ref = loss_and_grads(lambda h, w: masked_cross_entropy_reference(h, w, labels, **kw),
+                         hidden.detach().float().requires_grad_(),
+                         weight.detach().float().requires_grad_(train_w))
+    if frac > 0:
+        hf = loss_and_grads(lambda h, w: _hf_style_loss(h, w, labels, -100, reduction, softcap, z_loss),
+                            hidden, weight)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    for q, a, r, i in zip(("loss", "dhidden", "dweight"), out, ref, range(3)):
+        finite = bool(torch.isfinite(a).all())
+        err = (a - r).abs().max().item() if a.numel() else 0.0
+        if frac > 0:
+            terr = (hf[i] - r).abs().max().item()
+            floor = 2.0 ** -12 * max(r.abs().max().item(), 1e-30)
+            ok = finite and err <= 2.0 * terr + floor
+        else:
+            terr, ok = float("nan"), finite and not bool(a.any())
+        rows.append({"op": "masked_ce", "case": name, "dtype": str(dtype).replace("torch.", ""), "quantity": q,
+                     "max_err": err, "torch_bf16_err": terr, "ok": ok, "s": round(time.perf_counter() - t0, 2)})
+    del hidden, weight, out, ref
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
