@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import assets
-from .bidirectional import check_architecture, make_bidirectional, set_attention_dropout
+from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
 
 
 def resolve_model_path(name_or_path, gguf_file=None):
@@ -136,9 +136,13 @@ def pack(input_ids, attention_mask):
 
 
 def packed_hidden_states(model, input_ids, attention_mask, packed=True):
-    """Final hidden states (B, S, H) of a padded batch; padding rows are zero."""
+    """Final hidden states (B, S, H) of a padded batch; padding rows are zero.
+
+    Packing needs the engine's attention (it reads cu_seqlens); a model left causal on another
+    attention implementation runs padded, with a 2-D mask and position ids from the mask.
+    """
     dec = decoder_of(model)
-    if not packed:
+    if not packed or not is_bidirectional(decoder_of(model)):
         pos = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)
         return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
     ids, pos, cu, max_len, idx = pack(input_ids, attention_mask)

@@ -117,3 +117,16 @@ def test_transformers_does_not_mistake_our_kernels_package_for_the_hub_one():
     model = tiny("llama")
     assert model.config._attn_implementation == "sdpa"
     assert iu.is_kernels_available() is False
+
+
+def test_causal_model_runs_padded_not_packed():
+    # Packing relies on the engine's attention; a causal model must not see the other packed sequences.
+    model = tiny("llama")
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 97, (2, 7), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 5:] = 0
+    with torch.no_grad():
+        out = packed_hidden_states(model, ids, am, packed=True)
+        alone = hidden(model, ids[1:, :5])
+    torch.testing.assert_close(out[1, :5], alone[0], atol=2e-5, rtol=1e-4)
