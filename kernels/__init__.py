@@ -9,13 +9,14 @@ Each op lives in its own module with a pure-torch ``*_reference`` beside it:
 This package imports only torch and triton.
 """
 from ._backend import get_default_impl, set_default_impl
-from .attention import flash_attention, flash_attention_reference
+from .attention import flash_attention, flash_attention_dropout_mask, flash_attention_reference
 from .contrastive import all_gather_with_grad, contrastive_loss, contrastive_loss_reference
 from .masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
 __all__ = [
     "flash_attention",
     "flash_attention_reference",
+    "flash_attention_dropout_mask",
     "masked_cross_entropy",
     "masked_cross_entropy_reference",
     "contrastive_loss",

@@ -1,0 +1,285 @@
+"""Benchmark non-causal attention: the Triton kernel vs torch SDPA's backends, SDPA with LLM2Vec's dense
+additive padding mask, flash-attn (when installed) and the torch reference.
+
+    python -m benchmarks.bench_attention                          # GPU: model shapes, <= --budget-s (80 s)
+    python -m benchmarks.bench_attention --tiny                   # CPU: tiny shapes (Triton via the interpreter)
+    python -m benchmarks.bench_attention --sweep                  # GPU: time the Triton launch-config candidates
+
+Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
+work only, 4 * sum(L_b^2) * Hq * D for the forward and 2.5x that for the backward, so implementations that
+compute on padding are charged for it. The padded-batch case ("pad32") draws 32 lengths uniformly from
+[32, 512]: SDPA runs the padded (B, S) batch, the Triton kernel unpads to varlen and repads, and that
+unpad/repad is inside its timing. An implementation that is not installed or rejects a shape is reported
+on stdout and skipped.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
+from kernels import attention as A  # noqa: E402
+
+MODELS = {  # name -> (Hq, Hkv, D)
+    "mistral7b": (32, 8, 128),   # Llama-3-8B has the same attention shape (32/8 heads, D=128)
+    "smollm2": (9, 3, 64),
+}
+# (label, model, batch, seq len or "pad" for the padded mix, passes or None for all); most important first.
+GPU_CASES = [
+    ("mistral7b-s512", "mistral7b", 16, 512, None),
+    ("mistral7b-pad32", "mistral7b", 32, "pad", None),
+    ("mistral7b-s2048", "mistral7b", 4, 2048, None),
+    ("mistral7b-s128", "mistral7b", 64, 128, None),
+    ("smollm2-s512", "smollm2", 16, 512, None),
+    ("mistral7b-s8192", "mistral7b", 1, 8192, ("fwd+bwd",)),
+    ("smollm2-s2048", "smollm2", 4, 2048, None),
+]
+TINY_CASES = [("tiny-s24", (4, 2, 32), 2, 24, None), ("tiny-pad3", (4, 2, 32), 3, "pad", None)]
+PASSES = ("fwd", "bwd", "fwd+bwd")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def padded_lengths(batch, lo, hi, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (batch,), generator=g).tolist()
+
+
+class Case:
+    def __init__(self, label, heads, batch, seq, device, dtype):
+        self.label, self.device, self.dtype = label, device, dtype
+        self.hq, self.hkv, self.d = heads
+        if seq == "pad":
+            lo, hi = (32, 512) if device == "cuda" else (4, 24)
+            self.lens = padded_lengths(batch, lo, hi)
+            self.S = max(self.lens)
+        else:
+            self.lens, self.S = [seq] * batch, seq
+        self.B = batch
+        self.padded = seq == "pad"
+        mk = lambda h: torch.randn(self.B, self.S, h, self.d, device=device, dtype=dtype).requires_grad_()
+        self.q, self.k, self.v = mk(self.hq), mk(self.hkv), mk(self.hkv)  # (B, S, H, D), padded rows unused
+        self.do = torch.randn_like(self.q)
+        self.valid = torch.arange(self.S, device=device)[None, :] < torch.tensor(self.lens, device=device)[:, None]
+        self.cu = torch.tensor([0] + torch.tensor(self.lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+        self.flops = 4.0 * sum(n * n for n in self.lens) * self.hq * self.d
+
+    @property
+    def shape(self):
+        s = f"B{self.B}xS{self.S}" + ("(pad)" if self.padded else "")
+        return f"{self.label}:{s}xH{self.hq}/{self.hkv}xD{self.d}"
+
+
+def _triton(case, dropout_p):
+    if not case.padded:
+        return lambda q, k, v: A.flash_attention(q, k, v, dropout_p=dropout_p, seed=0, impl="triton")
+    idx = case.valid.flatten().nonzero().squeeze(1)
+
+    def run(q, k, v):  # unpad -> varlen kernel -> repad, as the engine does for padded batches
+        flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
+        o = A.flash_attention(*flat, cu_seqlens=case.cu, max_seqlen=case.S, dropout_p=dropout_p, seed=0,
+                              impl="triton")
+        out = o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o)
+        return out.view(case.B, case.S, case.hq, case.d)
+    return run
+
+
+def _sdpa(backend, mask=None, dropout_p=0.0):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+    def ctx():
+        return sdpa_kernel(getattr(SDPBackend, names[backend])) if backend else contextlib.nullcontext()
+
+    def run(q, k, v):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) views
+        with ctx():
+            o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=dropout_p,
+                                                                 enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+    return run
+
+
+def implementations(case, dropout_p, want):
+    impls = {}
+    if "triton" in want:
+        impls["triton"] = _triton(case, dropout_p)
+    if "sdpa" in want and not case.padded:
+        # the math backend materialises the scores: never the best, and slow past S=512 on a GPU
+        for b in SDPA_BACKENDS if case.device == "cuda" else ("math",):
+            if b != "math" or case.device == "cpu" or case.S <= 512:
+                impls[f"sdpa-{b}"] = _sdpa(b, dropout_p=dropout_p)
+    if "sdpa-padmask" in want and (case.padded or case.S <= 512):
+        # LLM2Vec's reference path: a dense (B, 1, S, S) additive mask, 0 where the key is real, -inf-ish else.
+        mask = torch.zeros(case.B, 1, case.S, case.S, device=case.device, dtype=case.dtype)
+        mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
+        impls["sdpa-padmask"] = _sdpa(None, mask=mask, dropout_p=dropout_p)
+    if "flash_attn" in want:
+        try:
+            import flash_attn
+        except ImportError:
+            print(f"flash_attn: not installed, skipped ({case.shape})", flush=True)
+        else:
+            if case.padded:
+                idx = case.valid.flatten().nonzero().squeeze(1)
+
+                def fa_var(q, k, v):
+                    flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
+                    o = flash_attn.flash_attn_varlen_func(*flat, case.cu, case.cu, case.S, case.S, dropout_p=dropout_p)
+                    return o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o).view_as(q)
+                impls["flash_attn"] = fa_var
+            else:
+                impls["flash_attn"] = lambda q, k, v: flash_attn.flash_attn_func(q, k, v, dropout_p=dropout_p)
+    if "torch" in want:
+        if case.padded:
+            impls["torch"] = lambda q, k, v: _repad_reference(case, q, k, v, dropout_p)
+        else:
+            impls["torch"] = lambda q, k, v: A.flash_attention_reference(q, k, v, dropout_p=dropout_p, seed=0)
+    return impls
+
+
+def _repad_reference(case, q, k, v, dropout_p):
+    idx = case.valid.flatten().nonzero().squeeze(1)
+    flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
+    o = A.flash_attention_reference(*flat, cu_seqlens=case.cu, dropout_p=dropout_p, seed=0)
+    return o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o).view_as(q)
+
+
+def _valid_rows_error(case, fn):
+    """Max |fn - fp32 reference| / max |reference| over real (unpadded) rows."""
+    with torch.no_grad():
+        got = fn(case.q, case.k, case.v).float()[case.valid]
+        want = _repad_reference(case, case.q.float(), case.k.float(), case.v.float(), 0.0)[case.valid]
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def bench_case(writer, case, dropout_p, want, passes, warmup, iters, deadline=None):
+    ins = (case.q, case.k, case.v)
+    for name, fn in implementations(case, dropout_p, want).items():
+        if deadline is not None and time.time() > deadline:
+            print(f"{name}: skipped on {case.shape}: --budget-s spent", flush=True)
+            continue
+        try:
+            err = _valid_rows_error(case, fn) if dropout_p == 0 else float("nan")
+            for pass_ in passes:
+                if pass_ == "fwd":
+                    step, flops = (lambda: fn(*ins)), case.flops
+                    with torch.no_grad():
+                        ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                elif pass_ == "bwd":
+                    out = fn(*ins)
+                    step, flops = (lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True)), 2.5 * case.flops
+                    ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                    del out
+                else:
+                    step, flops = (lambda: torch.autograd.grad(fn(*ins), ins, case.do)), 3.5 * case.flops
+                    ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                writer.add(case.shape, name, pass_, ms, flops / ms / 1e9, mem, dtype=str(case.dtype)[6:],
+                           dropout=dropout_p, err=f"{err:.1e}")
+        except (RuntimeError, NotImplementedError, ValueError) as exc:  # a backend that rejects this shape
+            print(f"{name}: skipped on {case.shape}: {str(exc).splitlines()[0][:160]}", flush=True)
+        finally:
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
+
+
+SWEEP_FWD = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3)]
+SWEEP_DKDV = [(32, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 2)]
+SWEEP_DQ = [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)]
+
+
+def sweep(writer, case, dropout_p, warmup, iters):
+    """Time the Triton forward / backward under each candidate launch config (others kept at default)."""
+    base_fwd, base_bwd = A.fwd_config, A.bwd_config
+    ins = (case.q, case.k, case.v)
+    fn = _triton(case, dropout_p)
+    dkdv0, dq0 = base_bwd(A._block_d(case.d), case.dtype, dropout_p > 0, 90)
+    try:
+        for cfg in SWEEP_FWD:
+            A.fwd_config = lambda *a, _c=cfg, **kw: _c
+            try:
+                with torch.no_grad():
+                    ms = timeit(lambda: fn(*ins), warmup, iters, case.device)
+                writer.add(case.shape, "triton" + "x".join(map(str, cfg)), "fwd", ms, case.flops / ms / 1e9)
+            except Exception as exc:  # out of shared memory / registers for this config
+                print(f"fwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
+        A.fwd_config = base_fwd
+        out = fn(*ins)
+        for cfg in [(c, dq0) for c in SWEEP_DKDV] + [(dkdv0, c) for c in SWEEP_DQ if c != dq0]:
+            A.bwd_config = lambda *a, _c=cfg, **kw: _c
+            try:
+                ms = timeit(lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True), warmup, iters,
+                            case.device)
+                label = "triton-dkdv" + "x".join(map(str, cfg[0])) + "-dq" + "x".join(map(str, cfg[1]))
+                writer.add(case.shape, label, "bwd", ms, 2.5 * case.flops / ms / 1e9)
+            except Exception as exc:
+                print(f"bwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
+    finally:
+        A.fwd_config, A.bwd_config = base_fwd, base_bwd
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                 "bench_attention.csv"))
+    p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
+    p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
+    p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
+    p.add_argument("--impls", default="triton,sdpa,sdpa-padmask,flash_attn,torch")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--torch-max-scores", type=float, default=2.5e8,
+                   help="run the torch reference only when B*Hq*S*S is below this (it materialises the scores)")
+    p.add_argument("--sweep", action="store_true", help="time the Triton kernel's candidate launch configs")
+    p.add_argument("--budget-s", type=float, default=80.0,
+                   help="stop starting new cases / implementations after this many seconds (rows so far are kept)")
+    args = p.parse_args(argv)
+    deadline = time.time() + args.budget_s
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise SystemExit("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
+        dtype = torch.float32 if args.dtype == "bf16" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        cases = [(label, heads, b, s, ps) for label, heads, b, s, ps in TINY_CASES]
+        warmup, iters = 0, 1
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        cases = [(label, MODELS[m], b, s, ps) for label, m, b, s, ps in GPU_CASES
+                 if args.cases is None or label in args.cases]
+        warmup, iters = args.warmup, args.iters
+    writer = CsvWriter(args.out, "attention-sweep" if args.sweep else "attention")
+    want = set(args.impls.split(","))
+    try:
+        for label, heads, batch, seq, passes in cases:
+            if time.time() > deadline:
+                print(f"{label}: skipped, --budget-s {args.budget_s:.0f}s spent", flush=True)
+                continue
+            case = Case(label, heads, batch, seq, device, dtype)
+            if args.sweep:
+                sweep(writer, case, args.dropout, warmup, iters)
+                continue
+            impls = set(want)
+            if case.B * case.hq * case.S * case.S > args.torch_max_scores:
+                impls.discard("torch")
+            bench_case(writer, case, args.dropout, impls, passes or PASSES, warmup, iters, deadline)
+            del case
+    finally:
+        writer._f.close()
+    if args.plot:
+        plot(args.out, args.plot, metric="ms", title=f"attention ({writer.meta['gpu']}, {writer.meta['commit']})")
+    return writer.rows
+
+
+if __name__ == "__main__":
+    main()

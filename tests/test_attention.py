@@ -1,0 +1,405 @@
+"""Triton flash attention vs the fp64 torch reference, forward and backward.
+
+Without a GPU the Triton kernels run in the CPU interpreter on tiny fp32/fp16 shapes (the conftest turns
+TRITON_INTERPRET on), and ``test_kernels_compile_without_spills`` builds every launch configuration for
+sm_90 and sm_80. With ``LLM2VEC_TEST_GPU=1`` on a CUDA machine the same tests run on the GPU, plus the
+``gpu``-marked ones (``kernels.attention.gpu_check`` on model-sized shapes).
+
+Accuracy rule: for the output and each gradient, the kernel's max error against the fp64 reference must be
+at most ERR_FACTOR x the error of eager torch attention in the same dtype, plus a small floor.
+"""
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+from kernels import attention as A
+from kernels import set_default_impl
+from kernels.attention import (ERR_FACTOR, ERR_FLOOR, accuracy_case, flash_attention, flash_attention_dropout_mask,
+                               flash_attention_reference)
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0"
+DEVICE = "cuda" if ON_GPU else "cpu"
+F32, F16 = torch.float32, torch.float16
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the Triton result"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _cu(lens, device=DEVICE):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32, device=device)
+
+
+def _inputs(shape_prefix, hq, hkv, d, dtype, device=DEVICE, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mk = lambda h: torch.randn(*shape_prefix, h, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    return mk(hq), mk(hkv), mk(hkv)
+
+
+def _run(fn, q, k, v, do, **kw):
+    out = fn(q, k, v, **kw)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out,) + grads
+
+
+def _assert_accurate(q, k, v, **kw):
+    res = accuracy_case(q.detach(), k.detach(), v.detach(), **kw)
+    for name, (err, torch_err) in res.items():
+        bound = ERR_FACTOR * torch_err + ERR_FLOOR[q.dtype]
+        assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e} (eager torch {torch_err:.2e})"
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# Accuracy against the fp64 reference (interpreter on CPU, or the GPU under LLM2VEC_TEST_GPU=1)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prefix, hq, hkv, d, dtype", [
+    ((2, 17), 4, 1, 64, F32),     # GQA 4, odd length
+    ((1, 63), 8, 1, 64, F16),     # GQA 8 (MQA-like), one short of two blocks
+    ((3, 1), 2, 2, 64, F32),      # single-token sequences
+    ((1, 129), 2, 2, 128, F16),   # MHA, D=128, one past a block boundary
+    ((1, 33), 4, 2, 96, F16),     # D=96 padded to a 128 block
+    ((1, 40), 4, 2, 64, torch.bfloat16),
+], ids=["gqa4-s17-f32", "gqa8-s63-f16", "s1-f32", "d128-s129-f16", "d96-f16", "bf16"])
+def test_dense_matches_fp64_reference(prefix, hq, hkv, d, dtype):
+    _assert_accurate(*_inputs(prefix, hq, hkv, d, dtype))
+
+
+@pytest.mark.parametrize("lens, hq, hkv, d, dtype", [
+    ([1, 129, 17, 0, 63], 4, 1, 64, F32),   # very different lengths, an empty sequence, GQA 4
+    ([100, 3, 1], 4, 4, 128, F16),
+], ids=["mixed-f32", "mixed-d128-f16"])
+def test_varlen_matches_fp64_reference(lens, hq, hkv, d, dtype):
+    q, k, v = _inputs((sum(lens),), hq, hkv, d, dtype)
+    _assert_accurate(q, k, v, cu_seqlens=_cu(lens))
+
+
+def test_custom_scale_and_causal():
+    q, k, v = _inputs((1, 45), 4, 2, 32, F32)
+    _assert_accurate(q, k, v, scale=0.3)
+    lens = [20, 45, 3]
+    q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
+    _assert_accurate(q, k, v, cu_seqlens=_cu(lens), causal=True)
+
+
+def test_varlen_explicit_max_seqlen_and_packed_equals_dense():
+    B, S, hq, hkv, d = 3, 40, 4, 2, 32
+    q, k, v = _inputs((B, S), hq, hkv, d, torch.float32)
+    dense = flash_attention(q, k, v, impl="triton")
+    flat = [t.reshape(B * S, t.shape[2], d) for t in (q, k, v)]
+    packed = flash_attention(*flat, cu_seqlens=_cu([S] * B), max_seqlen=S, impl="triton")
+    torch.testing.assert_close(packed.reshape(B, S, hq, d), dense, rtol=0, atol=0)
+
+
+def test_strided_views_of_a_fused_qkv_projection():
+    # (B, S, 3, H, D) -> q/k/v are views with a sequence stride of 3*H*D; no copies needed.
+    qkv = torch.randn(2, 41, 3, 4, 32, device=DEVICE)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    _assert_accurate(q, k, v)
+    # a last dim that is not contiguous is copied, not misread
+    qt = torch.randn(2, 41, 4, 32, device=DEVICE).transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert qt.stride(-1) != 1
+    _assert_accurate(qt, k, v)
+
+
+@pytest.mark.parametrize("varlen, dtype", [(False, F32), (True, F16)])
+def test_dropout_gradients_match_reference_under_the_same_mask(varlen, dtype):
+    if varlen:
+        lens = [33, 1, 70]
+        q, k, v = _inputs((sum(lens),), 4, 1, 64, dtype)
+        _assert_accurate(q, k, v, cu_seqlens=_cu(lens), dropout_p=0.25, seed=1234)
+    else:
+        q, k, v = _inputs((2, 45), 4, 2, 64, dtype)
+        _assert_accurate(q, k, v, dropout_p=0.25, seed=1234)
+
+
+def test_dropout_mask_properties():
+    q = torch.empty(2, 64, 3, 16, device=DEVICE)
+    m1 = flash_attention_dropout_mask(q, dropout_p=0.3, seed=7)
+    assert m1.shape == (2, 3, 64, 64) and m1.dtype == torch.bool
+    assert abs(m1.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(m1, flash_attention_dropout_mask(q, dropout_p=0.3, seed=7))
+    m2 = flash_attention_dropout_mask(q, dropout_p=0.3, seed=8)
+    assert (m1 != m2).float().mean().item() > 0.3
+    # masks of different heads / sequences are not copies of each other
+    assert (m1[0, 0] != m1[0, 1]).any() and (m1[0] != m1[1]).any()
+    assert flash_attention_dropout_mask(q, dropout_p=0.0, seed=7).all()
+    # varlen: per-sequence masks equal the dense mask of a batch of those sequences at positions < L
+    lens = [10, 64]
+    ms = flash_attention_dropout_mask(torch.empty(74, 3, 16, device=DEVICE), cu_seqlens=_cu(lens),
+                                      dropout_p=0.3, seed=7)
+    assert [tuple(m.shape) for m in ms] == [(3, 10, 10), (3, 64, 64)]
+    assert torch.equal(ms[0], m1[0, :, :10, :10]) and torch.equal(ms[1], m1[1])
+
+
+def test_dropout_mask_does_not_depend_on_tiling(monkeypatch):
+    q, k, v = _inputs((1, 70), 2, 1, 32, torch.float32)
+    base = flash_attention(q, k, v, dropout_p=0.4, seed=99, impl="triton")
+    monkeypatch.setattr(A, "fwd_config", lambda *a, **kw: (16, 32, 4, 1))
+    other = flash_attention(q, k, v, dropout_p=0.4, seed=99, impl="triton")
+    assert _rel(other, base) < 3e-3  # tiling changes rounding only; a different mask would be off by ~0.5
+
+
+def test_dropout_seed_and_rng():
+    q, k, v = _inputs((1, 40), 2, 2, 16, torch.float32)
+    a = flash_attention(q, k, v, dropout_p=0.5, seed=3, impl="triton")
+    assert torch.equal(a, flash_attention(q, k, v, dropout_p=0.5, seed=3, impl="triton"))
+    assert not torch.equal(a, flash_attention(q, k, v, dropout_p=0.5, seed=4, impl="triton"))
+    torch.manual_seed(0)
+    b = flash_attention(q, k, v, dropout_p=0.5, impl="triton")
+    torch.manual_seed(0)
+    assert torch.equal(b, flash_attention(q, k, v, dropout_p=0.5, impl="triton"))
+    # expectation over masks is the plain attention: averaging many seeds converges to it
+    plain = flash_attention(q, k, v, impl="triton")
+    n = 16
+    mean = sum(flash_attention(q, k, v, dropout_p=0.5, seed=s, impl="triton") for s in range(n)) / n
+    one = flash_attention(q, k, v, dropout_p=0.5, seed=0, impl="triton")
+    assert _rel(mean, plain) < 0.5 * _rel(one, plain)  # unbiased: averaging shrinks the error like 1/sqrt(n)
+
+
+def test_backward_is_deterministic():
+    lens = [30, 50]
+    q, k, v = _inputs((sum(lens),), 4, 1, 32, torch.bfloat16)
+    do = torch.randn_like(q)
+    g1 = _run(flash_attention, q, k, v, do, cu_seqlens=_cu(lens), dropout_p=0.1, seed=5, impl="triton")
+    g2 = _run(flash_attention, q, k, v, do, cu_seqlens=_cu(lens), dropout_p=0.1, seed=5, impl="triton")
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the NaN-filled sequence's own rows are NaN
+def test_padding_rows_are_never_read_or_written():
+    # Rows past a sequence's end belong to the next sequence: poisoning them must not leak.
+    lens = [5, 40]
+    q, k, v = _inputs((sum(lens),), 2, 2, 16, torch.float32)
+    out = flash_attention(q, k, v, cu_seqlens=_cu(lens), impl="triton")
+    with torch.no_grad():
+        k2, v2 = k.detach().clone(), v.detach().clone()
+        k2[5:] = float("nan")
+        v2[5:] = float("nan")
+    out2 = flash_attention(q.detach(), k2, v2, cu_seqlens=_cu(lens), impl="triton")
+    torch.testing.assert_close(out2[:5], out[:5].detach(), rtol=0, atol=0)
+
+
+def test_empty_inputs():
+    q, k, v = _inputs((0,), 2, 1, 16, torch.float32)
+    out = flash_attention(q, k, v, cu_seqlens=_cu([]), impl="triton")
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_dispatch():
+    q, k, v = _inputs((1, 20), 2, 1, 16, torch.float32)
+    ref = flash_attention_reference(q, k, v)
+    torch.testing.assert_close(flash_attention(q, k, v, impl="torch"), ref)
+    assert _rel(flash_attention(q, k, v, impl="triton"), ref) < 3e-3
+    try:
+        set_default_impl("attention", "torch")
+        torch.testing.assert_close(flash_attention(q, k, v), ref)
+    finally:
+        set_default_impl("attention", "auto")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)), "not divisible"),
+    (dict(v=torch.randn(1, 8, 2, 16, dtype=torch.float64)), "dtype"),
+    (dict(k=torch.randn(1, 8, 2, 8), v=torch.randn(1, 8, 2, 8)), "differ"),
+    (dict(q=torch.randn(8, 4, 16)), "dense attention"),
+    (dict(dropout_p=1.0), "dropout_p"),
+    (dict(q=torch.randn(1, 8, 4, 288), k=torch.randn(1, 8, 2, 288), v=torch.randn(1, 8, 2, 288)), "head dim"),
+])
+def test_rejects_bad_inputs(bad, match):
+    args = dict(q=torch.randn(1, 8, 4, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16))
+    args.update(bad)
+    q, k, v = (args.pop(n).to(DEVICE) for n in ("q", "k", "v"))
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v, impl="triton", **args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every launch configuration compiles for sm_90 and sm_80 without register spills
+# ------------------------------------------------------------------------------------------------
+
+_FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale"}
+_TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+_SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+
+def _signature(fn, dtype):
+    sig = {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            sig[name] = {"cu_ptr": "*i32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "out_ptr": "*i8"}.get(
+                name, _TYPE[dtype])
+        elif name in _FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif not name.isupper():
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(fn, dtype, constexprs, arch, num_warps, num_stages):
+    """tests.triton_compile.compile_for_gpu plus the specialisation the runtime gives these launches.
+
+    At run time Triton marks 16-byte aligned pointers and strides divisible by 16 (every stride here
+    when the head dim is a multiple of 16); without those hints the compiler cannot vectorise and
+    reports spills that never happen. Also returns the dynamic shared memory, which cuobjdump omits.
+    """
+    from tests import triton_compile
+
+    jit = triton_compile._as_jit_function(fn)
+    sig = _signature(jit, dtype)
+    attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n in sig if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))}
+    seen = {}
+    real_compile = triton_compile.triton.compile
+
+    def compile_with_hints(src, *args, **kwargs):
+        src.attrs = attrs
+        seen["kernel"] = real_compile(src, *args, **kwargs)
+        return seen["kernel"]
+
+    with mock.patch.object(triton_compile.triton, "compile", compile_with_hints):
+        res = triton_compile.compile_for_gpu(fn, sig, {k: v for k, v in constexprs.items() if k in jit.arg_names},
+                                             arch=arch, num_warps=num_warps, num_stages=num_stages)
+    return res, seen["kernel"].metadata.shared
+
+
+# (arch, dtype, head dim, dropout, varlen, causal, GQA group): every config bucket the launchers pick from
+# (head dim <= 64, <= 128 incl. padded 96, 256; fp32's own configs), with and without dropout, on both archs.
+def _variant_list():
+    out = []
+    for arch in (90, 80):
+        for d in (64, 96, 128, 256):
+            for dropout in (False, True):
+                out.append((arch, "bfloat16", d, dropout, True, False, 4))
+        out.append((arch, "float16", 128, False, False, False, 1))
+        out.append((arch, "bfloat16", 128, False, True, True, 1))  # causal
+        out.append((arch, "float32", 64, False, False, False, 2))
+        out.append((arch, "float32", 128, True, True, False, 2))
+    return out
+
+
+def _variant_id(v):
+    arch, dt, d, dropout, varlen, causal, group = v
+    return (f"sm{arch}-{dt}-d{d}-{'drop' if dropout else 'nodrop'}-{'varlen' if varlen else 'dense'}"
+            f"{'-causal' if causal else ''}-g{group}")
+
+
+def _compile_variant(v):
+    """[(kernel, registers, spilled bytes, shared bytes)] for every launch flash_attention makes for variant v."""
+    arch, dtype_name, d, dropout, varlen, causal, group = v
+    dtype = getattr(torch, dtype_name)
+    bd = A._block_d(d)
+    common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, VARLEN=varlen, CAUSAL=causal, DROPOUT=dropout,
+                  PRECISION=A._precision(dtype), UPCAST=False)
+    bm, bn, warps, stages = A.fwd_config(bd, dtype, dropout=dropout, arch=arch)
+    (kbm, kbn, kwarps, kstages), (qbm, qbn, qwarps, qstages) = A.bwd_config(bd, dtype, dropout=dropout, arch=arch)
+    launches = [
+        ("fwd", A._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
+        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn), kwarps, kstages),
+        ("dq", A._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
+        ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen), 4, 1),
+    ]
+    if dropout:
+        launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen), 4, 1))
+    report = []
+    for name, fn, constexprs, w, s in launches:
+        res, smem = _compile(fn, dtype, constexprs, arch, w, s)
+        report.append((name, res.registers, res.spills, smem))
+    return report
+
+
+def _compile_all(workers=2):
+    """Child-process entry point: compile every variant (a small process pool) and print a JSON report.
+
+    Runs with the interpreter off: under TRITON_INTERPRET=1 the kernels' @triton.jit helpers (and
+    tl.philox) are interpreter objects that the compiler cannot inline.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    variants = _variant_list()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        reports = list(pool.map(_compile_variant, variants))
+    print(json.dumps({_variant_id(v): r for v, r in zip(variants, reports)}))
+
+
+@pytest.fixture(scope="module")
+def compile_reports():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", "import tests.test_attention as t; t._compile_all()"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
+@pytest.mark.parametrize("variant", [pytest.param(v, id=_variant_id(v)) for v in _variant_list()])
+def test_kernels_compile_without_spills(compile_reports, variant):
+    arch = variant[0]
+    for name, regs, spills, smem in compile_reports[_variant_id(variant)]:
+        assert spills == 0, f"{name}: {spills} bytes spilled ({regs} registers)"
+        assert smem <= _SMEM_LIMIT[arch], f"{name}: {smem} bytes of shared memory"
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark smoke run (CPU CI keeps benchmarks/bench_attention.py working)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(ON_GPU, reason="the tiny CPU benchmark; the GPU run calls the benchmark directly")
+def test_benchmark_tiny_runs(tmp_path):
+    from benchmarks import bench_attention
+
+    csv_path, png = tmp_path / "attn.csv", tmp_path / "attn.png"
+    rows = bench_attention.main(["--tiny", "--out", str(csv_path), "--plot", str(png)])
+    assert csv_path.exists() and png.exists()
+    impls = {r["impl"] for r in rows}
+    assert {"triton", "torch", "sdpa-math", "sdpa-padmask"} <= impls, impls
+    assert {r["pass"] for r in rows if r["impl"] == "triton"} == {"fwd", "bwd", "fwd+bwd"}
+    assert all(float(r["ms"]) > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: model-sized shapes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_gpu_check_model_shapes():
+    rows = A.gpu_check(budget_s=None)
+    assert rows and {r["tensor"] for r in rows} == {"out", "dq", "dk", "dv"}
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+
+
+@pytest.mark.gpu
+def test_gpu_matches_sdpa_and_auto_dispatch():
+    q, k, v = _inputs((4, 512), 16, 16, 128, torch.bfloat16, device="cuda")
+    out = flash_attention(q, k, v)  # impl="auto" -> Triton on CUDA
+    ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_int32():
+    # 4200 packed sequences of 128 tokens x 32 heads x 128: 2.2e9 elements, so the last sequences start
+    # past 2**31 elements and are only reached through the kernels' 64-bit base offsets.
+    n, L, h, d = 4200, 128, 32, 128
+    q = torch.randn(n * L, h, d, device="cuda", dtype=torch.bfloat16)
+    assert q.numel() > 2**31
+    out = flash_attention(q, q, q, cu_seqlens=_cu([L] * n, "cuda"), max_seqlen=L)
+    for b in (0, n - 1):
+        seg = q[b * L:(b + 1) * L]
+        want = flash_attention_reference(seg[None], seg[None], seg[None])[0]
+        assert _rel(out[b * L:(b + 1) * L], want) < 1e-2

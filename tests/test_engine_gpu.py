@@ -1,0 +1,59 @@
+"""The engine's model path with every Triton kernel against the torch references, on a real GPU in bf16.
+
+Skipped cleanly without a GPU (conftest). Run on a GPU machine with: LLM2VEC_TEST_GPU=1 pytest -m gpu
+"""
+import pytest
+import torch
+
+import kernels
+from engine.config import load_config
+from engine.modeling import add_lora, load_model, load_tokenizer
+from engine.stages import build_stage
+from engine.trainer import EngineModule
+
+from .helpers import STS
+
+pytestmark = pytest.mark.gpu
+
+
+def _loss_and_grads(module, batch, impl):
+    for op in ("attention", "masked_ce", "contrastive"):
+        kernels.set_default_impl(op, impl)
+    try:
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        loss, _ = module(batch)
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in module.named_parameters() if p.requires_grad}
+        return loss.float().item(), grads
+    finally:
+        for op in ("attention", "masked_ce", "contrastive"):
+            kernels.set_default_impl(op, "auto")
+
+
+@pytest.mark.parametrize("stage_name", ["mntp", "supervised"])
+def test_engine_step_triton_matches_torch_bf16(stage_name):
+    cfg = load_config(f"configs/tiny/{stage_name}.yaml", [
+        "model.dtype=bf16", "model.gradient_checkpointing=false", "lora.dropout=0.0",
+        "model.random_init={model_type: llama, hidden_size: 256, intermediate_size: 512, num_hidden_layers: 2, "
+        "num_attention_heads: 8, num_key_value_heads: 2, max_position_embeddings: 512, seed: 0}"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    items, _, _ = stage.load(cfg.data if stage_name == "supervised" else [f"{STS}/sts-dev.csv"], 64)
+    model, _ = load_model(cfg.model, "cuda", tok)
+    model = stage.prepare_model(model)
+    model = add_lora(model, cfg.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.02)
+    module = EngineModule(model.cuda(), stage).train()
+    batch = stage.collate(items[:8], torch.Generator().manual_seed(0))
+    batch.pop("truncated", None)
+    batch = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    lt, gt = _loss_and_grads(module, batch, "triton")
+    lr, gr = _loss_and_grads(module, batch, "torch")
+    assert abs(lt - lr) <= 2e-2 * max(1.0, abs(lr)), (lt, lr)
+    for name, g in gr.items():
+        err = (gt[name] - g).norm() / (g.norm() + 1e-12)
+        assert err < 5e-2, (name, float(err))
