@@ -63,6 +63,7 @@ def main(argv=None):
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
     t_all = time.time()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     rows, timings = {}, {}
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
     mntp = os.path.join(args.work, "mntp")
@@ -90,7 +91,6 @@ def main(argv=None):
     import torch
 
     hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
               "wall_seconds": round(wall, 1), "timings": timings, "overrides": args.set, "rows": rows}
     with open(os.path.join(args.out, "results.json"), "w") as f:

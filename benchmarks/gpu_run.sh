@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# The project's single GPU command: install what the bare machine lacks, check every kernel in bf16, run the
+# three kernel benchmarks and the end-to-end train-step benchmark, and print the targets table last.
+#
+#   bash benchmarks/gpu_run.sh                       # on the GPU machine; results under $OUT (run tool)
+#   GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh         # CPU rehearsal of the plumbing: tiny shapes, OUT=/tmp/gpu_run_out
+#
+# Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/,
+# which must travel with the working tree (run tool: carry=[".whl"]).
+# Budget: GPU_RUN_BUDGET_S (default 460 s) from start to the summary; every step runs under its own
+# `timeout` (gpu_check 65 s + GPU tests 35 s, attention 90 s, masked CE 75 s, contrastive 75 s), shortened
+# when the run is behind so that the train step always keeps at least 150 s and the summary 10 s; the train
+# step also gets what earlier steps left unused, up to GPU_RUN_TRAIN_S (default 210 s). A failing or hung
+# step is recorded and the run goes on.
+# $OUT receives at most 8 files: log.txt, correctness.json, bench_attention.csv, bench_masked_ce.csv,
+# bench_contrastive.csv, bench_train_step.csv, summary.md, results.tar.gz (plots, profiler text, step logs).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
+START=$SECONDS
+CPU_MODE=${GPU_RUN_CPU:-0}
+BUDGET=${GPU_RUN_BUDGET_S:-460}
+if [ "$CPU_MODE" = 1 ]; then
+  OUT=${OUT:-/tmp/gpu_run_out}
+fi
+if [ -z "${OUT:-}" ]; then
+  echo "OUT is not set (the run tool sets it; for a CPU rehearsal use GPU_RUN_CPU=1)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/gpu_run.XXXXXX)
+LOG=$OUT/log.txt
+: > "$LOG"
+STEPS=$WORK/steps.tsv
+: > "$STEPS"
+
+say() { echo "[gpu_run $((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+# limit_for CAP_S RESERVE_S: seconds this step may run, min(CAP, time left - RESERVE kept for later steps).
+limit_for() {
+  local left=$((BUDGET - (SECONDS - START) - $2))
+  echo $(($1 < left ? $1 : left))
+}
+
+# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below 15 s); output -> log.txt.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  if [ "$limit" -lt 15 ]; then
+    say "SKIP $name: only ${limit}s left before the time kept for later steps"
+    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "no time left" >> "$STEPS"
+    return 0
+  fi
+  say "== $name (limit ${limit}s)"
+  echo "---------- $name: $*" >> "$LOG"
+  local off t0 rc
+  off=$(stat -c %s "$LOG")
+  t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
+  if [ "$rc" -eq 0 ]; then
+    say "ok $name in $((SECONDS - t0))s"
+  else
+    local last
+    last=$(tail -c +"$((off + 1))" "$LOG" | grep -v '^\s*$' | tail -n 15 | sed 's/^/    | /')
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+      say "TIMEOUT $name after $((SECONDS - t0))s; its last lines:"
+    else
+      say "FAILED $name (rc $rc) after $((SECONDS - t0))s; its last lines:"
+    fi
+    echo "$last"
+  fi
+  return 0
+}
+
+# ------------------------------------------------------------------------------------------------
+say "start: $ROOT -> $OUT (cpu rehearsal: $CPU_MODE, budget ${BUDGET}s)"
+if [ "$CPU_MODE" != 1 ]; then
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >> "$LOG" 2>&1 || say "WARNING: pip install of .whl/ failed (see log.txt)"
+    export PYTHONPATH=/tmp/site:$PWD
+  else
+    say "WARNING: no .whl/ wheels (run benchmarks/prepare_device.sh and carry .whl): deepspeed will be missing"
+    export PYTHONPATH=$PWD
+  fi
+else
+  export PYTHONPATH=$PWD
+  if ls .whl/*.whl >/dev/null 2>&1; then  # rehearse the install, resolved for the GPU machine's CPython 3.12
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+      --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any .whl/*.whl >> "$LOG" 2>&1 \
+      && say "install rehearsal ok ($(ls "$WORK/site" | wc -l) entries); not put on PYTHONPATH here" \
+      || say "WARNING: install rehearsal failed"
+    rm -rf "$WORK/site"
+  else
+    say "no .whl/ here: install step skipped"
+  fi
+fi
+export DS_ACCELERATOR=cuda TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+[ "$CPU_MODE" = 1 ] && export DS_ACCELERATOR=cpu
+if [ -d .whl/assets ]; then  # tokenizer-only copy of the SmolLM2 asset, for GPU tests that need its tokenizer
+  ASSETS=$(mktemp -d /tmp/gpu_run_assets.XXXXXX)
+  cp -r .whl/assets/. "$ASSETS/" && export LLM2VEC_ENGINE_CACHE=$ASSETS
+fi
+if [ -z "${LLM2VEC_COMMIT:-}" ] && ! git -C "$ROOT" rev-parse --short HEAD >/dev/null 2>&1; then
+  # No git metadata on the device: name the code by a hash of its sources (CSV rows carry it).
+  LLM2VEC_COMMIT=tree-$(find engine kernels benchmarks tests configs -type f \( -name '*.py' -o -name '*.yaml' \
+    -o -name '*.sh' \) 2>/dev/null | LC_ALL=C sort | xargs cat 2>/dev/null | sha256sum | cut -c1-12)
+  export LLM2VEC_COMMIT
+fi
+
+{
+  echo "== environment"
+  date -u
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+  else
+    echo "nvidia-smi: not found"
+  fi
+  timeout 60 python3 - <<'EOF'
+import importlib, os, platform, sys
+print("python", platform.python_version(), "| commit", os.environ.get("LLM2VEC_COMMIT", "(git)"))
+for name in ("torch", "triton", "transformers", "peft", "deepspeed", "pydantic", "liger_kernel", "flash_attn"):
+    try:
+        m = importlib.import_module(name)
+        extra = ""
+        if name == "torch":
+            extra = f" cuda {m.version.cuda} | device {m.cuda.get_device_name() if m.cuda.is_available() else 'none'}"
+        print(f"{name:13s} {getattr(m, '__version__', '?')}{extra} ({os.path.dirname(m.__file__)})")
+    except Exception as exc:
+        print(f"{name:13s} unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
+EOF
+} > "$WORK/env.txt" 2>&1
+cat "$WORK/env.txt" | tee -a "$LOG"
+
+TINY=()
+if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
+
+# ------------------------------------------------------------------------------------------------
+# 1. bf16 correctness: each kernel's gpu_check() against its reference, then the GPU-marked tests.
+cat > "$WORK/correctness.py" <<'EOF'
+import importlib, json, math, signal, sys, time, traceback
+
+out_path, per_op_s = sys.argv[1], int(sys.argv[2])
+result = {}
+
+
+class OpTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise OpTimeout(f"gpu_check exceeded {per_op_s}s")
+
+
+def clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+
+
+signal.signal(signal.SIGALRM, _alarm)
+for op in ("attention", "masked_ce", "contrastive"):
+    t0 = time.time()
+    try:
+        mod = importlib.import_module(f"kernels.{op}")
+        if not hasattr(mod, "gpu_check"):
+            result[op] = {"error": f"kernels/{op}.py has no gpu_check()"}
+        else:
+            signal.alarm(per_op_s)
+            try:
+                rows = mod.gpu_check()
+            finally:
+                signal.alarm(0)
+            result[op] = [{k: clean(v) for k, v in dict(r).items()} for r in rows]
+    except Exception as exc:
+        traceback.print_exc()
+        result[op] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    res = result[op]
+    n_ok = sum(bool(r.get("ok")) for r in res) if isinstance(res, list) else 0
+    print(f"gpu_check {op}: " + (f"{n_ok}/{len(res)} ok" if isinstance(res, list) else res["error"])
+          + f" ({time.time() - t0:.1f}s)", flush=True)
+    if isinstance(res, list):
+        for r in res:
+            if not r.get("ok"):
+                print("   FAIL", r, flush=True)
+    with open(out_path, "w") as f:  # after every op, so a timeout keeps what finished
+        json.dump(result, f, indent=1)
+EOF
+# Time kept for later steps: GPU tests 20, attention 45, masked CE 40, contrastive 40, train 150, summary 10.
+run_step correctness "$(limit_for 65 305)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 25
+# The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
+PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
+  tests/)
+if [ "$CPU_MODE" = 1 ]; then
+  run_step pytest_gpu "$(limit_for 35 285)" "${PYTEST[@]}"
+else
+  run_step pytest_gpu "$(limit_for 35 285)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
+fi
+
+# ------------------------------------------------------------------------------------------------
+# 2. Kernel benchmarks. Each file's own flags are read from its argparse (--out or --csv; --plot PNG or flag).
+BARGS=()
+bench_args() {
+  local f=benchmarks/bench_$1.py
+  BARGS=()
+  if grep -q -- '"--out"' "$f"; then BARGS+=(--out "$WORK/bench_$1.csv")
+  elif grep -q -- '"--csv"' "$f"; then BARGS+=(--csv "$WORK/bench_$1.csv"); fi
+  if grep -Eq -- '"--plot",[^)]*store_true' "$f"; then BARGS+=(--plot)
+  elif grep -q -- '"--plot"' "$f"; then BARGS+=(--plot "$WORK/bench_$1.png"); fi
+  if [ "$CPU_MODE" = 1 ]; then
+    if grep -q -- '"--tiny"' "$f"; then BARGS+=(--tiny); elif grep -q -- '"--smoke"' "$f"; then BARGS+=(--smoke); fi
+  fi
+}
+run_bench() {  # name cap reserve
+  local name=$1 limit
+  limit=$(limit_for "$2" "$3")
+  if [ ! -f "benchmarks/bench_$name.py" ]; then
+    say "SKIP bench_$name: benchmarks/bench_$name.py missing"
+    printf '%s\t%s\t%s\t%s\n' "bench_$name" "skipped" 0 "file missing" >> "$STEPS"
+    return 0
+  fi
+  bench_args "$name"
+  # A benchmark with its own time budget stops starting cases before the hard timeout.
+  if grep -q -- '"--budget-s"' "benchmarks/bench_$name.py" && [ "$limit" -gt 25 ]; then
+    BARGS+=(--budget-s "$((limit - 10))")
+  fi
+  if [ "$CPU_MODE" = 1 ]; then
+    run_step "bench_$name" "$limit" env TRITON_INTERPRET=1 python3 -m "benchmarks.bench_$name" "${BARGS[@]}"
+  else
+    run_step "bench_$name" "$limit" python3 -m "benchmarks.bench_$name" "${BARGS[@]}"
+  fi
+  [ -f "$WORK/bench_$name.csv" ] && cp "$WORK/bench_$name.csv" "$OUT/"
+  return 0
+}
+run_bench attention 90 240
+run_bench masked_ce 75 200
+run_bench contrastive 75 160
+
+# ------------------------------------------------------------------------------------------------
+# 3. End-to-end train step (its own budget stops it starting measurements that would not finish in time).
+ts_limit=$(limit_for "${GPU_RUN_TRAIN_S:-210}" 10)
+run_step bench_train_step "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+  --out "$WORK/bench_train_step.csv" --profile "$WORK/train_step_profile.txt" --budget-s "$((ts_limit - 15))"
+[ -f "$WORK/bench_train_step.csv" ] && cp "$WORK/bench_train_step.csv" "$OUT/"
+
+# ------------------------------------------------------------------------------------------------
+# 4. Summary: targets of issues 4-7, then everything else into one archive.
+timeout 20 python3 -m benchmarks.summarize --dir "$OUT" --steps "$STEPS" --md "$OUT/summary.md" \
+  --plot "$WORK/train_step.png" > "$WORK/summary_stdout.txt" 2>&1 || say "WARNING: summarize failed: $(tail -n 3 "$WORK/summary_stdout.txt")"
+rm -f "$WORK/correctness.py"
+tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>> "$LOG" || say "WARNING: tar failed"
+say "done in $((SECONDS - START))s; \$OUT holds: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo
+if [ -f "$OUT/summary.md" ]; then
+  cat "$OUT/summary.md" | tee -a "$LOG"
+else
+  echo "no summary (see log.txt)" | tee -a "$LOG"
+fi
+exit 0

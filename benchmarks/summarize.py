@@ -1,0 +1,400 @@
+"""The GPU run's closing table: every target of issues 4-7, measured ratio against target, met or missed.
+
+    python -m benchmarks.summarize --dir $OUT [--steps steps.tsv] [--md $OUT/summary.md] [--plot train_step.png]
+    python -m benchmarks.summarize --dir <fetched $OUT> --archive benchmarks/results   # after the GPU run
+
+Reads bench_attention.csv, bench_masked_ce.csv, bench_contrastive.csv, bench_train_step.csv (common.py
+columns) and correctness.json from --dir. Every figure comes from those files; a target whose rows are
+missing is reported as n/a with the reason. --steps is the tab-separated step log gpu_run.sh writes
+(name, exit code, seconds). --plot draws the train-step throughput and peak memory per stage and impl.
+--archive ROOT copies a fetched $OUT (CSVs, correctness.json, log.txt, summary, and the plots, profiler
+text, environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/ with a README that
+says what ran, on which card, at which commit.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tarfile
+
+
+def _rows(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _extra(row):
+    return dict(kv.split("=", 1) for kv in (row.get("extra") or "").split(";") if "=" in kv)
+
+
+def _f(x):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+    return v
+
+
+def _ok(v):
+    return v == v and not math.isinf(v)
+
+
+class Table:
+    def __init__(self):
+        self.lines = []
+
+    def add(self, issue, target, measured, verdict, note=""):
+        self.lines.append((issue, target, measured, verdict, note))
+
+    def ratio(self, issue, target, value, limit, kind, detail="", fmt="{:.3f}"):
+        """kind 'le': value <= limit is met; 'ge': value >= limit."""
+        if not _ok(value):
+            self.add(issue, target, "n/a", "n/a", detail or "no measurement")
+            return
+        met = value <= limit if kind == "le" else value >= limit
+        self.add(issue, target, fmt.format(value) + "x", "met" if met else "MISSED", detail)
+
+    def markdown(self):
+        out = ["| issue | target | measured | verdict | where / notes |", "| --- | --- | --- | --- | --- |"]
+        for r in self.lines:
+            out.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
+        return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+def attention_targets(t, rows):
+    if rows is None:
+        t.add("4 attention", "dense D=128 S>=512 fwd+bwd <= 1.0x best SDPA", "n/a", "n/a",
+              "bench_attention.csv missing")
+        t.add("4 attention", "padded mix >= 2x SDPA + additive mask", "n/a", "n/a", "bench_attention.csv missing")
+        return
+    ok = [r for r in rows if _ok(_f(r["ms"])) and r["pass"] in ("fwd+bwd", "fwdbwd", "step")]
+    by_shape = {}
+    for r in ok:
+        by_shape.setdefault(r["shape"], {})[r["impl"]] = _f(r["ms"])
+    dense, mixed = [], []
+    for shape, impls in by_shape.items():
+        tri = [v for k, v in impls.items() if k.startswith("triton")]
+        if not tri:
+            continue
+        tri = min(tri)
+        masked = [v for k, v in impls.items() if "mask" in k.lower()]
+        plain = [v for k, v in impls.items() if k.lower().startswith("sdpa") and "mask" not in k.lower()]
+        if masked and "pad" in shape.lower():
+            mixed.append((min(masked) / tri, shape))
+        m = re.match(r"^(\d+)x(\d+)x(\d+)x(\d+)x(\d+)$", shape.strip())
+        d = s = None
+        if m:
+            s, d = int(m.group(2)), int(m.group(5))
+        else:
+            ms = re.search(r"(?:^|[^A-Za-z])S=?(\d+)|xS(\d+)", shape)
+            md = re.search(r"(?:^|[^A-Za-z])D=?(\d+)|xD(\d+)", shape)
+            ms = ms and next(int(g) for g in ms.groups() if g)
+            md = md and next(int(g) for g in md.groups() if g)
+            s, d = ms or None, md or None
+        if plain and d == 128 and s is not None and s >= 512 and "pad" not in shape.lower() and "varlen" not in shape:
+            dense.append((tri / min(plain), shape))
+    if dense:
+        worst = max(dense)
+        t.ratio("4 attention", "dense D=128 S>=512 fwd+bwd time <= 1.0x best SDPA backend", worst[0], 1.0, "le",
+                f"worst of {len(dense)} shapes: {worst[1]}; best {min(dense)[0]:.3f}x")
+    else:
+        t.add("4 attention", "dense D=128 S>=512 fwd+bwd <= 1.0x best SDPA", "n/a", "n/a",
+              "no dense D=128 S>=512 fwd+bwd rows with triton and sdpa")
+    if mixed:
+        worst = min(mixed)
+        t.ratio("4 attention", "padded length mix: >= 2x faster than SDPA + additive mask", worst[0], 2.0, "ge",
+                f"speedup (mask ms / triton ms), {worst[1]}")
+    else:
+        t.add("4 attention", "padded mix >= 2x SDPA + additive mask", "n/a", "n/a",
+              "no row with an sdpa *mask* impl beside triton")
+
+
+def masked_ce_targets(t, rows):
+    name = "5 masked CE"
+    if rows is None:
+        t.add(name, "Llama-3-8B: peak <= 5%, time <= 0.35x full logits, <= 1.0x gather", "n/a", "n/a",
+              "bench_masked_ce.csv missing")
+        return
+    sel = {}
+    for r in rows:
+        if r["shape"].startswith("llama3_8b") and r["pass"] == "fwd+bwd" and _ok(_f(r["ms"])):
+            sel[r["impl"]] = r
+    tri, full, gat = sel.get("triton_fused"), sel.get("full_logits"), sel.get("gather_torch")
+    if tri and full:
+        t.ratio(name, "Llama-3-8B peak extra memory <= 0.05x full-logits path",
+                _f(tri["peak_mb"]) / _f(full["peak_mb"]), 0.05, "le",
+                f"{_f(tri['peak_mb']):.0f} MB vs {_f(full['peak_mb']):.0f} MB", fmt="{:.4f}")
+        t.ratio(name, "Llama-3-8B fwd+bwd time <= 0.35x full-logits path", _f(tri["ms"]) / _f(full["ms"]), 0.35, "le",
+                f"{_f(tri['ms']):.2f} ms vs {_f(full['ms']):.2f} ms")
+    else:
+        t.add(name, "Llama-3-8B vs full logits (memory, time)", "n/a", "n/a",
+              "missing triton_fused or full_logits fwd+bwd row (OOM or error?)")
+    if tri and gat:
+        t.ratio(name, "Llama-3-8B fwd+bwd time <= 1.0x gather-then-torch", _f(tri["ms"]) / _f(gat["ms"]), 1.0, "le",
+                f"{_f(tri['ms']):.2f} ms vs {_f(gat['ms']):.2f} ms")
+    else:
+        t.add(name, "Llama-3-8B time <= 1.0x gather-then-torch", "n/a", "n/a", "missing rows")
+
+
+def contrastive_targets(t, rows):
+    name = "6 contrastive"
+    if rows is None:
+        t.add(name, "B=32768 peak <= 10% torch; B=512 time <= 1.0x torch", "n/a", "n/a",
+              "bench_contrastive.csv missing")
+    else:
+        def pick(b, impl):
+            for r in rows:
+                if r["shape"].startswith(f"B={b},") and r["impl"] == impl and r["pass"] == "fwd+bwd" \
+                        and _ok(_f(r["ms"])):
+                    return r
+            return None
+
+        tri, ref = pick(32768, "triton"), pick(32768, "torch")
+        if tri and ref:
+            t.ratio(name, "B=32768 loss fwd+bwd peak memory <= 0.10x torch reference",
+                    _f(tri["peak_mb"]) / _f(ref["peak_mb"]), 0.10, "le",
+                    f"{_f(tri['peak_mb']):.0f} MB vs {_f(ref['peak_mb']):.0f} MB", fmt="{:.4f}")
+        else:
+            t.add(name, "B=32768 peak <= 0.10x torch", "n/a", "n/a", "missing triton or torch fwd+bwd row at B=32768")
+        tri, ref = pick(512, "triton"), pick(512, "torch")
+        if tri and ref:
+            t.ratio(name, "B=512 loss fwd+bwd time <= 1.0x torch reference", _f(tri["ms"]) / _f(ref["ms"]), 1.0, "le",
+                    f"{_f(tri['ms']):.3f} ms vs {_f(ref['ms']):.3f} ms")
+        else:
+            t.add(name, "B=512 time <= 1.0x torch", "n/a", "n/a", "missing triton or torch fwd+bwd row at B=512")
+    t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU", "not measured", "n/a",
+          "not part of this run's time budget")
+
+
+def train_step_targets(t, rows):
+    name = "7 train step"
+    if rows is None:
+        t.add(name, "MNTP >= 1.5x tokens/s, peak <= 0.6x; supervised >= 1.3x", "n/a", "n/a",
+              "bench_train_step.csv missing")
+        return {}
+    steps = {}
+    for r in rows:
+        if r["pass"] == "step":
+            steps[(r["shape"].split()[0], r["impl"])] = r
+
+    def tps(stage, impl):
+        r = steps.get((stage, impl))
+        return _f(_extra(r).get("tokens_per_s")) if r else float("nan")
+
+    def why(stage):
+        bad = [f"{i}: {_extra(r).get('status')} {_extra(r).get('detail', '')}".strip()
+               for (s, i), r in steps.items() if s == stage and i in ("reference", "engine")
+               and _extra(r).get("status") != "ok"]
+        return "; ".join(bad)
+
+    for stage, target in (("mntp", 1.5), ("supervised", 1.3), ("simcse", None)):
+        e, r = tps(stage, "engine"), tps(stage, "reference")
+        detail = f"engine {e:.0f} vs reference {r:.0f} tokens/s" if _ok(e) and _ok(r) else (why(stage) or "no rows")
+        if target is None:
+            t.add(name, f"{stage} tokens/s engine / reference (no target)",
+                  f"{e / r:.3f}x" if _ok(e) and _ok(r) else "n/a", "info", detail)
+        else:
+            t.ratio(name, f"{stage} step tokens/s >= {target}x reference path", e / r if _ok(r) else float("nan"),
+                    target, "ge", detail)
+    re_, rr = steps.get(("mntp", "engine")), steps.get(("mntp", "reference"))
+    if re_ and rr and _ok(_f(re_["peak_mb"])) and _ok(_f(rr["peak_mb"])):
+        t.ratio(name, "MNTP step peak memory <= 0.6x reference (max_memory_allocated, weights included)",
+                _f(re_["peak_mb"]) / _f(rr["peak_mb"]), 0.6, "le",
+                f"{_f(re_['peak_mb']):.0f} MB vs {_f(rr['peak_mb']):.0f} MB; above weights: "
+                f"{_f(_extra(re_).get('act_peak_mb')):.0f} vs {_f(_extra(rr).get('act_peak_mb')):.0f} MB "
+                f"({_f(_extra(re_).get('act_peak_mb')) / _f(_extra(rr).get('act_peak_mb')):.3f}x)")
+    else:
+        t.add(name, "MNTP peak memory <= 0.6x reference", "n/a", "n/a", why("mntp") or "no peak memory (CPU run?)")
+    for (stage, impl), r in sorted(steps.items()):
+        if impl.startswith("engine-torch-"):
+            e = tps(stage, "engine")
+            a = _f(_extra(r).get("tokens_per_s"))
+            t.add(name, f"ablation {stage}: engine tokens/s / {impl} tokens/s (>1: the kernel helps)",
+                  f"{e / a:.3f}x" if _ok(e) and _ok(a) else "n/a", "info", _extra(r).get("status", ""))
+    return steps
+
+
+def profile_notes(rows):
+    out = []
+    for r in rows or []:
+        if r["pass"] != "profile" or _extra(r).get("status") != "ok":
+            continue
+        ex = _extra(r)
+        cats = {k[:-3]: _f(v) for k, v in ex.items() if k.endswith("_ms") and k != "busy_ms"}
+        total = sum(v for v in cats.values() if _ok(v))
+        if total <= 0:
+            continue
+        top = sorted(cats.items(), key=lambda kv: -kv[1])[:5]
+        busy = _f(ex.get("busy_pct"))
+        busy = f"GPU busy {busy:.0f}% of the step, " if _ok(busy) else ""
+        out.append(f"- profile {r['shape'].split()[0]} / {r['impl']} (step {_f(r['ms']):.0f} ms under the profiler, "
+                   f"{busy}{total:.0f} ms of kernels/ops): "
+                   + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top))
+    return out
+
+
+def correctness(path):
+    if not os.path.isfile(path):
+        return ["- correctness.json missing"]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except Exception as exc:
+        return [f"- correctness.json unreadable: {exc}"]
+    out = []
+    for op, res in data.items():
+        if isinstance(res, dict) and "error" in res:
+            out.append(f"- gpu_check {op}: ERROR {res['error'][:160]}")
+            continue
+        rows = res if isinstance(res, list) else []
+        bad = [r for r in rows if not r.get("ok")]
+        out.append(f"- gpu_check {op}: {len(rows) - len(bad)}/{len(rows)} ok"
+                   + ("" if not bad else "; failing: " + ", ".join(
+                       f"{r.get('case', '?')}:{r.get('quantity', r.get('tensor', ''))}" for r in bad[:6])))
+    return out
+
+
+def steps_notes(path):
+    if not path or not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3:
+                rc = parts[1]
+                verdict = {"0": "ok", "124": "TIMEOUT", "137": "TIMEOUT (killed)", "skipped": "SKIPPED"}.get(
+                    rc, f"FAILED rc={rc}")
+                why = f" ({parts[3]})" if len(parts) > 3 else ""
+                out.append(f"- step {parts[0]}: {verdict} in {parts[2]} s{why}")
+    return out
+
+
+def plot_train_step(rows, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if r["pass"] == "step" and _ok(_f(_extra(r).get("tokens_per_s")))]
+    if not steps:
+        return None
+    stages = sorted({r["shape"].split()[0] for r in steps})
+    impls = sorted({r["impl"] for r in steps}, key=lambda i: (i != "reference", i != "engine", i))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / len(impls)
+    for ax, metric, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_mb", "peak memory (MB)")):
+        for i, impl in enumerate(impls):
+            vals = []
+            for s in stages:
+                m = [r for r in steps if r["shape"].split()[0] == s and r["impl"] == impl]
+                v = (_f(_extra(m[-1]).get(metric)) if metric != "peak_mb" else _f(m[-1]["peak_mb"])) if m else 0.0
+                vals.append(v if _ok(v) else 0.0)
+            ax.bar([x + i * width for x in range(len(stages))], vals, width, label=impl)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(stages))])
+        ax.set_xticklabels(stages)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"train step, {steps[0]['gpu']} @ {steps[0]['commit']}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
+def archive(src, root):
+    """Copy a fetched GPU run into root/<date>-<gpu>/ with a README; returns the folder."""
+    rows = []
+    for name in ("bench_train_step.csv", "bench_attention.csv", "bench_masked_ce.csv", "bench_contrastive.csv"):
+        rows += _rows(os.path.join(src, name)) or []
+    meta = next((r for r in rows if r.get("gpu")), {"gpu": "unknown", "date": "unknown", "commit": "unknown"})
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"].replace("NVIDIA", "")).strip("-").lower() or "gpu"
+    dst = os.path.join(root, f"{meta['date']}-{slug}")
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if name == "results.tar.gz":
+            with tarfile.open(path) as tar:
+                for m in tar.getmembers():
+                    base = os.path.basename(m.name)
+                    if (m.isfile() and base.endswith((".png", ".txt", ".tsv")) and "/assets/" not in m.name
+                            and base != "summary_stdout.txt"):
+                        with tar.extractfile(m) as f_in, open(os.path.join(dst, base), "wb") as f_out:
+                            shutil.copyfileobj(f_in, f_out)
+        elif os.path.isfile(path):
+            shutil.copy(path, os.path.join(dst, name))
+    summary = ""
+    if os.path.isfile(os.path.join(dst, "summary.md")):
+        with open(os.path.join(dst, "summary.md")) as f:
+            summary = f.read()
+    files = sorted(n for n in os.listdir(dst) if n != "README.md")
+    with open(os.path.join(dst, "README.md"), "w") as f:
+        f.write(f"# GPU run {meta['date']} on {meta['gpu']}\n\n"
+                f"- what ran: `bash benchmarks/gpu_run.sh` in one call: bf16 `gpu_check()` of each kernel and the "
+                f"GPU-marked tests, `benchmarks/bench_attention.py`, `bench_masked_ce.py`, `bench_contrastive.py`, "
+                f"`bench_train_step.py` (with profiler), then `benchmarks/summarize.py`\n"
+                f"- card: {meta['gpu']} (versions in env.txt)\n- commit: {meta['commit']}\n"
+                f"- files: {', '.join(files)}\n\n{summary}")
+    return dst
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--steps", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--archive", default=None, help="copy the run to ARCHIVE/<date>-<gpu>/ with a README")
+    args = ap.parse_args(argv)
+    d = args.dir
+    if args.archive:
+        dst = archive(d, args.archive)
+        print(f"archived to {dst}")
+        return dst
+    t = Table()
+    for fn, csv_name in ((attention_targets, "bench_attention.csv"), (masked_ce_targets, "bench_masked_ce.csv"),
+                         (contrastive_targets, "bench_contrastive.csv")):
+        try:
+            fn(t, _rows(os.path.join(d, csv_name)))
+        except Exception as exc:  # one malformed file must not hide the rest
+            t.add(csv_name, "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
+    ts_rows = None
+    try:
+        ts_rows = _rows(os.path.join(d, "bench_train_step.csv"))
+        train_step_targets(t, ts_rows)
+    except Exception as exc:
+        t.add("bench_train_step.csv", "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
+    gpu = next((r["gpu"] for r in (ts_rows or []) if r.get("gpu")), None)
+    commit = next((r["commit"] for r in (ts_rows or []) if r.get("commit")), None)
+    lines = [f"# GPU run summary ({gpu or 'unknown device'}, commit {commit or 'unknown'})", "", t.markdown(), ""]
+    notes = steps_notes(args.steps) + correctness(os.path.join(d, "correctness.json"))
+    zero = {_extra(r).get("zero") for r in ts_rows or [] if r.get("pass") == "step"} - {None}
+    if "none" in zero:
+        notes.append("- NOTE: the train step ran WITHOUT DeepSpeed ZeRO-3 (zero=none: deepspeed unavailable or failed)")
+    try:
+        notes += profile_notes(ts_rows)
+    except Exception as exc:
+        notes.append(f"- profile rows unreadable: {exc}")
+    lines += notes
+    text = "\n".join(lines) + "\n"
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(text)
+    if args.plot and ts_rows:
+        try:
+            plot_train_step(ts_rows, args.plot)
+        except Exception as exc:
+            print(f"plot failed: {exc}", file=sys.stderr)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
