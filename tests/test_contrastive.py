@@ -19,6 +19,7 @@ import torch
 from kernels import contrastive as C
 from kernels.contrastive import (
     _contrastive_loss_triton,
+    _loss_and_grads,
     _torch_same_dtype_loss,
     contrastive_loss,
     contrastive_loss_reference,
@@ -47,14 +48,6 @@ def _make(B, n, E, dtype, seed=0, dupes=False):
         d[1:B:2] = d[0:B:2]
         d[B] = d[0]
     return q.to(dtype), d.to(dtype)
-
-
-def _loss_and_grads(fn, q, d):
-    q = q.detach().clone().requires_grad_(True)
-    d = d.detach().clone().requires_grad_(True)
-    loss = fn(q, d)
-    loss.backward()
-    return loss.detach().double(), q.grad.double(), d.grad.double()
 
 
 def _check(kernel, torch_same, ref, dtype, T, what=""):
