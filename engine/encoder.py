@@ -18,7 +18,7 @@ import torch
 
 from .config import ModelConfig
 from .encoding import encode_texts
-from .modeling import load_model, merge_adapter
+from .modeling import load_model
 
 _LLM2VEC_POOLING = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "eos", "last_token": "last",
                     "bos_token": "bos"}

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 import torch
@@ -249,30 +248,17 @@ def _signature(fn, dtype):
 
 
 def _compile(fn, dtype, constexprs, arch, num_warps, num_stages):
-    """tests.triton_compile.compile_for_gpu plus the specialisation the runtime gives these launches.
-
-    At run time Triton marks 16-byte aligned pointers and strides divisible by 16 (every stride here
-    when the head dim is a multiple of 16); without those hints the compiler cannot vectorise and
-    reports spills that never happen. Also returns the dynamic shared memory, which cuobjdump omits.
-    """
+    """tests.triton_compile.compile_for_gpu with the specialisation the runtime gives these launches:
+    16-byte aligned pointers and strides divisible by 16 (every stride here when the head dim is a
+    multiple of 16), the LSE strides excepted."""
     from tests import triton_compile
 
     jit = triton_compile._as_jit_function(fn)
     sig = _signature(jit, dtype)
-    attrs = {(jit.arg_names.index(n),): [["tt.divisibility", 16]]
-             for n in sig if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))}
-    seen = {}
-    real_compile = triton_compile.triton.compile
-
-    def compile_with_hints(src, *args, **kwargs):
-        src.attrs = attrs
-        seen["kernel"] = real_compile(src, *args, **kwargs)
-        return seen["kernel"]
-
-    with mock.patch.object(triton_compile.triton, "compile", compile_with_hints):
-        res = triton_compile.compile_for_gpu(fn, sig, {k: v for k, v in constexprs.items() if k in jit.arg_names},
-                                             arch=arch, num_warps=num_warps, num_stages=num_stages)
-    return res, seen["kernel"].metadata.shared
+    divisible = [n for n in sig if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))]
+    res = triton_compile.compile_for_gpu(fn, sig, {k: v for k, v in constexprs.items() if k in jit.arg_names},
+                                         arch=arch, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
+    return res, res.shared_bytes
 
 
 # (arch, dtype, head dim, dropout, varlen, causal, GQA group): every config bucket the launchers pick from

@@ -301,40 +301,19 @@ def _variants():
 def _compile_report(arch):
     """Runs in a subprocess without TRITON_INTERPRET (the interpreter's language patching breaks codegen).
 
-    Registers/spills come from tests/triton_compile.compile_for_gpu. Its ``shared_bytes`` is cuobjdump's
-    static figure, which does not include Triton's dynamic shared memory (the pipelining buffers), so the
-    true requirement is read from the compiled kernel's metadata as well.
+    Registers, spills and shared memory come from tests/triton_compile.compile_for_gpu.
     """
-    import triton
-
     import tests.triton_compile as tc
 
-    state = {"attrs": None, "shared": None}
-    orig_src, orig_compile = tc.ASTSource, triton.compile
-
-    def src(fn, signature, constexprs=None, attrs=None):
-        return orig_src(fn, signature, constexprs, state["attrs"])
-
-    def compile_(*a, **k):
-        res = orig_compile(*a, **k)
-        state["shared"] = res.metadata.shared
-        return res
-
-    tc.ASTSource, tc.triton.compile = src, compile_
     rows = []
-    try:
-        for fn, sig, ce, warps, stages, aligned, tag in _variants():
-            if not aligned and arch != 90:  # the odd-E specialisation is reported for the target GPU only
-                continue
-            jit = tc._as_jit_function(fn)
-            divisible = [a for a in sig if a not in _NOT_DIVISIBLE and sig[a] != "fp32"
-                         and (aligned or sig[a].startswith("*") or a in _ALWAYS_DIVISIBLE)]
-            state["attrs"] = {(jit.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
-            res = tc.compile_for_gpu(fn, sig, ce, arch=arch, num_warps=warps, num_stages=stages)
-            rows.append(dict(kernel=tag, arch=arch, aligned=aligned, registers=res.registers, spills=res.spills,
-                             static_shared=res.shared_bytes, shared=max(state["shared"], res.shared_bytes)))
-    finally:
-        tc.ASTSource, tc.triton.compile = orig_src, orig_compile
+    for fn, sig, ce, warps, stages, aligned, tag in _variants():
+        if not aligned and arch != 90:  # the odd-E specialisation is reported for the target GPU only
+            continue
+        divisible = [a for a in sig if a not in _NOT_DIVISIBLE and sig[a] != "fp32"
+                     and (aligned or sig[a].startswith("*") or a in _ALWAYS_DIVISIBLE)]
+        res = tc.compile_for_gpu(fn, sig, ce, arch=arch, num_warps=warps, num_stages=stages, divisible=divisible)
+        rows.append(dict(kernel=tag, arch=arch, aligned=aligned, registers=res.registers, spills=res.spills,
+                         shared=res.shared_bytes))
     return rows
 
 

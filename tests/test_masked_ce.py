@@ -317,35 +317,15 @@ def _variants():
 
 def _compile_all_main(arch):
     """Subprocess entry: compile every variant for one arch, print one JSON line each."""
-    import triton
-    from triton.compiler import ASTSource
-
     import tests.triton_compile as tc
 
-    divisible = []
-    shared = {}
-
-    def source(fn, signature, constexprs):  # compile_for_gpu's ASTSource plus the runtime's hints
-        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
-        return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-
-    compile_ = triton.compile
-
-    def compile_and_record(*args, **kwargs):  # cuobjdump's SHARED is static smem only; Triton's is dynamic
-        kernel = compile_(*args, **kwargs)
-        shared["bytes"] = kernel.metadata.shared
-        return kernel
-
-    tc.ASTSource = source
-    tc.triton.compile = compile_and_record
     for name, dt, fn_name, sig, constexprs, div, cfg in _variants():
-        divisible[:] = div
         row = dict(kernel=name, dtype=dt, arch=arch, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                    blocks={k: v for k, v in constexprs.items() if k.startswith("BLOCK")})
         try:
             res = tc.compile_for_gpu(getattr(mc, fn_name), sig, constexprs, arch=arch,
-                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-            row.update(ok=True, registers=res.registers, spills=res.spills, shared=shared["bytes"],
+                                     num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], divisible=div)
+            row.update(ok=True, registers=res.registers, spills=res.spills, shared=res.shared_bytes,
                        wgmma="wgmma.mma_async" in res.ptx)
         except Exception as exc:  # reported, then asserted on in the parent
             row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")

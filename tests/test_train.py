@@ -6,7 +6,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from .helpers import ROOT, deepspeed_cmd, run_cmd
+from .helpers import deepspeed_cmd, run_cmd
 
 pytestmark = pytest.mark.slow
 

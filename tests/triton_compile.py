@@ -9,6 +9,12 @@ interpreter cannot land. Usage:
 
 ``signature`` maps every non-constexpr argument to a Triton type string ("*fp16", "*bf16", "*fp32",
 "*i64", "i32", "i64", "fp32"); ``constexprs`` maps every tl.constexpr argument to its value.
+``divisible`` names the arguments the runtime would specialise as divisible by 16 (16-byte aligned
+pointers, strides that are multiples of 16): without those hints loads are not vectorised and the
+register/spill figures do not match what runs on the GPU.
+
+Call it with the interpreter off (``TRITON_INTERPRET`` unset, e.g. in a subprocess): under the
+interpreter, kernels that call @triton.jit helpers or tl.sum/tl.max cannot be compiled.
 """
 import dataclasses
 import os
@@ -26,7 +32,7 @@ class CompiledKernel:
     arch: int
     registers: int
     spills: int  # bytes spilled (stores + loads)
-    shared_bytes: int
+    shared_bytes: int  # what the launch needs: Triton's dynamic shared memory, or cuobjdump's static figure
     ptx: str
 
 
@@ -41,13 +47,15 @@ def _as_jit_function(fn):
     return JITFunction(fn.fn)
 
 
-def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_stages=3):
+def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_stages=3, divisible=()):
     fn = _as_jit_function(fn)
     constexprs = dict(constexprs or {})
     full_sig = dict(signature)
     for name in constexprs:
         full_sig.setdefault(name, "constexpr")
-    src = ASTSource(fn=fn, signature=full_sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
+    src = ASTSource(fn=fn, signature=full_sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cubin = compiled.asm["cubin"]
@@ -67,4 +75,6 @@ def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_st
     spills = (int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0)
     if stack and int(stack.group(1)) > 0 and spills == 0:
         spills = int(stack.group(1))  # a stack frame on these kernels means local-memory spilling
+    # cuobjdump's SHARED is static shared memory only; the pipelining buffers are Triton's dynamic share.
+    shared = max(shared, int(getattr(compiled.metadata, "shared", 0) or 0))
     return CompiledKernel(arch=arch, registers=reg, spills=spills, shared_bytes=shared, ptx=compiled.asm["ptx"])
