@@ -12,7 +12,6 @@ and (later, at tokenisation) truncated counts, which the trainer logs.
 """
 import dataclasses
 import json
-import math
 import os
 import random
 
@@ -322,7 +321,3 @@ class BatchPlan:
         g = self._epoch(epoch)[i]
         return [g[(a * self.world + self.rank) * self.micro:(a * self.world + self.rank + 1) * self.micro]
                 for a in range(self.accum)]
-
-    @property
-    def epochs_for(self):
-        return lambda steps: math.ceil(steps / self.steps_per_epoch)

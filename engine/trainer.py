@@ -76,9 +76,18 @@ def lr_lambda(cfg):
 
 
 class MetricsLogger:
+    """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
+    file with the wider header, so every row stays aligned; a resumed run appends to what is there."""
+
     def __init__(self, cfg, rank):
         self.rank, self.kind = rank, cfg.logger
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
+        self.rows, self.fields = [], []
+        if rank == 0 and os.path.exists(self.path):
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                self.fields = list(reader.fieldnames or [])
+                self.rows = list(reader)
         self.tb = None
         if rank == 0 and cfg.logger in ("tensorboard", "both"):
             from torch.utils.tensorboard import SummaryWriter
@@ -90,12 +99,19 @@ class MetricsLogger:
             return
         row = {"step": step, **row}
         if self.kind in ("csv", "both"):
-            new = not os.path.exists(self.path)
-            with open(self.path, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(row))
-                if new:
+            new = [k for k in row if k not in self.fields]
+            self.fields += new
+            self.rows.append(row)
+            if new or not os.path.exists(self.path):
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=self.fields)
                     w.writeheader()
-                w.writerow(row)
+                    w.writerows(self.rows)
+                os.replace(tmp, self.path)
+            else:
+                with open(self.path, "a", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -207,19 +223,12 @@ def _micro_seed(seed, step, micro, rank):
 
 
 def _sts_spearman(module, stage, path, max_pairs=500):
-    from scipy.stats import spearmanr
+    from .encoder import Encoder
+    from .evaluate import sts_scores
 
-    from .encoding import encode_texts
-
-    pairs = read_sts(path)[:max_pairs]
     c = stage.cfg.contrastive
-    device = next(module.model.parameters()).device
-    a = encode_texts(module.model, stage.tok, [p[0] for p in pairs], pooling=c.pooling, max_len=c.max_len,
-                     batch_size=stage.cfg.micro_batch_size * 4, device=device)
-    b = encode_texts(module.model, stage.tok, [p[1] for p in pairs], pooling=c.pooling, max_len=c.max_len,
-                     batch_size=stage.cfg.micro_batch_size * 4, device=device)
-    cos = torch.nn.functional.cosine_similarity(a, b).numpy()
-    return float(spearmanr(cos, [p[2] for p in pairs]).statistic * 100)
+    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction="")
+    return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]
 
 
 def train(cfg):

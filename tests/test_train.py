@@ -60,6 +60,10 @@ def test_contrastive_stages_two_ranks(tmp_path, stage, extra):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _metrics(out)
     assert len(rows) == 6 and all(float(x["loss"]) >= 0 for x in rows)
+    if stage == "simcse":  # periodic STS eval (eval_every 3): its column appears, aligned, on steps 3 and 6
+        evals = {int(x["step"]): x["eval_sts_spearman"] for x in rows}
+        assert [s for s, v in evals.items() if v] == [3, 6]
+        assert all(-100 <= float(evals[s]) <= 100 for s in (3, 6))
     _check_adapter(os.path.join(out, "adapter"))
     from engine import Encoder
 

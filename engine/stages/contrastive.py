@@ -77,8 +77,3 @@ class ContrastiveStage(Stage):
             engine.backward((e_chunk * cached[s:e].to(e_chunk.dtype)).sum())
         _set_rng_state(after)
         return loss.detach(), {"tokens": batch["attention_mask"].sum()}
-
-    @torch.no_grad()
-    def evaluate(self, engine, items, world, rank, max_batches):
-        out = super().evaluate(engine, items, world, rank, max_batches)
-        return out
