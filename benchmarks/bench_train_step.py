@@ -955,6 +955,10 @@ def main(argv=None):
     ap.add_argument("--no-deepspeed", action="store_true",
                     help="plain torch optimizer step instead of DeepSpeed ZeRO-3 (also the automatic fallback)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--big-batch", default=None,
+                    help="comma list of global batch sizes: measure only the supervised step's peak memory at these "
+                         "batch sizes (short texts), without and with gradient caching (issue 6)")
+    ap.add_argument("--grad-cache-chunk", type=int, default=256, help="texts per chunk for --big-batch")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         # Small CPU ops on shared cores: OpenMP barriers stall whenever a core is taken, one thread does not.
@@ -992,6 +996,14 @@ def main(argv=None):
                        status="error", detail=f"setup failed: {detail}")
         writer._f.close()
         raise
+    if args.big_batch:
+        try:
+            sizes = [int(x) for x in args.big_batch.split(",") if x.strip()]
+            big_batch(bench, writer, sizes, args.grad_cache_chunk, budget)
+        finally:
+            writer._f.close()
+        log(f"{len(writer.rows)} rows -> {args.out}")
+        return writer.rows
     parity = {}
     try:
         for stage, impl in plan:
@@ -1019,6 +1031,56 @@ def main(argv=None):
             pass
     log(f"{len(writer.rows)} rows -> {args.out}")
     return writer.rows
+
+
+def big_batch(bench, writer, sizes, chunk, budget):
+    """Peak memory and time of one supervised engine step at large global batches, without gradient caching
+    (chunk 0) and with it. Texts are short (queries 8-32 tokens, positives/negatives 16-64) so a 7B step at
+    batch 4096 (12288 texts) stays within a GPU run's minutes; memory without caching grows with the batch,
+    with caching it is bounded by one chunk's activations plus the (n_texts, H) embeddings."""
+    from engine.encoding import pad_batch
+
+    lo_q, hi_q, lo_d, hi_d = (4, 8, 6, 12) if bench.tiny else (8, 32, 16, 64)
+    for B in sizes:
+        g = torch.Generator().manual_seed(B)
+        lens = _lengths(g, B, lo_q, hi_q) + _lengths(g, 2 * B, lo_d, hi_d)
+        seqs = [_rand_ids(g, n, bench.mcfg.vocab_size) for n in lens]
+        ids, am, pm = pad_batch(seqs, 0, "right", extra=([[1] * n for n in lens],))
+        batch = {"input_ids": ids.to(bench.device), "attention_mask": am.to(bench.device),
+                 "pool_mask": pm.to(bench.device), "n_queries": torch.tensor(B)}
+        shape = f"supervised-bigbatch B{B}+{B}p+{B}n q{lo_q}-{hi_q} d{lo_d}-{hi_d}"
+        for c in (0, chunk):
+            impl = f"engine-gradcache{c}" if c else "engine-nocache"
+            elapsed = time.perf_counter() - _T0
+            if elapsed > budget:
+                writer.add(shape, impl, "step", float("nan"), status="skipped_budget", elapsed_s=f"{elapsed:.0f}")
+                continue
+            bench.cfg.contrastive.grad_cache_chunk = c
+            bench.configure("supervised", "engine")
+            bench.cleanup()
+            status, ms, peak, detail = "ok", float("nan"), float("nan"), ""
+            try:
+                if bench.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(bench.device)
+                _sync(bench.device)
+                t0 = time.perf_counter()
+                bench.train_step(batch)
+                _sync(bench.device)
+                ms = (time.perf_counter() - t0) * 1e3
+                if bench.device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(bench.device) / 2**20
+            except torch.cuda.OutOfMemoryError as exc:
+                status, detail = "oom", str(exc).split("\n")[0][:80]
+                bench.recover()
+            except Exception as exc:
+                status, detail = "error", f"{type(exc).__name__}: {exc}".split("\n")[0][:80]
+                bench.recover()
+            finally:
+                bench.cfg.contrastive.grad_cache_chunk = 0
+            extra = {"status": status, "texts": 3 * B, "tokens": int(am.sum()), "chunk": c, "zero": bench.zero}
+            if detail:
+                extra["detail"] = detail.replace(";", ",").replace("=", ":")
+            writer.add(shape, impl, "step", ms, peak_mb=peak, **extra)
 
 
 def _safe_parity(bench, stage):

@@ -7,11 +7,12 @@
 #
 # Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/,
 # which must travel with the working tree (run tool: carry=[".whl"]).
-# Budget: GPU_RUN_BUDGET_S (default 460 s) from start to the summary; every step runs under its own
+# Budget: GPU_RUN_BUDGET_S (default 540 s; give the run tool timeout_s >= 590) from start to the summary; each step runs under its own
 # `timeout` (gpu_check 65 s + GPU tests 35 s, attention 90 s, masked CE 75 s, contrastive 75 s), shortened
 # when the run is behind so that the train step always keeps at least 150 s and the summary 10 s; the train
 # step also gets what earlier steps left unused, up to GPU_RUN_TRAIN_S (default 210 s). A failing or hung
-# step is recorded and the run goes on.
+# step is recorded and the run goes on. Then the issue-6 big-batch memory step (--big-batch 512,4096, cap
+# GPU_RUN_BIGBATCH_S=120 s) runs on whatever budget is left; its rows go into bench_train_step.csv.
 # $OUT receives at most 8 files: log.txt, correctness.json, bench_attention.csv, bench_masked_ce.csv,
 # bench_contrastive.csv, bench_train_step.csv, summary.md, results.tar.gz (plots, profiler text, step logs).
 set -u
@@ -19,7 +20,7 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 START=$SECONDS
 CPU_MODE=${GPU_RUN_CPU:-0}
-BUDGET=${GPU_RUN_BUDGET_S:-460}
+BUDGET=${GPU_RUN_BUDGET_S:-540}
 if [ "$CPU_MODE" = 1 ]; then
   OUT=${OUT:-/tmp/gpu_run_out}
 fi
@@ -245,6 +246,12 @@ run_bench contrastive 75 160
 ts_limit=$(limit_for "${GPU_RUN_TRAIN_S:-210}" 10)
 run_step bench_train_step "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
   --out "$WORK/bench_train_step.csv" --profile "$WORK/train_step_profile.txt" --budget-s "$((ts_limit - 15))"
+# 3b. Issue 6: supervised step peak memory at global batch 512 / 4096 (short texts), without and with gradient
+# caching; rows are appended to the same CSV. Runs only on what the budget has left.
+bb_limit=$(limit_for "${GPU_RUN_BIGBATCH_S:-120}" 10)
+run_step bench_train_step_bigbatch "$bb_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+  --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/bench_train_step.csv" \
+  --budget-s "$((bb_limit - 15))"
 [ -f "$WORK/bench_train_step.csv" ] && cp "$WORK/bench_train_step.csv" "$OUT/"
 
 # ------------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def main(argv=None):
             timings["mntp_train_s"] = sh(ds + ["engine/train.py", "--config", "configs/smollm2-135m/mntp.yaml",
                                                f"data={args.train}", f"output_dir={mntp}", "progress_bar=false",
                                                *args.set], log)
-        rows["c"] = evaluate(mntp, args.test, log)
+        if "c" in args.rows:
+            rows["c"] = evaluate(mntp, args.test, log)
     for key, stage in (("d", "simcse"), ("e", "supervised")):
         if key not in args.rows:
             continue

@@ -143,7 +143,7 @@ def masked_ce_targets(t, rows):
         t.add(name, "Llama-3-8B time <= 1.0x gather-then-torch", "n/a", "n/a", "missing rows")
 
 
-def contrastive_targets(t, rows):
+def contrastive_targets(t, rows, ts_rows=None):
     name = "6 contrastive"
     if rows is None:
         t.add(name, "B=32768 peak <= 10% torch; B=512 time <= 1.0x torch", "n/a", "n/a",
@@ -169,8 +169,20 @@ def contrastive_targets(t, rows):
                     f"{_f(tri['ms']):.3f} ms vs {_f(ref['ms']):.3f} ms")
         else:
             t.add(name, "B=512 time <= 1.0x torch", "n/a", "n/a", "missing triton or torch fwd+bwd row at B=512")
-    t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU", "not measured", "n/a",
-          "not part of this run's time budget")
+    big = {(r["impl"], r["shape"].split()[1]): r for r in (ts_rows or []) if r["shape"].startswith("supervised-bigbatch")}
+    cached = [r for (impl, b), r in big.items() if b.startswith("B4096") and impl.startswith("engine-gradcache")]
+    if not cached:
+        t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU", "not measured", "n/a",
+              "no supervised-bigbatch B4096 row (bench_train_step --big-batch)")
+    else:
+        r = cached[0]
+        st = _extra(r).get("status", "?")
+        nocache = [x for (impl, b), x in big.items() if b.startswith("B4096") and impl == "engine-nocache"]
+        nc = "" if not nocache else "; without caching: " + (
+            f"{_f(nocache[0]['peak_mb']):.0f} MB" if _ok(_f(nocache[0]["ms"])) else "did not run (OOM or skipped)")
+        t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU",
+              f"{_f(r['peak_mb']):.0f} MB peak" if st == "ok" else st, "met" if st == "ok" else "MISSED",
+              f"{r['shape']}, {r['ms']} ms{nc}")
 
 
 def train_step_targets(t, rows):
@@ -359,10 +371,17 @@ def main(argv=None):
         print(f"archived to {dst}")
         return dst
     t = Table()
+    try:
+        ts_all = _rows(os.path.join(d, "bench_train_step.csv"))
+    except Exception:
+        ts_all = None
     for fn, csv_name in ((attention_targets, "bench_attention.csv"), (masked_ce_targets, "bench_masked_ce.csv"),
                          (contrastive_targets, "bench_contrastive.csv")):
         try:
-            fn(t, _rows(os.path.join(d, csv_name)))
+            if fn is contrastive_targets:
+                fn(t, _rows(os.path.join(d, csv_name)), ts_all)
+            else:
+                fn(t, _rows(os.path.join(d, csv_name)))
         except Exception as exc:  # one malformed file must not hide the rest
             t.add(csv_name, "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
     ts_rows = None

@@ -219,3 +219,15 @@ def test_summary_table(tmp_path, tiny_run):
     assert {"README.md", "bench_train_step.csv", "bench_masked_ce.csv", "train_step_profile.txt", "summary.md"} <= got
     readme = open(os.path.join(dst, "README.md")).read()
     assert "on cpu" in readme and "commit:" in readme and "| issue |" in readme
+
+
+def test_big_batch_grad_cache_rows(tmp_path):
+    """Issue 6's memory measurement plumbing: supervised step at two batch sizes, without and with caching."""
+    from benchmarks import bench_train_step as bts
+
+    out = str(tmp_path / "bb.csv")
+    rows = bts.main(["--tiny", "--big-batch", "6,10", "--grad-cache-chunk", "4", "--out", out])
+    got = {(r["shape"].split()[1], r["impl"]) for r in rows}
+    assert got == {("B6+6p+6n", "engine-nocache"), ("B6+6p+6n", "engine-gradcache4"),
+                   ("B10+10p+10n", "engine-nocache"), ("B10+10p+10n", "engine-gradcache4")}
+    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in rows)
