@@ -34,6 +34,8 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     assert [int(x["step"]) for x in rows] == list(range(1, 13))
     losses = [float(x["loss"]) for x in rows]
     assert sum(losses[-4:]) / 4 < sum(losses[:2]) / 2 - 0.1, f"loss did not fall: {losses}"
+    evals = {int(x["step"]): x["eval_loss"] for x in rows if x["eval_loss"]}
+    assert sorted(evals) == [6, 12] and all(0 < float(v) < 20 for v in evals.values())  # held-out MNTP loss
     _check_adapter(os.path.join(ref, "adapter"))
 
     # Same run, rank 0 SIGKILLed at the start of step 8 (checkpoint at 6 exists).
