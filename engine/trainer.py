@@ -46,13 +46,22 @@ def log0(*a):
         print("[engine]", *a, flush=True)
 
 
+def free_port():
+    """A TCP port the OS reports free on the loopback interface (for a world of one)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed():
     import deepspeed
 
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:  # plain `python engine/train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)

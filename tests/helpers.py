@@ -24,5 +24,7 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
 
 
 def deepspeed_cmd(nproc, *args):
+    from engine.trainer import free_port
+
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(29500 + (os.getpid() * 7) % 2000), "engine/train.py", *args]
+            "--master_port", str(free_port()), "engine/train.py", *args]
