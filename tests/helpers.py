@@ -18,6 +18,11 @@ def tiny_llama_config(**kw):
 def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # the engine's CPU path uses the torch references
+    # An in-process test may have set up a world of one (engine.trainer.init_distributed): a child must not
+    # inherit that rendezvous, or it would try to bind the parent's port.
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK",
+              "CROSS_SIZE"):
+        e.pop(k, None)
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
