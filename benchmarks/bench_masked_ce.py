@@ -1,7 +1,11 @@
 """Benchmark: fused LM head + masked cross-entropy (kernels/masked_ce.py) against the usual paths.
 
 Implementations (forward + backward, frozen LM-head weight as under LoRA, bf16 on GPU):
-  * triton_fused  -- kernels.masked_cross_entropy(impl="triton"): labelled rows only, logits never stored
+  * triton_fused  -- kernels.masked_cross_entropy(impl="triton"): labelled rows only; with the frozen
+                     weight "auto" picks the eager strategy (gradient computed in forward, 2 GEMMs,
+                     logits for one row chunk at a time)
+  * triton_recompute -- the same op forced to the recompute strategy (online-LSE forward, logits
+                     recomputed tile by tile in backward, 3 GEMMs, no logits beyond one tile)
   * full_logits   -- what HF models do: logits for ALL rows, .float(), F.cross_entropy(ignore_index)
   * gather_torch  -- index_select the labelled rows, F.linear, .float(), F.cross_entropy
   * liger_flce    -- Liger-Kernel's LigerFusedLinearCrossEntropyLoss (skipped when not installed)
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit
 
-IMPLS = ("full_logits", "gather_torch", "liger_flce", "triton_fused")
+IMPLS = ("full_logits", "gather_torch", "liger_flce", "triton_fused", "triton_recompute")
 
 # name -> (tokens, H, V, labelled fraction)
 GPU_SHAPES = {
@@ -55,6 +59,13 @@ def _triton_fused(hidden, weight, labels):
     return masked_cross_entropy(hidden, weight, labels, impl="triton")
 
 
+def _triton_recompute(hidden, weight, labels):
+    from kernels import masked_ce
+
+    cfg = dict(masked_ce.default_config(hidden.dtype, hidden.device), strategy="recompute")
+    return masked_ce._masked_ce_triton(hidden, weight, labels, cfg=cfg)
+
+
 def _liger():
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -66,12 +77,11 @@ def _liger():
 
 def _available(tiny):
     impls = {"full_logits": (_full_logits, None), "gather_torch": (_gather_torch, None), "liger_flce": _liger()}
-    if torch.cuda.is_available() and not tiny:
-        impls["triton_fused"] = (_triton_fused, None)
-    elif os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        impls["triton_fused"] = (_triton_fused, None)
-    else:
-        impls["triton_fused"] = (None, "skipped (CPU without TRITON_INTERPRET=1)")
+    for name, fn in (("triton_fused", _triton_fused), ("triton_recompute", _triton_recompute)):
+        if (torch.cuda.is_available() and not tiny) or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            impls[name] = (fn, None)
+        else:
+            impls[name] = (None, "skipped (CPU without TRITON_INTERPRET=1)")
     if tiny and impls["liger_flce"][0] is not None:
         impls["liger_flce"] = (None, "skipped (Liger needs CUDA)")
     return impls
@@ -136,7 +146,7 @@ def main(argv=None):
                 continue
             results[impl] = (ms, peak)
             extra = {"status": "ok", "dtype": str(dtype).replace("torch.", ""), "frozen_weight": True}
-            if impl == "triton_fused":
+            if impl.startswith("triton"):
                 extra.update(_ratios(shape_name, ms, peak, results))
             rows.append(writer.add(shape, impl, "fwd+bwd", ms, tflops=flops / ms / 1e9, peak_mb=peak, **extra))
         del hidden, weight, labels

@@ -1,6 +1,4 @@
-"""Fused LM head + cross-entropy over labelled rows, without materialising the logits.
-
-READ kernels/MASKED_CE_TASK.md FIRST (full task brief from the lead).
+"""Fused LM head + cross-entropy over labelled rows, without materialising the full logits.
 
 Shapes: hidden (N, H), weight (V, H), labels (N,). Only the M rows with label != ignore_index do any
 work: they are gathered once (index_select) and everything below runs on h = hidden[idx] (M, H).
@@ -39,9 +37,26 @@ FLOPs: forward 2*M*V*H, backward 4*M*V*H (recompute + dH), plus 2*M*V*H for dW w
 The "gather then torch" path does one GEMM fewer but streams M x V fp32 logits through memory
 several times; which wins depends on the GPU (see benchmarks/bench_masked_ce.py).
 
+Two strategies for the training step (``cfg["strategy"]``, "auto" picks):
+
+* "recompute" (above): forward streams the vocab with an online LSE, backward recomputes the logits.
+  Three GEMMs (four with dW), no logits stored beyond one tile, any reduction, dW when needed.
+* "eager" (frozen weight, reduction "mean" / "sum", the LoRA case): the gradient is computed in the
+  forward, two GEMMs in all. Labelled rows go in chunks of RC rows (RC * V from the same 128 MiB
+  scratch budget): cuBLAS writes the chunk's logits z (RC, V) in the input dtype, as torch's own
+  path does; ``_ce_grad_rows_kernel`` makes two passes over each row -- an online LSE in fp32 (base
+  2), then dZ = grad_scale * dloss/dz written over z in place -- and cuBLAS computes
+  dH_rows = dZ @ W. grad_scale is 1/M for "mean", so dZ is rounded exactly where torch rounds its
+  logits' gradient. Backward only scales the saved dH_rows (M, H) by the upstream scalar and
+  scatters them into dHidden. Logits exist for one row chunk at a time, never for all rows. The
+  recompute path costs one more M x V x H GEMM; the row chunk costs ~3 passes over RC x V in the
+  input dtype, where torch's gather path makes ~10 over M x V with fp32 copies.
+  Under torch.no_grad(), or when hidden needs no gradient, "auto" runs the forward-only kernels.
+
 Caveats: labels outside [0, V) give a NaN loss for that row (the reference raises instead); the
 kernel path needs hidden and weight in the same dtype (fp16, bf16 or fp32) and weight contiguous
-along H. ZeRO-3: the weight is only read through ctx.saved_tensors in backward, never cached.
+along H. ZeRO-3: "recompute" reads the weight only through ctx.saved_tensors in backward, never
+cached; "eager" does not need the weight in backward at all.
 """
 import contextlib
 import time
@@ -66,6 +81,9 @@ _GPU_CONFIGS = {
         "dh": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
         "dw": dict(BLOCK_V=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
         "vblocks_per_prog": 8,
+        # eager strategy: one program per row, BLOCK_V columns per step (8 per thread: 16-byte loads)
+        "grad_rows": dict(BLOCK_V=2048, num_warps=8),
+        "strategy": "auto",
     },
     # fp32 uses IEEE dots (no TF32) to match torch's fp32 matmul; smaller tiles.
     "fp32": {
@@ -74,6 +92,8 @@ _GPU_CONFIGS = {
         "dh": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
         "dw": dict(BLOCK_V=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
         "vblocks_per_prog": 8,
+        "grad_rows": dict(BLOCK_V=2048, num_warps=8),
+        "strategy": "auto",
     },
 }
 # CPU interpreter (tests): tiny tiles so small shapes still cover many blocks, groups and tails.
@@ -83,7 +103,10 @@ _INTERP_CONFIG = {
     "dh": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1),
     "dw": dict(BLOCK_V=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=1),
     "vblocks_per_prog": 2,
+    "grad_rows": dict(BLOCK_V=32, num_warps=4),
+    "strategy": "auto",
 }
+STRATEGIES = ("auto", "recompute", "eager")
 _COMBINE = dict(BLOCK_R=32, BLOCK_G=32, num_warps=4)
 # Rows of hidden that a group of programs shares should stay resident in L2 (H100: 50 MB).
 _L2_HIDDEN_BYTES = 24 * 2**20
@@ -334,6 +357,62 @@ def _ce_bwd_dw_kernel(
     tl.store(dw_ptr + dw_off, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit(do_not_specialize=["V", "stride_zm", "grad_scale"])
+def _ce_grad_rows_kernel(
+    z_ptr, y_ptr, loss_ptr,
+    V, stride_zm, softcap, z_loss, grad_scale,
+    BLOCK_V: tl.constexpr,
+):
+    # Eager strategy, one program per row: z (rows, V) raw logits in the input dtype (unit stride
+    # along V) -> loss[row] (fp32), and z[row] overwritten with grad_scale * dloss/dz.
+    # Pass 1 keeps a running max / sum per lane (BLOCK_V of them, base 2) and reduces across lanes
+    # once at the end, so the loop has no cross-warp reduction.
+    LOG2E: tl.constexpr = 1.4426950408889634
+    LN2: tl.constexpr = 0.6931471805599453
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_zm
+    offs = tl.arange(0, BLOCK_V)
+    m_vec = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    l_vec = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if softcap > 0:
+            z = softcap * _tanh(z / softcap)  # -inf -> -softcap: the padded lanes are masked below
+        s = tl.where(cols < V, z * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_vec, s)
+        # a lane that has seen no column yet (V < BLOCK_V) keeps m = -inf: shift by 0 there, since
+        # exp2(-inf - -inf) would be NaN; exp2(-inf - 0) = 0 keeps its sum at 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_vec = l_vec * tl.exp2(m_vec - m_safe) + tl.exp2(s - m_safe)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    lse = (m + tl.log2(tl.sum(l_vec * tl.exp2(m_vec - m), axis=0))) * LN2  # natural log
+    y = tl.load(y_ptr + row)
+    y_ok = (y >= 0) & (y < V)
+    z_y = tl.load(z_row + tl.where(y_ok, y, 0)).to(tl.float32)
+    if softcap > 0:
+        z_y = softcap * _tanh(z_y / softcap)
+    z_y = tl.where(y_ok, z_y, float("nan"))  # out-of-range label: NaN loss, as in the other kernels
+    tl.store(loss_ptr + row, lse - z_y + z_loss * lse * lse)
+
+    # Pass 2: dz_v = (p_v * (1 + 2 z_loss lse) - [v == y]) * dcap_v, scaled, written over z.
+    coef = 1.0 + 2.0 * z_loss * lse
+    lse2 = lse * LOG2E
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + offs
+        z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        if softcap > 0:
+            t = _tanh(z / softcap)
+            z = softcap * t
+            dcap = 1.0 - t * t
+        else:
+            dcap = tl.full((BLOCK_V,), 1.0, dtype=tl.float32)
+        p = tl.exp2(z * LOG2E - lse2)
+        dz = (p * coef - tl.where(cols == y, 1.0, 0.0)) * dcap * grad_scale
+        tl.store(z_row + cols, dz.to(z_ptr.dtype.element_ty), mask=cols < V)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +537,69 @@ def _backward_rows(hidden, weight, idx, y, lse, r, softcap, z_loss, need_h, need
     return dh, dw
 
 
+def _row_chunk(M, V, esize, cfg):
+    """Rows per eager chunk: RC x V logits in the input dtype within the scratch budget."""
+    if cfg.get("row_chunk"):
+        return int(cfg["row_chunk"])
+    rc = BWD_SCRATCH_BYTES // max(1, V * esize)
+    if rc >= 128:
+        rc = rc // 64 * 64  # GEMM-friendly row counts
+    return int(max(1, min(rc, M)))
+
+
+def _eager_rows(h, weight, y, softcap, z_loss, grad_scale, cfg):
+    """h (M, H) contiguous, weight (V, H), y (M,) -> (loss (M,) fp32, dH_rows (M, H) in h.dtype).
+
+    dH_rows = grad_scale * dloss/dh for each labelled row, computed chunk by chunk (see the module
+    docstring, "eager"): logits and dZ share one (RC, V) scratch, both GEMMs are cuBLAS.
+    """
+    M, H = h.shape
+    V = weight.shape[0]
+    c = cfg["grad_rows"]
+    rc = _row_chunk(M, V, h.element_size(), cfg)
+    z = torch.empty((rc, V), device=h.device, dtype=h.dtype)
+    dh_rows = torch.empty((M, H), device=h.device, dtype=h.dtype)
+    loss = torch.empty((M,), device=h.device, dtype=torch.float32)
+    wt = weight.t()
+    for r0 in range(0, M, rc):
+        n = min(rc, M - r0)
+        zc = z[:n]
+        torch.mm(h[r0:r0 + n], wt, out=zc)  # (n, V) logits of this chunk only
+        _ce_grad_rows_kernel[(n,)](
+            zc, y[r0:r0 + n], loss[r0:r0 + n], V, zc.stride(0),
+            float(softcap or 0.0), float(z_loss), float(grad_scale),
+            BLOCK_V=c["BLOCK_V"], num_warps=c["num_warps"],
+        )
+        torch.mm(zc, weight, out=dh_rows[r0:r0 + n])  # zc now holds dZ
+    return loss, dh_rows
+
+
+class _MaskedCrossEntropyEager(torch.autograd.Function):
+    """(hidden (N, H), weight (V, H) frozen, idx (M,), y (M,)) -> scalar fp32 loss ("mean" or "sum").
+
+    The hidden gradient is computed here in forward; backward scales it by the upstream scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, idx, y, softcap, z_loss, mean, cfg):
+        M = idx.numel()
+        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+            loss, dh_rows = _eager_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss,
+                                        1.0 / M if mean else 1.0, cfg)
+        ctx.save_for_backward(idx, dh_rows)
+        ctx.n_rows = hidden.shape[0]
+        total = loss.sum()
+        return total / M if mean else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, dh_rows = ctx.saved_tensors
+        dh = dh_rows.new_zeros((ctx.n_rows, dh_rows.shape[1]))
+        # grad is 1 for a plain loss.backward() (exact), 1/GAS under gradient accumulation
+        dh.index_copy_(0, idx, (dh_rows.float() * grad).to(dh_rows.dtype))
+        return dh, None, None, None, None, None, None, None
+
+
 class _MaskedCrossEntropy(torch.autograd.Function):
     """(hidden (N, H), weight (V, H), idx (M,), y (M,)) -> per labelled row loss (M,) fp32.
 
@@ -505,8 +647,20 @@ def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="m
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     cfg = cfg or default_config(hidden.dtype, hidden.device)
+    strategy = cfg.get("strategy", "auto")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) labelled rows; one host sync
     y = labels.index_select(0, idx)  # (M,) int64
+    if strategy == "eager" and (reduction == "none" or weight.requires_grad):
+        raise ValueError("masked_cross_entropy strategy='eager' needs reduction 'mean' or 'sum' and a frozen "
+                         "weight (it computes no weight gradient); use 'recompute' or 'auto'")
+    grad_h = torch.is_grad_enabled() and hidden.requires_grad
+    eager = idx.numel() > 0 and (strategy == "eager" or (
+        strategy == "auto" and grad_h and reduction != "none" and not weight.requires_grad))
+    if eager:
+        return _MaskedCrossEntropyEager.apply(hidden, weight, idx, y, softcap, float(z_loss), reduction == "mean",
+                                              cfg)
     rows = _MaskedCrossEntropy.apply(hidden, weight, idx, y, softcap, float(z_loss), cfg)  # (M,) fp32
     if reduction == "none":
         return torch.zeros(hidden.shape[0], dtype=rows.dtype, device=hidden.device).index_put((idx,), rows)
@@ -584,9 +738,13 @@ def _hf_style_loss(hidden, weight, labels, ignore_index, reduction, softcap, z_l
     return rows.sum() / (max(int(keep.sum()), 1) if reduction == "mean" else 1)
 
 
-# (case, dtype, tokens N, H, V, labelled fraction, softcap, z_loss, reduction, weight requires grad)
+# (case, dtype, tokens N, H, V, labelled fraction, softcap, z_loss, reduction, weight requires grad
+#  [, strategy]). Frozen W with "mean" / "sum" runs the eager strategy under "auto".
 GPU_CHECK_CASES = [
     ("llama3-8b frozen W", torch.bfloat16, 4096, 4096, 128256, 0.8, None, 0.0, "mean", False),
+    ("llama3-8b frozen W recompute", torch.bfloat16, 4096, 4096, 128256, 0.8, None, 0.0, "mean", False,
+     "recompute"),
+    ("gemma2 softcap30 z1e-4 sum frozen W", torch.bfloat16, 1024, 2304, 256000, 0.5, 30.0, 1e-4, "sum", False),
     ("mistral-7b fp16 train W", torch.float16, 2048, 4096, 32000, 0.8, None, 0.0, "mean", True),
     ("gemma2 softcap30 z1e-4 sum train W", torch.bfloat16, 1024, 2304, 256000, 0.5, 30.0, 1e-4, "sum", True),
     ("V=262144 H=8192 int64 offsets", torch.bfloat16, 48, 8192, 262144, 1.0, None, 0.0, "mean", False),
@@ -621,7 +779,8 @@ def gpu_check(cases=None, device="cuda"):
 
 def _gpu_check_case(case, dev):
     rows = []
-    name, dtype, n, hdim, vocab, frac, softcap, z_loss, reduction, train_w = case
+    name, dtype, n, hdim, vocab, frac, softcap, z_loss, reduction, train_w = case[:10]
+    strategy = case[10] if len(case) > 10 else "auto"
     t0 = time.perf_counter()
     gen = torch.Generator(device=dev).manual_seed(1234 + n + vocab)
     hidden = torch.randn(n, hdim, device=dev, generator=gen).to(dtype).requires_grad_()
@@ -636,7 +795,8 @@ def _gpu_check_case(case, dev):
         loss = fn(h, w)
         return [loss.detach().float()] + [g.float() for g in torch.autograd.grad(loss, leaves)]
 
-    out = loss_and_grads(lambda h, w: masked_cross_entropy(h, w, labels, impl="triton", **kw), hidden, weight)
+    cfg = dict(default_config(dtype, dev), strategy=strategy)
+    out = loss_and_grads(lambda h, w: _masked_ce_triton(h, w, labels, cfg=cfg, **kw), hidden, weight)
     ref = loss_and_grads(lambda h, w: masked_cross_entropy_reference(h, w, labels, **kw),
                          hidden.detach().float().requires_grad_(),
                          weight.detach().float().requires_grad_(train_w))

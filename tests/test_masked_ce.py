@@ -9,6 +9,7 @@ Large shapes: V = 256000 and H = 8192 are interpreted with one small other dimen
 weight does not fit a CPU test); the full-size combination runs in gpu_check() on the GPU. Every
 kernel variant the launcher can pick is compiled for sm_90 and sm_80 in a subprocess.
 """
+import contextlib
 import json
 import math
 import os
@@ -33,13 +34,17 @@ EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _cfg(dtype, vocab_chunk=None, **blocks):
+def _cfg(dtype, vocab_chunk=None, strategy=None, row_chunk=None, **blocks):
     """Interpreter config with optional per-kernel block overrides, e.g. fwd=dict(BLOCK_V=1024)."""
     cfg = mc.default_config(dtype, torch.device("cpu"))
     for kernel, over in blocks.items():
         cfg[kernel].update(over)
     if vocab_chunk:
         cfg["vocab_chunk"] = vocab_chunk
+    if strategy:
+        cfg["strategy"] = strategy
+    if row_chunk:
+        cfg["row_chunk"] = row_chunk
     return cfg
 
 
@@ -132,18 +137,98 @@ def test_matches_fp64_reference(case, dtype):
     _check_against_fp64(hidden, weight, labels, dtype, cfg=_cfg(dtype, vocab_chunk=chunk), **c)
 
 
+# The eager strategy (frozen weight, "mean" / "sum"): row chunks of 7 -> 4 full chunks and a tail
+# of 2 labelled rows out of 30 (frac 0.9, seed 0 below); V = 300 is 9 blocks of 32 plus a tail of 12.
+EAGER_CASES = {
+    "mean": dict(reduction="mean"),
+    "sum_softcap_zloss": dict(reduction="sum", softcap=5.0, z_loss=1e-3),
+    "strong_softcap_H64_V257": dict(reduction="mean", softcap=2.0, H=64, V=257),
+    "zloss_mean_one_chunk": dict(reduction="mean", z_loss=1e-2, row_chunk=512),
+    "vocab_below_one_block_V20": dict(reduction="mean", softcap=3.0, V=20),  # lanes that never see a column
+}
+
+
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(EAGER_CASES))
+def test_eager_matches_fp64_reference(case, dtype, monkeypatch):
+    c = dict(EAGER_CASES[case])
+    H, V, rc = c.pop("H", 40), c.pop("V", 300), c.pop("row_chunk", 7)
+    hidden, weight, labels = _make(33, H, V, dtype, frac=0.9)
+    launches = _CountLaunches(mc._ce_grad_rows_kernel)
+    monkeypatch.setattr(mc, "_ce_grad_rows_kernel", launches)
+    _check_against_fp64(hidden, weight, labels, dtype, grad_w=False,
+                        cfg=_cfg(dtype, strategy="eager", row_chunk=rc), **c)
+    m = int((labels != -100).sum())
+    assert launches.launches == -(-m // min(rc, m)), (launches.launches, m, rc)  # one launch per row chunk
+
+
+@needs_interpreter
+def test_eager_vocab_256k_and_single_row():
+    dtype = torch.float32
+    hidden, weight, labels = _make(4, 16, 256000, dtype, frac=0.8, seed=3)
+    cfg = _cfg(dtype, strategy="eager", row_chunk=2, grad_rows=dict(BLOCK_V=4096))
+    _check_against_fp64(hidden, weight, labels, dtype, z_loss=1e-4, softcap=30.0, grad_w=False, cfg=cfg)
+    hidden, weight, labels = _make(1, 40, 300, dtype, frac=1.0)
+    _check_against_fp64(hidden, weight, labels, dtype, grad_w=False, cfg=_cfg(dtype, strategy="eager"))
+
+
+def test_eager_row_chunk_follows_the_scratch_budget(monkeypatch):
+    assert mc._row_chunk(3296, 128256, 2, {}) == 512  # Llama-3-8B in bf16: 128 MiB / (V * 2 B), multiple of 64
+    assert mc._row_chunk(13166, 32000, 2, {}) == 2048  # Mistral-7B
+    assert mc._row_chunk(5, 128256, 2, {}) == 5  # never more rows than there are
+    assert mc._row_chunk(100, 10, 4, {"row_chunk": 3}) == 3
+    monkeypatch.setattr(mc, "BWD_SCRATCH_BYTES", 300 * 4 * 5)  # five fp32 rows of V = 300
+    assert mc._row_chunk(33, 300, 4, {}) == 5
+    hidden, weight, labels = _make(33, 40, 300, torch.float32, frac=0.9)
+    _check_against_fp64(hidden, weight, labels, torch.float32, grad_w=False,
+                        cfg=_cfg(torch.float32, strategy="eager"))
+
+
+@needs_interpreter
+def test_auto_strategy_choice(monkeypatch):
+    counts = {}
+    for name in ("_ce_grad_rows_kernel", "_ce_bwd_dlogits_kernel", "_ce_fwd_kernel"):
+        counts[name] = _CountLaunches(getattr(mc, name))
+        monkeypatch.setattr(mc, name, counts[name])
+    hidden, weight, labels = _make(17, 32, 100, torch.float32)
+
+    def launched(grad_w, reduction="mean", no_grad=False):
+        for c in counts.values():
+            c.launches = 0
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(grad_w)
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            loss = masked_cross_entropy(h, w, labels, impl="triton", reduction=reduction)
+        if not no_grad:
+            loss.sum().backward()
+        return {k.split("_")[-2]: c.launches > 0 for k, c in counts.items()}
+
+    assert launched(grad_w=False) == {"rows": True, "dlogits": False, "fwd": False}  # LoRA: eager
+    assert launched(grad_w=False, reduction="sum") == {"rows": True, "dlogits": False, "fwd": False}
+    assert launched(grad_w=True) == {"rows": False, "dlogits": True, "fwd": True}  # dW needed: recompute
+    assert launched(grad_w=False, reduction="none") == {"rows": False, "dlogits": True, "fwd": True}
+    assert launched(grad_w=False, no_grad=True) == {"rows": False, "dlogits": False, "fwd": True}  # eval
+    with pytest.raises(ValueError, match="frozen"):
+        mc._masked_ce_triton(hidden, weight.clone().requires_grad_(), labels, cfg=_cfg(torch.float32, strategy="eager"))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        mc._masked_ce_triton(hidden, weight, labels, cfg=_cfg(torch.float32, strategy="lazy"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("train_w", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_rows_ignored_gives_zero_loss_and_zero_grads(reduction):
+def test_all_rows_ignored_gives_zero_loss_and_zero_grads(reduction, train_w):
     hidden, weight, labels = _make(9, 40, 300, torch.float32, frac=0.0)
     assert (labels == -100).all()
     loss, dh, dw = _run(masked_cross_entropy, hidden, weight, labels,
                         torch.ones(9) if reduction == "none" else torch.tensor(1.0),
-                        impl="triton", reduction=reduction)
+                        grad_w=train_w, impl="triton", reduction=reduction)
     ref = masked_cross_entropy_reference(hidden, weight, labels, reduction=reduction)
     assert loss.shape == ref.shape and (loss == 0).all()
-    assert dh is not None and dw is not None
-    assert torch.equal(dh, torch.zeros_like(hidden)) and torch.equal(dw, torch.zeros_like(weight))
+    assert dh is not None and (dw is not None) == train_w
+    assert torch.equal(dh, torch.zeros_like(hidden))
+    if train_w:
+        assert torch.equal(dw, torch.zeros_like(weight))
 
 
 @needs_interpreter
@@ -306,6 +391,12 @@ def _variants():
                     dict(stride_dzv=1, stride_hk=1, stride_r=1, stride_dwk=1, BLOCK_V=dw["BLOCK_V"],
                          BLOCK_N=dw["BLOCK_N"], BLOCK_K=dw["BLOCK_K"], DOT_PREC=prec),
                     ["dz_ptr", "h_ptr", "r_ptr", "dw_ptr", "H", "kc", "stride_dzm", "stride_hm", "stride_dwv"], dw))
+        gr = cfg["grad_rows"]
+        out.append(("grad_rows", dt, "_ce_grad_rows_kernel",
+                    dict(z_ptr=P, y_ptr="*i64", loss_ptr="*fp32", V="i32", stride_zm="i32", softcap="fp32",
+                         z_loss="fp32", grad_scale="fp32"),
+                    dict(BLOCK_V=gr["BLOCK_V"]), ["z_ptr", "y_ptr", "loss_ptr"],
+                    dict(num_warps=gr["num_warps"], num_stages=3)))  # the launcher's default stages
     out.append(("combine", "fp32", "_ce_combine_kernel",
                 dict(m_part_ptr="*fp32", l_part_ptr="*fp32", tgt_ptr="*fp32", lse_ptr="*fp32", loss_ptr="*fp32",
                      M="i32", G="i32", stride_pm="i32", stride_pg="i32", z_loss="fp32"),
@@ -350,7 +441,7 @@ def test_all_kernel_variants_compile_for_sm90_and_sm80():
     for r in rows:
         assert r["shared"] <= SMEM_LIMIT[r["arch"]], r
         assert r["spills"] == 0, r
-        if r["arch"] == 90 and r["dtype"] != "fp32" and r["kernel"] != "combine":
+        if r["arch"] == 90 and r["dtype"] != "fp32" and r["kernel"] not in ("combine", "grad_rows"):
             assert r["wgmma"], r  # the half-precision GEMMs must use Hopper's wgmma
 
 
