@@ -983,7 +983,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.profile)) or ".", exist_ok=True)
         open(args.profile, "w").close()
 
-    writer = CsvWriter(args.out, BENCH)
+    writer = CsvWriter(args.out, BENCH, timing="wall-synced-step")
     try:
         bench = Bench(args)
     except Exception as exc:  # no model: one error row per planned measurement says why, then fail
