@@ -5,6 +5,9 @@ additive padding mask, flash-attn (when installed) and the torch reference.
     python -m benchmarks.bench_attention --tiny                   # CPU: tiny shapes (Triton via the interpreter)
     python -m benchmarks.bench_attention --sweep                  # GPU: time the Triton launch-config candidates
 
+"triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
+calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
+
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
 work only, 4 * sum(L_b^2) * Hq * D for the forward and 2.5x that for the backward, so implementations that
 compute on padding are charged for it. The padded-batch case ("pad32") draws 32 lengths uniformly from
@@ -14,6 +17,7 @@ on stdout and skipped.
 """
 import argparse
 import contextlib
+import json
 import os
 import sys
 import time
@@ -91,6 +95,18 @@ def _triton(case, dropout_p):
     return run
 
 
+def _triton_autotuned(case, dropout_p):
+    base = _triton(case, dropout_p)
+
+    def run(q, k, v):  # the backward follows the forward's autotune setting
+        A.set_autotune(True)
+        try:
+            return base(q, k, v)
+        finally:
+            A.set_autotune(False)
+    return run
+
+
 def _sdpa(backend, mask=None, dropout_p=0.0):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -112,6 +128,8 @@ def implementations(case, dropout_p, want):
     impls = {}
     if "triton" in want:
         impls["triton"] = _triton(case, dropout_p)
+    if "triton-autotune" in want and case.device == "cuda":  # tunes in the warm-up calls; a no-op on CPU
+        impls["triton-autotune"] = _triton_autotuned(case, dropout_p)
     if "sdpa" in want and not case.padded:
         # the math backend materialises the scores: never the best, and slow past S=512 on a GPU
         for b in SDPA_BACKENDS if case.device == "cuda" else ("math",):
@@ -233,7 +251,7 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
     p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
-    p.add_argument("--impls", default="triton,sdpa,sdpa-padmask,flash_attn,torch")
+    p.add_argument("--impls", default="triton,triton-autotune,sdpa,sdpa-padmask,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=3)
@@ -276,6 +294,9 @@ def main(argv=None):
             del case
     finally:
         writer._f.close()
+    if A.tuned_configs():  # what opt-in autotuning chose per bucket, with every candidate's time
+        with open(os.path.splitext(args.out)[0] + "_tuned.json", "w") as f:
+            json.dump(A.tuned_configs(), f, indent=1)
     if args.plot:
         plot(args.out, args.plot, metric="ms", title=f"attention ({writer.meta['gpu']}, {writer.meta['commit']})")
     return writer.rows

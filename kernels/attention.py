@@ -27,6 +27,7 @@ impl="torch" is the exact path).
 """
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -589,6 +590,99 @@ def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False):
     return (16, 32, 8, 2), (32, 32, 4, 2)
 
 
+# Opt-in autotuning (``set_autotune(True)`` or LLM2VEC_ATTN_AUTOTUNE=1). The fixed configs above were chosen
+# from compile reports, not timings; on a new GPU the first call per bucket (kernel, arch, dtype, head-dim
+# block, dropout, causal, varlen, GQA group, sequence-length bucket) times each candidate on the real inputs
+# and keeps the fastest for the process. The lists are pruned offline: every entry compiles for its arch
+# without register spills (tests/test_attention.py::test_autotune_candidates_compile_without_spills), with
+# dropout too unless marked nodrop. bf16/fp16 with head dims <= 128 only; everything else keeps its fixed
+# config. Tuning synchronises the device, so do not enable it under CUDA-graph capture.
+_ND = "nodrop"
+_TUNE_CANDIDATES = {
+    # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
+    (True, 64): {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
+        "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3, _ND), (32, 64, 4, 3)],
+        "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    },
+    (True, 128): {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3),
+                (64, 128, 4, 2, _ND)],
+        "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 4, 3, _ND)],
+        "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+    },
+    (False, 64): {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3, _ND), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
+        "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3, _ND)],
+        "dq": [(128, 32, 8, 3), (64, 32, 4, 3)],
+    },
+    (False, 128): {
+        "fwd": [(128, 32, 8, 3)],
+        "dkdv": [(32, 32, 8, 2), (16, 128, 8, 3), (16, 64, 4, 3, _ND), (32, 64, 8, 3, _ND)],
+        "dq": [(64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+    },
+}
+_AUTOTUNE = {"on": os.environ.get("LLM2VEC_ATTN_AUTOTUNE", "0") not in ("", "0")}
+_TUNED = {}  # bucket key -> (chosen config, {config: ms})
+
+
+def set_autotune(enabled: bool) -> None:
+    """Turn opt-in autotuning on or off for this process (already tuned buckets are kept)."""
+    _AUTOTUNE["on"] = bool(enabled)
+
+
+def tuned_configs():
+    """{bucket: {"best": config, "ms": {config: median ms}}} for every bucket tuned so far (for benchmark logs)."""
+    return {"/".join(map(str, k)): {"best": list(v[0]), "ms": {"x".join(map(str, c)): round(ms, 4)
+                                                               for c, ms in v[1].items()}}
+            for k, v in _TUNED.items()}
+
+
+def tune_candidates(kernel, block_d, dtype, dropout, arch):
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) configs for ``kernel`` in "fwd" / "dkdv" / "dq"."""
+    if dtype not in (torch.float16, torch.bfloat16) or block_d > 128:
+        return []
+    table = _TUNE_CANDIDATES[(arch >= 90, 64 if block_d <= 64 else 128)][kernel]
+    return [tuple(c[:4]) for c in table if not (dropout and _ND in c[4:])]
+
+
+def _tuned(kind, key, default, q, launch, enabled=None):
+    """The config to launch ``kind`` with: ``default`` unless autotuning is on (``enabled``, else the process
+    setting) for a CUDA tensor; then the fastest candidate for this bucket, timed once by calling
+    ``launch(config)`` (which must be idempotent: it overwrites its outputs)."""
+    if not ((_AUTOTUNE["on"] if enabled is None else enabled) and q.is_cuda):
+        return default
+    if key in _TUNED:
+        return _TUNED[key][0]
+    arch, dtype, block_d, dropout = key[1], key[2], key[3], key[4]
+    cands = tune_candidates(kind, block_d, dtype, dropout, arch)
+    if default not in cands:
+        cands = [default] + cands
+    timings = {}
+    for cfg in cands:
+        try:
+            launch(cfg)  # compiles
+            times = []
+            for _ in range(3):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                launch(cfg)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            timings[cfg] = sorted(times)[1]
+        except Exception:  # out of shared memory / registers on this device: not a candidate here
+            continue
+    best = min(timings, key=timings.get) if timings else default
+    _TUNED[key] = (best, timings)
+    return best
+
+
+def _tune_key(kind, q, lay, dropout_p, causal):
+    bucket = min(max(triton.next_power_of_2(max(lay.max_seqlen, 1)), 64), 16384)
+    return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket)
+
+
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -682,22 +776,26 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(lay.lse_shape, device=q.device, dtype=torch.float32)
     thresh, drop_scale = _dropout_args(dropout_p)
-    BM, BN, warps, stages = fwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
-    grid = (triton.cdiv(lay.max_seqlen, BM), lay.n_heads, lay.batch)
-    _attn_fwd[grid](
-        q, k, v, o, lse, cu,
-        *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen), *_strides3(o, lay.varlen),
-        *lay.lse_strides,
-        lay.seqlen_dense, scale * _LOG2E, seed, thresh, drop_scale,
-        GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=BM, BLOCK_N=BN,
-        VARLEN=lay.varlen, CAUSAL=causal, DROPOUT=dropout_p > 0,
-        PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(cfg):
+        BM, BN, warps, stages = cfg
+        _attn_fwd[(triton.cdiv(lay.max_seqlen, BM), lay.n_heads, lay.batch)](
+            q, k, v, o, lse, cu,
+            *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
+            *_strides3(o, lay.varlen), *lay.lse_strides,
+            lay.seqlen_dense, scale * _LOG2E, seed, thresh, drop_scale,
+            GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=BM, BLOCK_N=BN,
+            VARLEN=lay.varlen, CAUSAL=causal, DROPOUT=dropout_p > 0,
+            PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+            num_warps=warps, num_stages=stages,
+        )
+
+    default = fwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
+    launch(_tuned("fwd", _tune_key("fwd", q, lay, dropout_p, causal), default, q, launch))
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal):
+def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None):
     do = _last_dim_contiguous(do)
     thresh, drop_scale = _dropout_args(dropout_p)
     interp = interpreter_enabled()
@@ -710,26 +808,34 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    (kv_bm, kv_bn, kv_warps, kv_stages), (q_bm, q_bn, q_warps, q_stages) = bwd_config(
-        lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp)
+    dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp)
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
     )
-    _attn_bwd_dkdv[(triton.cdiv(lay.max_seqlen, kv_bn), lay.n_kv_heads, lay.batch)](
-        q, k, v, do, lse, delta, dk, dv, cu,
-        *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
-        *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *lay.lse_strides,
-        lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
-        BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=kv_warps, num_stages=kv_stages, **common,
-    )
-    _attn_bwd_dq[(triton.cdiv(lay.max_seqlen, q_bm), lay.n_heads, lay.batch)](
-        q, k, v, do, lse, delta, dq, cu,
-        *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
-        *_strides3(do, lay.varlen), *_strides3(dq, lay.varlen), *lay.lse_strides,
-        lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
-        BLOCK_M=q_bm, BLOCK_N=q_bn, num_warps=q_warps, num_stages=q_stages, **common,
-    )
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dkdv[(triton.cdiv(lay.max_seqlen, bn), lay.n_kv_heads, lay.batch)](
+            q, k, v, do, lse, delta, dk, dv, cu,
+            *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
+            *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *lay.lse_strides,
+            lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        )
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        _attn_bwd_dq[(triton.cdiv(lay.max_seqlen, bm), lay.n_heads, lay.batch)](
+            q, k, v, do, lse, delta, dq, cu,
+            *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
+            *_strides3(do, lay.varlen), *_strides3(dq, lay.varlen), *lay.lse_strides,
+            lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+        )
+
+    launch_dkdv(_tuned("dkdv", _tune_key("dkdv", q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv, autotune))
+    launch_dq(_tuned("dq", _tune_key("dq", q, lay, dropout_p, causal), dq_default, q, launch_dq, autotune))
     return dq, dk, dv
 
 
@@ -740,13 +846,14 @@ class _FlashAttention(torch.autograd.Function):
         o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
+        ctx.autotune = _AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed,
-                                    ctx.causal)
+                                    ctx.causal, ctx.autotune)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 

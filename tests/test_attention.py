@@ -306,18 +306,52 @@ def _compile_variant(v):
     return report
 
 
+def _candidate_list():
+    """(arch, head dim, dropout, kernel, config) for every opt-in autotune candidate that is not already a
+    default config in _variant_list (bf16, varlen, GQA group 4, as there)."""
+    out = []
+    for arch in (90, 80):
+        for d in (64, 128):
+            for dropout in (False, True):
+                defaults = {"fwd": A.fwd_config(d, torch.bfloat16, dropout, arch)}
+                defaults["dkdv"], defaults["dq"] = A.bwd_config(d, torch.bfloat16, dropout, arch)
+                for kernel in ("fwd", "dkdv", "dq"):
+                    for cfg in A.tune_candidates(kernel, d, torch.bfloat16, dropout, arch):
+                        if cfg != defaults[kernel]:
+                            out.append((arch, d, dropout, kernel, cfg))
+    return out
+
+
+def _compile_candidate(c):
+    arch, d, dropout, kernel, (bm, bn, warps, stages) = c
+    fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}[kernel]
+    constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=A._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
+                      PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn)
+    res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
+    return [(kernel, res.registers, res.spills, smem)]
+
+
+def _candidate_id(c):
+    arch, d, dropout, kernel, cfg = c
+    return f"tune-sm{arch}-d{d}-{'drop' if dropout else 'nodrop'}-{kernel}-" + "x".join(map(str, cfg))
+
+
 def _compile_all(workers=2):
-    """Child-process entry point: compile every variant (a small process pool) and print a JSON report.
+    """Child-process entry point: compile every variant and autotune candidate (a small process pool) and
+    print a JSON report.
 
     Runs with the interpreter off: under TRITON_INTERPRET=1 the kernels' @triton.jit helpers (and
     tl.philox) are interpreter objects that the compiler cannot inline.
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    variants = _variant_list()
+    variants, cands = _variant_list(), _candidate_list()
     with ProcessPoolExecutor(max_workers=workers) as pool:
         reports = list(pool.map(_compile_variant, variants))
-    print(json.dumps({_variant_id(v): r for v, r in zip(variants, reports)}))
+        cand_reports = list(pool.map(_compile_candidate, cands))
+    out = {_variant_id(v): r for v, r in zip(variants, reports)}
+    out.update({_candidate_id(c): r for c, r in zip(cands, cand_reports)})
+    print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +372,83 @@ def test_kernels_compile_without_spills(compile_reports, variant):
     for name, regs, spills, smem in compile_reports[_variant_id(variant)]:
         assert spills == 0, f"{name}: {spills} bytes spilled ({regs} registers)"
         assert smem <= _SMEM_LIMIT[arch], f"{name}: {smem} bytes of shared memory"
+
+
+def test_autotune_candidate_lists():
+    bf16 = torch.bfloat16
+    for arch in (90, 80):
+        for d in (64, 128):
+            for kernel in ("fwd", "dkdv", "dq"):
+                full = A.tune_candidates(kernel, d, bf16, False, arch)
+                drop = A.tune_candidates(kernel, d, bf16, True, arch)
+                assert full and set(drop) <= set(full) and all(len(c) == 4 for c in full)
+    # 96 shares the 128 block; "nodrop" entries are left out under dropout
+    assert A.tune_candidates("fwd", 128, bf16, False, 90) == A.tune_candidates("fwd", 96, bf16, False, 90)
+    assert (128, 128, 8, 2) in A.tune_candidates("fwd", 128, bf16, False, 90)
+    assert (128, 128, 8, 2) not in A.tune_candidates("fwd", 128, bf16, True, 90)
+    assert A.tune_candidates("fwd", 256, bf16, False, 90) == []  # fixed config only
+    assert A.tune_candidates("dq", 64, torch.float32, False, 90) == []
+
+
+def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
+    # The tuner's logic against a scripted device clock (no GPU here): each launch advances the clock by the
+    # config's cost, a config that fails to launch is skipped, and a tuned bucket is never timed again.
+    clock = [0.0]
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    class CudaTensor:
+        is_cuda = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(A, "_TUNED", {})
+    cost = {(32, 64, 8, 3): 5.0, (32, 128, 8, 3): 2.0, (16, 128, 8, 3): 3.0}
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg)
+        if cfg == (32, 128, 8, 2):
+            raise RuntimeError("out of resource: shared memory")
+        clock[0] += cost.get(cfg, 9.0)
+
+    key = ("dkdv", 90, torch.bfloat16, 128, False, False, True, 4, 512)
+    default = (32, 64, 8, 3)
+    monkeypatch.setattr(A, "_AUTOTUNE", {"on": False})
+    assert A._tuned("dkdv", key, default, CudaTensor(), launch) == default and not launched  # off: no timing
+    A.set_autotune(True)
+    assert A._tuned("dkdv", key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
+    best = A._tuned("dkdv", key, default, CudaTensor(), launch)
+    cands = A.tune_candidates("dkdv", 128, torch.bfloat16, False, 90)
+    assert best == (32, 128, 8, 3)
+    assert launched == [c for c in cands for _ in range(1 if c == (32, 128, 8, 2) else 4)]  # compile + 3 timed
+    launched.clear()
+    assert A._tuned("dkdv", key, default, CudaTensor(), launch) == best and not launched  # cached
+    report = A.tuned_configs()["dkdv/90/torch.bfloat16/128/False/False/True/4/512"]
+    assert report["best"] == [32, 128, 8, 3] and report["ms"]["32x64x8x3"] == 5.0 and "32x128x8x2" not in report["ms"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
+def test_autotune_candidates_compile_without_spills(compile_reports):
+    cands = _candidate_list()
+    assert len(cands) > 20  # the lists are not empty by accident
+    bad = []
+    for c in cands:
+        for name, regs, spills, smem in compile_reports[_candidate_id(c)]:
+            if spills or smem > _SMEM_LIMIT[c[0]]:
+                bad.append((_candidate_id(c), regs, spills, smem))
+    assert not bad, bad
 
 
 # ------------------------------------------------------------------------------------------------
