@@ -5,7 +5,8 @@ additive padding mask, flash-attn (when installed) and the torch reference.
     python -m benchmarks.bench_attention --tiny                   # CPU: tiny shapes (Triton via the interpreter)
     python -m benchmarks.bench_attention --sweep                  # GPU: time the Triton launch-config candidates
 
-"triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
+"triton-atomicdq" is the kernel with deterministic=False (dQ accumulated by fp32 atomics in the dK/dV kernel,
+no separate dQ kernel). "triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
 calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
 
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
@@ -81,15 +82,16 @@ class Case:
         return f"{self.label}:{s}xH{self.hq}/{self.hkv}xD{self.d}"
 
 
-def _triton(case, dropout_p):
+def _triton(case, dropout_p, deterministic=True):
     if not case.padded:
-        return lambda q, k, v: A.flash_attention(q, k, v, dropout_p=dropout_p, seed=0, impl="triton")
+        return lambda q, k, v: A.flash_attention(q, k, v, dropout_p=dropout_p, seed=0, impl="triton",
+                                                 deterministic=deterministic)
     idx = case.valid.flatten().nonzero().squeeze(1)
 
     def run(q, k, v):  # unpad -> varlen kernel -> repad, as the engine does for padded batches
         flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
         o = A.flash_attention(*flat, cu_seqlens=case.cu, max_seqlen=case.S, dropout_p=dropout_p, seed=0,
-                              impl="triton")
+                              impl="triton", deterministic=deterministic)
         out = o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o)
         return out.view(case.B, case.S, case.hq, case.d)
     return run
@@ -130,6 +132,8 @@ def implementations(case, dropout_p, want):
         impls["triton"] = _triton(case, dropout_p)
     if "triton-autotune" in want and case.device == "cuda":  # tunes in the warm-up calls; a no-op on CPU
         impls["triton-autotune"] = _triton_autotuned(case, dropout_p)
+    if "triton-atomicdq" in want:  # deterministic=False: dQ by atomics inside the dK/dV kernel
+        impls["triton-atomicdq"] = _triton(case, dropout_p, deterministic=False)
     if "sdpa" in want and not case.padded:
         # the math backend materialises the scores: never the best, and slow past S=512 on a GPU
         for b in SDPA_BACKENDS if case.device == "cuda" else ("math",):
@@ -251,7 +255,7 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
     p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
-    p.add_argument("--impls", default="triton,triton-autotune,sdpa,sdpa-padmask,flash_attn,torch")
+    p.add_argument("--impls", default="triton,triton-autotune,triton-atomicdq,sdpa,sdpa-padmask,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=3)

@@ -55,6 +55,14 @@ def _cu_from_mask(mask2d):
     return idx, cu, int(lengths.max().item()) if lengths.numel() else 0
 
 
+_OPTIONS = {"deterministic": True}
+
+
+def set_deterministic_attention(flag):
+    """False lets the Triton backward accumulate dQ with atomics (see kernels.flash_attention)."""
+    _OPTIONS["deterministic"] = bool(flag)
+
+
 def _draw_seed():
     # From torch's CPU RNG so that activation checkpointing and gradient caching, which replay the RNG
     # state, replay the same dropout pattern.
@@ -71,7 +79,7 @@ def _varlen(q, k, v, cu, max_len, scale, dropout, window, softcap, module):
             q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout, seed=seed,
             window=window if needs_window else None, softcap=softcap)
     return kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout,
-                                   seed=seed)
+                                   seed=seed, deterministic=_OPTIONS["deterministic"])
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,

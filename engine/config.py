@@ -33,6 +33,9 @@ class ModelConfig:
     attention: str = "auto"  # attention kernel: auto (Triton on CUDA, torch on CPU) | triton | torch
     loss: str = "auto"  # masked-CE / contrastive kernels: auto | triton | torch
     attention_dropout: float = 0.0  # dropout on attention probabilities (SimCSE uses 0.3)
+    # false: the Triton backward adds dQ with fp32 atomics (fewer matmuls, run-to-run bitwise differences,
+    # so resumed runs match to rounding rather than exactly)
+    deterministic_attention: bool = True
     gradient_checkpointing: bool = True
     adapters: typing.List[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
     trust_remote_code: bool = False

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import kernels
 
 from . import config as config_mod
+from .bidirectional import set_deterministic_attention
 from .data import BatchPlan, is_sts_file, read_sts
 from .modeling import add_lora, load_model, load_tokenizer, resolve_model_path, save_encoder_meta
 from .stages import build_stage
@@ -254,6 +255,7 @@ def train(cfg):
             yaml.safe_dump(config_mod.to_dict(cfg), f, sort_keys=False)
     torch.manual_seed(cfg.seed)
     kernels.set_default_impl("attention", cfg.model.attention)
+    set_deterministic_attention(cfg.model.deterministic_attention)
     kernels.set_default_impl("masked_ce", cfg.model.loss)
     kernels.set_default_impl("contrastive", cfg.model.loss)
 

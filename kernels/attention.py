@@ -315,10 +315,11 @@ def _attn_bwd_pre(
 
 @triton.jit
 def _bwd_dkdv_inner(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qs, stride_dos, offs_n, offs_d,
-    lo, hi, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas, offs_n, offs_d,
+    lo, hi, seqlen, qk_scale, sm_scale, seed, head, batch, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK, dV accumulate as (N, D) without transposing them.
     # With Z the keep-mask and r = 1/(1-p), O = (P * Z * r) V, so
@@ -327,6 +328,9 @@ def _bwd_dkdv_inner(
     #   dS  = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = dO_i . O_i
     #   dK  = scale * dS^T Q    (the scale is applied once, at the store)
     # Rows past the sequence end load q = dO = 0, so they add nothing to dK/dV.
+    # ATOMIC_DQ (the non-deterministic mode): dQ_i += scale * sum_j dS_ij K_j is added here too, with fp32
+    # atomics into a zeroed (rows, Hq, D) buffer, so the dQ kernel -- which recomputes S and dP, two of
+    # the backward's seven matmuls -- does not run. The order of the atomic adds varies run to run.
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_mb
@@ -353,25 +357,34 @@ def _bwd_dkdv_inner(
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dsT.to(qT.dtype)), k, PRECISION, UPCAST) * sm_scale  # (M, D)
+            if MASK:
+                ok = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
+            else:
+                ok = (rows[:, None] >= 0) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(dqa_base + rows[:, None] * stride_dqas + offs_d[None, :], dq, mask=ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dqa_ptr, cu_ptr,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     seqlen_dense, qk_scale, sm_scale, seed, drop_thresh, drop_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
+    # dqa: the fp32 dQ accumulator (layout of q) when ATOMIC_DQ, else an unused placeholder.
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -403,21 +416,24 @@ def _attn_bwd_dkdv(
             + offs_m[:, None] * stride_dos + offs_d[None, :]
         lse_ptrs = lse_ptr + b64 * stride_lb + head * stride_lh + start + offs_m
         delta_ptrs = delta_ptr + b64 * stride_lb + head * stride_lh + start + offs_m
+        dqa_base = dqa_ptr + b64 * stride_dqab + s64 * stride_dqas + head * stride_dqah
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qs, stride_dos, offs_n, offs_d,
-                (n0 // BLOCK_M) * BLOCK_M, seqlen, seqlen, qk_scale, seed, head, batch, drop_thresh,
-                drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas,
+                offs_n, offs_d, (n0 // BLOCK_M) * BLOCK_M, seqlen, seqlen, qk_scale, sm_scale, seed, head, batch,
+                drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
+                ATOMIC_DQ)
         else:
             dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qs, stride_dos, offs_n, offs_d,
-                0, m_full, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_M, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas,
+                offs_n, offs_d, 0, m_full, seqlen, qk_scale, sm_scale, seed, head, batch, drop_thresh, drop_scale,
+                HEAD_DIM, BLOCK_M, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, ATOMIC_DQ)
             if m_full < seqlen:
                 dk, dv = _bwd_dkdv_inner(
-                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qs, stride_dos, offs_n, offs_d,
-                    m_full, seqlen, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
-                    HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+                    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos,
+                    stride_dqas, offs_n, offs_d, m_full, seqlen, seqlen, qk_scale, sm_scale, seed, head, batch,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
+                    ATOMIC_DQ)
 
     mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
     tl.store(dk_ptr + b64 * stride_dkb + s64 * stride_dks + kv_head * stride_dkh
@@ -568,20 +584,34 @@ def fwd_config(block_d, dtype, dropout=False, arch=90, interpret=False):
     return 64, 32, 8, 2
 
 
-def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False):
+def atomic_dq_supported(block_d, dtype, interpret=False):
+    """deterministic=False takes the atomic-dQ path only where its dK/dV kernel compiles without spills: fp16 /
+    bf16 with head dims <= 128 (and anything in the CPU interpreter). Elsewhere it quietly stays deterministic."""
+    return interpret or (dtype in (torch.float16, torch.bfloat16) and block_d <= 128)
+
+
+def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False, atomic_dq=False):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) for dK/dV, the same for dQ).
 
-    dK/dV programs hold two fp32 (BLOCK_N, D) accumulators plus K and V, so BLOCK_N shrinks with D.
+    dK/dV programs hold two fp32 (BLOCK_N, D) accumulators plus K and V, so BLOCK_N shrinks with D. With
+    ``atomic_dq`` the dK/dV kernel also forms a (BLOCK_M, D) dQ tile per step, so its query tile is smaller
+    (the dQ config is then unused).
     """
     if interpret:
         return (16, 32, 4, 1), (32, 16, 4, 1)
+    if atomic_dq:
+        if arch >= 90:
+            dkdv = (32, 128, 8, 3) if block_d <= 64 else (16, 64 if dropout else 128, 8, 3)
+        else:
+            dkdv = (16, 128, 8, 3) if block_d <= 64 else (16, 64, 8, 3)
+        return dkdv, None
     if dtype == torch.float32:
         return (16, 32, 8, 2), (32, 32, 4, 2)
     if arch >= 90:
         if block_d <= 64:
             return (32, 128, 8, 3), (128, 32, 8, 3)
-        if block_d <= 128:
-            return (32, 64, 8, 3), (128, 32, 8, 3)
+        if block_d <= 128:  # the Philox mask needs registers: a narrower query tile under dropout
+            return ((16, 128, 8, 3) if dropout else (32, 64, 8, 3)), (128, 32, 8, 3)
         return (16 if dropout else 32, 32, 8, 2), (32, 32, 4, 2)
     if block_d <= 64:
         return (32, 64, 8, 3), (128, 32, 8, 3)
@@ -601,22 +631,27 @@ _ND = "nodrop"
 _TUNE_CANDIDATES = {
     # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
     (True, 64): {
+        "dkdv-atomicdq": [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
         "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3, _ND), (32, 64, 4, 3)],
         "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     },
     (True, 128): {
+        "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 64, 8, 3), (32, 32, 8, 3)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3),
                 (64, 128, 4, 2, _ND)],
-        "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 4, 3, _ND)],
+        "dkdv": [(32, 64, 8, 3, _ND), (32, 128, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
+                 (16, 64, 4, 3, _ND)],
         "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
     },
     (False, 64): {
+        "dkdv-atomicdq": [(16, 128, 8, 3), (16, 64, 8, 3), (32, 32, 8, 3)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 3, _ND), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
         "dkdv": [(32, 64, 8, 3), (32, 128, 8, 3, _ND)],
         "dq": [(128, 32, 8, 3), (64, 32, 4, 3)],
     },
     (False, 128): {
+        "dkdv-atomicdq": [(16, 64, 8, 3), (32, 32, 8, 3)],
         "fwd": [(128, 32, 8, 3)],
         "dkdv": [(32, 32, 8, 2), (16, 128, 8, 3), (16, 64, 4, 3, _ND), (32, 64, 8, 3, _ND)],
         "dq": [(64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
@@ -639,7 +674,8 @@ def tuned_configs():
 
 
 def tune_candidates(kernel, block_d, dtype, dropout, arch):
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) configs for ``kernel`` in "fwd" / "dkdv" / "dq"."""
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) configs for ``kernel`` in "fwd" / "dkdv" / "dq" /
+    "dkdv-atomicdq"."""
     if dtype not in (torch.float16, torch.bfloat16) or block_d > 128:
         return []
     table = _TUNE_CANDIDATES[(arch >= 90, 64 if block_d <= 64 else 128)][kernel]
@@ -795,7 +831,7 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None):
+def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None, atomic_dq=False):
     do = _last_dim_contiguous(do)
     thresh, drop_scale = _dropout_args(dropout_p)
     interp = interpreter_enabled()
@@ -805,10 +841,16 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
         o, do, delta, cu, *_strides3(o, lay.varlen), *_strides3(do, lay.varlen), *lay.lse_strides,
         lay.seqlen_dense, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=pre_bm, VARLEN=lay.varlen,
     )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    atomic_dq = atomic_dq and atomic_dq_supported(lay.block_d, q.dtype, interp)
+    if atomic_dq:  # fp32 accumulator in q's layout; the dQ kernel does not run
+        dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dqa_strides = _strides3(dqa, lay.varlen)
+    else:
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dqa, dqa_strides = lse, (0, 0, 0)  # placeholder pointer, never touched
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp)
+    dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
@@ -816,12 +858,15 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
+        if atomic_dq:
+            dqa.zero_()  # also makes the launch idempotent for the autotuner
         _attn_bwd_dkdv[(triton.cdiv(lay.max_seqlen, bn), lay.n_kv_heads, lay.batch)](
-            q, k, v, do, lse, delta, dk, dv, cu,
+            q, k, v, do, lse, delta, dk, dv, dqa, cu,
             *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
-            *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *lay.lse_strides,
+            *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *dqa_strides,
+            *lay.lse_strides,
             lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, ATOMIC_DQ=atomic_dq, **common,
         )
 
     def launch_dq(cfg):
@@ -834,27 +879,32 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
         )
 
-    launch_dkdv(_tuned("dkdv", _tune_key("dkdv", q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv, autotune))
+    dkdv_kind = "dkdv-atomicdq" if atomic_dq else "dkdv"
+    launch_dkdv(_tuned(dkdv_kind, _tune_key(dkdv_kind, q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv,
+                       autotune))
+    if atomic_dq:
+        return dqa.to(q.dtype), dk, dv
     launch_dq(_tuned("dq", _tune_key("dq", q, lay, dropout_p, causal), dq_default, q, launch_dq, autotune))
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal):
+    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal, deterministic):
         lay = _Layout(q, k, cu if varlen else None, max_seqlen)
         o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
         ctx.autotune = _AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
+        ctx.deterministic = deterministic
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed,
-                                    ctx.causal, ctx.autotune)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                    ctx.causal, ctx.autotune, atomic_dq=not ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _resolve_seed(seed, dropout_p):
@@ -877,12 +927,13 @@ def _prepare(q, k, v, cu_seqlens):
     return q, k, v, cu
 
 
-def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal):
+def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal, deterministic=True):
     q, k, v, cu = _prepare(q, k, v, cu_seqlens)
     seed = _resolve_seed(seed, dropout_p)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
-    return _FlashAttention.apply(q, k, v, cu, cu_seqlens is not None, max_seqlen, scale, float(dropout_p), seed, bool(causal))
+    return _FlashAttention.apply(q, k, v, cu, cu_seqlens is not None, max_seqlen, scale, float(dropout_p), seed,
+                                 bool(causal), bool(deterministic))
 
 
 def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout_p, seed):
@@ -919,7 +970,7 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
 
 def flash_attention(
     q, k, v, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0, seed=None,
-    causal=False, impl=None,
+    causal=False, deterministic=True, impl=None,
 ):
     """Non-causal attention. Dense (B, S, Hq, D) or varlen (T, Hq, D) + cu_seqlens; GQA via fewer K/V heads.
 
@@ -927,13 +978,16 @@ def flash_attention(
     omitted and must not be smaller than the truth. ``scale`` defaults to 1/sqrt(D). ``dropout_p`` drops
     attention probabilities; ``seed`` fixes the mask (drawn from torch's default generator when None), and
     :func:`flash_attention_dropout_mask` rebuilds the Triton kernel's mask for the same seed.
-    Differentiable in q, k and v on both backends.
+    Differentiable in q, k and v on both backends. ``deterministic=False`` (Triton) accumulates dQ with fp32
+    atomics inside the dK/dV kernel instead of running a separate dQ kernel: two fewer matmuls per tile in
+    the backward, bitwise results that vary run to run.
     """
     backend = resolve_impl("attention", impl, q)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "triton":
-        return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal)
+        return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal,
+                                       deterministic)
     return flash_attention_reference(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p,
         seed=seed, causal=causal)
@@ -969,7 +1023,8 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
     return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
 
 
-def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton"):
+def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton",
+                  deterministic=True):
     """Forward and all three gradients of :func:`flash_attention` against the fp64 reference.
 
     Returns {tensor name: (kernel error, eager-torch error)}, each the max abs difference from the fp64 result
@@ -986,7 +1041,7 @@ def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0
         out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, **kw)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, do.to(out.dtype)))
 
-    got = run(flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl)
+    got = run(flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl, deterministic=deterministic)
     want = run(flash_attention_reference, [t.double() for t in (q, k, v)], dropout_p=dropout_p, dropout_mask=mask)
     eager = run(_eager_attention, (q, k, v), dropout_p=dropout_p, dropout_mask=mask)
     res = {}
@@ -1024,6 +1079,7 @@ def gpu_check(budget_s=22.0):
     cases = [  # name, dtype, prefix shape, Hq, Hkv, D, kwargs
         ("mistral-dense-512", bf16, (2, 512), 32, 8, 128, {}),
         ("mistral-dense-2048", bf16, (1, 2048), 32, 8, 128, {}),  # same kernels as above: no compile
+        ("mistral-dense-2048-atomicdq", bf16, (1, 2048), 32, 8, 128, {"deterministic": False}),
         ("mistral-varlen-mix", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens}),
         ("mistral-varlen-dropout0.1", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "dropout_p": 0.1,
                                                                        "seed": 7}),

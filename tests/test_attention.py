@@ -121,6 +121,41 @@ def test_dropout_gradients_match_reference_under_the_same_mask(varlen, dtype):
         _assert_accurate(q, k, v, dropout_p=0.25, seed=1234)
 
 
+@pytest.mark.parametrize("case", ["dense-gqa4-f32", "varlen-mixed-f16", "dense-d128-f16", "varlen-dropout-f32",
+                                  "causal-varlen-f32"])
+def test_atomic_dq_matches_fp64_reference(case):
+    # deterministic=False: dQ accumulated with fp32 atomics in the dK/dV kernel; the dQ kernel never runs.
+    lens = [1, 129, 17, 0, 63]
+    if case == "dense-gqa4-f32":
+        q, k, v = _inputs((2, 37), 4, 1, 64, F32)
+        kw = {}
+    elif case == "varlen-mixed-f16":
+        q, k, v = _inputs((sum(lens),), 8, 2, 64, F16)
+        kw = dict(cu_seqlens=_cu(lens))
+    elif case == "dense-d128-f16":
+        q, k, v = _inputs((1, 70), 4, 4, 128, F16)
+        kw = {}
+    elif case == "varlen-dropout-f32":
+        q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
+        kw = dict(cu_seqlens=_cu(lens), dropout_p=0.25, seed=99)
+    else:
+        q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
+        kw = dict(cu_seqlens=_cu(lens), causal=True)
+    dq_launches = []
+    orig = A._attn_bwd_dq
+
+    class Spy:
+        def __getitem__(self, grid):
+            dq_launches.append(grid)
+            return orig[grid]
+    A._attn_bwd_dq = Spy()
+    try:
+        _assert_accurate(q, k, v, deterministic=False, **kw)
+    finally:
+        A._attn_bwd_dq = orig
+    assert not dq_launches
+
+
 def test_dropout_mask_properties():
     q = torch.empty(2, 64, 3, 16, device=DEVICE)
     m1 = flash_attention_dropout_mask(q, dropout_p=0.3, seed=7)
@@ -238,7 +273,8 @@ def _signature(fn, dtype):
     sig = {}
     for name in fn.arg_names:
         if name.endswith("_ptr"):
-            sig[name] = {"cu_ptr": "*i32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "out_ptr": "*i8"}.get(
+            sig[name] = {"cu_ptr": "*i32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "out_ptr": "*i8",
+                         "dqa_ptr": "*fp32"}.get(
                 name, _TYPE[dtype])
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
@@ -293,10 +329,14 @@ def _compile_variant(v):
     (kbm, kbn, kwarps, kstages), (qbm, qbn, qwarps, qstages) = A.bwd_config(bd, dtype, dropout=dropout, arch=arch)
     launches = [
         ("fwd", A._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
-        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn), kwarps, kstages),
+        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=False), kwarps, kstages),
         ("dq", A._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
         ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen), 4, 1),
     ]
+    if A.atomic_dq_supported(bd, dtype):  # deterministic=False: dK/dV with the dQ atomics, its own config
+        (abm, abn, awarps, astages), _ = A.bwd_config(bd, dtype, dropout=dropout, arch=arch, atomic_dq=True)
+        launches.append(("dkdv-atomicdq", A._attn_bwd_dkdv, dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=True),
+                         awarps, astages))
     if dropout:
         launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen), 4, 1))
     report = []
@@ -315,7 +355,8 @@ def _candidate_list():
             for dropout in (False, True):
                 defaults = {"fwd": A.fwd_config(d, torch.bfloat16, dropout, arch)}
                 defaults["dkdv"], defaults["dq"] = A.bwd_config(d, torch.bfloat16, dropout, arch)
-                for kernel in ("fwd", "dkdv", "dq"):
+                defaults["dkdv-atomicdq"] = A.bwd_config(d, torch.bfloat16, dropout, arch, atomic_dq=True)[0]
+                for kernel in ("fwd", "dkdv", "dq", "dkdv-atomicdq"):
                     for cfg in A.tune_candidates(kernel, d, torch.bfloat16, dropout, arch):
                         if cfg != defaults[kernel]:
                             out.append((arch, d, dropout, kernel, cfg))
@@ -324,9 +365,10 @@ def _candidate_list():
 
 def _compile_candidate(c):
     arch, d, dropout, kernel, (bm, bn, warps, stages) = c
-    fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq}[kernel]
+    fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq, "dkdv-atomicdq": A._attn_bwd_dkdv}[kernel]
     constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=A._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
-                      PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn)
+                      PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
+                      ATOMIC_DQ=kernel == "dkdv-atomicdq")
     res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
     return [(kernel, res.registers, res.spills, smem)]
 
@@ -378,7 +420,7 @@ def test_autotune_candidate_lists():
     bf16 = torch.bfloat16
     for arch in (90, 80):
         for d in (64, 128):
-            for kernel in ("fwd", "dkdv", "dq"):
+            for kernel in ("fwd", "dkdv", "dq", "dkdv-atomicdq"):
                 full = A.tune_candidates(kernel, d, bf16, False, arch)
                 drop = A.tune_candidates(kernel, d, bf16, True, arch)
                 assert full and set(drop) <= set(full) and all(len(c) == 4 for c in full)

@@ -130,3 +130,36 @@ def test_causal_model_runs_padded_not_packed():
         out = packed_hidden_states(model, ids, am, packed=True)
         alone = hidden(model, ids[1:, :5])
     torch.testing.assert_close(out[1, :5], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch):
+    # model.deterministic_attention=false -> the Triton backward adds dQ with atomics (no dQ kernel launch);
+    # the gradients agree with the deterministic path to rounding.
+    from engine import bidirectional
+    from kernels import attention as A
+
+    dq_launches = []
+    orig = A._attn_bwd_dq
+
+    class Spy:
+        def __getitem__(self, grid):
+            dq_launches.append(grid)
+            return orig[grid]
+
+    monkeypatch.setattr(A, "_attn_bwd_dq", Spy())
+    kernels.set_default_impl("attention", "triton")
+    grads = {}
+    try:
+        for det in (True, False):
+            bidirectional.set_deterministic_attention(det)
+            model = make_bidirectional(tiny("llama"))
+            ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+            hidden(model, ids).square().sum().backward()
+            grads[det] = model.get_decoder().layers[0].self_attn.q_proj.weight.grad
+            grads[f"launches{det}"] = len(dq_launches)
+            dq_launches.clear()
+    finally:
+        bidirectional.set_deterministic_attention(True)
+        kernels.set_default_impl("attention", "auto")
+    assert grads["launches" + "True"] == 2 and grads["launches" + "False"] == 0  # one dQ launch per layer
+    torch.testing.assert_close(grads[False], grads[True], rtol=1e-4, atol=1e-5)
