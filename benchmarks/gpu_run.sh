@@ -9,7 +9,7 @@
 # which must travel with the working tree (run tool: carry=[".whl"]).
 # Budget: GPU_RUN_BUDGET_S (default 555 s; give the run tool timeout_s >= 595) from start to the summary. Steps
 # run most-needed first, each under its own `timeout`, shortened when the run is behind so that later steps
-# keep a floor: gpu_check 65 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
+# keep a floor: gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
 # atomic-dQ backward side by side; autotuning compiles its candidates here); masked CE 60 s; the issue-6
 # big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, rows into
 # bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the end-to-end train step (what is left, up to GPU_RUN_TRAIN_S=210 s); contrastive
@@ -195,7 +195,7 @@ for op in ("attention", "masked_ce", "contrastive"):
 EOF
 # Time kept for later steps: GPU tests 20, attention 90, masked CE 35, big batch 80, train 60, contrastive 25,
 # summary 10.
-run_step correctness "$(limit_for 65 320)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 25
+run_step correctness "$(limit_for 85 320)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 35
 # The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
 PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
   tests/)

@@ -79,7 +79,7 @@ def _attend_one(q, k, v, scale, keep=None, dropout_p=0.0, causal=False, window=N
 
 def flash_attention_reference(
     q, k, v, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0, seed=None,
-    dropout_mask=None, causal=False, window=None, softcap=None,
+    dropout_mask=None, causal=False, window=None, softcap=None, seqlens=None,
 ):
     """Pure-torch attention with the same contract as :func:`flash_attention`.
 
@@ -100,6 +100,15 @@ def flash_attention_reference(
         B, S, Hq, _ = q.shape
         if dropout_p > 0 and dropout_mask is None:
             dropout_mask = _dropout_keep_mask_torch((B, Hq, S, S), dropout_p, seed, q.device)
+        if seqlens is not None:  # right-padded: the first L_b rows of sequence b are real, the rest give 0
+            out = q.new_zeros(q.shape)
+            for b, L in enumerate(seqlens.tolist()):
+                L = max(0, min(int(L), S))
+                if L:
+                    keep = None if dropout_mask is None else dropout_mask[b][:, :L, :L]
+                    out[b, :L] = _attend_one(q[b, :L], k[b, :L], v[b, :L], scale, keep, dropout_p, causal, window,
+                                             softcap)
+            return out
         outs = [
             _attend_one(q[b], k[b], v[b], scale, None if dropout_mask is None else dropout_mask[b],
                         dropout_p, causal, window, softcap)
@@ -164,14 +173,29 @@ def _load(ptrs, seq_idx, seqlen, d_idx, HEAD_DIM: tl.constexpr, MASK_SEQ: tl.con
 
 
 @triton.jit
-def _seq_bounds(cu_ptr, b, seqlen_dense, VARLEN: tl.constexpr):
+def _seq_bounds(cu_ptr, b, seqlen_dense, VARLEN: tl.constexpr, PADDED: tl.constexpr):
+    # VARLEN: sequence b is rows cu[b]:cu[b+1] of a packed tensor. PADDED: the dense row b of a right-padded
+    # batch, of which the first lens[b] positions are real (cu_ptr holds lens; clamped to S, never read past it).
     if VARLEN:
         start = tl.load(cu_ptr + b)
         seqlen = tl.load(cu_ptr + b + 1) - start
     else:
         start = b * 0
-        seqlen = seqlen_dense + b * 0
+        if PADDED:
+            seqlen = tl.maximum(tl.minimum(tl.load(cu_ptr + b), seqlen_dense), 0)
+        else:
+            seqlen = seqlen_dense + b * 0
     return start, seqlen
+
+
+@triton.jit
+def _store_rows(ptrs, x, rows, seqlen, seqlen_dense, offs_d, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
+    """Store rows < seqlen of tile x; PADDED also writes 0 to rows in [seqlen, S), the batch's padding."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    if PADDED:
+        tl.store(ptrs, tl.where(rows[:, None] < seqlen, x, 0.0), mask=(rows[:, None] < seqlen_dense) & d_ok)
+    else:
+        tl.store(ptrs, x, mask=(rows[:, None] < seqlen) & d_ok)
 
 
 @triton.jit
@@ -224,24 +248,31 @@ def _attn_fwd(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr,
 ):
     # q/o: (B, S, Hq, D) or (T, Hq, D); k/v: (B, S, Hkv, D) or (T, Hkv, D); lse: (B, Hq, S) or (Hq, T) fp32.
-    # Grid: (query blocks of the longest sequence, Hq, B); blocks past a sequence's end exit at once.
+    # Grid: (query blocks of the longest sequence, Hq, B); blocks past a sequence's end exit at once (PADDED:
+    # after writing zeros to their output rows).
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN)
+    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
     m0 = pid_m * BLOCK_M
+    b64 = batch.to(tl.int64)  # base offsets in int64: B*S*H*D or T*H*D can pass 2**31
+    s64 = start.to(tl.int64)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    # output tiles are addressed from a scalar base at each store: a pointer tile kept live across the
+    # main loop would cost registers
+    o_base = o_ptr + b64 * stride_ob + s64 * stride_os + head * stride_oh
     if m0 >= seqlen:
+        if PADDED:
+            _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=o_ptr.dtype.element_ty), offs_m, seqlen,
+                        seqlen_dense, offs_d, HEAD_DIM, PADDED)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     kv_head = head // GROUP
-    b64 = batch.to(tl.int64)  # base offsets in int64: B*S*H*D or T*H*D can pass 2**31
-    s64 = start.to(tl.int64)
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     q_base = q_ptr + b64 * stride_qb + s64 * stride_qs + head * stride_qh
     k_base = k_ptr + b64 * stride_kb + s64 * stride_ks + kv_head * stride_kh
@@ -276,9 +307,8 @@ def _attn_fwd(
         inv_l = inv_l * drop_scale
     o = acc * inv_l[:, None]
     row_ok = offs_m < seqlen
-    o_ptrs = o_ptr + b64 * stride_ob + s64 * stride_os + head * stride_oh \
-        + offs_m[:, None] * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], o.to(o_ptr.dtype.element_ty), offs_m, seqlen,
+                seqlen_dense, offs_d, HEAD_DIM, PADDED)
     # LSE in log2 units with the scale folded in: the backward recomputes P = exp2(s * qk_scale - lse).
     lse_ptrs = lse_ptr + b64 * stride_lb + head * stride_lh + start + offs_m
     tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=row_ok)
@@ -291,11 +321,12 @@ def _attn_bwd_pre(
     stride_dob, stride_dos, stride_doh,
     stride_lb, stride_lh, seqlen_dense,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
+    PADDED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN)
+    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
@@ -382,22 +413,30 @@ def _attn_bwd_dkdv(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, PADDED: tl.constexpr,
 ):
     # dqa: the fp32 dQ accumulator (layout of q) when ATOMIC_DQ, else an unused placeholder.
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
-    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN)
+    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
     n0 = pid_n * BLOCK_N
-    if n0 >= seqlen:
-        return
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     b64 = batch.to(tl.int64)
     s64 = start.to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    dk_base = dk_ptr + b64 * stride_dkb + s64 * stride_dks + kv_head * stride_dkh
+    dv_base = dv_ptr + b64 * stride_dvb + s64 * stride_dvs + kv_head * stride_dvh
+    if n0 >= seqlen:
+        if PADDED:
+            zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=dk_ptr.dtype.element_ty)
+            _store_rows(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], zero, offs_n, seqlen, seqlen_dense,
+                        offs_d, HEAD_DIM, PADDED)
+            _store_rows(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], zero, offs_n, seqlen, seqlen_dense,
+                        offs_d, HEAD_DIM, PADDED)
+        return
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
     k = _load(k_ptr + b64 * stride_kb + s64 * stride_ks + kv_head * stride_kh
               + offs_n[:, None] * stride_ks + offs_d[None, :], offs_n[:, None], seqlen, offs_d[None, :],
@@ -435,11 +474,11 @@ def _attn_bwd_dkdv(
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
                     ATOMIC_DQ)
 
-    mask = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(dk_ptr + b64 * stride_dkb + s64 * stride_dks + kv_head * stride_dkh
-             + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=mask)
-    tl.store(dv_ptr + b64 * stride_dvb + s64 * stride_dvs + kv_head * stride_dvh
-             + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mask)
+    # key rows past the end loaded K = V = 0 but still gathered P = exp2(-lse) terms: never stored as such
+    _store_rows(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+                offs_n, seqlen, seqlen_dense, offs_d, HEAD_DIM, PADDED)
+    _store_rows(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty), offs_n,
+                seqlen, seqlen_dense, offs_d, HEAD_DIM, PADDED)
 
 
 @triton.jit
@@ -485,22 +524,26 @@ def _attn_bwd_dq(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN)
+    start, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
     m0 = pid_m * BLOCK_M
-    if m0 >= seqlen:
-        return
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    kv_head = head // GROUP
     b64 = batch.to(tl.int64)
     s64 = start.to(tl.int64)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    dq_base = dq_ptr + b64 * stride_dqb + s64 * stride_dqs + head * stride_dqh
+    if m0 >= seqlen:
+        if PADDED:
+            _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=dq_ptr.dtype.element_ty), offs_m, seqlen,
+                        seqlen_dense, offs_d, HEAD_DIM, PADDED)
+        return
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    kv_head = head // GROUP
+    offs_n = tl.arange(0, BLOCK_N)
     row_ok = offs_m < seqlen
 
     q = _load(q_ptr + b64 * stride_qb + s64 * stride_qs + head * stride_qh
@@ -532,21 +575,20 @@ def _attn_bwd_dq(
                 dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
                 n_full, seqlen, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
                 HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
-    tl.store(dq_ptr + b64 * stride_dqb + s64 * stride_dqs + head * stride_dqh
-             + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+                offs_m, seqlen, seqlen_dense, offs_d, HEAD_DIM, PADDED)
 
 
 @triton.jit
 def _dropout_mask_kernel(
     out_ptr, cu_ptr, stride_ob, stride_oh, stride_om, seqlen_dense, n_blocks_n, seed, drop_thresh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PADDED: tl.constexpr,
 ):
     # program 0-axis walks the (m, n) blocks of the longest sequence; blocks past this one's end store nothing.
     pid = tl.program_id(0)
     head = tl.program_id(1)
     batch = tl.program_id(2)
-    _, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN)
+    _, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
     offs_m = (pid // n_blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % n_blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(seed, offs_m[:, None], offs_n[None, :], head, batch, drop_thresh)
@@ -640,7 +682,7 @@ _TUNE_CANDIDATES = {
         "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 64, 8, 3), (32, 32, 8, 3)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3),
                 (64, 128, 4, 2, _ND)],
-        "dkdv": [(32, 64, 8, 3, _ND), (32, 128, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
+        "dkdv": [(32, 64, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
                  (16, 64, 4, 3, _ND)],
         "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
     },
@@ -759,8 +801,9 @@ def _strides3(t, varlen):
 class _Layout:
     """Shapes shared by the forward and backward launches."""
 
-    def __init__(self, q, k, cu_seqlens, max_seqlen):
+    def __init__(self, q, k, cu_seqlens, max_seqlen, padded=False):
         self.varlen = cu_seqlens is not None
+        self.padded = bool(padded)  # dense right-padded batch; the lengths travel in the cu pointer
         self.head_dim = q.shape[-1]
         self.block_d = _block_d(self.head_dim)
         self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
@@ -822,7 +865,7 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
             lay.seqlen_dense, scale * _LOG2E, seed, thresh, drop_scale,
             GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=BM, BLOCK_N=BN,
             VARLEN=lay.varlen, CAUSAL=causal, DROPOUT=dropout_p > 0,
-            PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+            PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
             num_warps=warps, num_stages=stages,
         )
 
@@ -840,6 +883,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
     _attn_bwd_pre[(triton.cdiv(lay.max_seqlen, pre_bm), lay.n_heads, lay.batch)](
         o, do, delta, cu, *_strides3(o, lay.varlen), *_strides3(do, lay.varlen), *lay.lse_strides,
         lay.seqlen_dense, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=pre_bm, VARLEN=lay.varlen,
+        PADDED=lay.padded,
     )
     atomic_dq = atomic_dq and atomic_dq_supported(lay.block_d, q.dtype, interp)
     if atomic_dq:  # fp32 accumulator in q's layout; the dQ kernel does not run
@@ -853,7 +897,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
     dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype),
+        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
     )
 
     def launch_dkdv(cfg):
@@ -890,8 +934,8 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal, deterministic):
-        lay = _Layout(q, k, cu if varlen else None, max_seqlen)
+    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal, deterministic, padded):
+        lay = _Layout(q, k, cu if varlen else None, max_seqlen, padded)
         o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
@@ -904,7 +948,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse, cu = ctx.saved_tensors
         dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed,
                                     ctx.causal, ctx.autotune, atomic_dq=not ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _resolve_seed(seed, dropout_p):
@@ -915,10 +959,16 @@ def _resolve_seed(seed, dropout_p):
     return int(seed) & 0x7FFFFFFF
 
 
-def _prepare(q, k, v, cu_seqlens):
+def _prepare(q, k, v, cu_seqlens, seqlens=None):
+    if seqlens is not None and cu_seqlens is not None:
+        raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     _check_inputs(q, k, v, cu_seqlens)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if cu_seqlens is None:
+    if seqlens is not None:
+        if seqlens.shape != q.shape[:1]:
+            raise ValueError(f"seqlens must be (B,) = {tuple(q.shape[:1])} for a padded batch, got {tuple(seqlens.shape)}")
+        cu = seqlens.to(device=q.device, dtype=torch.int32).contiguous()  # the kernels clamp to [0, S]
+    elif cu_seqlens is None:
         cu = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused placeholder pointer
     else:
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
@@ -927,13 +977,14 @@ def _prepare(q, k, v, cu_seqlens):
     return q, k, v, cu
 
 
-def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal, deterministic=True):
-    q, k, v, cu = _prepare(q, k, v, cu_seqlens)
+def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal, deterministic=True,
+                            seqlens=None):
+    q, k, v, cu = _prepare(q, k, v, cu_seqlens, seqlens)
     seed = _resolve_seed(seed, dropout_p)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
     return _FlashAttention.apply(q, k, v, cu, cu_seqlens is not None, max_seqlen, scale, float(dropout_p), seed,
-                                 bool(causal), bool(deterministic))
+                                 bool(causal), bool(deterministic), seqlens is not None)
 
 
 def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout_p, seed):
@@ -941,7 +992,8 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
 
     Returns what :func:`flash_attention_reference` takes as ``dropout_mask``: dense (B, Hq, S, S) bool, or
     for varlen a list with one (Hq, L_b, L_b) bool mask per sequence. Runs the same Triton helper as the
-    attention kernels (on CPU this needs ``TRITON_INTERPRET=1``).
+    attention kernels (on CPU this needs ``TRITON_INTERPRET=1``). A right-padded batch (``seqlens=``) uses the
+    dense mask's top-left (L_b, L_b) corner of each sequence: the mask depends only on positions.
     """
     varlen = cu_seqlens is not None
     n_heads = q.shape[-2]
@@ -961,7 +1013,8 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
         BM, BN = 32, 32
         grid = (triton.cdiv(S, BM) * triton.cdiv(S, BN), n_heads, batch)
         _dropout_mask_kernel[grid](out, cu, out.stride(0), out.stride(1), out.stride(2), seqlen_dense,
-                                   triton.cdiv(S, BN), seed, thresh, BLOCK_M=BM, BLOCK_N=BN, VARLEN=varlen)
+                                   triton.cdiv(S, BN), seed, thresh, BLOCK_M=BM, BLOCK_N=BN, VARLEN=varlen,
+                                   PADDED=False)
     keep = out.bool()
     if varlen:
         return [keep[b, :, :L, :L] for b, L in enumerate(lens)]
@@ -970,7 +1023,7 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
 
 def flash_attention(
     q, k, v, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0, seed=None,
-    causal=False, deterministic=True, impl=None,
+    causal=False, deterministic=True, seqlens=None, impl=None,
 ):
     """Non-causal attention. Dense (B, S, Hq, D) or varlen (T, Hq, D) + cu_seqlens; GQA via fewer K/V heads.
 
@@ -981,23 +1034,30 @@ def flash_attention(
     Differentiable in q, k and v on both backends. ``deterministic=False`` (Triton) accumulates dQ with fp32
     atomics inside the dK/dV kernel instead of running a separate dQ kernel: two fewer matmuls per tile in
     the backward, bitwise results that vary run to run.
+
+    ``seqlens`` (B,): a right-padded dense batch whose sequence b is its first seqlens[b] positions. The
+    kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
+    with no unpad / repad copies and no host sync.
     """
     backend = resolve_impl("attention", impl, q)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "triton":
         return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal,
-                                       deterministic)
+                                       deterministic, seqlens)
+    if seqlens is not None and cu_seqlens is not None:
+        raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     return flash_attention_reference(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p,
-        seed=seed, causal=causal)
+        seed=seed, causal=causal, seqlens=seqlens)
 
 
 # ----------------------------------------------------------------------------------------------
 # Accuracy checks (shared by tests/test_attention.py and the GPU run)
 # ----------------------------------------------------------------------------------------------
 
-def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dropout_mask=None, causal=False):
+def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dropout_mask=None, causal=False,
+                     seqlens=None):
     """Attention as eager torch code runs it in the input dtype (HF "eager"): matmuls in the dtype, softmax in
     fp32 and cast back. The yardstick for "torch's own error in this dtype"."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -1014,6 +1074,12 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
             p = p * keep.to(p.dtype) / (1.0 - dropout_p)
         return torch.matmul(p, vh).transpose(0, 1)
 
+    if cu_seqlens is None and seqlens is not None:
+        out = q.new_zeros(q.shape)
+        for b, L in enumerate(seqlens.tolist()):
+            if L:
+                out[b, :L] = one(q[b, :L], k[b, :L], v[b, :L], None if dropout_mask is None else dropout_mask[b][:, :L, :L])
+        return out
     if cu_seqlens is None:
         return torch.stack([one(q[b], k[b], v[b], None if dropout_mask is None else dropout_mask[b])
                             for b in range(q.shape[0])])
@@ -1024,7 +1090,7 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
 
 
 def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton",
-                  deterministic=True):
+                  deterministic=True, seqlens=None):
     """Forward and all three gradients of :func:`flash_attention` against the fp64 reference.
 
     Returns {tensor name: (kernel error, eager-torch error)}, each the max abs difference from the fp64 result
@@ -1038,7 +1104,7 @@ def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0
 
     def run(fn, tensors, **kw):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, **kw)
+        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens, **kw)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, do.to(out.dtype)))
 
     got = run(flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl, deterministic=deterministic)
@@ -1059,7 +1125,7 @@ ERR_FACTOR = 2.0
 ERR_FLOOR = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 5e-3}
 
 
-def gpu_check(budget_s=22.0):
+def gpu_check(budget_s=30.0):
     """bf16/fp16 forward+backward vs the fp64 reference on model-sized shapes (CUDA). One row per case and
     tensor: {"op", "case", "tensor", "max_err", "torch_bf16_err" (eager torch in the same dtype), "ok"}.
 
@@ -1080,6 +1146,7 @@ def gpu_check(budget_s=22.0):
         ("mistral-dense-512", bf16, (2, 512), 32, 8, 128, {}),
         ("mistral-dense-2048", bf16, (1, 2048), 32, 8, 128, {}),  # same kernels as above: no compile
         ("mistral-dense-2048-atomicdq", bf16, (1, 2048), 32, 8, 128, {"deterministic": False}),
+        ("mistral-padded-mix", bf16, (14, max(lens)), 32, 8, 128, {"seqlens": lens}),
         ("mistral-varlen-mix", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens}),
         ("mistral-varlen-dropout0.1", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "dropout_p": 0.1,
                                                                        "seed": 7}),
@@ -1098,6 +1165,8 @@ def gpu_check(budget_s=22.0):
         if "cu_seqlens" in kw:
             kw["cu_seqlens"] = torch.tensor([0] + torch.tensor(kw["cu_seqlens"]).cumsum(0).tolist(),
                                             dtype=torch.int32, device=dev)
+        if "seqlens" in kw:
+            kw["seqlens"] = torch.tensor(kw["seqlens"], dtype=torch.int32, device=dev)
         q, k, v = (torch.randn(*prefix, h, d, generator=g).to(dev, dtype) for h in (hq, hkv, hkv))
         for tensor, (err, torch_err) in accuracy_case(q, k, v, **kw).items():
             rows.append({"op": "attention", "case": label, "tensor": tensor, "max_err": err,

@@ -156,6 +156,64 @@ def test_atomic_dq_matches_fp64_reference(case):
     assert not dq_launches
 
 
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Output buffers start as NaN, so rows a kernel forgets to write cannot pass as zeros."""
+    orig = torch.empty_like
+
+    def nan_empty_like(t, *a, **kw):
+        out = orig(t, *a, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+
+
+@pytest.mark.parametrize("case", ["gqa4-f32", "d128-f16", "dropout-f32", "atomicdq-f16", "causal-f32"])
+def test_right_padded_batch_without_unpadding(case, poisoned_outputs):
+    # seqlens=: the dense (B, S) batch is read in place; padded rows of the output and of dq/dk/dv are 0.
+    lens = torch.tensor([37, 0, 1, 20, 33], dtype=torch.int32)
+    kw = {}
+    if case == "gqa4-f32":
+        q, k, v = _inputs((5, 37), 8, 2, 64, F32)
+    elif case == "d128-f16":
+        q, k, v = _inputs((5, 37), 4, 4, 128, F16)
+    elif case == "dropout-f32":
+        q, k, v = _inputs((5, 37), 4, 1, 32, F32)
+        kw = dict(dropout_p=0.25, seed=11)
+    elif case == "atomicdq-f16":
+        q, k, v = _inputs((5, 37), 4, 2, 64, F16)
+        kw = dict(deterministic=False)
+    else:
+        q, k, v = _inputs((5, 37), 4, 2, 32, F32)
+        kw = dict(causal=True)
+    _assert_accurate(q, k, v, seqlens=lens, **kw)
+    do = torch.randn_like(q)
+    out, dq, dk, dv = _run(flash_attention, q, k, v, do, seqlens=lens, impl="triton", **kw)
+    pad = torch.arange(37)[None, :] >= lens[:, None]
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(t).all() and not t[pad].any(), name
+    # the valid rows are exactly what the packed varlen path computes on the same tokens
+    keep = ~pad.flatten()
+    flat = [t.detach().reshape(5 * 37, t.shape[2], t.shape[3])[keep].requires_grad_() for t in (q, k, v)]
+    cu = _cu(lens.tolist())
+    packed = _run(flash_attention, *flat, do.reshape(5 * 37, *do.shape[2:])[keep], cu_seqlens=cu, impl="triton",
+                  **{k_: v_ for k_, v_ in kw.items() if k_ != "deterministic"})
+    if not kw.get("deterministic", True):
+        return  # atomics: equal only to rounding (checked against fp64 above)
+    for a, b in zip((out, dq, dk, dv), packed):
+        assert torch.equal(a.reshape(5 * 37, *a.shape[2:])[keep], b)
+
+
+def test_padded_rejects_bad_lengths():
+    q, k, v = _inputs((2, 9), 2, 2, 16, F32)
+    with pytest.raises(ValueError, match="seqlens must be"):
+        flash_attention(q, k, v, seqlens=torch.tensor([3]), impl="triton")
+    with pytest.raises(ValueError, match="not both"):
+        flash_attention(q, k, v, seqlens=torch.tensor([3, 4]), cu_seqlens=_cu([3, 4]), impl="triton")
+    # lengths past S are clamped to S inside the kernels (never read out of bounds)
+    out = flash_attention(q, k, v, seqlens=torch.tensor([9, 50]), impl="triton")
+    torch.testing.assert_close(out, flash_attention(q, k, v, impl="triton"), rtol=0, atol=0)
+
+
 def test_dropout_mask_properties():
     q = torch.empty(2, 64, 3, 16, device=DEVICE)
     m1 = flash_attention_dropout_mask(q, dropout_p=0.3, seed=7)
@@ -307,6 +365,8 @@ def _variant_list():
                 out.append((arch, "bfloat16", d, dropout, True, False, 4))
         out.append((arch, "float16", 128, False, False, False, 1))
         out.append((arch, "bfloat16", 128, False, True, True, 1))  # causal
+        out.append((arch, "bfloat16", 128, False, "padded", False, 4))  # right-padded dense (seqlens=)
+        out.append((arch, "bfloat16", 64, True, "padded", False, 3))
         out.append((arch, "float32", 64, False, False, False, 2))
         out.append((arch, "float32", 128, True, True, False, 2))
     return out
@@ -314,7 +374,8 @@ def _variant_list():
 
 def _variant_id(v):
     arch, dt, d, dropout, varlen, causal, group = v
-    return (f"sm{arch}-{dt}-d{d}-{'drop' if dropout else 'nodrop'}-{'varlen' if varlen else 'dense'}"
+    layout = "padded" if varlen == "padded" else ("varlen" if varlen else "dense")
+    return (f"sm{arch}-{dt}-d{d}-{'drop' if dropout else 'nodrop'}-{layout}"
             f"{'-causal' if causal else ''}-g{group}")
 
 
@@ -323,22 +384,24 @@ def _compile_variant(v):
     arch, dtype_name, d, dropout, varlen, causal, group = v
     dtype = getattr(torch, dtype_name)
     bd = A._block_d(d)
+    padded, varlen = varlen == "padded", varlen is True
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, VARLEN=varlen, CAUSAL=causal, DROPOUT=dropout,
-                  PRECISION=A._precision(dtype), UPCAST=False)
+                  PRECISION=A._precision(dtype), UPCAST=False, PADDED=padded)
     bm, bn, warps, stages = A.fwd_config(bd, dtype, dropout=dropout, arch=arch)
     (kbm, kbn, kwarps, kstages), (qbm, qbn, qwarps, qstages) = A.bwd_config(bd, dtype, dropout=dropout, arch=arch)
     launches = [
         ("fwd", A._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
         ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=False), kwarps, kstages),
         ("dq", A._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
-        ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen), 4, 1),
+        ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen, PADDED=padded), 4, 1),
     ]
     if A.atomic_dq_supported(bd, dtype):  # deterministic=False: dK/dV with the dQ atomics, its own config
         (abm, abn, awarps, astages), _ = A.bwd_config(bd, dtype, dropout=dropout, arch=arch, atomic_dq=True)
         launches.append(("dkdv-atomicdq", A._attn_bwd_dkdv, dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=True),
                          awarps, astages))
     if dropout:
-        launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen), 4, 1))
+        launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen, PADDED=False),
+                         4, 1))
     report = []
     for name, fn, constexprs, w, s in launches:
         res, smem = _compile(fn, dtype, constexprs, arch, w, s)
@@ -368,7 +431,7 @@ def _compile_candidate(c):
     fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq, "dkdv-atomicdq": A._attn_bwd_dkdv}[kernel]
     constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=A._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
                       PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
-                      ATOMIC_DQ=kernel == "dkdv-atomicdq")
+                      ATOMIC_DQ=kernel == "dkdv-atomicdq", PADDED=False)
     res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
     return [(kernel, res.registers, res.spills, smem)]
 
@@ -455,7 +518,7 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(A, "_TUNED", {})
-    cost = {(32, 64, 8, 3): 5.0, (32, 128, 8, 3): 2.0, (16, 128, 8, 3): 3.0}
+    cost = {(32, 64, 8, 3): 5.0, (16, 64, 8, 3): 2.0, (16, 128, 8, 3): 3.0}
     launched = []
 
     def launch(cfg):
@@ -472,12 +535,12 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
     assert A._tuned("dkdv", key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
     best = A._tuned("dkdv", key, default, CudaTensor(), launch)
     cands = A.tune_candidates("dkdv", 128, torch.bfloat16, False, 90)
-    assert best == (32, 128, 8, 3)
+    assert best == (16, 64, 8, 3)
     assert launched == [c for c in cands for _ in range(1 if c == (32, 128, 8, 2) else 4)]  # compile + 3 timed
     launched.clear()
     assert A._tuned("dkdv", key, default, CudaTensor(), launch) == best and not launched  # cached
     report = A.tuned_configs()["dkdv/90/torch.bfloat16/128/False/False/True/4/512"]
-    assert report["best"] == [32, 128, 8, 3] and report["ms"]["32x64x8x3"] == 5.0 and "32x128x8x2" not in report["ms"]
+    assert report["best"] == [16, 64, 8, 3] and report["ms"]["32x64x8x3"] == 5.0 and "32x128x8x2" not in report["ms"]
 
 
 @pytest.mark.slow
