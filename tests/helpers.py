@@ -6,6 +6,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STS = os.path.join(ROOT, "..", "shared", "data", "stsbenchmark")
 
 
+def count_launches(monkeypatch, module, name):
+    """Wrap the Triton kernel ``module.name`` so every launch is recorded; returns the list of launch grids."""
+    grids, kernel = [], getattr(module, name)
+
+    class _Counting:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, _Counting())
+    return grids
+
+
 def tiny_llama_config(**kw):
     from transformers import LlamaConfig
 

@@ -18,6 +18,7 @@ import torch
 
 from kernels import attention as A
 from kernels import set_default_impl
+from .helpers import count_launches
 from kernels.attention import (ERR_FACTOR, ERR_FLOOR, accuracy_case, flash_attention, flash_attention_dropout_mask,
                                flash_attention_reference)
 
@@ -123,7 +124,7 @@ def test_dropout_gradients_match_reference_under_the_same_mask(varlen, dtype):
 
 @pytest.mark.parametrize("case", ["dense-gqa4-f32", "varlen-mixed-f16", "dense-d128-f16", "varlen-dropout-f32",
                                   "causal-varlen-f32"])
-def test_atomic_dq_matches_fp64_reference(case):
+def test_atomic_dq_matches_fp64_reference(case, monkeypatch):
     # deterministic=False: dQ accumulated with fp32 atomics in the dK/dV kernel; the dQ kernel never runs.
     lens = [1, 129, 17, 0, 63]
     if case == "dense-gqa4-f32":
@@ -141,18 +142,8 @@ def test_atomic_dq_matches_fp64_reference(case):
     else:
         q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
         kw = dict(cu_seqlens=_cu(lens), causal=True)
-    dq_launches = []
-    orig = A._attn_bwd_dq
-
-    class Spy:
-        def __getitem__(self, grid):
-            dq_launches.append(grid)
-            return orig[grid]
-    A._attn_bwd_dq = Spy()
-    try:
-        _assert_accurate(q, k, v, deterministic=False, **kw)
-    finally:
-        A._attn_bwd_dq = orig
+    dq_launches = count_launches(monkeypatch, A, "_attn_bwd_dq")
+    _assert_accurate(q, k, v, deterministic=False, **kw)
     assert not dq_launches
 
 

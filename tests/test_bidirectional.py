@@ -6,6 +6,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import kernels
 from engine.bidirectional import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, make_bidirectional
 from engine.modeling import packed_hidden_states
+from .helpers import count_launches
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
@@ -138,15 +139,7 @@ def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch)
     from engine import bidirectional
     from kernels import attention as A
 
-    dq_launches = []
-    orig = A._attn_bwd_dq
-
-    class Spy:
-        def __getitem__(self, grid):
-            dq_launches.append(grid)
-            return orig[grid]
-
-    monkeypatch.setattr(A, "_attn_bwd_dq", Spy())
+    dq_launches = count_launches(monkeypatch, A, "_attn_bwd_dq")
     kernels.set_default_impl("attention", "triton")
     grads = {}
     try:

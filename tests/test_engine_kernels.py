@@ -13,6 +13,7 @@ from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
 from kernels import masked_ce
+from .helpers import count_launches
 
 
 def _loss_and_grads(module, batch, impl):
@@ -85,14 +86,7 @@ def test_engine_step_triton_matches_torch_bf16(stage_name):
 def test_engine_step_triton_matches_torch_in_the_interpreter(stage_name, monkeypatch):
     # Wide interpreter blocks over the 49k vocabulary keep the interpreted row kernel to a few steps per row.
     monkeypatch.setitem(masked_ce._INTERP_CONFIG, "grad_rows", dict(BLOCK_V=8192, num_warps=4))
-    launches = []
-    orig = masked_ce._ce_grad_rows_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return orig[grid]
-    monkeypatch.setattr(masked_ce, "_ce_grad_rows_kernel", Spy())
+    launches = count_launches(monkeypatch, masked_ce, "_ce_grad_rows_kernel")
     lt, gt, lr, gr = _parity(stage_name, "cpu", "fp32", 4, 64, 4)
     assert (len(launches) > 0) == (stage_name == "mntp")  # the frozen LM head took the eager strategy
     assert abs(lt - lr) <= 1e-4 * max(1.0, abs(lr)), (lt, lr)

@@ -24,6 +24,8 @@ from kernels import masked_ce as mc
 from kernels._backend import interpreter_enabled
 from kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
+from .helpers import count_launches
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # CPU tests run the kernels in the interpreter; with LLM2VEC_TEST_GPU=1 (interpreter off) only the
 # compile test and the @gpu tests apply.
@@ -155,12 +157,11 @@ def test_eager_matches_fp64_reference(case, dtype, monkeypatch):
     c = dict(EAGER_CASES[case])
     H, V, rc = c.pop("H", 40), c.pop("V", 300), c.pop("row_chunk", 7)
     hidden, weight, labels = _make(33, H, V, dtype, frac=0.9)
-    launches = _CountLaunches(mc._ce_grad_rows_kernel)
-    monkeypatch.setattr(mc, "_ce_grad_rows_kernel", launches)
+    launches = count_launches(monkeypatch, mc, "_ce_grad_rows_kernel")
     _check_against_fp64(hidden, weight, labels, dtype, grad_w=False,
                         cfg=_cfg(dtype, strategy="eager", row_chunk=rc), **c)
     m = int((labels != -100).sum())
-    assert launches.launches == -(-m // min(rc, m)), (launches.launches, m, rc)  # one launch per row chunk
+    assert len(launches) == -(-m // min(rc, m)), (len(launches), m, rc)  # one launch per row chunk
 
 
 @needs_interpreter
@@ -189,19 +190,18 @@ def test_eager_row_chunk_follows_the_scratch_budget(monkeypatch):
 def test_auto_strategy_choice(monkeypatch):
     counts = {}
     for name in ("_ce_grad_rows_kernel", "_ce_bwd_dlogits_kernel", "_ce_fwd_kernel"):
-        counts[name] = _CountLaunches(getattr(mc, name))
-        monkeypatch.setattr(mc, name, counts[name])
+        counts[name] = count_launches(monkeypatch, mc, name)
     hidden, weight, labels = _make(17, 32, 100, torch.float32)
 
     def launched(grad_w, reduction="mean", no_grad=False):
         for c in counts.values():
-            c.launches = 0
+            c.clear()
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(grad_w)
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             loss = masked_cross_entropy(h, w, labels, impl="triton", reduction=reduction)
         if not no_grad:
             loss.sum().backward()
-        return {k.split("_")[-2]: c.launches > 0 for k, c in counts.items()}
+        return {k.split("_")[-2]: len(c) > 0 for k, c in counts.items()}
 
     assert launched(grad_w=False) == {"rows": True, "dlogits": False, "fwd": False}  # LoRA: eager
     assert launched(grad_w=False, reduction="sum") == {"rows": True, "dlogits": False, "fwd": False}
@@ -270,26 +270,16 @@ def test_default_config_wide_vocab_group_and_budget_chunking(monkeypatch):
     _check_against_fp64(hidden, weight, labels, dtype)
 
 
-class _CountLaunches:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @needs_interpreter
 @pytest.mark.parametrize("train_w", [False, True])
 def test_weight_gradient_work_only_when_required(monkeypatch, train_w):
-    dw_kernel = _CountLaunches(mc._ce_bwd_dw_kernel)
-    monkeypatch.setattr(mc, "_ce_bwd_dw_kernel", dw_kernel)
+    dw_launches = count_launches(monkeypatch, mc, "_ce_bwd_dw_kernel")
     hidden, weight, labels = _make(17, 32, 100, torch.float32)
     loss, dh, dw = _run(masked_cross_entropy, hidden, weight, labels, torch.tensor(1.0), grad_w=train_w,
                         impl="triton")
     assert dh is not None and torch.isfinite(dh).all()
     assert (dw is not None) == train_w
-    assert (dw_kernel.launches > 0) == train_w
+    assert (len(dw_launches) > 0) == train_w
 
 
 @needs_interpreter
