@@ -26,8 +26,11 @@ fp16/bf16 accumulate in fp32; fp32 inputs go through TF32 tensor-core dots (abou
 impl="torch" is the exact path).
 """
 import functools
+import json
 import math
 import os
+import tempfile
+import warnings
 
 import torch
 import triton
@@ -668,7 +671,8 @@ def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False, atomic_d
 # and keeps the fastest for the process. The lists are pruned offline: every entry compiles for its arch
 # without register spills (tests/test_attention.py::test_autotune_candidates_compile_without_spills), with
 # dropout too unless marked nodrop. bf16/fp16 with head dims <= 128 only; everything else keeps its fixed
-# config. Tuning synchronises the device, so do not enable it under CUDA-graph capture.
+# config. Tuning synchronises the device, so do not enable it under CUDA-graph capture. Choices persist per GPU
+# name in a JSON file (tune_cache_path()), so later runs skip the timing.
 _ND = "nodrop"
 _TUNE_CANDIDATES = {
     # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
@@ -701,6 +705,47 @@ _TUNE_CANDIDATES = {
 }
 _AUTOTUNE = {"on": os.environ.get("LLM2VEC_ATTN_AUTOTUNE", "0") not in ("", "0")}
 _TUNED = {}  # bucket key -> (chosen config, {config: ms})
+_DISK = {"loaded": None}  # path -> {bucket string: config} once read
+
+
+def tune_cache_path():
+    """Where tuned choices persist across runs: LLM2VEC_ATTN_TUNE_CACHE, else attention_tuned.json under
+    LLM2VEC_ENGINE_CACHE (default ~/.cache/llm2vec-engine). Set LLM2VEC_ATTN_TUNE_CACHE="" to keep them in memory."""
+    path = os.environ.get("LLM2VEC_ATTN_TUNE_CACHE")
+    if path is not None:
+        return path or None
+    root = os.environ.get("LLM2VEC_ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm2vec-engine")
+    return os.path.join(root, "attention_tuned.json")
+
+
+def _bucket_id(key, device_name):
+    return "|".join([device_name] + [str(x) for x in key])
+
+
+def _read_tune_cache(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return {k: tuple(v) for k, v in data.items() if isinstance(v, list) and len(v) == 4}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # unreadable or corrupt: tune again, and say so once
+        warnings.warn(f"ignoring the attention tune cache {path}: {exc}")
+        return {}
+
+
+def _write_tune_cache(path, bucket, cfg):
+    # Merge with what other processes (ranks) wrote meanwhile, then replace the file atomically.
+    data = {k: list(v) for k, v in _read_tune_cache(path).items()}
+    data[bucket] = list(cfg)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"could not write the attention tune cache {path}: {exc}")
 
 
 def set_autotune(enabled: bool) -> None:
@@ -732,6 +777,14 @@ def _tuned(kind, key, default, q, launch, enabled=None):
         return default
     if key in _TUNED:
         return _TUNED[key][0]
+    path = tune_cache_path()
+    bucket = _bucket_id(key, torch.cuda.get_device_name(q.device))
+    if path:
+        if _DISK["loaded"] is None or _DISK["loaded"][0] != path:
+            _DISK["loaded"] = (path, _read_tune_cache(path))
+        if bucket in _DISK["loaded"][1]:
+            _TUNED[key] = (_DISK["loaded"][1][bucket], {})
+            return _TUNED[key][0]
     arch, dtype, block_d, dropout = key[1], key[2], key[3], key[4]
     cands = tune_candidates(kind, block_d, dtype, dropout, arch)
     if default not in cands:
@@ -753,6 +806,9 @@ def _tuned(kind, key, default, q, launch, enabled=None):
             continue
     best = min(timings, key=timings.get) if timings else default
     _TUNED[key] = (best, timings)
+    if path and timings:
+        _write_tune_cache(path, bucket, best)
+        _DISK["loaded"][1][bucket] = best
     return best
 
 

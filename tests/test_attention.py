@@ -506,9 +506,13 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
 
     class CudaTensor:
         is_cuda = True
+        device = "cuda:0"
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(A, "_TUNED", {})
+    monkeypatch.setattr(A, "_DISK", {"loaded": None})
+    monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", "")  # memory only here; the disk cache has its own test
     cost = {(32, 64, 8, 3): 5.0, (16, 64, 8, 3): 2.0, (16, 128, 8, 3): 3.0}
     launched = []
 
@@ -532,6 +536,52 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
     assert A._tuned("dkdv", key, default, CudaTensor(), launch) == best and not launched  # cached
     report = A.tuned_configs()["dkdv/90/torch.bfloat16/128/False/False/True/4/512"]
     assert report["best"] == [16, 64, 8, 3] and report["ms"]["32x64x8x3"] == 5.0 and "32x128x8x2" not in report["ms"]
+
+
+def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
+    # A tuned bucket is written to the JSON cache; a new process (empty memory) reads it instead of timing,
+    # but only on a GPU of the same name. A corrupt file is ignored with a warning.
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    class CudaTensor:
+        is_cuda = True
+        device = "cuda:0"
+
+    path = tmp_path / "tuned.json"
+    gpu = ["GPU A"]
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu[0])
+    monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", str(path))
+    monkeypatch.setattr(A, "_AUTOTUNE", {"on": True})
+    key = ("dq", 90, torch.bfloat16, 128, False, False, True, 4, 512)
+    launched = []
+    fresh = lambda: (monkeypatch.setattr(A, "_TUNED", {}), monkeypatch.setattr(A, "_DISK", {"loaded": None}))  # noqa: E731
+
+    fresh()
+    best = A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
+    assert launched and json.loads(path.read_text()) == {"|".join(["GPU A"] + [str(x) for x in key]): list(best)}
+    launched.clear()
+    fresh()
+    assert A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append) == best and not launched
+    gpu[0] = "GPU B"  # another card: tuned afresh, both entries kept
+    fresh()
+    A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
+    assert launched and len(json.loads(path.read_text())) == 2
+    path.write_text("{not json")
+    fresh()
+    with pytest.warns(UserWarning, match="ignoring the attention tune cache"):
+        A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
 
 
 @pytest.mark.slow
