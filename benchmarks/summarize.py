@@ -142,6 +142,11 @@ def masked_ce_targets(t, rows):
                 f"{_f(tri['ms']):.2f} ms vs {_f(gat['ms']):.2f} ms")
     else:
         t.add(name, "Llama-3-8B time <= 1.0x gather-then-torch", "n/a", "n/a", "missing rows")
+    rec = sel.get("triton_recompute")
+    if rec and gat:  # the other strategy, for the record (auto picks eager for a frozen head)
+        t.add(name, "Llama-3-8B recompute strategy: time / gather-then-torch (no target)",
+              f"{_f(rec['ms']) / _f(gat['ms']):.3f}x", "info",
+              f"{_f(rec['ms']):.2f} ms, peak {_f(rec['peak_mb']):.0f} MB")
 
 
 def contrastive_targets(t, rows, ts_rows=None):
