@@ -270,8 +270,9 @@ def _attn_fwd(
     o_base = o_ptr + b64 * stride_ob + s64 * stride_os + head * stride_oh
     if m0 >= seqlen:
         if PADDED:
-            _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=o_ptr.dtype.element_ty), offs_m, seqlen,
-                        seqlen_dense, offs_d, HEAD_DIM, PADDED)
+            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=o_ptr.dtype.element_ty)
+            _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], zero, offs_m, seqlen, seqlen_dense,
+                        offs_d, HEAD_DIM, PADDED)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     kv_head = head // GROUP
@@ -541,8 +542,9 @@ def _attn_bwd_dq(
     dq_base = dq_ptr + b64 * stride_dqb + s64 * stride_dqs + head * stride_dqh
     if m0 >= seqlen:
         if PADDED:
-            _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=dq_ptr.dtype.element_ty), offs_m, seqlen,
-                        seqlen_dense, offs_d, HEAD_DIM, PADDED)
+            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=dq_ptr.dtype.element_ty)
+            _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], zero, offs_m, seqlen, seqlen_dense,
+                        offs_d, HEAD_DIM, PADDED)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     kv_head = head // GROUP
@@ -1022,7 +1024,8 @@ def _prepare(q, k, v, cu_seqlens, seqlens=None):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if seqlens is not None:
         if seqlens.shape != q.shape[:1]:
-            raise ValueError(f"seqlens must be (B,) = {tuple(q.shape[:1])} for a padded batch, got {tuple(seqlens.shape)}")
+            raise ValueError(f"seqlens must be (B,) = {tuple(q.shape[:1])} for a padded batch, "
+                             f"got {tuple(seqlens.shape)}")
         cu = seqlens.to(device=q.device, dtype=torch.int32).contiguous()  # the kernels clamp to [0, S]
     elif cu_seqlens is None:
         cu = torch.zeros(1, dtype=torch.int32, device=q.device)  # unused placeholder pointer
@@ -1134,7 +1137,8 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
         out = q.new_zeros(q.shape)
         for b, L in enumerate(seqlens.tolist()):
             if L:
-                out[b, :L] = one(q[b, :L], k[b, :L], v[b, :L], None if dropout_mask is None else dropout_mask[b][:, :L, :L])
+                keep = None if dropout_mask is None else dropout_mask[b][:, :L, :L]
+                out[b, :L] = one(q[b, :L], k[b, :L], v[b, :L], keep)
         return out
     if cu_seqlens is None:
         return torch.stack([one(q[b], k[b], v[b], None if dropout_mask is None else dropout_mask[b])
