@@ -42,7 +42,7 @@ def git_commit():
 TIMING_MODES = ("gpu", "sync")
 _L2_FLUSH_BYTES = 256 * 2**20  # > L2 of H100 (50 MB) / H200 (60 MB)
 _ASSUMED_CLOCK_HZ = 3e9  # above any datacenter GPU's clock, so the sleep lasts at least as long as planned
-_MAX_SLEEP_S = 2.0
+_MAX_SLEEP_S = 1.0
 
 
 def timing_mode():
@@ -83,15 +83,16 @@ def _flush_buffer():
 
 
 def _time_gpu(fn, iters):
-    # Host time to enqueue one call (GPU time included: an over-estimate), to size the sleep.
+    # Host time to enqueue one call, to size the sleep: without a final synchronise it is the launch cost
+    # alone (a call that synchronises inside also counts the GPU time before that point: an over-estimate).
     t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
     host_s = time.perf_counter() - t0
+    torch.cuda.synchronize()
     flush = _flush_buffer()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    torch.cuda._sleep(int(min(1.5 * host_s * iters, _MAX_SLEEP_S) * _ASSUMED_CLOCK_HZ))
+    torch.cuda._sleep(int(min(1.5 * host_s * iters + 1e-3, _MAX_SLEEP_S) * _ASSUMED_CLOCK_HZ))
     for i in range(iters):
         flush.zero_()
         starts[i].record()

@@ -47,7 +47,8 @@ def test_gpu_mode_queues_everything_behind_a_sleep_and_takes_the_median(monkeypa
     ms = common.timeit(cuda.fn, warmup=2, iters=5, device="cuda", mode="gpu")
     assert ms == 3.0  # median of the 5 timed calls; warm-up and the sizing call are not counted
     log = cuda.log
-    # warm-up x2, sizing call + sync, then the sleep before any timed work, then 5 x (flush, event, fn, event)
+    # warm-up x2, sync, the sizing call + sync, then the sleep before any timed work, then 5 x (flush, event, fn,
+    # event)
     assert log[:2] == ["fn", "fn"] and log[2] == "sync" and log[3:5] == ["fn", "sync"]
     assert log[5][0] == "sleep" and log[5][1] > 0
     assert log[6:-1] == ["flush", "event", "fn", "event"] * 5 and log[-1] == "sync"
