@@ -1038,8 +1038,8 @@ def big_batch(bench, writer, sizes, chunk, budget):
 
     lo_q, hi_q, lo_d, hi_d = (4, 8, 6, 12) if bench.tiny else (8, 32, 16, 64)
     # Most needed first, so a run that is cut short keeps the issue-6 figure (the largest batch WITH caching):
-    # every size with caching, smallest first, then the sizes without it (the largest is expected to OOM).
-    runs = ([(B, chunk) for B in sorted(sizes)] if chunk > 0 else []) + [(B, 0) for B in sorted(sizes)]
+    # every size with caching, largest first, then the sizes without it (the largest is expected to OOM).
+    runs = ([(B, chunk) for B in sorted(sizes, reverse=True)] if chunk > 0 else []) + [(B, 0) for B in sorted(sizes)]
     batches = {}
     for B, c in runs:
         if B not in batches:
