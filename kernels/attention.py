@@ -192,6 +192,14 @@ def _seq_bounds(cu_ptr, b, seqlen_dense, VARLEN: tl.constexpr, PADDED: tl.conste
 
 
 @triton.jit
+def _zero_rows(base, rows, stride_s, seqlen_dense, offs_d, HEAD_DIM: tl.constexpr):
+    """Zeros to the rows (< S) of the (rows, D) tile at base: a PADDED block that lies wholly in the padding."""
+    zero = (rows[:, None] * 0 + offs_d[None, :] * 0).to(base.dtype.element_ty)
+    tl.store(base + rows[:, None] * stride_s + offs_d[None, :], zero,
+             mask=(rows[:, None] < seqlen_dense) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
 def _store_rows(ptrs, x, rows, seqlen, seqlen_dense, offs_d, HEAD_DIM: tl.constexpr, PADDED: tl.constexpr):
     """Store rows < seqlen of tile x; PADDED also writes 0 to rows in [seqlen, S), the batch's padding."""
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -270,9 +278,7 @@ def _attn_fwd(
     o_base = o_ptr + b64 * stride_ob + s64 * stride_os + head * stride_oh
     if m0 >= seqlen:
         if PADDED:
-            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=o_ptr.dtype.element_ty)
-            _store_rows(o_base + offs_m[:, None] * stride_os + offs_d[None, :], zero, offs_m, seqlen, seqlen_dense,
-                        offs_d, HEAD_DIM, PADDED)
+            _zero_rows(o_base, offs_m, stride_os, seqlen_dense, offs_d, HEAD_DIM)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     kv_head = head // GROUP
@@ -434,11 +440,8 @@ def _attn_bwd_dkdv(
     dv_base = dv_ptr + b64 * stride_dvb + s64 * stride_dvs + kv_head * stride_dvh
     if n0 >= seqlen:
         if PADDED:
-            zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=dk_ptr.dtype.element_ty)
-            _store_rows(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], zero, offs_n, seqlen, seqlen_dense,
-                        offs_d, HEAD_DIM, PADDED)
-            _store_rows(dv_base + offs_n[:, None] * stride_dvs + offs_d[None, :], zero, offs_n, seqlen, seqlen_dense,
-                        offs_d, HEAD_DIM, PADDED)
+            _zero_rows(dk_base, offs_n, stride_dks, seqlen_dense, offs_d, HEAD_DIM)
+            _zero_rows(dv_base, offs_n, stride_dvs, seqlen_dense, offs_d, HEAD_DIM)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
 
@@ -542,9 +545,7 @@ def _attn_bwd_dq(
     dq_base = dq_ptr + b64 * stride_dqb + s64 * stride_dqs + head * stride_dqh
     if m0 >= seqlen:
         if PADDED:
-            zero = tl.zeros([BLOCK_M, BLOCK_D], dtype=dq_ptr.dtype.element_ty)
-            _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], zero, offs_m, seqlen, seqlen_dense,
-                        offs_d, HEAD_DIM, PADDED)
+            _zero_rows(dq_base, offs_m, stride_dqs, seqlen_dense, offs_d, HEAD_DIM)
         return
     PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     kv_head = head // GROUP
