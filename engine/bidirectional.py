@@ -82,6 +82,18 @@ def _varlen(q, k, v, cu, max_len, scale, dropout, window, softcap, module):
                                    seed=seed, deterministic=_OPTIONS["deterministic"])
 
 
+def _padded(q, k, v, lens, scale, dropout, window, softcap):
+    # q: (B, S, Hq, D), k/v: (B, S, Hkv, D), right-padded; lens (B,) int32
+    seed = _draw_seed() if dropout > 0 else None
+    needs_window = window is not None and q.shape[1] > window
+    if softcap is not None or needs_window:
+        return kernels.flash_attention_reference(
+            q, k, v, seqlens=lens, scale=scale, dropout_p=dropout, seed=seed,
+            window=window if needs_window else None, softcap=softcap)
+    return kernels.flash_attention(q, k, v, seqlens=lens, scale=scale, dropout_p=dropout, seed=seed,
+                                   deterministic=_OPTIONS["deterministic"])
+
+
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                softcap=None, **kwargs):
     # query: (B, Hq, S, D), key/value: (B, Hkv, S, D) -> output (B, S, Hq, D), no weights
@@ -94,12 +106,20 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         out = _varlen(q[0], k[0], v[0], cu.to(torch.int32), int(kwargs.get("max_length_q") or S), scaling,
                       dropout, sliding_window, softcap, module)
         return out.unsqueeze(0), None
-    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-        idx, cu, max_len = _cu_from_mask(attention_mask.bool())
-        flat = lambda t: t.reshape(B * S, t.shape[2], D).index_select(0, idx)  # noqa: E731
-        o = _varlen(flat(q), flat(k), flat(v), cu, max_len, scaling, dropout, sliding_window, softcap, module)
-        out = q.new_zeros(B * S, Hq, D).index_copy(0, idx, o)
-        return out.view(B, S, Hq, D), None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        m = attention_mask.bool()
+        lens = m.sum(dim=1, dtype=torch.int32)
+        prefix = torch.arange(S, device=m.device)[None, :] < lens[:, None]
+        all_real, right_padded = torch.stack([m.all(), (m == prefix).all()]).tolist()  # one host sync
+        if not all_real and right_padded:
+            # right padding: the kernels read the padded batch in place (seqlens=), no unpad / repad copies
+            return _padded(q, k, v, lens, scaling, dropout, sliding_window, softcap), None
+        if not all_real:  # left or ragged padding: unpad to varlen, then repad
+            idx, cu, max_len = _cu_from_mask(m)
+            flat = lambda t: t.reshape(B * S, t.shape[2], D).index_select(0, idx)  # noqa: E731
+            o = _varlen(flat(q), flat(k), flat(v), cu, max_len, scaling, dropout, sliding_window, softcap, module)
+            out = q.new_zeros(B * S, Hq, D).index_copy(0, idx, o)
+            return out.view(B, S, Hq, D), None
     if attention_mask is not None and attention_mask.dim() == 4:
         raise ValueError("the bidirectional attention path takes 2-D padding masks, not 4-D masks")
     cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)

@@ -49,7 +49,13 @@ def test_later_token_changes_earlier_state_only_when_bidirectional(model_type):
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2", "qwen2"])
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_padding_never_leaks(model_type, side):
+def test_padding_never_leaks(model_type, side, monkeypatch):
+    from engine import bidirectional
+
+    # right padding is read in place (seqlens=): the unpad path must not run for it
+    unpad = bidirectional._cu_from_mask
+    calls = []
+    monkeypatch.setattr(bidirectional, "_cu_from_mask", lambda m: calls.append(1) or unpad(m))
     model = make_bidirectional(tiny(model_type))
     g = torch.Generator().manual_seed(2)
     seqs = [torch.randint(3, 97, (n,), generator=g) for n in (11, 5, 8)]
@@ -66,6 +72,7 @@ def test_padding_never_leaks(model_type, side):
             for i, s in enumerate(seqs):
                 sl = slice(S - len(s), S) if side == "left" else slice(0, len(s))
                 torch.testing.assert_close(batch[i, sl], alone[i], atol=2e-5, rtol=1e-4)
+    assert bool(calls) == (side == "left")  # the padded (unpacked) forward unpads only left padding
 
 
 def test_sliding_window_is_honoured_bidirectionally():
@@ -156,3 +163,20 @@ def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch)
         kernels.set_default_impl("attention", "auto")
     assert grads["launches" + "True"] == 2 and grads["launches" + "False"] == 0  # one dQ launch per layer
     torch.testing.assert_close(grads[False], grads[True], rtol=1e-4, atol=1e-5)
+
+
+def test_right_padded_batch_through_the_triton_kernel_in_place():
+    # An unpacked, right-padded batch reaches the Triton kernel as seqlens= (interpreter here) and matches
+    # the torch reference on every real token.
+    model = make_bidirectional(tiny("llama"))
+    ids = torch.randint(3, 97, (3, 10), generator=torch.Generator().manual_seed(4))
+    am = (torch.arange(10)[None, :] < torch.tensor([10, 3, 7])[:, None]).long()
+    with torch.no_grad():
+        want = packed_hidden_states(model, ids, am, packed=False)
+        kernels.set_default_impl("attention", "triton")
+        try:
+            got = packed_hidden_states(model, ids, am, packed=False)
+        finally:
+            kernels.set_default_impl("attention", "auto")
+    real = am.bool()
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
