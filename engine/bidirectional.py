@@ -69,29 +69,18 @@ def _draw_seed():
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _varlen(q, k, v, cu, max_len, scale, dropout, window, softcap, module):
-    # q: (T, Hq, D), k/v: (T, Hkv, D)
+def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
+    # layout: cu_seqlens= / max_seqlen= for packed q (T, Hq, D), k/v (T, Hkv, D); or seqlens= for a
+    # right-padded q (B, S, Hq, D), k/v (B, S, Hkv, D). max_len: the longest sequence (decides the window).
     seed = _draw_seed() if dropout > 0 else None
     needs_window = window is not None and max_len > window
     if softcap is not None or needs_window:
         # The Triton kernel has neither soft-capping nor banded masks: take the exact torch path.
         return kernels.flash_attention_reference(
-            q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout, seed=seed,
-            window=window if needs_window else None, softcap=softcap)
-    return kernels.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=max_len, scale=scale, dropout_p=dropout,
-                                   seed=seed, deterministic=_OPTIONS["deterministic"])
-
-
-def _padded(q, k, v, lens, scale, dropout, window, softcap):
-    # q: (B, S, Hq, D), k/v: (B, S, Hkv, D), right-padded; lens (B,) int32
-    seed = _draw_seed() if dropout > 0 else None
-    needs_window = window is not None and q.shape[1] > window
-    if softcap is not None or needs_window:
-        return kernels.flash_attention_reference(
-            q, k, v, seqlens=lens, scale=scale, dropout_p=dropout, seed=seed,
-            window=window if needs_window else None, softcap=softcap)
-    return kernels.flash_attention(q, k, v, seqlens=lens, scale=scale, dropout_p=dropout, seed=seed,
-                                   deterministic=_OPTIONS["deterministic"])
+            q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window if needs_window else None,
+            softcap=softcap, **layout)
+    return kernels.flash_attention(q, k, v, scale=scale, dropout_p=dropout, seed=seed,
+                                   deterministic=_OPTIONS["deterministic"], **layout)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -103,8 +92,9 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     if cu is not None:
         if B != 1:
             raise ValueError("packed varlen attention expects batch size 1")
-        out = _varlen(q[0], k[0], v[0], cu.to(torch.int32), int(kwargs.get("max_length_q") or S), scaling,
-                      dropout, sliding_window, softcap, module)
+        max_len = int(kwargs.get("max_length_q") or S)
+        out = _attend(q[0], k[0], v[0], max_len, scaling, dropout, sliding_window, softcap,
+                      cu_seqlens=cu.to(torch.int32), max_seqlen=max_len)
         return out.unsqueeze(0), None
     if attention_mask is not None and attention_mask.dim() == 2:
         m = attention_mask.bool()
@@ -113,19 +103,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         all_real, right_padded = torch.stack([m.all(), (m == prefix).all()]).tolist()  # one host sync
         if not all_real and right_padded:
             # right padding: the kernels read the padded batch in place (seqlens=), no unpad / repad copies
-            return _padded(q, k, v, lens, scaling, dropout, sliding_window, softcap), None
+            return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap, seqlens=lens), None
         if not all_real:  # left or ragged padding: unpad to varlen, then repad
             idx, cu, max_len = _cu_from_mask(m)
             flat = lambda t: t.reshape(B * S, t.shape[2], D).index_select(0, idx)  # noqa: E731
-            o = _varlen(flat(q), flat(k), flat(v), cu, max_len, scaling, dropout, sliding_window, softcap, module)
+            o = _attend(flat(q), flat(k), flat(v), max_len, scaling, dropout, sliding_window, softcap, cu_seqlens=cu,
+                        max_seqlen=max_len)
             out = q.new_zeros(B * S, Hq, D).index_copy(0, idx, o)
             return out.view(B, S, Hq, D), None
     if attention_mask is not None and attention_mask.dim() == 4:
         raise ValueError("the bidirectional attention path takes 2-D padding masks, not 4-D masks")
-    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)
-    o = _varlen(q.reshape(B * S, -1, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D), cu, S, scaling,
-                dropout, sliding_window, softcap, module)
-    return o.view(B, S, Hq, D), None
+    return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap), None  # dense, no padding
 
 
 def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
