@@ -772,12 +772,14 @@ def tune_candidates(kernel, block_d, dtype, dropout, arch):
     return [tuple(c[:4]) for c in table if not (dropout and _ND in c[4:])]
 
 
-def _tuned(kind, key, default, q, launch, enabled=None):
+def _tuned(kind, make_key, default, q, launch, enabled=None):
     """The config to launch ``kind`` with: ``default`` unless autotuning is on (``enabled``, else the process
     setting) for a CUDA tensor; then the fastest candidate for this bucket, timed once by calling
-    ``launch(config)`` (which must be idempotent: it overwrites its outputs)."""
+    ``launch(config)`` (which must be idempotent: it overwrites its outputs). ``make_key()`` builds the bucket
+    key, only when tuning, so the untuned hot path never does."""
     if not ((_AUTOTUNE["on"] if enabled is None else enabled) and q.is_cuda):
         return default
+    key = make_key()
     if key in _TUNED:
         return _TUNED[key][0]
     path = tune_cache_path()
@@ -816,8 +818,11 @@ def _tuned(kind, key, default, q, launch, enabled=None):
 
 
 def _tune_key(kind, q, lay, dropout_p, causal):
-    bucket = min(max(triton.next_power_of_2(max(lay.max_seqlen, 1)), 64), 16384)
-    return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket)
+    """A callable that builds ``kind``'s bucket key; _tuned calls it only when autotuning."""
+    def key():
+        bucket = min(max(triton.next_power_of_2(max(lay.max_seqlen, 1)), 64), 16384)
+        return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket)
+    return key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1019,8 +1024,6 @@ def _resolve_seed(seed, dropout_p):
 
 
 def _prepare(q, k, v, cu_seqlens, seqlens=None):
-    if seqlens is not None and cu_seqlens is not None:
-        raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     _check_inputs(q, k, v, cu_seqlens)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if seqlens is not None:
@@ -1099,14 +1102,14 @@ def flash_attention(
     kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
     with no unpad / repad copies and no host sync.
     """
+    if seqlens is not None and cu_seqlens is not None:
+        raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     backend = resolve_impl("attention", impl, q)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if backend == "triton":
         return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal,
                                        deterministic, seqlens)
-    if seqlens is not None and cu_seqlens is not None:
-        raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     return flash_attention_reference(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p,
         seed=seed, causal=causal, seqlens=seqlens)

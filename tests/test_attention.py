@@ -486,9 +486,14 @@ def test_autotune_candidate_lists():
     assert A.tune_candidates("dq", 64, torch.float32, False, 90) == []
 
 
-def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
-    # The tuner's logic against a scripted device clock (no GPU here): each launch advances the clock by the
-    # config's cost, a config that fails to launch is skipped, and a tuned bucket is never timed again.
+class _FakeCudaTensor:
+    is_cuda = True
+    device = "cuda:0"
+
+
+def _fake_cuda_clock(monkeypatch):
+    """torch.cuda.Event against a scripted device clock (no GPU here): returns the clock, a one-item list that
+    the fake launches advance."""
     clock = [0.0]
 
     class Event:
@@ -504,11 +509,14 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
         def elapsed_time(self, end):
             return end.t - self.t
 
-    class CudaTensor:
-        is_cuda = True
-        device = "cuda:0"
-
     monkeypatch.setattr(torch.cuda, "Event", Event)
+    return clock
+
+
+def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
+    # The tuner's logic against a scripted device clock: each launch advances the clock by the config's cost,
+    # a config that fails to launch is skipped, and a tuned bucket is never timed again.
+    clock = _fake_cuda_clock(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(A, "_TUNED", {})
     monkeypatch.setattr(A, "_DISK", {"loaded": None})
@@ -525,15 +533,15 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
     key = ("dkdv", 90, torch.bfloat16, 128, False, False, True, 4, 512)
     default = (32, 64, 8, 3)
     monkeypatch.setattr(A, "_AUTOTUNE", {"on": False})
-    assert A._tuned("dkdv", key, default, CudaTensor(), launch) == default and not launched  # off: no timing
+    assert A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == default and not launched  # off: no timing
     A.set_autotune(True)
-    assert A._tuned("dkdv", key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
-    best = A._tuned("dkdv", key, default, CudaTensor(), launch)
+    assert A._tuned("dkdv", lambda: key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
+    best = A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch)
     cands = A.tune_candidates("dkdv", 128, torch.bfloat16, False, 90)
     assert best == (16, 64, 8, 3)
     assert launched == [c for c in cands for _ in range(1 if c == (32, 128, 8, 2) else 4)]  # compile + 3 timed
     launched.clear()
-    assert A._tuned("dkdv", key, default, CudaTensor(), launch) == best and not launched  # cached
+    assert A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == best and not launched  # cached
     report = A.tuned_configs()["dkdv/90/torch.bfloat16/128/False/False/True/4/512"]
     assert report["best"] == [16, 64, 8, 3] and report["ms"]["32x64x8x3"] == 5.0 and "32x128x8x2" not in report["ms"]
 
@@ -541,26 +549,9 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
 def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
     # A tuned bucket is written to the JSON cache; a new process (empty memory) reads it instead of timing,
     # but only on a GPU of the same name. A corrupt file is ignored with a warning.
-    class Event:
-        def __init__(self, enable_timing=False):
-            pass
-
-        def record(self):
-            pass
-
-        def synchronize(self):
-            pass
-
-        def elapsed_time(self, end):
-            return 1.0
-
-    class CudaTensor:
-        is_cuda = True
-        device = "cuda:0"
-
+    _fake_cuda_clock(monkeypatch)
     path = tmp_path / "tuned.json"
     gpu = ["GPU A"]
-    monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu[0])
     monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", str(path))
     monkeypatch.setattr(A, "_AUTOTUNE", {"on": True})
@@ -569,19 +560,19 @@ def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
     fresh = lambda: (monkeypatch.setattr(A, "_TUNED", {}), monkeypatch.setattr(A, "_DISK", {"loaded": None}))  # noqa: E731
 
     fresh()
-    best = A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
+    best = A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
     assert launched and json.loads(path.read_text()) == {"|".join(["GPU A"] + [str(x) for x in key]): list(best)}
     launched.clear()
     fresh()
-    assert A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append) == best and not launched
+    assert A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append) == best and not launched
     gpu[0] = "GPU B"  # another card: tuned afresh, both entries kept
     fresh()
-    A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
+    A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
     assert launched and len(json.loads(path.read_text())) == 2
     path.write_text("{not json")
     fresh()
     with pytest.warns(UserWarning, match="ignoring the attention tune cache"):
-        A._tuned("dq", key, (128, 32, 8, 3), CudaTensor(), launched.append)
+        A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
 
 
 @pytest.mark.slow
