@@ -537,6 +537,11 @@ def _backward_rows(hidden, weight, idx, y, lse, r, softcap, z_loss, need_h, need
     return dh, dw
 
 
+def _on_device(t):
+    """Launch on t's GPU (Triton launches on the current device), or nothing on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _row_chunk(M, V, esize, cfg):
     """Rows per eager chunk: RC x V logits in the input dtype within the scratch budget."""
     if cfg.get("row_chunk"):
@@ -583,7 +588,7 @@ class _MaskedCrossEntropyEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, idx, y, softcap, z_loss, mean, cfg):
         M = idx.numel()
-        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+        with _on_device(hidden):
             loss, dh_rows = _eager_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss,
                                         1.0 / M if mean else 1.0, cfg)
         ctx.save_for_backward(idx, dh_rows)
@@ -613,7 +618,7 @@ class _MaskedCrossEntropy(torch.autograd.Function):
         if M == 0:
             lse = loss = torch.zeros((0,), device=hidden.device, dtype=torch.float32)
         else:
-            with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+            with _on_device(hidden):
                 loss, lse = _forward_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss, cfg)
         # ZeRO-3 gathers `weight` around this call; backward reads it back from saved_tensors.
         ctx.save_for_backward(hidden, weight, idx, y, lse)
@@ -633,7 +638,7 @@ class _MaskedCrossEntropy(torch.autograd.Function):
             dw = torch.zeros_like(weight) if need_w else None
             return dh, dw, None, None, None, None, None
         r = grad_rows.float().contiguous()  # (M,); from .sum() it is an expanded scalar
-        with torch.cuda.device(hidden.device) if hidden.is_cuda else contextlib.nullcontext():
+        with _on_device(hidden):
             dh, dw = _backward_rows(hidden, weight, idx, y, lse, r, ctx.softcap, ctx.z_loss,
                                     need_h, need_w, ctx.cfg)
         return dh, dw, None, None, None, None, None
