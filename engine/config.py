@@ -106,10 +106,6 @@ class TrainConfig:
     progress_bar: bool = True
 
 
-def _type_name(tp):
-    return getattr(tp, "__name__", str(tp))
-
-
 def _coerce(value, tp, key):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

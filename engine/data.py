@@ -29,13 +29,6 @@ class DataStats:
     truncated: int = 0  # texts cut to the max length at tokenisation
     sources: dict = dataclasses.field(default_factory=dict)
 
-    def merge(self, other):
-        for f in ("read", "kept", "empty", "duplicates", "truncated"):
-            setattr(self, f, getattr(self, f) + getattr(other, f))
-        for k, v in other.sources.items():
-            self.sources[k] = self.sources.get(k, 0) + v
-        return self
-
     def summary(self):
         return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
                 f"truncated {self.truncated}, sources {self.sources}")
