@@ -369,9 +369,10 @@ def _bwd_dkdv_inner(
     #   dS  = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = dO_i . O_i
     #   dK  = scale * dS^T Q    (the scale is applied once, at the store)
     # Rows past the sequence end load q = dO = 0, so they add nothing to dK/dV.
-    # ATOMIC_DQ (the non-deterministic mode): dQ_i += scale * sum_j dS_ij K_j is added here too, with fp32
+    # ATOMIC_DQ > 0 (the non-deterministic mode): dQ_i += scale * sum_j dS_ij K_j is added here too, with fp32
     # atomics into a zeroed (rows, Hq, D) buffer, so the dQ kernel -- which recomputes S and dP, two of
     # the backward's seven matmuls -- does not run. The order of the atomic adds varies run to run.
+    # ATOMIC_DQ picks how that product is formed (atomic_dq_form): 1 as (M, D), 2 transposed as (D, M).
     offs_mb = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_mb
@@ -398,13 +399,23 @@ def _bwd_dkdv_inner(
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
-        if ATOMIC_DQ:
+        if ATOMIC_DQ == 1:
             dq = _dot(tl.trans(dsT.to(qT.dtype)), k, PRECISION, UPCAST) * sm_scale  # (M, D)
             if MASK:
                 ok = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
             else:
                 ok = (rows[:, None] >= 0) & (offs_d[None, :] < HEAD_DIM)
             tl.atomic_add(dqa_base + rows[:, None] * stride_dqas + offs_d[None, :], dq, mask=ok, sem="relaxed")
+        elif ATOMIC_DQ == 2:
+            # The same product formed transposed, dQ^T = K^T dS^T (D, M): the MMA's row count is then the head
+            # dim (>= 64), not the small query tile, so Hopper runs it as a warpgroup MMA (wgmma) like the other
+            # four products; the compiler re-lays the tile out for coalesced v4 atomics.
+            dqT = _dot(tl.trans(k), dsT.to(qT.dtype), PRECISION, UPCAST) * sm_scale  # (D, M)
+            if MASK:
+                ok = (rows[None, :] < seqlen) & (offs_d[:, None] < HEAD_DIM)
+            else:
+                ok = (rows[None, :] >= 0) & (offs_d[:, None] < HEAD_DIM)
+            tl.atomic_add(dqa_base + rows[None, :] * stride_dqas + offs_d[:, None], dqT, mask=ok, sem="relaxed")
     return dk, dv
 
 
@@ -425,7 +436,7 @@ def _attn_bwd_dkdv(
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, PADDED: tl.constexpr,
 ):
-    # dqa: the fp32 dQ accumulator (layout of q) when ATOMIC_DQ, else an unused placeholder.
+    # dqa: the fp32 dQ accumulator (layout of q) when ATOMIC_DQ > 0, else an unused placeholder.
     pid_n = tl.program_id(0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2)
@@ -638,6 +649,14 @@ def atomic_dq_supported(block_d, dtype, interpret=False):
     return interpret or (dtype in (torch.float16, torch.bfloat16) and block_d <= 128)
 
 
+def atomic_dq_form(arch, dropout):
+    """ATOMIC_DQ for the dK/dV kernel in atomic-dQ mode: 2 forms the per-step dQ tile transposed, (D, M), so on
+    sm_90 its MMA has >= 64 rows and runs as wgmma (as (M, D) with the 16-32 row query tile it fell back to
+    mma.sync); 1 keeps (M, D) where the transposed form buys nothing (sm_80: mma.sync either way) or spills
+    (under dropout, the Philox registers leave no room for it at D = 96/128)."""
+    return 2 if arch >= 90 and not dropout else 1
+
+
 def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False, atomic_dq=False):
     """((BLOCK_M, BLOCK_N, num_warps, num_stages) for dK/dV, the same for dQ).
 
@@ -680,13 +699,13 @@ _ND = "nodrop"
 _TUNE_CANDIDATES = {
     # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
     (True, 64): {
-        "dkdv-atomicdq": [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2)],
+        "dkdv-atomicdq": [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2), (64, 64, 8, 3, _ND)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
         "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3, _ND), (32, 64, 4, 3)],
         "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
     },
     (True, 128): {
-        "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 64, 8, 3), (32, 32, 8, 3)],
+        "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 128, 8, 2, _ND), (16, 64, 8, 3), (32, 32, 8, 3)],
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3),
                 (64, 128, 4, 2, _ND)],
         "dkdv": [(32, 64, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
@@ -959,6 +978,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
+    dq_form = atomic_dq_form(_arch(q), dropout_p > 0) if atomic_dq else 0
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
@@ -974,7 +994,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
             *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *dqa_strides,
             *lay.lse_strides,
             lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, ATOMIC_DQ=atomic_dq, **common,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, ATOMIC_DQ=dq_form, **common,
         )
 
     def launch_dq(cfg):

@@ -147,6 +147,18 @@ def test_atomic_dq_matches_fp64_reference(case, monkeypatch):
     assert not dq_launches
 
 
+@pytest.mark.parametrize("form", [1, 2])
+def test_atomic_dq_forms_match_fp64_reference(form, monkeypatch):
+    # Both ways of forming the atomic dQ tile, (M, D) and transposed (D, M), on a ragged GQA batch: on CPU the
+    # launcher picks 2 without dropout and 1 with it, so each form is forced here for the other case too.
+    monkeypatch.setattr(A, "atomic_dq_form", lambda arch, dropout: form)
+    lens = [1, 129, 17, 0, 63]
+    q, k, v = _inputs((sum(lens),), 8, 2, 64, F16)
+    _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens))
+    q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
+    _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens), dropout_p=0.25, seed=7)
+
+
 @pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Output buffers start as NaN, so rows a kernel forgets to write cannot pass as zeros."""
@@ -382,13 +394,14 @@ def _compile_variant(v):
     (kbm, kbn, kwarps, kstages), (qbm, qbn, qwarps, qstages) = A.bwd_config(bd, dtype, dropout=dropout, arch=arch)
     launches = [
         ("fwd", A._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
-        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=False), kwarps, kstages),
+        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=0), kwarps, kstages),
         ("dq", A._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
         ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen, PADDED=padded), 4, 1),
     ]
     if A.atomic_dq_supported(bd, dtype):  # deterministic=False: dK/dV with the dQ atomics, its own config
         (abm, abn, awarps, astages), _ = A.bwd_config(bd, dtype, dropout=dropout, arch=arch, atomic_dq=True)
-        launches.append(("dkdv-atomicdq", A._attn_bwd_dkdv, dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=True),
+        launches.append(("dkdv-atomicdq", A._attn_bwd_dkdv,
+                         dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=A.atomic_dq_form(arch, dropout)),
                          awarps, astages))
     if dropout:
         launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen, PADDED=False),
@@ -396,8 +409,14 @@ def _compile_variant(v):
     report = []
     for name, fn, constexprs, w, s in launches:
         res, smem = _compile(fn, dtype, constexprs, arch, w, s)
-        report.append((name, res.registers, res.spills, smem))
+        report.append((name, res.registers, res.spills, smem, _mma_sync_count(res.ptx)))
     return report
+
+
+def _mma_sync_count(ptx):
+    """mma.sync instructions in the PTX: on sm_90 a tl.dot whose tile cannot feed a warpgroup MMA (wgmma) falls
+    back to them, at a fraction of the tensor-core rate."""
+    return ptx.count("mma.sync")
 
 
 def _candidate_list():
@@ -422,9 +441,9 @@ def _compile_candidate(c):
     fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq, "dkdv-atomicdq": A._attn_bwd_dkdv}[kernel]
     constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=A._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
                       PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
-                      ATOMIC_DQ=kernel == "dkdv-atomicdq", PADDED=False)
+                      ATOMIC_DQ=A.atomic_dq_form(arch, dropout) if kernel == "dkdv-atomicdq" else 0, PADDED=False)
     res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
-    return [(kernel, res.registers, res.spills, smem)]
+    return [(kernel, res.registers, res.spills, smem, _mma_sync_count(res.ptx))]
 
 
 def _candidate_id(c):
@@ -465,9 +484,25 @@ def compile_reports():
 @pytest.mark.parametrize("variant", [pytest.param(v, id=_variant_id(v)) for v in _variant_list()])
 def test_kernels_compile_without_spills(compile_reports, variant):
     arch = variant[0]
-    for name, regs, spills, smem in compile_reports[_variant_id(variant)]:
+    for name, regs, spills, smem, _ in compile_reports[_variant_id(variant)]:
         assert spills == 0, f"{name}: {spills} bytes spilled ({regs} registers)"
         assert smem <= _SMEM_LIMIT[arch], f"{name}: {smem} bytes of shared memory"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
+def test_hopper_matmuls_run_as_wgmma(compile_reports):
+    # The sm_90 bf16 defaults without dropout (the training hot path) keep every tl.dot on warpgroup MMAs: a tile
+    # change that drops one to mma.sync (as the atomic-dQ product did with its 16-row query tile) fails here.
+    fallen_back = {}
+    for v in _variant_list():
+        arch, dtype, d, dropout, _, _, _ = v
+        if arch == 90 and dtype == "bfloat16" and not dropout and d <= 128:
+            for name, _, _, _, n_mma_sync in compile_reports[_variant_id(v)]:
+                if name in ("fwd", "dkdv", "dq", "dkdv-atomicdq") and n_mma_sync:
+                    fallen_back[f"{_variant_id(v)}:{name}"] = n_mma_sync
+    assert not fallen_back, fallen_back
+    assert A.atomic_dq_form(90, False) == 2 and A.atomic_dq_form(90, True) == 1 and A.atomic_dq_form(80, False) == 1
 
 
 def test_autotune_candidate_lists():
@@ -582,7 +617,7 @@ def test_autotune_candidates_compile_without_spills(compile_reports):
     assert len(cands) > 20  # the lists are not empty by accident
     bad = []
     for c in cands:
-        for name, regs, spills, smem in compile_reports[_candidate_id(c)]:
+        for name, regs, spills, smem, _ in compile_reports[_candidate_id(c)]:
             if spills or smem > _SMEM_LIMIT[c[0]]:
                 bad.append((_candidate_id(c), regs, spills, smem))
     assert not bad, bad
