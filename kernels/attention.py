@@ -226,14 +226,16 @@ def _fwd_inner(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load(k_ptrs + start_n * stride_ks, cols[None, :], seqlen, offs_d[:, None], HEAD_DIM, MASK, PAD_D)  # (D, N)
-        s = _dot(q, k, PRECISION, UPCAST) * qk_scale  # (M, N), log2 units
+        qk = _dot(q, k, PRECISION, UPCAST)  # (M, N), unscaled
         if MASK:
             valid = cols[None, :] < seqlen
             if CAUSAL:
                 valid = valid & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
+            qk = tl.where(valid, qk, float("-inf"))
+        # The scale goes onto the row max (M values) rather than onto every score: max(c * s) = c * max(s) for
+        # c > 0 (flash_attention rejects any other scale), and exp2(qk * c - m) is then one FMA per score.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -706,8 +708,7 @@ _TUNE_CANDIDATES = {
     },
     (True, 128): {
         "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 128, 8, 2, _ND), (16, 64, 8, 3), (32, 32, 8, 3)],
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3),
-                (64, 128, 4, 2, _ND)],
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3)],
         "dkdv": [(32, 64, 8, 3, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
                  (16, 64, 4, 3, _ND)],
         "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
@@ -1127,6 +1128,8 @@ def flash_attention(
     backend = resolve_impl("attention", impl, q)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise ValueError(f"flash_attention: scale must be a finite number > 0, got {scale}")
     if backend == "triton":
         return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal,
                                        deterministic, seqlens)

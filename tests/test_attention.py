@@ -311,6 +311,9 @@ def test_dispatch():
     (dict(k=torch.randn(1, 8, 2, 8), v=torch.randn(1, 8, 2, 8)), "differ"),
     (dict(q=torch.randn(8, 4, 16)), "dense attention"),
     (dict(dropout_p=1.0), "dropout_p"),
+    (dict(scale=-0.25), "scale must be"),
+    (dict(scale=0.0), "scale must be"),
+    (dict(scale=float("nan")), "scale must be"),
     (dict(q=torch.randn(1, 8, 4, 288), k=torch.randn(1, 8, 2, 288), v=torch.randn(1, 8, 2, 288)), "head dim"),
 ])
 def test_rejects_bad_inputs(bad, match):
