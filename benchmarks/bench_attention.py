@@ -6,8 +6,8 @@ additive padding mask, flash-attn (when installed) and the torch reference.
     python -m benchmarks.bench_attention --sweep                  # GPU: time the Triton launch-config candidates
 
 "triton-padded" (padded case only) passes the padded batch itself with seqlens=, so the kernels skip the padding
-in place, with no unpad / repad copies. "triton-atomicdq" is the kernel with deterministic=False (dQ accumulated by fp32 atomics in the dK/dV kernel,
-no separate dQ kernel). "triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
+in place, with no unpad / repad copies. "triton-atomicdq" is the kernel with deterministic=False (dQ accumulated
+by fp32 atomics in the dK/dV kernel, no separate dQ kernel); "triton-padded-atomicdq" combines the two. "triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
 calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
 
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
@@ -19,6 +19,7 @@ on stdout and skipped.
 """
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -135,10 +136,13 @@ def implementations(case, dropout_p, want):
         impls["triton-autotune"] = _triton_autotuned(case, dropout_p)
     if "triton-atomicdq" in want:  # deterministic=False: dQ by atomics inside the dK/dV kernel
         impls["triton-atomicdq"] = _triton(case, dropout_p, deterministic=False)
-    if "triton-padded" in want and case.padded:  # the padded batch read in place (seqlens=): no unpad / repad
+    if case.padded and ("triton-padded" in want or "triton-padded-atomicdq" in want):
+        # the padded batch read in place (seqlens=): no unpad / repad; with or without the atomic-dQ backward
         lens = torch.tensor(case.lens, dtype=torch.int32, device=case.device)
-        impls["triton-padded"] = lambda q, k, v: A.flash_attention(q, k, v, seqlens=lens, dropout_p=dropout_p,
-                                                                   seed=0, impl="triton")
+        for name, det in (("triton-padded", True), ("triton-padded-atomicdq", False)):
+            if name in want:
+                impls[name] = functools.partial(A.flash_attention, seqlens=lens, dropout_p=dropout_p, seed=0,
+                                                impl="triton", deterministic=det)
     if "sdpa" in want and not case.padded:
         # the math backend materialises the scores: never the best, and slow past S=512 on a GPU
         for b in SDPA_BACKENDS if case.device == "cuda" else ("math",):
@@ -260,8 +264,8 @@ def main(argv=None):
     p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
     p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
-    p.add_argument("--impls",
-                   default="triton,triton-padded,triton-autotune,triton-atomicdq,sdpa,sdpa-padmask,flash_attn,torch")
+    p.add_argument("--impls", default="triton,triton-padded,triton-padded-atomicdq,triton-autotune,triton-atomicdq,"
+                                      "sdpa,sdpa-padmask,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=3)
