@@ -1235,6 +1235,7 @@ def gpu_check(budget_s=30.0):
         ("mistral-dense-2048-atomicdq", bf16, (1, 2048), 32, 8, 128, {"deterministic": False}),
         ("mistral-padded-mix", bf16, (14, max(lens)), 32, 8, 128, {"seqlens": lens}),
         ("mistral-varlen-mix", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens}),
+        ("mistral-varlen-mix-atomicdq", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "deterministic": False}),
         ("mistral-varlen-dropout0.1", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "dropout_p": 0.1,
                                                                        "seed": 7}),
         ("smollm2-dense-257", bf16, (2, 257), 9, 3, 64, {}),
