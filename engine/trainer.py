@@ -56,6 +56,22 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def _unlink_shm_allreduce_segment():
+    """DeepSpeed's CPU accelerator gives each rank a POSIX shared-memory segment of about 69 MB for its shm
+    allreduce (/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and never unlinks
+    it, so every CPU run left 69 MB per rank in RAM-backed /dev/shm until reboot (hundreds of runs filled a
+    24 GiB machine). Each rank maps its peers' segments inside init_distributed; after a barrier all mappings
+    exist, so each rank unlinks its own name. The mappings stay valid until the process exits, and nothing is
+    left behind even by a killed run."""
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # no shm allreduce (ranks on several hosts, or an op build without it)
+        pass
+
+
 def init_distributed():
     import deepspeed
 
@@ -66,6 +82,8 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        if not cuda:
+            _unlink_shm_allreduce_segment()
     local = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local)

@@ -1,3 +1,4 @@
+import glob
 import os
 import subprocess
 import sys
@@ -39,6 +40,13 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def leaked_shm(cmd):
+    """DeepSpeed CPU shm-allreduce segments (/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) that
+    the run started by deepspeed_cmd `cmd` left behind: engine.trainer.init_distributed unlinks them."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 def deepspeed_cmd(nproc, *args):

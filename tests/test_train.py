@@ -6,7 +6,7 @@ import os
 import pytest
 from safetensors.torch import load_file
 
-from .helpers import deepspeed_cmd, run_cmd
+from .helpers import deepspeed_cmd, leaked_shm, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,10 @@ def _check_adapter(path):
 def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     cfg = "configs/tiny/mntp.yaml"
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
-    r = run_cmd(deepspeed_cmd(2, "--config", cfg, f"output_dir={ref}"))
+    cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={ref}")
+    r = run_cmd(cmd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not leaked_shm(cmd)  # DeepSpeed's 69 MB-per-rank shm segments do not outlive the run
     rows = _metrics(ref)
     assert [int(x["step"]) for x in rows] == list(range(1, 13))
     losses = [float(x["loss"]) for x in rows]
@@ -39,8 +41,10 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     _check_adapter(os.path.join(ref, "adapter"))
 
     # Same run, rank 0 SIGKILLed at the start of step 8 (checkpoint at 6 exists).
-    r = run_cmd(deepspeed_cmd(2, "--config", cfg, f"output_dir={crash}"), env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "7"})
+    cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={crash}")
+    r = run_cmd(cmd, env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "7"})
     assert r.returncode != 0 and "fault injection" in r.stdout
+    assert not leaked_shm(cmd)  # not even from a killed run
     with open(os.path.join(crash, "checkpoints", "latest")) as f:
         assert f.read().strip() == "step_0000006"
     assert not os.path.exists(os.path.join(crash, "adapter"))
