@@ -361,7 +361,7 @@ def _tile_config(dtype, interpret=False):
     """
     if dtype == torch.float32:
         # IEEE fp32 dot products run on FMA units and hold both operands in registers: smaller tiles.
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="ieee", num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="ieee", num_warps=8, num_stages=2)
     else:
         cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="tf32", num_warps=8, num_stages=3)
     cfg["UPCAST"] = bool(interpret and dtype == torch.bfloat16)
