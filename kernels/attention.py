@@ -401,23 +401,20 @@ def _bwd_dkdv_inner(
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
-        if ATOMIC_DQ == 1:
-            dq = _dot(tl.trans(dsT.to(qT.dtype)), k, PRECISION, UPCAST) * sm_scale  # (M, D)
+        if ATOMIC_DQ > 0:
+            if ATOMIC_DQ == 2:
+                # dQ^T = K^T dS^T (D, M), read back as (M, D): the MMA's row count is then the head dim (>= 64),
+                # not the small query tile, so Hopper runs it as a warpgroup MMA (wgmma) like the other four
+                # products; the compiler re-lays the tile out for coalesced v4 atomics either way.
+                dq = tl.trans(_dot(tl.trans(k), dsT.to(qT.dtype), PRECISION, UPCAST))
+            else:
+                dq = _dot(tl.trans(dsT.to(qT.dtype)), k, PRECISION, UPCAST)  # (M, D)
             if MASK:
                 ok = (rows[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
             else:
                 ok = (rows[:, None] >= 0) & (offs_d[None, :] < HEAD_DIM)
-            tl.atomic_add(dqa_base + rows[:, None] * stride_dqas + offs_d[None, :], dq, mask=ok, sem="relaxed")
-        elif ATOMIC_DQ == 2:
-            # The same product formed transposed, dQ^T = K^T dS^T (D, M): the MMA's row count is then the head
-            # dim (>= 64), not the small query tile, so Hopper runs it as a warpgroup MMA (wgmma) like the other
-            # four products; the compiler re-lays the tile out for coalesced v4 atomics.
-            dqT = _dot(tl.trans(k), dsT.to(qT.dtype), PRECISION, UPCAST) * sm_scale  # (D, M)
-            if MASK:
-                ok = (rows[None, :] < seqlen) & (offs_d[:, None] < HEAD_DIM)
-            else:
-                ok = (rows[None, :] >= 0) & (offs_d[:, None] < HEAD_DIM)
-            tl.atomic_add(dqa_base + rows[None, :] * stride_dqas + offs_d[:, None], dqT, mask=ok, sem="relaxed")
+            tl.atomic_add(dqa_base + rows[:, None] * stride_dqas + offs_d[None, :], dq * sm_scale, mask=ok,
+                          sem="relaxed")
     return dk, dv
 
 
