@@ -692,9 +692,10 @@ def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False, atomic_d
 # block, dropout, causal, varlen, GQA group, sequence-length bucket) times each candidate on the real inputs
 # and keeps the fastest for the process. The lists are pruned offline: every entry compiles for its arch
 # without register spills under both Triton versions CI checks (tests/test_attention.py::
-# test_autotune_candidates_compile_without_spills), with dropout too unless marked nodrop. bf16/fp16 with head dims <= 128 only; everything else keeps its fixed
-# config. Tuning synchronises the device, so do not enable it under CUDA-graph capture. Choices persist per GPU
-# name in a JSON file (tune_cache_path()), so later runs skip the timing.
+# test_autotune_candidates_compile_without_spills), with dropout too unless marked nodrop. bf16/fp16 with head
+# dims <= 128 only; everything else keeps its fixed config. Tuning synchronises the device, so do not enable it
+# under CUDA-graph capture. Choices persist per GPU name in a JSON file (tune_cache_path()), so later runs skip
+# the timing.
 _ND = "nodrop"
 _TUNE_CANDIDATES = {
     # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
