@@ -7,7 +7,8 @@ additive padding mask, flash-attn (when installed) and the torch reference.
 
 "triton-padded" (padded case only) passes the padded batch itself with seqlens=, so the kernels skip the padding
 in place, with no unpad / repad copies. "triton-atomicdq" is the kernel with deterministic=False (dQ accumulated
-by fp32 atomics in the dK/dV kernel, no separate dQ kernel); "triton-padded-atomicdq" combines the two. "triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
+by fp32 atomics in the dK/dV kernel, no separate dQ kernel); "triton-padded-atomicdq" combines the two.
+"triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
 calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
 
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
