@@ -19,7 +19,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STS = os.path.join(ROOT, "..", "shared", "data", "stsbenchmark")
+STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
 
 
 def sh(cmd, log):

@@ -1,6 +1,6 @@
 """Evaluate an encoder.
 
-    python -m engine.evaluate --model DIR --task sts --data ../shared/data/stsbenchmark/sts-test.csv
+    python -m engine.evaluate --model DIR --task sts --data data/stsbenchmark/sts-test.csv
     python -m engine.evaluate --model DIR --task mteb:STSBenchmark        # needs `mteb` and network
 
 Prints one JSON object: for STS, the cosine Spearman x 100 (and Pearson) and the pair count.

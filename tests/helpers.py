@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STS = os.path.join(ROOT, "..", "shared", "data", "stsbenchmark")
+STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
 
 
 def count_launches(monkeypatch, module, name):
