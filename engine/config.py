@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import yaml
 
 STAGES = ("mntp", "simcse", "supervised")
+RESUME_MODES = ("auto", "never", "must", "force")
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,11 @@ class TrainConfig:
     offload_optimizer: bool = False
     offload_params: bool = False
     progress_bar: bool = True
+    # auto: resume a checkpoint in output_dir only if it is the same run (same fingerprint), else refuse;
+    # never: refuse an output_dir that holds checkpoints; must: refuse to start without one;
+    # force: resume the newest checkpoint even if the run differs (the new config's schedule is applied)
+    resume: str = "auto"
+    max_nonfinite_steps: int = 3  # stop (exit 3) after this many non-finite steps in a row
 
 
 def _coerce(value, tp, key):
@@ -242,15 +249,118 @@ def validate(cfg: TrainConfig):
             obj = getattr(obj, part)
         if obj not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {obj!r}")
-    if not 0.0 < cfg.mntp.mask_prob < 1.0:
-        raise ConfigError(f"mntp.mask_prob must be in (0, 1), got {cfg.mntp.mask_prob}")
-    for key in ("batch_size", "micro_batch_size", "max_steps", "max_seq_len"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
+    _check_numbers(cfg)
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage must be 0..3, got {cfg.zero_stage}")
-    if not 0.0 <= cfg.model.attention_dropout < 1.0:
-        raise ConfigError(f"model.attention_dropout must be in [0, 1), got {cfg.model.attention_dropout}")
+
+
+def _walk_numbers(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _walk_numbers(v, prefix + f.name + ".")
+        elif isinstance(v, float) or (isinstance(v, list) and v and all(isinstance(x, float) for x in v)):
+            yield prefix + f.name, v
+
+
+# key: (low, high, low inclusive, high inclusive, what the error says); None means unbounded
+_RANGES = {
+    "learning_rate": (0.0, None, False, False, "a positive number"),
+    "weight_decay": (0.0, None, True, False, ">= 0"),
+    "max_grad_norm": (0.0, None, False, False, "> 0 (gradient clipping cannot be switched off)"),
+    "mntp.mask_prob": (0.0, 1.0, False, False, "in (0, 1)"),
+    "mntp.z_loss": (0.0, None, True, False, ">= 0"),
+    "model.attention_dropout": (0.0, 1.0, True, False, "in [0, 1)"),
+    "lora.dropout": (0.0, 1.0, True, False, "in [0, 1)"),
+    "lora.alpha": (0, None, False, False, "positive"),
+    "contrastive.temperature": (0.0, None, False, False, "a positive number"),
+    "batch_size": (1, None, True, False, ">= 1"),
+    "micro_batch_size": (1, None, True, False, ">= 1"),
+    "max_steps": (1, None, True, False, ">= 1"),
+    "max_seq_len": (2, None, True, False, ">= 2"),
+    "contrastive.max_len": (2, None, True, False, ">= 2"),
+    "lora.r": (1, None, True, False, ">= 1"),
+    "max_samples": (0, None, True, False, ">= 0 (0 keeps everything)"),
+    "warmup_steps": (0, None, True, False, ">= 0"),
+    "log_every": (1, None, True, False, ">= 1"),
+    "eval_every": (0, None, True, False, ">= 0 (0: no periodic eval)"),
+    "eval_batches": (1, None, True, False, ">= 1"),
+    "save_every": (0, None, True, False, ">= 0 (0: save only at the end)"),
+    "keep_checkpoints": (0, None, True, False, ">= 0 (0 keeps all)"),
+    "seed": (0, None, True, False, ">= 0"),
+    "max_nonfinite_steps": (1, None, True, False, ">= 1"),
+    "contrastive.num_hard_negatives": (0, None, True, False, ">= 0"),
+    "contrastive.grad_cache_chunk": (0, None, True, False, ">= 0 (0: no gradient caching)"),
+}
+
+
+def _check_numbers(cfg):
+    for key, v in _walk_numbers(cfg):  # every float (and list of floats) must be finite
+        if any(not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+            raise ConfigError(f"{key} must be a finite number, got {v}")
+    for key, (lo, hi, lo_inc, hi_inc, what) in _RANGES.items():
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        ok = (lo is None or (obj >= lo if lo_inc else obj > lo)) and (hi is None or (obj <= hi if hi_inc else obj < hi))
+        if not ok:
+            raise ConfigError(f"{key} must be {what}, got {obj}")
+    c = cfg.contrastive
+    if c.doc_max_len is not None and c.doc_max_len < 2:
+        raise ConfigError(f"contrastive.doc_max_len must be >= 2 (or unset), got {c.doc_max_len}")
+    if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
+        raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {cfg.adam_betas}")
+
+
+# What defines a run: a checkpoint resumes only under a config with the same values for these keys.
+FINGERPRINT_KEYS = (
+    "stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init", "model.dtype",
+    "model.bidirectional", "model.attention_dropout", "model.adapters", "lora", "mntp", "contrastive",
+    "data", "max_samples", "max_seq_len", "seed", "batch_size", "micro_batch_size", "learning_rate",
+    "weight_decay", "adam_betas", "warmup_steps", "lr_schedule", "max_steps", "max_grad_norm",
+)
+_PATH_KEYS = ("model.adapters", "data")
+
+
+def _abs_source(s):
+    return s if s.startswith("hf:") else os.path.realpath(s)
+
+
+def fingerprint(cfg: TrainConfig) -> dict:
+    """The run's identity as a flat JSON-able dict (local data and adapter paths made absolute)."""
+    d = to_dict(cfg)
+    out = {}
+    for key in FINGERPRINT_KEYS:
+        v = d
+        for part in key.split("."):
+            v = v[part]
+        if key in _PATH_KEYS:
+            v = [_abs_source(x) for x in v]
+        if isinstance(v, dict) and key in ("lora", "mntp", "contrastive"):
+            out.update({f"{key}.{k}": x for k, x in v.items()})
+        else:
+            out[key] = v
+    if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
+        out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
+    else:
+        out = {k: v for k, v in out.items() if not k.startswith("mntp.")}
+    return out
+
+
+def fingerprint_diff(saved: dict, current: dict) -> list:
+    """[(key, saved value, current value)] for every key that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
+            if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
+
+
+def json_normal(v):
+    """Compare values as they round-trip through JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(v))
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -15,6 +15,19 @@ from . import assets
 from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
 
 
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded (unknown hub id, corrupt file): train.py exits with code 2."""
+
+
+def _loading(what, fn, *args, **kw):
+    try:
+        return fn(*args, **kw)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"could not load {what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+
 def resolve_model_path(name_or_path, gguf_file=None):
     """Return (path, gguf_file) for from_pretrained. Aliases are fetched into the local cache."""
     if assets.is_alias(name_or_path):
@@ -43,7 +56,8 @@ def load_tokenizer(mcfg):
     name = mcfg.tokenizer or mcfg.name_or_path
     path, gguf = resolve_model_path(name, mcfg.gguf_file if not mcfg.tokenizer else None)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code, **kw)
+    tok = _loading(f"the tokenizer of {name!r}", AutoTokenizer.from_pretrained, path,
+                   trust_remote_code=mcfg.trust_remote_code, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -69,13 +83,13 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         path, gguf = resolve_model_path(mcfg.name_or_path, mcfg.gguf_file)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=mcfg.trust_remote_code,
-                                            **({"gguf_file": gguf} if gguf else {}))
+        config = _loading(f"the model config of {mcfg.name_or_path!r}", AutoConfig.from_pretrained, path,
+                          trust_remote_code=mcfg.trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
         if bidirectional if bidirectional is not None else mcfg.bidirectional:
             check_architecture(config)  # fail before loading weights
         kw = {"gguf_file": gguf} if gguf else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=mcfg.trust_remote_code,
-                                                     **kw)
+        model = _loading(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path, dtype=dtype,
+                         trust_remote_code=mcfg.trust_remote_code, **kw)
     for adapter in mcfg.adapters:
         model = merge_adapter(model, adapter)
     if bidirectional if bidirectional is not None else mcfg.bidirectional:

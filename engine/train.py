@@ -2,6 +2,9 @@
 
     deepspeed [--num_gpus N | --hostfile H] engine/train.py --config configs/X.yaml [key=value ...]
     python engine/train.py --config configs/X.yaml [key=value ...]        # one process
+
+Exit codes: 0 done; 2 bad input (config, data, model, or a different run in output_dir); 3 the run diverged
+(max_nonfinite_steps non-finite steps in a row).
 """
 import argparse
 import os
@@ -26,13 +29,17 @@ def main(argv=None):
         return 2
     from engine.bidirectional import UnsupportedArchitectureError
     from engine.data import DataError
-    from engine.trainer import train
+    from engine.modeling import ModelLoadError
+    from engine.trainer import NonFiniteError, train
 
     try:
         train(cfg)
-    except (DataError, ConfigError, UnsupportedArchitectureError, FileNotFoundError) as e:
+    except (DataError, ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

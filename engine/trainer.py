@@ -5,14 +5,19 @@ are re-seeded from (seed, step, micro-step, rank), so a run resumed from a check
 exactly the batches, masks and dropout an uninterrupted run would have used.
 
 Checkpoints: ``<output_dir>/checkpoints/step_NNNNNNN/`` holds DeepSpeed's state (for resume) and
-``adapter/`` (the LoRA adapter in PEFT format, safetensors). ``checkpoints/latest`` names the newest
-complete one and is replaced atomically only after every rank finished writing, so a run killed
-mid-save resumes from the previous checkpoint. The final adapter goes to ``<output_dir>/adapter/``.
+``adapter/`` (the LoRA adapter in PEFT format, safetensors) and ``run.json`` (the run's fingerprint).
+After every rank finished writing, rank 0 marks it ``COMPLETE`` and then replaces ``checkpoints/latest``
+atomically, so a run killed mid-save resumes from the previous checkpoint. Only complete checkpoints are
+resumed, only one of the same run (same fingerprint) unless ``resume=force``, and a missing, dangling or
+unloadable ``latest`` falls back to the newest complete checkpoint with a warning, never to step 0.
+The final adapter goes to ``<output_dir>/adapter/``. Non-finite steps are counted; a non-finite state is
+never saved, and ``max_nonfinite_steps`` of them in a row stop the run (``NonFiniteError``, exit code 3).
 """
 import csv
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,6 +33,10 @@ from .data import BatchPlan, is_sts_file, read_sts
 from .modeling import add_lora, load_model, load_tokenizer, resolve_model_path, save_encoder_meta
 from .stages import build_stage
 from .stages.base import to_device
+
+
+class NonFiniteError(RuntimeError):
+    """The run produced non-finite losses or gradient norms (train.py exits with code 3)."""
 
 
 class EngineModule(torch.nn.Module):
@@ -107,7 +116,7 @@ class MetricsLogger:
     """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
     file with the wider header, so every row stays aligned; a resumed run appends to what is there."""
 
-    def __init__(self, cfg, rank):
+    def __init__(self, cfg, rank, start=0):
         self.rank, self.kind = rank, cfg.logger
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
         self.rows, self.fields = [], []
@@ -116,6 +125,12 @@ class MetricsLogger:
                 reader = csv.DictReader(f)
                 self.fields = list(reader.fieldnames or [])
                 self.rows = list(reader)
+            # Rows past the step this run starts from were logged by a run that did not reach its next
+            # checkpoint: they are logged again, so drop them now (no step appears twice).
+            kept = [r for r in self.rows if _int_or_none(r.get("step")) is not None and int(r["step"]) <= start]
+            if len(kept) != len(self.rows):
+                self.rows = kept
+                self._rewrite()
         self.tb = None
         if rank == 0 and cfg.logger in ("tensorboard", "both"):
             from torch.utils.tensorboard import SummaryWriter
@@ -131,12 +146,7 @@ class MetricsLogger:
             self.fields += new
             self.rows.append(row)
             if new or not os.path.exists(self.path):
-                tmp = self.path + ".tmp"
-                with open(tmp, "w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=self.fields)
-                    w.writeheader()
-                    w.writerows(self.rows)
-                os.replace(tmp, self.path)
+                self._rewrite()
             else:
                 with open(self.path, "a", newline="") as f:
                     csv.DictWriter(f, fieldnames=self.fields).writerow(row)
@@ -145,6 +155,22 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+
+
+    def _rewrite(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.path)
+
+
+def _int_or_none(v):
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _trainable(model):
@@ -202,48 +228,185 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
     _replace_dir(tmp, dst)
 
 
+COMPLETE = "COMPLETE"  # marker rank 0 writes into a checkpoint folder after every rank finished writing it
+RUN_FILE = "run.json"  # the run's fingerprint and the step, beside DeepSpeed's files
+
+
+def _step_of(tag):
+    m = re.fullmatch(r"step_(\d+)", tag)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_tags(root):
+    """[(step, tag, complete)] for every step_N folder under root, oldest first (by step number)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for t in os.listdir(root):
+        step = _step_of(t)
+        if step is not None and os.path.isdir(os.path.join(root, t)):
+            complete = all(os.path.isfile(os.path.join(root, t, f)) for f in (COMPLETE, RUN_FILE))
+            out.append((step, t, complete))
+    return sorted(out)
+
+
+def _read_latest(root):
+    p = os.path.join(root, "latest")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return f.read().strip()
+
+
+def _last_good(root):
+    tag = _read_latest(root)
+    return os.path.join(root, tag) if tag else "none"
+
+
+def _warn0(rank, msg):
+    if rank == 0:
+        print(f"[engine] warning: {msg}", flush=True)
+
+
+def plan_resume(cfg, rank=0):
+    """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
+
+    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never
+    with checkpoints present, for resume=must without one, and when ``latest`` exists but no complete
+    checkpoint does (never a silent restart at step 0).
+    """
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    tags = checkpoint_tags(root)
+    complete = [t for _, t, ok in reversed(tags) if ok]
+    incomplete = [t for _, t, ok in tags if not ok]
+    latest = _read_latest(root)
+    if cfg.resume == "never":
+        if tags or latest is not None:
+            raise config_mod.ConfigError(
+                f"resume=never but {root} holds checkpoints ({', '.join(t for _, t, _ in tags) or 'latest'}); "
+                f"use another output_dir or delete it")
+        return [], []
+    if incomplete:
+        _warn0(rank, f"ignoring incomplete checkpoint folders in {root} (a save that did not finish): "
+                     f"{', '.join(incomplete)}")
+    if not complete:
+        if latest is not None:
+            raise config_mod.ConfigError(
+                f"{root}/latest names {latest!r} but there is no complete checkpoint to resume; refusing to restart "
+                f"at step 0 over it: delete {root} to start over, or use another output_dir")
+        if cfg.resume == "must":
+            raise config_mod.ConfigError(f"resume=must but there is no checkpoint in {root}")
+        if os.path.isdir(os.path.join(cfg.output_dir, "adapter")) and cfg.resume != "force":
+            raise config_mod.ConfigError(
+                f"{cfg.output_dir} holds a final adapter but no checkpoint to resume; use another output_dir, delete "
+                f"it, or resume=force to start over in it")
+        return [], []
+    if latest != complete[0]:
+        why = "is missing" if latest is None else f"names {latest!r}, which is not the newest complete checkpoint"
+        _warn0(rank, f"{root}/latest {why}; resuming from the newest complete checkpoint, {complete[0]}")
+    with open(os.path.join(root, complete[0], RUN_FILE)) as f:
+        saved = json.load(f)["fingerprint"]
+    diff = config_mod.fingerprint_diff(saved, config_mod.fingerprint(cfg))
+    if diff:
+        listing = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
+        if cfg.resume != "force":
+            raise config_mod.ConfigError(
+                f"{cfg.output_dir} holds a different run ({complete[0]}); differing keys: {listing}. Use another "
+                f"output_dir, or resume=force to resume it with the new values")
+        _warn0(rank, f"resume=force: resuming {complete[0]} of a different run; new values applied: {listing}")
+    return complete, diff
+
+
 class Checkpointer:
     def __init__(self, cfg, engine, module, tokenizer, rank):
         self.cfg, self.engine, self.module, self.tok, self.rank = cfg, engine, module, tokenizer, rank
         self.root = os.path.join(cfg.output_dir, "checkpoints")
 
-    def latest(self):
-        p = os.path.join(self.root, "latest")
-        if not os.path.isfile(p):
-            return None
-        with open(p) as f:
-            tag = f.read().strip()
-        return tag if os.path.isdir(os.path.join(self.root, tag)) else None
-
     def save(self, step, plan):
         tag = f"step_{step:07d}"
+        path = os.path.join(self.root, tag)
+        if self.rank == 0 and os.path.exists(os.path.join(path, COMPLETE)):
+            os.remove(os.path.join(path, COMPLETE))  # rewriting a folder: it is incomplete until marked again
+        dist.barrier()
         self.engine.save_checkpoint(self.root, tag=tag, save_latest=False,
                                     client_state={"step": step, "data_position": list(plan.position(step))})
         sd = adapter_state_dict(self.module.model)
+        check_finite_state(sd, f"checkpoint {tag}")
         if self.rank == 0:
-            write_adapter(self.module.model, sd, os.path.join(self.root, tag, "adapter"), self.cfg, self.tok)
-        dist.barrier()
+            write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
+            _write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": config_mod.fingerprint(self.cfg)})
+        dist.barrier()  # every rank finished writing: only now is the checkpoint complete
         if self.rank == 0:
+            _write_json(os.path.join(path, COMPLETE), {"step": step})
             tmp = os.path.join(self.root, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)
             os.replace(tmp, os.path.join(self.root, "latest"))
-            tags = sorted(t for t in os.listdir(self.root) if t.startswith("step_") and os.path.isdir(
-                os.path.join(self.root, t)))
-            for old in tags[:-self.cfg.keep_checkpoints] if self.cfg.keep_checkpoints > 0 else []:
-                shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+            self.cleanup(step)
         dist.barrier()
         return tag
 
-    def resume(self):
-        tag = self.latest()
-        if tag is None:
-            return 0
-        _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
-        if client is None:
-            raise RuntimeError(f"could not load checkpoint {self.root}/{tag}")
-        log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) {client['data_position']}")
-        return int(client["step"])
+    def cleanup(self, step):
+        """Keep the newest keep_checkpoints complete checkpoints up to this step; remove only older ones (by step
+        number, never the one just saved nor any newer folder), and incomplete folders older than it."""
+        if self.cfg.keep_checkpoints <= 0:
+            return
+        tags = checkpoint_tags(self.root)
+        keep = {t for s, t, ok in tags if ok and s <= step}
+        keep = set(sorted(keep, key=_step_of)[-self.cfg.keep_checkpoints:])
+        for s, t, ok in tags:
+            if s < step and t not in keep:
+                shutil.rmtree(os.path.join(self.root, t), ignore_errors=True)
+
+    def resume(self, tags):
+        """Load the first loadable of ``tags`` (newest first); an unloadable one falls back to the next, with a
+        warning. Returns the step to start from (0 when tags is empty)."""
+        failed = []
+        for tag in tags:
+            err = None
+            try:
+                _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
+                if client is None or "step" not in client:
+                    err = "DeepSpeed found no state in it"
+            except Exception as e:  # a truncated or corrupt file: try the previous checkpoint
+                err = f"{type(e).__name__}: {e}"
+            bad = torch.tensor([1.0 if err else 0.0])
+            dist.all_reduce(bad)  # every rank takes the same decision
+            if bad.item() == 0:
+                if failed:
+                    _warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
+                log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
+                     f"{client['data_position']}")
+                return int(client["step"])
+            failed.append(f"{tag} ({err or 'failed on another rank'})")
+            _warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {err or 'failed on another rank'}")
+        if failed:
+            raise config_mod.ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
+                                         f"{self.root} to start over")
+        return 0
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def check_finite_state(sd, what):
+    """Refuse to write a non-finite adapter (every rank holds the gathered weights, so all raise together)."""
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"not saving {what}: non-finite values in {len(bad)} adapter tensors (e.g. {bad[0]})")
+
+
+def apply_schedule(cfg, sched):
+    """After resume=force: the new learning_rate / schedule apply from the resumed step on (the saved scheduler
+    state only keeps the step count)."""
+    sched.base_lrs = [cfg.learning_rate for _ in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 def _micro_seed(seed, step, micro, rank):
@@ -265,12 +428,8 @@ def train(cfg):
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = config_mod.grad_accum_steps(cfg, world)  # a clear error before any heavy work
+    resume_tags, resume_diff = plan_resume(cfg, rank)  # a different run in output_dir: an error before any load
     os.makedirs(cfg.output_dir, exist_ok=True)
-    if rank == 0:
-        import yaml
-
-        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config_mod.to_dict(cfg), f, sort_keys=False)
     torch.manual_seed(cfg.seed)
     kernels.set_default_impl("attention", cfg.model.attention)
     set_deterministic_attention(cfg.model.deterministic_attention)
@@ -312,8 +471,17 @@ def train(cfg):
     ds_cfg = config_mod.deepspeed_config(cfg, world, use_bf16=dtype == torch.bfloat16, use_fp16=dtype == torch.float16)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     ckpt = Checkpointer(cfg, engine, module, tok, rank)
-    start = ckpt.resume()
-    logger = MetricsLogger(cfg, rank)
+    start = ckpt.resume(resume_tags)
+    if start and resume_diff:
+        apply_schedule(cfg, sched)
+    if rank == 0:  # only now, after validation, the data, the model and the resume decision
+        import yaml
+
+        tmp = os.path.join(cfg.output_dir, "config.yaml.tmp")
+        with open(tmp, "w") as f:
+            yaml.safe_dump(config_mod.to_dict(cfg), f, sort_keys=False)
+        os.replace(tmp, os.path.join(cfg.output_dir, "config.yaml"))
+    logger = MetricsLogger(cfg, rank, start)
     fail_at = int(os.environ.get("LLM2VEC_ENGINE_FAIL_AT_STEP", "-1"))
 
     bar = None
@@ -324,6 +492,8 @@ def train(cfg):
     engine.train()
     t_run = time.time()
     step = start
+    bad_streak, last_good = 0, start  # non-finite steps in a row; the last step whose state may be saved
+    fp16 = dtype == torch.float16
     for step in range(start, cfg.max_steps):
         if step == fail_at and rank == 0:
             log0(f"fault injection: killing rank 0 at step {step}")
@@ -340,17 +510,29 @@ def train(cfg):
             engine.step()
             loss_sum += float(loss)
             tokens += int(metrics.get("tokens", 0))
-        red = torch.tensor([loss_sum / accum, tokens, truncated], dtype=torch.float64, device=device)
+        gn_raw = engine.get_global_grad_norm()
+        gn = float("nan") if gn_raw is None else float(gn_raw)
+        # Non-finite: the loss on any rank, or the gradient norm (except fp16 overflow with a finite loss, which is
+        # DeepSpeed's loss scaler at work: it skips the step and lowers the scale; counted in skipped_steps).
+        bad = not math.isfinite(loss_sum) or (gn_raw is not None and not math.isfinite(gn) and not fp16)
+        red = torch.tensor([loss_sum / accum, tokens, truncated, float(bad)], dtype=torch.float64, device=device)
         dist.all_reduce(red)
         dt = time.time() - t0
         done = step + 1
-        row = {"loss": red[0].item() / world, "lr": sched.get_last_lr()[0],
-               "grad_norm": float(engine.get_global_grad_norm() or float("nan")),
+        bad = red[3].item() > 0
+        bad_streak = bad_streak + 1 if bad else 0
+        if not bad:
+            last_good = done
+        row = {"loss": red[0].item() / world, "lr": sched.get_last_lr()[0], "grad_norm": gn,
                "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),
-               "epoch": plan.position(step)[0]}
+               "epoch": plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                            nonfinite=bad_streak, skipped=row["skipped_steps"])
+        if bad:
+            _warn0(rank, f"step {done}: non-finite loss {row['loss']} / grad norm {gn} ({bad_streak} in a row, "
+                         f"DeepSpeed skipped {row['skipped_steps']} steps so far)")
         if cfg.eval_every and done % cfg.eval_every == 0:
             engine.eval()
             if eval_items is not None:
@@ -358,18 +540,30 @@ def train(cfg):
             if sts_eval is not None:
                 row["eval_sts_spearman"] = _sts_spearman(module, stage, sts_eval)
             engine.train()
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
+        if done % cfg.log_every == 0 or done == cfg.max_steps or bad:
             logger.log(done, row)
             if bar is None:
                 log0(f"step {done}/{cfg.max_steps} " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if bad_streak >= cfg.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{bad_streak} non-finite steps in a row (loss {row['loss']}, grad norm {gn}; max_nonfinite_steps="
+                f"{cfg.max_nonfinite_steps}); stopped at step {done}. Nothing was saved after step {last_good}: "
+                f"last good checkpoint: {_last_good(ckpt.root)}")
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
-            ckpt.save(done, plan)
+            if bad:
+                _warn0(rank, f"step {done}: not saving a checkpoint from a non-finite step")
+            else:
+                ckpt.save(done, plan)
     if bar is not None:
         bar.close()
+    if bad_streak:
+        raise NonFiniteError(f"the run ended with {bad_streak} non-finite steps in a row; no final checkpoint or "
+                             f"adapter written (last good checkpoint: {_last_good(ckpt.root)})")
     if start < cfg.max_steps:
         ckpt.save(cfg.max_steps, plan)
     sd = adapter_state_dict(module.model)
+    check_finite_state(sd, "the final adapter")
     if rank == 0:
         write_adapter(module.model, sd, os.path.join(cfg.output_dir, "adapter"), cfg, tok)
         log0(f"done: {cfg.max_steps} steps in {time.time() - t_run:.1f}s; adapter at "
