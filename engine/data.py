@@ -36,7 +36,14 @@ class DataStats:
 
 def _check_file(path):
     if not os.path.exists(path):
-        raise DataError(f"data file not found: {path} (use hf:NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset)")
+        hint = ""
+        repo_copy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+        if not os.path.isabs(path) and os.path.isfile(repo_copy):
+            # Relative data paths are relative to the current directory, as everywhere else on the command line.
+            hint = (f"; relative paths are read from the current directory ({os.getcwd()}): run from the "
+                    f"repository root or give {repo_copy}")
+        raise DataError(f"data file not found: {path} (use hf:NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset)"
+                        f"{hint}")
     if not os.path.isfile(path):
         raise DataError(f"data path is not a file: {path}")
     if os.path.getsize(path) == 0:
@@ -63,23 +70,25 @@ def is_sts_file(path):
 def read_sts(path):
     """[(sentence1, sentence2, score)] from an STS Benchmark TSV. Malformed rows are errors with a line number."""
     _check_file(path)
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < 7:
-                raise DataError(f"{path}:{n}: expected >= 7 tab-separated columns (genre, source, year, id, score, "
-                                f"sentence1, sentence2), got {len(parts)}")
-            try:
-                score = float(parts[4])
-            except ValueError:
-                raise DataError(f"{path}:{n}: score column is not a number: {parts[4]!r}") from None
-            pairs.append((parts[5].strip(), parts[6].strip(), score))
+    pairs = [(a, b, score) for a, b, score, _ in _sts_rows(path)]
     if not pairs:
         raise DataError(f"no STS pairs in {path}")
     return pairs
+
+
+def _sts_rows(path):
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 7:
+            raise DataError(f"{path}:{n}: expected >= 7 tab-separated columns (genre, source, year, id, score, "
+                            f"sentence1, sentence2), got {len(parts)}")
+        try:
+            score = float(parts[4])
+        except ValueError:
+            raise DataError(f"{path}:{n}: score column is not a number: {parts[4]!r}") from None
+        yield parts[5].strip(), parts[6].strip(), score, parts
 
 
 def _load_hf(spec):
@@ -137,9 +146,17 @@ def read_texts(sources, max_samples=0, dedup=False):
 
 
 def _lines(path):
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n")
+    """Lines of a UTF-8 text file; bad encoding or binary content is a DataError with the line number."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if b"\0" in raw:
+                raise DataError(f"{path}:{n}: NUL byte: this looks like a binary file, not text")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
+                                f"{e.start + 1})") from None
+            yield line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
 
 
 def _jsonl_field(path, field):
@@ -151,9 +168,29 @@ def _jsonl_field(path, field):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{n}: expected a JSON object with a {field!r} field, got {_json_type(obj)}")
         if field not in obj:
             raise DataError(f"{path}:{n}: missing field {field!r}")
+        if not isinstance(obj[field], str):
+            raise DataError(f"{path}:{n}: field {field!r} must be a string, got {_json_type(obj[field])}")
         yield obj[field]
+
+
+def _json_type(v):
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _str_field(obj, key, where):
+    """obj[key] as a string; a missing, null or non-string value is a DataError."""
+    if key not in obj:
+        raise DataError(f"{where}: missing field {key!r} (supervised rows need query, positive, negative or "
+                        f"negatives)")
+    v = obj[key]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(v)}")
+    return v
 
 
 def read_supervised(sources, max_samples=0, default_instruction=""):
@@ -173,18 +210,27 @@ def read_supervised(sources, max_samples=0, default_instruction=""):
             if obj is None:
                 stats.empty += 1
                 continue
-            for key in ("query", "positive"):
-                if key not in obj:
-                    raise DataError(f"{src}:{n}: missing field {key!r} (supervised rows need query, positive, "
-                                    f"negative or negatives)")
-            negs = obj.get("negatives", obj.get("negative", []))
-            negs = [negs] if isinstance(negs, str) else list(negs)
-            q, p = str(obj["query"]).strip(), str(obj["positive"]).strip()
-            if not q or not p or not negs or any(not str(x).strip() for x in negs):
+            where = f"{src}:{n}"
+            if not isinstance(obj, dict):
+                raise DataError(f"{where}: expected a JSON object with query, positive and negative(s), got "
+                                f"{_json_type(obj)}")
+            q, p = _str_field(obj, "query", where).strip(), _str_field(obj, "positive", where).strip()
+            key = "negatives" if "negatives" in obj else "negative"
+            negs = obj.get(key, [])
+            if isinstance(negs, str):
+                negs = [negs]
+            if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
+                got = _json_type(negs) if not isinstance(negs, list) else "an array holding " + ", ".join(
+                    sorted({_json_type(x) for x in negs if not isinstance(x, str)}))
+                raise DataError(f"{where}: field {key!r} must be a string or a list of strings, got {got}")
+            instruction = obj.get("instruction")
+            if instruction is not None and not isinstance(instruction, str):
+                raise DataError(f"{where}: field 'instruction' must be a string, got {_json_type(instruction)}")
+            if not q or not p or not negs or any(not x.strip() for x in negs):
                 stats.empty += 1
                 continue
-            out.append({"query": q, "positive": p, "negatives": [str(x).strip() for x in negs],
-                        "instruction": obj.get("instruction", default_instruction) or "",
+            out.append({"query": q, "positive": p, "negatives": [x.strip() for x in negs],
+                        "instruction": default_instruction if instruction is None else instruction,
                         "source": str(obj.get("source", src))})
             if max_samples and len(out) >= max_samples:
                 break
@@ -205,11 +251,8 @@ def sts_supervised_rows(path, positive_min=4.0, negative_max=2.0):
     meaning), picked deterministically; if that group has none, from any low-score pair.
     """
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) >= 7:
-                rows.append(((parts[0], parts[1]), float(parts[4]), parts[5].strip(), parts[6].strip()))
+    for a, b, score, parts in _sts_rows(path):
+        rows.append(((parts[0], parts[1]), score, a, b))
     low_by_group, low_all = {}, []
     for group, score, a, b in rows:
         if score <= negative_max:
