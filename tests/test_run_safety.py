@@ -1,0 +1,217 @@
+"""Runs you can trust: run identity on resume, safe checkpoint discovery and cleanup, the non-finite guard.
+
+The decisions (plan_resume, cleanup, metrics on resume) are tested on fabricated folders in-process; the
+end-to-end cases run the real one-rank trainer on configs/tiny/* for a few steps.
+"""
+import csv
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+import yaml
+
+from engine.config import ConfigError, fingerprint, load_config
+from engine.trainer import COMPLETE, RUN_FILE, Checkpointer, MetricsLogger, plan_resume
+
+from .helpers import ROOT, run_cmd
+
+TINY = os.path.join(ROOT, "configs", "tiny")
+# A cheap MNTP run: 4 steps, checkpoints at 2 and 4.
+MNTP = ["max_steps=4", "save_every=2", "eval_every=0", "model.gradient_checkpointing=false", "max_seq_len=32",
+        "batch_size=4", "micro_batch_size=2", "max_samples=100", "keep_checkpoints=2"]
+
+
+def _cfg(out, *overrides, stage="mntp"):
+    return load_config(os.path.join(TINY, f"{stage}.yaml"), [f"output_dir={out}", *MNTP, *overrides])
+
+
+def _fake_ckpt(out, step, cfg, complete=True):
+    path = os.path.join(out, "checkpoints", f"step_{step:07d}")
+    os.makedirs(path)
+    if complete:
+        with open(os.path.join(path, RUN_FILE), "w") as f:
+            json.dump({"step": step, "fingerprint": fingerprint(cfg)}, f)
+        open(os.path.join(path, COMPLETE), "w").close()
+    return path
+
+
+def _set_latest(out, tag):
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write(tag)
+
+
+def test_plan_resume_same_run_and_latest_fallbacks(tmp_path, capsys):
+    out = str(tmp_path)
+    cfg = _cfg(out)
+    assert plan_resume(cfg) == ([], [])  # nothing there: a fresh start
+    for s in (2, 4):
+        _fake_ckpt(out, s, cfg)
+    _fake_ckpt(out, 6, cfg, complete=False)  # a save that did not finish: never resumed
+    _set_latest(out, "step_0000004")
+    assert plan_resume(cfg) == (["step_0000004", "step_0000002"], [])
+    assert "ignoring incomplete checkpoint folders" in capsys.readouterr().out
+    _set_latest(out, "step_0000009")  # dangling: falls back to the newest complete checkpoint, with a warning
+    assert plan_resume(cfg)[0][0] == "step_0000004"
+    assert "names 'step_0000009', which is not the newest complete checkpoint" in capsys.readouterr().out
+    os.remove(os.path.join(out, "checkpoints", "latest"))  # missing: the same
+    assert plan_resume(cfg)[0][0] == "step_0000004"
+    assert "latest is missing; resuming from the newest complete checkpoint, step_0000004" in capsys.readouterr().out
+
+
+def test_plan_resume_never_restarts_silently(tmp_path):
+    out = str(tmp_path)
+    cfg = _cfg(out)
+    _fake_ckpt(out, 3, cfg, complete=False)
+    _set_latest(out, "step_0000003")  # latest exists, but no complete checkpoint does
+    with pytest.raises(ConfigError, match="no complete checkpoint to resume; refusing to restart at step 0"):
+        plan_resume(cfg)
+    with pytest.raises(ConfigError, match="resume=must but there is no checkpoint"):
+        plan_resume(_cfg(str(tmp_path / "empty"), "resume=must"))
+    with pytest.raises(ConfigError, match="resume=never but .* holds checkpoints"):
+        plan_resume(_cfg(out, "resume=never"))
+
+
+def test_plan_resume_refuses_a_different_run(tmp_path):
+    out = str(tmp_path)
+    cfg = _cfg(out)
+    _fake_ckpt(out, 4, cfg)
+    _set_latest(out, "step_0000004")
+    with pytest.raises(ConfigError, match=r"holds a different run \(step_0000004\); differing keys: .*stage: 'mntp' "
+                                          r"in the checkpoint, 'simcse' now"):
+        plan_resume(_cfg(out, stage="simcse"))
+    with pytest.raises(ConfigError, match=r"differing keys: learning_rate: 0.01 in the checkpoint, 0.02 now"):
+        plan_resume(_cfg(out, "learning_rate=0.02"))
+    with pytest.raises(ConfigError, match=r"differing keys: max_steps: 4 in the checkpoint, 8 now"):
+        plan_resume(_cfg(out, "max_steps=8"))
+    tags, diff = plan_resume(_cfg(out, "learning_rate=0.02", "resume=force"))
+    assert tags == ["step_0000004"] and diff == [("learning_rate", 0.01, 0.02)]
+    # Keys that do not define the run (logging, saving, kernels) resume freely.
+    assert plan_resume(_cfg(out, "log_every=2", "keep_checkpoints=5", "model.attention=torch"))[1] == []
+
+
+def test_cleanup_compares_step_numbers_and_keeps_the_checkpoint_just_saved(tmp_path):
+    out = str(tmp_path)
+    cfg = _cfg(out)
+    for s in (6, 9):  # folders of an earlier, longer run
+        _fake_ckpt(out, s, cfg)
+    _fake_ckpt(out, 1, cfg, complete=False)
+    for s in (2, 3, 4):
+        _fake_ckpt(out, s, cfg)
+    Checkpointer(cfg, None, None, None, 0).cleanup(4)  # keep_checkpoints=2, step_0000004 just saved
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [
+        "step_0000003", "step_0000004", "step_0000006", "step_0000009"]
+
+
+def test_metrics_rows_past_the_resumed_step_are_dropped(tmp_path):
+    cfg = _cfg(str(tmp_path))
+    path = tmp_path / "metrics.csv"
+    path.write_text("step,loss\n" + "".join(f"{s},{s / 10}\n" for s in range(1, 7)))
+    logger = MetricsLogger(cfg, 0, start=4)
+    logger.log(5, {"loss": 0.55})
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss"] == "0.55"
+
+
+def _train(out, *overrides, config="mntp", extra=MNTP, env=None):
+    return run_cmd(["python", "engine/train.py", "--config", f"configs/tiny/{config}.yaml", f"output_dir={out}",
+                    *extra, *overrides], env=env, timeout=600)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mntp_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("mntp") / "run")
+    r = _train(out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_different_run_is_refused_before_anything_is_written(mntp_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(mntp_run, out)
+    before = {p: _sha(os.path.join(out, p)) for p in ("config.yaml", "metrics.csv", "adapter/adapter_model.safetensors")}
+    simcse = ["max_steps=4", "batch_size=4", "micro_batch_size=4", "model.gradient_checkpointing=false"]
+    for config, overrides, key in (("simcse", simcse, "stage: 'mntp' in the checkpoint, 'simcse' now"),
+                                   ("mntp", MNTP + ["learning_rate=0.05"], "learning_rate: 0.01 in the checkpoint")):
+        r = _train(out, config=config, extra=overrides)
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "holds a different run (step_0000004)" in r.stderr and key in r.stderr, r.stderr[-2000:]
+        assert "resume=force" in r.stderr and "resumed from" not in r.stdout
+        assert {p: _sha(os.path.join(out, p)) for p in before} == before  # config.yaml and the rest untouched
+
+
+@pytest.mark.slow
+def test_dangling_latest_and_corrupt_newest_checkpoint_fall_back_and_resume_exactly(mntp_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(mntp_run, out)
+    ref = {int(r["step"]): float(r["loss"]) for r in _metrics(mntp_run)}
+    ckpts = os.path.join(out, "checkpoints")
+    _set_latest(out, "step_0000009")  # dangling
+    states = os.path.join(ckpts, "step_0000004", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    with open(states, "r+b") as f:  # truncated: the newest complete checkpoint cannot be loaded
+        f.truncate(100)
+    r = _train(out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "latest names 'step_0000009'" in r.stdout
+    assert "could not load checkpoint" in r.stdout and "fell back to step_0000002" in r.stdout
+    assert "resumed from step_0000002: step 2" in r.stdout
+    rows = _metrics(out)
+    assert [int(x["step"]) for x in rows] == [1, 2, 3, 4]  # steps 3 and 4 logged again, not twice
+    for x in rows:  # the same batches, masks and optimizer state as the uninterrupted run
+        assert float(x["loss"]) == pytest.approx(ref[int(x["step"])], rel=1e-5, abs=1e-6)
+    with open(os.path.join(ckpts, "latest")) as f:
+        assert f.read().strip() == "step_0000004"
+    assert os.path.isfile(os.path.join(ckpts, "step_0000004", COMPLETE))
+
+
+@pytest.mark.slow
+def test_force_applies_the_new_learning_rate_and_max_steps(mntp_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(mntp_run, out)
+    r = _train(out, "resume=force", "learning_rate=0.05", "max_steps=6", "warmup_steps=0")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resume=force" in r.stdout and "resumed from step_0000004: step 4" in r.stdout
+    lr = {int(x["step"]): float(x["lr"]) for x in _metrics(out)}
+    # linear decay over the new 6 steps from the new peak (the logged lr is the next step's): 0.05 * (1 - k / 6)
+    assert lr[5] == pytest.approx(0.05 * (1 - 5 / 6)) and lr[6] == pytest.approx(0.0, abs=1e-12)
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)
+    assert (saved["learning_rate"], saved["max_steps"]) == (0.05, 6)
+
+
+@pytest.mark.slow
+def test_non_finite_steps_stop_the_run_with_exit_3_and_keep_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    simcse = ["batch_size=4", "micro_batch_size=4", "model.gradient_checkpointing=false", "eval_every=0",
+              "max_samples=100", "save_every=1", "keep_checkpoints=1"]
+    r = _train(out, "max_steps=2", config="simcse", extra=simcse)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    adapter = os.path.join(out, "adapter", "adapter_model.safetensors")
+    good = _sha(adapter)
+    # A temperature of 1e-45 (a float32 denormal) makes the logits inf and the loss nan on every step, as
+    # temperature=0 did before validation refused it.
+    r = _train(out, "max_steps=8", "contrastive.temperature=1e-45", "resume=force", config="simcse", extra=simcse)
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "3 non-finite steps in a row" in r.stderr and "Traceback" not in r.stderr
+    assert "not saving a checkpoint from a non-finite step" in r.stdout
+    rows = {int(x["step"]): x for x in _metrics(out)}
+    assert sorted(rows) == [1, 2, 3, 4, 5]
+    assert [rows[s]["nonfinite"] for s in (3, 4, 5)] == ["1", "1", "1"]
+    assert [int(rows[s]["skipped_steps"]) for s in (3, 4, 5)] == [1, 2, 3]  # DeepSpeed's own skips, counted
+    assert not any(t.startswith("step_") and t != "step_0000002" for t in os.listdir(os.path.join(out, "checkpoints")))
+    with open(os.path.join(out, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_0000002"
+    assert _sha(adapter) == good  # the good adapter was not overwritten
