@@ -409,6 +409,15 @@ def apply_schedule(cfg, sched):
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
+def is_nonfinite_step(loss, grad_norm, fp16=False):
+    """A step is non-finite when its loss is, or its gradient norm is (None: not reported). Under fp16 an
+    overflowing gradient with a finite loss is DeepSpeed's loss scaler at work (it skips the step and lowers the
+    scale; counted in skipped_steps), not divergence."""
+    if not math.isfinite(loss):
+        return True
+    return grad_norm is not None and not math.isfinite(float(grad_norm)) and not fp16
+
+
 def _micro_seed(seed, step, micro, rank):
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
 
@@ -512,9 +521,7 @@ def train(cfg):
             tokens += int(metrics.get("tokens", 0))
         gn_raw = engine.get_global_grad_norm()
         gn = float("nan") if gn_raw is None else float(gn_raw)
-        # Non-finite: the loss on any rank, or the gradient norm (except fp16 overflow with a finite loss, which is
-        # DeepSpeed's loss scaler at work: it skips the step and lowers the scale; counted in skipped_steps).
-        bad = not math.isfinite(loss_sum) or (gn_raw is not None and not math.isfinite(gn) and not fp16)
+        bad = is_nonfinite_step(loss_sum, gn_raw, fp16)
         red = torch.tensor([loss_sum / accum, tokens, truncated, float(bad)], dtype=torch.float64, device=device)
         dist.all_reduce(red)
         dt = time.time() - t0

@@ -47,6 +47,7 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     assert not leaked_shm(cmd)  # not even from a killed run
     with open(os.path.join(crash, "checkpoints", "latest")) as f:
         assert f.read().strip() == "step_0000006"
+    assert os.path.isfile(os.path.join(crash, "checkpoints", "step_0000006", "COMPLETE"))  # marked after the barrier
     assert not os.path.exists(os.path.join(crash, "adapter"))
     _check_adapter(os.path.join(crash, "checkpoints", "step_0000006", "adapter"))
 
