@@ -501,7 +501,7 @@ def train(cfg):
     engine.train()
     t_run = time.time()
     step = start
-    bad_streak, last_good = 0, start  # non-finite steps in a row; the last step whose state may be saved
+    bad_streak = 0  # non-finite steps in a row
     fp16 = dtype == torch.float16
     for step in range(start, cfg.max_steps):
         if step == fail_at and rank == 0:
@@ -528,8 +528,6 @@ def train(cfg):
         done = step + 1
         bad = red[3].item() > 0
         bad_streak = bad_streak + 1 if bad else 0
-        if not bad:
-            last_good = done
         row = {"loss": red[0].item() / world, "lr": sched.get_last_lr()[0], "grad_norm": gn,
                "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),
                "epoch": plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
@@ -555,8 +553,8 @@ def train(cfg):
         if bad_streak >= cfg.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{bad_streak} non-finite steps in a row (loss {row['loss']}, grad norm {gn}; max_nonfinite_steps="
-                f"{cfg.max_nonfinite_steps}); stopped at step {done}. Nothing was saved after step {last_good}: "
-                f"last good checkpoint: {_last_good(ckpt.root)}")
+                f"{cfg.max_nonfinite_steps}); stopped at step {done}, saving nothing from a non-finite state. Last good "
+                f"checkpoint: {_last_good(ckpt.root)}")
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.max_steps:
             if bad:
                 _warn0(rank, f"step {done}: not saving a checkpoint from a non-finite step")
