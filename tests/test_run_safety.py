@@ -71,6 +71,11 @@ def test_plan_resume_never_restarts_silently(tmp_path):
         plan_resume(_cfg(str(tmp_path / "empty"), "resume=must"))
     with pytest.raises(ConfigError, match="resume=never but .* holds checkpoints"):
         plan_resume(_cfg(out, "resume=never"))
+    done = tmp_path / "finished"  # a final adapter without any checkpoint: not silently trained over
+    (done / "adapter").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="holds a final adapter but no checkpoint to resume"):
+        plan_resume(_cfg(str(done)))
+    assert plan_resume(_cfg(str(done), "resume=force")) == ([], [])
 
 
 def test_plan_resume_refuses_a_different_run(tmp_path):
