@@ -114,9 +114,10 @@ def lr_lambda(cfg):
 
 class MetricsLogger:
     """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
-    file with the wider header, so every row stays aligned; a resumed run appends to what is there."""
+    file with the wider header, so every row stays aligned; a resumed run (``start``: the step it resumes from)
+    drops rows past that step, then appends."""
 
-    def __init__(self, cfg, rank, start=0):
+    def __init__(self, cfg, rank, start=None):
         self.rank, self.kind = rank, cfg.logger
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
         self.rows, self.fields = [], []
@@ -125,6 +126,7 @@ class MetricsLogger:
                 reader = csv.DictReader(f)
                 self.fields = list(reader.fieldnames or [])
                 self.rows = list(reader)
+        if rank == 0 and start is not None and self.rows:
             # Rows past the step this run starts from were logged by a run that did not reach its next
             # checkpoint: they are logged again, so drop them now (no step appears twice).
             kept = [r for r in self.rows if _int_or_none(r.get("step")) is not None and int(r["step"]) <= start]
