@@ -105,6 +105,7 @@ def test_relative_data_path_error_says_where_it_was_looked_for(tmp_path, monkeyp
         read_texts(["data/stsbenchmark/sts-dev.csv"])
 
 
+@pytest.mark.slow
 def test_data_and_model_errors_exit_2_from_the_command_line(tmp_path):
     binary = _write(tmp_path / "bin.txt", bytes(range(256)) * 4)
     bad_gguf = _write(tmp_path / "model.gguf", b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 64)
