@@ -32,26 +32,24 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without inf / inf
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
-
-
-@triton.jit
 def _act_and_grad(g, ACT: tl.constexpr, NEED_GRAD: tl.constexpr):
     if ACT == 0:
-        s = 1.0 / (1.0 + tl.exp2(-g * 1.4426950408889634))
+        s = 1.0 / (1.0 + tl.exp2(-g * 1.4426950408889634))  # exp2 -> inf for g << 0 gives s = 0
         a = g * s
         if NEED_GRAD:
             da = s * (1.0 + g * (1.0 - s))
         else:
             da = a
     else:
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = _tanh(inner)
-        a = 0.5 * g * (1.0 + t)
+        # tanh(z) from e = exp(2z), r = 1 / (e + 1): 1 + t = 2er and 1 - t^2 = 4er^2 without cancellation;
+        # |z| <= 20 keeps e finite (tanh(20) is 1 in fp32)
+        z = tl.minimum(tl.maximum(0.7978845608028654 * (g + 0.044715 * g * g * g), -20.0), 20.0)
+        e = tl.exp2(z * (2.0 * 1.4426950408889634))
+        r = 1.0 / (e + 1.0)
+        one_plus_t = 2.0 * e * r
+        a = 0.5 * g * one_plus_t
         if NEED_GRAD:
-            da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
+            da = 0.5 * one_plus_t + 2.0 * g * e * r * r * 0.7978845608028654 * (1.0 + 0.134145 * g * g)
         else:
             da = a
     return a, da

@@ -12,8 +12,8 @@ transpose of that map, i.e. the rotation by -sin:
 
     dx1 = do1 * c1 + do2 * s2,    dx2 = do2 * c2 - do1 * s1
 
-One program handles one (b, s) position for all heads of q and of k, so cos / sin are read once per
-position. q and k may be strided views (the models pass (B, S, H, D) memory viewed as (B, H, S, D));
+One program handles BLOCK_S positions of one sequence for all heads of q and of k (a loop over heads),
+so cos / sin are read once per position. q and k may be strided views (the models pass (B, S, H, D) memory viewed as (B, H, S, D));
 outputs keep the input's memory layout (torch.empty_like), as torch's elementwise ops do. cos / sin get
 no gradient (they are position buffers). Own kernels rather than Liger-Kernel's: see kernels/rms_norm.py.
 """
@@ -25,60 +25,60 @@ import triton.language as tl
 
 from ._backend import resolve_impl
 
-_MAX_HEADS = 256
-
-
 @triton.jit
-def _rope_heads(x_ptr, o_ptr, c1, c2, s1, s2, b, s, NH, HALF, stride_xb, stride_xh, stride_xs, stride_ob,
-                stride_oh, stride_os, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    heads = tl.arange(0, BLOCK_H).to(tl.int64)
+def _rope_heads(x_ptr, o_ptr, c1, c2, s1, s2, b, offs_s, s_ok, NH, HALF, stride_xb, stride_xh, stride_xs,
+                stride_ob, stride_oh, stride_os, BACKWARD: tl.constexpr, BLOCK_D: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
-    mask = (heads[:, None] < NH) & (d[None, :] < HALF)
-    x_base = x_ptr + b * stride_xb + s * stride_xs + heads[:, None] * stride_xh + d[None, :]
-    o_base = o_ptr + b * stride_ob + s * stride_os + heads[:, None] * stride_oh + d[None, :]
-    x1 = tl.load(x_base, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_base + HALF, mask=mask, other=0.0).to(tl.float32)
-    if BACKWARD:
-        o1 = x1 * c1[None, :] + x2 * s2[None, :]
-        o2 = x2 * c2[None, :] - x1 * s1[None, :]
-    else:
-        o1 = x1 * c1[None, :] - x2 * s1[None, :]
-        o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(o_base, o1.to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_base + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
+    mask = s_ok[:, None] & (d[None, :] < HALF)
+    x_h = x_ptr + b * stride_xb + offs_s[:, None] * stride_xs + d[None, :]  # 64-bit pointers, stepped per head
+    o_h = o_ptr + b * stride_ob + offs_s[:, None] * stride_os + d[None, :]
+    for _ in range(0, NH):
+        x1 = tl.load(x_h, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_h + HALF, mask=mask, other=0.0).to(tl.float32)
+        if BACKWARD:
+            o1 = x1 * c1 + x2 * s2
+            o2 = x2 * c2 - x1 * s1
+        else:
+            o1 = x1 * c1 - x2 * s1
+            o2 = x2 * c2 + x1 * s2
+        tl.store(o_h, o1.to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_h + HALF, o2.to(o_ptr.dtype.element_ty), mask=mask)
+        x_h += stride_xh
+        o_h += stride_oh
 
 
-@triton.jit(do_not_specialize=["S"])
+@triton.jit(do_not_specialize=["S", "num_sblocks"])
 def _rope_kernel(
     q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-    S, HQ, HKV, HALF,
+    S, num_sblocks, HQ, HKV, HALF,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_qob, stride_qoh, stride_qos, stride_kob, stride_koh, stride_kos,
     stride_cb, stride_cs,
-    BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // S
-    s = pid % S
+    b = pid // num_sblocks
+    offs_s = (pid % num_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+    s_ok = offs_s < S
     d = tl.arange(0, BLOCK_D)
-    dm = d < HALF
-    cs_off = b * stride_cb + s * stride_cs + d
-    c1 = tl.load(cos_ptr + cs_off, mask=dm, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + cs_off + HALF, mask=dm, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + cs_off, mask=dm, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + cs_off + HALF, mask=dm, other=0.0).to(tl.float32)
-    _rope_heads(q_ptr, qo_ptr, c1, c2, s1, s2, b, s, HQ, HALF, stride_qb, stride_qh, stride_qs, stride_qob,
-                stride_qoh, stride_qos, BACKWARD, BLOCK_HQ, BLOCK_D)
-    _rope_heads(k_ptr, ko_ptr, c1, c2, s1, s2, b, s, HKV, HALF, stride_kb, stride_kh, stride_ks, stride_kob,
-                stride_koh, stride_kos, BACKWARD, BLOCK_HKV, BLOCK_D)
+    cmask = s_ok[:, None] & (d[None, :] < HALF)
+    cs = cos_ptr + b * stride_cb + offs_s[:, None] * stride_cs + d[None, :]
+    sn = sin_ptr + b * stride_cb + offs_s[:, None] * stride_cs + d[None, :]
+    c1 = tl.load(cs, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cs + HALF, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sn, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sn + HALF, mask=cmask, other=0.0).to(tl.float32)
+    _rope_heads(q_ptr, qo_ptr, c1, c2, s1, s2, b, offs_s, s_ok, HQ, HALF, stride_qb, stride_qh, stride_qs,
+                stride_qob, stride_qoh, stride_qos, BACKWARD, BLOCK_D)
+    _rope_heads(k_ptr, ko_ptr, c1, c2, s1, s2, b, offs_s, s_ok, HKV, HALF, stride_kb, stride_kh, stride_ks,
+                stride_kob, stride_koh, stride_kos, BACKWARD, BLOCK_D)
 
 
-def launch_config(Hq, Hkv, D):
-    """Fixed launch config: (BLOCK_HQ, BLOCK_HKV, BLOCK_D, num_warps)."""
-    BLOCK_HQ, BLOCK_HKV = triton.next_power_of_2(Hq), triton.next_power_of_2(Hkv)
+def launch_config(D):
+    """Fixed launch config for head dim D: (BLOCK_S positions per program, BLOCK_D = half of D padded, num_warps)."""
     BLOCK_D = triton.next_power_of_2(D // 2)
-    num_warps = 4 if BLOCK_HQ * BLOCK_D <= 2048 else 8
-    return BLOCK_HQ, BLOCK_HKV, BLOCK_D, num_warps
+    BLOCK_S = max(1, min(16, 1024 // BLOCK_D))
+    return BLOCK_S, BLOCK_D, 4
 
 
 def _on_device(t):
@@ -94,8 +94,6 @@ def _check(q, k, cos, sin):
         raise ValueError(f"rope: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}")
     if D % 2:
         raise ValueError(f"rope: head dim must be even, got {D}")
-    if max(Hq, k.shape[1]) > _MAX_HEADS:
-        raise ValueError(f"rope: more than {_MAX_HEADS} heads")
     if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"rope: q and k must share one of fp16 / bf16 / fp32, got {q.dtype} and {k.dtype}")
     if cos.dtype != q.dtype or sin.dtype != q.dtype:
@@ -119,15 +117,16 @@ def _launch(q, k, cos, sin, backward):
     Hkv = k.shape[1]
     if B * S == 0:
         return qo, ko
-    BLOCK_HQ, BLOCK_HKV, BLOCK_D, num_warps = launch_config(Hq, Hkv, D)
+    BLOCK_S, BLOCK_D, num_warps = launch_config(D)
+    num_sblocks = triton.cdiv(S, BLOCK_S)
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0  # a batch-1 cos / sin is broadcast
     with _on_device(q):
-        _rope_kernel[(B * S,)](
-            q, k, cos, sin, qo, ko, S, Hq, Hkv, D // 2,
+        _rope_kernel[(B * num_sblocks,)](
+            q, k, cos, sin, qo, ko, S, num_sblocks, Hq, Hkv, D // 2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
             stride_cb, cos.stride(1),
-            BACKWARD=backward, BLOCK_HQ=BLOCK_HQ, BLOCK_HKV=BLOCK_HKV, BLOCK_D=BLOCK_D, num_warps=num_warps)
+            BACKWARD=backward, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return qo, ko
 
 
