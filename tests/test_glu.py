@@ -84,6 +84,31 @@ def test_validation():
         glu(torch.randn(3), torch.randn(4))
 
 
+@needs_interpreter
+def test_benchmark_tiny_mode(tmp_path):
+    from benchmarks import bench_glu
+    from benchmarks.common import read_rows
+
+    out = tmp_path / "bench.csv"
+    rows = bench_glu.main(["--tiny", "--out", str(out), "--iters", "1"])
+    written = read_rows(str(out))
+    assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench_glu.IMPLS)
+    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", gm.ACTIVATIONS)
+def test_gpu_bf16_matches_fp64(act):
+    torch.manual_seed(0)
+    gate, up, dy = (torch.randn(4096, 14336, device="cuda").bfloat16() for _ in range(3))
+    out = _run(glu, gate * 4, up, dy, act, impl="triton")
+    ref = _run(glu_reference, (gate * 4).double(), up.double(), dy.double(), act)
+    tor = _run(glu_reference, gate * 4, up, dy, act)
+    for name, o, r, t in zip(("y", "dgate", "dup"), out, ref, tor):
+        err, terr = float((o.double() - r).abs().max()), float((t.double() - r).abs().max())
+        assert err <= 2 * terr + 4 * 2.0 ** -8 * float(r.abs().max()), (name, err, terr)
+
+
 # ------------------------------------------------------------------------------------------------
 # every launch variant compiles for sm_90 and sm_80 without spills
 # ------------------------------------------------------------------------------------------------

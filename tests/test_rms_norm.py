@@ -148,6 +148,33 @@ def test_validation():
         rms_norm(torch.randn(3, 8), torch.ones(8), 1e-6, impl="cuda")
 
 
+@needs_interpreter
+def test_benchmark_tiny_mode(tmp_path):
+    from benchmarks import bench_rms_norm
+    from benchmarks.common import read_rows
+
+    out = tmp_path / "bench.csv"
+    rows = bench_rms_norm.main(["--tiny", "--out", str(out), "--iters", "1"])
+    written = read_rows(str(out))
+    assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench_rms_norm.IMPLS)
+    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_gpu_bf16_matches_fp64(gemma):
+    torch.manual_seed(0)
+    x = (torch.randn(4096, 4096, device="cuda") * 2).bfloat16()
+    w = (torch.randn(4096, device="cuda") * 0.3 + (0.0 if gemma else 1.0)).bfloat16().requires_grad_()
+    dy = torch.randn(4096, 4096, device="cuda").bfloat16()
+    out = _run(rms_norm, x, w, dy, gemma, impl="triton")
+    ref = _run(rms_norm_reference, x.double(), w.double(), dy.double(), gemma)
+    tor = _run(rms_norm_reference, x, w, dy, gemma)
+    for name, o, r, t in zip(("y", "dx", "dw"), out, ref, tor):
+        err, terr = float((o.double() - r).abs().max()), float((t.double() - r).abs().max())
+        assert err <= 2 * terr + 4 * 2.0 ** -8 * float(r.abs().max()), (name, err, terr)
+
+
 # ------------------------------------------------------------------------------------------------
 # every launch variant compiles for sm_90 and sm_80 without spills
 # ------------------------------------------------------------------------------------------------

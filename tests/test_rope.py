@@ -115,6 +115,30 @@ def test_validation():
         rope(q, k, cos.double(), sin.double())
 
 
+@needs_interpreter
+def test_benchmark_tiny_mode(tmp_path):
+    from benchmarks import bench_rope
+    from benchmarks.common import read_rows
+
+    out = tmp_path / "bench.csv"
+    rows = bench_rope.main(["--tiny", "--out", str(out), "--iters", "1"])
+    written = read_rows(str(out))
+    assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench_rope.IMPLS)
+    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_matches_fp64():
+    q, k, cos, sin, dq, dk = _inputs(1, 32, 8, 4096, 128, torch.float32)
+    q, k, cos, sin, dq, dk = (t.cuda().bfloat16() for t in (q, k, cos, sin, dq, dk))
+    out = _run(rope, q, k, cos, sin, dq, dk, impl="triton")
+    ref = _run(rope_reference, q.double(), k.double(), cos.double(), sin.double(), dq.double(), dk.double())
+    tor = _run(rope_reference, q, k, cos, sin, dq, dk)
+    for name, o, r, t in zip(("q", "k", "dq", "dk"), out, ref, tor):
+        err, terr = float((o.double() - r).abs().max()), float((t.double() - r).abs().max())
+        assert err <= 2 * terr + 4 * 2.0 ** -8 * float(r.abs().max()), (name, err, terr)
+
+
 # ------------------------------------------------------------------------------------------------
 # every launch variant compiles for sm_90 and sm_80 without spills
 # ------------------------------------------------------------------------------------------------
