@@ -82,6 +82,9 @@ def _tiny(model_type, fused_ops="triton"):
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
 def test_triton_fused_ops_match_torch(model_type, monkeypatch):
     module, batch = _tiny(model_type)
+    norms = [n for n, m in module.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    unfused = [n for n in norms if getattr(module.get_submodule(n), "_llm2vec_fused", None) != "rms_norm"]
+    assert norms and not unfused, unfused  # the family table names every RMSNorm of the model
     launches = {name: count_launches(monkeypatch, mod, name) for mod, name in KERNELS}
     try:
         kernels.set_default_impl("fused_ops", "triton")
