@@ -43,19 +43,19 @@ def _step(module, batch):
     torch.manual_seed(0)
     loss, _ = module(batch)
     loss.backward()
-    return float(loss), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return float(loss.detach()), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _tiny(model_type, fused_ops="triton"):
+def _tiny(model_type, fused_ops="triton", device="cpu", dtype="fp32"):
     cfg = load_config("configs/tiny/mntp.yaml", [
-        "model.dtype=fp32", "lora.dropout=0.0", "max_seq_len=24", "model.attention=torch", "model.loss=torch",
+        f"model.dtype={dtype}", "lora.dropout=0.0", "max_seq_len=24", "model.attention=torch", "model.loss=torch",
         f"model.fused_ops={fused_ops}",
         f"model.random_init={{model_type: {model_type}, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, "
         f"num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 256, "
         f"{EXTRA[model_type]}seed: 0}}"])
     tok = load_tokenizer(cfg.model)
     stage = build_stage(cfg, tok)
-    model, _ = load_model(cfg.model, "cpu", tok)
+    model, _ = load_model(cfg.model, device, tok)
     model = stage.prepare_model(model)
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -75,7 +75,8 @@ def _tiny(model_type, fused_ops="triton"):
     items = chunk_documents(docs, tok, cfg.max_seq_len)
     batch = stage.collate(items[:3], torch.Generator().manual_seed(0))
     batch.pop("truncated", None)
-    return EngineModule(model, stage).train(), batch
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return EngineModule(model.to(device), stage).train(), batch
 
 
 @needs_interpreter
@@ -110,6 +111,23 @@ def test_triton_fused_ops_match_torch(model_type, monkeypatch):
         assert err < 1e-4, (name, err)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+def test_gpu_bf16_triton_fused_ops_match_torch(model_type):
+    module, batch = _tiny(model_type, device="cuda", dtype="bf16")
+    try:
+        kernels.set_default_impl("fused_ops", "triton")
+        lt, gt = _step(module, batch)
+        kernels.set_default_impl("fused_ops", "torch")
+        lr, gr = _step(module, batch)
+    finally:
+        kernels.set_default_impl("fused_ops", "auto")
+    assert abs(lt - lr) <= 2e-2 * max(1.0, abs(lr)), (lt, lr)
+    for name, g in gr.items():
+        err = float((gt[name].float() - g.float()).norm() / (g.float().norm() + 1e-12))
+        assert err < 5e-2, (name, err)
+
+
 def test_torch_setting_patches_nothing_and_auto_keeps_hf_forwards_on_cpu():
     module, _ = _tiny("qwen3", fused_ops="torch")
     assert not any("forward" in vars(m) for m in module.modules())
@@ -134,3 +152,15 @@ def test_config_key():
     assert load_config("configs/tiny/mntp.yaml", ["model.fused_ops=triton"]).model.fused_ops == "triton"
     with pytest.raises(ConfigError, match="model.fused_ops"):
         load_config("configs/tiny/mntp.yaml", ["model.fused_ops=liger"])
+
+
+def test_rms_norm_wider_than_the_kernel_limit_keeps_torch():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from engine.fused_ops import _patch_norm
+
+    limit = importlib.import_module("kernels.rms_norm").MAX_H
+    skipped = set()
+    wide, ok = LlamaRMSNorm(limit + 1), LlamaRMSNorm(limit)
+    assert _patch_norm(wide, "llama", skipped) is False and "forward" not in vars(wide) and skipped
+    assert _patch_norm(ok, "llama", set()) is True and "forward" in vars(ok)
