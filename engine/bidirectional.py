@@ -22,14 +22,24 @@ import kernels
 
 ATTN_NAME = "llm2vec_bidirectional"
 
+# Fused elementwise ops per family (engine/fused_ops.py): "norm" is the RMSNorm form ("llama": weight * n in
+# the input dtype; "gemma": n * (1 + weight), rounded once), "layer_norms" the RMSNorm modules of a decoder layer
+# (dotted paths), "act_key" the config attribute naming the gated MLP's activation; RoPE goes through the
+# modeling module's apply_rotary_pos_emb. The final norm (decoder.norm) is fused too.
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+_FUSED_LLAMA = {"norm": "llama", "layer_norms": _LLAMA_NORMS, "act_key": "hidden_act", "rope": True}
+
 # model_type -> notes on what the switch must honour for that family.
 SUPPORTED_ARCHITECTURES = {
-    "llama": {},
-    "mistral": {"sliding_window": True},
-    "qwen2": {"sliding_window": True},
-    "qwen3": {"sliding_window": True},
-    "gemma": {},
-    "gemma2": {"sliding_window": True, "attn_softcap": True, "final_softcap": True},
+    "llama": {"fused_ops": _FUSED_LLAMA},
+    "mistral": {"sliding_window": True, "fused_ops": _FUSED_LLAMA},
+    "qwen2": {"sliding_window": True, "fused_ops": _FUSED_LLAMA},
+    "qwen3": {"sliding_window": True, "fused_ops": dict(
+        _FUSED_LLAMA, layer_norms=_LLAMA_NORMS + ("self_attn.q_norm", "self_attn.k_norm"))},
+    "gemma": {"fused_ops": {"norm": "gemma", "layer_norms": _LLAMA_NORMS, "act_key": "hidden_act", "rope": True}},
+    "gemma2": {"sliding_window": True, "attn_softcap": True, "final_softcap": True, "fused_ops": {
+        "norm": "gemma", "layer_norms": _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        "act_key": "hidden_activation", "rope": True}},
 }
 
 

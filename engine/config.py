@@ -34,6 +34,7 @@ class ModelConfig:
     bidirectional: bool = True
     attention: str = "auto"  # attention kernel: auto (Triton on CUDA, torch on CPU) | triton | torch
     loss: str = "auto"  # masked-CE / contrastive kernels: auto | triton | torch
+    fused_ops: str = "auto"  # fused decoder-layer kernels: auto (Triton on CUDA, torch on CPU) | triton | torch
     attention_dropout: float = 0.0  # dropout on attention probabilities (SimCSE uses 0.3)
     # false: the Triton backward adds dQ with fp32 atomics (fewer matmuls, run-to-run bitwise differences,
     # so resumed runs match to rounding rather than exactly)
@@ -239,6 +240,7 @@ def validate(cfg: TrainConfig):
     if not cfg.model.name_or_path and not cfg.model.random_init:
         raise ConfigError("model.name_or_path is required (or model.random_init for a random test model)")
     for key, allowed in (("model.attention", ("auto", "triton", "torch")), ("model.loss", ("auto", "triton", "torch")),
+                         ("model.fused_ops", ("auto", "triton", "torch")),
                          ("model.dtype", ("auto", "bf16", "fp16", "fp32")),
                          ("lr_schedule", ("linear", "cosine", "constant")),
                          ("logger", ("csv", "tensorboard", "both")),

@@ -13,6 +13,7 @@ import torch
 
 from . import assets
 from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
+from .fused_ops import apply_fused_ops
 
 
 class ModelLoadError(RuntimeError):
@@ -94,6 +95,7 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
         model = merge_adapter(model, adapter)
     if bidirectional if bidirectional is not None else mcfg.bidirectional:
         make_bidirectional(model)
+    apply_fused_ops(model, mcfg.fused_ops)
     set_attention_dropout(model, mcfg.attention_dropout)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

@@ -12,7 +12,7 @@ import os
 import torch
 
 _VALID = ("auto", "triton", "torch")
-_DEFAULTS = {"attention": "auto", "masked_ce": "auto", "contrastive": "auto"}
+_DEFAULTS = {"attention": "auto", "masked_ce": "auto", "contrastive": "auto", "fused_ops": "auto"}
 
 
 def set_default_impl(op: str, impl: str) -> None:

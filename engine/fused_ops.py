@@ -1,0 +1,163 @@
+"""Put the fused elementwise kernels (kernels.rms_norm / rope / glu) into a loaded HF decoder.
+
+One switch, ``model.fused_ops`` (auto | triton | torch), resolved per call like ``model.attention``
+(``kernels.set_default_impl("fused_ops", ...)``; auto = Triton on CUDA tensors, torch elsewhere).
+``apply_fused_ops(model, impl)`` patches by family, from the ``fused_ops`` entry of
+``engine.bidirectional.SUPPORTED_ARCHITECTURES``:
+
+* RMSNorm modules (each decoder layer's norms listed in the table, Qwen3's q/k norms, Gemma2's pre/post
+  feed-forward norms, and the final norm): their instance ``forward`` is replaced by one that calls
+  ``kernels.rms_norm`` (Llama or Gemma form). The module, its weight and its hooks stay as they are, so
+  PEFT, DeepSpeed ZeRO-3 (which gathers the weight in the module's pre-forward hook) and gradient
+  checkpointing see no difference.
+* Gated MLPs: the instance ``forward`` becomes ``down_proj(glu(gate_proj(x), up_proj(x)))``. The
+  projections are looked up at call time, so LoRA layers added later by PEFT are used.
+* RoPE: transformers 5 has no per-module hook for it. Each attention module calls the function
+  ``apply_rotary_pos_emb`` of its modeling module (``modeling_llama`` ...), looked up as a module global
+  at call time; that global is the smallest public-enough seam, so it is replaced there by a wrapper. The
+  wrapper is process-wide for that family (like the attention interface registration); it calls the
+  original function whenever the fused ops resolve to torch or the call is not the standard form.
+
+Whenever the ops resolve to "torch" (impl="torch", or "auto" on CPU) the patched forwards call the
+modules' original forwards, so that path is exactly transformers' code. impl="torch" patches nothing.
+Residual adds stay in the decoder layer's own forward (fusing them would mean copying the layer).
+"""
+import importlib
+import sys
+import types
+
+import torch
+
+import kernels
+from kernels._backend import resolve_impl
+
+from .bidirectional import SUPPORTED_ARCHITECTURES
+
+# HF activation names -> kernels.glu activations
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+_TAG = "_llm2vec_fused"
+_RMS_MAX_H = importlib.import_module("kernels.rms_norm").MAX_H
+
+
+def _use_triton(x):
+    return resolve_impl("fused_ops", None, x) == "triton"
+
+
+def _norm_forward(self, hidden_states):
+    if not _use_triton(hidden_states):
+        return self._llm2vec_orig_forward(hidden_states)
+    return kernels.rms_norm(hidden_states, self.weight, self._llm2vec_eps, gemma=self._llm2vec_gemma, impl="triton")
+
+
+def _mlp_forward(self, x):
+    if not _use_triton(x):
+        return self._llm2vec_orig_forward(x)
+    return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self._llm2vec_act, impl="triton"))
+
+
+def _patch_forward(module, fn, kind, **attrs):
+    if getattr(module, _TAG, None) is not None:
+        return False
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    module._llm2vec_orig_forward = module.forward
+    module.forward = types.MethodType(fn, module)
+    setattr(module, _TAG, kind)
+    return True
+
+
+def _patch_norm(module, form, skipped):
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    weight = getattr(module, "weight", None)
+    if eps is None or not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        raise TypeError(f"fused_ops: {type(module).__name__} does not look like an RMSNorm (weight + eps)")
+    if weight.numel() > _RMS_MAX_H:
+        skipped.add(f"RMSNorm wider than {_RMS_MAX_H}")
+        return False
+    return _patch_forward(module, _norm_forward, "rms_norm", _llm2vec_eps=float(eps), _llm2vec_gemma=form == "gemma")
+
+
+def _patch_rope(modeling_module):
+    mod = sys.modules[modeling_module]
+    orig = getattr(mod, "apply_rotary_pos_emb", None)
+    if orig is None:
+        raise TypeError(f"fused_ops: {modeling_module} has no apply_rotary_pos_emb")
+    if getattr(orig, _TAG, None) is not None:
+        return False
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        standard = (not args or args == (1,)) and kwargs.get("unsqueeze_dim", 1) == 1 and len(kwargs) <= 1
+        if standard and q.dim() == 4 and cos.dim() == 3 and cos.dtype == q.dtype and _use_triton(q):
+            return kernels.rope(q, k, cos, sin, impl="triton")
+        return orig(q, k, cos, sin, *args, **kwargs)
+
+    setattr(apply_rotary_pos_emb, _TAG, "rope")
+    apply_rotary_pos_emb.__wrapped__ = orig
+    mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return True
+
+
+def _unwrap(model):
+    base = model
+    while hasattr(base, "get_base_model") and base is not base.get_base_model():
+        base = base.get_base_model()
+    return base
+
+
+def _get(module, dotted):
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def fused_ops_spec(config):
+    """The table entry for this model's family, or None when the family has no fused ops."""
+    return SUPPORTED_ARCHITECTURES.get(getattr(config, "model_type", None), {}).get("fused_ops")
+
+
+def apply_fused_ops(model, impl="auto"):
+    """Patch a loaded model (or a PEFT wrapper of one) in place; returns counts of what was patched.
+
+    Sets the process default for "fused_ops" to ``impl``. Idempotent: patched modules are skipped.
+    """
+    kernels.set_default_impl("fused_ops", impl)
+    counts = {"rms_norm": 0, "glu": 0, "rope": 0, "skipped": set()}
+    if impl == "torch":
+        return counts
+    base = _unwrap(model)
+    spec = fused_ops_spec(base.config)
+    if spec is None:
+        counts["skipped"].add(f"family {getattr(base.config, 'model_type', None)!r} has no fused ops")
+        return _report(counts)
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    act_name = getattr(base.config, spec["act_key"], None)
+    act = _ACTIVATIONS.get(act_name)
+    if act is None:
+        counts["skipped"].add(f"MLP activation {act_name!r} has no fused kernel")
+    rope_modules = set()
+    for layer in decoder.layers:
+        for path in spec["layer_norms"]:
+            counts["rms_norm"] += _patch_norm(_get(layer, path), spec["norm"], counts["skipped"])
+        if act is not None:
+            mlp = layer.mlp
+            if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                raise TypeError(f"fused_ops: {type(mlp).__name__} is not a gated MLP (gate/up/down projections)")
+            counts["glu"] += _patch_forward(mlp, _mlp_forward, "glu", _llm2vec_act=act)
+        if spec["rope"]:
+            rope_modules.add(type(layer.self_attn).__module__)
+    counts["rms_norm"] += _patch_norm(decoder.norm, spec["norm"], counts["skipped"])
+    for name in sorted(rope_modules):
+        _patch_rope(name)
+        counts["rope"] += 1
+    return _report(counts)
+
+
+def _report(counts):
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
+            torch.distributed.get_rank() == 0:
+        msg = (f"fused ops ({kernels.get_default_impl('fused_ops')}): {counts['rms_norm']} RMSNorm, "
+               f"{counts['glu']} gated MLP, RoPE in {counts['rope']} modeling module(s)")
+        if counts["skipped"]:
+            msg += "; not fused: " + "; ".join(sorted(counts["skipped"]))
+        print("[engine]", msg, flush=True)
+    return counts

@@ -1,0 +1,166 @@
+"""engine/fused_ops.py: all-Triton fused norm / RoPE / GLU against all-torch, for every supported family.
+
+A tiny random model (2 layers) per family goes through load_model (which applies model.fused_ops), the
+MNTP stage and LoRA (dropout off, gradient checkpointing on); one step runs with the fused ops resolved to
+Triton (interpreter, fp32) and to torch (the modules' original HF forwards), and must give the same loss and
+the same LoRA gradients. Norm weights are perturbed so that the (1 + w) and w forms are really exercised.
+"""
+import importlib
+
+import pytest
+import torch
+
+import kernels
+from engine.bidirectional import SUPPORTED_ARCHITECTURES
+from engine.config import ConfigError, load_config
+from engine.fused_ops import apply_fused_ops
+from engine.modeling import add_lora, load_model, load_tokenizer
+from engine.stages import build_stage
+from engine.trainer import EngineModule
+from kernels._backend import interpreter_enabled
+
+from .helpers import count_launches
+
+needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
+
+EXTRA = {
+    "llama": "",
+    "mistral": "sliding_window: 4096, ",
+    "qwen2": "use_sliding_window: false, ",
+    "qwen3": "",
+    "gemma": "",
+    "gemma2": "sliding_window: 4096, attn_logit_softcapping: 50.0, final_logit_softcapping: 30.0, "
+              "query_pre_attn_scalar: 16, ",
+}
+# the modules (kernels.rms_norm etc. are the functions of the same names)
+rms_mod, rope_mod, glu_mod = (importlib.import_module(f"kernels.{m}") for m in ("rms_norm", "rope", "glu"))
+KERNELS = [(rms_mod, "_rms_norm_fwd_kernel"), (rms_mod, "_rms_norm_bwd_kernel"), (rope_mod, "_rope_kernel"),
+           (glu_mod, "_glu_fwd_kernel"), (glu_mod, "_glu_bwd_kernel")]
+
+
+def _step(module, batch):
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss, _ = module(batch)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def _tiny(model_type, fused_ops="triton", device="cpu", dtype="fp32"):
+    cfg = load_config("configs/tiny/mntp.yaml", [
+        f"model.dtype={dtype}", "lora.dropout=0.0", "max_seq_len=24", "model.attention=torch", "model.loss=torch",
+        f"model.fused_ops={fused_ops}",
+        f"model.random_init={{model_type: {model_type}, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, "
+        f"num_attention_heads: 4, num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 256, "
+        f"{EXTRA[model_type]}seed: 0}}"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    model, _ = load_model(cfg.model, device, tok)
+    model = stage.prepare_model(model)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = add_lora(model, cfg.lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05, generator=g)
+            elif "norm" in n:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    words = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "music", "green", "quick"]
+    docs = [" ".join(words[i] for i in torch.randint(0, 10, (int(n),), generator=g).tolist())
+            for n in torch.randint(3, 30, (12,), generator=g)]
+    from engine.data import chunk_documents
+
+    items = chunk_documents(docs, tok, cfg.max_seq_len)
+    batch = stage.collate(items[:3], torch.Generator().manual_seed(0))
+    batch.pop("truncated", None)
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    return EngineModule(model.to(device), stage).train(), batch
+
+
+@needs_interpreter
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
+def test_triton_fused_ops_match_torch(model_type, monkeypatch):
+    module, batch = _tiny(model_type)
+    norms = [n for n, m in module.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    unfused = [n for n in norms if getattr(module.get_submodule(n), "_llm2vec_fused", None) != "rms_norm"]
+    assert norms and not unfused, unfused  # the family table names every RMSNorm of the model
+    launches = {name: count_launches(monkeypatch, mod, name) for mod, name in KERNELS}
+    try:
+        kernels.set_default_impl("fused_ops", "triton")
+        lt, gt = _step(module, batch)
+        n_triton = {k: len(v) for k, v in launches.items()}
+        kernels.set_default_impl("fused_ops", "torch")
+        lr, gr = _step(module, batch)
+    finally:
+        kernels.set_default_impl("fused_ops", "auto")
+    n_layers, n_norms = 2, len(SUPPORTED_ARCHITECTURES[model_type]["fused_ops"]["layer_norms"])
+    # forward + checkpoint recompute of every norm / MLP / RoPE, one backward each (the final norm is not
+    # recomputed: it sits outside the checkpointed layers)
+    assert n_triton["_rms_norm_fwd_kernel"] == 2 * n_layers * n_norms + 1, n_triton
+    assert n_triton["_rms_norm_bwd_kernel"] == n_layers * n_norms + 1, n_triton
+    assert n_triton["_rope_kernel"] == 3 * n_layers, n_triton
+    assert n_triton["_glu_fwd_kernel"] == 2 * n_layers and n_triton["_glu_bwd_kernel"] == n_layers, n_triton
+    assert all(len(v) == n_triton[k] for k, v in launches.items()), "the torch run launched Triton kernels"
+    assert abs(lt - lr) <= 1e-5 * max(1.0, abs(lr)), (lt, lr)
+    assert gt.keys() == gr.keys() and len(gr) > 0 and all("lora_" in n for n in gr)
+    for name, g in gr.items():
+        assert g.norm() > 0, name
+        err = float((gt[name] - g).norm() / g.norm())
+        assert err < 1e-4, (name, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+def test_gpu_bf16_triton_fused_ops_match_torch(model_type):
+    module, batch = _tiny(model_type, device="cuda", dtype="bf16")
+    try:
+        kernels.set_default_impl("fused_ops", "triton")
+        lt, gt = _step(module, batch)
+        kernels.set_default_impl("fused_ops", "torch")
+        lr, gr = _step(module, batch)
+    finally:
+        kernels.set_default_impl("fused_ops", "auto")
+    assert abs(lt - lr) <= 2e-2 * max(1.0, abs(lr)), (lt, lr)
+    for name, g in gr.items():
+        err = float((gt[name].float() - g.float()).norm() / (g.float().norm() + 1e-12))
+        assert err < 5e-2, (name, err)
+
+
+def test_torch_setting_patches_nothing_and_auto_keeps_hf_forwards_on_cpu():
+    module, _ = _tiny("qwen3", fused_ops="torch")
+    assert not any("forward" in vars(m) for m in module.modules())
+    ids = torch.randint(0, 100, (2, 7))
+    try:
+        with torch.no_grad():
+            ref = module.model(input_ids=ids).logits
+        counts = apply_fused_ops(module.model, "auto")
+        # qwen3: 4 norms per layer (input, post-attention, q, k) + the final norm; the MLPs; RoPE once
+        assert counts["rms_norm"] == 2 * 4 + 1 and counts["glu"] == 2 and counts["rope"] == 1, counts
+        assert sum("forward" in vars(m) for m in module.modules()) == 2 * 4 + 1 + 2
+        assert apply_fused_ops(module.model, "auto")["rms_norm"] == 0  # idempotent
+        with torch.no_grad():
+            out = module.model(input_ids=ids).logits
+        assert torch.equal(out, ref)  # "auto" on CPU runs transformers' own forwards
+    finally:
+        kernels.set_default_impl("fused_ops", "auto")
+
+
+def test_config_key():
+    assert load_config("configs/tiny/mntp.yaml").model.fused_ops == "auto"
+    assert load_config("configs/tiny/mntp.yaml", ["model.fused_ops=triton"]).model.fused_ops == "triton"
+    with pytest.raises(ConfigError, match="model.fused_ops"):
+        load_config("configs/tiny/mntp.yaml", ["model.fused_ops=liger"])
+
+
+def test_rms_norm_wider_than_the_kernel_limit_keeps_torch():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from engine.fused_ops import _patch_norm
+
+    limit = importlib.import_module("kernels.rms_norm").MAX_H
+    skipped = set()
+    wide, ok = LlamaRMSNorm(limit + 1), LlamaRMSNorm(limit)
+    assert _patch_norm(wide, "llama", skipped) is False and "forward" not in vars(wide) and skipped
+    assert _patch_norm(ok, "llama", set()) is True and "forward" in vars(ok)
