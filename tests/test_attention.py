@@ -565,6 +565,7 @@ def _variant_list():
         out.append((arch, "bfloat16", 128, False, True, True, 1))  # causal
         out.append((arch, "bfloat16", 128, False, "padded", False, 4))  # right-padded dense (seqlens=)
         out.append((arch, "bfloat16", 64, True, "padded", False, 3))
+        out.append((arch, "bfloat16", 256, False, "padded", False, 2))  # Gemma2's D=256 (16/8 heads), in place
         out.append((arch, "float32", 64, False, False, False, 2))
         out.append((arch, "float32", 128, True, True, False, 2))
     return out
@@ -858,6 +859,23 @@ def test_gpu_matches_sdpa_and_auto_dispatch():
     out = flash_attention(q, k, v)  # impl="auto" -> Triton on CUDA
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_engine_dispatch_on_this_device():
+    # The engine's dispatch on the real device: dense bf16 inference goes to SDPA on sm_90 (Triton elsewhere), a
+    # deterministic training call to Triton; both agree with the Triton kernel to bf16 rounding.
+    from engine import bidirectional as bd
+
+    q, k, v = _inputs((2, 256), 32, 8, 128, torch.bfloat16, device="cuda")
+    arch = A.dispatch.device_arch(q)
+    with torch.no_grad():
+        assert A.choose_backend(bd._attention_call(q, k, v, 256, 0.0, None, None, {})) == (
+            "sdpa" if arch >= 90 else "triton")
+        out = bd._attend(q, k, v, 256, 0.1, 0.0, None, None)
+        want = flash_attention(q, k, v, scale=0.1, impl="triton")
+    assert _rel(out, want) < 1e-2
+    assert A.choose_backend(bd._attention_call(q, k, v, 256, 0.0, None, None, {})) == "triton"
 
 
 @pytest.mark.gpu

@@ -5,7 +5,8 @@
 * ``configs``   fixed per-arch launch configs and the autotune candidate lists;
 * ``tuning``    opt-in autotuning: timing per shape bucket and the per-GPU JSON cache;
 * ``dispatch``  which backend runs an attention call (Triton, torch SDPA, flash-attn) by speed;
-* ``gpu_check`` bf16/fp16 accuracy against the fp64 reference (tests and the GPU run).
+* ``gpu_check`` bf16/fp16 accuracy against the fp64 reference (tests and the GPU run); the package attribute
+                ``gpu_check`` is that module's function, which benchmarks/gpu_run.sh calls.
 
 Everything the tests, benchmarks and engine use is re-exported here (``import kernels.attention as A``).
 Monkeypatch a name in the module that uses it (``kernels.attention.configs.fwd_config``,
