@@ -494,6 +494,30 @@ def test_dispatch_autotune_times_each_backend_and_records_it(monkeypatch, tmp_pa
     assert D.select_backend(call, runners, q, k, v, 9) == "triton" and calls
 
 
+def test_dispatch_autotune_inside_activation_checkpointing(monkeypatch):
+    # The engine's layers run under non-reentrant activation checkpointing: the timing's own forward/backward must
+    # not leak saved tensors into the checkpointed region (its recompute check fails with a count mismatch).
+    import torch.utils.checkpoint as checkpoint
+    from kernels.attention import dispatch as D
+
+    _fake_cuda_clock(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", "")
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": True})
+    monkeypatch.setattr(T, "_TUNED", {})
+    call = _call(head_dim=16, needs_grad=True, deterministic=False)
+    runners = {"sdpa": A.sdpa_attention, "triton": flash_attention_reference}
+
+    def layer(x):
+        q = x * 2
+        return runners[D.select_backend(call, runners, q, q, q, 9)](q, q, q).sin()
+
+    x = torch.randn(2, 9, 2, 16, requires_grad=True)
+    checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    want = torch.autograd.grad(layer(x).sum(), x)[0]
+    assert T._TUNED and torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
 def test_gpu_check_harness_on_cpu():
     # The rows harness the GPU run calls, at tiny shapes in the interpreter: the packed and in-place padded
     # layouts, the atomic-dQ backward, a non-default (folded) softmax scale, bf16 and the SDPA path (D=256:

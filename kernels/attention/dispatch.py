@@ -110,8 +110,11 @@ def select_backend(call, runners, q, k, v, max_seqlen):
     key = _bucket(call, q.shape[-2], k.shape[-2], max_seqlen, tokens)
 
     def launch(name):
+        # A graph of its own: identity saved-tensor hooks shadow activation checkpointing's (which would otherwise
+        # take the timing's saved tensors for the checkpointed region's and fail its recompute check).
         leaves = [t.detach().requires_grad_(call.needs_grad) for t in (q, k, v)]
-        with torch.enable_grad() if call.needs_grad else torch.no_grad():
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), \
+                (torch.enable_grad() if call.needs_grad else torch.no_grad()):
             out = runners[name](*leaves)
             if call.needs_grad:
                 torch.autograd.grad(out, leaves, torch.ones_like(out))
