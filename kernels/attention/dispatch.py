@@ -124,8 +124,8 @@ def select_backend(call, runners, q, k, v, max_seqlen):
 def sdpa_attention(q, k, v, scale=None):
     """Dense attention through torch SDPA, in the Triton kernel's layout: q (B, S, Hq, D), k/v (B, S, Hkv, D) ->
     (B, S, Hq, D), non-causal, GQA via ``enable_gqa``. On CUDA the backends are cuDNN, flash and memory-efficient in
-    that order (the H200 order of speed); the math backend is left out, so a shape none of them takes raises
-    instead of silently materialising the scores."""
+    that order (the H200 order of speed; memory-efficient takes no GQA there); the math backend is left out, so a
+    shape none of them takes raises instead of silently materialising the scores."""
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) views, no copies
     with _fast_sdpa_backends() if q.is_cuda else contextlib.nullcontext():
         o = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, scale=scale,
