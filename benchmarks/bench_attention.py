@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
 from kernels import attention as A  # noqa: E402
+from kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
 MODELS = {  # name -> (Hq, Hkv, D)
     "mistral7b": (32, 8, 128),   # Llama-3-8B has the same attention shape (32/8 heads, D=128)
@@ -230,23 +231,23 @@ SWEEP_DQ = [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)]
 
 def sweep(writer, case, dropout_p, warmup, iters):
     """Time the Triton forward / backward under each candidate launch config (others kept at default)."""
-    base_fwd, base_bwd = A.fwd_config, A.bwd_config
+    base_fwd, base_bwd = AC.fwd_config, AC.bwd_config
     ins = (case.q, case.k, case.v)
     fn = _triton(case, dropout_p)
     dkdv0, dq0 = base_bwd(A._block_d(case.d), case.dtype, dropout_p > 0, 90)
     try:
         for cfg in SWEEP_FWD:
-            A.fwd_config = lambda *a, _c=cfg, **kw: _c
+            AC.fwd_config = lambda *a, _c=cfg, **kw: _c
             try:
                 with torch.no_grad():
                     ms = timeit(lambda: fn(*ins), warmup, iters, case.device)
                 writer.add(case.shape, "triton" + "x".join(map(str, cfg)), "fwd", ms, case.flops / ms / 1e9)
             except Exception as exc:  # out of shared memory / registers for this config
                 print(f"fwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
-        A.fwd_config = base_fwd
+        AC.fwd_config = base_fwd
         out = fn(*ins)
         for cfg in [(c, dq0) for c in SWEEP_DKDV] + [(dkdv0, c) for c in SWEEP_DQ if c != dq0]:
-            A.bwd_config = lambda *a, _c=cfg, **kw: _c
+            AC.bwd_config = lambda *a, _c=cfg, **kw: _c
             try:
                 ms = timeit(lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True), warmup, iters,
                             case.device)
@@ -255,7 +256,7 @@ def sweep(writer, case, dropout_p, warmup, iters):
             except Exception as exc:
                 print(f"bwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
     finally:
-        A.fwd_config, A.bwd_config = base_fwd, base_bwd
+        AC.fwd_config, AC.bwd_config = base_fwd, base_bwd
 
 
 def main(argv=None):

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from kernels import attention as A
+import kernels
 from kernels import set_default_impl
+from kernels.attention import configs as C, flash as F, tuning as T
 from .helpers import count_launches
 from kernels.attention import (ERR_FACTOR, ERR_FLOOR, accuracy_case, flash_attention, flash_attention_dropout_mask,
                                flash_attention_reference)
@@ -76,7 +78,8 @@ def test_dense_matches_fp64_reference(prefix, hq, hkv, d, dtype):
 @pytest.mark.parametrize("lens, hq, hkv, d, dtype", [
     ([1, 129, 17, 0, 63], 4, 1, 64, F32),   # very different lengths, an empty sequence, GQA 4
     ([100, 3, 1], 4, 4, 128, F16),
-], ids=["mixed-f32", "mixed-d128-f16"])
+    ([9, 4, 1], 2, 1, 256, F16),            # D=256 (Gemma), MQA
+], ids=["mixed-f32", "mixed-d128-f16", "d256-mqa-f16"])
 def test_varlen_matches_fp64_reference(lens, hq, hkv, d, dtype):
     q, k, v = _inputs((sum(lens),), hq, hkv, d, dtype)
     _assert_accurate(q, k, v, cu_seqlens=_cu(lens))
@@ -142,7 +145,7 @@ def test_atomic_dq_matches_fp64_reference(case, monkeypatch):
     else:
         q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
         kw = dict(cu_seqlens=_cu(lens), causal=True)
-    dq_launches = count_launches(monkeypatch, A, "_attn_bwd_dq")
+    dq_launches = count_launches(monkeypatch, F, "_attn_bwd_dq")
     _assert_accurate(q, k, v, deterministic=False, **kw)
     assert not dq_launches
 
@@ -151,7 +154,7 @@ def test_atomic_dq_matches_fp64_reference(case, monkeypatch):
 def test_atomic_dq_forms_match_fp64_reference(form, monkeypatch):
     # Both ways of forming the atomic dQ tile, (M, D) and transposed (D, M), on a ragged GQA batch: on CPU the
     # launcher picks 2 without dropout and 1 with it, so each form is forced here for the other case too.
-    monkeypatch.setattr(A, "atomic_dq_form", lambda arch, dropout: form)
+    monkeypatch.setattr(C, "atomic_dq_form", lambda arch, dropout: form)
     lens = [1, 129, 17, 0, 63]
     q, k, v = _inputs((sum(lens),), 8, 2, 64, F16)
     _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens))
@@ -239,7 +242,7 @@ def test_dropout_mask_properties():
 def test_dropout_mask_does_not_depend_on_tiling(monkeypatch):
     q, k, v = _inputs((1, 70), 2, 1, 32, torch.float32)
     base = flash_attention(q, k, v, dropout_p=0.4, seed=99, impl="triton")
-    monkeypatch.setattr(A, "fwd_config", lambda *a, **kw: (16, 32, 4, 1))
+    monkeypatch.setattr(C, "fwd_config", lambda *a, **kw: (16, 32, 4, 1))
     other = flash_attention(q, k, v, dropout_p=0.4, seed=99, impl="triton")
     assert _rel(other, base) < 3e-3  # tiling changes rounding only; a different mask would be off by ~0.5
 
@@ -325,6 +328,218 @@ def test_rejects_bad_inputs(bad, match):
 
 
 # ------------------------------------------------------------------------------------------------
+# Backend dispatch by speed (kernels/attention/dispatch.py): the rule on faked devices, the SDPA path's maths
+# ------------------------------------------------------------------------------------------------
+
+def _call(**kw):
+    base = dict(impl="auto", device_type="cuda", arch=90, dtype=torch.bfloat16, head_dim=128, layout="dense")
+    base.update(kw)
+    return A.AttentionCall(**base)
+
+
+@pytest.mark.parametrize("kw, eligible, chosen", [
+    # dense, dropout-free: SDPA, unless a deterministic backward is needed (SDPA's fast backwards use atomics)
+    (dict(), ["sdpa", "triton"], "sdpa"),
+    (dict(needs_grad=True, deterministic=False), ["sdpa", "triton"], "sdpa"),
+    (dict(needs_grad=True), ["triton"], "triton"),
+    (dict(head_dim=64, dtype=torch.float16), ["sdpa", "triton"], "sdpa"),
+    (dict(head_dim=256), ["sdpa", "triton"], "sdpa"),
+    (dict(arch=80), ["sdpa", "triton"], "triton"),             # eligible, but not measured on sm_80: autotune decides
+    (dict(dropout=0.1), ["triton"], "triton"),                  # our Philox mask (replayed under checkpointing)
+    (dict(dtype=torch.float32), ["triton"], "triton"),
+    (dict(head_dim=100), ["triton"], "triton"),
+    (dict(arch=75), ["triton"], "triton"),
+    # packed varlen: flash-attn when installed, deterministic backward only when timed
+    (dict(layout="varlen"), ["triton"], "triton"),
+    (dict(layout="varlen", flash_attn=True), ["flash_attn", "triton"], "flash_attn"),
+    (dict(layout="varlen", flash_attn=True, needs_grad=True, deterministic=False), ["flash_attn", "triton"],
+     "flash_attn"),
+    (dict(layout="varlen", flash_attn=True, needs_grad=True), ["flash_attn", "triton"], "triton"),
+    (dict(layout="varlen", flash_attn=True, dropout=0.1), ["triton"], "triton"),
+    # what only the Triton kernel (or the reference) does
+    (dict(layout="padded", flash_attn=True), ["triton"], "triton"),
+    (dict(softcap=True), ["torch"], "torch"),
+    (dict(window=True), ["torch"], "torch"),
+    # the setting wins: model.attention=triton / torch, and auto off CUDA is the reference
+    (dict(impl="triton"), ["triton"], "triton"),
+    (dict(impl="triton", layout="varlen", flash_attn=True), ["triton"], "triton"),
+    (dict(impl="torch"), ["torch"], "torch"),
+    (dict(device_type="cpu"), ["torch"], "torch"),
+    (dict(device_type="cpu", impl="triton"), ["triton"], "triton"),
+])
+def test_dispatch_rule(kw, eligible, chosen):
+    call = _call(**kw)
+    assert A.eligible(call) == eligible
+    assert A.choose_backend(call) == chosen
+
+
+@pytest.mark.parametrize("dtype, hq, hkv, d, scale", [(torch.float64, 4, 1, 32, None), (F32, 4, 2, 64, 0.3),
+                                                      (F32, 3, 3, 16, None)], ids=["f64-gqa4", "f32-gqa2-scale", "f32-mha"])
+def test_sdpa_path_matches_reference(dtype, hq, hkv, d, scale):
+    # The dispatch's SDPA path in the Triton kernel's (B, S, H, D) layout, GQA via enable_gqa, against the fp64
+    # reference, forward and backward. fp32: a few ulps of the values, accumulated over S and D.
+    q, k, v = _inputs((2, 37), hq, hkv, d, dtype)
+    do = torch.randn_like(q)
+    got = _run(A.sdpa_attention, q, k, v, do, scale=scale)
+    want = _run(flash_attention_reference, *(t.detach().double().requires_grad_() for t in (q, k, v)), do.double(),
+                scale=scale)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+def test_engine_routes_attention_by_the_dispatch(monkeypatch):
+    # engine.bidirectional._attend on a faked sm_90 device (bf16 as far as the rule knows; fp32 here): dense inference goes to SDPA, a deterministic backward
+    # stays on the kernel path, a packed batch goes to flash-attn when installed (faked here), and
+    # model.attention=triton forces the kernel. Outputs match the reference either way.
+    import dataclasses
+
+    from engine import bidirectional as bd
+    from kernels.attention import dispatch as D
+
+    real_call = bd._attention_call
+    monkeypatch.setattr(bd, "_attention_call",
+                        lambda *a: dataclasses.replace(real_call(*a), device_type="cuda", arch=90, flash_attn=True,
+                                                           dtype=torch.bfloat16))
+    used = []
+    real_sdpa = D.sdpa_attention
+    monkeypatch.setattr(D, "sdpa_attention", lambda *a: used.append("sdpa") or real_sdpa(*a))
+    monkeypatch.setattr(bd, "_flash_attn_varlen", lambda q, k, v, cu, max_len, scale, det: used.append(
+        ("flash_attn", det)) or flash_attention_reference(q, k, v, cu_seqlens=cu, scale=scale))
+    real_fa = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: used.append("kernel") or real_fa(*a, **kw))
+
+    q, k, v = _inputs((2, 21), 4, 2, 16, F32)
+    ref = flash_attention_reference(q, k, v, scale=0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(bd._attend(q, k, v, 21, 0.3, 0.0, None, None), ref)
+    assert used == ["sdpa"]
+    used.clear()
+    out = bd._attend(q, k, v, 21, 0.3, 0.0, None, None)  # grads needed, deterministic (the default)
+    assert used == ["kernel"]
+    torch.testing.assert_close(out, ref)
+    used.clear()
+    bd.set_deterministic_attention(False)
+    try:
+        out = bd._attend(q, k, v, 21, 0.3, 0.0, None, None)
+    finally:
+        bd.set_deterministic_attention(True)
+    assert used == ["sdpa"]
+    g_sdpa = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    g_ref = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    for a, b in zip(g_sdpa, g_ref):
+        torch.testing.assert_close(a, b)
+    used.clear()
+    lens = [5, 16]
+    qv, kv, vv = _inputs((sum(lens),), 4, 2, 16, F32)
+    with torch.no_grad():
+        out = bd._attend(qv, kv, vv, 16, 0.3, 0.0, None, None, cu_seqlens=_cu(lens), max_seqlen=16)
+    assert used == [("flash_attn", True)]
+    torch.testing.assert_close(out, flash_attention_reference(qv, kv, vv, cu_seqlens=_cu(lens), scale=0.3))
+    used.clear()
+    set_default_impl("attention", "triton")  # model.attention=triton
+    try:
+        with torch.no_grad():
+            out = bd._attend(q, k, v, 21, 0.3, 0.0, None, None)
+    finally:
+        set_default_impl("attention", "auto")
+    assert used == ["kernel"]
+    assert _rel(out, ref) < 3e-3  # the Triton kernel (interpreter; TF32-style fp32 dots)
+
+
+def test_dispatch_autotune_times_each_backend_and_records_it(monkeypatch, tmp_path):
+    # With autotuning on, select_backend times every eligible backend once per bucket (forward and backward when
+    # gradients are needed) on detached copies, keeps the fastest, writes it to the per-GPU cache under a
+    # "backend" bucket, and a fresh process reads it back without timing.
+    from kernels.attention import dispatch as D
+
+    clock = _fake_cuda_clock(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    path = tmp_path / "tuned.json"
+    monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", str(path))
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": True})
+    fresh = lambda: (monkeypatch.setattr(T, "_TUNED", {}), monkeypatch.setattr(T, "_DISK", {"loaded": None}))  # noqa: E731
+    cost = {"sdpa": 3.0, "triton": 2.0}
+    calls = []
+
+    def runner(name):
+        def run(q, k, v):
+            calls.append((name, q.requires_grad, torch.is_grad_enabled()))
+            clock[0] += cost[name]
+            return flash_attention_reference(q, k, v)
+        return run
+
+    runners = {n: runner(n) for n in cost}
+    q, k, v = _inputs((2, 9), 2, 1, 16, F32)
+    call = _call(needs_grad=True, deterministic=False)
+    fresh()
+    assert D.select_backend(call, runners, q, k, v, 9) == "triton"  # the rule said sdpa; the clock says triton
+    assert [c[0] for c in calls] == ["sdpa"] * 4 + ["triton"] * 4  # one untimed call + 3 timed, each
+    assert all(c[1] and c[2] for c in calls)  # with gradients: the backward is timed too
+    assert q.grad is None  # on detached copies
+    (bucket, choice), = json.loads(path.read_text()).items()
+    assert choice == "triton" and "|backend|" in bucket and bucket.startswith("Fake GPU|")
+    calls.clear()
+    fresh()
+    assert D.select_backend(call, runners, q, k, v, 9) == "triton" and not calls  # from the disk cache
+    # autotuning off, or a single eligible backend: the fixed rule, nothing timed
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": False})
+    assert D.select_backend(call, runners, q, k, v, 9) == "sdpa" and not calls
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": True})
+    assert D.select_backend(_call(dropout=0.1), runners, q, k, v, 9) == "triton" and not calls
+    # a cached backend that is no longer eligible (flash-attn uninstalled) is timed afresh
+    path.write_text(json.dumps({bucket: "flash_attn"}))
+    fresh()
+    assert D.select_backend(call, runners, q, k, v, 9) == "triton" and calls
+
+
+def test_dispatch_autotune_inside_activation_checkpointing(monkeypatch):
+    # The engine's layers run under non-reentrant activation checkpointing: the timing's own forward/backward must
+    # not leak saved tensors into the checkpointed region (its recompute check fails with a count mismatch).
+    import torch.utils.checkpoint as checkpoint
+    from kernels.attention import dispatch as D
+
+    _fake_cuda_clock(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", "")
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": True})
+    monkeypatch.setattr(T, "_TUNED", {})
+    call = _call(head_dim=16, needs_grad=True, deterministic=False)
+    runners = {"sdpa": A.sdpa_attention, "triton": flash_attention_reference}
+
+    def layer(x):
+        q = x * 2
+        return runners[D.select_backend(call, runners, q, q, q, 9)](q, q, q).sin()
+
+    x = torch.randn(2, 9, 2, 16, requires_grad=True)
+    checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    want = torch.autograd.grad(layer(x).sum(), x)[0]
+    assert T._TUNED and torch.allclose(x.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gpu_check_harness_on_cpu():
+    # The rows harness the GPU run calls, at tiny shapes in the interpreter: the packed and in-place padded
+    # layouts, the atomic-dQ backward, a non-default (folded) softmax scale, bf16 and the SDPA path (D=256:
+    # test_varlen_matches_fp64_reference[d256-mqa-f16]).
+    cases = [
+        ("tiny-varlen-scale", F16, (23,), 4, 2, 32, {"cu_seqlens": [5, 17, 1], "scale": 0.7}),
+        ("tiny-padded-atomicdq", F16, (3, 17), 4, 1, 64, {"seqlens": [17, 0, 9], "deterministic": False}),
+        ("tiny-bf16-padded", torch.bfloat16, (2, 12), 2, 2, 32, {"seqlens": [12, 5]}),
+        ("tiny-sdpa", F32, (2, 13), 4, 2, 32, {"backend": "sdpa"}),
+    ]
+    rows = A.gpu_check(budget_s=None, cases=cases, device="cpu")
+    assert [(r["case"], r["tensor"]) for r in rows] == [
+        (f"{c[0]}-{str(c[1])[6:]}", t) for c in cases for t in ("out", "dq", "dk", "dv")]
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    # the GPU list itself: every case has a known layout and the budget-ordered head covers the new paths
+    names = [c[0] for c in A.GPU_CHECK_CASES]
+    assert names[:7] == ["mistral-varlen-mix", "mistral-varlen-mix-scale0.3", "mistral-padded-mix",
+                         "gemma-2b-d256-varlen", "mistral-padded-mix-atomicdq", "mistral-varlen-mix-atomicdq",
+                         "mistral-dense-512-sdpa"]
+
+
+# ------------------------------------------------------------------------------------------------
 # Every launch configuration compiles for sm_90 and sm_80 without register spills
 # ------------------------------------------------------------------------------------------------
 
@@ -373,6 +588,7 @@ def _variant_list():
         out.append((arch, "bfloat16", 128, False, True, True, 1))  # causal
         out.append((arch, "bfloat16", 128, False, "padded", False, 4))  # right-padded dense (seqlens=)
         out.append((arch, "bfloat16", 64, True, "padded", False, 3))
+        out.append((arch, "bfloat16", 256, False, "padded", False, 2))  # Gemma2's D=256 (16/8 heads), in place
         out.append((arch, "float32", 64, False, False, False, 2))
         out.append((arch, "float32", 128, True, True, False, 2))
     return out
@@ -556,8 +772,8 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
     # a config that fails to launch is skipped, and a tuned bucket is never timed again.
     clock = _fake_cuda_clock(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(A, "_TUNED", {})
-    monkeypatch.setattr(A, "_DISK", {"loaded": None})
+    monkeypatch.setattr(T, "_TUNED", {})
+    monkeypatch.setattr(T, "_DISK", {"loaded": None})
     monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", "")  # memory only here; the disk cache has its own test
     cost = {(32, 64, 8, 2): 5.0, (16, 64, 8, 3): 2.0, (16, 128, 8, 3): 3.0}
     launched = []
@@ -570,7 +786,7 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
 
     key = ("dkdv", 90, torch.bfloat16, 128, False, False, True, 4, 512)
     default = (32, 64, 8, 2)
-    monkeypatch.setattr(A, "_AUTOTUNE", {"on": False})
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": False})
     assert A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == default and not launched  # off: no timing
     A.set_autotune(True)
     assert A._tuned("dkdv", lambda: key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
@@ -592,10 +808,10 @@ def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
     gpu = ["GPU A"]
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu[0])
     monkeypatch.setenv("LLM2VEC_ATTN_TUNE_CACHE", str(path))
-    monkeypatch.setattr(A, "_AUTOTUNE", {"on": True})
+    monkeypatch.setattr(T, "_AUTOTUNE", {"on": True})
     key = ("dq", 90, torch.bfloat16, 128, False, False, True, 4, 512)
     launched = []
-    fresh = lambda: (monkeypatch.setattr(A, "_TUNED", {}), monkeypatch.setattr(A, "_DISK", {"loaded": None}))  # noqa: E731
+    fresh = lambda: (monkeypatch.setattr(T, "_TUNED", {}), monkeypatch.setattr(T, "_DISK", {"loaded": None}))  # noqa: E731
 
     fresh()
     best = A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
@@ -666,6 +882,23 @@ def test_gpu_matches_sdpa_and_auto_dispatch():
     out = flash_attention(q, k, v)  # impl="auto" -> Triton on CUDA
     ref = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     assert _rel(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_engine_dispatch_on_this_device():
+    # The engine's dispatch on the real device: dense bf16 inference goes to SDPA on sm_90 (Triton elsewhere), a
+    # deterministic training call to Triton; both agree with the Triton kernel to bf16 rounding.
+    from engine import bidirectional as bd
+
+    q, k, v = _inputs((2, 256), 32, 8, 128, torch.bfloat16, device="cuda")
+    arch = A.dispatch.device_arch(q)
+    with torch.no_grad():
+        assert A.choose_backend(bd._attention_call(q, k, v, 256, 0.0, None, None, {})) == (
+            "sdpa" if arch >= 90 else "triton")
+        out = bd._attend(q, k, v, 256, 0.1, 0.0, None, None)
+        want = flash_attention(q, k, v, scale=0.1, impl="triton")
+    assert _rel(out, want) < 1e-2
+    assert A.choose_backend(bd._attention_call(q, k, v, 256, 0.0, None, None, {})) == "triton"
 
 
 @pytest.mark.gpu

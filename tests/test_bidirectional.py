@@ -144,7 +144,7 @@ def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch)
     # model.deterministic_attention=false -> the Triton backward adds dQ with atomics (no dQ kernel launch);
     # the gradients agree with the deterministic path to rounding.
     from engine import bidirectional
-    from kernels import attention as A
+    from kernels.attention import flash as A
 
     dq_launches = count_launches(monkeypatch, A, "_attn_bwd_dq")
     kernels.set_default_impl("attention", "triton")

@@ -25,18 +25,16 @@ rebuilds it exactly. Seeds are taken modulo 2**31.
 fp16/bf16 accumulate in fp32; fp32 inputs go through TF32 tensor-core dots (about 1e-3 relative error;
 impl="torch" is the exact path).
 """
-import functools
-import json
 import math
-import os
-import tempfile
-import warnings
 
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreter_enabled, resolve_impl
+from .._backend import interpreter_enabled, resolve_impl
+from . import configs, tuning
+from .configs import _arch
+
 
 _LOG2E = 1.4426950408889634
 _DROPOUT_BITS = 24
@@ -614,237 +612,6 @@ def _dropout_mask_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch configuration
-# ----------------------------------------------------------------------------------------------
-
-_PRE_BLOCK_M = 64
-
-
-def _block_d(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def fwd_config(block_d, dtype, dropout=False, arch=90, interpret=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward kernel.
-
-    Every choice compiles without register spills and fits shared memory on its arch, with the newest Triton
-    and with Triton 3.6 (what torch 2.11 pins; `.ci/run` checks both; tests/test_attention.py::
-    test_kernels_compile_without_spills); ``python -m benchmarks.bench_attention
-    --sweep`` times the sm_90 candidates. sm_80 (mma.sync, 163 KB shared) gets narrower tiles at D=128.
-    """
-    if interpret:
-        return 32, 32, 4, 1
-    if dtype == torch.float32:  # TF32 operands take twice the registers and shared memory of bf16
-        return (64, 32, 4, 2) if arch >= 90 else (32, 32, 4, 2)
-    if block_d <= 64:
-        return 128, 64, 8, 3
-    if block_d <= 128:
-        return (128, 64, 8, 3) if arch >= 90 else (128, 32, 8, 3)
-    return 64, 32, 8, 2
-
-
-def atomic_dq_supported(block_d, dtype, interpret=False):
-    """deterministic=False takes the atomic-dQ path only where its dK/dV kernel compiles without spills: fp16 /
-    bf16 with head dims <= 128 (and anything in the CPU interpreter). Elsewhere it quietly stays deterministic."""
-    return interpret or (dtype in (torch.float16, torch.bfloat16) and block_d <= 128)
-
-
-def atomic_dq_form(arch, dropout):
-    """ATOMIC_DQ for the dK/dV kernel in atomic-dQ mode: 2 forms the per-step dQ tile transposed, (D, M), so on
-    sm_90 its MMA has >= 64 rows and runs as wgmma (as (M, D) with the 16-32 row query tile it fell back to
-    mma.sync); 1 keeps (M, D) where the transposed form buys nothing (sm_80: mma.sync either way) or spills
-    (under dropout, the Philox registers leave no room for it at D = 96/128)."""
-    return 2 if arch >= 90 and not dropout else 1
-
-
-def bwd_config(block_d, dtype, dropout=False, arch=90, interpret=False, atomic_dq=False):
-    """((BLOCK_M, BLOCK_N, num_warps, num_stages) for dK/dV, the same for dQ).
-
-    dK/dV programs hold two fp32 (BLOCK_N, D) accumulators plus K and V, so BLOCK_N shrinks with D. With
-    ``atomic_dq`` the dK/dV kernel also forms a (BLOCK_M, D) dQ tile per step, so its query tile is smaller
-    (the dQ config is then unused).
-    """
-    if interpret:
-        return (16, 32, 4, 1), (32, 16, 4, 1)
-    if atomic_dq:
-        if arch >= 90:
-            dkdv = (32, 128, 8, 3) if block_d <= 64 else (16, 64 if dropout else 128, 8, 3)
-        else:
-            dkdv = (16, 128, 8, 3) if block_d <= 64 else (16, 64, 8, 3)
-        return dkdv, None
-    if dtype == torch.float32:
-        return (16, 32, 8, 2), (32, 32, 4, 2)
-    if arch >= 90:
-        if block_d <= 64:
-            return (32, 128, 8, 3), (128, 32, 8, 3)
-        if block_d <= 128:  # the Philox mask needs registers: a narrower query tile under dropout
-            return ((16, 128, 8, 3) if dropout else (32, 64, 8, 2)), (128, 32, 8, 3)
-        return (16 if dropout else 32, 32, 8, 2), (32, 32, 4, 2)
-    if block_d <= 64:
-        return (16, 64, 8, 3), (128, 32, 8, 3)
-    if block_d <= 128:
-        return (32, 32, 8, 2), (64, 32, 8, 3)
-    return (16, 32, 8, 2), (32, 32, 4, 2)
-
-
-# Opt-in autotuning (``set_autotune(True)`` or LLM2VEC_ATTN_AUTOTUNE=1). The fixed configs above were chosen
-# from compile reports, not timings; on a new GPU the first call per bucket (kernel, arch, dtype, head-dim
-# block, dropout, causal, varlen, GQA group, sequence-length bucket) times each candidate on the real inputs
-# and keeps the fastest for the process. The lists are pruned offline: every entry compiles for its arch
-# without register spills under both Triton versions CI checks (tests/test_attention.py::
-# test_autotune_candidates_compile_without_spills), with dropout too unless marked nodrop. bf16/fp16 with head
-# dims <= 128 only; everything else keeps its fixed config. Tuning synchronises the device, so do not enable it
-# under CUDA-graph capture. Choices persist per GPU name in a JSON file (tune_cache_path()), so later runs skip
-# the timing.
-_ND = "nodrop"
-_TUNE_CANDIDATES = {
-    # (hopper, block_d) -> {kernel: [(BLOCK_M, BLOCK_N, num_warps, num_stages[, "nodrop"]), ...]}
-    (True, 64): {
-        "dkdv-atomicdq": [(32, 128, 8, 3), (16, 128, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2)],
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
-        "dkdv": [(32, 128, 8, 3), (32, 64, 4, 3)],
-        "dq": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
-    },
-    (True, 128): {
-        "dkdv-atomicdq": [(16, 128, 8, 3, _ND), (16, 128, 8, 2, _ND), (16, 64, 8, 3), (16, 64, 8, 2, _ND)],
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2, _ND), (128, 128, 8, 3, _ND), (64, 64, 4, 3, _ND), (128, 32, 8, 3)],
-        "dkdv": [(32, 64, 8, 2, _ND), (32, 128, 8, 2, _ND), (16, 128, 8, 3), (16, 64, 8, 3),
-                 (16, 64, 4, 3, _ND)],
-        "dq": [(128, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3, _ND), (128, 64, 8, 2)],
-    },
-    (False, 64): {
-        "dkdv-atomicdq": [(16, 128, 8, 3), (16, 64, 8, 3), (32, 32, 8, 3)],
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 3, _ND), (64, 64, 4, 3), (128, 64, 4, 3, _ND)],
-        "dkdv": [(16, 64, 8, 3)],
-        "dq": [(128, 32, 8, 3), (64, 32, 4, 3)],
-    },
-    (False, 128): {
-        "dkdv-atomicdq": [(16, 64, 8, 3), (32, 32, 8, 3)],
-        "fwd": [(128, 32, 8, 3)],
-        "dkdv": [(32, 32, 8, 2), (16, 128, 8, 3, _ND), (16, 64, 4, 3, _ND), (32, 64, 8, 3, _ND)],
-        "dq": [(64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
-    },
-}
-_AUTOTUNE = {"on": os.environ.get("LLM2VEC_ATTN_AUTOTUNE", "0") not in ("", "0")}
-_TUNED = {}  # bucket key -> (chosen config, {config: ms})
-_DISK = {"loaded": None}  # path -> {bucket string: config} once read
-
-
-def tune_cache_path():
-    """Where tuned choices persist across runs: LLM2VEC_ATTN_TUNE_CACHE, else attention_tuned.json under
-    LLM2VEC_ENGINE_CACHE (default ~/.cache/llm2vec-engine). Set LLM2VEC_ATTN_TUNE_CACHE="" to keep them in memory."""
-    path = os.environ.get("LLM2VEC_ATTN_TUNE_CACHE")
-    if path is not None:
-        return path or None
-    root = os.environ.get("LLM2VEC_ENGINE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm2vec-engine")
-    return os.path.join(root, "attention_tuned.json")
-
-
-def _bucket_id(key, device_name):
-    return "|".join([device_name] + [str(x) for x in key])
-
-
-def _read_tune_cache(path):
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        return {k: tuple(v) for k, v in data.items() if isinstance(v, list) and len(v) == 4}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:  # unreadable or corrupt: tune again, and say so once
-        warnings.warn(f"ignoring the attention tune cache {path}: {exc}")
-        return {}
-
-
-def _write_tune_cache(path, bucket, cfg):
-    # Merge with what other processes (ranks) wrote meanwhile, then replace the file atomically.
-    data = {k: list(v) for k, v in _read_tune_cache(path).items()}
-    data[bucket] = list(cfg)
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not write the attention tune cache {path}: {exc}")
-
-
-def set_autotune(enabled: bool) -> None:
-    """Turn opt-in autotuning on or off for this process (already tuned buckets are kept)."""
-    _AUTOTUNE["on"] = bool(enabled)
-
-
-def tuned_configs():
-    """{bucket: {"best": config, "ms": {config: median ms}}} for every bucket tuned so far (for benchmark logs)."""
-    return {"/".join(map(str, k)): {"best": list(v[0]), "ms": {"x".join(map(str, c)): round(ms, 4)
-                                                               for c, ms in v[1].items()}}
-            for k, v in _TUNED.items()}
-
-
-def tune_candidates(kernel, block_d, dtype, dropout, arch):
-    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) configs for ``kernel`` in "fwd" / "dkdv" / "dq" /
-    "dkdv-atomicdq"."""
-    if dtype not in (torch.float16, torch.bfloat16) or block_d > 128:
-        return []
-    table = _TUNE_CANDIDATES[(arch >= 90, 64 if block_d <= 64 else 128)][kernel]
-    return [tuple(c[:4]) for c in table if not (dropout and _ND in c[4:])]
-
-
-def _tuned(kind, make_key, default, q, launch, enabled=None):
-    """The config to launch ``kind`` with: ``default`` unless autotuning is on (``enabled``, else the process
-    setting) for a CUDA tensor; then the fastest candidate for this bucket, timed once by calling
-    ``launch(config)`` (which must be idempotent: it overwrites its outputs). ``make_key()`` builds the bucket
-    key, only when tuning, so the untuned hot path never does."""
-    if not ((_AUTOTUNE["on"] if enabled is None else enabled) and q.is_cuda):
-        return default
-    key = make_key()
-    if key in _TUNED:
-        return _TUNED[key][0]
-    path = tune_cache_path()
-    bucket = _bucket_id(key, torch.cuda.get_device_name(q.device))
-    if path:
-        if _DISK["loaded"] is None or _DISK["loaded"][0] != path:
-            _DISK["loaded"] = (path, _read_tune_cache(path))
-        if bucket in _DISK["loaded"][1]:
-            _TUNED[key] = (_DISK["loaded"][1][bucket], {})
-            return _TUNED[key][0]
-    arch, dtype, block_d, dropout = key[1], key[2], key[3], key[4]
-    cands = tune_candidates(kind, block_d, dtype, dropout, arch)
-    if default not in cands:
-        cands = [default] + cands
-    timings = {}
-    for cfg in cands:
-        try:
-            launch(cfg)  # compiles
-            times = []
-            for _ in range(3):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                launch(cfg)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            timings[cfg] = sorted(times)[1]
-        except Exception:  # out of shared memory / registers on this device: not a candidate here
-            continue
-    best = min(timings, key=timings.get) if timings else default
-    _TUNED[key] = (best, timings)
-    if path and timings:
-        _write_tune_cache(path, bucket, best)
-        _DISK["loaded"][1][bucket] = best
-    return best
-
-
-def _tune_key(kind, q, lay, dropout_p, causal):
-    """A callable that builds ``kind``'s bucket key; _tuned calls it only when autotuning."""
-    def key():
-        bucket = min(max(triton.next_power_of_2(max(lay.max_seqlen, 1)), 64), 16384)
-        return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket)
-    return key
-
-
-# ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
 
@@ -888,7 +655,7 @@ class _Layout:
         self.varlen = cu_seqlens is not None
         self.padded = bool(padded)  # dense right-padded batch; the lengths travel in the cu pointer
         self.head_dim = q.shape[-1]
-        self.block_d = _block_d(self.head_dim)
+        self.block_d = configs._block_d(self.head_dim)
         self.n_heads, self.n_kv_heads = q.shape[-2], k.shape[-2]
         self.group = self.n_heads // self.n_kv_heads
         if self.varlen:
@@ -911,17 +678,6 @@ def _dropout_args(dropout_p):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return int(round(dropout_p * (1 << _DROPOUT_BITS))), 1.0 / (1.0 - dropout_p)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_arch(index):
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
-
-
-def _arch(t):
-    return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
-        if t.is_cuda else 90
 
 
 def _upcast(dtype):
@@ -952,8 +708,8 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
             num_warps=warps, num_stages=stages,
         )
 
-    default = fwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
-    launch(_tuned("fwd", _tune_key("fwd", q, lay, dropout_p, causal), default, q, launch))
+    default = configs.fwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
+    launch(tuning._tuned("fwd", tuning._tune_key("fwd", q, lay, dropout_p, causal), default, q, launch))
     return o, lse
 
 
@@ -962,13 +718,13 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
     thresh, drop_scale = _dropout_args(dropout_p)
     interp = interpreter_enabled()
     delta = torch.empty_like(lse)
-    pre_bm = _PRE_BLOCK_M if not interp else 32
+    pre_bm = configs._PRE_BLOCK_M if not interp else 32
     _attn_bwd_pre[(triton.cdiv(lay.max_seqlen, pre_bm), lay.n_heads, lay.batch)](
         o, do, delta, cu, *_strides3(o, lay.varlen), *_strides3(do, lay.varlen), *lay.lse_strides,
         lay.seqlen_dense, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=pre_bm, VARLEN=lay.varlen,
         PADDED=lay.padded,
     )
-    atomic_dq = atomic_dq and atomic_dq_supported(lay.block_d, q.dtype, interp)
+    atomic_dq = atomic_dq and configs.atomic_dq_supported(lay.block_d, q.dtype, interp)
     if atomic_dq:  # fp32 accumulator in q's layout; the dQ kernel does not run
         dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32)
         dqa_strides = _strides3(dqa, lay.varlen)
@@ -977,8 +733,8 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
         dqa, dqa_strides = lse, (0, 0, 0)  # placeholder pointer, never touched
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dkdv_default, dq_default = bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
-    dq_form = atomic_dq_form(_arch(q), dropout_p > 0) if atomic_dq else 0
+    dkdv_default, dq_default = configs.bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
+    dq_form = configs.atomic_dq_form(_arch(q), dropout_p > 0) if atomic_dq else 0
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
         DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
@@ -1008,11 +764,11 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
         )
 
     dkdv_kind = "dkdv-atomicdq" if atomic_dq else "dkdv"
-    launch_dkdv(_tuned(dkdv_kind, _tune_key(dkdv_kind, q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv,
+    launch_dkdv(tuning._tuned(dkdv_kind, tuning._tune_key(dkdv_kind, q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv,
                        autotune))
     if atomic_dq:
         return dqa.to(q.dtype), dk, dv
-    launch_dq(_tuned("dq", _tune_key("dq", q, lay, dropout_p, causal), dq_default, q, launch_dq, autotune))
+    launch_dq(tuning._tuned("dq", tuning._tune_key("dq", q, lay, dropout_p, causal), dq_default, q, launch_dq, autotune))
     return dq, dk, dv
 
 
@@ -1023,7 +779,7 @@ class _FlashAttention(torch.autograd.Function):
         o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
-        ctx.autotune = _AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
+        ctx.autotune = tuning._AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
         ctx.deterministic = deterministic
         return o
 
@@ -1135,129 +891,3 @@ def flash_attention(
     return flash_attention_reference(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p,
         seed=seed, causal=causal, seqlens=seqlens)
-
-
-# ----------------------------------------------------------------------------------------------
-# Accuracy checks (shared by tests/test_attention.py and the GPU run)
-# ----------------------------------------------------------------------------------------------
-
-def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dropout_mask=None, causal=False,
-                     seqlens=None):
-    """Attention as eager torch code runs it in the input dtype (HF "eager"): matmuls in the dtype, softmax in
-    fp32 and cast back. The yardstick for "torch's own error in this dtype"."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-    def one(q, k, v, keep):  # (S, Hq, D), (S, Hkv, D) -> (S, Hq, D)
-        g = q.shape[1] // k.shape[1]
-        qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(g, 0), v.transpose(0, 1).repeat_interleave(g, 0)
-        s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-        if causal:
-            S = q.shape[0]
-            s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
-        if keep is not None:
-            p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-        return torch.matmul(p, vh).transpose(0, 1)
-
-    if cu_seqlens is None and seqlens is not None:
-        out = q.new_zeros(q.shape)
-        for b, L in enumerate(seqlens.tolist()):
-            if L:
-                keep = None if dropout_mask is None else dropout_mask[b][:, :L, :L]
-                out[b, :L] = one(q[b, :L], k[b, :L], v[b, :L], keep)
-        return out
-    if cu_seqlens is None:
-        return torch.stack([one(q[b], k[b], v[b], None if dropout_mask is None else dropout_mask[b])
-                            for b in range(q.shape[0])])
-    b = cu_seqlens.tolist()
-    outs = [one(q[b[i]:b[i + 1]], k[b[i]:b[i + 1]], v[b[i]:b[i + 1]], None if dropout_mask is None else dropout_mask[i])
-            for i in range(len(b) - 1)]
-    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
-
-
-def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton",
-                  deterministic=True, seqlens=None):
-    """Forward and all three gradients of :func:`flash_attention` against the fp64 reference.
-
-    Returns {tensor name: (kernel error, eager-torch error)}, each the max abs difference from the fp64 result
-    divided by max(1, max abs of that result). Dropout uses the kernel's own mask for all three computations.
-    """
-    g = torch.Generator(device="cpu").manual_seed(1234)
-    do = torch.randn(q.shape, generator=g).to(q.device, q.dtype)
-    mask = None
-    if dropout_p > 0:
-        mask = flash_attention_dropout_mask(q, cu_seqlens=cu_seqlens, dropout_p=dropout_p, seed=seed)
-
-    def run(fn, tensors, **kw):
-        leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens, **kw)
-        return [out.detach()] + list(torch.autograd.grad(out, leaves, do.to(out.dtype)))
-
-    got = run(flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl, deterministic=deterministic)
-    want = run(flash_attention_reference, [t.double() for t in (q, k, v)], dropout_p=dropout_p, dropout_mask=mask)
-    eager = run(_eager_attention, (q, k, v), dropout_p=dropout_p, dropout_mask=mask)
-    res = {}
-    for name, a, ref, e in zip(("out", "dq", "dk", "dv"), got, want, eager):
-        if a.shape != ref.shape or a.dtype != q.dtype:
-            raise AssertionError(f"{name}: got {a.dtype} {tuple(a.shape)}, want {q.dtype} {tuple(ref.shape)}")
-        denom = ref.abs().max().clamp_min(1.0)  # absolute error where the exact result is ~0 (e.g. L=1 grads)
-        err = ((a.double() - ref).abs().max() / denom).item() if torch.isfinite(a).all() else float("inf")
-        res[name] = (err, ((e.double() - ref).abs().max() / denom).item())
-    return res
-
-
-# Error allowed: ERR_FACTOR x eager torch's error in the same dtype, plus this floor (relative to max |ref|).
-ERR_FACTOR = 2.0
-ERR_FLOOR = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 5e-3}
-
-
-def gpu_check(budget_s=30.0):
-    """bf16/fp16 forward+backward vs the fp64 reference on model-sized shapes (CUDA). One row per case and
-    tensor: {"op", "case", "tensor", "max_err", "torch_bf16_err" (eager torch in the same dtype), "ok"}.
-
-    Cases run most important first; each new (dtype, head dim, layout, dropout) combination costs a Triton
-    compile of four kernels (a few seconds), so once ``budget_s`` has elapsed the remaining cases are skipped
-    (named on stdout, no rows). ``budget_s=None`` runs them all.
-    """
-    import time
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("gpu_check needs a CUDA device")
-    t0 = time.time()
-    dev = "cuda"
-    g = torch.Generator(device="cpu").manual_seed(0)
-    lens = torch.randint(32, 513, (12,), generator=g).tolist() + [1, 129]
-    bf16, fp16 = torch.bfloat16, torch.float16
-    cases = [  # name, dtype, prefix shape, Hq, Hkv, D, kwargs
-        ("mistral-dense-512", bf16, (2, 512), 32, 8, 128, {}),
-        ("mistral-dense-2048", bf16, (1, 2048), 32, 8, 128, {}),  # same kernels as above: no compile
-        ("mistral-dense-2048-atomicdq", bf16, (1, 2048), 32, 8, 128, {"deterministic": False}),
-        ("mistral-padded-mix", bf16, (14, max(lens)), 32, 8, 128, {"seqlens": lens}),
-        ("mistral-varlen-mix", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens}),
-        ("mistral-varlen-mix-atomicdq", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "deterministic": False}),
-        ("mistral-varlen-dropout0.1", bf16, (sum(lens),), 32, 8, 128, {"cu_seqlens": lens, "dropout_p": 0.1,
-                                                                       "seed": 7}),
-        ("smollm2-dense-257", bf16, (2, 257), 9, 3, 64, {}),
-        ("mistral-dense-512", fp16, (2, 512), 32, 8, 128, {}),
-        ("d96-dense-200", bf16, (2, 200), 8, 2, 96, {}),
-        ("gemma-d256-varlen", bf16, (sum(lens[:4]),), 8, 4, 256, {"cu_seqlens": lens[:4]}),
-    ]
-    rows = []
-    for name, dtype, prefix, hq, hkv, d, kw in cases:
-        label = f"{name}-{str(dtype)[6:]}"
-        if budget_s is not None and time.time() - t0 > budget_s:
-            print(f"gpu_check attention: skipped {label} (budget {budget_s:.0f}s spent)", flush=True)
-            continue
-        kw = dict(kw)
-        if "cu_seqlens" in kw:
-            kw["cu_seqlens"] = torch.tensor([0] + torch.tensor(kw["cu_seqlens"]).cumsum(0).tolist(),
-                                            dtype=torch.int32, device=dev)
-        if "seqlens" in kw:
-            kw["seqlens"] = torch.tensor(kw["seqlens"], dtype=torch.int32, device=dev)
-        q, k, v = (torch.randn(*prefix, h, d, generator=g).to(dev, dtype) for h in (hq, hkv, hkv))
-        for tensor, (err, torch_err) in accuracy_case(q, k, v, **kw).items():
-            rows.append({"op": "attention", "case": label, "tensor": tensor, "max_err": err,
-                         "torch_bf16_err": torch_err, "ok": err <= ERR_FACTOR * torch_err + ERR_FLOOR[dtype]})
-        del q, k, v
-        torch.cuda.empty_cache()
-    return rows
