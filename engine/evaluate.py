@@ -16,8 +16,8 @@ def sts_scores(encoder, pairs, batch_size=64, instruction=None):
     import torch
     from scipy.stats import pearsonr, spearmanr
 
-    a = encoder.encode([p[0] for p in pairs], batch_size=batch_size, instruction=instruction)
-    b = encoder.encode([p[1] for p in pairs], batch_size=batch_size, instruction=instruction)
+    a = encoder.encode([p[0] for p in pairs], batch_size=batch_size, instruction=instruction, convert_to_tensor=True)
+    b = encoder.encode([p[1] for p in pairs], batch_size=batch_size, instruction=instruction, convert_to_tensor=True)
     cos = torch.nn.functional.cosine_similarity(a, b).numpy()
     gold = [p[2] for p in pairs]
     return {"spearman": float(spearmanr(cos, gold).statistic * 100), "pearson": float(pearsonr(cos, gold).statistic * 100),

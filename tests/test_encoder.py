@@ -51,15 +51,15 @@ def test_encode_invariant_to_batch_size_and_padding_side(tmp_path, tok, pooling)
     base = str(tmp_path / "base")
     _save_base(base, tok)
     enc = Encoder.from_pretrained(base, pooling=pooling, device="cpu")
-    ref = enc.encode(TEXTS, batch_size=1)
+    ref = enc.encode(TEXTS, batch_size=1, convert_to_tensor=True)
     assert ref.dtype == torch.float32 and ref.shape == (5, 48)
     for bs in (2, 5):
         for side in ("left", "right"):
-            out = enc.encode(TEXTS, batch_size=bs, padding_side=side)
+            out = enc.encode(TEXTS, batch_size=bs, padding_side=side, convert_to_tensor=True)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     np_out = enc.encode(TEXTS, convert_to_numpy=True, normalize=True)
     assert np_out.dtype.name == "float32" and abs(float((np_out ** 2).sum(1).mean()) - 1) < 1e-5
-    with_instr = enc.encode(TEXTS[:2], instruction="Represent the sentence: ")
+    with_instr = enc.encode(TEXTS[:2], instruction="Represent the sentence: ", convert_to_tensor=True)
     assert (with_instr - ref[:2]).abs().max() > 1e-4  # attended instruction changes the embedding
     with pytest.raises(ValueError, match="empty"):
         enc.encode([])
@@ -82,9 +82,9 @@ def test_llm2vec_style_chain_base_mntp_supervised(tmp_path, tok):
     from engine.encoding import encode_texts
 
     expected = encode_texts(ref_model, tok, TEXTS, pooling="eos", max_len=32)
-    torch.testing.assert_close(enc.encode(TEXTS), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(enc.encode(TEXTS, convert_to_tensor=True), expected, atol=1e-5, rtol=0)
     plain = Encoder.from_pretrained(base, device="cpu", pooling="eos", max_length=32)
-    assert (plain.encode(TEXTS) - expected).abs().max() > 1e-4  # the adapters really were applied
+    assert (plain.encode(TEXTS, convert_to_tensor=True) - expected).abs().max() > 1e-4  # the adapters really were applied
 
 
 def test_training_output_round_trip_and_evaluate_cli(tmp_path):
@@ -94,7 +94,7 @@ def test_training_output_round_trip_and_evaluate_cli(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     enc = Encoder.from_pretrained(out, device="cpu")
     enc2 = Encoder.from_pretrained(os.path.join(out, "adapter"), device="cpu")
-    a, b = enc.encode(TEXTS), enc2.encode(TEXTS)
+    a, b = enc.encode(TEXTS, convert_to_tensor=True), enc2.encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(a, b)
     r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", f"{STS}/sts-dev.csv"],
                 timeout=600)
