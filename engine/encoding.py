@@ -128,6 +128,8 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     ids_out, pm_out, stats = [], [], {"truncated": 0, "empty": 0}
     for ids, prefix in zip(enc, prefixes):
         n_prefix = (prompt_token_count(tokenizer, prefix, cache) or 0) if skip_instruction else 0
+        if eos is not None and ids and ids[-1] == eos:
+            ids = ids[:-1]  # a tokenizer that appends EOS itself (an export with eos pooling): append it once
         if len(ids) > budget:
             stats["truncated"] += 1
             ids = ids[:budget]
