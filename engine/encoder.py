@@ -402,7 +402,7 @@ class Encoder:
         if self.doc_max_length:
             texts, stats["doc_truncated"] = truncate_words(self.tokenizer, texts, self.doc_max_length)
         if show_progress_bar is None:
-            show_progress_bar = len(texts) > 1000 and logger.getEffectiveLevel() <= logging.INFO
+            show_progress_bar = len(texts) > 1000
         devices = _device_list(device)
         kw = dict(pooling=self.pooling, max_len=max_length or self.max_length, batch_size=batch_size,
                   padding_side=padding_side, chat=self.chat, skip_instruction=self.skip_instruction)

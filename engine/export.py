@@ -209,6 +209,10 @@ def main(argv=None):
     ap.add_argument("--max-length", type=int, default=None, help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    local = os.path.expanduser(args.model)
+    if not os.path.exists(local) and (local.startswith((".", "/", "~")) or len(args.model.split("/")) != 2):
+        print(f"error: model not found: {args.model} (neither a local folder nor a hub id)", file=sys.stderr)
+        return 2
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:

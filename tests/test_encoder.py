@@ -91,8 +91,14 @@ def test_llm2vec_style_chain_base_mntp_supervised(tmp_path, tok):
 def test_training_output_round_trip_and_evaluate_cli(tmp_path):
     out = str(tmp_path / "run")
     r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/simcse.yaml", f"output_dir={out}",
-                 "max_steps=2", "save_every=0", "batch_size=8", "micro_batch_size=8", "max_samples=40"], timeout=600)
+                 "max_steps=2", "save_every=0", "batch_size=8", "micro_batch_size=8", "max_samples=40", "eval_every=2"],
+                timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # export of a run: the model card carries the training config and the eval figure the run logged
+    r = run_cmd(["python", "-m", "engine.export", "--model", out, "--out", str(tmp_path / "exp")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "stage: simcse" in card and "| eval_sts_spearman | 2 |" in card and str(tmp_path) not in card
     enc = Encoder.from_pretrained(out, device="cpu")
     enc2 = Encoder.from_pretrained(os.path.join(out, "adapter"), device="cpu")
     a, b = enc.encode(TEXTS, convert_to_tensor=True), enc2.encode(TEXTS, convert_to_tensor=True)
