@@ -269,7 +269,10 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
             kw["gguf_file"] = gguf
         if device_map is not None:
             kw["device_map"] = device_map
-        model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
+        try:
+            model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
+        except OSError as e:  # not cached offline, no such repo, no weights in the folder
+            raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e}") from e
         if info["tokenizer"]:
             tok = AutoTokenizer.from_pretrained(info["tokenizer"])
         else:

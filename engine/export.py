@@ -82,6 +82,17 @@ def _public_name(ref):
         os.path.basename(os.path.normpath(ref))
 
 
+def _local_names(x):
+    """The run config with absolute local paths replaced by ``<local>/basename`` (they mean nothing elsewhere)."""
+    if isinstance(x, dict):
+        return {k: _local_names(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_local_names(v) for v in x]
+    if isinstance(x, str) and os.path.isabs(x):
+        return "<local>/" + os.path.basename(os.path.normpath(x))
+    return x
+
+
 def _model_card(meta, run, figures, st_prompts):
     lines = [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
              "attention, MNTP, then SimCSE / supervised contrastive), exported with `python -m engine.export`.", "",
@@ -104,8 +115,11 @@ def _model_card(meta, run, figures, st_prompts):
     lines += ["", "## Training config", ""]
     cfg = os.path.join(run, "config.yaml") if run else None
     if cfg and os.path.isfile(cfg):
+        import yaml
+
         with open(cfg) as f:
-            lines += ["```yaml", f.read().rstrip(), "```"]
+            text = yaml.safe_dump(_local_names(yaml.safe_load(f)), sort_keys=False)
+        lines += ["Local paths are shown as `<local>/NAME`.", "", "```yaml", text.rstrip(), "```"]
     else:
         lines += ["No training config was found next to the model (not an engine run folder)."]
     return "\n".join(lines) + "\n"

@@ -119,6 +119,9 @@ def test_encode_takes_sentence_transformers_and_llm2vec_arguments(tmp_path, tok)
     _save_base(base, tok)
     enc = Encoder.from_pretrained(base, torch_dtype=torch.float32, device_map="cpu", pooling_mode="mean")
     assert type(enc.model).__name__ == "LlamaModel" and enc.max_length == 512  # no LM head; inference default
+    from engine.encoder import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
     out = enc.encode(TEXTS)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (5, 48)
     instr = "Represent the sentence: "
