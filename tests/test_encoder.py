@@ -184,6 +184,7 @@ print(json.dumps({"chat": enc.chat, "n_adapters": len(enc.source["adapters"]), "
 '''
 
 
+@pytest.mark.slow
 def test_llm2vec_published_layout_from_hub_cache_offline(tmp_path, tok):
     """McGill-NLP/LLM2Vec-*-mntp(-supervised) layout: hub ids resolved through huggingface_hub's cache, offline."""
     cache = tmp_path / "hub"
