@@ -20,10 +20,13 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        "dev": ["pytest>=8", "gguf>=0.10", "matplotlib", "tensorboard"],
+        # sentence-transformers / mteb: pinned to the versions tested with transformers 5.x and torch 2.13
+        "dev": ["pytest>=8", "gguf>=0.10", "matplotlib", "tensorboard", "sentence-transformers==6.2.0",
+                "mteb==2.26.24", "datasets"],
         "bench": ["matplotlib", "liger-kernel"],
         "flash": ["flash-attn"],
-        "eval": ["mteb", "datasets"],
+        "eval": ["mteb==2.26.24", "datasets", "sentence-transformers==6.2.0"],
+        "export": ["sentence-transformers==6.2.0"],
     },
     entry_points={"console_scripts": ["llm2vec-engine-fetch=engine.assets:main"]},
 )

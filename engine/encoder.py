@@ -2,26 +2,34 @@
 
     from engine import Encoder
     enc = Encoder.from_pretrained("outputs/smollm2-135m-simcse")          # a run's output dir
-    emb = enc.encode(["a sentence", "another"], instruction=None)         # float32 (N, H) tensor
+    emb = enc.encode(["a sentence", "another"])                           # float32 (N, H) numpy array
 
-``from_pretrained`` accepts: a training run's output dir or its ``adapter/`` folder (base model,
-earlier adapters and pooling come from ``engine_encoder.json``); a PEFT adapter folder whose
-``adapter_config.json`` names its base, recursively (the layout of published LLM2Vec checkpoints:
-base <- MNTP adapter <- supervised/SimCSE adapter, with ``llm2vec_config.json`` for pooling); or a
-plain HF model (used as is, made bidirectional). Adapters are merged into the base weights.
+``from_pretrained`` accepts: a training run's output dir or its ``adapter/`` folder (base model, earlier
+adapters and pooling come from ``engine_encoder.json``); a PEFT adapter folder or hub id whose
+``adapter_config.json`` names its base, recursively (the layout of published LLM2Vec checkpoints: base <-
+MNTP adapter <- supervised/SimCSE adapter, with ``llm2vec_config.json`` for pooling); a folder written by
+``python -m engine.export`` (pooling and prompt from its sentence-transformers files); or a plain HF model
+(used as is, made bidirectional). It takes llm2vec's arguments too (``peft_model_name_or_path``,
+``torch_dtype``, ``device_map``, ``pooling_mode``, ``doc_max_length``, ``skip_instruction``, model kwargs).
+
+The model is loaded without its LM head (``AutoModel``) and every adapter of the chain is merged into the
+base weights (LoRA ``W += scale * B @ A`` in fp32, then cast back).
 """
 import json
+import logging
 import os
 
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .encoding import encode_texts
-from .modeling import load_model
+from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, truncate_words
+
+logger = logging.getLogger(__name__)
 
 _LLM2VEC_POOLING = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token": "eos", "last_token": "last",
                     "bos_token": "bos"}
+_ST_POOLING = {"mean": "mean", "weightedmean": "weighted_mean", "lasttoken": "eos", "cls": "bos"}
+DEFAULT_MAX_LENGTH = 512  # inference max tokens when the model folder names none
 
 
 def _read_json(path):
@@ -29,94 +37,403 @@ def _read_json(path):
         return json.load(f)
 
 
-def _resolve_chain(path, depth=0):
-    """(base, [adapters base->top], settings) for an adapter folder, following base_model_name_or_path."""
-    if depth > 8:
-        raise ValueError(f"adapter chain too deep at {path}")
-    acfg = os.path.join(path, "adapter_config.json")
-    settings = {}
-    llm2vec = os.path.join(path, "llm2vec_config.json")
-    if os.path.isfile(llm2vec):
-        lc = _read_json(llm2vec)
+def _looks_like_hub_id(name):
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_ref(name, what="model"):
+    """A local folder for ``name``: a local path as is, a hub id through ``huggingface_hub`` (its cache and
+    ``HF_HUB_OFFLINE`` are honoured)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if not _looks_like_hub_id(name):
+        raise FileNotFoundError(f"{what} not found: {name} (neither a local folder nor a hub id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name)
+    except Exception as e:  # offline without a cached copy, a missing repo, ...
+        raise FileNotFoundError(f"{what} {name!r} is not a local folder and could not be fetched from the "
+                                f"hub ({type(e).__name__}: {e})") from e
+
+
+def _is_adapter(name):
+    """Whether ``name`` (folder or hub id) is a PEFT adapter, without downloading model weights."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, "adapter_config.json"))
+    if not _looks_like_hub_id(name):
+        return False
+    try:
+        from huggingface_hub import hf_hub_download
+
+        hf_hub_download(name, "adapter_config.json")
+        return True
+    except Exception:
+        return False
+
+
+def _llm2vec_settings(folder):
+    s = {}
+    p = os.path.join(folder, "llm2vec_config.json")
+    if os.path.isfile(p):
+        lc = _read_json(p)
         if "pooling_mode" in lc:
-            settings["pooling"] = _LLM2VEC_POOLING.get(lc["pooling_mode"], lc["pooling_mode"])
-        if "max_length" in lc:
-            settings["max_length"] = lc["max_length"]
-    if not os.path.isfile(acfg):
-        return path, [], settings
-    base = _read_json(acfg).get("base_model_name_or_path")
-    if not base:
-        raise ValueError(f"{acfg} does not name base_model_name_or_path")
-    if os.path.isdir(base) and os.path.isfile(os.path.join(base, "adapter_config.json")):
-        root, chain, inner = _resolve_chain(base, depth + 1)
-        return root, chain + [path], {**inner, **settings}
-    return base, [path], settings
+            s["pooling"] = _LLM2VEC_POOLING.get(lc["pooling_mode"], lc["pooling_mode"])
+        for k_in, k_out in (("max_length", "max_length"), ("doc_max_length", "doc_max_length"),
+                            ("skip_instruction", "skip_instruction")):
+            if k_in in lc:
+                s[k_out] = lc[k_in]
+    return s
+
+
+def _st_settings(folder):
+    """Pooling, normalisation, max length and default prompt of a sentence-transformers folder (an export)."""
+    s = {}
+    try:
+        modules = _read_json(os.path.join(folder, "modules.json"))
+    except (OSError, ValueError):
+        return s
+    for m in modules:
+        cfg = os.path.join(folder, m.get("path", ""), "config.json")
+        if m.get("type", "").endswith("Pooling") and os.path.isfile(cfg):
+            mode = _read_json(cfg).get("pooling_mode", "mean")
+            s["pooling"] = _ST_POOLING.get(mode if isinstance(mode, str) else mode[0], "mean")
+        if m.get("type", "").endswith("Normalize"):
+            s["normalize"] = True
+    stc = os.path.join(folder, "config_sentence_transformers.json")
+    if os.path.isfile(stc):
+        c = _read_json(stc)
+        name = c.get("default_prompt_name")
+        if name:
+            s["instruction"] = (c.get("prompts") or {}).get(name, "")
+    tc = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tc) and isinstance(_read_json(tc).get("model_max_length"), int):
+        s["max_length"] = _read_json(tc)["model_max_length"]
+    return s
+
+
+def resolve_chain(name_or_path, peft_model_name_or_path=None):
+    """Where the weights come from: a dict with ``base`` (hub id or folder of the base weights), ``base_id`` (the
+    root base's hub id where known: it selects llm2vec's chat wrapping), ``adapters`` (local folders, base first),
+    ``random_init`` / ``gguf_file`` (engine test runs), ``tokenizer`` (a folder, or None for the base's) and
+    ``settings`` (pooling, max_length, instruction, ... from the folders' metadata; the top adapter wins)."""
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(os.path.join(path, "adapter")) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        path = os.path.join(path, "adapter")  # a training run's output dir
+    info = {"base": None, "base_id": None, "adapters": [], "random_init": None, "gguf_file": None,
+            "tokenizer": None, "settings": {}, "engine_meta": None}
+    meta_path = os.path.join(path, "engine_encoder.json")
+    if os.path.isfile(meta_path):
+        meta = _read_json(meta_path)
+        info.update(base=meta.get("base_model") or None, random_init=meta.get("random_init"),
+                    gguf_file=meta.get("gguf_file"), tokenizer=os.path.abspath(path), engine_meta=meta,
+                    adapters=[os.path.abspath(a) for a in meta.get("prior_adapters", [])] + [os.path.abspath(path)])
+        missing = [a for a in info["adapters"] if not os.path.isfile(os.path.join(a, "adapter_config.json"))]
+        if missing:
+            raise FileNotFoundError(f"{meta_path} names adapters that are gone: {missing} (export the run with "
+                                    f"`python -m engine.export` to get a folder that can move)")
+        info["settings"] = {"pooling": meta.get("pooling", "mean"), "instruction": meta.get("instruction", ""),
+                            "train_max_length": meta.get("max_length"), "bidirectional": meta.get("bidirectional", True)}
+        if meta.get("inference_max_length"):
+            info["settings"]["max_length"] = meta["inference_max_length"]
+    else:
+        chain, settings, cur = [], {}, name_or_path if not os.path.isdir(path) else path
+        for _ in range(10):
+            if not _is_adapter(cur):
+                break
+            folder = resolve_ref(cur, "adapter")
+            chain.insert(0, folder)
+            settings = {**_llm2vec_settings(folder), **settings}
+            base = _read_json(os.path.join(folder, "adapter_config.json")).get("base_model_name_or_path")
+            if not base:
+                raise ValueError(f"{folder}/adapter_config.json does not name base_model_name_or_path")
+            cur = base
+        else:
+            raise ValueError(f"adapter chain deeper than 10 at {name_or_path}")
+        info["base"], info["adapters"] = cur, chain
+        if os.path.isdir(os.path.expanduser(cur)):
+            base_folder = os.path.abspath(os.path.expanduser(cur))
+            settings = {**_llm2vec_settings(base_folder), **_st_settings(base_folder), **settings}
+        info["settings"] = settings
+        top = chain[-1] if chain else None
+        if top and os.path.isfile(os.path.join(top, "tokenizer_config.json")):
+            info["tokenizer"] = top
+    if peft_model_name_or_path:
+        extra = resolve_chain(peft_model_name_or_path)
+        # llm2vec: the supervised adapter's own chain (it names the MNTP repo as its base) is already loaded
+        own = [a for a in extra["adapters"] if a not in info["adapters"]]
+        info["adapters"] = info["adapters"] + own
+        info["settings"] = {**info["settings"], **extra["settings"]}
+        if extra["tokenizer"] and not info["tokenizer"]:
+            info["tokenizer"] = extra["tokenizer"]
+    base = info["base"]
+    if base and _looks_like_hub_id(base) and not os.path.isdir(os.path.expanduser(base)):
+        info["base_id"] = base
+    elif base and os.path.isfile(os.path.join(os.path.expanduser(base), "config.json")):
+        info["base_id"] = _read_json(os.path.join(os.path.expanduser(base), "config.json")).get("_name_or_path")
+    return info
+
+
+def _adapter_tensors(folder):
+    st = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binf = os.path.join(folder, "adapter_model.bin")
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no adapter weights (adapter_model.safetensors/.bin) in {folder}")
+
+
+@torch.no_grad()
+def merge_lora(model, folder):
+    """Fold a PEFT LoRA adapter into ``model``'s weights in place (``W += scale * B @ A``, computed in fp32).
+
+    Works on a bare decoder (``AutoModel``) whatever model class saved the adapter: the keys' ``base_model.model.``
+    and, where needed, ``model.`` prefixes are stripped. Returns the number of merged modules; LM-head LoRA
+    weights are skipped (an encoder has no head), anything else that is not LoRA is an error.
+    """
+    cfg = _read_json(os.path.join(folder, "adapter_config.json"))
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{folder}: only plain LoRA adapters can be merged (peft_type={cfg.get('peft_type')}, "
+                         f"use_dora={cfg.get('use_dora')})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    modules = dict(model.named_modules())
+    pairs = {}
+    for key, t in _adapter_tensors(folder).items():
+        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        for part in (".lora_A.", ".lora_B."):
+            if part in k:
+                mod, kind = k.split(part)[0], part.strip(".")
+                pairs.setdefault(mod, {})[kind] = t
+                break
+        else:
+            raise ValueError(f"{folder}: tensor {key!r} is not a LoRA weight (modules_to_save / trainable tokens "
+                             f"are not supported)")
+    merged = 0
+    for mod, ab in pairs.items():
+        name = mod if mod in modules else (mod[len("model."):] if mod.startswith("model.") else mod)
+        if name not in modules:
+            if mod.split(".")[-1] in ("lm_head", "embed_out", "output"):
+                continue
+            raise ValueError(f"{folder}: LoRA target {mod!r} does not exist in the model")
+        lin = modules[name]
+        w = lin.weight
+        delta = (ab["lora_B"].float().to(w.device) @ ab["lora_A"].float().to(w.device)) * scale
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        w.copy_((w.float() + delta).to(w.dtype))
+        merged += 1
+    if not merged:
+        raise ValueError(f"{folder}: no LoRA weights matched the model")
+    return merged
+
+
+def resolve_dtype(dtype, device_type):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, bf16, fp16 or fp32 (or a torch.dtype)")
+    return table[dtype]
+
+
+def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional=True, **model_kwargs):
+    """(bare decoder without LM head, tokenizer) for a ``resolve_chain`` result, adapters merged."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from .bidirectional import check_architecture, make_bidirectional
+    from .config import ModelConfig
+    from .modeling import decoder_of, load_model, load_tokenizer, resolve_model_path
+
+    if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
+        mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
+                           tokenizer=info["tokenizer"], dtype="fp32", bidirectional=False)
+        full, tok = load_model(mcfg, "cpu", bidirectional=False)
+        model = decoder_of(full).to(dtype)
+        del full
+    else:
+        path, gguf = resolve_model_path(info["base"], info["gguf_file"])
+        kw = dict(model_kwargs)
+        if gguf:
+            kw["gguf_file"] = gguf
+        if device_map is not None:
+            kw["device_map"] = device_map
+        try:
+            model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
+        except OSError as e:  # not cached offline, no such repo, no weights in the folder
+            raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e}") from e
+        if info["tokenizer"]:
+            tok = AutoTokenizer.from_pretrained(info["tokenizer"])
+        else:
+            tok = load_tokenizer(ModelConfig(name_or_path=info["base"], gguf_file=info["gguf_file"]))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    for a in info["adapters"]:
+        merge_lora(model, a)
+    if bidirectional:
+        check_architecture(model.config)
+        make_bidirectional(model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.eval(), tok
+
+
+def _device_list(device):
+    return list(device) if isinstance(device, (list, tuple)) else None
 
 
 class Encoder:
-    def __init__(self, model, tokenizer, pooling="mean", max_length=512, instruction="", device=None):
+    def __init__(self, model, tokenizer, pooling="mean", max_length=DEFAULT_MAX_LENGTH, instruction="", device=None,
+                 doc_max_length=None, skip_instruction=True, chat=None, normalize=False, attention="auto"):
+        if chat is not None and chat not in CHAT_WRAPS:
+            raise ValueError(f"unknown chat wrapping {chat!r}; expected one of {sorted(CHAT_WRAPS)} or None")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.pooling, self.max_length, self.default_instruction = pooling, max_length, instruction
-        self.device = device or next(model.parameters()).device
+        self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
+        self.normalize, self.attention = normalize, attention
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.last_stats = {}
 
     @classmethod
-    def from_pretrained(cls, path_or_name, *, peft_model_name_or_path=None, pooling=None, max_length=None,
-                        device=None, dtype="fp32", bidirectional=None, attention="auto"):
-        path = path_or_name
-        if os.path.isdir(os.path.join(path, "adapter")) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            path = os.path.join(path, "adapter")  # a training run's output dir
-        meta_path = os.path.join(path, "engine_encoder.json")
-        device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        settings = {}
-        if os.path.isfile(meta_path):
-            meta = _read_json(meta_path)
-            mcfg = ModelConfig(name_or_path=meta["base_model"] or "", gguf_file=meta.get("gguf_file"),
-                               random_init=meta.get("random_init"), tokenizer=path, dtype=dtype,
-                               adapters=list(meta.get("prior_adapters", [])) + [path],
-                               bidirectional=meta.get("bidirectional", True) if bidirectional is None else bidirectional,
-                               attention=attention)
-            settings = {"pooling": meta.get("pooling", "mean"), "max_length": meta.get("max_length", 512),
-                        "instruction": meta.get("instruction", "")}
-        elif os.path.isdir(path):
-            base, chain, settings = _resolve_chain(path)
-            mcfg = ModelConfig(name_or_path=base, dtype=dtype, adapters=chain,
-                               bidirectional=True if bidirectional is None else bidirectional, attention=attention,
-                               tokenizer=path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else None)
-        else:
-            mcfg = ModelConfig(name_or_path=path, dtype=dtype, attention=attention,
-                               bidirectional=True if bidirectional is None else bidirectional)
-        if peft_model_name_or_path:
-            mcfg.adapters = list(mcfg.adapters) + [peft_model_name_or_path]
-            _, _, extra = _resolve_chain(peft_model_name_or_path)
-            settings.update(extra)
+    def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, *, pooling=None,
+                        pooling_mode=None, max_length=None, doc_max_length=None, skip_instruction=None, device=None,
+                        device_map=None, dtype="auto", torch_dtype=None, bidirectional=None, enable_bidirectional=None,
+                        attention="auto", chat="auto", instruction=None, merge_peft=True, **model_kwargs):
+        """llm2vec's signature plus the engine's options; ``model_kwargs`` go to ``AutoModel.from_pretrained``.
+
+        ``chat="auto"`` applies llm2vec's Instruct wrapping when the root base model is one it was used with
+        (``encoding.CHAT_WRAP_BY_BASE``); None disables it, or name a style from ``encoding.CHAT_WRAPS``.
+        """
+        del merge_peft  # adapters are always merged
+        info = resolve_chain(base_model_name_or_path, peft_model_name_or_path)
+        s = info["settings"]
+        if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
+            device, device_map = device_map, None
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dt = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, dev.type)
+        if bidirectional is None:
+            bidirectional = enable_bidirectional if enable_bidirectional is not None else s.get("bidirectional", True)
         import kernels
 
         kernels.set_default_impl("attention", attention)
-        model, tok = load_model(mcfg, device.type)
-        model.to(device)
-        return cls(model, tok, pooling=pooling or settings.get("pooling", "mean"),
-                   max_length=max_length or settings.get("max_length", 512),
-                   instruction=settings.get("instruction", ""), device=device)
+        model, tok = load_encoder_model(info, dt, device_map=device_map, bidirectional=bidirectional, **model_kwargs)
+        if device_map is None:
+            model.to(dev)
+        else:
+            dev = next(model.parameters()).device
+        if chat == "auto":
+            chat = CHAT_WRAP_BY_BASE.get(info["base_id"] or "")
+        pool = pooling or (_LLM2VEC_POOLING.get(pooling_mode, pooling_mode) if pooling_mode else None)
+        enc = cls(model, tok, pooling=pool or s.get("pooling", "mean"),
+                  max_length=max_length or s.get("max_length") or DEFAULT_MAX_LENGTH,
+                  instruction=s.get("instruction", "") if instruction is None else instruction, device=dev,
+                  doc_max_length=doc_max_length if doc_max_length is not None else s.get("doc_max_length"),
+                  skip_instruction=skip_instruction if skip_instruction is not None else s.get("skip_instruction", True),
+                  chat=chat, normalize=s.get("normalize", False), attention=attention)
+        enc.train_max_length = s.get("train_max_length")
+        enc.source = {k: info[k] for k in ("base", "base_id", "adapters", "random_init", "gguf_file", "engine_meta")}
+        return enc
 
-    def encode(self, texts, instruction=None, batch_size=32, normalize=False, max_length=None,
-               show_progress_bar=False, convert_to_numpy=False, convert_to_tensor=True, padding_side="right",
-               **kwargs):
-        """float32 (N, H) embeddings; numpy with convert_to_numpy=True (sentence-transformers/MTEB style).
+    @property
+    def prompts(self):
+        return {"query": self.default_instruction} if self.default_instruction else {}
 
-        ``instruction`` (one string, or one per text) is prepended and attended, but not pooled.
+    def _split_inputs(self, sentences, instruction):
+        """texts, per-text instructions: ``[[instruction, text], ...]`` (llm2vec) or plain strings."""
+        texts, instrs = [], []
+        for i, s in enumerate(sentences):
+            if isinstance(s, str):
+                texts.append(s)
+                instrs.append(None)
+            elif isinstance(s, (list, tuple)) and len(s) == 2 and all(isinstance(x, str) for x in s):
+                instrs.append(s[0])
+                texts.append(s[1])
+            else:
+                raise TypeError(f"encode: input {i} is {type(s).__name__} {str(s)[:60]!r}; expected a string or an "
+                                f"[instruction, text] pair of strings")
+        if isinstance(instruction, (list, tuple)):
+            if len(instruction) != len(texts):
+                raise ValueError(f"encode: {len(instruction)} instructions for {len(texts)} texts")
+            glob = list(instruction)
+        else:
+            glob = [instruction] * len(texts)
+        return texts, [i if i is not None else g for i, g in zip(instrs, glob)]
+
+    def encode(self, sentences, prompt_name=None, prompt=None, batch_size=32, show_progress_bar=None,
+               convert_to_numpy=True, convert_to_tensor=False, device=None, normalize_embeddings=False, *,
+               instruction=None, normalize=None, max_length=None, padding_side="right", precision="float32"):
+        """(N, H) float32 embeddings, numpy by default (a tensor with ``convert_to_tensor=True``), in input order.
+
+        sentence-transformers' arguments: ``prompt`` (an instruction string) or ``prompt_name`` (a key of
+        ``self.prompts``), ``batch_size``, ``show_progress_bar`` (None: on for more than 1000 texts),
+        ``convert_to_numpy`` / ``convert_to_tensor``, ``normalize_embeddings``, ``device`` (a list such as
+        ``["cuda:0", "cuda:1"]`` runs one process per device). ``instruction`` is the engine's name for
+        ``prompt`` (one string or one per text); ``[[instruction, text], ...]`` inputs work as in llm2vec.
+        Instructions are attended but not pooled. Any other keyword is a TypeError.
+        Truncated / empty-after-instruction counts land in ``self.last_stats`` (and a warning).
         """
-        single = isinstance(texts, str)
-        emb = encode_texts(self.model, self.tokenizer, [texts] if single else texts,
-                           instruction=instruction if instruction is not None else self.default_instruction,
-                           pooling=self.pooling, max_len=max_length or self.max_length, batch_size=batch_size,
-                           device=self.device, padding_side=padding_side, show_progress_bar=show_progress_bar)
-        if normalize or kwargs.get("normalize_embeddings"):
+        if precision not in ("float32", None):
+            raise ValueError(f"encode: precision={precision!r} is not supported (float32 only)")
+        if prompt is not None and instruction is not None:
+            raise ValueError("encode: give prompt= or instruction=, not both")
+        if prompt_name is not None:
+            if prompt is not None or instruction is not None:
+                raise ValueError("encode: give prompt_name= or prompt=/instruction=, not both")
+            if prompt_name not in self.prompts:
+                raise ValueError(f"encode: unknown prompt_name {prompt_name!r}; this model has {sorted(self.prompts)}")
+            instruction = self.prompts[prompt_name]
+        elif prompt is not None:
+            instruction = prompt
+        single = isinstance(sentences, str)
+        items = [sentences] if single else list(sentences)
+        if not items:
+            raise ValueError("encode: empty list of texts")
+        texts, instrs = self._split_inputs(items, instruction)
+        instrs = [self.default_instruction if i is None else i for i in instrs]
+        stats = {"truncated": 0, "empty": 0, "doc_truncated": 0}
+        if self.doc_max_length:
+            texts, stats["doc_truncated"] = truncate_words(self.tokenizer, texts, self.doc_max_length)
+        if show_progress_bar is None:
+            show_progress_bar = len(texts) > 1000
+        devices = _device_list(device)
+        kw = dict(pooling=self.pooling, max_len=max_length or self.max_length, batch_size=batch_size,
+                  padding_side=padding_side, chat=self.chat, skip_instruction=self.skip_instruction)
+        if devices and len(devices) > 1:
+            from .multi_device import encode_multi_device
+
+            emb = encode_multi_device(self, texts, instrs, devices, kw, stats, show_progress_bar)
+        else:
+            model = self.model
+            if devices or device is not None:
+                target = torch.device(devices[0] if devices else device)
+                if target != self.device:
+                    self.model.to(target)
+                    self.device = target
+            emb = encode_texts(model, self.tokenizer, texts, instruction=instrs, device=self.device,
+                               show_progress_bar=show_progress_bar, stats=stats, **kw)
+        self.last_stats = stats
+        if stats["truncated"] or stats["doc_truncated"] or stats["empty"]:
+            logger.warning("encode: %d of %d texts truncated to %d tokens, %d cut to doc_max_length=%s words, %d had "
+                           "no token after the instruction (pooled whole)", stats["truncated"], len(texts),
+                           kw["max_len"], stats["doc_truncated"], self.doc_max_length, stats["empty"])
+        if normalize_embeddings or normalize or (normalize is None and self.normalize):
             emb = torch.nn.functional.normalize(emb, dim=-1)
         if single:
             emb = emb[0]
-        if convert_to_numpy or not convert_to_tensor:
-            return emb.numpy().astype(np.float32)
-        return emb
+        if convert_to_tensor or not convert_to_numpy:
+            return emb
+        return emb.numpy().astype(np.float32)
 
     def similarity(self, a, b):
         return torch.nn.functional.cosine_similarity(torch.as_tensor(a)[:, None], torch.as_tensor(b)[None], dim=-1)

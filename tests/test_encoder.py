@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -11,7 +12,7 @@ from engine import Encoder
 from engine.config import ModelConfig
 from engine.modeling import load_tokenizer
 
-from .helpers import STS, run_cmd, tiny_llama_config
+from .helpers import ROOT, STS, run_cmd, tiny_llama_config
 
 TEXTS = ["A man is playing a guitar.", "Dogs.", "Three children are playing football in a large green park today.",
          "The stock market fell sharply on Monday after the announcement.", "Hi"]
@@ -51,15 +52,15 @@ def test_encode_invariant_to_batch_size_and_padding_side(tmp_path, tok, pooling)
     base = str(tmp_path / "base")
     _save_base(base, tok)
     enc = Encoder.from_pretrained(base, pooling=pooling, device="cpu")
-    ref = enc.encode(TEXTS, batch_size=1)
+    ref = enc.encode(TEXTS, batch_size=1, convert_to_tensor=True)
     assert ref.dtype == torch.float32 and ref.shape == (5, 48)
     for bs in (2, 5):
         for side in ("left", "right"):
-            out = enc.encode(TEXTS, batch_size=bs, padding_side=side)
+            out = enc.encode(TEXTS, batch_size=bs, padding_side=side, convert_to_tensor=True)
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     np_out = enc.encode(TEXTS, convert_to_numpy=True, normalize=True)
     assert np_out.dtype.name == "float32" and abs(float((np_out ** 2).sum(1).mean()) - 1) < 1e-5
-    with_instr = enc.encode(TEXTS[:2], instruction="Represent the sentence: ")
+    with_instr = enc.encode(TEXTS[:2], instruction="Represent the sentence: ", convert_to_tensor=True)
     assert (with_instr - ref[:2]).abs().max() > 1e-4  # attended instruction changes the embedding
     with pytest.raises(ValueError, match="empty"):
         enc.encode([])
@@ -82,19 +83,25 @@ def test_llm2vec_style_chain_base_mntp_supervised(tmp_path, tok):
     from engine.encoding import encode_texts
 
     expected = encode_texts(ref_model, tok, TEXTS, pooling="eos", max_len=32)
-    torch.testing.assert_close(enc.encode(TEXTS), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(enc.encode(TEXTS, convert_to_tensor=True), expected, atol=1e-5, rtol=0)
     plain = Encoder.from_pretrained(base, device="cpu", pooling="eos", max_length=32)
-    assert (plain.encode(TEXTS) - expected).abs().max() > 1e-4  # the adapters really were applied
+    assert (plain.encode(TEXTS, convert_to_tensor=True) - expected).abs().max() > 1e-4  # the adapters really were applied
 
 
 def test_training_output_round_trip_and_evaluate_cli(tmp_path):
     out = str(tmp_path / "run")
     r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/simcse.yaml", f"output_dir={out}",
-                 "max_steps=2", "save_every=0", "batch_size=8", "micro_batch_size=8", "max_samples=40"], timeout=600)
+                 "max_steps=2", "save_every=0", "batch_size=8", "micro_batch_size=8", "max_samples=40", "eval_every=2"],
+                timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    # export of a run: the model card carries the training config and the eval figure the run logged
+    r = run_cmd(["python", "-m", "engine.export", "--model", out, "--out", str(tmp_path / "exp")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = (tmp_path / "exp" / "README.md").read_text()
+    assert "stage: simcse" in card and "| eval_sts_spearman | 2 |" in card and str(tmp_path) not in card
     enc = Encoder.from_pretrained(out, device="cpu")
     enc2 = Encoder.from_pretrained(os.path.join(out, "adapter"), device="cpu")
-    a, b = enc.encode(TEXTS), enc2.encode(TEXTS)
+    a, b = enc.encode(TEXTS, convert_to_tensor=True), enc2.encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(a, b)
     r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", f"{STS}/sts-dev.csv"],
                 timeout=600)
@@ -105,3 +112,104 @@ def test_training_output_round_trip_and_evaluate_cli(tmp_path):
     bad.write_text("only\ttwo\n")
     r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", str(bad)], timeout=300)
     assert r.returncode != 0 and "expected >= 7 tab-separated columns" in r.stderr
+
+
+def test_encode_takes_sentence_transformers_and_llm2vec_arguments(tmp_path, tok):
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    enc = Encoder.from_pretrained(base, torch_dtype=torch.float32, device_map="cpu", pooling_mode="mean")
+    assert type(enc.model).__name__ == "LlamaModel" and enc.max_length == 512  # no LM head; inference default
+    from engine.encoder import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
+    out = enc.encode(TEXTS)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (5, 48)
+    instr = "Represent the sentence: "
+    by_prompt = enc.encode(TEXTS, prompt=instr, convert_to_tensor=True)
+    torch.testing.assert_close(enc.encode(TEXTS, instruction=instr, convert_to_tensor=True), by_prompt)
+    torch.testing.assert_close(enc.encode([[instr, t] for t in TEXTS], convert_to_tensor=True), by_prompt)
+    enc.default_instruction = instr
+    torch.testing.assert_close(enc.encode(TEXTS, prompt_name="query", convert_to_tensor=True), by_prompt)
+    enc.default_instruction = ""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'prompts'"):
+        enc.encode(TEXTS, prompts=instr)
+    with pytest.raises(ValueError, match="unknown prompt_name"):
+        enc.encode(TEXTS, prompt_name="nope")
+    with pytest.raises(TypeError, match="instruction, text"):
+        enc.encode([["a", "b", "c"]])
+    unit = enc.encode(TEXTS, normalize_embeddings=True)
+    assert abs(float((unit ** 2).sum(1).mean()) - 1) < 1e-5
+    empty = enc.encode(["", "Dogs."], convert_to_tensor=True)
+    assert empty.isfinite().all()
+    enc.encode(TEXTS, max_length=4)
+    assert enc.last_stats["truncated"] == 3  # only "Dogs." and "Hi" fit in 4 tokens
+    # skip_instruction=False pools the instruction tokens too (llm2vec's switch)
+    enc.skip_instruction = False
+    assert (enc.encode(TEXTS, prompt=instr, convert_to_tensor=True) - by_prompt).abs().max() > 1e-4
+    enc.skip_instruction = True
+    enc.doc_max_length = 3
+    enc.encode(TEXTS)
+    assert enc.last_stats["doc_truncated"] == 3
+
+
+@pytest.mark.slow
+def test_multi_device_encode_keeps_input_order(tmp_path, tok):
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    enc = Encoder.from_pretrained(base, device="cpu")
+    texts = [t * (1 + i % 3) for i, t in enumerate(TEXTS * 4)]
+    ref = enc.encode(texts, batch_size=3, convert_to_tensor=True)
+    out = enc.encode(texts, batch_size=3, device=["cpu", "cpu"], convert_to_tensor=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+_HUB_SCRIPT = r'''
+import json, sys, torch
+from engine import Encoder
+from engine.config import ModelConfig
+from engine.encoding import encode_texts
+from engine.modeling import load_model
+base, mntp, sup = sys.argv[1:4]
+enc = Encoder.from_pretrained("McGill-NLP/LLM2Vec-Tiny-mntp", peft_model_name_or_path="McGill-NLP/LLM2Vec-Tiny-mntp-supervised",
+                              torch_dtype=torch.float32, device_map="cpu")
+texts = ["A man is playing a guitar.", "Dogs."]
+got = enc.encode([["Retrieve a sentence:", t] for t in texts], convert_to_tensor=True)
+ref_model, tok = load_model(ModelConfig(name_or_path=base, adapters=[mntp, sup]))
+want = encode_texts(ref_model, tok, texts, instruction="Retrieve a sentence:", pooling=enc.pooling, max_len=enc.max_length,
+                    chat="inst")
+plain = encode_texts(ref_model, tok, texts, instruction="Retrieve a sentence:", pooling=enc.pooling, max_len=enc.max_length)
+print(json.dumps({"chat": enc.chat, "n_adapters": len(enc.source["adapters"]), "pooling": enc.pooling,
+                  "max_length": enc.max_length, "diff": float((got - want).abs().max()),
+                  "wrap_effect": float((got - plain).abs().max())}))
+'''
+
+
+@pytest.mark.slow
+def test_llm2vec_published_layout_from_hub_cache_offline(tmp_path, tok):
+    """McGill-NLP/LLM2Vec-*-mntp(-supervised) layout: hub ids resolved through huggingface_hub's cache, offline."""
+    cache = tmp_path / "hub"
+
+    def snap(repo):
+        d = cache / ("models--" + repo.replace("/", "--"))
+        (d / "refs").mkdir(parents=True)
+        (d / "refs" / "main").write_text("0" * 40)
+        return str(d / "snapshots" / ("0" * 40))
+
+    base_id = "mistralai/Mistral-7B-Instruct-v0.2"
+    base, mntp, sup = snap(base_id), snap("McGill-NLP/LLM2Vec-Tiny-mntp"), snap("McGill-NLP/LLM2Vec-Tiny-mntp-supervised")
+    model = _save_base(base, tok)
+    p1 = _save_adapter(model, mntp, base_id, seed=1)
+    model.config.save_pretrained(mntp)  # the published MNTP repo ships config.json beside its adapter
+    tok.save_pretrained(mntp)
+    _save_adapter(p1.merge_and_unload(), sup, "McGill-NLP/LLM2Vec-Tiny-mntp", seed=2)
+    with open(os.path.join(sup, "llm2vec_config.json"), "w") as f:
+        json.dump({"pooling_mode": "mean", "max_length": 64, "doc_max_length": 400, "skip_instruction": True}, f)
+    r = run_cmd(["python", "-c", _HUB_SCRIPT, base, mntp, sup],
+                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["chat"] == "inst" and res["n_adapters"] == 2 and res["max_length"] == 64
+    assert res["diff"] < 1e-5 and res["wrap_effect"] > 1e-3
+    r = run_cmd(["python", "-c", "from engine import Encoder; Encoder.from_pretrained('McGill-NLP/not-cached')"],
+                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, timeout=120)
+    assert r.returncode != 0 and "McGill-NLP/not-cached" in r.stderr

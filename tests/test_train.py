@@ -75,7 +75,7 @@ def test_contrastive_stages_two_ranks(tmp_path, stage, extra):
     from engine import Encoder
 
     enc = Encoder.from_pretrained(out, device="cpu")
-    emb = enc.encode(["A man is playing a guitar.", "Someone plays an instrument."])
+    emb = enc.encode(["A man is playing a guitar.", "Someone plays an instrument."], convert_to_tensor=True)
     assert emb.shape == (2, 64) and emb.isfinite().all()
 
 

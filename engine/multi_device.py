@@ -1,0 +1,65 @@
+"""``Encoder.encode(..., device=["cuda:0", "cuda:1", ...])``: one worker process per device over chunks.
+
+The parent sorts nothing: it cuts the inputs into chunks, the workers (spawned, each holding a copy of the
+model on its device) encode them, and the parent writes every chunk's rows back at its input positions, so
+the result is in input order whatever the worker speeds. Counts (truncated, empty) are summed.
+"""
+import torch
+
+_WORKER = {}
+
+
+def _init(state, device_queue):
+    import kernels
+
+    from .bidirectional import register
+
+    register()  # the bidirectional attention lives in a registry that a fresh process does not have yet
+    kernels.set_default_impl("attention", state["attention"])
+    device = torch.device(device_queue.get())
+    model = state["model"].to(device).eval()
+    _WORKER.update(model=model, tokenizer=state["tokenizer"], device=device)
+
+
+def _work(job):
+    from .encoding import encode_texts
+
+    start, texts, instrs, kw = job
+    stats = {}
+    emb = encode_texts(_WORKER["model"], _WORKER["tokenizer"], texts, instruction=instrs, device=_WORKER["device"],
+                       stats=stats, **kw)
+    return start, emb, stats
+
+
+def encode_multi_device(encoder, texts, instrs, devices, kw, stats, show_progress_bar=False, chunk_size=None):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    chunk_size = chunk_size or max(kw.get("batch_size", 32) * 4, -(-len(texts) // (4 * len(devices))))
+    jobs = [(s, texts[s:s + chunk_size], instrs[s:s + chunk_size], kw) for s in range(0, len(texts), chunk_size)]
+    q = ctx.Queue()
+    for d in devices:
+        q.put(str(d))
+    model = encoder.model
+    if next(model.parameters()).device.type != "cpu":
+        model = model.to("cpu")  # ship CPU weights; each worker moves its copy to its own device
+        encoder.device = torch.device("cpu")
+    state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto")}
+    out = None
+    bar = None
+    if show_progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(texts), desc=f"encode x{len(devices)}", unit="text")
+    with ctx.Pool(len(devices), initializer=_init, initargs=(state, q)) as pool:
+        for start, emb, st in pool.imap_unordered(_work, jobs):
+            if out is None:
+                out = torch.empty(len(texts), emb.shape[-1], dtype=torch.float32)
+            out[start:start + emb.shape[0]] = emb
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0) + v
+            if bar is not None:
+                bar.update(emb.shape[0])
+    if bar is not None:
+        bar.close()
+    return out
