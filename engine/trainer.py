@@ -420,8 +420,26 @@ def is_nonfinite_step(loss, grad_norm, fp16=False):
     return grad_norm is not None and not math.isfinite(float(grad_norm)) and not fp16
 
 
-def _micro_seed(seed, step, micro, rank):
-    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
+def _micro_seed(seed, step, slot):
+    # slot = micro * world + rank: the micro-batch's place in the global batch (BatchPlan's layout), so masks
+    # and dropout belong to the data, not to the world size (2 ranks x micro m draw what 1 rank x micro m does)
+    return (seed * 1_000_003 + step * 10_007 + slot * 101) % (2**63 - 1)
+
+
+def _dump_grads(module, root, step, rank):
+    """LLM2VEC_ENGINE_DUMP_GRADS=DIR: the full (ZeRO-3 gathered, rank-averaged) gradient of every trainable
+    parameter at the end of step `step`'s backward, before the optimizer step, saved by rank 0 to
+    DIR/grads_step{step}.pt. A collective; for tests that compare runs (e.g. 2 ranks against 1)."""
+    from deepspeed.utils import safe_get_full_grad
+
+    grads = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            g = safe_get_full_grad(p)
+            grads[name] = None if g is None else g.detach().to("cpu", torch.float32).clone()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        torch.save(grads, os.path.join(root, f"grads_step{step}.pt"))
 
 
 def _sts_spearman(module, stage, path, max_pairs=500):
@@ -494,6 +512,7 @@ def train(cfg):
         os.replace(tmp, os.path.join(cfg.output_dir, "config.yaml"))
     logger = MetricsLogger(cfg, rank, start)
     fail_at = int(os.environ.get("LLM2VEC_ENGINE_FAIL_AT_STEP", "-1"))
+    dump_grads = os.environ.get("LLM2VEC_ENGINE_DUMP_GRADS")
 
     bar = None
     if rank == 0 and cfg.progress_bar:
@@ -512,12 +531,14 @@ def train(cfg):
         t0 = time.time()
         loss_sum, tokens, truncated = 0.0, 0, 0
         for a, idx in enumerate(plan.micro_batches(step)):
-            seed = _micro_seed(cfg.seed, step, a, rank)
+            seed = _micro_seed(cfg.seed, step, a * world + rank)
             torch.manual_seed(seed)
             batch = stage.collate([items[i] for i in idx], torch.Generator().manual_seed(seed))
             truncated += int(batch.pop("truncated", 0))
             batch = to_device(batch, device)
             loss, metrics = stage.train_micro_step(engine, batch)
+            if dump_grads and a == accum - 1:
+                _dump_grads(module, dump_grads, step + 1, rank)
             engine.step()
             loss_sum += float(loss)
             tokens += int(metrics.get("tokens", 0))

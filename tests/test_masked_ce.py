@@ -484,8 +484,10 @@ def test_gpu_check_harness_on_cpu():
         ("tiny fp32 frozen W", torch.float32, 20, 32, 150, 0.8, None, 0.0, "mean", False),
         ("tiny fp16 softcap sum train W", torch.float16, 12, 32, 100, 0.5, 4.0, 1e-3, "sum", True),
         ("tiny all ignored", torch.float32, 5, 32, 64, 0.0, None, 0.0, "mean", True),
+        ("tiny fp16 frozen W eager ragged chunks", torch.float16, 23, 32, 150, 0.9, 4.0, 0.0, "sum", False, "eager",
+         {"row_chunk": 5}),
     ]
     rows = mc.gpu_check(cases=cases, device="cpu")
     assert [(r["case"], r["quantity"]) for r in rows] == [
-        (c[0], q) for c in cases for q in (("loss", "dhidden", "dweight") if c[-1] else ("loss", "dhidden"))]
+        (c[0], q) for c in cases for q in (("loss", "dhidden", "dweight") if c[9] else ("loss", "dhidden"))]
     assert all(r["ok"] for r in rows), rows

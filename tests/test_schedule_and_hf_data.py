@@ -1,0 +1,96 @@
+"""The LR schedule (warmup, then linear / cosine / constant) and `hf:NAME[:CONFIG[:SPLIT]]` data sources.
+
+The hf: tests stand a fake `datasets` module in for the real one (no network here): they check the spec is
+parsed into load_dataset's arguments and the rows are read like a local file's, not the Hub itself.
+"""
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.data import DataError, read_supervised, read_texts
+from engine.trainer import lr_lambda
+
+
+def _cfg(**kw):
+    return load_config("configs/tiny/mntp.yaml", [f"{k}={v}" for k, v in kw.items()])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_warmup_then_decay(schedule):
+    cfg = _cfg(warmup_steps=4, max_steps=20, lr_schedule=schedule)
+    f = lr_lambda(cfg)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]  # linear warmup, full lr on the last warmup step
+    t = lambda s: (s - 4) / 16  # noqa: E731  fraction of the decay span
+    want = {"linear": lambda s: 1 - t(s), "cosine": lambda s: 0.5 * (1 + math.cos(math.pi * t(s))),
+            "constant": lambda s: 1.0}[schedule]
+    for s in (4, 8, 12, 19, 20, 25):
+        assert f(s) == pytest.approx(want(min(s, 20)), abs=1e-12), s
+    if schedule != "constant":
+        assert f(20) == pytest.approx(0.0, abs=1e-12) and f(12) == pytest.approx(0.5)
+    # and through torch's LambdaLR as the trainer drives it (one scheduler step per optimizer step)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    seen = []
+    for _ in range(20):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([2.0 * f(s) for s in range(20)])
+
+
+def test_no_warmup_starts_at_full_lr():
+    f = lr_lambda(_cfg(warmup_steps=0, max_steps=10, lr_schedule="cosine"))
+    assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0, abs=1e-12)
+
+
+class _FakeDataset(list):
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.column_names = list(rows[0]) if rows else []
+
+
+@pytest.fixture
+def fake_datasets(monkeypatch):
+    calls, tables = [], {}
+    mod = types.ModuleType("datasets")
+
+    def load_dataset(name, config=None, split="train"):
+        calls.append((name, config, split))
+        return _FakeDataset(tables[name])
+
+    mod.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", mod)
+    return calls, tables
+
+
+def test_hf_text_source(fake_datasets):
+    calls, tables = fake_datasets
+    tables["org/wiki"] = [{"id": 1, "text": " first "}, {"id": 2, "text": ""}, {"id": 3, "text": "first"},
+                          {"id": 4, "text": "second"}]
+    texts, stats = read_texts(["hf:org/wiki:20231101.en:validation"], dedup=True)
+    assert calls == [("org/wiki", "20231101.en", "validation")]
+    assert texts == ["first", "second"] and (stats.empty, stats.duplicates) == (1, 1)
+    read_texts(["hf:org/wiki"])
+    assert calls[-1] == ("org/wiki", None, "train")  # no config, default split
+    tables["org/plain"] = [{"sentence": "only column"}]
+    assert read_texts(["hf:org/plain::test"])[0] == ["only column"]  # no `text` column: the first one
+    assert calls[-1] == ("org/plain", None, "test")
+
+
+def test_hf_supervised_source(fake_datasets):
+    _, tables = fake_datasets
+    tables["org/pairs"] = [{"query": "q1", "positive": "p1", "negative": "n1"},
+                           {"query": "q2", "positive": "p2", "negatives": ["n2", "n3"]}]
+    ex, _ = read_supervised(["hf:org/pairs"], 0, "Find: ")
+    assert [(e["query"], e["positive"], e["negatives"]) for e in ex] == [("q1", "p1", ["n1"]),
+                                                                         ("q2", "p2", ["n2", "n3"])]
+
+
+def test_hf_without_datasets_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(DataError, match="pip install datasets"):
+        read_texts(["hf:org/wiki"])
