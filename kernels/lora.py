@@ -189,9 +189,13 @@ def _block_n(n):
     return max(16, triton.next_power_of_2(n))
 
 
-def launch_config(kind, n, dtype):
-    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for kernel ``kind`` in {"down", "grad_a", "grad_x"}, N = sum r."""
+def launch_config(kind, n, dtype, dropout=False):
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for kernel ``kind`` in {"down", "grad_a", "grad_x"}, N = sum r.
+
+    With dropout the Philox mask of a 128 x 64 tile spills (sm_90: 112 bytes in "down"), so tiles are 64 x 64."""
     wide = _block_n(n) > 64
+    if dropout:
+        return (64, 64, 4, 3) if kind != "grad_x" else (64, 64, 4, 2)
     if kind == "down":
         return (64, 64, 4, 3) if wide else (128, 64, 4, 3)
     if kind == "grad_a":
@@ -218,7 +222,7 @@ def _down(x, a_cat, seed, p, scale):
     M, K = x.shape
     N = a_cat.shape[0]
     h = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    bm, bk, warps, stages = launch_config("down", N, x.dtype)
+    bm, bk, warps, stages = launch_config("down", N, x.dtype, p > 0)
     _lora_down_kernel[(triton.cdiv(M, bm),)](
         x, a_cat, h, seed, M, K, N, x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1),
         h.stride(0), h.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_N=_block_n(N),
@@ -229,7 +233,7 @@ def _down(x, a_cat, seed, p, scale):
 def _grad_a(x, gh, seed, p, scale):
     M, K = x.shape
     N = gh.shape[1]
-    bm, bk, warps, stages = launch_config("grad_a", N, x.dtype)
+    bm, bk, warps, stages = launch_config("grad_a", N, x.dtype, p > 0)
     k_blocks = triton.cdiv(K, bk)
     splits = _split_count(k_blocks, M, x.device)
     rows = triton.cdiv(triton.cdiv(max(M, 1), splits), bm) * bm
@@ -245,7 +249,7 @@ def _grad_a(x, gh, seed, p, scale):
 def _grad_x_(gx, gh, a_cat, seed, p, scale):
     M, K = gx.shape
     N = gh.shape[1]
-    bm, bk, warps, stages = launch_config("grad_x", N, gx.dtype)
+    bm, bk, warps, stages = launch_config("grad_x", N, gx.dtype, p > 0)
     _lora_grad_x_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         gx, gh, a_cat, seed, M, K, N, gx.stride(0), gx.stride(1), gh.stride(0), gh.stride(1),
         a_cat.stride(0), a_cat.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
@@ -373,3 +377,63 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     impl = _resolve(impl, x)
     biases = list(biases) if biases is not None else [None] * n
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU self-check (benchmarks/gpu_run.sh runs it on the device machine)
+# ----------------------------------------------------------------------------------------------
+
+# (case, M tokens, K in, outputs, rank, dropout, with biases)
+GPU_CHECK_CASES = [
+    ("mistral-7b q/k/v", 4096, 4096, (4096, 1024, 1024), 16, 0.05, False),
+    ("mistral-7b gate/up", 4096, 4096, (14336, 14336), 16, 0.05, False),
+    ("mistral-7b down", 4096, 14336, (4096,), 16, 0.05, False),
+    ("qwen2 q/k/v bias, odd M", 1000, 3584, (3584, 512, 512), 16, 0.1, True),
+    ("no dropout, r=64", 2048, 4096, (4096, 1024, 1024), 64, 0.0, False),
+]
+
+
+def gpu_check(factor=4.0, device="cuda", cases=None, dtype=torch.bfloat16):
+    """bf16 fused (Triton) vs the fp32 reference on the same keep mask, next to plain torch in bf16.
+
+    A row is ok when every output / gradient error is within ``factor`` x the error of the per-projection torch
+    computation in bf16 (plus a floor of 2**-10 of the largest value), forward and backward. ``device``, ``cases``
+    and ``dtype`` let the tests rehearse it on CPU under the interpreter (fp16 there)."""
+    dev = torch.device(device)
+    rows = []
+    for case, M, K, outs, r, p, bias in cases or GPU_CHECK_CASES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(M, K, device=dev, generator=g)
+        ws = [torch.randn(n, K, device=dev, generator=g) / K ** 0.5 for n in outs]
+        bs = [torch.randn(n, device=dev, generator=g) for n in outs] if bias else None
+        As = [torch.randn(r, K, device=dev, generator=g) / K ** 0.5 for _ in outs]
+        Bs = [torch.randn(n, r, device=dev, generator=g) / r ** 0.5 for n in outs]
+        gys = [torch.randn(M, n, device=dev, generator=g) for n in outs]
+        torch.manual_seed(1)
+        keep = lora_dropout_mask(draw_seed(dev), (M, K), p) if p > 0 else None
+
+        def run(fn, dt):
+            xx = x.to(dt, copy=True).requires_grad_(True)
+            aa = [a.to(dt, copy=True).requires_grad_(True) for a in As]
+            bb = [b.to(dt, copy=True).requires_grad_(True) for b in Bs]
+            ys = fn(xx, [w.to(dt) for w in ws], aa, bb, None if bs is None else [b.to(dt) for b in bs])
+            torch.autograd.backward(ys, [gy.to(dt) for gy in gys])
+            return [y.detach().float() for y in ys] + [xx.grad.float()] + [t.grad.float() for t in aa + bb]
+
+        def fused(xx, ww, aa, bb, bias_):
+            torch.manual_seed(1)
+            return lora_group(xx, ww, aa, bb, 2.0, p, biases=bias_, impl="triton")
+
+        def plain(xx, ww, aa, bb, bias_):
+            return lora_group_reference(xx, ww, aa, bb, 2.0, p, keep, biases=bias_)
+
+        ref = run(plain, torch.float32)
+        got = run(fused, dtype)
+        base = run(plain, dtype)
+        errs = [(a - r_).abs().max().item() for a, r_ in zip(got, ref)]
+        terrs = [(b - r_).abs().max().item() for b, r_ in zip(base, ref)]
+        floors = [2.0 ** -10 * r_.abs().max().item() for r_ in ref]
+        ok = all(e <= factor * t + f for e, t, f in zip(errs, terrs, floors))
+        worst = max(range(len(errs)), key=lambda i: errs[i] / (factor * terrs[i] + floors[i]))
+        rows.append({"op": "lora", "case": case, "max_err": errs[worst], "torch_bf16_err": terrs[worst], "ok": ok})
+    return rows

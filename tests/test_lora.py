@@ -120,20 +120,20 @@ def _variants():
     cases.append((torch.float32, "*fp32", 48, True))
     for dt, ty, n, drop in cases:
         prec = "ieee" if dt == torch.float32 else "tf32"
-        bm, bk, w, st = L.launch_config("down", n, dt)
+        bm, bk, w, st = L.launch_config("down", n, dt, drop)
         out.append((L._lora_down_kernel, dict(
             x_ptr=ty, a_ptr=ty, h_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_xm="i32",
             stride_xk="i32", stride_an="i32", stride_ak="i32", stride_hm="i32", stride_hn="i32",
             drop_thresh="i32", scale="fp32"), dict(HAS_DROPOUT=drop, BLOCK_M=bm, BLOCK_N=L._block_n(n),
                                                  BLOCK_K=bk, PRECISION=prec), w, st, f"down {dt} N{n} d{drop}"))
-        bm, bk, w, st = L.launch_config("grad_a", n, dt)
+        bm, bk, w, st = L.launch_config("grad_a", n, dt, drop)
         out.append((L._lora_grad_a_kernel, dict(
             x_ptr=ty, g_ptr=ty, part_ptr="*fp32", seed_ptr="*i32", M="i32", K="i32", N="i32",
             rows_per_split="i32", stride_xm="i32", stride_xk="i32", stride_gm="i32", stride_gn="i32",
             stride_ps="i32", stride_pn="i32", stride_pk="i32", drop_thresh="i32"),
             dict(HAS_DROPOUT=drop, BLOCK_M=bm, BLOCK_N=L._block_n(n), BLOCK_K=bk, PRECISION=prec), w, st,
             f"grad_a {dt} N{n} d{drop}"))
-        bm, bk, w, st = L.launch_config("grad_x", n, dt)
+        bm, bk, w, st = L.launch_config("grad_x", n, dt, drop)
         out.append((L._lora_grad_x_kernel, dict(
             gx_ptr=ty, g_ptr=ty, a_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_gxm="i32",
             stride_gxk="i32", stride_gm="i32", stride_gn="i32", stride_an="i32", stride_ak="i32",
@@ -179,3 +179,22 @@ def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
     for r in rows:
         print(f"{r['kernel']:40s} sm_{r['arch']} regs={r['registers']:3d} spills={r['spills']:4d} shared={r['shared']}")
         assert r["spills"] == 0 and r["registers"] <= 255 and r["shared"] <= limit[r["arch"]], r
+
+
+@pytest.mark.gpu
+def test_gpu_check():
+    from kernels.lora import gpu_check
+
+    rows = gpu_check()
+    bad = [r for r in rows if not r["ok"]]
+    assert rows and not bad, bad
+
+
+def test_gpu_check_rehearsal_on_cpu():
+    """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there)."""
+    from kernels.lora import gpu_check
+
+    rows = gpu_check(device="cpu", cases=[("qkv", 37, 64, (64, 16, 16), 8, 0.1, True), ("down", 20, 96, (32,), 4, 0.0,
+                                                                                       False)], dtype=torch.float16)
+    assert [r["case"] for r in rows] == ["qkv", "down"]
+    assert all(r["ok"] and 0 < r["max_err"] < 0.05 for r in rows), rows

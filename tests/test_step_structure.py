@@ -116,11 +116,17 @@ def test_memory_plan_choices():
     plan.device_type, plan.budget_bytes = "cuda", 64 << 30
     assert choose_recompute(cfg, plan, 0)[0] == "none"
     plan.tokens = 10**6
-    need = {p: plan.total(p, 0) for p in ("none", "selective", "full")}
-    plan.budget_bytes = (need["selective"] + need["none"]) // 2
+    need = {p: plan.total(p, 0) - plan.workspace() for p in ("none", "selective", "full")}
+    assert need["none"] > need["selective"] > need["full"]
+    between = lambda a, b: int(((need[a] + need[b]) / 2 + (256 << 20)) / 0.95)  # noqa: E731 (workspace: 5% + 256 MiB)
+    plan.budget_bytes = between("selective", "none")
     assert choose_recompute(cfg, plan, 0)[0] == "selective"
-    plan.budget_bytes = (need["selective"] + need["full"]) // 2
+    plan.budget_bytes = between("full", "selective")
     assert choose_recompute(cfg, plan, 0)[0] == "full"
+    with pytest.raises(Exception, match="model.fused_ops must be one of"):
+        load_config("configs/tiny/mntp.yaml", ["model.fused_ops=cuda"])
+    with pytest.raises(Exception, match="model.gradient_checkpointing must be one of"):
+        load_config("configs/tiny/mntp.yaml", ["model.gradient_checkpointing=some"])
     # ZeRO-3 settings from the plan: LoRA tensors persistent, prefetch >= one decoder layer
     ds = deepspeed_config(cfg, 1, use_bf16=False, stage=3, lora_max_numel=3_000_000, layer_numel=218_000_000)
     z = ds["zero_optimization"]
