@@ -11,8 +11,8 @@ Terms (bytes, per rank):
   16 B per trainable parameter (divided by world from stage 1 on);
 * activations: tokens per micro-batch x layers x bytes per token per layer, by recompute policy
   (H hidden, I MLP width, KV = kv heads x head dim, b = bytes per element):
-  none      b (8H + 3KV + 4I)  every saved tensor of a decoder layer (norm outputs, q/k/v, RoPE'd q/k,
-            attention output, o, gate, up, act(gate), product);
+  none      b (9H + 4KV + 4I) + 16H  every saved tensor of a decoder layer (norm outputs, q/k/v, RoPE'd and
+            rotated q/k, attention output, o, gate, up, act(gate), product) plus the two RMSNorms' fp32 internals;
   selective b (5H + 2KV + 2I)  layer input, the GEMM outputs (q/k/v, o, gate/up, down) and attention output;
   full      b H                only each layer's input; plus one layer's "none" activations while it is recomputed;
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers).
@@ -121,7 +121,7 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         tokens=tokens_per_micro_batch(cfg),
         layers=tc.num_hidden_layers,
         hidden=H,
-        per_token_layer={"none": b * (8 * H + 3 * KV + 4 * inter), "selective": b * (5 * H + 2 * KV + 2 * inter),
+        per_token_layer={"none": b * (9 * H + 4 * KV + 4 * inter) + 16 * H, "selective": b * (5 * H + 2 * KV + 2 * inter),
                          "full": b * H},
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,

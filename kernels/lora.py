@@ -23,6 +23,8 @@ guarantees); it is kept as a bool tensor for the backward. :func:`lora_dropout_m
 Triton mask from a seed (tests).
 
 ``lora_group_reference`` is the plain per-projection math (what PEFT computes), for tests.
+impl="auto" takes the Triton kernels for fp16/bf16 CUDA tensors and the torch path otherwise (fp32 Triton dots
+would be TF32). Launch configurations are fixed (``launch_config``) and compile spill-free for sm_90 and sm_80.
 This module imports only torch and triton.
 """
 import torch
@@ -33,11 +35,13 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _resolve(impl, x):
+    # auto: Triton for 16-bit CUDA tensors; fp32 stays on the exact torch path (the kernels' fp32 dots are TF32 on
+    # a GPU, about 1e-3 relative error, as in kernels.attention), and CPU tensors too.
     impl = impl or "auto"
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown impl {impl!r} for lora; expected auto, triton or torch")
     if impl == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else "torch"
     return impl
 
 
@@ -192,8 +196,11 @@ def _block_n(n):
 def launch_config(kind, n, dtype, dropout=False):
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) for kernel ``kind`` in {"down", "grad_a", "grad_x"}, N = sum r.
 
-    With dropout the Philox mask of a 128 x 64 tile spills (sm_90: 112 bytes in "down"), so tiles are 64 x 64."""
+    With dropout the Philox mask of a 128 x 64 tile spills (sm_90: 112 bytes in "down"), so tiles are 64 x 64;
+    fp32 operands take 2 stages (3 puts "down" at 255 registers)."""
     wide = _block_n(n) > 64
+    if dtype == torch.float32:
+        return (64, 64, 4, 2)
     if dropout:
         return (64, 64, 4, 3) if kind != "grad_x" else (64, 64, 4, 2)
     if kind == "down":
@@ -204,7 +211,8 @@ def launch_config(kind, n, dtype, dropout=False):
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # fp32 operands: TF32 tensor cores (ieee fp32 dots spill thousands of bytes); 16-bit operands ignore it
+    return "tf32"
 
 
 def _thresh(p):

@@ -119,7 +119,7 @@ def _variants():
     cases = [(torch.bfloat16, "*bf16", n, d) for n in (48, 96) for d in (False, True)]
     cases.append((torch.float32, "*fp32", 48, True))
     for dt, ty, n, drop in cases:
-        prec = "ieee" if dt == torch.float32 else "tf32"
+        prec = L._precision(dt)
         bm, bk, w, st = L.launch_config("down", n, dt, drop)
         out.append((L._lora_down_kernel, dict(
             x_ptr=ty, a_ptr=ty, h_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_xm="i32",
