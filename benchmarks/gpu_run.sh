@@ -166,7 +166,7 @@ def clean(v):
 
 
 signal.signal(signal.SIGALRM, _alarm)
-for op in ("attention", "masked_ce", "contrastive"):
+for op in ("attention", "masked_ce", "contrastive", "lora"):
     t0 = time.time()
     try:
         mod = importlib.import_module(f"kernels.{op}")

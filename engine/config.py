@@ -18,6 +18,8 @@ import yaml
 
 STAGES = ("mntp", "simcse", "supervised")
 RESUME_MODES = ("auto", "never", "must", "force")
+RECOMPUTE_POLICIES = ("auto", "full", "selective", "none")
+RECOMPUTE_ALIASES = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
 
 
 class ConfigError(ValueError):
@@ -34,12 +36,14 @@ class ModelConfig:
     bidirectional: bool = True
     attention: str = "auto"  # attention kernel: auto (Triton on CUDA, torch on CPU) | triton | torch
     loss: str = "auto"  # masked-CE / contrastive kernels: auto | triton | torch
-    fused_ops: str = "auto"  # fused decoder-layer kernels: auto (Triton on CUDA, torch on CPU) | triton | torch
+    fused_ops: str = "auto"  # fused decoder-layer ops (LoRA projections, RMSNorm, RoPE, GLU): auto (Triton on CUDA, torch on CPU) | triton | torch
     attention_dropout: float = 0.0  # dropout on attention probabilities (SimCSE uses 0.3)
     # false: the Triton backward adds dQ with fp32 atomics (fewer matmuls, run-to-run bitwise differences,
     # so resumed runs match to rounding rather than exactly)
     deterministic_attention: bool = True
-    gradient_checkpointing: bool = True
+    # recompute policy: auto (least recompute that fits the memory plan; full on CPU) | full | selective (keep GEMM
+    # and attention outputs, recompute elementwise ops) | none; true/false are read as full/none
+    gradient_checkpointing: str = "auto"
     adapters: typing.List[str] = field(default_factory=list)  # earlier stages' adapters, merged in order
     trust_remote_code: bool = False
 
@@ -103,7 +107,11 @@ class TrainConfig:
     save_every: int = 0  # 0: save only at the end
     keep_checkpoints: int = 2
     logger: str = "csv"  # csv | tensorboard | both
-    zero_stage: int = 3
+    # auto: stage 0 (replicated base, data parallel) when the base + planned activations fit one device's memory,
+    # else ZeRO-3; or 0 | 1 | 2 | 3 explicitly. See engine/memory.py.
+    zero_stage: str = "auto"
+    # GiB per rank the memory plan may use; 0 = ask the device (GPU: its memory; CPU: host RAM / local ranks)
+    memory_budget_gb: float = 0.0
     offload_optimizer: bool = False
     offload_params: bool = False
     progress_bar: bool = True
@@ -239,8 +247,13 @@ def validate(cfg: TrainConfig):
         raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if not cfg.model.name_or_path and not cfg.model.random_init:
         raise ConfigError("model.name_or_path is required (or model.random_init for a random test model)")
+    gc = cfg.model.gradient_checkpointing
+    cfg.model.gradient_checkpointing = RECOMPUTE_ALIASES.get(str(gc).lower(), str(gc))
+    cfg.zero_stage = str(cfg.zero_stage)
     for key, allowed in (("model.attention", ("auto", "triton", "torch")), ("model.loss", ("auto", "triton", "torch")),
                          ("model.fused_ops", ("auto", "triton", "torch")),
+                         ("model.gradient_checkpointing", RECOMPUTE_POLICIES),
+                         ("zero_stage", ("auto", "0", "1", "2", "3")),
                          ("model.dtype", ("auto", "bf16", "fp16", "fp32")),
                          ("lr_schedule", ("linear", "cosine", "constant")),
                          ("logger", ("csv", "tensorboard", "both")),
@@ -254,8 +267,6 @@ def validate(cfg: TrainConfig):
     if cfg.resume not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     _check_numbers(cfg)
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_stage must be 0..3, got {cfg.zero_stage}")
 
 
 def _walk_numbers(obj, prefix=""):
@@ -293,6 +304,7 @@ _RANGES = {
     "keep_checkpoints": (0, None, True, False, ">= 0 (0 keeps all)"),
     "seed": (0, None, True, False, ">= 0"),
     "max_nonfinite_steps": (1, None, True, False, ">= 1"),
+    "memory_budget_gb": (0.0, None, True, False, ">= 0 (0: ask the device)"),
     "contrastive.num_hard_negatives": (0, None, True, False, ">= 0"),
     "contrastive.grad_cache_chunk": (0, None, True, False, ">= 0 (0: no gradient caching)"),
 }
@@ -374,22 +386,32 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch_size // per_step
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16: bool = False) -> dict:
-    """The DeepSpeed dict, fully resolved from the run config (no "auto")."""
-    zero = {"stage": cfg.zero_stage}
-    if cfg.zero_stage == 3:
+def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16: bool = False, stage=None,
+                     lora_max_numel: int = 0, layer_numel: int = 0) -> dict:
+    """The DeepSpeed dict, fully resolved from the run config (no "auto").
+
+    ``stage``: the ZeRO stage the memory plan chose (engine/memory.py); without it an explicit
+    ``zero_stage`` is used and "auto" means 3 (the choice that needs no plan). Under ZeRO-3,
+    ``lora_max_numel`` (largest trainable tensor) keeps every LoRA tensor persistent, and ``layer_numel``
+    (parameters of one decoder layer) sizes the prefetch bucket to at least one layer.
+    """
+    if stage is None:
+        stage = 3 if str(cfg.zero_stage) == "auto" else int(cfg.zero_stage)
+    zero = {"stage": int(stage)}
+    if stage == 3:
+        prefetch = max(50_000_000, int(layer_numel))
         zero.update({
             "overlap_comm": True,
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
-            "stage3_param_persistence_threshold": 10_000,
-            "stage3_max_live_parameters": 1_000_000_000,
-            "stage3_prefetch_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": max(10_000, int(lora_max_numel) + 1),
+            "stage3_max_live_parameters": max(1_000_000_000, 2 * prefetch),
+            "stage3_prefetch_bucket_size": prefetch,
             "reduce_bucket_size": 50_000_000,
         })
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cfg.offload_params and cfg.zero_stage == 3:
+    if cfg.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_batch_size": cfg.batch_size,

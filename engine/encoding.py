@@ -57,9 +57,11 @@ def pad_batch(seqs, pad_id, side="right", extra=()):
     return (ids, am, *ex)
 
 
-def embed_batch(model, input_ids, attention_mask, pool_mask, pooling, packed=True):
-    hidden = packed_hidden_states(model, input_ids, attention_mask, packed=packed)
-    return pool(hidden, attention_mask, pooling, pool_mask)
+def embed_batch(model, input_ids, attention_mask, pool_mask, pooling, packed=True, layout=None):
+    """Pooled embeddings. ``layout`` (modeling.packing of the mask, built on the host by collate, which has also
+    checked that every text has tokens to pool) makes this free of host syncs."""
+    hidden = packed_hidden_states(model, input_ids, attention_mask, packed=packed, layout=layout)
+    return pool(hidden, attention_mask, pooling, pool_mask, check=layout is None)
 
 
 # llm2vec's chat wrapping, applied to "instruction text" for the families whose published supervised

@@ -138,22 +138,36 @@ def lm_head_of(model):
     return base.get_output_embeddings()
 
 
-def pack(input_ids, attention_mask):
-    # (B, S) padded (left or right) -> ids (1, T), position_ids (1, T), cu (B+1,), max_len, flat index (T,)
+def packing(attention_mask):
+    """The packed layout of a (B, S) padded (left or right) batch, computed where the mask lives.
+
+    Returns {"idx": flat indices of real tokens (T,), "pos": position ids (T,), "cu": cu_seqlens (B+1,) int32,
+    "max_len": python int}. Collate calls it on the host (CPU tensors), so the forward needs no host sync;
+    on a device tensor it syncs (nonzero, max) -- the path for callers that pass no layout.
+    """
     mask = attention_mask.to(torch.bool)
     lengths = mask.sum(1)
     if bool((lengths == 0).any()):
         raise ValueError("empty sequence in batch (all padding)")
     idx = mask.flatten().nonzero().squeeze(1)
     pos = (torch.cumsum(mask, dim=1) - 1).flatten().index_select(0, idx)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=input_ids.device)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=attention_mask.device)
     cu[1:] = torch.cumsum(lengths, 0)
-    return input_ids.flatten().index_select(0, idx)[None], pos[None], cu, int(lengths.max().item()), idx
+    return {"idx": idx, "pos": pos, "cu": cu, "max_len": int(lengths.max().item())}
 
 
-def packed_hidden_states(model, input_ids, attention_mask, packed=True):
+def pack(input_ids, attention_mask, layout=None):
+    # (B, S) padded (left or right) -> ids (1, T), position_ids (1, T), cu (B+1,), max_len, flat index (T,)
+    lay = layout if layout is not None else packing(attention_mask)
+    idx = lay["idx"]
+    return input_ids.flatten().index_select(0, idx)[None], lay["pos"][None], lay["cu"], int(lay["max_len"]), idx
+
+
+def packed_hidden_states(model, input_ids, attention_mask, packed=True, layout=None):
     """Final hidden states (B, S, H) of a padded batch; padding rows are zero.
 
+    ``layout``: :func:`packing` of the mask, computed on the host by collate (then nothing here syncs);
+    without it the layout is computed from the mask on its device.
     Packing needs the engine's attention (it reads cu_seqlens); a model left causal on another
     attention implementation runs padded, with a 2-D mask and position ids from the mask.
     """
@@ -161,7 +175,7 @@ def packed_hidden_states(model, input_ids, attention_mask, packed=True):
     if not packed or not is_bidirectional(decoder_of(model)):
         pos = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)
         return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
-    ids, pos, cu, max_len, idx = pack(input_ids, attention_mask)
+    ids, pos, cu, max_len, idx = pack(input_ids, attention_mask, layout)
     out = dec(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
               max_length_k=max_len).last_hidden_state[0]  # (T, H)
     B, S = input_ids.shape

@@ -9,13 +9,14 @@ import torch
 POOLING_MODES = ("mean", "weighted_mean", "eos", "last", "bos")
 
 
-def pool(hidden, attention_mask, mode="mean", pool_mask=None):
-    # hidden (B, S, H), attention_mask (B, S), pool_mask (B, S) -> (B, H)
+def pool(hidden, attention_mask, mode="mean", pool_mask=None, check=True):
+    # hidden (B, S, H), attention_mask (B, S), pool_mask (B, S) -> (B, H). check=False skips the (host-syncing)
+    # "every text has a token to pool" check, for callers that checked on the host (collate).
     if mode not in POOLING_MODES:
         raise ValueError(f"unknown pooling mode {mode!r}; expected one of {POOLING_MODES}")
     am = attention_mask.to(torch.bool)
     pm = am if pool_mask is None else (pool_mask.to(torch.bool) & am)
-    if not bool(pm.any(dim=1).all()):
+    if check and not bool(pm.any(dim=1).all()):
         raise ValueError("a text has no tokens to pool (empty text, or truncated away behind its instruction)")
     dt = hidden.dtype
     if mode == "mean":

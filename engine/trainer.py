@@ -30,6 +30,8 @@ import kernels
 from . import config as config_mod
 from .bidirectional import set_deterministic_attention
 from .data import BatchPlan, is_sts_file, read_sts
+from .lora import fuse_lora
+from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .modeling import add_lora, load_model, load_tokenizer, resolve_model_path, save_encoder_meta
 from .stages import build_stage
 from .stages.base import to_device
@@ -442,6 +444,20 @@ def _dump_grads(module, root, step, rank):
         torch.save(grads, os.path.join(root, f"grads_step{step}.pt"))
 
 
+def _record_grad_norm(engine):
+    """Stage 0 with a plain fp32 optimizer: DeepSpeed clips the gradients but keeps no norm; record it for the log."""
+    if engine.zero_optimization_stage() != 0 or hasattr(engine.optimizer, "_global_grad_norm"):
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip
+
+
+
 def _sts_spearman(module, stage, path, max_pairs=500):
     from .encoder import Encoder
     from .evaluate import sts_scores
@@ -479,14 +495,19 @@ def train(cfg):
 
     model, _ = load_model(cfg.model, device.type, tok)
     model = stage.prepare_model(model)
-    if cfg.model.gradient_checkpointing:
-        model.config.use_cache = False
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+        fused = fuse_lora(model, cfg.model.fused_ops)
+        log0(f"fused LoRA ({cfg.model.fused_ops}): {fused['layers']} projections in {fused['groups']} groups")
     else:
         for p in model.parameters():
             p.requires_grad_(True)
+    mem = plan_memory(cfg, model, world, int(os.environ.get("LOCAL_SIZE", world)), device)
+    zero_stage, why = choose_zero_stage(cfg, mem)
+    log0(f"zero stage {zero_stage}: {why}")
+    recompute, why = choose_recompute(cfg, mem, zero_stage)
+    log0(f"recompute {recompute}: {why}")
+    enable_recompute(model, recompute)
     model.to(device)
     module = EngineModule(model, stage)
     params = _trainable(module)
@@ -497,8 +518,11 @@ def train(cfg):
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     dtype = next(model.parameters()).dtype
-    ds_cfg = config_mod.deepspeed_config(cfg, world, use_bf16=dtype == torch.bfloat16, use_fp16=dtype == torch.float16)
+    ds_cfg = config_mod.deepspeed_config(cfg, world, use_bf16=dtype == torch.bfloat16, use_fp16=dtype == torch.float16,
+                                         stage=zero_stage, lora_max_numel=mem.lora_max_numel,
+                                         layer_numel=mem.layer_numel)
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
+    _record_grad_norm(engine)
     ckpt = Checkpointer(cfg, engine, module, tok, rank)
     start = ckpt.resume(resume_tags)
     if start and resume_diff:
@@ -529,7 +553,9 @@ def train(cfg):
             log0(f"fault injection: killing rank 0 at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
         t0 = time.time()
-        loss_sum, tokens, truncated = 0.0, 0, 0
+        # losses and token counts stay on the device: one read per optimizer step (the all-reduce below)
+        red = torch.zeros(4, dtype=torch.float64, device=device)  # loss, tokens, truncated, non-finite grad norm
+        truncated = 0
         for a, idx in enumerate(plan.micro_batches(step)):
             seed = _micro_seed(cfg.seed, step, a * world + rank)
             torch.manual_seed(seed)
@@ -540,16 +566,17 @@ def train(cfg):
             if dump_grads and a == accum - 1:
                 _dump_grads(module, dump_grads, step + 1, rank)
             engine.step()
-            loss_sum += float(loss)
-            tokens += int(metrics.get("tokens", 0))
+            red[0] += loss.detach().to(torch.float64)
+            red[1] += metrics.get("tokens", 0)
+        red[0] /= accum
+        red[2] = truncated
         gn_raw = engine.get_global_grad_norm()
         gn = float("nan") if gn_raw is None else float(gn_raw)
-        bad = is_nonfinite_step(loss_sum, gn_raw, fp16)
-        red = torch.tensor([loss_sum / accum, tokens, truncated, float(bad)], dtype=torch.float64, device=device)
+        red[3] = float(is_nonfinite_step(0.0, gn_raw, fp16))  # the loss itself is checked after the all-reduce
         dist.all_reduce(red)
         dt = time.time() - t0
         done = step + 1
-        bad = red[3].item() > 0
+        bad = red[3].item() > 0 or is_nonfinite_step(red[0].item(), None, fp16)  # a NaN on any rank survives the sum
         bad_streak = bad_streak + 1 if bad else 0
         row = {"loss": red[0].item() / world, "lr": sched.get_last_lr()[0], "grad_norm": gn,
                "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),

@@ -645,7 +645,7 @@ class _MaskedCrossEntropy(torch.autograd.Function):
 
 
 def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None,
-                      z_loss=0.0, cfg=None):
+                      z_loss=0.0, cfg=None, all_labelled=False):
     _check_inputs(hidden, weight, labels)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}")
@@ -655,7 +655,10 @@ def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="m
     strategy = cfg.get("strategy", "auto")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) labelled rows; one host sync
+    if all_labelled:  # the caller selected labelled rows already: no host sync
+        idx = torch.arange(labels.shape[0], device=labels.device)
+    else:
+        idx = (labels != ignore_index).nonzero().squeeze(1)  # (M,) labelled rows; one host sync
     y = labels.index_select(0, idx)  # (M,) int64
     if strategy == "eager" and (reduction == "none" or weight.requires_grad):
         raise ValueError("masked_cross_entropy strategy='eager' needs reduction 'mean' or 'sum' and a frozen "
@@ -677,7 +680,7 @@ def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="m
 # Reference and public function
 # ----------------------------------------------------------------------------------------------
 def masked_cross_entropy_reference(
-    hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0
+    hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0, all_labelled=False
 ):
     """hidden (N, H), weight (V, H), labels (N,). Mean CE over rows whose label != ignore_index.
 
@@ -689,8 +692,10 @@ def masked_cross_entropy_reference(
         raise ValueError(f"expected hidden (N, H) and weight (V, H), got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must be (N,) = {tuple(hidden.shape[:1])}, got {tuple(labels.shape)}")
-    keep = labels != ignore_index
-    idx = keep.nonzero().squeeze(1)
+    if all_labelled:  # every row is labelled (the caller promises it): no nonzero(), no host sync
+        idx = torch.arange(labels.shape[0], device=labels.device)
+    else:
+        idx = (labels != ignore_index).nonzero().squeeze(1)
     h = hidden.index_select(0, idx)
     y = labels.index_select(0, idx)
     cdt = torch.float32 if hidden.dtype in (torch.float16, torch.bfloat16) else hidden.dtype
@@ -712,7 +717,8 @@ def masked_cross_entropy_reference(
 
 
 def masked_cross_entropy(
-    hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0, impl=None
+    hidden, weight, labels, *, ignore_index=-100, reduction="mean", softcap=None, z_loss=0.0, impl=None,
+    all_labelled=False
 ):
     """Cross-entropy of softmax(hidden @ weight^T) over rows with label != ignore_index.
 
@@ -720,13 +726,16 @@ def masked_cross_entropy(
     "mean" / "sum", or (N,) with zeros on ignored rows for "none". ``softcap``: Gemma2-style
     z <- c * tanh(z / c). ``z_loss`` adds z_loss * lse^2 per row. impl: "auto" | "triton" | "torch".
     The Triton path never stores logits and skips the weight gradient when weight is frozen.
+    ``all_labelled=True``: the caller guarantees no row is ignored (e.g. it selected the labelled rows on the
+    host), so the labelled-row index is an arange and nothing syncs with the host.
     """
     backend = resolve_impl("masked_ce", impl, hidden)
     if backend == "triton":
         return _masked_ce_triton(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
-                                 softcap=softcap, z_loss=z_loss)
+                                 softcap=softcap, z_loss=z_loss, all_labelled=all_labelled)
     return masked_cross_entropy_reference(
-        hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss)
+        hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss,
+        all_labelled=all_labelled)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 import kernels
 
 from ..encoding import embed_batch
+from ..modeling import packing
 from .base import Stage
 
 
@@ -31,11 +32,23 @@ def _set_rng_state(st):
 class ContrastiveStage(Stage):
     """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries."""
 
-    def embed(self, module, input_ids, attention_mask, pool_mask):
-        return embed_batch(module.model, input_ids, attention_mask, pool_mask, self.cfg.contrastive.pooling)
+    def embed(self, module, input_ids, attention_mask, pool_mask, layout=None):
+        return embed_batch(module.model, input_ids, attention_mask, pool_mask, self.cfg.contrastive.pooling,
+                           layout=layout)
+
+    def host_layout(self, batch):
+        """Add what the forward would otherwise read back from the device: the packed layout of the whole
+        batch and of each gradient-caching chunk, and the token count (collate runs this on CPU tensors)."""
+        am = batch["attention_mask"]
+        batch["layout"] = packing(am)
+        chunk = self.cfg.contrastive.grad_cache_chunk
+        if chunk > 0:
+            batch["chunk_layouts"] = [packing(am[s:s + chunk]) for s in range(0, am.shape[0], chunk)]
+        batch["tokens"] = int(am.sum())
+        return batch
 
     def split(self, emb, batch):
-        nq = int(batch["n_queries"])
+        nq = int(batch["n_queries"])  # a python int from collate
         return emb[:nq], emb[nq:]
 
     def contrastive(self, q, d):
@@ -44,10 +57,12 @@ class ContrastiveStage(Stage):
 
     def loss(self, module, batch):
         if batch.get("mode") == "embed":
-            return self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"]), {}
-        emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"])
+            return self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"],
+                              batch.get("layout")), {}
+        emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"], batch.get("layout"))
         q, d = self.split(emb, batch)
-        return self.contrastive(q, d), {"tokens": batch["attention_mask"].sum()}
+        tokens = batch.get("tokens")
+        return self.contrastive(q, d), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
 
     def train_micro_step(self, engine, batch):
         chunk = self.cfg.contrastive.grad_cache_chunk
@@ -56,9 +71,13 @@ class ContrastiveStage(Stage):
         n = batch["input_ids"].shape[0]
         spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
+        layouts = batch.get("chunk_layouts")
+        if layouts is not None and len(layouts) != len(spans):
+            layouts = None  # built for another chunk size
+
         def sub(s, e):
             return {"mode": "embed", "input_ids": batch["input_ids"][s:e], "attention_mask": batch["attention_mask"][s:e],
-                    "pool_mask": batch["pool_mask"][s:e]}
+                    "pool_mask": batch["pool_mask"][s:e], "layout": layouts[s // chunk] if layouts else None}
 
         states, embs = [], []
         with torch.no_grad():
@@ -76,4 +95,5 @@ class ContrastiveStage(Stage):
             e_chunk = engine(sub(s, e))[0]
             engine.backward((e_chunk * cached[s:e].to(e_chunk.dtype)).sum())
         _set_rng_state(after)
-        return loss.detach(), {"tokens": batch["attention_mask"].sum()}
+        tokens = batch.get("tokens")
+        return loss.detach(), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}

@@ -12,7 +12,7 @@ import kernels
 
 from ..data import DataError, chunk_documents, read_texts
 from ..encoding import pad_batch
-from ..modeling import lm_head_of, packed_hidden_states
+from ..modeling import lm_head_of, packed_hidden_states, packing
 from .base import Stage
 
 IGNORE = -100
@@ -28,8 +28,10 @@ class _LMHeadWithLoss(torch.nn.Linear):
     def forward(self, hidden, labels=None):
         if labels is None:
             return super().forward(hidden)
+        # every row given here is labelled (MNTP selected them), which spares the kernel its nonzero()
         return kernels.masked_cross_entropy(hidden, self.weight, labels, ignore_index=IGNORE,
-                                            softcap=self.llm2vec_softcap, z_loss=self.llm2vec_z_loss)
+                                            softcap=self.llm2vec_softcap, z_loss=self.llm2vec_z_loss,
+                                            all_labelled=True)
 
 
 def resolve_mask_token(tokenizer, spec):
@@ -100,14 +102,21 @@ class MNTPStage(Stage):
         m = self.cfg.mntp
         ids, labels = mask_tokens(ids, am, self.special_ids, self.mask_id, self.vocab_size, m.mask_prob, m.scheme,
                                   generator)
-        return {"input_ids": ids, "attention_mask": am, "labels": labels}
+        # Host-side: the packed layout and the labelled rows, so the forward and backward never sync.
+        sel = (labels != IGNORE).flatten().nonzero().squeeze(1)
+        return {"input_ids": ids, "attention_mask": am, "labels": labels, "layout": packing(am), "label_rows": sel,
+                "tokens": int(am.sum())}
 
     def loss(self, module, batch):
-        hidden = packed_hidden_states(module.model, batch["input_ids"], batch["attention_mask"])
+        hidden = packed_hidden_states(module.model, batch["input_ids"], batch["attention_mask"],
+                                      layout=batch.get("layout"))
         labels = batch["labels"]
-        sel = (labels != IGNORE).flatten().nonzero().squeeze(1)
+        sel = batch.get("label_rows")
+        if sel is None:  # a caller without collate's host-side rows
+            sel = (labels != IGNORE).flatten().nonzero().squeeze(1)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, sel)  # only masked rows reach the head
         y = labels.flatten().index_select(0, sel)
         loss = lm_head_of(module.model)(h, labels=y)
-        tokens = batch["attention_mask"].sum()
+        tokens = batch.get("tokens")
+        tokens = batch["attention_mask"].sum() if tokens is None else tokens
         return loss, {"tokens": tokens, "predicted": sel.numel()}

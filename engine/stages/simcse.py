@@ -1,8 +1,6 @@
 """Unsupervised SimCSE: every sentence passes twice under dropout (attention-probability dropout,
 default 0.3 as in LLM2Vec, plus LoRA dropout); the two views are each other's positive and the
 other sentences of the batch (across ranks too) are the negatives."""
-import torch
-
 from ..data import read_texts
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
@@ -23,5 +21,5 @@ class SimCSEStage(ContrastiveStage):
                                                         c.pooling)
         both_ids, both_pm = ids + ids, pms + pms  # view 1 = queries, view 2 = positives
         t_ids, t_am, t_pm = pad_batch(both_ids, self.tok.pad_token_id, "right", extra=(both_pm,))
-        return {"input_ids": t_ids, "attention_mask": t_am, "pool_mask": t_pm,
-                "n_queries": torch.tensor(len(items)), "truncated": truncated}
+        return self.host_layout({"input_ids": t_ids, "attention_mask": t_am, "pool_mask": t_pm,
+                                 "n_queries": len(items), "truncated": truncated})

@@ -4,8 +4,6 @@ Queries carry their instruction (attended, not pooled); documents carry none. Ca
 [positives (B), hard negatives (B*n)], gathered across ranks with gradient, so each query sees
 world * B * (1 + n) candidates. With several sources, each global batch is drawn from one source.
 """
-import torch
-
 from ..data import read_supervised
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
@@ -34,5 +32,5 @@ class SupervisedStage(ContrastiveStage):
             docs += [e["negatives"][k % len(e["negatives"])] for e in items]
         d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, None, doc_len, c.pooling)
         ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
-        return {"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": torch.tensor(len(items)),
-                "truncated": t1 + t2}
+        return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
+                                 "truncated": t1 + t2})

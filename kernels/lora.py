@@ -1,0 +1,447 @@
+"""Fused LoRA projections over a frozen base: ``y_i = x W_i^T (+ b_i) + s * dropout(x) A_i^T B_i^T``.
+
+One call serves a *group* of projections that read the same input: q/k/v of an attention block,
+gate/up of an MLP, or a single projection (o, down). Per group:
+
+* ``x`` is read once for the low-rank path: one GEMM of the concatenated A's, ``h = s * drop(x) A_cat^T``
+  (M, sum r), with the dropout mask applied while ``x`` is loaded and the scaling ``s`` folded in;
+* one dropout mask per group (PEFT draws one per projection: see ``engine/lora.py``);
+* each output is one cuBLAS ``addmm``: the base GEMM writes ``x W_i^T`` on top of ``h_i B_i^T (+ b_i)``
+  in its epilogue (beta = 1), so the low-rank product needs no separate add pass;
+* the backward computes only what a frozen base needs: grad x, grad A_i, grad B_i, never grad W_i.
+  ``grad x = sum_i gy_i W_i + s * mask / (1 - p) * (gh A_cat)``, where the low-rank term, the dropout
+  backward and the accumulation into grad x are one kernel pass.
+
+Dropout RNG. impl="triton": the keep-mask of element (m, k) is a pure function of a seed and (m, k)
+(Philox-4x32-7, counter = (k, m), top 24 bits >= round(p * 2**24)); no mask is stored, the backward
+regenerates it. The seed is one int32 drawn with ``torch.randint`` *on x's device*, so it comes from
+that device's torch generator and never needs a host sync; activation checkpointing (which restores
+the CPU and device RNG states before recomputing) and gradient caching's RNG replay
+(engine/stages/contrastive.py restores both states) therefore redraw the same seed and get the same mask.
+impl="torch": the mask is ``bernoulli_`` on x's device from the same torch generator (same replay
+guarantees); it is kept as a bool tensor for the backward. :func:`lora_dropout_mask` rebuilds the
+Triton mask from a seed (tests).
+
+``lora_group_reference`` is the plain per-projection math (what PEFT computes), for tests.
+impl="auto" takes the Triton kernels for fp16/bf16 CUDA tensors and the torch path otherwise (fp32 Triton dots
+would be TF32). Launch configurations are fixed (``launch_config``) and compile spill-free for sm_90 and sm_80.
+This module imports only torch and triton.
+"""
+import torch
+import triton
+import triton.language as tl
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _resolve(impl, x):
+    # auto: Triton for 16-bit CUDA tensors; fp32 stays on the exact torch path (the kernels' fp32 dots are TF32 on
+    # a GPU, about 1e-3 relative error, as in kernels.attention), and CPU tensors too.
+    impl = impl or "auto"
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown impl {impl!r} for lora; expected auto, triton or torch")
+    if impl == "auto":
+        return "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else "torch"
+    return impl
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+def lora_group_reference(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, keep=None, biases=None):
+    """[x W_i^T + b_i + s (x * keep / (1 - p)) A_i^T B_i^T for each i]; ``keep`` (bool, x's shape) when p > 0."""
+    if dropout_p > 0:
+        if keep is None:
+            raise ValueError("lora_group_reference: dropout_p > 0 needs the keep mask")
+        xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    else:
+        xd = x
+    biases = biases if biases is not None else [None] * len(weights)
+    out = []
+    for w, a, b, bias in zip(weights, lora_a, lora_b, biases):
+        y = x @ w.t() + scaling * ((xd @ a.t()) @ b.t())
+        out.append(y if bias is None else y + bias)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _keep(seed, rows, cols, drop_thresh):
+    # Philox-4x32-7 keyed by the seed, counter (col, row): a pure function of the element's position.
+    zero = (rows + cols) * 0
+    r, _, _, _ = tl.philox(seed, cols + zero, rows + zero, zero, zero, 7)
+    return (r >> 8).to(tl.int32) >= drop_thresh
+
+
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, h_ptr, seed_ptr,
+    M, K, N,
+    stride_xm, stride_xk, stride_an, stride_ak, stride_hm, stride_hn,
+    drop_thresh, scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # h[m, n] = scale * sum_k keep[m, k] * x[m, k] * a[n, k]; scale = s / (1 - p) (s without dropout)
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    rows64 = offs_m.to(tl.int64)
+    seed = tl.load(seed_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), x, 0.0)
+        a = tl.load(a_ptr + offs_n[None, :].to(tl.int64) * stride_an + offs_k[:, None].to(tl.int64) * stride_ak,
+                    mask=(offs_n[None, :] < N) & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = A^T tile
+        acc = tl.dot(x, a, acc, input_precision=PRECISION)
+    acc = acc * scale
+    tl.store(h_ptr + rows64[:, None] * stride_hm + offs_n[None, :].to(tl.int64) * stride_hn,
+             acc.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _lora_grad_a_kernel(
+    x_ptr, g_ptr, part_ptr, seed_ptr,
+    M, K, N, rows_per_split,
+    stride_xm, stride_xk, stride_gm, stride_gn, stride_ps, stride_pn, stride_pk,
+    drop_thresh,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # part[split, n, k] = sum over this split's rows m of g[m, n] * keep[m, k] * x[m, k]  (unscaled)
+    pid_k = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    seed = tl.load(seed_ptr)
+    m_lo = split * rows_per_split
+    m_hi = tl.minimum(m_lo + rows_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < m_hi
+        rows64 = offs_m.to(tl.int64)
+        x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), x, 0.0)
+        gt = tl.load(g_ptr + rows64[None, :] * stride_gm + offs_n[:, None].to(tl.int64) * stride_gn,
+                     mask=row_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_M) = g^T tile
+        acc = tl.dot(gt, x, acc, input_precision=PRECISION)
+    tl.store(part_ptr + split.to(tl.int64) * stride_ps + offs_n[:, None].to(tl.int64) * stride_pn
+             + offs_k[None, :].to(tl.int64) * stride_pk, acc, mask=(offs_n[:, None] < N) & k_ok[None, :])
+
+
+@triton.jit
+def _lora_grad_x_kernel(
+    gx_ptr, g_ptr, a_ptr, seed_ptr,
+    M, K, N,
+    stride_gxm, stride_gxk, stride_gm, stride_gn, stride_an, stride_ak,
+    drop_thresh, scale,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # gx[m, k] += scale * keep[m, k] * sum_n g[m, n] a[n, k]   (in place; scale = s / (1 - p))
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    row_ok = offs_m < M
+    k_ok = offs_k < K
+    rows64 = offs_m.to(tl.int64)
+    g = tl.load(g_ptr + rows64[:, None] * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
+                mask=row_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+    a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + offs_k[None, :].to(tl.int64) * stride_ak,
+                mask=(offs_n[:, None] < N) & k_ok[None, :], other=0.0)
+    acc = tl.dot(g, a, input_precision=PRECISION) * scale
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+        acc = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), acc, 0.0)
+    ptrs = gx_ptr + rows64[:, None] * stride_gxm + offs_k[None, :].to(tl.int64) * stride_gxk
+    both = row_ok[:, None] & k_ok[None, :]
+    prev = tl.load(ptrs, mask=both, other=0.0)
+    tl.store(ptrs, (prev.to(tl.float32) + acc).to(gx_ptr.dtype.element_ty), mask=both)
+
+
+@triton.jit
+def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, stride_om, drop_thresh, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = _keep(tl.load(seed_ptr), offs_m[:, None], offs_k[None, :], drop_thresh)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration (fixed; chosen so every variant compiles spill-free for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------
+
+def _block_n(n):
+    return max(16, triton.next_power_of_2(n))
+
+
+def launch_config(kind, n, dtype, dropout=False):
+    """(BLOCK_M, BLOCK_K, num_warps, num_stages) for kernel ``kind`` in {"down", "grad_a", "grad_x"}, N = sum r.
+
+    With dropout the Philox mask of a 128 x 64 tile spills (sm_90: 112 bytes in "down"), so tiles are 64 x 64;
+    fp32 operands take 2 stages (3 puts "down" at 255 registers)."""
+    wide = _block_n(n) > 64
+    if dtype == torch.float32:
+        return (64, 64, 4, 2)
+    if dropout:
+        return (64, 64, 4, 3) if kind != "grad_x" else (64, 64, 4, 2)
+    if kind == "down":
+        return (64, 64, 4, 3) if wide else (128, 64, 4, 3)
+    if kind == "grad_a":
+        return (64, 64, 4, 3) if wide else (64, 128, 4, 3)
+    return (64, 64, 4, 2) if wide else (64, 128, 4, 2)
+
+
+def _precision(dtype):
+    # fp32 operands: TF32 tensor cores (ieee fp32 dots spill thousands of bytes); 16-bit operands ignore it
+    return "tf32"
+
+
+def _thresh(p):
+    return int(round(p * (1 << 24)))
+
+
+def _split_count(k_blocks, M, device):
+    if M <= 0:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(triton.cdiv(2 * sms, max(k_blocks, 1)), triton.cdiv(M, 256)))
+
+
+def _down(x, a_cat, seed, p, scale):
+    M, K = x.shape
+    N = a_cat.shape[0]
+    h = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    bm, bk, warps, stages = launch_config("down", N, x.dtype, p > 0)
+    _lora_down_kernel[(triton.cdiv(M, bm),)](
+        x, a_cat, h, seed, M, K, N, x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1),
+        h.stride(0), h.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_N=_block_n(N),
+        BLOCK_K=bk, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return h
+
+
+def _grad_a(x, gh, seed, p, scale):
+    M, K = x.shape
+    N = gh.shape[1]
+    bm, bk, warps, stages = launch_config("grad_a", N, x.dtype, p > 0)
+    k_blocks = triton.cdiv(K, bk)
+    splits = _split_count(k_blocks, M, x.device)
+    rows = triton.cdiv(triton.cdiv(max(M, 1), splits), bm) * bm
+    splits = triton.cdiv(max(M, 1), rows)
+    part = torch.empty(splits, N, K, device=x.device, dtype=torch.float32)
+    _lora_grad_a_kernel[(k_blocks, splits)](
+        x, gh, part, seed, M, K, N, rows, x.stride(0), x.stride(1), gh.stride(0), gh.stride(1),
+        part.stride(0), part.stride(1), part.stride(2), _thresh(p), HAS_DROPOUT=p > 0, BLOCK_M=bm,
+        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+    return part.sum(0).mul_(scale) if splits > 1 else part[0].mul_(scale)
+
+
+def _grad_x_(gx, gh, a_cat, seed, p, scale):
+    M, K = gx.shape
+    N = gh.shape[1]
+    bm, bk, warps, stages = launch_config("grad_x", N, gx.dtype, p > 0)
+    _lora_grad_x_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
+        gx, gh, a_cat, seed, M, K, N, gx.stride(0), gx.stride(1), gh.stride(0), gh.stride(1),
+        a_cat.stride(0), a_cat.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
+        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=_precision(gx.dtype), num_warps=warps, num_stages=stages)
+    return gx
+
+
+def lora_dropout_mask(seed, shape, dropout_p, device=None):
+    """The Triton path's keep-mask (bool, ``shape`` = (M, K)) for an int32 seed tensor of one element."""
+    M, K = shape
+    device = device or seed.device
+    out = torch.empty(M, K, dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 64))](
+        out, seed, M, K, out.stride(0), _thresh(dropout_p), BLOCK_M=32, BLOCK_K=64)
+    return out.bool()
+
+
+def draw_seed(device):
+    """One int32 seed from ``device``'s torch generator (replayed by checkpointing and gradient caching)."""
+    return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd function
+# ----------------------------------------------------------------------------------------------
+
+class _LoraGroupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, impl, p, s, n, *tensors):
+        weights, biases, lora_a, lora_b = tensors[:n], tensors[n:2 * n], tensors[2 * n:3 * n], tensors[3 * n:]
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        dt = x2.dtype
+        a_cat = torch.cat([a.to(dt) for a in lora_a], 0)  # (sum r, K): small
+        ranks = [a.shape[0] for a in lora_a]
+        keep, seed = None, None
+        if impl == "triton":
+            seed = draw_seed(x2.device) if p > 0 else torch.zeros(1, dtype=torch.int32, device=x2.device)
+            h = _down(x2, a_cat, seed, p, s / (1.0 - p))
+        else:
+            if p > 0:
+                keep = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p)
+                xd = x2 * keep * (1.0 / (1.0 - p))
+            else:
+                xd = x2
+            h = torch.mm(xd, a_cat.t() * s)  # (M, sum r); the scaling folded into the small operand
+        outs, r0 = [], 0
+        for w, bias, b, r in zip(weights, biases, lora_b, ranks):
+            h_i = h[:, r0:r0 + r]
+            r0 += r
+            low = torch.mm(h_i, b.to(dt).t()) if bias is None else torch.addmm(bias.to(dt), h_i, b.to(dt).t())
+            outs.append(torch.addmm(low, x2, w.t()).view(*shape[:-1], w.shape[0]))  # base GEMM, beta = 1
+        ctx.save_for_backward(x2, h, a_cat, keep, seed, *weights, *lora_b)
+        ctx.impl, ctx.p, ctx.s, ctx.n, ctx.ranks, ctx.shape = impl, p, s, n, ranks, shape
+        ctx.a_dtypes = [a.dtype for a in lora_a]
+        ctx.b_dtypes = [b.dtype for b in lora_b]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, h, a_cat, keep, seed, *rest = ctx.saved_tensors
+        n, p, s = ctx.n, ctx.p, ctx.s
+        weights, lora_b = rest[:n], rest[n:]
+        dt = x2.dtype
+        M, K = x2.shape
+        gx = None
+        gh_parts, grad_b, r0 = [], [], 0
+        for gy, w, b, r in zip(grads, weights, lora_b, ctx.ranks):
+            h_i = h[:, r0:r0 + r]
+            r0 += r
+            if gy is None:
+                gh_parts.append(torch.zeros(M, r, device=x2.device, dtype=dt))
+                grad_b.append(torch.zeros_like(b))
+                continue
+            gy = gy.reshape(M, -1)
+            if gx is None:
+                gx = torch.mm(gy, w.to(dt))
+            else:
+                gx.addmm_(gy, w.to(dt))
+            gh_parts.append(torch.mm(gy, b.to(dt)))  # d loss / d h_i (h already carries s)
+            grad_b.append(torch.mm(gy.t(), h_i).to(b.dtype))
+        if gx is None:
+            gx = torch.zeros_like(x2)
+        gh = torch.cat(gh_parts, 1)  # (M, sum r)
+        scale = s / (1.0 - p)
+        if ctx.impl == "triton":
+            ga = _grad_a(x2, gh, seed, p, scale)
+            _grad_x_(gx, gh, a_cat, seed, p, scale)
+        else:
+            xd = x2 if keep is None else x2 * keep
+            ga = torch.mm(gh.t(), xd).mul_(scale)
+            if keep is None:
+                gx.addmm_(gh, a_cat, alpha=scale)
+            else:
+                gx.add_(torch.mm(gh, a_cat).mul_(keep).mul_(scale))
+        grad_a, r0 = [], 0
+        for r, adt in zip(ctx.ranks, ctx.a_dtypes):
+            grad_a.append(ga[r0:r0 + r].to(adt))
+            r0 += r
+        return (gx.view(ctx.shape), None, None, None, None, *([None] * (2 * n)), *grad_a, *grad_b)
+
+
+def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, impl=None):
+    """Fused frozen-base LoRA projections sharing input ``x`` (..., K); returns a tuple of (..., N_i).
+
+    weights: frozen (N_i, K); lora_a: (r_i, K); lora_b: (N_i, r_i); biases: frozen (N_i,) or None.
+    One dropout mask (probability ``dropout_p``) is shared by the whole group. ``impl``: auto | triton | torch.
+    """
+    n = len(weights)
+    if not (n == len(lora_a) == len(lora_b)) or n == 0:
+        raise ValueError("lora_group needs the same number (>= 1) of weights, lora_a and lora_b")
+    if x.dtype not in _SUPPORTED:
+        raise TypeError(f"lora_group: unsupported dtype {x.dtype}")
+    K = x.shape[-1]
+    for w, a, b in zip(weights, lora_a, lora_b):
+        if w.shape[1] != K or a.shape[1] != K or b.shape != (w.shape[0], a.shape[0]):
+            raise ValueError(f"lora_group: shapes do not line up: x (..., {K}), W {tuple(w.shape)}, "
+                             f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+        if w.requires_grad:
+            raise ValueError("lora_group computes no base-weight gradient; the base weights must be frozen")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    impl = _resolve(impl, x)
+    biases = list(biases) if biases is not None else [None] * n
+    return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU self-check (benchmarks/gpu_run.sh runs it on the device machine)
+# ----------------------------------------------------------------------------------------------
+
+# (case, M tokens, K in, outputs, rank, dropout, with biases)
+GPU_CHECK_CASES = [
+    ("mistral-7b q/k/v", 4096, 4096, (4096, 1024, 1024), 16, 0.05, False),
+    ("mistral-7b gate/up", 4096, 4096, (14336, 14336), 16, 0.05, False),
+    ("mistral-7b down", 4096, 14336, (4096,), 16, 0.05, False),
+    ("qwen2 q/k/v bias, odd M", 1000, 3584, (3584, 512, 512), 16, 0.1, True),
+    ("no dropout, r=64", 2048, 4096, (4096, 1024, 1024), 64, 0.0, False),
+]
+
+
+def gpu_check(factor=4.0, device="cuda", cases=None, dtype=torch.bfloat16):
+    """bf16 fused (Triton) vs the fp32 reference on the same keep mask, next to plain torch in bf16.
+
+    A row is ok when every output / gradient error is within ``factor`` x the error of the per-projection torch
+    computation in bf16 (plus a floor of 2**-10 of the largest value), forward and backward. ``device``, ``cases``
+    and ``dtype`` let the tests rehearse it on CPU under the interpreter (fp16 there)."""
+    dev = torch.device(device)
+    rows = []
+    for case, M, K, outs, r, p, bias in cases or GPU_CHECK_CASES:
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(M, K, device=dev, generator=g)
+        ws = [torch.randn(n, K, device=dev, generator=g) / K ** 0.5 for n in outs]
+        bs = [torch.randn(n, device=dev, generator=g) for n in outs] if bias else None
+        As = [torch.randn(r, K, device=dev, generator=g) / K ** 0.5 for _ in outs]
+        Bs = [torch.randn(n, r, device=dev, generator=g) / r ** 0.5 for n in outs]
+        gys = [torch.randn(M, n, device=dev, generator=g) for n in outs]
+        torch.manual_seed(1)
+        keep = lora_dropout_mask(draw_seed(dev), (M, K), p) if p > 0 else None
+
+        def run(fn, dt):
+            xx = x.to(dt, copy=True).requires_grad_(True)
+            aa = [a.to(dt, copy=True).requires_grad_(True) for a in As]
+            bb = [b.to(dt, copy=True).requires_grad_(True) for b in Bs]
+            ys = fn(xx, [w.to(dt) for w in ws], aa, bb, None if bs is None else [b.to(dt) for b in bs])
+            torch.autograd.backward(ys, [gy.to(dt) for gy in gys])
+            return [y.detach().float() for y in ys] + [xx.grad.float()] + [t.grad.float() for t in aa + bb]
+
+        def fused(xx, ww, aa, bb, bias_):
+            torch.manual_seed(1)
+            return lora_group(xx, ww, aa, bb, 2.0, p, biases=bias_, impl="triton")
+
+        def plain(xx, ww, aa, bb, bias_):
+            return lora_group_reference(xx, ww, aa, bb, 2.0, p, keep, biases=bias_)
+
+        ref = run(plain, torch.float32)
+        got = run(fused, dtype)
+        base = run(plain, dtype)
+        errs = [(a - r_).abs().max().item() for a, r_ in zip(got, ref)]
+        terrs = [(b - r_).abs().max().item() for b, r_ in zip(base, ref)]
+        floors = [2.0 ** -10 * r_.abs().max().item() for r_ in ref]
+        ok = all(e <= factor * t + f for e, t, f in zip(errs, terrs, floors))
+        worst = max(range(len(errs)), key=lambda i: errs[i] / (factor * terrs[i] + floors[i]))
+        rows.append({"op": "lora", "case": case, "max_err": errs[worst], "torch_bf16_err": terrs[worst], "ok": ok})
+    return rows

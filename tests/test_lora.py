@@ -1,0 +1,200 @@
+"""kernels.lora: fused frozen-base LoRA projections vs the fp64 per-projection reference, both impls."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _case(M, K, outs, ranks, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ws = [(torch.randn(n, K, generator=g) / K ** 0.5).to(dtype) for n in outs]
+    bs = [torch.randn(n, generator=g).to(dtype) for n in outs] if bias else None
+    As = [(torch.randn(r, K, generator=g) / K ** 0.5).to(dtype) for r in ranks]
+    Bs = [(torch.randn(n, r, generator=g) / r ** 0.5).to(dtype) for n, r in zip(outs, ranks)]
+    gys = [torch.randn(M, n, generator=g).to(dtype) for n in outs]
+    return x, ws, bs, As, Bs, gys
+
+
+def _grads(fn, x, As, Bs, gys):
+    x = x.clone().requires_grad_(True)
+    As = [a.clone().requires_grad_(True) for a in As]
+    Bs = [b.clone().requires_grad_(True) for b in Bs]
+    outs = fn(x, As, Bs)
+    torch.autograd.backward(outs, gys)
+    return [o.detach() for o in outs], [x.grad, *[a.grad for a in As], *[b.grad for b in Bs]]
+
+
+def _keep_for(impl, seed, M, K, p):
+    torch.manual_seed(seed)
+    if impl == "triton":
+        return lora_dropout_mask(draw_seed(torch.device("cpu")), (M, K), p)
+    return torch.empty(M, K, dtype=torch.bool).bernoulli_(1.0 - p)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("M,K,outs,ranks,dtype,bias,p", [
+    (37, 45, (45, 19, 19), (8, 8, 8), torch.float32, False, 0.0),  # odd q/k/v group
+    (37, 45, (45, 19, 19), (8, 4, 8), torch.float32, True, 0.1),  # ranks differ, bias (qwen2), dropout
+    (29, 33, (70, 70), (16, 16), torch.float32, False, 0.3),  # gate/up group
+    (21, 70, (33,), (16,), torch.float32, False, 0.05),  # single projection (down)
+    (130, 128, (128, 32, 32), (16, 16, 16), torch.float16, False, 0.05),  # real-ish head shapes, half
+])
+def test_lora_group_matches_fp64_reference(impl, M, K, outs, ranks, dtype, bias, p):
+    x, ws, bs, As, Bs, gys = _case(M, K, outs, ranks, dtype, bias)
+    s = 2.0
+    keep = _keep_for(impl, 7, M, K, p) if p > 0 else None
+
+    def fused(x_, As_, Bs_):
+        torch.manual_seed(7)  # the op draws the same seed / mask as _keep_for
+        return lora_group(x_, ws, As_, Bs_, s, p, biases=bs, impl=impl)
+
+    def ref(x_, As_, Bs_):
+        return lora_group_reference(x_, [w.double() for w in ws], As_, Bs_, s, p, keep,
+                                    biases=None if bs is None else [b.double() for b in bs])
+
+    out, grads = _grads(fused, x, As, Bs, gys)
+    rout, rgrads = _grads(ref, x.double(), [a.double() for a in As], [b.double() for b in Bs],
+                          [g.double() for g in gys])
+    if p > 0:  # the mask really drops about p of the input
+        assert abs(1 - keep.float().mean().item() - p) < 0.05 + 3 * (p / keep.numel()) ** 0.5
+    tol = 2e-5 if dtype == torch.float32 else 4e-3
+    for a, r in zip(out + grads, rout + rgrads):
+        assert a.dtype == dtype
+        err = (a.double() - r).abs().max().item()
+        assert err <= tol * max(r.abs().max().item(), 1.0), (err, r.abs().max().item())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_lora_group_dropout_replays_under_checkpointing(impl):
+    """Activation checkpointing recomputes the forward with the RNG state restored: same mask, same grads."""
+    from torch.utils.checkpoint import checkpoint
+
+    x, ws, _, As, Bs, gys = _case(33, 40, (40, 24, 24), (8, 8, 8), torch.float32, False, seed=3)
+
+    def fused(x_, As_, Bs_):
+        return lora_group(x_, ws, As_, Bs_, 2.0, 0.3, impl=impl)
+
+    def run(ckpt):
+        torch.manual_seed(11)
+        f = (lambda a, b, c: checkpoint(lambda *t: fused(t[0], t[1:4], t[4:]), a, *b, *c, use_reentrant=False)) \
+            if ckpt else fused
+        return _grads(f, x, As, Bs, gys)
+
+    (o1, g1), (o2, g2) = run(False), run(True)
+    for a, b in zip(o1 + g1, o2 + g2):
+        assert torch.equal(a, b)
+    torch.manual_seed(12)  # another seed gives another mask
+    o3, _ = _grads(fused, x, As, Bs, gys)
+    assert not torch.equal(o1[0], o3[0])
+
+
+def test_lora_group_rejects_bad_input():
+    x, ws, _, As, Bs, _ = _case(5, 8, (8,), (4,), torch.float32, False)
+    with pytest.raises(ValueError, match="shapes do not line up"):
+        lora_group(x, ws, [As[0][:, :4]], Bs, 1.0)
+    with pytest.raises(ValueError, match="must be frozen"):
+        lora_group(x, [ws[0].clone().requires_grad_(True)], As, Bs, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_group(x, ws, As, Bs, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile checks (sm_90 / sm_80, no spills)
+# ----------------------------------------------------------------------------------------------
+
+def _variants():
+    import kernels.lora as L
+
+    out = []
+    # both launch-config regimes (sum of ranks <= 64: 3 x 16; > 64: 3 x 32), with and without dropout, in bf16
+    # (fp16 compiles to the same code), and the fp32 path with dropout
+    cases = [(torch.bfloat16, "*bf16", n, d) for n in (48, 96) for d in (False, True)]
+    cases.append((torch.float32, "*fp32", 48, True))
+    for dt, ty, n, drop in cases:
+        prec = L._precision(dt)
+        bm, bk, w, st = L.launch_config("down", n, dt, drop)
+        out.append((L._lora_down_kernel, dict(
+            x_ptr=ty, a_ptr=ty, h_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_xm="i32",
+            stride_xk="i32", stride_an="i32", stride_ak="i32", stride_hm="i32", stride_hn="i32",
+            drop_thresh="i32", scale="fp32"), dict(HAS_DROPOUT=drop, BLOCK_M=bm, BLOCK_N=L._block_n(n),
+                                                 BLOCK_K=bk, PRECISION=prec), w, st, f"down {dt} N{n} d{drop}"))
+        bm, bk, w, st = L.launch_config("grad_a", n, dt, drop)
+        out.append((L._lora_grad_a_kernel, dict(
+            x_ptr=ty, g_ptr=ty, part_ptr="*fp32", seed_ptr="*i32", M="i32", K="i32", N="i32",
+            rows_per_split="i32", stride_xm="i32", stride_xk="i32", stride_gm="i32", stride_gn="i32",
+            stride_ps="i32", stride_pn="i32", stride_pk="i32", drop_thresh="i32"),
+            dict(HAS_DROPOUT=drop, BLOCK_M=bm, BLOCK_N=L._block_n(n), BLOCK_K=bk, PRECISION=prec), w, st,
+            f"grad_a {dt} N{n} d{drop}"))
+        bm, bk, w, st = L.launch_config("grad_x", n, dt, drop)
+        out.append((L._lora_grad_x_kernel, dict(
+            gx_ptr=ty, g_ptr=ty, a_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_gxm="i32",
+            stride_gxk="i32", stride_gm="i32", stride_gn="i32", stride_an="i32", stride_ak="i32",
+            drop_thresh="i32", scale="fp32"), dict(HAS_DROPOUT=drop, BLOCK_M=bm, BLOCK_N=L._block_n(n),
+                                                 BLOCK_K=bk, PRECISION=prec), w, st,
+            f"grad_x {dt} N{n} d{drop}"))
+    return out
+
+
+_NOT_DIVISIBLE = {"M", "N", "K", "rows_per_split", "drop_thresh"}
+# contiguous operands: the runtime specialises these strides (== 1) into constants, so the report does too
+_UNIT_STRIDES = {"stride_xk", "stride_ak", "stride_hn", "stride_gn", "stride_pk", "stride_gxk"}
+
+
+def _compile_report(arch):
+    import tests.triton_compile as tc
+
+    rows = []
+    for fn, sig, ce, warps, stages, tag in _variants():
+        ce = {**ce, **{a: 1 for a in sig if a in _UNIT_STRIDES}}
+        sig = {a: t for a, t in sig.items() if a not in _UNIT_STRIDES}
+        divisible = [a for a in sig if a not in _NOT_DIVISIBLE and sig[a] != "fp32"]
+        res = tc.compile_for_gpu(fn, sig, ce, arch=arch, num_warps=warps, num_stages=stages, divisible=divisible)
+        rows.append(dict(kernel=tag, arch=arch, registers=res.registers, spills=res.spills, shared=res.shared_bytes))
+    return rows
+
+
+def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    procs = []
+    for arch in (90, 80):
+        code = f"import json, tests.test_lora as t; print('@@' + json.dumps(t._compile_report({arch})))"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    rows = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-4000:]
+        rows += json.loads(out.split("@@", 1)[1])
+    assert len(rows) == 2 * len(_variants())
+    limit = {90: 227 * 1024, 80: 163 * 1024}
+    for r in rows:
+        print(f"{r['kernel']:40s} sm_{r['arch']} regs={r['registers']:3d} spills={r['spills']:4d} shared={r['shared']}")
+        assert r["spills"] == 0 and r["registers"] <= 255 and r["shared"] <= limit[r["arch"]], r
+
+
+@pytest.mark.gpu
+def test_gpu_check():
+    from kernels.lora import gpu_check
+
+    rows = gpu_check()
+    bad = [r for r in rows if not r["ok"]]
+    assert rows and not bad, bad
+
+
+def test_gpu_check_rehearsal_on_cpu():
+    """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there)."""
+    from kernels.lora import gpu_check
+
+    rows = gpu_check(device="cpu", cases=[("qkv", 37, 64, (64, 16, 16), 8, 0.1, True), ("down", 20, 96, (32,), 4, 0.0,
+                                                                                       False)], dtype=torch.float16)
+    assert [r["case"] for r in rows] == ["qkv", "down"]
+    assert all(r["ok"] and 0 < r["max_err"] < 0.05 for r in rows), rows

@@ -1,0 +1,99 @@
+"""engine.lora: PEFT's LoRA layers swapped for grouped fused ones; same losses and LoRA grads, same adapter."""
+import copy
+
+import pytest
+import torch
+
+import engine.lora as elora
+from engine.config import LoraConfig
+from engine.lora import fuse_lora
+from engine.memory import enable_recompute
+from engine.modeling import add_lora
+
+from .helpers import tiny_llama_config
+
+
+def _model(family, dropout, seed=0):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    if family == "qwen2":  # q/k/v carry biases
+        cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    else:
+        cfg = tiny_llama_config()
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
+    with torch.no_grad():  # LoRA B starts at zero; make it non-zero so A gets gradients too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    return model
+
+
+def _loss_and_grads(model, ids, seed=5):
+    torch.manual_seed(seed)
+    out = model(input_ids=ids).logits
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_fused_lora_matches_peft_with_dropout_off(family, impl, monkeypatch):
+    model = _model(family, dropout=0.0).train()
+    fused = copy.deepcopy(model)
+    info = fuse_lora(fused, impl)
+    assert info == {"groups": 8, "layers": 14}  # per layer: q/k/v, o, gate/up, down
+    calls = []
+    real = elora.lora_group
+    monkeypatch.setattr(elora, "lora_group", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
+    l0, g0 = _loss_and_grads(model, ids)
+    l1, g1 = _loss_and_grads(fused, ids)
+    assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]  # q/k/v read their input once per layer, gate/up too
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
+    assert g0.keys() == g1.keys() and len(g0) == 28  # names unchanged: the adapter stays a PEFT adapter
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+    from peft import get_peft_model_state_dict
+
+    assert get_peft_model_state_dict(model).keys() == get_peft_model_state_dict(fused).keys()
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_fused_lora_dropout_replays_under_recompute(policy, monkeypatch):
+    """LoRA dropout on: with recompute the masks are regenerated identically (same loss, same grads)."""
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    plain = _model("llama", dropout=0.2)
+    fuse_lora(plain, "torch")
+    plain.train()
+    ckpt = copy.deepcopy(plain)
+    enable_recompute(ckpt, policy)
+    ckpt.train()
+    calls = []
+    real = elora.lora_group
+    monkeypatch.setattr(elora, "lora_group", lambda *a, **k: calls.append(1) or real(*a, **k))
+    l0, g0 = _loss_and_grads(plain, ids)
+    assert len(calls) == 8
+    l1, g1 = _loss_and_grads(ckpt, ids)
+    assert len(calls) == 8 + 16  # the recompute really ran the layers again
+    assert torch.equal(l0, l1)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-6, atol=1e-8), n
+    l2, _ = _loss_and_grads(plain, ids, seed=6)  # the dropout is real: another seed, another loss
+    assert not torch.equal(l0, l2)
+
+
+def test_fused_lora_falls_back_when_adapters_disabled():
+    model = _model("llama", dropout=0.0).eval()
+    fused = copy.deepcopy(model)
+    fuse_lora(fused, "torch")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), model.disable_adapter(), fused.disable_adapter():
+        assert torch.equal(model(input_ids=ids).logits, fused(input_ids=ids).logits)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, fused(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
