@@ -61,7 +61,15 @@ class MNTPConfig:
 
 @dataclass
 class ContrastiveConfig:
-    temperature: float = 0.05
+    # InfoNCE temperature; unset: 0.05 for SimCSE (llm2vec's SimCSE scale 20), 0.02 for supervised (llm2vec's
+    # default loss scale 50 = 1 / 0.02)
+    temperature: typing.Optional[float] = None
+    # supervised stage only: infonce (query, positive, hard negatives) | cosent | angle (graded scores: every
+    # STS-style pair with its score; engine/losses.py)
+    loss: str = "infonce"
+    loss_scale: float = 20.0  # cosent/angle: lambda = 1/tau on cosine (and angle) differences (CoSENT, AnglE use 20)
+    angle_weights: typing.List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # angle: w_cos, w_ibn, w_angle
+    positive_min_score: float = 4.0  # angle's in-batch-negative term: pairs scoring >= this are positives
     pooling: str = "mean"  # mean | weighted_mean | eos | last | bos
     max_len: int = 128  # query / sentence max tokens
     doc_max_len: typing.Optional[int] = None  # positives/negatives; defaults to max_len
@@ -90,7 +98,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    lr_schedule: str = "linear"  # linear | cosine | constant
+    # linear | cosine (decay to 0 at max_steps) | constant | constant_with_warmup (warmup_steps, then the peak LR)
+    lr_schedule: str = "linear"
     max_steps: int = 1000
     max_grad_norm: float = 1.0
     seed: int = 42
@@ -233,7 +242,8 @@ def validate(cfg: TrainConfig):
         raise ConfigError("model.name_or_path is required (or model.random_init for a random test model)")
     for key, allowed in (("model.attention", ("auto", "triton", "torch")), ("model.loss", ("auto", "triton", "torch")),
                          ("model.dtype", ("auto", "bf16", "fp16", "fp32")),
-                         ("lr_schedule", ("linear", "cosine", "constant")),
+                         ("lr_schedule", ("linear", "cosine", "constant", "constant_with_warmup")),
+                         ("contrastive.loss", ("infonce", "cosent", "angle")),
                          ("logger", ("csv", "tensorboard", "both")),
                          ("mntp.scheme", ("bert", "all")),
                          ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos"))):
@@ -242,6 +252,19 @@ def validate(cfg: TrainConfig):
             obj = getattr(obj, part)
         if obj not in allowed:
             raise ConfigError(f"{key} must be one of {allowed}, got {obj!r}")
+    c = cfg.contrastive
+    if c.temperature is None:
+        c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
+    if c.temperature <= 0:
+        raise ConfigError(f"contrastive.temperature must be positive, got {c.temperature}")
+    if c.loss != "infonce" and cfg.stage != "supervised":
+        raise ConfigError(f"contrastive.loss={c.loss} trains on scored pairs: use it with stage: supervised "
+                          f"(stage {cfg.stage} uses infonce)")
+    if c.loss_scale <= 0:
+        raise ConfigError(f"contrastive.loss_scale must be positive, got {c.loss_scale}")
+    if len(c.angle_weights) != 3 or any(w < 0 for w in c.angle_weights) or not any(c.angle_weights):
+        raise ConfigError(f"contrastive.angle_weights must be 3 non-negative weights (cos, ibn, angle), not all 0, "
+                          f"got {c.angle_weights}")
     if not 0.0 < cfg.mntp.mask_prob < 1.0:
         raise ConfigError(f"mntp.mask_prob must be in (0, 1), got {cfg.mntp.mask_prob}")
     for key in ("batch_size", "micro_batch_size", "max_steps", "max_seq_len"):

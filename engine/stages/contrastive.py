@@ -6,11 +6,15 @@ each chunk; (2) compute the loss (cross-rank negatives included) on the detached
 d loss / d embedding; (3) re-embed each chunk with grad, replaying its RNG state so dropout masks
 are identical (SimCSE relies on dropout), and back-propagate the cached embedding gradients
 through it as the surrogate loss sum(e * g).
+
+The loss is InfoNCE (``kernels.contrastive_loss``) or, for scored pairs (``contrastive.loss: cosent | angle``),
+one of ``engine.losses``; queries are then the pairs' first sentences, candidates their second ones.
 """
 import torch
 
 import kernels
 
+from .. import losses
 from ..encoding import embed_batch
 from .base import Stage
 
@@ -38,8 +42,13 @@ class ContrastiveStage(Stage):
         nq = int(batch["n_queries"])
         return emb[:nq], emb[nq:]
 
-    def contrastive(self, q, d):
+    def contrastive(self, q, d, batch=None):
         c = self.cfg.contrastive
+        if c.loss == "cosent":
+            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=c.gather_across_ranks)
+        if c.loss == "angle":
+            return losses.angle_loss(q, d, batch["scores"], scale=c.loss_scale, weights=tuple(c.angle_weights),
+                                     positive_min_score=c.positive_min_score, gather_across_ranks=c.gather_across_ranks)
         return kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
 
     def loss(self, module, batch):
@@ -47,7 +56,7 @@ class ContrastiveStage(Stage):
             return self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"]), {}
         emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"])
         q, d = self.split(emb, batch)
-        return self.contrastive(q, d), {"tokens": batch["attention_mask"].sum()}
+        return self.contrastive(q, d, batch), {"tokens": batch["attention_mask"].sum()}
 
     def train_micro_step(self, engine, batch):
         chunk = self.cfg.contrastive.grad_cache_chunk
@@ -68,7 +77,7 @@ class ContrastiveStage(Stage):
         after = _rng_state()
         emb = torch.cat(embs).detach().requires_grad_(True)
         q, d = self.split(emb, batch)
-        loss = self.contrastive(q, d)
+        loss = self.contrastive(q, d, batch)
         loss.backward()
         cached = emb.grad
         for (s, e), st in zip(spans, states):
