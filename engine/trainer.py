@@ -393,7 +393,7 @@ def train(cfg):
             if eval_items is not None:
                 row.update(stage.evaluate(engine, eval_items, world, rank, cfg.eval_batches))
             if sts_eval is not None:
-                row["eval_sts_spearman"] = _sts_spearman(module, stage, sts_eval)
+                row["eval_sts_spearman"] = _sts_spearman(module, stage, sts_eval, cfg.eval_sts_pairs)
                 row["best_saved"] = int(best.update(done, row["eval_sts_spearman"], module, cfg, tok, rank, device))
             engine.train()
         if done % cfg.log_every == 0 or done == cfg.max_steps:
