@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -115,7 +116,10 @@ def main(argv=None):
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
 
     def train(stage, out, extra=()):
-        cmd = ds + ["engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # not the launcher's default 29500,
+            sock.bind(("127.0.0.1", 0))  # which another run on the machine may hold
+            port = sock.getsockname()[1]
+        cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
                     f"data={args.train}", f"eval_data={args.dev}", f"output_dir={out}", "progress_bar=false",
                     *extra, *args.set, *per_stage.get(stage, [])]
         timings[f"{stage}_train_s"] = round(sh(cmd, log), 1)
