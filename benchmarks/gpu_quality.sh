@@ -45,7 +45,7 @@ prepare)
   rm -rf .whl_quality && mkdir -p .whl_quality
   [ "${GPU_QUALITY_SKIP_WHEELS:-0}" = 1 ] || python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     -d .whl_quality "gguf>=0.10" "scipy>=1.13"
-  du -sh .gguf_parts/* .whl_quality .whl 2>/dev/null
+  du -sh .gguf_parts/* .whl_quality .whl 2>/dev/null || true
   echo "prepared: 3 pieces of $(basename "$GGUF") (sha256 $SHA) and $(ls .whl_quality | wc -l) wheels"
   ;;
 stash)

@@ -252,3 +252,29 @@ def test_graded_stage_grad_cache_matches_direct(loss):
         if p.requires_grad:
             # fp32: the two backward passes sum in different orders; tolerance relative to the tensor's scale
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4 * float(grads[n].abs().max()))
+
+
+def test_scored_pairs_reader(tmp_path):
+    import json
+
+    from engine.data import DataError, read_scored_pairs
+
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in [{"sentence1": "a", "sentence2": "b", "score": 4.5},
+                                                   {"sentence1": "", "sentence2": "c", "score": 1},
+                                                   {"sentence1": "d", "sentence2": "e", "score": "0.5"}]) + "\n")
+    pairs, stats = read_scored_pairs([str(p)])
+    assert pairs == [("a", "b", 4.5), ("d", "e", 0.5)] and stats.empty == 1 and stats.kept == 2
+    sts, _ = read_scored_pairs(["data/stsbenchmark/sts-dev.csv"])
+    assert len(sts) == 1500 and min(s for *_, s in sts) == 0.0  # every pair, the lowest scores too
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence1": "a", "sentence2": "b"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field 'score'"):
+        read_scored_pairs([str(bad)])
+    bad.write_text('{"sentence1": "a", "sentence2": "b", "score": "high"}\n')
+    with pytest.raises(DataError, match="score is not a number"):
+        read_scored_pairs([str(bad)])
+    txt = tmp_path / "t.txt"
+    txt.write_text("just a line\n")
+    with pytest.raises(DataError, match="scored pairs come from an STS Benchmark TSV or JSONL"):
+        read_scored_pairs([str(txt)])
