@@ -155,7 +155,7 @@ def main(argv=None):
         if args.test_limit:
             lines += [f"**Rehearsal: scored on the first {args.test_limit} test pairs only, not the full test set.**", ""]
         lines += [f"Measured {result['date']} at commit `{commit}` on {hw}, {args.nproc} ranks; wall time "
-                  f"{wall / 60:.1f} min for the whole table.", "", f"Command: `{cmdline}`", "",
+                  f"{wall / 60:.1f} min for the whole table{'' if final else ' so far'}.", "", f"Command: `{cmdline}`", "",
                   "Each training stage evaluates on STS-B dev (the first `eval_sts_pairs` pairs) every `eval_every` "
                   "steps and keeps its best "
                   "adapter (`best/`); the rows use that adapter, and (d)-(f) start from the best MNTP adapter.", "",
