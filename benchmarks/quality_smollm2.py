@@ -1,25 +1,39 @@
-"""Reproduce the STS-B quality table for LLM2Vec-SmolLM2-135M on CPU (about an hour) or GPU (minutes).
+"""Reproduce the STS-B quality table for LLM2Vec-SmolLM2-135M on CPU or GPU.
 
     python benchmarks/quality_smollm2.py --nproc 2 --out benchmarks/results/quality-smollm2-135m
 
 Rows (STS Benchmark test, cosine Spearman x 100, mean pooling):
   (a) the causal base model;  (b) bidirectional, untrained;  (c) after MNTP;
   (d) MNTP + SimCSE on the sentences of STS-B train (scores unused);
-  (e) MNTP + supervised on STS-B train pairs (score >= 4 positives, low-score hard negatives).
-Training uses the committed configs configs/smollm2-135m/{mntp,simcse,supervised}.yaml, with any
-extra overrides given by --set (applied to every stage). Writes results.json and README.md.
+  (e) MNTP + supervised InfoNCE on STS-B train pairs (score >= 4 positives, low-score hard negatives);
+  (f) MNTP + a graded-score loss (AnglE by default, configs/smollm2-135m/graded.yaml) on every STS-B train pair.
+Training uses the committed configs configs/smollm2-135m/{mntp,simcse,supervised,graded}.yaml. Each stage
+evaluates on STS-B dev every ``eval_every`` steps and keeps its best adapter (``best/``); the table reports
+that one (and the chained stages merge the best MNTP adapter). ``--set`` overrides apply to every stage,
+``--stage-set STAGE:key=value`` to one (e.g. ``--stage-set mntp:max_steps=300``). ``--test-limit N`` scores
+only the first N test pairs (rehearsals: the README then says so). Writes results.json, README.md and each
+stage's metrics.csv and best-adapter record into --out.
 """
 import argparse
 import datetime
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import time
 
+import yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
+STAGES = {"d": "simcse", "e": "supervised", "f": "graded"}
+NAMES = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidirectional, untrained",
+         "c": "(c) + MNTP", "d": "(d) + MNTP + SimCSE (STS-B train sentences, no scores)",
+         "e": "(e) + MNTP + supervised InfoNCE (STS-B train pairs >= 4, hard negatives)",
+         "f": "(f) + MNTP + graded loss (every STS-B train pair with its score)"}
 
 
 def sh(cmd, log):
@@ -49,6 +63,24 @@ def evaluate(model, test, log, causal=False):
     return res
 
 
+def selected(run_dir):
+    """The adapter a stage hands on: best/ (by dev Spearman) when the run kept one, else the last adapter."""
+    best = os.path.join(run_dir, "best")
+    if os.path.isfile(os.path.join(best, "engine_best.json")):
+        with open(os.path.join(best, "engine_best.json")) as f:
+            return best, json.load(f)
+    return os.path.join(run_dir, "adapter"), None
+
+
+def budget(run_dir):
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        c = yaml.safe_load(f)
+    return {k: c[k] for k in ("max_steps", "batch_size", "micro_batch_size", "learning_rate", "lr_schedule",
+                              "eval_every", "eval_sts_pairs", "max_seq_len")} | {
+        "loss": c["contrastive"]["loss"] if c["stage"] != "mntp" else "mntp",
+        "temperature": c["contrastive"]["temperature"] if c["stage"] != "mntp" else None}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2, help="ranks for deepspeed (GPUs, or CPU processes)")
@@ -56,66 +88,119 @@ def main(argv=None):
     ap.add_argument("--work", default=os.path.join(ROOT, "outputs", "quality-smollm2"))
     ap.add_argument("--test", default=os.path.join(STS, "sts-test.csv"))
     ap.add_argument("--train", default=os.path.join(STS, "sts-train.csv"))
+    ap.add_argument("--dev", default=os.path.join(STS, "sts-dev.csv"))
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every stage")
-    ap.add_argument("--rows", default="abcde")
+    ap.add_argument("--stage-set", nargs="*", default=[], metavar="STAGE:key=value",
+                    help="overrides for one stage (mntp, simcse, supervised, graded)")
+    ap.add_argument("--rows", default="abcdef")
+    ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
+    ap.add_argument("--label", default="", help="a line for the README (e.g. the budget's purpose)")
     args = ap.parse_args(argv)
+    per_stage = {}
+    for item in args.stage_set:
+        stage, _, kv = item.partition(":")
+        if stage not in ("mntp", "simcse", "supervised", "graded") or "=" not in kv:
+            ap.error(f"--stage-set {item!r}: expected STAGE:key=value with STAGE in mntp, simcse, supervised, graded")
+        per_stage.setdefault(stage, []).append(kv)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
+    test = args.test
+    if args.test_limit:
+        test = os.path.join(args.work, f"sts-test-first{args.test_limit}.csv")
+        with open(args.test) as f, open(test, "w") as g:
+            g.writelines([line for line in f if line.strip()][:args.test_limit])
     t_all = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    rows, timings = {}, {}
+    rows, timings, budgets, picked = {}, {}, {}, {}
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
-    mntp = os.path.join(args.work, "mntp")
+
+    def train(stage, out, extra=()):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # not the launcher's default 29500,
+            sock.bind(("127.0.0.1", 0))  # which another run on the machine may hold
+            port = sock.getsockname()[1]
+        cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
+                    f"data={args.train}", f"eval_data={args.dev}", f"output_dir={out}", "progress_bar=false",
+                    *extra, *args.set, *per_stage.get(stage, [])]
+        timings[f"{stage}_train_s"] = round(sh(cmd, log), 1)
+        budgets[stage] = budget(out)
+        path, meta = selected(out)
+        picked[stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
+        for name in ("metrics.csv",):
+            shutil.copy(os.path.join(out, name), os.path.join(args.out, f"{stage}_metrics.csv"))
+        return path
+
+    def report(final):
+        wall = time.time() - t_all
+        import torch
+
+        hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+        cmdline = "python benchmarks/quality_smollm2.py --nproc %d%s%s%s%s" % (
+            args.nproc, (" --set " + " ".join(args.set)) if args.set else "",
+            (" --stage-set " + " ".join(args.stage_set)) if args.stage_set else "",
+            f" --rows {args.rows}" if args.rows != "abcdef" else "",
+            f" --test-limit {args.test_limit}" if args.test_limit else "")
+        result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
+                  "command": cmdline, "label": args.label, "test_pairs": rows[next(iter(rows))]["pairs"] if rows else 0,
+                  "wall_seconds": round(wall, 1), "timings": timings, "budgets": budgets, "selected": picked,
+                  "overrides": args.set, "stage_overrides": per_stage, "rows": rows}
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        stage_of = {"c": "mntp", **STAGES}
+        lines = ["# STS Benchmark test: LLM2Vec on SmolLM2-135M-Instruct", ""]
+        if not final:
+            lines += ["**Partial: the run is still going (or was cut short); rows so far.**", ""]
+        if args.label:
+            lines += [f"**{args.label}**", ""]
+        if args.test_limit:
+            lines += [f"**Rehearsal: scored on the first {args.test_limit} test pairs only, not the full test set.**", ""]
+        lines += [f"Measured {result['date']} at commit `{commit}` on {hw}, {args.nproc} ranks; wall time "
+                  f"{wall / 60:.1f} min for the whole table{'' if final else ' so far'}.", "", f"Command: `{cmdline}`", "",
+                  "Each training stage evaluates on STS-B dev (the first `eval_sts_pairs` pairs) every `eval_every` "
+                  "steps and keeps its best "
+                  "adapter (`best/`); the rows use that adapter, and (d)-(f) start from the best MNTP adapter.", "",
+                  "| model | Spearman x100 | test pairs | training | selected adapter (step, dev Spearman) |",
+                  "| --- | ---: | ---: | --- | --- |"]
+        for k in "abcdef":
+            if k not in rows:
+                continue
+            st = stage_of.get(k)
+            train_s = f"{timings[st + '_train_s'] / 60:.1f} min" if st and st + "_train_s" in timings else "-"
+            if st in budgets:
+                b = budgets[st]
+                train_s += f", {b['max_steps']} steps x {b['batch_size']}" + (f", {b['loss']}" if st != "mntp" else "")
+            sel = picked.get(st, {})
+            sel_s = (f"{sel['adapter']} ({sel['step']}, {sel['spearman']:.2f})" if "step" in sel
+                     else sel.get("adapter", "-"))
+            lines.append(f"| {NAMES[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} | {train_s} | {sel_s} |")
+        lines += ["", "Per-step training logs (loss, lr, dev Spearman): `<stage>_metrics.csv`; budgets and the selected "
+                  "adapters: `results.json`.", "",
+                  "For scale (published, other models): unsupervised SimCSE BERT-base about 77; supervised "
+                  "all-MiniLM-L6-v2 about 82."]
+        with open(os.path.join(args.out, "README.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        if final:
+            print("\n".join(lines))
 
     if "a" in args.rows:
-        rows["a"] = evaluate("smollm2-135m", args.test, log, causal=True)
+        rows["a"] = evaluate("smollm2-135m", test, log, causal=True)
+        report(False)
     if "b" in args.rows:
-        rows["b"] = evaluate("smollm2-135m", args.test, log)
-    if set("cde") & set(args.rows):
-        if not os.path.isfile(os.path.join(mntp, "adapter", "adapter_model.safetensors")):
-            timings["mntp_train_s"] = sh(ds + ["engine/train.py", "--config", "configs/smollm2-135m/mntp.yaml",
-                                               f"data={args.train}", f"output_dir={mntp}", "progress_bar=false",
-                                               *args.set], log)
+        rows["b"] = evaluate("smollm2-135m", test, log)
+        report(False)
+    mntp_adapter = None
+    if set("cdef") & set(args.rows):
+        mntp_adapter = train("mntp", os.path.join(args.work, "mntp"))
         if "c" in args.rows:
-            rows["c"] = evaluate(mntp, args.test, log)
-    for key, stage in (("d", "simcse"), ("e", "supervised")):
+            rows["c"] = evaluate(mntp_adapter, test, log)
+            report(False)
+    for key, stage in STAGES.items():
         if key not in args.rows:
             continue
-        out = os.path.join(args.work, stage)
-        timings[f"{stage}_train_s"] = sh(ds + ["engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
-                                               f"data={args.train}", f"output_dir={out}",
-                                               f"model.adapters=[{mntp}/adapter]", "progress_bar=false",
-                                               *args.set], log)
-        rows[key] = evaluate(out, args.test, log)
-    wall = time.time() - t_all
-    import torch
-
-    hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
-              "wall_seconds": round(wall, 1), "timings": timings, "overrides": args.set, "rows": rows}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    names = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidirectional, untrained",
-             "c": "(c) + MNTP", "d": "(d) + MNTP + SimCSE (STS-B train sentences, no scores)",
-             "e": "(e) + MNTP + supervised (STS-B train pairs, hard negatives)"}
-    lines = ["# STS Benchmark test: LLM2Vec on SmolLM2-135M-Instruct", "",
-             f"Measured {result['date']} at commit `{commit}` on {hw}, {args.nproc} ranks; wall time "
-             f"{wall / 60:.1f} min for the whole table (training {', '.join(f'{k} {v / 60:.1f} min' for k, v in timings.items()) or 'reused'}).",
-             "", "Command: `python benchmarks/quality_smollm2.py --nproc %d%s`" % (
-                 args.nproc, (" --set " + " ".join(args.set)) if args.set else ""), "",
-             "Recipe: configs/smollm2-135m/{mntp,simcse,supervised}.yaml (LoRA r=16; MNTP masking 0.2, 80/10/10, "
-             "blank mask token; SimCSE attention dropout 0.3, temperature 0.05; supervised temperature 0.05, one hard "
-             "negative; mean pooling). Training data: STS-B train only.", "",
-             "| model | Spearman x100 | pairs |", "| --- | ---: | ---: |"]
-    for k in "abcde":
-        if k in rows:
-            lines.append(f"| {names[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} |")
-    lines += ["", "For scale (published, other models): unsupervised SimCSE BERT-base about 77; supervised "
-              "all-MiniLM-L6-v2 about 82."]
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        path = train(stage, os.path.join(args.work, stage), [f"model.adapters=[{mntp_adapter}]"])
+        rows[key] = evaluate(path, test, log)
+        report(False)
+    report(True)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,15 @@ class MNTPConfig:
 
 @dataclass
 class ContrastiveConfig:
-    temperature: float = 0.05
+    # InfoNCE temperature; unset: 0.05 for SimCSE (llm2vec's SimCSE scale 20), 0.02 for supervised (llm2vec's
+    # default loss scale 50 = 1 / 0.02)
+    temperature: typing.Optional[float] = None
+    # supervised stage only: infonce (query, positive, hard negatives) | cosent | angle (graded scores: every
+    # STS-style pair with its score; engine/losses.py)
+    loss: str = "infonce"
+    loss_scale: float = 20.0  # cosent/angle: lambda = 1/tau on cosine (and angle) differences (CoSENT, AnglE use 20)
+    angle_weights: typing.List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # angle: w_cos, w_ibn, w_angle
+    positive_min_score: float = 4.0  # angle's in-batch-negative term: pairs scoring >= this are positives
     pooling: str = "mean"  # mean | weighted_mean | eos | last | bos
     max_len: int = 128  # query / sentence max tokens
     doc_max_len: typing.Optional[int] = None  # positives/negatives; defaults to max_len
@@ -97,13 +105,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_betas: typing.List[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
-    lr_schedule: str = "linear"  # linear | cosine | constant
+    # linear | cosine (decay to 0 at max_steps) | constant | constant_with_warmup (warmup_steps, then the peak LR)
+    lr_schedule: str = "linear"
     max_steps: int = 1000
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 20
+    eval_sts_pairs: int = 500  # an STS eval_data file: score its first N pairs (dev Spearman, best/ selection)
     save_every: int = 0  # 0: save only at the end
     keep_checkpoints: int = 2
     logger: str = "csv"  # csv | tensorboard | both
@@ -255,7 +265,8 @@ def validate(cfg: TrainConfig):
                          ("model.gradient_checkpointing", RECOMPUTE_POLICIES),
                          ("zero_stage", ("auto", "0", "1", "2", "3")),
                          ("model.dtype", ("auto", "bf16", "fp16", "fp32")),
-                         ("lr_schedule", ("linear", "cosine", "constant")),
+                         ("lr_schedule", ("linear", "cosine", "constant", "constant_with_warmup")),
+                         ("contrastive.loss", ("infonce", "cosent", "angle")),
                          ("logger", ("csv", "tensorboard", "both")),
                          ("mntp.scheme", ("bert", "all")),
                          ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos"))):
@@ -266,6 +277,17 @@ def validate(cfg: TrainConfig):
             raise ConfigError(f"{key} must be one of {allowed}, got {obj!r}")
     if cfg.resume not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
+    c = cfg.contrastive
+    if c.temperature is None:  # llm2vec's defaults: SimCSE scale 20, supervised scale 50
+        c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
+    if c.loss not in ("infonce", "cosent", "angle"):
+        raise ConfigError(f"contrastive.loss must be one of ('infonce', 'cosent', 'angle'), got {c.loss!r}")
+    if c.loss != "infonce" and cfg.stage != "supervised":
+        raise ConfigError(f"contrastive.loss={c.loss} trains on scored pairs: use it with stage: supervised "
+                          f"(stage {cfg.stage} uses infonce)")
+    if len(c.angle_weights) != 3 or any(w < 0 for w in c.angle_weights) or not any(c.angle_weights):
+        raise ConfigError(f"contrastive.angle_weights must be 3 non-negative weights (cos, ibn, angle), not all 0, "
+                          f"got {c.angle_weights}")
     _check_numbers(cfg)
 
 
@@ -289,6 +311,8 @@ _RANGES = {
     "lora.dropout": (0.0, 1.0, True, False, "in [0, 1)"),
     "lora.alpha": (0, None, False, False, "positive"),
     "contrastive.temperature": (0.0, None, False, False, "a positive number"),
+    "contrastive.loss_scale": (0.0, None, False, False, "a positive number"),
+    "eval_sts_pairs": (1, None, True, False, ">= 1"),
     "batch_size": (1, None, True, False, ">= 1"),
     "micro_batch_size": (1, None, True, False, ">= 1"),
     "max_steps": (1, None, True, False, ">= 1"),

@@ -91,6 +91,58 @@ def _sts_rows(path):
         yield parts[5].strip(), parts[6].strip(), score, parts
 
 
+def read_scored_pairs(sources, max_samples=0):
+    """[(sentence1, sentence2, score)] for the graded losses (CoSENT, AnglE): every pair, whatever its score.
+
+    Sources: STS Benchmark TSVs, or JSONL with ``sentence1``, ``sentence2`` and a numeric ``score``. Pairs with an
+    empty side are counted as empty and skipped. Returns (pairs, stats).
+    """
+    if not sources:
+        raise DataError("no data given: set data=FILE (an STS TSV or JSONL with sentence1, sentence2, score)")
+    out, stats = [], DataStats()
+    for src in sources:
+        _check_file(src)
+        if is_sts_file(src):
+            rows = read_sts(src)
+        elif src.endswith((".jsonl", ".json")):
+            rows = []
+            for n, obj in _json_rows(src):
+                if obj is None:
+                    rows.append(("", "", 0.0))
+                    continue
+                if not isinstance(obj, dict):
+                    raise DataError(f"{src}:{n}: expected a JSON object, got {_json_type(obj)}")
+                for key in ("sentence1", "sentence2", "score"):
+                    if key not in obj:
+                        raise DataError(f"{src}:{n}: missing field {key!r} (scored pairs need sentence1, sentence2, "
+                                        f"score)")
+                for key in ("sentence1", "sentence2"):
+                    if not isinstance(obj[key], str):
+                        raise DataError(f"{src}:{n}: field {key!r} must be a string, got {_json_type(obj[key])}")
+                if isinstance(obj["score"], bool) or not isinstance(obj["score"], (int, float)):
+                    raise DataError(f"{src}:{n}: score must be a number, got {_json_type(obj['score'])}")
+                rows.append((obj["sentence1"].strip(), obj["sentence2"].strip(), float(obj["score"])))
+        else:
+            raise DataError(f"{src}: scored pairs come from an STS Benchmark TSV or JSONL (sentence1, sentence2, "
+                            f"score)")
+        n_before = len(out)
+        for a, b, score in rows:
+            stats.read += 1
+            if not a or not b:
+                stats.empty += 1
+                continue
+            out.append((a, b, score))
+            if max_samples and len(out) >= max_samples:
+                break
+        stats.sources[src] = len(out) - n_before
+        if max_samples and len(out) >= max_samples:
+            break
+    stats.kept = len(out)
+    if not out:
+        raise DataError(f"no usable scored pairs in {sources} ({stats.summary()})")
+    return out, stats
+
+
 def _load_hf(spec):
     parts = spec[3:].split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
@@ -102,8 +154,26 @@ def _load_hf(spec):
     return datasets.load_dataset(name, config, split=split)
 
 
-def read_texts(sources, max_samples=0, dedup=False):
-    """Documents/sentences for MNTP and SimCSE. Returns (texts, stats)."""
+def split_pairs(pairs, seed):
+    """Sentences of scored pairs as separate texts, so that no sentence sits next to its paraphrase.
+
+    The pairs are shuffled with ``seed``; all first sentences come first, then all second sentences in
+    the same order, so the two sentences of a pair are exactly len(pairs) texts apart. MNTP packs texts
+    into blocks of at most max_seq_len tokens (>= 2 tokens per text with its EOS), so a pair never shares
+    a block once len(pairs) > max_seq_len / 2; with both sentences side by side, a masked word could be
+    copied from the paraphrase through bidirectional attention instead of predicted.
+    """
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return [pairs[i][0] for i in order] + [pairs[i][1] for i in order]
+
+
+def read_texts(sources, max_samples=0, dedup=False, seed=0):
+    """Documents/sentences for MNTP and SimCSE. Returns (texts, stats).
+
+    Documents (lines, JSONL records) stay whole and in order; STS-style pair files become single
+    sentences (see :func:`split_pairs`, shuffled with ``seed``).
+    """
     if not sources:
         raise DataError("no data given: set data=FILE (or a list of files)")
     texts, stats = [], DataStats()
@@ -116,7 +186,10 @@ def read_texts(sources, max_samples=0, dedup=False):
         else:
             _check_file(src)
             if is_sts_file(src):
-                raw = (s for a, b, _ in read_sts(src) for s in (a, b))
+                pairs = read_sts(src)
+                if max_samples:  # keep whole pairs, so a cut file still separates them
+                    pairs = pairs[:max(1, (max_samples - len(texts) + 1) // 2)]
+                raw = split_pairs(pairs, seed)
             elif src.endswith((".jsonl", ".json")):
                 raw = _jsonl_field(src, "text")
             else:
@@ -282,11 +355,16 @@ def _json_rows(path):
 
 
 def chunk_documents(texts, tokenizer, max_seq_len):
-    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens (BOS first if the model has one).
+    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens.
 
+    Each block starts with the special tokens the tokenizer itself puts before a text
+    (:func:`engine.encoding.special_prefix`: BOS for Llama/Mistral/Gemma, nothing for SmolLM2 or Qwen), the
+    one rule the encoder follows too, so training and inference see the same first token.
     Nothing is lost: a long document spans several blocks; the last, shorter block is kept (padded later).
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    from .encoding import special_prefix
+
+    bos = special_prefix(tokenizer)
     eos = tokenizer.eos_token_id
     body = max_seq_len - len(bos)
     if body < 2:

@@ -5,13 +5,31 @@ from .modeling import packed_hidden_states
 from .pooling import pool
 
 
+def special_prefix(tokenizer):
+    """The ids the tokenizer puts before a text with ``add_special_tokens=True`` (BOS for Llama, Mistral and
+    Gemma; nothing for SmolLM2 or Qwen).
+
+    This is the one special-token rule of the engine: the encoder (:func:`tokenize_with_instruction`)
+    tokenises with the tokenizer's own special tokens, and MNTP blocks (``engine.data.chunk_documents``)
+    start with exactly this prefix, so a model is trained on the first token it will see at inference.
+    """
+    probe = "a"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k])
+    raise ValueError(f"cannot find the text tokens of {probe!r} among the tokenizer's special tokens: {full}")
+
+
 def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, pooling="mean"):
     """Tokenise ``instruction + text`` once; mark which tokens belong to the text.
 
     Returns (list of id lists, list of pool-mask lists, number truncated). The instruction/text
     boundary comes from the tokenizer's character offsets on the joint string, so the text tokens are
-    exactly those the model sees (no re-tokenising of the text alone). For eos/last pooling an EOS
-    token is appended and pooled.
+    exactly those the model sees (no re-tokenising of the text alone). Special tokens are the tokenizer's
+    own (``add_special_tokens=True``; see :func:`special_prefix`, the rule MNTP blocks follow too). For
+    eos/last pooling an EOS token is appended and pooled.
     """
     if not texts:
         raise ValueError("no texts to tokenize (empty batch)")

@@ -106,7 +106,7 @@ def lr_lambda(cfg):
     def f(step):  # step = optimizer steps taken so far
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        if cfg.lr_schedule == "constant":
+        if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
             return 1.0
         span = max(cfg.max_steps - cfg.warmup_steps, 1)
         t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
@@ -457,6 +457,44 @@ def _record_grad_norm(engine):
     engine.clip_fp32_gradients = clip
 
 
+class BestAdapter:
+    """``output_dir/best/``: the adapter with the highest dev STS Spearman seen so far, beside the last one.
+
+    Active when ``eval_every`` is set and ``eval_data`` is one STS file. ``best/engine_best.json`` records the
+    step and score; a resumed run reads it back, so it only replaces a better adapter (a fresh run, start 0,
+    ignores a stale one and replaces it at its first eval). Rank 0 decides and
+    broadcasts (ranks could differ in the last float bit); the adapter gather is collective, the write atomic.
+    """
+
+    META = "engine_best.json"
+
+    def __init__(self, cfg, rank, resumed):
+        self.dir = os.path.join(cfg.output_dir, "best")
+        self.score = -math.inf
+        meta = os.path.join(self.dir, self.META)
+        if resumed and rank == 0 and os.path.isfile(meta):
+            with open(meta) as f:
+                self.score = float(json.load(f)["spearman"])
+
+    def update(self, step, spearman, module, cfg, tok, rank, device):
+        flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)
+        dist.broadcast(flag, 0)
+        if not flag.item():
+            return False
+        sd = adapter_state_dict(module.model)
+        check_finite_state(sd, "the best adapter")
+        if rank == 0:
+            self.score = spearman
+            new = self.dir + ".new"
+            write_adapter(module.model, sd, new, cfg, tok)
+            with open(os.path.join(new, self.META), "w") as f:
+                json.dump({"step": step, "spearman": spearman, "eval_data": cfg.eval_data[0]}, f)
+            _replace_dir(new, self.dir)
+        dist.barrier()
+        return True
+
+
+
 
 def _sts_spearman(module, stage, path, max_pairs=500):
     from .encoder import Encoder
@@ -487,9 +525,9 @@ def train(cfg):
     log0(f"stage {cfg.stage}: data {stats.summary()}; {len(items)} training items")
     eval_items, sts_eval = None, None
     if cfg.eval_data and cfg.eval_every:
-        if stage.name != "mntp" and len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
-            sts_eval = cfg.eval_data[0]
-        else:
+        if len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
+            sts_eval = cfg.eval_data[0]  # dev Spearman, and output_dir/best/ (MNTP logs its eval loss too)
+        if sts_eval is None or stage.name == "mntp":
             eval_items, _, _ = stage.load(cfg.eval_data)
     plan = BatchPlan(len(items), cfg.batch_size, cfg.micro_batch_size, world, rank, cfg.seed, groups)
 
@@ -535,6 +573,7 @@ def train(cfg):
             yaml.safe_dump(config_mod.to_dict(cfg), f, sort_keys=False)
         os.replace(tmp, os.path.join(cfg.output_dir, "config.yaml"))
     logger = MetricsLogger(cfg, rank, start)
+    best = BestAdapter(cfg, rank, resumed=start > 0) if sts_eval is not None else None
     fail_at = int(os.environ.get("LLM2VEC_ENGINE_FAIL_AT_STEP", "-1"))
     dump_grads = os.environ.get("LLM2VEC_ENGINE_DUMP_GRADS")
 
@@ -593,7 +632,8 @@ def train(cfg):
             if eval_items is not None:
                 row.update(stage.evaluate(engine, eval_items, world, rank, cfg.eval_batches))
             if sts_eval is not None:
-                row["eval_sts_spearman"] = _sts_spearman(module, stage, sts_eval)
+                row["eval_sts_spearman"] = _sts_spearman(module, stage, sts_eval, cfg.eval_sts_pairs)
+                row["best_saved"] = int(not bad and best.update(done, row["eval_sts_spearman"], module, cfg, tok, rank, device))
             engine.train()
         if done % cfg.log_every == 0 or done == cfg.max_steps or bad:
             logger.log(done, row)

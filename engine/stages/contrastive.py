@@ -6,11 +6,15 @@ each chunk; (2) compute the loss (cross-rank negatives included) on the detached
 d loss / d embedding; (3) re-embed each chunk with grad, replaying its RNG state so dropout masks
 are identical (SimCSE relies on dropout), and back-propagate the cached embedding gradients
 through it as the surrogate loss sum(e * g).
+
+The loss is InfoNCE (``kernels.contrastive_loss``) or, for scored pairs (``contrastive.loss: cosent | angle``),
+one of ``engine.losses``; queries are then the pairs' first sentences, candidates their second ones.
 """
 import torch
 
 import kernels
 
+from .. import losses
 from ..encoding import embed_batch
 from ..modeling import packing
 from .base import Stage
@@ -51,8 +55,13 @@ class ContrastiveStage(Stage):
         nq = int(batch["n_queries"])  # a python int from collate
         return emb[:nq], emb[nq:]
 
-    def contrastive(self, q, d):
+    def contrastive(self, q, d, batch=None):
         c = self.cfg.contrastive
+        if c.loss == "cosent":
+            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=c.gather_across_ranks)
+        if c.loss == "angle":
+            return losses.angle_loss(q, d, batch["scores"], scale=c.loss_scale, weights=tuple(c.angle_weights),
+                                     positive_min_score=c.positive_min_score, gather_across_ranks=c.gather_across_ranks)
         return kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
 
     def loss(self, module, batch):
@@ -62,7 +71,7 @@ class ContrastiveStage(Stage):
         emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"], batch.get("layout"))
         q, d = self.split(emb, batch)
         tokens = batch.get("tokens")
-        return self.contrastive(q, d), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
+        return self.contrastive(q, d, batch), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
 
     def train_micro_step(self, engine, batch):
         chunk = self.cfg.contrastive.grad_cache_chunk
@@ -87,7 +96,7 @@ class ContrastiveStage(Stage):
         after = _rng_state()
         emb = torch.cat(embs).detach().requires_grad_(True)
         q, d = self.split(emb, batch)
-        loss = self.contrastive(q, d)
+        loss = self.contrastive(q, d, batch)
         loss.backward()
         cached = emb.grad
         for (s, e), st in zip(spans, states):

@@ -90,7 +90,7 @@ class MNTPStage(Stage):
         return model
 
     def load(self, sources, max_samples=0):
-        texts, stats = read_texts(sources, max_samples)
+        texts, stats = read_texts(sources, max_samples, seed=self.cfg.seed)
         blocks = chunk_documents(texts, self.tok, self.cfg.max_seq_len)
         stats.sources["blocks"] = len(blocks)
         return blocks, stats, None

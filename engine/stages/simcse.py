@@ -10,7 +10,7 @@ class SimCSEStage(ContrastiveStage):
     name = "simcse"
 
     def load(self, sources, max_samples=0):
-        texts, stats = read_texts(sources, max_samples, dedup=True)
+        texts, stats = read_texts(sources, max_samples, dedup=True, seed=self.cfg.seed)
         return texts, stats, None
 
     def collate(self, items, generator):

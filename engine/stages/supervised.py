@@ -3,8 +3,13 @@
 Queries carry their instruction (attended, not pooled); documents carry none. Candidates are
 [positives (B), hard negatives (B*n)], gathered across ranks with gradient, so each query sees
 world * B * (1 + n) candidates. With several sources, each global batch is drawn from one source.
+
+With ``contrastive.loss: cosent | angle`` the stage trains on scored pairs instead (every STS-style pair with
+its score, ``engine.losses``), with the same cross-rank batches and gradient caching.
 """
-from ..data import read_supervised
+import torch
+
+from ..data import read_scored_pairs, read_supervised
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -13,6 +18,9 @@ class SupervisedStage(ContrastiveStage):
     name = "supervised"
 
     def load(self, sources, max_samples=0):
+        if self.cfg.contrastive.loss != "infonce":  # graded losses: every scored pair, scores kept
+            pairs, stats = read_scored_pairs(sources, max_samples)
+            return pairs, stats, None
         ex, stats = read_supervised(sources, max_samples, self.cfg.contrastive.instruction)
         groups = [e["source"] for e in ex] if self.cfg.contrastive.source_homogeneous_batches else None
         if groups is not None and len(set(groups)) == 1:
@@ -23,6 +31,8 @@ class SupervisedStage(ContrastiveStage):
         if not items:
             raise ValueError("empty batch")
         c = self.cfg.contrastive
+        if c.loss != "infonce":
+            return self._collate_scored(items)
         n = c.num_hard_negatives
         doc_len = c.doc_max_len or c.max_len
         q_ids, q_pm, t1 = tokenize_with_instruction(self.tok, [e["query"] for e in items],
@@ -33,4 +43,17 @@ class SupervisedStage(ContrastiveStage):
         d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, None, doc_len, c.pooling)
         ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
+                                 "truncated": t1 + t2})
+
+
+    def _collate_scored(self, items):
+        """(sentence1, sentence2, score) pairs: both sides carry the instruction (a symmetric task), scores kept."""
+        c = self.cfg.contrastive
+        instr = [c.instruction] * len(items)
+        a_ids, a_pm, t1 = tokenize_with_instruction(self.tok, [p[0] for p in items], instr, c.max_len, c.pooling)
+        b_ids, b_pm, t2 = tokenize_with_instruction(self.tok, [p[1] for p in items], instr, c.doc_max_len or c.max_len,
+                                                    c.pooling)
+        ids, am, pm = pad_batch(a_ids + b_ids, self.tok.pad_token_id, "right", extra=(a_pm + b_pm,))
+        return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
+                                 "scores": torch.tensor([float(p[2]) for p in items], dtype=torch.float32),
                                  "truncated": t1 + t2})

@@ -1,0 +1,76 @@
+"""MNTP data: STS pairs are split so no sentence shares a block with its paraphrase; one special-token rule."""
+import pytest
+
+from engine.config import ModelConfig
+from engine.data import chunk_documents, read_sts, read_texts, split_pairs
+from engine.encoding import special_prefix, tokenize_with_instruction
+from engine.modeling import load_tokenizer
+
+from .helpers import STS
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+
+
+def _contains(block, seq):
+    n = len(seq)
+    return any(block[i:i + n] == seq for i in range(len(block) - n + 1))
+
+
+def test_no_block_holds_both_sentences_of_a_pair(tok):
+    texts, stats = read_texts([f"{STS}/sts-dev.csv"], max_samples=400, seed=3)
+    assert len(texts) == 400 and stats.kept == 400
+    pairs = read_sts(f"{STS}/sts-dev.csv")
+    # STS-B reuses some sentences in several pairs ("A man is playing a guitar." 11 times here): check the pairs
+    # whose two sentences occur once each, so a match in a block is that pair's own sentence
+    kept = {(a, b) for a, b, _ in pairs if texts.count(a) == 1 and texts.count(b) == 1}
+    assert len(kept) >= 120
+    blocks = chunk_documents(texts, tok, 64)
+    shared = 0
+    for a, b in kept:
+        ia = tok(a, add_special_tokens=False)["input_ids"]
+        ib = tok(b, add_special_tokens=False)["input_ids"]
+        shared += any(_contains(blk, ia) and _contains(blk, ib) for blk in blocks)
+    assert shared == 0, f"{shared} of {len(kept)} pairs share a 64-token block with their paraphrase"
+
+
+def test_pairs_are_shuffled_with_the_seed_and_documents_stay_whole(tmp_path):
+    pairs = [(f"a{i}", f"b{i}", 1.0) for i in range(50)]
+    one, again, other = split_pairs(pairs, 1), split_pairs(pairs, 1), split_pairs(pairs, 2)
+    assert one == again and one != other and sorted(one) == sorted(s for p in pairs for s in p[:2])
+    assert all(one.index(f"b{i}") - one.index(f"a{i}") == 50 for i in range(50))
+    assert [int(t[1:]) for t in one[:50]] != list(range(50))  # shuffled, not file order
+    doc = tmp_path / "docs.txt"
+    doc.write_text("first document, long enough.\nsecond one.\nthird.\n")
+    texts, _ = read_texts([str(doc)], seed=5)
+    assert texts == ["first document, long enough.", "second one.", "third."]
+
+
+def test_mntp_blocks_start_like_the_encoder_input(tok):
+    prefix = special_prefix(tok)
+    assert prefix == []  # SmolLM2's tokenizer adds no special token, so neither does MNTP
+    text = "A man is playing a guitar."
+    ids, _, _ = tokenize_with_instruction(tok, [text], None, 64, "mean")
+    blocks = chunk_documents([text, "Another sentence here."], tok, 64)
+    assert blocks[0][:len(ids[0])] == ids[0]  # the same first tokens at training and at inference
+    assert tok.bos_token_id not in blocks[0]
+
+
+class _BosTokenizer:
+    """A Llama-style tokenizer that puts BOS (id 1) first: the MNTP blocks must start with it too."""
+
+    bos_token_id, eos_token_id = 1, 2
+
+    def __call__(self, texts, add_special_tokens=True, **kw):
+        one = isinstance(texts, str)
+        out = [([1] if add_special_tokens else []) + [10 + ord(c) for c in t] for t in ([texts] if one else texts)]
+        return {"input_ids": out[0] if one else out}
+
+
+def test_a_bos_tokenizer_gets_bos_blocks():
+    tok = _BosTokenizer()
+    assert special_prefix(tok) == [1]
+    blocks = chunk_documents(["abcdef", "ghijkl"], tok, 8)
+    assert all(b[0] == 1 for b in blocks) and sum(b.count(1) for b in blocks) == len(blocks)
