@@ -23,7 +23,8 @@ masked token replaced: configs/mistral-7b/mntp.yaml), mask token = EOS.
 
 Figures per path:
   launches      kernel launches in one optimizer step (forward, backward, optimizer, ZeRO): ATen ops that are
-                neither views nor bare allocations (empty*, resize_, set_, lift_fresh) and that touch a
+                neither views nor bare allocations or reshapes (empty*, resize_, set_, lift_fresh,
+                _unsafe_view) and that touch a
                 device tensor, plus Triton launches. Triton kernels are enabled (TRITON_INTERPRET=1) and
                 their launcher is intercepted: each launch is counted and not executed (outputs are left
                 uninitialised, which changes no count). A tensor is host-side when a factory op made it with
@@ -205,7 +206,7 @@ def _aten():
     no_kernel = {a.empty.memory_format, a.empty_strided.default, a.empty_like.default, a.new_empty.default,
                  a.new_empty_strided.default, a.resize_.default, a.set_.source_Storage_storage_offset,
                  a.set_.source_Tensor, a.set_.default, a.lift_fresh.default, a._local_scalar_dense.default,
-                 a.detach.default, a.alias.default}
+                 a.detach.default, a.alias.default, a._unsafe_view.default}
     sync = {a._local_scalar_dense.default, a.nonzero.default, a.masked_select.default, a._unique2.default,
             a.unique_dim.default, a.unique_consecutive.default}
     return no_kernel, sync
@@ -550,6 +551,12 @@ def predict_path(name, sets, micro, shape, mask, layers, launches):
 
     spec = dict(FULL, num_hidden_layers=layers)
     path = Path(name, spec, "meta", sets, micro)
+    if name != "reference":  # DeepSpeed bf16 keeps every parameter, LoRA included, in bf16 (PEFT made LoRA fp32)
+        path.module.to(path.dtype)
+    for p in path.params:  # the optimizer's state exists already: cost a steady-state step, not the first
+        p.grad = torch.zeros_like(p)
+    path.opt.step()
+    path.opt.zero_grad(set_to_none=True)
     batch = _batch_for(shape, spec["vocab_size"], mask)
     phase = ["fwd_bwd"]
     mode = CostMode({"V": spec["vocab_size"], "r": LORA["r"]}, batch.lens, phase)
@@ -564,7 +571,10 @@ def predict_path(name, sets, micro, shape, mask, layers, launches):
     finally:
         launches.sink = None
     del path
-    return predicted(mode.rows)
+    pred, n = predicted(mode.rows)
+    census = collections.Counter(("triton:" + r[0][7:]) if r[0].startswith("triton:") else "aten." + r[0]
+                                 for r in mode.rows)
+    return pred, n, census, batch.masked
 
 
 def worker(args):
@@ -580,6 +590,7 @@ def worker(args):
     tiny = dict(TINY, num_hidden_layers=layers)
     shape = tuple(int(x) for x in args.tokens.split("x"))
     host_shape = tuple(int(x) for x in args.host_batch.split("x"))
+    count_shape = tuple(int(x) for x in args.count_batch.split("x"))
     res = {"path": args.worker}
     t0 = time.perf_counter()
     with launches.active(), gpu_like_ops():
@@ -592,8 +603,7 @@ def worker(args):
         res["zero"] = "3" if path.ds else "none"
         res["dtype"] = str(path.dtype).replace("torch.", "")
         host_batch = _batch_for(host_shape, tiny["vocab_size"], mask)
-        big = _batch_for(shape, tiny["vocab_size"], mask)
-        res["masked_rows"] = big.masked
+        big = _batch_for(count_shape, tiny["vocab_size"], mask)
         res["build_s"] = round(time.perf_counter() - t0, 1)
         path.step(host_batch)  # warm-up: lazy initialisation and DeepSpeed's first-step tracing stay out
         t1 = time.perf_counter()
@@ -611,14 +621,18 @@ def worker(args):
         del path
     t2 = time.perf_counter()
     with launches.active(), gpu_like_ops(meta=True):
-        pred, n = predict_path(args.worker, sets, shape[0], shape, mask, layers, launches)
+        pred, n, census, masked = predict_path(args.worker, sets, shape[0], shape, mask, layers, launches)
         res["predicted_ms"] = round(pred["total"], 1)
         res["predicted"] = {k: round(v, 2) for k, v in pred.items()}
-        res["predicted_launches"] = sum(n.values())
+        res["masked_rows"] = masked
+        # the same step at full size, 32 x 512, without DeepSpeed: its launch census (meta run)
+        res["launches_full_nozero"] = sum(census.values())
+        res["census_full_nozero"] = dict(census.most_common())
         if args.calibrate and args.worker in PROFILE_MS:
-            cal, _ = predict_path(args.worker, sets + ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0], shape,
-                                  (0.2, "bert"), layers, launches)
+            cal, cal_n = predict_path(args.worker, sets + ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0],
+                                      shape, (0.2, "bert"), layers, launches)[:2]
             res["calibration"] = {k: round(v, 2) for k, v in cal.items()}
+            res["calibration_n"] = dict(cal_n)
     res["predict_s"] = round(time.perf_counter() - t2, 1)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     with open(args.result, "w") as f:
@@ -630,20 +644,22 @@ def worker(args):
 # ----------------------------------------------------------------------------------------------
 
 def table(results, args):
-    lines = [f"bench_step_ops: MNTP step {args.tokens} tokens, one micro-batch, mask {args.mask_prob} "
-             f"({args.scheme}), Mistral-7B structure at {args.layers} layers; sets: {' '.join(args.set or []) or '-'}",
-             f"{'path':16s} {'launches':>9s} {'@host-batch':>11s} {'syncs':>6s} {'zero_hooks':>10s} "
-             f"{'host_ms min':>11s} {'median':>8s} {'predicted_ms':>12s} {'mm':>6s} {'native_dropout':>14s} "
+    lines = [f"bench_step_ops: MNTP step, one micro-batch, mask {args.mask_prob} ({args.scheme}), Mistral-7B "
+             f"structure at {args.layers} layers; counted at tiny width on {args.count_batch} (and {args.host_batch}), "
+             f"host time on {args.host_batch}, full size on {args.tokens} (meta, no DeepSpeed); sets: "
+             f"{' '.join(args.set or []) or '-'}",
+             f"{'path':16s} {'launches':>9s} {'@host':>6s} {'@full':>6s} {'syncs':>6s} {'zero_hooks':>10s} "
+             f"{'host_ms min':>11s} {'median':>8s} {'predicted_ms':>12s} {'mm@full':>8s} {'dropout@full':>12s} "
              f"{'triton':>6s} {'zero':>4s}"]
     for p, r in results.items():
         if "error" in r:
             lines.append(f"{p:16s} ERROR {r['error']}")
             continue
-        c = r["census"]
+        c, cf = r["census"], r["census_full_nozero"]
         tri = sum(v for k, v in c.items() if k.startswith("triton:"))
-        lines.append(f"{p:16s} {r['launches']:9d} {r['launches_host_batch']:11d} {r['syncs']:6d} "
-                     f"{r['zero_hooks']:10d} {r['host_ms']['min']:11.1f} {r['host_ms']['median']:8.1f} "
-                     f"{r['predicted_ms']:12.1f} {c.get('aten.mm', 0):6d} {c.get('aten.native_dropout', 0):14d} "
+        lines.append(f"{p:16s} {r['launches']:9d} {r['launches_host_batch']:6d} {r['launches_full_nozero']:6d} "
+                     f"{r['syncs']:6d} {r['zero_hooks']:10d} {r['host_ms']['min']:11.1f} {r['host_ms']['median']:8.1f} "
+                     f"{r['predicted_ms']:12.1f} {cf.get('aten.mm', 0):8d} {cf.get('aten.native_dropout', 0):12d} "
                      f"{tri:6d} {r['zero']:>4s}")
     lines.append("H200 profile census (2026-11-26, engine ZeRO-3 step): native_dropout 448, mm 2464 (288 MLP + 384 "
                  "projections + 1792 LoRA)")
@@ -654,6 +670,8 @@ def table(results, args):
         if "census" in r:
             top = ", ".join(f"{k} {v}" for k, v in list(r["census"].items())[:12])
             lines.append(f"census {p}: {top}; syncs {r['sync_ops'] or '-'}")
+            top = ", ".join(f"{k} {v}" for k, v in list(r["census_full_nozero"].items())[:8])
+            lines.append(f"census {p} at full size, no DeepSpeed: {top}")
     for p, r in results.items():
         cal = r.get("calibration")
         if not cal:
@@ -673,6 +691,7 @@ def main(argv=None):
                     help="engine config override (engine and reference-zero3 paths), e.g. model.fused_ops=triton")
     ap.add_argument("--tokens", default="32x512", help="batch x sequence of the counted step")
     ap.add_argument("--host-batch", default="2x64", help="batch x sequence of the host-time steps")
+    ap.add_argument("--count-batch", default="4x64", help="batch x sequence of the counted real step")
     ap.add_argument("--host-steps", type=int, default=10)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--mask-prob", type=float, default=None, help="default: llm2vec's Mistral setting (0.8)")
@@ -693,6 +712,7 @@ def main(argv=None):
         args.scheme = s if args.scheme is None else args.scheme
     if args.reduced:
         args.layers, args.tokens, args.host_steps, args.calibrate = 2, "4x64", 3, False
+        args.count_batch = "4x32"
     if args.worker:
         worker(args)
         return None
@@ -724,6 +744,7 @@ def main(argv=None):
                 out = os.path.join(tmp, f"{p}.json")
                 cmd = [sys.executable, "-m", "benchmarks.bench_step_ops", "--worker", p, "--result", out,
                        "--tokens", args.tokens, "--host-batch", args.host_batch, "--host-steps", str(args.host_steps),
+                       "--count-batch", args.count_batch,
                        "--layers", str(args.layers), "--mask-prob", str(args.mask_prob), "--scheme", args.scheme]
                 cmd += [f"--set={s}" for s in args.set] + ([] if args.calibrate else ["--no-calibrate"])
                 errf = open(os.path.join(tmp, f"{p}.err"), "w+")

@@ -65,7 +65,8 @@ FLOPs (per step, T = real tokens, L_i = real sequence lengths, l = layers, Hq*D 
   --peak-tflops).
 
 Each measurement: --warmup (5) warm-up steps, then --steps (20) timed steps (1 and 2 with --tiny); the row
-reports the median, min and IQR. An OOM or error is recorded as a row with
+reports the median, min and IQR. Timing stops early, after at least 5 steps, when the next steps would end
+past --budget-s (the row says cut=budget and timed_steps how many ran). An OOM or error is recorded as a row with
 ms=nan and extra status=oom/error, and the run goes on. Measurements run in priority order (reference and
 engine for MNTP, supervised, SimCSE; then the ablations) and those that would end after --budget-s
 (default 135 s from start on the GPU) are recorded as status=skipped_budget. Before timing, each stage's
@@ -1056,6 +1057,9 @@ class Bench:
                 loss = float(self.train_step(batch))
                 _sync(self.device)
                 times.append(time.perf_counter() - t0)
+                if out_of_time(self.args, times):
+                    extra["cut"] = "budget"
+                    break
             if self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
                 act_peak = peak - base / 2**20
@@ -1141,6 +1145,7 @@ def main(argv=None):
     if args.steps is None:
         args.steps = 2 if args.tiny else 20
     budget = args.budget_s if args.budget_s is not None else (float("inf") if args.tiny else 135.0)
+    args.budget_resolved = budget
     stages = [s for s in args.stages.split(",") if s]
     plan = default_plan(stages, args.tiny)
     if args.impls:
@@ -1274,6 +1279,13 @@ def big_batch(bench, writer, sizes, chunk, budget):
         writer.add(shape, impl, "step", ms, peak_mb=peak, **extra)
 
 
+def out_of_time(args, times, min_steps=5):
+    """Stop timing early (after at least min_steps) when the next step and a profiled one would end past the
+    budget, so a run under a hard timeout still writes its row; the row then says cut=budget."""
+    budget = getattr(args, "budget_resolved", float("inf"))
+    return len(times) >= min_steps and time.perf_counter() - _T0 + 3 * max(times) > budget
+
+
 def step_stats(times, warmup):
     """CSV extras of a timed run: min, quartiles and IQR of the step times (ms), and the protocol."""
     ms = sorted(t * 1e3 for t in times)
@@ -1342,6 +1354,9 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
             loss = float(hf_reference_step(model, opt, params, batch))
             _sync(device)
             times.append(time.perf_counter() - t0)
+            if out_of_time(args, times):
+                extra["cut"] = "budget"
+                break
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             extra["act_peak_mb"] = f"{peak - base / 2**20:.1f}"

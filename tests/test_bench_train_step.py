@@ -48,7 +48,7 @@ def test_rows_for_every_stage_and_impl(tiny_run):
             assert ex["status"] == "skipped" and ex["detail"], r
             continue
         assert ex["status"] == "ok", r
-        assert int(ex["timed_steps"]) == 1 and float(ex["min_ms"]) <= float(r["ms"]) and float(ex["iqr_ms"]) >= 0
+        assert int(ex["timed_steps"]) == 1 and float(ex["min_ms"]) <= float(r["ms"]) + 0.05 and float(ex["iqr_ms"]) >= 0
         assert float(ex["tokens_per_s"]) > 0 and float(r["ms"]) > 0, r
         assert r["gpu"] == "cpu" and r["bench"] == "train_step" and r["commit"]
         assert int(ex["tokens"]) > 0
