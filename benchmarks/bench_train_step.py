@@ -1166,7 +1166,7 @@ def main(argv=None):
 
     writer = CsvWriter(args.out, BENCH, timing="wall-synced-step")
     # llm2vec's one-GPU recipe first, each in a model of its own that is freed before the next is built
-    hf_plan = [(s, i) for s, i in plan if i in HF_REFERENCES]
+    hf_plan = [(s, i) for s, i in plan if i in HF_REFERENCES and not args.big_batch]  # --big-batch: only that
     plan = [(s, i) for s, i in plan if i not in HF_REFERENCES]
     for stage, impl in hf_plan:
         elapsed = time.perf_counter() - _T0
