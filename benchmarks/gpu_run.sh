@@ -154,8 +154,11 @@ if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
+left_paths=3
 for path in reference reference-zero3 engine; do
-  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" 330)
+  left_paths=$((left_paths - 1))
+  # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
+  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" $((180 + 60 * left_paths)))
   run_step "train_step_mntp_$path" "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
     --stages mntp --impls "mntp:$path" --warmup "$TS_WARMUP" --steps "$TS_STEPS" --no-parity \
     --out "$WORK/train_step_$path.csv" --profile "$WORK/train_step_profile_$path.txt" --budget-s "$((ts_limit - 10))"
@@ -163,8 +166,9 @@ done
 join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
   local first=1 f
   : > "$WORK/bench_train_step.csv"
-  for f in "$WORK"/train_step_*.csv; do
-    [ -f "$f" ] || continue
+  for f in "$WORK"/train_step_reference.csv "$WORK"/train_step_reference-zero3.csv "$WORK"/train_step_engine.csv \
+      "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_zcontrastive.csv; do
+    head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
     if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0
     else tail -n +2 "$f" >> "$WORK/bench_train_step.csv"; fi
   done

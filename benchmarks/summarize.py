@@ -416,7 +416,8 @@ def main(argv=None):
     commit = next((r["commit"] for r in (ts_rows or []) if r.get("commit")), None)
     lines = [f"# GPU run summary ({gpu or 'unknown device'}, commit {commit or 'unknown'})", "", t.markdown(), ""]
     notes = steps_notes(args.steps) + correctness(os.path.join(d, "correctness.json"))
-    zero = {_extra(r).get("zero") for r in ts_rows or [] if r.get("pass") == "step"} - {None}
+    zero = {_extra(r).get("zero") for r in ts_rows or [] if r.get("pass") == "step"  # `reference`: no DeepSpeed
+            and not r.get("impl", "").startswith("reference") or r.get("impl") == "reference-zero3"} - {None}
     if "none" in zero:
         notes.append("- NOTE: the train step ran WITHOUT DeepSpeed ZeRO-3 (zero=none: deepspeed unavailable or failed)")
     try:
