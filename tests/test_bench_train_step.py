@@ -27,7 +27,7 @@ def tiny_run(tmp_path_factory):
     csv_path, prof = str(out / "ts.csv"), str(out / "profile.txt")
     # A subprocess: DeepSpeed sets up torch.distributed, which must not leak into the test process.
     r = run_cmd([sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--steps", "1",
-                 "--out", csv_path, "--profile", prof], timeout=300)
+                 "--out", csv_path, "--profile", prof], timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return _rows(csv_path), prof, r.stdout
 
