@@ -1385,7 +1385,7 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
         if profile_out is not None and status == "ok" and device.type == "cuda":
             try:
                 title = f"mntp / {impl} ({gpu}, {extra['dtype']}, no DeepSpeed)"
-                text, cats, wall, busy = profile_step(lambda: hf_reference_step(model, opt, params, batch), device,
+                text, cats, wall, busy = profile_step(lambda m=model, o=opt: hf_reference_step(m, o, params, batch), device,
                                                       {"V": spec["vocab_size"], "I": spec["intermediate_size"],
                                                        "r": lora["r"], "H": spec["hidden_size"]}, title)
                 with open(profile_out, "a") as f:
