@@ -1,7 +1,10 @@
-"""End-to-end train-step throughput: the engine path against a reference LLM2Vec path, under DeepSpeed ZeRO-3.
+"""End-to-end train-step throughput: the engine path against what an LLM2Vec user runs instead.
 
-One model and one DeepSpeed engine are built once (building a 7B model is the expensive part); the
-path and the kernel implementations are switched between measurements.
+The `reference` rows (llm2vec's one-GPU recipe, MNTP) build a model of their own without DeepSpeed. For the
+other rows one model and one DeepSpeed engine are built once (building a 7B model is the expensive part); the
+path and the kernel implementations are switched between them. For figures that do not disturb each other,
+run each path in its own process (`--impls reference`, `--impls reference-zero3`, `--impls engine`), as
+benchmarks/gpu_run.sh does.
 
 Model (GPU mode): Mistral-7B-shaped (32 layers, hidden 4096, intermediate 14336, GQA 32/8 heads,
 head_dim 128, vocab 32000), randomly initialised in bf16 directly on the GPU, bidirectional, LoRA r=16
@@ -9,14 +12,23 @@ head_dim 128, vocab 32000), randomly initialised in bf16 directly on the GPU, bi
 of one, torch AdamW as the client optimizer. Synthetic token ids (seeded); nothing is downloaded.
 
 Stages (one micro-batch = one optimizer step):
-  * mntp        32 x 512 tokens, masking 0.2 (BERT scheme), labels shifted as the MNTP stage does;
+  * mntp        32 x 512 tokens, unpadded, masked as llm2vec does for the model family (configs/mistral-7b:
+                0.8, every masked token replaced; the tiny Llama: 0.2, BERT scheme; the shape name and the row
+                state it), labels shifted as the MNTP stage does; the same batch on every path;
   * simcse      128 sentences, lengths uniform in [16, 128] (one of 128), two dropout views
                 (attention-probability dropout 0.3 + LoRA dropout) -> 256 sequences;
   * supervised  64 queries (16-64 tokens incl. an 8-12 token instruction that is attended, not pooled)
                 + 64 positives + 64 hard negatives (64-512 tokens, one of 512); mean pooling.
 
 Implementations:
-  * reference   what LLM2Vec does on HF transformers + PEFT: SDPA given a dense additive (B, 1, S, S)
+  * reference   llm2vec's own one-GPU recipe (MNTP): HF model + PEFT LoRA (r on all seven projections, dropout
+                0.05, PEFT defaults), bf16, bidirectional SDPA with no mask on the unpadded batch, full
+                gradient checkpointing, full logits for every position and the CE inside the HF loss (fp32
+                upcast), clip 1.0 + plain torch AdamW; no DeepSpeed and no engine code (build_hf_reference).
+  * reference-fa2   the same with attn_implementation="flash_attention_2" (a row with status=skipped when
+                flash_attn is not installed).
+  * reference-zero3   the older reference, an ablation inside the engine's harness: the engine's model under
+                DeepSpeed ZeRO-3 running what LLM2Vec does on HF transformers + PEFT: SDPA given a dense additive (B, 1, S, S)
                 bidirectional padding mask (so SDPA cannot use its flash backend, and HF repeats K/V for
                 GQA because a mask is given), full logits for every
                 position upcast to fp32 and F.cross_entropy(ignore_index=-100) as HF models do, and the
@@ -31,6 +43,7 @@ Implementations:
 
 Reported per (stage, impl), one CSV row (benchmarks/common.CsvWriter, bench="train_step", pass="step"):
   ms        median wall time of the timed steps (forward + backward + optimizer step, synchronised);
+            extra min_ms, q1_ms, q3_ms, iqr_ms, warmup, timed_steps and every step's time (steps_ms);
   peak_mb   torch.cuda.max_memory_allocated over the timed steps (weights included; reset per run);
             extra act_peak_mb is the same minus what was allocated before the step;
   tflops    model FLOPs / step time; extra tokens_per_s, mfu, hfu, peak_tflops.
@@ -39,16 +52,21 @@ FLOPs (per step, T = real tokens, L_i = real sequence lengths, l = layers, Hq*D 
   model = 4 * N_frozen * T                 frozen decoder weights: forward (2) + input gradient (2), no weight grad
         + 6 * N_lora * T                   LoRA weights: forward, input gradient and weight gradient
         + 12 * sum(L_i^2) * Hq * D * l     attention: forward 4*L^2*Hq*D per layer, backward 2x forward
-        + 4 * M * V * H                    MNTP: LM head over the M masked rows only (forward + input grad)
+        + 4 * R * V * H                    MNTP LM head over the R rows it actually computes (forward + input
+                                           grad): the masked rows for the engine, every position for a
+                                           full-logit reference
         + 6 * B * N * E                    contrastive scores (B queries x N candidates)
   hfu   = model + the forward recomputed under gradient checkpointing (2*N_frozen*T + 2*N_lora*T + the
           attention forward); the flash-style recompute inside the attention backward is not counted.
-  Both count only useful work on real tokens, identical for every impl: padding and full-vocabulary
-  logits the reference computes are not counted, so MFU ratios equal throughput ratios. MFU = model
+  Both count work on real tokens only; padding is never counted, and the LM head counts the rows the path
+  computes, so a full-logit reference gets credit for its logits (MFU ratios then differ from throughput
+  ratios; compare tokens_per_s for speed). extra model_tflop holds the FLOPs of the row. MFU = model
   FLOP/s over the card's dense bf16 peak (H100 SXM / H200: 989.4 TFLOP/s; see PEAK_TFLOPS, or pass
   --peak-tflops).
 
-Each measurement: 1 warm-up step, then --steps (2) timed steps; an OOM or error is recorded as a row with
+Each measurement: --warmup (5) warm-up steps, then --steps (20) timed steps (1 and 2 with --tiny); the row
+reports the median, min and IQR. Timing stops early, after at least 5 steps, when the next steps would end
+past --budget-s (the row says cut=budget and timed_steps how many ran). An OOM or error is recorded as a row with
 ms=nan and extra status=oom/error, and the run goes on. Measurements run in priority order (reference and
 engine for MNTP, supervised, SimCSE; then the ablations) and those that would end after --budget-s
 (default 135 s from start on the GPU) are recorded as status=skipped_budget. Before timing, each stage's
@@ -56,8 +74,12 @@ reference and engine losses are compared in eval mode on the same batch (extra p
 cannot be imported or initialised, the same measurements run with a plain torch optimizer step and the
 rows say zero=none (--no-deepspeed forces it).
 
---profile PATH: one profiled step (torch.profiler) of the engine and the reference MNTP step; device
-time is grouped into attention, linear (MLP / attention projections / LoRA), loss, optimizer, ZeRO
+--profile PATH: one more step, after and apart from the timed ones, under torch.profiler, of the engine, the
+reference-zero3 and the reference MNTP step. On the GPU it records CUDA activity only (no CPU ops, no
+record_shapes, which inflated the profiled step to 3.5 s in the 2026-11-26 run): kernel time by category from
+kernel names (attention, all GEMMs, loss, collectives, other) and GPU busy time (union of kernel intervals)
+against wall time. On CPU (--tiny) CPU self time is grouped by op: attention, linear (MLP / attention
+projections / LoRA), loss, optimizer, ZeRO
 fetch/release/grad-reduce and other, by op name, scope and GEMM shape; the category table and the top
 ops and kernels go to PATH, and one CSV row per profile (pass="profile") holds the category times.
 
@@ -90,6 +112,9 @@ import kernels  # noqa: E402
 from benchmarks.common import CsvWriter  # noqa: E402
 
 BENCH = "train_step"
+# written into every step row (extra flops_def): what mfu / hfu divide by the step time (module docstring)
+FLOPS_DEF = ("model: 4*N_frozen*T + 6*N_lora*T + 12*sum(L^2)*Hq*D*layers + 4*head_rows*V*H (MNTP) or "
+             "6*B*N*E (contrastive)| hfu adds the checkpointing recompute 2*N_frozen*T + 2*N_lora*T + 4*sum(L^2)*Hq*D*layers")
 IGNORE = -100
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring; first match wins.
@@ -107,17 +132,22 @@ TINY_MODEL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermedia
 # doc min, doc max, hard negatives per query).
 GPU_SHAPES = dict(mntp=(32, 512), simcse=(128, 16, 128), supervised=(64, 16, 64, 64, 512, 1))
 TINY_SHAPES = dict(mntp=(4, 48), simcse=(6, 6, 24), supervised=(4, 6, 16, 12, 40, 1))
+# MNTP masking (probability, scheme) of every path: llm2vec's per-model setting, set in main() (llm2vec_masking)
+MASK = {"gpu": (0.8, "all"), "tiny": (0.2, "bert")}
 
 LORA = dict(r=16, alpha=32, dropout=0.05)
 TINY_LORA = dict(r=8, alpha=16, dropout=0.05)
 
 IMPLS = {  # name -> (path, {op: impl})
-    "reference": ("reference", {"attention": "auto", "masked_ce": "auto", "contrastive": "torch"}),
+    "reference-zero3": ("reference", {"attention": "auto", "masked_ce": "auto", "contrastive": "torch"}),
     "engine": ("engine", {"attention": "auto", "masked_ce": "auto", "contrastive": "auto"}),
     "engine-torch-attention": ("engine", {"attention": "torch", "masked_ce": "auto", "contrastive": "auto"}),
     "engine-torch-masked_ce": ("engine", {"attention": "auto", "masked_ce": "torch", "contrastive": "auto"}),
     "engine-torch-contrastive": ("engine", {"attention": "auto", "masked_ce": "auto", "contrastive": "torch"}),
 }
+# llm2vec's own one-GPU recipe, measured without the DeepSpeed engine (MNTP only): attention implementation
+HF_REFERENCES = {"reference": "sdpa", "reference-fa2": "flash_attention_2"}
+ALL_IMPLS = list(HF_REFERENCES) + list(IMPLS)
 STAGE_ABLATIONS = {"mntp": ("attention", "masked_ce"), "simcse": ("attention", "contrastive"),
                    "supervised": ("attention", "contrastive")}
 
@@ -128,7 +158,8 @@ def default_plan(stages, tiny):
     On the GPU the SimCSE attention ablation is left out: with dropout the torch attention reference draws
     its keep-masks on the CPU per sequence and head, which measures the host RNG, not attention.
     """
-    plan = [(s, i) for s in ("mntp", "supervised", "simcse") if s in stages for i in ("reference", "engine")]
+    plan = [("mntp", i) for i in ("reference", "reference-fa2") if "mntp" in stages]
+    plan += [(s, i) for s in ("mntp", "supervised", "simcse") if s in stages for i in ("reference-zero3", "engine")]
     for s in ("mntp", "supervised", "simcse"):
         if s not in stages:
             continue
@@ -178,13 +209,13 @@ def build_model(spec, dtype, device, seed=0):
     return model
 
 
-def make_train_config(tiny, lora):
+def make_train_config(tiny, lora, mask=(0.2, "bert")):
     from engine.config import ContrastiveConfig, LoraConfig, MNTPConfig, ModelConfig, TrainConfig
 
     return TrainConfig(
         stage="mntp", model=ModelConfig(name_or_path="synthetic", gradient_checkpointing=True),
         lora=LoraConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"]),
-        mntp=MNTPConfig(mask_prob=0.2, scheme="bert", mask_token="eos"),
+        mntp=MNTPConfig(mask_prob=mask[0], scheme=mask[1], mask_token="eos"),
         contrastive=ContrastiveConfig(temperature=0.05, pooling="mean", max_len=512, gather_across_ranks=True),
         batch_size=1, micro_batch_size=1, max_seq_len=512, progress_bar=False)
 
@@ -222,6 +253,68 @@ def set_attention_path(model, path):
             mod.is_causal = False
     if base.config._attn_implementation == ATTN_NAME:
         raise RuntimeError("could not switch the model to SDPA")
+
+
+# ----------------------------------------------------------------------------------------------
+# The `reference` path: llm2vec's own one-GPU recipe (HF model + PEFT LoRA, no DeepSpeed, no engine code)
+# ----------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# llm2vec's per-model MNTP masking, as this repo's configs/<model>/mntp.yaml record it (probability, scheme)
+LLM2VEC_MNTP_CONFIG = {"mistral": "configs/mistral-7b/mntp.yaml", "llama": "configs/llama3-8b/mntp.yaml"}
+
+
+def llm2vec_masking(model_type):
+    """(mask probability, scheme) llm2vec uses for this model family (Mistral: 0.8, all-mask)."""
+    import yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, LLM2VEC_MNTP_CONFIG.get(model_type, LLM2VEC_MNTP_CONFIG["llama"]))) as f:
+        m = yaml.safe_load(f)["mntp"]
+    return float(m["mask_prob"]), m["scheme"]
+
+
+def build_hf_reference(spec, dtype, device, lora, attn="sdpa", seed=0):
+    """HF CausalLM + PEFT LoRA (r on all seven projections, PEFT defaults) as llm2vec trains it on one GPU:
+    bidirectional attention through ``attn`` (SDPA or flash_attention_2) with no mask on an unpadded batch,
+    full (non-reentrant) gradient checkpointing. Returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build_model(spec, dtype, device, seed)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(attn)
+    model.config._attn_implementation = attn
+    model.config.is_causal = False
+    for mod in model.modules():  # non-causal: SDPA / flash-attn read the module's is_causal flag
+        if hasattr(mod, "is_causal"):
+            mod.is_causal = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pcfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=LORA_TARGETS,
+                      bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, pcfg)
+
+
+def unshift_labels(labels):
+    """The engine's MNTP labels (token i's target at i-1) -> HF's causal-LM labels (target at i), which the HF
+    loss shifts back: the same rows, the same loss."""
+    out = torch.full_like(labels, IGNORE)
+    out[:, 1:] = labels[:, :-1]
+    return out
+
+
+def hf_reference_forward(model, batch):
+    """Full logits for every position, fp32 upcast and cross-entropy, all inside the HF model's own loss."""
+    return model(input_ids=batch["input_ids"], labels=batch["hf_labels"]).loss
+
+
+def hf_reference_step(model, optimizer, params, batch):
+    """One optimizer step as HF Trainer runs it: forward, backward, clip at 1.0, torch AdamW, zero grads."""
+    loss = hf_reference_forward(model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,14 +455,15 @@ def batch_stats(stage, batch):
     return st
 
 
-def stage_flops(stage, st, mcfg, n_frozen, n_lora):
-    """(model FLOPs, hardware FLOPs) of one step; see the module docstring."""
+def stage_flops(stage, st, mcfg, n_frozen, n_lora, head_rows=None):
+    """(model FLOPs, hardware FLOPs) of one step; see the module docstring. head_rows: the rows the MNTP LM head
+    computes (default: the masked rows, as the engine does; a full-logit path computes every position)."""
     layers, hq_d = mcfg.num_hidden_layers, mcfg.num_attention_heads * _head_dim(mcfg)
     T = st["tokens"]
     attn_fwd = 4.0 * sum(n * n for n in st["lens"]) * hq_d * layers
     model = 4.0 * n_frozen * T + 6.0 * n_lora * T + 3.0 * attn_fwd
     if stage == "mntp":
-        model += 4.0 * st["masked"] * mcfg.vocab_size * mcfg.hidden_size
+        model += 4.0 * (st["masked"] if head_rows is None else head_rows) * mcfg.vocab_size * mcfg.hidden_size
     else:
         model += 6.0 * st["n_queries"] * st["n_docs"] * mcfg.hidden_size
     hfu = model + 2.0 * n_frozen * T + 2.0 * n_lora * T + attn_fwd
@@ -383,7 +477,8 @@ def _head_dim(mcfg):
 def shape_name(stage, shapes):
     if stage == "mntp":
         B, S = shapes["mntp"]
-        return f"mntp {B}x{S} mask0.2"
+        p, scheme = MASK["tiny" if shapes is TINY_SHAPES else "gpu"]
+        return f"mntp {B}x{S} mask{p:g}-{scheme}"
     if stage == "simcse":
         n, lo, hi = shapes["simcse"]
         return f"simcse 2x{n} len{lo}-{hi}"
@@ -405,7 +500,7 @@ def peak_tflops(name, override=None):
 # ----------------------------------------------------------------------------------------------
 
 CATEGORIES = ("attention", "linear: MLP", "linear: attention projections", "linear: LoRA", "loss", "optimizer",
-              "ZeRO fetch/release/grad-reduce", "other", "unattributed")
+              "ZeRO fetch/release/grad-reduce", "other", "unattributed", "linear (all GEMMs)")
 _COMM = re.compile(r"nccl|all_gather|allgather|reduce_scatter|all_reduce|allreduce|c10d::|record_param_comms|zero:")
 _LOSS = re.compile(r"cross_?entropy|nll_loss|log_softmax|logsumexp|contrastive|_ce_|scope:loss")
 _ATTN = re.compile(r"attention|attn|flash|sdpa|scaled_dot|fmha|aten::_?softmax|softmax_backward")
@@ -606,6 +701,72 @@ def _shapes(ev):
         return []
 
 
+_K_ATTN = re.compile(r"flash|fmha|attn|sdpa|_attn_")
+_K_GEMM = re.compile(r"nvjet|gemm|cutlass|xmma|cublas|sm90_|sm80_|ampere_|hopper_")
+_K_LOSS = re.compile(r"cross_entropy|_ce_|masked_ce|lse|log_softmax|nll")
+_K_COMM = re.compile(r"nccl|allgather|reducescatter|allreduce")
+
+
+def classify_kernel(name):
+    """Category of a GPU kernel from its name alone (the CUDA-only profile has no op tree or shapes)."""
+    n = name.lower()
+    if _K_COMM.search(n):
+        return "ZeRO fetch/release/grad-reduce"
+    if _K_ATTN.search(n):
+        return "attention"
+    if _K_LOSS.search(n):
+        return "loss"
+    if _K_GEMM.search(n):
+        return "linear (all GEMMs)"
+    return "other"
+
+
+def _profile_kernels(step_fn, device, title, top):
+    """GPU profile of one step recording CUDA activity only (no CPU ops, no shapes: the profiler then adds
+    almost nothing to the step): kernel time by category from kernel names, and GPU busy time against wall."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step_fn()
+        _sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    kern, spans = {}, []
+    for e in prof.profiler.kineto_results.events():
+        ua = getattr(e, "is_user_annotation", None)
+        if ua is not None and ua():
+            continue
+        start, end = _ns(e, "start"), _ns(e, "end")
+        k = kern.setdefault(e.name(), [0.0, 0])
+        k[0] += (end - start) / 1e3
+        k[1] += 1
+        spans.append((start, end))
+    busy_ns, cur_s, cur_e = 0, None, None  # union of kernel intervals (streams may overlap)
+    for a, b in sorted(spans):
+        if cur_e is None or a > cur_e:
+            busy_ns += (cur_e - cur_s) if cur_e is not None else 0
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    busy_ns += (cur_e - cur_s) if cur_e is not None else 0
+    busy = busy_ns / 1e6
+    cats = {c: 0.0 for c in CATEGORIES}
+    for name, (us, _) in kern.items():
+        cats[classify_kernel(name)] += us / 1e3
+    total = sum(cats.values())
+    lines = [f"== {title}", f"step wall {wall_ms:.1f} ms under a CUDA-only profiler; GPU busy {busy:.1f} ms "
+             f"({100 * busy / max(wall_ms, 1e-9):.0f}% of wall), kernel time {total:.1f} ms",
+             f"{'category':34s} {'ms':>10s} {'share':>7s}"]
+    for c in CATEGORIES:
+        if cats[c] or c in ("attention", "linear (all GEMMs)", "loss", "other"):
+            lines.append(f"{c:34s} {cats[c]:10.2f} {100 * cats[c] / max(total, 1e-9):6.1f}%")
+    lines.append(f"-- top {top} kernels by GPU time")
+    for name, (w, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:top]:
+        lines.append(f"{w / 1e3:10.2f} ms {n:7d}x  {name[:110]}")
+    return "\n".join(lines) + "\n", cats, wall_ms, busy
+
+
 def profile_step(step_fn, device, dims_cfg, title, top=25):
     """Run step_fn once under torch.profiler -> (text report, {category: ms}, wall ms, busy ms).
 
@@ -614,7 +775,10 @@ def profile_step(step_fn, device, dims_cfg, title, top=25):
     """
     from torch.profiler import ProfilerActivity, profile
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    on_device = device.type == "cuda"
+    if on_device:
+        return _profile_kernels(step_fn, device, title, top)
+    acts = [ProfilerActivity.CPU]
     _sync(device)
     with zero_scopes(), profile(activities=acts, record_shapes=True) as prof:
         t0 = time.perf_counter()
@@ -622,7 +786,6 @@ def profile_step(step_fn, device, dims_cfg, title, top=25):
         _sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
     t_parse = time.perf_counter()
-    on_device = device.type == "cuda"
     try:
         ops, kern, device_total = _raw_ops(prof, on_device)
         source = "kineto results"
@@ -722,7 +885,7 @@ class Bench:
         spec = TINY_MODEL if self.tiny else GPU_MODEL
         self.shapes = TINY_SHAPES if self.tiny else GPU_SHAPES
         self.lora = TINY_LORA if self.tiny else LORA
-        self.cfg = make_train_config(self.tiny, self.lora)
+        self.cfg = make_train_config(self.tiny, self.lora, MASK["tiny" if self.tiny else "gpu"])
         self.tok = SyntheticTokenizer(spec["vocab_size"])
         self.stages = make_stages(self.cfg, self.tok)
 
@@ -836,7 +999,7 @@ class Bench:
             step = max(same)
         elif self.step_s:
             per_token = max(t / self.stats[s]["tokens"] for (s, _), t in self.step_s.items())
-            step = per_token * self.stats[stage]["tokens"] * (1.5 if impl == "reference" else 1.0)
+            step = per_token * self.stats[stage]["tokens"] * (1.5 if impl.startswith("reference") else 1.0)
         else:
             return 0.0
         step *= 1.5 if "torch" in impl else 1.0
@@ -849,27 +1012,33 @@ class Bench:
         losses = {}
         self.engine.eval()
         try:
-            for impl in ("reference", "engine"):
+            for impl in ("reference-zero3", "engine"):
                 self.configure(stage, impl)
                 loss, _ = self.engine(self.batches[stage])
                 losses[impl] = float(loss)
         finally:
             self.engine.train()
-        rel = abs(losses["engine"] - losses["reference"]) / max(abs(losses["reference"]), 1e-12)
-        log(f"parity {stage}: reference {losses['reference']:.6f} engine {losses['engine']:.6f} rel {rel:.2e}")
+        ref = losses["reference-zero3"]
+        rel = abs(losses["engine"] - ref) / max(abs(ref), 1e-12)
+        log(f"parity {stage}: reference-zero3 {ref:.6f} engine {losses['engine']:.6f} rel {rel:.2e}")
         return rel, losses
 
     # -- one measurement -------------------------------------------------------------------------
     def measure(self, writer, stage, impl, parity_rel, profile_out=None):
         st = self.stats[stage]
-        model_flops, hw_flops = stage_flops(stage, st, self.mcfg, self.n_frozen, self.n_lora)
+        full_logits = stage == "mntp" and impl.startswith("reference")
+        model_flops, hw_flops = stage_flops(stage, st, self.mcfg, self.n_frozen, self.n_lora,
+                                            head_rows=st["padded_tokens"] if full_logits else None)
         shape = shape_name(stage, self.shapes)
-        extra = {"tokens": st["tokens"], "padded_tokens": st["padded_tokens"] if impl == "reference" else st["tokens"],
+        extra = {"tokens": st["tokens"],
+                 "padded_tokens": st["padded_tokens"] if impl.startswith("reference") else st["tokens"],
                  "dtype": str(self.dtype).replace("torch.", ""), "zero": self.zero, "world": 1,
                  "peak_tflops": f"{self.peak:.1f}", "peak_src": self.peak_src.replace(";", ","),
-                 "model_tflop": f"{model_flops / 1e12:.2f}", "parity_rel": f"{parity_rel:.2e}"}
+                 "model_tflop": f"{model_flops / 1e12:.2f}", "parity_rel": f"{parity_rel:.2e}", "flops_def": FLOPS_DEF}
         if stage == "mntp":
             extra["masked_rows"] = st["masked"]
+            extra["head_rows"] = st["padded_tokens"] if full_logits else st["masked"]
+            extra["mask_prob"], extra["mask_scheme"] = MASK["tiny" if self.tiny else "gpu"]
         batch = self.batches[stage]
         self.cleanup()
         status, times, peak, act_peak, loss = "ok", [], float("nan"), float("nan"), float("nan")
@@ -888,6 +1057,9 @@ class Bench:
                 loss = float(self.train_step(batch))
                 _sync(self.device)
                 times.append(time.perf_counter() - t0)
+                if out_of_time(self.args, times):
+                    extra["cut"] = "budget"
+                    break
             if self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device) / 2**20
                 act_peak = peak - base / 2**20
@@ -905,6 +1077,7 @@ class Bench:
         if times:
             s = statistics.median(times)
             self.step_s[(stage, impl)] = max(times)
+            extra.update(step_stats(times, self.args.warmup))
             extra.update(tokens_per_s=f"{st['tokens'] / s:.1f}", steps_ms="/".join(f"{t * 1e3:.1f}" for t in times),
                          mfu=f"{model_flops / s / 1e12 / self.peak:.4f}" if self.peak == self.peak else "nan",
                          hfu=f"{hw_flops / s / 1e12 / self.peak:.4f}" if self.peak == self.peak else "nan",
@@ -944,9 +1117,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny random Llama, small batches (CI)")
     ap.add_argument("--stages", default="mntp,simcse,supervised")
     ap.add_argument("--impls", default=None, help="comma list of (stage:)impl to run instead of the default plan, "
-                    f"impl in {', '.join(IMPLS)}")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
+                    f"impl in {', '.join(ALL_IMPLS)}")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per measurement (5; 1 with --tiny)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (20; 2 with --tiny)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="stop starting measurements that would end after this many seconds from start "
                          "(default 135 on GPU, none with --tiny)")
@@ -966,7 +1139,13 @@ def main(argv=None):
     if not args.tiny and not torch.cuda.is_available():
         log("no CUDA device: running the --tiny CPU configuration instead")
         args.tiny = True
+    MASK["gpu"], MASK["tiny"] = llm2vec_masking(GPU_MODEL["model_type"]), llm2vec_masking(TINY_MODEL["model_type"])
+    if args.warmup is None:
+        args.warmup = 1 if args.tiny else 5
+    if args.steps is None:
+        args.steps = 2 if args.tiny else 20
     budget = args.budget_s if args.budget_s is not None else (float("inf") if args.tiny else 135.0)
+    args.budget_resolved = budget
     stages = [s for s in args.stages.split(",") if s]
     plan = default_plan(stages, args.tiny)
     if args.impls:
@@ -974,9 +1153,11 @@ def main(argv=None):
         plan = [(s, i) for s, i in plan if i in wanted or f"{s}:{i}" in wanted]
         for w in wanted:
             s, _, i = w.rpartition(":")
-            if i not in IMPLS:
-                ap.error(f"unknown impl {i!r}; choose from {sorted(IMPLS)}")
-            for stg in ([s] if s else stages):
+            if i not in ALL_IMPLS:
+                ap.error(f"unknown impl {i!r}; choose from {sorted(ALL_IMPLS)}")
+            if i in HF_REFERENCES and s not in ("", "mntp"):
+                ap.error(f"{i} is MNTP only")
+            for stg in ([s] if s else (["mntp"] if i in HF_REFERENCES else stages)):
                 if (stg, i) not in plan:
                     plan.append((stg, i))
     if args.profile:
@@ -984,6 +1165,20 @@ def main(argv=None):
         open(args.profile, "w").close()
 
     writer = CsvWriter(args.out, BENCH, timing="wall-synced-step")
+    # llm2vec's one-GPU recipe first, each in a model of its own that is freed before the next is built
+    hf_plan = [(s, i) for s, i in plan if i in HF_REFERENCES and not args.big_batch]  # --big-batch: only that
+    plan = [(s, i) for s, i in plan if i not in HF_REFERENCES]
+    for stage, impl in hf_plan:
+        elapsed = time.perf_counter() - _T0
+        if elapsed > budget:
+            writer.add(shape_name(stage, TINY_SHAPES if args.tiny else GPU_SHAPES), impl, "step", float("nan"),
+                       status="skipped_budget", elapsed_s=f"{elapsed:.0f}", budget_s=f"{budget:.0f}")
+            continue
+        measure_hf_reference(args, writer, impl, args.profile)
+    if not plan and not args.big_batch:
+        writer._f.close()
+        log(f"{len(writer.rows)} rows -> {args.out}")
+        return writer.rows
     try:
         bench = Bench(args)
     except Exception as exc:  # no model: one error row per planned measurement says why, then fail
@@ -1003,7 +1198,7 @@ def main(argv=None):
             big_batch(bench, writer, [int(x) for x in args.big_batch.split(",") if x.strip()], args.grad_cache_chunk,
                       budget)
         for stage, impl in plan:
-            prof = args.profile if (args.profile and stage == "mntp" and impl in ("reference", "engine")) else None
+            prof = args.profile if (args.profile and stage == "mntp" and impl in ("reference-zero3", "engine")) else None
             elapsed = time.perf_counter() - _T0
             est = bench.estimate_s(stage, impl, prof is not None)
             if elapsed + est > budget:
@@ -1082,6 +1277,129 @@ def big_batch(bench, writer, sizes, chunk, budget):
         if detail:
             extra["detail"] = detail.replace(";", ",").replace("=", ":")
         writer.add(shape, impl, "step", ms, peak_mb=peak, **extra)
+
+
+def out_of_time(args, times, min_steps=5):
+    """Stop timing early (after at least min_steps) when the next step and a profiled one would end past the
+    budget, so a run under a hard timeout still writes its row; the row then says cut=budget."""
+    budget = getattr(args, "budget_resolved", float("inf"))
+    return len(times) >= min_steps and time.perf_counter() - _T0 + 3 * max(times) > budget
+
+
+def step_stats(times, warmup):
+    """CSV extras of a timed run: min, quartiles and IQR of the step times (ms), and the protocol."""
+    ms = sorted(t * 1e3 for t in times)
+    q1, q3 = (statistics.quantiles(ms, n=4)[0], statistics.quantiles(ms, n=4)[2]) if len(ms) > 1 else (ms[0], ms[0])
+    return {"min_ms": f"{ms[0]:.1f}", "q1_ms": f"{q1:.1f}", "q3_ms": f"{q3:.1f}", "iqr_ms": f"{q3 - q1:.1f}",
+            "warmup": warmup, "timed_steps": len(ms)}
+
+
+def measure_hf_reference(args, writer, impl, profile_out=None):
+    """The `reference` row: llm2vec's one-GPU recipe in a model of its own (no DeepSpeed, no engine code).
+
+    HF model + PEFT LoRA, bf16 on the GPU, bidirectional SDPA (or flash-attn 2) with no mask on the unpadded
+    MNTP batch, full gradient checkpointing, full-logit CE inside the HF loss, clip 1.0 + torch AdamW."""
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tiny = args.tiny
+    spec, shapes, lora = (TINY_MODEL, TINY_SHAPES, TINY_LORA) if tiny else (GPU_MODEL, GPU_SHAPES, LORA)
+    shape = shape_name("mntp", shapes)
+    attn = HF_REFERENCES[impl]
+    mask = MASK["tiny" if tiny else "gpu"]
+    extra = {"zero": "none", "world": 1, "dtype": str(dtype).replace("torch.", ""), "attn": attn,
+             "mask_prob": mask[0], "mask_scheme": mask[1]}
+    if attn == "flash_attention_2":
+        try:
+            import flash_attn  # noqa: F401
+        except Exception:
+            return writer.add(shape, impl, "step", float("nan"), status="skipped", detail="flash_attn not installed",
+                              **extra)
+        if device.type != "cuda":
+            return writer.add(shape, impl, "step", float("nan"), status="skipped", detail="flash-attn needs CUDA",
+                              **extra)
+    status, failure, times, peak, loss = "ok", None, [], float("nan"), float("nan")
+    model = opt = None
+    try:
+        model = build_hf_reference(spec, dtype, device, lora, attn=attn, seed=args.seed)
+        model.train()
+        n_frozen, n_lora = count_params(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        cfg = make_train_config(tiny, lora, mask)
+        stage = make_stages(cfg, SyntheticTokenizer(spec["vocab_size"]))[("mntp", "engine")]
+        g = torch.Generator().manual_seed(args.seed)
+        B, S = shapes["mntp"]
+        coll = stage.collate([_rand_ids(g, S, spec["vocab_size"]) for _ in range(B)],
+                             torch.Generator().manual_seed(args.seed + 1))
+        batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
+        st = batch_stats("mntp", {k: v.to(device) for k, v in coll.items()})
+        mcfg = model.config
+        model_flops, hw_flops = stage_flops("mntp", st, mcfg, n_frozen, n_lora, head_rows=st["padded_tokens"])
+        extra.update(tokens=st["tokens"], padded_tokens=st["padded_tokens"], masked_rows=st["masked"],
+                     model_tflop=f"{model_flops / 1e12:.2f}", head_rows=st["padded_tokens"], flops_def=FLOPS_DEF)
+        model.eval()  # the loss before any step (LoRA B is zero): the same model and batch as the engine's parity
+        with torch.no_grad():
+            extra["eval_loss0"] = f"{float(hf_reference_forward(model, batch)):.6f}"
+        model.train()
+        for _ in range(args.warmup):
+            hf_reference_step(model, opt, params, batch)
+        _sync(device)
+        base = 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        for _ in range(args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            loss = float(hf_reference_step(model, opt, params, batch))
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            if out_of_time(args, times):
+                extra["cut"] = "budget"
+                break
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            extra["act_peak_mb"] = f"{peak - base / 2**20:.1f}"
+    except torch.cuda.OutOfMemoryError as exc:
+        status, failure = "oom", str(exc).split("\n")[0][:80]
+    except Exception as exc:  # recorded, never fatal
+        import traceback
+
+        traceback.print_exc()
+        status, failure = "error", f"{type(exc).__name__}: {exc}".split("\n")[0][:80]
+    extra["status"] = status
+    if failure:
+        extra["detail"] = failure.replace(";", ",").replace("=", ":")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    pk, pk_src = peak_tflops(gpu, args.peak_tflops)
+    if times:
+        s = statistics.median(times)
+        extra.update(step_stats(times, args.warmup))
+        extra.update(tokens_per_s=f"{st['tokens'] / s:.1f}", steps_ms="/".join(f"{t * 1e3:.1f}" for t in times),
+                     mfu=f"{model_flops / s / 1e12 / pk:.4f}" if pk == pk else "nan",
+                     hfu=f"{hw_flops / s / 1e12 / pk:.4f}" if pk == pk else "nan", peak_tflops=f"{pk:.1f}",
+                     peak_src=pk_src.replace(";", ","), loss=f"{loss:.4f}")
+        row = writer.add(shape, impl, "step", s * 1e3, tflops=model_flops / s / 1e12, peak_mb=peak, **extra)
+        log(f"{impl}: median {s * 1e3:.1f} ms, min {extra['min_ms']} ms, IQR {extra['iqr_ms']} ms over {len(times)} "
+            f"steps; loss {loss:.4f}")
+        if profile_out is not None and status == "ok" and device.type == "cuda":
+            try:
+                title = f"mntp / {impl} ({gpu}, {extra['dtype']}, no DeepSpeed)"
+                text, cats, wall, busy = profile_step(lambda m=model, o=opt: hf_reference_step(m, o, params, batch), device,
+                                                      {"V": spec["vocab_size"], "I": spec["intermediate_size"],
+                                                       "r": lora["r"], "H": spec["hidden_size"]}, title)
+                with open(profile_out, "a") as f:
+                    f.write(text + "\n")
+                print(text, flush=True)
+            except Exception as exc:
+                log(f"profile of {impl} failed: {type(exc).__name__}: {exc}")
+    else:
+        row = writer.add(shape, impl, "step", float("nan"), **extra)
+    del model, opt
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def _safe_parity(bench, stage):

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The project's single GPU command: install what the bare machine lacks, check every kernel in bf16, run the
-# three kernel benchmarks and the end-to-end train-step benchmark, and print the targets table last.
+# The project's single GPU command: install what the bare machine lacks, measure the end-to-end MNTP train step
+# first (llm2vec's one-GPU recipe `reference`, the ZeRO-3 `reference-zero3`, the `engine`; each in its own
+# process, 5 warm-up + 20 timed steps, then a CUDA-only profiled step), then check every kernel in bf16, run the
+# three kernel benchmarks, and print the targets table last.
 #
 #   bash benchmarks/gpu_run.sh                       # on the GPU machine; results under $OUT (run tool)
 #   GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh         # CPU rehearsal of the plumbing: tiny shapes, OUT=/tmp/gpu_run_out
@@ -9,10 +11,13 @@
 # which must travel with the working tree (run tool: carry=[".whl"]).
 # Budget: GPU_RUN_BUDGET_S (default 555 s; give the run tool timeout_s >= 595) from start to the summary. Steps
 # run most-needed first, each under its own `timeout`, shortened when the run is behind so that later steps
-# keep a floor: gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
+# keep a floor: the MNTP train step, three processes of up to GPU_RUN_PATH_S=95 s each (steps
+# GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into bench_train_step.csv, profiles into train_step_profile.txt);
+# gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
 # atomic-dQ backward side by side; autotuning compiles its candidates here); masked CE 60 s; the issue-6
 # big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, rows into
-# bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the end-to-end train step (what is left, up to GPU_RUN_TRAIN_S=210 s); contrastive
+# bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the supervised and
+# SimCSE train steps (what is left, up to GPU_RUN_TRAIN_S=120 s); contrastive
 # 45 s (its targets were met in the first run); the summary 10 s. A failing or hung step is recorded and the
 # run goes on. Kernel benchmarks report GPU time (benchmarks/common.py, timing=gpu in every row).
 # $OUT receives at most 8 files: log.txt, correctness.json, bench_attention.csv, bench_masked_ce.csv,
@@ -143,6 +148,37 @@ TINY=()
 if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 
 # ------------------------------------------------------------------------------------------------
+# 0. The end-to-end MNTP step first, one process per path (no path inherits another's allocator state or
+# compiled kernels): reference (llm2vec's one-GPU HF + PEFT recipe), reference-zero3, engine. Each writes its
+# own CSV; they are joined into bench_train_step.csv. CPU rehearsal: --tiny, 1 warm-up + 2 timed steps.
+TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
+TS_WARMUP=5
+if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
+left_paths=3
+for path in reference reference-zero3 engine; do
+  left_paths=$((left_paths - 1))
+  # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
+  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" $((180 + 60 * left_paths)))
+  run_step "train_step_mntp_$path" "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+    --stages mntp --impls "mntp:$path" --warmup "$TS_WARMUP" --steps "$TS_STEPS" --no-parity \
+    --out "$WORK/train_step_$path.csv" --profile "$WORK/train_step_profile_$path.txt" --budget-s "$((ts_limit - 10))"
+done
+join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
+  local first=1 f
+  : > "$WORK/bench_train_step.csv"
+  for f in "$WORK"/train_step_reference.csv "$WORK"/train_step_reference-zero3.csv "$WORK"/train_step_engine.csv \
+      "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_zcontrastive.csv; do
+    head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
+    if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0
+    else tail -n +2 "$f" >> "$WORK/bench_train_step.csv"; fi
+  done
+  cat "$WORK"/train_step_profile_*.txt > "$WORK/train_step_profile.txt" 2>/dev/null
+  [ "$first" = 0 ] && cp "$WORK/bench_train_step.csv" "$OUT/"
+  return 0
+}
+join_train_step_csv
+
+# ------------------------------------------------------------------------------------------------
 # 1. bf16 correctness: each kernel's gpu_check() against its reference, then the GPU-marked tests.
 cat > "$WORK/correctness.py" <<'EOF'
 import importlib, json, math, signal, sys, time, traceback
@@ -195,14 +231,14 @@ for op in ("attention", "masked_ce", "contrastive", "lora"):
 EOF
 # Time kept for later steps: GPU tests 20, attention 90, masked CE 35, big batch 80, train 60, contrastive 25,
 # summary 10.
-run_step correctness "$(limit_for 85 320)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 35
+run_step correctness "$(limit_for 85 220)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 35
 # The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
 PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
   tests/)
 if [ "$CPU_MODE" = 1 ]; then
-  run_step pytest_gpu "$(limit_for 35 300)" "${PYTEST[@]}"
+  run_step pytest_gpu "$(limit_for 35 200)" "${PYTEST[@]}"
 else
-  run_step pytest_gpu "$(limit_for 35 300)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
+  run_step pytest_gpu "$(limit_for 35 200)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -240,22 +276,24 @@ run_bench() {  # name cap reserve
   [ -f "$WORK/bench_$name.csv" ] && cp "$WORK/bench_$name.csv" "$OUT/"
   return 0
 }
-run_bench attention 150 210
-run_bench masked_ce 60 175
+run_bench attention 150 110
+run_bench masked_ce 60 90
 
 # ------------------------------------------------------------------------------------------------
 # 3. Issue 6: supervised step peak memory at global batch 512 / 4096 (short texts), without and with gradient
 # caching; rows go into bench_train_step.csv.
-bb_limit=$(limit_for "${GPU_RUN_BIGBATCH_S:-150}" 95)
+bb_limit=$(limit_for "${GPU_RUN_BIGBATCH_S:-150}" 75)
 [ "$CPU_MODE" = 1 ] && : "${GPU_RUN_BIGBATCH:=64,256}"  # the rehearsal's tiny model on 2 CPU cores
 run_step bench_train_step_bigbatch "$bb_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-  --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/bench_train_step.csv" \
+  --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/train_step_bigbatch.csv" \
   --budget-s "$((bb_limit - 15))"
-# 3b. End-to-end train step (its own budget stops it starting measurements that would not finish in time).
-ts_limit=$(limit_for "${GPU_RUN_TRAIN_S:-210}" 35)
-run_step bench_train_step "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-  --out "$WORK/bench_train_step.csv" --profile "$WORK/train_step_profile.txt" --budget-s "$((ts_limit - 15))"
-[ -f "$WORK/bench_train_step.csv" ] && cp "$WORK/bench_train_step.csv" "$OUT/"
+# 3b. Supervised and SimCSE train steps, reference-zero3 against engine (its own budget stops it starting
+# measurements that would not finish in time); the MNTP rows came first (step 0).
+ts_limit=$(limit_for "${GPU_RUN_TRAIN_S:-120}" 35)
+run_step bench_train_step_contrastive "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+  --stages supervised,simcse --impls reference-zero3,engine --warmup 2 --steps 5 \
+  --out "$WORK/train_step_zcontrastive.csv" --budget-s "$((ts_limit - 15))"
+join_train_step_csv
 run_bench contrastive 45 10
 
 # ------------------------------------------------------------------------------------------------
