@@ -4,6 +4,7 @@ The decisions (plan_resume, cleanup, metrics on resume) are tested on fabricated
 end-to-end cases run the real one-rank trainer on configs/tiny/* for a few steps.
 """
 import csv
+import glob
 import hashlib
 import json
 import os
@@ -165,9 +166,13 @@ def test_dangling_latest_and_corrupt_newest_checkpoint_fall_back_and_resume_exac
     ref = {int(r["step"]): float(r["loss"]) for r in _metrics(mntp_run)}
     ckpts = os.path.join(out, "checkpoints")
     _set_latest(out, "step_0000009")  # dangling
-    states = os.path.join(ckpts, "step_0000004", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    with open(states, "r+b") as f:  # truncated: the newest complete checkpoint cannot be loaded
-        f.truncate(100)
+    # DeepSpeed's module state file: mp_rank_00_model_states.pt under stage 0 (zero_stage auto on a small model),
+    # zero_pp_rank_0_mp_rank_00_model_states.pt under ZeRO-3
+    states = glob.glob(os.path.join(ckpts, "step_0000004", "*model_states.pt"))
+    assert states, os.listdir(os.path.join(ckpts, "step_0000004"))
+    for path in states:
+        with open(path, "r+b") as f:  # truncated: the newest complete checkpoint cannot be loaded
+            f.truncate(100)
     r = _train(out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "latest names 'step_0000009'" in r.stdout
