@@ -300,7 +300,10 @@ class CostMode:
 
         no_kernel, _ = _aten()
         a = torch.ops.aten
-        gemm = {a.mm.default, a.addmm.default, a.bmm.default, a.baddbmm.default}
+        gemm = {a.mm.default, a.addmm.default, a.addmm_.default, a.bmm.default, a.baddbmm.default}
+        # in-place GEMMs (the fused LoRA's backward accumulates dX with addmm_): torch's registry has no entry for
+        # them, so they are costed with the out-of-place formula (same FLOPs)
+        inplace_flops = {a.addmm_.default: a.addmm, a.baddbmm_.default: a.baddbmm}
         attn = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"}
         sq = sum(n * n for n in lens)
@@ -357,7 +360,7 @@ class CostMode:
                 ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
                 outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
                 outs = [t for t in outs if not any(t is i for i in ins)]
-                fc = flop_registry.get(func.overloadpacket)
+                fc = flop_registry.get(inplace_flops.get(func, func.overloadpacket))
                 flops = fc(*args, **kwargs, out_val=out) if fc is not None else 0
                 name = func.overloadpacket.__name__
                 dimset = {d for t in ins for d in t.shape}
@@ -444,14 +447,19 @@ class Batch:
         self.lens = self.engine["attention_mask"].sum(1).tolist()
 
 
-def engine_config(sets, spec, micro):
+def engine_config(sets, spec, micro, name="engine"):
     """The engine's TrainConfig: configs/mistral-7b/mntp.yaml, the benchmark's settings, then --set overrides."""
     from engine.config import load_config
 
     ri = json.dumps({k: v for k, v in spec.items()} | {"seed": 0})
     base = [f"model.random_init={ri}", "model.dtype=bf16", "model.attention=triton", "model.loss=triton",
             "mntp.mask_token=eos", f"batch_size={micro}", f"micro_batch_size={micro}", "lora.r=16", "lora.alpha=32",
-            "lora.dropout=0.05", "progress_bar=false"]
+            "lora.dropout=0.05", "progress_bar=false",
+            # the engine's own choices: fused ops and LoRA as on CUDA; the memory plan sized for one H200 (139 GiB
+            # usable), which the trainer would read from the device
+            "model.fused_ops=triton", "memory_budget_gb=139"]
+    if name != "engine":  # the older paths have no fused decoder ops (the H200 profile ran without them)
+        base.append("model.fused_ops=torch")
     return load_config(CONFIG, base + list(sets))
 
 
@@ -465,10 +473,11 @@ class Path:
         from benchmarks import bench_train_step as bts
 
         self.name, self.device, self.engine, self.ds = name, torch.device(device), None, False
-        self.cfg = engine_config(sets, spec, micro)
+        self.cfg = engine_config(sets, spec, micro, name)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.bfloat16}[
             self.cfg.model.dtype]
         self.vocab = spec["vocab_size"]
+        self.plan, self.zero_stage, self.recompute = None, 3, "full"
         if name == "reference":
             self.model = bts.build_hf_reference(spec, self.dtype, self.device, LORA)
             self.model.train()
@@ -485,20 +494,28 @@ class Path:
         kernels.set_default_impl("masked_ce", cfg.model.loss)
         set_deterministic_attention(cfg.model.deterministic_attention)
         tok = bts.SyntheticTokenizer(self.vocab)
-        if name == "engine":
+        if name in ("engine", "engine-as-profiled"):
             stage = MNTPStage(cfg, tok)
         else:  # the older reference's loss on the engine's model: SDPA + dense 4-D mask, full logits
             stage = bts.make_stages(cfg, tok)[("mntp", "reference")]
         with torch.device(self.device):  # the same calls as engine.trainer.train
             model, _ = load_model(cfg.model, "cuda", tok)
-        model = stage.prepare_model(model)
-        gc_mode = cfg.model.gradient_checkpointing
-        if gc_mode not in (False, "none", "false"):
+        if name == "engine":  # the trainer's own setup: fused LoRA, memory plan -> ZeRO stage and recompute policy
+            from engine.memory import choose_recompute
+            from engine.trainer import setup_model
+
+            notes = []
+            model, self.plan, self.zero_stage = setup_model(cfg, stage, model, 1, 1, torch.device("cuda"),
+                                                            log=notes.append)
+            self.recompute = choose_recompute(cfg, self.plan, self.zero_stage)[0]
+        else:  # today's reference, or the engine as the H200 profiled it: the model under ZeRO-3, PEFT's LoRA,
+            # full recompute, no fused decoder ops (engine_config sets model.fused_ops=torch for these)
+            model = stage.prepare_model(model)
             model.config.use_cache = False
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = add_lora(model, cfg.lora)
-        if name == "reference-zero3":
-            bts.set_attention_path(model, "reference")
+            model = add_lora(model, cfg.lora)
+            if name == "reference-zero3":
+                bts.set_attention_path(model, "reference")
         self.model = model
         self.module = EngineModule(model, stage)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -513,7 +530,10 @@ class Path:
         from engine.trainer import init_distributed
 
         init_distributed()
-        ds_cfg = deepspeed_config(self.cfg, 1, use_bf16=self.dtype == __import__("torch").bfloat16)
+        extra = {} if self.plan is None else {"lora_max_numel": self.plan.lora_max_numel,
+                                              "layer_numel": self.plan.layer_numel}
+        ds_cfg = deepspeed_config(self.cfg, 1, use_bf16=self.dtype == __import__("torch").bfloat16,
+                                  stage=self.zero_stage, **extra)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.opt, config=ds_cfg)
         self.engine.train()
         self.ds = True
@@ -632,7 +652,8 @@ def worker(args):
                 path.init_deepspeed()
             except Exception as exc:  # counted without ZeRO, and the row says so
                 log(f"{args.worker}: DeepSpeed unavailable ({type(exc).__name__}: {exc}); no ZeRO-3")
-        res["zero"] = "3" if path.ds else "none"
+        res["zero"] = str(path.zero_stage) if path.ds else "none"
+        res["recompute"] = path.recompute
         res["dtype"] = str(path.dtype).replace("torch.", "")
         host_batch = _batch_for(host_shape, tiny["vocab_size"], mask)
         big = _batch_for(count_shape, tiny["vocab_size"], mask)
@@ -661,7 +682,8 @@ def worker(args):
         res["launches_full_nozero"] = sum(census.values())
         res["census_full_nozero"] = dict(census.most_common())
         if args.calibrate and args.worker in PROFILE_MS:
-            cal, cal_n = predict_path(args.worker, sets + ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0],
+            cal_name = "engine-as-profiled" if args.worker == "engine" else args.worker
+            cal, cal_n = predict_path(cal_name, sets + ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0],
                                       shape, (0.2, "bert"), layers, launches)[:2]
             res["cal_roofline"] = {k: round(v, 3) for k, v in cal.items() if k != "total"}
             res["cal_n"] = dict(cal_n)

@@ -505,6 +505,26 @@ def _sts_spearman(module, stage, path, max_pairs=500):
     return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]
 
 
+def setup_model(cfg, stage, model, world, local_world, device, log=log0):
+    """The stage's model changes, LoRA (fused per ``model.fused_ops``), then the memory plan, the ZeRO stage and the
+    recompute policy it implies, applied. Returns (model, plan, zero_stage). Shared with benchmarks/bench_step_ops."""
+    model = stage.prepare_model(model)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+        fused = fuse_lora(model, cfg.model.fused_ops)
+        log(f"fused LoRA ({cfg.model.fused_ops}): {fused['layers']} projections in {fused['groups']} groups")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    mem = plan_memory(cfg, model, world, local_world, device)
+    zero_stage, why = choose_zero_stage(cfg, mem)
+    log(f"zero stage {zero_stage}: {why}")
+    recompute, why = choose_recompute(cfg, mem, zero_stage)
+    log(f"recompute {recompute}: {why}")
+    enable_recompute(model, recompute)
+    return model, mem, zero_stage
+
+
 def train(cfg):
     import deepspeed
 
@@ -532,20 +552,7 @@ def train(cfg):
     plan = BatchPlan(len(items), cfg.batch_size, cfg.micro_batch_size, world, rank, cfg.seed, groups)
 
     model, _ = load_model(cfg.model, device.type, tok)
-    model = stage.prepare_model(model)
-    if cfg.lora.enabled:
-        model = add_lora(model, cfg.lora)
-        fused = fuse_lora(model, cfg.model.fused_ops)
-        log0(f"fused LoRA ({cfg.model.fused_ops}): {fused['layers']} projections in {fused['groups']} groups")
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    mem = plan_memory(cfg, model, world, int(os.environ.get("LOCAL_SIZE", world)), device)
-    zero_stage, why = choose_zero_stage(cfg, mem)
-    log0(f"zero stage {zero_stage}: {why}")
-    recompute, why = choose_recompute(cfg, mem, zero_stage)
-    log0(f"recompute {recompute}: {why}")
-    enable_recompute(model, recompute)
+    model, mem, zero_stage = setup_model(cfg, stage, model, world, int(os.environ.get("LOCAL_SIZE", world)), device)
     model.to(device)
     module = EngineModule(model, stage)
     params = _trainable(module)
