@@ -436,6 +436,8 @@ def make_batches(shapes, stages, vocab, device, seed=0):
             return x.to(device)
         if isinstance(x, (list, tuple)):
             return type(x)(to_dev(v) for v in x)
+        if isinstance(x, dict):  # collate's host-side layout (packing) is a nested dict
+            return {k: to_dev(v) for k, v in x.items()}
         return x
 
     return {k: {kk: to_dev(vv) for kk, vv in v.items()} for k, v in out.items()}
@@ -1332,7 +1334,9 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
         coll = stage.collate([_rand_ids(g, S, spec["vocab_size"]) for _ in range(B)],
                              torch.Generator().manual_seed(args.seed + 1))
         batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
-        st = batch_stats("mntp", {k: v.to(device) for k, v in coll.items()})
+        from engine.stages.base import to_device
+
+        st = batch_stats("mntp", to_device(coll, device))  # collate's host-side layout is a nested dict
         mcfg = model.config
         model_flops, hw_flops = stage_flops("mntp", st, mcfg, n_frozen, n_lora, head_rows=st["padded_tokens"])
         extra.update(tokens=st["tokens"], padded_tokens=st["padded_tokens"], masked_rows=st["masked"],
