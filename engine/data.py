@@ -119,9 +119,11 @@ def read_scored_pairs(sources, max_samples=0):
                 for key in ("sentence1", "sentence2"):
                     if not isinstance(obj[key], str):
                         raise DataError(f"{src}:{n}: field {key!r} must be a string, got {_json_type(obj[key])}")
-                if isinstance(obj["score"], bool) or not isinstance(obj["score"], (int, float)):
-                    raise DataError(f"{src}:{n}: score must be a number, got {_json_type(obj['score'])}")
-                rows.append((obj["sentence1"].strip(), obj["sentence2"].strip(), float(obj["score"])))
+                try:  # a number, or a string holding one (as STS scores often come)
+                    score = float(obj["score"])
+                except (TypeError, ValueError):
+                    raise DataError(f"{src}:{n}: score is not a number: {obj['score']!r}") from None
+                rows.append((obj["sentence1"].strip(), obj["sentence2"].strip(), score))
         else:
             raise DataError(f"{src}: scored pairs come from an STS Benchmark TSV or JSONL (sentence1, sentence2, "
                             f"score)")
