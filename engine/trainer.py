@@ -455,6 +455,18 @@ def _record_grad_norm(engine):
                                                    max_norm=engine.gradient_clipping(), mpu=engine.mpu)
 
     engine.clip_fp32_gradients = clip
+    # ZeRO skips an optimizer step whose gradients are not finite; a plain optimizer under stage 0 would apply them
+    # and leave NaN weights behind. Skip it here too and count it in skipped_steps, as DeepSpeed does.
+    opt_step = engine.optimizer.step
+
+    def step(*args, **kwargs):
+        gn = getattr(engine, "_global_grad_norm", None)
+        if gn is not None and not math.isfinite(float(gn)):
+            engine.skipped_steps += 1
+            return None
+        return opt_step(*args, **kwargs)
+
+    engine.optimizer.step = step
 
 
 class BestAdapter:
