@@ -179,3 +179,39 @@ def plot(csv_path, png_path, metric="ms", title=None):
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
+
+
+def run_elementwise_bench(op, doc, argv, tiny_shapes, gpu_shapes, make_case, impls=("torch", "triton")):
+    """The shared CLI and loop of the fused elementwise-op benchmarks (bench_rms_norm, bench_rope, bench_glu).
+
+    ``make_case(name, spec, device, dtype)`` -> (shape label, bytes moved, step(impl)); each impl's fwd+bwd
+    ``step`` is timed and written as a CSV row with its GB/s. The Triton impl is skipped (and says so) on a CPU
+    without TRITON_INTERPRET=1. Returns the rows."""
+    import argparse
+    import os
+
+    import torch
+
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--out", default=f"benchmarks/results/bench_{op}.csv")
+    ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny shapes, interpreter for the kernel")
+    ap.add_argument("--iters", type=int, default=None)
+    args = ap.parse_args(argv)
+    tiny = args.tiny or not torch.cuda.is_available()
+    device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
+    can_triton = not tiny or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    warmup, iters = (1, args.iters or 2) if tiny else (3, args.iters or 20)
+    writer, rows = CsvWriter(args.out, op), []
+    for name, spec in (tiny_shapes if tiny else gpu_shapes).items():
+        shape, nbytes, step = make_case(name, spec, device, dtype)
+        for impl in impls:
+            if impl == "triton" and not can_triton:
+                rows.append(writer.add(shape, impl, "fwd+bwd", float("nan"),
+                                       status="skipped (CPU without TRITON_INTERPRET=1)"))
+                continue
+            run = lambda impl=impl: step(impl)  # noqa: E731
+            ms = timeit(run, warmup=warmup, iters=iters, device=device)
+            rows.append(writer.add(shape, impl, "fwd+bwd", ms, tflops=nbytes / ms / 1e6,
+                                   peak_mb=peak_memory_mb(run, device=device), status="ok",
+                                   dtype=str(dtype).replace("torch.", ""), tflops_column="GB/s"))
+    return rows
