@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
 
@@ -54,3 +56,27 @@ def deepspeed_cmd(nproc, *args):
 
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port()), "engine/train.py", *args]
+
+
+# Machine epsilon of the dtypes the interpreter tests run (tl.dot on bf16 is wrong in the interpreter).
+EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}
+
+
+def assert_close_to_fp64(out, ref64, torch_out, dtype, what):
+    """A kernel's error against the fp64 reference is at most twice torch's own error in ``dtype`` on the same
+    computation, plus 4 ulps of the largest reference value."""
+    err = float((out.double() - ref64).abs().max())
+    torch_err = float((torch_out.double() - ref64).abs().max())
+    bound = 2 * torch_err + 4 * EPS[dtype] * float(ref64.abs().max())
+    assert err <= bound, (what, err, torch_err, bound)
+
+
+def check_bench_tiny(bench, tmp_path):
+    """A fused-op benchmark's --tiny run writes one ok row per implementation and shape."""
+    from benchmarks.common import read_rows
+
+    out = tmp_path / "bench.csv"
+    rows = bench.main(["--tiny", "--out", str(out), "--iters", "1"])
+    written = read_rows(str(out))
+    assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench.IMPLS)
+    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)

@@ -16,17 +16,11 @@ from kernels import rms_norm, rms_norm_reference
 from kernels._backend import interpreter_enabled
 
 from .compile_variants import check_all_compile
+from .helpers import EPS, check_bench_tiny
+from .helpers import assert_close_to_fp64 as _assert_close
 
 rn = importlib.import_module("kernels.rms_norm")  # the module (kernels.rms_norm is the function)
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
-EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}
-
-
-def _assert_close(out, ref64, torch_out, dtype, what):
-    err = float((out.double() - ref64).abs().max())
-    torch_err = float((torch_out.double() - ref64).abs().max())
-    bound = 2 * torch_err + 4 * EPS[dtype] * float(ref64.abs().max())
-    assert err <= bound, (what, err, torch_err, bound)
 
 
 def _run(fn, x, w, dy, gemma, **kw):
@@ -153,13 +147,8 @@ def test_validation():
 @needs_interpreter
 def test_benchmark_tiny_mode(tmp_path):
     from benchmarks import bench_rms_norm
-    from benchmarks.common import read_rows
 
-    out = tmp_path / "bench.csv"
-    rows = bench_rms_norm.main(["--tiny", "--out", str(out), "--iters", "1"])
-    written = read_rows(str(out))
-    assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench_rms_norm.IMPLS)
-    assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)
+    check_bench_tiny(bench_rms_norm, tmp_path)
 
 
 @pytest.mark.gpu
