@@ -170,3 +170,25 @@ def test_resume_exact_with_fused_lora_and_selective_recompute(tmp_path):
     want, got = losses(ref), losses(crash)
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_cpu_ranks_split_the_cores(monkeypatch):
+    # torch gives every process one thread per core; two DeepSpeed CPU ranks on two cores then ran four OpenMP
+    # threads that spin-wait on each other (a SmolLM2 step took 112 s instead of 4 s). Each rank gets its share.
+    from engine import trainer
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+        for local, want in (("2", 4), ("3", 2), ("8", 1), ("16", 1)):
+            torch.set_num_threads(8)
+            monkeypatch.setenv("LOCAL_SIZE", local)
+            trainer.split_cpu_threads()
+            assert torch.get_num_threads() == want, local
+        torch.set_num_threads(8)
+        monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's explicit choice stands
+        trainer.split_cpu_threads()
+        assert torch.get_num_threads() == 8
+    finally:
+        torch.set_num_threads(before)

@@ -33,6 +33,9 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     r = run_cmd(cmd)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not leaked_shm(cmd)  # DeepSpeed's 69 MB-per-rank shm segments do not outlive the run
+    cores = len(os.sched_getaffinity(0))
+    if cores >= 2 and "OMP_NUM_THREADS" not in os.environ:  # the two ranks split the cores (no oversubscription)
+        assert f"CPU: 2 ranks on {cores} cores, {cores // 2} intra-op thread(s) per rank" in r.stdout
     rows = _metrics(ref)
     assert [int(x["step"]) for x in rows] == list(range(1, 13))
     losses = [float(x["loss"]) for x in rows]

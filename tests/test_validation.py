@@ -122,6 +122,10 @@ def test_unknown_hub_id_is_a_model_load_error(monkeypatch):
     from engine.config import ModelConfig
     from engine.modeling import ModelLoadError, load_tokenizer
 
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: set the constant too, or the lookup waits on the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=r"could not load the tokenizer of 'no-such-org/no-such-model-x'"):
         load_tokenizer(ModelConfig(name_or_path="no-such-org/no-such-model-x"))
