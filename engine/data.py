@@ -127,22 +127,30 @@ def read_scored_pairs(sources, max_samples=0):
         else:
             raise DataError(f"{src}: scored pairs come from an STS Benchmark TSV or JSONL (sentence1, sentence2, "
                             f"score)")
-        n_before = len(out)
-        for a, b, score in rows:
-            stats.read += 1
-            if not a or not b:
-                stats.empty += 1
-                continue
-            out.append((a, b, score))
-            if max_samples and len(out) >= max_samples:
-                break
-        stats.sources[src] = len(out) - n_before
-        if max_samples and len(out) >= max_samples:
+        if _take(out, src, rows, stats, max_samples, lambda row: row if row[0] and row[1] else None):
             break
     stats.kept = len(out)
     if not out:
         raise DataError(f"no usable scored pairs in {sources} ({stats.summary()})")
     return out, stats
+
+
+def _take(out, src, items, stats, max_samples, clean):
+    """Append one source's items to ``out`` through ``clean`` (item -> kept item; None: empty, counted here;
+    False: dropped and counted by ``clean``), up to ``max_samples`` in all. Records the source's count in
+    ``stats`` and returns whether ``max_samples`` is reached."""
+    n_before = len(out)
+    for item in items:
+        stats.read += 1
+        item = clean(item)
+        if item is None:
+            stats.empty += 1
+        elif item is not False:
+            out.append(item)
+            if max_samples and len(out) >= max_samples:
+                break
+    stats.sources[src] = len(out) - n_before
+    return bool(max_samples and len(out) >= max_samples)
 
 
 def _load_hf(spec):
@@ -196,23 +204,16 @@ def read_texts(sources, max_samples=0, dedup=False, seed=0):
                 raw = _jsonl_field(src, "text")
             else:
                 raw = _lines(src)
-        n_before = len(texts)
-        for t in raw:
-            stats.read += 1
+        def clean(t):
             t = (t or "").strip()
-            if not t:
-                stats.empty += 1
-                continue
-            if dedup:
+            if t and dedup:
                 if t in seen:
                     stats.duplicates += 1
-                    continue
+                    return False
                 seen.add(t)
-            texts.append(t)
-            if max_samples and len(texts) >= max_samples:
-                break
-        stats.sources[src] = len(texts) - n_before
-        if max_samples and len(texts) >= max_samples:
+            return t or None
+
+        if _take(texts, src, raw, stats, max_samples, clean):
             break
     stats.kept = len(texts)
     if not texts:

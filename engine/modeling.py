@@ -164,7 +164,10 @@ def pack(input_ids, attention_mask, layout=None):
 
 
 def packed_hidden_states(model, input_ids, attention_mask, packed=True, layout=None):
-    """Final hidden states (B, S, H) of a padded batch; padding rows are zero.
+    """Final hidden states (B, S, H) of a padded batch.
+
+    Packed (the default, bidirectional models): padding rows are zero. Padded (``packed=False``, or a causal
+    model): padding rows hold whatever the model computed there (not zero), so callers pool with the mask.
 
     ``layout``: :func:`packing` of the mask, computed on the host by collate (then nothing here syncs);
     without it the layout is computed from the mask on its device.

@@ -4,6 +4,8 @@ The parent sorts nothing: it cuts the inputs into chunks, the workers (spawned, 
 model on its device) encode them, and the parent writes every chunk's rows back at its input positions, so
 the result is in input order whatever the worker speeds. Counts (truncated, empty) are summed.
 """
+import os
+
 import torch
 
 _WORKER = {}
@@ -17,6 +19,9 @@ def _init(state, device_queue):
     register()  # the bidirectional attention lives in a registry that a fresh process does not have yet
     kernels.set_default_impl("attention", state["attention"])
     device = torch.device(device_queue.get())
+    if device.type == "cpu" and state["cpu_workers"] > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # CPU workers share the cores: one thread per core in each would oversubscribe them (OpenMP spin-waits)
+        torch.set_num_threads(max(1, state["cores"] // state["cpu_workers"]))
     model = state["model"].to(device).eval()
     _WORKER.update(model=model, tokenizer=state["tokenizer"], device=device)
 
@@ -44,7 +49,9 @@ def encode_multi_device(encoder, texts, instrs, devices, kw, stats, show_progres
     if next(model.parameters()).device.type != "cpu":
         model = model.to("cpu")  # ship CPU weights; each worker moves its copy to its own device
         encoder.device = torch.device("cpu")
-    state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto")}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
+             "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices), "cores": cores}
     out = None
     bar = None
     if show_progress_bar:

@@ -80,3 +80,25 @@ def check_bench_tiny(bench, tmp_path):
     written = read_rows(str(out))
     assert len(written) == len(rows) > 0 and {r["impl"] for r in written} == set(bench.IMPLS)
     assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in written)
+
+
+class PlainEngine:
+    """The two calls a stage's train_micro_step makes on a DeepSpeed engine: forward, and backward(loss)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def perturb_lora_b(model, std, generator=None):
+    """LoRA B starts at zero (so A gets no gradient): give every B normal(0, std) entries."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=std, generator=generator)
+    return model

@@ -13,7 +13,7 @@ from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
 from kernels import masked_ce
-from .helpers import count_launches
+from .helpers import count_launches, perturb_lora_b
 
 
 def _loss_and_grads(module, batch, impl):
@@ -56,11 +56,7 @@ def _parity(stage_name, device, dtype, n_items, hidden, heads):
         items = chunk_documents([sentence() for _ in range(64)], tok, cfg.max_seq_len)
     model, _ = load_model(cfg.model, device, tok)
     model = stage.prepare_model(model)
-    model = add_lora(model, cfg.lora)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.02)
+    model = perturb_lora_b(add_lora(model, cfg.lora), 0.02)
     module = EngineModule(model.to(device), stage).train()
     batch = stage.collate(items[:n_items], torch.Generator().manual_seed(0))
     batch.pop("truncated", None)

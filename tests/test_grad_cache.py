@@ -9,20 +9,7 @@ from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
 
-from .helpers import STS
-
-
-class _PlainEngine:
-    """The two calls ContrastiveStage makes on a DeepSpeed engine: forward, and backward(loss)."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, batch):
-        return self.module(batch)
-
-    def backward(self, loss):
-        loss.backward()
+from .helpers import STS, PlainEngine, perturb_lora_b
 
 
 @pytest.mark.parametrize("stage_name,chunk", [("simcse", 3), ("supervised", 4)])
@@ -34,11 +21,7 @@ def test_grad_cache_matches_direct(stage_name, chunk):
     stage = build_stage(cfg, tok)
     items, _, _ = stage.load([f"{STS}/sts-dev.csv"] if stage_name == "simcse" else cfg.data, 40)
     model, _ = load_model(cfg.model, "cpu", tok)
-    model = add_lora(model, cfg.lora)
-    with torch.no_grad():  # make LoRA B non-zero so LoRA A gets gradients too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
+    model = perturb_lora_b(add_lora(model, cfg.lora), 0.05)  # non-zero B, so LoRA A gets gradients too
     module = EngineModule(model, stage).train()
     batch = stage.collate(items[:6], torch.Generator().manual_seed(0))
     batch.pop("truncated")
@@ -58,7 +41,7 @@ def test_grad_cache_matches_direct(stage_name, chunk):
     stage.cfg.contrastive.grad_cache_chunk = chunk
     twin_stage = twin.stage
     torch.manual_seed(123)
-    cached_loss, _ = twin_stage.train_micro_step(_PlainEngine(twin), batch)
+    cached_loss, _ = twin_stage.train_micro_step(PlainEngine(twin), batch)
 
     torch.testing.assert_close(cached_loss, direct_loss.detach(), rtol=1e-6, atol=1e-7)
     grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}

@@ -10,7 +10,7 @@ from engine.lora import fuse_lora
 from engine.memory import enable_recompute
 from engine.modeling import add_lora
 
-from .helpers import tiny_llama_config
+from .helpers import perturb_lora_b, tiny_llama_config
 
 
 def _model(family, dropout, seed=0):
@@ -24,11 +24,7 @@ def _model(family, dropout, seed=0):
         cfg = tiny_llama_config()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model = add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout))
-    with torch.no_grad():  # LoRA B starts at zero; make it non-zero so A gets gradients too
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.1)
-    return model
+    return perturb_lora_b(model, 0.1)  # LoRA B starts at zero; non-zero B, so A gets gradients too
 
 
 def _loss_and_grads(model, ids, seed=5):

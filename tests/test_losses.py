@@ -213,7 +213,7 @@ def test_graded_stage_grad_cache_matches_direct(loss):
     from engine.stages import build_stage
     from engine.trainer import EngineModule
 
-    from .test_grad_cache import _PlainEngine
+    from .helpers import PlainEngine, perturb_lora_b
 
     cfg = load_config("configs/tiny/graded.yaml", [f"contrastive.loss={loss}", "contrastive.positive_min_score=3.0",
                                                    "lora.dropout=0.1", "model.gradient_checkpointing=false"])
@@ -223,12 +223,7 @@ def test_graded_stage_grad_cache_matches_direct(loss):
     assert len(items) == 40 and groups is None
     assert min(p[2] for p in items) < 2.0 < 4.0 < max(p[2] for p in items)  # every pair, low scores too
     model, _ = load_model(cfg.model, "cpu", tok)
-    model = add_lora(model, cfg.lora)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(std=0.05)
-    module = EngineModule(model, stage).train()
+    module = EngineModule(perturb_lora_b(add_lora(model, cfg.lora), 0.05), stage).train()
     batch = stage.collate(items[:6], torch.Generator().manual_seed(0))
     batch.pop("truncated")
     assert batch["n_queries"] == 6 and batch["input_ids"].shape[0] == 12
@@ -244,7 +239,7 @@ def test_graded_stage_grad_cache_matches_direct(loss):
     direct.backward()
     twin.stage.cfg.contrastive.grad_cache_chunk = chunk
     torch.manual_seed(123)
-    cached, _ = twin.stage.train_micro_step(_PlainEngine(twin), batch)
+    cached, _ = twin.stage.train_micro_step(PlainEngine(twin), batch)
     torch.testing.assert_close(cached, direct.detach(), rtol=1e-6, atol=1e-7)
     grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())

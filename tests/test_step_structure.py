@@ -14,7 +14,7 @@ from engine.stages import build_stage
 from engine.stages.base import to_device
 from engine.trainer import EngineModule
 
-from .helpers import STS, deepspeed_cmd, run_cmd
+from .helpers import STS, PlainEngine, deepspeed_cmd, run_cmd
 
 aten = torch.ops.aten
 
@@ -43,17 +43,6 @@ class SyncCounter(TorchDispatchMode):
             if dst_cpu and torch.is_tensor(src) and src.device.type != "cpu":
                 self.syncs.append(f"{func} to cpu")
         return func(*args, **kwargs)
-
-
-class _PlainEngine:
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, batch):
-        return self.module(batch)
-
-    def backward(self, loss):
-        loss.backward()
 
 
 def _setup(stage_name, overrides=()):
@@ -87,7 +76,7 @@ def test_no_host_sync_in_forward_and_backward(stage_name, overrides):
     batch.pop("truncated", None)
     batch = to_device(batch, "cpu")
     with SyncCounter() as counter:
-        loss, metrics = stage.train_micro_step(_PlainEngine(module), batch)
+        loss, metrics = stage.train_micro_step(PlainEngine(module), batch)
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters() if p.requires_grad)
     assert counter.syncs == [], counter.syncs
@@ -96,7 +85,7 @@ def test_no_host_sync_in_forward_and_backward(stage_name, overrides):
     for key in ("layout", "label_rows", "chunk_layouts", "tokens"):
         batch.pop(key, None)
     with SyncCounter() as counter:
-        stage.train_micro_step(_PlainEngine(module), batch)
+        stage.train_micro_step(PlainEngine(module), batch)
     assert counter.syncs
 
 
