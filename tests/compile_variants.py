@@ -33,17 +33,30 @@ def compile_main(test_module, kernels_module, arch):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
-def check_all_compile(test_module, kernels_module):
-    n = len(importlib.import_module(test_module).VARIANTS)
+def rows_per_arch(code, archs=(90, 80)):
+    """Run ``code.format(arch=...)`` in one fresh process per arch (in parallel) with the interpreter off, and
+    return the JSON rows the processes printed as ``VARIANT {...}`` lines."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=REPO)
-    code = "import tests.compile_variants as c; c.compile_main({!r}, {!r}, {})"
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(test_module, kernels_module, arch)], cwd=REPO,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in (90, 80)]
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(arch=arch)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in archs]
     rows = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
         rows += [json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("VARIANT ")]
+    return rows
+
+
+def print_rows(report):
+    """For the compile reports that return a list of rows: one ``VARIANT`` line each (see rows_per_arch)."""
+    for row in report:
+        print("VARIANT " + json.dumps(row), flush=True)
+
+
+def check_all_compile(test_module, kernels_module):
+    n = len(importlib.import_module(test_module).VARIANTS)
+    rows = rows_per_arch(f"import tests.compile_variants as c; c.compile_main({test_module!r}, {kernels_module!r}, "
+                         "{arch})")
     assert len(rows) == 2 * n, rows
     for r in rows:
         print(r)  # shown with -s: registers / spills / shared per variant

@@ -7,12 +7,9 @@ Accuracy standard (kernels.contrastive.contrastive_tolerance): the reference see
 log N) for the fp32 loss, FACTOR ulps of the input dtype at the largest gradient entry, plus FACTOR times torch's
 fp32 error on the same inputs. Each tolerance must also be under 5% of the largest value compared.
 """
-import json
 import math
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +23,8 @@ from kernels.contrastive import (
     contrastive_loss_reference,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .compile_variants import rows_per_arch
+
 FACTOR = 4.0
 
 
@@ -318,18 +316,9 @@ def _compile_report(arch):
 
 
 def test_compile_every_variant_for_sm90_and_sm80():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = []
-    for arch in (90, 80):  # one process per architecture, in parallel
-        code = f"import json, tests.test_contrastive as t; print('@@' + json.dumps(t._compile_report({arch})))"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    rows = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-4000:]
-        rows += json.loads(out.split("@@", 1)[1])
+    # one process per architecture, in parallel
+    rows = rows_per_arch("import tests.test_contrastive as t, tests.compile_variants as c; "
+                         "c.print_rows(t._compile_report({arch}))")
     assert len(rows) == 2 * len(_variants()) - sum(1 for v in _variants() if not v[5])
     for r in rows:
         print(f"{r['kernel']:40s} sm_{r['arch']} regs={r['registers']:3d} spills={r['spills']:4d} "

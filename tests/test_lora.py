@@ -1,15 +1,10 @@
 """kernels.lora: fused frozen-base LoRA projections vs the fp64 per-projection reference, both impls."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .compile_variants import rows_per_arch
 
 
 def _case(M, K, outs, ranks, dtype, bias, seed=0):
@@ -162,18 +157,9 @@ def _compile_report(arch):
 
 
 def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = []
-    for arch in (90, 80):
-        code = f"import json, tests.test_lora as t; print('@@' + json.dumps(t._compile_report({arch})))"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    rows = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-4000:]
-        rows += json.loads(out.split("@@", 1)[1])
+    # one process per architecture, in parallel
+    rows = rows_per_arch("import tests.test_lora as t, tests.compile_variants as c; "
+                         "c.print_rows(t._compile_report({arch}))")
     assert len(rows) == 2 * len(_variants())
     limit = {90: 227 * 1024, 80: 163 * 1024}
     for r in rows:

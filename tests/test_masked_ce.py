@@ -13,8 +13,6 @@ import contextlib
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,6 +22,7 @@ from kernels import masked_ce as mc
 from kernels._backend import interpreter_enabled
 from kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
+from .compile_variants import rows_per_arch
 from .helpers import count_launches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -414,15 +413,7 @@ def _compile_all_main(arch):
 
 
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, "-c", f"import tests.test_masked_ce as t; t._compile_all_main({arch})"],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for arch in (90, 80)]  # one process per arch, in parallel
-    rows = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
-        rows += [json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("VARIANT ")]
+    rows = rows_per_arch("import tests.test_masked_ce as t; t._compile_all_main({arch})")
     assert len(rows) == 2 * len(_variants()), rows
     for r in rows:
         print(r)  # shown with -s: registers / spills / shared per variant
