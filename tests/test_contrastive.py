@@ -9,11 +9,11 @@ fp32 error on the same inputs. Each tolerance must also be under 5% of the large
 """
 import math
 import os
-import socket
 
 import pytest
 import torch
 
+from engine.trainer import free_port
 from kernels import contrastive as C
 from kernels.contrastive import (
     _contrastive_loss_triton,
@@ -209,18 +209,12 @@ def _rank_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_rank_gloo_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     assert os.environ.get("TRITON_INTERPRET", "0") != "0"  # inherited by the spawned ranks
-    mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     q, d, _, _ = _rank_data()  # single process: d[:W*B] positives (in query order), then negatives
     ref = _loss_and_grads(_ref64(RT), q, d)

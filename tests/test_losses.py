@@ -2,13 +2,13 @@
 import cmath
 import math
 import os
-import socket
 
 import pytest
 import torch
 
 from engine.config import ConfigError, load_config
 from engine.losses import angle_loss, cosent_loss
+from engine.trainer import free_port
 
 # Three scored pairs with 4-dim embeddings (two complex coordinates: re = x[:2], im = x[2:]).
 A = [[1.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 1.0], [0.5, 0.0, 1.0, 0.0]]
@@ -176,16 +176,10 @@ def _rank_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_rank_gloo_equals_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     a, b, s = _data()
     for name, fn in _losses().items():
