@@ -11,6 +11,23 @@ import torch
 _WORKER = {}
 
 
+def share_cpu_cores(processes):
+    """Give this process ``cores // processes`` intra-op threads, for ``processes`` CPU processes on one host.
+
+    torch's default is one thread per core in every process: several CPU processes then run more OpenMP threads
+    than cores, and those spin-wait on each other at every parallel region (two DeepSpeed CPU ranks on two cores:
+    112 s a SmolLM2-135M step instead of about 4 s). An explicit OMP_NUM_THREADS is left alone, and the thread
+    count is never raised. Returns (cores, threads) when it lowered the count, else None."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // max(1, processes))
+    if threads >= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    return cores, threads
+
+
 def _init(state, device_queue):
     import kernels
 
@@ -19,9 +36,8 @@ def _init(state, device_queue):
     register()  # the bidirectional attention lives in a registry that a fresh process does not have yet
     kernels.set_default_impl("attention", state["attention"])
     device = torch.device(device_queue.get())
-    if device.type == "cpu" and state["cpu_workers"] > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # CPU workers share the cores: one thread per core in each would oversubscribe them (OpenMP spin-waits)
-        torch.set_num_threads(max(1, state["cores"] // state["cpu_workers"]))
+    if device.type == "cpu":
+        share_cpu_cores(state["cpu_workers"])
     model = state["model"].to(device).eval()
     _WORKER.update(model=model, tokenizer=state["tokenizer"], device=device)
 
@@ -49,9 +65,8 @@ def encode_multi_device(encoder, texts, instrs, devices, kw, stats, show_progres
     if next(model.parameters()).device.type != "cpu":
         model = model.to("cpu")  # ship CPU weights; each worker moves its copy to its own device
         encoder.device = torch.device("cpu")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
-             "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices), "cores": cores}
+             "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices)}
     out = None
     bar = None
     if show_progress_bar:

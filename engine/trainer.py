@@ -33,6 +33,7 @@ from .data import BatchPlan, is_sts_file, read_sts
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .modeling import add_lora, load_model, load_tokenizer, resolve_model_path, save_encoder_meta
+from .multi_device import share_cpu_cores
 from .stages import build_stage
 from .stages.base import to_device
 
@@ -104,21 +105,14 @@ def init_distributed():
 
 
 def split_cpu_threads():
-    """CPU ranks share the machine's cores: each rank gets cores // ranks-on-this-host intra-op threads.
-
-    torch's default is one thread per core in every process, and DeepSpeed's launcher (unlike torchrun) sets no
-    OMP_NUM_THREADS, so two CPU ranks on two cores ran four OpenMP threads that spin-wait on each other at every
-    parallel region: measured on a 2-core machine, a SmolLM2-135M contrastive step took 112 s instead of about
-    13 s. An explicit OMP_NUM_THREADS (or torch.set_num_threads before this call) is left alone."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE") or 1)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // max(1, local_ranks))
-    if threads < torch.get_num_threads():
-        torch.set_num_threads(threads)
-        log0(f"CPU: {local_ranks} ranks on {cores} cores, {threads} intra-op thread(s) per rank (set OMP_NUM_THREADS "
-             "to choose)")
+    """CPU ranks share this host's cores (engine.multi_device.share_cpu_cores): DeepSpeed's launcher, unlike
+    torchrun, sets no OMP_NUM_THREADS, so every rank would otherwise run one thread per core."""
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
+                      or os.environ.get("WORLD_SIZE") or 1)
+    shared = share_cpu_cores(local_ranks)
+    if shared:
+        log0(f"CPU: {local_ranks} ranks on {shared[0]} cores, {shared[1]} intra-op thread(s) per rank "
+             "(set OMP_NUM_THREADS to choose)")
 
 
 def lr_lambda(cfg):
