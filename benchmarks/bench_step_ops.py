@@ -12,7 +12,8 @@ Paths (one optimizer step of MNTP, the same tokens, masks and micro-batching on 
   * reference-zero3  the older reference of bench_train_step: the engine's model under DeepSpeed ZeRO-3 with
                      SDPA given a dense (B, 1, S, S) mask and full logits;
   * engine           the engine's own code: engine.config (configs/mistral-7b/mntp.yaml + --set overrides),
-                     engine.modeling.load_model / add_lora, engine.stages.mntp, DeepSpeed ZeRO-3 from
+                     engine.modeling.load_model, engine.trainer.setup_model (fused LoRA, the memory plan's ZeRO
+                     stage and recompute policy for an H200), engine.stages.mntp, DeepSpeed from
                      engine.config.deepspeed_config. model.attention / model.loss default to triton here.
 
 Model: the Mistral-7B structure (32 layers, 32 query / 8 KV heads, MLP ratio 3.5, untied LM head) with LoRA r16
@@ -26,14 +27,18 @@ Figures per path:
                 neither views nor bare allocations or reshapes (empty*, resize_, set_, lift_fresh,
                 _unsafe_view) and that touch a
                 device tensor, plus Triton launches. Triton kernels are enabled (TRITON_INTERPRET=1) and
-                their launcher is intercepted: each launch is counted and not executed (outputs are left
-                uninitialised, which changes no count). A tensor is host-side when a factory op made it with
+                their launcher is intercepted: each launch is counted and not executed (the floating tensors
+                it was handed are made finite, so that DeepSpeed's inf/NaN check does not skip the optimizer
+                step: see TritonLaunches; skipped steps are reported and must be 0). A tensor is host-side
+                when a factory op made it with
                 at most one element (the seed draws) or from Python data (torch.tensor), or when every
                 tensor it was computed from is host-side; everything else would live on the GPU.
                 dropout is dispatched as aten::native_dropout, as on CUDA (the CPU build decomposes it);
                 AdamW and gradient clipping use their foreach (multi-tensor) ops, CUDA's default.
   syncs         device-to-host syncs inside forward + backward: _local_scalar_dense (.item(), bool(), int()),
                 nonzero, masked_select, unique, .tolist() on device tensors.
+  opt           launches of the optimizer step alone (DeepSpeed's wrapper, clipping, AdamW), part of
+                launches; opt_syncs its host syncs (DeepSpeed's inf/NaN checks read bools back).
   zero_hooks    DeepSpeed ZeRO-3 module fetch_sub_module + release_sub_module calls in the step.
   host_ms       wall time of the step at tiny width on one thread, min and median over --host-steps steps,
                 on a --host-batch batch (the same op sequence as 32 x 512; the launch count at that batch is
@@ -102,7 +107,16 @@ def log(*a):
 # ----------------------------------------------------------------------------------------------
 
 class TritonLaunches:
-    """Replace the interpreter's launcher: record (kernel module, name, args) and skip execution."""
+    """Replace the interpreter's launcher: record (kernel module, name, args) and skip execution.
+
+    A skipped kernel leaves its outputs as whatever the allocator handed out: often zeros, sometimes bits that
+    read as inf or NaN. Values do not matter to a census, but control flow that reads them does: DeepSpeed's
+    stage-0 bf16 optimizer checks every gradient for inf / NaN and skips the whole step (no norm, no AdamW, no
+    copy-back) on the first bad one, so an unsanitised count was sometimes a skipped step, and its size varied
+    between runs. Every floating tensor a skipped kernel was handed therefore gets its non-finite entries
+    zeroed and is clamped to +-1e3 (finite inputs of a tiny model are far inside that, so they do not change),
+    outside any dispatch mode so that this costs no counted launch.
+    """
 
     def __init__(self):
         self.calls = []
@@ -123,6 +137,8 @@ class TritonLaunches:
             rec.calls.append(name)
             if rec.sink is not None:
                 rec.sink.triton(module, name, args)
+            else:
+                _sanitise(args)
             return None
 
         InterpretedFunction.run = run
@@ -130,6 +146,17 @@ class TritonLaunches:
             yield self
         finally:
             InterpretedFunction.run = orig
+
+
+def _sanitise(args):
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point() and not a.is_meta and a.numel():
+                # .data: no autograd record and no version bump (these tensors may be saved for backward)
+                a.data.nan_to_num_(0.0, 0.0, 0.0).clamp_(-1e3, 1e3)
 
 
 @contextlib.contextmanager
@@ -535,6 +562,10 @@ class Path:
         ds_cfg = deepspeed_config(self.cfg, 1, use_bf16=self.dtype == __import__("torch").bfloat16,
                                   stage=self.zero_stage, **extra)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.opt, config=ds_cfg)
+        if self.name == "engine":  # the trainer's own adjustments
+            from engine.trainer import tune_optimizer_step
+
+            log(tune_optimizer_step(self.engine))
         self.engine.train()
         self.ds = True
 
@@ -551,6 +582,10 @@ class Path:
         loss, _ = self.module(batch.engine)
         loss.backward()
         return loss
+
+    def skipped_steps(self):
+        """Optimizer steps DeepSpeed skipped for non-finite gradients (a skipped step is a smaller op stream)."""
+        return 0 if self.engine is None else int(self.engine.skipped_steps)
 
     def optimizer_step(self):
         import torch
@@ -584,17 +619,27 @@ def count_step(path, batch, launches):
     """Launch census, syncs and ZeRO hooks of one optimizer step."""
     mode = OpCensus()
     counts = {"zero_hooks": 0}
-    n0 = len(launches.calls)
+    n0, skipped0 = len(launches.calls), path.skipped_steps()
+    for state in path.opt.state.values():  # AdamW's step counters live on the host on a GPU too (not capturable)
+        if isinstance(state.get("step"), __import__("torch").Tensor):
+            mode.host[state["step"]] = True
     with zero_hook_counter(counts), patched_tolist(mode), mode:
         mode.count_syncs = True
         path.forward_backward(batch)
-        mode.count_syncs = False
+        fwd_bwd = (sum(mode.ops.values()) + len(launches.calls) - n0, sum(mode.syncs.values()), dict(mode.syncs),
+                   collections.Counter(mode.ops))
         path.optimizer_step()
     triton = collections.Counter(launches.calls[n0:])
     census = collections.Counter(mode.ops)
     census.update({f"triton:{k}": v for k, v in triton.items()})
-    return {"launches": sum(census.values()), "syncs": sum(mode.syncs.values()), "zero_hooks": counts["zero_hooks"],
-            "census": dict(census.most_common()), "sync_ops": dict(mode.syncs)}
+    total = sum(census.values())
+    opt_census = collections.Counter(mode.ops)
+    opt_census.subtract(fwd_bwd[3])
+    return {"launches": total, "syncs": fwd_bwd[1], "zero_hooks": counts["zero_hooks"],
+            "census": dict(census.most_common()), "sync_ops": fwd_bwd[2],
+            "optimizer_launches": total - fwd_bwd[0], "optimizer_syncs": sum(mode.syncs.values()) - fwd_bwd[1],
+            "optimizer_census": dict((+opt_census).most_common()),
+            "skipped_steps": path.skipped_steps() - skipped0}
 
 
 def predict_path(name, sets, micro, shape, mask, layers, launches):
@@ -662,14 +707,16 @@ def worker(args):
         t1 = time.perf_counter()
         res.update(count_step(path, big, launches))
         res["count_s"] = round(time.perf_counter() - t1, 1)
-        res["launches_host_batch"] = count_step(path, host_batch, launches)["launches"]
-        times = []
+        small = count_step(path, host_batch, launches)
+        res["launches_host_batch"], res["census_host_batch"] = small["launches"], small["census"]
+        times, skipped0 = [], path.skipped_steps()
         for _ in range(args.host_steps):
             t = time.perf_counter()
             path.step(host_batch)
             times.append((time.perf_counter() - t) * 1e3)
         res["host_ms"] = {"min": round(min(times), 2), "median": round(statistics.median(times), 2)}
         res["host_steps"] = len(times)
+        res["host_skipped_steps"] = path.skipped_steps() - skipped0
         res["host_s"] = round(time.perf_counter() - t1, 1)
         del path
     t2 = time.perf_counter()
@@ -697,6 +744,11 @@ def worker(args):
 # Parent: one process per path, then the table and the JSON line
 # ----------------------------------------------------------------------------------------------
 
+def _ds_optimizer_ms(r, floor_us):
+    """The optimizer launches DeepSpeed adds over the meta run's plain foreach AdamW, at the per-launch floor."""
+    return max(0, r.get("optimizer_launches", 0) - r["roofline_n"].get("optimizer", 0)) * floor_us / 1e3
+
+
 def table(results, args):
     lines = [f"bench_step_ops: MNTP step, one micro-batch, mask {args.mask_prob} ({args.scheme}), Mistral-7B "
              f"structure at {args.layers} layers; counted at tiny width on {args.count_batch} (and {args.host_batch}), "
@@ -704,7 +756,7 @@ def table(results, args):
              f"{' '.join(args.set or []) or '-'}",
              f"{'path':16s} {'launches':>9s} {'@host':>6s} {'@full':>6s} {'syncs':>6s} {'zero_hooks':>10s} "
              f"{'host_ms min':>11s} {'median':>8s} {'predicted_ms':>12s} {'mm@full':>8s} {'dropout@full':>12s} "
-             f"{'triton':>6s} {'zero':>4s}"]
+             f"{'triton':>6s} {'zero':>4s} {'opt':>5s} {'opt_syncs':>9s}"]
     for p, r in results.items():
         if "error" in r:
             lines.append(f"{p:16s} ERROR {r['error']}")
@@ -714,7 +766,12 @@ def table(results, args):
         lines.append(f"{p:16s} {r['launches']:9d} {r['launches_host_batch']:6d} {r['launches_full_nozero']:6d} "
                      f"{r['syncs']:6d} {r['zero_hooks']:10d} {r['host_ms']['min']:11.1f} {r['host_ms']['median']:8.1f} "
                      f"{r['predicted_ms']:12.1f} {cf.get('aten.mm', 0):8d} {cf.get('aten.native_dropout', 0):12d} "
-                     f"{tri:6d} {r['zero']:>4s}")
+                     f"{tri:6d} {r['zero']:>4s} {r.get('optimizer_launches', -1):5d} {r.get('optimizer_syncs', -1):9d}")
+    lines.append("opt, opt_syncs: launches and host syncs of the optimizer step alone (counted with DeepSpeed, "
+                 "inside 'launches'); predicted_ms costs the meta run's plain foreach AdamW instead, so at the floor "
+                 "DeepSpeed's optimizer adds about: " + ", ".join(
+                     f"{p} {_ds_optimizer_ms(r, args.floor_us):.0f} ms"
+                     for p, r in results.items() if "error" not in r))
     lines.append("H200 profile census (2026-11-26, engine ZeRO-3 step): native_dropout 448, mm 2464 (288 MLP + 384 "
                  "projections + 1792 LoRA)")
     lines.append("predicted_ms by category (ms): " + "; ".join(

@@ -417,7 +417,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
     ``stage``: the ZeRO stage the memory plan chose (engine/memory.py); without it an explicit
     ``zero_stage`` is used and "auto" means 3 (the choice that needs no plan). Under ZeRO-3,
     ``lora_max_numel`` (largest trainable tensor) keeps every LoRA tensor persistent, and ``layer_numel``
-    (parameters of one decoder layer) sizes the prefetch bucket to at least one layer.
+    (parameters of one decoder layer) sizes the prefetch bucket to at least one layer. Stage 1 in bf16
+    accumulates gradients in fp32, which is what makes DeepSpeed pick its flat bf16 optimizer (one norm and
+    one inf/NaN check per step; engine/memory.py says why stage 0 in bf16 is slower).
     """
     if stage is None:
         stage = 3 if str(cfg.zero_stage) == "auto" else int(cfg.zero_stage)
@@ -448,6 +450,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if int(stage) == 1 and use_bf16 else {}),
     }
 
 

@@ -18,9 +18,15 @@ Terms (bytes, per rank):
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers).
 
 The budget is ``memory_budget_gb`` when set (> 0); otherwise the GPU's total memory, or on CPU the host
-RAM divided by the ranks on this host (``os.sysconf``). ZeRO stage rule: stage 0 (replicated base,
-data parallel through DeepSpeed) when weights + training state + full-recompute activations fit the
-budget, else ZeRO-3. Recompute rule: on CPU "full" (the plan is for device memory; host RAM is not what
+RAM divided by the ranks on this host (``os.sysconf``). ZeRO stage rule: a replicated base (data parallel
+through DeepSpeed) when weights + training state + full-recompute activations fit the budget, else ZeRO-3.
+The replicated base is stage 0 in fp32 (DeepSpeed steps the plain torch optimizer) and stage 1 in bf16:
+DeepSpeed's bf16 optimizer at stage 1 (with fp32 gradient accumulation, see ``engine.config``) keeps the LoRA
+master weights and gradients flat in fp32, one norm and one inf/NaN check per step, and shards the fp32 state
+over the ranks. At stage 0 a bf16 model gets DeepSpeed's per-tensor mixed-precision optimizer instead: per
+trainable tensor an inf/NaN check that reads a bool back to the host, a norm and fp32 copies, about 20
+launches and one host sync per LoRA tensor (448 tensors in a 7B model; ``benchmarks/bench_step_ops.py``
+counts the step both ways). Recompute rule: on CPU "full" (the plan is for device memory; host RAM is not what
 limits a CPU run); on GPU the least recompute (none, then selective, then full) that fits.
 """
 import dataclasses
@@ -45,6 +51,7 @@ class MemoryPlan:
     device_type: str
     layer_numel: int = 0  # parameters of one decoder layer (ZeRO-3 prefetch bucket)
     lora_max_numel: int = 0  # largest trainable tensor (ZeRO-3 persistence threshold)
+    dtype: str = "float32"  # the parameters' dtype: bfloat16 picks stage 1 for a replicated base
 
     def activations(self, policy):
         if policy == "full":
@@ -128,16 +135,20 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         device_type=device.type,
         layer_numel=layer_numel,
         lora_max_numel=max((p.numel() for p in train), default=0),
+        dtype=str(dtype).replace("torch.", ""),
     )
 
 
 def choose_zero_stage(cfg, plan):
-    """(stage, reason). zero_stage: auto -> 0 when the replicated base fits with full recompute, else 3."""
+    """(stage, reason). zero_stage: auto -> a replicated base when it fits with full recompute (stage 0, or 1 in
+    bf16: see the module docstring), else 3."""
     if str(cfg.zero_stage) != "auto":
         return int(cfg.zero_stage), f"zero_stage={cfg.zero_stage} set in the config"
     if plan.fits("full", 0):
-        return 0, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's budget: "
-                   + plan.describe("full", 0))
+        stage, how = (1, " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
+                      ) if plan.dtype == "bfloat16" else (0, "")
+        return stage, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "
+                       f"budget{how}: " + plan.describe("full", stage))
     return 3, ("the replicated base + activations do not fit one rank's budget ("
                + plan.describe("full", 0) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks")
 

@@ -14,7 +14,7 @@ from engine.stages import build_stage
 from engine.stages.base import to_device
 from engine.trainer import EngineModule
 
-from .helpers import STS, PlainEngine, deepspeed_cmd, run_cmd
+from .helpers import STS, PlainEngine, deepspeed_cmd, perturb_lora_b, run_cmd
 
 aten = torch.ops.aten
 
@@ -96,7 +96,14 @@ def test_memory_plan_choices():
     assert plan.layers == 2 and plan.hidden == 64 and plan.tokens == 2 * 64
     assert plan.lora_max_numel == 8 * 128  # the largest LoRA tensor: gate/up's B (128 x r=8) or down's A
     assert plan.per_token_layer["none"] > plan.per_token_layer["selective"] > plan.per_token_layer["full"]
-    assert choose_zero_stage(cfg, plan)[0] == 0
+    assert plan.dtype == "float32" and choose_zero_stage(cfg, plan)[0] == 0
+    # a bf16 base that fits: stage 1 and fp32 gradient accumulation, DeepSpeed's flat bf16 optimizer
+    bf16 = plan_memory(cfg, module.model, world=2, local_world=2, device=torch.device("cpu"), dtype=torch.bfloat16)
+    stage_id, why = choose_zero_stage(cfg, bf16)
+    assert stage_id == 1 and "flat bf16 optimizer" in why
+    assert deepspeed_config(cfg, 2, use_bf16=True, stage=1)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(cfg, 2, use_bf16=False, stage=1)
+    assert "data_types" not in deepspeed_config(cfg, 2, use_bf16=True, stage=3)
     assert choose_recompute(cfg, plan, 0)[0] == "full"  # auto on CPU
     plan.budget_bytes = 1 << 20  # 1 MiB: the replicated base no longer fits
     stage_id, why = choose_zero_stage(cfg, plan)
@@ -133,32 +140,88 @@ def test_zero_stage_auto_two_ranks(tmp_path, budget, stage):
                               "batch_size=4", "eval_every=0", "save_every=0", f"memory_budget_gb={budget}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"[engine] zero stage {stage}: " in r.stdout, r.stdout[-3000:]
+    how = "torch AdamW (no DeepSpeed wrapper)" if stage == 0 else \
+        "DeepSpeed DeepSpeedZeroOptimizer_Stage3 over torch AdamW"
+    assert f"[engine] optimizer: {how}, ZeRO stage {stage}, float32 parameters" in r.stdout, r.stdout[-3000:]
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
-@pytest.mark.slow
-def test_resume_exact_with_fused_lora_and_selective_recompute(tmp_path):
+def _killed_and_resumed(tmp_path, args, expect):
+    """Run ``args`` for 4 steps; run it again killed after step 2 and resumed: (reference, resumed) losses."""
     import csv
-
-    args = ["--config", "configs/tiny/mntp.yaml", "max_steps=4", "save_every=2", "batch_size=4", "eval_every=0",
-            "model.gradient_checkpointing=selective", "model.fused_ops=torch", "lora.dropout=0.1"]
 
     def losses(out):
         with open(os.path.join(out, "metrics.csv")) as f:
             return {int(x["step"]): float(x["loss"]) for x in csv.DictReader(f)}
 
+    args = ["--config", "configs/tiny/mntp.yaml", "max_steps=4", "save_every=2", "batch_size=4", "eval_every=0",
+            *args]
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={ref}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "recompute selective" in r.stdout and "fused LoRA (torch): 14 projections in 8 groups" in r.stdout
+    for line in expect:
+        assert line in r.stdout, (line, r.stdout[-3000:])
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={crash}"), env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "2"})
     assert r.returncode != 0 and "fault injection" in r.stdout
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={crash}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step_0000002: step 2" in r.stdout
-    want, got = losses(ref), losses(crash)
+    return losses(ref), losses(crash)
+
+
+@pytest.mark.slow
+def test_resume_exact_with_fused_lora_and_selective_recompute(tmp_path):
+    want, got = _killed_and_resumed(tmp_path, ["model.gradient_checkpointing=selective", "model.fused_ops=torch",
+                                               "lora.dropout=0.1"],
+                                    ["recompute selective", "fused LoRA (torch): 14 projections in 8 groups"])
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_bf16_replicated_base_uses_the_flat_optimizer_and_resumes_exactly(tmp_path):
+    # zero_stage auto on a bf16 base that fits: stage 1, fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
+    # (flat fp32 master weights; stage 0 would step every LoRA tensor on its own, with a host sync each)
+    want, got = _killed_and_resumed(tmp_path, ["model.dtype=bf16", "memory_budget_gb=64"],
+                                    ["[engine] zero stage 1: the replicated",
+                                     "[engine] optimizer: DeepSpeed BF16_Optimizer over torch AdamW, ZeRO stage 1, "
+                                     "bfloat16 parameters"])
+    assert want[4] < want[1]  # it trains
+    for step in (3, 4):  # the fp32 master weights and Adam state come back from the checkpoint: the same losses
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+
+
+def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
+    """The engine hands DeepSpeed's BF16_Optimizer its flat fp32 gradient buffers for the norm and the clipping
+    (engine.trainer._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
+    import deepspeed
+    from deepspeed.runtime.utils import get_global_norm_of_tensors
+
+    from engine.trainer import init_distributed, tune_optimizer_step
+
+    init_distributed()  # a world of one (gloo)
+    cfg, stage, items, module = _setup("mntp", ["model.dtype=bf16", "model.gradient_checkpointing=false"])
+    perturb_lora_b(module.model, 0.05, torch.Generator().manual_seed(0))  # B = 0 would leave A without gradient
+    params = [p for p in module.parameters() if p.requires_grad]
+    assert len(params) == 28
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                           config=deepspeed_config(cfg, 1, use_bf16=True, stage=1))
+    assert params[0].dtype == torch.bfloat16  # DeepSpeed's bf16 casts the LoRA weights too
+    line = tune_optimizer_step(engine)
+    assert type(engine.optimizer).__name__ == "BF16_Optimizer" and "flat fp32 gradient buffer" in line, line
+    batch = to_device(stage.collate(items[:2], torch.Generator().manual_seed(0)), torch.device("cpu"))
+    batch.pop("truncated", None)
+    stage.train_micro_step(engine, batch)
+    engine.optimizer.update_hp_grads(clear_lp_grads=False)  # what engine.step() does first at the boundary
+    flat, _ = engine.optimizer.get_grads_for_norm()
+    per_tensor, _ = type(engine.optimizer).get_grads_for_norm(engine.optimizer)  # DeepSpeed's own method
+    assert len(flat) == 1 and len(per_tensor) == 28
+    want, got = get_global_norm_of_tensors(per_tensor), get_global_norm_of_tensors(flat)
+    assert float(want) > 0
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    clip = engine.optimizer.get_grads_for_norm(for_clipping=True)
+    assert sum(t.numel() for t in clip) == sum(p.numel() for p in params)  # no alignment padding in the norm
 
 
 def test_cpu_ranks_split_the_cores(monkeypatch):
