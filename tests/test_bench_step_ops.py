@@ -146,3 +146,29 @@ def test_reduced_run_all_paths(tmp_path):
     fwd_per_layer = 1 if det["engine"]["recompute"] == "none" else 2
     assert tri["triton:_attn_fwd"] == 2 * fwd_per_layer and tri["triton:_attn_bwd_dkdv"] == 2, tri
     assert not any(k.startswith("triton:") for k in det["reference"]["census"])
+
+
+def test_readme_step_figures_are_the_committed_run():
+    """The README's CPU-proxy sentence quotes benchmarks/results/2026-11-30-cpu-step-ops-optimizer/."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = os.path.join(root, "benchmarks", "results", "2026-11-30-cpu-step-ops-optimizer")
+    with open(os.path.join(res, "results.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(res, "results-engine-stage0.json")) as f:
+        stage0 = json.load(f)["engine"]
+    with open(os.path.join(root, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    eng, ref = run["engine"], run["reference"]
+    assert eng["zero"] == "1" and stage0["zero"] == "0"
+    assert all(v["skipped_steps"] == 0 and v["host_skipped_steps"] == 0 for v in [*run.values(), stage0])
+    ratio = eng["launches"] / ref["launches"]
+    assert (f"{ratio:.2f}x the launches of llm2vec's one-GPU recipe ({eng['launches']} vs {ref['launches']}; "
+            f"{eng['optimizer_launches']} of them in the optimizer step)") in readme
+    assert eng["syncs"] == 0 and f"({eng['optimizer_syncs']} in the optimizer step)" in readme
+    pred = eng["predicted_ms"] / ref["predicted_ms"]
+    assert f"{pred:.2f}x ({eng['predicted_ms']:.0f} vs {ref['predicted_ms']:.0f} ms)" in readme
+    assert (f"launched {stage0['optimizer_launches']} kernels with {stage0['optimizer_syncs']} host syncs per step"
+            in readme)
+    assert "ZeRO stage 1 with DeepSpeed's flat bf16 optimizer" in readme
