@@ -147,7 +147,9 @@ IMPLS = {  # name -> (path, {op: impl})
 }
 # llm2vec's own one-GPU recipe, measured without the DeepSpeed engine (MNTP only): attention implementation
 HF_REFERENCES = {"reference": "sdpa", "reference-fa2": "flash_attention_2"}
-ALL_IMPLS = list(HF_REFERENCES) + list(IMPLS)
+# rows with a model of their own, MNTP only (measure_own_model): llm2vec's recipe and the trainer's own setup
+OWN_MODEL = list(HF_REFERENCES) + ["engine-auto"]
+ALL_IMPLS = OWN_MODEL + list(IMPLS)
 STAGE_ABLATIONS = {"mntp": ("attention", "masked_ce"), "simcse": ("attention", "contrastive"),
                    "supervised": ("attention", "contrastive")}
 
@@ -158,7 +160,7 @@ def default_plan(stages, tiny):
     On the GPU the SimCSE attention ablation is left out: with dropout the torch attention reference draws
     its keep-masks on the CPU per sequence and head, which measures the host RNG, not attention.
     """
-    plan = [("mntp", i) for i in ("reference", "reference-fa2") if "mntp" in stages]
+    plan = [("mntp", i) for i in ("reference", "reference-fa2", "engine-auto") if "mntp" in stages]
     plan += [(s, i) for s in ("mntp", "supervised", "simcse") if s in stages for i in ("reference-zero3", "engine")]
     for s in ("mntp", "supervised", "simcse"):
         if s not in stages:
@@ -457,9 +459,11 @@ def batch_stats(stage, batch):
     return st
 
 
-def stage_flops(stage, st, mcfg, n_frozen, n_lora, head_rows=None):
+def stage_flops(stage, st, mcfg, n_frozen, n_lora, head_rows=None, recompute="full"):
     """(model FLOPs, hardware FLOPs) of one step; see the module docstring. head_rows: the rows the MNTP LM head
-    computes (default: the masked rows, as the engine does; a full-logit path computes every position)."""
+    computes (default: the masked rows, as the engine does; a full-logit path computes every position).
+    recompute: what the hardware FLOPs add for the recomputed forward: full, selective (GEMM outputs are kept;
+    the engine's Triton attention reruns) or none."""
     layers, hq_d = mcfg.num_hidden_layers, mcfg.num_attention_heads * _head_dim(mcfg)
     T = st["tokens"]
     attn_fwd = 4.0 * sum(n * n for n in st["lens"]) * hq_d * layers
@@ -468,8 +472,8 @@ def stage_flops(stage, st, mcfg, n_frozen, n_lora, head_rows=None):
         model += 4.0 * (st["masked"] if head_rows is None else head_rows) * mcfg.vocab_size * mcfg.hidden_size
     else:
         model += 6.0 * st["n_queries"] * st["n_docs"] * mcfg.hidden_size
-    hfu = model + 2.0 * n_frozen * T + 2.0 * n_lora * T + attn_fwd
-    return model, hfu
+    redo = {"full": 2.0 * n_frozen * T + 2.0 * n_lora * T + attn_fwd, "selective": attn_fwd, "none": 0.0}
+    return model, model + redo[recompute]
 
 
 def _head_dim(mcfg):
@@ -1157,9 +1161,9 @@ def main(argv=None):
             s, _, i = w.rpartition(":")
             if i not in ALL_IMPLS:
                 ap.error(f"unknown impl {i!r}; choose from {sorted(ALL_IMPLS)}")
-            if i in HF_REFERENCES and s not in ("", "mntp"):
+            if i in OWN_MODEL and s not in ("", "mntp"):
                 ap.error(f"{i} is MNTP only")
-            for stg in ([s] if s else (["mntp"] if i in HF_REFERENCES else stages)):
+            for stg in ([s] if s else (["mntp"] if i in OWN_MODEL else stages)):
                 if (stg, i) not in plan:
                     plan.append((stg, i))
     if args.profile:
@@ -1167,16 +1171,16 @@ def main(argv=None):
         open(args.profile, "w").close()
 
     writer = CsvWriter(args.out, BENCH, timing="wall-synced-step")
-    # llm2vec's one-GPU recipe first, each in a model of its own that is freed before the next is built
-    hf_plan = [(s, i) for s, i in plan if i in HF_REFERENCES and not args.big_batch]  # --big-batch: only that
-    plan = [(s, i) for s, i in plan if i not in HF_REFERENCES]
-    for stage, impl in hf_plan:
+    # llm2vec's one-GPU recipe and engine-auto first, each in a model of its own that is freed before the next
+    own_plan = [(s, i) for s, i in plan if i in OWN_MODEL and not args.big_batch]  # --big-batch: only that
+    plan = [(s, i) for s, i in plan if i not in OWN_MODEL]
+    for stage, impl in own_plan:
         elapsed = time.perf_counter() - _T0
         if elapsed > budget:
             writer.add(shape_name(stage, TINY_SHAPES if args.tiny else GPU_SHAPES), impl, "step", float("nan"),
                        status="skipped_budget", elapsed_s=f"{elapsed:.0f}", budget_s=f"{budget:.0f}")
             continue
-        measure_hf_reference(args, writer, impl, args.profile)
+        measure_own_model(args, writer, impl, args.profile)
     if not plan and not args.big_batch:
         writer._f.close()
         log(f"{len(writer.rows)} rows -> {args.out}")
@@ -1296,21 +1300,93 @@ def step_stats(times, warmup):
             "warmup": warmup, "timed_steps": len(ms)}
 
 
-def measure_hf_reference(args, writer, impl, profile_out=None):
-    """The `reference` row: llm2vec's one-GPU recipe in a model of its own (no DeepSpeed, no engine code).
+class _OwnModel:
+    """A row's model, batch and step, built in this process for this row alone (see measure_own_model)."""
 
-    HF model + PEFT LoRA, bf16 on the GPU, bidirectional SDPA (or flash-attn 2) with no mask on the unpadded
-    MNTP batch, full gradient checkpointing, full-logit CE inside the HF loss, clip 1.0 + torch AdamW."""
+    def __init__(self, step, eval_loss, model, n_frozen, n_lora, head_rows, recompute, extra, title):
+        self.step, self.eval_loss, self.model = step, eval_loss, model
+        self.n_frozen, self.n_lora, self.head_rows, self.recompute = n_frozen, n_lora, head_rows, recompute
+        self.extra, self.title = extra, title
+
+
+def _mntp_batch(args, tiny, lora, mask, vocab, device):
+    """The MNTP batch every own-model row trains on: the same ids, masks and labels for the same --seed."""
+    from engine.stages.base import to_device
+
+    B, S = (TINY_SHAPES if tiny else GPU_SHAPES)["mntp"]
+    stage = make_stages(make_train_config(tiny, lora, mask), SyntheticTokenizer(vocab))[("mntp", "engine")]
+    g = torch.Generator().manual_seed(args.seed)
+    coll = stage.collate([_rand_ids(g, S, vocab) for _ in range(B)], torch.Generator().manual_seed(args.seed + 1))
+    return coll, batch_stats("mntp", to_device(coll, device))  # collate's host-side layout is a nested dict
+
+
+def _build_hf_reference(args, impl, device, dtype, spec, lora, mask):
+    model = build_hf_reference(spec, dtype, device, lora, attn=HF_REFERENCES[impl], seed=args.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    coll, st = _mntp_batch(args, args.tiny, lora, mask, spec["vocab_size"], device)
+    batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
+    return st, _OwnModel(step=lambda: hf_reference_step(model, opt, params, batch),
+                         eval_loss=lambda: hf_reference_forward(model, batch), model=model,
+                         n_frozen=count_params(model)[0], n_lora=count_params(model)[1],
+                         head_rows=st["padded_tokens"], recompute="full",
+                         extra={"zero": "none", "attn": HF_REFERENCES[impl]}, title="no DeepSpeed")
+
+
+def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
+    """The trainer's own setup (benchmarks.bench_step_ops.Path "engine": engine.trainer.setup_model with its fused
+    LoRA groups and Triton decoder ops, the memory plan's ZeRO stage and recompute policy, DeepSpeed from
+    engine.config.deepspeed_config and engine.trainer.tune_optimizer_step) on the batch of the reference row."""
+    import types
+
+    from benchmarks.bench_step_ops import Path as StepPath
+    from engine.stages.base import to_device
+
+    B = (TINY_SHAPES if args.tiny else GPU_SHAPES)["mntp"][0]
+    sets = [f"lora.r={lora['r']}", f"lora.alpha={lora['alpha']}", f"lora.dropout={lora['dropout']}",
+            f"mntp.mask_prob={mask[0]}", f"mntp.scheme={mask[1]}"]
+    if device.type != "cuda":  # the CPU rehearsal: fp32 and the kernels' torch paths (the plan stays an H200's)
+        sets += ["model.dtype=fp32", "model.attention=auto", "model.loss=auto", "model.fused_ops=auto"]
+    path = StepPath("engine", spec, device.type, sets, B)
+    path.init_deepspeed()
+    coll, st = _mntp_batch(args, args.tiny, lora, mask, spec["vocab_size"], device)
+    batch = types.SimpleNamespace(engine=to_device(coll, device))
+    n_frozen, n_lora = count_params(path.module.model)
+
+    def eval_loss():
+        return path.module(batch.engine)[0]
+
+    opt = type(path.engine.optimizer).__name__
+    return st, _OwnModel(step=lambda: path.step(batch), eval_loss=eval_loss, model=path.module,
+                         n_frozen=n_frozen, n_lora=n_lora, head_rows=st["masked"], recompute=path.recompute,
+                         extra={"zero": str(path.zero_stage), "recompute": path.recompute, "optimizer": opt,
+                                "fused_ops": path.cfg.model.fused_ops},
+                         title=f"ZeRO {path.zero_stage}, {path.recompute} recompute, {opt}")
+
+
+OWN_MODEL_IMPLS = {"reference": _build_hf_reference, "reference-fa2": _build_hf_reference,
+                   "engine-auto": _build_engine_auto}
+
+
+def measure_own_model(args, writer, impl, profile_out=None):
+    """An MNTP row whose model is built in this process for this row alone (gpu_run.sh runs each in its own
+    process), on the same batch for the same --seed:
+
+    * reference / reference-fa2: llm2vec's one-GPU recipe, no DeepSpeed and no engine code. HF model + PEFT
+      LoRA, bf16 on the GPU, bidirectional SDPA (or flash-attn 2) with no mask on the unpadded MNTP batch,
+      full gradient checkpointing, full-logit CE inside the HF loss, clip 1.0 + torch AdamW;
+    * engine-auto: what `deepspeed engine/train.py` sets up for this model on this device (_build_engine_auto).
+    """
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.tiny
     spec, shapes, lora = (TINY_MODEL, TINY_SHAPES, TINY_LORA) if tiny else (GPU_MODEL, GPU_SHAPES, LORA)
     shape = shape_name("mntp", shapes)
-    attn = HF_REFERENCES[impl]
     mask = MASK["tiny" if tiny else "gpu"]
-    extra = {"zero": "none", "world": 1, "dtype": str(dtype).replace("torch.", ""), "attn": attn,
-             "mask_prob": mask[0], "mask_scheme": mask[1]}
-    if attn == "flash_attention_2":
+    extra = {"world": 1, "dtype": str(dtype).replace("torch.", ""), "mask_prob": mask[0], "mask_scheme": mask[1]}
+    if HF_REFERENCES.get(impl) == "flash_attention_2":
+        extra.update(zero="none", attn="flash_attention_2")
         try:
             import flash_attn  # noqa: F401
         except Exception:
@@ -1320,33 +1396,21 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
             return writer.add(shape, impl, "step", float("nan"), status="skipped", detail="flash-attn needs CUDA",
                               **extra)
     status, failure, times, peak, loss = "ok", None, [], float("nan"), float("nan")
-    model = opt = None
+    own = None
     try:
-        model = build_hf_reference(spec, dtype, device, lora, attn=attn, seed=args.seed)
-        model.train()
-        n_frozen, n_lora = count_params(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5)
-        cfg = make_train_config(tiny, lora, mask)
-        stage = make_stages(cfg, SyntheticTokenizer(spec["vocab_size"]))[("mntp", "engine")]
-        g = torch.Generator().manual_seed(args.seed)
-        B, S = shapes["mntp"]
-        coll = stage.collate([_rand_ids(g, S, spec["vocab_size"]) for _ in range(B)],
-                             torch.Generator().manual_seed(args.seed + 1))
-        batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
-        from engine.stages.base import to_device
-
-        st = batch_stats("mntp", to_device(coll, device))  # collate's host-side layout is a nested dict
-        mcfg = model.config
-        model_flops, hw_flops = stage_flops("mntp", st, mcfg, n_frozen, n_lora, head_rows=st["padded_tokens"])
+        st, own = OWN_MODEL_IMPLS[impl](args, impl, device, dtype, spec, lora, mask)
+        extra.update(own.extra)
+        mcfg = own.model.config if hasattr(own.model, "config") else own.model.model.config
+        model_flops, hw_flops = stage_flops("mntp", st, mcfg, own.n_frozen, own.n_lora, head_rows=own.head_rows,
+                                            recompute=own.recompute)
         extra.update(tokens=st["tokens"], padded_tokens=st["padded_tokens"], masked_rows=st["masked"],
-                     model_tflop=f"{model_flops / 1e12:.2f}", head_rows=st["padded_tokens"], flops_def=FLOPS_DEF)
-        model.eval()  # the loss before any step (LoRA B is zero): the same model and batch as the engine's parity
+                     model_tflop=f"{model_flops / 1e12:.2f}", head_rows=own.head_rows, flops_def=FLOPS_DEF)
+        own.model.eval()  # the loss before any step (LoRA B is zero): the same batch on every own-model row
         with torch.no_grad():
-            extra["eval_loss0"] = f"{float(hf_reference_forward(model, batch)):.6f}"
-        model.train()
+            extra["eval_loss0"] = f"{float(own.eval_loss()):.6f}"
+        own.model.train()
         for _ in range(args.warmup):
-            hf_reference_step(model, opt, params, batch)
+            own.step()
         _sync(device)
         base = 0
         if device.type == "cuda":
@@ -1355,7 +1419,7 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
         for _ in range(args.steps):
             _sync(device)
             t0 = time.perf_counter()
-            loss = float(hf_reference_step(model, opt, params, batch))
+            loss = float(own.step())
             _sync(device)
             times.append(time.perf_counter() - t0)
             if out_of_time(args, times):
@@ -1388,10 +1452,11 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
             f"steps; loss {loss:.4f}")
         if profile_out is not None and status == "ok" and device.type == "cuda":
             try:
-                title = f"mntp / {impl} ({gpu}, {extra['dtype']}, no DeepSpeed)"
-                text, cats, wall, busy = profile_step(lambda m=model, o=opt: hf_reference_step(m, o, params, batch), device,
-                                                      {"V": spec["vocab_size"], "I": spec["intermediate_size"],
-                                                       "r": lora["r"], "H": spec["hidden_size"]}, title)
+                title = f"mntp / {impl} ({gpu}, {extra['dtype']}, {own.title})"
+                text, cats, wall, busy = profile_step(own.step, device, {"V": spec["vocab_size"],
+                                                                         "I": spec["intermediate_size"],
+                                                                         "r": lora["r"], "H": spec["hidden_size"]},
+                                                      title)
                 with open(profile_out, "a") as f:
                     f.write(text + "\n")
                 print(text, flush=True)
@@ -1399,7 +1464,7 @@ def measure_hf_reference(args, writer, impl, profile_out=None):
                 log(f"profile of {impl} failed: {type(exc).__name__}: {exc}")
     else:
         row = writer.add(shape, impl, "step", float("nan"), **extra)
-    del model, opt
+    del own
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's single GPU command: install what the bare machine lacks, measure the end-to-end MNTP train step
-# first (llm2vec's one-GPU recipe `reference`, the ZeRO-3 `reference-zero3`, the `engine`; each in its own
+# first (llm2vec's one-GPU recipe `reference`, `engine-auto` as engine/train.py sets it up, the ZeRO-3
+# `reference-zero3` and the harness's `engine`; each in its own
 # process, 5 warm-up + 20 timed steps, then a CUDA-only profiled step), then check every kernel in bf16, run the
 # three kernel benchmarks, and print the targets table last.
 #
@@ -11,7 +12,7 @@
 # which must travel with the working tree (run tool: carry=[".whl"]).
 # Budget: GPU_RUN_BUDGET_S (default 555 s; give the run tool timeout_s >= 595) from start to the summary. Steps
 # run most-needed first, each under its own `timeout`, shortened when the run is behind so that later steps
-# keep a floor: the MNTP train step, three processes of up to GPU_RUN_PATH_S=95 s each (steps
+# keep a floor: the MNTP train step, four processes of up to GPU_RUN_PATH_S=95 s each (steps
 # GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into bench_train_step.csv, profiles into train_step_profile.txt);
 # gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
 # atomic-dQ backward side by side; autotuning compiles its candidates here); masked CE 60 s; the issue-6
@@ -149,13 +150,14 @@ if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 
 # ------------------------------------------------------------------------------------------------
 # 0. The end-to-end MNTP step first, one process per path (no path inherits another's allocator state or
-# compiled kernels): reference (llm2vec's one-GPU HF + PEFT recipe), reference-zero3, engine. Each writes its
+# compiled kernels): reference (llm2vec's one-GPU HF + PEFT recipe), engine-auto (the trainer's own setup:
+# fused layer, the memory plan's ZeRO stage and recompute), reference-zero3, engine (ZeRO-3 harness). Each writes its
 # own CSV; they are joined into bench_train_step.csv. CPU rehearsal: --tiny, 1 warm-up + 2 timed steps.
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
-left_paths=3
-for path in reference reference-zero3 engine; do
+left_paths=4
+for path in reference engine-auto reference-zero3 engine; do
   left_paths=$((left_paths - 1))
   # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
   ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" $((180 + 60 * left_paths)))
@@ -166,7 +168,8 @@ done
 join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
   local first=1 f
   : > "$WORK/bench_train_step.csv"
-  for f in "$WORK"/train_step_reference.csv "$WORK"/train_step_reference-zero3.csv "$WORK"/train_step_engine.csv \
+  for f in "$WORK"/train_step_reference.csv "$WORK"/train_step_engine-auto.csv \
+      "$WORK"/train_step_reference-zero3.csv "$WORK"/train_step_engine.csv \
       "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_zcontrastive.csv; do
     head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
     if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0

@@ -37,7 +37,8 @@ def test_rows_for_every_stage_and_impl(tiny_run):
     steps = [r for r in rows if r["pass"] == "step"]
     got = {(r["shape"].split()[0], r["impl"]) for r in steps}
     want = {(s, i) for s in STAGES for i in ("reference-zero3", "engine")} | {("mntp", "reference"),
-                                                                              ("mntp", "reference-fa2")}
+                                                                              ("mntp", "reference-fa2"),
+                                                                              ("mntp", "engine-auto")}
     want |= {("mntp", "engine-torch-attention"), ("mntp", "engine-torch-masked_ce"),
              ("supervised", "engine-torch-attention"), ("supervised", "engine-torch-contrastive"),
              ("simcse", "engine-torch-attention"), ("simcse", "engine-torch-contrastive")}
@@ -60,6 +61,10 @@ def test_rows_for_every_stage_and_impl(tiny_run):
             assert ex["head_rows"] == want_rows and "4*head_rows*V*H" in ex["flops_def"]
     ref = next(r for r in steps if r["impl"] == "reference")
     assert _extra(ref)["zero"] == "none" and _extra(ref)["attn"] == "sdpa"
+    # the trainer's own setup, as engine.trainer.setup_model chose it (fp32 on CPU: stage 0, no DeepSpeed wrapper)
+    auto = _extra(next(r for r in steps if r["impl"] == "engine-auto"))
+    assert (auto["zero"], auto["optimizer"], auto["fused_ops"]) == ("0", "AdamW", "auto"), auto
+    assert auto["recompute"] in ("none", "selective", "full")
 
 
 def test_reference_and_engine_paths_compute_the_same_loss(tiny_run):
@@ -75,6 +80,10 @@ def test_reference_and_engine_paths_compute_the_same_loss(tiny_run):
     engine_loss = float(out.split("parity mntp: reference-zero3 ")[1].split(" engine ")[1].split()[0])
     ref = next(r for r in rows if r["pass"] == "step" and r["impl"] == "reference")
     assert abs(float(_extra(ref)["eval_loss0"]) - engine_loss) < 1e-4 * abs(engine_loss), (ref, engine_loss)
+    # engine-auto builds the model as engine/train.py does, in a model of its own, on the same batch
+    auto = next(r for r in rows if r["pass"] == "step" and r["impl"] == "engine-auto")
+    assert _extra(auto)["masked_rows"] == _extra(ref)["masked_rows"]
+    assert abs(float(_extra(auto)["eval_loss0"]) - float(_extra(ref)["eval_loss0"])) < 1e-5 * abs(engine_loss)
 
 
 def test_profile_breakdown(tiny_run):
