@@ -23,40 +23,16 @@ def special_prefix(tokenizer):
 
 
 def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, pooling="mean"):
-    """Tokenise ``instruction + text`` once; mark which tokens belong to the text.
-
-    Returns (list of id lists, list of pool-mask lists, number truncated). The instruction/text
-    boundary comes from the tokenizer's character offsets on the joint string, so the text tokens are
-    exactly those the model sees (no re-tokenising of the text alone). Special tokens are the tokenizer's
-    own (``add_special_tokens=True``; see :func:`special_prefix`, the rule MNTP blocks follow too). For
-    eos/last pooling an EOS token is appended and pooled.
+    """Training's tokenisation: :func:`tokenize_for_encoding`'s rule exactly, so that a trained encoder pools in
+    training the tokens that ``encode`` and an exported sentence-transformers folder pool (the tokens after the
+    instruction's prompt length, see :func:`prompt_token_count`); a text left with nothing to pool is an error
+    here rather than pooled whole. Returns (list of id lists, list of pool-mask lists, number truncated).
     """
     if not texts:
         raise ValueError("no texts to tokenize (empty batch)")
     instructions = instructions if instructions is not None else [""] * len(texts)
-    eos = tokenizer.eos_token_id if pooling in ("eos", "last") else None
-    budget = max_len - (1 if eos is not None else 0)
-    ids_out, pm_out, truncated = [], [], 0
-    for text, instr in zip(texts, instructions):
-        instr = instr or ""
-        prefix = instr if (not instr or instr.endswith((" ", "\n"))) else instr + " "
-        enc = tokenizer(prefix + text, add_special_tokens=True, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        # a token is a text token if it covers any character of the text (BPE glues the space to the next word)
-        pm = [1 if (e > len(prefix) and e > s) else 0 for s, e in offsets]
-        if len(ids) > budget:
-            truncated += 1
-            ids, pm = ids[:budget], pm[:budget]
-        if eos is not None:
-            ids, pm = ids + [eos], pm + [1]
-        if pooling == "bos":
-            pm = [1] * len(ids)  # bos pooling reads the first token; mark all so the text is never "empty"
-        if not any(pm):
-            raise ValueError(f"text {text[:60]!r} has no tokens left to pool after its instruction "
-                             f"(max_len {max_len} too small?)")
-        ids_out.append(ids)
-        pm_out.append(pm)
-    return ids_out, pm_out, truncated
+    ids, pms, stats = tokenize_for_encoding(tokenizer, texts, instructions, max_len, pooling, strict=True)
+    return ids, pms, stats["truncated"]
 
 
 def pad_batch(seqs, pad_id, side="right", extra=()):
@@ -128,8 +104,9 @@ def prompt_token_count(tokenizer, prefix, cache=None):
 
 
 def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="mean", chat=None,
-                          skip_instruction=True, cache=None):
-    """Batched tokenisation for ``encode``: one tokenizer call for the whole list.
+                          skip_instruction=True, cache=None, strict=False):
+    """Batched tokenisation for ``encode`` and for training (``strict``: a text with nothing left to pool is an
+    error): one tokenizer call for the whole list.
 
     Each text becomes ``wrap(instruction_prefix(instruction) + text)`` (``wrap`` is the optional chat
     wrapping), tokenised jointly; the pool mask covers the tokens after the prefix (``prompt_token_count``),
@@ -146,7 +123,7 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     budget = max_len - (1 if eos is not None else 0)
     enc = tokenizer(joint, add_special_tokens=True)["input_ids"]
     ids_out, pm_out, stats = [], [], {"truncated": 0, "empty": 0}
-    for ids, prefix in zip(enc, prefixes):
+    for ids, prefix, text in zip(enc, prefixes, texts):
         n_prefix = (prompt_token_count(tokenizer, prefix, cache) or 0) if skip_instruction else 0
         if eos is not None and ids and ids[-1] == eos:
             ids = ids[:-1]  # a tokenizer that appends EOS itself (an export with eos pooling): append it once
@@ -161,6 +138,9 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
         if pooling == "bos":
             pm = [1] * len(ids)
         if not any(pm):
+            if strict:
+                raise ValueError(f"text {text[:60]!r} has no tokens left to pool after its instruction "
+                                 f"(max_len {max_len} too small?)")
             stats["empty"] += 1
             pm = [1] * len(ids)
         ids_out.append(ids)

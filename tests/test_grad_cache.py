@@ -48,7 +48,9 @@ def test_grad_cache_matches_direct(stage_name, chunk):
     tgrads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
     assert grads and all(g is not None for g in grads.values())
     for name, g in grads.items():
-        torch.testing.assert_close(tgrads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        # fp32 rounding of sums whose terms are as large as the tensor's largest entry: the tolerance scales with
+        # that entry (an element-wise rtol fails on small entries of a large tensor: 1.9e-6 of a max of 36)
+        torch.testing.assert_close(tgrads[name], g, rtol=0, atol=1e-5 * float(g.abs().max()) + 1e-7, msg=name)
 
     # and dropout really was on: a different RNG state gives a different loss
     torch.manual_seed(999)

@@ -61,7 +61,7 @@ def test_mntp_blocks_start_like_the_encoder_input(tok):
 class _BosTokenizer:
     """A Llama-style tokenizer that puts BOS (id 1) first: the MNTP blocks must start with it too."""
 
-    bos_token_id, eos_token_id = 1, 2
+    bos_token_id, eos_token_id, all_special_ids = 1, 2, [1, 2]
 
     def __call__(self, texts, add_special_tokens=True, **kw):
         one = isinstance(texts, str)
@@ -74,3 +74,13 @@ def test_a_bos_tokenizer_gets_bos_blocks():
     assert special_prefix(tok) == [1]
     blocks = chunk_documents(["abcdef", "ghijkl"], tok, 8)
     assert all(b[0] == 1 for b in blocks) and sum(b.count(1) for b in blocks) == len(blocks)
+
+
+def test_bos_is_pooled_as_sentence_transformers_pools_it():
+    # one pooling rule (encode, training, an exported folder): without an instruction every token, BOS too;
+    # with one, BOS belongs to the prompt's token count ([BOS] + "x: "), so it is attended and not pooled
+    tok = _BosTokenizer()
+    ids, pms, _ = tokenize_with_instruction(tok, ["abc"], None, 16, "mean")
+    assert ids[0][0] == 1 and pms[0] == [1, 1, 1, 1]
+    ids, pms, _ = tokenize_with_instruction(tok, ["abc"], ["x:"], 16, "mean")
+    assert ids[0] == [1] + [10 + ord(c) for c in "x: abc"] and pms[0] == [0, 0, 0, 0, 1, 1, 1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.encoding import pad_batch, tokenize_with_instruction
+from engine.encoding import instruction_prefix, pad_batch, tokenize_for_encoding, tokenize_with_instruction
 from engine.pooling import pool
 
 
@@ -54,14 +54,26 @@ def tok():
     return load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
 
 
-def test_instruction_boundary_comes_from_one_tokenization(tok):
-    instr = "Retrieve a similar sentence:"
+def test_training_pools_what_encode_and_sentence_transformers_pool(tok):
+    """One rule for the pooled tokens in training, ``encode`` and an exported sentence-transformers folder: the
+    tokens after the instruction's prompt length (sentence-transformers' include_prompt=False)."""
     text = "A dog runs on the beach."
-    ids, pms, trunc = tokenize_with_instruction(tok, [text], [instr], max_len=64)
-    joint = tok(instr + " " + text, add_special_tokens=True)["input_ids"]
-    assert ids[0] == joint and trunc == 0
-    pooled = [t for t, m in zip(ids[0], pms[0]) if m]
-    assert tok.decode(pooled).strip() == text
+    for instr in ("", "Retrieve a similar sentence:", "Retrieve a similar sentence: ", "Retrieve:\n"):
+        ids, pms, trunc = tokenize_with_instruction(tok, [text], [instr], max_len=64)
+        assert (ids, pms) == tokenize_for_encoding(tok, [text], [instr], max_len=64)[:2]
+        prefix = instruction_prefix(instr)
+        joint = tok(prefix + text, add_special_tokens=True)["input_ids"]
+        assert ids[0] == joint and trunc == 0
+        n = len(tok(prefix, add_special_tokens=True)["input_ids"]) if prefix else 0
+        assert pms[0] == [0] * n + [1] * (len(joint) - n), instr
+    # the caveat of that rule: an instruction's trailing space is its own token alone ("Ġ") but fuses with the
+    # first word in the joint text ("ĠA"), so that word is attended and not pooled; after a newline it is pooled
+    ids, pms, _ = tokenize_with_instruction(tok, [text], ["Retrieve a similar sentence:"], max_len=64)
+    assert tok.decode([t for t, m in zip(ids[0], pms[0]) if m]).strip() == "dog runs on the beach."
+    ids, pms, _ = tokenize_with_instruction(tok, [text], ["Retrieve:\n"], max_len=64)
+    assert tok.decode([t for t, m in zip(ids[0], pms[0]) if m]).strip() == text
+    with pytest.raises(ValueError, match="no tokens left to pool"):
+        tokenize_with_instruction(tok, [text], ["a long instruction " * 10], max_len=8)
     # eos pooling appends and pools EOS; truncation is counted
     ids2, pms2, trunc2 = tokenize_with_instruction(tok, [text * 20], [instr], max_len=16, pooling="eos")
     assert len(ids2[0]) == 16 and ids2[0][-1] == tok.eos_token_id and pms2[0][-1] == 1 and trunc2 == 1

@@ -191,9 +191,8 @@ def test_bf16_replicated_base_uses_the_flat_optimizer_and_resumes_exactly(tmp_pa
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
-def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
-    """The engine hands DeepSpeed's BF16_Optimizer its flat fp32 gradient buffers for the norm and the clipping
-    (engine.trainer._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
+def _flat_norm_check():
+    """Run in a process of its own (DeepSpeed caches its process groups, so it must not meet another test's)."""
     import deepspeed
     from deepspeed.runtime.utils import get_global_norm_of_tensors
 
@@ -217,11 +216,22 @@ def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
     flat, _ = engine.optimizer.get_grads_for_norm()
     per_tensor, _ = type(engine.optimizer).get_grads_for_norm(engine.optimizer)  # DeepSpeed's own method
     assert len(flat) == 1 and len(per_tensor) == 28
-    want, got = get_global_norm_of_tensors(per_tensor), get_global_norm_of_tensors(flat)
-    assert float(want) > 0
-    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    want, got = float(get_global_norm_of_tensors(per_tensor)), float(get_global_norm_of_tensors(flat))
+    assert want > 0 and abs(got - want) <= 1e-6 * want, (got, want)
     clip = engine.optimizer.get_grads_for_norm(for_clipping=True)
     assert sum(t.numel() for t in clip) == sum(p.numel() for p in params)  # no alignment padding in the norm
+    print(f"flat norm {got:.8g} per-tensor norm {want:.8g}")
+
+
+@pytest.mark.slow
+def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
+    """The engine hands DeepSpeed's BF16_Optimizer its flat fp32 gradient buffers for the norm and the clipping
+    (engine.trainer._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
+    import sys
+
+    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _flat_norm_check; _flat_norm_check()"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "flat norm" in r.stdout
 
 
 def test_cpu_ranks_split_the_cores(monkeypatch):
