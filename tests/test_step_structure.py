@@ -170,24 +170,20 @@ def _killed_and_resumed(tmp_path, args, expect):
 
 
 @pytest.mark.slow
-def test_resume_exact_with_fused_lora_and_selective_recompute(tmp_path):
-    want, got = _killed_and_resumed(tmp_path, ["model.gradient_checkpointing=selective", "model.fused_ops=torch",
-                                               "lora.dropout=0.1"],
-                                    ["recompute selective", "fused LoRA (torch): 14 projections in 8 groups"])
-    for step in (3, 4):
-        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
-
-
-@pytest.mark.slow
-def test_bf16_replicated_base_uses_the_flat_optimizer_and_resumes_exactly(tmp_path):
+def test_resume_exact_with_fused_lora_selective_recompute_and_the_flat_bf16_optimizer(tmp_path):
     # zero_stage auto on a bf16 base that fits: stage 1, fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
-    # (flat fp32 master weights; stage 0 would step every LoRA tensor on its own, with a host sync each)
-    want, got = _killed_and_resumed(tmp_path, ["model.dtype=bf16", "memory_budget_gb=64"],
-                                    ["[engine] zero stage 1: the replicated",
+    # (flat fp32 master weights; stage 0 would step every LoRA tensor on its own, with a host sync each). Killed
+    # after step 2 and resumed: the fp32 master weights and Adam state come back, and so do the fused LoRA's
+    # dropout masks under selective recompute: the same losses.
+    want, got = _killed_and_resumed(tmp_path, ["model.gradient_checkpointing=selective", "model.fused_ops=torch",
+                                               "lora.dropout=0.1", "model.dtype=bf16", "memory_budget_gb=64"],
+                                    ["recompute selective", "fused LoRA (torch): 14 projections in 8 groups",
+                                     "[engine] zero stage 1: the replicated",
                                      "[engine] optimizer: DeepSpeed BF16_Optimizer over torch AdamW, ZeRO stage 1, "
-                                     "bfloat16 parameters"])
+                                     "bfloat16 parameters; gradient norm and clipping on the flat fp32 gradient "
+                                     "buffer"])
     assert want[4] < want[1]  # it trains
-    for step in (3, 4):  # the fp32 master weights and Adam state come back from the checkpoint: the same losses
+    for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
 
 
