@@ -412,6 +412,8 @@ def gpu_check(factor=4.0, device="cuda", cases=None, dtype=torch.bfloat16):
     computation in bf16 (plus a floor of 2**-10 of the largest value), forward and backward. ``device``, ``cases``
     and ``dtype`` let the tests rehearse it on CPU under the interpreter (fp16 there)."""
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("gpu_check needs CUDA (device='cpu' rehearses it under the interpreter)")
     rows = []
     for case, M, K, outs, r, p, bias in cases or GPU_CHECK_CASES:
         g = torch.Generator(device=dev).manual_seed(0)
