@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's single GPU command: install what the bare machine lacks, measure the end-to-end MNTP train step
-# first (llm2vec's one-GPU recipe `reference`, `engine-auto` as engine/train.py sets it up, the ZeRO-3
-# `reference-zero3` and the harness's `engine`; each in its own
+# first (llm2vec's one-GPU recipe `reference`, `engine-auto` as engine/train.py sets it up, the harness's
+# ZeRO-3 `engine` and the older `reference-zero3`, slowest and least needed, last; each in its own
 # process, 5 warm-up + 20 timed steps, then a CUDA-only profiled step), then check every kernel in bf16, run the
 # three kernel benchmarks, and print the targets table last.
 #
@@ -151,13 +151,13 @@ if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 # ------------------------------------------------------------------------------------------------
 # 0. The end-to-end MNTP step first, one process per path (no path inherits another's allocator state or
 # compiled kernels): reference (llm2vec's one-GPU HF + PEFT recipe), engine-auto (the trainer's own setup:
-# fused layer, the memory plan's ZeRO stage and recompute), reference-zero3, engine (ZeRO-3 harness). Each writes its
+# fused layer, the memory plan's ZeRO stage and recompute), engine (ZeRO-3 harness), reference-zero3. Each writes its
 # own CSV; they are joined into bench_train_step.csv. CPU rehearsal: --tiny, 1 warm-up + 2 timed steps.
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
 left_paths=4
-for path in reference engine-auto reference-zero3 engine; do
+for path in reference engine-auto engine reference-zero3; do
   left_paths=$((left_paths - 1))
   # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
   ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" $((180 + 60 * left_paths)))
