@@ -57,7 +57,8 @@ FLOPs (per step, T = real tokens, L_i = real sequence lengths, l = layers, Hq*D 
                                            full-logit reference
         + 6 * B * N * E                    contrastive scores (B queries x N candidates)
   hfu   = model + the forward recomputed under gradient checkpointing (2*N_frozen*T + 2*N_lora*T + the
-          attention forward); the flash-style recompute inside the attention backward is not counted.
+          attention forward; engine-auto under selective recompute: the attention forward only, and nothing
+          without recompute); the flash-style recompute inside the attention backward is not counted.
   Both count work on real tokens only; padding is never counted, and the LM head counts the rows the path
   computes, so a full-logit reference gets credit for its logits (MFU ratios then differ from throughput
   ratios; compare tokens_per_s for speed). extra model_tflop holds the FLOPs of the row. MFU = model
@@ -114,7 +115,9 @@ from benchmarks.common import CsvWriter  # noqa: E402
 BENCH = "train_step"
 # written into every step row (extra flops_def): what mfu / hfu divide by the step time (module docstring)
 FLOPS_DEF = ("model: 4*N_frozen*T + 6*N_lora*T + 12*sum(L^2)*Hq*D*layers + 4*head_rows*V*H (MNTP) or "
-             "6*B*N*E (contrastive)| hfu adds the checkpointing recompute 2*N_frozen*T + 2*N_lora*T + 4*sum(L^2)*Hq*D*layers")
+             "6*B*N*E (contrastive)| hfu adds the recompute: full 2*N_frozen*T + 2*N_lora*T + "
+             "4*sum(L^2)*Hq*D*layers, selective 4*sum(L^2)*Hq*D*layers (the Triton attention reruns), none 0 "
+             "(the row's recompute extra; full where absent)")
 IGNORE = -100
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring; first match wins.
