@@ -617,28 +617,27 @@ def _batch_for(shape, vocab, mask):
 
 def count_step(path, batch, launches):
     """Launch census, syncs and ZeRO hooks of one optimizer step."""
+    import torch
+
     mode = OpCensus()
     counts = {"zero_hooks": 0}
     n0, skipped0 = len(launches.calls), path.skipped_steps()
     for state in path.opt.state.values():  # AdamW's step counters live on the host on a GPU too (not capturable)
-        if isinstance(state.get("step"), __import__("torch").Tensor):
+        if isinstance(state.get("step"), torch.Tensor):
             mode.host[state["step"]] = True
     with zero_hook_counter(counts), patched_tolist(mode), mode:
         mode.count_syncs = True
         path.forward_backward(batch)
-        fwd_bwd = (sum(mode.ops.values()) + len(launches.calls) - n0, sum(mode.syncs.values()), dict(mode.syncs),
-                   collections.Counter(mode.ops))
+        fb_ops, fb_syncs, fb_triton = collections.Counter(mode.ops), collections.Counter(mode.syncs), \
+            len(launches.calls)
         path.optimizer_step()
-    triton = collections.Counter(launches.calls[n0:])
-    census = collections.Counter(mode.ops)
-    census.update({f"triton:{k}": v for k, v in triton.items()})
-    total = sum(census.values())
-    opt_census = collections.Counter(mode.ops)
-    opt_census.subtract(fwd_bwd[3])
-    return {"launches": total, "syncs": fwd_bwd[1], "zero_hooks": counts["zero_hooks"],
-            "census": dict(census.most_common()), "sync_ops": fwd_bwd[2],
-            "optimizer_launches": total - fwd_bwd[0], "optimizer_syncs": sum(mode.syncs.values()) - fwd_bwd[1],
-            "optimizer_census": dict((+opt_census).most_common()),
+    census = mode.ops + collections.Counter(f"triton:{k}" for k in launches.calls[n0:])
+    opt_census = mode.ops - fb_ops  # the optimizer step launches no Triton kernel
+    return {"launches": sum(census.values()), "syncs": sum(fb_syncs.values()), "zero_hooks": counts["zero_hooks"],
+            "census": dict(census.most_common()), "sync_ops": dict(fb_syncs),
+            "optimizer_launches": sum(opt_census.values()) + len(launches.calls) - fb_triton,
+            "optimizer_syncs": sum((mode.syncs - fb_syncs).values()),
+            "optimizer_census": dict(opt_census.most_common()),
             "skipped_steps": path.skipped_steps() - skipped0}
 
 

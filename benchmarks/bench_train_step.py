@@ -1306,18 +1306,18 @@ def step_stats(times, warmup):
 class _OwnModel:
     """A row's model, batch and step, built in this process for this row alone (see measure_own_model)."""
 
-    def __init__(self, step, eval_loss, model, n_frozen, n_lora, head_rows, recompute, extra, title):
-        self.step, self.eval_loss, self.model = step, eval_loss, model
+    def __init__(self, step, eval_loss, model, mcfg, n_frozen, n_lora, head_rows, recompute, extra, title):
+        self.step, self.eval_loss, self.model, self.mcfg = step, eval_loss, model, mcfg
         self.n_frozen, self.n_lora, self.head_rows, self.recompute = n_frozen, n_lora, head_rows, recompute
         self.extra, self.title = extra, title
 
 
-def _mntp_batch(args, tiny, lora, mask, vocab, device):
+def _mntp_batch(args, lora, mask, vocab, device):
     """The MNTP batch every own-model row trains on: the same ids, masks and labels for the same --seed."""
     from engine.stages.base import to_device
 
-    B, S = (TINY_SHAPES if tiny else GPU_SHAPES)["mntp"]
-    stage = make_stages(make_train_config(tiny, lora, mask), SyntheticTokenizer(vocab))[("mntp", "engine")]
+    B, S = (TINY_SHAPES if args.tiny else GPU_SHAPES)["mntp"]
+    stage = make_stages(make_train_config(args.tiny, lora, mask), SyntheticTokenizer(vocab))[("mntp", "engine")]
     g = torch.Generator().manual_seed(args.seed)
     coll = stage.collate([_rand_ids(g, S, vocab) for _ in range(B)], torch.Generator().manual_seed(args.seed + 1))
     return coll, batch_stats("mntp", to_device(coll, device))  # collate's host-side layout is a nested dict
@@ -1328,12 +1328,12 @@ def _build_hf_reference(args, impl, device, dtype, spec, lora, mask):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    coll, st = _mntp_batch(args, args.tiny, lora, mask, spec["vocab_size"], device)
+    coll, st = _mntp_batch(args, lora, mask, spec["vocab_size"], device)
     batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
+    n_frozen, n_lora = count_params(model)
     return st, _OwnModel(step=lambda: hf_reference_step(model, opt, params, batch),
-                         eval_loss=lambda: hf_reference_forward(model, batch), model=model,
-                         n_frozen=count_params(model)[0], n_lora=count_params(model)[1],
-                         head_rows=st["padded_tokens"], recompute="full",
+                         eval_loss=lambda: hf_reference_forward(model, batch), model=model, mcfg=model.config,
+                         n_frozen=n_frozen, n_lora=n_lora, head_rows=st["padded_tokens"], recompute="full",
                          extra={"zero": "none", "attn": HF_REFERENCES[impl]}, title="no DeepSpeed")
 
 
@@ -1353,7 +1353,7 @@ def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
         sets += ["model.dtype=fp32", "model.attention=auto", "model.loss=auto", "model.fused_ops=auto"]
     path = StepPath("engine", spec, device.type, sets, B)
     path.init_deepspeed()
-    coll, st = _mntp_batch(args, args.tiny, lora, mask, spec["vocab_size"], device)
+    coll, st = _mntp_batch(args, lora, mask, spec["vocab_size"], device)
     batch = types.SimpleNamespace(engine=to_device(coll, device))
     n_frozen, n_lora = count_params(path.module.model)
 
@@ -1362,7 +1362,8 @@ def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
 
     opt = type(path.engine.optimizer).__name__
     return st, _OwnModel(step=lambda: path.step(batch), eval_loss=eval_loss, model=path.module,
-                         n_frozen=n_frozen, n_lora=n_lora, head_rows=st["masked"], recompute=path.recompute,
+                         mcfg=path.module.model.config, n_frozen=n_frozen, n_lora=n_lora, head_rows=st["masked"],
+                         recompute=path.recompute,
                          extra={"zero": str(path.zero_stage), "recompute": path.recompute, "optimizer": opt,
                                 "fused_ops": path.cfg.model.fused_ops},
                          title=f"ZeRO {path.zero_stage}, {path.recompute} recompute, {opt}")
@@ -1403,8 +1404,7 @@ def measure_own_model(args, writer, impl, profile_out=None):
     try:
         st, own = OWN_MODEL_IMPLS[impl](args, impl, device, dtype, spec, lora, mask)
         extra.update(own.extra)
-        mcfg = own.model.config if hasattr(own.model, "config") else own.model.model.config
-        model_flops, hw_flops = stage_flops("mntp", st, mcfg, own.n_frozen, own.n_lora, head_rows=own.head_rows,
+        model_flops, hw_flops = stage_flops("mntp", st, own.mcfg, own.n_frozen, own.n_lora, head_rows=own.head_rows,
                                             recompute=own.recompute)
         extra.update(tokens=st["tokens"], padded_tokens=st["padded_tokens"], masked_rows=st["masked"],
                      model_tflop=f"{model_flops / 1e12:.2f}", head_rows=own.head_rows, flops_def=FLOPS_DEF)

@@ -146,8 +146,12 @@ def test_zero_stage_auto_two_ranks(tmp_path, budget, stage):
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
-def _killed_and_resumed(tmp_path, args, expect):
-    """Run ``args`` for 4 steps; run it again killed after step 2 and resumed: (reference, resumed) losses."""
+@pytest.mark.slow
+def test_resume_exact_with_fused_lora_selective_recompute_and_the_flat_bf16_optimizer(tmp_path):
+    # zero_stage auto on a bf16 base that fits: stage 1, fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
+    # (flat fp32 master weights; stage 0 would step every LoRA tensor on its own, with a host sync each). Killed
+    # after step 2 and resumed: the fp32 master weights and Adam state come back, and so do the fused LoRA's
+    # dropout masks under selective recompute: the same losses.
     import csv
 
     def losses(out):
@@ -155,33 +159,22 @@ def _killed_and_resumed(tmp_path, args, expect):
             return {int(x["step"]): float(x["loss"]) for x in csv.DictReader(f)}
 
     args = ["--config", "configs/tiny/mntp.yaml", "max_steps=4", "save_every=2", "batch_size=4", "eval_every=0",
-            *args]
+            "model.gradient_checkpointing=selective", "model.fused_ops=torch", "lora.dropout=0.1", "model.dtype=bf16",
+            "memory_budget_gb=64"]
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={ref}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for line in expect:
+    for line in ("recompute selective", "fused LoRA (torch): 14 projections in 8 groups",
+                 "[engine] zero stage 1: the replicated",
+                 "[engine] optimizer: DeepSpeed BF16_Optimizer over torch AdamW, ZeRO stage 1, bfloat16 parameters; "
+                 "gradient norm and clipping on the flat fp32 gradient buffer"):
         assert line in r.stdout, (line, r.stdout[-3000:])
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={crash}"), env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "2"})
     assert r.returncode != 0 and "fault injection" in r.stdout
     r = run_cmd(deepspeed_cmd(2, *args, f"output_dir={crash}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step_0000002: step 2" in r.stdout
-    return losses(ref), losses(crash)
-
-
-@pytest.mark.slow
-def test_resume_exact_with_fused_lora_selective_recompute_and_the_flat_bf16_optimizer(tmp_path):
-    # zero_stage auto on a bf16 base that fits: stage 1, fp32 gradient accumulation -> DeepSpeed's BF16_Optimizer
-    # (flat fp32 master weights; stage 0 would step every LoRA tensor on its own, with a host sync each). Killed
-    # after step 2 and resumed: the fp32 master weights and Adam state come back, and so do the fused LoRA's
-    # dropout masks under selective recompute: the same losses.
-    want, got = _killed_and_resumed(tmp_path, ["model.gradient_checkpointing=selective", "model.fused_ops=torch",
-                                               "lora.dropout=0.1", "model.dtype=bf16", "memory_budget_gb=64"],
-                                    ["recompute selective", "fused LoRA (torch): 14 projections in 8 groups",
-                                     "[engine] zero stage 1: the replicated",
-                                     "[engine] optimizer: DeepSpeed BF16_Optimizer over torch AdamW, ZeRO stage 1, "
-                                     "bfloat16 parameters; gradient norm and clipping on the flat fp32 gradient "
-                                     "buffer"])
+    want, got = losses(ref), losses(crash)
     assert want[4] < want[1]  # it trains
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
