@@ -13,8 +13,10 @@ import shutil
 import pytest
 import yaml
 
-from engine.config import ConfigError, fingerprint, load_config
-from engine.trainer import COMPLETE, RUN_FILE, Checkpointer, MetricsLogger, is_nonfinite_step, plan_resume
+from engine.checkpoint import COMPLETE, RUN_FILE, Checkpointer, fingerprint, plan_resume
+from engine.config import ConfigError, load_config
+from engine.metrics import MetricsLogger
+from engine.optim import is_nonfinite_step
 
 from .helpers import ROOT, run_cmd
 
