@@ -97,7 +97,7 @@ class Trainer:
         self.start = self.ckpt.resume(resume_tags)
         if self.start and resume_diff:
             apply_schedule(cfg, self.sched)
-        self._setup_logging()
+        self._setup_loop()
         return self.start
 
     def _setup_data(self):
@@ -143,7 +143,8 @@ class Trainer:
                                                     config=ds_cfg)
         log0(tune_optimizer_step(self.engine))
 
-    def _setup_logging(self):
+    def _setup_loop(self):
+        """config.yaml, the metrics log, best/, the progress bar and the loop's counters."""
         cfg, rank = self.cfg, self.rank
         if rank == 0:  # only now, after validation, the data, the model and the resume decision
             _write_config(cfg)
