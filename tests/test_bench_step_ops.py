@@ -110,7 +110,8 @@ def test_reduced_run_all_paths(tmp_path):
     lines = r.stdout.strip().splitlines()
     res = json.loads(lines[-1])
     assert set(res) == {"reference", "reference-zero3", "engine"}
-    assert "predicted_ms" in lines[1] and any(ln.startswith("census engine:") for ln in lines)
+    # the table's header (DeepSpeed may log a line to stdout when it is imported)
+    assert any("predicted_ms" in ln for ln in lines[:4]) and any(ln.startswith("census engine:") for ln in lines)
     for p, v in res.items():
         assert set(v) == {"launches", "syncs", "zero_hooks", "host_ms", "predicted_ms"}, (p, v)
         assert v["launches"] > 100 and v["predicted_ms"] > 0 and 0 < v["host_ms"]["min"] <= v["host_ms"]["median"]
