@@ -121,7 +121,7 @@ def lr_lambda(cfg):
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
             return 1.0
-        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        span = max((cfg.lr_decay_steps or cfg.max_steps) - cfg.warmup_steps, 1)  # lr_decay_steps: 0 = max_steps
         t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return 1.0 - t if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
     return f
@@ -592,6 +592,8 @@ def train(cfg):
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = config_mod.grad_accum_steps(cfg, world)  # a clear error before any heavy work
+    if config_mod.negatives_warning(cfg, world):  # fewer in-batch negatives than the global batch
+        _warn0(rank, config_mod.negatives_warning(cfg, world))
     resume_tags, resume_diff = plan_resume(cfg, rank)  # a different run in output_dir: an error before any load
     os.makedirs(cfg.output_dir, exist_ok=True)
     torch.manual_seed(cfg.seed)
