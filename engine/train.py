@@ -20,14 +20,35 @@ if __package__ in (None, ""):  # run as a script: make the repo importable witho
 from engine.config import ConfigError, load_config  # noqa: E402
 
 
-def disk_full_message(e, cfg):
-    """One line for a full disk: the path written and the bytes free there (needed, when the error says)."""
-    path = e.filename or cfg.output_dir
-    probe = path
-    while probe and not os.path.exists(probe):
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# what torch.save / DeepSpeed report when a write comes up short (no errno reaches Python)
+SHORT_WRITE_MARKS = ("unexpected pos", "file write failed", "failed writing", "No space left")
+
+
+def _free_bytes(path):
+    probe = os.path.abspath(path or ".")
+    while not os.path.exists(probe):
         probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe or ".").free
-    return f"error: no space left on the device writing {path} ({free:,} bytes free there)"
+    return probe, shutil.disk_usage(probe).free
+
+
+def disk_full_message(exc, output_dir, low=16 << 20):
+    """One line if ``exc`` (or an exception it chains) is a full disk, else None: the path written (the file when
+    the error names it, else ``output_dir``) and the bytes free there. A short write without an errno (torch.save's
+    "unexpected pos") counts when the output folder's file system has under ``low`` bytes free."""
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            path = e.filename or output_dir
+            where, free = _free_bytes(path)
+            return f"error: no space left on the device writing {path} ({free:,} bytes free on {where})"
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in SHORT_WRITE_MARKS):
+            where, free = _free_bytes(output_dir)
+            if free < low:
+                return (f"error: no space left on the device writing under {output_dir} ({free:,} bytes free on "
+                        f"{where}); the last complete checkpoint is kept")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def check_targets_offline(cfg):
@@ -95,10 +116,11 @@ def main(argv=None):
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except OSError as e:
-        if e.errno != errno.ENOSPC and "No space left" not in str(e):
+    except (OSError, RuntimeError) as e:  # a full disk during a checkpoint, the resume or the adapter write
+        msg = disk_full_message(e, cfg.output_dir)
+        if msg is None:
             raise
-        print(disk_full_message(e, cfg), file=sys.stderr)
+        print(msg, file=sys.stderr)
         return 2
     return 0
 
