@@ -90,3 +90,25 @@ def test_cli_exits_2_when_the_adapter_merges_nothing(tmp_path):
                  f"model.adapters=[{tmp_path / 'a'}]", "max_steps=1"], timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "could not merge adapter" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_run_started_from_a_hub_adapter_names_it_by_its_hub_id(tmp_path):
+    # The chain an encoder follows: a published llm2vec adapter stays a hub id (it was made a local path before);
+    # a local one becomes absolute.
+    from peft import get_peft_model_state_dict
+
+    from engine.config import load_config
+    from engine.modeling import add_lora, load_tokenizer
+    from engine.trainer import write_adapter
+
+    local = tmp_path / "mntp"
+    local.mkdir()
+    hub = "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"
+    cfg = load_config("configs/tiny/supervised.yaml", [f"model.adapters=[{local},{hub}]"])
+    model = add_lora(_causal_lm(), cfg.lora)
+    sd = get_peft_model_state_dict(model)
+    write_adapter(model, sd, str(tmp_path / "adapter"), cfg, load_tokenizer(cfg.model))
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == hub
+    with open(tmp_path / "adapter" / "engine_encoder.json") as f:
+        assert json.load(f)["prior_adapters"] == [str(local), hub]
