@@ -144,7 +144,9 @@ def check_lora_targets(lcfg, model):
         return
     if not lcfg.target_modules:
         raise ValueError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    from transformers.pytorch_utils import Conv1D  # GPT-2-style projections, which PEFT adapts too
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     unknown = [t for t in lcfg.target_modules if t not in linear]
     if unknown:
         raise ValueError(f"lora.target_modules {unknown} name no Linear module of {model.config.model_type!r} "

@@ -60,6 +60,10 @@ def check_targets_offline(cfg):
         arch, _ = architecture_config(cfg.model)
     except (ModelLoadError, FileNotFoundError, OSError):
         return
+    if cfg.model.bidirectional:
+        from engine.bidirectional import check_architecture
+
+        check_architecture(arch)  # an unsupported family is named as such (exit 2), before its modules are
     try:
         check_lora_targets(cfg.lora, meta_model(arch))
     except ValueError as e:
