@@ -50,6 +50,8 @@ def fingerprint(cfg) -> dict:
             out.update({f"{key}.{k}": x for k, x in v.items()})
         else:
             out[key] = v
+    if cfg.lr_decay_steps:  # only when set: runs from before the key keep their fingerprint
+        out["lr_decay_steps"] = cfg.lr_decay_steps
     if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:
@@ -104,7 +106,10 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
     with open(acfg_path) as f:
         acfg = json.load(f)
     # Like published LLM2Vec checkpoints: an adapter trained on top of merged ones names the last of them.
-    acfg["base_model_name_or_path"] = os.path.abspath(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
+    def ref(a):  # a local adapter by absolute path; a hub id (llm2vec's published adapters) as is
+        return os.path.abspath(a) if os.path.exists(os.path.expanduser(a)) else a
+
+    acfg["base_model_name_or_path"] = ref(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
     with open(acfg_path, "w") as f:
         json.dump(acfg, f, indent=2)
     tokenizer.save_pretrained(tmp)
@@ -115,7 +120,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "base_model": base_path,
         "gguf_file": gguf,
         "random_init": cfg.model.random_init,
-        "prior_adapters": [os.path.abspath(a) for a in cfg.model.adapters],
+        "prior_adapters": [ref(a) for a in cfg.model.adapters],
         "bidirectional": cfg.model.bidirectional,
         "pooling": c.pooling,
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,

@@ -177,65 +177,6 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None):
     return info
 
 
-def _adapter_tensors(folder):
-    st = os.path.join(folder, "adapter_model.safetensors")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    binf = os.path.join(folder, "adapter_model.bin")
-    if os.path.isfile(binf):
-        return torch.load(binf, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no adapter weights (adapter_model.safetensors/.bin) in {folder}")
-
-
-@torch.no_grad()
-def merge_lora(model, folder):
-    """Fold a PEFT LoRA adapter into ``model``'s weights in place (``W += scale * B @ A``, computed in fp32).
-
-    Works on a bare decoder (``AutoModel``) whatever model class saved the adapter: the keys' ``base_model.model.``
-    and, where needed, ``model.`` prefixes are stripped. Returns the number of merged modules; LM-head LoRA
-    weights are skipped (an encoder has no head), anything else that is not LoRA is an error.
-    """
-    cfg = _read_json(os.path.join(folder, "adapter_config.json"))
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"{folder}: only plain LoRA adapters can be merged (peft_type={cfg.get('peft_type')}, "
-                         f"use_dora={cfg.get('use_dora')})")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    modules = dict(model.named_modules())
-    pairs = {}
-    for key, t in _adapter_tensors(folder).items():
-        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        for part in (".lora_A.", ".lora_B."):
-            if part in k:
-                mod, kind = k.split(part)[0], part.strip(".")
-                pairs.setdefault(mod, {})[kind] = t
-                break
-        else:
-            raise ValueError(f"{folder}: tensor {key!r} is not a LoRA weight (modules_to_save / trainable tokens "
-                             f"are not supported)")
-    merged = 0
-    for mod, ab in pairs.items():
-        name = mod if mod in modules else (mod[len("model."):] if mod.startswith("model.") else mod)
-        if name not in modules:
-            if mod.split(".")[-1] in ("lm_head", "embed_out", "output"):
-                continue
-            raise ValueError(f"{folder}: LoRA target {mod!r} does not exist in the model")
-        lin = modules[name]
-        w = lin.weight
-        delta = (ab["lora_B"].float().to(w.device) @ ab["lora_A"].float().to(w.device)) * scale
-        if cfg.get("fan_in_fan_out"):
-            delta = delta.T
-        w.copy_((w.float() + delta).to(w.dtype))
-        merged += 1
-    if not merged:
-        raise ValueError(f"{folder}: no LoRA weights matched the model")
-    return merged
-
-
 def resolve_dtype(dtype, device_type):
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -254,7 +195,7 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import decoder_of, load_model, load_tokenizer, resolve_model_path
+    from .modeling import decoder_of, load_model, load_tokenizer, merge_lora, resolve_model_path
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],

@@ -20,7 +20,7 @@ def lr_lambda(cfg):
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
             return 1.0
-        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        span = max((cfg.lr_decay_steps or cfg.max_steps) - cfg.warmup_steps, 1)  # lr_decay_steps: 0 = max_steps
         t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return 1.0 - t if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
     return f

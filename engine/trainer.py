@@ -83,6 +83,9 @@ class Trainer:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
+        few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
+        if few_negatives:
+            warn0(self.rank, few_negatives)
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
         os.makedirs(cfg.output_dir, exist_ok=True)
         torch.manual_seed(cfg.seed)
