@@ -112,15 +112,16 @@ def _for_tiny(command):
 def test_readme_quick_start_chain_runs(tmp_path):
     clone = str(tmp_path / "clone")
     subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
-    stages = []
-    for command in _quick_start():
-        argv = _for_tiny(command)
-        r = run_cmd(argv, cwd=clone, env={"PYTHONPATH": clone}, timeout=600)
+    commands = _quick_start()
+    kinds = [next((k for k in ("train.py", "evaluate", "export", "sentence_transformers") if k in c), c)
+             for c in commands]
+    assert kinds == ["train.py", "train.py", "evaluate", "export", "sentence_transformers"], kinds  # nothing else
+    results = []
+    for command in commands:
+        r = run_cmd(_for_tiny(command), cwd=clone, env={"PYTHONPATH": clone}, timeout=600)
         assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-4000:])
-        stages.append((command, r))
-    kinds = [next(k for k in ("train.py", "evaluate", "export", "sentence_transformers") if k in c) for c, _ in stages]
-    assert kinds == ["train.py", "train.py", "evaluate", "export", "sentence_transformers"], kinds
-    evaluate, export, st = stages[2][1], stages[3][1], stages[4][1]
+        results.append(r)
+    evaluate, export, st = results[2:]
     assert "using best/" in evaluate.stderr and "using best/" in export.stderr  # the run's selected adapter
     assert 0 < json.loads(evaluate.stdout.strip().splitlines()[-1])["pairs"]
     assert st.stdout.strip().splitlines()[-1] == "(64,)"  # the tiny model's width
