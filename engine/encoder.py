@@ -121,14 +121,24 @@ class ModelPathError(ValueError):
 
 
 RUN_ADAPTERS = {"best": "best", "last": "adapter"}  # which adapter of a training run folder: its sub-folder
-_RUN_MARKERS = ("config.yaml", "checkpoints", "adapter", "best", "metrics.csv")
 _MODEL_FILES = ("adapter_config.json", "config.json", "engine_encoder.json", "modules.json")
 
 
+def _no_model_files(path):
+    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES)
+
+
 def is_run_folder(path):
-    """Whether ``path`` is a training run's ``output_dir`` (not an adapter or model folder itself)."""
-    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES) and \
-        any(os.path.exists(os.path.join(path, m)) for m in _RUN_MARKERS)
+    """Whether ``path`` is a training run's ``output_dir``: ``config.yaml`` or ``checkpoints/`` in it (a run writes
+    them before its adapters), and it is no adapter or model folder itself."""
+    return _no_model_files(path) and (os.path.isfile(os.path.join(path, "config.yaml")) or
+                                      os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def _holds_run_adapters(path):
+    """A run folder, or a folder holding ``adapter/`` or ``best/`` adapters as a run does (a copied run)."""
+    return is_run_folder(path) or (_no_model_files(path) and any(
+        os.path.isfile(os.path.join(path, d, "adapter_config.json")) for d in RUN_ADAPTERS.values()))
 
 
 def run_folder(path):
@@ -193,7 +203,7 @@ def check_model_path(name_or_path):
         return
     if not os.path.isdir(path):
         raise ModelPathError(f"{name_or_path} is not a folder (a dangling link?)")
-    if any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES) or is_run_folder(path) or \
+    if any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES) or _holds_run_adapters(path) or \
             any(f.endswith(".gguf") for f in os.listdir(path)):
         return
     if not os.listdir(path):
@@ -212,7 +222,7 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
     check_model_path(name_or_path)
     path = os.path.expanduser(name_or_path)
     selected = None
-    if is_run_folder(path):  # a training run's output dir: its best/ or adapter/
+    if _holds_run_adapters(path):  # a training run's output dir: its best/ or adapter/
         path, selected = select_run_adapter(os.path.abspath(path), adapter)
         logger.info(selected)
     elif adapter is not None:

@@ -34,9 +34,11 @@ _ST_POOLING = {"mean": "mean", "weighted_mean": "weightedmean", "eos": "lasttoke
                "bos": "cls"}
 
 
-# The oldest transformers that loads an export's tokenizer and builds its attention from ``"is_causal": false``
-# (older ones load the folder silently causal); setup.py's floor, stated in every model card.
-TRANSFORMERS_FLOOR = "5.1.0"
+# The oldest transformers that loads an export's tokenizer and builds its attention from ``"is_causal": false``;
+# setup.py's floor, stated in every model card. Checked on an export, 2026-12-03: 4.57.6 cannot read the tokenizer
+# and runs causally; 5.0.0 and 5.1.0 read it but run causally (a later token changes no earlier state); 5.2.0 is
+# the first whose masks follow the config's is_causal (transformers PR #43705).
+TRANSFORMERS_FLOOR = "5.2.0"
 # Every export holds this file; --overwrite replaces only a folder that holds it (a folder this command wrote).
 EXPORT_MARKER = "engine_export.json"
 EXPORT_FORMAT = "llm2vec-engine-export/1"
