@@ -262,3 +262,28 @@ def test_run_folder_exports_its_best_adapter_with_a_hugging_face_card(run_dir, c
     assert [m["value"] for m in result["metrics"]] == [12.35]  # the best step's score, rounded
     assert "| eval_sts_spearman | 3 | 12.35 |" in card and "12.3456789" not in card
     assert f"transformers>={TRANSFORMERS_FLOOR}" in card
+
+
+def test_encoder_and_evaluate_of_a_run_folder_use_its_best_adapter(run_dir, caplog, capsys, tmp_path):
+    import logging
+
+    from engine.evaluate import main as evaluate_main
+
+    with caplog.at_level(logging.INFO, logger="engine.encoder"):
+        enc = Encoder.from_pretrained(run_dir, device="cpu")
+    assert "using best/ (step 3, dev Spearman 12.35)" in caplog.text
+    best = Encoder.from_pretrained(os.path.join(run_dir, "best"), device="cpu").encode(TEXTS)
+    last = Encoder.from_pretrained(os.path.join(run_dir, "adapter"), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(enc.encode(TEXTS), best, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(Encoder.from_pretrained(run_dir, device="cpu", adapter="last").encode(TEXTS), last,
+                               atol=1e-6, rtol=0)
+    sts = tmp_path / "sts.csv"
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "stsbenchmark", "sts-dev.csv")) as f:
+        sts.write_text("".join(f.readlines()[:40]))
+    scores = {}
+    for which in (None, "last", "best"):
+        rc = evaluate_main(["--model", run_dir, "--data", str(sts)] + (["--adapter", which] if which else []))
+        out, err = capsys.readouterr()
+        assert rc == 0 and f"using {'adapter' if which == 'last' else 'best'}/" in err, err
+        scores[which] = json.loads(out.strip().splitlines()[-1])["spearman"]
+    assert scores[None] == scores["best"] != scores["last"]
