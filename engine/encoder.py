@@ -190,10 +190,14 @@ def _fmt(x):
 
 
 def check_model_path(name_or_path):
-    """A clear ModelPathError for a local path that holds no model (hub ids pass: the hub answers for them)."""
+    """A clear ModelPathError for a local path that holds no model (hub ids and the engine's model aliases pass:
+    the hub or ``engine.assets`` answers for them)."""
+    from .assets import is_alias
+
     path = os.path.expanduser(name_or_path)
     if not os.path.lexists(path):
-        if _looks_like_hub_id(name_or_path) and not os.path.isdir(name_or_path.split("/")[0]):
+        if is_alias(name_or_path) or (_looks_like_hub_id(name_or_path) and
+                                      not os.path.isdir(name_or_path.split("/")[0])):
             return  # a hub id (a name whose first part is a local folder is a missing local path)
         raise ModelPathError(f"model not found: {name_or_path} (neither a local folder nor a hub id)")
     if os.path.isfile(path):

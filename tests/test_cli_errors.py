@@ -117,3 +117,14 @@ def test_train_output_dir_checks_and_no_empty_folder_left(tmp_path):
     assert not os.path.exists(tmp_path / "new")
     r = _train("--no-such-flag")
     assert r.returncode == 2 and "no-such-flag" in _one_line(r.stderr)
+
+
+def test_model_path_check_lets_hub_ids_and_aliases_through(tmp_path, monkeypatch):
+    from engine.encoder import ModelPathError, check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    check_model_path("smollm2-135m")  # the engine's alias (engine.assets)
+    check_model_path("McGill-NLP/LLM2Vec-Tiny")  # a hub id: the hub answers for it
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(ModelPathError, match="model not found"):
+        check_model_path("outputs/missing")  # its first part is a local folder: a missing local path
