@@ -7,8 +7,14 @@ the LM head; ``config.json`` with ``"is_causal": false`` (transformers 5 then bu
 Qwen2 / Qwen3 / Gemma2 attention bidirectionally, no custom code); the tokenizer; sentence-transformers modules
 (Transformer declared text-only, Pooling with the trained mode and ``include_prompt: false``, optionally
 Normalize); ``config_sentence_transformers.json`` with the instruction as the ``query`` prompt and cosine
-similarity; ``engine_export.json`` (provenance, relative names only) and a model card ``README.md`` with the
-training config and the eval figures the run recorded. Nothing in it names an absolute path.
+similarity; ``engine_export.json`` (provenance, relative names only; the marker ``--overwrite`` looks for) and a
+Hugging Face model card ``README.md`` (YAML metadata with a model-index of the measured dev score, the training
+config and the eval figures the run recorded, rounded). Nothing in it names an absolute path.
+
+A run folder exports its ``best/`` adapter when the run kept one (``--adapter last``: ``adapter/``). ``--out`` is
+built in a temporary folder beside it and swapped in at the end (a failure removes it); ``check_output`` refuses
+an ``--out`` that is or holds the model's folders, the current directory, a root, or (``--overwrite``) a folder
+that is not an earlier export. Bad input: one line on stderr, exit 2, before the model loads.
 
     from sentence_transformers import SentenceTransformer
     m = SentenceTransformer("exported/smollm2-simcse")
@@ -155,7 +161,7 @@ def _swap_in(tmp, out):
     if not os.path.lexists(out):
         os.rename(tmp, out)
     elif _exchange(tmp, out):
-        shutil.rmtree(tmp)  # now the earlier export
+        shutil.rmtree(tmp, ignore_errors=True)  # now the earlier export
     else:  # two renames; the earlier export is put back if the second fails
         old = tmp + ".old"
         os.rename(out, old)
