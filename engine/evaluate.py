@@ -79,7 +79,8 @@ def main(argv=None):
                     help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--max-length", type=positive_int, default=None,
                     help="inference max tokens (default: the model's, else 512)")
-    ap.add_argument("--max-pairs", type=positive_int, default=None, help="mteb:STSBenchmarkLocal: use the first N pairs")
+    ap.add_argument("--max-pairs", type=positive_int, default=None,
+                    help="mteb:STSBenchmarkLocal: use the first N pairs")
     args = ap.parse_args(argv)
 
     from engine.data import DataError, read_sts

@@ -249,7 +249,8 @@ def _eval_data_name(run):
 
 
 def _model_card(meta, run, figures, st_prompts, best=None):
-    lines = _front_matter(meta, run, figures) + [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
+    lines = _front_matter(meta, run, figures)
+    lines += [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
              "attention, MNTP, then SimCSE / supervised contrastive), exported with `python -m engine.export`.", "",
              f"- base model: `{meta['base_model']}`", f"- adapters merged: {', '.join(meta['adapters']) or 'none'}",
              f"- pooling: `{meta['pooling']}` (instruction tokens attended, not pooled)",
@@ -399,7 +400,8 @@ def _append_eos(tok):
 
 
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m engine.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m engine.export", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="run output dir, adapter dir (or hub id), LLM2Vec-style checkpoint")
     ap.add_argument("--out", required=True, help="the folder to write (a new one, or an earlier export with "
                                                   "--overwrite)")

@@ -41,7 +41,8 @@ def prepare_output_dir(path):
 
 
 def main(argv=None):
-    ap = ArgumentParser(prog="engine/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="engine/train.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")

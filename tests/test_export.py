@@ -108,7 +108,8 @@ def make_run(root, tok, best=True):
     base, run = os.path.join(root, "base"), os.path.join(root, "outputs", "run")
     _save_base(base, tok)
     _save_adapter(LlamaForCausalLM.from_pretrained(base), os.path.join(run, "adapter"), base, seed=1)
-    rows = [{"step": 3, "loss": 1.5, "eval_sts_spearman": 12.3456789}, {"step": 6, "loss": 1.2, "eval_sts_spearman": 9.87654}]
+    rows = [{"step": 3, "loss": 1.5, "eval_sts_spearman": 12.3456789},
+            {"step": 6, "loss": 1.2, "eval_sts_spearman": 9.87654}]
     if best:
         _save_adapter(LlamaForCausalLM.from_pretrained(base), os.path.join(run, "best"), base, seed=2)
         with open(os.path.join(run, "best", "engine_best.json"), "w") as f:

@@ -1,4 +1,4 @@
-"""Versions that hold (issue 23): setup.py's bounds are the ones the export needs, and the installed stack meets them."""
+"""Versions that hold (issue 23): setup.py's bounds are what the export needs, and the installed stack meets them."""
 import ast
 import importlib.metadata
 import os
