@@ -113,9 +113,9 @@ def test_readme_quick_start_chain_runs(tmp_path):
     clone = str(tmp_path / "clone")
     subprocess.run(["git", "clone", "-q", ROOT, clone], check=True)
     commands = _quick_start()
-    kinds = [next((k for k in ("train.py", "evaluate", "export", "sentence_transformers") if k in c), c)
+    kinds = [next((k for k in ("sentence_transformers", "train.py", "engine.evaluate", "engine.export") if k in c), c)
              for c in commands]
-    assert kinds == ["train.py", "train.py", "evaluate", "export", "sentence_transformers"], kinds  # nothing else
+    assert kinds == ["train.py", "train.py", "engine.evaluate", "engine.export", "sentence_transformers"], kinds
     results = []
     for command in commands:
         r = run_cmd(_for_tiny(command), cwd=clone, env={"PYTHONPATH": clone}, timeout=600)
