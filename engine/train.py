@@ -5,18 +5,21 @@
     python engine/train.py --config configs/X.yaml --dry-run              # the plan at full size, no weights
     python engine/train.py --config configs/X.yaml --print-config         # the resolved config as YAML
 
-Exit codes: 0 done; 2 bad input (config, data, model, or a different run in output_dir; a full disk); 3 the run
-diverged (max_nonfinite_steps non-finite steps in a row).
+Exit codes: 0 done; 2 bad input (config, data, model, an output_dir that cannot be a run folder, a different run
+in output_dir, a full disk), one line on stderr; 3 the run diverged (max_nonfinite_steps non-finite steps in a row).
+A run that fails leaves no empty output_dir (nor empty parents) that it created behind.
 """
 import argparse
 import errno
 import os
 import shutil
 import sys
+import tempfile
 
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import ArgumentParser, fail, missing_folders, remove_empty  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 
 
@@ -70,8 +73,26 @@ def check_targets_offline(cfg):
         raise ConfigError(str(e)) from None
 
 
+
+def prepare_output_dir(path):
+    """Create the run's folder (and its parents) now, before any data or model loads, and check that it can be
+    written (``engine.config.check_output_dir`` has refused '', a file and a dangling link already); returns the
+    folders created, for ``remove_empty`` when the run fails. Raises ConfigError."""
+    created = missing_folders(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        remove_empty(created)
+        raise ConfigError(f"output_dir {path} cannot be written: {e.strerror or e}") from None
+    return created
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="engine/train.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config")
     ap.add_argument("--dry-run", action="store_true",
                     help="build the model at full size on the meta device, print the memory plan, ZeRO stage, "
@@ -106,19 +127,33 @@ def main(argv=None):
         try:
             dry_run(cfg, world=args.world, gpu_memory_gb=args.gpu_memory_gb)
         except (ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return fail(e)
         return 0
+    try:
+        created = prepare_output_dir(cfg.output_dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg)
+    finally:
+        if os.environ.get("RANK", "0") == "0":
+            remove_empty(created)  # nothing written (a failed run): no empty folder left behind
+
+
+def _train(cfg):
+    from engine.bidirectional import UnsupportedArchitectureError
+    from engine.data import DataError
+    from engine.modeling import ModelLoadError
     from engine.trainer import NonFiniteError, train
 
     try:
         check_targets_offline(cfg)
         train(cfg)
     except (DataError, ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
-        print(f"error: {e}", file=sys.stderr)
+        fail(e)
         return 3
     except (OSError, RuntimeError) as e:  # a full disk during a checkpoint, the resume or the adapter write
         msg = disk_full_message(e, cfg.output_dir)
