@@ -16,6 +16,9 @@ import os
 import random
 
 
+BOM = "\ufeff"
+
+
 class DataError(ValueError):
     pass
 
@@ -232,6 +235,8 @@ def _lines(path):
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
                                 f"{e.start + 1})") from None
+            if n == 1 and line.startswith(BOM):
+                line = line[1:]  # a UTF-8 byte-order mark is file metadata, not the first text's first character
             yield line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
 
 
@@ -357,33 +362,86 @@ def _json_rows(path):
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
 
 
-def chunk_documents(texts, tokenizer, max_seq_len):
-    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens.
+class BlockChunker:
+    """MNTP blocks from a stream of tokenised documents, in time linear in the tokens.
+
+    Documents are joined with EOS into one stream that is cut into blocks of ``body = max_seq_len - len(prefix)``
+    tokens, each block being ``prefix + body tokens`` (``prefix``: :func:`engine.encoding.special_prefix`).
+    :meth:`feed` keeps only the tail shorter than one block between documents, so every token is copied a
+    bounded number of times (the tail, < body, plus the document once): O(n) for n tokens, where cutting the
+    front off the whole remaining stream per block is O(n^2 / body).
+    """
+
+    def __init__(self, tokenizer, max_seq_len):
+        from .encoding import special_prefix
+
+        self.prefix = list(special_prefix(tokenizer))
+        self.eos = tokenizer.eos_token_id
+        self.body = max_seq_len - len(self.prefix)
+        if self.body < 2:
+            raise DataError(f"max_seq_len {max_seq_len} is too short")
+        self.tail = []
+
+    def feed(self, ids):
+        """Add one document's ids; return the blocks it completes."""
+        stream = self.tail + list(ids)
+        if self.eos is not None:
+            stream.append(self.eos)
+        b = self.body
+        full = len(stream) // b
+        self.tail = stream[full * b:]
+        return [self.prefix + stream[k * b:(k + 1) * b] for k in range(full)]
+
+    def finish(self):
+        """The last, shorter block (kept, padded later), unless it is a lone token."""
+        tail, self.tail = self.tail, []
+        return [self.prefix + tail] if len(tail) > 1 else []
+
+
+def tokenized_batches(texts, tokenizer, progress=False, total_chars=None, batch_chars=1 << 20, batch_texts=1024):
+    """Yield the ids (no special tokens) of ``texts`` in order, tokenised in batches of about ``batch_chars``
+    characters (one call per batch: a fast tokenizer's parallelism, memory bounded by the batch).
+
+    ``progress``: a tqdm bar counting characters (``total_chars`` if known), for loads that take minutes.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_chars, desc="tokenise", unit="char", unit_scale=True, dynamic_ncols=True)
+    batch, size = [], 0
+    try:
+        for t in texts:
+            batch.append(t)
+            size += len(t)
+            if size >= batch_chars or len(batch) >= batch_texts:
+                yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+                if bar is not None:
+                    bar.update(size)
+                batch, size = [], 0
+        if batch:
+            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+            if bar is not None:
+                bar.update(size)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def chunk_documents(texts, tokenizer, max_seq_len, progress=False):
+    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens (:class:`BlockChunker`).
 
     Each block starts with the special tokens the tokenizer itself puts before a text
     (:func:`engine.encoding.special_prefix`: BOS for Llama/Mistral/Gemma, nothing for SmolLM2 or Qwen), the
     one rule the encoder follows too, so training and inference see the same first token.
     Nothing is lost: a long document spans several blocks; the last, shorter block is kept (padded later).
     """
-    from .encoding import special_prefix
-
-    bos = special_prefix(tokenizer)
-    eos = tokenizer.eos_token_id
-    body = max_seq_len - len(bos)
-    if body < 2:
-        raise DataError(f"max_seq_len {max_seq_len} is too short")
-    stream, blocks = [], []
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for ids in enc:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-        while len(stream) >= body:
-            blocks.append(bos + stream[:body])
-            stream = stream[body:]
-    if len(stream) > 1:
-        blocks.append(bos + stream)
-    return blocks
+    chunker = BlockChunker(tokenizer, max_seq_len)
+    blocks = []
+    total = sum(len(t) for t in texts) if progress else None
+    for ids in tokenized_batches(texts, tokenizer, progress, total):
+        blocks += chunker.feed(ids)
+    return blocks + chunker.finish()
 
 
 class BatchPlan:
