@@ -73,6 +73,7 @@ by row ("<path> <tokens>"), each with recompute, zero, launches, hook_launches, 
 """
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -285,7 +286,15 @@ def target_lines(results, args):
     return out
 
 
+def _deepspeed_logs_to_stderr():
+    """stdout is the table and its last line the JSON: DeepSpeed's logger (a stdout handler) goes to stderr."""
+    for h in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
+
+
 def main(argv=None):
+    _deepspeed_logs_to_stderr()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -404,3 +413,7 @@ def _report(results, args):
     if any("error" in r for r in results.values()):
         sys.exit(1)
     return results
+
+
+if __name__ == "__main__":
+    main()
