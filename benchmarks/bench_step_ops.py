@@ -397,11 +397,24 @@ def _run_workers(paths, args):
                 errf.close()
                 del running[p]
                 log(f"{p}: {wall:.1f} s wall, {cpu:.1f} CPU s")
-    order = {p: i for i, p in enumerate(paths)}
-    return dict(sorted(results.items(), key=lambda kv: (order[kv[1]["path"]], kv[0])))
+    return results
+
+
+def _ordered(results, args):
+    """Rows by path (PATHS order), then by --tokens order (the headline first)."""
+    tokens = args.tokens.split(",")
+
+    def key(kv):
+        r = kv[1]
+        t = r.get("tokens")
+        return (PATHS.index(r["path"]) if r.get("path") in PATHS else len(PATHS),
+                tokens.index(t) if t in tokens else len(tokens), kv[0])
+
+    return dict(sorted(results.items(), key=key))
 
 
 def _report(results, args):
+    results = _ordered(results, args)
     fac, per_hook = finish(results, args.floor_us)
     if args.json:
         with open(args.json, "w") as f:

@@ -106,16 +106,16 @@ def test_reduced_run_all_paths(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     res = json.loads(lines[-1])
-    rows = {f"{p} {t}" for p in ("reference", "reference-bf16", "reference-zero3", "engine") for t in ("4x64", "2x32")}
-    assert set(res) == rows
+    assert list(res) == [f"{p} {t}" for p in ("reference", "reference-bf16", "reference-zero3", "engine")
+                         for t in ("4x64", "2x32")]  # by path, then in --tokens order
     # the table's header (DeepSpeed may log a line to stdout when it is imported)
     assert any("best_ms" in ln for ln in lines[:4]) and any(ln.startswith("census engine 4x64:") for ln in lines)
     assert any(ln.startswith("UNCALIBRATED") for ln in lines)  # --reduced runs no calibration, and says so
     det = json.load(open(full))
     for k, v in res.items():
         assert v["launches"] > 100 and 0 < v["host_ms"]["min"] <= v["host_ms"]["median"], (k, v)
-        # uncalibrated: both figures are the roofline + floor
-        assert 0 < v["predicted_ms"]["best"] == v["predicted_ms"]["pessimistic"], (k, v)
+        # uncalibrated: the roofline + floor; DeepSpeed's and the optimizer's launches at 2-22 us each
+        assert 0 < v["predicted_ms"]["best"] <= v["predicted_ms"]["pessimistic"], (k, v)
         # one recompute policy for counting and costing, printed in the row
         assert v["recompute"] == det[k]["recompute"] and v["recompute"] in ("none", "selective", "full")
         row = next(ln for ln in lines if ln.startswith(k + " "))
