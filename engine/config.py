@@ -352,55 +352,6 @@ def _check_numbers(cfg):
         raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {cfg.adam_betas}")
 
 
-# What defines a run: a checkpoint resumes only under a config with the same values for these keys.
-FINGERPRINT_KEYS = (
-    "stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init", "model.dtype",
-    "model.bidirectional", "model.attention_dropout", "model.adapters", "lora", "mntp", "contrastive",
-    "data", "max_samples", "max_seq_len", "seed", "batch_size", "micro_batch_size", "learning_rate",
-    "weight_decay", "adam_betas", "warmup_steps", "lr_schedule", "max_steps", "max_grad_norm",
-)
-_PATH_KEYS = ("model.adapters", "data")
-
-
-def _abs_source(s):
-    return s if s.startswith("hf:") else os.path.realpath(s)
-
-
-def fingerprint(cfg: TrainConfig) -> dict:
-    """The run's identity as a flat JSON-able dict (local data and adapter paths made absolute)."""
-    d = to_dict(cfg)
-    out = {}
-    for key in FINGERPRINT_KEYS:
-        v = d
-        for part in key.split("."):
-            v = v[part]
-        if key in _PATH_KEYS:
-            v = [_abs_source(x) for x in v]
-        if isinstance(v, dict) and key in ("lora", "mntp", "contrastive"):
-            out.update({f"{key}.{k}": x for k, x in v.items()})
-        else:
-            out[key] = v
-    if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
-        out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
-    else:
-        out = {k: v for k, v in out.items() if not k.startswith("mntp.")}
-    return out
-
-
-def fingerprint_diff(saved: dict, current: dict) -> list:
-    """[(key, saved value, current value)] for every key that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
-            if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
-
-
-def json_normal(v):
-    """Compare values as they round-trip through JSON (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(v))
-
-
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step != 0:

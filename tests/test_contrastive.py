@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from engine.trainer import free_port
+from engine.distributed import free_port
 from kernels import contrastive as C
 from kernels.contrastive import (
     _contrastive_loss_triton,
