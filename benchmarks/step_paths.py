@@ -26,10 +26,12 @@ from benchmarks.harness import (DEEPSPEED_ERROR, GPU_MODEL, LORA, ROOT, Syntheti
                                 unshift_labels)
 from engine.bidirectional import set_deterministic_attention
 from engine.config import deepspeed_config, load_config
+from engine.distributed import init_distributed
 from engine.memory import choose_recompute
 from engine.modeling import add_lora, load_model
+from engine.optim import tune_optimizer_step
 from engine.stages.mntp import MNTPStage
-from engine.trainer import EngineModule, init_distributed, setup_model, tune_optimizer_step
+from engine.trainer import EngineModule, setup_model
 
 CONFIG = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
 FULL = GPU_MODEL  # the Mistral-7B structure, costed at full size on meta tensors
