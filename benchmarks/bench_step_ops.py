@@ -10,9 +10,10 @@ benchmarks/step_census.py counts (launches, syncs, ZeRO hooks), benchmarks/step_
 prediction, calibration), benchmarks/harness.py holds what bench_train_step shares.
 
 Paths (one optimizer step of MNTP, the same tokens, masks and micro-batching on every path):
-  * reference        llm2vec's one-GPU recipe: HF model + PEFT LoRA, SDPA non-causal with no mask, full
-                     gradient checkpointing, full-logit CE inside the HF loss, clip 1.0 + torch AdamW, no
-                     DeepSpeed (benchmarks.harness.build_hf_reference; no engine code);
+  * reference        llm2vec's one-GPU recipe: HF model + PEFT LoRA (fp32 adapters, PEFT's default), SDPA
+                     non-causal with no mask (enable_gqa), full gradient checkpointing, full-logit CE inside the HF
+                     loss, clip 1.0 + torch AdamW, no DeepSpeed (benchmarks.harness.build_hf_reference);
+  * reference-bf16   the same with the adapters in bf16: a stronger baseline than llm2vec's;
   * reference-zero3  the older reference of bench_train_step: the engine's model under DeepSpeed ZeRO-3 with
                      SDPA given a dense (B, 1, S, S) mask and full logits;
   * engine           the engine's own code: engine.config (configs/mistral-7b/mntp.yaml + --set overrides),
@@ -20,55 +21,59 @@ Paths (one optimizer step of MNTP, the same tokens, masks and micro-batching on 
                      stage and recompute policy for an H200), engine.stages.mntp, DeepSpeed from
                      engine.config.deepspeed_config. model.attention / model.loss default to triton here.
 
-Model: the Mistral-7B structure (32 layers, 32 query / 8 KV heads, MLP ratio 3.5, untied LM head) with LoRA r16
-on all seven projections (dropout 0.05, on), bf16. Counting and host time run it at tiny width (hidden 64,
-head_dim 2, intermediate 224, vocab 1024); the prediction runs it at full size (hidden 4096, vocab 32000) on
-meta tensors. Batch: 32 x 512 tokens in one micro-batch, masking as llm2vec does for Mistral (0.8, every
-masked token replaced: configs/mistral-7b/mntp.yaml), mask token = EOS.
+Rows: every path at every --tokens shape (default 32 x 512, one micro-batch as in llm2vec's recipe, and the
+micro-batch configs/mistral-7b/mntp.yaml ships, 4 x 512). Model: the Mistral-7B structure (32 layers, 32 query /
+8 KV heads, MLP ratio 3.5, untied LM head) with LoRA r16 on all seven projections (dropout 0.05, on), bf16.
+Counting and host time run it at tiny width (hidden 64, head_dim 2, intermediate 224, vocab 1024); the
+prediction runs it at full size (hidden 4096, vocab 32000) on meta tensors. Masking as llm2vec does for Mistral
+(0.8, every masked token replaced), mask token = EOS.
 
-Figures per path:
-  launches      kernel launches in one optimizer step (forward, backward, optimizer, ZeRO): ATen ops that are
-                neither views nor bare allocations or reshapes (empty*, resize_, set_, lift_fresh,
-                _unsafe_view) and that touch a
-                device tensor, plus Triton launches. Triton kernels are enabled (TRITON_INTERPRET=1) and
-                their launcher is intercepted: each launch is counted and not executed (the floating tensors
-                it was handed are made finite, so that DeepSpeed's inf/NaN check does not skip the optimizer
-                step: see TritonLaunches; skipped steps are reported and must be 0). A tensor is host-side
-                when a factory op made it with
-                at most one element (the seed draws) or from Python data (torch.tensor), or when every
-                tensor it was computed from is host-side; everything else would live on the GPU.
-                dropout is dispatched as aten::native_dropout, as on CUDA (the CPU build decomposes it);
-                AdamW and gradient clipping use their foreach (multi-tensor) ops, CUDA's default.
+One recompute policy per row: the full-size meta run sets the path up as an H200 would (for the engine, the
+memory plan's ZeRO stage and recompute policy at the row's micro-batch); the tiny-width count is then forced to
+that policy and stage (a tiny model's own plan would pick no recompute). The row prints it.
+
+Figures per row:
+  launches      kernel launches in one optimizer step (forward, backward, optimizer, DeepSpeed): ATen ops that
+                are neither views nor bare allocations or reshapes (step_census.NO_KERNEL) and that touch a
+                device tensor, plus Triton launches. Triton kernels are enabled (TRITON_INTERPRET=1) and their
+                launcher is intercepted: each launch is counted and not executed (the floating tensors it was
+                handed are made finite, so that DeepSpeed's inf/NaN check does not skip the optimizer step;
+                skipped steps are reported and must be 0). A tensor is host-side when a factory op made it
+                with at most one element (the seed draws) or from Python data, or when every tensor it was
+                computed from is host-side; everything else would live on the GPU. dropout is dispatched as
+                aten::native_dropout, as on CUDA; AdamW and clipping use their foreach ops, CUDA's default.
+  hooks         of those, the launches inside DeepSpeed's per-parameter gradient hooks (step_census.GRAD_HOOKS).
   syncs         device-to-host syncs inside forward + backward: _local_scalar_dense (.item(), bool(), int()),
                 nonzero, masked_select, unique, .tolist() on device tensors.
   opt           launches of the optimizer step alone (DeepSpeed's wrapper, clipping, AdamW), part of
                 launches; opt_syncs its host syncs (DeepSpeed's inf/NaN checks read bools back).
   zero_hooks    DeepSpeed ZeRO-3 module fetch_sub_module + release_sub_module calls in the step.
-  host_ms       wall time of the step at tiny width on one thread, min and median over --host-steps steps,
-                on a --host-batch batch (the same op sequence as 32 x 512; the launch count at that batch is
-                printed beside it). Triton launches cost nothing here (intercepted), so this is dispatcher +
-                Python + hooks + small CPU kernels.
-  predicted_ms  the full-size step on an H200, from shapes alone: the path's forward, backward and optimizer
-                step run on meta tensors (the batch and its index tensors stay real, so packing and row
-                selection see real lengths); per op max(FLOPs / 790 TFLOP/s, bytes / 4.0 TB/s) + a per-launch
-                floor (HOST_FLOOR_US). FLOPs from torch.utils.flop_counter's registry (attention kernels:
-                4 * sum(L^2) * Hq * D per QK^T-sized product), bytes = input + output tensor sizes. SDPA is
-                dispatched to the fused op a GPU would run (flash without a mask, memory-efficient with one).
-                DeepSpeed is not modelled (no ZeRO copies or collectives in the prediction).
+  host_ms       CPU time of this thread per step at tiny width (one thread), min and median over --host-steps
+                steps on a --host-batch batch (the same op sequence; the launch count at that batch is kept
+                beside it). CPU time, not wall time, so that a loaded machine does not inflate it. Triton
+                launches cost nothing here (intercepted): this is dispatcher + Python + hooks + small CPU kernels.
+  best_ms, pess_ms  the full-size step on an H200 from shapes alone: forward, backward and optimizer step run
+                on meta tensors (the batch and its index tensors stay real, so packing and row selection see
+                real lengths); per op max(FLOPs / 790 TFLOP/s, bytes / 4.0 TB/s) + a per-launch floor
+                (step_cost.HOST_FLOOR_US), per op class (GEMMs, attention, LoRA GEMMs, elementwise, loss,
+                optimizer, DeepSpeed hooks, other) at the efficiencies the 2026-11-26 H200 profile measured:
+                best at the most favourable one measured, pessimistic at the least (step_calibration). DeepSpeed
+                is not run on meta tensors: its hook and optimizer launches are costed from the census.
 
-Calibration (--calibrate, and printed on every full run): the ZeRO-3 engine and reference MNTP steps that the
-2026-11-26 H200 profile measured (benchmarks/results/2026-11-26-h200/train_step_profile.txt; mask 0.2, BERT
-scheme) are predicted and compared on two figures: GEMMs of the frozen weights (MLP + attention projections:
-843.6 ms engine, 841.9 ms reference) and "other" ops (684.1 ms engine, 712.8 ms reference). HOST_FLOOR_US was
-fitted once on the engine's "other" figure (each run prints the floor that would fit it); the reference's two
-figures and the engine's GEMMs are out of sample. Errors at 21.8 us (2026-11-30): engine GEMMs +4.7%, other
-0.0% (fitted); reference-zero3 GEMMs +4.9%, other -2.6%.
+Calibration (printed on every full run; --reduced and --no-calibrate skip it and the table says UNCALIBRATED):
+the ZeRO-3 engine and reference MNTP steps that the 2026-11-26 H200 profile measured
+(benchmarks/results/2026-11-26-h200/train_step_profile.txt; mask 0.2, BERT scheme, full recompute) are rerun on
+meta tensors and every op class is compared with the profile, with its error. HOST_FLOOR_US was fitted once on
+the engine's elementwise + other ops (each run prints the floor that would fit them).
 
-The table goes to stdout; its last line is one JSON object keyed by path, each with launches, syncs,
-zero_hooks, host_ms ({"min", "median"}) and predicted_ms. Each path runs in its own process.
+Budgets are in CPU time (--cpu-budget-s per path, read from /proc), so the run finishes on a loaded machine;
+--timeout-s only caps a hung worker's wall time. The table goes to stdout; its last line is one JSON object keyed
+by row ("<path> <tokens>"), each with recompute, zero, launches, hook_launches, syncs, zero_hooks, host_ms
+({"min", "median"}) and predicted_ms ({"best", "pessimistic"}). Each path runs in its own process.
 """
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -82,148 +87,220 @@ if __package__ in (None, ""):  # `python benchmarks/bench_step_ops.py`
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
+from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
-from benchmarks.step_cost import HOST_FLOOR_US, PROFILE_MS, finish, fit_floor, predict_path  # noqa: E402
-from benchmarks.step_paths import TINY, Path, batch_for, engine_config, log  # noqa: E402
+from benchmarks.step_cost import CLASSES, HOST_FLOOR_US, predict_path  # noqa: E402
+from benchmarks.step_paths import CONFIG, TINY, Path, batch_for, engine_config, log  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
-PATHS = ("reference", "reference-zero3", "engine")
+PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
+# the targets of issue 24, engine against the references on the headline shape
+TARGETS = (("best", "reference", 0.40), ("best", "reference-bf16", 0.55), ("pessimistic", "reference", 0.45))
+LAUNCH_TARGET = 0.4
+
+
+def shipped_tokens(config=CONFIG):
+    """The micro-batch configs/mistral-7b/mntp.yaml trains on: micro_batch_size x max_seq_len."""
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    return f"{cfg['micro_batch_size']}x{cfg['max_seq_len']}"
+
+
+def _shape(text):
+    return tuple(int(x) for x in text.split("x"))
 
 
 # ----------------------------------------------------------------------------------------------
-# Worker: one path in its own process
+# Worker: one path in its own process, every shape
 # ----------------------------------------------------------------------------------------------
+
+def _policy_sets(name, pred):
+    """Counting runs under the policy the full-size plan chose (the memory plan of a tiny model would choose
+    another): the engine's recompute policy and ZeRO stage, forced."""
+    if name != "engine":
+        return []
+    return [f"model.gradient_checkpointing={pred['recompute']}", f"zero_stage={pred['zero_stage']}"]
+
+
+def _count(args, sets, micro, launches, mask):
+    """Build the tiny-width path under sets, then its census and host CPU time per step."""
+    tiny = dict(TINY, num_hidden_layers=args.layers)
+    out = {}
+    t0 = time.process_time()
+    with gpu_like_ops():
+        path = Path(args.worker, tiny, "cpu", sets, micro)
+        if not path.hf:
+            try:
+                path.init_deepspeed()
+            except Exception as exc:  # counted without ZeRO-3, and the row says so
+                log(f"{args.worker}: DeepSpeed unavailable ({type(exc).__name__}: {exc}); no ZeRO-3")
+        out["zero"] = str(path.zero_stage) if path.ds else "none"
+        out["recompute"] = path.recompute
+        out["dtype"] = str(path.dtype).replace("torch.", "")
+        host_batch = batch_for(_shape(args.host_batch), tiny["vocab_size"], mask)
+        big = batch_for(_shape(args.count_batch), tiny["vocab_size"], mask)
+        out["build_cpu_s"] = round(time.process_time() - t0, 1)
+        path.step(host_batch)  # warm-up: lazy initialisation and DeepSpeed's first-step tracing stay out
+        out.update(count_step(path, big, launches))
+        small = count_step(path, host_batch, launches)
+        out["launches_host_batch"], out["census_host_batch"] = small["launches"], small["census"]
+        times, skipped0 = [], path.skipped_steps()
+        for _ in range(args.host_steps):  # CPU time of this thread: what a step costs, whatever the load
+            t = time.thread_time()
+            path.step(host_batch)
+            times.append((time.thread_time() - t) * 1e3)
+        out["host_ms"] = {"min": round(min(times), 2), "median": round(statistics.median(times), 2)}
+        out["host_steps"] = len(times)
+        out["host_skipped_steps"] = path.skipped_steps() - skipped0
+        del path
+    out["count_cpu_s"] = round(time.process_time() - t0, 1)
+    return out
+
 
 def worker(args):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     launches = TritonLaunches()
-    sets = args.set or []
     mask = (args.mask_prob, args.scheme)
-    layers = args.layers
-    tiny = dict(TINY, num_hidden_layers=layers)
-    shape = tuple(int(x) for x in args.tokens.split("x"))
-    host_shape = tuple(int(x) for x in args.host_batch.split("x"))
-    count_shape = tuple(int(x) for x in args.count_batch.split("x"))
-    res = {"path": args.worker}
-    t0 = time.perf_counter()
-    with launches.active(), gpu_like_ops():
-        path = Path(args.worker, tiny, "cpu", sets, shape[0])
-        if args.worker != "reference":
-            try:
-                path.init_deepspeed()
-            except Exception as exc:  # counted without ZeRO, and the row says so
-                log(f"{args.worker}: DeepSpeed unavailable ({type(exc).__name__}: {exc}); no ZeRO-3")
-        res["zero"] = str(path.zero_stage) if path.ds else "none"
-        res["recompute"] = path.recompute
-        res["dtype"] = str(path.dtype).replace("torch.", "")
-        host_batch = batch_for(host_shape, tiny["vocab_size"], mask)
-        big = batch_for(count_shape, tiny["vocab_size"], mask)
-        res["build_s"] = round(time.perf_counter() - t0, 1)
-        path.step(host_batch)  # warm-up: lazy initialisation and DeepSpeed's first-step tracing stay out
-        t1 = time.perf_counter()
-        res.update(count_step(path, big, launches))
-        res["count_s"] = round(time.perf_counter() - t1, 1)
-        small = count_step(path, host_batch, launches)
-        res["launches_host_batch"], res["census_host_batch"] = small["launches"], small["census"]
-        times, skipped0 = [], path.skipped_steps()
-        for _ in range(args.host_steps):
-            t = time.perf_counter()
-            path.step(host_batch)
-            times.append((time.perf_counter() - t) * 1e3)
-        res["host_ms"] = {"min": round(min(times), 2), "median": round(statistics.median(times), 2)}
-        res["host_steps"] = len(times)
-        res["host_skipped_steps"] = path.skipped_steps() - skipped0
-        res["host_s"] = round(time.perf_counter() - t1, 1)
-        del path
-    t2 = time.perf_counter()
-    with launches.active(), gpu_like_ops(meta=True):
-        pred, n, census, masked = predict_path(args.worker, sets, shape[0], shape, mask, layers, launches)
-        res["roofline"] = {k: round(v, 3) for k, v in pred.items() if k != "total"}  # ms, no per-launch floor
-        res["roofline_n"] = dict(n)
-        res["masked_rows"] = masked
-        # the same step at full size, 32 x 512, without DeepSpeed: its launch census (meta run)
-        res["launches_full_nozero"] = sum(census.values())
-        res["census_full_nozero"] = dict(census.most_common())
-        if args.calibrate and args.worker in PROFILE_MS:
-            cal_name = "engine-as-profiled" if args.worker == "engine" else args.worker
-            cal, cal_n = predict_path(cal_name, sets + ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0],
-                                      shape, (0.2, "bert"), layers, launches)[:2]
-            res["cal_roofline"] = {k: round(v, 3) for k, v in cal.items() if k != "total"}
-            res["cal_n"] = dict(cal_n)
-    res["predict_s"] = round(time.perf_counter() - t2, 1)
-    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    rows, counted = {}, {}
+    with launches.active():
+        for i, tokens in enumerate(args.tokens.split(",")):
+            shape = _shape(tokens)
+            t0 = time.process_time()
+            with gpu_like_ops(meta=True):
+                pred = predict_path(args.worker, args.set, shape[0], shape, mask, args.layers, launches)
+            row = {"path": args.worker, "tokens": tokens, "summary": pred["summary"], "masked_rows": pred["masked"],
+                   "census_full_nozero": pred["census"], "launches_full_nozero": sum(pred["census"].values()),
+                   "predict_cpu_s": round(time.process_time() - t0, 1)}
+            sets = list(args.set) + _policy_sets(args.worker, pred)
+            key = tuple(sets)
+            if key not in counted:  # one count per policy: the op stream does not depend on the batch
+                counted[key] = _count(args, sets, shape[0], launches, mask)
+            row.update(counted[key])
+            if pred["recompute"] != row["recompute"]:
+                raise RuntimeError(f"{args.worker} {tokens}: counted under {row['recompute']}, costed under "
+                                   f"{pred['recompute']}")
+            if i == 0 and args.calibrate and args.worker in PROFILED.values():
+                cal_name = "engine-as-profiled" if args.worker == "engine" else args.worker
+                with gpu_like_ops(meta=True):
+                    cal = predict_path(cal_name, list(args.set) + ["mntp.mask_prob=0.2", "mntp.scheme=bert"],
+                                       shape[0], shape, (0.2, "bert"), args.layers, launches)
+                row["cal"] = cal["summary"]
+            rows[f"{args.worker} {tokens}"] = row
     with open(args.result, "w") as f:
-        json.dump(res, f)
+        json.dump(rows, f)
 
 
 # ----------------------------------------------------------------------------------------------
-# Parent: one process per path, then the table and the JSON line
+# Parent: one process per path, budgets in CPU time, then the table and the JSON line
 # ----------------------------------------------------------------------------------------------
 
-def _ds_optimizer_ms(r, floor_us):
-    """The optimizer launches DeepSpeed adds over the meta run's plain foreach AdamW, at the per-launch floor."""
-    return max(0, r.get("optimizer_launches", 0) - r["roofline_n"].get("optimizer", 0)) * floor_us / 1e3
+def _cpu_s(pid):
+    """CPU time (user + system, s) a live process has used so far (Linux /proc; 0 where unreadable)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
-def table(results, args):
-    lines = [f"bench_step_ops: MNTP step, one micro-batch, mask {args.mask_prob} ({args.scheme}), Mistral-7B "
-             f"structure at {args.layers} layers; counted at tiny width on {args.count_batch} (and {args.host_batch}), "
-             f"host time on {args.host_batch}, full size on {args.tokens} (meta, no DeepSpeed); sets: "
+def _ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def table(results, args, fac, per_hook):
+    lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), Mistral-7B structure at {args.layers} "
+             f"layers; counted at tiny width on {args.count_batch} (and {args.host_batch}) under each row's recompute "
+             f"policy; host CPU time on {args.host_batch}; costed at full size (meta) on the row's tokens; sets: "
              f"{' '.join(args.set or []) or '-'}",
-             f"{'path':16s} {'launches':>9s} {'@host':>6s} {'@full':>6s} {'syncs':>6s} {'zero_hooks':>10s} "
-             f"{'host_ms min':>11s} {'median':>8s} {'predicted_ms':>12s} {'mm@full':>8s} {'dropout@full':>12s} "
-             f"{'triton':>6s} {'zero':>4s} {'opt':>5s} {'opt_syncs':>9s}"]
-    for p, r in results.items():
+             f"{'row':24s} {'recompute':>9s} {'zero':>4s} {'launches':>8s} {'hooks':>5s} {'opt':>4s} {'syncs':>5s} "
+             f"{'opt_syncs':>9s} {'zero_hooks':>10s} {'host_ms':>8s} {'best_ms':>8s} {'pess_ms':>8s} {'best/ref':>8s} "
+             f"{'best/bf16':>9s} {'pess/ref':>8s} {'launch/ref':>10s}"]
+    for k, r in results.items():
         if "error" in r:
-            lines.append(f"{p:16s} ERROR {r['error']}")
+            lines.append(f"{k:24s} ERROR {r['error']}")
             continue
-        c, cf = r["census"], r["census_full_nozero"]
-        tri = sum(v for k, v in c.items() if k.startswith("triton:"))
-        lines.append(f"{p:16s} {r['launches']:9d} {r['launches_host_batch']:6d} {r['launches_full_nozero']:6d} "
-                     f"{r['syncs']:6d} {r['zero_hooks']:10d} {r['host_ms']['min']:11.1f} {r['host_ms']['median']:8.1f} "
-                     f"{r['predicted_ms']:12.1f} {cf.get('aten.mm', 0):8d} {cf.get('aten.native_dropout', 0):12d} "
-                     f"{tri:6d} {r['zero']:>4s} {r.get('optimizer_launches', -1):5d} {r.get('optimizer_syncs', -1):9d}")
-    lines.append("opt, opt_syncs: launches and host syncs of the optimizer step alone (counted with DeepSpeed, "
-                 "inside 'launches'); predicted_ms costs the meta run's plain foreach AdamW instead, so at the floor "
-                 "DeepSpeed's optimizer adds about: " + ", ".join(
-                     f"{p} {_ds_optimizer_ms(r, args.floor_us):.0f} ms"
-                     for p, r in results.items() if "error" not in r))
-    lines.append("H200 profile census (2026-11-26, engine ZeRO-3 step): native_dropout 448, mm 2464 (288 MLP + 384 "
-                 "projections + 1792 LoRA)")
-    lines.append("predicted_ms by category (ms): " + "; ".join(
-        f"{p}: " + ", ".join(f"{k} {v:.0f}" for k, v in r["predicted"].items() if k != "total")
-        for p, r in results.items() if "predicted" in r))
-    for p, r in results.items():
+        ref = results.get(f"reference {r['tokens']}", {})
+        bf = results.get(f"reference-bf16 {r['tokens']}", {})
+        rp, bp = ref.get("predicted_ms", {}), bf.get("predicted_ms", {})
+        p = r["predicted_ms"]
+        lines.append(f"{k:24s} {r['recompute']:>9s} {r['zero']:>4s} {r['launches']:8d} {r['hook_launches']:5d} "
+                     f"{r['optimizer_launches']:4d} {r['syncs']:5d} {r['optimizer_syncs']:9d} {r['zero_hooks']:10d} "
+                     f"{r['host_ms']['min']:8.1f} {p['best']:8.1f} {p['pessimistic']:8.1f} "
+                     f"{_ratio(p['best'], rp.get('best')):8.2f} {_ratio(p['best'], bp.get('best')):9.2f} "
+                     f"{_ratio(p['pessimistic'], rp.get('pessimistic')):8.2f} "
+                     f"{_ratio(r['launches'], ref.get('launches')):10.2f}")
+    lines.append("launches: one optimizer step (forward, backward, optimizer, DeepSpeed), of which hooks in DeepSpeed's "
+                 "gradient hooks and opt in the optimizer step; syncs: device->host in forward + backward; host_ms: "
+                 "min CPU time per step at tiny width; best_ms / pess_ms: predicted H200 step (step_calibration); "
+                 "x/ref: this row over the reference row of the same tokens (pessimistic over pessimistic)")
+    for k, r in results.items():
+        if "predicted_best" in r:
+            lines.append(f"predicted {k} by class, best / pessimistic (ms): " + ", ".join(
+                f"{c} {r['predicted_best'][c]:.0f}/{r['predicted_pess'][c]:.0f}" for c in CLASSES
+                if r["predicted_best"].get(c) or r["predicted_pess"].get(c)))
+    if fac:
+        lines.append("efficiency factors measured / predicted on the profiled paths (best = min, pessimistic = max; "
+                     "unprofiled Triton kernels pessimistic at the Triton attention's): " + ", ".join(
+                         f"{c} {min(v):.2f}-{max(v):.2f}" for c, v in fac.items())
+                     + f"; DeepSpeed launches {per_hook:.2f}-{args.floor_us:g} us each")
+    else:
+        lines.append("UNCALIBRATED (no calibration run): every class at the roofline + floor, best = pessimistic")
+    for k, r in results.items():
         if "census" in r:
-            top = ", ".join(f"{k} {v}" for k, v in list(r["census"].items())[:12])
-            lines.append(f"census {p}: {top}; syncs {r['sync_ops'] or '-'}")
-            top = ", ".join(f"{k} {v}" for k, v in list(r["census_full_nozero"].items())[:8])
-            lines.append(f"census {p} at full size, no DeepSpeed: {top}")
-    fit = fit_floor(results)
+            top = ", ".join(f"{c} {v}" for c, v in list(r["census"].items())[:12])
+            lines.append(f"census {k}: {top}; syncs {r['sync_ops'] or '-'}; hooks {r['hook_census'] or '-'}")
+    profile = read_profile()
+    fit = fit_floor(results, profile)
     if fit is not None:
-        lines.append(f"per-launch floor: {args.floor_us:g} us in use; {fit:.2f} us makes the engine's 'other' match "
-                     "the profile exactly")
-    for p, r in results.items():
-        cal = r.get("calibration")
-        if not cal:
-            continue
-        prof = PROFILE_MS[p]
-        eg, eo = cal.get("gemm", 0) / prof["gemm"] - 1, cal.get("other", 0) / prof["other"] - 1
-        lines.append(f"calibration {p} (mask 0.2 BERT, as profiled): frozen GEMMs predicted {cal.get('gemm', 0):.0f} "
-                     f"ms vs {prof['gemm']:.0f} measured ({100 * eg:+.1f}%), other {cal.get('other', 0):.0f} ms vs "
-                     f"{prof['other']:.0f} ({100 * eo:+.1f}%)" + (" [floor fitted here]" if p == "engine" else ""))
+        lines.append(f"per-launch floor: {args.floor_us:g} us in use; {fit:.2f} us makes the engine's elementwise + "
+                     "other match the profile exactly")
+    lines += calibration_lines(results, profile, args.floor_us, per_hook)
+    lines += target_lines(results, args)
     return "\n".join(lines)
 
 
+def target_lines(results, args):
+    """Issue 24's targets on the headline tokens (the first of --tokens), met or not."""
+    tokens = args.tokens.split(",")[0]
+    eng = results.get(f"engine {tokens}")
+    if not eng or "error" in eng:
+        return []
+    out = []
+    for kind, ref_name, limit in TARGETS:
+        ref = results.get(f"{ref_name} {tokens}")
+        if not ref or "error" in ref:
+            continue
+        x = eng["predicted_ms"][kind] / ref["predicted_ms"][kind]
+        out.append(f"target engine {kind} <= {limit:.2f}x {ref_name} ({tokens}): {x:.2f}x "
+                   f"{'met' if x <= limit else 'NOT met'}")
+    ref = results.get(f"reference {tokens}")
+    if ref and "error" not in ref:
+        x = eng["launches"] / ref["launches"]
+        out.append(f"target launches <= {LAUNCH_TARGET:.2f}x reference under {eng['recompute']} recompute "
+                   f"({tokens}): {x:.2f}x {'met' if x <= LAUNCH_TARGET else 'NOT met'}")
+    return out
+
+
+def _deepspeed_logs_to_stderr():
+    """stdout is the table and its last line the JSON: DeepSpeed's logger (a stdout handler) goes to stderr."""
+    for h in logging.getLogger("DeepSpeed").handlers:
+        if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) is sys.stdout:
+            h.setStream(sys.stderr)
+
+
 def main(argv=None):
+    _deepspeed_logs_to_stderr()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="engine config override (engine and reference-zero3 paths), e.g. model.fused_ops=triton")
-    ap.add_argument("--tokens", default="32x512", help="batch x sequence of the counted step")
+    ap.add_argument("--tokens", default=None, help="comma list of batch x sequence rows to cost (default: 32x512 and "
+                    "the micro-batch configs/mistral-7b/mntp.yaml ships); the first is the headline")
     ap.add_argument("--host-batch", default="2x64", help="batch x sequence of the host-time steps")
     ap.add_argument("--count-batch", default="4x64", help="batch x sequence of the counted real step")
     ap.add_argument("--host-steps", type=int, default=10)
@@ -235,8 +312,10 @@ def main(argv=None):
     ap.add_argument("--floor-us", type=float, default=HOST_FLOOR_US, help="per-launch floor of the prediction")
     ap.add_argument("--from-json", default=None, help="print the table of a run saved with --json (no measuring)")
     ap.add_argument("--json", default=None, help="also write the results (with census) to this file")
-    ap.add_argument("--timeout-s", type=int, default=280, help="per path")
-    ap.add_argument("--jobs", type=int, default=1, help="paths run at once (1 for host_ms figures: they share cores)")
+    ap.add_argument("--cpu-budget-s", type=float, default=300.0,
+                    help="CPU seconds a path's worker may use (the run finishes on a loaded machine too)")
+    ap.add_argument("--timeout-s", type=int, default=3600, help="wall-clock cap per path (a hung worker)")
+    ap.add_argument("--jobs", type=int, default=1, help="paths run at once")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -245,8 +324,9 @@ def main(argv=None):
         args.mask_prob = p if args.mask_prob is None else args.mask_prob
         args.scheme = s if args.scheme is None else args.scheme
     if args.reduced:
-        args.layers, args.tokens, args.host_steps, args.calibrate = 2, "4x64", 3, False
-        args.count_batch = "4x32"
+        args.layers, args.host_steps, args.calibrate = 2, 3, False
+        args.tokens, args.count_batch = args.tokens or "4x64", "4x32"
+    args.tokens = args.tokens or f"32x512,{shipped_tokens()}"
     if args.worker:
         worker(args)
         return None
@@ -254,6 +334,13 @@ def main(argv=None):
     bad = [p for p in paths if p not in PATHS]
     if bad:
         print(f"unknown path(s) {bad}; choose from {PATHS}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        shapes = [_shape(t) for t in args.tokens.split(",")]
+        if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+            raise ValueError(args.tokens)
+    except ValueError:
+        print(f"bad --tokens {args.tokens!r}: want BxS[,BxS...]", file=sys.stderr)
         sys.exit(2)
     if args.set:
         try:
@@ -265,6 +352,10 @@ def main(argv=None):
         with open(args.from_json) as f:
             results = json.load(f)
         return _report(results, args)
+    return _report(_run_workers(paths, args), args)
+
+
+def _run_workers(paths, args):
     results = {}
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -284,39 +375,54 @@ def main(argv=None):
                 errf = open(os.path.join(tmp, f"{p}.err"), "w+")
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=errf, stderr=subprocess.STDOUT, text=True)
                 running[p] = (proc, out, errf, time.perf_counter())
-            time.sleep(0.2)
+            time.sleep(0.5)
             for p, (proc, out, errf, t0) in list(running.items()):
-                if proc.poll() is None and time.perf_counter() - t0 < args.timeout_s:
+                cpu, wall = _cpu_s(proc.pid), time.perf_counter() - t0
+                if proc.poll() is None and cpu < args.cpu_budget_s and wall < args.timeout_s:
                     continue
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-                    results[p] = {"error": f"timeout after {args.timeout_s}s"}
+                    why = f"{cpu:.0f} CPU s > {args.cpu_budget_s:g}" if cpu >= args.cpu_budget_s else f"{wall:.0f} s wall"
+                    results[p] = {"error": f"over budget: {why}", "path": p}
                 elif proc.returncode != 0 or not os.path.isfile(out):
                     errf.seek(0)
                     text = errf.read()
                     tail = text.strip().splitlines()[-1:] or ["no output"]
-                    results[p] = {"error": f"rc {proc.returncode}: {tail[0][:200]}"}
+                    results[p] = {"error": f"rc {proc.returncode}: {tail[0][:200]}", "path": p}
                     log(f"{p} failed:\n{text[-3000:]}")
                 else:
                     with open(out) as f:
-                        results[p] = json.load(f)
+                        results.update(json.load(f))
                 errf.close()
                 del running[p]
-                log(f"{p}: {time.perf_counter() - t0:.1f}s")
-    results = {p: results[p] for p in paths}
-    return _report(results, args)
+                log(f"{p}: {wall:.1f} s wall, {cpu:.1f} CPU s")
+    return results
+
+
+def _ordered(results, args):
+    """Rows by path (PATHS order), then by --tokens order (the headline first)."""
+    tokens = args.tokens.split(",")
+
+    def key(kv):
+        r = kv[1]
+        t = r.get("tokens")
+        return (PATHS.index(r["path"]) if r.get("path") in PATHS else len(PATHS),
+                tokens.index(t) if t in tokens else len(tokens), kv[0])
+
+    return dict(sorted(results.items(), key=key))
 
 
 def _report(results, args):
-    finish(results, args.floor_us)
+    results = _ordered(results, args)
+    fac, per_hook = finish(results, args.floor_us)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
-    print(table(results, args))
-    keys = ("launches", "syncs", "zero_hooks", "host_ms", "predicted_ms")
-    print(json.dumps({p: ({k: r[k] for k in keys} if "error" not in r else {"error": r["error"]})
-                      for p, r in results.items()}))
+    print(table(results, args, fac, per_hook))
+    keys = ("recompute", "zero", "launches", "hook_launches", "syncs", "zero_hooks", "host_ms", "predicted_ms")
+    print(json.dumps({k: ({x: r[x] for x in keys} if "error" not in r else {"error": r["error"]})
+                      for k, r in results.items()}))
     if any("error" in r for r in results.values()):
         sys.exit(1)
     return results

@@ -16,9 +16,17 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from triton.runtime.interpreter import InterpretedFunction
 
 try:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-except Exception:  # no DeepSpeed: no ZeRO-3 hooks to count
-    PartitionedParameterCoordinator = None
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    # DeepSpeed's per-parameter gradient hooks: the work each one launches is counted apart (hook_launches)
+    GRAD_HOOKS = [(BF16_Optimizer, "_update_hp_grad"),
+                  (DeepSpeedZeroOptimizer, "reduce_ready_partitions_and_remove_grads"),
+                  (DeepSpeedZeroOptimizer_Stage3, "reduce_ready_partitions_and_remove_grads")]
+except Exception:  # no DeepSpeed: no ZeRO-3 or gradient hooks to count
+    PartitionedParameterCoordinator, GRAD_HOOKS = None, []
 
 
 ATEN = torch.ops.aten
@@ -96,7 +104,7 @@ def gpu_like_ops(meta=False):
         if not q.is_meta:
             return orig_sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                              enable_gqa=enable_gqa, **kw)
-        if k.shape[1] != q.shape[1]:
+        if k.shape[1] != q.shape[1] and not enable_gqa:  # with enable_gqa the fused kernels read K/V per group
             g = q.shape[1] // k.shape[1]
             k, v = (t.repeat_interleave(g, dim=1) for t in (k, v))
         if attn_mask is None:
@@ -153,6 +161,8 @@ class OpCensus(TorchDispatchMode):
         self.syncs = collections.Counter()
         self.count_syncs = False
         self.host = WeakTensorKeyDictionary()
+        self.in_hook = 0  # > 0 inside a DeepSpeed gradient hook (grad_hook_scope)
+        self.hook_ops = collections.Counter()  # the launches of those hooks, also in ops
 
     def is_host(self, t):
         return t in self.host
@@ -172,10 +182,11 @@ class OpCensus(TorchDispatchMode):
             return out
         if func in SYNC_OPS and self.count_syncs:
             self.syncs[str(func.overloadpacket)] += 1
-        if func.namespace == "aten" and not func.is_view and func not in NO_KERNEL:
+        if (func.namespace == "aten" and not func.is_view and func not in NO_KERNEL) or \
+                func.namespace not in ("aten", "prim"):  # the latter: c10d collectives (ZeRO gathers / reductions)
             self.ops[str(func.overloadpacket)] += 1
-        elif func.namespace not in ("aten", "prim"):
-            self.ops[str(func.overloadpacket)] += 1  # c10d collectives (ZeRO gathers / reductions)
+            if self.in_hook:
+                self.hook_ops[str(func.overloadpacket)] += 1
         return out
 
     def tolist(self, t):
@@ -201,19 +212,46 @@ def patched_tolist(mode):
         torch.Tensor.tolist = _TOLIST
 
 
+@contextlib.contextmanager
+def grad_hook_scope(mode):
+    """Mark DeepSpeed's per-parameter gradient hooks (GRAD_HOOKS) so that mode counts their launches apart."""
+    patched = []
+    for cls, name in GRAD_HOOKS:
+        fn = cls.__dict__.get(name)
+        if fn is None:
+            continue
+
+        def wrapper(*a, _fn=fn, **kw):
+            mode.in_hook += 1
+            try:
+                return _fn(*a, **kw)
+            finally:
+                mode.in_hook -= 1
+
+        setattr(cls, name, wrapper)
+        patched.append((cls, name, fn))
+    try:
+        yield
+    finally:
+        for cls, name, fn in patched:
+            setattr(cls, name, fn)
+
+
 def count_step(path, batch, launches):
-    """Launch census, syncs and ZeRO hooks of one optimizer step."""
+    """Launch census, syncs and ZeRO hooks of one optimizer step; hook_launches: the launches of DeepSpeed's
+    gradient hooks during forward + backward (part of launches)."""
     mode = OpCensus()
     counts = {"zero_hooks": 0}
     n0, skipped0 = len(launches.calls), path.skipped_steps()
     for state in path.opt.state.values():  # AdamW's step counters live on the host on a GPU too (not capturable)
         if isinstance(state.get("step"), torch.Tensor):
             mode.host[state["step"]] = True
-    with zero_hook_counter(counts), patched_tolist(mode), mode:
+    with zero_hook_counter(counts), grad_hook_scope(mode), patched_tolist(mode), mode:
         mode.count_syncs = True
         path.forward_backward(batch)
         fb_ops, fb_syncs, fb_triton = collections.Counter(mode.ops), collections.Counter(mode.syncs), \
             len(launches.calls)
+        fb_hooks = collections.Counter(mode.hook_ops)
         path.optimizer_step()
     census = mode.ops + collections.Counter(f"triton:{k}" for k in launches.calls[n0:])
     opt_census = mode.ops - fb_ops  # the optimizer step launches no Triton kernel
@@ -222,4 +260,5 @@ def count_step(path, batch, launches):
             "optimizer_launches": sum(opt_census.values()) + len(launches.calls) - fb_triton,
             "optimizer_syncs": sum((mode.syncs - fb_syncs).values()),
             "optimizer_census": dict(opt_census.most_common()),
+            "hook_launches": sum(fb_hooks.values()), "hook_census": dict(fb_hooks.most_common()),
             "skipped_steps": path.skipped_steps() - skipped0}

@@ -1,9 +1,12 @@
 """Costing half of the CPU proxy (benchmarks/bench_step_ops.py): the full-size step on meta tensors, each op
-costed from its shapes alone at the H200 roofline, max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES), plus a per-launch
-floor; and the calibration against the committed H200 profile.
+costed from its shapes alone at the H200 roofline, max(FLOPs / PEAK_FLOPS, bytes / PEAK_BYTES), and sorted into
+the op classes the calibration (benchmarks/step_calibration.py) prices at measured efficiencies: GEMMs of the frozen
+weights, attention, LoRA GEMMs (and the fused LoRA's Triton kernels), elementwise (pointwise, copies, casts,
+dropout, reductions, and the Triton RMSNorm / RoPE / GLU kernels), loss, optimizer (everything in the optimizer
+step), hooks (DeepSpeed's gradient hooks: counted, never in a meta run) and other.
 
 FLOPs come from torch.utils.flop_counter's registry (attention kernels: 4 * sum(L^2) * Hq * D per QK^T-sized
-product), bytes = input + output tensor sizes. DeepSpeed is not modelled (no ZeRO copies or collectives).
+product), bytes = input + output tensor sizes. DeepSpeed is not run on meta tensors (no ZeRO copies or collectives).
 """
 import collections
 
@@ -14,7 +17,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from benchmarks.harness import LORA
-from benchmarks.step_census import NO_KERNEL, ATEN
+from benchmarks.step_census import ATEN, NO_KERNEL
 from benchmarks.step_paths import FULL, Path, batch_for
 
 PEAK_FLOPS = 790e12  # H200 bf16 dense GEMM throughput a large cuBLAS GEMM reaches (of 989 TFLOP/s spec)
@@ -23,21 +26,20 @@ PEAK_BYTES = 4.0e12  # H200 HBM3e bandwidth an elementwise kernel reaches (of 4.
 # (benchmarks/results/2026-11-30-cpu-step-ops/); it also absorbs elementwise kernels slower than 4.0 TB/s
 HOST_FLOOR_US = 21.8
 
-# H200 profile, 2026-11-26 (ZeRO-3, bf16, 32 x 512, mask 0.2 BERT): frozen GEMMs = linear: MLP + attention
-# projections; other = the profiler's "other" category (elementwise, copies, norms, dropout, rotary).
-PROFILE_MS = {"engine": {"gemm": 677.11 + 166.50, "other": 684.08},
-              "reference-zero3": {"gemm": 676.22 + 165.66, "other": 712.79}}
-
 GEMMS = {ATEN.mm.default, ATEN.addmm.default, ATEN.addmm_.default, ATEN.bmm.default, ATEN.baddbmm.default}
 # in-place GEMMs (the fused LoRA's backward accumulates dX with addmm_): torch's registry has no entry for them,
 # so they are costed with the out-of-place formula (same FLOPs)
 INPLACE_FLOPS = {ATEN.addmm_.default: ATEN.addmm, ATEN.baddbmm_.default: ATEN.baddbmm}
+# what streams its tensors once besides the ops torch tags pointwise (is_elementwise)
+ELEMENTWISE_EXTRA = {"copy_", "_to_copy", "native_dropout", "mean", "sum", "fill_", "zero_", "linalg_vector_norm",
+                     "amax", "amin"}
+CLASSES = ("gemm", "attention", "lora", "elementwise", "loss", "optimizer", "hooks", "other")
 ATTENTION_OPS = {"_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward"}
 
 
 class CostMode(TorchDispatchMode):
-    """Costs every kernel op of a meta run: rows (name, category, flops, bytes).
+    """Costs every kernel op of a meta run: rows (name, class, flops, bytes, triton) with class in CLASSES.
 
     The batch enters as meta tensors that carry a real CPU "shadow" (to_meta); an op whose tensor inputs all have
     shadows also runs on them, so data-dependent ops (nonzero, .item(), .tolist()) on the batch, its masks and
@@ -60,8 +62,8 @@ class CostMode(TorchDispatchMode):
         self.shadow[m] = t
         return m
 
-    def add(self, name, cat, flops, nb):
-        self.rows.append((name, "optimizer" if self.phase[0] == "optimizer" else cat, flops, nb))
+    def add(self, name, cat, flops, nb, triton=False):
+        self.rows.append((name, "optimizer" if self.phase[0] == "optimizer" else cat, flops, nb, triton))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -105,9 +107,9 @@ class CostMode(TorchDispatchMode):
         elif self.dims["V"] in dimset:
             cat = "loss"
         elif func in GEMMS:
-            cat = "linear: LoRA" if self.dims["r"] in dimset else "gemm"
+            cat = "lora" if self.dims["r"] in dimset else "gemm"
         else:
-            cat = "other"
+            cat = "elementwise" if is_elementwise(name) else "other"
         self.add(name, cat, flops, _nbytes(ins) + _nbytes(outs))
         return out
 
@@ -120,53 +122,54 @@ class CostMode(TorchDispatchMode):
             hq_d = q.shape[-2] * q.shape[-1]
             per = {"_attn_fwd": 2, "_attn_bwd_dkdv": 4, "_attn_bwd_dq": 3}.get(name, 0)
             flops = per * 2 * self.sq * hq_d
-        cat = "attention" if "attention" in module else "loss" if "masked_ce" in module else "other"
-        self.add("triton:" + name, cat, flops, _nbytes([t for t in ts if t.is_meta]))
+        cat = ("attention" if "attention" in module else "loss" if "masked_ce" in module
+               else "lora" if "lora" in module else "elementwise")  # rms_norm, rope, glu
+        self.add("triton:" + name, cat, flops, _nbytes([t for t in ts if t.is_meta]), triton=True)
 
 
 def _nbytes(ts):
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def with_floor(roof, n, floor_us):
-    """{category: ms} and total from roofline times and launch counts per category."""
-    out = {c: roof[c] + floor_us * 1e-3 * n.get(c, 0) for c in roof}
-    return {"total": sum(out.values()), **out}
+def is_elementwise(name):
+    """An ATen op (overload packet name) that streams its tensors once: pointwise, copies, casts, dropout, fills
+    and reductions. Used for the meta run's ops and for the profile's op names alike."""
+    if name in ELEMENTWISE_EXTRA:
+        return True
+    packet = getattr(ATEN, name, None)
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads())
 
 
-def fit_floor(results):
-    """Per-launch floor (us) that makes the engine's predicted "other" ops match the H200 profile."""
-    r = results.get("engine", {})
-    if "cal_roofline" not in r:
-        return None
-    return 1e3 * (PROFILE_MS["engine"]["other"] - r["cal_roofline"].get("other", 0.0)) / max(r["cal_n"]["other"], 1)
-
-
-def finish(results, floor_us):
-    """Apply the per-launch floor to every path's roofline prediction (and to the calibration runs)."""
-    for r in results.values():
-        if "roofline" in r:
-            r["predicted"] = {k: round(v, 2) for k, v in with_floor(r["roofline"], r["roofline_n"], floor_us).items()}
-            r["predicted_ms"] = round(r["predicted"]["total"], 1)
-        if "cal_roofline" in r:
-            r["calibration"] = with_floor(r["cal_roofline"], r["cal_n"], floor_us)
+def summarise(rows):
+    """{class: {"roof": ms, "n": launches, "roof_triton": ms, "n_triton": launches}}: per op
+    max(flops / PEAK_FLOPS, bytes / PEAK_BYTES), no per-launch floor; the Triton launches apart."""
+    out = {c: {"roof": 0.0, "n": 0, "roof_triton": 0.0, "n_triton": 0} for c in CLASSES}
+    for _, cat, flops, nb, triton in rows:
+        ms = max(flops / PEAK_FLOPS, nb / PEAK_BYTES) * 1e3
+        d = out[cat]
+        d["roof"] += ms
+        d["n"] += 1
+        if triton:
+            d["roof_triton"] += ms
+            d["n_triton"] += 1
+    return out
 
 
 def predicted(rows, floor_us=HOST_FLOOR_US):
-    """{category: ms} + total, per op max(flops / peak, bytes / bandwidth) + floor."""
-    cats = collections.Counter()
-    n = collections.Counter()
-    for _, cat, flops, nb in rows:
-        cats[cat] += max(flops / PEAK_FLOPS, nb / PEAK_BYTES) * 1e3 + floor_us * 1e-3
-        n[cat] += 1
-    return {"total": sum(cats.values()), **cats}, n
+    """{class: ms} + total at the roofline plus floor_us per launch, and {class: launches}."""
+    s = summarise(rows)
+    cats = {c: v["roof"] + floor_us * 1e-3 * v["n"] for c, v in s.items() if v["n"]}
+    return {"total": sum(cats.values()), **cats}, {c: v["n"] for c, v in s.items() if v["n"]}
 
 
 def predict_path(name, sets, micro, shape, mask, layers, launches):
-    """Meta run of the full-size step -> ({category: ms}, {category: op count})."""
+    """Meta run of the full-size step -> {"summary": summarise(rows), "census": {op: launches}, "masked": rows the
+    loss reads, "recompute": the path's policy, "zero_stage": its ZeRO stage (the memory plan's, for the engine)}."""
     spec = dict(FULL, num_hidden_layers=layers)
     path = Path(name, spec, "meta", sets, micro)
-    if name != "reference":  # DeepSpeed bf16 keeps every parameter, LoRA included, in bf16 (PEFT made LoRA fp32)
+    if not path.hf:  # DeepSpeed bf16 keeps every parameter, LoRA included, in bf16 (PEFT made LoRA fp32)
         path.module.to(path.dtype)
     for p in path.params:  # the optimizer's state exists already: cost a steady-state step, not the first
         p.grad = torch.zeros_like(p)
@@ -185,8 +188,7 @@ def predict_path(name, sets, micro, shape, mask, layers, launches):
             path.optimizer_step()
     finally:
         launches.sink = None
-    del path
-    pred, n = predicted(mode.rows, floor_us=0.0)
     census = collections.Counter(("triton:" + r[0][7:]) if r[0].startswith("triton:") else "aten." + r[0]
                                  for r in mode.rows)
-    return pred, n, census, batch.masked
+    return {"summary": summarise(mode.rows), "census": dict(census.most_common()), "masked": batch.masked,
+            "recompute": path.recompute, "zero_stage": path.zero_stage if not path.hf else None}

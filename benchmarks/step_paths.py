@@ -4,6 +4,7 @@
 
   * reference        llm2vec's one-GPU recipe (benchmarks.harness.build_hf_reference): HF model + PEFT LoRA,
                      no DeepSpeed, clip 1.0 + foreach torch AdamW;
+  * reference-bf16   the same with PEFT's adapters cast to bf16 (PEFT keeps them fp32 by default);
   * reference-zero3  the engine's model under DeepSpeed ZeRO-3 with PEFT's LoRA, SDPA given a dense (B, 1, S, S)
                      mask, full logits, full recompute;
   * engine           the engine's own setup: engine.config (configs/mistral-7b/mntp.yaml + overrides),
@@ -25,17 +26,20 @@ from benchmarks.harness import (DEEPSPEED_ERROR, GPU_MODEL, LORA, ROOT, Syntheti
                                 unshift_labels)
 from engine.bidirectional import set_deterministic_attention
 from engine.config import deepspeed_config, load_config
+from engine.distributed import init_distributed
 from engine.memory import choose_recompute
 from engine.modeling import add_lora, load_model
-from engine.stages.mntp import MNTPStage
-from engine.distributed import init_distributed
 from engine.optim import tune_optimizer_step
+from engine.stages.mntp import MNTPStage
 from engine.trainer import EngineModule, setup_model
 
 CONFIG = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
 FULL = GPU_MODEL  # the Mistral-7B structure, costed at full size on meta tensors
 # counted and timed at tiny width: the same layers, heads and op sequence
 TINY = dict(FULL, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2)
+# llm2vec's one-GPU recipe (HF + PEFT, no DeepSpeed): as llm2vec runs it (PEFT's fp32 adapters), and with bf16
+# adapters (a stronger baseline: no fp32 LoRA GEMMs, no casts around them)
+HF_PATHS = ("reference", "reference-bf16")
 
 
 def log(*a):
@@ -85,8 +89,11 @@ class Path:
             self.cfg.model.dtype]
         self.vocab = spec["vocab_size"]
         self.plan, self.zero_stage, self.recompute = None, 3, "full"
-        if name == "reference":
+        self.hf = name in HF_PATHS
+        if self.hf:
             self.model = build_hf_reference(spec, self.dtype, self.device, LORA)
+            if name == "reference-bf16":  # PEFT made the adapters fp32: keep them in the base's bf16 instead
+                self.model.to(self.dtype)
             self.model.train()
             self.params = [p for p in self.model.parameters() if p.requires_grad]
             self.opt = torch.optim.AdamW(self.params, lr=1e-5, foreach=True)  # CUDA's default; CPU's is per tensor
@@ -137,7 +144,7 @@ class Path:
         self.ds = True
 
     def forward_backward(self, batch):
-        if self.name == "reference":
+        if self.hf:
             loss = hf_reference_forward(self.model, batch.hf)
             loss.backward()
             return loss

@@ -61,7 +61,7 @@ def _build_hf_reference(args, impl, device, dtype, spec, lora, mask):
 def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
     """The trainer's own setup (benchmarks.step_paths.Path "engine": engine.trainer.setup_model with its fused
     LoRA groups and Triton decoder ops, the memory plan's ZeRO stage and recompute policy, DeepSpeed from
-    engine.config.deepspeed_config and engine.trainer.tune_optimizer_step) on the batch of the reference row."""
+    engine.config.deepspeed_config and engine.optim.tune_optimizer_step) on the batch of the reference row."""
     B = (TINY_SHAPES if args.tiny else GPU_SHAPES)["mntp"][0]
     sets = [f"lora.r={lora['r']}", f"lora.alpha={lora['alpha']}", f"lora.dropout={lora['dropout']}",
             f"mntp.mask_prob={mask[0]}", f"mntp.scheme={mask[1]}"]

@@ -21,9 +21,9 @@ from benchmarks.train_step_measure import (GPU_SHAPES, MASK, T0, TINY_SHAPES, FL
 from benchmarks.train_step_profile import CATEGORIES, profile_step
 from engine.bidirectional import set_attention_dropout
 from engine.config import deepspeed_config
+from engine.distributed import init_distributed
 from engine.encoding import pad_batch
 from engine.modeling import add_lora
-from engine.distributed import init_distributed
 from engine.trainer import EngineModule
 
 IMPLS = {  # name -> (path, {op: impl})
