@@ -50,7 +50,7 @@ class EngineModule(torch.nn.Module):
 
 def setup_model(cfg, stage, model, world, local_world, device, log=log0):
     """The stage's model changes, LoRA (fused per ``model.fused_ops``), then the memory plan, the ZeRO stage and the
-    recompute policy it implies, applied. Returns (model, plan, zero_stage). Shared with benchmarks/bench_step_ops."""
+    recompute policy it implies, applied. Returns (model, plan, zero_stage). Shared with the CPU proxy (benchmarks/step_paths.py)."""
     model = stage.prepare_model(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
