@@ -92,8 +92,8 @@ def _flat_bf16_grad_norm(engine):
 
 
 def tune_optimizer_step(engine):
-    """The engine's adjustments to DeepSpeed's optimizer step (shared with the CPU proxy, benchmarks/step_paths.py); returns a
-    line for the log."""
+    """The engine's adjustments to DeepSpeed's optimizer step (shared with the CPU proxy,
+    benchmarks/step_paths.py); returns a line for the log."""
     _record_grad_norm(engine)
     flat = _flat_bf16_grad_norm(engine)
     wrapped = not isinstance(engine.optimizer, torch.optim.Optimizer)
