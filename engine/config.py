@@ -304,7 +304,7 @@ def check_output_dir(path):
     if os.path.islink(path) and not os.path.exists(path):
         raise ConfigError(f"output_dir {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"output_dir {path} exists and is not a folder")
+        raise ConfigError(f"output_dir {path} is a file, not a folder")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):  # the nearest existing ancestor must be a folder we can create in
         if os.path.islink(parent):

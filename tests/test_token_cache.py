@@ -31,6 +31,9 @@ class _Counting:
     def __getattr__(self, name):
         return getattr(self.tok, name)
 
+    def __len__(self):
+        return len(self.tok)
+
     def __call__(self, texts, **kw):
         self.texts += 1 if isinstance(texts, str) else len(texts)
         return self.tok(texts, **kw)

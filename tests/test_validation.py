@@ -194,7 +194,7 @@ def test_bad_output_dirs(tmp_path, capsys, monkeypatch):
     a_file.write_text("x")
     dangling = tmp_path / "link"
     os.symlink(tmp_path / "gone", dangling)
-    for value, msg in (("''", "output_dir is empty"), (str(a_file), "exists and is not a folder"),
+    for value, msg in (("''", "output_dir is empty"), (str(a_file), "is a file, not a folder"),
                        (str(dangling), "is a symbolic link to"), (str(a_file / "run"), "is not a folder")):
         with pytest.raises(ConfigError, match=msg):
             load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={value}"])
