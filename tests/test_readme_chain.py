@@ -124,4 +124,4 @@ def test_readme_quick_start_chain_runs(tmp_path):
     evaluate, export, st = results[2:]
     assert "using best/" in evaluate.stderr and "using best/" in export.stderr  # the run's selected adapter
     assert 0 < json.loads(evaluate.stdout.strip().splitlines()[-1])["pairs"]
-    assert st.stdout.strip().splitlines()[-1] == "(64,)"  # the tiny model's width
+    assert st.stdout.strip().splitlines()[-1] == "(1, 64)"  # one text, the tiny model's width
