@@ -1,6 +1,6 @@
 """The 7B recipe's own configs run for real at tiny width: each stage's file with ``model.random_init`` (the same
 model family, a few layers of width 64), a short schedule and the shipped sample data, chained as the README's
-commands chain them (MNTP adapter -> SimCSE, MNTP adapter -> supervised)."""
+commands chain them (MNTP adapter -> SimCSE, MNTP adapter -> supervised on the E5-layout sample)."""
 import json
 import os
 
@@ -19,11 +19,12 @@ def tiny_overrides(config, out, adapters=()):
     family = architecture_config(cfg.model)[0].model_type  # from the shipped config.json values, offline
     init = {"model_type": family, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "seed": 0}
-    data = os.path.join(STS, "sts-train.csv")  # until the E5-layout sample lands: STS-B as text / supervised pairs
+    # text stages: STS-B sentences (wikitext / Wiki1M are not shipped); supervised: the E5-layout sample
+    data = os.path.join(ROOT, "data", "e5-sample") if cfg.stage == "supervised" else os.path.join(STS, "sts-train.csv")
     return [f"model.random_init={json.dumps(init)}", "model.tokenizer=smollm2-135m", "model.dtype=fp32",
             f"model.adapters=[{','.join(adapters)}]", f"data={data}", "eval_data=[]", "eval_every=0",
             f"output_dir={out}", "max_steps=2", "save_every=0", "batch_size=4", "micro_batch_size=4",
-            "max_samples=64", "max_seq_len=64", "contrastive.max_len=32", "contrastive.grad_cache_chunk=4",
+            "max_samples=0" if cfg.stage == "supervised" else "max_samples=64", "max_seq_len=64", "contrastive.max_len=32", "contrastive.grad_cache_chunk=4",
             "progress_bar=false"]
 
 
@@ -47,3 +48,4 @@ def test_mistral_7b_recipe_runs_at_tiny_width(tmp_path):
     # the recipe's own hyper-parameters are the ones that ran (only width, data and schedule length overridden)
     assert (ran["learning_rate"], ran["warmup_steps"], ran["lr_decay_steps"], ran["contrastive"]["temperature"]) == \
         (2e-4, 300, 8800, 0.02)
+    assert ran["data"] == [os.path.join(ROOT, "data", "e5-sample")]
