@@ -19,8 +19,8 @@ import torch
 import kernels
 from engine.config import load_config
 from engine.lora import fuse_lora
-from engine.memory import (GIB, activation_bytes, choose_recompute, choose_zero_stage, layer_shape, lora_rank,
-                           plan_memory, selective_context_fn)
+from engine.memory import (GIB, activation_bytes, choose_recompute, choose_zero_stage, fused_lora_limit, layer_shape,
+                           lora_rank, plan_memory, selective_context_fn)
 from engine.modeling import add_lora, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -265,7 +265,7 @@ def test_auto_plan_fits_measured_bytes_at_7b(name, micro):
     over = [] if micro is None else [f"micro_batch_size={micro}", f"batch_size={micro}"]
     config = f"configs/{name}/mntp.yaml"
     _, layer_model = build(arch, "fused", "meta", overrides=over, config=config)
-    picks = {}
+    picks, limits = {}, {}
     for card, gib in CARDS.items():
         cfg, model = build(arch, "fused", "meta", layers=arch["num_hidden_layers"], config=config,
                            overrides=[*over, f"memory_budget_gb={gib}"])
@@ -281,10 +281,14 @@ def test_auto_plan_fits_measured_bytes_at_7b(name, micro):
             # auto took the least recompute that fits: what it passed over does not fit by measurement either
             assert _measured_total(plan, layer_model, less, stage) > plan.budget_bytes, less
         picks[card] = policy
+        if name == "mistral-7b" and micro is None:  # the README's sizes that keep the fused LoRA (bf16: 2 B each)
+            limits[card] = fused_lora_limit(plan) / 2
     if micro is None:
         assert picks == {"80 GB": "none", "H200": "none"}
     else:  # 32 x 512 tokens: no recompute on an H200; an 80 GB card needs selective
         assert picks == {"80 GB": "selective", "H200": "none"}
+    if limits:  # about 38B parameters on 80 GB and 68B on an H200 (a 69B Llama-2-70B falls back to PEFT)
+        assert 36e9 < limits["80 GB"] < 40e9 and 65e9 < limits["H200"] < 69e9, limits
 
 
 def test_zero3_plan_costs_peft_and_says_so():
