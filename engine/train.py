@@ -3,7 +3,8 @@
     deepspeed [--num_gpus N | --hostfile H] engine/train.py --config configs/X.yaml [key=value ...]
     python engine/train.py --config configs/X.yaml [key=value ...]        # one process
 
-Exit codes: 0 done; 2 bad input (config, data, model, or a different run in output_dir); 3 the run diverged
+Exit codes: 0 done; 2 bad input (config, data, model, a different run in output_dir, output_dir held by another
+live run, a checkpoint file that could run code); 3 the run diverged
 (max_nonfinite_steps non-finite steps in a row).
 """
 import argparse

@@ -19,8 +19,8 @@ import kernels
 
 from . import config as config_mod
 from .bidirectional import set_deterministic_attention
-from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, last_good, plan_resume,
-                         sts_spearman, write_adapter)
+from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, hold_run_folder, last_good,
+                         plan_resume, release_run_folder, sts_spearman, write_adapter)
 from .data import BatchPlan, is_sts_file
 from .distributed import init_distributed, log0, warn0
 from .lora import fuse_lora
@@ -73,6 +73,7 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.lock = None  # rank 0's hold on output_dir (engine/checkpoint.py), released by close()
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -83,8 +84,8 @@ class Trainer:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
+        self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
-        os.makedirs(cfg.output_dir, exist_ok=True)
         torch.manual_seed(cfg.seed)
         kernels.set_default_impl("attention", cfg.model.attention)
         set_deterministic_attention(cfg.model.deterministic_attention)
@@ -273,15 +274,22 @@ class Trainer:
         dist.barrier()
         return adapter
 
+    def close(self):
+        release_run_folder(self.lock)
+        self.lock = None
+
 
 def train(cfg):
     """Train one stage as ``cfg`` says; returns the final adapter's path."""
     run = Trainer(cfg)
-    start = run.setup()
-    for step in range(start, cfg.max_steps):
-        row, bad = run.train_step(step)
-        run.after_step(step + 1, row, bad)
-    return run.finish()
+    try:
+        start = run.setup()
+        for step in range(start, cfg.max_steps):
+            row, bad = run.train_step(step)
+            run.after_step(step + 1, row, bad)
+        return run.finish()
+    finally:
+        run.close()
 
 
 def _write_config(cfg):
