@@ -10,7 +10,7 @@ checkpoint with a warning, never to step 0. ``best/`` keeps the adapter with the
 The run folder has one owner: rank 0 holds an exclusive ``flock`` on ``<output_dir>/run.lock`` (holder's pid and host
 written inside) for the whole run; the kernel drops it when the process ends, however it ends. Checkpoint files are
 read with ``torch.load(weights_only=True)`` and an explicit allowlist of the types DeepSpeed stores
-(``CHECKPOINT_GLOBALS``), DeepSpeed's own loads included: a file that needs anything else is refused, never unpickled.
+(``checkpoint_globals``), DeepSpeed's own loads included: a file that needs anything else is refused, never unpickled.
 """
 import fcntl
 import json
@@ -143,7 +143,7 @@ class RunFolderBusy(ConfigError):
 
 
 class UnsafeCheckpointError(ConfigError):
-    """A checkpoint file needs a type outside CHECKPOINT_GLOBALS to be unpickled, so it could run code (exit 2)."""
+    """A checkpoint file needs a type outside checkpoint_globals() to be unpickled, so it could run code (exit 2)."""
 
 
 def _lock_file(output_dir):
@@ -178,7 +178,7 @@ def hold_run_folder(output_dir, rank, device):
     flag = torch.tensor([1.0 if busy else 0.0], device=device)
     dist.broadcast(flag, 0)
     if flag.item():
-        raise busy or RunFolderBusy(f"{output_dir} is in use by another run (see {os.path.join(output_dir, LOCK_FILE)})")
+        raise busy or RunFolderBusy(f"{output_dir} is in use by another run (see its {LOCK_FILE})")
     return fd
 
 
@@ -190,8 +190,9 @@ def release_run_folder(fd):
 def checkpoint_globals():
     """The non-tensor types DeepSpeed 0.19 pickles into its checkpoint files, found by listing the globals of real
     tiny checkpoints (``torch.serialization.get_unsafe_globals_in_checkpoint``) of ZeRO stages 0 to 3 in fp32 and
-    bf16: the ZeRO stage enum, the static loss scaler (the dynamic one under fp16) and the optimizer's fragment
-    addresses. Each is rebuilt from plain data (an enum value, an object's fields), never by calling code."""
+    bf16: the ZeRO stage enum, the static loss scaler and the optimizer's fragment addresses; plus the dynamic loss
+    scaler, which fp16 runs (GPU only, not seen here) store in the static one's place. Each is rebuilt from plain
+    data (an enum value, an object's fields), never by calling code."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -267,9 +268,9 @@ def _previous_run(output_dir, tags, latest):
 def plan_resume(cfg, rank=0):
     """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
 
-    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never
-    over a previous run (checkpoints, adapter/, best/ or metrics.csv), for resume=must without a checkpoint, and when ``latest`` exists but no complete
-    checkpoint does (never a silent restart at step 0).
+    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never over a
+    previous run (checkpoints, adapter/, best/ or metrics.csv), for resume=must without a checkpoint, and when
+    ``latest`` exists but no complete checkpoint does (never a silent restart at step 0).
     """
     root = os.path.join(cfg.output_dir, "checkpoints")
     tags = checkpoint_tags(root)

@@ -86,6 +86,7 @@ class Trainer:
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
         self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
+        os.makedirs(cfg.output_dir, exist_ok=True)  # rank 0 made it for the lock; other hosts' ranks too
         torch.manual_seed(cfg.seed)
         kernels.set_default_impl("attention", cfg.model.attention)
         set_deterministic_attention(cfg.model.deterministic_attention)
@@ -127,7 +128,8 @@ class Trainer:
         n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.module.parameters())
         log0(f"trainable parameters {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%), world {world}, "
-             f"micro {cfg.micro_batch_size} x accum {self.accum} x world = batch {cfg.batch_size}, device {self.device}")
+             f"micro {cfg.micro_batch_size} x accum {self.accum} x world = batch {cfg.batch_size}, "
+             f"device {self.device}")
 
     def _setup_optimizer(self):
         import deepspeed

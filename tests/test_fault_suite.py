@@ -97,7 +97,7 @@ def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder_and_a_kill_le
     assert open(os.path.join(out, LOCK_FILE)).read().split()[0] != str(first.pid)
 
 
-# --- resume=never keeps a finished run ---------------------------------------------------------------------------------
+# --- resume=never keeps a finished run -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
