@@ -59,6 +59,8 @@ def fingerprint(cfg) -> dict:
             out.update({f"{key}.{k}": x for k, x in v.items()})
         else:
             out[key] = v
+    if cfg.lr_decay_steps:  # only when set: runs from before the key keep their fingerprint
+        out["lr_decay_steps"] = cfg.lr_decay_steps
     if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:
@@ -113,7 +115,10 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
     with open(acfg_path) as f:
         acfg = json.load(f)
     # Like published LLM2Vec checkpoints: an adapter trained on top of merged ones names the last of them.
-    acfg["base_model_name_or_path"] = os.path.abspath(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
+    def ref(a):  # a local adapter by absolute path; a hub id (llm2vec's published adapters) as is
+        return os.path.abspath(a) if os.path.exists(os.path.expanduser(a)) else a
+
+    acfg["base_model_name_or_path"] = ref(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
     with open(acfg_path, "w") as f:
         json.dump(acfg, f, indent=2)
     tokenizer.save_pretrained(tmp)
@@ -124,7 +129,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "base_model": base_path,
         "gguf_file": gguf,
         "random_init": cfg.model.random_init,
-        "prior_adapters": [os.path.abspath(a) for a in cfg.model.adapters],
+        "prior_adapters": [ref(a) for a in cfg.model.adapters],
         "bidirectional": cfg.model.bidirectional,
         "pooling": c.pooling,
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
@@ -151,15 +156,22 @@ def _lock_file(output_dir):
     long as it is open) or raises RunFolderBusy naming the holder."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 256).decode(errors="replace").split()
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process that is starting"
+            raise RunFolderBusy(f"{output_dir} is in use by another run ({who} holds {path}); wait for it to end or "
+                                f"use another output_dir") from None
+        try:  # the file may have been unlinked by its last holder (release_run_folder) after we opened it
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process that is starting"
-        raise RunFolderBusy(f"{output_dir} is in use by another run ({who} holds {path}); wait for it to end or use "
-                            f"another output_dir") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
     return fd
@@ -182,9 +194,15 @@ def hold_run_folder(output_dir, rank, device):
     return fd
 
 
-def release_run_folder(fd):
-    if fd is not None:
-        os.close(fd)  # closing the last descriptor drops the flock
+def release_run_folder(fd, output_dir):
+    """Drop the lock. A run that wrote nothing else (it failed early) also removes the lock file, still holding the
+    lock, so that the folder is empty again for engine/train.py to remove (a later run rechecks the inode it
+    locked, so it never holds an unlinked file)."""
+    if fd is None:
+        return
+    if os.listdir(output_dir) == [LOCK_FILE]:
+        os.unlink(os.path.join(output_dir, LOCK_FILE))
+    os.close(fd)  # closing the last descriptor drops the flock
 
 
 def checkpoint_globals():

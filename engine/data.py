@@ -5,15 +5,21 @@ Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` 
 * plain text: one document (or sentence) per line;
 * JSONL: a ``text`` field (MNTP/SimCSE), or ``query``/``positive``/``negative(s)``/``instruction``
   (supervised; an optional ``source`` field groups examples so that each batch comes from one source);
+* the E5 directory (llm2vec's echo-data, supervised): one JSONL per dataset, with per-dataset instructions
+  (:func:`e5_rows`);
 * the STS Benchmark TSV (genre, source, year, id, score, sentence1, sentence2[, extra columns...]).
 
 Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty, malformed
 and (later, at tokenisation) truncated counts, which the trainer logs.
 """
 import dataclasses
+import hashlib
 import json
 import os
 import random
+
+
+BOM = "\ufeff"
 
 
 class DataError(ValueError):
@@ -184,41 +190,59 @@ def read_texts(sources, max_samples=0, dedup=False, seed=0):
     Documents (lines, JSONL records) stay whole and in order; STS-style pair files become single
     sentences (see :func:`split_pairs`, shuffled with ``seed``).
     """
-    if not sources:
-        raise DataError("no data given: set data=FILE (or a list of files)")
-    texts, stats = [], DataStats()
-    seen = set()
-    for src in sources:
-        if src.startswith("hf:"):
-            ds = _load_hf(src)
-            col = "text" if "text" in ds.column_names else ds.column_names[0]
-            raw = (r[col] for r in ds)
-        else:
-            _check_file(src)
-            if is_sts_file(src):
-                pairs = read_sts(src)
-                if max_samples:  # keep whole pairs, so a cut file still separates them
-                    pairs = pairs[:max(1, (max_samples - len(texts) + 1) // 2)]
-                raw = split_pairs(pairs, seed)
-            elif src.endswith((".jsonl", ".json")):
-                raw = _jsonl_field(src, "text")
-            else:
-                raw = _lines(src)
-        def clean(t):
-            t = (t or "").strip()
-            if t and dedup:
-                if t in seen:
-                    stats.duplicates += 1
-                    return False
-                seen.add(t)
-            return t or None
-
-        if _take(texts, src, raw, stats, max_samples, clean):
-            break
-    stats.kept = len(texts)
+    stats = DataStats()
+    texts = list(iter_texts(sources, stats, max_samples, dedup, seed))
     if not texts:
         raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
     return texts, stats
+
+
+def iter_texts(sources, stats, max_samples=0, dedup=False, seed=0):
+    """:func:`read_texts` as a stream: yields the kept texts one by one and fills ``stats`` as it goes (complete
+    once the stream is exhausted), so a corpus larger than memory can be tokenised. ``dedup`` remembers a 16-byte
+    digest per text, not the text."""
+    if not sources:
+        raise DataError("no data given: set data=FILE (or a list of files)")
+    seen, kept = set(), 0
+    for src in sources:
+        n = 0
+        for t in _raw_texts(src, max_samples - kept if max_samples else 0, seed):
+            stats.read += 1
+            t = (t or "").strip()
+            if not t:
+                stats.empty += 1
+                continue
+            if dedup:
+                digest = hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if digest in seen:
+                    stats.duplicates += 1
+                    continue
+                seen.add(digest)
+            n += 1
+            stats.kept = kept = kept + 1
+            yield t
+            if max_samples and kept >= max_samples:
+                break
+        stats.sources[src] = n
+        if max_samples and kept >= max_samples:
+            break
+
+
+def _raw_texts(src, room, seed):
+    """The raw texts of one source (``room``: how many more texts are wanted, 0 for all)."""
+    if src.startswith("hf:"):
+        ds = _load_hf(src)
+        col = "text" if "text" in ds.column_names else ds.column_names[0]
+        return (r[col] for r in ds)
+    _check_file(src)
+    if is_sts_file(src):
+        pairs = read_sts(src)
+        if room:  # keep whole pairs, so a cut file still separates them
+            pairs = pairs[:max(1, (room + 1) // 2)]
+        return split_pairs(pairs, seed)
+    if src.endswith((".jsonl", ".json")):
+        return _jsonl_field(src, "text")
+    return _lines(src)
 
 
 def _lines(path):
@@ -232,6 +256,8 @@ def _lines(path):
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
                                 f"{e.start + 1})") from None
+            if n == 1 and line.startswith(BOM):
+                line = line[1:]  # a UTF-8 byte-order mark is file metadata, not the first text's first character
             yield line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
 
 
@@ -270,53 +296,130 @@ def _str_field(obj, key, where):
 
 
 def read_supervised(sources, max_samples=0, default_instruction=""):
-    """[{query, positive, negatives: [...], instruction, source}] from JSONL. Returns (examples, stats)."""
+    """[{query, positive, negatives: [...], instruction, doc_instruction, source}] from JSONL, an STS TSV or an E5
+    directory (:func:`e5_rows`). Returns (examples, stats)."""
+    stats = DataStats()
+    out = list(iter_supervised(sources, stats, max_samples, default_instruction))
+    if not out:
+        raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
+    return out, stats
+
+
+def iter_supervised(sources, stats, max_samples=0, default_instruction=""):
+    """:func:`read_supervised` as a stream (``stats`` complete once it is exhausted)."""
     if not sources:
-        raise DataError("no data given: set data=FILE.jsonl")
-    out, stats = [], DataStats()
+        raise DataError("no data given: set data=FILE.jsonl (or an E5 directory)")
+    kept = 0
     for src in sources:
-        if src.startswith("hf:"):
-            rows = ((i, dict(r)) for i, r in enumerate(_load_hf(src), 1))
-        else:
-            _check_file(src)
-            rows = ((i, r) for i, r in enumerate(sts_supervised_rows(src), 1)) if is_sts_file(src) else _json_rows(src)
-        n_before = len(out)
-        for n, obj in rows:
+        n_src = 0
+        for where, obj, meta in _supervised_rows(src, default_instruction):
             stats.read += 1
             if obj is None:
                 stats.empty += 1
                 continue
-            where = f"{src}:{n}"
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with query, positive and negative(s), got "
-                                f"{_json_type(obj)}")
-            q, p = _str_field(obj, "query", where).strip(), _str_field(obj, "positive", where).strip()
-            key = "negatives" if "negatives" in obj else "negative"
-            negs = obj.get(key, [])
-            if isinstance(negs, str):
-                negs = [negs]
-            if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
-                got = _json_type(negs) if not isinstance(negs, list) else "an array holding " + ", ".join(
-                    sorted({_json_type(x) for x in negs if not isinstance(x, str)}))
-                raise DataError(f"{where}: field {key!r} must be a string or a list of strings, got {got}")
-            instruction = obj.get("instruction")
-            if instruction is not None and not isinstance(instruction, str):
-                raise DataError(f"{where}: field 'instruction' must be a string, got {_json_type(instruction)}")
-            if not q or not p or not negs or any(not x.strip() for x in negs):
+            ex = _supervised_example(obj, where, meta)
+            if ex is None:
                 stats.empty += 1
                 continue
-            out.append({"query": q, "positive": p, "negatives": [x.strip() for x in negs],
-                        "instruction": default_instruction if instruction is None else instruction,
-                        "source": str(obj.get("source", src))})
-            if max_samples and len(out) >= max_samples:
+            n_src, kept = n_src + 1, kept + 1
+            stats.kept = kept
+            yield ex
+            if max_samples and kept >= max_samples:
                 break
-        stats.sources[src] = len(out) - n_before
-        if max_samples and len(out) >= max_samples:
+        stats.sources[src] = n_src
+        if max_samples and kept >= max_samples:
             break
-    stats.kept = len(out)
-    if not out:
-        raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
-    return out, stats
+
+
+def _supervised_rows(src, default_instruction):
+    """(where, row or None, defaults) for each row of one source; defaults hold the row's source label and its
+    query and document instructions where the row names none."""
+    meta = {"source": src, "instruction": default_instruction, "doc_instruction": ""}
+    if src.startswith("hf:"):
+        return ((f"{src}:{i}", dict(r), meta) for i, r in enumerate(_load_hf(src), 1))
+    if os.path.isdir(src):
+        return e5_rows(src)
+    _check_file(src)
+    if is_sts_file(src):
+        return ((f"{src}:{i}", r, meta) for i, r in enumerate(sts_supervised_rows(src), 1))
+    return ((f"{src}:{n}", r, meta) for n, r in _json_rows(src))
+
+
+def _supervised_example(obj, where, meta):
+    """One checked example, or None when a text is empty."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with query, positive and negative(s), got "
+                        f"{_json_type(obj)}")
+    q, p = _str_field(obj, "query", where).strip(), _str_field(obj, "positive", where).strip()
+    key = "negatives" if "negatives" in obj else "negative"
+    negs = obj.get(key, [])
+    if isinstance(negs, str):
+        negs = [negs]
+    if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
+        got = _json_type(negs) if not isinstance(negs, list) else "an array holding " + ", ".join(
+            sorted({_json_type(x) for x in negs if not isinstance(x, str)}))
+        raise DataError(f"{where}: field {key!r} must be a string or a list of strings, got {got}")
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise DataError(f"{where}: field 'instruction' must be a string, got {_json_type(instruction)}")
+    if not q or not p or not negs or any(not x.strip() for x in negs):
+        return None
+    return {"query": q, "positive": p, "negatives": [x.strip() for x in negs],
+            "instruction": meta["instruction"] if instruction is None else instruction,
+            "doc_instruction": meta["doc_instruction"], "source": str(obj.get("source", meta["source"]))}
+
+
+# The E5 training data as llm2vec reads it (llm2vec/dataset/E5Data.py, from the echo-embeddings release): one
+# ``<dataset>.jsonl`` per dataset (query, positive, negative), each with its own instruction, joined to the text
+# with "; ". allnli and quora come in two halves with different prompts (the "alternation"); the symmetric tasks
+# (allnli's second half, both quora halves) put the instruction before the documents too. The halves of a dataset
+# are one group: every global batch comes from one group.
+E5_JOINER = "; "
+E5_INSTRUCTIONS = {
+    "allnli_split1": "Given a premise, retrieve a hypothesis that is entailed by the premise",
+    "allnli_split2": "Retrieve semantically similar text",
+    "dureader": "Given a Chinese search query, retrieve web passages that answer the question",
+    "eli5_question_answer": "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum",
+    "fever": "Given a claim, retrieve documents that support or refute the claim",
+    "hotpot_qa": "Given a multi-hop question, retrieve documents that can help answer the question",
+    "miracl": "Given a question, retrieve Wikipedia passages that answer the question",
+    "mrtydi": "Given a question, retrieve Wikipedia passages that answer the question",
+    "msmarco_passage": "Given a web search query, retrieve relevant passages that answer the query",
+    "msmarco_document": "Given a web search query, retrieve relevant documents that answer the query",
+    "nq": "Given a question, retrieve Wikipedia passages that answer the question",
+    "quora_duplicates_split1": "Given a question, retrieve questions that are semantically equivalent to the given "
+                               "question",
+    "quora_duplicates_split2": "Find questions that have the same meaning as the input question",
+    "squad": "Retrieve Wikipedia passages that answer the question",
+    "t2ranking": "Given a Chinese search query, retrieve web passages that answer the question",
+    "trivia_qa": "Retrieve Wikipedia passages that answer the question",
+}
+E5_SYMMETRIC = ("allnli_split2", "quora_duplicates_split1", "quora_duplicates_split2")
+
+
+def e5_group(dataset):
+    """The batch group of an E5 dataset file: its name without the _split1 / _split2 half."""
+    return dataset.replace("_split1", "").replace("_split2", "")
+
+
+def e5_files(directory):
+    """{dataset: path} of the known E5 dataset files in ``directory`` (others are not read: see the stats)."""
+    found = {name: os.path.join(directory, f"{name}.jsonl") for name in E5_INSTRUCTIONS
+             if os.path.isfile(os.path.join(directory, f"{name}.jsonl"))}
+    if not found:
+        raise DataError(f"{directory} is a directory but holds none of the E5 dataset files (allnli_split1.jsonl, "
+                        f"msmarco_passage.jsonl, ... as in llm2vec's echo-data); other data must be a file")
+    return found
+
+
+def e5_rows(directory):
+    """Rows of an E5 directory in llm2vec's dataset order, each with its dataset's instruction and group."""
+    for name, path in e5_files(directory).items():
+        prompt = E5_INSTRUCTIONS[name] + E5_JOINER
+        meta = {"source": e5_group(name), "instruction": prompt,
+                "doc_instruction": prompt if name in E5_SYMMETRIC else ""}
+        for n, obj in _json_rows(path):
+            yield f"{path}:{n}", obj, meta
 
 
 def sts_supervised_rows(path, positive_min=4.0, negative_max=2.0):
@@ -357,33 +460,86 @@ def _json_rows(path):
             raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
 
 
-def chunk_documents(texts, tokenizer, max_seq_len):
-    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens.
+class BlockChunker:
+    """MNTP blocks from a stream of tokenised documents, in time linear in the tokens.
+
+    Documents are joined with EOS into one stream that is cut into blocks of ``body = max_seq_len - len(prefix)``
+    tokens, each block being ``prefix + body tokens`` (``prefix``: :func:`engine.encoding.special_prefix`).
+    :meth:`feed` keeps only the tail shorter than one block between documents, so every token is copied a
+    bounded number of times (the tail, < body, plus the document once): O(n) for n tokens, where cutting the
+    front off the whole remaining stream per block is O(n^2 / body).
+    """
+
+    def __init__(self, tokenizer, max_seq_len):
+        from .encoding import special_prefix
+
+        self.prefix = list(special_prefix(tokenizer))
+        self.eos = tokenizer.eos_token_id
+        self.body = max_seq_len - len(self.prefix)
+        if self.body < 2:
+            raise DataError(f"max_seq_len {max_seq_len} is too short")
+        self.tail = []
+
+    def feed(self, ids):
+        """Add one document's ids; return the blocks it completes."""
+        stream = self.tail + list(ids)
+        if self.eos is not None:
+            stream.append(self.eos)
+        b = self.body
+        full = len(stream) // b
+        self.tail = stream[full * b:]
+        return [self.prefix + stream[k * b:(k + 1) * b] for k in range(full)]
+
+    def finish(self):
+        """The last, shorter block (kept, padded later), unless it is a lone token."""
+        tail, self.tail = self.tail, []
+        return [self.prefix + tail] if len(tail) > 1 else []
+
+
+def tokenized_batches(texts, tokenizer, progress=False, total_chars=None, batch_chars=1 << 20, batch_texts=1024):
+    """Yield the ids (no special tokens) of ``texts`` in order, tokenised in batches of about ``batch_chars``
+    characters (one call per batch: a fast tokenizer's parallelism, memory bounded by the batch).
+
+    ``progress``: a tqdm bar counting characters (``total_chars`` if known), for loads that take minutes.
+    """
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_chars, desc="tokenise", unit="char", unit_scale=True, dynamic_ncols=True)
+    batch, size = [], 0
+    try:
+        for t in texts:
+            batch.append(t)
+            size += len(t)
+            if size >= batch_chars or len(batch) >= batch_texts:
+                yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+                if bar is not None:
+                    bar.update(size)
+                batch, size = [], 0
+        if batch:
+            yield from tokenizer(batch, add_special_tokens=False)["input_ids"]
+            if bar is not None:
+                bar.update(size)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def chunk_documents(texts, tokenizer, max_seq_len, progress=False):
+    """Tokenise, join documents with EOS, and cut into blocks of max_seq_len tokens (:class:`BlockChunker`).
 
     Each block starts with the special tokens the tokenizer itself puts before a text
     (:func:`engine.encoding.special_prefix`: BOS for Llama/Mistral/Gemma, nothing for SmolLM2 or Qwen), the
     one rule the encoder follows too, so training and inference see the same first token.
     Nothing is lost: a long document spans several blocks; the last, shorter block is kept (padded later).
     """
-    from .encoding import special_prefix
-
-    bos = special_prefix(tokenizer)
-    eos = tokenizer.eos_token_id
-    body = max_seq_len - len(bos)
-    if body < 2:
-        raise DataError(f"max_seq_len {max_seq_len} is too short")
-    stream, blocks = [], []
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    for ids in enc:
-        stream.extend(ids)
-        if eos is not None:
-            stream.append(eos)
-        while len(stream) >= body:
-            blocks.append(bos + stream[:body])
-            stream = stream[body:]
-    if len(stream) > 1:
-        blocks.append(bos + stream)
-    return blocks
+    chunker = BlockChunker(tokenizer, max_seq_len)
+    blocks = []
+    total = sum(len(t) for t in texts) if progress else None
+    for ids in tokenized_batches(texts, tokenizer, progress, total):
+        blocks += chunker.feed(ids)
+    return blocks + chunker.finish()
 
 
 class BatchPlan:

@@ -20,7 +20,7 @@ def lr_lambda(cfg):
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
             return 1.0
-        span = max(cfg.max_steps - cfg.warmup_steps, 1)
+        span = max((cfg.lr_decay_steps or cfg.max_steps) - cfg.warmup_steps, 1)  # lr_decay_steps: 0 = max_steps
         t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return 1.0 - t if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
     return f
@@ -92,8 +92,8 @@ def _flat_bf16_grad_norm(engine):
 
 
 def tune_optimizer_step(engine):
-    """The engine's adjustments to DeepSpeed's optimizer step (shared with benchmarks/bench_step_ops); returns a
-    line for the log."""
+    """The engine's adjustments to DeepSpeed's optimizer step (shared with the CPU proxy,
+    benchmarks/step_paths.py); returns a line for the log."""
     _record_grad_norm(engine)
     flat = _flat_bf16_grad_norm(engine)
     wrapped = not isinstance(engine.optimizer, torch.optim.Optimizer)

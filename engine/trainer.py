@@ -50,7 +50,7 @@ class EngineModule(torch.nn.Module):
 
 def setup_model(cfg, stage, model, world, local_world, device, log=log0):
     """The stage's model changes, LoRA (fused per ``model.fused_ops``), then the memory plan, the ZeRO stage and the
-    recompute policy it implies, applied. Returns (model, plan, zero_stage). Shared with benchmarks/bench_step_ops."""
+    recompute policy it implies, applied. Returns (model, plan, zero_stage). Shared with the CPU proxy (benchmarks/step_paths.py)."""
     model = stage.prepare_model(model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
@@ -85,6 +85,9 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
         self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here
+        few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
+        if few_negatives:
+            warn0(self.rank, few_negatives)
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
         os.makedirs(cfg.output_dir, exist_ok=True)  # rank 0 made it for the lock; other hosts' ranks too
         torch.manual_seed(cfg.seed)
@@ -277,7 +280,7 @@ class Trainer:
         return adapter
 
     def close(self):
-        release_run_folder(self.lock)
+        release_run_folder(self.lock, self.cfg.output_dir)
         self.lock = None
 
 

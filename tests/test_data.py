@@ -104,3 +104,20 @@ def test_batch_plan_source_homogeneous():
 def test_too_little_data_for_a_batch():
     with pytest.raises(DataError, match="fewer than one global batch"):
         BatchPlan(5, 8, 2, 2, 0, seed=0)
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_text(tmp_path):
+    bom = "\ufeff".encode("utf-8")
+    txt, jsonl, csv = tmp_path / "d.txt", tmp_path / "d.jsonl", tmp_path / "s.csv"
+    txt.write_bytes(bom + "first\nsecond\n".encode())
+    jsonl.write_bytes(bom + b'{"text": "a"}\n{"text": "b"}\n')
+    csv.write_bytes(bom + b"g\ts\t2012\t1\t4.0\tone\ttwo\ng\ts\t2012\t2\t1.0\tthree\tfour\n")
+    assert read_texts([str(txt)])[0] == ["first", "second"]
+    assert read_texts([str(jsonl)])[0] == ["a", "b"]
+    assert read_sts(str(csv))[0] == ("one", "two", 4.0)
+    sup = tmp_path / "s.jsonl"
+    sup.write_bytes(bom + b'{"query": "q", "positive": "p", "negative": "n"}\n')
+    assert read_supervised([str(sup)])[0][0]["query"] == "q"
+    mid = tmp_path / "mid.txt"  # only a leading mark is metadata: one inside the text is kept
+    mid.write_text("a\ufeffb\n", encoding="utf-8")
+    assert read_texts([str(mid)])[0] == ["a\ufeffb"]

@@ -10,7 +10,10 @@ import torch
 
 import kernels
 
-from ..data import DataError, chunk_documents, read_texts
+import dataclasses
+
+from .. import token_cache
+from ..data import BlockChunker, DataError, DataStats, iter_texts, tokenized_batches
 from ..encoding import pad_batch
 from ..modeling import lm_head_of, packed_hidden_states, packing
 from .base import Stage
@@ -42,7 +45,12 @@ def resolve_mask_token(tokenizer, spec):
         return tokenizer.mask_token_id, True
     if spec == "<mask>":
         return tokenizer.mask_token_id, False
-    ids = tokenizer(spec, add_special_tokens=False)["input_ids"]
+    # As llm2vec (run_mntp.py): the token *named* spec, by vocabulary lookup. Tokenising "_" can differ: a
+    # SentencePiece tokenizer (Llama-2, Mistral) reads it as the word-initial piece "▁_", not the piece "_".
+    vid = tokenizer.convert_tokens_to_ids(spec)
+    if vid is not None and (vid != tokenizer.unk_token_id or spec == tokenizer.unk_token):
+        return vid, False
+    ids = tokenizer(spec, add_special_tokens=False)["input_ids"]  # not a vocabulary entry: its one-token encoding
     if len(ids) != 1:
         raise DataError(f"mntp.mask_token {spec!r} is {len(ids)} tokens for this tokenizer; it must be one token")
     return ids[0], False
@@ -90,10 +98,27 @@ class MNTPStage(Stage):
         return model
 
     def load(self, sources, max_samples=0):
-        texts, stats = read_texts(sources, max_samples, seed=self.cfg.seed)
-        blocks = chunk_documents(texts, self.tok, self.cfg.max_seq_len)
-        stats.sources["blocks"] = len(blocks)
-        return blocks, stats, None
+        """The blocks (:class:`engine.data.BlockChunker`) from the token cache (:mod:`engine.token_cache`): tokenised
+        once, streamed, read lazily per batch."""
+        seed, max_seq_len = self.cfg.seed, self.cfg.max_seq_len
+
+        def build(writer, progress):
+            stats = DataStats()
+            chunker = BlockChunker(self.tok, max_seq_len)
+            texts = iter_texts(sources, stats, max_samples, seed=seed)
+            for ids in tokenized_batches(texts, self.tok, progress, token_cache.source_bytes(sources)):
+                for block in chunker.feed(ids):
+                    writer.add(block)
+            for block in chunker.finish():
+                writer.add(block)
+            if not stats.kept:
+                raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
+            stats.sources["blocks"] = writer.n
+            return dataclasses.asdict(stats)
+
+        settings = {"stage": "mntp", "max_seq_len": max_seq_len, "max_samples": max_samples, "seed": seed}
+        blocks, meta = token_cache.cached_items("tokens", self.tok, sources, settings, build)
+        return blocks, DataStats(**meta["stats"]), None
 
     def collate(self, items, generator):
         if not items:

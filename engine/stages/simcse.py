@@ -1,7 +1,10 @@
 """Unsupervised SimCSE: every sentence passes twice under dropout (attention-probability dropout,
 default 0.3 as in LLM2Vec, plus LoRA dropout); the two views are each other's positive and the
 other sentences of the batch (across ranks too) are the negatives."""
-from ..data import read_texts
+import dataclasses
+
+from .. import token_cache
+from ..data import DataError, DataStats, iter_texts
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -10,8 +13,20 @@ class SimCSEStage(ContrastiveStage):
     name = "simcse"
 
     def load(self, sources, max_samples=0):
-        texts, stats = read_texts(sources, max_samples, dedup=True, seed=self.cfg.seed)
-        return texts, stats, None
+        """The de-duplicated sentences, from the item cache (:mod:`engine.token_cache`), read lazily per batch."""
+        seed = self.cfg.seed
+
+        def build(writer, progress):
+            stats = DataStats()
+            for text in iter_texts(sources, stats, max_samples, dedup=True, seed=seed):
+                writer.add(text)
+            if not stats.kept:
+                raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
+            return dataclasses.asdict(stats)
+
+        settings = {"stage": "simcse", "max_samples": max_samples, "seed": seed, "dedup": True}
+        texts, meta = token_cache.cached_items("json", None, sources, settings, build)
+        return texts, DataStats(**meta["stats"]), None
 
     def collate(self, items, generator):
         if not items:

@@ -9,7 +9,10 @@ its score, ``engine.losses``), with the same cross-rank batches and gradient cac
 """
 import torch
 
-from ..data import read_scored_pairs, read_supervised
+import dataclasses
+
+from .. import token_cache
+from ..data import DataError, DataStats, iter_supervised, read_scored_pairs
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -21,11 +24,22 @@ class SupervisedStage(ContrastiveStage):
         if self.cfg.contrastive.loss != "infonce":  # graded losses: every scored pair, scores kept
             pairs, stats = read_scored_pairs(sources, max_samples)
             return pairs, stats, None
-        ex, stats = read_supervised(sources, max_samples, self.cfg.contrastive.instruction)
-        groups = [e["source"] for e in ex] if self.cfg.contrastive.source_homogeneous_batches else None
-        if groups is not None and len(set(groups)) == 1:
+        instruction = self.cfg.contrastive.instruction
+
+        def build(writer, progress):  # examples from the item cache (engine.token_cache), read lazily per batch
+            stats = DataStats()
+            for e in iter_supervised(sources, stats, max_samples, instruction):
+                writer.add(e, group=e["source"])
+            if not stats.kept:
+                raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
+            return dataclasses.asdict(stats)
+
+        settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction}
+        ex, meta = token_cache.cached_items("json", None, sources, settings, build)
+        groups = ex.groups if self.cfg.contrastive.source_homogeneous_batches else None
+        if groups is not None and len(meta["groups"]) == 1:
             groups = None
-        return ex, stats, groups
+        return ex, DataStats(**meta["stats"]), groups
 
     def collate(self, items, generator):
         if not items:
@@ -40,7 +54,8 @@ class SupervisedStage(ContrastiveStage):
         docs = [e["positive"] for e in items]
         for k in range(n):
             docs += [e["negatives"][k % len(e["negatives"])] for e in items]
-        d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, None, doc_len, c.pooling)
+        d_instr = [e.get("doc_instruction", "") for e in items] * (1 + n)  # E5's symmetric tasks: documents too
+        d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, d_instr, doc_len, c.pooling)
         ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
                                  "truncated": t1 + t2})

@@ -1,0 +1,212 @@
+"""A disk cache of training items that every rank and every resumed run reads lazily.
+
+A stage's items are written once to ``<root>/<key>/``: ``data.bin`` holds the items back to back (MNTP: token ids
+as uint32; SimCSE and supervised: UTF-8 JSON, tokenised per batch in ``collate`` because their tokenisation
+depends on the instruction and the chat wrap), ``offsets.bin`` the int64 boundaries (item i is
+``data[offsets[i]:offsets[i + 1]]``), ``groups.bin`` an int32 group per item where batches are grouped, and
+``meta.json`` the counts (:class:`engine.data.DataStats`) and the group names. Both arrays are memory-mapped:
+an item costs memory only while its batch is collated, so a rank's memory does not grow with the corpus
+(the batch plan keeps one index per item; the page cache, shared by the ranks, holds what was read).
+
+The key is a SHA-256 of the tokenizer's identity (class, name, a hash of its vocabulary and special tokens),
+each source's content (SHA-256 of a local file; the spec and the ``datasets`` fingerprint of an ``hf:`` source)
+and the settings that shape the items (stage, max_seq_len, max_samples, seed, ...): another tokenizer, other
+data or other settings is another entry, never a stale one.
+
+One process builds an entry, under an exclusive lock on the cache (``engine.assets.cache_lock``): the ranks that
+wait on the lock then find the entry complete. A build writes into ``<key>.tmp-<pid>/`` and renames it into
+place, so a killed build leaves no entry, only a temp folder that the next build removes.
+
+Root: ``$LLM2VEC_ENGINE_TOKEN_CACHE`` if set, else ``$LLM2VEC_ENGINE_CACHE/tokens`` (``~/.cache/llm2vec-engine``).
+"""
+import glob
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import numpy as np
+
+from .assets import cache_dir, cache_lock, sha256_of
+
+FORMAT = 1
+_DTYPES = {"tokens": np.uint32, "json": np.uint8}
+
+
+def cache_root():
+    return os.environ.get("LLM2VEC_ENGINE_TOKEN_CACHE") or os.path.join(cache_dir(), "tokens")
+
+
+def tokenizer_identity(tokenizer):
+    """What makes two tokenizers give the same ids: class, name, vocabulary and special tokens."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    h = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    return {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
+            "vocab_sha256": h.hexdigest(), "vocab_size": len(vocab), "specials": specials}
+
+
+def source_identity(src):
+    """A local file or directory by the SHA-256 of its content; an ``hf:`` spec by the spec and the dataset's
+    fingerprint where ``datasets`` gives one."""
+    if src.startswith("hf:"):
+        from .data import _load_hf
+
+        return {"hf": src, "fingerprint": getattr(_load_hf(src), "_fingerprint", None)}
+    if os.path.isdir(src):
+        files = sorted(f for f in glob.glob(os.path.join(src, "*")) if os.path.isfile(f))
+        return {"dir": [(os.path.basename(f), sha256_of(f)) for f in files]}
+    if os.path.isfile(src):
+        return {"file": sha256_of(src)}
+    return {"missing": src}  # the reader reports it
+
+
+def cache_key(tokenizer, sources, settings):
+    ident = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
+             "sources": [source_identity(s) for s in sources], "settings": settings}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class _Writer:
+    """Appends items to an entry's files; offsets and groups are flushed in chunks, so building holds one chunk."""
+
+    def __init__(self, folder, kind):
+        self.folder, self.kind, self.dtype = folder, kind, _DTYPES[kind]
+        self.data = open(os.path.join(folder, "data.bin"), "wb")
+        self.offsets = open(os.path.join(folder, "offsets.bin"), "wb")
+        self.groups = open(os.path.join(folder, "groups.bin"), "wb")
+        self.group_names = {}
+        self.end, self.n = 0, 0
+        self._off, self._grp = [0], []
+
+    def add(self, item, group=None):
+        if self.kind == "tokens":
+            arr = np.asarray(item, dtype=self.dtype)
+        else:
+            arr = np.frombuffer(json.dumps(item, ensure_ascii=False).encode("utf-8", "surrogatepass"), np.uint8)
+        arr.tofile(self.data)
+        self.end += len(arr)
+        self.n += 1
+        self._off.append(self.end)
+        if group is not None:
+            self._grp.append(self.group_names.setdefault(group, len(self.group_names)))
+        if len(self._off) >= 65536:
+            self._flush()
+
+    def _flush(self):
+        np.asarray(self._off, dtype=np.int64).tofile(self.offsets)
+        np.asarray(self._grp, dtype=np.int32).tofile(self.groups)
+        self._off, self._grp = [], []
+
+    def close(self):
+        self._flush()
+        for f in (self.data, self.offsets, self.groups):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+
+
+def _complete(folder):
+    return os.path.isfile(os.path.join(folder, "meta.json"))
+
+
+def cached_items(kind, tokenizer, sources, settings, build, progress=True):
+    """:func:`build_or_open` under :func:`cache_key` (``tokenizer`` None: the items are texts, not ids)."""
+    return build_or_open(cache_key(tokenizer, sources, settings), kind, build, progress)
+
+
+def source_bytes(sources):
+    """Total size of the local sources (the tokenising bar's total; None with an ``hf:`` source)."""
+    total = 0
+    for s in sources:
+        if s.startswith("hf:") or not os.path.exists(s):
+            return None
+        files = [os.path.join(s, f) for f in os.listdir(s)] if os.path.isdir(s) else [s]
+        total += sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+    return total
+
+
+def build_or_open(key, kind, build, progress=True):
+    """The cached entry ``key``, built first if absent: ``build(writer, progress)`` adds the items and returns a
+    JSON-able dict (the stats) stored in ``meta.json``. Returns (:class:`CachedItems`, meta dict)."""
+    root = cache_root()
+    folder = os.path.join(root, key)
+    if not _complete(folder):
+        with cache_lock(root):
+            if not _complete(folder):
+                for stale in glob.glob(folder + ".tmp-*"):  # a build killed before its rename (we hold the lock)
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp = f"{folder}.tmp-{os.getpid()}"
+                os.makedirs(tmp)
+                try:
+                    writer = _Writer(tmp, kind)
+                    stats = build(writer, progress)
+                    writer.close()
+                    names = sorted(writer.group_names, key=writer.group_names.get)
+                    meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}
+                    with open(os.path.join(tmp, "meta.json"), "w") as f:
+                        json.dump(meta, f)
+                    os.rename(tmp, folder)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return CachedItems(folder, meta), meta
+
+
+class CachedItems(Sequence):
+    """The items of a cache entry, read on access: ``items[i]`` (a list of ids, or the stored JSON value) and
+    ``items[a:b]`` (a list of those) read only what they return."""
+
+    def __init__(self, folder, meta):
+        self.folder, self.kind, self.n = folder, meta["kind"], meta["items"]
+        self.data = self._map("data.bin", _DTYPES[self.kind])
+        self.offsets = self._map("offsets.bin", np.int64)
+        names = meta.get("groups")
+        self.groups = None
+        if names:
+            idx = self._map("groups.bin", np.int32)
+            self.groups = _Labels(idx, names)
+
+    def _map(self, name, dtype):
+        path = os.path.join(self.folder, name)
+        if os.path.getsize(path) == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if i < 0:
+            i += self.n
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        chunk = self.data[int(self.offsets[i]):int(self.offsets[i + 1])]
+        if self.kind == "tokens":
+            return chunk.tolist()
+        return json.loads(chunk.tobytes().decode("utf-8", "surrogatepass"))
+
+
+class _Labels(Sequence):
+    """Group names per item, read from the memory-mapped group indices (what ``BatchPlan(groups=...)`` reads)."""
+
+    def __init__(self, idx, names):
+        self.idx, self.names = idx, names
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.names[k] for k in self.idx[i].tolist()]
+        return self.names[int(self.idx[i])]
+
+    def __iter__(self):
+        names = self.names
+        for start in range(0, len(self.idx), 65536):
+            for k in self.idx[start:start + 65536].tolist():
+                yield names[k]

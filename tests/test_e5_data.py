@@ -1,0 +1,88 @@
+"""The E5 training data as llm2vec reads it (one JSONL per dataset, echo-data's layout): per-dataset instructions
+joined with "; ", documents instructed for the symmetric tasks, split halves in one group, and one dataset per
+global batch. The sample in data/e5-sample/ is synthetic, written in that layout."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from engine.config import load_config
+from engine.data import E5_INSTRUCTIONS, BatchPlan, DataError, read_supervised, read_texts
+from engine.encoding import tokenize_with_instruction
+from engine.modeling import load_tokenizer
+from engine.stages import build_stage
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "e5-sample")
+
+
+@pytest.fixture(autouse=True)
+def _token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "token-cache"))
+
+
+def test_e5_directory_instructions_joiner_and_groups():
+    ex, stats = read_supervised([SAMPLE])
+    assert len(ex) == 16 * 6 and stats.kept == 96
+    by_file = {}
+    for e in ex:
+        name = e["query"].rsplit("(", 1)[1].split()[0]  # the sample names its file in each query
+        by_file.setdefault(name, []).append(e)
+    assert set(by_file) == set(E5_INSTRUCTIONS)
+    nq, nli1, nli2, quora1 = (by_file[k][0] for k in ("nq", "allnli_split1", "allnli_split2",
+                                                       "quora_duplicates_split1"))
+    assert nq["instruction"] == "Given a question, retrieve Wikipedia passages that answer the question; "
+    assert nq["doc_instruction"] == ""  # asymmetric retrieval: documents carry no instruction
+    # allnli alternates between two prompts (its two halves), and its second half is symmetric
+    assert nli1["instruction"] == "Given a premise, retrieve a hypothesis that is entailed by the premise; "
+    assert nli2["instruction"] == nli2["doc_instruction"] == "Retrieve semantically similar text; "
+    assert nli1["doc_instruction"] == ""
+    assert quora1["doc_instruction"] == quora1["instruction"]
+    assert by_file["quora_duplicates_split2"][0]["instruction"].startswith("Find questions that have the same")
+    # the halves of a dataset are one group
+    assert nli1["source"] == nli2["source"] == "allnli" and quora1["source"] == "quora_duplicates"
+    assert len({e["source"] for e in ex}) == 14
+
+
+def test_the_instruction_is_joined_as_llm2vec_joins_it_and_not_pooled():
+    tok = load_tokenizer(load_config("configs/tiny/supervised.yaml", []).model)
+    e = next(x for x in read_supervised([SAMPLE])[0] if x["source"] == "fever")
+    ids, pms, _ = tokenize_with_instruction(tok, [e["query"]], [e["instruction"]], 512, "mean")
+    joined = "Given a claim, retrieve documents that support or refute the claim; " + e["query"]
+    assert ids[0] == tok(joined)["input_ids"]
+    pooled = [t for t, m in zip(ids[0], pms[0]) if m]
+    text = tok.decode(pooled).strip()  # the query (less its first word where BPE fuses it with the "; " space)
+    assert e["query"].endswith(text) and len(text) >= len(e["query"]) - 5 and "claim" not in text
+
+
+def test_one_dataset_per_global_batch_through_the_supervised_stage():
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={SAMPLE}", "batch_size=4", "micro_batch_size=2"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+    items, stats, groups = stage.load(cfg.data, 0)
+    assert len(items) == 96 and groups is not None and len(set(groups)) == 14
+    plan = BatchPlan(len(items), 4, 2, 1, 0, seed=3, groups=groups)
+    for step in range(plan.steps_per_epoch):
+        idx = [i for mb in plan.micro_batches(step) for i in mb]
+        assert len({groups[i] for i in idx}) == 1
+    # documents of a symmetric dataset carry the instruction (attended, not pooled), others none
+    sym = [i for i in range(len(items)) if groups[i] == "quora_duplicates"][:2]
+    asym = [i for i in range(len(items)) if groups[i] == "squad"][:2]
+    for pick, instructed in ((sym, True), (asym, False)):
+        batch = stage.collate([items[i] for i in pick], torch.Generator().manual_seed(0))
+        doc_rows = batch["pool_mask"][2:]  # queries first, then positives and negatives
+        attended_not_pooled = (batch["attention_mask"][2:] - doc_rows).sum(1)
+        assert bool((attended_not_pooled > 0).all()) is instructed
+
+
+def test_directory_errors(tmp_path):
+    with pytest.raises(DataError, match="holds none of the E5 dataset files"):
+        read_supervised([str(tmp_path)])
+    with pytest.raises(DataError, match="not a file"):
+        read_texts([SAMPLE])
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(os.path.join(SAMPLE, "nq.jsonl"), part / "nq.jsonl")
+    (part / "nq.jsonl").open("a").write(json.dumps({"query": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"nq.jsonl:7: missing field 'positive'"):
+        read_supervised([str(part)])

@@ -1,0 +1,180 @@
+"""The item cache (engine/token_cache.py): built once per (tokenizer, data, settings), equal to the in-memory items,
+never left half-written, read lazily, and a rank's memory does not grow with the corpus."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from engine import token_cache
+from engine.config import load_config
+from engine.data import DataError, chunk_documents, read_texts
+from engine.modeling import load_tokenizer
+from engine.stages import build_stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+class _Counting:
+    """Wraps a tokenizer and counts the texts it tokenises."""
+
+    def __init__(self, tok):
+        self.tok, self.texts = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, texts, **kw):
+        self.texts += 1 if isinstance(texts, str) else len(texts)
+        return self.tok(texts, **kw)
+
+
+def _mntp(overrides=()):
+    cfg = load_config("configs/tiny/mntp.yaml", list(overrides))
+    tok = _Counting(load_tokenizer(cfg.model))
+    stage = build_stage(cfg, tok)
+    tok.texts = 0  # (the stage tokenises its mask token)
+    return cfg, tok, stage
+
+
+def test_mntp_items_are_tokenised_once_and_equal_the_in_memory_blocks(tmp_path, _cache):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"document {i}: " + "some words here " * (i % 40) + "\n" for i in range(300)))
+    cfg, tok, stage = _mntp([f"data={docs}", "max_seq_len=48"])
+    items, stats, _ = stage.load(cfg.data, 0)
+    texts, _ = read_texts([str(docs)], seed=cfg.seed)
+    expected = chunk_documents(texts, tok.tok, 48)
+    assert len(items) == len(expected) == stats.sources["blocks"] and items[:] == expected
+    assert items[3] == expected[3] and items[-1] == expected[-1] and items[2:5] == expected[2:5]
+    assert stats.kept == 300 and stats.read == 300
+    again, stats2, _ = _mntp([f"data={docs}", "max_seq_len=48"])[2].load(cfg.data, 0)
+    assert again[:] == expected and stats2.summary() == stats.summary()
+    entries = sorted(os.listdir(_cache))
+    # other settings or other data: another entry, never the stale one
+    _mntp([f"data={docs}", "max_seq_len=32"])[2].load(cfg.data, 0)
+    docs.write_text("changed text\n" * 50)
+    changed, _, _ = _mntp([f"data={docs}", "max_seq_len=48"])[2].load(cfg.data, 0)
+    assert len(os.listdir(_cache)) == len(entries) + 2
+    assert changed[:] == chunk_documents(["changed text"] * 50, tok.tok, 48)
+
+
+def test_a_second_load_does_not_tokenise(tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("alpha beta gamma\n" * 100)
+    cfg, tok, stage = _mntp([f"data={docs}"])
+    stage.load(cfg.data, 0)
+    assert tok.texts > 0
+    cfg2, tok2, stage2 = _mntp([f"data={docs}"])
+    stage2.load(cfg.data, 0)
+    assert tok2.texts == 0
+
+
+def test_a_failed_build_leaves_no_entry(tmp_path, _cache):
+    calls = []
+
+    def build(writer, progress):
+        writer.add([1, 2, 3])
+        calls.append(1)
+        raise DataError("boom")
+
+    with pytest.raises(DataError, match="boom"):
+        token_cache.build_or_open("k1", "tokens", build)
+    assert not [p for p in os.listdir(_cache) if p.startswith("k1")]  # neither the entry nor its temp folder
+
+    def good(writer, progress):
+        writer.add([4, 5])
+        writer.add([6])
+        return {"n": 2}
+
+    items, meta = token_cache.build_or_open("k1", "tokens", good)
+    assert items[:] == [[4, 5], [6]] and meta["stats"] == {"n": 2} and calls == [1]
+
+
+def test_simcse_and_supervised_items_come_from_the_cache(tmp_path):
+    sts = os.path.join(ROOT, "data", "stsbenchmark", "sts-dev.csv")
+    cfg = load_config("configs/tiny/simcse.yaml", [f"data={sts}"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+    items, stats, _ = stage.load(cfg.data, 200)
+    texts, stats_mem = read_texts([sts], 200, dedup=True, seed=cfg.seed)
+    assert isinstance(items, token_cache.CachedItems) and items[:] == texts
+    assert stats.summary() == stats_mem.summary()
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import os, sys, random
+    sys.path.insert(0, {root!r})
+    os.environ["LLM2VEC_ENGINE_TOKEN_CACHE"] = {cache!r}
+    from engine.data import BlockChunker, chunk_documents, read_texts
+
+
+    class WordTokenizer:  # a fast stand-in: one id per word, ids above 256 (no small-int sharing)
+        eos_token_id, bos_token_id, all_special_ids = 2, None, [2]
+
+        def __call__(self, texts, add_special_tokens=True, **kw):
+            return {{"input_ids": [[300 + len(w) * 997 + ord(w[0]) for w in t.split()] for t in texts]}}
+
+        def get_vocab(self):
+            return {{"w": 0}}
+
+
+    def hwm():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) // 1024
+
+
+    tok, path, mode = WordTokenizer(), {path!r}, sys.argv[1]
+    import engine.stages.mntp  # imports (torch) counted in the baseline
+    base = hwm()
+    if mode == "memory":
+        texts, _ = read_texts([path])
+        items = chunk_documents(texts, tok, 512)
+    else:
+        from engine import token_cache
+        from engine.data import DataStats, iter_texts, tokenized_batches
+
+        def build(writer, progress):
+            st, ch = DataStats(), BlockChunker(tok, 512)
+            for ids in tokenized_batches(iter_texts([path], st), tok):
+                for b in ch.feed(ids):
+                    writer.add(b)
+            for b in ch.finish():
+                writer.add(b)
+            return {{}}
+
+        items, _ = token_cache.cached_items("tokens", tok, [path], {{}}, build, progress=False)
+    rng = random.Random(0)
+    for _ in range(200):  # what training reads: batches of random items
+        batch = [items[rng.randrange(len(items))] for _ in range(8)]
+    print(len(items), hwm() - base)
+""")
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    """A 40 MB corpus (7M tokens): holding its texts and blocks in memory raises the peak RSS by ~500 MB (measured
+    on the dev machine), while the cache's build-and-read raises it by what one tokenising batch takes (~30 MB,
+    whatever the corpus size: see benchmarks/bench_data.py for 1 GB). The bound between them is 120 MB."""
+    path = tmp_path / "corpus.txt"
+    words = ["river", "valley", "storm", "violin", "bridge", "comet", "library", "noodle", "steel", "market"]
+    line = " ".join(words[(i * 7) % 10] + str(i % 97) for i in range(60)) + "\n"
+    with open(path, "w") as f:
+        for _ in range(40_000_000 // len(line)):
+            f.write(line)
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_SCRIPT.format(root=ROOT, cache=str(tmp_path / "cache"), path=str(path)))
+    out = {}
+    for mode in ("memory", "cache"):
+        res = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        out[mode] = [int(x) for x in res.stdout.split()]
+    assert out["memory"][0] == out["cache"][0]  # the same blocks
+    assert out["memory"][1] > 120, out
+    assert out["cache"][1] < 120, out
