@@ -99,7 +99,7 @@ def test_a_run_started_from_a_hub_adapter_names_it_by_its_hub_id(tmp_path):
 
     from engine.config import load_config
     from engine.modeling import add_lora, load_tokenizer
-    from engine.trainer import write_adapter
+    from engine.checkpoint import write_adapter
 
     local = tmp_path / "mntp"
     local.mkdir()

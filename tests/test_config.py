@@ -77,7 +77,7 @@ def test_list_override_and_nested():
 
 
 def test_lr_decay_steps_sets_the_schedule_horizon():
-    from engine.trainer import lr_lambda
+    from engine.optim import lr_lambda
 
     base = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["max_steps=100", "warmup_steps=0"])
     f = lr_lambda(base)
@@ -88,7 +88,7 @@ def test_lr_decay_steps_sets_the_schedule_horizon():
     assert g(50) == pytest.approx(1 - 50 / 400) and g(100) == pytest.approx(0.75)
     with pytest.raises(ConfigError, match="lr_decay_steps must be >= 0"):
         load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lr_decay_steps=-1"])
-    from engine.config import fingerprint
+    from engine.checkpoint import fingerprint
 
     assert "lr_decay_steps" not in fingerprint(base) and fingerprint(longer)["lr_decay_steps"] == 400
 
@@ -96,7 +96,7 @@ def test_lr_decay_steps_sets_the_schedule_horizon():
 @pytest.mark.parametrize("model", ["llama2-7b", "mistral-7b", "llama3-8b", "llama3.1-8b", "sheared-llama-1.3b",
                                    "qwen2-0.5b"])
 def test_recipe_configs_follow_llm2vec(model):
-    from engine.trainer import lr_lambda
+    from engine.optim import lr_lambda
 
     m = load_config(os.path.join(ROOT, f"configs/{model}/mntp.yaml"))
     assert (m.learning_rate, m.max_steps, m.max_seq_len, m.lora.r, m.lora.alpha, m.mntp.mask_token) == \
