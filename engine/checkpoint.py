@@ -6,12 +6,21 @@ rank 0 marks it ``COMPLETE`` and then replaces ``checkpoints/latest`` atomically
 from the previous checkpoint. Only complete checkpoints are resumed, only one of the same run (same fingerprint)
 unless ``resume=force``, and a missing, dangling or unloadable ``latest`` falls back to the newest complete
 checkpoint with a warning, never to step 0. ``best/`` keeps the adapter with the highest dev STS Spearman.
+
+The run folder has one owner: rank 0 holds an exclusive ``flock`` on ``<output_dir>/run.lock`` (holder's pid and host
+written inside) for the whole run; the kernel drops it when the process ends, however it ends. Checkpoint files are
+read with ``torch.load(weights_only=True)`` and an explicit allowlist of the types DeepSpeed stores
+(``checkpoint_globals``), DeepSpeed's own loads included: a file that needs anything else is refused, never unpickled.
 """
+import fcntl
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+import signal
+import socket
 
 import torch
 import torch.distributed as dist
@@ -131,6 +140,108 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
 
 COMPLETE = "COMPLETE"  # marker rank 0 writes into a checkpoint folder after every rank finished writing it
 RUN_FILE = "run.json"  # the run's fingerprint and the step, beside DeepSpeed's files
+LOCK_FILE = "run.lock"  # output_dir's owner: flock'ed by rank 0 for the whole run, holding "pid host"
+
+
+class RunFolderBusy(ConfigError):
+    """Another live run holds output_dir (exit 2)."""
+
+
+class UnsafeCheckpointError(ConfigError):
+    """A checkpoint file needs a type outside checkpoint_globals() to be unpickled, so it could run code (exit 2)."""
+
+
+def _lock_file(output_dir):
+    """Take the exclusive lock on output_dir's lock file without waiting; returns its descriptor (the lock lives as
+    long as it is open) or raises RunFolderBusy naming the holder."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, LOCK_FILE)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process that is starting"
+            raise RunFolderBusy(f"{output_dir} is in use by another run ({who} holds {path}); wait for it to end or "
+                                f"use another output_dir") from None
+        try:  # the file may have been unlinked by its last holder (release_run_folder) after we opened it
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    return fd
+
+
+def hold_run_folder(output_dir, rank, device):
+    """Make this run output_dir's only owner: rank 0 takes the lock, every rank learns the outcome (a collective),
+    and all raise RunFolderBusy together when another run holds it. Returns the descriptor to close at the end
+    (None on other ranks)."""
+    fd, busy = None, None
+    if rank == 0:
+        try:
+            fd = _lock_file(output_dir)
+        except RunFolderBusy as e:
+            busy = e
+    flag = torch.tensor([1.0 if busy else 0.0], device=device)
+    dist.broadcast(flag, 0)
+    if flag.item():
+        raise busy or RunFolderBusy(f"{output_dir} is in use by another run (see its {LOCK_FILE})")
+    return fd
+
+
+def release_run_folder(fd, output_dir):
+    """Drop the lock. A run that wrote nothing else (it failed early) also removes the lock file, still holding the
+    lock, so that the folder is empty again for engine/train.py to remove (a later run rechecks the inode it
+    locked, so it never holds an unlinked file)."""
+    if fd is None:
+        return
+    if os.listdir(output_dir) == [LOCK_FILE]:
+        os.unlink(os.path.join(output_dir, LOCK_FILE))
+    os.close(fd)  # closing the last descriptor drops the flock
+
+
+def checkpoint_globals():
+    """The non-tensor types DeepSpeed 0.19 pickles into its checkpoint files, found by listing the globals of real
+    tiny checkpoints (``torch.serialization.get_unsafe_globals_in_checkpoint``) of ZeRO stages 0 to 3 in fp32 and
+    bf16: the ZeRO stage enum, the static loss scaler and the optimizer's fragment addresses; plus the dynamic loss
+    scaler, which fp16 runs (GPU only, not seen here) store in the static one's place. Each is rebuilt from plain
+    data (an enum value, an object's fields), never by calling code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def load_state_file(path, map_location=None):
+    """``torch.load(path, weights_only=True)`` allowing only tensors, containers, numbers, strings and
+    ``checkpoint_globals()``. A file that needs any other global (which unpickling would import and call) raises
+    UnsafeCheckpointError naming the file; nothing of it runs."""
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            need = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f" (it needs {need.group(1)})" if need else ""
+            raise UnsafeCheckpointError(
+                f"refusing to resume: checkpoint file {path} holds more than training state{what}, and unpickling it "
+                f"could run code; delete that checkpoint if you did not write it") from None
+
+
+def _fault_point(step, phase):
+    """LLM2VEC_ENGINE_FAIL_IN_SAVE=STEP:PHASE SIGKILLs rank 0 inside the save of checkpoint STEP, after PHASE
+    (state: DeepSpeed's files; adapter: adapter and run.json; complete: the COMPLETE marker; latest: the latest
+    pointer, before cleanup). For fault-injection tests."""
+    if os.environ.get("LLM2VEC_ENGINE_FAIL_IN_SAVE") == f"{step}:{phase}" and dist.get_rank() == 0:
+        log0(f"fault injection: killing rank 0 in the save of step {step}, after {phase}")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _step_of(tag):
@@ -165,12 +276,19 @@ def last_good(root):
     return os.path.join(root, tag) if tag else "none"
 
 
+def _previous_run(output_dir, tags, latest):
+    """What a finished or interrupted run left in output_dir (empty: nothing)."""
+    held = [f"checkpoints {', '.join(t for _, t, _ in tags) or '(latest only)'}"] if tags or latest is not None else []
+    return held + [name for name in ("adapter/", "best/", "metrics.csv")
+                   if os.path.exists(os.path.join(output_dir, name))]
+
+
 def plan_resume(cfg, rank=0):
     """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
 
-    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never
-    with checkpoints present, for resume=must without one, and when ``latest`` exists but no complete
-    checkpoint does (never a silent restart at step 0).
+    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never over a
+    previous run (checkpoints, adapter/, best/ or metrics.csv), for resume=must without a checkpoint, and when
+    ``latest`` exists but no complete checkpoint does (never a silent restart at step 0).
     """
     root = os.path.join(cfg.output_dir, "checkpoints")
     tags = checkpoint_tags(root)
@@ -178,10 +296,11 @@ def plan_resume(cfg, rank=0):
     incomplete = [t for _, t, ok in tags if not ok]
     latest = _read_latest(root)
     if cfg.resume == "never":
-        if tags or latest is not None:
+        held = _previous_run(cfg.output_dir, tags, latest)
+        if held:
             raise ConfigError(
-                f"resume=never but {root} holds checkpoints ({', '.join(t for _, t, _ in tags) or 'latest'}); "
-                f"use another output_dir or delete it")
+                f"resume=never but {cfg.output_dir} holds a previous run ({'; '.join(held)}); use another output_dir, "
+                f"delete it, or resume=force to continue in it (its newest checkpoint, else a fresh start over it)")
         return [], []
     if incomplete:
         warn0(rank, f"ignoring incomplete checkpoint folders in {root} (a save that did not finish): "
@@ -215,9 +334,14 @@ def plan_resume(cfg, rank=0):
 
 
 class Checkpointer:
+    """Saves and resumes ``checkpoints/step_NNNNNNN``; DeepSpeed reads checkpoint files only through
+    ``load_state_file``."""
+
     def __init__(self, cfg, engine, module, tokenizer, rank):
         self.cfg, self.engine, self.module, self.tok, self.rank = cfg, engine, module, tokenizer, rank
         self.root = os.path.join(cfg.output_dir, "checkpoints")
+        if engine is not None:  # every file DeepSpeed's load_checkpoint reads goes through its checkpoint engine
+            engine.checkpoint_engine.load = load_state_file
 
     def save(self, step, plan):
         tag = f"step_{step:07d}"
@@ -227,18 +351,22 @@ class Checkpointer:
         dist.barrier()
         self.engine.save_checkpoint(self.root, tag=tag, save_latest=False,
                                     client_state={"step": step, "data_position": list(plan.position(step))})
+        _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}")
         if self.rank == 0:
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
             _write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg)})
+            _fault_point(step, "adapter")
         dist.barrier()  # every rank finished writing: only now is the checkpoint complete
         if self.rank == 0:
             _write_json(os.path.join(path, COMPLETE), {"step": step})
+            _fault_point(step, "complete")
             tmp = os.path.join(self.root, "latest.tmp")
             with open(tmp, "w") as f:
                 f.write(tag)
             os.replace(tmp, os.path.join(self.root, "latest"))
+            _fault_point(step, "latest")
             self.cleanup(step)
         dist.barrier()
         return tag
@@ -256,20 +384,26 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.root, t), ignore_errors=True)
 
     def resume(self, tags):
-        """Load the first loadable of ``tags`` (newest first); an unloadable one falls back to the next, with a
-        warning. Returns the step to start from (0 when tags is empty)."""
+        """Load the first loadable of ``tags`` (newest first); an unloadable one (a truncated or corrupt file) falls
+        back to the next, with a warning, but a file refused as unsafe stops the run (UnsafeCheckpointError): no
+        fallback past it. Returns the step to start from (0 when tags is empty)."""
         failed = []
         for tag in tags:
-            err = None
+            err, unsafe = None, None
             try:
                 _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
                 if client is None or "step" not in client:
                     err = "DeepSpeed found no state in it"
+            except UnsafeCheckpointError as e:
+                unsafe = e
             except Exception as e:  # a truncated or corrupt file: try the previous checkpoint
                 err = f"{type(e).__name__}: {e}"
-            bad = torch.tensor([1.0 if err else 0.0])
-            dist.all_reduce(bad)  # every rank takes the same decision
-            if bad.item() == 0:
+            flags = torch.tensor([1.0 if err else 0.0, 1.0 if unsafe else 0.0], device=self.engine.device)
+            dist.all_reduce(flags)  # every rank takes the same decision
+            if flags[1].item():
+                raise unsafe or UnsafeCheckpointError(f"refusing to resume: another rank refused a file of "
+                                                      f"{self.root}/{tag} as unsafe")
+            if flags[0].item() == 0:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
                 log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
@@ -279,7 +413,7 @@ class Checkpointer:
             warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {err or 'failed on another rank'}")
         if failed:
             raise ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
-                                         f"{self.root} to start over")
+                              f"{self.root} to start over")
         return 0
 
 

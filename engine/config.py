@@ -129,8 +129,9 @@ class TrainConfig:
     offload_params: bool = False
     progress_bar: bool = True
     # auto: resume a checkpoint in output_dir only if it is the same run (same fingerprint), else refuse;
-    # never: refuse an output_dir that holds checkpoints; must: refuse to start without one;
-    # force: resume the newest checkpoint even if the run differs (the new config's schedule is applied)
+    # never: refuse an output_dir that holds a previous run (checkpoints, adapter/, best/, metrics.csv); must: refuse
+    # to start without a checkpoint; force: resume the newest checkpoint even if the run differs (the new config's
+    # schedule is applied), or start over in a folder whose run left no checkpoint
     resume: str = "auto"
     max_nonfinite_steps: int = 3  # stop (exit 3) after this many non-finite steps in a row
 

@@ -5,8 +5,9 @@
     python engine/train.py --config configs/X.yaml --dry-run              # the plan at full size, no weights
     python engine/train.py --config configs/X.yaml --print-config         # the resolved config as YAML
 
-Exit codes: 0 done; 2 bad input (config, data, model, an output_dir that cannot be a run folder, a different run
-in output_dir, a full disk), one line on stderr; 3 the run diverged (max_nonfinite_steps non-finite steps in a row).
+Exit codes: 0 done; 2 bad input (config, data, model, an output_dir that cannot be a run folder or that another
+live run holds, a different run in output_dir, a checkpoint file that could run code, a full disk), one line on
+stderr; 3 the run diverged (max_nonfinite_steps non-finite steps in a row).
 A run that fails leaves no empty output_dir (nor empty parents) that it created behind.
 """
 import argparse

@@ -19,8 +19,8 @@ import kernels
 
 from . import config as config_mod
 from .bidirectional import set_deterministic_attention
-from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, last_good, plan_resume,
-                         sts_spearman, write_adapter)
+from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, hold_run_folder, last_good,
+                         plan_resume, release_run_folder, sts_spearman, write_adapter)
 from .data import BatchPlan, is_sts_file
 from .distributed import init_distributed, log0, warn0
 from .lora import fuse_lora
@@ -73,6 +73,7 @@ class Trainer:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.lock = None  # rank 0's hold on output_dir (engine/checkpoint.py), released by close()
 
     # -- setup ---------------------------------------------------------------------------------------------------
 
@@ -83,11 +84,12 @@ class Trainer:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
+        self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here
         few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
         if few_negatives:
             warn0(self.rank, few_negatives)
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        os.makedirs(cfg.output_dir, exist_ok=True)  # rank 0 made it for the lock; other hosts' ranks too
         torch.manual_seed(cfg.seed)
         kernels.set_default_impl("attention", cfg.model.attention)
         set_deterministic_attention(cfg.model.deterministic_attention)
@@ -129,7 +131,8 @@ class Trainer:
         n_train = sum(p.numel() for p in self.module.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in self.module.parameters())
         log0(f"trainable parameters {n_train:,} of {n_all:,} ({100 * n_train / n_all:.2f}%), world {world}, "
-             f"micro {cfg.micro_batch_size} x accum {self.accum} x world = batch {cfg.batch_size}, device {self.device}")
+             f"micro {cfg.micro_batch_size} x accum {self.accum} x world = batch {cfg.batch_size}, "
+             f"device {self.device}")
 
     def _setup_optimizer(self):
         import deepspeed
@@ -276,15 +279,22 @@ class Trainer:
         dist.barrier()
         return adapter
 
+    def close(self):
+        release_run_folder(self.lock, self.cfg.output_dir)
+        self.lock = None
+
 
 def train(cfg):
     """Train one stage as ``cfg`` says; returns the final adapter's path."""
     run = Trainer(cfg)
-    start = run.setup()
-    for step in range(start, cfg.max_steps):
-        row, bad = run.train_step(step)
-        run.after_step(step + 1, row, bad)
-    return run.finish()
+    try:
+        start = run.setup()
+        for step in range(start, cfg.max_steps):
+            row, bad = run.train_step(step)
+            run.after_step(step + 1, row, bad)
+        return run.finish()
+    finally:
+        run.close()
 
 
 def _write_config(cfg):

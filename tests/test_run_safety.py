@@ -89,13 +89,18 @@ def test_plan_resume_never_restarts_silently(tmp_path):
         plan_resume(cfg)
     with pytest.raises(ConfigError, match="resume=must but there is no checkpoint"):
         plan_resume(_cfg(str(tmp_path / "empty"), "resume=must"))
-    with pytest.raises(ConfigError, match="resume=never but .* holds checkpoints"):
+    with pytest.raises(ConfigError, match=r"resume=never but .* holds a previous run \(checkpoints step_0000003\)"):
         plan_resume(_cfg(out, "resume=never"))
     done = tmp_path / "finished"  # a final adapter without any checkpoint: not silently trained over
     (done / "adapter").mkdir(parents=True)
     with pytest.raises(ConfigError, match="holds a final adapter but no checkpoint to resume"):
         plan_resume(_cfg(str(done)))
     assert plan_resume(_cfg(str(done), "resume=force")) == ([], [])
+    (done / "metrics.csv").write_text("step,loss\n1,2.0\n")  # resume=never does not start over a finished run either
+    with pytest.raises(ConfigError, match=r"resume=never but .* holds a previous run \(adapter/; metrics.csv\); .*"
+                                          r"resume=force"):
+        plan_resume(_cfg(str(done), "resume=never"))
+    assert plan_resume(_cfg(str(tmp_path / "fresh"), "resume=never")) == ([], [])  # an empty output_dir is fine
 
 
 def test_plan_resume_refuses_a_different_run(tmp_path):

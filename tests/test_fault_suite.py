@@ -1,0 +1,229 @@
+"""The run folder under faults: one owner at a time, no stale lock after a kill, resume=never keeps a finished run,
+checkpoints that would run code are refused, and a run killed again and again (inside saves too) ends exactly where
+an uninterrupted one does. Real one-rank runs of configs/tiny/mntp.yaml, a few steps each."""
+import csv
+import glob
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.checkpoint import LOCK_FILE, UnsafeCheckpointError, load_state_file
+
+from .helpers import ROOT, run_cmd
+
+pytestmark = pytest.mark.slow
+
+BASE = ["eval_every=0", "model.gradient_checkpointing=false", "max_seq_len=32", "batch_size=4", "micro_batch_size=2",
+        "max_samples=100", "memory_budget_gb=64"]
+
+
+def _args(out, *overrides):
+    return [sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", *BASE,
+            *overrides]
+
+
+def _train(out, *overrides, env=None):
+    return run_cmd(_args(out, *overrides), env=env, timeout=600)
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+
+def _adapter(path):
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def _same_adapter(a, b):
+    x, y = _adapter(a), _adapter(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+class Evil:
+    """Unpickling this creates the marker file: what a planted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --- one owner ------------------------------------------------------------------------------------------------------
+
+def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder_and_a_kill_leaves_no_stale_lock(tmp_path):
+    out = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "TRITON_INTERPRET"):
+        env.pop(k, None)
+    first = subprocess.Popen(_args(out, "max_steps=100000", "save_every=0"), cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = os.path.join(out, LOCK_FILE)
+        deadline = time.time() + 300
+        while time.time() < deadline:  # the first run holds the folder once its pid is in the lock file
+            if os.path.isfile(lock) and open(lock).read().split()[:1] == [str(first.pid)]:
+                break
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first run never took the lock")
+        t0 = time.time()
+        r = _train(out, "max_steps=2")
+        assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"is in use by another run (pid {first.pid} on host {socket.gethostname()}" in lines[0], lines[0]
+        assert "trainable parameters" not in r.stdout and time.time() - t0 < 120  # refused before any model loads
+        assert first.poll() is None  # the holder runs on, untouched
+    finally:
+        first.kill()  # SIGKILL: no cleanup code runs
+        first.wait()
+    r = _train(out, "max_steps=2")  # the kernel dropped the dead run's lock: the folder is free
+    _ok(r)
+    assert open(os.path.join(out, LOCK_FILE)).read().split()[0] != str(first.pid)
+
+
+# --- resume=never keeps a finished run -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 4-step run with checkpoints at 2 and 4 (ZeRO stage 0)."""
+    out = str(tmp_path_factory.mktemp("finished") / "run")
+    _ok(_train(out, "max_steps=4", "save_every=2"))
+    return out
+
+
+def _sha(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_resume_never_refuses_a_finished_run_and_force_continues(finished, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(finished, out)
+    shutil.rmtree(os.path.join(out, "checkpoints"))  # e.g. deleted to save space: the adapter and metrics remain
+    kept = {p: _sha(os.path.join(out, p)) for p in ("metrics.csv", "adapter/adapter_model.safetensors")}
+    r = _train(out, "max_steps=4", "save_every=2", "resume=never")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "resume=never but" in r.stderr and "adapter/" in r.stderr and "metrics.csv" in r.stderr
+    assert "resume=force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert {p: _sha(os.path.join(out, p)) for p in kept} == kept  # nothing overwritten, nothing deleted
+    r = _train(out, "max_steps=4", "save_every=2", "resume=force")  # explicit intent: start over in it
+    _ok(r)
+    assert sorted(_losses(out)) == [1, 2, 3, 4]
+
+
+# --- checkpoints execute no code -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    """Per ZeRO stage: a finished 4-step run with checkpoints at 2 and 4."""
+    runs = {}
+
+    def get(stage):
+        if stage not in runs:
+            out = str(tmp_path_factory.mktemp(f"zero{stage}") / "run")
+            r = _train(out, "max_steps=4", "save_every=2", f"zero_stage={stage}")
+            _ok(r)
+            assert f"ZeRO stage {stage}, " in r.stdout
+            runs[stage] = out
+        return runs[stage]
+    return get
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_resumes_exactly_through_the_restricted_loader(staged, tmp_path, stage):
+    ref = staged(stage)
+    out = str(tmp_path / "run")
+    shutil.copytree(ref, out)
+    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
+    shutil.rmtree(os.path.join(out, "adapter"))
+    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
+        f.write("step_0000002")
+    files = glob.glob(os.path.join(out, "checkpoints", "step_0000002", "*.pt"))
+    assert len(files) == (1 if stage == 0 else 2), files  # model states (+ ZeRO optimizer states)
+    for path in files:  # every file of the tag loads with weights_only=True and the allowlist
+        assert isinstance(load_state_file(path, map_location="cpu"), dict)
+    r = _train(out, "max_steps=4", "save_every=2", f"zero_stage={stage}")
+    _ok(r)
+    assert "resumed from step_0000002: step 2" in r.stdout
+    assert _losses(out) == _losses(ref)  # steps 3 and 4 again, bit for bit
+    assert _same_adapter(os.path.join(out, "adapter"), os.path.join(ref, "adapter"))
+
+
+@pytest.mark.parametrize("stage,kind", [(0, "mp_rank_00_model_states.pt"), (3, "optim_states.pt")])
+def test_a_planted_pickle_fails_resume_with_exit_2_and_runs_nothing(staged, tmp_path, stage, kind):
+    out = str(tmp_path / "run")
+    shutil.copytree(staged(stage), out)
+    shutil.rmtree(os.path.join(out, "adapter"))
+    marker = str(tmp_path / "PWNED")
+    planted, = [p for p in glob.glob(os.path.join(out, "checkpoints", "step_0000004", "*.pt")) if p.endswith(kind)]
+    torch.save({"module": Evil(marker)}, planted)
+    with pytest.raises(UnsafeCheckpointError, match=r"needs io\.open\)"):  # the loader itself, in-process
+        load_state_file(planted)
+    assert not os.path.exists(marker)
+    r = _train(out, "max_steps=4", "save_every=2", f"zero_stage={stage}")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not os.path.exists(marker)  # the pickle's code never ran
+    assert planted in r.stderr and "could run code" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "fell back" not in r.stdout and "resumed from" not in r.stdout  # no silent fallback to step 2
+    assert not os.path.exists(os.path.join(out, "adapter"))
+
+
+# --- killed again and again ------------------------------------------------------------------------------------------
+
+SAVE_PHASES = ("state", "adapter", "complete", "latest")  # engine.checkpoint._fault_point
+
+
+def _expected_resume(out):
+    """The step a run in ``out`` resumes from: the newest complete checkpoint's (0: none)."""
+    steps = [int(t[5:]) for t in os.listdir(os.path.join(out, "checkpoints"))
+             if t.startswith("step_") and os.path.isfile(os.path.join(out, "checkpoints", t, "COMPLETE"))] \
+        if os.path.isdir(os.path.join(out, "checkpoints")) else []
+    return max(steps, default=0)
+
+
+def test_a_run_killed_five_times_at_random_points_ends_exactly_like_an_uninterrupted_one(tmp_path):
+    steps = ["max_steps=10", "save_every=1", "keep_checkpoints=2"]
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    _ok(_train(ref, *steps))
+    rng = random.Random(2138)  # a seed whose five kills hit every save phase and a step start
+    kills = []
+    while len(kills) < 5:
+        start = _expected_resume(out)
+        # at most two steps of progress per kill, so five kills fit in the 10 steps
+        if rng.random() < 0.6:  # inside the save of a checkpoint this run writes (the final one included)
+            point = ("save", rng.randint(start + 1, start + 2), rng.choice(SAVE_PHASES))
+            env = {"LLM2VEC_ENGINE_FAIL_IN_SAVE": f"{point[1]}:{point[2]}"}
+        else:  # at the start of a step (0-based)
+            point = ("step", rng.randint(start, min(start + 1, 9)))
+            env = {"LLM2VEC_ENGINE_FAIL_AT_STEP": str(point[1])}
+        r = _train(out, *steps, env=env)
+        assert r.returncode != 0 and "fault injection" in r.stdout, (point, r.stdout[-2000:] + r.stderr[-2000:])
+        if start:
+            assert f"resumed from step_{start:07d}: step {start}" in r.stdout, (point, r.stdout[-2000:])
+        kills.append(point)
+    assert {k[2] for k in kills if k[0] == "save"} == set(SAVE_PHASES) and any(k[0] == "step" for k in kills), kills
+    start = _expected_resume(out)
+    r = _train(out, *steps)
+    _ok(r)
+    if start:
+        assert f"resumed from step_{start:07d}: step {start}" in r.stdout
+    assert _losses(out) == _losses(ref), kills  # every step once, each loss bit for bit
+    assert _same_adapter(os.path.join(out, "adapter"), os.path.join(ref, "adapter")), kills
