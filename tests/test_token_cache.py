@@ -178,7 +178,6 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
         res = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-2000:]
         out[mode] = [int(x) for x in res.stdout.split()]
-    print(out)
     assert out["memory"][0] == out["cache"][0]  # the same blocks
     assert out["memory"][1] > 120, out
     assert out["cache"][1] < 120, out
