@@ -9,7 +9,10 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
-        "transformers>=4.56",
+        # 5.2.0: the oldest that builds an export's attention from its config's "is_causal": false (5.0 / 5.1 load
+        # it silently causal) and reads its tokenizer (4.57 cannot); engine.export.TRANSFORMERS_FLOOR, in every
+        # model card; tests/test_versions.py
+        "transformers>=5.2.0,<6",
         "peft>=0.13",
         "safetensors>=0.4",
         "deepspeed>=0.15",
@@ -20,13 +23,14 @@ setup(
     ],
     extras_require={
         "gguf": ["gguf>=0.10"],
-        # sentence-transformers / mteb: pinned to the versions tested with transformers 5.x and torch 2.13
-        "dev": ["pytest>=8", "gguf>=0.10", "matplotlib", "tensorboard", "sentence-transformers==6.2.0",
-                "mteb==2.26.24", "datasets"],
+        # sentence-transformers / mteb: from the versions tested (with transformers 5.x and torch 2.13) up to their
+        # next major version (the export writes sentence-transformers 6's module configs; mteb 2.x's API)
+        "dev": ["pytest>=8", "gguf>=0.10", "matplotlib", "tensorboard", "sentence-transformers>=6.2.0,<7",
+                "mteb>=2.26.24,<3", "datasets"],
         "bench": ["matplotlib", "liger-kernel"],
         "flash": ["flash-attn"],
-        "eval": ["mteb==2.26.24", "datasets", "sentence-transformers==6.2.0"],
-        "export": ["sentence-transformers==6.2.0"],
+        "eval": ["mteb>=2.26.24,<3", "datasets", "sentence-transformers>=6.2.0,<7"],
+        "export": ["sentence-transformers>=6.2.0,<7"],
     },
     entry_points={"console_scripts": ["llm2vec-engine-fetch=engine.assets:main"]},
 )

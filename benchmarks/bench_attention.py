@@ -234,7 +234,7 @@ def sweep(writer, case, dropout_p, warmup, iters):
     base_fwd, base_bwd = AC.fwd_config, AC.bwd_config
     ins = (case.q, case.k, case.v)
     fn = _triton(case, dropout_p)
-    dkdv0, dq0 = base_bwd(A._block_d(case.d), case.dtype, dropout_p > 0, 90)
+    dkdv0, dq0 = base_bwd(AC._block_d(case.d), case.dtype, dropout_p > 0, 90)
     try:
         for cfg in SWEEP_FWD:
             AC.fwd_config = lambda *a, _c=cfg, **kw: _c

@@ -62,7 +62,7 @@ def _triton_fused(hidden, weight, labels):
 def _triton_recompute(hidden, weight, labels):
     from kernels import masked_ce
 
-    cfg = dict(masked_ce.default_config(hidden.dtype, hidden.device), strategy="recompute")
+    cfg = dict(masked_ce.launch_config(hidden.dtype, hidden.device), strategy="recompute")
     return masked_ce._masked_ce_triton(hidden, weight, labels, cfg=cfg)
 
 

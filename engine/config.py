@@ -108,6 +108,9 @@ class TrainConfig:
     # linear | cosine (decay to 0 at max_steps) | constant | constant_with_warmup (warmup_steps, then the peak LR)
     lr_schedule: str = "linear"
     max_steps: int = 1000
+    # the step at which linear/cosine reach 0; 0 means max_steps. llm2vec's HF Trainer decays over its epochs
+    # and stops early (stop_after_n_steps), so its LR at the last step is still near the peak
+    lr_decay_steps: int = 0
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 1
@@ -230,8 +233,50 @@ def parse_overrides(items):
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(value) if value.strip() else ""))
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_error(e)}") from None
+        out.append((key.strip(), parsed))
     return out
+
+
+def _yaml_error(e):
+    mark = getattr(e, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    what = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    return f"{what}{where}"
+
+
+def _read_yaml(path):
+    """The YAML document in ``path`` (plain data only: safe_load); ConfigError for anything else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except yaml.constructor.ConstructorError as e:  # e.g. !!python/object: safe_load builds plain data only
+        raise ConfigError(f"config file {path} holds a tag that is not plain data: {_yaml_error(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+
+
+def json_loads(text, where, error=ConfigError):
+    """``json.loads(text)`` with one-line errors raised as ``error`` naming ``where``: invalid JSON, and JSON
+    nested too deeply for the parser (100k brackets: a RecursionError). For data readers (engine.data) as much
+    as for config files."""
+    import json
+
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: JSON nested too deeply to parse") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{where}: invalid JSON ({e})") from None
 
 
 def load_config(path=None, overrides=()):
@@ -239,8 +284,7 @@ def load_config(path=None, overrides=()):
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
     for key, value in parse_overrides(overrides):
@@ -249,7 +293,26 @@ def load_config(path=None, overrides=()):
         _set_dotted(raw, key, value, TrainConfig)
     cfg = _build(TrainConfig, raw)
     validate(cfg)
+    check_output_dir(cfg.output_dir)
     return cfg
+
+
+def check_output_dir(path):
+    """``output_dir`` must name a folder that exists or can be created: not '', a file, or a dangling link."""
+    if not path or not path.strip():
+        raise ConfigError("output_dir is empty: name the run's folder")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"output_dir {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir {path} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the nearest existing ancestor must be a folder we can create in
+        if os.path.islink(parent):
+            raise ConfigError(f"output_dir {path}: {parent} is a symbolic link to {os.readlink(parent)}, which "
+                              f"does not exist")
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"output_dir {path}: {parent} is not a folder")
 
 
 def validate(cfg: TrainConfig):
@@ -280,6 +343,8 @@ def validate(cfg: TrainConfig):
     c = cfg.contrastive
     if c.temperature is None:  # llm2vec's defaults: SimCSE scale 20, supervised scale 50
         c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
     if c.loss not in ("infonce", "cosent", "angle"):
         raise ConfigError(f"contrastive.loss must be one of ('infonce', 'cosent', 'angle'), got {c.loss!r}")
     if c.loss != "infonce" and cfg.stage != "supervised":
@@ -321,6 +386,7 @@ _RANGES = {
     "lora.r": (1, None, True, False, ">= 1"),
     "max_samples": (0, None, True, False, ">= 0 (0 keeps everything)"),
     "warmup_steps": (0, None, True, False, ">= 0"),
+    "lr_decay_steps": (0, None, True, False, ">= 0 (0: decay over max_steps)"),
     "log_every": (1, None, True, False, ">= 1"),
     "eval_every": (0, None, True, False, ">= 0 (0: no periodic eval)"),
     "eval_batches": (1, None, True, False, ">= 1"),
@@ -352,53 +418,21 @@ def _check_numbers(cfg):
         raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {cfg.adam_betas}")
 
 
-# What defines a run: a checkpoint resumes only under a config with the same values for these keys.
-FINGERPRINT_KEYS = (
-    "stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init", "model.dtype",
-    "model.bidirectional", "model.attention_dropout", "model.adapters", "lora", "mntp", "contrastive",
-    "data", "max_samples", "max_seq_len", "seed", "batch_size", "micro_batch_size", "learning_rate",
-    "weight_decay", "adam_betas", "warmup_steps", "lr_schedule", "max_steps", "max_grad_norm",
-)
-_PATH_KEYS = ("model.adapters", "data")
-
-
-def _abs_source(s):
-    return s if s.startswith("hf:") else os.path.realpath(s)
-
-
-def fingerprint(cfg: TrainConfig) -> dict:
-    """The run's identity as a flat JSON-able dict (local data and adapter paths made absolute)."""
-    d = to_dict(cfg)
-    out = {}
-    for key in FINGERPRINT_KEYS:
-        v = d
-        for part in key.split("."):
-            v = v[part]
-        if key in _PATH_KEYS:
-            v = [_abs_source(x) for x in v]
-        if isinstance(v, dict) and key in ("lora", "mntp", "contrastive"):
-            out.update({f"{key}.{k}": x for k, x in v.items()})
-        else:
-            out[key] = v
-    if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
-        out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
-    else:
-        out = {k: v for k, v in out.items() if not k.startswith("mntp.")}
-    return out
-
-
-def fingerprint_diff(saved: dict, current: dict) -> list:
-    """[(key, saved value, current value)] for every key that differs."""
-    keys = sorted(set(saved) | set(current))
-    return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
-            if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
-
-
-def json_normal(v):
-    """Compare values as they round-trip through JSON (tuples become lists)."""
-    import json
-
-    return json.loads(json.dumps(v))
+def negatives_warning(cfg: TrainConfig, world_size: int):
+    """A loud warning (or None) when a contrastive loss would see fewer in-batch negatives than the global batch:
+    each loss covers one micro-batch (x ranks when gathered), so accumulation splits the batch's negatives."""
+    if cfg.stage == "mntp":
+        return None
+    accum = grad_accum_steps(cfg, world_size)
+    gathered = cfg.contrastive.gather_across_ranks or world_size == 1
+    if accum == 1 and gathered:
+        return None
+    seen = cfg.micro_batch_size * (world_size if gathered else 1)
+    return (f"each contrastive loss sees the in-batch negatives of {seen} examples, not the global batch "
+            f"of {cfg.batch_size} (micro_batch_size {cfg.micro_batch_size} x {world_size} rank(s), {accum} "
+            f"accumulation steps{'' if gathered else ', gather_across_ranks off'}). For the whole batch set "
+            f"micro_batch_size={cfg.batch_size // world_size} with gradient caching (contrastive.grad_cache_chunk "
+            f"> 0 bounds the activation memory)")
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:

@@ -4,8 +4,9 @@
     enc = Encoder.from_pretrained("outputs/smollm2-135m-simcse")          # a run's output dir
     emb = enc.encode(["a sentence", "another"])                           # float32 (N, H) numpy array
 
-``from_pretrained`` accepts: a training run's output dir or its ``adapter/`` folder (base model, earlier
-adapters and pooling come from ``engine_encoder.json``); a PEFT adapter folder or hub id whose
+``from_pretrained`` accepts: a training run's output dir (its ``best/`` adapter, the one the run selected by dev
+score, when it kept one, else ``adapter/``; ``adapter="last"`` / ``"best"`` choose) or one of those folders
+(base model, earlier adapters and pooling come from ``engine_encoder.json``); a PEFT adapter folder or hub id whose
 ``adapter_config.json`` names its base, recursively (the layout of published LLM2Vec checkpoints: base <-
 MNTP adapter <- supervised/SimCSE adapter, with ``llm2vec_config.json`` for pooling); a folder written by
 ``python -m engine.export`` (pooling and prompt from its sentence-transformers files); or a plain HF model
@@ -115,16 +116,123 @@ def _st_settings(folder):
     return s
 
 
-def resolve_chain(name_or_path, peft_model_name_or_path=None):
+class ModelPathError(ValueError):
+    """A model path that names no model: missing, empty, an unfinished run, or a folder of something else."""
+
+
+RUN_ADAPTERS = {"best": "best", "last": "adapter"}  # which adapter of a training run folder: its sub-folder
+_MODEL_FILES = ("adapter_config.json", "config.json", "engine_encoder.json", "modules.json")
+
+
+def _no_model_files(path):
+    return os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES)
+
+
+def is_run_folder(path):
+    """Whether ``path`` is a training run's ``output_dir``: ``config.yaml`` or ``checkpoints/`` in it (a run writes
+    them before its adapters), and it is no adapter or model folder itself."""
+    return _no_model_files(path) and (os.path.isfile(os.path.join(path, "config.yaml")) or
+                                      os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def _holds_run_adapters(path):
+    """A run folder, or a folder holding ``adapter/`` or ``best/`` adapters as a run does (a copied run)."""
+    return is_run_folder(path) or (_no_model_files(path) and any(
+        os.path.isfile(os.path.join(path, d, "adapter_config.json")) for d in RUN_ADAPTERS.values()))
+
+
+def run_folder(path):
+    """The run's ``output_dir`` for a run folder or one of its adapter folders (``adapter/``, ``best/``), else None."""
+    p = os.path.abspath(os.path.expanduser(path))
+    if os.path.basename(p) in RUN_ADAPTERS.values() and is_run_folder(os.path.dirname(p)):
+        return os.path.dirname(p)
+    return p if is_run_folder(p) else None
+
+
+def _latest_checkpoint_adapter(run):
+    tags = sorted(t for t in os.listdir(os.path.join(run, "checkpoints"))
+                  if os.path.isfile(os.path.join(run, "checkpoints", t, "adapter", "adapter_config.json"))) \
+        if os.path.isdir(os.path.join(run, "checkpoints")) else []
+    return os.path.join(run, "checkpoints", tags[-1], "adapter") if tags else None
+
+
+def select_run_adapter(run, adapter=None):
+    """The adapter folder of training run ``run`` and a line saying which: ``best/`` (highest dev score, what the
+    run selected) when it kept one, else ``adapter/`` (the last step); ``adapter="best"`` / ``"last"`` insist."""
+    if adapter not in (None, *RUN_ADAPTERS):
+        raise ModelPathError(f"adapter={adapter!r}: use 'best' or 'last'")
+    have = {k: os.path.join(run, d) for k, d in RUN_ADAPTERS.items()
+            if os.path.isfile(os.path.join(run, d, "adapter_config.json"))}
+    which = adapter or ("best" if "best" in have else "last")
+    if which not in have:
+        if not have:
+            ckpt = _latest_checkpoint_adapter(run)
+            hint = f"; its newest checkpoint's adapter is {ckpt}" if ckpt else ""
+            raise ModelPathError(f"{run} is a training run without a final adapter (it has not finished or it "
+                                 f"failed): re-run its training command to resume it{hint}")
+        other = "last" if which == "best" else "best"
+        raise ModelPathError(f"{run} has no {RUN_ADAPTERS[which]}/ adapter (adapter={which!r}); it has "
+                             f"{RUN_ADAPTERS[other]}/ (adapter={other!r})")
+    folder = have[which]
+    if which == "best":
+        meta = os.path.join(folder, "engine_best.json")
+        score = _read_json(meta) if os.path.isfile(meta) else {}
+        line = (f"{run}: using best/ (step {score.get('step', '?')}, dev Spearman "
+                f"{_fmt(score.get('spearman'))}), the adapter the run selected; adapter='last' uses adapter/")
+    else:
+        line = f"{run}: using adapter/ (the last step)" + ("" if "best" not in have else
+                                                            "; adapter='best' uses best/, the run's selection")
+    return folder, line
+
+
+def _fmt(x):
+    return f"{x:.2f}" if isinstance(x, (int, float)) else "?"
+
+
+def check_model_path(name_or_path):
+    """A clear ModelPathError for a local path that holds no model (hub ids and the engine's model aliases pass:
+    the hub or ``engine.assets`` answers for them)."""
+    from .assets import is_alias
+
+    path = os.path.expanduser(name_or_path)
+    if not os.path.lexists(path):
+        if is_alias(name_or_path) or (_looks_like_hub_id(name_or_path) and
+                                      not os.path.isdir(name_or_path.split("/")[0])):
+            return  # a hub id (a name whose first part is a local folder is a missing local path)
+        raise ModelPathError(f"model not found: {name_or_path} (neither a local folder nor a hub id)")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelPathError(f"{name_or_path} is a file, not a model folder (a .gguf file or a folder is "
+                                 f"expected)")
+        return
+    if not os.path.isdir(path):
+        raise ModelPathError(f"{name_or_path} is not a folder (a dangling link?)")
+    if any(os.path.isfile(os.path.join(path, f)) for f in _MODEL_FILES) or _holds_run_adapters(path) or \
+            any(f.endswith(".gguf") for f in os.listdir(path)):
+        return
+    if not os.listdir(path):
+        raise ModelPathError(f"{name_or_path} is an empty folder, not a model (a training run that failed before "
+                             f"writing anything leaves one: delete it and re-run)")
+    raise ModelPathError(f"{name_or_path} is not a model or a training run: it holds no config.json (model), "
+                         f"adapter_config.json (adapter) or adapter/ (run output_dir)")
+
+
+def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
     """Where the weights come from: a dict with ``base`` (hub id or folder of the base weights), ``base_id`` (the
     root base's hub id where known: it selects llm2vec's chat wrapping), ``adapters`` (local folders, base first),
-    ``random_init`` / ``gguf_file`` (engine test runs), ``tokenizer`` (a folder, or None for the base's) and
-    ``settings`` (pooling, max_length, instruction, ... from the folders' metadata; the top adapter wins)."""
+    ``random_init`` / ``gguf_file`` (engine test runs), ``tokenizer`` (a folder, or None for the base's),
+    ``settings`` (pooling, max_length, instruction, ... from the folders' metadata; the top adapter wins) and
+    ``selected`` (for a training run folder: which of its adapters, ``select_run_adapter``; logged)."""
+    check_model_path(name_or_path)
     path = os.path.expanduser(name_or_path)
-    if os.path.isdir(os.path.join(path, "adapter")) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        path = os.path.join(path, "adapter")  # a training run's output dir
+    selected = None
+    if _holds_run_adapters(path):  # a training run's output dir: its best/ or adapter/
+        path, selected = select_run_adapter(os.path.abspath(path), adapter)
+        logger.info(selected)
+    elif adapter is not None:
+        raise ModelPathError(f"adapter={adapter!r} applies to a training run folder; {name_or_path} is not one")
     info = {"base": None, "base_id": None, "adapters": [], "random_init": None, "gguf_file": None,
-            "tokenizer": None, "settings": {}, "engine_meta": None}
+            "tokenizer": None, "settings": {}, "engine_meta": None, "selected": selected}
     meta_path = os.path.join(path, "engine_encoder.json")
     if os.path.isfile(meta_path):
         meta = _read_json(meta_path)
@@ -177,65 +285,6 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None):
     return info
 
 
-def _adapter_tensors(folder):
-    st = os.path.join(folder, "adapter_model.safetensors")
-    if os.path.isfile(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    binf = os.path.join(folder, "adapter_model.bin")
-    if os.path.isfile(binf):
-        return torch.load(binf, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"no adapter weights (adapter_model.safetensors/.bin) in {folder}")
-
-
-@torch.no_grad()
-def merge_lora(model, folder):
-    """Fold a PEFT LoRA adapter into ``model``'s weights in place (``W += scale * B @ A``, computed in fp32).
-
-    Works on a bare decoder (``AutoModel``) whatever model class saved the adapter: the keys' ``base_model.model.``
-    and, where needed, ``model.`` prefixes are stripped. Returns the number of merged modules; LM-head LoRA
-    weights are skipped (an encoder has no head), anything else that is not LoRA is an error.
-    """
-    cfg = _read_json(os.path.join(folder, "adapter_config.json"))
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"{folder}: only plain LoRA adapters can be merged (peft_type={cfg.get('peft_type')}, "
-                         f"use_dora={cfg.get('use_dora')})")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
-    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    modules = dict(model.named_modules())
-    pairs = {}
-    for key, t in _adapter_tensors(folder).items():
-        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        for part in (".lora_A.", ".lora_B."):
-            if part in k:
-                mod, kind = k.split(part)[0], part.strip(".")
-                pairs.setdefault(mod, {})[kind] = t
-                break
-        else:
-            raise ValueError(f"{folder}: tensor {key!r} is not a LoRA weight (modules_to_save / trainable tokens "
-                             f"are not supported)")
-    merged = 0
-    for mod, ab in pairs.items():
-        name = mod if mod in modules else (mod[len("model."):] if mod.startswith("model.") else mod)
-        if name not in modules:
-            if mod.split(".")[-1] in ("lm_head", "embed_out", "output"):
-                continue
-            raise ValueError(f"{folder}: LoRA target {mod!r} does not exist in the model")
-        lin = modules[name]
-        w = lin.weight
-        delta = (ab["lora_B"].float().to(w.device) @ ab["lora_A"].float().to(w.device)) * scale
-        if cfg.get("fan_in_fan_out"):
-            delta = delta.T
-        w.copy_((w.float() + delta).to(w.dtype))
-        merged += 1
-    if not merged:
-        raise ValueError(f"{folder}: no LoRA weights matched the model")
-    return merged
-
-
 def resolve_dtype(dtype, device_type):
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -254,7 +303,7 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import decoder_of, load_model, load_tokenizer, resolve_model_path
+    from .modeling import decoder_of, load_model, load_tokenizer, merge_lora, resolve_model_path
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
@@ -309,14 +358,16 @@ class Encoder:
     def from_pretrained(cls, base_model_name_or_path, peft_model_name_or_path=None, *, pooling=None,
                         pooling_mode=None, max_length=None, doc_max_length=None, skip_instruction=None, device=None,
                         device_map=None, dtype="auto", torch_dtype=None, bidirectional=None, enable_bidirectional=None,
-                        attention="auto", chat="auto", instruction=None, merge_peft=True, **model_kwargs):
+                        attention="auto", chat="auto", instruction=None, merge_peft=True, adapter=None, **model_kwargs):
         """llm2vec's signature plus the engine's options; ``model_kwargs`` go to ``AutoModel.from_pretrained``.
 
         ``chat="auto"`` applies llm2vec's Instruct wrapping when the root base model is one it was used with
         (``encoding.CHAT_WRAP_BY_BASE``); None disables it, or name a style from ``encoding.CHAT_WRAPS``.
+        A training run folder loads its ``best/`` adapter when it kept one (logged), ``adapter="last"`` its
+        ``adapter/``.
         """
         del merge_peft  # adapters are always merged
-        info = resolve_chain(base_model_name_or_path, peft_model_name_or_path)
+        info = resolve_chain(base_model_name_or_path, peft_model_name_or_path, adapter=adapter)
         s = info["settings"]
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
             device, device_map = device_map, None
@@ -342,7 +393,8 @@ class Encoder:
                   skip_instruction=skip_instruction if skip_instruction is not None else s.get("skip_instruction", True),
                   chat=chat, normalize=s.get("normalize", False), attention=attention)
         enc.train_max_length = s.get("train_max_length")
-        enc.source = {k: info[k] for k in ("base", "base_id", "adapters", "random_init", "gguf_file", "engine_meta")}
+        enc.source = {k: info[k] for k in ("base", "base_id", "adapters", "random_init", "gguf_file", "engine_meta",
+                                           "selected")}
         return enc
 
     @property

@@ -7,8 +7,14 @@ the LM head; ``config.json`` with ``"is_causal": false`` (transformers 5 then bu
 Qwen2 / Qwen3 / Gemma2 attention bidirectionally, no custom code); the tokenizer; sentence-transformers modules
 (Transformer declared text-only, Pooling with the trained mode and ``include_prompt: false``, optionally
 Normalize); ``config_sentence_transformers.json`` with the instruction as the ``query`` prompt and cosine
-similarity; ``engine_export.json`` (provenance, relative names only) and a model card ``README.md`` with the
-training config and the eval figures the run recorded. Nothing in it names an absolute path.
+similarity; ``engine_export.json`` (provenance, relative names only; the marker ``--overwrite`` looks for) and a
+Hugging Face model card ``README.md`` (YAML metadata with a model-index of the measured dev score, the training
+config and the eval figures the run recorded, rounded). Nothing in it names an absolute path.
+
+A run folder exports its ``best/`` adapter when the run kept one (``--adapter last``: ``adapter/``). ``--out`` is
+built in a temporary folder beside it and swapped in at the end (a failure removes it); ``check_output`` refuses
+an ``--out`` that is or holds the model's folders, the current directory, a root, or (``--overwrite``) a folder
+that is not an earlier export. Bad input: one line on stderr, exit 2, before the model loads.
 
     from sentence_transformers import SentenceTransformer
     m = SentenceTransformer("exported/smollm2-simcse")
@@ -20,14 +26,28 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 
 import torch
+
+from .cli import ArgumentParser, fail, missing_folders, positive_int, remove_empty
+from .encoder import RUN_ADAPTERS
 
 # Serving engines that hard-code causal attention for these families ignore "is_causal": false.
 CAUSAL_ONLY_SERVERS = {"llama": ["text-embeddings-inference"], "mistral": ["text-embeddings-inference"]}
 _ST_POOLING = {"mean": "mean", "weighted_mean": "weightedmean", "eos": "lasttoken", "last": "lasttoken",
                "bos": "cls"}
+
+
+# The oldest transformers that loads an export's tokenizer and builds its attention from ``"is_causal": false``;
+# setup.py's floor, stated in every model card. Checked on an export, 2026-12-03: 4.57.6 cannot read the tokenizer
+# and runs causally; 5.0.0 and 5.1.0 read it but run causally (a later token changes no earlier state); 5.2.0 is
+# the first whose masks follow the config's is_causal (transformers PR #43705).
+TRANSFORMERS_FLOOR = "5.2.0"
+# Every export holds this file; --overwrite replaces only a folder that holds it (a folder this command wrote).
+EXPORT_MARKER = "engine_export.json"
+EXPORT_FORMAT = "llm2vec-engine-export/1"
 
 
 class ExportError(ValueError):
@@ -53,21 +73,117 @@ def _strip_abs_paths(folder):
                     json.dump(clean(data), fh, indent=2)
 
 
-def _run_dir(model_path):
-    p = os.path.abspath(os.path.expanduser(model_path))
-    if os.path.basename(p) == "adapter" and os.path.isfile(os.path.join(os.path.dirname(p), "config.yaml")):
-        return os.path.dirname(p)
-    return p if os.path.isfile(os.path.join(p, "config.yaml")) else None
+def _inside(p, q):
+    """Whether the real path ``p`` is ``q`` or below it."""
+    return p == q or p.startswith(q.rstrip(os.sep) + os.sep)
 
 
-def _eval_figures(run):
-    """The last value of every eval_* column in the run's metrics.csv (what the run measured)."""
+def _is_export(folder):
+    try:
+        with open(os.path.join(folder, EXPORT_MARKER)) as f:
+            return str(json.load(f).get("format", "")).startswith(EXPORT_FORMAT.split("/")[0] + "/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_output(out, protected=(), overwrite=False):
+    """Refuse an ``out`` whose writing or replacing could destroy what this command did not write: an empty
+    name, a link, a filesystem root, the current directory or a folder above it, any of the ``protected``
+    folders (the model's run and adapter folders) or a folder inside or above one of them, and (with
+    ``overwrite``) an existing path that is not an earlier export (no ``EXPORT_MARKER``). Raises ExportError."""
+    if not out or not str(out).strip():
+        raise ExportError("--out is empty: name the folder to write")
+    if os.path.islink(out):
+        raise ExportError(f"{out} is a symbolic link: name a folder, not a link")
+    p = os.path.realpath(out)
+    if os.path.dirname(p) == p:
+        raise ExportError(f"{out} is a filesystem root: refusing to write an export there")
+    cwd = os.path.realpath(os.getcwd())
+    if _inside(cwd, p):
+        where = "the current directory" if p == cwd else "a folder above the current directory"
+        raise ExportError(f"{out} is {where}: refusing to replace it; name a folder of its own")
+    for q in sorted({os.path.realpath(os.path.expanduser(f)) for f in protected if f}):
+        if _inside(p, q) or _inside(q, p):
+            how = "is" if p == q else ("is inside" if _inside(p, q) else "contains")
+            raise ExportError(f"{out} {how} the model's folder {q}: export to a folder of its own")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise ExportError(f"{out} exists (pass --overwrite to replace an earlier export)")
+        if not os.path.isdir(out):
+            raise ExportError(f"{out} is a file, not an earlier export: refusing to replace it")
+        if not _is_export(out):
+            raise ExportError(f"{out} was not written by engine.export (no {EXPORT_MARKER} in it): refusing to "
+                              f"replace it")
+
+
+def _model_folders(model, info):
+    """The local folders an export of ``model`` reads (and must never replace): the model path, its adapters,
+    tokenizer and base, and the training run folders they belong to."""
+    from .encoder import run_folder
+
+    local = [os.path.expanduser(model)] if os.path.exists(os.path.expanduser(model)) else []
+    local += [a for a in info["adapters"] if os.path.isdir(a)]
+    local += [f for f in (info["tokenizer"], info["base"]) if f and os.path.isdir(os.path.expanduser(f))]
+    return local + [r for r in map(run_folder, local) if r]
+
+
+def _temp_beside(out):
+    """A fresh temporary folder in ``out``'s parent (so that the final rename stays on one filesystem), and
+    the parents created for it. Fails here, before any model loads, when that place cannot be written."""
+    parent = os.path.dirname(os.path.abspath(out))
+    created = missing_folders(parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent)
+        umask = os.umask(0o22)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
+        return tmp, created
+    except OSError as e:
+        remove_empty(created)
+        raise ExportError(f"cannot write {out}: {e.strerror or e} ({parent})") from e
+
+
+def _exchange(a, b):
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _swap_in(tmp, out):
+    """Put the finished ``tmp`` at ``out``; an earlier export there is exchanged atomically, then removed."""
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the earlier export
+    else:  # two renames; the earlier export is put back if the second fails
+        old = tmp + ".old"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _eval_figures(run, step=None):
+    """Every eval_* figure of the run's metrics.csv (what the run measured): at ``step`` (the exported adapter's,
+    for a best/ adapter), else the last value of each column. {column: (step, value)}."""
     path = os.path.join(run, "metrics.csv") if run else None
     if not path or not os.path.isfile(path):
         return {}
     last = {}
     with open(path) as f:
         for row in csv.DictReader(f):
+            if step is not None and str(row.get("step")) != str(step):
+                continue
             for k, v in row.items():
                 if k and k.startswith("eval_") and v not in (None, ""):
                     last[k] = (row.get("step"), v)
@@ -93,8 +209,48 @@ def _local_names(x):
     return x
 
 
-def _model_card(meta, run, figures, st_prompts):
-    lines = [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
+def _round(column, value):
+    """A figure as the card shows it: Spearman / Pearson x100 to 2 decimals, anything else to 4 significant digits."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return value
+    return round(v, 2) if ("spearman" in column or "pearson" in column) else float(f"{v:.4g}")
+
+
+def _front_matter(meta, run, figures):
+    """The Hugging Face card metadata: library, base model, pipeline, tags and a model-index of the STS scores
+    the run measured (the dev Spearman of the exported adapter's step)."""
+    import yaml
+
+    card = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
+            "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "llm2vec", "llm2vec-engine"]}
+    if meta.get("base_model") and meta["base_model"] != "random-init":
+        card["base_model"] = meta["base_model"]
+    metrics = [{"type": "cosine_spearman", "value": _round(k, v), "name": f"Spearman x100 (cosine), step {s}"}
+               for k, (s, v) in sorted(figures.items()) if k == "eval_sts_spearman"]
+    if metrics:
+        data = _eval_data_name(run)
+        card["model-index"] = [{"name": meta["name"], "results": [{
+            "task": {"type": "STS", "name": "semantic textual similarity"},
+            "dataset": {"name": f"{data} (the run's dev file)", "type": data}, "metrics": metrics}]}]
+    return ["---", yaml.safe_dump(card, sort_keys=False).rstrip(), "---", ""]
+
+
+def _eval_data_name(run):
+    cfg = os.path.join(run, "config.yaml") if run else None
+    if cfg and os.path.isfile(cfg):
+        import yaml
+
+        with open(cfg) as f:
+            data = (yaml.safe_load(f) or {}).get("eval_data") or ["dev"]
+        return os.path.basename(str(data[0] if isinstance(data, list) else data))
+    return "dev"
+
+
+def _model_card(meta, run, figures, st_prompts, best=None):
+    lines = _front_matter(meta, run, figures)
+    lines += [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
              "attention, MNTP, then SimCSE / supervised contrastive), exported with `python -m engine.export`.", "",
              f"- base model: `{meta['base_model']}`", f"- adapters merged: {', '.join(meta['adapters']) or 'none'}",
              f"- pooling: `{meta['pooling']}` (instruction tokens attended, not pooled)",
@@ -103,13 +259,18 @@ def _model_card(meta, run, figures, st_prompts):
              "## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
              "model = SentenceTransformer(PATH)", "emb = model.encode([\"A man is playing a guitar.\"])", "```", "",
              "`transformers.AutoModel.from_pretrained(PATH)` is bidirectional (`is_causal: false` in config.json); "
-             "pool it yourself as above.", ""]
+             "pool it yourself as above.", "",
+             f"Requires `transformers>={TRANSFORMERS_FLOOR}`: older versions load this folder with causal attention "
+             "(they ignore `is_causal: false`) and cannot read its tokenizer.", ""]
+    if best:
+        lines += [f"The exported adapter is the run's best by dev Spearman: step {best.get('step')}, "
+                  f"{_round('spearman', best.get('spearman'))}.", ""]
     if meta.get("causal_only_servers"):
         lines += [f"Not for {', '.join(meta['causal_only_servers'])}: it runs this architecture causally.", ""]
     lines += ["## Evaluation (recorded by the training run)", ""]
     if figures:
         lines += ["| metric | step | value |", "| --- | ---: | ---: |"]
-        lines += [f"| {k} | {s} | {v} |" for k, (s, v) in sorted(figures.items())]
+        lines += [f"| {k} | {s} | {_round(k, v)} |" for k, (s, v) in sorted(figures.items())]
     else:
         lines += ["The run recorded no eval figures."]
     lines += ["", "## Training config", ""]
@@ -125,21 +286,40 @@ def _model_card(meta, run, figures, st_prompts):
     return "\n".join(lines) + "\n"
 
 
-def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False):
-    """Write the export folder (atomically: built in ``out.tmp``, then renamed). Returns its metadata dict."""
+def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, adapter=None):
+    """Write the export folder; returns its metadata dict. A training run folder exports its ``best/`` adapter
+    when it kept one (``adapter="last"``: ``adapter/``). Checked before any model loads: the model path, and that
+    ``out`` may be written (``check_output``). Built in a temporary folder beside ``out`` and swapped in at the
+    end; any failure removes that folder."""
+    from .encoder import resolve_chain
+
+    info = resolve_chain(model, adapter=adapter)
+    pooling = info["settings"].get("pooling", "mean")
+    if pooling not in _ST_POOLING:
+        raise ExportError(f"pooling {pooling!r} has no sentence-transformers equivalent")
+    check_output(out, _model_folders(model, info), overwrite)
+    tmp, created = _temp_beside(out)
+    if info["selected"]:
+        print(info["selected"], file=sys.stderr)
+    try:
+        meta = _write_export(model, info, tmp, out, dtype, normalize, max_length)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(created)
+        raise
+    return meta
+
+
+def _write_export(model, info, tmp, out, dtype, normalize, max_length):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    from .encoder import DEFAULT_MAX_LENGTH, load_encoder_model, resolve_chain, resolve_dtype
+    from .encoder import DEFAULT_MAX_LENGTH, load_encoder_model, resolve_dtype, run_folder
     from .encoding import CHAT_WRAP_BY_BASE
 
-    if os.path.exists(out) and not overwrite:
-        raise ExportError(f"{out} exists (pass --overwrite to replace it)")
-    info = resolve_chain(model)
     s = info["settings"]
     pooling = s.get("pooling", "mean")
-    if pooling not in _ST_POOLING:
-        raise ExportError(f"pooling {pooling!r} has no sentence-transformers equivalent")
     dt = resolve_dtype(dtype, "cpu")
     enc_model, tok = load_encoder_model(info, torch.float32, bidirectional=False)
     enc_model = enc_model.to(dt)
@@ -161,9 +341,6 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
         warnings.warn(f"{model_type}: {', '.join(servers)} hard-codes causal attention for this architecture and would "
                       f"serve this bidirectional encoder wrongly; use sentence-transformers, transformers or vLLM")
 
-    tmp = os.path.abspath(out).rstrip(os.sep) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     hf_dir = os.path.join(tmp, "_hf")
     enc_model.save_pretrained(hf_dir, safe_serialization=True)
     tok.save_pretrained(hf_dir)
@@ -181,21 +358,29 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
                              similarity_fn_name="cosine", device="cpu")
     st.save(tmp)
     shutil.rmtree(hf_dir)
-    run = _run_dir(model)
+    top = info["adapters"][-1] if info["adapters"] else None
+    run = run_folder(top) if top else run_folder(model)
     name = os.path.basename(os.path.normpath(out))
     meta = {"format": "llm2vec-engine-export/1", "name": name, "base_model": _public_name(info["base"]) or "random-init",
             "adapters": [_public_name(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
             "max_length": max_len, "dtype": str(dt).replace("torch.", ""), "normalize": bool(normalize),
             "chat_wrapping_dropped": chat, "model_type": model_type, "causal_only_servers": servers}
-    with open(os.path.join(tmp, "engine_export.json"), "w") as f:
+    best = _best_of(top)
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
-        f.write(_model_card(meta, run, _eval_figures(run), prompts))
+        f.write(_model_card(meta, run, _eval_figures(run, best.get("step")), prompts, best))
     _strip_abs_paths(tmp)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return meta
+
+
+def _best_of(adapter_folder):
+    """A best/ adapter's record (step, dev Spearman), or {} for any other adapter."""
+    path = os.path.join(adapter_folder, "engine_best.json") if adapter_folder else None
+    if not path or not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _append_eos(tok):
@@ -215,28 +400,30 @@ def _append_eos(tok):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m engine.export", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="run output dir, adapter dir (or hub id), LLM2Vec-style checkpoint")
-    ap.add_argument("--out", required=True, help="the folder to write")
+    ap.add_argument("--out", required=True, help="the folder to write (a new one, or an earlier export with "
+                                                  "--overwrite)")
+    ap.add_argument("--adapter", choices=sorted(RUN_ADAPTERS), default=None,
+                    help="for a training run folder: best (the default when the run kept best/) or last (adapter/)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
     ap.add_argument("--normalize", action="store_true", help="add a Normalize module (unit-length embeddings)")
-    ap.add_argument("--max-length", type=int, default=None, help="inference max tokens (default: the model's, else 512)")
-    ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--max-length", type=positive_int, default=None,
+                    help="inference max tokens (default: the model's, else 512)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an earlier export (only a folder holding "
+                                                             f"{EXPORT_MARKER})")
     args = ap.parse_args(argv)
-    local = os.path.expanduser(args.model)
-    if not os.path.exists(local) and (local.startswith((".", "/", "~")) or len(args.model.split("/")) != 2):
-        print(f"error: model not found: {args.model} (neither a local folder nor a hub id)", file=sys.stderr)
-        return 2
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
-        print("error: export needs sentence-transformers (pip install -e '.[export]')", file=sys.stderr)
-        return 2
+        return fail("export needs sentence-transformers (pip install -e '.[export]')")
     try:
-        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite)
+        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite, args.adapter)
     except (ExportError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
+    except OSError as e:  # a full disk, a folder that became unwritable: named, nothing half-written left
+        return fail(f"could not write {args.out}: {e}")
     print(json.dumps({"out": args.out, **meta}))
     return 0
 

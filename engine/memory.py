@@ -9,12 +9,11 @@ Terms (bytes, per rank):
 * weights: every parameter in its dtype (bf16 on GPU): replicated under stages 0-2, / world under ZeRO-3;
 * training state of the trainable (LoRA) parameters: fp32 master copy + grads + two Adam moments,
   16 B per trainable parameter (divided by world from stage 1 on);
-* activations: tokens per micro-batch x layers x bytes per token per layer, by recompute policy
-  (H hidden, I MLP width, KV = kv heads x head dim, b = bytes per element):
-  none      b (9H + 4KV + 4I) + 16H  every saved tensor of a decoder layer (norm outputs, q/k/v, RoPE'd and
-            rotated q/k, attention output, o, gate, up, act(gate), product) plus the two RMSNorms' fp32 internals;
-  selective b (5H + 2KV + 2I)  layer input, the GEMM outputs (q/k/v, o, gate/up, down) and attention output;
-  full      b H                only each layer's input; plus one layer's "none" activations while it is recomputed;
+* activations: tokens per micro-batch x bytes per token per layer, by recompute policy and by the path the decoder
+  layer runs (:func:`activation_bytes`, whose docstring has the terms; tests/test_memory_plan.py measures them
+  with saved-tensor hooks and holds these formulas to within 10%). Under "none" every layer keeps its saved set;
+  under "selective" and "full" each layer keeps its cached set and, while one layer is recomputed in the
+  backward, that layer holds its "none" set instead: tokens x ((layers - 1) x policy + none);
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers).
 
 The budget is ``memory_budget_gb`` when set (> 0); otherwise the GPU's total memory, or on CPU the host
@@ -28,8 +27,16 @@ trainable tensor an inf/NaN check that reads a bool back to the host, a norm and
 launches and one host sync per LoRA tensor (448 tensors in a 7B model; ``benchmarks/bench_step_ops.py``
 counts the step both ways). Recompute rule: on CPU "full" (the plan is for device memory; host RAM is not what
 limits a CPU run); on GPU the least recompute (none, then selective, then full) that fits.
+
+ZeRO-3 and the fused LoRA. Under ZeRO-3 each projection's base weight exists only while DeepSpeed gathers it
+for that module's own forward, so the fused groups (q/k/v in one call) cannot run: every LoRA layer takes PEFT's
+forward (``engine/lora.py``), and the plan costs stage 3 with PEFT's activations (``MemoryPlan.path``). Which
+runs are affected depends on the model size and the GPU's memory, not on the GPU count: stage 3 is chosen when
+the replicated bf16 base with full-recompute activations does not fit one GPU, and more GPUs shard the base but
+do not bring the fused path back (:func:`fused_lora_limit` gives the largest base that keeps it).
 """
 import dataclasses
+import functools
 import os
 
 import torch
@@ -45,18 +52,27 @@ class MemoryPlan:
     tokens: int  # per micro-batch on this rank (upper bound: padded length x texts)
     layers: int
     hidden: int
-    per_token_layer: dict  # policy -> activation bytes per token per layer
+    per_token_layer: dict  # policy -> activation bytes per token per layer, the path run at stages 0-2
     budget_bytes: int
     world: int
     device_type: str
     layer_numel: int = 0  # parameters of one decoder layer (ZeRO-3 prefetch bucket)
     lora_max_numel: int = 0  # largest trainable tensor (ZeRO-3 persistence threshold)
     dtype: str = "float32"  # the parameters' dtype: bfloat16 picks stage 1 for a replicated base
+    per_token_layer_zero3: dict = None  # the same under ZeRO-3 (LoRA through PEFT's layers); None: as above
+    paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
 
-    def activations(self, policy):
-        if policy == "full":
-            return self.tokens * (self.layers * self.per_token_layer["full"] + self.per_token_layer["none"])
-        return self.tokens * self.layers * self.per_token_layer[policy]
+    def path(self, stage):
+        return self.paths[stage == 3]
+
+    def per_token(self, policy, stage=0):
+        table = self.per_token_layer_zero3 if stage == 3 and self.per_token_layer_zero3 else self.per_token_layer
+        return table[policy]
+
+    def activations(self, policy, stage=0):
+        if policy == "none":
+            return self.tokens * self.layers * self.per_token("none", stage)
+        return self.tokens * ((self.layers - 1) * self.per_token(policy, stage) + self.per_token("none", stage))
 
     def workspace(self):
         return int(0.05 * self.budget_bytes) + (256 << 20)
@@ -64,7 +80,7 @@ class MemoryPlan:
     def total(self, policy, stage):
         weights = self.weights_bytes / (self.world if stage == 3 else 1)
         state = 16 * self.trainable_params / (self.world if stage >= 1 else 1)
-        return int(weights + state + self.activations(policy) + self.workspace())
+        return int(weights + state + self.activations(policy, stage) + self.workspace())
 
     def fits(self, policy, stage):
         return self.total(policy, stage) <= self.budget_bytes
@@ -72,7 +88,8 @@ class MemoryPlan:
     def describe(self, policy, stage):
         return (f"planned {self.total(policy, stage) / GIB:.2f} GiB of {self.budget_bytes / GIB:.2f} GiB "
                 f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, activations "
-                f"{self.activations(policy) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers)")
+                f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
+                f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path)")
 
 
 def tokens_per_micro_batch(cfg):
@@ -104,32 +121,133 @@ def budget_bytes(cfg, device, local_world):
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(local_world, 1))
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerShape:
+    """What a decoder layer's saved activations depend on (per token): widths, element sizes, LoRA."""
+    hidden: int  # H
+    kv: int  # KV = kv heads x head dim
+    inter: int  # I, the gated MLP's width
+    heads: int  # attention heads (one fp32 log-sum-exp each)
+    b: int  # activation element bytes (2 in bf16)
+    lora_in: int = 0  # sum over the layer's LoRA projections of their input width (6H + I with the 7 defaults)
+    lora_rank: int = 0  # sum over the layer's LoRA projections of their rank (7r)
+    adapter_b: int = 0  # PEFT adapter element bytes (PEFT keeps adapters in fp32 over a bf16 base)
+    dropout: bool = False  # LoRA dropout p > 0
+
+
+# path: (decoder elementwise ops, LoRA): "fused" = Triton RMSNorm / RoPE / GLU + fused LoRA groups with the Triton
+# low-rank kernel (GPU default); "fused-torch" = model.fused_ops=torch (HF's elementwise code, fused LoRA groups
+# in torch); "peft" = Triton elementwise ops + PEFT's LoRA layers (ZeRO-3); "peft-torch" = both in torch;
+# "full-ft" = no LoRA (every weight trains).
+PATHS = ("fused", "fused-torch", "peft", "peft-torch", "full-ft")
+
+
+def activation_bytes(s, path):
+    """{policy: bytes saved per token per decoder layer} for LayerShape ``s`` on ``path`` (see PATHS).
+
+    b = activation bytes, a = PEFT adapter bytes, R = sum of LoRA ranks, X = sum of LoRA input widths.
+    Shared by every path under "none" (what backward reads):
+      attention  b (2H + 2KV) + 4 heads   RoPE'd q and k, v, the output (which o_proj reads), fp32 LSE;
+      RMSNorm    2 (b H + 4)  Triton: each norm's input and fp32 1/rms;  2 (4H + 4) in torch: HF keeps the fp32
+                                copy of the input instead;
+      GLU        2 b I        Triton: gate and up;  3 b I in torch: also act(gate).
+    LoRA, "none":
+      fused      b (2H + I) + b R   the groups' inputs (both norms' outputs, act(gate) * up; the attention output
+                                    is already counted) and h = s drop(x) A^T; in torch with dropout also one bool
+                                    keep-mask per group, 3H + I (Triton regenerates it);
+      peft       (a + 1) X + a R    per projection its dropped input in the adapter dtype and a bool mask (p > 0;
+                                    p = 0: the input cast to the adapter dtype, a X, or b (2H + I) when a = b),
+                                    and h; the frozen base GEMM keeps nothing;
+      full-ft    b (2H + I)         the GEMM inputs (weight gradients).
+    "selective" (``selective_policy``): the layer input and every GEMM output with K > r: b (4H + 2KV + 2I) (layer
+      input, q/k/v, o, gate/up, down), plus h where an aten GEMM makes it: b R (fused-torch), a R (peft), 0 (Triton).
+      Triton attention / norm / RoPE / GLU outputs are recomputed (not aten ops).
+    "full": the layer input, b H.
+    """
+    H, KV, I, b, a = s.hidden, s.kv, s.inter, s.b, s.adapter_b or s.b
+    elementwise = "torch" if path.endswith("torch") else "triton"
+    attention = b * (2 * H + 2 * KV) + 4 * s.heads
+    norms = 2 * ((4 if elementwise == "torch" else b) * H + 4)
+    glu = (3 if elementwise == "torch" else 2) * b * I
+    inputs = b * (2 * H + I)
+    if path.startswith("fused"):
+        lora = inputs + b * s.lora_rank + ((3 * H + I) if elementwise == "torch" and s.dropout else 0)
+        cached_h = b * s.lora_rank if elementwise == "torch" else 0
+    elif path.startswith("peft"):
+        if s.dropout:
+            lora = (a + 1) * s.lora_in
+        else:
+            lora = inputs if a == b else a * s.lora_in
+        lora += a * s.lora_rank
+        cached_h = a * s.lora_rank
+    elif path == "full-ft":
+        lora, cached_h = inputs, 0
+    else:
+        raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+    return {"none": attention + norms + glu + lora, "selective": b * (4 * H + 2 * KV + 2 * I) + cached_h,
+            "full": b * H}
+
+
+def layer_shape(model, dtype=None, dropout=None):
+    """The LayerShape of ``model``'s decoder layers (LoRA read from its first layer's PEFT layers)."""
+    tc = _text_config(model)
+    H = tc.hidden_size
+    head_dim = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
+    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    params = list(model.parameters())
+    dtype = dtype or params[0].dtype
+    layer = _decoder_layers(model, tc)
+    lora_in = lora_rank = adapter_b = 0
+    drop = False
+    for m in (layer[0].modules() if layer is not None else ()):
+        if isinstance(getattr(m, "r", None), dict) and hasattr(m, "lora_A") and len(m.lora_A):
+            adapter = next(iter(m.lora_A))
+            a = m.lora_A[adapter].weight
+            lora_in += a.shape[1]
+            lora_rank += a.shape[0]
+            adapter_b = a.element_size()
+            d = m.lora_dropout[adapter]
+            drop = drop or float(getattr(d, "p", 0.0)) > 0
+    return LayerShape(hidden=H, kv=kv * head_dim, inter=getattr(tc, "intermediate_size", 4 * H),
+                      heads=tc.num_attention_heads, b=torch.empty((), dtype=dtype).element_size(), lora_in=lora_in,
+                      lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout)
+
+
+def _decoder_layers(model, tc):
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == tc.num_hidden_layers:
+            return m
+    return None
+
+
+def model_paths(cfg):
+    """(path at stages 0-2, path under ZeRO-3) for run config ``cfg`` on a GPU (see PATHS)."""
+    torch_ops = cfg.model.fused_ops == "torch"
+    if not cfg.lora.enabled:
+        return ("full-ft", "full-ft")
+    return ("fused-torch" if torch_ops else "fused", "peft-torch" if torch_ops else "peft")
+
+
 def plan_memory(cfg, model, world, local_world, device, dtype=None):
     """The plan for ``model`` (LoRA already added) with run config ``cfg`` on ``device``."""
     tc = _text_config(model)
-    H = tc.hidden_size
-    inter = getattr(tc, "intermediate_size", 4 * H)
-    head_dim = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
-    kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
-    KV = kv * head_dim
     params = list(model.parameters())
     dtype = dtype or params[0].dtype
     b = torch.empty((), dtype=dtype).element_size()
     train = [p for p in params if p.requires_grad]
-    layers_mod = None
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) == tc.num_hidden_layers:
-            layers_mod = m
-            break
+    layers_mod = _decoder_layers(model, tc)
     layer_numel = sum(p.numel() for p in layers_mod[0].parameters()) if layers_mod is not None else 0
+    shape = layer_shape(model, dtype)
+    paths = model_paths(cfg)
     return MemoryPlan(
         weights_bytes=sum(p.numel() for p in params) * b,
         trainable_params=sum(p.numel() for p in train),
         tokens=tokens_per_micro_batch(cfg),
         layers=tc.num_hidden_layers,
-        hidden=H,
-        per_token_layer={"none": b * (9 * H + 4 * KV + 4 * inter) + 16 * H, "selective": b * (5 * H + 2 * KV + 2 * inter),
-                         "full": b * H},
+        hidden=tc.hidden_size,
+        per_token_layer=activation_bytes(shape, paths[0]),
+        per_token_layer_zero3=activation_bytes(shape, paths[1]),
+        paths=paths,
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,
         device_type=device.type,
@@ -137,6 +255,15 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         lora_max_numel=max((p.numel() for p in train), default=0),
         dtype=str(dtype).replace("torch.", ""),
     )
+
+
+def fused_lora_limit(plan):
+    """The largest base (bytes, in the plan's dtype) whose replicated copy still fits one GPU next to its LoRA
+    state and full-recompute activations, i.e. the largest model that keeps the fused LoRA (stage < 3); the
+    LoRA state is scaled with the base. Independent of the GPU count."""
+    free = plan.budget_bytes - plan.workspace() - plan.activations("full", 0)
+    per_weight_byte = 1 + 16 * plan.trainable_params / max(plan.weights_bytes, 1)
+    return max(int(free / per_weight_byte), 0)
 
 
 def choose_zero_stage(cfg, plan):
@@ -150,7 +277,9 @@ def choose_zero_stage(cfg, plan):
         return stage, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "
                        f"budget{how}: " + plan.describe("full", stage))
     return 3, ("the replicated base + activations do not fit one rank's budget ("
-               + plan.describe("full", 0) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks")
+               + plan.describe("full", 0) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks"
+               + (", and LoRA runs through PEFT's layers (the fused groups need whole base weights; a base up to "
+                  f"{fused_lora_limit(plan) / GIB:.1f} GiB would keep them)" if plan.path(3) != plan.path(0) else ""))
 
 
 def choose_recompute(cfg, plan, stage):
@@ -170,36 +299,92 @@ def choose_recompute(cfg, plan, stage):
 # Selective recompute
 # ----------------------------------------------------------------------------------------------
 
-def _saved_ops():
+_GEMMS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_")
+_ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
+
+
+def _overloads(names):
     aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_flash_attention_forward", "_efficient_attention_forward")
     return {getattr(aten, n).default for n in names if hasattr(aten, n)}
 
 
-def selective_context_fn():
-    """torch.utils.checkpoint ``context_fn``: keep GEMM and attention outputs, recompute everything else.
+def _inner_dim(op, args):
+    """The contraction length K of a GEMM op: mm(a, b) / bmm(a, b) read a (..., K); addmm(c, a, b) and the
+    in-place / batched forms read their second argument."""
+    a = args[0] if op.overloadpacket.__name__ in ("mm", "bmm") else args[1]
+    return a.shape[-1]
 
-    Ops run inside a Triton kernel (our attention, the fused LoRA's low-rank kernel) are not aten ops, so the
-    policy cannot see them: they are re-run in the recompute like the elementwise ops.
+
+def _storage_key(t):
+    return t.untyped_storage()._cdata
+
+
+def _written(op, args):
+    """The tensors an op writes in place (``Tensor(a!)`` in its schema)."""
+    return [args[i] for i, a in enumerate(op._schema.arguments)
+            if i < len(args) and a.alias_info is not None and a.alias_info.is_write and isinstance(args[i], torch.Tensor)]
+
+
+def selective_policy(low_rank=0):
+    """The selective policy as a function ``(ctx, op, *args) -> CheckpointPolicy``, with its own record of what
+    it saved (one per checkpointed region).
+
+    Saved (MUST_SAVE): the output of every GEMM whose contraction length K exceeds ``low_rank`` (the base
+    projections x W^T and LoRA's down product x A^T, all that would be costly to recompute), the outputs of the
+    aten attention ops, and every in-place op that writes into a saved tensor. Everything else is recomputed,
+    including the rank-r products (h B^T: K = r, r / K_base of the base GEMM's work) that the fused and the
+    PEFT LoRA add onto the base output: backward never reads them (it reads h, the input x and the weights), and
+    keeping them next to the output they are added to doubled the saved bytes of every projection.
+
+    In-place writes: when the base GEMM's output is saved and the low-rank product is then added into it in
+    place (``out.addmm_(h, B^T)``), the cache entry already holds the sum. The write is saved too, so the
+    recompute returns the cached sum for both ops instead of adding the product a second time; the entry's
+    version check is therefore off (``allow_cache_entry_mutation``), which is safe because no saved tensor is
+    written without that write being replayed from the cache.
     """
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+    from torch.utils.checkpoint import CheckpointPolicy
 
-    saved = _saved_ops()
+    gemms, attention = _overloads(_GEMMS), _overloads(_ATTENTION)
+    saved = set()
 
     def policy(ctx, op, *args, **kwargs):
-        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+        keep = (op in attention or (op in gemms and _inner_dim(op, args) > low_rank)
+                or any(_storage_key(t) in saved for t in _written(op, args)))
+        if not keep:
+            return CheckpointPolicy.PREFER_RECOMPUTE
+        for t in torch.utils._pytree.tree_leaves(ctx.op_output):
+            if isinstance(t, torch.Tensor):
+                saved.add(_storage_key(t))
+        return CheckpointPolicy.MUST_SAVE
 
-    return create_selective_checkpoint_contexts(policy)
+    return policy
+
+
+def selective_context_fn(low_rank=0):
+    """torch.utils.checkpoint ``context_fn``: :func:`selective_policy` (keep GEMM and attention outputs,
+    recompute everything else and the rank-``low_rank`` products).
+
+    Ops run inside a Triton kernel (our attention, RMSNorm, RoPE, GLU, the fused LoRA's low-rank kernel) are not
+    aten ops, so the policy cannot see them: they are re-run in the recompute like the elementwise ops.
+    """
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(selective_policy(low_rank), allow_cache_entry_mutation=True)
+
+
+def lora_rank(model):
+    """The largest LoRA rank in ``model`` (PEFT layers keep ``r`` as {adapter: rank}); 0 without LoRA."""
+    ranks = [r for m in model.modules() if isinstance(getattr(m, "r", None), dict) for r in m.r.values()]
+    return max(ranks, default=0)
 
 
 def enable_recompute(model, policy):
-    """Apply a recompute policy to a transformers model (before PEFT wraps it)."""
+    """Apply a recompute policy to a transformers model (bare or wrapped by PEFT; read for its LoRA rank)."""
     if policy == "none":
         return
     kwargs = {"use_reentrant": False}
     if policy == "selective":
-        kwargs["context_fn"] = selective_context_fn
+        kwargs["context_fn"] = functools.partial(selective_context_fn, lora_rank(model))
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -64,6 +64,95 @@ def load_tokenizer(mcfg):
     return tok
 
 
+ARCHITECTURES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                 "architectures")
+
+
+def shipped_architecture(hub_id):
+    """The path of the repo's copy of ``hub_id``'s config.json values (``configs/architectures/<org>__<name>.json``)."""
+    return os.path.join(ARCHITECTURES_DIR, hub_id.replace("/", "__") + ".json")
+
+
+def architecture_config(mcfg, vocab_size=None):
+    """(transformers config, where it came from) for ``mcfg`` without loading weights or a tokenizer.
+
+    ``random_init``: its kwargs (vocab from ``vocab_size``, else the named model's or tokenizer's config); a
+    local folder or fetched alias: its config.json; a hub id: the hub cache if it holds the config, else the
+    values shipped in ``configs/architectures/`` (offline: no download is attempted). ModelLoadError if none.
+    """
+    from transformers import AutoConfig
+
+    if mcfg.random_init:
+        spec = dict(mcfg.random_init)
+        model_type = spec.pop("model_type", None)
+        if model_type is None:
+            raise ModelLoadError("model.random_init needs a model_type (e.g. llama)")
+        spec.pop("seed", None)
+        if "vocab_size" not in spec:
+            spec["vocab_size"] = vocab_size or _named_vocab(mcfg)
+        return AutoConfig.for_model(model_type, **spec), "model.random_init"
+    name = mcfg.name_or_path
+    if assets.is_alias(name):
+        folder = assets.local_path(name)
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise ModelLoadError(f"alias {name!r} is not fetched yet (python -m engine.assets fetch {name})")
+        return AutoConfig.from_pretrained(folder), folder
+    path, gguf = resolve_model_path(name, mcfg.gguf_file)
+    if os.path.isdir(path) and not gguf:
+        return _loading(f"the model config in {path!r}", AutoConfig.from_pretrained, path,
+                        trust_remote_code=mcfg.trust_remote_code), path
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=mcfg.trust_remote_code,
+                                          **({"gguf_file": gguf} if gguf else {})), "the hub cache"
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:
+        pass
+    shipped = shipped_architecture(name)
+    if os.path.isfile(shipped):
+        with open(shipped) as f:
+            values = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+        return AutoConfig.for_model(values.pop("model_type"), **values), shipped
+    raise ModelLoadError(f"no architecture for {name!r} offline: not a local folder, not in the hub cache, and "
+                         f"no {os.path.relpath(shipped)} shipped")
+
+
+def _named_vocab(mcfg):
+    from .config import ModelConfig
+
+    for name in (mcfg.tokenizer, mcfg.name_or_path):
+        if name:
+            try:
+                return architecture_config(ModelConfig(name_or_path=name))[0].vocab_size
+            except (ModelLoadError, FileNotFoundError):
+                continue
+    raise ModelLoadError("model.random_init without vocab_size needs a model or tokenizer whose config is available")
+
+
+def meta_model(config, dtype=torch.bfloat16):
+    """The causal LM of ``config`` on the meta device: real module tree and shapes, no memory, no weights."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def check_lora_targets(lcfg, model):
+    """Every ``lora.target_modules`` entry must name a Linear module of ``model`` (checked on the meta-built
+    architecture, before any weight loads). ValueError naming the unknown ones."""
+    if not lcfg.enabled:
+        return
+    if not lcfg.target_modules:
+        raise ValueError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
+    from transformers.pytorch_utils import Conv1D  # GPT-2-style projections, which PEFT adapts too
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    unknown = [t for t in lcfg.target_modules if t not in linear]
+    if unknown:
+        raise ValueError(f"lora.target_modules {unknown} name no Linear module of {model.config.model_type!r} "
+                         f"(its Linear modules: {', '.join(sorted(linear))})")
+
+
 def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
     """(model, tokenizer) with earlier adapters merged, bidirectional per config. No new LoRA here."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -102,13 +191,99 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
     return model, tok
 
 
-def merge_adapter(model, adapter_path):
-    from peft import PeftModel
+def merge_adapter(model, adapter):
+    """Fold an earlier stage's LoRA adapter (local folder or hub id) into ``model``'s weights; returns ``model``.
 
-    if not os.path.isfile(os.path.join(adapter_path, "adapter_config.json")):
-        raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter_path}")
-    model = PeftModel.from_pretrained(model, adapter_path)
-    return model.merge_and_unload()
+    Takes the engine's own adapters (keys ``base_model.model.model.layers.*``, saved on a causal LM) and
+    llm2vec's (``base_model.model.layers.*``, saved on the bare decoder) alike: see :func:`merge_lora`.
+    An adapter that matches no weight of the model is a :class:`ModelLoadError`, never a warning.
+    """
+    from .encoder import resolve_ref
+
+    folder = resolve_ref(adapter, "adapter")
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
+    try:
+        merge_lora(model, folder)
+    except ValueError as e:
+        raise ModelLoadError(f"could not merge adapter {adapter!r}: {e}") from e
+    return model
+
+
+def _adapter_tensors(folder):
+    st = os.path.join(folder, "adapter_model.safetensors")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+
+        return load_file(st)
+    binf = os.path.join(folder, "adapter_model.bin")
+    if os.path.isfile(binf):
+        return torch.load(binf, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no adapter weights (adapter_model.safetensors/.bin) in {folder}")
+
+
+def _module_name(mod, modules):
+    """The module of ``model`` that an adapter key's module path ``mod`` names, whichever class saved it: the
+    same path, or one ``model.`` level more or less (a causal LM holds the decoder under ``model.``)."""
+    for name in (mod, mod[len("model."):] if mod.startswith("model.") else None, "model." + mod):
+        if name is not None and name in modules:
+            return name
+    return None
+
+
+@torch.no_grad()
+def merge_lora(model, folder):
+    """Fold a PEFT LoRA adapter into ``model``'s weights in place: W += s B A (computed in fp32), with
+    s = alpha / r (alpha / sqrt(r) under rsLoRA).
+
+    ``model`` may be a bare decoder (``AutoModel``) or a causal LM, and the adapter may have been saved on
+    either (engine runs save on the causal LM, llm2vec on the bare decoder): the keys' ``base_model.model.``
+    prefix is dropped and the module path matched with one ``model.`` level more or less. Returns the number
+    of merged modules. LM-head LoRA weights are skipped when the model has no head; anything that is not
+    plain LoRA, a target the model lacks, or an adapter that merges nothing is a ValueError.
+    """
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{folder}: only plain LoRA adapters can be merged (peft_type={cfg.get('peft_type')}, "
+                         f"use_dora={cfg.get('use_dora')})")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
+    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
+    modules = dict(model.named_modules())
+    pairs = {}
+    for key, t in _adapter_tensors(folder).items():
+        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+        for part in (".lora_A.", ".lora_B."):
+            if part in k:
+                mod, kind = k.split(part)[0], part.strip(".")
+                pairs.setdefault(mod, {})[kind] = t
+                break
+        else:
+            raise ValueError(f"{folder}: tensor {key!r} is not a LoRA weight (modules_to_save / trainable tokens "
+                             f"are not supported)")
+    merged = 0
+    for mod, ab in pairs.items():
+        name = _module_name(mod, modules)
+        if name is None:
+            if mod.split(".")[-1] in ("lm_head", "embed_out", "output"):
+                continue
+            raise ValueError(f"{folder}: LoRA target {mod!r} does not exist in the model")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{folder}: LoRA target {mod!r} lacks its {'lora_B' if 'lora_A' in ab else 'lora_A'}")
+        w = modules[name].weight
+        delta = (ab["lora_B"].float().to(w.device) @ ab["lora_A"].float().to(w.device)) * scale
+        if cfg.get("fan_in_fan_out"):
+            delta = delta.T
+        if delta.shape != w.shape:
+            raise ValueError(f"{folder}: LoRA update of {mod!r} has shape {tuple(delta.shape)}, the weight "
+                             f"{tuple(w.shape)}")
+        w.copy_((w.float() + delta).to(w.dtype))
+        merged += 1
+    if not merged:
+        raise ValueError(f"{folder}: no LoRA weights matched the model")
+    return merged
 
 
 def add_lora(model, lcfg):

@@ -2,23 +2,106 @@
 
     deepspeed [--num_gpus N | --hostfile H] engine/train.py --config configs/X.yaml [key=value ...]
     python engine/train.py --config configs/X.yaml [key=value ...]        # one process
+    python engine/train.py --config configs/X.yaml --dry-run              # the plan at full size, no weights
+    python engine/train.py --config configs/X.yaml --print-config         # the resolved config as YAML
 
-Exit codes: 0 done; 2 bad input (config, data, model, or a different run in output_dir); 3 the run diverged
-(max_nonfinite_steps non-finite steps in a row).
+Exit codes: 0 done; 2 bad input (config, data, model, an output_dir that cannot be a run folder, a different run
+in output_dir, a full disk), one line on stderr; 3 the run diverged (max_nonfinite_steps non-finite steps in a row).
+A run that fails leaves no empty output_dir (nor empty parents) that it created behind.
 """
 import argparse
+import errno
 import os
+import shutil
 import sys
+import tempfile
 
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from engine.cli import ArgumentParser, fail, missing_folders, remove_empty  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# what torch.save / DeepSpeed report when a write comes up short (no errno reaches Python)
+SHORT_WRITE_MARKS = ("unexpected pos", "file write failed", "failed writing", "No space left")
+
+
+def _free_bytes(path):
+    probe = os.path.abspath(path or ".")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe, shutil.disk_usage(probe).free
+
+
+def disk_full_message(exc, output_dir, low=16 << 20):
+    """One line if ``exc`` (or an exception it chains) is a full disk, else None: the path written (the file when
+    the error names it, else ``output_dir``) and the bytes free there. A short write without an errno (torch.save's
+    "unexpected pos") counts when the output folder's file system has under ``low`` bytes free."""
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            path = e.filename or output_dir
+            where, free = _free_bytes(path)
+            return f"error: no space left on the device writing {path} ({free:,} bytes free on {where})"
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in SHORT_WRITE_MARKS):
+            where, free = _free_bytes(output_dir)
+            if free < low:
+                return (f"error: no space left on the device writing under {output_dir} ({free:,} bytes free on "
+                        f"{where}); the last complete checkpoint is kept")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_targets_offline(cfg):
+    """lora.target_modules against the meta-built architecture, before any weight loads. Skipped (the load
+    checks it) when the architecture is not available offline."""
+    from engine.modeling import ModelLoadError, architecture_config, check_lora_targets, meta_model
+
+    try:
+        arch, _ = architecture_config(cfg.model)
+    except (ModelLoadError, FileNotFoundError, OSError):
+        return
+    if cfg.model.bidirectional:
+        from engine.bidirectional import check_architecture
+
+        check_architecture(arch)  # an unsupported family is named as such (exit 2), before its modules are
+    try:
+        check_lora_targets(cfg.lora, meta_model(arch))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+
+def prepare_output_dir(path):
+    """Create the run's folder (and its parents) now, before any data or model loads, and check that it can be
+    written (``engine.config.check_output_dir`` has refused '', a file and a dangling link already); returns the
+    folders created, for ``remove_empty`` when the run fails. Raises ConfigError."""
+    created = missing_folders(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        remove_empty(created)
+        raise ConfigError(f"output_dir {path} cannot be written: {e.strerror or e}") from None
+    return created
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="engine/train.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build the model at full size on the meta device, print the memory plan, ZeRO stage, "
+                         "recompute policy and one micro-batch's shapes, and exit (no weights, data or tokenizer)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
+    ap.add_argument("--world", type=int, default=None,
+                    help="--dry-run: ranks to plan for (default: the most of 8, 4, 2, 1 the batch divides into)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                    help="--dry-run: memory per GPU when the config sets no memory_budget_gb (default 80)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
     args = ap.parse_args(argv)
@@ -27,19 +110,57 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        import yaml
+
+        from engine.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from engine.bidirectional import UnsupportedArchitectureError
+    from engine.data import DataError
+    from engine.modeling import ModelLoadError
+
+    if args.dry_run:
+        from engine.dry_run import dry_run
+
+        try:
+            dry_run(cfg, world=args.world, gpu_memory_gb=args.gpu_memory_gb)
+        except (ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError, ValueError) as e:
+            return fail(e)
+        return 0
+    try:
+        created = prepare_output_dir(cfg.output_dir)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg)
+    finally:
+        if os.environ.get("RANK", "0") == "0":
+            remove_empty(created)  # nothing written (a failed run): no empty folder left behind
+
+
+def _train(cfg):
     from engine.bidirectional import UnsupportedArchitectureError
     from engine.data import DataError
     from engine.modeling import ModelLoadError
     from engine.trainer import NonFiniteError, train
 
     try:
+        check_targets_offline(cfg)
         train(cfg)
     except (DataError, ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
-        print(f"error: {e}", file=sys.stderr)
+        fail(e)
         return 3
+    except (OSError, RuntimeError) as e:  # a full disk during a checkpoint, the resume or the adapter write
+        msg = disk_full_message(e, cfg.output_dir)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,18 +1,43 @@
-"""Backend selection shared by the ops in this package.
+"""What every op in this package shares: backend choice, device and precision rules, the dropout RNG.
 
-Every public op takes ``impl`` in {"auto", "triton", "torch"}:
-  * "auto"   -> the Triton kernel on CUDA tensors, the pure-torch reference elsewhere;
+Layout of the package (one op per module, this module for what they share):
+
+* ``kernels/<op>.py`` (``kernels/attention/`` for attention): the Triton kernels, their launchers, the
+  autograd.Function, the public op and its pure-torch ``*_reference``;
+* ``kernels/gpu_check/<op>.py``: the op's bf16 check on CUDA against its reference (``gpu_check()``), listed
+  in the registry ``kernels/gpu_check/__init__.py`` (``python -m kernels.gpu_check``);
+* this module: :func:`resolve_impl`, :func:`on_device`, :func:`dot_precision`, the Philox keep function
+  :func:`philox_keep` and the keep-mask kernel :func:`keep_mask_kernel`.
+
+Backend. Every public op takes ``impl`` in {"auto", "triton", "torch"}:
+  * "auto"   -> the Triton kernel on CUDA tensors (of the dtypes the op lists), the pure-torch reference elsewhere;
   * "triton" -> always the Triton kernel (on CPU this needs ``TRITON_INTERPRET=1``);
   * "torch"  -> always the reference.
-``set_default_impl`` changes what "auto" resolves to for one op family, so a config key
-can force an implementation process-wide without threading arguments through models.
+``set_default_impl`` changes what "auto" resolves to for one op family, so a config key can force an
+implementation process-wide without threading arguments through models.
+
+Launch configuration. Every op takes its fixed launch parameters from one function named ``launch_config``
+in its own module (``kernels.attention.configs.launch_config`` for attention), returning the block sizes,
+``num_warps`` and (where the op pipelines) ``num_stages`` for the kernel and shape at hand; nothing else in
+an op chooses a tile. Kernel signatures: pointers end in ``_ptr``, strides are explicit ``stride_*``
+arguments, compile-time constants are UPPERCASE ``tl.constexpr``, offsets that can pass 2**31 are int64,
+and accumulators are fp32.
+
+Dropout RNG. A keep decision is a pure function of a seed and the element's position: Philox-4x32 with 7
+rounds (passes BigCrush, Salmon et al. 2011), keyed by the seed, on a 4-word counter that names the element;
+the top ``DROPOUT_BITS`` = 24 bits of the first output word, as an integer, are compared with
+``round(p * 2**24)``: keep iff ``bits >= threshold``. No mask is stored; a backward regenerates it.
 """
+import contextlib
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 _VALID = ("auto", "triton", "torch")
-_DEFAULTS = {"attention": "auto", "masked_ce": "auto", "contrastive": "auto", "fused_ops": "auto"}
+_DEFAULTS = {"attention": "auto", "masked_ce": "auto", "contrastive": "auto", "fused_ops": "auto", "lora": "auto"}
+DROPOUT_BITS = 24
 
 
 def set_default_impl(op: str, impl: str) -> None:
@@ -31,17 +56,87 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_impl(op: str, impl, tensor: torch.Tensor) -> str:
-    """Return "triton" or "torch" for this call."""
+def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None) -> str:
+    """Return "triton" or "torch" for this call; ``auto_dtypes``: the dtypes "auto" sends to Triton (None: all)."""
     impl = impl or "auto"
     if impl not in _VALID:
         raise ValueError(f"unknown impl {impl!r} for {op}; expected one of {_VALID}")
     if impl == "auto":
         impl = _DEFAULTS[op]
     if impl == "auto":
-        return "triton" if tensor.is_cuda else "torch"
+        return "triton" if tensor.is_cuda and (auto_dtypes is None or tensor.dtype in auto_dtypes) else "torch"
     if impl == "triton" and not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"{op}: impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)"
         )
     return impl
+
+
+def on_device(t: torch.Tensor):
+    """Context for a launch on t's GPU (Triton launches on the current device); nothing on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dot_precision(dtype) -> str:
+    """``input_precision`` of ``tl.dot``: fp32 operands run on TF32 tensor cores (~1e-3 relative error; the IEEE
+    fp32 FMA path spills registers at any useful tile size), 16-bit operands ignore it. impl="torch" is the
+    exact fp32 path."""
+    return "tf32"
+
+
+def dropout_threshold(p: float) -> int:
+    """The integer threshold of :func:`philox_keep` for drop probability ``p``."""
+    return int(round(p * (1 << DROPOUT_BITS)))
+
+
+@triton.jit
+def philox_keep(seed, c0, c1, c2, c3, drop_thresh):
+    """Keep-mask of the elements with Philox counters (c0, c1, c2, c3), broadcast to one tile shape."""
+    zero = (c0 + c1) * 0
+    r, _, _, _ = tl.philox(seed, c0 + zero, c1 + zero, c2 + zero, c3 + zero, 7)
+    return (r >> (32 - 24)).to(tl.int32) >= drop_thresh
+
+
+@triton.jit
+def keep_mask_kernel(
+    out_ptr, seed_ptr, len_ptr,
+    n_rows, n_cols, n_blocks_n, stride_ob, stride_oh, stride_om, stride_on, drop_thresh,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr,
+):
+    """out[c3, c2, m, n] = philox_keep(seed, n, m, c2, c3) as int8, c2 = program_id(1), c3 = program_id(2).
+
+    Axis 0 walks the (m, n) blocks, row-major. HAS_LENS: slice c3 covers len[c3] x len[c3] (a packed batch's
+    sequences); otherwise n_rows x n_cols. Elements outside are not written."""
+    pid = tl.program_id(0)
+    c2 = tl.program_id(1)
+    c3 = tl.program_id(2)
+    if HAS_LENS:
+        m_hi = tl.load(len_ptr + c3)
+        n_hi = m_hi
+    else:
+        m_hi = n_rows
+        n_hi = n_cols
+    offs_m = (pid // n_blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % n_blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = philox_keep(tl.load(seed_ptr), offs_n[None, :], offs_m[:, None], c2, c3, drop_thresh)
+    ptrs = (out_ptr + c3.to(tl.int64) * stride_ob + c2.to(tl.int64) * stride_oh
+            + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on)
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < m_hi) & (offs_n[None, :] < n_hi))
+
+
+def keep_mask(seed: torch.Tensor, shape, dropout_p: float, lens=None) -> torch.Tensor:
+    """The keep-mask (bool) :func:`philox_keep` gives for an int32 seed tensor of one element.
+
+    ``shape`` = (C3, C2, M, N): element [c3, c2, m, n] has counter (n, m, c2, c3). ``lens`` (C3,) int32: slice c3
+    is filled only on its leading len[c3] x len[c3] block (zeros elsewhere)."""
+    C3, C2, M, N = shape
+    out = torch.zeros(shape, dtype=torch.int8, device=seed.device)
+    if out.numel():
+        BM, BN = 32, 32
+        n_blocks_n = triton.cdiv(N, BN)
+        with on_device(seed):
+            keep_mask_kernel[(triton.cdiv(M, BM) * n_blocks_n, C2, C3)](
+                out, seed, seed if lens is None else lens, M, N, n_blocks_n, out.stride(0), out.stride(1),
+                out.stride(2), out.stride(3), dropout_threshold(dropout_p), BLOCK_M=BM, BLOCK_N=BN,
+                HAS_LENS=lens is not None)
+    return out.bool()

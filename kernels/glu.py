@@ -16,18 +16,14 @@ then the product: one rounding more). Backward recomputes a(g) from the saved in
 gate and up are (..., I) tensors of one shape and dtype; they are flattened (copied first only if not
 contiguous). Own kernels rather than Liger-Kernel's: see kernels/rms_norm.py.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_impl
+from ._backend import on_device, resolve_impl
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACT_ID = {"silu": 0, "gelu_tanh": 1}
-BLOCK = 1024  # elements per program (fixed launch config)
-NUM_WARPS = 4
 _SQRT_2_OVER_PI = 0.7978845608028654
 
 
@@ -77,10 +73,6 @@ def _glu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, N, ACT: tl.con
     tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check(gate, up, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"glu: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
@@ -91,6 +83,11 @@ def _check(gate, up, activation):
         raise TypeError(f"glu: fp16, bf16 or fp32 expected, got {gate.dtype}")
 
 
+def launch_config(n):
+    """Fixed launch config for n elements: (BLOCK elements per program, num_warps)."""
+    return 1024, 4
+
+
 class _GLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, act):
@@ -98,8 +95,9 @@ class _GLU(torch.autograd.Function):
         y = torch.empty_like(gate)
         N = gate.numel()
         if N:
-            with _on_device(gate):
-                _glu_fwd_kernel[(triton.cdiv(N, BLOCK),)](gate, up, y, N, ACT=act, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            block, warps = launch_config(N)
+            with on_device(gate):
+                _glu_fwd_kernel[(triton.cdiv(N, block),)](gate, up, y, N, ACT=act, BLOCK=block, num_warps=warps)
         ctx.save_for_backward(gate, up)
         ctx.act = act
         return y
@@ -111,9 +109,10 @@ class _GLU(torch.autograd.Function):
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         N = gate.numel()
         if N:
-            with _on_device(gate):
-                _glu_bwd_kernel[(triton.cdiv(N, BLOCK),)](dy, gate, up, dgate, dup, N, ACT=ctx.act, BLOCK=BLOCK,
-                                                          num_warps=NUM_WARPS)
+            block, warps = launch_config(N)
+            with on_device(gate):
+                _glu_bwd_kernel[(triton.cdiv(N, block),)](dy, gate, up, dgate, dup, N, ACT=ctx.act, BLOCK=block,
+                                                          num_warps=warps)
         return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None), None
 
 

@@ -31,18 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._backend import dot_precision, dropout_threshold, keep_mask, philox_keep, resolve_impl
+
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _resolve(impl, x):
-    # auto: Triton for 16-bit CUDA tensors; fp32 stays on the exact torch path (the kernels' fp32 dots are TF32 on
-    # a GPU, about 1e-3 relative error, as in kernels.attention), and CPU tensors too.
-    impl = impl or "auto"
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"unknown impl {impl!r} for lora; expected auto, triton or torch")
-    if impl == "auto":
-        return "triton" if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) else "torch"
-    return impl
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,14 +61,6 @@ def lora_group_reference(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, kee
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _keep(seed, rows, cols, drop_thresh):
-    # Philox-4x32-7 keyed by the seed, counter (col, row): a pure function of the element's position.
-    zero = (rows + cols) * 0
-    r, _, _, _ = tl.philox(seed, cols + zero, rows + zero, zero, zero, 7)
-    return (r >> 8).to(tl.int32) >= drop_thresh
-
-
-@triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, h_ptr, seed_ptr,
     M, K, N,
@@ -100,7 +83,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), x, 0.0)
+            x = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), x, 0.0)
         a = tl.load(a_ptr + offs_n[None, :].to(tl.int64) * stride_an + offs_k[:, None].to(tl.int64) * stride_ak,
                     mask=(offs_n[None, :] < N) & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = A^T tile
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -135,7 +118,7 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), x, 0.0)
+            x = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), x, 0.0)
         gt = tl.load(g_ptr + rows64[None, :] * stride_gm + offs_n[:, None].to(tl.int64) * stride_gn,
                      mask=row_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_M) = g^T tile
         acc = tl.dot(gt, x, acc, input_precision=PRECISION)
@@ -168,21 +151,11 @@ def _lora_grad_x_kernel(
     acc = tl.dot(g, a, input_precision=PRECISION) * scale
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr)
-        acc = tl.where(_keep(seed, offs_m[:, None], offs_k[None, :], drop_thresh), acc, 0.0)
+        acc = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), acc, 0.0)
     ptrs = gx_ptr + rows64[:, None] * stride_gxm + offs_k[None, :].to(tl.int64) * stride_gxk
     both = row_ok[:, None] & k_ok[None, :]
     prev = tl.load(ptrs, mask=both, other=0.0)
     tl.store(ptrs, (prev.to(tl.float32) + acc).to(gx_ptr.dtype.element_ty), mask=both)
-
-
-@triton.jit
-def _dropout_mask_kernel(out_ptr, seed_ptr, M, K, stride_om, drop_thresh, BLOCK_M: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = _keep(tl.load(seed_ptr), offs_m[:, None], offs_k[None, :], drop_thresh)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_k[None, :], keep.to(tl.int8),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,15 +187,6 @@ def launch_config(kind, n, dtype, dropout=False):
     return (64, 64, 4, 2) if wide else (64, 128, 4, 2)
 
 
-def _precision(dtype):
-    # fp32 operands: TF32 tensor cores (ieee fp32 dots spill thousands of bytes); 16-bit operands ignore it
-    return "tf32"
-
-
-def _thresh(p):
-    return int(round(p * (1 << 24)))
-
-
 def _split_count(k_blocks, M, device):
     if M <= 0:
         return 1
@@ -237,8 +201,8 @@ def _down(x, a_cat, seed, p, scale):
     bm, bk, warps, stages = launch_config("down", N, x.dtype, p > 0)
     _lora_down_kernel[(triton.cdiv(M, bm),)](
         x, a_cat, h, seed, M, K, N, x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1),
-        h.stride(0), h.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_N=_block_n(N),
-        BLOCK_K=bk, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+        h.stride(0), h.stride(1), dropout_threshold(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_N=_block_n(N),
+        BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return h
 
 
@@ -253,8 +217,8 @@ def _grad_a(x, gh, seed, p, scale):
     part = torch.empty(splits, N, K, device=x.device, dtype=torch.float32)
     _lora_grad_a_kernel[(k_blocks, splits)](
         x, gh, part, seed, M, K, N, rows, x.stride(0), x.stride(1), gh.stride(0), gh.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), _thresh(p), HAS_DROPOUT=p > 0, BLOCK_M=bm,
-        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=_precision(x.dtype), num_warps=warps, num_stages=stages)
+        part.stride(0), part.stride(1), part.stride(2), dropout_threshold(p), HAS_DROPOUT=p > 0, BLOCK_M=bm,
+        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return part.sum(0).mul_(scale) if splits > 1 else part[0].mul_(scale)
 
 
@@ -264,19 +228,15 @@ def _grad_x_(gx, gh, a_cat, seed, p, scale):
     bm, bk, warps, stages = launch_config("grad_x", N, gx.dtype, p > 0)
     _lora_grad_x_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         gx, gh, a_cat, seed, M, K, N, gx.stride(0), gx.stride(1), gh.stride(0), gh.stride(1),
-        a_cat.stride(0), a_cat.stride(1), _thresh(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
-        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=_precision(gx.dtype), num_warps=warps, num_stages=stages)
+        a_cat.stride(0), a_cat.stride(1), dropout_threshold(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
+        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(gx.dtype), num_warps=warps, num_stages=stages)
     return gx
 
 
 def lora_dropout_mask(seed, shape, dropout_p, device=None):
     """The Triton path's keep-mask (bool, ``shape`` = (M, K)) for an int32 seed tensor of one element."""
     M, K = shape
-    device = device or seed.device
-    out = torch.empty(M, K, dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(M, 32), triton.cdiv(K, 64))](
-        out, seed, M, K, out.stride(0), _thresh(dropout_p), BLOCK_M=32, BLOCK_K=64)
-    return out.bool()
+    return keep_mask(seed.to(device or seed.device), (1, 1, M, K), dropout_p)[0, 0]
 
 
 def draw_seed(device):
@@ -386,68 +346,8 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
             raise ValueError("lora_group computes no base-weight gradient; the base weights must be frozen")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    impl = _resolve(impl, x)
+    # auto: Triton for 16-bit CUDA tensors only; fp32 stays on the exact torch path (the kernels' fp32 dots are
+    # TF32 on a GPU, about 1e-3 relative error, as in kernels.attention), and CPU tensors too.
+    impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16))
     biases = list(biases) if biases is not None else [None] * n
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU self-check (benchmarks/gpu_run.sh runs it on the device machine)
-# ----------------------------------------------------------------------------------------------
-
-# (case, M tokens, K in, outputs, rank, dropout, with biases)
-GPU_CHECK_CASES = [
-    ("mistral-7b q/k/v", 4096, 4096, (4096, 1024, 1024), 16, 0.05, False),
-    ("mistral-7b gate/up", 4096, 4096, (14336, 14336), 16, 0.05, False),
-    ("mistral-7b down", 4096, 14336, (4096,), 16, 0.05, False),
-    ("qwen2 q/k/v bias, odd M", 1000, 3584, (3584, 512, 512), 16, 0.1, True),
-    ("no dropout, r=64", 2048, 4096, (4096, 1024, 1024), 64, 0.0, False),
-]
-
-
-def gpu_check(factor=4.0, device="cuda", cases=None, dtype=torch.bfloat16):
-    """bf16 fused (Triton) vs the fp32 reference on the same keep mask, next to plain torch in bf16.
-
-    A row is ok when every output / gradient error is within ``factor`` x the error of the per-projection torch
-    computation in bf16 (plus a floor of 2**-10 of the largest value), forward and backward. ``device``, ``cases``
-    and ``dtype`` let the tests rehearse it on CPU under the interpreter (fp16 there)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("gpu_check needs CUDA (device='cpu' rehearses it under the interpreter)")
-    rows = []
-    for case, M, K, outs, r, p, bias in cases or GPU_CHECK_CASES:
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(M, K, device=dev, generator=g)
-        ws = [torch.randn(n, K, device=dev, generator=g) / K ** 0.5 for n in outs]
-        bs = [torch.randn(n, device=dev, generator=g) for n in outs] if bias else None
-        As = [torch.randn(r, K, device=dev, generator=g) / K ** 0.5 for _ in outs]
-        Bs = [torch.randn(n, r, device=dev, generator=g) / r ** 0.5 for n in outs]
-        gys = [torch.randn(M, n, device=dev, generator=g) for n in outs]
-        torch.manual_seed(1)
-        keep = lora_dropout_mask(draw_seed(dev), (M, K), p) if p > 0 else None
-
-        def run(fn, dt):
-            xx = x.to(dt, copy=True).requires_grad_(True)
-            aa = [a.to(dt, copy=True).requires_grad_(True) for a in As]
-            bb = [b.to(dt, copy=True).requires_grad_(True) for b in Bs]
-            ys = fn(xx, [w.to(dt) for w in ws], aa, bb, None if bs is None else [b.to(dt) for b in bs])
-            torch.autograd.backward(ys, [gy.to(dt) for gy in gys])
-            return [y.detach().float() for y in ys] + [xx.grad.float()] + [t.grad.float() for t in aa + bb]
-
-        def fused(xx, ww, aa, bb, bias_):
-            torch.manual_seed(1)
-            return lora_group(xx, ww, aa, bb, 2.0, p, biases=bias_, impl="triton")
-
-        def plain(xx, ww, aa, bb, bias_):
-            return lora_group_reference(xx, ww, aa, bb, 2.0, p, keep, biases=bias_)
-
-        ref = run(plain, torch.float32)
-        got = run(fused, dtype)
-        base = run(plain, dtype)
-        errs = [(a - r_).abs().max().item() for a, r_ in zip(got, ref)]
-        terrs = [(b - r_).abs().max().item() for b, r_ in zip(base, ref)]
-        floors = [2.0 ** -10 * r_.abs().max().item() for r_ in ref]
-        ok = all(e <= factor * t + f for e, t, f in zip(errs, terrs, floors))
-        worst = max(range(len(errs)), key=lambda i: errs[i] / (factor * terrs[i] + floors[i]))
-        rows.append({"op": "lora", "case": case, "max_err": errs[worst], "torch_bf16_err": terrs[worst], "ok": ok})
-    return rows

@@ -58,14 +58,12 @@ kernel path needs hidden and weight in the same dtype (fp16, bf16 or fp32) and w
 along H. ZeRO-3: "recompute" reads the weight only through ctx.saved_tensors in backward, never
 cached; "eager" does not need the weight in backward at all.
 """
-import contextlib
-import time
 
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_impl
+from ._backend import on_device, resolve_impl
 
 # Scratch budget for one backward vocab chunk of dZ (M x VC in the input dtype).
 BWD_SCRATCH_BYTES = 128 * 2**20
@@ -114,7 +112,7 @@ _L2_HIDDEN_BYTES = 24 * 2**20
 _DOT_PREC = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: "tf32"}  # ignored for half
 
 
-def default_config(dtype, device):
+def launch_config(dtype, device):
     """Launch config used for (dtype, device). A dict; copy it and pass ``cfg=`` to override."""
     if device.type != "cuda":
         cfg = _INTERP_CONFIG
@@ -537,11 +535,6 @@ def _backward_rows(hidden, weight, idx, y, lse, r, softcap, z_loss, need_h, need
     return dh, dw
 
 
-def _on_device(t):
-    """Launch on t's GPU (Triton launches on the current device), or nothing on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _row_chunk(M, V, esize, cfg):
     """Rows per eager chunk: RC x V logits in the input dtype within the scratch budget."""
     if cfg.get("row_chunk"):
@@ -588,7 +581,7 @@ class _MaskedCrossEntropyEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, idx, y, softcap, z_loss, mean, cfg):
         M = idx.numel()
-        with _on_device(hidden):
+        with on_device(hidden):
             loss, dh_rows = _eager_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss,
                                         1.0 / M if mean else 1.0, cfg)
         ctx.save_for_backward(idx, dh_rows)
@@ -618,7 +611,7 @@ class _MaskedCrossEntropy(torch.autograd.Function):
         if M == 0:
             lse = loss = torch.zeros((0,), device=hidden.device, dtype=torch.float32)
         else:
-            with _on_device(hidden):
+            with on_device(hidden):
                 loss, lse = _forward_rows(hidden.index_select(0, idx), weight, y, softcap, z_loss, cfg)
         # ZeRO-3 gathers `weight` around this call; backward reads it back from saved_tensors.
         ctx.save_for_backward(hidden, weight, idx, y, lse)
@@ -638,7 +631,7 @@ class _MaskedCrossEntropy(torch.autograd.Function):
             dw = torch.zeros_like(weight) if need_w else None
             return dh, dw, None, None, None, None, None
         r = grad_rows.float().contiguous()  # (M,); from .sum() it is an expanded scalar
-        with _on_device(hidden):
+        with on_device(hidden):
             dh, dw = _backward_rows(hidden, weight, idx, y, lse, r, ctx.softcap, ctx.z_loss,
                                     need_h, need_w, ctx.cfg)
         return dh, dw, None, None, None, None, None
@@ -651,7 +644,7 @@ def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="m
         raise ValueError(f"unknown reduction {reduction!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap}")
-    cfg = cfg or default_config(hidden.dtype, hidden.device)
+    cfg = cfg or launch_config(hidden.dtype, hidden.device)
     strategy = cfg.get("strategy", "auto")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -736,112 +729,3 @@ def masked_cross_entropy(
     return masked_cross_entropy_reference(
         hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, softcap=softcap, z_loss=z_loss,
         all_labelled=all_labelled)
-
-
-# ----------------------------------------------------------------------------------------------
-# GPU self-check (the lead runs this on the device machine)
-# ----------------------------------------------------------------------------------------------
-def _hf_style_loss(hidden, weight, labels, ignore_index, reduction, softcap, z_loss):
-    # What an HF model does in the input dtype: logits in that dtype, fp32 upcast, then the loss.
-    keep = labels != ignore_index
-    logits = torch.nn.functional.linear(hidden[keep], weight).float()
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    lse = torch.logsumexp(logits, dim=-1)
-    rows = lse - logits.gather(1, labels[keep][:, None]).squeeze(1) + z_loss * lse.square()
-    return rows.sum() / (max(int(keep.sum()), 1) if reduction == "mean" else 1)
-
-
-# (case, dtype, tokens N, H, V, labelled fraction, softcap, z_loss, reduction, weight requires grad
-#  [, strategy [, config overrides]]). Frozen W with "mean" / "sum" runs the eager strategy under "auto"
-#  (the LoRA default): at 128256 x bf16 the 128 MiB scratch holds 512 rows, so ~3277 labelled rows take 7 chunks.
-GPU_CHECK_CASES = [
-    ("llama3-8b frozen W", torch.bfloat16, 4096, 4096, 128256, 0.8, None, 0.0, "mean", False),
-    ("llama3-8b frozen W eager ragged chunks", torch.bfloat16, 2500, 4096, 128256, 0.8, None, 0.0, "mean", False,
-     "eager", {"row_chunk": 333}),
-    ("mistral-7b fp16 frozen W eager", torch.float16, 2048, 4096, 32000, 0.8, None, 0.0, "mean", False),
-    ("gemma2 softcap30 sum frozen W eager, 30% labelled", torch.bfloat16, 700, 2304, 256000, 0.3, 30.0, 0.0, "sum",
-     False, "eager"),
-    ("llama3-8b frozen W recompute", torch.bfloat16, 4096, 4096, 128256, 0.8, None, 0.0, "mean", False,
-     "recompute"),
-    ("gemma2 softcap30 z1e-4 sum frozen W", torch.bfloat16, 1024, 2304, 256000, 0.5, 30.0, 1e-4, "sum", False),
-    ("mistral-7b fp16 train W", torch.float16, 2048, 4096, 32000, 0.8, None, 0.0, "mean", True),
-    ("gemma2 softcap30 z1e-4 sum train W", torch.bfloat16, 1024, 2304, 256000, 0.5, 30.0, 1e-4, "sum", True),
-    ("V=262144 H=8192 int64 offsets", torch.bfloat16, 48, 8192, 262144, 1.0, None, 0.0, "mean", False),
-    ("N=1 train W", torch.bfloat16, 1, 4096, 128256, 1.0, None, 0.0, "mean", True),
-    ("all ignored", torch.bfloat16, 64, 4096, 32000, 0.0, None, 0.0, "mean", True),
-]
-
-
-def gpu_check(cases=None, device="cuda"):
-    """Run the Triton path in bf16 / fp16 on real shapes, forward and backward -> list[dict].
-
-    Ground truth: the reference in fp32 on the same (rounded) inputs. One row per case and
-    quantity (loss / dhidden / dweight): {"op", "case", "dtype", "quantity", "max_err",
-    "torch_bf16_err", "ok", "s"}; torch_bf16_err is the error of the HF-style torch path in the same
-    dtype (logits in that dtype, fp32 upcast). ok: finite and max_err <= tol = 2 x torch_bf16_err + a
-    floor of 2^-12 x max |reference|, with tol itself at most 5% of max |reference| (ref_max), so the check
-    cannot pass vacuously; for "all ignored" ok means exactly zero loss and gradients.
-    ``cases`` / ``device`` exist so the CPU tests can exercise this harness at tiny shapes.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("gpu_check needs CUDA")
-    rows = []
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be true fp32
-    try:
-        for case in cases or GPU_CHECK_CASES:
-            rows += _gpu_check_case(case, dev)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return rows
-
-
-def _gpu_check_case(case, dev):
-    rows = []
-    name, dtype, n, hdim, vocab, frac, softcap, z_loss, reduction, train_w = case[:10]
-    strategy = case[10] if len(case) > 10 else "auto"
-    overrides = case[11] if len(case) > 11 else {}
-    t0 = time.perf_counter()
-    gen = torch.Generator(device=dev).manual_seed(1234 + n + vocab)
-    hidden = torch.randn(n, hdim, device=dev, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hdim, device=dev, generator=gen) * hdim ** -0.5 * 2.0).to(dtype)
-    weight.requires_grad_(train_w)
-    labels = torch.randint(0, vocab, (n,), device=dev, generator=gen)
-    labels[torch.rand(n, device=dev, generator=gen) >= frac] = -100
-    kw = dict(softcap=softcap, z_loss=z_loss, reduction=reduction)
-
-    def loss_and_grads(fn, h, w):
-        leaves = [h] + ([w] if w.requires_grad else [])
-        loss = fn(h, w)
-        return [loss.detach().float()] + [g.float() for g in torch.autograd.grad(loss, leaves)]
-
-    cfg = dict(default_config(dtype, dev), strategy=strategy, **overrides)
-    out = loss_and_grads(lambda h, w: _masked_ce_triton(h, w, labels, cfg=cfg, **kw), hidden, weight)
-    ref = loss_and_grads(lambda h, w: masked_cross_entropy_reference(h, w, labels, **kw),
-                         hidden.detach().float().requires_grad_(),
-                         weight.detach().float().requires_grad_(train_w))
-    if frac > 0:
-        hf = loss_and_grads(lambda h, w: _hf_style_loss(h, w, labels, -100, reduction, softcap, z_loss),
-                            hidden, weight)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    for q, a, r, i in zip(("loss", "dhidden", "dweight"), out, ref, range(3)):
-        finite = bool(torch.isfinite(a).all())
-        err = (a - r).abs().max().item() if a.numel() else 0.0
-        ref_max = r.abs().max().item() if r.numel() else 0.0
-        if frac > 0:
-            terr = (hf[i] - r).abs().max().item()
-            tol = 2.0 * terr + 2.0 ** -12 * max(ref_max, 1e-30)
-            # the yardstick (torch's own low-precision error) must itself be small next to the values
-            ok = finite and err <= tol and tol <= 0.05 * ref_max
-        else:
-            terr, tol, ok = float("nan"), 0.0, finite and not bool(a.any())
-        rows.append({"op": "masked_ce", "case": name, "dtype": str(dtype).replace("torch.", ""), "quantity": q,
-                     "strategy": strategy, "max_err": err, "torch_bf16_err": terr, "tol": tol, "ref_max": ref_max,
-                     "ok": ok, "s": round(time.perf_counter() - t0, 2)})
-    del hidden, weight, out, ref
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows

@@ -23,13 +23,11 @@ Why our own kernels (not Liger-Kernel's): a few dozen lines we control, one cast
 checked against transformers' own modules, the frozen-weight shortcut and fixed launch configs
 compile-checked for sm_80/sm_90 like the other ops here, and no extra dependency in the CPU tests.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_impl
+from ._backend import on_device, resolve_impl
 
 # One row lives in registers: up to 8192 wide (Llama-3-70B, Qwen2-72B) the backward with dweight compiles
 # without spills at 16 warps; wider rows would spill, so they are refused (the engine keeps torch there).
@@ -109,10 +107,6 @@ def _bwd_programs(num_blocks, device):
     return max(1, min(num_blocks, 8))
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check(x, weight, triton_path):
     if x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: x (..., H) and weight (H,) expected, got {tuple(x.shape)} and "
@@ -138,7 +132,7 @@ def _forward(x2, weight, eps, gemma, out_dtype):
     if M == 0:
         return y, rstd
     BLOCK_M, BLOCK_H, num_warps = launch_config(H)
-    with _on_device(x2):
+    with on_device(x2):
         _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), float(eps),
             GEMMA=gemma, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps)
@@ -154,7 +148,7 @@ def _backward(dy2, x2, weight, rstd, gemma, need_dw):
     num_blocks = triton.cdiv(M, BLOCK_M)
     G = _bwd_programs(num_blocks, x2.device) if need_dw else num_blocks
     part = torch.empty((G, H) if need_dw else (1, 1), dtype=torch.float32, device=x2.device)
-    with _on_device(x2):
+    with on_device(x2):
         _rms_norm_bwd_kernel[(G,)](
             dy2, x2, weight, rstd, dx, part, M, H, num_blocks, dy2.stride(0), x2.stride(0), dx.stride(0),
             part.stride(0), GEMMA=gemma, HAS_DW=need_dw, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps)

@@ -17,13 +17,11 @@ so cos / sin are read once per position. q and k may be strided views (the model
 outputs keep the input's memory layout (torch.empty_like), as torch's elementwise ops do. cos / sin get
 no gradient (they are position buffers). Own kernels rather than Liger-Kernel's: see kernels/rms_norm.py.
 """
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import resolve_impl
+from ._backend import on_device, resolve_impl
 
 @triton.jit
 def _rope_heads(x_ptr, o_ptr, c1, c2, s1, s2, b, offs_s, s_ok, NH, HALF, stride_xb, stride_xh, stride_xs,
@@ -81,10 +79,6 @@ def launch_config(D):
     return BLOCK_S, BLOCK_D, 4
 
 
-def _on_device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check(q, k, cos, sin):
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         raise ValueError(f"rope: q (B, Hq, S, D), k (B, Hkv, S, D), cos / sin (B, S, D) expected, got "
@@ -120,7 +114,7 @@ def _launch(q, k, cos, sin, backward):
     BLOCK_S, BLOCK_D, num_warps = launch_config(D)
     num_sblocks = triton.cdiv(S, BLOCK_S)
     stride_cb = cos.stride(0) if cos.shape[0] > 1 else 0  # a batch-1 cos / sin is broadcast
-    with _on_device(q):
+    with on_device(q):
         _rope_kernel[(B * num_sblocks,)](
             q, k, cos, sin, qo, ko, S, num_sblocks, Hq, Hkv, D // 2,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

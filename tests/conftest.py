@@ -6,6 +6,8 @@ if os.environ.get("LLM2VEC_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# No model hub is reachable here or in CI: a test that reaches for one fails at once instead of retrying for minutes.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -34,7 +34,7 @@ def tiny_llama_config(**kw):
 def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # the engine's CPU path uses the torch references
-    # An in-process test may have set up a world of one (engine.trainer.init_distributed): a child must not
+    # An in-process test may have set up a world of one (engine.distributed.init_distributed): a child must not
     # inherit that rendezvous, or it would try to bind the parent's port.
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "CROSS_RANK",
               "CROSS_SIZE"):
@@ -46,13 +46,13 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
 
 def leaked_shm(cmd):
     """DeepSpeed CPU shm-allreduce segments (/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>) that
-    the run started by deepspeed_cmd `cmd` left behind: engine.trainer.init_distributed unlinks them."""
+    the run started by deepspeed_cmd `cmd` left behind: engine.distributed.init_distributed unlinks them."""
     port = cmd[cmd.index("--master_port") + 1]
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
 def deepspeed_cmd(nproc, *args):
-    from engine.trainer import free_port
+    from engine.distributed import free_port
 
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
             "--master_port", str(free_port()), "engine/train.py", *args]

@@ -19,10 +19,12 @@ import torch
 from kernels import attention as A
 import kernels
 from kernels import set_default_impl
+from kernels import _backend
 from kernels.attention import configs as C, flash as F, tuning as T
+from kernels.attention import flash_attention, flash_attention_dropout_mask, flash_attention_reference
+from kernels.gpu_check import attention as GC
+from kernels.gpu_check.attention import ERR_FACTOR, ERR_FLOOR, accuracy_case
 from .helpers import count_launches
-from kernels.attention import (ERR_FACTOR, ERR_FLOOR, accuracy_case, flash_attention, flash_attention_dropout_mask,
-                               flash_attention_reference)
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -528,12 +530,12 @@ def test_gpu_check_harness_on_cpu():
         ("tiny-bf16-padded", torch.bfloat16, (2, 12), 2, 2, 32, {"seqlens": [12, 5]}),
         ("tiny-sdpa", F32, (2, 13), 4, 2, 32, {"backend": "sdpa"}),
     ]
-    rows = A.gpu_check(budget_s=None, cases=cases, device="cpu")
+    rows = GC.gpu_check(budget_s=None, cases=cases, device="cpu")
     assert [(r["case"], r["tensor"]) for r in rows] == [
         (f"{c[0]}-{str(c[1])[6:]}", t) for c in cases for t in ("out", "dq", "dk", "dv")]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     # the GPU list itself: every case has a known layout and the budget-ordered head covers the new paths
-    names = [c[0] for c in A.GPU_CHECK_CASES]
+    names = [c[0] for c in GC.GPU_CHECK_CASES]
     assert names[:7] == ["mistral-varlen-mix", "mistral-varlen-mix-scale0.3", "mistral-padded-mix",
                          "gemma-2b-d256-varlen", "mistral-padded-mix-atomicdq", "mistral-varlen-mix-atomicdq",
                          "mistral-dense-512-sdpa"]
@@ -553,7 +555,7 @@ def _signature(fn, dtype):
     for name in fn.arg_names:
         if name.endswith("_ptr"):
             sig[name] = {"cu_ptr": "*i32", "lse_ptr": "*fp32", "delta_ptr": "*fp32", "out_ptr": "*i8",
-                         "dqa_ptr": "*fp32"}.get(
+                         "dqa_ptr": "*fp32", "seed_ptr": "*i32", "len_ptr": "*i32"}.get(
                 name, _TYPE[dtype])
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
@@ -570,7 +572,7 @@ def _compile(fn, dtype, constexprs, arch, num_warps, num_stages):
 
     jit = triton_compile._as_jit_function(fn)
     sig = _signature(jit, dtype)
-    divisible = [n for n in sig if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh"))]
+    divisible = [n for n in sig if n.endswith("_ptr") or (n.startswith("stride_") and n not in ("stride_lb", "stride_lh", "stride_on"))]
     res = triton_compile.compile_for_gpu(fn, sig, {k: v for k, v in constexprs.items() if k in jit.arg_names},
                                          arch=arch, num_warps=num_warps, num_stages=num_stages, divisible=divisible)
     return res, res.shared_bytes
@@ -605,26 +607,26 @@ def _compile_variant(v):
     """[(kernel, registers, spilled bytes, shared bytes)] for every launch flash_attention makes for variant v."""
     arch, dtype_name, d, dropout, varlen, causal, group = v
     dtype = getattr(torch, dtype_name)
-    bd = A._block_d(d)
+    bd = C._block_d(d)
     padded, varlen = varlen == "padded", varlen is True
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, VARLEN=varlen, CAUSAL=causal, DROPOUT=dropout,
-                  PRECISION=A._precision(dtype), UPCAST=False, PADDED=padded)
-    bm, bn, warps, stages = A.fwd_config(bd, dtype, dropout=dropout, arch=arch)
-    (kbm, kbn, kwarps, kstages), (qbm, qbn, qwarps, qstages) = A.bwd_config(bd, dtype, dropout=dropout, arch=arch)
+                  PRECISION=_backend.dot_precision(dtype), UPCAST=False, PADDED=padded)
+    bm, bn, warps, stages = A.launch_config("fwd", bd, dtype, dropout=dropout, arch=arch)
+    kbm, kbn, kwarps, kstages = A.launch_config("dkdv", bd, dtype, dropout=dropout, arch=arch)
+    qbm, qbn, qwarps, qstages = A.launch_config("dq", bd, dtype, dropout=dropout, arch=arch)
     launches = [
-        ("fwd", A._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
-        ("dkdv", A._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=0), kwarps, kstages),
-        ("dq", A._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
-        ("pre", A._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=A._PRE_BLOCK_M, VARLEN=varlen, PADDED=padded), 4, 1),
+        ("fwd", F._attn_fwd, dict(common, BLOCK_M=bm, BLOCK_N=bn), warps, stages),
+        ("dkdv", F._attn_bwd_dkdv, dict(common, BLOCK_M=kbm, BLOCK_N=kbn, ATOMIC_DQ=0), kwarps, kstages),
+        ("dq", F._attn_bwd_dq, dict(common, BLOCK_M=qbm, BLOCK_N=qbn), qwarps, qstages),
+        ("pre", F._attn_bwd_pre, dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=C._PRE_BLOCK_M, VARLEN=varlen, PADDED=padded), 4, 1),
     ]
     if A.atomic_dq_supported(bd, dtype):  # deterministic=False: dK/dV with the dQ atomics, its own config
-        (abm, abn, awarps, astages), _ = A.bwd_config(bd, dtype, dropout=dropout, arch=arch, atomic_dq=True)
-        launches.append(("dkdv-atomicdq", A._attn_bwd_dkdv,
+        abm, abn, awarps, astages = A.launch_config("dkdv", bd, dtype, dropout=dropout, arch=arch, atomic_dq=True)
+        launches.append(("dkdv-atomicdq", F._attn_bwd_dkdv,
                          dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=A.atomic_dq_form(arch, dropout)),
                          awarps, astages))
     if dropout:
-        launches.append(("mask", A._dropout_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, VARLEN=varlen, PADDED=False),
-                         4, 1))
+        launches.append(("mask", _backend.keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, HAS_LENS=varlen), 4, 1))
     report = []
     for name, fn, constexprs, w, s in launches:
         res, smem = _compile(fn, dtype, constexprs, arch, w, s)
@@ -645,9 +647,8 @@ def _candidate_list():
     for arch in (90, 80):
         for d in (64, 128):
             for dropout in (False, True):
-                defaults = {"fwd": A.fwd_config(d, torch.bfloat16, dropout, arch)}
-                defaults["dkdv"], defaults["dq"] = A.bwd_config(d, torch.bfloat16, dropout, arch)
-                defaults["dkdv-atomicdq"] = A.bwd_config(d, torch.bfloat16, dropout, arch, atomic_dq=True)[0]
+                defaults = {k: A.launch_config(k, d, torch.bfloat16, dropout, arch) for k in ("fwd", "dkdv", "dq")}
+                defaults["dkdv-atomicdq"] = A.launch_config("dkdv", d, torch.bfloat16, dropout, arch, atomic_dq=True)
                 for kernel in ("fwd", "dkdv", "dq", "dkdv-atomicdq"):
                     for cfg in A.tune_candidates(kernel, d, torch.bfloat16, dropout, arch):
                         if cfg != defaults[kernel]:
@@ -657,9 +658,9 @@ def _candidate_list():
 
 def _compile_candidate(c):
     arch, d, dropout, kernel, (bm, bn, warps, stages) = c
-    fn = {"fwd": A._attn_fwd, "dkdv": A._attn_bwd_dkdv, "dq": A._attn_bwd_dq, "dkdv-atomicdq": A._attn_bwd_dkdv}[kernel]
-    constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=A._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
-                      PRECISION=A._precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
+    fn = {"fwd": F._attn_fwd, "dkdv": F._attn_bwd_dkdv, "dq": F._attn_bwd_dq, "dkdv-atomicdq": F._attn_bwd_dkdv}[kernel]
+    constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=C._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
+                      PRECISION=_backend.dot_precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
                       ATOMIC_DQ=A.atomic_dq_form(arch, dropout) if kernel == "dkdv-atomicdq" else 0, PADDED=False)
     res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
     return [(kernel, res.registers, res.spills, smem, _mma_sync_count(res.ptx))]
@@ -787,15 +788,15 @@ def test_autotune_times_each_candidate_once_and_keeps_the_fastest(monkeypatch):
     key = ("dkdv", 90, torch.bfloat16, 128, False, False, True, 4, 512)
     default = (32, 64, 8, 2)
     monkeypatch.setattr(T, "_AUTOTUNE", {"on": False})
-    assert A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == default and not launched  # off: no timing
+    assert T._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == default and not launched  # off: no timing
     A.set_autotune(True)
-    assert A._tuned("dkdv", lambda: key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
-    best = A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch)
+    assert T._tuned("dkdv", lambda: key, default, torch.zeros(1), launch) == default and not launched  # CPU tensor
+    best = T._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch)
     cands = A.tune_candidates("dkdv", 128, torch.bfloat16, False, 90)
     assert best == (16, 64, 8, 3)
     assert launched == [c for c in cands for _ in range(1 if c == (32, 128, 8, 2) else 4)]  # compile + 3 timed
     launched.clear()
-    assert A._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == best and not launched  # cached
+    assert T._tuned("dkdv", lambda: key, default, _FakeCudaTensor(), launch) == best and not launched  # cached
     report = A.tuned_configs()["dkdv/90/torch.bfloat16/128/False/False/True/4/512"]
     assert report["best"] == [16, 64, 8, 3] and report["ms"]["32x64x8x2"] == 5.0 and "32x128x8x2" not in report["ms"]
 
@@ -814,19 +815,19 @@ def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
     fresh = lambda: (monkeypatch.setattr(T, "_TUNED", {}), monkeypatch.setattr(T, "_DISK", {"loaded": None}))  # noqa: E731
 
     fresh()
-    best = A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
+    best = T._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
     assert launched and json.loads(path.read_text()) == {"|".join(["GPU A"] + [str(x) for x in key]): list(best)}
     launched.clear()
     fresh()
-    assert A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append) == best and not launched
+    assert T._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append) == best and not launched
     gpu[0] = "GPU B"  # another card: tuned afresh, both entries kept
     fresh()
-    A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
+    T._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
     assert launched and len(json.loads(path.read_text())) == 2
     path.write_text("{not json")
     fresh()
     with pytest.warns(UserWarning, match="ignoring the attention tune cache"):
-        A._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
+        T._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
 
 
 @pytest.mark.slow
@@ -870,7 +871,7 @@ def test_benchmark_tiny_runs(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_check_model_shapes():
-    rows = A.gpu_check(budget_s=None)
+    rows = GC.gpu_check(budget_s=None)
     assert rows and {r["tensor"] for r in rows} == {"out", "dq", "dk", "dv"}
     bad = [r for r in rows if not r["ok"]]
     assert not bad, bad

@@ -114,7 +114,7 @@ def test_plain_torch_fallback(tmp_path):
 
 
 def test_classify_rules():
-    from benchmarks.bench_train_step import classify
+    from benchmarks.train_step_profile import classify
 
     dims = {"V": 32000, "I": 14336, "r": 16, "H": 4096}
     c = lambda chain, shapes=(), k=(): classify(list(chain), list(k), [list(s) for s in shapes], dims)  # noqa: E731
@@ -144,7 +144,7 @@ def test_classify_rules():
 def test_flop_model():
     from types import SimpleNamespace
 
-    from benchmarks.bench_train_step import stage_flops
+    from benchmarks.train_step_measure import stage_flops
 
     mcfg = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=8, hidden_size=32, vocab_size=100)
     st = {"tokens": 10, "lens": [6, 4], "masked": 3}
@@ -158,7 +158,7 @@ def test_flop_model():
 
 
 def test_peak_lookup():
-    from benchmarks.bench_train_step import peak_tflops
+    from benchmarks.train_step_measure import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3")[0] == pytest.approx(989.4)
     assert peak_tflops("NVIDIA H100 PCIe")[0] == pytest.approx(756.0)

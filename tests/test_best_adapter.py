@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 
 from engine.config import load_config
 from engine.modeling import add_lora, load_model, load_tokenizer
-from engine.trainer import BestAdapter, adapter_state_dict, init_distributed
+from engine.checkpoint import BestAdapter, adapter_state_dict
+from engine.distributed import init_distributed
 
 
 def _lora_sum(path):
@@ -41,6 +42,9 @@ def test_best_adapter_tracks_the_highest_score(tmp_path):
         assert json.load(f)["step"] == 10
     assert abs(_lora_sum(out) - sums[10]) < 1e-6 * max(1.0, abs(sums[10]))
     assert not os.path.exists(out + ".new") and not os.path.exists(out + ".new.tmp")
+    assert best.summary() == f"best adapter at {out} (step 10, dev STS Spearman 31.0000)"  # the run's last log line
+    assert BestAdapter(cfg, rank=0, resumed=False).summary() is None  # nothing kept by this run: nothing named
+    assert BestAdapter(cfg, rank=0, resumed=True).summary() == best.summary()  # a resumed run names the kept one
 
     # a resumed run keeps the record; a fresh run in the same folder starts over
     assert not BestAdapter(cfg, rank=0, resumed=True).update(14, 30.5, module, cfg, tok, 0, device)

@@ -74,3 +74,62 @@ def test_list_override_and_nested():
                              "model.adapters=one"])
     assert cfg.data == ["a.txt", "b.txt"] and cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert cfg.model.adapters == ["one"]
+
+
+def test_lr_decay_steps_sets_the_schedule_horizon():
+    from engine.trainer import lr_lambda
+
+    base = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["max_steps=100", "warmup_steps=0"])
+    f = lr_lambda(base)
+    assert f(50) == pytest.approx(0.5) and f(100) == 0.0  # default: decay to 0 at max_steps, as before
+    longer = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"),
+                         ["max_steps=100", "warmup_steps=0", "lr_decay_steps=400"])
+    g = lr_lambda(longer)
+    assert g(50) == pytest.approx(1 - 50 / 400) and g(100) == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="lr_decay_steps must be >= 0"):
+        load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lr_decay_steps=-1"])
+    from engine.config import fingerprint
+
+    assert "lr_decay_steps" not in fingerprint(base) and fingerprint(longer)["lr_decay_steps"] == 400
+
+
+@pytest.mark.parametrize("model", ["llama2-7b", "mistral-7b", "llama3-8b", "llama3.1-8b", "sheared-llama-1.3b",
+                                   "qwen2-0.5b"])
+def test_recipe_configs_follow_llm2vec(model):
+    from engine.trainer import lr_lambda
+
+    m = load_config(os.path.join(ROOT, f"configs/{model}/mntp.yaml"))
+    assert (m.learning_rate, m.max_steps, m.max_seq_len, m.lora.r, m.lora.alpha, m.mntp.mask_token) == \
+        (5e-5, 1000, 512, 16, 32, "_")
+    assert (m.mntp.mask_prob, m.mntp.scheme) == ((0.8, "all") if model == "mistral-7b" else (0.2, "bert"))
+    # llm2vec's HF Trainer decays over 3 epochs and stops at step 1000: the LR there is still near the peak
+    assert 0.9 < lr_lambda(m)(1000) < 1.0
+    s = load_config(os.path.join(ROOT, f"configs/{model}/simcse.yaml"))
+    assert (s.learning_rate, s.batch_size, s.contrastive.temperature, s.model.attention_dropout,
+            s.contrastive.max_len, s.max_steps) == (3e-5, 128, 0.05, 0.3, 128, 1000)
+    u = load_config(os.path.join(ROOT, f"configs/{model}/supervised.yaml"))
+    assert (u.learning_rate, u.batch_size, u.warmup_steps, u.contrastive.max_len, u.contrastive.temperature,
+            u.max_steps) == (2e-4, 512, 300, 512, 0.02, 1000)
+    for c in (s, u):
+        assert c.model.adapters == [f"outputs/{model}-mntp/adapter"] and 0.85 < lr_lambda(c)(1000) < 1.0
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.endswith("/supervised.yaml") and "/tiny/" not in p and
+                                  "/smollm2-135m/" not in p], ids=lambda p: os.path.relpath(p, ROOT))
+def test_recipe_supervised_configs_cache_gradients_where_micro_is_below_the_batch(path):
+    cfg = load_config(path)
+    assert cfg.micro_batch_size < cfg.batch_size and cfg.contrastive.grad_cache_chunk > 0
+
+
+def test_fewer_negatives_than_the_global_batch_is_a_loud_warning():
+    from engine.config import negatives_warning
+
+    path = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    cfg = load_config(path)
+    assert negatives_warning(cfg, 8) is None  # 64 x 8 ranks = 512 in one loss
+    w = negatives_warning(cfg, 1)  # one GPU: 8 accumulation steps of 64
+    assert "in-batch negatives of 64 examples, not the global batch of 512" in w and "micro_batch_size=512" in w
+    assert negatives_warning(load_config(path, ["micro_batch_size=512"]), 1) is None
+    w = negatives_warning(load_config(path, ["contrastive.gather_across_ranks=false"]), 8)
+    assert "of 64 examples" in w and "gather_across_ranks off" in w
+    assert negatives_warning(load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")), 1) is None

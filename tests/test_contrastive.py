@@ -2,7 +2,7 @@
 gloo equivalence, GPU cross-compilation of every launched kernel variant, the tiny benchmark, and the
 on-GPU check.
 
-Accuracy standard (kernels.contrastive.contrastive_tolerance): the reference sees the same rounded inputs, so
+Accuracy standard (kernels.gpu_check.contrastive.contrastive_tolerance): the reference sees the same rounded inputs, so
 |triton - ref64| may only be the kernel's arithmetic and its output rounding: FACTOR fp32 ulps of the LSE (1/T +
 log N) for the fp32 loss, FACTOR ulps of the input dtype at the largest gradient entry, plus FACTOR times torch's
 fp32 error on the same inputs. Each tolerance must also be under 5% of the largest value compared.
@@ -13,15 +13,16 @@ import os
 import pytest
 import torch
 
-from engine.trainer import free_port
+from engine.distributed import free_port
 from kernels import contrastive as C
 from kernels.contrastive import (
     _contrastive_loss_triton,
-    _loss_and_grads,
     _torch_same_dtype_loss,
     contrastive_loss,
     contrastive_loss_reference,
 )
+from kernels.gpu_check import contrastive as GC
+from kernels.gpu_check.contrastive import _loss_and_grads
 
 from .compile_variants import rows_per_arch
 
@@ -50,14 +51,14 @@ def _make(B, n, E, dtype, seed=0, dupes=False):
 
 
 def _check(kernel, torch_fp32, ref, dtype, T, what=""):
-    # C.contrastive_tolerance: fp32 ulps of the LSE for the (fp32) loss, dtype ulps of the largest entry for the
+    # GC.contrastive_tolerance: fp32 ulps of the LSE for the (fp32) loss, dtype ulps of the largest entry for the
     # gradients (returned in the input dtype), plus torch's fp32 error on the same inputs.
     n_cand = kernel[2].shape[0]
     for name, k, t, r in zip(("loss", "dq", "dd"), kernel, torch_fp32, ref):
         assert torch.isfinite(k).all(), f"{what} {name}: non-finite"
         err = float((k - r).abs().max())
         terr = float((t - r).abs().max())
-        tol = C.contrastive_tolerance(name, r, terr, dtype, T, n_cand, FACTOR)
+        tol = GC.contrastive_tolerance(name, r, terr, dtype, T, n_cand, FACTOR)
         assert tol < 0.05 * float(r.abs().max()), f"{what} {name}: tolerance {tol:.3e} is not small next to the values"
         assert err <= tol, f"{what} {name}: |triton - ref64| = {err:.3e} > {tol:.3e} (torch fp32: {terr:.3e})"
 
@@ -256,7 +257,7 @@ def _variants():
     """
     out = []
     for dt, p in _PTR.items():
-        cfg = C._tile_config(dt)
+        cfg = C.launch_config(dt)
         tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "INPUT_PRECISION", "UPCAST")}
         fwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", part_ptr="*fp32", B="i32", N="i32",
                        E="i32", pos_offset="i32", blocks_per_split="i32", num_splits="i32", stride_qb="i32",
@@ -348,7 +349,7 @@ def test_gpu_check_rows_on_cpu():
     # gpu_check's row builder, run here on tiny shapes through the interpreter, so it cannot rot
     cases = [("B5_n1_E8_determinism", 5, 1, 8, torch.float32, 0.05, {}),
              ("B6_n1_E16_dupes", 6, 1, 16, torch.bfloat16, 0.05, dict(num_splits=1, buffer_bytes=64))]
-    rows = C._accuracy_rows(cases, torch.device("cpu"))
+    rows = GC._accuracy_rows(cases, torch.device("cpu"))
     assert len(rows) == 7
     assert {"op", "case", "max_err", "torch_bf16_err", "ok"} <= set(rows[0])
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
@@ -356,7 +357,7 @@ def test_gpu_check_rows_on_cpu():
 
 @pytest.mark.gpu
 def test_gpu_check():
-    rows = C.gpu_check()
+    rows = GC.gpu_check()
     bad = [r for r in rows if not r["ok"]]
     assert rows and not bad, bad
 

@@ -96,3 +96,195 @@ def test_export_bad_input_exits_2(tmp_path):
     r = run_cmd(["python", "-m", "engine.export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                 timeout=120)
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+# --- a run folder, its selected adapter, and what --out may replace (issues 23 and 25) --------------------------
+
+def make_run(root, tok, best=True):
+    """A trained-looking run folder: ``adapter/`` (last step) and, with ``best``, ``best/`` (a different adapter,
+    step 3 with its dev Spearman), ``config.yaml``, ``metrics.csv`` and a checkpoint; the base beside it."""
+    from transformers import LlamaForCausalLM
+
+    base, run = os.path.join(root, "base"), os.path.join(root, "outputs", "run")
+    _save_base(base, tok)
+    _save_adapter(LlamaForCausalLM.from_pretrained(base), os.path.join(run, "adapter"), base, seed=1)
+    rows = [{"step": 3, "loss": 1.5, "eval_sts_spearman": 12.3456789},
+            {"step": 6, "loss": 1.2, "eval_sts_spearman": 9.87654}]
+    if best:
+        _save_adapter(LlamaForCausalLM.from_pretrained(base), os.path.join(run, "best"), base, seed=2)
+        with open(os.path.join(run, "best", "engine_best.json"), "w") as f:
+            json.dump({"step": 3, "spearman": 12.3456789, "eval_data": "sts-dev.csv"}, f)
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write("stage: simcse\neval_data: [data/stsbenchmark/sts-dev.csv]\n")
+    with open(os.path.join(run, "metrics.csv"), "w") as f:
+        f.write("step,loss,eval_sts_spearman\n" + "".join(f"{r['step']},{r['loss']},{r['eval_sts_spearman']}\n"
+                                                           for r in rows))
+    os.makedirs(os.path.join(run, "checkpoints", "step_0000003"))
+    return run
+
+
+def _tree(folder):
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+
+
+def _export_cli(capsys, *args):
+    from engine.export import main
+
+    rc = main(list(args))
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok):
+    return make_run(str(tmp_path_factory.mktemp("run")), tok)
+
+
+def _refused(capsys, args, needle, *kept):
+    before = {k: _tree(k) for k in kept}
+    rc, err = _export_cli(capsys, *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
+    assert {k: _tree(k) for k in kept} == before  # nothing deleted
+
+
+def test_overwrite_refuses_the_run_being_exported(run_dir, capsys):
+    _refused(capsys, ["--model", run_dir, "--out", run_dir, "--overwrite"], "is the model's folder", run_dir)
+    _refused(capsys, ["--model", os.path.join(run_dir, "adapter"), "--out", run_dir, "--overwrite"],
+             "is the model's folder", run_dir)
+
+
+def test_overwrite_refuses_a_folder_containing_the_run(run_dir, capsys, tmp_path):
+    outputs = os.path.dirname(run_dir)
+    sibling = os.path.join(outputs, "other-run")
+    os.makedirs(sibling, exist_ok=True)
+    with open(os.path.join(sibling, "metrics.csv"), "w") as f:
+        f.write("step\n")
+    _refused(capsys, ["--model", os.path.join(run_dir, "adapter"), "--out", outputs, "--overwrite"], "contains",
+             outputs)
+
+
+def test_export_refuses_a_folder_inside_the_run(run_dir, capsys):
+    _refused(capsys, ["--model", run_dir, "--out", os.path.join(run_dir, "export")], "is inside", run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "export"))
+
+
+def test_overwrite_refuses_the_current_directory(run_dir, capsys, tmp_path, monkeypatch):
+    here = tmp_path / "earlier-export"
+    here.mkdir()
+    (here / "engine_export.json").write_text(json.dumps({"format": "llm2vec-engine-export/1"}))
+    (here / "notes.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    _refused(capsys, ["--model", run_dir, "--out", ".", "--overwrite"], "current directory", str(here))
+    _refused(capsys, ["--model", run_dir, "--out", str(tmp_path), "--overwrite"], "current directory", str(here))
+
+
+def test_overwrite_refuses_a_filesystem_root():
+    from engine.export import ExportError, check_output
+
+    with pytest.raises(ExportError, match="filesystem root"):
+        check_output(os.path.abspath(os.sep), overwrite=True)
+
+
+def test_overwrite_refuses_a_folder_it_did_not_write(run_dir, capsys, tmp_path):
+    mine = tmp_path / "my-notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    _refused(capsys, ["--model", run_dir, "--out", str(mine), "--overwrite"], "not written by engine.export",
+             str(mine))
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    _refused(capsys, ["--model", run_dir, "--out", str(afile), "--overwrite"], "is a file", str(tmp_path))
+    assert afile.read_text() == "x"
+
+
+def test_unwritable_out_fails_before_the_model_loads(run_dir, capsys, tmp_path, monkeypatch):
+    import engine.encoder
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(engine.encoder, "load_encoder_model", no_load)
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    rc, err = _export_cli(capsys, "--model", run_dir, "--out", str(afile / "sub" / "exp"))
+    assert rc == 2 and len(err) == 1 and "cannot write" in err[0], err
+    assert _tree(str(tmp_path)) == ["a-file"]
+
+
+def test_overwrite_swaps_an_earlier_export_and_a_failure_leaves_nothing(run_dir, capsys, tmp_path, monkeypatch):
+    import engine.export
+
+    parent = tmp_path / "exports"
+    out = str(parent / "model")
+    rc, err = _export_cli(capsys, "--model", run_dir, "--out", out)
+    assert rc == 0, err
+    assert os.path.isfile(os.path.join(out, "engine_export.json"))  # the marker --overwrite looks for
+    first = open(os.path.join(out, "README.md")).read()
+    rc, err = _export_cli(capsys, "--model", run_dir, "--adapter", "last", "--out", out, "--overwrite")
+    assert rc == 0, err
+    assert os.listdir(parent) == ["model"]  # swapped in place: no temporary or old folder beside it
+    assert open(os.path.join(out, "README.md")).read() != first  # the last adapter's card (no best step)
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.export, "_model_card", broken)
+    kept = _tree(out)
+    rc, err = _export_cli(capsys, "--model", run_dir, "--out", out, "--overwrite")
+    assert rc == 2 and "No space left" in err[-1], err
+    assert os.listdir(parent) == ["model"] and _tree(out) == kept  # the earlier export intact, no temp left
+    rc, err = _export_cli(capsys, "--model", run_dir, "--out", str(tmp_path / "new" / "deeper" / "model"))
+    assert rc == 2 and not os.path.exists(tmp_path / "new")  # nor the parents it created
+
+
+def _front_matter(card):
+    import yaml
+
+    assert card.startswith("---\n"), card[:200]
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_run_folder_exports_its_best_adapter_with_a_hugging_face_card(run_dir, capsys, tmp_path):
+    from engine.export import TRANSFORMERS_FLOOR
+
+    out = str(tmp_path / "exp")
+    rc, err = _export_cli(capsys, "--model", run_dir, "--out", out)
+    assert rc == 0 and any("using best/ (step 3" in line for line in err), err
+    best = Encoder.from_pretrained(os.path.join(run_dir, "best"), device="cpu")
+    last = Encoder.from_pretrained(os.path.join(run_dir, "adapter"), device="cpu")
+    exported = Encoder.from_pretrained(out, device="cpu")
+    np.testing.assert_allclose(exported.encode(TEXTS), best.encode(TEXTS), atol=1e-4, rtol=0)
+    assert np.abs(exported.encode(TEXTS) - last.encode(TEXTS)).max() > 1e-3
+    card = open(os.path.join(out, "README.md")).read()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
+    assert meta["base_model"] == "base" and "sentence-transformers" in meta["tags"]
+    (result,) = meta["model-index"][0]["results"]
+    assert result["dataset"]["type"] == "sts-dev.csv"
+    assert [m["value"] for m in result["metrics"]] == [12.35]  # the best step's score, rounded
+    assert "| eval_sts_spearman | 3 | 12.35 |" in card and "12.3456789" not in card
+    assert f"transformers>={TRANSFORMERS_FLOOR}" in card
+
+
+def test_encoder_and_evaluate_of_a_run_folder_use_its_best_adapter(run_dir, caplog, capsys, tmp_path):
+    import logging
+
+    from engine.evaluate import main as evaluate_main
+
+    with caplog.at_level(logging.INFO, logger="engine.encoder"):
+        enc = Encoder.from_pretrained(run_dir, device="cpu")
+    assert "using best/ (step 3, dev Spearman 12.35)" in caplog.text
+    best = Encoder.from_pretrained(os.path.join(run_dir, "best"), device="cpu").encode(TEXTS)
+    last = Encoder.from_pretrained(os.path.join(run_dir, "adapter"), device="cpu").encode(TEXTS)
+    np.testing.assert_allclose(enc.encode(TEXTS), best, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(Encoder.from_pretrained(run_dir, device="cpu", adapter="last").encode(TEXTS), last,
+                               atol=1e-6, rtol=0)
+    sts = tmp_path / "sts.csv"
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "stsbenchmark", "sts-dev.csv")) as f:
+        sts.write_text("".join(f.readlines()[:40]))
+    scores = {}
+    for which in (None, "last", "best"):
+        rc = evaluate_main(["--model", run_dir, "--data", str(sts)] + (["--adapter", which] if which else []))
+        out, err = capsys.readouterr()
+        assert rc == 0 and f"using {'adapter' if which == 'last' else 'best'}/" in err, err
+        scores[which] = json.loads(out.strip().splitlines()[-1])["spearman"]
+    assert scores[None] == scores["best"] != scores["last"]

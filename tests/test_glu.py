@@ -103,15 +103,16 @@ def test_gpu_bf16_matches_fp64(act):
 # ------------------------------------------------------------------------------------------------
 def _variants():
     out = []
+    block, warps = gm.launch_config(1 << 20)
     for dt in ("bf16", "fp32"):
         P = "*" + dt
         for act, act_id in gm._ACT_ID.items():
-            c = dict(ACT=act_id, BLOCK=gm.BLOCK)
+            c = dict(ACT=act_id, BLOCK=block)
             out.append((f"fwd {dt} {act}", "_glu_fwd_kernel", dict(gate_ptr=P, up_ptr=P, y_ptr=P, N="i32"), c,
-                        ["gate_ptr", "up_ptr", "y_ptr", "N"], gm.NUM_WARPS))
+                        ["gate_ptr", "up_ptr", "y_ptr", "N"], warps))
             out.append((f"bwd {dt} {act}", "_glu_bwd_kernel",
                         dict(dy_ptr=P, gate_ptr=P, up_ptr=P, dgate_ptr=P, dup_ptr=P, N="i32"), c,
-                        ["dy_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr", "N"], gm.NUM_WARPS))
+                        ["dy_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr", "N"], warps))
     return out
 
 

@@ -29,6 +29,10 @@ def test_graded_two_ranks_keeps_the_best_adapter(tmp_path):
     top = max(evals, key=evals.get)
     assert best["step"] == top and best["spearman"] == pytest.approx(evals[top], abs=1e-9)
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
+    # the last log line names the last adapter and the best one with its step and dev score
+    last = [x for x in r.stdout.splitlines() if "[engine] done:" in x][-1]
+    assert f"adapter at {os.path.join(out, 'adapter')}; best adapter at {os.path.join(out, 'best')} (step {top}, " \
+           f"dev STS Spearman {best['spearman']:.4f})" in last, last
 
     from engine import Encoder
     from engine.data import read_sts

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from kernels._backend import dot_precision
 from kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
 
 from .compile_variants import rows_per_arch
@@ -114,7 +115,7 @@ def _variants():
     cases = [(torch.bfloat16, "*bf16", n, d) for n in (48, 96) for d in (False, True)]
     cases.append((torch.float32, "*fp32", 48, True))
     for dt, ty, n, drop in cases:
-        prec = L._precision(dt)
+        prec = dot_precision(dt)
         bm, bk, w, st = L.launch_config("down", n, dt, drop)
         out.append((L._lora_down_kernel, dict(
             x_ptr=ty, a_ptr=ty, h_ptr=ty, seed_ptr="*i32", M="i32", K="i32", N="i32", stride_xm="i32",
@@ -169,7 +170,7 @@ def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
 
 @pytest.mark.gpu
 def test_gpu_check():
-    from kernels.lora import gpu_check
+    from kernels.gpu_check.lora import gpu_check
 
     rows = gpu_check()
     bad = [r for r in rows if not r["ok"]]
@@ -178,7 +179,7 @@ def test_gpu_check():
 
 def test_gpu_check_rehearsal_on_cpu():
     """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there)."""
-    from kernels.lora import gpu_check
+    from kernels.gpu_check.lora import gpu_check
 
     rows = gpu_check(device="cpu", cases=[("qkv", 37, 64, (64, 16, 16), 8, 0.1, True), ("down", 20, 96, (32,), 4, 0.0,
                                                                                        False)], dtype=torch.float16)

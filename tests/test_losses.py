@@ -8,7 +8,7 @@ import torch
 
 from engine.config import ConfigError, load_config
 from engine.losses import angle_loss, cosent_loss
-from engine.trainer import free_port
+from engine.distributed import free_port
 
 # Three scored pairs with 4-dim embeddings (two complex coordinates: re = x[:2], im = x[2:]).
 A = [[1.0, 0.0, 0.0, 0.0], [1.0, 2.0, 0.0, 1.0], [0.5, 0.0, 1.0, 0.0]]
@@ -126,7 +126,7 @@ def test_config_rules():
 
 
 def test_constant_with_warmup_schedule():
-    from engine.trainer import lr_lambda
+    from engine.optim import lr_lambda
 
     cfg = load_config("configs/tiny/mntp.yaml", ["lr_schedule=constant_with_warmup", "warmup_steps=4",
                                                  "max_steps=10"])

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from kernels import masked_ce as mc
 from kernels._backend import interpreter_enabled
+from kernels.gpu_check import masked_ce as gc
 from kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
 from .compile_variants import rows_per_arch
@@ -37,7 +38,7 @@ EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}
 # ------------------------------------------------------------------------------------------------
 def _cfg(dtype, vocab_chunk=None, strategy=None, row_chunk=None, **blocks):
     """Interpreter config with optional per-kernel block overrides, e.g. fwd=dict(BLOCK_V=1024)."""
-    cfg = mc.default_config(dtype, torch.device("cpu"))
+    cfg = mc.launch_config(dtype, torch.device("cpu"))
     for kernel, over in blocks.items():
         cfg[kernel].update(over)
     if vocab_chunk:
@@ -346,7 +347,7 @@ def _variants():
     """
     out = []
     for dt in ("bf16", "fp16", "fp32"):
-        cfg = mc.default_config({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt],
+        cfg = mc.launch_config({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt],
                                 torch.device("cuda"))
         P, prec = _PTR[dt], ("ieee" if dt == "fp32" else "tf32")
         f, lg, dh, dw = cfg["fwd"], cfg["dlogits"], cfg["dh"], cfg["dw"]
@@ -449,7 +450,7 @@ def test_benchmark_tiny_mode(tmp_path):
 
 @pytest.mark.gpu
 def test_gpu_check():
-    rows = mc.gpu_check()
+    rows = gc.gpu_check()
     bad = [r for r in rows if not r["ok"]]
     for r in rows:
         print(r)
@@ -478,7 +479,7 @@ def test_gpu_check_harness_on_cpu():
         ("tiny fp16 frozen W eager ragged chunks", torch.float16, 23, 32, 150, 0.9, 4.0, 0.0, "sum", False, "eager",
          {"row_chunk": 5}),
     ]
-    rows = mc.gpu_check(cases=cases, device="cpu")
+    rows = gc.gpu_check(cases=cases, device="cpu")
     assert [(r["case"], r["quantity"]) for r in rows] == [
         (c[0], q) for c in cases for q in (("loss", "dhidden", "dweight") if c[9] else ("loss", "dhidden"))]
     assert all(r["ok"] for r in rows), rows

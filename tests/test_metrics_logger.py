@@ -2,7 +2,7 @@ import csv
 import os
 
 from engine.config import load_config
-from engine.trainer import MetricsLogger
+from engine.metrics import MetricsLogger
 
 
 def test_csv_stays_aligned_and_tensorboard_is_written(tmp_path):

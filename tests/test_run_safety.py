@@ -13,8 +13,10 @@ import shutil
 import pytest
 import yaml
 
-from engine.config import ConfigError, fingerprint, load_config
-from engine.trainer import COMPLETE, RUN_FILE, Checkpointer, MetricsLogger, is_nonfinite_step, plan_resume
+from engine.checkpoint import COMPLETE, RUN_FILE, Checkpointer, fingerprint, plan_resume
+from engine.config import ConfigError, load_config
+from engine.metrics import MetricsLogger
+from engine.optim import is_nonfinite_step
 
 from .helpers import ROOT, run_cmd
 
@@ -59,6 +61,23 @@ def test_plan_resume_same_run_and_latest_fallbacks(tmp_path, capsys):
     os.remove(os.path.join(out, "checkpoints", "latest"))  # missing: the same
     assert plan_resume(cfg)[0][0] == "step_0000004"
     assert "latest is missing; resuming from the newest complete checkpoint, step_0000004" in capsys.readouterr().out
+
+
+def test_a_checkpoint_written_before_the_trainer_split_is_the_same_run(tmp_path):
+    # run.json exactly as the pre-split trainer (engine/config.py's fingerprint) wrote it for configs/tiny/mntp.yaml
+    # at step 6; the repository root is {ROOT}. The split must keep reading it as the same run.
+    with open(os.path.join(ROOT, "tests", "fixtures", "run_json_before_issue21.json")) as f:
+        old = json.loads(f.read().replace("{ROOT}", ROOT))
+    out = str(tmp_path)
+    path = os.path.join(out, "checkpoints", "step_0000006")
+    os.makedirs(path)
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump(old, f)
+    open(os.path.join(path, COMPLETE), "w").close()
+    _set_latest(out, "step_0000006")
+    cfg = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}"])
+    assert plan_resume(cfg) == (["step_0000006"], [])
+    assert fingerprint(cfg) == old["fingerprint"]
 
 
 def test_plan_resume_never_restarts_silently(tmp_path):

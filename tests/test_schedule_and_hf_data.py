@@ -12,7 +12,7 @@ import torch
 
 from engine.config import load_config
 from engine.data import DataError, read_supervised, read_texts
-from engine.trainer import lr_lambda
+from engine.optim import lr_lambda
 
 
 def _cfg(**kw):

@@ -185,7 +185,8 @@ def _flat_norm_check():
     import deepspeed
     from deepspeed.runtime.utils import get_global_norm_of_tensors
 
-    from engine.trainer import init_distributed, tune_optimizer_step
+    from engine.distributed import init_distributed
+    from engine.optim import tune_optimizer_step
 
     init_distributed()  # a world of one (gloo)
     cfg, stage, items, module = _setup("mntp", ["model.dtype=bf16", "model.gradient_checkpointing=false"])
@@ -215,7 +216,7 @@ def _flat_norm_check():
 @pytest.mark.slow
 def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
     """The engine hands DeepSpeed's BF16_Optimizer its flat fp32 gradient buffers for the norm and the clipping
-    (engine.trainer._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
+    (engine.optim._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
     import sys
 
     r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _flat_norm_check; _flat_norm_check()"])
@@ -226,7 +227,7 @@ def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
 def test_cpu_ranks_split_the_cores(monkeypatch):
     # torch gives every process one thread per core; two DeepSpeed CPU ranks on two cores then ran four OpenMP
     # threads that spin-wait on each other (a SmolLM2 step took 112 s instead of 4 s). Each rank gets its share.
-    from engine import trainer
+    from engine import distributed
 
     before = torch.get_num_threads()
     try:
@@ -235,11 +236,11 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
         for local, want in (("2", 4), ("3", 2), ("8", 1), ("16", 1)):
             torch.set_num_threads(8)
             monkeypatch.setenv("LOCAL_SIZE", local)
-            trainer.split_cpu_threads()
+            distributed.split_cpu_threads()
             assert torch.get_num_threads() == want, local
         torch.set_num_threads(8)
         monkeypatch.setenv("OMP_NUM_THREADS", "8")  # the user's explicit choice stands
-        trainer.split_cpu_threads()
+        distributed.split_cpu_threads()
         assert torch.get_num_threads() == 8
     finally:
         torch.set_num_threads(before)

@@ -41,7 +41,7 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     losses = [float(x["loss"]) for x in rows]
     assert sum(losses[-4:]) / 4 < sum(losses[:2]) / 2 - 0.1, f"loss did not fall: {losses}"
     from engine.config import load_config
-    from engine.trainer import lr_lambda
+    from engine.optim import lr_lambda
 
     f = lr_lambda(load_config(cfg))  # warmup 2, then linear decay to 0 at step 12; logged after each step
     assert [float(x["lr"]) for x in rows] == pytest.approx([1e-2 * f(s) for s in range(1, 13)])

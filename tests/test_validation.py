@@ -129,3 +129,134 @@ def test_unknown_hub_id_is_a_model_load_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match=r"could not load the tokenizer of 'no-such-org/no-such-model-x'"):
         load_tokenizer(ModelConfig(name_or_path="no-such-org/no-such-model-x"))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 25: every bad config input is exit 2 and one line (no traceback), before any model loads.
+
+def _cli(args, capsys, monkeypatch):
+    """engine/train.py's main in-process; training itself must not be reached."""
+    import engine.trainer
+    from engine.train import main
+
+    def no_train(cfg):
+        raise AssertionError("training started (a model would load) despite bad input")
+
+    monkeypatch.setattr(engine.trainer, "train", no_train)
+    rc = main(args)
+    err = capsys.readouterr().err
+    return rc, err
+
+
+@pytest.mark.parametrize("content,msg", [
+    (b"stage: mntp\nmodel: {name_or_path: x\n", "is not valid YAML"),
+    (b"stage: !!python/object/apply:os.system ['echo pwned']\n", "holds a tag that is not plain data"),
+    (b"stage: mntp\n# caf\xe9\n", "is not UTF-8 text"),
+    (b"stage: " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "is nested too deeply"),
+], ids=["unparsable", "python-tag", "not-utf8", "nested-100k"])
+def test_bad_yaml_files_exit_2_with_one_line(tmp_path, capsys, monkeypatch, content, msg):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=msg):
+        load_config(str(path))
+    rc, err = _cli(["--config", str(path)], capsys, monkeypatch)
+    assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_yaml_in_an_override_is_a_config_error():
+    with pytest.raises(ConfigError, match="override 'data=\\[a, b' : the value is not valid YAML|not valid YAML"):
+        load_config(os.path.join(TINY, "mntp.yaml"), ["data=[a, b"])
+
+
+def test_empty_target_modules_is_a_config_error(capsys, monkeypatch):
+    rc, err = _cli(["--config", os.path.join(TINY, "mntp.yaml"), "lora.target_modules=[]"], capsys, monkeypatch)
+    assert rc == 2 and "lora.target_modules is empty" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("config", ["tiny/mntp.yaml", "mistral-7b/mntp.yaml"])
+def test_unknown_target_modules_fail_before_any_weight_loads(tmp_path, capsys, monkeypatch, config):
+    # checked on the architecture built on the meta device (tiny: random_init; Mistral: the shipped config.json
+    # values), so no weights or hub are needed; the old code reported it only after the model had loaded
+    import engine.modeling
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the target modules were checked")
+
+    monkeypatch.setattr(engine.modeling, "load_model", no_weights)
+    rc, err = _cli(["--config", os.path.join(ROOT, "configs", config), f"output_dir={tmp_path / 'o'}",
+                    "lora.target_modules=[q_proj, qproj]"], capsys, monkeypatch)
+    assert rc == 2 and "lora.target_modules ['qproj'] name no Linear module" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_output_dirs(tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    dangling = tmp_path / "link"
+    os.symlink(tmp_path / "gone", dangling)
+    for value, msg in (("''", "output_dir is empty"), (str(a_file), "exists and is not a folder"),
+                       (str(dangling), "is a symbolic link to"), (str(a_file / "run"), "is not a folder")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={value}"])
+        rc, err = _cli(["--config", os.path.join(TINY, "mntp.yaml"), f"output_dir={value}"], capsys, monkeypatch)
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, (value, err)
+    assert load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={tmp_path / 'new' / 'run'}"])
+
+
+def test_json_nested_100k_deep_is_one_clear_error():
+    from engine.config import json_loads
+
+    class DataLikeError(ValueError):
+        pass
+
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(DataLikeError, match=r"^train.jsonl:3: JSON nested too deeply to parse$"):
+        json_loads(deep, "train.jsonl:3", error=DataLikeError)
+    with pytest.raises(ConfigError, match="invalid JSON"):
+        json_loads("{", "x.json")
+    assert json_loads('{"a": [1, {"b": 2}]}', "x") == {"a": [1, {"b": 2}]}
+
+
+def _tmpfs(path, size):
+    import subprocess
+
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_exits_2_naming_the_path(tmp_path):
+    mnt = tmp_path / "small"
+    if os.geteuid() != 0 or not _tmpfs(mnt, "300k"):
+        pytest.skip("needs root and `mount -t tmpfs` to make a small file system")
+    try:
+        out = mnt / "run"
+        r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={out}",
+                     "max_steps=2", "save_every=1", "progress_bar=false"], timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "no space left on the device writing" in lines[0] and str(out) in lines[0], r.stderr
+        assert "bytes free on" in lines[0] and "Traceback" not in r.stderr, r.stderr[-3000:]
+    finally:
+        import subprocess
+
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_message_reads_the_exception_chain(tmp_path):
+    import errno
+
+    from engine.train import disk_full_message
+
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "ckpt" / "x.pt"))
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as e:
+        msg = disk_full_message(e, str(tmp_path))
+    assert msg.startswith(f"error: no space left on the device writing {tmp_path / 'ckpt' / 'x.pt'} (")
+    assert "bytes free on" in msg
+    assert disk_full_message(RuntimeError("unexpected pos 1 vs 2"), str(tmp_path), low=0) is None  # disk not full
+    assert disk_full_message(ValueError("other"), str(tmp_path)) is None

@@ -45,7 +45,12 @@ def resolve_mask_token(tokenizer, spec):
         return tokenizer.mask_token_id, True
     if spec == "<mask>":
         return tokenizer.mask_token_id, False
-    ids = tokenizer(spec, add_special_tokens=False)["input_ids"]
+    # As llm2vec (run_mntp.py): the token *named* spec, by vocabulary lookup. Tokenising "_" can differ: a
+    # SentencePiece tokenizer (Llama-2, Mistral) reads it as the word-initial piece "▁_", not the piece "_".
+    vid = tokenizer.convert_tokens_to_ids(spec)
+    if vid is not None and (vid != tokenizer.unk_token_id or spec == tokenizer.unk_token):
+        return vid, False
+    ids = tokenizer(spec, add_special_tokens=False)["input_ids"]  # not a vocabulary entry: its one-token encoding
     if len(ids) != 1:
         raise DataError(f"mntp.mask_token {spec!r} is {len(ids)} tokens for this tokenizer; it must be one token")
     return ids[0], False

@@ -1,6 +1,7 @@
 """Launch configurations of the attention kernels (kernels/attention/flash.py).
 
-Fixed per-arch configs (``fwd_config`` / ``bwd_config``) used by default, the atomic-dQ switches, and the
+Fixed per-arch configs used by default (:func:`launch_config`, the package-wide name; it reads the per-kernel
+tables ``fwd_config`` / ``bwd_config``, which a benchmark sweep may monkeypatch), the atomic-dQ switches, and the
 pruned candidate lists that opt-in autotuning (kernels/attention/tuning.py) times. Every entry compiles
 without register spills on its arch under both Triton versions CI checks (tests/test_attention.py).
 """
@@ -14,6 +15,18 @@ _PRE_BLOCK_M = 64
 
 def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def launch_config(kind, block_d, dtype, dropout=False, arch=90, interpret=False, atomic_dq=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` in "fwd" / "dkdv" / "dq" (see the tables)."""
+    if kind == "fwd":
+        return fwd_config(block_d, dtype, dropout, arch, interpret)
+    dkdv, dq = bwd_config(block_d, dtype, dropout, arch, interpret, atomic_dq)
+    if kind == "dkdv":
+        return dkdv
+    if kind == "dq":
+        return dq
+    raise ValueError(f"unknown attention kernel {kind!r}; expected fwd, dkdv or dq")
 
 
 def fwd_config(block_d, dtype, dropout=False, arch=90, interpret=False):

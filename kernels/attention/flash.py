@@ -9,7 +9,8 @@ The Triton path is a FlashAttention-2 style kernel set, forward and backward, be
 * ``_attn_bwd_dkdv``  one program per (key block, KV head, sequence): loops over the query heads of its
                       GQA group and every query block, so dK/dV need no atomics (deterministic).
 * ``_attn_bwd_dq``    one program per (query block, query head, sequence): loops over key blocks.
-* ``_dropout_mask_kernel`` writes the keep-mask the other kernels use, so tests can replay it.
+* the keep-mask the kernels apply is ``kernels._backend.philox_keep``; ``_backend.keep_mask_kernel`` writes
+  it out (:func:`flash_attention_dropout_mask`), so tests can replay it.
 
 Dense inputs are addressed through their strides (a q/k/v view of a fused qkv projection works without
 copies, as long as the head dim is contiguous); varlen inputs are the same kernels with the sequence
@@ -31,13 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_enabled, resolve_impl
+from .._backend import dot_precision, dropout_threshold, interpreter_enabled, keep_mask, philox_keep, resolve_impl
 from . import configs, tuning
 from .configs import _arch
 
 
 _LOG2E = 1.4426950408889634
-_DROPOUT_BITS = 24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,17 +138,6 @@ def flash_attention_reference(
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _keep(seed, q_idx, k_idx, head, batch, drop_thresh):
-    """Dropout keep-mask for query positions q_idx and key positions k_idx (broadcast to one tile shape)."""
-    # Counter-based RNG: Philox-4x32 keyed by the seed, counter = (key pos, query pos, head, sequence), so
-    # the mask is a pure function of the element's position -- the backward regenerates it, any tiling
-    # agrees, and no mask is stored. 7 rounds (passes BigCrush per Salmon et al. 2011); keep the top 24 bits.
-    zero = (q_idx + k_idx) * 0
-    r, _, _, _ = tl.philox(seed, k_idx + zero, q_idx + zero, zero + head, zero + batch, 7)
-    return (r >> (32 - 24)).to(tl.int32) >= drop_thresh
-
-
-@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # UPCAST: the CPU interpreter mis-multiplies bf16 operands, so there they go through fp32.
     if UPCAST:
@@ -240,7 +229,7 @@ def _fwd_inner(
         # Dropout acts on the normalised probabilities: l_i sums the undropped p, the kept p feed acc, and
         # the 1/(1-p) rescale is applied once at the end with 1/l_i.
         if DROPOUT:
-            p = tl.where(_keep(seed, offs_m[:, None], cols[None, :], head, batch, drop_thresh), p, 0.0)
+            p = tl.where(philox_keep(seed, cols[None, :], offs_m[:, None], head, batch, drop_thresh), p, 0.0)
         v = _load(v_ptrs + start_n * stride_vs, cols[:, None], seqlen, offs_d[None, :], HEAD_DIM, MASK, PAD_D)  # (N, D)
         acc += _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
@@ -392,7 +381,7 @@ def _bwd_dkdv_inner(
             delta = tl.load(delta_ptrs + start_m)
         dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)  # (N, M)
         if DROPOUT:
-            keepT = _keep(seed, rows[None, :], offs_n[:, None], head, batch, drop_thresh)
+            keepT = philox_keep(seed, offs_n[:, None], rows[None, :], head, batch, drop_thresh)
             dv += _dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, PRECISION, UPCAST)
             dpT = tl.where(keepT, dpT * drop_scale, 0.0)
         else:
@@ -519,7 +508,7 @@ def _bwd_dq_inner(
             p = tl.where(valid, p, 0.0)
         dp = _dot(do, vT, PRECISION, UPCAST)
         if DROPOUT:
-            keep = _keep(seed, offs_m[:, None], cols[None, :], head, batch, drop_thresh)
+            keep = philox_keep(seed, cols[None, :], offs_m[:, None], head, batch, drop_thresh)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
@@ -593,24 +582,6 @@ def _attn_bwd_dq(
                 offs_m, seqlen, seqlen_dense, offs_d, HEAD_DIM, PADDED)
 
 
-@triton.jit
-def _dropout_mask_kernel(
-    out_ptr, cu_ptr, stride_ob, stride_oh, stride_om, seqlen_dense, n_blocks_n, seed, drop_thresh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, VARLEN: tl.constexpr, PADDED: tl.constexpr,
-):
-    # program 0-axis walks the (m, n) blocks of the longest sequence; blocks past this one's end store nothing.
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    batch = tl.program_id(2)
-    _, seqlen = _seq_bounds(cu_ptr, batch, seqlen_dense, VARLEN, PADDED)
-    offs_m = (pid // n_blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (pid % n_blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, offs_m[:, None], offs_n[None, :], head, batch, drop_thresh)
-    mask = (offs_m[:, None] < seqlen) & (offs_n[None, :] < seqlen)
-    ptrs = out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(ptrs, keep.to(tl.int8), mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
@@ -677,17 +648,11 @@ class _Layout:
 def _dropout_args(dropout_p):
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return int(round(dropout_p * (1 << _DROPOUT_BITS))), 1.0 / (1.0 - dropout_p)
+    return dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _upcast(dtype):
     return interpreter_enabled() and dtype == torch.bfloat16
-
-
-def _precision(dtype):
-    # fp32 dots run on TF32 tensor cores (~1e-3 relative error): the IEEE fp32 FMA path spills registers
-    # at any useful tile size. impl="torch" is the exact fp32 path.
-    return "tf32"
 
 
 def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
@@ -704,11 +669,11 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
             lay.seqlen_dense, scale * _LOG2E, seed, thresh, drop_scale,
             GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=BM, BLOCK_N=BN,
             VARLEN=lay.varlen, CAUSAL=causal, DROPOUT=dropout_p > 0,
-            PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
+            PRECISION=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
             num_warps=warps, num_stages=stages,
         )
 
-    default = configs.fwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
+    default = configs.launch_config("fwd", lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
     launch(tuning._tuned("fwd", tuning._tune_key("fwd", q, lay, dropout_p, causal), default, q, launch))
     return o, lse
 
@@ -733,11 +698,12 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
         dqa, dqa_strides = lse, (0, 0, 0)  # placeholder pointer, never touched
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dkdv_default, dq_default = configs.bwd_config(lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp, atomic_dq)
+    dkdv_default, dq_default = (configs.launch_config(kind, lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp,
+                                                      atomic_dq) for kind in ("dkdv", "dq"))
     dq_form = configs.atomic_dq_form(_arch(q), dropout_p > 0) if atomic_dq else 0
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
-        DROPOUT=dropout_p > 0, PRECISION=_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
+        DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
     )
 
     def launch_dkdv(cfg):
@@ -835,26 +801,17 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
     dense mask's top-left (L_b, L_b) corner of each sequence: the mask depends only on positions.
     """
     varlen = cu_seqlens is not None
-    n_heads = q.shape[-2]
-    thresh, _ = _dropout_args(dropout_p)
-    seed = int(seed) & 0x7FFFFFFF
+    _dropout_args(dropout_p)  # validates p
+    seed_t = torch.tensor([int(seed) & 0x7FFFFFFF], dtype=torch.int32, device=q.device)
     if varlen:
         cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-        lens = (cu[1:] - cu[:-1]).tolist()
+        lens_t = cu[1:] - cu[:-1]
+        lens = lens_t.tolist()
         batch, S = len(lens), int(max_seqlen if max_seqlen is not None else max(lens, default=0))
-        seqlen_dense = 0
     else:
-        cu = torch.zeros(1, dtype=torch.int32, device=q.device)
+        lens_t = None
         batch, S = q.shape[0], q.shape[1]
-        seqlen_dense = S
-    out = torch.zeros((batch, n_heads, S, S), dtype=torch.int8, device=q.device)
-    if out.numel():
-        BM, BN = 32, 32
-        grid = (triton.cdiv(S, BM) * triton.cdiv(S, BN), n_heads, batch)
-        _dropout_mask_kernel[grid](out, cu, out.stride(0), out.stride(1), out.stride(2), seqlen_dense,
-                                   triton.cdiv(S, BN), seed, thresh, BLOCK_M=BM, BLOCK_N=BN, VARLEN=varlen,
-                                   PADDED=False)
-    keep = out.bool()
+    keep = keep_mask(seed_t, (batch, q.shape[-2], S, S), dropout_p, lens_t)
     if varlen:
         return [keep[b, :, :L, :L] for b, L in enumerate(lens)]
     return keep

@@ -1,11 +1,13 @@
 """Accuracy checks of the attention kernels against the fp64 reference, shared by tests/test_attention.py
-and the GPU run (benchmarks/gpu_run.sh calls ``gpu_check()``)."""
+and the GPU run (``python -m kernels.gpu_check attention``)."""
 import math
+import time
 
 import torch
 
-from .dispatch import sdpa_attention
-from .flash import flash_attention, flash_attention_dropout_mask, flash_attention_reference
+from ..attention.dispatch import sdpa_attention
+from ..attention.flash import flash_attention, flash_attention_dropout_mask, flash_attention_reference
+from . import require_cuda
 
 
 def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dropout_mask=None, causal=False,
@@ -126,11 +128,7 @@ def gpu_check(budget_s=30.0, cases=None, device="cuda"):
     skipped (named on stdout, no rows). ``budget_s=None`` runs them all. ``cases`` / ``device`` let the CPU tests
     run this harness at tiny shapes (the Triton kernels then run in the interpreter).
     """
-    import time
-
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("gpu_check needs a CUDA device")
+    dev = require_cuda("attention", device)
     t0 = time.time()
     g = torch.Generator(device="cpu").manual_seed(0)
     rows = []

@@ -1,0 +1,182 @@
+"""The three MNTP step paths of the CPU proxy (benchmarks/bench_step_ops.py), built on real tiny-width tensors
+(counting, host time) or on meta tensors at full size (costing); bench_train_step's engine-auto row builds the
+"engine" path too.
+
+  * reference        llm2vec's one-GPU recipe (benchmarks.harness.build_hf_reference): HF model + PEFT LoRA,
+                     no DeepSpeed, clip 1.0 + foreach torch AdamW;
+  * reference-bf16   the same with PEFT's adapters cast to bf16 (PEFT keeps them fp32 by default);
+  * reference-zero3  the engine's model under DeepSpeed ZeRO-3 with PEFT's LoRA, SDPA given a dense (B, 1, S, S)
+                     mask, full logits, full recompute;
+  * engine           the engine's own setup: engine.config (configs/mistral-7b/mntp.yaml + overrides),
+                     engine.modeling.load_model, engine.trainer.setup_model (fused LoRA, the memory plan's ZeRO
+                     stage and recompute policy for an H200), engine.stages.mntp, DeepSpeed from
+                     engine.config.deepspeed_config and the trainer's optimizer-step tuning;
+  * engine-as-profiled  the engine as the 2026-11-26 H200 profile ran it (ZeRO-3, PEFT LoRA, full recompute,
+                     no fused decoder ops): the calibration path.
+"""
+import json
+import os
+import sys
+
+import torch
+
+import kernels
+from benchmarks.harness import (DEEPSPEED_ERROR, GPU_MODEL, LORA, ROOT, SyntheticTokenizer, build_hf_reference, hf_reference_forward,
+                                deepspeed, make_stages, make_train_config, set_attention_path,
+                                unshift_labels)
+from engine.bidirectional import set_deterministic_attention
+from engine.config import deepspeed_config, load_config
+from engine.distributed import init_distributed
+from engine.memory import choose_recompute
+from engine.modeling import add_lora, load_model
+from engine.optim import tune_optimizer_step
+from engine.stages.mntp import MNTPStage
+from engine.trainer import EngineModule, setup_model
+
+CONFIG = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
+FULL = GPU_MODEL  # the Mistral-7B structure, costed at full size on meta tensors
+# counted and timed at tiny width: the same layers, heads and op sequence
+TINY = dict(FULL, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2)
+# llm2vec's one-GPU recipe (HF + PEFT, no DeepSpeed): as llm2vec runs it (PEFT's fp32 adapters), and with bf16
+# adapters (a stronger baseline: no fp32 LoRA GEMMs, no casts around them)
+HF_PATHS = ("reference", "reference-bf16")
+
+
+def log(*a):
+    print("[step_ops]", *a, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch and config
+# ----------------------------------------------------------------------------------------------
+
+class Batch:
+    """Token ids (B, S) with no padding, the engine's MNTP collate (shifted labels), HF labels unshifted."""
+
+    def __init__(self, B, S, vocab, mask_prob, scheme, seed=0):
+        cfg = make_train_config(False, LORA)
+        cfg.mntp.mask_prob, cfg.mntp.scheme = mask_prob, scheme
+        stage = MNTPStage(cfg, SyntheticTokenizer(vocab))
+        g = torch.Generator().manual_seed(seed)
+        items = [[1] + torch.randint(3, vocab, (S - 1,), generator=g).tolist() for _ in range(B)]
+        self.engine = stage.collate(items, torch.Generator().manual_seed(seed + 1))
+        self.hf = {"input_ids": self.engine["input_ids"], "hf_labels": unshift_labels(self.engine["labels"])}
+        self.masked = int((self.engine["labels"] != -100).sum())
+        self.lens = self.engine["attention_mask"].sum(1).tolist()
+
+
+def engine_config(sets, spec, micro, name="engine"):
+    """The engine's TrainConfig: configs/mistral-7b/mntp.yaml, the benchmark's settings, then --set overrides."""
+    ri = json.dumps({k: v for k, v in spec.items()} | {"seed": 0})
+    base = [f"model.random_init={ri}", "model.dtype=bf16", "model.attention=triton", "model.loss=triton",
+            "mntp.mask_token=eos", f"batch_size={micro}", f"micro_batch_size={micro}", "lora.r=16", "lora.alpha=32",
+            "lora.dropout=0.05", "progress_bar=false",
+            # the engine's own choices: fused ops and LoRA as on CUDA; the memory plan sized for one H200 (139 GiB
+            # usable), which the trainer would read from the device
+            "model.fused_ops=triton", "memory_budget_gb=139"]
+    if name != "engine":  # the older paths have no fused decoder ops (the H200 profile ran without them)
+        base.append("model.fused_ops=torch")
+    return load_config(CONFIG, base + list(sets))
+
+
+class Path:
+    """One path's model and step. device 'cpu' (real, tiny) or 'meta' (full size, costing only)."""
+
+    def __init__(self, name, spec, device, sets, micro):
+        self.name, self.device, self.engine, self.ds = name, torch.device(device), None, False
+        self.cfg = engine_config(sets, spec, micro, name)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.bfloat16}[
+            self.cfg.model.dtype]
+        self.vocab = spec["vocab_size"]
+        self.plan, self.zero_stage, self.recompute = None, 3, "full"
+        self.hf = name in HF_PATHS
+        if self.hf:
+            self.model = build_hf_reference(spec, self.dtype, self.device, LORA)
+            if name == "reference-bf16":  # PEFT made the adapters fp32: keep them in the base's bf16 instead
+                self.model.to(self.dtype)
+            self.model.train()
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
+            self.opt = torch.optim.AdamW(self.params, lr=1e-5, foreach=True)  # CUDA's default; CPU's is per tensor
+            return
+        cfg = self.cfg
+        kernels.set_default_impl("attention", cfg.model.attention)
+        kernels.set_default_impl("masked_ce", cfg.model.loss)
+        set_deterministic_attention(cfg.model.deterministic_attention)
+        tok = SyntheticTokenizer(self.vocab)
+        if name in ("engine", "engine-as-profiled"):
+            stage = MNTPStage(cfg, tok)
+        else:  # the older reference's loss on the engine's model: SDPA + dense 4-D mask, full logits
+            stage = make_stages(cfg, tok)[("mntp", "reference")]
+        with torch.device(self.device):  # the same calls as engine.trainer.train
+            model, _ = load_model(cfg.model, "cuda", tok)
+        if name == "engine":  # the trainer's own setup: fused LoRA, memory plan -> ZeRO stage and recompute policy
+            notes = []
+            model, self.plan, self.zero_stage = setup_model(cfg, stage, model, 1, 1, torch.device("cuda"),
+                                                            log=notes.append)
+            self.recompute = choose_recompute(cfg, self.plan, self.zero_stage)[0]
+        else:  # today's reference, or the engine as the H200 profiled it: the model under ZeRO-3, PEFT's LoRA,
+            # full recompute, no fused decoder ops (engine_config sets model.fused_ops=torch for these)
+            model = stage.prepare_model(model)
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = add_lora(model, cfg.lora)
+            if name == "reference-zero3":
+                set_attention_path(model, "reference")
+        self.model = model
+        self.module = EngineModule(model, stage)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, foreach=True)
+        self.module.train()
+
+    def init_deepspeed(self):
+        """ZeRO-3 in a world of one (gloo), configured by engine.config.deepspeed_config, as the trainer does."""
+        if deepspeed is None:
+            raise RuntimeError(f"deepspeed cannot be imported ({DEEPSPEED_ERROR})")
+        init_distributed()
+        extra = {} if self.plan is None else {"lora_max_numel": self.plan.lora_max_numel,
+                                              "layer_numel": self.plan.layer_numel}
+        ds_cfg = deepspeed_config(self.cfg, 1, use_bf16=self.dtype == torch.bfloat16,
+                                  stage=self.zero_stage, **extra)
+        self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.opt, config=ds_cfg)
+        if self.name == "engine":  # the trainer's own adjustments
+            log(tune_optimizer_step(self.engine))
+        self.engine.train()
+        self.ds = True
+
+    def forward_backward(self, batch):
+        if self.hf:
+            loss = hf_reference_forward(self.model, batch.hf)
+            loss.backward()
+            return loss
+        if self.engine is not None:
+            loss, _ = self.module.stage.train_micro_step(self.engine, batch.engine)
+            return loss
+        loss, _ = self.module(batch.engine)
+        loss.backward()
+        return loss
+
+    def skipped_steps(self):
+        """Optimizer steps DeepSpeed skipped for non-finite gradients (a skipped step is a smaller op stream)."""
+        return 0 if self.engine is None else int(self.engine.skipped_steps)
+
+    def optimizer_step(self):
+        if self.engine is not None:
+            self.engine.step()
+            return
+        # clip_grad_norm_(max_norm=1.0) as it runs on CUDA (foreach), which it refuses to do on CPU / meta
+        grads = [p.grad for p in self.params if p.grad is not None]
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        torch._foreach_mul_(grads, torch.clamp(1.0 / (total + 1e-6), max=1.0))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, batch):
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return loss
+
+
+
+def batch_for(shape, vocab, mask):
+    B, S = shape
+    return Batch(B, S, vocab, *mask)

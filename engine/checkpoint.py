@@ -1,0 +1,355 @@
+"""Checkpoints, adapters and the run's identity: what a run writes to ``output_dir`` and how it resumes.
+
+``<output_dir>/checkpoints/step_NNNNNNN/`` holds DeepSpeed's state (for resume), ``adapter/`` (the LoRA adapter in
+PEFT format, safetensors) and ``run.json`` (the run's fingerprint and step). After every rank finished writing,
+rank 0 marks it ``COMPLETE`` and then replaces ``checkpoints/latest`` atomically, so a run killed mid-save resumes
+from the previous checkpoint. Only complete checkpoints are resumed, only one of the same run (same fingerprint)
+unless ``resume=force``, and a missing, dangling or unloadable ``latest`` falls back to the newest complete
+checkpoint with a warning, never to step 0. ``best/`` keeps the adapter with the highest dev STS Spearman.
+"""
+import json
+import math
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError, to_dict
+from .data import read_sts
+from .distributed import log0, warn0
+from .modeling import resolve_model_path, save_encoder_meta
+
+
+# What defines a run: a checkpoint resumes only under a config with the same values for these keys.
+FINGERPRINT_KEYS = (
+    "stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init", "model.dtype",
+    "model.bidirectional", "model.attention_dropout", "model.adapters", "lora", "mntp", "contrastive",
+    "data", "max_samples", "max_seq_len", "seed", "batch_size", "micro_batch_size", "learning_rate",
+    "weight_decay", "adam_betas", "warmup_steps", "lr_schedule", "max_steps", "max_grad_norm",
+)
+_PATH_KEYS = ("model.adapters", "data")
+
+
+def _abs_source(s):
+    return s if s.startswith("hf:") else os.path.realpath(s)
+
+
+def fingerprint(cfg) -> dict:
+    """The run's identity as a flat JSON-able dict (local data and adapter paths made absolute)."""
+    d = to_dict(cfg)
+    out = {}
+    for key in FINGERPRINT_KEYS:
+        v = d
+        for part in key.split("."):
+            v = v[part]
+        if key in _PATH_KEYS:
+            v = [_abs_source(x) for x in v]
+        if isinstance(v, dict) and key in ("lora", "mntp", "contrastive"):
+            out.update({f"{key}.{k}": x for k, x in v.items()})
+        else:
+            out[key] = v
+    if cfg.lr_decay_steps:  # only when set: runs from before the key keep their fingerprint
+        out["lr_decay_steps"] = cfg.lr_decay_steps
+    if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
+        out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
+    else:
+        out = {k: v for k, v in out.items() if not k.startswith("mntp.")}
+    return out
+
+
+def fingerprint_diff(saved: dict, current: dict) -> list:
+    """[(key, saved value, current value)] for every key that differs."""
+    keys = sorted(set(saved) | set(current))
+    return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
+            if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
+
+
+def json_normal(v):
+    """Compare values as they round-trip through JSON (tuples become lists)."""
+    return json.loads(json.dumps(v))
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(model):
+    """LoRA weights on CPU, gathered from ZeRO-3 partitions (a collective: every rank calls it)."""
+    import deepspeed
+    from peft import get_peft_model_state_dict
+
+    params = _trainable(model)
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+    return sd
+
+
+def _replace_dir(tmp, dst):
+    old = dst + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_adapter(model, sd, dst, cfg, tokenizer):
+    """Atomically write a PEFT adapter folder plus the encoder metadata (rank 0 only)."""
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    base_path, gguf = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file) if cfg.model.name_or_path \
+        else (None, None)
+    acfg_path = os.path.join(tmp, "adapter_config.json")
+    with open(acfg_path) as f:
+        acfg = json.load(f)
+    # Like published LLM2Vec checkpoints: an adapter trained on top of merged ones names the last of them.
+    def ref(a):  # a local adapter by absolute path; a hub id (llm2vec's published adapters) as is
+        return os.path.abspath(a) if os.path.exists(os.path.expanduser(a)) else a
+
+    acfg["base_model_name_or_path"] = ref(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
+    with open(acfg_path, "w") as f:
+        json.dump(acfg, f, indent=2)
+    tokenizer.save_pretrained(tmp)
+    c = cfg.contrastive
+    save_encoder_meta(tmp, {
+        "format": "llm2vec-engine/1",
+        "stage": cfg.stage,
+        "base_model": base_path,
+        "gguf_file": gguf,
+        "random_init": cfg.model.random_init,
+        "prior_adapters": [ref(a) for a in cfg.model.adapters],
+        "bidirectional": cfg.model.bidirectional,
+        "pooling": c.pooling,
+        "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
+        "instruction": c.instruction,
+    })
+    _replace_dir(tmp, dst)
+
+
+COMPLETE = "COMPLETE"  # marker rank 0 writes into a checkpoint folder after every rank finished writing it
+RUN_FILE = "run.json"  # the run's fingerprint and the step, beside DeepSpeed's files
+
+
+def _step_of(tag):
+    m = re.fullmatch(r"step_(\d+)", tag)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_tags(root):
+    """[(step, tag, complete)] for every step_N folder under root, oldest first (by step number)."""
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for t in os.listdir(root):
+        step = _step_of(t)
+        if step is not None and os.path.isdir(os.path.join(root, t)):
+            complete = all(os.path.isfile(os.path.join(root, t, f)) for f in (COMPLETE, RUN_FILE))
+            out.append((step, t, complete))
+    return sorted(out)
+
+
+def _read_latest(root):
+    p = os.path.join(root, "latest")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return f.read().strip()
+
+
+def last_good(root):
+    """The checkpoint ``latest`` names (for error messages), or 'none'."""
+    tag = _read_latest(root)
+    return os.path.join(root, tag) if tag else "none"
+
+
+def plan_resume(cfg, rank=0):
+    """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
+
+    Raises ConfigError (exit 2) for a different run in output_dir (unless resume=force), for resume=never
+    with checkpoints present, for resume=must without one, and when ``latest`` exists but no complete
+    checkpoint does (never a silent restart at step 0).
+    """
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    tags = checkpoint_tags(root)
+    complete = [t for _, t, ok in reversed(tags) if ok]
+    incomplete = [t for _, t, ok in tags if not ok]
+    latest = _read_latest(root)
+    if cfg.resume == "never":
+        if tags or latest is not None:
+            raise ConfigError(
+                f"resume=never but {root} holds checkpoints ({', '.join(t for _, t, _ in tags) or 'latest'}); "
+                f"use another output_dir or delete it")
+        return [], []
+    if incomplete:
+        warn0(rank, f"ignoring incomplete checkpoint folders in {root} (a save that did not finish): "
+                     f"{', '.join(incomplete)}")
+    if not complete:
+        if latest is not None:
+            raise ConfigError(
+                f"{root}/latest names {latest!r} but there is no complete checkpoint to resume; refusing to restart "
+                f"at step 0 over it: delete {root} to start over, or use another output_dir")
+        if cfg.resume == "must":
+            raise ConfigError(f"resume=must but there is no checkpoint in {root}")
+        if os.path.isdir(os.path.join(cfg.output_dir, "adapter")) and cfg.resume != "force":
+            raise ConfigError(
+                f"{cfg.output_dir} holds a final adapter but no checkpoint to resume; use another output_dir, delete "
+                f"it, or resume=force to start over in it")
+        return [], []
+    if latest != complete[0]:
+        why = "is missing" if latest is None else f"names {latest!r}, which is not the newest complete checkpoint"
+        warn0(rank, f"{root}/latest {why}; resuming from the newest complete checkpoint, {complete[0]}")
+    with open(os.path.join(root, complete[0], RUN_FILE)) as f:
+        saved = json.load(f)["fingerprint"]
+    diff = fingerprint_diff(saved, fingerprint(cfg))
+    if diff:
+        listing = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
+        if cfg.resume != "force":
+            raise ConfigError(
+                f"{cfg.output_dir} holds a different run ({complete[0]}); differing keys: {listing}. Use another "
+                f"output_dir, or resume=force to resume it with the new values")
+        warn0(rank, f"resume=force: resuming {complete[0]} of a different run; new values applied: {listing}")
+    return complete, diff
+
+
+class Checkpointer:
+    def __init__(self, cfg, engine, module, tokenizer, rank):
+        self.cfg, self.engine, self.module, self.tok, self.rank = cfg, engine, module, tokenizer, rank
+        self.root = os.path.join(cfg.output_dir, "checkpoints")
+
+    def save(self, step, plan):
+        tag = f"step_{step:07d}"
+        path = os.path.join(self.root, tag)
+        if self.rank == 0 and os.path.exists(os.path.join(path, COMPLETE)):
+            os.remove(os.path.join(path, COMPLETE))  # rewriting a folder: it is incomplete until marked again
+        dist.barrier()
+        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False,
+                                    client_state={"step": step, "data_position": list(plan.position(step))})
+        sd = adapter_state_dict(self.module.model)
+        check_finite_state(sd, f"checkpoint {tag}")
+        if self.rank == 0:
+            write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
+            _write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg)})
+        dist.barrier()  # every rank finished writing: only now is the checkpoint complete
+        if self.rank == 0:
+            _write_json(os.path.join(path, COMPLETE), {"step": step})
+            tmp = os.path.join(self.root, "latest.tmp")
+            with open(tmp, "w") as f:
+                f.write(tag)
+            os.replace(tmp, os.path.join(self.root, "latest"))
+            self.cleanup(step)
+        dist.barrier()
+        return tag
+
+    def cleanup(self, step):
+        """Keep the newest keep_checkpoints complete checkpoints up to this step; remove only older ones (by step
+        number, never the one just saved nor any newer folder), and incomplete folders older than it."""
+        if self.cfg.keep_checkpoints <= 0:
+            return
+        tags = checkpoint_tags(self.root)
+        keep = {t for s, t, ok in tags if ok and s <= step}
+        keep = set(sorted(keep, key=_step_of)[-self.cfg.keep_checkpoints:])
+        for s, t, ok in tags:
+            if s < step and t not in keep:
+                shutil.rmtree(os.path.join(self.root, t), ignore_errors=True)
+
+    def resume(self, tags):
+        """Load the first loadable of ``tags`` (newest first); an unloadable one falls back to the next, with a
+        warning. Returns the step to start from (0 when tags is empty)."""
+        failed = []
+        for tag in tags:
+            err = None
+            try:
+                _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
+                if client is None or "step" not in client:
+                    err = "DeepSpeed found no state in it"
+            except Exception as e:  # a truncated or corrupt file: try the previous checkpoint
+                err = f"{type(e).__name__}: {e}"
+            bad = torch.tensor([1.0 if err else 0.0])
+            dist.all_reduce(bad)  # every rank takes the same decision
+            if bad.item() == 0:
+                if failed:
+                    warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
+                log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
+                     f"{client['data_position']}")
+                return int(client["step"])
+            failed.append(f"{tag} ({err or 'failed on another rank'})")
+            warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {err or 'failed on another rank'}")
+        if failed:
+            raise ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
+                                         f"{self.root} to start over")
+        return 0
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def check_finite_state(sd, what):
+    """Refuse to write a non-finite adapter (every rank holds the gathered weights, so all raise together)."""
+    from .trainer import NonFiniteError  # the trainer's error (exit 3); imported here to avoid an import cycle
+
+    bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise NonFiniteError(f"not saving {what}: non-finite values in {len(bad)} adapter tensors (e.g. {bad[0]})")
+
+
+class BestAdapter:
+    """``output_dir/best/``: the adapter with the highest dev STS Spearman seen so far, beside the last one.
+
+    Active when ``eval_every`` is set and ``eval_data`` is one STS file. ``best/engine_best.json`` records the
+    step and score; a resumed run reads it back, so it only replaces a better adapter (a fresh run, start 0,
+    ignores a stale one and replaces it at its first eval). Rank 0 decides and
+    broadcasts (ranks could differ in the last float bit); the adapter gather is collective, the write atomic.
+    """
+
+    META = "engine_best.json"
+
+    def __init__(self, cfg, rank, resumed):
+        self.dir = os.path.join(cfg.output_dir, "best")
+        self.score, self.step = -math.inf, None  # rank 0's record: the best score and its step (None: none kept)
+        meta = os.path.join(self.dir, self.META)
+        if resumed and rank == 0 and os.path.isfile(meta):
+            with open(meta) as f:
+                kept = json.load(f)
+            self.score, self.step = float(kept["spearman"]), int(kept["step"])
+
+    def update(self, step, spearman, module, cfg, tok, rank, device):
+        flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)
+        dist.broadcast(flag, 0)
+        if not flag.item():
+            return False
+        sd = adapter_state_dict(module.model)
+        check_finite_state(sd, "the best adapter")
+        if rank == 0:
+            self.score, self.step = spearman, step
+            new = self.dir + ".new"
+            write_adapter(module.model, sd, new, cfg, tok)
+            with open(os.path.join(new, self.META), "w") as f:
+                json.dump({"step": step, "spearman": spearman, "eval_data": cfg.eval_data[0]}, f)
+            _replace_dir(new, self.dir)
+        dist.barrier()
+        return True
+
+    def summary(self):
+        """For the run's last log line (rank 0): where the best adapter is, its step and dev score; None when no
+        best adapter was kept."""
+        if self.step is None:
+            return None
+        return f"best adapter at {self.dir} (step {self.step}, dev STS Spearman {self.score:.4f})"
+
+
+def sts_spearman(module, stage, path, max_pairs=500):
+    """Spearman correlation of the model's cosine similarities with the gold scores of the first ``max_pairs``
+    pairs of an STS file (the dev score ``BestAdapter`` keeps the best adapter by)."""
+    from .encoder import Encoder
+    from .evaluate import sts_scores
+
+    c = stage.cfg.contrastive
+    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction="")
+    return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]

@@ -1,0 +1,131 @@
+"""A run's plan without its weights: ``engine/train.py --config X.yaml --dry-run``.
+
+The model named by the config is built at full size on the meta device (module tree and shapes, no memory):
+its architecture comes from a local folder, the hub cache, or the config.json values shipped in
+``configs/architectures/`` (offline, no tokenizer: token ids are synthetic, up to the config's vocab size).
+LoRA is added as training adds it, the memory plan picks the ZeRO stage and the recompute policy
+(``engine.memory``), and one micro-batch of the stage's shape runs through the decoder on the meta device:
+
+    MNTP        ids (micro, max_seq_len)                       -> hidden (micro, max_seq_len, H) -> head rows
+    SimCSE      ids (2 micro, max_len)                         -> embeddings (2 micro, H) -> scores (micro, micro x world)
+    supervised  ids (micro (2 + hard negatives), max_len)      -> embeddings -> scores (micro, micro (1 + n) x world)
+
+The plan is for the GPU the run will have: ``world`` ranks (default: the most of 8, 4, 2, 1 that divides the
+global batch), each with ``memory_budget_gb`` or ``--gpu-memory-gb`` (default 80) of memory, bf16 unless the
+config sets a dtype. Data files are not read (they need not be present).
+"""
+import copy
+import functools
+import json
+
+import torch
+
+from . import config as config_mod
+from .bidirectional import check_architecture
+from .memory import choose_recompute, choose_zero_stage, plan_memory
+from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
+
+GPU_MEMORY_GB = 80.0
+
+
+def default_world(cfg):
+    """The most of 8, 4, 2, 1 ranks that the global batch divides into whole micro-batches."""
+    return next(w for w in (8, 4, 2, 1) if cfg.batch_size % (cfg.micro_batch_size * w) == 0)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_meta(config_json, dtype):
+    from transformers import AutoConfig
+
+    values = json.loads(config_json)
+    return meta_model(AutoConfig.for_model(values.pop("model_type"), **values), dtype)
+
+
+def build_meta(cfg, dtype):
+    """(meta causal LM with LoRA as training adds it, its config, where the architecture came from)."""
+    arch, source = architecture_config(cfg.model)
+    check_architecture(arch)
+    model = copy.deepcopy(_cached_meta(arch.to_json_string(use_diff=False), dtype))  # one build per architecture
+    check_lora_targets(cfg.lora, model)
+    if cfg.lora.enabled:
+        model = add_lora(model, cfg.lora)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model, arch, source
+
+
+def micro_batch_shapes(cfg, world):
+    """{name: shape} of one micro-batch's token ids, and the similarity matrix of a contrastive stage."""
+    c, mb = cfg.contrastive, cfg.micro_batch_size
+    if cfg.stage == "mntp":
+        return {"input_ids": (mb, cfg.max_seq_len)}
+    texts = 2 * mb if cfg.stage == "simcse" else mb * (2 + c.num_hard_negatives)
+    candidates = mb if cfg.stage == "simcse" else mb * (1 + c.num_hard_negatives)
+    if c.gather_across_ranks:
+        candidates *= world
+    return {"input_ids": (texts, c.max_len), "scores": (mb, candidates)}
+
+
+@torch.no_grad()
+def meta_step(model, cfg, shapes, arch):
+    """One micro-batch through the decoder on the meta device; returns the output shapes."""
+    from .modeling import decoder_of, lm_head_of
+
+    ids = torch.randint(0, arch.vocab_size, shapes["input_ids"], device="meta")
+    hidden = decoder_of(model)(input_ids=ids).last_hidden_state
+    out = {"hidden": tuple(hidden.shape)}
+    if cfg.stage == "mntp":
+        rows = max(1, int(cfg.mntp.mask_prob * ids.numel()))  # the expected number of masked tokens
+        out["head_rows"] = (rows, lm_head_of(model).out_features)
+    else:
+        emb = hidden.mean(1)
+        out["embeddings"] = tuple(emb.shape)
+    return out
+
+
+def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
+    """Build, plan and shape-check the run of ``cfg``; print the plan through ``out``. Raises on bad input."""
+    world = world or default_world(cfg)
+    accum = config_mod.grad_accum_steps(cfg, world)
+    if cfg.memory_budget_gb <= 0:
+        cfg.memory_budget_gb = gpu_memory_gb
+    dtype = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "fp32": torch.float32}[cfg.model.dtype]
+    model, arch, source = build_meta(cfg, dtype)
+    plan = plan_memory(cfg, model, world, world, torch.device("cuda"), dtype)
+    stage, why_stage = choose_zero_stage(cfg, plan)
+    recompute, why_recompute = choose_recompute(cfg, plan, stage)
+    shapes = micro_batch_shapes(cfg, world)
+    outs = meta_step(model, cfg, shapes, arch)
+    n_all = sum(p.numel() for p in model.parameters())
+    ds = config_mod.deepspeed_config(cfg, world, use_bf16=dtype == torch.bfloat16, use_fp16=dtype == torch.float16,
+                                     stage=stage, lora_max_numel=plan.lora_max_numel, layer_numel=plan.layer_numel)
+    out(f"dry run: stage {cfg.stage}, model {cfg.model.name_or_path or 'random_init'} "
+        f"({arch.model_type}, architecture from {source})")
+    out(f"  architecture: hidden {arch.hidden_size}, layers {arch.num_hidden_layers}, heads "
+        f"{arch.num_attention_heads}, kv heads {getattr(arch, 'num_key_value_heads', arch.num_attention_heads)}, "
+        f"intermediate {arch.intermediate_size}, vocab {arch.vocab_size}; {(n_all - plan.trainable_params) / 1e9:.3f}B "
+        f"base parameters ({dtype})")
+    out(f"  LoRA: {plan.trainable_params:,} trainable parameters "
+        f"(r {cfg.lora.r}, alpha {cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})"
+        if cfg.lora.enabled else f"  full fine-tuning: {plan.trainable_params:,} trainable parameters")
+    if cfg.model.adapters:
+        out(f"  merged first (not loaded in a dry run): {', '.join(cfg.model.adapters)}")
+    out(f"  batch: global {cfg.batch_size} = micro {cfg.micro_batch_size} x accum {accum} x world {world}")
+    out(f"  micro-batch: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + "; meta forward: "
+        + ", ".join(f"{k} {v}" for k, v in outs.items()))
+    out(f"  zero stage {stage}: {why_stage}")
+    out(f"  recompute {recompute}: {why_recompute}")
+    out(f"  deepspeed: zero_optimization {ds['zero_optimization']['stage']}, bf16 {ds['bf16']['enabled']}, "
+        f"gradient_accumulation_steps {ds['gradient_accumulation_steps']}")
+    horizon = cfg.lr_decay_steps or cfg.max_steps
+    out(f"  schedule: {cfg.lr_schedule}, peak {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, decay horizon "
+        f"{horizon}, stop at {cfg.max_steps}")
+    if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
+        out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
+    warning = config_mod.negatives_warning(cfg, world)
+    if warning:
+        out("  WARNING: " + warning)
+    return {"world": world, "zero_stage": stage, "recompute": recompute, "plan": plan, "shapes": shapes,
+            "outputs": outs, "warning": warning}

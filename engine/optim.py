@@ -1,0 +1,105 @@
+"""The optimizer side of a step: the learning-rate schedule and the engine's adjustments to DeepSpeed's step.
+
+Schedule, with ``s`` the optimizer steps taken, ``w`` = warmup_steps, ``T`` = max_steps and ``t = (s - w) / (T - w)``
+clipped to [0, 1]: the LR factor is ``(s + 1) / w`` during the warmup, then ``1`` (constant), ``1 - t`` (linear) or
+``(1 + cos(pi t)) / 2`` (cosine).
+
+A step is non-finite when its loss or its gradient norm is (``is_nonfinite_step``); under stage 0 the engine skips
+such a step itself, as ZeRO does.
+"""
+import math
+
+import torch
+
+
+def lr_lambda(cfg):
+    """The LR factor of the schedule above, as a function of the optimizer steps taken (for LambdaLR)."""
+
+    def f(step):  # step = optimizer steps taken so far
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
+            return 1.0
+        span = max((cfg.lr_decay_steps or cfg.max_steps) - cfg.warmup_steps, 1)  # lr_decay_steps: 0 = max_steps
+        t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        return 1.0 - t if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return f
+
+
+def apply_schedule(cfg, sched):
+    """After resume=force: the new learning_rate / schedule apply from the resumed step on (the saved scheduler
+    state only keeps the step count)."""
+    sched.base_lrs = [cfg.learning_rate for _ in sched.base_lrs]
+    for group, base, fn in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def is_nonfinite_step(loss, grad_norm, fp16=False):
+    """A step is non-finite when its loss is, or its gradient norm is (None: not reported). Under fp16 an
+    overflowing gradient with a finite loss is DeepSpeed's loss scaler at work (it skips the step and lowers the
+    scale; counted in skipped_steps), not divergence."""
+    if not math.isfinite(loss):
+        return True
+    return grad_norm is not None and not math.isfinite(float(grad_norm)) and not fp16
+
+
+def _record_grad_norm(engine):
+    """Stage 0 with a plain fp32 optimizer: DeepSpeed clips the gradients but keeps no norm; record it for the log."""
+    if engine.zero_optimization_stage() != 0 or hasattr(engine.optimizer, "_global_grad_norm"):
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip
+    # ZeRO skips an optimizer step whose gradients are not finite; a plain optimizer under stage 0 would apply them
+    # and leave NaN weights behind. Skip it here too and count it in skipped_steps, as DeepSpeed does.
+    opt_step = engine.optimizer.step
+
+    def step(*args, **kwargs):
+        gn = getattr(engine, "_global_grad_norm", None)
+        if gn is not None and not math.isfinite(float(gn)):
+            engine.skipped_steps += 1
+            return None
+        return opt_step(*args, **kwargs)
+
+    engine.optimizer.step = step
+
+
+def _flat_bf16_grad_norm(engine):
+    """DeepSpeed's BF16_Optimizer (stage 1 in bf16, engine/memory.py) takes the gradient norm and clips one
+    trainable tensor at a time: a norm and a multiply per LoRA tensor, 896 launches per step for a 7B model,
+    although the fp32 gradients already sit in one flat buffer per param group. Hand it those buffers (without
+    their alignment padding) instead: the same norm and the same clipping in one launch each per group. This is
+    exact here: there is no pipeline, tensor or expert parallelism (the cases where DeepSpeed leaves tensors out
+    of the norm), every rank holds the full reduced gradient, and a tensor without a gradient is zeros in the
+    buffer. Checked against deepspeed 0.19 (tests/test_step_structure.py compares both norms); anything else
+    keeps DeepSpeed's own path. Returns whether the flat path is in use."""
+    opt = engine.optimizer
+    flat = getattr(opt, "fp32_groups_actual_gradients_flat", None)
+    if (type(opt).__name__ != "BF16_Optimizer" or not flat or not callable(getattr(opt, "get_grads_for_norm", None))
+            or getattr(opt, "has_moe_layers", True) or getattr(opt, "mpu", None) is not None):
+        return False
+
+    def grads_for_norm(for_clipping=False):
+        return list(flat) if for_clipping else (list(flat), {})
+
+    opt.get_grads_for_norm = grads_for_norm
+    return True
+
+
+def tune_optimizer_step(engine):
+    """The engine's adjustments to DeepSpeed's optimizer step (shared with the CPU proxy,
+    benchmarks/step_paths.py); returns a line for the log."""
+    _record_grad_norm(engine)
+    flat = _flat_bf16_grad_norm(engine)
+    wrapped = not isinstance(engine.optimizer, torch.optim.Optimizer)
+    how = f"DeepSpeed {type(engine.optimizer).__name__} over torch AdamW" if wrapped else \
+        "torch AdamW (no DeepSpeed wrapper)"
+    dtype = next(engine.module.parameters()).dtype
+    return (f"optimizer: {how}, ZeRO stage {engine.zero_optimization_stage()}, "
+            f"{str(dtype).replace('torch.', '')} parameters" + ("; gradient norm and clipping on the flat fp32 "
+                                                                "gradient buffer" if flat else ""))

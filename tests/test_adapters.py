@@ -1,0 +1,114 @@
+"""``model.adapters``: adapters in llm2vec's layout (keyed on the bare decoder) merge into training's causal LM."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.modeling import ModelLoadError, merge_adapter
+
+from .helpers import tiny_llama_config
+
+
+def _causal_lm():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32)
+
+
+def _write_adapter(folder, prefix, targets, r=4, alpha=8, seed=1):
+    """A PEFT LoRA adapter folder whose tensor keys start with ``prefix``: llm2vec saves on the bare decoder
+    (``base_model.model.layers.0...``), the engine on the causal LM (``base_model.model.model.layers.0...``)."""
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (out_f, in_f) in targets.items():
+        sd[f"{prefix}{name}.lora_A.weight"] = torch.randn(r, in_f, generator=g)
+        sd[f"{prefix}{name}.lora_B.weight"] = torch.randn(out_f, r, generator=g)
+    save_file(sd, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "down_proj"],
+                   "base_model_name_or_path": "tiny", "fan_in_fan_out": False, "task_type": None}, f)
+    return sd
+
+
+TARGETS = {"layers.0.self_attn.q_proj": (32, 32), "layers.1.mlp.down_proj": (32, 64)}
+
+
+@pytest.mark.parametrize("prefix", ["base_model.model.", "base_model.model.model."], ids=["llm2vec", "engine"])
+def test_adapter_merges_into_the_causal_lm(tmp_path, prefix):
+    model = _causal_lm()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sd = _write_adapter(str(tmp_path / "a"), prefix, TARGETS)
+    merged = merge_adapter(model, str(tmp_path / "a"))
+    assert merged is model
+    after = dict(model.named_parameters())
+    for name in TARGETS:
+        w = f"model.{name}.weight"
+        delta = (sd[f"{prefix}{name}.lora_B.weight"] @ sd[f"{prefix}{name}.lora_A.weight"]) * (8 / 4)
+        assert not torch.equal(after[w], before[w])
+        torch.testing.assert_close(after[w], before[w] + delta)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {f"model.{n}.weight" for n in TARGETS}  # nothing else moved
+
+
+def test_adapter_matching_no_weight_is_an_error(tmp_path):
+    model = _causal_lm()
+    _write_adapter(str(tmp_path / "a"), "base_model.model.", {"encoder.block.0.q": (32, 32)})
+    with pytest.raises(ModelLoadError, match="does not exist in the model"):
+        merge_adapter(model, str(tmp_path / "a"))
+
+
+def test_adapter_of_another_shape_is_an_error(tmp_path):
+    model = _causal_lm()
+    _write_adapter(str(tmp_path / "a"), "base_model.model.", {"layers.0.self_attn.q_proj": (64, 32)})
+    with pytest.raises(ModelLoadError, match="has shape"):
+        merge_adapter(model, str(tmp_path / "a"))
+
+
+def test_encoder_and_training_merge_the_same_way(tmp_path):
+    # The encoder (a bare decoder) and training (a causal LM) fold one llm2vec adapter into equal weights.
+    from engine.modeling import merge_lora
+
+    _write_adapter(str(tmp_path / "a"), "base_model.model.", TARGETS)
+    lm = _causal_lm()
+    bare = _causal_lm().model
+    merge_adapter(lm, str(tmp_path / "a"))
+    assert merge_lora(bare, str(tmp_path / "a")) == 2
+    for name in TARGETS:
+        torch.testing.assert_close(dict(lm.named_parameters())[f"model.{name}.weight"],
+                                   dict(bare.named_parameters())[f"{name}.weight"])
+
+
+def test_cli_exits_2_when_the_adapter_merges_nothing(tmp_path):
+    from .helpers import run_cmd
+
+    _write_adapter(str(tmp_path / "a"), "base_model.model.", {"encoder.block.0.q": (32, 32)})
+    r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={tmp_path / 'o'}",
+                 f"model.adapters=[{tmp_path / 'a'}]", "max_steps=1"], timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "could not merge adapter" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_run_started_from_a_hub_adapter_names_it_by_its_hub_id(tmp_path):
+    # The chain an encoder follows: a published llm2vec adapter stays a hub id (it was made a local path before);
+    # a local one becomes absolute.
+    from peft import get_peft_model_state_dict
+
+    from engine.config import load_config
+    from engine.modeling import add_lora, load_tokenizer
+    from engine.trainer import write_adapter
+
+    local = tmp_path / "mntp"
+    local.mkdir()
+    hub = "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"
+    cfg = load_config("configs/tiny/supervised.yaml", [f"model.adapters=[{local},{hub}]"])
+    model = add_lora(_causal_lm(), cfg.lora)
+    sd = get_peft_model_state_dict(model)
+    write_adapter(model, sd, str(tmp_path / "adapter"), cfg, load_tokenizer(cfg.model))
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["base_model_name_or_path"] == hub
+    with open(tmp_path / "adapter" / "engine_encoder.json") as f:
+        assert json.load(f)["prior_adapters"] == [str(local), hub]

@@ -1,0 +1,130 @@
+"""Every command line ends a bad input with one line on stderr and exit code 2, before any heavy work (issue 23)."""
+import os
+import sys
+
+import pytest
+
+from .helpers import STS, run_cmd
+
+
+def _one_line(err):
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(("error:", "config error:")), err[-2000:]
+    return lines[0]
+
+
+def _evaluate(capsys, *args):
+    from engine.evaluate import main
+
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, _one_line(capsys.readouterr().err)
+
+
+DEV = os.path.join(STS, "sts-dev.csv")
+
+
+def test_evaluate_missing_path(capsys, tmp_path):
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "missing"), "--data", DEV)
+    assert rc == 2 and "model not found" in line
+
+
+def test_evaluate_a_folder_that_is_no_model(capsys, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "notes"), "--data", DEV)
+    assert rc == 2 and "not a model or a training run" in line
+    (tmp_path / "empty").mkdir()
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "empty"), "--data", DEV)
+    assert rc == 2 and "empty folder" in line
+
+
+def test_an_unfinished_run_is_recognised_and_explained(capsys, tmp_path):
+    from engine.export import main as export_main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000003" / "adapter").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000003" / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "config.yaml").write_text("stage: mntp\n")
+    rc, line = _evaluate(capsys, "--model", str(run), "--data", DEV)
+    assert rc == 2 and "without a final adapter" in line and "step_0000003" in line
+    assert export_main(["--model", str(run), "--out", str(tmp_path / "exp")]) == 2
+    assert "without a final adapter" in _one_line(capsys.readouterr().err)
+
+
+def test_evaluate_bad_choice(capsys, tmp_path):
+    rc, line = _evaluate(capsys, "--model", str(tmp_path), "--pooling", "maxx", "--data", DEV)
+    assert rc == 2 and "maxx" in line
+    rc, line = _evaluate(capsys, "--model", str(tmp_path), "--batch-size", "0", "--data", DEV)
+    assert rc == 2 and "batch-size" in line
+
+
+def test_evaluate_offline_hub_task_names_the_offline_one(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("mteb")
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--task", "mteb:STSBenchmark")
+    assert rc == 2 and "needs its data from the Hugging Face hub" in line
+    assert "mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv" in line
+
+
+def test_export_a_folder_that_is_no_model(capsys, tmp_path):
+    from engine.export import main
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert main(["--model", str(tmp_path / "notes"), "--out", str(tmp_path / "exp")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "not a model or a training run" in line and "model_type" not in line
+    assert not os.path.exists(tmp_path / "exp")
+
+
+def test_assets_bad_alias_and_unwritable_cache(tmp_path):
+    r = run_cmd([sys.executable, "-m", "engine.assets", "fetch", "no-such-model"], timeout=120)
+    assert r.returncode == 2 and "no-such-model" in _one_line(r.stderr)
+    (tmp_path / "file").write_text("x")
+    r = run_cmd([sys.executable, "-m", "engine.assets", "fetch", "smollm2-135m"], timeout=120,
+                env={"LLM2VEC_ENGINE_CACHE": str(tmp_path / "file" / "cache")})
+    assert r.returncode == 2 and "Not a directory" in _one_line(r.stderr)
+
+
+def _train(*args):
+    return run_cmd([sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", *args], timeout=300)
+
+
+def test_train_output_dir_checks_and_no_empty_folder_left(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = _train(f"output_dir={tmp_path / 'file'}")
+    assert r.returncode == 2 and "is a file" in _one_line(r.stderr)
+    r = _train(f"output_dir={tmp_path / 'file' / 'run'}")
+    assert r.returncode == 2 and "cannot be written" in _one_line(r.stderr)
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    r = _train(f"output_dir={tmp_path / 'link'}")
+    assert r.returncode == 2 and "link to nothing" in _one_line(r.stderr)
+    # a run that fails on its data leaves no empty output_dir (nor the parents it created)
+    r = _train(f"output_dir={tmp_path / 'new' / 'run'}", f"data={tmp_path / 'missing.txt'}")
+    assert r.returncode == 2 and "missing.txt" in r.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / "new")
+    r = _train("--no-such-flag")
+    assert r.returncode == 2 and "no-such-flag" in _one_line(r.stderr)
+
+
+def test_model_path_check_lets_hub_ids_and_aliases_through(tmp_path, monkeypatch):
+    from engine.encoder import ModelPathError, check_model_path
+
+    monkeypatch.chdir(tmp_path)
+    check_model_path("smollm2-135m")  # the engine's alias (engine.assets)
+    check_model_path("McGill-NLP/LLM2Vec-Tiny")  # a hub id: the hub answers for it
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(ModelPathError, match="model not found"):
+        check_model_path("outputs/missing")  # its first part is a local folder: a missing local path

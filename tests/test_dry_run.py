@@ -1,0 +1,113 @@
+"""``engine/train.py --dry-run`` on every shipped config at full size (meta device, offline, no tokenizer)."""
+import glob
+import os
+
+import pytest
+import yaml
+
+from engine.config import load_config, to_dict
+from engine.train import main
+
+from .helpers import ROOT
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+ARCHITECTURES = sorted(glob.glob(os.path.join(ROOT, "configs", "architectures", "*.json")))
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No hub, and no tokenizer: a dry run that reached for either would fail here."""
+    import huggingface_hub.constants
+
+    import engine.modeling
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    def no_tokenizer(*a, **k):
+        raise AssertionError("a dry run must not load a tokenizer")
+
+    monkeypatch.setattr(engine.modeling, "load_tokenizer", no_tokenizer)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_shipped_config_dry_runs_at_full_size(path, offline, capsys):
+    assert main(["--config", path, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    cfg = load_config(path)
+    assert f"dry run: stage {cfg.stage}" in out
+    for what in ("zero stage ", "recompute ", "meta forward: hidden", "trainable parameters", "batch: global "):
+        assert what in out, (what, out)
+    if cfg.stage == "mntp":
+        assert f"input_ids ({cfg.micro_batch_size}, {cfg.max_seq_len})" in out
+
+
+def test_the_recipe_configs_are_there():
+    names = {os.path.relpath(p, os.path.join(ROOT, "configs")) for p in CONFIGS}
+    for model in ("llama2-7b", "mistral-7b", "llama3-8b", "llama3.1-8b", "sheared-llama-1.3b", "qwen2-0.5b"):
+        for stage in ("mntp", "simcse", "supervised"):
+            assert f"{model}/{stage}.yaml" in names
+
+
+def _broken(tmp_path, base, **changes):
+    with open(os.path.join(ROOT, base)) as f:
+        raw = yaml.safe_load(f)
+    for key, value in changes.items():
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("changes,msg", [
+    ({"lora.target_modules": ["q_proj", "qkv_proj"]}, "lora.target_modules ['qkv_proj'] name no Linear module"),
+    ({"model.name_or_path": "no-such-org/no-such-7b"}, "no architecture for 'no-such-org/no-such-7b' offline"),
+    ({"batch_size": 30}, "batch_size 30 is not divisible"),
+])
+def test_a_broken_7b_config_fails_the_dry_run(tmp_path, offline, capsys, changes, msg):
+    path = _broken(tmp_path, "configs/mistral-7b/supervised.yaml", **changes)
+    args = ["--config", path, "--dry-run"] + (["--world", "4"] if "batch_size" in changes else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("path", ARCHITECTURES, ids=os.path.basename)
+def test_shipped_architectures_have_the_published_parameter_counts(path):
+    # The models' published sizes (their safetensors indexes' parameter totals) check the shipped config values.
+    from engine.config import ModelConfig
+    from engine.modeling import architecture_config, meta_model
+
+    published = {"meta-llama/Llama-2-7b-chat-hf": 6_738_415_616, "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+                 "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
+                 "meta-llama/Meta-Llama-3.1-8B-Instruct": 8_030_261_248,
+                 "princeton-nlp/Sheared-LLaMA-1.3B": 1_345_423_360, "Qwen/Qwen2-0.5B-Instruct": 494_032_768}
+    hub = os.path.basename(path)[:-len(".json")].replace("__", "/")
+    arch, source = architecture_config(ModelConfig(name_or_path=hub))
+    assert source == path or source == "the hub cache"
+    model = meta_model(arch)
+    assert sum(p.numel() for p in model.parameters()) == published[hub]
+
+
+def test_print_config_prints_the_resolved_config(capsys):
+    path = os.path.join(ROOT, "configs", "mistral-7b", "supervised.yaml")
+    assert main(["--config", path, "--print-config", "learning_rate=1e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(path, ["learning_rate=1e-4"]))
+    assert printed["learning_rate"] == 1e-4 and printed["contrastive"]["temperature"] == 0.02
+
+
+def test_dry_run_plans_for_the_given_gpu(offline, capsys):
+    # An 8B model on one 24 GiB GPU does not fit replicated with training state: ZeRO-3 is the plan's choice
+    # only when the world shards it; on 80 GiB the replicated base is chosen.
+    path = os.path.join(ROOT, "configs", "llama3-8b", "mntp.yaml")
+    from engine.dry_run import dry_run
+
+    small = dry_run(load_config(path, ["memory_budget_gb=16"]), world=8, out=lambda *_: None)
+    big = dry_run(load_config(path), world=8, gpu_memory_gb=80, out=lambda *_: None)
+    assert small["zero_stage"] == 3 and big["zero_stage"] in (0, 1)
+    assert small["plan"].budget_bytes == 16 << 30 and big["plan"].budget_bytes == 80 << 30

@@ -1,0 +1,106 @@
+"""kernels.gpu_check: the registry of per-op GPU checks, its CLI, and the new checks' harness on CPU."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels.gpu_check as G
+from kernels._backend import interpreter_enabled
+from kernels.glu import glu_reference
+from kernels.gpu_check.__main__ import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ["attention", "masked_ce", "contrastive", "lora", "rms_norm", "rope", "glu"]
+needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
+
+
+def test_registry_lists_every_op_with_its_own_module():
+    assert list(G.CHECKS) == OPS
+    reg = G.registry()
+    assert list(reg) == OPS
+    for name, fn in reg.items():
+        assert fn.__module__ == f"kernels.gpu_check.{name}" and fn.__name__ == "gpu_check"
+    with pytest.raises(KeyError, match="unknown gpu check"):
+        G.check_function("softmax")
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_each_check_refuses_cleanly_without_cuda(name, monkeypatch):
+    mod = importlib.import_module(f"kernels.gpu_check.{name}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(G.NeedsCuda, match=f"gpu_check {name} needs CUDA"):
+        mod.gpu_check()
+
+
+def test_cli_without_cuda_records_each_refusal_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "c.json"
+    assert main(["--json", str(out), "rope", "lora"]) == 2
+    cap = capsys.readouterr()
+    assert cap.err.strip().splitlines() == ["kernels.gpu_check: the GPU checks need CUDA (no CUDA device here)"]
+    assert "Traceback" not in cap.out + cap.err
+    data = json.loads(out.read_text())
+    assert list(data) == ["rope", "lora"] and all(v["error"].startswith("NeedsCuda") for v in data.values())
+
+
+def test_cli_bad_input_one_line_exit_2(capsys):
+    assert main(["softmax"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown check(s) softmax" in err[0]
+
+
+def test_cli_runs_a_registered_check_and_reports_failures(monkeypatch, tmp_path, capsys):
+    fake = {"glu": [{"op": "glu", "case": "a", "ok": True, "max_err": float("nan")}],
+            "rope": [{"op": "rope", "case": "b", "ok": False, "max_err": 1.0}]}
+    monkeypatch.setattr("kernels.gpu_check.__main__.check_function", lambda n: lambda: fake[n])
+    out = tmp_path / "c.json"
+    assert main(["--json", str(out), "glu"]) == 0
+    assert main(["--json", str(out), "glu", "rope"]) == 1
+    text = capsys.readouterr().out
+    assert "gpu_check glu: 1/1 ok" in text and "gpu_check rope: 0/1 ok" in text and "FAIL" in text
+    assert json.loads(out.read_text())["glu"][0]["max_err"] == "nan"  # non-finite floats as strings
+
+
+def test_module_entry_lists_the_checks():
+    r = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--list"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0 and r.stdout.split() == OPS, r.stderr
+
+
+@needs_interpreter
+def test_new_checks_pass_at_tiny_shapes_in_the_interpreter():
+    from kernels.gpu_check import glu, rms_norm, rope
+
+    f16 = torch.float16
+    rows = rms_norm.gpu_check(cases=[("llama", 37, 96, False, True, f16), ("gemma", 5, 64, True, False, f16)],
+                              device="cpu")
+    assert [(r["case"], r["tensor"]) for r in rows] == [("llama", "y"), ("llama", "dx"), ("llama", "dweight"),
+                                                        ("gemma", "y"), ("gemma", "dx")]
+    rows += rope.gpu_check(cases=[("strided", 2, 4, 2, 13, 32, f16, True), ("mqa", 1, 3, 1, 5, 16, f16, False)],
+                           device="cpu")
+    rows += glu.gpu_check(cases=[("silu", 7, 33, "silu", f16), ("gelu", 3, 40, "gelu_tanh", f16)], device="cpu")
+    assert len(rows) == 5 + 8 + 6
+    assert all(r["ok"] and r["max_err"] <= r["tol"] and r["ref_max"] > 0 for r in rows), rows
+
+
+def test_accuracy_rows_flag_a_wrong_kernel():
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(16, 64, generator=g).half(), torch.randn(16, 64, generator=g).half()
+    rows = G.accuracy_rows("glu", "off by 2%", ["y", "dgate", "dup"], lambda a, b: glu_reference(a, b) * 1.02,
+                           glu_reference, [gate, up], [True, True])
+    assert [r["ok"] for r in rows] == [False, False, False]
+    rows = G.accuracy_rows("glu", "itself", ["y", "dgate", "dup"], glu_reference, glu_reference, [gate, up],
+                           [True, True])
+    assert all(r["ok"] for r in rows)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["rms_norm", "rope", "glu"])
+def test_gpu_check_fused_ops(name):
+    rows = G.check_function(name)()
+    bad = [r for r in rows if not r["ok"]]
+    assert rows and not bad, bad

@@ -1,0 +1,297 @@
+"""engine.memory against measurement: the bytes each recompute policy saves per decoder layer, counted with
+saved-tensor hooks (unique storages), next to the plan's formulas; the selective policy's cache; and the plans
+for the shipped 7B configs on an 80 GB card and on an H200.
+
+A decoder layer runs as on a GPU: Triton attention, and on the fused paths Triton RMSNorm / RoPE / GLU and the
+fused LoRA's Triton kernel, with every Triton launch skipped (only the shapes of what autograd keeps matter), and
+dropout dispatched as CUDA does (one ``native_dropout``, which keeps a bool mask). Full size on the meta device
+(Mistral-7B's per-token shape), small size on real CPU tensors. Bytes per token are the slope between two token
+counts, so per-layer constants (the concatenated LoRA A of each group) do not count as per-token bytes.
+"""
+import contextlib
+import functools
+import json
+import os
+
+import pytest
+import torch
+
+import kernels
+from engine.config import load_config
+from engine.lora import fuse_lora
+from engine.memory import (GIB, activation_bytes, choose_recompute, choose_zero_stage, layer_shape, lora_rank,
+                           plan_memory, selective_context_fn)
+from engine.modeling import add_lora, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Architectures of the shipped 7B configs (values of their HF config.json files; no hub here)
+MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=32768, sliding_window=None, tie_word_embeddings=False)
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 tie_word_embeddings=False)
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_theta=500000.0, tie_word_embeddings=False)
+SHIPPED = {"mistral-7b": MISTRAL_7B, "llama2-7b": LLAMA2_7B, "llama3-8b": LLAMA3_8B}
+SMALL = dict(MISTRAL_7B, vocab_size=256, hidden_size=64, intermediate_size=224, head_dim=16, num_attention_heads=4,
+             num_key_value_heads=2)
+# (fused_ops, LoRA fused with impl, or PEFT's layers) per path of engine.memory.PATHS
+PATH_SETUP = {"fused": ("triton", "triton"), "fused-torch": ("torch", "torch"), "peft": ("triton", None),
+              "peft-torch": ("torch", None)}
+# total_memory as the cards report it: H100 SXM 80 GB (81559 MiB), H200 (143771 MiB)
+CARDS = {"80 GB": 81559 / 1024, "H200": 143771 / 1024}
+
+
+@pytest.fixture(autouse=True)
+def _restore_impl_defaults():
+    saved = dict(kernels._backend._DEFAULTS)
+    yield
+    kernels._backend._DEFAULTS.update(saved)
+
+
+@contextlib.contextmanager
+def gpu_like():
+    """Triton launches skipped (the interpreter's launcher returns at once) and dropout as CUDA dispatches it."""
+    from triton.runtime.interpreter import InterpretedFunction
+    import torch.nn.functional as F
+
+    run, dropout = InterpretedFunction.run, F.dropout
+
+    def cuda_dropout(x, p=0.5, training=True, inplace=False):
+        return torch.ops.aten.native_dropout(x, p, True)[0] if training and p > 0 else x
+
+    InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
+    F.dropout = torch.nn.modules.dropout.F.dropout = cuda_dropout
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+        F.dropout = torch.nn.modules.dropout.F.dropout = dropout
+
+
+class _Tok:
+    pad_token_id = eos_token_id = 0
+    eos_token = "</s>"
+
+    def __len__(self):  # load_model's default vocab size; the architectures here set theirs
+        return 0
+
+    def __bool__(self):
+        return True
+
+
+def build(arch, path, device, layers=1, overrides=(), config="configs/mistral-7b/mntp.yaml"):
+    """(cfg, model): ``arch`` with random weights on ``device``, LoRA from ``config``, set up as ``path`` runs."""
+    fused_ops, lora_impl = PATH_SETUP[path]
+    spec = dict(arch, num_hidden_layers=layers, seed=0)
+    dtype = "bf16" if device == "meta" else "fp32"
+    cfg = load_config(os.path.join(ROOT, config), [
+        f"model.random_init={json.dumps(spec)}", f"model.dtype={dtype}", "model.attention=triton",
+        f"model.fused_ops={fused_ops}", "mntp.mask_token=eos", *overrides])
+    kernels.set_default_impl("attention", "triton")
+    with torch.device(device):
+        model, _ = load_model(cfg.model, "cuda", _Tok())
+    model = add_lora(model, cfg.lora)
+    if lora_impl is not None:
+        fuse_lora(model, lora_impl)
+    return cfg, model.train()
+
+
+def _key(t):
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(model, policy, tokens):
+    """Bytes one decoder layer keeps for backward after its forward on ``tokens`` tokens, under ``policy``:
+    what saved-tensor hooks see packed (policy none), else the checkpoint's inputs and the selective cache. Unique
+    storages; parameters and the RoPE tables (one per model) are not counted."""
+    from engine.memory import enable_recompute
+
+    base = model.get_base_model()
+    if policy == "none":
+        base.gradient_checkpointing_disable()
+    else:
+        enable_recompute(model, policy)
+    layer = base.model.layers[0]
+    dev, dt = base.model.embed_tokens.weight.device, base.model.embed_tokens.weight.dtype
+    x = torch.randn(1, tokens, base.config.hidden_size, device=dev, dtype=dt, requires_grad=True)
+    cos, sin = base.model.rotary_emb(x, torch.arange(tokens, device=dev)[None])
+    skip = {_key(p) for p in base.parameters()} | {_key(cos), _key(sin)}
+    seen = {}
+
+    def note(t):
+        if isinstance(t, torch.Tensor) and _key(t) not in skip:
+            seen[_key(t)] = t.untyped_storage().nbytes()
+
+    caches = []
+    if policy != "none":
+        ckpt = layer._gradient_checkpointing_func
+
+        def recording(fn, *args, **kw):
+            for a in (*args, *kw.values()):
+                note(a)  # the checkpoint keeps its inputs for the recompute
+            context_fn = ckpt.keywords.get("context_fn")
+            if context_fn is None:
+                return ckpt(fn, *args, **kw)
+
+            def keep_context():
+                fwd, recompute = context_fn()
+                caches.append(fwd)
+                return fwd, recompute
+            return ckpt.func(fn, *args, **{**ckpt.keywords, "context_fn": keep_context}, **kw)
+        layer._gradient_checkpointing_func = recording
+
+    def pack(t):
+        note(t)
+        return t
+
+    with gpu_like(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=None, position_embeddings=(cos, sin))
+    for mode in caches:  # torch's selective-checkpoint cache: {op key: {call index: wrapped outputs}}
+        for calls in mode.storage.values():
+            for entry in calls.values():
+                for leaf in torch.utils._pytree.tree_leaves(entry):
+                    note(getattr(leaf, "val", None))
+    return sum(seen.values())
+
+
+def measured_per_token(model, policy, tokens=(128, 256)):
+    lo, hi = (saved_bytes(model, policy, t) for t in tokens)
+    return (hi - lo) / (tokens[1] - tokens[0])
+
+
+@pytest.mark.parametrize("size", ["mistral-7b", "small"])
+@pytest.mark.parametrize("path", list(PATH_SETUP))
+def test_plan_formulas_match_measured_saved_bytes(size, path):
+    arch, device = (MISTRAL_7B, "meta") if size == "mistral-7b" else (SMALL, "cpu")
+    _, model = build(arch, path, device)
+    formula = activation_bytes(layer_shape(model), path)
+    measured = {p: measured_per_token(model, p) for p in ("none", "selective", "full")}
+    print(f"{size} {path}: measured " + ", ".join(f"{p} {v / 1024:.2f} KiB" for p, v in measured.items())
+          + " per token per layer; planned " + ", ".join(f"{p} {v / 1024:.2f}" for p, v in formula.items()))
+    for p in measured:
+        assert abs(formula[p] - measured[p]) <= 0.10 * measured[p], (p, formula[p], measured[p])
+    assert measured["none"] > measured["selective"] > measured["full"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The selective policy's cache: what it keeps of a fused LoRA projection, in both forms of the add
+# ----------------------------------------------------------------------------------------------
+
+class _Projection(torch.autograd.Function):
+    """y = x W^T + (x A^T) B^T with a frozen W, in the fused LoRA's two forms: the low-rank product formed apart and
+    added by the base GEMM (``addmm(low, x, W^T)``), or the base GEMM's output taking it in place (``addmm_``)."""
+
+    @staticmethod
+    def forward(ctx, x, w, a, b, inplace):
+        h = torch.mm(x, a.t())
+        if inplace:
+            y = torch.mm(x, w.t())
+            y.addmm_(h, b.t())
+        else:
+            y = torch.addmm(torch.mm(h, b.t()), x, w.t())
+        ctx.save_for_backward(x, h, w, a, b)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, h, w, a, b = ctx.saved_tensors
+        gh = gy @ b
+        return gy @ w + gh @ a, None, gh.t() @ x, gy.t() @ h, None
+
+
+def _projection_step(inplace, checkpointed, r=4):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 32, generator=g, requires_grad=True)
+    w = torch.randn(48, 32, generator=g)
+    a = torch.randn(r, 32, generator=g, requires_grad=True)
+    b = torch.randn(48, r, generator=g, requires_grad=True)
+    caches = []
+
+    def fn(x_):
+        return torch.nn.functional.silu(_Projection.apply(x_, w, a, b, inplace))
+
+    def context():
+        fwd, rec = selective_context_fn(r)
+        caches.append(fwd)
+        return fwd, rec
+    y = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False, context_fn=context) if checkpointed else fn(x)
+    cached = {}
+    for mode in caches:
+        for calls in mode.storage.values():
+            for entry in calls.values():
+                for leaf in torch.utils._pytree.tree_leaves(entry):
+                    if isinstance(getattr(leaf, "val", None), torch.Tensor):
+                        cached[_key(leaf.val)] = tuple(leaf.val.shape)
+    y.pow(2).sum().backward()
+    return y.detach(), [t.grad for t in (x, a, b)], sorted(cached.values())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_selective_cache_keeps_the_output_not_the_low_rank_product(inplace):
+    y0, g0, _ = _projection_step(inplace, checkpointed=False)
+    y1, g1, cached = _projection_step(inplace, checkpointed=True)
+    assert torch.allclose(y0, y1)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    # x A^T (K = 32 > r) and the output; never a second (8, 48) tensor for the rank-4 product h B^T
+    assert cached == [(8, 4), (8, 48)]
+
+
+def test_lora_rank_read_from_peft_layers():
+    _, model = build(SMALL, "peft", "cpu")
+    assert lora_rank(model) == 16
+    assert lora_rank(torch.nn.Linear(2, 2)) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan at 7B: auto on an 80 GB card and on an H200, checked against the measured bytes
+# ----------------------------------------------------------------------------------------------
+
+def _measured_total(plan, model_1layer, policy, stage):
+    """The plan's total with its activation formula replaced by the measured bytes per token per layer."""
+    none, chosen = (measured_per_token(model_1layer, p) for p in ("none", policy))
+    acts = plan.tokens * (plan.layers * none if policy == "none" else (plan.layers - 1) * chosen + none)
+    return plan.total(policy, stage) - plan.activations(policy, stage) + acts
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+@pytest.mark.parametrize("micro", [None, 32])  # the shipped micro-batch (4 x 512), and 32 x 512 as benchmarked
+def test_auto_plan_fits_measured_bytes_at_7b(name, micro):
+    arch = SHIPPED[name]
+    over = [] if micro is None else [f"micro_batch_size={micro}", f"batch_size={micro}"]
+    config = f"configs/{name}/mntp.yaml"
+    _, layer_model = build(arch, "fused", "meta", overrides=over, config=config)
+    picks = {}
+    for card, gib in CARDS.items():
+        cfg, model = build(arch, "fused", "meta", layers=arch["num_hidden_layers"], config=config,
+                           overrides=[*over, f"memory_budget_gb={gib}"])
+        plan = plan_memory(cfg, model, world=1, local_world=1, device=torch.device("cuda"))
+        stage = choose_zero_stage(cfg, plan)[0]
+        policy, why = choose_recompute(cfg, plan, stage)
+        assert stage == 1 and plan.path(stage) == "fused"  # a 7B bf16 base stays replicated: the fused LoRA runs
+        total = _measured_total(plan, layer_model, policy, stage)
+        print(f"{name} micro {cfg.micro_batch_size}, {card}: {policy} ({why}); with measured activations "
+              f"{total / GIB:.1f} GiB")
+        assert total <= plan.budget_bytes
+        for less in ("none", "selective")[:("none", "selective", "full").index(policy)]:
+            # auto took the least recompute that fits: what it passed over does not fit by measurement either
+            assert _measured_total(plan, layer_model, less, stage) > plan.budget_bytes, less
+        picks[card] = policy
+    if micro is None:
+        assert picks == {"80 GB": "none", "H200": "none"}
+    else:  # 32 x 512 tokens: no recompute on an H200; an 80 GB card needs selective
+        assert picks == {"80 GB": "selective", "H200": "none"}
+
+
+def test_zero3_plan_costs_peft_and_says_so():
+    cfg, model = build(SMALL, "fused", "cpu", layers=2, overrides=["memory_budget_gb=0.001"])
+    plan = plan_memory(cfg, model, world=4, local_world=4, device=torch.device("cuda"))
+    stage, why = choose_zero_stage(cfg, plan)
+    assert stage == 3 and plan.path(3) == "peft" and plan.path(1) == "fused"
+    assert "PEFT" in why
+    shape = layer_shape(model)
+    assert plan.per_token("none", 3) == activation_bytes(shape, "peft")["none"] != plan.per_token("none", 1)

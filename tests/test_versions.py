@@ -1,0 +1,73 @@
+"""Versions that hold (issue 23): setup.py's bounds are what the export needs, and the installed stack meets them."""
+import ast
+import importlib.metadata
+import os
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from .helpers import ROOT
+
+
+def _requirements():
+    """{name: Requirement} of setup.py's install_requires and every extra (read, not executed)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Call) and
+                    getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    reqs = {}
+    for spec in kw["install_requires"] + [s for extra in kw["extras_require"].values() for s in extra]:
+        r = Requirement(spec)
+        assert str(reqs.get(r.name, r).specifier) == str(r.specifier), f"{r.name} bounded two ways in setup.py"
+        reqs[r.name] = r
+    return reqs
+
+
+def test_transformers_floor_is_the_export_floor_and_installed():
+    from engine.export import TRANSFORMERS_FLOOR
+
+    spec = _requirements()["transformers"].specifier
+    floors = [s.version for s in spec if s.operator == ">="]
+    assert floors == [TRANSFORMERS_FLOOR], spec
+    assert not spec.contains("5.1.0") and not spec.contains("4.57.6")  # those load an export causally
+    assert spec.contains(importlib.metadata.version("transformers"), prereleases=True)
+
+
+@pytest.mark.parametrize("name", ["sentence-transformers", "mteb"])
+def test_sentence_transformers_and_mteb_are_bounded_and_installed(name):
+    spec = _requirements()[name].specifier
+    assert any(s.operator == ">=" for s in spec) and any(s.operator == "<" for s in spec), spec  # a floor and a ceiling
+    try:
+        installed = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{name} is not installed")
+    assert spec.contains(installed, prereleases=True), (name, installed, str(spec))
+    major = Version(installed).major
+    assert not spec.contains(f"{major + 1}.0.0")
+
+
+def test_an_export_is_bidirectional_under_the_installed_transformers(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from transformers import AutoModel, AutoTokenizer
+
+    from engine.config import ModelConfig
+    from engine.export import export
+    from engine.modeling import load_tokenizer
+
+    from .test_encoder import _save_adapter, _save_base
+
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    base = _save_base(str(tmp_path / "base"), tok)
+    _save_adapter(base, str(tmp_path / "adapter"), str(tmp_path / "base"), seed=1)
+    export(str(tmp_path / "adapter"), str(tmp_path / "exp"))
+    model = AutoModel.from_pretrained(str(tmp_path / "exp")).eval()
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "exp"))("a b")["input_ids"]  # the tokenizer loads
+    ids = torch.tensor([[11, 222, 3333, 444, 55, 6]])
+    changed = ids.clone()
+    changed[0, -1] = 7777
+    with torch.no_grad():
+        h, h2 = (model(input_ids=x).last_hidden_state[0] for x in (ids, changed))
+    delta = (h[:-1] - h2[:-1]).abs().amax(dim=-1)
+    assert bool((delta > 1e-4).all()), delta  # every earlier position sees the last token: not causal
