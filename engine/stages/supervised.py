@@ -1,15 +1,16 @@
 """Supervised contrastive learning on (query, positive, hard negatives) with instructions.
 
-Queries carry their instruction (attended, not pooled); documents carry none. Candidates are
+Queries carry their instruction (attended, not pooled); documents carry none, except in E5's symmetric
+datasets (``doc_instruction``, :func:`engine.data.e5_rows`). Candidates are
 [positives (B), hard negatives (B*n)], gathered across ranks with gradient, so each query sees
 world * B * (1 + n) candidates. With several sources, each global batch is drawn from one source.
 
 With ``contrastive.loss: cosent | angle`` the stage trains on scored pairs instead (every STS-style pair with
 its score, ``engine.losses``), with the same cross-rank batches and gradient caching.
 """
-import torch
-
 import dataclasses
+
+import torch
 
 from .. import token_cache
 from ..data import DataError, DataStats, iter_supervised, read_scored_pairs

@@ -1,0 +1,130 @@
+"""Data at scale: peak memory and time of loading a large MNTP corpus through the item cache.
+
+Generates a text corpus of ``--gb`` GB (lines of 1 kB drawn from a seeded pool of word sequences: the
+content only has to tokenise like prose), then runs the MNTP stage's real ``load`` with SmolLM2's tokenizer
+(tokenise once into the memory-mapped cache, ``engine/token_cache.py``), opens it a second time (a resumed run
+or another rank: a cache hit), and reads ``--batches`` random global batches as training does.
+
+Memory: ``VmHWM`` (peak RSS) of this process, minus its value after the imports and the tokenizer load, is the
+figure the load adds; ``RssAnon`` at the end is the private memory left (the memory-mapped pages read count in
+RSS but are the page cache, shared by the ranks and reclaimable). ``--path memory`` runs the old in-memory path
+(``read_texts`` + ``chunk_documents``) instead, for a smaller corpus.
+
+    python -m benchmarks.bench_data --gb 1 --out benchmarks/results/2026-12-03-cpu-data-scale/bench_data.csv
+
+One CSV row (benchmarks/common.py's columns): ms = the first load (tokenising included), peak_mb = the added
+peak RSS; extra: tokens, blocks, corpus bytes, tokenising throughput, cache-hit seconds, RssAnon, VmHWM total.
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+WORDS = ("the river valley storm flooded after summer heat dried violinist played concerto town hall sold "
+         "instrument market old bridge rebuilt steel collapsed before anyone could cross young chef opened small "
+         "noodle shop downtown gave up cooking study law comet visible northern hemisphere burned atmosphere long "
+         "ago city library lends telescopes members closed doors fire engine trains encoder model language text "
+         "embedding retrieval passage question answer wikipedia article history science 1950 1987 2024 of and in "
+         "to a is was for on with as by at from").split()
+
+
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def write_corpus(path, n_bytes, seed=0):
+    """Lines of ~1 kB drawn from a pool of 4096 seeded random word sequences, up to n_bytes."""
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(4096):
+        words, size = [], 0
+        while size < 1000:
+            w = rng.choice(WORDS)
+            words.append(w.capitalize() if rng.random() < 0.08 else w)
+            size += len(w) + 1
+        pool.append(" ".join(words) + ".\n")
+    written = 0
+    with open(path, "w") as f:
+        while written < n_bytes:
+            line = pool[rng.randrange(len(pool))]
+            f.write(line)
+            written += len(line)
+    return written
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gb", type=float, default=1.0, help="corpus size in GB (1e9 bytes)")
+    ap.add_argument("--corpus", help="an existing text file instead of a generated one")
+    ap.add_argument("--path", choices=("cache", "memory"), default="cache")
+    ap.add_argument("--max-seq-len", type=int, default=512)
+    ap.add_argument("--batches", type=int, default=200, help="random global batches of 32 blocks read after load")
+    ap.add_argument("--out", default="bench_data.csv")
+    args = ap.parse_args(argv)
+
+    from engine.config import load_config
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+
+    from benchmarks.common import CsvWriter
+
+    work = tempfile.mkdtemp(prefix="bench_data_")
+    os.environ["LLM2VEC_ENGINE_TOKEN_CACHE"] = os.path.join(work, "cache")
+    corpus = args.corpus
+    if corpus is None:
+        corpus = os.path.join(work, "corpus.txt")
+        t = time.time()
+        write_corpus(corpus, int(args.gb * 1e9))
+        print(f"[bench_data] wrote {os.path.getsize(corpus) / 1e9:.2f} GB in {time.time() - t:.0f} s", flush=True)
+    n_bytes = os.path.getsize(corpus)
+    cfg = load_config("configs/smollm2-135m/mntp.yaml", [f"data={corpus}", f"max_seq_len={args.max_seq_len}"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    base_hwm = status_mb("VmHWM")
+
+    t = time.time()
+    if args.path == "cache":
+        items, stats, _ = stage.load(cfg.data, 0)
+    else:
+        from engine.data import chunk_documents, read_texts
+
+        texts, stats = read_texts(cfg.data, 0, seed=cfg.seed)
+        items = chunk_documents(texts, tok, cfg.max_seq_len, progress=True)
+    first_s = time.time() - t
+    hit_s = float("nan")
+    if args.path == "cache":
+        t = time.time()
+        again, _, _ = build_stage(cfg, tok).load(cfg.data, 0)
+        hit_s = time.time() - t
+        assert len(again) == len(items)
+    rng = random.Random(0)
+    read = 0
+    for _ in range(args.batches):  # what training reads: random global batches
+        read += sum(len(items[rng.randrange(len(items))]) for _ in range(32))
+    tokens = int(items.offsets[-1]) if args.path == "cache" else sum(len(b) for b in items)
+    peak = status_mb("VmHWM") - base_hwm
+    row = CsvWriter(args.out, "data_scale").add(
+        f"{n_bytes / 1e9:.2f}GB text, max_seq_len {args.max_seq_len}", f"mntp-{args.path}", "load", first_s * 1e3,
+        peak_mb=peak, tokens=tokens, blocks=len(items), corpus_bytes=n_bytes,
+        mb_per_s=f"{n_bytes / 1e6 / first_s:.2f}", cache_hit_s=f"{hit_s:.2f}",
+        rss_anon_mb=f"{status_mb('RssAnon'):.0f}", vmhwm_total_mb=f"{status_mb('VmHWM'):.0f}",
+        baseline_mb=f"{base_hwm:.0f}", cpus=os.cpu_count(), timing="wall")
+    print(f"[bench_data] {stats.summary()}", flush=True)
+    if args.corpus is None:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()
