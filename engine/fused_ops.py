@@ -20,7 +20,19 @@ One switch, ``model.fused_ops`` (auto | triton | torch), resolved per call like 
 
 Whenever the ops resolve to "torch" (impl="torch", or "auto" on CPU) the patched forwards call the
 modules' original forwards, so that path is exactly transformers' code. impl="torch" patches nothing.
-Residual adds stay in the decoder layer's own forward (fusing them would mean copying the layer).
+
+Residual add + RMSNorm is not fused, by design. A fused ``h = r + x; y = norm(h)`` kernel (one read of r and x,
+one write of h and y, instead of an add pass and a norm pass) needs both operands of the add at the norm. In
+HF's decoder layers (transformers 5: ``LlamaDecoderLayer.forward`` and its Mistral / Qwen2 / Qwen3 / Gemma
+copies) the add is a bare tensor expression in the layer's own forward, ``hidden_states = residual +
+hidden_states`` between ``self.self_attn(...)`` / ``self.mlp(...)`` and the next norm call, and the norm
+module is called with the sum alone. No module, hook or module global sits between the two: a forward hook
+on the norm sees only the sum (the add has already run), and a hook on the attention / MLP output cannot
+take the add over (the layer adds the residual again). Gemma2 puts a post-norm of the attention output
+between them (``residual + post_attention_layernorm(attn)``), which changes the pattern again. The only seam
+is the decoder layer's ``forward`` itself, i.e. a copy of HF's forward per family, which this module does
+not do (a transformers release that changes the layer would silently diverge from our copy). So the adds
+stay in transformers' code; the norms and the gated MLPs above are what is fused.
 """
 import importlib
 import sys

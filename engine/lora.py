@@ -6,8 +6,9 @@ the modeling code still calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` one af
 member's class is swapped for a subclass of PEFT's ``lora.Linear`` whose forward asks the group first:
 
 * the first member called computes every member's output in one ``lora_group`` call (one read of ``x``
-  for the low-rank path, one dropout mask, scaling folded, low-rank product added inside each base
-  GEMM) and parks its siblings' outputs in the group, keyed by the identity of ``x``;
+  for the low-rank path, one dropout mask, scaling folded; each output written by its base GEMM, the
+  low-rank product then added in place with ``addmm_``: see kernels/lora.py) and parks its siblings'
+  outputs in the group, keyed by the identity of ``x``;
 * a sibling called next with that same ``x`` takes its parked output; anything else (another input,
   a member called twice) computes afresh, so a model that calls them differently stays correct.
 
@@ -20,6 +21,7 @@ plain PEFT adapter and ``PeftModel.from_pretrained`` loads it.
 Dropout semantics differ from PEFT's: PEFT drops the q, k and v inputs with three independent
 masks, the fused group uses one mask for all members of the group (as LoRA's dropout-on-the-shared
 input would read). With dropout off both give the same outputs and gradients (tests/test_lora_engine.py).
+On the Triton path the keep probability is quantised to 2**-16 (kernels._backend.philox_keep8).
 
 Falls back to PEFT's own forward, per call, when the fused op does not apply: adapters disabled or
 merged, several active adapters, a LoRA variant (DoRA), a trainable base weight, or parameters

@@ -24,9 +24,18 @@ arguments, compile-time constants are UPPERCASE ``tl.constexpr``, offsets that c
 and accumulators are fp32.
 
 Dropout RNG. A keep decision is a pure function of a seed and the element's position: Philox-4x32 with 7
-rounds (passes BigCrush, Salmon et al. 2011), keyed by the seed, on a 4-word counter that names the element;
-the top ``DROPOUT_BITS`` = 24 bits of the first output word, as an integer, are compared with
-``round(p * 2**24)``: keep iff ``bits >= threshold``. No mask is stored; a backward regenerates it.
+rounds (passes BigCrush, Salmon et al. 2011), keyed by the seed, on a 4-word counter that names the element
+(or a group of elements). No mask is stored; a backward regenerates it. Two forms:
+
+* :func:`philox_keep` (attention): one Philox call per element, counter (c0, c1, c2, c3); the top 24 bits of
+  output word 0, as an integer, against ``round(p * 2**24)``: keep iff ``bits >= threshold``;
+* :func:`philox_keep8` (LoRA, where the mask covers every input element): one Philox call per eight
+  consecutive columns, counter (column // 8, row, c2, c3); its four 32-bit output words give eight 16-bit
+  draws (word w's low half for column 8 g + 2 w, its high half for column 8 g + 2 w + 1),
+  each against ``round(p * 2**16)``. An eighth of the Philox calls of :func:`philox_keep`, at a
+  drop probability quantised to 2**-16 (p = 0.1 runs as 6554 / 65536 = 0.100006).
+
+:func:`keep_mask_kernel` writes either mask out (tests rebuild a kernel's mask with it).
 """
 import contextlib
 import os
@@ -37,7 +46,8 @@ import triton.language as tl
 
 _VALID = ("auto", "triton", "torch")
 _DEFAULTS = {"attention": "auto", "masked_ce": "auto", "contrastive": "auto", "fused_ops": "auto", "lora": "auto"}
-DROPOUT_BITS = 24
+DROPOUT_BITS = 24  # philox_keep
+PACKED_DROPOUT_BITS = 16  # philox_keep8
 
 
 def set_default_impl(op: str, impl: str) -> None:
@@ -84,9 +94,9 @@ def dot_precision(dtype) -> str:
     return "tf32"
 
 
-def dropout_threshold(p: float) -> int:
-    """The integer threshold of :func:`philox_keep` for drop probability ``p``."""
-    return int(round(p * (1 << DROPOUT_BITS)))
+def dropout_threshold(p: float, packed: bool = False) -> int:
+    """The integer threshold of :func:`philox_keep` (``packed``: :func:`philox_keep8`) for drop probability p."""
+    return int(round(p * (1 << (PACKED_DROPOUT_BITS if packed else DROPOUT_BITS))))
 
 
 @triton.jit
@@ -98,12 +108,27 @@ def philox_keep(seed, c0, c1, c2, c3, drop_thresh):
 
 
 @triton.jit
+def philox_keep8(seed, rows, k0, c2, c3, drop_thresh, BLOCK_K: tl.constexpr):
+    """Keep-mask of the (len(rows), BLOCK_K) tile at columns k0 + [0, BLOCK_K), k0 % 8 == 0 (BLOCK_K % 8 == 0):
+    one Philox call per eight columns, 16 bits per element (``drop_thresh`` = round(p * 2**16))."""
+    groups = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    zero = (rows[:, None] + groups[None, :]) * 0
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :] + zero, rows[:, None] + zero, zero + c2, zero + c3, 7)
+    # interleave(interleave(r0, r2), interleave(r1, r3)) puts word w at column 4 g' + w; then each word splits
+    # into its low and high 16 bits at columns 2 j and 2 j + 1: column 8 g + 2 w + h takes half h of word w
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    halves = tl.interleave(words & 0xFFFF, words >> 16)
+    return halves.to(tl.int32) >= drop_thresh
+
+
+@triton.jit
 def keep_mask_kernel(
     out_ptr, seed_ptr, len_ptr,
     n_rows, n_cols, n_blocks_n, stride_ob, stride_oh, stride_om, stride_on, drop_thresh,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LENS: tl.constexpr, PACKED: tl.constexpr,
 ):
-    """out[c3, c2, m, n] = philox_keep(seed, n, m, c2, c3) as int8, c2 = program_id(1), c3 = program_id(2).
+    """out[c3, c2, m, n] = philox_keep(seed, n, m, c2, c3) (PACKED: philox_keep8 at row m, column n) as int8,
+    c2 = program_id(1), c3 = program_id(2).
 
     Axis 0 walks the (m, n) blocks, row-major. HAS_LENS: slice c3 covers len[c3] x len[c3] (a packed batch's
     sequences); otherwise n_rows x n_cols. Elements outside are not written."""
@@ -118,17 +143,22 @@ def keep_mask_kernel(
         n_hi = n_cols
     offs_m = (pid // n_blocks_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (pid % n_blocks_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = philox_keep(tl.load(seed_ptr), offs_n[None, :], offs_m[:, None], c2, c3, drop_thresh)
+    if PACKED:
+        keep = philox_keep8(tl.load(seed_ptr), offs_m, (pid % n_blocks_n) * BLOCK_N, c2, c3, drop_thresh, BLOCK_N)
+    else:
+        keep = philox_keep(tl.load(seed_ptr), offs_n[None, :], offs_m[:, None], c2, c3, drop_thresh)
     ptrs = (out_ptr + c3.to(tl.int64) * stride_ob + c2.to(tl.int64) * stride_oh
             + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :].to(tl.int64) * stride_on)
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < m_hi) & (offs_n[None, :] < n_hi))
 
 
-def keep_mask(seed: torch.Tensor, shape, dropout_p: float, lens=None) -> torch.Tensor:
-    """The keep-mask (bool) :func:`philox_keep` gives for an int32 seed tensor of one element.
+def keep_mask(seed: torch.Tensor, shape, dropout_p: float, lens=None, packed=False) -> torch.Tensor:
+    """The keep-mask (bool) :func:`philox_keep` (``packed``: :func:`philox_keep8`) gives for an int32 seed tensor
+    of one element.
 
-    ``shape`` = (C3, C2, M, N): element [c3, c2, m, n] has counter (n, m, c2, c3). ``lens`` (C3,) int32: slice c3
-    is filled only on its leading len[c3] x len[c3] block (zeros elsewhere)."""
+    ``shape`` = (C3, C2, M, N): element [c3, c2, m, n] has counter (n, m, c2, c3) (packed: row m, column n of
+    slice (c2, c3)). ``lens`` (C3,) int32: slice c3 is filled only on its leading len[c3] x len[c3] block (zeros
+    elsewhere)."""
     C3, C2, M, N = shape
     out = torch.zeros(shape, dtype=torch.int8, device=seed.device)
     if out.numel():
@@ -137,6 +167,6 @@ def keep_mask(seed: torch.Tensor, shape, dropout_p: float, lens=None) -> torch.T
         with on_device(seed):
             keep_mask_kernel[(triton.cdiv(M, BM) * n_blocks_n, C2, C3)](
                 out, seed, seed if lens is None else lens, M, N, n_blocks_n, out.stride(0), out.stride(1),
-                out.stride(2), out.stride(3), dropout_threshold(dropout_p), BLOCK_M=BM, BLOCK_N=BN,
-                HAS_LENS=lens is not None)
+                out.stride(2), out.stride(3), dropout_threshold(dropout_p, packed), BLOCK_M=BM, BLOCK_N=BN,
+                HAS_LENS=lens is not None, PACKED=packed)
     return out.bool()

@@ -6,18 +6,31 @@ gate/up of an MLP, or a single projection (o, down). Per group:
 * ``x`` is read once for the low-rank path: one GEMM of the concatenated A's, ``h = s * drop(x) A_cat^T``
   (M, sum r), with the dropout mask applied while ``x`` is loaded and the scaling ``s`` folded in;
 * one dropout mask per group (PEFT draws one per projection: see ``engine/lora.py``);
-* each output is one cuBLAS ``addmm``: the base GEMM writes ``x W_i^T`` on top of ``h_i B_i^T (+ b_i)``
-  in its epilogue (beta = 1), so the low-rank product needs no separate add pass;
-* the backward computes only what a frozen base needs: grad x, grad A_i, grad B_i, never grad W_i.
-  ``grad x = sum_i gy_i W_i + s * mask / (1 - p) * (gh A_cat)``, where the low-rank term, the dropout
-  backward and the accumulation into grad x are one kernel pass.
+* each output y_i is two cuBLAS GEMMs and no copy: the base GEMM writes it once, ``y_i = x W_i^T``
+  (``torch.mm``; with a bias ``torch.addmm(b_i, x, W_i^T)``, the bias added in cuBLASLt's epilogue as
+  ``nn.Linear`` does), then the low-rank product is added in place, ``y_i.addmm_(h_i, B_i^T)`` (beta = 1:
+  the GEMM reads y_i and writes the sum back). An out-of-place ``addmm(low, x, W_i^T)`` first copies
+  ``low`` into a new output: one more pass over (M, N_i) per projection. Exception: under torch's selective
+  activation checkpointing (engine/memory.py's "selective" policy saves every mm / addmm output and must not
+  see one mutated; it would also replay the mutated tensor) the forward keeps that out-of-place form,
+  ``low = h_i B_i^T (+ b_i)`` then ``y_i = addmm(low, x, W_i^T)``, so the saved outputs stay valid;
+* the backward computes only what a frozen base needs: grad x, grad A_i, grad B_i, never grad W_i, all
+  accumulated in place: ``gx = gy_0 W_0`` (``torch.mm``), ``gx.addmm_(gy_i, W_i)`` for the other projections,
+  then ``+= s * mask / (1 - p) * (gh A_cat)`` with ``gh = [gy_i B_i]``: one kernel pass that applies the
+  dropout backward and adds into gx (impl="triton": ``_lora_grad_x_kernel``; impl="torch": ``gx.addmm_``, or
+  with dropout ``gx.add_`` of the masked product); grad A = ``s / (1 - p) * gh^T (mask * x)`` and
+  grad B_i = ``gy_i^T h_i`` are fresh (small) results.
 
 Dropout RNG. impl="triton": the keep-mask of element (m, k) is a pure function of a seed and (m, k)
-(Philox-4x32-7, counter = (k, m), top 24 bits >= round(p * 2**24)); no mask is stored, the backward
-regenerates it. The seed is one int32 drawn with ``torch.randint`` *on x's device*, so it comes from
-that device's torch generator and never needs a host sync; activation checkpointing (which restores
-the CPU and device RNG states before recomputing) and gradient caching's RNG replay
-(engine/stages/contrastive.py restores both states) therefore redraw the same seed and get the same mask.
+(``kernels._backend.philox_keep8``: one Philox-4x32-7 call per eight columns, counter = (k // 8, m), a 16-bit
+draw per element against round(p * 2**16)); no mask is stored, the forward, a checkpointed recompute and the
+backward each regenerate it. Cost on sm_90 (static SASS instructions per masked element, Triton 3.9,
+``python -m tests.lora_dropout_sass``): the keep function 4.25 (25.75 with one Philox call per element); the
+dropout adds 9.75 / 7.75 / 11.75 to the down / grad A / grad x kernels (31.25 / 27.75 / 30 before). The seed is
+one int32 drawn with ``torch.randint`` *on x's device*, so it comes from that device's torch generator and never
+needs a host sync; activation checkpointing (which restores the CPU and device RNG states before recomputing)
+and gradient caching's RNG replay (engine/stages/contrastive.py restores both states) therefore redraw the same
+seed and get the same mask.
 impl="torch": the mask is ``bernoulli_`` on x's device from the same torch generator (same replay
 guarantees); it is kept as a bool tensor for the backward. :func:`lora_dropout_mask` rebuilds the
 Triton mask from a seed (tests).
@@ -31,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import dot_precision, dropout_threshold, keep_mask, philox_keep, resolve_impl
+from ._backend import dot_precision, dropout_threshold, keep_mask, philox_keep8, resolve_impl
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -83,7 +96,7 @@ def _lora_down_kernel(
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), x, 0.0)
+            x = tl.where(philox_keep8(seed, offs_m, k0, 0, 0, drop_thresh, BLOCK_K), x, 0.0)
         a = tl.load(a_ptr + offs_n[None, :].to(tl.int64) * stride_an + offs_k[:, None].to(tl.int64) * stride_ak,
                     mask=(offs_n[None, :] < N) & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_N) = A^T tile
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -118,7 +131,7 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), x, 0.0)
+            x = tl.where(philox_keep8(seed, offs_m, pid_k * BLOCK_K, 0, 0, drop_thresh, BLOCK_K), x, 0.0)
         gt = tl.load(g_ptr + rows64[None, :] * stride_gm + offs_n[:, None].to(tl.int64) * stride_gn,
                      mask=row_ok[None, :] & (offs_n[:, None] < N), other=0.0)  # (BLOCK_N, BLOCK_M) = g^T tile
         acc = tl.dot(gt, x, acc, input_precision=PRECISION)
@@ -148,10 +161,12 @@ def _lora_grad_x_kernel(
                 mask=row_ok[:, None] & (offs_n[None, :] < N), other=0.0)
     a = tl.load(a_ptr + offs_n[:, None].to(tl.int64) * stride_an + offs_k[None, :].to(tl.int64) * stride_ak,
                 mask=(offs_n[:, None] < N) & k_ok[None, :], other=0.0)
-    acc = tl.dot(g, a, input_precision=PRECISION) * scale
-    if HAS_DROPOUT:
+    if HAS_DROPOUT:  # the mask folded into the scale (keeps the mask's layout apart from the dot's: fewer moves)
         seed = tl.load(seed_ptr)
-        acc = tl.where(philox_keep(seed, offs_k[None, :], offs_m[:, None], 0, 0, drop_thresh), acc, 0.0)
+        keep = philox_keep8(seed, offs_m, pid_k * BLOCK_K, 0, 0, drop_thresh, BLOCK_K)
+        acc = tl.dot(g, a, input_precision=PRECISION) * tl.where(keep, scale, 0.0)
+    else:
+        acc = tl.dot(g, a, input_precision=PRECISION) * scale
     ptrs = gx_ptr + rows64[:, None] * stride_gxm + offs_k[None, :].to(tl.int64) * stride_gxk
     both = row_ok[:, None] & k_ok[None, :]
     prev = tl.load(ptrs, mask=both, other=0.0)
@@ -201,8 +216,8 @@ def _down(x, a_cat, seed, p, scale):
     bm, bk, warps, stages = launch_config("down", N, x.dtype, p > 0)
     _lora_down_kernel[(triton.cdiv(M, bm),)](
         x, a_cat, h, seed, M, K, N, x.stride(0), x.stride(1), a_cat.stride(0), a_cat.stride(1),
-        h.stride(0), h.stride(1), dropout_threshold(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm, BLOCK_N=_block_n(N),
-        BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+        h.stride(0), h.stride(1), dropout_threshold(p, packed=True), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
+        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
     return h
 
 
@@ -217,8 +232,9 @@ def _grad_a(x, gh, seed, p, scale):
     part = torch.empty(splits, N, K, device=x.device, dtype=torch.float32)
     _lora_grad_a_kernel[(k_blocks, splits)](
         x, gh, part, seed, M, K, N, rows, x.stride(0), x.stride(1), gh.stride(0), gh.stride(1),
-        part.stride(0), part.stride(1), part.stride(2), dropout_threshold(p), HAS_DROPOUT=p > 0, BLOCK_M=bm,
-        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps, num_stages=stages)
+        part.stride(0), part.stride(1), part.stride(2), dropout_threshold(p, packed=True), HAS_DROPOUT=p > 0,
+        BLOCK_M=bm, BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=warps,
+        num_stages=stages)
     return part.sum(0).mul_(scale) if splits > 1 else part[0].mul_(scale)
 
 
@@ -228,15 +244,27 @@ def _grad_x_(gx, gh, a_cat, seed, p, scale):
     bm, bk, warps, stages = launch_config("grad_x", N, gx.dtype, p > 0)
     _lora_grad_x_kernel[(triton.cdiv(M, bm), triton.cdiv(K, bk))](
         gx, gh, a_cat, seed, M, K, N, gx.stride(0), gx.stride(1), gh.stride(0), gh.stride(1),
-        a_cat.stride(0), a_cat.stride(1), dropout_threshold(p), scale, HAS_DROPOUT=p > 0, BLOCK_M=bm,
-        BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(gx.dtype), num_warps=warps, num_stages=stages)
+        a_cat.stride(0), a_cat.stride(1), dropout_threshold(p, packed=True), scale, HAS_DROPOUT=p > 0,
+        BLOCK_M=bm, BLOCK_N=_block_n(N), BLOCK_K=bk, PRECISION=dot_precision(gx.dtype), num_warps=warps,
+        num_stages=stages)
     return gx
+
+
+def _under_selective_checkpoint():
+    """True while torch's selective activation checkpointing runs (its caching / cached dispatch modes)."""
+    from torch.utils import checkpoint
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    modes = _get_current_dispatch_mode_stack()
+    kinds = tuple(getattr(checkpoint, n) for n in ("_CachingTorchDispatchMode", "_CachedTorchDispatchMode")
+                  if hasattr(checkpoint, n))
+    return any(isinstance(m, kinds) for m in modes) if kinds else bool(modes)
 
 
 def lora_dropout_mask(seed, shape, dropout_p, device=None):
     """The Triton path's keep-mask (bool, ``shape`` = (M, K)) for an int32 seed tensor of one element."""
     M, K = shape
-    return keep_mask(seed.to(device or seed.device), (1, 1, M, K), dropout_p)[0, 0]
+    return keep_mask(seed.to(device or seed.device), (1, 1, M, K), dropout_p, packed=True)[0, 0]
 
 
 def draw_seed(device):
@@ -271,11 +299,17 @@ class _LoraGroupFn(torch.autograd.Function):
                 xd = x2
             h = torch.mm(xd, a_cat.t() * s)  # (M, sum r); the scaling folded into the small operand
         outs, r0 = [], 0
+        in_place = not _under_selective_checkpoint()
         for w, bias, b, r in zip(weights, biases, lora_b, ranks):
             h_i = h[:, r0:r0 + r]
             r0 += r
-            low = torch.mm(h_i, b.to(dt).t()) if bias is None else torch.addmm(bias.to(dt), h_i, b.to(dt).t())
-            outs.append(torch.addmm(low, x2, w.t()).view(*shape[:-1], w.shape[0]))  # base GEMM, beta = 1
+            if in_place:  # the base GEMM writes the output (bias in its epilogue), the low-rank GEMM adds in place
+                y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dt), x2, w.t())
+                y.addmm_(h_i, b.to(dt).t())
+            else:  # selective checkpointing keeps GEMM outputs and forbids mutating them: low-rank first, then
+                low = torch.mm(h_i, b.to(dt).t()) if bias is None else torch.addmm(bias.to(dt), h_i, b.to(dt).t())
+                y = torch.addmm(low, x2, w.t())  # the base GEMM onto a copy of it (beta = 1)
+            outs.append(y.view(*shape[:-1], w.shape[0]))
         ctx.save_for_backward(x2, h, a_cat, keep, seed, *weights, *lora_b)
         ctx.impl, ctx.p, ctx.s, ctx.n, ctx.ranks, ctx.shape = impl, p, s, n, ranks, shape
         ctx.a_dtypes = [a.dtype for a in lora_a]

@@ -626,7 +626,8 @@ def _compile_variant(v):
                          dict(common, BLOCK_M=abm, BLOCK_N=abn, ATOMIC_DQ=A.atomic_dq_form(arch, dropout)),
                          awarps, astages))
     if dropout:
-        launches.append(("mask", _backend.keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, HAS_LENS=varlen), 4, 1))
+        launches.append(("mask", _backend.keep_mask_kernel, dict(BLOCK_M=32, BLOCK_N=32, HAS_LENS=varlen,
+                                                                     PACKED=False), 4, 1))
     report = []
     for name, fn, constexprs, w, s in launches:
         res, smem = _compile(fn, dtype, constexprs, arch, w, s)

@@ -34,6 +34,7 @@ class CompiledKernel:
     spills: int  # bytes spilled (stores + loads)
     shared_bytes: int  # what the launch needs: Triton's dynamic shared memory, or cuobjdump's static figure
     ptx: str
+    cubin: bytes = b""
 
 
 def _cuobjdump():
@@ -77,4 +78,23 @@ def compile_for_gpu(fn, signature, constexprs=None, arch=90, num_warps=4, num_st
         spills = int(stack.group(1))  # a stack frame on these kernels means local-memory spilling
     # cuobjdump's SHARED is static shared memory only; the pipelining buffers are Triton's dynamic share.
     shared = max(shared, int(getattr(compiled.metadata, "shared", 0) or 0))
-    return CompiledKernel(arch=arch, registers=reg, spills=spills, shared_bytes=shared, ptx=compiled.asm["ptx"])
+    return CompiledKernel(arch=arch, registers=reg, spills=spills, shared_bytes=shared, ptx=compiled.asm["ptx"],
+                          cubin=cubin)
+
+
+def sass_instructions(res):
+    """The SASS instruction mnemonics of a compiled kernel, in order (``cuobjdump -sass`` of its cubin)."""
+    path = f"/tmp/_tc_{os.getpid()}_sass_{res.arch}.cubin"
+    with open(path, "wb") as f:
+        f.write(res.cubin)
+    try:
+        out = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    # lines like "        /*0120*/                   IMAD.WIDE R2, R0, 0x4, R2 ;" ; predicates "@P0" come first
+    ops = []
+    for line in out.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if m:
+            ops.append(m.group(1))
+    return ops
