@@ -277,7 +277,7 @@ def json_loads(text, where, error=ConfigError):
     except RecursionError:
         raise error(f"{where}: JSON nested too deeply to parse") from None
     except json.JSONDecodeError as e:
-        raise error(f"{where}: invalid JSON ({e})") from None
+        raise error(f"{where}: invalid JSON ({e.msg})") from None
 
 
 def load_config(path=None, overrides=()):

@@ -14,9 +14,10 @@ and (later, at tokenisation) truncated counts, which the trainer logs.
 """
 import dataclasses
 import hashlib
-import json
 import os
 import random
+
+from .config import json_loads
 
 
 BOM = "\ufeff"
@@ -266,10 +267,7 @@ def _jsonl_field(path, field):
         if not line.strip():
             yield ""
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        obj = json_loads(line, f"{path}:{n}", DataError)
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{n}: expected a JSON object with a {field!r} field, got {_json_type(obj)}")
         if field not in obj:
@@ -454,10 +452,7 @@ def _json_rows(path):
         if not line.strip():
             yield n, None
             continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        yield n, json_loads(line, f"{path}:{n}", DataError)
 
 
 class BlockChunker:

@@ -8,6 +8,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No model hub is reachable here or in CI: a test that reaches for one fails at once instead of retrying for minutes.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The item cache (engine.token_cache) of this test session, children included: tests never fill the user's cache
+# nor reuse an entry a previous session left.
+if "LLM2VEC_ENGINE_TOKEN_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["LLM2VEC_ENGINE_TOKEN_CACHE"] = tempfile.mkdtemp(prefix="llm2vec-test-token-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

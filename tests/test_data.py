@@ -45,6 +45,18 @@ def test_jsonl_and_errors(tmp_path):
         read_texts([str(nofield)])
 
 
+
+def test_json_nested_too_deep_is_one_data_error(tmp_path):
+    """100k nested brackets overflow the JSON parser's recursion: a DataError naming the line, for text and
+    supervised readers alike, not a RecursionError traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    for name, reader in (("t.jsonl", lambda p: read_texts([p])),
+                         ("s.jsonl", lambda p: read_supervised([p]))):
+        f = tmp_path / name
+        f.write_text('{"text": "a", "query": "q", "positive": "p"}\n' + deep + "\n")
+        with pytest.raises(DataError, match=rf"{name}:2: JSON nested too deeply"):
+            reader(str(f))
+
 def test_sts_reader_handles_extra_columns_and_rejects_malformed(tmp_path):
     pairs = read_sts(f"{STS}/sts-test.csv")
     assert len(pairs) == 1379
