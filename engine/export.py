@@ -125,13 +125,40 @@ def _model_card(meta, run, figures, st_prompts):
     return "\n".join(lines) + "\n"
 
 
-def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False):
-    """Write the export folder (atomically: built in ``out.tmp``, then renamed). Returns its metadata dict."""
+def _content_revision(folder):
+    """A revision for mteb's cache: the sha256 (first 12 hex digits) of the export's files, README and
+    engine_export.json aside, so two different exports never share one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for f in sorted(files):
+            if f in ("README.md", "engine_export.json"):
+                continue
+            path = os.path.join(root, f)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
+
+
+def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, drop_chat_wrap=False,
+           model_name=None):
+    """Write the export folder (atomically: built in ``out.tmp``, then renamed). Returns its metadata dict.
+
+    Prompts: llm2vec's MTEB task instructions keyed as mteb reads them (``engine.task_instructions``) plus the
+    model's own instruction as ``query``. A model encoded with a chat wrap (the one its run trained with) cannot be
+    expressed as sentence-transformers prompts (the wrap's tail follows the text): ExportError, unless
+    ``drop_chat_wrap`` (the export then encodes unwrapped, which its metadata and card say).
+    ``model_name``: the name mteb files results under (default ``llm2vec-engine/<out folder name>``)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
-    from .encoder import DEFAULT_MAX_LENGTH, load_encoder_model, resolve_chain, resolve_dtype
-    from .encoding import CHAT_WRAP_BY_BASE
+    from .encoder import DEFAULT_MAX_LENGTH, chat_for, load_encoder_model, resolve_chain, resolve_dtype
+    from .encoding import TEXT_FORMAT
+    from .task_instructions import mteb_prompts
 
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out} exists (pass --overwrite to replace it)")
@@ -140,6 +167,18 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
     pooling = s.get("pooling", "mean")
     if pooling not in _ST_POOLING:
         raise ExportError(f"pooling {pooling!r} has no sentence-transformers equivalent")
+    chat = chat_for(info, "auto")
+    if chat and not drop_chat_wrap:
+        raise ExportError(f"this model encodes with the {chat!r} chat wrap (the one it was trained with), which "
+                          f"sentence-transformers prompts cannot express (the wrap's tail follows the text); the "
+                          f"export would embed differently. Use engine.Encoder, or pass drop_chat_wrap=True "
+                          f"(--drop-chat-wrap) to export it unwrapped anyway")
+    if chat:
+        warnings.warn(f"exporting without the {chat!r} chat wrap the model was trained with: sentence-transformers "
+                      f"embeddings of this folder will differ from engine.Encoder's")
+    if s.get("skip_instruction") is False:
+        raise ExportError("skip_instruction=False (instruction tokens pooled) has no sentence-transformers "
+                          "equivalent with prompts")
     dt = resolve_dtype(dtype, "cpu")
     enc_model, tok = load_encoder_model(info, torch.float32, bidirectional=False)
     enc_model = enc_model.to(dt)
@@ -148,13 +187,13 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
         cfg.use_cache = False
     max_len = max_length or s.get("max_length") or DEFAULT_MAX_LENGTH
     tok.model_max_length = max_len
-    if pooling in ("eos", "last"):
-        _append_eos(tok)
+    _append_eos(tok)  # the engine reads and pools an appended EOS (engine.encoding.tokenize_for_encoding)
     instruction = s.get("instruction", "") or ""
-    chat = CHAT_WRAP_BY_BASE.get(info["base_id"] or "")
-    if chat:
-        warnings.warn(f"the base {info['base_id']} was used with llm2vec's {chat!r} chat wrapping; sentence-transformers "
-                      f"cannot add its suffix, so the export encodes without it")
+    prompts = mteb_prompts(instruction)
+    if pooling == "weighted_mean":
+        warnings.warn("weighted_mean: sentence-transformers weighs a prompted text's tokens by their position in the "
+                      "whole sequence, the engine (as llm2vec) by their rank among the pooled tokens: with a prompt "
+                      "the export's embeddings differ from engine.Encoder's (without one they agree)")
     model_type = enc_model.config.model_type
     servers = CAUSAL_ONLY_SERVERS.get(model_type, [])
     if servers:
@@ -173,20 +212,22 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
                               module_output_name="token_embeddings", model_kwargs={"dtype": dt})
     dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
         transformer.auto_model.config.hidden_size
-    modules = [transformer, Pooling(dim, pooling_mode=_ST_POOLING[pooling], include_prompt=False)]
+    # bos pooling is the sequence's first token (the engine's rule), which include_prompt=True keeps
+    modules = [transformer, Pooling(dim, pooling_mode=_ST_POOLING[pooling], include_prompt=pooling == "bos")]
     if normalize:
         modules.append(Normalize())
-    prompts = {"query": instruction, "document": ""} if instruction else {}
     st = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name="query" if instruction else None,
                              similarity_fn_name="cosine", device="cpu")
     st.save(tmp)
     shutil.rmtree(hf_dir)
     run = _run_dir(model)
     name = os.path.basename(os.path.normpath(out))
-    meta = {"format": "llm2vec-engine-export/1", "name": name, "base_model": _public_name(info["base"]) or "random-init",
+    meta = {"format": "llm2vec-engine-export/2", "name": name, "model_name": model_name or f"llm2vec-engine/{name}",
+            "revision": _content_revision(tmp), "base_model": _public_name(info["base"]) or "random-init",
             "adapters": [_public_name(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
             "max_length": max_len, "dtype": str(dt).replace("torch.", ""), "normalize": bool(normalize),
-            "chat_wrapping_dropped": chat, "model_type": model_type, "causal_only_servers": servers}
+            "chat": None, "chat_wrap_dropped": chat, "text_format": TEXT_FORMAT, "model_type": model_type,
+            "causal_only_servers": servers}
     with open(os.path.join(tmp, "engine_export.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -199,7 +240,7 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
 
 
 def _append_eos(tok):
-    """eos/last pooling pools an appended EOS: make the exported tokenizer append it, as the engine does."""
+    """The engine appends (and pools) EOS after every text: make the exported tokenizer append it too."""
     from tokenizers import processors
 
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -222,6 +263,8 @@ def main(argv=None):
     ap.add_argument("--normalize", action="store_true", help="add a Normalize module (unit-length embeddings)")
     ap.add_argument("--max-length", type=int, default=None, help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--drop-chat-wrap", action="store_true",
+                    help="export a model trained with a chat wrap anyway, unwrapped (its embeddings then differ)")
     args = ap.parse_args(argv)
     local = os.path.expanduser(args.model)
     if not os.path.exists(local) and (local.startswith((".", "/", "~")) or len(args.model.split("/")) != 2):
@@ -233,7 +276,8 @@ def main(argv=None):
         print("error: export needs sentence-transformers (pip install -e '.[export]')", file=sys.stderr)
         return 2
     try:
-        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite)
+        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite,
+                      drop_chat_wrap=args.drop_chat_wrap)
     except (ExportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
