@@ -8,7 +8,11 @@ def __getattr__(name):  # lazy: `import engine` stays light
         from .encoder import Encoder
 
         return Encoder
+    if name == "LLM2Vec":
+        from .llm2vec import LLM2Vec
+
+        return LLM2Vec
     raise AttributeError(name)
 
 
-__all__ = ["Encoder"]
+__all__ = ["Encoder", "LLM2Vec"]

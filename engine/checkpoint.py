@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .config import ConfigError, to_dict
 from .data import read_sts
 from .distributed import log0, warn0
+from .encoding import TEXT_FORMAT, training_wrap
 from .modeling import resolve_model_path, save_encoder_meta
 
 
@@ -134,6 +135,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "pooling": c.pooling,
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
         "instruction": c.instruction,
+        "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
     })
     _replace_dir(tmp, dst)
 
@@ -485,5 +487,6 @@ def sts_spearman(module, stage, path, max_pairs=500):
     from .evaluate import sts_scores
 
     c = stage.cfg.contrastive
-    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction="")
+    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction="",
+                  chat=getattr(stage, "chat", None))
     return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]

@@ -85,6 +85,10 @@ class ContrastiveConfig:
     gather_across_ranks: bool = True
     grad_cache_chunk: int = 0  # >0: gradient caching with this many texts per chunk
     source_homogeneous_batches: bool = True
+    # chat wrap of every text (query, positive, negatives): auto (llm2vec's: its supervised stage wraps the Instruct
+    # bases it names, SimCSE never) | none | llama3 | inst | gemma2 | qwen2 (engine/encoding.py CHAT_WRAPS); the
+    # run records it and inference follows the record
+    chat: str = "auto"
 
 
 @dataclass
@@ -333,7 +337,8 @@ def validate(cfg: TrainConfig):
                          ("contrastive.loss", ("infonce", "cosent", "angle")),
                          ("logger", ("csv", "tensorboard", "both")),
                          ("mntp.scheme", ("bert", "all")),
-                         ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos"))):
+                         ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos")),
+                         ("contrastive.chat", ("auto", "none", "llama3", "inst", "gemma2", "qwen2"))):
         obj = cfg
         for part in key.split("."):
             obj = getattr(obj, part)

@@ -19,11 +19,12 @@ base weights (LoRA ``W += scale * B @ A`` in fp32, then cast back).
 import json
 import logging
 import os
+import re
 
 import numpy as np
 import torch
 
-from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, truncate_words
+from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, hub_id_of, truncate_words
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ _LLM2VEC_POOLING = {"mean": "mean", "weighted_mean": "weighted_mean", "eos_token
                     "bos_token": "bos"}
 _ST_POOLING = {"mean": "mean", "weightedmean": "weighted_mean", "lasttoken": "eos", "cls": "bos"}
 DEFAULT_MAX_LENGTH = 512  # inference max tokens when the model folder names none
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _read_json(path):
@@ -90,6 +92,12 @@ def _llm2vec_settings(folder):
     return s
 
 
+def _engine_text_settings(folder):
+    """The chat wrap a folder written by ``engine.LLM2Vec.save`` records (``engine_text.json``)."""
+    p = os.path.join(folder, "engine_text.json")
+    return {"chat": _read_json(p).get("chat")} if os.path.isfile(p) else {}
+
+
 def _st_settings(folder):
     """Pooling, normalisation, max length and default prompt of a sentence-transformers folder (an export)."""
     s = {}
@@ -104,6 +112,9 @@ def _st_settings(folder):
             s["pooling"] = _ST_POOLING.get(mode if isinstance(mode, str) else mode[0], "mean")
         if m.get("type", "").endswith("Normalize"):
             s["normalize"] = True
+    ex = os.path.join(folder, "engine_export.json")
+    if os.path.isfile(ex):
+        s["chat"] = _read_json(ex).get("chat")
     stc = os.path.join(folder, "config_sentence_transformers.json")
     if os.path.isfile(stc):
         c = _read_json(stc)
@@ -254,7 +265,7 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
                 break
             folder = resolve_ref(cur, "adapter")
             chain.insert(0, folder)
-            settings = {**_llm2vec_settings(folder), **settings}
+            settings = {**_llm2vec_settings(folder), **_engine_text_settings(folder), **settings}
             base = _read_json(os.path.join(folder, "adapter_config.json")).get("base_model_name_or_path")
             if not base:
                 raise ValueError(f"{folder}/adapter_config.json does not name base_model_name_or_path")
@@ -264,7 +275,8 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         info["base"], info["adapters"] = cur, chain
         if os.path.isdir(os.path.expanduser(cur)):
             base_folder = os.path.abspath(os.path.expanduser(cur))
-            settings = {**_llm2vec_settings(base_folder), **_st_settings(base_folder), **settings}
+            settings = {**_llm2vec_settings(base_folder), **_engine_text_settings(base_folder),
+                        **_st_settings(base_folder), **settings}
         info["settings"] = settings
         top = chain[-1] if chain else None
         if top and os.path.isfile(os.path.join(top, "tokenizer_config.json")):
@@ -278,11 +290,45 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         if extra["tokenizer"] and not info["tokenizer"]:
             info["tokenizer"] = extra["tokenizer"]
     base = info["base"]
-    if base and _looks_like_hub_id(base) and not os.path.isdir(os.path.expanduser(base)):
-        info["base_id"] = base
-    elif base and os.path.isfile(os.path.join(os.path.expanduser(base), "config.json")):
-        info["base_id"] = _read_json(os.path.join(os.path.expanduser(base), "config.json")).get("_name_or_path")
+    if base and (os.path.isdir(os.path.expanduser(base)) or _looks_like_hub_id(base)):
+        info["base_id"] = hub_id_of(base)
     return info
+
+
+def _positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def recorded_chat(info):
+    """The chat wrap a checkpoint records: (found, wrap). An engine run records the wrap it trained with
+    (``engine_encoder.json`` "chat", absent = trained unwrapped), an export the wrap it encodes with; a published
+    llm2vec checkpoint records none (found False)."""
+    meta = info.get("engine_meta")
+    if meta is not None:
+        return True, meta.get("chat")
+    s = info.get("settings", {})
+    if "chat" in s:
+        return True, s["chat"]
+    return False, None
+
+
+def chat_for(info, chat="auto"):
+    """The wrap to encode with: ``auto`` follows the checkpoint's record, and guesses from the base's hub id
+    (:data:`encoding.CHAT_WRAP_BY_BASE`, llm2vec's own rule) only for checkpoints without one; None / "none"
+    disables it; a name forces it (with a warning when it contradicts the record)."""
+    found, rec = recorded_chat(info)
+    if chat == "auto":
+        return rec if found else CHAT_WRAP_BY_BASE.get(info.get("base_id") or "")
+    chat = None if chat in (None, "none") else chat
+    if chat is not None and chat not in CHAT_WRAPS:
+        raise ValueError(f"unknown chat wrapping {chat!r}; expected auto, none or one of {sorted(CHAT_WRAPS)}")
+    if found and chat != rec:
+        logger.warning("chat=%r overrides the wrap this model was trained / exported with (%r)", chat, rec)
+    return chat
 
 
 def resolve_dtype(dtype, device_type):
@@ -347,6 +393,8 @@ class Encoder:
                  doc_max_length=None, skip_instruction=True, chat=None, normalize=False, attention="auto"):
         if chat is not None and chat not in CHAT_WRAPS:
             raise ValueError(f"unknown chat wrapping {chat!r}; expected one of {sorted(CHAT_WRAPS)} or None")
+        _positive_int("max_length", max_length)
+        _positive_int("doc_max_length", doc_max_length, allow_none=True)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.pooling, self.max_length, self.default_instruction = pooling, max_length, instruction
         self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
@@ -361,12 +409,17 @@ class Encoder:
                         attention="auto", chat="auto", instruction=None, merge_peft=True, adapter=None, **model_kwargs):
         """llm2vec's signature plus the engine's options; ``model_kwargs`` go to ``AutoModel.from_pretrained``.
 
-        ``chat="auto"`` applies llm2vec's Instruct wrapping when the root base model is one it was used with
-        (``encoding.CHAT_WRAP_BY_BASE``); None disables it, or name a style from ``encoding.CHAT_WRAPS``.
-        A training run folder loads its ``best/`` adapter when it kept one (logged), ``adapter="last"`` its
-        ``adapter/``.
+        ``chat="auto"`` follows the wrap the checkpoint records (an engine run: the one it trained with, none
+        if it recorded none; an export: the one it encodes with) and, only for checkpoints without a record
+        (published llm2vec ones), llm2vec's Instruct wrapping for the bases it names
+        (``encoding.CHAT_WRAP_BY_BASE``); None / "none" disables it, or name a style from ``encoding.CHAT_WRAPS``.
+        ``merge_peft`` must stay True: the encoder always folds adapters into the weights. A training run folder
+        loads its ``best/`` adapter when it kept one (logged), ``adapter="last"`` its ``adapter/``.
         """
-        del merge_peft  # adapters are always merged
+        if merge_peft is not True:
+            raise TypeError("Encoder.from_pretrained: merge_peft=False is not supported (adapters are always merged "
+                            "into the weights); engine.LLM2Vec keeps llm2vec's default")
+        _positive_int("max_length", max_length, allow_none=True)
         info = resolve_chain(base_model_name_or_path, peft_model_name_or_path, adapter=adapter)
         s = info["settings"]
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":
@@ -383,8 +436,7 @@ class Encoder:
             model.to(dev)
         else:
             dev = next(model.parameters()).device
-        if chat == "auto":
-            chat = CHAT_WRAP_BY_BASE.get(info["base_id"] or "")
+        chat = chat_for(info, chat)
         pool = pooling or (_LLM2VEC_POOLING.get(pooling_mode, pooling_mode) if pooling_mode else None)
         enc = cls(model, tok, pooling=pool or s.get("pooling", "mean"),
                   max_length=max_length or s.get("max_length") or DEFAULT_MAX_LENGTH,
@@ -418,9 +470,20 @@ class Encoder:
             if len(instruction) != len(texts):
                 raise ValueError(f"encode: {len(instruction)} instructions for {len(texts)} texts")
             glob = list(instruction)
-        else:
+        elif instruction is None or isinstance(instruction, str):
             glob = [instruction] * len(texts)
-        return texts, [i if i is not None else g for i, g in zip(instrs, glob)]
+        else:
+            raise TypeError(f"encode: instruction is {type(instruction).__name__}; expected a string or one per text")
+        instrs = [i if i is not None else g for i, g in zip(instrs, glob)]
+        for what, seq in (("input", texts), ("instruction", instrs)):
+            for k, x in enumerate(seq):
+                if x is not None and not isinstance(x, str):
+                    raise TypeError(f"encode: {what} {k} is {type(x).__name__}; expected a string")
+                if x and _SURROGATE.search(x):
+                    raise ValueError(f"encode: {what} {k} contains a lone surrogate code point "
+                                     f"(U+{ord(_SURROGATE.search(x).group()):04X}), which is not valid text: decode "
+                                     f"your bytes with errors='replace' or fix the source")
+        return texts, instrs
 
     def encode(self, sentences, prompt_name=None, prompt=None, batch_size=32, show_progress_bar=None,
                convert_to_numpy=True, convert_to_tensor=False, device=None, normalize_embeddings=False, *,
@@ -447,6 +510,12 @@ class Encoder:
             instruction = self.prompts[prompt_name]
         elif prompt is not None:
             instruction = prompt
+        _positive_int("batch_size", batch_size)
+        _positive_int("max_length", max_length, allow_none=True)
+        if isinstance(sentences, (dict, set, frozenset, bytes, bytearray)) or not (
+                isinstance(sentences, str) or hasattr(sentences, "__iter__")):
+            raise TypeError(f"encode: sentences is {type(sentences).__name__}; expected a string or a list of strings "
+                            f"(or of [instruction, text] pairs)")
         single = isinstance(sentences, str)
         items = [sentences] if single else list(sentences)
         if not items:
@@ -476,8 +545,8 @@ class Encoder:
                                show_progress_bar=show_progress_bar, stats=stats, **kw)
         self.last_stats = stats
         if stats["truncated"] or stats["doc_truncated"] or stats["empty"]:
-            logger.warning("encode: %d of %d texts truncated to %d tokens, %d cut to doc_max_length=%s words, %d had "
-                           "no token after the instruction (pooled whole)", stats["truncated"], len(texts),
+            logger.warning("encode: %d of %d texts truncated to %d tokens, %d cut to doc_max_length=%s words, %d blank "
+                           "(embedded by their EOS token)", stats["truncated"], len(texts),
                            kw["max_len"], stats["doc_truncated"], self.doc_max_length, stats["empty"])
         if normalize_embeddings or normalize or (normalize is None and self.normalize):
             emb = torch.nn.functional.normalize(emb, dim=-1)

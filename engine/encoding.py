@@ -1,4 +1,7 @@
 """Tokenising texts (with optional instructions) and turning them into pooled embeddings."""
+import json
+import os
+
 import torch
 
 from .modeling import packed_hidden_states
@@ -22,16 +25,15 @@ def special_prefix(tokenizer):
     raise ValueError(f"cannot find the text tokens of {probe!r} among the tokenizer's special tokens: {full}")
 
 
-def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, pooling="mean"):
-    """Training's tokenisation: :func:`tokenize_for_encoding`'s rule exactly, so that a trained encoder pools in
-    training the tokens that ``encode`` and an exported sentence-transformers folder pool (the tokens after the
-    instruction's prompt length, see :func:`prompt_token_count`); a text left with nothing to pool is an error
-    here rather than pooled whole. Returns (list of id lists, list of pool-mask lists, number truncated).
+def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, pooling="mean", chat=None):
+    """Training's tokenisation: :func:`tokenize_for_encoding`'s rule exactly (same string, same pooled tokens as
+    ``encode`` and an exported sentence-transformers folder), with ``chat`` the wrap the run trains with.
+    Returns (list of id lists, list of pool-mask lists, number truncated).
     """
     if not texts:
         raise ValueError("no texts to tokenize (empty batch)")
     instructions = instructions if instructions is not None else [""] * len(texts)
-    ids, pms, stats = tokenize_for_encoding(tokenizer, texts, instructions, max_len, pooling, strict=True)
+    ids, pms, stats = tokenize_for_encoding(tokenizer, texts, instructions, max_len, pooling, chat=chat)
     return ids, pms, stats["truncated"]
 
 
@@ -58,8 +60,8 @@ def embed_batch(model, input_ids, attention_mask, pool_mask, pooling, packed=Tru
     return pool(hidden, attention_mask, pooling, pool_mask, check=layout is None)
 
 
-# llm2vec's chat wrapping, applied to "instruction text" for the families whose published supervised
-# checkpoints were trained with it (keyed, as llm2vec does, on the base model's hub id). (prefix, suffix).
+# llm2vec's chat wrapping (llm2vec/llm2vec.py ``prepare_for_tokenization`` and experiments/run_supervised.py): the
+# text, stripped, between a head and a tail, keyed on the base model's hub id. (head, tail)
 CHAT_WRAPS = {
     "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
     "inst": ("[INST] ", " [/INST]"),
@@ -74,75 +76,126 @@ CHAT_WRAP_BY_BASE = {
     "Qwen/Qwen2-1.5B-Instruct": "qwen2",
     "Qwen/Qwen2-7B-Instruct": "qwen2",
 }
+CHAT_SETTINGS = ("auto", "none", *CHAT_WRAPS)
+# What a training run records (engine_encoder.json "text_format") for the rule below; runs without it predate it.
+TEXT_FORMAT = "instruction-newline-eos/1"
+
+
+def hub_id_of(name_or_path):
+    """The hub id a model was made from, as llm2vec reads it (``config._name_or_path``): a hub id as is, a local
+    folder's ``config.json`` ``_name_or_path`` (None when it names no hub id)."""
+    if not name_or_path:
+        return None
+    path = os.path.expanduser(name_or_path)
+    if os.path.isdir(path):
+        cfg = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg):
+            return None
+        with open(cfg) as f:
+            name = json.load(f).get("_name_or_path")
+        return name if name and not os.path.isabs(name) and not os.path.isdir(name) else None
+    return name_or_path
+
+
+def resolve_chat(setting, base_id, stage="supervised"):
+    """The wrap a run trains with: ``none``, a name of :data:`CHAT_WRAPS`, or ``auto`` = what llm2vec does for
+    this stage and base (its supervised stage wraps the bases of :data:`CHAT_WRAP_BY_BASE`; its SimCSE stage and
+    MNTP never wrap). Returns a wrap name or None."""
+    if setting in (None, "none"):
+        return None
+    if setting == "auto":
+        return CHAT_WRAP_BY_BASE.get(base_id or "") if stage == "supervised" else None
+    if setting not in CHAT_WRAPS:
+        raise ValueError(f"unknown chat wrap {setting!r}; expected one of {list(CHAT_SETTINGS)}")
+    return setting
+
+
+def training_wrap(cfg):
+    """The chat wrap a training run (a TrainConfig) applies to its texts, which its adapter records: none for MNTP,
+    else ``contrastive.chat`` resolved for the stage and the base model (:func:`resolve_chat`)."""
+    if cfg.stage not in ("simcse", "supervised"):
+        return None
+    return resolve_chat(cfg.contrastive.chat, hub_id_of(cfg.model.name_or_path), cfg.stage)
 
 
 def instruction_prefix(instruction):
-    """The string put before a text: the instruction, with one space added unless it ends in whitespace."""
-    instruction = instruction or ""
-    return instruction if (not instruction or instruction[-1].isspace()) else instruction + " "
+    """The string put before a text: the instruction, its trailing whitespace replaced by one newline.
 
-
-def prompt_token_count(tokenizer, prefix, cache=None):
-    """How many leading tokens of ``prefix + text`` belong to the prefix: the token count of ``prefix`` alone
-    (with the tokenizer's special tokens), less a trailing special token.
-
-    This is sentence-transformers' rule for prompts (``include_prompt=False`` pooling), used here too so an
-    exported folder pools the same tokens. Where the prefix's trailing space fuses with the text's first word
-    (BPE's ``ĠA``), that first token counts as prefix: it is attended, not pooled, in both.
+    A newline is a token boundary in byte-level BPE (GPT-2 / Llama-3 / Qwen pre-tokenisers split it from a
+    following word) and in SentencePiece vocabularies (a byte-fallback piece, never merged with a word), so the
+    instruction's last token is the same alone and before any text: the prompt length that sentence-transformers
+    counts on the instruction alone then ends exactly where the text starts. (A trailing space would fuse with the
+    text's first word, ``ĠHi`` / ``▁Hi``, and that word would be counted as instruction.)
     """
+    instruction = (instruction or "").rstrip()
+    return instruction + "\n" if instruction else ""
+
+
+def prompt_tokens(tokenizer, prefix, cache=None):
+    """The tokens of ``prefix`` alone, with the tokenizer's special tokens, less a trailing special token: their
+    count is sentence-transformers' prompt length (``include_prompt=False`` pooling). [] for no prefix."""
     if not prefix:
-        return None
+        return []
     if cache is not None and prefix in cache:
         return cache[prefix]
     ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
-    n = len(ids)
-    if n and ids[-1] in set(tokenizer.all_special_ids):
-        n -= 1
+    if ids and ids[-1] in set(tokenizer.all_special_ids):
+        ids = ids[:-1]
     if cache is not None:
-        cache[prefix] = n
+        cache[prefix] = ids
+    return ids
+
+
+def _prefix_len(ids, prefix_ids):
+    """How many leading tokens of ``ids`` are the prefix's own: its token count, less the tokens where the joint
+    tokenisation differs (a prefix whose last token fused with the text's first keeps that token pooled)."""
+    n = 0
+    for a, b in zip(ids, prefix_ids):
+        if a != b:
+            break
+        n += 1
     return n
 
 
 def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="mean", chat=None,
-                          skip_instruction=True, cache=None, strict=False):
-    """Batched tokenisation for ``encode`` and for training (``strict``: a text with nothing left to pool is an
-    error): one tokenizer call for the whole list.
+                          skip_instruction=True, cache=None):
+    """The engine's one rule for what the model reads and what is pooled (training, ``encode``, the export).
 
-    Each text becomes ``wrap(instruction_prefix(instruction) + text)`` (``wrap`` is the optional chat
-    wrapping), tokenised jointly; the pool mask covers the tokens after the prefix (``prompt_token_count``),
-    or everything with ``skip_instruction=False``. eos/last pooling appends and pools EOS. A text with
-    nothing left to pool (``""``, or truncated away behind its instruction) pools all its tokens, and an
-    empty sequence is the EOS token alone, so every input gets an embedding.
-    Returns (ids, pool masks, {"truncated": n, "empty": n}).
+    Text ``t`` with instruction ``i`` and chat wrap (head, tail) is read as
+    ``[special prefix] + tokens(head + instruction_prefix(i) + t + tail) + [EOS]``: truncated to ``max_len``
+    tokens with the EOS kept last; pooled are every token after the prompt (head + instruction, counted as
+    sentence-transformers counts a prompt, see :func:`instruction_prefix`), EOS included. So every text, ``""``
+    too, has at least one pooled token (its EOS), and an exported folder (whose tokenizer appends EOS, whose
+    prompts end in the newline) pools the same tokens. ``skip_instruction=False`` pools the instruction too;
+    ``bos`` pooling keeps the first token. With a wrap the text is stripped first, as llm2vec does.
+    An instruction that leaves no room for a text token is a ValueError.
+    Returns (ids, pool masks, {"truncated": n, "empty": n}) ("empty": blank texts, embedded by their EOS).
     """
     cache = {} if cache is None else cache
     head, tail = CHAT_WRAPS[chat] if chat else ("", "")
+    if chat:
+        texts = [t.strip() for t in texts]
     prefixes = [head + instruction_prefix(i) for i in instructions]
     joint = [p + t + tail for p, t in zip(prefixes, texts)]
-    eos = tokenizer.eos_token_id if pooling in ("eos", "last") else None
-    budget = max_len - (1 if eos is not None else 0)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token: the engine pools an appended EOS (set tokenizer.eos_token)")
     enc = tokenizer(joint, add_special_tokens=True)["input_ids"]
     ids_out, pm_out, stats = [], [], {"truncated": 0, "empty": 0}
     for ids, prefix, text in zip(enc, prefixes, texts):
-        n_prefix = (prompt_token_count(tokenizer, prefix, cache) or 0) if skip_instruction else 0
-        if eos is not None and ids and ids[-1] == eos:
-            ids = ids[:-1]  # a tokenizer that appends EOS itself (an export with eos pooling): append it once
-        if len(ids) > budget:
+        if ids and ids[-1] == eos:
+            ids = ids[:-1]  # a tokenizer that appends EOS itself (an exported one): append it once
+        n_prefix = _prefix_len(ids, prompt_tokens(tokenizer, prefix, cache)) if skip_instruction else 0
+        if len(ids) > max_len - 1:
             stats["truncated"] += 1
-            ids = ids[:budget]
-        pm = [0] * min(n_prefix, len(ids)) + [1] * max(len(ids) - n_prefix, 0)
-        if eos is not None:
-            ids, pm = ids + [eos], pm + [1]
-        if not ids:
-            ids, pm = [tokenizer.eos_token_id], [1]
-        if pooling == "bos":
-            pm = [1] * len(ids)
-        if not any(pm):
-            if strict:
-                raise ValueError(f"text {text[:60]!r} has no tokens left to pool after its instruction "
-                                 f"(max_len {max_len} too small?)")
+            ids = ids[:max_len - 1]
+        ids = ids + [eos]
+        if n_prefix >= len(ids):
+            raise ValueError(f"instruction {prefix[:60]!r} takes {n_prefix} tokens: max_length {max_len} leaves no "
+                             f"room for the text (raise max_length or shorten the instruction)")
+        if not text.strip():
             stats["empty"] += 1
-            pm = [1] * len(ids)
+        pm = [1] * len(ids) if pooling == "bos" else [0] * n_prefix + [1] * (len(ids) - n_prefix)
         ids_out.append(ids)
         pm_out.append(pm)
     return ids_out, pm_out, stats

@@ -286,23 +286,59 @@ def _model_card(meta, run, figures, st_prompts, best=None):
     return "\n".join(lines) + "\n"
 
 
-def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, adapter=None):
+def _content_revision(folder):
+    """A revision for mteb's cache: the sha256 (first 12 hex digits) of the export's files, README and
+    engine_export.json aside, so two different exports never share one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, dirs, files in sorted(os.walk(folder)):
+        dirs.sort()
+        for f in sorted(files):
+            if f in ("README.md", "engine_export.json"):
+                continue
+            path = os.path.join(root, f)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:12]
+
+
+def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, adapter=None,
+           drop_chat_wrap=False, model_name=None):
     """Write the export folder; returns its metadata dict. A training run folder exports its ``best/`` adapter
-    when it kept one (``adapter="last"``: ``adapter/``). Checked before any model loads: the model path, and that
-    ``out`` may be written (``check_output``). Built in a temporary folder beside ``out`` and swapped in at the
-    end; any failure removes that folder."""
-    from .encoder import resolve_chain
+    when it kept one (``adapter="last"``: ``adapter/``). Checked before any model loads: the model path, that the
+    model can be expressed as sentence-transformers modules, and that ``out`` may be written (``check_output``).
+    Built in a temporary folder beside ``out`` and swapped in at the end; any failure removes that folder.
+
+    Prompts: llm2vec's MTEB task instructions keyed as mteb reads them (``engine.task_instructions``) plus the
+    model's own instruction as ``query``. A model encoded with a chat wrap (the one its run trained with) cannot be
+    expressed as sentence-transformers prompts (the wrap's tail follows the text): ExportError, unless
+    ``drop_chat_wrap`` (the export then encodes unwrapped, which its metadata and card say).
+    ``model_name``: the name mteb files results under (default ``llm2vec-engine/<out folder name>``)."""
+    from .encoder import chat_for, resolve_chain
 
     info = resolve_chain(model, adapter=adapter)
-    pooling = info["settings"].get("pooling", "mean")
+    s = info["settings"]
+    pooling = s.get("pooling", "mean")
     if pooling not in _ST_POOLING:
         raise ExportError(f"pooling {pooling!r} has no sentence-transformers equivalent")
+    chat = chat_for(info, "auto")
+    if chat and not drop_chat_wrap:
+        raise ExportError(f"this model encodes with the {chat!r} chat wrap (the one it was trained with), which "
+                          f"sentence-transformers prompts cannot express (the wrap's tail follows the text); the "
+                          f"export would embed differently. Use engine.Encoder, or pass drop_chat_wrap=True "
+                          f"(--drop-chat-wrap) to export it unwrapped anyway")
+    if s.get("skip_instruction") is False:
+        raise ExportError("skip_instruction=False (instruction tokens pooled) has no sentence-transformers "
+                          "equivalent with prompts")
     check_output(out, _model_folders(model, info), overwrite)
     tmp, created = _temp_beside(out)
     if info["selected"]:
         print(info["selected"], file=sys.stderr)
     try:
-        meta = _write_export(model, info, tmp, out, dtype, normalize, max_length)
+        meta = _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, model_name)
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -311,12 +347,15 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
     return meta
 
 
-def _write_export(model, info, tmp, out, dtype, normalize, max_length):
+def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, model_name):
+    """The export's files, into ``tmp``; ``chat``: the wrap the model encodes with, dropped here (checked and
+    allowed by ``export``)."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     from .encoder import DEFAULT_MAX_LENGTH, load_encoder_model, resolve_dtype, run_folder
-    from .encoding import CHAT_WRAP_BY_BASE
+    from .encoding import TEXT_FORMAT
+    from .task_instructions import mteb_prompts
 
     s = info["settings"]
     pooling = s.get("pooling", "mean")
@@ -328,13 +367,16 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length):
         cfg.use_cache = False
     max_len = max_length or s.get("max_length") or DEFAULT_MAX_LENGTH
     tok.model_max_length = max_len
-    if pooling in ("eos", "last"):
-        _append_eos(tok)
+    _append_eos(tok)  # the engine reads and pools an appended EOS (engine.encoding.tokenize_for_encoding)
     instruction = s.get("instruction", "") or ""
-    chat = CHAT_WRAP_BY_BASE.get(info["base_id"] or "")
+    prompts = mteb_prompts(instruction)
     if chat:
-        warnings.warn(f"the base {info['base_id']} was used with llm2vec's {chat!r} chat wrapping; sentence-transformers "
-                      f"cannot add its suffix, so the export encodes without it")
+        warnings.warn(f"exporting without the {chat!r} chat wrap the model was trained with: sentence-transformers "
+                      f"embeddings of this folder will differ from engine.Encoder's")
+    if pooling == "weighted_mean":
+        warnings.warn("weighted_mean: sentence-transformers weighs a prompted text's tokens by their position in the "
+                      "whole sequence, the engine (as llm2vec) by their rank among the pooled tokens: with a prompt "
+                      "the export's embeddings differ from engine.Encoder's (without one they agree)")
     model_type = enc_model.config.model_type
     servers = CAUSAL_ONLY_SERVERS.get(model_type, [])
     if servers:
@@ -350,10 +392,10 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length):
                               module_output_name="token_embeddings", model_kwargs={"dtype": dt})
     dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
         transformer.auto_model.config.hidden_size
-    modules = [transformer, Pooling(dim, pooling_mode=_ST_POOLING[pooling], include_prompt=False)]
+    # bos pooling is the sequence's first token (the engine's rule), which include_prompt=True keeps
+    modules = [transformer, Pooling(dim, pooling_mode=_ST_POOLING[pooling], include_prompt=pooling == "bos")]
     if normalize:
         modules.append(Normalize())
-    prompts = {"query": instruction, "document": ""} if instruction else {}
     st = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name="query" if instruction else None,
                              similarity_fn_name="cosine", device="cpu")
     st.save(tmp)
@@ -361,10 +403,12 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length):
     top = info["adapters"][-1] if info["adapters"] else None
     run = run_folder(top) if top else run_folder(model)
     name = os.path.basename(os.path.normpath(out))
-    meta = {"format": "llm2vec-engine-export/1", "name": name, "base_model": _public_name(info["base"]) or "random-init",
+    meta = {"format": "llm2vec-engine-export/2", "name": name, "model_name": model_name or f"llm2vec-engine/{name}",
+            "revision": _content_revision(tmp), "base_model": _public_name(info["base"]) or "random-init",
             "adapters": [_public_name(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
             "max_length": max_len, "dtype": str(dt).replace("torch.", ""), "normalize": bool(normalize),
-            "chat_wrapping_dropped": chat, "model_type": model_type, "causal_only_servers": servers}
+            "chat": None, "chat_wrap_dropped": chat, "text_format": TEXT_FORMAT, "model_type": model_type,
+            "causal_only_servers": servers}
     best = _best_of(top)
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
@@ -384,7 +428,7 @@ def _best_of(adapter_folder):
 
 
 def _append_eos(tok):
-    """eos/last pooling pools an appended EOS: make the exported tokenizer append it, as the engine does."""
+    """The engine appends (and pools) EOS after every text: make the exported tokenizer append it too."""
     from tokenizers import processors
 
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
@@ -413,13 +457,16 @@ def main(argv=None):
                     help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier export (only a folder holding "
                                                              f"{EXPORT_MARKER})")
+    ap.add_argument("--drop-chat-wrap", action="store_true",
+                    help="export a model trained with a chat wrap anyway, unwrapped (its embeddings then differ)")
     args = ap.parse_args(argv)
     try:
         import sentence_transformers  # noqa: F401
     except ImportError:
         return fail("export needs sentence-transformers (pip install -e '.[export]')")
     try:
-        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite, args.adapter)
+        meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite, args.adapter,
+                      drop_chat_wrap=args.drop_chat_wrap)
     except (ExportError, FileNotFoundError, ValueError) as e:
         return fail(e)
     except OSError as e:  # a full disk, a folder that became unwritable: named, nothing half-written left

@@ -1,66 +1,66 @@
 """MTEB 2.x for engine encoders: a wrapper mteb accepts, llm2vec's per-task instructions, an offline STS task.
 
     import mteb
-    from engine.mteb_model import EngineMTEBModel, local_sts_task
-    model = EngineMTEBModel("outputs/smollm2-135m-simcse")           # or an exported folder, or an Encoder
-    mteb.evaluate(model, mteb.get_tasks(tasks=["STSBenchmark"]), cache=None)
-    mteb.evaluate(model, local_sts_task("data/stsbenchmark/sts-dev.csv", max_pairs=200), cache=None)  # offline
+    from engine.mteb_model import EngineMTEBModel, load_export, local_sts_task
+    task = local_sts_task("data/stsbenchmark/sts-dev.csv", max_pairs=200)        # offline
+    mteb.evaluate(EngineMTEBModel("outputs/smollm2-135m-simcse"), task)         # a run, adapter or export
+    mteb.evaluate(load_export("exported/smollm2-simcse"), task)                 # the export in sentence-transformers
 
-mteb hands an ``Encoder`` that lacks ``mteb_model_meta`` an empty ``ModelMeta`` and fails; this class carries
-a real one (name, embedding size, max tokens, parameter count, cosine similarity, instructions used) and
-implements mteb's ``encode(inputs, *, task_metadata, hf_split, hf_subset, prompt_type, **kwargs)``.
+Both give the same score: every task gets its prompt from one dict (:func:`engine.task_instructions.mteb_prompts`,
+llm2vec's 67 instructions keyed as mteb reads a model's ``prompts``), which the export carries in its
+``config_sentence_transformers.json`` and this wrapper resolves with mteb's own lookup. A task the dict does not
+cover gets mteb's own instruction for it here (``task_metadata.prompt``); the export has none for such a task.
+
+mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``. This wrapper carries
+a real ``ModelMeta``; a ``SentenceTransformer`` loaded from a local folder has no name (sentence-transformers reads
+none from it), so load an export with :func:`load_export`, which names it from its ``engine_export.json``.
 """
+import json
 import os
 
 import numpy as np
-from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
-# llm2vec's MTEB instructions (McGill-NLP/llm2vec test_configs/mteb/task_to_instructions.json and the STS
-# entries of its evaluation script). Retrieval: the query gets the instruction, documents none; symmetric
-# tasks (STS, ...): both sides get it.
-_DUPSTACK = ("Given a question, retrieve detailed question descriptions from Stackexchange that are duplicates "
-             "to the given question:")
-TASK_INSTRUCTIONS = {
-    "ClimateFEVER": "Given a claim about climate change, retrieve documents that support or refute the claim:",
-    "HotpotQA": "Given a multi-hop question, retrieve documents that can help answer the question:",
-    "FEVER": "Given a claim, retrieve documents that support or refute the claim:",
-    "MSMARCO": "Given a web search query, retrieve relevant passages that answer the query:",
-    "DBPedia": "Given a query, retrieve relevant entity descriptions from DBPedia:",
-    "NQ": "Given a question, retrieve Wikipedia passages that answer the question:",
-    "QuoraRetrieval": "Given a question, retrieve questions that are semantically equivalent to the given question:",
-    "SCIDOCS": "Given a scientific paper title, retrieve paper abstracts that are cited by the given paper:",
-    "TRECCOVID": "Given a query on COVID-19, retrieve documents that answer the query:",
-    "Touche2020": "Given a question, retrieve detailed and persuasive arguments that answer the question:",
-    "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim:",
-    "NFCorpus": "Given a question, retrieve relevant documents that best answer the question:",
-    "ArguAna": "Given a claim, find documents that refute the claim:",
-    "FiQA2018": "Given a financial question, retrieve user replies that best answer the question:",
-    **{f"CQADupstack{s}Retrieval": _DUPSTACK for s in ("Tex", "Webmasters", "English", "Gaming", "Gis", "Unix",
-                                                      "Mathematica", "Stats", "Physics", "Programmers", "Android",
-                                                      "Wordpress")},
-    **{name: "Retrieve semantically similar text:" for name in (
-        "STS12", "STS13", "STS14", "STS15", "STS16", "STS17", "STS22", "BIOSSES", "SICK-R", "STSBenchmark")},
-    "SummEval": "Given a news summary, retrieve other semantically similar summaries:",
-}
+from .encoding import instruction_prefix
+from .task_instructions import LLM2VEC_TASKS, mteb_prompts
+
 LOCAL_STS_NAME = "STSBenchmarkLocal"
+# llm2vec's instruction per task name (plus the offline STS copy), for reference and overrides
+TASK_INSTRUCTIONS = {name: instr for name, (_, instr) in LLM2VEC_TASKS.items()}
 TASK_INSTRUCTIONS[LOCAL_STS_NAME] = TASK_INSTRUCTIONS["STSBenchmark"]
 
 
+def mteb_own_instruction(task_metadata, prompt_type=None):
+    """mteb's instruction for a task (``TaskMetadata.prompt``: a string, or one per prompt type), else ''."""
+    p = getattr(task_metadata, "prompt", None)
+    if isinstance(p, dict):
+        key = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
+        p = p.get(key or PromptType.query.value)
+    return p if isinstance(p, str) else ""
+
+
+def prompt_for(prompts, task_metadata, prompt_type=None):
+    """The prompt text for one side of a task: the ``prompts`` entry mteb itself would pick
+    (``get_prompt_name``), else mteb's own instruction for the task (as a prompt, newline-terminated)."""
+    pt = PromptType(prompt_type) if isinstance(prompt_type, str) else prompt_type
+    name = get_prompt_name(prompts, task_metadata, pt)
+    if name is not None:
+        return prompts[name]
+    return instruction_prefix(mteb_own_instruction(task_metadata, pt))
+
+
 def instruction_for(task_metadata, prompt_type=None, table=None):
-    """The instruction for one side of a task: the table's entry (queries only for retrieval-like tasks), else ''."""
-    table = TASK_INSTRUCTIONS if table is None else table
-    name = task_metadata.name
-    instr = table.get(name, table.get(name.split(".")[0], ""))
-    if prompt_type == PromptType.document or prompt_type == "document":
-        return ""  # documents are encoded plain, as llm2vec does
-    return instr
+    """The prompt for one side of a task, from llm2vec's table (``table`` overrides / extends it)."""
+    return prompt_for(mteb_prompts("", table), task_metadata, prompt_type)
 
 
 class EngineMTEBModel(AbsEncoder):
     """An ``engine.Encoder`` as an mteb model. ``model``: a path / hub id (loaded with ``Encoder.from_pretrained``)
-    or an ``Encoder``. ``instructions``: overrides / additions to ``TASK_INSTRUCTIONS``."""
+    or an ``Encoder``. ``instructions``: task name -> instruction, overrides / additions to llm2vec's table.
+    ``name`` / ``revision``: what mteb files the results under (default: an export's recorded name and revision,
+    else ``llm2vec-engine/<folder name>`` and ``local``)."""
 
     def __init__(self, model, revision=None, *, device=None, instructions=None, name=None, **encoder_kwargs):
         from .encoder import Encoder
@@ -71,8 +71,11 @@ class EngineMTEBModel(AbsEncoder):
         else:
             self.encoder = Encoder.from_pretrained(model, device=device, **encoder_kwargs)
             path = model
+            recorded = export_identity(model)
+            if recorded:
+                name, revision = name or recorded[0], revision or recorded[1]
         self.model = self.encoder
-        self.instructions = {**TASK_INSTRUCTIONS, **(instructions or {})}
+        self.prompts = mteb_prompts(self.encoder.default_instruction, instructions)
         base = os.path.basename(os.path.normpath(str(path))) or "encoder"
         dec = self.encoder.model
         self.mteb_model_meta = ModelMeta(
@@ -85,10 +88,36 @@ class EngineMTEBModel(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         texts = [t for batch in inputs for t in batch["text"]]
-        instr = instruction_for(task_metadata, prompt_type, self.instructions)
-        emb = self.encoder.encode(texts, instruction=instr, batch_size=kwargs.get("batch_size", 32),
+        prompt = prompt_for(self.prompts, task_metadata, prompt_type)
+        emb = self.encoder.encode(texts, instruction=prompt, batch_size=kwargs.get("batch_size", 32),
                                   show_progress_bar=kwargs.get("show_progress_bar", False))
         return np.asarray(emb, dtype=np.float32)
+
+
+def export_identity(folder):
+    """(name, revision) an export records in ``engine_export.json``, or None for another folder."""
+    path = os.path.join(os.path.expanduser(str(folder)), "engine_export.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        meta = json.load(f)
+    if not meta.get("model_name") or not meta.get("revision"):
+        return None
+    return meta["model_name"], meta["revision"]
+
+
+def load_export(folder, **st_kwargs):
+    """``SentenceTransformer(folder)`` named for mteb: its model card data gets the export's recorded model name
+    and revision, so ``mteb.evaluate`` files (and caches) its results under them."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.model_card import SentenceTransformerModelCardData
+
+    ident = export_identity(folder)
+    if ident is None:
+        raise ValueError(f"{folder} is not an engine export with a recorded name (engine_export.json)")
+    card = SentenceTransformerModelCardData(model_name=ident[0], local_files_only=True)
+    card.base_model_revision = ident[1]  # what mteb reads as the revision of a SentenceTransformer
+    return SentenceTransformer(str(folder), model_card_data=card, **st_kwargs)
 
 
 def local_sts_task(path, max_pairs=None, name=LOCAL_STS_NAME):

@@ -213,3 +213,27 @@ def test_llm2vec_published_layout_from_hub_cache_offline(tmp_path, tok):
     r = run_cmd(["python", "-c", "from engine import Encoder; Encoder.from_pretrained('McGill-NLP/not-cached')"],
                 env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, timeout=120)
     assert r.returncode != 0 and "McGill-NLP/not-cached" in r.stderr
+
+
+def test_encode_rejects_inputs_that_are_not_text(tmp_path, tok):
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    enc = Encoder.from_pretrained(base, device="cpu")
+    with pytest.raises(TypeError, match="sentences is dict"):
+        enc.encode({"a key": "a value"})  # would otherwise encode the keys
+    with pytest.raises(TypeError, match="input 1 is dict"):
+        enc.encode(["fine", {"a": 1}])
+    with pytest.raises(TypeError, match="input 0 is int"):
+        enc.encode([3])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        enc.encode(["bad \ud800 text"])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        enc.encode(["fine"], prompt="bad \udfff")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            enc.encode(["fine"], batch_size=bad)
+        with pytest.raises(ValueError, match="max_length must be a positive integer"):
+            enc.encode(["fine"], max_length=bad)
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        Encoder.from_pretrained(base, device="cpu", max_length=0)
+    assert enc.encode([""]).shape == (1, 48)  # "" is text: embedded (by its EOS), never an error

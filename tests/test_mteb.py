@@ -1,4 +1,5 @@
-"""MTEB 2.x: the engine wrapper and an exported SentenceTransformer both run, offline, on a local STS-B task."""
+"""MTEB 2.x: one score whichever path (engine wrapper, the export in sentence-transformers, engine.evaluate), with
+mteb's result cache on; llm2vec's 67 task instructions; two exports filed under their own names."""
 import json
 import os
 
@@ -11,30 +12,75 @@ mteb = pytest.importorskip("mteb")
 pytest.importorskip("sentence_transformers")
 
 
-def test_mteb_evaluate_engine_wrapper_and_exported_sentence_transformer(tmp_path, tok):  # noqa: F811
-    from sentence_transformers import SentenceTransformer
+def test_llm2vec_instruction_table_is_whole_and_keyed_as_mteb_reads_it():
+    from mteb.models.abs_encoder import AbsEncoder
 
+    from engine.mteb_model import TASK_INSTRUCTIONS, instruction_for
+    from engine.task_instructions import LLM2VEC_TASKS, mteb_prompts
+
+    assert len(LLM2VEC_TASKS) == 67
+    assert LLM2VEC_TASKS["Banking77Classification"][1] == "Given a online banking query, find the corresponding intents:"
+    assert LLM2VEC_TASKS["SciDocsRR"] == ("Reranking", "Given a title of a scientific paper, retrieve the titles of "
+                                                       "other relevant papers:")
+    assert TASK_INSTRUCTIONS["ArguAna"] == "Given a claim, find documents that refute the claim:"
+    prompts = mteb_prompts("Represent the sentence:")
+    valid, invalid = AbsEncoder.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=False)
+    assert not invalid and len(valid) == len(prompts)  # every key is a task / type / side mteb knows
+    q = mteb.get_task("MSMARCO").metadata
+    assert instruction_for(q, "query") == "Given a web search query, retrieve relevant passages that answer the query:\n"
+    assert instruction_for(q, "document") == ""  # retrieval documents plain, as llm2vec
+    sts = mteb.get_task("STS12").metadata
+    assert instruction_for(sts, "query") == instruction_for(sts, "document") == "Retrieve semantically similar text:\n"
+    # a task llm2vec has no instruction for: mteb's own (here, a retrieval task that carries one)
+    other = next(t.metadata for t in mteb.get_tasks(task_types=["Retrieval"], languages=["eng"])
+                 if t.metadata.name not in LLM2VEC_TASKS and isinstance(t.metadata.prompt, dict)
+                 and t.metadata.prompt.get("query"))
+    assert instruction_for(other, "query") == other.prompt["query"].rstrip() + "\n"
+
+
+def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F811
     from engine.export import export
-    from engine.mteb_model import LOCAL_STS_NAME, EngineMTEBModel, TASK_INSTRUCTIONS, local_sts_task
+    from engine.mteb_model import LOCAL_STS_NAME, EngineMTEBModel, load_export, local_sts_task
 
     sup = _chain(str(tmp_path / "src"), tok, "mean")
     task = local_sts_task(os.path.join(STS, "sts-dev.csv"), max_pairs=60)
+    cache = mteb.ResultCache(str(tmp_path / "mteb-cache"))
     model = EngineMTEBModel(sup, device="cpu")
     meta = model.mteb_model_meta
     assert meta.name == "llm2vec-engine/sup" and meta.embed_dim == 48 and meta.similarity_fn_name == "cosine"
-    assert meta.max_tokens == 64 and meta.n_parameters > 0 and meta.use_instructions
-    with_instr = mteb.evaluate(model, task, cache=None, show_progress_bar=False).task_results[0].get_score()
+    wrapper = mteb.evaluate(model, task, cache=cache, show_progress_bar=False).task_results[0].get_score()
     plain = EngineMTEBModel(model.encoder, instructions={LOCAL_STS_NAME: ""}, name="x/plain")
     no_instr = mteb.evaluate(plain, task, cache=None, show_progress_bar=False).task_results[0].get_score()
-    assert TASK_INSTRUCTIONS[LOCAL_STS_NAME] and abs(with_instr - no_instr) > 1e-6  # the instruction is used
+    assert abs(wrapper - no_instr) > 1e-6  # the STS instruction is used
+
     export(sup, str(tmp_path / "exp"))
-    st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
-    st_score = mteb.evaluate(st, task, cache=None, show_progress_bar=False).task_results[0].get_score()
-    assert -1 <= st_score <= 1 and abs(st_score - no_instr) < 1e-4  # same embeddings, same score
+    st = load_export(str(tmp_path / "exp"), device="cpu")
+    from engine.task_instructions import mteb_prompts
+
+    assert st.prompts["STS"] == "Retrieve semantically similar text:\n"
+    assert all(st.prompts[k] == v for k, v in mteb_prompts().items())  # the export carries every task prompt
+    st_score = mteb.evaluate(st, task, cache=cache, show_progress_bar=False).task_results[0].get_score()
+    assert abs(st_score - wrapper) < 1e-4  # same prompt, same embeddings, same score
+
+    # a second, different export is filed under its own name and revision: its own score, not the first one's
+    other = _chain(str(tmp_path / "src2"), tok, "eos_token")
+    export(other, str(tmp_path / "exp2"))
+    st2 = load_export(str(tmp_path / "exp2"), device="cpu")
+    ident = (st.model_card_data.model_name, st.model_card_data.base_model_revision)
+    assert ident != (st2.model_card_data.model_name, st2.model_card_data.base_model_revision)
+    st2_score = mteb.evaluate(st2, task, cache=cache, show_progress_bar=False).task_results[0].get_score()
+    fresh = mteb.evaluate(load_export(str(tmp_path / "exp2"), device="cpu"), task, cache=None,
+                          show_progress_bar=False).task_results[0].get_score()
+    assert abs(st2_score - fresh) < 1e-9 and abs(st2_score - st_score) > 1e-6
+    again = mteb.evaluate(load_export(str(tmp_path / "exp"), device="cpu"), task, cache=cache,
+                          show_progress_bar=False).task_results[0].get_score()
+    assert abs(again - st_score) < 1e-6  # read back from the cache (stored rounded) under its own name
+    names = {p.name for p in (tmp_path / "mteb-cache" / "results").iterdir()}
+    assert {"llm2vec-engine__exp", "llm2vec-engine__exp2", "llm2vec-engine__sup"} <= names, names
 
     r = run_cmd(["python", "-m", "engine.evaluate", "--model", str(tmp_path / "exp"), "--task",
                  f"mteb:{LOCAL_STS_NAME}", "--data", os.path.join(STS, "sts-dev.csv"), "--max-pairs", "60",
-                 "--instruction", "", "--dtype", "fp32"], timeout=300)
+                 "--dtype", "fp32"], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["results"][0]["task"] == LOCAL_STS_NAME and abs(res["results"][0]["main_score"] - st_score) < 1e-4

@@ -15,7 +15,7 @@ import torch
 import kernels
 
 from .. import losses
-from ..encoding import embed_batch
+from ..encoding import embed_batch, training_wrap
 from ..modeling import packing
 from .base import Stage
 
@@ -34,7 +34,14 @@ def _set_rng_state(st):
 
 
 class ContrastiveStage(Stage):
-    """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries."""
+    """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries.
+    Every text (query, positive, negatives) is read in the chat wrap the run trains with (``self.chat``)."""
+
+    @property
+    def chat(self):
+        if not hasattr(self, "_chat"):
+            self._chat = training_wrap(self.cfg)
+        return self._chat
 
     def embed(self, module, input_ids, attention_mask, pool_mask, layout=None):
         return embed_batch(module.model, input_ids, attention_mask, pool_mask, self.cfg.contrastive.pooling,

@@ -33,7 +33,7 @@ class SimCSEStage(ContrastiveStage):
             raise ValueError("empty batch")
         c = self.cfg.contrastive
         ids, pms, truncated = tokenize_with_instruction(self.tok, items, [c.instruction] * len(items), c.max_len,
-                                                        c.pooling)
+                                                        c.pooling, self.chat)
         both_ids, both_pm = ids + ids, pms + pms  # view 1 = queries, view 2 = positives
         t_ids, t_am, t_pm = pad_batch(both_ids, self.tok.pad_token_id, "right", extra=(both_pm,))
         return self.host_layout({"input_ids": t_ids, "attention_mask": t_am, "pool_mask": t_pm,

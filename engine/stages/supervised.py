@@ -51,12 +51,12 @@ class SupervisedStage(ContrastiveStage):
         n = c.num_hard_negatives
         doc_len = c.doc_max_len or c.max_len
         q_ids, q_pm, t1 = tokenize_with_instruction(self.tok, [e["query"] for e in items],
-                                                    [e["instruction"] for e in items], c.max_len, c.pooling)
+                                                    [e["instruction"] for e in items], c.max_len, c.pooling, self.chat)
         docs = [e["positive"] for e in items]
         for k in range(n):
             docs += [e["negatives"][k % len(e["negatives"])] for e in items]
         d_instr = [e.get("doc_instruction", "") for e in items] * (1 + n)  # E5's symmetric tasks: documents too
-        d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, d_instr, doc_len, c.pooling)
+        d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, d_instr, doc_len, c.pooling, self.chat)
         ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
                                  "truncated": t1 + t2})
@@ -66,9 +66,10 @@ class SupervisedStage(ContrastiveStage):
         """(sentence1, sentence2, score) pairs: both sides carry the instruction (a symmetric task), scores kept."""
         c = self.cfg.contrastive
         instr = [c.instruction] * len(items)
-        a_ids, a_pm, t1 = tokenize_with_instruction(self.tok, [p[0] for p in items], instr, c.max_len, c.pooling)
+        a_ids, a_pm, t1 = tokenize_with_instruction(self.tok, [p[0] for p in items], instr, c.max_len, c.pooling,
+                                                    self.chat)
         b_ids, b_pm, t2 = tokenize_with_instruction(self.tok, [p[1] for p in items], instr, c.doc_max_len or c.max_len,
-                                                    c.pooling)
+                                                    c.pooling, self.chat)
         ids, am, pm = pad_batch(a_ids + b_ids, self.tok.pad_token_id, "right", extra=(a_pm + b_pm,))
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
                                  "scores": torch.tensor([float(p[2]) for p in items], dtype=torch.float32),

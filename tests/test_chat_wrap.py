@@ -1,0 +1,113 @@
+"""One wrap rule: a supervised run wraps query, positive and negatives in the chat wrap it is configured with
+(``contrastive.chat``, auto = llm2vec's choice for the base), records it in its adapter, and Encoder follows that
+record (a hub-id guess only for checkpoints without one); the export refuses a wrap it cannot express."""
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM
+
+from engine import Encoder
+from engine.config import ContrastiveConfig, ModelConfig, TrainConfig
+from engine.encoding import tokenize_for_encoding
+from engine.modeling import load_tokenizer
+from engine.stages import build_stage
+
+from .helpers import tiny_llama_config
+from .sp_tokenizer import build_sp_tokenizer
+from .test_encoder import _save_adapter
+
+try:  # issue 21 moves it
+    from engine.checkpoint import write_adapter
+except ImportError:
+    from engine.trainer import write_adapter
+
+ITEM = {"query": "how much protein should a female eat", "positive": "Women need about 46 grams a day.",
+        "negatives": ["A summit is the top of a mountain."], "instruction": "Given a web search query, retrieve "
+        "relevant passages that answer the query:", "source": "s"}
+STYLES = {"mistral": ("mistralai/Mistral-7B-Instruct-v0.2", "inst", "[INST]"),
+          "llama3": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3", "<|start_header_id|>user<|end_header_id|>")}
+
+
+def _base(folder, tok, hub_id):
+    """A tiny model saved as a local copy of ``hub_id`` (config.json names it, as llm2vec reads it)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), hidden_size=32))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["_name_or_path"] = hub_id
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    return model
+
+
+def _engine_run(folder, base_folder, base_model, tok, chat):
+    """What a supervised run writes: its adapter with engine_encoder.json (trainer.write_adapter)."""
+    cfg = TrainConfig(stage="supervised", model=ModelConfig(name_or_path=base_folder),
+                      contrastive=ContrastiveConfig(chat=chat, max_len=64))
+    peft = get_peft_model(base_model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    from peft import get_peft_model_state_dict
+
+    write_adapter(peft, get_peft_model_state_dict(peft), folder, cfg, tok)
+    peft.unload()
+    return cfg
+
+
+def _rows(batch):
+    out = []
+    for ids, am, pm in zip(batch["input_ids"], batch["attention_mask"], batch["pool_mask"]):
+        n = int(am.sum())
+        out.append((ids[:n].tolist(), pm[:n].tolist()))
+    return out
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_training_encode_and_export_follow_the_recorded_wrap(tmp_path, style):
+    from engine.export import ExportError, export
+
+    hub_id, wrap, head = STYLES[style]
+    tok = build_sp_tokenizer(str(tmp_path / "tok")) if style == "mistral" else \
+        load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    base = str(tmp_path / "base")
+    model = _base(base, tok, hub_id)
+
+    # training: auto = llm2vec's supervised wrap for this base; query, positive and negative all wrapped
+    cfg = _engine_run(str(tmp_path / "run"), base, model, tok, "auto")
+    stage = build_stage(cfg, tok)
+    assert stage.chat == wrap
+    rows = _rows(stage.collate([ITEM], torch.Generator()))
+    assert all(tok.decode(ids).count(head.split("]")[0]) >= 1 for ids, _ in rows)
+    with open(str(tmp_path / "run" / "engine_encoder.json")) as f:
+        assert json.load(f)["chat"] == wrap  # the run records the wrap it trained with
+
+    # encode: the same wrap from the record, the same tokens pooled as in training
+    enc = Encoder.from_pretrained(str(tmp_path / "run"), device="cpu")
+    assert enc.chat == wrap
+    ids, pms, _ = tokenize_for_encoding(enc.tokenizer, [ITEM["query"], ITEM["positive"], ITEM["negatives"][0]],
+                                        [ITEM["instruction"], "", ""], enc.max_length, enc.pooling, chat=enc.chat)
+    assert rows == list(zip(ids, pms))
+    emb = enc.encode([[ITEM["instruction"], ITEM["query"]]], convert_to_tensor=True)
+    assert torch.isfinite(emb).all()
+
+    # the export cannot express the wrap: it refuses, naming it, unless told to drop it (loudly)
+    with pytest.raises(ExportError, match=f"{wrap!r} chat wrap"):
+        export(str(tmp_path / "run"), str(tmp_path / "exp"))
+    with pytest.warns(UserWarning, match="without the"):
+        meta = export(str(tmp_path / "run"), str(tmp_path / "exp"), drop_chat_wrap=True)
+    assert meta["chat_wrap_dropped"] == wrap and meta["chat"] is None
+
+    # a run configured without the wrap records none: the base's hub id does not bring it back at inference
+    _engine_run(str(tmp_path / "plain"), base, model, tok, "none")
+    assert Encoder.from_pretrained(str(tmp_path / "plain"), device="cpu").chat is None
+    # a SimCSE run follows llm2vec's SimCSE (never wrapped) under auto
+    simcse = TrainConfig(stage="simcse", model=ModelConfig(name_or_path=base))
+    assert build_stage(simcse, tok).chat is None
+
+    # a checkpoint without a record (published llm2vec layout) gets llm2vec's guess from the hub id
+    _save_adapter(model, str(tmp_path / "published"), base, seed=3)
+    assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu").chat == wrap
+    assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu", chat="none").chat is None

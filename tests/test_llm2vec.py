@@ -1,0 +1,92 @@
+"""engine.LLM2Vec: llm2vec's from_pretrained / encode / save, torch tensors by default, llm2vec's README usage run
+verbatim; no keyword silently ignored. Encoder keeps sentence-transformers' numpy default."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Encoder, LLM2Vec
+
+from .test_encoder import _save_adapter, _save_base, tok  # noqa: F401  (module fixture)
+
+
+@pytest.fixture()
+def chain(tmp_path, tok):  # noqa: F811
+    base, mntp, sup = (str(tmp_path / n) for n in ("base", "mntp", "sup"))
+    model = _save_base(base, tok)
+    p1 = _save_adapter(model, mntp, base, seed=1)
+    _save_adapter(p1.merge_and_unload(), sup, mntp, seed=2)
+    return mntp, sup
+
+
+def test_llm2vec_readme_usage_verbatim(chain):
+    mntp, sup = chain
+    l2v = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, device_map="cpu", torch_dtype=torch.float32)
+    # --- llm2vec's README (McGill-NLP/llm2vec, "Inference"), verbatim ---
+    instruction = (
+        "Given a web search query, retrieve relevant passages that answer the query:"
+    )
+    queries = [
+        [instruction, "how much protein should a female eat"],
+        [instruction, "summit define"],
+    ]
+    q_reps = l2v.encode(queries)
+
+    # Encoding documents. Instruction are not required for documents
+    documents = [
+        "As a general guideline, the CDC's average requirement of protein for women ages 19 to 70 is 46 grams per day. But, as you can see from this chart, you'll need to increase that if you're expecting or training for a marathon. Check out the chart below to see how much protein you should be eating each day.",  # noqa: E501
+        "Definition of summit for English Language Learners. : 1  the highest point of a mountain : the top of a mountain. : 2  the highest level. : 3  a meeting or series of meetings between the leaders of two or more governments.",  # noqa: E501
+    ]
+    d_reps = l2v.encode(documents)
+
+    # Compute cosine similarity
+    q_reps_norm = torch.nn.functional.normalize(q_reps, p=2, dim=1)
+    d_reps_norm = torch.nn.functional.normalize(d_reps, p=2, dim=1)
+    cos_sim = torch.mm(q_reps_norm, d_reps_norm.transpose(0, 1))
+    # --- end of the README's lines ---
+    assert isinstance(q_reps, torch.Tensor) and q_reps.dtype == torch.float32 and q_reps.shape == (2, 48)
+    assert cos_sim.shape == (2, 2) and torch.isfinite(cos_sim).all()
+    enc = Encoder.from_pretrained(mntp, peft_model_name_or_path=sup, device="cpu")
+    np_reps = enc.encode(queries)
+    assert isinstance(np_reps, np.ndarray)  # Encoder: sentence-transformers' convention
+    np.testing.assert_allclose(np_reps, q_reps.numpy(), atol=1e-5, rtol=0)
+    assert isinstance(l2v.encode(documents, convert_to_numpy=True), np.ndarray)
+    assert l2v.encode("one text").shape == (1, 48)  # llm2vec treats a lone string as a list of one
+
+
+def test_llm2vec_keywords_settings_and_save(tmp_path, chain):
+    mntp, sup = chain
+    with pytest.raises(TypeError, match="attn_implementation"):
+        LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, attn_implementation="eager")
+    with pytest.raises(TypeError, match="unsupported keyword"):
+        LLM2Vec.from_pretrained(mntp, foo=1)
+    with pytest.raises(TypeError, match="merge_peft"):
+        Encoder.from_pretrained(mntp, merge_peft=False)  # the sentence-transformers-style class only merges
+    l2v = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, merge_peft=False, pooling_mode="weighted_mean",
+                                  max_length=32, doc_max_length=20, skip_instruction=True, enable_bidirectional=True,
+                                  device_map="cpu")
+    assert (l2v.pooling_mode, l2v.max_length, l2v.doc_max_length) == ("weighted_mean", 32, 20)
+    assert l2v.encoder.pooling == "weighted_mean" and l2v.config.hidden_size == 48
+    texts = [["Represent:", "a dog runs"], "word " * 40]
+    ref = l2v.encode(texts)
+
+    # merge_peft=False, save without merging: the adapter alone, loadable as llm2vec loads it
+    l2v.save(str(tmp_path / "adapter-save"))
+    files = set(os.listdir(tmp_path / "adapter-save"))
+    assert "adapter_config.json" in files and "model.safetensors" not in files
+    with open(tmp_path / "adapter-save" / "llm2vec_config.json") as f:
+        assert json.load(f) == {"pooling_mode": "weighted_mean", "max_length": 32, "doc_max_length": 20,
+                                "skip_instruction": True}
+    back = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=str(tmp_path / "adapter-save"), device_map="cpu")
+    assert back.pooling_mode == "weighted_mean"
+    torch.testing.assert_close(back.encode(texts), ref, atol=1e-5, rtol=0)
+
+    # merge_before_save: full weights, loadable alone
+    l2v.save(str(tmp_path / "full-save"), merge_before_save=True)
+    assert "model.safetensors" in os.listdir(tmp_path / "full-save")
+    full = LLM2Vec.from_pretrained(str(tmp_path / "full-save"), device_map="cpu")
+    torch.testing.assert_close(full.encode(texts), ref, atol=1e-5, rtol=0)
+    l2v.save(str(tmp_path / "no-config"), merge_before_save=True, save_config=False)
+    assert "llm2vec_config.json" not in os.listdir(tmp_path / "no-config")
