@@ -43,7 +43,8 @@ def _check_bidirectional_automodel(folder, tok, enc):
 
     model = AutoModel.from_pretrained(folder).eval()
     assert type(model).__name__ == "LlamaModel" and not any("lm_head" in n for n, _ in model.named_parameters())
-    batch = tok(TEXTS[:4], return_tensors="pt", padding=True)
+    # the engine reads and pools an appended EOS (engine.encoding.tokenize_for_encoding): append it by hand
+    batch = tok([t + tok.eos_token for t in TEXTS[:4]], return_tensors="pt", padding=True)
     with torch.no_grad():
         h = model(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).float()

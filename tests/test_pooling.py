@@ -56,27 +56,29 @@ def tok():
 
 def test_training_pools_what_encode_and_sentence_transformers_pool(tok):
     """One rule for the pooled tokens in training, ``encode`` and an exported sentence-transformers folder: the
-    tokens after the instruction's prompt length (sentence-transformers' include_prompt=False)."""
+    instruction ends in a newline (never fused with the text), the text's tokens and an appended EOS are pooled."""
     text = "A dog runs on the beach."
+    eos = tok.eos_token_id
     for instr in ("", "Retrieve a similar sentence:", "Retrieve a similar sentence: ", "Retrieve:\n"):
         ids, pms, trunc = tokenize_with_instruction(tok, [text], [instr], max_len=64)
         assert (ids, pms) == tokenize_for_encoding(tok, [text], [instr], max_len=64)[:2]
         prefix = instruction_prefix(instr)
-        joint = tok(prefix + text, add_special_tokens=True)["input_ids"]
+        assert prefix == (instr.rstrip() + "\n" if instr else "")
+        joint = tok(prefix + text, add_special_tokens=True)["input_ids"] + [eos]
         assert ids[0] == joint and trunc == 0
         n = len(tok(prefix, add_special_tokens=True)["input_ids"]) if prefix else 0
         assert pms[0] == [0] * n + [1] * (len(joint) - n), instr
-    # the caveat of that rule: an instruction's trailing space is its own token alone ("Ġ") but fuses with the
-    # first word in the joint text ("ĠA"), so that word is attended and not pooled; after a newline it is pooled
-    ids, pms, _ = tokenize_with_instruction(tok, [text], ["Retrieve a similar sentence:"], max_len=64)
-    assert tok.decode([t for t, m in zip(ids[0], pms[0]) if m]).strip() == "dog runs on the beach."
-    ids, pms, _ = tokenize_with_instruction(tok, [text], ["Retrieve:\n"], max_len=64)
-    assert tok.decode([t for t, m in zip(ids[0], pms[0]) if m]).strip() == text
-    with pytest.raises(ValueError, match="no tokens left to pool"):
+        # every word of the text is pooled (the newline never fuses with "A"), and the EOS
+        pooled = [t for t, m in zip(ids[0], pms[0]) if m]
+        assert pooled[-1] == eos and tok.decode(pooled[:-1]).strip() == text, instr
+    with pytest.raises(ValueError, match="leaves no room for the text"):
         tokenize_with_instruction(tok, [text], ["a long instruction " * 10], max_len=8)
-    # eos pooling appends and pools EOS; truncation is counted
-    ids2, pms2, trunc2 = tokenize_with_instruction(tok, [text * 20], [instr], max_len=16, pooling="eos")
-    assert len(ids2[0]) == 16 and ids2[0][-1] == tok.eos_token_id and pms2[0][-1] == 1 and trunc2 == 1
+    # truncation keeps the EOS last and is counted
+    ids2, pms2, trunc2 = tokenize_with_instruction(tok, [text * 20], [""], max_len=16, pooling="eos")
+    assert len(ids2[0]) == 16 and ids2[0][-1] == eos and pms2[0][-1] == 1 and trunc2 == 1
+    # "" embeds by its EOS: never nothing to pool
+    ids3, pms3, _ = tokenize_with_instruction(tok, [""], ["Retrieve:"], max_len=16)
+    assert ids3[0][-1] == eos and sum(pms3[0]) >= 1
 
 
 def test_pad_batch_sides():
