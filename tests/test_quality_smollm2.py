@@ -146,3 +146,26 @@ def test_without_holdout_the_table_keeps_its_single_column(tmp_path, monkeypatch
     assert len(calls["train"]) == 1 and "holdout" not in json.loads((tmp_path / "out" / "results.json").read_text())
     readme = (tmp_path / "out" / "README.md").read_text()
     assert re.search(r"^\| \(c\) \+ MNTP \| 15\.79 \| 1379 \|", readme, re.M)
+
+
+def test_test_limit_cuts_each_protocols_own_test_set(tmp_path, monkeypatch):
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake_runs(monkeypatch, q)
+    q.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--rows", "a",
+            "--holdout-genre", "forums", "--test-limit", "10"])
+    genres = [_genres(e["test"]) for e in calls["eval"]]
+    assert [len(g) for g in genres] == [10, 10]
+    assert set(genres[0]) == {"captions"} and set(genres[1]) == {"forums"}  # in-domain's first 10; forums only
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["test_pairs"] == res["holdout"]["test_pairs"] == 10
+    assert "Rehearsal" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_unknown_holdout_genre_is_a_usage_error(capsys):
+    import benchmarks.quality_smollm2 as q
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        q.main(["--holdout-genre", "poetry"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
