@@ -13,6 +13,12 @@ that one (and the chained stages merge the best MNTP adapter). ``--set`` overrid
 ``--stage-set STAGE:key=value`` to one (e.g. ``--stage-set mntp:max_steps=300``). ``--test-limit N`` scores
 only the first N test pairs (rehearsals: the README then says so). Writes results.json, README.md and each
 stage's metrics.csv and best-adapter record into --out.
+
+Held-out protocol (``--holdout-genre forums|news|captions``): beside the in-domain table, every row is trained
+again on the other two STS-B genres only (train split), selected on the dev pairs of those genres only
+(interleaved genre by genre, so the first ``eval_sts_pairs`` cover both), and scored on the test pairs of the
+held-out genre. The README then shows both columns for every row, each against the causal model's figure on the
+same test set; results.json keeps the in-domain rows under ``rows`` and the held-out ones under ``holdout``.
 """
 import argparse
 import datetime
@@ -29,6 +35,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
+GENRES = ("captions", "forums", "news")  # STS-B's three genres (engine.data.sts_genre)
 STAGES = {"d": "simcse", "e": "supervised", "f": "graded"}
 NAMES = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidirectional, untrained",
          "c": "(c) + MNTP", "d": "(d) + MNTP + SimCSE (STS-B train sentences, no scores)",
@@ -81,6 +88,39 @@ def budget(run_dir):
         "temperature": c["contrastive"]["temperature"] if c["stage"] != "mntp" else None}
 
 
+def _write(path, lines):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in lines)
+    return path
+
+
+def interleave_genres(lines):
+    """STS TSV lines reordered genre by genre in turn (each genre's lines keep their order), so that the first N
+    lines of a dev file (``eval_sts_pairs``) hold every genre rather than the file's first one only."""
+    from engine.data import sts_genre
+
+    groups = {}
+    for line in lines:
+        groups.setdefault(sts_genre(line.split("\t", 1)[0]), []).append(line)
+    queues = [list(reversed(g)) for g in groups.values()]
+    out = []
+    while any(queues):
+        out += [q.pop() for q in queues if q]
+    return out
+
+
+def holdout_files(genre, train, dev, test, work):
+    """{train, dev, test}: STS TSVs in ``work`` for the held-out protocol: train and dev without ``genre`` (dev
+    interleaved, :func:`interleave_genres`), test with ``genre`` only."""
+    from engine.data import sts_genre_lines
+
+    others = [g for g in GENRES if g != genre]
+    os.makedirs(work, exist_ok=True)
+    return {"train": _write(os.path.join(work, "sts-train.csv"), sts_genre_lines(train, others)),
+            "dev": _write(os.path.join(work, "sts-dev.csv"), interleave_genres(sts_genre_lines(dev, others))),
+            "test": _write(os.path.join(work, "sts-test.csv"), sts_genre_lines(test, [genre]))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2, help="ranks for deepspeed (GPUs, or CPU processes)")
@@ -95,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--rows", default="abcdef")
     ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
     ap.add_argument("--label", default="", help="a line for the README (e.g. the budget's purpose)")
+    ap.add_argument("--holdout-genre", choices=GENRES, default=None,
+                    help="also train every row without this STS-B genre and score its test pairs (held-out column)")
     args = ap.parse_args(argv)
     per_stage = {}
     for item in args.stage_set:
@@ -105,45 +147,88 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
-    test = args.test
+    protocols = {"in-domain": {"train": args.train, "dev": args.dev, "test": args.test}}
+    if args.holdout_genre:
+        protocols[f"holdout-{args.holdout_genre}"] = holdout_files(
+            args.holdout_genre, args.train, args.dev, args.test, os.path.join(args.work, f"holdout-{args.holdout_genre}"))
     if args.test_limit:
-        test = os.path.join(args.work, f"sts-test-first{args.test_limit}.csv")
-        with open(args.test) as f, open(test, "w") as g:
-            g.writelines([line for line in f if line.strip()][:args.test_limit])
+        for name, files in protocols.items():
+            files["test"] = _write(os.path.join(args.work, f"{name}-test-first{args.test_limit}.csv"),
+                                   [line.rstrip("\n") for line in open(files["test"]) if line.strip()][:args.test_limit])
     t_all = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    rows, timings, budgets, picked = {}, {}, {}, {}
+    results = {name: {"rows": {}, "timings": {}, "budgets": {}, "selected": {}} for name in protocols}
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
 
-    def train(stage, out, extra=()):
+    def train(stage, out, files, res, prefix, extra=()):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # not the launcher's default 29500,
             sock.bind(("127.0.0.1", 0))  # which another run on the machine may hold
             port = sock.getsockname()[1]
         cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
-                    f"data={args.train}", f"eval_data={args.dev}", f"output_dir={out}", "progress_bar=false",
+                    f"data={files['train']}", f"eval_data={files['dev']}", f"output_dir={out}", "progress_bar=false",
                     *extra, *args.set, *per_stage.get(stage, [])]
-        timings[f"{stage}_train_s"] = round(sh(cmd, log), 1)
-        budgets[stage] = budget(out)
+        res["timings"][f"{stage}_train_s"] = round(sh(cmd, log), 1)
+        res["budgets"][stage] = budget(out)
         path, meta = selected(out)
-        picked[stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
-        for name in ("metrics.csv",):
-            shutil.copy(os.path.join(out, name), os.path.join(args.out, f"{stage}_metrics.csv"))
+        res["selected"][stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
+        shutil.copy(os.path.join(out, "metrics.csv"), os.path.join(args.out, f"{prefix}{stage}_metrics.csv"))
         return path
+
+    def run_protocol(name):
+        files, res = protocols[name], results[name]
+        work = args.work if name == "in-domain" else os.path.join(args.work, name)
+        prefix = "" if name == "in-domain" else f"{name}_"
+        rows = res["rows"]
+        if "a" in args.rows:
+            rows["a"] = evaluate("smollm2-135m", files["test"], log, causal=True)
+            report(False)
+        if "b" in args.rows:
+            rows["b"] = evaluate("smollm2-135m", files["test"], log)
+            report(False)
+        mntp_adapter = None
+        if set("cdef") & set(args.rows):
+            mntp_adapter = train("mntp", os.path.join(work, "mntp"), files, res, prefix)
+            if "c" in args.rows:
+                rows["c"] = evaluate(mntp_adapter, files["test"], log)
+                report(False)
+        for key, stage in STAGES.items():
+            if key not in args.rows:
+                continue
+            path = train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"])
+            rows[key] = evaluate(path, files["test"], log)
+            report(False)
+
+    def cell(rows, k):
+        if k not in rows:
+            return "-"
+        s = f"{rows[k]['spearman']:.2f}"
+        if k != "a" and "a" in rows:
+            s += f" ({rows[k]['spearman'] - rows['a']['spearman']:+.2f})"
+        return s
 
     def report(final):
         wall = time.time() - t_all
         import torch
 
         hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-        cmdline = "python benchmarks/quality_smollm2.py --nproc %d%s%s%s%s" % (
+        cmdline = "python benchmarks/quality_smollm2.py --nproc %d%s%s%s%s%s" % (
             args.nproc, (" --set " + " ".join(args.set)) if args.set else "",
             (" --stage-set " + " ".join(args.stage_set)) if args.stage_set else "",
             f" --rows {args.rows}" if args.rows != "abcdef" else "",
-            f" --test-limit {args.test_limit}" if args.test_limit else "")
+            f" --test-limit {args.test_limit}" if args.test_limit else "",
+            f" --holdout-genre {args.holdout_genre}" if args.holdout_genre else "")
+        ind = results["in-domain"]
+        rows, timings, budgets, picked = ind["rows"], ind["timings"], ind["budgets"], ind["selected"]
         result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
                   "command": cmdline, "label": args.label, "test_pairs": rows[next(iter(rows))]["pairs"] if rows else 0,
                   "wall_seconds": round(wall, 1), "timings": timings, "budgets": budgets, "selected": picked,
                   "overrides": args.set, "stage_overrides": per_stage, "rows": rows}
+        hname = f"holdout-{args.holdout_genre}" if args.holdout_genre else None
+        if hname:
+            h = results[hname]
+            result["holdout"] = {"genre": args.holdout_genre, "train_genres": [g for g in GENRES if g != args.holdout_genre],
+                                 "files": {k: os.path.relpath(v, ROOT) for k, v in protocols[hname].items()},
+                                 "test_pairs": h["rows"][next(iter(h["rows"]))]["pairs"] if h["rows"] else 0, **h}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         stage_of = {"c": "mntp", **STAGES}
@@ -158,23 +243,44 @@ def main(argv=None):
                   f"{wall / 60:.1f} min for the whole table{'' if final else ' so far'}.", "", f"Command: `{cmdline}`", "",
                   "Each training stage evaluates on STS-B dev (the first `eval_sts_pairs` pairs) every `eval_every` "
                   "steps and keeps its best "
-                  "adapter (`best/`); the rows use that adapter, and (d)-(f) start from the best MNTP adapter.", "",
-                  "| model | Spearman x100 | test pairs | training | selected adapter (step, dev Spearman) |",
-                  "| --- | ---: | ---: | --- | --- |"]
+                  "adapter (`best/`); the rows use that adapter, and (d)-(f) start from the best MNTP adapter.", ""]
+        if hname:
+            h = result["holdout"]
+            g, others = args.holdout_genre, " and ".join(h["train_genres"])
+            lines += [f"Held-out column: every stage trained on the {others} pairs of STS-B train only, selected on "
+                      f"the {others} pairs of STS-B dev (interleaved), scored on the {h['test_pairs']} {g} pairs of "
+                      f"STS-B test; the in-domain column trains on all of STS-B train and scores all "
+                      f"{result['test_pairs']} test pairs. In brackets: the difference to the causal model (a) on the "
+                      "same test set.", "",
+                      f"| model | in-domain Spearman x100 | held-out {g} Spearman x100 | training (in-domain) "
+                      f"| selected adapter in-domain (step, dev) | selected adapter held-out (step, dev) |",
+                      "| --- | ---: | ---: | --- | --- | --- |"]
+        else:
+            lines += ["| model | Spearman x100 | test pairs | training | selected adapter (step, dev Spearman) |",
+                      "| --- | ---: | ---: | --- | --- |"]
+
+        def sel_s(sel):
+            return (f"{sel['adapter']} ({sel['step']}, {sel['spearman']:.2f})" if "step" in sel
+                    else sel.get("adapter", "-"))
+
         for k in "abcdef":
-            if k not in rows:
+            if k not in rows and not (hname and k in results[hname]["rows"]):
                 continue
             st = stage_of.get(k)
             train_s = f"{timings[st + '_train_s'] / 60:.1f} min" if st and st + "_train_s" in timings else "-"
             if st in budgets:
                 b = budgets[st]
                 train_s += f", {b['max_steps']} steps x {b['batch_size']}" + (f", {b['loss']}" if st != "mntp" else "")
-            sel = picked.get(st, {})
-            sel_s = (f"{sel['adapter']} ({sel['step']}, {sel['spearman']:.2f})" if "step" in sel
-                     else sel.get("adapter", "-"))
-            lines.append(f"| {NAMES[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} | {train_s} | {sel_s} |")
-        lines += ["", "Per-step training logs (loss, lr, dev Spearman): `<stage>_metrics.csv`; budgets and the selected "
-                  "adapters: `results.json`.", "",
+            if hname:
+                h = results[hname]
+                lines.append(f"| {NAMES[k]} | {cell(rows, k)} | {cell(h['rows'], k)} | {train_s} | "
+                             f"{sel_s(picked.get(st, {}))} | {sel_s(h['selected'].get(st, {}))} |")
+            else:
+                lines.append(f"| {NAMES[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} | {train_s} | "
+                             f"{sel_s(picked.get(st, {}))} |")
+        lines += ["", "Per-step training logs (loss, lr, dev Spearman): `<stage>_metrics.csv`"
+                  + (f" (held-out: `{hname}_<stage>_metrics.csv`)" if hname else "")
+                  + "; budgets and the selected adapters: `results.json`.", "",
                   "For scale (published, other models): unsupervised SimCSE BERT-base about 77; supervised "
                   "all-MiniLM-L6-v2 about 82."]
         with open(os.path.join(args.out, "README.md"), "w") as f:
@@ -182,24 +288,8 @@ def main(argv=None):
         if final:
             print("\n".join(lines))
 
-    if "a" in args.rows:
-        rows["a"] = evaluate("smollm2-135m", test, log, causal=True)
-        report(False)
-    if "b" in args.rows:
-        rows["b"] = evaluate("smollm2-135m", test, log)
-        report(False)
-    mntp_adapter = None
-    if set("cdef") & set(args.rows):
-        mntp_adapter = train("mntp", os.path.join(args.work, "mntp"))
-        if "c" in args.rows:
-            rows["c"] = evaluate(mntp_adapter, test, log)
-            report(False)
-    for key, stage in STAGES.items():
-        if key not in args.rows:
-            continue
-        path = train(stage, os.path.join(args.work, stage), [f"model.adapters=[{mntp_adapter}]"])
-        rows[key] = evaluate(path, test, log)
-        report(False)
+    for name in protocols:
+        run_protocol(name)
     report(True)
 
 

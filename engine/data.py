@@ -447,6 +447,27 @@ def sts_supervised_rows(path, positive_min=4.0, negative_max=2.0):
     return out
 
 
+def sts_genre(value):
+    """The genre of an STS Benchmark row's first column: ``main-forum`` (train) and ``main-forums`` (dev, test)
+    are one genre, ``forums``; likewise ``captions`` and ``news``."""
+    g = value.strip().lower()
+    g = g[len("main-"):] if g.startswith("main-") else g
+    return g if g.endswith("s") else g + "s"
+
+
+def sts_genre_lines(path, genres):
+    """The rows of an STS Benchmark TSV whose genre (:func:`sts_genre`) is in ``genres``, as TSV lines in file
+    order. A genre the file does not hold is a DataError naming the ones it does."""
+    _check_file(path)
+    wanted = {sts_genre(g) for g in genres}
+    rows = [parts for _, _, _, parts in _sts_rows(path)]
+    found = {sts_genre(parts[0]) for parts in rows}
+    if not wanted or wanted - found:
+        raise DataError(f"{path}: no rows of genre {sorted(wanted - found) or '(none given)'}; "
+                        f"its genres are {sorted(found)}")
+    return ["\t".join(parts) for parts in rows if sts_genre(parts[0]) in wanted]
+
+
 def _json_rows(path):
     for n, line in enumerate(_lines(path), 1):
         if not line.strip():

@@ -35,3 +35,137 @@ def test_committed_table_meets_the_cpu_targets():
     assert rows["d"] >= 60 and rows["e"] >= 70 and rows["f"] >= 75, rows
     for stage in ("mntp", "simcse", "supervised", "graded"):  # chosen on dev: the selection file names sts-dev
         assert res["selected"][stage]["eval_data"].endswith("sts-dev.csv"), stage
+
+
+# --- the held-out protocol (issue 27 item 1): fast, with the training and evaluation commands faked -------------
+
+STS = os.path.join(ROOT, "data", "stsbenchmark")
+
+
+def _genres(path):
+    from engine.data import sts_genre
+
+    with open(path) as f:
+        return [sts_genre(line.split("\t", 1)[0]) for line in f if line.strip()]
+
+
+def test_sts_genre_lines_filters_by_genre_and_joins_forum_with_forums():
+    import pytest
+
+    from engine.data import DataError, sts_genre_lines
+
+    train = sts_genre_lines(os.path.join(STS, "sts-train.csv"), ["forums"])  # train spells it main-forum
+    test = sts_genre_lines(os.path.join(STS, "sts-test.csv"), ["forums"])  # dev/test: main-forums
+    assert len(train) == 450 and len(test) == 254
+    assert all(line.startswith("main-forum\t") for line in train)
+    both = sts_genre_lines(os.path.join(STS, "sts-dev.csv"), ["news", "captions"])
+    assert len(both) == 1125 and not any(line.startswith("main-forums") for line in both)
+    assert len(both[0].split("\t")) >= 7
+    with pytest.raises(DataError, match="genre"):
+        sts_genre_lines(os.path.join(STS, "sts-dev.csv"), ["poetry"])
+
+
+def _fake_runs(monkeypatch, q):
+    """Stand-ins for the deepspeed training command and engine.evaluate: a training run writes what the script
+    reads back (config.yaml, metrics.csv, best/engine_best.json naming its eval_data); an evaluation's Spearman
+    encodes the test file's size and the model's kind, so the test can tell which figure went where."""
+    import yaml
+
+    calls = {"train": [], "eval": []}
+
+    def sh(cmd, log):
+        kv = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+        out, stage = kv["output_dir"], os.path.basename(kv["output_dir"])
+        calls["train"].append({"stage": stage, "data": kv["data"], "eval_data": kv["eval_data"], "out": out})
+        os.makedirs(os.path.join(out, "best"), exist_ok=True)
+        cfg = {"stage": stage, "max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-4,
+               "lr_schedule": "constant", "eval_every": 1, "eval_sts_pairs": 500, "max_seq_len": 64,
+               "contrastive": {"loss": "infonce", "temperature": 0.05}}
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg, f)
+        with open(os.path.join(out, "metrics.csv"), "w") as f:
+            f.write("step,loss\n1,1.0\n")
+        with open(os.path.join(out, "best", "engine_best.json"), "w") as f:
+            json.dump({"step": 2, "spearman": 50.0, "eval_data": kv["eval_data"]}, f)
+        return 1.0
+
+    kinds = {"mntp": 2, "simcse": 3, "supervised": 4, "graded": 5}
+
+    def evaluate(model, test, log, causal=False):
+        pairs = len(_genres(test))
+        kind = 0 if causal else 1 if model == "smollm2-135m" else kinds[model.split(os.sep)[-2]]
+        calls["eval"].append({"model": model, "test": test, "causal": causal})
+        return {"spearman": pairs / 100 + kind, "pairs": pairs}
+
+    monkeypatch.setattr(q, "sh", sh)
+    monkeypatch.setattr(q, "evaluate", evaluate)
+    return calls
+
+
+def test_holdout_protocol_trains_without_the_genre_and_reports_both_columns(tmp_path, monkeypatch):
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake_runs(monkeypatch, q)
+    out, work = tmp_path / "out", tmp_path / "work"
+    q.main(["--out", str(out), "--work", str(work), "--holdout-genre", "news"])
+    held = [c for c in calls["train"] if "holdout-news" in c["out"]]
+    inside = [c for c in calls["train"] if "holdout-news" not in c["out"]]
+    assert [c["stage"] for c in held] == [c["stage"] for c in inside] == ["mntp", "simcse", "supervised", "graded"]
+    for c in held:  # every stage trains and selects on captions + forums only
+        assert set(_genres(c["data"])) == set(_genres(c["eval_data"])) == {"captions", "forums"}
+        assert len(_genres(c["data"])) == 2450 and len(_genres(c["eval_data"])) == 1000
+        assert set(_genres(c["eval_data"])[:500]) == {"captions", "forums"}  # the selection's first pairs: both
+    for c in inside:
+        assert c["data"].endswith("sts-train.csv") and c["eval_data"].endswith("sts-dev.csv")
+    tests = {e["test"] for e in calls["eval"] if "holdout-news" in e["test"]}
+    assert len(tests) == 1 and set(_genres(tests.pop())) == {"news"}
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["test_pairs"] == 1379 and res["holdout"]["test_pairs"] == 500
+    assert res["holdout"]["genre"] == "news" and res["holdout"]["train_genres"] == ["captions", "forums"]
+    assert all(s["eval_data"].endswith(os.path.join("holdout-news", "sts-dev.csv"))
+               for s in res["holdout"]["selected"].values())
+    readme = (out / "README.md").read_text()
+    table = dict((m[0], m[1:]) for m in re.findall(r"^\| \(([a-f])\) [^|]*\| ([^|]+) \| ([^|]+) \|", readme, re.M))
+    assert sorted(table) == list("abcdef")
+    for k, kind in zip("abcdef", range(6)):  # each column is its own protocol's figure, against its own (a)
+        ind, held_out = res["rows"][k]["spearman"], res["holdout"]["rows"][k]["spearman"]
+        assert abs(ind - (13.79 + kind)) < 1e-9 and abs(held_out - (5.0 + kind)) < 1e-9
+        want = [f"{ind:.2f}", f"{held_out:.2f}"]
+        if k != "a":
+            want = [f"{ind:.2f} ({kind:+.2f})", f"{held_out:.2f} ({kind:+.2f})"]
+        assert [c.strip() for c in table[k]] == want, k
+    assert (out / "holdout-news_mntp_metrics.csv").is_file() and (out / "mntp_metrics.csv").is_file()
+
+
+def test_without_holdout_the_table_keeps_its_single_column(tmp_path, monkeypatch):
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake_runs(monkeypatch, q)
+    q.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--rows", "ac"])
+    assert len(calls["train"]) == 1 and "holdout" not in json.loads((tmp_path / "out" / "results.json").read_text())
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert re.search(r"^\| \(c\) \+ MNTP \| 15\.79 \| 1379 \|", readme, re.M)
+
+
+def test_test_limit_cuts_each_protocols_own_test_set(tmp_path, monkeypatch):
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake_runs(monkeypatch, q)
+    q.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--rows", "a",
+            "--holdout-genre", "forums", "--test-limit", "10"])
+    genres = [_genres(e["test"]) for e in calls["eval"]]
+    assert [len(g) for g in genres] == [10, 10]
+    assert set(genres[0]) == {"captions"} and set(genres[1]) == {"forums"}  # in-domain's first 10; forums only
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["test_pairs"] == res["holdout"]["test_pairs"] == 10
+    assert "Rehearsal" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_unknown_holdout_genre_is_a_usage_error(capsys):
+    import benchmarks.quality_smollm2 as q
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        q.main(["--holdout-genre", "poetry"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
