@@ -9,6 +9,7 @@ unshifted from the engine's MNTP labels: the same rows, the same loss), clip 1.0
 The older reference stages (ReferenceMNTP and the contrastive ones) run what LLM2Vec does on the engine's own
 model: HF SDPA with a dense additive (B, 1, S, S) mask, full logits, one forward per contrastive text slot.
 """
+import contextlib
 import os
 import sys
 
@@ -51,6 +52,25 @@ TINY_MODEL = dict(model_type="llama", vocab_size=512, hidden_size=64, intermedia
                   tie_word_embeddings=False)
 LORA = dict(r=16, alpha=32, dropout=0.05)
 TINY_LORA = dict(r=8, alpha=16, dropout=0.05)
+
+
+@contextlib.contextmanager
+def wrapped_methods(targets, make_wrapper):
+    """Within the block, each method ``cls.name`` of ``targets`` (tuples ``(cls, name, *extra)``; a method the
+    class does not define itself is passed over) is replaced by ``make_wrapper(original, *extra)``; the originals
+    are put back on exit, also after an error."""
+    patched = []
+    for cls, name, *extra in targets:
+        fn = cls.__dict__.get(name)
+        if fn is None:
+            continue
+        setattr(cls, name, make_wrapper(fn, *extra))
+        patched.append((cls, name, fn))
+    try:
+        yield
+    finally:
+        for cls, name, fn in patched:
+            setattr(cls, name, fn)
 
 
 def sync(device):

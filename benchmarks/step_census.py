@@ -15,6 +15,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 from triton.runtime.interpreter import InterpretedFunction
 
+from benchmarks.harness import wrapped_methods
+
 try:
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
@@ -126,26 +128,17 @@ def gpu_like_ops(meta=False):
         F.scaled_dot_product_attention = orig_sdpa
 
 
-@contextlib.contextmanager
 def zero_hook_counter(counts):
     """Count DeepSpeed ZeRO-3's fetch_sub_module / release_sub_module calls into counts['zero_hooks']."""
-    patched = []
-    for name in ("fetch_sub_module", "release_sub_module"):
-        fn = PartitionedParameterCoordinator.__dict__.get(name) if PartitionedParameterCoordinator else None
-        if fn is None:
-            continue
-
-        def wrapper(*a, _fn=fn, **kw):
+    def counting(fn):
+        def wrapper(*a, **kw):
             counts["zero_hooks"] += 1
-            return _fn(*a, **kw)
+            return fn(*a, **kw)
+        return wrapper
 
-        setattr(PartitionedParameterCoordinator, name, wrapper)
-        patched.append((PartitionedParameterCoordinator, name, fn))
-    try:
-        yield
-    finally:
-        for cls, name, fn in patched:
-            setattr(cls, name, fn)
+    targets = [(PartitionedParameterCoordinator, n) for n in ("fetch_sub_module", "release_sub_module")] \
+        if PartitionedParameterCoordinator else []
+    return wrapped_methods(targets, counting)
 
 
 class OpCensus(TorchDispatchMode):
@@ -212,29 +205,18 @@ def patched_tolist(mode):
         torch.Tensor.tolist = _TOLIST
 
 
-@contextlib.contextmanager
 def grad_hook_scope(mode):
     """Mark DeepSpeed's per-parameter gradient hooks (GRAD_HOOKS) so that mode counts their launches apart."""
-    patched = []
-    for cls, name in GRAD_HOOKS:
-        fn = cls.__dict__.get(name)
-        if fn is None:
-            continue
-
-        def wrapper(*a, _fn=fn, **kw):
+    def marking(fn):
+        def wrapper(*a, **kw):
             mode.in_hook += 1
             try:
-                return _fn(*a, **kw)
+                return fn(*a, **kw)
             finally:
                 mode.in_hook -= 1
+        return wrapper
 
-        setattr(cls, name, wrapper)
-        patched.append((cls, name, fn))
-    try:
-        yield
-    finally:
-        for cls, name, fn in patched:
-            setattr(cls, name, fn)
+    return wrapped_methods(GRAD_HOOKS, marking)
 
 
 def count_step(path, batch, launches):

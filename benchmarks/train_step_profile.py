@@ -2,7 +2,6 @@
 LoRA, loss, optimizer, ZeRO fetch/release/grad-reduce, other). On the GPU: CUDA activity only, kernel time by
 kernel name and GPU busy time against wall time; on CPU: CPU self time per op, classified by the op's name, its
 ancestors' scopes and its GEMM shapes."""
-import contextlib
 import re
 import time
 
@@ -11,6 +10,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.harness import sync as _sync
+from benchmarks.harness import wrapped_methods
 from benchmarks.train_step_measure import log
 
 try:  # ZeRO-3's fetch / release / gradient reduction get profiler scopes when DeepSpeed is there
@@ -73,10 +73,8 @@ def classify(chain, kernel_names, shapes, dims_cfg):
     return "other"
 
 
-@contextlib.contextmanager
 def zero_scopes():
     """Wrap DeepSpeed ZeRO-3's parameter fetch/release and gradient reduction in profiler scopes."""
-    patched = []
     targets = []
     if PartitionedParameterCoordinator is not None:
         targets += [(PartitionedParameterCoordinator, "fetch_sub_module", "zero:fetch"),
@@ -84,22 +82,14 @@ def zero_scopes():
                     (DeepSpeedZeroOptimizer_Stage3, "reduce_independent_p_g_buckets_and_remove_grads",
                      "zero:grad_reduce"),
                     (DeepSpeedZeroOptimizer_Stage3, "independent_gradient_partition_epilogue", "zero:grad_reduce")]
-    for cls, name, scope in targets:
-        fn = cls.__dict__.get(name)
-        if fn is None:
-            continue
 
-        def wrapper(*a, _fn=fn, _scope=scope, **kw):
-            with record_function(_scope):
-                return _fn(*a, **kw)
+    def scoped(fn, scope):
+        def wrapper(*a, **kw):
+            with record_function(scope):
+                return fn(*a, **kw)
+        return wrapper
 
-        setattr(cls, name, wrapper)
-        patched.append((cls, name, fn))
-    try:
-        yield
-    finally:
-        for cls, name, fn in patched:
-            setattr(cls, name, fn)
+    return wrapped_methods(targets, scoped)
 
 
 def _ns(e, which):
