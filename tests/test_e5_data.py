@@ -46,14 +46,17 @@ def test_e5_directory_instructions_joiner_and_groups():
 
 
 def test_the_instruction_is_joined_as_llm2vec_joins_it_and_not_pooled():
+    """llm2vec's "; " joiner, then the engine's one text rule (engine.encoding.instruction_prefix): the joiner's
+    trailing space becomes the newline that never fuses with the query's first word, and EOS ends the text. Every
+    token of the query is pooled, none of the instruction."""
     tok = load_tokenizer(load_config("configs/tiny/supervised.yaml", []).model)
     e = next(x for x in read_supervised([SAMPLE])[0] if x["source"] == "fever")
+    assert e["instruction"] == "Given a claim, retrieve documents that support or refute the claim; "
     ids, pms, _ = tokenize_with_instruction(tok, [e["query"]], [e["instruction"]], 512, "mean")
-    joined = "Given a claim, retrieve documents that support or refute the claim; " + e["query"]
-    assert ids[0] == tok(joined)["input_ids"]
+    joined = "Given a claim, retrieve documents that support or refute the claim;\n" + e["query"]
+    assert ids[0] == tok(joined)["input_ids"] + [tok.eos_token_id]
     pooled = [t for t, m in zip(ids[0], pms[0]) if m]
-    text = tok.decode(pooled).strip()  # the query (less its first word where BPE fuses it with the "; " space)
-    assert e["query"].endswith(text) and len(text) >= len(e["query"]) - 5 and "claim" not in text
+    assert pooled[-1] == tok.eos_token_id and tok.decode(pooled[:-1]) == e["query"]
 
 
 def test_one_dataset_per_global_batch_through_the_supervised_stage():
