@@ -4,7 +4,9 @@
 first); ``fail`` prints one line and returns 2, for ``return fail(...)`` at the end of a ``main``.
 """
 import argparse
+import errno
 import os
+import shutil
 import sys
 
 BAD_INPUT = 2
@@ -50,3 +52,37 @@ def remove_empty(folders):
             os.rmdir(f)
         except OSError:
             return
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+# what torch.save / DeepSpeed report when a write comes up short (no errno reaches Python)
+SHORT_WRITE_MARKS = ("unexpected pos", "file write failed", "failed writing", "No space left")
+
+
+def _free_bytes(path):
+    probe = os.path.abspath(path or ".")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return probe, shutil.disk_usage(probe).free
+
+
+def disk_full_message(exc, output_dir, low=16 << 20):
+    """One line if ``exc`` (or an exception it chains) is a full disk, else None: the path written (the file when
+    the error names it, else ``output_dir``) and the bytes free there. A short write without an errno (torch.save's
+    "unexpected pos") counts when the output folder's file system has under ``low`` bytes free."""
+    e = exc
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            path = e.filename or output_dir
+            where, free = _free_bytes(path)
+            return f"error: no space left on the device writing {path} ({free:,} bytes free on {where})"
+        if "No space left on device" in str(e) or "(os error 28)" in str(e):  # e.g. safetensors' own error type
+            where, free = _free_bytes(output_dir)
+            return f"error: no space left on the device writing under {output_dir} ({free:,} bytes free on {where})"
+        if isinstance(e, RuntimeError) and any(m in str(e) for m in SHORT_WRITE_MARKS):
+            where, free = _free_bytes(output_dir)
+            if free < low:
+                return (f"error: no space left on the device writing under {output_dir} ({free:,} bytes free on "
+                        f"{where}); the last complete checkpoint is kept")
+        e = e.__cause__ or e.__context__
+    return None

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from .cli import ArgumentParser, fail, missing_folders, positive_int, remove_empty
+from .cli import BAD_INPUT, ArgumentParser, disk_full_message, fail, missing_folders, positive_int, remove_empty
 from .encoder import RUN_ADAPTERS
 
 # Serving engines that hard-code causal attention for these families ignore "is_causal": false.
@@ -469,8 +469,14 @@ def main(argv=None):
                       drop_chat_wrap=args.drop_chat_wrap)
     except (ExportError, FileNotFoundError, ValueError) as e:
         return fail(e)
-    except OSError as e:  # a full disk, a folder that became unwritable: named, nothing half-written left
-        return fail(f"could not write {args.out}: {e}")
+    except Exception as e:  # a full disk (OSError, or safetensors' own error), an unwritable folder: named, nothing
+        full = disk_full_message(e, args.out)  # half-written left (export removes its temporary folder)
+        if full:
+            print(full, file=sys.stderr)
+            return BAD_INPUT
+        if isinstance(e, OSError):
+            return fail(f"could not write {args.out}: {e}")
+        raise
     print(json.dumps({"out": args.out, **meta}))
     return 0
 

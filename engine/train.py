@@ -11,48 +11,15 @@ stderr; 3 the run diverged (max_nonfinite_steps non-finite steps in a row).
 A run that fails leaves no empty output_dir (nor empty parents) that it created behind.
 """
 import argparse
-import errno
 import os
-import shutil
 import sys
 import tempfile
 
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.cli import ArgumentParser, fail, missing_folders, remove_empty  # noqa: E402
+from engine.cli import ArgumentParser, disk_full_message, fail, missing_folders, remove_empty  # noqa: E402
 from engine.config import ConfigError, load_config  # noqa: E402
-
-
-DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-# what torch.save / DeepSpeed report when a write comes up short (no errno reaches Python)
-SHORT_WRITE_MARKS = ("unexpected pos", "file write failed", "failed writing", "No space left")
-
-
-def _free_bytes(path):
-    probe = os.path.abspath(path or ".")
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    return probe, shutil.disk_usage(probe).free
-
-
-def disk_full_message(exc, output_dir, low=16 << 20):
-    """One line if ``exc`` (or an exception it chains) is a full disk, else None: the path written (the file when
-    the error names it, else ``output_dir``) and the bytes free there. A short write without an errno (torch.save's
-    "unexpected pos") counts when the output folder's file system has under ``low`` bytes free."""
-    e = exc
-    while e is not None:
-        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
-            path = e.filename or output_dir
-            where, free = _free_bytes(path)
-            return f"error: no space left on the device writing {path} ({free:,} bytes free on {where})"
-        if isinstance(e, RuntimeError) and any(m in str(e) for m in SHORT_WRITE_MARKS):
-            where, free = _free_bytes(output_dir)
-            if free < low:
-                return (f"error: no space left on the device writing under {output_dir} ({free:,} bytes free on "
-                        f"{where}); the last complete checkpoint is kept")
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def check_targets_offline(cfg):
@@ -156,7 +123,7 @@ def _train(cfg):
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
         fail(e)
         return 3
-    except (OSError, RuntimeError) as e:  # a full disk during a checkpoint, the resume or the adapter write
+    except Exception as e:  # a full disk during a checkpoint, the resume or the adapter write (safetensors' own error)
         msg = disk_full_message(e, cfg.output_dir)
         if msg is None:
             raise

@@ -292,3 +292,25 @@ def test_encoder_and_evaluate_of_a_run_folder_use_its_best_adapter(run_dir, capl
         assert rc == 0 and f"using {'adapter' if which == 'last' else 'best'}/" in err, err
         scores[which] = json.loads(out.strip().splitlines()[-1])["spearman"]
     assert scores[None] == scores["best"] != scores["last"]
+
+
+@pytest.mark.slow
+def test_full_disk_during_an_export_exits_2_naming_the_path_and_leaves_nothing(tmp_path, tok):
+    import subprocess
+
+    from .test_validation import _tmpfs
+
+    mnt = tmp_path / "small"
+    if os.geteuid() != 0 or not _tmpfs(mnt, "1m"):
+        pytest.skip("needs root and `mount -t tmpfs` to make a small file system")
+    try:
+        base = str(tmp_path / "base")
+        _save_base(base, tok)  # about 10 MB of weights and tokenizer: more than the 1 MB file system holds
+        r = run_cmd(["python", "-m", "engine.export", "--model", base, "--out", str(mnt / "exp")], timeout=300)
+        assert r.returncode == 2, r.stderr[-3000:]
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "no space left on the device writing" in lines[0], r.stderr[-3000:]
+        assert "bytes free on" in lines[0] and "Traceback" not in r.stderr
+        assert os.listdir(mnt) == []  # the temporary folder is gone, no half-written export
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -247,7 +247,7 @@ def test_full_disk_during_a_checkpoint_exits_2_naming_the_path(tmp_path):
 def test_disk_full_message_reads_the_exception_chain(tmp_path):
     import errno
 
-    from engine.train import disk_full_message
+    from engine.cli import disk_full_message
 
     try:
         try:
@@ -260,3 +260,6 @@ def test_disk_full_message_reads_the_exception_chain(tmp_path):
     assert "bytes free on" in msg
     assert disk_full_message(RuntimeError("unexpected pos 1 vs 2"), str(tmp_path), low=0) is None  # disk not full
     assert disk_full_message(ValueError("other"), str(tmp_path)) is None
+    # safetensors raises its own error type on a full disk (found by the export's tmpfs test)
+    st_err = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert disk_full_message(st_err, str(tmp_path)).startswith(f"error: no space left on the device writing under {tmp_path}")
