@@ -77,13 +77,13 @@ def test_a_bos_tokenizer_gets_bos_blocks():
 
 
 def test_bos_is_pooled_as_sentence_transformers_pools_it():
-    # one pooling rule (encode, training, an exported folder): without an instruction every token, BOS too;
-    # with one, BOS belongs to the prompt's token count ([BOS] + "x: "), so it is attended and not pooled
+    # one pooling rule (encode, training, an exported folder): without an instruction every token, BOS too, and
+    # the appended EOS; with one, BOS belongs to the prompt's token count ([BOS] + "x:\n"), attended, not pooled
     tok = _BosTokenizer()
     ids, pms, _ = tokenize_with_instruction(tok, ["abc"], None, 16, "mean")
-    assert ids[0][0] == 1 and pms[0] == [1, 1, 1, 1]
+    assert ids[0] == [1] + [10 + ord(c) for c in "abc"] + [2] and pms[0] == [1, 1, 1, 1, 1]
     ids, pms, _ = tokenize_with_instruction(tok, ["abc"], ["x:"], 16, "mean")
-    assert ids[0] == [1] + [10 + ord(c) for c in "x: abc"] and pms[0] == [0, 0, 0, 0, 1, 1, 1]
+    assert ids[0] == [1] + [10 + ord(c) for c in "x:\nabc"] + [2] and pms[0] == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
 class _CharTokenizer:
