@@ -102,3 +102,15 @@ def perturb_lora_b(model, std, generator=None):
             if "lora_B" in n:
                 p.normal_(std=std, generator=generator)
     return model
+
+
+def update_json(path, **values):
+    """Set top-level keys of the JSON file at ``path`` (e.g. a saved config's hub name), in place."""
+    import json
+
+    with open(path) as f:
+        obj = json.load(f)
+    obj.update(values)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return obj

@@ -15,7 +15,7 @@ from engine.encoding import tokenize_for_encoding
 from engine.modeling import load_tokenizer
 from engine.stages import build_stage
 
-from .helpers import tiny_llama_config
+from .helpers import tiny_llama_config, update_json
 from .sp_tokenizer import build_sp_tokenizer
 from .test_encoder import _save_adapter
 
@@ -37,11 +37,7 @@ def _base(folder, tok, hub_id):
     model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tok), hidden_size=32))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["_name_or_path"] = hub_id
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    update_json(os.path.join(folder, "config.json"), _name_or_path=hub_id)
     return model
 
 

@@ -12,7 +12,7 @@ from engine import Encoder
 from engine.config import ModelConfig
 from engine.modeling import load_tokenizer
 
-from .helpers import ROOT, STS, run_cmd, tiny_llama_config
+from .helpers import ROOT, STS, run_cmd, tiny_llama_config, update_json
 
 TEXTS = ["A man is playing a guitar.", "Dogs.", "Three children are playing football in a large green park today.",
          "The stock market fell sharply on Monday after the announcement.", "Hi"]
@@ -39,11 +39,7 @@ def _save_adapter(base_model, path, base_name, seed):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.2)
     peft.save_pretrained(path)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    cfg["base_model_name_or_path"] = base_name
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(cfg, f)
+    update_json(os.path.join(path, "adapter_config.json"), base_model_name_or_path=base_name)
     return peft
 
 
