@@ -6,9 +6,11 @@ content only has to tokenise like prose), then runs the MNTP stage's real ``load
 or another rank: a cache hit), and reads ``--batches`` random global batches as training does.
 
 Memory: ``VmHWM`` (peak RSS) of this process, minus its value after the imports and the tokenizer load, is the
-figure the load adds; ``RssAnon`` at the end is the private memory left (the memory-mapped pages read count in
-RSS but are the page cache, shared by the ranks and reclaimable). ``--path memory`` runs the old in-memory path
-(``read_texts`` + ``chunk_documents``) instead, for a smaller corpus.
+figure the whole run (build, cache hit and batch reads) adds. A thread samples ``/proc/self/status`` every 0.2 s
+and reports the two parts of RSS apart: ``RssAnon`` (private memory: what a rank really costs) and ``RssFile``
+(pages of mapped files: shared with the page cache, reclaimable, but counted in RSS), each as its peak over the
+baseline. ``--path memory`` runs the old in-memory path (``read_texts`` + ``chunk_documents``) instead, for a
+smaller corpus.
 
     python -m benchmarks.bench_data --gb 1 --out benchmarks/results/2026-12-03-cpu-data-scale/bench_data.csv
 
@@ -20,6 +22,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,6 +93,17 @@ def main(argv=None):
     tok = load_tokenizer(cfg.model)
     stage = build_stage(cfg, tok)
     base_hwm = status_mb("VmHWM")
+    base_anon, base_file = status_mb("RssAnon"), status_mb("RssFile")
+    peaks = {"RssAnon": base_anon, "RssFile": base_file}
+    done = threading.Event()
+
+    def sample():  # peak of each part of RSS (VmHWM is only their sum's peak)
+        while not done.wait(0.2):
+            for k in peaks:
+                peaks[k] = max(peaks[k], status_mb(k))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
 
     t = time.time()
     if args.path == "cache":
@@ -111,12 +125,17 @@ def main(argv=None):
     for _ in range(args.batches):  # what training reads: random global batches
         read += sum(len(items[rng.randrange(len(items))]) for _ in range(32))
     tokens = int(items.offsets[-1]) if args.path == "cache" else sum(len(b) for b in items)
+    done.set()
+    sampler.join()
+    for k in peaks:
+        peaks[k] = max(peaks[k], status_mb(k))
     peak = status_mb("VmHWM") - base_hwm
     row = CsvWriter(args.out, "data_scale").add(
         f"{n_bytes / 1e9:.2f}GB text, max_seq_len {args.max_seq_len}", f"mntp-{args.path}", "load", first_s * 1e3,
         peak_mb=peak, tokens=tokens, blocks=len(items), corpus_bytes=n_bytes,
         mb_per_s=f"{n_bytes / 1e6 / first_s:.2f}", cache_hit_s=f"{hit_s:.2f}",
-        rss_anon_mb=f"{status_mb('RssAnon'):.0f}", vmhwm_total_mb=f"{status_mb('VmHWM'):.0f}",
+        rss_anon_mb=f"{status_mb('RssAnon'):.0f}", peak_anon_added_mb=f"{peaks['RssAnon'] - base_anon:.0f}",
+        peak_file_added_mb=f"{peaks['RssFile'] - base_file:.0f}", vmhwm_total_mb=f"{status_mb('VmHWM'):.0f}",
         baseline_mb=f"{base_hwm:.0f}", cpus=os.cpu_count(), timing="wall")
     print(f"[bench_data] {stats.summary()}", flush=True)
     if args.corpus is None:

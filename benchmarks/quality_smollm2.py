@@ -8,13 +8,19 @@ Rows (STS Benchmark test, cosine Spearman x 100, mean pooling):
   (e) MNTP + supervised InfoNCE on STS-B train pairs (score >= 4 positives, low-score hard negatives);
   (f) MNTP + a graded-score loss (AnglE by default, configs/smollm2-135m/graded.yaml) on every STS-B train pair.
 Training uses the committed configs configs/smollm2-135m/{mntp,simcse,supervised,graded}.yaml. Each stage
-evaluates on STS-B dev every ``eval_every`` steps and keeps its best adapter (``best/``); the table reports
-that one (and the chained stages merge the best MNTP adapter). ``--set`` overrides apply to every stage,
+evaluates on STS-B dev every ``eval_every`` steps. Dev is interleaved genre by genre (:func:`interleave_genres`),
+so the first ``eval_sts_pairs`` pairs that the selection scores hold every genre, not only the captions that open
+``sts-dev.csv``. The contrastive stages keep their best adapter by dev Spearman (``best/``) and the table reports
+that one. MNTP hands on its last adapter, the one with the lowest held-out MNTP loss (the loss on the dev
+sentences, which falls at every evaluation in every committed curve; the script records whether it did): MNTP's
+dev Spearman moves non-monotonically while its loss falls (24 / 44 / 35 / 55 at steps 50-200 in the 2026-11-30
+table), so picking by it picks a point on a path MNTP does not optimise; (c)-(f) all use that adapter. ``--set`` overrides apply to every stage,
 ``--stage-set STAGE:key=value`` to one (e.g. ``--stage-set mntp:max_steps=300``). ``--test-limit N`` scores
 only the first N test pairs (rehearsals: the README then says so). Writes results.json, README.md and each
 stage's metrics.csv and best-adapter record into --out.
 
-Held-out protocol (``--holdout-genre forums|news|captions``): beside the in-domain table, every row is trained
+Held-out protocol (``--holdout-genre forums|news|captions``, default news; ``none`` skips it): beside the
+in-domain table, every row is trained
 again on the other two STS-B genres only (train split), selected on the dev pairs of those genres only
 (interleaved genre by genre, so the first ``eval_sts_pairs`` cover both), and scored on the test pairs of the
 held-out genre. The README then shows both columns for every row, each against the causal model's figure on the
@@ -109,6 +115,19 @@ def interleave_genres(lines):
     return out
 
 
+def mntp_selection(run_dir):
+    """MNTP's hand-on adapter, the last one (``adapter/``), with the held-out MNTP loss curve it was chosen by:
+    {"adapter", "step", "eval_loss", "lowest_at_last", "curve"}."""
+    import csv
+
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        curve = [(int(r["step"]), float(r["eval_loss"])) for r in csv.DictReader(f) if r.get("eval_loss")]
+    sel = {"adapter": "adapter", "selected_by": "last step (lowest held-out MNTP loss)", "curve": curve}
+    if curve:
+        sel.update(step=curve[-1][0], eval_loss=curve[-1][1], lowest_at_last=min(curve, key=lambda x: x[1]) == curve[-1])
+    return os.path.join(run_dir, "adapter"), sel
+
+
 def holdout_files(genre, train, dev, test, work):
     """{train, dev, test}: STS TSVs in ``work`` for the held-out protocol: train and dev without ``genre`` (dev
     interleaved, :func:`interleave_genres`), test with ``genre`` only."""
@@ -135,8 +154,9 @@ def main(argv=None):
     ap.add_argument("--rows", default="abcdef")
     ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
     ap.add_argument("--label", default="", help="a line for the README (e.g. the budget's purpose)")
-    ap.add_argument("--holdout-genre", choices=GENRES, default=None,
-                    help="also train every row without this STS-B genre and score its test pairs (held-out column)")
+    ap.add_argument("--holdout-genre", choices=GENRES + ("none",), default="news",
+                    help="also train every row without this STS-B genre and score its test pairs (held-out column); "
+                         "none: the in-domain column only")
     args = ap.parse_args(argv)
     per_stage = {}
     for item in args.stage_set:
@@ -147,7 +167,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
-    protocols = {"in-domain": {"train": args.train, "dev": args.dev, "test": args.test}}
+    if args.holdout_genre == "none":
+        args.holdout_genre = None
+    with open(args.dev) as f:
+        dev_lines = [line.rstrip("\n") for line in f if line.strip()]
+    dev = _write(os.path.join(args.work, "sts-dev-interleaved.csv"), interleave_genres(dev_lines))
+    protocols = {"in-domain": {"train": args.train, "dev": dev, "test": args.test}}
     if args.holdout_genre:
         protocols[f"holdout-{args.holdout_genre}"] = holdout_files(
             args.holdout_genre, args.train, args.dev, args.test, os.path.join(args.work, f"holdout-{args.holdout_genre}"))
@@ -169,8 +194,12 @@ def main(argv=None):
                     *extra, *args.set, *per_stage.get(stage, [])]
         res["timings"][f"{stage}_train_s"] = round(sh(cmd, log), 1)
         res["budgets"][stage] = budget(out)
-        path, meta = selected(out)
-        res["selected"][stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
+        if stage == "mntp":
+            path, meta = mntp_selection(out)
+            res["selected"][stage] = {**meta, "eval_data": files["dev"]}
+        else:
+            path, meta = selected(out)
+            res["selected"][stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
         shutil.copy(os.path.join(out, "metrics.csv"), os.path.join(args.out, f"{prefix}{stage}_metrics.csv"))
         return path
 
@@ -241,9 +270,10 @@ def main(argv=None):
             lines += [f"**Rehearsal: scored on the first {args.test_limit} test pairs only, not the full test set.**", ""]
         lines += [f"Measured {result['date']} at commit `{commit}` on {hw}, {args.nproc} ranks; wall time "
                   f"{wall / 60:.1f} min for the whole table{'' if final else ' so far'}.", "", f"Command: `{cmdline}`", "",
-                  "Each training stage evaluates on STS-B dev (the first `eval_sts_pairs` pairs) every `eval_every` "
-                  "steps and keeps its best "
-                  "adapter (`best/`); the rows use that adapter, and (d)-(f) start from the best MNTP adapter.", ""]
+                  "Each training stage evaluates on STS-B dev every `eval_every` steps (the first `eval_sts_pairs` "
+                  "pairs of dev interleaved genre by genre, so every genre is in the selection). The contrastive "
+                  "stages keep their best adapter by dev Spearman (`best/`), and their rows use it; MNTP hands on "
+                  "its last adapter, the lowest held-out MNTP loss (dev sentences), to row (c) and to (d)-(f).", ""]
         if hname:
             h = result["holdout"]
             g, others = args.holdout_genre, " and ".join(h["train_genres"])
@@ -260,6 +290,8 @@ def main(argv=None):
                       "| --- | ---: | ---: | --- | --- |"]
 
         def sel_s(sel):
+            if "eval_loss" in sel:
+                return f"{sel['adapter']} ({sel['step']}, MNTP loss {sel['eval_loss']:.2f})"
             return (f"{sel['adapter']} ({sel['step']}, {sel['spearman']:.2f})" if "step" in sel
                     else sel.get("adapter", "-"))
 

@@ -62,6 +62,8 @@ def fingerprint(cfg) -> dict:
             out[key] = v
     if cfg.lr_decay_steps:  # only when set: runs from before the key keep their fingerprint
         out["lr_decay_steps"] = cfg.lr_decay_steps
+    if cfg.lr_decay_epochs:
+        out["lr_decay_epochs"] = cfg.lr_decay_epochs
     if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:

@@ -115,6 +115,9 @@ class TrainConfig:
     # the step at which linear/cosine reach 0; 0 means max_steps. llm2vec's HF Trainer decays over its epochs
     # and stops early (stop_after_n_steps), so its LR at the last step is still near the peak
     lr_decay_steps: int = 0
+    # the same horizon counted in epochs of the training data (llm2vec's num_train_epochs), resolved to steps once
+    # the data is read: ceil(epochs x global batches per epoch); 0 means unset. Set one of the two, not both
+    lr_decay_epochs: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 42
     log_every: int = 1
@@ -393,6 +396,7 @@ _RANGES = {
     "max_samples": (0, None, True, False, ">= 0 (0 keeps everything)"),
     "warmup_steps": (0, None, True, False, ">= 0"),
     "lr_decay_steps": (0, None, True, False, ">= 0 (0: decay over max_steps)"),
+    "lr_decay_epochs": (0.0, None, True, False, ">= 0 (0: unset)"),
     "log_every": (1, None, True, False, ">= 1"),
     "eval_every": (0, None, True, False, ">= 0 (0: no periodic eval)"),
     "eval_batches": (1, None, True, False, ">= 1"),
@@ -417,6 +421,9 @@ def _check_numbers(cfg):
         ok = (lo is None or (obj >= lo if lo_inc else obj > lo)) and (hi is None or (obj <= hi if hi_inc else obj < hi))
         if not ok:
             raise ConfigError(f"{key} must be {what}, got {obj}")
+    if cfg.lr_decay_steps and cfg.lr_decay_epochs:
+        raise ConfigError(f"set lr_decay_steps ({cfg.lr_decay_steps}) or lr_decay_epochs ({cfg.lr_decay_epochs:g}), "
+                          f"not both: they are the same horizon, in steps or in epochs of the data")
     c = cfg.contrastive
     if c.doc_max_len is not None and c.doc_max_len < 2:
         raise ConfigError(f"contrastive.doc_max_len must be >= 2 (or unset), got {c.doc_max_len}")

@@ -119,7 +119,8 @@ def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
     out(f"  recompute {recompute}: {why_recompute}")
     out(f"  deepspeed: zero_optimization {ds['zero_optimization']['stage']}, bf16 {ds['bf16']['enabled']}, "
         f"gradient_accumulation_steps {ds['gradient_accumulation_steps']}")
-    horizon = cfg.lr_decay_steps or cfg.max_steps
+    horizon = (f"{cfg.lr_decay_epochs:g} epochs of the data (in steps once the data is read)" if cfg.lr_decay_epochs
+               else cfg.lr_decay_steps or cfg.max_steps)
     out(f"  schedule: {cfg.lr_schedule}, peak {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, decay horizon "
         f"{horizon}, stop at {cfg.max_steps}")
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:

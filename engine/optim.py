@@ -12,15 +12,28 @@ import math
 import torch
 
 
-def lr_lambda(cfg):
-    """The LR factor of the schedule above, as a function of the optimizer steps taken (for LambdaLR)."""
+def decay_horizon(cfg, steps_per_epoch=None):
+    """The step at which linear or cosine decay reaches 0: ``lr_decay_steps``; or ``lr_decay_epochs`` epochs of the
+    data, ceil(epochs x steps_per_epoch) (llm2vec's HF Trainer decays over ``num_train_epochs`` epochs of its
+    dataloader); else ``max_steps``."""
+    if cfg.lr_decay_epochs:
+        if not steps_per_epoch:
+            raise ValueError("lr_decay_epochs needs the data's steps per epoch")
+        return max(math.ceil(cfg.lr_decay_epochs * steps_per_epoch), 1)
+    return cfg.lr_decay_steps or cfg.max_steps
+
+
+def lr_lambda(cfg, steps_per_epoch=None):
+    """The LR factor of the schedule above, as a function of the optimizer steps taken (for LambdaLR);
+    ``steps_per_epoch``: the data's global batches per epoch, which ``lr_decay_epochs`` needs."""
+    horizon = decay_horizon(cfg, steps_per_epoch)
 
     def f(step):  # step = optimizer steps taken so far
         if cfg.warmup_steps and step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if cfg.lr_schedule in ("constant", "constant_with_warmup"):  # the peak LR after the warmup
             return 1.0
-        span = max((cfg.lr_decay_steps or cfg.max_steps) - cfg.warmup_steps, 1)  # lr_decay_steps: 0 = max_steps
+        span = max(horizon - cfg.warmup_steps, 1)
         t = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
         return 1.0 - t if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
     return f

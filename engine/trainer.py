@@ -27,7 +27,7 @@ from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
-from .optim import apply_schedule, is_nonfinite_step, lr_lambda, tune_optimizer_step
+from .optim import apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, tune_optimizer_step
 from .stages import build_stage
 from .stages.base import to_device
 
@@ -141,7 +141,11 @@ class Trainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                                 weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.plan.steps_per_epoch))
+        if cfg.lr_decay_epochs:
+            log0(f"schedule: {cfg.lr_schedule} decay reaches 0 at step {decay_horizon(cfg, self.plan.steps_per_epoch)} "
+                 f"= {cfg.lr_decay_epochs:g} epochs of {self.plan.steps_per_epoch} steps; the run stops at step "
+                 f"{cfg.max_steps}")
         ds_cfg = config_mod.deepspeed_config(cfg, self.world, use_bf16=dtype == torch.bfloat16,
                                              use_fp16=dtype == torch.float16, stage=self.zero_stage,
                                              lora_max_numel=self.mem.lora_max_numel, layer_numel=self.mem.layer_numel)

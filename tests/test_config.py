@@ -93,6 +93,26 @@ def test_lr_decay_steps_sets_the_schedule_horizon():
     assert "lr_decay_steps" not in fingerprint(base) and fingerprint(longer)["lr_decay_steps"] == 400
 
 
+def test_lr_decay_epochs_resolves_from_the_data():
+    """llm2vec's HF Trainer decays over num_train_epochs epochs of its data: lr_decay_epochs 3 with 250 global
+    batches an epoch reaches 0 at step 750, whatever max_steps is."""
+    from engine.checkpoint import fingerprint
+    from engine.optim import decay_horizon, lr_lambda
+
+    cfg = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"),
+                      ["max_steps=100", "warmup_steps=50", "lr_decay_epochs=3"])
+    assert decay_horizon(cfg, 250) == 750 and decay_horizon(cfg, 333.0) == 999
+    f = lr_lambda(cfg, 250)
+    assert f(0) == pytest.approx(1 / 50) and f(50) == 1.0 and f(400) == pytest.approx(1 - 350 / 700) and f(750) == 0
+    assert fingerprint(cfg)["lr_decay_epochs"] == 3
+    with pytest.raises(ValueError, match="steps per epoch"):
+        lr_lambda(cfg)
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lr_decay_epochs=3", "lr_decay_steps=10"])
+    with pytest.raises(ConfigError, match="lr_decay_epochs must be >= 0"):
+        load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lr_decay_epochs=-1"])
+
+
 @pytest.mark.parametrize("model", ["llama2-7b", "mistral-7b", "llama3-8b", "llama3.1-8b", "sheared-llama-1.3b",
                                    "qwen2-0.5b"])
 def test_recipe_configs_follow_llm2vec(model):
@@ -102,16 +122,18 @@ def test_recipe_configs_follow_llm2vec(model):
     assert (m.learning_rate, m.max_steps, m.max_seq_len, m.lora.r, m.lora.alpha, m.mntp.mask_token) == \
         (5e-5, 1000, 512, 16, 32, "_")
     assert (m.mntp.mask_prob, m.mntp.scheme) == ((0.8, "all") if model == "mistral-7b" else (0.2, "bert"))
-    # llm2vec's HF Trainer decays over 3 epochs and stops at step 1000: the LR there is still near the peak
-    assert 0.9 < lr_lambda(m)(1000) < 1.0
+    # llm2vec's HF Trainer decays over 3 epochs and stops at step 1000: the LR there is still near the peak.
+    # The horizon is counted in epochs of the data read; wikitext-103 gives about 8,000 steps of 32 x 512 tokens
+    assert m.lr_decay_epochs == 3 and not m.lr_decay_steps and 0.9 < lr_lambda(m, 8000)(1000) < 1.0
     s = load_config(os.path.join(ROOT, f"configs/{model}/simcse.yaml"))
     assert (s.learning_rate, s.batch_size, s.contrastive.temperature, s.model.attention_dropout,
             s.contrastive.max_len, s.max_steps) == (3e-5, 128, 0.05, 0.3, 128, 1000)
     u = load_config(os.path.join(ROOT, f"configs/{model}/supervised.yaml"))
     assert (u.learning_rate, u.batch_size, u.warmup_steps, u.contrastive.max_len, u.contrastive.temperature,
             u.max_steps) == (2e-4, 512, 300, 512, 0.02, 1000)
-    for c in (s, u):
-        assert c.model.adapters == [f"outputs/{model}-mntp/adapter"] and 0.85 < lr_lambda(c)(1000) < 1.0
+    assert u.lr_decay_epochs == 3 and s.lr_decay_steps == 23439  # E5 (~1.5M examples): ~2,900 steps of 512
+    for c, per_epoch in ((s, None), (u, 2900)):
+        assert c.model.adapters == [f"outputs/{model}-mntp/adapter"] and 0.85 < lr_lambda(c, per_epoch)(1000) < 1.0
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.endswith("/supervised.yaml") and "/tiny/" not in p and

@@ -83,8 +83,8 @@ def _fake_runs(monkeypatch, q):
                "contrastive": {"loss": "infonce", "temperature": 0.05}}
         with open(os.path.join(out, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f)
-        with open(os.path.join(out, "metrics.csv"), "w") as f:
-            f.write("step,loss\n1,1.0\n")
+        with open(os.path.join(out, "metrics.csv"), "w") as f:  # MNTP's held-out loss falls, as in every real run
+            f.write("step,loss,eval_loss\n1,1.0,5.0\n2,0.9,4.5\n" if stage == "mntp" else "step,loss\n1,1.0\n")
         with open(os.path.join(out, "best", "engine_best.json"), "w") as f:
             json.dump({"step": 2, "spearman": 50.0, "eval_data": kv["eval_data"]}, f)
         return 1.0
@@ -115,8 +115,9 @@ def test_holdout_protocol_trains_without_the_genre_and_reports_both_columns(tmp_
         assert set(_genres(c["data"])) == set(_genres(c["eval_data"])) == {"captions", "forums"}
         assert len(_genres(c["data"])) == 2450 and len(_genres(c["eval_data"])) == 1000
         assert set(_genres(c["eval_data"])[:500]) == {"captions", "forums"}  # the selection's first pairs: both
-    for c in inside:
-        assert c["data"].endswith("sts-train.csv") and c["eval_data"].endswith("sts-dev.csv")
+    for c in inside:  # in-domain: all of train; all of dev, interleaved so the selection's first pairs hold every genre
+        assert c["data"].endswith("sts-train.csv") and c["eval_data"].endswith("sts-dev-interleaved.csv")
+        assert len(_genres(c["eval_data"])) == 1500 and set(_genres(c["eval_data"])[:500]) == set(q.GENRES)
     tests = {e["test"] for e in calls["eval"] if "holdout-news" in e["test"]}
     assert len(tests) == 1 and set(_genres(tests.pop())) == {"news"}
 
@@ -136,13 +137,16 @@ def test_holdout_protocol_trains_without_the_genre_and_reports_both_columns(tmp_
             want = [f"{ind:.2f} ({kind:+.2f})", f"{held_out:.2f} ({kind:+.2f})"]
         assert [c.strip() for c in table[k]] == want, k
     assert (out / "holdout-news_mntp_metrics.csv").is_file() and (out / "mntp_metrics.csv").is_file()
+    for sel in (res["selected"]["mntp"], res["holdout"]["selected"]["mntp"]):  # MNTP: the last adapter, by its loss
+        assert sel["adapter"] == "adapter" and sel["step"] == 2 and sel["lowest_at_last"] and sel["eval_loss"] == 4.5
+    assert "adapter (2, MNTP loss 4.50)" in readme
 
 
 def test_without_holdout_the_table_keeps_its_single_column(tmp_path, monkeypatch):
     import benchmarks.quality_smollm2 as q
 
     calls = _fake_runs(monkeypatch, q)
-    q.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--rows", "ac"])
+    q.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--rows", "ac", "--holdout-genre", "none"])
     assert len(calls["train"]) == 1 and "holdout" not in json.loads((tmp_path / "out" / "results.json").read_text())
     readme = (tmp_path / "out" / "README.md").read_text()
     assert re.search(r"^\| \(c\) \+ MNTP \| 15\.79 \| 1379 \|", readme, re.M)
@@ -160,6 +164,15 @@ def test_test_limit_cuts_each_protocols_own_test_set(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["test_pairs"] == res["holdout"]["test_pairs"] == 10
     assert "Rehearsal" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_mntp_selection_reports_when_the_loss_did_not_fall_last(tmp_path):
+    import benchmarks.quality_smollm2 as q
+
+    (tmp_path / "metrics.csv").write_text("step,loss,eval_loss\n25,1,5.0\n26,1,\n50,1,4.2\n75,1,4.4\n")
+    path, sel = q.mntp_selection(str(tmp_path))
+    assert path == str(tmp_path / "adapter") and sel["curve"] == [(25, 5.0), (50, 4.2), (75, 4.4)]
+    assert sel["step"] == 75 and sel["lowest_at_last"] is False
 
 
 def test_unknown_holdout_genre_is_a_usage_error(capsys):
