@@ -234,3 +234,19 @@ def test_items_survive_pickling(tmp_path, monkeypatch):
     items, _ = token_cache.build_or_open("pk" + "0" * 30, "tokens", build, progress=False)
     copy = pickle.loads(pickle.dumps(items))
     assert copy[:] == items[:] and copy[9] == [9, 10, 11]
+
+
+def test_readme_states_the_committed_data_scale_figures():
+    """The README's memory claim is the committed 1 GB measurement (benchmarks/results/2026-12-03-cpu-data-scale/)."""
+    import csv
+
+    with open(os.path.join(ROOT, "benchmarks", "results", "2026-12-03-cpu-data-scale", "pread", "bench_data.csv")) as f:
+        row = next(csv.DictReader(f))
+    extra = dict(kv.split("=", 1) for kv in row["extra"].split(";"))
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    assert row["gpu"] == "cpu" and float(extra["corpus_bytes"]) >= 1e9  # at least 1 GB of text, as issue 22 asks
+    assert f"raise the peak RSS by {float(row['peak_mb']):.0f} MB" in readme
+    assert f"tokenises in {float(row['ms']) / 1e3:.0f} s" in readme
+    assert f"({int(extra['tokens']) / 1e6:.0f}M tokens)" in readme
+    assert float(row["peak_mb"]) < 64  # bounded: one tokenising batch, not the corpus
