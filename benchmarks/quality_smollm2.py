@@ -7,6 +7,12 @@ Rows (STS Benchmark test, cosine Spearman x 100, mean pooling):
   (d) MNTP + SimCSE on the sentences of STS-B train (scores unused);
   (e) MNTP + supervised InfoNCE on STS-B train pairs (score >= 4 positives, low-score hard negatives);
   (f) MNTP + a graded-score loss (AnglE by default, configs/smollm2-135m/graded.yaml) on every STS-B train pair.
+The general recipe (``--rows aghi``; not in the default rows) trains on no STS-B text:
+  (g) MNTP on general-domain sentences (data/wikitext2-sentences, configs/smollm2-135m/general-mntp.yaml);
+  (h) (g) + SimCSE on the same sentences (configs/smollm2-135m/general-simcse.yaml);
+  (i) (h) + the graded loss of (f) on STS-B train (the optional last step of the general recipe).
+(g) and (h) are trained once and hand on their last adapters (no STS-B selection: their STS-B dev curves are
+logged, not used); each protocol scores them on its own test set. (i) is trained per protocol like (f).
 Training uses the committed configs configs/smollm2-135m/{mntp,simcse,supervised,graded}.yaml. Each stage
 evaluates on STS-B dev every ``eval_every`` steps. Dev is interleaved genre by genre (:func:`interleave_genres`),
 so the first ``eval_sts_pairs`` pairs that the selection scores hold every genre, not only the captions that open
@@ -40,13 +46,20 @@ import time
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GENERAL = os.path.join(ROOT, "data", "wikitext2-sentences", "sentences.txt")  # the general recipe's corpus
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
 GENRES = ("captions", "forums", "news")  # STS-B's three genres (engine.data.sts_genre)
 STAGES = {"d": "simcse", "e": "supervised", "f": "graded"}
+CONFIGS = ("mntp", "simcse", "supervised", "graded", "general-mntp", "general-simcse")  # configs/smollm2-135m/
+GENERAL_STAGES = {"g": "general-mntp", "h": "general-simcse"}  # trained once, on no STS-B text
+STAGE_OF = {"c": "mntp", **STAGES, **GENERAL_STAGES, "i": "general-graded"}
 NAMES = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidirectional, untrained",
          "c": "(c) + MNTP", "d": "(d) + MNTP + SimCSE (STS-B train sentences, no scores)",
          "e": "(e) + MNTP + supervised InfoNCE (STS-B train pairs >= 4, hard negatives)",
-         "f": "(f) + MNTP + graded loss (every STS-B train pair with its score)"}
+         "f": "(f) + MNTP + graded loss (every STS-B train pair with its score)",
+         "g": "(g) general MNTP (WikiText-2 sentences, no STS-B)",
+         "h": "(h) general MNTP + SimCSE (WikiText-2 sentences, no STS-B)",
+         "i": "(i) (h) + graded loss on STS-B train"}
 
 
 def sh(cmd, log):
@@ -151,18 +164,21 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every stage")
     ap.add_argument("--stage-set", nargs="*", default=[], metavar="STAGE:key=value",
                     help="overrides for one stage (mntp, simcse, supervised, graded)")
-    ap.add_argument("--rows", default="abcdef")
+    ap.add_argument("--rows", default="abcdef", help="rows to run: abcdef (default, the STS-B recipe), ghi (the "
+                    "general recipe), any mix")
     ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
     ap.add_argument("--label", default="", help="a line for the README (e.g. the budget's purpose)")
     ap.add_argument("--holdout-genre", choices=GENRES + ("none",), default="news",
                     help="also train every row without this STS-B genre and score its test pairs (held-out column); "
                          "none: the in-domain column only")
     args = ap.parse_args(argv)
+    if not args.rows or set(args.rows) - set(NAMES):
+        ap.error(f"--rows {args.rows!r}: expected letters from {''.join(NAMES)}")
     per_stage = {}
     for item in args.stage_set:
         stage, _, kv = item.partition(":")
-        if stage not in ("mntp", "simcse", "supervised", "graded") or "=" not in kv:
-            ap.error(f"--stage-set {item!r}: expected STAGE:key=value with STAGE in mntp, simcse, supervised, graded")
+        if stage not in CONFIGS or "=" not in kv:
+            ap.error(f"--stage-set {item!r}: expected STAGE:key=value with STAGE in {', '.join(CONFIGS)}")
         per_stage.setdefault(stage, []).append(kv)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
@@ -183,20 +199,28 @@ def main(argv=None):
     t_all = time.time()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     results = {name: {"rows": {}, "timings": {}, "budgets": {}, "selected": {}} for name in protocols}
+    general = {"timings": {}, "budgets": {}, "selected": {}}  # the stages (g) and (h), trained once
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
 
-    def train(stage, out, files, res, prefix, extra=()):
+    def train(stage, out, files, res, prefix, extra=(), config=None):
+        """Run one stage (``config``: its file's name in configs/smollm2-135m, default ``stage``). The general
+        stages keep their config's corpus (``files["train"]`` is None) and hand on their last adapter."""
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # not the launcher's default 29500,
             sock.bind(("127.0.0.1", 0))  # which another run on the machine may hold
             port = sock.getsockname()[1]
-        cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{stage}.yaml",
-                    f"data={files['train']}", f"eval_data={files['dev']}", f"output_dir={out}", "progress_bar=false",
-                    *extra, *args.set, *per_stage.get(stage, [])]
+        config = config or stage
+        data = [f"data={files['train']}"] if files["train"] else []
+        cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{config}.yaml",
+                    *data, f"eval_data={files['dev']}", f"output_dir={out}", "progress_bar=false",
+                    *extra, *args.set, *per_stage.get(config, [])]
         res["timings"][f"{stage}_train_s"] = round(sh(cmd, log), 1)
         res["budgets"][stage] = budget(out)
-        if stage == "mntp":
+        if stage in ("mntp", "general-mntp"):
             path, meta = mntp_selection(out)
             res["selected"][stage] = {**meta, "eval_data": files["dev"]}
+        elif stage == "general-simcse":
+            path = os.path.join(out, "adapter")
+            res["selected"][stage] = {"adapter": "adapter", "selected_by": "last step (no STS-B selection)"}
         else:
             path, meta = selected(out)
             res["selected"][stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
@@ -226,6 +250,15 @@ def main(argv=None):
             path = train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"])
             rows[key] = evaluate(path, files["test"], log)
             report(False)
+        for key in "gh":
+            if key in args.rows:
+                rows[key] = evaluate(general_adapters[key], files["test"], log)
+                report(False)
+        if "i" in args.rows:
+            path = train("general-graded", os.path.join(work, "general-graded"), files, res, prefix,
+                         [f"model.adapters=[{general_adapters['g']},{general_adapters['h']}]"], config="graded")
+            rows["i"] = evaluate(path, files["test"], log)
+            report(False)
 
     def cell(rows, k):
         if k not in rows:
@@ -252,6 +285,8 @@ def main(argv=None):
                   "command": cmdline, "label": args.label, "test_pairs": rows[next(iter(rows))]["pairs"] if rows else 0,
                   "wall_seconds": round(wall, 1), "timings": timings, "budgets": budgets, "selected": picked,
                   "overrides": args.set, "stage_overrides": per_stage, "rows": rows}
+        if general["timings"]:
+            result["general"] = {"data": os.path.relpath(GENERAL, ROOT), **general}
         hname = f"holdout-{args.holdout_genre}" if args.holdout_genre else None
         if hname:
             h = results[hname]
@@ -260,7 +295,6 @@ def main(argv=None):
                                  "test_pairs": h["rows"][next(iter(h["rows"]))]["pairs"] if h["rows"] else 0, **h}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
-        stage_of = {"c": "mntp", **STAGES}
         lines = ["# STS Benchmark test: LLM2Vec on SmolLM2-135M-Instruct", ""]
         if not final:
             lines += ["**Partial: the run is still going (or was cut short); rows so far.**", ""]
@@ -295,21 +329,24 @@ def main(argv=None):
             return (f"{sel['adapter']} ({sel['step']}, {sel['spearman']:.2f})" if "step" in sel
                     else sel.get("adapter", "-"))
 
-        for k in "abcdef":
+        for k in NAMES:
             if k not in rows and not (hname and k in results[hname]["rows"]):
                 continue
-            st = stage_of.get(k)
-            train_s = f"{timings[st + '_train_s'] / 60:.1f} min" if st and st + "_train_s" in timings else "-"
-            if st in budgets:
-                b = budgets[st]
-                train_s += f", {b['max_steps']} steps x {b['batch_size']}" + (f", {b['loss']}" if st != "mntp" else "")
+            st = STAGE_OF.get(k)
+            tm, bu, pk = (general["timings"], general["budgets"], general["selected"]) if k in GENERAL_STAGES else (
+                timings, budgets, picked)
+            train_s = f"{tm[st + '_train_s'] / 60:.1f} min" if st and st + "_train_s" in tm else "-"
+            if st in bu:
+                b = bu[st]
+                train_s += f", {b['max_steps']} steps x {b['batch_size']}" + (f", {b['loss']}" if "mntp" not in st else "")
             if hname:
                 h = results[hname]
+                h_sel = pk.get(st, {}) if k in GENERAL_STAGES else h["selected"].get(st, {})
                 lines.append(f"| {NAMES[k]} | {cell(rows, k)} | {cell(h['rows'], k)} | {train_s} | "
-                             f"{sel_s(picked.get(st, {}))} | {sel_s(h['selected'].get(st, {}))} |")
+                             f"{sel_s(pk.get(st, {}))} | {sel_s(h_sel)} |")
             else:
                 lines.append(f"| {NAMES[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} | {train_s} | "
-                             f"{sel_s(picked.get(st, {}))} |")
+                             f"{sel_s(pk.get(st, {}))} |")
         lines += ["", "Per-step training logs (loss, lr, dev Spearman): `<stage>_metrics.csv`"
                   + (f" (held-out: `{hname}_<stage>_metrics.csv`)" if hname else "")
                   + "; budgets and the selected adapters: `results.json`.", "",
@@ -320,6 +357,14 @@ def main(argv=None):
         if final:
             print("\n".join(lines))
 
+    general_adapters = {}
+    if set("ghi") & set(args.rows):  # the general stages: their config's corpus, trained once for every protocol
+        gfiles = {"train": None, "dev": dev}
+        general_adapters["g"] = train("general-mntp", os.path.join(args.work, "general-mntp"), gfiles, general, "",
+                                      config="general-mntp")
+        if set("hi") & set(args.rows):
+            general_adapters["h"] = train("general-simcse", os.path.join(args.work, "general-simcse"), gfiles, general,
+                                          "", [f"model.adapters=[{general_adapters['g']}]"], config="general-simcse")
     for name in protocols:
         run_protocol(name)
     report(True)

@@ -90,7 +90,8 @@ def _fake_runs(monkeypatch, q):
     def sh(cmd, log):
         kv = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
         out, stage = kv["output_dir"], os.path.basename(kv["output_dir"])
-        calls["train"].append({"stage": stage, "data": kv["data"], "eval_data": kv["eval_data"], "out": out})
+        calls["train"].append({"stage": stage, "data": kv.get("data"), "eval_data": kv["eval_data"], "out": out,
+                               "config": cmd[cmd.index("--config") + 1], "adapters": kv.get("model.adapters")})
         os.makedirs(os.path.join(out, "best"), exist_ok=True)
         cfg = {"stage": stage, "max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-4,
                "lr_schedule": "constant", "eval_every": 1, "eval_sts_pairs": 500, "max_seq_len": 64,
@@ -98,12 +99,13 @@ def _fake_runs(monkeypatch, q):
         with open(os.path.join(out, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg, f)
         with open(os.path.join(out, "metrics.csv"), "w") as f:  # MNTP's held-out loss falls, as in every real run
-            f.write("step,loss,eval_loss\n1,1.0,5.0\n2,0.9,4.5\n" if stage == "mntp" else "step,loss\n1,1.0\n")
+            f.write("step,loss,eval_loss\n1,1.0,5.0\n2,0.9,4.5\n" if "mntp" in stage else "step,loss\n1,1.0\n")
         with open(os.path.join(out, "best", "engine_best.json"), "w") as f:
             json.dump({"step": 2, "spearman": 50.0, "eval_data": kv["eval_data"]}, f)
         return 1.0
 
-    kinds = {"mntp": 2, "simcse": 3, "supervised": 4, "graded": 5}
+    kinds = {"mntp": 2, "simcse": 3, "supervised": 4, "graded": 5, "general-mntp": 6, "general-simcse": 7,
+             "general-graded": 8}
 
     def evaluate(model, test, log, causal=False):
         pairs = len(_genres(test))
@@ -196,3 +198,48 @@ def test_unknown_holdout_genre_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         q.main(["--holdout-genre", "poetry"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_general_recipe_trains_on_no_sts_text_once_and_scores_both_columns(tmp_path, monkeypatch):
+    """(g) MNTP and (h) SimCSE on the shipped general corpus, trained once with no data= override (their configs'
+    WikiText-2 sentences) and handed on by last step, not by STS-B dev; each protocol scores them on its own test
+    set; (i) grades on that protocol's STS-B train, on top of both general adapters."""
+    import benchmarks.quality_smollm2 as q
+    from engine.config import load_config
+
+    calls = _fake_runs(monkeypatch, q)
+    out, work = tmp_path / "out", tmp_path / "work"
+    q.main(["--out", str(out), "--work", str(work), "--rows", "aghi", "--holdout-genre", "news"])
+    stages = [c["stage"] for c in calls["train"]]
+    assert stages == ["general-mntp", "general-simcse", "general-graded", "general-graded"]
+    g, h = calls["train"][:2]
+    for c in (g, h):
+        assert c["data"] is None and load_config(os.path.join(ROOT, c["config"])).data == [
+            "data/wikitext2-sentences/sentences.txt"]
+    assert h["adapters"] == f"[{g['out']}/adapter]"
+    ind, held = calls["train"][2:]
+    assert ind["config"] == held["config"] == "configs/smollm2-135m/graded.yaml"
+    assert ind["adapters"] == held["adapters"] == f"[{g['out']}/adapter,{h['out']}/adapter]"
+    assert ind["data"].endswith("sts-train.csv") and set(_genres(held["data"])) == {"captions", "forums"}
+    for c in (g, h):  # general stages: best/ exists (the fake writes one) but the last adapter is what is scored
+        assert sum(e["model"] == os.path.join(c["out"], "adapter") for e in calls["eval"]) == 2
+
+    res = json.loads((out / "results.json").read_text())
+    assert res["general"]["data"] == "data/wikitext2-sentences/sentences.txt"
+    assert res["general"]["selected"]["general-simcse"]["adapter"] == "adapter"
+    for k, kind in zip("ghi", (6, 7, 8)):
+        assert abs(res["rows"][k]["spearman"] - (13.79 + kind)) < 1e-9
+        assert abs(res["holdout"]["rows"][k]["spearman"] - (5.0 + kind)) < 1e-9
+    readme = (out / "README.md").read_text()
+    table = dict((m[0], m[1:]) for m in re.findall(r"^\| \(([a-i])\) [^|]*\| ([^|]+) \| ([^|]+) \|", readme, re.M))
+    assert sorted(table) == list("aghi") and table["h"][0].strip() == f"{13.79 + 7:.2f} (+7.00)"
+    assert (out / "general-mntp_metrics.csv").is_file() and (out / "holdout-news_general-graded_metrics.csv").is_file()
+
+
+def test_unknown_row_is_a_usage_error(capsys):
+    import benchmarks.quality_smollm2 as q
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        q.main(["--rows", "az"])
+    assert e.value.code == 2 and "--rows 'az'" in capsys.readouterr().err
