@@ -19,16 +19,12 @@ RAW = {"valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e
        "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"}
 MIN_WORDS, MAX_WORDS = 8, 60
 
-# sentence end: a tokenised ". ", "? " or "! " (optionally closing a quote or bracket) before a capital or a quote
-_SPLIT = re.compile(r'(?<= [.?!]) (?=(?:" )?[A-Z0-9"])|(?<= [.?!] ") (?=[A-Z])')
-
-
 def detokenise(s):
     """WikiText's tokenised text back to ordinary spacing: ``0 @.@ 7 kg ( 24 in ) , it 's`` -> ``0.7 kg (24 in), it's``."""
     s = re.sub(r" @([-.,])@ ", r"\1", s)
     s = re.sub(r" ([.,;:!?%)\]}])", r"\1", s)
     s = re.sub(r"([(\[{$£]) ", r"\1", s)
-    s = re.sub(r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1", s)
+    s = re.sub(r" (n't|'s|'re|'ve|'m|'ll|'d|'t)\b", r"\1", s)
     s = re.sub(r" ' s\b", "'s", s)
     # straight double quotes, when balanced: the opening one glued to the word after it, the closing one to the
     # word before it
@@ -42,10 +38,33 @@ def _quotes(parts):
     out = parts[0].rstrip()
     for i in range(1, len(parts), 2):
         inner, after = parts[i].strip(), parts[i + 1]
-        out += (" " if out else "") + '"' + inner + '"'
+        out += ("" if not out or out[-1] in "([{" else " ") + '"' + inner + '"'
         tail = after.strip()
         if tail:
             out += ("" if tail[0] in ".,;:!?)" else " ") + tail
+    return out
+
+
+def split_sentences(line):
+    """One tokenised WikiText paragraph cut into sentences: after a ``.``, ``?`` or ``!`` token (and the straight
+    quote that closes, when a quote is open) that comes before a capital, a digit or an opening quote."""
+    toks, out, cur, inside, i = line.split(), [], [], False, 0
+    while i < len(toks):
+        cur.append(toks[i])
+        if toks[i] == '"':
+            inside = not inside
+        elif toks[i] in (".", "?", "!"):
+            if inside and i + 1 < len(toks) and toks[i + 1] == '"':  # the closing quote belongs to this sentence
+                i += 1
+                cur.append('"')
+                inside = False
+            nxt = toks[i + 1] if i + 1 < len(toks) else ""
+            if nxt[:1].isupper() or nxt[:1].isdigit() or nxt == '"':
+                out.append(" ".join(cur))
+                cur = []
+        i += 1
+    if cur:
+        out.append(" ".join(cur))
     return out
 
 
@@ -56,7 +75,7 @@ def sentences(lines):
         line = line.strip()
         if not line or line.startswith("= "):
             continue
-        for sent in _SPLIT.split(line):
+        for sent in split_sentences(line):
             if "<unk>" in sent:
                 continue
             text = detokenise(sent)

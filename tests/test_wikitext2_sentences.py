@@ -1,0 +1,71 @@
+"""The general recipe's corpus (data/wikitext2-sentences): the committed file is the one its data card describes,
+and make.py's detokeniser and splitter do what the card says, on hand-written lines in WikiText's format."""
+import hashlib
+import importlib.util
+import os
+import re
+
+from .helpers import ROOT
+
+DIR = os.path.join(ROOT, "data", "wikitext2-sentences")
+
+
+def _make():
+    spec = importlib.util.spec_from_file_location("wikitext2_make", os.path.join(DIR, "make.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _card():
+    with open(os.path.join(DIR, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_committed_file_matches_its_card():
+    with open(os.path.join(DIR, "sentences.txt"), "rb") as f:
+        raw = f.read()
+    card = _card()
+    lines = raw.decode("utf-8").splitlines()
+    assert f"`{hashlib.sha256(raw).hexdigest()}`" in card
+    assert f"{len(lines):,} English sentences" in card and f"{len(raw):,} bytes" in card
+    words = [len(t.split()) for t in lines]
+    assert f"{sum(words):,} words" in card and min(words) >= 8 and max(words) <= 60
+    assert len(set(lines)) == len(lines)
+    for bad in ("<unk>", " @", " ,", " .", "( ", " )", " 's"):  # WikiText's tokenisation is undone
+        assert not any(bad in t for t in lines), bad
+    assert os.path.isfile(os.path.join(DIR, "LICENSE.txt")) and "CC BY-SA 3.0" in card
+
+
+def test_detokenise_undoes_wikitexts_tokenisation():
+    m = _make()
+    got = m.detokenise('It weighs 0 @.@ 7 – 2 @.@ 2 kg ( 1 @,@ 500 g ) , and it \'s the " common lobster " .')
+    assert got == 'It weighs 0.7 – 2.2 kg (1,500 g), and it\'s the "common lobster".'
+    assert m.detokenise("a well @-@ known case does n't hold ; see [ 1 ] .") == "a well-known case doesn't hold; see [1]."
+    assert m.detokenise("I shouldn 't say") == "I shouldn't say"
+    assert m.detokenise('He said " go " , then " stop "') == 'He said "go", then "stop"'
+    assert m.detokenise('the play ( " too faithful " , he said ) ran') == 'the play ("too faithful", he said) ran'
+    assert m.detokenise('an odd " quote here .') == 'an odd " quote here.'  # unbalanced: left alone
+
+
+def test_sentences_split_filter_and_dedup():
+    m = _make()
+    lines = [" = Title = ", "",
+             " The first sentence has exactly eight words in it . It was found in St. Paul by a <unk> in 1901 . "
+             "Short one here . \" Quoted words open this sentence of ten words here , \" he said . \" It ends here and the quote closes with it . \" Then it goes on with a few more words .",
+             " = = Section = = ",
+             " The first sentence has exactly eight words in it . "]
+    got = list(m.sentences(lines))
+    assert got == ["The first sentence has exactly eight words in it.",
+                   '"Quoted words open this sentence of ten words here," he said.',
+                   '"It ends here and the quote closes with it."', "Then it goes on with a few more words."]
+
+
+def test_make_refuses_inputs_that_are_not_the_pinned_files(tmp_path, capsys):
+    m = _make()
+    (tmp_path / "valid.txt").write_text(" = A = \n")
+    (tmp_path / "test.txt").write_text(" = B = \n")
+    assert m.main(["--raw", str(tmp_path), "--out", str(tmp_path / "out.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "is not the pinned" in err and err.count("\n") == 1 and not (tmp_path / "out.txt").exists()
+    assert m.main(["--raw", str(tmp_path / "absent"), "--out", str(tmp_path / "out.txt")]) == 2
