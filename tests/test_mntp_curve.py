@@ -1,0 +1,78 @@
+"""benchmarks/mntp_curve.py: one MNTP run keeping every --every steps' adapter, each scored on all of STS-B test
+and on the held-out genre's pairs; fast, with the training and evaluation commands faked."""
+import csv
+import json
+import os
+
+import pytest
+
+from .helpers import ROOT
+
+
+def _fake(monkeypatch, q):
+    calls = {"train": [], "eval": []}
+
+    def sh(cmd, log):
+        kv = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("-"))
+        calls["train"].append({"cmd": cmd, **kv})
+        run, every, steps = kv["output_dir"], int(kv["save_every"]), int(kv["max_steps"])
+        os.makedirs(run, exist_ok=True)
+        with open(os.path.join(run, "metrics.csv"), "w") as f:
+            f.write("step,loss,eval_loss,eval_sts_spearman\n")
+            for s in range(1, steps + 1):
+                f.write(f"{s},1.0,{5 - s / 100 if s % every == 0 else ''},{s / 10 if s % every == 0 else ''}\n")
+        return 2.0
+
+    def evaluate(model, test, log, causal=False):
+        with open(test) as f:
+            pairs = sum(1 for line in f if line.strip())
+        calls["eval"].append({"model": model, "test": test, "causal": causal})
+        step = -1 if causal else 0 if model == "smollm2-135m" else int(model.split("step_")[1].split(os.sep)[0])
+        return {"spearman": step + pairs / 10000, "pairs": pairs}
+
+    monkeypatch.setattr(q, "sh", sh)
+    monkeypatch.setattr(q, "evaluate", evaluate)
+    return calls
+
+
+def test_curve_scores_every_kept_adapter_on_both_test_sets(tmp_path, monkeypatch):
+    import benchmarks.mntp_curve as mc
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake(monkeypatch, q)
+    out = tmp_path / "out"
+    assert mc.main(["--steps", "6", "--every", "2", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    (train,) = calls["train"]
+    assert train["keep_checkpoints"] == "0" and "data" not in train  # the config's own corpus, every adapter kept
+    assert train["eval_data"].endswith("sts-dev-interleaved.csv")
+    with open(out / "curve.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["causal", "0", "2", "4", "6"]
+    assert rows[2]["eval_loss"] == "4.98" and rows[2]["dev_spearman"] == "0.2"
+    for r, want in zip(rows, (-1, 0, 2, 4, 6)):  # each figure is its own model's, on its own test set
+        assert float(r["test_spearman"]) == round(want + 0.1379, 2) and float(r["news_spearman"]) == round(want + 0.05, 2)
+    assert json.loads((out / "curve.json").read_text())["train"] == "config"
+
+
+def test_curve_can_train_on_sts_without_the_held_out_genre(tmp_path, monkeypatch):
+    import benchmarks.mntp_curve as mc
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake(monkeypatch, q)
+    mc.main(["--config", "mntp", "--steps", "2", "--every", "2", "--holdout-genre", "forums", "--train-without-holdout",
+             "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    (train,) = calls["train"]
+    from engine.data import sts_genre
+
+    with open(train["data"]) as f:
+        assert {sts_genre(line.split("\t", 1)[0]) for line in f} == {"captions", "news"}
+    assert train["eval_data"].endswith(os.path.join("holdout", "sts-dev.csv"))
+    assert os.path.relpath(train["cmd"][train["cmd"].index("--config") + 1], ROOT) == "configs/smollm2-135m/mntp.yaml"
+
+
+def test_steps_not_a_multiple_of_every_is_a_usage_error(tmp_path, capsys):
+    import benchmarks.mntp_curve as mc
+
+    with pytest.raises(SystemExit) as e:
+        mc.main(["--steps", "5", "--every", "2", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "multiple" in capsys.readouterr().err
