@@ -308,10 +308,14 @@ def main(argv=None):
                   "pairs of dev interleaved genre by genre, so every genre is in the selection). The contrastive "
                   "stages keep their best adapter by dev Spearman (`best/`), and their rows use it; MNTP hands on "
                   "its last adapter, the lowest held-out MNTP loss (dev sentences), to row (c) and to (d)-(f).", ""]
+        if general["timings"]:
+            lines += ["General recipe: (g) and (h) train on `data/wikitext2-sentences` only, once for both columns, "
+                      "and hand on their last adapters (their STS-B dev curves are logged, not used to choose); (i) "
+                      "is (f)'s graded stage on top of them, trained and selected per column like (f).", ""]
         if hname:
             h = result["holdout"]
             g, others = args.holdout_genre, " and ".join(h["train_genres"])
-            lines += [f"Held-out column: every stage trained on the {others} pairs of STS-B train only, selected on "
+            lines += [f"Held-out column: every STS-B stage trained on the {others} pairs of STS-B train only, selected on "
                       f"the {others} pairs of STS-B dev (interleaved), scored on the {h['test_pairs']} {g} pairs of "
                       f"STS-B test; the in-domain column trains on all of STS-B train and scores all "
                       f"{result['test_pairs']} test pairs. In brackets: the difference to the causal model (a) on the "
