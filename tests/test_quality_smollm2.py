@@ -14,18 +14,25 @@ def _results():
         return json.load(f)
 
 
+def _readme_two_columns(start, letters, res):
+    """The README's quality rows ``letters`` (in-domain, held-out figures) in its section from ``start`` to
+    ``## Layout``, each checked against ``res`` (a results.json); returns the section as one line."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    section = readme[readme.index(start):readme.index("## Layout")]
+    row = rf"^\| \(([{letters}])\) [^|]*\| ([0-9.]+) \| ([0-9.]+) \|$"
+    got = {m[0]: m[1:] for m in re.findall(row, section, re.M)}
+    assert sorted(got) == list(letters)
+    for k, (ind, held) in got.items():
+        assert ind == f"{res['rows'][k]['spearman']:.2f}", k
+        assert held == f"{res['holdout']['rows'][k]['spearman']:.2f}", k
+    return " ".join(section.split())
+
+
 def test_readme_table_is_the_committed_measurement():
     """The README's two columns are results.json's in-domain and held-out rows; its wall time is the table's."""
     res = _results()
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    section = readme[readme.index("STS-B test quality of LLM2Vec on SmolLM2-135M-Instruct"):readme.index("## Layout")]
-    got = {m[0]: m[1:] for m in re.findall(r"^\| \(([a-f])\) [^|]*\| ([0-9.]+) \| ([0-9.]+) \|$", section, re.M)}
-    assert sorted(got) == list("abcdef")
-    for row, (ind, held) in got.items():
-        assert ind == f"{res['rows'][row]['spearman']:.2f}", row
-        assert held == f"{res['holdout']['rows'][row]['spearman']:.2f}", row
-    flat = " ".join(section.split())
+    flat = _readme_two_columns("STS-B test quality of LLM2Vec on SmolLM2-135M-Instruct", "abcdef", res)
     assert f"Measured {res['date']}" in flat and f"{res['wall_seconds'] / 60:.0f} minutes" in flat
 
 
@@ -58,14 +65,7 @@ def test_readme_general_table_is_the_committed_general_measurement():
     with open(os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general", "results.json")) as f:
         gen = json.load(f)
     res = _results()
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    section = readme[readme.index("The general recipe trains MNTP and SimCSE"):readme.index("## Layout")]
-    got = {m[0]: m[1:] for m in re.findall(r"^\| \(([g-i])\) [^|]*\| ([0-9.]+) \| ([0-9.]+) \|$", section, re.M)}
-    assert sorted(got) == list("ghi")
-    for row, (ind, held) in got.items():
-        assert ind == f"{gen['rows'][row]['spearman']:.2f}" and held == f"{gen['holdout']['rows'][row]['spearman']:.2f}"
-    flat = " ".join(section.split())
+    flat = _readme_two_columns("The general recipe trains MNTP and SimCSE", "ghi", gen)
     assert f"measured {gen['date']}, {gen['wall_seconds'] / 60:.0f} minutes" in flat
     assert gen["test_pairs"] == 1379 and gen["holdout"]["test_pairs"] == 500 and "CPU" in gen["hardware"]
     assert gen["general"]["data"] == "data/wikitext2-sentences/sentences.txt"
