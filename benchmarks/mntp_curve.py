@@ -17,7 +17,6 @@ import csv
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.distributed import free_port  # noqa: E402
 
 
 def _curve(metrics):
@@ -56,14 +56,10 @@ def main(argv=None):
     log = os.path.join(args.work, "log.txt")
     sts = {k: os.path.join(q.STS, f"sts-{k}.csv") for k in ("train", "dev", "test")}
     held = q.holdout_files(args.holdout_genre, sts["train"], sts["dev"], sts["test"], os.path.join(args.work, "holdout"))
-    with open(sts["dev"]) as f:
-        dev = q._write(os.path.join(args.work, "sts-dev-interleaved.csv"),
-                       q.interleave_genres([line.rstrip("\n") for line in f if line.strip()]))
+    dev = q.interleaved_dev(sts["dev"], args.work)
     # selection-free: the dev file feeds the logged curve only; the held-out protocol's dev when training on it
     eval_data = held["dev"] if args.train_without_holdout else dev
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     run = os.path.join(args.work, "run")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port", str(port),
            "engine/train.py", "--config", f"configs/smollm2-135m/{args.config}.yaml", f"eval_data={eval_data}",
@@ -79,8 +75,8 @@ def main(argv=None):
         (s, os.path.join(run, "checkpoints", f"step_{s:07d}", "adapter"), False)
         for s in range(args.every, args.steps + 1, args.every)]
     for step, model, causal in models:
-        row = {"step": step, "eval_loss": curve.get(step, ("", ""))[0] if step != "causal" else "",
-               "dev_spearman": curve.get(step, ("", ""))[1] if step != "causal" else ""}
+        loss, dev_spearman = curve.get(step, ("", ""))  # no MNTP eval for the causal model and step 0
+        row = {"step": step, "eval_loss": loss, "dev_spearman": dev_spearman}
         for name, path in tests.items():
             row[f"{name}_spearman"] = round(q.evaluate(model, path, log, causal=causal)["spearman"], 2)
         rows.append(row)

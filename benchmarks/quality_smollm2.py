@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -128,6 +127,13 @@ def interleave_genres(lines):
     return out
 
 
+def interleaved_dev(dev, work):
+    """``work``/sts-dev-interleaved.csv: the STS file ``dev`` reordered by :func:`interleave_genres`; its path."""
+    with open(dev) as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    return _write(os.path.join(work, "sts-dev-interleaved.csv"), interleave_genres(lines))
+
+
 def mntp_selection(run_dir):
     """MNTP's hand-on adapter, the last one (``adapter/``), with the held-out MNTP loss curve it was chosen by:
     {"adapter", "step", "eval_loss", "lowest_at_last", "curve"}."""
@@ -163,7 +169,7 @@ def main(argv=None):
     ap.add_argument("--dev", default=os.path.join(STS, "sts-dev.csv"))
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every stage")
     ap.add_argument("--stage-set", nargs="*", default=[], metavar="STAGE:key=value",
-                    help="overrides for one stage (mntp, simcse, supervised, graded)")
+                    help="overrides for one stage's config: " + ", ".join(CONFIGS))
     ap.add_argument("--rows", default="abcdef", help="rows to run: abcdef (default, the STS-B recipe), ghi (the "
                     "general recipe), any mix")
     ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
@@ -185,9 +191,7 @@ def main(argv=None):
     log = os.path.join(args.work, "log.txt")
     if args.holdout_genre == "none":
         args.holdout_genre = None
-    with open(args.dev) as f:
-        dev_lines = [line.rstrip("\n") for line in f if line.strip()]
-    dev = _write(os.path.join(args.work, "sts-dev-interleaved.csv"), interleave_genres(dev_lines))
+    dev = interleaved_dev(args.dev, args.work)
     protocols = {"in-domain": {"train": args.train, "dev": dev, "test": args.test}}
     if args.holdout_genre:
         protocols[f"holdout-{args.holdout_genre}"] = holdout_files(
@@ -205,9 +209,9 @@ def main(argv=None):
     def train(stage, out, files, res, prefix, extra=(), config=None):
         """Run one stage (``config``: its file's name in configs/smollm2-135m, default ``stage``). The general
         stages keep their config's corpus (``files["train"]`` is None) and hand on their last adapter."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # not the launcher's default 29500,
-            sock.bind(("127.0.0.1", 0))  # which another run on the machine may hold
-            port = sock.getsockname()[1]
+        from engine.distributed import free_port
+
+        port = free_port()  # not the launcher's default 29500, which another run on the machine may hold
         config = config or stage
         data = [f"data={files['train']}"] if files["train"] else []
         cmd = ds + ["--master_port", str(port), "engine/train.py", "--config", f"configs/smollm2-135m/{config}.yaml",

@@ -1,7 +1,7 @@
 """Rebuild ``sentences.txt`` from WikiText-2's tokenised validation and test files (see README.md here).
 
-    python data/wikitext2-sentences/make.py --raw DIR   # DIR holds wiki.valid.tokens / valid.txt and test
-                                                        # (the copy in pytorch/examples, word_language_model/data)
+    python data/wikitext2-sentences/make.py --raw DIR   # DIR holds valid.txt and test.txt, as in
+                                                        # pytorch/examples' word_language_model/data/wikitext-2
 
 WikiText ships tokenised: spaces around punctuation, ``@-@`` / ``@,@`` / ``@.@`` inside numbers and compounds,
 ``<unk>`` for rare words, and ``= Title =`` headings. This script undoes the tokenisation, splits paragraphs into
@@ -18,6 +18,7 @@ import sys
 RAW = {"valid": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
        "test": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"}
 MIN_WORDS, MAX_WORDS = 8, 60
+
 
 def detokenise(s):
     """WikiText's tokenised text back to ordinary spacing: ``0 @.@ 7 kg ( 24 in ) , it 's`` -> ``0.7 kg (24 in), it's``."""
