@@ -4,7 +4,7 @@ setup(
     name="llm2vec-engine",
     version="0.1.0",
     description="Turn decoder-only LLMs into text encoders (LLM2Vec) with Triton kernels and DeepSpeed ZeRO-3",
-    packages=["engine", "kernels"],
+    packages=["engine", "llm2vec_kernels"],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -8,7 +8,7 @@ additive padding mask, flash-attn (when installed) and the torch reference.
 "triton-padded" (padded case only) passes the padded batch itself with seqlens=, so the kernels skip the padding
 in place, with no unpad / repad copies. "triton-atomicdq" is the kernel with deterministic=False (dQ accumulated
 by fp32 atomics in the dK/dV kernel, no separate dQ kernel); "triton-padded-atomicdq" combines the two.
-"triton-autotune" is the same kernel with opt-in autotuning on (kernels.attention.set_autotune): its warm-up
+"triton-autotune" is the same kernel with opt-in autotuning on (llm2vec_kernels.attention.set_autotune): its warm-up
 calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
 
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
@@ -34,8 +34,8 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
-from kernels import attention as A  # noqa: E402
-from kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
+from llm2vec_kernels import attention as A  # noqa: E402
+from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
 MODELS = {  # name -> (Hq, Hkv, D)
     "mistral7b": (32, 8, 128),   # Llama-3-8B has the same attention shape (32/8 heads, D=128)

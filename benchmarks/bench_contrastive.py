@@ -28,8 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
-from kernels._backend import interpreter_enabled  # noqa: E402
-from kernels.contrastive import _torch_same_dtype_loss, contrastive_loss, contrastive_loss_reference  # noqa: E402
+from llm2vec_kernels._backend import interpreter_enabled  # noqa: E402
+from llm2vec_kernels.contrastive import _torch_same_dtype_loss, contrastive_loss, contrastive_loss_reference  # noqa: E402
 
 BENCH = "contrastive"
 GPU_BATCHES = (512, 4096, 32768, 131072)

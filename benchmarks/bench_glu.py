@@ -1,6 +1,6 @@
-"""Benchmark: fused gated activation (kernels/glu.py) against the eager act(gate) * up, forward + backward.
+"""Benchmark: fused gated activation (llm2vec_kernels/glu.py) against the eager act(gate) * up, forward + backward.
 
-Implementations: triton (kernels.glu, impl="triton"), torch (the reference = HF's ACT2FN[act](gate) * up).
+Implementations: triton (llm2vec_kernels.glu, impl="triton"), torch (the reference = HF's ACT2FN[act](gate) * up).
 Columns: ms = median fwd+bwd time; tflops holds GB/s (bytes of gate, up, y, dy, dgate, dup in the activation
 dtype over the time). GPU shapes: Mistral-7B SwiGLU (16384 tokens x 14336), Gemma-7B GeGLU (x 24576).
 
@@ -18,7 +18,7 @@ TINY_SHAPES = {"tiny": (32, 96, "silu"), "tiny_gelu": (16, 80, "gelu_tanh")}
 
 
 def _case(name, spec, device, dtype):
-    from kernels import glu
+    from llm2vec_kernels import glu
 
     M, inter, act = spec
     g = torch.Generator(device=device).manual_seed(0)

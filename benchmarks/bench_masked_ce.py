@@ -1,7 +1,7 @@
-"""Benchmark: fused LM head + masked cross-entropy (kernels/masked_ce.py) against the usual paths.
+"""Benchmark: fused LM head + masked cross-entropy (llm2vec_kernels/masked_ce.py) against the usual paths.
 
 Implementations (forward + backward, frozen LM-head weight as under LoRA, bf16 on GPU):
-  * triton_fused  -- kernels.masked_cross_entropy(impl="triton"): labelled rows only; with the frozen
+  * triton_fused  -- llm2vec_kernels.masked_cross_entropy(impl="triton"): labelled rows only; with the frozen
                      weight "auto" picks the eager strategy (gradient computed in forward, 2 GEMMs,
                      logits for one row chunk at a time)
   * triton_recompute -- the same op forced to the recompute strategy (online-LSE forward, logits
@@ -54,13 +54,13 @@ def _gather_torch(hidden, weight, labels):
 
 
 def _triton_fused(hidden, weight, labels):
-    from kernels import masked_cross_entropy
+    from llm2vec_kernels import masked_cross_entropy
 
     return masked_cross_entropy(hidden, weight, labels, impl="triton")
 
 
 def _triton_recompute(hidden, weight, labels):
-    from kernels import masked_ce
+    from llm2vec_kernels import masked_ce
 
     cfg = dict(masked_ce.launch_config(hidden.dtype, hidden.device), strategy="recompute")
     return masked_ce._masked_ce_triton(hidden, weight, labels, cfg=cfg)

@@ -1,6 +1,6 @@
-"""Benchmark: fused RMSNorm (kernels/rms_norm.py) against transformers' eager RMSNorm, forward + backward.
+"""Benchmark: fused RMSNorm (llm2vec_kernels/rms_norm.py) against transformers' eager RMSNorm, forward + backward.
 
-Implementations: triton (kernels.rms_norm, impl="triton"), torch (the reference = LlamaRMSNorm / GemmaRMSNorm
+Implementations: triton (llm2vec_kernels.rms_norm, impl="triton"), torch (the reference = LlamaRMSNorm / GemmaRMSNorm
 code: fp32 upcast, pow, mean, rsqrt, casts). The weight is frozen (LoRA), so only dx is computed.
 Columns: ms = median fwd+bwd time; tflops holds GB/s instead (the op is memory-bound): bytes of x, y, dy and
 dx in the activation dtype over the time; peak_mb = peak CUDA memory above the inputs.
@@ -21,7 +21,7 @@ TINY_SHAPES = {"tiny": (64, 96, False), "tiny_gemma": (33, 64, True)}
 
 
 def _case(name, spec, device, dtype):
-    from kernels import rms_norm
+    from llm2vec_kernels import rms_norm
 
     M, H, gemma = spec
     g = torch.Generator(device=device).manual_seed(0)

@@ -1,6 +1,6 @@
-"""Benchmark: fused RoPE on q and k (kernels/rope.py) against transformers' apply_rotary_pos_emb, fwd + bwd.
+"""Benchmark: fused RoPE on q and k (llm2vec_kernels/rope.py) against transformers' apply_rotary_pos_emb, fwd + bwd.
 
-Implementations: triton (kernels.rope, impl="triton", one launch for q and k), torch (the reference =
+Implementations: triton (llm2vec_kernels.rope, impl="triton", one launch for q and k), torch (the reference =
 HF's q * cos + rotate_half(q) * sin, with its neg / cat copies). q and k are the models' strided views of
 (B, S, H, D) memory. Columns: ms = median fwd+bwd time; tflops holds GB/s (bytes of q, k, their outputs and
 gradients, in the activation dtype, over the time). GPU shapes: Mistral-7B (32 / 8 heads x 128, 16384 packed
@@ -20,7 +20,7 @@ TINY_SHAPES = {"tiny": (1, 40, 4, 2, 32)}
 
 
 def _case(name, spec, device, dtype):
-    from kernels import rope
+    from llm2vec_kernels import rope
 
     B, S, Hq, Hkv, D = spec
     g = torch.Generator(device=device).manual_seed(0)

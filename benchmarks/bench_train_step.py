@@ -39,7 +39,7 @@ Implementations:
                 flash-attention kernel, fused masked cross-entropy over the masked rows only, fused
                 contrastive loss; one forward for all texts of a step.
   * engine-torch-<op>   ablations: the engine path with one kernel switched to its torch reference
-                (kernels.set_default_impl(op, "torch")), op in attention / masked_ce / contrastive.
+                (llm2vec_kernels.set_default_impl(op, "torch")), op in attention / masked_ce / contrastive.
 
 Reported per (stage, impl), one CSV row (benchmarks/common.CsvWriter, bench="train_step", pass="step"):
   ms        median wall time of the timed steps (forward + backward + optimizer step, synchronised);
@@ -102,7 +102,7 @@ if __package__ in (None, ""):  # `python benchmarks/bench_train_step.py`
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import kernels  # noqa: E402
+import llm2vec_kernels  # noqa: E402
 from benchmarks.common import CsvWriter  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
 from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
@@ -232,7 +232,7 @@ def main(argv=None):
     finally:
         writer._f.close()
         for op in ("attention", "masked_ce", "contrastive"):
-            kernels.set_default_impl(op, "auto")
+            llm2vec_kernels.set_default_impl(op, "auto")
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()

@@ -182,12 +182,12 @@ join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_tra
 join_train_step_csv
 
 # ------------------------------------------------------------------------------------------------
-# 1. bf16 correctness: every kernel check in the registry (kernels/gpu_check/, `python -m kernels.gpu_check
+# 1. bf16 correctness: every kernel check in the registry (llm2vec_kernels/gpu_check/, `python -m llm2vec_kernels.gpu_check
 # --list`), each against its op's reference, then the GPU-marked tests. The rows land in correctness.json after
 # each check; one check past its share of the time is stopped and recorded as an error.
 # Time kept for later steps: GPU tests 20, attention 90, masked CE 35, big batch 80, train 60, contrastive 25,
 # summary 10.
-run_step correctness "$(limit_for 110 220)" python3 -m kernels.gpu_check --json "$OUT/correctness.json" \
+run_step correctness "$(limit_for 110 220)" python3 -m llm2vec_kernels.gpu_check --json "$OUT/correctness.json" \
   --per-op-s 30
 # The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
 PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-import kernels
+import llm2vec_kernels
 from benchmarks.harness import (DEEPSPEED_ERROR, GPU_MODEL, LORA, ROOT, SyntheticTokenizer, build_hf_reference, hf_reference_forward,
                                 deepspeed, make_stages, make_train_config, set_attention_path,
                                 unshift_labels)
@@ -99,8 +99,8 @@ class Path:
             self.opt = torch.optim.AdamW(self.params, lr=1e-5, foreach=True)  # CUDA's default; CPU's is per tensor
             return
         cfg = self.cfg
-        kernels.set_default_impl("attention", cfg.model.attention)
-        kernels.set_default_impl("masked_ce", cfg.model.loss)
+        llm2vec_kernels.set_default_impl("attention", cfg.model.attention)
+        llm2vec_kernels.set_default_impl("masked_ce", cfg.model.loss)
         set_deterministic_attention(cfg.model.deterministic_attention)
         tok = SyntheticTokenizer(self.vocab)
         if name in ("engine", "engine-as-profiled"):

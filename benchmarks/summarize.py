@@ -277,7 +277,7 @@ def profile_notes(rows):
         busy = _f(ex.get("busy_pct"))
         busy = f"GPU busy {busy:.0f}% of the step, " if _ok(busy) else ""
         out.append(f"- profile {r['shape'].split()[0]} / {r['impl']} (step {_f(r['ms']):.0f} ms under the profiler, "
-                   f"{busy}{total:.0f} ms of kernels/ops): "
+                   f"{busy}{total:.0f} ms of llm2vec_kernels/ops): "
                    + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in top))
     return out
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.profiler import record_function
 
-import kernels
+import llm2vec_kernels
 from benchmarks.harness import (DEEPSPEED_ERROR, GPU_MODEL, LORA, TINY_LORA, TINY_MODEL, SyntheticTokenizer, _lengths, _rand_ids,
                                 batch_stats, build_model, count_params, make_batches, make_stages, make_train_config,
                                 deepspeed, set_attention_path, sync)
@@ -142,7 +142,7 @@ class Bench:
     def configure(self, stage, impl):
         path, impls = IMPLS[impl]
         for op, val in impls.items():
-            kernels.set_default_impl(op, val)
+            llm2vec_kernels.set_default_impl(op, val)
         set_attention_path(self.model, path)
         set_attention_dropout(self.model, 0.3 if stage == "simcse" else 0.0)
         self.module.stage = self.stages[(stage, path)]

@@ -4,8 +4,8 @@ It works through transformers' public extension points only:
 
 * ``AttentionInterface.register(ATTN_NAME, _attention)``: every attention layer of every supported
   family calls ``_attention(module, q, k, v, attention_mask, dropout=, scaling=, sliding_window=,
-  softcap=, **kwargs)``; we route that to ``kernels.flash_attention`` (non-causal), or where it is faster
-  to torch SDPA / flash-attn (``kernels/attention/dispatch.py`` decides).
+  softcap=, **kwargs)``; we route that to ``llm2vec_kernels.flash_attention`` (non-causal), or where it is faster
+  to torch SDPA / flash-attn (``llm2vec_kernels/attention/dispatch.py`` decides).
 * ``AttentionMaskInterface.register(ATTN_NAME, _padding_mask)``: mask construction returns the 2-D
   padding mask (or None) instead of a causal 4-D mask, so nothing causal survives and no dense
   (B, 1, S, S) mask is ever built.
@@ -21,8 +21,8 @@ import importlib.util
 
 import torch
 
-import kernels
-from kernels.attention import dispatch as attn_dispatch
+import llm2vec_kernels
+from llm2vec_kernels.attention import dispatch as attn_dispatch
 
 ATTN_NAME = "llm2vec_bidirectional"
 
@@ -73,7 +73,7 @@ _OPTIONS = {"deterministic": True}
 
 
 def set_deterministic_attention(flag):
-    """False lets the Triton backward accumulate dQ with atomics (see kernels.flash_attention)."""
+    """False lets the Triton backward accumulate dQ with atomics (see llm2vec_kernels.flash_attention)."""
     _OPTIONS["deterministic"] = bool(flag)
 
 
@@ -97,10 +97,10 @@ def _flash_attn_varlen(q, k, v, cu, max_len, scale, deterministic):
 
 
 def _attention_call(q, k, v, max_len, dropout, window, softcap, layout):
-    """What kernels.attention.dispatch decides on for this call (host-side facts only)."""
+    """What llm2vec_kernels.attention.dispatch decides on for this call (host-side facts only)."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     return attn_dispatch.AttentionCall(
-        impl=kernels.get_default_impl("attention"), device_type=q.device.type,
+        impl=llm2vec_kernels.get_default_impl("attention"), device_type=q.device.type,
         arch=attn_dispatch.device_arch(q), dtype=q.dtype, head_dim=q.shape[-1],
         layout="varlen" if "cu_seqlens" in layout else ("padded" if "seqlens" in layout else "dense"),
         dropout=dropout, needs_grad=needs_grad, deterministic=_OPTIONS["deterministic"], softcap=softcap is not None,
@@ -114,22 +114,22 @@ def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
     needs_window = window is not None and max_len > window
     if softcap is not None or needs_window:
         # The Triton kernel has neither soft-capping nor banded masks: take the exact torch path.
-        return kernels.flash_attention_reference(
+        return llm2vec_kernels.flash_attention_reference(
             q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window if needs_window else None,
             softcap=softcap, **layout)
-    # By speed (kernels/attention/dispatch.py): SDPA for dense dropout-free batches, flash-attn varlen for packed
+    # By speed (llm2vec_kernels/attention/dispatch.py): SDPA for dense dropout-free batches, flash-attn varlen for packed
     # ones when installed, where that is faster and keeps the determinism asked for; the Triton kernel otherwise.
     call = _attention_call(q, k, v, max_len, dropout, window, softcap, layout)
     runners = {"sdpa": lambda q_, k_, v_: attn_dispatch.sdpa_attention(q_, k_, v_, scale)}
     if call.flash_attn and "cu_seqlens" in layout:
         runners["flash_attn"] = lambda q_, k_, v_: _flash_attn_varlen(
             q_, k_, v_, layout["cu_seqlens"], max_len, scale, _OPTIONS["deterministic"])
-    runners["triton"] = lambda q_, k_, v_: kernels.flash_attention(
+    runners["triton"] = lambda q_, k_, v_: llm2vec_kernels.flash_attention(
         q_, k_, v_, scale=scale, dropout_p=dropout, seed=seed, deterministic=_OPTIONS["deterministic"], **layout)
     backend = attn_dispatch.select_backend(call, runners, q, k, v, max_len)
     if backend in ("sdpa", "flash_attn"):
         return runners[backend](q, k, v)
-    return kernels.flash_attention(q, k, v, scale=scale, dropout_p=dropout, seed=seed,
+    return llm2vec_kernels.flash_attention(q, k, v, scale=scale, dropout_p=dropout, seed=seed,
                                    deterministic=_OPTIONS["deterministic"], **layout)
 
 

@@ -428,9 +428,9 @@ class Encoder:
         dt = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, dev.type)
         if bidirectional is None:
             bidirectional = enable_bidirectional if enable_bidirectional is not None else s.get("bidirectional", True)
-        import kernels
+        import llm2vec_kernels
 
-        kernels.set_default_impl("attention", attention)
+        llm2vec_kernels.set_default_impl("attention", attention)
         model, tok = load_encoder_model(info, dt, device_map=device_map, bidirectional=bidirectional, **model_kwargs)
         if device_map is None:
             model.to(dev)

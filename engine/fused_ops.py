@@ -1,13 +1,13 @@
-"""Put the fused elementwise kernels (kernels.rms_norm / rope / glu) into a loaded HF decoder.
+"""Put the fused elementwise kernels (llm2vec_kernels.rms_norm / rope / glu) into a loaded HF decoder.
 
 One switch, ``model.fused_ops`` (auto | triton | torch), resolved per call like ``model.attention``
-(``kernels.set_default_impl("fused_ops", ...)``; auto = Triton on CUDA tensors, torch elsewhere).
+(``llm2vec_kernels.set_default_impl("fused_ops", ...)``; auto = Triton on CUDA tensors, torch elsewhere).
 ``apply_fused_ops(model, impl)`` patches by family, from the ``fused_ops`` entry of
 ``engine.bidirectional.SUPPORTED_ARCHITECTURES``:
 
 * RMSNorm modules (each decoder layer's norms listed in the table, Qwen3's q/k norms, Gemma2's pre/post
   feed-forward norms, and the final norm): their instance ``forward`` is replaced by one that calls
-  ``kernels.rms_norm`` (Llama or Gemma form). The module, its weight and its hooks stay as they are, so
+  ``llm2vec_kernels.rms_norm`` (Llama or Gemma form). The module, its weight and its hooks stay as they are, so
   PEFT, DeepSpeed ZeRO-3 (which gathers the weight in the module's pre-forward hook) and gradient
   checkpointing see no difference.
 * Gated MLPs: the instance ``forward`` becomes ``down_proj(glu(gate_proj(x), up_proj(x)))``. The
@@ -40,15 +40,15 @@ import types
 
 import torch
 
-import kernels
-from kernels._backend import resolve_impl
+import llm2vec_kernels
+from llm2vec_kernels._backend import resolve_impl
 
 from .bidirectional import SUPPORTED_ARCHITECTURES
 
-# HF activation names -> kernels.glu activations
+# HF activation names -> llm2vec_kernels.glu activations
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
 _TAG = "_llm2vec_fused"
-_RMS_MAX_H = importlib.import_module("kernels.rms_norm").MAX_H
+_RMS_MAX_H = importlib.import_module("llm2vec_kernels.rms_norm").MAX_H
 
 
 def _use_triton(x):
@@ -58,13 +58,13 @@ def _use_triton(x):
 def _norm_forward(self, hidden_states):
     if not _use_triton(hidden_states):
         return self._llm2vec_orig_forward(hidden_states)
-    return kernels.rms_norm(hidden_states, self.weight, self._llm2vec_eps, gemma=self._llm2vec_gemma, impl="triton")
+    return llm2vec_kernels.rms_norm(hidden_states, self.weight, self._llm2vec_eps, gemma=self._llm2vec_gemma, impl="triton")
 
 
 def _mlp_forward(self, x):
     if not _use_triton(x):
         return self._llm2vec_orig_forward(x)
-    return self.down_proj(kernels.glu(self.gate_proj(x), self.up_proj(x), self._llm2vec_act, impl="triton"))
+    return self.down_proj(llm2vec_kernels.glu(self.gate_proj(x), self.up_proj(x), self._llm2vec_act, impl="triton"))
 
 
 def _patch_forward(module, fn, kind, **attrs):
@@ -100,7 +100,7 @@ def _patch_rope(modeling_module):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         standard = (not args or args == (1,)) and kwargs.get("unsqueeze_dim", 1) == 1 and len(kwargs) <= 1
         if standard and q.dim() == 4 and cos.dim() == 3 and cos.dtype == q.dtype and _use_triton(q):
-            return kernels.rope(q, k, cos, sin, impl="triton")
+            return llm2vec_kernels.rope(q, k, cos, sin, impl="triton")
         return orig(q, k, cos, sin, *args, **kwargs)
 
     setattr(apply_rotary_pos_emb, _TAG, "rope")
@@ -132,7 +132,7 @@ def apply_fused_ops(model, impl="auto"):
 
     Sets the process default for "fused_ops" to ``impl``. Idempotent: patched modules are skipped.
     """
-    kernels.set_default_impl("fused_ops", impl)
+    llm2vec_kernels.set_default_impl("fused_ops", impl)
     counts = {"rms_norm": 0, "glu": 0, "rope": 0, "skipped": set()}
     if impl == "torch":
         return counts
@@ -167,7 +167,7 @@ def apply_fused_ops(model, impl="auto"):
 def _report(counts):
     if not torch.distributed.is_available() or not torch.distributed.is_initialized() or \
             torch.distributed.get_rank() == 0:
-        msg = (f"fused ops ({kernels.get_default_impl('fused_ops')}): {counts['rms_norm']} RMSNorm, "
+        msg = (f"fused ops ({llm2vec_kernels.get_default_impl('fused_ops')}): {counts['rms_norm']} RMSNorm, "
                f"{counts['glu']} gated MLP, RoPE in {counts['rope']} modeling module(s)")
         if counts["skipped"]:
             msg += "; not fused: " + "; ".join(sorted(counts["skipped"]))

@@ -1,4 +1,4 @@
-"""Swap PEFT's LoRA linear layers for fused, group-wise ones (``kernels.lora.lora_group``), in place.
+"""Swap PEFT's LoRA linear layers for fused, group-wise ones (``llm2vec_kernels.lora.lora_group``), in place.
 
 How q/k/v (and gate/up) get fused without copying any architecture's attention or MLP forward:
 the modeling code still calls ``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` one after the other with the
@@ -7,7 +7,7 @@ member's class is swapped for a subclass of PEFT's ``lora.Linear`` whose forward
 
 * the first member called computes every member's output in one ``lora_group`` call (one read of ``x``
   for the low-rank path, one dropout mask, scaling folded; each output written by its base GEMM, the
-  low-rank product then added in place with ``addmm_``: see kernels/lora.py) and parks its siblings'
+  low-rank product then added in place with ``addmm_``: see llm2vec_kernels/lora.py) and parks its siblings'
   outputs in the group, keyed by the identity of ``x``;
 * a sibling called next with that same ``x`` takes its parked output; anything else (another input,
   a member called twice) computes afresh, so a model that calls them differently stays correct.
@@ -21,7 +21,7 @@ plain PEFT adapter and ``PeftModel.from_pretrained`` loads it.
 Dropout semantics differ from PEFT's: PEFT drops the q, k and v inputs with three independent
 masks, the fused group uses one mask for all members of the group (as LoRA's dropout-on-the-shared
 input would read). With dropout off both give the same outputs and gradients (tests/test_lora_engine.py).
-On the Triton path the keep probability is quantised to 2**-16 (kernels._backend.philox_keep8).
+On the Triton path the keep probability is quantised to 2**-16 (llm2vec_kernels._backend.philox_keep8).
 
 Falls back to PEFT's own forward, per call, when the fused op does not apply: adapters disabled or
 merged, several active adapters, a LoRA variant (DoRA), a trainable base weight, or parameters
@@ -29,7 +29,7 @@ partitioned by ZeRO-3 (their storage exists only while DeepSpeed gathers them fo
 """
 import torch
 
-from kernels.lora import lora_group
+from llm2vec_kernels.lora import lora_group
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

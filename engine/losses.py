@@ -27,7 +27,7 @@ the scores matters (plus a threshold for AnglE's in-batch-negative term), so any
   similarity, as written here: a pair with a higher gold score should have the larger g.
 
 Cross-rank batches: with ``gather_across_ranks`` every rank gathers all ranks' a, b and scores (with gradient,
-``kernels.all_gather_with_grad``) and computes the same global loss over world * B pairs, so every pair is
+``llm2vec_kernels.all_gather_with_grad``) and computes the same global loss over world * B pairs, so every pair is
 ranked against every other pair of the global batch. The gather's backward sums the identical ranks'
 gradients (x world) and the data-parallel average divides by world: the update is that of the global loss.
 
@@ -38,12 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import kernels
+import llm2vec_kernels
 
 
 def _gather(x, gather_across_ranks):
     if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return kernels.all_gather_with_grad(x)
+        return llm2vec_kernels.all_gather_with_grad(x)
     return x
 
 

@@ -29,12 +29,12 @@ def share_cpu_cores(processes):
 
 
 def _init(state, device_queue):
-    import kernels
+    import llm2vec_kernels
 
     from .bidirectional import register
 
     register()  # the bidirectional attention lives in a registry that a fresh process does not have yet
-    kernels.set_default_impl("attention", state["attention"])
+    llm2vec_kernels.set_default_impl("attention", state["attention"])
     device = torch.device(device_queue.get())
     if device.type == "cpu":
         share_cpu_cores(state["cpu_workers"])

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.distributed as dist
 
-import kernels
+import llm2vec_kernels
 
 from . import config as config_mod
 from .bidirectional import set_deterministic_attention
@@ -91,10 +91,10 @@ class Trainer:
         resume_tags, resume_diff = plan_resume(cfg, self.rank)
         os.makedirs(cfg.output_dir, exist_ok=True)  # rank 0 made it for the lock; other hosts' ranks too
         torch.manual_seed(cfg.seed)
-        kernels.set_default_impl("attention", cfg.model.attention)
+        llm2vec_kernels.set_default_impl("attention", cfg.model.attention)
         set_deterministic_attention(cfg.model.deterministic_attention)
-        kernels.set_default_impl("masked_ce", cfg.model.loss)
-        kernels.set_default_impl("contrastive", cfg.model.loss)
+        llm2vec_kernels.set_default_impl("masked_ce", cfg.model.loss)
+        llm2vec_kernels.set_default_impl("contrastive", cfg.model.loss)
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()

@@ -1,7 +1,7 @@
 import os
 
 # Triton decides between compiling and interpreting when a kernel is decorated, so the interpreter
-# must be switched on before anything imports `kernels`. On a CUDA machine (GPU tests) leave it off.
+# must be switched on before anything imports `llm2vec_kernels`. On a CUDA machine (GPU tests) leave it off.
 if os.environ.get("LLM2VEC_TEST_GPU", "0") != "1":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._backend import philox_keep, philox_keep8
+from llm2vec_kernels._backend import philox_keep, philox_keep8
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _INT_PREFIXES = ("IMAD", "IADD", "IMUL", "LOP", "SHF", "SHL", "SHR", "ISETP", "SEL", "LEA", "IABS", "PRMT", "I2F",

@@ -3,7 +3,7 @@
 Without a GPU the Triton kernels run in the CPU interpreter on tiny fp32/fp16 shapes (the conftest turns
 TRITON_INTERPRET on), and ``test_kernels_compile_without_spills`` builds every launch configuration for
 sm_90 and sm_80. With ``LLM2VEC_TEST_GPU=1`` on a CUDA machine the same tests run on the GPU, plus the
-``gpu``-marked ones (``kernels.attention.gpu_check`` on model-sized shapes).
+``gpu``-marked ones (``llm2vec_kernels.attention.gpu_check`` on model-sized shapes).
 
 Accuracy rule: for the output and each gradient, the kernel's max error against the fp64 reference must be
 at most ERR_FACTOR x the error of eager torch attention in the same dtype, plus a small floor.
@@ -16,14 +16,14 @@ import sys
 import pytest
 import torch
 
-from kernels import attention as A
-import kernels
-from kernels import set_default_impl
-from kernels import _backend
-from kernels.attention import configs as C, flash as F, tuning as T
-from kernels.attention import flash_attention, flash_attention_dropout_mask, flash_attention_reference
-from kernels.gpu_check import attention as GC
-from kernels.gpu_check.attention import ERR_FACTOR, ERR_FLOOR, accuracy_case
+from llm2vec_kernels import attention as A
+import llm2vec_kernels
+from llm2vec_kernels import set_default_impl
+from llm2vec_kernels import _backend
+from llm2vec_kernels.attention import configs as C, flash as F, tuning as T
+from llm2vec_kernels.attention import flash_attention, flash_attention_dropout_mask, flash_attention_reference
+from llm2vec_kernels.gpu_check import attention as GC
+from llm2vec_kernels.gpu_check.attention import ERR_FACTOR, ERR_FLOOR, accuracy_case
 from .helpers import count_launches
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0"
@@ -330,7 +330,7 @@ def test_rejects_bad_inputs(bad, match):
 
 
 # ------------------------------------------------------------------------------------------------
-# Backend dispatch by speed (kernels/attention/dispatch.py): the rule on faked devices, the SDPA path's maths
+# Backend dispatch by speed (llm2vec_kernels/attention/dispatch.py): the rule on faked devices, the SDPA path's maths
 # ------------------------------------------------------------------------------------------------
 
 def _call(**kw):
@@ -398,7 +398,7 @@ def test_engine_routes_attention_by_the_dispatch(monkeypatch):
     import dataclasses
 
     from engine import bidirectional as bd
-    from kernels.attention import dispatch as D
+    from llm2vec_kernels.attention import dispatch as D
 
     real_call = bd._attention_call
     monkeypatch.setattr(bd, "_attention_call",
@@ -409,8 +409,8 @@ def test_engine_routes_attention_by_the_dispatch(monkeypatch):
     monkeypatch.setattr(D, "sdpa_attention", lambda *a: used.append("sdpa") or real_sdpa(*a))
     monkeypatch.setattr(bd, "_flash_attn_varlen", lambda q, k, v, cu, max_len, scale, det: used.append(
         ("flash_attn", det)) or flash_attention_reference(q, k, v, cu_seqlens=cu, scale=scale))
-    real_fa = kernels.flash_attention
-    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **kw: used.append("kernel") or real_fa(*a, **kw))
+    real_fa = llm2vec_kernels.flash_attention
+    monkeypatch.setattr(llm2vec_kernels, "flash_attention", lambda *a, **kw: used.append("kernel") or real_fa(*a, **kw))
 
     q, k, v = _inputs((2, 21), 4, 2, 16, F32)
     ref = flash_attention_reference(q, k, v, scale=0.3)
@@ -454,7 +454,7 @@ def test_dispatch_autotune_times_each_backend_and_records_it(monkeypatch, tmp_pa
     # With autotuning on, select_backend times every eligible backend once per bucket (forward and backward when
     # gradients are needed) on detached copies, keeps the fastest, writes it to the per-GPU cache under a
     # "backend" bucket, and a fresh process reads it back without timing.
-    from kernels.attention import dispatch as D
+    from llm2vec_kernels.attention import dispatch as D
 
     clock = _fake_cuda_clock(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
@@ -500,7 +500,7 @@ def test_dispatch_autotune_inside_activation_checkpointing(monkeypatch):
     # The engine's layers run under non-reentrant activation checkpointing: the timing's own forward/backward must
     # not leak saved tensors into the checkpointed region (its recompute check fails with a count mismatch).
     import torch.utils.checkpoint as checkpoint
-    from kernels.attention import dispatch as D
+    from llm2vec_kernels.attention import dispatch as D
 
     _fake_cuda_clock(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")

@@ -36,13 +36,13 @@ def test_census_counts_kernels_and_device_syncs_not_host_seeds():
 
 
 def test_triton_launches_are_counted_and_skipped():
-    import kernels
+    import llm2vec_kernels
 
     launches = step_census.TritonLaunches()
     q = torch.randn(2, 16, 4, 8, requires_grad=True)
     k = torch.randn(2, 16, 2, 8, requires_grad=True)
     with launches.active():
-        out = kernels.flash_attention(q, k, k, impl="triton")
+        out = llm2vec_kernels.flash_attention(q, k, k, impl="triton")
         out.sum().backward()
     assert launches.calls[0] == "_attn_fwd" and "_attn_bwd_dkdv" in launches.calls and len(launches.calls) >= 3
     # nothing ran: a real interpreter launch would take seconds and fill the output
@@ -72,7 +72,7 @@ def test_cost_model_on_one_mlp_gemm():
 def test_reference_path_computes_the_engines_mntp_loss():
     """llm2vec's recipe (HF model + PEFT, SDPA without a mask, HF's loss on unshifted labels) and the engine's
     MNTP stage on the same weights and batch: the same loss before any step (LoRA B starts at zero)."""
-    import kernels
+    import llm2vec_kernels
 
     spec = dict(step_paths.TINY, num_hidden_layers=2, vocab_size=256)
     sets = ["model.attention=torch", "model.loss=torch", "model.dtype=fp32"]
@@ -87,7 +87,7 @@ def test_reference_path_computes_the_engines_mntp_loss():
             le = float(eng.module(batch.engine)[0])
     finally:
         for op in ("attention", "masked_ce", "contrastive"):
-            kernels.set_default_impl(op, "auto")
+            llm2vec_kernels.set_default_impl(op, "auto")
     assert batch.masked > 0
     assert abs(lr - le) < 1e-5 * abs(le), (lr, le)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import kernels
+import llm2vec_kernels
 from engine.bidirectional import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, make_bidirectional
 from engine.modeling import packed_hidden_states
 from .helpers import count_launches
@@ -130,10 +130,10 @@ def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch)
     # model.deterministic_attention=false -> the Triton backward adds dQ with atomics (no dQ kernel launch);
     # the gradients agree with the deterministic path to rounding.
     from engine import bidirectional
-    from kernels.attention import flash as A
+    from llm2vec_kernels.attention import flash as A
 
     dq_launches = count_launches(monkeypatch, A, "_attn_bwd_dq")
-    kernels.set_default_impl("attention", "triton")
+    llm2vec_kernels.set_default_impl("attention", "triton")
     grads = {}
     try:
         for det in (True, False):
@@ -146,7 +146,7 @@ def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch)
             dq_launches.clear()
     finally:
         bidirectional.set_deterministic_attention(True)
-        kernels.set_default_impl("attention", "auto")
+        llm2vec_kernels.set_default_impl("attention", "auto")
     assert grads["launches" + "True"] == 2 and grads["launches" + "False"] == 0  # one dQ launch per layer
     torch.testing.assert_close(grads[False], grads[True], rtol=1e-4, atol=1e-5)
 
@@ -159,10 +159,10 @@ def test_right_padded_batch_through_the_triton_kernel_in_place():
     am = (torch.arange(10)[None, :] < torch.tensor([10, 3, 7])[:, None]).long()
     with torch.no_grad():
         want = packed_hidden_states(model, ids, am, packed=False)
-        kernels.set_default_impl("attention", "triton")
+        llm2vec_kernels.set_default_impl("attention", "triton")
         try:
             got = packed_hidden_states(model, ids, am, packed=False)
         finally:
-            kernels.set_default_impl("attention", "auto")
+            llm2vec_kernels.set_default_impl("attention", "auto")
     real = am.bool()
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)

@@ -2,7 +2,7 @@
 gloo equivalence, GPU cross-compilation of every launched kernel variant, the tiny benchmark, and the
 on-GPU check.
 
-Accuracy standard (kernels.gpu_check.contrastive.contrastive_tolerance): the reference sees the same rounded inputs, so
+Accuracy standard (llm2vec_kernels.gpu_check.contrastive.contrastive_tolerance): the reference sees the same rounded inputs, so
 |triton - ref64| may only be the kernel's arithmetic and its output rounding: FACTOR fp32 ulps of the LSE (1/T +
 log N) for the fp32 loss, FACTOR ulps of the input dtype at the largest gradient entry, plus FACTOR times torch's
 fp32 error on the same inputs. Each tolerance must also be under 5% of the largest value compared.
@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from engine.distributed import free_port
-from kernels import contrastive as C
-from kernels.contrastive import (
+from llm2vec_kernels import contrastive as C
+from llm2vec_kernels.contrastive import (
     _contrastive_loss_triton,
     _torch_same_dtype_loss,
     contrastive_loss,
     contrastive_loss_reference,
 )
-from kernels.gpu_check import contrastive as GC
-from kernels.gpu_check.contrastive import _loss_and_grads
+from llm2vec_kernels.gpu_check import contrastive as GC
+from llm2vec_kernels.gpu_check.contrastive import _loss_and_grads
 
 from .compile_variants import rows_per_arch
 

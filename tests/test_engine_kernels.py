@@ -7,18 +7,18 @@ skipped cleanly without one; run with LLM2VEC_TEST_GPU=1 pytest -m gpu).
 import pytest
 import torch
 
-import kernels
+import llm2vec_kernels
 from engine.config import load_config
 from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
-from kernels import masked_ce
+from llm2vec_kernels import masked_ce
 from .helpers import count_launches, perturb_lora_b
 
 
 def _loss_and_grads(module, batch, impl):
     for op in ("attention", "masked_ce", "contrastive"):
-        kernels.set_default_impl(op, impl)
+        llm2vec_kernels.set_default_impl(op, impl)
     try:
         module.zero_grad(set_to_none=True)
         torch.manual_seed(0)
@@ -28,7 +28,7 @@ def _loss_and_grads(module, batch, impl):
         return loss.float().item(), grads
     finally:
         for op in ("attention", "masked_ce", "contrastive"):
-            kernels.set_default_impl(op, "auto")
+            llm2vec_kernels.set_default_impl(op, "auto")
 
 
 def _parity(stage_name, device, dtype, n_items, hidden, heads):

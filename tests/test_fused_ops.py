@@ -10,14 +10,14 @@ import importlib
 import pytest
 import torch
 
-import kernels
+import llm2vec_kernels
 from engine.bidirectional import SUPPORTED_ARCHITECTURES
 from engine.config import ConfigError, load_config
 from engine.fused_ops import apply_fused_ops
 from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
-from kernels._backend import interpreter_enabled
+from llm2vec_kernels._backend import interpreter_enabled
 
 from .helpers import count_launches
 
@@ -32,8 +32,8 @@ EXTRA = {
     "gemma2": "sliding_window: 4096, attn_logit_softcapping: 50.0, final_logit_softcapping: 30.0, "
               "query_pre_attn_scalar: 16, ",
 }
-# the modules (kernels.rms_norm etc. are the functions of the same names)
-rms_mod, rope_mod, glu_mod = (importlib.import_module(f"kernels.{m}") for m in ("rms_norm", "rope", "glu"))
+# the modules (llm2vec_kernels.rms_norm etc. are the functions of the same names)
+rms_mod, rope_mod, glu_mod = (importlib.import_module(f"llm2vec_kernels.{m}") for m in ("rms_norm", "rope", "glu"))
 KERNELS = [(rms_mod, "_rms_norm_fwd_kernel"), (rms_mod, "_rms_norm_bwd_kernel"), (rope_mod, "_rope_kernel"),
            (glu_mod, "_glu_fwd_kernel"), (glu_mod, "_glu_bwd_kernel")]
 
@@ -88,13 +88,13 @@ def test_triton_fused_ops_match_torch(model_type, monkeypatch):
     assert norms and not unfused, unfused  # the family table names every RMSNorm of the model
     launches = {name: count_launches(monkeypatch, mod, name) for mod, name in KERNELS}
     try:
-        kernels.set_default_impl("fused_ops", "triton")
+        llm2vec_kernels.set_default_impl("fused_ops", "triton")
         lt, gt = _step(module, batch)
         n_triton = {k: len(v) for k, v in launches.items()}
-        kernels.set_default_impl("fused_ops", "torch")
+        llm2vec_kernels.set_default_impl("fused_ops", "torch")
         lr, gr = _step(module, batch)
     finally:
-        kernels.set_default_impl("fused_ops", "auto")
+        llm2vec_kernels.set_default_impl("fused_ops", "auto")
     n_layers, n_norms = 2, len(SUPPORTED_ARCHITECTURES[model_type]["fused_ops"]["layer_norms"])
     # forward + checkpoint recompute of every norm / MLP / RoPE, one backward each (the final norm is not
     # recomputed: it sits outside the checkpointed layers)
@@ -116,12 +116,12 @@ def test_triton_fused_ops_match_torch(model_type, monkeypatch):
 def test_gpu_bf16_triton_fused_ops_match_torch(model_type):
     module, batch = _tiny(model_type, device="cuda", dtype="bf16")
     try:
-        kernels.set_default_impl("fused_ops", "triton")
+        llm2vec_kernels.set_default_impl("fused_ops", "triton")
         lt, gt = _step(module, batch)
-        kernels.set_default_impl("fused_ops", "torch")
+        llm2vec_kernels.set_default_impl("fused_ops", "torch")
         lr, gr = _step(module, batch)
     finally:
-        kernels.set_default_impl("fused_ops", "auto")
+        llm2vec_kernels.set_default_impl("fused_ops", "auto")
     assert abs(lt - lr) <= 2e-2 * max(1.0, abs(lr)), (lt, lr)
     for name, g in gr.items():
         err = float((gt[name].float() - g.float()).norm() / (g.float().norm() + 1e-12))
@@ -144,7 +144,7 @@ def test_torch_setting_patches_nothing_and_auto_keeps_hf_forwards_on_cpu():
             out = module.model(input_ids=ids).logits
         assert torch.equal(out, ref)  # "auto" on CPU runs transformers' own forwards
     finally:
-        kernels.set_default_impl("fused_ops", "auto")
+        llm2vec_kernels.set_default_impl("fused_ops", "auto")
 
 
 def test_config_key():
@@ -159,7 +159,7 @@ def test_rms_norm_wider_than_the_kernel_limit_keeps_torch():
 
     from engine.fused_ops import _patch_norm
 
-    limit = importlib.import_module("kernels.rms_norm").MAX_H
+    limit = importlib.import_module("llm2vec_kernels.rms_norm").MAX_H
     skipped = set()
     wide, ok = LlamaRMSNorm(limit + 1), LlamaRMSNorm(limit)
     assert _patch_norm(wide, "llama", skipped) is False and "forward" not in vars(wide) and skipped

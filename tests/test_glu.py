@@ -1,4 +1,4 @@
-"""kernels/glu.py: the Triton gated activations (SwiGLU, GeGLU-tanh) against the fp64 reference, fwd and bwd.
+"""llm2vec_kernels/glu.py: the Triton gated activations (SwiGLU, GeGLU-tanh) against the fp64 reference, fwd and bwd.
 
 CPU: the kernels run in the Triton interpreter in fp32 / fp16, on odd sizes, a single element, a real
 intermediate size (14336) and large |gate| (the activations saturate). Errors are bounded by twice torch's own
@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from kernels import glu, glu_reference
-from kernels._backend import interpreter_enabled
+from llm2vec_kernels import glu, glu_reference
+from llm2vec_kernels._backend import interpreter_enabled
 
 from .compile_variants import check_all_compile
 from .helpers import check_bench_tiny
 from .helpers import assert_close_to_fp64 as _assert_close
 
-gm = importlib.import_module("kernels.glu")  # the module (kernels.glu is the function)
+gm = importlib.import_module("llm2vec_kernels.glu")  # the module (llm2vec_kernels.glu is the function)
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
 
 
@@ -120,4 +120,4 @@ VARIANTS = _variants()
 
 
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    check_all_compile("tests.test_glu", "kernels.glu")
+    check_all_compile("tests.test_glu", "llm2vec_kernels.glu")

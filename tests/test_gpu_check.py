@@ -1,4 +1,4 @@
-"""kernels.gpu_check: the registry of per-op GPU checks, its CLI, and the new checks' harness on CPU."""
+"""llm2vec_kernels.gpu_check: the registry of per-op GPU checks, its CLI, and the new checks' harness on CPU."""
 import importlib
 import json
 import os
@@ -8,10 +8,10 @@ import sys
 import pytest
 import torch
 
-import kernels.gpu_check as G
-from kernels._backend import interpreter_enabled
-from kernels.glu import glu_reference
-from kernels.gpu_check.__main__ import main
+import llm2vec_kernels.gpu_check as G
+from llm2vec_kernels._backend import interpreter_enabled
+from llm2vec_kernels.glu import glu_reference
+from llm2vec_kernels.gpu_check.__main__ import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ["attention", "masked_ce", "contrastive", "lora", "rms_norm", "rope", "glu"]
@@ -23,14 +23,14 @@ def test_registry_lists_every_op_with_its_own_module():
     reg = G.registry()
     assert list(reg) == OPS
     for name, fn in reg.items():
-        assert fn.__module__ == f"kernels.gpu_check.{name}" and fn.__name__ == "gpu_check"
+        assert fn.__module__ == f"llm2vec_kernels.gpu_check.{name}" and fn.__name__ == "gpu_check"
     with pytest.raises(KeyError, match="unknown gpu check"):
         G.check_function("softmax")
 
 
 @pytest.mark.parametrize("name", OPS)
 def test_each_check_refuses_cleanly_without_cuda(name, monkeypatch):
-    mod = importlib.import_module(f"kernels.gpu_check.{name}")
+    mod = importlib.import_module(f"llm2vec_kernels.gpu_check.{name}")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(G.NeedsCuda, match=f"gpu_check {name} needs CUDA"):
         mod.gpu_check()
@@ -41,7 +41,7 @@ def test_cli_without_cuda_records_each_refusal_and_exits_2(tmp_path, monkeypatch
     out = tmp_path / "c.json"
     assert main(["--json", str(out), "rope", "lora"]) == 2
     cap = capsys.readouterr()
-    assert cap.err.strip().splitlines() == ["kernels.gpu_check: the GPU checks need CUDA (no CUDA device here)"]
+    assert cap.err.strip().splitlines() == ["llm2vec_kernels.gpu_check: the GPU checks need CUDA (no CUDA device here)"]
     assert "Traceback" not in cap.out + cap.err
     data = json.loads(out.read_text())
     assert list(data) == ["rope", "lora"] and all(v["error"].startswith("NeedsCuda") for v in data.values())
@@ -56,7 +56,7 @@ def test_cli_bad_input_one_line_exit_2(capsys):
 def test_cli_runs_a_registered_check_and_reports_failures(monkeypatch, tmp_path, capsys):
     fake = {"glu": [{"op": "glu", "case": "a", "ok": True, "max_err": float("nan")}],
             "rope": [{"op": "rope", "case": "b", "ok": False, "max_err": 1.0}]}
-    monkeypatch.setattr("kernels.gpu_check.__main__.check_function", lambda n: lambda: fake[n])
+    monkeypatch.setattr("llm2vec_kernels.gpu_check.__main__.check_function", lambda n: lambda: fake[n])
     out = tmp_path / "c.json"
     assert main(["--json", str(out), "glu"]) == 0
     assert main(["--json", str(out), "glu", "rope"]) == 1
@@ -66,14 +66,14 @@ def test_cli_runs_a_registered_check_and_reports_failures(monkeypatch, tmp_path,
 
 
 def test_module_entry_lists_the_checks():
-    r = subprocess.run([sys.executable, "-m", "kernels.gpu_check", "--list"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "llm2vec_kernels.gpu_check", "--list"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0 and r.stdout.split() == OPS, r.stderr
 
 
 @needs_interpreter
 def test_new_checks_pass_at_tiny_shapes_in_the_interpreter():
-    from kernels.gpu_check import glu, rms_norm, rope
+    from llm2vec_kernels.gpu_check import glu, rms_norm, rope
 
     f16 = torch.float16
     rows = rms_norm.gpu_check(cases=[("llama", 37, 96, False, True, f16), ("gemma", 5, 64, True, False, f16)],

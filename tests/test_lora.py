@@ -1,9 +1,9 @@
-"""kernels.lora: fused frozen-base LoRA projections vs the fp64 per-projection reference, both impls."""
+"""llm2vec_kernels.lora: fused frozen-base LoRA projections vs the fp64 per-projection reference, both impls."""
 import pytest
 import torch
 
-from kernels._backend import dot_precision
-from kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
+from llm2vec_kernels._backend import dot_precision
+from llm2vec_kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
 
 from .compile_variants import rows_per_arch
 
@@ -168,7 +168,7 @@ def test_lora_group_rejects_bad_input():
 # ----------------------------------------------------------------------------------------------
 
 def _variants():
-    import kernels.lora as L
+    import llm2vec_kernels.lora as L
 
     out = []
     # both launch-config regimes (sum of ranks <= 64: 3 x 16; > 64: 3 x 32), with and without dropout, in bf16
@@ -231,7 +231,7 @@ def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
 
 @pytest.mark.gpu
 def test_gpu_check():
-    from kernels.gpu_check.lora import gpu_check
+    from llm2vec_kernels.gpu_check.lora import gpu_check
 
     rows = gpu_check()
     bad = [r for r in rows if not r["ok"]]
@@ -240,7 +240,7 @@ def test_gpu_check():
 
 def test_gpu_check_rehearsal_on_cpu():
     """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there)."""
-    from kernels.gpu_check.lora import gpu_check
+    from llm2vec_kernels.gpu_check.lora import gpu_check
 
     rows = gpu_check(device="cpu", cases=[("qkv", 37, 64, (64, 16, 16), 8, 0.1, True), ("down", 20, 96, (32,), 4, 0.0,
                                                                                        False)], dtype=torch.float16)

@@ -1,4 +1,4 @@
-"""kernels/masked_ce.py: the Triton fused LM head + masked cross-entropy against the fp64 reference.
+"""llm2vec_kernels/masked_ce.py: the Triton fused LM head + masked cross-entropy against the fp64 reference.
 
 CPU: the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1) in fp32 / fp16
 (tl.dot on bf16 is wrong in the interpreter). Every check compares loss AND gradients with the
@@ -18,10 +18,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import masked_ce as mc
-from kernels._backend import interpreter_enabled
-from kernels.gpu_check import masked_ce as gc
-from kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
+from llm2vec_kernels import masked_ce as mc
+from llm2vec_kernels._backend import interpreter_enabled
+from llm2vec_kernels.gpu_check import masked_ce as gc
+from llm2vec_kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
 from .compile_variants import rows_per_arch
 from .helpers import count_launches

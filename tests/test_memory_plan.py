@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-import kernels
+import llm2vec_kernels
 from engine.config import load_config
 from engine.lora import fuse_lora
 from engine.memory import (GIB, activation_bytes, choose_recompute, choose_zero_stage, fused_lora_limit, layer_shape,
@@ -47,9 +47,9 @@ CARDS = {"80 GB": 81559 / 1024, "H200": 143771 / 1024}
 
 @pytest.fixture(autouse=True)
 def _restore_impl_defaults():
-    saved = dict(kernels._backend._DEFAULTS)
+    saved = dict(llm2vec_kernels._backend._DEFAULTS)
     yield
-    kernels._backend._DEFAULTS.update(saved)
+    llm2vec_kernels._backend._DEFAULTS.update(saved)
 
 
 @contextlib.contextmanager
@@ -100,7 +100,7 @@ def build(arch, path, device, layers=1, overrides=(), config="configs/mistral-7b
     cfg = load_config(os.path.join(ROOT, config), [
         f"model.random_init={json.dumps(spec)}", f"model.dtype={dtype}", "model.attention=triton",
         f"model.fused_ops={fused_ops}", "mntp.mask_token=eos", *overrides])
-    kernels.set_default_impl("attention", "triton")
+    llm2vec_kernels.set_default_impl("attention", "triton")
     with torch.device(device):
         model, _ = load_model(cfg.model, "cuda", _Tok())
     model = add_lora(model, cfg.lora)

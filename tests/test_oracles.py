@@ -3,7 +3,7 @@
 transformers 5.x builds a bidirectional padding mask when ``config.is_causal`` is False, and its eager attention
 (and SDPA, once each attention module's ``is_causal`` is off) applies it, with each family's own scaling
 (Gemma2's ``query_pre_attn_scalar``), logit soft-capping and sliding window. None of that goes through
-``engine.bidirectional`` or ``kernels``, so it is a reference for every family: the engine's packed path and its
+``engine.bidirectional`` or ``llm2vec_kernels``, so it is a reference for every family: the engine's packed path and its
 padded path (right padding read in place, left padding unpadded) must give the oracle's hidden states on every
 real token, and padding must not change them.
 """

@@ -1,4 +1,4 @@
-"""kernels/rms_norm.py: the Triton RMSNorm (Llama and Gemma forms) against the fp64 reference, fwd and bwd.
+"""llm2vec_kernels/rms_norm.py: the Triton RMSNorm (Llama and Gemma forms) against the fp64 reference, fwd and bwd.
 
 CPU: the kernels run in the Triton interpreter in fp32 / fp16. Each check bounds the kernel's error against
 fp64 by twice the error torch itself makes in that dtype (transformers' own code path) plus a few ulps of the
@@ -12,14 +12,14 @@ import torch
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from kernels import rms_norm, rms_norm_reference
-from kernels._backend import interpreter_enabled
+from llm2vec_kernels import rms_norm, rms_norm_reference
+from llm2vec_kernels._backend import interpreter_enabled
 
 from .compile_variants import check_all_compile
 from .helpers import EPS, check_bench_tiny
 from .helpers import assert_close_to_fp64 as _assert_close
 
-rn = importlib.import_module("kernels.rms_norm")  # the module (kernels.rms_norm is the function)
+rn = importlib.import_module("llm2vec_kernels.rms_norm")  # the module (llm2vec_kernels.rms_norm is the function)
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
 
 
@@ -195,4 +195,4 @@ VARIANTS = _variants()
 
 
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    check_all_compile("tests.test_rms_norm", "kernels.rms_norm")
+    check_all_compile("tests.test_rms_norm", "llm2vec_kernels.rms_norm")

@@ -1,4 +1,4 @@
-"""kernels/rope.py: the Triton rotary embedding on q and k against the fp64 reference, forward and backward.
+"""llm2vec_kernels/rope.py: the Triton rotary embedding on q and k against the fp64 reference, forward and backward.
 
 CPU: the kernel runs in the Triton interpreter in fp32 / fp16, on odd head dims (half not a power of 2),
 S = 1, GQA, strided q views as the models pass them, batch-1 cos / sin broadcast, and real shapes (Llama
@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from kernels import rope, rope_reference
-from kernels._backend import interpreter_enabled
+from llm2vec_kernels import rope, rope_reference
+from llm2vec_kernels._backend import interpreter_enabled
 
 from .compile_variants import check_all_compile
 from .helpers import check_bench_tiny
 from .helpers import assert_close_to_fp64 as _assert_close
 
-rp = importlib.import_module("kernels.rope")  # the module (kernels.rope is the function)
+rp = importlib.import_module("llm2vec_kernels.rope")  # the module (llm2vec_kernels.rope is the function)
 needs_interpreter = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (CPU tests)")
 
 
@@ -152,4 +152,4 @@ VARIANTS = _variants()
 
 
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    check_all_compile("tests.test_rope", "kernels.rope")
+    check_all_compile("tests.test_rope", "llm2vec_kernels.rope")

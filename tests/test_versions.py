@@ -71,3 +71,48 @@ def test_an_export_is_bidirectional_under_the_installed_transformers(tmp_path):
         h, h2 = (model(input_ids=x).last_hidden_state[0] for x in (ids, changed))
     delta = (h[:-1] - h2[:-1]).abs().amax(dim=-1)
     assert bool((delta > 1e-4).all()), delta  # every earlier position sees the last token: not causal
+
+
+def _top_level_names(dist):
+    """The top-level import names a distribution installs (its top_level.txt, else its files' first parts)."""
+    text = dist.read_text("top_level.txt")
+    if text:
+        return {n.strip() for n in text.split() if n.strip()}
+    return {f.parts[0].removesuffix(".py") for f in (dist.files or []) if len(f.parts) >= 1
+            and not f.parts[0].endswith((".dist-info", ".egg-info", ".data", ".pth")) and f.parts[0] != ".."}
+
+
+def test_our_packages_shadow_no_installed_distribution():
+    """setup.py's packages are top-level names; none may be one that another installed distribution provides
+    (transformers 5.25 requires Hugging Face's `kernels`, which our former `kernels/` shadowed from the repo root,
+    and `import transformers.activations` failed)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Call) and
+                    getattr(n.func, "id", "") == "setup")
+    ours = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    assert ours and all(os.path.isdir(os.path.join(ROOT, p)) for p in ours)
+    assert not os.path.exists(os.path.join(ROOT, "kernels")), "a top-level kernels/ shadows Hugging Face's kernels"
+    taken = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"] or ""
+        if name.replace("_", "-").lower() == "llm2vec-engine":
+            continue
+        for top in _top_level_names(dist):
+            taken.setdefault(top, name)
+    clash = {p: taken[p] for p in ours if p in taken}
+    assert not clash, f"top-level names also installed by other distributions: {clash}"
+
+
+def test_transformers_imports_from_the_repo_root():
+    """With the repository root first on sys.path (as `python -m engine...` and pytest have it), transformers'
+    own imports resolve: nothing here shadows a module it imports, Hugging Face's `kernels` among them."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); import transformers.activations, importlib.util; "
+            "s = importlib.util.find_spec('kernels'); "
+            "print('none' if s is None else s.origin)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    origin = out.stdout.strip().splitlines()[-1]
+    assert origin == "none" or not os.path.realpath(origin).startswith(os.path.realpath(ROOT) + os.sep), origin

@@ -7,12 +7,12 @@ d loss / d embedding; (3) re-embed each chunk with grad, replaying its RNG state
 are identical (SimCSE relies on dropout), and back-propagate the cached embedding gradients
 through it as the surrogate loss sum(e * g).
 
-The loss is InfoNCE (``kernels.contrastive_loss``) or, for scored pairs (``contrastive.loss: cosent | angle``),
+The loss is InfoNCE (``llm2vec_kernels.contrastive_loss``) or, for scored pairs (``contrastive.loss: cosent | angle``),
 one of ``engine.losses``; queries are then the pairs' first sentences, candidates their second ones.
 """
 import torch
 
-import kernels
+import llm2vec_kernels
 
 from .. import losses
 from ..encoding import embed_batch, training_wrap
@@ -69,7 +69,7 @@ class ContrastiveStage(Stage):
         if c.loss == "angle":
             return losses.angle_loss(q, d, batch["scores"], scale=c.loss_scale, weights=tuple(c.angle_weights),
                                      positive_min_score=c.positive_min_score, gather_across_ranks=c.gather_across_ranks)
-        return kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
+        return llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
 
     def loss(self, module, batch):
         if batch.get("mode") == "embed":

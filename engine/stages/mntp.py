@@ -4,11 +4,11 @@ Tokens are masked as in BERT (probability ``mask_prob``; "bert" scheme: 80% mask
 10% unchanged; "all" scheme: always the mask token); special tokens and position 0 are never masked.
 The label of masked token i is placed at position i-1, so token i is predicted from the hidden state
 at i-1, as the causal LM head was trained to do. Only labelled rows reach the LM head, through
-``kernels.masked_cross_entropy`` (no full logits).
+``llm2vec_kernels.masked_cross_entropy`` (no full logits).
 """
 import torch
 
-import kernels
+import llm2vec_kernels
 
 import dataclasses
 
@@ -32,7 +32,7 @@ class _LMHeadWithLoss(torch.nn.Linear):
         if labels is None:
             return super().forward(hidden)
         # every row given here is labelled (MNTP selected them), which spares the kernel its nonzero()
-        return kernels.masked_cross_entropy(hidden, self.weight, labels, ignore_index=IGNORE,
+        return llm2vec_kernels.masked_cross_entropy(hidden, self.weight, labels, ignore_index=IGNORE,
                                             softcap=self.llm2vec_softcap, z_loss=self.llm2vec_z_loss,
                                             all_labelled=True)
 

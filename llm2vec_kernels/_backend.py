@@ -2,10 +2,10 @@
 
 Layout of the package (one op per module, this module for what they share):
 
-* ``kernels/<op>.py`` (``kernels/attention/`` for attention): the Triton kernels, their launchers, the
+* ``llm2vec_kernels/<op>.py`` (``llm2vec_kernels/attention/`` for attention): the Triton kernels, their launchers, the
   autograd.Function, the public op and its pure-torch ``*_reference``;
-* ``kernels/gpu_check/<op>.py``: the op's bf16 check on CUDA against its reference (``gpu_check()``), listed
-  in the registry ``kernels/gpu_check/__init__.py`` (``python -m kernels.gpu_check``);
+* ``llm2vec_kernels/gpu_check/<op>.py``: the op's bf16 check on CUDA against its reference (``gpu_check()``), listed
+  in the registry ``llm2vec_kernels/gpu_check/__init__.py`` (``python -m llm2vec_kernels.gpu_check``);
 * this module: :func:`resolve_impl`, :func:`on_device`, :func:`dot_precision`, the Philox keep function
   :func:`philox_keep` and the keep-mask kernel :func:`keep_mask_kernel`.
 
@@ -17,7 +17,7 @@ Backend. Every public op takes ``impl`` in {"auto", "triton", "torch"}:
 implementation process-wide without threading arguments through models.
 
 Launch configuration. Every op takes its fixed launch parameters from one function named ``launch_config``
-in its own module (``kernels.attention.configs.launch_config`` for attention), returning the block sizes,
+in its own module (``llm2vec_kernels.attention.configs.launch_config`` for attention), returning the block sizes,
 ``num_warps`` and (where the op pipelines) ``num_stages`` for the kernel and shape at hand; nothing else in
 an op chooses a tile. Kernel signatures: pointers end in ``_ptr``, strides are explicit ``stride_*``
 arguments, compile-time constants are UPPERCASE ``tl.constexpr``, offsets that can pass 2**31 are int64,

@@ -15,7 +15,7 @@ transpose of that map, i.e. the rotation by -sin:
 One program handles BLOCK_S positions of one sequence for all heads of q and of k (a loop over heads),
 so cos / sin are read once per position. q and k may be strided views (the models pass (B, S, H, D) memory viewed as (B, H, S, D));
 outputs keep the input's memory layout (torch.empty_like), as torch's elementwise ops do. cos / sin get
-no gradient (they are position buffers). Own kernels rather than Liger-Kernel's: see kernels/rms_norm.py.
+no gradient (they are position buffers). Own kernels rather than Liger-Kernel's: see llm2vec_kernels/rms_norm.py.
 """
 import torch
 import triton

@@ -1,4 +1,4 @@
-"""bf16 / fp16 check of :func:`kernels.glu` (the Triton path) on CUDA, forward and backward (dgate, dup), against
+"""bf16 / fp16 check of :func:`llm2vec_kernels.glu` (the Triton path) on CUDA, forward and backward (dgate, dup), against
 the fp64 reference on the same rounded inputs; HF's act_fn(gate) * up in the same dtype is the yardstick."""
 import torch
 
@@ -15,7 +15,7 @@ GPU_CHECK_CASES = [
 
 
 def gpu_check(cases=None, device="cuda", factor=2.0):
-    """Rows of :func:`kernels.gpu_check.accuracy_rows` per case: y, dgate, dup."""
+    """Rows of :func:`llm2vec_kernels.gpu_check.accuracy_rows` per case: y, dgate, dup."""
     dev = require_cuda("glu", device)
     rows = []
     for case, M, inter, act, dtype in cases or GPU_CHECK_CASES:

@@ -1,4 +1,4 @@
-"""``python -m kernels.gpu_check [--list] [--json PATH] [--per-op-s S] [NAME ...]``: run the GPU checks.
+"""``python -m llm2vec_kernels.gpu_check [--list] [--json PATH] [--per-op-s S] [NAME ...]``: run the GPU checks.
 
 No NAME runs every check in registry order. Prints ``gpu_check NAME: k/n ok (t s)`` per check and every failed
 row; ``--json`` writes {name: rows or {"error": ...}} after each check, so a timeout keeps what finished;
@@ -44,7 +44,7 @@ def _run_one(name, per_op_s):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m kernels.gpu_check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m llm2vec_kernels.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"checks to run (default all): {', '.join(CHECKS)}")
     ap.add_argument("--list", action="store_true", help="print the check names, one a line, and exit")
     ap.add_argument("--json", metavar="PATH", help="write the rows here")
@@ -56,7 +56,7 @@ def main(argv=None):
     unknown = [n for n in args.names if n not in CHECKS]
     if unknown or args.per_op_s < 0:
         what = f"unknown check(s) {', '.join(unknown)}" if unknown else "--per-op-s must be >= 0"
-        print(f"kernels.gpu_check: {what}; checks: {', '.join(CHECKS)}", file=sys.stderr)
+        print(f"llm2vec_kernels.gpu_check: {what}; checks: {', '.join(CHECKS)}", file=sys.stderr)
         return 2
     result, failed, no_cuda = {}, False, False
     for name in args.names or CHECKS:
@@ -80,7 +80,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
     if no_cuda:
-        print("kernels.gpu_check: the GPU checks need CUDA (no CUDA device here)", file=sys.stderr)
+        print("llm2vec_kernels.gpu_check: the GPU checks need CUDA (no CUDA device here)", file=sys.stderr)
         return 2
     return 1 if failed else 0
 

@@ -9,7 +9,7 @@ The Triton path is a FlashAttention-2 style kernel set, forward and backward, be
 * ``_attn_bwd_dkdv``  one program per (key block, KV head, sequence): loops over the query heads of its
                       GQA group and every query block, so dK/dV need no atomics (deterministic).
 * ``_attn_bwd_dq``    one program per (query block, query head, sequence): loops over key blocks.
-* the keep-mask the kernels apply is ``kernels._backend.philox_keep``; ``_backend.keep_mask_kernel`` writes
+* the keep-mask the kernels apply is ``llm2vec_kernels._backend.philox_keep``; ``_backend.keep_mask_kernel`` writes
   it out (:func:`flash_attention_dropout_mask`), so tests can replay it.
 
 Dense inputs are addressed through their strides (a q/k/v view of a fused qkv projection works without

@@ -1,6 +1,6 @@
 """GPU accuracy checks, one module per op, and their registry.
 
-Each ``kernels/gpu_check/<op>.py`` has ``gpu_check(...) -> list[dict]``: the op's Triton path in bf16 / fp16 on
+Each ``llm2vec_kernels/gpu_check/<op>.py`` has ``gpu_check(...) -> list[dict]``: the op's Triton path in bf16 / fp16 on
 CUDA at model-sized shapes, forward and backward, against its ``*_reference`` (fp32 or fp64 on the same rounded
 inputs). One row per (case, tensor) with at least {"op", "case", "max_err", "torch_bf16_err", "ok"}:
 ``torch_bf16_err`` is what plain torch loses in the same low precision, the yardstick of ``ok``. Without CUDA a
@@ -8,7 +8,7 @@ check raises :class:`NeedsCuda` before doing any work (``device="cpu"`` where a 
 harness under the Triton interpreter, for the CPU tests).
 
 :data:`CHECKS` lists the op names; :func:`registry` maps each to its check function (imported on demand);
-``python -m kernels.gpu_check [--list | NAME ...]`` runs them (benchmarks/gpu_run.sh does, on the GPU machine).
+``python -m llm2vec_kernels.gpu_check [--list | NAME ...]`` runs them (benchmarks/gpu_run.sh does, on the GPU machine).
 """
 import importlib
 

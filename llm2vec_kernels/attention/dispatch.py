@@ -22,10 +22,10 @@ to match SDPA's flash backend, the same code), its deterministic backward,
 the in-place padded mode against SDPA with a padding mask (0.84x the old unpad/repad path there), and sm_80:
 those keep Triton under the fixed rule, and autotuning decides.
 
-With autotuning on (``kernels.attention.set_autotune(True)`` / LLM2VEC_ATTN_AUTOTUNE=1) every eligible backend,
+With autotuning on (``llm2vec_kernels.attention.set_autotune(True)`` / LLM2VEC_ATTN_AUTOTUNE=1) every eligible backend,
 including flash-attn with its deterministic backward, is timed once per bucket (forward, plus backward when the
 call needs gradients) on the real inputs, and the fastest is recorded in the same per-GPU cache as the launch
-configs (``kernels.attention.tune_cache_path()``), under a "backend" key. ``model.attention=triton`` (or
+configs (``llm2vec_kernels.attention.tune_cache_path()``), under a "backend" key. ``model.attention=triton`` (or
 ``impl="triton"``) always runs Triton; ``torch`` the reference; ``auto`` on CPU is the reference, as before.
 """
 import contextlib

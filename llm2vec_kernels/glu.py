@@ -14,7 +14,7 @@ then the product: one rounding more). Backward recomputes a(g) from the saved in
     gelu_tanh'(g) = 0.5 * (1 + t) + 0.5 * g * (1 - t^2) * c * (1 + 3 * 0.044715 * g^2),  t = tanh(...)
 
 gate and up are (..., I) tensors of one shape and dtype; they are flattened (copied first only if not
-contiguous). Own kernels rather than Liger-Kernel's: see kernels/rms_norm.py.
+contiguous). Own kernels rather than Liger-Kernel's: see llm2vec_kernels/rms_norm.py.
 """
 import torch
 import triton

@@ -1,8 +1,8 @@
-"""Launch configurations of the attention kernels (kernels/attention/flash.py).
+"""Launch configurations of the attention kernels (llm2vec_kernels/attention/flash.py).
 
 Fixed per-arch configs used by default (:func:`launch_config`, the package-wide name; it reads the per-kernel
 tables ``fwd_config`` / ``bwd_config``, which a benchmark sweep may monkeypatch), the atomic-dQ switches, and the
-pruned candidate lists that opt-in autotuning (kernels/attention/tuning.py) times. Every entry compiles
+pruned candidate lists that opt-in autotuning (llm2vec_kernels/attention/tuning.py) times. Every entry compiles
 without register spills on its arch under both Triton versions CI checks (tests/test_attention.py).
 """
 import functools

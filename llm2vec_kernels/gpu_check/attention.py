@@ -1,5 +1,5 @@
 """Accuracy checks of the attention kernels against the fp64 reference, shared by tests/test_attention.py
-and the GPU run (``python -m kernels.gpu_check attention``)."""
+and the GPU run (``python -m llm2vec_kernels.gpu_check attention``)."""
 import math
 import time
 
@@ -82,7 +82,7 @@ ERR_FLOOR = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 5e-3}
 
 
 def _sdpa_case(q, k, v, *, cu_seqlens=None, scale=None, causal=False, seqlens=None, dropout_p=0.0, **_):
-    """The dispatch's SDPA path (kernels/attention/dispatch.py) behind accuracy_case's call signature."""
+    """The dispatch's SDPA path (llm2vec_kernels/attention/dispatch.py) behind accuracy_case's call signature."""
     if cu_seqlens is not None or seqlens is not None or causal or dropout_p:
         raise ValueError("the SDPA path takes dense, unpadded, non-causal, dropout-free batches")
     return sdpa_attention(q, k, v, scale)

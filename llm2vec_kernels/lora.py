@@ -22,7 +22,7 @@ gate/up of an MLP, or a single projection (o, down). Per group:
   grad B_i = ``gy_i^T h_i`` are fresh (small) results.
 
 Dropout RNG. impl="triton": the keep-mask of element (m, k) is a pure function of a seed and (m, k)
-(``kernels._backend.philox_keep8``: one Philox-4x32-7 call per eight columns, counter = (k // 8, m), a 16-bit
+(``llm2vec_kernels._backend.philox_keep8``: one Philox-4x32-7 call per eight columns, counter = (k // 8, m), a 16-bit
 draw per element against round(p * 2**16)); no mask is stored, the forward, a checkpointed recompute and the
 backward each regenerate it. Cost on sm_90 (static SASS instructions per masked element, Triton 3.9,
 ``python -m tests.lora_dropout_sass``): the keep function 4.25 (25.75 with one Philox call per element); the
@@ -381,7 +381,7 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     # auto: Triton for 16-bit CUDA tensors only; fp32 stays on the exact torch path (the kernels' fp32 dots are
-    # TF32 on a GPU, about 1e-3 relative error, as in kernels.attention), and CPU tensors too.
+    # TF32 on a GPU, about 1e-3 relative error, as in llm2vec_kernels.attention), and CPU tensors too.
     impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16))
     biases = list(biases) if biases is not None else [None] * n
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)

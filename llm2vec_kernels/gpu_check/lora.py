@@ -1,4 +1,4 @@
-"""bf16 check of :func:`kernels.lora_group` (the Triton path) on CUDA at 7B-model projection shapes, forward and
+"""bf16 check of :func:`llm2vec_kernels.lora_group` (the Triton path) on CUDA at 7B-model projection shapes, forward and
 backward, against the fp32 per-projection reference on the same keep mask; plain torch in bf16 is the yardstick.
 ``device="cpu"`` rehearses it under the interpreter (tests)."""
 import torch

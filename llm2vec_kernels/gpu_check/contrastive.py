@@ -1,4 +1,4 @@
-"""bf16 / fp16 check of :func:`kernels.contrastive_loss` (the Triton path) on CUDA against the fp64 reference,
+"""bf16 / fp16 check of :func:`llm2vec_kernels.contrastive_loss` (the Triton path) on CUDA against the fp64 reference,
 loss and both gradients, with a tolerance derived from the dtype (:func:`contrastive_tolerance`)."""
 import math
 

@@ -1,4 +1,4 @@
-"""bf16 / fp16 check of :func:`kernels.rope` (the Triton path) on CUDA, forward and backward (dq, dk), against the
+"""bf16 / fp16 check of :func:`llm2vec_kernels.rope` (the Triton path) on CUDA, forward and backward (dq, dk), against the
 fp64 reference on the same rounded inputs; HF's apply_rotary_pos_emb in the same dtype is the yardstick."""
 import torch
 
@@ -22,7 +22,7 @@ def _rotary(B, S, D, dev, dtype):
 
 
 def gpu_check(cases=None, device="cuda", factor=2.0):
-    """Rows of :func:`kernels.gpu_check.accuracy_rows` per case: q_embed, k_embed, dq, dk."""
+    """Rows of :func:`llm2vec_kernels.gpu_check.accuracy_rows` per case: q_embed, k_embed, dq, dk."""
     dev = require_cuda("rope", device)
     rows = []
     for case, B, Hq, Hkv, S, D, dtype, strided in cases or GPU_CHECK_CASES:

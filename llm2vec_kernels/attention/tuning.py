@@ -1,7 +1,7 @@
 """Opt-in autotuning of the attention launch configs: timing, and the per-GPU JSON cache.
 
 ``set_autotune(True)`` (or LLM2VEC_ATTN_AUTOTUNE=1) makes the first call per shape bucket time the candidates of
-kernels/attention/configs.py on the real inputs and keep the fastest; the choice persists in
+llm2vec_kernels/attention/configs.py on the real inputs and keep the fastest; the choice persists in
 ``tune_cache_path()`` per GPU name.
 """
 import json
@@ -94,7 +94,7 @@ def _tuned(kind, make_key, default, q, launch, enabled=None):
 
 
 def _tuned_choice(key, default, cands, q, launch):
-    """The backend for a dispatch bucket (kernels/attention/dispatch.py), timed once like a launch config:
+    """The backend for a dispatch bucket (llm2vec_kernels/attention/dispatch.py), timed once like a launch config:
     ``launch(name)`` runs that backend; ``default`` is the fixed rule's choice."""
     if key in _TUNED:
         return _TUNED[key][0]

@@ -569,7 +569,7 @@ def contrastive_loss(q, d, *, temperature=0.05, gather_across_ranks=False, impl=
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch yardstick of the GPU check (kernels/gpu_check/contrastive.py) and the benchmark
+# The torch yardstick of the GPU check (llm2vec_kernels/gpu_check/contrastive.py) and the benchmark
 # ----------------------------------------------------------------------------------------------
 
 def _torch_same_dtype_loss(q, d, temperature):

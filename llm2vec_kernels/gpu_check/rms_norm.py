@@ -1,4 +1,4 @@
-"""bf16 / fp16 check of :func:`kernels.rms_norm` (the Triton path) on CUDA, forward and backward (dx, dweight),
+"""bf16 / fp16 check of :func:`llm2vec_kernels.rms_norm` (the Triton path) on CUDA, forward and backward (dx, dweight),
 against the fp64 reference on the same rounded inputs; HF's RMSNorm in the same dtype is the yardstick."""
 import torch
 
@@ -16,7 +16,7 @@ GPU_CHECK_CASES = [
 
 
 def gpu_check(cases=None, device="cuda", factor=2.0):
-    """Rows of :func:`kernels.gpu_check.accuracy_rows` per case: y, dx and (weight trainable) dweight."""
+    """Rows of :func:`llm2vec_kernels.gpu_check.accuracy_rows` per case: y, dx and (weight trainable) dweight."""
     dev = require_cuda("rms_norm", device)
     rows = []
     for case, M, H, gemma, train_w, dtype in cases or GPU_CHECK_CASES:

@@ -6,10 +6,10 @@
 * ``tuning``    opt-in autotuning: timing per shape bucket and the per-GPU JSON cache;
 * ``dispatch``  which backend runs an attention call (Triton, torch SDPA, flash-attn) by speed.
 
-The bf16 accuracy check on CUDA is ``kernels/gpu_check/attention.py``. This package re-exports the public API
-only; private names are imported from their module (``from kernels.attention import flash as F``).
-Monkeypatch a name in the module that uses it (``kernels.attention.configs.fwd_config``,
-``kernels.attention.flash._attn_bwd_dq``, ``kernels.attention.tuning._TUNED``): a patch here reaches nothing.
+The bf16 accuracy check on CUDA is ``llm2vec_kernels/gpu_check/attention.py``. This package re-exports the public API
+only; private names are imported from their module (``from llm2vec_kernels.attention import flash as F``).
+Monkeypatch a name in the module that uses it (``llm2vec_kernels.attention.configs.fwd_config``,
+``llm2vec_kernels.attention.flash._attn_bwd_dq``, ``llm2vec_kernels.attention.tuning._TUNED``): a patch here reaches nothing.
 """
 from .configs import atomic_dq_form, atomic_dq_supported, bwd_config, fwd_config, launch_config, tune_candidates
 from .dispatch import AttentionCall, choose_backend, eligible, sdpa_attention, select_backend

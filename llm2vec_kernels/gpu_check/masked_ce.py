@@ -1,4 +1,4 @@
-"""bf16 / fp16 check of :func:`kernels.masked_cross_entropy` (the Triton path) on CUDA at LLM vocab sizes, forward
+"""bf16 / fp16 check of :func:`llm2vec_kernels.masked_cross_entropy` (the Triton path) on CUDA at LLM vocab sizes, forward
 and backward, against the fp32 reference; the HF-style torch loss in the same dtype is the yardstick."""
 import time
 
