@@ -114,3 +114,8 @@ def update_json(path, **values):
     with open(path, "w") as f:
         json.dump(obj, f)
     return obj
+
+
+def inside_repo(path):
+    """Whether ``path`` (a module's origin, say) lies in this repository, links resolved."""
+    return os.path.realpath(path).startswith(os.path.realpath(ROOT) + os.sep)

@@ -3,8 +3,6 @@
 These tests show the switch makes attention non-causal and keeps padding out; that the resulting hidden states
 are *correct* for every family (Gemma2's soft-capping and query scalar, sliding windows, both padding sides,
 packed and padded) is checked against transformers' own is_causal=False attention in tests/test_oracles.py."""
-import os
-
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -12,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import llm2vec_kernels
 from engine.bidirectional import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError, make_bidirectional
 from engine.modeling import packed_hidden_states
-from .helpers import ROOT, count_launches
+from .helpers import count_launches, inside_repo
 
 COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, head_dim=8)
@@ -114,7 +112,7 @@ def test_transformers_hub_kernels_are_the_hub_ones_and_leave_our_attention_alone
 
     spec = importlib.util.find_spec("kernels")
     if is_kernels_available():
-        assert spec is not None and not os.path.realpath(spec.origin).startswith(os.path.realpath(ROOT) + os.sep)
+        assert spec is not None and not inside_repo(spec.origin)
     model = tiny("llama")
     assert model.config._attn_implementation == "sdpa"
 

@@ -8,15 +8,20 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from .helpers import ROOT
+from .helpers import ROOT, inside_repo
 
 
-def _requirements():
-    """{name: Requirement} of setup.py's install_requires and every extra (read, not executed)."""
+def _setup_keywords(*names):
+    """{keyword: value} of setup.py's setup() call for ``names`` (read as literals, not executed)."""
     with open(os.path.join(ROOT, "setup.py")) as f:
         call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Call) and
                     getattr(n.func, "id", "") == "setup")
-    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in ("install_requires", "extras_require")}
+    return {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg in names}
+
+
+def _requirements():
+    """{name: Requirement} of setup.py's install_requires and every extra."""
+    kw = _setup_keywords("install_requires", "extras_require")
     reqs = {}
     for spec in kw["install_requires"] + [s for extra in kw["extras_require"].values() for s in extra]:
         r = Requirement(spec)
@@ -78,18 +83,15 @@ def _top_level_names(dist):
     text = dist.read_text("top_level.txt")
     if text:
         return {n.strip() for n in text.split() if n.strip()}
-    return {f.parts[0].removesuffix(".py") for f in (dist.files or []) if len(f.parts) >= 1
-            and not f.parts[0].endswith((".dist-info", ".egg-info", ".data", ".pth")) and f.parts[0] != ".."}
+    return {f.parts[0].removesuffix(".py") for f in (dist.files or [])
+            if not f.parts[0].endswith((".dist-info", ".egg-info", ".data", ".pth")) and f.parts[0] != ".."}
 
 
 def test_our_packages_shadow_no_installed_distribution():
     """setup.py's packages are top-level names; none may be one that another installed distribution provides
     (transformers 5.25 requires Hugging Face's `kernels`, which our former `kernels/` shadowed from the repo root,
     and `import transformers.activations` failed)."""
-    with open(os.path.join(ROOT, "setup.py")) as f:
-        call = next(n for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Call) and
-                    getattr(n.func, "id", "") == "setup")
-    ours = set(ast.literal_eval(next(k.value for k in call.keywords if k.arg == "packages")))
+    ours = set(_setup_keywords("packages")["packages"])
     assert ours and all(os.path.isdir(os.path.join(ROOT, p)) for p in ours)
     assert not os.path.exists(os.path.join(ROOT, "kernels")), "a top-level kernels/ shadows Hugging Face's kernels"
     taken = {}
@@ -115,4 +117,4 @@ def test_transformers_imports_from_the_repo_root():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     origin = out.stdout.strip().splitlines()[-1]
-    assert origin == "none" or not os.path.realpath(origin).startswith(os.path.realpath(ROOT) + os.sep), origin
+    assert origin == "none" or not inside_repo(origin), origin
