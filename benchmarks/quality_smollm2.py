@@ -7,12 +7,15 @@ Rows (STS Benchmark test, cosine Spearman x 100, mean pooling):
   (d) MNTP + SimCSE on the sentences of STS-B train (scores unused);
   (e) MNTP + supervised InfoNCE on STS-B train pairs (score >= 4 positives, low-score hard negatives);
   (f) MNTP + a graded-score loss (AnglE by default, configs/smollm2-135m/graded.yaml) on every STS-B train pair.
-The general recipe (``--rows aghi``; not in the default rows) trains on no STS-B text:
+The general recipe (``--rows aghijk``; not in the default rows) trains on no STS-B text up to its last step:
   (g) MNTP on general-domain sentences (data/wikitext2-sentences, configs/smollm2-135m/general-mntp.yaml);
   (h) (g) + SimCSE on the same sentences (configs/smollm2-135m/general-simcse.yaml);
-  (i) (h) + the graded loss of (f) on STS-B train (the optional last step of the general recipe).
-(g) and (h) are trained once and hand on their last adapters (no STS-B selection: their STS-B dev curves are
-logged, not used); each protocol scores them on its own test set. (i) is trained per protocol like (f).
+  (i) (h) + the graded loss of (f) on STS-B train (the optional last step of the general recipe);
+  (j) (h) + supervised InfoNCE on NLI triplets (data/snli-triplets, configs/smollm2-135m/general-supervised.yaml);
+  (k) (j) + the graded loss of (f) on STS-B train (the whole general recipe, then its optional last step).
+(g), (h) and (j) are trained once and hand on their last adapters (no STS-B selection: their STS-B dev curves
+are logged, not used); each protocol scores them on its own test set. (i) and (k) are trained per protocol like
+(f).
 Training uses the committed configs configs/smollm2-135m/{mntp,simcse,supervised,graded}.yaml. Each stage
 evaluates on STS-B dev every ``eval_every`` steps. Dev is interleaved genre by genre (:func:`interleave_genres`),
 so the first ``eval_sts_pairs`` pairs that the selection scores hold every genre, not only the captions that open
@@ -46,19 +49,23 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GENERAL = os.path.join(ROOT, "data", "wikitext2-sentences", "sentences.txt")  # the general recipe's corpus
+GENERAL_PAIRS = os.path.join(ROOT, "data", "snli-triplets", "triplets.jsonl")  # and its supervised rows
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
 GENRES = ("captions", "forums", "news")  # STS-B's three genres (engine.data.sts_genre)
 STAGES = {"d": "simcse", "e": "supervised", "f": "graded"}
-CONFIGS = ("mntp", "simcse", "supervised", "graded", "general-mntp", "general-simcse")  # configs/smollm2-135m/
-GENERAL_STAGES = {"g": "general-mntp", "h": "general-simcse"}  # trained once, on no STS-B text
-STAGE_OF = {"c": "mntp", **STAGES, **GENERAL_STAGES, "i": "general-graded"}
+CONFIGS = ("mntp", "simcse", "supervised", "graded", "general-mntp", "general-simcse",
+           "general-supervised")  # configs/smollm2-135m/
+GENERAL_STAGES = {"g": "general-mntp", "h": "general-simcse", "j": "general-supervised"}  # trained once, no STS-B
+STAGE_OF = {"c": "mntp", **STAGES, **GENERAL_STAGES, "i": "general-graded", "k": "general-nli-graded"}
 NAMES = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidirectional, untrained",
          "c": "(c) + MNTP", "d": "(d) + MNTP + SimCSE (STS-B train sentences, no scores)",
          "e": "(e) + MNTP + supervised InfoNCE (STS-B train pairs >= 4, hard negatives)",
          "f": "(f) + MNTP + graded loss (every STS-B train pair with its score)",
          "g": "(g) general MNTP (WikiText-2 sentences, no STS-B)",
          "h": "(h) general MNTP + SimCSE (WikiText-2 sentences, no STS-B)",
-         "i": "(i) (h) + graded loss on STS-B train"}
+         "i": "(i) (h) + graded loss on STS-B train",
+         "j": "(j) (h) + supervised InfoNCE (SNLI triplets, no STS-B)",
+         "k": "(k) (j) + graded loss on STS-B train"}
 
 
 def sh(cmd, log):
@@ -170,7 +177,7 @@ def main(argv=None):
     ap.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every stage")
     ap.add_argument("--stage-set", nargs="*", default=[], metavar="STAGE:key=value",
                     help="overrides for one stage's config: " + ", ".join(CONFIGS))
-    ap.add_argument("--rows", default="abcdef", help="rows to run: abcdef (default, the STS-B recipe), ghi (the "
+    ap.add_argument("--rows", default="abcdef", help="rows to run: abcdef (default, the STS-B recipe), ghijk (the "
                     "general recipe), any mix")
     ap.add_argument("--test-limit", type=int, default=0, help="score only the first N test pairs (rehearsal)")
     ap.add_argument("--label", default="", help="a line for the README (e.g. the budget's purpose)")
@@ -222,7 +229,7 @@ def main(argv=None):
         if stage in ("mntp", "general-mntp"):
             path, meta = mntp_selection(out)
             res["selected"][stage] = {**meta, "eval_data": files["dev"]}
-        elif stage == "general-simcse":
+        elif stage in ("general-simcse", "general-supervised"):
             path = os.path.join(out, "adapter")
             res["selected"][stage] = {"adapter": "adapter", "selected_by": "last step (no STS-B selection)"}
         else:
@@ -254,15 +261,17 @@ def main(argv=None):
             path = train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"])
             rows[key] = evaluate(path, files["test"], log)
             report(False)
-        for key in "gh":
+        for key in "ghj":
             if key in args.rows:
                 rows[key] = evaluate(general_adapters[key], files["test"], log)
                 report(False)
-        if "i" in args.rows:
-            path = train("general-graded", os.path.join(work, "general-graded"), files, res, prefix,
-                         [f"model.adapters=[{general_adapters['g']},{general_adapters['h']}]"], config="graded")
-            rows["i"] = evaluate(path, files["test"], log)
-            report(False)
+        for key, under in (("i", "gh"), ("k", "ghj")):  # the graded stage of (f) on top of general adapters
+            if key in args.rows:
+                stage = STAGE_OF[key]
+                path = train(stage, os.path.join(work, stage), files, res, prefix,
+                             [f"model.adapters=[{','.join(general_adapters[u] for u in under)}]"], config="graded")
+                rows[key] = evaluate(path, files["test"], log)
+                report(False)
 
     def cell(rows, k):
         if k not in rows:
@@ -291,6 +300,8 @@ def main(argv=None):
                   "overrides": args.set, "stage_overrides": per_stage, "rows": rows}
         if general["timings"]:
             result["general"] = {"data": os.path.relpath(GENERAL, ROOT), **general}
+            if set("jk") & set(args.rows):
+                result["general"]["supervised_data"] = os.path.relpath(GENERAL_PAIRS, ROOT)
         hname = f"holdout-{args.holdout_genre}" if args.holdout_genre else None
         if hname:
             h = results[hname]
@@ -313,9 +324,10 @@ def main(argv=None):
                   "stages keep their best adapter by dev Spearman (`best/`), and their rows use it; MNTP hands on "
                   "its last adapter, the lowest held-out MNTP loss (dev sentences), to row (c) and to (d)-(f).", ""]
         if general["timings"]:
-            lines += ["General recipe: (g) and (h) train on `data/wikitext2-sentences` only, once for both columns, "
-                      "and hand on their last adapters (their STS-B dev curves are logged, not used to choose); (i) "
-                      "is (f)'s graded stage on top of them, trained and selected per column like (f).", ""]
+            lines += ["General recipe: (g) and (h) train on `data/wikitext2-sentences` only, (j) on top of them on "
+                      "`data/snli-triplets` only, once for both columns; they hand on their last adapters (their STS-B "
+                      "dev curves are logged, not used to choose). (i) and (k) are (f)'s graded stage on top of (g) and "
+                      "(h), and of (g), (h) and (j), trained and selected per column like (f).", ""]
         if hname:
             h = result["holdout"]
             g, others = args.holdout_genre, " and ".join(h["train_genres"])
@@ -366,13 +378,17 @@ def main(argv=None):
             print("\n".join(lines))
 
     general_adapters = {}
-    if set("ghi") & set(args.rows):  # the general stages: their config's corpus, trained once for every protocol
+    if set("ghijk") & set(args.rows):  # the general stages: their config's corpus, trained once for every protocol
         gfiles = {"train": None, "dev": dev}
         general_adapters["g"] = train("general-mntp", os.path.join(args.work, "general-mntp"), gfiles, general, "",
                                       config="general-mntp")
-        if set("hi") & set(args.rows):
+        if set("hijk") & set(args.rows):
             general_adapters["h"] = train("general-simcse", os.path.join(args.work, "general-simcse"), gfiles, general,
                                           "", [f"model.adapters=[{general_adapters['g']}]"], config="general-simcse")
+        if set("jk") & set(args.rows):
+            general_adapters["j"] = train("general-supervised", os.path.join(args.work, "general-supervised"), gfiles,
+                                          general, "", [f"model.adapters=[{general_adapters['g']},{general_adapters['h']}]"],
+                                          config="general-supervised")
     for name in protocols:
         run_protocol(name)
     report(True)

@@ -140,7 +140,7 @@ def _fake_runs(monkeypatch, q):
         return 1.0
 
     kinds = {"mntp": 2, "simcse": 3, "supervised": 4, "graded": 5, "general-mntp": 6, "general-simcse": 7,
-             "general-graded": 8}
+             "general-graded": 8, "general-supervised": 9, "general-nli-graded": 10}
 
     def evaluate(model, test, log, causal=False):
         pairs = len(_genres(test))
@@ -236,40 +236,51 @@ def test_unknown_holdout_genre_is_a_usage_error(capsys):
 
 
 def test_general_recipe_trains_on_no_sts_text_once_and_scores_both_columns(tmp_path, monkeypatch):
-    """(g) MNTP and (h) SimCSE on the shipped general corpus, trained once with no data= override (their configs'
-    WikiText-2 sentences) and handed on by last step, not by STS-B dev; each protocol scores them on its own test
-    set; (i) grades on that protocol's STS-B train, on top of both general adapters."""
+    """(g) MNTP and (h) SimCSE on the shipped general corpus, and (j) supervised on the shipped NLI triplets on top
+    of both, trained once with no data= override (their configs' files) and handed on by last step, not by STS-B
+    dev; each protocol scores them on its own test set; (i) and (k) grade on that protocol's STS-B train, on top
+    of (g) and (h), and of (g), (h) and (j)."""
     import benchmarks.quality_smollm2 as q
     from engine.config import load_config
 
     calls = _fake_runs(monkeypatch, q)
     out, work = tmp_path / "out", tmp_path / "work"
-    q.main(["--out", str(out), "--work", str(work), "--rows", "aghi", "--holdout-genre", "news"])
+    q.main(["--out", str(out), "--work", str(work), "--rows", "aghijk", "--holdout-genre", "news"])
     stages = [c["stage"] for c in calls["train"]]
-    assert stages == ["general-mntp", "general-simcse", "general-graded", "general-graded"]
-    g, h = calls["train"][:2]
-    for c in (g, h):
-        assert c["data"] is None and load_config(os.path.join(ROOT, c["config"])).data == [
-            "data/wikitext2-sentences/sentences.txt"]
+    assert stages == ["general-mntp", "general-simcse", "general-supervised"] + [
+        "general-graded", "general-nli-graded"] * 2
+    g, h, j = calls["train"][:3]
+    for c, data in ((g, "data/wikitext2-sentences/sentences.txt"), (h, "data/wikitext2-sentences/sentences.txt"),
+                    (j, "data/snli-triplets/triplets.jsonl")):
+        assert c["data"] is None and load_config(os.path.join(ROOT, c["config"])).data == [data]
     assert h["adapters"] == f"[{g['out']}/adapter]"
-    ind, held = calls["train"][2:]
-    assert ind["config"] == held["config"] == "configs/smollm2-135m/graded.yaml"
-    assert ind["adapters"] == held["adapters"] == f"[{g['out']}/adapter,{h['out']}/adapter]"
-    assert ind["data"].endswith("sts-train.csv") and set(_genres(held["data"])) == {"captions", "forums"}
-    for c in (g, h):  # general stages: best/ exists (the fake writes one) but the last adapter is what is scored
+    assert j["adapters"] == f"[{g['out']}/adapter,{h['out']}/adapter]"
+    assert j["config"] == "configs/smollm2-135m/general-supervised.yaml"
+    ind_i, ind_k, held_i, held_k = calls["train"][3:]
+    for ind, held in ((ind_i, held_i), (ind_k, held_k)):
+        assert ind["config"] == held["config"] == "configs/smollm2-135m/graded.yaml"
+        assert ind["data"].endswith("sts-train.csv") and set(_genres(held["data"])) == {"captions", "forums"}
+        assert "holdout-news" in held["out"] and "holdout-news" not in ind["out"]
+    assert ind_i["adapters"] == held_i["adapters"] == f"[{g['out']}/adapter,{h['out']}/adapter]"
+    assert ind_k["adapters"] == held_k["adapters"] == f"[{g['out']}/adapter,{h['out']}/adapter,{j['out']}/adapter]"
+    for c in (g, h, j):  # general stages: best/ exists (the fake writes one) but the last adapter is what is scored
         assert sum(e["model"] == os.path.join(c["out"], "adapter") for e in calls["eval"]) == 2
 
     res = json.loads((out / "results.json").read_text())
     assert res["general"]["data"] == "data/wikitext2-sentences/sentences.txt"
+    assert res["general"]["supervised_data"] == "data/snli-triplets/triplets.jsonl"
     assert res["general"]["selected"]["general-simcse"]["adapter"] == "adapter"
-    for k, kind in zip("ghi", (6, 7, 8)):
+    assert res["general"]["selected"]["general-supervised"]["adapter"] == "adapter"
+    for k, kind in zip("ghijk", (6, 7, 8, 9, 10)):
         assert abs(res["rows"][k]["spearman"] - (13.79 + kind)) < 1e-9
         assert abs(res["holdout"]["rows"][k]["spearman"] - (5.0 + kind)) < 1e-9
     readme = (out / "README.md").read_text()
-    table = dict((m[0], m[1:]) for m in re.findall(r"^\| \(([a-i])\) [^|]*\| ([^|]+) \| ([^|]+) \|", readme, re.M))
-    assert sorted(table) == list("aghi") and table["h"][0].strip() == f"{13.79 + 7:.2f} (+7.00)"
+    table = dict((m[0], m[1:]) for m in re.findall(r"^\| \(([a-k])\) [^|]*\| ([^|]+) \| ([^|]+) \|", readme, re.M))
+    assert sorted(table) == list("aghijk") and table["h"][0].strip() == f"{13.79 + 7:.2f} (+7.00)"
+    assert table["j"][1].strip() == f"{5.0 + 9:.2f} (+9.00)"
     assert (out / "general-mntp_metrics.csv").is_file() and (out / "holdout-news_general-graded_metrics.csv").is_file()
-    assert "General recipe: (g) and (h) train on `data/wikitext2-sentences` only" in readme
+    assert "General recipe: (g) and (h) train on `data/wikitext2-sentences` only, (j) on top of them on " \
+        "`data/snli-triplets` only" in readme
 
 
 def test_unknown_row_is_a_usage_error(capsys):
