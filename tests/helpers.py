@@ -119,3 +119,13 @@ def update_json(path, **values):
 def inside_repo(path):
     """Whether ``path`` (a module's origin, say) lies in this repository, links resolved."""
     return os.path.realpath(path).startswith(os.path.realpath(ROOT) + os.sep)
+
+
+def load_script(path, name):
+    """A script that is not in a package (e.g. a data folder's make.py), imported as module ``name``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -2,21 +2,17 @@
 describes, holds no STS-B sentence, reads as supervised rows, and make.py's steps do what the card says on
 hand-written lines in e-SNLI's format."""
 import hashlib
-import importlib.util
 import json
 import os
 import re
 
-from .helpers import ROOT
+from .helpers import ROOT, load_script
 
 DIR = os.path.join(ROOT, "data", "snli-triplets")
 
 
 def _make():
-    spec = importlib.util.spec_from_file_location("snli_make", os.path.join(DIR, "make.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(DIR, "make.py"), "snli_make")
 
 
 def test_committed_file_matches_its_card():

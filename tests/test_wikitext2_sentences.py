@@ -1,20 +1,16 @@
 """The general recipe's corpus (data/wikitext2-sentences): the committed file is the one its data card describes,
 and make.py's detokeniser and splitter do what the card says, on hand-written lines in WikiText's format."""
 import hashlib
-import importlib.util
 import os
 import re
 
-from .helpers import ROOT
+from .helpers import ROOT, load_script
 
 DIR = os.path.join(ROOT, "data", "wikitext2-sentences")
 
 
 def _make():
-    spec = importlib.util.spec_from_file_location("wikitext2_make", os.path.join(DIR, "make.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(os.path.join(DIR, "make.py"), "wikitext2_make")
 
 
 def _card():
