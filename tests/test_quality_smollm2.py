@@ -80,8 +80,9 @@ def test_readme_general_table_is_the_committed_general_measurement():
     from engine.config import load_config
 
     for stage in ("general-mntp", "general-simcse", "general-supervised"):
-        steps = load_config(os.path.join(ROOT, "configs", "smollm2-135m", f"{stage}.yaml")).max_steps
-        assert gen["general"]["budgets"][stage]["max_steps"] == steps, stage
+        cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m", f"{stage}.yaml"))
+        ran = gen["general"]["budgets"][stage]
+        assert (ran["max_steps"], ran["learning_rate"]) == (cfg.max_steps, cfg.learning_rate), stage
     assert f"WikiText-2 sentences, {gen['general']['budgets']['general-mntp']['max_steps']} steps" in flat
     assert f"SNLI triplets ({gen['general']['budgets']['general-supervised']['max_steps']} steps)" in flat
     held = gen["holdout"]["rows"]
