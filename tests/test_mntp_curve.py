@@ -78,7 +78,6 @@ def test_steps_not_a_multiple_of_every_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2 and "multiple" in capsys.readouterr().err
 
 
-
 def test_committed_pilots_chose_the_general_mntp_lr_and_mask_rate():
     """general-mntp.yaml's LR and masking are what the committed pilots (quality-smollm2-135m-general/mntp-lr-mask/)
     chose, by the rules its comments state: at 1e-3 the held-out MNTP loss falls faster, but the whole general table
