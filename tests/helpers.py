@@ -129,3 +129,29 @@ def load_script(path, name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def data_card(folder, name, licence):
+    """The bytes of ``data/<folder>/<name>`` and its data card's text (README.md beside it), after checking what
+    every card states: the file's SHA-256 and size, and the licence, with LICENSE.txt beside it."""
+    import hashlib
+
+    d = os.path.join(ROOT, "data", folder)
+    with open(os.path.join(d, name), "rb") as f:
+        raw = f.read()
+    with open(os.path.join(d, "README.md"), encoding="utf-8") as f:
+        card = f.read()
+    assert f"`{hashlib.sha256(raw).hexdigest()}`" in card and f"{len(raw):,} bytes" in card
+    assert os.path.isfile(os.path.join(d, "LICENSE.txt")) and licence in card
+    return raw, card
+
+
+def sentence_corpus(folder):
+    """The lines of a WikiText sentence corpus (``data/<folder>/sentences.txt``), checked against its card: the
+    count, the words, 8-60 words a line, no repeats."""
+    raw, card = data_card(folder, "sentences.txt", "CC BY-SA 3.0")
+    lines = raw.decode("utf-8").splitlines()
+    words = [len(t.split()) for t in lines]
+    assert f"{len(lines):,} English sentences" in card and f"{sum(words):,} words" in card
+    assert min(words) >= 8 and max(words) <= 60 and len(set(lines)) == len(lines)
+    return lines

@@ -112,3 +112,24 @@ def test_committed_pilots_chose_the_general_mntp_lr_and_mask_rate():
     dev = load("mntp-lr-mask", "training-genre-dev.json")
     for k in ("100", "150"):
         assert dev["mask0.8_all_lr1e-3"][k] < dev["mask0.2_bert_lr1e-3"][k] - 20
+
+
+def test_committed_corpus_pilot_kept_the_wikitext2_corpus():
+    """The larger-corpus pilot (mntp-lr-mask/wikitext103/) changed only the data, to the committed WikiText-103
+    corpus, and its held-out MNTP loss is level with the WikiText-2 curve at every reading; so general-mntp.yaml
+    keeps WikiText-2, by the loss that chooses this stage's budget and adapter."""
+    from engine.config import load_config
+
+    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
+    with open(os.path.join(res, "mntp-lr-mask", "wikitext103", "curve.json")) as f:
+        big = json.load(f)
+    with open(os.path.join(res, "mntp-curve", "curve.json")) as f:
+        small = json.load(f)
+    assert big["overrides"] == ["model.gradient_checkpointing=false", "data=data/wikitext103-sentences/sentences.txt"]
+    assert os.path.isfile(os.path.join(ROOT, "data", "wikitext103-sentences", "sentences.txt"))
+    b = {r["step"]: r for r in big["rows"] if isinstance(r["step"], int) and r["step"] > 0}
+    s = {r["step"]: r for r in small["rows"]}
+    assert sorted(b) == [100, 200, 300] and big["steps"] == 300
+    assert all(abs(b[k]["eval_loss"] - s[k]["eval_loss"]) < 0.05 for k in b)
+    cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m", "general-mntp.yaml"))
+    assert cfg.data == ["data/wikitext2-sentences/sentences.txt"] and cfg.max_steps == 300

@@ -1,12 +1,11 @@
 """The general recipe's supervised rows (data/snli-triplets): the committed file is the one its data card
 describes, holds no STS-B sentence, reads as supervised rows, and make.py's steps do what the card says on
 hand-written lines in e-SNLI's format."""
-import hashlib
 import json
 import os
 import re
 
-from .helpers import ROOT, load_script
+from .helpers import ROOT, data_card, load_script
 
 DIR = os.path.join(ROOT, "data", "snli-triplets")
 
@@ -16,20 +15,15 @@ def _make():
 
 
 def test_committed_file_matches_its_card():
-    with open(os.path.join(DIR, "triplets.jsonl"), "rb") as f:
-        raw = f.read()
-    with open(os.path.join(DIR, "README.md"), encoding="utf-8") as f:
-        card = f.read()
+    raw, card = data_card("snli-triplets", "triplets.jsonl", "CC BY-SA 4.0")
     rows = [json.loads(line) for line in raw.decode("utf-8").splitlines()]
-    assert f"`{hashlib.sha256(raw).hexdigest()}`" in card
-    assert f"{len(rows):,} JSON lines" in card and f"{len(raw):,} bytes" in card
+    assert f"{len(rows):,} JSON lines" in card
     assert all(set(r) == {"query", "positive", "negative"} for r in rows)
     assert all(isinstance(v, str) and v.strip() == v and v for r in rows for v in r.values())
     assert len({tuple(r.values()) for r in rows}) == len(rows)
     texts = [v for r in rows for v in r.values()]
     for bad in (" ,", " .", "``", "''", " n't", " 's", "( ", " )"):  # the PTB tokenisation is undone
         assert not any(bad in t for t in texts), bad
-    assert os.path.isfile(os.path.join(DIR, "LICENSE.txt")) and "CC BY-SA 4.0" in card
 
 
 def test_committed_file_holds_no_sts_b_sentence():
