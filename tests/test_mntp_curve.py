@@ -131,5 +131,10 @@ def test_committed_corpus_pilot_kept_the_wikitext2_corpus():
     s = {r["step"]: r for r in small["rows"]}
     assert sorted(b) == [100, 200, 300] and big["steps"] == 300
     assert all(abs(b[k]["eval_loss"] - s[k]["eval_loss"]) < 0.05 for k in b)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert (f"same MNTP loss at step 300 ({b[300]['eval_loss']:.2f} against {s[300]['eval_loss']:.2f}) and no better "
+            f"news figure ({b[300]['news_spearman']:.2f} against {s[300]['news_spearman']:.2f})") in readme
+    assert b[300]["news_spearman"] <= s[300]["news_spearman"]
     cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m", "general-mntp.yaml"))
     assert cfg.data == ["data/wikitext2-sentences/sentences.txt"] and cfg.max_steps == 300

@@ -4,7 +4,7 @@ import json
 import os
 import re
 
-from .helpers import ROOT
+from .helpers import ROOT, load_script
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m")
 
@@ -125,6 +125,56 @@ def test_same_pairs_split_the_general_tables_held_out_gap():
     assert f"leaving news out costs it {cost['k']:.2f} points" in readme
     assert f"is {genre_gap:.2f} points lower on news than on the other genres" in readme
     assert 5 < cost["k"] < cost["i"]  # the target's 5 points is not met on the same pairs either
+
+
+
+def test_same_pairs_script_scores_each_adapter_once_per_genre_and_checks_the_run(tmp_path, monkeypatch, capsys):
+    """same_pairs.py on a faked run: one evaluation per (model, genre); the rows that share an adapter are scored
+    once; the held-out news figures must equal results.json's, else one line and exit 2; so must a missing
+    adapter."""
+    from benchmarks import quality_smollm2 as q
+
+    sp = load_script(os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general", "same_pairs.py"),
+                     "same_pairs")
+    work = tmp_path / "work"
+    for sub in ("general-mntp/adapter", "general-simcse/adapter", "general-supervised/adapter", "general-graded/best",
+                "general-nli-graded/best", "holdout-news/general-graded/best", "holdout-news/general-nli-graded/best"):
+        (work / sub).mkdir(parents=True)
+    score = {None: 30.0, "general-mntp/adapter": 31.0, "general-simcse/adapter": 32.0,
+             "general-supervised/adapter": 33.0, "general-graded/best": 50.0, "general-nli-graded/best": 60.0,
+             "holdout-news/general-graded/best": 40.0, "holdout-news/general-nli-graded/best": 45.0}
+    calls = []
+
+    def evaluate(model, test, log, causal=False):
+        key = None if causal else os.path.relpath(model, work)
+        calls.append((key, os.path.basename(test)))
+        return {"spearman": score[key] + (0 if test.endswith("news.csv") else 10)}
+
+    monkeypatch.setattr(q, "evaluate", evaluate)
+    sel = {"general-graded": {"adapter": "best"}, "general-nli-graded": {"adapter": "best"}}
+    held = {"a": 30.0, "g": 31.0, "h": 32.0, "j": 33.0, "i": 40.0, "k": 45.0}
+    results = {"rows": {k: {} for k in held}, "selected": sel,
+               "holdout": {"genre": "news", "selected": sel, "rows": {k: {"spearman": v} for k, v in held.items()}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    out = tmp_path / "same.json"
+    argv = ["--work", str(work), "--results", str(tmp_path / "results.json"), "--out", str(out)]
+    assert sp.main(argv) == 0
+    assert len(calls) == len(set(calls)) == 16  # 8 models x 2 genres
+    got = json.loads(out.read_text())
+    assert got["pairs"] == {"news": 500, "captions+forums": 879}
+    assert got["rows"]["k"] == {"in-domain": {"news": 60.0, "captions+forums": 70.0},
+                                "holdout-news": {"news": 45.0, "captions+forums": 55.0}}
+    assert got["rows"]["j"]["in-domain"] == got["rows"]["j"]["holdout-news"] == {"news": 33.0, "captions+forums": 43.0}
+    results["holdout"]["rows"]["k"]["spearman"] = 44.0  # not the run that wrote results.json
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    capsys.readouterr()
+    assert sp.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "row (k) held out scores 45.0 on news, not 44.0" in err
+    (work / "general-graded" / "best").rmdir()
+    assert sp.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "general-graded/best: no adapter" in err
 
 
 # --- the held-out protocol (issue 27 item 1): fast, with the training and evaluation commands faked -------------

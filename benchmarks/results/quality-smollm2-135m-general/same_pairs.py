@@ -8,7 +8,8 @@ adapters each row used. Rows (g), (h) and (j) never see STS-B, so one adapter se
 have an in-domain adapter (graded on all three genres) and a held-out one (graded without news). Each adapter is
 scored with engine.evaluate on STS-B test's news pairs and on its other genres' pairs. The held-out adapters'
 news figures must reproduce results.json's held-out column to the last digit; the script stops if they do not.
-Run from the repository root, alone on the machine.
+Run from the repository root, alone on the machine. A WORK that lacks an adapter, or whose adapters do not
+reproduce results.json, is one line on stderr and exit 2.
 """
 import argparse
 import datetime
@@ -46,6 +47,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="the quality_smollm2.py --work folder of results.json's run")
     ap.add_argument("--results", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--out", default=os.path.join(HERE, "same-pairs.json"))
     args = ap.parse_args(argv)
     with open(args.results) as f:
         results = json.load(f)
@@ -54,7 +56,9 @@ def main(argv=None):
     paths = adapters(args.work, results)
     for p in paths.values():
         if p is not None and not os.path.isdir(p):
-            ap.error(f"{p}: no adapter; give the --work folder of the run that wrote {args.results}")
+            print(f"error: {p}: no adapter; give the --work folder of the run that wrote {args.results}",
+                  file=sys.stderr)
+            return 2
     test = os.path.join(q.STS, "sts-test.csv")
     subsets = {genre: sts_genre_lines(test, [genre]), "+".join(others): sts_genre_lines(test, others)}
     files = {}
@@ -79,9 +83,10 @@ def main(argv=None):
         if col != "in-domain":
             want = round(results["holdout"]["rows"][row]["spearman"], 2)
             if cell[genre] != want:
-                raise SystemExit(f"row ({row}) held out scores {cell[genre]} on {genre}, not results.json's {want}: "
-                                 f"{args.work} is not the run that wrote {args.results}")
-    with open(os.path.join(HERE, "same-pairs.json"), "w") as f:
+                print(f"error: row ({row}) held out scores {cell[genre]} on {genre}, not {want} as in {args.results}: "
+                      f"{args.work} is not the run that wrote it", file=sys.stderr)
+                return 2
+    with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     return 0
 
