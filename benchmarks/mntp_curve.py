@@ -17,7 +17,6 @@ import csv
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -26,6 +25,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 from engine.distributed import free_port  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     with open(os.path.join(args.out, "curve.json"), "w") as f:
         json.dump({"date": datetime.date.today().isoformat(), "commit": commit, "config": args.config,
                    "train": "sts-train without " + args.holdout_genre if args.train_without_holdout else "config",

@@ -48,6 +48,11 @@ import time
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks.common import git_commit  # noqa: E402
+
 GENERAL = os.path.join(ROOT, "data", "wikitext2-sentences", "sentences.txt")  # the general recipe's corpus
 GENERAL_PAIRS = os.path.join(ROOT, "data", "snli-triplets", "triplets.jsonl")  # and its supervised rows
 STS = os.path.join(ROOT, "data", "stsbenchmark")  # shipped with the repo (see data/stsbenchmark/LICENSE.txt)
@@ -208,7 +213,7 @@ def main(argv=None):
             files["test"] = _write(os.path.join(args.work, f"{name}-test-first{args.test_limit}.csv"),
                                    [line.rstrip("\n") for line in open(files["test"]) if line.strip()][:args.test_limit])
     t_all = time.time()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     results = {name: {"rows": {}, "timings": {}, "budgets": {}, "selected": {}} for name in protocols}
     general = {"timings": {}, "budgets": {}, "selected": {}}  # the stages (g) and (h), trained once
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]

@@ -94,7 +94,6 @@ def test_readme_general_table_is_the_committed_general_measurement():
         assert f"{where['f']['spearman']:.2f} (f) to {col['k']['spearman']:.2f} (k)" in flat
 
 
-
 def test_same_pairs_split_the_general_tables_held_out_gap():
     """same-pairs.json scores the general table's own adapters by genre: the held-out adapters reproduce the
     table's news column, the rows that never see STS-B are one model in both columns, and the READMEs' reading of
@@ -125,7 +124,6 @@ def test_same_pairs_split_the_general_tables_held_out_gap():
     assert f"leaving news out costs it {cost['k']:.2f} points" in readme
     assert f"is {genre_gap:.2f} points lower on news than on the other genres" in readme
     assert 5 < cost["k"] < cost["i"]  # the target's 5 points is not met on the same pairs either
-
 
 
 def test_same_pairs_script_scores_each_adapter_once_per_genre_and_checks_the_run(tmp_path, monkeypatch, capsys):

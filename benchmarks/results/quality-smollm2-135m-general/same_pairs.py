@@ -15,7 +15,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,6 +22,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 from engine.data import sts_genre_lines  # noqa: E402
 
 STAGE_DIRS = {"g": "general-mntp/adapter", "h": "general-simcse/adapter", "j": "general-supervised/adapter"}
@@ -65,7 +65,7 @@ def main(argv=None):
     for name, lines in subsets.items():
         files[name] = q._write(os.path.join(args.work, f"same-pairs-test-{name}.csv"), lines)
     log = os.path.join(args.work, "same-pairs.log")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     out = {"what": "STS-B test Spearman x100 by genre, mean pooling, engine.evaluate, for the adapters of "
                    "results.json's two columns (in-domain: every stage trained on all genres; holdout: without "
                    f"{genre})",

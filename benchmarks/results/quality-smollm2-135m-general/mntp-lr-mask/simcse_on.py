@@ -13,7 +13,7 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,6 +21,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 
 
 def main(argv=None):
@@ -49,17 +50,14 @@ def main(argv=None):
     adapter = os.path.join(run, "adapter")
     scores = {name: q.evaluate(adapter, path, log) for name, path in
               (("test", os.path.join(q.STS, "sts-test.csv")), ("news", news))}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    with open(os.path.join(run, "metrics.csv")) as f:
-        dev_curve = [line.rstrip("\n") for line in f]
+    commit = git_commit()
     out = {"date": datetime.date.today().isoformat(), "commit": commit, "train_seconds": round(train_s, 1),
            "mntp_adapter": os.path.relpath(mntp, ROOT), "simcse": "configs/smollm2-135m/general-simcse.yaml, last adapter",
            "test_spearman": round(scores["test"]["spearman"], 2), "test_pairs": scores["test"]["pairs"],
            "news_spearman": round(scores["news"]["spearman"], 2), "news_pairs": scores["news"]["pairs"]}
     with open(os.path.join(args.out, "simcse.json"), "w") as f:
         json.dump(out, f, indent=2)
-    with open(os.path.join(args.out, "simcse_metrics.csv"), "w") as f:
-        f.writelines(line + "\n" for line in dev_curve)
+    shutil.copy(os.path.join(run, "metrics.csv"), os.path.join(args.out, "simcse_metrics.csv"))
     print(json.dumps(out))
     return 0
 

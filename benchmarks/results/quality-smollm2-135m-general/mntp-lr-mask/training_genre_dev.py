@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -20,6 +19,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
                 ap.error(f"{work}: no adapter at step {s}; give the --work folder of a mntp_curve.py run")
     if not os.path.isfile(dev):
         ap.error(f"{dev}: missing; give the --work folder of a mntp_curve.py run")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     out = {"what": "STS-B dev Spearman x100 on the training genres only (captions and forums, 1000 pairs), mean "
                    "pooling, engine.evaluate; the held-out protocol's dev file",
            "date": datetime.date.today().isoformat(), "commit": commit}
