@@ -36,10 +36,12 @@ the replicated bf16 base with full-recompute activations does not fit one GPU, a
 do not bring the fused path back (:func:`fused_lora_limit` gives the largest base that keeps it).
 
 
-Not in the formulas: under ZeRO-3 DeepSpeed replaces ``torch.nn.functional.linear`` process-wide with its
-memory-efficient linear (``zero_optimization.memory_efficient_linear``, on by default), which saves more on the
-PEFT path than torch's linear: +44 KiB per token and layer measured at the Mistral-7B shape (about +15%). The
-ZeRO-3 plan (bases above ``fused_lora_limit``) is that much low until it is costed."""
+Under ZeRO-3 DeepSpeed replaces ``torch.nn.functional.linear`` process-wide with its memory-efficient linear
+(``zero_optimization.memory_efficient_linear``, on by default, and the engine does not turn it off). That
+autograd Function saves every GEMM's input, the frozen base GEMMs' too, which torch's linear does not keep; the
+ZeRO-3 plan costs it (:func:`activation_bytes`, ``zero3_linear``): b (2H + I) more per token and layer with
+no recompute, +44 KiB at the Mistral-7B and Llama-3-8B shapes (+16% on "peft", +13% on "peft-torch"), nothing under
+selective or full recompute, whose checkpoints drop what the forward saved."""
 import dataclasses
 import functools
 import os
@@ -147,7 +149,7 @@ class LayerShape:
 PATHS = ("fused", "fused-torch", "peft", "peft-torch", "full-ft")
 
 
-def activation_bytes(s, path):
+def activation_bytes(s, path, zero3_linear=False):
     """{policy: bytes saved per token per decoder layer} for LayerShape ``s`` on ``path`` (see PATHS).
 
     b = activation bytes, a = PEFT adapter bytes, R = sum of LoRA ranks, X = sum of LoRA input widths.
@@ -168,6 +170,9 @@ def activation_bytes(s, path):
       input, q/k/v, o, gate/up, down), plus h where an aten GEMM makes it: b R (fused-torch), a R (peft), 0 (Triton).
       Triton attention / norm / RoPE / GLU outputs are recomputed (not aten ops).
     "full": the layer input, b H.
+    ``zero3_linear`` (ZeRO-3's memory-efficient linear in place of torch's, on the PEFT paths): the frozen base
+    GEMMs keep their inputs too, b (2H + I) more under "none" (both norms' outputs, act(gate) * up), unless the
+    adapters already keep those very tensors (p = 0 and a = b). Selective and full recompute are unchanged.
     """
     H, KV, I, b, a = s.hidden, s.kv, s.inter, s.b, s.adapter_b or s.b
     elementwise = "torch" if path.endswith("torch") else "triton"
@@ -183,6 +188,8 @@ def activation_bytes(s, path):
             lora = (a + 1) * s.lora_in
         else:
             lora = inputs if a == b else a * s.lora_in
+        if zero3_linear and (s.dropout or a != b):
+            lora += inputs  # the base GEMMs' own inputs, kept by DeepSpeed's LinearFunctionForZeroStage3
         lora += a * s.lora_rank
         cached_h = a * s.lora_rank
     elif path == "full-ft":
@@ -251,7 +258,7 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         layers=tc.num_hidden_layers,
         hidden=tc.hidden_size,
         per_token_layer=activation_bytes(shape, paths[0]),
-        per_token_layer_zero3=activation_bytes(shape, paths[1]),
+        per_token_layer_zero3=activation_bytes(shape, paths[1], zero3_linear=True),
         paths=paths,
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,

@@ -86,11 +86,12 @@ class _Tok:
 
 @pytest.fixture(autouse=True)
 def _torch_linear(monkeypatch):
-    """Measure with torch's own F.linear. An in-process ZeRO-3 engine (another test's) replaces
-    torch.nn.functional.linear process-wide with DeepSpeed's memory-efficient linear ("This will persist unless
-    manually reset"), which saves more on the PEFT path: measured +44 KiB per token and layer at the Mistral-7B
-    shape, not in the formulas (see engine/memory.py)."""
+    """Measure with torch's own F.linear unless a test says otherwise. An in-process ZeRO-3 engine (another
+    test's) replaces torch.nn.functional.linear process-wide with DeepSpeed's memory-efficient linear ("This will
+    persist unless manually reset"), which saves more on the PEFT path (``zero3_linear`` in engine/memory.py,
+    measured below)."""
     monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
+
 
 def build(arch, path, device, layers=1, overrides=(), config="configs/mistral-7b/mntp.yaml"):
     """(cfg, model): ``arch`` with random weights on ``device``, LoRA from ``config``, set up as ``path`` runs."""
@@ -184,6 +185,35 @@ def test_plan_formulas_match_measured_saved_bytes(size, path):
     for p in measured:
         assert abs(formula[p] - measured[p]) <= 0.10 * measured[p], (p, formula[p], measured[p])
     assert measured["none"] > measured["selective"] > measured["full"] > 0
+
+
+@pytest.mark.parametrize("size", ["mistral-7b", "llama2-7b", "small"])
+@pytest.mark.parametrize("path", ["peft", "peft-torch"])
+@pytest.mark.parametrize("dropout", [0.05, 0.0])
+def test_zero3_linear_term_matches_measured_saved_bytes(size, path, dropout, monkeypatch):
+    """Under ZeRO-3 the model runs DeepSpeed's memory-efficient linear: measured with it in place of F.linear, the
+    saved bytes are the PEFT path's formula with ``zero3_linear`` (b (2H + I) more with no recompute, unless p = 0
+    and the adapters share the base's dtype, as on the small fp32 model), and torch's linear keeps the formula
+    without it."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    arch, device = {"mistral-7b": (MISTRAL_7B, "meta"), "llama2-7b": (LLAMA2_7B, "meta"), "small": (SMALL, "cpu")}[size]
+    _, model = build(arch, path, device, overrides=[f"lora.dropout={dropout}"])
+    shape = layer_shape(model)
+    plain, zero3 = activation_bytes(shape, path), activation_bytes(shape, path, zero3_linear=True)
+    extra = shape.b * (2 * shape.hidden + shape.inter)
+    shared = dropout == 0 and (shape.adapter_b or shape.b) == shape.b
+    assert zero3["none"] - plain["none"] == (0 if shared else extra) and shape.dropout == (dropout > 0)
+    assert {p: zero3[p] for p in ("selective", "full")} == {p: plain[p] for p in ("selective", "full")}
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    measured = {p: measured_per_token(model, p) for p in ("none", "selective", "full")}
+    print(f"{size} {path} p={dropout}: measured with ZeRO-3's linear " + ", ".join(
+        f"{p} {v / 1024:.2f} KiB" for p, v in measured.items()) + "; planned " + ", ".join(
+        f"{p} {v / 1024:.2f}" for p, v in zero3.items()))
+    for p in measured:
+        assert abs(zero3[p] - measured[p]) <= 0.02 * measured[p], (p, zero3[p], measured[p])
+    if not shared:  # the term is needed: the formula without it is more than 10% low
+        assert measured["none"] - plain["none"] > 0.1 * plain["none"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,4 +337,5 @@ def test_zero3_plan_costs_peft_and_says_so():
     assert stage == 3 and plan.path(3) == "peft" and plan.path(1) == "fused"
     assert "PEFT" in why
     shape = layer_shape(model)
-    assert plan.per_token("none", 3) == activation_bytes(shape, "peft")["none"] != plan.per_token("none", 1)
+    assert plan.per_token("none", 3) == activation_bytes(shape, "peft", zero3_linear=True)["none"]
+    assert plan.per_token("none", 3) > activation_bytes(shape, "peft")["none"] != plan.per_token("none", 1)
