@@ -339,3 +339,20 @@ def test_zero3_plan_costs_peft_and_says_so():
     shape = layer_shape(model)
     assert plan.per_token("none", 3) == activation_bytes(shape, "peft", zero3_linear=True)["none"]
     assert plan.per_token("none", 3) > activation_bytes(shape, "peft")["none"] != plan.per_token("none", 1)
+
+
+def test_readme_states_the_planned_bytes_per_path():
+    """The README's per-token figures at Mistral-7B's shape are the plan's formulas (held to measurement above)."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    kib = {}
+    for path in ("fused", "peft"):
+        _, model = build(MISTRAL_7B, path, "meta")
+        kib[path] = {p: round(v / 1024, 1) for p, v in activation_bytes(layer_shape(model), path).items()}
+        if path == "peft":
+            kib["zero3"] = round(activation_bytes(layer_shape(model), path, zero3_linear=True)["none"] / 1024, 1)
+    f, p = kib["fused"], kib["peft"]
+    assert (f"on the fused path {f['none']} KiB per token per layer under `none`, {f['selective']} under "
+            f"`selective`, {f['full']} under `full` (PEFT's LoRA: {p['none']} / {p['selective']} / {p['full']}, "
+            f"and {kib['zero3']} under `none` with ZeRO-3's memory-efficient linear") in readme
+    assert f"({kib['zero3']} vs {f['none']} KiB per token per layer at Mistral-7B's shape)" in readme
