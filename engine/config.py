@@ -64,6 +64,9 @@ class MNTPConfig:
     scheme: str = "bert"  # bert: 80% mask token / 10% random / 10% unchanged;  all: always the mask token
     mask_token: str = "_"  # "_" (a blank token), "eos", "<mask>" (added to the vocab), or any single token
     z_loss: float = 0.0
+    # true: documents joined with EOS and cut into max_seq_len blocks (llm2vec's run_mntp.py); false: one row per
+    # document (special prefix, the text cut to fit, EOS), padded: the rows look as encode() sees a text
+    pack: bool = True
 
 
 @dataclass

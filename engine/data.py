@@ -512,6 +512,33 @@ class BlockChunker:
         return [self.prefix + tail] if len(tail) > 1 else []
 
 
+class SentenceRows:
+    """MNTP rows one document each (``mntp.pack: false``): ``prefix + ids + [EOS]``, the text cut to fit
+    ``max_seq_len`` and counted in ``stats.truncated``; the row is what the encoder reads for that text (its
+    special prefix, the text, the appended EOS). Same interface as :class:`BlockChunker`."""
+
+    def __init__(self, tokenizer, max_seq_len, stats):
+        from .encoding import special_prefix
+
+        self.prefix = list(special_prefix(tokenizer))
+        self.end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.body = max_seq_len - len(self.prefix) - len(self.end)
+        if self.body < 1:
+            raise DataError(f"max_seq_len {max_seq_len} is too short")
+        self.stats = stats
+
+    def feed(self, ids):
+        ids = list(ids)
+        if len(ids) > self.body:
+            self.stats.truncated += 1
+            ids = ids[:self.body]
+        row = self.prefix + ids + self.end
+        return [row] if len(row) > 1 else []
+
+    def finish(self):
+        return []
+
+
 def tokenized_batches(texts, tokenizer, progress=False, total_chars=None, batch_chars=1 << 20, batch_texts=1024):
     """Yield the ids (no special tokens) of ``texts`` in order, tokenised in batches of about ``batch_chars``
     characters (one call per batch: a fast tokenizer's parallelism, memory bounded by the batch).

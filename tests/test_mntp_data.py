@@ -127,3 +127,29 @@ def test_blocks_do_not_depend_on_how_documents_are_batched(tok):
     one_call = tok(texts, add_special_tokens=False)["input_ids"]
     stream = [t for ids in one_call for t in ids + [tok.eos_token_id]]
     assert whole == small == [stream[i:i + 32] for i in range(0, len(stream), 32)]
+
+
+def test_unpacked_rows_are_what_the_encoder_reads(tok, tmp_path, monkeypatch):
+    """``mntp.pack: false``: one row per document, and each row is the encoder's input for that text (special
+    prefix, the text, EOS), cut to ``max_seq_len`` with the cut counted; the default stays packed."""
+    from engine.config import load_config
+    from engine.stages.mntp import MNTPStage
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    long = " ".join(["word"] * 40)
+    texts = ["A man is playing a guitar.", long, "Another sentence here."]
+    data = tmp_path / "docs.txt"
+    data.write_text("\n".join(texts) + "\n")
+    rows = {}
+    for pack in (False, True):
+        cfg = load_config("configs/smollm2-135m/mntp.yaml", [f"data={data}", "max_seq_len=16", f"mntp.pack={pack}",
+                                                              f"output_dir={tmp_path / 'run'}"])
+        items, stats, _ = MNTPStage(cfg, tok).load([str(data)])
+        rows[pack] = [list(items[i]) for i in range(len(items))], stats
+    unpacked, stats = rows[False]
+    encoder, _, truncated = tokenize_with_instruction(tok, texts, None, 16, "mean")
+    assert unpacked == [list(r) for r in encoder] and truncated == stats.truncated == 1 and stats.sources["rows"] == 3
+    assert [r[-1] for r in unpacked] == [tok.eos_token_id] * 3 and len(unpacked[1]) == 16
+    packed, pstats = rows[True]
+    assert pstats.truncated == 0 and all(len(b) == 16 for b in packed[:-1])
+    assert sum(map(len, packed)) > sum(map(len, unpacked))  # packing keeps the whole long text

@@ -13,7 +13,7 @@ import llm2vec_kernels
 import dataclasses
 
 from .. import token_cache
-from ..data import BlockChunker, DataError, DataStats, iter_texts, tokenized_batches
+from ..data import BlockChunker, DataError, DataStats, SentenceRows, iter_texts, tokenized_batches
 from ..encoding import pad_batch
 from ..modeling import lm_head_of, packed_hidden_states, packing
 from .base import Stage
@@ -100,11 +100,11 @@ class MNTPStage(Stage):
     def load(self, sources, max_samples=0):
         """The blocks (:class:`engine.data.BlockChunker`) from the token cache (:mod:`engine.token_cache`): tokenised
         once, streamed, read lazily per batch."""
-        seed, max_seq_len = self.cfg.seed, self.cfg.max_seq_len
+        seed, max_seq_len, pack = self.cfg.seed, self.cfg.max_seq_len, self.cfg.mntp.pack
 
         def build(writer, progress):
             stats = DataStats()
-            chunker = BlockChunker(self.tok, max_seq_len)
+            chunker = BlockChunker(self.tok, max_seq_len) if pack else SentenceRows(self.tok, max_seq_len, stats)
             texts = iter_texts(sources, stats, max_samples, seed=seed)
             for ids in tokenized_batches(texts, self.tok, progress, token_cache.source_bytes(sources)):
                 for block in chunker.feed(ids):
@@ -113,10 +113,12 @@ class MNTPStage(Stage):
                 writer.add(block)
             if not stats.kept:
                 raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
-            stats.sources["blocks"] = writer.n
+            stats.sources["blocks" if pack else "rows"] = writer.n
             return dataclasses.asdict(stats)
 
         settings = {"stage": "mntp", "max_seq_len": max_seq_len, "max_samples": max_samples, "seed": seed}
+        if not pack:  # packed caches keep their key
+            settings["pack"] = False
         blocks, meta = token_cache.cached_items("tokens", self.tok, sources, settings, build)
         return blocks, DataStats(**meta["stats"]), None
 
