@@ -8,6 +8,9 @@ news pairs. Writes ``<OUT>/simcse.json``.
 WORK is the ``--work`` folder that mntp_curve.py was given (it holds run/adapter, the interleaved dev file and
 holdout/sts-test.csv). Run from the repository root, alone on the machine. A WORK without those is one line on
 stderr and exit 2.
+
+``--no-mntp``: the control. The same SimCSE stage on the bidirectional model with no MNTP adapter (WORK gives
+only the dev and news files); the run goes to ``WORK/simcse-no-mntp`` and ``mntp_adapter`` is null.
 """
 import argparse
 import datetime
@@ -29,30 +32,35 @@ def main(argv=None):
     ap.add_argument("--mntp-work", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--no-mntp", action="store_true", help="SimCSE on the bidirectional model without MNTP")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for the stage")
     args = ap.parse_args(argv)
-    mntp = os.path.join(args.mntp_work, "run", "adapter")
+    mntp = None if args.no_mntp else os.path.join(args.mntp_work, "run", "adapter")
     dev = os.path.join(args.mntp_work, "sts-dev-interleaved.csv")
     news = os.path.join(args.mntp_work, "holdout", "sts-test.csv")
-    for path in (os.path.join(mntp, "adapter_config.json"), dev, news):
+    needed = (dev, news) if mntp is None else (os.path.join(mntp, "adapter_config.json"), dev, news)
+    for path in needed:
         if not os.path.isfile(path):
             print(f"error: {path}: missing; give the --work folder of a mntp_curve.py run", file=sys.stderr)
             return 2
     from engine.distributed import free_port
 
     os.makedirs(args.out, exist_ok=True)
-    run = os.path.join(args.mntp_work, "simcse")
-    log = os.path.join(args.mntp_work, "simcse.log")
+    name = "simcse" if mntp is not None else "simcse-no-mntp"
+    run = os.path.join(args.mntp_work, name)
+    log = os.path.join(args.mntp_work, name + ".log")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc), "--master_port",
            str(free_port()), "engine/train.py", "--config", "configs/smollm2-135m/general-simcse.yaml",
-           f"model.adapters=[{mntp}]", f"eval_data={dev}", f"output_dir={run}", "progress_bar=false",
-           "model.gradient_checkpointing=false"]
+           f"model.adapters=[{mntp if mntp is not None else ''}]", f"eval_data={dev}", f"output_dir={run}",
+           "progress_bar=false", "model.gradient_checkpointing=false", *args.set]
     train_s = q.sh(cmd, log)
     adapter = os.path.join(run, "adapter")
     scores = {name: q.evaluate(adapter, path, log) for name, path in
               (("test", os.path.join(q.STS, "sts-test.csv")), ("news", news))}
     commit = git_commit()
     out = {"date": datetime.date.today().isoformat(), "commit": commit, "train_seconds": round(train_s, 1),
-           "mntp_adapter": os.path.relpath(mntp, ROOT), "simcse": "configs/smollm2-135m/general-simcse.yaml, last adapter",
+           "mntp_adapter": None if mntp is None else os.path.relpath(mntp, ROOT),
+           "simcse": "configs/smollm2-135m/general-simcse.yaml, last adapter", "overrides": args.set,
            "test_spearman": round(scores["test"]["spearman"], 2), "test_pairs": scores["test"]["pairs"],
            "news_spearman": round(scores["news"]["spearman"], 2), "news_pairs": scores["news"]["pairs"]}
     with open(os.path.join(args.out, "simcse.json"), "w") as f:
