@@ -184,65 +184,6 @@ def test_committed_seed_runs_bound_the_single_seed_pilots():
     assert min(x[1] for x in h.values()) < causal  # "on seed 1 (h) is below it too"
 
 
-def _soup_script():
-    from .helpers import load_script
-
-    return load_script(os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general", "mntp-lr-mask",
-                                    "soup.py"), "soup")
-
-
-def _adapter(path, seed, r=4, alpha=8, modules=("q_proj",)):
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    os.makedirs(path)
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"r": r, "lora_alpha": alpha, "target_modules": list(modules), "peft_type": "LORA"}, f)
-    w = {}
-    for m in modules:
-        w[f"base_model.model.model.layers.0.self_attn.{m}.lora_A.weight"] = torch.randn(r, 12, generator=g)
-        w[f"base_model.model.model.layers.0.self_attn.{m}.lora_B.weight"] = torch.randn(10, r, generator=g)
-    save_file(w, os.path.join(path, "adapter_model.safetensors"))
-    return str(path)
-
-
-def test_soup_adapter_is_the_mean_of_the_updates(tmp_path):
-    import torch
-    from safetensors.torch import load_file
-
-    m = _soup_script()
-    paths = [_adapter(tmp_path / f"a{s}", s) for s in range(3)]
-
-    def update(path):
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            cfg = json.load(f)
-        w = load_file(os.path.join(path, "adapter_model.safetensors"))
-        (a,) = [v for k, v in w.items() if "lora_A" in k]
-        (b,) = [v for k, v in w.items() if "lora_B" in k]
-        return b @ a * cfg["lora_alpha"] / cfg["r"]
-
-    assert m.make_soup(paths, str(tmp_path / "soup")) == 12
-    mean = sum(update(p) for p in paths) / 3
-    torch.testing.assert_close(update(str(tmp_path / "soup")), mean, rtol=1e-5, atol=1e-5)
-    assert m.make_soup(paths[:1], str(tmp_path / "one")) == 4
-    torch.testing.assert_close(update(str(tmp_path / "one")), update(paths[0]), rtol=0, atol=0)
-    other = _adapter(tmp_path / "r8", 5, r=8, alpha=16)
-    with pytest.raises(m.SoupError, match="LoRA settings"):
-        m.make_soup([paths[0], other], str(tmp_path / "bad"))
-
-
-def test_soup_refuses_a_missing_adapter_in_one_line(tmp_path, capsys):
-    m = _soup_script()
-    good = _adapter(tmp_path / "a", 0)
-    news = tmp_path / "news.csv"
-    news.write_text("x\n")
-    assert m.main(["--adapters", good, str(tmp_path / "nope"), "--news", str(news), "--out", str(tmp_path / "o"),
-                   "--work", str(tmp_path / "w")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a LoRA adapter folder" in err and not (tmp_path / "o").exists()
-
-
 def test_simcse_on_without_mntp_trains_on_the_bare_bidirectional_model(tmp_path, monkeypatch):
     from .helpers import load_script
 
