@@ -64,6 +64,8 @@ def fingerprint(cfg) -> dict:
         out["lr_decay_steps"] = cfg.lr_decay_steps
     if cfg.lr_decay_epochs:
         out["lr_decay_epochs"] = cfg.lr_decay_epochs
+    if out.get("mntp.pack") is True:  # only when off: runs from before the key (all packed) keep their fingerprint
+        del out["mntp.pack"]
     if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:

@@ -78,6 +78,11 @@ def test_a_checkpoint_written_before_the_trainer_split_is_the_same_run(tmp_path)
     cfg = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}"])
     assert plan_resume(cfg) == (["step_0000006"], [])
     assert fingerprint(cfg) == old["fingerprint"]
+    # a key added since (mntp.pack) enters the fingerprint only when it changes what the run does
+    unpacked = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", "mntp.pack=false"])
+    assert fingerprint(unpacked) == dict(old["fingerprint"], **{"mntp.pack": False})
+    with pytest.raises(ConfigError, match="mntp.pack: '<unset>' in the checkpoint, False now"):
+        plan_resume(unpacked)
 
 
 def test_plan_resume_never_restarts_silently(tmp_path):
