@@ -348,9 +348,10 @@ def test_readme_states_the_planned_bytes_per_path():
     kib = {}
     for path in ("fused", "peft"):
         _, model = build(MISTRAL_7B, path, "meta")
-        kib[path] = {p: round(v / 1024, 1) for p, v in activation_bytes(layer_shape(model), path).items()}
+        shape = layer_shape(model)
+        kib[path] = {p: round(v / 1024, 1) for p, v in activation_bytes(shape, path).items()}
         if path == "peft":
-            kib["zero3"] = round(activation_bytes(layer_shape(model), path, zero3_linear=True)["none"] / 1024, 1)
+            kib["zero3"] = round(activation_bytes(shape, path, zero3_linear=True)["none"] / 1024, 1)
     f, p = kib["fused"], kib["peft"]
     assert (f"on the fused path {f['none']} KiB per token per layer under `none`, {f['selective']} under "
             f"`selective`, {f['full']} under `full` (PEFT's LoRA: {p['none']} / {p['selective']} / {p['full']}, "

@@ -98,8 +98,9 @@ class MNTPStage(Stage):
         return model
 
     def load(self, sources, max_samples=0):
-        """The blocks (:class:`engine.data.BlockChunker`) from the token cache (:mod:`engine.token_cache`): tokenised
-        once, streamed, read lazily per batch."""
+        """The blocks (:class:`engine.data.BlockChunker`; one row per document, :class:`engine.data.SentenceRows`,
+        under ``mntp.pack: false``) from the token cache (:mod:`engine.token_cache`): tokenised once, streamed, read
+        lazily per batch."""
         seed, max_seq_len, pack = self.cfg.seed, self.cfg.max_seq_len, self.cfg.mntp.pack
 
         def build(writer, progress):
