@@ -26,7 +26,9 @@ dev Spearman moves non-monotonically while its loss falls (24 / 44 / 35 / 55 at 
 table), so picking by it picks a point on a path MNTP does not optimise; (c)-(f) all use that adapter. ``--set`` overrides apply to every stage,
 ``--stage-set STAGE:key=value`` to one (e.g. ``--stage-set mntp:max_steps=300``). ``--test-limit N`` scores
 only the first N test pairs (rehearsals: the README then says so). Writes results.json, README.md and each
-stage's metrics.csv and best-adapter record into --out.
+stage's metrics.csv and best-adapter record into --out. Every evaluation keeps each pair's cosine in
+``--work/scores/``, and each row's difference to the causal model (a) gets a 95% paired bootstrap interval over
+the test pairs (``vs_causal`` in results.json, and a table in the README): how far the pairs alone could move it.
 
 Held-out protocol (``--holdout-genre forums|news|captions``, default news; ``none`` skips it): beside the
 in-domain table, every row is trained
@@ -85,10 +87,14 @@ def sh(cmd, log):
     return time.time() - t0
 
 
-def evaluate(model, test, log, causal=False):
+def evaluate(model, test, log, causal=False, scores=None):
+    """engine.evaluate's JSON for ``model`` on ``test``; ``scores``: also keep each pair's cosine in that file."""
     cmd = [sys.executable, "-m", "engine.evaluate", "--model", model, "--task", "sts", "--data", test]
     if causal:
         cmd.append("--causal")
+    if scores:
+        os.makedirs(os.path.dirname(scores), exist_ok=True)
+        cmd += ["--scores", scores]
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     with open(log, "a") as f:
@@ -98,6 +104,26 @@ def evaluate(model, test, log, causal=False):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["eval_seconds"] = round(time.time() - t0, 1)
     return res
+
+
+N_BOOT = 2000  # resamples of the test pairs for each row's interval against the causal model
+
+
+def vs_causal(row_scores, causal_scores, test, row, causal):
+    """Row minus the causal model (a) on the same test pairs, with its 95% paired bootstrap interval over the pairs
+    (engine.stats.paired_bootstrap), from the two evaluations' --scores files. Refuses files whose difference is
+    not the two figures' difference: they would not be the table's models."""
+    from engine.data import read_sts
+    from engine.evaluate import read_scores
+    from engine.stats import paired_bootstrap
+
+    pairs = read_sts(test)
+    gold = [p[2] for p in pairs]
+    res = paired_bootstrap(read_scores(row_scores, pairs), read_scores(causal_scores, pairs), gold, n_boot=N_BOOT)
+    if abs(res["difference"] - (row["spearman"] - causal["spearman"])) > 1e-6:
+        raise SystemExit(f"{row_scores}: its pairs give {res['difference']:+.4f} against the causal model, the table's "
+                         f"figures {row['spearman'] - causal['spearman']:+.4f}: not the same evaluations")
+    return {k: res[k] for k in ("difference", "ci", "share_at_or_below_0", "level", "n_boot")}
 
 
 def selected(run_dir):
@@ -169,6 +195,30 @@ def holdout_files(genre, train, dev, test, work):
     return {"train": _write(os.path.join(work, "sts-train.csv"), sts_genre_lines(train, others)),
             "dev": _write(os.path.join(work, "sts-dev.csv"), interleave_genres(sts_genre_lines(dev, others))),
             "test": _write(os.path.join(work, "sts-test.csv"), sts_genre_lines(test, [genre]))}
+
+
+def ci_lines(rows, held_rows, genre):
+    """The README's table of each row's difference to the causal model with its 95% paired interval."""
+    keys = [k for k in NAMES if "vs_causal" in rows.get(k, {}) or (held_rows and "vs_causal" in held_rows.get(k, {}))]
+    if not keys:
+        return []
+
+    def ci(r):
+        if "vs_causal" not in r:
+            return "-"
+        v = r["vs_causal"]
+        return f"{v['difference']:+.2f} [{v['ci'][0]:+.2f}, {v['ci'][1]:+.2f}]"
+
+    lines = ["", "Difference to the causal model (a) on the same test pairs, with its 95% paired bootstrap interval "
+             f"over those pairs ({N_BOOT} resamples, `engine.stats`). It covers the pairs' sampling only: a second "
+             "training run of the same row moves its figure too (seeds, float sums), which needs several runs.", ""]
+    if held_rows is not None:
+        lines += [f"| model | in-domain, difference [95%] | held-out {genre}, difference [95%] |", "| --- | ---: | ---: |"]
+        lines += [f"| {NAMES[k]} | {ci(rows.get(k, {}))} | {ci(held_rows.get(k, {}))} |" for k in keys]
+    else:
+        lines += ["| model | difference [95%] |", "| --- | ---: |"]
+        lines += [f"| {NAMES[k]} | {ci(rows.get(k, {}))} |" for k in keys]
+    return lines
 
 
 def main(argv=None):
@@ -248,35 +298,44 @@ def main(argv=None):
         work = args.work if name == "in-domain" else os.path.join(args.work, name)
         prefix = "" if name == "in-domain" else f"{name}_"
         rows = res["rows"]
+
+        def score(key, model, causal=False):  # each pair's cosine is kept for the interval against (a)
+            rows[key] = evaluate(model, files["test"], log, causal=causal, scores=scores_file(name, key))
+            report(False)
+
         if "a" in args.rows:
-            rows["a"] = evaluate("smollm2-135m", files["test"], log, causal=True)
-            report(False)
+            score("a", "smollm2-135m", causal=True)
         if "b" in args.rows:
-            rows["b"] = evaluate("smollm2-135m", files["test"], log)
-            report(False)
+            score("b", "smollm2-135m")
         mntp_adapter = None
         if set("cdef") & set(args.rows):
             mntp_adapter = train("mntp", os.path.join(work, "mntp"), files, res, prefix)
             if "c" in args.rows:
-                rows["c"] = evaluate(mntp_adapter, files["test"], log)
-                report(False)
+                score("c", mntp_adapter)
         for key, stage in STAGES.items():
             if key not in args.rows:
                 continue
-            path = train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"])
-            rows[key] = evaluate(path, files["test"], log)
-            report(False)
+            score(key, train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"]))
         for key in "ghj":
             if key in args.rows:
-                rows[key] = evaluate(general_adapters[key], files["test"], log)
-                report(False)
+                score(key, general_adapters[key])
         for key, under in (("i", "gh"), ("k", "ghj")):  # the graded stage of (f) on top of general adapters
             if key in args.rows:
-                stage = STAGE_OF[key]
-                path = train(stage, os.path.join(work, stage), files, res, prefix,
-                             [f"model.adapters=[{','.join(general_adapters[u] for u in under)}]"], config="graded")
-                rows[key] = evaluate(path, files["test"], log)
-                report(False)
+                score(key, train(STAGE_OF[key], os.path.join(work, STAGE_OF[key]), files, res, prefix,
+                                 [f"model.adapters=[{','.join(general_adapters[u] for u in under)}]"], config="graded"))
+
+    def scores_file(protocol, key):
+        return os.path.join(args.work, "scores", f"{protocol}_{key}.tsv")
+
+    def intervals(name):
+        """Each row's difference to (a) with its paired interval, once both --scores files exist (computed once)."""
+        rows = results[name]["rows"]
+        for k, row in rows.items():
+            if k == "a" or "a" not in rows or "vs_causal" in row:
+                continue
+            mine, base = scores_file(name, k), scores_file(name, "a")
+            if os.path.isfile(mine) and os.path.isfile(base):
+                row["vs_causal"] = vs_causal(mine, base, protocols[name]["test"], row, rows["a"])
 
     def cell(rows, k):
         if k not in rows:
@@ -297,6 +356,8 @@ def main(argv=None):
             f" --rows {args.rows}" if args.rows != "abcdef" else "",
             f" --test-limit {args.test_limit}" if args.test_limit else "",
             f" --holdout-genre {args.holdout_genre}" if args.holdout_genre else "")
+        for name in protocols:
+            intervals(name)
         ind = results["in-domain"]
         rows, timings, budgets, picked = ind["rows"], ind["timings"], ind["budgets"], ind["selected"]
         result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
@@ -372,6 +433,7 @@ def main(argv=None):
             else:
                 lines.append(f"| {NAMES[k]} | {rows[k]['spearman']:.2f} | {rows[k]['pairs']} | {train_s} | "
                              f"{sel_s(pk.get(st, {}))} |")
+        lines += ci_lines(rows, results[hname]["rows"] if hname else None, args.holdout_genre)
         lines += ["", "Per-step training logs (loss, lr, dev Spearman): `<stage>_metrics.csv`"
                   + (f" (held-out: `{hname}_<stage>_metrics.csv`)" if hname else "")
                   + "; budgets and the selected adapters: `results.json`.", "",

@@ -3,15 +3,22 @@
     python -m engine.evaluate --model DIR --task sts --data data/stsbenchmark/sts-test.csv
     python -m engine.evaluate --model DIR --task mteb:STSBenchmark        # needs `mteb` (and network for its data)
     python -m engine.evaluate --model DIR --task mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv  # offline
+    python -m engine.evaluate --model BASE --causal --data news.csv --scores base.tsv      # keep each pair's cosine
+    python -m engine.evaluate --model DIR --data news.csv --bootstrap 2000 --compare base.tsv  # how sure, paired
 
 DIR: a run dir (its ``best/`` adapter when the run kept one, said on stderr; ``--adapter last`` for ``adapter/``),
 adapter dir / hub id, LLM2Vec-style checkpoint or a folder from ``python -m engine.export``.
+
 Prints one JSON object: for STS, the cosine Spearman x 100 (and Pearson) and the pair count; for mteb tasks,
 each task's main score and its scores per split. mteb tasks run with llm2vec's per-task instructions
-(``engine.mteb_model.TASK_INSTRUCTIONS``); ``--instruction`` replaces them.
+(``engine.mteb_model.TASK_INSTRUCTIONS``); ``--instruction`` replaces them. ``--bootstrap N`` adds
+``spearman_ci``: a 95% percentile bootstrap interval over the pairs (``engine.stats``). ``--compare FILE`` (another
+model's ``--scores`` on the same pairs) adds ``compare``: this model's Spearman minus that one's, its paired bootstrap
+interval and the share of resamples where the difference is <= 0. Both cover the pairs' sampling, not run-to-run noise.
 Bad input exits 2 with one line on stderr, before any model loads: a missing or malformed data file (naming the
-file and line), a path that holds no model (empty, an unfinished run, another kind of folder), a bad choice, and
-an mteb task whose data cannot be fetched (naming the offline task that works).
+file and line), a path that holds no model (empty, an unfinished run, another kind of folder), a bad choice,
+an mteb task whose data cannot be fetched (naming the offline task that works), and a --compare file that does
+not hold the same pairs.
 """
 import argparse
 import json
@@ -20,16 +27,61 @@ import sys
 import time
 
 
-def sts_scores(encoder, pairs, batch_size=64, instruction=None):
+def sts_cosines(encoder, pairs, batch_size=64, instruction=None):
+    """The cosine of each pair's two embeddings, as a float64 numpy array in the pairs' order."""
     import torch
-    from scipy.stats import pearsonr, spearmanr
 
     a = encoder.encode([p[0] for p in pairs], batch_size=batch_size, instruction=instruction, convert_to_tensor=True)
     b = encoder.encode([p[1] for p in pairs], batch_size=batch_size, instruction=instruction, convert_to_tensor=True)
-    cos = torch.nn.functional.cosine_similarity(a, b).numpy()
+    return torch.nn.functional.cosine_similarity(a, b).double().numpy()
+
+
+def sts_scores(encoder, pairs, batch_size=64, instruction=None, cos=None):
+    from scipy.stats import pearsonr, spearmanr
+
+    if cos is None:
+        cos = sts_cosines(encoder, pairs, batch_size, instruction)
     gold = [p[2] for p in pairs]
     return {"spearman": float(spearmanr(cos, gold).statistic * 100), "pearson": float(pearsonr(cos, gold).statistic * 100),
             "pairs": len(pairs)}
+
+
+SCORES_HEADER = "pair\tgold\tcosine"
+
+
+def write_scores(path, pairs, cos):
+    """One line a pair: its index in --data, the gold score and the model's cosine (repr, so it reads back exactly).
+    Written to a temporary name and renamed, so a reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(SCORES_HEADER + "\n")
+        for i, (p, c) in enumerate(zip(pairs, cos)):
+            f.write(f"{i}\t{p[2]!r}\t{float(c)!r}\n")
+    os.replace(tmp, path)
+
+
+def read_scores(path, pairs):
+    """The cosines of a file from ``--scores``, checked against ``pairs``: the same count and the same gold score on
+    every line, so that two models are compared on the same pairs. Raises ValueError naming the file and line."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines or lines[0] != SCORES_HEADER:
+        raise ValueError(f"{path}: not a --scores file (its first line must be {SCORES_HEADER!r})")
+    rows = lines[1:]
+    if len(rows) != len(pairs):
+        raise ValueError(f"{path}: {len(rows)} pairs, but --data has {len(pairs)}: score both models on the same file")
+    cos = []
+    for n, (line, p) in enumerate(zip(rows, pairs), start=2):
+        parts = line.split("\t")
+        try:
+            i, gold, c = int(parts[0]), float(parts[1]), float(parts[2])
+        except (IndexError, ValueError):
+            raise ValueError(f"{path}:{n}: expected 'pair<TAB>gold<TAB>cosine', got {line[:80]!r}") from None
+        if i != n - 2 or gold != p[2]:
+            raise ValueError(f"{path}:{n}: pair {i} with gold {gold:g}, but --data's pair {n - 2} has gold {p[2]:g}: "
+                             f"score both models on the same file")
+        cos.append(c)
+    return cos
 
 
 OFFLINE_TASK = "--task mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv"
@@ -81,7 +133,20 @@ def main(argv=None):
                     help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--max-pairs", type=positive_int, default=None,
                     help="mteb:STSBenchmarkLocal: use the first N pairs")
+    ap.add_argument("--scores", default=None, metavar="FILE",
+                    help="task sts: also write each pair's gold score and cosine to FILE (for --compare)")
+    ap.add_argument("--bootstrap", type=positive_int, default=None, metavar="N",
+                    help="task sts: add a 95%% percentile bootstrap interval over the pairs from N resamples "
+                         "(engine.stats; 2000 is plenty)")
+    ap.add_argument("--compare", default=None, metavar="FILE",
+                    help="task sts: a --scores file of another model on the same --data; adds this model's Spearman "
+                         "minus that one's, with a paired bootstrap interval (--bootstrap N, default 2000)")
+    ap.add_argument("--seed", type=int, default=0, help="the bootstrap's resampling seed")
     args = ap.parse_args(argv)
+    if args.task != "sts" and (args.scores or args.bootstrap or args.compare):
+        return fail("--scores, --bootstrap and --compare are for --task sts")
+    if args.bootstrap is not None and args.bootstrap < 100:
+        return fail(f"--bootstrap {args.bootstrap}: use at least 100 resamples")
 
     from engine.data import DataError, read_sts
     from engine.encoder import ModelPathError, check_model_path
@@ -95,7 +160,8 @@ def main(argv=None):
             return fail("--task sts needs --data FILE (an STS Benchmark TSV, e.g. data/stsbenchmark/sts-test.csv)")
         try:
             pairs = read_sts(args.data)
-        except (DataError, OSError) as e:
+            other = read_scores(args.compare, pairs) if args.compare else None
+        except (DataError, OSError, ValueError) as e:
             return fail(e)
     elif not args.task.startswith("mteb:"):
         return fail(f"unknown task {args.task!r}: use sts or mteb:TASK")
@@ -122,7 +188,21 @@ def main(argv=None):
     if selected:
         print(selected, file=sys.stderr)
     if args.task == "sts":
-        result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, args.batch_size, args.instruction)}
+        cos = sts_cosines(enc, pairs, args.batch_size, args.instruction)
+        result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
+        gold = [p[2] for p in pairs]
+        if args.bootstrap:
+            from engine.stats import bootstrap_spearman
+
+            b = bootstrap_spearman(cos, gold, n_boot=args.bootstrap, seed=args.seed)
+            result["spearman_ci"] = {k: b[k] for k in ("ci", "level", "n_boot")}
+        if other is not None:
+            from engine.stats import paired_bootstrap
+
+            result["compare"] = {"scores": args.compare, **paired_bootstrap(cos, other, gold, n_boot=args.bootstrap or 2000,
+                                                                           seed=args.seed)}
+        if args.scores:
+            write_scores(args.scores, pairs, cos)
     else:
         from engine.mteb_model import EngineMTEBModel
 

@@ -61,6 +61,29 @@ def test_evaluate_bad_choice(capsys, tmp_path):
     assert rc == 2 and "batch-size" in line
 
 
+def test_evaluate_compare_needs_the_same_pairs(capsys, tmp_path):
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # the file is read before any model loads
+    pairs = read_sts(DEV)
+    write_scores(tmp_path / "short.tsv", pairs[:10], [0.5] * 10)
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--data", DEV, "--compare", str(tmp_path / "short.tsv"))
+    assert rc == 2 and "10 pairs, but --data has 1500" in line
+    shuffled = pairs[1:] + pairs[:1]
+    write_scores(tmp_path / "other.tsv", shuffled, [0.5] * len(pairs))
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--data", DEV, "--compare", str(tmp_path / "other.tsv"))
+    assert rc == 2 and "other.tsv:" in line and "same file" in line
+    (tmp_path / "junk.tsv").write_text("a,b\n")
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--data", DEV, "--compare", str(tmp_path / "junk.tsv"))
+    assert rc == 2 and "not a --scores file" in line
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--data", DEV, "--bootstrap", "10")
+    assert rc == 2 and "at least 100" in line
+    rc, line = _evaluate(capsys, "--model", str(tmp_path / "model"), "--task", "mteb:STSBenchmark", "--bootstrap", "200")
+    assert rc == 2 and "for --task sts" in line
+
+
 def test_evaluate_offline_hub_task_names_the_offline_one(capsys, tmp_path, monkeypatch):
     pytest.importorskip("mteb")
     import datasets

@@ -99,11 +99,28 @@ def test_training_output_round_trip_and_evaluate_cli(tmp_path):
     enc2 = Encoder.from_pretrained(os.path.join(out, "adapter"), device="cpu")
     a, b = enc.encode(TEXTS, convert_to_tensor=True), enc2.encode(TEXTS, convert_to_tensor=True)
     torch.testing.assert_close(a, b)
-    r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", f"{STS}/sts-dev.csv"],
-                timeout=600)
+    scores = str(tmp_path / "scores.tsv")
+    r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", f"{STS}/sts-dev.csv",
+                 "--scores", scores], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["pairs"] == 1500 and -100 <= res["spearman"] <= 100
+    # the scores file is what the figure was computed from, pair by pair in --data's order
+    from engine.data import read_sts
+    from engine.evaluate import read_scores
+    from engine.stats import spearman
+
+    cos = read_scores(scores, read_sts(f"{STS}/sts-dev.csv"))
+    assert spearman(cos, [p[2] for p in read_sts(f"{STS}/sts-dev.csv")]) == pytest.approx(res["spearman"], abs=1e-9)
+    # bootstrap and the paired comparison, here against the same model's own scores: a difference of exactly 0
+    r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", f"{STS}/sts-dev.csv",
+                 "--bootstrap", "200", "--compare", scores], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res2 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res2["spearman"] == res["spearman"]
+    assert res2["spearman_ci"]["ci"][0] < res["spearman"] < res2["spearman_ci"]["ci"][1]
+    assert res2["spearman_ci"]["n_boot"] == 200 and res2["compare"]["n_boot"] == 200
+    assert res2["compare"]["difference"] == 0 and res2["compare"]["ci"] == [0.0, 0.0]
     bad = tmp_path / "bad.csv"
     bad.write_text("only\ttwo\n")
     r = run_cmd(["python", "-m", "engine.evaluate", "--model", out, "--task", "sts", "--data", str(bad)], timeout=300)

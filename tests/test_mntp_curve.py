@@ -293,3 +293,37 @@ def test_committed_no_mntp_control_matches_its_readings():
             in general and f"({long[0][0]:.2f} and {long[0][1]:.2f} on seed 42, {long[1][0]:.2f} and "
             f"{long[1][1]:.2f} on seed 1): on news {mean_h[1] - mean_l[1]:.2f} under the mean of the three MNTP "
             f"seeds' (h), {mean_h[1]:.2f}, and on all of test {mean_h[0] - mean_l[0]:.2f} under it") in general
+
+
+def test_intervals_scores_causal_then_the_adapter_against_it(tmp_path, monkeypatch, capsys):
+    from .helpers import load_script
+
+    m = load_script(os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general", "mntp-lr-mask",
+                                 "intervals.py"), "intervals")
+    assert m.main(["--work", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_0000300" in err and not (tmp_path / "out").exists()
+    (tmp_path / "run" / "checkpoints" / "step_0000300" / "adapter").mkdir(parents=True)
+    (tmp_path / "holdout").mkdir()
+    (tmp_path / "holdout" / "sts-test.csv").write_text("x\n")
+    calls = []
+
+    def evaluate(*args):
+        calls.append(args)
+        out = {"spearman": 30.0, "pairs": 7, "spearman_ci": {"ci": [25.0, 35.0]}}
+        if "--compare" in args:
+            out.update(spearman=31.0, compare={"difference": 1.0, "ci": [-2.0, 4.0], "share_at_or_below_0": 0.3})
+        return out
+
+    monkeypatch.setattr(m, "evaluate", evaluate)
+    assert m.main(["--work", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert len(calls) == 4
+    for name, causal, mine in (("test", calls[0], calls[1]), ("news", calls[2], calls[3])):
+        assert "--causal" in causal and causal[causal.index("--scores") + 1] == str(tmp_path / f"causal-{name}.tsv")
+        assert mine[mine.index("--compare") + 1] == str(tmp_path / f"causal-{name}.tsv")
+        assert mine[mine.index("--model") + 1].endswith(os.path.join("step_0000300", "adapter"))
+        assert causal[causal.index("--data") + 1] == mine[mine.index("--data") + 1]
+    assert calls[2][calls[2].index("--data") + 1] == str(tmp_path / "holdout" / "sts-test.csv")
+    res = json.loads((tmp_path / "out" / "intervals.json").read_text())
+    assert res["news"]["adapter_minus_causal"] == {"difference": 1.0, "ci": [-2.0, 4.0], "share_at_or_below_0": 0.3}
+    assert res["news"]["causal"] == {"spearman": 30.0, "ci": [25.0, 35.0]} and res["step"] == 300

@@ -231,10 +231,10 @@ def _fake_runs(monkeypatch, q):
     kinds = {"mntp": 2, "simcse": 3, "supervised": 4, "graded": 5, "general-mntp": 6, "general-simcse": 7,
              "general-graded": 8, "general-supervised": 9, "general-nli-graded": 10}
 
-    def evaluate(model, test, log, causal=False):
+    def evaluate(model, test, log, causal=False, scores=None):
         pairs = len(_genres(test))
         kind = 0 if causal else 1 if model == "smollm2-135m" else kinds[model.split(os.sep)[-2]]
-        calls["eval"].append({"model": model, "test": test, "causal": causal})
+        calls["eval"].append({"model": model, "test": test, "causal": causal, "scores": scores})
         return {"spearman": pairs / 100 + kind, "pairs": pairs}
 
     monkeypatch.setattr(q, "sh", sh)
@@ -379,3 +379,56 @@ def test_unknown_row_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         q.main(["--rows", "az"])
     assert e.value.code == 2 and "--rows 'az'" in capsys.readouterr().err
+
+
+def test_each_row_carries_its_paired_interval_against_the_causal_model(tmp_path, monkeypatch):
+    """The table keeps each evaluation's per-pair cosines and reports every row's difference to (a) with a paired
+    bootstrap interval computed from them, per column; files that do not give the rows' figures are refused."""
+    import numpy as np
+    import pytest
+
+    import benchmarks.quality_smollm2 as q
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+    from engine.stats import paired_bootstrap, spearman
+
+    calls = _fake_runs(monkeypatch, q)
+
+    def evaluate(model, test, log, causal=False, scores=None):  # cosines that really give the returned figure
+        pairs = read_sts(test)
+        gold = np.array([p[2] for p in pairs])
+        noise = 3.0 if causal else 1.0  # the trained row is the better one
+        cos = gold + noise * np.random.default_rng(len(calls["eval"])).standard_normal(len(pairs))
+        calls["eval"].append({"model": model, "scores": scores})
+        os.makedirs(os.path.dirname(scores), exist_ok=True)
+        write_scores(scores, pairs, cos)
+        return {"spearman": spearman(cos, gold), "pairs": len(pairs)}
+
+    monkeypatch.setattr(q, "evaluate", evaluate)
+    out, work = tmp_path / "out", tmp_path / "work"
+    q.main(["--out", str(out), "--work", str(work), "--rows", "ac", "--holdout-genre", "news"])
+    assert all(c["scores"] for c in calls["eval"]) and len({c["scores"] for c in calls["eval"]}) == 4
+    res = json.loads((out / "results.json").read_text())
+    readme = (out / "README.md").read_text()
+    from engine.evaluate import read_scores
+
+    for name, rows, test in (("in-domain", res["rows"], os.path.join(q.STS, "sts-test.csv")),
+                             ("holdout-news", res["holdout"]["rows"], str(work / "holdout-news" / "sts-test.csv"))):
+        v = rows["c"]["vs_causal"]
+        assert v["difference"] == pytest.approx(rows["c"]["spearman"] - rows["a"]["spearman"], abs=1e-9)
+        assert v["ci"][0] < v["difference"] < v["ci"][1] and v["ci"][0] > 0 and v["n_boot"] == q.N_BOOT
+        pairs = read_sts(test)
+        again = paired_bootstrap(read_scores(str(work / "scores" / f"{name}_c.tsv"), pairs),
+                                 read_scores(str(work / "scores" / f"{name}_a.tsv"), pairs),
+                                 [p[2] for p in pairs], n_boot=q.N_BOOT)
+        assert again["ci"] == v["ci"] and again["pairs"] == (1379 if name == "in-domain" else 500)
+    row = [line for line in readme.splitlines() if line.startswith("| (c) + MNTP |") and "[" in line]
+    ind, held = res["rows"]["c"]["vs_causal"], res["holdout"]["rows"]["c"]["vs_causal"]
+    assert row == [f"| (c) + MNTP | {ind['difference']:+.2f} [{ind['ci'][0]:+.2f}, {ind['ci'][1]:+.2f}] | "
+                   f"{held['difference']:+.2f} [{held['ci'][0]:+.2f}, {held['ci'][1]:+.2f}] |"]
+    assert "paired bootstrap interval" in readme and "pairs' sampling only" in readme
+    # a scores file from another model (here the causal one's) is not the row's: refused
+    row_c = {"spearman": res["rows"]["c"]["spearman"]}
+    with pytest.raises(SystemExit, match="not the same evaluations"):
+        q.vs_causal(str(work / "scores" / "in-domain_a.tsv"), str(work / "scores" / "in-domain_a.tsv"),
+                    os.path.join(q.STS, "sts-test.csv"), row_c, res["rows"]["a"])

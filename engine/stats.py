@@ -1,0 +1,87 @@
+"""How far an STS figure can be trusted: bootstrap intervals over the scored pairs.
+
+An STS score is Spearman's rank correlation rho(s, g) between the model's cosines s_i and the gold scores g_i
+over n pairs. The pairs are a sample, so the figure moves when they are drawn again. The percentile bootstrap
+draws B index vectors I_b (n indices each, with replacement, from a seeded generator), recomputes rho on each
+resample and reports the (1 - level)/2 and (1 + level)/2 quantiles of the B values.
+
+Two models scored on the same pairs are compared through the paired difference
+d_b = rho(s^A[I_b], g[I_b]) - rho(s^B[I_b], g[I_b]): both models see the same resampled pairs, so the pairs'
+difficulty, which moves both figures together, cancels and the interval is much narrower than two separate
+intervals would suggest. ``share_at_or_below_0`` is the fraction of d_b <= 0: a one-sided bootstrap p-value for
+"A is better than B".
+
+The interval covers only the pair sampling. The training run's own noise (seed, data order, float sums that are
+not bitwise repeatable on CPU) comes on top; that needs several runs. All figures are Spearman x 100.
+"""
+import numpy as np
+from scipy.stats import rankdata
+
+
+def _rowwise_spearman(pred, gold):
+    """Spearman x 100 of each row of ``pred`` against the same row of ``gold`` (ties get their mean rank)."""
+    rp = rankdata(pred, axis=-1)
+    rg = rankdata(gold, axis=-1)
+    rp = rp - rp.mean(axis=-1, keepdims=True)
+    rg = rg - rg.mean(axis=-1, keepdims=True)
+    den = np.sqrt((rp * rp).sum(axis=-1) * (rg * rg).sum(axis=-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 100.0 * (rp * rg).sum(axis=-1) / den
+
+
+def _check(gold, *preds):
+    gold = np.asarray(gold, dtype=np.float64)
+    if gold.ndim != 1 or gold.size < 3:
+        raise ValueError(f"need a 1-d array of at least 3 gold scores, got shape {gold.shape}")
+    out = []
+    for p in preds:
+        p = np.asarray(p, dtype=np.float64)
+        if p.shape != gold.shape:
+            raise ValueError(f"{p.shape[0] if p.ndim == 1 else p.shape} scores for {gold.size} gold scores")
+        if not np.isfinite(p).all():
+            raise ValueError("a score is not finite")
+        out.append(p)
+    return gold, out
+
+
+def _draws(n, n_boot, seed):
+    if n_boot < 100:
+        raise ValueError(f"n_boot {n_boot}: use at least 100 resamples")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _interval(values, level):
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level {level}: must be in (0, 1)")
+    values = values[np.isfinite(values)]  # a resample of all-equal scores has no rank correlation
+    lo, hi = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
+    return [float(lo), float(hi)]
+
+
+def spearman(pred, gold):
+    """Spearman x 100 of ``pred`` against ``gold``."""
+    gold, (pred,) = _check(gold, pred)
+    return float(_rowwise_spearman(pred, gold))
+
+
+def bootstrap_spearman(pred, gold, n_boot=2000, level=0.95, seed=0):
+    """Spearman x 100 of ``pred`` against ``gold`` and its percentile bootstrap interval over the pairs:
+    ``{"spearman", "ci", "level", "n_boot", "pairs"}``."""
+    gold, (pred,) = _check(gold, pred)
+    idx = _draws(gold.size, n_boot, seed)
+    boot = _rowwise_spearman(pred[idx], gold[idx])
+    return {"spearman": spearman(pred, gold), "ci": _interval(boot, level), "level": level, "n_boot": n_boot,
+            "pairs": int(gold.size)}
+
+
+def paired_bootstrap(pred_a, pred_b, gold, n_boot=2000, level=0.95, seed=0):
+    """Spearman x 100 of A minus that of B on the same pairs, with the paired percentile bootstrap interval:
+    ``{"difference", "ci", "share_at_or_below_0", "level", "n_boot", "pairs"}``."""
+    gold, (pred_a, pred_b) = _check(gold, pred_a, pred_b)
+    idx = _draws(gold.size, n_boot, seed)
+    g = gold[idx]
+    d = _rowwise_spearman(pred_a[idx], g) - _rowwise_spearman(pred_b[idx], g)
+    fin = d[np.isfinite(d)]
+    return {"difference": spearman(pred_a, gold) - spearman(pred_b, gold), "ci": _interval(d, level),
+            "share_at_or_below_0": float((fin <= 0).mean()), "level": level, "n_boot": n_boot,
+            "pairs": int(gold.size)}

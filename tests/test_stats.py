@@ -1,0 +1,99 @@
+"""engine.stats: the Spearman it bootstraps is scipy's, its intervals cover the population value about as often as
+they claim, and the paired interval of two models on the same pairs is right and narrow."""
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from engine.stats import bootstrap_spearman, paired_bootstrap, spearman
+
+
+def _population_spearman(rho):
+    """Spearman's rho of a bivariate normal with Pearson correlation rho (Pearson 1907), x 100."""
+    return 600.0 / math.pi * math.asin(rho / 2.0)
+
+
+def _noisy(rng, gold, sigma):
+    """gold + N(0, sigma^2): its Pearson correlation with a standard normal gold is 1 / sqrt(1 + sigma^2)."""
+    return gold + sigma * rng.standard_normal(gold.shape)
+
+
+def test_spearman_is_scipys_with_ties():
+    rng = np.random.default_rng(3)
+    gold = rng.integers(0, 6, size=200).astype(float)  # STS-B's gold has ties; so do rounded cosines
+    pred = np.round(gold + rng.standard_normal(200), 1)
+    assert spearman(pred, gold) == pytest.approx(100 * spearmanr(pred, gold).statistic, abs=1e-10)
+
+
+def test_interval_holds_the_estimate_and_is_seeded():
+    rng = np.random.default_rng(0)
+    gold = rng.standard_normal(300)
+    pred = _noisy(rng, gold, 1.0)
+    a = bootstrap_spearman(pred, gold, n_boot=500, seed=1)
+    assert a["ci"][0] < a["spearman"] < a["ci"][1] and a["pairs"] == 300 and a["level"] == 0.95
+    assert bootstrap_spearman(pred, gold, n_boot=500, seed=1) == a
+    assert bootstrap_spearman(pred, gold, n_boot=500, seed=2)["ci"] != a["ci"]
+    # four times the pairs: about half the width
+    gold4 = rng.standard_normal(1200)
+    b = bootstrap_spearman(_noisy(rng, gold4, 1.0), gold4, n_boot=500, seed=1)
+    ratio = (b["ci"][1] - b["ci"][0]) / (a["ci"][1] - a["ci"][0])
+    assert 0.35 < ratio < 0.7, ratio
+
+
+def test_interval_covers_the_population_value_as_often_as_it_claims():
+    rng = np.random.default_rng(7)
+    sigma = 1.0
+    truth = _population_spearman(1 / math.sqrt(1 + sigma**2))
+    trials, hits, widths = 120, 0, []
+    for t in range(trials):
+        gold = rng.standard_normal(150)
+        r = bootstrap_spearman(_noisy(rng, gold, sigma), gold, n_boot=400, seed=t)
+        hits += r["ci"][0] <= truth <= r["ci"][1]
+        widths.append(r["ci"][1] - r["ci"][0])
+    # 95% nominal; 120 trials put the count within about +-3 sd (2.4 each) of 114 when the interval is right
+    assert 104 <= hits <= 120, hits
+    # and it is not covering by being uselessly wide: the normal-theory width for n = 150 is about 23 points
+    assert 15 < float(np.median(widths)) < 30
+
+
+def test_paired_difference_covers_the_population_difference():
+    rng = np.random.default_rng(11)
+    sa, sb = 0.8, 1.2
+    truth = _population_spearman(1 / math.sqrt(1 + sa**2)) - _population_spearman(1 / math.sqrt(1 + sb**2))
+    trials, hits = 120, 0
+    for t in range(trials):
+        gold = rng.standard_normal(200)
+        r = paired_bootstrap(_noisy(rng, gold, sa), _noisy(rng, gold, sb), gold, n_boot=400, seed=t)
+        hits += r["ci"][0] <= truth <= r["ci"][1]
+    assert 104 <= hits <= 120, hits
+
+
+def test_pairing_removes_what_both_models_share():
+    rng = np.random.default_rng(5)
+    gold = rng.standard_normal(500)
+    a = _noisy(rng, gold, 1.0)
+    b = a + 0.5 * rng.standard_normal(500)  # B is A plus some noise: they rise and fall together
+    p = paired_bootstrap(a, b, gold, n_boot=1000)
+    wa = np.diff(bootstrap_spearman(a, gold, n_boot=1000)["ci"])[0]
+    assert p["ci"][0] < p["difference"] < p["ci"][1]
+    assert p["difference"] == pytest.approx(spearman(a, gold) - spearman(b, gold), abs=1e-12)
+    # two separate intervals would put the difference's width near sqrt(2) x one model's; paired it is under half of one
+    assert p["ci"][1] - p["ci"][0] < 0.5 * wa
+    assert p["difference"] > 0 and p["ci"][0] > 0 and p["share_at_or_below_0"] < 0.025  # A is surely better
+    same = paired_bootstrap(a, a, gold, n_boot=200)
+    assert same["difference"] == 0 and same["ci"] == [0.0, 0.0] and same["share_at_or_below_0"] == 1.0
+
+
+def test_bad_input_is_refused():
+    gold = np.arange(10.0)
+    with pytest.raises(ValueError, match="9 scores for 10 gold"):
+        bootstrap_spearman(np.arange(9.0), gold)
+    with pytest.raises(ValueError, match="not finite"):
+        paired_bootstrap(gold, np.r_[gold[:-1], np.nan], gold)
+    with pytest.raises(ValueError, match="at least 100"):
+        bootstrap_spearman(gold, gold, n_boot=10)
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_spearman(gold, gold, level=95)
+    with pytest.raises(ValueError, match="at least 3"):
+        spearman([1.0, 2.0], [1.0, 2.0])
