@@ -327,3 +327,64 @@ def test_intervals_scores_causal_then_the_adapter_against_it(tmp_path, monkeypat
     res = json.loads((tmp_path / "out" / "intervals.json").read_text())
     assert res["news"]["adapter_minus_causal"] == {"difference": 1.0, "ci": [-2.0, 4.0], "share_at_or_below_0": 0.3}
     assert res["news"]["causal"] == {"spearman": 30.0, "ci": [25.0, 35.0]} and res["step"] == 300
+
+
+def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
+    """mntp-lr-mask/rerun42/ (the table's MNTP config and seed, trained again) and linear/ (the LR decayed to 0):
+    each intervals.json scored the adapter its curve scored, the paired interval on news holds zero for both while
+    the rerun's on all of test does not, the decaying LR is below the constant one on every column, and the READMEs
+    state the JSON's figures."""
+    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
+
+    def load(*path):
+        with open(os.path.join(res, *path)) as f:
+            return json.load(f)
+
+    def text(path):
+        with open(path, encoding="utf-8") as f:
+            return " ".join(f.read().split())
+
+    table, const = load("results.json"), {r["step"]: r for r in load("mntp-curve", "curve.json")["rows"]}
+    causal = {"test": table["rows"]["a"]["spearman"], "news": table["holdout"]["rows"]["a"]["spearman"]}
+    runs = {}
+    for name, overrides in (("rerun42", []), ("linear", ["lr_schedule=linear"])):
+        c, iv = load("mntp-lr-mask", name, "curve.json"), load("mntp-lr-mask", name, "intervals.json")
+        assert c["config"] == "general-mntp" and c["steps"] == 300 and iv["step"] == 300 and iv["n_boot"] == 2000
+        assert c["overrides"] == ["model.gradient_checkpointing=false", *overrides], name
+        (row,) = [r for r in c["rows"] if r["step"] == 300]
+        for col, key in (("test", "test_spearman"), ("news", "news_spearman")):
+            v = iv[col]
+            assert round(v["adapter"]["spearman"], 2) == row[key], (name, col)  # the same adapter the curve scored
+            assert abs(v["adapter_minus_causal"]["difference"] - (v["adapter"]["spearman"] - v["causal"]["spearman"])) < 1e-9
+            assert v["pairs"] == (1379 if col == "test" else 500)
+            assert round(v["causal"]["spearman"], 2) == round(causal[col], 2)  # the table's (a), the same model
+        runs[name] = (row, iv)
+    (rr, ri), (lr, li) = runs["rerun42"], runs["linear"]
+    for iv in (ri, li):
+        lo, hi = iv["news"]["adapter_minus_causal"]["ci"]
+        assert lo < 0 < hi  # the news pairs cannot tell MNTP alone from the causal model
+    assert ri["test"]["adapter_minus_causal"]["ci"][0] > 0  # on all of test they can
+    for col in ("eval_loss", "dev_spearman", "test_spearman", "news_spearman"):  # decaying is worse everywhere
+        worse = lr[col] > const[300][col] if col == "eval_loss" else lr[col] < const[300][col]
+        assert worse, col
+    assert const[200]["eval_loss"] < lr["eval_loss"] < const[150]["eval_loss"]
+
+    d, (lo, hi) = ri["news"]["adapter_minus_causal"]["difference"], ri["news"]["adapter_minus_causal"]["ci"]
+    td, (tlo, thi) = ri["test"]["adapter_minus_causal"]["difference"], ri["test"]["adapter_minus_causal"]["ci"]
+    lr_readme = text(os.path.join(res, "mntp-lr-mask", "README.md"))
+    assert f"| {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in lr_readme and f"| {td:+.2f} [{tlo:+.2f}, {thi:+.2f}] |" in lr_readme
+    assert f"Paired, the rerun is {d:.2f} on news with a 95% interval from {lo:.2f} to {hi:+.2f}" in lr_readme
+    assert f"+{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in lr_readme
+    g = (table["rows"]["g"]["spearman"], table["holdout"]["rows"]["g"]["spearman"])
+    assert (f"lands {g[0] - rr['test_spearman']:.1f} lower on test and {g[1] - rr['news_spearman']:.1f} lower on news"
+            in lr_readme)
+    assert (f"Test is {const[300]['test_spearman'] - lr['test_spearman']:.1f} lower and news "
+            f"{const[300]['news_spearman'] - lr['news_spearman']:.1f} lower") in lr_readme
+    general = text(os.path.join(res, "README.md"))
+    assert (f"it is {d:.2f}, with a paired 95% bootstrap interval from {lo:.2f} to {hi:+.2f}" in general
+            and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in general)
+    assert (f"{lr['test_spearman']:.2f} on test and {lr['news_spearman']:.2f} on news at step 300, against "
+            f"{const[300]['test_spearman']:.2f} and {const[300]['news_spearman']:.2f}") in general
+    readme = text(os.path.join(ROOT, "README.md"))
+    assert (f"MNTP alone is {d:.2f} on news, with a paired 95% bootstrap interval over the pairs from {lo:.2f} to "
+            f"{hi:+.2f}") in readme and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in readme
