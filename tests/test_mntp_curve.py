@@ -327,6 +327,14 @@ def test_intervals_scores_causal_then_the_adapter_against_it(tmp_path, monkeypat
     res = json.loads((tmp_path / "out" / "intervals.json").read_text())
     assert res["news"]["adapter_minus_causal"] == {"difference": 1.0, "ci": [-2.0, 4.0], "share_at_or_below_0": 0.3}
     assert res["news"]["causal"] == {"spearman": 30.0, "ci": [25.0, 35.0]} and res["step"] == 300
+    # --adapter: another adapter on the same run's files (the SimCSE stage on top of it), named relative to WORK
+    (tmp_path / "simcse" / "adapter").mkdir(parents=True)
+    calls.clear()
+    assert m.main(["--work", str(tmp_path), "--adapter", str(tmp_path / "simcse" / "adapter"),
+                   "--out", str(tmp_path / "out2")]) == 0
+    assert calls[1][calls[1].index("--model") + 1] == str(tmp_path / "simcse" / "adapter")
+    res = json.loads((tmp_path / "out2" / "intervals.json").read_text())
+    assert res["adapter"] == os.path.join("simcse", "adapter") and "step" not in res
 
 
 def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():

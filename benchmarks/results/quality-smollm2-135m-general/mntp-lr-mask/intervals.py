@@ -1,9 +1,10 @@
 """How sure is an MNTP adapter's figure against the causal model? A 95% bootstrap interval over the test pairs.
 
     python benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/intervals.py \\
-        --work WORK_OF_AN_MNTP_CURVE_RUN --out .../FOLDER [--step 300]
+        --work WORK_OF_AN_MNTP_CURVE_RUN --out .../FOLDER [--step 300 | --adapter PATH]
 
-scores the causal model and the adapter that ``mntp_curve.py`` kept at ``--step`` on all of STS-B test and on its
+scores the causal model and the adapter that ``mntp_curve.py`` kept at ``--step`` (or ``--adapter``: another
+adapter, e.g. the SimCSE stage that ``simcse_on.py`` trained on it) on all of STS-B test and on its
 held-out genre's test pairs (the run's ``holdout/sts-test.csv``), through ``engine.evaluate --scores``,
 ``--bootstrap 2000`` and ``--compare`` (engine.stats). Writes ``intervals.json``: for each test set, the causal
 model's Spearman and interval, the adapter's, and the adapter minus the causal model with its paired interval.
@@ -38,18 +39,19 @@ def main(argv=None):
     ap.add_argument("--work", required=True, help="the --work folder of an mntp_curve.py run")
     ap.add_argument("--out", required=True)
     ap.add_argument("--step", type=int, default=300)
+    ap.add_argument("--adapter", default=None, help="score this adapter instead of the MNTP run's --step one")
     args = ap.parse_args(argv)
-    adapter = os.path.join(args.work, "run", "checkpoints", f"step_{args.step:07d}", "adapter")
+    adapter = args.adapter or os.path.join(args.work, "run", "checkpoints", f"step_{args.step:07d}", "adapter")
     tests = {"test": os.path.join(ROOT, "data", "stsbenchmark", "sts-test.csv"),
              "news": os.path.join(args.work, "holdout", "sts-test.csv")}
     for path in (adapter, *tests.values()):
         if not os.path.exists(path):
-            print(f"error: {path} not found: --work must be an mntp_curve.py run that kept step {args.step}",
-                  file=sys.stderr)
+            print(f"error: {path} not found: --work must be an mntp_curve.py run"
+                  + ("" if args.adapter else f" that kept step {args.step}"), file=sys.stderr)
             return 2
     os.makedirs(args.out, exist_ok=True)
-    res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "step": args.step, "n_boot": N_BOOT,
-           "level": 0.95}
+    res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "n_boot": N_BOOT, "level": 0.95,
+           **({"adapter": os.path.relpath(adapter, args.work)} if args.adapter else {"step": args.step})}
     for name, data in tests.items():
         base_scores = os.path.join(args.work, f"causal-{name}.tsv")
         base = evaluate("--model", "smollm2-135m", "--causal", "--data", data, "--scores", base_scores)
