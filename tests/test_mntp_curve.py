@@ -393,6 +393,21 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
             and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in general)
     assert (f"{lr['test_spearman']:.2f} on test and {lr['news_spearman']:.2f} on news at step 300, against "
             f"{const[300]['test_spearman']:.2f} and {const[300]['news_spearman']:.2f}") in general
+    # (h) again: the table's SimCSE stage on the rerun's adapter, scored against the causal model the same way
+    sim, si = load("mntp-lr-mask", "rerun42", "simcse.json"), load("mntp-lr-mask", "rerun42", "simcse_intervals.json")
+    assert sim["mntp_adapter"].endswith(os.path.join("mntp-rerun42", "run", "adapter")) and sim["overrides"] == []
+    assert si["adapter"] == os.path.join("simcse", "adapter")
+    for col in ("test", "news"):
+        assert round(si[col]["adapter"]["spearman"], 2) == sim[f"{col}_spearman"]
+        assert round(si[col]["causal"]["spearman"], 2) == round(causal[col], 2)
+    hd, (hlo, hhi) = si["news"]["adapter_minus_causal"]["difference"], si["news"]["adapter_minus_causal"]["ci"]
+    assert hlo < 0 < hhi < 2 * hd + 1 and si["test"]["adapter_minus_causal"]["ci"][0] > 0
+    share = si["news"]["adapter_minus_causal"]["share_at_or_below_0"]
+    assert (f"is +{hd:.2f} on news, from {hlo:.2f} to +{hhi:.2f}**: {100 * share:.1f}% of the resamples"
+            in lr_readme)
+    assert f"+{hd:.2f} [{hlo:.2f}, +{hhi:.2f}] |" in lr_readme
     readme = text(os.path.join(ROOT, "README.md"))
+    for t in (readme, general):
+        assert f"adapter is +{hd:.2f} on news, from {hlo:.2f} to +{hhi:.2f}: at the edge" in t
     assert (f"MNTP alone is {d:.2f} on news, with a paired 95% bootstrap interval over the pairs from {lo:.2f} to "
             f"{hi:+.2f}") in readme and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in readme
