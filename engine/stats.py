@@ -54,6 +54,8 @@ def _interval(values, level):
     if not 0.0 < level < 1.0:
         raise ValueError(f"level {level}: must be in (0, 1)")
     values = values[np.isfinite(values)]  # a resample of all-equal scores has no rank correlation
+    if values.size == 0:  # every resample undefined: constant scores
+        return [float("nan"), float("nan")]
     lo, hi = np.quantile(values, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     return [float(lo), float(hi)]
 

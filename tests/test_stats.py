@@ -85,6 +85,12 @@ def test_pairing_removes_what_both_models_share():
     assert same["difference"] == 0 and same["ci"] == [0.0, 0.0] and same["share_at_or_below_0"] == 1.0
 
 
+def test_constant_scores_have_no_correlation_and_no_interval():
+    gold = np.arange(20.0)
+    r = bootstrap_spearman(np.full(20, 0.5), gold, n_boot=100)
+    assert math.isnan(r["spearman"]) and all(math.isnan(x) for x in r["ci"])
+
+
 def test_bad_input_is_refused():
     gold = np.arange(10.0)
     with pytest.raises(ValueError, match="9 scores for 10 gold"):
