@@ -9,6 +9,21 @@ import pytest
 from .helpers import ROOT
 
 
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
+
+
+def _load(*path):
+    """A committed JSON file under the general table's results folder."""
+    with open(os.path.join(RESULTS, *path)) as f:
+        return json.load(f)
+
+
+def _text(path):
+    """A committed text file with its whitespace collapsed, so a stated sentence matches across line breaks."""
+    with open(path, encoding="utf-8") as f:
+        return " ".join(f.read().split())
+
+
 def _fake(monkeypatch, q):
     calls = {"train": [], "eval": []}
 
@@ -85,31 +100,25 @@ def test_committed_pilots_chose_the_general_mntp_lr_and_mask_rate():
     the training genres' dev, so 20% stays."""
     from engine.config import load_config
 
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-
-    def load(*path):
-        with open(os.path.join(res, *path)) as f:
-            return json.load(f)
-
     def steps(c):
         return {r["step"]: r for r in c["rows"] if isinstance(r["step"], int) and r["step"] > 0}
 
     cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m", "general-mntp.yaml"))
-    fast, slow = load("mntp-lr-mask", "lr1e-3", "curve.json"), load("mntp-curve", "curve.json")
+    fast, slow = _load("mntp-lr-mask", "lr1e-3", "curve.json"), _load("mntp-curve", "curve.json")
     assert [float(o.split("=", 1)[1]) for o in fast["overrides"] if o.startswith("learning_rate=")] == [1e-3]
     assert not any(o.startswith("mntp.") for o in fast["overrides"])  # the config's masking: the losses compare
     f, s = steps(fast), steps(slow)
     assert all(f[k]["eval_loss"] < s[k]["eval_loss"] for k in f)  # faster by the loss ...
     assert abs(f[150]["eval_loss"] - s[300]["eval_loss"]) < 0.01
-    table, kept = load("mntp-lr-mask", "table-lr1e-3-150-steps", "results.json"), load("results.json")
+    table, kept = _load("mntp-lr-mask", "table-lr1e-3-150-steps", "results.json"), _load("results.json")
     assert table["general"]["budgets"]["general-mntp"]["learning_rate"] == 1e-3
     assert kept["general"]["budgets"]["general-mntp"]["learning_rate"] == cfg.learning_rate == 2e-4
     for col in (lambda r: r, lambda r: r["holdout"]):  # ... but lower on dev after the graded stages
         for stage in ("general-graded", "general-nli-graded"):
             assert col(table)["selected"][stage]["spearman"] < col(kept)["selected"][stage]["spearman"], stage
     assert (cfg.mntp.mask_prob, cfg.mntp.scheme) == (0.2, "bert")
-    assert {"mntp.mask_prob=0.8", "mntp.scheme=all"} <= set(load("mntp-lr-mask", "mask0.8-all", "curve.json")["overrides"])
-    dev = load("mntp-lr-mask", "training-genre-dev.json")
+    assert {"mntp.mask_prob=0.8", "mntp.scheme=all"} <= set(_load("mntp-lr-mask", "mask0.8-all", "curve.json")["overrides"])
+    dev = _load("mntp-lr-mask", "training-genre-dev.json")
     for k in ("100", "150"):
         assert dev["mask0.8_all_lr1e-3"][k] < dev["mask0.2_bert_lr1e-3"][k] - 20
 
@@ -120,11 +129,7 @@ def test_committed_corpus_pilot_kept_the_wikitext2_corpus():
     keeps WikiText-2, by the loss that chooses this stage's budget and adapter."""
     from engine.config import load_config
 
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-    with open(os.path.join(res, "mntp-lr-mask", "wikitext103", "curve.json")) as f:
-        big = json.load(f)
-    with open(os.path.join(res, "mntp-curve", "curve.json")) as f:
-        small = json.load(f)
+    big, small = _load("mntp-lr-mask", "wikitext103", "curve.json"), _load("mntp-curve", "curve.json")
     assert big["overrides"] == ["model.gradient_checkpointing=false", "data=data/wikitext103-sentences/sentences.txt"]
     assert os.path.isfile(os.path.join(ROOT, "data", "wikitext103-sentences", "sentences.txt"))
     b = {r["step"]: r for r in big["rows"] if isinstance(r["step"], int) and r["step"] > 0}
@@ -154,19 +159,13 @@ def test_committed_seed_runs_bound_the_single_seed_pilots():
     """The seed runs (mntp-lr-mask/seed1, seed2) differ from the table's config only in the seed; with the table's
     seed 42 they give the README's spread, no seed puts MNTP alone above the causal model on news, and the held-out
     MNTP loss ranks the three adapters as test and news do."""
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-
-    def load(*path):
-        with open(os.path.join(res, *path)) as f:
-            return json.load(f)
-
-    table = load("results.json")
+    table = _load("results.json")
     g = {42: (table["general"]["selected"]["general-mntp"]["eval_loss"], table["rows"]["g"]["spearman"],
               table["holdout"]["rows"]["g"]["spearman"])}
     h = {42: (table["rows"]["h"]["spearman"], table["holdout"]["rows"]["h"]["spearman"])}
     causal = table["holdout"]["rows"]["a"]["spearman"]
     for seed in (1, 2):
-        c, sim = load("mntp-lr-mask", f"seed{seed}", "curve.json"), load("mntp-lr-mask", f"seed{seed}", "simcse.json")
+        c, sim = _load("mntp-lr-mask", f"seed{seed}", "curve.json"), _load("mntp-lr-mask", f"seed{seed}", "simcse.json")
         assert c["overrides"] == ["model.gradient_checkpointing=false", f"seed={seed}"] and c["steps"] == 300
         (row,) = [r for r in c["rows"] if r["step"] == 300]
         g[seed] = (row["eval_loss"], row["test_spearman"], row["news_spearman"])
@@ -218,11 +217,7 @@ def test_committed_unpacked_pilot_kept_packed_blocks():
     keeps packing, and the results README says so."""
     from engine.config import load_config
 
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-    with open(os.path.join(res, "mntp-lr-mask", "unpacked", "curve.json")) as f:
-        rows = json.load(f)
-    with open(os.path.join(res, "mntp-curve", "curve.json")) as f:
-        packed = json.load(f)
+    rows, packed = _load("mntp-lr-mask", "unpacked", "curve.json"), _load("mntp-curve", "curve.json")
     assert rows["overrides"] == ["model.gradient_checkpointing=false", "mntp.pack=false", "batch_size=32",
                                  "micro_batch_size=8"] and rows["steps"] == 300
     u = {r["step"]: r for r in rows["rows"]}
@@ -230,8 +225,7 @@ def test_committed_unpacked_pilot_kept_packed_blocks():
     for col in ("dev_spearman", "test_spearman", "news_spearman"):
         assert u[300][col] < p[300][col], col
     assert u[300]["test_spearman"] < u["causal"]["test_spearman"] and u[300]["news_spearman"] < u["causal"]["news_spearman"]
-    with open(os.path.join(res, "mntp-lr-mask", "README.md"), encoding="utf-8") as f:
-        readme = " ".join(f.read().split())
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
     assert (f"{p[300]['test_spearman'] - u[300]['test_spearman']:.1f} lower on test" in readme
             and f"{p[300]['news_spearman'] - u[300]['news_spearman']:.1f} lower on news" in readme)
     assert load_config(os.path.join(ROOT, "configs", "smollm2-135m", "general-mntp.yaml")).mntp.pack is True
@@ -244,22 +238,16 @@ def test_committed_no_mntp_control_matches_its_readings():
     READMEs state is recomputed here from the committed JSON."""
     import statistics
 
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-
-    def load(*path):
-        with open(os.path.join(res, *path)) as f:
-            return json.load(f)
-
-    table = load("results.json")
+    table = _load("results.json")
     causal = (table["rows"]["a"]["spearman"], table["holdout"]["rows"]["a"]["spearman"])
     h = {42: (table["rows"]["h"]["spearman"], table["holdout"]["rows"]["h"]["spearman"])}
     for seed in (1, 2):
-        sim = load("mntp-lr-mask", f"seed{seed}", "simcse.json")
+        sim = _load("mntp-lr-mask", f"seed{seed}", "simcse.json")
         h[seed] = (sim["test_spearman"], sim["news_spearman"])
     no = {}
     for name, overrides in (("seed42", []), ("seed1", ["seed=1"]), ("steps250", ["max_steps=250"]),
                             ("steps250-seed1", ["max_steps=250", "seed=1"])):
-        run = load("mntp-lr-mask", "no-mntp", name, "simcse.json")
+        run = _load("mntp-lr-mask", "no-mntp", name, "simcse.json")
         assert run["mntp_adapter"] is None and run["overrides"] == overrides, name
         no[name] = (run["test_spearman"], run["news_spearman"])
     short, long = [no["seed42"], no["seed1"]], [no["steps250"], no["steps250-seed1"]]
@@ -273,11 +261,7 @@ def test_committed_no_mntp_control_matches_its_readings():
     assert worst > 0
     assert all(min(v[1] for v in h.values()) < x[1] < max(v[1] for v in h.values()) for x in long)
 
-    def text(path):
-        with open(path, encoding="utf-8") as f:
-            return " ".join(f.read().split())
-
-    lr_readme = text(os.path.join(res, "mntp-lr-mask", "README.md"))
+    lr_readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
     assert f"by at least {margin[0]:.2f} on test and {margin[1]:.2f} on news" in lr_readme
     assert ("passes the causal model on both columns on both seeds ("
             f"{long[0][0]:.2f} and {long[0][1]:.2f}; {long[1][0]:.2f} and {long[1][1]:.2f})") in lr_readme
@@ -285,10 +269,10 @@ def test_committed_no_mntp_control_matches_its_readings():
             f"seeds' (h) mean, {mean_h[1]:.2f}") in lr_readme
     assert (f"On all of test the mean is {mean_h[0] - mean_l[0]:.2f} under theirs" in lr_readme
             and f"(by at least {worst:.2f})" in lr_readme)
-    readme = text(os.path.join(ROOT, "README.md"))
+    readme = _text(os.path.join(ROOT, "README.md"))
     assert (f"level with MNTP + SimCSE on news ({mean_l[1]:.2f} against the three MNTP seeds' mean {mean_h[1]:.2f}) "
             f"and {mean_h[0] - mean_l[0]:.2f} points under it on all of test") in readme
-    general = text(os.path.join(res, "README.md"))
+    general = _text(os.path.join(RESULTS, "README.md"))
     assert (f"below the causal model on both columns ({no['seed42'][0]:.2f} and {no['seed42'][1]:.2f} on seed 42)"
             in general and f"({long[0][0]:.2f} and {long[0][1]:.2f} on seed 42, {long[1][0]:.2f} and "
             f"{long[1][1]:.2f} on seed 1): on news {mean_h[1] - mean_l[1]:.2f} under the mean of the three MNTP "
@@ -342,21 +326,11 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
     each intervals.json scored the adapter its curve scored, the paired interval on news holds zero for both while
     the rerun's on all of test does not, the decaying LR is below the constant one on every column, and the READMEs
     state the JSON's figures."""
-    res = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
-
-    def load(*path):
-        with open(os.path.join(res, *path)) as f:
-            return json.load(f)
-
-    def text(path):
-        with open(path, encoding="utf-8") as f:
-            return " ".join(f.read().split())
-
-    table, const = load("results.json"), {r["step"]: r for r in load("mntp-curve", "curve.json")["rows"]}
+    table, const = _load("results.json"), {r["step"]: r for r in _load("mntp-curve", "curve.json")["rows"]}
     causal = {"test": table["rows"]["a"]["spearman"], "news": table["holdout"]["rows"]["a"]["spearman"]}
     runs = {}
     for name, overrides in (("rerun42", []), ("linear", ["lr_schedule=linear"])):
-        c, iv = load("mntp-lr-mask", name, "curve.json"), load("mntp-lr-mask", name, "intervals.json")
+        c, iv = _load("mntp-lr-mask", name, "curve.json"), _load("mntp-lr-mask", name, "intervals.json")
         assert c["config"] == "general-mntp" and c["steps"] == 300 and iv["step"] == 300 and iv["n_boot"] == 2000
         assert c["overrides"] == ["model.gradient_checkpointing=false", *overrides], name
         (row,) = [r for r in c["rows"] if r["step"] == 300]
@@ -379,7 +353,7 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
 
     d, (lo, hi) = ri["news"]["adapter_minus_causal"]["difference"], ri["news"]["adapter_minus_causal"]["ci"]
     td, (tlo, thi) = ri["test"]["adapter_minus_causal"]["difference"], ri["test"]["adapter_minus_causal"]["ci"]
-    lr_readme = text(os.path.join(res, "mntp-lr-mask", "README.md"))
+    lr_readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
     assert f"| {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |" in lr_readme and f"| {td:+.2f} [{tlo:+.2f}, {thi:+.2f}] |" in lr_readme
     assert f"Paired, the rerun is {d:.2f} on news with a 95% interval from {lo:.2f} to {hi:+.2f}" in lr_readme
     assert f"+{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in lr_readme
@@ -388,13 +362,13 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
             in lr_readme)
     assert (f"Test is {const[300]['test_spearman'] - lr['test_spearman']:.1f} lower and news "
             f"{const[300]['news_spearman'] - lr['news_spearman']:.1f} lower") in lr_readme
-    general = text(os.path.join(res, "README.md"))
+    general = _text(os.path.join(RESULTS, "README.md"))
     assert (f"it is {d:.2f}, with a paired 95% bootstrap interval from {lo:.2f} to {hi:+.2f}" in general
             and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in general)
     assert (f"{lr['test_spearman']:.2f} on test and {lr['news_spearman']:.2f} on news at step 300, against "
             f"{const[300]['test_spearman']:.2f} and {const[300]['news_spearman']:.2f}") in general
     # (h) again: the table's SimCSE stage on the rerun's adapter, scored against the causal model the same way
-    sim, si = load("mntp-lr-mask", "rerun42", "simcse.json"), load("mntp-lr-mask", "rerun42", "simcse_intervals.json")
+    sim, si = _load("mntp-lr-mask", "rerun42", "simcse.json"), _load("mntp-lr-mask", "rerun42", "simcse_intervals.json")
     assert sim["mntp_adapter"].endswith(os.path.join("mntp-rerun42", "run", "adapter")) and sim["overrides"] == []
     assert si["adapter"] == os.path.join("simcse", "adapter")
     for col in ("test", "news"):
@@ -406,7 +380,7 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
     assert (f"is +{hd:.2f} on news, from {hlo:.2f} to +{hhi:.2f}**: {100 * share:.1f}% of the resamples"
             in lr_readme)
     assert f"+{hd:.2f} [{hlo:.2f}, +{hhi:.2f}] |" in lr_readme
-    readme = text(os.path.join(ROOT, "README.md"))
+    readme = _text(os.path.join(ROOT, "README.md"))
     for t in (readme, general):
         assert f"adapter is +{hd:.2f} on news, from {hlo:.2f} to +{hhi:.2f}: at the edge" in t
     assert (f"MNTP alone is {d:.2f} on news, with a paired 95% bootstrap interval over the pairs from {lo:.2f} to "
