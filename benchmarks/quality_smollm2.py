@@ -87,14 +87,16 @@ def sh(cmd, log):
     return time.time() - t0
 
 
-def evaluate(model, test, log, causal=False, scores=None):
-    """engine.evaluate's JSON for ``model`` on ``test``; ``scores``: also keep each pair's cosine in that file."""
+def evaluate(model, test, log, causal=False, scores=None, extra=()):
+    """engine.evaluate's JSON for ``model`` on ``test``; ``scores``: also keep each pair's cosine in that file;
+    ``extra``: more of its options (e.g. ``--bootstrap N``, ``--compare FILE``)."""
     cmd = [sys.executable, "-m", "engine.evaluate", "--model", model, "--task", "sts", "--data", test]
     if causal:
         cmd.append("--causal")
     if scores:
         os.makedirs(os.path.dirname(scores), exist_ok=True)
         cmd += ["--scores", scores]
+    cmd += list(extra)
     t0 = time.time()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     with open(log, "a") as f:

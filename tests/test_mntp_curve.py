@@ -292,14 +292,17 @@ def test_intervals_scores_causal_then_the_adapter_against_it(tmp_path, monkeypat
     (tmp_path / "holdout" / "sts-test.csv").write_text("x\n")
     calls = []
 
-    def evaluate(*args):
+    def evaluate(model, test, log, causal=False, scores=None, extra=()):  # as benchmarks/quality_smollm2.py's
+        args = ("--model", model, "--data", test, *(["--causal"] if causal else []),
+                *(["--scores", scores] if scores else []), *extra)
+        assert extra[:2] == ["--bootstrap", "2000"]
         calls.append(args)
         out = {"spearman": 30.0, "pairs": 7, "spearman_ci": {"ci": [25.0, 35.0]}}
         if "--compare" in args:
             out.update(spearman=31.0, compare={"difference": 1.0, "ci": [-2.0, 4.0], "share_at_or_below_0": 0.3})
         return out
 
-    monkeypatch.setattr(m, "evaluate", evaluate)
+    monkeypatch.setattr(m.q, "evaluate", evaluate)
     assert m.main(["--work", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert len(calls) == 4
     for name, causal, mine in (("test", calls[0], calls[1]), ("news", calls[2], calls[3])):

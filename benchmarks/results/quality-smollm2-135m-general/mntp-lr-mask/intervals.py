@@ -14,24 +14,16 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import quality_smollm2 as q  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 
 N_BOOT = 2000
-
-
-def evaluate(*args):
-    cmd = [sys.executable, "-m", "engine.evaluate", "--task", "sts", "--bootstrap", str(N_BOOT), *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"evaluation failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None):
@@ -52,10 +44,12 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "n_boot": N_BOOT, "level": 0.95,
            **({"adapter": os.path.relpath(adapter, args.work)} if args.adapter else {"step": args.step})}
+    log = os.path.join(args.work, "intervals.log")
+    boot = ["--bootstrap", str(N_BOOT)]
     for name, data in tests.items():
         base_scores = os.path.join(args.work, f"causal-{name}.tsv")
-        base = evaluate("--model", "smollm2-135m", "--causal", "--data", data, "--scores", base_scores)
-        mine = evaluate("--model", adapter, "--data", data, "--compare", base_scores)
+        base = q.evaluate("smollm2-135m", data, log, causal=True, scores=base_scores, extra=boot)
+        mine = q.evaluate(adapter, data, log, extra=[*boot, "--compare", base_scores])
         res[name] = {"pairs": mine["pairs"],
                      "causal": {"spearman": base["spearman"], "ci": base["spearman_ci"]["ci"]},
                      "adapter": {"spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"]},
