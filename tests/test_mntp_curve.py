@@ -388,3 +388,91 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
         assert f"adapter is +{hd:.2f} on news, from {hlo:.2f} to +{hhi:.2f}: at the edge" in t
     assert (f"MNTP alone is {d:.2f} on news, with a paired 95% bootstrap interval over the pairs from {lo:.2f} to "
             f"{hi:+.2f}") in readme and f"On all of test it is +{td:.2f}, from +{tlo:.2f} to +{thi:.2f}" in readme
+
+
+def _sts_file(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for genre, source, score, a, b in rows:
+            f.write(f"{genre}\t{source}\t2012\t0001\t{score}\t{a}\t{b}\n")
+
+
+def test_news_pairs_pools_every_split_and_compares_each_adapter_with_the_causal_model(tmp_path, monkeypatch, capsys):
+    """news_pairs.py: the news rows of test, dev and train in that order, a pair seen before (in either order)
+    dropped and counted, other genres left out; the causal model scored first and each adapter --compare'd with
+    its cosines; the per-split and per-source differences are engine.stats' on those pairs' cosines."""
+    import numpy as np
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+    from engine.stats import paired_bootstrap, spearman
+
+    from .helpers import load_script
+
+    m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "news_pairs.py"), "news_pairs")
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    rng = np.random.default_rng(0)
+    sent = [f"sentence number {i} ." for i in range(400)]
+    rows = {s: [] for s in ("test", "dev", "train")}
+    for i in range(0, 360, 2):
+        split = ("test", "dev", "train")[i % 3]
+        rows[split].append(("main-news", ("MSRpar", "headlines")[i % 4 // 2], round(float(rng.uniform(0, 5)), 2),
+                            sent[i], sent[i + 1]))
+    rows["train"].append(("main-news", "headlines", 1.0, sent[1], sent[0]))  # test's first pair, reversed
+    rows["dev"].append(("main-captions", "MSRvid", 2.0, sent[398], sent[399]))
+    for split, r in rows.items():
+        _sts_file(sts / f"sts-{split}.csv", r)
+    work, out = tmp_path / "work", tmp_path / "out"
+    base = ["--work", str(work), "--out", str(out), "--sts-dir", str(sts)]
+    for bad in ([], ["--adapter", "g"], ["--adapter", f"causal={tmp_path}"], ["--adapter", f"bidirectional={tmp_path}"], ["--adapter", f"g={tmp_path / 'no'}"],
+                ["--adapter", f"g={tmp_path}", "--adapter", f"g={tmp_path}"]):
+        assert m.main(base + bad) == 2
+        assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+    calls = []
+
+    def evaluate(model, test, log, causal=False, scores=None, extra=()):
+        pairs = read_sts(test)
+        gold = np.array([p[2] for p in pairs])
+        cos = gold + rng.normal(0, 1.0 if causal else 0.5, len(pairs))
+        write_scores(scores, pairs, cos.tolist())
+        calls.append({"model": model, "causal": causal, "extra": list(extra), "test": test})
+        res = {"spearman": spearman(cos, gold), "pairs": len(pairs), "spearman_ci": {"ci": [0.0, 100.0]}}
+        if "--compare" in extra:
+            res["compare"] = {"difference": 1.5, "ci": [0.5, 2.5], "share_at_or_below_0": 0.0}
+        return res
+
+    monkeypatch.setattr(m.q, "evaluate", evaluate)
+    monkeypatch.setattr(m, "MIN_PAIRS", 60)  # each split here has 60 news pairs; source=headlines,words=0-7 too
+    (tmp_path / "g").mkdir()
+    assert m.main(base + ["--adapter", f"g={tmp_path / 'g'}"]) == 0
+    kept = read_sts(str(work / "news-all.csv"))
+    n = {s: len(r) for s, r in rows.items()}
+    assert len(kept) == n["test"] + (n["dev"] - 1) + (n["train"] - 1)  # the captions row and the repeat are out
+    assert kept[0][:2] == (sent[0], sent[1]) and kept[n["test"]] == tuple(rows["dev"][0][3:]) + (rows["dev"][0][2],)
+    assert calls[0]["causal"] and calls[0]["model"] == "smollm2-135m" and calls[1]["model"] == str(tmp_path / "g")
+    assert calls[1]["extra"] == ["--bootstrap", "2000", "--compare", str(work / "scores" / "causal-news-all.tsv")]
+    res = json.loads((out / "news-all.json").read_text())
+    assert res["pairs"] == len(kept) and res["repeated_pairs_dropped"] == 1
+    assert res["counts"]["split=test"] == n["test"] and res["counts"]["split=train"] == n["train"] - 1
+    g = res["adapters"]["g"]
+    assert g["minus_causal"] == {"difference": 1.5, "ci": [0.5, 2.5], "share_at_or_below_0": 0.0}
+    from engine.evaluate import read_scores
+    mine = np.array(read_scores(str(work / "scores" / "g-news-all.tsv"), kept))
+    causal = np.array(read_scores(str(work / "scores" / "causal-news-all.tsv"), kept))
+    gold = np.array([p[2] for p in kept])
+    t = slice(0, n["test"])
+    want = paired_bootstrap(mine[t], causal[t], gold[t], n_boot=2000)
+    got = g["minus_causal_by"]["split=test"]
+    assert got["pairs"] == n["test"] and got["difference"] == pytest.approx(want["difference"])
+    assert got["ci"] == pytest.approx(want["ci"]) and got["difference"] > 0  # less noise than the causal fake
+    assert sum(v["pairs"] for k, v in g["minus_causal_by"].items() if k.startswith("source=") and "," not in k) == len(kept)
+    assert g["minus_causal_by"]["words=0-7"]["pairs"] == len(kept)  # "sentence number N ." is 4 words
+    assert g["minus_causal_by"]["source=headlines,words=0-7"]["pairs"] == res["counts"]["source=headlines"]
+    assert not [k for k in g["minus_causal_by"] if k.startswith("words=") and k != "words=0-7"]
+    assert m.words_bin("a b c d e f g", "a b c d e f g h i j k") == "9-12" and m.words_bin("a " * 30, "b") == "12-20"
+    # --bidirectional: the base model without an adapter and without --causal, before the adapters
+    calls.clear()
+    assert m.main(base + ["--bidirectional", "--adapter", f"g={tmp_path / 'g'}"]) == 0
+    assert [(c["model"], c["causal"]) for c in calls] == [("smollm2-135m", True), ("smollm2-135m", False),
+                                                           (str(tmp_path / "g"), False)]
+    res = json.loads((out / "news-all.json").read_text())
+    assert list(res["adapters"]) == ["bidirectional", "g"] and res["adapters"]["bidirectional"]["path"] is None

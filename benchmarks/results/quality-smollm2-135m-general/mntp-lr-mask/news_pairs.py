@@ -1,7 +1,7 @@
 """MNTP alone against the causal model on every news pair of STS-B, not only the 500 of its test split.
 
     python benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/news_pairs.py --work WORK --out DIR \\
-        --adapter g42=PATH [--adapter NAME=PATH ...]
+        --adapter g42=PATH [--adapter NAME=PATH ...] [--bidirectional]
 
 The general recipe's first rows, (g) MNTP alone and (h) MNTP + SimCSE, never see STS-B: they train on WikiText-2
 sentences and hand on their last adapter, chosen by nothing from STS-B. For them every news pair of STS-B is held
@@ -14,8 +14,9 @@ Writes ``WORK/news-all.csv`` (news rows of sts-test, sts-dev, sts-train in that 
 either order, is dropped and counted), scores the causal model and each ``--adapter`` on it through
 ``engine.evaluate --scores --bootstrap 2000 --compare``, and writes ``DIR/news-all.json``: each model's Spearman
 and 95% interval, each adapter minus the causal model with its paired interval, and the same difference on each
-split and each source (engine.stats, from the kept cosines). The intervals cover the pairs' sampling only, not
-a second training run's.
+split, source and length bin (engine.stats, from the kept cosines; groups of 100 pairs or more). The intervals cover the pairs' sampling only, not
+a second training run's. ``--bidirectional`` also scores the base model with bidirectional attention and no
+adapter (MNTP's step 0), as ``bidirectional``.
 """
 import argparse
 import datetime
@@ -52,33 +53,51 @@ def news_rows(sts_dir):
     return rows, dropped
 
 
-def breakdown(rows, mine, base, gold):
-    """The adapter minus the causal model on each split and each source of the news pairs, paired."""
+WORDS = (0, 7, 9, 12, 20, 10**6)  # bins of a pair's length: the mean of its two sentences' word counts
+
+
+def words_bin(a, b):
+    n = (len(a.split()) + len(b.split())) / 2
+    lo = max(x for x in WORDS if x <= n)
+    hi = WORDS[WORDS.index(lo) + 1]
+    return f"{lo}-{hi}" if hi < WORDS[-1] else f"{lo}+"
+
+
+MIN_PAIRS = 100  # the smallest group the breakdown reports
+
+
+def breakdown(rows, pairs, mine, base, gold):
+    """The adapter minus the causal model, paired, on each split, each source, each length bin (``WORDS``) and
+    each source's length bins; a group under ``MIN_PAIRS`` pairs is left out."""
     import numpy as np
     from engine.stats import paired_bootstrap
     mine, base, gold = np.asarray(mine), np.asarray(base), np.asarray(gold)
+    keys = [(f"split={r[0]}", f"source={r[1]}", f"words={words_bin(p[0], p[1])}") for r, p in zip(rows, pairs)]
+    keys = [(sp, so, w, f"{so},{w}") for sp, so, w in keys]
     out = {}
-    for field, col in (("split", 0), ("source", 1)):
-        for value in sorted({r[col] for r in rows}):
-            idx = np.array([i for i, r in enumerate(rows) if r[col] == value])
+    for col in range(4):
+        for value in sorted({k[col] for k in keys}):
+            idx = np.array([i for i, k in enumerate(keys) if k[col] == value])
+            if idx.size < MIN_PAIRS:
+                continue
             d = paired_bootstrap(mine[idx], base[idx], gold[idx], n_boot=N_BOOT)
-            out[f"{field}={value}"] = {k: d[k] for k in ("pairs", "difference", "ci", "share_at_or_below_0")}
+            out[value] = {k: d[k] for k in ("pairs", "difference", "ci", "share_at_or_below_0")}
     return out
 
 
-def parse_adapters(specs):
-    adapters = {}
+def parse_adapters(specs, bidirectional=False):
+    adapters = {"bidirectional": None} if bidirectional else {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
-        if name in adapters or name == "causal":
+        if name in adapters or name in ("causal", "bidirectional"):
             raise ValueError(f"--adapter {spec!r}: the name {name!r} is taken")
         if not os.path.isdir(path):
             raise ValueError(f"--adapter {spec!r}: {path} is not a folder")
         adapters[name] = path
     if not adapters:
-        raise ValueError("give at least one --adapter NAME=PATH")
+        raise ValueError("give at least one --adapter NAME=PATH or --bidirectional")
     return adapters
 
 
@@ -87,10 +106,11 @@ def main(argv=None):
     ap.add_argument("--work", required=True, help="a folder for the news file, the cosines and the log")
     ap.add_argument("--out", required=True)
     ap.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH")
+    ap.add_argument("--bidirectional", action="store_true", help="also the base model, bidirectional, no adapter")
     ap.add_argument("--sts-dir", default=os.path.join(ROOT, "data", "stsbenchmark"))
     args = ap.parse_args(argv)
     try:
-        adapters = parse_adapters(args.adapter)
+        adapters = parse_adapters(args.adapter, args.bidirectional)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,11 +142,11 @@ def main(argv=None):
     base_cos = read_scores(base_scores, pairs)
     for name, path in adapters.items():
         scores = os.path.join(args.work, "scores", f"{name}-news-all.tsv")
-        mine = q.evaluate(path, data, log, scores=scores, extra=[*boot, "--compare", base_scores])
+        mine = q.evaluate(path or "smollm2-135m", data, log, scores=scores, extra=[*boot, "--compare", base_scores])
         res["adapters"][name] = {
-            "path": os.path.relpath(path, args.work), "spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"],
+            "path": path and os.path.relpath(path, args.work), "spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"],
             "minus_causal": {k: mine["compare"][k] for k in ("difference", "ci", "share_at_or_below_0")},
-            "minus_causal_by": breakdown(rows, read_scores(scores, pairs), base_cos, gold)}
+            "minus_causal_by": breakdown(rows, pairs, read_scores(scores, pairs), base_cos, gold)}
         print(name, json.dumps(res["adapters"][name]), flush=True)
         with open(os.path.join(args.out, "news-all.json"), "w") as f:  # after each model: a partial run keeps its rows
             json.dump(res, f, indent=2)
