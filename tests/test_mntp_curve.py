@@ -476,3 +476,92 @@ def test_news_pairs_pools_every_split_and_compares_each_adapter_with_the_causal_
                                                            (str(tmp_path / "g"), False)]
     res = json.loads((out / "news-all.json").read_text())
     assert list(res["adapters"]) == ["bidirectional", "g"] and res["adapters"]["bidirectional"]["path"] is None
+
+
+def test_committed_news_pairs_and_seeds_match_their_readings():
+    """mntp-lr-mask/news-all/ (every STS-B news pair, for the rows that never train on STS-B) and seed3/, seed4/:
+    the pooled file is the real news rows, its test split reproduces rerun42's and the seeds' news figures, and
+    every figure the READMEs state is recomputed here from the committed files."""
+    import numpy as np
+    from scipy import stats as st
+
+    from .helpers import load_script
+
+    m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "news_pairs.py"), "news_pairs")
+    res = _load("mntp-lr-mask", "news-all", "news-all.json")
+    rows, dropped = m.news_rows(os.path.join(ROOT, "data", "stsbenchmark"))
+    assert res["pairs"] == len(rows) == 4285 and res["repeated_pairs_dropped"] == dropped == 14
+    a, causal = res["adapters"], res["causal"]
+    assert list(a) == ["bidirectional", "g42", "h42", "g3", "g4"] and a["bidirectional"]["path"] is None
+    for name, adapter in a.items():  # each model's difference is its Spearman minus the causal model's
+        assert adapter["minus_causal"]["difference"] == pytest.approx(adapter["spearman"] - causal["spearman"])
+        assert sum(v["pairs"] for k, v in adapter["minus_causal_by"].items() if k.startswith("split=")) == 4285
+    # the test split is the held-out news column's 500 pairs: the same differences as rerun42 and the seed curves
+    iv, siv = _load("mntp-lr-mask", "rerun42", "intervals.json"), _load("mntp-lr-mask", "rerun42", "simcse_intervals.json")
+    assert a["g42"]["minus_causal_by"]["split=test"]["difference"] == pytest.approx(
+        iv["news"]["adapter_minus_causal"]["difference"], abs=1e-6)
+    assert a["h42"]["minus_causal_by"]["split=test"]["difference"] == pytest.approx(
+        siv["news"]["adapter_minus_causal"]["difference"], abs=1e-6)
+    curve = {42: _load("mntp-lr-mask", "rerun42", "curve.json")}
+    for seed in (3, 4):
+        curve[seed] = _load("mntp-lr-mask", f"seed{seed}", "curve.json")
+        assert curve[seed]["overrides"] == ["model.gradient_checkpointing=false", f"seed={seed}"]
+    last = {s: [r for r in c["rows"] if r["step"] == 300][0] for s, c in curve.items()}
+    for seed, c in last.items():
+        assert a[f"g{seed}"]["minus_causal_by"]["split=test"]["difference"] == pytest.approx(
+            c["news_spearman"] - 31.06, abs=0.011)
+    # the table in mntp-lr-mask/README.md, row by row
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
+    by = lambda n, k: a[n]["minus_causal_by"][k]["difference"]  # noqa: E731
+    assert (f"| causal model | - | 31.06 | {causal['spearman']:.2f} [{causal['ci'][0]:.2f}, {causal['ci'][1]:.2f}] "
+            "| - | - | - | - |") in readme
+    for name, label, loss in (("bidirectional", "bidirectional, no adapter (MNTP's step 0)", "-"),
+                              ("g42", "(g) seed 42 (`rerun42/`)", f"{last[42]['eval_loss']:.2f}"),
+                              ("g3", "(g) seed 3", f"{last[3]['eval_loss']:.2f}"),
+                              ("g4", "(g) seed 4", f"{last[4]['eval_loss']:.2f}"),
+                              ("h42", "(h) on seed 42 (`rerun42/simcse`)", "-")):
+        x, d = a[name], a[name]["minus_causal"]
+        test = iv["news"]["causal"]["spearman"] + by(name, "split=test")
+        assert (f"| {label} | {loss} | {test:.2f} ({by(name, 'split=test'):+.2f}) | {x['spearman']:.2f} | "
+                f"{d['difference']:+.2f} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {by(name, 'source=MSRpar'):+.2f} | "
+                f"{by(name, 'source=headlines'):+.2f} | {by(name, 'source=deft-news'):+.2f} |") in readme, name
+    g = ("g42", "g3", "g4")
+    assert all(a[n]["minus_causal_by"]["source=headlines"]["ci"][1] < 0 for n in g)  # below on headlines, every seed
+    assert all(a[n]["minus_causal_by"]["source=deft-news"]["ci"][0] > 0 for n in g)
+    assert [a[n]["minus_causal_by"]["source=MSRpar"]["ci"][0] > 0 for n in g] == [True, True, False]
+    assert a["g4"]["minus_causal_by"]["source=MSRpar"]["ci"][0] == pytest.approx(-0.53, abs=0.005)
+    assert all(a["h42"]["minus_causal_by"][f"source={s}"]["ci"][0] > 0 for s in ("MSRpar", "headlines", "deft-news"))
+    pooled = np.array([a[n]["minus_causal"]["difference"] for n in g])
+    assert f"+{pooled.mean():.2f} on the mean (sd {pooled.std(ddof=1):.2f})" in readme
+    gap = [a[n]["minus_causal"]["difference"] - by(n, "split=test") for n in g]
+    assert f"seeds 42, 3 and 4 are {gap[0]:.2f}, {gap[1]:.2f} and {gap[2]:.2f} points worse on the test split" in readme
+    # recovery from the bidirectional switch, and the length readings
+    for src, won in (("headlines", 15), ("MSRpar", 21)):
+        assert round(by("g42", f"source={src}") - by("bidirectional", f"source={src}")) == won
+    words = {s: np.mean([(len(r[2].split("\t")[5].split()) + len(r[2].split("\t")[6].split())) / 2
+                         for r in rows if r[1] == s]) for s in ("headlines", "MSRpar")}
+    assert f"{words['headlines']:.1f} words on average against {words['MSRpar']:.1f} for MSRpar" in readme
+    assert (f"Seed 42 is {by('g42', 'source=headlines,words=0-7'):.2f} under 7 words, "
+            f"{by('g42', 'source=headlines,words=7-9'):.2f} at 7 to 9, and "
+            f"{by('g42', 'source=headlines,words=9-12'):.2f} at 9 to 12") in readme
+    # five seeds on the 500 test news pairs: the table's 42, the committed 1 and 2, and 3 and 4
+    table = _load("results.json")
+    five = {42: (table["general"]["selected"]["general-mntp"]["eval_loss"], table["rows"]["g"]["spearman"],
+                 table["holdout"]["rows"]["g"]["spearman"])}
+    for seed in (1, 2, 3, 4):
+        (row,) = [r for r in _load("mntp-lr-mask", f"seed{seed}", "curve.json")["rows"] if r["step"] == 300]
+        five[seed] = (row["eval_loss"], row["test_spearman"], row["news_spearman"])
+    news = np.array([v[2] for v in five.values()])
+    assert (news < 31.06).all()
+    half = st.t.ppf(0.975, 4) * news.std(ddof=1) / np.sqrt(5)
+    assert f"The mean is {31.06 - news.mean():.2f} under, and the t interval over the seeds is {half:.2f}" in readme
+    loss = [v[0] for v in five.values()]
+    for col in (1, 2):
+        rho = st.spearmanr(loss, [v[col] for v in five.values()]).statistic
+        assert f"{rho:.2f}" == "-0.90"
+    assert sorted(g, key=lambda n: last[int(n[1:])]["eval_loss"]) == sorted(g, key=lambda n: -pooled[g.index(n)])
+    general, main = _text(os.path.join(RESULTS, "README.md")), _text(os.path.join(ROOT, "README.md"))
+    d = a["g42"]["minus_causal"]
+    for text in (general, main):
+        assert f"{d['difference']:+.2f}" in text and f"{a['h42']['minus_causal']['difference']:+.2f}" in text
+    assert f"from {d['ci'][0]:+.2f} to {d['ci'][1]:+.2f} (seeds 3 and 4: {pooled[1]:+.2f} and {pooled[2]:+.2f})" in main
