@@ -423,7 +423,8 @@ def test_news_pairs_pools_every_split_and_compares_each_adapter_with_the_causal_
         _sts_file(sts / f"sts-{split}.csv", r)
     work, out = tmp_path / "work", tmp_path / "out"
     base = ["--work", str(work), "--out", str(out), "--sts-dir", str(sts)]
-    for bad in ([], ["--adapter", "g"], ["--adapter", f"causal={tmp_path}"], ["--adapter", f"bidirectional={tmp_path}"], ["--adapter", f"g={tmp_path / 'no'}"],
+    for bad in ([], ["--adapter", "g"], ["--adapter", f"causal={tmp_path}"], ["--adapter", f"bidirectional={tmp_path}"],
+                ["--adapter", f"g={tmp_path / 'no'}"],
                 ["--adapter", f"g={tmp_path}", "--adapter", f"g={tmp_path}"]):
         assert m.main(base + bad) == 2
         assert capsys.readouterr().err.count("\n") == 1 and not out.exists()

@@ -14,9 +14,9 @@ Writes ``WORK/news-all.csv`` (news rows of sts-test, sts-dev, sts-train in that 
 either order, is dropped and counted), scores the causal model and each ``--adapter`` on it through
 ``engine.evaluate --scores --bootstrap 2000 --compare``, and writes ``DIR/news-all.json``: each model's Spearman
 and 95% interval, each adapter minus the causal model with its paired interval, and the same difference on each
-split, source and length bin (engine.stats, from the kept cosines; groups of 100 pairs or more). The intervals cover the pairs' sampling only, not
-a second training run's. ``--bidirectional`` also scores the base model with bidirectional attention and no
-adapter (MNTP's step 0), as ``bidirectional``.
+split, source and length bin (engine.stats, from the kept cosines; groups of 100 pairs or more). The intervals
+cover the pairs' sampling only, not a second training run's. ``--bidirectional`` also scores the base model with
+bidirectional attention and no adapter (MNTP's step 0), as ``bidirectional``.
 """
 import argparse
 import datetime
@@ -144,7 +144,8 @@ def main(argv=None):
         scores = os.path.join(args.work, "scores", f"{name}-news-all.tsv")
         mine = q.evaluate(path or "smollm2-135m", data, log, scores=scores, extra=[*boot, "--compare", base_scores])
         res["adapters"][name] = {
-            "path": path and os.path.relpath(path, args.work), "spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"],
+            "path": path and os.path.relpath(path, args.work),
+            "spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"],
             "minus_causal": {k: mine["compare"][k] for k in ("difference", "ci", "share_at_or_below_0")},
             "minus_causal_by": breakdown(rows, pairs, read_scores(scores, pairs), base_cos, gold)}
         print(name, json.dumps(res["adapters"][name]), flush=True)
