@@ -428,6 +428,15 @@ def test_news_pairs_pools_every_split_and_compares_each_adapter_with_the_causal_
                 ["--adapter", f"g={tmp_path}", "--adapter", f"g={tmp_path}"]):
         assert m.main(base + bad) == 2
         assert capsys.readouterr().err.count("\n") == 1 and not out.exists()
+    bad_sts = tmp_path / "bad-sts"  # a malformed row is an error, not a silently skipped pair
+    bad_sts.mkdir()
+    for split, r in rows.items():
+        _sts_file(bad_sts / f"sts-{split}.csv", r)
+    with open(bad_sts / "sts-dev.csv", "a") as f:
+        f.write("main-news\tMSRpar\t2012\n")
+    assert m.main(["--work", str(work), "--out", str(out), "--sts-dir", str(bad_sts), "--bidirectional"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sts-dev.csv" in err and not out.exists()
     calls = []
 
     def evaluate(model, test, log, causal=False, scores=None, extra=()):

@@ -36,20 +36,19 @@ SPLITS = ("test", "dev", "train")  # the order the file keeps them in; a repeate
 
 
 def news_rows(sts_dir):
-    """(split, source, line) for every news row of STS-B, a repeated pair (either order) dropped; and how many."""
+    """(split, source, line) for every news row of STS-B (engine.data.sts_genre_lines, the held-out protocol's
+    genre filter), a repeated pair (either order) dropped; and how many were dropped."""
+    from engine.data import sts_genre_lines
     seen, rows, dropped = set(), [], 0
     for split in SPLITS:
-        with open(os.path.join(sts_dir, f"sts-{split}.csv"), encoding="utf-8") as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) < 7 or parts[0] != "main-news":
-                    continue
-                key = frozenset((parts[5].strip(), parts[6].strip()))
-                if key in seen:
-                    dropped += 1
-                    continue
-                seen.add(key)
-                rows.append((split, parts[1], line if line.endswith("\n") else line + "\n"))
+        for line in sts_genre_lines(os.path.join(sts_dir, f"sts-{split}.csv"), ["news"]):
+            parts = line.split("\t")
+            key = frozenset((parts[5].strip(), parts[6].strip()))
+            if key in seen:
+                dropped += 1
+                continue
+            seen.add(key)
+            rows.append((split, parts[1], line))
     return rows, dropped
 
 
@@ -118,12 +117,17 @@ def main(argv=None):
     if missing:
         print(f"error: {args.sts_dir} lacks sts-{missing[0]}.csv", file=sys.stderr)
         return 2
-    rows, dropped = news_rows(args.sts_dir)
+    from engine.data import DataError
+    try:
+        rows, dropped = news_rows(args.sts_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.join(args.work, "scores"), exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     data = os.path.join(args.work, "news-all.csv")
     with open(data, "w", encoding="utf-8") as f:
-        f.writelines(r[2] for r in rows)
+        f.writelines(r[2] + "\n" for r in rows)
     counts = {f"{field}={v}": sum(1 for r in rows if r[col] == v)
               for field, col in (("split", 0), ("source", 1)) for v in sorted({r[col] for r in rows})}
     print(f"{len(rows)} news pairs ({dropped} repeated pairs dropped): {counts}", flush=True)
