@@ -29,7 +29,7 @@ from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
 from .optim import apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, tune_optimizer_step
 from .stages import build_stage
-from .stages.base import to_device
+from .stages.base import EVAL_SEED, to_device
 
 
 class NonFiniteError(RuntimeError):
@@ -116,7 +116,7 @@ class Trainer:
             if len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
                 self.sts_eval = cfg.eval_data[0]  # dev Spearman, and output_dir/best/ (MNTP logs its eval loss too)
             if self.sts_eval is None or self.stage.name == "mntp":
-                self.eval_items, _, _ = self.stage.load(cfg.eval_data)
+                self.eval_items, _, _ = self.stage.load(cfg.eval_data, seed=EVAL_SEED)  # the same text for every seed
         self.plan = BatchPlan(len(self.items), cfg.batch_size, cfg.micro_batch_size, self.world, self.rank, cfg.seed,
                               groups)
 

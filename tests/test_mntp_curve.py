@@ -563,6 +563,8 @@ def test_committed_news_pairs_and_seeds_match_their_readings():
         five[seed] = (row["eval_loss"], row["test_spearman"], row["news_spearman"])
     news = np.array([v[2] for v in five.values()])
     assert (news < 31.06).all()
+    assert (f"five seeds of the general MNTP stage span {news.min():.2f} to {news.max():.2f} on STS-B's held-out news"
+            in _text(os.path.join(ROOT, "README.md")))
     half = st.t.ppf(0.975, 4) * news.std(ddof=1) / np.sqrt(5)
     assert f"The mean is {31.06 - news.mean():.2f} under, and the t interval over the seeds is {half:.2f}" in readme
     loss = [v[0] for v in five.values()]
@@ -575,3 +577,41 @@ def test_committed_news_pairs_and_seeds_match_their_readings():
     for text in (general, main):
         assert f"{d['difference']:+.2f}" in text and f"{a['h42']['minus_causal']['difference']:+.2f}" in text
     assert f"from {d['ci'][0]:+.2f} to {d['ci'][1]:+.2f} (seeds 3 and 4: {pooled[1]:+.2f} and {pooled[2]:+.2f})" in main
+
+
+def test_short_text_writes_each_rows_hypotheses_a_row_count_apart(tmp_path, capsys):
+    """short_text.py: SNLI's entailed hypotheses in a shuffled row order, then the contradicted ones in the same
+    order (a row's two sentences never share a packed block), each text once; the committed triplets give the
+    counts and hash the pilot ran on; a bad row or a missing file is one line and exit 2."""
+    import hashlib
+
+    from .helpers import load_script
+
+    m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "short_text.py"), "short_text")
+    rows = [{"query": f"q{i}", "positive": f"p{i}  x", "negative": f"n{i}"} for i in range(6)]
+    rows.append({"query": "q6", "positive": "p0 x", "negative": ""})  # a repeat (after whitespace) and an empty one
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "h.txt"
+    assert m.main(["--out", str(out), "--triplets", str(src), "--seed", "1"]) == 0
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 12 and len(set(lines)) == 12 and "1 repeats dropped" in capsys.readouterr().out
+    pos, neg = lines[:6], lines[6:]
+    assert sorted(pos) == [f"p{i} x" for i in range(6)] and pos != sorted(pos)  # shuffled
+    # the same row order: each row's two hypotheses at least 5 lines apart (6 but for the repeat's shift)
+    assert [p.split()[0][1:] for p in pos if p != "p0 x"] == [n[1:] for n in neg if n != "n0"]
+    assert min(lines.index(f"n{i}") - lines.index(f"p{i} x") for i in range(6)) >= 5
+    assert m.hypotheses(rows, 1) == m.hypotheses(rows, 1) and m.hypotheses(rows, 1) != m.hypotheses(rows, 2)
+    # the committed SNLI triplets: the corpus the short-text pilot trained on
+    real = tmp_path / "real.txt"
+    assert m.main(["--out", str(real)]) == 0
+    said = capsys.readouterr().out
+    digest = hashlib.sha256(real.read_bytes()).hexdigest()
+    assert f"5712 rows -> 11084 hypotheses (340 repeats dropped)" in said and digest in said
+    assert digest == "35e6a49d1aed5b81f621dc8003da9f4f569cb422e8ab7273a4b53944c99c6908"
+    # refusals
+    src.write_text('{"query": "q", "positive": "p"}\n', encoding="utf-8")
+    assert m.main(["--out", str(out), "--triplets", str(src)]) == 2
+    assert m.main(["--out", str(out), "--triplets", str(tmp_path / "none.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "t.jsonl:1: not a triplet row" in err[0] and "no triplets file" in err[1]

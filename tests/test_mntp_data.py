@@ -153,3 +153,29 @@ def test_unpacked_rows_are_what_the_encoder_reads(tok, tmp_path, monkeypatch):
     packed, pstats = rows[True]
     assert pstats.truncated == 0 and all(len(b) == 16 for b in packed[:-1])
     assert sum(map(len, packed)) > sum(map(len, unpacked))  # packing keeps the whole long text
+
+
+def test_held_out_blocks_are_the_same_for_every_run_seed(tmp_path, monkeypatch):
+    """The MNTP eval loss reads the first eval_batches micro-batches of eval_data. An STS-style eval file is split
+    into sentences in a seeded order, so read with the run's seed each seed was scored on another sample of it;
+    the trainer reads held-out data with the fixed EVAL_SEED, and two runs that differ only in seed get the same
+    eval blocks (their training blocks still follow their seeds)."""
+    from engine.config import load_config
+    from engine.stages.base import EVAL_SEED
+    from engine.trainer import Trainer
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for seed in (1, 2):
+        t = Trainer.__new__(Trainer)  # the data setup alone: no model, no process group
+        t.cfg = load_config("configs/tiny/mntp.yaml", [f"seed={seed}", f"output_dir={tmp_path / str(seed)}"])
+        t.world, t.rank = 1, 0
+        t._setup_data()
+        runs[seed] = t
+    first = lambda items, n=8: [list(items[i]) for i in range(n)]  # noqa: E731
+    assert first(runs[1].eval_items) == first(runs[2].eval_items)
+    assert first(runs[1].items) != first(runs[2].items)  # the training data (an STS file here too) follows the seed
+    # what the run's seed would have given: another sample of the held-out sentences
+    own = {s: first(t.stage.load(t.cfg.eval_data)[0]) for s, t in runs.items()}
+    assert own[1] != own[2] and first(runs[1].stage.load(runs[1].cfg.eval_data, seed=EVAL_SEED)[0]) == first(
+        runs[1].eval_items)

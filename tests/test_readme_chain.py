@@ -66,6 +66,9 @@ def _reads_and_writes(command):
     if "engine.evaluate" in argv or "engine.export" in argv:
         reads = [_norm(argv[argv.index("--model") + 1])]
         return reads, [_norm(argv[argv.index("--out") + 1])] if "--out" in argv else []
+    if "engine.pick" in argv:  # run folders, not --json's file
+        args = argv[argv.index("engine.pick") + 1:]
+        return [_norm(a) for i, a in enumerate(args) if not a.startswith("-") and (i == 0 or args[i - 1] != "--json")], []
     if argv[:2] == ["python", "-c"]:
         return [_norm(p) for p in re.findall(r"SentenceTransformer\(['\"]([^'\"]+)['\"]\)", argv[2])], []
     return [], []

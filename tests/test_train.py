@@ -69,6 +69,16 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
         assert resumed[step] == pytest.approx(losses[step - 1], rel=1e-5, abs=1e-6), step
     _check_adapter(os.path.join(crash, "adapter"))
 
+    # engine.pick reads both real run folders: the same run, so nothing differs and the held-out losses at step 12
+    # agree; the resumed run's reading is its own later row
+    from engine.pick import pick
+
+    res = pick([ref, crash])
+    assert res["settings_that_differ"] == [] and res["step"] == 12 and len(res["runs"]) == 2
+    got = {r["path"]: r["eval_loss"] for r in res["runs"]}
+    assert got[ref] == float(evals[12]) and got[crash] == pytest.approx(got[ref], rel=1e-4)
+    assert res["picked"]["adapter"] == os.path.join(min(got, key=lambda p: (got[p], p != ref)), "adapter")
+
 
 @pytest.mark.parametrize("stage,nproc,extra", [
     # SimCSE: 2 ranks, attention dropout 0.3 + LoRA dropout, cross-rank negatives, gradient caching in 3s

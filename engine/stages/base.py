@@ -1,5 +1,10 @@
 import torch
 
+# The seed that orders held-out data (eval_data): fixed, so that runs with other seeds are scored on the same
+# sentences. An STS-style eval file's pairs are shuffled by a seed (engine.data.split_pairs) and the eval reads
+# only its first eval_batches micro-batches, so with the run's seed each seed saw another 80-block sample of it.
+EVAL_SEED = 0
+
 
 class Stage:
     """A training stage: items -> collated batch -> loss.
@@ -17,7 +22,10 @@ class Stage:
     def prepare_model(self, model):
         return model
 
-    def load(self, sources, max_samples=0):
+    def load(self, sources, max_samples=0, seed=None):
+        """(items, DataStats, groups) of ``sources``. ``seed`` orders what the data's seed orders (the sentences of
+        an STS-style pair file, engine.data.split_pairs); None: the run's seed. Held-out data is read with
+        :data:`EVAL_SEED`, so runs that differ in seed are scored on the same text."""
         raise NotImplementedError
 
     def collate(self, items, generator):

@@ -97,11 +97,12 @@ class MNTPStage(Stage):
         head.llm2vec_z_loss = self.cfg.mntp.z_loss
         return model
 
-    def load(self, sources, max_samples=0):
+    def load(self, sources, max_samples=0, seed=None):
         """The blocks (:class:`engine.data.BlockChunker`; one row per document, :class:`engine.data.SentenceRows`,
         under ``mntp.pack: false``) from the token cache (:mod:`engine.token_cache`): tokenised once, streamed, read
         lazily per batch."""
-        seed, max_seq_len, pack = self.cfg.seed, self.cfg.max_seq_len, self.cfg.mntp.pack
+        seed = self.cfg.seed if seed is None else seed
+        max_seq_len, pack = self.cfg.max_seq_len, self.cfg.mntp.pack
 
         def build(writer, progress):
             stats = DataStats()

@@ -12,9 +12,9 @@ from .contrastive import ContrastiveStage
 class SimCSEStage(ContrastiveStage):
     name = "simcse"
 
-    def load(self, sources, max_samples=0):
+    def load(self, sources, max_samples=0, seed=None):
         """The de-duplicated sentences, from the item cache (:mod:`engine.token_cache`), read lazily per batch."""
-        seed = self.cfg.seed
+        seed = self.cfg.seed if seed is None else seed
 
         def build(writer, progress):
             stats = DataStats()

@@ -21,7 +21,7 @@ from .contrastive import ContrastiveStage
 class SupervisedStage(ContrastiveStage):
     name = "supervised"
 
-    def load(self, sources, max_samples=0):
+    def load(self, sources, max_samples=0, seed=None):  # no data of this stage is ordered by a seed
         if self.cfg.contrastive.loss != "infonce":  # graded losses: every scored pair, scores kept
             pairs, stats = read_scored_pairs(sources, max_samples)
             return pairs, stats, None

@@ -1,0 +1,173 @@
+"""Pick one of several finished runs of a stage by a held-out metric, e.g. the MNTP seed with the lowest eval loss.
+
+    python -m engine.pick outputs/mntp-seed1 outputs/mntp-seed2 outputs/mntp-seed3 [--by eval_loss] [--json FILE]
+
+MNTP's last adapter is what the next stage merges, and its quality downstream varies with the seed far more than
+its training loss does. On SmolLM2-135M, five seeds of the same MNTP run span 21 to 30 on STS-B's held-out news
+pairs, and the held-out MNTP loss (the eval loss on ``eval_data``, text that is never trained on) ranks them as the
+downstream score does (benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/). It needs no labels. So: train
+a few seeds, then keep the run with the lowest held-out loss.
+
+Each RUN is a run folder (``output_dir``): its ``config.yaml``, ``metrics.csv`` and ``adapter/``. A run's reading
+is ``--by`` at its last step, which must be ``max_steps`` and logged (``eval_every`` dividing ``max_steps``), since
+``adapter/`` is that step's. ``eval_loss`` is lowest-best; ``eval_sts_spearman`` (dev Spearman) is highest-best.
+The runs must be comparable: the same stage, model, tokenizer, sequence length, masking (MNTP), eval batches, and
+the same held-out text (the same ``eval_data`` sources, local files compared by content), read at the same step.
+Other settings may differ (seed, LR, data, LoRA) and are listed. A run whose reading is not finite is left out and
+counted, as a run that ended on NaN has no adapter worth handing on.
+
+Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
+the choice (atomically). A missing or unreadable run, incomparable runs, or no finite reading: one line, exit 2.
+"""
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+
+from .checkpoint import fingerprint, fingerprint_diff
+from .cli import ArgumentParser, fail
+from .config import ConfigError, load_config
+
+# metric: True when lower is better
+METRICS = {"eval_loss": True, "eval_sts_spearman": False}
+# settings that change what a held-out reading means: they must be equal across the runs compared
+MUST_MATCH = ("stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init",
+              "model.bidirectional", "max_seq_len", "mntp.mask_prob", "mntp.scheme", "mntp.mask_token", "mntp.pack",
+              "eval_batches", "micro_batch_size", "eval_sts_pairs")
+
+
+class PickError(ValueError):
+    pass
+
+
+def _get(cfg, dotted):
+    v = cfg
+    for part in dotted.split("."):
+        v = getattr(v, part)
+    return v
+
+
+def _source_id(src):
+    """A held-out source's identity: hf: specs as written, local files by their SHA-256."""
+    if src.startswith("hf:"):
+        return src
+    if not os.path.isfile(src):
+        raise PickError(f"eval_data {src} is not there to compare")
+    h = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def read_run(path, by):
+    """{path, cfg, step, value, adapter} of one run folder; PickError when it cannot be read as a finished run."""
+    cfg_path, metrics_path = os.path.join(path, "config.yaml"), os.path.join(path, "metrics.csv")
+    for p in (cfg_path, metrics_path):
+        if not os.path.isfile(p):
+            raise PickError(f"{path} is not a run folder: no {os.path.basename(p)}")
+    try:
+        cfg = load_config(cfg_path)
+    except ConfigError as e:
+        raise PickError(f"{path}: {e}") from None
+    last = {}
+    with open(metrics_path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        if by not in (rows.fieldnames or []):
+            raise PickError(f"{path}: metrics.csv has no {by} column (was eval_data set, and eval_every?)")
+        for row in rows:  # a resumed run repeats steps after its checkpoint: the later row stands
+            if row.get(by):
+                try:
+                    last[int(row["step"])] = float(row[by])
+                except ValueError:
+                    raise PickError(f"{path}: metrics.csv step {row.get('step')!r}: {by} {row[by]!r} is not a "
+                                    f"number") from None
+    if cfg.max_steps not in last:
+        got = f"its last is at step {max(last)}" if last else "none was logged"
+        raise PickError(f"{path}: no {by} at its last step {cfg.max_steps} ({got}): the run is unfinished, or "
+                        f"eval_every does not divide max_steps")
+    adapter = os.path.join(path, "adapter")
+    if not os.path.isdir(adapter):
+        raise PickError(f"{path}: no adapter/ (the run did not finish)")
+    return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter}
+
+
+def check_comparable(runs):
+    """The settings that differ between the runs (informational); PickError if any must-match setting differs."""
+    first = runs[0]
+    ref = {k: _get(first["cfg"], k) for k in MUST_MATCH}
+    ref_eval = [_source_id(s) for s in first["cfg"].eval_data]
+    for r in runs[1:]:
+        for k in MUST_MATCH:
+            if json.dumps(_get(r["cfg"], k), sort_keys=True) != json.dumps(ref[k], sort_keys=True):
+                raise PickError(f"{r['path']} and {first['path']} differ in {k} ({_get(r['cfg'], k)!r} against "
+                                f"{ref[k]!r}): their held-out readings do not compare")
+        if [_source_id(s) for s in r["cfg"].eval_data] != ref_eval:
+            raise PickError(f"{r['path']} and {first['path']} were scored on different eval_data: their held-out "
+                            f"readings do not compare")
+        if r["step"] != first["step"]:
+            raise PickError(f"{r['path']} ends at step {r['step']} and {first['path']} at {first['step']}: "
+                            f"compare runs of the same length")
+    fp = fingerprint(first["cfg"])
+    differ = set()
+    for r in runs[1:]:
+        differ |= {k for k, _, _ in fingerprint_diff(fp, fingerprint(r["cfg"]))}
+    return sorted(differ)
+
+
+def pick(paths, by="eval_loss"):
+    """The readings of the runs at ``paths`` and the best by ``by``: a dict for printing and for --json."""
+    if by not in METRICS:
+        raise PickError(f"--by must be one of {', '.join(METRICS)}")
+    if len(set(map(os.path.realpath, paths))) != len(paths):
+        raise PickError("a run folder is named twice")
+    runs = [read_run(p, by) for p in paths]
+    differ = check_comparable(runs)
+    finite = [r for r in runs if math.isfinite(r["value"])]
+    left_out = [r["path"] for r in runs if not math.isfinite(r["value"])]
+    if not finite:
+        raise PickError(f"no run has a finite {by} at its last step")
+    lower = METRICS[by]
+    ranked = sorted(finite, key=lambda r: r["value"] if lower else -r["value"])  # stable: ties keep the given order
+    best = ranked[0]
+    return {
+        "by": by, "lower_is_better": lower, "step": best["step"],
+        "runs": [{"path": r["path"], "seed": r["cfg"].seed, by: r["value"]} for r in ranked],
+        "left_out_non_finite": left_out,
+        "settings_that_differ": differ,
+        "picked": {"path": best["path"], "adapter": best["adapter"], by: best["value"]},
+    }
+
+
+def main(argv=None):
+    ap = ArgumentParser(prog="python -m engine.pick", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders (output_dir) of finished runs of one stage")
+    ap.add_argument("--by", default="eval_loss", choices=sorted(METRICS))
+    ap.add_argument("--json", help="also write the readings and the choice to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        res = pick(args.runs, args.by)
+    except PickError as e:
+        return fail(e)
+    by = res["by"]
+    print(f"{len(res['runs'])} runs by {by} at step {res['step']} ({'lowest' if res['lower_is_better'] else 'highest'}"
+          f" first); settings that differ: {', '.join(res['settings_that_differ']) or 'none'}")
+    for r in res["runs"]:
+        print(f"  {r[by]:.4f}  seed {r['seed']}  {r['path']}")
+    if res["left_out_non_finite"]:
+        print(f"{len(res['left_out_non_finite'])} run(s) left out, {by} not finite: "
+              + ", ".join(res["left_out_non_finite"]))
+    print(f"picked: {res['picked']['path']} (adapter: {res['picked']['adapter']})")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""engine.pick: choose a finished run (e.g. an MNTP seed) by its held-out reading at the last step; refuse runs
+whose readings do not compare. Run folders are written as the trainer writes them (config.yaml from the config,
+metrics.csv rows); tests/test_train.py picks between two real runs."""
+import csv
+import json
+import os
+
+import pytest
+
+from engine import pick as pk
+from engine.config import load_config, to_dict
+
+CFG = "configs/tiny/mntp.yaml"
+COLS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "truncated", "epoch", "nonfinite",
+        "skipped_steps", "eval_loss", "eval_sts_spearman", "best_saved"]
+
+
+def _run(root, name, evals, *overrides, adapter=True, eval_data=None):
+    """A run folder: config.yaml (``overrides`` on the tiny MNTP config), metrics.csv with an eval row at each
+    {step: eval_loss} of ``evals`` and a training row at every step, and adapter/."""
+    out = os.path.join(root, name)
+    os.makedirs(out)
+    cfg = load_config(CFG, [f"output_dir={out}", *overrides] + ([f"eval_data={eval_data}"] if eval_data else []))
+    import yaml
+
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, COLS)
+        w.writeheader()
+        for step in range(1, cfg.max_steps + 1):
+            row = {c: "" for c in COLS}
+            row.update(step=step, loss=5.0 - 0.1 * step)
+            if step in evals:
+                row.update(eval_loss=evals[step], eval_sts_spearman=10 * evals[step])
+            w.writerow(row)
+    if adapter:
+        os.makedirs(os.path.join(out, "adapter"))
+    return out
+
+
+def test_picks_the_lowest_held_out_loss_at_the_last_step(tmp_path, capsys):
+    a = _run(tmp_path, "s1", {6: 3.0, 12: 4.5}, "seed=1")  # best at step 6, but its adapter/ is step 12's
+    b = _run(tmp_path, "s2", {6: 4.0, 12: 4.2}, "seed=2", "learning_rate=0.005")
+    c = _run(tmp_path, "s3", {6: 4.0, 12: float("nan")}, "seed=3")  # ended on NaN: left out, counted
+    res = pk.pick([a, b, c])
+    assert res["picked"] == {"path": b, "adapter": os.path.join(b, "adapter"), "eval_loss": 4.2}
+    assert [r["path"] for r in res["runs"]] == [b, a] and res["left_out_non_finite"] == [c]
+    assert res["settings_that_differ"] == ["learning_rate", "seed"] and res["step"] == 12
+    # dev Spearman (here 10x the loss): highest first
+    assert pk.pick([a, b], "eval_sts_spearman")["picked"]["path"] == a
+    out = tmp_path / "pick.json"
+    assert pk.main([a, b, c, "--json", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"picked: {b} (adapter: {b}/adapter)" in said and "1 run(s) left out, eval_loss not finite" in said
+    assert said.index("4.2000  seed 2") < said.index("4.5000  seed 1")
+    assert json.loads(out.read_text())["picked"]["path"] == b and not os.path.exists(str(out) + ".tmp")
+
+
+def test_a_resumed_runs_later_rows_stand(tmp_path):
+    a = _run(tmp_path, "a", {6: 4.0, 12: 4.0})
+    with open(os.path.join(a, "metrics.csv"), "a", newline="") as f:  # resumed from step 6: steps 7-12 again
+        w = csv.DictWriter(f, COLS)
+        for step in range(7, 13):
+            w.writerow({**{c: "" for c in COLS}, "step": step, "loss": 1.0, **({"eval_loss": 3.5} if step == 12 else {})})
+    b = _run(tmp_path, "b", {12: 3.9}, "seed=7")
+    assert pk.pick([a, b])["runs"][0] == {"path": a, "seed": 42, "eval_loss": 3.5}
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no_config", "is not a run folder: no config.yaml"),
+    ("unfinished", "no eval_loss at its last step 12 (its last is at step 6)"),
+    ("no_adapter", "no adapter/ (the run did not finish)"),
+    ("mask", "differ in mntp.mask_prob (0.4 against 0.2)"),
+    ("eval_text", "were scored on different eval_data"),
+    ("length", "ends at step 6 and"),
+    ("all_nan", "no run has a finite eval_loss"),
+    ("twice", "a run folder is named twice"),
+])
+def test_runs_that_do_not_compare_are_one_line_and_exit_2(tmp_path, capsys, case, message):
+    a = _run(tmp_path, "a", {6: 4.0, 12: 4.0})
+    other = {
+        "no_config": lambda: str(tmp_path),
+        "unfinished": lambda: _run(tmp_path, "b", {6: 4.0}, "seed=2"),
+        "no_adapter": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", adapter=False),
+        "mask": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", "mntp.mask_prob=0.4"),
+        "eval_text": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", eval_data="data/stsbenchmark/sts-dev.csv"),
+        "length": lambda: _run(tmp_path, "b", {6: 4.0}, "seed=2", "max_steps=6", "save_every=0"),
+        "all_nan": lambda: _run(tmp_path, "b", {12: float("nan")}, "seed=2"),
+        "twice": lambda: a,
+    }[case]()
+    if case == "all_nan":
+        a = _run(tmp_path, "c", {12: float("inf")}, "seed=3")
+    assert pk.main([a, other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_held_out_files_compare_by_content_not_path(tmp_path):
+    """Each work folder may hold its own copy of the held-out file: the same bytes are the same text."""
+    src = "data/stsbenchmark/sts-test.csv"
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes(open(src, "rb").read())
+    a = _run(tmp_path, "a", {12: 4.0})
+    b = _run(tmp_path, "b", {12: 3.0}, "seed=2", eval_data=str(copy))
+    assert pk.pick([a, b])["picked"]["path"] == b
+
+
+def test_the_command_line_and_unreadable_folders(tmp_path, capsys):
+    import sys
+
+    from .helpers import run_cmd
+
+    r = run_cmd([sys.executable, "-m", "engine.pick", "--by", "loss", str(tmp_path)])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "invalid choice: 'loss'" in lines[0]
+    a = _run(tmp_path, "a", {12: 4.0})
+    b = _run(tmp_path, "b", {12: 4.0}, "seed=2")
+    with open(os.path.join(b, "config.yaml"), "a") as f:  # a config that would build an object: never loaded
+        f.write("extra: !!python/object/apply:os.system ['true']\n")
+    c = _run(tmp_path, "c", {12: 4.0}, "seed=3")
+    text = open(os.path.join(c, "metrics.csv")).read().replace(",4.0,", ",four,")
+    open(os.path.join(c, "metrics.csv"), "w").write(text)
+    for other, message in ((b, "holds a tag that is not plain data"), (c, "eval_loss 'four' is not a number")):
+        assert pk.main([a, other]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
