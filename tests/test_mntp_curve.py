@@ -615,3 +615,28 @@ def test_short_text_writes_each_rows_hypotheses_a_row_count_apart(tmp_path, caps
     assert m.main(["--out", str(out), "--triplets", str(tmp_path / "none.jsonl")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "t.jsonl:1: not a triplet row" in err[0] and "no triplets file" in err[1]
+
+
+@pytest.mark.slow
+def test_heldout_loss_rescoring_reproduces_the_trainers_logged_loss(tmp_path, capsys):
+    """heldout_loss.py reads a finished run's last adapter merged into the base: on the first eval_batches blocks
+    in EVAL_SEED's order it gives the eval_loss the trainer logged at the last step (the same sentences, masks and
+    weights), and 'all' reads every block of the file."""
+    import sys
+
+    from .helpers import load_script, run_cmd
+
+    out = tmp_path / "run"
+    r = run_cmd([sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={out}",
+                 "max_steps=6", "save_every=0", "seed=5"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    with open(out / "metrics.csv") as f:
+        logged = [float(x["eval_loss"]) for x in csv.DictReader(f) if x["eval_loss"]]
+    m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "heldout_loss.py"), "heldout_loss")
+    res = tmp_path / "h.json"
+    assert m.main(["--out", str(res), "--run", f"tiny={out}"]) == 0
+    got = json.loads(res.read_text())["runs"]["tiny"]
+    assert got["first"] == pytest.approx(logged[-1], rel=1e-4) and got["blocks_first"] == 2 * 2  # eval_batches x micro
+    assert got["blocks_all"] > got["blocks_first"] and 0 < got["all"] < 20
+    assert m.main(["--out", str(res), "--run", f"x={tmp_path}"]) == 2
+    assert "is not NAME=RUN_DIR of a finished run" in capsys.readouterr().err
