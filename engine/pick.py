@@ -12,7 +12,8 @@ Each RUN is a run folder (``output_dir``): its ``config.yaml``, ``metrics.csv`` 
 is ``--by`` at its last step, which must be ``max_steps`` and logged (``eval_every`` dividing ``max_steps``), since
 ``adapter/`` is that step's. ``eval_loss`` is lowest-best; ``eval_sts_spearman`` (dev Spearman) is highest-best.
 The runs must be comparable: the same stage, model, tokenizer, sequence length, masking (MNTP), eval batches, and
-the same held-out text (the same ``eval_data`` sources, local files compared by content), read at the same step.
+the same held-out text (the same ``eval_data`` sources, local files compared by content and read, like the run
+read them, from the current folder when relative), at the same step.
 Other settings may differ (seed, LR, data, LoRA) and are listed. A run whose reading is not finite is left out and
 counted, as a run that ended on NaN has no adapter worth handing on.
 
