@@ -3,19 +3,25 @@
     python -m engine.pick outputs/mntp-seed1 outputs/mntp-seed2 outputs/mntp-seed3 [--by eval_loss] [--json FILE]
 
 MNTP's last adapter is what the next stage merges, and its quality downstream varies with the seed far more than
-its training loss does. On SmolLM2-135M, five seeds of the same MNTP run span 21 to 30 on STS-B's held-out news
-pairs, and the held-out MNTP loss (the eval loss on ``eval_data``, text that is never trained on) ranks them as the
-downstream score does (benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/). It needs no labels. So: train
-a few seeds, then keep the run with the lowest held-out loss.
+its training loss does: on SmolLM2-135M, five seeds of one MNTP run span 21 to 30 on STS-B's held-out news pairs.
+The held-out MNTP loss (the eval loss on ``eval_data``, text that is never trained on) needs no labels. Read on the
+same sentences for every seed, it marked the bad seed of three (highest loss, worst encoder) but did not order the
+two good ones, on two corpora (benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/, ``heldout/``). So
+keeping the lowest of a few seeds drops a bad one; it does not find the best. ``--by eval_sts_spearman`` picks by
+dev Spearman where labelled dev pairs of the training distribution exist.
 
 Each RUN is a run folder (``output_dir``): its ``config.yaml``, ``metrics.csv`` and ``adapter/``. A run's reading
 is ``--by`` at its last step, which must be ``max_steps`` and logged (``eval_every`` dividing ``max_steps``), since
 ``adapter/`` is that step's. ``eval_loss`` is lowest-best; ``eval_sts_spearman`` (dev Spearman) is highest-best.
-The runs must be comparable: the same stage, model, tokenizer, sequence length, masking (MNTP), eval batches, and
-the same held-out text (the same ``eval_data`` sources, local files compared by content and read, like the run
-read them, from the current folder when relative), at the same step.
-Other settings may differ (seed, LR, data, LoRA) and are listed. A run whose reading is not finite is left out and
-counted, as a run that ended on NaN has no adapter worth handing on.
+
+By ``eval_loss`` the runs may differ in seed only. A lower held-out loss did not mean a better encoder across
+training corpora (SNLI's short sentences beside WikiText-2 lowered it by 0.19 on two seeds, and the news score did
+not rise) nor across learning rates (``configs/smollm2-135m/general-mntp.yaml``). By ``eval_sts_spearman`` other
+settings may differ too. Either way the runs must share the stage, model, tokenizer, sequence length, masking
+(MNTP), eval batches and held-out text (the same ``eval_data`` sources; local files are compared by content and,
+like the run read them, from the current folder when relative), and end at the same step. The settings that differ
+are listed. A run whose reading is not finite is left out and counted, as a run that ended on NaN has no adapter
+worth handing on.
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
 the choice (atomically). A missing or unreadable run, incomparable runs, or no finite reading: one line, exit 2.
@@ -95,8 +101,9 @@ def read_run(path, by):
     return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter}
 
 
-def check_comparable(runs):
-    """The settings that differ between the runs (informational); PickError if any must-match setting differs."""
+def check_comparable(runs, by="eval_loss"):
+    """The settings that differ between the runs; PickError if a must-match setting differs, or, by the held-out
+    loss, anything but the seed."""
     first = runs[0]
     ref = {k: _get(first["cfg"], k) for k in MUST_MATCH}
     ref_eval = [_source_id(s) for s in first["cfg"].eval_data]
@@ -114,7 +121,12 @@ def check_comparable(runs):
     fp = fingerprint(first["cfg"])
     differ = set()
     for r in runs[1:]:
-        differ |= {k for k, _, _ in fingerprint_diff(fp, fingerprint(r["cfg"]))}
+        keys = {k for k, _, _ in fingerprint_diff(fp, fingerprint(r["cfg"]))}
+        if by == "eval_loss" and keys - {"seed"}:
+            raise PickError(f"{r['path']} and {first['path']} differ in {', '.join(sorted(keys - {'seed'}))}, not only "
+                            f"in seed: the held-out loss ranks seeds of one run, not runs of other data or settings "
+                            f"(compare those with --by eval_sts_spearman)")
+        differ |= keys
     return sorted(differ)
 
 
@@ -125,7 +137,7 @@ def pick(paths, by="eval_loss"):
     if len(set(map(os.path.realpath, paths))) != len(paths):
         raise PickError("a run folder is named twice")
     runs = [read_run(p, by) for p in paths]
-    differ = check_comparable(runs)
+    differ = check_comparable(runs, by)
     finite = [r for r in runs if math.isfinite(r["value"])]
     left_out = [r["path"] for r in runs if not math.isfinite(r["value"])]
     if not finite:

@@ -640,3 +640,58 @@ def test_heldout_loss_rescoring_reproduces_the_trainers_logged_loss(tmp_path, ca
     assert got["blocks_all"] > got["blocks_first"] and 0 < got["all"] < 20
     assert m.main(["--out", str(res), "--run", f"x={tmp_path}"]) == 2
     assert "is not NAME=RUN_DIR of a finished run" in capsys.readouterr().err
+
+
+def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings():
+    """mntp-lr-mask/short42/, short3/, news-short/ (SNLI's hypotheses beside WikiText-2 in the MNTP corpus) and
+    heldout/ (every kept MNTP adapter's held-out loss on one text): each README row and reading from the files."""
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
+    short, base = _load("mntp-lr-mask", "news-short", "news-short.json"), _load("mntp-lr-mask", "news-all", "news-all.json")
+    assert short["pairs"] == base["pairs"] == 4285
+    assert short["causal"]["spearman"] == pytest.approx(base["causal"]["spearman"], abs=1e-9)
+    a = {**{k: v for k, v in base["adapters"].items() if k in ("g42", "g3")}, **short["adapters"]}
+    curve = {"g42": _load("mntp-lr-mask", "rerun42", "curve.json"), "g3": _load("mntp-lr-mask", "seed3", "curve.json")}
+    for seed in (42, 3):
+        c = curve[f"s{seed}"] = _load("mntp-lr-mask", f"short{seed}", "curve.json")
+        assert c["overrides"] == ["model.gradient_checkpointing=false", f"seed={seed}",
+                                  "data=data/wikitext2-sentences/sentences.txt,outputs/short/snli-hypotheses.txt"]
+    by = lambda n, k: a[n]["minus_causal_by"][k]["difference"]  # noqa: E731
+    labels = {"g42": "WikiText-2 (`rerun42/`, `news-all/`) | 42", "s42": "WikiText-2 + SNLI hypotheses | 42",
+              "g3": "WikiText-2 (`seed3/`, `news-all/`) | 3", "s3": "WikiText-2 + SNLI hypotheses | 3"}
+    for n, label in labels.items():
+        (r,) = [r for r in curve[n]["rows"] if r["step"] == 300]
+        d = a[n]["minus_causal"]
+        assert by(n, "split=test") == pytest.approx(r["news_spearman"] - 31.06, abs=0.011)
+        assert (f"| {label} | {r['eval_loss']:.2f} | {r['dev_spearman']:.1f} | {r['test_spearman']:.2f} | "
+                f"{r['news_spearman']:.2f} ({by(n, 'split=test'):+.2f}) | {d['difference']:+.2f} [{d['ci'][0]:+.2f}, "
+                f"{d['ci'][1]:+.2f}] | {by(n, 'source=MSRpar'):+.2f} | {by(n, 'source=headlines'):+.2f} | "
+                f"{by(n, 'source=deft-news'):+.2f} |") in readme, n
+    h = {s: by(f"g{s}", "source=headlines") - by(f"s{s}", "source=headlines") for s in (42, 3)}
+    allnews = {s: a[f"g{s}"]["minus_causal"]["difference"] - a[f"s{s}"]["minus_causal"]["difference"] for s in (42, 3)}
+    assert (f"{h[42]:.2f} points lower on seed 42 and {h[3]:.2f} lower on seed 3; on all news it is "
+            f"{allnews[42]:.2f} and {allnews[3]:.2f} lower") in readme
+    assert all(v > 0 for v in h.values()) and all(v > 0 for v in allnews.values())  # the mix is no better anywhere
+    loss = {n: [r for r in curve[n]["rows"] if r["step"] == 300][0]["eval_loss"] for n in curve}
+    assert round(loss["g42"] - loss["s42"], 2) == round(loss["g3"] - loss["s3"], 2) == 0.19
+    # the rescoring on one text
+    res = _load("mntp-lr-mask", "heldout", "heldout.json")["runs"]
+    assert res["g3"]["first"] != pytest.approx(loss["g3"], abs=0.01)  # another sample than the run's own
+    assert {r["blocks_first"] for r in res.values()} == {80} and {r["blocks_all"] for r in res.values()} == {736}
+    pooled = {n: x["minus_causal"]["difference"] for n, x in a.items()}
+    pooled["g4"] = base["adapters"]["g4"]["minus_causal"]["difference"]
+    names = {"g42": "(g) seed 42", "g3": "(g) seed 3", "g4": "(g) seed 4", "s42": "SNLI mix, seed 42",
+             "s3": "SNLI mix, seed 3"}
+    own = dict(loss, g4=[r for r in _load("mntp-lr-mask", "seed4", "curve.json")["rows"] if r["step"] == 300][0]["eval_loss"])
+    for n, label in names.items():
+        assert (f"| {label} | {own[n]:.2f} | {res[n]['first']:.2f} | {res[n]['all']:.2f} | {pooled[n]:+.2f} |"
+                in readme), n
+    assert f"Seed 42's own sample read {own['g42'] - res['g42']['first']:.2f} higher" in readme
+    assert f"The spread between seeds 42 and 3 on the same text is {res['g3']['all'] - res['g42']['all']:.2f}" in readme
+    for pre in ("g", "s"):  # seed 42 reads lower, seed 3 is the better encoder, on both corpora
+        assert res[f"{pre}42"]["all"] < res[f"{pre}3"]["all"] and pooled[f"{pre}3"] > pooled[f"{pre}42"]
+    assert f"by {pooled['g3'] - pooled['g42']:.2f} and {pooled['s3'] - pooled['s42']:.2f} points" in readme
+    g = ("g42", "g3", "g4")
+    for key in ("all", "first"):
+        assert max(g, key=lambda n: res[n][key]) == "g4" == min(g, key=lambda n: pooled[n])
+    assert (f"0.{round(100 * (res['g4']['all'] - res['g3']['all'])):02d} above the next on all blocks "
+            f"(0.{round(100 * (res['g4']['first'] - res['g3']['first'])):02d} on the common 80)") in readme

@@ -41,14 +41,16 @@ def _run(root, name, evals, *overrides, adapter=True, eval_data=None):
 
 def test_picks_the_lowest_held_out_loss_at_the_last_step(tmp_path, capsys):
     a = _run(tmp_path, "s1", {6: 3.0, 12: 4.5}, "seed=1")  # best at step 6, but its adapter/ is step 12's
-    b = _run(tmp_path, "s2", {6: 4.0, 12: 4.2}, "seed=2", "learning_rate=0.005")
+    b = _run(tmp_path, "s2", {6: 4.0, 12: 4.2}, "seed=2")
     c = _run(tmp_path, "s3", {6: 4.0, 12: float("nan")}, "seed=3")  # ended on NaN: left out, counted
     res = pk.pick([a, b, c])
     assert res["picked"] == {"path": b, "adapter": os.path.join(b, "adapter"), "eval_loss": 4.2}
     assert [r["path"] for r in res["runs"]] == [b, a] and res["left_out_non_finite"] == [c]
-    assert res["settings_that_differ"] == ["learning_rate", "seed"] and res["step"] == 12
-    # dev Spearman (here 10x the loss): highest first
-    assert pk.pick([a, b], "eval_sts_spearman")["picked"]["path"] == a
+    assert res["settings_that_differ"] == ["seed"] and res["step"] == 12
+    # dev Spearman (here 10x the loss): highest first; runs with another LR or corpus compare by it, not by the loss
+    d = _run(tmp_path, "lr", {12: 4.0}, "seed=2", "learning_rate=0.005", "data=data/stsbenchmark/sts-test.csv")
+    res = pk.pick([a, b, d], "eval_sts_spearman")
+    assert res["picked"]["path"] == a and res["settings_that_differ"] == ["data", "learning_rate", "seed"]
     out = tmp_path / "pick.json"
     assert pk.main([a, b, c, "--json", str(out)]) == 0
     said = capsys.readouterr().out
@@ -72,6 +74,7 @@ def test_a_resumed_runs_later_rows_stand(tmp_path):
     ("unfinished", "no eval_loss at its last step 12 (its last is at step 6)"),
     ("no_adapter", "no adapter/ (the run did not finish)"),
     ("mask", "differ in mntp.mask_prob (0.4 against 0.2)"),
+    ("lr_and_data", "differ in data, learning_rate, not only in seed: the held-out loss ranks seeds of one run"),
     ("eval_text", "were scored on different eval_data"),
     ("length", "ends at step 6 and"),
     ("all_nan", "no run has a finite eval_loss"),
@@ -84,6 +87,8 @@ def test_runs_that_do_not_compare_are_one_line_and_exit_2(tmp_path, capsys, case
         "unfinished": lambda: _run(tmp_path, "b", {6: 4.0}, "seed=2"),
         "no_adapter": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", adapter=False),
         "mask": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", "mntp.mask_prob=0.4"),
+        "lr_and_data": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", "learning_rate=0.005",
+                                    "data=data/stsbenchmark/sts-test.csv"),
         "eval_text": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", eval_data="data/stsbenchmark/sts-dev.csv"),
         "length": lambda: _run(tmp_path, "b", {6: 4.0}, "seed=2", "max_steps=6", "save_every=0"),
         "all_nan": lambda: _run(tmp_path, "b", {12: float("nan")}, "seed=2"),
