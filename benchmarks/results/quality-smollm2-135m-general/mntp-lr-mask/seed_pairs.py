@@ -1,0 +1,75 @@
+"""Seed against seed on the same pairs: is one MNTP seed's news score really above another's?
+
+    python benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/seed_pairs.py --out FILE \\
+        --scores NAME=TSV [--scores NAME=TSV ...] --pair A-B [--pair A-B ...]
+
+Each TSV is an ``engine.evaluate --scores`` file (pair, gold, cosine) that ``news_pairs.py`` keeps in its work
+folder (``WORK/scores/NAME-news-all.tsv``), all on the same pairs. For each ``A-B`` it writes A's Spearman minus
+B's with the paired 95% bootstrap interval over the pairs (engine.stats.paired_bootstrap, 2,000 resamples, seed 0).
+The interval covers the pairs' sampling, not a second training run's.
+"""
+import argparse
+import csv
+import datetime
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+N_BOOT = 2000
+
+
+def read_scores(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    return [float(r["gold"]) for r in rows], [float(r["cosine"]) for r in rows]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scores", action="append", required=True, help="NAME=TSV of engine.evaluate --scores")
+    ap.add_argument("--pair", action="append", required=True, help="A-B: A's Spearman minus B's")
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    from benchmarks.common import git_commit
+    from engine.stats import paired_bootstrap
+
+    scores, gold = {}, None
+    try:
+        for spec in args.scores:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not os.path.isfile(path):
+                raise ValueError(f"--scores {spec!r} is not NAME=TSV of a scores file")
+            g, c = read_scores(path)
+            if gold is not None and g != gold:
+                raise ValueError(f"{path} is not on the same pairs as the first scores file")
+            gold, scores[name] = g, np.array(c)
+        pairs = [p.split("-") for p in args.pair]
+        for p, spec in zip(pairs, args.pair):
+            if len(p) != 2 or not set(p) <= set(scores):
+                raise ValueError(f"--pair {spec!r} is not A-B of two --scores names")
+    except (ValueError, KeyError) as e:
+        print(f"seed_pairs.py: {e}", file=sys.stderr)
+        return 2
+    out = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "pairs": len(gold), "n_boot": N_BOOT,
+           "differences": {}}
+    for a, b in pairs:
+        r = paired_bootstrap(scores[a], scores[b], np.array(gold), N_BOOT)
+        out["differences"][f"{a}-{b}"] = r
+        print(f"{a} - {b}: {r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
