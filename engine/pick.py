@@ -6,7 +6,8 @@ MNTP's last adapter is what the next stage merges, and its quality downstream va
 its training loss does: on SmolLM2-135M, five seeds of one MNTP run span 21 to 30 on STS-B's held-out news pairs.
 The held-out MNTP loss (the eval loss on ``eval_data``, text that is never trained on) needs no labels. Read on the
 same sentences for every seed, it marked the bad seed of three (highest loss, worst encoder) but did not order the
-two good ones, on two corpora (benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/, ``heldout/``). So
+two good ones, on two corpora, nor did dev Spearman on the training genres
+(benchmarks/results/quality-smollm2-135m-general/mntp-lr-mask/, ``heldout/`` and ``seed-dev/``). So
 keeping the lowest of a few seeds drops a bad one; it does not find the best. ``--by eval_sts_spearman`` picks by
 dev Spearman where labelled dev pairs of the training distribution exist.
 

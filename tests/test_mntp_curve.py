@@ -695,3 +695,69 @@ def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings()
         assert max(g, key=lambda n: res[n][key]) == "g4" == min(g, key=lambda n: pooled[n])
     assert (f"0.{round(100 * (res['g4']['all'] - res['g3']['all'])):02d} above the next on all blocks "
             f"(0.{round(100 * (res['g4']['first'] - res['g3']['first'])):02d} on the common 80)") in readme
+
+
+def test_seed_pairs_sets_seed_against_seed_and_refuses_bad_input(tmp_path, capsys):
+    """seed_pairs.py: A minus B on the same pairs is engine.stats.paired_bootstrap of the two cosine columns;
+    files on other pairs, unknown names and bad specs are one line and exit 2. seed_dev.py refuses bad specs."""
+    import numpy as np
+
+    from engine.stats import paired_bootstrap
+
+    from .helpers import load_script
+
+    m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "seed_pairs.py"), "seed_pairs")
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 200)
+    cos = {"a": gold + rng.normal(0, 1, 200), "b": gold + rng.normal(0, 3, 200)}
+    for name, c in cos.items():
+        (tmp_path / f"{name}.tsv").write_text("pair\tgold\tcosine\n" + "".join(
+            f"{i}\t{g}\t{x}\n" for i, (g, x) in enumerate(zip(gold, c))))
+    out = tmp_path / "p.json"
+    args = ["--out", str(out), "--scores", f"a={tmp_path / 'a.tsv'}", "--scores", f"b={tmp_path / 'b.tsv'}"]
+    assert m.main(args + ["--pair", "a-b"]) == 0
+    got = json.loads(out.read_text())["differences"]["a-b"]
+    want = paired_bootstrap(cos["a"], cos["b"], gold, 2000)
+    assert got["difference"] == pytest.approx(want["difference"]) and got["ci"] == pytest.approx(want["ci"])
+    assert got["ci"][0] > 0  # the less noisy cosines are better beyond the pairs' noise
+    capsys.readouterr()
+    (tmp_path / "c.tsv").write_text("pair\tgold\tcosine\n0\t1.0\t0.5\n")
+    for extra, message in ((["--pair", "a-z"], "is not A-B of two --scores names"),
+                           (["--pair", "a-b", "--scores", f"c={tmp_path / 'c.tsv'}"], "not on the same pairs"),
+                           (["--pair", "a-b", "--scores", "nofile"], "is not NAME=TSV")):
+        assert m.main(args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    d = load_script(os.path.join(RESULTS, "mntp-lr-mask", "seed_dev.py"), "seed_dev")
+    assert d.main(["--dev", str(tmp_path / "a.tsv"), "--out", str(out), "--adapter", f"x={tmp_path / 'none'}"]) == 2
+    assert d.main(["--dev", str(tmp_path / "none.csv"), "--out", str(out), "--adapter", f"x={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "is not NAME=PATH" in err[0] and "no dev file" in err[1]
+
+
+def test_committed_seed_selectors_match_their_readings():
+    """seed-dev/: training-genre dev and the seed-against-seed intervals; the README rows and readings."""
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
+    dev = _load("mntp-lr-mask", "seed-dev", "seed-dev.json")
+    pairs = _load("mntp-lr-mask", "seed-dev", "seed-pairs.json")
+    held = _load("mntp-lr-mask", "heldout", "heldout.json")["runs"]
+    news = {**_load("mntp-lr-mask", "news-all", "news-all.json")["adapters"],
+            **_load("mntp-lr-mask", "news-short", "news-short.json")["adapters"]}
+    assert dev["dev_pairs"] == 1000 and pairs["pairs"] == 4285
+    names = {"g42": "(g) seed 42", "g3": "(g) seed 3", "g4": "(g) seed 4", "s42": "SNLI mix, seed 42",
+             "s3": "SNLI mix, seed 3"}
+    for n, label in names.items():
+        assert (f"| {label} | {dev['adapters'][n]:.2f} | {held[n]['all']:.2f} | "
+                f"{news[n]['minus_causal']['difference']:+.2f} |") in readme, n
+    d = pairs["differences"]
+    for key, text in (("g3-g42", "Seed 3 minus seed 42 is"), ("s3-s42", "and"), ("g42-g4", "seed 42 minus seed 4 is")):
+        r = d[key]
+        assert f"{text} {r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]" in readme, key
+        # each difference is the two models' own Spearman difference on the pooled pairs
+        a, b = key.split("-")
+        assert r["difference"] == pytest.approx(news[a]["spearman"] - news[b]["spearman"], abs=1e-9)
+        assert r["ci"][0] > 0
+    a = dev["adapters"]
+    assert a["g42"] > a["g3"] and a["s42"] > a["s3"]  # the wrong way round on both corpora
+    assert f"(by {a['g42'] - a['g3']:.2f} and {a['s42'] - a['s3']:.2f})" in readme
+    assert f"seed 4 is {min(a['g42'], a['g3']) - a['g4']:.2f} below the next" in readme
