@@ -22,7 +22,8 @@ settings may differ too. Either way the runs must share the stage, model, tokeni
 (MNTP), eval batches and held-out text (the same ``eval_data`` sources; local files are compared by content and,
 like the run read them, from the current folder when relative), and end at the same step. The settings that differ
 are listed. A run whose reading is not finite is left out and counted, as a run that ended on NaN has no adapter
-worth handing on.
+worth handing on. Runs trained before engine.stages.base.EVAL_SEED (commit 122fef8) read an STS-style eval file in
+their own seed's order, each on another sample: their losses do not compare, and nothing in the folder says so.
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
 the choice (atomically). A missing or unreadable run, incomparable runs, or no finite reading: one line, exit 2.
