@@ -45,6 +45,18 @@ _ASSUMED_CLOCK_HZ = 3e9  # above any datacenter GPU's clock, so the sleep lasts 
 _MAX_SLEEP_S = 1.0
 
 
+def write_json(path, obj):
+    """``obj`` as indented JSON at ``path``, written to a temporary name and renamed: a reader never sees half a
+    file, and an interrupted run leaves the previous one."""
+    import json
+
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def timing_mode():
     mode = os.environ.get("LLM2VEC_BENCH_TIMING", "gpu")
     if mode not in TIMING_MODES:

@@ -35,7 +35,7 @@ import math
 import os
 import sys
 
-from .checkpoint import fingerprint, fingerprint_diff
+from .checkpoint import _write_json, fingerprint, fingerprint_diff
 from .cli import ArgumentParser, fail
 from .config import ConfigError, load_config
 
@@ -176,11 +176,7 @@ def main(argv=None):
               + ", ".join(res["left_out_non_finite"]))
     print(f"picked: {res['picked']['path']} (adapter: {res['picked']['adapter']})")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
+        _write_json(args.json, res)
     return 0
 
 

@@ -17,7 +17,6 @@ bidirectional, the MNTP head, eval mode, the engine's masking with the evaluatio
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -69,7 +68,7 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
         runs[name] = path
-    from benchmarks.common import git_commit
+    from benchmarks.common import git_commit, write_json
 
     res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "runs": {}}
     for name, path in runs.items():
@@ -77,11 +76,7 @@ def main(argv=None):
         r = res["runs"][name]
         print(f"{name}: first {r['blocks_first']} blocks {r['first']:.4f}; all {r['blocks_all']} blocks {r['all']:.4f}",
               flush=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, res)
     return 0
 
 

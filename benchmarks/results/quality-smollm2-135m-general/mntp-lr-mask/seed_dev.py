@@ -10,7 +10,6 @@ each adapter's Spearman x100, with the date and commit.
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import git_commit, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -48,11 +47,7 @@ def main(argv=None):
     for name, path in adapters.items():
         out["adapters"][name] = round(q.evaluate(path, args.dev, log)["spearman"], 2)
         print(name, out["adapters"][name], flush=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     return 0
 
 

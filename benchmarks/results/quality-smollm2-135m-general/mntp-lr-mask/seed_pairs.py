@@ -11,7 +11,6 @@ The interval covers the pairs' sampling, not a second training run's.
 import argparse
 import csv
 import datetime
-import json
 import os
 import sys
 
@@ -37,7 +36,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import numpy as np
 
-    from benchmarks.common import git_commit
+    from benchmarks.common import git_commit, write_json
     from engine.stats import paired_bootstrap
 
     scores, gold = {}, None
@@ -63,11 +62,7 @@ def main(argv=None):
         r = paired_bootstrap(scores[a], scores[b], np.array(gold), N_BOOT)
         out["differences"][f"{a}-{b}"] = r
         print(f"{a} - {b}: {r['difference']:+.2f} [{r['ci'][0]:+.2f}, {r['ci'][1]:+.2f}]")
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, out)
     return 0
 
 
