@@ -46,6 +46,7 @@ def hypotheses(rows, seed):
 
 
 def read_rows(path):
+    """The triplet rows of a JSONL file; ValueError naming the line for one that is not JSON or lacks a field."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -55,7 +56,7 @@ def read_rows(path):
                 row = json.loads(line)
                 row["positive"], row["negative"]  # noqa: B018 (both fields must be there)
             except (ValueError, KeyError, TypeError) as e:
-                raise SystemExit(f"{path}:{n}: not a triplet row ({type(e).__name__}: {e})") from None
+                raise ValueError(f"{path}:{n}: not a triplet row ({type(e).__name__}: {e})") from None
             rows.append(row)
     return rows
 
@@ -71,7 +72,7 @@ def main(argv=None):
         return 2
     try:
         rows = read_rows(args.triplets)
-    except SystemExit as e:
+    except ValueError as e:
         print(f"short_text.py: {e}", file=sys.stderr)
         return 2
     lines, repeats = hypotheses(rows, args.seed)
