@@ -57,6 +57,24 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+def named_paths(specs, flag, is_ok, what, taken=()):
+    """``NAME=PATH`` command-line values as ``{name: path}``, in the order given.
+
+    Raises ValueError, one line naming ``flag`` and the value, for a value that is not NAME=PATH, a name given twice
+    or in ``taken``, or a path that ``is_ok`` rejects (``what`` says what it should be: "a folder", ...)."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{flag} {spec!r} is not NAME=PATH")
+        if name in out or name in taken:
+            raise ValueError(f"{flag} {spec!r}: the name {name!r} is taken")
+        if not is_ok(path):
+            raise ValueError(f"{flag} {spec!r}: {path} is not {what}")
+        out[name] = path
+    return out
+
+
 def timing_mode():
     mode = os.environ.get("LLM2VEC_BENCH_TIMING", "gpu")
     if mode not in TIMING_MODES:

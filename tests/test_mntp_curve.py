@@ -123,6 +123,34 @@ def test_committed_pilots_chose_the_general_mntp_lr_and_mask_rate():
         assert dev["mask0.8_all_lr1e-3"][k] < dev["mask0.2_bert_lr1e-3"][k] - 20
 
 
+def test_committed_rank_pilot_matches_its_readings():
+    """rank64/: LoRA rank 64 (alpha 128, the same alpha/r) at the config's LR and masking. Its loss falls faster
+    than rank 16's at 2e-4 and slower than rank 16's at 1e-3, and news stays under the causal model at every
+    reading: the README's figures, recomputed from the committed curve."""
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
+    r64, r16, fast = (_load(*p) for p in (("mntp-lr-mask", "rank64", "curve.json"), ("mntp-curve", "curve.json"),
+                                          ("mntp-lr-mask", "lr1e-3", "curve.json")))
+    assert {"lora.r=64", "lora.alpha=128"} <= set(r64["overrides"]) and r64["steps"] == 150
+    assert not any(o.startswith(("learning_rate=", "mntp.")) for o in r64["overrides"])  # the config's LR, masking
+    with open(os.path.join(RESULTS, "mntp-lr-mask", "rank64", "curve.csv")) as f:
+        assert [r["step"] for r in csv.DictReader(f)] == [str(r["step"]) for r in r64["rows"]]
+    rows = {r["step"]: r for r in r64["rows"]}
+    causal = rows["causal"]["news_spearman"]
+    slow, quick = ({r["step"]: r for r in c["rows"]} for c in (r16, fast))
+    for k in (50, 100, 150):
+        assert quick[k]["eval_loss"] < rows[k]["eval_loss"] < slow[k]["eval_loss"], k
+        assert rows[k]["news_spearman"] < causal, k
+    assert "Its loss falls faster than rank 16's at 2e-4: {} at steps 50, 100 and 150, against {}".format(
+        ", ".join(f"{rows[k]['eval_loss']:.2f}" for k in (50, 100)) + f" and {rows[150]['eval_loss']:.2f}",
+        ", ".join(f"{slow[k]['eval_loss']:.2f}" for k in (50, 100)) + f" and {slow[150]['eval_loss']:.2f}") in readme
+    assert (f"News is {rows[50]['news_spearman']:.2f}, {rows[100]['news_spearman']:.2f} and "
+            f"{rows[150]['news_spearman']:.2f} at those steps, still under the causal model's {causal:.2f}") in readme
+    assert rows[100]["dev_spearman"] < min(rows[50]["dev_spearman"], rows[150]["dev_spearman"])  # the dip
+    assert rows[100]["test_spearman"] < min(rows[50]["test_spearman"], rows[150]["test_spearman"])
+    assert (f"Dev and test dip at step 100 (dev {rows[100]['dev_spearman']:.1f}, "
+            f"test {rows[100]['test_spearman']:.2f})") in readme
+
+
 def test_committed_corpus_pilot_kept_the_wikitext2_corpus():
     """The larger-corpus pilot (mntp-lr-mask/wikitext103/) changed only the data, to the committed WikiText-103
     corpus, and its held-out MNTP loss is level with the WikiText-2 curve at every reading; so general-mntp.yaml
@@ -639,7 +667,7 @@ def test_heldout_loss_rescoring_reproduces_the_trainers_logged_loss(tmp_path, ca
     assert got["first"] == pytest.approx(logged[-1], rel=1e-4) and got["blocks_first"] == 2 * 2  # eval_batches x micro
     assert got["blocks_all"] > got["blocks_first"] and 0 < got["all"] < 20
     assert m.main(["--out", str(res), "--run", f"x={tmp_path}"]) == 2
-    assert "is not NAME=RUN_DIR of a finished run" in capsys.readouterr().err
+    assert "is not a finished run's folder (with adapter/)" in capsys.readouterr().err
 
 
 def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings():
@@ -699,40 +727,62 @@ def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings()
 
 def test_seed_pairs_sets_seed_against_seed_and_refuses_bad_input(tmp_path, capsys):
     """seed_pairs.py: A minus B on the same pairs is engine.stats.paired_bootstrap of the two cosine columns;
-    files on other pairs, unknown names and bad specs are one line and exit 2. seed_dev.py refuses bad specs."""
+    a scores file not made on --data's pairs, unknown names, a name given twice and bad specs are one line and exit
+    2. seed_dev.py and heldout_loss.py refuse bad specs the same way (benchmarks.common.named_paths)."""
     import numpy as np
 
+    from engine.evaluate import SCORES_HEADER
     from engine.stats import paired_bootstrap
 
     from .helpers import load_script
 
     m = load_script(os.path.join(RESULTS, "mntp-lr-mask", "seed_pairs.py"), "seed_pairs")
     rng = np.random.default_rng(0)
-    gold = rng.uniform(0, 5, 200)
+    gold = np.round(rng.uniform(0, 5, 200), 3)
+    (tmp_path / "pairs.csv").write_text("".join(f"main-news\tx\t2012\t{i:04d}\t{g:.3f}\tleft {i}\tright {i}\n"
+                                                for i, g in enumerate(gold)))
     cos = {"a": gold + rng.normal(0, 1, 200), "b": gold + rng.normal(0, 3, 200)}
     for name, c in cos.items():
-        (tmp_path / f"{name}.tsv").write_text("pair\tgold\tcosine\n" + "".join(
-            f"{i}\t{g}\t{x}\n" for i, (g, x) in enumerate(zip(gold, c))))
+        (tmp_path / f"{name}.tsv").write_text(SCORES_HEADER + "\n" + "".join(
+            f"{i}\t{g:g}\t{x}\n" for i, (g, x) in enumerate(zip(gold, c))))
     out = tmp_path / "p.json"
-    args = ["--out", str(out), "--scores", f"a={tmp_path / 'a.tsv'}", "--scores", f"b={tmp_path / 'b.tsv'}"]
+    args = ["--out", str(out), "--data", str(tmp_path / "pairs.csv"), "--scores", f"a={tmp_path / 'a.tsv'}",
+            "--scores", f"b={tmp_path / 'b.tsv'}"]
     assert m.main(args + ["--pair", "a-b"]) == 0
     got = json.loads(out.read_text())["differences"]["a-b"]
     want = paired_bootstrap(cos["a"], cos["b"], gold, 2000)
     assert got["difference"] == pytest.approx(want["difference"]) and got["ci"] == pytest.approx(want["ci"])
     assert got["ci"][0] > 0  # the less noisy cosines are better beyond the pairs' noise
     capsys.readouterr()
-    (tmp_path / "c.tsv").write_text("pair\tgold\tcosine\n0\t1.0\t0.5\n")
+    (tmp_path / "c.tsv").write_text(SCORES_HEADER + "\n0\t1.0\t0.5\n")  # one pair: made on another file
+    lines = (tmp_path / "a.tsv").read_text().splitlines()
+    i, g, c = lines[5].split("\t")
+    (tmp_path / "d.tsv").write_text("\n".join(lines[:5] + [f"{i}\t{float(g) + 0.5:g}\t{c}"] + lines[6:]) + "\n")
     for extra, message in ((["--pair", "a-z"], "is not A-B of two --scores names"),
-                           (["--pair", "a-b", "--scores", f"c={tmp_path / 'c.tsv'}"], "not on the same pairs"),
-                           (["--pair", "a-b", "--scores", "nofile"], "is not NAME=TSV")):
-        assert m.main(args + extra) == 2
+                           (["--pair", "a-b", "--scores", f"c={tmp_path / 'c.tsv'}"], "1 pairs, but --data has 200"),
+                           (["--pair", "a-b", "--scores", f"d={tmp_path / 'd.tsv'}"],
+                            f"d.tsv:6: pair 4 with gold {float(g) + 0.5:g}, but --data"),
+                           (["--pair", "a-b", "--scores", f"a={tmp_path / 'b.tsv'}"], "the name 'a' is taken"),
+                           (["--pair", "a-b", "--scores", "nofile"], "is not NAME=PATH"),
+                           (["--pair", "a-b", "--scores", f"e={tmp_path / 'none.tsv'}"], "is not a scores file")):
+        assert m.main(args + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and message in err[0], err
+        assert len(err) == 1 and message in err[0], (message, err)
+    assert m.main(["--out", str(out), "--data", str(tmp_path / "none.csv"), "--scores", f"a={tmp_path / 'a.tsv'}",
+                   "--pair", "a-a"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     d = load_script(os.path.join(RESULTS, "mntp-lr-mask", "seed_dev.py"), "seed_dev")
     assert d.main(["--dev", str(tmp_path / "a.tsv"), "--out", str(out), "--adapter", f"x={tmp_path / 'none'}"]) == 2
     assert d.main(["--dev", str(tmp_path / "none.csv"), "--out", str(out), "--adapter", f"x={tmp_path}"]) == 2
+    assert d.main(["--dev", str(tmp_path / "a.tsv"), "--out", str(out), "--adapter", f"x={tmp_path}",
+                   "--adapter", f"x={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "is not NAME=PATH" in err[0] and "no dev file" in err[1]
+    assert len(err) == 3 and "none is not an adapter folder" in err[0] and "no dev file" in err[1], err
+    assert "the name 'x' is taken" in err[2], err
+    h = load_script(os.path.join(RESULTS, "mntp-lr-mask", "heldout_loss.py"), "heldout_loss")
+    assert h.main(["--out", str(out), "--run", f"x={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a finished run's folder (with adapter/)" in err[0], err
 
 
 def test_committed_seed_selectors_match_their_readings():

@@ -60,15 +60,14 @@ def main(argv=None):
     ap.add_argument("--run", action="append", required=True, help="NAME=RUN_DIR of a finished MNTP run")
     ap.add_argument("--eval-data", help="another held-out file than the runs' own eval_data")
     args = ap.parse_args(argv)
-    runs = {}
-    for spec in args.run:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not os.path.isdir(os.path.join(path, "adapter")):
-            print(f"heldout_loss.py: --run {spec!r} is not NAME=RUN_DIR of a finished run (with adapter/)",
-                  file=sys.stderr)
-            return 2
-        runs[name] = path
-    from benchmarks.common import git_commit, write_json
+    from benchmarks.common import git_commit, named_paths, write_json
+
+    try:
+        runs = named_paths(args.run, "--run", lambda p: os.path.isdir(os.path.join(p, "adapter")),
+                           "a finished run's folder (with adapter/)")
+    except ValueError as e:
+        print(f"heldout_loss.py: {e}", file=sys.stderr)
+        return 2
 
     res = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "runs": {}}
     for name, path in runs.items():

@@ -29,7 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import git_commit, named_paths  # noqa: E402
 
 N_BOOT = 2000
 SPLITS = ("test", "dev", "train")  # the order the file keeps them in; a repeated pair keeps its first place
@@ -86,15 +86,7 @@ def breakdown(rows, pairs, mine, base, gold):
 
 def parse_adapters(specs, bidirectional=False):
     adapters = {"bidirectional": None} if bidirectional else {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
-        if name in adapters or name in ("causal", "bidirectional"):
-            raise ValueError(f"--adapter {spec!r}: the name {name!r} is taken")
-        if not os.path.isdir(path):
-            raise ValueError(f"--adapter {spec!r}: {path} is not a folder")
-        adapters[name] = path
+    adapters.update(named_paths(specs, "--adapter", os.path.isdir, "a folder", taken=("causal", "bidirectional")))
     if not adapters:
         raise ValueError("give at least one --adapter NAME=PATH or --bidirectional")
     return adapters

@@ -19,7 +19,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
-from benchmarks.common import git_commit, write_json  # noqa: E402
+from benchmarks.common import git_commit, named_paths, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -28,13 +28,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--adapter", action="append", required=True, help="NAME=PATH of an adapter folder")
     args = ap.parse_args(argv)
-    adapters = {}
-    for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not os.path.isdir(path):
-            print(f"seed_dev.py: --adapter {spec!r} is not NAME=PATH of an adapter folder", file=sys.stderr)
-            return 2
-        adapters[name] = path
+    try:
+        adapters = named_paths(args.adapter, "--adapter", os.path.isdir, "an adapter folder")
+    except ValueError as e:
+        print(f"seed_dev.py: {e}", file=sys.stderr)
+        return 2
     if not os.path.isfile(args.dev):
         print(f"seed_dev.py: no dev file at {args.dev}", file=sys.stderr)
         return 2
