@@ -57,6 +57,15 @@ def _check_file(path):
         raise DataError(f"data file is empty: {path}")
 
 
+def check_sources(sources):
+    """The checks every reader makes first on a local source (it exists, is a file and is not empty), made at
+    once: a mistyped path is one line before anything heavy loads, not after the imports on every rank. ``hf:``
+    sources and folders (the E5 layout) are left to their readers. Raises DataError."""
+    for src in sources:
+        if not src.startswith("hf:") and not os.path.isdir(src):
+            _check_file(src)
+
+
 def is_sts_file(path):
     """STS Benchmark TSV: >= 7 tab-separated fields with a numeric score in column 5."""
     with open(path, encoding="utf-8", errors="replace") as f:

@@ -85,18 +85,22 @@ def main(argv=None):
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    from engine.bidirectional import UnsupportedArchitectureError
-    from engine.data import DataError
-    from engine.modeling import ModelLoadError
-
     if args.dry_run:
+        from engine.bidirectional import UnsupportedArchitectureError
         from engine.dry_run import dry_run
+        from engine.modeling import ModelLoadError
 
         try:
             dry_run(cfg, world=args.world, gpu_memory_gb=args.gpu_memory_gb)
         except (ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError, ValueError) as e:
             return fail(e)
         return 0
+    from engine.data import DataError, check_sources  # no torch: a mistyped path is said before the imports
+
+    try:
+        check_sources(cfg.data + cfg.eval_data)  # (a dry run reads no data, so it does not need the files)
+    except DataError as e:
+        return fail(e)
     try:
         created = prepare_output_dir(cfg.output_dir)
     except ConfigError as e:

@@ -51,6 +51,35 @@ def leaked_shm(cmd):
     return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
 
 
+def rewind_run(ref, out, step):
+    """Copy the finished run folder ``ref`` to ``out`` as a run killed just after its step-``step`` checkpoint would
+    have left it: the later checkpoints and the final adapter gone, ``latest`` naming that step, and no metrics
+    row past it. A run resumed in ``out`` must therefore log every later row and write the adapter itself.
+    (The checkpoint files are the bytes the killed run would have written: the run is the same up to there.)"""
+    import csv
+    import shutil
+
+    shutil.copytree(ref, out)
+    tag = f"step_{step:07d}"
+    ckpt = os.path.join(out, "checkpoints")
+    assert os.path.isfile(os.path.join(ckpt, tag, "COMPLETE")), f"{ref} has no complete {tag}"
+    for name in os.listdir(ckpt):
+        if name.startswith("step_") and int(name[5:]) > step:
+            shutil.rmtree(os.path.join(ckpt, name))
+    shutil.rmtree(os.path.join(out, "adapter"))
+    with open(os.path.join(ckpt, "latest"), "w") as f:
+        f.write(tag)
+    path = os.path.join(out, "metrics.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def deepspeed_cmd(nproc, *args):
     from engine.distributed import free_port
 

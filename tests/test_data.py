@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from engine.data import BatchPlan, DataError, read_sts, read_supervised, read_texts
+from engine.data import BatchPlan, DataError, check_sources, read_sts, read_supervised, read_texts
 
 from .helpers import STS
 
@@ -20,6 +20,20 @@ def test_missing_and_empty_files(tmp_path):
         read_texts([str(blank)])
     with pytest.raises(DataError, match="no data given"):
         read_texts([])
+
+
+def test_check_sources_says_what_the_readers_would_say_first(tmp_path):
+    # engine/train.py calls it before any heavy import: the same messages as the readers, at once
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    good = tmp_path / "good.txt"
+    good.write_text("a line\n")
+    check_sources([str(good), "hf:some/dataset", str(tmp_path)])  # hf: and folders are the readers' to judge
+    for src, msg in ((tmp_path / "nope.txt", "data file not found: .*nope.txt"), (empty, "data file is empty")):
+        with pytest.raises(DataError, match=msg):
+            check_sources([str(good), str(src)])
+        with pytest.raises(DataError, match=msg):
+            read_texts([str(src)])
 
 
 def test_empty_lines_are_counted(tmp_path):

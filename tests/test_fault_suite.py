@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import LOCK_FILE, UnsafeCheckpointError, load_state_file
 
-from .helpers import ROOT, run_cmd
+from .helpers import ROOT, rewind_run, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -100,11 +100,9 @@ def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder_and_a_kill_le
 # --- resume=never keeps a finished run -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 4-step run with checkpoints at 2 and 4 (ZeRO stage 0)."""
-    out = str(tmp_path_factory.mktemp("finished") / "run")
-    _ok(_train(out, "max_steps=4", "save_every=2"))
-    return out
+def finished(staged):
+    """A finished 4-step run with checkpoints at 2 and 4 (ZeRO stage 0): the staged one, copied before use."""
+    return staged(0)
 
 
 def _sha(path):
@@ -150,12 +148,7 @@ def staged(tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_every_zero_stage_resumes_exactly_through_the_restricted_loader(staged, tmp_path, stage):
     ref = staged(stage)
-    out = str(tmp_path / "run")
-    shutil.copytree(ref, out)
-    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"))
-    shutil.rmtree(os.path.join(out, "adapter"))
-    with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
-        f.write("step_0000002")
+    out = rewind_run(ref, str(tmp_path / "run"), 2)
     files = glob.glob(os.path.join(out, "checkpoints", "step_0000002", "*.pt"))
     assert len(files) == (1 if stage == 0 else 2), files  # model states (+ ZeRO optimizer states)
     for path in files:  # every file of the tag loads with weights_only=True and the allowlist
