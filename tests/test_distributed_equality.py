@@ -1,12 +1,14 @@
 """Two ranks compute the step one rank computes on the same global batch: same loss, same LoRA gradients.
 
-Each case runs one optimizer step of a tiny config twice, as a real 2-rank DeepSpeed ZeRO-3 job (gloo) and as a
+Each case runs one optimizer step of a tiny config twice, as a real 2-rank DeepSpeed job (gloo) and as a
 1-rank job, with LLM2VEC_ENGINE_DUMP_GRADS set so the trainer saves the full, rank-averaged gradient of every
 LoRA weight before the optimizer step. BatchPlan gives rank r's micro-batch a the slice (a * world + r) of the
 global batch, so:
 
 * MNTP (no cross-sequence term): 2 ranks x micro 2 x accum 2 against 1 rank x micro 2 x accum 4. Masks and
-  dropout are seeded by that slot, so even LoRA dropout is the same in both.
+  dropout are seeded by that slot, so even LoRA dropout is the same in both. The 2-rank side is step 1 of
+  test_train's two-rank MNTP run (one launch fewer); the comparison is :func:`one_rank_step` and
+  :func:`assert_same_step` here.
 * contrastive (cross-rank negatives): 2 ranks x micro 4 against 1 rank x micro 8, whose micro-batch a is
   rank 0's then rank 1's; dropout off, since the two runs draw it over different micro-batches. With gradient
   caching (chunks of 3, which straddle the rank boundary of the 1-rank batch) and without.
@@ -28,18 +30,29 @@ NO_DROPOUT = ["lora.dropout=0", "model.attention_dropout=0"]
 ONE_STEP = ["max_steps=1", "save_every=0", "eval_every=0"]
 
 
+def step_one(out, dump):
+    """(loss, gradients) of step 1 of the run in ``out`` that dumped its gradients to ``dump``."""
+    with open(os.path.join(out, "metrics.csv")) as f:
+        row = next(csv.DictReader(f))
+    assert int(row["step"]) == 1
+    return float(row["loss"]), torch.load(os.path.join(dump, "grads_step1.pt"))
+
+
 def _one_step(tmp_path, name, nproc, config, *overrides):
     out, dump = str(tmp_path / name), str(tmp_path / f"{name}-grads")
     args = ("--config", config, f"output_dir={out}", *ONE_STEP, *overrides)
     cmd = deepspeed_cmd(nproc, *args) if nproc > 1 else ["python", "engine/train.py", *args]
     r = run_cmd(cmd, env={"LLM2VEC_ENGINE_DUMP_GRADS": dump})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    with open(os.path.join(out, "metrics.csv")) as f:
-        (row,) = list(csv.DictReader(f))
-    return float(row["loss"]), torch.load(os.path.join(dump, "grads_step1.pt"))
+    return step_one(out, dump)
 
 
-def _assert_same_step(one, two):
+def one_rank_step(tmp_path, config, *overrides):
+    """Step 1 of ``config`` on one rank, for a comparison with a 2-rank run's step 1."""
+    return _one_step(tmp_path, "one", 1, config, *overrides)
+
+
+def assert_same_step(one, two):
     (loss1, g1), (loss2, g2) = one, two
     # fp32 sums in another order: agreement to ~1e-6 relative; a real difference is O(1)
     assert loss2 == pytest.approx(loss1, rel=1e-5, abs=1e-7)
@@ -50,14 +63,6 @@ def _assert_same_step(one, two):
         torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-5 * scale, msg=lambda m: f"{k}: {m}")
 
 
-def test_mntp_two_ranks_equal_one(tmp_path):
-    cfg = "configs/tiny/mntp.yaml"
-    one = _one_step(tmp_path, "one", 1, cfg, "micro_batch_size=2")
-    two = _one_step(tmp_path, "two", 2, cfg, "micro_batch_size=2")
-    assert 0 < one[0]
-    _assert_same_step(one, two)
-
-
 @pytest.mark.parametrize("stage,two_rank_extra", [
     ("simcse", []),
     ("supervised", ["contrastive.grad_cache_chunk=3"]),
@@ -66,4 +71,4 @@ def test_contrastive_two_ranks_equal_one(tmp_path, stage, two_rank_extra):
     cfg = f"configs/tiny/{stage}.yaml"
     one = _one_step(tmp_path, "one", 1, cfg, "micro_batch_size=8", *NO_DROPOUT)
     two = _one_step(tmp_path, "two", 2, cfg, "micro_batch_size=4", *NO_DROPOUT, *two_rank_extra)
-    _assert_same_step(one, two)
+    assert_same_step(one, two)

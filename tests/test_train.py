@@ -30,7 +30,8 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     cfg = "configs/tiny/mntp.yaml"
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
     cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={ref}")
-    r = run_cmd(cmd)
+    dump = str(tmp_path / "grads")  # the gradients before each optimizer step (test_distributed_equality)
+    r = run_cmd(cmd, env={"LLM2VEC_ENGINE_DUMP_GRADS": dump})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not leaked_shm(cmd)  # DeepSpeed's 69 MB-per-rank shm segments do not outlive the run
     # zero_stage auto: the replicated tiny base fits a rank's default budget, so stage 0 and plain torch AdamW
@@ -53,6 +54,12 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     evals = {int(x["step"]): x["eval_loss"] for x in rows if x["eval_loss"]}
     assert sorted(evals) == [6, 12] and all(0 < float(v) < 20 for v in evals.values())  # held-out MNTP loss
     _check_adapter(os.path.join(ref, "adapter"))
+    # Step 1 on two ranks is the step one rank computes on the same global batch: the same loss and gradients
+    from .test_distributed_equality import assert_same_step, one_rank_step, step_one
+
+    one = one_rank_step(tmp_path, cfg)
+    assert 0 < one[0]
+    assert_same_step(one, step_one(ref, dump))
 
     # Same run, rank 0 SIGKILLed at the start of step 8 (checkpoint at 6 exists).
     cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={crash}")
