@@ -135,7 +135,7 @@ def test_memory_plan_choices():
 @pytest.mark.slow
 def test_zero_stage_auto_two_ranks_takes_stage_3_when_the_base_does_not_fit(tmp_path):
     # The other side, a base that fits (stage 0, torch AdamW without a DeepSpeed wrapper), is asserted on
-    # test_train's two-rank MNTP run, which runs the same config at its default budget.
+    # test_train's two-rank MNTP run, which runs the same config at a 64 GB budget.
     out = str(tmp_path / "o")
     r = run_cmd(deepspeed_cmd(2, "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", "max_steps=2",
                               "batch_size=4", "eval_every=0", "save_every=0", "memory_budget_gb=0.01"))

@@ -29,12 +29,13 @@ def _check_adapter(path):
 def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     cfg = "configs/tiny/mntp.yaml"
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
-    cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={ref}")
+    fits = "memory_budget_gb=64"  # a budget the tiny base fits on any host: zero_stage auto is stage 0 (below)
+    cmd = deepspeed_cmd(2, "--config", cfg, fits, f"output_dir={ref}")
     dump = str(tmp_path / "grads")  # the gradients before each optimizer step (test_distributed_equality)
     r = run_cmd(cmd, env={"LLM2VEC_ENGINE_DUMP_GRADS": dump})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert not leaked_shm(cmd)  # DeepSpeed's 69 MB-per-rank shm segments do not outlive the run
-    # zero_stage auto: the replicated tiny base fits a rank's default budget, so stage 0 and plain torch AdamW
+    # zero_stage auto: the replicated tiny base fits the budget, so stage 0 and plain torch AdamW
     # (test_step_structure holds the other side: stage 3 when it does not fit)
     assert "[engine] zero stage 0: " in r.stdout, r.stdout[-3000:]
     assert "[engine] optimizer: torch AdamW (no DeepSpeed wrapper), ZeRO stage 0, float32 parameters" in r.stdout
@@ -57,12 +58,12 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     # Step 1 on two ranks is the step one rank computes on the same global batch: the same loss and gradients
     from .test_distributed_equality import assert_same_step, one_rank_step, step_one
 
-    one = one_rank_step(tmp_path, cfg)
+    one = one_rank_step(tmp_path, cfg, fits)
     assert 0 < one[0]
     assert_same_step(one, step_one(ref, dump))
 
     # Same run, rank 0 SIGKILLed at the start of step 8 (checkpoint at 6 exists).
-    cmd = deepspeed_cmd(2, "--config", cfg, f"output_dir={crash}")
+    cmd = deepspeed_cmd(2, "--config", cfg, fits, f"output_dir={crash}")
     r = run_cmd(cmd, env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "7"})
     assert r.returncode != 0 and "fault injection" in r.stdout
     assert not leaked_shm(cmd)  # not even from a killed run
@@ -72,7 +73,7 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     assert not os.path.exists(os.path.join(crash, "adapter"))
     _check_adapter(os.path.join(crash, "checkpoints", "step_0000006", "adapter"))
 
-    r = run_cmd(deepspeed_cmd(2, "--config", cfg, f"output_dir={crash}"))
+    r = run_cmd(deepspeed_cmd(2, "--config", cfg, fits, f"output_dir={crash}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step_0000006: step 6" in r.stdout
     resumed = {int(x["step"]): float(x["loss"]) for x in _metrics(crash)}
