@@ -106,8 +106,8 @@ def _for_tiny(command):
     argv = shlex.split(command)
     if argv[0] == "deepspeed":  # one process instead of the launcher's ranks
         argv = ["python"] + argv[argv.index("engine/train.py"):]
-    argv = [re.sub(r"^max_steps=\d+$", "max_steps=6", a).replace("configs/smollm2-135m/", "configs/tiny/")
-            for a in argv]
+    argv = [re.sub(r"^eval_every=\d+$", "eval_every=3", re.sub(r"^max_steps=\d+$", "max_steps=6", a))
+            .replace("configs/smollm2-135m/", "configs/tiny/") for a in argv]
     return [sys.executable if a == "python" else a for a in argv]
 
 
@@ -119,6 +119,13 @@ def test_readme_quick_start_chain_runs(tmp_path):
     kinds = [next((k for k in ("sentence_transformers", "train.py", "engine.evaluate", "engine.export") if k in c), c)
              for c in commands]
     assert kinds == ["train.py", "train.py", "engine.evaluate", "engine.export", "sentence_transformers"], kinds
+    # The tiny configs score dev every 3 of their 6 steps; the README's own SimCSE command must score dev too, or
+    # its run has no best/ for evaluate and export to take, as the README says they do
+    from engine.config import load_config
+
+    argv = shlex.split(commands[1])
+    real = load_config(argv[argv.index("--config") + 1], [a for a in argv if "=" in a and not a.startswith("-")])
+    assert real.eval_data and 0 < real.eval_every <= real.max_steps, (real.eval_every, real.max_steps)
     results = []
     for command in commands:
         r = run_cmd(_for_tiny(command), cwd=clone, env={"PYTHONPATH": clone}, timeout=600)
