@@ -46,15 +46,11 @@ _MAX_SLEEP_S = 1.0
 
 
 def write_json(path, obj):
-    """``obj`` as indented JSON at ``path``, written to a temporary name and renamed: a reader never sees half a
-    file, and an interrupted run leaves the previous one."""
-    import json
+    """``obj`` at ``path`` in the committed results' format (JSON indented by 1, a final newline), atomically
+    (``engine.files.write_json``): a reader never sees half a file, and an interrupted run leaves the previous one."""
+    from engine.files import write_json as atomic_json
 
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_json(path, obj, indent=1)
 
 
 def named_paths(specs, flag, is_ok, what, taken=()):

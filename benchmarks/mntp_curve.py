@@ -15,7 +15,6 @@ chooses on dev, see quality_smollm2.py).
 import argparse
 import csv
 import datetime
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ if ROOT not in sys.path:
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from engine.distributed import free_port  # noqa: E402
 
 
@@ -86,12 +86,12 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
     commit = git_commit()
-    with open(os.path.join(args.out, "curve.json"), "w") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "commit": commit, "config": args.config,
-                   "train": "sts-train without " + args.holdout_genre if args.train_without_holdout else "config",
-                   "steps": args.steps, "every": args.every, "nproc": args.nproc, "overrides": args.set,
-                   "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - t0, 1),
-                   "eval_data": os.path.relpath(eval_data, ROOT), "rows": rows}, f, indent=2)
+    write_json(os.path.join(args.out, "curve.json"), {
+        "date": datetime.date.today().isoformat(), "commit": commit, "config": args.config,
+        "train": "sts-train without " + args.holdout_genre if args.train_without_holdout else "config",
+        "steps": args.steps, "every": args.every, "nproc": args.nproc, "overrides": args.set,
+        "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - t0, 1),
+        "eval_data": os.path.relpath(eval_data, ROOT), "rows": rows})
     return 0
 
 

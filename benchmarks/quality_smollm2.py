@@ -54,6 +54,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.common import git_commit  # noqa: E402
+from engine.files import write_json, write_text  # noqa: E402
 
 GENERAL = os.path.join(ROOT, "data", "wikitext2-sentences", "sentences.txt")  # the general recipe's corpus
 GENERAL_PAIRS = os.path.join(ROOT, "data", "snli-triplets", "triplets.jsonl")  # and its supervised rows
@@ -376,8 +377,7 @@ def main(argv=None):
             result["holdout"] = {"genre": args.holdout_genre, "train_genres": [g for g in GENRES if g != args.holdout_genre],
                                  "files": {k: os.path.relpath(v, ROOT) for k, v in protocols[hname].items()},
                                  "test_pairs": h["rows"][next(iter(h["rows"]))]["pairs"] if h["rows"] else 0, **h}
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.out, "results.json"), result)  # rewritten after every row: atomically
         lines = ["# STS Benchmark test: LLM2Vec on SmolLM2-135M-Instruct", ""]
         if not final:
             lines += ["**Partial: the run is still going (or was cut short); rows so far.**", ""]
@@ -441,8 +441,7 @@ def main(argv=None):
                   + "; budgets and the selected adapters: `results.json`.", "",
                   "For scale (published, other models): unsupervised SimCSE BERT-base about 77; supervised "
                   "all-MiniLM-L6-v2 about 82."]
-        with open(os.path.join(args.out, "README.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text(os.path.join(args.out, "README.md"), "\n".join(lines) + "\n")
         if final:
             print("\n".join(lines))
 

@@ -29,6 +29,7 @@ from .config import ConfigError, to_dict
 from .data import read_sts
 from .distributed import log0, warn0
 from .encoding import TEXT_FORMAT, training_wrap
+from .files import write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
 
 
@@ -362,16 +363,13 @@ class Checkpointer:
         check_finite_state(sd, f"checkpoint {tag}")
         if self.rank == 0:
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
-            _write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg)})
+            write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg)})
             _fault_point(step, "adapter")
         dist.barrier()  # every rank finished writing: only now is the checkpoint complete
         if self.rank == 0:
-            _write_json(os.path.join(path, COMPLETE), {"step": step})
+            write_json(os.path.join(path, COMPLETE), {"step": step})
             _fault_point(step, "complete")
-            tmp = os.path.join(self.root, "latest.tmp")
-            with open(tmp, "w") as f:
-                f.write(tag)
-            os.replace(tmp, os.path.join(self.root, "latest"))
+            write_text(os.path.join(self.root, "latest"), tag)
             _fault_point(step, "latest")
             self.cleanup(step)
         dist.barrier()
@@ -421,13 +419,6 @@ class Checkpointer:
             raise ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
                               f"{self.root} to start over")
         return 0
-
-
-def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def check_finite_state(sd, what):

@@ -26,6 +26,8 @@ import os
 import sys
 import time
 
+from engine.files import atomic_open
+
 
 def sts_cosines(encoder, pairs, batch_size=64, instruction=None):
     """The cosine of each pair's two embeddings, as a float64 numpy array in the pairs' order."""
@@ -52,12 +54,10 @@ SCORES_HEADER = "pair\tgold\tcosine"
 def write_scores(path, pairs, cos):
     """One line a pair: its index in --data, the gold score and the model's cosine (repr, so it reads back exactly).
     Written to a temporary name and renamed, so a reader never sees half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         f.write(SCORES_HEADER + "\n")
         for i, (p, c) in enumerate(zip(pairs, cos)):
             f.write(f"{i}\t{p[2]!r}\t{float(c)!r}\n")
-    os.replace(tmp, path)
 
 
 def read_scores(path, pairs):

@@ -2,6 +2,8 @@
 import csv
 import os
 
+from .files import atomic_open
+
 
 class MetricsLogger:
     """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
@@ -50,12 +52,10 @@ class MetricsLogger:
             self.tb.flush()
 
     def _rewrite(self):
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_open(self.path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.fields)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 def _int_or_none(v):

@@ -12,6 +12,7 @@ import os
 import torch
 
 from . import assets
+from .files import write_json
 from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
 from .fused_ops import apply_fused_ops
 
@@ -362,7 +363,4 @@ def packed_hidden_states(model, input_ids, attention_mask, packed=True, layout=N
 
 
 def save_encoder_meta(path, meta):
-    tmp = os.path.join(path, "engine_encoder.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(path, "engine_encoder.json"))
+    write_json(os.path.join(path, "engine_encoder.json"), meta)

@@ -35,9 +35,10 @@ import math
 import os
 import sys
 
-from .checkpoint import _write_json, fingerprint, fingerprint_diff
+from .checkpoint import fingerprint, fingerprint_diff
 from .cli import ArgumentParser, fail
 from .config import ConfigError, load_config
+from .files import write_json
 
 # metric: True when lower is better
 METRICS = {"eval_loss": True, "eval_sts_spearman": False}
@@ -176,7 +177,7 @@ def main(argv=None):
               + ", ".join(res["left_out_non_finite"]))
     print(f"picked: {res['picked']['path']} (adapter: {res['picked']['adapter']})")
     if args.json:
-        _write_json(args.json, res)
+        write_json(args.json, res)
     return 0
 
 

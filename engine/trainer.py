@@ -23,6 +23,7 @@ from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_fi
                          plan_resume, release_run_folder, sts_spearman, write_adapter)
 from .data import BatchPlan, is_sts_file
 from .distributed import init_distributed, log0, warn0
+from .files import write_text
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .metrics import MetricsLogger
@@ -304,10 +305,7 @@ def train(cfg):
 def _write_config(cfg):
     import yaml
 
-    tmp = os.path.join(cfg.output_dir, "config.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_mod.to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, os.path.join(cfg.output_dir, "config.yaml"))
+    write_text(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
 
 
 def _micro_seed(seed, step, slot):

@@ -56,7 +56,8 @@ def test_picks_the_lowest_held_out_loss_at_the_last_step(tmp_path, capsys):
     said = capsys.readouterr().out
     assert f"picked: {b} (adapter: {b}/adapter)" in said and "1 run(s) left out, eval_loss not finite" in said
     assert said.index("4.2000  seed 2") < said.index("4.5000  seed 1")
-    assert json.loads(out.read_text())["picked"]["path"] == b and not os.path.exists(str(out) + ".tmp")
+    assert json.loads(out.read_text())["picked"]["path"] == b
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("pick.json.")]  # no temporary left beside it
 
 
 def test_a_resumed_runs_later_rows_stand(tmp_path):

@@ -24,6 +24,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 TRIPLETS = os.path.join(ROOT, "data", "snli-triplets", "triplets.jsonl")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from engine.files import atomic_open  # noqa: E402
 
 
 def hypotheses(rows, seed):
@@ -77,10 +80,8 @@ def main(argv=None):
         return 2
     lines, repeats = hypotheses(rows, args.seed)
     data = "".join(t + "\n" for t in lines).encode("utf-8")
-    tmp = args.out + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_open(args.out, "wb") as f:
         f.write(data)
-    os.replace(tmp, args.out)
     words = sorted(len(t.split()) for t in lines)
     print(f"{len(rows)} rows -> {len(lines)} hypotheses ({repeats} repeats dropped); words {words[0]}-{words[-1]}, "
           f"median {words[len(words) // 2]}; sha256 {hashlib.sha256(data).hexdigest()}")

@@ -1,0 +1,59 @@
+"""Whole-file writes that a crash or a reader never sees half done.
+
+A file is written under a temporary name beside it (``<path>.tmp<pid>``, so two processes never share one), flushed
+to disk with ``fsync``, then renamed over ``path`` with ``os.replace``; the folder is synced after the rename so the
+new name itself survives a power cut. Readers see the old file or the new one, whole. If writing fails (a full disk,
+a value JSON cannot hold) the temporary file is removed and ``path`` is left as it was.
+
+Every file the engine writes in place (the checkpoint markers and ``latest``, ``run.json``, ``config.yaml``,
+``metrics.csv``, score files, ``engine.pick``'s result) goes through here; files inside a folder that is itself
+renamed into place (adapters, exports) need not.
+"""
+import contextlib
+import json
+import os
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", newline=None):
+    """``open(path, mode)`` for a whole new file, which appears at ``path`` only when the block ends without an
+    exception. ``mode`` is "w" or "wb"."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files (mode 'w' or 'wb'), not {mode!r}")
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, newline=newline) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    _sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _sync_folder(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that cannot be opened for reading (some network filesystems): the rename stands
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path, text):
+    """``text`` as the whole of ``path``, atomically."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_json(path, obj, indent=2):
+    """``obj`` as indented JSON (and a final newline) at ``path``, atomically. The JSON is made before anything is
+    written, so a value it cannot hold raises with ``path`` untouched."""
+    write_text(path, json.dumps(obj, indent=indent) + "\n")

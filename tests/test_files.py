@@ -1,0 +1,61 @@
+"""engine.files: a whole-file write is seen whole or not at all, and a failed one leaves the old file."""
+import json
+import os
+
+import pytest
+
+from engine.files import atomic_open, write_json, write_text
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_write_json_replaces_the_file_and_leaves_nothing_beside_it(tmp_path):
+    p = str(tmp_path / "run.json")
+    write_json(p, {"step": 1})
+    write_json(p, {"step": 2, "x": [1.5]}, indent=1)
+    text = open(p).read()
+    assert json.loads(text) == {"step": 2, "x": [1.5]} and text.endswith("}\n") and '\n "step"' in text
+    assert _listing(tmp_path) == ["run.json"]
+
+
+def test_a_reader_sees_the_old_file_until_the_block_ends(tmp_path):
+    p = str(tmp_path / "latest")
+    write_text(p, "step_0000010")
+    with atomic_open(p) as f:
+        f.write("step_0000020")
+        f.flush()
+        assert open(p).read() == "step_0000010"
+    assert open(p).read() == "step_0000020" and _listing(tmp_path) == ["latest"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    p = str(tmp_path / "metrics.csv")
+    write_text(p, "step,loss\n1,2.0\n")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_open(p, newline="") as f:
+            f.write("step,loss\n")
+            raise RuntimeError("disk full")
+    with pytest.raises(TypeError):
+        write_json(p, {"bad": object()})  # JSON cannot hold it: raised before any file is opened
+    assert open(p).read() == "step,loss\n1,2.0\n" and _listing(tmp_path) == ["metrics.csv"]
+
+
+def test_a_new_file_that_fails_is_never_made(tmp_path):
+    p = str(tmp_path / "scores.tsv")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(p) as f:
+            f.write("pair\tgold\tcosine\n")
+            raise KeyboardInterrupt
+    assert _listing(tmp_path) == []
+
+
+def test_binary_writes_and_appends_refused(tmp_path):
+    p = str(tmp_path / "blob")
+    with atomic_open(p, "wb") as f:
+        f.write(b"\x00\x01")
+    assert open(p, "rb").read() == b"\x00\x01"
+    with pytest.raises(ValueError, match="whole files"):
+        with atomic_open(p, "a"):
+            pass
