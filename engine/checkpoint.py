@@ -133,6 +133,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "format": "llm2vec-engine/1",
         "stage": cfg.stage,
         "base_model": base_path,
+        "base_model_name": cfg.model.name_or_path,  # as the config gave it: an alias, a hub id or a path
         "gguf_file": gguf,
         "random_init": cfg.model.random_init,
         "prior_adapters": [ref(a) for a in cfg.model.adapters],

@@ -31,6 +31,7 @@ import warnings
 
 import torch
 
+from . import assets
 from .cli import BAD_INPUT, ArgumentParser, disk_full_message, fail, missing_folders, positive_int, remove_empty
 from .encoder import RUN_ADAPTERS
 
@@ -190,12 +191,33 @@ def _eval_figures(run, step=None):
     return last
 
 
-def _public_name(ref):
-    """A hub id stays; a local path becomes its base name (the folder must not point at this machine)."""
-    if not ref:
-        return None
-    return ref if not os.path.isabs(os.path.expanduser(ref)) and not ref.startswith((".", "~")) else \
-        os.path.basename(os.path.normpath(ref))
+def _is_local(ref):
+    return os.path.isabs(os.path.expanduser(ref)) or ref.startswith((".", "~")) or os.path.exists(ref)
+
+
+def _adapter_label(ref):
+    """A hub id stays; a local adapter folder is named by its run and itself (``quick-simcse/best``): the export
+    must not point at this machine, and ``best`` or ``adapter`` alone says nothing."""
+    if not _is_local(ref):
+        return ref
+    parts = os.path.normpath(os.path.abspath(os.path.expanduser(ref))).split(os.sep)
+    return "/".join(p for p in parts[-2:] if p)
+
+
+def _base_names(info):
+    """(label, hub id or None) of the base model. An engine alias is named as such, with the hub model its weights
+    came from; a hub id is both; another local folder is its base name, with no hub id (the card's ``base_model``
+    must name a hub model or be left out)."""
+    base = info["base"]
+    if not base:
+        return "random-init", None
+    given = (info.get("engine_meta") or {}).get("base_model_name")
+    alias = given if given and assets.is_alias(given) else assets.alias_of(base)
+    if alias:
+        return alias, assets.ALIASES[alias].get("hub_id")
+    if _is_local(base):
+        return os.path.basename(os.path.normpath(base)), None
+    return base, base
 
 
 def _local_names(x):
@@ -225,8 +247,8 @@ def _front_matter(meta, run, figures):
 
     card = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity",
             "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "llm2vec", "llm2vec-engine"]}
-    if meta.get("base_model") and meta["base_model"] != "random-init":
-        card["base_model"] = meta["base_model"]
+    if meta.get("base_model_hub_id"):
+        card["base_model"] = meta["base_model_hub_id"]
     metrics = [{"type": "cosine_spearman", "value": _round(k, v), "name": f"Spearman x100 (cosine), step {s}"}
                for k, (s, v) in sorted(figures.items()) if k == "eval_sts_spearman"]
     if metrics:
@@ -248,11 +270,18 @@ def _eval_data_name(run):
     return "dev"
 
 
+def _base_line(meta):
+    label, hub = meta["base_model"], meta.get("base_model_hub_id")
+    weights = assets.ALIASES[label].get("weights") if assets.is_alias(label) else None
+    said = ", ".join(x for x in (f"from {hub}" if hub and hub != label else None, weights) if x)
+    return f"`{label}`" + (f" ({said})" if said else "")
+
+
 def _model_card(meta, run, figures, st_prompts, best=None):
     lines = _front_matter(meta, run, figures)
     lines += [f"# {meta['name']}", "", "A text encoder trained with llm2vec-engine (LLM2Vec recipe: bidirectional "
              "attention, MNTP, then SimCSE / supervised contrastive), exported with `python -m engine.export`.", "",
-             f"- base model: `{meta['base_model']}`", f"- adapters merged: {', '.join(meta['adapters']) or 'none'}",
+             f"- base model: {_base_line(meta)}", f"- adapters merged: {', '.join(meta['adapters']) or 'none'}",
              f"- pooling: `{meta['pooling']}` (instruction tokens attended, not pooled)",
              f"- max length: {meta['max_length']} tokens", f"- dtype: {meta['dtype']}",
              f"- instruction (prompt `query`): {st_prompts.get('query', '')!r}", "",
@@ -403,9 +432,10 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     top = info["adapters"][-1] if info["adapters"] else None
     run = run_folder(top) if top else run_folder(model)
     name = os.path.basename(os.path.normpath(out))
+    base_label, base_hub = _base_names(info)
     meta = {"format": "llm2vec-engine-export/2", "name": name, "model_name": model_name or f"llm2vec-engine/{name}",
-            "revision": _content_revision(tmp), "base_model": _public_name(info["base"]) or "random-init",
-            "adapters": [_public_name(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
+            "revision": _content_revision(tmp), "base_model": base_label, "base_model_hub_id": base_hub,
+            "adapters": [_adapter_label(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
             "max_length": max_len, "dtype": str(dt).replace("torch.", ""), "normalize": bool(normalize),
             "chat": None, "chat_wrap_dropped": chat, "text_format": TEXT_FORMAT, "model_type": model_type,
             "causal_only_servers": servers}

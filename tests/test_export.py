@@ -261,7 +261,11 @@ def test_run_folder_exports_its_best_adapter_with_a_hugging_face_card(run_dir, c
     card = open(os.path.join(out, "README.md")).read()
     meta = _front_matter(card)
     assert meta["library_name"] == "sentence-transformers" and meta["pipeline_tag"] == "sentence-similarity"
-    assert meta["base_model"] == "base" and "sentence-transformers" in meta["tags"]
+    assert "base_model" not in meta and "sentence-transformers" in meta["tags"]  # a local base has no hub id
+    with open(os.path.join(out, "engine_export.json")) as f:
+        prov = json.load(f)
+    assert (prov["base_model"], prov["base_model_hub_id"], prov["adapters"]) == ("base", None, ["run/best"])
+    assert "- base model: `base`\n- adapters merged: run/best\n" in card
     (result,) = meta["model-index"][0]["results"]
     assert result["dataset"]["type"] == "sts-dev.csv"
     assert [m["value"] for m in result["metrics"]] == [12.35]  # the best step's score, rounded
@@ -314,3 +318,31 @@ def test_full_disk_during_an_export_exits_2_naming_the_path_and_leaves_nothing(t
         assert os.listdir(mnt) == []  # the temporary folder is gone, no half-written export
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_base_and_adapter_names_say_what_they_are(tmp_path, monkeypatch):
+    """The card's ``base_model`` must be a hub model: an engine alias names the hub model its weights came from
+    (whether the run recorded the alias or only its cached folder, as runs before ``base_model_name`` did), a hub
+    id is itself, a local folder has none. Local adapters are named by run and folder."""
+    from engine import assets
+    from engine.export import _adapter_label, _base_line, _base_names
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    cached = assets.local_path("smollm2-135m")
+    os.makedirs(cached)
+    hub = assets.ALIASES["smollm2-135m"]["hub_id"]
+    assert hub == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for meta in ({"base_model_name": "smollm2-135m"}, {}):
+        assert _base_names({"base": cached, "engine_meta": meta}) == ("smollm2-135m", hub)
+    assert _base_names({"base": "mistralai/Mistral-7B-v0.1", "engine_meta": None}) == ("mistralai/Mistral-7B-v0.1",) * 2
+    assert _base_names({"base": str(tmp_path / "my-base"), "engine_meta": {}}) == ("my-base", None)
+    assert _base_names({"base": None, "engine_meta": {}}) == ("random-init", None)
+    assert _base_line({"base_model": "smollm2-135m", "base_model_hub_id": hub}) == \
+        f"`smollm2-135m` (from {hub}, Q4_1, de-quantised to fp32)"
+    assert _base_line({"base_model": "mistralai/Mistral-7B-v0.1", "base_model_hub_id": "mistralai/Mistral-7B-v0.1"}) \
+        == "`mistralai/Mistral-7B-v0.1`"
+    run = tmp_path / "outputs" / "quick-simcse"
+    os.makedirs(run / "best")
+    assert _adapter_label(str(run / "best")) == "quick-simcse/best"
+    assert _adapter_label(str(run / "best") + "/") == "quick-simcse/best"
+    assert _adapter_label("McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp") == "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"

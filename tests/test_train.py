@@ -55,6 +55,8 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     evals = {int(x["step"]): x["eval_loss"] for x in rows if x["eval_loss"]}
     assert sorted(evals) == [6, 12] and all(0 < float(v) < 20 for v in evals.values())  # held-out MNTP loss
     _check_adapter(os.path.join(ref, "adapter"))
+    with open(os.path.join(ref, "adapter", "engine_encoder.json")) as f:  # the base as the config named it (an alias)
+        assert json.load(f)["base_model_name"] == load_config(cfg).model.name_or_path == "smollm2-135m"
     # Step 1 on two ranks is the step one rank computes on the same global batch: the same loss and gradients
     from .test_distributed_equality import assert_same_step, one_rank_step, step_one
 
