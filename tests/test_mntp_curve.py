@@ -18,6 +18,17 @@ def _load(*path):
         return json.load(f)
 
 
+# The seed runs of the general MNTP stage that the selector pilots compare, as their README tables name them
+SEED_RUNS = {"g42": "(g) seed 42", "g3": "(g) seed 3", "g4": "(g) seed 4", "s42": "SNLI mix, seed 42",
+             "s3": "SNLI mix, seed 3"}
+
+
+def _at_300(curve):
+    """A committed curve's row at step 300 (the general MNTP stage's budget): exactly one."""
+    (row,) = [r for r in curve["rows"] if r["step"] == 300]
+    return row
+
+
 def _text(path):
     """A committed text file with its whitespace collapsed, so a stated sentence matches across line breaks."""
     with open(path, encoding="utf-8") as f:
@@ -195,7 +206,7 @@ def test_committed_seed_runs_bound_the_single_seed_pilots():
     for seed in (1, 2):
         c, sim = _load("mntp-lr-mask", f"seed{seed}", "curve.json"), _load("mntp-lr-mask", f"seed{seed}", "simcse.json")
         assert c["overrides"] == ["model.gradient_checkpointing=false", f"seed={seed}"] and c["steps"] == 300
-        (row,) = [r for r in c["rows"] if r["step"] == 300]
+        row = _at_300(c)
         g[seed] = (row["eval_loss"], row["test_spearman"], row["news_spearman"])
         h[seed] = (sim["test_spearman"], sim["news_spearman"])
         assert sim["mntp_adapter"].endswith(os.path.join(f"seed{seed}", "run", "adapter"))
@@ -364,7 +375,7 @@ def test_committed_intervals_and_the_decaying_lr_pilot_match_their_readings():
         c, iv = _load("mntp-lr-mask", name, "curve.json"), _load("mntp-lr-mask", name, "intervals.json")
         assert c["config"] == "general-mntp" and c["steps"] == 300 and iv["step"] == 300 and iv["n_boot"] == 2000
         assert c["overrides"] == ["model.gradient_checkpointing=false", *overrides], name
-        (row,) = [r for r in c["rows"] if r["step"] == 300]
+        row = _at_300(c)
         for col, key in (("test", "test_spearman"), ("news", "news_spearman")):
             v = iv[col]
             assert round(v["adapter"]["spearman"], 2) == row[key], (name, col)  # the same adapter the curve scored
@@ -544,7 +555,7 @@ def test_committed_news_pairs_and_seeds_match_their_readings():
     for seed in (3, 4):
         curve[seed] = _load("mntp-lr-mask", f"seed{seed}", "curve.json")
         assert curve[seed]["overrides"] == ["model.gradient_checkpointing=false", f"seed={seed}"]
-    last = {s: [r for r in c["rows"] if r["step"] == 300][0] for s, c in curve.items()}
+    last = {s: _at_300(c) for s, c in curve.items()}
     for seed, c in last.items():
         assert a[f"g{seed}"]["minus_causal_by"]["split=test"]["difference"] == pytest.approx(
             c["news_spearman"] - 31.06, abs=0.011)
@@ -587,7 +598,7 @@ def test_committed_news_pairs_and_seeds_match_their_readings():
     five = {42: (table["general"]["selected"]["general-mntp"]["eval_loss"], table["rows"]["g"]["spearman"],
                  table["holdout"]["rows"]["g"]["spearman"])}
     for seed in (1, 2, 3, 4):
-        (row,) = [r for r in _load("mntp-lr-mask", f"seed{seed}", "curve.json")["rows"] if r["step"] == 300]
+        row = _at_300(_load("mntp-lr-mask", f"seed{seed}", "curve.json"))
         five[seed] = (row["eval_loss"], row["test_spearman"], row["news_spearman"])
     news = np.array([v[2] for v in five.values()])
     assert (news < 31.06).all()
@@ -687,7 +698,7 @@ def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings()
     labels = {"g42": "WikiText-2 (`rerun42/`, `news-all/`) | 42", "s42": "WikiText-2 + SNLI hypotheses | 42",
               "g3": "WikiText-2 (`seed3/`, `news-all/`) | 3", "s3": "WikiText-2 + SNLI hypotheses | 3"}
     for n, label in labels.items():
-        (r,) = [r for r in curve[n]["rows"] if r["step"] == 300]
+        r = _at_300(curve[n])
         d = a[n]["minus_causal"]
         assert by(n, "split=test") == pytest.approx(r["news_spearman"] - 31.06, abs=0.011)
         assert (f"| {label} | {r['eval_loss']:.2f} | {r['dev_spearman']:.1f} | {r['test_spearman']:.2f} | "
@@ -699,7 +710,7 @@ def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings()
     assert (f"{h[42]:.2f} points lower on seed 42 and {h[3]:.2f} lower on seed 3; on all news it is "
             f"{allnews[42]:.2f} and {allnews[3]:.2f} lower") in readme
     assert all(v > 0 for v in h.values()) and all(v > 0 for v in allnews.values())  # the mix is no better anywhere
-    loss = {n: [r for r in curve[n]["rows"] if r["step"] == 300][0]["eval_loss"] for n in curve}
+    loss = {n: _at_300(c)["eval_loss"] for n, c in curve.items()}
     assert round(loss["g42"] - loss["s42"], 2) == round(loss["g3"] - loss["s3"], 2) == 0.19
     # the rescoring on one text
     res = _load("mntp-lr-mask", "heldout", "heldout.json")["runs"]
@@ -707,10 +718,8 @@ def test_committed_short_text_pilot_and_heldout_rescoring_match_their_readings()
     assert {r["blocks_first"] for r in res.values()} == {80} and {r["blocks_all"] for r in res.values()} == {736}
     pooled = {n: x["minus_causal"]["difference"] for n, x in a.items()}
     pooled["g4"] = base["adapters"]["g4"]["minus_causal"]["difference"]
-    names = {"g42": "(g) seed 42", "g3": "(g) seed 3", "g4": "(g) seed 4", "s42": "SNLI mix, seed 42",
-             "s3": "SNLI mix, seed 3"}
-    own = dict(loss, g4=[r for r in _load("mntp-lr-mask", "seed4", "curve.json")["rows"] if r["step"] == 300][0]["eval_loss"])
-    for n, label in names.items():
+    own = dict(loss, g4=_at_300(_load("mntp-lr-mask", "seed4", "curve.json"))["eval_loss"])
+    for n, label in SEED_RUNS.items():
         assert (f"| {label} | {own[n]:.2f} | {res[n]['first']:.2f} | {res[n]['all']:.2f} | {pooled[n]:+.2f} |"
                 in readme), n
     assert f"Seed 42's own sample read {own['g42'] - res['g42']['first']:.2f} higher" in readme
@@ -794,9 +803,7 @@ def test_committed_seed_selectors_match_their_readings():
     news = {**_load("mntp-lr-mask", "news-all", "news-all.json")["adapters"],
             **_load("mntp-lr-mask", "news-short", "news-short.json")["adapters"]}
     assert dev["dev_pairs"] == 1000 and pairs["pairs"] == 4285
-    names = {"g42": "(g) seed 42", "g3": "(g) seed 3", "g4": "(g) seed 4", "s42": "SNLI mix, seed 42",
-             "s3": "SNLI mix, seed 3"}
-    for n, label in names.items():
+    for n, label in SEED_RUNS.items():
         assert (f"| {label} | {dev['adapters'][n]:.2f} | {held[n]['all']:.2f} | "
                 f"{news[n]['minus_causal']['difference']:+.2f} |") in readme, n
     d = pairs["differences"]
