@@ -3,7 +3,8 @@
 A file is written under a temporary name beside it (``<path>.tmp<pid>``, so two processes never share one), flushed
 to disk with ``fsync``, then renamed over ``path`` with ``os.replace``; the folder is synced after the rename so the
 new name itself survives a power cut. Readers see the old file or the new one, whole. If writing fails (a full disk,
-a value JSON cannot hold) the temporary file is removed and ``path`` is left as it was.
+a value JSON cannot hold) the temporary file is removed and ``path`` is left as it was; a process killed outright
+(SIGKILL, power) can leave its ``<path>.tmp<pid>`` behind, never a half-written ``path``.
 
 Every file the engine writes in place (the checkpoint markers and ``latest``, ``run.json``, ``config.yaml``,
 ``metrics.csv``, score files, ``engine.pick``'s result) goes through here; files inside a folder that is itself
