@@ -162,6 +162,49 @@ def test_committed_rank_pilot_matches_its_readings():
             f"test {rows[100]['test_spearman']:.2f})") in readme
 
 
+def test_committed_attention_only_pilot_matches_its_readings():
+    """attn-only/: LoRA on q, k, v and o only, seed 42, against rerun42/ (all seven projections, same config and
+    seed). The README's row of each is recomputed from the committed curves and news files, and its reading holds:
+    level on all news (the paired interval spans 0), the same headline deficit, lower on loss, dev and test."""
+    readme = _text(os.path.join(RESULTS, "mntp-lr-mask", "README.md"))
+    att, ref = _load("mntp-lr-mask", "attn-only", "curve.json"), _load("mntp-lr-mask", "rerun42", "curve.json")
+    assert att["overrides"] == ["model.gradient_checkpointing=false", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
+    assert ref["overrides"] == ["model.gradient_checkpointing=false"] and att["steps"] == ref["steps"] == 300
+    with open(os.path.join(RESULTS, "mntp-lr-mask", "attn-only", "curve.csv")) as f:
+        assert [r["step"] for r in csv.DictReader(f)] == [str(r["step"]) for r in att["rows"]]
+    with open(os.path.join(RESULTS, "mntp-lr-mask", "attn-only", "metrics.csv")) as f:
+        m = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in m] == list(range(1, 301)) and not any(int(r["nonfinite"]) for r in m)
+    assert float(m[-1]["eval_loss"]) == _at_300(att)["eval_loss"]
+    news = {"a42": _load("mntp-lr-mask", "attn-only", "news-all.json"), "g42": _load("mntp-lr-mask", "news-all", "news-all.json")}
+    assert news["a42"]["causal"] == news["g42"]["causal"] and news["a42"]["pairs"] == 4285
+    causal = att["rows"][0]["news_spearman"]
+    assert att["rows"][0]["step"] == "causal" and causal == ref["rows"][0]["news_spearman"]
+    for name, curve, label, trainable in (("g42", ref, "all seven (`rerun42/`, `news-all/`)", "4,884,480"),
+                                          ("a42", att, "q, k, v, o (`attn-only/`)", "1,843,200")):
+        r, a = _at_300(curve), news[name]["adapters"][name]
+        by = lambda k: a["minus_causal_by"][k]["difference"]  # noqa: E731
+        d = a["minus_causal"]
+        assert by("split=test") == pytest.approx(r["news_spearman"] - causal, abs=0.011)
+        assert (f"| {label} | {trainable} | {r['eval_loss']:.2f} | {r['dev_spearman']:.1f} | {r['test_spearman']:.2f} | "
+                f"{r['news_spearman']:.2f} ({by('split=test'):+.2f}) | {d['difference']:+.2f} "
+                f"[{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] | {by('source=MSRpar'):+.2f} | {by('source=headlines'):+.2f} | "
+                f"{by('source=deft-news'):+.2f} |") in readme, name
+    a, g = news["a42"]["adapters"]["a42"], news["g42"]["adapters"]["g42"]
+    pair = _load("mntp-lr-mask", "attn-only", "seed-pairs.json")["differences"]["a42-g42"]
+    assert pair["difference"] == pytest.approx(a["spearman"] - g["spearman"], abs=1e-9) and pair["pairs"] == 4285
+    assert pair["ci"][0] < 0 < pair["ci"][1]  # level on all news
+    assert f"attention-only minus all seven is {pair['difference']:+.2f} [{pair['ci'][0]:+.2f}, {pair['ci'][1]:+.2f}]" in readme
+    assert (f"level with all seven on all 4,285 news pairs ({pair['difference']:+.2f} [{pair['ci'][0]:+.2f}, "
+            f"{pair['ci'][1]:+.2f}])") in _text(os.path.join(RESULTS, "README.md"))
+    head = a["minus_causal_by"]["source=headlines"]
+    assert head["ci"][1] < 0 and abs(head["difference"] - g["minus_causal_by"]["source=headlines"]["difference"]) < 1
+    assert (f"{head['difference']:.2f} [{head['ci'][0]:.2f}, {head['ci'][1]:.2f}] against "
+            f"{g['minus_causal_by']['source=headlines']['difference']:.2f}") in readme
+    x, y = _at_300(att), _at_300(ref)
+    assert x["eval_loss"] > y["eval_loss"] and x["dev_spearman"] < y["dev_spearman"] and x["test_spearman"] < y["test_spearman"]
+
+
 def test_committed_corpus_pilot_kept_the_wikitext2_corpus():
     """The larger-corpus pilot (mntp-lr-mask/wikitext103/) changed only the data, to the committed WikiText-103
     corpus, and its held-out MNTP loss is level with the WikiText-2 curve at every reading; so general-mntp.yaml
