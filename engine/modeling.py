@@ -12,8 +12,8 @@ import os
 import torch
 
 from . import assets
-from .files import write_json
 from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
+from .files import write_json
 from .fused_ops import apply_fused_ops
 
 
