@@ -30,12 +30,12 @@ NO_DROPOUT = ["lora.dropout=0", "model.attention_dropout=0"]
 ONE_STEP = ["max_steps=1", "save_every=0", "eval_every=0"]
 
 
-def step_one(out, dump):
-    """(loss, gradients) of step 1 of the run in ``out`` that dumped its gradients to ``dump``."""
+def step_one(out, dump, steps):
+    """(loss, gradients) of step 1 of the ``steps``-step run in ``out`` that dumped its gradients to ``dump``."""
     with open(os.path.join(out, "metrics.csv")) as f:
-        row = next(csv.DictReader(f))
-    assert int(row["step"]) == 1
-    return float(row["loss"]), torch.load(os.path.join(dump, "grads_step1.pt"))
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    return float(rows[0]["loss"]), torch.load(os.path.join(dump, "grads_step1.pt"))
 
 
 def _one_step(tmp_path, name, nproc, config, *overrides):
@@ -44,7 +44,7 @@ def _one_step(tmp_path, name, nproc, config, *overrides):
     cmd = deepspeed_cmd(nproc, *args) if nproc > 1 else ["python", "engine/train.py", *args]
     r = run_cmd(cmd, env={"LLM2VEC_ENGINE_DUMP_GRADS": dump})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return step_one(out, dump)
+    return step_one(out, dump, steps=1)  # a one-step run logs exactly one row
 
 
 def one_rank_step(tmp_path, config, *overrides):
