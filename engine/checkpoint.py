@@ -25,6 +25,7 @@ import socket
 import torch
 import torch.distributed as dist
 
+from . import refs
 from .config import ConfigError, to_dict
 from .data import read_sts
 from .distributed import log0, warn0
@@ -122,7 +123,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         acfg = json.load(f)
     # Like published LLM2Vec checkpoints: an adapter trained on top of merged ones names the last of them.
     def ref(a):  # a local adapter by absolute path; a hub id (llm2vec's published adapters) as is
-        return os.path.abspath(a) if os.path.exists(os.path.expanduser(a)) else a
+        return refs.local_path(a) if refs.kind(a) == "local" else a
 
     acfg["base_model_name_or_path"] = ref(cfg.model.adapters[-1]) if cfg.model.adapters else base_path
     with open(acfg_path, "w") as f:

@@ -308,6 +308,21 @@ def load_config(path=None, overrides=()):
     return cfg
 
 
+def check_model_names(cfg):
+    """Every model name a run loads (base, tokenizer, prior adapters) read by :mod:`engine.refs`: one that is neither
+    an alias, a local path nor a hub id is said now, before any folder, data or model (a random-init run would
+    otherwise train and fail at its first checkpoint). A dry run does not call this: it plans configs whose prior
+    adapters are made by earlier stages."""
+    from . import refs
+
+    m = cfg.model
+    names = [("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)]
+    names += [(f"model.adapters[{i}]", a) for i, a in enumerate(m.adapters or [])]
+    for key, name in names:
+        if name and refs.kind(name) == "missing":
+            raise ConfigError(f"{key}: model not found: {name} (neither a local path nor a hub id org/name)")
+
+
 def check_output_dir(path):
     """``output_dir`` must name a folder that exists or can be created: not '', a file, or a dangling link."""
     if not path or not path.strip():

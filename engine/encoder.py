@@ -24,7 +24,8 @@ import re
 import numpy as np
 import torch
 
-from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, hub_id_of, truncate_words
+from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, truncate_words
+from .refs import hub_id_of, kind
 
 logger = logging.getLogger(__name__)
 
@@ -40,19 +41,14 @@ def _read_json(path):
         return json.load(f)
 
 
-def _looks_like_hub_id(name):
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
-
-
 def resolve_ref(name, what="model"):
     """A local folder for ``name``: a local path as is, a hub id through ``huggingface_hub`` (its cache and
     ``HF_HUB_OFFLINE`` are honoured)."""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         return os.path.abspath(path)
-    if not _looks_like_hub_id(name):
-        raise FileNotFoundError(f"{what} not found: {name} (neither a local folder nor a hub id)")
+    if kind(name) != "hub":
+        raise FileNotFoundError(f"{what} not found: {name} (neither a local folder nor a hub id org/name)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -67,7 +63,7 @@ def _is_adapter(name):
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         return os.path.isfile(os.path.join(path, "adapter_config.json"))
-    if not _looks_like_hub_id(name):
+    if kind(name) != "hub":
         return False
     try:
         from huggingface_hub import hf_hub_download
@@ -203,14 +199,12 @@ def _fmt(x):
 def check_model_path(name_or_path):
     """A clear ModelPathError for a local path that holds no model (hub ids and the engine's model aliases pass:
     the hub or ``engine.assets`` answers for them)."""
-    from .assets import is_alias
-
+    k = kind(name_or_path)
+    if k in ("alias", "hub"):
+        return  # engine.assets or the hub answers for it (engine.refs: ``outputs/x`` beside outputs/ is local)
+    if k == "missing":
+        raise ModelPathError(f"model not found: {name_or_path} (neither a local folder nor a hub id org/name)")
     path = os.path.expanduser(name_or_path)
-    if not os.path.lexists(path):
-        if is_alias(name_or_path) or (_looks_like_hub_id(name_or_path) and
-                                      not os.path.isdir(name_or_path.split("/")[0])):
-            return  # a hub id (a name whose first part is a local folder is a missing local path)
-        raise ModelPathError(f"model not found: {name_or_path} (neither a local folder nor a hub id)")
     if os.path.isfile(path):
         if not path.endswith(".gguf"):
             raise ModelPathError(f"{name_or_path} is a file, not a model folder (a .gguf file or a folder is "
@@ -289,9 +283,7 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         info["settings"] = {**info["settings"], **extra["settings"]}
         if extra["tokenizer"] and not info["tokenizer"]:
             info["tokenizer"] = extra["tokenizer"]
-    base = info["base"]
-    if base and (os.path.isdir(os.path.expanduser(base)) or _looks_like_hub_id(base)):
-        info["base_id"] = hub_id_of(base)
+    info["base_id"] = hub_id_of(info["base"])
     return info
 
 

@@ -1,11 +1,9 @@
 """Tokenising texts (with optional instructions) and turning them into pooled embeddings."""
-import json
-import os
-
 import torch
 
 from .modeling import packed_hidden_states
 from .pooling import pool
+from .refs import hub_id_of
 
 
 def special_prefix(tokenizer):
@@ -79,22 +77,6 @@ CHAT_WRAP_BY_BASE = {
 CHAT_SETTINGS = ("auto", "none", *CHAT_WRAPS)
 # What a training run records (engine_encoder.json "text_format") for the rule below; runs without it predate it.
 TEXT_FORMAT = "instruction-newline-eos/1"
-
-
-def hub_id_of(name_or_path):
-    """The hub id a model was made from, as llm2vec reads it (``config._name_or_path``): a hub id as is, a local
-    folder's ``config.json`` ``_name_or_path`` (None when it names no hub id)."""
-    if not name_or_path:
-        return None
-    path = os.path.expanduser(name_or_path)
-    if os.path.isdir(path):
-        cfg = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg):
-            return None
-        with open(cfg) as f:
-            name = json.load(f).get("_name_or_path")
-        return name if name and not os.path.isabs(name) and not os.path.isdir(name) else None
-    return name_or_path
 
 
 def resolve_chat(setting, base_id, stage="supervised"):

@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from . import assets
+from . import assets, refs
 from .cli import BAD_INPUT, ArgumentParser, disk_full_message, fail, missing_folders, positive_int, remove_empty
 from .encoder import RUN_ADAPTERS
 
@@ -191,14 +191,10 @@ def _eval_figures(run, step=None):
     return last
 
 
-def _is_local(ref):
-    return os.path.isabs(os.path.expanduser(ref)) or ref.startswith((".", "~")) or os.path.exists(ref)
-
-
 def _adapter_label(ref):
     """A hub id stays; a local adapter folder is named by its run and itself (``quick-simcse/best``): the export
     must not point at this machine, and ``best`` or ``adapter`` alone says nothing."""
-    if not _is_local(ref):
+    if not refs.is_local(ref):
         return ref
     parts = os.path.normpath(os.path.abspath(os.path.expanduser(ref))).split(os.sep)
     return "/".join(p for p in parts[-2:] if p)
@@ -206,8 +202,9 @@ def _adapter_label(ref):
 
 def _base_names(info):
     """(label, hub id or None) of the base model. An engine alias is named as such, with the hub model its weights
-    came from; a hub id is both; another local folder is its base name, with no hub id (the card's ``base_model``
-    must name a hub model or be left out)."""
+    came from; a hub id, or a hub cache snapshot of one, is both; another local folder is its base name, with the
+    hub id it says it came from (:func:`engine.refs.hub_id_of`, the id that chose the chat wrap) or none: the
+    card's ``base_model`` must name a hub model or be left out."""
     base = info["base"]
     if not base:
         return "random-init", None
@@ -215,9 +212,9 @@ def _base_names(info):
     alias = given if given and assets.is_alias(given) else assets.alias_of(base)
     if alias:
         return alias, assets.ALIASES[alias].get("hub_id")
-    if _is_local(base):
-        return os.path.basename(os.path.normpath(base)), None
-    return base, base
+    if not refs.is_local(base):
+        return base, base
+    return refs.snapshot_id(base) or os.path.basename(os.path.normpath(base)), refs.hub_id_of(base)
 
 
 def _local_names(x):

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import assets
+from . import assets, refs
 from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
 from .files import write_json
 from .fused_ops import apply_fused_ops
@@ -31,19 +31,21 @@ def _loading(what, fn, *args, **kw):
 
 
 def resolve_model_path(name_or_path, gguf_file=None):
-    """Return (path, gguf_file) for from_pretrained. Aliases are fetched into the local cache."""
+    """Return (path, gguf_file) for from_pretrained, by :mod:`engine.refs`' rule: an alias is fetched into the
+    local cache, a local path is made absolute (a run records it and must load from any folder), a hub id stays."""
     if assets.is_alias(name_or_path):
         return assets.fetch(name_or_path, quiet=True), None
     if name_or_path.endswith(".gguf"):
-        if not os.path.isfile(name_or_path):
+        if not os.path.isfile(os.path.expanduser(name_or_path)):
             raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
-        return os.path.dirname(os.path.abspath(name_or_path)), os.path.basename(name_or_path)
+        path = refs.local_path(name_or_path)
+        return os.path.dirname(path), os.path.basename(path)
     if gguf_file and os.path.isabs(gguf_file):
         return os.path.dirname(gguf_file), os.path.basename(gguf_file)
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
-    if looks_local and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"model path not found: {name_or_path}")
-    return os.path.expanduser(name_or_path), gguf_file
+    k = refs.kind(name_or_path)
+    if k == "missing":
+        raise FileNotFoundError(f"model not found: {name_or_path} (neither a local folder nor a hub id org/name)")
+    return (refs.local_path(name_or_path) if k == "local" else name_or_path), gguf_file
 
 
 def torch_dtype(name, device_type):

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable witho
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.cli import ArgumentParser, disk_full_message, fail, missing_folders, remove_empty  # noqa: E402
-from engine.config import ConfigError, load_config  # noqa: E402
+from engine.config import ConfigError, check_model_names, load_config  # noqa: E402
 
 
 def check_targets_offline(cfg):
@@ -102,6 +102,7 @@ def main(argv=None):
     except DataError as e:
         return fail(e)
     try:
+        check_model_names(cfg)
         created = prepare_output_dir(cfg.output_dir)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

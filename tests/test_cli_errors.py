@@ -142,6 +142,28 @@ def test_train_output_dir_checks_and_no_empty_folder_left(tmp_path):
     assert r.returncode == 2 and "no-such-flag" in _one_line(r.stderr)
 
 
+def test_a_name_that_is_no_model_is_said_by_every_command_before_anything_is_written(capsys, tmp_path, monkeypatch):
+    """engine.refs' "missing" (a one-part name, ``outputs/x`` beside outputs/, three parts): train, evaluate and
+    export each exit 2 with one line naming it. Train says it before making the run folder, also for a random-init
+    run, which loads no base and used to fail only at its first checkpoint."""
+    from engine.export import main as export_main
+
+    repo = os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for name in ("run1", "outputs/run1", "a/b/c"):
+        rc, line = _evaluate(capsys, "--model", name, "--data", DEV)
+        assert rc == 2 and f"model not found: {name}" in line
+        assert export_main(["--model", name, "--out", str(tmp_path / "exp")]) == 2
+        assert f"model not found: {name}" in _one_line(capsys.readouterr().err)
+    assert sorted(os.listdir(tmp_path)) == ["outputs"]
+    monkeypatch.chdir(repo)
+    for key, value in (("model.name_or_path", "run1"), ("model.tokenizer", "a/b/c"), ("model.adapters", "[nope]")):
+        r = _train(f"{key}={value}", f"output_dir={tmp_path / 'run'}")
+        assert r.returncode == 2 and "model not found" in _one_line(r.stderr) and key in r.stderr
+        assert not os.path.exists(tmp_path / "run")
+
+
 def test_model_path_check_lets_hub_ids_and_aliases_through(tmp_path, monkeypatch):
     from engine.encoder import ModelPathError, check_model_path
 

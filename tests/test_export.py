@@ -323,7 +323,7 @@ def test_full_disk_during_an_export_exits_2_naming_the_path_and_leaves_nothing(t
 def test_base_and_adapter_names_say_what_they_are(tmp_path, monkeypatch):
     """The card's ``base_model`` must be a hub model: an engine alias names the hub model its weights came from
     (whether the run recorded the alias or only its cached folder, as runs before ``base_model_name`` did), a hub
-    id is itself, a local folder has none. Local adapters are named by run and folder."""
+    id is itself, a local folder the hub id it records or none. Local adapters are named by run and folder."""
     from engine import assets
     from engine.export import _adapter_label, _base_line, _base_names
 
@@ -336,6 +336,14 @@ def test_base_and_adapter_names_say_what_they_are(tmp_path, monkeypatch):
         assert _base_names({"base": cached, "engine_meta": meta}) == ("smollm2-135m", hub)
     assert _base_names({"base": "mistralai/Mistral-7B-v0.1", "engine_meta": None}) == ("mistralai/Mistral-7B-v0.1",) * 2
     assert _base_names({"base": str(tmp_path / "my-base"), "engine_meta": {}}) == ("my-base", None)
+    # a local copy that says which hub model it is (config.json, as llm2vec reads it; or a hub cache snapshot path)
+    # is named by it: the card's base_model and the chat wrap come from the same engine.refs.hub_id_of
+    os.makedirs(tmp_path / "my-base")
+    (tmp_path / "my-base" / "config.json").write_text(json.dumps({"_name_or_path": "mistralai/Mistral-7B-v0.1"}))
+    assert _base_names({"base": str(tmp_path / "my-base"), "engine_meta": {}}) == ("my-base", "mistralai/Mistral-7B-v0.1")
+    snap = tmp_path / "hf" / "models--Qwen--Qwen2-1.5B-Instruct" / "snapshots" / "abc123"
+    os.makedirs(snap)
+    assert _base_names({"base": str(snap), "engine_meta": {}}) == ("Qwen/Qwen2-1.5B-Instruct",) * 2
     assert _base_names({"base": None, "engine_meta": {}}) == ("random-init", None)
     assert _base_line({"base_model": "smollm2-135m", "base_model_hub_id": hub}) == \
         f"`smollm2-135m` (from {hub}, Q4_1, de-quantised to fp32)"

@@ -1,0 +1,100 @@
+"""engine.refs: one reading of a model or adapter name, shared by training, encode, evaluate and the export."""
+import json
+import os
+
+import pytest
+
+from engine import refs
+
+
+@pytest.fixture
+def here(tmp_path, monkeypatch):
+    """A working folder holding a model folder, a GGUF file and an ``outputs/`` folder, with HOME in it too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    for folder in (tmp_path / "home" / "models" / "m", tmp_path / "models" / "m"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (tmp_path / "w.gguf").write_bytes(b"GGUF")
+    (tmp_path / "home" / "w.gguf").write_bytes(b"GGUF")
+    (tmp_path / "outputs").mkdir()
+    return tmp_path
+
+
+NAMES = [
+    ("smollm2-135m", "alias"),
+    ("models/m", "local"), ("./models/m", "local"), ("~/models/m", "local"), ("w.gguf", "local"),
+    ("~/w.gguf", "local"),
+    ("mistralai/Mistral-7B-Instruct-v0.2", "hub"), ("McGill-NLP/LLM2Vec-Tiny", "hub"), ("Qwen/Qwen2.5-0.5B", "hub"),
+    ("a_b/c.d-e", "hub"),
+    ("outputs/run1", "missing"),  # beside outputs/: a mistyped run, not user "outputs"
+    ("run1", "missing"), ("gpt2", "missing"),  # one part: a path (the hub's legacy names have org/name forms)
+    ("./org/name", "missing"), ("/org/name", "missing"), ("~/org/name", "missing"), ("a/b/c", "missing"),
+    ("org--x/name", "missing"), ("org/na..me", "missing"), (".org/name", "missing"), ("org/name-", "missing"),
+    ("org/na me", "missing"), ("org/", "missing"), ("o/" + "n" * 95, "missing"),
+]
+
+
+@pytest.mark.parametrize("name,expected", NAMES)
+def test_kind(here, name, expected):
+    assert refs.kind(name) == expected
+    assert refs.is_local(name) == (expected in ("local", "missing"))
+
+
+def test_a_local_path_is_made_absolute_and_found_from_any_folder(here, monkeypatch):
+    path = refs.local_path("models/m")
+    assert os.path.isabs(path) and path == str(here / "models" / "m")
+    assert refs.local_path("~/models/m") == str(here / "home" / "models" / "m")
+    monkeypatch.chdir(here / "outputs")
+    # from elsewhere the relative name reads as a hub id, which is why a run records the absolute path
+    assert refs.kind(path) == "local" and refs.kind("models/m") == "hub"
+
+
+def test_hub_id_of(here):
+    assert refs.hub_id_of("smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert refs.hub_id_of("mistralai/Mistral-7B-Instruct-v0.2") == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert refs.hub_id_of("outputs/run1") is None and refs.hub_id_of(None) is None and refs.hub_id_of("") is None
+    assert refs.hub_id_of("models/m") is None  # a folder that does not say where it came from
+
+    def folder(rel, name_or_path):
+        (here / rel).mkdir(parents=True)
+        (here / rel / "config.json").write_text(json.dumps({"_name_or_path": name_or_path}))
+        return str(here / rel)
+
+    # config.json's _name_or_path (what llm2vec reads) when it is a hub id, and not when it is a path
+    assert refs.hub_id_of(folder("saved", "meta-llama/Meta-Llama-3-8B-Instruct")) == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert refs.hub_id_of(folder("resaved", str(here / "saved"))) is None
+    assert refs.hub_id_of(folder("rel", "models/m")) is None  # names a folder that exists here
+    # a huggingface_hub cache snapshot says its id in its path, whatever its config.json holds
+    snap = folder("hub/models--mistralai--Mistral-7B-Instruct-v0.2/snapshots/0123abc", None)
+    assert refs.hub_id_of(snap) == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert refs.hub_id_of(snap + "/") == "mistralai/Mistral-7B-Instruct-v0.2"
+    # the engine's cached copy of an alias is that alias's hub model
+    assert refs.hub_id_of(folder("cache/smollm2-135m/hf", None)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("name,expected", NAMES)
+def test_every_reader_reads_a_name_the_same_way(here, name, expected):
+    """resolve_model_path (training and encode load through it), check_model_path (evaluate's early check),
+    resolve_ref (adapters), the checkpoint's adapter reference and the export's labels all follow engine.refs."""
+    from engine.encoder import ModelPathError, check_model_path, resolve_ref
+    from engine.export import _adapter_label
+    from engine.modeling import resolve_model_path
+
+    if expected == "missing":
+        with pytest.raises(FileNotFoundError, match=f"model not found: {name}"):
+            resolve_model_path(name)
+        with pytest.raises(ModelPathError, match="model not found"):
+            check_model_path(name)
+        with pytest.raises(FileNotFoundError, match=r"neither a local folder nor a hub id org/name"):
+            resolve_ref(name)
+    elif expected == "hub":
+        assert resolve_model_path(name) == (name, None)
+        check_model_path(name)
+        assert _adapter_label(name) == name
+    elif expected == "local":
+        path, gguf = resolve_model_path(name)
+        assert os.path.isabs(path) and os.path.exists(os.path.join(path, gguf) if gguf else path)
+        check_model_path(name)
+        assert _adapter_label(name) == "/".join(refs.local_path(name).split(os.sep)[-2:])
