@@ -98,3 +98,25 @@ def test_every_reader_reads_a_name_the_same_way(here, name, expected):
         assert os.path.isabs(path) and os.path.exists(os.path.join(path, gguf) if gguf else path)
         check_model_path(name)
         assert _adapter_label(name) == "/".join(refs.local_path(name).split(os.sep)[-2:])
+
+
+def test_the_chat_wrap_and_the_card_name_the_same_base(here):
+    """A local copy of an Instruct base that llm2vec wraps gets the wrap when it says which model it is, and the
+    export card names that model: both come from engine.refs.hub_id_of."""
+    from engine.config import ContrastiveConfig, ModelConfig, TrainConfig
+    from engine.encoding import training_wrap
+    from engine.export import _base_names
+
+    hub = "mistralai/Mistral-7B-Instruct-v0.2"
+    snap = here / "hf" / "models--mistralai--Mistral-7B-Instruct-v0.2" / "snapshots" / "41b61a3"
+    copy = here / "mistral-copy"
+    plain = here / "mistral-plain"
+    for folder, said in ((snap, None), (copy, hub), (plain, None)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"_name_or_path": said}))
+    for folder, wrap, names in ((snap, "inst", (hub, hub)), (copy, "inst", ("mistral-copy", hub)),
+                                (plain, None, ("mistral-plain", None)), (hub, "inst", (hub, hub))):
+        cfg = TrainConfig(stage="supervised", model=ModelConfig(name_or_path=str(folder)),
+                          contrastive=ContrastiveConfig(chat="auto"))
+        assert training_wrap(cfg) == wrap
+        assert _base_names({"base": str(folder), "engine_meta": {}}) == names
