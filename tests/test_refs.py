@@ -1,10 +1,14 @@
 """engine.refs: one reading of a model or adapter name, shared by training, encode, evaluate and the export."""
 import json
 import os
+import shutil
+import sys
 
 import pytest
 
-from engine import refs
+from engine import assets, refs
+
+from .helpers import ROOT, STS, run_cmd
 
 
 @pytest.fixture
@@ -120,3 +124,19 @@ def test_the_chat_wrap_and_the_card_name_the_same_base(here):
                           contrastive=ContrastiveConfig(chat="auto"))
         assert training_wrap(cfg) == wrap
         assert _base_names({"base": str(folder), "engine_meta": {}}) == names
+
+
+def test_a_run_started_elsewhere_records_its_relative_local_base_absolute(tmp_path):
+    """A base named relative to where the run started is recorded absolute in the adapter (``engine_encoder.json``
+    and PEFT's ``adapter_config.json``), so the adapter loads from any folder. Random-init: only the name is read."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    shutil.copy(os.path.join(assets.fetch("smollm2-135m", quiet=True), "config.json"), tmp_path / "models" / "base")
+    r = run_cmd([sys.executable, os.path.join(ROOT, "engine", "train.py"), "--config",
+                 os.path.join(ROOT, "configs", "tiny", "mntp.yaml"), "model.name_or_path=models/base", "output_dir=out",
+                 "max_steps=2", "save_every=0", "eval_every=0", f"data={STS}/sts-dev.csv",
+                 f"eval_data={STS}/sts-test.csv"], cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    adapter = tmp_path / "out" / "adapter"
+    recorded = (json.loads((adapter / "engine_encoder.json").read_text())["base_model"],
+                json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert recorded == (str(tmp_path / "models" / "base"),) * 2
