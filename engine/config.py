@@ -320,7 +320,7 @@ def check_model_names(cfg):
     names += [(f"model.adapters[{i}]", a) for i, a in enumerate(m.adapters or [])]
     for key, name in names:
         if name and refs.kind(name) == "missing":
-            raise ConfigError(f"{key}: model not found: {name} (neither a local path nor a hub id org/name)")
+            raise ConfigError(f"{key}: {refs.not_found(name)}")
 
 
 def check_output_dir(path):

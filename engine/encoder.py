@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, truncate_words
-from .refs import hub_id_of, kind
+from .refs import hub_id_of, kind, not_found
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def resolve_ref(name, what="model"):
     if os.path.isdir(path):
         return os.path.abspath(path)
     if kind(name) != "hub":
-        raise FileNotFoundError(f"{what} not found: {name} (neither a local folder nor a hub id org/name)")
+        raise FileNotFoundError(not_found(name, what))
     from huggingface_hub import snapshot_download
 
     try:
@@ -203,7 +203,7 @@ def check_model_path(name_or_path):
     if k in ("alias", "hub"):
         return  # engine.assets or the hub answers for it (engine.refs: ``outputs/x`` beside outputs/ is local)
     if k == "missing":
-        raise ModelPathError(f"model not found: {name_or_path} (neither a local folder nor a hub id org/name)")
+        raise ModelPathError(not_found(name_or_path))
     path = os.path.expanduser(name_or_path)
     if os.path.isfile(path):
         if not path.endswith(".gguf"):

@@ -44,7 +44,7 @@ def resolve_model_path(name_or_path, gguf_file=None):
         return os.path.dirname(gguf_file), os.path.basename(gguf_file)
     k = refs.kind(name_or_path)
     if k == "missing":
-        raise FileNotFoundError(f"model not found: {name_or_path} (neither a local folder nor a hub id org/name)")
+        raise FileNotFoundError(refs.not_found(name_or_path))
     return (refs.local_path(name_or_path) if k == "local" else name_or_path), gguf_file
 
 

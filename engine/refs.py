@@ -44,6 +44,16 @@ def kind(name):
     return "missing"
 
 
+def not_found(name, what="model"):
+    """The one line every command says for a ``missing`` name, with the reason it is not read as a hub id."""
+    head = name.split("/")[0]
+    if is_hub_id(name) and os.path.isdir(head):
+        why = f"read as a path because {head}/ is a local folder; a hub id org/name needs no such folder here"
+    else:
+        why = "neither a local path nor a hub id org/name"
+    return f"{what} not found: {name} ({why})"
+
+
 def is_local(name):
     """Whether ``name`` names a local path, present or not (``local`` or ``missing``)."""
     return kind(name) in ("local", "missing")
