@@ -25,8 +25,8 @@ if ROOT not in sys.path:
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
-from engine.files import write_json  # noqa: E402
 from engine.distributed import free_port  # noqa: E402
+from engine.files import write_json  # noqa: E402
 
 
 def _curve(metrics):

@@ -196,7 +196,7 @@ def _adapter_label(ref):
     must not point at this machine, and ``best`` or ``adapter`` alone says nothing."""
     if not refs.is_local(ref):
         return ref
-    parts = os.path.normpath(os.path.abspath(os.path.expanduser(ref))).split(os.sep)
+    parts = refs.local_path(ref).split(os.sep)
     return "/".join(p for p in parts[-2:] if p)
 
 
@@ -211,7 +211,7 @@ def _base_names(info):
     given = (info.get("engine_meta") or {}).get("base_model_name")
     alias = given if given and assets.is_alias(given) else assets.alias_of(base)
     if alias:
-        return alias, assets.ALIASES[alias].get("hub_id")
+        return alias, refs.hub_id_of(alias)
     if not refs.is_local(base):
         return base, base
     return refs.snapshot_id(base) or os.path.basename(os.path.normpath(base)), refs.hub_id_of(base)

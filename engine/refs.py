@@ -39,16 +39,20 @@ def kind(name):
         return "alias"
     if os.path.lexists(os.path.expanduser(name)):
         return "local"
-    if is_hub_id(name) and not os.path.isdir(name.split("/")[0]):
+    if is_hub_id(name) and not _org_is_a_folder(name):
         return "hub"
     return "missing"
 
 
+def _org_is_a_folder(name):
+    return os.path.isdir(name.split("/")[0])
+
+
 def not_found(name, what="model"):
     """The one line every command says for a ``missing`` name, with the reason it is not read as a hub id."""
-    head = name.split("/")[0]
-    if is_hub_id(name) and os.path.isdir(head):
-        why = f"read as a path because {head}/ is a local folder; a hub id org/name needs no such folder here"
+    if is_hub_id(name) and _org_is_a_folder(name):
+        why = (f"read as a path because {name.split('/')[0]}/ is a local folder; a hub id org/name needs no such "
+               f"folder here")
     else:
         why = "neither a local path nor a hub id org/name"
     return f"{what} not found: {name} ({why})"
@@ -89,8 +93,9 @@ def hub_id_of(name):
     if k == "missing":
         return None
     path = local_path(name)
-    if snapshot_id(path):
-        return snapshot_id(path)
+    snap = snapshot_id(path)
+    if snap:
+        return snap
     cfg = os.path.join(path, "config.json")
     if os.path.isfile(cfg):
         with open(cfg) as f:
@@ -98,4 +103,4 @@ def hub_id_of(name):
         if given and kind(given) == "hub":
             return given
     alias = assets.alias_of(path)
-    return assets.ALIASES[alias].get("hub_id") if alias else None
+    return hub_id_of(alias) if alias else None
