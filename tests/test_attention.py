@@ -241,6 +241,31 @@ def test_dropout_mask_properties():
     assert torch.equal(ms[0], m1[0, :, :10, :10]) and torch.equal(ms[1], m1[1])
 
 
+def test_the_reference_draws_its_own_dropout_mask_on_the_tensors_device(monkeypatch):
+    # The engine's exact torch path (Gemma2's soft-capped logits) gives the reference a seed, not a mask: a
+    # (B, H, S, S) keep-mask per layer and step, which must not be drawn on the host and copied over.
+    q, k, v = _inputs((2, 48), 4, 2, 16, torch.float32)
+    keep = F._dropout_keep_mask_torch((2, 4, 48, 48), 0.3, 11, q.device)
+    assert keep.device == q.device and keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.7) < 0.03
+    assert torch.equal(keep, F._dropout_keep_mask_torch((2, 4, 48, 48), 0.3, 11, q.device))
+    assert not torch.equal(keep, F._dropout_keep_mask_torch((2, 4, 48, 48), 0.3, 12, q.device))
+    out = flash_attention_reference(q, k, v, dropout_p=0.3, seed=11, softcap=50.0)
+    assert torch.equal(out, flash_attention_reference(q, k, v, dropout_p=0.3, seed=11, softcap=50.0))
+    assert torch.equal(out, flash_attention_reference(q, k, v, dropout_p=0.3, dropout_mask=keep, softcap=50.0))
+    drawn = []
+    real_rand = torch.rand
+
+    def recording_rand(*a, **kw):
+        drawn.append((kw.get("device"), kw["generator"].device))
+        return real_rand(*a, **kw)
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
+    meta = [t.to("meta") for t in (q, k, v)]
+    assert flash_attention_reference(*meta, dropout_p=0.3, seed=11).device.type == "meta"  # no draw at all
+    flash_attention_reference(q, k, v, dropout_p=0.3, seed=11)
+    assert drawn == [(q.device, q.device)]
+
+
 def test_dropout_mask_does_not_depend_on_tiling(monkeypatch):
     q, k, v = _inputs((1, 70), 2, 1, 32, torch.float32)
     base = flash_attention(q, k, v, dropout_p=0.4, seed=99, impl="triton")

@@ -45,9 +45,14 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 
 def _dropout_keep_mask_torch(shape, dropout_p, seed, device):
-    g = torch.Generator(device="cpu")
+    # Drawn where the tensors are: the engine's torch path (Gemma2's soft-capped attention) draws a (B, H, S, S)
+    # mask per layer, and a host-side draw plus copy each layer would cost more than the layer on a GPU.
+    device = torch.device(device)
+    if device.type == "meta":
+        return torch.empty(shape, dtype=torch.bool, device=device)
+    g = torch.Generator(device=device)
     g.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    return (torch.rand(shape, generator=g) >= dropout_p).to(device)
+    return torch.rand(shape, generator=g, device=device) >= dropout_p
 
 
 def _attend_one(q, k, v, scale, keep=None, dropout_p=0.0, causal=False, window=None, softcap=None):
