@@ -68,6 +68,9 @@ class MemoryPlan:
     dtype: str = "float32"  # the parameters' dtype: bfloat16 picks stage 1 for a replicated base
     per_token_layer_zero3: dict = None  # the same under ZeRO-3 (LoRA through PEFT's layers); None: as above
     paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
+    torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
+    seq_len: int = 0  # the padded sequence length the plan is for
+    softcap: bool = False  # attention logits soft-capped (why the torch path is taken, else a sliding window)
 
     def path(self, stage):
         return self.paths[stage == 3]
@@ -96,7 +99,10 @@ class MemoryPlan:
         return (f"planned {self.total(policy, stage) / GIB:.2f} GiB of {self.budget_bytes / GIB:.2f} GiB "
                 f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
-                f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path)")
+                f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
+                + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers ("
+                   + ("soft-capped logits" if self.softcap else f"a sliding window under {self.seq_len} tokens")
+                   + "), with fp32 L x L scores per head" if self.torch_attention else "") + ")")
 
 
 def tokens_per_micro_batch(cfg):
@@ -113,6 +119,14 @@ def tokens_per_micro_batch(cfg):
     if c.grad_cache_chunk > 0:  # one chunk of texts is alive at a time
         return max(lens) * min(c.grad_cache_chunk, texts)
     return sum(lens)
+
+
+def sequence_length(cfg):
+    """The longest padded sequence of a micro-batch (what one text's attention spans)."""
+    c = cfg.contrastive
+    if cfg.stage == "mntp":
+        return cfg.max_seq_len
+    return c.max_len if cfg.stage == "simcse" else max(c.max_len, c.doc_max_len or c.max_len)
 
 
 def _text_config(model):
@@ -140,6 +154,13 @@ class LayerShape:
     lora_rank: int = 0  # sum over the layer's LoRA projections of their rank (7r)
     adapter_b: int = 0  # PEFT adapter element bytes (PEFT keeps adapters in fp32 over a bf16 base)
     dropout: bool = False  # LoRA dropout p > 0
+    q_width: int = 0  # Q = query heads x head dim (the attention output's width too); 0: the hidden size
+    norms: tuple = ()  # (width, rows) per RMSNorm a token passes in a layer; (): two of (H, 1), as in Llama
+    torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (see below)
+    seq_len: int = 0  # L, the padded sequence length (the torch path's scores are L per head per token)
+    softcap: bool = False  # attention logits soft-capped (Gemma2): one more L x L tensor on the torch path
+    attn_dropout: bool = False  # attention-probability dropout p > 0: two more on the torch path
+    max_rank: int = 0  # the largest LoRA rank: selective recompute keeps GEMM outputs whose K exceeds it
 
 
 # path: (decoder elementwise ops, LoRA): "fused" = Triton RMSNorm / RoPE / GLU + fused LoRA groups with the Triton
@@ -152,11 +173,22 @@ PATHS = ("fused", "fused-torch", "peft", "peft-torch", "full-ft")
 def activation_bytes(s, path, zero3_linear=False):
     """{policy: bytes saved per token per decoder layer} for LayerShape ``s`` on ``path`` (see PATHS).
 
-    b = activation bytes, a = PEFT adapter bytes, R = sum of LoRA ranks, X = sum of LoRA input widths.
+    b = activation bytes, a = PEFT adapter bytes, R = sum of LoRA ranks, X = sum of LoRA input widths,
+    Q = query heads x head dim (H for Llama, Mistral, Qwen; 4096 against H = 3584 for Gemma2-9B), n = heads.
     Shared by every path under "none" (what backward reads):
-      attention  b (2H + 2KV) + 4 heads   RoPE'd q and k, v, the output (which o_proj reads), fp32 LSE;
-      RMSNorm    2 (b H + 4)  Triton: each norm's input and fp32 1/rms;  2 (4H + 4) in torch: HF keeps the fp32
-                                copy of the input instead;
+      attention  b (2Q + 2KV) + 4 n   the kernels (Triton, SDPA, flash-attn): RoPE'd q and k, v, the output (which
+                                o_proj reads), fp32 LSE;
+                 (b + 12) Q + 4 n L c   the exact torch path (``flash_attention_reference``), which a layer takes
+                                when its logits are soft-capped (Gemma2) or its sliding window is shorter than the
+                                sequence: the output, fp32 q and the fp32 k and v repeated to n heads, and c fp32
+                                L x L score tensors per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
+                                attention dropout (the fp32 keep-mask and the dropped probabilities). Per token it
+                                grows with L, the padded sequence length. ``torch_attention`` is the share of the
+                                layers that take it. A sliding window's bool band mask (L bytes) is left out;
+      RMSNorm    sum over the layer's norms of rows (b w + 4)   Triton: each norm's input and fp32 1/rms per row;
+                                (4 w + 4) rows in torch: HF keeps the fp32 copy of the input instead. Two (H, 1) in
+                                Llama; four in Gemma2 (pre- and post-norms); Qwen3 adds q_norm (D, n) and k_norm
+                                (D, kv heads) per head;
       GLU        2 b I        Triton: gate and up;  3 b I in torch: also act(gate).
     LoRA, "none":
       fused      b (2H + I) + b R   the groups' inputs (both norms' outputs, act(gate) * up; the attention output
@@ -166,18 +198,23 @@ def activation_bytes(s, path, zero3_linear=False):
                                     p = 0: the input cast to the adapter dtype, a X, or b (2H + I) when a = b),
                                     and h; the frozen base GEMM keeps nothing;
       full-ft    b (2H + I)         the GEMM inputs (weight gradients).
-    "selective" (``selective_policy``): the layer input and every GEMM output with K > r: b (4H + 2KV + 2I) (layer
-      input, q/k/v, o, gate/up, down), plus h where an aten GEMM makes it: b R (fused-torch), a R (peft), 0 (Triton).
-      Triton attention / norm / RoPE / GLU outputs are recomputed (not aten ops).
+    "selective" (``selective_policy``): the layer input and every GEMM output with K > r: b (3H + Q + 2KV + 2I)
+      (layer input, q/k/v, o, gate/up, down), plus h where an aten GEMM makes it: b R (fused-torch), a R (peft), 0
+      (Triton). Triton attention / norm / RoPE / GLU outputs are recomputed (not aten ops). The torch attention path's
+      two batched GEMMs are kept too when their K exceeds the LoRA rank: the fp32 scores (4 n L; K = head dim)
+      and p V (4 Q; K = L).
     "full": the layer input, b H.
     ``zero3_linear`` (ZeRO-3's memory-efficient linear in place of torch's, on the PEFT paths): the frozen base
     GEMMs keep their inputs too, b (2H + I) more under "none" (both norms' outputs, act(gate) * up), unless the
     adapters already keep those very tensors (p = 0 and a = b). Selective and full recompute are unchanged.
     """
     H, KV, I, b, a = s.hidden, s.kv, s.inter, s.b, s.adapter_b or s.b
+    Q, n, L = s.q_width or H, s.heads, s.seq_len
     elementwise = "torch" if path.endswith("torch") else "triton"
-    attention = b * (2 * H + 2 * KV) + 4 * s.heads
-    norms = 2 * ((4 if elementwise == "torch" else b) * H + 4)
+    scores = 4 * n * L * (1 + s.softcap + 2 * s.attn_dropout)
+    kernel, exact = b * (2 * Q + 2 * KV) + 4 * n, (b + 12) * Q + scores
+    attention = (1 - s.torch_attention) * kernel + s.torch_attention * exact
+    norms = sum(rows * ((4 if elementwise == "torch" else b) * w + 4) for w, rows in (s.norms or ((H, 1), (H, 1))))
     glu = (3 if elementwise == "torch" else 2) * b * I
     inputs = b * (2 * H + I)
     if path.startswith("fused"):
@@ -196,12 +233,14 @@ def activation_bytes(s, path, zero3_linear=False):
         lora, cached_h = inputs, 0
     else:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    return {"none": attention + norms + glu + lora, "selective": b * (4 * H + 2 * KV + 2 * I) + cached_h,
-            "full": b * H}
+    kept = 4 * n * L * (Q // n > s.max_rank) + 4 * Q * (L > s.max_rank)  # q k^T (K = head dim), p v (K = L)
+    selective = b * (3 * H + Q + 2 * KV + 2 * I) + cached_h + s.torch_attention * kept
+    return {"none": round(attention + norms + glu + lora), "selective": round(selective), "full": b * H}
 
 
-def layer_shape(model, dtype=None, dropout=None):
-    """The LayerShape of ``model``'s decoder layers (LoRA read from its first layer's PEFT layers)."""
+def layer_shape(model, dtype=None, dropout=None, seq_len=0, attn_dropout=False):
+    """The LayerShape of ``model``'s decoder layers (LoRA read from its first layer's PEFT layers) on sequences of
+    ``seq_len`` tokens, with attention dropout or not."""
     tc = _text_config(model)
     H = tc.hidden_size
     head_dim = getattr(tc, "head_dim", None) or H // tc.num_attention_heads
@@ -209,7 +248,7 @@ def layer_shape(model, dtype=None, dropout=None):
     params = list(model.parameters())
     dtype = dtype or params[0].dtype
     layer = _decoder_layers(model, tc)
-    lora_in = lora_rank = adapter_b = 0
+    lora_in = lora_rank = adapter_b = max_rank = 0
     drop = False
     for m in (layer[0].modules() if layer is not None else ()):
         if isinstance(getattr(m, "r", None), dict) and hasattr(m, "lora_A") and len(m.lora_A):
@@ -217,12 +256,52 @@ def layer_shape(model, dtype=None, dropout=None):
             a = m.lora_A[adapter].weight
             lora_in += a.shape[1]
             lora_rank += a.shape[0]
+            max_rank = max(max_rank, a.shape[0])
             adapter_b = a.element_size()
             d = m.lora_dropout[adapter]
             drop = drop or float(getattr(d, "p", 0.0)) > 0
+    softcap = getattr(tc, "attn_logit_softcapping", None) is not None
     return LayerShape(hidden=H, kv=kv * head_dim, inter=getattr(tc, "intermediate_size", 4 * H),
                       heads=tc.num_attention_heads, b=torch.empty((), dtype=dtype).element_size(), lora_in=lora_in,
-                      lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout)
+                      lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout,
+                      q_width=tc.num_attention_heads * head_dim,
+                      norms=_layer_norms(tc, layer[0] if layer is not None else None, kv),
+                      torch_attention=_torch_attention_share(tc, layer, seq_len, softcap), seq_len=seq_len,
+                      softcap=softcap, attn_dropout=bool(attn_dropout), max_rank=max_rank)
+
+
+def _family(tc):
+    """The family's entry in engine.bidirectional's table ({} for a model type it does not know)."""
+    from .bidirectional import SUPPORTED_ARCHITECTURES
+
+    return SUPPORTED_ARCHITECTURES.get(getattr(tc, "model_type", None), {})
+
+
+def _layer_norms(tc, layer, kv_heads):
+    """(width, rows per token) of each RMSNorm in a decoder layer: the family's ``layer_norms``; a norm narrower
+    than the hidden size is per head (Qwen3's q_norm, k_norm) and runs once per query or key head."""
+    names = _family(tc).get("fused_ops", {}).get("layer_norms")
+    if layer is None or not names:
+        return ()
+    out = []
+    for name in names:
+        width = layer.get_submodule(name).weight.numel()
+        heads = tc.num_attention_heads if name.endswith("q_norm") else kv_heads
+        out.append((width, 1 if width == tc.hidden_size else heads))
+    return tuple(out)
+
+
+def _torch_attention_share(tc, layers, seq_len, softcap):
+    """The share of decoder layers whose attention takes the exact torch path (engine.bidirectional._attend):
+    every layer when the logits are soft-capped, else the layers whose sliding window is shorter than
+    ``seq_len``."""
+    if softcap:
+        return 1.0
+    if layers is None or not seq_len or not _family(tc).get("sliding_window"):
+        return 0.0
+    # per layer where the module says (Qwen2/3, Gemma2 alternate), else the config's one window (Mistral)
+    windows = [getattr(m.self_attn, "sliding_window", getattr(tc, "sliding_window", None)) for m in layers]
+    return sum(1 for w in windows if w is not None and seq_len > w) / len(windows)
 
 
 def _decoder_layers(model, tc):
@@ -249,7 +328,7 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
     train = [p for p in params if p.requires_grad]
     layers_mod = _decoder_layers(model, tc)
     layer_numel = sum(p.numel() for p in layers_mod[0].parameters()) if layers_mod is not None else 0
-    shape = layer_shape(model, dtype)
+    shape = layer_shape(model, dtype, seq_len=sequence_length(cfg), attn_dropout=cfg.model.attention_dropout > 0)
     paths = model_paths(cfg)
     return MemoryPlan(
         weights_bytes=sum(p.numel() for p in params) * b,
@@ -260,6 +339,9 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         per_token_layer=activation_bytes(shape, paths[0]),
         per_token_layer_zero3=activation_bytes(shape, paths[1], zero3_linear=True),
         paths=paths,
+        torch_attention=shape.torch_attention,
+        seq_len=shape.seq_len,
+        softcap=shape.softcap,
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,
         device_type=device.type,

@@ -85,12 +85,31 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
     published = {"meta-llama/Llama-2-7b-chat-hf": 6_738_415_616, "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
                  "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
                  "meta-llama/Meta-Llama-3.1-8B-Instruct": 8_030_261_248,
-                 "princeton-nlp/Sheared-LLaMA-1.3B": 1_345_423_360, "Qwen/Qwen2-0.5B-Instruct": 494_032_768}
+                 "princeton-nlp/Sheared-LLaMA-1.3B": 1_345_423_360, "Qwen/Qwen2-0.5B-Instruct": 494_032_768,
+                 "google/gemma-2-9b-it": 9_241_705_984, "Qwen/Qwen3-8B": 8_190_735_360}
     hub = os.path.basename(path)[:-len(".json")].replace("__", "/")
     arch, source = architecture_config(ModelConfig(name_or_path=hub))
     assert source == path or source == "the hub cache"
     model = meta_model(arch)
     assert sum(p.numel() for p in model.parameters()) == published[hub]
+
+
+@pytest.mark.parametrize("stage", ["mntp", "simcse", "supervised"])
+@pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B"])
+def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, capsys):
+    # No recipe config names Gemma2 or Qwen3 (llm2vec ships none), so the 7B recipe runs on them by override. Gemma2's
+    # soft-capped logits take the exact torch attention path, whose L x L scores the plan costs (engine/memory.py).
+    from engine.dry_run import dry_run
+
+    cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", f"{stage}.yaml"),
+                      [f"model.name_or_path={hub}", "model.adapters=[]"])
+    out = dry_run(cfg, world=8, gpu_memory_gb=80, out=print)
+    printed = capsys.readouterr().out
+    assert f"model {hub} ({'gemma2' if 'gemma' in hub else 'qwen3'}, architecture from" in printed
+    assert out["plan"].total("full", out["zero_stage"]) <= out["plan"].budget_bytes
+    torch_path = "gemma" in hub
+    assert (out["plan"].per_token("none") > out["plan"].per_token("selective") > out["plan"].per_token("full"))
+    assert ("attention on the exact torch path in 100% of the layers" in printed) == torch_path, printed
 
 
 def test_print_config_prints_the_resolved_config(capsys):
