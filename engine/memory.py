@@ -178,10 +178,9 @@ def activation_bytes(s, path, zero3_linear=False):
     Shared by every path under "none" (what backward reads):
       attention  b (2Q + 2KV) + 4 n   the kernels (Triton, SDPA, flash-attn): RoPE'd q and k, v, the output (which
                                 o_proj reads), fp32 LSE;
-                 (b + 12) Q + 4 n L c   the exact torch path (``flash_attention_reference``), which a layer takes
-                                when its logits are soft-capped (Gemma2) or its sliding window is shorter than the
-                                sequence: the output, fp32 q and the fp32 k and v repeated to n heads, and c fp32
-                                L x L score tensors per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
+                 (b + 4) Q + 8 KV + 4 n L c   the exact torch path (``flash_attention_reference``), which a layer
+                                takes when its logits are soft-capped (Gemma2) or its sliding window is shorter than
+                                the sequence: the output, fp32 q, k and v, and c fp32 L x L score tensors per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
                                 attention dropout (the fp32 keep-mask and the dropped probabilities). Per token it
                                 grows with L, the padded sequence length. ``torch_attention`` is the share of the
                                 layers that take it. A sliding window's bool band mask (L bytes) is left out;
@@ -212,7 +211,7 @@ def activation_bytes(s, path, zero3_linear=False):
     Q, n, L = s.q_width or H, s.heads, s.seq_len
     elementwise = "torch" if path.endswith("torch") else "triton"
     scores = 4 * n * L * (1 + s.softcap + 2 * s.attn_dropout)
-    kernel, exact = b * (2 * Q + 2 * KV) + 4 * n, (b + 12) * Q + scores
+    kernel, exact = b * (2 * Q + 2 * KV) + 4 * n, (b + 4) * Q + 8 * KV + scores
     attention = (1 - s.torch_attention) * kernel + s.torch_attention * exact
     norms = sum(rows * ((4 if elementwise == "torch" else b) * w + 4) for w, rows in (s.norms or ((H, 1), (H, 1))))
     glu = (3 if elementwise == "torch" else 2) * b * I

@@ -212,7 +212,7 @@ def test_torch_attention_and_per_head_norms_match_measured_saved_bytes(size, pat
     """The torch attention path keeps fp32 q, k, v and L x L scores per head, so a token's bytes grow with the
     sequence: saved bytes are A + L (alpha + beta L) for one sequence of L tokens, and their slope between L1 and
     L2 is alpha + beta (L1 + L2), the formula at L = L1 + L2. Before the plan costed it, Gemma2-9B's "none" set was
-    planned at 134 KiB per token per layer against 230 KiB measured at 384 tokens."""
+    planned at 134 KiB per token per layer against 214 KiB measured at 384 tokens."""
     device = "cpu" if size.endswith("small") else "meta"
     _, model = build(OTHER[size](), path, device, overrides=[f"model.attention_dropout={attn_dropout}"])
     lens = (128, 256)
@@ -222,6 +222,29 @@ def test_torch_attention_and_per_head_norms_match_measured_saved_bytes(size, pat
     for p in ("none", "selective", "full"):
         measured = measured_per_token(model, p, lens)
         assert abs(formula[p] - measured) <= 0.02 * measured, (p, formula[p], measured)
+
+
+def test_the_torch_attention_path_keeps_k_and_v_once_per_kv_head():
+    """flash_attention_reference stacks a group's query heads instead of repeating K and V to every query head:
+    backward keeps fp32 q (4Q), k and v (4KV each) and the softmax (4nL), 16 KiB per token less than 12Q at
+    Gemma2-9B's shape (16 query heads, 8 KV heads, head dim 256), as the README says."""
+    n, kv_heads, D, L = 16, 8, 256, 128
+    q = torch.empty(1, L, n, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(1, L, kv_heads, D, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in "kv")
+    inputs, seen = {_key(t) for t in (q, k, v)}, {}
+
+    def pack(t):
+        if _key(t) not in inputs:
+            seen[_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        llm2vec_kernels.flash_attention_reference(q, k, v)
+    Q, KV = n * D, kv_heads * D
+    assert sum(seen.values()) == L * (4 * Q + 8 * KV + 4 * n * L)
+    assert 12 * Q - (4 * Q + 8 * KV) == 16 * 1024
+    assert "without repeating K and V (16 KiB per token per layer less at Gemma2-9B's shape)" in " ".join(
+        open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
 
 
 def test_the_plan_costs_the_torch_attention_path_and_says_so():

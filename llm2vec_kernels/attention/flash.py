@@ -57,14 +57,16 @@ def _dropout_keep_mask_torch(shape, dropout_p, seed, device):
 
 def _attend_one(q, k, v, scale, keep=None, dropout_p=0.0, causal=False, window=None, softcap=None):
     # q: (S, Hq, D), k/v: (S, Hkv, D) -> (S, Hq, D). Math in fp32 for half inputs.
+    # GQA without repeating K and V: the group's query heads are stacked as rows, (Hkv, group * S, D) against
+    # (Hkv, S, D), so backward keeps fp32 K and V once per KV head.
     S, Hq, D = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
     cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qf = q.to(cdt).transpose(0, 1)  # (Hq, S, D)
-    kf = k.to(cdt).transpose(0, 1).repeat_interleave(group, dim=0)
-    vf = v.to(cdt).transpose(0, 1).repeat_interleave(group, dim=0)
-    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (Hq, S, S)
+    qf = q.to(cdt).transpose(0, 1).reshape(Hkv, group * S, D)  # query head h = kv head h // group
+    kf = k.to(cdt).transpose(0, 1)  # (Hkv, S, D)
+    vf = v.to(cdt).transpose(0, 1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (Hkv, group * S, S)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
     if causal or window is not None:
@@ -75,12 +77,12 @@ def _attend_one(q, k, v, scale, keep=None, dropout_p=0.0, causal=False, window=N
             allowed &= j <= i
         if window is not None:
             allowed &= (i - j).abs() < window
-        s = s.masked_fill(~allowed, float("-inf"))
+        s = s.view(Hkv, group, S, S).masked_fill(~allowed, float("-inf")).view(Hkv, group * S, S)
     p = torch.softmax(s, dim=-1)
     if keep is not None:
-        p = p * keep.to(cdt) / (1.0 - dropout_p)
-    o = torch.matmul(p, vf)  # (Hq, S, D)
-    return o.transpose(0, 1).to(q.dtype)
+        p = p * keep.to(cdt).reshape(Hkv, group * S, S) / (1.0 - dropout_p)
+    o = torch.matmul(p, vf)  # (Hkv, group * S, D)
+    return o.view(Hq, S, D).transpose(0, 1).to(q.dtype)
 
 
 def flash_attention_reference(
