@@ -112,11 +112,10 @@ def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
     # right-padded q (B, S, Hq, D), k/v (B, S, Hkv, D). max_len: the longest sequence (decides the window).
     seed = _draw_seed() if dropout > 0 else None
     needs_window = window is not None and max_len > window
-    if softcap is not None or needs_window:
-        # The Triton kernel has neither soft-capping nor banded masks: take the exact torch path.
+    if needs_window:
+        # The Triton kernel has no banded masks: take the exact torch path (soft-capping included).
         return llm2vec_kernels.flash_attention_reference(
-            q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window if needs_window else None,
-            softcap=softcap, **layout)
+            q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window, softcap=softcap, **layout)
     # By speed (llm2vec_kernels/attention/dispatch.py): SDPA for dense dropout-free batches, flash-attn varlen for packed
     # ones when installed, where that is faster and keeps the determinism asked for; the Triton kernel otherwise.
     call = _attention_call(q, k, v, max_len, dropout, window, softcap, layout)
@@ -125,12 +124,13 @@ def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
         runners["flash_attn"] = lambda q_, k_, v_: _flash_attn_varlen(
             q_, k_, v_, layout["cu_seqlens"], max_len, scale, _OPTIONS["deterministic"])
     runners["triton"] = lambda q_, k_, v_: llm2vec_kernels.flash_attention(
-        q_, k_, v_, scale=scale, dropout_p=dropout, seed=seed, deterministic=_OPTIONS["deterministic"], **layout)
+        q_, k_, v_, scale=scale, dropout_p=dropout, seed=seed, deterministic=_OPTIONS["deterministic"],
+        softcap=softcap, **layout)
     backend = attn_dispatch.select_backend(call, runners, q, k, v, max_len)
     if backend in ("sdpa", "flash_attn"):
         return runners[backend](q, k, v)
     return llm2vec_kernels.flash_attention(q, k, v, scale=scale, dropout_p=dropout, seed=seed,
-                                   deterministic=_OPTIONS["deterministic"], **layout)
+                                   deterministic=_OPTIONS["deterministic"], softcap=softcap, **layout)
 
 
 def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,

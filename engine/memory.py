@@ -70,7 +70,6 @@ class MemoryPlan:
     paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
     torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
     seq_len: int = 0  # the padded sequence length the plan is for
-    softcap: bool = False  # attention logits soft-capped (why the torch path is taken, else a sliding window)
 
     def path(self, stage):
         return self.paths[stage == 3]
@@ -100,9 +99,9 @@ class MemoryPlan:
                 f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
                 f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
-                + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers ("
-                   + ("soft-capped logits" if self.softcap else f"a sliding window under {self.seq_len} tokens")
-                   + "), with fp32 L x L scores per head" if self.torch_attention else "") + ")")
+                + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers (a sliding "
+                   f"window under {self.seq_len} tokens), with fp32 L x L scores per head" if self.torch_attention
+                   else "") + ")")
 
 
 def tokens_per_micro_batch(cfg):
@@ -179,8 +178,9 @@ def activation_bytes(s, path, zero3_linear=False):
       attention  b (2Q + 2KV) + 4 n   the kernels (Triton, SDPA, flash-attn): RoPE'd q and k, v, the output (which
                                 o_proj reads), fp32 LSE;
                  (b + 4) Q + 8 KV + 4 n L c   the exact torch path (``flash_attention_reference``), which a layer
-                                takes when its logits are soft-capped (Gemma2) or its sliding window is shorter than
-                                the sequence: the output, fp32 q, k and v, and c fp32 L x L score tensors per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
+                                takes when its sliding window is shorter than the sequence (the kernels soft-cap,
+                                but have no band mask): the output, fp32 q, k and v, and c fp32 L x L score tensors
+                                per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
                                 attention dropout (the fp32 keep-mask and the dropped probabilities). Per token it
                                 grows with L, the padded sequence length. ``torch_attention`` is the share of the
                                 layers that take it. A sliding window's bool band mask (L bytes) is left out;
@@ -265,7 +265,7 @@ def layer_shape(model, dtype=None, dropout=None, seq_len=0, attn_dropout=False):
                       lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout,
                       q_width=tc.num_attention_heads * head_dim,
                       norms=_layer_norms(tc, layer[0] if layer is not None else None, kv),
-                      torch_attention=_torch_attention_share(tc, layer, seq_len, softcap), seq_len=seq_len,
+                      torch_attention=_torch_attention_share(tc, layer, seq_len), seq_len=seq_len,
                       softcap=softcap, attn_dropout=bool(attn_dropout), max_rank=max_rank)
 
 
@@ -290,12 +290,9 @@ def _layer_norms(tc, layer, kv_heads):
     return tuple(out)
 
 
-def _torch_attention_share(tc, layers, seq_len, softcap):
+def _torch_attention_share(tc, layers, seq_len):
     """The share of decoder layers whose attention takes the exact torch path (engine.bidirectional._attend):
-    every layer when the logits are soft-capped, else the layers whose sliding window is shorter than
-    ``seq_len``."""
-    if softcap:
-        return 1.0
+    those whose sliding window is shorter than ``seq_len``."""
     if layers is None or not seq_len or not _family(tc).get("sliding_window"):
         return 0.0
     # per layer where the module says (Qwen2/3, Gemma2 alternate), else the config's one window (Mistral)
@@ -340,7 +337,6 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         paths=paths,
         torch_attention=shape.torch_attention,
         seq_len=shape.seq_len,
-        softcap=shape.softcap,
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,
         device_type=device.type,

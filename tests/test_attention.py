@@ -87,6 +87,25 @@ def test_varlen_matches_fp64_reference(lens, hq, hkv, d, dtype):
     _assert_accurate(q, k, v, cu_seqlens=_cu(lens))
 
 
+@pytest.mark.parametrize("layout, dtype, dropout, deterministic", [
+    ("dense", F32, 0.0, True), ("varlen", F32, 0.0, True), ("padded", F16, 0.0, True), ("varlen", F16, 0.2, True),
+    ("varlen", F32, 0.0, False), ("padded", F32, 0.2, False),
+])
+def test_soft_capped_scores_match_fp64_reference(layout, dtype, dropout, deterministic):
+    # Gemma2: s = c tanh(scale q.k / c), c = 50 in the model; 3 here, so that most scores bend (|x| ~ 3 * ...).
+    lens = [37, 1, 64]
+    if layout == "varlen":
+        q, k, v = _inputs((sum(lens),), 4, 2, 32, dtype)
+        kw = {"cu_seqlens": _cu(lens)}
+    else:
+        q, k, v = _inputs((3, 64), 4, 2, 32, dtype)
+        kw = {"seqlens": torch.tensor(lens)} if layout == "padded" else {}
+    q, k = (t.detach().mul(3).requires_grad_() for t in (q, k))  # large scores: the cap matters
+    _assert_accurate(q, k, v, softcap=3.0, dropout_p=dropout, seed=3, deterministic=deterministic, **kw)
+    capped = flash_attention(q, k, v, softcap=3.0, impl="triton", **kw)
+    assert _rel(capped, flash_attention(q, k, v, impl="triton", **kw)) > 0.05  # the cap changed the result
+
+
 def test_custom_scale_and_causal():
     q, k, v = _inputs((1, 45), 4, 2, 32, F32)
     _assert_accurate(q, k, v, scale=0.3)
@@ -242,7 +261,7 @@ def test_dropout_mask_properties():
 
 
 def test_the_reference_draws_its_own_dropout_mask_on_the_tensors_device(monkeypatch):
-    # The engine's exact torch path (Gemma2's soft-capped logits) gives the reference a seed, not a mask: a
+    # The engine's exact torch path (a sliding window under the sequence) gives the reference a seed, not a mask: a
     # (B, H, S, S) keep-mask per layer and step, which must not be drawn on the host and copied over.
     q, k, v = _inputs((2, 48), 4, 2, 16, torch.float32)
     keep = F._dropout_keep_mask_torch((2, 4, 48, 48), 0.3, 11, q.device)
@@ -385,8 +404,11 @@ def _call(**kw):
     (dict(layout="varlen", flash_attn=True, dropout=0.1), ["triton"], "triton"),
     # what only the Triton kernel (or the reference) does
     (dict(layout="padded", flash_attn=True), ["triton"], "triton"),
-    (dict(softcap=True), ["torch"], "torch"),
+    (dict(softcap=True), ["triton"], "triton"),  # SDPA and flash-attn cannot soft-cap
+    (dict(softcap=True, layout="varlen", flash_attn=True), ["triton"], "triton"),
+    (dict(softcap=True, device_type="cpu"), ["torch"], "torch"),
     (dict(window=True), ["torch"], "torch"),
+    (dict(window=True, softcap=True, impl="triton"), ["torch"], "torch"),
     # the setting wins: model.attention=triton / torch, and auto off CUDA is the reference
     (dict(impl="triton"), ["triton"], "triton"),
     (dict(impl="triton", layout="varlen", flash_attn=True), ["triton"], "triton"),
@@ -473,6 +495,15 @@ def test_engine_routes_attention_by_the_dispatch(monkeypatch):
         set_default_impl("attention", "auto")
     assert used == ["kernel"]
     assert _rel(out, ref) < 3e-3  # the Triton kernel (interpreter; TF32-style fp32 dots)
+    # Gemma2: soft-capped scores go to the kernel, never to SDPA or flash-attn; a sliding window shorter than the
+    # sequence goes to the exact torch path, soft-capping kept
+    used.clear()
+    with torch.no_grad():
+        out = bd._attend(q, k, v, 21, 0.3, 0.0, None, 2.0)
+        windowed = bd._attend(q, k, v, 21, 0.3, 0.0, 8, 2.0)
+    assert used == ["kernel"]
+    assert _rel(out, flash_attention_reference(q, k, v, scale=0.3, softcap=2.0)) < 3e-3
+    torch.testing.assert_close(windowed, flash_attention_reference(q, k, v, scale=0.3, softcap=2.0, window=8))
 
 
 def test_dispatch_autotune_times_each_backend_and_records_it(monkeypatch, tmp_path):
@@ -570,7 +601,7 @@ def test_gpu_check_harness_on_cpu():
 # Every launch configuration compiles for sm_90 and sm_80 without register spills
 # ------------------------------------------------------------------------------------------------
 
-_FLOAT_ARGS = {"qk_scale", "sm_scale", "drop_scale"}
+_FLOAT_ARGS = {"qk_scale", "cap", "sm_scale", "drop_scale"}
 _TYPE = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 
@@ -603,11 +634,16 @@ def _compile(fn, dtype, constexprs, arch, num_warps, num_stages):
     return res, res.shared_bytes
 
 
-# (arch, dtype, head dim, dropout, varlen, causal, GQA group): every config bucket the launchers pick from
-# (head dim <= 64, <= 128 incl. padded 96, 256; fp32's own configs), with and without dropout, on both archs.
+# (arch, dtype, head dim, dropout, varlen, causal, GQA group[, softcap]): every config bucket the launchers pick
+# from (head dim <= 64, <= 128 incl. padded 96, 256; fp32's own configs), with and without dropout, on both archs;
+# soft-capping (Gemma2: head dim 256, 16 heads over 8, packed or right-padded, SimCSE's dropout) on the same configs.
 def _variant_list():
     out = []
     for arch in (90, 80):
+        for dropout in (False, True):
+            out.append((arch, "bfloat16", 256, dropout, True, False, 2, True))
+        out.append((arch, "bfloat16", 256, False, "padded", False, 2, True))
+        out.append((arch, "bfloat16", 128, True, True, False, 4, True))
         for d in (64, 96, 128, 256):
             for dropout in (False, True):
                 out.append((arch, "bfloat16", d, dropout, True, False, 4))
@@ -622,20 +658,21 @@ def _variant_list():
 
 
 def _variant_id(v):
-    arch, dt, d, dropout, varlen, causal, group = v
+    arch, dt, d, dropout, varlen, causal, group, *softcap = v
     layout = "padded" if varlen == "padded" else ("varlen" if varlen else "dense")
     return (f"sm{arch}-{dt}-d{d}-{'drop' if dropout else 'nodrop'}-{layout}"
-            f"{'-causal' if causal else ''}-g{group}")
+            f"{'-causal' if causal else ''}-g{group}{'-softcap' if softcap and softcap[0] else ''}")
 
 
 def _compile_variant(v):
     """[(kernel, registers, spilled bytes, shared bytes)] for every launch flash_attention makes for variant v."""
-    arch, dtype_name, d, dropout, varlen, causal, group = v
+    arch, dtype_name, d, dropout, varlen, causal, group, *softcap = v
     dtype = getattr(torch, dtype_name)
     bd = C._block_d(d)
     padded, varlen = varlen == "padded", varlen is True
     common = dict(GROUP=group, HEAD_DIM=d, BLOCK_D=bd, VARLEN=varlen, CAUSAL=causal, DROPOUT=dropout,
-                  PRECISION=_backend.dot_precision(dtype), UPCAST=False, PADDED=padded)
+                  PRECISION=_backend.dot_precision(dtype), UPCAST=False, PADDED=padded,
+                  SOFTCAP=bool(softcap and softcap[0]))
     bm, bn, warps, stages = A.launch_config("fwd", bd, dtype, dropout=dropout, arch=arch)
     kbm, kbn, kwarps, kstages = A.launch_config("dkdv", bd, dtype, dropout=dropout, arch=arch)
     qbm, qbn, qwarps, qstages = A.launch_config("dq", bd, dtype, dropout=dropout, arch=arch)
@@ -687,7 +724,8 @@ def _compile_candidate(c):
     fn = {"fwd": F._attn_fwd, "dkdv": F._attn_bwd_dkdv, "dq": F._attn_bwd_dq, "dkdv-atomicdq": F._attn_bwd_dkdv}[kernel]
     constexprs = dict(GROUP=4, HEAD_DIM=d, BLOCK_D=C._block_d(d), VARLEN=True, CAUSAL=False, DROPOUT=dropout,
                       PRECISION=_backend.dot_precision(torch.bfloat16), UPCAST=False, BLOCK_M=bm, BLOCK_N=bn,
-                      ATOMIC_DQ=A.atomic_dq_form(arch, dropout) if kernel == "dkdv-atomicdq" else 0, PADDED=False)
+                      ATOMIC_DQ=A.atomic_dq_form(arch, dropout) if kernel == "dkdv-atomicdq" else 0, PADDED=False,
+                      SOFTCAP=False)
     res, smem = _compile(fn, torch.bfloat16, constexprs, arch, warps, stages)
     return [(kernel, res.registers, res.spills, smem, _mma_sync_count(res.ptx))]
 
@@ -742,7 +780,7 @@ def test_hopper_matmuls_run_as_wgmma(compile_reports):
     # change that drops one to mma.sync (as the atomic-dQ product did with its 16-row query tile) fails here.
     fallen_back = {}
     for v in _variant_list():
-        arch, dtype, d, dropout, _, _, _ = v
+        arch, dtype, d, dropout, *_ = v
         if arch == 90 and dtype == "bfloat16" and not dropout and d <= 128:
             for name, _, _, _, n_mma_sync in compile_reports[_variant_id(v)]:
                 if name in ("fwd", "dkdv", "dq", "dkdv-atomicdq") and n_mma_sync:

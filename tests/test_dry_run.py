@@ -97,8 +97,7 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
 @pytest.mark.parametrize("stage", ["mntp", "simcse", "supervised"])
 @pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B"])
 def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, capsys):
-    # No recipe config names Gemma2 or Qwen3 (llm2vec ships none), so the 7B recipe runs on them by override. Gemma2's
-    # soft-capped logits take the exact torch attention path, whose L x L scores the plan costs (engine/memory.py).
+    # No recipe config names Gemma2 or Qwen3 (llm2vec ships none), so the 7B recipe runs on them by override.
     from engine.dry_run import dry_run
 
     cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", f"{stage}.yaml"),
@@ -107,9 +106,8 @@ def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, c
     printed = capsys.readouterr().out
     assert f"model {hub} ({'gemma2' if 'gemma' in hub else 'qwen3'}, architecture from" in printed
     assert out["plan"].total("full", out["zero_stage"]) <= out["plan"].budget_bytes
-    torch_path = "gemma" in hub
     assert (out["plan"].per_token("none") > out["plan"].per_token("selective") > out["plan"].per_token("full"))
-    assert ("attention on the exact torch path in 100% of the layers" in printed) == torch_path, printed
+    assert "torch path" not in printed, printed  # Gemma2's soft-capping runs in the kernels; no window is that short
 
 
 def test_print_config_prints_the_resolved_config(capsys):

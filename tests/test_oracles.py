@@ -132,6 +132,40 @@ def test_gemma2_softcap_and_query_scalar_through_the_model():
     assert (capped[real] - rescaled[real]).abs().max() > 100 * ATOL
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_gemma2_softcap_in_the_triton_kernel_matches_transformers(side):
+    # model.attention=triton: Gemma2's soft-capped attention runs in the Triton kernel (the interpreter here), packed
+    # and padded, against transformers' eager soft-capping; and its gradients against the reference path's.
+    import llm2vec_kernels
+    from llm2vec_kernels.attention import flash as F
+
+    model = _gemma2_with_big_logits(5.0)
+    launches = []
+    real_fwd = F._attn_fwd
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real_fwd[grid]
+
+    llm2vec_kernels.set_default_impl("attention", "triton")
+    F._attn_fwd = Counting()
+    try:
+        check_engine_against_oracle(model, oracle_of(model, "eager"), side)
+        assert launches  # the kernel ran, soft-capping and all
+        ids, am = padded_batch(side)
+        grads = []
+        for impl in ("triton", "torch"):
+            llm2vec_kernels.set_default_impl("attention", impl)
+            bidi = make_bidirectional(copy.deepcopy(model))
+            packed_hidden_states(bidi, ids, am, packed=True).pow(2).sum().backward()
+            grads.append(bidi.model.layers[0].self_attn.q_proj.weight.grad)
+        torch.testing.assert_close(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+    finally:
+        F._attn_fwd = real_fwd
+        llm2vec_kernels.set_default_impl("attention", "auto")
+
+
 def test_sliding_window_matches_transformers_bidirectional_window():
     # A window shorter than the sequences: the engine's banded fallback against transformers' bidirectional
     # sliding-window mask. Conventions differ by one: the engine keeps |i - j| < window (the causal window made

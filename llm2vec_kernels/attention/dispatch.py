@@ -62,11 +62,11 @@ def device_arch(t):
 
 def eligible(call):
     """Every backend that computes this call exactly as asked (same maths, and the determinism it needs),
-    Triton always among them; ["torch"] where only the reference can (soft-capping, sliding windows) or the
-    setting asks for it."""
-    if call.softcap or call.window or call.impl == "torch" or (call.impl == "auto" and call.device_type != "cuda"):
+    Triton always among them; ["torch"] where only the reference can (sliding windows) or the setting asks for
+    it. Soft-capped scores (Gemma2) are Triton's alone: SDPA and flash-attn have no soft-capping."""
+    if call.window or call.impl == "torch" or (call.impl == "auto" and call.device_type != "cuda"):
         return ["torch"]
-    if call.impl == "triton" or call.device_type != "cuda":
+    if call.impl == "triton" or call.device_type != "cuda" or call.softcap:
         return ["triton"]
     if call.dropout > 0 or call.dtype not in (torch.float16, torch.bfloat16) or call.arch < 80 \
             or call.head_dim > 256 or call.head_dim % 8:

@@ -45,8 +45,8 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 
 def _dropout_keep_mask_torch(shape, dropout_p, seed, device):
-    # Drawn where the tensors are: the engine's torch path (Gemma2's soft-capped attention) draws a (B, H, S, S)
-    # mask per layer, and a host-side draw plus copy each layer would cost more than the layer on a GPU.
+    # Drawn where the tensors are: the engine's torch path (a sliding window under the sequence) draws a
+    # (B, H, S, S) mask per layer, and a host-side draw plus copy each layer would cost more than the layer on a GPU.
     device = torch.device(device)
     if device.type == "meta":
         return torch.empty(shape, dtype=torch.bool, device=device)
@@ -95,8 +95,8 @@ def flash_attention_reference(
     ``dropout_mask``: optional keep-mask (bool) -- dense (B, Hq, S, S), or for varlen a list with one
     (Hq, L_b, L_b) mask per sequence -- so tests can replay the kernel's own mask exactly
     (:func:`flash_attention_dropout_mask` returns it in this format).
-    ``window`` (|i - j| < window) and ``softcap`` exist for the engine's fallback path (Mistral
-    sliding windows, Gemma2 logit soft-capping); the Triton kernel does not take them.
+    ``window`` (|i - j| < window) exists for the engine's fallback path (sliding windows shorter than the
+    sequence), which the Triton kernel does not take; ``softcap`` (Gemma2) both take.
     """
     if q.shape[-2] % k.shape[-2] != 0:
         raise ValueError(f"query heads {q.shape[-2]} not divisible by kv heads {k.shape[-2]}")
@@ -204,11 +204,18 @@ def _store_rows(ptrs, x, rows, seqlen, seqlen_dense, offs_d, HEAD_DIM: tl.conste
 
 
 @triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): one MUFU exp2; saturates to +-1 (exp2 -> inf or 0), no NaN.
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
 def _fwd_inner(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen, qk_scale,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d, lo, hi, seqlen, qk_scale, cap,
     seed, head, batch, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # Online softmax in base 2: qk_scale = scale * log2(e), so exp(scale * q.k - m) = exp2(s - m') with s and
     # m' in log2 units; exp2 is one MUFU op. Per row: m_i = running max, l_i = running sum of exp2(s - m_i),
@@ -221,6 +228,13 @@ def _fwd_inner(
         cols = start_n + offs_n
         k = _load(k_ptrs + start_n * stride_ks, cols[None, :], seqlen, offs_d[:, None], HEAD_DIM, MASK, PAD_D)  # (D, N)
         qk = _dot(q, k, PRECISION, UPCAST)  # (M, N), unscaled
+        if SOFTCAP:
+            # soft-capped scores in log2 units, cap * tanh(qk * scale / softcap) with cap = softcap * log2(e)
+            # (qk_scale = scale / softcap here): the tanh comes before the row max, so no scale is left to fold
+            qk = cap * _tanh(qk * qk_scale)
+            unit = 1.0
+        else:
+            unit = qk_scale
         if MASK:
             valid = cols[None, :] < seqlen
             if CAUSAL:
@@ -228,8 +242,8 @@ def _fwd_inner(
             qk = tl.where(valid, qk, float("-inf"))
         # The scale goes onto the row max (M values) rather than onto every score: max(c * s) = c * max(s) for
         # c > 0 (flash_attention rejects any other scale), and exp2(qk * c - m) is then one FMA per score.
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * unit)
+        p = tl.math.exp2(qk * unit - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -251,11 +265,11 @@ def _attn_fwd(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
-    seqlen_dense, qk_scale, seed, drop_thresh, drop_scale,
+    seqlen_dense, qk_scale, cap, seed, drop_thresh, drop_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # q/o: (B, S, Hq, D) or (T, Hq, D); k/v: (B, S, Hkv, D) or (T, Hkv, D); lse: (B, Hq, S) or (Hq, T) fp32.
     # Grid: (query blocks of the longest sequence, Hq, B); blocks past a sequence's end exit at once (PADDED:
@@ -294,19 +308,19 @@ def _attn_fwd(
     if CAUSAL:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d, 0,
-            tl.minimum(seqlen, m0 + BLOCK_M), seqlen, qk_scale, seed, head, batch, drop_thresh,
-            HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+            tl.minimum(seqlen, m0 + BLOCK_M), seqlen, qk_scale, cap, seed, head, batch, drop_thresh,
+            HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
     else:
         n_full = (seqlen // BLOCK_N) * BLOCK_N
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d, 0, n_full, seqlen,
-            qk_scale, seed, head, batch, drop_thresh,
-            HEAD_DIM, BLOCK_N, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+            qk_scale, cap, seed, head, batch, drop_thresh,
+            HEAD_DIM, BLOCK_N, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
         if n_full < seqlen:
             acc, l_i, m_i = _fwd_inner(
                 acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d, n_full, seqlen,
-                seqlen, qk_scale, seed, head, batch, drop_thresh,
-                HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+                seqlen, qk_scale, cap, seed, head, batch, drop_thresh,
+                HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
 
     inv_l = 1.0 / l_i
     if DROPOUT:
@@ -353,10 +367,10 @@ def _attn_bwd_pre(
 @triton.jit
 def _bwd_dkdv_inner(
     dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas, offs_n, offs_d,
-    lo, hi, seqlen, qk_scale, sm_scale, seed, head, batch, drop_thresh, drop_scale,
+    lo, hi, seqlen, qk_scale, cap, sm_scale, seed, head, batch, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK, dV accumulate as (N, D) without transposing them.
     # With Z the keep-mask and r = 1/(1-p), O = (P * Z * r) V, so
@@ -378,7 +392,11 @@ def _bwd_dkdv_inner(
         else:
             lse = tl.load(lse_ptrs + start_m)
         qkT = _dot(k, qT, PRECISION, UPCAST)  # (N, M)
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+        if SOFTCAP:  # s = softcap tanh(x / softcap) with x = scale q.k: dS/dx = 1 - tanh^2, applied to dS below
+            tT = _tanh(qkT * qk_scale)
+            pT = tl.math.exp2(cap * tT - lse[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
         if CAUSAL:
             pT = tl.where(offs_n[:, None] <= rows[None, :], pT, 0.0)
         do = _load(do_ptrs + start_m * stride_dos, rows[:, None], seqlen, offs_d[None, :], HEAD_DIM, MASK, PAD_D)  # (M, D)
@@ -394,6 +412,8 @@ def _bwd_dkdv_inner(
         else:
             dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
         dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
         if ATOMIC_DQ > 0:
             if ATOMIC_DQ == 2:
@@ -423,11 +443,12 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvs, stride_dvh,
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
-    seqlen_dense, qk_scale, sm_scale, seed, drop_thresh, drop_scale,
+    seqlen_dense, qk_scale, cap, sm_scale, seed, drop_thresh, drop_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC_DQ: tl.constexpr, PADDED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # dqa: the fp32 dQ accumulator (layout of q) when ATOMIC_DQ > 0, else an unused placeholder.
     pid_n = tl.program_id(0)
@@ -470,20 +491,20 @@ def _attn_bwd_dkdv(
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas,
-                offs_n, offs_d, (n0 // BLOCK_M) * BLOCK_M, seqlen, seqlen, qk_scale, sm_scale, seed, head, batch,
-                drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
-                ATOMIC_DQ)
+                offs_n, offs_d, (n0 // BLOCK_M) * BLOCK_M, seqlen, seqlen, qk_scale, cap, sm_scale, seed, head,
+                batch, drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
+                ATOMIC_DQ, SOFTCAP)
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos, stride_dqas,
-                offs_n, offs_d, 0, m_full, seqlen, qk_scale, sm_scale, seed, head, batch, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_M, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, ATOMIC_DQ)
+                offs_n, offs_d, 0, m_full, seqlen, qk_scale, cap, sm_scale, seed, head, batch, drop_thresh,
+                drop_scale, HEAD_DIM, BLOCK_M, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, ATOMIC_DQ, SOFTCAP)
             if m_full < seqlen:
                 dk, dv = _bwd_dkdv_inner(
                     dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_base, stride_qs, stride_dos,
-                    stride_dqas, offs_n, offs_d, m_full, seqlen, seqlen, qk_scale, sm_scale, seed, head, batch,
+                    stride_dqas, offs_n, offs_d, m_full, seqlen, seqlen, qk_scale, cap, sm_scale, seed, head, batch,
                     drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST,
-                    ATOMIC_DQ)
+                    ATOMIC_DQ, SOFTCAP)
 
     # key rows past the end loaded K = V = 0 but still gathered P = exp2(-lse) terms: never stored as such
     _store_rows(dk_base + offs_n[:, None] * stride_dks + offs_d[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
@@ -495,9 +516,10 @@ def _attn_bwd_dkdv(
 @triton.jit
 def _bwd_dq_inner(
     dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-    lo, hi, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
+    lo, hi, seqlen, qk_scale, cap, seed, head, batch, drop_thresh, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, PAD_D: tl.constexpr,
     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     # dQ = scale * dS K with dS = P * (dP - delta) as in _bwd_dkdv_inner; padded key columns are masked to
     # P = 0 (their K rows load as 0, which alone would give P = exp2(-lse) != 0).
@@ -507,7 +529,11 @@ def _bwd_dq_inner(
         kT = _load(k_ptrs + start_n * stride_ks, cols[None, :], seqlen, offs_d[:, None], HEAD_DIM, MASK, PAD_D)
         vT = _load(v_ptrs + start_n * stride_vs, cols[None, :], seqlen, offs_d[:, None], HEAD_DIM, MASK, PAD_D)  # (D, N)
         qk = _dot(q, kT, PRECISION, UPCAST)
-        p = tl.math.exp2(qk * qk_scale - lse[:, None])
+        if SOFTCAP:
+            t = _tanh(qk * qk_scale)
+            p = tl.math.exp2(cap * t - lse[:, None])
+        else:
+            p = tl.math.exp2(qk * qk_scale - lse[:, None])
         if MASK:
             valid = cols[None, :] < seqlen
             if CAUSAL:
@@ -518,6 +544,8 @@ def _bwd_dq_inner(
             keep = philox_keep(seed, cols[None, :], offs_m[:, None], head, batch, drop_thresh)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
     return dq
 
@@ -531,11 +559,11 @@ def _attn_bwd_dq(
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    seqlen_dense, qk_scale, sm_scale, seed, drop_thresh, drop_scale,
+    seqlen_dense, qk_scale, cap, sm_scale, seed, drop_thresh, drop_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PADDED: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -572,19 +600,19 @@ def _attn_bwd_dq(
     if CAUSAL:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-            0, tl.minimum(seqlen, m0 + BLOCK_M), seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
-            HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+            0, tl.minimum(seqlen, m0 + BLOCK_M), seqlen, qk_scale, cap, seed, head, batch, drop_thresh, drop_scale,
+            HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
     else:
         n_full = (seqlen // BLOCK_N) * BLOCK_N
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-            0, n_full, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
-            HEAD_DIM, BLOCK_N, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+            0, n_full, seqlen, qk_scale, cap, seed, head, batch, drop_thresh, drop_scale,
+            HEAD_DIM, BLOCK_N, False, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
         if n_full < seqlen:
             dq = _bwd_dq_inner(
                 dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_d,
-                n_full, seqlen, seqlen, qk_scale, seed, head, batch, drop_thresh, drop_scale,
-                HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST)
+                n_full, seqlen, seqlen, qk_scale, cap, seed, head, batch, drop_thresh, drop_scale,
+                HEAD_DIM, BLOCK_N, True, PAD_D, CAUSAL, DROPOUT, PRECISION, UPCAST, SOFTCAP)
     _store_rows(dq_base + offs_m[:, None] * stride_dqs + offs_d[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
                 offs_m, seqlen, seqlen_dense, offs_d, HEAD_DIM, PADDED)
 
@@ -662,7 +690,15 @@ def _upcast(dtype):
     return interpreter_enabled() and dtype == torch.bfloat16
 
 
-def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
+def _score_args(scale, softcap):
+    """(qk_scale, cap) the kernels take: scale * log2(e) and 0 without soft-capping; with it, the tanh's argument
+    factor scale / softcap and cap = softcap * log2(e) (scores in log2 units: cap * tanh(q.k * qk_scale))."""
+    if softcap is None:
+        return scale * _LOG2E, 0.0
+    return scale / softcap, softcap * _LOG2E
+
+
+def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal, softcap=None):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(lay.lse_shape, device=q.device, dtype=torch.float32)
     thresh, drop_scale = _dropout_args(dropout_p)
@@ -673,19 +709,21 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal):
             q, k, v, o, lse, cu,
             *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
             *_strides3(o, lay.varlen), *lay.lse_strides,
-            lay.seqlen_dense, scale * _LOG2E, seed, thresh, drop_scale,
+            lay.seqlen_dense, *_score_args(scale, softcap), seed, thresh, drop_scale,
             GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, BLOCK_M=BM, BLOCK_N=BN,
             VARLEN=lay.varlen, CAUSAL=causal, DROPOUT=dropout_p > 0,
-            PRECISION=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
+            PRECISION=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded, SOFTCAP=softcap is not None,
             num_warps=warps, num_stages=stages,
         )
 
     default = configs.launch_config("fwd", lay.block_d, q.dtype, dropout_p > 0, _arch(q), interpreter_enabled())
-    launch(tuning._tuned("fwd", tuning._tune_key("fwd", q, lay, dropout_p, causal), default, q, launch))
+    key = tuning._tune_key("fwd", q, lay, dropout_p, causal, softcap is not None)
+    launch(tuning._tuned("fwd", key, default, q, launch))
     return o, lse
 
 
-def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None, atomic_dq=False):
+def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None, atomic_dq=False,
+                   softcap=None):
     do = _last_dim_contiguous(do)
     thresh, drop_scale = _dropout_args(dropout_p)
     interp = interpreter_enabled()
@@ -711,6 +749,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
     common = dict(
         GROUP=lay.group, HEAD_DIM=lay.head_dim, BLOCK_D=lay.block_d, VARLEN=lay.varlen, CAUSAL=causal,
         DROPOUT=dropout_p > 0, PRECISION=dot_precision(q.dtype), UPCAST=_upcast(q.dtype), PADDED=lay.padded,
+        SOFTCAP=softcap is not None,
     )
 
     def launch_dkdv(cfg):
@@ -722,7 +761,7 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
             *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
             *_strides3(do, lay.varlen), *_strides3(dk, lay.varlen), *_strides3(dv, lay.varlen), *dqa_strides,
             *lay.lse_strides,
-            lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
+            lay.seqlen_dense, *_score_args(scale, softcap), scale, seed, thresh, drop_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, ATOMIC_DQ=dq_form, **common,
         )
 
@@ -732,24 +771,28 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
             q, k, v, do, lse, delta, dq, cu,
             *_strides3(q, lay.varlen), *_strides3(k, lay.varlen), *_strides3(v, lay.varlen),
             *_strides3(do, lay.varlen), *_strides3(dq, lay.varlen), *lay.lse_strides,
-            lay.seqlen_dense, scale * _LOG2E, scale, seed, thresh, drop_scale,
+            lay.seqlen_dense, *_score_args(scale, softcap), scale, seed, thresh, drop_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common,
         )
 
     dkdv_kind = "dkdv-atomicdq" if atomic_dq else "dkdv"
-    launch_dkdv(tuning._tuned(dkdv_kind, tuning._tune_key(dkdv_kind, q, lay, dropout_p, causal), dkdv_default, q, launch_dkdv,
-                       autotune))
+    capped = softcap is not None
+    launch_dkdv(tuning._tuned(dkdv_kind, tuning._tune_key(dkdv_kind, q, lay, dropout_p, causal, capped), dkdv_default,
+                              q, launch_dkdv, autotune))
     if atomic_dq:
         return dqa.to(q.dtype), dk, dv
-    launch_dq(tuning._tuned("dq", tuning._tune_key("dq", q, lay, dropout_p, causal), dq_default, q, launch_dq, autotune))
+    launch_dq(tuning._tuned("dq", tuning._tune_key("dq", q, lay, dropout_p, causal, capped), dq_default, q, launch_dq,
+                            autotune))
     return dq, dk, dv
 
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal, deterministic, padded):
+    def forward(ctx, q, k, v, cu, varlen, max_seqlen, scale, dropout_p, seed, causal, deterministic, padded,
+                softcap):
         lay = _Layout(q, k, cu if varlen else None, max_seqlen, padded)
-        o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal)
+        o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal, softcap)
+        ctx.softcap = softcap
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
         ctx.autotune = tuning._AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
@@ -760,8 +803,8 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         dq, dk, dv = _attn_backward(do, q, k, v, o, lse, cu, ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed,
-                                    ctx.causal, ctx.autotune, atomic_dq=not ctx.deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                    ctx.causal, ctx.autotune, atomic_dq=not ctx.deterministic, softcap=ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def _resolve_seed(seed, dropout_p):
@@ -790,13 +833,13 @@ def _prepare(q, k, v, cu_seqlens, seqlens=None):
 
 
 def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal, deterministic=True,
-                            seqlens=None):
+                            seqlens=None, softcap=None):
     q, k, v, cu = _prepare(q, k, v, cu_seqlens, seqlens)
     seed = _resolve_seed(seed, dropout_p)
     if q.numel() == 0:
         return q.new_zeros(q.shape) + 0 * (q.sum() + k.sum() + v.sum())
     return _FlashAttention.apply(q, k, v, cu, cu_seqlens is not None, max_seqlen, scale, float(dropout_p), seed,
-                                 bool(causal), bool(deterministic), seqlens is not None)
+                                 bool(causal), bool(deterministic), seqlens is not None, softcap)
 
 
 def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout_p, seed):
@@ -826,7 +869,7 @@ def flash_attention_dropout_mask(q, *, cu_seqlens=None, max_seqlen=None, dropout
 
 def flash_attention(
     q, k, v, *, cu_seqlens=None, max_seqlen=None, scale=None, dropout_p=0.0, seed=None,
-    causal=False, deterministic=True, seqlens=None, impl=None,
+    causal=False, deterministic=True, seqlens=None, softcap=None, impl=None,
 ):
     """Non-causal attention. Dense (B, S, Hq, D) or varlen (T, Hq, D) + cu_seqlens; GQA via fewer K/V heads.
 
@@ -841,6 +884,9 @@ def flash_attention(
     ``seqlens`` (B,): a right-padded dense batch whose sequence b is its first seqlens[b] positions. The
     kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
     with no unpad / repad copies and no host sync.
+
+    ``softcap`` (Gemma2's ``attn_logit_softcapping``): the scores are softcap * tanh(scale * q.k / softcap)
+    before the softmax, on both backends.
     """
     if seqlens is not None and cu_seqlens is not None:
         raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
@@ -849,9 +895,13 @@ def flash_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0.0 and math.isfinite(scale)):
         raise ValueError(f"flash_attention: scale must be a finite number > 0, got {scale}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not (softcap > 0.0 and math.isfinite(softcap)):
+            raise ValueError(f"flash_attention: softcap must be a finite number > 0 or None, got {softcap}")
     if backend == "triton":
         return _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal,
-                                       deterministic, seqlens)
+                                       deterministic, seqlens, softcap)
     return flash_attention_reference(
         q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale, dropout_p=dropout_p,
-        seed=seed, causal=causal, seqlens=seqlens)
+        seed=seed, causal=causal, seqlens=seqlens, softcap=softcap)

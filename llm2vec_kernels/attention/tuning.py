@@ -137,9 +137,11 @@ def _pick(key, default, cands, q, launch):
     return best
 
 
-def _tune_key(kind, q, lay, dropout_p, causal):
-    """A callable that builds ``kind``'s bucket key; _tuned calls it only when autotuning."""
+def _tune_key(kind, q, lay, dropout_p, causal, softcap=False):
+    """A callable that builds ``kind``'s bucket key; _tuned calls it only when autotuning. Soft-capped launches
+    (more work per score) get buckets of their own; the others keep their keys."""
     def key():
         bucket = min(max(triton.next_power_of_2(max(lay.max_seqlen, 1)), 64), 16384)
-        return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket)
+        return (kind, _arch(q), q.dtype, lay.block_d, dropout_p > 0, bool(causal), lay.varlen, lay.group, bucket) \
+            + (("softcap",) if softcap else ())
     return key

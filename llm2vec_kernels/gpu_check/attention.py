@@ -11,7 +11,7 @@ from . import require_cuda
 
 
 def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dropout_mask=None, causal=False,
-                     seqlens=None):
+                     seqlens=None, softcap=None):
     """Attention as eager torch code runs it in the input dtype (HF "eager"): matmuls in the dtype, softmax in
     fp32 and cast back. The yardstick for "torch's own error in this dtype"."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -20,6 +20,8 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
         g = q.shape[1] // k.shape[1]
         qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(g, 0), v.transpose(0, 1).repeat_interleave(g, 0)
         s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+        if softcap is not None:  # Gemma2 eager: in the dtype
+            s = softcap * torch.tanh(s / softcap)
         if causal:
             S = q.shape[0]
             s = s.masked_fill(torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
@@ -45,7 +47,7 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
 
 
 def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton",
-                  deterministic=True, seqlens=None, fn=None):
+                  deterministic=True, seqlens=None, fn=None, softcap=None):
     """Forward and all three gradients of :func:`flash_attention` (or ``fn``, same signature) against the fp64
     reference.
 
@@ -60,7 +62,8 @@ def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0
 
     def run(fn, tensors, **kw):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens, **kw)
+        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens,
+                 **({"softcap": softcap} if softcap is not None else {}), **kw)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, do.to(out.dtype)))
 
     got = run(fn or flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl, deterministic=deterministic)
@@ -112,6 +115,8 @@ GPU_CHECK_CASES = [
     ("mistral-dense-2048-atomicdq", BF16, (1, 2048), 32, 8, 128, {"deterministic": False}),
     ("mistral-varlen-dropout0.1", BF16, (sum(_MIX),), 32, 8, 128, {"cu_seqlens": _MIX, "dropout_p": 0.1, "seed": 7}),
     ("gemma2-d256-padded-scale", BF16, (4, max(_MIX[:4])), 16, 8, 256, {"seqlens": _MIX[:4], "scale": 256 ** -0.5}),
+    ("gemma2-d256-varlen-softcap50", BF16, (sum(_MIX[:4]),), 16, 8, 256, {"cu_seqlens": _MIX[:4], "softcap": 50.0,
+                                                                           "scale": 256 ** -0.5}),
     ("smollm2-dense-257", BF16, (2, 257), 9, 3, 64, {}),
     ("mistral-dense-2048", BF16, (1, 2048), 32, 8, 128, {}),
     ("mistral-dense-512", FP16, (2, 512), 32, 8, 128, {}),
