@@ -104,28 +104,26 @@ class MemoryPlan:
                    else "") + ")")
 
 
-def tokens_per_micro_batch(cfg):
-    c = cfg.contrastive
-    mb = cfg.micro_batch_size
+def _text_lengths(cfg):
+    """The padded length of every text (MNTP: every row) of one micro-batch."""
+    c, mb = cfg.contrastive, cfg.micro_batch_size
     if cfg.stage == "mntp":
-        return mb * cfg.max_seq_len
+        return [cfg.max_seq_len] * mb
     if cfg.stage == "simcse":
-        texts, lens = 2 * mb, [c.max_len] * (2 * mb)
-    else:
-        doc = c.doc_max_len or c.max_len
-        lens = [c.max_len] * mb + [doc] * (mb * (1 + c.num_hard_negatives))
-        texts = len(lens)
-    if c.grad_cache_chunk > 0:  # one chunk of texts is alive at a time
-        return max(lens) * min(c.grad_cache_chunk, texts)
+        return [c.max_len] * (2 * mb)
+    return [c.max_len] * mb + [c.doc_max_len or c.max_len] * (mb * (1 + c.num_hard_negatives))
+
+
+def tokens_per_micro_batch(cfg):
+    lens = _text_lengths(cfg)
+    if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk > 0:  # one chunk of texts is alive at a time
+        return max(lens) * min(cfg.contrastive.grad_cache_chunk, len(lens))
     return sum(lens)
 
 
 def sequence_length(cfg):
     """The longest padded sequence of a micro-batch (what one text's attention spans)."""
-    c = cfg.contrastive
-    if cfg.stage == "mntp":
-        return cfg.max_seq_len
-    return c.max_len if cfg.stage == "simcse" else max(c.max_len, c.doc_max_len or c.max_len)
+    return max(_text_lengths(cfg))
 
 
 def _text_config(model):

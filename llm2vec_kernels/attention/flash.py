@@ -792,9 +792,9 @@ class _FlashAttention(torch.autograd.Function):
                 softcap):
         lay = _Layout(q, k, cu if varlen else None, max_seqlen, padded)
         o, lse = _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal, softcap)
-        ctx.softcap = softcap
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.lay, ctx.scale, ctx.dropout_p, ctx.seed, ctx.causal = lay, scale, dropout_p, seed, causal
+        ctx.softcap = softcap
         ctx.autotune = tuning._AUTOTUNE["on"]  # the backward follows the forward's setting, wherever it runs
         ctx.deterministic = deterministic
         return o

@@ -62,8 +62,7 @@ def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0
 
     def run(fn, tensors, **kw):
         leaves = [t.detach().clone().requires_grad_() for t in tensors]
-        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens,
-                 **({"softcap": softcap} if softcap is not None else {}), **kw)
+        out = fn(*leaves, cu_seqlens=cu_seqlens, scale=scale, causal=causal, seqlens=seqlens, softcap=softcap, **kw)
         return [out.detach()] + list(torch.autograd.grad(out, leaves, do.to(out.dtype)))
 
     got = run(fn or flash_attention, (q, k, v), dropout_p=dropout_p, seed=seed, impl=impl, deterministic=deterministic)
@@ -84,10 +83,11 @@ ERR_FACTOR = 2.0
 ERR_FLOOR = {torch.float32: 2e-6, torch.float16: 5e-4, torch.bfloat16: 5e-3}
 
 
-def _sdpa_case(q, k, v, *, cu_seqlens=None, scale=None, causal=False, seqlens=None, dropout_p=0.0, **_):
+def _sdpa_case(q, k, v, *, cu_seqlens=None, scale=None, causal=False, seqlens=None, dropout_p=0.0, softcap=None,
+               **_):
     """The dispatch's SDPA path (llm2vec_kernels/attention/dispatch.py) behind accuracy_case's call signature."""
-    if cu_seqlens is not None or seqlens is not None or causal or dropout_p:
-        raise ValueError("the SDPA path takes dense, unpadded, non-causal, dropout-free batches")
+    if cu_seqlens is not None or seqlens is not None or causal or dropout_p or softcap is not None:
+        raise ValueError("the SDPA path takes dense, unpadded, non-causal, dropout-free, uncapped batches")
     return sdpa_attention(q, k, v, scale)
 
 
