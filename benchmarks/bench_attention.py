@@ -1,5 +1,6 @@
 """Benchmark non-causal attention: the Triton kernel vs torch SDPA's backends, SDPA with LLM2Vec's dense
-additive padding mask, flash-attn (when installed) and the torch reference.
+additive padding mask, flash-attn (when installed) and the torch reference; on Gemma2's soft-capped scores,
+against transformers' eager attention and compiled FlexAttention instead of SDPA.
 
     python -m benchmarks.bench_attention                          # GPU: model shapes, <= --budget-s (80 s)
     python -m benchmarks.bench_attention --tiny                   # CPU: tiny shapes (Triton via the interpreter)
@@ -10,6 +11,13 @@ in place, with no unpad / repad copies. "triton-atomicdq" is the kernel with det
 by fp32 atomics in the dK/dV kernel, no separate dQ kernel); "triton-padded-atomicdq" combines the two.
 "triton-autotune" is the same kernel with opt-in autotuning on (llm2vec_kernels.attention.set_autotune): its warm-up
 calls time the pruned launch-config candidates per bucket, and the choices land in <out>_tuned.json.
+
+Soft-capped cases ("-cap50": Gemma2's scores c tanh(s / c), c = 50) drop SDPA, which cannot soft-cap. They time
+what a Gemma2 user would otherwise run: "eager" is transformers' eager attention (Gemma2's default there: K and V
+repeated to every query head, scores in the input dtype, fp32 softmax cast back, a dense additive mask when
+padded), and "flex" is torch's FlexAttention with the soft-cap as its score_mod and the padding as a block mask,
+compiled on a GPU (forward only and uncompiled on CPU, where it has no backward; no dropout). Both run on the
+soft-capped cases only; elsewhere SDPA is the stronger torch path.
 
 Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
 work only, 4 * sum(L_b^2) * Hq * D for the forward and 2.5x that for the backward, so implementations that
@@ -25,6 +33,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -40,18 +49,25 @@ from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch c
 MODELS = {  # name -> (Hq, Hkv, D)
     "mistral7b": (32, 8, 128),   # Llama-3-8B has the same attention shape (32/8 heads, D=128)
     "smollm2": (9, 3, 64),
+    "gemma2-9b": (16, 8, 256),   # scale 1/sqrt(256) (query_pre_attn_scalar = 256), attn_logit_softcapping = 50
 }
-# (label, model, batch, seq len or "pad" for the padded mix, passes or None for all); most important first.
+# (label, model, batch, seq len or "pad" for the padded mix, passes or None for all, softcap or None);
+# most important first.
 GPU_CASES = [
-    ("mistral7b-s512", "mistral7b", 16, 512, None),
-    ("mistral7b-pad32", "mistral7b", 32, "pad", None),
-    ("mistral7b-s2048", "mistral7b", 4, 2048, None),
-    ("mistral7b-s128", "mistral7b", 64, 128, None),
-    ("smollm2-s512", "smollm2", 16, 512, None),
-    ("mistral7b-s8192", "mistral7b", 1, 8192, ("fwd+bwd",)),
-    ("smollm2-s2048", "smollm2", 4, 2048, None),
+    ("mistral7b-s512", "mistral7b", 16, 512, None, None),
+    ("mistral7b-pad32", "mistral7b", 32, "pad", None, None),
+    ("mistral7b-s2048", "mistral7b", 4, 2048, None, None),
+    ("mistral7b-s128", "mistral7b", 64, 128, None, None),
+    ("smollm2-s512", "smollm2", 16, 512, None, None),
+    # Gemma2 after the shapes of earlier runs: compiling FlexAttention (forward and backward) takes a while, and
+    # a run cut short by gpu_run.sh's timeout keeps the rows written before it (one flush per row)
+    ("gemma2-9b-s512-cap50", "gemma2-9b", 16, 512, None, 50.0),
+    ("mistral7b-s8192", "mistral7b", 1, 8192, ("fwd+bwd",), None),
+    ("smollm2-s2048", "smollm2", 4, 2048, None, None),
+    ("gemma2-9b-pad32-cap50", "gemma2-9b", 32, "pad", None, 50.0),
 ]
-TINY_CASES = [("tiny-s24", (4, 2, 32), 2, 24, None), ("tiny-pad3", (4, 2, 32), 3, "pad", None)]
+TINY_CASES = [("tiny-s24", (4, 2, 32), 2, 24, None, None), ("tiny-pad3", (4, 2, 32), 3, "pad", None, None),
+              ("tiny-pad3-cap50", (4, 2, 32), 3, "pad", None, 50.0)]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
@@ -62,8 +78,8 @@ def padded_lengths(batch, lo, hi, seed=0):
 
 
 class Case:
-    def __init__(self, label, heads, batch, seq, device, dtype):
-        self.label, self.device, self.dtype = label, device, dtype
+    def __init__(self, label, heads, batch, seq, device, dtype, softcap=None):
+        self.label, self.device, self.dtype, self.softcap = label, device, dtype, softcap
         self.hq, self.hkv, self.d = heads
         if seq == "pad":
             lo, hi = (32, 512) if device == "cuda" else (4, 24)
@@ -73,7 +89,10 @@ class Case:
             self.lens, self.S = [seq] * batch, seq
         self.B = batch
         self.padded = seq == "pad"
-        mk = lambda h: torch.randn(self.B, self.S, h, self.d, device=device, dtype=dtype).requires_grad_()
+        # with a soft-cap, inputs scaled so the scores' spread is half the cap, where the cap changes the result
+        # (tanh(1/2) is 8% under 1/2) and err= would show a kernel that ignored it; timing does not depend on it
+        amp = (softcap / 2) ** 0.5 if softcap else 1.0
+        mk = lambda h: (amp * torch.randn(self.B, self.S, h, self.d, device=device, dtype=dtype)).requires_grad_()
         self.q, self.k, self.v = mk(self.hq), mk(self.hkv), mk(self.hkv)  # (B, S, H, D), padded rows unused
         self.do = torch.randn_like(self.q)
         self.valid = torch.arange(self.S, device=device)[None, :] < torch.tensor(self.lens, device=device)[:, None]
@@ -83,19 +102,19 @@ class Case:
     @property
     def shape(self):
         s = f"B{self.B}xS{self.S}" + ("(pad)" if self.padded else "")
-        return f"{self.label}:{s}xH{self.hq}/{self.hkv}xD{self.d}"
+        return f"{self.label}:{s}xH{self.hq}/{self.hkv}xD{self.d}" + (f"xcap{self.softcap:g}" if self.softcap else "")
 
 
 def _triton(case, dropout_p, deterministic=True):
     if not case.padded:
         return lambda q, k, v: A.flash_attention(q, k, v, dropout_p=dropout_p, seed=0, impl="triton",
-                                                 deterministic=deterministic)
+                                                 deterministic=deterministic, softcap=case.softcap)
     idx = case.valid.flatten().nonzero().squeeze(1)
 
     def run(q, k, v):  # unpad -> varlen kernel -> repad, as the engine does for padded batches
         flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
         o = A.flash_attention(*flat, cu_seqlens=case.cu, max_seqlen=case.S, dropout_p=dropout_p, seed=0,
-                              impl="triton", deterministic=deterministic)
+                              impl="triton", deterministic=deterministic, softcap=case.softcap)
         out = o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o)
         return out.view(case.B, case.S, case.hq, case.d)
     return run
@@ -130,6 +149,58 @@ def _sdpa(backend, mask=None, dropout_p=0.0):
     return run
 
 
+def _eager(case, dropout_p):
+    """transformers' eager attention (Gemma2's default there): K and V repeated to every query head, scores in
+    the input dtype, the soft-cap, a dense additive padding mask, fp32 softmax cast back, dropout, then P V."""
+    rep = case.hq // case.hkv
+    mask = None
+    if case.padded:
+        mask = torch.zeros(case.B, 1, 1, case.S, device=case.device, dtype=case.dtype)
+        mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
+        mask = mask.expand(case.B, 1, case.S, case.S).contiguous()  # the (B, 1, S, S) mask transformers builds
+
+    def run(q, k, v):
+        qh = q.transpose(1, 2)
+        kh, vh = (t.transpose(1, 2).repeat_interleave(rep, dim=1) for t in (k, v))
+        w = torch.matmul(qh, kh.transpose(2, 3)) * case.d ** -0.5
+        if case.softcap:
+            w = torch.tanh(w / case.softcap) * case.softcap
+        if mask is not None:
+            w = w + mask
+        w = torch.nn.functional.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        w = torch.nn.functional.dropout(w, p=dropout_p, training=dropout_p > 0)
+        return torch.matmul(w, vh).transpose(1, 2)
+    return run
+
+
+def _flex(case, dropout_p):
+    """torch's FlexAttention: the soft-cap as score_mod, the padding as a block mask; compiled on a GPU (as
+    transformers' flex_attention path does), uncompiled on CPU, where it runs forward only."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if dropout_p > 0:
+        raise NotImplementedError("flex_attention has no attention dropout")
+    fn = torch.compile(flex_attention, dynamic=False) if case.device == "cuda" else flex_attention
+    cap = case.softcap
+    score_mod = None if not cap else (lambda score, b, h, qi, ki: cap * torch.tanh(score / cap))
+    block_mask = None
+    if case.padded:
+        lens = torch.tensor(case.lens, device=case.device)
+        block_mask = create_block_mask(lambda b, h, qi, ki: ki < lens[b], case.B, None, case.S, case.S,
+                                       device=case.device)
+
+    def run(q, k, v):
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+        if case.device == "cpu" and not torch.is_grad_enabled():  # CPU flex refuses inputs that require grad
+            qh, kh, vh = qh.detach(), kh.detach(), vh.detach()
+        with warnings.catch_warnings():  # uncompiled on CPU on purpose: no "use torch.compile" warning per call
+            warnings.simplefilter("ignore", UserWarning)
+            o = fn(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, enable_gqa=case.hq != case.hkv,
+                   scale=case.d ** -0.5)
+        return o.transpose(1, 2)
+    return run
+
+
 def implementations(case, dropout_p, want):
     impls = {}
     if "triton" in want:
@@ -144,45 +215,58 @@ def implementations(case, dropout_p, want):
         for name, det in (("triton-padded", True), ("triton-padded-atomicdq", False)):
             if name in want:
                 impls[name] = functools.partial(A.flash_attention, seqlens=lens, dropout_p=dropout_p, seed=0,
-                                                impl="triton", deterministic=det)
-    if "sdpa" in want and not case.padded:
+                                                impl="triton", deterministic=det, softcap=case.softcap)
+    if case.softcap and want & {"sdpa", "sdpa-padmask"}:
+        print(f"sdpa: skipped on {case.shape}: SDPA cannot soft-cap the scores", flush=True)
+    if "sdpa" in want and not case.padded and not case.softcap:
         # the math backend materialises the scores: never the best, and slow past S=512 on a GPU
         for b in SDPA_BACKENDS if case.device == "cuda" else ("math",):
             if b != "math" or case.device == "cpu" or case.S <= 512:
                 impls[f"sdpa-{b}"] = _sdpa(b, dropout_p=dropout_p)
-    if "sdpa-padmask" in want and (case.padded or case.S <= 512):
+    if "sdpa-padmask" in want and (case.padded or case.S <= 512) and not case.softcap:
         # LLM2Vec's reference path: a dense (B, 1, S, S) additive mask, 0 where the key is real, -inf-ish else.
         mask = torch.zeros(case.B, 1, case.S, case.S, device=case.device, dtype=case.dtype)
         mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
         impls["sdpa-padmask"] = _sdpa(None, mask=mask, dropout_p=dropout_p)
+    if "eager" in want and case.softcap:
+        impls["eager"] = _eager(case, dropout_p)
+    if "flex" in want and case.softcap:
+        try:
+            impls["flex"] = _flex(case, dropout_p)
+        except (ImportError, NotImplementedError) as exc:
+            print(f"flex: skipped on {case.shape}: {exc}", flush=True)
     if "flash_attn" in want:
         try:
             import flash_attn
         except ImportError:
             print(f"flash_attn: not installed, skipped ({case.shape})", flush=True)
         else:
+            cap = case.softcap or 0.0  # flash-attn >= 2.6 soft-caps; 0 is off
             if case.padded:
                 idx = case.valid.flatten().nonzero().squeeze(1)
 
                 def fa_var(q, k, v):
                     flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
-                    o = flash_attn.flash_attn_varlen_func(*flat, case.cu, case.cu, case.S, case.S, dropout_p=dropout_p)
+                    o = flash_attn.flash_attn_varlen_func(*flat, case.cu, case.cu, case.S, case.S, dropout_p=dropout_p,
+                                                          softcap=cap)
                     return o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o).view_as(q)
                 impls["flash_attn"] = fa_var
             else:
-                impls["flash_attn"] = lambda q, k, v: flash_attn.flash_attn_func(q, k, v, dropout_p=dropout_p)
+                impls["flash_attn"] = lambda q, k, v: flash_attn.flash_attn_func(q, k, v, dropout_p=dropout_p,
+                                                                                 softcap=cap)
     if "torch" in want:
         if case.padded:
             impls["torch"] = lambda q, k, v: _repad_reference(case, q, k, v, dropout_p)
         else:
-            impls["torch"] = lambda q, k, v: A.flash_attention_reference(q, k, v, dropout_p=dropout_p, seed=0)
+            impls["torch"] = lambda q, k, v: A.flash_attention_reference(q, k, v, dropout_p=dropout_p, seed=0,
+                                                                         softcap=case.softcap)
     return impls
 
 
 def _repad_reference(case, q, k, v, dropout_p):
     idx = case.valid.flatten().nonzero().squeeze(1)
     flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
-    o = A.flash_attention_reference(*flat, cu_seqlens=case.cu, dropout_p=dropout_p, seed=0)
+    o = A.flash_attention_reference(*flat, cu_seqlens=case.cu, dropout_p=dropout_p, seed=0, softcap=case.softcap)
     return o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o).view_as(q)
 
 
@@ -267,7 +351,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
     p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
     p.add_argument("--impls", default="triton,triton-padded,triton-padded-atomicdq,triton-autotune,triton-atomicdq,"
-                                      "sdpa,sdpa-padmask,flash_attn,torch")
+                                      "sdpa,sdpa-padmask,eager,flex,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=3)
@@ -285,21 +369,21 @@ def main(argv=None):
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SystemExit("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
         dtype = torch.float32 if args.dtype == "bf16" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        cases = [(label, heads, b, s, ps) for label, heads, b, s, ps in TINY_CASES]
+        cases = list(TINY_CASES)
         warmup, iters = 0, 1
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        cases = [(label, MODELS[m], b, s, ps) for label, m, b, s, ps in GPU_CASES
+        cases = [(label, MODELS[m], b, s, ps, cap) for label, m, b, s, ps, cap in GPU_CASES
                  if args.cases is None or label in args.cases]
         warmup, iters = args.warmup, args.iters
     writer = CsvWriter(args.out, "attention-sweep" if args.sweep else "attention")
     want = set(args.impls.split(","))
     try:
-        for label, heads, batch, seq, passes in cases:
+        for label, heads, batch, seq, passes, softcap in cases:
             if time.time() > deadline:
                 print(f"{label}: skipped, --budget-s {args.budget_s:.0f}s spent", flush=True)
                 continue
-            case = Case(label, heads, batch, seq, device, dtype)
+            case = Case(label, heads, batch, seq, device, dtype, softcap)
             if args.sweep:
                 sweep(writer, case, args.dropout, warmup, iters)
                 continue

@@ -15,8 +15,9 @@
 # keep a floor: the MNTP train step, four processes of up to GPU_RUN_PATH_S=95 s each (steps
 # GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into bench_train_step.csv, profiles into train_step_profile.txt);
 # gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
-# atomic-dQ backward side by side; autotuning compiles its candidates here); masked CE 60 s; the issue-6
-# big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, rows into
+# atomic-dQ backward side by side; autotuning compiles its candidates here; Gemma2's soft-capped shapes against
+# transformers' eager attention and compiled FlexAttention come after the earlier runs' shapes); masked CE 60 s;
+# the issue-6 big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, rows into
 # bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the supervised and
 # SimCSE train steps (what is left, up to GPU_RUN_TRAIN_S=120 s); contrastive
 # 45 s (its targets were met in the first run); the summary 10 s. A failing or hung step is recorded and the

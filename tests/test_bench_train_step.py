@@ -200,7 +200,11 @@ def test_summary_table(tmp_path, tiny_run):
         row("mistral7b-s512:B16xS512xH32/8xD128", "sdpa-cudnn", 8.0),
         row("smollm2-s512:B16xS512xH9/3xD64", "triton", 1.0), row("smollm2-s512:B16xS512xH9/3xD64", "sdpa-flash", 9.0),
         row("mistral7b-pad32:B32xS512(pad)xH32/8xD128", "triton", 5.0),
-        row("mistral7b-pad32:B32xS512(pad)xH32/8xD128", "sdpa-padmask", 15.0)])
+        row("mistral7b-pad32:B32xS512(pad)xH32/8xD128", "sdpa-padmask", 15.0),
+        row("gemma2-9b-s512-cap50:B16xS512xH16/8xD256xcap50", "triton", 4.0),
+        row("gemma2-9b-s512-cap50:B16xS512xH16/8xD256xcap50", "triton-atomicdq", 3.0),
+        row("gemma2-9b-s512-cap50:B16xS512xH16/8xD256xcap50", "eager", 12.0),
+        row("gemma2-9b-s512-cap50:B16xS512xH16/8xD256xcap50", "flex", 6.0)])
     _write_csv(d / "bench_masked_ce.csv", [
         row("llama3_8b N16384 H4096 V128256 M3277", "triton_fused", 3.0, peak=100),
         row("llama3_8b N16384 H4096 V128256 M3277", "full_logits", 10.0, peak=10000),
@@ -220,6 +224,8 @@ def test_summary_table(tmp_path, tiny_run):
     lines = {ln.split(" | ")[1]: ln for ln in text.splitlines() if ln.startswith("| ") and " | " in ln}
     assert "1.125x | MISSED" in lines["dense D=128 S>=512 fwd+bwd time <= 1.0x best SDPA backend"]
     assert "3.000x | met" in lines["padded length mix: >= 2x faster than SDPA + additive mask"]
+    cap = lines["gemma2-9b-s512-cap50 fwd+bwd: best of eager/flex over triton"]
+    assert "| 2.00x | info |" in cap and "[triton-atomicdq vs flex]" in cap, cap
     assert "0.0100x | met" in lines["Llama-3-8B peak extra memory <= 0.05x full-logits path"]
     assert "0.300x | met" in lines["Llama-3-8B fwd+bwd time <= 0.35x full-logits path"]
     assert "1.500x | MISSED" in lines["Llama-3-8B fwd+bwd time <= 1.0x gather-then-torch"]
