@@ -241,19 +241,18 @@ def implementations(case, dropout_p, want):
         except ImportError:
             print(f"flash_attn: not installed, skipped ({case.shape})", flush=True)
         else:
-            cap = case.softcap or 0.0  # flash-attn >= 2.6 soft-caps; 0 is off
+            cap = {"softcap": case.softcap} if case.softcap else {}  # flash-attn >= 2.6 soft-caps
             if case.padded:
                 idx = case.valid.flatten().nonzero().squeeze(1)
 
                 def fa_var(q, k, v):
                     flat = [t.reshape(-1, t.shape[2], t.shape[3]).index_select(0, idx) for t in (q, k, v)]
                     o = flash_attn.flash_attn_varlen_func(*flat, case.cu, case.cu, case.S, case.S, dropout_p=dropout_p,
-                                                          softcap=cap)
+                                                          **cap)
                     return o.new_zeros(case.B * case.S, case.hq, case.d).index_copy(0, idx, o).view_as(q)
                 impls["flash_attn"] = fa_var
             else:
-                impls["flash_attn"] = lambda q, k, v: flash_attn.flash_attn_func(q, k, v, dropout_p=dropout_p,
-                                                                                 softcap=cap)
+                impls["flash_attn"] = lambda q, k, v: flash_attn.flash_attn_func(q, k, v, dropout_p=dropout_p, **cap)
     if "torch" in want:
         if case.padded:
             impls["torch"] = lambda q, k, v: _repad_reference(case, q, k, v, dropout_p)
@@ -301,7 +300,7 @@ def bench_case(writer, case, dropout_p, want, passes, warmup, iters, deadline=No
                     ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                 writer.add(case.shape, name, pass_, ms, flops / ms / 1e9, mem, dtype=str(case.dtype)[6:],
                            dropout=dropout_p, err=f"{err:.1e}")
-        except (RuntimeError, NotImplementedError, ValueError) as exc:  # a backend that rejects this shape
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # rejects this shape or call
             print(f"{name}: skipped on {case.shape}: {str(exc).splitlines()[0][:160]}", flush=True)
         finally:
             if case.device == "cuda":
