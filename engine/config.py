@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -146,6 +147,22 @@ class TrainConfig:
     max_nonfinite_steps: int = 3  # stop (exit 3) after this many non-finite steps in a row
 
 
+# A number in JSON and YAML 1.2 that PyYAML (YAML 1.1) leaves a string: an exponent without a dot or without a sign
+# (1e-06, 1.0e5). Typed keys convert it anyway; an untyped mapping's values (model.random_init) are read by this.
+_EXP_NUMBER = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+
+
+def _yaml12_numbers(value):
+    """An untyped mapping's values (recursively; keys untouched): exponent numbers PyYAML left as strings -> float."""
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    if isinstance(value, str) and _EXP_NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
 def _coerce(value, tp, key):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -162,7 +179,7 @@ def _coerce(value, tp, key):
     if origin in (dict, typing.Dict) or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' expects a mapping, got {value!r}")
-        return value
+        return _yaml12_numbers(value)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -51,6 +51,29 @@ def test_unknown_key_in_yaml(tmp_path):
         load_config(str(p))
 
 
+def test_random_init_reads_exponent_numbers_as_numbers(tmp_path):
+    # PyYAML (YAML 1.1) leaves 1e-6 and 1.0e5 strings; transformers' configs then refuse them. The untyped
+    # mapping's values are read as JSON / YAML 1.2 would; keys, words and quoted dotted numbers stay as given.
+    import json
+
+    spec = {"model_type": "llama", "rms_norm_eps": 1e-06, "rope_theta": 1.0e5, "hidden_act": "silu",
+            "rope_scaling": {"factor": 2e0}}
+    cfg = load_config(None, ["model.name_or_path=x", f"model.random_init={json.dumps(spec)}"])
+    assert cfg.model.random_init == spec
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: mntp\nmodel:\n  name_or_path: x\n  random_init: {model_type: llama, rms_norm_eps: 1e-6,"
+                 " 2e5: a, note: '1.5', act: 1e5x}\n")
+    got = load_config(str(p)).model.random_init
+    assert got == {"model_type": "llama", "rms_norm_eps": 1e-6, "2e5": "a", "note": "1.5", "act": "1e5x"}
+    assert isinstance(got["rms_norm_eps"], float)
+    from engine.modeling import architecture_config
+
+    arch, _ = architecture_config(load_config(None, ["model.name_or_path=x", "model.random_init=" + json.dumps(
+        {"model_type": "llama", "vocab_size": 32, "hidden_size": 8, "num_attention_heads": 2, "rms_norm_eps": 1e-06})]
+    ).model)
+    assert arch.rms_norm_eps == 1e-6
+
+
 def test_bad_values():
     with pytest.raises(ConfigError, match="expects an integer"):
         load_config(None, ["model.name_or_path=x", "max_steps=abc"])
