@@ -4,6 +4,7 @@ H200 step time for each path, so a change to the step can be judged without a GP
     python -m benchmarks.bench_step_ops                       # all three paths, < 5 min on 2 cores
     python -m benchmarks.bench_step_ops --set model.fused_ops=triton --paths engine   # after an engine change
     python -m benchmarks.bench_step_ops --reduced             # CI: 2 layers, small batch, a few host steps
+    python -m benchmarks.bench_step_ops --arch gemma2-9b      # the same recipe on Gemma2-9B's structure
 
 This module is the CLI (one worker process per path, the table); benchmarks/step_paths.py builds the paths,
 benchmarks/step_census.py counts (launches, syncs, ZeRO hooks), benchmarks/step_cost.py costs (roofline
@@ -27,6 +28,14 @@ micro-batch configs/mistral-7b/mntp.yaml ships, 4 x 512). Model: the Mistral-7B 
 Counting and host time run it at tiny width (hidden 64, head_dim 2, intermediate 224, vocab 1024); the
 prediction runs it at full size (hidden 4096, vocab 32000) on meta tensors. Masking as llm2vec does for Mistral
 (0.8, every masked token replaced), mask token = EOS.
+
+--arch gemma2-9b costs and counts Gemma2-9B's structure (configs/architectures/google__gemma-2-9b-it.json: 42
+layers, 16 query / 8 KV heads of 256, four norms a layer, soft-capped scores and logits, tied 256k vocabulary)
+under the same recipe. transformers refuses SDPA for Gemma2, so the reference paths run its eager attention
+(llm2vec's bidirectional masks: all zeros; full-size bf16 scores per head, fp32 softmax); reference-zero3 (SDPA)
+has no Gemma2 row. The calibration stays the Mistral-7B step the H200 profiled: its per-class efficiencies are
+applied to Gemma2's ops, where eager attention's batched GEMMs count as GEMMs (cuBLAS at the GEMM efficiency, the
+favourable end for the reference). Issue 24's targets are Mistral-7B's and are printed for it only.
 
 One recompute policy per row: the full-size meta run sets the path up as an H200 would (for the engine, the
 memory plan's ZeRO stage and recompute policy at the row's micro-batch); the tiny-width count is then forced to
@@ -54,14 +63,16 @@ Figures per row:
                 launches cost nothing here (intercepted): this is dispatcher + Python + hooks + small CPU kernels.
   best_ms, pess_ms  the full-size step on an H200 from shapes alone: forward, backward and optimizer step run
                 on meta tensors (the batch and its index tensors stay real, so packing and row selection see
-                real lengths); per op max(FLOPs / 790 TFLOP/s, bytes / 4.0 TB/s) + a per-launch floor
+                real lengths); per op max(FLOPs / 790 TFLOP/s (53.6 for fp32 GEMMs: no tensor cores),
+                bytes / 4.0 TB/s) + a per-launch floor
                 (step_cost.HOST_FLOOR_US), per op class (GEMMs, attention, LoRA GEMMs, elementwise, loss,
                 optimizer, DeepSpeed hooks, other) at the efficiencies the 2026-11-26 H200 profile measured:
                 best at the most favourable one measured, pessimistic at the least (step_calibration). DeepSpeed
                 is not run on meta tensors: its hook and optimizer launches are costed from the census.
 
 Calibration (printed on every full run; --reduced and --no-calibrate skip it and the table says UNCALIBRATED):
-the ZeRO-3 engine and reference MNTP steps that the 2026-11-26 H200 profile measured
+the ZeRO-3 engine and reference MNTP steps that the 2026-11-26 H200 profile measured, without the run's --set
+overrides (they would change the op stream the profile's times are compared with)
 (benchmarks/results/2026-11-26-h200/train_step_profile.txt; mask 0.2, BERT scheme, full recompute) are rerun on
 meta tensors and every op class is compared with the profile, with its error. HOST_FLOOR_US was fitted once on
 the engine's elementwise + other ops (each run prints the floor that would fit them).
@@ -93,10 +104,12 @@ from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
 from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
 from benchmarks.step_cost import CLASSES, HOST_FLOOR_US, predict_path  # noqa: E402
-from benchmarks.step_paths import CONFIG, TINY, Path, batch_for, engine_config, log  # noqa: E402
+from benchmarks.step_paths import ARCHS, CONFIG, FULL, Path, batch_for, engine_config, log, tiny_of  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
+# reference-zero3 gives the engine's model SDPA and a dense mask, which cannot soft-cap (Gemma2): Mistral-7B only
+ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine")}
 # the targets of issue 24, engine against the references on the headline shape
 TARGETS = (("best", "reference", 0.40), ("best", "reference-bf16", 0.55), ("pessimistic", "reference", 0.45))
 LAUNCH_TARGET = 0.4
@@ -127,7 +140,7 @@ def _policy_sets(name, pred):
 
 def _count(args, sets, micro, launches, mask):
     """Build the tiny-width path under sets, then its census and host CPU time per step."""
-    tiny = dict(TINY, num_hidden_layers=args.layers)
+    tiny = dict(tiny_of(ARCHS[args.arch]), num_hidden_layers=args.layers)
     out = {}
     t0 = time.process_time()
     with gpu_like_ops():
@@ -160,6 +173,31 @@ def _count(args, sets, micro, launches, mask):
     return out
 
 
+def _calibration(args, name, shape, launches):
+    """summarise() of the profiled path ``name`` as the H200 ran it: the Mistral-7B structure whatever --arch is,
+    mask 0.2 BERT, and none of the run's --set overrides (model.attention=torch or another recompute policy would
+    price the profile's measured times against another op stream)."""
+    cal_name = "engine-as-profiled" if name == "engine" else name
+    layers = args.layers if args.arch == "mistral-7b" else FULL["num_hidden_layers"]
+    with gpu_like_ops(meta=True):
+        cal = predict_path(cal_name, ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0], shape, (0.2, "bert"),
+                           layers, launches)
+    return cal["summary"]
+
+
+def _deepspeed_as_in_its_worker(name, micro):
+    """Initialise DeepSpeed on the tiny Mistral-7B path ``name`` (ZeRO-3 for reference-zero3), as that path's own
+    worker does before its calibration: ZeRO-3 replaces torch.nn.functional.linear for the rest of the process
+    (deepspeed's zero3_linear_wrap, one more LoRA GEMM a layer in the backward), as it did in the profiled run."""
+    with gpu_like_ops():
+        path = Path(name, dict(tiny_of(FULL), num_hidden_layers=1), "cpu", [], micro)
+        try:
+            path.init_deepspeed()
+        except Exception as exc:  # calibrated without it, and the log says so
+            log(f"{name}: DeepSpeed unavailable for its calibration ({type(exc).__name__}: {exc})")
+    del path
+
+
 def worker(args):
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -171,8 +209,10 @@ def worker(args):
             shape = _shape(tokens)
             t0 = time.process_time()
             with gpu_like_ops(meta=True):
-                pred = predict_path(args.worker, args.set, shape[0], shape, mask, args.layers, launches)
-            row = {"path": args.worker, "tokens": tokens, "summary": pred["summary"], "masked_rows": pred["masked"],
+                pred = predict_path(args.worker, args.set, shape[0], shape, mask, args.layers, launches,
+                                    ARCHS[args.arch])
+            row = {"path": args.worker, "tokens": tokens, "arch": args.arch, "summary": pred["summary"],
+                   "masked_rows": pred["masked"],
                    "census_full_nozero": pred["census"], "launches_full_nozero": sum(pred["census"].values()),
                    "predict_cpu_s": round(time.process_time() - t0, 1)}
             sets = list(args.set) + _policy_sets(args.worker, pred)
@@ -184,12 +224,18 @@ def worker(args):
                 raise RuntimeError(f"{args.worker} {tokens}: counted under {row['recompute']}, costed under "
                                    f"{pred['recompute']}")
             if i == 0 and args.calibrate and args.worker in PROFILED.values():
-                cal_name = "engine-as-profiled" if args.worker == "engine" else args.worker
-                with gpu_like_ops(meta=True):
-                    cal = predict_path(cal_name, list(args.set) + ["mntp.mask_prob=0.2", "mntp.scheme=bert"],
-                                       shape[0], shape, (0.2, "bert"), args.layers, launches)
-                row["cal"] = cal["summary"]
+                row["cal"] = _calibration(args, args.worker, shape, launches)
             rows[f"{args.worker} {tokens}"] = row
+        # A structure without a reference-zero3 row calibrates that path in its reference worker, after every row:
+        # that path's own worker would have run DeepSpeed ZeRO-3 first, which leaves F.linear replaced (deepspeed's
+        # zero3_linear_wrap: one more LoRA GEMM a layer in the backward), as it was in the profiled run.
+        others = [p for p in PROFILED.values() if p not in ARCH_PATHS[args.arch]]
+        if args.worker == "reference" and args.calibrate and others and rows:
+            first = next(iter(rows.values()))
+            shape = _shape(first["tokens"])
+            for p in others:
+                _deepspeed_as_in_its_worker(p, shape[0])
+                first.setdefault("cal_for", {})[p] = _calibration(args, p, shape, launches)
     with open(args.result, "w") as f:
         json.dump(rows, f)
 
@@ -213,7 +259,8 @@ def _ratio(a, b):
 
 
 def table(results, args, fac, per_hook):
-    lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), Mistral-7B structure at {args.layers} "
+    arch = next((r["arch"] for r in results.values() if "arch" in r), "mistral-7b")  # older JSON: Mistral
+    lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), {arch} structure at {args.layers} "
              f"layers; counted at tiny width on {args.count_batch} (and {args.host_batch}) under each row's recompute "
              f"policy; host CPU time on {args.host_batch}; costed at full size (meta) on the row's tokens; sets: "
              f"{' '.join(args.set or []) or '-'}",
@@ -268,7 +315,7 @@ def target_lines(results, args):
     """Issue 24's targets on the headline tokens (the first of --tokens), met or not."""
     tokens = args.tokens.split(",")[0]
     eng = results.get(f"engine {tokens}")
-    if not eng or "error" in eng:
+    if not eng or "error" in eng or eng.get("arch", "mistral-7b") != "mistral-7b":  # the targets are Mistral-7B's
         return []
     out = []
     for kind, ref_name, limit in TARGETS:
@@ -296,7 +343,9 @@ def _deepspeed_logs_to_stderr():
 def main(argv=None):
     _deepspeed_logs_to_stderr()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--arch", default="mistral-7b", choices=sorted(ARCHS),
+                    help="the model structure costed and counted (the calibration is always Mistral-7B's profile)")
+    ap.add_argument("--paths", default=None, help="comma list (default: every path the structure has)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="engine config override (engine and reference-zero3 paths), e.g. model.fused_ops=triton")
     ap.add_argument("--tokens", default=None, help="comma list of batch x sequence rows to cost (default: 32x512 and "
@@ -304,7 +353,7 @@ def main(argv=None):
     ap.add_argument("--host-batch", default="2x64", help="batch x sequence of the host-time steps")
     ap.add_argument("--count-batch", default="4x64", help="batch x sequence of the counted real step")
     ap.add_argument("--host-steps", type=int, default=10)
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None, help="default: the structure's")
     ap.add_argument("--mask-prob", type=float, default=None, help="default: llm2vec's Mistral setting (0.8)")
     ap.add_argument("--scheme", default=None, choices=("bert", "all"))
     ap.add_argument("--reduced", action="store_true", help="CI: 2 layers, 4x64 tokens, 3 host steps, no calibration")
@@ -323,6 +372,8 @@ def main(argv=None):
         p, s = llm2vec_masking("mistral")
         args.mask_prob = p if args.mask_prob is None else args.mask_prob
         args.scheme = s if args.scheme is None else args.scheme
+    if args.layers is None:
+        args.layers = ARCHS[args.arch]["num_hidden_layers"]
     if args.reduced:
         args.layers, args.host_steps, args.calibrate = 2, 3, False
         args.tokens, args.count_batch = args.tokens or "4x64", "4x32"
@@ -330,10 +381,10 @@ def main(argv=None):
     if args.worker:
         worker(args)
         return None
-    paths = [p for p in args.paths.split(",") if p]
-    bad = [p for p in paths if p not in PATHS]
+    paths = [p for p in (args.paths or ",".join(ARCH_PATHS[args.arch])).split(",") if p]
+    bad = [p for p in paths if p not in ARCH_PATHS[args.arch]]
     if bad:
-        print(f"unknown path(s) {bad}; choose from {PATHS}", file=sys.stderr)
+        print(f"unknown path(s) {bad} for --arch {args.arch}; choose from {ARCH_PATHS[args.arch]}", file=sys.stderr)
         sys.exit(2)
     try:
         shapes = [_shape(t) for t in args.tokens.split(",")]
@@ -344,7 +395,7 @@ def main(argv=None):
         sys.exit(2)
     if args.set:
         try:
-            engine_config(args.set, TINY, 32)
+            engine_config(args.set, tiny_of(ARCHS[args.arch]), 32)
         except ConfigError as exc:
             print(f"bad --set: {exc}", file=sys.stderr)
             sys.exit(2)
@@ -368,6 +419,7 @@ def _run_workers(paths, args):
                 p = pending.pop(0)
                 out = os.path.join(tmp, f"{p}.json")
                 cmd = [sys.executable, "-m", "benchmarks.bench_step_ops", "--worker", p, "--result", out,
+                       "--arch", args.arch,
                        "--tokens", args.tokens, "--host-batch", args.host_batch, "--host-steps", str(args.host_steps),
                        "--count-batch", args.count_batch,
                        "--layers", str(args.layers), "--mask-prob", str(args.mask_prob), "--scheme", args.scheme]

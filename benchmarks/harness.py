@@ -189,8 +189,11 @@ def unshift_labels(labels):
 
 
 def hf_reference_forward(model, batch):
-    """Full logits for every position, fp32 upcast and cross-entropy, all inside the HF model's own loss."""
-    return model(input_ids=batch["input_ids"], labels=batch["hf_labels"]).loss
+    """Full logits for every position, fp32 upcast and cross-entropy, all inside the HF model's own loss.
+    ``batch["hf_mask"]``, when given, is the attention mask handed to the model as is (eager attention's
+    bidirectional masks, which it adds to the scores)."""
+    mask = batch.get("hf_mask")
+    return model(input_ids=batch["input_ids"], labels=batch["hf_labels"], attention_mask=mask).loss
 
 
 def hf_reference_step(model, optimizer, params, batch):

@@ -82,8 +82,10 @@ def hook_us(profile):
 
 
 def _cal(results, path):
-    """The calibration run ("cal": summarise() of the as-profiled step) of a path's rows, if it ran."""
-    return next((r["cal"] for r in results.values() if r.get("path") == path and r.get("cal")), None)
+    """The calibration run (summarise() of the as-profiled step) of a profiled path, if it ran: its own row's
+    "cal", or another row's "cal_for" (a structure with no row of that path calibrates it elsewhere)."""
+    own = next((r["cal"] for r in results.values() if r.get("path") == path and r.get("cal")), None)
+    return own or next((r["cal_for"][path] for r in results.values() if path in r.get("cal_for", {})), None)
 
 
 def at_floor(summary, c, floor_us):
@@ -99,6 +101,8 @@ def factors(results, profile, floor_us):
         if not cal:
             continue
         for c in FACTOR_CLASSES:
+            if not cal[c]["n"]:  # the calibration run has no op of this class (e.g. --set model.attention=torch
+                continue         # moves attention into GEMMs and elementwise ops): no factor from it
             out.setdefault(c, []).append(prof["ms"][c] / max(at_floor(cal, c, floor_us), 1e-9))
         pred = at_floor(cal, "elementwise", floor_us) + at_floor(cal, "other", floor_us)
         out.setdefault("elementwise", []).append((prof["ms"]["elementwise"] + prof["ms"]["other"]) / pred)

@@ -22,6 +22,9 @@ from benchmarks.step_paths import FULL, Path, batch_for
 
 PEAK_FLOPS = 790e12  # H200 bf16 dense GEMM throughput a large cuBLAS GEMM reaches (of 989 TFLOP/s spec)
 PEAK_BYTES = 4.0e12  # H200 HBM3e bandwidth an elementwise kernel reaches (of 4.8 TB/s spec)
+# fp32 GEMMs (torch's default on CUDA: no TF32) run on the CUDA cores, 67 TFLOP/s spec; taken at the same 80% of
+# spec as the bf16 figure. Only the engine's exact torch attention path and PEFT's fp32 adapters have them.
+PEAK_FLOPS_FP32 = 0.8 * 67e12
 # per launch: fitted (21.78 us) on the engine's "other" ops of the H200 profile, 2026-11-30 CPU run
 # (benchmarks/results/2026-11-30-cpu-step-ops/); it also absorbs elementwise kernels slower than 4.0 TB/s
 HOST_FLOOR_US = 21.8
@@ -62,8 +65,8 @@ class CostMode(TorchDispatchMode):
         self.shadow[m] = t
         return m
 
-    def add(self, name, cat, flops, nb, triton=False):
-        self.rows.append((name, "optimizer" if self.phase[0] == "optimizer" else cat, flops, nb, triton))
+    def add(self, name, cat, flops, nb, triton=False, peak=PEAK_FLOPS):
+        self.rows.append((name, "optimizer" if self.phase[0] == "optimizer" else cat, flops, nb, triton, peak))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -110,7 +113,8 @@ class CostMode(TorchDispatchMode):
             cat = "lora" if self.dims["r"] in dimset else "gemm"
         else:
             cat = "elementwise" if is_elementwise(name) else "other"
-        self.add(name, cat, flops, _nbytes(ins) + _nbytes(outs))
+        fp32 = func in GEMMS and all(t.dtype == torch.float32 for t in ins)
+        self.add(name, cat, flops, _nbytes(ins) + _nbytes(outs), peak=PEAK_FLOPS_FP32 if fp32 else PEAK_FLOPS)
         return out
 
     def triton(self, module, name, args):
@@ -144,10 +148,11 @@ def is_elementwise(name):
 
 def summarise(rows):
     """{class: {"roof": ms, "n": launches, "roof_triton": ms, "n_triton": launches}}: per op
-    max(flops / PEAK_FLOPS, bytes / PEAK_BYTES), no per-launch floor; the Triton launches apart."""
+    max(flops / peak, bytes / PEAK_BYTES) with peak PEAK_FLOPS (PEAK_FLOPS_FP32 for fp32 GEMMs), no per-launch
+    floor; the Triton launches apart."""
     out = {c: {"roof": 0.0, "n": 0, "roof_triton": 0.0, "n_triton": 0} for c in CLASSES}
-    for _, cat, flops, nb, triton in rows:
-        ms = max(flops / PEAK_FLOPS, nb / PEAK_BYTES) * 1e3
+    for _, cat, flops, nb, triton, peak in rows:
+        ms = max(flops / peak, nb / PEAK_BYTES) * 1e3
         d = out[cat]
         d["roof"] += ms
         d["n"] += 1
@@ -164,10 +169,11 @@ def predicted(rows, floor_us=HOST_FLOOR_US):
     return {"total": sum(cats.values()), **cats}, {c: v["n"] for c, v in s.items() if v["n"]}
 
 
-def predict_path(name, sets, micro, shape, mask, layers, launches):
-    """Meta run of the full-size step -> {"summary": summarise(rows), "census": {op: launches}, "masked": rows the
-    loss reads, "recompute": the path's policy, "zero_stage": its ZeRO stage (the memory plan's, for the engine)}."""
-    spec = dict(FULL, num_hidden_layers=layers)
+def predict_path(name, sets, micro, shape, mask, layers, launches, structure=FULL):
+    """Meta run of the full-size step of ``structure`` (a model spec; default the Mistral-7B one) at ``layers``
+    -> {"summary": summarise(rows), "census": {op: launches}, "masked": rows the loss reads, "recompute": the
+    path's policy, "zero_stage": its ZeRO stage (the memory plan's, for the engine)}."""
+    spec = dict(structure, num_hidden_layers=layers)
     path = Path(name, spec, "meta", sets, micro)
     if not path.hf:  # DeepSpeed bf16 keeps every parameter, LoRA included, in bf16 (PEFT made LoRA fp32)
         path.module.to(path.dtype)

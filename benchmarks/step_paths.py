@@ -3,7 +3,8 @@
 "engine" path too.
 
   * reference        llm2vec's one-GPU recipe (benchmarks.harness.build_hf_reference): HF model + PEFT LoRA,
-                     no DeepSpeed, clip 1.0 + foreach torch AdamW;
+                     no DeepSpeed, clip 1.0 + foreach torch AdamW; SDPA, or eager attention where transformers
+                     refuses SDPA (Gemma2's soft-capped scores);
   * reference-bf16   the same with PEFT's adapters cast to bf16 (PEFT keeps them fp32 by default);
   * reference-zero3  the engine's model under DeepSpeed ZeRO-3 with PEFT's LoRA, SDPA given a dense (B, 1, S, S)
                      mask, full logits, full recompute;
@@ -35,8 +36,41 @@ from engine.trainer import EngineModule, setup_model
 
 CONFIG = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
 FULL = GPU_MODEL  # the Mistral-7B structure, costed at full size on meta tensors
-# counted and timed at tiny width: the same layers, heads and op sequence
-TINY = dict(FULL, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2)
+# what a shipped architecture file holds beyond the model's structure (ids come from the harness's model builder)
+_NOT_STRUCTURE = ("architectures", "_source", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+
+
+def _shipped(name):
+    with open(os.path.join(ROOT, "configs", "architectures", f"{name}.json")) as f:
+        return {k: v for k, v in json.load(f).items() if k not in _NOT_STRUCTURE}
+
+
+# --arch of bench_step_ops: the structures the proxy can cost. The MNTP recipe (configs/mistral-7b/mntp.yaml) runs
+# on each; the calibration is always the Mistral-7B step the H200 profiled.
+ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google__gemma-2-9b-it")}
+
+
+def tiny_of(spec):
+    """Counted and timed at tiny width: the same layers, heads and op sequence."""
+    return dict(spec, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2)
+
+
+TINY = tiny_of(FULL)
+
+
+def eager_bidirectional_mask(model, input_ids, dtype):
+    """Eager attention adds a dense (B, 1, S, S) mask to the scores, and transformers builds a causal one unless it
+    is handed masks: all zeros (every token sees every token; the batch has no padding), one per layer type, as
+    llm2vec's bidirectional models pass them. The same size and cost as the causal mask."""
+    B, S = input_ids.shape
+    zeros = torch.zeros(B, 1, S, S, dtype=dtype, device=input_ids.device)
+    return {t: zeros for t in set(model.config.layer_types)}
+
+
+def hf_attention(spec):
+    """The attention llm2vec's HF path runs: SDPA, except where transformers refuses it (Gemma2 soft-caps its
+    scores, which SDPA cannot; transformers' Gemma2 runs eager attention)."""
+    return "eager" if spec.get("attn_logit_softcapping") else "sdpa"
 # llm2vec's one-GPU recipe (HF + PEFT, no DeepSpeed): as llm2vec runs it (PEFT's fp32 adapters), and with bf16
 # adapters (a stronger baseline: no fp32 LoRA GEMMs, no casts around them)
 HF_PATHS = ("reference", "reference-bf16")
@@ -90,8 +124,9 @@ class Path:
         self.vocab = spec["vocab_size"]
         self.plan, self.zero_stage, self.recompute = None, 3, "full"
         self.hf = name in HF_PATHS
+        self.hf_eager = self.hf and hf_attention(spec) == "eager"
         if self.hf:
-            self.model = build_hf_reference(spec, self.dtype, self.device, LORA)
+            self.model = build_hf_reference(spec, self.dtype, self.device, LORA, attn=hf_attention(spec))
             if name == "reference-bf16":  # PEFT made the adapters fp32: keep them in the base's bf16 instead
                 self.model.to(self.dtype)
             self.model.train()
@@ -143,9 +178,16 @@ class Path:
         self.engine.train()
         self.ds = True
 
+    def hf_loss(self, batch):
+        """The HF reference's loss (forward only)."""
+        hf = batch.hf
+        if self.hf_eager:  # llm2vec's bidirectional eager attention: an all-zero additive mask per layer type
+            hf = dict(hf, hf_mask=eager_bidirectional_mask(self.model, hf["input_ids"], self.dtype))
+        return hf_reference_forward(self.model, hf)
+
     def forward_backward(self, batch):
         if self.hf:
-            loss = hf_reference_forward(self.model, batch.hf)
+            loss = self.hf_loss(batch)
             loss.backward()
             return loss
         if self.engine is not None:

@@ -10,7 +10,6 @@ import torch
 
 from benchmarks import bench_step_ops as so
 from benchmarks import step_calibration, step_census, step_cost, step_paths
-from benchmarks.harness import hf_reference_forward
 
 from .helpers import ROOT, run_cmd
 
@@ -60,7 +59,7 @@ def test_cost_model_on_one_mlp_gemm():
         a.index_select(0, idx)  # shadowed index: still costed as a gather on the meta tensor
         n = int((idx > 1).sum())  # real values from the shadow
     assert n == 2
-    name, cat, flops, nbytes, triton = mode.rows[0]
+    name, cat, flops, nbytes, triton, peak = mode.rows[0]
     assert not triton
     assert (name, cat, flops) == ("mm", "gemm", 2 * 16384 * 4096 * 14336)
     assert nbytes == 2 * (16384 * 4096 + 4096 * 14336 + 16384 * 14336)
@@ -69,12 +68,15 @@ def test_cost_model_on_one_mlp_gemm():
     assert pred["gemm"] == pytest.approx(2.4396, rel=1e-4)  # ms: 1.924 TFLOP at 790 TFLOP/s + 4 us
 
 
-def test_reference_path_computes_the_engines_mntp_loss():
+@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b"])
+def test_reference_path_computes_the_engines_mntp_loss(arch):
     """llm2vec's recipe (HF model + PEFT, SDPA without a mask, HF's loss on unshifted labels) and the engine's
-    MNTP stage on the same weights and batch: the same loss before any step (LoRA B starts at zero)."""
+    MNTP stage on the same weights and batch: the same loss before any step (LoRA B starts at zero). On Gemma2
+    the reference runs transformers' eager attention with all-zero masks (SDPA cannot soft-cap), and both
+    soft-cap the scores and the logits."""
     import llm2vec_kernels
 
-    spec = dict(step_paths.TINY, num_hidden_layers=2, vocab_size=256)
+    spec = dict(step_paths.tiny_of(step_paths.ARCHS[arch]), num_hidden_layers=2, vocab_size=256)
     sets = ["model.attention=torch", "model.loss=torch", "model.dtype=fp32"]
     try:
         ref = step_paths.Path("reference", spec, "cpu", sets, 4)
@@ -83,13 +85,14 @@ def test_reference_path_computes_the_engines_mntp_loss():
         ref.model.eval()
         eng.module.eval()
         with torch.no_grad():
-            lr = float(hf_reference_forward(ref.model, batch.hf))
+            lr = float(ref.hf_loss(batch))
             le = float(eng.module(batch.engine)[0])
     finally:
         for op in ("attention", "masked_ce", "contrastive"):
             llm2vec_kernels.set_default_impl(op, "auto")
     assert batch.masked > 0
     assert abs(lr - le) < 1e-5 * abs(le), (lr, le)
+    assert ref.hf_eager == (arch == "gemma2-9b")
 
 
 def test_bad_override_exits_2(capsys):
@@ -159,6 +162,51 @@ def test_reduced_run_all_paths(tmp_path):
         else:  # 2 layers x 7 LoRA projections x (forward + checkpoint recompute) dropouts, at both sizes
             assert v["census"]["aten.native_dropout"] == 28 and v["census_full_nozero"]["aten.native_dropout"] == 28
             assert not any(c.startswith("triton:") for c in v["census"])
+
+
+@pytest.mark.slow
+def test_reduced_run_on_gemma2(tmp_path):
+    """--arch gemma2-9b: the HF reference runs eager attention (SDPA cannot soft-cap), the engine the Triton
+    kernels with the soft-cap; the structure is Gemma2's (four norms a layer), the issue-24 targets (Mistral-7B's)
+    are not printed, and reference-zero3 (SDPA with a dense mask) is refused."""
+    full = str(tmp_path / "g.json")
+    r = run_cmd([sys.executable, "-m", "benchmarks.bench_step_ops", "--arch", "gemma2-9b", "--reduced", "--json", full],
+                timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    res = json.loads(lines[-1])
+    assert list(res) == ["reference 4x64", "reference-bf16 4x64", "engine 4x64"]
+    assert any("gemma2-9b structure at 2 layers" in ln for ln in lines[:4])
+    assert not any(ln.startswith("target ") for ln in lines)
+    det = json.load(open(full))
+    for name in ("reference 4x64", "reference-bf16 4x64"):
+        census = det[name]["census"]
+        assert not any("scaled_dot_product" in c for c in census), census
+        # eager attention: Q K^T and P V per layer (2 layers, forward + checkpoint recompute) as batched GEMMs, and
+        # tanh for the scores' soft-cap (4) and the logits' (1)
+        assert census["aten.bmm"] >= 8 and census["aten.tanh"] == 5, census
+    eng = det["engine 4x64"]["census"]
+    assert eng["triton:_attn_fwd"] >= 2 and eng["triton:_attn_bwd_dkdv"] == 2
+    assert eng["triton:_rms_norm_fwd_kernel"] == 2 * 4 + 1  # Gemma2: four norms a layer, then the final one
+    assert "aten.bmm" not in eng and "aten.tanh" not in eng
+    for v in res.values():
+        assert 0 < v["predicted_ms"]["best"] <= v["predicted_ms"]["pessimistic"]
+    bad = run_cmd([sys.executable, "-m", "benchmarks.bench_step_ops", "--arch", "gemma2-9b", "--reduced",
+                   "--paths", "reference-zero3"], timeout=120)
+    assert bad.returncode == 2 and "reference-zero3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cost_model_costs_fp32_gemms_on_the_cuda_cores():
+    phase = ["fwd_bwd"]
+    mode = step_cost.CostMode({"V": 32000, "r": 16}, [512], phase)
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.empty(4096, 4096, dtype=dtype, device="meta")
+        with mode:
+            a @ a
+    (_, _, fb, _, _, pb), (_, _, f32, _, _, p32) = mode.rows
+    assert fb == f32 == 2 * 4096 ** 3 and pb == step_cost.PEAK_FLOPS and p32 == step_cost.PEAK_FLOPS_FP32
+    s = step_cost.summarise(mode.rows[1:])
+    assert s["gemm"]["roof"] == pytest.approx(f32 / step_cost.PEAK_FLOPS_FP32 * 1e3)  # compute-bound at 53.6 TFLOP/s
 
 
 def test_cpu_budget_stops_a_path_with_one_line(capsys):
