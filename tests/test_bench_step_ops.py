@@ -290,3 +290,34 @@ def test_readme_step_figures_are_the_committed_run():
     for text, value, limit in (("best <= 0.40x", best, 0.40), ("<= 0.55x of the bf16 recipe", x(e, b), 0.55),
                                ("pessimistic <= 0.45x", pess, 0.45), ("launches <= 0.4x", la, 0.4)):
         assert f"{text} {'met' if value <= limit else 'not met'}" in readme, text
+
+
+def test_readme_gemma2_step_figures_are_the_committed_run():
+    """The README's Gemma2 sentence quotes benchmarks/results/2026-12-05-cpu-step-ops-gemma2/."""
+    res = os.path.join(ROOT, "benchmarks", "results", "2026-12-05-cpu-step-ops-gemma2")
+    with open(os.path.join(res, "results.json")) as f:
+        run = json.load(f)
+    with open(os.path.join(res, "results-engine-attention-torch.json")) as f:
+        torch_path = json.load(f)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    ship = so.shipped_tokens()
+    want = {f"{p} {t}" for p in so.ARCH_PATHS["gemma2-9b"] for t in ("32x512", ship)}
+    assert set(run) == want and set(torch_path) == want
+    for r in (run, torch_path):
+        assert all(v["arch"] == "gemma2-9b" and v["calibrated"] and v["skipped_steps"] == 0 for v in r.values())
+    # --set model.attention=torch changes the engine's row only
+    assert all(run[k]["summary"] == torch_path[k]["summary"] for k in want if not k.startswith("engine"))
+    e, r, t = run["engine 32x512"], run["reference 32x512"], torch_path["engine 32x512"]
+
+    def x(a, c, kind="best"):
+        return a["predicted_ms"][kind] / c["predicted_ms"][kind]
+
+    assert (f"{x(e, r):.2f}x (best, {e['predicted_ms']['best']:.0f} vs {r['predicted_ms']['best']:.0f} ms) to "
+            f"{x(e, r, 'pessimistic'):.2f}x (pessimistic, {e['predicted_ms']['pessimistic']:.0f} vs "
+            f"{r['predicted_ms']['pessimistic']:.0f} ms)") in readme
+    assert f"the engine was at {x(t, r):.2f}x (best) to {x(t, r, 'pessimistic'):.2f}x (pessimistic)" in readme
+    assert f"step {x(t, e):.2f}x (best) shorter" in readme
+    # the soft-capped Triton attention ran (and the torch path did not), counted and costed
+    assert e["census"]["triton:_attn_fwd"] > 0 and "triton:_attn_fwd" not in t["census"]
+    assert e["syncs"] == 0 and t["syncs"] > 0
