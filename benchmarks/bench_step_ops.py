@@ -4,7 +4,7 @@ H200 step time for each path, so a change to the step can be judged without a GP
     python -m benchmarks.bench_step_ops                       # all three paths, < 5 min on 2 cores
     python -m benchmarks.bench_step_ops --set model.fused_ops=triton --paths engine   # after an engine change
     python -m benchmarks.bench_step_ops --reduced             # CI: 2 layers, small batch, a few host steps
-    python -m benchmarks.bench_step_ops --arch gemma2-9b      # the same recipe on Gemma2-9B's structure
+    python -m benchmarks.bench_step_ops --arch gemma2-9b      # the same recipe on Gemma2-9B's structure (or qwen3-8b)
 
 This module is the CLI (one worker process per path, the table); benchmarks/step_paths.py builds the paths,
 benchmarks/step_census.py counts (launches, syncs, ZeRO hooks), benchmarks/step_cost.py costs (roofline
@@ -35,7 +35,9 @@ under the same recipe. transformers refuses SDPA for Gemma2, so the reference pa
 (llm2vec's bidirectional masks: all zeros; full-size bf16 scores per head, fp32 softmax); reference-zero3 (SDPA)
 has no Gemma2 row. The calibration stays the Mistral-7B step the H200 profiled: its per-class efficiencies are
 applied to Gemma2's ops, where eager attention's batched GEMMs count as GEMMs (cuBLAS at the GEMM efficiency, the
-favourable end for the reference). Issue 24's targets are Mistral-7B's and are printed for it only.
+favourable end for the reference). --arch qwen3-8b (configs/architectures/Qwen__Qwen3-8B.json: 36 layers, 32 / 8
+heads of 128, per-head q and k norms, 151,936-token vocabulary) runs every path, SDPA included. Issue 24's
+targets are Mistral-7B's and are printed for it only.
 
 One recompute policy per row: the full-size meta run sets the path up as an H200 would (for the engine, the
 memory plan's ZeRO stage and recompute policy at the row's micro-batch); the tiny-width count is then forced to
@@ -109,7 +111,7 @@ from engine.config import ConfigError  # noqa: E402
 
 PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
 # reference-zero3 gives the engine's model SDPA and a dense mask, which cannot soft-cap (Gemma2): Mistral-7B only
-ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine")}
+ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine"), "qwen3-8b": PATHS}
 # the targets of issue 24, engine against the references on the headline shape
 TARGETS = (("best", "reference", 0.40), ("best", "reference-bf16", 0.55), ("pessimistic", "reference", 0.45))
 LAUNCH_TARGET = 0.4

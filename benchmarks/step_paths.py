@@ -47,7 +47,7 @@ def _shipped(name):
 
 # --arch of bench_step_ops: the structures the proxy can cost. The MNTP recipe (configs/mistral-7b/mntp.yaml) runs
 # on each; the calibration is always the Mistral-7B step the H200 profiled.
-ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google__gemma-2-9b-it")}
+ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google__gemma-2-9b-it"), "qwen3-8b": _shipped("Qwen__Qwen3-8B")}
 
 
 def tiny_of(spec):

@@ -68,7 +68,7 @@ def test_cost_model_on_one_mlp_gemm():
     assert pred["gemm"] == pytest.approx(2.4396, rel=1e-4)  # ms: 1.924 TFLOP at 790 TFLOP/s + 4 us
 
 
-@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b"])
+@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b", "qwen3-8b"])
 def test_reference_path_computes_the_engines_mntp_loss(arch):
     """llm2vec's recipe (HF model + PEFT, SDPA without a mask, HF's loss on unshifted labels) and the engine's
     MNTP stage on the same weights and batch: the same loss before any step (LoRA B starts at zero). On Gemma2
