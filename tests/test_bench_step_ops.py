@@ -292,8 +292,8 @@ def test_readme_step_figures_are_the_committed_run():
         assert f"{text} {'met' if value <= limit else 'not met'}" in readme, text
 
 
-def test_readme_gemma2_step_figures_are_the_committed_run():
-    """The README's Gemma2 sentence quotes benchmarks/results/2026-12-05-cpu-step-ops-gemma2/."""
+def test_readme_gemma2_and_qwen3_step_figures_are_the_committed_runs():
+    """The README's Gemma2 and Qwen3 sentences quote benchmarks/results/2026-12-05-cpu-step-ops-gemma2/ and -qwen3/."""
     res = os.path.join(ROOT, "benchmarks", "results", "2026-12-05-cpu-step-ops-gemma2")
     with open(os.path.join(res, "results.json")) as f:
         run = json.load(f)
@@ -321,3 +321,13 @@ def test_readme_gemma2_step_figures_are_the_committed_run():
     # the soft-capped Triton attention ran (and the torch path did not), counted and costed
     assert e["census"]["triton:_attn_fwd"] > 0 and "triton:_attn_fwd" not in t["census"]
     assert e["syncs"] == 0 and t["syncs"] > 0
+    with open(os.path.join(ROOT, "benchmarks", "results", "2026-12-05-cpu-step-ops-qwen3", "results.json")) as f:
+        qwen = json.load(f)
+    assert set(qwen) == {f"{p} {t}" for p in so.ARCH_PATHS["qwen3-8b"] for t in ("32x512", ship)}
+    assert all(v["arch"] == "qwen3-8b" and v["calibrated"] and v["skipped_steps"] == 0 for v in qwen.values())
+    e, r = qwen["engine 32x512"], qwen["reference 32x512"]
+    assert (f"On Qwen3-8B (`--arch qwen3-8b`, SDPA on every path) the engine is at {x(e, r):.2f}x (best, "
+            f"{e['predicted_ms']['best']:.0f} vs {r['predicted_ms']['best']:.0f} ms) to {x(e, r, 'pessimistic'):.2f}x "
+            f"(pessimistic, {e['predicted_ms']['pessimistic']:.0f} vs {r['predicted_ms']['pessimistic']:.0f} ms)"
+            ) in readme
+    assert e["census"]["triton:_rms_norm_fwd_kernel"] == 36 * 4 + 1  # Qwen3's per-head q/k norms in the kernel
