@@ -23,8 +23,9 @@ Paths (one optimizer step of MNTP, the same tokens, masks and micro-batching on 
                      engine.config.deepspeed_config. model.attention / model.loss default to triton here.
 
 Rows: every path at every --tokens shape (default 32 x 512, one micro-batch as in llm2vec's recipe, and the
-micro-batch configs/mistral-7b/mntp.yaml ships, 4 x 512). Model: the Mistral-7B structure (32 layers, 32 query /
-8 KV heads, MLP ratio 3.5, untied LM head) with LoRA r16 on all seven projections (dropout 0.05, on), bf16.
+micro-batch configs/mistral-7b/mntp.yaml ships, 4 x 512). Model (default --arch): the Mistral-7B structure (32
+layers, 32 query / 8 KV heads, MLP ratio 3.5, untied LM head) with LoRA r16 on all seven projections (dropout 0.05,
+on), bf16.
 Counting and host time run it at tiny width (hidden 64, head_dim 2, intermediate 224, vocab 1024); the
 prediction runs it at full size (hidden 4096, vocab 32000) on meta tensors. Masking as llm2vec does for Mistral
 (0.8, every masked token replaced), mask token = EOS.
@@ -110,7 +111,7 @@ from benchmarks.step_paths import ARCHS, CONFIG, FULL, Path, batch_for, engine_c
 from engine.config import ConfigError  # noqa: E402
 
 PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
-# reference-zero3 gives the engine's model SDPA and a dense mask, which cannot soft-cap (Gemma2): Mistral-7B only
+# reference-zero3 gives the engine's model SDPA and a dense mask, which cannot soft-cap: no Gemma2 row
 ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine"), "qwen3-8b": PATHS}
 # the targets of issue 24, engine against the references on the headline shape
 TARGETS = (("best", "reference", 0.40), ("best", "reference-bf16", 0.55), ("pessimistic", "reference", 0.45))
@@ -213,7 +214,8 @@ def worker(args):
             with gpu_like_ops(meta=True):
                 pred = predict_path(args.worker, args.set, shape[0], shape, mask, args.layers, launches,
                                     ARCHS[args.arch])
-            row = {"path": args.worker, "tokens": tokens, "arch": args.arch, "summary": pred["summary"],
+            row = {"path": args.worker, "tokens": tokens, "arch": args.arch, "layers": args.layers,
+                   "summary": pred["summary"],
                    "masked_rows": pred["masked"],
                    "census_full_nozero": pred["census"], "launches_full_nozero": sum(pred["census"].values()),
                    "predict_cpu_s": round(time.process_time() - t0, 1)}
@@ -261,8 +263,9 @@ def _ratio(a, b):
 
 
 def table(results, args, fac, per_hook):
-    arch = next((r["arch"] for r in results.values() if "arch" in r), "mistral-7b")  # older JSON: Mistral
-    lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), {arch} structure at {args.layers} "
+    first = next((r for r in results.values() if "arch" in r), {})  # a JSON from before --arch: Mistral-7B
+    arch, layers = first.get("arch", "mistral-7b"), first.get("layers", args.layers)
+    lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), {arch} structure at {layers} "
              f"layers; counted at tiny width on {args.count_batch} (and {args.host_batch}) under each row's recompute "
              f"policy; host CPU time on {args.host_batch}; costed at full size (meta) on the row's tokens; sets: "
              f"{' '.join(args.set or []) or '-'}",

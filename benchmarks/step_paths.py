@@ -71,6 +71,8 @@ def hf_attention(spec):
     """The attention llm2vec's HF path runs: SDPA, except where transformers refuses it (Gemma2 soft-caps its
     scores, which SDPA cannot; transformers' Gemma2 runs eager attention)."""
     return "eager" if spec.get("attn_logit_softcapping") else "sdpa"
+
+
 # llm2vec's one-GPU recipe (HF + PEFT, no DeepSpeed): as llm2vec runs it (PEFT's fp32 adapters), and with bf16
 # adapters (a stronger baseline: no fp32 LoRA GEMMs, no casts around them)
 HF_PATHS = ("reference", "reference-bf16")
