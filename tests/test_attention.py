@@ -404,7 +404,7 @@ def _call(**kw):
     (dict(layout="varlen", flash_attn=True, dropout=0.1), ["triton"], "triton"),
     # what only the Triton kernel (or the reference) does
     (dict(layout="padded", flash_attn=True), ["triton"], "triton"),
-    (dict(softcap=True), ["triton"], "triton"),  # SDPA and flash-attn cannot soft-cap
+    (dict(softcap=True), ["triton"], "triton"),  # SDPA cannot soft-cap; flash-attn's soft-cap is not wired in
     (dict(softcap=True, layout="varlen", flash_attn=True), ["triton"], "triton"),
     (dict(softcap=True, device_type="cpu"), ["torch"], "torch"),
     (dict(window=True), ["torch"], "torch"),

@@ -63,7 +63,8 @@ def device_arch(t):
 def eligible(call):
     """Every backend that computes this call exactly as asked (same maths, and the determinism it needs),
     Triton always among them; ["torch"] where only the reference can (sliding windows) or the setting asks for
-    it. Soft-capped scores (Gemma2) are Triton's alone: SDPA and flash-attn have no soft-capping."""
+    it. Soft-capped scores (Gemma2) are Triton's alone: SDPA cannot soft-cap, and flash-attn's soft-capping (2.6 and
+    later) is not wired here or measured against the kernels."""
     if call.window or call.impl == "torch" or (call.impl == "auto" and call.device_type != "cuda"):
         return ["torch"]
     if call.impl == "triton" or call.device_type != "cuda" or call.softcap:
