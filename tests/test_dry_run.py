@@ -86,7 +86,8 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
                  "meta-llama/Meta-Llama-3-8B-Instruct": 8_030_261_248,
                  "meta-llama/Meta-Llama-3.1-8B-Instruct": 8_030_261_248,
                  "princeton-nlp/Sheared-LLaMA-1.3B": 1_345_423_360, "Qwen/Qwen2-0.5B-Instruct": 494_032_768,
-                 "google/gemma-2-9b-it": 9_241_705_984, "Qwen/Qwen3-8B": 8_190_735_360}
+                 "google/gemma-2-9b-it": 9_241_705_984, "Qwen/Qwen3-8B": 8_190_735_360,
+                 "google/gemma-7b-it": 8_537_680_896}
     hub = os.path.basename(path)[:-len(".json")].replace("__", "/")
     arch, source = architecture_config(ModelConfig(name_or_path=hub))
     assert source == path or source == "the hub cache"
@@ -95,7 +96,7 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
 
 
 @pytest.mark.parametrize("stage", ["mntp", "simcse", "supervised"])
-@pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B"])
+@pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B", "google/gemma-7b-it"])
 def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, capsys):
     # No recipe config names Gemma2 or Qwen3 (llm2vec ships none), so the 7B recipe runs on them by override.
     from engine.dry_run import dry_run
@@ -104,7 +105,8 @@ def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, c
                       [f"model.name_or_path={hub}", "model.adapters=[]"])
     out = dry_run(cfg, world=8, gpu_memory_gb=80, out=print)
     printed = capsys.readouterr().out
-    assert f"model {hub} ({'gemma2' if 'gemma' in hub else 'qwen3'}, architecture from" in printed
+    family = {"google/gemma-2-9b-it": "gemma2", "Qwen/Qwen3-8B": "qwen3", "google/gemma-7b-it": "gemma"}[hub]
+    assert f"model {hub} ({family}, architecture from" in printed
     assert out["plan"].total("full", out["zero_stage"]) <= out["plan"].budget_bytes
     assert (out["plan"].per_token("none") > out["plan"].per_token("selective") > out["plan"].per_token("full"))
     assert "torch path" not in printed, printed  # Gemma2's soft-capping runs in the kernels; no window is that short

@@ -191,14 +191,15 @@ def test_plan_formulas_match_measured_saved_bytes(size, path):
 def _shipped_arch(name, **changes):
     with open(os.path.join(ROOT, "configs", "architectures", name + ".json")) as f:
         values = {k: v for k, v in json.load(f).items() if not k.startswith("_") and k != "architectures"}
-    values.pop("rms_norm_eps")  # 1e-06 (the family default): PyYAML would read the override's 1e-06 as a string
     return dict(values, **changes)
 
 
-# Gemma2 has four norms a layer and a query width of 4096 over a hidden size of 3584; Qwen3 normalises q and k per
+# Gemma2 has four norms a layer and a query width of 4096 over a hidden size of 3584 (Gemma 1: two norms, 16 KV heads
+# of 256 over a hidden size of 3072); Qwen3 normalises q and k per
 # head; a sliding window shorter than the sequence sends a layer's attention to the exact torch path (Gemma2's
 # first layer is a sliding one: soft-capped there too).
 OTHER = {"gemma2-9b": lambda: _shipped_arch("google__gemma-2-9b-it"),
+         "gemma-7b": lambda: _shipped_arch("google__gemma-7b-it"),  # multi-head: 16 KV heads, Q width 4096 > 3072
          "qwen3-8b": lambda: _shipped_arch("Qwen__Qwen3-8B"),
          "mistral-7b-window64": lambda: dict(MISTRAL_7B, sliding_window=64),
          "gemma2-9b-window64": lambda: _shipped_arch("google__gemma-2-9b-it", sliding_window=64),
