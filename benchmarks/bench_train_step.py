@@ -87,6 +87,12 @@ ops and kernels go to PATH, and one CSV row per profile (pass="profile") holds t
     python -m benchmarks.bench_train_step --out $OUT/bench_train_step.csv --profile $OUT/profile.txt
     python -m benchmarks.bench_train_step --tiny --out /tmp/ts.csv --profile /tmp/prof.txt   # CPU, ~30 s
 
+--arch gemma2-9b (or another structure of benchmarks.step_paths.ARCHS): the own-model MNTP rows (reference,
+reference-fa2, engine-auto) on that structure, and only those. llm2vec's recipe there runs SDPA, or
+transformers' eager attention where SDPA is refused (Gemma2: soft-capped scores), handed all-zero bidirectional
+masks. Its rows are named "<arch>:mntp ..." and stay out of issue 7's targets. With --tiny the structure keeps its
+family and features at the tiny Llama's sizes.
+
 --tiny (and any run without CUDA): a tiny random Llama (2 layers, hidden 64, vocab 512), small batches, fp32,
 DeepSpeed ZeRO-3 on gloo in a world of one; the engine's kernels resolve to their torch references on CPU.
 """
@@ -106,7 +112,8 @@ import llm2vec_kernels  # noqa: E402
 from benchmarks.common import CsvWriter  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
 from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
-from benchmarks.train_step_own import OWN_MODEL, measure_own_model  # noqa: E402
+from benchmarks.step_paths import ARCHS  # noqa: E402
+from benchmarks.train_step_own import OWN_MODEL, measure_own_model, row_shape  # noqa: E402
 from benchmarks.train_step_rows import IMPLS, Bench, _safe_parity, big_batch  # noqa: E402
 
 ALL_IMPLS = OWN_MODEL + list(IMPLS)
@@ -138,6 +145,9 @@ def main(argv=None):
     ap.add_argument("--profile", default=None, help="text file for the profiler breakdown (engine + reference MNTP)")
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny random Llama, small batches (CI)")
     ap.add_argument("--stages", default="mntp,simcse,supervised")
+    ap.add_argument("--arch", default="mistral-7b", choices=sorted(ARCHS),
+                    help="the model of the own-model MNTP rows (reference, reference-fa2, engine-auto); another "
+                         "structure than Mistral-7B's runs those rows only")
     ap.add_argument("--impls", default=None, help="comma list of (stage:)impl to run instead of the default plan, "
                     f"impl in {', '.join(ALL_IMPLS)}")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per measurement (5; 1 with --tiny)")
@@ -169,7 +179,14 @@ def main(argv=None):
     budget = args.budget_s if args.budget_s is not None else (float("inf") if args.tiny else 135.0)
     args.budget_resolved = budget
     stages = [s for s in args.stages.split(",") if s]
+    if args.arch != "mistral-7b":  # the harness's ZeRO-3 rows and ablations are built on the Mistral-7B structure
+        bad = [w for w in (args.impls or "").split(",") if w.strip() and w.strip().rpartition(":")[2] not in OWN_MODEL]
+        if bad or args.big_batch or "mntp" not in stages:
+            ap.error(f"--arch {args.arch} runs the own-model MNTP rows only ({', '.join(OWN_MODEL)})")
+        stages = ["mntp"]
     plan = default_plan(stages, args.tiny)
+    if args.arch != "mistral-7b":
+        plan = [(s, i) for s, i in plan if i in OWN_MODEL]
     if args.impls:
         wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
         plan = [(s, i) for s, i in plan if i in wanted or f"{s}:{i}" in wanted]
@@ -193,7 +210,7 @@ def main(argv=None):
     for stage, impl in own_plan:
         elapsed = time.perf_counter() - T0
         if elapsed > budget:
-            writer.add(shape_name(stage, TINY_SHAPES if args.tiny else GPU_SHAPES), impl, "step", float("nan"),
+            writer.add(row_shape(args.arch, TINY_SHAPES if args.tiny else GPU_SHAPES), impl, "step", float("nan"),
                        status="skipped_budget", elapsed_s=f"{elapsed:.0f}", budget_s=f"{budget:.0f}")
             continue
         measure_own_model(args, writer, impl, args.profile)

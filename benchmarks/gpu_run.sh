@@ -7,6 +7,8 @@
 #
 #   bash benchmarks/gpu_run.sh                       # on the GPU machine; results under $OUT (run tool)
 #   GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh         # CPU rehearsal of the plumbing: tiny shapes, OUT=/tmp/gpu_run_out
+#   GPU_RUN_ARCH=gemma2-9b bash benchmarks/gpu_run.sh   # another structure (benchmarks.step_paths.ARCHS): its MNTP
+#                                                       # step (reference, engine-auto), the kernel checks, attention
 #
 # Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/,
 # which must travel with the working tree (run tool: carry=[".whl"]).
@@ -29,6 +31,10 @@ cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 START=$SECONDS
 CPU_MODE=${GPU_RUN_CPU:-0}
+# The model of the MNTP train-step rows. Another structure than Mistral-7B's times llm2vec's recipe (reference)
+# and engine-auto on it, then runs the kernel checks and the attention benchmark (Gemma2's soft-capped shapes
+# included) and skips the Mistral-7B-only steps (masked CE, big batch, contrastive steps).
+ARCH=${GPU_RUN_ARCH:-mistral-7b}
 BUDGET=${GPU_RUN_BUDGET_S:-555}
 if [ "$CPU_MODE" = 1 ]; then
   OUT=${OUT:-/tmp/gpu_run_out}
@@ -85,7 +91,7 @@ run_step() {
 }
 
 # ------------------------------------------------------------------------------------------------
-say "start: $ROOT -> $OUT (cpu rehearsal: $CPU_MODE, budget ${BUDGET}s)"
+say "start: $ROOT -> $OUT (cpu rehearsal: $CPU_MODE, budget ${BUDGET}s, structure $ARCH)"
 if [ "$CPU_MODE" != 1 ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -157,14 +163,23 @@ if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
-left_paths=4
-for path in reference engine-auto engine reference-zero3; do
+MNTP_PATHS=(reference engine-auto engine reference-zero3)
+ARCH_ARGS=()
+if [ "$ARCH" != mistral-7b ]; then
+  MNTP_PATHS=(reference engine-auto)
+  ARCH_ARGS=(--arch "$ARCH")
+fi
+left_paths=${#MNTP_PATHS[@]}
+for path in "${MNTP_PATHS[@]}"; do
   left_paths=$((left_paths - 1))
   # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
-  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-95}" $((180 + 60 * left_paths)))
+  # another structure has two paths and longer steps (Gemma2-9B's eager reference: about 3 s predicted)
+  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-$([ "$ARCH" = mistral-7b ] && echo 95 || echo 150)}" \
+    $((180 + 60 * left_paths)))
   run_step "train_step_mntp_$path" "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-    --stages mntp --impls "mntp:$path" --warmup "$TS_WARMUP" --steps "$TS_STEPS" --no-parity \
-    --out "$WORK/train_step_$path.csv" --profile "$WORK/train_step_profile_$path.txt" --budget-s "$((ts_limit - 10))"
+    "${ARCH_ARGS[@]+"${ARCH_ARGS[@]}"}" --stages mntp --impls "mntp:$path" --warmup "$TS_WARMUP" \
+    --steps "$TS_STEPS" --no-parity --out "$WORK/train_step_$path.csv" \
+    --profile "$WORK/train_step_profile_$path.txt" --budget-s "$((ts_limit - 10))"
 done
 join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
   local first=1 f
@@ -235,6 +250,7 @@ run_bench() {  # name cap reserve
   return 0
 }
 run_bench attention 150 110
+if [ "$ARCH" = mistral-7b ]; then  # the rest is built on the Mistral-7B structure (steps 2b to 3c)
 run_bench masked_ce 60 90
 
 # ------------------------------------------------------------------------------------------------
@@ -253,6 +269,7 @@ run_step bench_train_step_contrastive "$ts_limit" python3 -m benchmarks.bench_tr
   --out "$WORK/train_step_zcontrastive.csv" --budget-s "$((ts_limit - 15))"
 join_train_step_csv
 run_bench contrastive 45 10
+fi
 
 # ------------------------------------------------------------------------------------------------
 # 4. Summary: targets of issues 4-7, then everything else into one archive.

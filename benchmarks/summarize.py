@@ -234,6 +234,12 @@ def train_step_targets(t, rows):
     # `reference-zero3` the older ablation inside the engine's ZeRO-3 harness. The MNTP engine figure is
     # `engine-auto` (what engine/train.py sets up: fused layer, the memory plan's ZeRO stage and recompute) when
     # that row ran, else the harness's `engine` row (ZeRO-3, full recompute, no fused decoder ops).
+    # another structure's MNTP rows (bench_train_step --arch: "gemma2-9b:mntp ..."): no issue target, the ratio
+    for stage in sorted({s for s, _ in steps if s.endswith(":mntp")}):
+        a, r = tps(stage, "engine-auto"), tps(stage, "reference")
+        state = ", ".join(f"{i} {_extra(row).get('status')}" for (s, i), row in sorted(steps.items()) if s == stage)
+        t.add(name, f"{stage.split(':')[0]} MNTP tokens/s: engine-auto over reference",
+              f"{a / r:.2f}x" if _ok(a) and _ok(r) and r else "n/a", "info", state)
     auto = steps.get(("mntp", "engine-auto"))
     head = "engine-auto" if auto and _extra(auto).get("status") == "ok" else "engine"
     pairs = [("mntp", "reference", 1.5), ("mntp", "reference-fa2", None), ("mntp", "reference-zero3", None),

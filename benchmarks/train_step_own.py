@@ -14,6 +14,7 @@ import torch
 from benchmarks.harness import (GPU_MODEL, LORA, TINY_LORA, TINY_MODEL, SyntheticTokenizer, _rand_ids, batch_stats,
                                 build_hf_reference, count_params, hf_reference_forward, hf_reference_step,
                                 make_stages, make_train_config, sync, unshift_labels)
+from benchmarks.step_paths import ARCHS, eager_bidirectional_mask, hf_attention
 from benchmarks.step_paths import Path as StepPath
 from benchmarks.train_step_measure import (FLOPS_DEF, GPU_SHAPES, MASK, TINY_SHAPES, log, out_of_time, peak_tflops,
                                            shape_name, stage_flops, step_stats)
@@ -24,6 +25,27 @@ from engine.stages.base import to_device
 HF_REFERENCES = {"reference": "sdpa", "reference-fa2": "flash_attention_2"}
 # rows with a model of their own, MNTP only (measure_own_model): llm2vec's recipe and the trainer's own setup
 OWN_MODEL = list(HF_REFERENCES) + ["engine-auto"]
+
+
+def own_model_spec(arch, tiny):
+    """The model of the own-model rows: --arch's structure (benchmarks.step_paths.ARCHS; the harness's
+    Mistral-7B by default), or at --tiny the harness's tiny Llama, or for another structure the same tiny sizes
+    with that structure's family and features (Gemma2: soft-caps, four norms a layer)."""
+    if arch == "mistral-7b":
+        return TINY_MODEL if tiny else GPU_MODEL
+    if not tiny:
+        return ARCHS[arch]
+    small = {k: TINY_MODEL[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                       "num_attention_heads", "num_key_value_heads", "head_dim",
+                                       "max_position_embeddings")}
+    return dict(ARCHS[arch], **small)
+
+
+def row_shape(arch, shapes):
+    """The MNTP row's shape name; another structure than Mistral-7B's is named in front ("gemma2-9b:mntp ..."),
+    so that the summary keeps those rows apart from issue 7's targets."""
+    name = shape_name("mntp", shapes)
+    return name if arch == "mistral-7b" else f"{arch}:{name}"
 
 
 class _OwnModel:
@@ -44,18 +66,26 @@ def _mntp_batch(args, lora, mask, vocab, device):
     return coll, batch_stats("mntp", to_device(coll, device))  # collate's host-side layout is a nested dict
 
 
+def _hf_attention(impl, spec):
+    """flash-attn 2 for reference-fa2; else SDPA, or transformers' eager attention where it refuses SDPA."""
+    return HF_REFERENCES[impl] if impl != "reference" else hf_attention(spec)
+
+
 def _build_hf_reference(args, impl, device, dtype, spec, lora, mask):
-    model = build_hf_reference(spec, dtype, device, lora, attn=HF_REFERENCES[impl], seed=args.seed)
+    attn = _hf_attention(impl, spec)
+    model = build_hf_reference(spec, dtype, device, lora, attn=attn, seed=args.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     coll, st = _mntp_batch(args, lora, mask, spec["vocab_size"], device)
     batch = {"input_ids": coll["input_ids"].to(device), "hf_labels": unshift_labels(coll["labels"]).to(device)}
+    if attn == "eager":  # bidirectional: eager attention adds the masks it is handed (all zeros, no padding)
+        batch["hf_mask"] = eager_bidirectional_mask(model, batch["input_ids"], dtype)
     n_frozen, n_lora = count_params(model)
     return st, _OwnModel(step=lambda: hf_reference_step(model, opt, params, batch),
                          eval_loss=lambda: hf_reference_forward(model, batch), model=model, mcfg=model.config,
                          n_frozen=n_frozen, n_lora=n_lora, head_rows=st["padded_tokens"], recompute="full",
-                         extra={"zero": "none", "attn": HF_REFERENCES[impl]}, title="no DeepSpeed")
+                         extra={"zero": "none", "attn": attn}, title="no DeepSpeed")
 
 
 def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
@@ -101,10 +131,13 @@ def measure_own_model(args, writer, impl, profile_out=None):
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tiny = args.tiny
-    spec, shapes, lora = (TINY_MODEL, TINY_SHAPES, TINY_LORA) if tiny else (GPU_MODEL, GPU_SHAPES, LORA)
-    shape = shape_name("mntp", shapes)
+    arch = getattr(args, "arch", "mistral-7b")
+    spec = own_model_spec(arch, tiny)
+    shapes, lora = (TINY_SHAPES, TINY_LORA) if tiny else (GPU_SHAPES, LORA)
+    shape = row_shape(arch, shapes)
     mask = MASK["tiny" if tiny else "gpu"]
-    extra = {"world": 1, "dtype": str(dtype).replace("torch.", ""), "mask_prob": mask[0], "mask_scheme": mask[1]}
+    extra = {"world": 1, "dtype": str(dtype).replace("torch.", ""), "mask_prob": mask[0], "mask_scheme": mask[1],
+             "arch": arch}
     if HF_REFERENCES.get(impl) == "flash_attention_2":
         extra.update(zero="none", attn="flash_attention_2")
         if importlib.util.find_spec("flash_attn") is None:
