@@ -149,15 +149,18 @@ def _sdpa(backend, mask=None, dropout_p=0.0):
     return run
 
 
+def _padding_mask(case):
+    """The dense (B, 1, S, S) additive mask LLM2Vec's and transformers' paths build: 0 where the key is real,
+    dtype-min elsewhere."""
+    mask = torch.zeros(case.B, 1, case.S, case.S, device=case.device, dtype=case.dtype)
+    return mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
+
+
 def _eager(case, dropout_p):
     """transformers' eager attention (Gemma2's default there): K and V repeated to every query head, scores in
     the input dtype, the soft-cap, a dense additive padding mask, fp32 softmax cast back, dropout, then P V."""
     rep = case.hq // case.hkv
-    mask = None
-    if case.padded:
-        mask = torch.zeros(case.B, 1, 1, case.S, device=case.device, dtype=case.dtype)
-        mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
-        mask = mask.expand(case.B, 1, case.S, case.S).contiguous()  # the (B, 1, S, S) mask transformers builds
+    mask = _padding_mask(case) if case.padded else None
 
     def run(q, k, v):
         qh = q.transpose(1, 2)
@@ -225,9 +228,7 @@ def implementations(case, dropout_p, want):
                 impls[f"sdpa-{b}"] = _sdpa(b, dropout_p=dropout_p)
     if "sdpa-padmask" in want and (case.padded or case.S <= 512) and not case.softcap:
         # LLM2Vec's reference path: a dense (B, 1, S, S) additive mask, 0 where the key is real, -inf-ish else.
-        mask = torch.zeros(case.B, 1, case.S, case.S, device=case.device, dtype=case.dtype)
-        mask.masked_fill_(~case.valid[:, None, None, :], torch.finfo(case.dtype).min)
-        impls["sdpa-padmask"] = _sdpa(None, mask=mask, dropout_p=dropout_p)
+        impls["sdpa-padmask"] = _sdpa(None, mask=_padding_mask(case), dropout_p=dropout_p)
     if "eager" in want and case.softcap:
         impls["eager"] = _eager(case, dropout_p)
     if "flex" in want and case.softcap:

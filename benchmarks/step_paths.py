@@ -29,7 +29,7 @@ from engine.bidirectional import set_deterministic_attention
 from engine.config import deepspeed_config, load_config
 from engine.distributed import init_distributed
 from engine.memory import choose_recompute
-from engine.modeling import add_lora, load_model
+from engine.modeling import add_lora, load_model, shipped_architecture
 from engine.optim import tune_optimizer_step
 from engine.stages.mntp import MNTPStage
 from engine.trainer import EngineModule, setup_model
@@ -40,14 +40,14 @@ FULL = GPU_MODEL  # the Mistral-7B structure, costed at full size on meta tensor
 _NOT_STRUCTURE = ("architectures", "_source", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 
 
-def _shipped(name):
-    with open(os.path.join(ROOT, "configs", "architectures", f"{name}.json")) as f:
+def _shipped(hub_id):
+    with open(shipped_architecture(hub_id)) as f:
         return {k: v for k, v in json.load(f).items() if k not in _NOT_STRUCTURE}
 
 
 # --arch of bench_step_ops: the structures the proxy can cost. The MNTP recipe (configs/mistral-7b/mntp.yaml) runs
 # on each; the calibration is always the Mistral-7B step the H200 profiled.
-ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google__gemma-2-9b-it"), "qwen3-8b": _shipped("Qwen__Qwen3-8B")}
+ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google/gemma-2-9b-it"), "qwen3-8b": _shipped("Qwen/Qwen3-8B")}
 
 
 def tiny_of(spec):

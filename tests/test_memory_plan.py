@@ -22,7 +22,7 @@ from engine.config import load_config
 from engine.lora import fuse_lora
 from engine.memory import (GIB, activation_bytes, choose_recompute, choose_zero_stage, fused_lora_limit, layer_shape,
                            lora_rank, plan_memory, selective_context_fn)
-from engine.modeling import add_lora, load_model
+from engine.modeling import add_lora, load_model, shipped_architecture
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +189,7 @@ def test_plan_formulas_match_measured_saved_bytes(size, path):
 
 
 def _shipped_arch(name, **changes):
-    with open(os.path.join(ROOT, "configs", "architectures", name + ".json")) as f:
+    with open(shipped_architecture(name.replace("__", "/"))) as f:
         values = {k: v for k, v in json.load(f).items() if not k.startswith("_") and k != "architectures"}
     return dict(values, **changes)
 
