@@ -29,7 +29,6 @@ on stdout and skipped.
 import argparse
 import contextlib
 import functools
-import json
 import os
 import sys
 import time
@@ -42,7 +41,7 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
+from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit, write_json  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
@@ -395,8 +394,7 @@ def main(argv=None):
     finally:
         writer._f.close()
     if A.tuned_configs():  # what opt-in autotuning chose per bucket, with every candidate's time
-        with open(os.path.splitext(args.out)[0] + "_tuned.json", "w") as f:
-            json.dump(A.tuned_configs(), f, indent=1)
+        write_json(os.path.splitext(args.out)[0] + "_tuned.json", A.tuned_configs())
     if args.plot:
         plot(args.out, args.plot, metric="ms", title=f"attention ({writer.meta['gpu']}, {writer.meta['commit']})")
     return writer.rows

@@ -103,6 +103,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from benchmarks.common import write_json  # noqa: E402
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
 from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
@@ -240,8 +241,7 @@ def worker(args):
             for p in others:
                 _deepspeed_as_in_its_worker(p, shape[0])
                 first.setdefault("cal_for", {})[p] = _calibration(args, p, shape, launches)
-    with open(args.result, "w") as f:
-        json.dump(rows, f)
+    write_json(args.result, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,8 +474,7 @@ def _report(results, args):
     results = _ordered(results, args)
     fac, per_hook = finish(results, args.floor_us)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
     print(table(results, args, fac, per_hook))
     keys = ("recompute", "zero", "launches", "hook_launches", "syncs", "zero_hooks", "host_ms", "predicted_ms")
     print(json.dumps({k: ({x: r[x] for x in keys} if "error" not in r else {"error": r["error"]})

@@ -40,8 +40,9 @@ class Stage:
         return loss.detach(), metrics
 
     @torch.no_grad()
-    def evaluate(self, engine, items, world, rank, max_batches):
-        """Mean loss over held-out items (every rank runs the same batches: ZeRO-3 forward is collective)."""
+    def batch_losses(self, engine, items, max_batches):
+        """The loss of each of the first ``max_batches`` held-out micro-batches, in order. One generator draws
+        every batch's masks in turn, so the first n losses of a longer read are those of a read of n batches."""
         losses = []
         g = torch.Generator().manual_seed(1234)
         mb = self.cfg.micro_batch_size
@@ -49,6 +50,12 @@ class Stage:
             batch = self.collate(items[b * mb:(b + 1) * mb], g)
             loss, _ = engine(batch)
             losses.append(float(loss))
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, engine, items, world, rank, max_batches):
+        """Mean loss over held-out items (every rank runs the same batches: ZeRO-3 forward is collective)."""
+        losses = self.batch_losses(engine, items, max_batches)
         return {"eval_loss": sum(losses) / max(len(losses), 1)}
 
 

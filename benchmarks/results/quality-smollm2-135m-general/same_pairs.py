@@ -22,6 +22,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 from engine.data import sts_genre_lines  # noqa: E402
 
@@ -86,8 +87,7 @@ def main(argv=None):
                 print(f"error: row ({row}) held out scores {cell[genre]} on {genre}, not {want} as in {args.results}: "
                       f"{args.work} is not the run that wrote it", file=sys.stderr)
                 return 2
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(args.out, out)  # atomic: a reader never sees half a file
     return 0
 
 

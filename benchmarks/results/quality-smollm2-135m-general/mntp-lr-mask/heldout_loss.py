@@ -46,12 +46,14 @@ def run_loss(run_dir, eval_data=None):
     model, _ = load_model(cfg.model, "cpu", tok)
     module = EngineModule(stage.prepare_model(model), stage).eval()
     mb = cfg.micro_batch_size
+    # One pass over every block: the evaluation draws each batch's masks in turn from one generator, so its first
+    # eval_batches losses are what a run logs (Stage.evaluate reads those batches alone).
     with torch.no_grad():
-        first = stage.evaluate(module, items, 1, 0, cfg.eval_batches)["eval_loss"]
-        n_all = len(items) // mb
-        whole = stage.evaluate(module, items, 1, 0, n_all)["eval_loss"]
-    return {"first": first, "all": whole, "blocks_first": min(cfg.eval_batches, n_all) * mb,
-            "blocks_all": n_all * mb, "eval_data": eval_data}
+        losses = stage.batch_losses(module, items, max(cfg.eval_batches, len(items) // mb))
+    first = losses[:cfg.eval_batches]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (Stage.evaluate's arithmetic)
+    return {"first": mean(first), "all": mean(losses), "blocks_first": len(first) * mb,
+            "blocks_all": len(losses) * mb, "eval_data": eval_data}
 
 
 def main(argv=None):

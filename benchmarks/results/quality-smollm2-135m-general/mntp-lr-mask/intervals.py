@@ -21,6 +21,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 
 N_BOOT = 2000
@@ -55,8 +56,7 @@ def main(argv=None):
                      "adapter": {"spearman": mine["spearman"], "ci": mine["spearman_ci"]["ci"]},
                      "adapter_minus_causal": {k: mine["compare"][k] for k in ("difference", "ci", "share_at_or_below_0")}}
         print(name, json.dumps(res[name]), flush=True)
-    with open(os.path.join(args.out, "intervals.json"), "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(os.path.join(args.out, "intervals.json"), res)  # atomic: a reader never sees half a file
     return 0
 
 

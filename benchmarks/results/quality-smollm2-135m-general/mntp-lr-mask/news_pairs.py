@@ -29,6 +29,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from benchmarks.common import git_commit, named_paths  # noqa: E402
 
 N_BOOT = 2000
@@ -145,8 +146,7 @@ def main(argv=None):
             "minus_causal": {k: mine["compare"][k] for k in ("difference", "ci", "share_at_or_below_0")},
             "minus_causal_by": breakdown(rows, pairs, read_scores(scores, pairs), base_cos, gold)}
         print(name, json.dumps(res["adapters"][name]), flush=True)
-        with open(os.path.join(args.out, "news-all.json"), "w") as f:  # after each model: a partial run keeps its rows
-            json.dump(res, f, indent=2)
+        write_json(os.path.join(args.out, "news-all.json"), res)  # after each model: a partial run keeps its rows
     return 0
 
 

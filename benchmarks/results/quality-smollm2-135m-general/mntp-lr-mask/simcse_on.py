@@ -24,6 +24,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 
 
@@ -63,8 +64,7 @@ def main(argv=None):
            "simcse": "configs/smollm2-135m/general-simcse.yaml, last adapter", "overrides": args.set,
            "test_spearman": round(scores["test"]["spearman"], 2), "test_pairs": scores["test"]["pairs"],
            "news_spearman": round(scores["news"]["spearman"], 2), "news_pairs": scores["news"]["pairs"]}
-    with open(os.path.join(args.out, "simcse.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(os.path.join(args.out, "simcse.json"), out)  # atomic: a reader never sees half a file
     shutil.copy(os.path.join(run, "metrics.csv"), os.path.join(args.out, "simcse_metrics.csv"))
     print(json.dumps(out))
     return 0

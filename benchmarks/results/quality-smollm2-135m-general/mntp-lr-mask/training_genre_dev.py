@@ -10,7 +10,6 @@ and holdout/sts-dev.csv). Run from the repository root, alone on the machine.
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -19,6 +18,7 @@ ROOT = os.path.abspath(os.path.join(HERE, "..", "..", "..", ".."))
 sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
+from engine.files import write_json  # noqa: E402
 from benchmarks.common import git_commit  # noqa: E402
 
 
@@ -43,8 +43,7 @@ def main(argv=None):
     for name, (work, steps) in runs.items():
         adapter = os.path.join(work, "run", "checkpoints", "step_{:07d}", "adapter")
         out[name] = {str(s): round(q.evaluate(adapter.format(s), dev, log)["spearman"], 2) for s in steps}
-    with open(os.path.join(HERE, "training-genre-dev.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    write_json(os.path.join(HERE, "training-genre-dev.json"), out)  # atomic: a reader never sees half a file
     return 0
 
 
