@@ -222,6 +222,15 @@ def check_model_path(name_or_path):
                          f"adapter_config.json (adapter) or adapter/ (run output_dir)")
 
 
+def _prior_adapter(recorded):
+    """A folder for an adapter a run trained on top of, as its engine_encoder.json records it
+    (``engine.checkpoint.write_adapter``): a local adapter by its absolute path, a published one (llm2vec's
+    ``McGill-NLP/...-mntp``) by its hub id, fetched through huggingface_hub's cache like any hub adapter."""
+    if not os.path.isabs(recorded) and kind(recorded) == "hub":
+        return resolve_ref(recorded, "adapter")
+    return os.path.abspath(recorded)
+
+
 def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
     """Where the weights come from: a dict with ``base`` (hub id or folder of the base weights), ``base_id`` (the
     root base's hub id where known: it selects llm2vec's chat wrapping), ``adapters`` (local folders, base first),
@@ -243,7 +252,7 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         meta = _read_json(meta_path)
         info.update(base=meta.get("base_model") or None, random_init=meta.get("random_init"),
                     gguf_file=meta.get("gguf_file"), tokenizer=os.path.abspath(path), engine_meta=meta,
-                    adapters=[os.path.abspath(a) for a in meta.get("prior_adapters", [])] + [os.path.abspath(path)])
+                    adapters=[_prior_adapter(a) for a in meta.get("prior_adapters", [])] + [os.path.abspath(path)])
         missing = [a for a in info["adapters"] if not os.path.isfile(os.path.join(a, "adapter_config.json"))]
         if missing:
             raise FileNotFoundError(f"{meta_path} names adapters that are gone: {missing} (export the run with "

@@ -193,9 +193,12 @@ def _eval_figures(run, step=None):
 
 def _adapter_label(ref):
     """A hub id stays; a local adapter folder is named by its run and itself (``quick-simcse/best``): the export
-    must not point at this machine, and ``best`` or ``adapter`` alone says nothing."""
+    must not point at this machine, and ``best`` or ``adapter`` alone says nothing. A hub adapter reaches here as
+    its huggingface_hub cache snapshot and is named by its hub id."""
     if not refs.is_local(ref):
         return ref
+    if refs.snapshot_id(ref):
+        return refs.snapshot_id(ref)
     parts = refs.local_path(ref).split(os.sep)
     return "/".join(p for p in parts[-2:] if p)
 

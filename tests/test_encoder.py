@@ -84,6 +84,41 @@ def test_llm2vec_style_chain_base_mntp_supervised(tmp_path, tok):
     assert (plain.encode(TEXTS, convert_to_tensor=True) - expected).abs().max() > 1e-4  # the adapters really were applied
 
 
+def test_a_run_on_a_published_hub_adapter_loads_it_from_the_hub_cache(tmp_path, tok, monkeypatch):
+    """A run trained on top of a published llm2vec adapter records it by hub id (engine.checkpoint.write_adapter,
+    tests/test_adapters.py); Encoder (and so evaluate and the export) fetches it through huggingface_hub's cache,
+    offline here, and the export names it by that id. A hub adapter that cannot be had is one clear error."""
+    from huggingface_hub import constants
+
+    from engine.export import _adapter_label
+    from engine.modeling import load_model
+    from engine.encoding import encode_texts
+
+    cache, hub = tmp_path / "hub", "McGill-NLP/LLM2Vec-Tiny-mntp"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    d = cache / ("models--" + hub.replace("/", "--"))
+    (d / "refs").mkdir(parents=True)
+    (d / "refs" / "main").write_text("0" * 40)
+    snap, base, top = str(d / "snapshots" / ("0" * 40)), str(tmp_path / "base"), str(tmp_path / "run" / "adapter")
+    p1 = _save_adapter(_save_base(base, tok), snap, base, seed=1)
+    _save_adapter(p1.merge_and_unload(), top, hub, seed=2)
+    tok.save_pretrained(top)  # a run's adapter folder carries its tokenizer
+    meta = {"format": "llm2vec-engine/1", "stage": "supervised", "base_model": base, "prior_adapters": [hub],
+            "pooling": "mean", "instruction": "", "max_length": 32, "bidirectional": True}
+    with open(os.path.join(top, "engine_encoder.json"), "w") as f:
+        json.dump(meta, f)
+    enc = Encoder.from_pretrained(top, device="cpu")
+    ref_model, _ = load_model(ModelConfig(name_or_path=base, adapters=[snap, top]))
+    torch.testing.assert_close(enc.encode(TEXTS, convert_to_tensor=True),
+                               encode_texts(ref_model, tok, TEXTS, pooling="mean", max_len=32), atol=1e-5, rtol=0)
+    assert _adapter_label(snap) == hub and _adapter_label(top) == "run/adapter"
+    with open(os.path.join(top, "engine_encoder.json"), "w") as f:
+        json.dump({**meta, "prior_adapters": ["McGill-NLP/not-cached"]}, f)
+    with pytest.raises(FileNotFoundError, match="McGill-NLP/not-cached"):
+        Encoder.from_pretrained(top, device="cpu")
+
+
 def test_training_output_round_trip_and_evaluate_cli(tmp_path, capsys):
     out = str(tmp_path / "run")
     r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/simcse.yaml", f"output_dir={out}",
