@@ -346,11 +346,11 @@ def resolve_dtype(dtype, device_type):
 
 def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional=True, **model_kwargs):
     """(bare decoder without LM head, tokenizer) for a ``resolve_chain`` result, adapters merged."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import decoder_of, load_model, load_tokenizer, merge_lora, resolve_model_path
+    from .modeling import _loading, decoder_of, load_model, load_tokenizer, merge_lora, resolve_model_path
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
@@ -365,14 +365,18 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
             kw["gguf_file"] = gguf
         if device_map is not None:
             kw["device_map"] = device_map
+        # The tokenizer first: a folder without one fails in a moment, not after the weights have loaded.
+        if info["tokenizer"]:
+            tok = _loading(f"the tokenizer in {info['tokenizer']}", AutoTokenizer.from_pretrained, info["tokenizer"])
+        else:
+            tok = load_tokenizer(ModelConfig(name_or_path=info["base"], gguf_file=info["gguf_file"]))
+        if bidirectional:  # an architecture the engine cannot make bidirectional fails before the weights load
+            check_architecture(_loading(f"the model config of {info['base']!r}", AutoConfig.from_pretrained, path,
+                                        **({"gguf_file": gguf} if gguf else {})))
         try:
             model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
         except OSError as e:  # not cached offline, no such repo, no weights in the folder
             raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e}") from e
-        if info["tokenizer"]:
-            tok = AutoTokenizer.from_pretrained(info["tokenizer"])
-        else:
-            tok = load_tokenizer(ModelConfig(name_or_path=info["base"], gguf_file=info["gguf_file"]))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     for a in info["adapters"]:

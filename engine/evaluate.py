@@ -176,19 +176,23 @@ def main(argv=None):
             return fail(e)
 
     from engine import Encoder
+    from engine.modeling import ModelLoadError
 
     t0 = time.time()
     try:
         enc = Encoder.from_pretrained(args.model, pooling=args.pooling, device=args.device, dtype=args.dtype,
                                       max_length=args.max_length, bidirectional=False if args.causal else None,
                                       adapter=args.adapter)
-    except (ModelPathError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:  # a bad path, architecture, adapter or tokenizer
         return fail(e)
     selected = (enc.source or {}).get("selected")
     if selected:
         print(selected, file=sys.stderr)
     if args.task == "sts":
-        cos = sts_cosines(enc, pairs, args.batch_size, args.instruction)
+        try:
+            cos = sts_cosines(enc, pairs, args.batch_size, args.instruction)
+        except ValueError as e:  # an instruction that leaves --max-length no room for the text
+            return fail(e)
         result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
         gold = [p[2] for p in pairs]
         if args.bootstrap:
@@ -209,8 +213,11 @@ def main(argv=None):
         model = EngineMTEBModel(enc, name=f"llm2vec-engine/{os.path.basename(os.path.normpath(args.model))}",
                                 instructions={t.metadata.name: args.instruction for t in tasks}
                                 if args.instruction is not None else None)
-        res = mteb.evaluate(model, tasks=tasks, cache=None, encode_kwargs={"batch_size": args.batch_size},
-                            show_progress_bar=False)
+        try:
+            res = mteb.evaluate(model, tasks=tasks, cache=None, encode_kwargs={"batch_size": args.batch_size},
+                                show_progress_bar=False)
+        except ValueError as e:  # as for sts: the encoder's one-line errors on its input
+            return fail(e)
         result = {"task": args.task, "results": [
             {"task": r.task_name, "main_score": r.get_score(), "scores": r.scores} for r in res.task_results]}
     result.update({"model": args.model, "pooling": enc.pooling, "seconds": round(time.time() - t0, 1)})

@@ -359,6 +359,10 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
                           f"sentence-transformers prompts cannot express (the wrap's tail follows the text); the "
                           f"export would embed differently. Use engine.Encoder, or pass drop_chat_wrap=True "
                           f"(--drop-chat-wrap) to export it unwrapped anyway")
+    if s.get("bidirectional") is False:
+        raise ExportError("this model was trained and encodes with causal attention (model.bidirectional: false); "
+                          "the export writes a bidirectional encoder (is_causal: false), which would embed "
+                          "differently. Use engine.Encoder for this model")
     if s.get("skip_instruction") is False:
         raise ExportError("skip_instruction=False (instruction tokens pooled) has no sentence-transformers "
                           "equivalent with prompts")
@@ -494,10 +498,12 @@ def main(argv=None):
         import sentence_transformers  # noqa: F401
     except ImportError:
         return fail("export needs sentence-transformers (pip install -e '.[export]')")
+    from .modeling import ModelLoadError
+
     try:
         meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite, args.adapter,
                       drop_chat_wrap=args.drop_chat_wrap)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+    except (ExportError, FileNotFoundError, ValueError, ModelLoadError) as e:
         return fail(e)
     except Exception as e:  # a full disk (OSError, or safetensors' own error), an unwritable folder: named, nothing
         full = disk_full_message(e, args.out)  # half-written left (export removes its temporary folder)

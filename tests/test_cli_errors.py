@@ -54,6 +54,33 @@ def test_an_unfinished_run_is_recognised_and_explained(capsys, tmp_path):
     assert "without a final adapter" in _one_line(capsys.readouterr().err)
 
 
+def test_evaluate_a_model_it_cannot_encode_with_is_one_line(capsys, tmp_path):
+    """An architecture the engine cannot make bidirectional (before its weights load), and an instruction that
+    leaves --max-length no room for the text: exit 2 and one line, no traceback."""
+    from transformers import GPT2Config, GPT2Model
+
+    from engine.config import ModelConfig
+    from engine.modeling import load_tokenizer
+
+    from .test_encoder import _save_base
+
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    gpt2 = str(tmp_path / "gpt2")
+    GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    capsys.readouterr()
+    rc, line = _evaluate(capsys, "--model", gpt2, "--data", DEV)
+    assert rc == 2 and "gpt2" in line
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    capsys.readouterr()
+    rc = __import__("engine.evaluate", fromlist=["main"]).main(
+        ["--model", base, "--data", DEV, "--max-length", "4", "--instruction", "a long instruction of many words"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "error: instruction" in err, err[-2000:]  # after the progress bars
+    assert "leaves no room for the text" in err
+
+
 def test_evaluate_bad_choice(capsys, tmp_path):
     rc, line = _evaluate(capsys, "--model", str(tmp_path), "--pooling", "maxx", "--data", DEV)
     assert rc == 2 and "maxx" in line

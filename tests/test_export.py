@@ -181,6 +181,27 @@ def test_overwrite_refuses_the_current_directory(run_dir, capsys, tmp_path, monk
     _refused(capsys, ["--model", run_dir, "--out", str(tmp_path), "--overwrite"], "current directory", str(here))
 
 
+def test_a_causal_run_and_a_model_without_a_tokenizer_are_refused_in_one_line(tmp_path, tok, capsys):
+    """A run trained causally (model.bidirectional: false) would be exported bidirectional (is_causal: false) and
+    embed otherwise: refused. A model folder that cannot load (no tokenizer) is one line and exit 2 too."""
+    from transformers import LlamaForCausalLM
+
+    base, run = str(tmp_path / "base"), str(tmp_path / "causal" / "adapter")
+    _save_base(base, tok)
+    _save_adapter(LlamaForCausalLM.from_pretrained(base), run, base, seed=1)
+    with open(os.path.join(run, "engine_encoder.json"), "w") as f:
+        json.dump({"format": "llm2vec-engine/1", "stage": "simcse", "base_model": base, "prior_adapters": [],
+                   "pooling": "mean", "max_length": 32, "bidirectional": False}, f)
+    capsys.readouterr()  # the saves' progress bars
+    _refused(capsys, ["--model", run, "--out", str(tmp_path / "exp")], "causal attention", run)
+    assert not os.path.exists(tmp_path / "exp")
+    bare = str(tmp_path / "bare")
+    LlamaForCausalLM.from_pretrained(base).save_pretrained(bare)  # weights and config, no tokenizer
+    capsys.readouterr()
+    _refused(capsys, ["--model", bare, "--out", str(tmp_path / "exp")], "could not load", bare)
+    assert not os.path.exists(tmp_path / "exp")
+
+
 def test_overwrite_refuses_a_filesystem_root():
     from engine.export import ExportError, check_output
 
