@@ -6,7 +6,7 @@ Layout of the package (one op per module, this module for what they share):
   autograd.Function, the public op and its pure-torch ``*_reference``;
 * ``llm2vec_kernels/gpu_check/<op>.py``: the op's bf16 check on CUDA against its reference (``gpu_check()``), listed
   in the registry ``llm2vec_kernels/gpu_check/__init__.py`` (``python -m llm2vec_kernels.gpu_check``);
-* this module: :func:`resolve_impl`, :func:`on_device`, :func:`dot_precision`, the Philox keep function
+* this module: :func:`resolve_impl`, :func:`on_device` (:func:`on_input_device` for launchers), :func:`dot_precision`, the Philox keep function
   :func:`philox_keep` and the keep-mask kernel :func:`keep_mask_kernel`.
 
 Backend. Every public op takes ``impl`` in {"auto", "triton", "torch"}:
@@ -38,6 +38,7 @@ rounds (passes BigCrush, Salmon et al. 2011), keyed by the seed, on a 4-word cou
 :func:`keep_mask_kernel` writes either mask out (tests rebuild a kernel's mask with it).
 """
 import contextlib
+import functools
 import os
 
 import torch
@@ -85,6 +86,17 @@ def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None) -> str:
 def on_device(t: torch.Tensor):
     """Context for a launch on t's GPU (Triton launches on the current device); nothing on CPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Decorator for a launcher whose first argument is a tensor: its launches go to that tensor's GPU
+    (:func:`on_device`). The current device need not be the tensors': a multi-device encode worker holds its model
+    on cuda:1 in a process whose current device is cuda:0."""
+    @functools.wraps(launcher)
+    def on_its_device(t, *args, **kwargs):
+        with on_device(t):
+            return launcher(t, *args, **kwargs)
+    return on_its_device
 
 
 def dot_precision(dtype) -> str:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import resolve_impl
+from ._backend import on_input_device, resolve_impl
 
 _LOG2E = 1.4426950408889634
 _NORM_EPS = 1e-12  # same clamp as F.normalize
@@ -388,6 +388,7 @@ def _check_launch(q, c):
         raise ValueError("contrastive_loss (triton): the embedding dim of q and d must be contiguous (stride 1)")
 
 
+@on_input_device
 def _row_inv_norm(x):
     R, E = x.shape
     out = torch.empty(R, dtype=torch.float32, device=x.device)
@@ -397,6 +398,7 @@ def _row_inv_norm(x):
     return out
 
 
+@on_input_device
 def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None):
     """q (B, E), c (N, E) -> (loss () fp32, lse2 (B,) fp32, q_inv (B,), c_inv (N,))."""
     _check_launch(q, c)
@@ -430,6 +432,7 @@ def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None):
     return row_loss.mean(), lse2, q_inv, c_inv
 
 
+@on_input_device
 def _normalize_bwd_(x, inv, gh, scale):
     """In place: gh (R, E) holding dL/dxhat / scale becomes dL/dx."""
     R, E = x.shape
@@ -441,6 +444,7 @@ def _normalize_bwd_(x, inv, gh, scale):
     return gh
 
 
+@on_input_device
 def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, need_q=True, need_c=True,
                      buffer_bytes=None):
     """dL/dq (B, E), dL/dc (N, E) in the input dtype (None where not needed).

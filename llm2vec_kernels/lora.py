@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import dot_precision, dropout_threshold, keep_mask, philox_keep8, resolve_impl
+from ._backend import dot_precision, dropout_threshold, keep_mask, on_input_device, philox_keep8, resolve_impl
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -209,6 +209,7 @@ def _split_count(k_blocks, M, device):
     return max(1, min(triton.cdiv(2 * sms, max(k_blocks, 1)), triton.cdiv(M, 256)))
 
 
+@on_input_device
 def _down(x, a_cat, seed, p, scale):
     M, K = x.shape
     N = a_cat.shape[0]
@@ -221,6 +222,7 @@ def _down(x, a_cat, seed, p, scale):
     return h
 
 
+@on_input_device
 def _grad_a(x, gh, seed, p, scale):
     M, K = x.shape
     N = gh.shape[1]
@@ -238,6 +240,7 @@ def _grad_a(x, gh, seed, p, scale):
     return part.sum(0).mul_(scale) if splits > 1 else part[0].mul_(scale)
 
 
+@on_input_device
 def _grad_x_(gx, gh, a_cat, seed, p, scale):
     M, K = gx.shape
     N = gh.shape[1]

@@ -184,3 +184,20 @@ def sentence_corpus(folder):
     assert f"{len(lines):,} English sentences" in card and f"{sum(words):,} words" in card
     assert min(words) >= 8 and max(words) <= 60 and len(set(lines)) == len(lines)
     return lines
+
+
+def record_launch_devices(monkeypatch):
+    """Every tensor whose device a launcher enters (llm2vec_kernels._backend.on_device, through on_input_device):
+    a launcher that is not wrapped would launch on the current GPU, not its inputs' (a multi-device encode worker)."""
+    import contextlib
+
+    from llm2vec_kernels import _backend
+
+    seen = []
+
+    def recording(t):
+        seen.append(t)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_backend, "on_device", recording)
+    return seen

@@ -106,6 +106,19 @@ def test_soft_capped_scores_match_fp64_reference(layout, dtype, dropout, determi
     assert _rel(capped, flash_attention(q, k, v, impl="triton", **kw)) > 0.05  # the cap changed the result
 
 
+def test_forward_and_backward_launch_on_their_inputs_device(monkeypatch):
+    """Both launchers enter q's device (Triton launches on the current one, which a multi-device encode worker's
+    model need not be on)."""
+    from .helpers import record_launch_devices
+
+    seen = record_launch_devices(monkeypatch)
+    q, k, v = _inputs((2, 9), 4, 2, 32, F32)
+    out = flash_attention(q, k, v, impl="triton")
+    assert [t is q for t in seen] == [True]
+    out.sum().backward()
+    assert len(seen) == 2 and seen[1].shape == q.shape  # the backward's launcher, on the output gradient's device
+
+
 def test_custom_scale_and_causal():
     q, k, v = _inputs((1, 45), 4, 2, 32, F32)
     _assert_accurate(q, k, v, scale=0.3)

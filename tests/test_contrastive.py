@@ -88,6 +88,18 @@ def test_matches_fp64_reference(B, n, E, dtype, T):
     _check(ker, tor, ref, dtype, T, f"B={B} n={n} E={E} {dtype}")
 
 
+def test_forward_and_backward_launch_on_their_inputs_device(monkeypatch):
+    """Every launcher enters its first input's device (Triton launches on the current one)."""
+    from .helpers import record_launch_devices
+
+    seen = record_launch_devices(monkeypatch)
+    q, d = _make(4, 1, 32, torch.float32)
+    q, d = q.requires_grad_(), d.requires_grad_()
+    contrastive_loss(q, d, impl="triton").backward()
+    names = [n for n in ("q", "d") for t in seen if t is (q if n == "q" else d)]
+    assert len(seen) >= 4 and "q" in names and "d" in names  # fwd (norms, scores), bwd (scores, norms)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_duplicate_rows(dtype):
     q, d = _make(8, 1, 64, dtype, seed=3, dupes=True)

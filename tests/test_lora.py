@@ -259,3 +259,16 @@ def test_packed_dropout_compile_costs_at_most_10_sass_per_element():
     assert keep["per_element_philox_keep8"] <= keep["per_element_philox_keep"] / 4
     for r in rows[1:]:
         assert r["spills"] == 0, r
+
+
+def test_every_launch_enters_its_inputs_device(monkeypatch):
+    """Forward (down) and backward (grad A, grad X) each launch on their input's device, not the current one."""
+    from .helpers import record_launch_devices
+
+    seen = record_launch_devices(monkeypatch)
+    x, ws, bs, As, Bs, gys = _case(5, 16, [8, 4], [2, 2], torch.float32, False)
+    out = lora_group(x.requires_grad_(True), ws, [a.requires_grad_(True) for a in As],
+                     [b.requires_grad_(True) for b in Bs], 1.0, 0.0, impl="triton")
+    n_fwd = len(seen)
+    sum((o * g).sum() for o, g in zip(out, gys)).backward()
+    assert n_fwd >= 1 and len(seen) >= n_fwd + 2 and all(t.shape[0] == 5 for t in seen)

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import dot_precision, dropout_threshold, interpreter_enabled, keep_mask, philox_keep, resolve_impl
+from .._backend import (dot_precision, dropout_threshold, interpreter_enabled, keep_mask, on_input_device, philox_keep,
+                        resolve_impl)
 from . import configs, tuning
 from .configs import _arch
 
@@ -698,6 +699,7 @@ def _score_args(scale, softcap):
     return scale / softcap, softcap * _LOG2E
 
 
+@on_input_device
 def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal, softcap=None):
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(lay.lse_shape, device=q.device, dtype=torch.float32)
@@ -722,6 +724,7 @@ def _attn_forward(q, k, v, cu, lay, scale, dropout_p, seed, causal, softcap=None
     return o, lse
 
 
+@on_input_device
 def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal, autotune=None, atomic_dq=False,
                    softcap=None):
     do = _last_dim_contiguous(do)
