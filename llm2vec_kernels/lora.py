@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import dot_precision, dropout_threshold, keep_mask, on_input_device, philox_keep8, resolve_impl
+from ._backend import (dot_precision, dropout_threshold, get_default_impl, keep_mask, on_input_device, philox_keep8,
+                       resolve_impl)
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -176,6 +177,12 @@ def _lora_grad_x_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch configuration (fixed; chosen so every variant compiles spill-free for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------
+
+# The widest rank tile: every kernel holds the group's summed rank N in one tile of _block_n(N) columns. Up to 128
+# they compile spill-free (tests/test_lora.py: N = 96 in a 128 tile); N = 192 spills on sm_90 and 768 exceeds its
+# shared memory, so "auto" takes the torch path above 128 and "triton" refuses it.
+MAX_BLOCK_N = 128
+
 
 def _block_n(n):
     return max(16, triton.next_power_of_2(n))
@@ -385,6 +392,15 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     # auto: Triton for 16-bit CUDA tensors only; fp32 stays on the exact torch path (the kernels' fp32 dots are
     # TF32 on a GPU, about 1e-3 relative error, as in llm2vec_kernels.attention), and CPU tensors too.
+    asked = impl
     impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16))
+    rank_sum = sum(a.shape[0] for a in lora_a)
+    if impl == "triton" and _block_n(rank_sum) > MAX_BLOCK_N:  # the kernels hold the group's ranks in one tile
+        if (asked or "auto") == "auto" and get_default_impl("lora") == "auto":
+            impl = "torch"
+        else:
+            raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "
+                             f"at most {MAX_BLOCK_N} (a larger one spills or exceeds shared memory); use impl='auto' "
+                             f"or 'torch', or a smaller rank")
     biases = list(biases) if biases is not None else [None] * n
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)

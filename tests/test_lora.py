@@ -272,3 +272,24 @@ def test_every_launch_enters_its_inputs_device(monkeypatch):
     n_fwd = len(seen)
     sum((o * g).sum() for o, g in zip(out, gys)).backward()
     assert n_fwd >= 1 and len(seen) >= n_fwd + 2 and all(t.shape[0] == 5 for t in seen)
+
+
+def test_a_summed_rank_wider_than_one_tile_takes_the_torch_path(monkeypatch):
+    """The kernels hold a group's summed rank in one tile of at most MAX_BLOCK_N columns: past it "auto" (here as on
+    a CUDA tensor) computes on the torch path, and an explicit "triton" is refused in one line."""
+    from llm2vec_kernels import lora as L
+
+    from .helpers import record_launch_devices
+
+    x, ws, bs, As, Bs, gys = _case(3, 16, [8, 8, 8], [64, 64, 64], torch.float32, False)
+    with pytest.raises(ValueError, match=r"summed rank \(192\) in one tile, at most 128"):
+        lora_group(x, ws, As, Bs, 0.5, impl="triton")
+    monkeypatch.setattr(L, "resolve_impl", lambda *a, **k: "triton")  # what "auto" resolves to on a CUDA tensor
+    seen = record_launch_devices(monkeypatch)
+    out = lora_group(x, ws, As, Bs, 0.5)
+    assert seen == []  # no kernel launched
+    for o, ref in zip(out, lora_group_reference(x, ws, As, Bs, 0.5)):
+        torch.testing.assert_close(o, ref)
+    x, ws, bs, As, Bs, gys = _case(3, 16, [8, 8, 8], [32, 32, 32], torch.float32, False)  # 96: one 128 tile
+    lora_group(x, ws, As, Bs, 0.5)
+    assert seen  # the kernels ran
