@@ -89,9 +89,13 @@ def _llm2vec_settings(folder):
 
 
 def _engine_text_settings(folder):
-    """The chat wrap a folder written by ``engine.LLM2Vec.save`` records (``engine_text.json``)."""
+    """The chat wrap and the default instruction a folder written by ``engine.LLM2Vec.save`` records
+    (``engine_text.json``; folders saved before it recorded the instruction have none)."""
     p = os.path.join(folder, "engine_text.json")
-    return {"chat": _read_json(p).get("chat")} if os.path.isfile(p) else {}
+    if not os.path.isfile(p):
+        return {}
+    saved = _read_json(p)
+    return {"chat": saved.get("chat"), **({"instruction": saved["instruction"]} if "instruction" in saved else {})}
 
 
 def _st_settings(folder):

@@ -283,7 +283,10 @@ def _model_card(meta, run, figures, st_prompts, best=None):
              "attention, MNTP, then SimCSE / supervised contrastive), exported with `python -m engine.export`.", "",
              f"- base model: {_base_line(meta)}", f"- adapters merged: {', '.join(meta['adapters']) or 'none'}",
              f"- pooling: `{meta['pooling']}` (instruction tokens attended, not pooled)",
-             f"- max length: {meta['max_length']} tokens", f"- dtype: {meta['dtype']}",
+             f"- max length: {meta['max_length']} tokens" + (
+                 f" (the model's doc_max_length, {meta['doc_max_length_not_applied']} tokens cut to whole words, is "
+                 f"not applied: longer texts embed differently than with llm2vec-engine)"
+                 if meta.get("doc_max_length_not_applied") else ""), f"- dtype: {meta['dtype']}",
              f"- instruction (prompt `query`): {st_prompts.get('query', '')!r}", "",
              "## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
              "model = SentenceTransformer(PATH)", "emb = model.encode([\"A man is playing a guitar.\"])", "```", "",
@@ -406,6 +409,12 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     if chat:
         warnings.warn(f"exporting without the {chat!r} chat wrap the model was trained with: sentence-transformers "
                       f"embeddings of this folder will differ from engine.Encoder's")
+    doc_max = s.get("doc_max_length")
+    doc_max = doc_max if doc_max and doc_max < max_len else None
+    if doc_max:
+        warnings.warn(f"doc_max_length {doc_max}: engine.Encoder cuts a longer text to whole words (llm2vec's rule), "
+                      f"which sentence-transformers cannot; the export cuts at max_length {max_len} tokens, so texts "
+                      f"longer than {doc_max} tokens embed differently from engine.Encoder's (shorter ones agree)")
     if pooling == "weighted_mean":
         warnings.warn("weighted_mean: sentence-transformers weighs a prompted text's tokens by their position in the "
                       "whole sequence, the engine (as llm2vec) by their rank among the pooled tokens: with a prompt "
@@ -442,7 +451,7 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
             "adapters": [_adapter_label(a) for a in info["adapters"]], "pooling": pooling, "instruction": instruction,
             "max_length": max_len, "dtype": str(dt).replace("torch.", ""), "normalize": bool(normalize),
             "chat": None, "chat_wrap_dropped": chat, "text_format": TEXT_FORMAT, "model_type": model_type,
-            "causal_only_servers": servers}
+            "causal_only_servers": servers, "doc_max_length_not_applied": doc_max}
     best = _best_of(top)
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(meta, f, indent=2)

@@ -33,7 +33,8 @@ from .encoder import _LLM2VEC_POOLING, Encoder, resolve_chain
 ENCODER_KWARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
 MODEL_KWARGS = ("torch_dtype", "dtype", "device_map", "low_cpu_mem_usage")
 _POOLING_NAMES = {v: k for k, v in _LLM2VEC_POOLING.items()}
-ENGINE_TEXT_FILE = "engine_text.json"  # the chat wrap a saved model encodes with (engine.encoder reads it)
+# The chat wrap and default instruction a saved model encodes with (engine.encoder reads them)
+ENGINE_TEXT_FILE = "engine_text.json"
 
 
 def _check_kwargs(where, kwargs, allowed):
@@ -135,8 +136,8 @@ class LLM2Vec:
         else:
             self.model.save_pretrained(output_path, safe_serialization=True)
         self.tokenizer.save_pretrained(output_path)
-        with open(os.path.join(output_path, ENGINE_TEXT_FILE), "w") as f:
-            json.dump({"chat": self.encoder.chat}, f, indent=2)
+        with open(os.path.join(output_path, ENGINE_TEXT_FILE), "w") as f:  # what llm2vec_config.json cannot hold
+            json.dump({"chat": self.encoder.chat, "instruction": self.encoder.default_instruction}, f, indent=2)
         if save_config:
             with open(os.path.join(output_path, "llm2vec_config.json"), "w") as f:
                 json.dump({"pooling_mode": self.pooling_mode, "max_length": self.max_length,

@@ -9,7 +9,9 @@
 Both give the same score: every task gets its prompt from one dict (:func:`engine.task_instructions.mteb_prompts`,
 llm2vec's 67 instructions keyed as mteb reads a model's ``prompts``), which the export carries in its
 ``config_sentence_transformers.json`` and this wrapper resolves with mteb's own lookup. A task the dict does not
-cover gets mteb's own instruction for it here (``task_metadata.prompt``); the export has none for such a task.
+cover gets the model's own instruction where the export's ``default_prompt_name`` applies it (a task without a
+prompt type, for a model trained with an instruction), else mteb's own instruction for it here
+(``task_metadata.prompt``), which the export does not have.
 
 mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``. This wrapper carries
 a real ``ModelMeta``; a ``SentenceTransformer`` loaded from a local folder has no name (sentence-transformers reads
@@ -43,11 +45,15 @@ def mteb_own_instruction(task_metadata, prompt_type=None):
 
 def prompt_for(prompts, task_metadata, prompt_type=None):
     """The prompt text for one side of a task: the ``prompts`` entry mteb itself would pick
-    (``get_prompt_name``), else mteb's own instruction for the task (as a prompt, newline-terminated)."""
+    (``get_prompt_name``); else, for a task mteb calls without a prompt type (classification, clustering, ...), the
+    model's own ``query`` prompt, as sentence-transformers applies an export's ``default_prompt_name`` there; else
+    mteb's own instruction for the task (as a prompt, newline-terminated)."""
     pt = PromptType(prompt_type) if isinstance(prompt_type, str) else prompt_type
     name = get_prompt_name(prompts, task_metadata, pt)
     if name is not None:
         return prompts[name]
+    if pt is None and prompts.get("query"):
+        return prompts["query"]
     return instruction_prefix(mteb_own_instruction(task_metadata, pt))
 
 

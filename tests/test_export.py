@@ -96,6 +96,27 @@ def test_export_moves_and_matches_encoder_in_sentence_transformers_and_automodel
         _check_bidirectional_automodel(moved, tok, enc)
 
 
+def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, tok):
+    """llm2vec's doc_max_length (a longer text cut to whole words, llm2vec_config.json; LLM2Vec.save writes 400 by
+    default) has no sentence-transformers equivalent: the export warns, records it and the card says so. Texts
+    under it embed as engine.Encoder does; longer ones do not."""
+    from sentence_transformers import SentenceTransformer
+
+    from engine.export import export
+    from .helpers import update_json
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    update_json(os.path.join(sup, "llm2vec_config.json"), doc_max_length=6)
+    with pytest.warns(UserWarning, match="doc_max_length 6: engine.Encoder cuts a longer text to whole words"):
+        meta = export(sup, str(tmp_path / "exp"))
+    assert meta["doc_max_length_not_applied"] == 6
+    assert "doc_max_length, 6 tokens cut to whole words, is not applied" in (tmp_path / "exp" / "README.md").read_text()
+    enc, st = Encoder.from_pretrained(sup, device="cpu"), SentenceTransformer(str(tmp_path / "exp"), device="cpu")
+    short, long = ["Dogs bark."], ["Three children are playing football in a large green park."]
+    np.testing.assert_allclose(st.encode(short), enc.encode(short), atol=1e-4, rtol=0)
+    assert np.abs(st.encode(long) - enc.encode(long)).max() > 1e-3
+
+
 def test_export_bad_input_exits_2(tmp_path):
     r = run_cmd(["python", "-m", "engine.export", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
                 timeout=120)

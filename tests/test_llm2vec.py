@@ -90,3 +90,11 @@ def test_llm2vec_keywords_settings_and_save(tmp_path, chain):
     torch.testing.assert_close(full.encode(texts), ref, atol=1e-5, rtol=0)
     l2v.save(str(tmp_path / "no-config"), merge_before_save=True, save_config=False)
     assert "llm2vec_config.json" not in os.listdir(tmp_path / "no-config")
+    # a run's recorded instruction (plain strings are encoded with it) survives the save
+    l2v.encoder.default_instruction = "Retrieve a sentence with the same meaning: "
+    inst = l2v.encode(["a dog runs"])
+    assert (inst - l2v.encode([["", "a dog runs"]])).abs().max() > 1e-4
+    l2v.save(str(tmp_path / "instructed"), merge_before_save=True)
+    again = LLM2Vec.from_pretrained(str(tmp_path / "instructed"), device_map="cpu")
+    assert again.encoder.default_instruction == l2v.encoder.default_instruction
+    torch.testing.assert_close(again.encode(["a dog runs"]), inst, atol=1e-5, rtol=0)

@@ -36,6 +36,15 @@ def test_llm2vec_instruction_table_is_whole_and_keyed_as_mteb_reads_it():
                  if t.metadata.name not in LLM2VEC_TASKS and isinstance(t.metadata.prompt, dict)
                  and t.metadata.prompt.get("query"))
     assert instruction_for(other, "query") == other.prompt["query"].rstrip() + "\n"
+    # a task without a prompt type that neither the table nor a type entry covers: sentence-transformers applies the
+    # export's default prompt (the model's instruction) there, and so does the wrapper
+    from engine.mteb_model import prompt_for
+
+    bare = next(t.metadata for t in mteb.get_tasks(task_types=["Classification"], languages=["eng"])
+                if t.metadata.name not in prompts and t.metadata.type not in prompts)
+    assert prompt_for(prompts, bare) == prompts["query"] == "Represent the sentence:\n"
+    assert prompt_for(prompts, bare, "document") == ""  # documents stay plain (the export's "document" prompt)
+    assert prompt_for(mteb_prompts(""), bare) == instruction_for(bare)  # no instruction: mteb's own, as before
 
 
 def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F811
