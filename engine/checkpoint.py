@@ -166,7 +166,11 @@ def _lock_file(output_dir):
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOCK_FILE)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
+        existed = os.path.lexists(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'ed children (PEP 446)
+        except OSError as e:  # another user's lock file, a folder by that name
+            raise ConfigError(f"cannot open the run lock {path}: {e.strerror}; use another output_dir") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -175,6 +179,12 @@ def _lock_file(output_dir):
             who = f"pid {holder[0]} on host {holder[1]}" if len(holder) >= 2 else "a process that is starting"
             raise RunFolderBusy(f"{output_dir} is in use by another run ({who} holds {path}); wait for it to end or "
                                 f"use another output_dir") from None
+        except OSError as e:  # a filesystem without flock (Lustre without -o flock, NFS without lockd, FUSE)
+            os.close(fd)
+            if not existed:
+                os.unlink(path)
+            raise ConfigError(f"cannot lock {path}: {e.strerror}; a run needs output_dir on a filesystem with "
+                              f"flock (one owner per run folder)") from None
         try:  # the file may have been unlinked by its last holder (release_run_folder) after we opened it
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
@@ -194,12 +204,12 @@ def hold_run_folder(output_dir, rank, device):
     if rank == 0:
         try:
             fd = _lock_file(output_dir)
-        except RunFolderBusy as e:
+        except ConfigError as e:  # busy, or no lock to be had: every rank raises it
             busy = e
     flag = torch.tensor([1.0 if busy else 0.0], device=device)
     dist.broadcast(flag, 0)
     if flag.item():
-        raise busy or RunFolderBusy(f"{output_dir} is in use by another run (see its {LOCK_FILE})")
+        raise busy or RunFolderBusy(f"rank 0 could not take the run lock on {output_dir} (its message says why)")
     return fd
 
 
@@ -321,9 +331,13 @@ def plan_resume(cfg, rank=0):
                 f"at step 0 over it: delete {root} to start over, or use another output_dir")
         if cfg.resume == "must":
             raise ConfigError(f"resume=must but there is no checkpoint in {root}")
-        if os.path.isdir(os.path.join(cfg.output_dir, "adapter")) and cfg.resume != "force":
+        # A final adapter, or the best/ adapter a run killed without a checkpoint keeps: its only result, which a
+        # fresh start would replace (or, with no dev eval, leave to be served as the new run's model).
+        kept = [n for n in ("adapter", "best") if os.path.isdir(os.path.join(cfg.output_dir, n))]
+        if kept and cfg.resume != "force":
+            what = "a final adapter" if "adapter" in kept else "a best/ adapter"
             raise ConfigError(
-                f"{cfg.output_dir} holds a final adapter but no checkpoint to resume; use another output_dir, delete "
+                f"{cfg.output_dir} holds {what} but no checkpoint to resume; use another output_dir, delete "
                 f"it, or resume=force to start over in it")
         return [], []
     if latest != complete[0]:
@@ -430,6 +444,17 @@ def check_finite_state(sd, what):
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteError(f"not saving {what}: non-finite values in {len(bad)} adapter tensors (e.g. {bad[0]})")
+
+
+def drop_stale_best(output_dir):
+    """Remove an earlier run's ``best/`` when a run starts over at step 0 in its folder (rank 0): it would otherwise
+    be replaced only if this run evaluates on dev, and be served as this run's model (the encoder, evaluate and the
+    export prefer best/) if it does not."""
+    stale = [d for d in ("best", "best.new", "best.old") if os.path.isdir(os.path.join(output_dir, d))]
+    if stale:
+        warn0(0, f"starting over in {output_dir}: removing the earlier run's {', '.join(d + '/' for d in stale)}")
+        for d in stale:
+            shutil.rmtree(os.path.join(output_dir, d))
 
 
 class BestAdapter:

@@ -12,6 +12,7 @@ Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` 
 Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty, malformed
 and (later, at tokenisation) truncated counts, which the trainer logs.
 """
+import collections
 import dataclasses
 import hashlib
 import os
@@ -614,6 +615,21 @@ class BatchPlan:
         self.steps_per_epoch = len(self._epoch(0))
         if self.steps_per_epoch == 0:
             raise DataError("no source has enough examples for one global batch")
+        # Every epoch leaves out the same number of items (each group's, or the whole set's, last partial batch);
+        # a group smaller than one global batch is never trained on.
+        self.unused_per_epoch = self.n - self.steps_per_epoch * global_batch
+        sizes = collections.Counter(groups) if groups is not None else {}
+        self.starved = {g: n for g, n in sorted(sizes.items()) if n < global_batch}
+
+    def summary(self):
+        """One line for the run's log: steps per epoch and what no batch holds."""
+        line = (f"{self.steps_per_epoch} steps per epoch of {self.global_batch}; {self.unused_per_epoch} of "
+                f"{self.n} items in no batch each epoch (a different "
+                f"{'partial batch per source' if self.groups is not None else 'partial batch'} each time)")
+        if self.starved:
+            line += (f"; {len(self.starved)} source(s) smaller than one global batch, never trained on "
+                     f"({sum(self.starved.values())} items)")
+        return line
 
     def _epoch(self, epoch):
         if epoch not in self._cache:

@@ -13,7 +13,8 @@ touched (and the kernel's read-around of it, ~40 kB per 2 kB block measured) in 
 epoch a rank's RSS would grow to the size of the data file (measured: +255 MB of file-backed RSS after 200
 random batches of 32 blocks from a 1 GB corpus's entry; +0 MB with ``pread``).
 
-The key is a SHA-256 of the tokenizer's identity (class, name, a hash of its vocabulary and special tokens),
+The key is a SHA-256 of the tokenizer's identity (class, name, hashes of its vocabulary and of its whole pipeline,
+its special tokens, its EOS and BOS/EOS flags),
 each source's content (SHA-256 of a local file; the spec and the ``datasets`` fingerprint of an ``hf:`` source)
 and the settings that shape the items (stage, max_seq_len, max_samples, seed, ...): another tokenizer, other
 data or other settings is another entry, never a stale one.
@@ -35,7 +36,7 @@ import numpy as np
 
 from .assets import cache_dir, cache_lock, sha256_of
 
-FORMAT = 1
+FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
 _DTYPES = {"tokens": np.uint32, "json": np.uint8}
 
 
@@ -44,12 +45,22 @@ def cache_root():
 
 
 def tokenizer_identity(tokenizer):
-    """What makes two tokenizers give the same ids: class, name, vocabulary and special tokens."""
+    """What makes two tokenizers give the same ids: class, name, vocabulary, special tokens, and the whole of a fast
+    tokenizer's pipeline (its serialisation: normaliser, pre-tokeniser, merges, post-processor, added tokens), with
+    its EOS and BOS/EOS flags (what an MNTP block is built from). A tokenizer whose files changed
+    under the same name (a fixed post-processor that now adds BOS) is another entry. Nothing is tokenised here."""
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
     h = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode("utf-8", "surrogatepass"))
     specials = {k: str(v) for k, v in sorted(getattr(tokenizer, "special_tokens_map", {}).items())}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = hashlib.sha256(backend.to_str().encode("utf-8", "surrogatepass")).hexdigest() if backend else None
+    vocab_file = getattr(tokenizer, "vocab_file", None)  # a slow (SentencePiece) tokenizer's model file
+    if pipeline is None and isinstance(vocab_file, str) and os.path.isfile(vocab_file):
+        pipeline = sha256_of(vocab_file)
     return {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-            "vocab_sha256": h.hexdigest(), "vocab_size": len(vocab), "specials": specials}
+            "vocab_sha256": h.hexdigest(), "vocab_size": len(vocab), "specials": specials,
+            "pipeline_sha256": pipeline, "eos": getattr(tokenizer, "eos_token_id", None),
+            "add": {k: getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token")}}
 
 
 def source_identity(src):

@@ -19,8 +19,8 @@ import llm2vec_kernels
 
 from . import config as config_mod
 from .bidirectional import set_deterministic_attention
-from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, hold_run_folder, last_good,
-                         plan_resume, release_run_folder, sts_spearman, write_adapter)
+from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, drop_stale_best,
+                         hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman, write_adapter)
 from .data import BatchPlan, is_sts_file
 from .distributed import init_distributed, log0, warn0
 from .files import write_text
@@ -120,6 +120,12 @@ class Trainer:
                 self.eval_items, _, _ = self.stage.load(cfg.eval_data, seed=EVAL_SEED)  # the same text for every seed
         self.plan = BatchPlan(len(self.items), cfg.batch_size, cfg.micro_batch_size, self.world, self.rank, cfg.seed,
                               groups)
+        log0(f"batches: {self.plan.summary()}")
+        if self.plan.starved:
+            warn0(self.rank, f"{len(self.plan.starved)} data source(s) have fewer items than one global batch "
+                             f"({cfg.batch_size}) and are never trained on (every batch is drawn from one source, "
+                             f"contrastive.source_homogeneous_batches): "
+                             f"{', '.join(f'{g} ({n})' for g, n in self.plan.starved.items())}")
 
     def _setup_model(self):
         cfg, world = self.cfg, self.world
@@ -159,6 +165,8 @@ class Trainer:
         cfg, rank = self.cfg, self.rank
         if rank == 0:  # only now, after validation, the data, the model and the resume decision
             _write_config(cfg)
+            if self.start == 0:  # starting over (resume=force; auto refuses a best/ without a checkpoint)
+                drop_stale_best(cfg.output_dir)
         self.logger = MetricsLogger(cfg, rank, self.start)
         self.best = BestAdapter(cfg, rank, resumed=self.start > 0) if self.sts_eval is not None else None
         self.fail_at = int(os.environ.get("LLM2VEC_ENGINE_FAIL_AT_STEP", "-1"))

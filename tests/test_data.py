@@ -127,6 +127,21 @@ def test_batch_plan_source_homogeneous():
         assert len({groups[i] for i in idx}) == 1
 
 
+def test_batch_plan_reports_what_no_batch_holds():
+    """Each epoch leaves out every group's last partial batch, and a group smaller than one global batch is never
+    trained on: both counted (the trainer logs the summary and warns about the starved sources)."""
+    groups = ["a"] * 45 + ["b"] * 30 + ["tiny"] * 7
+    plan = BatchPlan(82, 10, 5, 1, 0, seed=1, groups=groups)
+    assert plan.steps_per_epoch == 7 and plan.unused_per_epoch == 82 - 70 and plan.starved == {"tiny": 7}
+    used = {i for step in range(plan.steps_per_epoch) for mb in plan.micro_batches(step) for i in mb}
+    assert len(used) == 70 and not used & set(range(75, 82))  # the tiny source's items: never in a batch
+    assert plan.summary() == ("7 steps per epoch of 10; 12 of 82 items in no batch each epoch (a different partial "
+                              "batch per source each time); 1 source(s) smaller than one global batch, never "
+                              "trained on (7 items)")
+    flat = BatchPlan(82, 10, 5, 1, 0, seed=1)
+    assert flat.unused_per_epoch == 2 and flat.starved == {} and "never trained" not in flat.summary()
+
+
 def test_too_little_data_for_a_batch():
     with pytest.raises(DataError, match="fewer than one global batch"):
         BatchPlan(5, 8, 2, 2, 0, seed=0)

@@ -122,9 +122,12 @@ def test_resume_never_refuses_a_finished_run_and_force_continues(finished, tmp_p
     assert "resume=never but" in r.stderr and "adapter/" in r.stderr and "metrics.csv" in r.stderr
     assert "resume=force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert {p: _sha(os.path.join(out, p)) for p in kept} == kept  # nothing overwritten, nothing deleted
+    shutil.copytree(os.path.join(out, "adapter"), os.path.join(out, "best"))  # an earlier run's dev-selected adapter
     r = _train(out, "max_steps=4", "save_every=2", "resume=force")  # explicit intent: start over in it
     _ok(r)
     assert sorted(_losses(out)) == [1, 2, 3, 4]
+    # This MNTP run keeps no best/ of its own: the earlier one is gone, not served as this run's model
+    assert not os.path.exists(os.path.join(out, "best")) and "removing the earlier run's best/" in r.stdout
 
 
 # --- checkpoints execute no code -------------------------------------------------------------------------------------

@@ -106,6 +106,53 @@ def test_plan_resume_never_restarts_silently(tmp_path):
                                           r"resume=force"):
         plan_resume(_cfg(str(done), "resume=never"))
     assert plan_resume(_cfg(str(tmp_path / "fresh"), "resume=never")) == ([], [])  # an empty output_dir is fine
+    killed = tmp_path / "killed"  # save_every 0, killed after a dev eval: best/ is its only result
+    (killed / "best").mkdir(parents=True)
+    (killed / "metrics.csv").write_text("step,loss,eval_sts_spearman\n50,1.0,0.8\n")
+    with pytest.raises(ConfigError, match="holds a best/ adapter but no checkpoint to resume"):
+        plan_resume(_cfg(str(killed)))
+    assert plan_resume(_cfg(str(killed), "resume=force")) == ([], [])
+
+
+def test_a_fresh_start_over_a_folder_removes_its_stale_best_adapter(tmp_path, capsys):
+    """resume=force starting over: the earlier run's best/ (and a swap's leftovers) go, so that the encoder,
+    evaluate and the export (which prefer best/) cannot serve it as the new run's model."""
+    from engine.checkpoint import drop_stale_best
+
+    for d in ("best", "best.old", "adapter"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "adapter_config.json").write_text("{}")
+    drop_stale_best(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]  # adapter/ is replaced at the end, not before
+    assert "removing the earlier run's best/, best.old/" in capsys.readouterr().out
+    drop_stale_best(str(tmp_path))  # nothing to remove: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_a_run_lock_that_cannot_be_had_is_a_config_error(tmp_path, monkeypatch):
+    """A filesystem without flock, or a run.lock that cannot be opened: one line (ConfigError, exit 2), and a lock
+    file this attempt created is removed; a lock held by another run is still RunFolderBusy."""
+    import errno
+
+    from engine import checkpoint
+    from engine.checkpoint import LOCK_FILE, RunFolderBusy, _lock_file
+
+    (tmp_path / "dir" / LOCK_FILE).mkdir(parents=True)
+    with pytest.raises(ConfigError, match="cannot open the run lock .*run.lock"):
+        _lock_file(str(tmp_path / "dir"))
+    held = _lock_file(str(tmp_path / "busy"))
+    with pytest.raises(RunFolderBusy, match="is in use by another run"):
+        _lock_file(str(tmp_path / "busy"))
+    os.close(held)
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_flock)
+    with pytest.raises(ConfigError, match="cannot lock .*Function not implemented; a run needs output_dir on a "
+                                          "filesystem with flock"):
+        _lock_file(str(tmp_path / "nfs"))
+    assert os.listdir(tmp_path / "nfs") == []
 
 
 def test_plan_resume_refuses_a_different_run(tmp_path):

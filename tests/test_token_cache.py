@@ -69,6 +69,34 @@ def test_mntp_items_are_tokenised_once_and_equal_the_in_memory_blocks(tmp_path, 
     assert changed[:] == chunk_documents(["changed text"] * 50, tok.tok, 48)
 
 
+def test_a_tokenizer_changed_under_the_same_path_is_another_entry(tmp_path):
+    """The key covers a fast tokenizer's whole pipeline: a post-processor that now adds BOS (same path, vocabulary
+    and special tokens) makes other MNTP blocks, so it must not find the old entry."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from engine.data import chunk_documents
+
+    path = tmp_path / "tok"
+    load_tokenizer(load_config("configs/tiny/mntp.yaml").model).save_pretrained(path)
+    docs, settings = ["hello world", "second line here"], {"stage": "mntp", "max_seq_len": 8}
+    before = AutoTokenizer.from_pretrained(path)
+    key = token_cache.cache_key(before, [], settings)
+    assert token_cache.cache_key(AutoTokenizer.from_pretrained(path), [], settings) == key  # stable
+    spec = json.loads((path / "tokenizer.json").read_text())
+    bos = next(t for t in spec["added_tokens"] if t["content"] == "<|im_start|>")
+    special = {"id": bos["content"], "ids": [bos["id"]], "tokens": [bos["content"]]}
+    spec["post_processor"] = {"type": "TemplateProcessing", "special_tokens": {bos["content"]: special},
+                              "single": [{"SpecialToken": {"id": bos["content"], "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]}
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    after = AutoTokenizer.from_pretrained(path)
+    assert chunk_documents(docs, after, 8) != chunk_documents(docs, before, 8)  # the blocks now start with BOS
+    assert token_cache.cache_key(after, [], settings) != key
+
+
 def test_a_second_load_does_not_tokenise(tmp_path):
     docs = tmp_path / "docs.txt"
     docs.write_text("alpha beta gamma\n" * 100)
