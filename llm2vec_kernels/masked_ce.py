@@ -205,7 +205,8 @@ def _ce_fwd_kernel(
     p_off = rows * stride_pm + vg * stride_pg
     tl.store(m_part_ptr + p_off, m_i, mask=row_ok)
     tl.store(l_part_ptr + p_off, l_i, mask=row_ok)
-    has_y = row_ok & (y >= vb_start * BLOCK_V) & (y < vb_end * BLOCK_V)
+    # y < V: a label in the last block's padded tail matched a clamped column's logit (the row stays NaN)
+    has_y = row_ok & (y >= vb_start * BLOCK_V) & (y < vb_end * BLOCK_V) & (y < V)
     tl.store(tgt_ptr + rows, t_i, mask=has_y)
 
 

@@ -127,6 +127,7 @@ def _out_dtype(x, weight, gemma):
 
 def _forward(x2, weight, eps, gemma, out_dtype):
     M, H = x2.shape
+    weight = weight.contiguous()  # the kernels read it at unit stride (a no-op for a model's weight)
     y = torch.empty((M, H), dtype=out_dtype, device=x2.device)
     rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
     if M == 0:
@@ -141,6 +142,7 @@ def _forward(x2, weight, eps, gemma, out_dtype):
 
 def _backward(dy2, x2, weight, rstd, gemma, need_dw):
     M, H = x2.shape
+    weight = weight.contiguous()
     dx = torch.empty_like(x2)
     if M == 0:
         return dx, (torch.zeros(H, dtype=torch.float32, device=x2.device) if need_dw else None)

@@ -303,6 +303,11 @@ def test_labels_out_of_range_give_nan_row():
     labels[2] = 64
     rows = masked_cross_entropy(hidden, weight, labels, reduction="none", impl="triton")
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4]]).all()
+    # V = 50 is not a multiple of the vocab block: a label in the last block's padded tail is out of range too
+    hidden, weight, labels = _make(5, 32, 50, torch.float32, frac=1.0)
+    labels[1], labels[3] = 50, 60
+    rows = masked_cross_entropy(hidden, weight, labels, reduction="none", impl="triton")
+    assert torch.isnan(rows[[1, 3]]).all() and torch.isfinite(rows[[0, 2, 4]]).all()
 
 
 @needs_interpreter

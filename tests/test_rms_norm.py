@@ -108,6 +108,25 @@ def test_kernel_matches_transformers_modules(dtype):
 
 
 @needs_interpreter
+def test_a_strided_weight_is_read_at_its_stride():
+    x, _, dy = _inputs((7, 24), torch.float32, False, seed=4)
+    base = torch.randn(48, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    x = x.requires_grad_()
+    w = base[::2]  # stride 2 (a clone would make it contiguous)
+    assert w.stride() == (2,)
+    y = rms_norm(x, w, 1e-6, impl="triton")
+    y.backward(dy)
+    xd, wd = x.detach().double().requires_grad_(), base.detach()[::2].double().requires_grad_()
+    ref = rms_norm_reference(xd, wd, 1e-6)
+    ref.backward(dy.double())
+    tor = _run(rms_norm_reference, x, w, dy, False)
+    for name, o, r, t in zip(("y", "dx", "dw"), (y.detach(), x.grad, base.grad[::2]), (ref.detach(), xd.grad, wd.grad),
+                             tor):
+        _assert_close(o, r, t, torch.float32, name)
+    assert torch.all(base.grad[1::2] == 0)
+
+
+@needs_interpreter
 def test_mixed_weight_dtype_follows_torch_promotion():
     # an fp32 weight on fp16 activations (Llama form): the output is fp32, as in LlamaRMSNorm
     x, w, dy = _inputs((4, 64), torch.float16, False)
