@@ -36,10 +36,14 @@ class DataStats:
     duplicates: int = 0
     truncated: int = 0  # texts cut to the max length at tokenisation
     sources: dict = dataclasses.field(default_factory=dict)
+    no_negative: int = 0  # supervised rows without a hard negative, dropped when the stage needs one
+    blank_negatives: int = 0  # blank hard negatives dropped from rows that keep others
 
     def summary(self):
+        extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (("no_negative", self.no_negative),
+                                                                   ("blank_negatives", self.blank_negatives)) if v)
         return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
-                f"truncated {self.truncated}, sources {self.sources}")
+                f"truncated {self.truncated}{extra}, sources {self.sources}")
 
 
 def _check_file(path):
@@ -303,17 +307,19 @@ def _str_field(obj, key, where):
     return v
 
 
-def read_supervised(sources, max_samples=0, default_instruction=""):
+def read_supervised(sources, max_samples=0, default_instruction="", need_negatives=True):
     """[{query, positive, negatives: [...], instruction, doc_instruction, source}] from JSONL, an STS TSV or an E5
-    directory (:func:`e5_rows`). Returns (examples, stats)."""
+    directory (:func:`e5_rows`). Returns (examples, stats). Blank hard negatives are dropped (counted); a row left
+    with none is dropped (counted as ``no_negative``) when ``need_negatives``, else kept with ``negatives: []``
+    (``contrastive.num_hard_negatives: 0``: (query, positive) pairs)."""
     stats = DataStats()
-    out = list(iter_supervised(sources, stats, max_samples, default_instruction))
+    out = list(iter_supervised(sources, stats, max_samples, default_instruction, need_negatives))
     if not out:
         raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
     return out, stats
 
 
-def iter_supervised(sources, stats, max_samples=0, default_instruction=""):
+def iter_supervised(sources, stats, max_samples=0, default_instruction="", need_negatives=True):
     """:func:`read_supervised` as a stream (``stats`` complete once it is exhausted)."""
     if not sources:
         raise DataError("no data given: set data=FILE.jsonl (or an E5 directory)")
@@ -328,6 +334,10 @@ def iter_supervised(sources, stats, max_samples=0, default_instruction=""):
             ex = _supervised_example(obj, where, meta)
             if ex is None:
                 stats.empty += 1
+                continue
+            stats.blank_negatives += ex.pop("blank_negatives")
+            if not ex["negatives"] and need_negatives:
+                stats.no_negative += 1
                 continue
             n_src, kept = n_src + 1, kept + 1
             stats.kept = kept
@@ -354,7 +364,8 @@ def _supervised_rows(src, default_instruction):
 
 
 def _supervised_example(obj, where, meta):
-    """One checked example, or None when a text is empty."""
+    """One checked example (its blank hard negatives left out and counted), or None when the query or the positive
+    is empty."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with query, positive and negative(s), got "
                         f"{_json_type(obj)}")
@@ -370,9 +381,10 @@ def _supervised_example(obj, where, meta):
     instruction = obj.get("instruction")
     if instruction is not None and not isinstance(instruction, str):
         raise DataError(f"{where}: field 'instruction' must be a string, got {_json_type(instruction)}")
-    if not q or not p or not negs or any(not x.strip() for x in negs):
+    if not q or not p:
         return None
-    return {"query": q, "positive": p, "negatives": [x.strip() for x in negs],
+    kept = [x.strip() for x in negs if x.strip()]
+    return {"query": q, "positive": p, "negatives": kept, "blank_negatives": len(negs) - len(kept),
             "instruction": meta["instruction"] if instruction is None else instruction,
             "doc_instruction": meta["doc_instruction"], "source": str(obj.get("source", meta["source"]))}
 

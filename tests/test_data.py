@@ -127,6 +127,37 @@ def test_batch_plan_source_homogeneous():
         assert len({groups[i] for i in idx}) == 1
 
 
+def test_pairs_without_hard_negatives(tmp_path, monkeypatch):
+    """A row without a hard negative is dropped and counted when the stage uses hard negatives, and is an example
+    with contrastive.num_hard_negatives=0; a blank negative is dropped from a row that keeps others (counted)."""
+    import torch
+
+    from engine.config import load_config
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    p = tmp_path / "pairs.jsonl"
+    rows = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(6)]
+    rows += [{"query": "q6", "positive": "p6", "negatives": ["", "n6"]}, {"query": "q7", "positive": "p7", "negative": " "}]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ex, stats = read_supervised([str(p)])
+    assert [e["negatives"] for e in ex] == [["n6"]] and (stats.no_negative, stats.blank_negatives) == (7, 2)
+    assert "no negative 7, blank negatives 2" in stats.summary()
+    ex, stats = read_supervised([str(p)], need_negatives=False)
+    assert len(ex) == 8 and ex[0]["negatives"] == [] and stats.no_negative == 0
+    only_pairs = tmp_path / "only.jsonl"
+    only_pairs.write_text("\n".join(json.dumps(r) for r in rows[:6]) + "\n")
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={only_pairs}"])
+    with pytest.raises(DataError, match="no negative 6.*contrastive.num_hard_negatives=0"):
+        build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data)
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={only_pairs}", "contrastive.num_hard_negatives=0"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+    items, stats, _ = stage.load(cfg.data)
+    batch = stage.collate([items[i] for i in range(4)], torch.Generator())
+    assert len(items) == 6 and batch["n_queries"] == 4 and batch["input_ids"].shape[0] == 8  # 4 queries, 4 positives
+
+
 def test_batch_plan_reports_what_no_batch_holds():
     """Each epoch leaves out every group's last partial batch, and a group smaller than one global batch is never
     trained on: both counted (the trainer logs the summary and warns about the starved sources)."""

@@ -26,16 +26,20 @@ class SupervisedStage(ContrastiveStage):
             pairs, stats = read_scored_pairs(sources, max_samples)
             return pairs, stats, None
         instruction = self.cfg.contrastive.instruction
+        need_negatives = self.cfg.contrastive.num_hard_negatives > 0  # 0: (query, positive) pairs are examples too
 
         def build(writer, progress):  # examples from the item cache (engine.token_cache), read lazily per batch
             stats = DataStats()
-            for e in iter_supervised(sources, stats, max_samples, instruction):
+            for e in iter_supervised(sources, stats, max_samples, instruction, need_negatives):
                 writer.add(e, group=e["source"])
             if not stats.kept:
-                raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")
+                hint = ("; rows without a hard negative train as (query, positive) pairs with "
+                        "contrastive.num_hard_negatives=0") if stats.no_negative else ""
+                raise DataError(f"no usable supervised examples in {sources} ({stats.summary()}){hint}")
             return dataclasses.asdict(stats)
 
-        settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction}
+        settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction,
+                    "need_negatives": need_negatives}
         ex, meta = token_cache.cached_items("json", None, sources, settings, build)
         groups = ex.groups if self.cfg.contrastive.source_homogeneous_batches else None
         if groups is not None and len(meta["groups"]) == 1:
