@@ -302,6 +302,15 @@ def _previous_run(output_dir, tags, latest):
                    if os.path.exists(os.path.join(output_dir, name))]
 
 
+def _saved_fingerprint(root, tag):
+    """A complete checkpoint's run fingerprint (its run.json), or None when it cannot be read."""
+    try:
+        with open(os.path.join(root, tag, RUN_FILE)) as f:
+            return json.load(f)["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def plan_resume(cfg, rank=0):
     """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
 
@@ -343,8 +352,17 @@ def plan_resume(cfg, rank=0):
     if latest != complete[0]:
         why = "is missing" if latest is None else f"names {latest!r}, which is not the newest complete checkpoint"
         warn0(rank, f"{root}/latest {why}; resuming from the newest complete checkpoint, {complete[0]}")
-    with open(os.path.join(root, complete[0], RUN_FILE)) as f:
-        saved = json.load(f)["fingerprint"]
+    saved = _saved_fingerprint(root, complete[0])
+    if saved is None:
+        raise ConfigError(f"{root}/{complete[0]}/{RUN_FILE} cannot be read: the run it belongs to is unknown; delete "
+                          f"that checkpoint or use another output_dir")
+    # Fall back (an unloadable newest checkpoint) only to checkpoints of the same run: after a resume=force over
+    # another run, its older checkpoints are kept until cleanup, and resuming one would skip this check.
+    same_run = [t for t in complete if t == complete[0] or _saved_fingerprint(root, t) == saved]
+    if len(same_run) < len(complete):
+        warn0(rank, f"not falling back to {', '.join(t for t in complete if t not in same_run)} in {root}: "
+                    f"checkpoints of another run than {complete[0]}")
+    complete = same_run
     diff = fingerprint_diff(saved, fingerprint(cfg))
     if diff:
         listing = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
@@ -472,10 +490,29 @@ class BestAdapter:
         self.dir = os.path.join(cfg.output_dir, "best")
         self.score, self.step = -math.inf, None  # rank 0's record: the best score and its step (None: none kept)
         meta = os.path.join(self.dir, self.META)
+        if resumed and rank == 0:
+            self._recover()
         if resumed and rank == 0 and os.path.isfile(meta):
             with open(meta) as f:
                 kept = json.load(f)
-            self.score, self.step = float(kept["spearman"]), int(kept["step"])
+            pairs = kept.get("eval_sts_pairs", cfg.eval_sts_pairs)  # records before it was kept: as now
+            if (kept.get("eval_data"), pairs) == (cfg.eval_data[0], cfg.eval_sts_pairs):
+                self.score, self.step = float(kept["spearman"]), int(kept["step"])
+            else:  # eval settings may change on resume: a score on other pairs does not compare
+                warn0(rank, f"best/ (step {kept['step']}) was selected on {kept.get('eval_data')} ({pairs} pairs); "
+                            f"this run scores {cfg.eval_data[0]} ({cfg.eval_sts_pairs} pairs), so its next dev "
+                            f"score replaces it")
+
+    def _recover(self):
+        """A replacement killed between its two renames (``_replace_dir``) left no best/: take the complete new
+        one, else put the old one back."""
+        new, old = self.dir + ".new", self.dir + ".old"
+        if os.path.isdir(self.dir):
+            return
+        if os.path.isfile(os.path.join(new, self.META)):
+            os.replace(new, self.dir)
+        elif os.path.isdir(old):
+            os.replace(old, self.dir)
 
     def update(self, step, spearman, module, cfg, tok, rank, device):
         flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)
@@ -489,7 +526,8 @@ class BestAdapter:
             new = self.dir + ".new"
             write_adapter(module.model, sd, new, cfg, tok)
             with open(os.path.join(new, self.META), "w") as f:
-                json.dump({"step": step, "spearman": spearman, "eval_data": cfg.eval_data[0]}, f)
+                json.dump({"step": step, "spearman": spearman, "eval_data": cfg.eval_data[0],
+                           "eval_sts_pairs": cfg.eval_sts_pairs}, f)
             _replace_dir(new, self.dir)
         dist.barrier()
         return True

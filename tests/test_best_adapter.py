@@ -49,3 +49,32 @@ def test_best_adapter_tracks_the_highest_score(tmp_path):
     # a resumed run keeps the record; a fresh run in the same folder starts over
     assert not BestAdapter(cfg, rank=0, resumed=True).update(14, 30.5, module, cfg, tok, 0, device)
     assert BestAdapter(cfg, rank=0, resumed=False).update(14, 1.0, module, cfg, tok, 0, device)
+
+
+def test_a_resumed_run_recovers_an_interrupted_swap_and_rereads_its_eval_set(tmp_path, capsys):
+    """best/'s record holds the eval file and its pair count: a run resumed on other dev pairs does not compare
+    against it (warned; its next score replaces it). A replacement killed between its two renames left
+    best.old/ and a complete best.new/ but no best/: the resumed run takes the new one, else the old one."""
+    cfg = load_config("configs/tiny/graded.yaml", [f"output_dir={tmp_path}"])
+    best = tmp_path / "best"
+
+    def record(folder, step, score, **extra):
+        folder.mkdir()
+        rec = {"step": step, "spearman": score, "eval_data": cfg.eval_data[0], "eval_sts_pairs": cfg.eval_sts_pairs}
+        (folder / BestAdapter.META).write_text(json.dumps({**rec, **extra}))
+
+    record(tmp_path / "best.old", 3, 20.0)
+    record(tmp_path / "best.new", 5, 25.0)
+    assert BestAdapter(cfg, rank=0, resumed=True).step == 5 and best.is_dir() and not (tmp_path / "best.new").exists()
+    os.rename(best, tmp_path / "best.new")  # killed while writing the new one (no record yet): the old one back
+    os.remove(tmp_path / "best.new" / BestAdapter.META)
+    assert BestAdapter(cfg, rank=0, resumed=True).step == 3 and best.is_dir()
+    other = load_config("configs/tiny/graded.yaml", [f"output_dir={tmp_path}", "eval_sts_pairs=50"])
+    capsys.readouterr()
+    kept = BestAdapter(other, rank=0, resumed=True)
+    assert kept.score == float("-inf") and kept.step is None
+    assert "so its next dev score replaces it" in capsys.readouterr().out
+    legacy = json.loads((best / BestAdapter.META).read_text())  # a record from before the pair count was kept
+    del legacy["eval_sts_pairs"]
+    (best / BestAdapter.META).write_text(json.dumps(legacy))
+    assert BestAdapter(cfg, rank=0, resumed=True).step == 3

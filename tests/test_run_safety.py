@@ -173,6 +173,24 @@ def test_plan_resume_refuses_a_different_run(tmp_path):
     assert plan_resume(_cfg(out, "log_every=2", "keep_checkpoints=5", "model.attention=torch"))[1] == []
 
 
+def test_fallback_stays_within_the_run(tmp_path):
+    """The checkpoints a resume may fall back to (the newest unloadable) are the newest one's run only: an older
+    checkpoint of another run (kept after a resume=force over it) would resume without the identity check."""
+    out = str(tmp_path)
+    _fake_ckpt(out, 2, _cfg(out, "learning_rate=0.05"))  # another run's
+    _fake_ckpt(out, 4, _cfg(out))
+    _fake_ckpt(out, 6, _cfg(out))
+    _set_latest(out, "step_0000006")
+    assert plan_resume(_cfg(out)) == (["step_0000006", "step_0000004"], [])
+    os.remove(os.path.join(out, "checkpoints", "step_0000006", RUN_FILE))
+    os.remove(os.path.join(out, "checkpoints", "step_0000004", RUN_FILE))
+    with open(os.path.join(out, "checkpoints", "step_0000006", RUN_FILE), "w") as f:
+        f.write("{not json")
+    open(os.path.join(out, "checkpoints", "step_0000004", RUN_FILE), "w").close()
+    with pytest.raises(ConfigError, match="step_0000006/run.json cannot be read"):
+        plan_resume(_cfg(out))
+
+
 def test_cleanup_compares_step_numbers_and_keeps_the_checkpoint_just_saved(tmp_path):
     out = str(tmp_path)
     cfg = _cfg(out)
