@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/gpu_run.sh                       # on the GPU machine; results under $OUT (run tool)
 #   GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh         # CPU rehearsal of the plumbing: tiny shapes, OUT=/tmp/gpu_run_out
+#   GPU_RUN_SKIP=pytest_gpu,bench_contrastive bash benchmarks/gpu_run.sh   # leave named steps out (log.txt names them)
 #   GPU_RUN_ARCH=gemma2-9b bash benchmarks/gpu_run.sh   # another structure (benchmarks.step_paths.ARCHS): its MNTP
 #                                                       # step (reference, engine-auto), the kernel checks, attention
 #
@@ -58,10 +59,16 @@ limit_for() {
   echo $(($1 < left ? $1 : left))
 }
 
-# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below 15 s); output -> log.txt.
+# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below 15 s, or when NAME is in the
+# comma-separated GPU_RUN_SKIP); output -> log.txt.
 run_step() {
   local name=$1 limit=$2
   shift 2
+  if [[ ",${GPU_RUN_SKIP:-}," == *",$name,"* ]]; then
+    say "SKIP $name: GPU_RUN_SKIP"
+    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "GPU_RUN_SKIP" >> "$STEPS"
+    return 0
+  fi
   if [ "$limit" -lt 15 ]; then
     say "SKIP $name: only ${limit}s left before the time kept for later steps"
     printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "no time left" >> "$STEPS"
