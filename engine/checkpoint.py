@@ -378,11 +378,17 @@ class Checkpointer:
     """Saves and resumes ``checkpoints/step_NNNNNNN``; DeepSpeed reads checkpoint files only through
     ``load_state_file``."""
 
-    def __init__(self, cfg, engine, module, tokenizer, rank):
+    def __init__(self, cfg, engine, module, tokenizer, rank, data=None):
+        """``data``: the run's data identity (``engine.token_cache.data_identity``), recorded in every checkpoint
+        and compared on resume."""
         self.cfg, self.engine, self.module, self.tok, self.rank = cfg, engine, module, tokenizer, rank
+        self.data = data
         self.root = os.path.join(cfg.output_dir, "checkpoints")
         if engine is not None:  # every file DeepSpeed's load_checkpoint reads goes through its checkpoint engine
             engine.checkpoint_engine.load = load_state_file
+
+    def _check_data(self, tag):
+        _check_data_of(self.cfg, self.rank, self.root, tag, self.data)
 
     def save(self, step, plan):
         tag = f"step_{step:07d}"
@@ -397,7 +403,8 @@ class Checkpointer:
         check_finite_state(sd, f"checkpoint {tag}")
         if self.rank == 0:
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
-            write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg)})
+            write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
+                                                      **({"data": self.data} if self.data else {})})
             _fault_point(step, "adapter")
         dist.barrier()  # every rank finished writing: only now is the checkpoint complete
         if self.rank == 0:
@@ -444,6 +451,7 @@ class Checkpointer:
             if flags[0].item() == 0:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
+                self._check_data(tag)
                 log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
                      f"{client['data_position']}")
                 return int(client["step"])
@@ -453,6 +461,25 @@ class Checkpointer:
             raise ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
                               f"{self.root} to start over")
         return 0
+
+
+def _check_data_of(cfg, rank, root, tag, now):
+    """Refuse (ConfigError) to resume ``tag`` when the data under the run's paths is not what it trained on:
+    another item count or other content, so other batches at the same position. resume=force goes on, warned.
+    Checkpoints that recorded no data identity (older ones) are not checked."""
+    try:
+        with open(os.path.join(root, tag, RUN_FILE)) as f:
+            saved = json.load(f).get("data")
+    except (OSError, ValueError):
+        saved = None
+    if not saved or not now or saved == now:
+        return
+    what = (f"{saved['items']} items then, {now['items']} now" if saved.get("items") != now.get("items")
+            else f"the same {now['items']} items but other content")
+    msg = f"the data under {cfg.data} changed since {tag} ({what}): resuming would train on other batches"
+    if cfg.resume != "force":
+        raise ConfigError(f"{msg}; use another output_dir, or resume=force to go on with the new data")
+    warn0(rank, f"resume=force: {msg}")
 
 
 def check_finite_state(sd, what):

@@ -32,10 +32,11 @@ def atomic_open(path, mode="w", newline=None):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    _sync_folder(os.path.dirname(os.path.abspath(path)))
+    sync_folder(os.path.dirname(os.path.abspath(path)))
 
 
-def _sync_folder(folder):
+def sync_folder(folder):
+    """fsync a folder, so that a rename into it survives a power cut (best effort: some filesystems refuse)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # a folder that cannot be opened for reading (some network filesystems): the rename stands

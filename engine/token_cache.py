@@ -21,7 +21,8 @@ data or other settings is another entry, never a stale one.
 
 One process builds an entry, under an exclusive lock on the cache (``engine.assets.cache_lock``): the ranks that
 wait on the lock then find the entry complete. A build writes into ``<key>.tmp-<pid>/`` and renames it into
-place, so a killed build leaves no entry, only a temp folder that the next build removes.
+place, so a killed build leaves no entry, only a temp folder that the next build removes. ``meta.json`` is written
+last and fsynced before the rename; an entry whose ``meta.json`` does not read (a power cut) is rebuilt.
 
 Root: ``$LLM2VEC_ENGINE_TOKEN_CACHE`` if set, else ``$LLM2VEC_ENGINE_CACHE/tokens`` (``~/.cache/llm2vec-engine``).
 """
@@ -35,6 +36,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .assets import cache_dir, cache_lock, sha256_of
+from .files import sync_folder, write_json
 
 FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
 _DTYPES = {"tokens": np.uint32, "json": np.uint8}
@@ -63,6 +65,25 @@ def tokenizer_identity(tokenizer):
             "add": {k: getattr(tokenizer, k, None) for k in ("add_bos_token", "add_eos_token")}}
 
 
+_HASHED = {}  # (path, size, mtime) -> sha256: a run hashes a source for its cache key and again for its identity
+
+
+def _sha256_once(path):
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_of(path)
+    return _HASHED[key]
+
+
+def data_identity(sources, n_items):
+    """What a checkpoint records of its run's data, beside the paths its fingerprint holds: the item count and a
+    hash of every source's content (:func:`source_identity`), so that a resume notices data changed under the same
+    paths (its batches would differ)."""
+    ident = json.dumps([source_identity(s) for s in sources], sort_keys=True, default=str)
+    return {"items": int(n_items), "sha256": hashlib.sha256(ident.encode()).hexdigest()[:32]}
+
+
 def source_identity(src):
     """A local file or directory by the SHA-256 of its content; an ``hf:`` spec by the spec and the dataset's
     fingerprint where ``datasets`` gives one."""
@@ -72,9 +93,9 @@ def source_identity(src):
         return {"hf": src, "fingerprint": getattr(_load_hf(src), "_fingerprint", None)}
     if os.path.isdir(src):
         files = sorted(f for f in glob.glob(os.path.join(src, "*")) if os.path.isfile(f))
-        return {"dir": [(os.path.basename(f), sha256_of(f)) for f in files]}
+        return {"dir": [(os.path.basename(f), _sha256_once(f)) for f in files]}
     if os.path.isfile(src):
-        return {"file": sha256_of(src)}
+        return {"file": _sha256_once(src)}
     return {"missing": src}  # the reader reports it
 
 
@@ -124,7 +145,13 @@ class _Writer:
 
 
 def _complete(folder):
-    return os.path.isfile(os.path.join(folder, "meta.json"))
+    """An entry is complete when its meta.json, written last, reads whole (a power cut after the rename could
+    leave it empty: that entry is rebuilt, not trusted)."""
+    try:
+        with open(os.path.join(folder, "meta.json")) as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def cached_items(kind, tokenizer, sources, settings, build, progress=True):
@@ -153,6 +180,8 @@ def build_or_open(key, kind, build, progress=True):
             if not _complete(folder):
                 for stale in glob.glob(folder + ".tmp-*"):  # a build killed before its rename (we hold the lock)
                     shutil.rmtree(stale, ignore_errors=True)
+                if os.path.isdir(folder):  # an entry whose meta.json does not read: rebuilt under the lock
+                    shutil.rmtree(folder)
                 tmp = f"{folder}.tmp-{os.getpid()}"
                 os.makedirs(tmp)
                 try:
@@ -161,9 +190,9 @@ def build_or_open(key, kind, build, progress=True):
                     writer.close()
                     names = sorted(writer.group_names, key=writer.group_names.get)
                     meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}
-                    with open(os.path.join(tmp, "meta.json"), "w") as f:
-                        json.dump(meta, f)
+                    write_json(os.path.join(tmp, "meta.json"), meta, indent=None)  # fsynced, then its folder
                     os.rename(tmp, folder)
+                    sync_folder(root)  # the rename itself survives a power cut
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
     with open(os.path.join(folder, "meta.json")) as f:

@@ -31,6 +31,7 @@ from .modeling import add_lora, load_model, load_tokenizer
 from .optim import apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, tune_optimizer_step
 from .stages import build_stage
 from .stages.base import EVAL_SEED, to_device
+from .token_cache import data_identity
 
 
 class NonFiniteError(RuntimeError):
@@ -99,7 +100,8 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self.ckpt = Checkpointer(cfg, self.engine, self.module, self.tok, self.rank)
+        self.ckpt = Checkpointer(cfg, self.engine, self.module, self.tok, self.rank,
+                                 data=data_identity(cfg.data, len(self.items)))
         self.start = self.ckpt.resume(resume_tags)
         if self.start and resume_diff:
             apply_schedule(cfg, self.sched)

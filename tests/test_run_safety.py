@@ -191,6 +191,41 @@ def test_fallback_stays_within_the_run(tmp_path):
         plan_resume(_cfg(out))
 
 
+def test_resume_refuses_data_changed_under_the_same_paths(tmp_path, capsys):
+    """A checkpoint records its data's identity (item count, content hash of every source) beside the paths the
+    fingerprint holds: a resume over changed data would train on other batches at the same position, so it is
+    refused under auto and warned under force; a checkpoint without the record (older runs) is not checked."""
+    from engine.checkpoint import _check_data_of
+    from engine.token_cache import data_identity
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("one\ntwo\nthree\n")
+    out = str(tmp_path / "run")
+    cfg = _cfg(out, f"data={docs}")
+    before = data_identity(cfg.data, 3)
+    assert data_identity(cfg.data, 3) == before
+    path = _fake_ckpt(out, 2, cfg)
+    with open(os.path.join(path, RUN_FILE)) as f:
+        rec = json.load(f)
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump({**rec, "data": before}, f)
+    _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", before)  # the same data: fine
+    docs.write_text("one\ntwo\nthree, edited\n")
+    now = data_identity(cfg.data, 3)
+    assert now["sha256"] != before["sha256"]
+    with pytest.raises(ConfigError, match=r"changed since step_0000002 \(the same 3 items but other content\)"):
+        _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
+    with pytest.raises(ConfigError, match=r"3 items then, 4 now"):
+        _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", data_identity(cfg.data, 4))
+    forced = _cfg(out, f"data={docs}", "resume=force")
+    capsys.readouterr()
+    _check_data_of(forced, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
+    assert "resume=force: the data under" in capsys.readouterr().out
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump(rec, f)  # recorded before data identities were kept
+    _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
+
+
 def test_cleanup_compares_step_numbers_and_keeps_the_checkpoint_just_saved(tmp_path):
     out = str(tmp_path)
     cfg = _cfg(out)

@@ -1,5 +1,6 @@
 """The item cache (engine/token_cache.py): built once per (tokenizer, data, settings), equal to the in-memory items,
 never left half-written, read lazily, and a rank's memory does not grow with the corpus."""
+import json
 import os
 import subprocess
 import sys
@@ -72,8 +73,6 @@ def test_mntp_items_are_tokenised_once_and_equal_the_in_memory_blocks(tmp_path, 
 def test_a_tokenizer_changed_under_the_same_path_is_another_entry(tmp_path):
     """The key covers a fast tokenizer's whole pipeline: a post-processor that now adds BOS (same path, vocabulary
     and special tokens) makes other MNTP blocks, so it must not find the old entry."""
-    import json
-
     from transformers import AutoTokenizer
 
     from engine.data import chunk_documents
@@ -127,6 +126,10 @@ def test_a_failed_build_leaves_no_entry(tmp_path, _cache):
 
     items, meta = token_cache.build_or_open("k1", "tokens", good)
     assert items[:] == [[4, 5], [6]] and meta["stats"] == {"n": 2} and calls == [1]
+    # a power cut after the rename can leave meta.json empty: that entry is rebuilt, not trusted or stuck
+    (_cache / "k1" / "meta.json").write_text("")
+    items, meta = token_cache.build_or_open("k1", "tokens", good)
+    assert items[:] == [[4, 5], [6]] and json.loads((_cache / "k1" / "meta.json").read_text())["items"] == 2
 
 
 def test_simcse_and_supervised_items_come_from_the_cache(tmp_path):
