@@ -302,13 +302,19 @@ def _previous_run(output_dir, tags, latest):
                    if os.path.exists(os.path.join(output_dir, name))]
 
 
-def _saved_fingerprint(root, tag):
-    """A complete checkpoint's run fingerprint (its run.json), or None when it cannot be read."""
+def _saved_run(root, tag):
+    """A checkpoint's run.json (step, fingerprint, data identity), or {} when it cannot be read."""
     try:
         with open(os.path.join(root, tag, RUN_FILE)) as f:
-            return json.load(f)["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_fingerprint(root, tag):
+    """A complete checkpoint's run fingerprint, or None when its run.json cannot be read."""
+    return _saved_run(root, tag).get("fingerprint")
 
 
 def plan_resume(cfg, rank=0):
@@ -387,9 +393,6 @@ class Checkpointer:
         if engine is not None:  # every file DeepSpeed's load_checkpoint reads goes through its checkpoint engine
             engine.checkpoint_engine.load = load_state_file
 
-    def _check_data(self, tag):
-        _check_data_of(self.cfg, self.rank, self.root, tag, self.data)
-
     def save(self, step, plan):
         tag = f"step_{step:07d}"
         path = os.path.join(self.root, tag)
@@ -451,7 +454,7 @@ class Checkpointer:
             if flags[0].item() == 0:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
-                self._check_data(tag)
+                _check_data_of(self.cfg, self.rank, self.root, tag, self.data)
                 log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
                      f"{client['data_position']}")
                 return int(client["step"])
@@ -467,11 +470,7 @@ def _check_data_of(cfg, rank, root, tag, now):
     """Refuse (ConfigError) to resume ``tag`` when the data under the run's paths is not what it trained on:
     another item count or other content, so other batches at the same position. resume=force goes on, warned.
     Checkpoints that recorded no data identity (older ones) are not checked."""
-    try:
-        with open(os.path.join(root, tag, RUN_FILE)) as f:
-            saved = json.load(f).get("data")
-    except (OSError, ValueError):
-        saved = None
+    saved = _saved_run(root, tag).get("data")
     if not saved or not now or saved == now:
         return
     what = (f"{saved['items']} items then, {now['items']} now" if saved.get("items") != now.get("items")
@@ -519,7 +518,7 @@ class BestAdapter:
         meta = os.path.join(self.dir, self.META)
         if resumed and rank == 0:
             self._recover()
-        if resumed and rank == 0 and os.path.isfile(meta):
+        if resumed and rank == 0 and os.path.isfile(meta):  # (after the recovery, which may put best/ back)
             with open(meta) as f:
                 kept = json.load(f)
             pairs = kept.get("eval_sts_pairs", cfg.eval_sts_pairs)  # records before it was kept: as now

@@ -197,8 +197,9 @@ def _adapter_label(ref):
     its huggingface_hub cache snapshot and is named by its hub id."""
     if not refs.is_local(ref):
         return ref
-    if refs.snapshot_id(ref):
-        return refs.snapshot_id(ref)
+    hub_id = refs.snapshot_id(ref)
+    if hub_id:
+        return hub_id
     parts = refs.local_path(ref).split(os.sep)
     return "/".join(p for p in parts[-2:] if p)
 
