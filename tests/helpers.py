@@ -80,11 +80,23 @@ def rewind_run(ref, out, step):
     return out
 
 
-def deepspeed_cmd(nproc, *args):
+def real_launch_cmd(nproc, port, script, *args):
+    """DeepSpeed's launcher, as `deepspeed --num_gpus N` runs it."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
+            script, *args]
+
+
+def light_launch_cmd(nproc, port, script, *args):
+    """tests/launch.py: the same ranks, argv and environment without the launcher's ~5 s (test_launch holds it)."""
+    return [sys.executable, "-m", "tests.launch", "--num_gpus", str(nproc), "--master_port", str(port), script, *args]
+
+
+def deepspeed_cmd(nproc, *args, launcher="light"):
+    """An ``nproc``-rank engine/train.py run. ``launcher="deepspeed"`` for the runs whose subject is the launch."""
     from engine.distributed import free_port
 
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-            "--master_port", str(free_port()), "engine/train.py", *args]
+    make = {"light": light_launch_cmd, "deepspeed": real_launch_cmd}[launcher]
+    return make(nproc, free_port(), "engine/train.py", *args)
 
 
 # Machine epsilon of the dtypes the interpreter tests run (tl.dot on bf16 is wrong in the interpreter).

@@ -65,7 +65,7 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     assert_same_step(one, step_one(ref, dump, steps=12))
 
     # Same run, rank 0 SIGKILLed at the start of step 8 (checkpoint at 6 exists).
-    cmd = deepspeed_cmd(2, "--config", cfg, fits, f"output_dir={crash}")
+    cmd = deepspeed_cmd(2, "--config", cfg, fits, f"output_dir={crash}", launcher="deepspeed")  # a rank dies
     r = run_cmd(cmd, env={"LLM2VEC_ENGINE_FAIL_AT_STEP": "7"})
     assert r.returncode != 0 and "fault injection" in r.stdout
     assert not leaked_shm(cmd)  # not even from a killed run
