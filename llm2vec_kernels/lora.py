@@ -14,7 +14,9 @@ gate/up of an MLP, or a single projection (o, down). Per group:
   activation checkpointing (engine/memory.py's "selective" policy saves every mm / addmm output and must not
   see one mutated; it would also replay the mutated tensor) the forward keeps that out-of-place form,
   ``low = h_i B_i^T (+ b_i)`` then ``y_i = addmm(low, x, W_i^T)``, so the saved outputs stay valid;
-* the backward computes only what a frozen base needs: grad x, grad A_i, grad B_i, never grad W_i, all
+* the backward computes only what a frozen base needs, and of that only what autograd asks for
+  (``needs_input_grad``: no grad x for the first layer, whose input comes from frozen embeddings): grad x,
+  grad A_i, grad B_i, never grad W_i, all
   accumulated in place: ``gx = gy_0 W_0`` (``torch.mm``), ``gx.addmm_(gy_i, W_i)`` for the other projections,
   then ``+= s * mask / (1 - p) * (gh A_cat)`` with ``gh = [gy_i B_i]``: one kernel pass that applies the
   dropout backward and adds into gx (impl="triton": ``_lora_grad_x_kernel``; impl="torch": ``gx.addmm_``, or
@@ -328,46 +330,60 @@ class _LoraGroupFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        # Only what autograd asks for (ctx.needs_input_grad): the first layer's input comes from frozen embeddings,
+        # so its grad x (every base GEMM gy_i W_i and the low-rank term) is skipped there, and a group whose A or B
+        # are frozen skips their products.
         x2, h, a_cat, keep, seed, *rest = ctx.saved_tensors
         n, p, s = ctx.n, ctx.p, ctx.s
         weights, lora_b = rest[:n], rest[n:]
+        needs = ctx.needs_input_grad
+        need_x, need_a, need_b = needs[0], needs[5 + 2 * n:5 + 3 * n], needs[5 + 3 * n:]
+        need_gh = need_x or any(need_a)
         dt = x2.dtype
         M, K = x2.shape
         gx = None
         gh_parts, grad_b, r0 = [], [], 0
-        for gy, w, b, r in zip(grads, weights, lora_b, ctx.ranks):
+        for gy, w, b, r, nb in zip(grads, weights, lora_b, ctx.ranks, need_b):
             h_i = h[:, r0:r0 + r]
             r0 += r
             if gy is None:
                 gh_parts.append(torch.zeros(M, r, device=x2.device, dtype=dt))
-                grad_b.append(torch.zeros_like(b))
+                grad_b.append(torch.zeros_like(b) if nb else None)
                 continue
             gy = gy.reshape(M, -1)
-            if gx is None:
-                gx = torch.mm(gy, w.to(dt))
-            else:
-                gx.addmm_(gy, w.to(dt))
-            gh_parts.append(torch.mm(gy, b.to(dt)))  # d loss / d h_i (h already carries s)
-            grad_b.append(torch.mm(gy.t(), h_i).to(b.dtype))
-        if gx is None:
+            if need_x:
+                if gx is None:
+                    gx = torch.mm(gy, w.to(dt))
+                else:
+                    gx.addmm_(gy, w.to(dt))
+            if need_gh:
+                gh_parts.append(torch.mm(gy, b.to(dt)))  # d loss / d h_i (h already carries s)
+            grad_b.append(torch.mm(gy.t(), h_i).to(b.dtype) if nb else None)
+        if need_x and gx is None:
             gx = torch.zeros_like(x2)
-        gh = torch.cat(gh_parts, 1)  # (M, sum r)
-        scale = s / (1.0 - p)
-        if ctx.impl == "triton":
-            ga = _grad_a(x2, gh, seed, p, scale)
-            _grad_x_(gx, gh, a_cat, seed, p, scale)
-        else:
-            xd = x2 if keep is None else x2 * keep
-            ga = torch.mm(gh.t(), xd).mul_(scale)
-            if keep is None:
-                gx.addmm_(gh, a_cat, alpha=scale)
+        ga = None
+        if need_gh:
+            gh = torch.cat(gh_parts, 1)  # (M, sum r)
+            scale = s / (1.0 - p)
+            if ctx.impl == "triton":
+                if any(need_a):
+                    ga = _grad_a(x2, gh, seed, p, scale)
+                if need_x:
+                    _grad_x_(gx, gh, a_cat, seed, p, scale)
             else:
-                gx.add_(torch.mm(gh, a_cat).mul_(keep).mul_(scale))
+                if any(need_a):
+                    xd = x2 if keep is None else x2 * keep
+                    ga = torch.mm(gh.t(), xd).mul_(scale)
+                if need_x and keep is None:
+                    gx.addmm_(gh, a_cat, alpha=scale)
+                elif need_x:
+                    gx.add_(torch.mm(gh, a_cat).mul_(keep).mul_(scale))
         grad_a, r0 = [], 0
-        for r, adt in zip(ctx.ranks, ctx.a_dtypes):
-            grad_a.append(ga[r0:r0 + r].to(adt))
+        for r, adt, na in zip(ctx.ranks, ctx.a_dtypes, need_a):
+            grad_a.append(ga[r0:r0 + r].to(adt) if na else None)
             r0 += r
-        return (gx.view(ctx.shape), None, None, None, None, *([None] * (2 * n)), *grad_a, *grad_b)
+        return (gx.view(ctx.shape) if need_x else None, None, None, None, None, *([None] * (2 * n)), *grad_a,
+                *grad_b)
 
 
 def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, impl=None):

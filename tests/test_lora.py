@@ -293,3 +293,54 @@ def test_a_summed_rank_wider_than_one_tile_takes_the_torch_path(monkeypatch):
     x, ws, bs, As, Bs, gys = _case(3, 16, [8, 8, 8], [32, 32, 32], torch.float32, False)  # 96: one 128 tile
     lora_group(x, ws, As, Bs, 0.5)
     assert seen  # the kernels ran
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_backward_computes_only_the_gradients_autograd_asks_for(impl, p, monkeypatch):
+    """needs_input_grad: the first layer's input (frozen embeddings) gets no grad x, so no product of x's shape
+    runs in its backward; frozen A and B get no products of theirs. What is computed equals the full backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    M, K, outs, ranks = 11, 24, (40, 8), (4, 4)  # K differs from every N_i and sum r: x's shape is its own
+    x, ws, bs, As, Bs, gys = _case(M, K, outs, ranks, torch.float32, False)
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # the shape of every product computed
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    def run(x_grad, lora_grad):
+        x_ = x.clone().requires_grad_(x_grad)
+        As_ = [a.clone().requires_grad_(lora_grad) for a in As]
+        Bs_ = [b.clone().requires_grad_(lora_grad) for b in Bs]
+        torch.manual_seed(3)
+        y = lora_group(x_, ws, As_, Bs_, 2.0, p, impl=impl)
+        with Shapes() as seen:
+            torch.autograd.backward(y, gys)
+        return [t.grad for t in (x_, *As_, *Bs_)], seen.shapes
+
+    from llm2vec_kernels import lora as L
+
+    kernels = []  # the Triton backward launchers called (impl="triton")
+    for name in ("_grad_x_", "_grad_a"):
+        monkeypatch.setattr(L, name, lambda *a, _f=getattr(L, name), _n=name: kernels.append(_n) or _f(*a))
+    full, full_shapes = run(True, True)
+    assert kernels == ([] if impl == "torch" else ["_grad_a", "_grad_x_"])
+    del kernels[:]
+    no_x, no_x_shapes = run(False, True)
+    assert kernels == ([] if impl == "torch" else ["_grad_a"])
+    del kernels[:]
+    no_lora, no_lora_shapes = run(True, False)
+    assert kernels == ([] if impl == "torch" else ["_grad_x_"])
+    assert (M, K) in full_shapes and (M, K) not in no_x_shapes  # no grad x at all
+    assert no_x[0] is None and all(torch.equal(a, b) for a, b in zip(no_x[1:], full[1:]))
+    lora_shapes = {*((n, r) for n, r in zip(outs, ranks)), *([(sum(ranks), K)] if impl == "torch" else [])}
+    assert lora_shapes <= set(full_shapes) and not lora_shapes & set(no_lora_shapes)
+    assert all(g is None for g in no_lora[1:]) and torch.equal(no_lora[0], full[0])
