@@ -475,3 +475,8 @@ def enable_recompute(model, policy):
         kwargs["context_fn"] = functools.partial(selective_context_fn, lora_rank(model))
     model.config.use_cache = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # transformers then hooks the input embeddings to make their output require grad, which only the reentrant
+    # checkpoint needs (it passes no gradient to parameters unless an input requires one). The non-reentrant one
+    # does not, and with the hook autograd would also compute the gradient of the first layer's input from frozen
+    # embeddings (its q/k/v grad-x GEMMs and its RMSNorm backward), for nothing.
+    model.disable_input_require_grads()

@@ -1,7 +1,6 @@
 """tests/launch.py, the multi-rank tests' launcher, against DeepSpeed's own: each rank gets the same argv and the same
 environment, and a failing rank ends the launch the same way (its exit code, the other rank terminated)."""
 import json
-import os
 import sys
 import time
 

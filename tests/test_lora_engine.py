@@ -84,6 +84,33 @@ def test_fused_lora_dropout_replays_under_recompute(policy, monkeypatch):
     assert not torch.equal(l0, l2)
 
 
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+def test_no_gradient_for_the_first_layers_input_under_any_recompute(policy, monkeypatch):
+    """The input embeddings are frozen, so autograd asks no grad x of the first layer's q/k/v group (the fused
+    backward then skips its base GEMMs): transformers' gradient checkpointing hooks the embeddings to require grad,
+    which only the reentrant checkpoint needs, and enable_recompute removes that hook. Every LoRA gradient stays
+    that of the run without recompute."""
+    from llm2vec_kernels import lora as klora
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(2))
+    plain = _model("llama", dropout=0.0)
+    fuse_lora(plain, "torch")
+    model = copy.deepcopy(plain)
+    enable_recompute(model, policy)
+    plain.train(), model.train()
+    asked = []
+    real = klora._LoraGroupFn.backward
+    monkeypatch.setattr(klora._LoraGroupFn, "backward",
+                        staticmethod(lambda ctx, *g: asked.append((ctx.n, ctx.needs_input_grad[0])) or real(ctx, *g)))
+    _, g0 = _loss_and_grads(plain, ids)
+    asked.clear()
+    _, g1 = _loss_and_grads(model, ids)
+    # backward order: layer 1's down, gate/up, o, q/k/v, then layer 0's; only layer 0's q/k/v input is frozen
+    assert asked == [(1, True), (2, True), (1, True), (3, True), (1, True), (2, True), (1, True), (3, False)], asked
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-6, atol=1e-8), n
+
+
 def test_fused_lora_falls_back_when_adapters_disabled():
     model = _model("llama", dropout=0.0).eval()
     fused = copy.deepcopy(model)
