@@ -183,25 +183,38 @@ def _coerce(value, tp, key):
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
         try:
             f = float(value)
         except ValueError:
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+        if abs(f) >= 2 ** 53:  # a float this large no longer holds every integer: read the digits themselves
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                raise ConfigError(f"config key '{key}' expects an integer, got {value!r}") from None
         return int(f)
     if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}") from None
     if tp is str:
+        if isinstance(value, bool) and key == "model.gradient_checkpointing":  # true/false: RECOMPUTE_ALIASES
+            return str(value).lower()
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted yes/no/on/off/true/false as a boolean
+            raise ConfigError(f"config key '{key}' expects a string, got the boolean {value!r}: quote it in YAML")
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
         return "" if value is None else str(value)
@@ -237,7 +250,9 @@ def _build(cls, raw, prefix=""):
     return cls(**kwargs)
 
 
-def _set_dotted(raw, dotted, value, cls):
+def _set_dotted(raw, dotted, text, cls):
+    """Apply the override ``dotted=text`` to the raw config mapping, reading ``text`` by the key's type
+    (:func:`_override_value`); a whole section given as a YAML mapping is merged into the file's section."""
     parts = dotted.split(".")
     node, node_cls, prefix = raw, cls, ""
     for i, part in enumerate(parts):
@@ -245,7 +260,14 @@ def _set_dotted(raw, dotted, value, cls):
         if part not in hints:
             raise _unknown(part, list(hints), prefix)
         if i == len(parts) - 1:
-            node[part] = value
+            tp = hints[part]
+            if dataclasses.is_dataclass(tp):
+                value = _yaml_value(dotted, text)
+                if isinstance(value, dict) and isinstance(node.get(part), dict):
+                    value = _merged(node[part], value)
+                node[part] = value
+            else:
+                node[part] = _override_value(dotted, text, tp)
             return
         if not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"config key '{prefix}{part}' is not a section; cannot set '{dotted}'")
@@ -255,17 +277,66 @@ def _set_dotted(raw, dotted, value, cls):
         node_cls, prefix = hints[part], prefix + part + "."
 
 
+def _merged(base, update):
+    """``base`` with ``update``'s keys set, nested mappings merged the same way (a section override keeps the
+    file's other keys)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_NULL = ("null", "~")
+
+
+def _override_value(key, text, tp):
+    """An override's text read by its key's type, not by YAML 1.1's guesses:
+
+    * a string is the text as given (an instruction ending in ": ", ``[MASK]``, ``no``, ``*``), or a quoted YAML
+      string (``''`` is empty);
+    * a number or a boolean is read from the text by :func:`_coerce` (``010`` is 10, ``1:30`` and ``true`` are not
+      numbers);
+    * a list is a YAML flow list (``[a, b]``) or comma-separated items (``q_proj,v_proj``, ``0.9,0.98``);
+    * a mapping (``model.random_init``) is YAML;
+    * ``null`` or ``~`` unsets an optional key.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    stripped = text.strip()
+    if origin is typing.Union:  # Optional[X]
+        if stripped.lower() in _NULL:
+            return None
+        tp = [a for a in args if a is not type(None)][0]
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is str:
+        if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":  # a quoted YAML string
+            value = _yaml_value(key, stripped)
+            if isinstance(value, str):
+                return value
+        return text
+    if origin in (list, typing.List):
+        if stripped.startswith("["):
+            return _yaml_value(key, text)
+        return [v.strip() for v in stripped.split(",") if v.strip()]
+    if origin in (dict, typing.Dict) or tp is dict:
+        return _yaml_value(key, text)
+    return stripped
+
+
+def _yaml_value(key, text):
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={text!r}: the value is not valid YAML: {_yaml_error(e)}") from None
+
+
 def parse_overrides(items):
+    """[(key, text)] of ``key=value`` overrides; each text is read by its key's type in :func:`_set_dotted`."""
     out = []
     for item in items or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_error(e)}") from None
-        out.append((key.strip(), parsed))
+        out.append((key.strip(), value))
     return out
 
 
@@ -315,10 +386,8 @@ def load_config(path=None, overrides=()):
         raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    for key, value in parse_overrides(overrides):
-        if key in ("data", "eval_data", "model.adapters") and isinstance(value, str) and "," in value:
-            value = [v for v in value.split(",") if v]
-        _set_dotted(raw, key, value, TrainConfig)
+    for key, text in parse_overrides(overrides):
+        _set_dotted(raw, key, text, TrainConfig)
     cfg = _build(TrainConfig, raw)
     validate(cfg)
     check_output_dir(cfg.output_dir)
@@ -437,7 +506,7 @@ _RANGES = {
     "eval_batches": (1, None, True, False, ">= 1"),
     "save_every": (0, None, True, False, ">= 0 (0: save only at the end)"),
     "keep_checkpoints": (0, None, True, False, ">= 0 (0 keeps all)"),
-    "seed": (0, None, True, False, ">= 0"),
+    "seed": (0, 2 ** 63, True, False, ">= 0 and < 2**63 (torch.manual_seed's range)"),
     "max_nonfinite_steps": (1, None, True, False, ">= 1"),
     "memory_budget_gb": (0.0, None, True, False, ">= 0 (0: ask the device)"),
     "contrastive.num_hard_negatives": (0, None, True, False, ">= 0"),

@@ -99,6 +99,43 @@ def test_list_override_and_nested():
     assert cfg.model.adapters == ["one"]
 
 
+def test_overrides_are_read_by_the_keys_type_not_by_yaml_guesses():
+    e5 = "Given a web search query, retrieve relevant passages that answer the query: "
+    cfg = load_config(None, ["model.name_or_path=x", f"contrastive.instruction={e5}", "mntp.mask_token=[MASK]",
+                             "output_dir=no", "seed=010", "lora.target_modules=q_proj,v_proj", "adam_betas=0.9,0.98",
+                             "contrastive.angle_weights=1,1,2", "model.tokenizer=null", "progress_bar=off"])
+    assert cfg.contrastive.instruction == e5 and cfg.mntp.mask_token == "[MASK]" and cfg.output_dir == "no"
+    assert cfg.seed == 10 and cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.adam_betas == [0.9, 0.98]
+    assert cfg.contrastive.angle_weights == [1.0, 1.0, 2.0] and cfg.model.tokenizer is None
+    assert cfg.progress_bar is False
+    assert load_config(None, ["model.name_or_path=x", "mntp.mask_token='*'"]).mntp.mask_token == "*"
+    for bad, msg in (("learning_rate=true", "expects a number"), ("max_steps=1:30", "expects an integer"),
+                     ("max_steps=nan", "expects an integer"), ("max_samples=inf", "expects an integer"),
+                     ("seed=1e400", "expects an integer"), ("seed=18446744073709551616", r"seed must be >= 0 and < 2\*\*63")):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, ["model.name_or_path=x", bad])
+
+
+def test_yaml_file_values_that_yaml_reads_as_another_type_are_refused(tmp_path):
+    for text, msg in (("mntp: {mask_token: no}", "expects a string, got the boolean False: quote it"),
+                      ("lora: {alpha: .inf}", "expects an integer"), ("learning_rate: true", "expects a number")):
+        path = tmp_path / "c.yaml"
+        path.write_text(f"model: {{name_or_path: x}}\n{text}\n")
+        with pytest.raises(ConfigError, match=msg):
+            load_config(str(path))
+    path.write_text("model: {name_or_path: x, gradient_checkpointing: true}\n")  # the documented alias stays
+    assert load_config(str(path)).model.gradient_checkpointing == "full"
+
+
+def test_a_section_override_keeps_the_files_other_keys_of_that_section():
+    path = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    base = load_config(path)
+    cfg = load_config(path, ["contrastive={max_len: 256}"])
+    assert cfg.contrastive.max_len == 256 and base.contrastive.max_len != 256
+    assert cfg.contrastive.grad_cache_chunk == base.contrastive.grad_cache_chunk == 64
+    assert cfg.contrastive.instruction == base.contrastive.instruction
+
+
 def test_lr_decay_steps_sets_the_schedule_horizon():
     from engine.optim import lr_lambda
 
