@@ -8,7 +8,12 @@ LoRA is added as training adds it, the memory plan picks the ZeRO stage and the 
 
     MNTP        ids (micro, max_seq_len)                       -> hidden (micro, max_seq_len, H) -> head rows
     SimCSE      ids (2 micro, max_len)                         -> embeddings (2 micro, H) -> scores (micro, micro x world)
-    supervised  ids (micro (2 + hard negatives), max_len)      -> embeddings -> scores (micro, micro (1 + n) x world)
+    supervised  ids (micro (2 + hard negatives), L)            -> embeddings -> scores (micro, micro (1 + n) x world)
+    scored      ids (2 micro, L)  (cosent, angle)              -> embeddings -> scores (micro,)
+
+(L: the longer of max_len and doc_max_len; the texts are padded to the longest.) The model is made as training
+makes it: bidirectional, LoRA fused per ``model.fused_ops``, pooled per ``contrastive.pooling``; the head rows and
+the score shapes are computed from the batch, not run.
 
 The plan is for the GPU the run will have: ``world`` ranks (default: the most of 8, 4, 2, 1 that divides the
 global batch), each with ``memory_budget_gb`` or ``--gpu-memory-gb`` (default 80) of memory, bf16 unless the
@@ -22,7 +27,9 @@ import torch
 
 from . import config as config_mod
 from .bidirectional import check_architecture
-from .memory import choose_recompute, choose_zero_stage, plan_memory
+from .bidirectional import make_bidirectional
+from .lora import fuse_lora
+from .memory import text_lengths, choose_recompute, choose_zero_stage, plan_memory
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
 
 GPU_MEMORY_GB = 80.0
@@ -30,7 +37,11 @@ GPU_MEMORY_GB = 80.0
 
 def default_world(cfg):
     """The most of 8, 4, 2, 1 ranks that the global batch divides into whole micro-batches."""
-    return next(w for w in (8, 4, 2, 1) if cfg.batch_size % (cfg.micro_batch_size * w) == 0)
+    world = next((w for w in (8, 4, 2, 1) if cfg.batch_size % (cfg.micro_batch_size * w) == 0), None)
+    if world is None:
+        raise config_mod.ConfigError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size "
+                                     f"{cfg.micro_batch_size}: no number of ranks divides it into whole micro-batches")
+    return world
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,13 +53,17 @@ def _cached_meta(config_json, dtype):
 
 
 def build_meta(cfg, dtype):
-    """(meta causal LM with LoRA as training adds it, its config, where the architecture came from)."""
+    """(meta causal LM made as training makes it, its config, where the architecture came from): bidirectional
+    per ``model.bidirectional``, LoRA added and fused per ``model.fused_ops`` (engine.trainer.setup_model)."""
     arch, source = architecture_config(cfg.model)
     check_architecture(arch)
     model = copy.deepcopy(_cached_meta(arch.to_json_string(use_diff=False), dtype))  # one build per architecture
+    if cfg.model.bidirectional:
+        make_bidirectional(model)
     check_lora_targets(cfg.lora, model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
+        fuse_lora(model, cfg.model.fused_ops)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -58,19 +73,23 @@ def build_meta(cfg, dtype):
 def micro_batch_shapes(cfg, world):
     """{name: shape} of one micro-batch's token ids, and the similarity matrix of a contrastive stage."""
     c, mb = cfg.contrastive, cfg.micro_batch_size
+    lens = text_lengths(cfg)  # what the memory plan counts
     if cfg.stage == "mntp":
-        return {"input_ids": (mb, cfg.max_seq_len)}
-    texts = 2 * mb if cfg.stage == "simcse" else mb * (2 + c.num_hard_negatives)
+        return {"input_ids": (len(lens), max(lens))}
+    if cfg.stage == "supervised" and c.loss != "infonce":  # scored pairs: one cosine per pair
+        return {"input_ids": (len(lens), max(lens)), "scores": (mb,)}
     candidates = mb if cfg.stage == "simcse" else mb * (1 + c.num_hard_negatives)
     if c.gather_across_ranks:
         candidates *= world
-    return {"input_ids": (texts, c.max_len), "scores": (mb, candidates)}
+    return {"input_ids": (len(lens), max(lens)), "scores": (mb, candidates)}
 
 
 @torch.no_grad()
 def meta_step(model, cfg, shapes, arch):
     """One micro-batch through the decoder on the meta device; returns the output shapes."""
     from .modeling import decoder_of, lm_head_of
+
+    from .pooling import pool
 
     ids = torch.randint(0, arch.vocab_size, shapes["input_ids"], device="meta")
     hidden = decoder_of(model)(input_ids=ids).last_hidden_state
@@ -79,13 +98,18 @@ def meta_step(model, cfg, shapes, arch):
         rows = max(1, int(cfg.mntp.mask_prob * ids.numel()))  # the expected number of masked tokens
         out["head_rows"] = (rows, lm_head_of(model).out_features)
     else:
-        emb = hidden.mean(1)
+        mask = torch.ones(ids.shape, dtype=torch.long, device="meta")
+        emb = pool(hidden, mask, cfg.contrastive.pooling, check=False)
         out["embeddings"] = tuple(emb.shape)
     return out
 
 
 def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
     """Build, plan and shape-check the run of ``cfg``; print the plan through ``out``. Raises on bad input."""
+    if world is not None and world < 1:
+        raise config_mod.ConfigError(f"--world must be >= 1, got {world}")
+    if not gpu_memory_gb > 0:
+        raise config_mod.ConfigError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
     world = world or default_world(cfg)
     accum = config_mod.grad_accum_steps(cfg, world)
     if cfg.memory_budget_gb <= 0:
@@ -105,7 +129,7 @@ def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
         f"({arch.model_type}, architecture from {source})")
     out(f"  architecture: hidden {arch.hidden_size}, layers {arch.num_hidden_layers}, heads "
         f"{arch.num_attention_heads}, kv heads {getattr(arch, 'num_key_value_heads', arch.num_attention_heads)}, "
-        f"intermediate {arch.intermediate_size}, vocab {arch.vocab_size}; {(n_all - plan.trainable_params) / 1e9:.3f}B "
+        f"intermediate {arch.intermediate_size}, vocab {arch.vocab_size}; {(n_all - plan.trainable_params if cfg.lora.enabled else n_all) / 1e9:.3f}B "
         f"base parameters ({dtype})")
     out(f"  LoRA: {plan.trainable_params:,} trainable parameters "
         f"(r {cfg.lora.r}, alpha {cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})"
@@ -113,7 +137,7 @@ def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
     if cfg.model.adapters:
         out(f"  merged first (not loaded in a dry run): {', '.join(cfg.model.adapters)}")
     out(f"  batch: global {cfg.batch_size} = micro {cfg.micro_batch_size} x accum {accum} x world {world}")
-    out(f"  micro-batch: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + "; meta forward: "
+    out("  micro-batch: " + ", ".join(f"{k} {v}" for k, v in shapes.items()) + "; meta forward: "
         + ", ".join(f"{k} {v}" for k, v in outs.items()))
     out(f"  zero stage {stage}: {why_stage}")
     out(f"  recompute {recompute}: {why_recompute}")

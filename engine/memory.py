@@ -104,18 +104,20 @@ class MemoryPlan:
                    else "") + ")")
 
 
-def _text_lengths(cfg):
+def text_lengths(cfg):
     """The padded length of every text (MNTP: every row) of one micro-batch."""
     c, mb = cfg.contrastive, cfg.micro_batch_size
     if cfg.stage == "mntp":
         return [cfg.max_seq_len] * mb
     if cfg.stage == "simcse":
         return [c.max_len] * (2 * mb)
+    if c.loss != "infonce":  # scored pairs (cosent, angle): a query and one document each, no negatives
+        return [c.max_len] * mb + [c.doc_max_len or c.max_len] * mb
     return [c.max_len] * mb + [c.doc_max_len or c.max_len] * (mb * (1 + c.num_hard_negatives))
 
 
 def tokens_per_micro_batch(cfg):
-    lens = _text_lengths(cfg)
+    lens = text_lengths(cfg)
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk > 0:  # one chunk of texts is alive at a time
         return max(lens) * min(cfg.contrastive.grad_cache_chunk, len(lens))
     return sum(lens)
@@ -123,7 +125,7 @@ def tokens_per_micro_batch(cfg):
 
 def sequence_length(cfg):
     """The longest padded sequence of a micro-batch (what one text's attention spans)."""
-    return max(_text_lengths(cfg))
+    return max(text_lengths(cfg))
 
 
 def _text_config(model):

@@ -130,3 +130,48 @@ def test_dry_run_plans_for_the_given_gpu(offline, capsys):
     big = dry_run(load_config(path), world=8, gpu_memory_gb=80, out=lambda *_: None)
     assert small["zero_stage"] == 3 and big["zero_stage"] in (0, 1)
     assert small["plan"].budget_bytes == 16 << 30 and big["plan"].budget_bytes == 80 << 30
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["micro_batch_size=3"], "batch_size 512 is not a multiple of micro_batch_size 3"),
+    (["--world", "-1"], "--world must be >= 1, got -1"),
+    (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be > 0, got 0.0"),
+])
+def test_bad_dry_run_input_is_one_line_and_exit_2(args, msg, offline, capsys):
+    assert main(["--config", os.path.join(ROOT, "configs/mistral-7b/supervised.yaml"), "--dry-run", *args]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_dry_run_makes_the_model_training_makes_and_the_batch_training_collates(offline):
+    """Bidirectional attention and the fused LoRA on the meta model (engine.trainer.setup_model's changes); texts
+    padded to the longer of max_len and doc_max_len; scored pairs (cosent, angle) are two texts per example with
+    one score each, as engine/stages/supervised.py collates them, and the memory plan counts those texts."""
+    from engine.bidirectional import is_bidirectional
+    from engine.dry_run import build_meta, micro_batch_shapes, meta_step
+    from engine.lora import FusedLoraLinear
+    from engine.memory import tokens_per_micro_batch
+    from engine.modeling import decoder_of
+
+    import torch
+
+    path = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    cfg = load_config(path, ["contrastive.doc_max_len=640", "contrastive.pooling=eos", "contrastive.grad_cache_chunk=0"])
+    model, arch, _ = build_meta(cfg, torch.bfloat16)
+    assert is_bidirectional(decoder_of(model))
+    assert sum(isinstance(m, FusedLoraLinear) for m in model.modules()) == 7 * arch.num_hidden_layers
+    mb, n = cfg.micro_batch_size, cfg.contrastive.num_hard_negatives
+    shapes = micro_batch_shapes(cfg, 8)
+    assert shapes == {"input_ids": (mb * (2 + n), 640), "scores": (mb, mb * (1 + n) * 8)}
+    assert meta_step(model, cfg, shapes, arch)["embeddings"] == (mb * (2 + n), arch.hidden_size)
+    assert tokens_per_micro_batch(cfg) == mb * cfg.contrastive.max_len + mb * (1 + n) * 640
+    scored = load_config(path, ["contrastive.loss=cosent", "contrastive.grad_cache_chunk=0"])
+    assert micro_batch_shapes(scored, 8) == {"input_ids": (2 * mb, scored.contrastive.max_len), "scores": (mb,)}
+    assert tokens_per_micro_batch(scored) == 2 * mb * scored.contrastive.max_len
+
+
+def test_full_fine_tuning_reports_its_base_parameters(offline, capsys):
+    path = os.path.join(ROOT, "configs/qwen2-0.5b/mntp.yaml")
+    assert main(["--config", path, "--dry-run", "lora.enabled=false"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "0.494B base parameters" in out and "full fine-tuning: 494," in out, out
