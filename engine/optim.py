@@ -23,6 +23,22 @@ def decay_horizon(cfg, steps_per_epoch=None):
     return cfg.lr_decay_steps or cfg.max_steps
 
 
+def schedule_warnings(cfg, steps_per_epoch=None):
+    """What in the schedule defeats itself: a warmup the run never finishes (the LR never reaches learning_rate),
+    or a linear / cosine decay that ends inside the warmup (the LR falls to 0 right after it). Warnings, not
+    errors: a short smoke run of a recipe config does the first on purpose."""
+    out, w = [], cfg.warmup_steps
+    if w and w >= cfg.max_steps:
+        out.append(f"warmup_steps {w} >= max_steps {cfg.max_steps}: the run ends inside the warmup, at "
+                   f"{cfg.max_steps / w:.0%} of learning_rate {cfg.learning_rate:g}")
+    if w and cfg.lr_schedule in ("linear", "cosine"):
+        horizon = decay_horizon(cfg, steps_per_epoch)
+        if horizon <= w < cfg.max_steps:
+            out.append(f"the {cfg.lr_schedule} decay reaches 0 at step {horizon}, not after the warmup of {w} steps: "
+                       f"the LR is 0 from step {w + 2} to max_steps {cfg.max_steps}")
+    return out
+
+
 def lr_lambda(cfg, steps_per_epoch=None):
     """The LR factor of the schedule above, as a function of the optimizer steps taken (for LambdaLR);
     ``steps_per_epoch``: the data's global batches per epoch, which ``lr_decay_epochs`` needs."""
@@ -69,13 +85,17 @@ def _record_grad_norm(engine):
 
     engine.clip_fp32_gradients = clip
     # ZeRO skips an optimizer step whose gradients are not finite; a plain optimizer under stage 0 would apply them
-    # and leave NaN weights behind. Skip it here too and count it in skipped_steps, as DeepSpeed does.
-    opt_step = engine.optimizer.step
+    # and leave NaN weights behind. Skip it here too, and say so through the optimizer's ``overflow`` flag, which
+    # DeepSpeed reads after the step (engine._take_model_step): it then counts the step in skipped_steps and leaves
+    # the LR schedule where it was, as for its own skips (stepping it would shift warmup and decay by a step).
+    opt = engine.optimizer
+    opt_step = opt.step
+    opt.overflow = False
 
     def step(*args, **kwargs):
         gn = getattr(engine, "_global_grad_norm", None)
-        if gn is not None and not math.isfinite(float(gn)):
-            engine.skipped_steps += 1
+        opt.overflow = gn is not None and not math.isfinite(float(gn))
+        if opt.overflow:
             return None
         return opt_step(*args, **kwargs)
 

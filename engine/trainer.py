@@ -28,7 +28,8 @@ from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
-from .optim import apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, tune_optimizer_step
+from .optim import (apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, schedule_warnings,
+                    tune_optimizer_step)
 from .stages import build_stage
 from .stages.base import EVAL_SEED, to_device
 from .token_cache import data_identity
@@ -151,6 +152,8 @@ class Trainer:
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
                                 weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.plan.steps_per_epoch))
+        for warning in schedule_warnings(cfg, self.plan.steps_per_epoch):
+            warn0(self.rank, warning)
         if cfg.lr_decay_epochs:
             log0(f"schedule: {cfg.lr_schedule} decay reaches 0 at step {decay_horizon(cfg, self.plan.steps_per_epoch)} "
                  f"= {cfg.lr_decay_epochs:g} epochs of {self.plan.steps_per_epoch} steps; the run stops at step "
@@ -191,6 +194,7 @@ class Trainer:
             log0(f"fault injection: killing rank 0 at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
         engine, world, fp16 = self.engine, self.world, self.dtype == torch.float16
+        lr = self.sched.get_last_lr()[0]  # the LR this step's update applies (the scheduler steps with it)
         t0 = time.time()
         # losses and token counts stay on the device: one read per optimizer step (the all-reduce below)
         red = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -215,7 +219,7 @@ class Trainer:
         dist.all_reduce(red)
         dt = time.time() - t0
         bad = red[3].item() > 0 or is_nonfinite_step(red[0].item(), None, fp16)  # a NaN on any rank survives the sum
-        row = {"loss": red[0].item() / world, "lr": self.sched.get_last_lr()[0], "grad_norm": gn,
+        row = {"loss": red[0].item() / world, "lr": lr, "grad_norm": gn,
                "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),
                "epoch": self.plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
         return row, bad
@@ -232,9 +236,10 @@ class Trainer:
         if bad:
             warn0(self.rank, f"step {done}: non-finite loss {row['loss']} / grad norm {row['grad_norm']} "
                              f"({self.bad_streak} in a row, DeepSpeed skipped {row['skipped_steps']} steps so far)")
-        if self.cfg.eval_every and done % self.cfg.eval_every == 0:
+        evaluated = bool(self.cfg.eval_every and done % self.cfg.eval_every == 0)
+        if evaluated:
             self.evaluate(done, row, bad)
-        self.log(done, row, bad)
+        self.log(done, row, always=bad or evaluated)  # an eval's row is logged whatever log_every says
         if self.bad_streak >= self.cfg.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{self.bad_streak} non-finite steps in a row (loss {row['loss']}, grad norm {row['grad_norm']}; "
@@ -254,9 +259,9 @@ class Trainer:
                                                                  self.tok, self.rank, self.device))
         engine.train()
 
-    def log(self, done, row, bad):
+    def log(self, done, row, always=False):
         cfg = self.cfg
-        if done % cfg.log_every == 0 or done == cfg.max_steps or bad:
+        if done % cfg.log_every == 0 or done == cfg.max_steps or always:
             self.logger.log(done, row)
             if self.bar is None:
                 log0(f"step {done}/{cfg.max_steps} " + " ".join(

@@ -324,8 +324,8 @@ def test_force_applies_the_new_learning_rate_and_max_steps(mntp_run, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resume=force" in r.stdout and "resumed from step_0000004: step 4" in r.stdout
     lr = {int(x["step"]): float(x["lr"]) for x in _metrics(out)}
-    # linear decay over the new 6 steps from the new peak (the logged lr is the next step's): 0.05 * (1 - k / 6)
-    assert lr[5] == pytest.approx(0.05 * (1 - 5 / 6)) and lr[6] == pytest.approx(0.0, abs=1e-12)
+    # linear decay over the new 6 steps from the new peak; step k applies 0.05 * (1 - (k - 1) / 6)
+    assert lr[5] == pytest.approx(0.05 * (1 - 4 / 6)) and lr[6] == pytest.approx(0.05 * (1 - 5 / 6))
     with open(os.path.join(out, "config.yaml")) as f:
         saved = yaml.safe_load(f)
     assert (saved["learning_rate"], saved["max_steps"]) == (0.05, 6)

@@ -47,6 +47,40 @@ def test_no_warmup_starts_at_full_lr():
     assert f(0) == 1.0 and f(5) == pytest.approx(0.5) and f(10) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_schedule_that_defeats_itself_is_warned_about():
+    from engine.optim import schedule_warnings
+
+    assert schedule_warnings(_cfg(warmup_steps=4, max_steps=20)) == []
+    assert schedule_warnings(_cfg(warmup_steps=0, max_steps=3)) == []
+    (w,) = schedule_warnings(_cfg(warmup_steps=100, max_steps=10))
+    assert "warmup_steps 100 >= max_steps 10" in w and "at 10% of learning_rate" in w
+    (w,) = schedule_warnings(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20))
+    assert "decay reaches 0 at step 20" in w and "the LR is 0 from step 52 to max_steps 100" in w
+    f = lr_lambda(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20))
+    assert f(50) == 1.0 and f(51) == 0.0  # what the warning says: step 52 (1-based) applies f(51)
+    assert schedule_warnings(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20, lr_schedule="constant")) == []
+    (w,) = schedule_warnings(_cfg(warmup_steps=30, max_steps=100, lr_decay_epochs=2), steps_per_epoch=10)
+    assert "decay reaches 0 at step 20" in w
+
+
+def test_a_step_with_an_eval_is_logged_whatever_log_every_says():
+    """Evals at 25, 50, 75 and 100 with log_every 10: every eval's row reaches metrics.csv (25 and 75 did not)."""
+    from engine.trainer import Trainer
+
+    logged = []
+    t = Trainer.__new__(Trainer)
+    t.cfg = _cfg(max_steps=100, log_every=10, eval_every=25, max_nonfinite_steps=3)
+    t.rank, t.bar, t.bad_streak = 0, None, 0
+    t.logger = types.SimpleNamespace(log=lambda step, row: logged.append((step, dict(row))))
+    t.evaluate = lambda done, row, bad: row.update(eval_loss=1.0)
+    t.save = lambda done, bad: None
+    for done in range(1, 101):
+        t.after_step(done, {"loss": 1.0, "lr": 0.1, "grad_norm": 1.0, "skipped_steps": 0}, False)
+    steps = [s for s, _ in logged]
+    assert steps == sorted(set(range(10, 101, 10)) | {25, 75})
+    assert [s for s, row in logged if "eval_loss" in row] == [25, 50, 75, 100]
+
+
 class _FakeDataset(list):
     def __init__(self, rows):
         super().__init__(rows)

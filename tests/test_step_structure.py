@@ -224,6 +224,45 @@ def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
     assert "flat norm" in r.stdout
 
 
+def _stage0_skip_check():
+    """Run in a process of its own (as _flat_norm_check)."""
+    import deepspeed
+
+    from engine.config import load_config
+    from engine.distributed import init_distributed
+    from engine.optim import lr_lambda, tune_optimizer_step
+
+    init_distributed()
+    cfg = load_config("configs/tiny/mntp.yaml", ["max_steps=10", "warmup_steps=0", "learning_rate=1.0"])
+    torch.manual_seed(0)
+    m = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(m.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched, config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 0}})
+    tune_optimizer_step(engine)
+    seen = []
+    for step in range(3):  # step 2's gradient is NaN
+        before = m.weight.detach().clone()
+        engine.backward(engine(torch.full((1, 2), float("nan") if step == 1 else 1.0)).sum())
+        engine.step()
+        seen.append((engine.skipped_steps, sched.last_epoch, torch.equal(before, m.weight.detach())))
+    assert seen == [(0, 1, False), (1, 1, True), (1, 2, False)], seen
+    print("stage 0 skip ok")
+
+
+@pytest.mark.slow
+def test_a_skipped_stage_0_step_leaves_the_schedule_where_it_was():
+    """A non-finite step under stage 0 (engine.optim's own skip) is counted in skipped_steps, leaves the weights,
+    and does not advance the LR schedule: what DeepSpeed does with the steps it skips itself under ZeRO."""
+    import sys
+
+    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _stage0_skip_check; _stage0_skip_check()"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stage 0 skip ok" in r.stdout
+
+
 def test_cpu_ranks_split_the_cores(monkeypatch):
     # torch gives every process one thread per core; two DeepSpeed CPU ranks on two cores then ran four OpenMP
     # threads that spin-wait on each other (a SmolLM2 step took 112 s instead of 4 s). Each rank gets its share.

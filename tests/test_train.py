@@ -49,9 +49,10 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     from engine.config import load_config
     from engine.optim import lr_lambda
 
-    f = lr_lambda(load_config(cfg))  # warmup 2, then linear decay to 0 at step 12; logged after each step
-    assert [float(x["lr"]) for x in rows] == pytest.approx([1e-2 * f(s) for s in range(1, 13)])
-    assert float(rows[-1]["lr"]) == 0.0 and float(rows[0]["lr"]) == pytest.approx(1e-2)
+    f = lr_lambda(load_config(cfg))  # warmup 2, then linear decay to 0 at step 12; each row: the LR its step applied
+    assert [float(x["lr"]) for x in rows] == pytest.approx([1e-2 * f(s) for s in range(0, 12)])
+    assert float(rows[0]["lr"]) == pytest.approx(5e-3) and float(rows[1]["lr"]) == pytest.approx(1e-2)
+    assert float(rows[-1]["lr"]) == pytest.approx(1e-3)  # step 12 applies f(11); the decay's 0 would be step 13's
     evals = {int(x["step"]): x["eval_loss"] for x in rows if x["eval_loss"]}
     assert sorted(evals) == [6, 12] and all(0 < float(v) < 20 for v in evals.values())  # held-out MNTP loss
     _check_adapter(os.path.join(ref, "adapter"))
