@@ -35,6 +35,19 @@ def positive_int(text):
     return value
 
 
+def unwritable(path):
+    """Why a file cannot be written at ``path`` (a folder there, its folder missing or read-only), else None: for
+    an output flag, checked before the work whose result it would hold."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a folder"
+    if not os.path.isdir(folder):
+        return f"{path}: its folder {folder} does not exist"
+    if not os.access(folder, os.W_OK):
+        return f"{path}: its folder {folder} is not writable"
+    return None
+
+
 def missing_folders(path):
     """``path`` and those of its parents that do not exist yet, deepest first: what creating it will add, to be
     removed again (while empty) when the command fails."""

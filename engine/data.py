@@ -15,6 +15,7 @@ and (later, at tokenisation) truncated counts, which the trainer logs.
 import collections
 import dataclasses
 import hashlib
+import math
 import os
 import random
 
@@ -109,6 +110,8 @@ def _sts_rows(path):
             score = float(parts[4])
         except ValueError:
             raise DataError(f"{path}:{n}: score column is not a number: {parts[4]!r}") from None
+        if not math.isfinite(score):  # a NaN gold score makes Spearman NaN and a graded loss NaN
+            raise DataError(f"{path}:{n}: score {parts[4]!r} is not a finite number")
         yield parts[5].strip(), parts[6].strip(), score, parts
 
 
@@ -144,6 +147,8 @@ def read_scored_pairs(sources, max_samples=0):
                     score = float(obj["score"])
                 except (TypeError, ValueError):
                     raise DataError(f"{src}:{n}: score is not a number: {obj['score']!r}") from None
+                if not math.isfinite(score):
+                    raise DataError(f"{src}:{n}: score {obj['score']!r} is not a finite number")
                 rows.append((obj["sentence1"].strip(), obj["sentence2"].strip(), score))
         else:
             raise DataError(f"{src}: scored pairs come from an STS Benchmark TSV or JSONL (sentence1, sentence2, "

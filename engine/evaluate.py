@@ -16,12 +16,16 @@ each task's main score and its scores per split. mteb tasks run with llm2vec's p
 model's ``--scores`` on the same pairs) adds ``compare``: this model's Spearman minus that one's, its paired bootstrap
 interval and the share of resamples where the difference is <= 0. Both cover the pairs' sampling, not run-to-run noise.
 Bad input exits 2 with one line on stderr, before any model loads: a missing or malformed data file (naming the
-file and line), a path that holds no model (empty, an unfinished run, another kind of folder), a bad choice,
-an mteb task whose data cannot be fetched (naming the offline task that works), and a --compare file that does
-not hold the same pairs.
+file and line), fewer than 3 pairs or a gold score that is not finite, a path that holds no model (empty, an
+unfinished run, another kind of folder), a bad choice, a negative --seed, a --scores file that cannot be written
+(its folder missing), an mteb task whose data cannot be fetched (naming the offline task that works), and a
+--compare file that does not hold the same pairs or holds a cosine that is not finite. Cosines of this model that
+are not finite (NaN weights, an overflow) leave --bootstrap and --compare nothing to resample: one line naming
+the pairs, exit 1. A figure that is not defined (constant cosines: no rank correlation) is printed as null.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -80,8 +84,49 @@ def read_scores(path, pairs):
         if i != n - 2 or gold != p[2]:
             raise ValueError(f"{path}:{n}: pair {i} with gold {gold:g}, but --data's pair {n - 2} has gold {p[2]:g}: "
                              f"score both models on the same file")
+        if not math.isfinite(c):
+            raise ValueError(f"{path}:{n}: cosine {parts[2]!r} is not finite: that model's scores cannot be compared")
         cos.append(c)
     return cos
+
+
+def check_pairs(path, pairs, least):
+    """Raises ValueError naming ``path`` when ``pairs`` are too few for a rank correlation to report (read_sts
+    has refused gold scores that are not finite)."""
+    if len(pairs) < least:
+        raise ValueError(f"{path}: {len(pairs)} pair(s), but a rank correlation needs at least {least}")
+
+
+def nonfinite_cosines(cos):
+    """One line naming the pairs whose cosine is not finite, or None when every one is."""
+    import numpy as np
+
+    bad = np.flatnonzero(~np.isfinite(np.asarray(cos, dtype=np.float64)))
+    if not bad.size:
+        return None
+    return (f"the model's cosine is not finite for {bad.size} of {len(cos)} pairs (the first: pair {bad[0]}): its "
+            f"embeddings hold NaN or inf (weights, or a bf16/fp16 overflow: try --dtype fp32), so there is nothing "
+            f"to bootstrap or compare")
+
+
+def json_safe(value):
+    """``value`` with every float that is not finite as None: JSON has no NaN, and ``json.dumps`` would write a
+    bare ``NaN`` that strict readers refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def model_failed(message):
+    """One line on stderr for a failure that is not the input's (the model's output, the disk): exit code 1."""
+    from engine.cli import fail
+
+    fail(message)
+    return 1
 
 
 OFFLINE_TASK = "--task mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv"
@@ -111,7 +156,7 @@ def _mteb_tasks(name, data, max_pairs):
 
 
 def main(argv=None):
-    from engine.cli import ArgumentParser, fail, positive_int
+    from engine.cli import ArgumentParser, fail, positive_int, unwritable
     from engine.encoder import RUN_ADAPTERS
     from engine.pooling import POOLING_MODES
 
@@ -147,9 +192,14 @@ def main(argv=None):
         return fail("--scores, --bootstrap and --compare are for --task sts")
     if args.bootstrap is not None and args.bootstrap < 100:
         return fail(f"--bootstrap {args.bootstrap}: use at least 100 resamples")
+    if args.seed < 0:
+        return fail(f"--seed {args.seed}: the bootstrap's seed must be >= 0")
+    if args.scores and unwritable(args.scores):  # said now, not after the whole evaluation
+        return fail(f"--scores {unwritable(args.scores)}")
 
     from engine.data import DataError, read_sts
     from engine.encoder import ModelPathError, check_model_path
+    from engine.stats import MIN_PAIRS
 
     try:
         check_model_path(args.model)  # a missing or wrong folder: said now, before any data or model loads
@@ -160,6 +210,7 @@ def main(argv=None):
             return fail("--task sts needs --data FILE (an STS Benchmark TSV, e.g. data/stsbenchmark/sts-test.csv)")
         try:
             pairs = read_sts(args.data)
+            check_pairs(args.data, pairs, MIN_PAIRS)
             other = read_scores(args.compare, pairs) if args.compare else None
         except (DataError, OSError, ValueError) as e:
             return fail(e)
@@ -194,19 +245,15 @@ def main(argv=None):
         except ValueError as e:  # an instruction that leaves --max-length no room for the text
             return fail(e)
         result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
-        gold = [p[2] for p in pairs]
-        if args.bootstrap:
-            from engine.stats import bootstrap_spearman
-
-            b = bootstrap_spearman(cos, gold, n_boot=args.bootstrap, seed=args.seed)
-            result["spearman_ci"] = {k: b[k] for k in ("ci", "level", "n_boot")}
-        if other is not None:
-            from engine.stats import paired_bootstrap
-
-            result["compare"] = {"scores": args.compare, **paired_bootstrap(cos, other, gold, n_boot=args.bootstrap or 2000,
-                                                                           seed=args.seed)}
-        if args.scores:
-            write_scores(args.scores, pairs, cos)
+        if args.scores:  # first, so the cosines are kept whatever the intervals make of them
+            try:
+                write_scores(args.scores, pairs, cos)
+            except OSError as e:  # a full disk, the folder gone since the check
+                return model_failed(f"--scores {args.scores}: {e}")
+        try:
+            result.update(_intervals(args, cos, other, [p[2] for p in pairs]))
+        except ValueError as e:  # the model's cosines: the input was checked before it loaded
+            return model_failed(e)
     else:
         from engine.mteb_model import EngineMTEBModel
 
@@ -221,8 +268,28 @@ def main(argv=None):
         result = {"task": args.task, "results": [
             {"task": r.task_name, "main_score": r.get_score(), "scores": r.scores} for r in res.task_results]}
     result.update({"model": args.model, "pooling": enc.pooling, "seconds": round(time.time() - t0, 1)})
-    print(json.dumps(result))
+    print(json.dumps(json_safe(result), allow_nan=False))
     return 0
+
+
+def _intervals(args, cos, other, gold):
+    """``spearman_ci`` (--bootstrap) and ``compare`` (--compare) for the result; ValueError when the model's
+    cosines are not finite."""
+    from engine.stats import bootstrap_spearman, paired_bootstrap
+
+    if not (args.bootstrap or other is not None):
+        return {}
+    why = nonfinite_cosines(cos)
+    if why:
+        raise ValueError(why)
+    out = {}
+    if args.bootstrap:
+        b = bootstrap_spearman(cos, gold, n_boot=args.bootstrap, seed=args.seed)
+        out["spearman_ci"] = {k: b[k] for k in ("ci", "level", "n_boot")}
+    if other is not None:
+        out["compare"] = {"scores": args.compare, **paired_bootstrap(cos, other, gold, n_boot=args.bootstrap or 2000,
+                                                                    seed=args.seed)}
+    return out
 
 
 if __name__ == "__main__":

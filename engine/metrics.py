@@ -1,5 +1,6 @@
 """metrics.csv (and optionally TensorBoard): one row per logged step, written by rank 0."""
 import csv
+import io
 import os
 
 from .files import atomic_open
@@ -8,29 +9,33 @@ from .files import atomic_open
 class MetricsLogger:
     """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
     file with the wider header, so every row stays aligned; a resumed run (``start``: the step it resumes from)
-    drops rows past that step, then appends."""
+    drops rows past that step, then appends, and TensorBoard hides its events past that step (``purge_step``). A
+    file that does not end in a newline was torn mid-row (a power cut): that row is dropped and the file rewritten
+    (atomically, as every rewrite), so the next row starts on a line of its own."""
 
     def __init__(self, cfg, rank, start=None):
         self.rank, self.kind = rank, cfg.logger
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
         self.rows, self.fields = [], []
+        torn = False
         if rank == 0 and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.fields = list(reader.fieldnames or [])
-                self.rows = list(reader)
-        if rank == 0 and start is not None and self.rows:
+            self.fields, self.rows, torn = _read(self.path)
+        if rank == 0 and (torn or (start is not None and self.rows)):
             # Rows past the step this run starts from were logged by a run that did not reach its next
-            # checkpoint: they are logged again, so drop them now (no step appears twice).
-            kept = [r for r in self.rows if _int_or_none(r.get("step")) is not None and int(r["step"]) <= start]
-            if len(kept) != len(self.rows):
+            # checkpoint: they are logged again, so drop them now (no step appears twice). A torn last line
+            # (a power cut mid-write) is dropped too, else the next row would be glued onto it.
+            kept = self.rows if start is None else [r for r in self.rows if _stands(r, start)]
+            if torn or len(kept) != len(self.rows):
                 self.rows = kept
                 self._rewrite()
         self.tb = None
         if rank == 0 and cfg.logger in ("tensorboard", "both"):
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"))
+            # from ``start`` on (0 too: starting over), the events an earlier run logged past it are hidden, as
+            # its CSV rows are dropped, so the curves do not double back
+            self.tb = SummaryWriter(os.path.join(cfg.output_dir, "tensorboard"),
+                                    **({"purge_step": start + 1} if start is not None else {}))
 
     def log(self, step, row):
         if self.rank != 0:
@@ -53,9 +58,28 @@ class MetricsLogger:
 
     def _rewrite(self):
         with atomic_open(self.path, newline="") as f:
-            w = csv.DictWriter(f, fieldnames=self.fields)
-            w.writeheader()
-            w.writerows(self.rows)
+            if self.fields:  # a header torn before its end: nothing stands, the next row writes one
+                w = csv.DictWriter(f, fieldnames=self.fields)
+                w.writeheader()
+                w.writerows(self.rows)
+
+
+def _read(path):
+    """(fields, rows, torn) of a metrics.csv. Every row the logger writes ends in a newline, so a file that does
+    not has a torn last line: it is left out (a line cut after its ``\\r`` is whole) and ``torn`` is True."""
+    with open(path, newline="") as f:
+        text = f.read()
+    torn = not text.endswith("\n") and text != ""
+    if torn and not text.endswith("\r"):
+        text = text[:text.rfind("\n") + 1]  # "" when even the header is torn
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    return list(reader.fieldnames or []), list(reader), torn
+
+
+def _stands(row, start):
+    """Whether ``row`` stands when a run resumes from step ``start``: its step is a number <= ``start``."""
+    step = _int_or_none(row.get("step"))
+    return step is not None and step <= start
 
 
 def _int_or_none(v):

@@ -26,7 +26,9 @@ worth handing on. Runs trained before engine.stages.base.EVAL_SEED (commit 122fe
 their own seed's order, each on another sample: their losses do not compare, and nothing in the folder says so.
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
-the choice (atomically). A missing or unreadable run, incomparable runs, or no finite reading: one line, exit 2.
+the choice (atomically). A missing or unreadable run (a metrics.csv that is not UTF-8 CSV or has no ``step``
+column), incomparable runs, no finite reading, or a ``--json`` that cannot be written (checked before picking):
+one line, exit 2.
 """
 import csv
 import hashlib
@@ -36,7 +38,7 @@ import os
 import sys
 
 from .checkpoint import fingerprint, fingerprint_diff
-from .cli import ArgumentParser, fail
+from .cli import ArgumentParser, fail, unwritable
 from .config import ConfigError, load_config
 from .files import write_json
 
@@ -82,18 +84,12 @@ def read_run(path, by):
         cfg = load_config(cfg_path)
     except ConfigError as e:
         raise PickError(f"{path}: {e}") from None
-    last = {}
-    with open(metrics_path, newline="", encoding="utf-8") as f:
-        rows = csv.DictReader(f)
-        if by not in (rows.fieldnames or []):
-            raise PickError(f"{path}: metrics.csv has no {by} column (was eval_data set, and eval_every?)")
-        for row in rows:  # a resumed run repeats steps after its checkpoint: the later row stands
-            if row.get(by):
-                try:
-                    last[int(row["step"])] = float(row[by])
-                except ValueError:
-                    raise PickError(f"{path}: metrics.csv step {row.get('step')!r}: {by} {row[by]!r} is not a "
-                                    f"number") from None
+    try:
+        last = _readings(metrics_path, by)
+    except PickError as e:
+        raise PickError(f"{path}: {e}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:  # unreadable, not UTF-8, a malformed CSV
+        raise PickError(f"{path}: metrics.csv does not read as a CSV file ({type(e).__name__}: {e})") from None
     if cfg.max_steps not in last:
         got = f"its last is at step {max(last)}" if last else "none was logged"
         raise PickError(f"{path}: no {by} at its last step {cfg.max_steps} ({got}): the run is unfinished, or "
@@ -102,6 +98,28 @@ def read_run(path, by):
     if not os.path.isdir(adapter):
         raise PickError(f"{path}: no adapter/ (the run did not finish)")
     return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter}
+
+
+def _readings(metrics_path, by):
+    """{step: reading} of ``by`` in a metrics.csv; PickError when a column is missing or a value is no number."""
+    with open(metrics_path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        for column, why in (("step", "not a metrics.csv the engine wrote"),
+                            (by, "was eval_data set, and eval_every?")):
+            if column not in (rows.fieldnames or []):
+                raise PickError(f"metrics.csv has no {column} column ({why})")
+        last = {}
+        for row in rows:  # a resumed run repeats steps after its checkpoint: the later row stands
+            if row.get(by):
+                last[_number(row, "step", int)] = _number(row, by, float)
+    return last
+
+
+def _number(row, column, kind):
+    try:
+        return kind(row[column])
+    except (TypeError, ValueError):  # TypeError: a short row's missing value (None)
+        raise PickError(f"metrics.csv step {row.get('step')!r}: {column} {row[column]!r} is not a number") from None
 
 
 def check_comparable(runs, by="eval_loss"):
@@ -163,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--by", default="eval_loss", choices=sorted(METRICS))
     ap.add_argument("--json", help="also write the readings and the choice to this JSON file")
     args = ap.parse_args(argv)
+    if args.json and unwritable(args.json):  # said now, not after the choice is made and printed
+        return fail(f"--json {unwritable(args.json)}")
     try:
         res = pick(args.runs, args.by)
     except PickError as e:
@@ -177,7 +197,10 @@ def main(argv=None):
               + ", ".join(res["left_out_non_finite"]))
     print(f"picked: {res['picked']['path']} (adapter: {res['picked']['adapter']})")
     if args.json:
-        write_json(args.json, res)
+        try:
+            write_json(args.json, res)
+        except OSError as e:  # a full disk, or the folder gone since the check
+            return fail(f"--json {args.json}: {e}")
     return 0
 
 

@@ -29,10 +29,18 @@ def _rowwise_spearman(pred, gold):
         return 100.0 * (rp * rg).sum(axis=-1) / den
 
 
+MIN_PAIRS = 3  # fewer pairs have no rank correlation worth resampling
+
+
 def _check(gold, *preds):
+    """``gold`` and ``preds`` as float64 arrays of one shape, every value finite. A non-finite gold score would
+    make the point estimate NaN while the resamples that miss its pair still give a finite (and misleading)
+    interval and p-value, so it is refused like a non-finite score."""
     gold = np.asarray(gold, dtype=np.float64)
-    if gold.ndim != 1 or gold.size < 3:
-        raise ValueError(f"need a 1-d array of at least 3 gold scores, got shape {gold.shape}")
+    if gold.ndim != 1 or gold.size < MIN_PAIRS:
+        raise ValueError(f"need a 1-d array of at least {MIN_PAIRS} gold scores, got shape {gold.shape}")
+    if not np.isfinite(gold).all():
+        raise ValueError("a gold score is not finite")
     out = []
     for p in preds:
         p = np.asarray(p, dtype=np.float64)
@@ -84,6 +92,7 @@ def paired_bootstrap(pred_a, pred_b, gold, n_boot=2000, level=0.95, seed=0):
     g = gold[idx]
     d = _rowwise_spearman(pred_a[idx], g) - _rowwise_spearman(pred_b[idx], g)
     fin = d[np.isfinite(d)]
+    share = float((fin <= 0).mean()) if fin.size else float("nan")  # every resample undefined: constant scores
     return {"difference": spearman(pred_a, gold) - spearman(pred_b, gold), "ci": _interval(d, level),
-            "share_at_or_below_0": float((fin <= 0).mean()), "level": level, "n_boot": n_boot,
+            "share_at_or_below_0": share, "level": level, "n_boot": n_boot,
             "pairs": int(gold.size)}

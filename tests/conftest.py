@@ -17,6 +17,13 @@ if "LLM2VEC_ENGINE_TOKEN_CACHE" not in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+# transformers gives its log handler the sys.stderr of the moment it is first asked for a logger. Inside a test that
+# is the test's captured stream, closed when the test ends: a later test's transformers warning then fails as a
+# "--- Logging error ---" traceback on stderr (order-dependent: tests/test_cli_errors.py). Ask now, at collection,
+# when sys.stderr is the session's.
+transformers.utils.logging.get_logger("transformers")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -200,3 +200,102 @@ def test_model_path_check_lets_hub_ids_and_aliases_through(tmp_path, monkeypatch
     (tmp_path / "outputs").mkdir()
     with pytest.raises(ModelPathError, match="model not found"):
         check_model_path("outputs/missing")  # its first part is a local folder: a missing local path
+
+
+class _StubEncoder:
+    """engine.Encoder for engine.evaluate without a model: ``loads`` counts the loads; the cosines are the test's."""
+    loads, source, pooling = 0, None, "mean"
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        cls.loads += 1
+        return cls()
+
+
+@pytest.fixture
+def stub_model(tmp_path, monkeypatch):
+    """A --model folder that passes the path check, an Encoder that loads nothing, and ``set(cosines)``."""
+    import numpy as np
+
+    import engine
+    import engine.evaluate
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    monkeypatch.setattr(_StubEncoder, "loads", 0)
+    monkeypatch.setattr(engine, "Encoder", _StubEncoder, raising=False)
+    cos = {"cos": np.linspace(0.1, 0.9, 5)}
+    monkeypatch.setattr(engine.evaluate, "sts_cosines", lambda enc, pairs, *a, **k: cos["cos"][:len(pairs)])
+
+    def set_cosines(values):
+        cos["cos"] = np.asarray(values, dtype=np.float64)
+
+    return str(tmp_path / "model"), set_cosines
+
+
+def _sts(path, golds):
+    with open(path, "w") as f:
+        for i, g in enumerate(golds):
+            f.write(f"main-news\tMSRvid\t2012test\t{i:04d}\t{g}\tA man plays {i}.\tA man is playing {i}.\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("one_pair", "1 pair(s), but a rank correlation needs at least 3"),
+    ("two_pairs_bootstrap", "2 pair(s), but a rank correlation needs at least 3"),
+    ("nan_gold", "nan.csv:2: score 'nan' is not a finite number"),
+    ("nan_compare", "other.tsv:4: cosine 'nan' is not finite"),
+    ("scores_folder_missing", "its folder"),
+    ("negative_seed", "--seed -1: the bootstrap's seed must be >= 0"),
+])
+def test_evaluate_checks_pairs_files_and_seed_before_the_model_loads(capsys, tmp_path, stub_model, case, message):
+    """Each used to fail after the model had loaded, with a traceback (exit 1); --scores in a missing folder only
+    after the whole evaluation, losing its result."""
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+
+    model, _ = stub_model
+    five = _sts(tmp_path / "five.csv", [0.0, 1.5, 2.0, 3.5, 5.0])
+    args = {
+        "one_pair": ["--data", _sts(tmp_path / "one.csv", [3.0])],
+        "two_pairs_bootstrap": ["--data", _sts(tmp_path / "two.csv", [1.0, 3.0]), "--bootstrap", "200"],
+        "nan_gold": ["--data", _sts(tmp_path / "nan.csv", [1.0, "nan", 2.0, 4.0]), "--bootstrap", "200"],
+        "nan_compare": ["--data", five, "--compare", str(tmp_path / "other.tsv")],
+        "scores_folder_missing": ["--data", five, "--scores", str(tmp_path / "nodir" / "x.tsv")],
+        "negative_seed": ["--data", five, "--bootstrap", "200", "--seed", "-1"],
+    }[case]
+    write_scores(tmp_path / "other.tsv", read_sts(five), [0.1, 0.2, float("nan"), 0.4, 0.5])
+    rc, line = _evaluate(capsys, "--model", model, *args)
+    assert rc == 2 and message in line and _StubEncoder.loads == 0, line
+    assert not os.path.exists(tmp_path / "nodir")
+
+
+def test_evaluate_model_cosines_that_are_not_finite_are_one_line(capsys, tmp_path, stub_model):
+    """NaN cosines are the model's fault, not the input's: one line naming them, exit 1, no traceback; the
+    --scores file still keeps them."""
+    model, set_cosines = stub_model
+    data = _sts(tmp_path / "five.csv", [0.0, 1.5, 2.0, 3.5, 5.0])
+    set_cosines([0.1, float("nan"), 0.3, float("nan"), 0.5])
+    rc, line = _evaluate(capsys, "--model", model, "--data", data, "--bootstrap", "200",
+                         "--scores", str(tmp_path / "s.tsv"))
+    assert rc == 1 and "cosine is not finite for 2 of 5 pairs (the first: pair 1)" in line
+    assert _StubEncoder.loads == 1 and (tmp_path / "s.tsv").read_text().count("\tnan\n") == 2
+
+
+def test_evaluate_prints_undefined_figures_as_json_null(capsys, tmp_path, stub_model):
+    """Constant cosines have no rank correlation: the JSON says null, not a bare NaN that strict readers refuse."""
+    import json
+
+    model, set_cosines = stub_model
+    data = _sts(tmp_path / "five.csv", [0.0, 1.5, 2.0, 3.5, 5.0])
+    set_cosines([0.5] * 5)
+    from engine.evaluate import main
+
+    assert main(["--model", model, "--data", data, "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in {out}")
+
+    res = json.loads(out, parse_constant=refuse)
+    assert res["spearman"] is None and res["pearson"] is None and res["spearman_ci"]["ci"] == [None, None]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from engine.data import BatchPlan, DataError, check_sources, read_sts, read_supervised, read_texts
+from engine.data import BatchPlan, DataError, check_sources, read_scored_pairs, read_sts, read_supervised, read_texts
 
 from .helpers import STS
 
@@ -81,6 +81,14 @@ def test_sts_reader_handles_extra_columns_and_rejects_malformed(tmp_path):
     bad.write_text("g\ts\t2012\t1\t4.0\ta\tb\ng\ts\t2012\t2\tfive\ta\tb\n")
     with pytest.raises(DataError, match=r"bad.csv:2: score column is not a number"):
         read_sts(str(bad))
+    for value in ("nan", "inf"):  # a NaN gold score makes Spearman and a graded loss NaN
+        bad.write_text(f"g\ts\t2012\t1\t4.0\ta\tb\ng\ts\t2012\t2\t{value}\ta\tb\n")
+        with pytest.raises(DataError, match=rf"bad.csv:2: score '{value}' is not a finite number"):
+            read_sts(str(bad))
+        jsonl = tmp_path / "pairs.jsonl"
+        jsonl.write_text('{"sentence1": "a", "sentence2": "b", "score": "%s"}\n' % value)
+        with pytest.raises(DataError, match=rf"pairs.jsonl:1: score '{value}' is not a finite number"):
+            read_scored_pairs([str(jsonl)])
 
 
 def test_supervised_jsonl_and_sts_conversion(tmp_path):

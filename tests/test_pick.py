@@ -131,3 +131,33 @@ def test_the_command_line_and_unreadable_folders(tmp_path, capsys):
         assert pk.main([a, other]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_a_json_that_cannot_be_written_is_said_before_picking(tmp_path, capsys):
+    a = _run(tmp_path, "a", {12: 4.0})
+    b = _run(tmp_path, "b", {12: 3.0}, "seed=2")
+    for out, message in ((tmp_path / "nodir" / "x.json", "nodir does not exist"), (tmp_path / "a", "is a folder")):
+        assert pk.main([a, b, "--json", str(out)]) == 2
+        said = capsys.readouterr()
+        err = said.err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: --json") and message in err[0], err
+        assert "picked" not in said.out  # nothing chosen and printed, then lost
+    assert not os.path.exists(tmp_path / "nodir")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda text: b"\xff\xfe" + text, "metrics.csv does not read as a CSV file (UnicodeDecodeError"),
+    (lambda text: text.replace(b"step,", b"stp,", 1), "metrics.csv has no step column"),
+    (lambda text: text.replace(b"\n12,", b"\ntwelve,"), "metrics.csv step 'twelve': step 'twelve' is not a number"),
+], ids=["not-utf8", "no-step-column", "step-not-a-number"])
+def test_a_metrics_csv_that_does_not_read_is_one_line(tmp_path, capsys, damage, message):
+    a = _run(tmp_path, "a", {12: 4.0})
+    b = _run(tmp_path, "b", {12: 3.0}, "seed=2")
+    path = os.path.join(b, "metrics.csv")
+    with open(path, "rb") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(damage(text))
+    assert pk.main([a, b]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {b}: ") and message in err[0], err

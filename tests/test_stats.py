@@ -1,6 +1,7 @@
 """engine.stats: the Spearman it bootstraps is scipy's, its intervals cover the population value about as often as
 they claim, and the paired interval of two models on the same pairs is right and narrow."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -103,3 +104,27 @@ def test_bad_input_is_refused():
         bootstrap_spearman(gold, gold, level=95)
     with pytest.raises(ValueError, match="at least 3"):
         spearman([1.0, 2.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_gold_score_is_refused(bad):
+    """A NaN gold pair made the point estimate NaN, yet the resamples that missed it gave a finite interval and
+    p-value (and n_boot still counted them all): refused instead, by every entry point."""
+    rng = np.random.default_rng(2)
+    gold = rng.standard_normal(60)
+    pred_a, pred_b = _noisy(rng, gold, 0.5), _noisy(rng, gold, 1.0)
+    gold[7] = bad
+    with pytest.raises(ValueError, match="gold score is not finite"):
+        paired_bootstrap(pred_a, pred_b, gold, n_boot=200)
+    with pytest.raises(ValueError, match="gold score is not finite"):
+        bootstrap_spearman(pred_a, gold, n_boot=200)
+    with pytest.raises(ValueError, match="gold score is not finite"):
+        spearman(pred_a, gold)
+
+
+def test_constant_scores_compared_have_no_share_either():
+    gold = np.arange(20.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice"
+        r = paired_bootstrap(np.full(20, 0.5), np.full(20, 0.2), gold, n_boot=100)
+    assert math.isnan(r["difference"]) and math.isnan(r["share_at_or_below_0"])
