@@ -535,6 +535,15 @@ def _check_numbers(cfg):
         raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {cfg.adam_betas}")
 
 
+def offload_warning(cfg: TrainConfig, stage):
+    """A warning (or None) when offload_params is set but the ZeRO stage keeps whole parameters on every GPU:
+    DeepSpeed offloads parameters only under ZeRO-3 (deepspeed_config leaves the setting out below it)."""
+    if cfg.offload_params and int(stage) < 3:
+        return (f"offload_params is set, but ZeRO stage {stage} keeps the parameters on the GPU: DeepSpeed offloads "
+                f"them only under ZeRO-3 (zero_stage=3)")
+    return None
+
+
 def negatives_warning(cfg: TrainConfig, world_size: int):
     """A loud warning (or None) when a contrastive loss would see fewer in-batch negatives than the global batch:
     each loss covers one micro-batch (x ranks when gathered), so accumulation splits the batch's negatives."""
@@ -601,7 +610,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if int(stage) == 1 and use_bf16 else {}),
+        # bf16 gradients summed over the micro-batches (and over ranks, at stages 2 and 3) lose the small ones: every
+        # stage accumulates in fp32 (stage 1: DeepSpeed's flat BF16_Optimizer; 2 and 3: their fp32 partitions)
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if int(stage) >= 1 and use_bf16 else {}),
     }
 
 

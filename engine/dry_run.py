@@ -149,6 +149,8 @@ def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
         f"{horizon}, stop at {cfg.max_steps}")
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
         out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
+    if config_mod.offload_warning(cfg, stage):
+        out("  WARNING: " + config_mod.offload_warning(cfg, stage))
     warning = config_mod.negatives_warning(cfg, world)
     if warning:
         out("  WARNING: " + warning)

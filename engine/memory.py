@@ -86,10 +86,23 @@ class MemoryPlan:
     def workspace(self):
         return int(0.05 * self.budget_bytes) + (256 << 20)
 
+    def state_bytes(self, stage):
+        """The optimizer side per rank for P trainable parameters over W ranks: fp32 master weights (4P), Adam's
+        two moments (8P) and fp32 gradients (4P), as DeepSpeed lays them out.
+
+        * stage 0: all replicated, 16P (a plain fp32 optimizer keeps no separate master copy, 12P: counted
+          as 16P, on the safe side);
+        * stage 1: the gradients whole on every rank (DeepSpeed's BF16_Optimizer keeps one flat fp32 buffer of
+          them; ZeRO-1 in fp32 the parameters' own), master weights and moments sharded: 4P + 12P / W;
+        * stages 2 and 3: everything sharded (fp32 gradient partitions, engine.config asks fp32 accumulation):
+          16P / W.
+        """
+        p, w = self.trainable_params, self.world
+        return {0: 16 * p, 1: 4 * p + 12 * p / w}.get(stage, 16 * p / w)
+
     def total(self, policy, stage):
         weights = self.weights_bytes / (self.world if stage == 3 else 1)
-        state = 16 * self.trainable_params / (self.world if stage >= 1 else 1)
-        return int(weights + state + self.activations(policy, stage) + self.workspace())
+        return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.workspace())
 
     def fits(self, policy, stage):
         return self.total(policy, stage) <= self.budget_bytes

@@ -65,6 +65,8 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
     mem = plan_memory(cfg, model, world, local_world, device)
     zero_stage, why = choose_zero_stage(cfg, mem)
     log(f"zero stage {zero_stage}: {why}")
+    if config_mod.offload_warning(cfg, zero_stage):
+        log("warning: " + config_mod.offload_warning(cfg, zero_stage))
     recompute, why = choose_recompute(cfg, mem, zero_stage)
     log(f"recompute {recompute}: {why}")
     enable_recompute(model, recompute)

@@ -175,3 +175,12 @@ def test_full_fine_tuning_reports_its_base_parameters(offline, capsys):
     assert main(["--config", path, "--dry-run", "lora.enabled=false"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "0.494B base parameters" in out and "full fine-tuning: 494," in out, out
+
+
+def test_offload_params_below_zero_3_is_warned_about(offline, capsys):
+    path = os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")
+    assert main(["--config", path, "--dry-run", "offload_params=true"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "zero stage 1" in out and "WARNING: offload_params is set, but ZeRO stage 1 keeps the parameters" in out
+    assert main(["--config", path, "--dry-run", "offload_params=true", "zero_stage=3"]) == 0
+    assert "offload_params is set" not in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Step structure: no host sync inside forward/backward, the memory plan's choices, ZeRO stage auto on 2 ranks,
 and exact resume with fused LoRA + selective recompute."""
 import os
+import sys
 
 import pytest
 import torch
@@ -103,7 +104,11 @@ def test_memory_plan_choices():
     assert stage_id == 1 and "flat bf16 optimizer" in why
     assert deepspeed_config(cfg, 2, use_bf16=True, stage=1)["data_types"] == {"grad_accum_dtype": "fp32"}
     assert "data_types" not in deepspeed_config(cfg, 2, use_bf16=False, stage=1)
-    assert "data_types" not in deepspeed_config(cfg, 2, use_bf16=True, stage=3)
+    for z in (2, 3):  # stages 2 and 3 accumulate in fp32 too (_accumulation_check: their optimizers take it)
+        assert deepspeed_config(cfg, 2, use_bf16=True, stage=z)["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert "data_types" not in deepspeed_config(cfg, 2, use_bf16=False, stage=3)
+    p = plan.trainable_params  # the optimizer side per rank, stage by stage (MemoryPlan.state_bytes)
+    assert [plan.state_bytes(z) for z in range(4)] == [16 * p, 4 * p + 6 * p, 8 * p, 8 * p]
     assert choose_recompute(cfg, plan, 0)[0] == "full"  # auto on CPU
     plan.budget_bytes = 1 << 20  # 1 MiB: the replicated base no longer fits
     stage_id, why = choose_zero_stage(cfg, plan)
@@ -250,6 +255,34 @@ def _stage0_skip_check():
         seen.append((engine.skipped_steps, sched.last_epoch, torch.equal(before, m.weight.detach())))
     assert seen == [(0, 1, False), (1, 1, True), (1, 2, False)], seen
     print("stage 0 skip ok")
+
+
+def _accumulation_check():
+    """Run in a process of its own (as _flat_norm_check)."""
+    import deepspeed
+
+    from engine.distributed import init_distributed
+
+    init_distributed()
+    cfg, _, _, module = _setup("mntp", ["model.dtype=bf16", "model.gradient_checkpointing=false", "batch_size=4",
+                                        "micro_batch_size=2"])
+    for stage in (2, 3):
+        params = [p for p in module.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=torch.optim.AdamW(params, lr=1e-3),
+                                               config=deepspeed_config(cfg, 1, use_bf16=True, stage=stage))
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32, stage
+        if stage == 2:
+            assert engine.optimizer.use_separate_grad_accum
+        engine.destroy()
+    print("fp32 accumulation ok")
+
+
+@pytest.mark.slow
+def test_bf16_gradients_accumulate_in_fp32_at_zero_stages_2_and_3():
+    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _accumulation_check; "
+                                       "_accumulation_check()"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "fp32 accumulation ok" in r.stdout
 
 
 @pytest.mark.slow
