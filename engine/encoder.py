@@ -354,7 +354,7 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import _loading, decoder_of, load_model, load_tokenizer, merge_lora, resolve_model_path
+    from .modeling import decoder_of, load_model, load_tokenizer, loading, merge_lora, resolve_model_path
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
@@ -371,11 +371,11 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
             kw["device_map"] = device_map
         # The tokenizer first: a folder without one fails in a moment, not after the weights have loaded.
         if info["tokenizer"]:
-            tok = _loading(f"the tokenizer in {info['tokenizer']}", AutoTokenizer.from_pretrained, info["tokenizer"])
+            tok = loading(f"the tokenizer in {info['tokenizer']}", AutoTokenizer.from_pretrained, info["tokenizer"])
         else:
             tok = load_tokenizer(ModelConfig(name_or_path=info["base"], gguf_file=info["gguf_file"]))
         if bidirectional:  # an architecture the engine cannot make bidirectional fails before the weights load
-            check_architecture(_loading(f"the model config of {info['base']!r}", AutoConfig.from_pretrained, path,
+            check_architecture(loading(f"the model config of {info['base']!r}", AutoConfig.from_pretrained, path,
                                         **({"gguf_file": gguf} if gguf else {})))
         try:
             model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
@@ -386,7 +386,8 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
     for a in info["adapters"]:
         merge_lora(model, a)
     if bidirectional:
-        check_architecture(model.config)
+        if info["random_init"]:  # the other path checked the config before its weights loaded
+            check_architecture(model.config)
         make_bidirectional(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id

@@ -21,7 +21,9 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded (unknown hub id, corrupt file): train.py exits with code 2."""
 
 
-def _loading(what, fn, *args, **kw):
+def loading(what, fn, *args, **kw):
+    """``fn(*args, **kw)``, any failure of it (an unknown hub id, a corrupt file) raised as one ModelLoadError
+    naming ``what``: the commands turn it into one line and exit 2."""
     try:
         return fn(*args, **kw)
     except (KeyboardInterrupt, MemoryError):
@@ -60,7 +62,7 @@ def load_tokenizer(mcfg):
     name = mcfg.tokenizer or mcfg.name_or_path
     path, gguf = resolve_model_path(name, mcfg.gguf_file if not mcfg.tokenizer else None)
     kw = {"gguf_file": gguf} if gguf else {}
-    tok = _loading(f"the tokenizer of {name!r}", AutoTokenizer.from_pretrained, path,
+    tok = loading(f"the tokenizer of {name!r}", AutoTokenizer.from_pretrained, path,
                    trust_remote_code=mcfg.trust_remote_code, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -102,7 +104,7 @@ def architecture_config(mcfg, vocab_size=None):
         return AutoConfig.from_pretrained(folder), folder
     path, gguf = resolve_model_path(name, mcfg.gguf_file)
     if os.path.isdir(path) and not gguf:
-        return _loading(f"the model config in {path!r}", AutoConfig.from_pretrained, path,
+        return loading(f"the model config in {path!r}", AutoConfig.from_pretrained, path,
                         trust_remote_code=mcfg.trust_remote_code), path
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=mcfg.trust_remote_code,
@@ -176,12 +178,12 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         path, gguf = resolve_model_path(mcfg.name_or_path, mcfg.gguf_file)
-        config = _loading(f"the model config of {mcfg.name_or_path!r}", AutoConfig.from_pretrained, path,
+        config = loading(f"the model config of {mcfg.name_or_path!r}", AutoConfig.from_pretrained, path,
                           trust_remote_code=mcfg.trust_remote_code, **({"gguf_file": gguf} if gguf else {}))
         if bidirectional if bidirectional is not None else mcfg.bidirectional:
             check_architecture(config)  # fail before loading weights
         kw = {"gguf_file": gguf} if gguf else {}
-        model = _loading(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path, dtype=dtype,
+        model = loading(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path, dtype=dtype,
                          trust_remote_code=mcfg.trust_remote_code, **kw)
     for adapter in mcfg.adapters:
         model = merge_adapter(model, adapter)
