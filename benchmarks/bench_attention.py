@@ -19,9 +19,13 @@ padded), and "flex" is torch's FlexAttention with the soft-cap as its score_mod 
 compiled on a GPU (forward only and uncompiled on CPU, where it has no backward; no dropout). Both run on the
 soft-capped cases only; elsewhere SDPA is the stronger torch path.
 
-Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful
-work only, 4 * sum(L_b^2) * Hq * D for the forward and 2.5x that for the backward, so implementations that
-compute on padding are charged for it. The padded-batch case ("pad32") draws 32 lengths uniformly from
+Every row is one (shape, implementation, pass) with pass in fwd / bwd / fwd+bwd; TFLOP/s count useful work
+only, as bench_train_step's model FLOPs do (attention at 3x its forward a step). Per sequence b of L_b real
+tokens and per query head, the forward's products are S = Q K^T and O = P V, 2 L_b^2 D each: 4 * sum(L_b^2) * Hq
+* D (attention_flops). The backward's useful products are dV = P^T dO, dP = dO V^T, dQ = dS K and dK = dS^T Q,
+2 L_b^2 D each: 2x the forward (PASS_FACTOR). Recomputing S = Q K^T in the backward (0.5x the forward, what a
+flash kernel does instead of storing P) is hardware work, not useful work, and is not counted; neither are the
+products on padding, so implementations that compute on padding are charged for it. The padded-batch case ("pad32") draws 32 lengths uniformly from
 [32, 512]: SDPA runs the padded (B, S) batch, the Triton kernel unpads to varlen and repads, and that
 unpad/repad is inside its timing. An implementation that is not installed or rejects a shape is reported
 on stdout and skipped.
@@ -41,7 +45,7 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit, write_json  # noqa: E402
+from benchmarks.common import CsvWriter, cli_error, peak_memory_mb, plot, timeit, write_json  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
@@ -76,6 +80,15 @@ def padded_lengths(batch, lo, hi, seed=0):
     return torch.randint(lo, hi + 1, (batch,), generator=g).tolist()
 
 
+# useful FLOPs of a pass, in forwards (module docstring): the backward's four products are twice the forward's two
+PASS_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
+
+
+def attention_flops(lens, hq, d):
+    """Useful FLOPs of the forward over sequences of lengths ``lens``: Q K^T and P V, 2 L^2 D each per query head."""
+    return 4.0 * sum(n * n for n in lens) * hq * d
+
+
 class Case:
     def __init__(self, label, heads, batch, seq, device, dtype, softcap=None):
         self.label, self.device, self.dtype, self.softcap = label, device, dtype, softcap
@@ -96,7 +109,7 @@ class Case:
         self.do = torch.randn_like(self.q)
         self.valid = torch.arange(self.S, device=device)[None, :] < torch.tensor(self.lens, device=device)[:, None]
         self.cu = torch.tensor([0] + torch.tensor(self.lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
-        self.flops = 4.0 * sum(n * n for n in self.lens) * self.hq * self.d
+        self.flops = attention_flops(self.lens, self.hq, self.d)
 
     @property
     def shape(self):
@@ -292,11 +305,13 @@ def bench_case(writer, case, dropout_p, want, passes, warmup, iters, deadline=No
                         ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                 elif pass_ == "bwd":
                     out = fn(*ins)
-                    step, flops = (lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True)), 2.5 * case.flops
+                    step = lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True)  # noqa: E731
+                    flops = PASS_FACTOR["bwd"] * case.flops
                     ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                     del out
                 else:
-                    step, flops = (lambda: torch.autograd.grad(fn(*ins), ins, case.do)), 3.5 * case.flops
+                    step = lambda: torch.autograd.grad(fn(*ins), ins, case.do)  # noqa: E731
+                    flops = PASS_FACTOR["fwd+bwd"] * case.flops
                     ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                 writer.add(case.shape, name, pass_, ms, flops / ms / 1e9, mem, dtype=str(case.dtype)[6:],
                            dropout=dropout_p, err=f"{err:.1e}")
@@ -335,7 +350,7 @@ def sweep(writer, case, dropout_p, warmup, iters):
                 ms = timeit(lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True), warmup, iters,
                             case.device)
                 label = "triton-dkdv" + "x".join(map(str, cfg[0])) + "-dq" + "x".join(map(str, cfg[1]))
-                writer.add(case.shape, label, "bwd", ms, 2.5 * case.flops / ms / 1e9)
+                writer.add(case.shape, label, "bwd", ms, PASS_FACTOR["bwd"] * case.flops / ms / 1e9)
             except Exception as exc:
                 print(f"bwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
     finally:
@@ -348,7 +363,8 @@ def main(argv=None):
                                                  "bench_attention.csv"))
     p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
-    p.add_argument("--cases", nargs="+", default=None, help="labels from GPU_CASES (default: all)")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="labels from GPU_CASES, or TINY_CASES on CPU (default: all)")
     p.add_argument("--impls", default="triton,triton-padded,triton-padded-atomicdq,triton-autotune,triton-atomicdq,"
                                       "sdpa,sdpa-padmask,eager,flex,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
@@ -364,18 +380,22 @@ def main(argv=None):
     deadline = time.time() + args.budget_s
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    every = list(TINY_CASES) if device == "cpu" else [(label, MODELS[m], b, s, ps, cap)
+                                                       for label, m, b, s, ps, cap in GPU_CASES]
+    known = [c[0] for c in every]
+    bad = [c for c in args.cases or () if c not in known]
+    if bad:  # before any work: a wrong label would otherwise leave an empty CSV and exit 0
+        cli_error(f"--cases: unknown {', '.join(bad)} ({device} cases: {', '.join(known)})")
+    cases = [c for c in every if args.cases is None or c[0] in args.cases]
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SystemExit("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
         dtype = torch.float32 if args.dtype == "bf16" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        cases = list(TINY_CASES)
         warmup, iters = 0, 1
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-        cases = [(label, MODELS[m], b, s, ps, cap) for label, m, b, s, ps, cap in GPU_CASES
-                 if args.cases is None or label in args.cases]
         warmup, iters = args.warmup, args.iters
-    writer = CsvWriter(args.out, "attention-sweep" if args.sweep else "attention")
+    writer = CsvWriter(args.out, "attention-sweep" if args.sweep else "attention", device=device)
     want = set(args.impls.split(","))
     try:
         for label, heads, batch, seq, passes, softcap in cases:

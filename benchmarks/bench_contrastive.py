@@ -27,7 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit  # noqa: E402
+from benchmarks.common import CsvWriter, cli_ints, cli_names, peak_memory_mb, plot, timeit  # noqa: E402
 from llm2vec_kernels._backend import interpreter_enabled  # noqa: E402
 from llm2vec_kernels.contrastive import _torch_same_dtype_loss, contrastive_loss, contrastive_loss_reference  # noqa: E402
 
@@ -160,17 +160,14 @@ def main(argv=None):
         args.tiny = True
     batches = TINY_BATCHES if args.tiny else GPU_BATCHES
     if args.batches:
-        batches = tuple(int(b) for b in args.batches.split(","))
+        batches = tuple(cli_ints(args.batches, "--batches"))
     E = TINY_E if args.tiny else GPU_E
     dtype = torch.float32 if args.tiny else torch.bfloat16
     budget = args.budget_ms or (200.0 if args.tiny else 2000.0)
     impls = _impls()
-    wanted = [i.strip() for i in args.impls.split(",") if i.strip()]
-    unknown = [i for i in wanted if i not in impls]
-    if unknown:
-        ap.error(f"unknown impls {unknown}; choose from {sorted(impls)}")
+    wanted = cli_names(args.impls, sorted(impls), "--impls")
 
-    writer = CsvWriter(args.out, BENCH)
+    writer = CsvWriter(args.out, BENCH, device=device)
     ref_rows = {}
     t_start = time.perf_counter()
     for B in batches:

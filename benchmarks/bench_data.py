@@ -130,7 +130,7 @@ def main(argv=None):
     for k in peaks:
         peaks[k] = max(peaks[k], status_mb(k))
     peak = status_mb("VmHWM") - base_hwm
-    row = CsvWriter(args.out, "data_scale").add(
+    row = CsvWriter(args.out, "data_scale", device="cpu").add(
         f"{n_bytes / 1e9:.2f}GB text, max_seq_len {args.max_seq_len}", f"mntp-{args.path}", "load", first_s * 1e3,
         peak_mb=peak, tokens=tokens, blocks=len(items), corpus_bytes=n_bytes,
         mb_per_s=f"{n_bytes / 1e6 / first_s:.2f}", cache_hit_s=f"{hit_s:.2f}",

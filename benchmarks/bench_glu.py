@@ -1,8 +1,8 @@
 """Benchmark: fused gated activation (llm2vec_kernels/glu.py) against the eager act(gate) * up, forward + backward.
 
 Implementations: triton (llm2vec_kernels.glu, impl="triton"), torch (the reference = HF's ACT2FN[act](gate) * up).
-Columns: ms = median fwd+bwd time; tflops holds GB/s (bytes of gate, up, y, dy, dgate, dup in the activation
-dtype over the time). GPU shapes: Mistral-7B SwiGLU (16384 tokens x 14336), Gemma-7B GeGLU (x 24576).
+Columns: ms = median fwd+bwd time; tflops holds GB/s (moved_bytes, the bytes the fused kernels must move, over
+the time). GPU shapes: Mistral-7B SwiGLU (16384 tokens x 14336), Gemma-7B GeGLU (x 24576).
 
     python -m benchmarks.bench_glu                          # GPU
     TRITON_INTERPRET=1 python -m benchmarks.bench_glu --tiny   # CPU, seconds
@@ -17,6 +17,13 @@ GPU_SHAPES = {"mistral7b": (16384, 14336, "silu"), "gemma7b": (16384, 24576, "ge
 TINY_SHAPES = {"tiny": (32, 96, "silu"), "tiny_gelu": (16, 80, "gelu_tanh")}
 
 
+def moved_bytes(M, inter, b):
+    """Bytes a fwd+bwd of act(gate) * up over (M, inter) tensors of element size b must move: the forward reads
+    gate and up and writes y (3); the backward reads dy and re-reads the saved gate and up (a(gate) is not kept:
+    it and a'(gate) are recomputed) (3) and writes dgate and dup (2). 8 tensors: 8 M inter b."""
+    return 8 * M * inter * b
+
+
 def _case(name, spec, device, dtype):
     from llm2vec_kernels import glu
 
@@ -29,7 +36,7 @@ def _case(name, spec, device, dtype):
     def step(impl):
         return torch.autograd.grad(glu(gate, up, act, impl=impl), (gate, up), dy)
 
-    return f"{name} M{M} I{inter} {act}", 6 * gate.numel() * gate.element_size(), step
+    return f"{name} M{M} I{inter} {act}", moved_bytes(M, inter, gate.element_size()), step
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import CsvWriter, peak_memory_mb, plot, timeit
+from benchmarks.common import CsvWriter, cli_names, peak_memory_mb, plot, timeit
 
 IMPLS = ("full_logits", "gather_torch", "liger_flce", "triton_fused", "triton_recompute")
 
@@ -110,9 +110,9 @@ def main(argv=None):
     dtype = torch.float32 if tiny else torch.bfloat16  # the interpreter's tl.dot is wrong on bf16
     shapes = TINY_SHAPES if tiny else GPU_SHAPES
     if args.shapes:
-        shapes = {k: shapes[k] for k in args.shapes.split(",")}
+        shapes = {k: shapes[k] for k in cli_names(args.shapes, list(shapes), "--shapes")}
     warmup, iters = (1, args.iters or 2) if tiny else (2, args.iters or 6)
-    writer = CsvWriter(args.out, "masked_ce")
+    writer = CsvWriter(args.out, "masked_ce", device=device)
     impls = _available(tiny)
     rows = []
 

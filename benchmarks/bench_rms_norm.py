@@ -2,8 +2,8 @@
 
 Implementations: triton (llm2vec_kernels.rms_norm, impl="triton"), torch (the reference = LlamaRMSNorm / GemmaRMSNorm
 code: fp32 upcast, pow, mean, rsqrt, casts). The weight is frozen (LoRA), so only dx is computed.
-Columns: ms = median fwd+bwd time; tflops holds GB/s instead (the op is memory-bound): bytes of x, y, dy and
-dx in the activation dtype over the time; peak_mb = peak CUDA memory above the inputs.
+Columns: ms = median fwd+bwd time; tflops holds GB/s instead (the op is memory-bound): the bytes the fused
+kernels must move (moved_bytes) over the time; peak_mb = peak CUDA memory above the inputs.
 GPU shapes: Mistral-7B hidden (16384 tokens x 4096), Gemma-7B (x 3072, Gemma form), Qwen3 q-norm rows
 (16384 x 32 heads, H 128).
 
@@ -20,6 +20,14 @@ GPU_SHAPES = {"mistral7b": (16384, 4096, False), "gemma7b": (16384, 3072, True),
 TINY_SHAPES = {"tiny": (64, 96, False), "tiny_gemma": (33, 64, True)}
 
 
+def moved_bytes(M, H, b):
+    """Bytes a fwd+bwd of RMSNorm over M rows of width H (element size b, frozen weight) must move. The forward
+    reads x and writes y (2 M H b), reads the weight (H b) and writes rstd (M fp32: 4 M). n is not kept: the
+    backward reads dy and re-reads x to recompute n = x * rstd (2 M H b), writes dx (M H b), reads rstd (4 M) and
+    the weight (H b). In all 5 M H b + 2 H b + 8 M."""
+    return 5 * M * H * b + 2 * H * b + 8 * M
+
+
 def _case(name, spec, device, dtype):
     from llm2vec_kernels import rms_norm
 
@@ -32,7 +40,7 @@ def _case(name, spec, device, dtype):
     def step(impl):
         return torch.autograd.grad(rms_norm(x, w, 1e-6, gemma=gemma, impl=impl), x, dy)[0]
 
-    return f"{name} M{M} H{H}{' gemma' if gemma else ''}", 4 * M * H * x.element_size(), step
+    return f"{name} M{M} H{H}{' gemma' if gemma else ''}", moved_bytes(M, H, x.element_size()), step
 
 
 def main(argv=None):

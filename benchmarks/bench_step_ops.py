@@ -103,7 +103,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.common import write_json  # noqa: E402
+from benchmarks.common import cli_error, write_json  # noqa: E402
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
 from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
@@ -228,13 +228,13 @@ def worker(args):
             if pred["recompute"] != row["recompute"]:
                 raise RuntimeError(f"{args.worker} {tokens}: counted under {row['recompute']}, costed under "
                                    f"{pred['recompute']}")
-            if i == 0 and args.calibrate and args.worker in PROFILED.values():
+            if i == 0 and args.calibrate and args.worker in PROFILED:
                 row["cal"] = _calibration(args, args.worker, shape, launches)
             rows[f"{args.worker} {tokens}"] = row
         # A structure without a reference-zero3 row calibrates that path in its reference worker, after every row:
         # that path's own worker would have run DeepSpeed ZeRO-3 first, which leaves F.linear replaced (deepspeed's
         # zero3_linear_wrap: one more LoRA GEMM a layer in the backward), as it was in the profiled run.
-        others = [p for p in PROFILED.values() if p not in ARCH_PATHS[args.arch]]
+        others = [p for p in PROFILED if p not in ARCH_PATHS[args.arch]]
         if args.worker == "reference" and args.calibrate and others and rows:
             first = next(iter(rows.values()))
             shape = _shape(first["tokens"])
@@ -389,26 +389,33 @@ def main(argv=None):
     paths = [p for p in (args.paths or ",".join(ARCH_PATHS[args.arch])).split(",") if p]
     bad = [p for p in paths if p not in ARCH_PATHS[args.arch]]
     if bad:
-        print(f"unknown path(s) {bad} for --arch {args.arch}; choose from {ARCH_PATHS[args.arch]}", file=sys.stderr)
-        sys.exit(2)
+        cli_error(f"unknown path(s) {bad} for --arch {args.arch}; choose from {ARCH_PATHS[args.arch]}")
     try:
         shapes = [_shape(t) for t in args.tokens.split(",")]
         if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
             raise ValueError(args.tokens)
     except ValueError:
-        print(f"bad --tokens {args.tokens!r}: want BxS[,BxS...]", file=sys.stderr)
-        sys.exit(2)
+        cli_error(f"bad --tokens {args.tokens!r}: want BxS[,BxS...]")
     if args.set:
         try:
             engine_config(args.set, tiny_of(ARCHS[args.arch]), 32)
         except ConfigError as exc:
-            print(f"bad --set: {exc}", file=sys.stderr)
-            sys.exit(2)
+            cli_error(f"bad --set: {exc}")
     if args.from_json:  # re-render a saved run (e.g. with another --floor-us); nothing is measured
-        with open(args.from_json) as f:
-            results = json.load(f)
-        return _report(results, args)
+        return _report(_saved_run(args.from_json), args)
     return _report(_run_workers(paths, args), args)
+
+
+def _saved_run(path):
+    """The results a run saved with --json (cli_error when the file is missing or not that JSON)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as exc:
+        cli_error(f"--from-json {path}: {type(exc).__name__}: {exc}")
+    if not isinstance(results, dict):
+        cli_error(f"--from-json {path}: not the results of a --json run (a JSON object of rows)")
+    return results
 
 
 def _run_workers(paths, args):

@@ -109,7 +109,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import llm2vec_kernels  # noqa: E402
-from benchmarks.common import CsvWriter  # noqa: E402
+from benchmarks.common import CsvWriter, cli_error, cli_ints, cli_names  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
 from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
 from benchmarks.step_paths import ARCHS  # noqa: E402
@@ -139,6 +139,35 @@ def default_plan(stages, tiny):
     return plan
 
 
+def make_plan(args):
+    """(stage, impl) pairs of a run in priority order, from --stages, --arch and --impls (default_plan, filtered
+    and extended by --impls); bad input ends the run with one line (cli_error) before anything is built."""
+    stages = cli_names(args.stages, list(STAGE_ABLATIONS), "--stages")
+    if args.arch != "mistral-7b":  # the harness's ZeRO-3 rows and ablations are built on the Mistral-7B structure
+        bad = [w for w in (args.impls or "").split(",") if w.strip() and w.strip().rpartition(":")[2] not in OWN_MODEL]
+        if bad or args.big_batch or "mntp" not in stages:
+            cli_error(f"--arch {args.arch} runs the own-model MNTP rows only ({', '.join(OWN_MODEL)})")
+        stages = ["mntp"]
+    plan = default_plan(stages, args.tiny)
+    if args.arch != "mistral-7b":
+        plan = [(s, i) for s, i in plan if i in OWN_MODEL]
+    if args.impls:
+        wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
+        plan = [(s, i) for s, i in plan if i in wanted or f"{s}:{i}" in wanted]
+        for w in wanted:
+            s, _, i = w.rpartition(":")
+            if i not in ALL_IMPLS:
+                cli_error(f"--impls: unknown impl {i!r}; choose from {', '.join(sorted(ALL_IMPLS))}")
+            if s and s not in STAGE_ABLATIONS:
+                cli_error(f"--impls: unknown stage {s!r} in {w!r}; choose from {', '.join(STAGE_ABLATIONS)}")
+            if i in OWN_MODEL and s not in ("", "mntp"):
+                cli_error(f"--impls: {i} is MNTP only")
+            for stg in ([s] if s else (["mntp"] if i in OWN_MODEL else stages)):
+                if (stg, i) not in plan:
+                    plan.append((stg, i))
+    return plan
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"bench_{BENCH}.csv"))
@@ -165,6 +194,8 @@ def main(argv=None):
                          "batch sizes (short texts), without and with gradient caching (issue 6)")
     ap.add_argument("--grad-cache-chunk", type=int, default=256, help="texts per chunk for --big-batch")
     args = ap.parse_args(argv)
+    # bad input ends the run in one line (cli_error) before a model is built
+    sizes = cli_ints(args.big_batch, "--big-batch") if args.big_batch is not None else None
     if not torch.cuda.is_available():
         # Small CPU ops on shared cores: OpenMP barriers stall whenever a core is taken, one thread does not.
         torch.set_num_threads(1)
@@ -178,27 +209,7 @@ def main(argv=None):
         args.steps = 2 if args.tiny else 20
     budget = args.budget_s if args.budget_s is not None else (float("inf") if args.tiny else 135.0)
     args.budget_resolved = budget
-    stages = [s for s in args.stages.split(",") if s]
-    if args.arch != "mistral-7b":  # the harness's ZeRO-3 rows and ablations are built on the Mistral-7B structure
-        bad = [w for w in (args.impls or "").split(",") if w.strip() and w.strip().rpartition(":")[2] not in OWN_MODEL]
-        if bad or args.big_batch or "mntp" not in stages:
-            ap.error(f"--arch {args.arch} runs the own-model MNTP rows only ({', '.join(OWN_MODEL)})")
-        stages = ["mntp"]
-    plan = default_plan(stages, args.tiny)
-    if args.arch != "mistral-7b":
-        plan = [(s, i) for s, i in plan if i in OWN_MODEL]
-    if args.impls:
-        wanted = [x.strip() for x in args.impls.split(",") if x.strip()]
-        plan = [(s, i) for s, i in plan if i in wanted or f"{s}:{i}" in wanted]
-        for w in wanted:
-            s, _, i = w.rpartition(":")
-            if i not in ALL_IMPLS:
-                ap.error(f"unknown impl {i!r}; choose from {sorted(ALL_IMPLS)}")
-            if i in OWN_MODEL and s not in ("", "mntp"):
-                ap.error(f"{i} is MNTP only")
-            for stg in ([s] if s else (["mntp"] if i in OWN_MODEL else stages)):
-                if (stg, i) not in plan:
-                    plan.append((stg, i))
+    plan = make_plan(args)  # after --tiny is settled: the plan depends on it
     if args.profile:
         os.makedirs(os.path.dirname(os.path.abspath(args.profile)) or ".", exist_ok=True)
         open(args.profile, "w").close()
@@ -232,8 +243,7 @@ def main(argv=None):
     try:
         if args.big_batch:
             plan = []  # this invocation measures only the big-batch supervised steps
-            big_batch(bench, writer, [int(x) for x in args.big_batch.split(",") if x.strip()], args.grad_cache_chunk,
-                      budget)
+            big_batch(bench, writer, sizes, args.grad_cache_chunk, budget)
         for stage, impl in plan:
             prof = args.profile if (args.profile and stage == "mntp" and impl in ("reference-zero3", "engine")) else None
             elapsed = time.perf_counter() - T0

@@ -16,7 +16,9 @@ benchmarks on CPU with tiny shapes so they never rot). On CUDA, ``timeit`` has t
 import csv
 import datetime
 import os
+import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -71,6 +73,34 @@ def named_paths(specs, flag, is_ok, what, taken=()):
     return out
 
 
+def cli_error(message):
+    """Bad command-line input: ``message`` as one line on stderr and exit status 2 (argparse's for a usage error),
+    with no traceback; called before any heavy work."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def cli_names(text, known, flag):
+    """The comma-separated names of ``text``, each one of ``known`` (else cli_error naming the others and the
+    choices)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        cli_error(f"{flag} {text!r}: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(known)}")
+    return names
+
+
+def cli_ints(text, flag):
+    """The comma-separated positive integers of ``text`` (else cli_error)."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        cli_error(f"{flag} {text!r}: want positive integers, comma-separated (e.g. 512,4096)")
+    return values
+
+
 def timing_mode():
     mode = os.environ.get("LLM2VEC_BENCH_TIMING", "gpu")
     if mode not in TIMING_MODES:
@@ -100,8 +130,7 @@ def timeit(fn, warmup=3, iters=10, device="cuda", mode=None):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def _flush_buffer():
@@ -125,9 +154,9 @@ def _time_gpu(fn, iters):
         fn()
         ends[i].record()
     torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in zip(starts, ends))
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     del flush
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def peak_memory_mb(fn, device="cuda"):
@@ -144,11 +173,15 @@ def peak_memory_mb(fn, device="cuda"):
 
 
 class CsvWriter:
-    def __init__(self, path, bench, timing=None):
-        """``timing``: how this benchmark's ms were taken, written to every row's extra (default: the
-        timeit mode on a GPU, "wall" on CPU)."""
+    def __init__(self, path, bench, timing=None, device=None):
+        """``device``: where the benchmark runs ("cpu", "cuda"; default: CUDA when available), named in every row's
+        gpu column ("cpu" for the CPU, whatever card the host has: a --tiny run on a GPU host ran on the CPU).
+        ``timing``: how this benchmark's ms were taken, written to every row's extra (default: the timeit mode on
+        CUDA, "wall" on the CPU)."""
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
         self.path, self.bench = path, bench
-        self.meta = {"gpu": device_name(), "date": datetime.date.today().isoformat(), "commit": git_commit()}
+        self.meta = {"gpu": device_name() if on_cuda else "cpu", "date": datetime.date.today().isoformat(),
+                     "commit": git_commit()}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         new = not os.path.exists(path)
         self._f = open(path, "a", newline="")
@@ -156,7 +189,7 @@ class CsvWriter:
         if new:
             self._w.writeheader()
         self.rows = []
-        self.timing = timing or (timing_mode() if self.meta["gpu"] != "cpu" else "wall")
+        self.timing = timing or (timing_mode() if on_cuda else "wall")
 
     def add(self, shape, impl, pass_, ms, tflops=float("nan"), peak_mb=float("nan"), **extra):
         extra.setdefault("timing", self.timing)
@@ -227,7 +260,7 @@ def run_elementwise_bench(op, doc, argv, tiny_shapes, gpu_shapes, make_case, imp
     device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
     can_triton = not tiny or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     warmup, iters = (1, args.iters or 2) if tiny else (3, args.iters or 20)
-    writer, rows = CsvWriter(args.out, op), []
+    writer, rows = CsvWriter(args.out, op, device=device), []
     for name, spec in (tiny_shapes if tiny else gpu_shapes).items():
         shape, nbytes, step = make_case(name, spec, device, dtype)
         for impl in impls:

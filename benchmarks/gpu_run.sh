@@ -14,22 +14,31 @@
 # Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/,
 # which must travel with the working tree (run tool: carry=[".whl"]).
 # Budget: GPU_RUN_BUDGET_S (default 555 s; give the run tool timeout_s >= 595) from start to the summary. Steps
-# run most-needed first, each under its own `timeout`, shortened when the run is behind so that later steps
-# keep a floor: the MNTP train step, four processes of up to GPU_RUN_PATH_S=95 s each (steps
-# GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into bench_train_step.csv, profiles into train_step_profile.txt);
-# gpu_check 85 s + GPU tests 35 s; attention 150 s (fixed configs, opt-in autotuning and the
-# atomic-dQ backward side by side; autotuning compiles its candidates here; Gemma2's soft-capped shapes against
-# transformers' eager attention and compiled FlexAttention come after the earlier runs' shapes); masked CE 60 s;
-# the issue-6 big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, rows into
-# bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the supervised and
-# SimCSE train steps (what is left, up to GPU_RUN_TRAIN_S=120 s); contrastive
-# 45 s (its targets were met in the first run); the summary 10 s. A failing or hung step is recorded and the
-# run goes on. Kernel benchmarks report GPU time (benchmarks/common.py, timing=gpu in every row).
+# run most-needed first, each under its own `timeout`, with a cap and a floor (benchmarks/gpu_lib.sh: the rule,
+# plan_steps the figures): a step runs at most min(its cap, the time left less the floors of the steps after
+# it), so however long the earlier steps run, every step with a floor gets it. In order: the MNTP train step,
+# four processes of up to GPU_RUN_PATH_S=95 s each (steps GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into
+# bench_train_step.csv, profiles into train_step_profile.txt; 60 s kept for each path to come); gpu_check
+# (110 s, floor 60) + GPU tests (35 s, floor 30); attention (150 s, floor 30: fixed configs, opt-in autotuning
+# and the atomic-dQ backward side by side; autotuning compiles its candidates here; Gemma2's soft-capped shapes
+# against transformers' eager attention and compiled FlexAttention come after the earlier runs' shapes); masked
+# CE (60 s, floor 20); the issue-6 big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s,
+# rows into bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the
+# supervised and SimCSE train steps, reference-zero3 and engine each in its own process, 5 warm-up + 20 timed
+# steps, up to GPU_RUN_CONTRASTIVE_PATH_S=240 s each (the first of a pair keeps 120 s for its partner); the
+# contrastive kernel benchmark (45 s; its targets were met in the first run); the summary (floor 20 s). Steps
+# without a floor get what is left: in one default call that is little past masked CE, so the supervised and
+# SimCSE pairs (~250 + ~165 s for supervised on an H200) need a call of their own, e.g.
+#   GPU_RUN_ONLY=train_step_supervised_reference-zero3,train_step_supervised_engine bash benchmarks/gpu_run.sh
+# (GPU_RUN_ONLY: run only the named steps, the summary always). A step with no time left is skipped and says so
+# (steps.tsv, the summary). A failing or hung step is recorded and the run goes on. Kernel benchmarks report GPU
+# time (benchmarks/common.py, timing=gpu in every row).
 # $OUT receives at most 8 files: log.txt, correctness.json, bench_attention.csv, bench_masked_ce.csv,
 # bench_contrastive.csv, bench_train_step.csv, summary.md, results.tar.gz (plots, profiler text, step logs).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
+source benchmarks/gpu_lib.sh
 START=$SECONDS
 CPU_MODE=${GPU_RUN_CPU:-0}
 # The model of the MNTP train-step rows. Another structure than Mistral-7B's times llm2vec's recipe (reference)
@@ -52,24 +61,21 @@ STEPS=$WORK/steps.tsv
 : > "$STEPS"
 
 say() { echo "[gpu_run $((SECONDS - START))s] $*" | tee -a "$LOG"; }
+plan_steps "$ARCH"  # STEP_ORDER, CAP, FLOOR (benchmarks/gpu_lib.sh); limit_for NAME is a step's time
 
-# limit_for CAP_S RESERVE_S: seconds this step may run, min(CAP, time left - RESERVE kept for later steps).
-limit_for() {
-  local left=$((BUDGET - (SECONDS - START) - $2))
-  echo $(($1 < left ? $1 : left))
-}
-
-# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below 15 s, or when NAME is in the
-# comma-separated GPU_RUN_SKIP); output -> log.txt.
+# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below MIN_STEP_S, or when GPU_RUN_SKIP
+# names the step or GPU_RUN_ONLY does not); output -> log.txt.
 run_step() {
   local name=$1 limit=$2
   shift 2
-  if [[ ",${GPU_RUN_SKIP:-}," == *",$name,"* ]]; then
-    say "SKIP $name: GPU_RUN_SKIP"
-    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "GPU_RUN_SKIP" >> "$STEPS"
+  if ! will_run "$name"; then
+    local why=GPU_RUN_SKIP
+    [[ ",${GPU_RUN_SKIP:-}," == *",$name,"* ]] || why="not in GPU_RUN_ONLY"
+    say "SKIP $name: $why"
+    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "$why" >> "$STEPS"
     return 0
   fi
-  if [ "$limit" -lt 15 ]; then
+  if [ "$limit" -lt "$MIN_STEP_S" ]; then
     say "SKIP $name: only ${limit}s left before the time kept for later steps"
     printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "no time left" >> "$STEPS"
     return 0
@@ -79,7 +85,7 @@ run_step() {
   local off t0 rc
   off=$(stat -c %s "$LOG")
   t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  timeout --kill-after="$KILL_S" "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" >> "$STEPS"
   if [ "$rc" -eq 0 ]; then
@@ -128,12 +134,10 @@ if [ -d .whl/assets ]; then  # tokenizer-only copy of the SmolLM2 asset, for GPU
   ASSETS=$(mktemp -d /tmp/gpu_run_assets.XXXXXX)
   cp -r .whl/assets/. "$ASSETS/" && export LLM2VEC_ENGINE_CACHE=$ASSETS
 fi
-if [ -z "${LLM2VEC_COMMIT:-}" ] && ! git -C "$ROOT" rev-parse --short HEAD >/dev/null 2>&1; then
-  # No git metadata on the device: name the code by a hash of its sources (CSV rows carry it).
-  LLM2VEC_COMMIT=tree-$(find engine kernels benchmarks tests configs -type f \( -name '*.py' -o -name '*.yaml' \
-    -o -name '*.sh' \) 2>/dev/null | LC_ALL=C sort | xargs cat 2>/dev/null | sha256sum | cut -c1-12)
-  export LLM2VEC_COMMIT
-fi
+# The code the CSV rows name: git's short HEAD, or without git metadata on the device a hash of the sources
+# (benchmarks/gpu_lib.sh code_label).
+LLM2VEC_COMMIT=$(code_label "$ROOT")
+export LLM2VEC_COMMIT
 
 {
   echo "== environment"
@@ -170,30 +174,34 @@ if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
-MNTP_PATHS=(reference engine-auto engine reference-zero3)
 ARCH_ARGS=()
-if [ "$ARCH" != mistral-7b ]; then
-  MNTP_PATHS=(reference engine-auto)
-  ARCH_ARGS=(--arch "$ARCH")
-fi
-left_paths=${#MNTP_PATHS[@]}
-for path in "${MNTP_PATHS[@]}"; do
-  left_paths=$((left_paths - 1))
-  # keep 180 s for the kernel checks and benchmarks, and 60 s for each path still to come
-  # another structure has two paths and longer steps (Gemma2-9B's eager reference: about 3 s predicted)
-  ts_limit=$(limit_for "${GPU_RUN_PATH_S:-$([ "$ARCH" = mistral-7b ] && echo 95 || echo 150)}" \
-    $((180 + 60 * left_paths)))
-  run_step "train_step_mntp_$path" "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-    "${ARCH_ARGS[@]+"${ARCH_ARGS[@]}"}" --stages mntp --impls "mntp:$path" --warmup "$TS_WARMUP" \
-    --steps "$TS_STEPS" --no-parity --out "$WORK/train_step_$path.csv" \
-    --profile "$WORK/train_step_profile_$path.txt" --budget-s "$((ts_limit - 10))"
+[ "$ARCH" != mistral-7b ] && ARCH_ARGS=(--arch "$ARCH")  # two paths (reference, engine-auto), longer steps
+# train_step STAGE PATH: one path of one stage in a process of its own (5 warm-up + 20 timed steps; CPU
+# rehearsal 1 + 2), under its step's limit; its rows go to $WORK/train_step_<stage>_<path>.csv. MNTP paths are
+# profiled; a supervised / SimCSE engine process also compares its loss with reference-zero3's (parity_rel).
+train_step() {
+  local stage=$1 path=$2 name="train_step_$1_$2" limit extra=(--no-parity)
+  limit=$(limit_for "$name")
+  if [ "$stage" = mntp ]; then
+    extra+=("${ARCH_ARGS[@]+"${ARCH_ARGS[@]}"}" --profile "$WORK/train_step_profile_$path.txt")
+  elif [ "$path" = engine ]; then
+    extra=()
+  fi
+  run_step "$name" "$limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+    "${extra[@]+"${extra[@]}"}" --stages "$stage" --impls "$stage:$path" --warmup "$TS_WARMUP" \
+    --steps "$TS_STEPS" --out "$WORK/$name.csv" --budget-s "$((limit - 10))"
+}
+for name in "${STEP_ORDER[@]}"; do
+  [[ "$name" == train_step_mntp_* ]] && train_step mntp "${name#train_step_mntp_}"
 done
 join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
   local first=1 f
   : > "$WORK/bench_train_step.csv"
-  for f in "$WORK"/train_step_reference.csv "$WORK"/train_step_engine-auto.csv \
-      "$WORK"/train_step_reference-zero3.csv "$WORK"/train_step_engine.csv \
-      "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_zcontrastive.csv; do
+  for f in "$WORK"/train_step_mntp_reference.csv "$WORK"/train_step_mntp_engine-auto.csv \
+      "$WORK"/train_step_mntp_reference-zero3.csv "$WORK"/train_step_mntp_engine.csv \
+      "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_supervised_reference-zero3.csv \
+      "$WORK"/train_step_supervised_engine.csv "$WORK"/train_step_simcse_reference-zero3.csv \
+      "$WORK"/train_step_simcse_engine.csv; do
     head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
     if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0
     else tail -n +2 "$f" >> "$WORK/bench_train_step.csv"; fi
@@ -208,17 +216,15 @@ join_train_step_csv
 # 1. bf16 correctness: every kernel check in the registry (llm2vec_kernels/gpu_check/, `python -m llm2vec_kernels.gpu_check
 # --list`), each against its op's reference, then the GPU-marked tests. The rows land in correctness.json after
 # each check; one check past its share of the time is stopped and recorded as an error.
-# Time kept for later steps: GPU tests 20, attention 90, masked CE 35, big batch 80, train 60, contrastive 25,
-# summary 10.
-run_step correctness "$(limit_for 110 220)" python3 -m llm2vec_kernels.gpu_check --json "$OUT/correctness.json" \
-  --per-op-s 30
+run_step correctness "$(limit_for correctness)" python3 -m llm2vec_kernels.gpu_check \
+  --json "$OUT/correctness.json" --per-op-s 30
 # The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
 PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
   tests/)
 if [ "$CPU_MODE" = 1 ]; then
-  run_step pytest_gpu "$(limit_for 35 200)" "${PYTEST[@]}"
+  run_step pytest_gpu "$(limit_for pytest_gpu)" "${PYTEST[@]}"
 else
-  run_step pytest_gpu "$(limit_for 35 200)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
+  run_step pytest_gpu "$(limit_for pytest_gpu)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -235,9 +241,9 @@ bench_args() {
     if grep -q -- '"--tiny"' "$f"; then BARGS+=(--tiny); elif grep -q -- '"--smoke"' "$f"; then BARGS+=(--smoke); fi
   fi
 }
-run_bench() {  # name cap reserve
+run_bench() {  # name (its cap and floor: plan_steps)
   local name=$1 limit
-  limit=$(limit_for "$2" "$3")
+  limit=$(limit_for "bench_$name")
   if [ ! -f "benchmarks/bench_$name.py" ]; then
     say "SKIP bench_$name: benchmarks/bench_$name.py missing"
     printf '%s\t%s\t%s\t%s\n' "bench_$name" "skipped" 0 "file missing" >> "$STEPS"
@@ -256,26 +262,29 @@ run_bench() {  # name cap reserve
   [ -f "$WORK/bench_$name.csv" ] && cp "$WORK/bench_$name.csv" "$OUT/"
   return 0
 }
-run_bench attention 150 110
+run_bench attention
 if [ "$ARCH" = mistral-7b ]; then  # the rest is built on the Mistral-7B structure (steps 2b to 3c)
-run_bench masked_ce 60 90
+run_bench masked_ce
 
 # ------------------------------------------------------------------------------------------------
 # 3. Issue 6: supervised step peak memory at global batch 512 / 4096 (short texts), without and with gradient
 # caching; rows go into bench_train_step.csv.
-bb_limit=$(limit_for "${GPU_RUN_BIGBATCH_S:-150}" 75)
+bb_limit=$(limit_for bench_train_step_bigbatch)
 [ "$CPU_MODE" = 1 ] && : "${GPU_RUN_BIGBATCH:=64,256}"  # the rehearsal's tiny model on 2 CPU cores
 run_step bench_train_step_bigbatch "$bb_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
   --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/train_step_bigbatch.csv" \
   --budget-s "$((bb_limit - 15))"
-# 3b. Supervised and SimCSE train steps, reference-zero3 against engine (its own budget stops it starting
-# measurements that would not finish in time); the MNTP rows came first (step 0).
-ts_limit=$(limit_for "${GPU_RUN_TRAIN_S:-120}" 35)
-run_step bench_train_step_contrastive "$ts_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-  --stages supervised,simcse --impls reference-zero3,engine --warmup 2 --steps 5 \
-  --out "$WORK/train_step_zcontrastive.csv" --budget-s "$((ts_limit - 15))"
+# 3b. Supervised and SimCSE train steps, reference-zero3 against engine, each path in its own process as the MNTP
+# paths (5 warm-up + 20 timed steps; timing stops early, after at least 5, when the next steps would pass the
+# process's --budget-s, and the row says cut=budget); supervised first (its target), then SimCSE.
+for name in "${STEP_ORDER[@]}"; do
+  case "$name" in
+    train_step_supervised_*) train_step supervised "${name#train_step_supervised_}" ;;
+    train_step_simcse_*) train_step simcse "${name#train_step_simcse_}" ;;
+  esac
+done
 join_train_step_csv
-run_bench contrastive 45 10
+run_bench contrastive
 fi
 
 # ------------------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from benchmarks.harness import ROOT
 from benchmarks.step_cost import CLASSES, HOST_FLOOR_US, is_elementwise
 
 PROFILE = os.path.join(ROOT, "benchmarks", "results", "2026-11-26-h200", "train_step_profile.txt")
-# profile section ("== mntp / <name> (") -> the proxy path that reruns it on meta tensors (--calibrate)
-PROFILED = {"engine": "engine", "reference": "reference-zero3"}
+# the proxy paths that rerun the committed profile's steps on meta tensors (--calibrate): "engine" as profiled
+# (ZeRO-3, PEFT LoRA, full recompute: bench_step_ops calibrates it as engine-as-profiled) and the ZeRO-3 reference
+PROFILED = ("engine", "reference-zero3")
 PROFILE_CLASS = {"linear: MLP": "gemm", "linear: attention projections": "gemm", "attention": "attention",
                  "linear: LoRA": "lora", "loss": "loss", "optimizer": "optimizer",
                  "ZeRO fetch/release/grad-reduce": "hooks", "other": "other"}
@@ -38,15 +39,27 @@ _CAT = re.compile(r"^(.+?)\s+([0-9.]+)\s+([0-9.]+)%$")
 _OP = re.compile(r"^\s*([0-9.]+) ms\s+(\d+)x\s+(.+)\s+(\S+)\s*$")
 
 
+def profiled_path(name, setup):
+    """The path a profile section "== mntp / <name> (<card>, <dtype>, <setup>)" ran. Sections are named by
+    bench_train_step's impl. Before llm2vec's HF recipe joined it (the committed profile), `reference` was the
+    ZeRO-3 reference, its setup "zero=3": today's reference-zero3. Today's `reference` is the HF recipe (setup
+    "no DeepSpeed"), the proxy's reference path; reference-zero3, engine (the ZeRO-3 harness, which the proxy's
+    engine calibration reruns as profiled) and engine-auto keep their names."""
+    if name == "reference" and "zero=" in setup:
+        return "reference-zero3"
+    return name
+
+
 def read_profile(path=PROFILE):
-    """{proxy path: {"ms": {class: measured ms}, "ops": [(ms, launches, profile category, op name)]}}."""
+    """{path (profiled_path): {"ms": {class: measured ms}, "ops": [(ms, launches, profile category, op name)]}}."""
     out, cur, section = {}, None, None
     with open(path) as f:
         for line in f:
             line = line.rstrip("\n")
-            m = re.match(r"^== mntp / (\S+) \(", line)
+            m = re.match(r"^== mntp / (\S+) \((.*)\)", line)
             if m:
-                cur = out.setdefault(PROFILED[m.group(1)], {"ms": dict.fromkeys(CLASSES, 0.0), "ops": []})
+                cur = out.setdefault(profiled_path(m.group(1), m.group(2)),
+                                     {"ms": dict.fromkeys(CLASSES, 0.0), "ops": []})
                 section = "cats"
                 continue
             if cur is None:

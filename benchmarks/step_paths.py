@@ -10,8 +10,9 @@
                      mask, full logits, full recompute;
   * engine           the engine's own setup: engine.config (configs/mistral-7b/mntp.yaml + overrides),
                      engine.modeling.load_model, engine.trainer.setup_model (fused LoRA, the memory plan's ZeRO
-                     stage and recompute policy for an H200), engine.stages.mntp, DeepSpeed from
-                     engine.config.deepspeed_config and the trainer's optimizer-step tuning;
+                     stage and recompute policy: for the card's own memory on CUDA, for an H200 on meta / CPU,
+                     see memory_budget_set), engine.stages.mntp, DeepSpeed from engine.config.deepspeed_config
+                     and the trainer's optimizer-step tuning;
   * engine-as-profiled  the engine as the 2026-11-26 H200 profile ran it (ZeRO-3, PEFT LoRA, full recompute,
                      no fused decoder ops): the calibration path.
 """
@@ -101,15 +102,30 @@ class Batch:
         self.lens = self.engine["attention_mask"].sum(1).tolist()
 
 
-def engine_config(sets, spec, micro, name="engine"):
-    """The engine's TrainConfig: configs/mistral-7b/mntp.yaml, the benchmark's settings, then --set overrides."""
+# The memory the proxy's plan is sized for where no card is present (meta, CPU): the committed profile's H200,
+# 139 GiB usable.
+PROXY_BUDGET_GB = 139
+
+
+def memory_budget_set(device_type):
+    """The memory_budget_gb override of a path built on ``device_type``.
+
+    On CUDA: 0, which engine.memory.budget_bytes reads as the card's total memory
+    (torch.cuda.get_device_properties(device).total_memory), what `deepspeed engine/train.py` plans for with the
+    config's default; an 80 GB H100 is planned for 80 GB, not the H200's 139. Elsewhere (the meta / CPU proxy,
+    which models the committed H200 run): PROXY_BUDGET_GB."""
+    return f"memory_budget_gb={0 if device_type == 'cuda' else PROXY_BUDGET_GB}"
+
+
+def engine_config(sets, spec, micro, name="engine", device_type="meta"):
+    """The engine's TrainConfig: configs/mistral-7b/mntp.yaml, the benchmark's settings, then --set overrides.
+    The memory plan's budget is the one of a path built on ``device_type`` (memory_budget_set)."""
     ri = json.dumps({k: v for k, v in spec.items()} | {"seed": 0})
     base = [f"model.random_init={ri}", "model.dtype=bf16", "model.attention=triton", "model.loss=triton",
             "mntp.mask_token=eos", f"batch_size={micro}", f"micro_batch_size={micro}", "lora.r=16", "lora.alpha=32",
             "lora.dropout=0.05", "progress_bar=false",
-            # the engine's own choices: fused ops and LoRA as on CUDA; the memory plan sized for one H200 (139 GiB
-            # usable), which the trainer would read from the device
-            "model.fused_ops=triton", "memory_budget_gb=139"]
+            # the engine's own choices: fused ops and LoRA as on CUDA; the memory plan's budget (memory_budget_set)
+            "model.fused_ops=triton", memory_budget_set(device_type)]
     if name != "engine":  # the older paths have no fused decoder ops (the H200 profile ran without them)
         base.append("model.fused_ops=torch")
     return load_config(CONFIG, base + list(sets))
@@ -120,7 +136,7 @@ class Path:
 
     def __init__(self, name, spec, device, sets, micro):
         self.name, self.device, self.engine, self.ds = name, torch.device(device), None, False
-        self.cfg = engine_config(sets, spec, micro, name)
+        self.cfg = engine_config(sets, spec, micro, name, self.device.type)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": torch.bfloat16}[
             self.cfg.model.dtype]
         self.vocab = spec["vocab_size"]

@@ -5,14 +5,18 @@
 
 Reads bench_attention.csv, bench_masked_ce.csv, bench_contrastive.csv, bench_train_step.csv (common.py
 columns) and correctness.json from --dir. Every figure comes from those files; a target whose rows are
-missing is reported as n/a with the reason. --steps is the tab-separated step log gpu_run.sh writes
-(name, exit code, seconds). --plot draws the train-step throughput and peak memory per stage and impl.
+missing is reported as n/a with the reason, and so is one whose row measured nothing (skipped, error).
+Train-step rows of follow-up calls in --dir's rerun/ replace the first call's (a ratio of two calls' rows is
+none), and a run from before llm2vec's HF recipe joined (its `reference` rows say zero=3) is read in today's
+names (legacy_rows). --steps is the tab-separated step log gpu_run.sh writes (name, exit code, seconds); kernel
+checks that did not run are a NOT RUN row. --plot draws the train-step throughput and peak memory per stage and impl.
 --archive ROOT copies a fetched $OUT (CSVs, correctness.json, log.txt, summary, and the plots, profiler
 text, environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/ with a README that
 says what ran, on which card, at which commit.
 """
 import argparse
 import csv
+import glob
 import json
 import math
 import os
@@ -196,12 +200,59 @@ def contrastive_targets(t, rows, ts_rows=None):
         nocache = [x for (impl, b), x in big.items() if b.startswith("B4096") and impl == "engine-nocache"]
         nc = "" if not nocache else "; without caching: " + (
             f"{_f(nocache[0]['peak_mb']):.0f} MB" if _ok(_f(nocache[0]["ms"])) else "did not run (OOM or skipped)")
-        t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU",
-              f"{_f(r['peak_mb']):.0f} MB peak" if st == "ok" else st, "met" if st == "ok" else "MISSED",
+        measured, verdict = fits_verdict(st, _f(r["peak_mb"]))
+        t.add(name, "supervised step, 7B, global batch 4096 (grad cache) fits on one GPU", measured, verdict,
               f"{r['shape']}, {r['ms']} ms{nc}")
 
 
-def train_step_targets(t, rows):
+def fits_verdict(status, peak_mb):
+    """(measured, verdict) of a "fits on one GPU" target from its row's status: ok is met (its peak), oom is
+    MISSED; any other status (skipped_budget, error, ...) measured nothing: n/a, saying which."""
+    if status == "ok":
+        return f"{peak_mb:.0f} MB peak", "met"
+    if status == "oom":
+        return "oom", "MISSED"
+    return f"not measured ({status})", "n/a"
+
+
+def legacy_rows(rows):
+    """Train-step rows in today's impl names, and whether they needed renaming. In runs before llm2vec's HF + PEFT
+    recipe joined the benchmark (the committed 2026-11-26 H200 run) `reference` was the ZeRO-3 ablation, whose step
+    rows say zero=3: today's `reference-zero3`. Today's `reference` is the HF recipe, without DeepSpeed (zero=none).
+    In such a legacy run every `reference` row (profile rows too) is renamed."""
+    legacy = any(r["impl"] == "reference" and r["pass"] == "step" and _extra(r).get("zero") == "3" for r in rows)
+    if not legacy:
+        return rows, False
+    return [dict(r, impl="reference-zero3") if r["impl"] == "reference" else r for r in rows], True
+
+
+def _key(row):
+    return row["shape"].split()[0], row["impl"], row["pass"]
+
+
+def with_reruns(rows, folder):
+    """The train-step rows of a run folder with its follow-up calls' in place: a row of a CSV in FOLDER/rerun/
+    (same stage, impl and pass) replaces the first call's. A ratio of two rows from different calls is no
+    measurement (train_step_targets compares the rows' commits)."""
+    reruns = []
+    for path in sorted(glob.glob(os.path.join(folder, "rerun", "*.csv"))):
+        reruns += [r for r in _rows(path) or [] if r.get("bench") == "train_step"]
+    redone = {_key(r) for r in reruns}
+    return [r for r in rows if _key(r) not in redone] + reruns
+
+
+def train_step_rows(folder):
+    """(bench_train_step.csv's rows with the folder's reruns in place and in today's impl names, legacy), or
+    (None, False) without that file."""
+    rows = _rows(os.path.join(folder, "bench_train_step.csv"))
+    if rows is None:
+        return None, False
+    return legacy_rows(with_reruns(rows, folder))
+
+
+def train_step_targets(t, rows, legacy=False):
+    """Issue 7's rows. The MNTP target's reference is llm2vec's HF recipe (`reference`); in a legacy run
+    (legacy_rows) it was the ZeRO-3 reference path, the only one then, and the verdict is judged against it."""
     name = "7 train step"
     if rows is None:
         t.add(name, "MNTP >= 1.5x tokens/s, peak <= 0.6x; supervised >= 1.3x", "n/a", "n/a",
@@ -215,6 +266,11 @@ def train_step_targets(t, rows):
     def tps(stage, impl):
         r = steps.get((stage, impl))
         return _f(_extra(r).get("tokens_per_s")) if r else float("nan")
+
+    def two_calls(stage, a, b):
+        """Why rows a and b of the stage make no ratio: measured by two calls (commits), else ""."""
+        ca, cb = (steps[(stage, i)].get("commit") for i in (a, b))
+        return f"{a} and {b} from two calls (commits {ca}, {cb}): no ratio" if ca != cb else ""
 
     def why(stage):
         bad = [f"{i}: {_extra(r).get('status')} {_extra(r).get('detail', '')}".strip()
@@ -242,17 +298,24 @@ def train_step_targets(t, rows):
               f"{a / r:.2f}x" if _ok(a) and _ok(r) and r else "n/a", "info", state)
     auto = steps.get(("mntp", "engine-auto"))
     head = "engine-auto" if auto and _extra(auto).get("status") == "ok" else "engine"
-    pairs = [("mntp", "reference", 1.5), ("mntp", "reference-fa2", None), ("mntp", "reference-zero3", None),
+    mntp_ref = "reference-zero3" if legacy else "reference"
+    pairs = [("mntp", mntp_ref, 1.5), ("mntp", "reference-fa2", None), ("mntp", "reference-zero3", None),
              ("mntp", "engine", None), ("supervised", "reference-zero3", 1.3), ("simcse", "reference-zero3", None)]
+    done = set()
     for stage, ref, target in pairs:
         eng = head if stage == "mntp" else "engine"
-        if eng == ref:
+        if eng == ref or (stage, ref) in done:
             continue
+        done.add((stage, ref))
         e, r = tps(stage, eng), tps(stage, ref)
-        if (stage, ref) not in steps and ref != "reference" and stage == "mntp":
+        if (stage, ref) not in steps and ref != mntp_ref and stage == "mntp":
             continue
-        detail = (f"{eng} {e:.0f} vs {ref} {r:.0f} tokens/s; {timing(stage, eng)}; {timing(stage, ref)}"
-                  if _ok(e) and _ok(r) else (why(stage) or "no rows"))
+        if _ok(e) and _ok(r):
+            apart = two_calls(stage, eng, ref)
+            detail = apart or f"{eng} {e:.0f} vs {ref} {r:.0f} tokens/s; {timing(stage, eng)}; {timing(stage, ref)}"
+            e = float("nan") if apart else e
+        else:
+            detail = why(stage) or "no rows"
         if target is None:
             t.add(name, f"{stage} tokens/s {eng} / {ref} (no target)",
                   f"{e / r:.3f}x" if _ok(e) and _ok(r) else "n/a", "info", detail)
@@ -262,20 +325,23 @@ def train_step_targets(t, rows):
     re_ = steps.get(("mntp", head))
     ref_mem = "reference" if steps.get(("mntp", "reference")) else "reference-zero3"
     rr = steps.get(("mntp", ref_mem))
-    if re_ and rr and _ok(_f(re_["peak_mb"])) and _ok(_f(rr["peak_mb"])):
+    if re_ and rr and _ok(_f(re_["peak_mb"])) and _ok(_f(rr["peak_mb"])) and not two_calls("mntp", head, ref_mem):
         t.ratio(name, f"MNTP step peak memory <= 0.6x {ref_mem} (max_memory_allocated, weights included)",
                 _f(re_["peak_mb"]) / _f(rr["peak_mb"]), 0.6, "le",
                 f"{head} {_f(re_['peak_mb']):.0f} MB vs {_f(rr['peak_mb']):.0f} MB; above weights: "
                 f"{_f(_extra(re_).get('act_peak_mb')):.0f} vs {_f(_extra(rr).get('act_peak_mb')):.0f} MB "
                 f"({_f(_extra(re_).get('act_peak_mb')) / _f(_extra(rr).get('act_peak_mb')):.3f}x)")
     else:
-        t.add(name, f"MNTP peak memory <= 0.6x {ref_mem}", "n/a", "n/a", why("mntp") or "no peak memory (CPU run?)")
+        t.add(name, f"MNTP peak memory <= 0.6x {ref_mem}", "n/a", "n/a",
+              why("mntp") or (re_ and rr and two_calls("mntp", head, ref_mem)) or "no peak memory (CPU run?)")
     for (stage, impl), r in sorted(steps.items()):
         if impl.startswith("engine-torch-"):
             e = tps(stage, "engine")
             a = _f(_extra(r).get("tokens_per_s"))
+            apart = two_calls(stage, "engine", impl) if _ok(e) and _ok(a) else ""
             t.add(name, f"ablation {stage}: engine tokens/s / {impl} tokens/s (>1: the kernel helps)",
-                  f"{e / a:.3f}x" if _ok(e) and _ok(a) else "n/a", "info", _extra(r).get("status", ""))
+                  f"{e / a:.3f}x" if _ok(e) and _ok(a) and not apart else "n/a", "info",
+                  apart or _extra(r).get("status", ""))
     return steps
 
 
@@ -319,7 +385,8 @@ def correctness(path):
     return out
 
 
-def steps_notes(path):
+def step_log(path):
+    """gpu_run.sh's steps.tsv as [(name, verdict, seconds, why)]: verdict ok, TIMEOUT, SKIPPED or FAILED rc=N."""
     if not path or not os.path.isfile(path):
         return []
     out = []
@@ -330,9 +397,24 @@ def steps_notes(path):
                 rc = parts[1]
                 verdict = {"0": "ok", "124": "TIMEOUT", "137": "TIMEOUT (killed)", "skipped": "SKIPPED"}.get(
                     rc, f"FAILED rc={rc}")
-                why = f" ({parts[3]})" if len(parts) > 3 else ""
-                out.append(f"- step {parts[0]}: {verdict} in {parts[2]} s{why}")
+                out.append((parts[0], verdict, parts[2], parts[3] if len(parts) > 3 else ""))
     return out
+
+
+def steps_notes(path):
+    return [f"- step {name}: {verdict} in {secs} s" + (f" ({why})" if why else "")
+            for name, verdict, secs, why in step_log(path)]
+
+
+def correctness_target(t, path, steps_path):
+    """A table row when the bf16 kernel checks produced nothing (correctness.json missing), naming why from the
+    step log: a skipped step (no time left) reads NOT RUN, not as a silent gap among the notes."""
+    if os.path.isfile(path):
+        return
+    step = next((s for s in step_log(steps_path) if s[0] == "correctness"), None)
+    why = "correctness.json missing" if step is None else f"step correctness {step[1]}" + (
+        f" ({step[3]})" if step[3] else "")
+    t.add("bf16 correctness", "gpu_check of every kernel against its reference", "not run", "NOT RUN", why)
 
 
 def plot_train_step(rows, png):
@@ -417,10 +499,11 @@ def main(argv=None):
         print(f"archived to {dst}")
         return dst
     t = Table()
+    correctness_target(t, os.path.join(d, "correctness.json"), args.steps)
     try:
-        ts_all = _rows(os.path.join(d, "bench_train_step.csv"))
+        ts_all, legacy = train_step_rows(d)
     except Exception:
-        ts_all = None
+        ts_all, legacy = None, False
     for fn, csv_name in ((attention_targets, "bench_attention.csv"), (masked_ce_targets, "bench_masked_ce.csv"),
                          (contrastive_targets, "bench_contrastive.csv")):
         try:
@@ -430,10 +513,9 @@ def main(argv=None):
                 fn(t, _rows(os.path.join(d, csv_name)))
         except Exception as exc:  # one malformed file must not hide the rest
             t.add(csv_name, "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
-    ts_rows = None
+    ts_rows = ts_all
     try:
-        ts_rows = _rows(os.path.join(d, "bench_train_step.csv"))
-        train_step_targets(t, ts_rows)
+        train_step_targets(t, ts_rows, legacy)
     except Exception as exc:
         t.add("bench_train_step.csv", "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
     gpu = next((r["gpu"] for r in (ts_rows or []) if r.get("gpu")), None)

@@ -79,8 +79,12 @@ def out_of_time(args, times, min_steps=5):
 
 
 def step_stats(times, warmup):
-    """CSV extras of a timed run: min, quartiles and IQR of the step times (ms), and the protocol."""
+    """CSV extras of a timed run: min, quartiles and IQR of the step times (ms), and the protocol.
+
+    The quartiles interpolate between the measured times (statistics.quantiles, method "inclusive": q at
+    position p(n - 1) of the sorted times), so they lie within [min, max]; the exclusive method extrapolates
+    beyond them for small n (two steps of 1000 and 2000 ms: q1 750, q3 2250)."""
     ms = sorted(t * 1e3 for t in times)
-    q1, q3 = (statistics.quantiles(ms, n=4)[0], statistics.quantiles(ms, n=4)[2]) if len(ms) > 1 else (ms[0], ms[0])
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
     return {"min_ms": f"{ms[0]:.1f}", "q1_ms": f"{q1:.1f}", "q3_ms": f"{q3:.1f}", "iqr_ms": f"{q3 - q1:.1f}",
             "warmup": warmup, "timed_steps": len(ms)}

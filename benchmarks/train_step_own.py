@@ -91,17 +91,20 @@ def _build_hf_reference(args, impl, device, dtype, spec, lora, mask):
 def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
     """The trainer's own setup (benchmarks.step_paths.Path "engine": engine.trainer.setup_model with its fused
     LoRA groups and Triton decoder ops, the memory plan's ZeRO stage and recompute policy, DeepSpeed from
-    engine.config.deepspeed_config and engine.optim.tune_optimizer_step) on the batch of the reference row."""
+    engine.config.deepspeed_config and engine.optim.tune_optimizer_step) on the batch of the reference row. The
+    plan is for the card's own memory (an H200's on the CPU rehearsal: step_paths.memory_budget_set); the row
+    says which (budget_gib). The parameters are counted before DeepSpeed starts: ZeRO-3 partitions them, and a
+    partitioned weight's numel() is 0 (the MFU would count no frozen weights)."""
     B = (TINY_SHAPES if args.tiny else GPU_SHAPES)["mntp"][0]
     sets = [f"lora.r={lora['r']}", f"lora.alpha={lora['alpha']}", f"lora.dropout={lora['dropout']}",
             f"mntp.mask_prob={mask[0]}", f"mntp.scheme={mask[1]}"]
     if device.type != "cuda":  # the CPU rehearsal: fp32 and the kernels' torch paths (the plan stays an H200's)
         sets += ["model.dtype=fp32", "model.attention=auto", "model.loss=auto", "model.fused_ops=auto"]
     path = StepPath("engine", spec, device.type, sets, B)
+    n_frozen, n_lora = count_params(path.module.model)
     path.init_deepspeed()
     coll, st = _mntp_batch(args, lora, mask, spec["vocab_size"], device)
     batch = types.SimpleNamespace(engine=to_device(coll, device))
-    n_frozen, n_lora = count_params(path.module.model)
 
     def eval_loss():
         return path.module(batch.engine)[0]
@@ -111,7 +114,8 @@ def _build_engine_auto(args, impl, device, dtype, spec, lora, mask):
                          mcfg=path.module.model.config, n_frozen=n_frozen, n_lora=n_lora, head_rows=st["masked"],
                          recompute=path.recompute,
                          extra={"zero": str(path.zero_stage), "recompute": path.recompute, "optimizer": opt,
-                                "fused_ops": path.cfg.model.fused_ops},
+                                "fused_ops": path.cfg.model.fused_ops,
+                                "budget_gib": f"{path.plan.budget_bytes / 2**30:.1f}"},
                          title=f"ZeRO {path.zero_stage}, {path.recompute} recompute, {opt}")
 
 

@@ -83,3 +83,82 @@ def test_timing_mode_from_env_and_rows_say_how_they_were_timed(monkeypatch, tmp_
     w = common.CsvWriter(str(tmp_path / "b.csv"), "x", timing="wall-synced-step")
     row = w.add("s", "impl", "step", 1.0, status="ok")
     assert row["extra"] == "status=ok;timing=wall-synced-step"
+
+
+@pytest.mark.parametrize("module, argv, says", [
+    ("bench_masked_ce", ["--shapes", "bogus"], "--shapes 'bogus': unknown bogus"),
+    ("bench_contrastive", ["--tiny", "--batches", "x"], "--batches 'x': want positive integers"),
+    ("bench_step_ops", ["--from-json", "missing.json"], "--from-json missing.json: FileNotFoundError"),
+    ("bench_train_step", ["--big-batch", "x"], "--big-batch 'x': want positive integers"),
+    ("bench_train_step", ["--stages", "mntp,bogus"], "--stages 'mntp,bogus': unknown bogus"),
+    ("bench_attention", ["--cases", "bogus"], "--cases: unknown bogus"),
+])
+def test_bad_command_line_input_is_one_line_and_exit_2(module, argv, says, capsys, tmp_path, monkeypatch):
+    """Each benchmark CLI refuses bad input with one line on stderr and exit status 2 (common.cli_error), before
+    any work: no traceback, no model built, no CSV started."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    main = importlib.import_module(f"benchmarks.{module}").main
+    out = ["--out", str(tmp_path / "rows.csv")] if module != "bench_step_ops" else []
+    with pytest.raises(SystemExit) as e:
+        main(argv + out)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and says in err and "\n" not in err, err
+    assert not (tmp_path / "rows.csv").exists()
+
+
+def test_timeit_reports_the_median_of_an_even_count(monkeypatch):
+    """An even number of timed calls reports the mean of the two middle times (the median), not the upper one: on
+    CPU, and in both CUDA modes."""
+    clock = iter([0.0, 0.001, 10.0, 10.002, 20.0, 20.004, 30.0, 30.003])  # calls of 1, 2, 4, 3 ms
+    monkeypatch.setattr(common.time, "perf_counter", clock.__next__)
+    assert common.timeit(lambda: None, warmup=0, iters=4, device="cpu") == pytest.approx(2.5)
+    monkeypatch.undo()
+    for mode in ("gpu", "sync"):
+        cuda = _FakeCuda(monkeypatch, durations=[100.0, 1.0, 2.0, 4.0, 3.0])  # the gpu mode's sizing call first
+        if mode == "sync":
+            cuda.durations.pop(0)
+        assert common.timeit(cuda.fn, warmup=0, iters=4, device="cuda", mode=mode) == 2.5, mode
+
+
+def test_tiny_rows_on_a_gpu_host_say_they_ran_on_the_cpu(monkeypatch, tmp_path):
+    """--tiny runs on the CPU with wall-clock timing even where a GPU is present: its rows say gpu=cpu and
+    timing=wall, not the card's name and its timing mode."""
+    from benchmarks import bench_rms_norm
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.delenv("LLM2VEC_BENCH_TIMING", raising=False)
+    on_card = common.CsvWriter(str(tmp_path / "card.csv"), "x").add("s", "impl", "fwd", 1.0)
+    assert on_card["gpu"] == "NVIDIA H100 80GB HBM3" and "timing=gpu" in on_card["extra"]
+    rows = bench_rms_norm.main(["--tiny", "--iters", "1", "--out", str(tmp_path / "tiny.csv")])
+    assert rows and all(r["gpu"] == "cpu" and "timing=wall" in r["extra"] for r in rows), rows
+
+
+def test_elementwise_benchmarks_count_the_bytes_the_kernels_move():
+    """GB/s divides what the fused kernels must move: RMSNorm's backward re-reads x (5 activation tensors, plus
+    the weight twice and rstd written and read), the gated activation's re-reads gate and up (8 tensors)."""
+    from benchmarks import bench_glu, bench_rms_norm
+
+    _, nbytes, _ = bench_rms_norm._case("t", (6, 8, False), "cpu", torch.bfloat16)
+    assert nbytes == bench_rms_norm.moved_bytes(6, 8, 2) == 5 * 6 * 8 * 2 + 2 * 8 * 2 + 2 * 4 * 6
+    _, nbytes, _ = bench_glu._case("t", (6, 8, "silu"), "cpu", torch.bfloat16)
+    assert nbytes == bench_glu.moved_bytes(6, 8, 2) == 8 * 6 * 8 * 2
+
+
+def test_attention_flops_follow_the_train_steps_useful_work():
+    """bench_attention's TFLOP/s count the work bench_train_step's MFU counts for attention: the forward's two
+    products and the backward's four (2x the forward, 3x a step), not the scores recomputed in the backward."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_attention
+    from benchmarks.train_step_measure import stage_flops
+
+    lens, hq, d = [6, 4], 4, 8
+    fwd = bench_attention.attention_flops(lens, hq, d)
+    assert fwd == 4 * (36 + 16) * hq * d
+    assert bench_attention.PASS_FACTOR == {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}
+    mcfg = SimpleNamespace(num_hidden_layers=1, num_attention_heads=hq, head_dim=d, hidden_size=32, vocab_size=10)
+    model, _ = stage_flops("mntp", {"tokens": 10, "lens": lens, "masked": 0}, mcfg, n_frozen=0, n_lora=0)
+    assert model == bench_attention.PASS_FACTOR["fwd+bwd"] * fwd

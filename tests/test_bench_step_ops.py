@@ -245,6 +245,28 @@ def test_profile_classes_add_up_to_the_measured_kernel_time():
     assert 1.0 < per_hook < step_cost.HOST_FLOOR_US  # ZeRO-3's hook copies: launch-bound, not floor-sized kernels
 
 
+def test_profile_sections_read_in_todays_names(tmp_path):
+    """A profile written today (bench_train_step --profile, one section per impl) is read under its own names:
+    `reference` is llm2vec's HF recipe (no DeepSpeed), reference-zero3 the ZeRO-3 reference, engine-auto the
+    trainer's setup; the committed profile, whose `reference` was the ZeRO-3 reference (zero=3), reads as before."""
+    with open(step_calibration.PROFILE) as f:
+        legacy = f.read()
+    ref_body = legacy.split("== mntp / engine (")[0].split("\n", 1)[1]
+    eng_body = legacy.split("== mntp / engine (")[1].split("\n", 1)[1]
+    card = "NVIDIA H100 80GB HBM3, bfloat16"
+    new = (f"== mntp / reference ({card}, no DeepSpeed)\n{ref_body}"
+           f"== mntp / engine-auto ({card}, ZeRO 1, selective recompute, AdamW)\n{eng_body}"
+           f"== mntp / engine ({card}, zero=3)\n{eng_body}"
+           f"== mntp / reference-zero3 ({card}, zero=3)\n{ref_body}")
+    (tmp_path / "profile.txt").write_text(new)
+    old, got = step_calibration.read_profile(), step_calibration.read_profile(str(tmp_path / "profile.txt"))
+    assert set(old) == {"reference-zero3", "engine"}
+    assert set(got) == {"reference", "engine-auto", "engine", "reference-zero3"}
+    for name, was in (("reference", "reference-zero3"), ("reference-zero3", "reference-zero3"),
+                      ("engine", "engine"), ("engine-auto", "engine")):
+        assert got[name]["ms"] == pytest.approx(old[was]["ms"]), name
+
+
 def test_estimate_costs_unprofiled_triton_kernels_pessimistically():
     empty = {"roof": 0.0, "n": 0, "roof_triton": 0.0, "n_triton": 0}
     summary = {c: dict(empty) for c in step_cost.CLASSES}

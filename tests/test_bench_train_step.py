@@ -3,6 +3,7 @@ and of its profiler grouping, so the GPU benchmark cannot rot between GPU runs."
 import csv
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -187,6 +188,63 @@ def test_flop_model():
     assert math.isclose(model2, 4 * 1000 * 10 + 6 * 50 * 10 + 3 * attn_fwd + 6 * 1 * 1 * 32)
 
 
+def test_engine_auto_plans_for_the_cards_own_memory(monkeypatch):
+    """engine-auto on CUDA plans for the card's memory, as engine/train.py does with the config's default
+    (memory_budget_gb 0: engine.memory.budget_bytes asks the device): an 80 GB H100 is planned for 80 GiB, not the
+    H200's 139. The meta / CPU proxy, which models the committed H200 run, keeps 139 GiB."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.step_paths import PROXY_BUDGET_GB, TINY, engine_config
+    from engine.memory import budget_bytes
+
+    h100 = SimpleNamespace(total_memory=80 * 2**30, name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: h100)
+    for device, gib in (("cuda", 80), ("meta", PROXY_BUDGET_GB), ("cpu", PROXY_BUDGET_GB)):
+        cfg = engine_config([], TINY, 4, device_type=device)
+        assert budget_bytes(cfg, torch.device(device), 1) == gib * 2**30, device
+    assert PROXY_BUDGET_GB == 139
+
+
+def test_engine_auto_counts_parameters_before_zero3_partitions_them(monkeypatch):
+    """Under ZeRO-3 DeepSpeed partitions every parameter (a partitioned weight's numel() is 0 in this process), so
+    engine-auto's MFU counts the model's parameters before DeepSpeed starts. Here a DeepSpeed start that
+    partitions as ZeRO-3 does stands in for a card where the plan picks stage 3."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks import train_step_own as tso
+    from benchmarks.harness import TINY_LORA, TINY_MODEL
+
+    real = tso.StepPath.init_deepspeed
+
+    def init_and_partition(self):
+        real(self)
+        for p in self.module.parameters():
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    monkeypatch.setattr(tso.StepPath, "init_deepspeed", init_and_partition)
+    m = TINY_MODEL
+    q, kv = m["num_attention_heads"] * m["head_dim"], m["num_key_value_heads"] * m["head_dim"]
+    per_layer = m["hidden_size"] * (2 * q + 2 * kv) + 3 * m["hidden_size"] * m["intermediate_size"]
+    _, own = tso._build_engine_auto(SimpleNamespace(tiny=True, seed=0), "engine-auto", torch.device("cpu"),
+                                    torch.float32, TINY_MODEL, TINY_LORA, (0.2, "bert"))
+    assert own.n_frozen == per_layer * m["num_hidden_layers"] and own.n_lora > 0
+    assert own.extra["budget_gib"] == "139.0"
+
+
+def test_step_quartiles_stay_within_the_measured_times():
+    from benchmarks.train_step_measure import step_stats
+
+    st = step_stats([1.0, 2.0], warmup=5)
+    assert (st["q1_ms"], st["q3_ms"], st["iqr_ms"], st["min_ms"]) == ("1250.0", "1750.0", "500.0", "1000.0")
+    st = step_stats([0.004, 0.001, 0.002, 0.003, 0.005], warmup=5)
+    assert (st["q1_ms"], st["q3_ms"], st["timed_steps"]) == ("2.0", "4.0", 5)
+    assert step_stats([0.003], warmup=1)["iqr_ms"] == "0.0"
+
+
 def test_peak_lookup():
     from benchmarks.train_step_measure import peak_tflops
 
@@ -227,6 +285,112 @@ def test_gpu_run_script_is_valid_bash():
     r = run_cmd(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_run.sh")], timeout=30)
     assert r.returncode == 0, r.stderr
     r = run_cmd(["bash", "-n", os.path.join(ROOT, "benchmarks", "prepare_device.sh")], timeout=30)
+    assert r.returncode == 0, r.stderr
+
+
+def _budget_walk(arch, startup_s, step_s=None, env=None):
+    """gpu_run.sh's step limits (benchmarks/gpu_lib.sh) on a simulated clock: the steps in their order after
+    startup_s of installing, each running min(its limit, step_s) when step_s is given, else into its timeout and
+    the kill KILL_S later (the worst case); a step whose limit is under MIN_STEP_S is skipped. Returns
+    ({step: limit}, seconds left when the summary starts, the floors)."""
+    script = f"""
+source benchmarks/gpu_lib.sh
+plan_steps {arch}
+BUDGET=555 START=0 NOW={startup_s}
+elapsed() {{ echo "$NOW"; }}
+for s in "${{STEP_ORDER[@]}}"; do
+  if [ "$s" = summary ]; then echo "summary $((BUDGET - NOW))"; break; fi
+  will_run "$s" || continue
+  lim=$(limit_for "$s")
+  echo "$s $lim ${{FLOOR[$s]:-0}}"
+  if [ "$lim" -ge "$MIN_STEP_S" ]; then
+    took={step_s if step_s else '$((lim + KILL_S))'}
+    NOW=$((NOW + (took < lim ? took : lim + KILL_S)))
+  fi
+done
+"""
+    r = run_cmd(["bash", "-c", script], env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    limits, floors, left = {}, {}, None
+    for line in r.stdout.split("\n"):
+        parts = line.split()
+        if parts and parts[0] == "summary":
+            left = int(parts[1])
+        elif parts:
+            limits[parts[0]], floors[parts[0]] = int(parts[1]), int(parts[2])
+    return limits, left, floors
+
+
+@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b"])
+def test_gpu_run_budget_keeps_every_floor(arch):
+    """However long the steps before them run (each into its timeout and kill: the worst case), the bf16 kernel
+    checks, the GPU tests and every other step with a floor get it, and the summary its 20 s: each step keeps the
+    floors of all the steps after it, the MNTP paths first among them. Before, the MNTP paths kept 180 s while the
+    kernel checks needed 220 s kept plus 15: paths of ~80 s each left them 0 s, and they were skipped."""
+    for step_s in (None, 80):
+        limits, left, floors = _budget_walk(arch, startup_s=40, step_s=step_s)
+        assert left >= 20, (step_s, limits, left)
+        for name, floor in floors.items():
+            assert floor == 0 or limits[name] >= floor, (step_s, name, limits)
+        assert limits["correctness"] >= 60 and limits["pytest_gpu"] >= 30, (step_s, limits)
+    assert len([n for n in limits if n.startswith("train_step_mntp_")]) == (4 if arch == "mistral-7b" else 2)
+
+
+def test_gpu_run_budget_runs_the_named_steps_alone():
+    """GPU_RUN_ONLY (or GPU_RUN_SKIP) leaves the other steps' floors unkept: the supervised pair, each path in its own
+    process, gets a call to itself, and its first path keeps PAIR_KEEP_S for the second."""
+    pair = "train_step_supervised_reference-zero3,train_step_supervised_engine"
+    limits, left, _ = _budget_walk("mistral-7b", startup_s=40, env={"GPU_RUN_ONLY": pair})
+    assert set(limits) == set(pair.split(",")) and left >= 20
+    assert limits["train_step_supervised_reference-zero3"] == 240 and limits["train_step_supervised_engine"] >= 200
+
+
+def _lib(script, cwd=ROOT, env=None):
+    """Runs `script` in bash after sourcing benchmarks/gpu_lib.sh; returns its stdout."""
+    lib = os.path.join(ROOT, "benchmarks", "gpu_lib.sh")
+    r = run_cmd(["bash", "-c", f"source {lib}\n{script}"], env=env, cwd=cwd, timeout=60)
+    assert r.returncode == 0 and not r.stderr, r.stderr
+    return r.stdout.strip()
+
+
+def test_tree_hash_names_the_kernels(tmp_path):
+    """Without git metadata a run names its code by a hash of the sources, kernels (llm2vec_kernels/) included:
+    runs of different kernels get different labels, and a missing source folder is reported, not skipped."""
+    tree = tmp_path / "tree"
+    for folder in ("engine", "llm2vec_kernels", "benchmarks", "tests", "configs"):
+        (tree / folder).mkdir(parents=True)
+        (tree / folder / "a.py").write_text(f"# {folder}\n")
+    label = _lib(f"code_label {tree}", env={"LLM2VEC_COMMIT": ""})
+    assert label == "tree-" + _lib(f"tree_hash {tree}") and len(label) == 17
+    (tree / "llm2vec_kernels" / "a.py").write_text("# another kernel\n")
+    assert _lib(f"tree_hash {tree}") != label[5:]
+    (tree / "llm2vec_kernels" / "a.py").rename(tree / "llm2vec_kernels" / "b.py")  # a rename is another tree too
+    assert _lib(f"tree_hash {tree}") not in (label[5:], "")
+    assert _lib(f"code_label {tree}", env={"LLM2VEC_COMMIT": "abc1234"}) == "abc1234"
+    with open(os.path.join(ROOT, "benchmarks", "gpu_run.sh")) as f:
+        assert 'LLM2VEC_COMMIT=$(code_label "$ROOT")' in f.read()
+
+
+def test_gpu_rerun_times_what_it_says():
+    """gpu_rerun_train_step.sh re-measures the 2026-11-26 follow-up: MNTP and supervised, the ZeRO-3 reference (that
+    run's `reference`, today's reference-zero3) against engine; not llm2vec's HF recipe, today's `reference`. Its rows
+    name the code as gpu_run.sh does (code_label), never a fixed old commit."""
+    from types import SimpleNamespace
+
+    from benchmarks.bench_train_step import make_plan
+
+    with open(os.path.join(ROOT, "benchmarks", "gpu_rerun_train_step.sh")) as f:
+        text = f.read()
+    calls = re.findall(r"bench_train_step --stages (\S+)\s+(?:\\\s+)?--impls (\S+)", text)
+    plans = {stages: set(make_plan(SimpleNamespace(stages=stages, impls=impls, arch="mistral-7b", big_batch=None,
+                                                   tiny=False)))
+             for stages, impls in calls}
+    assert plans == {
+        "mntp": {("mntp", "reference-zero3"), ("mntp", "engine"), ("mntp", "engine-torch-masked_ce"),
+                 ("mntp", "engine-torch-attention")},
+        "supervised": {("supervised", "reference-zero3"), ("supervised", "engine")}}
+    assert "a930051" not in text and 'LLM2VEC_COMMIT=$(code_label "$PWD")' in text
+    r = run_cmd(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_rerun_train_step.sh")], timeout=30)
     assert r.returncode == 0, r.stderr
 
 
@@ -307,6 +471,70 @@ def test_summary_table(tmp_path, tiny_run):
     assert {"README.md", "bench_train_step.csv", "bench_masked_ce.csv", "train_step_profile.txt", "summary.md"} <= got
     readme = open(os.path.join(dst, "README.md")).read()
     assert "on cpu" in readme and "commit:" in readme and "| issue |" in readme
+
+
+def _verdicts(text):
+    """{(issue, target): (measured, verdict)} of a summary table. Targets name llm2vec's reference paths as the
+    run did ("reference path", "reference", "reference-zero3" all read "reference"); a verdict annotated by hand
+    ("SUPERSEDED: MISSED (0.90x)", "info (...)") reads as its first word, "not measured" as n/a."""
+    out = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 5 or cells[0] in ("issue", "---"):
+            continue
+        verdict = cells[3].replace("SUPERSEDED: ", "").replace("not measured", "n/a").split()[0]
+        out[(cells[0], re.sub(r"reference(-zero3| path)?", "reference", cells[1]))] = (cells[2], verdict)
+    return out
+
+
+def test_summary_of_the_committed_h200_run_keeps_its_verdicts(tmp_path):
+    """Re-summarising the committed 2026-11-26 H200 run gives the verdicts its summary and README state. Its
+    `reference` rows were the ZeRO-3 ablation (zero=3, today's reference-zero3; today's `reference` is the HF
+    recipe); its follow-up call (rerun/) re-measured the MNTP paths (0.90x: MISSED) and the supervised reference
+    alone, so the supervised ratio would divide two calls' figures: not measured."""
+    import shutil
+
+    from benchmarks import summarize
+
+    src = os.path.join(ROOT, "benchmarks", "results", "2026-11-26-h200")
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    got = _verdicts(summarize.main(["--dir", str(run), "--steps", str(run / "steps.tsv")]))
+    with open(os.path.join(src, "summary.md")) as f:
+        committed = _verdicts(f.read())
+    assert len(committed) == 17
+    for key, (_, verdict) in committed.items():
+        assert got[key][1] == verdict, (key, got.get(key), verdict)
+    mntp = got[("7 train step", "mntp step tokens/s >= 1.5x reference")][0]
+    assert f"{float(mntp.rstrip('x')):.2f}" == "0.90"
+
+
+def test_summary_reads_an_unmeasured_fit_as_not_measured():
+    """Issue 6's "fits on one GPU" row: ok is met and an OOM missed, but a row that measured nothing (skipped for
+    the time budget, an error) is n/a, saying its status, not a missed target."""
+    from benchmarks import summarize
+
+    def verdict(status):
+        t = summarize.Table()
+        row = {"shape": "supervised-bigbatch B4096+4096p+4096n q8-32 d16-64", "impl": "engine-gradcache256",
+               "pass": "step", "ms": "nan" if status != "ok" else "900.0", "peak_mb": "5000.0" if status == "ok"
+               else "nan", "extra": f"status={status}"}
+        summarize.contrastive_targets(t, None, [row])
+        return t.lines[-1][2:4]
+
+    assert verdict("ok") == ("5000 MB peak", "met") and verdict("oom") == ("oom", "MISSED")
+    assert verdict("skipped_budget") == ("not measured (skipped_budget)", "n/a")
+    assert verdict("error") == ("not measured (error)", "n/a")
+
+
+def test_summary_says_the_kernel_checks_did_not_run(tmp_path):
+    """A kernel-check step skipped for lack of time leaves no correctness.json: the table says NOT RUN and why."""
+    from benchmarks import summarize
+
+    (tmp_path / "steps.tsv").write_text("train_step_mntp_reference\t0\t80\ncorrectness\tskipped\t0\tno time left\n")
+    text = summarize.main(["--dir", str(tmp_path), "--steps", str(tmp_path / "steps.tsv")])
+    assert "| bf16 correctness | gpu_check of every kernel against its reference | not run | NOT RUN | step " \
+           "correctness SKIPPED (no time left) |" in text
 
 
 def test_big_batch_grad_cache_rows(tmp_path):
