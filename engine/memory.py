@@ -8,7 +8,8 @@ Terms (bytes, per rank):
 
 * weights: every parameter in its dtype (bf16 on GPU): replicated under stages 0-2, / world under ZeRO-3;
 * training state of the trainable (LoRA) parameters: fp32 master copy + grads + two Adam moments,
-  16 B per trainable parameter (divided by world from stage 1 on);
+  16 B per trainable parameter: replicated at stage 0, the gradients replicated and the rest divided by world
+  at stage 1 (4 + 12 / world), all divided by world at stages 2 and 3 (``MemoryPlan.state_bytes``);
 * activations: tokens per micro-batch x bytes per token per layer, by recompute policy and by the path the decoder
   layer runs (:func:`activation_bytes`, whose docstring has the terms; tests/test_memory_plan.py measures them
   with saved-tensor hooks and holds these formulas to within 10%). Under "none" every layer keeps its saved set;
