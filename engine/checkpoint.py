@@ -573,6 +573,8 @@ def sts_spearman(module, stage, path, max_pairs=500):
     from .evaluate import sts_scores
 
     c = stage.cfg.contrastive
-    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction="",
+    # the instruction the saved adapter records and its encoder applies by default (evaluate, export): the dev
+    # score that picks best/ reads the tokens the test score will
+    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction=c.instruction,
                   chat=getattr(stage, "chat", None))
     return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]

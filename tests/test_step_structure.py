@@ -316,3 +316,56 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
         assert torch.get_num_threads() == 8
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("stage_name", ["mntp", "supervised"])
+def test_held_out_eval_batches_go_to_the_engines_device(stage_name):
+    """DeepSpeed's forward moves nothing: the held-out batches go to the engine's device as training batches do
+    (CPU ids met a GPU embedding at the first eval of every GPU run with a held-out eval_data)."""
+    cfg, stage, items, _ = _setup(stage_name)
+    seen = []
+
+    class Engine:  # what Stage.evaluate uses of a DeepSpeed engine: its device and its forward
+        device = torch.device("meta")
+
+        def __call__(self, batch):
+            assert "truncated" not in batch
+            seen.extend({v.device.type for v in batch.values() if torch.is_tensor(v)})
+            return torch.tensor(1.0), {}
+
+    assert stage.evaluate(Engine(), items, 1, 0, 2) == {"eval_loss": 1.0}
+    assert seen and set(seen) == {"meta"}
+
+
+def test_held_out_contrastive_loss_gathers_nothing_and_dev_sts_reads_the_recorded_instruction(monkeypatch):
+    """Every rank evaluates the same batches, so the held-out loss gathers nothing across ranks (W copies of one
+    batch read log W too high); training still gathers. The dev STS score that picks best/ encodes with the
+    instruction the adapter records and its encoder applies by default."""
+    import llm2vec_kernels
+
+    import engine.encoder
+    from engine.checkpoint import sts_spearman
+
+    cfg, stage, items, module = _setup("supervised", ["lora.dropout=0"])
+    assert cfg.contrastive.gather_across_ranks and cfg.contrastive.instruction
+    gathers = []
+    real = llm2vec_kernels.contrastive_loss
+    monkeypatch.setattr(llm2vec_kernels, "contrastive_loss",
+                        lambda *a, **k: gathers.append(k["gather_across_ranks"]) or real(*a, **k))
+    module.eval()
+    stage.evaluate(PlainEngine(module), items, 1, 0, 2)
+    assert gathers == [False, False]
+    batch = stage.collate(items[:cfg.micro_batch_size], torch.Generator().manual_seed(0))
+    batch.pop("truncated")
+    module(batch)
+    assert gathers[-1] is True
+
+    class Seen(Exception):
+        pass
+
+    def encoder(*a, **k):
+        raise Seen(k["instruction"])
+
+    monkeypatch.setattr(engine.encoder, "Encoder", encoder)
+    with pytest.raises(Seen, match=cfg.contrastive.instruction):
+        sts_spearman(module, stage, f"{STS}/sts-dev.csv", 10)

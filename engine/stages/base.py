@@ -40,14 +40,20 @@ class Stage:
         return loss.detach(), metrics
 
     @torch.no_grad()
-    def batch_losses(self, engine, items, max_batches):
+    def batch_losses(self, engine, items, max_batches, device=None):
         """The loss of each of the first ``max_batches`` held-out micro-batches, in order. One generator draws
-        every batch's masks in turn, so the first n losses of a longer read are those of a read of n batches."""
+        every batch's masks in turn, so the first n losses of a longer read are those of a read of n batches.
+        Each batch goes to ``device`` (default: the DeepSpeed engine's) as a training batch does: DeepSpeed's
+        forward moves nothing, and CPU ids would meet a GPU embedding."""
+        device = device or getattr(engine, "device", None)
         losses = []
         g = torch.Generator().manual_seed(1234)
         mb = self.cfg.micro_batch_size
         for b in range(min(max_batches, max(1, len(items) // mb))):
             batch = self.collate(items[b * mb:(b + 1) * mb], g)
+            batch.pop("truncated", None)
+            if device is not None:
+                batch = to_device(batch, device)
             loss, _ = engine(batch)
             losses.append(float(loss))
         return losses

@@ -62,14 +62,27 @@ class ContrastiveStage(Stage):
         nq = int(batch["n_queries"])  # a python int from collate
         return emb[:nq], emb[nq:]
 
+    evaluating = False  # Stage.evaluate: every rank scores the same batches, so nothing is gathered
+
     def contrastive(self, q, d, batch=None):
         c = self.cfg.contrastive
+        gather = c.gather_across_ranks and not self.evaluating
         if c.loss == "cosent":
-            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=c.gather_across_ranks)
+            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=gather)
         if c.loss == "angle":
             return losses.angle_loss(q, d, batch["scores"], scale=c.loss_scale, weights=tuple(c.angle_weights),
-                                     positive_min_score=c.positive_min_score, gather_across_ranks=c.gather_across_ranks)
-        return llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=c.gather_across_ranks)
+                                     positive_min_score=c.positive_min_score, gather_across_ranks=gather)
+        return llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=gather)
+
+    def evaluate(self, engine, items, world, rank, max_batches):
+        """The held-out loss without the cross-rank gather: every rank evaluates the same batches, and gathering W
+        copies of one batch would repeat each candidate W times (the loss read log W too high). (A SimCSE loss
+        read in eval mode has no dropout, so its two views are the same text: it is not the training objective.)"""
+        self.evaluating = True
+        try:
+            return super().evaluate(engine, items, world, rank, max_batches)
+        finally:
+            self.evaluating = False
 
     def loss(self, module, batch):
         if batch.get("mode") == "embed":
