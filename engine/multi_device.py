@@ -62,9 +62,17 @@ def encode_multi_device(encoder, texts, instrs, devices, kw, stats, show_progres
     for d in devices:
         q.put(str(d))
     model = encoder.model
-    if next(model.parameters()).device.type != "cpu":
-        model = model.to("cpu")  # ship CPU weights; each worker moves its copy to its own device
-        encoder.device = torch.device("cpu")
+    home = next(model.parameters()).device
+    if home.type != "cpu":
+        model = model.to("cpu")  # ship CPU weights (in place); each worker moves its copy to its own device
+    try:
+        return _encode_in_pool(ctx, model, encoder, texts, jobs, devices, q, stats, show_progress_bar)
+    finally:
+        if home.type != "cpu":  # the encoder's model back where it was: later single-device calls run there
+            model.to(home)
+
+
+def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, q, stats, show_progress_bar):
     state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
              "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices)}
     out = None

@@ -112,3 +112,24 @@ def test_a_run_started_from_a_hub_adapter_names_it_by_its_hub_id(tmp_path):
         assert json.load(f)["base_model_name_or_path"] == hub
     with open(tmp_path / "adapter" / "engine_encoder.json") as f:
         assert json.load(f)["prior_adapters"] == [str(local), hub]
+
+
+@pytest.mark.parametrize("how", ["config", "tensor"])
+def test_an_adapter_with_a_lora_bias_is_refused_not_merged_without_it(tmp_path, how):
+    """PEFT's lora_bias puts a bias on B (``lora_B.bias``); merging only A and B would drop it silently."""
+    from safetensors.torch import load_file
+
+    folder = str(tmp_path / "a")
+    sd = _write_adapter(folder, "base_model.model.", TARGETS)
+    if how == "tensor":
+        sd["base_model.model.layers.0.self_attn.q_proj.lora_B.bias"] = torch.ones(32)
+        save_file(sd, os.path.join(folder, "adapter_model.safetensors"))
+        assert "base_model.model.layers.0.self_attn.q_proj.lora_B.bias" in load_file(
+            os.path.join(folder, "adapter_model.safetensors"))
+    else:
+        with open(os.path.join(folder, "adapter_config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(dict(cfg, lora_bias=True), f)
+    with pytest.raises(ModelLoadError, match="lora_bias|is not a LoRA weight"):
+        merge_adapter(_causal_lm(), folder)

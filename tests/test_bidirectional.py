@@ -170,3 +170,28 @@ def test_right_padded_batch_through_the_triton_kernel_in_place():
             llm2vec_kernels.set_default_impl("attention", "auto")
     real = am.bool()
     torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=1e-4)
+
+
+def test_an_encoder_pass_builds_no_kv_cache():
+    """packed_hidden_states (encode, evaluation, the contrastive stages' embed pass) asks the decoder for no KV
+    cache: the model's config says use_cache=True, and the cache would hold every layer's K and V until the
+    forward ends (about 2 GiB for 32 x 512 tokens on a 7B model)."""
+    from engine.modeling import decoder_of
+
+    from .helpers import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32).eval()
+    assert model.config.use_cache
+    ids = torch.randint(0, 128, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    seen = []
+    dec = decoder_of(model)
+    dec.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs.get("use_cache"),
+                                                                       out.past_key_values)), with_kwargs=True)
+    with torch.no_grad():
+        packed_hidden_states(model, ids, mask)  # causal: the padded path
+        make_bidirectional(model)
+        packed_hidden_states(model, ids, mask)  # bidirectional: the packed path
+    assert seen == [(False, None), (False, None)]

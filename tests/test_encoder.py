@@ -289,3 +289,34 @@ def test_encode_rejects_inputs_that_are_not_text(tmp_path, tok):
     with pytest.raises(ValueError, match="max_length must be a positive integer"):
         Encoder.from_pretrained(base, device="cpu", max_length=0)
     assert enc.encode([""]).shape == (1, 48)  # "" is text: embedded (by its EOS), never an error
+
+
+def test_a_multi_device_encode_leaves_the_model_where_it_was(monkeypatch):
+    """The workers get CPU weights, moved there in place: the model goes back to its device afterwards (and
+    after a failure), so later single-device calls do not silently run on the CPU."""
+    import types
+
+    from engine import multi_device
+
+    moves = []
+
+    class Model:  # a model on a GPU, as far as encode_multi_device can tell
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cuda", 1))
+
+        def to(self, device):
+            moves.append(str(device))
+            return self
+
+    enc = types.SimpleNamespace(model=Model(), tokenizer=None, device=torch.device("cuda", 1))
+    monkeypatch.setattr(multi_device, "_encode_in_pool", lambda *a: "done")
+    assert multi_device.encode_multi_device(enc, ["a"], [""], ["cuda:0", "cuda:1"], {}, {}) == "done"
+    assert moves == ["cpu", "cuda:1"] and enc.device == torch.device("cuda", 1)
+
+    def fails(*a):
+        raise RuntimeError("a worker died")
+
+    monkeypatch.setattr(multi_device, "_encode_in_pool", fails)
+    with pytest.raises(RuntimeError, match="a worker died"):
+        multi_device.encode_multi_device(enc, ["a"], [""], ["cuda:0", "cuda:1"], {}, {})
+    assert moves[-2:] == ["cpu", "cuda:1"]
