@@ -171,10 +171,12 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
         if len(ids) > max_len - 1:
             stats["truncated"] += 1
             ids = ids[:max_len - 1]
-        ids = ids + [eos]
-        if n_prefix >= len(ids):
+        # no room: the prompt itself cut, or a text none of whose tokens fit (only its EOS would be pooled; a blank
+        # text is its EOS by design)
+        if n_prefix > len(ids) or (n_prefix == len(ids) and text.strip()):
             raise ValueError(f"instruction {prefix[:60]!r} takes {n_prefix} tokens: max_length {max_len} leaves no "
                              f"room for the text (raise max_length or shorten the instruction)")
+        ids = ids + [eos]
         if not text.strip():
             stats["empty"] += 1
         pm = [1] * len(ids) if pooling == "bos" else [0] * n_prefix + [1] * (len(ids) - n_prefix)

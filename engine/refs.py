@@ -98,8 +98,11 @@ def hub_id_of(name):
         return snap
     cfg = os.path.join(path, "config.json")
     if os.path.isfile(cfg):
-        with open(cfg) as f:
-            given = json.load(f).get("_name_or_path")
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                given = json.load(f).get("_name_or_path")
+        except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+            raise ValueError(f"{cfg} does not read as a model config.json ({type(e).__name__}: {e})") from None
         if given and kind(given) == "hub":
             return given
     alias = assets.alias_of(path)

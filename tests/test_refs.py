@@ -76,6 +76,10 @@ def test_hub_id_of(here):
     assert refs.hub_id_of(snap + "/") == "mistralai/Mistral-7B-Instruct-v0.2"
     # the engine's cached copy of an alias is that alias's hub model
     assert refs.hub_id_of(folder("cache/smollm2-135m/hf", None)) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for bad in ("{broken", "[1, 2]"):  # a config.json that does not read is named, not a bare JSON error
+        (here / "models" / "m" / "config.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"models/m/config.json does not read as a model config.json"):
+            refs.hub_id_of("models/m")
 
 
 @pytest.mark.parametrize("name,expected", NAMES)

@@ -61,6 +61,12 @@ def test_blank_texts_and_too_long_instructions(tok):
         assert i[-1] == tok.eos_token_id and p[-1] == 1 and sum(p) >= 1  # "" is its EOS (after BOS, if any)
     with pytest.raises(ValueError, match="leaves no room for the text"):
         tokenize_for_encoding(tok, ["guitar"], ["a long instruction " * 10], max_len=8)
+    n = len(tokenize_for_encoding(tok, [""], [PROMPT], max_len=64)[0][0]) - 1  # the prompt's tokens (+ BOS, if any)
+    ids, pms, _ = tokenize_for_encoding(tok, [""], [PROMPT], max_len=n + 1)  # a blank text fits as its EOS
+    assert sum(pms[0]) == 1
+    with pytest.raises(ValueError, match="leaves no room for the text"):  # a text none of whose tokens fit
+        tokenize_for_encoding(tok, ["guitar"], [PROMPT], max_len=n + 1)
+    assert sum(tokenize_for_encoding(tok, ["guitar"], [PROMPT], max_len=n + 2)[1][0]) == 2  # one token + EOS
     ids, pms, stats = tokenize_for_encoding(tok, ["word " * 100], [""], max_len=16)
     assert len(ids[0]) == 16 and ids[0][-1] == tok.eos_token_id and stats["truncated"] == 1
 
