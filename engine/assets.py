@@ -63,12 +63,26 @@ def _atomic_copytree_done(dst):
     return os.path.isfile(os.path.join(dst, "config.json")) and os.path.isfile(os.path.join(dst, ".complete"))
 
 
+class CacheLockError(AssetError):
+    """The cache's lock cannot be had: the folder cannot be written, or its filesystem has no file locks."""
+
+
 @contextlib.contextmanager
 def cache_lock(root):
-    """An exclusive lock on ``root/.lock`` (fcntl): held by one process at a time, released if it dies."""
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, ".lock"), "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    """An exclusive lock on ``root/.lock`` (fcntl): held by one process at a time, released if it dies.
+    CacheLockError (one line) when there is none to be had (a read-only folder, NFS without lockd, Lustre
+    without ``-o flock``)."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        f = open(os.path.join(root, ".lock"), "a+")
+    except OSError as e:
+        raise CacheLockError(f"cannot open the cache lock {os.path.join(root, '.lock')}: {e.strerror or e}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise CacheLockError(f"no file lock on {os.path.join(root, '.lock')} ({e.strerror or e}): its filesystem "
+                                 f"does not support flock") from None
         try:
             yield
         finally:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import refs
 from .config import ConfigError, to_dict
 from .data import read_sts
-from .distributed import log0, warn0
+from .distributed import log0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
@@ -211,6 +211,42 @@ def hold_run_folder(output_dir, rank, device):
     if flag.item():
         raise busy or RunFolderBusy(f"rank 0 could not take the run lock on {output_dir} (its message says why)")
     return fd
+
+
+SHARED_CHECK = ".shared-check"
+
+
+def check_shared_folder(output_dir, rank):
+    """Every rank sees the folder rank 0 locked: rank 0 writes a token there and every rank reads it back (three
+    collectives). Rank 0 alone writes ``latest``, ``COMPLETE``, the adapters and ``metrics.csv``, and every
+    rank resumes from what they say, so a node-local ``output_dir`` (several nodes, no shared filesystem) would
+    train on and resume from different states: refused in one line instead."""
+    token = f"{os.getpid()} {socket.gethostname()} {os.urandom(8).hex()}"
+    path = os.path.join(output_dir, SHARED_CHECK)
+    together(lambda: write_text(path, token) if rank == 0 else None)
+    tokens = [None] * dist.get_world_size()
+    dist.all_gather_object(tokens, token)
+
+    def read():
+        try:
+            with open(path, encoding="utf-8") as f:
+                seen = f.read()
+        except OSError:
+            seen = None
+        if seen != tokens[0]:
+            raise ConfigError(f"output_dir {output_dir} is not the folder rank 0 wrote to (rank {rank} on "
+                              f"{socket.gethostname()} does not see its files): a run on several nodes needs "
+                              f"output_dir on a filesystem every node shares")
+
+    try:
+        together(read)
+    finally:  # every rank has read (together is a collective): rank 0 removes the token, the others wait for it (three collectives in all)
+        if rank == 0:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        dist.barrier()
 
 
 def release_run_folder(fd, output_dir):
@@ -404,19 +440,23 @@ class Checkpointer:
         _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}")
-        if self.rank == 0:
+        def adapter_and_record():
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
             write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
                                                       **({"data": self.data} if self.data else {})})
             _fault_point(step, "adapter")
-        dist.barrier()  # every rank finished writing: only now is the checkpoint complete
-        if self.rank == 0:
+
+        def mark_complete():
             write_json(os.path.join(path, COMPLETE), {"step": step})
             _fault_point(step, "complete")
             write_text(os.path.join(self.root, "latest"), tag)
             _fault_point(step, "latest")
             self.cleanup(step)
-        dist.barrier()
+
+        # rank 0's writes, each followed by a collective that every rank leaves together, a failed write (a full
+        # disk) included: every rank finished writing before the checkpoint is marked complete
+        together(lambda: adapter_and_record() if self.rank == 0 else None)
+        together(lambda: mark_complete() if self.rank == 0 else None)
         return tag
 
     def cleanup(self, step):
@@ -519,8 +559,13 @@ class BestAdapter:
         if resumed and rank == 0:
             self._recover()
         if resumed and rank == 0 and os.path.isfile(meta):  # (after the recovery, which may put best/ back)
-            with open(meta) as f:
-                kept = json.load(f)
+            try:
+                with open(meta, encoding="utf-8") as f:
+                    kept = json.load(f)
+                float(kept["spearman"]), int(kept["step"])
+            except (ValueError, TypeError, KeyError) as e:  # torn by a power cut: refused in one line
+                raise ConfigError(f"{meta} does not read ({type(e).__name__}: {e}): move best/ aside to resume, or "
+                                  f"resume=force to start over") from None
             pairs = kept.get("eval_sts_pairs", cfg.eval_sts_pairs)  # records before it was kept: as now
             if (kept.get("eval_data"), pairs) == (cfg.eval_data[0], cfg.eval_sts_pairs):
                 self.score, self.step = float(kept["spearman"]), int(kept["step"])
@@ -547,15 +592,16 @@ class BestAdapter:
             return False
         sd = adapter_state_dict(module.model)
         check_finite_state(sd, "the best adapter")
-        if rank == 0:
+        def write():
             self.score, self.step = spearman, step
             new = self.dir + ".new"
             write_adapter(module.model, sd, new, cfg, tok)
-            with open(os.path.join(new, self.META), "w") as f:
-                json.dump({"step": step, "spearman": spearman, "eval_data": cfg.eval_data[0],
-                           "eval_sts_pairs": cfg.eval_sts_pairs}, f)
+            write_json(os.path.join(new, self.META), {"step": step, "spearman": spearman,
+                                                      "eval_data": cfg.eval_data[0],
+                                                      "eval_sts_pairs": cfg.eval_sts_pairs})
             _replace_dir(new, self.dir)
-        dist.barrier()
+
+        together(lambda: write() if rank == 0 else None)
         return True
 
     def summary(self):

@@ -24,6 +24,68 @@ def warn0(rank, msg):
         print(f"[engine] warning: {msg}", flush=True)
 
 
+def _portable(err):
+    """``err`` if it pickles (to reach the other ranks), else a RuntimeError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(f"{type(err).__name__}: {err}")
+
+
+def together(fn):
+    """``fn()`` on every rank, with one collective after it: when it raised on any rank it raises on every rank
+    (the failed rank its own error, the others a copy of the lowest failed rank's, marked ``from_rank``), so no
+    rank goes on into a collective that a failed rank never reaches (on several nodes that hang lasts until
+    the collective's timeout). For the work only rank 0 does (file reads and writes in ``output_dir``):
+    ``together(lambda: work() if rank == 0 else None)``. Returns what ``fn`` returned on this rank."""
+    result, err = None, None
+    try:
+        result = fn()
+    except Exception as e:
+        err = e
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        if err is not None:
+            raise err
+        return result
+    errs = [None] * dist.get_world_size()
+    dist.all_gather_object(errs, None if err is None else _portable(err))
+    failed = next((r for r, e in enumerate(errs) if e is not None), None)
+    if failed is None:
+        return result
+    if err is not None:
+        raise err
+    other = errs[failed]
+    other.from_rank = failed
+    raise other
+
+
+def on_rank0(fn):
+    """``fn()`` on rank 0 only, its result given to every rank (one broadcast); its error raised on every rank
+    as :func:`together` raises it. For a decision every rank must share (what the run resumes)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    out = [together(lambda: fn() if dist.get_rank() == 0 else None)]
+    dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+def smallest(value, device):
+    """The smallest of every rank's ``value`` (a number), on every rank: one all-reduce."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return type(value)(t.item())
+
+
+def from_other_rank(err):
+    """The rank an error re-raised by :func:`together` came from (None: this rank's own)."""
+    return getattr(err, "from_rank", None)
+
+
 def free_port():
     """A TCP port the OS reports free on the loopback interface (for a world of one)."""
     import socket
@@ -49,12 +111,28 @@ def _unlink_shm_allreduce_segment():
         pass
 
 
+# What MPI and Slurm launchers set instead of RANK (DeepSpeed's OpenMPI, MVAPICH and Slurm runners leave the ranks
+# to deepspeed.init_distributed's discovery)
+MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+
+
+def launched_by_mpi():
+    """True when an MPI or Slurm launcher started more than one process (no RANK: DeepSpeed discovers them)."""
+    for var in MPI_WORLD_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            pass
+    return False
+
+
 def init_distributed():
     """Join (or create) the process group; returns this rank's device."""
     import deepspeed
 
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ:  # plain `python engine/train.py`: a world of one
+    if "RANK" not in os.environ and not launched_by_mpi():  # plain `python engine/train.py`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")

@@ -31,11 +31,13 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Sequence
 
 import numpy as np
 
-from .assets import cache_dir, cache_lock, sha256_of
+from .assets import CacheLockError, cache_dir, cache_lock, sha256_of
+from .config import ConfigError
 from .files import sync_folder, write_json
 
 FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
@@ -176,28 +178,40 @@ def build_or_open(key, kind, build, progress=True):
     root = cache_root()
     folder = os.path.join(root, key)
     if not _complete(folder):
-        with cache_lock(root):
-            if not _complete(folder):
-                for stale in glob.glob(folder + ".tmp-*"):  # a build killed before its rename (we hold the lock)
-                    shutil.rmtree(stale, ignore_errors=True)
-                if os.path.isdir(folder):  # an entry whose meta.json does not read: rebuilt under the lock
-                    shutil.rmtree(folder)
-                tmp = f"{folder}.tmp-{os.getpid()}"
-                os.makedirs(tmp)
-                try:
-                    writer = _Writer(tmp, kind)
-                    stats = build(writer, progress)
-                    writer.close()
-                    names = sorted(writer.group_names, key=writer.group_names.get)
-                    meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}
-                    write_json(os.path.join(tmp, "meta.json"), meta, indent=None)  # fsynced, then its folder
-                    os.rename(tmp, folder)
-                    sync_folder(root)  # the rename itself survives a power cut
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _build_locked(root, folder, kind, build, progress)
+        except CacheLockError as e:
+            raise ConfigError(f"item cache: {e}; set LLM2VEC_ENGINE_TOKEN_CACHE to a folder on a filesystem with "
+                              f"file locks") from None
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     return CachedItems(folder, meta), meta
+
+
+def _build_locked(root, folder, kind, build, progress):
+    """Build the entry ``folder`` under the cache's lock (unless another process finished it meanwhile)."""
+    host = socket.gethostname()
+    with cache_lock(root):
+        if not _complete(folder):
+            # a build killed before its rename, on this host (a lock that is not coherent across hosts must not
+            # let one host sweep another's build in progress)
+            for stale in glob.glob(f"{folder}.tmp-{host}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if os.path.isdir(folder):  # an entry whose meta.json does not read: rebuilt under the lock
+                shutil.rmtree(folder)
+            tmp = f"{folder}.tmp-{host}-{os.getpid()}"
+            os.makedirs(tmp)
+            try:
+                writer = _Writer(tmp, kind)
+                stats = build(writer, progress)
+                writer.close()
+                names = sorted(writer.group_names, key=writer.group_names.get)
+                meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}
+                write_json(os.path.join(tmp, "meta.json"), meta, indent=None)  # fsynced, then its folder
+                os.rename(tmp, folder)
+                sync_folder(root)  # the rename itself survives a power cut
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 class CachedItems(Sequence):

@@ -12,6 +12,7 @@ A run that fails leaves no empty output_dir (nor empty parents) that it created 
 """
 import argparse
 import os
+import signal
 import sys
 import tempfile
 
@@ -107,6 +108,9 @@ def main(argv=None):
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    # DeepSpeed's launcher stops the other ranks with SIGTERM when one fails, as Slurm's scancel does: run the
+    # finally blocks (the run lock, an empty folder, temporary files), exit 128 + 15 as the default action would
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return _train(cfg)
     finally:
@@ -120,19 +124,25 @@ def _train(cfg):
     from engine.modeling import ModelLoadError
     from engine.trainer import NonFiniteError, train
 
+    from engine.distributed import from_other_rank
+
     try:
         check_targets_offline(cfg)
         train(cfg)
     except (DataError, ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError) as e:
+        if from_other_rank(e) is not None:  # the rank it happened on says it: one line, not one per rank
+            return 2
         return fail(e)
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
-        fail(e)
+        if from_other_rank(e) is None:
+            fail(e)
         return 3
     except Exception as e:  # a full disk during a checkpoint, the resume or the adapter write (safetensors' own error)
         msg = disk_full_message(e, cfg.output_dir)
         if msg is None:
             raise
-        print(msg, file=sys.stderr)
+        if from_other_rank(e) is None:
+            print(msg, file=sys.stderr)
         return 2
     return 0
 

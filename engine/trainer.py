@@ -8,6 +8,7 @@ from a checkpoint (engine/checkpoint.py) continues with exactly the batches, mas
 would have used. Non-finite steps are counted; a non-finite state is never saved, and ``max_nonfinite_steps`` of them
 in a row stop the run (``NonFiniteError``, exit code 3). The final adapter goes to ``<output_dir>/adapter/``.
 """
+import csv
 import os
 import signal
 import time
@@ -18,11 +19,13 @@ import torch.distributed as dist
 import llm2vec_kernels
 
 from . import config as config_mod
+from .config import ConfigError
 from .bidirectional import set_deterministic_attention
-from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, drop_stale_best,
-                         hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman, write_adapter)
+from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, check_shared_folder,
+                         drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
+                         write_adapter)
 from .data import BatchPlan, is_sts_file
-from .distributed import init_distributed, log0, warn0
+from .distributed import init_distributed, log0, on_rank0, smallest, together, warn0
 from .files import write_text
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
@@ -63,6 +66,7 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
         for p in model.parameters():
             p.requires_grad_(True)
     mem = plan_memory(cfg, model, world, local_world, device)
+    mem.budget_bytes = smallest(mem.budget_bytes, device)  # one plan for every rank (nodes may differ in memory)
     zero_stage, why = choose_zero_stage(cfg, mem)
     log(f"zero stage {zero_stage}: {why}")
     if config_mod.offload_warning(cfg, zero_stage):
@@ -93,8 +97,9 @@ class Trainer:
         few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
         if few_negatives:
             warn0(self.rank, few_negatives)
-        resume_tags, resume_diff = plan_resume(cfg, self.rank)
-        os.makedirs(cfg.output_dir, exist_ok=True)  # rank 0 made it for the lock; other hosts' ranks too
+        check_shared_folder(cfg.output_dir, self.rank)  # every rank sees the files rank 0 writes and resumes from
+        # rank 0 decides what the run resumes and tells every rank (each reading the folder itself could differ)
+        resume_tags, resume_diff = on_rank0(lambda: plan_resume(cfg, self.rank))
         torch.manual_seed(cfg.seed)
         llm2vec_kernels.set_default_impl("attention", cfg.model.attention)
         set_deterministic_attention(cfg.model.deterministic_attention)
@@ -170,12 +175,20 @@ class Trainer:
     def _setup_loop(self):
         """config.yaml, the metrics log, best/, the progress bar and the loop's counters."""
         cfg, rank = self.cfg, self.rank
-        if rank == 0:  # only now, after validation, the data, the model and the resume decision
-            _write_config(cfg)
-            if self.start == 0:  # starting over (resume=force; auto refuses a best/ without a checkpoint)
-                drop_stale_best(cfg.output_dir)
-        self.logger = MetricsLogger(cfg, rank, self.start)
-        self.best = BestAdapter(cfg, rank, resumed=self.start > 0) if self.sts_eval is not None else None
+
+        def files():  # rank 0's reads and writes in output_dir; every rank learns if one failed (together)
+            if rank == 0:  # only now, after validation, the data, the model and the resume decision
+                _write_config(cfg)
+                if self.start == 0:  # starting over (resume=force; auto refuses a best/ without a checkpoint)
+                    drop_stale_best(cfg.output_dir)
+            try:
+                logger = MetricsLogger(cfg, rank, self.start)
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise ConfigError(f"{cfg.output_dir}/metrics.csv does not read as the engine's CSV ({e}): move it "
+                                  f"aside to resume") from None
+            return logger, BestAdapter(cfg, rank, resumed=self.start > 0) if self.sts_eval is not None else None
+
+        self.logger, self.best = together(files)
         self.fail_at = int(os.environ.get("LLM2VEC_ENGINE_FAIL_AT_STEP", "-1"))
         self.dump_grads = os.environ.get("LLM2VEC_ENGINE_DUMP_GRADS")
         self.bar = None
@@ -293,12 +306,10 @@ class Trainer:
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, "the final adapter")
         adapter = os.path.join(cfg.output_dir, "adapter")
-        if self.rank == 0:
-            write_adapter(self.module.model, sd, adapter, cfg, self.tok)
-            best = self.best.summary() if self.best is not None else None
-            log0(f"done: {cfg.max_steps} steps in {time.time() - self.t_run:.1f}s; adapter at {adapter}"
-                 + (f"; {best}" if best else ""))
-        dist.barrier()
+        together(lambda: write_adapter(self.module.model, sd, adapter, cfg, self.tok) if self.rank == 0 else None)
+        best = self.best.summary() if self.best is not None else None
+        log0(f"done: {cfg.max_steps} steps in {time.time() - self.t_run:.1f}s; adapter at {adapter}"
+             + (f"; {best}" if best else ""))
         return adapter
 
     def close(self):

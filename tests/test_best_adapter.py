@@ -78,3 +78,18 @@ def test_a_resumed_run_recovers_an_interrupted_swap_and_rereads_its_eval_set(tmp
     del legacy["eval_sts_pairs"]
     (best / BestAdapter.META).write_text(json.dumps(legacy))
     assert BestAdapter(cfg, rank=0, resumed=True).step == 3
+
+
+def test_a_torn_best_record_is_one_line_not_a_traceback(tmp_path):
+    """engine_best.json cut short (a power cut) is a ConfigError naming it: rank 0 alone reads it, and through
+    engine.distributed.together every rank then exits 2 with it (tests/test_distributed.py)."""
+    import pytest
+
+    from engine.config import ConfigError
+
+    cfg = load_config("configs/tiny/graded.yaml", [f"output_dir={tmp_path}"])
+    (tmp_path / "best").mkdir()
+    for torn in ('{"step": 5, "spear', '{"step": 5}', ""):
+        (tmp_path / "best" / BestAdapter.META).write_text(torn)
+        with pytest.raises(ConfigError, match="engine_best.json does not read"):
+            BestAdapter(cfg, rank=0, resumed=True)

@@ -281,3 +281,20 @@ def test_readme_states_the_committed_data_scale_figures():
     assert f"tokenises in {float(row['ms']) / 1e3:.0f} s" in readme
     assert f"({int(extra['tokens']) / 1e6:.0f}M tokens)" in readme
     assert float(row["peak_mb"]) < 64  # bounded: one tokenising batch, not the corpus
+
+
+def test_a_cache_without_file_locks_is_one_line(tmp_path, monkeypatch):
+    """A token cache on a filesystem without flock (NFS without lockd, Lustre without -o flock): a ConfigError
+    naming LLM2VEC_ENGINE_TOKEN_CACHE (exit 2 from every rank), not an OSError traceback."""
+    import errno
+    import fcntl
+
+    from engine.config import ConfigError
+
+    def no_locks(f, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match="no file lock on .*No locks available.*LLM2VEC_ENGINE_TOKEN_CACHE"):
+        token_cache.build_or_open("k" * 16, "texts", lambda writer, progress: {})
