@@ -444,6 +444,15 @@ def _normalize_bwd_(x, inv, gh, scale):
     return gh
 
 
+def _unclamped_scale(inv):
+    """(max of the unclamped entries of ``inv`` (1 when there is none), inv / that max with clamped entries 0);
+    no host sync."""
+    unclamped = inv < 1.0 / _NORM_EPS
+    m = torch.where(unclamped, inv, torch.zeros_like(inv)).max()
+    m = torch.where(m > 0, m, torch.ones_like(m))
+    return m, torch.where(unclamped, inv / m, torch.zeros_like(inv))
+
+
 @on_input_device
 def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, need_q=True, need_c=True,
                      buffer_bytes=None):
@@ -459,8 +468,10 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
     cfg = launch_config(q.dtype, not q.is_cuda)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     buffer_elems = max(1, (buffer_bytes or _BWD_BUFFER_BYTES) // q.element_size())
-    a_max, b_max = q_inv.max(), c_inv.max()
-    row_scale, col_scale = q_inv / a_max, c_inv / b_max
+    # A row whose norm was clamped to eps (a zero embedding) has inv = 1/eps but xhat = 0, so it adds nothing to
+    # either product: leave it out of the max and give it scale 0. Else 1/eps would be the max, every other row's
+    # scale ~1e-12, and the (input-dtype) ga/gb buffers would flush to 0 in fp16.
+    (a_max, row_scale), (b_max, col_scale) = _unclamped_scale(q_inv), _unclamped_scale(c_inv)
     ones_r = torch.ones(B, dtype=torch.float32, device=q.device)
     ones_c = torch.ones(N, dtype=torch.float32, device=q.device)
     base = grad.to(torch.float32) / (B * temperature)

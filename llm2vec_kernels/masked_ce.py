@@ -51,7 +51,9 @@ Two strategies for the training step (``cfg["strategy"]``, "auto" picks):
   scatters them into dHidden. Logits exist for one row chunk at a time, never for all rows. The
   recompute path costs one more M x V x H GEMM; the row chunk costs ~3 passes over RC x V in the
   input dtype, where torch's gather path makes ~10 over M x V with fp32 copies.
-  Under torch.no_grad(), or when hidden needs no gradient, "auto" runs the forward-only kernels.
+  Under torch.no_grad(), or when hidden needs no gradient, "auto" runs the forward-only kernels. In fp16
+  "auto" takes "recompute": eager's dZ is rounded before the loss scaler's scale reaches it, and fp16's
+  range loses most of it (bf16 keeps fp32's exponent).
 
 Caveats: labels outside [0, V) give a NaN loss for that row (the reference raises instead); the
 kernel path needs hidden and weight in the same dtype (fp16, bf16 or fp32) and weight contiguous
@@ -658,8 +660,11 @@ def _masked_ce_triton(hidden, weight, labels, *, ignore_index=-100, reduction="m
         raise ValueError("masked_cross_entropy strategy='eager' needs reduction 'mean' or 'sum' and a frozen "
                          "weight (it computes no weight gradient); use 'recompute' or 'auto'")
     grad_h = torch.is_grad_enabled() and hidden.requires_grad
+    # "auto" keeps fp16 on "recompute": eager rounds dZ = dloss/dz / M into the input dtype in the forward, before
+    # the loss scale arrives, and in fp16 (5-bit exponent) ~97% of it flushes to 0 at M = 8k rows (bf16 is fine)
     eager = idx.numel() > 0 and (strategy == "eager" or (
-        strategy == "auto" and grad_h and reduction != "none" and not weight.requires_grad))
+        strategy == "auto" and grad_h and reduction != "none" and not weight.requires_grad
+        and hidden.dtype != torch.float16))
     if eager:
         return _MaskedCrossEntropyEager.apply(hidden, weight, idx, y, softcap, float(z_loss), reduction == "mean",
                                               cfg)

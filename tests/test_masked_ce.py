@@ -200,10 +200,10 @@ def test_auto_strategy_choice(monkeypatch):
         counts[name] = count_launches(monkeypatch, mc, name)
     hidden, weight, labels = _make(17, 32, 100, torch.float32)
 
-    def launched(grad_w, reduction="mean", no_grad=False):
+    def launched(grad_w, reduction="mean", no_grad=False, dtype=torch.float32):
         for c in counts.values():
             c.clear()
-        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_(grad_w)
+        h, w = hidden.to(dtype).requires_grad_(), weight.to(dtype).requires_grad_(grad_w)
         with torch.no_grad() if no_grad else contextlib.nullcontext():
             loss = masked_cross_entropy(h, w, labels, impl="triton", reduction=reduction)
         if not no_grad:
@@ -215,6 +215,8 @@ def test_auto_strategy_choice(monkeypatch):
     assert launched(grad_w=True) == {"rows": False, "dlogits": True, "fwd": True}  # dW needed: recompute
     assert launched(grad_w=False, reduction="none") == {"rows": False, "dlogits": True, "fwd": True}
     assert launched(grad_w=False, no_grad=True) == {"rows": False, "dlogits": False, "fwd": True}  # eval
+    # fp16 stays on recompute: eager would round dZ / M into fp16 before the loss scale reaches it
+    assert launched(grad_w=False, dtype=torch.float16) == {"rows": False, "dlogits": True, "fwd": True}
     with pytest.raises(ValueError, match="frozen"):
         mc._masked_ce_triton(hidden, weight.clone().requires_grad_(), labels, cfg=_cfg(torch.float32, strategy="eager"))
     with pytest.raises(ValueError, match="unknown strategy"):
