@@ -419,4 +419,6 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
                              f"at most {MAX_BLOCK_N} (a larger one spills or exceeds shared memory); use impl='auto' "
                              f"or 'torch', or a smaller rank")
     biases = list(biases) if biases is not None else [None] * n
+    if any(b is not None and b.requires_grad for b in biases):  # its backward returns no bias gradient
+        raise ValueError("lora_group computes no bias gradient; the base biases must be frozen")
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)

@@ -161,6 +161,9 @@ def test_lora_group_rejects_bad_input():
         lora_group(x, [ws[0].clone().requires_grad_(True)], As, Bs, 1.0)
     with pytest.raises(ValueError, match="dropout_p"):
         lora_group(x, ws, As, Bs, 1.0, 1.0)
+    x, ws, bs, As, Bs, _ = _case(3, 8, [4], [2], torch.float32, True)
+    with pytest.raises(ValueError, match="base biases must be frozen"):  # a trainable bias would never train
+        lora_group(x, ws, As, Bs, 1.0, biases=[b.requires_grad_() for b in bs])
 
 
 # ----------------------------------------------------------------------------------------------
