@@ -46,7 +46,18 @@ def check_targets_offline(cfg):
 def prepare_output_dir(path):
     """Create the run's folder (and its parents) now, before any data or model loads, and check that it can be
     written (``engine.config.check_output_dir`` has refused '', a file and a dangling link already); returns the
-    folders created, for ``remove_empty`` when the run fails. Raises ConfigError."""
+    folders created, for ``remove_empty`` when the run fails. Raises ConfigError.
+
+    Only rank 0 creates it (it alone removes what it created, so a folder another rank made first would outlive a
+    failed run); the other ranks check that it could be made (the nearest existing folder is writable), and the
+    run checks later that they see the one rank 0 made (``engine.checkpoint.check_shared_folder``)."""
+    if os.environ.get("RANK", "0") != "0":
+        existing = os.path.abspath(path)
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir {path} cannot be written: {existing} is not writable")
+        return []
     created = missing_folders(path)
     try:
         os.makedirs(path, exist_ok=True)

@@ -92,3 +92,15 @@ def test_an_mpi_or_slurm_launch_is_not_taken_for_a_world_of_one(monkeypatch, var
     with pytest.raises(Joined) as seen:
         distributed.init_distributed()
     assert (seen.value.args[0]["RANK"], seen.value.args[0]["WORLD_SIZE"]) == ("0", "1")
+
+
+def test_only_rank_0_creates_the_run_folder(tmp_path, monkeypatch):
+    """Rank 0 alone removes what it created when a run fails: a folder another rank made first would be left
+    behind, so the other ranks only check that it could be made."""
+    from engine.train import prepare_output_dir
+
+    out = tmp_path / "a" / "run"
+    monkeypatch.setenv("RANK", "1")
+    assert prepare_output_dir(str(out)) == [] and not (tmp_path / "a").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert prepare_output_dir(str(out)) == [str(out), str(tmp_path / "a")] and out.is_dir()
