@@ -125,6 +125,9 @@ def main(argv=None):
     try:
         return _train(cfg)
     finally:
+        from engine.distributed import leave
+
+        leave()  # the process group goes before the interpreter does (engine.distributed.leave says why)
         if os.environ.get("RANK", "0") == "0":
             remove_empty(created)  # nothing written (a failed run): no empty folder left behind
 
