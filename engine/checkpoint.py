@@ -224,8 +224,8 @@ def check_shared_folder(output_dir, rank):
     token = f"{os.getpid()} {socket.gethostname()} {os.urandom(8).hex()}"
     path = os.path.join(output_dir, SHARED_CHECK)
     together(lambda: write_text(path, token) if rank == 0 else None)
-    tokens = [None] * dist.get_world_size()
-    dist.all_gather_object(tokens, token)
+    tokens = [token]
+    dist.broadcast_object_list(tokens, src=0)
 
     def read():
         try:

@@ -163,13 +163,19 @@ def _yaml12_numbers(value):
     return value
 
 
+def _optional_of(tp):
+    """X for ``Optional[X]``, else None."""
+    if typing.get_origin(tp) is typing.Union:
+        return [a for a in typing.get_args(tp) if a is not type(None)][0]
+    return None
+
+
 def _coerce(value, tp, key):
+    inner = _optional_of(tp)
+    if inner is not None:
+        return None if value is None else _coerce(value, inner, key)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        return _coerce(value, [a for a in args if a is not type(None)][0], key)
     if origin in (list, typing.List):
         if isinstance(value, str):
             value = [value] if value else []
@@ -300,13 +306,13 @@ def _override_value(key, text, tp):
     * a mapping (``model.random_init``) is YAML;
     * ``null`` or ``~`` unsets an optional key.
     """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
     stripped = text.strip()
-    if origin is typing.Union:  # Optional[X]
+    inner = _optional_of(tp)
+    if inner is not None:
         if stripped.lower() in _NULL:
             return None
-        tp = [a for a in args if a is not type(None)][0]
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        tp = inner
+    origin = typing.get_origin(tp)
     if tp is str:
         if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":  # a quoted YAML string
             value = _yaml_value(key, stripped)

@@ -16,8 +16,8 @@ makes it: bidirectional, LoRA fused per ``model.fused_ops``, pooled per ``contra
 the score shapes are computed from the batch, not run.
 
 The plan is for the GPU the run will have: ``world`` ranks (default: the most of 8, 4, 2, 1 that divides the
-global batch), each with ``memory_budget_gb`` or ``--gpu-memory-gb`` (default 80) of memory, bf16 unless the
-config sets a dtype. Data files are not read (they need not be present).
+global batch), each with ``memory_budget_gb`` or ``--gpu-memory-gb`` GiB of memory (default 79.65, what an 80 GB
+H100 reports), bf16 unless the config sets a dtype. Data files are not read (they need not be present).
 """
 import copy
 import functools
@@ -32,7 +32,7 @@ from .lora import fuse_lora
 from .memory import text_lengths, choose_recompute, choose_zero_stage, plan_memory
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
 
-GPU_MEMORY_GB = 80.0
+GPU_MEMORY_GB = 79.65  # GiB: what an 80 GB H100 reports as its total memory, and so what a run there plans for
 
 
 def default_world(cfg):
@@ -104,10 +104,12 @@ def meta_step(model, cfg, shapes, arch):
     return out
 
 
-def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
+def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
     """Build, plan and shape-check the run of ``cfg``; print the plan through ``out``. Raises on bad input."""
     if world is not None and world < 1:
         raise config_mod.ConfigError(f"--world must be >= 1, got {world}")
+    if gpu_memory_gb is None:
+        gpu_memory_gb = GPU_MEMORY_GB
     if not gpu_memory_gb > 0:
         raise config_mod.ConfigError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
     world = world or default_world(cfg)
@@ -149,8 +151,9 @@ def dry_run(cfg, world=None, gpu_memory_gb=GPU_MEMORY_GB, out=print):
         f"{horizon}, stop at {cfg.max_steps}")
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
         out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
-    if config_mod.offload_warning(cfg, stage):
-        out("  WARNING: " + config_mod.offload_warning(cfg, stage))
+    offload = config_mod.offload_warning(cfg, stage)
+    if offload:
+        out("  WARNING: " + offload)
     warning = config_mod.negatives_warning(cfg, world)
     if warning:
         out("  WARNING: " + warning)

@@ -91,10 +91,15 @@ def read_scores(path, pairs):
 
 
 def check_pairs(path, pairs, least):
-    """Raises ValueError naming ``path`` when ``pairs`` are too few for a rank correlation to report (read_sts
-    has refused gold scores that are not finite)."""
+    """Raises ValueError naming ``path`` when ``pairs`` have no rank correlation to report: too few of them, or
+    one gold score for all (Spearman's rho divides by the spread of the gold ranks, which is then 0). read_sts
+    has refused gold scores that are not finite."""
     if len(pairs) < least:
         raise ValueError(f"{path}: {len(pairs)} pair(s), but a rank correlation needs at least {least}")
+    golds = {float(p[2]) for p in pairs}
+    if len(golds) == 1:
+        raise ValueError(f"{path}: every one of its {len(pairs)} pairs has the gold score {golds.pop():g}, so a rank "
+                         f"correlation with them is undefined")
 
 
 def nonfinite_cosines(cos):

@@ -80,8 +80,9 @@ def main(argv=None):
     ap.add_argument("--print-config", action="store_true", help="print the resolved config (YAML) and exit")
     ap.add_argument("--world", type=int, default=None,
                     help="--dry-run: ranks to plan for (default: the most of 8, 4, 2, 1 the batch divides into)")
-    ap.add_argument("--gpu-memory-gb", type=float, default=80.0,
-                    help="--dry-run: memory per GPU when the config sets no memory_budget_gb (default 80)")
+    ap.add_argument("--gpu-memory-gb", type=float, default=None,
+                    help="--dry-run: memory per GPU in GiB when the config sets no memory_budget_gb (default 79.65, "
+                         "what an 80 GB H100 reports)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
     args = ap.parse_args(argv)

@@ -69,8 +69,9 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
     mem.budget_bytes = smallest(mem.budget_bytes, device)  # one plan for every rank (nodes may differ in memory)
     zero_stage, why = choose_zero_stage(cfg, mem)
     log(f"zero stage {zero_stage}: {why}")
-    if config_mod.offload_warning(cfg, zero_stage):
-        log("warning: " + config_mod.offload_warning(cfg, zero_stage))
+    offload = config_mod.offload_warning(cfg, zero_stage)
+    if offload:
+        log("warning: " + offload)
     recompute, why = choose_recompute(cfg, mem, zero_stage)
     log(f"recompute {recompute}: {why}")
     enable_recompute(model, recompute)

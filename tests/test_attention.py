@@ -136,6 +136,42 @@ def test_varlen_explicit_max_seqlen_and_packed_equals_dense():
     torch.testing.assert_close(packed.reshape(B, S, hq, d), dense, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["dense", "padded", "varlen"])
+def test_more_sequences_than_the_grid_takes_run_in_slices(layout, monkeypatch):
+    """CUDA caps grid axis 2 (the sequence) at 65535: a bigger batch (an encode of many short texts) runs in slices
+    of that many sequences. With the cap at 2, five sequences run as three slices and give the one-call results
+    bit for bit, forward and backward; dropout, whose mask hashes the sequence index, is refused instead."""
+    import llm2vec_kernels.attention.flash as flash_mod
+
+    lens = [5, 1, 17, 0, 9]
+    rows = sum(lens) if layout == "varlen" else 5
+    if layout == "varlen":  # 3 tokens past the last sequence: the slices give them zeros, as the reference does
+        q, k, v = _inputs((sum(lens) + 3,), 4, 2, 32, F32)
+        kw = dict(cu_seqlens=_cu(lens), max_seqlen=17)
+    else:
+        q, k, v = _inputs((5, 17), 4, 2, 32, F32)
+        kw = {"seqlens": torch.tensor(lens)} if layout == "padded" else {}
+
+    def run():
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = flash_attention(qq, kk, vv, impl="triton", **kw)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape))
+        return out.detach(), qq.grad, kk.grad, vv.grad
+
+    whole = run()
+    launches = []
+    real = flash_mod._FlashAttention.apply
+    monkeypatch.setattr(flash_mod, "MAX_GRID_BATCH", 2)
+    monkeypatch.setattr(flash_mod._FlashAttention, "apply", lambda *a: launches.append(1) or real(*a))
+    sliced = run()
+    assert len(launches) == 3
+    for a, b in zip(whole, sliced):
+        torch.testing.assert_close(b[:rows], a[:rows], rtol=0, atol=0)
+    assert sliced[0].shape == q.shape and not sliced[0][rows:].any() and not sliced[1][rows:].any()
+    with pytest.raises(ValueError, match="5 sequences with dropout in one call"):
+        flash_attention(q, k, v, impl="triton", dropout_p=0.1, seed=1, **kw)
+
+
 def test_strided_views_of_a_fused_qkv_projection():
     # (B, S, 3, H, D) -> q/k/v are views with a sequence stride of 3*H*D; no copies needed.
     qkv = torch.randn(2, 41, 3, 4, 32, device=DEVICE)

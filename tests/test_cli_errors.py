@@ -243,6 +243,7 @@ def _sts(path, golds):
 @pytest.mark.parametrize("case,message", [
     ("one_pair", "1 pair(s), but a rank correlation needs at least 3"),
     ("two_pairs_bootstrap", "2 pair(s), but a rank correlation needs at least 3"),
+    ("one_gold_score", "every one of its 4 pairs has the gold score 2.5, so a rank correlation with them is undefined"),
     ("nan_gold", "nan.csv:2: score 'nan' is not a finite number"),
     ("nan_compare", "other.tsv:4: cosine 'nan' is not finite"),
     ("scores_folder_missing", "its folder"),
@@ -259,6 +260,7 @@ def test_evaluate_checks_pairs_files_and_seed_before_the_model_loads(capsys, tmp
     args = {
         "one_pair": ["--data", _sts(tmp_path / "one.csv", [3.0])],
         "two_pairs_bootstrap": ["--data", _sts(tmp_path / "two.csv", [1.0, 3.0]), "--bootstrap", "200"],
+        "one_gold_score": ["--data", _sts(tmp_path / "flat.csv", [2.5] * 4)],
         "nan_gold": ["--data", _sts(tmp_path / "nan.csv", [1.0, "nan", 2.0, 4.0]), "--bootstrap", "200"],
         "nan_compare": ["--data", five, "--compare", str(tmp_path / "other.tsv")],
         "scores_folder_missing": ["--data", five, "--scores", str(tmp_path / "nodir" / "x.tsv")],

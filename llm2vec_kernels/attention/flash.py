@@ -835,8 +835,38 @@ def _prepare(q, k, v, cu_seqlens, seqlens=None):
     return q, k, v, cu
 
 
+MAX_GRID_BATCH = 65535  # CUDA's limit on grid axis 2, which the kernels give to the sequence index
+
+
+def _in_batch_chunks(q, k, v, cu_seqlens, max_seqlen, seqlens, run):
+    """``run`` over slices of at most MAX_GRID_BATCH sequences, outputs concatenated: the kernels' grid puts the
+    sequence on axis 2, which CUDA caps at 65535 blocks (an encode batch of that many short texts). Each slice
+    is a plain call, so autograd splits the backward the same way. Varlen slices rebase their ``cu_seqlens``."""
+    n = cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0]
+    outs = []
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()  # one host sync, only on this path
+    for a in range(0, n, MAX_GRID_BATCH):
+        b = min(a + MAX_GRID_BATCH, n)
+        if cu_seqlens is None:
+            outs.append(run(q[a:b], k[a:b], v[a:b], None, max_seqlen, None if seqlens is None else seqlens[a:b]))
+        else:
+            t0, t1 = bounds[a], bounds[b]
+            outs.append(run(q[t0:t1], k[t0:t1], v[t0:t1], cu_seqlens[a:b + 1] - t0, max_seqlen, None))
+    if cu_seqlens is not None and bounds[n] < q.shape[0]:  # tokens past the last sequence: zeros, as the reference
+        outs.append(q.new_zeros((q.shape[0] - bounds[n],) + tuple(q.shape[1:])))
+    return torch.cat(outs, dim=0)
+
+
 def _flash_attention_triton(q, k, v, cu_seqlens, max_seqlen, scale, dropout_p, seed, causal, deterministic=True,
                             seqlens=None, softcap=None):
+    n_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else (q.shape[0] if q.dim() == 4 else 0)
+    if n_seqs > MAX_GRID_BATCH:
+        if dropout_p > 0:  # the keep-mask hashes the sequence index: a slice would renumber its sequences
+            raise ValueError(f"flash_attention: {n_seqs} sequences with dropout in one call; the kernels take at "
+                             f"most {MAX_GRID_BATCH} (CUDA's grid limit): split the batch")
+        return _in_batch_chunks(q, k, v, cu_seqlens, max_seqlen, seqlens, lambda q_, k_, v_, cu_, ms_, sl_: (
+            _flash_attention_triton(q_, k_, v_, cu_, ms_, scale, 0.0, seed, causal, deterministic, sl_, softcap)))
     q, k, v, cu = _prepare(q, k, v, cu_seqlens, seqlens)
     seed = _resolve_seed(seed, dropout_p)
     if q.numel() == 0:
@@ -883,6 +913,9 @@ def flash_attention(
     Differentiable in q, k and v on both backends. ``deterministic=False`` (Triton) accumulates dQ with fp32
     atomics inside the dK/dV kernel instead of running a separate dQ kernel: two fewer matmuls per tile in
     the backward, bitwise results that vary run to run.
+
+    Varlen rows past ``cu_seqlens[-1]`` belong to no sequence; the Triton path leaves their output rows
+    unspecified (as flash-attn's varlen does), the reference writes zeros.
 
     ``seqlens`` (B,): a right-padded dense batch whose sequence b is its first seqlens[b] positions. The
     kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
