@@ -38,13 +38,29 @@ class DataStats:
     truncated: int = 0  # texts cut to the max length at tokenisation
     sources: dict = dataclasses.field(default_factory=dict)
     no_negative: int = 0  # supervised rows without a hard negative, dropped when the stage needs one
-    blank_negatives: int = 0  # blank hard negatives dropped from rows that keep others
+    blank_negatives: int = 0  # blank hard negatives dropped (from any row, kept or not)
+    negatives_per_row: dict = dataclasses.field(default_factory=dict)  # kept supervised rows by hard negatives held
+    repeated_negatives: int = 0  # kept rows with fewer hard negatives than the stage uses: theirs are repeated
+    missing: list = dataclasses.field(default_factory=list)  # E5 dataset files a folder lacks (not trained on)
+    unread: list = dataclasses.field(default_factory=list)  # .jsonl files in an E5 folder that are no E5 dataset
 
     def summary(self):
         extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (("no_negative", self.no_negative),
-                                                                   ("blank_negatives", self.blank_negatives)) if v)
+                                                                   ("blank_negatives", self.blank_negatives),
+                                                                   ("repeated_negatives", self.repeated_negatives))
+                        if v)
+        if self.missing:
+            extra += (f", MISSING {len(self.missing)} of the {len(E5_INSTRUCTIONS)} E5 dataset files (not trained "
+                      f"on): {', '.join(self.missing)}")
+        if self.unread:
+            extra += f", not read (no E5 dataset): {', '.join(self.unread)}"
         return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
                 f"truncated {self.truncated}{extra}, sources {self.sources}")
+
+    def count_repeated_negatives(self, n):
+        """Set ``repeated_negatives``: the kept rows holding fewer than ``n`` (>= 1) hard negatives, which the
+        supervised batch repeats to fill n slots (E5 rows hold one), weighting each repeated negative more."""
+        self.repeated_negatives = sum(v for k, v in self.negatives_per_row.items() if 0 < int(k) < n)
 
 
 def _check_file(path):
@@ -330,8 +346,17 @@ def iter_supervised(sources, stats, max_samples=0, default_instruction="", need_
         raise DataError("no data given: set data=FILE.jsonl (or an E5 directory)")
     kept = 0
     for src in sources:
-        n_src = 0
+        if os.path.isdir(src):  # an E5 folder: what it lacks, and what it holds that is not read, are reported
+            found = e5_files(src)
+            stats.missing += [f"{name}.jsonl" for name in E5_INSTRUCTIONS if name not in found]
+            stats.unread += sorted(f for f in os.listdir(src)
+                                   if f.endswith(".jsonl") and f[:-len(".jsonl")] not in E5_INSTRUCTIONS)
+            for name in found:  # kept rows per dataset file
+                stats.sources.setdefault(f"{name}.jsonl", 0)
+        else:
+            stats.sources.setdefault(src, 0)
         for where, obj, meta in _supervised_rows(src, default_instruction):
+            label = meta.get("file", src)
             stats.read += 1
             if obj is None:
                 stats.empty += 1
@@ -344,12 +369,14 @@ def iter_supervised(sources, stats, max_samples=0, default_instruction="", need_
             if not ex["negatives"] and need_negatives:
                 stats.no_negative += 1
                 continue
-            n_src, kept = n_src + 1, kept + 1
+            kept += 1
+            stats.sources[label] += 1
+            n_neg = len(ex["negatives"])
+            stats.negatives_per_row[n_neg] = stats.negatives_per_row.get(n_neg, 0) + 1
             stats.kept = kept
             yield ex
             if max_samples and kept >= max_samples:
                 break
-        stats.sources[src] = n_src
         if max_samples and kept >= max_samples:
             break
 
@@ -422,13 +449,24 @@ E5_INSTRUCTIONS = {
 E5_SYMMETRIC = ("allnli_split2", "quora_duplicates_split1", "quora_duplicates_split2")
 
 
+def rows_rule_digest():
+    """A digest of the rules that turn source rows into cached supervised items (the E5 instructions, joiner and
+    symmetric datasets; the STS-as-supervised thresholds): the item cache's key holds it, so an engine whose rules
+    changed never reuses items built under the old ones."""
+    import json
+
+    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), STS_SUPERVISED_THRESHOLDS]
+    return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def e5_group(dataset):
     """The batch group of an E5 dataset file: its name without the _split1 / _split2 half."""
     return dataset.replace("_split1", "").replace("_split2", "")
 
 
 def e5_files(directory):
-    """{dataset: path} of the known E5 dataset files in ``directory`` (others are not read: see the stats)."""
+    """{dataset: path} of the known E5 dataset files in ``directory``. The reader's stats name the known files
+    the folder lacks and the ``.jsonl`` files it holds that are not read."""
     found = {name: os.path.join(directory, f"{name}.jsonl") for name in E5_INSTRUCTIONS
              if os.path.isfile(os.path.join(directory, f"{name}.jsonl"))}
     if not found:
@@ -442,12 +480,15 @@ def e5_rows(directory):
     for name, path in e5_files(directory).items():
         prompt = E5_INSTRUCTIONS[name] + E5_JOINER
         meta = {"source": e5_group(name), "instruction": prompt,
-                "doc_instruction": prompt if name in E5_SYMMETRIC else ""}
+                "doc_instruction": prompt if name in E5_SYMMETRIC else "", "file": f"{name}.jsonl"}
         for n, obj in _json_rows(path):
             yield f"{path}:{n}", obj, meta
 
 
-def sts_supervised_rows(path, positive_min=4.0, negative_max=2.0):
+STS_SUPERVISED_THRESHOLDS = (4.0, 2.0)  # (positive_min, negative_max) of sts_supervised_rows
+
+
+def sts_supervised_rows(path, positive_min=STS_SUPERVISED_THRESHOLDS[0], negative_max=STS_SUPERVISED_THRESHOLDS[1]):
     """Supervised rows from an STS Benchmark TSV (scores as the only supervision).
 
     Each pair scoring >= positive_min gives two rows (a -> b and b -> a). The hard negative is a

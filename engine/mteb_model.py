@@ -26,7 +26,7 @@ from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
 
 from .encoding import instruction_prefix
-from .task_instructions import LLM2VEC_TASKS, mteb_prompts
+from .task_instructions import ASYMMETRIC_TYPES, LLM2VEC_TASKS, mteb_prompts
 
 LOCAL_STS_NAME = "STSBenchmarkLocal"
 # llm2vec's instruction per task name (plus the offline STS copy), for reference and overrides
@@ -50,6 +50,9 @@ def prompt_for(prompts, task_metadata, prompt_type=None):
     mteb's own instruction for the task (as a prompt, newline-terminated)."""
     pt = PromptType(prompt_type) if isinstance(prompt_type, str) else prompt_type
     name = get_prompt_name(prompts, task_metadata, pt)
+    if (name is not None and name == getattr(task_metadata, "name", None) and pt == PromptType.document
+            and getattr(task_metadata, "type", None) in ASYMMETRIC_TYPES):
+        return ""  # a task the caller's table added: its retrieval documents stay plain, as llm2vec's table's do
     if name is not None:
         return prompts[name]
     if pt is None and prompts.get("query"):

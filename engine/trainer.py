@@ -128,7 +128,8 @@ class Trainer:
             if len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
                 self.sts_eval = cfg.eval_data[0]  # dev Spearman, and output_dir/best/ (MNTP logs its eval loss too)
             if self.sts_eval is None or self.stage.name == "mntp":
-                self.eval_items, _, _ = self.stage.load(cfg.eval_data, seed=EVAL_SEED)  # the same text for every seed
+                self.eval_items, eval_stats, _ = self.stage.load(cfg.eval_data, seed=EVAL_SEED)  # same text, any seed
+                log0(f"eval data: {eval_stats.summary()}; {len(self.eval_items)} items")
         self.plan = BatchPlan(len(self.items), cfg.batch_size, cfg.micro_batch_size, self.world, self.rank, cfg.seed,
                               groups)
         log0(f"batches: {self.plan.summary()}")

@@ -89,3 +89,46 @@ def test_directory_errors(tmp_path):
     (part / "nq.jsonl").open("a").write(json.dumps({"query": "q"}) + "\n")
     with pytest.raises(DataError, match=r"nq.jsonl:7: missing field 'positive'"):
         read_supervised([str(part)])
+
+
+def test_a_folder_missing_an_e5_file_says_so_and_counts_each_file(tmp_path):
+    """An interrupted unpack that lost msmarco_passage.jsonl trained on 15 of the 16 datasets with one count for
+    the whole folder; now the summary names the missing file (and a .jsonl it does not read), and counts per file."""
+    part = tmp_path / "echo-data"
+    shutil.copytree(SAMPLE, part)
+    os.unlink(part / "msmarco_passage.jsonl")
+    shutil.copy(part / "nq.jsonl", part / "allnli.jsonl")  # no E5 dataset of that name: not read
+    ex, stats = read_supervised([str(part)])
+    assert len(ex) == 15 * 6
+    assert stats.missing == ["msmarco_passage.jsonl"] and stats.unread == ["allnli.jsonl"]
+    assert stats.sources == {f"{n}.jsonl": 6 for n in E5_INSTRUCTIONS if n != "msmarco_passage"}
+    line = stats.summary()
+    assert "MISSING 1 of the 16 E5 dataset files (not trained on): msmarco_passage.jsonl" in line, line
+    assert "not read (no E5 dataset): allnli.jsonl" in line
+    assert "MISSING" not in read_supervised([SAMPLE])[1].summary()
+
+
+@pytest.mark.parametrize("n,repeated", [(1, 0), (2, 96)])
+def test_rows_with_fewer_negatives_than_the_stage_uses_are_counted(n, repeated):
+    """E5 rows hold one hard negative; with num_hard_negatives 2 the batch repeats it (twice the weight in the
+    loss), which the data summary now counts."""
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={SAMPLE}", f"contrastive.num_hard_negatives={n}"])
+    _, stats, _ = build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data, 0)
+    assert stats.repeated_negatives == repeated
+    assert ("repeated negatives 96" in stats.summary()) is bool(repeated)
+
+
+def test_the_item_cache_is_rebuilt_when_the_e5_rules_change(monkeypatch):
+    """Cached items hold their E5 instruction: an engine whose table changed must not reuse them."""
+    import engine.data
+
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={SAMPLE}"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+
+    def nq_instructions():
+        items = stage.load(cfg.data, 0)[0]
+        return {items[i]["instruction"] for i in range(len(items)) if items[i]["source"] == "nq"}
+
+    assert nq_instructions() == {E5_INSTRUCTIONS["nq"] + "; "}
+    monkeypatch.setitem(engine.data.E5_INSTRUCTIONS, "nq", "Find the passage")
+    assert nq_instructions() == {"Find the passage; "}

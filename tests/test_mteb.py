@@ -45,6 +45,13 @@ def test_llm2vec_instruction_table_is_whole_and_keyed_as_mteb_reads_it():
     assert prompt_for(prompts, bare) == prompts["query"] == "Represent the sentence:\n"
     assert prompt_for(prompts, bare, "document") == ""  # documents stay plain (the export's "document" prompt)
     assert prompt_for(mteb_prompts(""), bare) == instruction_for(bare)  # no instruction: mteb's own, as before
+    # a retrieval task the caller's table adds: its instruction reaches the queries, never the documents (the
+    # table gives it no type, and mteb's lookup falls back to the bare task name for both sides)
+    added = next(t.metadata for t in mteb.get_tasks(task_types=["Retrieval"], languages=["eng"])
+                 if t.metadata.name not in LLM2VEC_TASKS)
+    table = {added.name: "Find the passage:"}
+    assert instruction_for(added, "query", table) == "Find the passage:\n"
+    assert instruction_for(added, "document", table) == ""
 
 
 def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F811

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .. import token_cache
-from ..data import DataError, DataStats, iter_supervised, read_scored_pairs
+from ..data import DataError, DataStats, iter_supervised, read_scored_pairs, rows_rule_digest
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -39,12 +39,15 @@ class SupervisedStage(ContrastiveStage):
             return dataclasses.asdict(stats)
 
         settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction,
-                    "need_negatives": need_negatives}
+                    "need_negatives": need_negatives, "rows": rows_rule_digest()}
         ex, meta = token_cache.cached_items("json", None, sources, settings, build)
         groups = ex.groups if self.cfg.contrastive.source_homogeneous_batches else None
         if groups is not None and len(meta["groups"]) == 1:
             groups = None
-        return ex, DataStats(**meta["stats"]), groups
+        stats = DataStats(**meta["stats"])
+        if need_negatives:
+            stats.count_repeated_negatives(self.cfg.contrastive.num_hard_negatives)
+        return ex, stats, groups
 
     def collate(self, items, generator):
         if not items:
