@@ -13,14 +13,17 @@ cover gets the model's own instruction where the export's ``default_prompt_name`
 prompt type, for a model trained with an instruction), else mteb's own instruction for it here
 (``task_metadata.prompt``), which the export does not have.
 
-mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``. This wrapper carries
-a real ``ModelMeta``; a ``SentenceTransformer`` loaded from a local folder has no name (sentence-transformers reads
+mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``, and its cache hands
+back a task's stored result by task name. This wrapper carries a real ``ModelMeta`` whose revision is a
+fingerprint of what the model computes; a :func:`local_sts_task` over another file or ``max_pairs`` needs its own
+``name=`` (or ``cache=None``, as ``engine.evaluate`` passes); a ``SentenceTransformer`` loaded from a local folder has no name (sentence-transformers reads
 none from it), so load an export with :func:`load_export`, which names it from its ``engine_export.json``.
 """
 import json
 import os
 
 import numpy as np
+import torch
 from mteb.models.abs_encoder import AbsEncoder, get_prompt_name
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
@@ -68,8 +71,11 @@ def instruction_for(task_metadata, prompt_type=None, table=None):
 class EngineMTEBModel(AbsEncoder):
     """An ``engine.Encoder`` as an mteb model. ``model``: a path / hub id (loaded with ``Encoder.from_pretrained``)
     or an ``Encoder``. ``instructions``: task name -> instruction, overrides / additions to llm2vec's table.
-    ``name`` / ``revision``: what mteb files the results under (default: an export's recorded name and revision,
-    else ``llm2vec-engine/<folder name>`` and ``local``)."""
+    ``name`` / ``revision``: what mteb files (and caches) the results under. Default: an export's recorded name
+    and revision (its content hash) when it is loaded as exported; else ``llm2vec-engine/<folder name>`` and
+    ``local-<fingerprint>`` (:func:`encoder_fingerprint`: the weights, settings and prompts), so mteb's result
+    cache never hands one model's score to another (another adapter of the run, a retrained run in the same
+    folder, another ``Encoder``)."""
 
     def __init__(self, model, revision=None, *, device=None, instructions=None, name=None, **encoder_kwargs):
         from .encoder import Encoder
@@ -81,14 +87,16 @@ class EngineMTEBModel(AbsEncoder):
             self.encoder = Encoder.from_pretrained(model, device=device, **encoder_kwargs)
             path = model
             recorded = export_identity(model)
-            if recorded:
+            if recorded and not instructions and not encoder_kwargs:  # as exported: its recorded identity
                 name, revision = name or recorded[0], revision or recorded[1]
         self.model = self.encoder
         self.prompts = mteb_prompts(self.encoder.default_instruction, instructions)
+        if revision is None:  # mteb caches results by (name, revision): the revision names what this model computes
+            revision = "local-" + encoder_fingerprint(self.encoder, self.prompts)
         base = os.path.basename(os.path.normpath(str(path))) or "encoder"
         dec = self.encoder.model
         self.mteb_model_meta = ModelMeta(
-            loader=None, name=name or f"llm2vec-engine/{base}", revision=revision or "local", release_date=None,
+            loader=None, name=name or f"llm2vec-engine/{base}", revision=revision, release_date=None,
             languages=None, n_parameters=sum(p.numel() for p in dec.parameters()), memory_usage_mb=None,
             max_tokens=self.encoder.max_length, embed_dim=dec.config.hidden_size, license=None, open_weights=True,
             public_training_code=None, public_training_data=None, framework=["PyTorch"], reference=None,
@@ -101,6 +109,31 @@ class EngineMTEBModel(AbsEncoder):
         emb = self.encoder.encode(texts, instruction=prompt, batch_size=kwargs.get("batch_size", 32),
                                   show_progress_bar=kwargs.get("show_progress_bar", False))
         return np.asarray(emb, dtype=np.float32)
+
+
+@torch.no_grad()
+def encoder_fingerprint(encoder, prompts):
+    """12 hex digits that change with anything the encoder's embeddings depend on: every parameter (its name, shape,
+    dtype and two fp64 moments, computed where it lives: one pass over the weights, about a second for a 7B model on
+    a GPU), the settings of :class:`engine.Encoder` and the prompts. mteb files and caches results by model name and
+    revision, so two models, or two adapters of one run, must not share a revision."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in encoder.model.named_parameters():
+        x = p.detach().reshape(-1).double() if p.numel() <= (1 << 24) else None
+        if x is None:  # in slices: no fp64 copy of a whole 7B embedding matrix
+            flat = p.detach().reshape(-1)
+            parts = [flat[i:i + (1 << 24)].double() for i in range(0, flat.numel(), 1 << 24)]
+            s1, s2 = sum(float(t.sum()) for t in parts), sum(float((t * t).sum()) for t in parts)
+        else:
+            s1, s2 = float(x.sum()), float((x * x).sum())
+        h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{s1!r}|{s2!r}\n".encode())
+    settings = {k: getattr(encoder, k, None) for k in ("pooling", "max_length", "default_instruction",
+                                                          "doc_max_length", "skip_instruction", "normalize")}
+    settings["chat"] = repr(getattr(encoder, "chat", None))
+    h.update(json.dumps([settings, prompts], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:12]
 
 
 def export_identity(folder):

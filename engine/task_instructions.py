@@ -2,7 +2,8 @@
 
 The 67 texts are data from McGill-NLP/llm2vec (``test_configs/mteb/task_to_instructions.json``, MIT licence,
 Copyright (c) 2024 McGill NLP), keyed by mteb task name. llm2vec gives the instruction to queries only in
-retrieval and reranking tasks (documents are encoded plain) and to both sides elsewhere.
+retrieval and reranking tasks (documents are encoded plain) and to both sides elsewhere. mteb's English variants
+of those tasks (``LLM2VEC_TASK_VARIANTS``) get their base task's instruction.
 
 :func:`mteb_prompts` turns the table into prompts keyed as mteb 2.x looks them up from a model's ``prompts``
 (``mteb.models.abs_encoder.get_prompt_name``: ``"{task}-{query|document}"``, then ``"{task}"``, then
@@ -82,6 +83,41 @@ LLM2VEC_TASKS = {
     'STSBenchmark': ('STS', 'Retrieve semantically similar text:'),
     'SummEval': ('Summarization', 'Given a news summary, retrieve other semantically similar summaries:'),
 }
+# mteb's English variants of those tasks (versions, hard-negative, decontaminated and Nano subsets), each with
+# the task it is adapted from: its metadata's ``adapted_from``, restricted to English-only tasks of the same type,
+# read from mteb 2.26.24. A variant gets its base task's instruction (MTEB(eng, v2) holds several: without it,
+# FEVERHardNegatives' queries were encoded with no instruction at all).
+LLM2VEC_TASK_VARIANTS = {
+    'AmazonPolarityClassification.v2': 'AmazonPolarityClassification', 'ArguAnaDecontaminated': 'ArguAna',
+    'ArxivClusteringP2P.v2': 'ArxivClusteringP2P', 'Banking77Classification.v2': 'Banking77Classification',
+    'BiorxivClusteringP2P.v2': 'BiorxivClusteringP2P', 'BiorxivClusteringS2S.v2': 'BiorxivClusteringS2S',
+    'ClimateFEVER.v2': 'ClimateFEVER', 'ClimateFEVERHardNegatives': 'ClimateFEVER',
+    'ClimateFEVERHardNegatives.v2': 'ClimateFEVER', 'DBPediaHardNegatives': 'DBPedia',
+    'DBPediaHardNegatives.v2': 'DBPedia', 'EmotionClassification.v2': 'EmotionClassification',
+    'FEVERHardNegatives': 'FEVER', 'FEVERHardNegatives.v2': 'FEVER', 'FiQADecontaminated': 'FiQA2018',
+    'HUMEArxivClusteringP2P': 'ArxivClusteringP2P', 'HUMEEmotionClassification': 'EmotionClassification',
+    'HUMERedditClusteringP2P': 'RedditClusteringP2P', 'HUMESICK-R': 'SICK-R', 'HUMESTS12': 'STS12',
+    'HUMESTSBenchmark': 'STSBenchmark', 'HUMEToxicConversationsClassification': 'ToxicConversationsClassification',
+    'HUMETweetSentimentExtractionClassification': 'TweetSentimentExtractionClassification',
+    'HotpotQAHardNegatives': 'HotpotQA', 'HotpotQAHardNegatives.v2': 'HotpotQA',
+    'ImdbClassification.v2': 'ImdbClassification', 'MSMARCOHardNegatives': 'MSMARCO', 'MSMARCOv2': 'MSMARCO',
+    'MedrxivClusteringP2P.v2': 'MedrxivClusteringP2P', 'MedrxivClusteringS2S.v2': 'MedrxivClusteringS2S',
+    'NFCorpusDecontaminated': 'NFCorpus', 'NQHardNegatives': 'NQ', 'NQTablesRetrieval': 'NQ',
+    'NanoArguAnaRetrieval': 'ArguAna', 'NanoClimateFeverRetrieval': 'ClimateFEVER', 'NanoDBPediaRetrieval': 'DBPedia',
+    'NanoFEVERRetrieval': 'FEVER', 'NanoFiQA2018Retrieval': 'FiQA2018', 'NanoHotpotQARetrieval': 'HotpotQA',
+    'NanoMSMARCORetrieval': 'MSMARCO', 'NanoNFCorpusRetrieval': 'NFCorpus', 'NanoNQRetrieval': 'NQ',
+    'NanoQuoraRetrieval': 'QuoraRetrieval', 'NanoSCIDOCSRetrieval': 'SCIDOCS', 'NanoSciFactRetrieval': 'SciFact',
+    'NanoTouche2020Retrieval': 'Touche2020', 'QuoraRetrievalDecontaminated': 'QuoraRetrieval',
+    'QuoraRetrievalHardNegatives': 'QuoraRetrieval', 'QuoraRetrievalHardNegatives.v2': 'QuoraRetrieval',
+    'RedditClustering.v2': 'RedditClustering', 'RedditClusteringP2P.v2': 'RedditClusteringP2P',
+    'STSBenchmark.v2': 'STSBenchmark', 'SciDocsDecontaminated': 'SCIDOCS', 'SciFactDecontaminated': 'SciFact',
+    'StackExchangeClustering.v2': 'StackExchangeClustering',
+    'StackExchangeClusteringP2P.v2': 'StackExchangeClusteringP2P', 'SummEvalSummarization.v2': 'SummEval',
+    'Touche2020Decontaminated': 'Touche2020', 'Touche2020Retrieval.v3': 'Touche2020',
+    'ToxicConversationsClassification.v2': 'ToxicConversationsClassification', 'TrecCOVIDDecontaminated': 'TRECCOVID',
+    'TweetSentimentExtractionClassification.v2': 'TweetSentimentExtractionClassification',
+    'TwentyNewsgroupsClustering.v2': 'TwentyNewsgroupsClustering',
+}
 ASYMMETRIC_TYPES = ("Retrieval", "Reranking")  # instruction on the query side only
 # mteb task types whose llm2vec instruction is the same for every task of the type: a task of that type that the
 # table does not name (a local copy such as STSBenchmarkLocal) gets it through the "{type}" key.
@@ -95,6 +131,7 @@ def mteb_prompts(default_instruction="", table=None):
     ``default_instruction`` becomes the ``query`` prompt, "" the ``document`` one."""
     prompts = {}
     entries = {name: (ttype, instr) for name, (ttype, instr) in LLM2VEC_TASKS.items()}
+    entries.update({name: LLM2VEC_TASKS[base] for name, base in LLM2VEC_TASK_VARIANTS.items()})
     for name, instr in (table or {}).items():
         entries[name] = (entries.get(name, (None, ""))[0], instr)
     for name, (ttype, instr) in entries.items():

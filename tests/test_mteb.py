@@ -54,6 +54,29 @@ def test_llm2vec_instruction_table_is_whole_and_keyed_as_mteb_reads_it():
     assert instruction_for(added, "document", table) == ""
 
 
+def test_variants_of_llm2vec_tasks_get_their_base_tasks_instruction():
+    """MTEB(eng, v2) runs FEVERHardNegatives, Touche2020Retrieval.v3, ...: outside llm2vec's 67 names, their queries
+    were encoded with no instruction. The variant table agrees with mteb's metadata (adapted from the base task,
+    the same type, English only), and every retrieval task of MTEB(eng, v2) that one covers instructs its queries
+    and leaves its documents plain."""
+    from engine.mteb_model import instruction_for
+    from engine.task_instructions import LLM2VEC_TASK_VARIANTS, LLM2VEC_TASKS
+
+    for name, base in LLM2VEC_TASK_VARIANTS.items():
+        m = mteb.get_task(name).metadata
+        assert base in (m.adapted_from or []) and m.type == LLM2VEC_TASKS[base][0], name
+    covered = 0
+    for t in mteb.get_benchmark("MTEB(eng, v2)").tasks:
+        m = t.metadata
+        if m.type != "Retrieval" or m.name not in {**LLM2VEC_TASKS, **LLM2VEC_TASK_VARIANTS}:
+            continue
+        base = LLM2VEC_TASK_VARIANTS.get(m.name, m.name)
+        assert instruction_for(m, "query") == LLM2VEC_TASKS[base][1] + "\n", m.name
+        assert instruction_for(m, "document") == "", m.name
+        covered += m.name in LLM2VEC_TASK_VARIANTS
+    assert covered >= 4  # ClimateFEVER, FEVER and HotpotQA hard negatives, Touche2020 v3
+
+
 def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F811
     from engine.export import export
     from engine.mteb_model import LOCAL_STS_NAME, EngineMTEBModel, load_export, local_sts_task
@@ -68,6 +91,22 @@ def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F81
     plain = EngineMTEBModel(model.encoder, instructions={LOCAL_STS_NAME: ""}, name="x/plain")
     no_instr = mteb.evaluate(plain, task, cache=None, show_progress_bar=False).task_results[0].get_score()
     assert abs(wrapper - no_instr) > 1e-6  # the STS instruction is used
+
+    # the cache is keyed by (name, revision): another model of the same name (the run's weights nudged) gets its
+    # own revision and its own score, not the first model's stored one; the same model keeps its revision
+    import copy
+
+    import torch
+
+    other = copy.deepcopy(model.encoder)
+    with torch.no_grad():
+        next(other.model.parameters()).mul_(1.5)
+    again, nudged = EngineMTEBModel(model.encoder, name=meta.name), EngineMTEBModel(other, name=meta.name)
+    assert again.mteb_model_meta.revision == meta.revision and meta.revision.startswith("local-")
+    assert nudged.mteb_model_meta.revision != meta.revision
+    cached = mteb.evaluate(nudged, task, cache=cache, show_progress_bar=False).task_results[0].get_score()
+    fresh = mteb.evaluate(nudged, task, cache=None, show_progress_bar=False).task_results[0].get_score()
+    assert cached == fresh and abs(cached - wrapper) > 1e-6
 
     export(sup, str(tmp_path / "exp"))
     st = load_export(str(tmp_path / "exp"), device="cpu")
