@@ -129,14 +129,12 @@ def prompt_tokens(tokenizer, prefix, cache=None):
 
 
 def _prefix_len(ids, prefix_ids):
-    """How many leading tokens of ``ids`` are the prefix's own: its token count, less the tokens where the joint
-    tokenisation differs (a prefix whose last token fused with the text's first keeps that token pooled)."""
-    n = 0
-    for a, b in zip(ids, prefix_ids):
-        if a != b:
-            break
-        n += 1
-    return n
+    """How many leading tokens of ``ids`` are not pooled: the prefix's own token count, as sentence-transformers
+    counts a prompt (on the prompt alone), at most the whole sequence. The prefix ends in a newline, a token boundary
+    for any text that does not itself start with whitespace; one that does (``"\n\nHi"``, ``"   "``) can fuse
+    its first whitespace with that newline (byte-level BPE: ``ĊĊ``), and that fused token is then not pooled, as
+    in an exported folder (a whitespace-only text is its EOS, as ``""`` is)."""
+    return min(len(prefix_ids), len(ids))
 
 
 def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="mean", chat=None,

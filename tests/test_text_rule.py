@@ -16,7 +16,8 @@ from .sp_tokenizer import build_sp_tokenizer
 from .test_encoder import _save_base
 
 PROMPT = "Retrieve passages that answer the question: "
-TEXTS = ["guitar", "", "A man is playing a guitar.", "Hi", " leading space", "\nnewline first", "word " * 100]
+TEXTS = ["guitar", "", "A man is playing a guitar.", "Hi", " leading space", "\nnewline first", "\n\nnewlines first",
+         "   ", "word " * 100]
 
 
 @pytest.fixture(scope="module", params=["smollm2", "sentencepiece"])
@@ -49,7 +50,7 @@ def test_the_prompt_length_sentence_transformers_counts_ends_where_the_text_star
     prefix = instruction_prefix(PROMPT)
     assert prefix == PROMPT.rstrip() + "\n"
     n = len(tok(prefix)["input_ids"])
-    for text in TEXTS[:6]:
+    for text in TEXTS[:8]:
         ids, pms, _ = tokenize_for_encoding(tok, [text], [PROMPT], max_len=64)
         assert pms[0] == [0] * n + [1] * (len(ids[0]) - n), repr(text)
 
