@@ -55,11 +55,19 @@ class ExportError(ValueError):
     pass
 
 
+def _is_path_key(key):
+    """A key under which libraries record a local path (``_name_or_path``, ``name_or_path``, ``tokenizer_file``)."""
+    k = str(key).lower()
+    return k.endswith(("path", "_file", "_dir"))
+
+
 def _strip_abs_paths(folder):
-    """Drop absolute local paths that libraries write into JSON files (``_name_or_path`` and the like)."""
+    """Drop absolute local paths that libraries write into JSON files (``_name_or_path`` and the like): only under
+    path keys, so a prompt that starts with "/" (an instruction such as ``/no_think ...``) stays."""
     def clean(x):
         if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items() if not (isinstance(v, str) and os.path.isabs(v) and os.sep in v)}
+            return {k: clean(v) for k, v in x.items()
+                    if not (_is_path_key(k) and isinstance(v, str) and os.path.isabs(v) and os.sep in v)}
         if isinstance(x, list):
             return [clean(v) for v in x]
         return x
@@ -115,6 +123,24 @@ def check_output(out, protected=(), overwrite=False):
         if not _is_export(out):
             raise ExportError(f"{out} was not written by engine.export (no {EXPORT_MARKER} in it): refusing to "
                               f"replace it")
+        extra = _entries_not_written(out)
+        if extra:
+            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+            raise ExportError(f"{out} holds {len(extra)} entr{'y' if len(extra) == 1 else 'ies'} the export did not "
+                              f"write ({shown}): refusing to replace it (move them out first)")
+
+
+def _entries_not_written(folder):
+    """The entries of an earlier export that it did not write itself (a ``.git``, someone's notes), which
+    ``--overwrite`` would delete with it. An export records its entries in its marker (since this check exists)."""
+    try:
+        with open(os.path.join(folder, EXPORT_MARKER)) as f:
+            written = json.load(f).get("files")
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not isinstance(written, list):  # an export from before the record: nothing to compare with
+        return []
+    return sorted(set(os.listdir(folder)) - set(written))
 
 
 def _model_folders(model, info):
@@ -458,6 +484,9 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
         json.dump(meta, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(_model_card(meta, run, _eval_figures(run, best.get("step")), prompts, best))
+    meta["files"] = sorted(os.listdir(tmp))  # what --overwrite may replace (engine_export.json included)
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+        json.dump(meta, f, indent=2)
     _strip_abs_paths(tmp)
     return meta
 

@@ -96,11 +96,16 @@ class LLM2Vec:
             pooling_mode=enc_args.get("pooling_mode"), max_length=enc_args.get("max_length"),
             doc_max_length=enc_args.get("doc_max_length"), skip_instruction=enc_args.get("skip_instruction"),
             **kwargs)
-        s = resolve_chain(base_model_name_or_path, peft_model_name_or_path)["settings"]
+        info = resolve_chain(base_model_name_or_path, peft_model_name_or_path)
+        s = info["settings"]
+        # llm2vec's 400 cuts documents of an llm2vec checkpoint; an engine run or export records its own settings
+        # (none), which Encoder and the export follow, so this class does too
+        engine_made = info["engine_meta"] is not None or os.path.isfile(
+            os.path.join(os.path.expanduser(str(base_model_name_or_path)), "engine_export.json"))
         settings = {
             "pooling_mode": enc_args.get("pooling_mode", _POOLING_NAMES.get(encoder.pooling, encoder.pooling)),
             "max_length": enc_args.get("max_length", s.get("max_length", 512)),
-            "doc_max_length": enc_args.get("doc_max_length", s.get("doc_max_length", 400)),
+            "doc_max_length": enc_args.get("doc_max_length", s.get("doc_max_length", None if engine_made else 400)),
             "skip_instruction": enc_args.get("skip_instruction", s.get("skip_instruction", True)),
         }
         unmerged = None

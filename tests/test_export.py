@@ -223,6 +223,39 @@ def test_a_causal_run_and_a_model_without_a_tokenizer_are_refused_in_one_line(tm
     assert not os.path.exists(tmp_path / "exp")
 
 
+def test_overwrite_replaces_an_export_but_never_what_it_did_not_write(run_dir, capsys, tmp_path):
+    """--overwrite removed the whole earlier export, a .git or notes someone added to it included; the export now
+    records its entries and refuses a folder holding others (README: never a folder it did not write)."""
+    out = str(tmp_path / "exp")
+    assert _export_cli(capsys, "--model", run_dir, "--out", out)[0] == 0
+    with open(os.path.join(out, "engine_export.json")) as f:
+        assert json.load(f)["files"] == sorted(os.listdir(out))
+    assert _export_cli(capsys, "--model", run_dir, "--out", out, "--overwrite")[0] == 0  # its own files: replaced
+    os.makedirs(os.path.join(out, ".git"))
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("mine")
+    _refused(capsys, ["--model", run_dir, "--out", out, "--overwrite"], "holds 2 entries the export did not write "
+             "(.git, notes.txt)", out)
+    assert open(os.path.join(out, "notes.txt")).read() == "mine"
+
+
+def test_an_instruction_starting_with_a_slash_survives_the_export(tmp_path, tok):
+    """Absolute paths are stripped from the export's JSON only under path keys: a "/x ..." instruction was dropped
+    from the prompts, leaving default_prompt_name dangling (sentence-transformers refused to load the folder)."""
+    from sentence_transformers import SentenceTransformer
+
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    with open(os.path.join(sup, "engine_text.json"), "w") as f:
+        json.dump({"chat": None, "instruction": "/x Retrieve a passage:"}, f)
+    export(sup, str(tmp_path / "exp"))
+    st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
+    assert st.prompts["query"] == "/x Retrieve a passage:\n" and st.default_prompt_name == "query"
+    enc = Encoder.from_pretrained(sup, device="cpu")
+    np.testing.assert_allclose(st.encode(TEXTS[:3]), enc.encode(TEXTS[:3]), atol=1e-4, rtol=0)
+
+
 def test_overwrite_refuses_a_filesystem_root():
     from engine.export import ExportError, check_output
 

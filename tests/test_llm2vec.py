@@ -98,3 +98,20 @@ def test_llm2vec_keywords_settings_and_save(tmp_path, chain):
     again = LLM2Vec.from_pretrained(str(tmp_path / "instructed"), device_map="cpu")
     assert again.encoder.default_instruction == l2v.encoder.default_instruction
     torch.testing.assert_close(again.encode(["a dog runs"]), inst, atol=1e-5, rtol=0)
+
+
+def test_an_engine_export_is_not_cut_at_llm2vecs_400_tokens(tmp_path, chain):
+    """llm2vec's doc_max_length default (400) is for llm2vec checkpoints: an engine export (or run) records none,
+    and Encoder and sentence-transformers cut at max_length, so this class must too (it cut long texts to 400 words'
+    worth of tokens, and save() wrote the 400 into the saved folder)."""
+    pytest.importorskip("sentence_transformers")
+    from engine.export import export
+
+    mntp, sup = chain
+    export(sup, str(tmp_path / "exp"))
+    l2v = LLM2Vec.from_pretrained(str(tmp_path / "exp"), device_map="cpu")
+    assert l2v.doc_max_length is None
+    long_text = "word " * 450
+    enc = Encoder.from_pretrained(str(tmp_path / "exp"), device="cpu")
+    np.testing.assert_allclose(l2v.encode([long_text]).numpy(), enc.encode([long_text]), atol=1e-5, rtol=0)
+    assert LLM2Vec.from_pretrained(mntp, device_map="cpu").doc_max_length == 400  # an llm2vec-style checkpoint
