@@ -354,7 +354,7 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import decoder_of, load_model, load_tokenizer, loading, merge_lora, resolve_model_path
+    from .modeling import decoder_of, load_model, load_tokenizer, loading, merge_loras, resolve_model_path
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
@@ -383,8 +383,8 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
             raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e}") from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    for a in info["adapters"]:
-        merge_lora(model, a)
+    if info["adapters"]:
+        merge_loras(model, info["adapters"])  # the chain in one rounding per weight
     if bidirectional:
         if info["random_init"]:  # the other path checked the config before its weights loaded
             check_architecture(model.config)

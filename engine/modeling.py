@@ -236,17 +236,9 @@ def _module_name(mod, modules):
     return None
 
 
-@torch.no_grad()
-def merge_lora(model, folder):
-    """Fold a PEFT LoRA adapter into ``model``'s weights in place: W += s B A (computed in fp32), with
-    s = alpha / r (alpha / sqrt(r) under rsLoRA).
-
-    ``model`` may be a bare decoder (``AutoModel``) or a causal LM, and the adapter may have been saved on
-    either (engine runs save on the causal LM, llm2vec on the bare decoder): the keys' ``base_model.model.``
-    prefix is dropped and the module path matched with one ``model.`` level more or less. Returns the number
-    of merged modules. LM-head LoRA weights are skipped when the model has no head; anything that is not
-    plain LoRA, a target the model lacks, or an adapter that merges nothing is a ValueError.
-    """
+def _lora_updates(folder, modules):
+    """[(module name, lora_B, lora_A, scale, fan_in_fan_out)] of a PEFT LoRA adapter folder, checked (see
+    :func:`merge_lora`)."""
     with open(os.path.join(folder, "adapter_config.json")) as f:
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora"):
@@ -258,7 +250,6 @@ def merge_lora(model, folder):
         raise ValueError(f"{folder}: LoRA adapters with a bias on B (lora_bias) are not supported")
     r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
-    modules = dict(model.named_modules())
     pairs = {}
     for key, t in _adapter_tensors(folder).items():
         k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
@@ -270,7 +261,7 @@ def merge_lora(model, folder):
         else:
             raise ValueError(f"{folder}: tensor {key!r} is not a LoRA weight (modules_to_save / trainable tokens "
                              f"are not supported)")
-    merged = 0
+    updates = []
     for mod, ab in pairs.items():
         name = _module_name(mod, modules)
         if name is None:
@@ -279,18 +270,54 @@ def merge_lora(model, folder):
             raise ValueError(f"{folder}: LoRA target {mod!r} does not exist in the model")
         if set(ab) != {"lora_A", "lora_B"}:
             raise ValueError(f"{folder}: LoRA target {mod!r} lacks its {'lora_B' if 'lora_A' in ab else 'lora_A'}")
+        fifo = bool(cfg.get("fan_in_fan_out"))
+        shape = (ab["lora_B"].shape[0], ab["lora_A"].shape[1])
+        shape = shape[::-1] if fifo else shape
         w = modules[name].weight
-        delta = (ab["lora_B"].float().to(w.device) @ ab["lora_A"].float().to(w.device)) * scale
-        if cfg.get("fan_in_fan_out"):
-            delta = delta.T
-        if delta.shape != w.shape:
-            raise ValueError(f"{folder}: LoRA update of {mod!r} has shape {tuple(delta.shape)}, the weight "
+        if tuple(shape) != tuple(w.shape):
+            raise ValueError(f"{folder}: LoRA update of {mod!r} has shape {tuple(shape)}, the weight "
                              f"{tuple(w.shape)}")
-        w.copy_((w.float() + delta).to(w.dtype))
-        merged += 1
-    if not merged:
+        updates.append((name, ab["lora_B"], ab["lora_A"], scale, fifo))
+    if not updates:
         raise ValueError(f"{folder}: no LoRA weights matched the model")
-    return merged
+    return updates
+
+
+@torch.no_grad()
+def merge_loras(model, folders):
+    """Fold PEFT LoRA adapters (a chain: MNTP, then SimCSE or supervised trained on it merged) into ``model``'s
+    weights in place with one rounding per weight: W += sum_i s_i B_i A_i, summed in fp32 and cast to W's dtype
+    once. A bf16 model loaded as stored therefore gets the bits an fp32 load, merge and bf16 cast would give (one
+    adapter after another rounds to bf16 after each). One module at a time: one fp32 weight-sized temporary.
+    Returns the number of merged modules per folder."""
+    modules = dict(model.named_modules())
+    per_module, counts = {}, []
+    for folder in folders:
+        updates = _lora_updates(folder, modules)
+        counts.append(len(updates))
+        for name, b, a, scale, fifo in updates:
+            per_module.setdefault(name, []).append((b, a, scale, fifo))
+    for name, updates in per_module.items():
+        w = modules[name].weight
+        total = w.float()
+        for b, a, scale, fifo in updates:
+            delta = (b.float().to(w.device) @ a.float().to(w.device)) * scale
+            total += delta.T if fifo else delta
+        w.copy_(total.to(w.dtype))
+    return counts
+
+
+def merge_lora(model, folder):
+    """Fold a PEFT LoRA adapter into ``model``'s weights in place: W += s B A (computed in fp32), with
+    s = alpha / r (alpha / sqrt(r) under rsLoRA).
+
+    ``model`` may be a bare decoder (``AutoModel``) or a causal LM, and the adapter may have been saved on
+    either (engine runs save on the causal LM, llm2vec on the bare decoder): the keys' ``base_model.model.``
+    prefix is dropped and the module path matched with one ``model.`` level more or less. Returns the number
+    of merged modules. LM-head LoRA weights are skipped when the model has no head; anything that is not
+    plain LoRA, a target the model lacks, or an adapter that merges nothing is a ValueError.
+    """
+    return merge_loras(model, [folder])[0]
 
 
 def add_lora(model, lcfg):

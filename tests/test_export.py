@@ -256,6 +256,31 @@ def test_an_instruction_starting_with_a_slash_survives_the_export(tmp_path, tok)
     np.testing.assert_allclose(st.encode(TEXTS[:3]), enc.encode(TEXTS[:3]), atol=1e-4, rtol=0)
 
 
+def test_a_bf16_export_of_a_bf16_base_loads_it_as_stored_with_the_fp32_paths_bits(tmp_path, tok, monkeypatch):
+    """At 7B the export loaded fp32 and cast (30 GB + 15 GB of host memory for bf16): a base stored in the export's
+    dtype now loads as stored, and the chain's adapters merge in fp32 with one rounding, so the exported weights
+    are bit for bit those of the fp32 load, merge and cast."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, LlamaForCausalLM
+
+    import engine.export as export_mod
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    base = str(tmp_path / "src" / "base")
+    LlamaForCausalLM.from_pretrained(base).to(torch.bfloat16).save_pretrained(base)  # the base, stored in bf16
+    seen = []
+    real = AutoModel.from_pretrained
+    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: seen.append(k.get("dtype")) or real(*a, **k))
+    export_mod.export(sup, str(tmp_path / "fast"), dtype="bf16")
+    assert seen[0] == torch.bfloat16
+    monkeypatch.setattr(export_mod, "_stored_dtype", lambda info: None)  # the fp32 path, as before
+    export_mod.export(sup, str(tmp_path / "ref"), dtype="bf16")
+    assert seen[-2] == torch.float32
+    fast, ref = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("fast", "ref"))
+    assert fast.keys() == ref.keys() and all(fast[k].dtype == torch.bfloat16 for k in fast)
+    assert all(torch.equal(fast[k], ref[k]) for k in fast)
+
+
 def test_overwrite_refuses_a_filesystem_root():
     from engine.export import ExportError, check_output
 
