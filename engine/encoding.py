@@ -185,10 +185,10 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
 
 def truncate_words(tokenizer, texts, max_tokens):
     """llm2vec's ``doc_max_length``: cut each text to whole words until it has at most ``max_tokens`` tokens.
-    Returns (texts, number cut)."""
+    Returns (texts, number cut). The lengths are counted ``chunk`` texts at a time: the token ids of 100k long
+    documents at once would be several GB of Python ints."""
     out, cut = list(texts), 0
-    lengths = [len(x) for x in tokenizer(out, add_special_tokens=False)["input_ids"]] if out else []
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(_token_counts(tokenizer, out)):
         if n <= max_tokens:
             continue
         cut += 1
@@ -198,6 +198,13 @@ def truncate_words(tokenizer, texts, max_tokens):
             n = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
         out[i] = " ".join(words)
     return out, cut
+
+
+def _token_counts(tokenizer, texts, chunk=1024):
+    """The token count of each text (no special tokens), tokenised ``chunk`` texts at a time."""
+    for a in range(0, len(texts), chunk):
+        for ids in tokenizer(texts[a:a + chunk], add_special_tokens=False)["input_ids"]:
+            yield len(ids)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -161,7 +162,11 @@ def _temp_beside(out):
     created = missing_folders(parent)
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.export-", dir=parent)
+        prefix = f".{os.path.basename(os.path.abspath(out))}.export-"
+        _sweep_dead_temps(parent, prefix)
+        tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+        with open(tmp + OWNER_SUFFIX, "w") as f:  # beside it, not in it: who builds it (a killed export's is swept)
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
         umask = os.umask(0o22)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would become the export's mode
@@ -169,6 +174,51 @@ def _temp_beside(out):
     except OSError as e:
         remove_empty(created)
         raise ExportError(f"cannot write {out}: {e.strerror or e} ({parent})") from e
+
+
+OWNER_SUFFIX = ".owner"
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_dead_temps(parent, prefix):
+    """Remove the temporary folders of earlier exports to the same ``out`` whose process is gone (killed: the out
+    of memory killer at 7B, a SIGKILL), leaving tens of GB behind with nothing to remove them. Only those whose
+    owner file names this host and a process that no longer exists: a live export, or one on another node
+    sharing the filesystem, is left alone."""
+    host = socket.gethostname()
+    for name in os.listdir(parent):
+        if not (name.startswith(prefix) and name.endswith(OWNER_SUFFIX)):
+            continue
+        owner = os.path.join(parent, name)
+        try:
+            with open(owner) as f:
+                who, pid = f.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            continue
+        if who != host or _pid_alive(pid):
+            continue
+        shutil.rmtree(owner[:-len(OWNER_SUFFIX)], ignore_errors=True)
+        try:
+            os.unlink(owner)
+        except OSError:
+            pass
+
+
+def _drop_owner(tmp):
+    try:
+        os.unlink(tmp + OWNER_SUFFIX)
+    except OSError:
+        pass
 
 
 def _exchange(a, b):
@@ -405,8 +455,10 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _drop_owner(tmp)
         remove_empty(created)
         raise
+    _drop_owner(tmp)
     return meta
 
 

@@ -281,6 +281,31 @@ def test_a_bf16_export_of_a_bf16_base_loads_it_as_stored_with_the_fp32_paths_bit
     assert all(torch.equal(fast[k], ref[k]) for k in fast)
 
 
+def test_a_killed_exports_temporary_folder_is_swept_by_the_next_export(tmp_path, tok):
+    """An export killed outright (the out-of-memory killer at 7B) could not remove its hidden temporary folder,
+    and nothing ever did. The next export to the same folder removes those whose process is gone on this host,
+    and leaves a live export's and another host's alone."""
+    import socket
+    import subprocess
+    import sys
+
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    temps = {"killed": f"{host} {dead}", "live": f"{host} {os.getpid()}", "elsewhere": f"another-host {dead}"}
+    for name, owner in temps.items():
+        os.makedirs(tmp_path / f".exp.export-{name}")
+        (tmp_path / f".exp.export-{name}" / "model.safetensors").write_bytes(b"x" * 1000)
+        (tmp_path / f".exp.export-{name}.owner").write_text(owner + "\n")
+    export(sup, str(tmp_path / "exp"))
+    left = sorted(n for n in os.listdir(tmp_path) if n.startswith(".exp.export-"))
+    assert left == [".exp.export-elsewhere", ".exp.export-elsewhere.owner", ".exp.export-live",
+                    ".exp.export-live.owner"]
+
+
 def test_overwrite_refuses_a_filesystem_root():
     from engine.export import ExportError, check_output
 

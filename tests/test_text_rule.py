@@ -97,3 +97,24 @@ def test_encoder_and_exported_sentence_transformer_agree_on_every_input(tmp_path
     if pooling != "bos_token":  # bos pools the first token of the sequence: the instruction's, by definition
         words = enc.encode(["guitar", "piano", "dog"], prompt=PROMPT)
         assert min(np.abs(words[i] - words[j]).max() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-3  # the word counts
+
+
+def test_doc_max_length_cuts_to_whole_words_counting_in_chunks(tok):
+    """llm2vec's doc_max_length rule: texts over the limit are cut to whole words within it, the rest untouched;
+    the counts are tokenised a chunk of texts at a time (100k documents at once held every id in memory)."""
+    from engine import encoding
+
+    texts = ["word " * 30, "short one", "a b c d e f g h i j k l m n o p", "", "x"] * 500
+    calls = []
+
+    class Counting:
+        def __call__(self, batch, **kw):
+            calls.append(len(batch) if isinstance(batch, list) else 1)
+            return tok(batch, **kw)
+
+    out, cut = encoding.truncate_words(Counting(), texts, 10)
+    assert cut == 1000 and max(calls) <= 1024
+    assert out[1::5] == ["short one"] * 500 and out[3::5] == [""] * 500
+    for orig, t in zip(texts[0::5] + texts[2::5], out[0::5] + out[2::5]):
+        words = t.split()
+        assert len(tok(t, add_special_tokens=False)["input_ids"]) <= 10 and words == orig.split()[:len(words)]
