@@ -128,11 +128,34 @@ class LLM2Vec:
         emb = emb.to(torch.float32).cpu()
         return emb.numpy() if as_numpy else emb
 
+    def _check_save_target(self, output_path):
+        """A save writes into ``output_path`` in place (llm2vec's behaviour), so it must not be, hold or lie inside
+        a folder this model was loaded from, nor a training run folder: full weights saved into a run make it a
+        model folder (Encoder and the export would then load them instead of its best/ adapter), and an adapter
+        saved onto its own folder fails half-way (copying a file onto itself). ValueError, before anything is
+        written."""
+        from .encoder import _holds_run_adapters, run_folder
+        from .export import _inside
+
+        src = getattr(self.encoder, "source", None) or {}
+        folders = [f for f in [src.get("base"), *(src.get("adapters") or []), self._unmerged_adapter]
+                   if f and os.path.isdir(os.path.expanduser(str(f)))]
+        folders += [r for r in map(run_folder, folders) if r]
+        p = os.path.realpath(os.path.expanduser(str(output_path)))
+        for q in sorted({os.path.realpath(os.path.expanduser(str(f))) for f in folders}):
+            if _inside(p, q) or _inside(q, p):
+                how = "is" if p == q else ("is inside" if _inside(p, q) else "contains")
+                raise ValueError(f"LLM2Vec.save: {output_path} {how} the folder the model was loaded from ({q}): "
+                                 f"save to a folder of its own")
+        if os.path.isdir(p) and _holds_run_adapters(p):
+            raise ValueError(f"LLM2Vec.save: {output_path} is a training run folder: save to a folder of its own")
+
     def save(self, output_path, merge_before_save=False, save_config=True):
         """llm2vec's save: full (merged) weights and the tokenizer, or, for a model loaded with ``merge_peft=False``
         and saved without ``merge_before_save``, the adapter alone (load it back with ``peft_model_name_or_path``);
         ``save_config`` writes ``llm2vec_config.json`` with the four encoder settings."""
         self._sync()
+        self._check_save_target(output_path)
         os.makedirs(output_path, exist_ok=True)
         if self._unmerged_adapter and not merge_before_save:
             for f in os.listdir(self._unmerged_adapter):

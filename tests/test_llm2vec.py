@@ -115,3 +115,26 @@ def test_an_engine_export_is_not_cut_at_llm2vecs_400_tokens(tmp_path, chain):
     enc = Encoder.from_pretrained(str(tmp_path / "exp"), device="cpu")
     np.testing.assert_allclose(l2v.encode([long_text]).numpy(), enc.encode([long_text]), atol=1e-5, rtol=0)
     assert LLM2Vec.from_pretrained(mntp, device_map="cpu").doc_max_length == 400  # an llm2vec-style checkpoint
+
+
+def test_save_refuses_the_folders_the_model_came_from(tmp_path, chain):
+    """save() writes in place: into the adapter it was loaded from it failed half-way (a file copied onto itself),
+    and full weights saved into a run folder turned it into a model folder. Refused before anything is written."""
+    mntp, sup = chain
+    l2v = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, merge_peft=False, device_map="cpu")
+    before = sorted(os.listdir(sup))
+    for target, needle in ((sup, "is the folder"), (os.path.join(sup, "inner"), "is inside"),
+                           (str(tmp_path), "contains")):
+        with pytest.raises(ValueError, match=needle):
+            l2v.save(target)
+    assert sorted(os.listdir(sup)) == before and not os.path.exists(os.path.join(sup, "inner"))
+    run = tmp_path / "elsewhere" / "run"
+    (run / "adapter").mkdir(parents=True)
+    for f in os.listdir(sup):
+        if f.startswith("adapter_"):
+            (run / "adapter" / f).write_bytes(open(os.path.join(sup, f), "rb").read())
+    with pytest.raises(ValueError, match="training run folder"):
+        l2v.save(str(run), merge_before_save=True)
+    assert sorted(os.listdir(run)) == ["adapter"]
+    l2v.save(str(tmp_path / "elsewhere" / "mine"))  # a folder of its own
+    assert "adapter_config.json" in os.listdir(tmp_path / "elsewhere" / "mine")
