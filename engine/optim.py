@@ -64,6 +64,24 @@ def apply_schedule(cfg, sched):
     sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
+def apply_optimizer_settings(cfg, engine, sched):
+    """After resume=force: the new ``adam_betas``, ``weight_decay`` and ``max_grad_norm`` apply from the resumed
+    step on. Loading a checkpoint restores the saved ones (torch's ``load_state_dict`` replaces the param groups,
+    and DeepSpeed's bf16 / ZeRO optimizers restore their ``clip_grad``), which would silently keep the old values.
+    Returns one line reading the values back from the optimizer."""
+    for group in sched.optimizer.param_groups:
+        group["betas"] = tuple(cfg.adam_betas)
+        group["weight_decay"] = cfg.weight_decay
+    wrapper = getattr(engine, "optimizer", None)
+    if wrapper is not None and hasattr(wrapper, "clip_grad"):
+        wrapper.clip_grad = cfg.max_grad_norm
+    g = sched.optimizer.param_groups[0]
+    clip = getattr(wrapper, "clip_grad", None)
+    clip = clip if clip is not None else engine.gradient_clipping()
+    return (f"resume=force: optimizer now betas {tuple(float(b) for b in g['betas'])}, weight_decay "
+            f"{float(g['weight_decay']):g}, lr {float(g['lr']):g}, gradient clipping {float(clip):g}")
+
+
 def is_nonfinite_step(loss, grad_norm, fp16=False):
     """A step is non-finite when its loss is, or its gradient norm is (None: not reported). Under fp16 an
     overflowing gradient with a finite loss is DeepSpeed's loss scaler at work (it skips the step and lowers the

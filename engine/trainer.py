@@ -31,7 +31,7 @@ from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
-from .optim import (apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, schedule_warnings,
+from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, schedule_warnings,
                     tune_optimizer_step)
 from .stages import build_stage
 from .stages.base import EVAL_SEED, to_device
@@ -114,6 +114,7 @@ class Trainer:
         self.start = self.ckpt.resume(resume_tags)
         if self.start and resume_diff:
             apply_schedule(cfg, self.sched)
+            log0(apply_optimizer_settings(cfg, self.engine, self.sched))
         self._setup_loop()
         return self.start
 

@@ -320,9 +320,14 @@ def test_dangling_latest_and_corrupt_newest_checkpoint_fall_back_and_resume_exac
 def test_force_applies_the_new_learning_rate_and_max_steps(mntp_run, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(mntp_run, out)
-    r = _train(out, "resume=force", "learning_rate=0.05", "max_steps=6", "warmup_steps=0")
+    r = _train(out, "resume=force", "learning_rate=0.05", "max_steps=6", "warmup_steps=0", "weight_decay=0.05",
+               "adam_betas=[0.8,0.95]", "max_grad_norm=0.5")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resume=force" in r.stdout and "resumed from step_0000004: step 4" in r.stdout
+    # the checkpoint's optimizer state carried the old betas and weight decay (and DeepSpeed's clip_grad): the new
+    # values, read back from the optimizer after the load
+    assert "optimizer now betas (0.8, 0.95), weight_decay 0.05, lr 0.0166667, gradient clipping 0.5" in r.stdout, \
+        r.stdout[-3000:]
     lr = {int(x["step"]): float(x["lr"]) for x in _metrics(out)}
     # linear decay over the new 6 steps from the new peak; step k applies 0.05 * (1 - (k - 1) / 6)
     assert lr[5] == pytest.approx(0.05 * (1 - 4 / 6)) and lr[6] == pytest.approx(0.05 * (1 - 5 / 6))
