@@ -97,8 +97,11 @@ def adapter_state_dict(model):
     from peft import get_peft_model_state_dict
 
     params = _trainable(model)
+    # LoRA weights only: MNTP's added <mask> row resizes the embeddings, and PEFT would then save the whole
+    # embedding table and LM head into the adapter, which no merge takes (and the encoder never reads <mask>)
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(model).items()}
+        sd = {k: v.detach().to("cpu", torch.float32).clone()
+              for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
     return sd
 
 
@@ -115,7 +118,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
     """Atomically write a PEFT adapter folder plus the encoder metadata (rank 0 only)."""
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=sd, safe_serialization=True, save_embedding_layers=False)
     base_path, gguf = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file) if cfg.model.name_or_path \
         else (None, None)
     acfg_path = os.path.join(tmp, "adapter_config.json")

@@ -1,5 +1,6 @@
 """MNTP data: STS pairs are split so no sentence shares a block with its paraphrase; one special-token rule."""
 import pytest
+import torch
 
 from engine.config import ModelConfig
 from engine.data import chunk_documents, read_sts, read_texts, split_pairs
@@ -179,3 +180,39 @@ def test_held_out_blocks_are_the_same_for_every_run_seed(tmp_path, monkeypatch):
     own = {s: first(t.stage.load(t.cfg.eval_data)[0]) for s, t in runs.items()}
     assert own[1] != own[2] and first(runs[1].stage.load(runs[1].cfg.eval_data, seed=EVAL_SEED)[0]) == first(
         runs[1].eval_items)
+
+
+def test_an_added_mask_token_leaves_a_lora_only_adapter_that_merges(tmp_path):
+    """mntp.mask_token "<mask>" adds a token and resizes the embeddings; PEFT then saved the whole embedding table
+    and LM head into the adapter (a base loaded from a folder), which no merge took: the next stage, Encoder and
+    the export all failed on it. The adapter now holds LoRA weights only, and a padded table (Qwen2's: more rows
+    than the tokenizer) is never shrunk."""
+    from transformers import AutoModel, LlamaForCausalLM
+
+    from engine.checkpoint import adapter_state_dict, write_adapter
+    from engine.config import load_config
+    from engine.modeling import load_model, load_tokenizer, merge_lora
+    from engine.stages import build_stage
+    from engine.trainer import setup_model
+
+    from .test_encoder import _save_base
+
+    tok = load_tokenizer(load_config("configs/tiny/mntp.yaml", []).model)
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    cfg = load_config("configs/tiny/mntp.yaml", [f"model.name_or_path={base}", "model.random_init=null",
+                                                  "mntp.mask_token=<mask>", f"output_dir={tmp_path / 'run'}"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    assert stage.added_token
+    model, _ = load_model(cfg.model, "cpu", tok)
+    model, _, _ = setup_model(cfg, stage, model, 1, 1, torch.device("cpu"), log=lambda *a: None)
+    assert model.get_input_embeddings().num_embeddings == len(tok)  # grown by the added row
+    sd = adapter_state_dict(model)
+    assert sd and all(".lora_A." in k or ".lora_B." in k for k in sd), sorted(sd)[:3]
+    write_adapter(model, sd, str(tmp_path / "adapter"), cfg, tok)
+    assert merge_lora(AutoModel.from_pretrained(base), str(tmp_path / "adapter")) > 0
+
+    padded = LlamaForCausalLM.from_pretrained(base)
+    padded.resize_token_embeddings(len(tok) + 64)  # more rows than the tokenizer, as Qwen2's table
+    assert stage.prepare_model(padded).get_input_embeddings().num_embeddings == len(tok) + 64

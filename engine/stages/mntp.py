@@ -87,8 +87,8 @@ class MNTPStage(Stage):
         self.vocab_size = len(tokenizer)
 
     def prepare_model(self, model):
-        if self.added_token:
-            model.resize_token_embeddings(len(self.tok))
+        if self.added_token and len(self.tok) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(self.tok))  # grown only: Qwen2's padded table already has the row
         head = lm_head_of(model)
         if type(head) is not torch.nn.Linear or head.bias is not None:
             raise ValueError(f"MNTP needs a bias-free nn.Linear LM head, got {type(head).__name__}")
