@@ -11,9 +11,93 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+
+# The compile checks' subprocesses, by name: what ``@pytest.mark.compile_check(name)`` tests ask for. They need
+# nothing from the tests that run before them, so tests/conftest.py starts them in the background when the session
+# begins (at the lowest CPU priority, two at a time: on this 2-core CI machine they take the core the mostly
+# single-threaded suite leaves idle) and runs the marked tests last; each test then reads its job's output.
+_ELEMENTWISE = "import tests.compile_variants as c; c.compile_main({test!r}, {kernels!r}, {{arch}})"
+COMPILE_JOBS = {
+    "attention": [("import tests.test_attention as t; t._compile_all()", None)],
+    "masked_ce": "import tests.test_masked_ce as t; t._compile_all_main({arch})",
+    "contrastive": "import tests.test_contrastive as t, tests.compile_variants as c; c.print_rows(t._compile_report({arch}))",
+    "lora": "import tests.test_lora as t, tests.compile_variants as c; c.print_rows(t._compile_report({arch}))",
+    "lora_sass": [("import tests.lora_dropout_sass as m, tests.compile_variants as c; c.print_rows(m.main(90))", 90)],
+    "glu": _ELEMENTWISE.format(test="tests.test_glu", kernels="llm2vec_kernels.glu"),
+    "rms_norm": _ELEMENTWISE.format(test="tests.test_rms_norm", kernels="llm2vec_kernels.rms_norm"),
+    "rope": _ELEMENTWISE.format(test="tests.test_rope", kernels="llm2vec_kernels.rope"),
+}
+
+
+def job_codes(name):
+    """[(code, arch)] of a named compile job: one process per architecture (sm_90, sm_80) unless it lists its own."""
+    job = COMPILE_JOBS[name]
+    return job if isinstance(job, list) else [(job.format(arch=arch), arch) for arch in (90, 80)]
+
+
+class _Jobs:
+    """Subprocesses keyed by their code, started at most once; output in files (a pipe left unread would block)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs = {}
+        self.queue = []
+        self.runner = None
+
+    def _start(self, code, nice):
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=REPO)
+        out, err = (tempfile.TemporaryFile(mode="w+") for _ in range(2))
+        argv = [sys.executable, "-c", ("import os; os.nice(19); " if nice else "") + code]  # no preexec_fn: threads
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
+        self.procs[code] = (proc, out, err)
+
+    def background(self, codes, at_once=2):
+        """Start ``codes`` in the background, ``at_once`` at a time, at the lowest priority."""
+        with self.lock:
+            self.queue += [c for c in codes if c not in self.procs and c not in self.queue]
+            if self.runner is None:
+                self.runner = threading.Thread(target=self._run_queue, args=(at_once,), daemon=True)
+                self.runner.start()
+
+    def _run_queue(self, at_once):
+        while True:
+            with self.lock:
+                running = [p for p, _, _ in self.procs.values() if p.poll() is None]
+                if not self.queue:
+                    self.runner = None
+                    return
+                if len(running) < at_once:
+                    self._start(self.queue.pop(0), nice=True)
+                    continue
+            running[0].wait()
+
+    def result(self, code, timeout):
+        """(returncode, stdout, stderr) of ``code``'s process, started now if it was not queued or started yet."""
+        with self.lock:
+            if code in self.queue:
+                self.queue.remove(code)
+            if code not in self.procs:
+                self._start(code, nice=False)
+            proc, out, err = self.procs[code]
+        proc.wait(timeout=timeout)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read()
+
+    def stop(self):
+        with self.lock:
+            self.queue.clear()
+            for proc, _, _ in self.procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+
+
+JOBS = _Jobs()
 
 
 def compile_main(test_module, kernels_module, arch):
@@ -33,16 +117,29 @@ def compile_main(test_module, kernels_module, arch):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
+def job_rows(name):
+    """The ``VARIANT`` rows of the named compile job (:data:`COMPILE_JOBS`), from its background run if the session
+    started one."""
+    return _rows([code for code, _ in job_codes(name)])
+
+
 def rows_per_arch(code, archs=(90, 80)):
     """Run ``code.format(arch=...)`` in one fresh process per arch (in parallel) with the interpreter off, and
     return the JSON rows the processes printed as ``VARIANT {...}`` lines."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=REPO)
-    procs = [subprocess.Popen([sys.executable, "-c", code.format(arch=arch)], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in archs]
+    return _rows([code.format(arch=arch) for arch in archs])
+
+
+def _rows(codes):
+    for c in codes:  # all started before the first is awaited: in parallel (or already run in the background)
+        with JOBS.lock:
+            if c not in JOBS.procs:
+                if c in JOBS.queue:
+                    JOBS.queue.remove(c)
+                JOBS._start(c, nice=False)
     rows = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, stderr[-3000:]
+    for c in codes:
+        rc, stdout, stderr = JOBS.result(c, timeout=1800)
+        assert rc == 0, stderr[-3000:]
         rows += [json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("VARIANT ")]
     return rows
 
@@ -53,10 +150,11 @@ def print_rows(report):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
-def check_all_compile(test_module, kernels_module):
+def check_all_compile(name, test_module):
+    """The elementwise ops' check: every variant of ``test_module.VARIANTS`` compiles for both arches, spill-free,
+    within shared memory (job ``name`` of :data:`COMPILE_JOBS`)."""
     n = len(importlib.import_module(test_module).VARIANTS)
-    rows = rows_per_arch(f"import tests.compile_variants as c; c.compile_main({test_module!r}, {kernels_module!r}, "
-                         "{arch})")
+    rows = job_rows(name)
     assert len(rows) == 2 * n, rows
     for r in rows:
         print(r)  # shown with -s: registers / spills / shared per variant

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Triton decides between compiling and interpreting when a kernel is decorated, so the interpreter
 # must be switched on before anything imports `llm2vec_kernels`. On a CUDA machine (GPU tests) leave it off.
@@ -26,10 +27,35 @@ import transformers.utils.logging  # noqa: E402
 transformers.utils.logging.get_logger("transformers")
 
 
+def _compile_job(item):
+    marker = item.get_closest_marker("compile_check")
+    return marker.args[0] if marker else None
+
+
 def pytest_collection_modifyitems(config, items):
+    # The compile checks run last: their subprocesses run in the background from the start (pytest_collection_finish)
+    items.sort(key=lambda item: _compile_job(item) is not None)  # stable: the order is otherwise unchanged
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") == "0":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run with LLM2VEC_TEST_GPU=1 on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_collection_finish(session):
+    """Start the selected compile checks' subprocesses (tests.compile_variants.COMPILE_JOBS) in the background, at
+    the lowest CPU priority, two at a time; the longest (attention) first. Not on a GPU machine, which skips them."""
+    if os.environ.get("LLM2VEC_TEST_GPU", "0") == "1" or session.config.getoption("collectonly"):
+        return
+    from tests.compile_variants import JOBS, job_codes
+
+    names = {_compile_job(item) for item in session.items} - {None}
+    codes = [code for name in sorted(names, key=lambda n: n != "attention") for code, _ in job_codes(name)]
+    if codes:
+        JOBS.background(codes)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "tests.compile_variants" in sys.modules:
+        sys.modules["tests.compile_variants"].JOBS.stop()

@@ -10,8 +10,6 @@ at most ERR_FACTOR x the error of eager torch attention in the same dtype, plus 
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -804,14 +802,17 @@ def _compile_all(workers=2):
 
 @pytest.fixture(scope="module")
 def compile_reports():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-c", "import tests.test_attention as t; t._compile_all()"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """The report of compile job "attention" (tests.compile_variants.COMPILE_JOBS), which the session started in
+    the background (tests/conftest.py), else runs now."""
+    from .compile_variants import JOBS, job_codes
+
+    (code, _), = job_codes("attention")
+    rc, stdout, stderr = JOBS.result(code, timeout=1800)
+    assert rc == 0, stderr[-4000:]
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.compile_check("attention")
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
 @pytest.mark.parametrize("variant", [pytest.param(v, id=_variant_id(v)) for v in _variant_list()])
@@ -822,6 +823,7 @@ def test_kernels_compile_without_spills(compile_reports, variant):
         assert smem <= _SMEM_LIMIT[arch], f"{name}: {smem} bytes of shared memory"
 
 
+@pytest.mark.compile_check("attention")
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
 def test_hopper_matmuls_run_as_wgmma(compile_reports):
@@ -943,6 +945,7 @@ def test_autotune_choices_persist_per_gpu(monkeypatch, tmp_path):
         T._tuned("dq", lambda: key, (128, 32, 8, 3), _FakeCudaTensor(), launched.append)
 
 
+@pytest.mark.compile_check("attention")
 @pytest.mark.slow
 @pytest.mark.skipif(ON_GPU, reason="compile checks run on the CPU machines; the GPU run executes the kernels")
 def test_autotune_candidates_compile_without_spills(compile_reports):

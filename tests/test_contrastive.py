@@ -24,7 +24,7 @@ from llm2vec_kernels.contrastive import (
 from llm2vec_kernels.gpu_check import contrastive as GC
 from llm2vec_kernels.gpu_check.contrastive import _loss_and_grads
 
-from .compile_variants import rows_per_arch
+from .compile_variants import job_rows
 
 FACTOR = 4.0
 
@@ -339,10 +339,10 @@ def _compile_report(arch):
     return rows
 
 
+@pytest.mark.compile_check("contrastive")
 def test_compile_every_variant_for_sm90_and_sm80():
     # one process per architecture, in parallel
-    rows = rows_per_arch("import tests.test_contrastive as t, tests.compile_variants as c; "
-                         "c.print_rows(t._compile_report({arch}))")
+    rows = job_rows("contrastive")
     assert len(rows) == 2 * len(_variants()) - sum(1 for v in _variants() if not v[5])
     for r in rows:
         print(f"{r['kernel']:40s} sm_{r['arch']} regs={r['registers']:3d} spills={r['spills']:4d} "

@@ -119,5 +119,6 @@ def _variants():
 VARIANTS = _variants()
 
 
+@pytest.mark.compile_check("glu")
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    check_all_compile("tests.test_glu", "llm2vec_kernels.glu")
+    check_all_compile("glu", "tests.test_glu")

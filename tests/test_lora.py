@@ -5,7 +5,7 @@ import torch
 from llm2vec_kernels._backend import dot_precision
 from llm2vec_kernels.lora import draw_seed, lora_dropout_mask, lora_group, lora_group_reference
 
-from .compile_variants import rows_per_arch
+from .compile_variants import job_rows
 
 
 def _case(M, K, outs, ranks, dtype, bias, seed=0):
@@ -221,10 +221,10 @@ def _compile_report(arch):
     return rows
 
 
+@pytest.mark.compile_check("lora")
 def test_lora_kernels_compile_for_sm90_and_sm80_without_spills():
     # one process per architecture, in parallel
-    rows = rows_per_arch("import tests.test_lora as t, tests.compile_variants as c; "
-                         "c.print_rows(t._compile_report({arch}))")
+    rows = job_rows("lora")
     assert len(rows) == 2 * len(_variants())
     limit = {90: 227 * 1024, 80: 163 * 1024}
     for r in rows:
@@ -251,11 +251,11 @@ def test_gpu_check_rehearsal_on_cpu():
     assert all(r["ok"] and 0 < r["max_err"] < 0.05 for r in rows), rows
 
 
+@pytest.mark.compile_check("lora_sass")
 def test_packed_dropout_compile_costs_at_most_10_sass_per_element():
     """LoRA's keep function (philox_keep8) costs <= 10 SASS instructions per element on sm_90, a quarter or less
     of one Philox call per element (philox_keep); the dropout kernels stay spill-free (tests.lora_dropout_sass)."""
-    rows = rows_per_arch("import tests.lora_dropout_sass as m, tests.compile_variants as c; "
-                         "c.print_rows(m.main({arch}))", archs=(90,))
+    rows = job_rows("lora_sass")
     keep = next(r for r in rows if r["what"] == "keep function")
     print(rows)
     assert keep["per_element_philox_keep8"] <= 10

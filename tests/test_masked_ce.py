@@ -23,7 +23,7 @@ from llm2vec_kernels._backend import interpreter_enabled
 from llm2vec_kernels.gpu_check import masked_ce as gc
 from llm2vec_kernels.masked_ce import masked_cross_entropy, masked_cross_entropy_reference
 
-from .compile_variants import rows_per_arch
+from .compile_variants import job_rows
 from .helpers import count_launches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -427,8 +427,9 @@ def _compile_all_main(arch):
         print("VARIANT " + json.dumps(row), flush=True)
 
 
+@pytest.mark.compile_check("masked_ce")
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    rows = rows_per_arch("import tests.test_masked_ce as t; t._compile_all_main({arch})")
+    rows = job_rows("masked_ce")
     assert len(rows) == 2 * len(_variants()), rows
     for r in rows:
         print(r)  # shown with -s: registers / spills / shared per variant

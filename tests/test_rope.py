@@ -151,5 +151,6 @@ def _variants():
 VARIANTS = _variants()
 
 
+@pytest.mark.compile_check("rope")
 def test_all_kernel_variants_compile_for_sm90_and_sm80():
-    check_all_compile("tests.test_rope", "llm2vec_kernels.rope")
+    check_all_compile("rope", "tests.test_rope")
