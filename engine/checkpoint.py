@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import refs
 from .config import ConfigError, to_dict
 from .data import read_sts
-from .distributed import log0, together, warn0
+from .distributed import log0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
@@ -212,7 +212,7 @@ def hold_run_folder(output_dir, rank, device):
     flag = torch.tensor([1.0 if busy else 0.0], device=device)
     dist.broadcast(flag, 0)
     if flag.item():
-        raise busy or RunFolderBusy(f"rank 0 could not take the run lock on {output_dir} (its message says why)")
+        raise busy or said_by_rank0(RunFolderBusy(f"rank 0 could not take the run lock on {output_dir}"), rank)
     return fd
 
 
@@ -438,14 +438,18 @@ class Checkpointer:
         if self.rank == 0 and os.path.exists(os.path.join(path, COMPLETE)):
             os.remove(os.path.join(path, COMPLETE))  # rewriting a folder: it is incomplete until marked again
         dist.barrier()
-        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False,
+        # The frozen base is left out (it is rebuilt from the base model and prior adapters, as at the start): at 7B a
+        # checkpoint is then the LoRA weights and their optimizer state, not 14 GB more of bf16 base per save
+        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=True,
                                     client_state={"step": step, "data_position": list(plan.position(step))})
         _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
-        check_finite_state(sd, f"checkpoint {tag}")
+        check_finite_state(sd, f"checkpoint {tag}", self.rank)
         def adapter_and_record():
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
             write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
+                                                      "world": dist.get_world_size(),
+                                                      "zero_stage": self.engine.zero_optimization_stage(),
                                                       **({"data": self.data} if self.data else {})})
             _fault_point(step, "adapter")
 
@@ -477,24 +481,27 @@ class Checkpointer:
     def resume(self, tags):
         """Load the first loadable of ``tags`` (newest first); an unloadable one (a truncated or corrupt file) falls
         back to the next, with a warning, but a file refused as unsafe stops the run (UnsafeCheckpointError): no
-        fallback past it. Returns the step to start from (0 when tags is empty)."""
+        fallback past it. A checkpoint of another rank count or ZeRO stage is refused (ConfigError) before any file
+        loads. Returns the step to start from (0 when tags is empty)."""
         failed = []
         for tag in tags:
-            err, unsafe = None, None
-            try:
-                _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
-                if client is None or "step" not in client:
-                    err = "DeepSpeed found no state in it"
-            except UnsafeCheckpointError as e:
-                unsafe = e
-            except Exception as e:  # a truncated or corrupt file: try the previous checkpoint
-                err = f"{type(e).__name__}: {e}"
-            flags = torch.tensor([1.0 if err else 0.0, 1.0 if unsafe else 0.0], device=self.engine.device)
-            dist.all_reduce(flags)  # every rank takes the same decision
-            if flags[1].item():
-                raise unsafe or UnsafeCheckpointError(f"refusing to resume: another rank refused a file of "
-                                                      f"{self.root}/{tag} as unsafe")
-            if flags[0].item() == 0:
+            self._check_layout(tag)
+            # Each rank reads its own files once before DeepSpeed does, and the ranks agree: a file truncated on some
+            # ranks only would otherwise send those ranks to the agreement while the others went on into the load's
+            # own collectives (ZeRO-3 gathers parameters after loading), a hang instead of a fallback
+            err, unsafe = self._check_own_files(tag)
+            ok, client = self._agree(tag, err, unsafe), None
+            if ok:
+                try:
+                    _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
+                    if client is None or "step" not in client:
+                        err = "DeepSpeed found no state in it"
+                except UnsafeCheckpointError as e:
+                    unsafe = e
+                except Exception as e:  # read, but does not load: try the previous checkpoint
+                    err = f"{type(e).__name__}: {e}"
+                ok = self._agree(tag, err, unsafe)
+            if ok:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
                 _check_data_of(self.cfg, self.rank, self.root, tag, self.data)
@@ -504,9 +511,61 @@ class Checkpointer:
             failed.append(f"{tag} ({err or 'failed on another rank'})")
             warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {err or 'failed on another rank'}")
         if failed:
-            raise ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; delete "
-                              f"{self.root} to start over")
+            raise said_by_rank0(ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; "
+                                            f"delete {self.root} to start over"), self.rank)
         return 0
+
+    def _agree(self, tag, err, unsafe):
+        """One all-reduce: True when no rank failed; an unsafe file on any rank raises on every rank."""
+        flags = torch.tensor([1.0 if err else 0.0, 1.0 if unsafe else 0.0], device=self.engine.device)
+        dist.all_reduce(flags)
+        if flags[1].item():
+            if unsafe is not None:  # this rank's own file: it names it
+                raise unsafe
+            quiet = UnsafeCheckpointError(f"refusing to resume: another rank refused a file of {self.root}/{tag} as "
+                                          f"unsafe")
+            quiet.from_rank = -1  # the rank that read the file says which
+            raise quiet
+        return flags[0].item() == 0
+
+    def _own_files(self, tag):
+        """The files of ``tag`` DeepSpeed's load reads on this rank: the shared module states (ZeRO stages 0-2) and
+        the files of this rank's partition (``zero_pp_rank_R_...``)."""
+        folder = os.path.join(self.root, tag)
+        mine = f"zero_pp_rank_{self.rank}_"
+        return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                if f.endswith(".pt") and (f == "mp_rank_00_model_states.pt" or mine in f)]
+
+    def _check_own_files(self, tag):
+        """(error, unsafe error) of reading this rank's files of ``tag`` through the restricted loader."""
+        try:
+            files = self._own_files(tag)
+            if not files:
+                return f"no state files for rank {self.rank} in it", None
+            for path in files:
+                load_state_file(path, map_location="cpu")
+        except UnsafeCheckpointError as e:
+            return None, e
+        except Exception as e:  # a truncated or corrupt file
+            return f"{type(e).__name__}: {e}", None
+        return None, None
+
+    def _check_layout(self, tag):
+        """Refuse (ConfigError, every rank alike) a checkpoint saved by another rank count or ZeRO stage where the
+        optimizer state is sharded (stages 1-3): DeepSpeed would fail inside its load, and the old message said to
+        delete checkpoints that load fine with the rank count that wrote them. Stage 0 on both sides replicates
+        the state: any rank count resumes it. Checkpoints that recorded no layout are not checked."""
+        saved = _saved_run(self.root, tag)
+        if "world" not in saved or "zero_stage" not in saved:
+            return
+        world, stage = dist.get_world_size(), self.engine.zero_optimization_stage()
+        if (saved["world"], saved["zero_stage"]) == (world, stage) or saved["zero_stage"] == stage == 0:
+            return
+        raise said_by_rank0(ConfigError(
+            f"{self.root}/{tag} was saved by {saved['world']} rank(s) at ZeRO stage {saved['zero_stage']}; this run has "
+            f"{world} rank(s) at stage {stage}, and DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and "
+            f"stage: resume with {saved['world']} rank(s) and zero_stage={saved['zero_stage']}, or use another "
+            f"output_dir"), self.rank)
 
 
 def _check_data_of(cfg, rank, root, tag, now):
@@ -520,17 +579,19 @@ def _check_data_of(cfg, rank, root, tag, now):
             else f"the same {now['items']} items but other content")
     msg = f"the data under {cfg.data} changed since {tag} ({what}): resuming would train on other batches"
     if cfg.resume != "force":
-        raise ConfigError(f"{msg}; use another output_dir, or resume=force to go on with the new data")
+        raise said_by_rank0(ConfigError(f"{msg}; use another output_dir, or resume=force to go on with the new data"),
+                            rank)
     warn0(rank, f"resume=force: {msg}")
 
 
-def check_finite_state(sd, what):
+def check_finite_state(sd, what, rank=0):
     """Refuse to write a non-finite adapter (every rank holds the gathered weights, so all raise together)."""
     from .trainer import NonFiniteError  # the trainer's error (exit 3); imported here to avoid an import cycle
 
     bad = [k for k, v in sd.items() if not torch.isfinite(v).all()]
     if bad:
-        raise NonFiniteError(f"not saving {what}: non-finite values in {len(bad)} adapter tensors (e.g. {bad[0]})")
+        raise said_by_rank0(NonFiniteError(f"not saving {what}: non-finite values in {len(bad)} adapter tensors (e.g. "
+                                           f"{bad[0]})"), rank)
 
 
 def drop_stale_best(output_dir):
@@ -594,7 +655,7 @@ class BestAdapter:
         if not flag.item():
             return False
         sd = adapter_state_dict(module.model)
-        check_finite_state(sd, "the best adapter")
+        check_finite_state(sd, "the best adapter", rank)
         def write():
             self.score, self.step = spearman, step
             new = self.dir + ".new"

@@ -81,6 +81,14 @@ def smallest(value, device):
     return type(value)(t.item())
 
 
+def said_by_rank0(err, rank):
+    """``err``, raised alike on every rank (the same input, one decision): rank 0 says it, the others carry
+    ``from_rank`` and exit quietly, so a refusal on 8 ranks is one line, not 8."""
+    if rank != 0:
+        err.from_rank = 0
+    return err
+
+
 def from_other_rank(err):
     """The rank an error re-raised by :func:`together` came from (None: this rank's own)."""
     return getattr(err, "from_rank", None)

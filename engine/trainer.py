@@ -25,7 +25,7 @@ from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_fi
                          drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
                          write_adapter)
 from .data import BatchPlan, is_sts_file
-from .distributed import init_distributed, log0, on_rank0, smallest, together, warn0
+from .distributed import init_distributed, log0, on_rank0, said_by_rank0, smallest, together, warn0
 from .files import write_text
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
@@ -259,10 +259,10 @@ class Trainer:
             self.evaluate(done, row, bad)
         self.log(done, row, always=bad or evaluated)  # an eval's row is logged whatever log_every says
         if self.bad_streak >= self.cfg.max_nonfinite_steps:
-            raise NonFiniteError(
+            raise said_by_rank0(NonFiniteError(
                 f"{self.bad_streak} non-finite steps in a row (loss {row['loss']}, grad norm {row['grad_norm']}; "
                 f"max_nonfinite_steps={self.cfg.max_nonfinite_steps}); stopped at step {done}, saving nothing from a "
-                f"non-finite state. Last good checkpoint: {last_good(self.ckpt.root)}")
+                f"non-finite state. Last good checkpoint: {last_good(self.ckpt.root)}"), self.rank)
         self.save(done, bad)
 
     def evaluate(self, done, row, bad):
@@ -302,12 +302,13 @@ class Trainer:
         if self.bar is not None:
             self.bar.close()
         if self.bad_streak:
-            raise NonFiniteError(f"the run ended with {self.bad_streak} non-finite steps in a row; no final checkpoint "
-                                 f"or adapter written (last good checkpoint: {last_good(self.ckpt.root)})")
+            raise said_by_rank0(NonFiniteError(
+                f"the run ended with {self.bad_streak} non-finite steps in a row; no final checkpoint or adapter "
+                f"written (last good checkpoint: {last_good(self.ckpt.root)})"), self.rank)
         if self.start < cfg.max_steps:
             self.ckpt.save(cfg.max_steps, self.plan)
         sd = adapter_state_dict(self.module.model)
-        check_finite_state(sd, "the final adapter")
+        check_finite_state(sd, "the final adapter", self.rank)
         adapter = os.path.join(cfg.output_dir, "adapter")
         together(lambda: write_adapter(self.module.model, sd, adapter, cfg, self.tok) if self.rank == 0 else None)
         best = self.best.summary() if self.best is not None else None

@@ -183,12 +183,61 @@ def test_every_zero_stage_resumes_exactly_through_the_restricted_loader(staged, 
     files = glob.glob(os.path.join(out, "checkpoints", "step_0000002", "*.pt"))
     assert len(files) == (1 if stage == 0 else 2), files  # model states (+ ZeRO optimizer states)
     for path in files:  # every file of the tag loads with weights_only=True and the allowlist
-        assert isinstance(load_state_file(path, map_location="cpu"), dict)
+        state = load_state_file(path, map_location="cpu")
+        assert isinstance(state, dict)
+        if "module" in state and stage < 3:  # the frozen base is not saved (14 GB per checkpoint at 7B): LoRA only
+            assert state["module"] and all(".lora_" in k for k in state["module"]), sorted(state["module"])[:3]
     r = _train(out, "max_steps=4", "save_every=2", f"zero_stage={stage}")
     _ok(r)
     assert "resumed from step_0000002: step 2" in r.stdout
     assert _losses(out) == _losses(ref)  # steps 3 and 4 again, bit for bit
     assert _same_adapter(os.path.join(out, "adapter"), os.path.join(ref, "adapter"))
+
+
+def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(staged, tmp_path):
+    """DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and stage: another stage (or rank count) failed
+    inside its load, and the message said to delete checkpoints that load fine as they were written."""
+    out = str(tmp_path / "run")
+    shutil.copytree(staged(1), out)
+    shutil.rmtree(os.path.join(out, "adapter"))
+    r = _train(out, "max_steps=4", "save_every=2", "zero_stage=2")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    line = [x for x in r.stderr.strip().splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "was saved by 1 rank(s) at ZeRO stage 1; this run has 1 rank(s) at stage 2" in line[0]
+    assert "resume with 1 rank(s) and zero_stage=1" in line[0] and "delete" not in line[0]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_a_file_truncated_on_one_rank_of_a_zero3_run_falls_back_on_every_rank(tmp_path):
+    """ZeRO-3: each rank reads its own files. One rank's truncated file sent that rank to the agreement while the
+    other went on into the load's parameter gather: a hang until the collective's timeout. Each rank now reads its
+    files before DeepSpeed does and the ranks agree, so both fall back to the previous checkpoint."""
+    from .helpers import deepspeed_cmd
+
+    out = str(tmp_path / "run")
+    common = ["--config", "configs/tiny/mntp.yaml", *BASE, "save_every=2", "keep_checkpoints=3", "zero_stage=3",
+              f"output_dir={out}"]
+    _ok(run_cmd(deepspeed_cmd(2, *common, "max_steps=6"), timeout=600))
+    shutil.rmtree(os.path.join(out, "checkpoints", "step_0000006"))  # killed in step 6: the newest is step 4
+    shutil.rmtree(os.path.join(out, "adapter"))
+    shard, = glob.glob(os.path.join(out, "checkpoints", "step_0000004", "*zero_pp_rank_1_*optim_states.pt"))
+    with open(shard, "r+b") as f:
+        f.truncate(64)
+    r = run_cmd(deepspeed_cmd(2, *common, "max_steps=6"), timeout=300)
+    _ok(r)
+    assert "fell back to step_0000002" in r.stdout and "resumed from step_0000002: step 2" in r.stdout
+    assert sorted(_losses(out)) == [1, 2, 3, 4, 5, 6]
+    # every checkpoint unloadable: one error line for the two ranks (each raised it), exit 2
+    for tag in ("step_0000002", "step_0000004", "step_0000006"):
+        shard, = glob.glob(os.path.join(out, "checkpoints", tag, "*zero_pp_rank_1_*optim_states.pt"))
+        with open(shard, "r+b") as f:
+            f.truncate(64)
+    shutil.rmtree(os.path.join(out, "adapter"))
+    r = run_cmd(deepspeed_cmd(2, *common, "max_steps=6"), timeout=300)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "no checkpoint in" in errors[0], errors
 
 
 @pytest.mark.parametrize("stage,kind", [(0, "mp_rank_00_model_states.pt"), (3, "optim_states.pt")])
