@@ -439,8 +439,10 @@ class Checkpointer:
             os.remove(os.path.join(path, COMPLETE))  # rewriting a folder: it is incomplete until marked again
         dist.barrier()
         # The frozen base is left out (it is rebuilt from the base model and prior adapters, as at the start): at 7B a
-        # checkpoint is then the LoRA weights and their optimizer state, not 14 GB more of bf16 base per save
-        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=True,
+        # checkpoint is then the LoRA weights and their optimizer state, not 14 GB more of bf16 base per save. Not
+        # when MNTP added a mask token: its embedding row is drawn at random, and a resume must read it back
+        frozen_rebuilt = not getattr(getattr(self.module, "stage", None), "added_token", False)
+        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=frozen_rebuilt,
                                     client_state={"step": step, "data_position": list(plan.position(step))})
         _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
