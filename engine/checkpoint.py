@@ -30,7 +30,7 @@ from .config import ConfigError, to_dict
 from .data import read_sts
 from .distributed import log0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
-from .files import write_json, write_text
+from .files import sync_folder, sync_tree, write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
 
 
@@ -147,7 +147,9 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "instruction": c.instruction,
         "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
     })
+    sync_tree(tmp)  # on disk before the rename publishes it
     _replace_dir(tmp, dst)
+    sync_folder(os.path.dirname(os.path.abspath(dst)))
 
 
 COMPLETE = "COMPLETE"  # marker rank 0 writes into a checkpoint folder after every rank finished writing it
@@ -444,6 +446,10 @@ class Checkpointer:
         frozen_rebuilt = not getattr(getattr(self.module, "stage", None), "added_token", False)
         self.engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=frozen_rebuilt,
                                     client_state={"step": step, "data_position": list(plan.position(step))})
+        # this rank's DeepSpeed files on disk before the ranks agree and rank 0 writes COMPLETE (a power cut after
+        # COMPLETE must not leave an empty state file behind a checkpoint cleanup then trusts)
+        sync_tree(path, only=lambda name: name == "mp_rank_00_model_states.pt" and self.rank == 0
+                  or f"zero_pp_rank_{self.rank}_" in name)
         _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
@@ -478,6 +484,10 @@ class Checkpointer:
         keep = set(sorted(keep, key=_step_of)[-self.cfg.keep_checkpoints:])
         for s, t, ok in tags:
             if s < step and t not in keep:
+                try:  # unmarked first: a removal cut short leaves an incomplete folder, never a "complete" torso
+                    os.remove(os.path.join(self.root, t, COMPLETE))
+                except OSError:
+                    pass
                 shutil.rmtree(os.path.join(self.root, t), ignore_errors=True)
 
     def resume(self, tags):

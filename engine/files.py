@@ -8,7 +8,8 @@ a value JSON cannot hold) the temporary file is removed and ``path`` is left as 
 
 Every file the engine writes in place (the checkpoint markers and ``latest``, ``run.json``, ``config.yaml``,
 ``metrics.csv``, score files, ``engine.pick``'s result) goes through here; files inside a folder that is itself
-renamed into place (adapters, exports) need not.
+renamed into place (adapters, exports) need not; such a folder, and a checkpoint's DeepSpeed files, are synced
+with :func:`sync_tree` before the rename or the marker that publishes them.
 """
 import contextlib
 import json
@@ -47,6 +48,26 @@ def sync_folder(folder):
         pass
     finally:
         os.close(fd)
+
+
+def sync_tree(folder, only=None):
+    """fsync every file under ``folder`` (those ``only(name)`` accepts), then the folders: what a marker written
+    after it (a checkpoint's COMPLETE) promises is on disk, not only in the page cache, when the power goes."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if only is not None and not only(name):
+                continue
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        sync_folder(root)
 
 
 def write_text(path, text):

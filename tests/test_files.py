@@ -59,3 +59,19 @@ def test_binary_writes_and_appends_refused(tmp_path):
     with pytest.raises(ValueError, match="whole files"):
         with atomic_open(p, "a"):
             pass
+
+
+def test_sync_tree_fsyncs_the_files_it_is_asked_for_and_every_folder(tmp_path, monkeypatch):
+    """A checkpoint's COMPLETE promises its state files are on disk: sync_tree fsyncs them (DeepSpeed writes with
+    plain torch.save) and the folders holding them."""
+    from engine import files
+
+    (tmp_path / "sub").mkdir()
+    for name in ("zero_pp_rank_1_optim.pt", "zero_pp_rank_0_optim.pt", "sub/adapter.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    files.sync_tree(str(tmp_path), only=lambda name: "zero_pp_rank_1_" in name or name.endswith(".safetensors"))
+    assert sorted(synced) == sorted([str(tmp_path / "zero_pp_rank_1_optim.pt"), str(tmp_path / "sub" / "adapter.safetensors"),
+                                     str(tmp_path), str(tmp_path / "sub")])
