@@ -38,9 +38,15 @@ def atomic_open(path, mode="w", newline=None):
 
 def sync_folder(folder):
     """fsync a folder, so that a rename into it survives a power cut (best effort: some filesystems refuse)."""
+    _fsync_path(folder)
+
+
+def _fsync_path(path):
+    """fsync a file or folder by path, best effort: one that cannot be opened for reading (a folder on some network
+    filesystems) or synced is left as it is."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder that cannot be opened for reading (some network filesystems): the rename stands
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
         return
     try:
         os.fsync(fd)
@@ -55,18 +61,8 @@ def sync_tree(folder, only=None):
     after it (a checkpoint's COMPLETE) promises is on disk, not only in the page cache, when the power goes."""
     for root, dirs, files in os.walk(folder):
         for name in files:
-            if only is not None and not only(name):
-                continue
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            if only is None or only(name):
+                _fsync_path(os.path.join(root, name))
         sync_folder(root)
 
 
