@@ -28,7 +28,7 @@ import torch.distributed as dist
 from . import refs
 from .config import ConfigError, to_dict
 from .data import read_sts
-from .distributed import log0, said_by_rank0, together, warn0
+from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import sync_folder, sync_tree, write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
@@ -222,15 +222,18 @@ SHARED_CHECK = ".shared-check"
 
 
 def check_shared_folder(output_dir, rank):
-    """Every rank sees the folder rank 0 locked: rank 0 writes a token there and every rank reads it back (three
-    collectives). Rank 0 alone writes ``latest``, ``COMPLETE``, the adapters and ``metrics.csv``, and every
-    rank resumes from what they say, so a node-local ``output_dir`` (several nodes, no shared filesystem) would
-    train on and resume from different states: refused in one line instead."""
-    token = f"{os.getpid()} {socket.gethostname()} {os.urandom(8).hex()}"
+    """Every rank sees the folder rank 0 locked: rank 0 writes a token there and every rank reads it back (four
+    collectives, once per run). Rank 0 alone writes ``latest``, ``COMPLETE``, the adapters and ``metrics.csv``, and
+    every rank resumes from what they say, so a node-local ``output_dir`` (several nodes, no shared filesystem)
+    would train on and resume from different states: refused in one line instead."""
     path = os.path.join(output_dir, SHARED_CHECK)
-    together(lambda: write_text(path, token) if rank == 0 else None)
-    tokens = [token]
-    dist.broadcast_object_list(tokens, src=0)
+
+    def publish():
+        token = f"{os.getpid()} {socket.gethostname()} {os.urandom(8).hex()}"
+        write_text(path, token)
+        return token
+
+    written = on_rank0(publish)  # rank 0's token, on every rank
 
     def read():
         try:
@@ -238,14 +241,14 @@ def check_shared_folder(output_dir, rank):
                 seen = f.read()
         except OSError:
             seen = None
-        if seen != tokens[0]:
+        if seen != written:
             raise ConfigError(f"output_dir {output_dir} is not the folder rank 0 wrote to (rank {rank} on "
                               f"{socket.gethostname()} does not see its files): a run on several nodes needs "
                               f"output_dir on a filesystem every node shares")
 
     try:
         together(read)
-    finally:  # every rank has read (together is a collective): rank 0 removes the token, the others wait for it (three collectives in all)
+    finally:  # every rank has read (together is a collective): rank 0 removes the token, the others wait for it
         if rank == 0:
             try:
                 os.unlink(path)
@@ -448,8 +451,7 @@ class Checkpointer:
                                     client_state={"step": step, "data_position": list(plan.position(step))})
         # this rank's DeepSpeed files on disk before the ranks agree and rank 0 writes COMPLETE (a power cut after
         # COMPLETE must not leave an empty state file behind a checkpoint cleanup then trusts)
-        sync_tree(path, only=lambda name: name == "mp_rank_00_model_states.pt" and self.rank == 0
-                  or f"zero_pp_rank_{self.rank}_" in name)
+        sync_tree(path, only=lambda name: _rank_state_file(name, self.rank, shared=self.rank == 0))
         _fault_point(step, "state")
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
@@ -541,12 +543,9 @@ class Checkpointer:
         return flags[0].item() == 0
 
     def _own_files(self, tag):
-        """The files of ``tag`` DeepSpeed's load reads on this rank: the shared module states (ZeRO stages 0-2) and
-        the files of this rank's partition (``zero_pp_rank_R_...``)."""
+        """The files of ``tag`` DeepSpeed's load reads on this rank (:func:`_rank_state_file`)."""
         folder = os.path.join(self.root, tag)
-        mine = f"zero_pp_rank_{self.rank}_"
-        return [os.path.join(folder, f) for f in sorted(os.listdir(folder))
-                if f.endswith(".pt") and (f == "mp_rank_00_model_states.pt" or mine in f)]
+        return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if _rank_state_file(f, self.rank)]
 
     def _check_own_files(self, tag):
         """(error, unsafe error) of reading this rank's files of ``tag`` through the restricted loader."""
@@ -574,10 +573,19 @@ class Checkpointer:
         if (saved["world"], saved["zero_stage"]) == (world, stage) or saved["zero_stage"] == stage == 0:
             return
         raise said_by_rank0(ConfigError(
-            f"{self.root}/{tag} was saved by {saved['world']} rank(s) at ZeRO stage {saved['zero_stage']}; this run has "
-            f"{world} rank(s) at stage {stage}, and DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and "
+            f"{self.root}/{tag} was saved by {saved['world']} rank(s) at ZeRO stage {saved['zero_stage']}; this run "
+            f"has {world} rank(s) at stage {stage}, and DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and "
             f"stage: resume with {saved['world']} rank(s) and zero_stage={saved['zero_stage']}, or use another "
             f"output_dir"), self.rank)
+
+
+SHARED_STATE_FILE = "mp_rank_00_model_states.pt"  # DeepSpeed's module states at ZeRO stages 0-2 (rank 0 writes it)
+
+
+def _rank_state_file(name, rank, shared=True):
+    """Whether DeepSpeed's checkpoint file ``name`` is one of ``rank``'s: its partition's (``zero_pp_rank_R_...``),
+    and with ``shared`` the module states every rank reads at stages 0-2 (which rank 0 alone writes)."""
+    return name.endswith(".pt") and (f"zero_pp_rank_{rank}_" in name or (shared and name == SHARED_STATE_FILE))
 
 
 def _check_data_of(cfg, rank, root, tag, now):

@@ -96,6 +96,15 @@ def _is_export(folder):
         return False
 
 
+def overlapping_folder(path, folders):
+    """(how, folder) for the first of ``folders`` that the real path ``path`` is ("is"), lies inside ("is inside")
+    or contains ("contains"), else None: writing or replacing ``path`` would touch that folder."""
+    for q in sorted({os.path.realpath(os.path.expanduser(str(f))) for f in folders if f}):
+        if _inside(path, q) or _inside(q, path):
+            return ("is" if path == q else "is inside" if _inside(path, q) else "contains"), q
+    return None
+
+
 def check_output(out, protected=(), overwrite=False):
     """Refuse an ``out`` whose writing or replacing could destroy what this command did not write: an empty
     name, a link, a filesystem root, the current directory or a folder above it, any of the ``protected``
@@ -112,10 +121,10 @@ def check_output(out, protected=(), overwrite=False):
     if _inside(cwd, p):
         where = "the current directory" if p == cwd else "a folder above the current directory"
         raise ExportError(f"{out} is {where}: refusing to replace it; name a folder of its own")
-    for q in sorted({os.path.realpath(os.path.expanduser(f)) for f in protected if f}):
-        if _inside(p, q) or _inside(q, p):
-            how = "is" if p == q else ("is inside" if _inside(p, q) else "contains")
-            raise ExportError(f"{out} {how} the model's folder {q}: export to a folder of its own")
+    clash = overlapping_folder(p, protected)
+    if clash:
+        how, q = clash
+        raise ExportError(f"{out} {how} the model's folder {q}: export to a folder of its own")
     if os.path.lexists(out):
         if not overwrite:
             raise ExportError(f"{out} exists (pass --overwrite to replace an earlier export)")
@@ -535,11 +544,9 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
             "chat": None, "chat_wrap_dropped": chat, "text_format": TEXT_FORMAT, "model_type": model_type,
             "causal_only_servers": servers, "doc_max_length_not_applied": doc_max}
     best = _best_of(top)
-    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-        json.dump(meta, f, indent=2)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(_model_card(meta, run, _eval_figures(run, best.get("step")), prompts, best))
-    meta["files"] = sorted(os.listdir(tmp))  # what --overwrite may replace (engine_export.json included)
+    meta["files"] = sorted(set(os.listdir(tmp)) | {EXPORT_MARKER})  # what --overwrite may replace
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(meta, f, indent=2)
     _strip_abs_paths(tmp)

@@ -135,18 +135,18 @@ class LLM2Vec:
         saved onto its own folder fails half-way (copying a file onto itself). ValueError, before anything is
         written."""
         from .encoder import _holds_run_adapters, run_folder
-        from .export import _inside
+        from .export import overlapping_folder
 
         src = getattr(self.encoder, "source", None) or {}
         folders = [f for f in [src.get("base"), *(src.get("adapters") or []), self._unmerged_adapter]
                    if f and os.path.isdir(os.path.expanduser(str(f)))]
         folders += [r for r in map(run_folder, folders) if r]
         p = os.path.realpath(os.path.expanduser(str(output_path)))
-        for q in sorted({os.path.realpath(os.path.expanduser(str(f))) for f in folders}):
-            if _inside(p, q) or _inside(q, p):
-                how = "is" if p == q else ("is inside" if _inside(p, q) else "contains")
-                raise ValueError(f"LLM2Vec.save: {output_path} {how} the folder the model was loaded from ({q}): "
-                                 f"save to a folder of its own")
+        clash = overlapping_folder(p, folders)
+        if clash:
+            how, q = clash
+            raise ValueError(f"LLM2Vec.save: {output_path} {how} the folder the model was loaded from ({q}): "
+                             f"save to a folder of its own")
         if os.path.isdir(p) and _holds_run_adapters(p):
             raise ValueError(f"LLM2Vec.save: {output_path} is a training run folder: save to a folder of its own")
 

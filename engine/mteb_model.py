@@ -16,8 +16,9 @@ prompt type, for a model trained with an instruction), else mteb's own instructi
 mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``, and its cache hands
 back a task's stored result by task name. This wrapper carries a real ``ModelMeta`` whose revision is a
 fingerprint of what the model computes; a :func:`local_sts_task` over another file or ``max_pairs`` needs its own
-``name=`` (or ``cache=None``, as ``engine.evaluate`` passes); a ``SentenceTransformer`` loaded from a local folder has no name (sentence-transformers reads
-none from it), so load an export with :func:`load_export`, which names it from its ``engine_export.json``.
+``name=`` (or ``cache=None``, as ``engine.evaluate`` passes); a ``SentenceTransformer`` loaded from a local folder
+has no name (sentence-transformers reads none from it), so load an export with :func:`load_export`, which names it
+from its ``engine_export.json``.
 """
 import json
 import os
@@ -121,13 +122,10 @@ def encoder_fingerprint(encoder, prompts):
 
     h = hashlib.sha256()
     for name, p in encoder.model.named_parameters():
-        x = p.detach().reshape(-1).double() if p.numel() <= (1 << 24) else None
-        if x is None:  # in slices: no fp64 copy of a whole 7B embedding matrix
-            flat = p.detach().reshape(-1)
-            parts = [flat[i:i + (1 << 24)].double() for i in range(0, flat.numel(), 1 << 24)]
-            s1, s2 = sum(float(t.sum()) for t in parts), sum(float((t * t).sum()) for t in parts)
-        else:
-            s1, s2 = float(x.sum()), float((x * x).sum())
+        flat, s1, s2 = p.detach().reshape(-1), 0.0, 0.0
+        for i in range(0, flat.numel(), 1 << 24):  # in slices: no fp64 copy of a whole 7B embedding matrix
+            t = flat[i:i + (1 << 24)].double()
+            s1, s2 = s1 + float(t.sum()), s2 + float((t * t).sum())
         h.update(f"{name}|{tuple(p.shape)}|{p.dtype}|{s1!r}|{s2!r}\n".encode())
     settings = {k: getattr(encoder, k, None) for k in ("pooling", "max_length", "default_instruction",
                                                           "doc_max_length", "skip_instruction", "normalize")}

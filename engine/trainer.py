@@ -31,8 +31,8 @@ from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
-from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, schedule_warnings,
-                    tune_optimizer_step)
+from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda,
+                    schedule_warnings, tune_optimizer_step)
 from .stages import build_stage
 from .stages.base import EVAL_SEED, to_device
 from .token_cache import data_identity

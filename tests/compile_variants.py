@@ -1,10 +1,10 @@
-"""Compile a list of kernel variants for sm_90 and sm_80 in subprocesses and check resources.
+"""Compile kernel variants for sm_90 and sm_80 in subprocesses and check their resources.
 
-Used by the fused elementwise ops' tests (rms_norm, rope, glu). A test module defines ``VARIANTS``:
-a list of (label, kernel name in the kernels module, signature, constexprs, divisible args, num_warps),
-and calls ``check_all_compile(test_module_name, kernels_module_name)``. Triton decides between
-interpreting and compiling at import time, so the compiling runs in fresh processes with the
-interpreter off, one per arch, in parallel.
+Each kernel's compile check is a named job of :data:`COMPILE_JOBS`: one fresh process per architecture with the
+interpreter off (Triton decides between interpreting and compiling at import time), printing one ``VARIANT {...}``
+JSON line per variant (the attention job prints one JSON report). The fused elementwise ops' tests (rms_norm, rope,
+glu) define ``VARIANTS``, a list of (label, kernel name in the kernels module, signature, constexprs, divisible args,
+num_warps), and call ``check_all_compile(job name, test_module_name)``.
 """
 import importlib
 import json
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -22,12 +23,13 @@ SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 # begins (at the lowest CPU priority, two at a time: on this 2-core CI machine they take the core the mostly
 # single-threaded suite leaves idle) and runs the marked tests last; each test then reads its job's output.
 _ELEMENTWISE = "import tests.compile_variants as c; c.compile_main({test!r}, {kernels!r}, {{arch}})"
-COMPILE_JOBS = {
-    "attention": [("import tests.test_attention as t; t._compile_all()", None)],
+_REPORT = "import {test} as t, tests.compile_variants as c; c.print_rows(t._compile_report({{arch}}))"
+COMPILE_JOBS = {  # a code template run once per arch, or a list of the codes to run
+    "attention": ["import tests.test_attention as t; t._compile_all()"],
     "masked_ce": "import tests.test_masked_ce as t; t._compile_all_main({arch})",
-    "contrastive": "import tests.test_contrastive as t, tests.compile_variants as c; c.print_rows(t._compile_report({arch}))",
-    "lora": "import tests.test_lora as t, tests.compile_variants as c; c.print_rows(t._compile_report({arch}))",
-    "lora_sass": [("import tests.lora_dropout_sass as m, tests.compile_variants as c; c.print_rows(m.main(90))", 90)],
+    "contrastive": _REPORT.format(test="tests.test_contrastive"),
+    "lora": _REPORT.format(test="tests.test_lora"),
+    "lora_sass": ["import tests.lora_dropout_sass as m, tests.compile_variants as c; c.print_rows(m.main(90))"],
     "glu": _ELEMENTWISE.format(test="tests.test_glu", kernels="llm2vec_kernels.glu"),
     "rms_norm": _ELEMENTWISE.format(test="tests.test_rms_norm", kernels="llm2vec_kernels.rms_norm"),
     "rope": _ELEMENTWISE.format(test="tests.test_rope", kernels="llm2vec_kernels.rope"),
@@ -35,9 +37,9 @@ COMPILE_JOBS = {
 
 
 def job_codes(name):
-    """[(code, arch)] of a named compile job: one process per architecture (sm_90, sm_80) unless it lists its own."""
+    """The codes of a named compile job: one process per architecture (sm_90, sm_80) unless it lists its own."""
     job = COMPILE_JOBS[name]
-    return job if isinstance(job, list) else [(job.format(arch=arch), arch) for arch in (90, 80)]
+    return job if isinstance(job, list) else [job.format(arch=arch) for arch in (90, 80)]
 
 
 class _Jobs:
@@ -67,22 +69,26 @@ class _Jobs:
     def _run_queue(self, at_once):
         while True:
             with self.lock:
-                running = [p for p, _, _ in self.procs.values() if p.poll() is None]
                 if not self.queue:
                     self.runner = None
                     return
-                if len(running) < at_once:
+                if sum(p.poll() is None for p, _, _ in self.procs.values()) < at_once:
                     self._start(self.queue.pop(0), nice=True)
                     continue
-            running[0].wait()
+            time.sleep(0.2)  # whichever running process ends first frees the slot
 
-    def result(self, code, timeout):
-        """(returncode, stdout, stderr) of ``code``'s process, started now if it was not queued or started yet."""
+    def start(self, code):
+        """Start ``code`` now, at normal priority, unless it was started already (a test is waiting for it)."""
         with self.lock:
             if code in self.queue:
                 self.queue.remove(code)
             if code not in self.procs:
                 self._start(code, nice=False)
+
+    def result(self, code, timeout):
+        """(returncode, stdout, stderr) of ``code``'s process, started now if it was not started yet."""
+        self.start(code)
+        with self.lock:
             proc, out, err = self.procs[code]
         proc.wait(timeout=timeout)
         out.seek(0)
@@ -119,33 +125,20 @@ def compile_main(test_module, kernels_module, arch):
 
 def job_rows(name):
     """The ``VARIANT`` rows of the named compile job (:data:`COMPILE_JOBS`), from its background run if the session
-    started one."""
-    return _rows([code for code, _ in job_codes(name)])
-
-
-def rows_per_arch(code, archs=(90, 80)):
-    """Run ``code.format(arch=...)`` in one fresh process per arch (in parallel) with the interpreter off, and
-    return the JSON rows the processes printed as ``VARIANT {...}`` lines."""
-    return _rows([code.format(arch=arch) for arch in archs])
-
-
-def _rows(codes):
-    for c in codes:  # all started before the first is awaited: in parallel (or already run in the background)
-        with JOBS.lock:
-            if c not in JOBS.procs:
-                if c in JOBS.queue:
-                    JOBS.queue.remove(c)
-                JOBS._start(c, nice=False)
+    started one; its processes not started yet are all started before the first is awaited (in parallel)."""
+    codes = job_codes(name)
+    for code in codes:
+        JOBS.start(code)
     rows = []
-    for c in codes:
-        rc, stdout, stderr = JOBS.result(c, timeout=1800)
+    for code in codes:
+        rc, stdout, stderr = JOBS.result(code, timeout=1800)
         assert rc == 0, stderr[-3000:]
         rows += [json.loads(line[8:]) for line in stdout.splitlines() if line.startswith("VARIANT ")]
     return rows
 
 
 def print_rows(report):
-    """For the compile reports that return a list of rows: one ``VARIANT`` line each (see rows_per_arch)."""
+    """For the compile reports that return a list of rows: one ``VARIANT`` line each (see job_rows)."""
     for row in report:
         print("VARIANT " + json.dumps(row), flush=True)
 

@@ -51,7 +51,7 @@ def pytest_collection_finish(session):
     from tests.compile_variants import JOBS, job_codes
 
     names = {_compile_job(item) for item in session.items} - {None}
-    codes = [code for name in sorted(names, key=lambda n: n != "attention") for code, _ in job_codes(name)]
+    codes = [code for name in sorted(names, key=lambda n: n != "attention") for code in job_codes(name)]
     if codes:
         JOBS.background(codes)
 

@@ -806,7 +806,7 @@ def compile_reports():
     the background (tests/conftest.py), else runs now."""
     from .compile_variants import JOBS, job_codes
 
-    (code, _), = job_codes("attention")
+    code, = job_codes("attention")
     rc, stdout, stderr = JOBS.result(code, timeout=1800)
     assert rc == 0, stderr[-4000:]
     return json.loads(stdout.strip().splitlines()[-1])
