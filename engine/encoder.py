@@ -348,8 +348,10 @@ def resolve_dtype(dtype, device_type):
     return table[dtype]
 
 
-def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional=True, **model_kwargs):
-    """(bare decoder without LM head, tokenizer) for a ``resolve_chain`` result, adapters merged."""
+def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional=True, tokenizer_check=None,
+                       **model_kwargs):
+    """(bare decoder without LM head, tokenizer) for a ``resolve_chain`` result, adapters merged.
+    ``tokenizer_check(tok)``: called once the tokenizer has loaded, before the weights do (a 7B's minutes)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     from .bidirectional import check_architecture, make_bidirectional
@@ -360,6 +362,8 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
                            tokenizer=info["tokenizer"], dtype="fp32", bidirectional=False)
         full, tok = load_model(mcfg, "cpu", bidirectional=False)
+        if tokenizer_check is not None:
+            tokenizer_check(tok)
         model = decoder_of(full).to(dtype)
         del full
     else:
@@ -374,6 +378,8 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
             tok = loading(f"the tokenizer in {info['tokenizer']}", AutoTokenizer.from_pretrained, info["tokenizer"])
         else:
             tok = load_tokenizer(ModelConfig(name_or_path=info["base"], gguf_file=info["gguf_file"]))
+        if tokenizer_check is not None:
+            tokenizer_check(tok)
         if bidirectional:  # an architecture the engine cannot make bidirectional fails before the weights load
             check_architecture(loading(f"the model config of {info['base']!r}", AutoConfig.from_pretrained, path,
                                         **({"gguf_file": gguf} if gguf else {})))

@@ -487,14 +487,15 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     # Loaded in the export's dtype when the base is stored in it (a bf16 7B: 15 GB of host memory, not 30 + 15):
     # the adapters merge in fp32 with one rounding (merge_loras), so the bits are those of an fp32 load and cast.
     load_dt = dt if dt != torch.float32 and _stored_dtype(info) == dt else torch.float32
-    enc_model, tok = load_encoder_model(info, load_dt, bidirectional=False)
+    # the engine reads and pools an appended EOS (engine.encoding.tokenize_for_encoding): the exported tokenizer
+    # appends it too, set (or refused) before the weights load
+    enc_model, tok = load_encoder_model(info, load_dt, bidirectional=False, tokenizer_check=_append_eos)
     enc_model = enc_model.to(dt)
     for cfg in {id(c): c for c in (enc_model.config, getattr(enc_model.config, "text_config", None)) if c}.values():
         cfg.is_causal = False
         cfg.use_cache = False
     max_len = max_length or s.get("max_length") or DEFAULT_MAX_LENGTH
     tok.model_max_length = max_len
-    _append_eos(tok)  # the engine reads and pools an appended EOS (engine.encoding.tokenize_for_encoding)
     instruction = s.get("instruction", "") or ""
     prompts = mteb_prompts(instruction)
     if chat:
@@ -587,8 +588,10 @@ def _append_eos(tok):
 
     backend = getattr(tok, "backend_tokenizer", None) or getattr(tok, "_tokenizer", None)
     if backend is None:
-        raise ExportError("eos pooling needs a fast tokenizer to append EOS in the export")
+        raise ExportError("the export needs a fast tokenizer to append EOS as the engine does")
     eos, eos_id = tok.eos_token, tok.eos_token_id
+    if eos is None or eos_id is None:
+        raise ExportError("the tokenizer has no EOS token, which the engine appends to every text")
     bos = [(tok.bos_token, tok.bos_token_id)] if tok("")["input_ids"][:1] == [tok.bos_token_id] and \
         tok.bos_token_id is not None else []
     single = " ".join([b for b, _ in bos] + ["$A", eos])

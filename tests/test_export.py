@@ -325,6 +325,29 @@ def test_overwrite_refuses_a_folder_it_did_not_write(run_dir, capsys, tmp_path):
     assert afile.read_text() == "x"
 
 
+def test_a_tokenizer_without_eos_is_refused_before_the_weights_load(tmp_path, tok, capsys, monkeypatch):
+    """The engine appends and pools EOS after every text; a tokenizer without one cannot be exported. Refused in one
+    line once the tokenizer has loaded, before the weights do (a 7B's minutes)."""
+    import transformers
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    cfg_path = os.path.join(base, "tokenizer_config.json")
+    with open(cfg_path) as f:
+        tcfg = json.load(f)
+    tcfg["eos_token"] = None
+    with open(cfg_path, "w") as f:
+        json.dump(tcfg, f)
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before the tokenizer was checked")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_load)
+    capsys.readouterr()
+    _refused(capsys, ["--model", base, "--out", str(tmp_path / "exp")], "no EOS token", base)
+    assert not os.path.exists(tmp_path / "exp")
+
+
 def test_unwritable_out_fails_before_the_model_loads(run_dir, capsys, tmp_path, monkeypatch):
     import engine.encoder
 

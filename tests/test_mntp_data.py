@@ -1,7 +1,9 @@
 """MNTP data: STS pairs are split so no sentence shares a block with its paraphrase; one special-token rule."""
+import numpy as np
 import pytest
 import torch
 
+from engine import Encoder
 from engine.config import ModelConfig
 from engine.data import chunk_documents, read_sts, read_texts, split_pairs
 from engine.encoding import special_prefix, tokenize_with_instruction
@@ -204,14 +206,19 @@ def test_an_added_mask_token_leaves_a_lora_only_adapter_that_merges(tmp_path):
                                                   "mntp.mask_token=<mask>", f"output_dir={tmp_path / 'run'}"])
     tok = load_tokenizer(cfg.model)
     stage = build_stage(cfg, tok)
-    assert stage.added_token
+    assert stage.added_token and len(stage.tok) == len(tok) + 1 and tok.mask_token_id is None  # on a copy
     model, _ = load_model(cfg.model, "cpu", tok)
     model, _, _ = setup_model(cfg, stage, model, 1, 1, torch.device("cpu"), log=lambda *a: None)
-    assert model.get_input_embeddings().num_embeddings == len(tok)  # grown by the added row
+    assert model.get_input_embeddings().num_embeddings == len(stage.tok)  # grown by the added row
     sd = adapter_state_dict(model)
     assert sd and all(".lora_A." in k or ".lora_B." in k for k in sd), sorted(sd)[:3]
     write_adapter(model, sd, str(tmp_path / "adapter"), cfg, tok)
     assert merge_lora(AutoModel.from_pretrained(base), str(tmp_path / "adapter")) > 0
+    # The adapter's tokenizer is the base's: a text with a literal "<mask>" encodes within the base's rows
+    # (with the added token saved it indexed past them).
+    assert len(load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "adapter")))) == len(tok)
+    emb = Encoder.from_pretrained(str(tmp_path / "adapter"), device="cpu").encode(["a <mask> b", "plain"])
+    assert emb.shape[0] == 2 and np.isfinite(emb).all()
 
     padded = LlamaForCausalLM.from_pretrained(base)
     padded.resize_token_embeddings(len(tok) + 64)  # more rows than the tokenizer, as Qwen2's table

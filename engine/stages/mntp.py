@@ -6,11 +6,12 @@ The label of masked token i is placed at position i-1, so token i is predicted f
 at i-1, as the causal LM head was trained to do. Only labelled rows reach the LM head, through
 ``llm2vec_kernels.masked_cross_entropy`` (no full logits).
 """
+import copy
+import dataclasses
+
 import torch
 
 import llm2vec_kernels
-
-import dataclasses
 
 from .. import token_cache
 from ..data import BlockChunker, DataError, DataStats, SentenceRows, iter_texts, tokenized_batches
@@ -80,6 +81,10 @@ class MNTPStage(Stage):
     name = "mntp"
 
     def __init__(self, cfg, tokenizer):
+        if cfg.mntp.mask_token == "<mask>" and tokenizer.mask_token_id is None:
+            # The added token is MNTP's alone, on a copy: the adapters keep the base tokenizer, whose every id has
+            # an embedding row in the base (they carry LoRA weights only, not the added row).
+            tokenizer = copy.deepcopy(tokenizer)
         super().__init__(cfg, tokenizer)
         self.mask_id, self.added_token = resolve_mask_token(tokenizer, cfg.mntp.mask_token)
         self.special_ids = set(tokenizer.all_special_ids) | {tokenizer.pad_token_id}
