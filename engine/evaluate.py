@@ -290,7 +290,7 @@ def _intervals(args, cos, other, gold):
     out = {}
     if args.bootstrap:
         b = bootstrap_spearman(cos, gold, n_boot=args.bootstrap, seed=args.seed)
-        out["spearman_ci"] = {k: b[k] for k in ("ci", "level", "n_boot")}
+        out["spearman_ci"] = {k: b[k] for k in ("ci", "level", "n_boot", "undefined")}
     if other is not None:
         out["compare"] = {"scores": args.compare, **paired_bootstrap(cos, other, gold, n_boot=args.bootstrap or 2000,
                                                                     seed=args.seed)}

@@ -76,17 +76,19 @@ def spearman(pred, gold):
 
 def bootstrap_spearman(pred, gold, n_boot=2000, level=0.95, seed=0):
     """Spearman x 100 of ``pred`` against ``gold`` and its percentile bootstrap interval over the pairs:
-    ``{"spearman", "ci", "level", "n_boot", "pairs"}``."""
+    ``{"spearman", "ci", "level", "n_boot", "undefined", "pairs"}``; ``undefined``: the resamples with no rank
+    correlation (all-equal scores), left out of the interval."""
     gold, (pred,) = _check(gold, pred)
     idx = _draws(gold.size, n_boot, seed)
     boot = _rowwise_spearman(pred[idx], gold[idx])
     return {"spearman": spearman(pred, gold), "ci": _interval(boot, level), "level": level, "n_boot": n_boot,
-            "pairs": int(gold.size)}
+            "undefined": int((~np.isfinite(boot)).sum()), "pairs": int(gold.size)}
 
 
 def paired_bootstrap(pred_a, pred_b, gold, n_boot=2000, level=0.95, seed=0):
     """Spearman x 100 of A minus that of B on the same pairs, with the paired percentile bootstrap interval:
-    ``{"difference", "ci", "share_at_or_below_0", "level", "n_boot", "pairs"}``."""
+    ``{"difference", "ci", "share_at_or_below_0", "level", "n_boot", "undefined", "pairs"}`` (``undefined`` as in
+    :func:`bootstrap_spearman`)."""
     gold, (pred_a, pred_b) = _check(gold, pred_a, pred_b)
     idx = _draws(gold.size, n_boot, seed)
     g = gold[idx]
@@ -94,5 +96,5 @@ def paired_bootstrap(pred_a, pred_b, gold, n_boot=2000, level=0.95, seed=0):
     fin = d[np.isfinite(d)]
     share = float((fin <= 0).mean()) if fin.size else float("nan")  # every resample undefined: constant scores
     return {"difference": spearman(pred_a, gold) - spearman(pred_b, gold), "ci": _interval(d, level),
-            "share_at_or_below_0": share, "level": level, "n_boot": n_boot,
+            "share_at_or_below_0": share, "level": level, "n_boot": n_boot, "undefined": int(d.size - fin.size),
             "pairs": int(gold.size)}

@@ -128,3 +128,19 @@ def test_constant_scores_compared_have_no_share_either():
         warnings.simplefilter("error")  # no "mean of empty slice"
         r = paired_bootstrap(np.full(20, 0.5), np.full(20, 0.2), gold, n_boot=100)
     assert math.isnan(r["difference"]) and math.isnan(r["share_at_or_below_0"])
+
+
+def test_resamples_without_a_correlation_are_counted_not_hidden():
+    """A resample of all-equal gold scores has no rank correlation; the interval leaves it out and says how many
+    it left out (``undefined``), in both entry points. Here gold is 0 but for one pair: a resample that misses it
+    (about e^-1 of them at n=8) is undefined."""
+    gold = np.r_[np.zeros(7), 1.0]
+    pred_a, pred_b = np.arange(8.0), np.arange(8.0)[::-1].copy()
+    one = bootstrap_spearman(pred_a, gold, n_boot=1000, seed=3)
+    two = paired_bootstrap(pred_a, pred_b, gold, n_boot=1000, seed=3)
+    idx = np.random.default_rng(3).integers(0, 8, size=(1000, 8))
+    missed = int((~(idx == 7).any(axis=1)).sum())
+    assert 250 < missed < 450 and one["undefined"] == two["undefined"] == missed
+    assert one["n_boot"] == two["n_boot"] == 1000 and all(np.isfinite(one["ci"]))
+    full = bootstrap_spearman(pred_a, np.arange(8.0), n_boot=200)
+    assert full["undefined"] == 0
