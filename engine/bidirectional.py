@@ -17,6 +17,7 @@ as the engine always calls it: no work is spent on padding anywhere in the model
 The per-architecture table below lists what each family needs; anything else is refused with a
 clear error, since a family whose attention module ignores the interface would silently stay causal.
 """
+import contextlib
 import importlib.util
 
 import torch
@@ -69,7 +70,31 @@ def _cu_from_mask(mask2d):
     return idx, cu, int(lengths.max().item()) if lengths.numel() else 0
 
 
-_OPTIONS = {"deterministic": True}
+def _cu_from_positions(position_ids):
+    """Sequences packed into one row told only by restarting ``position_ids`` (transformers'
+    DataCollatorWithFlattening without its flash-attn kwargs): their cu_seqlens (int32) and the longest, or None
+    for one sequence (a row whose positions never restart after its first token). One host sync."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).nonzero().squeeze(1)
+    if starts.numel() < 2 or int(starts[0]) != 0:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([pos.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+_OPTIONS = {"deterministic": True, "as_if_grad": False}
+
+
+@contextlib.contextmanager
+def dispatch_as_if_backward():
+    """Attention calls inside choose the backend a backward pass would get, though none follows: gradient caching's
+    first (no-grad) pass then embeds with the kernels its second pass backpropagates through (on sm_90 a no-grad
+    call may go to SDPA or flash-attn and the deterministic backward's to Triton: different rounding)."""
+    prev, _OPTIONS["as_if_grad"] = _OPTIONS["as_if_grad"], True
+    try:
+        yield
+    finally:
+        _OPTIONS["as_if_grad"] = prev
 
 
 def set_deterministic_attention(flag):
@@ -98,7 +123,8 @@ def _flash_attn_varlen(q, k, v, cu, max_len, scale, deterministic):
 
 def _attention_call(q, k, v, max_len, dropout, window, softcap, layout):
     """What llm2vec_kernels.attention.dispatch decides on for this call (host-side facts only)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = _OPTIONS["as_if_grad"] or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                         or v.requires_grad))
     return attn_dispatch.AttentionCall(
         impl=llm2vec_kernels.get_default_impl("attention"), device_type=q.device.type,
         arch=attn_dispatch.device_arch(q), dtype=q.dtype, head_dim=q.shape[-1],
@@ -139,6 +165,10 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     B, Hq, S, D = query.shape
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
     cu = kwargs.get("cu_seq_lens_q")
+    if cu is None and attention_mask is None and B == 1 and S > 1 and kwargs.get("position_ids") is not None:
+        packed = _cu_from_positions(kwargs["position_ids"])  # else dense attention would mix the sequences
+        if packed is not None:
+            cu, kwargs["max_length_q"] = packed
     if cu is not None:
         if B != 1:
             raise ValueError("packed varlen attention expects batch size 1")
@@ -166,12 +196,14 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap), None  # dense, no padding
 
 
-def _padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+def _padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,
                   attention_mask=None, **kwargs):
-    # Ignore the causal mask_function: bidirectional means "every real token sees every real token".
+    # Ignore the causal mask_function: bidirectional means "every real token sees every real token". Only
+    # kv_length is read, and it may be absent: transformers 5.2 and 5.3 pass no q_length (5.4 on do).
     if attention_mask is None:
         return None
-    attention_mask = attention_mask[:, -kv_length:]
+    if kv_length is not None:
+        attention_mask = attention_mask[:, -kv_length:]
     return None if bool(attention_mask.all()) else attention_mask
 
 

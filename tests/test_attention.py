@@ -438,6 +438,8 @@ def _call(**kw):
     (dict(head_dim=64, dtype=torch.float16), ["sdpa", "triton"], "sdpa"),
     (dict(head_dim=256), ["sdpa", "triton"], "sdpa"),
     (dict(arch=80), ["sdpa", "triton"], "triton"),             # eligible, but not measured on sm_80: autotune decides
+    (dict(arch=100), ["sdpa", "triton"], "triton"),            # nor on sm_100 / sm_120
+    (dict(arch=120, layout="varlen", flash_attn=True), ["flash_attn", "triton"], "triton"),
     (dict(dropout=0.1), ["triton"], "triton"),                  # our Philox mask (replayed under checkpointing)
     (dict(dtype=torch.float32), ["triton"], "triton"),
     (dict(head_dim=100), ["triton"], "triton"),

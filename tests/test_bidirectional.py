@@ -117,17 +117,50 @@ def test_transformers_hub_kernels_are_the_hub_ones_and_leave_our_attention_alone
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_causal_model_runs_padded_not_packed():
-    # Packing relies on the engine's attention; a causal model must not see the other packed sequences.
+def test_causal_model_runs_padded_not_packed(monkeypatch):
+    # Packing relies on the engine's attention; a causal model runs its batch padded, never packed (transformers
+    # may keep packed sequences apart by position_ids too, so the outputs alone could not tell: the path is checked).
+    import engine.modeling
+
     model = tiny("llama")
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(3, 97, (2, 7), generator=g)
     am = torch.ones_like(ids)
     am[1, 5:] = 0
+
+    def no_pack(*a, **k):
+        raise AssertionError("a causal model was packed")
+
+    monkeypatch.setattr(engine.modeling, "pack", no_pack)
     with torch.no_grad():
         out = packed_hidden_states(model, ids, am, packed=True)
         alone = hidden(model, ids[1:, :5])
     torch.testing.assert_close(out[1, :5], alone[0], atol=2e-5, rtol=1e-4)
+
+
+def test_packed_rows_told_only_by_position_ids_stay_apart():
+    """transformers' DataCollatorWithFlattening without flash-attn kwargs packs sequences into one row told only by
+    restarting position_ids: each sequence must attend to itself alone, as when it runs alone."""
+    model = make_bidirectional(tiny("llama"))
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(3, 97, (1, 5), generator=g), torch.randint(3, 97, (1, 4), generator=g)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    with torch.no_grad():
+        out = model.model(input_ids=torch.cat([a, b], 1), position_ids=pos).last_hidden_state
+        alone = [model.model(input_ids=x).last_hidden_state for x in (a, b)]
+    torch.testing.assert_close(out[0, :5], alone[0][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out[0, 5:], alone[1][0], atol=2e-5, rtol=1e-4)
+
+
+def test_the_mask_hook_takes_transformers_5_2s_arguments():
+    """transformers 5.2 and 5.3 (within setup.py's range) call the mask hook without q_length."""
+    from engine.bidirectional import _padding_mask
+
+    am = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    got = _padding_mask(batch_size=2, cache_position=torch.arange(3), kv_length=3, kv_offset=0,
+                        mask_function=None, attention_mask=am)
+    assert torch.equal(got, am)
+    assert _padding_mask(batch_size=1, cache_position=torch.arange(3), attention_mask=torch.ones(1, 3)) is None
 
 
 def test_deterministic_attention_switch_reaches_the_triton_backward(monkeypatch):

@@ -13,7 +13,7 @@ from .helpers import STS, PlainEngine, perturb_lora_b
 
 
 @pytest.mark.parametrize("stage_name,chunk", [("simcse", 3), ("supervised", 4)])
-def test_grad_cache_matches_direct(stage_name, chunk):
+def test_grad_cache_matches_direct(stage_name, chunk, monkeypatch):
     cfg = load_config(f"configs/tiny/{stage_name}.yaml", [f"contrastive.grad_cache_chunk={chunk}",
                                                          "model.attention_dropout=0.3", "lora.dropout=0.1",
                                                          "model.gradient_checkpointing=false"])
@@ -41,7 +41,13 @@ def test_grad_cache_matches_direct(stage_name, chunk):
     stage.cfg.contrastive.grad_cache_chunk = chunk
     twin_stage = twin.stage
     torch.manual_seed(123)
+    import engine.bidirectional as bidi
+
+    seen, call_of = [], bidi._attention_call
+    monkeypatch.setattr(bidi, "_attention_call", lambda *a: seen.append(call_of(*a).needs_grad) or call_of(*a))
     cached_loss, _ = twin_stage.train_micro_step(PlainEngine(twin), batch)
+    # both passes dispatch as a backward needs (on sm_90 a no-grad call would take other kernels than the replay)
+    assert seen and all(seen), seen
 
     torch.testing.assert_close(cached_loss, direct_loss.detach(), rtol=1e-6, atol=1e-7)
     grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}

@@ -15,6 +15,7 @@ import torch
 import llm2vec_kernels
 
 from .. import losses
+from ..bidirectional import dispatch_as_if_backward
 from ..encoding import embed_batch, training_wrap
 from ..modeling import packing
 from .base import Stage
@@ -109,7 +110,7 @@ class ContrastiveStage(Stage):
                     "pool_mask": batch["pool_mask"][s:e], "layout": layouts[s // chunk] if layouts else None}
 
         states, embs = [], []
-        with torch.no_grad():
+        with torch.no_grad(), dispatch_as_if_backward():  # the attention kernels of the replay below
             for s, e in spans:
                 states.append(_rng_state())
                 embs.append(engine(sub(s, e))[0])

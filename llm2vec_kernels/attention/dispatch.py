@@ -19,8 +19,8 @@ heads x D=128 at S=128-8192, SmolLM2 9/3 x D=64 at S=512-2048); SDPA's flash bac
 that flash-attn ships) 0.55-0.82x its fwd+bwd time. Those were per-call synchronised timings (host overhead
 included), of the kernel as of that commit. Not measured: flash-attn's own varlen entry point (the rule takes it
 to match SDPA's flash backend, the same code), its deterministic backward,
-the in-place padded mode against SDPA with a padding mask (0.84x the old unpad/repad path there), and sm_80:
-those keep Triton under the fixed rule, and autotuning decides.
+the in-place padded mode against SDPA with a padding mask (0.84x the old unpad/repad path there), and every GPU
+but sm_90 (sm_80, sm_100, sm_120): those keep Triton under the fixed rule, and autotuning decides.
 
 With autotuning on (``llm2vec_kernels.attention.set_autotune(True)`` / LLM2VEC_ATTN_AUTOTUNE=1) every eligible backend,
 including flash-attn with its deterministic backward, is timed once per bucket (forward, plus backward when the
@@ -86,7 +86,7 @@ def choose_backend(call):
     cands = eligible(call)
     if cands[0] in ("torch", "triton"):
         return cands[0]
-    if call.arch < 90:
+    if call.arch != 90:  # measured on sm_90 only (flash-attn 2 may have no kernels for sm_100 / sm_120)
         return "triton"
     if cands[0] == "flash_attn" and call.needs_grad and call.deterministic:
         return "triton"  # flash-attn's deterministic backward has no figure: autotuning decides
