@@ -11,7 +11,9 @@ LoRA is added as training adds it, the memory plan picks the ZeRO stage and the 
     supervised  ids (micro (2 + hard negatives), L)            -> embeddings -> scores (micro, micro (1 + n) x world)
     scored      ids (2 micro, L)  (cosent, angle)              -> embeddings -> scores (micro,)
 
-(L: the longer of max_len and doc_max_len; the texts are padded to the longest.) The model is made as training
+(L: the longer of max_len and doc_max_len; the meta forward pads the texts to the longest. The memory plan counts
+each text at its own length where the model packs them, bidirectional, and texts x L where it runs them padded,
+causal.) The model is made as training
 makes it: bidirectional, LoRA fused per ``model.fused_ops``, pooled per ``contrastive.pooling``; the head rows and
 the score shapes are computed from the batch, not run.
 
@@ -22,6 +24,7 @@ H100 reports), bf16 unless the config sets a dtype. Data files are not read (the
 import copy
 import functools
 import json
+import math
 
 import torch
 
@@ -29,7 +32,7 @@ from . import config as config_mod
 from .bidirectional import check_architecture
 from .bidirectional import make_bidirectional
 from .lora import fuse_lora
-from .memory import text_lengths, choose_recompute, choose_zero_stage, plan_memory
+from .memory import choose_recompute, choose_zero_stage, fit_warning, plan_memory, text_lengths
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
 
 GPU_MEMORY_GB = 79.65  # GiB: what an 80 GB H100 reports as its total memory, and so what a run there plans for
@@ -110,8 +113,8 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
         raise config_mod.ConfigError(f"--world must be >= 1, got {world}")
     if gpu_memory_gb is None:
         gpu_memory_gb = GPU_MEMORY_GB
-    if not gpu_memory_gb > 0:
-        raise config_mod.ConfigError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
+    if not (gpu_memory_gb > 0 and math.isfinite(gpu_memory_gb)):
+        raise config_mod.ConfigError(f"--gpu-memory-gb must be a finite number > 0, got {gpu_memory_gb}")
     world = world or default_world(cfg)
     accum = config_mod.grad_accum_steps(cfg, world)
     if cfg.memory_budget_gb <= 0:
@@ -157,5 +160,8 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
     warning = config_mod.negatives_warning(cfg, world)
     if warning:
         out("  WARNING: " + warning)
+    too_big = fit_warning(plan, recompute, stage)
+    if too_big:
+        out("  WARNING: " + too_big)
     return {"world": world, "zero_stage": stage, "recompute": recompute, "plan": plan, "shapes": shapes,
-            "outputs": outs, "warning": warning}
+            "outputs": outs, "warning": warning, "fits": too_big is None}

@@ -15,7 +15,11 @@ Terms (bytes, per rank):
   with saved-tensor hooks and holds these formulas to within 10%). Under "none" every layer keeps its saved set;
   under "selective" and "full" each layer keeps its cached set and, while one layer is recomputed in the
   backward, that layer holds its "none" set instead: tokens x ((layers - 1) x policy + none);
-* workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers).
+* workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers);
+* the start: the trainer places the whole model on each GPU before ``deepspeed.initialize`` (and DeepSpeed would
+  itself: the engine does not build the model under ``deepspeed.zero.Init``), so ZeRO-3 shards a base that was
+  first whole on every GPU. A plan fits only when that start fits too (``MemoryPlan.startup``): ZeRO-3 makes room
+  for activations next to a base that fits one GPU, it does not run a base larger than one GPU.
 
 The budget is ``memory_budget_gb`` when set (> 0); otherwise the GPU's total memory, or on CPU the host
 RAM divided by the ranks on this host (``os.sysconf``). ZeRO stage rule: a replicated base (data parallel
@@ -57,7 +61,7 @@ POLICY_ORDER = ("none", "selective", "full")
 class MemoryPlan:
     weights_bytes: int
     trainable_params: int
-    tokens: int  # per micro-batch on this rank (upper bound: padded length x texts)
+    tokens: int  # per micro-batch on this rank: each text at its longest (packed), texts x the longest (padded)
     layers: int
     hidden: int
     per_token_layer: dict  # policy -> activation bytes per token per layer, the path run at stages 0-2
@@ -102,20 +106,31 @@ class MemoryPlan:
         return {0: 16 * p, 1: 4 * p + 12 * p / w}.get(stage, 16 * p / w)
 
     def total(self, policy, stage):
+        """Bytes per rank while training (the start aside: :meth:`startup`)."""
         weights = self.weights_bytes / (self.world if stage == 3 else 1)
         return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.workspace())
 
+    def startup(self):
+        """Bytes per rank at the start, at every stage: the whole model on the GPU before DeepSpeed shards it."""
+        return int(self.weights_bytes + self.workspace())
+
     def fits(self, policy, stage):
-        return self.total(policy, stage) <= self.budget_bytes
+        return max(self.total(policy, stage), self.startup()) <= self.budget_bytes
 
     def describe(self, policy, stage):
+        start = self.startup()
+        if stage == 3 and start > self.total(policy, stage):
+            start_s = (f"; at the start {start / GIB:.2f} GiB: the whole base is placed on each GPU before ZeRO-3 "
+                       f"shards it" + (", which does not fit" if start > self.budget_bytes else ""))
+        else:
+            start_s = ""
         return (f"planned {self.total(policy, stage) / GIB:.2f} GiB of {self.budget_bytes / GIB:.2f} GiB "
                 f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
                 f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
                 + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers (a sliding "
                    f"window under {self.seq_len} tokens), with fp32 L x L scores per head" if self.torch_attention
-                   else "") + ")")
+                   else "") + ")" + start_s)
 
 
 def text_lengths(cfg):
@@ -131,10 +146,20 @@ def text_lengths(cfg):
 
 
 def tokens_per_micro_batch(cfg):
+    """Tokens alive in one forward: a bidirectional model packs its texts (each at most its own length); a causal
+    one runs the batch padded to its longest text (``engine.modeling.packed_hidden_states``)."""
     lens = text_lengths(cfg)
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk > 0:  # one chunk of texts is alive at a time
         return max(lens) * min(cfg.contrastive.grad_cache_chunk, len(lens))
-    return sum(lens)
+    return sum(lens) if cfg.model.bidirectional else len(lens) * max(lens)
+
+
+def fit_warning(plan, policy, stage):
+    """One line when the plan does not fit the budget (None when it does): the run would go out of memory."""
+    if plan.fits(policy, stage):
+        return None
+    return (f"the memory plan does not fit: {plan.describe(policy, stage)}; lower micro_batch_size, set "
+            f"contrastive.grad_cache_chunk (contrastive stages) or use GPUs with more memory")
 
 
 def sequence_length(cfg):
@@ -382,7 +407,9 @@ def choose_zero_stage(cfg, plan):
     return 3, ("the replicated base + activations do not fit one rank's budget ("
                + plan.describe("full", 0) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks"
                + (", and LoRA runs through PEFT's layers (the fused groups need whole base weights; a base up to "
-                  f"{fused_lora_limit(plan) / GIB:.1f} GiB would keep them)" if plan.path(3) != plan.path(0) else ""))
+                  f"{fused_lora_limit(plan) / GIB:.1f} GiB would keep them)" if plan.path(3) != plan.path(0) else "")
+               + ("" if plan.fits("full", 3) else "; NOTHING FITS, not even ZeRO-3 with full recompute: "
+                  + plan.describe("full", 3)))
 
 
 def choose_recompute(cfg, plan, stage):

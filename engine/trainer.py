@@ -28,7 +28,7 @@ from .data import BatchPlan, is_sts_file
 from .distributed import init_distributed, log0, on_rank0, said_by_rank0, smallest, together, warn0
 from .files import write_text
 from .lora import fuse_lora
-from .memory import choose_recompute, choose_zero_stage, enable_recompute, plan_memory
+from .memory import choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda,
@@ -74,6 +74,9 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
         log("warning: " + offload)
     recompute, why = choose_recompute(cfg, mem, zero_stage)
     log(f"recompute {recompute}: {why}")
+    too_big = fit_warning(mem, recompute, zero_stage)
+    if too_big and device.type == "cuda":  # on CPU the plan is for a GPU, not for host RAM
+        log("warning: " + too_big)
     enable_recompute(model, recompute)
     return model, mem, zero_stage
 

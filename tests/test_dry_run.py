@@ -123,21 +123,44 @@ def test_print_config_prints_the_resolved_config(capsys):
 
 
 def test_dry_run_plans_for_the_given_gpu(offline, capsys):
-    # An 8B model on one 24 GiB GPU does not fit replicated with training state: ZeRO-3 is the plan's choice
-    # only when the world shards it; on 80 GiB the replicated base is chosen.
+    # An 8B model on one 17 GiB GPU does not fit replicated with training state and activations: ZeRO-3 shards it
+    # over the world and fits. On 80 GiB the replicated base is chosen. On 16 GiB nothing fits: the whole bf16
+    # base (15 GiB) is placed on each GPU before ZeRO-3 shards it, and the dry run says so.
     path = os.path.join(ROOT, "configs", "llama3-8b", "mntp.yaml")
     from engine.dry_run import dry_run
 
-    small = dry_run(load_config(path, ["memory_budget_gb=16"]), world=8, out=lambda *_: None)
+    lines = []
+    mid = dry_run(load_config(path, ["memory_budget_gb=17"]), world=8, out=lambda *_: None)
     big = dry_run(load_config(path), world=8, gpu_memory_gb=80, out=lambda *_: None)
-    assert small["zero_stage"] == 3 and big["zero_stage"] in (0, 1)
-    assert small["plan"].budget_bytes == 16 << 30 and big["plan"].budget_bytes == 80 << 30
+    small = dry_run(load_config(path, ["memory_budget_gb=16"]), world=8, out=lines.append)
+    assert mid["zero_stage"] == 3 and mid["fits"] and big["zero_stage"] in (0, 1) and big["fits"]
+    assert mid["plan"].budget_bytes == 17 << 30 and big["plan"].budget_bytes == 80 << 30
+    plan = small["plan"]
+    assert small["zero_stage"] == 3 and not small["fits"]
+    assert plan.total(small["recompute"], 3) < plan.budget_bytes < plan.startup()  # the start alone is too big
+    warn = [x for x in lines if "WARNING: the memory plan does not fit" in x]
+    assert len(warn) == 1 and "at the start" in warn[0] and "which does not fit" in warn[0], lines
+    assert any("NOTHING FITS" in x for x in lines if x.startswith("  zero stage 3"))
+
+
+def test_a_causal_model_is_planned_padded_to_its_longest_text(offline):
+    """model.bidirectional=false runs the batch padded (packing needs the engine's attention): every text costs
+    the longest one's tokens, not its own."""
+    from engine.memory import tokens_per_micro_batch
+
+    path = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    over = ["contrastive.doc_max_len=640", "contrastive.grad_cache_chunk=0"]
+    packed, padded = (load_config(path, over + [f"model.bidirectional={b}"]) for b in ("true", "false"))
+    mb, n = packed.micro_batch_size, packed.contrastive.num_hard_negatives
+    assert tokens_per_micro_batch(packed) == mb * packed.contrastive.max_len + mb * (1 + n) * 640
+    assert tokens_per_micro_batch(padded) == mb * (2 + n) * 640
 
 
 @pytest.mark.parametrize("args,msg", [
     (["micro_batch_size=3"], "batch_size 512 is not a multiple of micro_batch_size 3"),
     (["--world", "-1"], "--world must be >= 1, got -1"),
-    (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be > 0, got 0.0"),
+    (["--gpu-memory-gb", "0"], "--gpu-memory-gb must be a finite number > 0, got 0.0"),
+    (["--gpu-memory-gb", "inf"], "--gpu-memory-gb must be a finite number > 0, got inf"),
 ])
 def test_bad_dry_run_input_is_one_line_and_exit_2(args, msg, offline, capsys):
     assert main(["--config", os.path.join(ROOT, "configs/mistral-7b/supervised.yaml"), "--dry-run", *args]) == 2

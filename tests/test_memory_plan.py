@@ -399,12 +399,17 @@ def test_auto_plan_fits_measured_bytes_at_7b(name, micro):
         picks[card] = policy
         if name == "mistral-7b" and micro is None:  # the README's sizes that keep the fused LoRA (bf16: 2 B each)
             limits[card] = fused_lora_limit(plan) / 2
+            limits[card + " start"] = (plan.budget_bytes - plan.workspace()) / 2  # the largest base that starts
     if micro is None:
         assert picks == {"80 GB": "none", "H200": "none"}
     else:  # 32 x 512 tokens: no recompute on an H200; an 80 GB card needs selective
         assert picks == {"80 GB": "selective", "H200": "none"}
     if limits:  # about 38B parameters on 80 GB and 68B on an H200 (a 69B Llama-2-70B falls back to PEFT)
         assert 36e9 < limits["80 GB"] < 40e9 and 65e9 < limits["H200"] < 69e9, limits
+        # ZeRO-3 runs a base only while it fits one GPU whole at the start (MemoryPlan.startup)
+        assert round(limits["80 GB start"] / 1e9) == 40 and round(limits["H200 start"] / 1e9) == 71, limits
+        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+        assert "up to about 40B parameters in bf16 on an 80 GB card and about\n71B on an H200" in readme
 
 
 def test_zero3_plan_costs_peft_and_says_so():
