@@ -345,18 +345,20 @@ def iter_supervised(sources, stats, max_samples=0, default_instruction="", need_
     if not sources:
         raise DataError("no data given: set data=FILE.jsonl (or an E5 directory)")
     kept = 0
+    # one E5 folder labels its counts by file name; several by folder and file name (the names repeat)
+    in_folder = (lambda src, f: os.path.join(src, f)) if sum(map(os.path.isdir, sources)) > 1 else (lambda src, f: f)
     for src in sources:
         if os.path.isdir(src):  # an E5 folder: what it lacks, and what it holds that is not read, are reported
             found = e5_files(src)
-            stats.missing += [f"{name}.jsonl" for name in E5_INSTRUCTIONS if name not in found]
-            stats.unread += sorted(f for f in os.listdir(src)
+            stats.missing += [in_folder(src, f"{name}.jsonl") for name in E5_INSTRUCTIONS if name not in found]
+            stats.unread += sorted(in_folder(src, f) for f in os.listdir(src)
                                    if f.endswith(".jsonl") and f[:-len(".jsonl")] not in E5_INSTRUCTIONS)
             for name in found:  # kept rows per dataset file
-                stats.sources.setdefault(f"{name}.jsonl", 0)
+                stats.sources.setdefault(in_folder(src, f"{name}.jsonl"), 0)
         else:
             stats.sources.setdefault(src, 0)
         for where, obj, meta in _supervised_rows(src, default_instruction):
-            label = meta.get("file", src)
+            label = in_folder(src, meta["file"]) if "file" in meta else src
             stats.read += 1
             if obj is None:
                 stats.empty += 1

@@ -106,6 +106,12 @@ def test_a_folder_missing_an_e5_file_says_so_and_counts_each_file(tmp_path):
     assert "MISSING 1 of the 16 E5 dataset files (not trained on): msmarco_passage.jsonl" in line, line
     assert "not read (no E5 dataset): allnli.jsonl" in line
     assert "MISSING" not in read_supervised([SAMPLE])[1].summary()
+    # two E5 folders: their file names repeat, so each count and each missing file names its folder
+    ex2, both = read_supervised([str(part), SAMPLE])
+    assert len(ex2) == 15 * 6 + 16 * 6 and both.missing == [os.path.join(str(part), "msmarco_passage.jsonl")]
+    assert both.sources == {**{os.path.join(str(part), f"{n}.jsonl"): 6 for n in E5_INSTRUCTIONS
+                               if n != "msmarco_passage"}, **{os.path.join(SAMPLE, f"{n}.jsonl"): 6
+                                                              for n in E5_INSTRUCTIONS}}
 
 
 @pytest.mark.parametrize("n,repeated", [(1, 0), (2, 96)])

@@ -10,7 +10,6 @@ counts, so per-layer constants (the concatenated LoRA A of each group) do not co
 """
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 
