@@ -153,10 +153,31 @@ class LLM2Vec:
     def save(self, output_path, merge_before_save=False, save_config=True):
         """llm2vec's save: full (merged) weights and the tokenizer, or, for a model loaded with ``merge_peft=False``
         and saved without ``merge_before_save``, the adapter alone (load it back with ``peft_model_name_or_path``);
-        ``save_config`` writes ``llm2vec_config.json`` with the four encoder settings."""
+        ``save_config`` writes ``llm2vec_config.json`` with the four encoder settings. A new folder appears whole or
+        not at all (written beside it, then renamed); an existing one is written in place, as llm2vec does."""
+        from .files import sync_folder, sync_tree
+
         self._sync()
         self._check_save_target(output_path)
-        os.makedirs(output_path, exist_ok=True)
+        final = os.path.normpath(os.path.expanduser(str(output_path)))
+        if os.path.exists(final):
+            self._write(final, merge_before_save, save_config)
+            return
+        parent = os.path.dirname(os.path.abspath(final))
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            self._write(tmp, merge_before_save, save_config)
+            sync_tree(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        sync_folder(parent)
+
+    def _write(self, output_path, merge_before_save, save_config):
         if self._unmerged_adapter and not merge_before_save:
             for f in os.listdir(self._unmerged_adapter):
                 if f.startswith("adapter_") and os.path.isfile(os.path.join(self._unmerged_adapter, f)):

@@ -138,3 +138,26 @@ def test_save_refuses_the_folders_the_model_came_from(tmp_path, chain):
     assert sorted(os.listdir(run)) == ["adapter"]
     l2v.save(str(tmp_path / "elsewhere" / "mine"))  # a folder of its own
     assert "adapter_config.json" in os.listdir(tmp_path / "elsewhere" / "mine")
+
+
+def test_a_save_into_a_new_folder_appears_whole_or_not_at_all(tmp_path, chain, monkeypatch):
+    """A save that fails half-way (a full disk) left a new folder with weights and no tokenizer, which loads as a
+    broken model; now a new folder is written beside it and renamed at the end. An existing folder is still
+    written in place (llm2vec's behaviour)."""
+    mntp, sup = chain
+    l2v = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, merge_peft=False, device_map="cpu")
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(l2v.tokenizer), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        l2v.save(str(tmp_path / "out" / "new"), merge_before_save=True)
+    assert os.listdir(tmp_path / "out") == []  # neither the folder nor its temporary twin
+    monkeypatch.undo()
+    l2v.save(str(tmp_path / "out" / "new"), merge_before_save=True)
+    assert {"model.safetensors", "tokenizer.json", "llm2vec_config.json"} <= set(os.listdir(tmp_path / "out" / "new"))
+    assert os.listdir(tmp_path / "out") == ["new"]
+    (tmp_path / "out" / "new" / "mine.txt").write_text("kept")
+    l2v.save(str(tmp_path / "out" / "new"), merge_before_save=True)  # in place: what was there stays
+    assert (tmp_path / "out" / "new" / "mine.txt").read_text() == "kept"
