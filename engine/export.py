@@ -517,13 +517,15 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
         warnings.warn(f"{model_type}: {', '.join(servers)} hard-codes causal attention for this architecture and would "
                       f"serve this bidirectional encoder wrongly; use sentence-transformers, transformers or vLLM")
 
-    hf_dir = os.path.join(tmp, "_hf")
-    enc_model.save_pretrained(hf_dir, safe_serialization=True)
-    tok.save_pretrained(hf_dir)
+    # The weights and the tokenizer are written once, where sentence-transformers keeps its Transformer module's
+    # (the folder's root); its own save of that module then writes only the module's config (below).
+    enc_model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
     del enc_model
     # Text-only: sentence-transformers 6 would otherwise route plain strings through the tokenizer's chat template.
-    transformer = Transformer(hf_dir, modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+    transformer = Transformer(tmp, modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
                               module_output_name="token_embeddings", model_kwargs={"dtype": dt})
+    transformer.save = lambda path, *a, **k: transformer.save_config(path)  # not the weights a second time
     dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
         transformer.auto_model.config.hidden_size
     # bos pooling is the sequence's first token (the engine's rule), which include_prompt=True keeps
@@ -533,7 +535,6 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     st = SentenceTransformer(modules=modules, prompts=prompts, default_prompt_name="query" if instruction else None,
                              similarity_fn_name="cosine", device="cpu")
     st.save(tmp)
-    shutil.rmtree(hf_dir)
     top = info["adapters"][-1] if info["adapters"] else None
     run = run_folder(top) if top else run_folder(model)
     name = os.path.basename(os.path.normpath(out))

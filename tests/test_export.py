@@ -96,6 +96,33 @@ def test_export_moves_and_matches_encoder_in_sentence_transformers_and_automodel
         _check_bidirectional_automodel(moved, tok, enc)
 
 
+def test_the_weights_are_written_once(tmp_path, tok, monkeypatch):
+    """The export wrote the weights twice (a scratch folder, then sentence-transformers' save): twice a 7B's disk at
+    its peak. Once now, into the folder's root, where sentence-transformers reads them."""
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    saves, save = [], transformers.PreTrainedModel.save_pretrained
+
+    def counted(self, path, *a, **k):
+        saves.append(os.path.relpath(path, tmp_path))
+        return save(self, path, *a, **k)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", counted)
+    with pytest.warns(UserWarning, match="hard-codes causal"):
+        export(sup, str(tmp_path / "exp"))
+    assert len(saves) == 1, saves
+    monkeypatch.undo()
+    files = sorted(os.listdir(tmp_path / "exp"))
+    assert files.count("model.safetensors") == 1 and "sentence_bert_config.json" in files and "_hf" not in files
+    st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
+    np.testing.assert_allclose(st.encode(TEXTS[:2]), Encoder.from_pretrained(sup, device="cpu").encode(TEXTS[:2]),
+                               atol=1e-4, rtol=0)
+
+
 def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, tok):
     """llm2vec's doc_max_length (a longer text cut to whole words, llm2vec_config.json; LLM2Vec.save writes 400 by
     default) has no sentence-transformers equivalent: the export warns, records it and the card says so. Texts
