@@ -50,8 +50,8 @@ class DataStats:
                                                                    ("repeated_negatives", self.repeated_negatives))
                         if v)
         if self.missing:
-            extra += (f", MISSING {len(self.missing)} of the {len(E5_INSTRUCTIONS)} E5 dataset files (not trained "
-                      f"on): {', '.join(self.missing)}")
+            extra += (f", MISSING {len(self.missing)} E5 dataset file(s) (not trained on): "
+                      f"{', '.join(self.missing)}")
         if self.unread:
             extra += f", not read (no E5 dataset): {', '.join(self.unread)}"
         return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
@@ -350,9 +350,9 @@ def iter_supervised(sources, stats, max_samples=0, default_instruction="", need_
     for src in sources:
         if os.path.isdir(src):  # an E5 folder: what it lacks, and what it holds that is not read, are reported
             found = e5_files(src)
-            stats.missing += [in_folder(src, f"{name}.jsonl") for name in E5_INSTRUCTIONS if name not in found]
+            stats.missing += [in_folder(src, f) for f in e5_missing(found)]
             stats.unread += sorted(in_folder(src, f) for f in os.listdir(src)
-                                   if f.endswith(".jsonl") and f[:-len(".jsonl")] not in E5_INSTRUCTIONS)
+                                   if f.endswith(".jsonl") and not e5_known_file(f))
             for name in found:  # kept rows per dataset file
                 stats.sources.setdefault(in_folder(src, f"{name}.jsonl"), 0)
         else:
@@ -425,9 +425,13 @@ def _supervised_example(obj, where, meta):
 
 # The E5 training data as llm2vec reads it (llm2vec/dataset/E5Data.py, from the echo-embeddings release): one
 # ``<dataset>.jsonl`` per dataset (query, positive, negative), each with its own instruction, joined to the text
-# with "; ". allnli and quora come in two halves with different prompts (the "alternation"); the symmetric tasks
-# (allnli's second half, both quora halves) put the instruction before the documents too. The halves of a dataset
-# are one group: every global batch comes from one group.
+# with "; ". allnli and quora carry two prompts each (the "alternation"). The echo-data download holds them whole
+# (``allnli.jsonl``, ``quora_duplicates.jsonl``), and llm2vec 0.1.6 on alternates the two prompts by row (even rows
+# the first, odd rows the second: E5_WHOLE); llm2vec 0.1.5 read them as two files of halves (``allnli_split1.jsonl``
+# ...), and the engine reads either layout. The symmetric tasks (allnli's second prompt, both quora prompts) put the
+# instruction before the documents too, as llm2vec 0.1.5 does (0.1.6 on names them by the split files only, which
+# the whole files never match, so its documents go uninstructed there). The halves of a dataset are one group:
+# every global batch comes from one group.
 E5_JOINER = "; "
 E5_INSTRUCTIONS = {
     "allnli_split1": "Given a premise, retrieve a hypothesis that is entailed by the premise",
@@ -449,6 +453,8 @@ E5_INSTRUCTIONS = {
     "trivia_qa": "Retrieve Wikipedia passages that answer the question",
 }
 E5_SYMMETRIC = ("allnli_split2", "quora_duplicates_split1", "quora_duplicates_split2")
+E5_WHOLE = {"allnli": ("allnli_split1", "allnli_split2"),  # one file, the halves' prompts by row: i % 2
+            "quora_duplicates": ("quora_duplicates_split1", "quora_duplicates_split2")}
 
 
 def rows_rule_digest():
@@ -457,7 +463,7 @@ def rows_rule_digest():
     changed never reuses items built under the old ones."""
     import json
 
-    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), STS_SUPERVISED_THRESHOLDS]
+    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), E5_WHOLE, STS_SUPERVISED_THRESHOLDS]
     return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -467,24 +473,60 @@ def e5_group(dataset):
 
 
 def e5_files(directory):
-    """{dataset: path} of the known E5 dataset files in ``directory``. The reader's stats name the known files
-    the folder lacks and the ``.jsonl`` files it holds that are not read."""
-    found = {name: os.path.join(directory, f"{name}.jsonl") for name in E5_INSTRUCTIONS
-             if os.path.isfile(os.path.join(directory, f"{name}.jsonl"))}
-    if not found:
-        raise DataError(f"{directory} is a directory but holds none of the E5 dataset files (allnli_split1.jsonl, "
+    """{name: path} of the known E5 dataset files in ``directory`` (the echo-data download's whole files, or
+    llm2vec 0.1.5's halves), in llm2vec's dataset order. A dataset present both whole and in halves is refused
+    (it would train twice). :func:`e5_missing` names the known files the folder lacks."""
+    def has(name):
+        return os.path.isfile(os.path.join(directory, f"{name}.jsonl"))
+
+    names = []
+    for name in E5_INSTRUCTIONS:
+        whole = next((w for w, halves in E5_WHOLE.items() if name in halves), None)
+        if whole and has(whole):
+            if has(name):
+                raise DataError(f"{directory} holds {whole}.jsonl and {name}.jsonl: the same dataset whole and in "
+                                f"halves (it would train twice); keep one layout")
+            if whole not in names:
+                names.append(whole)
+        elif has(name):
+            names.append(name)
+    if not names:
+        raise DataError(f"{directory} is a directory but holds none of the E5 dataset files (allnli.jsonl, "
                         f"msmarco_passage.jsonl, ... as in llm2vec's echo-data); other data must be a file")
-    return found
+    return {name: os.path.join(directory, f"{name}.jsonl") for name in names}
+
+
+def e5_missing(found):
+    """The E5 dataset files an E5 folder lacks, given :func:`e5_files`' result: for allnli and quora the whole file
+    (the download's layout) unless the folder holds their halves, then the missing half."""
+    missing = []
+    for whole, halves in E5_WHOLE.items():
+        if whole not in found and not any(h in found for h in halves):
+            missing.append(f"{whole}.jsonl")
+        elif whole not in found:
+            missing += [f"{h}.jsonl" for h in halves if h not in found]
+    split = {h for halves in E5_WHOLE.values() for h in halves}
+    missing += [f"{n}.jsonl" for n in E5_INSTRUCTIONS if n not in split and n not in found]
+    return sorted(missing)
+
+
+def e5_known_file(filename):
+    """Whether ``filename`` is an E5 dataset file the reader knows (either layout)."""
+    return filename.endswith(".jsonl") and filename[:-len(".jsonl")] in (*E5_INSTRUCTIONS, *E5_WHOLE)
 
 
 def e5_rows(directory):
-    """Rows of an E5 directory in llm2vec's dataset order, each with its dataset's instruction and group."""
-    for name, path in e5_files(directory).items():
+    """Rows of an E5 directory in llm2vec's dataset order, each with its dataset's instruction and group. A whole
+    allnli / quora file takes its halves' prompts by row, as llm2vec 0.1.6 on does (row i: half i % 2)."""
+    def meta(name, file):
         prompt = E5_INSTRUCTIONS[name] + E5_JOINER
-        meta = {"source": e5_group(name), "instruction": prompt,
-                "doc_instruction": prompt if name in E5_SYMMETRIC else "", "file": f"{name}.jsonl"}
-        for n, obj in _json_rows(path):
-            yield f"{path}:{n}", obj, meta
+        return {"source": e5_group(name), "instruction": prompt,
+                "doc_instruction": prompt if name in E5_SYMMETRIC else "", "file": file}
+
+    for name, path in e5_files(directory).items():
+        halves = [meta(h, f"{name}.jsonl") for h in E5_WHOLE.get(name, (name,))]
+        for i, (n, obj) in enumerate(_json_rows(path)):
+            yield f"{path}:{n}", obj, halves[i % len(halves)]
 
 
 STS_SUPERVISED_THRESHOLDS = (4.0, 2.0)  # (positive_min, negative_max) of sts_supervised_rows

@@ -25,6 +25,8 @@ def _token_cache(tmp_path, monkeypatch):
 def test_e5_directory_instructions_joiner_and_groups():
     ex, stats = read_supervised([SAMPLE])
     assert len(ex) == 16 * 6 and stats.kept == 96
+    assert stats.sources == {**{f"{n}.jsonl": 6 for n in E5_INSTRUCTIONS if "_split" not in n},
+                             "allnli.jsonl": 12, "quora_duplicates.jsonl": 12}  # the download's 14 files
     by_file = {}
     for e in ex:
         name = e["query"].rsplit("(", 1)[1].split()[0]  # the sample names its file in each query
@@ -97,21 +99,54 @@ def test_a_folder_missing_an_e5_file_says_so_and_counts_each_file(tmp_path):
     part = tmp_path / "echo-data"
     shutil.copytree(SAMPLE, part)
     os.unlink(part / "msmarco_passage.jsonl")
-    shutil.copy(part / "nq.jsonl", part / "allnli.jsonl")  # no E5 dataset of that name: not read
+    shutil.copy(part / "nq.jsonl", part / "allnli_v2.jsonl")  # no E5 dataset of that name: not read
     ex, stats = read_supervised([str(part)])
     assert len(ex) == 15 * 6
-    assert stats.missing == ["msmarco_passage.jsonl"] and stats.unread == ["allnli.jsonl"]
-    assert stats.sources == {f"{n}.jsonl": 6 for n in E5_INSTRUCTIONS if n != "msmarco_passage"}
+    assert stats.missing == ["msmarco_passage.jsonl"] and stats.unread == ["allnli_v2.jsonl"]
+    want = {f: n for f, n in read_supervised([SAMPLE])[1].sources.items() if f != "msmarco_passage.jsonl"}
+    assert stats.sources == want
     line = stats.summary()
-    assert "MISSING 1 of the 16 E5 dataset files (not trained on): msmarco_passage.jsonl" in line, line
-    assert "not read (no E5 dataset): allnli.jsonl" in line
+    assert "MISSING 1 E5 dataset file(s) (not trained on): msmarco_passage.jsonl" in line, line
+    assert "not read (no E5 dataset): allnli_v2.jsonl" in line
     assert "MISSING" not in read_supervised([SAMPLE])[1].summary()
     # two E5 folders: their file names repeat, so each count and each missing file names its folder
     ex2, both = read_supervised([str(part), SAMPLE])
     assert len(ex2) == 15 * 6 + 16 * 6 and both.missing == [os.path.join(str(part), "msmarco_passage.jsonl")]
-    assert both.sources == {**{os.path.join(str(part), f"{n}.jsonl"): 6 for n in E5_INSTRUCTIONS
-                               if n != "msmarco_passage"}, **{os.path.join(SAMPLE, f"{n}.jsonl"): 6
-                                                              for n in E5_INSTRUCTIONS}}
+    assert both.sources == {**{os.path.join(str(part), f): n for f, n in want.items()},
+                            **{os.path.join(SAMPLE, f): n for f, n in read_supervised([SAMPLE])[1].sources.items()}}
+
+
+def _split_layout(folder):
+    """llm2vec 0.1.5's layout from the download's: allnli and quora as two files of halves (even rows, odd rows)."""
+    for whole in ("allnli", "quora_duplicates"):
+        rows = [line for line in open(folder / f"{whole}.jsonl") if line.strip()]
+        for k in (1, 2):
+            (folder / f"{whole}_split{k}.jsonl").write_text("".join(rows[k - 1::2]))
+        os.unlink(folder / f"{whole}.jsonl")
+
+
+def test_the_download_layout_and_llm2vec_0_1_5s_halves_read_the_same(tmp_path):
+    """The echo-data download holds allnli and quora whole; llm2vec 0.1.6 on gives their rows the two prompts in
+    turn. The engine read only 0.1.5's halves (allnli_split1.jsonl, ...), so on the real download it trained on 12 of
+    the 14 datasets. Both layouts now give the same examples; a dataset in both layouts is refused (twice the
+    rows), and a missing half is named."""
+    halves = tmp_path / "halves"
+    shutil.copytree(SAMPLE, halves)
+    _split_layout(halves)
+    key = lambda e: json.dumps(e, sort_keys=True)  # noqa: E731
+    whole_ex, whole_stats = read_supervised([SAMPLE])
+    half_ex, half_stats = read_supervised([str(halves)])
+    assert sorted(map(key, whole_ex)) == sorted(map(key, half_ex)) and len(whole_ex) == 96
+    assert half_stats.sources["allnli_split2.jsonl"] == 6 and whole_stats.sources["allnli.jsonl"] == 12
+    for e in whole_ex:  # each row took the prompt of the half it names
+        half = e["query"].rsplit("(", 1)[1].split()[0]
+        assert e["instruction"] == E5_INSTRUCTIONS[half] + "; ", e
+    shutil.copy(os.path.join(SAMPLE, "allnli.jsonl"), halves / "allnli.jsonl")
+    with pytest.raises(DataError, match="allnli.jsonl and allnli_split1.jsonl: the same dataset whole and in halves"):
+        read_supervised([str(halves)])
+    os.unlink(halves / "allnli.jsonl")
+    os.unlink(halves / "quora_duplicates_split2.jsonl")
+    assert read_supervised([str(halves)])[1].missing == ["quora_duplicates_split2.jsonl"]
 
 
 @pytest.mark.parametrize("n,repeated", [(1, 0), (2, 96)])
