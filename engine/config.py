@@ -542,11 +542,15 @@ def _check_numbers(cfg):
 
 
 def offload_warning(cfg: TrainConfig, stage):
-    """A warning (or None) when offload_params is set but the ZeRO stage keeps whole parameters on every GPU:
-    DeepSpeed offloads parameters only under ZeRO-3 (deepspeed_config leaves the setting out below it)."""
+    """A warning (or None) when offload_params is set but the ZeRO stage keeps whole parameters on every GPU, or
+    offload_optimizer at stage 0: DeepSpeed offloads parameters only under ZeRO-3 and the optimizer state only under
+    stages 1-3 (deepspeed_config leaves each setting out below its stages)."""
     if cfg.offload_params and int(stage) < 3:
         return (f"offload_params is set, but ZeRO stage {stage} keeps the parameters on the GPU: DeepSpeed offloads "
                 f"them only under ZeRO-3 (zero_stage=3)")
+    if cfg.offload_optimizer and int(stage) < 1:
+        return ("offload_optimizer is set, but ZeRO stage 0 keeps the optimizer state on the GPU: DeepSpeed offloads "
+                "it only under ZeRO stages 1-3 (zero_stage=1)")
     return None
 
 
@@ -601,7 +605,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
             "stage3_prefetch_bucket_size": prefetch,
             "reduce_bucket_size": 50_000_000,
         })
-    if cfg.offload_optimizer:
+    if cfg.offload_optimizer and stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if cfg.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
@@ -616,6 +620,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # the engine's torch AdamW steps the offloaded fp32 state on the CPU (DeepSpeed otherwise refuses a client
+        # optimizer with ZeRO-Offload): the LoRA state is small, so its CPU Adam is not the bottleneck
+        **({"zero_force_ds_cpu_optimizer": False} if cfg.offload_optimizer and int(stage) >= 1 else {}),
         # bf16 gradients summed over the micro-batches (and over ranks, at stages 2 and 3) lose the small ones: every
         # stage accumulates in fp32 (stage 1: DeepSpeed's flat BF16_Optimizer; 2 and 3: their fp32 partitions)
         **({"data_types": {"grad_accum_dtype": "fp32"}} if int(stage) >= 1 and use_bf16 else {}),
