@@ -31,11 +31,14 @@ def schedule_warnings(cfg, steps_per_epoch=None):
     if w and w >= cfg.max_steps:
         out.append(f"warmup_steps {w} >= max_steps {cfg.max_steps}: the run ends inside the warmup, at "
                    f"{cfg.max_steps / w:.0%} of learning_rate {cfg.learning_rate:g}")
-    if w and cfg.lr_schedule in ("linear", "cosine"):
+    if cfg.lr_schedule in ("linear", "cosine"):
         horizon = decay_horizon(cfg, steps_per_epoch)
-        if horizon <= w < cfg.max_steps:
+        if w and horizon <= w < cfg.max_steps:
             out.append(f"the {cfg.lr_schedule} decay reaches 0 at step {horizon}, not after the warmup of {w} steps: "
                        f"the LR is 0 from step {w + 2} to max_steps {cfg.max_steps}")
+        elif w < horizon < cfg.max_steps:  # e.g. lr_decay_epochs of a data set smaller than the run
+            out.append(f"the {cfg.lr_schedule} decay reaches 0 at step {horizon}, before max_steps {cfg.max_steps}: "
+                       f"the LR is 0 from step {horizon + 1} on, and those steps train nothing")
     return out
 
 

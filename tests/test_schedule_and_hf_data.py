@@ -61,6 +61,12 @@ def test_a_schedule_that_defeats_itself_is_warned_about():
     assert schedule_warnings(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20, lr_schedule="constant")) == []
     (w,) = schedule_warnings(_cfg(warmup_steps=30, max_steps=100, lr_decay_epochs=2), steps_per_epoch=10)
     assert "decay reaches 0 at step 20" in w
+    # no warmup, a decay over 3 epochs of 3 steps each and 1000 steps: the LR is 0 from step 10 on
+    (w,) = schedule_warnings(_cfg(warmup_steps=0, max_steps=1000, lr_decay_epochs=3), steps_per_epoch=3)
+    assert "reaches 0 at step 9, before max_steps 1000: the LR is 0 from step 10 on" in w
+    f = lr_lambda(_cfg(warmup_steps=0, max_steps=1000, lr_decay_epochs=3), steps_per_epoch=3)
+    assert f(8) > 0 and f(9) == 0.0  # step 10 (1-based) applies f(9)
+    assert schedule_warnings(_cfg(warmup_steps=0, max_steps=9, lr_decay_epochs=3), steps_per_epoch=3) == []
 
 
 def test_a_step_with_an_eval_is_logged_whatever_log_every_says():
