@@ -233,6 +233,9 @@ def _fields(cls):
 
 
 def _unknown(key, known, prefix):
+    if not isinstance(key, str):  # YAML reads `1:`, `null:` or 1.1's `on:` / `no:` as a number, None or a bool
+        return ConfigError(f"config key {prefix}{key!r} is not a name (a {type(key).__name__}; quote it if meant) "
+                           f"(valid: {', '.join(sorted(known))})")
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(sorted(known))})")

@@ -44,6 +44,16 @@ def test_unknown_key_names_it_and_suggests():
         load_config(None, ["model.name_or_path=x", "lora.rr=3"])
 
 
+@pytest.mark.parametrize("key", ["1", "null", "on", "no"])
+def test_a_yaml_key_that_is_no_name_is_a_config_error(tmp_path, key):
+    """YAML reads `1:`, `null:` and 1.1's `on:` / `no:` as a number, None or a bool: a TypeError traceback in the
+    key suggestions, now the one-line config error."""
+    p = tmp_path / "c.yaml"
+    p.write_text(f"stage: mntp\nmodel: {{name_or_path: x}}\n{key}: 3\n")
+    with pytest.raises(ConfigError, match=r"is not a name"):
+        load_config(str(p))
+
+
 def test_unknown_key_in_yaml(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("stage: mntp\nmodel: {name_or_path: x, atention: torch}\n")
