@@ -196,8 +196,12 @@ def _lock_file(output_dir):
         except FileNotFoundError:
             pass
         os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    except OSError:  # a full disk: the lock is not kept
+        os.close(fd)
+        raise
     return fd
 
 
@@ -211,6 +215,8 @@ def hold_run_folder(output_dir, rank, device):
             fd = _lock_file(output_dir)
         except ConfigError as e:  # busy, or no lock to be had: every rank raises it
             busy = e
+        except OSError as e:  # the folder cannot be made, a full disk: the other ranks wait in the broadcast below
+            busy = ConfigError(f"cannot take the run lock in {output_dir}: {e.strerror or e}; use another output_dir")
     flag = torch.tensor([1.0 if busy else 0.0], device=device)
     dist.broadcast(flag, 0)
     if flag.item():

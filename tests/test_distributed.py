@@ -17,7 +17,7 @@ sys.path.insert(0, os.getcwd())
 import torch
 from engine.config import ConfigError
 from engine.distributed import from_other_rank, init_distributed, on_rank0, smallest, together
-from engine.checkpoint import check_shared_folder
+from engine.checkpoint import check_shared_folder, hold_run_folder
 
 device = init_distributed()
 rank = int(os.environ["RANK"])
@@ -34,6 +34,15 @@ try:
 except ConfigError as e:
     out["shared"] = [str(e), from_other_rank(e)]
 out["left"] = sorted(os.listdir(folder))
+blocker = os.path.join(os.environ["WORK"], "a-file")  # rank 0 cannot make a run folder under a file
+if rank == 0:
+    open(blocker, "w").close()
+torch.distributed.barrier()
+try:
+    hold_run_folder(os.path.join(blocker, "run"), rank, device)
+    out["lock"] = "held"
+except ConfigError as e:
+    out["lock"] = [str(e), from_other_rank(e)]
 with open(os.path.join(os.environ["WORK"], f"result{rank}.json"), "w") as f:
     json.dump(out, f)
 torch.distributed.barrier()
@@ -55,6 +64,9 @@ def test_what_one_rank_decides_or_fails_at_every_rank_learns(tmp_path, shared):
         # rank 0 raises its own error (from_rank None), rank 1 a copy of it that says where it came from
         assert out["together"] == ["rank 0's file does not read", None if rank == 0 else 0]
         assert out["left"] == []  # the shared-folder token is removed
+        # rank 0's OSError taking the lock (it hung rank 1 in the broadcast): every rank raises the config error
+        assert out["lock"][1] == (None if rank == 0 else 0), out["lock"]
+        assert "cannot take the run lock" in got[0]["lock"][0]
         if shared:
             assert out["shared"] == "ok"
         else:  # rank 1 does not see rank 0's token: both ranks refuse, rank 0 with rank 1's message
