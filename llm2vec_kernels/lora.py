@@ -350,7 +350,7 @@ class _LoraGroupFn(torch.autograd.Function):
                 gh_parts.append(torch.zeros(M, r, device=x2.device, dtype=dt))
                 grad_b.append(torch.zeros_like(b) if nb else None)
                 continue
-            gy = gy.reshape(M, -1)
+            gy = gy.reshape(M, w.shape[0])  # not -1: M may be 0
             if need_x:
                 if gx is None:
                     gx = torch.mm(gy, w.to(dt))

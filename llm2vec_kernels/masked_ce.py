@@ -605,7 +605,9 @@ class _MaskedCrossEntropy(torch.autograd.Function):
     """(hidden (N, H), weight (V, H), idx (M,), y (M,)) -> per labelled row loss (M,) fp32.
 
     The reduction is left to torch outside, so backward receives one upstream gradient per row
-    (an expanded scalar for "mean" / "sum"), applied in fp32 in the dH epilogue and the dW operand.
+    (an expanded scalar for "mean" / "sum"), applied in fp32 in the dH epilogue; in the dW operand dZ x r is formed
+    in fp32 and rounded once to the input dtype, as tl.dot takes operands of one dtype (in fp16 a large loss scale
+    could overflow it: the engine trains the LM head only in full fine-tuning, and in bf16).
     """
 
     @staticmethod
@@ -728,7 +730,8 @@ def masked_cross_entropy(
     ``all_labelled=True``: the caller guarantees no row is ignored (e.g. it selected the labelled rows on the
     host), so the labelled-row index is an arange and nothing syncs with the host.
     """
-    backend = resolve_impl("masked_ce", impl, hidden)
+    # auto: fp64 (which the kernels do not take) runs the reference, as for the other ops
+    backend = resolve_impl("masked_ce", impl, hidden, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32))
     if backend == "triton":
         return _masked_ce_triton(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                                  softcap=softcap, z_loss=z_loss, all_labelled=all_labelled)

@@ -85,6 +85,26 @@ def test_varlen_matches_fp64_reference(lens, hq, hkv, d, dtype):
     _assert_accurate(q, k, v, cu_seqlens=_cu(lens))
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_varlen_rows_past_the_last_sequence_get_zero_gradients(deterministic):
+    """Rows past cu_seqlens[-1] belong to no sequence; their q / k / v gradients were uninitialised memory (which
+    reached the projections' weight gradients), now zero, as the reference gives. torch's fill of uninitialised
+    memory (NaN) makes the difference visible on CPU."""
+    lens, tail = [7, 8], 5
+    q, k, v = _inputs((sum(lens) + tail,), 4, 2, 32, F32)
+    prev = torch.utils.deterministic.fill_uninitialized_memory, torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        out = flash_attention(q, k, v, cu_seqlens=_cu(lens), impl="triton", deterministic=deterministic)
+        out[:sum(lens)].float().sum().backward()
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = prev[0]
+        torch.use_deterministic_algorithms(prev[1])
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and (t.grad[sum(lens):] == 0).all()
+
+
 @pytest.mark.parametrize("layout, dtype, dropout, deterministic", [
     ("dense", F32, 0.0, True), ("varlen", F32, 0.0, True), ("padded", F16, 0.0, True), ("varlen", F16, 0.2, True),
     ("varlen", F32, 0.0, False), ("padded", F32, 0.2, False),
@@ -1044,3 +1064,13 @@ def test_gpu_offsets_past_int32():
         seg = q[b * L:(b + 1) * L]
         want = flash_attention_reference(seg[None], seg[None], seg[None])[0]
         assert _rel(out[b * L:(b + 1) * L], want) < 1e-2
+
+
+def test_auto_sends_fp64_to_the_reference(monkeypatch):
+    """On CUDA "auto" sent fp64 to the Triton kernels, which do not take it; the dtypes it hands to Triton, read at
+    the call, leave fp64 to the reference."""
+    seen, real = [], F.resolve_impl
+    monkeypatch.setattr(F, "resolve_impl", lambda *a, **k: seen.append(k.get("auto_dtypes")) or real(*a, **k))
+    q, k, v = (torch.randn(1, 5, 2, 16, dtype=torch.float64) for _ in range(3))
+    assert flash_attention(q, k, v).dtype == torch.float64
+    assert seen and torch.float64 not in seen[0] and {F16, torch.bfloat16, F32} <= set(seen[0])

@@ -242,13 +242,35 @@ def test_gpu_check():
 
 
 def test_gpu_check_rehearsal_on_cpu():
-    """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there)."""
-    from llm2vec_kernels.gpu_check.lora import gpu_check
+    """The GPU self-check's logic, on tiny cases in the interpreter (fp16: bf16 dots are wrong there), the wide rank
+    tile (summed rank over 64) among them. Every GPU case fits the Triton path's rank tile (a summed rank of 192
+    made one raise on the GPU)."""
+    from llm2vec_kernels.gpu_check.lora import GPU_CHECK_CASES, gpu_check
+    from llm2vec_kernels.lora import MAX_BLOCK_N, _block_n
 
+    assert all(_block_n(len(outs) * r) <= MAX_BLOCK_N for _, _, _, outs, r, _, _ in GPU_CHECK_CASES)
+    assert any(_block_n(len(outs) * r) > 64 for _, _, _, outs, r, _, _ in GPU_CHECK_CASES)
     rows = gpu_check(device="cpu", cases=[("qkv", 37, 64, (64, 16, 16), 8, 0.1, True), ("down", 20, 96, (32,), 4, 0.0,
-                                                                                       False)], dtype=torch.float16)
-    assert [r["case"] for r in rows] == ["qkv", "down"]
+                                                                                       False),
+                                          ("wide", 9, 32, (16, 8, 8), 24, 0.0, False)], dtype=torch.float16)
+    assert [r["case"] for r in rows] == ["qkv", "down", "wide"]
     assert all(r["ok"] and 0 < r["max_err"] < 0.05 for r in rows), rows
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_an_empty_batch_has_empty_outputs_and_zero_gradients(impl):
+    """M = 0 rows (an empty micro-batch slice): the backward's reshape(M, -1) raised on both paths."""
+    from llm2vec_kernels.lora import lora_group
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(0, 16, requires_grad=True)
+    ws = [torch.randn(n, 16, generator=g) for n in (8, 4)]
+    As = [torch.randn(2, 16, generator=g).requires_grad_() for _ in ws]
+    Bs = [torch.randn(w.shape[0], 2, generator=g).requires_grad_() for w in ws]
+    outs = lora_group(x, ws, As, Bs, scaling=2.0, impl=impl)
+    assert [tuple(o.shape) for o in outs] == [(0, 8), (0, 4)]
+    sum(o.sum() for o in outs).backward()
+    assert x.grad.shape == (0, 16) and all((a.grad == 0).all() and (b.grad == 0).all() for a, b in zip(As, Bs))
 
 
 @pytest.mark.compile_check("lora_sass")

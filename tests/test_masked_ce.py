@@ -181,6 +181,7 @@ def test_eager_vocab_256k_and_single_row():
     _check_against_fp64(hidden, weight, labels, dtype, grad_w=False, cfg=_cfg(dtype, strategy="eager"))
 
 
+@needs_interpreter
 def test_eager_row_chunk_follows_the_scratch_budget(monkeypatch):
     assert mc._row_chunk(3296, 128256, 2, {}) == 512  # Llama-3-8B in bf16: 128 MiB / (V * 2 B), multiple of 64
     assert mc._row_chunk(13166, 32000, 2, {}) == 2048  # Mistral-7B
@@ -498,3 +499,17 @@ def test_gpu_check_harness_on_cpu():
     assert [(r["case"], r["quantity"]) for r in rows] == [
         (c[0], q) for c in cases for q in (("loss", "dhidden", "dweight") if c[9] else ("loss", "dhidden"))]
     assert all(r["ok"] for r in rows), rows
+
+
+def test_auto_sends_fp64_to_the_reference(monkeypatch):
+    """On CUDA "auto" sent fp64 to the Triton kernels, which do not take it, though the reference does (the other
+    ops listed their dtypes). The dtypes "auto" hands to Triton, read at the call; fp64 runs the reference."""
+    import llm2vec_kernels.masked_ce as mce
+
+    seen, real = [], mce.resolve_impl
+    monkeypatch.setattr(mce, "resolve_impl", lambda *a, **k: seen.append(k.get("auto_dtypes")) or real(*a, **k))
+    h, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(11, 8, dtype=torch.float64)
+    y = torch.tensor([1, 2, -100, 4, 10])
+    got = mce.masked_cross_entropy(h, w, y)
+    assert torch.isfinite(got) and got.dtype == torch.float64
+    assert seen and torch.float64 not in seen[0] and {torch.float16, torch.bfloat16, torch.float32} <= set(seen[0])

@@ -738,14 +738,17 @@ def _attn_backward(do, q, k, v, o, lse, cu, lay, scale, dropout_p, seed, causal,
         PADDED=lay.padded,
     )
     atomic_dq = atomic_dq and configs.atomic_dq_supported(lay.block_d, q.dtype, interp)
+    # varlen rows past cu_seqlens[-1] belong to no sequence and no kernel writes their gradients: zeros there
+    # (uninitialised memory would reach the projections' weight gradients through dq / dk / dv)
+    new, new_like = (torch.zeros, torch.zeros_like) if lay.varlen else (torch.empty, torch.empty_like)
     if atomic_dq:  # fp32 accumulator in q's layout; the dQ kernel does not run
-        dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dqa = new(q.shape, device=q.device, dtype=torch.float32)
         dqa_strides = _strides3(dqa, lay.varlen)
     else:
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq = new_like(q, memory_format=torch.contiguous_format)
         dqa, dqa_strides = lse, (0, 0, 0)  # placeholder pointer, never touched
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dk = new_like(k, memory_format=torch.contiguous_format)
+    dv = new_like(v, memory_format=torch.contiguous_format)
     dkdv_default, dq_default = (configs.launch_config(kind, lay.block_d, q.dtype, dropout_p > 0, _arch(q), interp,
                                                       atomic_dq) for kind in ("dkdv", "dq"))
     dq_form = configs.atomic_dq_form(_arch(q), dropout_p > 0) if atomic_dq else 0
@@ -915,7 +918,8 @@ def flash_attention(
     the backward, bitwise results that vary run to run.
 
     Varlen rows past ``cu_seqlens[-1]`` belong to no sequence; the Triton path leaves their output rows
-    unspecified (as flash-attn's varlen does), the reference writes zeros.
+    unspecified (as flash-attn's varlen does), the reference writes zeros. Their q / k / v gradients are zero on
+    both paths.
 
     ``seqlens`` (B,): a right-padded dense batch whose sequence b is its first seqlens[b] positions. The
     kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
@@ -926,7 +930,8 @@ def flash_attention(
     """
     if seqlens is not None and cu_seqlens is not None:
         raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
-    backend = resolve_impl("attention", impl, q)
+    # auto: fp64 (which the kernels do not take) runs the reference, as for the other ops
+    backend = resolve_impl("attention", impl, q, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32))
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0.0 and math.isfinite(scale)):
