@@ -9,8 +9,10 @@ Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` 
   (:func:`e5_rows`);
 * the STS Benchmark TSV (genre, source, year, id, score, sentence1, sentence2[, extra columns...]).
 
-Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty, malformed
-and (later, at tokenisation) truncated counts, which the trainer logs.
+Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty and duplicate counts it
+checks (and MNTP's truncated rows, at tokenisation), which the trainer logs; a malformed row is a DataError naming
+its line. Texts the contrastive stages cut to their max length are counted per step, at collate (the
+``truncated`` column of metrics.csv).
 """
 import collections
 import dataclasses
@@ -41,6 +43,7 @@ class DataStats:
     blank_negatives: int = 0  # blank hard negatives dropped (from any row, kept or not)
     negatives_per_row: dict = dataclasses.field(default_factory=dict)  # kept supervised rows by hard negatives held
     repeated_negatives: int = 0  # kept rows with fewer hard negatives than the stage uses: theirs are repeated
+    not_counted: list = dataclasses.field(default_factory=list)  # "duplicates" / "truncated": not checked here
     missing: list = dataclasses.field(default_factory=list)  # E5 dataset files a folder lacks (not trained on)
     unread: list = dataclasses.field(default_factory=list)  # .jsonl files in an E5 folder that are no E5 dataset
 
@@ -54,8 +57,10 @@ class DataStats:
                       f"{', '.join(self.missing)}")
         if self.unread:
             extra += f", not read (no E5 dataset): {', '.join(self.unread)}"
-        return (f"read {self.read}, kept {self.kept}, empty {self.empty}, duplicates {self.duplicates}, "
-                f"truncated {self.truncated}{extra}, sources {self.sources}")
+        dup = "" if "duplicates" in self.not_counted else f", duplicates {self.duplicates}"
+        cut = (", truncated: per step at collate (metrics.csv)" if "truncated" in self.not_counted
+               else f", truncated {self.truncated}")
+        return f"read {self.read}, kept {self.kept}, empty {self.empty}{dup}{cut}{extra}, sources {self.sources}"
 
     def count_repeated_negatives(self, n):
         """Set ``repeated_negatives``: the kept rows holding fewer than ``n`` (>= 1) hard negatives, which the
@@ -139,7 +144,7 @@ def read_scored_pairs(sources, max_samples=0):
     """
     if not sources:
         raise DataError("no data given: set data=FILE (an STS TSV or JSONL with sentence1, sentence2, score)")
-    out, stats = [], DataStats()
+    out, stats = [], DataStats(not_counted=["duplicates", "truncated"])
     for src in sources:
         _check_file(src)
         if is_sts_file(src):
@@ -239,6 +244,8 @@ def iter_texts(sources, stats, max_samples=0, dedup=False, seed=0):
     digest per text, not the text."""
     if not sources:
         raise DataError("no data given: set data=FILE (or a list of files)")
+    if not dedup:
+        stats.not_counted.append("duplicates")
     seen, kept = set(), 0
     for src in sources:
         n = 0
@@ -333,7 +340,7 @@ def read_supervised(sources, max_samples=0, default_instruction="", need_negativ
     directory (:func:`e5_rows`). Returns (examples, stats). Blank hard negatives are dropped (counted); a row left
     with none is dropped (counted as ``no_negative``) when ``need_negatives``, else kept with ``negatives: []``
     (``contrastive.num_hard_negatives: 0``: (query, positive) pairs)."""
-    stats = DataStats()
+    stats = DataStats(not_counted=["duplicates", "truncated"])  # cut at collate, counted per step
     out = list(iter_supervised(sources, stats, max_samples, default_instruction, need_negatives))
     if not out:
         raise DataError(f"no usable supervised examples in {sources} ({stats.summary()})")

@@ -114,6 +114,7 @@ def test_hf_text_source(fake_datasets):
     texts, stats = read_texts(["hf:org/wiki:20231101.en:validation"], dedup=True)
     assert calls == [("org/wiki", "20231101.en", "validation")]
     assert texts == ["first", "second"] and (stats.empty, stats.duplicates) == (1, 1)
+    assert "duplicates 1" in stats.summary() and "duplicates" not in read_texts(["hf:org/wiki"])[1].summary()
     read_texts(["hf:org/wiki"])
     assert calls[-1] == ("org/wiki", None, "train")  # no config, default split
     tables["org/plain"] = [{"sentence": "only column"}]

@@ -1,5 +1,6 @@
 """The item cache (engine/token_cache.py): built once per (tokenizer, data, settings), equal to the in-memory items,
 never left half-written, read lazily, and a rank's memory does not grow with the corpus."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -139,7 +140,9 @@ def test_simcse_and_supervised_items_come_from_the_cache(tmp_path):
     items, stats, _ = stage.load(cfg.data, 200)
     texts, stats_mem = read_texts([sts], 200, dedup=True, seed=cfg.seed)
     assert isinstance(items, token_cache.CachedItems) and items[:] == texts
-    assert stats.summary() == stats_mem.summary()
+    counts = lambda st: {k: v for k, v in dataclasses.asdict(st).items() if k != "not_counted"}  # noqa: E731
+    assert counts(stats) == counts(stats_mem)
+    assert "truncated: per step at collate" in stats.summary()  # SimCSE cuts its texts per batch
 
 
 RSS_SCRIPT = textwrap.dedent("""

@@ -17,7 +17,7 @@ class SimCSEStage(ContrastiveStage):
         seed = self.cfg.seed if seed is None else seed
 
         def build(writer, progress):
-            stats = DataStats()
+            stats = DataStats(not_counted=["truncated"])  # texts are cut at collate, counted per step
             for text in iter_texts(sources, stats, max_samples, dedup=True, seed=seed):
                 writer.add(text)
             if not stats.kept:

@@ -29,7 +29,7 @@ class SupervisedStage(ContrastiveStage):
         need_negatives = self.cfg.contrastive.num_hard_negatives > 0  # 0: (query, positive) pairs are examples too
 
         def build(writer, progress):  # examples from the item cache (engine.token_cache), read lazily per batch
-            stats = DataStats()
+            stats = DataStats(not_counted=["duplicates", "truncated"])  # cut at collate, counted per step
             for e in iter_supervised(sources, stats, max_samples, instruction, need_negatives):
                 writer.add(e, group=e["source"])
             if not stats.kept:
