@@ -208,8 +208,15 @@ def _build_locked(root, folder, kind, build, progress):
                 names = sorted(writer.group_names, key=writer.group_names.get)
                 meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}
                 write_json(os.path.join(tmp, "meta.json"), meta, indent=None)  # fsynced, then its folder
-                os.rename(tmp, folder)
-                sync_folder(root)  # the rename itself survives a power cut
+                try:
+                    os.rename(tmp, folder)
+                except OSError:
+                    if not _complete(folder):
+                        raise
+                    # another host finished the same entry first (a lock not coherent across hosts let both build
+                    # it): its items are these, so this build is dropped and that entry read
+                else:
+                    sync_folder(root)  # the rename itself survives a power cut
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -133,6 +133,29 @@ def test_a_failed_build_leaves_no_entry(tmp_path, _cache):
     assert items[:] == [[4, 5], [6]] and json.loads((_cache / "k1" / "meta.json").read_text())["items"] == 2
 
 
+def test_an_entry_another_host_finished_first_is_read_not_a_crash(_cache, monkeypatch):
+    """Two hosts whose lock does not see the other's (NFS without lockd, Lustre localflock) build the same entry;
+    the second rename found the first's folder there and raised (ENOTEMPTY), killing that node's ranks. The finished
+    entry is read instead, and the second build's temporary folder removed."""
+    import shutil
+
+    real_rename = os.rename
+
+    def other_host_first(src, dst):
+        shutil.copytree(src, dst)  # the other host's identical, complete entry lands first
+        return real_rename(src, dst)
+
+    def build(writer, progress):
+        writer.add([4, 5])
+        writer.add([6])
+        return {"n": 2}
+
+    monkeypatch.setattr(token_cache.os, "rename", other_host_first)
+    items, meta = token_cache.build_or_open("k2", "tokens", build)
+    assert items[:] == [[4, 5], [6]] and meta["items"] == 2
+    assert [p for p in os.listdir(_cache) if p.startswith("k2")] == ["k2"]
+
+
 def test_simcse_and_supervised_items_come_from_the_cache(tmp_path):
     sts = os.path.join(ROOT, "data", "stsbenchmark", "sts-dev.csv")
     cfg = load_config("configs/tiny/simcse.yaml", [f"data={sts}"])
