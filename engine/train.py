@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,6 +71,17 @@ def prepare_output_dir(path):
     return created
 
 
+def _said_once(line):
+    """A bad input found before the process group exists is the same on every rank of a host (one config, one
+    filesystem): the host's first rank (LOCAL_RANK 0) says it, so 8 GPUs print one line, not 8. The others exit 2
+    after a moment, so that the launcher, which stops every rank once one has failed, lets that line out first."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(3)
+    return 2
+
+
 def main(argv=None):
     ap = ArgumentParser(prog="engine/train.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,8 +101,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _said_once(f"config error: {e}")
     if args.print_config:
         import yaml
 
@@ -113,13 +124,12 @@ def main(argv=None):
     try:
         check_sources(cfg.data + cfg.eval_data)  # (a dry run reads no data, so it does not need the files)
     except DataError as e:
-        return fail(e)
+        return _said_once("error: " + " ".join(str(e).split()))
     try:
         check_model_names(cfg)
         created = prepare_output_dir(cfg.output_dir)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _said_once(f"config error: {e}")
     # DeepSpeed's launcher stops the other ranks with SIGTERM when one fails, as Slurm's scancel does: run the
     # finally blocks (the run lock, an empty folder, temporary files), exit 128 + 15 as the default action would
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

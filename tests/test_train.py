@@ -198,3 +198,14 @@ def test_offload_optimizer_trains_as_without_it(tmp_path):
     r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={tmp_path / 's0'}",
                  "max_steps=1", "save_every=1", "eval_every=0", "zero_stage=0", "offload_optimizer=true"], timeout=300)
     assert r.returncode == 0 and "offload_optimizer is set, but ZeRO stage 0" in r.stderr + r.stdout, r.stderr[-3000:]
+
+
+def test_a_bad_input_on_every_rank_is_said_once(tmp_path):
+    """Before the process group exists every rank finds the same bad input; each printed it (8 lines on 8 GPUs).
+    The host's first rank says it; the others exit 2 without a line."""
+    for overrides, msg in ((["max_stepz=3"], "config error: unknown config key 'max_stepz'"),
+                           (["data=/does/not/exist.txt"], "error: data file not found: /does/not/exist.txt")):
+        r = run_cmd(deepspeed_cmd(2, "--config", "configs/tiny/mntp.yaml", f"output_dir={tmp_path / 'o'}",
+                                  *overrides), timeout=300)
+        lines = [x for x in r.stderr.splitlines() if "error" in x]
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(msg), r.stderr[-3000:]
