@@ -190,16 +190,17 @@ def mntp_selection(run_dir):
     return os.path.join(run_dir, "adapter"), sel
 
 
-def mntp_loss_note(results, general):
-    """How the README describes the MNTP adapters handed on: the last ones, and whether each one's held-out MNTP
-    loss was the lowest of its curve (``lowest_at_last``), naming those where it was not."""
-    sels = {f"{name} {st}" if name else st: sel
-            for name, chosen in (*((n, r["selected"]) for n, r in results.items()), (None, general["selected"]))
-            for st, sel in chosen.items() if "lowest_at_last" in sel}
+def mntp_loss_note(selected):
+    """How the README describes the MNTP adapters handed on (``selected``: {label: a stage's selection}): the last
+    ones, and whether each one's held-out MNTP loss was the lowest of its curve (``lowest_at_last``), naming those
+    where it was not; "" when no MNTP stage ran."""
+    sels = {k: sel for k, sel in selected.items() if "lowest_at_last" in sel}
+    if not sels:
+        return ""
     not_lowest = sorted(k for k, sel in sels.items() if not sel["lowest_at_last"])
     if not not_lowest:
-        return "whose held-out MNTP loss (dev sentences) was the lowest of its curve"
-    return (f"though its held-out MNTP loss (dev sentences) was not the lowest of its curve for "
+        return ", whose held-out MNTP loss (dev sentences) was the lowest of its curve"
+    return (f", though its held-out MNTP loss (dev sentences) was not the lowest of its curve for "
             f"{', '.join(not_lowest)} (see `lowest_at_last` in results.json)")
 
 
@@ -405,12 +406,15 @@ def main(argv=None):
                   "Each training stage evaluates on STS-B dev every `eval_every` steps (the first `eval_sts_pairs` "
                   "pairs of dev interleaved genre by genre, so every genre is in the selection). The contrastive "
                   "stages keep their best adapter by dev Spearman (`best/`), and their rows use it; MNTP hands on "
-                  f"its last adapter to row (c) and to (d)-(f), {mntp_loss_note(results, general)}.", ""]
+                  f"its last adapter to row (c) and to (d)-(f)"
+                  f"{mntp_loss_note({f'{n} {st}': sel for n, r in results.items() for st, sel in r['selected'].items()})}"
+                  ".", ""]
         if general["timings"]:
             lines += ["General recipe: (g) and (h) train on `data/wikitext2-sentences` only, (j) on top of them on "
                       "`data/snli-triplets` only, once for both columns; they hand on their last adapters (their STS-B "
-                      "dev curves are logged, not used to choose). (i) and (k) are (f)'s graded stage on top of (g) and "
-                      "(h), and of (g), (h) and (j), trained and selected per column like (f).", ""]
+                      f"dev curves are logged, not used to choose){mntp_loss_note(general['selected'])}. (i) and (k) "
+                      "are (f)'s graded stage on top of (g) and (h), and of (g), (h) and (j), trained and selected per "
+                      "column like (f).", ""]
         if hname:
             h = result["holdout"]
             g, others = args.holdout_genre, " and ".join(h["train_genres"])

@@ -73,7 +73,8 @@ def _cu_from_mask(mask2d):
 def _cu_from_positions(position_ids):
     """Sequences packed into one row told only by restarting ``position_ids`` (transformers'
     DataCollatorWithFlattening without its flash-attn kwargs): their cu_seqlens (int32) and the longest, or None
-    for one sequence (a row whose positions never restart after its first token). One host sync."""
+    for one sequence (a row whose positions never restart after its first token). Host syncs in every layer: only
+    calls that pass neither cu_seq_lens nor a padding mask with one row come here (the engine passes cu_seq_lens)."""
     pos = position_ids.reshape(-1)
     starts = (pos == 0).nonzero().squeeze(1)
     if starts.numel() < 2 or int(starts[0]) != 0:

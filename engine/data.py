@@ -62,6 +62,19 @@ class DataStats:
                else f", truncated {self.truncated}")
         return f"read {self.read}, kept {self.kept}, empty {self.empty}{dup}{cut}{extra}, sources {self.sources}"
 
+    def to_cache(self):
+        """The counts an item-cache entry keeps (``not_counted`` is the stage's to say when it reads the entry, so
+        an entry reads the same in engines with and without that field)."""
+        out = dataclasses.asdict(self)
+        out.pop("not_counted")
+        return out
+
+    @classmethod
+    def from_cache(cls, counts, not_counted=()):
+        """The stats of an item-cache entry (:meth:`to_cache`); fields this engine does not know are left out."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"not_counted"}
+        return cls(**{k: v for k, v in counts.items() if k in known}, not_counted=list(not_counted))
+
     def count_repeated_negatives(self, n):
         """Set ``repeated_negatives``: the kept rows holding fewer than ``n`` (>= 1) hard negatives, which the
         supervised batch repeats to fill n slots (E5 rows hold one), weighting each repeated negative more."""

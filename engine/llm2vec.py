@@ -25,6 +25,7 @@ TypeError rather than being passed on to transformers (which would silently stor
 import json
 import os
 import shutil
+import socket
 
 import torch
 
@@ -165,13 +166,21 @@ class LLM2Vec:
             return
         parent = os.path.dirname(os.path.abspath(final))
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{final}.tmp-{os.getpid()}"
+        tmp = f"{final}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
             self._write(tmp, merge_before_save, save_config)
             sync_tree(tmp)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not os.path.isdir(final):
+                    raise
+                # another process saved the same model there first (every rank of a script calling save()):
+                # that folder stands, this copy is dropped
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -197,8 +197,8 @@ def _build_locked(root, folder, kind, build, progress):
             # let one host sweep another's build in progress)
             for stale in glob.glob(f"{folder}.tmp-{host}-*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            if os.path.isdir(folder):  # an entry whose meta.json does not read: rebuilt under the lock
-                shutil.rmtree(folder)
+            if os.path.isdir(folder) and not _complete(folder):  # a meta.json that does not read: rebuilt (asked
+                shutil.rmtree(folder)  # again just before: another host may have finished it meanwhile)
             tmp = f"{folder}.tmp-{host}-{os.getpid()}"
             os.makedirs(tmp)
             try:

@@ -72,13 +72,13 @@ def prepare_output_dir(path):
 
 
 def _said_once(line):
-    """A bad input found before the process group exists is the same on every rank of a host (one config, one
-    filesystem): the host's first rank (LOCAL_RANK 0) says it, so 8 GPUs print one line, not 8. The others exit 2
-    after a moment, so that the launcher, which stops every rank once one has failed, lets that line out first."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(line, file=sys.stderr)
-    else:
+    """A bad input found before the process group exists is as a rule the same on every rank of a host (one config,
+    one filesystem): the host's first rank (LOCAL_RANK 0) says it at once, and the launcher then stops the other
+    ranks (it stops every rank once one has failed) while they wait 3 s before saying theirs: 8 GPUs print one line,
+    not 8, and an error only another rank meets (rank 0 going on) is still said."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
         time.sleep(3)
+    print(line, file=sys.stderr)
     return 2
 
 

@@ -161,3 +161,19 @@ def test_a_save_into_a_new_folder_appears_whole_or_not_at_all(tmp_path, chain, m
     (tmp_path / "out" / "new" / "mine.txt").write_text("kept")
     l2v.save(str(tmp_path / "out" / "new"), merge_before_save=True)  # in place: what was there stays
     assert (tmp_path / "out" / "new" / "mine.txt").read_text() == "kept"
+    # every rank of a script saving into one new folder: the first rename wins, the others' copies are dropped
+    import shutil
+
+    import engine.llm2vec as mod
+
+    real_rename = os.rename
+
+    def another_rank_first(src, dst):
+        shutil.copytree(src, dst)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(mod.os, "rename", another_rank_first)
+    l2v.save(str(tmp_path / "out" / "both"), merge_before_save=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "out")) == ["both", "new"]
+    assert "model.safetensors" in os.listdir(tmp_path / "out" / "both")

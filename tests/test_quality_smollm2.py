@@ -284,7 +284,7 @@ def test_holdout_protocol_trains_without_the_genre_and_reports_both_columns(tmp_
     for sel in (res["selected"]["mntp"], res["holdout"]["selected"]["mntp"]):  # MNTP: the last adapter, by its loss
         assert sel["adapter"] == "adapter" and sel["step"] == 2 and sel["lowest_at_last"] and sel["eval_loss"] == 4.5
     assert "adapter (2, MNTP loss 4.50)" in readme
-    assert "whose held-out MNTP loss (dev sentences) was the lowest of its curve" in readme
+    assert "to (d)-(f), whose held-out MNTP loss (dev sentences) was the lowest of its curve." in readme
 
 
 def test_without_holdout_the_table_keeps_its_single_column(tmp_path, monkeypatch):
@@ -376,6 +376,9 @@ def test_general_recipe_trains_on_no_sts_text_once_and_scores_both_columns(tmp_p
     assert (out / "general-mntp_metrics.csv").is_file() and (out / "holdout-news_general-graded_metrics.csv").is_file()
     assert "General recipe: (g) and (h) train on `data/wikitext2-sentences` only, (j) on top of them on " \
         "`data/snli-triplets` only" in readme
+    # the general MNTP's selection is said in its own sentence (rows (c)-(f) have no MNTP stage in this run)
+    assert "not used to choose), whose held-out MNTP loss (dev sentences) was the lowest of its curve." in readme
+    assert "to (d)-(f)." in readme
 
 
 def test_unknown_row_is_a_usage_error(capsys):

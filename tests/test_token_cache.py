@@ -166,6 +166,15 @@ def test_simcse_and_supervised_items_come_from_the_cache(tmp_path):
     counts = lambda st: {k: v for k, v in dataclasses.asdict(st).items() if k != "not_counted"}  # noqa: E731
     assert counts(stats) == counts(stats_mem)
     assert "truncated: per step at collate" in stats.summary()  # SimCSE cuts its texts per batch
+    # the entry keeps counts only: what a stage does not count is the stage's to say when it reads it, so an entry
+    # reads the same in engines with and without that field (and a field this engine does not know is left out)
+    with open(os.path.join(items.folder, "meta.json")) as f:
+        kept = json.load(f)["stats"]
+    assert "not_counted" not in kept and kept["kept"] == stats.kept
+    from engine.data import DataStats
+
+    later = DataStats.from_cache({**kept, "counted_by_a_later_engine": 1}, not_counted=["truncated"])
+    assert later.summary() == stats.summary()
 
 
 RSS_SCRIPT = textwrap.dedent("""

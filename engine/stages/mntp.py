@@ -7,7 +7,6 @@ at i-1, as the causal LM head was trained to do. Only labelled rows reach the LM
 ``llm2vec_kernels.masked_cross_entropy`` (no full logits).
 """
 import copy
-import dataclasses
 
 import torch
 
@@ -121,13 +120,13 @@ class MNTPStage(Stage):
             if not stats.kept:
                 raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
             stats.sources["blocks" if pack else "rows"] = writer.n
-            return dataclasses.asdict(stats)
+            return stats.to_cache()
 
         settings = {"stage": "mntp", "max_seq_len": max_seq_len, "max_samples": max_samples, "seed": seed}
         if not pack:  # packed caches keep their key
             settings["pack"] = False
         blocks, meta = token_cache.cached_items("tokens", self.tok, sources, settings, build)
-        return blocks, DataStats(**meta["stats"]), None
+        return blocks, DataStats.from_cache(meta["stats"], not_counted=["duplicates"]), None
 
     def collate(self, items, generator):
         if not items:

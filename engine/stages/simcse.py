@@ -1,7 +1,6 @@
 """Unsupervised SimCSE: every sentence passes twice under dropout (attention-probability dropout,
 default 0.3 as in LLM2Vec, plus LoRA dropout); the two views are each other's positive and the
 other sentences of the batch (across ranks too) are the negatives."""
-import dataclasses
 
 from .. import token_cache
 from ..data import DataError, DataStats, iter_texts
@@ -22,11 +21,11 @@ class SimCSEStage(ContrastiveStage):
                 writer.add(text)
             if not stats.kept:
                 raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
-            return dataclasses.asdict(stats)
+            return stats.to_cache()
 
         settings = {"stage": "simcse", "max_samples": max_samples, "seed": seed, "dedup": True}
         texts, meta = token_cache.cached_items("json", None, sources, settings, build)
-        return texts, DataStats(**meta["stats"]), None
+        return texts, DataStats.from_cache(meta["stats"], not_counted=["truncated"]), None  # cut at collate
 
     def collate(self, items, generator):
         if not items:

@@ -8,7 +8,6 @@ world * B * (1 + n) candidates. With several sources, each global batch is drawn
 With ``contrastive.loss: cosent | angle`` the stage trains on scored pairs instead (every STS-style pair with
 its score, ``engine.losses``), with the same cross-rank batches and gradient caching.
 """
-import dataclasses
 
 import torch
 
@@ -36,7 +35,7 @@ class SupervisedStage(ContrastiveStage):
                 hint = ("; rows without a hard negative train as (query, positive) pairs with "
                         "contrastive.num_hard_negatives=0") if stats.no_negative else ""
                 raise DataError(f"no usable supervised examples in {sources} ({stats.summary()}){hint}")
-            return dataclasses.asdict(stats)
+            return stats.to_cache()
 
         settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction,
                     "need_negatives": need_negatives, "rows": rows_rule_digest()}
@@ -44,7 +43,7 @@ class SupervisedStage(ContrastiveStage):
         groups = ex.groups if self.cfg.contrastive.source_homogeneous_batches else None
         if groups is not None and len(meta["groups"]) == 1:
             groups = None
-        stats = DataStats(**meta["stats"])
+        stats = DataStats.from_cache(meta["stats"], not_counted=["duplicates", "truncated"])  # cut at collate
         if need_negatives:
             stats.count_repeated_negatives(self.cfg.contrastive.num_hard_negatives)
         return ex, stats, groups
