@@ -83,15 +83,37 @@ def _cu_from_positions(position_ids):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-_OPTIONS = {"deterministic": True, "as_if_grad": False}
+_OPTIONS = {"deterministic": True, "as_if_grad": None}
+
+
+def attention_gradient_reach(model):
+    """{id(attention module): whether a backward through ``model`` computes that layer's q / k / v gradients}: a
+    trainable parameter before the layer (embeddings, earlier layers) or in its input norm or q / k / v side (not
+    o_proj, whose gradient needs no attention backward). LoRA on the MLP only leaves layer 0's attention without."""
+    from .modeling import decoder_of
+
+    dec = decoder_of(model)
+    trains = lambda mod: any(p.requires_grad for p in mod.parameters()) if mod is not None else False  # noqa: E731
+    upstream, reach = trains(getattr(dec, "embed_tokens", None)), {}
+    for layer in getattr(dec, "layers", []):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            continue
+        qkv = any(p.requires_grad for n, p in attn.named_parameters() if not n.startswith("o_proj."))
+        reach[id(attn)] = upstream or qkv or trains(getattr(layer, "input_layernorm", None))
+        upstream = upstream or trains(layer)
+    if not reach:
+        raise ValueError(f"no decoder layers with self_attn under {type(model).__name__}: pass the (PEFT) model")
+    return reach
 
 
 @contextlib.contextmanager
-def dispatch_as_if_backward():
-    """Attention calls inside choose the backend a backward pass would get, though none follows: gradient caching's
-    first (no-grad) pass then embeds with the kernels its second pass backpropagates through (on sm_90 a no-grad
-    call may go to SDPA or flash-attn and the deterministic backward's to Triton: different rounding)."""
-    prev, _OPTIONS["as_if_grad"] = _OPTIONS["as_if_grad"], True
+def dispatch_as_if_backward(model):
+    """Attention calls of ``model`` inside choose the backend a backward pass would get, though none follows:
+    gradient caching's first (no-grad) pass then embeds with the kernels its second pass backpropagates through (on
+    sm_90 a no-grad call may go to SDPA or flash-attn and the deterministic backward's to Triton: different
+    rounding). Per layer, as the backward would (:func:`attention_gradient_reach`)."""
+    prev, _OPTIONS["as_if_grad"] = _OPTIONS["as_if_grad"], attention_gradient_reach(model)
     try:
         yield
     finally:
@@ -122,10 +144,11 @@ def _flash_attn_varlen(q, k, v, cu, max_len, scale, deterministic):
                                   causal=False, deterministic=deterministic)
 
 
-def _attention_call(q, k, v, max_len, dropout, window, softcap, layout):
+def _attention_call(q, k, v, max_len, dropout, window, softcap, layout, as_if=None):
     """What llm2vec_kernels.attention.dispatch decides on for this call (host-side facts only)."""
-    needs_grad = _OPTIONS["as_if_grad"] or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
-                                                                         or v.requires_grad))
+    # as_if: what a backward would need here, for a forward without one (dispatch_as_if_backward)
+    needs_grad = as_if if as_if is not None else torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad)
     return attn_dispatch.AttentionCall(
         impl=llm2vec_kernels.get_default_impl("attention"), device_type=q.device.type,
         arch=attn_dispatch.device_arch(q), dtype=q.dtype, head_dim=q.shape[-1],
@@ -134,7 +157,7 @@ def _attention_call(q, k, v, max_len, dropout, window, softcap, layout):
         window=window is not None and max_len > window, flash_attn=_flash_attn_available())
 
 
-def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
+def _attend(q, k, v, max_len, scale, dropout, window, softcap, as_if=None, **layout):
     # layout: cu_seqlens= / max_seqlen= for packed q (T, Hq, D), k/v (T, Hkv, D); or seqlens= for a
     # right-padded q (B, S, Hq, D), k/v (B, S, Hkv, D). max_len: the longest sequence (decides the window).
     seed = _draw_seed() if dropout > 0 else None
@@ -145,7 +168,7 @@ def _attend(q, k, v, max_len, scale, dropout, window, softcap, **layout):
             q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window, softcap=softcap, **layout)
     # By speed (llm2vec_kernels/attention/dispatch.py): SDPA for dense dropout-free batches, flash-attn varlen for packed
     # ones when installed, where that is faster and keeps the determinism asked for; the Triton kernel otherwise.
-    call = _attention_call(q, k, v, max_len, dropout, window, softcap, layout)
+    call = _attention_call(q, k, v, max_len, dropout, window, softcap, layout, as_if)
     runners = {"sdpa": lambda q_, k_, v_: attn_dispatch.sdpa_attention(q_, k_, v_, scale)}
     if call.flash_attn and "cu_seqlens" in layout:
         runners["flash_attn"] = lambda q_, k_, v_: _flash_attn_varlen(
@@ -165,6 +188,8 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
     # query: (B, Hq, S, D), key/value: (B, Hkv, S, D) -> output (B, S, Hq, D), no weights
     B, Hq, S, D = query.shape
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D)
+    reach = _OPTIONS["as_if_grad"]
+    as_if = None if reach is None else reach.get(id(module), True)
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None and attention_mask is None and B == 1 and S > 1 and kwargs.get("position_ids") is not None:
         packed = _cu_from_positions(kwargs["position_ids"])  # else dense attention would mix the sequences
@@ -174,7 +199,7 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         if B != 1:
             raise ValueError("packed varlen attention expects batch size 1")
         max_len = int(kwargs.get("max_length_q") or S)
-        out = _attend(q[0], k[0], v[0], max_len, scaling, dropout, sliding_window, softcap,
+        out = _attend(q[0], k[0], v[0], max_len, scaling, dropout, sliding_window, softcap, as_if=as_if,
                       cu_seqlens=cu.to(torch.int32), max_seqlen=max_len)
         return out.unsqueeze(0), None
     if attention_mask is not None and attention_mask.dim() == 2:
@@ -184,17 +209,17 @@ def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=N
         all_real, right_padded = torch.stack([m.all(), (m == prefix).all()]).tolist()  # one host sync
         if not all_real and right_padded:
             # right padding: the kernels read the padded batch in place (seqlens=), no unpad / repad copies
-            return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap, seqlens=lens), None
+            return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap, as_if=as_if, seqlens=lens), None
         if not all_real:  # left or ragged padding: unpad to varlen, then repad
             idx, cu, max_len = _cu_from_mask(m)
             flat = lambda t: t.reshape(B * S, t.shape[2], D).index_select(0, idx)  # noqa: E731
-            o = _attend(flat(q), flat(k), flat(v), max_len, scaling, dropout, sliding_window, softcap, cu_seqlens=cu,
-                        max_seqlen=max_len)
+            o = _attend(flat(q), flat(k), flat(v), max_len, scaling, dropout, sliding_window, softcap, as_if=as_if,
+                        cu_seqlens=cu, max_seqlen=max_len)
             out = q.new_zeros(B * S, Hq, D).index_copy(0, idx, o)
             return out.view(B, S, Hq, D), None
     if attention_mask is not None and attention_mask.dim() == 4:
         raise ValueError("the bidirectional attention path takes 2-D padding masks, not 4-D masks")
-    return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap), None  # dense, no padding
+    return _attend(q, k, v, S, scaling, dropout, sliding_window, softcap, as_if=as_if), None  # dense, no padding
 
 
 def _padding_mask(batch_size, q_length=None, kv_length=None, q_offset=0, kv_offset=0, mask_function=None,

@@ -228,3 +228,29 @@ def test_an_encoder_pass_builds_no_kv_cache():
         make_bidirectional(model)
         packed_hidden_states(model, ids, mask)  # bidirectional: the packed path
     assert seen == [(False, None), (False, None)]
+
+
+def test_gradient_caching_dispatches_each_layer_as_its_backward_will():
+    """Gradient caching's no-grad pass picks each attention call's backend as the replay's backward will: a layer
+    whose q / k / v get no gradient (LoRA on the MLP only: layer 0; LoRA on o_proj only) dispatches as a no-grad
+    call in both passes, every later layer as a gradient call."""
+    from engine.bidirectional import attention_gradient_reach
+
+    model = make_bidirectional(tiny("llama"))
+    layers = model.model.layers
+    attn = [id(layer.self_attn) for layer in layers]
+
+    def reach(*trainable):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        got = attention_gradient_reach(model)
+        return [got[a] for a in attn]
+
+    assert reach(*(p for layer in layers for p in layer.mlp.parameters())) == [False, True]  # MLP-only LoRA
+    assert reach(layers[0].self_attn.o_proj.weight) == [False, True]  # o_proj needs no attention backward
+    assert reach(layers[0].self_attn.q_proj.weight) == [True, True]
+    assert reach(layers[1].self_attn.v_proj.weight) == [False, True]
+    assert reach(model.model.embed_tokens.weight) == [True, True]
+    assert reach() == [False, False]

@@ -12,11 +12,14 @@ from engine.trainer import EngineModule
 from .helpers import STS, PlainEngine, perturb_lora_b
 
 
-@pytest.mark.parametrize("stage_name,chunk", [("simcse", 3), ("supervised", 4)])
-def test_grad_cache_matches_direct(stage_name, chunk, monkeypatch):
+@pytest.mark.parametrize("stage_name,chunk,targets", [("simcse", 3, None), ("supervised", 4, None),
+                                                      ("supervised", 4, "[gate_proj,up_proj,down_proj]")],
+                         ids=["simcse", "supervised", "supervised-mlp-lora"])
+def test_grad_cache_matches_direct(stage_name, chunk, targets, monkeypatch):
     cfg = load_config(f"configs/tiny/{stage_name}.yaml", [f"contrastive.grad_cache_chunk={chunk}",
                                                          "model.attention_dropout=0.3", "lora.dropout=0.1",
-                                                         "model.gradient_checkpointing=false"])
+                                                         "model.gradient_checkpointing=false",
+                                                         *([f"lora.target_modules={targets}"] if targets else [])])
     tok = load_tokenizer(cfg.model)
     stage = build_stage(cfg, tok)
     items, _, _ = stage.load([f"{STS}/sts-dev.csv"] if stage_name == "simcse" else cfg.data, 40)
@@ -44,10 +47,19 @@ def test_grad_cache_matches_direct(stage_name, chunk, monkeypatch):
     import engine.bidirectional as bidi
 
     seen, call_of = [], bidi._attention_call
-    monkeypatch.setattr(bidi, "_attention_call", lambda *a: seen.append(call_of(*a).needs_grad) or call_of(*a))
+
+    def record(*a):
+        call = call_of(*a)
+        seen.append((torch.is_grad_enabled(), call.needs_grad))
+        return call
+
+    monkeypatch.setattr(bidi, "_attention_call", record)
     cached_loss, _ = twin_stage.train_micro_step(PlainEngine(twin), batch)
-    # both passes dispatch as a backward needs (on sm_90 a no-grad call would take other kernels than the replay)
-    assert seen and all(seen), seen
+    # the no-grad pass dispatches every call as the replay's backward will (on sm_90 a no-grad call would take
+    # other kernels than the replay); with LoRA on the MLP only, layer 0's q / k / v get no gradient in either
+    first, replay = ([g for on, g in seen if on is phase] for phase in (False, True))
+    assert first and first == replay, seen
+    assert all(replay) if targets is None else replay[:2] == [False, True], replay
 
     torch.testing.assert_close(cached_loss, direct_loss.detach(), rtol=1e-6, atol=1e-7)
     grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}

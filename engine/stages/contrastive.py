@@ -110,7 +110,7 @@ class ContrastiveStage(Stage):
                     "pool_mask": batch["pool_mask"][s:e], "layout": layouts[s // chunk] if layouts else None}
 
         states, embs = [], []
-        with torch.no_grad(), dispatch_as_if_backward():  # the attention kernels of the replay below
+        with torch.no_grad(), dispatch_as_if_backward(engine.module.model):  # the replay's attention kernels
             for s, e in spans:
                 states.append(_rng_state())
                 embs.append(engine(sub(s, e))[0])
