@@ -89,7 +89,8 @@ def _check_file(path):
             # Relative data paths are relative to the current directory, as everywhere else on the command line.
             hint = (f"; relative paths are read from the current directory ({os.getcwd()}): run from the "
                     f"repository root or give {repo_copy}")
-        raise DataError(f"data file not found: {path} (use hf:NAME[:CONFIG[:SPLIT]] for a Hugging Face dataset)"
+        raise DataError(f"data file not found: {path} (data is a file, an E5 folder, or hf:NAME[:CONFIG[:SPLIT]] "
+                        f"for a Hugging Face dataset)"
                         f"{hint}")
     if not os.path.isfile(path):
         raise DataError(f"data path is not a file: {path}")
