@@ -15,7 +15,11 @@ Terms (bytes, per rank):
   with saved-tensor hooks and holds these formulas to within 10%). Under "none" every layer keeps its saved set;
   under "selective" and "full" each layer keeps its cached set and, while one layer is recomputed in the
   backward, that layer holds its "none" set instead: tokens x ((layers - 1) x policy + none);
-* workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack, communication buffers);
+* DeepSpeed's buffers at stages 2 and 3 (``MemoryPlan.zero_buffers``): the fp32 gradient reduce buckets, two of
+  min(reduce_bucket_size, trainable parameters); under ZeRO-3 also the gathered base weights alive at once, the
+  module being run and the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the
+  largest single parameter (the embedding table, gathered whole), in the weights' dtype;
+* workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack);
 * the start: the trainer places the whole model on each GPU before ``deepspeed.initialize`` (and DeepSpeed would
   itself: the engine does not build the model under ``deepspeed.zero.Init``), so ZeRO-3 shards a base that was
   first whole on every GPU. A plan fits only when that start fits too (``MemoryPlan.startup``): ZeRO-3 makes room
@@ -75,6 +79,8 @@ class MemoryPlan:
     paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
     torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
     seq_len: int = 0  # the padded sequence length the plan is for
+    max_param_numel: int = 0  # the largest parameter (ZeRO-3 gathers it whole: the embedding table)
+    params: int = 0  # every parameter (weights_bytes / params: bytes per weight)
 
     def path(self, stage):
         return self.paths[stage == 3]
@@ -105,10 +111,23 @@ class MemoryPlan:
         p, w = self.trainable_params, self.world
         return {0: 16 * p, 1: 4 * p + 12 * p / w}.get(stage, 16 * p / w)
 
+    def zero_buffers(self, stage):
+        """DeepSpeed's buffers per rank: the fp32 reduce buckets at stages 2 and 3 (engine.config sets 5e7 elements
+        at stage 3; DeepSpeed's default at stage 2 is 5e8), and under ZeRO-3 the gathered weights alive at once."""
+        if stage < 2:
+            return 0
+        bucket = 50_000_000 if stage == 3 else 500_000_000
+        out = 2 * 4 * min(bucket, self.trainable_params)
+        if stage == 3:
+            b = self.weights_bytes / max(self.params, 1)
+            out += b * (2 * max(50_000_000, self.layer_numel) + self.max_param_numel)
+        return int(out)
+
     def total(self, policy, stage):
         """Bytes per rank while training (the start aside: :meth:`startup`)."""
         weights = self.weights_bytes / (self.world if stage == 3 else 1)
-        return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.workspace())
+        return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.zero_buffers(stage)
+                   + self.workspace())
 
     def startup(self):
         """Bytes per rank at the start, at every stage: the whole model on the GPU before DeepSpeed shards it."""
@@ -124,8 +143,10 @@ class MemoryPlan:
                        f"shards it" + (", which does not fit" if start > self.budget_bytes else ""))
         else:
             start_s = ""
+        buffers = self.zero_buffers(stage)
         return (f"planned {self.total(policy, stage) / GIB:.2f} GiB of {self.budget_bytes / GIB:.2f} GiB "
-                f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, activations "
+                f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, "
+                + (f"DeepSpeed buffers {buffers / GIB:.2f}, " if buffers else "") + "activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
                 f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
                 + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers (a sliding "
@@ -381,6 +402,8 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         device_type=device.type,
         layer_numel=layer_numel,
         lora_max_numel=max((p.numel() for p in train), default=0),
+        max_param_numel=max((p.numel() for p in params), default=0),
+        params=sum(p.numel() for p in params),
         dtype=str(dtype).replace("torch.", ""),
     )
 

@@ -209,3 +209,24 @@ def test_offload_params_below_zero_3_is_warned_about(offline, capsys):
     assert "zero stage 1" in out and "WARNING: offload_params is set, but ZeRO stage 1 keeps the parameters" in out
     assert main(["--config", path, "--dry-run", "offload_params=true", "zero_stage=3"]) == 0
     assert "offload_params is set" not in capsys.readouterr().out
+
+
+def test_zero_stages_2_and_3_cost_deepspeeds_buffers(offline):
+    """Under ZeRO-3 DeepSpeed gathers whole weights while a module runs: the running and the prefetched bucket (a
+    decoder layer each at 8B) and the embedding table at once, 1 GiB of it at Llama-3-8B's 128k vocabulary; stages
+    2 and 3 also keep two fp32 gradient reduce buckets. The workspace's flat reserve used to stand in for them."""
+    from engine.dry_run import dry_run
+    from engine.memory import GIB
+
+    lines = []
+    out = dry_run(load_config(os.path.join(ROOT, "configs/llama3-8b/mntp.yaml"), ["memory_budget_gb=17"]), world=8,
+                  out=lines.append)
+    plan = out["plan"]
+    assert out["zero_stage"] == 3 and plan.max_param_numel == 128256 * 4096  # the embedding table
+    layer, lora = plan.layer_numel, plan.trainable_params
+    assert plan.zero_buffers(0) == plan.zero_buffers(1) == 0
+    assert plan.zero_buffers(2) == 2 * 4 * lora  # fewer LoRA parameters than a 5e8 bucket
+    assert plan.zero_buffers(3) == 2 * 4 * min(50_000_000, lora) + 2 * (2 * max(50_000_000, layer) + 128256 * 4096)
+    assert 2.0 * GIB < plan.zero_buffers(3) < 2.3 * GIB
+    assert any(f"DeepSpeed buffers {plan.zero_buffers(3) / GIB:.2f}" in x for x in lines
+               if x.startswith("  recompute")), lines
