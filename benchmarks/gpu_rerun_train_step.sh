@@ -18,7 +18,7 @@ A=$(mktemp -d)
 cp -r .whl/assets/. "$A/"
 export LLM2VEC_ENGINE_CACHE=$A
 nvidia-smi --query-gpu=name --format=csv,noheader
-LLM2VEC_TEST_GPU=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py \
+LLM2VEC_TEST_GPU=1 timeout 90 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_kernels.py \
   > "$OUT/pytest_engine_gpu.txt" 2>&1
 tail -3 "$OUT/pytest_engine_gpu.txt"
 timeout 150 python3 -m benchmarks.bench_train_step --stages mntp \

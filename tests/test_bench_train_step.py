@@ -390,6 +390,8 @@ def test_gpu_rerun_times_what_it_says():
                  ("mntp", "engine-torch-attention")},
         "supervised": {("supervised", "reference-zero3"), ("supervised", "engine")}}
     assert "a930051" not in text and 'LLM2VEC_COMMIT=$(code_label "$PWD")' in text
+    tests = re.findall(r"\btests/\S+\.py\b", text)
+    assert tests and all(os.path.isfile(os.path.join(ROOT, p)) for p in tests), tests  # a renamed one failed there
     r = run_cmd(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_rerun_train_step.sh")], timeout=30)
     assert r.returncode == 0, r.stderr
 
