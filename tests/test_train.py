@@ -212,3 +212,28 @@ def test_a_bad_input_on_every_rank_is_said_once(tmp_path):
                                   *overrides), timeout=300)
         lines = [x for x in r.stderr.splitlines() if "error" in x]
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(msg), r.stderr[-3000:]
+
+
+def test_a_rank_leaves_through_os_exit_once_main_has_returned(monkeypatch):
+    """A multi-rank run's process leaves through os._exit after main returns: the interpreter's exit could abort in
+    the destructors of communication threads ("terminate called without an active exception", exit 250) after
+    training had finished. A single process exits as usual."""
+    import engine.train as T
+
+    class Left(BaseException):
+        pass
+
+    def leave(how):
+        def f(code):
+            seen.append((how, code))
+            raise Left  # neither returns
+        return f
+
+    seen = []
+    monkeypatch.setattr(T.os, "_exit", leave("os._exit"))
+    monkeypatch.setattr(T.sys, "exit", leave("sys.exit"))
+    for world, code in (("2", 2), ("1", 0)):
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(Left):
+            T.exit_with(code)
+    assert seen == [("os._exit", 2), ("sys.exit", 0)]
