@@ -12,9 +12,14 @@ import sys
 BAD_INPUT = 2
 
 
+def error_line(message):
+    """``error: message`` on one line (the message's own line breaks and runs of spaces folded)."""
+    return "error: " + " ".join(str(message).split())
+
+
 def fail(message):
-    """Print ``error: message`` as one line on stderr; returns the bad-input exit code."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    """Print :func:`error_line` on stderr; returns the bad-input exit code."""
+    print(error_line(message), file=sys.stderr)
     return BAD_INPUT
 
 

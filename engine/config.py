@@ -583,6 +583,15 @@ def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.batch_size // per_step
 
 
+ZERO3_REDUCE_BUCKET = 50_000_000  # elements; DeepSpeed's own default (stage 2 here) is 5e8
+ZERO2_REDUCE_BUCKET = 500_000_000
+
+
+def zero3_prefetch_bucket(layer_numel):
+    """ZeRO-3's prefetch bucket in parameters: at least one decoder layer (the memory plan costs two alive)."""
+    return max(50_000_000, int(layer_numel))
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16: bool = False, stage=None,
                      lora_max_numel: int = 0, layer_numel: int = 0) -> dict:
     """The DeepSpeed dict, fully resolved from the run config (no "auto").
@@ -598,7 +607,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
         stage = 3 if str(cfg.zero_stage) == "auto" else int(cfg.zero_stage)
     zero = {"stage": int(stage)}
     if stage == 3:
-        prefetch = max(50_000_000, int(layer_numel))
+        prefetch = zero3_prefetch_bucket(layer_numel)
         zero.update({
             "overlap_comm": True,
             "contiguous_gradients": True,
@@ -606,7 +615,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
             "stage3_param_persistence_threshold": max(10_000, int(lora_max_numel) + 1),
             "stage3_max_live_parameters": max(1_000_000_000, 2 * prefetch),
             "stage3_prefetch_bucket_size": prefetch,
-            "reduce_bucket_size": 50_000_000,
+            "reduce_bucket_size": ZERO3_REDUCE_BUCKET,
         })
     if cfg.offload_optimizer and stage >= 1:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}

@@ -57,6 +57,8 @@ import os
 
 import torch
 
+from .config import ZERO2_REDUCE_BUCKET, ZERO3_REDUCE_BUCKET, zero3_prefetch_bucket
+
 GIB = 1 << 30
 POLICY_ORDER = ("none", "selective", "full")
 
@@ -80,7 +82,6 @@ class MemoryPlan:
     torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
     seq_len: int = 0  # the padded sequence length the plan is for
     max_param_numel: int = 0  # the largest parameter (ZeRO-3 gathers it whole: the embedding table)
-    params: int = 0  # every parameter (weights_bytes / params: bytes per weight)
 
     def path(self, stage):
         return self.paths[stage == 3]
@@ -116,11 +117,11 @@ class MemoryPlan:
         at stage 3; DeepSpeed's default at stage 2 is 5e8), and under ZeRO-3 the gathered weights alive at once."""
         if stage < 2:
             return 0
-        bucket = 50_000_000 if stage == 3 else 500_000_000
+        bucket = ZERO3_REDUCE_BUCKET if stage == 3 else ZERO2_REDUCE_BUCKET
         out = 2 * 4 * min(bucket, self.trainable_params)
         if stage == 3:
-            b = self.weights_bytes / max(self.params, 1)
-            out += b * (2 * max(50_000_000, self.layer_numel) + self.max_param_numel)
+            b = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+            out += b * (2 * zero3_prefetch_bucket(self.layer_numel) + self.max_param_numel)
         return int(out)
 
     def total(self, policy, stage):
@@ -403,7 +404,6 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         layer_numel=layer_numel,
         lora_max_numel=max((p.numel() for p in train), default=0),
         max_param_numel=max((p.numel() for p in params), default=0),
-        params=sum(p.numel() for p in params),
         dtype=str(dtype).replace("torch.", ""),
     )
 

@@ -20,7 +20,8 @@ import time
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing it
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.cli import ArgumentParser, disk_full_message, fail, missing_folders, remove_empty  # noqa: E402
+from engine.cli import (ArgumentParser, disk_full_message, error_line, fail, missing_folders,  # noqa: E402
+                        remove_empty)
 from engine.config import ConfigError, check_model_names, load_config  # noqa: E402
 
 
@@ -124,7 +125,7 @@ def main(argv=None):
     try:
         check_sources(cfg.data + cfg.eval_data)  # (a dry run reads no data, so it does not need the files)
     except DataError as e:
-        return _said_once("error: " + " ".join(str(e).split()))
+        return _said_once(error_line(e))
     try:
         check_model_names(cfg)
         created = prepare_output_dir(cfg.output_dir)
