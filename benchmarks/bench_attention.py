@@ -45,7 +45,7 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CsvWriter, cli_error, peak_memory_mb, plot, timeit, write_json  # noqa: E402
+from benchmarks.common import ITERS, WARMUP, CsvWriter, cli_error, measure, peak_memory_mb, plot, write_json  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
@@ -302,19 +302,19 @@ def bench_case(writer, case, dropout_p, want, passes, warmup, iters, deadline=No
                 if pass_ == "fwd":
                     step, flops = (lambda: fn(*ins)), case.flops
                     with torch.no_grad():
-                        ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                        t, mem = measure(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                 elif pass_ == "bwd":
                     out = fn(*ins)
                     step = lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True)  # noqa: E731
                     flops = PASS_FACTOR["bwd"] * case.flops
-                    ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                    t, mem = measure(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
                     del out
                 else:
                     step = lambda: torch.autograd.grad(fn(*ins), ins, case.do)  # noqa: E731
                     flops = PASS_FACTOR["fwd+bwd"] * case.flops
-                    ms, mem = timeit(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
-                writer.add(case.shape, name, pass_, ms, flops / ms / 1e9, mem, dtype=str(case.dtype)[6:],
-                           dropout=dropout_p, err=f"{err:.1e}")
+                    t, mem = measure(step, warmup, iters, case.device), peak_memory_mb(step, case.device)
+                writer.add(case.shape, name, pass_, t.median, flops / t.median / 1e9, mem, dtype=str(case.dtype)[6:],
+                           dropout=dropout_p, err=f"{err:.1e}", **t.extra())
         except (RuntimeError, NotImplementedError, ValueError, TypeError) as exc:  # rejects this shape or call
             print(f"{name}: skipped on {case.shape}: {str(exc).splitlines()[0][:160]}", flush=True)
         finally:
@@ -338,8 +338,9 @@ def sweep(writer, case, dropout_p, warmup, iters):
             AC.fwd_config = lambda *a, _c=cfg, **kw: _c
             try:
                 with torch.no_grad():
-                    ms = timeit(lambda: fn(*ins), warmup, iters, case.device)
-                writer.add(case.shape, "triton" + "x".join(map(str, cfg)), "fwd", ms, case.flops / ms / 1e9)
+                    t = measure(lambda: fn(*ins), warmup, iters, case.device)
+                writer.add(case.shape, "triton" + "x".join(map(str, cfg)), "fwd", t.median, case.flops / t.median / 1e9,
+                           **t.extra())
             except Exception as exc:  # out of shared memory / registers for this config
                 print(f"fwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
         AC.fwd_config = base_fwd
@@ -347,10 +348,11 @@ def sweep(writer, case, dropout_p, warmup, iters):
         for cfg in [(c, dq0) for c in SWEEP_DKDV] + [(dkdv0, c) for c in SWEEP_DQ if c != dq0]:
             AC.bwd_config = lambda *a, _c=cfg, **kw: _c
             try:
-                ms = timeit(lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True), warmup, iters,
+                t = measure(lambda: torch.autograd.grad(out, ins, case.do, retain_graph=True), warmup, iters,
                             case.device)
                 label = "triton-dkdv" + "x".join(map(str, cfg[0])) + "-dq" + "x".join(map(str, cfg[1]))
-                writer.add(case.shape, label, "bwd", ms, PASS_FACTOR["bwd"] * case.flops / ms / 1e9)
+                writer.add(case.shape, label, "bwd", t.median, PASS_FACTOR["bwd"] * case.flops / t.median / 1e9,
+                           **t.extra())
             except Exception as exc:
                 print(f"bwd {cfg}: {str(exc).splitlines()[0][:160]}", flush=True)
     finally:
@@ -369,8 +371,8 @@ def main(argv=None):
                                       "sdpa,sdpa-padmask,eager,flex,flash_attn,torch")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls before the timed ones (GPU)")
+    p.add_argument("--iters", type=int, default=ITERS, help="timed calls: the row's ms is their median (GPU)")
     p.add_argument("--torch-max-scores", type=float, default=2.5e8,
                    help="run the torch reference only when B*Hq*S*S is below this (it materialises the scores)")
     p.add_argument("--sweep", action="store_true", help="time the Triton kernel's candidate launch configs")

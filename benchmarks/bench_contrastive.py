@@ -10,7 +10,9 @@ GPU mode (default): bf16 q (B, 4096) and d (2B, 4096) (one hard negative per que
 A dense baseline whose estimated footprint exceeds free GPU memory (the reference at B = 131072 needs a
 131072 x 262144 fp32 matrix, 137 GB) is recorded as skipped; an OOM at run time is recorded as oom.
 Each (case, pass) costs one warm-up call, one call under peak_memory_mb, and as many timed calls as fit
-in --budget-ms (at least one, at most 20), so the default GPU run stays around a minute.
+in --budget-ms (at least one, at most 20), so the default GPU run stays around a minute. A case cheap enough
+for the full protocol (benchmarks/common.py: 5 warm-up, 20 timed calls) gets three more warm-up calls; a
+dearer one is timed fewer times, and its row says how many (warmup, timed_steps) beside the quartiles.
 
     python -m benchmarks.bench_contrastive [--out CSV] [--plot PNG] [--tiny] [--batches 512,4096]
 
@@ -27,7 +29,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import CsvWriter, cli_ints, cli_names, peak_memory_mb, plot, timeit  # noqa: E402
+from benchmarks.common import ITERS, WARMUP, CsvWriter, Timing, cli_ints, cli_names, measure, peak_memory_mb, plot  # noqa: E402,E501
 from llm2vec_kernels._backend import interpreter_enabled  # noqa: E402
 from llm2vec_kernels.contrastive import _torch_same_dtype_loss, contrastive_loss, contrastive_loss_reference  # noqa: E402
 
@@ -60,8 +62,9 @@ def _sync(device):
 
 
 def _measure(fn, device, budget_ms, reset=None):
-    """(median ms, peak MB, iterations): one warm-up call (compiles), one call under peak_memory_mb that
-    also sizes the iteration count so timing costs about budget_ms, then the timed calls.
+    """(Timing, peak MB): one warm-up call (compiles), one call under peak_memory_mb that also sizes the
+    iteration count so timing costs about budget_ms (at most ITERS), then the timed calls; when all ITERS fit,
+    WARMUP - 2 more warm-up calls come first. Both untimed calls count as warm-up in the Timing.
     ``reset`` runs before the measured call (drops gradients, so the peak counts the new ones in full)."""
     fn()
     _sync(device)
@@ -71,8 +74,10 @@ def _measure(fn, device, budget_ms, reset=None):
     peak = peak_memory_mb(fn, device=device) if device == "cuda" else (fn(), float("nan"))[1]
     _sync(device)
     est_ms = (time.perf_counter() - t0) * 1e3
-    iters = int(max(1, min(20, budget_ms / max(est_ms, 1e-3))))
-    return timeit(fn, warmup=0, iters=iters, device=device), peak, iters
+    iters = int(max(1, min(ITERS, budget_ms / max(est_ms, 1e-3))))
+    more = max(0, WARMUP - 2) if iters == ITERS else 0
+    t = measure(fn, warmup=more, iters=iters, device=device)
+    return Timing(t.times_ms, t.warmup + 2), peak
 
 
 def run_case(writer, impl, fn, B, E, dtype, device, budget_ms, ref_rows):
@@ -113,11 +118,13 @@ def run_case(writer, impl, fn, B, E, dtype, device, budget_ms, ref_rows):
 
     pass_ = "fwd"
     try:
-        ms_f, peak_f, it_f = _measure(fwd, device, budget_ms)
-        writer.add(shape, impl, "fwd", ms_f, tflops=fwd_flops / ms_f / 1e9, peak_mb=peak_f, status="ok", iters=it_f,
-                   **extra)
+        t_f, peak_f = _measure(fwd, device, budget_ms)
+        ms_f = t_f.median
+        writer.add(shape, impl, "fwd", ms_f, tflops=fwd_flops / ms_f / 1e9, peak_mb=peak_f, status="ok",
+                   **t_f.extra(), **extra)
         pass_ = "fwd+bwd"
-        ms_s, peak, it_s = _measure(step, device, budget_ms, reset=no_grads)
+        t_s, peak = _measure(step, device, budget_ms, reset=no_grads)
+        ms_s = t_s.median
         no_grads()
         ratios = {}
         ref = ref_rows.get(shape)
@@ -126,7 +133,7 @@ def run_case(writer, impl, fn, B, E, dtype, device, budget_ms, ref_rows):
             if ref[1] == ref[1] and peak == peak:  # not NaN
                 ratios["mem_vs_torch"] = f"{peak / ref[1]:.4f}"
         writer.add(shape, impl, "fwd+bwd", ms_s, tflops=step_flops / ms_s / 1e9, peak_mb=peak, status="ok",
-                   iters=it_s, **ratios, **extra)
+                   **t_s.extra(), **ratios, **extra)
         if impl == "torch":
             ref_rows[shape] = (ms_s, peak)
     except torch.cuda.OutOfMemoryError as e:  # recorded, never fatal

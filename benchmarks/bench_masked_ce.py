@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import CsvWriter, cli_names, peak_memory_mb, plot, timeit
+from benchmarks.common import ITERS, WARMUP, CsvWriter, cli_names, measure, peak_memory_mb, plot
 
 IMPLS = ("full_logits", "gather_torch", "liger_flce", "triton_fused", "triton_recompute")
 
@@ -111,7 +111,7 @@ def main(argv=None):
     shapes = TINY_SHAPES if tiny else GPU_SHAPES
     if args.shapes:
         shapes = {k: shapes[k] for k in cli_names(args.shapes, list(shapes), "--shapes")}
-    warmup, iters = (1, args.iters or 2) if tiny else (2, args.iters or 6)
+    warmup, iters = (1, args.iters or 2) if tiny else (WARMUP, args.iters or ITERS)
     writer = CsvWriter(args.out, "masked_ce", device=device)
     impls = _available(tiny)
     rows = []
@@ -135,7 +135,8 @@ def main(argv=None):
 
             oom = None
             try:
-                ms = timeit(step, warmup=warmup, iters=iters, device=device)
+                timing = measure(step, warmup=warmup, iters=iters, device=device)
+                ms = timing.median
                 peak = peak_memory_mb(step, device=device)
             except torch.cuda.OutOfMemoryError as exc:
                 oom = str(exc).split("\n")[0][:80].replace(";", ",")
@@ -145,7 +146,7 @@ def main(argv=None):
                 rows.append(writer.add(shape, impl, "fwd+bwd", float("nan"), status=f"skipped (OOM: {oom})"))
                 continue
             results[impl] = (ms, peak)
-            extra = {"status": "ok", "dtype": str(dtype).replace("torch.", ""), "frozen_weight": True}
+            extra = {"status": "ok", "dtype": str(dtype).replace("torch.", ""), "frozen_weight": True, **timing.extra()}
             if impl.startswith("triton"):
                 extra.update(_ratios(shape_name, ms, peak, results))
             rows.append(writer.add(shape, impl, "fwd+bwd", ms, tflops=flops / ms / 1e9, peak_mb=peak, **extra))

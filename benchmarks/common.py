@@ -12,8 +12,14 @@ benchmarks on CPU with tiny shapes so they never rot). On CUDA, ``timeit`` has t
 * ``sync``: one call between two events with a synchronize after each, as the 2026-11-26 H200 run
   measured. The host's launch overhead is inside the figure, which dominates sub-millisecond
   calls (a ~0.15-0.25 ms floor on that machine for SDPA and the Triton wrappers alike).
+
+The protocol (``measure``): ``WARMUP`` = 5 untimed calls, then ``ITERS`` = 20 timed ones; a row reports the
+median as ``ms`` and the spread in its extras (``Timing.extra``: min, quartiles, IQR, warm-up and timed counts),
+so a reader (``summarize.py``) can tell a difference from noise and a short run from a full one. CPU runs with
+tiny shapes (CI's smoke runs) time fewer calls and say so in the same extras.
 """
 import csv
+import dataclasses
 import datetime
 import os
 import statistics
@@ -108,8 +114,59 @@ def timing_mode():
     return mode
 
 
-def timeit(fn, warmup=3, iters=10, device="cuda", mode=None):
-    """Median milliseconds of fn() over iters runs (see the module docstring for the CUDA modes)."""
+WARMUP, ITERS = 5, 20  # the project's timing protocol: at least 5 warm-up and 20 timed calls, median and IQR
+
+
+def quartiles(values):
+    """(q1, median, q3) of ``values``, interpolated between them (statistics.quantiles, method "inclusive": q at
+    position p(n - 1) of the sorted values), so they lie within [min, max]; the exclusive method extrapolates
+    beyond them for small n (two calls of 1 and 2 ms: q1 0.75, q3 2.25). One value is all three."""
+    v = sorted(values)
+    if not v:
+        raise ValueError("quartiles of no values")
+    if len(v) == 1:
+        return v[0], v[0], v[0]
+    q1, q2, q3 = statistics.quantiles(v, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """The timed calls of one measurement (milliseconds, in call order) and the untimed warm-up calls before them."""
+
+    times_ms: tuple
+    warmup: int
+
+    @property
+    def median(self):
+        return quartiles(self.times_ms)[1]
+
+    @property
+    def q1(self):
+        return quartiles(self.times_ms)[0]
+
+    @property
+    def q3(self):
+        return quartiles(self.times_ms)[2]
+
+    @property
+    def full_protocol(self):
+        """Whether the measurement followed the protocol (>= WARMUP warm-up and >= ITERS timed calls)."""
+        return self.warmup >= WARMUP and len(self.times_ms) >= ITERS
+
+    def extra(self, digits=4):
+        """A CSV row's timing extras: min, quartiles and IQR in ms (``digits`` decimals), warm-up, timed calls."""
+        q1, _, q3 = quartiles(self.times_ms)
+        f = f"{{:.{digits}f}}".format
+        return {"min_ms": f(min(self.times_ms)), "q1_ms": f(q1), "q3_ms": f(q3), "iqr_ms": f(q3 - q1),
+                "warmup": self.warmup, "timed_steps": len(self.times_ms)}
+
+
+def measure(fn, warmup=WARMUP, iters=ITERS, device="cuda", mode=None):
+    """``Timing`` of fn(): ``warmup`` untimed calls, then ``iters`` timed ones (see the module docstring for the
+    CUDA modes; on the CPU, wall-clock time per call)."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"measure: iters {iters} must be >= 1 and warmup {warmup} >= 0")
     for _ in range(warmup):
         fn()
     times = []
@@ -117,7 +174,7 @@ def timeit(fn, warmup=3, iters=10, device="cuda", mode=None):
         mode = mode or timing_mode()
         torch.cuda.synchronize()
         if mode == "gpu":
-            return _time_gpu(fn, iters)
+            return Timing(tuple(_time_gpu(fn, iters)), warmup)
         for _ in range(iters):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -130,7 +187,12 @@ def timeit(fn, warmup=3, iters=10, device="cuda", mode=None):
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timing(tuple(times), warmup)
+
+
+def timeit(fn, warmup=WARMUP, iters=ITERS, device="cuda", mode=None):
+    """Median milliseconds of fn() over ``iters`` timed calls after ``warmup`` (``measure(...).median``)."""
+    return measure(fn, warmup, iters, device, mode).median
 
 
 def _flush_buffer():
@@ -156,7 +218,7 @@ def _time_gpu(fn, iters):
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     del flush
-    return statistics.median(times)
+    return times
 
 
 def peak_memory_mb(fn, device="cuda"):
@@ -259,7 +321,7 @@ def run_elementwise_bench(op, doc, argv, tiny_shapes, gpu_shapes, make_case, imp
     tiny = args.tiny or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
     can_triton = not tiny or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    warmup, iters = (1, args.iters or 2) if tiny else (3, args.iters or 20)
+    warmup, iters = (1, args.iters or 2) if tiny else (WARMUP, args.iters or ITERS)
     writer, rows = CsvWriter(args.out, op, device=device), []
     for name, spec in (tiny_shapes if tiny else gpu_shapes).items():
         shape, nbytes, step = make_case(name, spec, device, dtype)
@@ -269,8 +331,8 @@ def run_elementwise_bench(op, doc, argv, tiny_shapes, gpu_shapes, make_case, imp
                                        status="skipped (CPU without TRITON_INTERPRET=1)"))
                 continue
             run = lambda impl=impl: step(impl)  # noqa: E731
-            ms = timeit(run, warmup=warmup, iters=iters, device=device)
-            rows.append(writer.add(shape, impl, "fwd+bwd", ms, tflops=nbytes / ms / 1e6,
+            t = measure(run, warmup=warmup, iters=iters, device=device)
+            rows.append(writer.add(shape, impl, "fwd+bwd", t.median, tflops=nbytes / t.median / 1e6,
                                    peak_mb=peak_memory_mb(run, device=device), status="ok",
-                                   dtype=str(dtype).replace("torch.", ""), tflops_column="GB/s"))
+                                   dtype=str(dtype).replace("torch.", ""), tflops_column="GB/s", **t.extra()))
     return rows

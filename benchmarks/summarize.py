@@ -21,9 +21,9 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
-import tarfile
+
+from benchmarks.archive_run import archive
 
 
 def _rows(path):
@@ -49,6 +49,55 @@ def _ok(v):
     return v == v and not math.isinf(v)
 
 
+PROTOCOL = (5, 20)  # benchmarks/common.py's WARMUP and ITERS: the least a final timing verdict rests on
+
+
+def _row_timing(row):
+    """(median, q1, q3, warmup, timed) in the row's own unit (ms) from its ms column and timing extras; the
+    counts are None where the row does not record them (rows from before the protocol: a contrastive row's
+    ``iters`` is its timed count)."""
+    ex = _extra(row)
+
+    def count(*keys):
+        for k in keys:
+            if k in ex:
+                try:
+                    return int(ex[k])
+                except ValueError:
+                    return None
+        return None
+
+    return (_f(row.get("ms")), _f(ex.get("q1_ms")), _f(ex.get("q3_ms")), count("warmup"),
+            count("timed_steps", "iters"))
+
+
+def timing_doubts(value, limit, up, down):
+    """Why a time ratio's verdict is provisional ([] when it is not). ``value`` grows with ``up``'s time over
+    ``down``'s (a time ratio up / down, or a tokens/s ratio down-path / up-path); both rows are what it rests on.
+
+    A verdict is provisional when a row was timed with fewer than PROTOCOL's warm-up or timed calls, when a row
+    records no quartiles (its spread is unknown), or when the target lies inside the ratio's IQR range: ``value``
+    scaled by (q1_up / median_up) / (q3_down / median_down) at the low end and (q3_up / median_up) / (q1_down /
+    median_down) at the high end, the ratio each pair of quartiles would give."""
+    out = []
+    stats = {id(r): _row_timing(r) for r in (up, down)}
+    for r in (up, down):
+        _, q1, q3, warm, timed = stats[id(r)]
+        name = r.get("impl", "?")
+        if warm is not None and timed is not None and (warm < PROTOCOL[0] or timed < PROTOCOL[1]):
+            out.append(f"{name}: {warm} warm-up + {timed} timed calls (protocol {PROTOCOL[0]} + {PROTOCOL[1]})")
+        elif timed is not None and timed < PROTOCOL[1]:
+            out.append(f"{name}: {timed} timed calls (protocol {PROTOCOL[1]})")
+        if not (_ok(q1) and _ok(q3)):
+            out.append(f"{name}: no quartiles recorded")
+    (mu, q1u, q3u, _, _), (md, q1d, q3d, _, _) = stats[id(up)], stats[id(down)]
+    if all(_ok(v) and v > 0 for v in (mu, q1u, q3u, md, q1d, q3d)):
+        lo, hi = value * (q1u / mu) / (q3d / md), value * (q3u / mu) / (q1d / md)
+        if lo <= limit <= hi:
+            out.append(f"the IQR range of the ratio, {lo:.3f}-{hi:.3f}x, spans the target {limit}x")
+    return out
+
+
 class Table:
     def __init__(self):
         self.lines = []
@@ -56,13 +105,21 @@ class Table:
     def add(self, issue, target, measured, verdict, note=""):
         self.lines.append((issue, target, measured, verdict, note))
 
-    def ratio(self, issue, target, value, limit, kind, detail="", fmt="{:.3f}"):
-        """kind 'le': value <= limit is met; 'ge': value >= limit."""
+    def ratio(self, issue, target, value, limit, kind, detail="", fmt="{:.3f}", timing=None):
+        """kind 'le': value <= limit is met; 'ge': value >= limit. ``timing`` = (up row, down row) for a time
+        ratio (timing_doubts): a verdict it puts in doubt reads "met (provisional)" or "MISSED (provisional)",
+        the reasons in the notes."""
         if not _ok(value):
             self.add(issue, target, "n/a", "n/a", detail or "no measurement")
             return
         met = value <= limit if kind == "le" else value >= limit
-        self.add(issue, target, fmt.format(value) + "x", "met" if met else "MISSED", detail)
+        verdict = "met" if met else "MISSED"
+        doubts = timing_doubts(value, limit, *timing) if timing else []
+        if doubts:
+            verdict += " (provisional)"
+            detail = "; ".join([detail] + ["provisional: " + ", ".join(doubts)] if detail else
+                               ["provisional: " + ", ".join(doubts)])
+        self.add(issue, target, fmt.format(value) + "x", verdict, detail)
 
     def markdown(self):
         out = ["| issue | target | measured | verdict | where / notes |", "| --- | --- | --- | --- | --- |"]
@@ -79,9 +136,10 @@ def attention_targets(t, rows):
         t.add("4 attention", "padded mix >= 2x SDPA + additive mask", "n/a", "n/a", "bench_attention.csv missing")
         return
     ok = [r for r in rows if _ok(_f(r["ms"])) and r["pass"] in ("fwd+bwd", "fwdbwd", "step")]
-    by_shape = {}
+    by_shape, row_of = {}, {}
     for r in ok:
         by_shape.setdefault(r["shape"], {})[r["impl"]] = _f(r["ms"])
+        row_of[(r["shape"], r["impl"])] = r
     dense, mixed = [], []
     for shape, impls in by_shape.items():
         tri = [(v, k) for k, v in impls.items() if k.startswith("triton")]
@@ -89,10 +147,11 @@ def attention_targets(t, rows):
             continue
         tri, tri_impl = min(tri)  # the faster of the fixed configs and opt-in autotuning, named in the notes
         label = f"{shape} [{tri_impl}]"
-        masked = [v for k, v in impls.items() if "mask" in k.lower()]
-        plain = [v for k, v in impls.items() if k.lower().startswith("sdpa") and "mask" not in k.lower()]
+        masked = [(v, k) for k, v in impls.items() if "mask" in k.lower()]
+        plain = [(v, k) for k, v in impls.items() if k.lower().startswith("sdpa") and "mask" not in k.lower()]
         if masked and "pad" in shape.lower():
-            mixed.append((min(masked) / tri, label))
+            m, m_impl = min(masked)
+            mixed.append((m / tri, label, (row_of[(shape, m_impl)], row_of[(shape, tri_impl)])))
         m = re.match(r"^(\d+)x(\d+)x(\d+)x(\d+)x(\d+)$", shape.strip())
         d = s = None
         if m:
@@ -104,18 +163,20 @@ def attention_targets(t, rows):
             md = md and next(int(g) for g in md.groups() if g)
             s, d = ms or None, md or None
         if plain and d == 128 and s is not None and s >= 512 and "pad" not in shape.lower() and "varlen" not in shape:
-            dense.append((tri / min(plain), label))
+            p, p_impl = min(plain)
+            dense.append((tri / p, label, (row_of[(shape, tri_impl)], row_of[(shape, p_impl)])))
+    first = lambda x: x[0]  # noqa: E731
     if dense:
-        worst = max(dense)
+        worst = max(dense, key=first)
         t.ratio("4 attention", "dense D=128 S>=512 fwd+bwd time <= 1.0x best SDPA backend", worst[0], 1.0, "le",
-                f"worst of {len(dense)} shapes: {worst[1]}; best {min(dense)[0]:.3f}x")
+                f"worst of {len(dense)} shapes: {worst[1]}; best {min(dense, key=first)[0]:.3f}x", timing=worst[2])
     else:
         t.add("4 attention", "dense D=128 S>=512 fwd+bwd <= 1.0x best SDPA", "n/a", "n/a",
               "no dense D=128 S>=512 fwd+bwd rows with triton and sdpa")
     if mixed:
-        worst = min(mixed)
+        worst = min(mixed, key=first)
         t.ratio("4 attention", "padded length mix: >= 2x faster than SDPA + additive mask", worst[0], 2.0, "ge",
-                f"speedup (mask ms / triton ms), {worst[1]}")
+                f"speedup (mask ms / triton ms), {worst[1]}", timing=worst[2])
     else:
         t.add("4 attention", "padded mix >= 2x SDPA + additive mask", "n/a", "n/a",
               "no row with an sdpa *mask* impl beside triton")
@@ -147,13 +208,13 @@ def masked_ce_targets(t, rows):
                 _f(tri["peak_mb"]) / _f(full["peak_mb"]), 0.05, "le",
                 f"{_f(tri['peak_mb']):.0f} MB vs {_f(full['peak_mb']):.0f} MB", fmt="{:.4f}")
         t.ratio(name, "Llama-3-8B fwd+bwd time <= 0.35x full-logits path", _f(tri["ms"]) / _f(full["ms"]), 0.35, "le",
-                f"{_f(tri['ms']):.2f} ms vs {_f(full['ms']):.2f} ms")
+                f"{_f(tri['ms']):.2f} ms vs {_f(full['ms']):.2f} ms", timing=(tri, full))
     else:
         t.add(name, "Llama-3-8B vs full logits (memory, time)", "n/a", "n/a",
               "missing triton_fused or full_logits fwd+bwd row (OOM or error?)")
     if tri and gat:
         t.ratio(name, "Llama-3-8B fwd+bwd time <= 1.0x gather-then-torch", _f(tri["ms"]) / _f(gat["ms"]), 1.0, "le",
-                f"{_f(tri['ms']):.2f} ms vs {_f(gat['ms']):.2f} ms")
+                f"{_f(tri['ms']):.2f} ms vs {_f(gat['ms']):.2f} ms", timing=(tri, gat))
     else:
         t.add(name, "Llama-3-8B time <= 1.0x gather-then-torch", "n/a", "n/a", "missing rows")
     rec = sel.get("triton_recompute")
@@ -186,7 +247,7 @@ def contrastive_targets(t, rows, ts_rows=None):
         tri, ref = pick(512, "triton"), pick(512, "torch")
         if tri and ref:
             t.ratio(name, "B=512 loss fwd+bwd time <= 1.0x torch reference", _f(tri["ms"]) / _f(ref["ms"]), 1.0, "le",
-                    f"{_f(tri['ms']):.3f} ms vs {_f(ref['ms']):.3f} ms")
+                    f"{_f(tri['ms']):.3f} ms vs {_f(ref['ms']):.3f} ms", timing=(tri, ref))
         else:
             t.add(name, "B=512 time <= 1.0x torch", "n/a", "n/a", "missing triton or torch fwd+bwd row at B=512")
     big = {(r["impl"], r["shape"].split()[1]): r for r in (ts_rows or []) if r["shape"].startswith("supervised-bigbatch")}
@@ -321,7 +382,7 @@ def train_step_targets(t, rows, legacy=False):
                   f"{e / r:.3f}x" if _ok(e) and _ok(r) else "n/a", "info", detail)
         else:
             t.ratio(name, f"{stage} step tokens/s >= {target}x {ref}", e / r if _ok(r) else float("nan"),
-                    target, "ge", detail)
+                    target, "ge", detail, timing=(steps[(stage, ref)], steps[(stage, eng)]) if _ok(e) else None)
     re_ = steps.get(("mntp", head))
     ref_mem = "reference" if steps.get(("mntp", "reference")) else "reference-zero3"
     rr = steps.get(("mntp", ref_mem))
@@ -447,42 +508,6 @@ def plot_train_step(rows, png):
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return png
-
-
-def archive(src, root):
-    """Copy a fetched GPU run into root/<date>-<gpu>/ with a README; returns the folder."""
-    rows = []
-    for name in ("bench_train_step.csv", "bench_attention.csv", "bench_masked_ce.csv", "bench_contrastive.csv"):
-        rows += _rows(os.path.join(src, name)) or []
-    meta = next((r for r in rows if r.get("gpu")), {"gpu": "unknown", "date": "unknown", "commit": "unknown"})
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"].replace("NVIDIA", "")).strip("-").lower() or "gpu"
-    dst = os.path.join(root, f"{meta['date']}-{slug}")
-    os.makedirs(dst, exist_ok=True)
-    for name in sorted(os.listdir(src)):
-        path = os.path.join(src, name)
-        if name == "results.tar.gz":
-            with tarfile.open(path) as tar:
-                for m in tar.getmembers():
-                    base = os.path.basename(m.name)
-                    if (m.isfile() and base.endswith((".png", ".txt", ".tsv")) and "/assets/" not in m.name
-                            and base != "summary_stdout.txt"):
-                        with tar.extractfile(m) as f_in, open(os.path.join(dst, base), "wb") as f_out:
-                            shutil.copyfileobj(f_in, f_out)
-        elif os.path.isfile(path):
-            shutil.copy(path, os.path.join(dst, name))
-    summary = ""
-    if os.path.isfile(os.path.join(dst, "summary.md")):
-        with open(os.path.join(dst, "summary.md")) as f:
-            summary = f.read()
-    files = sorted(n for n in os.listdir(dst) if n != "README.md")
-    with open(os.path.join(dst, "README.md"), "w") as f:
-        f.write(f"# GPU run {meta['date']} on {meta['gpu']}\n\n"
-                f"- what ran: `bash benchmarks/gpu_run.sh` in one call: bf16 `gpu_check()` of each kernel and the "
-                f"GPU-marked tests, `benchmarks/bench_attention.py`, `bench_masked_ce.py`, `bench_contrastive.py`, "
-                f"`bench_train_step.py` (with profiler), then `benchmarks/summarize.py`\n"
-                f"- card: {meta['gpu']} (versions in env.txt)\n- commit: {meta['commit']}\n"
-                f"- files: {', '.join(files)}\n\n{summary}")
-    return dst
 
 
 def main(argv=None):

@@ -1,8 +1,9 @@
 """The train-step benchmark's measuring conventions: its clock and log, batch shapes and masking, the FLOPs a
 row divides by its step time (model and hardware FLOPs, see bench_train_step's docstring), the card's peak,
 and the timing protocol (early stop on the time budget, step statistics)."""
-import statistics
 import time
+
+from benchmarks.common import Timing
 
 T0 = time.perf_counter()  # the benchmark's start: the time budget and the log count from here
 
@@ -79,12 +80,6 @@ def out_of_time(args, times, min_steps=5):
 
 
 def step_stats(times, warmup):
-    """CSV extras of a timed run: min, quartiles and IQR of the step times (ms), and the protocol.
-
-    The quartiles interpolate between the measured times (statistics.quantiles, method "inclusive": q at
-    position p(n - 1) of the sorted times), so they lie within [min, max]; the exclusive method extrapolates
-    beyond them for small n (two steps of 1000 and 2000 ms: q1 750, q3 2250)."""
-    ms = sorted(t * 1e3 for t in times)
-    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
-    return {"min_ms": f"{ms[0]:.1f}", "q1_ms": f"{q1:.1f}", "q3_ms": f"{q3:.1f}", "iqr_ms": f"{q3 - q1:.1f}",
-            "warmup": warmup, "timed_steps": len(ms)}
+    """CSV extras of a timed run (step times in seconds): min, quartiles and IQR of the step times (ms, one
+    decimal) and the protocol, in the kernel benchmarks' format (benchmarks.common.Timing.extra)."""
+    return Timing(tuple(t * 1e3 for t in times), warmup).extra(digits=1)

@@ -122,6 +122,26 @@ def test_timeit_reports_the_median_of_an_even_count(monkeypatch):
         assert common.timeit(cuda.fn, warmup=0, iters=4, device="cuda", mode=mode) == 2.5, mode
 
 
+def test_measure_keeps_every_timed_call_and_rows_carry_the_spread(monkeypatch, tmp_path):
+    """The protocol is 5 warm-up + 20 timed calls by default; a Timing keeps the timed calls, and a row written from
+    it carries min, quartiles, IQR and both counts, so summarize.py can tell a short run or a noisy ratio."""
+    calls = []
+    times = iter(range(1000))
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(times) * 1e-3)
+    t = common.measure(lambda: calls.append(1), device="cpu")
+    assert len(calls) == common.WARMUP + common.ITERS == 25 and len(t.times_ms) == 20 and t.full_protocol
+    monkeypatch.undo()
+    t = common.Timing((4.0, 1.0, 3.0, 2.0, 5.0), warmup=2)
+    assert (t.median, t.q1, t.q3) == (3.0, 2.0, 4.0) and not t.full_protocol
+    ex = t.extra()
+    assert ex == {"min_ms": "1.0000", "q1_ms": "2.0000", "q3_ms": "4.0000", "iqr_ms": "2.0000", "warmup": 2,
+                  "timed_steps": 5}
+    row = common.CsvWriter(str(tmp_path / "r.csv"), "x", device="cpu").add("s", "i", "fwd", t.median, **ex)
+    assert "q1_ms=2.0000;q3_ms=4.0000;iqr_ms=2.0000;warmup=2;timed_steps=5" in row["extra"]
+    with pytest.raises(ValueError):
+        common.measure(lambda: None, iters=0, device="cpu")
+
+
 def test_tiny_rows_on_a_gpu_host_say_they_ran_on_the_cpu(monkeypatch, tmp_path):
     """--tiny runs on the CPU with wall-clock timing even where a GPU is present: its rows say gpu=cpu and
     timing=wall, not the card's name and its timing mode."""
@@ -134,6 +154,8 @@ def test_tiny_rows_on_a_gpu_host_say_they_ran_on_the_cpu(monkeypatch, tmp_path):
     assert on_card["gpu"] == "NVIDIA H100 80GB HBM3" and "timing=gpu" in on_card["extra"]
     rows = bench_rms_norm.main(["--tiny", "--iters", "1", "--out", str(tmp_path / "tiny.csv")])
     assert rows and all(r["gpu"] == "cpu" and "timing=wall" in r["extra"] for r in rows), rows
+    timed = [r for r in rows if "status=ok" in r["extra"]]
+    assert timed and all("warmup=1;timed_steps=1" in r["extra"] for r in timed), timed  # the row says how it ran
 
 
 def test_elementwise_benchmarks_count_the_bytes_the_kernels_move():

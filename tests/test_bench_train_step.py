@@ -453,8 +453,11 @@ def test_summary_table(tmp_path, tiny_run):
     assert "1.500x | MISSED" in lines["Llama-3-8B fwd+bwd time <= 1.0x gather-then-torch"]
     assert "0.0250x | met" in lines["B=32768 loss fwd+bwd peak memory <= 0.10x torch reference"]
     assert "1.111x | MISSED" in lines["B=512 loss fwd+bwd time <= 1.0x torch reference"]
-    mntp = lines["mntp step tokens/s >= 1.5x reference"]
-    assert ("| met |" in mntp or "| MISSED |" in mntp) and "tokens/s" in mntp
+    mntp = lines["mntp step tokens/s >= 1.5x reference"]  # the tiny run times 1 step: never a final verdict
+    assert ("| met (provisional) |" in mntp or "| MISSED (provisional) |" in mntp) and "tokens/s" in mntp
+    assert "1 warm-up + 1 timed calls (protocol 5 + 20)" in mntp
+    assert "no quartiles recorded" in lines["Llama-3-8B fwd+bwd time <= 0.35x full-logits path"]
+    assert "| met |" in lines["Llama-3-8B peak extra memory <= 0.05x full-logits path"]  # memory: no timing doubt
     assert "TIMEOUT" in text and "gpu_check masked_ce: 0/1 ok" in text and "gpu_check contrastive: ERROR" in text
     assert "profile mntp / engine" in text
     assert os.path.getsize(d / "ts.png") > 0 and open(d / "s.md").read() == text
@@ -509,6 +512,35 @@ def test_summary_of_the_committed_h200_run_keeps_its_verdicts(tmp_path):
         assert got[key][1] == verdict, (key, got.get(key), verdict)
     mntp = got[("7 train step", "mntp step tokens/s >= 1.5x reference")][0]
     assert f"{float(mntp.rstrip('x')):.2f}" == "0.90"
+
+
+def test_a_time_verdict_is_provisional_unless_the_protocol_ran_and_the_spread_clears_the_target():
+    """A time ratio's verdict is final only when both rows ran 5 warm-up + 20 timed calls and the ratio of their
+    quartiles stays on one side of the target; otherwise it reads "(provisional)" and the notes say why."""
+    from benchmarks import summarize
+
+    def row(impl, ms, q1, q3, warmup=5, timed=20):
+        return {"impl": impl, "ms": str(ms), "extra": f"q1_ms={q1};q3_ms={q3};warmup={warmup};timed_steps={timed}"}
+
+    def verdict(up, down, limit=1.0):
+        t = summarize.Table()
+        t.ratio("x", "time <= limit", _f(up["ms"]) / _f(down["ms"]), limit, "le", "d", timing=(up, down))
+        return t.lines[-1][3], t.lines[-1][4]
+
+    _f = float
+    assert verdict(row("a", 8.0, 7.9, 8.1), row("b", 10.0, 9.9, 10.1)) == ("met", "d")
+    assert verdict(row("a", 12.0, 11.9, 12.1), row("b", 10.0, 9.9, 10.1)) == ("MISSED", "d")
+    v, note = verdict(row("a", 9.8, 9.0, 10.5), row("b", 10.0, 9.5, 10.4))  # 0.98x, quartile ratios 0.87-1.11x
+    assert v == "met (provisional)" and "spans the target 1.0x" in note, note
+    v, note = verdict(row("a", 8.0, 7.9, 8.1, warmup=3, timed=10), row("b", 10.0, 9.9, 10.1))
+    assert v == "met (provisional)" and "a: 3 warm-up + 10 timed calls" in note, note
+    v, note = verdict({"impl": "a", "ms": "8.0", "extra": "iters=20"}, row("b", 10.0, 9.9, 10.1))
+    assert v == "met (provisional)" and "a: no quartiles recorded" in note and "timed calls" not in note, note
+    # a tokens/s ratio (engine over reference) grows with the reference's time: up is the reference's row
+    t = summarize.Table()
+    ref, eng = row("reference", 300.0, 290, 310), row("engine", 100.0, 99, 101)
+    t.ratio("7", "tokens/s >= 1.5x", 3.0, 1.5, "ge", "", timing=(ref, eng))
+    assert t.lines[-1][3] == "met" and t.lines[-1][4] == ""
 
 
 def test_summary_reads_an_unmeasured_fit_as_not_measured():
