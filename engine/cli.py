@@ -12,14 +12,16 @@ import sys
 BAD_INPUT = 2
 
 
-def error_line(message):
-    """``error: message`` on one line (the message's own line breaks and runs of spaces folded)."""
-    return "error: " + " ".join(str(message).split())
+def error_line(message, kind="error"):
+    """``kind: message`` on one line (the message's own line breaks and runs of spaces folded). ``kind`` is
+    "error", or "config error" where engine/train.py reads the run config itself (its keys and values, the model
+    names, the output folder) before any work; what the run then meets (data, checkpoints, the model) is "error"."""
+    return f"{kind}: " + " ".join(str(message).split())
 
 
-def fail(message):
+def fail(message, kind="error"):
     """Print :func:`error_line` on stderr; returns the bad-input exit code."""
-    print(error_line(message), file=sys.stderr)
+    print(error_line(message, kind), file=sys.stderr)
     return BAD_INPUT
 
 

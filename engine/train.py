@@ -72,6 +72,9 @@ def prepare_output_dir(path):
     return created
 
 
+CONFIG_ERROR = "config error"  # what a line about the config file itself (its keys, values, names) starts with
+
+
 def _said_once(line):
     """A bad input found before the process group exists is as a rule the same on every rank of a host (one config,
     one filesystem): the host's first rank (LOCAL_RANK 0) says it at once, and the launcher then stops the other
@@ -102,7 +105,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        return _said_once(f"config error: {e}")
+        return _said_once(error_line(e, CONFIG_ERROR))
     if args.print_config:
         import yaml
 
@@ -130,7 +133,7 @@ def main(argv=None):
         check_model_names(cfg)
         created = prepare_output_dir(cfg.output_dir)
     except ConfigError as e:
-        return _said_once(f"config error: {e}")
+        return _said_once(error_line(e, CONFIG_ERROR))
     # DeepSpeed's launcher stops the other ranks with SIGTERM when one fails, as Slurm's scancel does: run the
     # finally blocks (the run lock, an empty folder, temporary files), exit 128 + 15 as the default action would
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
