@@ -39,12 +39,16 @@ def device_name(device=None):
 
 
 def git_commit():
+    """The code a row names, by gpu_lib.sh's code_label rule: LLM2VEC_COMMIT when set (gpu_run.sh sets it for every
+    step, a tree hash on a device copy without git metadata), else git's short HEAD, else "unknown"."""
+    if os.environ.get("LLM2VEC_COMMIT"):
+        return os.environ["LLM2VEC_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except Exception:
-        return os.environ.get("LLM2VEC_COMMIT", "unknown")
+        return "unknown"
 
 
 TIMING_MODES = ("gpu", "sync")

@@ -371,6 +371,19 @@ def test_tree_hash_names_the_kernels(tmp_path):
         assert 'LLM2VEC_COMMIT=$(code_label "$ROOT")' in f.read()
 
 
+def test_rows_name_the_code_as_the_gpu_run_does(monkeypatch):
+    """benchmarks.common.git_commit (every CSV row's commit) follows code_label: LLM2VEC_COMMIT first (gpu_run.sh's
+    label, a tree hash on a copy without git), git's HEAD without it. It preferred HEAD, so a row could name another
+    commit than the run's log and summary."""
+    from benchmarks import common
+
+    monkeypatch.setenv("LLM2VEC_COMMIT", "tree-0123456789ab")
+    assert common.git_commit() == "tree-0123456789ab"
+    monkeypatch.delenv("LLM2VEC_COMMIT")
+    head = run_cmd(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], timeout=30)
+    assert common.git_commit() == (head.stdout.strip() if head.returncode == 0 else "unknown")
+
+
 def test_gpu_rerun_times_what_it_says():
     """gpu_rerun_train_step.sh re-measures the 2026-11-26 follow-up: MNTP and supervised, the ZeRO-3 reference (that
     run's `reference`, today's reference-zero3) against engine; not llm2vec's HF recipe, today's `reference`. Its rows
