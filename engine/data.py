@@ -285,6 +285,16 @@ def iter_texts(sources, stats, max_samples=0, dedup=False, seed=0):
             break
 
 
+def seed_orders(sources):
+    """Whether the run's seed shapes what ``iter_texts`` yields from ``sources``: only an STS-style pair file's
+    sentences are ordered by it (:func:`split_pairs`); a corpus reads in its own order whatever the seed. A missing
+    file is read as not ordered (``iter_texts`` then says it is missing)."""
+    for src in sources:
+        if not src.startswith("hf:") and os.path.isfile(src) and is_sts_file(src):
+            return True
+    return False
+
+
 def _raw_texts(src, room, seed):
     """The raw texts of one source (``room``: how many more texts are wanted, 0 for all)."""
     if src.startswith("hf:"):

@@ -16,7 +16,8 @@ random batches of 32 blocks from a 1 GB corpus's entry; +0 MB with ``pread``).
 The key is a SHA-256 of the tokenizer's identity (class, name, hashes of its vocabulary and of its whole pipeline,
 its special tokens, its EOS and BOS/EOS flags),
 each source's content (SHA-256 of a local file; the spec and the ``datasets`` fingerprint of an ``hf:`` source)
-and the settings that shape the items (stage, max_seq_len, max_samples, seed, ...): another tokenizer, other
+and the settings that shape the items (stage, max_seq_len, max_samples, the seed where it orders them: an STS
+pair file, ...): another tokenizer, other
 data or other settings is another entry, never a stale one.
 
 One process builds an entry, under an exclusive lock on the cache (``engine.assets.cache_lock``): the ranks that

@@ -71,6 +71,32 @@ def test_mntp_items_are_tokenised_once_and_equal_the_in_memory_blocks(tmp_path, 
     assert changed[:] == chunk_documents(["changed text"] * 50, tok.tok, 48)
 
 
+def test_the_seed_keys_an_entry_only_where_it_orders_the_items(tmp_path, _cache):
+    """A corpus reads in its own order whatever the seed, so runs of several seeds share one entry (a 1M-sentence
+    corpus was tokenised again per seed); an STS-style pair file's sentences are shuffled by the seed
+    (engine.data.split_pairs), so there each seed has its own entry, holding that seed's order."""
+    from engine.data import seed_orders
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"document {i}: " + "some words here " * (i % 7) + "\n" for i in range(60)))
+    sts = "data/stsbenchmark/sts-dev.csv"
+    assert not seed_orders([str(docs)]) and seed_orders([str(docs), sts]) and not seed_orders(["hf:x"])
+    for stage in ("mntp", "simcse"):
+        cfg = load_config(f"configs/tiny/{stage}.yaml", [f"data={docs}"])
+        first = build_stage(cfg, _Counting(load_tokenizer(cfg.model))).load(cfg.data, 0)[0][:]
+        n = len(os.listdir(_cache))
+        cfg = load_config(f"configs/tiny/{stage}.yaml", [f"data={docs}", "seed=7"])
+        tok = _Counting(load_tokenizer(cfg.model))
+        st = build_stage(cfg, tok)
+        tok.texts = 0
+        assert st.load(cfg.data, 0)[0][:] == first and len(os.listdir(_cache)) == n and tok.texts == 0, stage
+        orders = []
+        for seed in (1, 2):
+            cfg = load_config(f"configs/tiny/{stage}.yaml", [f"data={sts}", f"seed={seed}"])
+            orders.append(build_stage(cfg, _Counting(load_tokenizer(cfg.model))).load(cfg.data, 200)[0][:])
+        assert orders[0] != orders[1] and len(os.listdir(_cache)) == n + 2, stage
+
+
 def test_a_tokenizer_changed_under_the_same_path_is_another_entry(tmp_path):
     """The key covers a fast tokenizer's whole pipeline: a post-processor that now adds BOS (same path, vocabulary
     and special tokens) makes other MNTP blocks, so it must not find the old entry."""

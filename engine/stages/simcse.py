@@ -3,7 +3,7 @@ default 0.3 as in LLM2Vec, plus LoRA dropout); the two views are each other's po
 other sentences of the batch (across ranks too) are the negatives."""
 
 from .. import token_cache
-from ..data import DataError, DataStats, iter_texts
+from ..data import DataError, DataStats, iter_texts, seed_orders
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -23,7 +23,9 @@ class SimCSEStage(ContrastiveStage):
                 raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
             return stats.to_cache()
 
-        settings = {"stage": "simcse", "max_samples": max_samples, "seed": seed, "dedup": True}
+        settings = {"stage": "simcse", "max_samples": max_samples, "dedup": True}
+        if seed_orders(sources):  # a corpus's sentences are the same under every seed: one cache entry for all
+            settings["seed"] = seed
         texts, meta = token_cache.cached_items("json", None, sources, settings, build)
         return texts, DataStats.from_cache(meta["stats"], not_counted=["truncated"]), None  # cut at collate
 
