@@ -76,7 +76,9 @@ CHAT_WRAP_BY_BASE = {
 }
 CHAT_SETTINGS = ("auto", "none", *CHAT_WRAPS)
 # What a training run records (engine_encoder.json "text_format") for the rule below; runs without it predate it.
-TEXT_FORMAT = "instruction-newline-eos/1"
+# /2: under a chat wrap, the prompt is the tokens the text shares with it (_prefix_len), so a head ending in a space
+# no longer takes the text's first word out of the pooled tokens (/1 did; unwrapped texts read as in /1)
+TEXT_FORMAT = "instruction-newline-eos/2"
 
 
 def resolve_chat(setting, base_id, stage="supervised"):
@@ -128,13 +130,33 @@ def prompt_tokens(tokenizer, prefix, cache=None):
     return ids
 
 
-def _prefix_len(ids, prefix_ids):
-    """How many leading tokens of ``ids`` are not pooled: the prefix's own token count, as sentence-transformers
-    counts a prompt (on the prompt alone), at most the whole sequence. The prefix ends in a newline, a token boundary
-    for any text that does not itself start with whitespace; one that does (``"\n\nHi"``, ``"   "``) can fuse
-    its first whitespace with that newline (byte-level BPE: ``ĊĊ``), and that fused token is then not pooled, as
-    in an exported folder (a whitespace-only text is its EOS, as ``""`` is)."""
-    return min(len(prefix_ids), len(ids))
+def _prefix_len(ids, prefix_ids, wrapped=False, tokenizer=None):
+    """How many leading tokens of ``ids`` are not pooled.
+
+    Unwrapped: the prefix's own token count, as sentence-transformers counts a prompt (on the prompt alone), at
+    most the whole sequence. The prefix ends in a newline, a token boundary for any text that does not itself start
+    with whitespace; one that does (``"\n\nHi"``, ``"   "``) can fuse its first whitespace with that newline
+    (byte-level BPE: ``ĊĊ``), and that fused token is then not pooled, as in an exported folder (a whitespace-only
+    text is its EOS, as ``""`` is).
+
+    Under a chat wrap (``wrapped``; no export encodes one, so no prompt count to agree with; ``tokenizer`` given):
+    the leading tokens of ``ids`` that hold prompt characters only: those it shares with the prefix alone, then any
+    that still decode to a prefix of the prompt (a head's ``"\n\n"`` is one token alone, two before a word on
+    byte-level BPE). A head that ends in a space (``"[INST] "``) tokenises alone with a lone space piece that the
+    text's first word takes in (``▁Hi``): counted on the prefix alone, that word was never pooled, and a one-word
+    text pooled only the tail and the EOS."""
+    if not wrapped:
+        return min(len(prefix_ids), len(ids))
+    n = 0
+    for a, b in zip(ids, prefix_ids):
+        if a != b:
+            break
+        n += 1
+    if n < len(prefix_ids):
+        prompt = tokenizer.decode(prefix_ids, clean_up_tokenization_spaces=False)
+        while n < len(ids) and prompt.startswith(tokenizer.decode(ids[:n + 1], clean_up_tokenization_spaces=False)):
+            n += 1
+    return n
 
 
 def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="mean", chat=None,
@@ -165,7 +187,7 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     for ids, prefix, text in zip(enc, prefixes, texts):
         if ids and ids[-1] == eos:
             ids = ids[:-1]  # a tokenizer that appends EOS itself (an exported one): append it once
-        n_prefix = _prefix_len(ids, prompt_tokens(tokenizer, prefix, cache)) if skip_instruction else 0
+        n_prefix = _prefix_len(ids, prompt_tokens(tokenizer, prefix, cache), bool(chat), tokenizer) if skip_instruction else 0
         if len(ids) > max_len - 1:
             stats["truncated"] += 1
             ids = ids[:max_len - 1]

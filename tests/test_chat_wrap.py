@@ -107,3 +107,24 @@ def test_training_encode_and_export_follow_the_recorded_wrap(tmp_path, style):
     _save_adapter(model, str(tmp_path / "published"), base, seed=3)
     assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu").chat == wrap
     assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu", chat="none").chat is None
+
+
+@pytest.mark.parametrize("tokenizer", ["smollm2", "sentencepiece"])
+def test_a_wrapped_text_pools_all_its_words_and_none_of_the_head(tmp_path, tokenizer):
+    """Under every chat wrap, with an instruction or none, the pooled tokens are the text's (its first word too),
+    the tail and the EOS; the head and instruction are not pooled. The "[INST] " head ends in a space, which the
+    text's first word takes in (``▁hello``): counted on the head alone, that word was not pooled, and a one-word text
+    pooled only the tail and its EOS."""
+    from engine.encoding import CHAT_WRAPS
+
+    tok = build_sp_tokenizer(str(tmp_path / "sp")) if tokenizer == "sentencepiece" else load_tokenizer(
+        ModelConfig(name_or_path="smollm2-135m"))
+    for chat, (head, tail) in CHAT_WRAPS.items():
+        for instruction in ("", "Retrieve passages"):
+            ids, pms, _ = tokenize_for_encoding(tok, ["hello world", "hello"], [instruction] * 2, chat=chat)
+            for text, seq, pm in zip(["hello world", "hello"], ids, pms):
+                pooled = tok.decode([t for t, m in zip(seq, pm) if m], clean_up_tokenization_spaces=False)
+                unpooled = tok.decode([t for t, m in zip(seq, pm) if not m], clean_up_tokenization_spaces=False)
+                assert pooled.strip().startswith(text + tail.strip()[:1]) or pooled.strip().startswith(text + " "), \
+                    (chat, instruction, pooled)
+                assert "hello" not in unpooled and (not instruction or instruction in unpooled), (chat, unpooled)
