@@ -219,18 +219,21 @@ class Trainer:
         t0 = time.time()
         # losses and token counts stay on the device: one read per optimizer step (the all-reduce below)
         red = torch.zeros(4, dtype=torch.float64, device=self.device)
-        truncated = 0
-        for a, idx in enumerate(self.plan.micro_batches(step)):
+        truncated, batches = 0, []
+        for a, idx in enumerate(self.plan.micro_batches(step)):  # collated first: their loss units weigh them
             seed = _micro_seed(self.cfg.seed, step, a * world + self.rank)
-            torch.manual_seed(seed)
             batch = self.stage.collate([self.items[i] for i in idx], torch.Generator().manual_seed(seed))
             truncated += int(batch.pop("truncated", 0))
+            batches.append((seed, batch))
+        weights, _ = self.unit_weights([self.stage.loss_units(b) for _, b in batches])
+        for a, (seed, batch) in enumerate(batches):
+            torch.manual_seed(seed)  # dropout: the micro-batch's slot draws it, whatever the world size
             batch = to_device(batch, self.device)
-            loss, metrics = self.stage.train_micro_step(engine, batch)
+            loss, metrics = self.stage.train_micro_step(engine, batch, weights[a])
             if self.dump_grads and a == self.accum - 1:
                 _dump_grads(self.module, self.dump_grads, step + 1, self.rank)
             engine.step()
-            red[0] += loss.detach().to(torch.float64)
+            red[0] += loss.detach().to(torch.float64) * weights[a]
             red[1] += metrics.get("tokens", 0)
         red[0] /= self.accum
         red[2] = truncated
@@ -244,6 +247,15 @@ class Trainer:
                "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),
                "epoch": self.plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
         return row, bad
+
+    def unit_weights(self, units):
+        """Each micro-batch's loss weight (:func:`unit_weights`), the units counted over every micro-batch of every
+        rank by one all-reduce; all 1 for a stage without loss units."""
+        if any(u is None for u in units):
+            return [1.0] * len(units), None
+        total = torch.tensor([float(sum(units))], dtype=torch.float64, device=self.device)
+        dist.all_reduce(total)
+        return unit_weights(units, self.accum, self.world, total.item()), total.item()
 
     # -- after the step: eval, log, save ---------------------------------------------------------------------------
 
@@ -341,6 +353,20 @@ def _write_config(cfg):
     import yaml
 
     write_text(os.path.join(cfg.output_dir, "config.yaml"), yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False))
+
+
+def unit_weights(units, accum, world, total):
+    """The loss weights w_a = units[a] * accum * world / total of a rank's micro-batches, for a stage whose
+    micro-batch loss is a mean over ``units[a]`` terms (``Stage.loss_units``: MNTP's masked tokens); ``total``
+    counts them over every micro-batch of every rank.
+
+    DeepSpeed averages the backward over the accum micro-batches and the world's ranks, so the step's gradient
+    is that of sum_a w_a loss_a / (accum world) = (the sum of every term's loss) / total: the mean over the global
+    batch, as one micro-batch holding it all would give. Unweighted, a micro-batch of 1 masked token weighed as
+    much as one of 500, and the objective changed with micro_batch_size. With no unit in the step every weight
+    is 0 (its loss and gradient are 0)."""
+    scale = accum * world / total if total > 0 else 0.0
+    return [u * scale for u in units]
 
 
 def _micro_seed(seed, step, slot):

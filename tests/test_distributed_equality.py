@@ -72,3 +72,15 @@ def test_contrastive_two_ranks_equal_one(tmp_path, stage, two_rank_extra):
     one = _one_step(tmp_path, "one", 1, cfg, "micro_batch_size=8", *NO_DROPOUT)
     two = _one_step(tmp_path, "two", 2, cfg, "micro_batch_size=4", *NO_DROPOUT, *two_rank_extra)
     assert_same_step(one, two)
+
+
+def test_an_mntp_step_is_the_same_whatever_the_micro_batch_size(tmp_path):
+    """MNTP's loss is the mean over the masked tokens of the global batch (engine.trainer.unit_weights), not a mean
+    of micro-batch means: 1 rank x micro 1 x accum 8 takes the step that micro 8 x accum 1 takes. Unpacked sentence
+    rows hold unequal counts of masked tokens; a mask probability of 0.99999 with scheme all masks every eligible
+    token whatever the slot's seed, so the two layouts see the same masks. Unweighted (each micro-batch's mean
+    weighing 1 / accum) the gradients differed by 15% of their largest entry."""
+    same = ["batch_size=8", "mntp.pack=false", "mntp.mask_prob=0.99999", "mntp.scheme=all", *NO_DROPOUT]
+    one = _one_step(tmp_path, "micro1", 1, "configs/tiny/mntp.yaml", "micro_batch_size=1", *same)
+    eight = _one_step(tmp_path, "micro8", 1, "configs/tiny/mntp.yaml", "micro_batch_size=8", *same)
+    assert_same_step(eight, one)

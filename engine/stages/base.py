@@ -34,9 +34,18 @@ class Stage:
     def loss(self, module, batch):
         raise NotImplementedError
 
-    def train_micro_step(self, engine, batch):
+    def loss_units(self, batch):
+        """How many terms this (host-side, collated) micro-batch's loss is the mean of, for a stage whose micro-batches
+        hold unequal counts of them (MNTP's masked tokens); None for a stage whose micro-batches weigh the same. The
+        trainer then weights each micro-batch by its count (:meth:`train_micro_step`'s ``weight``), so a step's loss
+        and gradient are the mean over every term of the global batch, whatever the micro-batch size or world."""
+        return None
+
+    def train_micro_step(self, engine, batch, weight=1.0):
+        """Forward and backward of one micro-batch; the backward runs on ``weight`` x the loss (the trainer's
+        weighting by :meth:`loss_units`). Returns the unweighted loss and the forward's metrics."""
         loss, metrics = engine(batch)
-        engine.backward(loss)
+        engine.backward(loss if weight == 1.0 else loss * weight)
         return loss.detach(), metrics
 
     @torch.no_grad()

@@ -94,7 +94,9 @@ class ContrastiveStage(Stage):
         tokens = batch.get("tokens")
         return self.contrastive(q, d, batch), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
 
-    def train_micro_step(self, engine, batch):
+    def train_micro_step(self, engine, batch, weight=1.0):
+        if weight != 1.0:
+            raise ValueError("a contrastive micro-batch has no loss_units: its weight is 1")
         chunk = self.cfg.contrastive.grad_cache_chunk
         if chunk <= 0:
             return super().train_micro_step(engine, batch)

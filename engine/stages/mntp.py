@@ -142,6 +142,10 @@ class MNTPStage(Stage):
         return {"input_ids": ids, "attention_mask": am, "labels": labels, "layout": packing(am), "label_rows": sel,
                 "tokens": int(am.sum())}
 
+    def loss_units(self, batch):
+        """The micro-batch's masked tokens: its loss is their mean, and a step's is the mean over the global batch's."""
+        return int(batch["label_rows"].numel())
+
     def loss(self, module, batch):
         hidden = packed_hidden_states(module.model, batch["input_ids"], batch["attention_mask"],
                                       layout=batch.get("layout"))
