@@ -574,6 +574,19 @@ def negatives_warning(cfg: TrainConfig, world_size: int):
             f"> 0 bounds the activation memory)")
 
 
+def dropout_warning(cfg: TrainConfig):
+    """A warning (or None) when a SimCSE run has no dropout at all: its two views of a sentence are then the same
+    forward, the positive pair is trivially identical, and the loss teaches nothing but to spread the batch apart."""
+    if cfg.stage != "simcse":
+        return None
+    lora_dropout = cfg.lora.dropout if cfg.lora.enabled else 0.0
+    if lora_dropout > 0 or cfg.model.attention_dropout > 0:
+        return None
+    return ("SimCSE with no dropout (model.attention_dropout 0 and no LoRA dropout): the two views of each sentence "
+            "are the same forward, so each positive pair is identical; set model.attention_dropout (LLM2Vec uses "
+            "0.3) or lora.dropout")
+
+
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step != 0:

@@ -23,6 +23,10 @@ def special_prefix(tokenizer):
     raise ValueError(f"cannot find the text tokens of {probe!r} among the tokenizer's special tokens: {full}")
 
 
+class NoRoomError(ValueError):
+    """An instruction (with the chat wrap's head) that leaves a max length no room for a text token."""
+
+
 def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, pooling="mean", chat=None):
     """Training's tokenisation: :func:`tokenize_for_encoding`'s rule exactly (same string, same pooled tokens as
     ``encode`` and an exported sentence-transformers folder), with ``chat`` the wrap the run trains with.
@@ -194,8 +198,8 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
         # no room: the prompt itself cut, or a text none of whose tokens fit (only its EOS would be pooled; a blank
         # text is its EOS by design)
         if n_prefix > len(ids) or (n_prefix == len(ids) and text.strip()):
-            raise ValueError(f"instruction {prefix[:60]!r} takes {n_prefix} tokens: max_length {max_len} leaves no "
-                             f"room for the text (raise max_length or shorten the instruction)")
+            raise NoRoomError(f"instruction {prefix[:60]!r} takes {n_prefix} tokens: max_length {max_len} leaves no "
+                              f"room for the text (raise max_length or shorten the instruction)")
         ids = ids + [eos]
         if not text.strip():
             stats["empty"] += 1

@@ -24,8 +24,9 @@ from .bidirectional import set_deterministic_attention
 from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, check_shared_folder,
                          drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
                          write_adapter)
-from .data import BatchPlan, is_sts_file
+from .data import BatchPlan, DataError, is_sts_file
 from .distributed import init_distributed, log0, on_rank0, said_by_rank0, smallest, together, warn0
+from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
@@ -101,6 +102,9 @@ class Trainer:
         few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
         if few_negatives:
             warn0(self.rank, few_negatives)
+        no_dropout = config_mod.dropout_warning(cfg)
+        if no_dropout:
+            warn0(self.rank, no_dropout)
         check_shared_folder(cfg.output_dir, self.rank)  # every rank sees the files rank 0 writes and resumes from
         # rank 0 decides what the run resumes and tells every rank (each reading the folder itself could differ)
         resume_tags, resume_diff = on_rank0(lambda: plan_resume(cfg, self.rank))
@@ -222,7 +226,10 @@ class Trainer:
         truncated, batches = 0, []
         for a, idx in enumerate(self.plan.micro_batches(step)):  # collated first: their loss units weigh them
             seed = _micro_seed(self.cfg.seed, step, a * world + self.rank)
-            batch = self.stage.collate([self.items[i] for i in idx], torch.Generator().manual_seed(seed))
+            try:
+                batch = self.stage.collate([self.items[i] for i in idx], torch.Generator().manual_seed(seed))
+            except NoRoomError as e:  # a row's own instruction (load checked the config's and E5's): one line, exit 2
+                raise DataError(f"step {step + 1}, a training row: {e}") from None
             truncated += int(batch.pop("truncated", 0))
             batches.append((seed, batch))
         weights, _ = self.unit_weights([self.stage.loss_units(b) for _, b in batches])

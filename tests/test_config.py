@@ -225,3 +225,21 @@ def test_fewer_negatives_than_the_global_batch_is_a_loud_warning():
     w = negatives_warning(load_config(path, ["contrastive.gather_across_ranks=false"]), 8)
     assert "of 64 examples" in w and "gather_across_ranks off" in w
     assert negatives_warning(load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")), 1) is None
+
+
+def test_simcse_without_any_dropout_is_warned_about():
+    """SimCSE's positive is the same sentence under another dropout draw: with no dropout at all the pair is
+    identical. Every shipped SimCSE config has attention dropout; turning both off is warned about."""
+    import glob
+
+    from engine.config import dropout_warning
+
+    for path in glob.glob(os.path.join(ROOT, "configs", "*", "simcse.yaml")):
+        assert dropout_warning(load_config(path)) is None, path
+    path = os.path.join(ROOT, "configs/tiny/simcse.yaml")
+    assert "SimCSE with no dropout" in dropout_warning(load_config(path, ["model.attention_dropout=0", "lora.dropout=0"]))
+    assert "SimCSE with no dropout" in dropout_warning(load_config(path, ["model.attention_dropout=0",
+                                                                          "lora.enabled=false"]))
+    assert dropout_warning(load_config(path, ["model.attention_dropout=0"])) is None  # LoRA dropout 0.05 is some
+    assert dropout_warning(load_config(os.path.join(ROOT, "configs/tiny/supervised.yaml"),
+                                       ["model.attention_dropout=0", "lora.dropout=0"])) is None

@@ -263,3 +263,55 @@ def test_disk_full_message_reads_the_exception_chain(tmp_path):
     # safetensors raises its own error type on a full disk (found by the export's tmpfs test)
     st_err = Exception("Error while serializing: I/O error: No space left on device (os error 28)")
     assert disk_full_message(st_err, str(tmp_path)).startswith(f"error: no space left on the device writing under {tmp_path}")
+
+
+def _stage(config, overrides):
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+
+    cfg = load_config(config, overrides)
+    return cfg, build_stage(cfg, load_tokenizer(cfg.model))
+
+
+def test_an_angle_threshold_above_every_score_is_refused_at_load(tmp_path):
+    """AnglE's in-batch-negative term takes the pairs scoring >= positive_min_score (default 4, STS-B's 0-5 scale)
+    as positives: on 0-1 scores it had none, and the term was 0 at every step, silently."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"sentence1": f"a {i}", "sentence2": f"b {i}", "score": i / 10}) + "\n"
+                             for i in range(10)))
+    cfg, stage = _stage("configs/tiny/graded.yaml", [f"data={pairs}", "contrastive.loss=angle"])
+    with pytest.raises(ConfigError, match=r"positive_min_score 4.0: no pair .* \(scores 0 to 0.9\)"):
+        stage.load(cfg.data)
+    for fix in ("contrastive.positive_min_score=0.8", "contrastive.angle_weights=[1,0,1]"):
+        cfg, stage = _stage("configs/tiny/graded.yaml", [f"data={pairs}", "contrastive.loss=angle", fix])
+        assert len(stage.load(cfg.data)[0]) == 10
+
+
+@pytest.mark.parametrize("config,overrides,says", [
+    ("configs/tiny/supervised.yaml", ["contrastive.instruction=" + "word " * 40], "contrastive.max_len: instruction"),
+    ("configs/tiny/simcse.yaml", ["contrastive.instruction=" + "word " * 40, "contrastive.max_len=16"],
+     "contrastive.max_len: instruction"),
+    ("configs/tiny/supervised.yaml", ["data=data/e5-sample", "contrastive.max_len=12"], "'Find questions that have the same meaning"),
+    ("configs/tiny/graded.yaml", ["contrastive.instruction=" + "word " * 40], "doc_max_len: instruction"),
+])
+def test_an_instruction_with_no_room_for_the_text_is_refused_at_load(config, overrides, says):
+    """An instruction that leaves max_len no room for a text token was found at collate time: a ValueError and a
+    traceback at the first batch that drew it, however late in the run. The config's instruction and E5's own are
+    checked when the data loads."""
+    cfg, stage = _stage(config, overrides)
+    with pytest.raises(ConfigError, match="leaves no room") as e:
+        stage.load(cfg.data)
+    assert says in str(e.value), str(e.value)
+
+
+def test_a_row_instruction_with_no_room_stops_the_run_in_one_line(tmp_path):
+    """A row's own instruction (JSONL ``instruction``) is only met when a batch draws it: the run stops with one
+    line naming the step, exit 2, no traceback."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"query": f"q {i}", "positive": f"p {i}", "negative": f"n {i}",
+                                        "instruction": "word " * 40}) + "\n" for i in range(32)))
+    r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/supervised.yaml", f"output_dir={tmp_path / 'o'}",
+                 f"data={rows}", "max_steps=1", "save_every=0"], timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "step 1, a training row: instruction 'word word" in lines[0] and "leaves no room" in lines[0], lines

@@ -16,7 +16,8 @@ import llm2vec_kernels
 
 from .. import losses
 from ..bidirectional import dispatch_as_if_backward
-from ..encoding import embed_batch, training_wrap
+from ..config import ConfigError
+from ..encoding import NoRoomError, embed_batch, tokenize_for_encoding, training_wrap
 from ..modeling import packing
 from .base import Stage
 
@@ -43,6 +44,16 @@ class ContrastiveStage(Stage):
         if not hasattr(self, "_chat"):
             self._chat = training_wrap(self.cfg)
         return self._chat
+
+    def check_room(self, instructions, max_len, what):
+        """Refuse, before any step, an instruction that leaves ``max_len`` no room for a text token (with the chat
+        wrap's head): at collate time it would stop the run at the first batch that draws it, however late."""
+        for instruction in sorted(set(instructions)):
+            try:
+                tokenize_for_encoding(self.tok, ["x"], [instruction], max_len, self.cfg.contrastive.pooling,
+                                      chat=self.chat)
+            except NoRoomError as e:
+                raise ConfigError(f"{what}: {e}") from None
 
     def embed(self, module, input_ids, attention_mask, pool_mask, layout=None):
         return embed_batch(module.model, input_ids, attention_mask, pool_mask, self.cfg.contrastive.pooling,

@@ -1,6 +1,7 @@
 """Unsupervised SimCSE: every sentence passes twice under dropout (attention-probability dropout,
-default 0.3 as in LLM2Vec, plus LoRA dropout); the two views are each other's positive and the
-other sentences of the batch (across ranks too) are the negatives."""
+``model.attention_dropout``, 0.3 in the shipped SimCSE configs as in LLM2Vec (the key's default is 0), plus LoRA
+dropout); the two views are each other's positive and the other sentences of the batch (across ranks too) are the
+negatives. A run with neither dropout is warned about (``engine.config.dropout_warning``)."""
 
 from .. import token_cache
 from ..data import DataError, DataStats, iter_texts, seed_orders
@@ -14,6 +15,7 @@ class SimCSEStage(ContrastiveStage):
     def load(self, sources, max_samples=0, seed=None):
         """The de-duplicated sentences, from the item cache (:mod:`engine.token_cache`), read lazily per batch."""
         seed = self.cfg.seed if seed is None else seed
+        self.check_room([self.cfg.contrastive.instruction], self.cfg.contrastive.max_len, "contrastive.max_len")
 
         def build(writer, progress):
             stats = DataStats(not_counted=["truncated"])  # texts are cut at collate, counted per step

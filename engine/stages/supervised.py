@@ -9,10 +9,14 @@ With ``contrastive.loss: cosent | angle`` the stage trains on scored pairs inste
 its score, ``engine.losses``), with the same cross-rank batches and gradient caching.
 """
 
+import os
+
 import torch
 
 from .. import token_cache
-from ..data import DataError, DataStats, iter_supervised, read_scored_pairs, rows_rule_digest
+from ..config import ConfigError
+from ..data import (E5_INSTRUCTIONS, E5_SYMMETRIC, E5_WHOLE, DataError, DataStats, e5_files, iter_supervised,
+                    read_scored_pairs, rows_rule_digest)
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
 
@@ -21,9 +25,29 @@ class SupervisedStage(ContrastiveStage):
     name = "supervised"
 
     def load(self, sources, max_samples=0, seed=None):  # no data of this stage is ordered by a seed
-        if self.cfg.contrastive.loss != "infonce":  # graded losses: every scored pair, scores kept
+        c = self.cfg.contrastive
+        doc_len = c.doc_max_len or c.max_len
+        if c.loss != "infonce":  # graded losses: every scored pair, scores kept
+            self.check_room([c.instruction], min(c.max_len, doc_len), "contrastive.max_len / doc_max_len")
             pairs, stats = read_scored_pairs(sources, max_samples)
+            if c.loss == "angle" and c.angle_weights[1] > 0 and pairs and \
+                    not any(p[2] >= c.positive_min_score for p in pairs):
+                lo, hi = min(p[2] for p in pairs), max(p[2] for p in pairs)
+                raise ConfigError(f"contrastive.positive_min_score {c.positive_min_score}: no pair of {sources} "
+                                  f"scores that high (scores {lo:g} to {hi:g}), so AnglE's in-batch-negative term "
+                                  f"(angle_weights[1] = {c.angle_weights[1]:g}) would be 0 at every step; set it on "
+                                  f"the data's scale, or angle_weights[1] = 0")
             return pairs, stats, None
+        queries, docs = [c.instruction], []  # the default instruction, and E5's own per dataset
+        for src in sources:
+            if os.path.isdir(src):
+                for name in e5_files(src):
+                    for half in E5_WHOLE.get(name, (name,)):
+                        queries.append(E5_INSTRUCTIONS[half])
+                        if half in E5_SYMMETRIC:
+                            docs.append(E5_INSTRUCTIONS[half])
+        self.check_room(queries, c.max_len, "contrastive.max_len")
+        self.check_room(docs, doc_len, "contrastive.doc_max_len (E5's symmetric datasets' documents)")
         instruction = self.cfg.contrastive.instruction
         need_negatives = self.cfg.contrastive.num_hard_negatives > 0  # 0: (query, positive) pairs are examples too
 
