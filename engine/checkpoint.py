@@ -620,13 +620,27 @@ def check_finite_state(sd, what, rank=0):
                                            f"{bad[0]})"), rank)
 
 
-def drop_stale_best(output_dir):
+def drop_stale_best(output_dir, after=None):
     """Remove an earlier run's ``best/`` when a run starts over at step 0 in its folder (rank 0): it would otherwise
     be replaced only if this run evaluates on dev, and be served as this run's model (the encoder, evaluate and the
-    export prefer best/) if it does not."""
+    export prefer best/) if it does not.
+
+    ``after``: a resume=force run under other settings, resumed at step ``after``. A best/ recorded at a later step
+    came from the steps this run replaces (another learning rate, temperature, ...), so it goes too; one from the
+    checkpoint's own past (step <= after) stays, the start of this run's trajectory."""
+    if after is not None:
+        try:
+            with open(os.path.join(output_dir, "best", BestAdapter.META), encoding="utf-8") as f:
+                step = int(json.load(f)["step"])
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # no record to judge by (BestAdapter's resume says so if it does not read)
+        if step <= after:
+            return
     stale = [d for d in ("best", "best.new", "best.old") if os.path.isdir(os.path.join(output_dir, d))]
     if stale:
-        warn0(0, f"starting over in {output_dir}: removing the earlier run's {', '.join(d + '/' for d in stale)}")
+        why = ("starting over" if after is None else
+               f"resumed at step {after} under other settings (resume=force), past a best adapter of step {step}")
+        warn0(0, f"{why} in {output_dir}: removing the earlier run's {', '.join(d + '/' for d in stale)}")
         for d in stale:
             shutil.rmtree(os.path.join(output_dir, d))
 

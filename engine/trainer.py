@@ -119,6 +119,7 @@ class Trainer:
         self.ckpt = Checkpointer(cfg, self.engine, self.module, self.tok, self.rank,
                                  data=data_identity(cfg.data, len(self.items)))
         self.start = self.ckpt.resume(resume_tags)
+        self.resumed_another_run = bool(self.start and resume_diff)  # resume=force over a checkpoint of other settings
         if self.start and resume_diff:
             apply_schedule(cfg, self.sched)
             log0(apply_optimizer_settings(cfg, self.engine, self.sched))
@@ -191,6 +192,8 @@ class Trainer:
                 _write_config(cfg)
                 if self.start == 0:  # starting over (resume=force; auto refuses a best/ without a checkpoint)
                     drop_stale_best(cfg.output_dir)
+                elif self.resumed_another_run:  # a best/ from past the checkpoint: a trajectory this run replaces
+                    drop_stale_best(cfg.output_dir, after=self.start)
             try:
                 logger = MetricsLogger(cfg, rank, self.start)
             except (UnicodeDecodeError, csv.Error) as e:

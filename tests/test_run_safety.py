@@ -129,6 +129,33 @@ def test_a_fresh_start_over_a_folder_removes_its_stale_best_adapter(tmp_path, ca
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.slow
+def test_a_forced_resume_under_other_settings_drops_a_best_adapter_from_past_its_checkpoint(tmp_path):
+    """resume=force from step 2 with another learning rate: a best/ recorded at step 4 came from the steps this run
+    replaces, so it goes (the encoder, evaluate and the export prefer best/); an exact resume (resume=auto, the same
+    settings) keeps it, since it redoes those steps as they were."""
+    out = str(tmp_path / "run")
+    base = ["python", "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", "max_steps=4",
+            "save_every=2", "eval_every=4", "eval_sts_pairs=100", "progress_bar=false"]
+
+    def rewind():  # killed in step 4 after its eval: the newest checkpoint is step 2's
+        shutil.rmtree(os.path.join(out, "checkpoints", "step_0000004"), ignore_errors=True)
+        shutil.rmtree(os.path.join(out, "adapter"), ignore_errors=True)
+
+    r = run_cmd(base, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(os.path.join(out, "best", "engine_best.json")) as f:
+        assert json.load(f)["step"] == 4
+    rewind()
+    r = run_cmd(base, timeout=300)  # the same run: best/ stays
+    assert r.returncode == 0 and "removing the earlier run's" not in r.stdout + r.stderr, r.stderr[-3000:]
+    rewind()
+    r = run_cmd(base + ["resume=force", "learning_rate=5e-3", "eval_every=0"], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed at step 2 under other settings (resume=force), past a best adapter of step 4" in r.stdout + r.stderr
+    assert not os.path.exists(os.path.join(out, "best"))
+
+
 def test_a_run_lock_that_cannot_be_had_is_a_config_error(tmp_path, monkeypatch):
     """A filesystem without flock, or a run.lock that cannot be opened: one line (ConfigError, exit 2), and a lock
     file this attempt created is removed; a lock held by another run is still RunFolderBusy."""
