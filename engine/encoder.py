@@ -58,6 +58,25 @@ def resolve_ref(name, what="model"):
                                 f"hub ({type(e).__name__}: {e})") from e
 
 
+def _settings_folder(name):
+    """A local folder holding ``name``'s metadata files (sentence-transformers modules and pooling, llm2vec's and
+    the engine's JSON): the folder itself, or for a hub id its JSON files alone through ``huggingface_hub`` (an
+    export pushed to the hub keeps its pooling, normalisation and prompts; no weights are fetched here). None when
+    neither is there (offline without a cached copy: the weights' load then says so)."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return os.path.abspath(path)
+    if kind(name) != "hub":
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, allow_patterns=["*.json", "*/*.json"])
+    except Exception as e:
+        logger.debug("no metadata of %s (%s: %s)", name, type(e).__name__, e)
+        return None
+
+
 def _is_adapter(name):
     """Whether ``name`` (folder or hub id) is a PEFT adapter, without downloading model weights."""
     path = os.path.expanduser(name)
@@ -280,8 +299,8 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         else:
             raise ValueError(f"adapter chain deeper than 10 at {name_or_path}")
         info["base"], info["adapters"] = cur, chain
-        if os.path.isdir(os.path.expanduser(cur)):
-            base_folder = os.path.abspath(os.path.expanduser(cur))
+        base_folder = _settings_folder(cur)
+        if base_folder is not None:
             settings = {**_llm2vec_settings(base_folder), **_engine_text_settings(base_folder),
                         **_st_settings(base_folder), **settings}
         info["settings"] = settings

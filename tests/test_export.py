@@ -529,3 +529,32 @@ def test_base_and_adapter_names_say_what_they_are(tmp_path, monkeypatch):
     assert _adapter_label(str(run / "best")) == "quick-simcse/best"
     assert _adapter_label(str(run / "best") + "/") == "quick-simcse/best"
     assert _adapter_label("McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp") == "McGill-NLP/LLM2Vec-Mistral-7B-Instruct-v2-mntp"
+
+
+def test_an_export_named_by_hub_id_keeps_its_pooling_and_prompts(tmp_path, tok, monkeypatch):
+    """An export pushed to the hub and loaded by its id: its sentence-transformers metadata (pooling, Normalize,
+    the default prompt) was read only from a local folder, so by hub id it encoded with mean pooling, unnormalised,
+    without its prompt, silently. The metadata comes through huggingface_hub now (its JSON files only)."""
+    import huggingface_hub
+
+    from engine.encoder import resolve_chain
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "eos_token")
+    with open(os.path.join(sup, "engine_text.json"), "w") as f:
+        json.dump({"chat": None, "instruction": "Retrieve a passage:"}, f)
+    with pytest.warns(UserWarning):
+        export(sup, str(tmp_path / "exp"), normalize=True)
+    local = resolve_chain(str(tmp_path / "exp"))["settings"]
+    assert local["pooling"] == "eos" and local.get("normalize") is True, local
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):  # the hub's copy of the export, JSON files only
+        calls.append((repo_id, allow_patterns))
+        assert repo_id == "someone/my-export"
+        return str(tmp_path / "exp")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    by_id = resolve_chain("someone/my-export")
+    assert by_id["base"] == "someone/my-export" and by_id["settings"] == local, by_id["settings"]
+    assert calls and all(p and all(x.endswith(".json") for x in p) for _, p in calls)  # never the weights
