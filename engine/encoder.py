@@ -434,7 +434,10 @@ class Encoder:
         self.pooling, self.max_length, self.default_instruction = pooling, max_length, instruction
         self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
         self.normalize, self.attention = normalize, attention
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        here = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else here
+        if self.device != here:  # the weights go where the inputs will (a device_map model names its first device)
+            self.model.to(self.device)
         self.last_stats = {}
 
     @classmethod

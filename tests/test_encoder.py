@@ -320,3 +320,30 @@ def test_a_multi_device_encode_leaves_the_model_where_it_was(monkeypatch):
     with pytest.raises(RuntimeError, match="a worker died"):
         multi_device.encode_multi_device(enc, ["a"], [""], ["cuda:0", "cuda:1"], {}, {})
     assert moves[-2:] == ["cpu", "cuda:1"]
+
+
+def test_an_encoder_built_for_a_device_puts_the_weights_there():
+    """Encoder(model, tok, device=X) set only where the inputs go: the weights stayed put and the first forward
+    failed on a device mismatch. The model moves (a model already there, as from_pretrained builds it, does not)."""
+    import types
+
+    from engine import Encoder
+
+    moves = []
+
+    class Model:  # a model on the CPU
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cpu"))
+
+        def eval(self):
+            return self
+
+        def to(self, device):
+            moves.append(str(device))
+            return self
+
+    enc = Encoder(Model(), None, device="cuda:1")
+    assert moves == ["cuda:1"] and enc.device == torch.device("cuda", 1)
+    Encoder(Model(), None, device="cpu")
+    Encoder(Model(), None)
+    assert moves == ["cuda:1"]  # already there: no move
