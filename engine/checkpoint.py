@@ -719,12 +719,13 @@ class BestAdapter:
 def sts_spearman(module, stage, path, max_pairs=500):
     """Spearman correlation of the model's cosine similarities with the gold scores of the first ``max_pairs``
     pairs of an STS file (the dev score ``BestAdapter`` keeps the best adapter by)."""
-    from .encoder import Encoder
+    from .encoder import DEFAULT_MAX_LENGTH, Encoder
     from .evaluate import sts_scores
 
     c = stage.cfg.contrastive
-    # the instruction the saved adapter records and its encoder applies by default (evaluate, export): the dev
-    # score that picks best/ reads the tokens the test score will
-    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=c.max_len, instruction=c.instruction,
+    # the instruction the saved adapter records and its encoder applies by default (evaluate, export), and the max
+    # length that encoder reads (not the training max_len, which cut texts past it): the dev score that picks
+    # best/ reads the tokens the test score will
+    enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=DEFAULT_MAX_LENGTH, instruction=c.instruction,
                   chat=getattr(stage, "chat", None))
     return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]

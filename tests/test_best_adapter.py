@@ -93,3 +93,27 @@ def test_a_torn_best_record_is_one_line_not_a_traceback(tmp_path):
         (tmp_path / "best" / BestAdapter.META).write_text(torn)
         with pytest.raises(ConfigError, match="engine_best.json does not read"):
             BestAdapter(cfg, rank=0, resumed=True)
+
+
+def test_the_dev_score_reads_the_tokens_evaluate_will(tmp_path):
+    """The dev Spearman that picks best/ encoded at the training max_len (texts cut there), while evaluate and the
+    encoder of the saved adapter read up to 512 tokens: on texts longer than max_len the two scored other tokens."""
+    import types
+
+    from engine import Encoder
+    from engine.checkpoint import sts_spearman
+    from engine.data import read_sts
+    from engine.evaluate import sts_scores
+    from engine.stages import build_stage
+
+    cfg = load_config("configs/tiny/graded.yaml", [f"output_dir={tmp_path}", "contrastive.max_len=6"])
+    tok = load_tokenizer(cfg.model)
+    model, _ = load_model(cfg.model, "cpu", tok)
+    stage = build_stage(cfg, tok)
+    pairs = read_sts("data/stsbenchmark/sts-dev.csv")[:60]
+    dev = sts_spearman(types.SimpleNamespace(model=model), stage, "data/stsbenchmark/sts-dev.csv", max_pairs=60)
+
+    def score(**kw):
+        return sts_scores(Encoder(model, tok, pooling=cfg.contrastive.pooling, **kw), pairs)["spearman"]
+
+    assert dev == score() and dev != score(max_length=6)
