@@ -438,11 +438,14 @@ def correctness(path):
         if isinstance(res, dict) and "error" in res:
             out.append(f"- gpu_check {op}: ERROR {res['error'][:160]}")
             continue
-        rows = res if isinstance(res, list) else []
+        skipped = [r for r in res if r.get("skipped")] if isinstance(res, list) else []
+        rows = [r for r in res if not r.get("skipped")] if isinstance(res, list) else []
         bad = [r for r in rows if not r.get("ok")]
         out.append(f"- gpu_check {op}: {len(rows) - len(bad)}/{len(rows)} ok"
                    + ("" if not bad else "; failing: " + ", ".join(
-                       f"{r.get('case', '?')}:{r.get('quantity', r.get('tensor', ''))}" for r in bad[:6])))
+                       f"{r.get('case', '?')}:{r.get('quantity', r.get('tensor', ''))}" for r in bad[:6]))
+                   + ("" if not skipped else f"; NOT RUN ({skipped[0]['skipped']}): "
+                      + ", ".join(str(r.get("case")) for r in skipped)))
     return out
 
 
@@ -469,8 +472,19 @@ def steps_notes(path):
 
 def correctness_target(t, path, steps_path):
     """A table row when the bf16 kernel checks produced nothing (correctness.json missing), naming why from the
-    step log: a skipped step (no time left) reads NOT RUN, not as a silent gap among the notes."""
+    step log: a skipped step (no time left) reads NOT RUN, not as a silent gap among the notes; and one when a check
+    left cases unchecked for its time budget (rows with "skipped")."""
     if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return  # correctness() says it does not read
+        skipped = [f"{op}:{r.get('case')}" for op, res in data.items() if isinstance(res, list)
+                   for r in res if isinstance(r, dict) and r.get("skipped")]
+        if skipped:
+            t.add("bf16 correctness", "every case of every kernel's gpu_check", f"{len(skipped)} case(s) not run",
+                  "NOT RUN", "time budget: " + ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
         return
     step = next((s for s in step_log(steps_path) if s[0] == "correctness"), None)
     why = "correctness.json missing" if step is None else f"step correctness {step[1]}" + (

@@ -104,3 +104,32 @@ def test_gpu_check_fused_ops(name):
     rows = G.check_function(name)()
     bad = [r for r in rows if not r["ok"]]
     assert rows and not bad, bad
+
+
+def test_cases_past_the_budget_are_named_not_run_never_passed(monkeypatch, tmp_path, capsys):
+    """The attention check stops starting cases at its time budget. The cases it left were only printed, and the
+    CLI and the GPU run's summary read "20/20 ok": a wrong kernel on a late case (D=96, fp16, the soft-cap) passed.
+    Each is now a row that says it was skipped; the CLI and the summary name them NOT RUN."""
+    import torch
+
+    from benchmarks import summarize
+    from llm2vec_kernels.gpu_check import attention as GC
+
+    cases = [("tiny-a", torch.float32, (2, 9), 2, 1, 16, {}), ("tiny-b", torch.float32, (2, 9), 2, 1, 16, {})]
+    clock = iter([0.0, 0.0, 31.0])  # t0, before the first case, before the second: past the 30 s budget
+    monkeypatch.setattr(GC.time, "time", lambda: next(clock))
+    rows = GC.gpu_check(budget_s=30.0, cases=cases, device="cpu")
+    monkeypatch.undo()
+    assert [r["case"] for r in rows if r.get("skipped")] == ["tiny-b-float32"] and all(
+        r["ok"] for r in rows if not r.get("skipped"))
+    monkeypatch.setattr("llm2vec_kernels.gpu_check.__main__.check_function", lambda n: lambda: rows)
+    out = tmp_path / "correctness.json"
+    assert main(["--json", str(out), "attention"]) == 0  # nothing failed; the gap is said
+    text = capsys.readouterr().out
+    assert "gpu_check attention: 4/4 ok, 1 case(s) NOT RUN (budget 30s spent): tiny-b-float32" in text, text
+    lines = summarize.correctness(str(out))
+    assert lines == ["- gpu_check attention: 4/4 ok; NOT RUN (budget 30s spent): tiny-b-float32"], lines
+    t = summarize.Table()
+    summarize.correctness_target(t, str(out), None)
+    assert t.lines == [("bf16 correctness", "every case of every kernel's gpu_check", "1 case(s) not run", "NOT RUN",
+                        "time budget: attention:tiny-b-float32")]

@@ -70,9 +70,13 @@ def main(argv=None):
             traceback.print_exc()
             result[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
         res = result[name]
-        bad = [r for r in res if not r.get("ok")] if isinstance(res, list) else None
+        skipped = [r for r in res if r.get("skipped")] if isinstance(res, list) else []
+        checked = [r for r in res if not r.get("skipped")] if isinstance(res, list) else None
+        bad = [r for r in checked if not r.get("ok")] if checked is not None else None
         failed |= bad is None or bool(bad)
-        print(f"gpu_check {name}: " + (f"{len(res) - len(bad)}/{len(res)} ok" if bad is not None else res["error"])
+        print(f"gpu_check {name}: " + (f"{len(checked) - len(bad)}/{len(checked)} ok" if bad is not None else res["error"])
+              + (f", {len(skipped)} case(s) NOT RUN ({skipped[0]['skipped']}): "
+                 + ", ".join(str(r.get("case")) for r in skipped) if skipped else "")
               + f" ({time.time() - t0:.1f}s)", flush=True)
         for r in bad or ():
             print("   FAIL", r, flush=True)

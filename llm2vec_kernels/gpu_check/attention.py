@@ -129,8 +129,9 @@ def gpu_check(budget_s=30.0, cases=None, device="cuda"):
     tensor: {"op", "case", "tensor", "max_err", "torch_bf16_err" (eager torch in the same dtype), "ok"}.
 
     ``ok``: max_err <= ERR_FACTOR x torch_bf16_err + ERR_FLOOR[dtype], errors relative to max |fp64 result|.
-    Cases (GPU_CHECK_CASES by default) run in order; once ``budget_s`` has elapsed the remaining ones are
-    skipped (named on stdout, no rows). ``budget_s=None`` runs them all. ``cases`` / ``device`` let the CPU tests
+    Cases (GPU_CHECK_CASES by default) run in order; once ``budget_s`` has elapsed each remaining one is a row
+    {"op", "case", "skipped": why, "ok": None}: not checked, never counted as passed (the CLI and the GPU run's
+    summary name them). ``budget_s=None`` runs them all. ``cases`` / ``device`` let the CPU tests
     run this harness at tiny shapes (the Triton kernels then run in the interpreter).
     """
     dev = require_cuda("attention", device)
@@ -141,6 +142,7 @@ def gpu_check(budget_s=30.0, cases=None, device="cuda"):
         label = f"{name}-{str(dtype)[6:]}"
         if budget_s is not None and time.time() - t0 > budget_s:
             print(f"gpu_check attention: skipped {label} (budget {budget_s:.0f}s spent)", flush=True)
+            rows.append({"op": "attention", "case": label, "skipped": f"budget {budget_s:g}s spent", "ok": None})
             continue
         kw = dict(kw)
         if "cu_seqlens" in kw:
