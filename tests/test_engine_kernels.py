@@ -1,14 +1,19 @@
-"""The engine's model path with every Triton kernel against the torch references.
+"""The engine's model path with every Triton kernel against the torch references: attention, masked CE, the
+contrastive loss, the fused decoder ops (RMSNorm, RoPE, GLU) and the fused LoRA projections, each switched
+between its Triton and torch implementation (``OPS``).
 
 On CPU the kernels run in the Triton interpreter in fp32 on a tiny model (the frozen LM head takes the eager
 masked-CE strategy, exactly as under LoRA on a GPU). On a GPU the same step runs in bf16 (marked ``gpu``,
 skipped cleanly without one; run with LLM2VEC_TEST_GPU=1 pytest -m gpu).
 """
+import importlib
+
 import pytest
 import torch
 
 import llm2vec_kernels
 from engine.config import load_config
+from engine.lora import fuse_lora
 from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.stages import build_stage
 from engine.trainer import EngineModule
@@ -16,8 +21,11 @@ from llm2vec_kernels import masked_ce
 from .helpers import count_launches, perturb_lora_b
 
 
+OPS = ("attention", "masked_ce", "contrastive", "fused_ops", "lora")  # every kernel the engine's step can take
+
+
 def _loss_and_grads(module, batch, impl):
-    for op in ("attention", "masked_ce", "contrastive"):
+    for op in OPS:
         llm2vec_kernels.set_default_impl(op, impl)
     try:
         module.zero_grad(set_to_none=True)
@@ -27,7 +35,7 @@ def _loss_and_grads(module, batch, impl):
         grads = {n: p.grad.float().clone() for n, p in module.named_parameters() if p.requires_grad}
         return loss.float().item(), grads
     finally:
-        for op in ("attention", "masked_ce", "contrastive"):
+        for op in OPS:
             llm2vec_kernels.set_default_impl(op, "auto")
 
 
@@ -57,6 +65,7 @@ def _parity(stage_name, device, dtype, n_items, hidden, heads):
     model, _ = load_model(cfg.model, device, tok)
     model = stage.prepare_model(model)
     model = perturb_lora_b(add_lora(model, cfg.lora), 0.02)
+    assert fuse_lora(model)["layers"] > 0  # as the trainer does: the grouped LoRA projections, its kernels
     module = EngineModule(model.to(device), stage).train()
     batch = stage.collate(items[:n_items], torch.Generator().manual_seed(0))
     batch.pop("truncated", None)
@@ -83,8 +92,11 @@ def test_engine_step_triton_matches_torch_in_the_interpreter(stage_name, monkeyp
     # Wide interpreter blocks over the 49k vocabulary keep the interpreted row kernel to a few steps per row.
     monkeypatch.setitem(masked_ce._INTERP_CONFIG, "grad_rows", dict(BLOCK_V=8192, num_warps=4))
     launches = count_launches(monkeypatch, masked_ce, "_ce_grad_rows_kernel")
+    norms = count_launches(monkeypatch, importlib.import_module("llm2vec_kernels.rms_norm"), "_rms_norm_fwd_kernel")
+    loras = count_launches(monkeypatch, importlib.import_module("llm2vec_kernels.lora"), "_lora_down_kernel")
     lt, gt, lr, gr = _parity(stage_name, "cpu", "fp32", 4, 64, 4)
     assert (len(launches) > 0) == (stage_name == "mntp")  # the frozen LM head took the eager strategy
+    assert norms and loras  # the fused decoder ops and LoRA kernels ran in the Triton pass (none in torch's)
     assert abs(lt - lr) <= 1e-4 * max(1.0, abs(lr)), (lt, lr)
     assert gr and set(gt) == set(gr)
     for name, g in gr.items():
