@@ -105,11 +105,21 @@ EPS = {torch.float32: 2.0 ** -23, torch.float16: 2.0 ** -10}
 
 def assert_close_to_fp64(out, ref64, torch_out, dtype, what):
     """A kernel's error against the fp64 reference is at most twice torch's own error in ``dtype`` on the same
-    computation, plus 4 ulps of the largest reference value."""
-    err = float((out.double() - ref64).abs().max())
-    torch_err = float((torch_out.double() - ref64).abs().max())
+    computation, plus 4 ulps of the largest reference value; and so is its root-mean-square error, plus 2 ulps of
+    the reference's root mean square. The max alone is scaled by the largest value: in fp16 a kernel that added
+    0.1 to every small output passed it (the bound was 0.17 where the median output is 0.2); the RMS check is
+    scaled by the typical value."""
+    diff, tdiff = out.double() - ref64, torch_out.double() - ref64
+    err, torch_err = float(diff.abs().max()), float(tdiff.abs().max())
     bound = 2 * torch_err + 4 * EPS[dtype] * float(ref64.abs().max())
     assert err <= bound, (what, err, torch_err, bound)
+
+    def rms(t):
+        return float(t.square().mean().sqrt()) if t.numel() else 0.0
+
+    rms_err, torch_rms = rms(diff), rms(tdiff)
+    rms_bound = 2 * torch_rms + 2 * EPS[dtype] * rms(ref64)
+    assert rms_err <= rms_bound, (what, "rms", rms_err, torch_rms, rms_bound)
 
 
 def check_bench_tiny(bench, tmp_path):

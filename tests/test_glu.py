@@ -52,6 +52,21 @@ def test_matches_fp64_reference(shape, dtype, act):
 
 
 @needs_interpreter
+def test_the_bound_rejects_a_kernel_off_on_the_small_outputs():
+    """The error bound is no wider than needed: in fp16 at the real shape, outputs whose |y| < 0.5 shifted by 0.1
+    (the max-scaled bound alone, 4 ulps of max |y|, let that pass) fail, while torch's own fp16 result passes."""
+    g = torch.Generator().manual_seed(0)
+    gate = (torch.randn(2, 14336, generator=g) * 4).half()
+    up = torch.randn(2, 14336, generator=g).half()
+    ref = glu_reference(gate.double(), up.double(), "silu")
+    tor = glu_reference(gate, up, "silu")
+    _assert_close(tor, ref, tor, torch.float16, "y")
+    off = torch.where(tor.abs() < 0.5, tor + 0.1 * tor.sign(), tor)
+    assert float((off.double() - ref).abs().max()) < 4 * 2.0 ** -10 * float(ref.abs().max())  # within the max rule
+    with pytest.raises(AssertionError, match="rms"):
+        _assert_close(off, ref, tor, torch.float16, "y")
+
+
 def test_non_contiguous_inputs():
     g = torch.Generator().manual_seed(1)
     both = torch.randn(5, 2 * 24, generator=g)

@@ -97,6 +97,14 @@ def test_accuracy_rows_flag_a_wrong_kernel():
                            [True, True])
     assert all(r["ok"] for r in rows)
 
+    def off_on_small(a, b):  # within 1 ulp of max |y| everywhere, but 0.05 off on every |y| < 0.3
+        y = glu_reference(a, b)
+        return torch.where(y.abs() < 0.3, y + 0.05 * torch.sign(y), y)
+
+    gate, up = torch.randn(64, 4096, generator=g).half() * 4, torch.randn(64, 4096, generator=g).half()
+    row = G.accuracy_rows("glu", "off on small", ["y"], off_on_small, glu_reference, [gate, up], [True, False])[0]
+    assert row["max_err"] <= row["tol"] and row["rms_err"] > row["rms_tol"] and not row["ok"], row
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["rms_norm", "rope", "glu"])
