@@ -173,3 +173,28 @@ def test_the_item_cache_is_rebuilt_when_the_e5_rules_change(monkeypatch):
     assert nq_instructions() == {E5_INSTRUCTIONS["nq"] + "; "}
     monkeypatch.setitem(engine.data.E5_INSTRUCTIONS, "nq", "Find the passage")
     assert nq_instructions() == {"Find the passage; "}
+
+
+def test_the_held_out_loss_reads_every_source_in_turn():
+    """eval_loss reads the first eval_batches micro-batches: in file order all of an E5 folder's came from its first
+    dataset. They now come from each source in turn, each batch from one source, as training draws them."""
+    from engine.stages.supervised import by_source
+
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={SAMPLE}", "micro_batch_size=2"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+    items, _, _ = stage.load(cfg.data, 0)
+    first = {items.groups[i] for i in range(8)}
+    assert len(first) == 1  # the old read: 4 batches of 2, one dataset
+    picked = by_source(items, 4, 2)
+    sources = [e["source"] for e in picked]
+    assert len(picked) == 8 and all(sources[2 * b] == sources[2 * b + 1] for b in range(4))  # one source a batch
+    assert len({sources[2 * b] for b in range(4)}) == 4, sources  # four batches, four sources
+    seen = []
+    stage.collate = lambda batch, g: seen.append([e["source"] for e in batch]) or {}
+
+    class Engine:
+        def __call__(self, batch):
+            return torch.tensor(1.0), {}
+
+    assert stage.batch_losses(Engine(), items, 4) == [1.0] * 4 and [s[0] for s in seen] == sources[::2]
+    assert by_source(list(range(5)), 4, 2) == list(range(5))  # no groups: as they are

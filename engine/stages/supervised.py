@@ -72,6 +72,13 @@ class SupervisedStage(ContrastiveStage):
             stats.count_repeated_negatives(self.cfg.contrastive.num_hard_negatives)
         return ex, stats, groups
 
+    def batch_losses(self, engine, items, max_batches, device=None):
+        """The held-out loss's micro-batches taken from each source in turn (batch b from the (b mod G)-th of the G
+        sources, each batch from one source, as training draws them). In file order the first ``eval_batches``
+        micro-batches of an E5 folder or of several files all came from the first one."""
+        return super().batch_losses(engine, by_source(items, max_batches, self.cfg.micro_batch_size), max_batches,
+                                    device)
+
     def collate(self, items, generator):
         if not items:
             raise ValueError("empty batch")
@@ -104,3 +111,25 @@ class SupervisedStage(ContrastiveStage):
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
                                  "scores": torch.tensor([float(p[2]) for p in items], dtype=torch.float32),
                                  "truncated": t1 + t2})
+
+
+def by_source(items, max_batches, mb):
+    """The first ``max_batches`` micro-batches of ``mb`` items, batch b from source b mod G (``items.groups``: a
+    token-cache entry's group per item; items without groups, or of one group, as they are), each source's items in
+    file order; a source out of items leaves its turns to the others."""
+    groups = getattr(items, "groups", None)
+    if groups is None or len(groups.names) < 2:
+        return items
+    import numpy as np
+
+    idx = np.asarray(groups.idx)
+    queues = [np.flatnonzero(idx == g)[:max_batches * mb].tolist() for g in range(len(groups.names))]
+    order, turn = [], 0
+    while len(order) < max_batches * mb and any(len(q) >= mb for q in queues):
+        q = queues[turn % len(queues)]
+        if len(q) >= mb:
+            order += q[:mb]
+            del q[:mb]
+        turn += 1
+    return [items[i] for i in order] if order else items
+
