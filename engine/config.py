@@ -65,8 +65,10 @@ class MNTPConfig:
     scheme: str = "bert"  # bert: 80% mask token / 10% random / 10% unchanged;  all: always the mask token
     mask_token: str = "_"  # "_" (a blank token), "eos", "<mask>" (added to the vocab), or any single token
     z_loss: float = 0.0
-    # true: documents joined with EOS and cut into max_seq_len blocks (llm2vec's run_mntp.py); false: one row per
-    # document (special prefix, the text cut to fit, EOS), padded: the rows look as encode() sees a text
+    # true: documents (stripped lines, blank ones dropped) joined with EOS and cut into max_seq_len blocks, each
+    # block starting with the encoder's special prefix (llm2vec's run_mntp.py also concatenates and cuts at 512, but
+    # tokenises each raw line with its BOS and newline and joins them with no EOS); false: one row per document
+    # (special prefix, the text cut to fit, EOS), padded: the rows look as encode() sees a text
     pack: bool = True
 
 
