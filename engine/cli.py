@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import sys
+import tempfile
 
 BAD_INPUT = 2
 
@@ -43,15 +44,23 @@ def positive_int(text):
 
 
 def unwritable(path):
-    """Why a file cannot be written at ``path`` (a folder there, its folder missing or read-only), else None: for
-    an output flag, checked before the work whose result it would hold."""
+    """Why a file cannot be written at ``path`` (empty, a folder there, its folder missing or not writable), else
+    None: for an output flag, checked before the work whose result it would hold. Writability is tried, not read
+    off the mode bits (root passes those for /proc and read-only mounts): a temporary file is created in the folder
+    and removed."""
+    if not path:
+        return "an empty path"
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         return f"{path} is a folder"
     if not os.path.isdir(folder):
         return f"{path}: its folder {folder} does not exist"
-    if not os.access(folder, os.W_OK):
-        return f"{path}: its folder {folder} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as e:
+        return f"{path}: its folder {folder} cannot be written ({e.strerror or e})"
+    os.close(fd)
+    os.remove(probe)
     return None
 
 

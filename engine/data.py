@@ -98,12 +98,21 @@ def _check_file(path):
         raise DataError(f"data file is empty: {path}")
 
 
-def check_sources(sources):
+def check_sources(sources, e5_folders=True):
     """The checks every reader makes first on a local source (it exists, is a file and is not empty), made at
     once: a mistyped path is one line before anything heavy loads, not after the imports on every rank. ``hf:``
-    sources and folders (the E5 layout) are left to their readers. Raises DataError."""
+    sources are left to their readers. A folder is E5 data (``e5_folders``: the supervised InfoNCE stage, the only
+    one that reads a folder), which must hold E5 files (:func:`e5_files`); elsewhere a folder is refused here, not
+    after the tokenizer loads. Raises DataError."""
     for src in sources:
-        if not src.startswith("hf:") and not os.path.isdir(src):
+        if src.startswith("hf:"):
+            continue
+        if os.path.isdir(src):
+            if not e5_folders:
+                raise DataError(f"data path is a folder, not a file: {src} (only the supervised stage reads a "
+                                f"folder, as E5 data)")
+            e5_files(src)
+        else:
             _check_file(src)
 
 

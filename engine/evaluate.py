@@ -160,6 +160,25 @@ def _mteb_tasks(name, data, max_pairs):
     return tasks
 
 
+def device_problem(spec):
+    """Why ``spec`` names no device this machine has (not a torch device, CUDA without a GPU, an index past the
+    GPUs), else None; said before the model loads."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        return f"not a device ({str(e).splitlines()[0][:120]})"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device on this machine"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"this machine has {torch.cuda.device_count()} CUDA device(s)"
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        return "not a device the encoder runs on (cpu, cuda[:N])"
+    return None
+
+
 def main(argv=None):
     from engine.cli import ArgumentParser, fail, positive_int, unwritable
     from engine.encoder import RUN_ADAPTERS
@@ -193,13 +212,19 @@ def main(argv=None):
                          "minus that one's, with a paired bootstrap interval (--bootstrap N, default 2000)")
     ap.add_argument("--seed", type=int, default=0, help="the bootstrap's resampling seed")
     args = ap.parse_args(argv)
-    if args.task != "sts" and (args.scores or args.bootstrap or args.compare):
+    if args.task != "sts" and (args.scores is not None or args.bootstrap or args.compare is not None):
         return fail("--scores, --bootstrap and --compare are for --task sts")
+    if args.compare is not None and not args.compare:
+        return fail("--compare: an empty path")
+    if args.device is not None:
+        why = device_problem(args.device)
+        if why:
+            return fail(f"--device {args.device!r}: {why}")
     if args.bootstrap is not None and args.bootstrap < 100:
         return fail(f"--bootstrap {args.bootstrap}: use at least 100 resamples")
     if args.seed < 0:
         return fail(f"--seed {args.seed}: the bootstrap's seed must be >= 0")
-    if args.scores and unwritable(args.scores):  # said now, not after the whole evaluation
+    if args.scores is not None and unwritable(args.scores):  # said now, not after the whole evaluation
         return fail(f"--scores {unwritable(args.scores)}")
 
     from engine.data import DataError, read_sts
@@ -216,7 +241,7 @@ def main(argv=None):
         try:
             pairs = read_sts(args.data)
             check_pairs(args.data, pairs, MIN_PAIRS)
-            other = read_scores(args.compare, pairs) if args.compare else None
+            other = read_scores(args.compare, pairs) if args.compare is not None else None
         except (DataError, OSError, ValueError) as e:
             return fail(e)
     elif not args.task.startswith("mteb:"):
@@ -250,7 +275,7 @@ def main(argv=None):
         except ValueError as e:  # an instruction that leaves --max-length no room for the text
             return fail(e)
         result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
-        if args.scores:  # first, so the cosines are kept whatever the intervals make of them
+        if args.scores is not None:  # first, so the cosines are kept whatever the intervals make of them
             try:
                 write_scores(args.scores, pairs, cos)
             except OSError as e:  # a full disk, the folder gone since the check

@@ -181,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--by", default="eval_loss", choices=sorted(METRICS))
     ap.add_argument("--json", help="also write the readings and the choice to this JSON file")
     args = ap.parse_args(argv)
-    if args.json and unwritable(args.json):  # said now, not after the choice is made and printed
+    if args.json is not None and unwritable(args.json):  # said now, not after the choice is made and printed
         return fail(f"--json {unwritable(args.json)}")
     try:
         res = pick(args.runs, args.by)
@@ -196,7 +196,7 @@ def main(argv=None):
         print(f"{len(res['left_out_non_finite'])} run(s) left out, {by} not finite: "
               + ", ".join(res["left_out_non_finite"]))
     print(f"picked: {res['picked']['path']} (adapter: {res['picked']['adapter']})")
-    if args.json:
+    if args.json is not None:
         try:
             write_json(args.json, res)
         except OSError as e:  # a full disk, or the folder gone since the check

@@ -102,6 +102,12 @@ def main(argv=None):
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
     args = ap.parse_args(argv)
+    planned = [flag for flag, value in (("--world", args.world), ("--gpu-memory-gb", args.gpu_memory_gb))
+               if value is not None]
+    if planned and not args.dry_run:  # a training run would ignore them: the launcher sets the ranks
+        return _said_once(error_line(f"{' and '.join(planned)} {'apply' if len(planned) > 1 else 'applies'} to "
+                                     f"--dry-run only (a training run takes its ranks from the launcher and its "
+                                     f"memory from the GPU)"))
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
@@ -126,7 +132,8 @@ def main(argv=None):
     from engine.data import DataError, check_sources  # no torch: a mistyped path is said before the imports
 
     try:
-        check_sources(cfg.data + cfg.eval_data)  # (a dry run reads no data, so it does not need the files)
+        # (a dry run reads no data, so it does not need the files)
+        check_sources(cfg.data + cfg.eval_data, e5_folders=cfg.stage == "supervised" and cfg.contrastive.loss == "infonce")
     except DataError as e:
         return _said_once(error_line(e))
     try:

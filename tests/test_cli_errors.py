@@ -169,6 +169,15 @@ def test_train_output_dir_checks_and_no_empty_folder_left(tmp_path):
     assert r.returncode == 2 and "no-such-flag" in _one_line(r.stderr)
 
 
+def test_train_refuses_dry_run_flags_without_a_dry_run(tmp_path):
+    """--world and --gpu-memory-gb plan a dry run; a training run ignored them and started (writing its folder)."""
+    for flag, value in (("--world", "0"), ("--gpu-memory-gb", "40")):
+        r = run_cmd([sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", flag, value,
+                     f"output_dir={tmp_path / 'run'}"], timeout=120)
+        assert r.returncode == 2 and f"{flag} applies to --dry-run only" in _one_line(r.stderr), r.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_a_name_that_is_no_model_is_said_by_every_command_before_anything_is_written(capsys, tmp_path, monkeypatch):
     """engine.refs' "missing" (a one-part name, ``outputs/x`` beside outputs/, three parts): train, evaluate and
     export each exit 2 with one line naming it. Train says it before making the run folder, also for a random-init
@@ -248,6 +257,11 @@ def _sts(path, golds):
     ("nan_compare", "other.tsv:4: cosine 'nan' is not finite"),
     ("scores_folder_missing", "its folder"),
     ("negative_seed", "--seed -1: the bootstrap's seed must be >= 0"),
+    ("scores_empty", "--scores an empty path"),
+    ("compare_empty", "--compare: an empty path"),
+    ("scores_unwritable", "cannot be written"),
+    ("device_bad", "--device 'foo': not a device"),
+    ("device_cuda", "--device 'cuda:7': "),
 ])
 def test_evaluate_checks_pairs_files_and_seed_before_the_model_loads(capsys, tmp_path, stub_model, case, message):
     """Each used to fail after the model had loaded, with a traceback (exit 1); --scores in a missing folder only
@@ -265,6 +279,12 @@ def test_evaluate_checks_pairs_files_and_seed_before_the_model_loads(capsys, tmp
         "nan_compare": ["--data", five, "--compare", str(tmp_path / "other.tsv")],
         "scores_folder_missing": ["--data", five, "--scores", str(tmp_path / "nodir" / "x.tsv")],
         "negative_seed": ["--data", five, "--bootstrap", "200", "--seed", "-1"],
+        "scores_empty": ["--data", five, "--scores", ""],  # was a silent success with no scores written
+        "compare_empty": ["--data", five, "--compare", ""],
+        # /proc takes no new file even for root, whose mode-bit check (os.access) passed: said after the evaluation
+        "scores_unwritable": ["--data", five, "--scores", "/proc/llm2vec-scores.tsv"],
+        "device_bad": ["--data", five, "--device", "foo"],  # a traceback once the model had loaded
+        "device_cuda": ["--data", five, "--device", "cuda:7"],
     }[case]
     write_scores(tmp_path / "other.tsv", read_sts(five), [0.1, 0.2, float("nan"), 0.4, 0.5])
     rc, line = _evaluate(capsys, "--model", model, *args)

@@ -28,7 +28,13 @@ def test_check_sources_says_what_the_readers_would_say_first(tmp_path):
     empty.write_text("")
     good = tmp_path / "good.txt"
     good.write_text("a line\n")
-    check_sources([str(good), "hf:some/dataset", str(tmp_path)])  # hf: and folders are the readers' to judge
+    check_sources([str(good), "hf:some/dataset", "data/e5-sample"])  # hf: is its reader's to judge; E5 folders pass
+    # a folder without E5 files, and any folder where the stage reads no E5 data, are said at once (they were found
+    # only after the tokenizer loaded and the eval data was tokenised)
+    with pytest.raises(DataError, match="holds none of the E5 dataset files"):
+        check_sources([str(tmp_path)])
+    with pytest.raises(DataError, match="is a folder, not a file: .*only the supervised stage"):
+        check_sources(["data/e5-sample"], e5_folders=False)
     for src, msg in ((tmp_path / "nope.txt", "data file not found: .*nope.txt"), (empty, "data file is empty")):
         with pytest.raises(DataError, match=msg):
             check_sources([str(good), str(src)])

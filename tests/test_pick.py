@@ -136,7 +136,9 @@ def test_the_command_line_and_unreadable_folders(tmp_path, capsys):
 def test_a_json_that_cannot_be_written_is_said_before_picking(tmp_path, capsys):
     a = _run(tmp_path, "a", {12: 4.0})
     b = _run(tmp_path, "b", {12: 3.0}, "seed=2")
-    for out, message in ((tmp_path / "nodir" / "x.json", "nodir does not exist"), (tmp_path / "a", "is a folder")):
+    for out, message in ((tmp_path / "nodir" / "x.json", "nodir does not exist"), (tmp_path / "a", "is a folder"),
+                         ("", "an empty path"),  # a silent success with nothing written
+                         ("/proc/llm2vec-pick.json", "cannot be written")):  # root passed os.access there
         assert pk.main([a, b, "--json", str(out)]) == 2
         said = capsys.readouterr()
         err = said.err.strip().splitlines()
