@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import refs
-from .config import ConfigError, to_dict
+from .config import ConfigError, load_config, to_dict
 from .data import read_sts
 from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
@@ -367,6 +367,22 @@ def _saved_fingerprint(root, tag):
     return _saved_run(root, tag).get("fingerprint")
 
 
+def _other_run_config(cfg):
+    """Why output_dir's config.yaml is another run's (how its fingerprint differs, or that it does not read), or
+    None: no config.yaml, or this run's (a restart of the same run over its own log)."""
+    path = os.path.join(cfg.output_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        saved = fingerprint(load_config(path))
+    except (ConfigError, OSError, ValueError) as e:
+        return f"its config.yaml does not read: {' '.join(str(e).split())[:160]}"
+    diff = fingerprint_diff(saved, fingerprint(cfg))
+    if not diff:
+        return None
+    return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
+
+
 def plan_resume(cfg, rank=0):
     """Decide, before any model loads, what this run resumes: (tags to try, newest first; fingerprint diff).
 
@@ -404,6 +420,12 @@ def plan_resume(cfg, rank=0):
             raise ConfigError(
                 f"{cfg.output_dir} holds {what} but no checkpoint to resume; use another output_dir, delete "
                 f"it, or resume=force to start over in it")
+        other = _other_run_config(cfg) if cfg.resume == "auto" else None
+        if other:  # a run that stopped before its first checkpoint: its log is all it left
+            raise ConfigError(
+                f"{cfg.output_dir} holds the config.yaml and metrics.csv of another run, which stopped before its "
+                f"first checkpoint ({other}); use another output_dir, delete them, or resume=force to start over "
+                f"in it (the same run is restarted over them)")
         return [], []
     if latest != complete[0]:
         why = "is missing" if latest is None else f"names {latest!r}, which is not the newest complete checkpoint"

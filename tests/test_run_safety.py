@@ -40,6 +40,29 @@ def _fake_ckpt(out, step, cfg, complete=True):
     return path
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over(tmp_path):
+    """A run that died before its first checkpoint leaves config.yaml and metrics.csv only. Another run (other
+    settings) into that folder took them over: config.yaml rewritten, the metrics rows dropped. It is refused under
+    resume=auto, naming what differs; the same run restarts over its own log, and resume=force starts over."""
+    import yaml
+
+    from engine.config import to_dict
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    first = _cfg(out)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(to_dict(first), f, sort_keys=False)
+    (tmp_path / "run" / "metrics.csv").write_text("step,loss\n1,9.5\n")
+    assert plan_resume(_cfg(out)) == ([], [])  # the same run: restarted over its own log
+    with pytest.raises(ConfigError, match=r"another run, which stopped before its first checkpoint \(learning_rate: "):
+        plan_resume(_cfg(out, "learning_rate=3e-3"))
+    assert plan_resume(_cfg(out, "learning_rate=3e-3", "resume=force")) == ([], [])
+    (tmp_path / "run" / "config.yaml").write_text("- not a config\n")
+    with pytest.raises(ConfigError, match="its config.yaml does not read"):
+        plan_resume(_cfg(out))
+
+
 def _set_latest(out, tag):
     with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
         f.write(tag)
