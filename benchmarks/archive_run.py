@@ -15,6 +15,19 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+def _archived_commit(folder):
+    """The commit an archive folder's README names, "" for a folder without one (not an archive: never written
+    into), None where there is no folder (a new archive). The same commit is the same run, archived again."""
+    if not os.path.exists(folder):
+        return None
+    try:
+        with open(os.path.join(folder, "README.md")) as f:
+            found = re.search(r"^- commit: (\S+)", f.read(), re.M)
+    except OSError:
+        return ""
+    return found.group(1) if found else ""
+
+
 def archive(src, root):
     """Copy a fetched GPU run into root/<date>-<gpu>/ with a README; returns the folder."""
     rows = []
@@ -23,6 +36,10 @@ def archive(src, root):
     meta = next((r for r in rows if r.get("gpu")), {"gpu": "unknown", "date": "unknown", "commit": "unknown"})
     slug = re.sub(r"[^A-Za-z0-9]+", "-", meta["gpu"].replace("NVIDIA", "")).strip("-").lower() or "gpu"
     dst = os.path.join(root, f"{meta['date']}-{slug}")
+    if _archived_commit(dst) not in (None, meta["commit"]):  # another run of that day on that card: beside it
+        dst = f"{dst}-{meta['commit']}"
+        if _archived_commit(dst) not in (None, meta["commit"]):
+            raise FileExistsError(f"{dst} holds another run's archive; archive this one elsewhere")
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)

@@ -45,7 +45,9 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ITERS, WARMUP, CsvWriter, cli_error, measure, peak_memory_mb, plot, write_json  # noqa: E402
+from benchmarks.common import (ITERS, WARMUP, CsvWriter, check_outputs, cli_error, cli_names, measure,  # noqa: E402
+                               nonnegative_int, parser, peak_memory_mb, plot, write_json)
+from engine.cli import positive_int  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
@@ -216,6 +218,10 @@ def _flex(case, dropout_p):
     return run
 
 
+IMPL_NAMES = ("triton", "triton-padded", "triton-padded-atomicdq", "triton-autotune", "triton-atomicdq", "sdpa",
+              "sdpa-padmask", "eager", "flex", "flash_attn", "torch")  # what --impls may name
+
+
 def implementations(case, dropout_p, want):
     impls = {}
     if "triton" in want:
@@ -360,25 +366,25 @@ def sweep(writer, case, dropout_p, warmup, iters):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "bench_attention.csv"))
     p.add_argument("--plot", default=None, help="PNG path for a bar chart of the CSV (ms)")
     p.add_argument("--tiny", action="store_true", help="tiny CPU shapes; the Triton kernel via the interpreter")
     p.add_argument("--cases", nargs="+", default=None,
                    help="labels from GPU_CASES, or TINY_CASES on CPU (default: all)")
-    p.add_argument("--impls", default="triton,triton-padded,triton-padded-atomicdq,triton-autotune,triton-atomicdq,"
-                                      "sdpa,sdpa-padmask,eager,flex,flash_attn,torch")
+    p.add_argument("--impls", default=",".join(IMPL_NAMES))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--warmup", type=int, default=WARMUP, help="untimed calls before the timed ones (GPU)")
-    p.add_argument("--iters", type=int, default=ITERS, help="timed calls: the row's ms is their median (GPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=WARMUP, help="untimed calls before the timed ones (GPU)")
+    p.add_argument("--iters", type=positive_int, default=ITERS, help="timed calls: the row's ms is their median (GPU)")
     p.add_argument("--torch-max-scores", type=float, default=2.5e8,
                    help="run the torch reference only when B*Hq*S*S is below this (it materialises the scores)")
     p.add_argument("--sweep", action="store_true", help="time the Triton kernel's candidate launch configs")
     p.add_argument("--budget-s", type=float, default=80.0,
                    help="stop starting new cases / implementations after this many seconds (rows so far are kept)")
     args = p.parse_args(argv)
+    check_outputs(args, "--out", "--plot")
     deadline = time.time() + args.budget_s
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -389,6 +395,7 @@ def main(argv=None):
     if bad:  # before any work: a wrong label would otherwise leave an empty CSV and exit 0
         cli_error(f"--cases: unknown {', '.join(bad)} ({device} cases: {', '.join(known)})")
     cases = [c for c in every if args.cases is None or c[0] in args.cases]
+    want = set(cli_names(args.impls, IMPL_NAMES, "--impls"))  # before any work, as --cases
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SystemExit("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
@@ -398,7 +405,6 @@ def main(argv=None):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         warmup, iters = args.warmup, args.iters
     writer = CsvWriter(args.out, "attention-sweep" if args.sweep else "attention", device=device)
-    want = set(args.impls.split(","))
     try:
         for label, heads, batch, seq, passes, softcap in cases:
             if time.time() > deadline:

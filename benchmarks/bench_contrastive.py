@@ -18,7 +18,6 @@ dearer one is timed fewer times, and its row says how many (warmup, timed_steps)
 
 ``--tiny`` runs CPU-sized shapes (the Triton path needs TRITON_INTERPRET=1 there) for CI.
 """
-import argparse
 import os
 import sys
 import time
@@ -29,7 +28,9 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ITERS, WARMUP, CsvWriter, Timing, cli_ints, cli_names, measure, peak_memory_mb, plot  # noqa: E402,E501
+from benchmarks.common import (ITERS, WARMUP, CsvWriter, Timing, check_outputs, cli_ints, cli_names,  # noqa: E402
+                               measure, parser, peak_memory_mb, plot)
+from engine.cli import positive_float  # noqa: E402
 from llm2vec_kernels._backend import interpreter_enabled  # noqa: E402
 from llm2vec_kernels.contrastive import _torch_same_dtype_loss, contrastive_loss, contrastive_loss_reference  # noqa: E402
 
@@ -152,14 +153,15 @@ def run_case(writer, impl, fn, B, E, dtype, device, budget_ms, ref_rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"bench_{BENCH}.csv"))
     ap.add_argument("--plot", default=None, help="PNG path (time per shape/pass; memory goes to *_mem.png)")
     ap.add_argument("--tiny", action="store_true", help="CPU-sized shapes for CI")
     ap.add_argument("--batches", default=None, help="comma-separated B values (default: all of the mode)")
     ap.add_argument("--impls", default="torch,torch_lowp,triton")
-    ap.add_argument("--budget-ms", type=float, default=None, help="timing budget per (case, pass)")
+    ap.add_argument("--budget-ms", type=positive_float, default=None, help="timing budget per (case, pass)")
     args = ap.parse_args(argv)
+    check_outputs(args, "--out", "--plot")
 
     device = "cuda" if (torch.cuda.is_available() and not args.tiny) else "cpu"
     if not args.tiny and device != "cuda":

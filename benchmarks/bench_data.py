@@ -17,7 +17,6 @@ smaller corpus.
 One CSV row (benchmarks/common.py's columns): ms = the first load (tokenising included), peak_mb = the added
 peak RSS; extra: tokens, blocks, corpus bytes, tokenising throughput, cache-hit seconds, RssAnon, VmHWM total.
 """
-import argparse
 import os
 import random
 import sys
@@ -27,6 +26,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.common import check_outputs, cli_error, parser  # noqa: E402
+from engine.cli import positive_float  # noqa: E402
 
 WORDS = ("the river valley storm flooded after summer heat dried violinist played concerto town hall sold "
          "instrument market old bridge rebuilt steel collapsed before anyone could cross young chef opened small "
@@ -65,22 +67,42 @@ def write_corpus(path, n_bytes, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gb", type=float, default=1.0, help="corpus size in GB (1e9 bytes)")
+    ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--gb", type=positive_float, default=1.0, help="corpus size in GB (1e9 bytes)")
     ap.add_argument("--corpus", help="an existing text file instead of a generated one")
     ap.add_argument("--path", choices=("cache", "memory"), default="cache")
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--batches", type=int, default=200, help="random global batches of 32 blocks read after load")
     ap.add_argument("--out", default="bench_data.csv")
     args = ap.parse_args(argv)
+    check_outputs(args, "--out")  # said now, not after minutes of tokenising
+    if args.corpus is not None:
+        from engine.data import DataError, check_sources
 
+        try:
+            check_sources([args.corpus], e5_folders=False)
+        except DataError as e:
+            cli_error(f"--corpus: {e}")
+    from engine.data import DataError
+
+    work = tempfile.mkdtemp(prefix="bench_data_")
+    try:
+        return _run(args, work)
+    except DataError as e:  # a corpus the reader refuses: one line, exit 2
+        cli_error(e)
+    finally:  # the generated corpus and the token cache, also after a failure
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work):
     from engine.config import load_config
     from engine.modeling import load_tokenizer
     from engine.stages import build_stage
 
     from benchmarks.common import CsvWriter
 
-    work = tempfile.mkdtemp(prefix="bench_data_")
     os.environ["LLM2VEC_ENGINE_TOKEN_CACHE"] = os.path.join(work, "cache")
     corpus = args.corpus
     if corpus is None:
@@ -138,10 +160,6 @@ def main(argv=None):
         peak_file_added_mb=f"{peaks['RssFile'] - base_file:.0f}", vmhwm_total_mb=f"{status_mb('VmHWM'):.0f}",
         baseline_mb=f"{base_hwm:.0f}", cpus=os.cpu_count(), timing="wall")
     print(f"[bench_data] {stats.summary()}", flush=True)
-    if args.corpus is None:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
     return row
 
 

@@ -21,7 +21,6 @@ targets (Llama-3-8B: peak <= 5% of full_logits, time <= 0.35x full_logits and <=
     python -m benchmarks.bench_masked_ce                     # GPU, ~60-90 s on an H100
     TRITON_INTERPRET=1 python -m benchmarks.bench_masked_ce --tiny   # CPU, seconds
 """
-import argparse
 import gc
 import math
 import os
@@ -29,7 +28,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import ITERS, WARMUP, CsvWriter, cli_names, measure, peak_memory_mb, plot
+from benchmarks.common import ITERS, WARMUP, CsvWriter, check_outputs, cli_names, measure, parser, peak_memory_mb, plot
+from engine.cli import positive_int
 
 IMPLS = ("full_logits", "gather_torch", "liger_flce", "triton_fused", "triton_recompute")
 
@@ -97,13 +97,14 @@ def _inputs(tokens, hdim, vocab, frac, device, dtype, seed=0):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/bench_masked_ce.csv")
     ap.add_argument("--plot", default=None, help="PNG path (time); a *_mem.png with peak memory is added on GPU")
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny shapes, interpreter for the kernel")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(GPU_SHAPES))
-    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--iters", type=positive_int, default=None)
     args = ap.parse_args(argv)
+    check_outputs(args, "--out", "--plot")
 
     tiny = args.tiny or not torch.cuda.is_available()
     device = "cpu" if tiny else "cuda"

@@ -103,7 +103,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.common import cli_error, write_json  # noqa: E402
+from benchmarks.common import check_outputs, cli_error, parser, write_json  # noqa: E402
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
 from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
@@ -347,7 +347,7 @@ def _deepspeed_logs_to_stderr():
 
 def main(argv=None):
     _deepspeed_logs_to_stderr()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--arch", default="mistral-7b", choices=sorted(ARCHS),
                     help="the model structure costed and counted (the calibration is always Mistral-7B's profile)")
     ap.add_argument("--paths", default=None, help="comma list (default: every path the structure has)")
@@ -373,6 +373,7 @@ def main(argv=None):
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_outputs(args, "--json")
     if args.mask_prob is None or args.scheme is None:
         p, s = llm2vec_masking("mistral")
         args.mask_prob = p if args.mask_prob is None else args.mask_prob

@@ -96,7 +96,6 @@ family and features at the tiny Llama's sizes.
 --tiny (and any run without CUDA): a tiny random Llama (2 layers, hidden 64, vocab 512), small batches, fp32,
 DeepSpeed ZeRO-3 on gloo in a world of one; the engine's kernels resolve to their torch references on CPU.
 """
-import argparse
 import os
 import sys
 import time
@@ -109,7 +108,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import llm2vec_kernels  # noqa: E402
-from benchmarks.common import CsvWriter, cli_error, cli_ints, cli_names  # noqa: E402
+from benchmarks.common import CsvWriter, check_outputs, cli_error, cli_ints, cli_names, nonnegative_int, parser  # noqa: E402,E501
+from engine.cli import positive_float, positive_int  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
 from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
 from benchmarks.step_paths import ARCHS  # noqa: E402
@@ -169,7 +169,7 @@ def make_plan(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"bench_{BENCH}.csv"))
     ap.add_argument("--profile", default=None, help="text file for the profiler breakdown (engine + reference MNTP)")
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny random Llama, small batches (CI)")
@@ -179,9 +179,9 @@ def main(argv=None):
                          "structure than Mistral-7B's runs those rows only")
     ap.add_argument("--impls", default=None, help="comma list of (stage:)impl to run instead of the default plan, "
                     f"impl in {', '.join(ALL_IMPLS)}")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps per measurement (5; 1 with --tiny)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (20; 2 with --tiny)")
-    ap.add_argument("--budget-s", type=float, default=None,
+    ap.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up steps per measurement (5; 1 with --tiny)")
+    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per measurement (20; 2 with --tiny)")
+    ap.add_argument("--budget-s", type=positive_float, default=None,
                     help="stop starting measurements that would end after this many seconds from start "
                          "(default 135 on GPU, none with --tiny)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense bf16 peak")
@@ -194,6 +194,7 @@ def main(argv=None):
                          "batch sizes (short texts), without and with gradient caching (issue 6)")
     ap.add_argument("--grad-cache-chunk", type=int, default=256, help="texts per chunk for --big-batch")
     args = ap.parse_args(argv)
+    check_outputs(args, "--out")
     # bad input ends the run in one line (cli_error) before a model is built
     sizes = cli_ints(args.big_batch, "--big-batch") if args.big_batch is not None else None
     if not torch.cuda.is_available():

@@ -90,6 +90,61 @@ def cli_error(message):
     sys.exit(2)
 
 
+def parser(description, **kw):
+    """The benchmarks' command-line parser: engine.cli's, so a usage error is one line and exit 2 (argparse's own
+    prints its usage block first)."""
+    from engine.cli import ArgumentParser
+
+    return ArgumentParser(description=description, **kw)
+
+
+def nonnegative_int(text):
+    """An argparse type: an integer >= 0 (warm-up counts)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def out_problem(path):
+    """Why a benchmark's output file cannot be written at ``path`` (the folders it would create included), else
+    None: empty, a folder, under a file, or in a folder that takes no new file (tried, as engine.cli.unwritable
+    does)."""
+    import tempfile
+
+    if not path:
+        return "an empty path"
+    if os.path.isdir(path):
+        return f"{path} is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{path}: {folder} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as e:
+        return f"{path}: {folder} cannot be written ({e.strerror or e})"
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
+def check_outputs(args, *flags):
+    """cli_error for the first output flag (``--out`` -> args.out) whose path cannot be written: said before the
+    benchmark runs, not as a traceback after it."""
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        why = None if value is None else out_problem(value)
+        if why:
+            cli_error(f"{flag} {why}")
+
+
 def cli_names(text, known, flag):
     """The comma-separated names of ``text``, each one of ``known`` (else cli_error naming the others and the
     choices)."""
@@ -312,16 +367,14 @@ def run_elementwise_bench(op, doc, argv, tiny_shapes, gpu_shapes, make_case, imp
     ``make_case(name, spec, device, dtype)`` -> (shape label, bytes moved, step(impl)); each impl's fwd+bwd
     ``step`` is timed and written as a CSV row with its GB/s. The Triton impl is skipped (and says so) on a CPU
     without TRITON_INTERPRET=1. Returns the rows."""
-    import argparse
-    import os
+    from engine.cli import positive_int
 
-    import torch
-
-    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap = parser(doc.split("\n")[0])
     ap.add_argument("--out", default=f"benchmarks/results/bench_{op}.csv")
     ap.add_argument("--tiny", action="store_true", help="CPU mode: tiny shapes, interpreter for the kernel")
-    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--iters", type=positive_int, default=None)
     args = ap.parse_args(argv)
+    check_outputs(args, "--out")
     tiny = args.tiny or not torch.cuda.is_available()
     device, dtype = ("cpu", torch.float32) if tiny else ("cuda", torch.bfloat16)
     can_triton = not tiny or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -24,7 +24,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks import quality_smollm2 as q  # noqa: E402
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import git_commit, parser  # noqa: E402
+from engine.cli import positive_int  # noqa: E402
 from engine.distributed import free_port  # noqa: E402
 from engine.files import write_json  # noqa: E402
 
@@ -37,9 +38,9 @@ def _curve(metrics):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="general-mntp", choices=[c for c in q.CONFIGS if "mntp" in c])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=positive_int, default=300)
     ap.add_argument("--every", type=int, default=50)
     ap.add_argument("--holdout-genre", choices=q.GENRES, default="news")
     ap.add_argument("--train-without-holdout", action="store_true",

@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import cli_error, git_commit, parser  # noqa: E402
 from engine.files import write_json, write_text  # noqa: E402
 
 GENERAL = os.path.join(ROOT, "data", "wikitext2-sentences", "sentences.txt")  # the general recipe's corpus
@@ -83,7 +83,15 @@ def sh(cmd, log):
     with open(log, "a") as f:
         f.write("+ " + " ".join(cmd) + "\n")
         f.flush()
+        start = f.tell()
         r = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode == 2:  # the command refused its input (an override, a path): its one line, and exit 2
+        with open(log, errors="replace") as f:
+            f.seek(start)
+            said = [ln.strip() for ln in f if ln.startswith(("error:", "config error:"))]
+        if said:
+            line = said[-1][len("error: "):] if said[-1].startswith("error: ") else said[-1]
+            cli_error(f"{line} (log: {log})")
     if r.returncode != 0:
         raise SystemExit(f"command failed ({r.returncode}); see {log}")
     return time.time() - t0
@@ -241,7 +249,7 @@ def ci_lines(rows, held_rows, genre):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2, help="ranks for deepspeed (GPUs, or CPU processes)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m"))
     ap.add_argument("--work", default=os.path.join(ROOT, "outputs", "quality-smollm2"))
@@ -267,6 +275,16 @@ def main(argv=None):
         if stage not in CONFIGS or "=" not in kv:
             ap.error(f"--stage-set {item!r}: expected STAGE:key=value with STAGE in {', '.join(CONFIGS)}")
         per_stage.setdefault(stage, []).append(kv)
+    from engine.data import DataError, check_sources
+
+    try:  # a mistyped path in one line now, not a traceback once the first files are written
+        check_sources([args.train, args.dev, args.test], e5_folders=False)
+    except DataError as e:
+        cli_error(e)
+    for flag in ("--out", "--work"):
+        path = getattr(args, flag[2:])
+        if os.path.exists(path) and not os.path.isdir(path):
+            cli_error(f"{flag} {path} is a file, not a folder")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")

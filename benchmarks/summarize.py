@@ -14,7 +14,6 @@ checks that did not run are a NOT RUN row. --plot draws the train-step throughpu
 text, environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/ with a README that
 says what ran, on which card, at which commit.
 """
-import argparse
 import csv
 import glob
 import json
@@ -24,6 +23,7 @@ import re
 import sys
 
 from benchmarks.archive_run import archive
+from engine.cli import ArgumentParser, fail, unwritable
 
 
 def _rows(path):
@@ -525,7 +525,7 @@ def plot_train_step(rows, png):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", required=True)
     ap.add_argument("--steps", default=None)
     ap.add_argument("--md", default=None)
@@ -533,8 +533,19 @@ def main(argv=None):
     ap.add_argument("--archive", default=None, help="copy the run to ARCHIVE/<date>-<gpu>/ with a README")
     args = ap.parse_args(argv)
     d = args.dir
+    if not os.path.isdir(d):
+        fail(f"--dir {d} is not a folder (a fetched GPU run's $OUT)")
+        sys.exit(2)
+    for flag, value in (("--md", args.md), ("--plot", args.plot)):
+        if value is not None and unwritable(value):
+            fail(f"{flag} {unwritable(value)}")
+            sys.exit(2)
     if args.archive:
-        dst = archive(d, args.archive)
+        try:
+            dst = archive(d, args.archive)
+        except OSError as e:
+            fail(f"--archive {args.archive}: {e}")
+            sys.exit(2)
         print(f"archived to {dst}")
         return dst
     t = Table()

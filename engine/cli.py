@@ -43,6 +43,17 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
+
+
 def unwritable(path):
     """Why a file cannot be written at ``path`` (empty, a folder there, its folder missing or not writable), else
     None: for an output flag, checked before the work whose result it would hold. Writability is tried, not read

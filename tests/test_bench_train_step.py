@@ -594,3 +594,33 @@ def test_big_batch_grad_cache_rows(tmp_path):
     assert got == {("B6+6p+6n", "engine-nocache"), ("B6+6p+6n", "engine-gradcache4"),
                    ("B10+10p+10n", "engine-nocache"), ("B10+10p+10n", "engine-gradcache4")}
     assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in rows)
+
+
+def test_archiving_never_overwrites_another_runs_archive(tmp_path, capsys):
+    """Two runs of one day on one card were archived into the same <date>-<gpu>/, the second's files over the
+    first's. Another commit goes beside it (-<commit>); the same run archived again replaces its own files; a
+    --dir that is no folder is one line, exit 2 (it was a traceback and an empty unknown-unknown/)."""
+    from benchmarks import summarize
+
+    def run(name, commit):
+        d = tmp_path / name
+        d.mkdir()
+        _write_csv(d / "bench_attention.csv", [{"gpu": "NVIDIA H100", "date": "2026-12-06", "commit": commit,
+                                                "bench": "attention", "shape": "s", "impl": "triton", "pass": "fwd",
+                                                "ms": "1.0", "tflops": "nan", "peak_mb": "nan", "extra": ""}])
+        (d / "log.txt").write_text(f"log of {commit}\n")
+        return str(d)
+
+    root = str(tmp_path / "results")
+    first = summarize.main(["--dir", run("a", "aaa1111"), "--archive", root])
+    again = summarize.main(["--dir", str(tmp_path / "a"), "--archive", root])
+    second = summarize.main(["--dir", run("b", "bbb2222"), "--archive", root])
+    assert first == again == os.path.join(root, "2026-12-06-h100") and second == first + "-bbb2222"
+    assert open(os.path.join(first, "log.txt")).read() == "log of aaa1111\n"
+    assert open(os.path.join(second, "log.txt")).read() == "log of bbb2222\n"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        summarize.main(["--dir", str(tmp_path / "missing"), "--archive", root])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--dir" in err[0] and "is not a folder" in err[0], err
+    assert sorted(os.listdir(root)) == ["2026-12-06-h100", "2026-12-06-h100-bbb2222"]

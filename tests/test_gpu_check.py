@@ -141,3 +141,17 @@ def test_cases_past_the_budget_are_named_not_run_never_passed(monkeypatch, tmp_p
     summarize.correctness_target(t, str(out), None)
     assert t.lines == [("bf16 correctness", "every case of every kernel's gpu_check", "1 case(s) not run", "NOT RUN",
                         "time budget: attention:tiny-b-float32")]
+
+
+def test_cli_usage_errors_and_an_unwritable_json_are_one_line(capsys):
+    """A usage error printed argparse's usage block; an unwritable --json failed with a traceback after the checks."""
+    for argv, says in ((["--per-op-s", "x"], "argument --per-op-s: invalid int value"),
+                       (["--json", "/proc/llm2vec-c.json", "glu"], "--json /proc/llm2vec-c.json: its folder /proc "
+                                                                    "cannot be written"),
+                       (["--json", "", "glu"], "--json an empty path")):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and says in err[0], (argv, err)

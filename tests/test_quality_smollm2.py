@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+import pytest
+
 from .helpers import ROOT, load_script
 
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m")
@@ -441,3 +443,23 @@ def test_each_row_carries_its_paired_interval_against_the_causal_model(tmp_path,
     with pytest.raises(SystemExit, match="not the same evaluations"):
         q.vs_causal(str(work / "scores" / "in-domain_a.tsv"), str(work / "scores" / "in-domain_a.tsv"),
                     os.path.join(q.STS, "sts-test.csv"), row_c, res["rows"]["a"])
+
+
+def test_a_stage_that_refuses_its_input_is_said_in_one_line(tmp_path, capsys):
+    """A training or evaluation command the table runs that exits 2 (a bad --set override, a path) was reported as
+    'command failed (2); see log.txt' with exit 1: its own one line is said now, with exit 2. A missing data file is
+    said before anything is written."""
+    import sys
+
+    from benchmarks import quality_smollm2 as q
+
+    log = str(tmp_path / "log.txt")
+    with pytest.raises(SystemExit) as e:
+        q.sh([sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", "lora.r"], log)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: config error: ") and "lora.r" in err[0]
+    with pytest.raises(SystemExit) as e:
+        q.main(["--train", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "data file not found" in err[0], err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "w").exists()

@@ -9,8 +9,10 @@ on stderr; each check's refusal is still printed and, with ``--json``, recorded 
 import argparse
 import json
 import math
+import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 
@@ -43,8 +45,32 @@ def _run_one(name, per_op_s):
     return [{k: _clean(v) for k, v in dict(r).items()} for r in rows]
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error in one line on stderr and exit 2 (argparse's own prints its usage block first)."""
+
+    def error(self, message):
+        print(f"llm2vec_kernels.gpu_check: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unwritable(path):
+    """Why ``path`` takes no file (empty, a folder, its folder missing or read-only: tried), else None."""
+    if not path:
+        return "an empty path"
+    if os.path.isdir(path):
+        return f"{path} is a folder"
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+    except OSError as e:
+        return f"{path}: its folder {folder} cannot be written ({e.strerror or e})"
+    os.close(fd)
+    os.remove(probe)
+    return None
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m llm2vec_kernels.gpu_check", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="python -m llm2vec_kernels.gpu_check", description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", metavar="NAME", help=f"checks to run (default all): {', '.join(CHECKS)}")
     ap.add_argument("--list", action="store_true", help="print the check names, one a line, and exit")
     ap.add_argument("--json", metavar="PATH", help="write the rows here")
@@ -53,6 +79,9 @@ def main(argv=None):
     if args.list:
         print("\n".join(CHECKS))
         return 0
+    if args.json is not None and _unwritable(args.json):  # said now, not after the checks ran
+        print(f"llm2vec_kernels.gpu_check: --json {_unwritable(args.json)}", file=sys.stderr)
+        return 2
     unknown = [n for n in args.names if n not in CHECKS]
     if unknown or args.per_op_s < 0:
         what = f"unknown check(s) {', '.join(unknown)}" if unknown else "--per-op-s must be >= 0"
