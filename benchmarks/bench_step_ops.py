@@ -416,6 +416,14 @@ def _saved_run(path):
         cli_error(f"--from-json {path}: {type(exc).__name__}: {exc}")
     if not isinstance(results, dict):
         cli_error(f"--from-json {path}: not the results of a --json run (a JSON object of rows)")
+    need = ("tokens", "recompute", "zero", "launches", "predicted_ms", "host_ms")
+    for key, row in results.items():
+        missing = [k for k in need if k not in row] if isinstance(row, dict) and "error" not in row else []
+        if not isinstance(row, dict):
+            cli_error(f"--from-json {path}: not the results of a bench_step_ops --json run ({key!r} is no row)")
+        if missing:
+            cli_error(f"--from-json {path}: row {key!r} lacks {', '.join(missing)}: saved by an older bench_step_ops "
+                      f"(its own README has the table it printed); re-run to get this format")
     return results
 
 

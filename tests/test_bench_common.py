@@ -103,6 +103,9 @@ def test_timing_mode_from_env_and_rows_say_how_they_were_timed(monkeypatch, tmp_
     ("bench_rope", ["--tiny", "--out", ""], "--out an empty path"),
     ("bench_data", ["--corpus", "missing.txt"], "--corpus: data file not found"),
     ("bench_data", ["--gb", "-1"], "argument --gb: -1 is not a positive finite number"),
+    ("bench_step_ops", ["--from-json", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "benchmarks/results/2026-11-30-cpu-step-ops/results.json")],
+     "lacks tokens, recompute: saved by an older bench_step_ops"),
 ])
 def test_bad_command_line_input_is_one_line_and_exit_2(module, argv, says, capsys, tmp_path, monkeypatch):
     """Each benchmark CLI refuses bad input with one line on stderr and exit status 2 (common.cli_error), before
