@@ -4,6 +4,7 @@ The fake keeps a GPU clock that only the timed function advances, and logs the o
 queued, so the test sees what each mode measures and that "gpu" queues the sleep before everything else.
 """
 import itertools
+import os
 
 import pytest
 import torch
