@@ -92,7 +92,12 @@ def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder_and_a_kill_le
     finally:
         first.kill()  # SIGKILL: no cleanup code runs
         first.wait()
-    r = _train(out, "max_steps=2")  # the kernel dropped the dead run's lock: the folder is free
+    # the kernel dropped the dead run's lock: the folder is free. The dead run stopped before its first checkpoint
+    # under other settings (max_steps), so resume=auto refuses its log, not its lock; resume=force starts over
+    r = _train(out, "max_steps=2")
+    assert r.returncode == 2 and "holds the config.yaml and metrics.csv of another run" in r.stderr, r.stderr[-2000:]
+    assert "in use by another run" not in r.stderr
+    r = _train(out, "max_steps=2", "resume=force")
     _ok(r)
     assert open(os.path.join(out, LOCK_FILE)).read().split()[0] != str(first.pid)
 

@@ -89,7 +89,9 @@ def test_the_seed_keys_an_entry_only_where_it_orders_the_items(tmp_path, _cache)
         tok = _Counting(load_tokenizer(cfg.model))
         st = build_stage(cfg, tok)
         tok.texts = 0
-        assert st.load(cfg.data, 0)[0][:] == first and len(os.listdir(_cache)) == n and tok.texts == 0, stage
+        assert st.load(cfg.data, 0)[0][:] == first and len(os.listdir(_cache)) == n, stage  # the same entry
+        assert tok.texts == 0 or stage == "simcse", tok.texts  # MNTP tokenised nothing (SimCSE's load checks its
+        # instruction's room on one text; its entry holds texts, not tokens)
         orders = []
         for seed in (1, 2):
             cfg = load_config(f"configs/tiny/{stage}.yaml", [f"data={sts}", f"seed={seed}"])
