@@ -108,8 +108,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import llm2vec_kernels  # noqa: E402
-from benchmarks.common import CsvWriter, check_outputs, cli_error, cli_ints, cli_names, nonnegative_int, parser  # noqa: E402,E501
-from engine.cli import positive_float, positive_int  # noqa: E402
+from benchmarks.common import CsvWriter, check_outputs, cli_error, cli_ints, cli_names, parser  # noqa: E402
+from engine.cli import nonnegative_int, positive_float, positive_int  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
 from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
 from benchmarks.step_paths import ARCHS  # noqa: E402

@@ -98,24 +98,11 @@ def parser(description, **kw):
     return ArgumentParser(description=description, **kw)
 
 
-def nonnegative_int(text):
-    """An argparse type: an integer >= 0 (warm-up counts)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
 def out_problem(path):
     """Why a benchmark's output file cannot be written at ``path`` (the folders it would create included), else
     None: empty, a folder, under a file, or in a folder that takes no new file (tried, as engine.cli.unwritable
     does)."""
-    import tempfile
+    from engine.cli import folder_takes_no_file
 
     if not path:
         return "an empty path"
@@ -126,13 +113,8 @@ def out_problem(path):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         return f"{path}: {folder} is a file, not a folder"
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
-    except OSError as e:
-        return f"{path}: {folder} cannot be written ({e.strerror or e})"
-    os.close(fd)
-    os.remove(probe)
-    return None
+    why = folder_takes_no_file(folder)
+    return f"{path}: {why}" if why else None
 
 
 def check_outputs(args, *flags):

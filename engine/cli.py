@@ -32,15 +32,24 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(BAD_INPUT)
 
 
-def positive_int(text):
-    """An argparse type: an integer >= 1."""
+def _int_at_least(text, least, what):
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is {what}")
     return value
+
+
+def positive_int(text):
+    """An argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "not a positive integer")
+
+
+def nonnegative_int(text):
+    """An argparse type: an integer >= 0 (warm-up counts)."""
+    return _int_at_least(text, 0, "negative")
 
 
 def positive_float(text):
@@ -66,10 +75,16 @@ def unwritable(path):
         return f"{path} is a folder"
     if not os.path.isdir(folder):
         return f"{path}: its folder {folder} does not exist"
+    why = folder_takes_no_file(folder)
+    return f"{path}: its folder {why}" if why else None
+
+
+def folder_takes_no_file(folder):
+    """Why ``folder`` (an existing folder) takes no new file, else None: a temporary file is created and removed."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
     except OSError as e:
-        return f"{path}: its folder {folder} cannot be written ({e.strerror or e})"
+        return f"{folder} cannot be written ({e.strerror or e})"
     os.close(fd)
     os.remove(probe)
     return None
