@@ -76,15 +76,13 @@ def main(argv=None):
     ap.add_argument("--out", default="bench_data.csv")
     args = ap.parse_args(argv)
     check_outputs(args, "--out")  # said now, not after minutes of tokenising
-    if args.corpus is not None:
-        from engine.data import DataError, check_sources
+    from engine.data import DataError, check_sources
 
+    if args.corpus is not None:
         try:
             check_sources([args.corpus], e5_folders=False)
         except DataError as e:
             cli_error(f"--corpus: {e}")
-    from engine.data import DataError
-
     work = tempfile.mkdtemp(prefix="bench_data_")
     try:
         return _run(args, work)

@@ -534,18 +534,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     d = args.dir
     if not os.path.isdir(d):
-        fail(f"--dir {d} is not a folder (a fetched GPU run's $OUT)")
-        sys.exit(2)
+        sys.exit(fail(f"--dir {d} is not a folder (a fetched GPU run's $OUT)"))
     for flag, value in (("--md", args.md), ("--plot", args.plot)):
         if value is not None and unwritable(value):
-            fail(f"{flag} {unwritable(value)}")
-            sys.exit(2)
+            sys.exit(fail(f"{flag} {unwritable(value)}"))
     if args.archive:
         try:
             dst = archive(d, args.archive)
         except OSError as e:
-            fail(f"--archive {args.archive}: {e}")
-            sys.exit(2)
+            sys.exit(fail(f"--archive {args.archive}: {e}"))
         print(f"archived to {dst}")
         return dst
     t = Table()

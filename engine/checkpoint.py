@@ -82,6 +82,13 @@ def fingerprint_diff(saved: dict, current: dict) -> list:
             if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
 
 
+def diff_listing(diff, then, now, most=None):
+    """``key: saved THEN, current NOW; ...`` of a :func:`fingerprint_diff`, its first ``most`` keys (all: None)."""
+    shown = diff if most is None else diff[:most]
+    more = " ..." if len(shown) < len(diff) else ""
+    return "; ".join(f"{k}: {a!r} {then}, {b!r} {now}" for k, a, b in shown) + more
+
+
 def json_normal(v):
     """Compare values as they round-trip through JSON (tuples become lists)."""
     return json.loads(json.dumps(v))
@@ -380,7 +387,7 @@ def _other_run_config(cfg):
     diff = fingerprint_diff(saved, fingerprint(cfg))
     if not diff:
         return None
-    return "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
+    return diff_listing(diff, "there", "here", most=4)
 
 
 def plan_resume(cfg, rank=0):
@@ -443,7 +450,7 @@ def plan_resume(cfg, rank=0):
     complete = same_run
     diff = fingerprint_diff(saved, fingerprint(cfg))
     if diff:
-        listing = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff)
+        listing = diff_listing(diff, "in the checkpoint", "now")
         if cfg.resume != "force":
             raise ConfigError(
                 f"{cfg.output_dir} holds a different run ({complete[0]}); differing keys: {listing}. Use another "

@@ -20,9 +20,9 @@ def error_line(message, kind="error"):
     return f"{kind}: " + " ".join(str(message).split())
 
 
-def fail(message, kind="error"):
+def fail(message):
     """Print :func:`error_line` on stderr; returns the bad-input exit code."""
-    print(error_line(message, kind), file=sys.stderr)
+    print(error_line(message), file=sys.stderr)
     return BAD_INPUT
 
 

@@ -191,7 +191,8 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     for ids, prefix, text in zip(enc, prefixes, texts):
         if ids and ids[-1] == eos:
             ids = ids[:-1]  # a tokenizer that appends EOS itself (an exported one): append it once
-        n_prefix = _prefix_len(ids, prompt_tokens(tokenizer, prefix, cache), bool(chat), tokenizer) if skip_instruction else 0
+        n_prefix = (_prefix_len(ids, prompt_tokens(tokenizer, prefix, cache), bool(chat), tokenizer)
+                    if skip_instruction else 0)
         if len(ids) > max_len - 1:
             stats["truncated"] += 1
             ids = ids[:max_len - 1]

@@ -133,7 +133,8 @@ def main(argv=None):
 
     try:
         # (a dry run reads no data, so it does not need the files)
-        check_sources(cfg.data + cfg.eval_data, e5_folders=cfg.stage == "supervised" and cfg.contrastive.loss == "infonce")
+        e5 = cfg.stage == "supervised" and cfg.contrastive.loss == "infonce"  # the one reader of E5 folders
+        check_sources(cfg.data + cfg.eval_data, e5_folders=e5)
     except DataError as e:
         return _said_once(error_line(e))
     try:

@@ -235,7 +235,7 @@ class Trainer:
                 raise DataError(f"step {step + 1}, a training row: {e}") from None
             truncated += int(batch.pop("truncated", 0))
             batches.append((seed, batch))
-        weights, _ = self.unit_weights([self.stage.loss_units(b) for _, b in batches])
+        weights = self.unit_weights([self.stage.loss_units(b) for _, b in batches])
         for a, (seed, batch) in enumerate(batches):
             torch.manual_seed(seed)  # dropout: the micro-batch's slot draws it, whatever the world size
             batch = to_device(batch, self.device)
@@ -262,10 +262,10 @@ class Trainer:
         """Each micro-batch's loss weight (:func:`unit_weights`), the units counted over every micro-batch of every
         rank by one all-reduce; all 1 for a stage without loss units."""
         if any(u is None for u in units):
-            return [1.0] * len(units), None
+            return [1.0] * len(units)
         total = torch.tensor([float(sum(units))], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return unit_weights(units, self.accum, self.world, total.item()), total.item()
+        return unit_weights(units, self.accum, self.world, total.item())
 
     # -- after the step: eval, log, save ---------------------------------------------------------------------------
 

@@ -624,3 +624,11 @@ def test_archiving_never_overwrites_another_runs_archive(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--dir" in err[0] and "is not a folder" in err[0], err
     assert sorted(os.listdir(root)) == ["2026-12-06-h100", "2026-12-06-h100-bbb2222"]
+
+
+def test_the_summary_judges_timing_by_the_benchmarks_own_protocol():
+    """summarize.py stays free of torch, so it keeps the protocol (5 warm-up, 20 timed calls) as its own pair: the
+    same as benchmarks/common.py's WARMUP and ITERS, which the benchmarks time with."""
+    from benchmarks import common, summarize
+
+    assert summarize.PROTOCOL == (common.WARMUP, common.ITERS)

@@ -11,6 +11,7 @@ its score, ``engine.losses``), with the same cross-rank batches and gradient cac
 
 import os
 
+import numpy as np
 import torch
 
 from .. import token_cache
@@ -120,8 +121,6 @@ def by_source(items, max_batches, mb):
     groups = getattr(items, "groups", None)
     if groups is None or len(groups.names) < 2:
         return items
-    import numpy as np
-
     idx = np.asarray(groups.idx)
     queues = [np.flatnonzero(idx == g)[:max_batches * mb].tolist() for g in range(len(groups.names))]
     order, turn = [], 0
@@ -132,4 +131,3 @@ def by_source(items, max_batches, mb):
             del q[:mb]
         turn += 1
     return [items[i] for i in order] if order else items
-
