@@ -282,8 +282,8 @@ def test_estimate_costs_unprofiled_triton_kernels_pessimistically():
 
 
 def test_readme_step_figures_are_the_committed_run():
-    """The README's CPU-proxy sentence quotes benchmarks/results/2026-12-03-cpu-step-ops-issue24/."""
-    res = os.path.join(ROOT, "benchmarks", "results", "2026-12-03-cpu-step-ops-issue24")
+    """The README's CPU-proxy sentence quotes benchmarks/results/2026-12-06-cpu-step-ops-mntp-weights/."""
+    res = os.path.join(ROOT, "benchmarks", "results", "2026-12-06-cpu-step-ops-mntp-weights")
     with open(os.path.join(res, "results.json")) as f:
         run = json.load(f)
     with open(os.path.join(ROOT, "README.md")) as f:
