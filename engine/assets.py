@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -40,7 +41,10 @@ class AssetError(RuntimeError):
 
 
 def cache_dir():
-    return os.environ.get("LLM2VEC_ENGINE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "llm2vec-engine"))
+    """The cache's folder, absolute: a relative ``LLM2VEC_ENGINE_CACHE`` is taken from the current folder now, so
+    what a run records (an adapter's base model path) loads from any other folder."""
+    path = os.environ.get("LLM2VEC_ENGINE_CACHE") or os.path.join("~", ".cache", "llm2vec-engine")
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def local_path(alias):
@@ -60,7 +64,16 @@ def alias_of(path):
 
 
 def _atomic_copytree_done(dst):
-    return os.path.isfile(os.path.join(dst, "config.json")) and os.path.isfile(os.path.join(dst, ".complete"))
+    """Whether ``dst`` is a finished conversion: its ``.complete`` marker there and its config.json a JSON object.
+    A folder renamed into place before its files reached the disk (a power cut, before the conversion synced them)
+    can hold an empty config.json: that one is converted again, not trusted on every later fetch."""
+    if not os.path.isfile(os.path.join(dst, ".complete")):
+        return False
+    try:
+        with open(os.path.join(dst, "config.json"), encoding="utf-8") as f:
+            return isinstance(json.load(f), dict)
+    except (OSError, ValueError, RecursionError):  # missing, unreadable, empty, not JSON (nor UTF-8)
+        return False
 
 
 class CacheLockError(AssetError):
@@ -124,9 +137,14 @@ def download_gguf(spec, root, quiet=False):
             os.makedirs(gguf_dir, exist_ok=True)
             for n in names:
                 out = os.path.join(gguf_dir, os.path.basename(n))
-                with zf.open(n) as src, open(out + ".part", "wb") as f:
-                    shutil.copyfileobj(src, f)
-                os.replace(out + ".part", out)
+                try:
+                    with zf.open(n) as src, open(out + ".part", "wb") as f:
+                        shutil.copyfileobj(src, f)
+                    os.replace(out + ".part", out)
+                except BaseException:  # a full disk, an interrupt: no partial copy is left in the cache
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(out + ".part")
+                    raise
 
 
 def convert_gguf(gguf, dst, quiet=False):
@@ -148,14 +166,22 @@ def convert_gguf(gguf, dst, quiet=False):
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise AssetError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
+    from .files import sync_folder, sync_tree
+
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, ".complete"), "w") as f:
-        f.write(gguf + "\n")
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, ".complete"), "w") as f:
+            f.write(gguf + "\n")
+        sync_tree(tmp)  # every file on disk before the rename publishes the folder (engine.files)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk in save_pretrained, an interrupt: no half-written copy (~0.5 GB) left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sync_folder(os.path.dirname(os.path.abspath(dst)))  # the rename itself survives a power cut
 
 
 def _verified_gguf(spec, root, quiet):

@@ -373,6 +373,8 @@ def _read_yaml(path):
         raise ConfigError(f"config file {path} is nested too deeply") from None
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory") from None
+    except OSError as e:  # permission denied, an I/O error: one line naming the file and the reason
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
 
 
 def json_loads(text, where, error=ConfigError):

@@ -101,7 +101,7 @@ def architecture_config(mcfg, vocab_size=None):
         folder = assets.local_path(name)
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise ModelLoadError(f"alias {name!r} is not fetched yet (python -m engine.assets fetch {name})")
-        return AutoConfig.from_pretrained(folder), folder
+        return loading(f"the model config in {folder!r}", AutoConfig.from_pretrained, folder), folder
     path, gguf = resolve_model_path(name, mcfg.gguf_file)
     if os.path.isdir(path) and not gguf:
         return loading(f"the model config in {path!r}", AutoConfig.from_pretrained, path,

@@ -126,8 +126,8 @@ def main(argv=None):
 
         try:
             dry_run(cfg, world=args.world, gpu_memory_gb=args.gpu_memory_gb)
-        except (ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError, ValueError) as e:
-            return fail(e)
+        except (ConfigError, UnsupportedArchitectureError, ModelLoadError, OSError, ValueError) as e:
+            return fail(e)  # OSError: a file the plan reads (a config.json, a shipped architecture) cannot be read
         return 0
     from engine.data import DataError, check_sources  # no torch: a mistyped path is said before the imports
 

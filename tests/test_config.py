@@ -243,3 +243,36 @@ def test_simcse_without_any_dropout_is_warned_about():
     assert dropout_warning(load_config(path, ["model.attention_dropout=0"])) is None  # LoRA dropout 0.05 is some
     assert dropout_warning(load_config(os.path.join(ROOT, "configs/tiny/supervised.yaml"),
                                        ["model.attention_dropout=0", "lora.dropout=0"])) is None
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """A config.yaml the process may not read (permission denied; tests run as root, so open is made to refuse) or
+    that fails with an I/O error is a ConfigError naming the file and the reason, which train.py --config says in
+    one line (exit 2), not a traceback."""
+    import errno
+
+    import engine.config
+    from engine.train import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("stage: mntp\n")
+    real_open = open
+
+    def refusing_open(file, *a, **k):
+        if os.fspath(file) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(engine.config, "open", refusing_open, raising=False)
+    with pytest.raises(ConfigError, match=f"config file {path} cannot be read: Permission denied$"):
+        load_config(str(path))
+    assert main(["--config", str(path), "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"config error: config file {path} cannot be read: Permission denied"], err
+
+    def io_error(file, *a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(engine.config, "open", io_error, raising=False)
+    with pytest.raises(ConfigError, match="cannot be read: Input/output error"):
+        load_config(str(path))

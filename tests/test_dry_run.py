@@ -230,3 +230,37 @@ def test_zero_stages_2_and_3_cost_deepspeeds_buffers(offline):
     assert 2.0 * GIB < plan.zero_buffers(3) < 2.3 * GIB
     assert any(f"DeepSpeed buffers {plan.zero_buffers(3) / GIB:.2f}" in x for x in lines
                if x.startswith("  recompute")), lines
+
+
+def test_a_cached_alias_whose_config_json_does_not_read_is_one_line_and_exit_2(tmp_path):
+    """The dry run reads a fetched alias's config.json (hf/ in LLM2VEC_ENGINE_CACHE): one that is not JSON (a
+    power cut, a disk error) is one line naming the folder and exit 2, not a traceback and exit 1."""
+    import sys
+
+    from .helpers import run_cmd
+
+    hf = tmp_path / "cache" / "smollm2-135m" / "hf"
+    hf.mkdir(parents=True)
+    (hf / "config.json").write_text('{"model_type": "llama", ')
+    (hf / ".complete").write_text("")
+    r = run_cmd([sys.executable, "engine/train.py", "--config", "configs/smollm2-135m/mntp.yaml", "--dry-run"],
+                env={"LLM2VEC_ENGINE_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}, timeout=170)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: could not load the model config in") and str(hf) in lines[0], lines
+
+
+def test_a_file_the_dry_run_cannot_read_is_one_line_and_exit_2(offline, monkeypatch, capsys):
+    """An OSError while the plan reads its files (a config.json or shipped architecture it may not read) is one
+    line and exit 2."""
+    import errno
+
+    import engine.dry_run
+
+    def unreadable(mcfg, vocab_size=None):
+        raise PermissionError(errno.EACCES, "Permission denied", "/models/x/config.json")
+
+    monkeypatch.setattr(engine.dry_run, "architecture_config", unreadable)
+    assert main(["--config", os.path.join(ROOT, "configs/mistral-7b/supervised.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Permission denied: '/models/x/config.json'" in err[0], err
