@@ -15,18 +15,26 @@ random batches of 32 blocks from a 1 GB corpus's entry; +0 MB with ``pread``).
 
 The key is a SHA-256 of the tokenizer's identity (class, name, hashes of its vocabulary and of its whole pipeline,
 its special tokens, its EOS and BOS/EOS flags),
-each source's content (SHA-256 of a local file; the spec and the ``datasets`` fingerprint of an ``hf:`` source)
+each source's content (SHA-256 of a local file, with its extension, which decides how it is read: a ``.jsonl``
+file's ``text`` fields, a ``.txt`` file's lines; the spec and the ``datasets`` fingerprint of an ``hf:`` source)
 and the settings that shape the items (stage, max_seq_len, max_samples, the seed where it orders them: an STS
 pair file, ...): another tokenizer, other
 data or other settings is another entry, never a stale one.
 
-One process builds an entry, under an exclusive lock on the cache (``engine.assets.cache_lock``): the ranks that
-wait on the lock then find the entry complete. A build writes into ``<key>.tmp-<pid>/`` and renames it into
-place, so a killed build leaves no entry, only a temp folder that the next build removes. ``meta.json`` is written
-last and fsynced before the rename; an entry whose ``meta.json`` does not read (a power cut) is rebuilt.
+One process builds an entry, under an exclusive lock on that entry (``<root>/.locks/<key>.lock``, fcntl): the
+ranks that wait on the lock then find the entry complete, and a run that needs another entry does not wait. A
+process that finds the lock taken says so in one line (which entry, that it waits) before it waits. A build writes
+into ``<key>.tmp-<host>-<pid>/`` and renames it into place, so a killed build leaves no entry, only a temp folder:
+the next build on that host, of any entry, removes every temp folder of this host whose process is gone (never
+another host's, nor one whose process lives). ``meta.json`` is written last and fsynced before the rename; an entry
+whose ``meta.json`` does not read (a power cut) is rebuilt. An entry whose other files do not have the sizes its
+``meta.json`` gives (a copy between nodes cut short) is not read: opening it is a :class:`engine.data.DataError`
+that names the folder to delete.
 
 Root: ``$LLM2VEC_ENGINE_TOKEN_CACHE`` if set, else ``$LLM2VEC_ENGINE_CACHE/tokens`` (``~/.cache/llm2vec-engine``).
 """
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -37,8 +45,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .assets import CacheLockError, cache_dir, cache_lock, sha256_of
+from .assets import CacheLockError, cache_dir, sha256_of
 from .config import ConfigError
+from .data import DataError
 from .files import sync_folder, write_json
 
 FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
@@ -102,9 +111,20 @@ def source_identity(src):
     return {"missing": src}  # the reader reports it
 
 
+def _keyed_source(src):
+    """:func:`source_identity`, with a local file's extension: how a file is read depends on it
+    (``engine.data``: a ``.jsonl``/``.json`` file's ``text`` fields, another file's lines), so byte-identical
+    ``c.jsonl`` and ``c.txt`` are other items. (A directory's files are named with theirs already. The checkpoint's
+    :func:`data_identity` is left as it was: its fingerprint holds the paths.)"""
+    ident = source_identity(src)
+    if "file" in ident:
+        ident = {**ident, "ext": os.path.splitext(src)[1]}
+    return ident
+
+
 def cache_key(tokenizer, sources, settings):
     ident = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
-             "sources": [source_identity(s) for s in sources], "settings": settings}
+             "sources": [_keyed_source(s) for s in sources], "settings": settings}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -189,15 +209,92 @@ def build_or_open(key, kind, build, progress=True):
     return CachedItems(folder, meta), meta
 
 
+def _say(msg):
+    """One line on stdout from rank 0 (or a process outside a launched run); no torch import for it."""
+    if os.environ.get("RANK", "0") in ("", "0"):
+        print(f"[engine] {msg}", flush=True)
+
+
+@contextlib.contextmanager
+def _entry_lock(root, key):
+    """An exclusive lock (fcntl) on ``<root>/.locks/<key>.lock``: one entry's, so that a run needing another entry
+    does not wait behind a build of this one. Taken at once when free; when not, one line says which entry another
+    process is building and that this one waits, then it waits. Released if the process dies. CacheLockError when
+    there is no lock to be had (a read-only folder, a filesystem without flock)."""
+    path = os.path.join(root, ".locks", f"{key}.lock")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise CacheLockError(f"cannot open the cache lock {path}: {e.strerror or e}") from None
+    with f:
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _say(f"item cache: entry {key} is being built by another process (it holds {path}); this one "
+                     f"waits for it")
+                fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as e:
+            raise CacheLockError(f"no file lock on {path} ({e.strerror or e}): its filesystem does not support "
+                                 f"flock") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pid_gone(pid):
+    """Whether no process ``pid`` runs on this host (one of another user's is alive: EPERM)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _lock_free(root, key):
+    """Whether nobody holds entry ``key``'s lock now (no lock file: nobody does). A process in another PID namespace
+    under the same host name looks gone to :func:`_pid_gone`, but its lock is seen."""
+    try:
+        fd = os.open(os.path.join(root, ".locks", f"{key}.lock"), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # (closing releases a lock taken here)
+    return True
+
+
+def _sweep_dead_builds(root, key, host):
+    """Remove this host's temp folders ``<k>.tmp-<host>-<pid>`` of builds killed before their rename, whatever their
+    entry: ``key``'s (whose lock the caller holds) and those of any other entry whose process is gone and whose lock
+    is free. Another host's are never touched (its pids are not ours to ask; a lock that is not coherent across hosts
+    must not let one host sweep another's build in progress)."""
+    tag = f".tmp-{host}-"
+    for stale in glob.glob(os.path.join(glob.escape(root), f"*{glob.escape(tag)}*")):
+        name = os.path.basename(stale)
+        k, _, pid = name.partition(tag)
+        if not pid.isdigit() or not os.path.isdir(stale) or int(pid) == os.getpid():
+            continue  # (another host whose name starts with this one's: "<k>.tmp-<host>-b-<pid>")
+        if k == key or (_pid_gone(int(pid)) and _lock_free(root, k)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def _build_locked(root, folder, kind, build, progress):
-    """Build the entry ``folder`` under the cache's lock (unless another process finished it meanwhile)."""
+    """Build the entry ``folder`` under its lock (unless another process finished it meanwhile)."""
     host = socket.gethostname()
-    with cache_lock(root):
+    key = os.path.basename(folder)
+    with _entry_lock(root, key):
         if not _complete(folder):
-            # a build killed before its rename, on this host (a lock that is not coherent across hosts must not
-            # let one host sweep another's build in progress)
-            for stale in glob.glob(f"{folder}.tmp-{host}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            _sweep_dead_builds(root, key, host)  # builds killed before their rename, on this host
             if os.path.isdir(folder) and not _complete(folder):  # a meta.json that does not read: rebuilt (asked
                 shutil.rmtree(folder)  # again just before: another host may have finished it meanwhile)
             tmp = f"{folder}.tmp-{host}-{os.getpid()}"
@@ -229,13 +326,32 @@ class CachedItems(Sequence):
     def __init__(self, folder, meta):
         self.folder, self.kind, self.n = folder, meta["kind"], meta["items"]
         self.dtype = np.dtype(_DTYPES[self.kind])
-        self._fd = os.open(os.path.join(folder, "data.bin"), os.O_RDONLY)
-        self.offsets = self._map("offsets.bin", np.int64)
         names = meta.get("groups")
+        self._check_size("offsets.bin", 8 * (self.n + 1))
+        if names:
+            self._check_size("groups.bin", 4 * self.n)
+        self.offsets = self._map("offsets.bin", np.int64)
+        self._check_size("data.bin", self.dtype.itemsize * int(self.offsets[-1]))
+        self._fd = os.open(os.path.join(folder, "data.bin"), os.O_RDONLY)
         self.groups = None
         if names:
             idx = self._map("groups.bin", np.int32)
             self.groups = _Labels(idx, names)
+
+    def _check_size(self, name, expected):
+        """A file of the entry with the size its ``meta.json`` gives (``offsets.bin``: 8 bytes per item and one;
+        ``groups.bin``: 4 per item where batches are grouped; ``data.bin``: the item size times the last offset),
+        else a DataError naming the folder to delete: a copy between nodes cut short would otherwise be read, and
+        fail hours later or drop items."""
+        path = os.path.join(self.folder, name)
+        try:
+            size = f"{os.path.getsize(path)} bytes"
+        except FileNotFoundError:
+            size = "missing"
+        if size != f"{expected} bytes":
+            raise DataError(f"damaged item cache entry {self.folder}: {name} is {size}, its meta.json ({self.n} "
+                            f"{self.kind} items) needs {expected} bytes (a copy or write cut short?); delete the "
+                            f"folder {self.folder} and the entry is built again")
 
     def _map(self, name, dtype):
         path = os.path.join(self.folder, name)

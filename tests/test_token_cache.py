@@ -361,3 +361,119 @@ def test_a_cache_without_file_locks_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(ConfigError, match="no file lock on .*No locks available.*LLM2VEC_ENGINE_TOKEN_CACHE"):
         token_cache.build_or_open("k" * 16, "texts", lambda writer, progress: {})
+
+
+def _two_items(writer, progress):
+    writer.add([4, 5])
+    writer.add([6])
+    return {"n": 2}
+
+
+def test_a_build_of_one_entry_does_not_wait_for_another_entrys_build(_cache, capsys):
+    """One lock for the whole cache made a run needing entry B wait, silently and possibly for hours, while another
+    process tokenised entry A. Each entry has its own lock now: B builds while A's build holds A's; a third process
+    that needs A says it waits for it, then finds A built (A is built once)."""
+    import threading
+
+    started, release, calls, out = threading.Event(), threading.Event(), [], {}
+
+    def slow_a(writer, progress):
+        calls.append("a")
+        started.set()
+        assert release.wait(30)
+        return _two_items(writer, progress)
+
+    def run(name, key, build):
+        try:
+            out[name] = token_cache.build_or_open(key, "tokens", build, progress=False)[0][:]
+        except BaseException as e:  # noqa: BLE001 (reported by the asserts below)
+            out[name] = e
+
+    threads = {"a": threading.Thread(target=run, args=("a", "a" * 32, slow_a))}
+    try:
+        threads["a"].start()
+        assert started.wait(30)
+        threads["b"] = threading.Thread(target=run, args=("b", "b" * 32, _two_items), daemon=True)
+        threads["b"].start()
+        threads["b"].join(20)
+        assert out.get("b") == [[4, 5], [6]], "entry B waited for entry A's build"
+        assert "a" not in out
+        threads["a2"] = threading.Thread(target=run, args=("a2", "a" * 32, slow_a), daemon=True)
+        threads["a2"].start()
+        for _ in range(200):  # the waiting line, said before it waits
+            if f"entry {'a' * 32} is being built by another process" in capsys.readouterr().out:
+                break
+            threads["a2"].join(0.05)
+        else:
+            pytest.fail("no line said that entry A is being built elsewhere and this process waits")
+        assert "a2" not in out
+    finally:
+        release.set()
+        for t in threads.values():
+            t.join(30)
+    assert out["a"] == out["a2"] == [[4, 5], [6]] and calls == ["a"]
+
+
+def test_a_killed_builds_temp_folder_is_removed_by_a_build_of_any_entry(_cache):
+    """A build killed before its rename left ``<key>.tmp-<host>-<pid>`` (corpus-sized) until a later build of the
+    same key; after a settings change (a new key) it stayed for ever. A build of any entry removes this host's temp
+    folders whose process is gone, and keeps a live process's and another host's."""
+    import socket
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _cache.mkdir(parents=True, exist_ok=True)
+        folders = {"dead": f"{'d' * 32}.tmp-{host}-{dead.pid}", "live": f"{'e' * 32}.tmp-{host}-{live.pid}",
+                   "other_host": f"{'f' * 32}.tmp-{host}x-{dead.pid}",
+                   "other_host_dash": f"{'f' * 32}.tmp-{host}-b-{dead.pid}"}
+        for name in folders.values():
+            (_cache / name).mkdir()
+            (_cache / name / "data.bin").write_bytes(b"\0" * 64)
+        items, _ = token_cache.build_or_open("c" * 32, "tokens", _two_items, progress=False)
+        assert items[:] == [[4, 5], [6]]
+        left = set(os.listdir(_cache))
+        assert folders["dead"] not in left
+        assert {folders["live"], folders["other_host"], folders["other_host_dash"]} <= left
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_jsonl_file_and_a_byte_identical_txt_file_are_other_entries(tmp_path):
+    """A ``.jsonl`` file is read by its "text" fields, a ``.txt`` file by its lines: the same bytes under the two
+    extensions are other items, so they must not share a key (the second run was served the first's items)."""
+    body = "".join(json.dumps({"text": f"sentence number {i}"}) + "\n" for i in range(30))
+    (tmp_path / "c.jsonl").write_text(body)
+    (tmp_path / "c.txt").write_text(body)
+    settings = {"stage": "simcse"}
+    keys = [token_cache.cache_key(None, [str(tmp_path / n)], settings) for n in ("c.jsonl", "c.txt")]
+    assert keys[0] != keys[1]
+    loaded = []
+    for name in ("c.jsonl", "c.txt"):
+        cfg = load_config("configs/tiny/simcse.yaml", [f"data={tmp_path / name}"])
+        loaded.append(build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data, 0)[0][:])
+    assert loaded[0] == read_texts([str(tmp_path / "c.jsonl")])[0] and loaded[0][0] == "sentence number 0"
+    assert loaded[1] == read_texts([str(tmp_path / "c.txt")])[0] and loaded[1][0].startswith('{"text"')
+
+
+@pytest.mark.parametrize("name,cut", [("offsets.bin", 8), ("groups.bin", 4), ("data.bin", 1), ("data.bin", -1)])
+def test_a_truncated_entry_file_is_a_clear_error_on_open(_cache, name, cut):
+    """Only meta.json was checked: an entry whose offsets.bin, groups.bin or data.bin a copy between nodes cut
+    short was read (and failed hours later, or dropped items). Opening it is now one DataError naming the folder
+    to delete."""
+    def build(writer, progress):
+        for i in range(5):
+            writer.add({"query": f"q{i}", "source": f"s{i % 2}"}, group=f"s{i % 2}")
+        return {}
+
+    items, _ = token_cache.build_or_open("g" * 32, "json", build, progress=False)
+    assert len(items) == 5 and list(items.groups) == ["s0", "s1", "s0", "s1", "s0"]
+    del items
+    path = _cache / ("g" * 32) / name
+    data = path.read_bytes()
+    path.write_bytes(data[:-cut] if cut > 0 else data + b"\0" * -cut)
+    with pytest.raises(DataError, match=f"damaged item cache entry .*{'g' * 32}: {name} is .*delete the folder"):
+        token_cache.build_or_open("g" * 32, "json", build, progress=False)
