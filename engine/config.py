@@ -546,6 +546,15 @@ def _check_numbers(cfg):
         raise ConfigError(f"contrastive.doc_max_len must be >= 2 (or unset), got {c.doc_max_len}")
     if len(cfg.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.adam_betas):
         raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {cfg.adam_betas}")
+    if cfg.model.dtype == "fp16" and str(cfg.zero_stage) == "0":
+        raise ConfigError(FP16_STAGE0)
+
+
+# DeepSpeed (0.19) scales the loss in engine.backward only for its ZeRO optimizers: at stage 0 its fp16 optimizer
+# (FP16_UnfusedOptimizer) still divides the gradients by the loss scale, so every update came out 2^16 times too
+# small, with the clip never reached and small fp16 gradients underflowing. Stages 1-3 scale and unscale alike.
+FP16_STAGE0 = ("model.dtype=fp16 needs zero_stage 1, 2, 3 or auto (which picks 1 for fp16): at stage 0 DeepSpeed's "
+               "fp16 optimizer unscales gradients it never scaled, so every update would be 2^16 times too small")
 
 
 def offload_warning(cfg: TrainConfig, stage):

@@ -28,7 +28,9 @@ Terms (bytes, per rank):
 The budget is ``memory_budget_gb`` when set (> 0); otherwise the GPU's total memory, or on CPU the host
 RAM divided by the ranks on this host (``os.sysconf``). ZeRO stage rule: a replicated base (data parallel
 through DeepSpeed) when weights + training state + full-recompute activations fit the budget, else ZeRO-3.
-The replicated base is stage 0 in fp32 (DeepSpeed steps the plain torch optimizer) and stage 1 in bf16:
+The replicated base is stage 0 in fp32 (DeepSpeed steps the plain torch optimizer) and stage 1 in bf16 and fp16
+(fp16 at stage 0 is refused: DeepSpeed's non-ZeRO fp16 optimizer unscales gradients that its engine.backward
+never scaled, ``engine.config.FP16_STAGE0``). In bf16:
 DeepSpeed's bf16 optimizer at stage 1 (with fp32 gradient accumulation, see ``engine.config``) keeps the LoRA
 master weights and gradients flat in fp32, one norm and one inf/NaN check per step, and shards the fp32 state
 over the ranks. At stage 0 a bf16 model gets DeepSpeed's per-tensor mixed-precision optimizer instead: per
@@ -419,12 +421,14 @@ def fused_lora_limit(plan):
 
 def choose_zero_stage(cfg, plan):
     """(stage, reason). zero_stage: auto -> a replicated base when it fits with full recompute (stage 0, or 1 in
-    bf16: see the module docstring), else 3."""
+    bf16 and fp16: see the module docstring), else 3."""
     if str(cfg.zero_stage) != "auto":
         return int(cfg.zero_stage), f"zero_stage={cfg.zero_stage} set in the config"
     if plan.fits("full", 0):
         stage, how = (1, " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
-                      ) if plan.dtype == "bfloat16" else (0, "")
+                      ) if plan.dtype == "bfloat16" else (1, " (stage 1: at stage 0 DeepSpeed's fp16 optimizer "
+                                                            "unscales gradients it never scaled)"
+                                                            ) if plan.dtype == "float16" else (0, "")
         return stage, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "
                        f"budget{how}: " + plan.describe("full", stage))
     return 3, ("the replicated base + activations do not fit one rank's budget ("

@@ -257,6 +257,37 @@ def _stage0_skip_check():
     print("stage 0 skip ok")
 
 
+def _fp16_update_check():
+    """Run in a process of its own (as _flat_norm_check). DeepSpeed's CPU accelerator refuses fp16, so it is told
+    it may: the optimizer code under test is the same on a GPU."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from engine.distributed import init_distributed
+    from engine.optim import tune_optimizer_step
+
+    get_accelerator().is_fp16_supported = lambda: True
+    init_distributed()
+    overrides = ["model.dtype=fp16", "batch_size=1", "micro_batch_size=1", "max_grad_norm=1000"]
+    cfg = load_config("configs/tiny/mntp.yaml", overrides)
+    model = add_lora(load_model(cfg.model, "cpu", load_tokenizer(cfg.model))[0], cfg.lora)
+    plan = plan_memory(cfg, model, world=1, local_world=1, device=torch.device("cpu"), dtype=torch.float16)
+    stage = choose_zero_stage(cfg, plan)[0]
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 1, bias=False).half()
+    before = m.weight.detach().float().clone()
+    engine, _, _, _ = deepspeed.initialize(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=100.0),
+                                           config=deepspeed_config(cfg, 1, use_bf16=False, use_fp16=True, stage=stage))
+    tune_optimizer_step(engine)
+    # d/dW 0.01 sum(W x) = 0.01 x = 0.01 (the output's gradient scaled by 2^16 stays finite in fp16); SGD at lr 100
+    # moves each weight by -1
+    engine.backward(0.01 * engine(torch.ones((1, 4), dtype=torch.float16)).float().sum())
+    engine.step()
+    moved = (engine.module.weight.detach().float() - before).flatten().tolist()
+    assert engine.skipped_steps == 0 and all(abs(d + 1.0) < 2e-3 for d in moved), (stage, moved)
+    print(f"fp16 update ok at stage {stage}")
+
+
 def _accumulation_check():
     """Run in a process of its own (as _flat_norm_check)."""
     import deepspeed
@@ -294,6 +325,19 @@ def test_a_skipped_stage_0_step_leaves_the_schedule_where_it_was():
     r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _stage0_skip_check; _stage0_skip_check()"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stage 0 skip ok" in r.stdout
+
+
+def test_fp16_trains_at_a_zero_stage_whose_optimizer_scales_the_loss():
+    """fp16 with a replicated base is stage 1 (zero_stage auto), and its first update is the gradient's, not
+    2^-16 of it as under DeepSpeed's stage-0 fp16 optimizer; zero_stage 0 with fp16 is a config error."""
+    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _fp16_update_check; _fp16_update_check()"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "fp16 update ok at stage 1" in r.stdout
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs zero_stage 1, 2, 3 or auto"):
+        load_config("configs/tiny/mntp.yaml", ["model.dtype=fp16", "zero_stage=0"])
+    load_config("configs/tiny/mntp.yaml", ["model.dtype=fp16", "zero_stage=1"])
 
 
 def test_cpu_ranks_split_the_cores(monkeypatch):
