@@ -210,6 +210,7 @@ class Trainer:
 
             self.bar = tqdm(total=cfg.max_steps, initial=self.start, desc=cfg.stage, dynamic_ncols=True)
         self.bad_streak = 0  # non-finite steps in a row
+        self.empty_steps = 0  # steps with no loss unit in the global batch (empty_step)
         self.engine.train()
         self.t_run = time.time()
 
@@ -236,6 +237,8 @@ class Trainer:
             truncated += int(batch.pop("truncated", 0))
             batches.append((seed, batch))
         weights = self.unit_weights([self.stage.loss_units(b) for _, b in batches])
+        if weights is None:
+            return self.empty_step(step, lr, truncated, t0), False
         for a, (seed, batch) in enumerate(batches):
             torch.manual_seed(seed)  # dropout: the micro-batch's slot draws it, whatever the world size
             batch = to_device(batch, self.device)
@@ -260,12 +263,27 @@ class Trainer:
 
     def unit_weights(self, units):
         """Each micro-batch's loss weight (:func:`unit_weights`), the units counted over every micro-batch of every
-        rank by one all-reduce; all 1 for a stage without loss units."""
+        rank by one all-reduce; all 1 for a stage without loss units; None when the global batch holds no unit
+        (every rank sees the same total, so every rank skips the step together)."""
         if any(u is None for u in units):
             return [1.0] * len(units)
         total = torch.tensor([float(sum(units))], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return unit_weights(units, self.accum, self.world, total.item())
+        return unit_weights(units, self.accum, self.world, total.item()) if total.item() > 0 else None
+
+    def empty_step(self, step, lr, truncated, t0):
+        """The row of a step whose global batch holds no loss unit (no masked token on any rank: short rows under
+        a low mask rate). Its loss is undefined and its gradient 0; DeepSpeed's step would still move the weights
+        (Adam's momentum, weight decay) and advance the schedule, so nothing runs: no forward, no update, the LR
+        where it was. The row's loss and grad_norm stay empty and the run says so, counting such steps."""
+        self.empty_steps += 1
+        warn0(self.rank, f"step {step + 1}: no masked token in the whole global batch: no update, the schedule stays "
+                         f"({self.empty_steps} such step(s) so far; raise mntp.mask_prob or the batch size)")
+        red = torch.tensor([float(truncated)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(red)
+        return {"loss": None, "lr": lr, "grad_norm": None, "tokens_per_s": 0.0, "step_s": time.time() - t0,
+                "truncated": int(red.item()), "epoch": self.plan.position(step)[0], "nonfinite": 0,
+                "skipped_steps": int(self.engine.skipped_steps)}
 
     # -- after the step: eval, log, save ---------------------------------------------------------------------------
 
@@ -274,7 +292,8 @@ class Trainer:
         self.bad_streak = self.bad_streak + 1 if bad else 0
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+            loss = "-" if row["loss"] is None else f"{row['loss']:.4f}"
+            self.bar.set_postfix(loss=loss, lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
                                  nonfinite=self.bad_streak, skipped=row["skipped_steps"])
         if bad:
             warn0(self.rank, f"step {done}: non-finite loss {row['loss']} / grad norm {row['grad_norm']} "

@@ -81,6 +81,42 @@ def test_an_mntp_step_is_the_same_whatever_the_micro_batch_size(tmp_path):
     token whatever the slot's seed, so the two layouts see the same masks. Unweighted (each micro-batch's mean
     weighing 1 / accum) the gradients differed by 15% of their largest entry."""
     same = ["batch_size=8", "mntp.pack=false", "mntp.mask_prob=0.99999", "mntp.scheme=all", *NO_DROPOUT]
-    one = _one_step(tmp_path, "micro1", 1, "configs/tiny/mntp.yaml", "micro_batch_size=1", *same)
-    eight = _one_step(tmp_path, "micro8", 1, "configs/tiny/mntp.yaml", "micro_batch_size=8", *same)
+    # the held-out loss after the step, on the same 8 sentences either way (8 batches of 1, 1 batch of 8), is the
+    # same token mean (Stage.evaluate: held_out_mean); a mean of the 8 one-sentence means differed from it
+    one = _one_step(tmp_path, "micro1", 1, "configs/tiny/mntp.yaml", "micro_batch_size=1", *same, "eval_every=1",
+                    "eval_batches=8")
+    eight = _one_step(tmp_path, "micro8", 1, "configs/tiny/mntp.yaml", "micro_batch_size=8", *same, "eval_every=1",
+                      "eval_batches=1")
     assert_same_step(eight, one)
+    held_out = [_eval_loss(tmp_path / name) for name in ("micro1", "micro8")]
+    assert held_out[0] == pytest.approx(held_out[1], rel=1e-5), held_out
+
+
+def _eval_loss(out):
+    with open(os.path.join(out, "metrics.csv")) as f:
+        return float(next(csv.DictReader(f))["eval_loss"])
+
+
+def test_a_step_without_a_masked_token_anywhere_updates_nothing(tmp_path):
+    """A global batch with no masked token (a mask rate too low for its rows) has no loss to average: the step runs
+    no update (DeepSpeed's would still move the weights through Adam's state and weight decay, and advance the
+    schedule), its row's loss and grad_norm stay empty, and the run says how many such steps it met. Two runs of
+    1 and 2 such steps end with the same adapter; the logged LR stays in warm-up's first value."""
+    from safetensors.torch import load_file
+
+    adapters, out = [], None
+    for steps in (1, 2):
+        out = tmp_path / f"empty{steps}"
+        r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={out}",
+                     f"max_steps={steps}", "save_every=0", "eval_every=0", "mntp.mask_prob=1e-9", "weight_decay=0.1"])
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        adapters.append(load_file(str(out / "adapter" / "adapter_model.safetensors")))
+    said = r.stdout + r.stderr
+    assert "no masked token in the whole global batch" in said and "2 such step(s)" in said
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["step"], row["loss"], row["grad_norm"]) for row in rows] == [("1", "", ""), ("2", "", "")]
+    assert rows[0]["lr"] == rows[1]["lr"]  # warm-up did not advance
+    assert sorted(adapters[0]) == sorted(adapters[1]) and any("lora_A" in k for k in adapters[0])
+    for k in adapters[0]:  # weight decay 0.1 would have shrunk lora_A at every step
+        assert torch.equal(adapters[0][k], adapters[1][k]), k

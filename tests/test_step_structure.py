@@ -340,6 +340,18 @@ def test_fp16_trains_at_a_zero_stage_whose_optimizer_scales_the_loss():
     load_config("configs/tiny/mntp.yaml", ["model.dtype=fp16", "zero_stage=1"])
 
 
+def test_the_held_out_loss_weighs_each_batch_by_its_masked_tokens():
+    """Stage.evaluate's held_out_mean: the mean over every loss unit (MNTP's masked tokens), as the training step's
+    loss is; a batch with no unit weighs nothing; a stage without units (contrastive) averages its batches; no
+    unit at all leaves the cell empty (None)."""
+    from engine.stages.base import held_out_mean
+
+    assert held_out_mean([(2.0, 1), (4.0, 3)]) == pytest.approx(3.5)  # the mean of the batch means would be 3.0
+    assert held_out_mean([(2.0, 1), (0.0, 0), (4.0, 3)]) == pytest.approx(3.5)
+    assert held_out_mean([(2.0, None), (4.0, None)]) == pytest.approx(3.0)
+    assert held_out_mean([(0.0, 0), (0.0, 0)]) is None
+
+
 def test_cpu_ranks_split_the_cores(monkeypatch):
     # torch gives every process one thread per core; two DeepSpeed CPU ranks on two cores then ran four OpenMP
     # threads that spin-wait on each other (a SmolLM2 step took 112 s instead of 4 s). Each rank gets its share.

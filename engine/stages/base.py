@@ -49,11 +49,12 @@ class Stage:
         return loss.detach(), metrics
 
     @torch.no_grad()
-    def batch_losses(self, engine, items, max_batches, device=None):
+    def batch_losses(self, engine, items, max_batches, device=None, units=False):
         """The loss of each of the first ``max_batches`` held-out micro-batches, in order. One generator draws
         every batch's masks in turn, so the first n losses of a longer read are those of a read of n batches.
         Each batch goes to ``device`` (default: the DeepSpeed engine's) as a training batch does: DeepSpeed's
-        forward moves nothing, and CPU ids would meet a GPU embedding."""
+        forward moves nothing, and CPU ids would meet a GPU embedding. ``units=True``: (loss, :meth:`loss_units`)
+        pairs, for :func:`held_out_mean`."""
         device = device or getattr(engine, "device", None)
         losses = []
         g = torch.Generator().manual_seed(1234)
@@ -61,17 +62,32 @@ class Stage:
         for b in range(min(max_batches, max(1, len(items) // mb))):
             batch = self.collate(items[b * mb:(b + 1) * mb], g)
             batch.pop("truncated", None)
+            n = self.loss_units(batch) if units else None
             if device is not None:
                 batch = to_device(batch, device)
             loss, _ = engine(batch)
-            losses.append(float(loss))
+            losses.append((float(loss), n) if units else float(loss))
         return losses
 
     @torch.no_grad()
     def evaluate(self, engine, items, world, rank, max_batches):
-        """Mean loss over held-out items (every rank runs the same batches: ZeRO-3 forward is collective)."""
-        losses = self.batch_losses(engine, items, max_batches)
-        return {"eval_loss": sum(losses) / max(len(losses), 1)}
+        """The held-out loss (:func:`held_out_mean`; every rank runs the same batches: ZeRO-3 forward is
+        collective)."""
+        return {"eval_loss": held_out_mean(self.batch_losses(engine, items, max_batches, units=True))}
+
+
+def held_out_mean(pairs):
+    """The held-out loss from (loss, units) pairs, on the training step's definition: for a stage with loss units
+    (MNTP's masked tokens) the mean over every unit, sum(loss_b units_b) / sum(units_b), so a batch with few masked
+    tokens weighs little and one with none nothing; otherwise the mean of the batch losses. None when no unit was
+    read (no masked token in any held-out batch): the log's cell stays empty. (Before 2026-12-06 the MNTP held-out
+    loss was the mean of the batch losses, an unweighted mean of per-batch token means.)"""
+    if not pairs:
+        return 0.0
+    if any(n is None for _, n in pairs):
+        return sum(loss for loss, _ in pairs) / len(pairs)
+    total = sum(n for _, n in pairs)
+    return sum(loss * n for loss, n in pairs) / total if total else None
 
 
 def to_device(batch, device):

@@ -73,12 +73,12 @@ class SupervisedStage(ContrastiveStage):
             stats.count_repeated_negatives(self.cfg.contrastive.num_hard_negatives)
         return ex, stats, groups
 
-    def batch_losses(self, engine, items, max_batches, device=None):
+    def batch_losses(self, engine, items, max_batches, device=None, units=False):
         """The held-out loss's micro-batches taken from each source in turn (batch b from the (b mod G)-th of the G
         sources, each batch from one source, as training draws them). In file order the first ``eval_batches``
         micro-batches of an E5 folder or of several files all came from the first one."""
         return super().batch_losses(engine, by_source(items, max_batches, self.cfg.micro_batch_size), max_batches,
-                                    device)
+                                    device, units)
 
     def collate(self, items, generator):
         if not items:

@@ -32,7 +32,7 @@ def run_loss(run_dir, eval_data=None):
     from engine.config import load_config
     from engine.modeling import load_model, load_tokenizer
     from engine.stages import build_stage
-    from engine.stages.base import EVAL_SEED
+    from engine.stages.base import EVAL_SEED, held_out_mean
     from engine.trainer import EngineModule
 
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
@@ -49,10 +49,11 @@ def run_loss(run_dir, eval_data=None):
     # One pass over every block: the evaluation draws each batch's masks in turn from one generator, so its first
     # eval_batches losses are what a run logs (Stage.evaluate reads those batches alone).
     with torch.no_grad():
-        losses = stage.batch_losses(module, items, max(cfg.eval_batches, len(items) // mb))
+        losses = stage.batch_losses(module, items, max(cfg.eval_batches, len(items) // mb), units=True)
     first = losses[:cfg.eval_batches]
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731  (Stage.evaluate's arithmetic)
-    return {"first": mean(first), "all": mean(losses), "blocks_first": len(first) * mb,
+    # Stage.evaluate's arithmetic: the mean over every masked token since 2026-12-06 (the JSON files committed here
+    # before then hold means of the batch means)
+    return {"first": held_out_mean(first), "all": held_out_mean(losses), "blocks_first": len(first) * mb,
             "blocks_all": len(losses) * mb, "eval_data": eval_data}
 
 
