@@ -121,8 +121,10 @@ def _replace_dir(tmp, dst):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_adapter(model, sd, dst, cfg, tokenizer):
-    """Atomically write a PEFT adapter folder plus the encoder metadata (rank 0 only)."""
+def write_adapter(model, sd, dst, cfg, tokenizer, step=None):
+    """Atomically write a PEFT adapter folder plus the encoder metadata (rank 0 only). ``step``: the optimizer step
+    whose weights these are, recorded with the run's fingerprint, so that a reader of a run folder (engine.pick)
+    can tell an ``adapter/`` left by an earlier run in the same folder from this run's."""
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=sd, safe_serialization=True, save_embedding_layers=False)
@@ -153,6 +155,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer):
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
         "instruction": c.instruction,
         "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
+        **({"step": step, "fingerprint": fingerprint(cfg)} if step is not None else {}),
     })
     sync_tree(tmp)  # on disk before the rename publishes it
     _replace_dir(tmp, dst)
@@ -491,7 +494,7 @@ class Checkpointer:
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
         def adapter_and_record():
-            write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok)
+            write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok, step)
             write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
                                                       "world": dist.get_world_size(),
                                                       "zero_stage": self.engine.zero_optimization_stage(),
@@ -728,7 +731,7 @@ class BestAdapter:
         def write():
             self.score, self.step = spearman, step
             new = self.dir + ".new"
-            write_adapter(module.model, sd, new, cfg, tok)
+            write_adapter(module.model, sd, new, cfg, tok, step)
             write_json(os.path.join(new, self.META), {"step": step, "spearman": spearman,
                                                       "eval_data": cfg.eval_data[0],
                                                       "eval_sts_pairs": cfg.eval_sts_pairs})

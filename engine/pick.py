@@ -13,7 +13,8 @@ dev Spearman where labelled dev pairs of the training distribution exist.
 
 Each RUN is a run folder (``output_dir``): its ``config.yaml``, ``metrics.csv`` and ``adapter/``. A run's reading
 is ``--by`` at its last step, which must be ``max_steps`` and logged (``eval_every`` dividing ``max_steps``), since
-``adapter/`` is that step's. ``eval_loss`` is lowest-best; ``eval_sts_spearman`` (dev Spearman) is highest-best.
+``adapter/`` is that step's: an ``adapter/`` that records another step or other settings (one an earlier run left
+in the folder) is refused. ``eval_loss`` is lowest-best; ``eval_sts_spearman`` (dev Spearman) is highest-best.
 
 By ``eval_loss`` the runs may differ in seed only. A lower held-out loss did not mean a better encoder across
 training corpora (SNLI's short sentences beside WikiText-2 lowered it by 0.19 on two seeds, and the news score did
@@ -37,7 +38,7 @@ import math
 import os
 import sys
 
-from .checkpoint import fingerprint, fingerprint_diff
+from .checkpoint import _PATH_KEYS, fingerprint, fingerprint_diff
 from .cli import ArgumentParser, fail, unwritable
 from .config import ConfigError, load_config
 from .files import write_json
@@ -97,7 +98,29 @@ def read_run(path, by):
     adapter = os.path.join(path, "adapter")
     if not os.path.isdir(adapter):
         raise PickError(f"{path}: no adapter/ (the run did not finish)")
+    _check_adapter_is_the_runs(path, adapter, cfg)
     return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter}
+
+
+def _check_adapter_is_the_runs(path, adapter, cfg):
+    """PickError unless ``adapter/`` holds this run's weights at max_steps: a run started over in the folder
+    (resume=force) with more steps or other settings keeps the earlier run's adapter/ until its own last step
+    writes one, so a run that failed at its end (a full disk at the final checkpoint) left the old adapter beside
+    the new config and log. The adapter records its step and the run's fingerprint (adapters written before
+    2026-12-06 record neither and are taken as the run's)."""
+    try:
+        with open(os.path.join(adapter, "engine_encoder.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PickError(f"{path}: adapter/engine_encoder.json does not read ({type(e).__name__}: {e})") from None
+    if "step" in meta and meta["step"] != cfg.max_steps:
+        raise PickError(f"{path}: adapter/ holds step {meta['step']}, not the run's last step {cfg.max_steps}: it was "
+                        f"left by an earlier run in this folder (this run did not write its own)")
+    if "fingerprint" in meta:  # local paths left out: config.yaml may name them relative to another folder
+        diff = [k for k, _, _ in fingerprint_diff(meta["fingerprint"], fingerprint(cfg)) if k not in _PATH_KEYS]
+        if diff:
+            raise PickError(f"{path}: adapter/ was trained under other settings than config.yaml ({', '.join(diff)}): "
+                            f"it was left by an earlier run in this folder")
 
 
 def _readings(metrics_path, by):

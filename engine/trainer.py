@@ -354,7 +354,8 @@ class Trainer:
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, "the final adapter", self.rank)
         adapter = os.path.join(cfg.output_dir, "adapter")
-        together(lambda: write_adapter(self.module.model, sd, adapter, cfg, self.tok) if self.rank == 0 else None)
+        together(lambda: write_adapter(self.module.model, sd, adapter, cfg, self.tok, cfg.max_steps)
+                 if self.rank == 0 else None)
         best = self.best.summary() if self.best is not None else None
         log0(f"done: {cfg.max_steps} steps in {time.time() - self.t_run:.1f}s; adapter at {adapter}"
              + (f"; {best}" if best else ""))

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from engine import pick as pk
+from engine.checkpoint import fingerprint
 from engine.config import load_config, to_dict
 
 CFG = "configs/tiny/mntp.yaml"
@@ -15,9 +16,10 @@ COLS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "step_s", "truncated"
         "skipped_steps", "eval_loss", "eval_sts_spearman", "best_saved"]
 
 
-def _run(root, name, evals, *overrides, adapter=True, eval_data=None):
+def _run(root, name, evals, *overrides, adapter=True, eval_data=None, adapter_meta=None):
     """A run folder: config.yaml (``overrides`` on the tiny MNTP config), metrics.csv with an eval row at each
-    {step: eval_loss} of ``evals`` and a training row at every step, and adapter/."""
+    {step: eval_loss} of ``evals`` and a training row at every step, and adapter/ whose engine_encoder.json
+    records the last step and the run's fingerprint as write_adapter does (``adapter_meta``: other contents)."""
     out = os.path.join(root, name)
     os.makedirs(out)
     cfg = load_config(CFG, [f"output_dir={out}", *overrides] + ([f"eval_data={eval_data}"] if eval_data else []))
@@ -36,6 +38,9 @@ def _run(root, name, evals, *overrides, adapter=True, eval_data=None):
             w.writerow(row)
     if adapter:
         os.makedirs(os.path.join(out, "adapter"))
+        meta = {"step": cfg.max_steps, "fingerprint": fingerprint(cfg)} if adapter_meta is None else adapter_meta
+        with open(os.path.join(out, "adapter", "engine_encoder.json"), "w") as f:
+            json.dump(meta, f)
     return out
 
 
@@ -80,6 +85,8 @@ def test_a_resumed_runs_later_rows_stand(tmp_path):
     ("length", "ends at step 6 and"),
     ("all_nan", "no run has a finite eval_loss"),
     ("twice", "a run folder is named twice"),
+    ("stale_adapter", "adapter/ holds step 6, not the run's last step 12: it was left by an earlier run"),
+    ("other_adapter", "adapter/ was trained under other settings than config.yaml (learning_rate)"),
 ])
 def test_runs_that_do_not_compare_are_one_line_and_exit_2(tmp_path, capsys, case, message):
     a = _run(tmp_path, "a", {6: 4.0, 12: 4.0})
@@ -94,12 +101,23 @@ def test_runs_that_do_not_compare_are_one_line_and_exit_2(tmp_path, capsys, case
         "length": lambda: _run(tmp_path, "b", {6: 4.0}, "seed=2", "max_steps=6", "save_every=0"),
         "all_nan": lambda: _run(tmp_path, "b", {12: float("nan")}, "seed=2"),
         "twice": lambda: a,
+        # a run started over in the folder (resume=force) that failed before writing its own adapter/
+        "stale_adapter": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", adapter_meta={"step": 6}),
+        "other_adapter": lambda: _run(tmp_path, "b", {12: 4.0}, "seed=2", adapter_meta={
+            "step": 12, "fingerprint": fingerprint(load_config(CFG, ["seed=2", "learning_rate=0.5"]))}),
     }[case]()
     if case == "all_nan":
         a = _run(tmp_path, "c", {12: float("inf")}, "seed=3")
     assert pk.main([a, other]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_an_adapter_that_records_no_step_is_taken_as_the_runs(tmp_path):
+    """Adapters written before they recorded their step and fingerprint (2026-12-06) are read as before."""
+    a = _run(tmp_path, "a", {12: 4.0}, adapter_meta={"format": "llm2vec-engine/1"})
+    b = _run(tmp_path, "b", {12: 3.0}, "seed=2")
+    assert pk.pick([a, b])["picked"]["path"] == b
 
 
 def test_held_out_files_compare_by_content_not_path(tmp_path):
