@@ -282,8 +282,6 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
                                     f"`python -m engine.export` to get a folder that can move)")
         info["settings"] = {"pooling": meta.get("pooling", "mean"), "instruction": meta.get("instruction", ""),
                             "train_max_length": meta.get("max_length"), "bidirectional": meta.get("bidirectional", True)}
-        if meta.get("inference_max_length"):
-            info["settings"]["max_length"] = meta["inference_max_length"]
     else:
         chain, settings, cur = [], {}, name_or_path if not os.path.isdir(path) else path
         for _ in range(10):

@@ -3,6 +3,10 @@
 ``attention_mask`` (B, S) marks real tokens; ``pool_mask`` (B, S) marks the tokens to pool (the text
 without its instruction prefix); it defaults to ``attention_mask``. Instruction tokens are still
 attended by the model, they are only left out of the pooled average.
+
+``last`` is the same as ``eos``: the engine's encoding ends every text in one EOS (``engine.encoding``), so a
+text's last pooled token is its EOS. The name is kept for llm2vec's ``last_token``, which differs from its
+``eos_token`` only in not appending the EOS.
 """
 import torch
 
