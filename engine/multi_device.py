@@ -3,12 +3,23 @@
 The parent sorts nothing: it cuts the inputs into chunks, the workers (spawned, each holding a copy of the
 model on its device) encode them, and the parent writes every chunk's rows back at its input positions, so
 the result is in input order whatever the worker speeds. Counts (truncated, empty) are summed.
+
+``min(devices, chunks)`` workers start (each loads the model: a device with no chunk to encode gets none), and
+none encodes before all have loaded it. A worker that cannot start (a bad device index, out of memory while
+loading, an import error) or that dies mid-chunk (the OOM killer, a crash, a script without the ``__main__``
+guard) breaks the pool: encode raises one RuntimeError, naming the device that failed and why when the worker
+could say so, instead of encoding without that device or waiting for ever.
 """
 import os
+import queue
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
 _WORKER = {}
+_MAIN_GUARD = ('a script that encodes on several devices must run its code under `if __name__ == "__main__":`, '
+               'since each spawned worker imports the script again')
 
 
 def share_cpu_cores(processes):
@@ -28,14 +39,29 @@ def share_cpu_cores(processes):
     return cores, threads
 
 
-def _init(state, device_queue):
+def _init(device_queue, states, failures, ready):
+    """Worker start: take one device and one copy of the state (model, tokenizer, settings) from the queues, load
+    the model there, then wait at the ``ready`` barrier until every worker has, so that no chunk is encoded unless
+    all the devices came up (whatever the timing, one bad device fails the call). A failure is put on ``failures``
+    as (device, "Type: message") and breaks the barrier before it propagates: the parent can say which device
+    failed and why."""
+    device = device_queue.get()
+    try:
+        _load(states.get(), torch.device(device))
+    except BaseException as e:
+        failures.put((device, f"{type(e).__name__}: {e}"))
+        ready.abort()  # the workers waiting at the barrier stop with a BrokenBarrierError
+        raise
+    ready.wait()
+
+
+def _load(state, device):
     import llm2vec_kernels
 
     from .bidirectional import register
 
     register()  # the bidirectional attention lives in a registry that a fresh process does not have yet
     llm2vec_kernels.set_default_impl("attention", state["attention"])
-    device = torch.device(device_queue.get())
     if device.type == "cpu":
         share_cpu_cores(state["cpu_workers"])
     model = state["model"].to(device).eval()
@@ -58,38 +84,88 @@ def encode_multi_device(encoder, texts, instrs, devices, kw, stats, show_progres
     ctx = mp.get_context("spawn")
     chunk_size = chunk_size or max(kw.get("batch_size", 32) * 4, -(-len(texts) // (4 * len(devices))))
     jobs = [(s, texts[s:s + chunk_size], instrs[s:s + chunk_size], kw) for s in range(0, len(texts), chunk_size)]
-    q = ctx.Queue()
-    for d in devices:
-        q.put(str(d))
+    devices = [str(d) for d in devices[:len(jobs)]]  # no worker (and no model copy) for a device without a chunk
     model = encoder.model
     home = next(model.parameters()).device
     if home.type != "cpu":
         model = model.to("cpu")  # ship CPU weights (in place); each worker moves its copy to its own device
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the parent's cached blocks would stay reserved on its home GPU
     try:
-        return _encode_in_pool(ctx, model, encoder, texts, jobs, devices, q, stats, show_progress_bar)
+        return _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progress_bar)
     finally:
         if home.type != "cpu":  # the encoder's model back where it was: later single-device calls run there
             model.to(home)
 
 
-def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, q, stats, show_progress_bar):
+def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progress_bar):
+    """The chunks' rows at their input positions, from one worker per device (``len(devices) <= len(jobs)``).
+
+    The state travels through a queue, not as the pool's initargs: spawn writes a new process's arguments into a
+    pipe whose reading end the parent itself keeps open until the write is done, so a child that dies before
+    reading them all (a script without the ``__main__`` guard dies while re-importing itself) would block the
+    parent in ``submit`` for ever once they exceed the pipe's 64 KiB."""
     state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
              "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices)}
-    out = None
+    device_queue, states, failures, ready = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Barrier(len(devices))
+    states.cancel_join_thread()  # a copy that no worker took must not hold this process at exit
+    for d in devices:
+        device_queue.put(d)
+        states.put(state)
     bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(texts), desc=f"encode x{len(devices)}", unit="text")
-    with ctx.Pool(len(devices), initializer=_init, initargs=(state, q)) as pool:
-        for start, emb, st in pool.imap_unordered(_work, jobs):
-            if out is None:
-                out = torch.empty(len(texts), emb.shape[-1], dtype=torch.float32)
-            out[start:start + emb.shape[0]] = emb
-            for k, v in st.items():
-                stats[k] = stats.get(k, 0) + v
-            if bar is not None:
-                bar.update(emb.shape[0])
-    if bar is not None:
-        bar.close()
+    pool = ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init,
+                               initargs=(device_queue, states, failures, ready))
+    done = False
+    try:
+        out = _gather(pool, jobs, len(texts), stats, bar)
+        done = True
+        return out
+    except BrokenProcessPool as e:
+        raise RuntimeError(_broken_pool_message(devices, _drain(failures))) from e
+    finally:
+        if not done:
+            ready.abort()  # a worker still waiting for the others (one failed to spawn) gives up instead
+        pool.shutdown(wait=True, cancel_futures=True)  # after an error: no queued chunk starts, no worker outlives us
+        if not done:
+            _drain(states)  # the copies no worker took: their shared weights are freed, the queue's thread unblocked
+        if bar is not None:
+            bar.close()
+
+
+def _gather(pool, jobs, n, stats, bar):
+    """Submit every chunk, write each result's rows at its start as it completes, sum its counts into ``stats``.
+    A worker that raised re-raises here; a dead one raises BrokenProcessPool."""
+    out = None
+    for future in as_completed([pool.submit(_work, job) for job in jobs]):
+        start, emb, st = future.result()
+        if out is None:
+            out = torch.empty(n, emb.shape[-1], dtype=torch.float32)
+        out[start:start + emb.shape[0]] = emb
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0) + v
+        if bar is not None:
+            bar.update(emb.shape[0])
     return out
+
+
+def _drain(q, wait=0.5):
+    """What is left on ``q``, waiting up to ``wait`` seconds for each next item (one a dead worker sent last)."""
+    got = []
+    while True:
+        try:
+            got.append(q.get(timeout=wait))
+        except queue.Empty:
+            return got
+
+
+def _broken_pool_message(devices, failed):
+    """``failed``: the (device, error) pairs of the workers that could not start; none when a worker was killed."""
+    head = f"encode on devices {devices}: "
+    if failed:
+        return head + "; ".join(f"the worker for {d} failed to start ({err})" for d, err in failed)
+    return head + ("a worker process died (killed, e.g. by the OOM killer, or crashed) before returning its chunk; "
+                   + _MAIN_GUARD)

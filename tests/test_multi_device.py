@@ -1,0 +1,146 @@
+"""Multi-device encode (engine.multi_device) fails loudly: a worker that cannot load the model, or dies mid-chunk,
+or a script without the ``__main__`` guard raises one clear error instead of encoding without that device or waiting
+for ever; and no more workers start than there are chunks. Every test runs under a deadline, so a regression fails
+instead of hanging the suite."""
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+
+import pytest
+import torch
+from transformers import LlamaModel
+
+from engine import Encoder
+from engine.config import ModelConfig
+from engine.modeling import load_tokenizer
+
+from .helpers import ROOT, run_cmd, tiny_llama_config
+
+DEADLINE_S = 120  # a worker imports torch and transformers: about 10 s on two busy cores
+TEXTS = ["A man is playing a guitar.", "Dogs.", "Three children are playing football in a large green park today.",
+         "The stock market fell sharply on Monday after the announcement.", "Hi"]
+
+
+class DiesInForward(LlamaModel):
+    """A decoder whose forward kills its process, as the OOM killer or a segfault would mid-chunk (spawned workers
+    unpickle it from this module)."""
+
+    def forward(self, *args, **kwargs):
+        os._exit(3)
+
+
+@contextmanager
+def deadline(seconds=DEADLINE_S):
+    """SIGALRM raises in the main thread, which waits on the pool's results: a hung encode fails the test."""
+    def expire(signum, frame):
+        raise TimeoutError(f"multi-device encode still waiting after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+
+
+def _encoder(tok, cls=LlamaModel):
+    torch.manual_seed(0)
+    model = LlamaModel(tiny_llama_config(vocab_size=len(tok), hidden_size=48, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    model.__class__ = cls
+    return Encoder(model, tok, device="cpu")
+
+
+@pytest.mark.slow
+def test_a_device_that_cannot_load_the_model_fails_the_encode(tok):
+    """cuda:99 fails in its worker's start (no CUDA here; no such GPU elsewhere): the old pool replaced that worker
+    with one waiting on an empty device queue and let the CPU worker encode everything."""
+    enc = _encoder(tok)
+    with deadline(), pytest.raises(RuntimeError, match=r"the worker for cuda:99 failed to start \(\w+"):
+        enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "cuda:99"])  # 3 chunks of 4: both workers start
+    out = enc.encode(TEXTS, convert_to_tensor=True)  # the encoder still works, on its own device
+    assert out.shape == (len(TEXTS), 48) and enc.device == torch.device("cpu")
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_mid_chunk_fails_the_encode(tok):
+    """The old pool lost the dead worker's chunk and waited for its result for ever."""
+    enc = _encoder(tok, DiesInForward)
+    with deadline(), pytest.raises(RuntimeError, match="a worker process died .*__main__"):
+        enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "cpu"])
+
+
+@pytest.mark.slow
+def test_no_more_workers_than_chunks(tok, monkeypatch):
+    """Each worker loads the model: one chunk on three devices starts one process (the old pool started three)."""
+    from multiprocessing.context import SpawnProcess
+
+    started, start = [], SpawnProcess.start
+    monkeypatch.setattr(SpawnProcess, "start", lambda self: (started.append(self), start(self))[1])
+    enc = _encoder(tok)
+    ref = enc.encode(TEXTS, convert_to_tensor=True)
+    with deadline():
+        out = enc.encode(TEXTS, device=["cpu", "cpu", "cpu"], convert_to_tensor=True)  # 5 texts: one chunk
+    assert len(started) == 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+_UNGUARDED_SCRIPT = """
+import torch
+from transformers import LlamaModel
+from engine import Encoder
+from engine.config import ModelConfig
+from engine.modeling import load_tokenizer
+from tests.helpers import tiny_llama_config
+tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+model = LlamaModel(tiny_llama_config(vocab_size=len(tok), hidden_size=48, num_attention_heads=4, num_key_value_heads=2))
+Encoder(model, tok, device="cpu").encode(["a few words"] * 8, batch_size=1, device=["cpu", "cpu"])
+print("encoded")
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_the_main_guard_fails_with_a_hint(tmp_path):
+    """Spawned workers re-run an unguarded script, whose own encode cannot start processes while bootstrapping: the
+    workers die at start. The old pool restarted them endlessly."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(_UNGUARDED_SCRIPT)
+    try:
+        r = run_cmd(["python", str(script)], env={"PYTHONPATH": ROOT}, timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"an unguarded multi-device script still ran after {DEADLINE_S} s")
+    assert r.returncode != 0 and "encoded" not in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: encode on devices ['cpu', 'cpu']: a worker process died") and "__main__" in last
+
+
+def test_the_parent_frees_its_cached_gpu_memory_before_the_workers_start(monkeypatch):
+    """The weights go to the CPU for shipping: the blocks they left in the parent's CUDA cache are released (else
+    they stay reserved on its home GPU, where a worker loads its own copy)."""
+    import types
+
+    from engine import multi_device
+
+    events = []
+
+    class Model:  # a model on a GPU, as far as encode_multi_device can tell
+        def parameters(self):
+            yield types.SimpleNamespace(device=torch.device("cuda", 0))
+
+        def to(self, device):
+            events.append(f"to {device}")
+            return self
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    monkeypatch.setattr(multi_device, "_encode_in_pool", lambda *a: events.append(f"pool on {a[5]}"))
+    enc = types.SimpleNamespace(model=Model(), tokenizer=None, device=torch.device("cuda", 0))
+    multi_device.encode_multi_device(enc, ["a"], [""], ["cuda:0", "cuda:1"], {}, {})
+    assert events == ["to cpu", "empty_cache", "pool on ['cuda:0']", "to cuda:0"]  # one text: one chunk, one worker
