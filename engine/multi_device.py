@@ -10,14 +10,17 @@ loading, an import error) or that dies mid-chunk (the OOM killer, a crash, a scr
 guard) breaks the pool: encode raises one RuntimeError, naming the device that failed and why when the worker
 could say so, instead of encoding without that device or waiting for ever.
 """
+import multiprocessing
 import os
 import queue
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
 _WORKER = {}
+_POLL_S = 0.05  # how often a loaded worker looks for the go flag, and the parent for the workers' state
 _MAIN_GUARD = ('a script that encodes on several devices must run its code under `if __name__ == "__main__":`, '
                'since each spawned worker imports the script again')
 
@@ -39,20 +42,28 @@ def share_cpu_cores(processes):
     return cores, threads
 
 
-def _init(device_queue, states, failures, ready):
-    """Worker start: take one device and one copy of the state (model, tokenizer, settings) from the queues, load
-    the model there, then wait at the ``ready`` barrier until every worker has, so that no chunk is encoded unless
-    all the devices came up (whatever the timing, one bad device fails the call). A failure is put on ``failures``
-    as (device, "Type: message") and breaks the barrier before it propagates: the parent can say which device
-    failed and why."""
-    device = device_queue.get()
+def _init(device_queue, states, failures, flags):
+    """Worker start: take a (slot, device) and one copy of the state (model, tokenizer, settings) from the queues,
+    load the model there, mark ``flags[slot]``, then wait until the parent raises ``flags[-1]``, which it does once
+    every worker has loaded: no chunk is encoded unless all the devices came up (whatever the timing, one bad device
+    fails the call). A failure is put on ``failures`` as (device, "Type: message") before it propagates, so the
+    parent can say which device failed and why.
+
+    The flags are plain shared bytes, polled: a multiprocessing Barrier or Event would make the parent wait in
+    ``notify`` for a waiter's wake-up that a worker killed while waiting (the pool terminates the others when one
+    dies) never sends. A worker whose parent is gone (killed while it waited) exits instead of keeping its model."""
+    slot, device = device_queue.get()
     try:
         _load(states.get(), torch.device(device))
     except BaseException as e:
         failures.put((device, f"{type(e).__name__}: {e}"))
-        ready.abort()  # the workers waiting at the barrier stop with a BrokenBarrierError
         raise
-    ready.wait()
+    flags[slot] = 1
+    parent = multiprocessing.parent_process()
+    while not flags[-1]:
+        if parent is not None and not parent.is_alive():
+            os._exit(1)
+        time.sleep(_POLL_S)
 
 
 def _load(state, device):
@@ -107,10 +118,11 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
     parent in ``submit`` for ever once they exceed the pipe's 64 KiB."""
     state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
              "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices)}
-    device_queue, states, failures, ready = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Barrier(len(devices))
+    device_queue, states, failures = ctx.Queue(), ctx.Queue(), ctx.Queue()
+    flags = ctx.RawArray("b", len(devices) + 1)  # a worker's model loaded (one per slot), then go (the last)
     states.cancel_join_thread()  # a copy that no worker took must not hold this process at exit
-    for d in devices:
-        device_queue.put(d)
+    for slot, d in enumerate(devices):
+        device_queue.put((slot, d))
         states.put(state)
     bar = None
     if show_progress_bar:
@@ -118,17 +130,20 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
 
         bar = tqdm(total=len(texts), desc=f"encode x{len(devices)}", unit="text")
     pool = ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init,
-                               initargs=(device_queue, states, failures, ready))
+                               initargs=(device_queue, states, failures, flags))
     done = False
     try:
-        out = _gather(pool, jobs, len(texts), stats, bar)
+        futures = [pool.submit(_work, job) for job in jobs]
+        # every worker loaded, or the pool broke (only that completes a chunk before the go flag)
+        while not all(flags[:len(devices)]) and not wait(futures, _POLL_S, FIRST_COMPLETED)[0]:
+            pass
+        flags[-1] = 1
+        out = _gather(futures, len(texts), stats, bar)
         done = True
         return out
     except BrokenProcessPool as e:
         raise RuntimeError(_broken_pool_message(devices, _drain(failures))) from e
     finally:
-        if not done:
-            ready.abort()  # a worker still waiting for the others (one failed to spawn) gives up instead
         pool.shutdown(wait=True, cancel_futures=True)  # after an error: no queued chunk starts, no worker outlives us
         if not done:
             _drain(states)  # the copies no worker took: their shared weights are freed, the queue's thread unblocked
@@ -136,11 +151,11 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
             bar.close()
 
 
-def _gather(pool, jobs, n, stats, bar):
-    """Submit every chunk, write each result's rows at its start as it completes, sum its counts into ``stats``.
-    A worker that raised re-raises here; a dead one raises BrokenProcessPool."""
+def _gather(futures, n, stats, bar):
+    """Write each chunk's rows at its start as it completes, sum its counts into ``stats``. A worker that raised
+    re-raises here; a dead one raises BrokenProcessPool."""
     out = None
-    for future in as_completed([pool.submit(_work, job) for job in jobs]):
+    for future in as_completed(futures):
         start, emb, st = future.result()
         if out is None:
             out = torch.empty(n, emb.shape[-1], dtype=torch.float32)

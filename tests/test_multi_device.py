@@ -30,6 +30,19 @@ class DiesInForward(LlamaModel):
         os._exit(3)
 
 
+class DiesLoadingOnMeta(LlamaModel):
+    """A decoder whose move to the meta device kills its process a moment later (the OOM killer while a worker
+    loads its copy), after the other worker has loaded and waits for the go."""
+
+    def to(self, *args, **kwargs):
+        if "meta" in map(str, args):
+            import time
+
+            time.sleep(2)
+            os._exit(137)
+        return super().to(*args, **kwargs)
+
+
 @contextmanager
 def deadline(seconds=DEADLINE_S):
     """SIGALRM raises in the main thread, which waits on the pool's results: a hung encode fails the test."""
@@ -75,6 +88,15 @@ def test_a_worker_that_dies_mid_chunk_fails_the_encode(tok):
     enc = _encoder(tok, DiesInForward)
     with deadline(), pytest.raises(RuntimeError, match="a worker process died .*__main__"):
         enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "cpu"])
+
+
+@pytest.mark.slow
+def test_a_worker_killed_while_loading_fails_the_encode(tok):
+    """The other worker already waits for the go: the pool terminates it, and the parent must not wait for it to
+    acknowledge anything (with a multiprocessing Barrier it waited for ever in the barrier's notify)."""
+    enc = _encoder(tok, DiesLoadingOnMeta)
+    with deadline(), pytest.raises(RuntimeError, match="a worker process died"):
+        enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "meta"])
 
 
 @pytest.mark.slow
