@@ -610,6 +610,11 @@ class Checkpointer:
         world, stage = dist.get_world_size(), self.engine.zero_optimization_stage()
         if (saved["world"], saved["zero_stage"]) == (world, stage) or saved["zero_stage"] == stage == 0:
             return
+        if saved["zero_stage"] == 0 and self.cfg.model.dtype == "fp16":
+            raise said_by_rank0(ConfigError(
+                f"{self.root}/{tag} was saved by an fp16 run at ZeRO stage 0, where DeepSpeed's fp16 optimizer made "
+                f"every update 2^16 times too small (engine.config.FP16_STAGE0), and fp16 now runs at stage "
+                f"{stage}: it cannot be resumed; start the run again in another output_dir"), self.rank)
         raise said_by_rank0(ConfigError(
             f"{self.root}/{tag} was saved by {saved['world']} rank(s) at ZeRO stage {saved['zero_stage']}; this run "
             f"has {world} rank(s) at stage {stage}, and DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and "

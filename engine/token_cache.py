@@ -259,7 +259,8 @@ def _lock_free(root, key):
     """Whether nobody holds entry ``key``'s lock now (no lock file: nobody does). A process in another PID namespace
     under the same host name looks gone to :func:`_pid_gone`, but its lock is seen."""
     try:
-        fd = os.open(os.path.join(root, ".locks", f"{key}.lock"), os.O_RDONLY)
+        # read-write: NFS emulates flock with fcntl byte-range locks, and an exclusive one needs a writable file
+        fd = os.open(os.path.join(root, ".locks", f"{key}.lock"), os.O_RDWR)
     except FileNotFoundError:
         return True
     except OSError:

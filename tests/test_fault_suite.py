@@ -199,6 +199,29 @@ def test_every_zero_stage_resumes_exactly_through_the_restricted_loader(staged, 
     assert _same_adapter(os.path.join(out, "adapter"), os.path.join(ref, "adapter"))
 
 
+def test_an_fp16_checkpoint_of_stage_0_is_refused_as_unresumable(tmp_path, monkeypatch):
+    """fp16 left stage 0 (its updates were 2^16 too small there, engine.config.FP16_STAGE0): a checkpoint an fp16
+    run saved at stage 0 meets a run at stage 1, and the refusal must not say to resume with zero_stage=0, which is
+    now a config error; an fp32 one still gets the usual advice."""
+    import json
+    import types
+
+    import torch.distributed as dist
+
+    from engine.checkpoint import RUN_FILE, Checkpointer
+    from engine.config import ConfigError, load_config
+
+    os.makedirs(tmp_path / "step_0000002")
+    (tmp_path / "step_0000002" / RUN_FILE).write_text(json.dumps({"step": 2, "world": 1, "zero_stage": 0}))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    for dtype, said in (("fp16", "saved by an fp16 run at ZeRO stage 0"), ("fp32", "zero_stage=0")):
+        me = types.SimpleNamespace(root=str(tmp_path), rank=0, cfg=load_config("configs/tiny/mntp.yaml", [f"model.dtype={dtype}"]),
+                                   engine=types.SimpleNamespace(zero_optimization_stage=lambda: 1))
+        with pytest.raises(ConfigError, match=said) as e:
+            Checkpointer._check_layout(me, "step_0000002")
+        assert dtype == "fp32" or "zero_stage=0" not in str(e.value)
+
+
 def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(staged, tmp_path):
     """DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and stage: another stage (or rank count) failed
     inside its load, and the message said to delete checkpoints that load fine as they were written."""
