@@ -81,21 +81,27 @@ class CacheLockError(AssetError):
 
 
 @contextlib.contextmanager
-def cache_lock(root):
-    """An exclusive lock on ``root/.lock`` (fcntl): held by one process at a time, released if it dies.
+def cache_lock(root, name=".lock", on_wait=None):
+    """An exclusive lock on ``root/name`` (fcntl): held by one process at a time, released if it dies.
+    ``on_wait(path)``, when given, is called once if another process holds the lock, before this one waits for it.
     CacheLockError (one line) when there is none to be had (a read-only folder, NFS without lockd, Lustre
     without ``-o flock``)."""
+    path = os.path.join(root, name)
     try:
         os.makedirs(root, exist_ok=True)
-        f = open(os.path.join(root, ".lock"), "a+")
+        f = open(path, "a+")
     except OSError as e:
-        raise CacheLockError(f"cannot open the cache lock {os.path.join(root, '.lock')}: {e.strerror or e}") from None
+        raise CacheLockError(f"cannot open the cache lock {path}: {e.strerror or e}") from None
     with f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if on_wait else 0))
+            except BlockingIOError:
+                on_wait(path)
+                fcntl.flock(f, fcntl.LOCK_EX)
         except OSError as e:
-            raise CacheLockError(f"no file lock on {os.path.join(root, '.lock')} ({e.strerror or e}): its filesystem "
-                                 f"does not support flock") from None
+            raise CacheLockError(f"no file lock on {path} ({e.strerror or e}): its filesystem does not support "
+                                 f"flock") from None
         try:
             yield
         finally:

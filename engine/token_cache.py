@@ -33,7 +33,6 @@ that names the folder to delete.
 
 Root: ``$LLM2VEC_ENGINE_TOKEN_CACHE`` if set, else ``$LLM2VEC_ENGINE_CACHE/tokens`` (``~/.cache/llm2vec-engine``).
 """
-import contextlib
 import fcntl
 import glob
 import hashlib
@@ -45,7 +44,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .assets import CacheLockError, cache_dir, sha256_of
+from .assets import CacheLockError, cache_dir, cache_lock, sha256_of
 from .config import ConfigError
 from .data import DataError
 from .files import sync_folder, write_json
@@ -215,33 +214,13 @@ def _say(msg):
         print(f"[engine] {msg}", flush=True)
 
 
-@contextlib.contextmanager
 def _entry_lock(root, key):
     """An exclusive lock (fcntl) on ``<root>/.locks/<key>.lock``: one entry's, so that a run needing another entry
     does not wait behind a build of this one. Taken at once when free; when not, one line says which entry another
     process is building and that this one waits, then it waits. Released if the process dies. CacheLockError when
     there is no lock to be had (a read-only folder, a filesystem without flock)."""
-    path = os.path.join(root, ".locks", f"{key}.lock")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        f = open(path, "a+")
-    except OSError as e:
-        raise CacheLockError(f"cannot open the cache lock {path}: {e.strerror or e}") from None
-    with f:
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                _say(f"item cache: entry {key} is being built by another process (it holds {path}); this one "
-                     f"waits for it")
-                fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as e:
-            raise CacheLockError(f"no file lock on {path} ({e.strerror or e}): its filesystem does not support "
-                                 f"flock") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return cache_lock(os.path.join(root, ".locks"), f"{key}.lock", on_wait=lambda path: _say(
+        f"item cache: entry {key} is being built by another process (it holds {path}); this one waits for it"))
 
 
 def _pid_gone(pid):
