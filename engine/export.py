@@ -35,6 +35,7 @@ import torch
 from . import assets, refs
 from .cli import BAD_INPUT, ArgumentParser, disk_full_message, fail, missing_folders, positive_int, remove_empty
 from .encoder import RUN_ADAPTERS
+from .files import pid_alive
 
 # Serving engines that hard-code causal attention for these families ignore "is_causal": false.
 CAUSAL_ONLY_SERVERS = {"llama": ["text-embeddings-inference"], "mistral": ["text-embeddings-inference"]}
@@ -188,16 +189,6 @@ def _temp_beside(out):
 OWNER_SUFFIX = ".owner"
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _sweep_dead_temps(parent, prefix):
     """Remove the temporary folders of earlier exports to the same ``out`` whose process is gone (killed: the out
     of memory killer at 7B, a SIGKILL), leaving tens of GB behind with nothing to remove them. Only those whose
@@ -214,7 +205,7 @@ def _sweep_dead_temps(parent, prefix):
             pid = int(pid)
         except (OSError, ValueError):
             continue
-        if who != host or _pid_alive(pid):
+        if who != host or pid_alive(pid):
             continue
         shutil.rmtree(owner[:-len(OWNER_SUFFIX)], ignore_errors=True)
         try:

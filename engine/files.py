@@ -76,3 +76,16 @@ def write_json(path, obj, indent=2):
     """``obj`` as indented JSON (and a final newline) at ``path``, atomically. The JSON is made before anything is
     written, so a value it cannot hold raises with ``path`` untouched."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def pid_alive(pid):
+    """Whether process ``pid`` may still run on this host, for a temp file or folder named by its writer's pid:
+    ``os.kill(pid, 0)`` raises ProcessLookupError only when no such process exists (another user's raises
+    PermissionError: alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

@@ -47,7 +47,7 @@ import numpy as np
 from .assets import CacheLockError, cache_dir, cache_lock, sha256_of
 from .config import ConfigError
 from .data import DataError
-from .files import sync_folder, write_json
+from .files import pid_alive, sync_folder, write_json
 
 FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
 _DTYPES = {"tokens": np.uint32, "json": np.uint8}
@@ -223,20 +223,9 @@ def _entry_lock(root, key):
         f"item cache: entry {key} is being built by another process (it holds {path}); this one waits for it"))
 
 
-def _pid_gone(pid):
-    """Whether no process ``pid`` runs on this host (one of another user's is alive: EPERM)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
 def _lock_free(root, key):
     """Whether nobody holds entry ``key``'s lock now (no lock file: nobody does). A process in another PID namespace
-    under the same host name looks gone to :func:`_pid_gone`, but its lock is seen."""
+    under the same host name looks gone to :func:`engine.files.pid_alive`, but its lock is seen."""
     try:
         # read-write: NFS emulates flock with fcntl byte-range locks, and an exclusive one needs a writable file
         fd = os.open(os.path.join(root, ".locks", f"{key}.lock"), os.O_RDWR)
@@ -264,7 +253,7 @@ def _sweep_dead_builds(root, key, host):
         k, _, pid = name.partition(tag)
         if not pid.isdigit() or not os.path.isdir(stale) or int(pid) == os.getpid():
             continue  # (another host whose name starts with this one's: "<k>.tmp-<host>-b-<pid>")
-        if k == key or (_pid_gone(int(pid)) and _lock_free(root, k)):
+        if k == key or (not pid_alive(int(pid)) and _lock_free(root, k)):
             shutil.rmtree(stale, ignore_errors=True)
 
 
