@@ -269,7 +269,8 @@ class Trainer:
             return [1.0] * len(units)
         total = torch.tensor([float(sum(units))], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return unit_weights(units, self.accum, self.world, total.item()) if total.item() > 0 else None
+        total = total.item()  # one read of the device
+        return unit_weights(units, self.accum, self.world, total) if total > 0 else None
 
     def empty_step(self, step, lr, truncated, t0):
         """The row of a step whose global batch holds no loss unit (no masked token on any rank: short rows under
