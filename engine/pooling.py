@@ -22,15 +22,20 @@ def pool(hidden, attention_mask, mode="mean", pool_mask=None, check=True):
     pm = am if pool_mask is None else (pool_mask.to(torch.bool) & am)
     if check and not bool(pm.any(dim=1).all()):
         raise ValueError("a text has no tokens to pool (empty text, or truncated away behind its instruction)")
-    dt = hidden.dtype
-    if mode == "mean":
-        w = pm.to(dt)
-        return (hidden * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
-    if mode == "weighted_mean":
-        # Position weights 1..n over the pooled tokens (later tokens, which saw more context in the
-        # causal base model, weigh more); the rank comes from a cumsum so padding side does not matter.
-        w = (torch.cumsum(pm.to(torch.int64), dim=1) * pm).to(dt)
-        return (hidden * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+    if mode in ("mean", "weighted_mean"):
+        # The weights are made in fp32 (or the states' wider dtype) and normalised to sum to 1 before they meet the states: the pooled vector is
+        # a convex combination, one batched matmul (fp32 accumulation on GPU) that cannot overflow in fp16. Summing
+        # first and dividing after overflows fp16 (65504) for a weighted mean past 361 tokens, where the weights'
+        # sum n(n+1)/2 alone is inf, and for a plain mean whose sum of a large channel passes the range. Only the
+        # weights (B, S) are kept for the backward, as with an elementwise product by a mask.
+        wdt = torch.promote_types(hidden.dtype, torch.float32)
+        w = pm.to(wdt)
+        if mode == "weighted_mean":
+            # Position weights 1..n over the pooled tokens (later tokens, which saw more context in the causal base
+            # model, weigh more); the rank comes from a cumsum so padding side does not matter.
+            w = torch.cumsum(pm.to(torch.int64), dim=1).to(wdt) * w
+        w = (w / w.sum(1, keepdim=True)).to(hidden.dtype)
+        return torch.bmm(w.unsqueeze(1), hidden).squeeze(1)
     S = hidden.shape[1]
     pos = torch.arange(S, device=hidden.device).expand_as(pm)
     if mode in ("eos", "last"):

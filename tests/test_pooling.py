@@ -46,6 +46,36 @@ def test_instruction_tokens_are_attended_but_not_pooled():
         pool(h, am, "max")
 
 
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_long_texts_pool_in_half_precision_without_overflow(mode, dtype):
+    """A 500-token text in fp16: the weighted mean's weight sum n(n+1)/2 = 125250 and a channel of 300s summed over
+    500 tokens (150000) both pass fp16's 65504. Pooling must still give the fp64 answer to about the dtype's
+    rounding of the states, and a gradient that is finite."""
+    g = torch.Generator().manual_seed(0)
+    B, S, H = 3, 500, 16
+    h = torch.randn(B, S, H, generator=g, dtype=torch.float64) * 4
+    h[:, :, 3] += 300.0  # one large channel, as LLM hidden states have
+    am = torch.ones(B, S, dtype=torch.long)
+    am[1, 420:] = 0
+    am[2, :77] = 0  # left padding
+    pm = am.clone()
+    pm[0, :30] = 0  # an instruction
+    w = pm.to(torch.float64)
+    if mode == "weighted_mean":
+        w = torch.cumsum(pm, 1).to(torch.float64) * w
+    ref = (h * w[..., None]).sum(1) / w.sum(1, keepdim=True)
+    x = h.to(dtype).requires_grad_()
+    out = pool(x, am, mode, pm)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    eps = torch.finfo(dtype).eps
+    err = ((out.double() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
+    assert err < 2 * eps, err
+    out.float().pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[pm == 0] == 0).all()  # unpooled tokens get no gradient
+
+
 @pytest.fixture(scope="module")
 def tok():
     from engine.config import ModelConfig
