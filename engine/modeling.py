@@ -185,8 +185,8 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
         kw = {"gguf_file": gguf} if gguf else {}
         model = loading(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path, dtype=dtype,
                          trust_remote_code=mcfg.trust_remote_code, **kw)
-    for adapter in mcfg.adapters:
-        model = merge_adapter(model, adapter)
+    if mcfg.adapters:
+        model = merge_adapters(model, mcfg.adapters)  # one rounding per weight, as the encoder and export merge
     if bidirectional if bidirectional is not None else mcfg.bidirectional:
         make_bidirectional(model)
     apply_fused_ops(model, mcfg.fused_ops)
@@ -196,23 +196,35 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
     return model, tok
 
 
-def merge_adapter(model, adapter):
-    """Fold an earlier stage's LoRA adapter (local folder or hub id) into ``model``'s weights; returns ``model``.
+def merge_adapters(model, adapters):
+    """Fold earlier stages' LoRA adapters (local folders or hub ids, a chain) into ``model``'s weights with one
+    rounding per weight (:func:`merge_loras`), as the encoder and the export merge them, so that a later stage
+    trains on the weights that are served; returns ``model``.
 
     Takes the engine's own adapters (keys ``base_model.model.model.layers.*``, saved on a causal LM) and
     llm2vec's (``base_model.model.layers.*``, saved on the bare decoder) alike: see :func:`merge_lora`.
-    An adapter that matches no weight of the model is a :class:`ModelLoadError`, never a warning.
+    An adapter that matches no weight of the model is a :class:`ModelLoadError`, never a warning; every adapter
+    is checked before any weight changes.
     """
     from .encoder import resolve_ref
 
-    folder = resolve_ref(adapter, "adapter")
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
+    folders = []
+    for adapter in adapters:
+        folder = resolve_ref(adapter, "adapter")
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise FileNotFoundError(f"no PEFT adapter (adapter_config.json) in {adapter}")
+        folders.append(folder)
     try:
-        merge_lora(model, folder)
+        merge_loras(model, folders)
     except ValueError as e:
-        raise ModelLoadError(f"could not merge adapter {adapter!r}: {e}") from e
+        names = ", ".join(repr(a) for a in adapters)
+        raise ModelLoadError(f"could not merge adapter{'s' if len(adapters) > 1 else ''} {names}: {e}") from e
     return model
+
+
+def merge_adapter(model, adapter):
+    """:func:`merge_adapters` for one adapter."""
+    return merge_adapters(model, [adapter])
 
 
 def _adapter_tensors(folder):
@@ -248,7 +260,7 @@ def _lora_updates(folder, modules):
         raise ValueError(f"{folder}: per-module rank_pattern/alpha_pattern adapters are not supported")
     if cfg.get("lora_bias"):
         raise ValueError(f"{folder}: LoRA adapters with a bias on B (lora_bias) are not supported")
-    r, alpha = cfg["r"], cfg.get("lora_alpha", cfg["r"])
+    r, alpha = cfg["r"], cfg.get("lora_alpha", 8)  # PEFT's LoraConfig default, which its loader would apply
     scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
     pairs = {}
     for key, t in _adapter_tensors(folder).items():

@@ -133,3 +133,63 @@ def test_an_adapter_with_a_lora_bias_is_refused_not_merged_without_it(tmp_path, 
             json.dump(dict(cfg, lora_bias=True), f)
     with pytest.raises(ModelLoadError, match="lora_bias|is not a LoRA weight"):
         merge_adapter(_causal_lm(), folder)
+
+
+def test_training_merges_a_chain_with_one_rounding_as_the_encoder_and_export_do(tmp_path):
+    """A later stage trains on the weights that are served: ``load_model`` folds a chain of earlier adapters into
+    a bf16 model with one rounding per weight (``merge_loras``), bit for bit what the encoder and the export
+    get, not one rounding per adapter."""
+    from types import SimpleNamespace
+
+    from engine.config import ModelConfig
+    from engine.modeling import load_model, merge_loras
+
+    spec = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, seed=0)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _write_adapter(a, "base_model.model.model.", TARGETS, seed=1)
+    _write_adapter(b, "base_model.model.model.", TARGETS, seed=2)
+    class Tok(SimpleNamespace):
+        def __len__(self):
+            return 128
+
+    tok = Tok(pad_token_id=0)
+
+    def load(adapters=()):
+        return load_model(ModelConfig(random_init=spec, dtype="bf16", bidirectional=False, adapters=list(adapters)),
+                          tokenizer=tok)[0]
+
+    trained_on = dict(load([a, b]).named_parameters())
+    served = load()
+    merge_loras(served, [a, b])
+    stepwise = load()
+    merge_loras(stepwise, [a])
+    merge_loras(stepwise, [b])
+    served, stepwise = dict(served.named_parameters()), dict(stepwise.named_parameters())
+    names = [f"model.{n}.weight" for n in TARGETS]
+    for n in names:
+        assert trained_on[n].dtype == torch.bfloat16
+        assert torch.equal(trained_on[n], served[n]), n
+    assert any(not torch.equal(served[n], stepwise[n]) for n in names)  # the rounding the test tells apart
+
+
+def test_an_adapter_config_without_lora_alpha_merges_with_peft_default(tmp_path):
+    """PEFT's loader fills a missing ``lora_alpha`` with LoraConfig's default (8): the merge reads it the same way,
+    so a hand-written config merges to the model PEFT would load."""
+    from peft import LoraConfig
+
+    folder = str(tmp_path / "a")
+    sd = _write_adapter(folder, "base_model.model.", TARGETS, r=2)
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("lora_alpha")
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    model = _causal_lm()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge_adapter(model, folder)
+    scale = LoraConfig().lora_alpha / 2
+    for name in TARGETS:
+        delta = (sd[f"base_model.model.{name}.lora_B.weight"] @ sd[f"base_model.model.{name}.lora_A.weight"]) * scale
+        torch.testing.assert_close(dict(model.named_parameters())[f"model.{name}.weight"],
+                                   before[f"model.{name}.weight"] + delta)
