@@ -29,7 +29,9 @@ partitioned by ZeRO-3 (their storage exists only while DeepSpeed gathers them fo
 """
 import torch
 
-from llm2vec_kernels.lora import lora_group
+from llm2vec_kernels.lora import MAX_BLOCK_N, lora_group
+
+from .config import ConfigError
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -70,6 +72,8 @@ def _usable(m):
     a = m.active_adapters[0]
     if a not in m.lora_A or a in getattr(m, "lora_variant", {}) or getattr(m, "fan_in_fan_out", False):
         return False
+    if getattr(m.lora_B[a], "bias", None) is not None:  # PEFT's lora_bias: a term the fused op does not add
+        return False
     base = m.base_layer
     if type(base) is not torch.nn.Linear or base.weight.requires_grad:
         return False
@@ -106,6 +110,18 @@ def _fused_class(cls):
     return _CLASSES[cls]
 
 
+def _check_triton_rank(where, names, members):
+    """``fused_ops=triton`` holds a group's summed rank in one tile: a wider group is a config error now, before
+    the weights load (``engine.train.check_targets_offline`` fuses on the meta model) or the engine starts,
+    rather than at the first forward. ``auto`` takes the torch path for such a group instead."""
+    ranks = sum(m.lora_A[m.active_adapters[0]].out_features for m in members)
+    if ranks > MAX_BLOCK_N:
+        raise ConfigError(f"model.fused_ops=triton holds a LoRA group's summed rank in one tile of at most "
+                          f"{MAX_BLOCK_N}: {'+'.join(names)} of {where} ({len(members)} x lora.r) "
+                          f"sums to {ranks}; use model.fused_ops=auto (the torch path for that group) or a lora.r "
+                          f"of at most {MAX_BLOCK_N // len(members)}")
+
+
 def fuse_lora(model, impl="auto"):
     """Group and swap every PEFT ``lora.Linear`` of ``model`` in place; returns {"groups": n, "layers": n}."""
     from peft.tuners.lora import Linear as LoraLinear
@@ -113,7 +129,7 @@ def fuse_lora(model, impl="auto"):
     if impl not in ("auto", "triton", "torch"):
         raise ValueError(f"model.fused_ops must be auto, triton or torch, got {impl!r}")
     n_groups = n_layers = 0
-    for parent in list(model.modules()):
+    for parent_name, parent in list(model.named_modules()):
         taken = set()
         children = dict(parent.named_children())
         for names in GROUPS + tuple((n,) for n in children):
@@ -123,6 +139,8 @@ def fuse_lora(model, impl="auto"):
                 continue
             if len(members) > 1 and not _same_setup(members):
                 continue  # different scaling / dropout / input: each one becomes its own group below
+            if impl == "triton":
+                _check_triton_rank(parent_name.removeprefix("base_model.model."), names, members)
             group = _Group(members, impl)
             for n in names:
                 taken.add(n)

@@ -39,7 +39,13 @@ def check_targets_offline(cfg):
 
         check_architecture(arch)  # an unsupported family is named as such (exit 2), before its modules are
     try:
-        check_lora_targets(cfg.lora, meta_model(arch))
+        model = meta_model(arch)
+        check_lora_targets(cfg.lora, model)
+        if cfg.lora.enabled and cfg.model.fused_ops == "triton":  # a group's rank that one tile cannot hold
+            from engine.lora import fuse_lora
+            from engine.modeling import add_lora
+
+            fuse_lora(add_lora(model, cfg.lora), "triton")
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

@@ -120,3 +120,55 @@ def test_fused_lora_falls_back_when_adapters_disabled():
         assert torch.equal(model(input_ids=ids).logits, fused(input_ids=ids).logits)
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).logits, fused(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_lora_bias_layer_falls_back_to_peft_not_fused_without_its_bias():
+    """PEFT's ``lora_bias`` adds a bias on B that the fused op does not compute: such layers run PEFT's forward."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32)
+    model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                lora_bias=True))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.eval()
+    fused = copy.deepcopy(model)
+    fuse_lora(fused, "torch")
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_ops_triton_refuses_a_group_rank_one_tile_cannot_hold_when_fusing():
+    """``model.fused_ops=triton`` holds a group's summed rank in one tile (at most 128): q/k/v at r=48 sum to 144,
+    a config error when the model is fused (before the engine starts), where ``auto`` takes the torch path."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import ConfigError
+
+    def model(r):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_config(tiny_llama_config(hidden_size=64, intermediate_size=128),
+                                             dtype=torch.float32)
+        return add_lora(m, LoraConfig(r=r, alpha=8, dropout=0.0))
+
+    with pytest.raises(ConfigError, match=r"q_proj\+k_proj\+v_proj of model\.layers\.0\.self_attn.*144.*at most 42"):
+        fuse_lora(model(48), "triton")
+    assert fuse_lora(model(48), "auto")["groups"] > 0
+    assert fuse_lora(model(42), "triton")["groups"] > 0  # 126 fits
+
+
+def test_the_train_cli_checks_the_triton_rank_before_any_weight_loads():
+    """``engine.train``'s offline pre-load check fuses on the meta model: SmolLM2's q/k/v at r=64 (192) is a
+    ConfigError (exit 2) before the weights load; r=32 (96) passes."""
+    from engine.config import ConfigError, load_config
+    from engine.train import check_targets_offline
+
+    cfg = load_config("configs/smollm2-135m/mntp.yaml", ["model.fused_ops=triton", "lora.r=64"])
+    with pytest.raises(ConfigError, match="sums to 192"):
+        check_targets_offline(cfg)
+    check_targets_offline(load_config("configs/smollm2-135m/mntp.yaml", ["model.fused_ops=triton", "lora.r=32"]))
