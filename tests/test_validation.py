@@ -304,14 +304,17 @@ def test_an_instruction_with_no_room_for_the_text_is_refused_at_load(config, ove
     assert says in str(e.value), str(e.value)
 
 
-def test_a_row_instruction_with_no_room_stops_the_run_in_one_line(tmp_path):
-    """A row's own instruction (JSONL ``instruction``) is only met when a batch draws it: the run stops with one
-    line naming the step, exit 2, no traceback."""
+def test_a_row_instruction_with_no_room_stops_the_run_at_load_in_one_line(tmp_path):
+    """A row's own instruction (JSONL ``instruction``) is checked when the data loads, on every rank alike: met only
+    at collate, it stopped the one rank whose batch drew it while the others waited in the step's collectives.
+    One row of 32 carries it; the run stops before its first step with one line, exit 2, no traceback."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"query": f"q {i}", "positive": f"p {i}", "negative": f"n {i}",
-                                        "instruction": "word " * 40}) + "\n" for i in range(32)))
+                                        **({"instruction": "word " * 40} if i == 29 else {})}) + "\n"
+                            for i in range(32)))
     r = run_cmd(["python", "engine/train.py", "--config", "configs/tiny/supervised.yaml", f"output_dir={tmp_path / 'o'}",
                  f"data={rows}", "max_steps=1", "save_every=0"], timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "step 1, a training row: instruction 'word word" in lines[0] and "leaves no room" in lines[0], lines
+    assert "contrastive.max_len (a row's own instruction): instruction 'word word" in lines[0], lines
+    assert "leaves no room" in lines[0] and "step 1" not in r.stderr, lines

@@ -54,17 +54,26 @@ class SupervisedStage(ContrastiveStage):
 
         def build(writer, progress):  # examples from the item cache (engine.token_cache), read lazily per batch
             stats = DataStats(not_counted=["duplicates", "truncated"])  # cut at collate, counted per step
+            q_seen, d_seen = set(), set()
             for e in iter_supervised(sources, stats, max_samples, instruction, need_negatives):
                 writer.add(e, group=e["source"])
+                q_seen.add(e["instruction"])
+                d_seen.add(e.get("doc_instruction", ""))
             if not stats.kept:
                 hint = ("; rows without a hard negative train as (query, positive) pairs with "
                         "contrastive.num_hard_negatives=0") if stats.no_negative else ""
                 raise DataError(f"no usable supervised examples in {sources} ({stats.summary()}){hint}")
-            return stats.to_cache()
+            return dict(stats.to_cache(), row_instructions={"query": _longest(q_seen), "doc": _longest(d_seen)})
 
         settings = {"stage": "supervised", "max_samples": max_samples, "instruction": instruction,
-                    "need_negatives": need_negatives, "rows": rows_rule_digest()}
+                    "need_negatives": need_negatives, "rows": rows_rule_digest(), "meta": "row_instructions"}
         ex, meta = token_cache.cached_items("json", None, sources, settings, build)
+        # The rows' own instructions (JSONL ``instruction`` / ``doc_instruction``), checked now on every rank alike:
+        # met at collate, one row's too-long instruction would stop only the rank whose batch draws it, and the
+        # others would wait in the step's collectives until their timeout.
+        rows = meta["stats"]["row_instructions"]
+        self.check_room(rows["query"], c.max_len, "contrastive.max_len (a row's own instruction)")
+        self.check_room(rows["doc"], doc_len, "contrastive.doc_max_len (a row's own document instruction)")
         groups = ex.groups if self.cfg.contrastive.source_homogeneous_batches else None
         if groups is not None and len(meta["groups"]) == 1:
             groups = None
@@ -112,6 +121,16 @@ class SupervisedStage(ContrastiveStage):
         return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
                                  "scores": torch.tensor([float(p[2]) for p in items], dtype=torch.float32),
                                  "truncated": t1 + t2})
+
+
+ROW_INSTRUCTIONS_KEPT = 4096
+
+
+def _longest(instructions):
+    """The distinct instructions an item-cache entry keeps for the load-time room check: all of them, or, past
+    ``ROW_INSTRUCTIONS_KEPT`` (rows that each carry their own), the longest by characters (a row whose instruction
+    is shorter in characters but longer in tokens is still met at collate)."""
+    return sorted(instructions, key=lambda t: (-len(t), t))[:ROW_INSTRUCTIONS_KEPT]
 
 
 def by_source(items, max_batches, mb):
