@@ -211,6 +211,7 @@ class Trainer:
             self.bar = tqdm(total=cfg.max_steps, initial=self.start, desc=cfg.stage, dynamic_ncols=True)
         self.bad_streak = 0  # non-finite steps in a row
         self.empty_steps = 0  # steps with no loss unit in the global batch (empty_step)
+        self.log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
         self.engine.train()
         self.t_run = time.time()
 
@@ -226,7 +227,7 @@ class Trainer:
         lr = self.sched.get_last_lr()[0]  # the LR this step's update applies (the scheduler steps with it)
         t0 = time.time()
         # losses and token counts stay on the device: one read per optimizer step (the all-reduce below)
-        red = torch.zeros(4, dtype=torch.float64, device=self.device)
+        red = torch.zeros(5, dtype=torch.float64, device=self.device)
         truncated, batches = 0, []
         for a, idx in enumerate(self.plan.micro_batches(step)):  # collated first: their loss units weigh them
             seed = _micro_seed(self.cfg.seed, step, a * world + self.rank)
@@ -253,11 +254,15 @@ class Trainer:
         gn_raw = engine.get_global_grad_norm()
         gn = float("nan") if gn_raw is None else float(gn_raw)
         red[3] = float(is_nonfinite_step(0.0, gn_raw, fp16))  # the loss itself is checked after the all-reduce
+        red[4] = float(self.log_error is not None)
         dist.all_reduce(red)
+        red = red.tolist()  # the step's one read of the device
         dt = time.time() - t0
-        bad = red[3].item() > 0 or is_nonfinite_step(red[0].item(), None, fp16)  # a NaN on any rank survives the sum
-        row = {"loss": red[0].item() / world, "lr": lr, "grad_norm": gn,
-               "tokens_per_s": red[1].item() / dt, "step_s": dt, "truncated": int(red[2].item()),
+        if red[4] > 0:
+            self.raise_log_error()
+        bad = red[3] > 0 or is_nonfinite_step(red[0], None, fp16)  # a NaN on any rank survives the sum
+        row = {"loss": red[0] / world, "lr": lr, "grad_norm": gn,
+               "tokens_per_s": red[1] / dt, "step_s": dt, "truncated": int(red[2]),
                "epoch": self.plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
         return row, bad
 
@@ -280,10 +285,14 @@ class Trainer:
         self.empty_steps += 1
         warn0(self.rank, f"step {step + 1}: no masked token in the whole global batch: no update, the schedule stays "
                          f"({self.empty_steps} such step(s) so far; raise mntp.mask_prob or the batch size)")
-        red = torch.tensor([float(truncated)], dtype=torch.float64, device=self.device)
+        red = torch.tensor([float(truncated), float(self.log_error is not None)], dtype=torch.float64,
+                           device=self.device)
         dist.all_reduce(red)
+        red = red.tolist()
+        if red[1] > 0:
+            self.raise_log_error()
         return {"loss": None, "lr": lr, "grad_norm": None, "tokens_per_s": 0.0, "step_s": time.time() - t0,
-                "truncated": int(red.item()), "epoch": self.plan.position(step)[0], "nonfinite": 0,
+                "truncated": int(red[0]), "epoch": self.plan.position(step)[0], "nonfinite": 0,
                 "skipped_steps": int(self.engine.skipped_steps)}
 
     # -- after the step: eval, log, save ---------------------------------------------------------------------------
@@ -323,12 +332,29 @@ class Trainer:
         engine.train()
 
     def log(self, done, row, always=False):
+        """Rank 0 appends ``row`` to metrics.csv (and TensorBoard). A failed write (a full disk) is kept, not raised:
+        the other ranks are already on their way into the next step's collectives, which rank 0 would never join.
+        The next step's all-reduce carries a flag for it, and every rank raises it together (:meth:`raise_log_error`;
+        after the last step, :meth:`finish`): one step later, at no cost to a step that logs fine."""
         cfg = self.cfg
         if done % cfg.log_every == 0 or done == cfg.max_steps or always:
-            self.logger.log(done, row)
+            if self.rank == 0 and self.log_error is None:
+                try:
+                    self.logger.log(done, row)
+                except Exception as e:
+                    self.log_error = e
             if self.bar is None:
                 log0(f"step {done}/{cfg.max_steps} " + " ".join(
                     f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    def raise_log_error(self):
+        """Rank 0's failed metrics write (:meth:`log`), raised on every rank: rank 0 its own error, the others a copy
+        marked ``from_rank`` (``engine.distributed.together``), so the run ends with one line and one exit code."""
+        def rank0_error():
+            if self.log_error is not None:
+                raise self.log_error
+
+        together(rank0_error)
 
     def save(self, done, bad):
         """A periodic checkpoint (the last step's is written by ``finish``), never from a non-finite step."""
@@ -346,6 +372,7 @@ class Trainer:
         cfg = self.cfg
         if self.bar is not None:
             self.bar.close()
+        self.raise_log_error()  # the last step's row: no all-reduce follows it to carry the flag (one collective)
         if self.bad_streak:
             raise said_by_rank0(NonFiniteError(
                 f"the run ended with {self.bad_streak} non-finite steps in a row; no final checkpoint or adapter "

@@ -31,6 +31,14 @@ def tiny_llama_config(**kw):
     return LlamaConfig(**base)
 
 
+def tmpfs_mount(path, size):
+    """Mount a tmpfs of ``size`` (e.g. "300k") at ``path`` (made if absent): a small file system to fill. False
+    when it cannot be mounted (not root, no mount permission): the caller skips."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
 def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # the engine's CPU path uses the torch references

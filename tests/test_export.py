@@ -477,10 +477,10 @@ def test_encoder_and_evaluate_of_a_run_folder_use_its_best_adapter(run_dir, capl
 def test_full_disk_during_an_export_exits_2_naming_the_path_and_leaves_nothing(tmp_path, tok):
     import subprocess
 
-    from .test_validation import _tmpfs
+    from .helpers import tmpfs_mount
 
     mnt = tmp_path / "small"
-    if os.geteuid() != 0 or not _tmpfs(mnt, "1m"):
+    if os.geteuid() != 0 or not tmpfs_mount(mnt, "1m"):
         pytest.skip("needs root and `mount -t tmpfs` to make a small file system")
     try:
         base = str(tmp_path / "base")

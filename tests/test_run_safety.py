@@ -419,3 +419,48 @@ def test_nonfinite_step_rule():
     assert is_nonfinite_step(2.0, inf) and is_nonfinite_step(2.0, nan)
     assert not is_nonfinite_step(2.0, inf, fp16=True)  # fp16 loss-scale overflow: skipped by DeepSpeed, counted
     assert not is_nonfinite_step(2.0, 0.0) and not is_nonfinite_step(2.0, None)  # a zero norm is finite
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_rank_0s_metrics_write_ends_every_rank_alike_with_no_launcher_to_stop_them(tmp_path):
+    """On several nodes nothing stops the other ranks when rank 0 fails: a failed metrics.csv append (a full disk)
+    must reach them, or they wait in the next step's collective (NCCL: until its timeout). Two ranks started
+    without a launcher, the run folder on a small tmpfs that metrics.csv fills after some steps: both ranks end
+    with exit 2, one line from rank 0, no traceback."""
+    import subprocess
+
+    from engine.distributed import free_port
+
+    from .helpers import tmpfs_mount
+    from .launch import rank_commands
+
+    mnt = tmp_path / "small"
+    if os.geteuid() != 0 or not tmpfs_mount(mnt, "24k"):
+        pytest.skip("needs root and `mount -t tmpfs` to make a small file system")
+    try:
+        out = mnt / "run"
+        args = ["--config", os.path.join(TINY, "mntp.yaml"), f"output_dir={out}", "max_steps=400", "save_every=0",
+                "eval_every=0", "model.gradient_checkpointing=false", "max_seq_len=16", "batch_size=2",
+                "micro_batch_size=1", "max_samples=40", "progress_bar=false", "logger=csv"]
+        env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
+        env["PYTHONUNBUFFERED"] = "1"
+        procs = [subprocess.Popen(argv, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for argv, e in rank_commands(2, free_port(), "engine/train.py", args, env)]
+        results = []
+        for p in procs:
+            try:
+                so, se = p.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise AssertionError("a rank was still running 300 s after the start (waiting in a collective)")
+            results.append((p.returncode, se))
+        err = "".join(se for _, se in results)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert [rc for rc, _ in results] == [2, 2], err[-4000:]
+        assert len(lines) == 1 and "no space left on the device writing" in lines[0], err[-4000:]
+        assert "Traceback" not in err, err[-4000:]
+        with open(out / "metrics.csv") as f:
+            assert len(f.read().splitlines()) > 3  # steps were logged before the disk filled
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

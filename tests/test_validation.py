@@ -7,7 +7,7 @@ import pytest
 from engine.config import ConfigError, load_config
 from engine.data import DataError, read_sts, read_supervised, read_texts
 
-from .helpers import ROOT, run_cmd
+from .helpers import ROOT, run_cmd, tmpfs_mount
 
 TINY = os.path.join(ROOT, "configs", "tiny")
 
@@ -217,18 +217,10 @@ def test_json_nested_100k_deep_is_one_clear_error():
     assert json_loads('{"a": [1, {"b": 2}]}', "x") == {"a": [1, {"b": 2}]}
 
 
-def _tmpfs(path, size):
-    import subprocess
-
-    os.makedirs(path, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return r.returncode == 0
-
-
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_exits_2_naming_the_path(tmp_path):
     mnt = tmp_path / "small"
-    if os.geteuid() != 0 or not _tmpfs(mnt, "300k"):
+    if os.geteuid() != 0 or not tmpfs_mount(mnt, "300k"):
         pytest.skip("needs root and `mount -t tmpfs` to make a small file system")
     try:
         out = mnt / "run"
