@@ -593,4 +593,9 @@ class Encoder:
         return emb.numpy().astype(np.float32)
 
     def similarity(self, a, b):
-        return torch.nn.functional.cosine_similarity(torch.as_tensor(a)[:, None], torch.as_tensor(b)[None], dim=-1)
+        """Cosine of every row of ``a`` with every row of ``b``: an (N, M) tensor, as
+        ``sentence_transformers.util.cos_sim`` (a 1-D embedding is one row). Unit rows in fp32 (bf16 would round
+        the dot products), then one matrix product: no N x M x H intermediate."""
+        a = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(a)).float(), dim=-1)
+        b = torch.nn.functional.normalize(torch.atleast_2d(torch.as_tensor(b)).float(), dim=-1)
+        return a @ b.to(a.device).T

@@ -10,18 +10,26 @@ DIR: a run dir (its ``best/`` adapter when the run kept one, said on stderr; ``-
 adapter dir / hub id, LLM2Vec-style checkpoint or a folder from ``python -m engine.export``.
 
 Prints one JSON object: for STS, the cosine Spearman x 100 (and Pearson) and the pair count; for mteb tasks,
-each task's main score and its scores per split. mteb tasks run with llm2vec's per-task instructions
-(``engine.mteb_model.TASK_INSTRUCTIONS``); ``--instruction`` replaces them. ``--bootstrap N`` adds
+each task's main score, its scores per split and the languages, subsets and splits that score averages. A hub
+task is scored in English by default, as MTEB(eng, v1) defines it (the LLM2Vec paper's figures: e.g.
+MassiveIntentClassification's "en" test split, not the mean over 51 languages and two splits); a task outside that
+benchmark on its English-only subsets. ``--languages all`` takes every subset and split, ``--languages eng,deu``
+the subsets entirely in those languages. mteb tasks run with llm2vec's per-task instructions
+(``engine.mteb_model.TASK_INSTRUCTIONS``); ``--instruction`` replaces them (for an aggregate such as
+CQADupstackRetrieval, in every task it is made of). ``--bootstrap N`` adds
 ``spearman_ci``: a 95% percentile bootstrap interval over the pairs (``engine.stats``). ``--compare FILE`` (another
 model's ``--scores`` on the same pairs) adds ``compare``: this model's Spearman minus that one's, its paired bootstrap
 interval and the share of resamples where the difference is <= 0. Both cover the pairs' sampling, not run-to-run noise.
 Bad input exits 2 with one line on stderr, before any model loads: a missing or malformed data file (naming the
-file and line), fewer than 3 pairs or a gold score that is not finite, a path that holds no model (empty, an
+file and line), fewer than 3 pairs (also after --max-pairs) or one gold score for all (sts and
+mteb:STSBenchmarkLocal alike), a gold score that is not finite, an option the task does not use (--max-pairs
+outside mteb:STSBenchmarkLocal, --data with a hub task, --languages outside hub tasks), an unknown language code
+or a task with no subset in the languages asked for, a path that holds no model (empty, an
 unfinished run, another kind of folder), a bad choice, a negative --seed, a --scores file that cannot be written
 (its folder missing), an mteb task whose data cannot be fetched (naming the offline task that works), and a
 --compare file that does not hold the same pairs or holds a cosine that is not finite. Cosines of this model that
-are not finite (NaN weights, an overflow) leave --bootstrap and --compare nothing to resample: one line naming
-the pairs, exit 1. A figure that is not defined (constant cosines: no rank correlation) is printed as null.
+are not finite (NaN weights, an overflow) leave no score: one line naming how many, exit 1 (after --scores has
+kept them). A figure that is not defined (constant cosines: no rank correlation) is printed as null.
 """
 import argparse
 import json
@@ -110,8 +118,8 @@ def nonfinite_cosines(cos):
     if not bad.size:
         return None
     return (f"the model's cosine is not finite for {bad.size} of {len(cos)} pairs (the first: pair {bad[0]}): its "
-            f"embeddings hold NaN or inf (weights, or a bf16/fp16 overflow: try --dtype fp32), so there is nothing "
-            f"to bootstrap or compare")
+            f"embeddings hold NaN or inf (weights, or a bf16/fp16 overflow: try --dtype fp32), so there is no "
+            f"score to report, bootstrap or compare")
 
 
 def json_safe(value):
@@ -135,29 +143,133 @@ def model_failed(message):
 
 
 OFFLINE_TASK = "--task mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv"
+LOCAL_TASK = "mteb:STSBenchmarkLocal"  # engine.mteb_model.LOCAL_STS_NAME: named here so option checks need no mteb
+ENG_BENCHMARK = "MTEB(eng, v1)"  # the benchmark whose English figures the LLM2Vec paper reports
 
 
-def _mteb_tasks(name, data, max_pairs):
-    """The mteb task(s) for ``--task mteb:NAME``, their data loaded now (before any model loads), so that a task
-    whose data cannot be fetched is one clear error naming the offline task that works."""
+def local_pairs(data, max_pairs):
+    """The pairs mteb:STSBenchmarkLocal scores (the first ``max_pairs`` of ``data``), checked as --task sts checks
+    its own: a rank correlation needs 3 pairs and more than one gold score."""
+    from engine.data import read_sts
+    from engine.stats import MIN_PAIRS
+
+    pairs = read_sts(data)
+    if max_pairs and max_pairs < len(pairs):
+        pairs, data = pairs[:max_pairs], f"{data} (its first {max_pairs}, --max-pairs)"
+    check_pairs(data, pairs, MIN_PAIRS)
+    return pairs
+
+
+def select_mteb_task(name, languages=None):
+    """The mteb task ``name`` cut to the subsets and splits its score is to average, and the benchmark that defines
+    that cut (else None). ``languages``: None or ["eng"] for English, as MTEB(eng, v1) defines the task when it
+    holds it (its English subsets and splits), else the subsets in English alone, every eval split; "all" for every
+    subset and split; a list of ISO 639-3 codes (or code-Script) for the subsets entirely in those languages, every
+    split. Only task metadata is read (no data). ValueError for an unknown task or code, or no subset left."""
+    import copy
+
     import mteb
+    from mteb.languages import check_language_code
 
+    try:
+        task = mteb.get_task(name)
+    except KeyError as e:
+        raise ValueError(f"unknown mteb task {name!r} ({e.args[0] if e.args else e})") from None
+    if languages == "all":
+        return task, None
+    if languages is None or list(languages) == ["eng"]:
+        bench = {t.metadata.name: t for t in mteb.get_benchmark(ENG_BENCHMARK).tasks}
+        if name in bench:  # a copy: loading data fills the task object, and the benchmark's is shared
+            return copy.deepcopy(bench[name]), ENG_BENCHMARK
+        languages = ["eng"]
+    for code in languages:
+        try:
+            check_language_code(code)
+        except ValueError:
+            raise ValueError(f"--languages: {code!r} is not an ISO 639-3 language code (eng, deu, ...; or "
+                             f"eng-Latn), nor 'all'") from None
+    have = task.metadata.hf_subsets_to_langscripts
+    try:  # exclusive: a subset counts when all its languages are asked for (STS22's de-en is not English)
+        task.filter_languages(languages, exclusive_language_filter=True)
+    except ValueError:
+        langs = sorted({ls.split("-")[0] for v in have.values() for ls in v})
+        raise ValueError(f"mteb:{name} has no subset in {','.join(languages)} alone (its languages: "
+                         f"{','.join(langs[:12])}{', ...' if len(langs) > 12 else ''}): use --languages all or "
+                         f"--languages CODE[,CODE...]") from None
+    return task, None
+
+
+def task_coverage(task, benchmark=None):
+    """What a task's score averages (for the output JSON): its subsets, their languages and the splits, and how
+    many of the task's subsets and which of its splits were left out."""
+    have = task.metadata.hf_subsets_to_langscripts
+    subsets, splits = list(task.hf_subsets or have), list(task.eval_splits)
+    out = {"languages": sorted({ls for s in subsets for ls in have.get(s, [])}), "subsets": subsets,
+           "splits": splits, "defined_by": benchmark, "subsets_left_out": len(set(have) - set(subsets)),
+           "splits_left_out": [s for s in task.metadata.eval_splits if s not in splits]}
+    if task.is_aggregate:
+        out["subtasks"] = [t.metadata.name for t in task.metadata.tasks]
+    return out
+
+
+def coverage_note(name, c):
+    """One line for stderr when a task's score leaves some of its subsets or splits out, else None."""
+    if not (c["subsets_left_out"] or c["splits_left_out"]):
+        return None
+    how = f" (as {c['defined_by']} defines it)" if c["defined_by"] else ""
+    return (f"mteb:{name}{how}: {len(c['subsets'])} subset(s) ({', '.join(c['subsets'][:6])}"
+            f"{', ...' if len(c['subsets']) > 6 else ''}) and split(s) {', '.join(c['splits'])}; left out: "
+            f"{c['subsets_left_out']} subset(s), split(s) {', '.join(c['splits_left_out']) or 'none'} "
+            f"(--languages all scores every one)")
+
+
+def _mteb_tasks(name, data, max_pairs, languages=None):
+    """The mteb task(s) for ``--task mteb:NAME`` and what each score covers (:func:`task_coverage`), their data
+    loaded now (before any model loads), so that a task whose data cannot be fetched is one clear error naming the
+    offline task that works."""
     from engine.mteb_model import LOCAL_STS_NAME, local_sts_task
 
     if name == LOCAL_STS_NAME:
-        return [local_sts_task(data or "data/stsbenchmark/sts-dev.csv", max_pairs)]
-    try:
-        tasks = list(mteb.get_tasks(tasks=[name]))
-    except KeyError as e:
-        raise ValueError(f"unknown mteb task {name!r} ({e.args[0] if e.args else e})") from None
-    for t in tasks:
-        try:
+        data = data or "data/stsbenchmark/sts-dev.csv"
+        local_pairs(data, max_pairs)  # refused here, not scored null after the model has loaded
+        task = local_sts_task(data, max_pairs)
+        return [task], {LOCAL_STS_NAME: task_coverage(task)}
+    task, benchmark = select_mteb_task(name, languages)
+    try:  # an aggregate (CQADupstackRetrieval) has no data of its own: mteb runs the tasks it is made of
+        for t in task.metadata.tasks if task.is_aggregate else [task]:
             t.load_data()
-        except Exception as e:  # offline, hub unreachable, gated dataset: whatever datasets raised
-            raise ValueError(f"mteb:{name} needs its data from the Hugging Face hub, which could not be reached "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, use "
-                             f"{OFFLINE_TASK}") from None
-    return tasks
+    except Exception as e:  # offline, hub unreachable, gated dataset: whatever datasets raised
+        raise ValueError(f"mteb:{name} needs its data from the Hugging Face hub, which could not be reached "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, use "
+                         f"{OFFLINE_TASK}") from None
+    return [task], {task.metadata.name: task_coverage(task, benchmark)}
+
+
+def misplaced_option(args):
+    """One line for an option given to a task that does not use it (each used to be ignored without a word), else
+    None."""
+    kind = ("sts" if args.task == "sts" else "local" if args.task == LOCAL_TASK
+            else "hub" if args.task.startswith("mteb:") else None)
+    if kind is None:
+        return None  # an unknown task: said after the model path check
+    if args.max_pairs is not None and kind != "local":
+        return f"--max-pairs applies to --task {LOCAL_TASK} only; --task {args.task} scores every pair of its data"
+    if args.data is not None and kind == "hub":
+        return (f"--data applies to --task sts and --task {LOCAL_TASK}; --task {args.task} reads its own data "
+                f"from the Hugging Face hub")
+    if args.languages is not None and kind != "hub":
+        return f"--languages applies to mteb hub tasks; --task {args.task} is English STS Benchmark pairs"
+    return None
+
+
+def parse_languages(value):
+    """--languages: "all", else a comma-separated list of codes (checked against the task's metadata later)."""
+    if value.strip().lower() == "all":
+        return "all"
+    codes = [c.strip() for c in value.split(",") if c.strip()]
+    if not codes:
+        raise argparse.ArgumentTypeError("expected 'all' or language codes such as eng or eng,deu")
+    return codes
 
 
 def device_problem(spec):
@@ -202,6 +314,10 @@ def main(argv=None):
                     help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--max-pairs", type=positive_int, default=None,
                     help="mteb:STSBenchmarkLocal: use the first N pairs")
+    ap.add_argument("--languages", type=parse_languages, default=None, metavar="all|CODE[,CODE...]",
+                    help="mteb hub tasks: the subsets to score (default eng: English, as MTEB(eng, v1) defines the "
+                         "task, else its English-only subsets; all: every subset and split; eng,deu: the subsets "
+                         "entirely in those languages)")
     ap.add_argument("--scores", default=None, metavar="FILE",
                     help="task sts: also write each pair's gold score and cosine to FILE (for --compare)")
     ap.add_argument("--bootstrap", type=positive_int, default=None, metavar="N",
@@ -216,6 +332,9 @@ def main(argv=None):
         return fail("--scores, --bootstrap and --compare are for --task sts")
     if args.compare is not None and not args.compare:
         return fail("--compare: an empty path")
+    why = misplaced_option(args)
+    if why:
+        return fail(why)
     if args.device is not None:
         why = device_problem(args.device)
         if why:
@@ -252,9 +371,13 @@ def main(argv=None):
         except ImportError:
             return fail("mteb tasks need `pip install -e '.[eval]'` (and network for the task data)")
         try:
-            tasks = _mteb_tasks(args.task.split(":", 1)[1], args.data, args.max_pairs)
+            tasks, coverage = _mteb_tasks(args.task.split(":", 1)[1], args.data, args.max_pairs, args.languages)
         except (DataError, OSError, ValueError) as e:
             return fail(e)
+        for name, c in coverage.items():
+            note = coverage_note(name, c)
+            if note:
+                print(note, file=sys.stderr)
 
     from engine import Encoder
     from engine.modeling import ModelLoadError
@@ -274,15 +397,18 @@ def main(argv=None):
             cos = sts_cosines(enc, pairs, args.batch_size, args.instruction)
         except ValueError as e:  # an instruction that leaves --max-length no room for the text
             return fail(e)
-        result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
-        if args.scores is not None:  # first, so the cosines are kept whatever the intervals make of them
+        if args.scores is not None:  # first, so the cosines are kept whatever is made of them
             try:
                 write_scores(args.scores, pairs, cos)
             except OSError as e:  # a full disk, the folder gone since the check
                 return model_failed(f"--scores {args.scores}: {e}")
+        why = nonfinite_cosines(cos)
+        if why:  # the model's output, not the input (checked before it loaded): no score, exit 1
+            return model_failed(why)
+        result = {"task": "sts", "data": args.data, **sts_scores(enc, pairs, cos=cos)}
         try:
             result.update(_intervals(args, cos, other, [p[2] for p in pairs]))
-        except ValueError as e:  # the model's cosines: the input was checked before it loaded
+        except ValueError as e:  # engine.stats' own checks on the model's cosines: one line, not a traceback
             return model_failed(e)
     else:
         from engine.mteb_model import EngineMTEBModel
@@ -295,23 +421,21 @@ def main(argv=None):
                                 show_progress_bar=False)
         except ValueError as e:  # as for sts: the encoder's one-line errors on its input
             return fail(e)
-        result = {"task": args.task, "results": [
-            {"task": r.task_name, "main_score": r.get_score(), "scores": r.scores} for r in res.task_results]}
+        result = {"task": args.task, "languages": args.languages or "eng", "results": [
+            {"task": r.task_name, "main_score": r.get_score(), **coverage.get(r.task_name, {}), "scores": r.scores}
+            for r in res.task_results]}
     result.update({"model": args.model, "pooling": enc.pooling, "seconds": round(time.time() - t0, 1)})
     print(json.dumps(json_safe(result), allow_nan=False))
     return 0
 
 
 def _intervals(args, cos, other, gold):
-    """``spearman_ci`` (--bootstrap) and ``compare`` (--compare) for the result; ValueError when the model's
-    cosines are not finite."""
+    """``spearman_ci`` (--bootstrap) and ``compare`` (--compare) for the result; the caller has checked that the
+    cosines are finite."""
     from engine.stats import bootstrap_spearman, paired_bootstrap
 
     if not (args.bootstrap or other is not None):
         return {}
-    why = nonfinite_cosines(cos)
-    if why:
-        raise ValueError(why)
     out = {}
     if args.bootstrap:
         b = bootstrap_spearman(cos, gold, n_boot=args.bootstrap, seed=args.seed)

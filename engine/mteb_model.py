@@ -64,16 +64,36 @@ def prompt_for(prompts, task_metadata, prompt_type=None):
     return instruction_prefix(mteb_own_instruction(task_metadata, pt))
 
 
+def with_subtasks(table):
+    """``table`` (task name -> instruction) with each aggregate task's entry also under the tasks it is made of:
+    mteb runs an aggregate (CQADupstackRetrieval) as those tasks, under their own names, so an entry under the
+    aggregate's name alone would never be looked up. An entry a subtask has of its own wins."""
+    import mteb
+
+    out = {}
+    for name, instr in (table or {}).items():
+        try:
+            task = mteb.get_task(name)
+        except KeyError:  # not an mteb task name (the offline STS copy, a task type): kept as it is
+            continue
+        if task.is_aggregate:
+            out.update({t.metadata.name: instr for t in task.metadata.tasks})
+    out.update(table or {})
+    return out
+
+
 def instruction_for(task_metadata, prompt_type=None, table=None):
     """The prompt for one side of a task, from llm2vec's table (``table`` overrides / extends it)."""
-    return prompt_for(mteb_prompts("", table), task_metadata, prompt_type)
+    return prompt_for(mteb_prompts("", with_subtasks(table)), task_metadata, prompt_type)
 
 
 class EngineMTEBModel(AbsEncoder):
     """An ``engine.Encoder`` as an mteb model. ``model``: a path / hub id (loaded with ``Encoder.from_pretrained``)
-    or an ``Encoder``. ``instructions``: task name -> instruction, overrides / additions to llm2vec's table.
-    ``name`` / ``revision``: what mteb files (and caches) the results under. Default: an export's recorded name
-    and revision (its content hash) when it is loaded as exported; else ``llm2vec-engine/<folder name>`` and
+    or an ``Encoder``. ``instructions``: task name -> instruction, overrides / additions to llm2vec's table (an
+    aggregate task's name covers the tasks it is made of). ``name`` / ``revision``: what mteb files (and caches)
+    the results under. Default: an export's recorded name and revision (its content hash) when it is loaded as
+    exported (no settings but ``dtype``; in another dtype than the export's, which computes other numbers, the
+    revision gets that dtype appended: ``<hash>-bf16``); else ``llm2vec-engine/<folder name>`` and
     ``local-<fingerprint>`` (:func:`encoder_fingerprint`: the weights, settings and prompts), so mteb's result
     cache never hands one model's score to another (another adapter of the run, a retrained run in the same
     folder, another ``Encoder``)."""
@@ -88,10 +108,14 @@ class EngineMTEBModel(AbsEncoder):
             self.encoder = Encoder.from_pretrained(model, device=device, **encoder_kwargs)
             path = model
             recorded = export_identity(model)
-            if recorded and not instructions and not encoder_kwargs:  # as exported: its recorded identity
-                name, revision = name or recorded[0], revision or recorded[1]
+            if recorded and not instructions and not set(encoder_kwargs) - {"dtype", "torch_dtype"}:
+                name = name or recorded[0]  # as exported: its recorded identity, in the dtype it was run in
+                if revision is None:
+                    loaded = str(next(self.encoder.model.parameters()).dtype).replace("torch.", "")
+                    same = loaded == export_dtype(model)
+                    revision = recorded[1] if same else f"{recorded[1]}-{_DTYPE_TAGS.get(loaded, loaded)}"
         self.model = self.encoder
-        self.prompts = mteb_prompts(self.encoder.default_instruction, instructions)
+        self.prompts = mteb_prompts(self.encoder.default_instruction, with_subtasks(instructions))
         if revision is None:  # mteb caches results by (name, revision): the revision names what this model computes
             revision = "local-" + encoder_fingerprint(self.encoder, self.prompts)
         base = os.path.basename(os.path.normpath(str(path))) or "encoder"
@@ -134,16 +158,28 @@ def encoder_fingerprint(encoder, prompts):
     return h.hexdigest()[:12]
 
 
-def export_identity(folder):
-    """(name, revision) an export records in ``engine_export.json``, or None for another folder."""
+_DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _export_meta(folder):
     path = os.path.join(os.path.expanduser(str(folder)), "engine_export.json")
     if not os.path.isfile(path):
-        return None
+        return {}
     with open(path) as f:
-        meta = json.load(f)
+        return json.load(f)
+
+
+def export_identity(folder):
+    """(name, revision) an export records in ``engine_export.json``, or None for another folder."""
+    meta = _export_meta(folder)
     if not meta.get("model_name") or not meta.get("revision"):
         return None
     return meta["model_name"], meta["revision"]
+
+
+def export_dtype(folder):
+    """The dtype an export runs in (``engine_export.json``'s "dtype", e.g. "float32"), or None."""
+    return _export_meta(folder).get("dtype")
 
 
 def load_export(folder, **st_kwargs):

@@ -347,3 +347,21 @@ def test_an_encoder_built_for_a_device_puts_the_weights_there():
     Encoder(Model(), None, device="cpu")
     Encoder(Model(), None)
     assert moves == ["cuda:1"]  # already there: no move
+
+
+def test_similarity_is_cos_sim_for_one_embedding_and_many():
+    """Encoder.similarity gave wrong values for a 1-D embedding (``a[:, None]`` made its H numbers H rows) and built
+    an N x M x H tensor; it is sentence-transformers' ``cos_sim``: (N, M), in fp32."""
+    from sentence_transformers.util import cos_sim
+
+    enc = Encoder.__new__(Encoder)  # similarity reads no state: no model needed
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 16, generator=g), torch.randn(5, 16, generator=g)
+    cases = [(a, b), (a[0], b), (a, b[1]), (a[0], b[1]), (a.numpy(), b[2].numpy()), (a.bfloat16(), b)]
+    for x, y in cases:
+        got = enc.similarity(x, y)
+        ref = cos_sim(torch.as_tensor(x).float(), torch.as_tensor(y).float())
+        rows = [len(torch.atleast_2d(torch.as_tensor(t))) for t in (x, y)]
+        assert got.dtype == torch.float32 and got.shape == ref.shape == tuple(rows)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+    assert abs(float(enc.similarity(a[0], a[0])) - 1) < 1e-6

@@ -139,3 +139,50 @@ def test_one_score_whichever_path_with_the_cache_on(tmp_path, tok):  # noqa: F81
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["results"][0]["task"] == LOCAL_STS_NAME and abs(res["results"][0]["main_score"] - st_score) < 1e-4
+
+
+def test_an_instruction_for_an_aggregate_task_reaches_the_tasks_mteb_runs(tmp_path, tok):  # noqa: F811
+    """mteb runs CQADupstackRetrieval as its 12 subtasks, under their own names: an instruction keyed by the
+    aggregate's name (``engine.evaluate --instruction``) was never looked up, and llm2vec's was used instead."""
+    from engine import Encoder
+    from engine.mteb_model import EngineMTEBModel, instruction_for, prompt_for
+
+    from .test_encoder import _save_base
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    enc = Encoder.from_pretrained(base, device="cpu")
+    table = {"CQADupstackRetrieval": "Find the duplicate:"}
+    model = EngineMTEBModel(enc, instructions=table)
+    subtasks = [t.metadata for t in mteb.get_task("CQADupstackRetrieval").metadata.tasks]
+    assert len(subtasks) == 12
+    for m in subtasks:
+        assert prompt_for(model.prompts, m, "query") == instruction_for(m, "query", table) == "Find the duplicate:\n"
+        assert prompt_for(model.prompts, m, "document") == ""  # retrieval documents stay plain
+    # an entry a subtask has of its own wins over the aggregate's
+    own = EngineMTEBModel(enc, instructions={**table, "CQADupstackGisRetrieval": "GIS:"})
+    gis = next(m for m in subtasks if m.name == "CQADupstackGisRetrieval")
+    assert prompt_for(own.prompts, gis, "query") == "GIS:\n"
+    assert prompt_for(own.prompts, subtasks[0], "query") == "Find the duplicate:\n"
+
+
+def test_an_export_run_in_another_dtype_is_filed_under_its_own_revision(tmp_path, tok):  # noqa: F811
+    """EngineMTEBModel(export) took the export's recorded (name, revision) while loading it with dtype="auto"
+    (bf16 on CUDA), though the export runs in its recorded dtype (fp32 here): two sets of numbers under one mteb
+    cache key. An explicit dtype lost the recorded name altogether."""
+    from engine.export import export
+    from engine.mteb_model import EngineMTEBModel, export_dtype, export_identity
+
+    from .test_encoder import _save_base
+
+    base, exp = str(tmp_path / "base"), str(tmp_path / "exp")
+    _save_base(base, tok)
+    export(base, exp)
+    name, rev = export_identity(exp)
+    assert export_dtype(exp) == "float32"
+    for kwargs, want in (({}, rev), ({"dtype": "fp32"}, rev), ({"dtype": "bf16"}, rev + "-bf16"),
+                         ({"torch_dtype": "fp16"}, rev + "-fp16")):  # on CPU, "auto" is fp32
+        meta = EngineMTEBModel(exp, device="cpu", **kwargs).mteb_model_meta
+        assert (meta.name, meta.revision) == (name, want), kwargs
+    other = EngineMTEBModel(exp, device="cpu", pooling="eos").mteb_model_meta  # not as exported: its fingerprint
+    assert other.revision.startswith("local-")
