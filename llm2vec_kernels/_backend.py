@@ -67,15 +67,26 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None) -> str:
-    """Return "triton" or "torch" for this call; ``auto_dtypes``: the dtypes "auto" sends to Triton (None: all)."""
+def _on_cuda(tensor):  # what "auto" asks of the device (tests make a CPU tensor pass for a CUDA one here)
+    return tensor.is_cuda
+
+
+def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None, fits=True) -> str:
+    """Return "triton" or "torch" for this call. ``op``: a family of ``_DEFAULTS`` (a new op joins one, or adds its
+    own there). "auto" sends to Triton the CUDA tensors whose dtype is in ``auto_dtypes`` (None: all) when ``fits``
+    (the op's kernel limits hold for this call: a width, a rank); an explicit "triton" is returned as asked, and the
+    op refuses a call that does not fit in one line."""
     impl = impl or "auto"
     if impl not in _VALID:
         raise ValueError(f"unknown impl {impl!r} for {op}; expected one of {_VALID}")
+    if op not in _DEFAULTS:
+        raise ValueError(f"resolve_impl: unknown op family {op!r}; expected one of {sorted(_DEFAULTS)} (a new op "
+                         f"joins one, or adds its own to _DEFAULTS)")
     if impl == "auto":
         impl = _DEFAULTS[op]
     if impl == "auto":
-        return "triton" if tensor.is_cuda and (auto_dtypes is None or tensor.dtype in auto_dtypes) else "torch"
+        return "triton" if (_on_cuda(tensor) and fits and (auto_dtypes is None or tensor.dtype in auto_dtypes)) \
+            else "torch"
     if impl == "triton" and not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"{op}: impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)"

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import (dot_precision, dropout_threshold, get_default_impl, keep_mask, on_input_device, philox_keep8,
+from ._backend import (dot_precision, dropout_threshold, keep_mask, on_input_device, philox_keep8,
                        resolve_impl)
 
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
@@ -404,21 +404,22 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
                              f"A {tuple(a.shape)}, B {tuple(b.shape)}")
         if w.requires_grad:
             raise ValueError("lora_group computes no base-weight gradient; the base weights must be frozen")
+        if not w.device == a.device == b.device == x.device:  # a kernel would read another device's pointer
+            raise ValueError(f"lora_group: x on {x.device}, W on {w.device}, A on {a.device}, B on {b.device}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     # auto: Triton for 16-bit CUDA tensors only; fp32 stays on the exact torch path (the kernels' fp32 dots are
     # TF32 on a GPU, about 1e-3 relative error, as in llm2vec_kernels.attention), and CPU tensors too.
-    asked = impl
-    impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16))
     rank_sum = sum(a.shape[0] for a in lora_a)
-    if impl == "triton" and _block_n(rank_sum) > MAX_BLOCK_N:  # the kernels hold the group's ranks in one tile
-        if (asked or "auto") == "auto" and get_default_impl("lora") == "auto":
-            impl = "torch"
-        else:
-            raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "
-                             f"at most {MAX_BLOCK_N} (a larger one spills or exceeds shared memory); use impl='auto' "
-                             f"or 'torch', or a smaller rank")
+    fits = _block_n(rank_sum) <= MAX_BLOCK_N  # the kernels hold the group's ranks in one tile
+    impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16), fits=fits)
+    if impl == "triton" and not fits:
+        raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "
+                         f"at most {MAX_BLOCK_N} (a larger one spills or exceeds shared memory); use impl='auto' "
+                         f"or 'torch', or a smaller rank")
     biases = list(biases) if biases is not None else [None] * n
+    if any(b is not None and b.device != x.device for b in biases):
+        raise ValueError(f"lora_group: a bias is not on x's device {x.device}")
     if any(b is not None and b.requires_grad for b in biases):  # its backward returns no bias gradient
         raise ValueError("lora_group computes no bias gradient; the base biases must be frozen")
     return _LoraGroupFn.apply(x, impl, float(dropout_p), float(scaling), n, *weights, *biases, *lora_a, *lora_b)

@@ -201,7 +201,7 @@ def rms_norm(x, weight, eps, *, gemma=False, impl=None):
     Output dtype: promote(weight, x) for the Llama form, x.dtype for Gemma (as in transformers).
     impl: "auto" | "triton" | "torch" (None: the process default for "fused_ops").
     """
-    use_triton = resolve_impl("fused_ops", impl, x) == "triton"
+    use_triton = resolve_impl("fused_ops", impl, x, fits=x.shape[-1] <= MAX_H) == "triton"  # auto: wider -> torch
     _check(x, weight, use_triton)
     if use_triton:
         return _RMSNorm.apply(x, weight, float(eps), bool(gemma))

@@ -164,6 +164,26 @@ def test_validation():
 
 
 @needs_interpreter
+def test_auto_takes_the_reference_past_the_kernels_width_and_triton_within_it(monkeypatch):
+    """"auto" on a CUDA tensor (a CPU one read as CUDA here) sends a row wider than MAX_H to the reference, not to
+    the kernel's refusal; an explicit "triton" is still refused in one line, and a row within MAX_H launches."""
+    from llm2vec_kernels import _backend
+
+    monkeypatch.setattr(_backend, "_on_cuda", lambda t: True)
+    seen, launch = [], rn._forward
+    monkeypatch.setattr(rn, "_forward", lambda *a: seen.append(a[0].shape) or launch(*a))
+    H = rn.MAX_H + 1
+    x, w = torch.randn(2, H), torch.rand(H) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    assert seen == []
+    with pytest.raises(ValueError, match="limit"):
+        rms_norm(x, w, 1e-6, impl="triton")
+    x, w = torch.randn(2, 64), torch.rand(64) + 0.5
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    assert seen  # the kernel ran
+
+
+@needs_interpreter
 def test_benchmark_tiny_mode(tmp_path):
     from benchmarks import bench_rms_norm
 
