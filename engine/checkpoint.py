@@ -542,7 +542,8 @@ class Checkpointer:
             # ranks only would otherwise send those ranks to the agreement while the others went on into the load's
             # own collectives (ZeRO-3 gathers parameters after loading), a hang instead of a fallback
             err, unsafe = self._check_own_files(tag)
-            ok, client = self._agree(tag, err, unsafe), None
+            ok, why = self._agree(err, unsafe)
+            client = None
             if ok:
                 try:
                     _, client = self.engine.load_checkpoint(self.root, tag=tag, load_module_strict=False)
@@ -552,7 +553,7 @@ class Checkpointer:
                     unsafe = e
                 except Exception as e:  # read, but does not load: try the previous checkpoint
                     err = f"{type(e).__name__}: {e}"
-                ok = self._agree(tag, err, unsafe)
+                ok, why = self._agree(err, unsafe)
             if ok:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
@@ -560,25 +561,37 @@ class Checkpointer:
                 log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
                      f"{client['data_position']}")
                 return int(client["step"])
-            failed.append(f"{tag} ({err or 'failed on another rank'})")
-            warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {err or 'failed on another rank'}")
+            failed.append(f"{tag} ({why})")
+            warn0(self.rank, f"could not load checkpoint {self.root}/{tag}: {why}")
         if failed:
             raise said_by_rank0(ConfigError(f"no checkpoint in {self.root} could be loaded: {'; '.join(failed)}; "
                                             f"delete {self.root} to start over"), self.rank)
         return 0
 
-    def _agree(self, tag, err, unsafe):
-        """One all-reduce: True when no rank failed; an unsafe file on any rank raises on every rank."""
-        flags = torch.tensor([1.0 if err else 0.0, 1.0 if unsafe else 0.0], device=self.engine.device)
-        dist.all_reduce(flags)
-        if flags[1].item():
-            if unsafe is not None:  # this rank's own file: it names it
+    def _agree(self, err, unsafe):
+        """Every rank's outcome of reading a checkpoint (one object all-gather): (True, None) when no rank failed,
+        else (False, the lowest failed rank's reason, which rank 0 reports: a line saying only that another rank
+        failed left the user nothing to act on). An unsafe file on any rank raises on every rank: the lowest such
+        rank its own error (it names the file), the others a copy marked ``from_rank``, which they leave quietly on."""
+        world = dist.get_world_size()
+        if world == 1:
+            if unsafe is not None:
                 raise unsafe
-            quiet = UnsafeCheckpointError(f"refusing to resume: another rank refused a file of {self.root}/{tag} as "
-                                          f"unsafe")
-            quiet.from_rank = -1  # the rank that read the file says which
+            return err is None, err
+        seen = [None] * world
+        dist.all_gather_object(seen, (err, None if unsafe is None else str(unsafe)))
+        refused = next((r for r, (_, u) in enumerate(seen) if u is not None), None)
+        if refused is not None:
+            if refused == self.rank:
+                unsafe.every_rank_knows = True  # the others leave quietly: say it at once
+                raise unsafe
+            quiet = UnsafeCheckpointError(seen[refused][1])
+            quiet.from_rank = refused
             raise quiet
-        return flags[0].item() == 0
+        failed = next((r for r, (e, _) in enumerate(seen) if e is not None), None)
+        if failed is None:
+            return True, None
+        return False, f"rank {failed}: {seen[failed][0]}"
 
     def _own_files(self, tag):
         """The files of ``tag`` DeepSpeed's load reads on this rank (:func:`_rank_state_file`)."""

@@ -5,6 +5,7 @@ gets ``cores / local ranks`` intra-op threads (``engine.multi_device.share_cpu_c
 shm-allreduce segment once every peer mapped it, so no run leaves shared memory behind.
 """
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,8 @@ def _portable(err):
 
 def together(fn):
     """``fn()`` on every rank, with one collective after it: when it raised on any rank it raises on every rank
-    (the failed rank its own error, the others a copy of the lowest failed rank's, marked ``from_rank``), so no
+    (the lowest failed rank its own error, marked :func:`every_rank_knows`; every other rank, failed or not, marked
+    ``from_rank`` with that rank: its own error or a copy of the lowest failed rank's), so no
     rank goes on into a collective that a failed rank never reaches (on several nodes that hang lasts until
     the collective's timeout). For the work only rank 0 does (file reads and writes in ``output_dir``):
     ``together(lambda: work() if rank == 0 else None)``. Returns what ``fn`` returned on this rank."""
@@ -56,6 +58,10 @@ def together(fn):
     if failed is None:
         return result
     if err is not None:
+        if failed == dist.get_rank():
+            err.every_rank_knows = True  # the others leave quietly: this rank says it without delay
+        else:  # a lower rank failed too: it says the run's error, this rank leaves quietly
+            err.from_rank = failed
         raise err
     other = errs[failed]
     other.from_rank = failed
@@ -86,12 +92,21 @@ def said_by_rank0(err, rank):
     ``from_rank`` and exit quietly, so a refusal on 8 ranks is one line, not 8."""
     if rank != 0:
         err.from_rank = 0
+    else:
+        err.every_rank_knows = True
     return err
 
 
 def from_other_rank(err):
     """The rank an error re-raised by :func:`together` came from (None: this rank's own)."""
     return getattr(err, "from_rank", None)
+
+
+def every_rank_knows(err):
+    """Whether ``err`` is this rank's own error that every other rank learned in a collective (:func:`together`,
+    :func:`said_by_rank0`) and leaves quietly on: this rank must say it at once, not after the wait that keeps a
+    bad input met on every rank to one line (``engine.train._said_once``), which the launcher cuts short."""
+    return getattr(err, "every_rank_knows", False)
 
 
 def free_port():
@@ -119,24 +134,59 @@ def _unlink_shm_allreduce_segment():
         pass
 
 
-# What MPI and Slurm launchers set instead of RANK (DeepSpeed's OpenMPI, MVAPICH and Slurm runners leave the ranks
-# to deepspeed.init_distributed's discovery)
-MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS")
+# What MPI launchers set instead of RANK (DeepSpeed's OpenMPI, MVAPICH and Slurm runners leave the ranks to
+# deepspeed.init_distributed's discovery)
+MPI_WORLD_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def launched_by_mpi():
-    """True when an MPI or Slurm launcher started more than one process (no RANK: DeepSpeed discovers them)."""
-    for var in MPI_WORLD_SIZE_VARS:
+def launched_by_mpi(env=None):
+    """True when an MPI launcher or srun started more than one process (no RANK: DeepSpeed discovers them).
+
+    Slurm counts by the task srun launched (SLURM_PROCID, SLURM_STEP_NUM_TASKS, which only srun sets), not by
+    SLURM_NTASKS: that one is set throughout an ``salloc -n 8`` or ``sbatch --ntasks=8`` allocation, where a plain
+    ``python engine/train.py`` is one process (taken for an MPI launch, DeepSpeed imported mpi4py and failed)."""
+    env = os.environ if env is None else env
+
+    def more_than_one(var):
         try:
-            if int(os.environ.get(var, "1")) > 1:
-                return True
+            return int(env.get(var, "1")) > 1
         except ValueError:
-            pass
-    return False
+            return False
+
+    if any(more_than_one(var) for var in MPI_WORLD_SIZE_VARS):
+        return True
+    return "SLURM_PROCID" in env and more_than_one("SLURM_STEP_NUM_TASKS")
+
+
+TIMEOUT_VAR = "DEEPSPEED_TIMEOUT"  # DeepSpeed's own name for it: one setting for both
+DEFAULT_TIMEOUT_MIN = 30
+
+
+def collective_timeout(env=None):
+    """How long a collective waits for the slowest rank before the run fails: ``DEEPSPEED_TIMEOUT`` minutes (a whole
+    number >= 1), 30 when unset (DeepSpeed's own default is 10). A first run on several nodes can keep one node
+    longer than 10 minutes in model setup (a model download or GGUF conversion into a node-local cache) while the
+    others wait in a collective; raise it further for a slower first download. Raises ConfigError for a value that
+    is not one (DeepSpeed's import would fail on it with a traceback)."""
+    from .config import ConfigError
+
+    raw = (os.environ if env is None else env).get(TIMEOUT_VAR)
+    if raw is None:
+        return timedelta(minutes=DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = int(raw)
+    except ValueError:
+        minutes = 0
+    if minutes < 1:
+        raise ConfigError(f"{TIMEOUT_VAR}={raw!r}: the collective timeout must be a whole number of minutes, at "
+                          f"least 1 (unset: {DEFAULT_TIMEOUT_MIN})")
+    return timedelta(minutes=minutes)
 
 
 def init_distributed():
-    """Join (or create) the process group; returns this rank's device."""
+    """Join (or create) the process group; returns this rank's device. Its collectives time out after
+    :func:`collective_timeout` (``DEEPSPEED_TIMEOUT`` minutes, 30 when unset)."""
+    timeout = collective_timeout()  # before DeepSpeed's import, which reads DEEPSPEED_TIMEOUT too
     import deepspeed
 
     cuda = torch.cuda.is_available()
@@ -145,7 +195,7 @@ def init_distributed():
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timeout)
         if not cuda:
             _unlink_shm_allreduce_segment()
     local = int(os.environ.get("LOCAL_RANK", 0))

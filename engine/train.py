@@ -51,6 +51,29 @@ def check_targets_offline(cfg):
 
 
 
+# Where launchers put this process's rank, and its rank on its host, before the process group exists: DeepSpeed's
+# launcher and torchrun set RANK and LOCAL_RANK; under mpirun or srun only deepspeed.init_distributed's discovery
+# sets those, so before it every process took itself for rank 0 (each one creating output_dir, each saying a line)
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+LOCAL_RANK_VARS = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "SLURM_LOCALID")
+
+
+def launch_ranks(env=None):
+    """(rank, local rank) of this process as its launcher set them; (0, 0) for a process of its own."""
+    env = os.environ if env is None else env
+
+    def first(names):
+        for name in names:
+            try:
+                return int(env[name])
+            except (KeyError, ValueError):
+                pass
+        return 0
+
+    return first(RANK_VARS), first(LOCAL_RANK_VARS)
+
+
 def prepare_output_dir(path):
     """Create the run's folder (and its parents) now, before any data or model loads, and check that it can be
     written (``engine.config.check_output_dir`` has refused '', a file and a dangling link already); returns the
@@ -59,7 +82,7 @@ def prepare_output_dir(path):
     Only rank 0 creates it (it alone removes what it created, so a folder another rank made first would outlive a
     failed run); the other ranks check that it could be made (the nearest existing folder is writable), and the
     run checks later that they see the one rank 0 made (``engine.checkpoint.check_shared_folder``)."""
-    if os.environ.get("RANK", "0") != "0":
+    if launch_ranks()[0] != 0:
         existing = os.path.abspath(path)
         while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
             existing = os.path.dirname(existing)
@@ -81,13 +104,19 @@ def prepare_output_dir(path):
 CONFIG_ERROR = "config error"  # what a line about the config file itself (its keys, values, names) starts with
 
 
-def _said_once(line):
-    """A bad input found before the process group exists is as a rule the same on every rank of a host (one config,
-    one filesystem): the host's first rank (LOCAL_RANK 0) says it at once, and the launcher then stops the other
-    ranks (it stops every rank once one has failed) while they wait 3 s before saying theirs: 8 GPUs print one line,
-    not 8, and an error only another rank meets (rank 0 going on) is still said."""
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        time.sleep(3)
+SAY_ONCE_WAIT_S = 3
+
+
+def _said_once(line, at_once=False):
+    """A bad input is as a rule the same on every rank of a host (one config, one filesystem), before the process
+    group exists and after it (a check every rank makes alike): the host's first rank (local rank 0) says it at once,
+    and the launcher then stops the other ranks (it stops every rank once one has failed; DeepSpeed's checks once a
+    second) while they wait 3 s before saying theirs: 8 GPUs print one line, not 8, and an error only another rank
+    meets (rank 0 going on) is still said. ``at_once``: this rank's own error that the other ranks learned in a
+    collective and leave quietly on (``engine.distributed.every_rank_knows``): the launcher would stop this rank
+    in the wait, and the run's one line with it."""
+    if not at_once and launch_ranks()[1] != 0:
+        time.sleep(SAY_ONCE_WAIT_S)
     print(line, file=sys.stderr)
     return 2
 
@@ -145,6 +174,15 @@ def main(argv=None):
         return _said_once(error_line(e))
     try:
         check_model_names(cfg)
+    except ConfigError as e:
+        return _said_once(error_line(e, CONFIG_ERROR))
+    from engine.distributed import collective_timeout  # imports torch, as the run does next
+
+    try:
+        collective_timeout()  # a bad DEEPSPEED_TIMEOUT: one line here, not DeepSpeed's traceback at its import
+    except ConfigError as e:
+        return _said_once(error_line(e))
+    try:
         created = prepare_output_dir(cfg.output_dir)
     except ConfigError as e:
         return _said_once(error_line(e, CONFIG_ERROR))
@@ -157,7 +195,7 @@ def main(argv=None):
         from engine.distributed import leave
 
         leave()  # the process group goes before the interpreter does (engine.distributed.leave says why)
-        if os.environ.get("RANK", "0") == "0":
+        if launch_ranks()[0] == 0:
             remove_empty(created)  # nothing written (a failed run): no empty folder left behind
 
 
@@ -167,27 +205,31 @@ def _train(cfg):
     from engine.modeling import ModelLoadError
     from engine.trainer import NonFiniteError, train
 
-    from engine.distributed import from_other_rank
-
     try:
         check_targets_offline(cfg)
         train(cfg)
     except (DataError, ConfigError, UnsupportedArchitectureError, ModelLoadError, FileNotFoundError) as e:
-        if from_other_rank(e) is not None:  # the rank it happened on says it: one line, not one per rank
-            return 2
-        return fail(e)
+        return _report(e, error_line(e), 2)
     except NonFiniteError as e:  # a diverged run: exit 3, distinct from bad input
-        if from_other_rank(e) is None:
-            fail(e)
-        return 3
+        return _report(e, error_line(e), 3)
     except Exception as e:  # a full disk during a checkpoint, the resume or the adapter write (safetensors' own error)
         msg = disk_full_message(e, cfg.output_dir)
         if msg is None:
             raise
-        if from_other_rank(e) is None:
-            print(msg, file=sys.stderr)
-        return 2
+        return _report(e, msg, 2)
     return 0
+
+
+def _report(err, line, code):
+    """Say ``line`` for a run that failed on ``err`` once, not once per rank, and return ``code``. A copy of another
+    rank's error (``engine.distributed.together``) is that rank's to say; this rank's own error that the other ranks
+    learned is said at once; any other error may be met alike by every rank (a mistyped lora.target_modules, a batch
+    the world size does not divide, a bad file every rank reads): ``_said_once`` (one line per host)."""
+    from engine.distributed import every_rank_knows, from_other_rank
+
+    if from_other_rank(err) is None:
+        _said_once(line, at_once=every_rank_knows(err))
+    return code
 
 
 def exit_with(code):

@@ -12,12 +12,13 @@ from .helpers import light_launch_cmd, run_cmd
 pytestmark = pytest.mark.slow
 
 SCRIPT = """
-import json, os, sys
+import argparse, json, os, sys
+from types import SimpleNamespace
 sys.path.insert(0, os.getcwd())
 import torch
 from engine.config import ConfigError
-from engine.distributed import from_other_rank, init_distributed, on_rank0, smallest, together
-from engine.checkpoint import check_shared_folder, hold_run_folder
+from engine.distributed import every_rank_knows, from_other_rank, init_distributed, on_rank0, smallest, together
+from engine.checkpoint import Checkpointer, check_shared_folder, hold_run_folder
 
 device = init_distributed()
 rank = int(os.environ["RANK"])
@@ -25,7 +26,28 @@ out = {"value": on_rank0(lambda: {"decided by": rank}), "budget": smallest(10 + 
 try:
     together(lambda: (_ for _ in ()).throw(ConfigError("rank 0's file does not read")) if rank == 0 else None)
 except ConfigError as e:
-    out["together"] = [str(e), from_other_rank(e)]
+    out["together"] = [str(e), from_other_rank(e), every_rank_knows(e)]
+try:  # every rank fails
+    together(lambda: (_ for _ in ()).throw(ConfigError(f"rank {rank}'s own error")))
+except ConfigError as e:
+    out["both"] = [str(e), from_other_rank(e), every_rank_knows(e)]
+# checkpoints rank 1 cannot load: no state file of its own in step 2, an unsafe one (it pickles a Namespace) in step 1
+ckpt = os.path.join(os.environ["WORK"], "run")
+if rank == 0:
+    for step in (1, 2):
+        os.makedirs(os.path.join(ckpt, "checkpoints", f"step_000000{step}"))
+        torch.save({"w": torch.zeros(1)}, os.path.join(ckpt, "checkpoints", f"step_000000{step}",
+                                                       "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    torch.save({"args": argparse.Namespace(lr=1)}, os.path.join(ckpt, "checkpoints", "step_0000001",
+                                                                "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
+torch.distributed.barrier()
+ck = Checkpointer(SimpleNamespace(output_dir=ckpt), None, None, None, rank)
+ck.engine = SimpleNamespace(device=device)  # all the agreement needs of DeepSpeed's engine
+for name, tag in (("no state", "step_0000002"), ("unsafe", "step_0000001")):
+    try:
+        ck.resume([tag])
+    except ConfigError as e:
+        out[name] = [type(e).__name__, str(e), from_other_rank(e), every_rank_knows(e)]
 folder = os.path.join(os.environ["WORK"], "shared" if os.environ["SHARED"] == "1" else f"rank{rank}")
 os.makedirs(folder, exist_ok=True)
 try:
@@ -61,8 +83,19 @@ def test_what_one_rank_decides_or_fails_at_every_rank_learns(tmp_path, shared):
     for rank, out in got.items():
         assert out["value"] == {"decided by": 0}  # rank 0's decision, on every rank
         assert out["budget"] == 10  # the smallest rank's budget
-        # rank 0 raises its own error (from_rank None), rank 1 a copy of it that says where it came from
-        assert out["together"] == ["rank 0's file does not read", None if rank == 0 else 0]
+        # rank 0 raises its own error (from_rank None), rank 1 a copy of it that says where it came from; rank 0,
+        # whose error every rank learned, says it at once (engine.train._said_once)
+        assert out["together"] == ["rank 0's file does not read", None if rank == 0 else 0, rank == 0]
+        # every rank failed: each raises its own error, and all but the lowest rank leave quietly on it
+        assert out["both"] == [f"rank {rank}'s own error", None if rank == 0 else 0, rank == 0]
+        # a checkpoint rank 1 alone cannot load: rank 0's line gives rank 1's reason, not "failed on another rank"
+        kind, msg, origin, at_once = out["no state"]
+        assert kind == "ConfigError" and (origin, at_once) == ((None, True) if rank == 0 else (0, False))
+        assert "step_0000002 (rank 1: no state files for rank 1 in it)" in msg, msg
+        # a file rank 1 alone refuses as unsafe: rank 1 names it, at once; rank 0 leaves quietly
+        kind, msg, origin, at_once = out["unsafe"]
+        assert kind == "UnsafeCheckpointError" and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in msg, msg
+        assert (origin, at_once) == ((1, False) if rank == 0 else (None, True))
         assert out["left"] == []  # the shared-folder token is removed
         # rank 0's OSError taking the lock (it hung rank 1 in the broadcast): every rank raises the config error
         assert out["lock"][1] == (None if rank == 0 else 0), out["lock"]
@@ -75,10 +108,21 @@ def test_what_one_rank_decides_or_fails_at_every_rank_learns(tmp_path, shared):
             assert origin == (1 if rank == 0 else None)
 
 
-@pytest.mark.parametrize("var", ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS"])
-def test_an_mpi_or_slurm_launch_is_not_taken_for_a_world_of_one(monkeypatch, var):
+SRUN_TASK = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16",
+             "SLURM_PROCID": "3", "SLURM_LOCALID": "3"}  # what srun -n 16 gives its 4th task
+
+
+@pytest.mark.parametrize("many, one", [
+    ({"OMPI_COMM_WORLD_SIZE": "16"}, {"OMPI_COMM_WORLD_SIZE": "1"}),
+    ({"PMI_SIZE": "16"}, {"PMI_SIZE": "1"}),
+    # inside an `salloc -n 16` or `sbatch --ntasks=16` allocation SLURM_NTASKS is 16 for every command: a plain
+    # `python engine/train.py` there is one process (it was taken for an MPI launch: mpi4py, traceback, exit 1)
+    (SRUN_TASK, {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}),
+], ids=["openmpi", "pmi", "srun"])
+def test_an_mpi_or_slurm_launch_is_not_taken_for_a_world_of_one(monkeypatch, many, one):
     """DeepSpeed's OpenMPI, MVAPICH and Slurm runners set no RANK and leave the ranks to deepspeed's discovery:
-    the engine must not make every process rank 0 of a world of one (each then took the run lock in turn)."""
+    the engine must not make every process rank 0 of a world of one (each then took the run lock in turn). A single
+    process, in a Slurm allocation of several tasks included, is a world of one."""
     import deepspeed
     import torch.distributed as dist
 
@@ -90,17 +134,16 @@ def test_an_mpi_or_slurm_launch_is_not_taken_for_a_world_of_one(monkeypatch, var
     def join(**kw):
         raise Joined(dict(os.environ))
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT")
-           and k not in distributed.MPI_WORLD_SIZE_VARS}
-    monkeypatch.setattr(os, "environ", env)  # the world of one writes RANK etc. into this copy, not the session's
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE",
+                                                              "MASTER_ADDR", "MASTER_PORT")
+            and not k.startswith(("SLURM_", "OMPI_", "PMI_", "MV2_"))}
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(deepspeed, "init_distributed", join)
-    env[var] = "16"
+    monkeypatch.setattr(os, "environ", dict(base, **many))  # the world of one writes RANK etc. into a copy
     with pytest.raises(Joined) as seen:
         distributed.init_distributed()
     assert "RANK" not in seen.value.args[0] and "WORLD_SIZE" not in seen.value.args[0]
-    env[var] = "1"  # one process: the plain world of one
+    monkeypatch.setattr(os, "environ", dict(base, **one))
     with pytest.raises(Joined) as seen:
         distributed.init_distributed()
     assert (seen.value.args[0]["RANK"], seen.value.args[0]["WORLD_SIZE"]) == ("0", "1")

@@ -1,0 +1,157 @@
+"""How a multi-rank run reports a failure: one line, not one per rank, without losing the line of an error only one
+rank meets; which process is which rank before the process group exists; the process group's timeout."""
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from .helpers import deepspeed_cmd, run_cmd
+
+
+@pytest.mark.slow
+def test_a_bad_input_every_rank_meets_in_the_run_is_said_once(tmp_path):
+    """A check every rank makes alike once the process group exists (here the world size not dividing the batch)
+    printed one line per rank: DeepSpeed's launcher, which checks its ranks once a second, let every rank print
+    before it stopped them. The real launcher, not tests/launch.py, whose 20 ms poll could hide it."""
+    out = tmp_path / "run"
+    r = run_cmd(deepspeed_cmd(2, "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", "batch_size=6",
+                              launcher="deepspeed"), timeout=300)
+    lines = [x for x in r.stderr.splitlines() if x.startswith(("error:", "config error:"))]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert lines == ["error: batch_size 6 is not divisible by micro_batch_size 2 x world size 2 = 4; choose a "
+                     "batch_size that is a multiple of 4"], r.stderr[-3000:]
+    assert not out.exists()  # rank 0 removed the folder it made
+
+
+def _fail_in_train(monkeypatch, err):
+    import engine.train as T
+    import engine.trainer
+
+    monkeypatch.setattr(T, "check_targets_offline", lambda cfg: None)
+
+    def train(cfg):
+        raise err
+
+    monkeypatch.setattr(engine.trainer, "train", train)
+    return T._train(SimpleNamespace(output_dir="unused"))
+
+
+def _marked(err, **marks):
+    for k, v in marks.items():
+        setattr(err, k, v)
+    return err
+
+
+@pytest.mark.parametrize("env, err, said, waited", [
+    # local rank 0 says it at once; the host's other ranks wait for the launcher to stop them before saying theirs
+    ({"RANK": "0", "LOCAL_RANK": "0"}, "plain", True, False),
+    ({"RANK": "1", "LOCAL_RANK": "1"}, "plain", True, True),
+    # under mpirun the same, before deepspeed's discovery has set LOCAL_RANK
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, "plain", True, True),
+    # its own error the other ranks learned and leave quietly on: said at once, or the launcher cuts it off
+    ({"RANK": "1", "LOCAL_RANK": "1"}, "known", True, False),
+    # another rank's error: that rank says it
+    ({"RANK": "1", "LOCAL_RANK": "1"}, "copy", False, False),
+], ids=["rank0", "rank1", "mpi-rank1", "rank1-known", "copy"])
+def test_a_failed_rank_says_its_line_once(monkeypatch, capsys, env, err, said, waited):
+    from engine.config import ConfigError
+    from engine.train import LOCAL_RANK_VARS, RANK_VARS
+
+    for var in RANK_VARS + LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    waits = []
+    monkeypatch.setattr("engine.train.time.sleep", waits.append)
+    e = {"plain": ConfigError("bad target module"), "known": _marked(ConfigError("bad target module"),
+                                                                      every_rank_knows=True),
+         "copy": _marked(ConfigError("bad target module"), from_rank=0)}[err]
+    assert _fail_in_train(monkeypatch, e) == 2
+    assert capsys.readouterr().err == ("error: bad target module\n" if said else "")
+    assert waits == ([3] if waited else [])
+
+
+@pytest.mark.parametrize("env, ranks", [
+    ({}, (0, 0)),
+    ({"RANK": "5", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, (5, 1)),  # a launcher's own wins
+    ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, (5, 1)),  # Open MPI
+    ({"PMI_RANK": "5", "MPI_LOCALRANKID": "1"}, (5, 1)),  # MPICH / Intel MPI (Hydra)
+    ({"MV2_COMM_WORLD_RANK": "5", "MV2_COMM_WORLD_LOCAL_RANK": "1"}, (5, 1)),  # MVAPICH
+    ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1"}, (5, 1)),  # srun
+])
+def test_a_process_knows_its_rank_before_the_process_group_exists(env, ranks):
+    from engine.train import launch_ranks
+
+    assert launch_ranks(env) == ranks
+
+
+def test_only_rank_0_of_an_mpi_launch_creates_the_run_folder(tmp_path, monkeypatch):
+    """Under mpirun RANK is unset until deepspeed's discovery: every process made (and a failed run's rank removed)
+    the folder as rank 0."""
+    from engine.train import LOCAL_RANK_VARS, RANK_VARS, prepare_output_dir
+
+    for var in RANK_VARS + LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    out = tmp_path / "a" / "run"
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    assert prepare_output_dir(str(out)) == [] and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("env, launched", [
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NNODES": "1"}, False),  # an salloc -n 8 shell
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, False),  # sbatch's script
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, False),  # srun -n 1
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "3"}, True),  # srun -n 8
+    ({"OMPI_COMM_WORLD_SIZE": "8"}, True),
+    ({"PMI_SIZE": "8"}, True),
+    ({"PMI_SIZE": "1"}, False),
+])
+def test_only_a_task_srun_or_mpirun_launched_is_one_of_several(env, launched):
+    from engine.distributed import launched_by_mpi
+
+    assert launched_by_mpi(env) is launched
+
+
+def test_the_collective_timeout_is_deepspeeds_variable_30_minutes_unless_set():
+    from datetime import timedelta
+
+    from engine.config import ConfigError
+    from engine.distributed import collective_timeout
+
+    assert collective_timeout({}) == timedelta(minutes=30)
+    assert collective_timeout({"DEEPSPEED_TIMEOUT": "90"}) == timedelta(minutes=90)
+    for bad in ("", "abc", "0", "-5", "1.5"):  # DeepSpeed's own int() fails its import on "", "abc" and "1.5"
+        with pytest.raises(ConfigError, match="DEEPSPEED_TIMEOUT=.*whole number of minutes"):
+            collective_timeout({"DEEPSPEED_TIMEOUT": bad})
+
+
+def test_the_process_group_gets_the_timeout(monkeypatch):
+    import deepspeed
+    import torch.distributed as dist
+
+    from engine import distributed
+
+    class Joined(Exception):
+        pass
+
+    def join(**kw):
+        raise Joined(kw)
+
+    monkeypatch.setattr(os, "environ", dict(os.environ, DEEPSPEED_TIMEOUT="45"))  # the world of one writes here
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(deepspeed, "init_distributed", join)
+    with pytest.raises(Joined) as seen:
+        distributed.init_distributed()
+    assert seen.value.args[0]["timeout"].total_seconds() == 45 * 60
+
+
+def test_a_bad_timeout_is_one_line_before_the_run_starts(tmp_path, monkeypatch, capsys):
+    import engine.train
+
+    monkeypatch.setenv("DEEPSPEED_TIMEOUT", "ten")
+    monkeypatch.setattr(engine.train, "_train", lambda cfg: pytest.fail("the run started"))
+    out = tmp_path / "run"
+    assert engine.train.main(["--config", "configs/tiny/mntp.yaml", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: DEEPSPEED_TIMEOUT='ten'") and len(err.splitlines()) == 1, err
+    assert not out.exists()
