@@ -478,9 +478,11 @@ class Checkpointer:
     def save(self, step, plan):
         tag = f"step_{step:07d}"
         path = os.path.join(self.root, tag)
-        if self.rank == 0 and os.path.exists(os.path.join(path, COMPLETE)):
-            os.remove(os.path.join(path, COMPLETE))  # rewriting a folder: it is incomplete until marked again
-        dist.barrier()
+        def unmark():  # rewriting a folder: it is incomplete until marked again
+            if self.rank == 0 and os.path.exists(os.path.join(path, COMPLETE)):
+                os.remove(os.path.join(path, COMPLETE))
+
+        together(unmark)  # the barrier before the ranks write, which a failed removal on rank 0 ends on every rank
         # The frozen base is left out (it is rebuilt from the base model and prior adapters, as at the start): at 7B a
         # checkpoint is then the LoRA weights and their optimizer state, not 14 GB more of bf16 base per save. Not
         # when MNTP added a mask token: its embedding row is drawn at random, and a resume must read it back
@@ -489,8 +491,8 @@ class Checkpointer:
                                     client_state={"step": step, "data_position": list(plan.position(step))})
         # this rank's DeepSpeed files on disk before the ranks agree and rank 0 writes COMPLETE (a power cut after
         # COMPLETE must not leave an empty state file behind a checkpoint cleanup then trusts)
-        sync_tree(path, only=lambda name: _rank_state_file(name, self.rank, shared=self.rank == 0))
-        _fault_point(step, "state")
+        together(lambda: sync_tree(path, only=lambda name: _rank_state_file(name, self.rank, shared=self.rank == 0)))
+        _fault_point(step, "state")  # (a failed fsync, EIO or a full disk, ends every rank, not only its own)
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
         def adapter_and_record():
