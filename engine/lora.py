@@ -29,7 +29,7 @@ partitioned by ZeRO-3 (their storage exists only while DeepSpeed gathers them fo
 """
 import torch
 
-from llm2vec_kernels.lora import MAX_BLOCK_N, lora_group
+from llm2vec_kernels.lora import MAX_BLOCK_N, fits_one_tile, lora_group
 
 from .config import ConfigError
 
@@ -115,11 +115,11 @@ def _check_triton_rank(where, names, members):
     the weights load (``engine.train.check_targets_offline`` fuses on the meta model) or the engine starts,
     rather than at the first forward. ``auto`` takes the torch path for such a group instead."""
     ranks = sum(m.lora_A[m.active_adapters[0]].out_features for m in members)
-    if ranks > MAX_BLOCK_N:
+    if not fits_one_tile(ranks):
         raise ConfigError(f"model.fused_ops=triton holds a LoRA group's summed rank in one tile of at most "
                           f"{MAX_BLOCK_N}: {'+'.join(names)} of {where} ({len(members)} x lora.r) "
-                          f"sums to {ranks}; use model.fused_ops=auto (the torch path for that group) or a lora.r "
-                          f"of at most {MAX_BLOCK_N // len(members)}")
+                          f"sums to {ranks}; use model.fused_ops=auto (the torch path for that group; under ZeRO-3 "
+                          f"PEFT's own forward runs anyway) or a lora.r of at most {MAX_BLOCK_N // len(members)}")
 
 
 def fuse_lora(model, impl="auto"):

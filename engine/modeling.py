@@ -199,7 +199,8 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
 def merge_adapters(model, adapters):
     """Fold earlier stages' LoRA adapters (local folders or hub ids, a chain) into ``model``'s weights with one
     rounding per weight (:func:`merge_loras`), as the encoder and the export merge them, so that a later stage
-    trains on the weights that are served; returns ``model``.
+    trains on the weights that are served (bit for bit when the base is stored in the run's dtype; the export of a
+    base stored in another dtype loads it in fp32 and rounds once more at the end); returns ``model``.
 
     Takes the engine's own adapters (keys ``base_model.model.model.layers.*``, saved on a causal LM) and
     llm2vec's (``base_model.model.layers.*``, saved on the bare decoder) alike: see :func:`merge_lora`.

@@ -23,8 +23,9 @@ def pool(hidden, attention_mask, mode="mean", pool_mask=None, check=True):
     if check and not bool(pm.any(dim=1).all()):
         raise ValueError("a text has no tokens to pool (empty text, or truncated away behind its instruction)")
     if mode in ("mean", "weighted_mean"):
-        # The weights are made in fp32 (or the states' wider dtype) and normalised to sum to 1 before they meet the states: the pooled vector is
-        # a convex combination, one batched matmul (fp32 accumulation on GPU) that cannot overflow in fp16. Summing
+        # The weights are made in fp32 (or the states' wider dtype) and normalised to sum to 1 before they meet
+        # the states: the pooled vector is a convex combination, one batched matmul whose every partial sum stays
+        # within max |h|, so it cannot overflow in fp16 (whatever precision cuBLAS reduces in). Summing
         # first and dividing after overflows fp16 (65504) for a weighted mean past 361 tokens, where the weights'
         # sum n(n+1)/2 alone is inf, and for a plain mean whose sum of a large channel passes the range. Only the
         # weights (B, S) are kept for the backward, as with an elementwise product by a mask.

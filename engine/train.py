@@ -215,6 +215,10 @@ def _train(cfg):
     except Exception as e:  # a full disk during a checkpoint, the resume or the adapter write (safetensors' own error)
         msg = disk_full_message(e, cfg.output_dir)
         if msg is None:
+            from engine.distributed import from_other_rank
+
+            if from_other_rank(e) is not None:  # another rank's error (together): its traceback is that rank's
+                return 1
             raise
         return _report(e, msg, 2)
     return 0

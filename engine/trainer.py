@@ -219,7 +219,8 @@ class Trainer:
 
     def train_step(self, step):
         """Optimizer step ``step`` (0-based): its micro-batches, then one all-reduce of (loss, tokens, truncated,
-        non-finite grad norm). Returns (the log row, whether the step was non-finite on any rank)."""
+        non-finite grad norm, rank 0's failed metrics write: :meth:`log`). Returns (the log row, whether the step was
+        non-finite on any rank)."""
         if step == self.fail_at and self.rank == 0:
             log0(f"fault injection: killing rank 0 at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)

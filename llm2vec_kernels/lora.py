@@ -190,6 +190,11 @@ def _block_n(n):
     return max(16, triton.next_power_of_2(n))
 
 
+def fits_one_tile(rank_sum):
+    """Whether the kernels can hold a group's summed LoRA rank in one tile (at most MAX_BLOCK_N columns)."""
+    return _block_n(rank_sum) <= MAX_BLOCK_N
+
+
 def launch_config(kind, n, dtype, dropout=False):
     """(BLOCK_M, BLOCK_K, num_warps, num_stages) for kernel ``kind`` in {"down", "grad_a", "grad_x"}, N = sum r.
 
@@ -411,7 +416,7 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     # auto: Triton for 16-bit CUDA tensors only; fp32 stays on the exact torch path (the kernels' fp32 dots are
     # TF32 on a GPU, about 1e-3 relative error, as in llm2vec_kernels.attention), and CPU tensors too.
     rank_sum = sum(a.shape[0] for a in lora_a)
-    fits = _block_n(rank_sum) <= MAX_BLOCK_N  # the kernels hold the group's ranks in one tile
+    fits = fits_one_tile(rank_sum)
     impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16), fits=fits)
     if impl == "triton" and not fits:
         raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "

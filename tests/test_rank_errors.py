@@ -71,6 +71,16 @@ def test_a_failed_rank_says_its_line_once(monkeypatch, capsys, env, err, said, w
     assert waits == ([3] if waited else [])
 
 
+def test_a_copy_of_another_ranks_unexpected_error_leaves_quietly(monkeypatch, capsys):
+    """An error that is no bad input and no full disk (a metrics.csv rank 0 may not write, raised on every rank by
+    together): its own rank shows the traceback, a copy leaves with exit 1 and nothing said."""
+    e = _marked(PermissionError(13, "Permission denied", "out/metrics.csv"), from_rank=0)
+    assert _fail_in_train(monkeypatch, e) == 1
+    assert capsys.readouterr().err == ""
+    with pytest.raises(PermissionError):
+        _fail_in_train(monkeypatch, PermissionError(13, "Permission denied", "out/metrics.csv"))
+
+
 @pytest.mark.parametrize("env, ranks", [
     ({}, (0, 0)),
     ({"RANK": "5", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, (5, 1)),  # a launcher's own wins
