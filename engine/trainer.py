@@ -85,6 +85,8 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
 class Trainer:
     """One training run: what ``setup`` builds, then one ``train_step`` and one ``after_step`` per optimizer step."""
 
+    log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.lock = None  # rank 0's hold on output_dir (engine/checkpoint.py), released by close()
@@ -211,7 +213,6 @@ class Trainer:
             self.bar = tqdm(total=cfg.max_steps, initial=self.start, desc=cfg.stage, dynamic_ncols=True)
         self.bad_streak = 0  # non-finite steps in a row
         self.empty_steps = 0  # steps with no loss unit in the global batch (empty_step)
-        self.log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
         self.engine.train()
         self.t_run = time.time()
 
