@@ -231,8 +231,8 @@ def _mteb_tasks(name, data, max_pairs, languages=None):
 
     if name == LOCAL_STS_NAME:
         data = data or "data/stsbenchmark/sts-dev.csv"
-        local_pairs(data, max_pairs)  # refused here, not scored null after the model has loaded
-        task = local_sts_task(data, max_pairs)
+        pairs = local_pairs(data, max_pairs)  # refused here, not scored null after the model has loaded
+        task = local_sts_task(data, max_pairs, pairs=pairs)
         return [task], {LOCAL_STS_NAME: task_coverage(task)}
     task, benchmark = select_mteb_task(name, languages)
     try:  # an aggregate (CQADupstackRetrieval) has no data of its own: mteb runs the tasks it is made of

@@ -196,15 +196,18 @@ def load_export(folder, **st_kwargs):
     return SentenceTransformer(str(folder), model_card_data=card, **st_kwargs)
 
 
-def local_sts_task(path, max_pairs=None, name=LOCAL_STS_NAME):
-    """An mteb STS task over a local STS Benchmark TSV (``engine.data.read_sts``), scored 0-5; no network."""
+def local_sts_task(path, max_pairs=None, name=LOCAL_STS_NAME, pairs=None):
+    """An mteb STS task over a local STS Benchmark TSV (``engine.data.read_sts``), scored 0-5; no network.
+    ``pairs``: that file's pairs already read (and cut to ``max_pairs``), so the file is read once."""
     from datasets import Dataset, DatasetDict
     from mteb.abstasks.sts import AbsTaskSTS
     from mteb.abstasks.task_metadata import TaskMetadata
 
     from .data import read_sts
 
-    pairs = read_sts(path)[:max_pairs] if max_pairs else read_sts(path)
+    if pairs is None:
+        pairs = read_sts(path)
+    pairs = pairs[:max_pairs] if max_pairs else pairs
 
     class LocalSTS(AbsTaskSTS):
         min_score = 0

@@ -144,3 +144,17 @@ def test_an_aggregate_task_loads_the_data_of_the_tasks_it_is_made_of(monkeypatch
     subtasks = [t.metadata.name for t in tasks[0].metadata.tasks]
     assert len(subtasks) == 12 and loaded == subtasks
     assert coverage["CQADupstackRetrieval"]["subtasks"] == subtasks
+
+
+def test_local_mteb_sts_reads_its_file_once(tmp_path, monkeypatch):
+    """The pairs checked before the model loads are the pairs scored: the file was read twice (check, then task)."""
+    pytest.importorskip("mteb")
+    import engine.data
+    from engine.evaluate import _mteb_tasks
+
+    data = _sts(tmp_path / "five.csv", [0.0, 1.5, 2.0, 3.5, 5.0])
+    reads, read_sts = [], engine.data.read_sts
+    monkeypatch.setattr(engine.data, "read_sts", lambda p: reads.append(p) or read_sts(p))
+    (task,), _ = _mteb_tasks("STSBenchmarkLocal", data, 4, None)
+    task.load_data()
+    assert reads == [data] and task.dataset["test"]["score"] == [0.0, 1.5, 2.0, 3.5]
