@@ -9,7 +9,9 @@ trains ``configs/smollm2-135m/<config>.yaml`` for ``--steps`` steps on 2 ranks, 
 the causal model on STS-B test (all pairs) and on its ``--holdout-genre`` pairs. ``--train-without-holdout``
 trains on STS-B train less that genre (the held-out protocol's MNTP data) instead of the config's corpus. Writes
 ``curve.csv`` (step, MNTP loss on the dev sentences, dev Spearman, test Spearman, held-out Spearman) and
-``curve.json``. The test figures are a diagnosis: no budget or adapter is chosen by them (the quality table
+``curve.json`` (``genre_in_training``: whether the stage's data held the scored genre, as ``--config mntp``'s
+STS-B train does unless ``--train-without-holdout``). A --work an earlier run used is refused (its run would
+resume its finished checkpoint rather than train). The test figures are a diagnosis: no budget or adapter is chosen by them (the quality table
 chooses on dev, see quality_smollm2.py).
 """
 import argparse
@@ -52,9 +54,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.every <= 0 or args.steps % args.every:
         ap.error(f"--steps {args.steps} must be a positive multiple of --every {args.every}")
+    q.fresh_work(args.work)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
+    with open(log, "a"):  # this run's from now (q.fresh_work)
+        pass
     sts = {k: os.path.join(q.STS, f"sts-{k}.csv") for k in ("train", "dev", "test")}
     held = q.holdout_files(args.holdout_genre, sts["train"], sts["dev"], sts["test"], os.path.join(args.work, "holdout"))
     dev = q.interleaved_dev(sts["dev"], args.work)
@@ -68,7 +73,10 @@ def main(argv=None):
            f"save_every={args.every}", "keep_checkpoints=0", *([f"data={held['train']}"] if args.train_without_holdout else []),
            *args.set]
     t0 = time.time()
-    train_s = q.sh(cmd, log)
+    try:
+        train_s = q.sh(cmd, log)
+    except q.RowFailed as e:
+        raise SystemExit(f"training failed: {e}") from None
     curve = _curve(os.path.join(run, "metrics.csv"))
     tests = {"test": sts["test"], args.holdout_genre: held["test"]}
     rows = []
@@ -79,7 +87,10 @@ def main(argv=None):
         loss, dev_spearman = curve.get(step, ("", ""))  # no MNTP eval for the causal model and step 0
         row = {"step": step, "eval_loss": loss, "dev_spearman": dev_spearman}
         for name, path in tests.items():
-            row[f"{name}_spearman"] = round(q.evaluate(model, path, log, causal=causal)["spearman"], 2)
+            try:
+                row[f"{name}_spearman"] = round(q.evaluate(model, path, log, causal=causal)["spearman"], 2)
+            except q.RowFailed as e:
+                raise SystemExit(f"step {step}: {e}") from None
         rows.append(row)
         print(row, flush=True)
     with open(os.path.join(args.out, "curve.csv"), "w", newline="") as f:
@@ -90,6 +101,7 @@ def main(argv=None):
     write_json(os.path.join(args.out, "curve.json"), {
         "date": datetime.date.today().isoformat(), "commit": commit, "config": args.config,
         "train": "sts-train without " + args.holdout_genre if args.train_without_holdout else "config",
+        "genre_in_training": args.config == "mntp" and not args.train_without_holdout,
         "steps": args.steps, "every": args.every, "nproc": args.nproc, "overrides": args.set,
         "train_seconds": round(train_s, 1), "wall_seconds": round(time.time() - t0, 1),
         "eval_data": os.path.relpath(eval_data, ROOT), "rows": rows})

@@ -27,7 +27,12 @@ dev Spearman moves non-monotonically while its loss falls (24 / 44 / 35 / 55 at 
 table), so picking by it picks a point on a path MNTP does not optimise; (c)-(f) all use that adapter. ``--set`` overrides apply to every stage,
 ``--stage-set STAGE:key=value`` to one (e.g. ``--stage-set mntp:max_steps=300``). ``--test-limit N`` scores
 only the first N test pairs (rehearsals: the README then says so). Writes results.json, README.md and each
-stage's metrics.csv and best-adapter record into --out. Every evaluation keeps each pair's cosine in
+stage's metrics.csv and best-adapter record into --out; README.md's sections written by hand (from its first
+``## `` heading on) are kept. results.json records the command as it was run, the metrics files this run wrote
+(``metrics_files``), each row that failed (``failed``: a training or evaluation command that did not succeed, and
+the rows built on it; the other rows go on, and the script exits 1 at the end) and whether the table is whole
+(``complete``). A --work that an earlier run used is refused: its stages would resume their finished
+checkpoints rather than train. Every evaluation keeps each pair's cosine in
 ``--work/scores/``, and each row's difference to the causal model (a) gets a 95% paired bootstrap interval over
 the test pairs (``vs_causal`` in results.json, and a table in the README): how far the pairs alone could move it.
 
@@ -43,6 +48,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -77,6 +83,20 @@ NAMES = {"a": "(a) causal SmolLM2-135M-Instruct, mean pooling", "b": "(b) bidire
          "k": "(k) (j) + graded loss on STS-B train"}
 
 
+class RowFailed(Exception):
+    """A training or evaluation command of one row failed (not bad input): the row is recorded as failed and the
+    rows that do not need it go on."""
+
+
+def fresh_work(work, flag="--work"):
+    """Refuse (one line, exit 2) a work folder an earlier run used (its ``log.txt``): every stage there ends with a
+    checkpoint at its last step, which the trainer's ``resume=auto`` would take as a finished run, so the rows
+    would be the old adapters scored again, not trained."""
+    if os.path.isfile(os.path.join(work, "log.txt")):
+        cli_error(f"{flag} {work} holds an earlier run (its log.txt): its stages would resume their finished "
+                  f"checkpoints instead of training; give a new {flag} or remove that one")
+
+
 def sh(cmd, log):
     t0 = time.time()
     print("+", " ".join(cmd), flush=True)
@@ -93,7 +113,7 @@ def sh(cmd, log):
             line = said[-1][len("error: "):] if said[-1].startswith("error: ") else said[-1]
             cli_error(f"{line} (log: {log})")
     if r.returncode != 0:
-        raise SystemExit(f"command failed ({r.returncode}); see {log}")
+        raise RowFailed(f"command failed ({r.returncode}); see {log}")
     return time.time() - t0
 
 
@@ -112,7 +132,8 @@ def evaluate(model, test, log, causal=False, scores=None, extra=()):
     with open(log, "a") as f:
         f.write("+ " + " ".join(cmd) + "\n" + out.stderr[-2000:] + out.stdout)
     if out.returncode != 0:
-        raise SystemExit(f"evaluation failed: {out.stderr[-2000:]}")
+        said = [ln for ln in out.stderr.splitlines() if ln.strip()]
+        raise RowFailed(f"evaluation failed ({out.returncode}): {said[-1] if said else 'no output'}; see {log}")
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["eval_seconds"] = round(time.time() - t0, 1)
     return res
@@ -224,6 +245,17 @@ def holdout_files(genre, train, dev, test, work):
             "test": _write(os.path.join(work, "sts-test.csv"), sts_genre_lines(test, [genre]))}
 
 
+def hand_written(readme):
+    """What a README.md in --out holds from its first ``## `` heading on: sections written by hand (readings of the
+    table), which the script's own table never has; kept when the table is rewritten. "" when there are none."""
+    if not os.path.isfile(readme):
+        return ""
+    with open(readme, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    at = next((i for i, line in enumerate(lines) if line.startswith("## ")), None)
+    return "" if at is None else "\n".join(lines[at:]) + "\n"
+
+
 def ci_lines(rows, held_rows, genre):
     """The README's table of each row's difference to the causal model with its 95% paired interval."""
     keys = [k for k in NAMES if "vs_causal" in rows.get(k, {}) or (held_rows and "vs_causal" in held_rows.get(k, {}))]
@@ -285,9 +317,13 @@ def main(argv=None):
         path = getattr(args, flag[2:])
         if os.path.exists(path) and not os.path.isdir(path):
             cli_error(f"{flag} {path} is a file, not a folder")
+    fresh_work(args.work)
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     log = os.path.join(args.work, "log.txt")
+    with open(log, "a"):  # this run's from now: a second run into this --work is refused (fresh_work)
+        pass
+    cmdline = "python benchmarks/quality_smollm2.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.holdout_genre == "none":
         args.holdout_genre = None
     dev = interleaved_dev(args.dev, args.work)
@@ -301,8 +337,9 @@ def main(argv=None):
                                    [line.rstrip("\n") for line in open(files["test"]) if line.strip()][:args.test_limit])
     t_all = time.time()
     commit = git_commit()
-    results = {name: {"rows": {}, "timings": {}, "budgets": {}, "selected": {}} for name in protocols}
-    general = {"timings": {}, "budgets": {}, "selected": {}}  # the stages (g) and (h), trained once
+    results = {name: {"rows": {}, "timings": {}, "budgets": {}, "selected": {}, "failed": {}} for name in protocols}
+    general = {"timings": {}, "budgets": {}, "selected": {}, "failed": {}}  # the stages (g), (h), (j), trained once
+    written = []  # the metrics files this run copied into --out (an earlier run's may sit beside them)
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.nproc)]
 
     def train(stage, out, files, res, prefix, extra=(), config=None):
@@ -328,38 +365,70 @@ def main(argv=None):
             path, meta = selected(out)
             res["selected"][stage] = {"adapter": os.path.relpath(path, out), **(meta or {})}
         shutil.copy(os.path.join(out, "metrics.csv"), os.path.join(args.out, f"{prefix}{stage}_metrics.csv"))
+        written.append(f"{prefix}{stage}_metrics.csv")
         return path
+
+    def attempt(failed, keys, work, needs=None):
+        """Run ``work()`` for the rows ``keys``; a failed command (:class:`RowFailed`) is recorded as each row's
+        failure in ``failed`` and said on stderr, and the table goes on with the rows that do not need it.
+        ``needs``: (row, its failure) this one builds on, already failed: recorded, not run."""
+        if needs and needs[1]:
+            for k in keys:
+                failed[k] = f"needs {needs[0]}, which failed"
+            return None
+        try:
+            return work()
+        except RowFailed as e:
+            for k in keys:
+                failed[k] = str(e)
+            print(f"row(s) {', '.join(f'({k})' for k in keys)} failed: {e}", file=sys.stderr, flush=True)
+            return None
 
     def run_protocol(name):
         files, res = protocols[name], results[name]
         work = args.work if name == "in-domain" else os.path.join(args.work, name)
         prefix = "" if name == "in-domain" else f"{name}_"
-        rows = res["rows"]
+        rows, failed = res["rows"], res["failed"]
 
         def score(key, model, causal=False):  # each pair's cosine is kept for the interval against (a)
             rows[key] = evaluate(model, files["test"], log, causal=causal, scores=scores_file(name, key))
             report(False)
 
+        def row(key, work_fn, needs=None):
+            attempt(failed, [key], work_fn, needs)
+            if key in failed:
+                report(False)
+
         if "a" in args.rows:
-            score("a", "smollm2-135m", causal=True)
+            row("a", lambda: score("a", "smollm2-135m", causal=True))
         if "b" in args.rows:
-            score("b", "smollm2-135m")
-        mntp_adapter = None
+            row("b", lambda: score("b", "smollm2-135m"))
+        mntp_adapter, mntp_failed = None, None
         if set("cdef") & set(args.rows):
-            mntp_adapter = train("mntp", os.path.join(work, "mntp"), files, res, prefix)
-            if "c" in args.rows:
-                score("c", mntp_adapter)
+            mntp_keys = [k for k in "cdef" if k in args.rows]
+            mntp_adapter = attempt(failed, mntp_keys, lambda: train("mntp", os.path.join(work, "mntp"), files, res,
+                                                                    prefix))
+            mntp_failed = failed.get(mntp_keys[0]) if mntp_adapter is None else None
+            if mntp_failed:
+                report(False)
+            elif "c" in args.rows:
+                row("c", lambda: score("c", mntp_adapter))
         for key, stage in STAGES.items():
-            if key not in args.rows:
-                continue
-            score(key, train(stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"]))
+            if key in args.rows:
+                row(key, lambda key=key, stage=stage: score(key, train(
+                    stage, os.path.join(work, stage), files, res, prefix, [f"model.adapters=[{mntp_adapter}]"])),
+                    needs=("the MNTP stage", mntp_failed))
         for key in "ghj":
             if key in args.rows:
-                score(key, general_adapters[key])
+                row(key, lambda key=key: score(key, general_adapters[key]),
+                    needs=(f"the general stage of ({key})", general_failed.get(key)))
         for key, under in (("i", "gh"), ("k", "ghj")):  # the graded stage of (f) on top of general adapters
             if key in args.rows:
-                score(key, train(STAGE_OF[key], os.path.join(work, STAGE_OF[key]), files, res, prefix,
-                                 [f"model.adapters=[{','.join(general_adapters[u] for u in under)}]"], config="graded"))
+                lost = next((general_failed[u] for u in under if general_failed.get(u)), None)
+                row(key, lambda key=key, under=under: score(key, train(
+                    STAGE_OF[key], os.path.join(work, STAGE_OF[key]), files, res, prefix,
+                    [f"model.adapters=[{','.join(general_adapters[u] for u in under)}]"], config="graded")),
+                    needs=(f"the general stages ({', '.join(under)})", lost))
 
     def scores_file(protocol, key):
         return os.path.join(args.work, "scores", f"{protocol}_{key}.tsv")
@@ -387,12 +456,6 @@ def main(argv=None):
         import torch
 
         hw = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-        cmdline = "python benchmarks/quality_smollm2.py --nproc %d%s%s%s%s%s" % (
-            args.nproc, (" --set " + " ".join(args.set)) if args.set else "",
-            (" --stage-set " + " ".join(args.stage_set)) if args.stage_set else "",
-            f" --rows {args.rows}" if args.rows != "abcdef" else "",
-            f" --test-limit {args.test_limit}" if args.test_limit else "",
-            f" --holdout-genre {args.holdout_genre}" if args.holdout_genre else "")
         for name in protocols:
             intervals(name)
         ind = results["in-domain"]
@@ -400,8 +463,10 @@ def main(argv=None):
         result = {"date": datetime.date.today().isoformat(), "commit": commit, "hardware": hw, "nproc": args.nproc,
                   "command": cmdline, "label": args.label, "test_pairs": rows[next(iter(rows))]["pairs"] if rows else 0,
                   "wall_seconds": round(wall, 1), "timings": timings, "budgets": budgets, "selected": picked,
-                  "overrides": args.set, "stage_overrides": per_stage, "rows": rows}
-        if general["timings"]:
+                  "overrides": args.set, "stage_overrides": per_stage, "rows": rows, "failed": ind["failed"],
+                  "complete": final and not any(r["failed"] for r in results.values()),
+                  "metrics_files": sorted(written)}
+        if general["timings"] or general["failed"]:
             result["general"] = {"data": os.path.relpath(GENERAL, ROOT), **general}
             if set("jk") & set(args.rows):
                 result["general"]["supervised_data"] = os.path.relpath(GENERAL_PAIRS, ROOT)
@@ -415,6 +480,9 @@ def main(argv=None):
         lines = ["# STS Benchmark test: LLM2Vec on SmolLM2-135M-Instruct", ""]
         if not final:
             lines += ["**Partial: the run is still going (or was cut short); rows so far.**", ""]
+        for name, r in results.items():
+            for k, why in r["failed"].items():
+                lines += [f"**Failed: {NAMES[k]}{'' if name == 'in-domain' else f' ({name})'}: {why}**", ""]
         if args.label:
             lines += [f"**{args.label}**", ""]
         if args.test_limit:
@@ -423,10 +491,10 @@ def main(argv=None):
                   f"{wall / 60:.1f} min for the whole table{'' if final else ' so far'}.", "", f"Command: `{cmdline}`", "",
                   "Each training stage evaluates on STS-B dev every `eval_every` steps (the first `eval_sts_pairs` "
                   "pairs of dev interleaved genre by genre, so every genre is in the selection). The contrastive "
-                  "stages keep their best adapter by dev Spearman (`best/`), and their rows use it; MNTP hands on "
-                  f"its last adapter to row (c) and to (d)-(f)"
-                  f"{mntp_loss_note({f'{n} {st}': sel for n, r in results.items() for st, sel in r['selected'].items()})}"
-                  ".", ""]
+                  "stages keep their best adapter by dev Spearman (`best/`), and their rows use it"
+                  + (f"; MNTP hands on its last adapter to row (c) and to (d)-(f)"
+                     f"{mntp_loss_note({f'{n} {st}': sel for n, r in results.items() for st, sel in r['selected'].items()})}"
+                     if set("cdef") & set(args.rows) else "") + ".", ""]
         if general["timings"]:
             lines += ["General recipe: (g) and (h) train on `data/wikitext2-sentences` only, (j) on top of them on "
                       "`data/snli-triplets` only, once for both columns; they hand on their last adapters (their STS-B "
@@ -478,25 +546,30 @@ def main(argv=None):
                   + "; budgets and the selected adapters: `results.json`.", "",
                   "For scale (published, other models): unsupervised SimCSE BERT-base about 77; supervised "
                   "all-MiniLM-L6-v2 about 82."]
-        write_text(os.path.join(args.out, "README.md"), "\n".join(lines) + "\n")
+        kept = hand_written(os.path.join(args.out, "README.md"))
+        if kept:
+            lines += ["", "The sections below were written by hand about the measurements of their dates; the script "
+                      "keeps them when it rewrites the table above."]
+        write_text(os.path.join(args.out, "README.md"), "\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
         if final:
             print("\n".join(lines))
 
-    general_adapters = {}
+    general_adapters, general_failed = {}, general["failed"]  # a general stage's adapter, or why it failed
     if set("ghijk") & set(args.rows):  # the general stages: their config's corpus, trained once for every protocol
         gfiles = {"train": None, "dev": dev}
-        general_adapters["g"] = train("general-mntp", os.path.join(args.work, "general-mntp"), gfiles, general, "",
-                                      config="general-mntp")
-        if set("hijk") & set(args.rows):
-            general_adapters["h"] = train("general-simcse", os.path.join(args.work, "general-simcse"), gfiles, general,
-                                          "", [f"model.adapters=[{general_adapters['g']}]"], config="general-simcse")
-        if set("jk") & set(args.rows):
-            general_adapters["j"] = train("general-supervised", os.path.join(args.work, "general-supervised"), gfiles,
-                                          general, "", [f"model.adapters=[{general_adapters['g']},{general_adapters['h']}]"],
-                                          config="general-supervised")
+        for key, below, users in (("g", "", "ghijk"), ("h", "g", "hijk"), ("j", "gh", "jk")):
+            if not set(users) & set(args.rows):
+                continue
+            lost = next((general_failed[u] for u in below if general_failed.get(u)), None)
+            adapters = [f"model.adapters=[{','.join(general_adapters[u] for u in below)}]"] if below and not lost else []
+            general_adapters[key] = attempt(general_failed, [key], lambda key=key, adapters=adapters: train(
+                GENERAL_STAGES[key], os.path.join(args.work, GENERAL_STAGES[key]), gfiles, general, "", adapters,
+                config=GENERAL_STAGES[key]), needs=(f"the general stage of ({below[-1:]})", lost))
     for name in protocols:
         run_protocol(name)
     report(True)
+    if any(r["failed"] for r in results.values()):
+        raise SystemExit(f"some rows failed (see results.json's failed, and {log})")
 
 
 if __name__ == "__main__":

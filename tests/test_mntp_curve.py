@@ -78,6 +78,23 @@ def test_curve_scores_every_kept_adapter_on_both_test_sets(tmp_path, monkeypatch
     for r, want in zip(rows, (-1, 0, 2, 4, 6)):  # each figure is its own model's, on its own test set
         assert float(r["test_spearman"]) == round(want + 0.1379, 2) and float(r["news_spearman"]) == round(want + 0.05, 2)
     assert json.loads((out / "curve.json").read_text())["train"] == "config"
+    assert json.loads((out / "curve.json").read_text())["genre_in_training"] is False  # general-mntp: WikiText-2
+
+
+def test_a_used_work_folder_is_refused_and_the_genre_in_training_is_said(tmp_path, monkeypatch, capsys):
+    """A second run into the same --work resumed the first run's finished checkpoint (train_seconds near 0); with
+    --config mntp the scored genre is in STS-B train, which curve.json now says."""
+    import benchmarks.mntp_curve as mc
+    import benchmarks.quality_smollm2 as q
+
+    calls = _fake(monkeypatch, q)
+    argv = ["--config", "mntp", "--steps", "2", "--every", "2", "--out", str(tmp_path / "out"),
+            "--work", str(tmp_path / "work")]
+    mc.main(argv)
+    assert json.loads((tmp_path / "out" / "curve.json").read_text())["genre_in_training"] is True
+    with pytest.raises(SystemExit) as e:
+        mc.main(argv)
+    assert e.value.code == 2 and "holds an earlier run" in capsys.readouterr().err and len(calls["train"]) == 1
 
 
 def test_curve_can_train_on_sts_without_the_held_out_genre(tmp_path, monkeypatch):
