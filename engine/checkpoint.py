@@ -30,7 +30,7 @@ from .config import ConfigError, load_config, to_dict
 from .data import read_sts
 from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
-from .files import sync_folder, sync_tree, write_json, write_text
+from .files import sync_file, sync_folder, sync_tree, write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
 
 
@@ -504,6 +504,9 @@ class Checkpointer:
             _fault_point(step, "adapter")
 
         def mark_complete():
+            # the rows logged up to this step are on disk before the checkpoint that a resume keeps them for (a
+            # resume logs only the steps after it: a row lost to a power cut would be a silent gap)
+            sync_file(os.path.join(self.cfg.output_dir, "metrics.csv"))
             write_json(os.path.join(path, COMPLETE), {"step": step})
             _fault_point(step, "complete")
             write_text(os.path.join(self.root, "latest"), tag)

@@ -132,7 +132,7 @@ class TrainConfig:
     eval_sts_pairs: int = 500  # an STS eval_data file: score its first N pairs (dev Spearman, best/ selection)
     save_every: int = 0  # 0: save only at the end
     keep_checkpoints: int = 2
-    logger: str = "csv"  # csv | tensorboard | both
+    logger: str = "csv"  # csv | tensorboard | both: metrics.csv is always written; tensorboard and both add TensorBoard
     # auto: stage 0 (replicated base, data parallel) when the base + planned activations fit one device's memory,
     # else ZeRO-3; or 0 | 1 | 2 | 3 explicitly. See engine/memory.py.
     zero_stage: str = "auto"

@@ -12,7 +12,8 @@ Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` 
 Nothing is dropped silently: every reader returns a :class:`DataStats` with the empty and duplicate counts it
 checks (and MNTP's truncated rows, at tokenisation), which the trainer logs; a malformed row is a DataError naming
 its line. Texts the contrastive stages cut to their max length are counted per step, at collate (the
-``truncated`` column of metrics.csv).
+``truncated`` column of metrics.csv: the texts cut since the previous row, so with ``log_every`` > 1 the steps
+without a row are counted in the next one).
 """
 import collections
 import dataclasses

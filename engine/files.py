@@ -7,7 +7,8 @@ a value JSON cannot hold) the temporary file is removed and ``path`` is left as 
 (SIGKILL, power) can leave its ``<path>.tmp<pid>`` behind, never a half-written ``path``.
 
 Every file the engine writes in place (the checkpoint markers and ``latest``, ``run.json``, ``config.yaml``,
-``metrics.csv``, score files, ``engine.pick``'s result) goes through here; files inside a folder that is itself
+``metrics.csv`` when it is rewritten, score files, ``engine.pick``'s result) goes through here (metrics.csv's
+appended rows are synced with :func:`sync_file` before a checkpoint is marked complete); files inside a folder that is itself
 renamed into place (adapters, exports) need not; such a folder, and a checkpoint's DeepSpeed files, are synced
 with :func:`sync_tree` before the rename or the marker that publishes them.
 """
@@ -34,6 +35,12 @@ def atomic_open(path, mode="w", newline=None):
             os.remove(tmp)
         raise
     sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def sync_file(path):
+    """fsync the file at ``path`` (best effort, as :func:`sync_folder`): rows appended to metrics.csv, before the
+    checkpoint that covers them is marked complete."""
+    _fsync_path(path)
 
 
 def sync_folder(folder):

@@ -204,6 +204,19 @@ def budget_bytes(cfg, device, local_world):
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(local_world, 1))
 
 
+def base_too_big(weights_bytes, device_bytes, dtype):
+    """One line when the base's weights alone (``weights_bytes`` in ``dtype``) exceed a GPU's memory
+    (``device_bytes``), else None. The engine places the whole base on each GPU before DeepSpeed (ZeRO-3 included)
+    shards it (:meth:`MemoryPlan.startup`), so such a run can only go out of memory at its start, after every rank
+    has read the whole model into host RAM: the trainer refuses it before any weight loads."""
+    if weights_bytes <= device_bytes:
+        return None
+    return (f"the base model's weights ({weights_bytes / GIB:.1f} GiB in {dtype}) do not fit one GPU "
+            f"({device_bytes / GIB:.1f} GiB): the engine places the whole base on each GPU before ZeRO-3 shards it "
+            f"(it does not load under deepspeed.zero.Init), so it trains bases that fit one GPU; use GPUs with "
+            f"more memory")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
     """What a decoder layer's saved activations depend on (per token): widths, element sizes, LoRA."""

@@ -1,20 +1,31 @@
 """metrics.csv (and optionally TensorBoard): one row per logged step, written by rank 0."""
 import csv
+import importlib.util
 import io
 import os
 
+from .config import ConfigError
 from .files import atomic_open
 
 
+def check_logger(cfg):
+    """ConfigError when ``cfg.logger`` asks for TensorBoard and the ``tensorboard`` package is not installed (the
+    ``dev`` extra has it): said before the model loads, not as an ImportError on every rank once it has."""
+    if cfg.logger in ("tensorboard", "both") and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(f"logger={cfg.logger} needs the tensorboard package, which is not installed: "
+                          f"pip install tensorboard, or logger=csv")
+
+
 class MetricsLogger:
-    """metrics.csv (rank 0): one row per logged step. A column that appears later (eval metrics) rewrites the
+    """metrics.csv (rank 0): one row per logged step, whatever ``logger`` says (resume, ``best/``, ``engine.pick``
+    and the export read it; ``logger=tensorboard`` and ``both`` add TensorBoard beside it). A column that appears later (eval metrics) rewrites the
     file with the wider header, so every row stays aligned; a resumed run (``start``: the step it resumes from)
     drops rows past that step, then appends, and TensorBoard hides its events past that step (``purge_step``). A
     file that does not end in a newline was torn mid-row (a power cut): that row is dropped and the file rewritten
     (atomically, as every rewrite), so the next row starts on a line of its own."""
 
     def __init__(self, cfg, rank, start=None):
-        self.rank, self.kind = rank, cfg.logger
+        self.rank = rank
         self.path = os.path.join(cfg.output_dir, "metrics.csv")
         self.rows, self.fields = [], []
         torn = False
@@ -41,15 +52,14 @@ class MetricsLogger:
         if self.rank != 0:
             return
         row = {"step": step, **row}
-        if self.kind in ("csv", "both"):
-            new = [k for k in row if k not in self.fields]
-            self.fields += new
-            self.rows.append(row)
-            if new or not os.path.exists(self.path):
-                self._rewrite()
-            else:
-                with open(self.path, "a", newline="") as f:
-                    csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+        new = [k for k in row if k not in self.fields]  # metrics.csv: the run's record, under every logger
+        self.fields += new
+        self.rows.append(row)
+        if new or not os.path.exists(self.path):
+            self._rewrite()
+        else:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):

@@ -41,6 +41,7 @@ def check_targets_offline(cfg):
     try:
         model = meta_model(arch)
         check_lora_targets(cfg.lora, model)
+        check_base_fits_gpu(cfg, model)
         if cfg.lora.enabled and cfg.model.fused_ops == "triton":  # a group's rank that one tile cannot hold
             from engine.lora import fuse_lora
             from engine.modeling import add_lora
@@ -49,6 +50,27 @@ def check_targets_offline(cfg):
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
+
+
+def check_base_fits_gpu(cfg, model, device_bytes=None):
+    """ConfigError when the base's weights (``model``: the meta-built architecture) in the run's dtype exceed this
+    rank's GPU (``device_bytes``: its total memory; on a machine without CUDA nothing is checked):
+    ``engine.memory.base_too_big``, said before any weight loads rather than as an out-of-memory error after."""
+    import torch
+
+    from engine.memory import base_too_big
+    from engine.modeling import torch_dtype
+
+    if device_bytes is None:
+        if not torch.cuda.is_available():
+            return
+        local = launch_ranks()[1] % max(torch.cuda.device_count(), 1)
+        device_bytes = torch.cuda.get_device_properties(local).total_memory
+    dtype = torch_dtype(cfg.model.dtype, "cuda")
+    weights = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    too_big = base_too_big(weights, device_bytes, str(dtype).replace("torch.", ""))
+    if too_big:
+        raise ConfigError(too_big)
 
 
 # Where launchers put this process's rank, and its rank on its host, before the process group exists: DeepSpeed's
@@ -173,7 +195,10 @@ def main(argv=None):
     except DataError as e:
         return _said_once(error_line(e))
     try:
+        from engine.metrics import check_logger
+
         check_model_names(cfg)
+        check_logger(cfg)  # TensorBoard asked for and not installed: here, not after the model has loaded
     except ConfigError as e:
         return _said_once(error_line(e, CONFIG_ERROR))
     from engine.distributed import collective_timeout  # imports torch, as the run does next

@@ -29,7 +29,7 @@ from .distributed import init_distributed, log0, on_rank0, said_by_rank0, smalle
 from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
-from .memory import choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
+from .memory import base_too_big, choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda,
@@ -86,6 +86,7 @@ class Trainer:
     """One training run: what ``setup`` builds, then one ``train_step`` and one ``after_step`` per optimizer step."""
 
     log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
+    truncated_unlogged = 0  # texts cut in steps whose rows log_every left out: carried into the next logged row
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -155,6 +156,11 @@ class Trainer:
         model, _ = load_model(cfg.model, self.device.type, self.tok)
         model, self.mem, self.zero_stage = setup_model(cfg, self.stage, model, world,
                                                        int(os.environ.get("LOCAL_SIZE", world)), self.device)
+        if self.device.type == "cuda":  # (train.py checks it on the meta model when the architecture is offline)
+            too_big = base_too_big(self.mem.weights_bytes, torch.cuda.get_device_properties(self.device).total_memory,
+                                   self.mem.dtype)
+            if too_big:
+                raise ConfigError(too_big)
         model.to(self.device)
         self.module = EngineModule(model, self.stage)
         self.dtype = next(model.parameters()).dtype
@@ -334,12 +340,16 @@ class Trainer:
         engine.train()
 
     def log(self, done, row, always=False):
-        """Rank 0 appends ``row`` to metrics.csv (and TensorBoard). A failed write (a full disk) is kept, not raised:
+        """Rank 0 appends ``row`` to metrics.csv (and TensorBoard); its ``truncated`` counts the texts cut since the
+        last logged row (every step's, whatever ``log_every`` leaves out). A failed write (a full disk) is kept, not raised:
         the other ranks are already on their way into the next step's collectives, which rank 0 would never join.
         The next step's all-reduce carries a flag for it, and every rank raises it together (:meth:`raise_log_error`;
         after the last step, :meth:`finish`): one step later, at no cost to a step that logs fine."""
         cfg = self.cfg
+        self.truncated_unlogged += row.get("truncated", 0)
         if done % cfg.log_every == 0 or done == cfg.max_steps or always:
+            row = {**row, "truncated": self.truncated_unlogged}  # every text cut since the last logged row
+            self.truncated_unlogged = 0
             if self.rank == 0 and self.log_error is None:
                 try:
                     self.logger.log(done, row)

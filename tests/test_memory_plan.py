@@ -445,3 +445,27 @@ def test_readme_states_the_planned_bytes_per_path():
     assert (f"Gemma2-9B plans {planned:.1f} KiB per token per layer under `none` (measured "
             f"{measured_per_token(gemma, 'none') / 1024:.1f}), where Llama's terms gave "
             f"{activation_bytes(llama_terms, 'fused')['none'] / 1024:.1f}") in readme
+
+
+def test_a_base_whose_weights_exceed_one_gpu_is_refused_before_any_weight_loads():
+    """Llama-3-70B on 80 GB cards: the plan said NOTHING FITS and the run went on, every rank reading the whole
+    model into host RAM, to an out-of-memory error at model.to(device). The check runs on the meta-built model."""
+    import pytest
+    from transformers import AutoConfig
+
+    from engine.config import ConfigError, load_config
+    from engine.modeling import architecture_config, meta_model
+    from engine.train import check_base_fits_gpu
+
+    gib = 1024**3
+    cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml"))
+    mistral = meta_model(architecture_config(cfg.model)[0])
+    check_base_fits_gpu(cfg, mistral, device_bytes=int(79.65 * gib))  # 13.5 GiB: fits
+    with pytest.raises(ConfigError, match=r"weights \(13\.5 GiB in bfloat16\) do not fit one GPU \(12\.0 GiB\)"):
+        check_base_fits_gpu(cfg, mistral, device_bytes=12 * gib)
+    llama70 = meta_model(AutoConfig.for_model("llama", hidden_size=8192, num_hidden_layers=80, intermediate_size=28672,
+                                              num_attention_heads=64, num_key_value_heads=8, vocab_size=128256))
+    with pytest.raises(ConfigError, match=r"\(131\.4 GiB in bfloat16\) do not fit one GPU \(79\.6 GiB\)"):
+        check_base_fits_gpu(cfg, llama70, device_bytes=int(79.65 * gib))
+    check_base_fits_gpu(cfg, llama70, device_bytes=int(139.8 * gib))  # an H200 holds it whole at the start
+    check_base_fits_gpu(cfg, llama70)  # no CUDA here: nothing to check against

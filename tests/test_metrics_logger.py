@@ -65,3 +65,54 @@ def test_tensorboard_curves_do_not_double_back_after_a_resume(tmp_path):
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 9.0), (2, 8.0), (3, -2.0), (4, -3.0)]
+
+
+def test_tensorboard_alone_still_writes_metrics_csv(tmp_path):
+    """logger=tensorboard wrote no metrics.csv, which resume, best/, engine.pick and the export read."""
+    pytest.importorskip("tensorboard")
+    cfg = load_config(None, ["model.name_or_path=x", f"output_dir={tmp_path}", "logger=tensorboard"])
+    log = MetricsLogger(cfg, rank=0)
+    log.log(1, {"loss": 2.0})
+    log.log(2, {"loss": 1.0})
+    log.tb.close()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(r["step"], r["loss"]) for r in csv.DictReader(f)] == [("1", "2.0"), ("2", "1.0")]
+
+
+def test_tensorboard_asked_for_and_not_installed_is_a_config_error_before_the_run(tmp_path, monkeypatch, capsys):
+    """It was an ImportError on every rank after the model had loaded and DeepSpeed had started."""
+    import importlib.util
+
+    from engine import train
+    from engine.config import ConfigError
+    from engine.metrics import check_logger
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    check_logger(load_config(None, ["model.name_or_path=x", "logger=csv"]))  # csv needs nothing
+    with pytest.raises(ConfigError, match="logger=both needs the tensorboard package"):
+        check_logger(load_config(None, ["model.name_or_path=x", "logger=both"]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sts = os.path.join(root, "data", "stsbenchmark", "sts-train.csv")
+    rc = train.main(["--config", os.path.join(root, "configs", "smollm2-135m", "mntp.yaml"), "logger=tensorboard",
+                     f"data={sts}", "eval_data=[]",
+                     f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr()
+    assert rc == 2 and "logger=tensorboard needs the tensorboard package" in err.out + err.err
+    assert not (tmp_path / "run").exists()  # said before anything is written
+
+
+def test_texts_cut_in_steps_without_a_row_are_counted_in_the_next_row():
+    """With log_every > 1 the truncated counts of the steps without a row were lost."""
+    import types
+
+    from engine.trainer import Trainer
+
+    rows = []
+    t = Trainer.__new__(Trainer)
+    t.cfg = types.SimpleNamespace(log_every=3, max_steps=7)
+    t.rank, t.bar = 0, types.SimpleNamespace()
+    t.logger = types.SimpleNamespace(log=lambda step, row: rows.append((step, row["truncated"])))
+    for done, cut in zip(range(1, 8), (1, 2, 0, 4, 0, 5, 6)):
+        t.log(done, {"loss": 1.0, "truncated": cut}, always=done == 5)  # step 5: an eval's row
+    assert rows == [(3, 3), (5, 4), (6, 5), (7, 6)] and sum(n for _, n in rows) == 18
