@@ -75,3 +75,74 @@ def test_grad_cache_matches_direct(stage_name, chunk, targets, monkeypatch):
     with torch.no_grad():
         other = stage.loss(module, batch)[0]
     assert abs(float(other) - float(direct_loss)) > 1e-6
+
+
+@pytest.mark.parametrize("scale_power", [15, 16])
+def test_fp16_embedding_gradients_keep_their_precision_under_the_loss_scale(scale_power, monkeypatch):
+    """fp16 with gradient caching: the cached embedding gradients were held in fp16 before the loss scale applied
+    (it applies at engine.backward, after), so small ones flushed to zero (57% here at scale 2^15, 26% error) and
+    the fp16 surrogate's own gradient, the scale, overflowed at DeepSpeed's first scale 2^16 (every gradient NaN).
+    A stand-in engine scales the surrogate as DeepSpeed's fp16 optimizer does; its gradients, unscaled, match
+    the fp32 loss's on the same fp16 embeddings to fp16 precision."""
+    import contextlib
+
+    import engine.stages.contrastive as contrastive_mod
+
+    monkeypatch.setattr(contrastive_mod, "dispatch_as_if_backward", lambda model: contextlib.nullcontext())
+    cfg = load_config("configs/tiny/simcse.yaml", ["contrastive.grad_cache_chunk=128",
+                                                   "contrastive.gather_across_ranks=false"])
+    stage = build_stage(cfg, load_tokenizer(cfg.model))
+    n, width, scale = 1024, 512, 2.0 ** scale_power
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(n // 2, width, generator=g)
+    x = (torch.cat([base, base + 1.5 * torch.randn(n // 2, width, generator=g)]) * 300 / width ** 0.5).half()
+
+    class Fp16Engine:  # rows of one fp16 leaf as the embeddings; backward scales the loss as DeepSpeed fp16 does
+        module = type("M", (), {"model": None})()
+
+        def __init__(self):
+            self.x = x.clone().requires_grad_(True)
+
+        def __call__(self, batch):
+            return (self.x[batch["input_ids"][:, 0]],)
+
+        def backward(self, loss):
+            (loss.float() * scale).backward()
+
+    eng = Fp16Engine()
+    batch = {"input_ids": torch.arange(n)[:, None], "attention_mask": torch.ones(n, 1, dtype=torch.long),
+             "pool_mask": torch.ones(n, 1), "n_queries": n // 2}
+    stage.train_micro_step(eng, batch)
+    ref = x.float().requires_grad_(True)
+    q, d = stage.split(ref, batch)
+    stage.contrastive(q, d).backward()
+    got = eng.x.grad.float() / scale
+    assert torch.isfinite(got).all()
+    assert ((got == 0) & (ref.grad != 0)).float().mean() < 1e-3
+    assert (got - ref.grad).norm() / ref.grad.norm() < 2e-3
+
+
+def test_held_out_loss_embeds_in_the_training_chunks_and_is_the_same_loss(monkeypatch):
+    """The held-out eval ran a whole grad-cached micro-batch (batch / world texts, x (2 + negatives)) through the
+    model at once: no stored activations, but every layer's intermediates for all of it, which training never
+    holds. It now embeds chunk by chunk, and reads the same loss."""
+    cfg = load_config("configs/tiny/supervised.yaml", ["model.gradient_checkpointing=false"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    items, _, _ = stage.load(cfg.data, 40)
+    model, _ = load_model(cfg.model, "cpu", tok)
+    module = EngineModule(perturb_lora_b(add_lora(model, cfg.lora), 0.05), stage).eval()
+    sizes, embed = [], stage.embed
+
+    def counted(mod, input_ids, *a, **k):
+        sizes.append(input_ids.shape[0])
+        return embed(mod, input_ids, *a, **k)
+
+    monkeypatch.setattr(stage, "embed", counted)
+    whole = stage.batch_losses(PlainEngine(module), items, 2)
+    assert len(sizes) == 2 and min(sizes) > 4
+    sizes.clear()
+    stage.cfg.contrastive.grad_cache_chunk = 4
+    chunked = stage.batch_losses(PlainEngine(module), items, 2)
+    assert sizes and max(sizes) <= 4 and sum(sizes) > 8
+    assert chunked == pytest.approx(whole, rel=1e-5, abs=1e-6)

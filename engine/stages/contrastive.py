@@ -35,6 +35,19 @@ def _set_rng_state(st):
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def chunks(batch, chunk):
+    """[(start, end, sub-batch)]: ``batch``'s texts ``chunk`` at a time (gradient caching's pieces), each an
+    ``"embed"`` micro-batch with its packed layout when collate built them for this chunk size."""
+    n = batch["input_ids"].shape[0]
+    spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    layouts = batch.get("chunk_layouts")
+    if layouts is not None and len(layouts) != len(spans):
+        layouts = None  # built for another chunk size
+    return [(s, e, {"mode": "embed", "input_ids": batch["input_ids"][s:e],
+                    "attention_mask": batch["attention_mask"][s:e], "pool_mask": batch["pool_mask"][s:e],
+                    "layout": layouts[i] if layouts else None}) for i, (s, e) in enumerate(spans)]
+
+
 class ContrastiveStage(Stage):
     """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries.
     Every text (query, positive, negatives) is read in the chat wrap the run trains with (``self.chat``)."""
@@ -100,7 +113,13 @@ class ContrastiveStage(Stage):
         if batch.get("mode") == "embed":
             return self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"],
                               batch.get("layout")), {}
-        emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"], batch.get("layout"))
+        chunk = self.cfg.contrastive.grad_cache_chunk
+        if chunk > 0 and not torch.is_grad_enabled():  # a held-out batch: embedded chunk by chunk, as in training
+            emb = torch.cat([self.embed(module, sub["input_ids"], sub["attention_mask"], sub["pool_mask"],
+                                        sub["layout"]) for _, _, sub in chunks(batch, chunk)])
+        else:
+            emb = self.embed(module, batch["input_ids"], batch["attention_mask"], batch["pool_mask"],
+                             batch.get("layout"))
         q, d = self.split(emb, batch)
         tokens = batch.get("tokens")
         return self.contrastive(q, d, batch), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
@@ -111,32 +130,25 @@ class ContrastiveStage(Stage):
         chunk = self.cfg.contrastive.grad_cache_chunk
         if chunk <= 0:
             return super().train_micro_step(engine, batch)
-        n = batch["input_ids"].shape[0]
-        spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-
-        layouts = batch.get("chunk_layouts")
-        if layouts is not None and len(layouts) != len(spans):
-            layouts = None  # built for another chunk size
-
-        def sub(s, e):
-            return {"mode": "embed", "input_ids": batch["input_ids"][s:e], "attention_mask": batch["attention_mask"][s:e],
-                    "pool_mask": batch["pool_mask"][s:e], "layout": layouts[s // chunk] if layouts else None}
-
+        parts = chunks(batch, chunk)
         states, embs = [], []
         with torch.no_grad(), dispatch_as_if_backward(engine.module.model):  # the replay's attention kernels
-            for s, e in spans:
+            for _, _, sub in parts:
                 states.append(_rng_state())
-                embs.append(engine(sub(s, e))[0])
+                embs.append(engine(sub)[0])
         after = _rng_state()
-        emb = torch.cat(embs).detach().requires_grad_(True)
+        # The loss and its gradients in fp32: an fp16 run's loss scale applies only at engine.backward below, so
+        # fp16 embedding gradients (about 1 / (batch x temperature x norm)) would be held unscaled, flushed to zero
+        # when small, and an fp16 surrogate's gradient (the loss scale itself, 2^16 at first) would overflow
+        emb = torch.cat(embs).float().detach().requires_grad_(True)
         q, d = self.split(emb, batch)
         loss = self.contrastive(q, d, batch)
         loss.backward()
         cached = emb.grad
-        for (s, e), st in zip(spans, states):
+        for (s, e, sub), st in zip(parts, states):
             _set_rng_state(st)
-            e_chunk = engine(sub(s, e))[0]
-            engine.backward((e_chunk * cached[s:e].to(e_chunk.dtype)).sum())
+            e_chunk = engine(sub)[0]
+            engine.backward((e_chunk.float() * cached[s:e]).sum())
         _set_rng_state(after)
         tokens = batch.get("tokens")
         return loss.detach(), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
