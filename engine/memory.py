@@ -6,7 +6,8 @@
 
 Terms (bytes, per rank):
 
-* weights: every parameter in its dtype (bf16 on GPU): replicated under stages 0-2, / world under ZeRO-3;
+* weights: every parameter in its dtype (bf16 on GPU): replicated under stages 0-2; under ZeRO-3 the base / world
+  and the LoRA tensors whole (each under the persistence threshold);
 * training state of the trainable (LoRA) parameters: fp32 master copy + grads + two Adam moments,
   16 B per trainable parameter: replicated at stage 0, the gradients replicated and the rest divided by world
   at stage 1 (4 + 12 / world), all divided by world at stages 2 and 3 (``MemoryPlan.state_bytes``);
@@ -127,8 +128,12 @@ class MemoryPlan:
         return int(out)
 
     def total(self, policy, stage):
-        """Bytes per rank while training (the start aside: :meth:`startup`)."""
-        weights = self.weights_bytes / (self.world if stage == 3 else 1)
+        """Bytes per rank while training (the start aside: :meth:`startup`). Under ZeRO-3 the base is sharded and
+        the LoRA tensors are not (each is under the persistence threshold, engine.config: whole on every rank)."""
+        weights = self.weights_bytes
+        if stage == 3:
+            lora = self.trainable_params * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+            weights = (self.weights_bytes - lora) / self.world + lora
         return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.zero_buffers(stage)
                    + self.workspace())
 

@@ -469,3 +469,18 @@ def test_a_base_whose_weights_exceed_one_gpu_is_refused_before_any_weight_loads(
         check_base_fits_gpu(cfg, llama70, device_bytes=int(79.65 * gib))
     check_base_fits_gpu(cfg, llama70, device_bytes=int(139.8 * gib))  # an H200 holds it whole at the start
     check_base_fits_gpu(cfg, llama70)  # no CUDA here: nothing to check against
+
+
+def test_zero3_shards_the_base_but_keeps_every_lora_tensor_whole_on_each_rank():
+    """The persistence threshold (engine.config) keeps each LoRA tensor whole on every rank under ZeRO-3; the plan
+    divided them by the world size with the base (0.36 GiB short per rank at 70B with rank 16 on 8 GPUs)."""
+    from engine.memory import MemoryPlan
+
+    gib = 1024**3
+    base, lora = 70_553_706_496, 207_093_760  # Llama-3-70B and its rank-16 LoRA on the seven projections
+    plan = MemoryPlan(weights_bytes=2 * (base + lora), trainable_params=lora, tokens=0, layers=80, hidden=8192,
+                      per_token_layer={"full": 0, "none": 0}, budget_bytes=80 * gib, world=8, device_type="cuda",
+                      dtype="bfloat16")
+    held = plan.total("full", 3) - plan.state_bytes(3) - plan.zero_buffers(3) - plan.workspace()
+    assert held == pytest.approx(2 * base / 8 + 2 * lora, rel=1e-12)
+    assert held - 2 * (base + lora) / 8 == pytest.approx(2 * lora * 7 / 8) and 2 * lora * 7 / 8 / gib > 0.33
