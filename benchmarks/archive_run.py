@@ -1,6 +1,7 @@
 """Copy a fetched GPU run into the repository's results: ``python -m benchmarks.summarize --dir <fetched $OUT>
 --archive benchmarks/results`` calls ``archive``, which files the run under <date>-<gpu>/ with a README naming
-what ran, the card and the commit (the figures themselves are the run's files, unchanged)."""
+what ran (from the call's steps.tsv: what ran, timed out, failed, was skipped), the card and the commit (the
+figures themselves are the run's files, unchanged)."""
 import csv
 import os
 import re
@@ -13,6 +14,48 @@ def _rows(path):
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def step_log(path):
+    """gpu_run.sh's steps.tsv as [(name, verdict, seconds, why)]: verdict ok, TIMEOUT, TIMEOUT (killed),
+    SKIPPED or FAILED rc=N; [] without the file."""
+    if not path or not os.path.isfile(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) >= 3:
+                rc = parts[1]
+                verdict = {"0": "ok", "124": "TIMEOUT", "137": "TIMEOUT (killed)", "skipped": "SKIPPED"}.get(
+                    rc, f"FAILED rc={rc}")
+                out.append((parts[0], verdict, parts[2], parts[3] if len(parts) > 3 else ""))
+    return out
+
+
+def steps_notes(path):
+    """The summary's note lines of the step log: one per step, its verdict, seconds and reason."""
+    return [f"- step {name}: {verdict} in {secs} s" + (f" ({why})" if why else "")
+            for name, verdict, secs, why in step_log(path)]
+
+
+def what_ran(steps):
+    """The README's "what ran" line from the call's step log (step_log): the steps that ran to the end, those
+    that timed out, failed or were skipped, each with its seconds or its reason, in the order they came."""
+    if not steps:
+        return "`bash benchmarks/gpu_run.sh`, steps not recorded (no steps.tsv in the run)"
+    groups = {"ran": [], "timed out": [], "failed": [], "skipped": []}
+    for name, verdict, secs, why in steps:
+        if verdict == "ok":
+            groups["ran"].append(f"`{name}` ({secs} s)")
+        elif verdict.startswith("TIMEOUT"):
+            groups["timed out"].append(f"`{name}` ({secs} s{', killed' if 'killed' in verdict else ''})")
+        elif verdict == "SKIPPED":
+            groups["skipped"].append(f"`{name}`" + (f" ({why})" if why else ""))
+        else:
+            groups["failed"].append(f"`{name}` ({verdict.split()[-1]}, {secs} s)")
+    parts = [f"{k}: {', '.join(v)}" for k, v in groups.items() if v]
+    return "`bash benchmarks/gpu_run.sh` in one call (steps.tsv): " + "; ".join(parts)
 
 
 def _archived_commit(folder):
@@ -60,9 +103,7 @@ def archive(src, root):
     files = sorted(n for n in os.listdir(dst) if n != "README.md")
     with open(os.path.join(dst, "README.md"), "w") as f:
         f.write(f"# GPU run {meta['date']} on {meta['gpu']}\n\n"
-                f"- what ran: `bash benchmarks/gpu_run.sh` in one call: bf16 `gpu_check()` of each kernel and the "
-                f"GPU-marked tests, `benchmarks/bench_attention.py`, `bench_masked_ce.py`, `bench_contrastive.py`, "
-                f"`bench_train_step.py` (with profiler), then `benchmarks/summarize.py`\n"
+                f"- what ran: {what_ran(step_log(os.path.join(dst, 'steps.tsv')))}\n"
                 f"- card: {meta['gpu']} (versions in env.txt)\n- commit: {meta['commit']}\n"
                 f"- files: {', '.join(files)}\n\n{summary}")
     return dst

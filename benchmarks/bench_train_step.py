@@ -70,7 +70,11 @@ reports the median, min and IQR. Timing stops early, after at least 5 steps, whe
 past --budget-s (the row says cut=budget and timed_steps how many ran). An OOM or error is recorded as a row with
 ms=nan and extra status=oom/error, and the run goes on. Measurements run in priority order (reference and
 engine for MNTP, supervised, SimCSE; then the ablations) and those that would end after --budget-s
-(default 135 s from start on the GPU) are recorded as status=skipped_budget. Before timing, each stage's
+(default 135 s on the GPU) are recorded as status=skipped_budget. --budget-s counts from the process's start
+(train_step_measure.process_start), as the `timeout` gpu_run.sh runs it under does: imports count. A SIGTERM
+(that `timeout`) ends the run where it is: the measurement under way writes its row from the steps timed so far,
+cut=term (status=ok with timed_steps of them, or status=timeout with none; fewer than 20 timed steps make a
+verdict on it provisional, as cut=budget does), and the process exits 143. Before timing, each stage's
 reference and engine losses are compared in eval mode on the same batch (extra parity_rel). If DeepSpeed
 cannot be imported or initialised, the same measurements run with a plain torch optimizer step and the
 rows say zero=none (--no-deepspeed forces it).
@@ -96,7 +100,9 @@ family and features at the tiny Llama's sizes.
 --tiny (and any run without CUDA): a tiny random Llama (2 layers, hidden 64, vocab 512), small batches, fp32,
 DeepSpeed ZeRO-3 on gloo in a world of one; the engine's kernels resolve to their torch references on CPU.
 """
+import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -111,7 +117,8 @@ import llm2vec_kernels  # noqa: E402
 from benchmarks.common import CsvWriter, check_outputs, cli_error, cli_ints, cli_names, parser  # noqa: E402
 from engine.cli import nonnegative_int, positive_float, positive_int  # noqa: E402
 from benchmarks.harness import GPU_MODEL, TINY_MODEL, llm2vec_masking  # noqa: E402
-from benchmarks.train_step_measure import BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, log, shape_name  # noqa: E402
+from benchmarks.train_step_measure import (BENCH, GPU_SHAPES, MASK, T0, TINY_SHAPES, Terminated,  # noqa: E402
+                                           catch_sigterm, log, shape_name, term_cut, terminated)
 from benchmarks.step_paths import ARCHS  # noqa: E402
 from benchmarks.train_step_own import OWN_MODEL, measure_own_model, row_shape  # noqa: E402
 from benchmarks.train_step_rows import IMPLS, Bench, _safe_parity, big_batch  # noqa: E402
@@ -119,6 +126,22 @@ from benchmarks.train_step_rows import IMPLS, Bench, _safe_parity, big_batch  # 
 ALL_IMPLS = OWN_MODEL + list(IMPLS)
 STAGE_ABLATIONS = {"mntp": ("attention", "masked_ce"), "simcse": ("attention", "contrastive"),
                    "supervised": ("attention", "contrastive")}
+
+
+class StepWriter(CsvWriter):
+    """The benchmark's CsvWriter. Once SIGTERM has come (train_step_measure.terminated), a step row that a
+    measurement's own handler recorded as an error (the harness's rows, benchmarks.train_step_rows, catch
+    Terminated as any Exception) is the cut it is: term_cut, its timed steps kept (ms is their median). Once
+    written, Terminated goes on up (the harness's loops, --big-batch's among them, would start the next one)."""
+
+    def add(self, shape, impl, pass_, ms, tflops=float("nan"), peak_mb=float("nan"), **extra):
+        cut = terminated() and pass_ == "step" and extra.get("status") == "error"
+        if cut:
+            term_cut(extra, extra.get("timed_steps", 0) if not math.isnan(float(ms)) else 0)
+        row = super().add(shape, impl, pass_, ms, tflops, peak_mb, **extra)
+        if cut:
+            raise Terminated(f"SIGTERM: the row of {shape.split()[0]} {impl} is written")
+        return row
 
 
 def default_plan(stages, tiny):
@@ -169,6 +192,19 @@ def make_plan(args):
 
 
 def main(argv=None):
+    """The run (module docstring); SIGTERM is Terminated while it lasts (train_step_measure.catch_sigterm)."""
+    previous = catch_sigterm()
+    try:
+        return _main(argv)
+    except Terminated as exc:  # outside a measurement (a build, a row being written): what was written stays
+        log(f"{exc}: the run ends here")
+        raise SystemExit(128 + signal.SIGTERM)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv):
     ap = parser(__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", f"bench_{BENCH}.csv"))
     ap.add_argument("--profile", default=None, help="text file for the profiler breakdown (engine + reference MNTP)")
@@ -215,7 +251,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.profile)) or ".", exist_ok=True)
         open(args.profile, "w").close()
 
-    writer = CsvWriter(args.out, BENCH, timing="wall-synced-step")
+    writer = StepWriter(args.out, BENCH, timing="wall-synced-step")
     # llm2vec's one-GPU recipe and engine-auto first, each in a model of its own that is freed before the next
     own_plan = [(s, i) for s, i in plan if i in OWN_MODEL and not args.big_batch]  # --big-batch: only that
     plan = [(s, i) for s, i in plan if i not in OWN_MODEL]
@@ -225,7 +261,11 @@ def main(argv=None):
             writer.add(row_shape(args.arch, TINY_SHAPES if args.tiny else GPU_SHAPES), impl, "step", float("nan"),
                        status="skipped_budget", elapsed_s=f"{elapsed:.0f}", budget_s=f"{budget:.0f}")
             continue
-        measure_own_model(args, writer, impl, args.profile)
+        measure_own_model(args, writer, impl, args.profile)  # a SIGTERM: its row is written cut=term
+        if terminated():
+            break
+    if terminated():
+        return _cut(writer, args)
     if not plan and not args.big_batch:
         writer._f.close()
         log(f"{len(writer.rows)} rows -> {args.out}")
@@ -246,6 +286,8 @@ def main(argv=None):
             plan = []  # this invocation measures only the big-batch supervised steps
             big_batch(bench, writer, sizes, args.grad_cache_chunk, budget)
         for stage, impl in plan:
+            if terminated():  # a handler that swallows exceptions (parity, a profile) took the SIGTERM
+                break
             prof = args.profile if (args.profile and stage == "mntp" and impl in ("reference-zero3", "engine")) else None
             elapsed = time.perf_counter() - T0
             est = bench.estimate_s(stage, impl, prof is not None)
@@ -256,6 +298,8 @@ def main(argv=None):
                 continue
             if stage not in parity:
                 parity[stage] = float("nan") if args.no_parity else _safe_parity(bench, stage)
+                if terminated():
+                    break
             bench.measure(writer, stage, impl, parity[stage], profile_out=prof)
     finally:
         writer._f.close()
@@ -266,8 +310,17 @@ def main(argv=None):
                 dist.destroy_process_group()
         except Exception:
             pass
+    if terminated():
+        return _cut(writer, args)
     log(f"{len(writer.rows)} rows -> {args.out}")
     return writer.rows
+
+
+def _cut(writer, args):
+    """The end of a run that SIGTERM cut: the rows written so far stay in --out; exit 143 (128 + SIGTERM)."""
+    writer._f.close()
+    log(f"SIGTERM: the run ends after {len(writer.rows)} rows -> {args.out}")
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -29,11 +29,13 @@ set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
 MODE=${1:-}
+# The interpreter: $PYTHON, else python3 (the GPU image has no `python`), else python.
+PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 
 case "$MODE" in
 prepare)
   set -e
-  GGUF=$(python -m engine.assets fetch smollm2-135m --gguf | tail -1)
+  GGUF=$("$PY" -m engine.assets fetch smollm2-135m --gguf | tail -1)
   rm -rf .gguf_parts && mkdir -p .gguf_parts/1 .gguf_parts/2 .gguf_parts/3
   SHA=$(sha256sum "$GGUF" | cut -d' ' -f1)
   split -n 3 -d "$GGUF" .gguf_parts/piece.
@@ -43,7 +45,7 @@ prepare)
     basename "$GGUF" > ".gguf_parts/$k/NAME"
   done
   rm -rf .whl_quality && mkdir -p .whl_quality
-  [ "${GPU_QUALITY_SKIP_WHEELS:-0}" = 1 ] || python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+  [ "${GPU_QUALITY_SKIP_WHEELS:-0}" = 1 ] || "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
     -d .whl_quality "gguf>=0.10" "scipy>=1.13"
   du -sh .gguf_parts/* .whl_quality .whl 2>/dev/null || true
   echo "prepared: 3 pieces of $(basename "$GGUF") (sha256 $SHA) and $(ls .whl_quality | wc -l) wheels"
@@ -73,12 +75,12 @@ run)
   SITE=/tmp/quality-site
   if [ "$CPU_MODE" != 1 ]; then
     mkdir -p "$SITE"
-    python -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl .whl_quality/*.whl || exit 2
+    "$PY" -m pip install -q --no-index --no-deps --target "$SITE" .whl/*.whl .whl_quality/*.whl || exit 2
     export PYTHONPATH=$SITE:$ROOT
   else
     export PYTHONPATH=$ROOT
   fi
-  python -m engine.assets fetch smollm2-135m || exit 2
+  "$PY" -m engine.assets fetch smollm2-135m || exit 2
   if [ "$CPU_MODE" = 1 ]; then  # plumbing only: two steps per stage, a few pairs
     STEPS=(--set max_steps=2 eval_every=2 eval_sts_pairs=16 batch_size=4 micro_batch_size=4 save_every=0
            --stage-set mntp:warmup_steps=1 --test-limit 32 --label "CPU rehearsal of gpu_quality.sh: not a result")
@@ -92,7 +94,7 @@ run)
            --label "One GPU, LLM2Vec-scale budgets (benchmarks/gpu_quality.sh)")
   fi
   LEFT=$((BUDGET - (SECONDS - START)))
-  timeout "$LEFT" python benchmarks/quality_smollm2.py --nproc 1 --out "$OUT" --work /tmp/quality-work \
+  timeout "$LEFT" "$PY" benchmarks/quality_smollm2.py --nproc 1 --out "$OUT" --work /tmp/quality-work \
     --rows "${GPU_QUALITY_ROWS:-abcdef}" "${STEPS[@]}"
   rc=$?
   cp /tmp/quality-work/log.txt "$OUT/log.txt" 2>/dev/null

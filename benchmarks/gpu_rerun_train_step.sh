@@ -5,8 +5,13 @@
 # its two kernel ablations, 2 warm-up + 4 timed steps; supervised, reference-zero3 against engine, 1 + 3. All
 # in one process per stage, so these figures do not follow the project's rule (each path in its own process,
 # 5 warm-up + 20 timed): new figures come from gpu_run.sh (GPU_RUN_ONLY names the steps to rerun).
-# Run on the GPU machine from the repo root with .whl carried; results under $OUT. Rows name the code as
-# gpu_run.sh does (benchmarks/gpu_lib.sh code_label: git's HEAD, or a hash of the sources without git).
+# Run on the GPU machine from the repo root with .whl carried; results under $OUT (the run tool sets it; unset,
+# the script refuses in one line, exit 2). Rows name the code as gpu_run.sh does (benchmarks/gpu_lib.sh
+# code_label: git's HEAD, else .whl/COMMIT's commit while the sources match it, else a hash of the sources).
+if [ -z "${OUT:-}" ] || [ ! -d "$OUT" ]; then
+  echo "gpu_rerun_train_step.sh: OUT must name an existing folder (the run tool sets it); OUT='${OUT:-}'" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.." || exit 1
 source benchmarks/gpu_lib.sh
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

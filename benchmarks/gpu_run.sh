@@ -1,40 +1,51 @@
 #!/usr/bin/env bash
-# The project's single GPU command: install what the bare machine lacks, measure the end-to-end MNTP train step
-# first (llm2vec's one-GPU recipe `reference`, `engine-auto` as engine/train.py sets it up, the harness's
-# ZeRO-3 `engine` and the older `reference-zero3`, slowest and least needed, last; each in its own
-# process, 5 warm-up + 20 timed steps, then a CUDA-only profiled step), then check every kernel in bf16, run the
-# three kernel benchmarks, and print the targets table last.
+# The project's single GPU command: install what the bare machine lacks, time the main comparison of the
+# end-to-end MNTP train step first (llm2vec's one-GPU recipe `reference` against `engine-auto`, as engine/train.py
+# sets it up; each in its own process, 5 warm-up + 20 timed steps, then a CUDA-only profiled step), then check
+# every kernel in bf16, run the GPU tests and the kernel benchmarks, time the harness's ZeRO-3 `engine` MNTP path
+# with what is left, and print the targets table last.
 #
 #   bash benchmarks/gpu_run.sh                       # on the GPU machine; results under $OUT (run tool)
 #   GPU_RUN_CPU=1 bash benchmarks/gpu_run.sh         # CPU rehearsal of the plumbing: tiny shapes, OUT=/tmp/gpu_run_out
 #   GPU_RUN_SKIP=pytest_gpu,bench_contrastive bash benchmarks/gpu_run.sh   # leave named steps out (log.txt names them)
+#   GPU_RUN_ONLY=train_step_mntp_reference-zero3 bash benchmarks/gpu_run.sh   # only the named steps (and the summary);
+#                                                       # the way to run a step that is off by default
 #   GPU_RUN_ARCH=gemma2-9b bash benchmarks/gpu_run.sh   # another structure (benchmarks.step_paths.ARCHS): its MNTP
 #                                                       # step (reference, engine-auto), the kernel checks, attention
 #
-# Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/,
-# which must travel with the working tree (run tool: carry=[".whl"]).
-# Budget: GPU_RUN_BUDGET_S (default 555 s; give the run tool timeout_s >= 595) from start to the summary. Steps
-# run most-needed first, each under its own `timeout`, with a cap and a floor (benchmarks/gpu_lib.sh: the rule,
-# plan_steps the figures): a step runs at most min(its cap, the time left less the floors of the steps after
-# it), so however long the earlier steps run, every step with a floor gets it. In order: the MNTP train step,
-# four processes of up to GPU_RUN_PATH_S=95 s each (steps GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into
-# bench_train_step.csv, profiles into train_step_profile.txt; 60 s kept for each path to come); gpu_check
-# (110 s, floor 60) + GPU tests (35 s, floor 30); attention (150 s, floor 30: fixed configs, opt-in autotuning
-# and the atomic-dQ backward side by side; autotuning compiles its candidates here; Gemma2's soft-capped shapes
-# against transformers' eager attention and compiled FlexAttention come after the earlier runs' shapes); masked
-# CE (60 s, floor 20); the issue-6 big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s,
-# rows into bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the
-# supervised and SimCSE train steps, reference-zero3 and engine each in its own process, 5 warm-up + 20 timed
-# steps, up to GPU_RUN_CONTRASTIVE_PATH_S=240 s each (the first of a pair keeps 120 s for its partner); the
-# contrastive kernel benchmark (45 s; its targets were met in the first run); the summary (floor 20 s). Steps
-# without a floor get what is left: in one default call that is little past masked CE, so the supervised and
+# Prepare first, on a machine with network: `bash benchmarks/prepare_device.sh` fills the git-ignored .whl/
+# (wheels, the tokenizer asset, and COMMIT: the commit the rows name on a device copy without git metadata,
+# benchmarks/gpu_lib.sh code_label), which must travel with the working tree (run tool: carry=[".whl"]).
+#
+# Budget: GPU_RUN_BUDGET_S seconds from start to the summary (default 555, for a call with timeout_s >= 595). Set
+# it from the device tool: a call runs at most L = min(its timeout_s, the per-call limit, the session's
+# budget_left_s less the machine's start, all from the tool's status) seconds, and the reply's limit_s may
+# be lower after a slow start; GPU_RUN_BUDGET_S = L - 40 keeps time for the summary's tail and the tarball.
+# Steps run in the order of benchmarks/gpu_lib.sh plan_steps, each under its own `timeout`, with a cap and a
+# floor (gpu_lib.sh: the rule, plan_steps the figures): a step runs at most min(its cap, the time left less the
+# floors of the steps after it), so however long the earlier steps run, every step with a floor gets it. In
+# order: the MNTP pair, two processes of up to GPU_RUN_PATH_S=130 s each (engine-auto's floor is its whole cap;
+# steps GPU_RUN_TRAIN_STEPS=20, warm-up 5; rows into bench_train_step.csv, profiles into train_step_profile.txt);
+# gpu_check (110 s, floor 60) + the GPU tests (35 s, floor 30; the test files that use the gpu marker); attention
+# (150 s, floor 30: fixed configs, opt-in autotuning and the atomic-dQ backward side by side; autotuning compiles
+# its candidates here; Gemma2's soft-capped shapes against transformers' eager attention and compiled
+# FlexAttention come after the earlier runs' shapes); masked CE (60 s, floor 35); the harness's ZeRO-3 `engine`
+# MNTP path (what is left, skipped under 60 s); `reference-zero3` (off by default: GPU_RUN_ONLY names it); the
+# issue-6 big-batch memory step (--big-batch 512,4096, cap GPU_RUN_BIGBATCH_S=150 s, skipped under 60 s, rows into
+# bench_train_step.csv; with caching first, so a cut-short run keeps batch 4096 with caching); the supervised and
+# SimCSE train steps, reference-zero3 and engine each in its own process, 5 warm-up + 20 timed steps, up to
+# GPU_RUN_CONTRASTIVE_PATH_S=240 s each (the first of a pair keeps 120 s for its partner); the contrastive kernel
+# benchmark (45 s; its targets were met in the first run); the summary (floor 20 s). Steps without a floor get
+# what is left: in one default call that is little past masked CE, so the `engine` path, the supervised and
 # SimCSE pairs (~250 + ~165 s for supervised on an H200) need a call of their own, e.g.
 #   GPU_RUN_ONLY=train_step_supervised_reference-zero3,train_step_supervised_engine bash benchmarks/gpu_run.sh
-# (GPU_RUN_ONLY: run only the named steps, the summary always). A step with no time left is skipped and says so
-# (steps.tsv, the summary). A failing or hung step is recorded and the run goes on. Kernel benchmarks report GPU
-# time (benchmarks/common.py, timing=gpu in every row).
+# A step with no time left is skipped and says so (steps.tsv, the summary). A failing or hung step is recorded and
+# the run goes on; a train-step process that its `timeout` stops writes the row of the steps it timed (cut=term).
+# Kernel benchmarks report GPU time (benchmarks/common.py, timing=gpu in every row).
 # $OUT receives at most 8 files: log.txt, correctness.json, bench_attention.csv, bench_masked_ce.csv,
-# bench_contrastive.csv, bench_train_step.csv, summary.md, results.tar.gz (plots, profiler text, step logs).
+# bench_contrastive.csv, bench_train_step.csv, summary.md, results.tar.gz (plots, profiler text, step logs,
+# steps.tsv, env.txt). After every step the train-step CSVs are joined and results.tar.gz is rebuilt, so a run
+# killed from outside at any point leaves in $OUT what its finished steps made.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 ROOT=$PWD
@@ -46,6 +57,10 @@ CPU_MODE=${GPU_RUN_CPU:-0}
 # included) and skips the Mistral-7B-only steps (masked CE, big batch, contrastive steps).
 ARCH=${GPU_RUN_ARCH:-mistral-7b}
 BUDGET=${GPU_RUN_BUDGET_S:-555}
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -lt 60 ]; then
+  echo "GPU_RUN_BUDGET_S=$BUDGET: a whole number of seconds >= 60 (the device tool's limit less 40)" >&2
+  exit 2
+fi
 if [ "$CPU_MODE" = 1 ]; then
   OUT=${OUT:-/tmp/gpu_run_out}
 fi
@@ -61,23 +76,25 @@ STEPS=$WORK/steps.tsv
 : > "$STEPS"
 
 say() { echo "[gpu_run $((SECONDS - START))s] $*" | tee -a "$LOG"; }
-plan_steps "$ARCH"  # STEP_ORDER, CAP, FLOOR (benchmarks/gpu_lib.sh); limit_for NAME is a step's time
+plan_steps "$ARCH"  # STEP_ORDER, CAP, FLOOR, MIN_S, OFF (benchmarks/gpu_lib.sh); limit_for NAME is a step's time
 
-# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below MIN_STEP_S, or when GPU_RUN_SKIP
-# names the step or GPU_RUN_ONLY does not); output -> log.txt.
+# skip_step NAME WHY: a step that does not run, said in log.txt and steps.tsv.
+skip_step() {
+  say "SKIP $1: $2"
+  printf '%s\t%s\t%s\t%s\n' "$1" "skipped" 0 "$2" >> "$STEPS"
+}
+
+# run_step NAME LIMIT_S CMD...: run CMD under timeout LIMIT (skipped below min_for NAME, or when will_run says
+# no: GPU_RUN_SKIP, GPU_RUN_ONLY, off by default); output -> log.txt.
 run_step() {
   local name=$1 limit=$2
   shift 2
   if ! will_run "$name"; then
-    local why=GPU_RUN_SKIP
-    [[ ",${GPU_RUN_SKIP:-}," == *",$name,"* ]] || why="not in GPU_RUN_ONLY"
-    say "SKIP $name: $why"
-    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "$why" >> "$STEPS"
+    skip_step "$name" "$(skip_reason "$name")"
     return 0
   fi
-  if [ "$limit" -lt "$MIN_STEP_S" ]; then
-    say "SKIP $name: only ${limit}s left before the time kept for later steps"
-    printf '%s\t%s\t%s\t%s\n' "$name" "skipped" 0 "no time left" >> "$STEPS"
+  if [ "$limit" -lt "$(min_for "$name")" ]; then
+    skip_step "$name" "no time left: ${limit}s after the time kept for later steps, under its $(min_for "$name")s"
     return 0
   fi
   say "== $name (limit ${limit}s)"
@@ -100,6 +117,29 @@ run_step() {
     fi
     echo "$last"
   fi
+  return 0
+}
+
+# save_progress: what the steps so far made, into $OUT: the per-process train-step CSVs joined (header once)
+# into bench_train_step.csv, the profiles into train_step_profile.txt, and $WORK (steps.tsv, env.txt, profiles,
+# plots, per-step CSVs) into results.tar.gz, written beside it and renamed, so a kill leaves the last whole one.
+# Run after every step (a few hundred KB: well under a second).
+TS_CSVS=(train_step_mntp_reference train_step_mntp_engine-auto train_step_mntp_engine train_step_mntp_reference-zero3
+  train_step_bigbatch train_step_supervised_reference-zero3 train_step_supervised_engine
+  train_step_simcse_reference-zero3 train_step_simcse_engine)
+save_progress() {
+  local first=1 f
+  : > "$WORK/bench_train_step.csv"
+  for f in "${TS_CSVS[@]}"; do
+    f=$WORK/$f.csv
+    head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
+    if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0
+    else tail -n +2 "$f" >> "$WORK/bench_train_step.csv"; fi
+  done
+  cat "$WORK"/train_step_profile_*.txt > "$WORK/train_step_profile.txt" 2>/dev/null
+  [ "$first" = 0 ] && cp "$WORK/bench_train_step.csv" "$OUT/"
+  tar -czf "$OUT/.results.tar.gz.part" -C "$WORK" . 2>> "$LOG" && mv -f "$OUT/.results.tar.gz.part" "$OUT/results.tar.gz" \
+    || say "WARNING: tar failed"
   return 0
 }
 
@@ -134,7 +174,8 @@ if [ -d .whl/assets ]; then  # tokenizer-only copy of the SmolLM2 asset, for GPU
   ASSETS=$(mktemp -d /tmp/gpu_run_assets.XXXXXX)
   cp -r .whl/assets/. "$ASSETS/" && export LLM2VEC_ENGINE_CACHE=$ASSETS
 fi
-# The code the CSV rows name: git's short HEAD, or without git metadata on the device a hash of the sources
+# The code the CSV rows name: git's short HEAD, or without git metadata on the device the commit .whl/COMMIT
+# records (prepare_device.sh) when the sources are still those it describes, else a hash of the sources
 # (benchmarks/gpu_lib.sh code_label).
 LLM2VEC_COMMIT=$(code_label "$ROOT")
 export LLM2VEC_COMMIT
@@ -162,15 +203,17 @@ for name in ("torch", "triton", "transformers", "peft", "deepspeed", "pydantic",
 EOF
 } > "$WORK/env.txt" 2>&1
 cat "$WORK/env.txt" | tee -a "$LOG"
+save_progress
 
 TINY=()
 if [ "$CPU_MODE" = 1 ]; then TINY=(--tiny); fi
 
 # ------------------------------------------------------------------------------------------------
-# 0. The end-to-end MNTP step first, one process per path (no path inherits another's allocator state or
-# compiled kernels): reference (llm2vec's one-GPU HF + PEFT recipe), engine-auto (the trainer's own setup:
-# fused layer, the memory plan's ZeRO stage and recompute), engine (ZeRO-3 harness), reference-zero3. Each writes its
-# own CSV; they are joined into bench_train_step.csv. CPU rehearsal: --tiny, 1 warm-up + 2 timed steps.
+# The steps, in plan_steps' order (STEP_ORDER; the floors are kept in that order). Each MNTP path runs in its own
+# process (no path inherits another's allocator state or compiled kernels): reference (llm2vec's one-GPU HF +
+# PEFT recipe), engine-auto (the trainer's own setup: fused layer, the memory plan's ZeRO stage and recompute),
+# later engine (ZeRO-3 harness) and, when named, reference-zero3. Each writes its own CSV; save_progress joins
+# them into bench_train_step.csv after every step. CPU rehearsal: --tiny, 1 warm-up + 2 timed steps.
 TS_STEPS=${GPU_RUN_TRAIN_STEPS:-20}
 TS_WARMUP=5
 if [ "$CPU_MODE" = 1 ]; then TS_STEPS=2; TS_WARMUP=1; fi
@@ -179,6 +222,8 @@ ARCH_ARGS=()
 # train_step STAGE PATH: one path of one stage in a process of its own (5 warm-up + 20 timed steps; CPU
 # rehearsal 1 + 2), under its step's limit; its rows go to $WORK/train_step_<stage>_<path>.csv. MNTP paths are
 # profiled; a supervised / SimCSE engine process also compares its loss with reference-zero3's (parity_rel).
+# Supervised and SimCSE: timing stops early, after at least 5 steps, when the next steps would pass the
+# process's --budget-s (the row says cut=budget); a SIGTERM from the step's timeout writes the row, cut=term.
 train_step() {
   local stage=$1 path=$2 name="train_step_$1_$2" limit extra=(--no-parity)
   limit=$(limit_for "$name")
@@ -191,44 +236,35 @@ train_step() {
     "${extra[@]+"${extra[@]}"}" --stages "$stage" --impls "$stage:$path" --warmup "$TS_WARMUP" \
     --steps "$TS_STEPS" --out "$WORK/$name.csv" --budget-s "$((limit - 10))"
 }
-for name in "${STEP_ORDER[@]}"; do
-  [[ "$name" == train_step_mntp_* ]] && train_step mntp "${name#train_step_mntp_}"
-done
-join_train_step_csv() {  # every per-process CSV (header once) -> $OUT/bench_train_step.csv
-  local first=1 f
-  : > "$WORK/bench_train_step.csv"
-  for f in "$WORK"/train_step_mntp_reference.csv "$WORK"/train_step_mntp_engine-auto.csv \
-      "$WORK"/train_step_mntp_reference-zero3.csv "$WORK"/train_step_mntp_engine.csv \
-      "$WORK"/train_step_bigbatch.csv "$WORK"/train_step_supervised_reference-zero3.csv \
-      "$WORK"/train_step_supervised_engine.csv "$WORK"/train_step_simcse_reference-zero3.csv \
-      "$WORK"/train_step_simcse_engine.csv; do
-    head -n 1 "$f" 2>/dev/null | grep -q '^gpu,' || continue  # missing, empty or cut before its header
-    if [ "$first" = 1 ]; then cat "$f" >> "$WORK/bench_train_step.csv"; first=0
-    else tail -n +2 "$f" >> "$WORK/bench_train_step.csv"; fi
-  done
-  cat "$WORK"/train_step_profile_*.txt > "$WORK/train_step_profile.txt" 2>/dev/null
-  [ "$first" = 0 ] && cp "$WORK/bench_train_step.csv" "$OUT/"
-  return 0
+
+# bf16 correctness: every kernel check in the registry (llm2vec_kernels/gpu_check/, `python -m
+# llm2vec_kernels.gpu_check --list`), each against its op's reference. The rows land in correctness.json after
+# each check; one check past its share of the time is stopped and recorded as an error (a check that never
+# started is a NOT RUN row of the summary).
+correctness() {
+  run_step correctness "$(limit_for correctness)" python3 -m llm2vec_kernels.gpu_check \
+    --json "$OUT/correctness.json" --per-op-s 30
 }
-join_train_step_csv
 
-# ------------------------------------------------------------------------------------------------
-# 1. bf16 correctness: every kernel check in the registry (llm2vec_kernels/gpu_check/, `python -m llm2vec_kernels.gpu_check
-# --list`), each against its op's reference, then the GPU-marked tests. The rows land in correctness.json after
-# each check; one check past its share of the time is stopped and recorded as an error.
-run_step correctness "$(limit_for correctness)" python3 -m llm2vec_kernels.gpu_check \
-  --json "$OUT/correctness.json" --per-op-s 30
-# The GPU-marked tests, less those that only re-run gpu_check() (its rows are in correctness.json).
-PYTEST=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider --continue-on-collection-errors
-  tests/)
-if [ "$CPU_MODE" = 1 ]; then
-  run_step pytest_gpu "$(limit_for pytest_gpu)" "${PYTEST[@]}"
-else
-  run_step pytest_gpu "$(limit_for pytest_gpu)" env LLM2VEC_TEST_GPU=1 "${PYTEST[@]}"
-fi
+# The GPU-marked tests (gpu_test_files: only the files that hold one, so collection stays short), less those that
+# only re-run gpu_check() (its rows are in correctness.json).
+pytest_gpu() {
+  local files
+  mapfile -t files < <(gpu_test_files "$ROOT")
+  if will_run pytest_gpu && [ "${#files[@]}" = 0 ]; then
+    skip_step pytest_gpu "no test file uses the gpu marker"
+    return 0
+  fi
+  local cmd=(python3 -m pytest -v --tb=short -m gpu -k "not gpu_check" -p no:cacheprovider
+    --continue-on-collection-errors "${files[@]}")
+  if [ "$CPU_MODE" = 1 ]; then
+    run_step pytest_gpu "$(limit_for pytest_gpu)" "${cmd[@]}"
+  else
+    run_step pytest_gpu "$(limit_for pytest_gpu)" env LLM2VEC_TEST_GPU=1 "${cmd[@]}"
+  fi
+}
 
-# ------------------------------------------------------------------------------------------------
-# 2. Kernel benchmarks. Each file's own flags are read from its argparse (--out or --csv; --plot PNG or flag).
+# Kernel benchmarks. Each file's own flags are read from its argparse (--out or --csv; --plot PNG or flag).
 BARGS=()
 bench_args() {
   local f=benchmarks/bench_$1.py
@@ -245,8 +281,7 @@ run_bench() {  # name (its cap and floor: plan_steps)
   local name=$1 limit
   limit=$(limit_for "bench_$name")
   if [ ! -f "benchmarks/bench_$name.py" ]; then
-    say "SKIP bench_$name: benchmarks/bench_$name.py missing"
-    printf '%s\t%s\t%s\t%s\n' "bench_$name" "skipped" 0 "file missing" >> "$STEPS"
+    skip_step "bench_$name" "file missing"
     return 0
   fi
   bench_args "$name"
@@ -262,37 +297,40 @@ run_bench() {  # name (its cap and floor: plan_steps)
   [ -f "$WORK/bench_$name.csv" ] && cp "$WORK/bench_$name.csv" "$OUT/"
   return 0
 }
-run_bench attention
-if [ "$ARCH" = mistral-7b ]; then  # the rest is built on the Mistral-7B structure (steps 2b to 3c)
-run_bench masked_ce
 
-# ------------------------------------------------------------------------------------------------
-# 3. Issue 6: supervised step peak memory at global batch 512 / 4096 (short texts), without and with gradient
-# caching; rows go into bench_train_step.csv.
-bb_limit=$(limit_for bench_train_step_bigbatch)
-[ "$CPU_MODE" = 1 ] && : "${GPU_RUN_BIGBATCH:=64,256}"  # the rehearsal's tiny model on 2 CPU cores
-run_step bench_train_step_bigbatch "$bb_limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
-  --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/train_step_bigbatch.csv" \
-  --budget-s "$((bb_limit - 15))"
-# 3b. Supervised and SimCSE train steps, reference-zero3 against engine, each path in its own process as the MNTP
-# paths (5 warm-up + 20 timed steps; timing stops early, after at least 5, when the next steps would pass the
-# process's --budget-s, and the row says cut=budget); supervised first (its target), then SimCSE.
+# Issue 6: supervised step peak memory at global batch 512 / 4096 (short texts), without and with gradient
+# caching; rows go into bench_train_step.csv. Its --budget-s is its limit less 15, so a limit under MIN_S (60 s)
+# skips it (run_step) rather than hand it a budget of nothing.
+bigbatch() {
+  local limit
+  limit=$(limit_for bench_train_step_bigbatch)
+  [ "$CPU_MODE" = 1 ] && : "${GPU_RUN_BIGBATCH:=64,256}"  # the rehearsal's tiny model on 2 CPU cores
+  run_step bench_train_step_bigbatch "$limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
+    --big-batch "${GPU_RUN_BIGBATCH:-512,4096}" --grad-cache-chunk 256 --out "$WORK/train_step_bigbatch.csv" \
+    --budget-s "$((limit - 15))"
+}
+
 for name in "${STEP_ORDER[@]}"; do
   case "$name" in
+    summary) break ;;
+    train_step_mntp_*) train_step mntp "${name#train_step_mntp_}" ;;
     train_step_supervised_*) train_step supervised "${name#train_step_supervised_}" ;;
     train_step_simcse_*) train_step simcse "${name#train_step_simcse_}" ;;
+    correctness) correctness ;;
+    pytest_gpu) pytest_gpu ;;
+    bench_train_step_bigbatch) bigbatch ;;
+    bench_*) run_bench "${name#bench_}" ;;
+    *) skip_step "$name" "gpu_run.sh has no such step" ;;
   esac
+  save_progress
 done
-join_train_step_csv
-run_bench contrastive
-fi
 
 # ------------------------------------------------------------------------------------------------
 # 4. Summary: targets of issues 4-7, then everything else into one archive.
 timeout 20 python3 -m benchmarks.summarize --dir "$OUT" --steps "$STEPS" --md "$OUT/summary.md" \
   --plot "$WORK/train_step.png" > "$WORK/summary_stdout.txt" 2>&1 || say "WARNING: summarize failed: $(tail -n 3 "$WORK/summary_stdout.txt")"
 rm -f "$WORK/correctness.py"
-tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>> "$LOG" || say "WARNING: tar failed"
+save_progress
 say "done in $((SECONDS - START))s; \$OUT holds: $(cd "$OUT" && ls | tr '\n' ' ')"
 echo
 if [ -f "$OUT/summary.md" ]; then

@@ -2,6 +2,7 @@
 # Fill the git-ignored folder .whl/ with every wheel the bare GPU machine lacks, then check them.
 #
 #   bash benchmarks/prepare_device.sh          # run HERE (network to PyPI), before the GPU run
+#   bash benchmarks/prepare_device.sh label    # only rewrite .whl/COMMIT (no network): after the last edit
 #
 # The GPU machine (x86-64, CPython 3.12, no network) has torch, triton, transformers, peft, numpy,
 # packaging, psutil and tqdm, but no deepspeed, hjson, pydantic or liger-kernel. PyPI has DeepSpeed only
@@ -10,12 +11,35 @@
 # 3.12 manylinux x86-64 (or pure-Python) wheel. One version of each; stale files are removed. The whole
 # working tree plus .whl travels to the GPU machine under a 64 MiB limit, so the size is checked.
 # benchmarks/gpu_run.sh installs these with `pip install --no-index --no-deps --target /tmp/site`.
+# Last, .whl/COMMIT records the commit the device's rows are to name (the copy there has no git metadata):
+# git's short HEAD, whether the working tree that travels differs from it, and the hash of its sources
+# (benchmarks/gpu_lib.sh commit_record). On the device code_label uses it only while the sources still hash
+# the same, so an edit after this script makes the rows say tree-<hash> again: run `... label` after it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 DEST=$ROOT/.whl
 PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+source benchmarks/gpu_lib.sh
+
+# write_commit: .whl/COMMIT from the working tree as it is now (commit_record), said in one line.
+write_commit() {
+  mkdir -p "$DEST"
+  if ! commit_record "$ROOT" > "$DEST/COMMIT.tmp"; then
+    rm -f "$DEST/COMMIT.tmp" "$DEST/COMMIT"
+    echo "== .whl/COMMIT not written: $ROOT is not a git checkout (the device's rows will say tree-<hash>)"
+    return 0
+  fi
+  mv "$DEST/COMMIT.tmp" "$DEST/COMMIT"
+  echo "== .whl/COMMIT: $(tr '\n' ' ' < "$DEST/COMMIT")"
+}
+
+case "${1:-}" in
+  "") ;;
+  label) write_commit; exit 0 ;;
+  *) echo "prepare_device.sh: unknown argument ${1} (none, or label)" >&2; exit 2 ;;
+esac
 
 DEEPSPEED=deepspeed==0.19.8
 # deepspeed's runtime requirements that the GPU image may lack, pydantic's own, and the Liger baseline.
@@ -133,6 +157,7 @@ mkdir -p "$DEST"
 rm -rf "$DEST"/*.whl "$DEST"/assets
 cp "$stage"/*.whl "$DEST"/
 cp -r "$stage/assets" "$DEST"/
+write_commit
 echo "== .whl/ now holds:"
 ls -l "$DEST" | awk 'NR>1 {printf "   %8.1f KiB  %s\n", $5/1024, $9}'
 echo "   assets/smollm2-135m/hf: $(ls -A "$DEST/assets/smollm2-135m/hf" | tr '\n' ' ')"

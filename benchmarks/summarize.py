@@ -9,11 +9,13 @@ missing is reported as n/a with the reason, and so is one whose row measured not
 Train-step rows of follow-up calls in --dir's rerun/ replace the first call's (a ratio of two calls' rows is
 none), and a run from before llm2vec's HF recipe joined (its `reference` rows say zero=3) is read in today's
 names (legacy_rows). --steps is the tab-separated step log gpu_run.sh writes (name, exit code, seconds); kernel
-checks that did not run are a NOT RUN row. --plot draws the train-step throughput and peak memory per stage and impl.
+checks that did not run (ops of llm2vec_kernels.gpu_check.CHECKS absent from correctness.json) are NOT RUN rows.
+--plot draws the train-step throughput and peak memory per stage and impl.
 --archive ROOT copies a fetched $OUT (CSVs, correctness.json, log.txt, summary, and the plots, profiler
 text, environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/ with a README that
 says what ran, on which card, at which commit.
 """
+import ast
 import csv
 import glob
 import json
@@ -22,8 +24,25 @@ import os
 import re
 import sys
 
-from benchmarks.archive_run import archive
+from benchmarks.archive_run import archive, step_log, steps_notes
 from engine.cli import ArgumentParser, fail, unwritable
+
+GPU_CHECK_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llm2vec_kernels",
+                                "gpu_check", "__init__.py")
+
+
+def gpu_checks(path=GPU_CHECK_SOURCE):
+    """llm2vec_kernels.gpu_check.CHECKS, the literal tuple of op names its source assigns, read without importing
+    it (it imports torch; this module stays free of it); () when the source is missing or assigns another thing."""
+    try:
+        with open(path) as f:
+            body = ast.parse(f.read(), path).body
+        node = next(n for n in body if isinstance(n, ast.Assign)
+                    and [getattr(t, "id", "") for t in n.targets] == ["CHECKS"])
+        value = ast.literal_eval(node.value)
+    except (OSError, SyntaxError, StopIteration, ValueError):
+        return ()
+    return value if isinstance(value, tuple) and all(isinstance(v, str) for v in value) else ()
 
 
 def _rows(path):
@@ -84,10 +103,11 @@ def timing_doubts(value, limit, up, down):
     for r in (up, down):
         _, q1, q3, warm, timed = stats[id(r)]
         name = r.get("impl", "?")
+        cut = f", cut={_extra(r)['cut']}" if _extra(r).get("cut") else ""  # budget: its stop rule; term: SIGTERM
         if warm is not None and timed is not None and (warm < PROTOCOL[0] or timed < PROTOCOL[1]):
-            out.append(f"{name}: {warm} warm-up + {timed} timed calls (protocol {PROTOCOL[0]} + {PROTOCOL[1]})")
+            out.append(f"{name}: {warm} warm-up + {timed} timed calls (protocol {PROTOCOL[0]} + {PROTOCOL[1]}){cut}")
         elif timed is not None and timed < PROTOCOL[1]:
-            out.append(f"{name}: {timed} timed calls (protocol {PROTOCOL[1]})")
+            out.append(f"{name}: {timed} timed calls (protocol {PROTOCOL[1]}){cut}")
         if not (_ok(q1) and _ok(q3)):
             out.append(f"{name}: no quartiles recorded")
     (mu, q1u, q3u, _, _), (md, q1d, q3d, _, _) = stats[id(up)], stats[id(down)]
@@ -449,47 +469,29 @@ def correctness(path):
     return out
 
 
-def step_log(path):
-    """gpu_run.sh's steps.tsv as [(name, verdict, seconds, why)]: verdict ok, TIMEOUT, SKIPPED or FAILED rc=N."""
-    if not path or not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) >= 3:
-                rc = parts[1]
-                verdict = {"0": "ok", "124": "TIMEOUT", "137": "TIMEOUT (killed)", "skipped": "SKIPPED"}.get(
-                    rc, f"FAILED rc={rc}")
-                out.append((parts[0], verdict, parts[2], parts[3] if len(parts) > 3 else ""))
-    return out
-
-
-def steps_notes(path):
-    return [f"- step {name}: {verdict} in {secs} s" + (f" ({why})" if why else "")
-            for name, verdict, secs, why in step_log(path)]
-
-
 def correctness_target(t, path, steps_path):
-    """A table row when the bf16 kernel checks produced nothing (correctness.json missing), naming why from the
-    step log: a skipped step (no time left) reads NOT RUN, not as a silent gap among the notes; and one when a check
-    left cases unchecked for its time budget (rows with "skipped")."""
+    """NOT RUN rows of the bf16 kernel checks, naming why from the step log, never a silent gap among the notes: one
+    when correctness.json is missing; else one per op of gpu_checks() the file lacks (a check that never started)
+    and one when checks left cases unchecked for their time budget (rows with "skipped")."""
+    step = next((s for s in step_log(steps_path) if s[0] == "correctness"), None)
+    step_says = "" if step is None else f"step correctness {step[1]}" + (f" ({step[3]})" if step[3] else "")
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
+                data = dict(json.load(f))
+        except (OSError, ValueError, TypeError):
             return  # correctness() says it does not read
+        for op in [op for op in gpu_checks() if op not in data]:
+            t.add("bf16 correctness", f"gpu_check {op} against its reference", "not run", "NOT RUN",
+                  "absent from correctness.json" + (f"; {step_says}" if step_says else ""))
         skipped = [f"{op}:{r.get('case')}" for op, res in data.items() if isinstance(res, list)
                    for r in res if isinstance(r, dict) and r.get("skipped")]
         if skipped:
             t.add("bf16 correctness", "every case of every kernel's gpu_check", f"{len(skipped)} case(s) not run",
                   "NOT RUN", "time budget: " + ", ".join(skipped[:8]) + (" ..." if len(skipped) > 8 else ""))
         return
-    step = next((s for s in step_log(steps_path) if s[0] == "correctness"), None)
-    why = "correctness.json missing" if step is None else f"step correctness {step[1]}" + (
-        f" ({step[3]})" if step[3] else "")
-    t.add("bf16 correctness", "gpu_check of every kernel against its reference", "not run", "NOT RUN", why)
+    t.add("bf16 correctness", "gpu_check of every kernel against its reference", "not run", "NOT RUN",
+          step_says or "correctness.json missing")
 
 
 def plot_train_step(rows, png):

@@ -1,11 +1,29 @@
 """The train-step benchmark's measuring conventions: its clock and log, batch shapes and masking, the FLOPs a
 row divides by its step time (model and hardware FLOPs, see bench_train_step's docstring), the card's peak,
-and the timing protocol (early stop on the time budget, step statistics)."""
+the timing protocol (early stop on the time budget, step statistics) and the end of a run cut by SIGTERM."""
+import os
+import signal
 import time
 
 from benchmarks.common import Timing
 
-T0 = time.perf_counter()  # the benchmark's start: the time budget and the log count from here
+
+def process_start():
+    """The process's start on the time.perf_counter() clock: now - (boot clock now - the process's start time in
+    /proc/self/stat, clock ticks since boot). gpu_run.sh's `timeout` counts from the process's start, so the
+    time budget does too: imports (torch, transformers, DeepSpeed: seconds on a bare machine) count against it.
+    Without /proc (not Linux) the import of this module stands in for it."""
+    now = time.perf_counter()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime; field 3 is index 0
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    return now - age if 0.0 <= age < 3600.0 else now
+
+
+T0 = process_start()  # the benchmark's start: the time budget and the log count from here
 
 BENCH = "train_step"
 # written into every step row (extra flops_def): what mfu / hfu divide by the step time (module docstring)
@@ -77,6 +95,47 @@ def out_of_time(args, times, min_steps=5):
     budget, so a run under a hard timeout still writes its row; the row then says cut=budget."""
     budget = getattr(args, "budget_resolved", float("inf"))
     return len(times) >= min_steps and time.perf_counter() - T0 + 3 * max(times) > budget
+
+
+class Terminated(Exception):
+    """SIGTERM arrived (gpu_run.sh's `timeout` for the step; its SIGKILL follows KILL_S = 10 s later): raised once,
+    in the main thread, where the signal is handled. An Exception, so that every measurement's recording
+    handler catches it and writes its row from the steps timed so far (term_cut) instead of the process dying
+    with them; the run then ends (bench_train_step.main, exit 143 = 128 + SIGTERM)."""
+
+
+TERM = {"at": None}  # seconds from T0 when SIGTERM came; None before
+
+
+def _on_sigterm(signum, frame):
+    if TERM["at"] is None:  # once: a second TERM must not cut the row being written
+        TERM["at"] = time.perf_counter() - T0
+        raise Terminated(f"SIGTERM at {TERM['at']:.0f}s (the step's timeout)")
+
+
+def catch_sigterm():
+    """Turn SIGTERM into Terminated for this process (main thread only); returns the handler it replaced, or
+    None where none could be set (another thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        return None
+
+
+def terminated():
+    return TERM["at"] is not None
+
+
+def term_cut(extra, timed):
+    """A measurement ended by SIGTERM: with ``timed`` > 0 steps timed its row keeps them (status=ok, cut=term,
+    timed_steps says how many: fewer than the protocol's 20 makes a verdict on it provisional, as cut=budget
+    does); with none it measured nothing (status=timeout). Mutates and returns ``extra``."""
+    extra["cut"] = "term"
+    extra["status"] = "ok" if timed else "timeout"
+    extra.pop("detail", None)
+    if not timed:
+        extra["detail"] = f"SIGTERM at {TERM['at'] or 0:.0f}s before the first timed step"
+    return extra
 
 
 def step_stats(times, warmup):

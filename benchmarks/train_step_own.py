@@ -16,8 +16,8 @@ from benchmarks.harness import (GPU_MODEL, LORA, TINY_LORA, TINY_MODEL, Syntheti
                                 make_stages, make_train_config, sync, unshift_labels)
 from benchmarks.step_paths import ARCHS, eager_bidirectional_mask, hf_attention
 from benchmarks.step_paths import Path as StepPath
-from benchmarks.train_step_measure import (FLOPS_DEF, GPU_SHAPES, MASK, TINY_SHAPES, log, out_of_time, peak_tflops,
-                                           shape_name, stage_flops, step_stats)
+from benchmarks.train_step_measure import (FLOPS_DEF, GPU_SHAPES, MASK, TINY_SHAPES, Terminated, log, out_of_time,
+                                           peak_tflops, shape_name, stage_flops, step_stats, term_cut)
 from benchmarks.train_step_profile import profile_step
 from engine.stages.base import to_device
 
@@ -131,6 +131,9 @@ def measure_own_model(args, writer, impl, profile_out=None):
       LoRA, bf16 on the GPU, bidirectional SDPA (or flash-attn 2) with no mask on the unpadded MNTP batch,
       full gradient checkpointing, full-logit CE inside the HF loss, clip 1.0 + torch AdamW;
     * engine-auto: what `deepspeed engine/train.py` sets up for this model on this device (_build_engine_auto).
+
+    A SIGTERM (Terminated: the step's `timeout`) ends the measurement where it is: the row is written from the
+    steps timed so far with cut=term (train_step_measure.term_cut), without the profiled step.
     """
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -151,7 +154,7 @@ def measure_own_model(args, writer, impl, profile_out=None):
             return writer.add(shape, impl, "step", float("nan"), status="skipped", detail="flash-attn needs CUDA",
                               **extra)
     status, failure, times, peak, loss = "ok", None, [], float("nan"), float("nan")
-    own = None
+    own, cut_by_term = None, False
     try:
         st, own = OWN_MODEL_IMPLS[impl](args, impl, device, dtype, spec, lora, mask)
         extra.update(own.extra)
@@ -166,6 +169,7 @@ def measure_own_model(args, writer, impl, profile_out=None):
         for _ in range(args.warmup):
             own.step()
         sync(device)
+        log(f"{impl}: {args.warmup} warm-up steps done; timing up to {args.steps}")
         base = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -182,6 +186,12 @@ def measure_own_model(args, writer, impl, profile_out=None):
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
             extra["act_peak_mb"] = f"{peak - base / 2**20:.1f}"
+    except Terminated as exc:
+        log(f"{impl}: {exc}; writing the row of the {len(times)} step(s) timed so far")
+        cut_by_term = True
+        if times and device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+            extra["act_peak_mb"] = f"{peak - base / 2**20:.1f}"
     except torch.cuda.OutOfMemoryError as exc:
         status, failure = "oom", str(exc).split("\n")[0][:80]
     except Exception as exc:  # recorded, never fatal
@@ -190,6 +200,8 @@ def measure_own_model(args, writer, impl, profile_out=None):
     extra["status"] = status
     if failure:
         extra["detail"] = failure.replace(";", ",").replace("=", ":")
+    if cut_by_term:
+        term_cut(extra, len(times))
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     pk, pk_src = peak_tflops(gpu, args.peak_tflops)
     if times:
@@ -202,7 +214,7 @@ def measure_own_model(args, writer, impl, profile_out=None):
         row = writer.add(shape, impl, "step", s * 1e3, tflops=model_flops / s / 1e12, peak_mb=peak, **extra)
         log(f"{impl}: median {s * 1e3:.1f} ms, min {extra['min_ms']} ms, IQR {extra['iqr_ms']} ms over {len(times)} "
             f"steps; loss {loss:.4f}")
-        if profile_out is not None and status == "ok" and device.type == "cuda":
+        if profile_out is not None and status == "ok" and not cut_by_term and device.type == "cuda":
             try:
                 title = f"mntp / {impl} ({gpu}, {extra['dtype']}, {own.title})"
                 text, cats, wall, busy = profile_step(own.step, device, {"V": spec["vocab_size"],

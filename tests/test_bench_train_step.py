@@ -291,8 +291,8 @@ def test_gpu_run_script_is_valid_bash():
 def _budget_walk(arch, startup_s, step_s=None, env=None):
     """gpu_run.sh's step limits (benchmarks/gpu_lib.sh) on a simulated clock: the steps in their order after
     startup_s of installing, each running min(its limit, step_s) when step_s is given, else into its timeout and
-    the kill KILL_S later (the worst case); a step whose limit is under MIN_STEP_S is skipped. Returns
-    ({step: limit}, seconds left when the summary starts, the floors)."""
+    the kill KILL_S later (the worst case); a step whose limit is under its min_for is skipped. Returns
+    ({step: limit} of the steps that will run, seconds left when the summary starts, the floors)."""
     script = f"""
 source benchmarks/gpu_lib.sh
 plan_steps {arch}
@@ -303,7 +303,7 @@ for s in "${{STEP_ORDER[@]}}"; do
   will_run "$s" || continue
   lim=$(limit_for "$s")
   echo "$s $lim ${{FLOOR[$s]:-0}}"
-  if [ "$lim" -ge "$MIN_STEP_S" ]; then
+  if [ "$lim" -ge "$(min_for "$s")" ]; then
     took={step_s if step_s else '$((lim + KILL_S))'}
     NOW=$((NOW + (took < lim ? took : lim + KILL_S)))
   fi
@@ -333,7 +333,36 @@ def test_gpu_run_budget_keeps_every_floor(arch):
         for name, floor in floors.items():
             assert floor == 0 or limits[name] >= floor, (step_s, name, limits)
         assert limits["correctness"] >= 60 and limits["pytest_gpu"] >= 30, (step_s, limits)
-    assert len([n for n in limits if n.startswith("train_step_mntp_")]) == (4 if arch == "mistral-7b" else 2)
+    mntp = [n for n in limits if n.startswith("train_step_mntp_")]
+    assert mntp == (["train_step_mntp_reference", "train_step_mntp_engine-auto", "train_step_mntp_engine"]
+                    if arch == "mistral-7b" else ["train_step_mntp_reference", "train_step_mntp_engine-auto"])
+
+
+@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b"])
+def test_gpu_run_budget_gives_the_main_comparison_its_protocol(arch):
+    """The MNTP pair (llm2vec's recipe `reference` against `engine-auto`) comes first and each path gets its whole
+    cap even in the worst case (install 40 s, every step into its timeout and kill): 130 s on Mistral-7B, whose
+    --budget-s 120 from the process's start holds 5 warm-up + 20 timed steps at 2.5 s (imports 10 s, build 20 s,
+    the first loss 2 s, and the stop rule's margin of 3 steps after the 19th). The earlier schedule gave each of
+    four paths 95 s (--budget-s 85, counted after the imports): the reference stopped at 16-18 timed steps.
+    reference-zero3 is off by default, and runs when GPU_RUN_ONLY names it; the harness's `engine` path comes
+    after masked CE with what is left."""
+    cap = 130 if arch == "mistral-7b" else 150
+    for step_s in (None, 80):
+        limits, left, _ = _budget_walk(arch, startup_s=40, step_s=step_s)
+        assert limits["train_step_mntp_reference"] == limits["train_step_mntp_engine-auto"] == cap, limits
+        assert "train_step_mntp_reference-zero3" not in limits and left >= 20
+    budget_s = cap - 10  # gpu_run.sh's --budget-s for a train-step process
+    assert 10 + 20 + 2 + 5 * 2.5 + 19 * 2.5 + 3 * 2.5 <= budget_s
+    if arch == "mistral-7b":
+        order = list(_budget_walk(arch, startup_s=40, step_s=30)[0])
+        assert order.index("train_step_mntp_engine") > order.index("bench_masked_ce"), order
+        limits, left, _ = _budget_walk(arch, 40, env={"GPU_RUN_ONLY": "train_step_mntp_reference-zero3"})
+        assert limits == {"train_step_mntp_reference-zero3": cap} and left >= 20
+        lib = os.path.join(ROOT, "benchmarks", "gpu_lib.sh")
+        r = run_cmd(["bash", "-c", f"source {lib}; plan_steps mistral-7b; will_run train_step_mntp_reference-zero3 "
+                                   "|| skip_reason train_step_mntp_reference-zero3"], timeout=30)
+        assert r.stdout.strip() == "off by default (GPU_RUN_ONLY=train_step_mntp_reference-zero3 runs it)", r.stdout
 
 
 def test_gpu_run_budget_runs_the_named_steps_alone():
@@ -632,3 +661,305 @@ def test_the_summary_judges_timing_by_the_benchmarks_own_protocol():
     from benchmarks import common, summarize
 
     assert summarize.PROTOCOL == (common.WARMUP, common.ITERS)
+
+
+# -- a GPU call's losses: a path stopped by its timeout, a kill from outside, steps that never started -------------
+def test_the_time_budget_counts_from_the_process_start():
+    """gpu_run.sh's `timeout` counts from the process's start, so --budget-s must too: T0 was taken after torch,
+    transformers and the harness were imported (seconds on a bare device), and a path ran past its timeout."""
+    code = ("import time; time.sleep(1.0); from benchmarks.train_step_measure import T0; "
+            "print(time.perf_counter() - T0)")
+    r = run_cmd([sys.executable, "-c", code], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 1.0 <= float(r.stdout.split()[-1]) < 60.0, r.stdout
+
+
+def _steps_of(row):
+    ex = _extra(row)
+    return ex, int(ex.get("timed_steps", 0))
+
+
+def test_a_sigterm_writes_the_row_of_the_steps_timed_so_far(tmp_path):
+    """The step's `timeout` sends SIGTERM: the process used to die there and its timed steps with it. Now the path
+    writes its row from the steps timed so far (status=ok, cut=term, timed_steps of them; the summary calls a
+    verdict on it provisional) and the process ends, 143."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "ts.csv"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--stages", "mntp",
+                             "--impls", "reference", "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.time() + 300
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "warm-up steps done" in line or not line:
+                break
+        assert "warm-up steps done" in lines[-1], "".join(lines)[-3000:]
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+    (row,) = _rows(out)
+    ex, timed = _steps_of(row)
+    assert (ex["status"], ex["cut"]) == ("ok", "term") and 1 <= timed < 100000, ex
+    assert len(ex["steps_ms"].split("/")) == timed and float(row["ms"]) > 0
+    from benchmarks import summarize
+
+    doubts = summarize.timing_doubts(1.0, 1.5, row, row)
+    assert f"reference: 1 warm-up + {timed} timed calls (protocol 5 + 20), cut=term" in doubts, doubts
+
+
+def test_a_harness_row_cut_by_sigterm_reads_as_the_cut(tmp_path, monkeypatch):
+    """The harness's measurements (benchmarks.train_step_rows: engine, reference-zero3, the supervised and SimCSE
+    paths, --big-batch) record any exception as an error row, SIGTERM's Terminated too. Once SIGTERM has come,
+    bench_train_step's writer reads such a row as the cut it is (its timed steps kept, or status=timeout without
+    any) and, once it is written, lets Terminated go on up so no loop starts another measurement."""
+    from benchmarks import bench_train_step as bts
+    from benchmarks import train_step_measure as tsm
+
+    w = bts.StepWriter(str(tmp_path / "a.csv"), "train_step")
+    w.add("mntp 4x48", "engine", "step", 99.0, status="error", detail="Terminated: x", timed_steps=7)  # no SIGTERM
+    monkeypatch.setitem(tsm.TERM, "at", 12.0)
+    with pytest.raises(tsm.Terminated):
+        w.add("mntp 4x48", "engine", "step", 99.0, status="error", detail="Terminated: SIGTERM", timed_steps=7,
+              warmup=5)
+    with pytest.raises(tsm.Terminated):
+        w.add("supervised-bigbatch B6", "engine-nocache", "step", float("nan"), status="error", detail="x")
+    w.add("mntp 4x48", "engine", "profile", float("nan"), status="error", detail="Terminated: SIGTERM")
+    w._f.close()
+    first, cut, none, profile = (_extra(r) for r in _rows(tmp_path / "a.csv"))
+    assert first["status"] == "error" and "cut" not in first
+    assert (cut["status"], cut["cut"], cut["timed_steps"]) == ("ok", "term", "7") and "detail" not in cut, cut
+    assert (none["status"], none["cut"]) == ("timeout", "term") and "before the first timed step" in none["detail"]
+    assert profile["status"] == "error"
+
+
+def _session_pids(sid):
+    """The processes of session `sid` (a test's own setsid'd child and what it started), by /proc."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:  # field 6, session id
+                pids.append(int(d))
+    return pids
+
+
+def _tar_members(path):
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        return {os.path.basename(m.name): tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+@pytest.mark.slow
+def test_gpu_run_keeps_what_finished_when_killed(tmp_path):
+    """The device tool kills a call that outlasts it. steps.tsv, env.txt and the profiles stayed in the run's
+    scratch folder until the tarball at the very end, and the train-step CSVs were joined into $OUT only after
+    the MNTP paths: a kill lost them. Now every step ends by joining the CSVs and rebuilding results.tar.gz in
+    $OUT, so a SIGKILL in the middle of the second path leaves the first path's row and the step log."""
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_RUN_CPU="1", OUT=str(out),
+               GPU_RUN_ONLY="train_step_mntp_reference,train_step_mntp_engine-auto")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline, log = time.time() + 300, ""
+        while time.time() < deadline and proc.poll() is None:
+            log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
+            if "== train_step_mntp_engine-auto" in log:
+                break
+            time.sleep(0.2)
+        assert "ok train_step_mntp_reference in" in log and proc.poll() is None, log[-3000:]
+    finally:
+        for pid in _session_pids(proc.pid):  # gpu_run.sh, its `timeout` (a process group of its own) and python
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert not (out / "summary.md").exists()
+    with open(out / "bench_train_step.csv", newline="") as f:
+        assert [r["impl"] for r in csv.DictReader(f)] == ["reference"]
+    files = _tar_members(out / "results.tar.gz")
+    assert "train_step_mntp_reference\t0\t" in files["steps.tsv"] and "== environment" in files["env.txt"], files
+    assert not [n for n in os.listdir(out) if n.endswith(".part")]
+
+
+def test_gpu_run_skips_a_step_its_time_cannot_serve(tmp_path):
+    """The big-batch step hands its process --budget-s = its limit - 15; at a limit of 15 s that was 0, which the
+    benchmark refuses (positive_float), a failure instead of a skip. A limit under the step's least useful time
+    (MIN_S, 60 s) now skips it, and says so in the log and steps.tsv (in results.tar.gz after every step); a step
+    off by default says how to run it. A budget that is no number is refused in one line, exit 2."""
+    out = tmp_path / "out"
+    r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")], timeout=300,
+                env={"GPU_RUN_CPU": "1", "OUT": str(out), "GPU_RUN_ONLY": "bench_train_step_bigbatch",
+                     "GPU_RUN_BIGBATCH_S": "15"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "SKIP bench_train_step_bigbatch: no time left: 15s" in log and "== bench_train_step_bigbatch" not in log
+    steps = _tar_members(out / "results.tar.gz")["steps.tsv"]
+    assert "bench_train_step_bigbatch\tskipped\t0\tno time left" in steps, steps
+    assert "train_step_mntp_reference-zero3\tskipped\t0\tnot in GPU_RUN_ONLY" in steps
+    assert "- step bench_train_step_bigbatch: SKIPPED in 0 s (no time left" in (out / "summary.md").read_text()
+    r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")], timeout=60,
+                env={"GPU_RUN_CPU": "1", "OUT": str(tmp_path / "o2"), "GPU_RUN_BUDGET_S": "9m"})
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "GPU_RUN_BUDGET_S=9m" in err[0], r.stderr
+
+
+def test_summary_names_each_kernel_check_that_never_started(tmp_path):
+    """gpu_check writes correctness.json after each check, so a step stopped by its timeout leaves the ops it never
+    reached out of the file: each op of llm2vec_kernels.gpu_check.CHECKS that the file lacks is a NOT RUN row
+    naming the step's fate, not a silent gap. The summary reads CHECKS from the source (it imports no torch)."""
+    import json
+
+    import llm2vec_kernels.gpu_check as gc
+    from benchmarks import summarize
+
+    assert summarize.gpu_checks() == gc.CHECKS and len(gc.CHECKS) >= 3
+    with open(tmp_path / "correctness.json", "w") as f:
+        json.dump({gc.CHECKS[0]: [{"case": "a", "ok": True}], gc.CHECKS[1]: {"error": "_OpTimeout: 30s"}}, f)
+    (tmp_path / "steps.tsv").write_text("correctness\t124\t110\n")
+    text = summarize.main(["--dir", str(tmp_path), "--steps", str(tmp_path / "steps.tsv")])
+    for op in gc.CHECKS[2:]:
+        assert (f"| bf16 correctness | gpu_check {op} against its reference | not run | NOT RUN | absent from "
+                "correctness.json; step correctness TIMEOUT |") in text, (op, text)
+    for op in gc.CHECKS[:2]:
+        assert f"gpu_check {op} against its reference" not in text
+    assert summarize.gpu_checks(str(tmp_path / "missing.py")) == ()
+
+
+def test_archive_says_what_ran_from_the_step_log(tmp_path):
+    """The archive's README said every benchmark ran "in one call", whatever the call ran. It now says what the
+    call's steps.tsv (in results.tar.gz) records: what ran, timed out, failed and was skipped, and why."""
+    import io
+    import tarfile
+
+    from benchmarks import summarize
+
+    d = tmp_path / "out"
+    d.mkdir()
+    _write_csv(d / "bench_train_step.csv", [{"gpu": "NVIDIA H100", "date": "2026-12-07", "commit": "abc1234",
+                                             "bench": "train_step", "shape": "mntp 32x512", "impl": "reference",
+                                             "pass": "step", "ms": "2500.0", "tflops": "nan", "peak_mb": "nan",
+                                             "extra": "status=ok"}])
+    steps = ("train_step_mntp_reference\t0\t121\ncorrectness\t124\t110\npytest_gpu\t1\t28\n"
+             "train_step_mntp_reference-zero3\tskipped\t0\toff by default (GPU_RUN_ONLY=x runs it)\n")
+    with tarfile.open(d / "results.tar.gz", "w:gz") as tar:
+        data = steps.encode()
+        info = tarfile.TarInfo("./steps.tsv")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    dst = summarize.main(["--dir", str(d), "--archive", str(tmp_path / "results")])
+    line = next(ln for ln in open(os.path.join(dst, "README.md")) if ln.startswith("- what ran:"))
+    assert ("ran: `train_step_mntp_reference` (121 s); timed out: `correctness` (110 s); failed: `pytest_gpu` "
+            "(rc=1, 28 s); skipped: `train_step_mntp_reference-zero3` (off by default (GPU_RUN_ONLY=x runs it))"
+            in line), line
+    assert "bench_masked_ce" not in line and os.path.isfile(os.path.join(dst, "steps.tsv"))
+    from benchmarks.archive_run import what_ran
+
+    assert "not recorded" in what_ran([])
+
+
+def test_gpu_tests_step_collects_only_the_files_with_gpu_tests():
+    """The GPU tests' step (35 s) collected all of tests/ to run a few gpu-marked tests. gpu_lib.sh's
+    gpu_test_files names the files that mark a test gpu (tests/conftest.py skips such tests without CUDA):
+    exactly the files whose syntax tree holds the marker, and gpu_run.sh passes those alone."""
+    import ast
+    import glob
+
+    def marks_gpu(path):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        return any(isinstance(n, ast.Attribute) and n.attr == "gpu" and isinstance(n.value, ast.Attribute)
+                   and n.value.attr == "mark" for n in ast.walk(tree))
+
+    want = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))
+                  if marks_gpu(p))
+    assert want and sorted(_lib(f"gpu_test_files {ROOT}").split()) == want
+    with open(os.path.join(ROOT, "benchmarks", "gpu_run.sh")) as f:
+        text = f.read()
+    assert 'gpu_test_files "$ROOT"' in text and "\n  tests/)" not in text
+
+
+def _git(cwd, *args):
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    r = run_cmd(["git", "-C", str(cwd), *args], env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_prepared_commit_names_the_rows_of_a_copy_without_git(tmp_path):
+    """The device's copy has no .git, so its rows said tree-<hash>. prepare_device.sh (`label`: that alone) writes
+    .whl/COMMIT, carried with the wheels: HEAD, a dirty flag and the hash of the sources that travel (ignored
+    files do not). code_label names the commit (with -dirty-<tree> when the tree was not HEAD's) while the
+    sources still hash the same, else tree-<hash>: an edit after prepare cannot borrow the commit's name."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    for folder in ("engine", "llm2vec_kernels", "benchmarks", "tests", "configs"):
+        (repo / folder).mkdir(parents=True)
+        (repo / folder / "a.py").write_text(f"# {folder}\n")
+    for name in ("gpu_lib.sh", "prepare_device.sh"):
+        shutil.copy(os.path.join(ROOT, "benchmarks", name), repo / "benchmarks" / name)
+    (repo / ".gitignore").write_text(".whl/\nscratch.py\n")
+    (repo / "engine" / "scratch.py").write_text("# ignored: never travels\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "x")
+    head = _git(repo, "rev-parse", "--short", "HEAD")
+
+    def device_label():
+        dev = tmp_path / "dev"
+        shutil.rmtree(dev, ignore_errors=True)
+        shutil.copytree(repo, dev, ignore=shutil.ignore_patterns(".git", "scratch.py"))
+        return dev, _lib(f"code_label {dev}", env={"LLM2VEC_COMMIT": ""})
+
+    r = run_cmd(["bash", str(repo / "benchmarks" / "prepare_device.sh"), "label"], timeout=60)
+    assert r.returncode == 0 and "COMMIT: commit" in r.stdout, r.stdout + r.stderr
+    assert (repo / ".whl" / "COMMIT").read_text().splitlines()[:2] == [f"commit {head}", "dirty 0"]
+    dev, label = device_label()
+    assert label == head
+    (dev / "engine" / "a.py").write_text("# edited on the device copy\n")
+    assert _lib(f"code_label {dev}", env={"LLM2VEC_COMMIT": ""}) == "tree-" + _lib(f"tree_hash {dev}")
+    (repo / "engine" / "a.py").write_text("# edited, not committed\n")
+    run_cmd(["bash", str(repo / "benchmarks" / "prepare_device.sh"), "label"], timeout=60)
+    dev, label = device_label()
+    assert label == f"{head}-dirty-" + _lib(f"tree_hash {dev}"), label
+    r = run_cmd(["bash", str(repo / "benchmarks" / "prepare_device.sh"), "bogus"], timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_device_scripts_refuse_without_out_and_use_python3():
+    """gpu_rerun_train_step.sh wrote into "$OUT/..." whatever OUT was: unset, into the root folder. It refuses in
+    one line, exit 2. gpu_quality.sh ran `python`, which the GPU image lacks: it runs $PYTHON or python3."""
+    r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_rerun_train_step.sh")], env={"OUT": ""}, timeout=30)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "OUT" in err[0], r.stderr
+    with open(os.path.join(ROOT, "benchmarks", "gpu_quality.sh")) as f:
+        code = [ln for ln in f if not ln.lstrip().startswith("#")]
+    assert not [ln for ln in code if re.search(r"(^|[\s;|&(])python\s", ln.replace("command -v python", ""))], code
+    assert any('PY=${PYTHON:-' in ln for ln in code)
+    for name in ("gpu_lib.sh", "gpu_quality.sh", "gpu_rerun_train_step.sh"):
+        r = run_cmd(["bash", "-n", os.path.join(ROOT, "benchmarks", name)], timeout=30)
+        assert r.returncode == 0, (name, r.stderr)

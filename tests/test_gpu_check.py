@@ -139,8 +139,14 @@ def test_cases_past_the_budget_are_named_not_run_never_passed(monkeypatch, tmp_p
     assert lines == ["- gpu_check attention: 4/4 ok; NOT RUN (budget 30s spent): tiny-b-float32"], lines
     t = summarize.Table()
     summarize.correctness_target(t, str(out), None)
-    assert t.lines == [("bf16 correctness", "every case of every kernel's gpu_check", "1 case(s) not run", "NOT RUN",
-                        "time budget: attention:tiny-b-float32")]
+    budget_row = ("bf16 correctness", "every case of every kernel's gpu_check", "1 case(s) not run", "NOT RUN",
+                  "time budget: attention:tiny-b-float32")
+    assert budget_row in t.lines
+    # the other ops' checks never ran in this file: each is a NOT RUN row of its own (summarize.gpu_checks)
+    absent = [line for line in t.lines if line != budget_row]
+    assert {line[1] for line in absent} == {f"gpu_check {op} against its reference" for op in summarize.gpu_checks()
+                                            if op != "attention"}
+    assert all(line[2:] == ("not run", "NOT RUN", "absent from correctness.json") for line in absent)
 
 
 def test_cli_usage_errors_and_an_unwritable_json_are_one_line(capsys):
