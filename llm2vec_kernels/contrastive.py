@@ -92,6 +92,16 @@ def _check_inputs(q, d):
         raise ValueError(f"d must hold B*(1+n) rows with B = {B}, got {d.shape[0]}")
 
 
+def _zero_tiny_rows(x):
+    """``x`` with its rows of norm below eps (1e-12) set to zero: such a row's normalised vector is taken as 0 (and
+    its gradient is 0), on both paths. F.normalize would give x / eps, which the Triton backward's scaling leaves
+    out of the other side's gradient (it keeps fp16 buffers from flushing, :func:`_unclamped_scale`); a pooled
+    hidden state is never that small, so this costs one norm and one select per call and changes nothing else."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp16's own sum of squares overflows
+    tiny = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc) < _NORM_EPS
+    return torch.where(tiny, torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 def _global_layout(q, d, gather_across_ranks):
     """Return (candidates this rank scores, index of query 0's positive among them).
 
@@ -107,8 +117,10 @@ def contrastive_loss_reference(q, d, *, temperature=0.05, gather_across_ranks=Fa
     """q (B, E) queries, d (M, E) candidates with M = B*(1+n): d[i] is query i's positive, d[B:] hard negatives.
 
     Scores are cosine similarities / temperature; the loss is the mean over queries of
-    logsumexp_j(s_ij) - s_i,pos. Computed in fp32 (or fp64 for fp64 inputs).
+    logsumexp_j(s_ij) - s_i,pos. Computed in fp32 (or fp64 for fp64 inputs). A row of norm below 1e-12 counts as
+    zero (:func:`_zero_tiny_rows`).
     """
+    q, d = _zero_tiny_rows(q), _zero_tiny_rows(d)
     cands, offset = _global_layout(q, d, gather_across_ranks)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     target = offset + torch.arange(q.shape[0], device=q.device)
@@ -560,6 +572,7 @@ def _contrastive_loss_triton(q, d, *, temperature=0.05, gather_across_ranks=Fals
     """The Triton path. ``num_splits`` / ``buffer_bytes`` override the launch heuristics (tests)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    q, d = _zero_tiny_rows(q), _zero_tiny_rows(d)  # as the reference: a row below eps is a zero vector
     cands, offset = _global_layout(q, d, gather_across_ranks)
     q = q if q.stride(-1) == 1 else q.contiguous()
     cands = cands if cands.stride(-1) == 1 else cands.contiguous()

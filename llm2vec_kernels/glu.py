@@ -73,13 +73,16 @@ def _glu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, N, ACT: tl.con
     tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(gate, up, activation):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(gate, up, activation, triton_path):
     if activation not in ACTIVATIONS:
         raise ValueError(f"glu: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
         raise ValueError(f"glu: gate and up must match in shape, dtype and device, got {tuple(gate.shape)} "
                          f"{gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
-    if gate.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if triton_path and gate.dtype not in KERNEL_DTYPES:  # the reference takes any float (fp64 for checks)
         raise TypeError(f"glu: fp16, bf16 or fp32 expected, got {gate.dtype}")
 
 
@@ -130,7 +133,8 @@ def glu(gate, up, activation="silu", *, impl=None):
 
     impl: "auto" | "triton" | "torch" (None: the process default for "fused_ops").
     """
-    _check(gate, up, activation)
-    if resolve_impl("fused_ops", impl, gate) == "triton":
+    use_triton = resolve_impl("fused_ops", impl, gate, auto_dtypes=KERNEL_DTYPES) == "triton"  # auto: fp64 -> torch
+    _check(gate, up, activation, use_triton)
+    if use_triton:
         return _GLU.apply(gate, up, _ACT_ID[activation])
     return glu_reference(gate, up, activation)

@@ -400,8 +400,6 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     n = len(weights)
     if not (n == len(lora_a) == len(lora_b)) or n == 0:
         raise ValueError("lora_group needs the same number (>= 1) of weights, lora_a and lora_b")
-    if x.dtype not in _SUPPORTED:
-        raise TypeError(f"lora_group: unsupported dtype {x.dtype}")
     K = x.shape[-1]
     for w, a, b in zip(weights, lora_a, lora_b):
         if w.shape[1] != K or a.shape[1] != K or b.shape != (w.shape[0], a.shape[0]):
@@ -418,6 +416,8 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     rank_sum = sum(a.shape[0] for a in lora_a)
     fits = fits_one_tile(rank_sum)
     impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16), fits=fits)
+    if impl == "triton" and x.dtype not in _SUPPORTED:  # the reference takes any float (fp64 for checks)
+        raise TypeError(f"lora_group: unsupported dtype {x.dtype} for impl='triton' (fp16, bf16 or fp32)")
     if impl == "triton" and not fits:
         raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "
                          f"at most {MAX_BLOCK_N} (a larger one spills or exceeds shared memory); use impl='auto' "

@@ -107,13 +107,16 @@ def _bwd_programs(num_blocks, device):
     return max(1, min(num_blocks, 8))
 
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _check(x, weight, triton_path):
     if x.dim() < 1 or weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: x (..., H) and weight (H,) expected, got {tuple(x.shape)} and "
                          f"{tuple(weight.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if triton_path and x.dtype not in KERNEL_DTYPES:  # the reference takes any float (fp64 for checks)
         raise TypeError(f"rms_norm: x must be fp16, bf16 or fp32, got {x.dtype}")
-    if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if triton_path and weight.dtype not in KERNEL_DTYPES:
         raise TypeError(f"rms_norm: weight must be fp16, bf16 or fp32, got {weight.dtype}")
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x on {x.device}, weight on {weight.device}")
@@ -201,7 +204,8 @@ def rms_norm(x, weight, eps, *, gemma=False, impl=None):
     Output dtype: promote(weight, x) for the Llama form, x.dtype for Gemma (as in transformers).
     impl: "auto" | "triton" | "torch" (None: the process default for "fused_ops").
     """
-    use_triton = resolve_impl("fused_ops", impl, x, fits=x.shape[-1] <= MAX_H) == "triton"  # auto: wider -> torch
+    use_triton = resolve_impl("fused_ops", impl, x, auto_dtypes=KERNEL_DTYPES,  # auto: wider or fp64 -> torch
+                              fits=x.shape[-1] <= MAX_H and weight.dtype in KERNEL_DTYPES) == "triton"
     _check(x, weight, use_triton)
     if use_triton:
         return _RMSNorm.apply(x, weight, float(eps), bool(gemma))

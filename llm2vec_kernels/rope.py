@@ -79,7 +79,10 @@ def launch_config(D):
     return BLOCK_S, BLOCK_D, 4
 
 
-def _check(q, k, cos, sin):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check(q, k, cos, sin, triton_path):
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         raise ValueError(f"rope: q (B, Hq, S, D), k (B, Hkv, S, D), cos / sin (B, S, D) expected, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
@@ -88,7 +91,7 @@ def _check(q, k, cos, sin):
         raise ValueError(f"rope: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}")
     if D % 2:
         raise ValueError(f"rope: head dim must be even, got {D}")
-    if q.dtype != k.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.dtype != k.dtype or (triton_path and q.dtype not in KERNEL_DTYPES):  # the reference: any float
         raise TypeError(f"rope: q and k must share one of fp16 / bf16 / fp32, got {q.dtype} and {k.dtype}")
     if cos.dtype != q.dtype or sin.dtype != q.dtype:
         raise TypeError(f"rope: cos / sin must have q's dtype {q.dtype} (HF's rotary module casts them), got "
@@ -154,7 +157,8 @@ def rope(q, k, cos, sin, *, impl=None):
 
     impl: "auto" | "triton" | "torch" (None: the process default for "fused_ops").
     """
-    _check(q, k, cos, sin)
-    if resolve_impl("fused_ops", impl, q) == "triton":
+    use_triton = resolve_impl("fused_ops", impl, q, auto_dtypes=KERNEL_DTYPES) == "triton"  # auto: fp64 -> torch
+    _check(q, k, cos, sin, use_triton)
+    if use_triton:
         return _RoPE.apply(q, k, cos.detach(), sin.detach())
     return rope_reference(q, k, cos, sin)

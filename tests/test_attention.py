@@ -190,6 +190,41 @@ def test_more_sequences_than_the_grid_takes_run_in_slices(layout, monkeypatch):
         flash_attention(q, k, v, impl="triton", dropout_p=0.1, seed=1, **kw)
 
 
+def test_auto_sends_a_head_dim_past_256_to_the_reference(monkeypatch):
+    """impl=auto on a CUDA tensor with D=320 raised the kernels' "head dim > 256" refusal; the other ops fall back
+    to their reference past their limits (resolve_impl's fits=)."""
+    from llm2vec_kernels import _backend
+
+    q = torch.randn(1, 5, 2, 320)
+    monkeypatch.setattr(_backend, "_on_cuda", lambda t: True)
+    torch.testing.assert_close(flash_attention(q, q, q), flash_attention_reference(q, q, q), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="head dim 320"):
+        flash_attention(q, q, q, impl="triton")
+
+
+def test_varlen_rows_before_the_first_sequence_keep_their_place(monkeypatch):
+    """cu_seqlens[0] > 0: the reference returned only the sequences' rows (a shorter output), and a call split at
+    MAX_GRID_BATCH sequences dropped the rows before cu_seqlens[0], so every output row was another token's. Both
+    now give q's rows, the sequences' at their own places, zeros outside [cu[0], cu[-1]) (Triton: the split path;
+    an unsplit call leaves those rows unspecified, as documented)."""
+    import llm2vec_kernels.attention.flash as flash_mod
+
+    lens, head, tail = [5, 1, 7, 4], 3, 2
+    q, k, v = _inputs((head + sum(lens) + tail,), 4, 2, 16, F32)
+    cu = _cu(lens) + head
+    ref = flash_attention(q, k, v, cu_seqlens=cu, impl="torch")
+    assert ref.shape == q.shape and not ref[:head].any() and not ref[head + sum(lens):].any()
+    inside = slice(head, head + sum(lens))
+    torch.testing.assert_close(ref[inside], flash_attention(q[inside], k[inside], v[inside], cu_seqlens=_cu(lens),
+                                                            impl="torch"), rtol=0, atol=0)
+    whole = flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=7, impl="triton")
+    monkeypatch.setattr(flash_mod, "MAX_GRID_BATCH", 2)
+    sliced = flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=7, impl="triton")
+    assert whole.shape == sliced.shape == q.shape and not sliced[:head].any() and not sliced[head + sum(lens):].any()
+    torch.testing.assert_close(sliced[inside], whole[inside], rtol=0, atol=0)
+    torch.testing.assert_close(sliced[inside], ref[inside], rtol=1e-5, atol=1e-5)
+
+
 def test_strided_views_of_a_fused_qkv_projection():
     # (B, S, 3, H, D) -> q/k/v are views with a sequence stride of 3*H*D; no copies needed.
     qkv = torch.randn(2, 41, 3, 4, 32, device=DEVICE)
@@ -478,6 +513,9 @@ def _call(**kw):
     (dict(softcap=True, device_type="cpu"), ["torch"], "torch"),
     (dict(window=True), ["torch"], "torch"),
     (dict(window=True, softcap=True, impl="triton"), ["torch"], "torch"),
+    (dict(head_dim=320), ["torch"], "torch"),  # past the kernels' 256: the reference, not the kernels' refusal
+    (dict(head_dim=320, softcap=True), ["torch"], "torch"),
+    (dict(head_dim=320, impl="triton"), ["triton"], "triton"),  # asked for: refused in one line by the kernel
     # the setting wins: model.attention=triton / torch, and auto off CUDA is the reference
     (dict(impl="triton"), ["triton"], "triton"),
     (dict(impl="triton", layout="varlen", flash_attn=True), ["triton"], "triton"),

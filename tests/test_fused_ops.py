@@ -164,3 +164,46 @@ def test_rms_norm_wider_than_the_kernel_limit_keeps_torch():
     wide, ok = LlamaRMSNorm(limit + 1), LlamaRMSNorm(limit)
     assert _patch_norm(wide, "llama", skipped) is False and "forward" not in vars(wide) and skipped
     assert _patch_norm(ok, "llama", set()) is True and "forward" in vars(ok)
+
+
+def _fp64_calls():
+    from llm2vec_kernels.glu import glu, glu_reference
+    from llm2vec_kernels.lora import lora_group, lora_group_reference
+    from llm2vec_kernels.rms_norm import rms_norm, rms_norm_reference
+    from llm2vec_kernels.rope import rope, rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(16, generator=g, dtype=torch.float64)
+    q, k = torch.randn(1, 4, 5, 16, generator=g, dtype=torch.float64), torch.randn(1, 2, 5, 16, generator=g,
+                                                                                    dtype=torch.float64)
+    cos, sin = torch.randn(1, 5, 16, generator=g, dtype=torch.float64), torch.randn(1, 5, 16, generator=g,
+                                                                                    dtype=torch.float64)
+    lw, la, lb = ([torch.randn(8, 16, generator=g, dtype=torch.float64)], [torch.randn(2, 16, generator=g,
+                  dtype=torch.float64)], [torch.randn(8, 2, generator=g, dtype=torch.float64)])
+    return {"rms_norm": (lambda **kw: rms_norm(x, w, 1e-6, **kw), lambda: rms_norm_reference(x, w, 1e-6)),
+            "glu": (lambda **kw: glu(x, w.expand_as(x), **kw), lambda: glu_reference(x, w.expand_as(x))),
+            "rope": (lambda **kw: rope(q, k, cos, sin, **kw), lambda: rope_reference(q, k, cos, sin)),
+            "lora": (lambda **kw: lora_group(x, lw, la, lb, 2.0, **kw),
+                     lambda: lora_group_reference(x, lw, la, lb, 2.0))}
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "glu", "rope", "lora"])
+def test_fp64_runs_the_reference_under_torch_and_auto_and_is_refused_by_triton_alone(op, monkeypatch):
+    """fp64 (which the kernels do not take) raised TypeError even with impl="torch", and under impl="auto" on a
+    CUDA tensor, though each op's reference computes it; attention, masked CE and contrastive already ran it."""
+    from llm2vec_kernels import _backend
+
+    call, reference = _fp64_calls()[op]
+    want = reference()
+    for impl in ("torch", "auto"):
+        monkeypatch.setattr(_backend, "_on_cuda", lambda t: True)  # auto as on a GPU
+        got = call(impl=impl)
+        monkeypatch.undo()
+        seq = (tuple, list)
+        for a, b in zip(got if isinstance(got, seq) else (got,), want if isinstance(want, seq) else (want,)):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if interpreter_enabled():
+        with pytest.raises(TypeError):
+            call(impl="triton")

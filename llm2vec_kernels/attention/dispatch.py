@@ -67,6 +67,8 @@ def eligible(call):
     later) is not wired here or measured against the kernels."""
     if call.window or call.impl == "torch" or (call.impl == "auto" and call.device_type != "cuda"):
         return ["torch"]
+    if call.impl == "auto" and call.head_dim > 256:  # past the kernels' limit: the reference, not a refusal
+        return ["torch"]
     if call.impl == "triton" or call.device_type != "cuda" or call.softcap:
         return ["triton"]
     if call.dropout > 0 or call.dtype not in (torch.float16, torch.bfloat16) or call.arch < 80 \

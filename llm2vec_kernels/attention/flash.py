@@ -138,7 +138,12 @@ def flash_attention_reference(
                 keep = _dropout_keep_mask_torch(
                     (q.shape[1], s1 - s0, s1 - s0), dropout_p, None if seed is None else seed + b, q.device)
         outs.append(_attend_one(q[s0:s1], k[s0:s1], v[s0:s1], scale, keep, dropout_p, causal, window, softcap))
-    return torch.cat(outs, 0) if outs else q.new_zeros(q.shape)
+    if not outs:
+        return q.new_zeros(q.shape)
+    # rows outside [cu_seqlens[0], cu_seqlens[-1]) belong to no sequence: zeros, so the output has q's rows
+    head = [q.new_zeros((bounds[0],) + tuple(q.shape[1:]))] if bounds[0] > 0 else []
+    tail = [q.new_zeros((q.shape[0] - bounds[-1],) + tuple(q.shape[1:]))] if bounds[-1] < q.shape[0] else []
+    return torch.cat(head + outs + tail, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -849,6 +854,8 @@ def _in_batch_chunks(q, k, v, cu_seqlens, max_seqlen, seqlens, run):
     outs = []
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()  # one host sync, only on this path
+        if bounds[0] > 0:  # tokens before the first sequence: zeros, as the reference (the slices start there)
+            outs.append(q.new_zeros((bounds[0],) + tuple(q.shape[1:])))
     for a in range(0, n, MAX_GRID_BATCH):
         b = min(a + MAX_GRID_BATCH, n)
         if cu_seqlens is None:
@@ -917,9 +924,10 @@ def flash_attention(
     atomics inside the dK/dV kernel instead of running a separate dQ kernel: two fewer matmuls per tile in
     the backward, bitwise results that vary run to run.
 
-    Varlen rows past ``cu_seqlens[-1]`` belong to no sequence; the Triton path leaves their output rows
-    unspecified (as flash-attn's varlen does), the reference writes zeros. Their q / k / v gradients are zero on
-    both paths.
+    Varlen rows before ``cu_seqlens[0]`` or past ``cu_seqlens[-1]`` belong to no sequence; the Triton path leaves
+    their output rows unspecified (as flash-attn's varlen does; zeros when the call is split at MAX_GRID_BATCH
+    sequences), the reference writes zeros; the output has q's rows on both. Their q / k / v gradients are zero
+    on both paths.
 
     ``seqlens`` (B,): a right-padded dense batch whose sequence b is its first seqlens[b] positions. The
     kernels skip the padding and write zeros to its output rows (and to the gradients of padded q/k/v rows),
@@ -931,7 +939,9 @@ def flash_attention(
     if seqlens is not None and cu_seqlens is not None:
         raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     # auto: fp64 (which the kernels do not take) runs the reference, as for the other ops
-    backend = resolve_impl("attention", impl, q, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    # and a head dim past the kernels' 256 runs it too, where an explicit "triton" is refused in one line
+    backend = resolve_impl("attention", impl, q, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                           fits=q.shape[-1] <= 256)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0.0 and math.isfinite(scale)):
