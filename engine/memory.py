@@ -406,6 +406,10 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
     layers_mod = _decoder_layers(model, tc)
     layer_numel = sum(p.numel() for p in layers_mod[0].parameters()) if layers_mod is not None else 0
     shape = layer_shape(model, dtype, seq_len=sequence_length(cfg), attn_dropout=cfg.model.attention_dropout > 0)
+    if shape.adapter_b and b < 4:
+        # DeepSpeed casts every parameter to the run's 16-bit dtype at initialize (PEFT's fp32 adapters included;
+        # the fp32 master copies live in the optimizer), so the PEFT layers under ZeRO-3 keep 16-bit inputs
+        shape = dataclasses.replace(shape, adapter_b=b)
     paths = model_paths(cfg)
     return MemoryPlan(
         weights_bytes=sum(p.numel() for p in params) * b,
