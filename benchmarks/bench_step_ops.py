@@ -67,18 +67,27 @@ Figures per row:
   best_ms, pess_ms  the full-size step on an H200 from shapes alone: forward, backward and optimizer step run
                 on meta tensors (the batch and its index tensors stay real, so packing and row selection see
                 real lengths); per op max(FLOPs / 790 TFLOP/s (53.6 for fp32 GEMMs: no tensor cores),
-                bytes / 4.0 TB/s) + a per-launch floor
+                bytes read + written / 4.0 TB/s: an in-place op's target both, an expanded view its storage)
+                + a per-launch floor
                 (step_cost.HOST_FLOOR_US), per op class (GEMMs, attention, LoRA GEMMs, elementwise, loss,
                 optimizer, DeepSpeed hooks, other) at the efficiencies the 2026-11-26 H200 profile measured:
-                best at the most favourable one measured, pessimistic at the least (step_calibration). DeepSpeed
-                is not run on meta tensors: its hook and optimizer launches are costed from the census.
+                best at the most favourable one measured, pessimistic at the least (step_calibration); no part
+                of a class below its time at the spec peaks, and reference-zero3 at the profile's 32 x 512 no
+                faster at best than the profile measured it. DeepSpeed is not run on meta tensors: its hook and
+                optimizer launches are costed from the census.
 
 Calibration (printed on every full run; --reduced and --no-calibrate skip it and the table says UNCALIBRATED):
 the ZeRO-3 engine and reference MNTP steps that the 2026-11-26 H200 profile measured, without the run's --set
 overrides (they would change the op stream the profile's times are compared with)
-(benchmarks/results/2026-11-26-h200/train_step_profile.txt; mask 0.2, BERT scheme, full recompute) are rerun on
-meta tensors and every op class is compared with the profile, with its error. HOST_FLOOR_US was fitted once on
-the engine's elementwise + other ops (each run prints the floor that would fit them).
+(benchmarks/results/2026-11-26-h200/train_step_profile.txt) are rerun on meta tensors at the profile's own step
+(step_calibration.profile_shape: 32 x 512 tokens in one micro-batch, the Mistral-7B structure at 32 layers, mask
+0.2, BERT scheme, ZeRO-3's F.linear, full recompute), whatever --tokens, --layers and --arch ask to cost, and
+every op class is compared with the profile, with its error, its launches against those the profile records
+(a difference of a launch a layer stops the run) and its measured time over its roofline. HOST_FLOOR_US was fitted
+once on the engine's elementwise + other ops (each run prints the floor that would fit them). No class is priced
+faster than the H200's spec peaks allow (989.4 TFLOP/s, 4.8 TB/s: the 790 TFLOP/s of the roofline is no limit, the
+profile's GEMMs beat it), and a row of the path the profile measured at its tokens and layers (reference-zero3 at
+32 x 512) no faster at best than the profile measured each class.
 
 Budgets are in CPU time (--cpu-budget-s per path, read from /proc), so the run finishes on a loaded machine;
 --timeout-s only caps a hung worker's wall time. The table goes to stdout; its last line is one JSON object keyed
@@ -105,7 +114,8 @@ import yaml  # noqa: E402
 
 from benchmarks.common import check_outputs, cli_error, parser, write_json  # noqa: E402
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
-from benchmarks.step_calibration import PROFILED, calibration_lines, finish, fit_floor, read_profile  # noqa: E402
+from benchmarks.step_calibration import (PROFILED, calibration_lines, finish, fit_floor,  # noqa: E402
+                                         launch_mismatches, profile_shape, read_profile)
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
 from benchmarks.step_cost import CLASSES, HOST_FLOOR_US, predict_path  # noqa: E402
 from benchmarks.step_paths import ARCHS, CONFIG, FULL, Path, batch_for, engine_config, log, tiny_of  # noqa: E402
@@ -177,29 +187,28 @@ def _count(args, sets, micro, launches, mask):
     return out
 
 
-def _calibration(args, name, shape, launches):
-    """summarise() of the profiled path ``name`` as the H200 ran it: the Mistral-7B structure whatever --arch is,
-    mask 0.2 BERT, and none of the run's --set overrides (model.attention=torch or another recompute policy would
-    price the profile's measured times against another op stream)."""
+def _calibration(name, launches, shape=None):
+    """summarise() of the profiled path ``name`` as the H200 ran it, whatever the command line asks to cost: the
+    Mistral-7B structure at the profile's own tokens, micro-batch, layers and masking (profile_shape: 32 x 512 in
+    one micro-batch, 32 layers, mask 0.2 BERT), under ZeRO-3 (predict_path sets F.linear as ZeRO-3 does) and none
+    of the run's --set overrides (model.attention=torch or another recompute policy would price the profile's
+    measured times against another op stream). Stops the run when its per-class launches differ from those the
+    profile records (launch_mismatches)."""
+    shape = profile_shape() if shape is None else shape
     cal_name = "engine-as-profiled" if name == "engine" else name
-    layers = args.layers if args.arch == "mistral-7b" else FULL["num_hidden_layers"]
+    sets = [f"mntp.mask_prob={shape['mask_prob']}", f"mntp.scheme={shape['scheme']}"]
     with gpu_like_ops(meta=True):
-        cal = predict_path(cal_name, ["mntp.mask_prob=0.2", "mntp.scheme=bert"], shape[0], shape, (0.2, "bert"),
-                           layers, launches)
+        cal = predict_path(cal_name, sets, shape["micro"], shape["tokens"], (shape["mask_prob"], shape["scheme"]),
+                           shape["layers"], launches, FULL)
+    if cal["zero_stage"] != 3 or cal["recompute"] != "full":
+        raise RuntimeError(f"calibration {cal_name}: ZeRO {cal['zero_stage']}, {cal['recompute']} recompute; the "
+                           "profile ran ZeRO-3 with full recompute")
+    prof = read_profile().get(name)
+    bad = launch_mismatches(cal["summary"], prof, shape["layers"]) if prof else []
+    if bad:
+        raise RuntimeError(f"calibration {cal_name}: launches per class differ from the profile's (class, "
+                           f"calibration, profile): {bad}")
     return cal["summary"]
-
-
-def _deepspeed_as_in_its_worker(name, micro):
-    """Initialise DeepSpeed on the tiny Mistral-7B path ``name`` (ZeRO-3 for reference-zero3), as that path's own
-    worker does before its calibration: ZeRO-3 replaces torch.nn.functional.linear for the rest of the process
-    (deepspeed's zero3_linear_wrap, one more LoRA GEMM a layer in the backward), as it did in the profiled run."""
-    with gpu_like_ops():
-        path = Path(name, dict(tiny_of(FULL), num_hidden_layers=1), "cpu", [], micro)
-        try:
-            path.init_deepspeed()
-        except Exception as exc:  # calibrated without it, and the log says so
-            log(f"{name}: DeepSpeed unavailable for its calibration ({type(exc).__name__}: {exc})")
-    del path
 
 
 def worker(args):
@@ -209,13 +218,14 @@ def worker(args):
     mask = (args.mask_prob, args.scheme)
     rows, counted = {}, {}
     with launches.active():
-        for i, tokens in enumerate(args.tokens.split(",")):
+        for tokens in args.tokens.split(","):
             shape = _shape(tokens)
             t0 = time.process_time()
             with gpu_like_ops(meta=True):
                 pred = predict_path(args.worker, args.set, shape[0], shape, mask, args.layers, launches,
                                     ARCHS[args.arch])
             row = {"path": args.worker, "tokens": tokens, "arch": args.arch, "layers": args.layers,
+                   "sets": list(args.set), "mask_prob": args.mask_prob, "scheme": args.scheme,
                    "summary": pred["summary"],
                    "masked_rows": pred["masked"],
                    "census_full_nozero": pred["census"], "launches_full_nozero": sum(pred["census"].values()),
@@ -228,19 +238,16 @@ def worker(args):
             if pred["recompute"] != row["recompute"]:
                 raise RuntimeError(f"{args.worker} {tokens}: counted under {row['recompute']}, costed under "
                                    f"{pred['recompute']}")
-            if i == 0 and args.calibrate and args.worker in PROFILED:
-                row["cal"] = _calibration(args, args.worker, shape, launches)
             rows[f"{args.worker} {tokens}"] = row
-        # A structure without a reference-zero3 row calibrates that path in its reference worker, after every row:
-        # that path's own worker would have run DeepSpeed ZeRO-3 first, which leaves F.linear replaced (deepspeed's
-        # zero3_linear_wrap: one more LoRA GEMM a layer in the backward), as it was in the profiled run.
-        others = [p for p in PROFILED if p not in ARCH_PATHS[args.arch]]
-        if args.worker == "reference" and args.calibrate and others and rows:
-            first = next(iter(rows.values()))
-            shape = _shape(first["tokens"])
-            for p in others:
-                _deepspeed_as_in_its_worker(p, shape[0])
-                first.setdefault("cal_for", {})[p] = _calibration(args, p, shape, launches)
+        # the calibration runs of the profiled paths, at the profile's own shape (not the rows'): in that path's own
+        # worker, or, for a structure without a row of it (reference-zero3 on Gemma2), in the reference worker
+        first = next(iter(rows.values()), None)
+        if args.calibrate and first is not None:
+            if args.worker in PROFILED:
+                first["cal"] = _calibration(args.worker, launches)
+            if args.worker == "reference":
+                for p in (p for p in PROFILED if p not in ARCH_PATHS[args.arch]):
+                    first.setdefault("cal_for", {})[p] = _calibration(p, launches)
     write_json(args.result, rows)
 
 
@@ -262,7 +269,7 @@ def _ratio(a, b):
     return a / b if b else float("nan")
 
 
-def table(results, args, fac, per_hook):
+def table(results, args, fac, per_hook, tri=None):
     first = next((r for r in results.values() if "arch" in r), {})  # a JSON from before --arch: Mistral-7B
     arch, layers = first.get("arch", "mistral-7b"), first.get("layers", args.layers)
     lines = [f"bench_step_ops: MNTP step, mask {args.mask_prob} ({args.scheme}), {arch} structure at {layers} "
@@ -297,7 +304,9 @@ def table(results, args, fac, per_hook):
                 if r["predicted_best"].get(c) or r["predicted_pess"].get(c)))
     if fac:
         lines.append("efficiency factors measured / predicted on the profiled paths (best = min, pessimistic = max; "
-                     "unprofiled Triton kernels pessimistic at the Triton attention's): " + ", ".join(
+                     "unprofiled Triton kernels pessimistic at the Triton attention's"
+                     + (f", {tri:.2f}" if tri is not None else "") + "; no class part faster than the spec peaks "
+                     "allow, and a profiled path at the profile's shape no faster than measured): " + ", ".join(
                          f"{c} {min(v):.2f}-{max(v):.2f}" for c, v in fac.items())
                      + f"; DeepSpeed launches {per_hook:.2f}-{args.floor_us:g} us each")
     else:
@@ -488,10 +497,10 @@ def _ordered(results, args):
 
 def _report(results, args):
     results = _ordered(results, args)
-    fac, per_hook = finish(results, args.floor_us)
+    fac, per_hook, tri = finish(results, args.floor_us)
     if args.json:
         write_json(args.json, results)
-    print(table(results, args, fac, per_hook))
+    print(table(results, args, fac, per_hook, tri))
     keys = ("recompute", "zero", "launches", "hook_launches", "syncs", "zero_hooks", "host_ms", "predicted_ms")
     print(json.dumps({k: ({x: r[x] for x in keys} if "error" not in r else {"error": r["error"]})
                       for k, r in results.items()}))

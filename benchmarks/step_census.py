@@ -112,6 +112,8 @@ def gpu_like_ops(meta=False):
         if attn_mask is None:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False,
                                                                       scale=scale)[0]
+        # a view over the heads (stride 0), as SDPA hands it to the kernel: step_cost reads it at its storage, the
+        # (B, 1, S, S) mask's bytes, not (B, H, S, S)'s
         bias = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, dropout_p, is_causal,
                                                                       scale=scale)[0]
