@@ -25,6 +25,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
@@ -230,6 +231,13 @@ def predicted(rows, floor_us=HOST_FLOOR_US):
     return {"total": sum(cats.values()), **cats}, {c: v["n"] for c, v in s.items() if v["n"]}
 
 
+try:  # optional, as in benchmarks.harness: ZeRO-3's linear, which linear_under_zero puts in place
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+except Exception:
+    zero3_linear_wrap = Init = None
+
+
 @contextlib.contextmanager
 def linear_under_zero(stage):
     """torch.nn.functional.linear as DeepSpeed leaves it on a path of ZeRO ``stage`` (None: no DeepSpeed):
@@ -237,11 +245,7 @@ def linear_under_zero(stage):
     more LoRA GEMM a layer than torch's linear, 1792 against 1760 on 32 layers, the profile's 1792), and leaves it
     so for the rest of the process; other stages keep torch's. DeepSpeed does not run on meta
     tensors, so the meta run sets it here, whatever the process ran before, and restores it after."""
-    import torch.nn.functional as F
-    try:
-        from deepspeed.runtime.zero.linear import zero3_linear_wrap
-        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
-    except Exception:  # no DeepSpeed: no ZeRO-3 path to cost (the paths that need it fail to build)
+    if zero3_linear_wrap is None:  # no DeepSpeed: no ZeRO-3 path to cost (the paths that need it fail to build)
         yield
         return
     current = F.linear
