@@ -231,3 +231,19 @@ def record_launch_devices(monkeypatch):
 
     monkeypatch.setattr(_backend, "on_device", recording)
     return seen
+
+
+def sigterm_when(proc, ready, timeout=120):
+    """Wait for ``ready()`` (True once ``proc`` is where the test wants it), send ``proc`` SIGTERM, and return its
+    (stdout, stderr) once it has ended; a process still alive when this returns or raises (a failed ``ready``, an
+    ending that outlasts ``timeout``) is killed, so no test leaves one behind."""
+    import signal
+
+    try:
+        ready()
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT, run_cmd
+from .helpers import ROOT, run_cmd, sigterm_when
 
 STAGES = ("mntp", "simcse", "supervised")
 
@@ -693,8 +693,10 @@ def test_a_sigterm_writes_the_row_of_the_steps_timed_so_far(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--stages", "mntp",
                              "--impls", "reference", "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        lines, deadline = [], time.time() + 300
+    lines = []
+
+    def timing():  # the warm-up done, then a few timed steps
+        deadline = time.time() + 300
         while time.time() < deadline:
             line = proc.stdout.readline()
             lines.append(line)
@@ -702,12 +704,8 @@ def test_a_sigterm_writes_the_row_of_the_steps_timed_so_far(tmp_path):
                 break
         assert "warm-up steps done" in lines[-1], "".join(lines)[-3000:]
         time.sleep(2.0)
-        proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    rest, _ = sigterm_when(proc, timing)
     assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
     (row,) = _rows(out)
     ex, timed = _steps_of(row)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import LOCK_FILE, UnsafeCheckpointError, load_state_file
 
-from .helpers import ROOT, rewind_run, run_cmd
+from .helpers import ROOT, rewind_run, run_cmd, sigterm_when
 
 pytestmark = pytest.mark.slow
 
@@ -106,25 +106,20 @@ def test_a_sigterm_ends_the_run_through_its_cleanup(tmp_path):
     """DeepSpeed's launcher stops the other ranks with SIGTERM when one fails (Slurm's scancel too): the run exits
     143 through its finally blocks (the lock released, no traceback, no temporary file left), and the folder is
     free for the next run."""
-    import signal
-
     out = str(tmp_path / "run")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "TRITON_INTERPRET"):
         env.pop(k, None)
     run = subprocess.Popen(_args(out, "max_steps=100000", "save_every=0", "log_every=1", "progress_bar=false"),
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+
+    def training():
         deadline = time.time() + 300
         while time.time() < deadline and not os.path.isfile(os.path.join(out, "metrics.csv")):  # it is training
             assert run.poll() is None, "the run ended early"
             time.sleep(0.5)
-        run.send_signal(signal.SIGTERM)
-        _, err = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+
+    _, err = sigterm_when(run, training)
     assert run.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     _ok(_train(out, "max_steps=2", "resume=force"))
