@@ -54,12 +54,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.steps <= 0 or args.every <= 0 or args.steps % args.every:
         ap.error(f"--steps {args.steps} must be a positive multiple of --every {args.every}")
-    q.fresh_work(args.work)
+    log = q.fresh_work(args.work)
     os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.work, exist_ok=True)
-    log = os.path.join(args.work, "log.txt")
-    with open(log, "a"):  # this run's from now (q.fresh_work)
-        pass
     sts = {k: os.path.join(q.STS, f"sts-{k}.csv") for k in ("train", "dev", "test")}
     held = q.holdout_files(args.holdout_genre, sts["train"], sts["dev"], sts["test"], os.path.join(args.work, "holdout"))
     dev = q.interleaved_dev(sts["dev"], args.work)

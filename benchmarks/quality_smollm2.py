@@ -89,12 +89,18 @@ class RowFailed(Exception):
 
 
 def fresh_work(work, flag="--work"):
-    """Refuse (one line, exit 2) a work folder an earlier run used (its ``log.txt``): every stage there ends with a
-    checkpoint at its last step, which the trainer's ``resume=auto`` would take as a finished run, so the rows
-    would be the old adapters scored again, not trained."""
-    if os.path.isfile(os.path.join(work, "log.txt")):
+    """``work``/log.txt, the run's log, once ``work`` is this run's: refused (one line, exit 2) when an earlier run
+    used it (its ``log.txt``): every stage there ends with a checkpoint at its last step, which the trainer's
+    ``resume=auto`` would take as a finished run, so the rows would be the old adapters scored again, not trained.
+    The log is created here, so a second run into ``work`` is refused too."""
+    log = os.path.join(work, "log.txt")
+    if os.path.isfile(log):
         cli_error(f"{flag} {work} holds an earlier run (its log.txt): its stages would resume their finished "
                   f"checkpoints instead of training; give a new {flag} or remove that one")
+    os.makedirs(work, exist_ok=True)
+    with open(log, "a"):
+        pass
+    return log
 
 
 def sh(cmd, log):
@@ -317,12 +323,8 @@ def main(argv=None):
         path = getattr(args, flag[2:])
         if os.path.exists(path) and not os.path.isdir(path):
             cli_error(f"{flag} {path} is a file, not a folder")
-    fresh_work(args.work)
+    log = fresh_work(args.work)
     os.makedirs(args.out, exist_ok=True)
-    os.makedirs(args.work, exist_ok=True)
-    log = os.path.join(args.work, "log.txt")
-    with open(log, "a"):  # this run's from now: a second run into this --work is refused (fresh_work)
-        pass
     cmdline = "python benchmarks/quality_smollm2.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.holdout_genre == "none":
         args.holdout_genre = None

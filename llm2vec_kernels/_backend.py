@@ -71,6 +71,11 @@ def _on_cuda(tensor):  # what "auto" asks of the device (tests make a CPU tensor
     return tensor.is_cuda
 
 
+# The dtypes every Triton kernel here takes (fp64 and the rest run an op's reference): resolve_impl's auto_dtypes
+# for the ops that accept them all, and each op's check on its Triton path.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None, fits=True) -> str:
     """Return "triton" or "torch" for this call. ``op``: a family of ``_DEFAULTS`` (a new op joins one, or adds its
     own there). "auto" sends to Triton the CUDA tensors whose dtype is in ``auto_dtypes`` (None: all) when ``fits``

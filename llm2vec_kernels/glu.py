@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import on_device, resolve_impl
+from ._backend import KERNEL_DTYPES, on_device, resolve_impl
 
 ACTIVATIONS = ("silu", "gelu_tanh")
 _ACT_ID = {"silu": 0, "gelu_tanh": 1}
@@ -71,9 +71,6 @@ def _glu_bwd_kernel(dy_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, N, ACT: tl.con
     a, da = _act_and_grad(g, ACT, True)
     tl.store(dgate_ptr + offs, (dy * u * da).to(dgate_ptr.dtype.element_ty), mask=mask)
     tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
-
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(gate, up, activation, triton_path):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import on_device, resolve_impl
+from ._backend import KERNEL_DTYPES, on_device, resolve_impl
 
 # One row lives in registers: up to 8192 wide (Llama-3-70B, Qwen2-72B) the backward with dweight compiles
 # without spills at 16 warps; wider rows would spill, so they are refused (the engine keeps torch there).
@@ -105,9 +105,6 @@ def _bwd_programs(num_blocks, device):
     if device.type == "cuda":
         return max(1, min(num_blocks, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
     return max(1, min(num_blocks, 8))
-
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(x, weight, triton_path):

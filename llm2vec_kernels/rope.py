@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import on_device, resolve_impl
+from ._backend import KERNEL_DTYPES, on_device, resolve_impl
 
 @triton.jit
 def _rope_heads(x_ptr, o_ptr, c1, c2, s1, s2, b, offs_s, s_ok, NH, HALF, stride_xb, stride_xh, stride_xs,
@@ -77,9 +77,6 @@ def launch_config(D):
     BLOCK_D = triton.next_power_of_2(D // 2)
     BLOCK_S = max(1, min(16, 1024 // BLOCK_D))
     return BLOCK_S, BLOCK_D, 4
-
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(q, k, cos, sin, triton_path):

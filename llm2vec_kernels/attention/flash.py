@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import (dot_precision, dropout_threshold, interpreter_enabled, keep_mask, on_input_device, philox_keep,
-                        resolve_impl)
+from .._backend import (KERNEL_DTYPES, dot_precision, dropout_threshold, interpreter_enabled, keep_mask,
+                        on_input_device, philox_keep, resolve_impl)
 from . import configs, tuning
 from .configs import _arch
 
@@ -940,8 +940,7 @@ def flash_attention(
         raise ValueError("pass either cu_seqlens (packed varlen) or seqlens (right-padded dense), not both")
     # auto: fp64 (which the kernels do not take) runs the reference, as for the other ops
     # and a head dim past the kernels' 256 runs it too, where an explicit "triton" is refused in one line
-    backend = resolve_impl("attention", impl, q, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32),
-                           fits=q.shape[-1] <= 256)
+    backend = resolve_impl("attention", impl, q, auto_dtypes=KERNEL_DTYPES, fits=q.shape[-1] <= 256)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if not (scale > 0.0 and math.isfinite(scale)):
