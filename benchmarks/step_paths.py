@@ -186,8 +186,7 @@ class Path:
         if deepspeed is None:
             raise RuntimeError(f"deepspeed cannot be imported ({DEEPSPEED_ERROR})")
         init_distributed()
-        extra = {} if self.plan is None else {"lora_max_numel": self.plan.lora_max_numel,
-                                              "layer_numel": self.plan.layer_numel}
+        extra = {} if self.plan is None else self.plan.deepspeed_sizes()
         ds_cfg = deepspeed_config(self.cfg, 1, use_bf16=self.dtype == torch.bfloat16,
                                   stage=self.zero_stage, **extra)
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.opt, config=ds_cfg)

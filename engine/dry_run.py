@@ -129,7 +129,7 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
     outs = meta_step(model, cfg, shapes, arch)
     n_all = sum(p.numel() for p in model.parameters())
     ds = config_mod.deepspeed_config(cfg, world, use_bf16=dtype == torch.bfloat16, use_fp16=dtype == torch.float16,
-                                     stage=stage, lora_max_numel=plan.lora_max_numel, layer_numel=plan.layer_numel)
+                                     stage=stage, **plan.deepspeed_sizes())
     out(f"dry run: stage {cfg.stage}, model {cfg.model.name_or_path or 'random_init'} "
         f"({arch.model_type}, architecture from {source})")
     out(f"  architecture: hidden {arch.hidden_size}, layers {arch.num_hidden_layers}, heads "

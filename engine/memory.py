@@ -7,7 +7,8 @@
 Terms (bytes, per rank):
 
 * weights: every parameter in its dtype (bf16 on GPU): replicated under stages 0-2; under ZeRO-3 the base / world
-  and the LoRA tensors whole (each under the persistence threshold);
+  and the LoRA tensors whole (each under the persistence threshold); without LoRA (full fine-tuning) everything
+  / world (the threshold is then the plain 1e4, which only norms' weights fall under);
 * training state of the trainable (LoRA) parameters: fp32 master copy + grads + two Adam moments,
   16 B per trainable parameter: replicated at stage 0, the gradients replicated and the rest divided by world
   at stage 1 (4 + 12 / world), all divided by world at stages 2 and 3 (``MemoryPlan.state_bytes``);
@@ -16,11 +17,19 @@ Terms (bytes, per rank):
   with saved-tensor hooks and holds these formulas to within 10%). Under "none" every layer keeps its saved set;
   under "selective" and "full" each layer keeps its cached set and, while one layer is recomputed in the
   backward, that layer holds its "none" set instead: tokens x ((layers - 1) x policy + none);
-* DeepSpeed's buffers at stages 2 and 3 (``MemoryPlan.zero_buffers``): the fp32 gradient reduce buckets, two of
-  min(reduce_bucket_size, trainable parameters); under ZeRO-3 also the gathered base weights alive at once, the
-  module being run and the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the
-  largest single parameter (the embedding table, gathered whole), in the weights' dtype;
+* DeepSpeed's buffers (``MemoryPlan.zero_buffers``): the contiguous gradient buffer of one reduce bucket
+  (``engine.config.zero_reduce_bucket``: the trainable parameters rounded up, at most 5e8 elements, 5e7 at stage
+  3) that DeepSpeed 0.19 allocates whole on its ZeRO optimizers: stage 1 when it is not the flat bf16 optimizer
+  (fp16, fp32, or bf16 with ``offload_optimizer``; fp32 under bf16, which accumulates in fp32), stages 2 and 3
+  in the parameters' dtype; under ZeRO-3 also the gathered base weights alive at once, the module being run and
+  the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the largest single parameter
+  (the embedding table, gathered whole), in the weights' dtype;
+* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA; ``mntp_torch_loss_bytes``): the fp32
+  logits of the masked rows, held for the backward, and two more of their size while it runs, plus the fp32 copy
+  of the LM head's weight that the matmul keeps; the Triton kernel makes no logits (the workspace covers it);
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack);
+* not modelled, on the safe side: ``offload_optimizer`` and ``offload_params`` (the plan keeps the optimizer state
+  and the ZeRO-3 shard of the base on the GPU);
 * the start: the trainer places the whole model on each GPU before ``deepspeed.initialize`` (and DeepSpeed would
   itself: the engine does not build the model under ``deepspeed.zero.Init``), so ZeRO-3 shards a base that was
   first whole on every GPU. A plan fits only when that start fits too (``MemoryPlan.startup``): ZeRO-3 makes room
@@ -56,11 +65,12 @@ no recompute, +44 KiB at the Mistral-7B and Llama-3-8B shapes (+16% on "peft", +
 selective or full recompute, whose checkpoints drop what the forward saved."""
 import dataclasses
 import functools
+import math
 import os
 
 import torch
 
-from .config import ZERO2_REDUCE_BUCKET, ZERO3_REDUCE_BUCKET, zero3_prefetch_bucket
+from .config import zero3_prefetch_bucket, zero_reduce_bucket
 
 GIB = 1 << 30
 POLICY_ORDER = ("none", "selective", "full")
@@ -85,6 +95,9 @@ class MemoryPlan:
     torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
     seq_len: int = 0  # the padded sequence length the plan is for
     max_param_numel: int = 0  # the largest parameter (ZeRO-3 gathers it whole: the embedding table)
+    lora: bool = True  # the trainable tensors are LoRA's, whole on every rank under ZeRO-3 (else sharded)
+    offload_optimizer: bool = False  # stage 1 then runs DeepSpeed's ZeRO-1 optimizer, not its flat bf16 one
+    loss_bytes: int = 0  # the MNTP loss on the torch path (mntp_torch_loss_bytes), 0 on the Triton kernel
 
     def path(self, stage):
         return self.paths[stage == 3]
@@ -115,27 +128,48 @@ class MemoryPlan:
         p, w = self.trainable_params, self.world
         return {0: 16 * p, 1: 4 * p + 12 * p / w}.get(stage, 16 * p / w)
 
+    def deepspeed_sizes(self):
+        """The sizes engine.config.deepspeed_config takes from the plan (persistence, prefetch and reduce buckets)."""
+        return {"lora_max_numel": self.lora_max_numel, "layer_numel": self.layer_numel,
+                "trainable_numel": self.trainable_params}
+
+    def _itemsize(self):
+        return torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+    def flat_bf16_optimizer(self, stage):
+        """Whether DeepSpeed steps the flat BF16_Optimizer (stage 1, bf16, no optimizer offload), else its ZeRO
+        optimizer (DeepSpeed 0.19's engine._do_optimizer_sanity_check)."""
+        return stage == 1 and self.dtype == "bfloat16" and not self.offload_optimizer
+
     def zero_buffers(self, stage):
-        """DeepSpeed's buffers per rank: the fp32 reduce buckets at stages 2 and 3 (engine.config sets 5e7 elements
-        at stage 3; DeepSpeed's default at stage 2 is 5e8), and under ZeRO-3 the gathered weights alive at once."""
-        if stage < 2:
-            return 0
-        bucket = ZERO3_REDUCE_BUCKET if stage == 3 else ZERO2_REDUCE_BUCKET
-        out = 2 * 4 * min(bucket, self.trainable_params)
+        """DeepSpeed's buffers per rank: the contiguous gradient buffer of one reduce bucket on its ZeRO optimizers
+        (not on the flat bf16 one, whose fp32 gradients are the state's 4P), fp32 at stage 1 under bf16, else in
+        the parameters' dtype; under ZeRO-3 also the gathered weights alive at once."""
+        out = self.reduce_buffer_bytes(stage)
         if stage == 3:
-            b = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-            out += b * (2 * zero3_prefetch_bucket(self.layer_numel) + self.max_param_numel)
+            out += self._itemsize() * (2 * zero3_prefetch_bucket(self.layer_numel) + self.max_param_numel)
         return int(out)
 
+    def reduce_buffer_bytes(self, stage):
+        """The contiguous gradient buffer: one reduce bucket (engine.config.zero_reduce_bucket) on DeepSpeed's ZeRO
+        optimizers, fp32 at stage 1 under bf16 (its gradients accumulate in fp32), else the parameters' dtype."""
+        if stage == 0 or self.flat_bf16_optimizer(stage):
+            return 0
+        b = 4 if stage == 1 and self.dtype == "bfloat16" else self._itemsize()
+        return zero_reduce_bucket(stage, self.trainable_params) * b
+
+    def weights(self, stage):
+        """The weights per rank. Under ZeRO-3 the base is sharded and the LoRA tensors are not (each is under the
+        persistence threshold, engine.config: whole on every rank); without LoRA everything is sharded."""
+        if stage != 3:
+            return self.weights_bytes
+        whole = self.trainable_params * self._itemsize() if self.lora else 0
+        return (self.weights_bytes - whole) / self.world + whole
+
     def total(self, policy, stage):
-        """Bytes per rank while training (the start aside: :meth:`startup`). Under ZeRO-3 the base is sharded and
-        the LoRA tensors are not (each is under the persistence threshold, engine.config: whole on every rank)."""
-        weights = self.weights_bytes
-        if stage == 3:
-            lora = self.trainable_params * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-            weights = (self.weights_bytes - lora) / self.world + lora
-        return int(weights + self.state_bytes(stage) + self.activations(policy, stage) + self.zero_buffers(stage)
-                   + self.workspace())
+        """Bytes per rank while training (the start aside: :meth:`startup`)."""
+        return int(self.weights(stage) + self.state_bytes(stage) + self.activations(policy, stage)
+                   + self.zero_buffers(stage) + self.loss_bytes + self.workspace())
 
     def startup(self):
         """Bytes per rank at the start, at every stage: the whole model on the GPU before DeepSpeed shards it."""
@@ -153,8 +187,10 @@ class MemoryPlan:
             start_s = ""
         buffers = self.zero_buffers(stage)
         return (f"planned {self.total(policy, stage) / GIB:.2f} GiB of {self.budget_bytes / GIB:.2f} GiB "
-                f"(weights {self.weights_bytes / (self.world if stage == 3 else 1) / GIB:.2f}, "
-                + (f"DeepSpeed buffers {buffers / GIB:.2f}, " if buffers else "") + "activations "
+                f"(weights {self.weights(stage) / GIB:.2f}, "
+                + (f"DeepSpeed buffers {buffers / GIB:.2f}, " if buffers else "")
+                + (f"MNTP loss on the torch path {self.loss_bytes / GIB:.2f}, " if self.loss_bytes else "")
+                + "activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
                 f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
                 + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers (a sliding "
@@ -426,10 +462,31 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         world=world,
         device_type=device.type,
         layer_numel=layer_numel,
-        lora_max_numel=max((p.numel() for p in train), default=0),
+        lora_max_numel=max((p.numel() for p in train), default=0) if cfg.lora.enabled else 0,
         max_param_numel=max((p.numel() for p in params), default=0),
         dtype=str(dtype).replace("torch.", ""),
+        lora=bool(cfg.lora.enabled),
+        offload_optimizer=bool(cfg.offload_optimizer),
+        loss_bytes=mntp_torch_loss_bytes(cfg, tc, dtype, device),
     )
+
+
+def mntp_torch_loss_bytes(cfg, text_config, dtype, device):
+    """Peak bytes of the MNTP loss when it takes the torch path (``model.loss=torch``, or auto off CUDA), else 0.
+
+    ``masked_cross_entropy_reference`` computes the fp32 logits of the masked rows, R = mask_prob x tokens, against
+    the V x H head: autograd keeps the logits (R V 4 bytes; twice with a soft-cap, whose tanh keeps its output) and,
+    in a 16-bit run, the fp32 copy of the head weight (V H 4) for the hidden states' gradient; the backward adds two
+    more R x V fp32 tensors (logsumexp's and gather's gradients). Llama-3-8B at 32 x 512 tokens and mask_prob 0.2:
+    3277 rows x 128256 x 4 x 3 = 4.7 GiB + 2.0 GiB of head weight. The Triton kernel makes no logits."""
+    impl = cfg.model.loss
+    if cfg.stage != "mntp" or impl == "triton" or (impl == "auto" and device.type == "cuda"):
+        return 0
+    rows = math.ceil(cfg.mntp.mask_prob * tokens_per_micro_batch(cfg))
+    vocab, hidden = text_config.vocab_size, text_config.hidden_size
+    held = 2 if getattr(text_config, "final_logit_softcapping", None) else 1
+    weight = vocab * hidden * 4 if torch.empty((), dtype=dtype).element_size() < 4 else 0
+    return rows * vocab * 4 * (held + 2) + weight
 
 
 def fused_lora_limit(plan):
@@ -448,7 +505,9 @@ def choose_zero_stage(cfg, plan):
         return int(cfg.zero_stage), f"zero_stage={cfg.zero_stage} set in the config"
     if plan.fits("full", 0):
         stage, how = (1, " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
-                      ) if plan.dtype == "bfloat16" else (1, " (stage 1: at stage 0 DeepSpeed's fp16 optimizer "
+                      ) if plan.flat_bf16_optimizer(1) else (1, " (stage 1: DeepSpeed's ZeRO-1 optimizer, its state "
+                                                              "offloaded to the CPU)"
+                                                              ) if plan.dtype == "bfloat16" else (1, " (stage 1: at stage 0 DeepSpeed's fp16 optimizer "
                                                             "unscales gradients it never scaled)"
                                                             ) if plan.dtype == "float16" else (0, "")
         return stage, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "

@@ -186,6 +186,10 @@ def main(argv=None):
         except (ConfigError, UnsupportedArchitectureError, ModelLoadError, OSError, ValueError) as e:
             return fail(e)  # OSError: a file the plan reads (a config.json, a shipped architecture) cannot be read
         return 0
+    if not cfg.lora.enabled:  # the run would train, then fail to save: what it writes and every reader are LoRA's
+        return _said_once(error_line("lora.enabled=false (full fine-tuning) is planned by --dry-run only: a run "
+                                     "trains and saves LoRA adapters, which the encoder, the export and engine.pick "
+                                     "read; set lora.enabled=true", CONFIG_ERROR))
     from engine.data import DataError, check_sources  # no torch: a mistyped path is said before the imports
 
     try:

@@ -186,7 +186,7 @@ class Trainer:
                  f"{cfg.max_steps}")
         ds_cfg = config_mod.deepspeed_config(cfg, self.world, use_bf16=dtype == torch.bfloat16,
                                              use_fp16=dtype == torch.float16, stage=self.zero_stage,
-                                             lora_max_numel=self.mem.lora_max_numel, layer_numel=self.mem.layer_numel)
+                                             **self.mem.deepspeed_sizes())
         self.engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=opt, lr_scheduler=self.sched,
                                                     config=ds_cfg)
         log0(tune_optimizer_step(self.engine))

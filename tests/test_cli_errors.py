@@ -178,6 +178,20 @@ def test_train_refuses_dry_run_flags_without_a_dry_run(tmp_path):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_train_refuses_full_fine_tuning_before_it_writes_anything(tmp_path, capsys):
+    """lora.enabled=false trained to the end and then failed with a traceback saving the adapter (PEFT's state dict
+    of a model with no PEFT config): everything the run writes and reads back is LoRA's. Full fine-tuning is the dry
+    run's memory plan only; a run refuses it in one line, exit 2, before its folder exists."""
+    from engine.train import main
+
+    out = tmp_path / "run"
+    assert main(["--config", "configs/tiny/mntp.yaml", "lora.enabled=false", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert _one_line(err).startswith("config error: lora.enabled=false (full fine-tuning) is planned by --dry-run"), err
+    assert not out.exists()
+    assert main(["--config", "configs/tiny/mntp.yaml", "--dry-run", "lora.enabled=false"]) == 0
+
+
 def test_a_name_that_is_no_model_is_said_by_every_command_before_anything_is_written(capsys, tmp_path, monkeypatch):
     """engine.refs' "missing" (a one-part name, ``outputs/x`` beside outputs/, three parts): train, evaluate and
     export each exit 2 with one line naming it. Train says it before making the run folder, also for a random-init

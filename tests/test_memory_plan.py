@@ -501,3 +501,146 @@ def test_zero3_shards_the_base_but_keeps_every_lora_tensor_whole_on_each_rank():
     held = plan.total("full", 3) - plan.state_bytes(3) - plan.zero_buffers(3) - plan.workspace()
     assert held == pytest.approx(2 * base / 8 + 2 * lora, rel=1e-12)
     assert held - 2 * (base + lora) / 8 == pytest.approx(2 * lora * 7 / 8) and 2 * lora * 7 / 8 / gib > 0.33
+
+
+def _reduce_buffer_check():
+    """Run in a process of its own (DeepSpeed caches its process groups): per (ZeRO stage, offload_optimizer), the
+    contiguous gradient buffer DeepSpeed allocates in the backward against the plan's ``reduce_buffer_bytes``."""
+    import sys
+
+    import deepspeed
+
+    from engine.config import deepspeed_config
+    from engine.distributed import init_distributed
+    from engine.memory import plan_memory
+    from tests.test_step_structure import _setup
+
+    init_distributed()  # a world of one (gloo)
+    for zero, offload in ((1, "true"), (1, "false"), (2, "false"), (3, "false")):
+        cfg, stage, items, module = _setup("mntp", ["model.gradient_checkpointing=false", "model.dtype=bf16",
+                                                    f"zero_stage={zero}", f"offload_optimizer={offload}"])
+        plan = plan_memory(cfg, module.model, 1, 1, torch.device("cpu"), torch.bfloat16)
+        params = [p for p in module.parameters() if p.requires_grad]
+        engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=torch.optim.AdamW(params, lr=1e-3),
+            config=deepspeed_config(cfg, 1, use_bf16=True, stage=zero, **plan.deepspeed_sizes()))
+        opt, seen = engine.optimizer, {}  # id -> bytes of every buffer seen (the hook runs once per gradient)
+
+        def record(setup=getattr(engine.optimizer, "setup_buckets", None)):
+            if setup is not None:
+                setup()
+            seen.update((id(t), t.numel() * t.element_size()) for bucket in getattr(opt, "ipg_buckets", {}).values()
+                        for t in (bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer])
+                        if t is not None)
+
+        if hasattr(opt, "setup_buckets"):  # stages 1 and 2 make the buffer at the backward's start, and drop it
+            opt.setup_buckets = record
+        else:
+            record()  # the flat bf16 optimizer has none; ZeRO-3 makes its buffer at initialize
+        batch = stage.collate(items[:2], torch.Generator().manual_seed(0))
+        batch.pop("truncated", None)
+        stage.train_micro_step(engine, batch)
+        flat = type(opt).__name__ == "BF16_Optimizer"
+        assert flat == plan.flat_bf16_optimizer(zero), (zero, offload, type(opt).__name__)
+        print(f"stage {zero} offload {offload}: {type(opt).__name__} allocated {sum(seen.values())} planned "
+              f"{plan.reduce_buffer_bytes(zero)}")
+        assert sum(seen.values()) == plan.reduce_buffer_bytes(zero), (zero, offload, seen)
+        del engine
+    sys.stdout.flush()
+
+
+def test_the_planned_reduce_buffer_is_the_one_deepspeed_allocates():
+    """DeepSpeed 0.19 allocates a whole reduce bucket as a contiguous gradient buffer on its ZeRO optimizers, whatever
+    the bucket holds: at stage 1 under bf16 with offload_optimizer (ZeRO-1, not the flat bf16 optimizer) 5e8 fp32
+    elements, 1.86 GiB, at stage 2 5e8 bf16 ones, which the plan counted as 0 and as two fp32 buckets of the LoRA
+    parameters. engine.config now sizes the bucket to the trainable parameters (rounded up to 2^20) and the plan
+    costs what DeepSpeed makes: here, on the tiny LoRA model, the buffer DeepSpeed allocated in a real backward."""
+    import sys
+
+    from .helpers import run_cmd
+
+    r = run_cmd([sys.executable, "-c", "from tests.test_memory_plan import _reduce_buffer_check; _reduce_buffer_check()"],
+                timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [x for x in r.stdout.splitlines() if x.startswith("stage ")]
+    assert lines == [
+        "stage 1 offload true: DeepSpeedZeroOptimizer allocated 4194304 planned 4194304",
+        "stage 1 offload false: BF16_Optimizer allocated 0 planned 0",
+        "stage 2 offload false: DeepSpeedZeroOptimizer allocated 2097152 planned 2097152",
+        "stage 3 offload false: DeepSpeedZeroOptimizer_Stage3 allocated 2097152 planned 2097152"], r.stdout[-3000:]
+
+
+def test_zero_reduce_bucket_is_the_trainable_parameters_rounded_up_and_capped():
+    from engine.config import deepspeed_config, zero_reduce_bucket
+
+    mistral_lora = 41_943_040
+    assert zero_reduce_bucket(1, mistral_lora) == zero_reduce_bucket(2, mistral_lora) == 40 << 20
+    assert zero_reduce_bucket(3, mistral_lora) == 40 << 20 and zero_reduce_bucket(3, 10**9) == 50_000_000
+    assert zero_reduce_bucket(2, 7 * 10**9) == 500_000_000 and zero_reduce_bucket(2, 0) == 500_000_000
+    assert zero_reduce_bucket(1, 1) == 1 << 20
+    cfg = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"))
+    for stage in (1, 2, 3):
+        zero = deepspeed_config(cfg, 8, use_bf16=True, stage=stage, trainable_numel=mistral_lora)["zero_optimization"]
+        assert zero["reduce_bucket_size"] == 40 << 20, stage
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8, use_bf16=True, stage=0)["zero_optimization"]
+
+
+def test_full_fine_tuning_under_zero3_shards_the_trainable_base():
+    """Without LoRA the persistence threshold took the largest trainable tensor, the embedding table, + 1: DeepSpeed
+    then kept every parameter whole on every rank while the plan divided the weights by the ranks. The threshold is
+    now LoRA's alone (1e4 without it) and the plan's weights term is the one the total uses."""
+    from engine.config import deepspeed_config
+    from engine.dry_run import dry_run
+
+    lines = []
+    cfg = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"), ["lora.enabled=false"])
+    out = dry_run(cfg, world=8, out=lines.append)
+    plan = out["plan"]
+    assert out["zero_stage"] == 3 and plan.lora_max_numel == 0 and not plan.lora
+    zero = deepspeed_config(cfg, 8, use_bf16=True, stage=3, **plan.deepspeed_sizes())["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 10_000 < plan.max_param_numel
+    assert plan.weights(3) == pytest.approx(plan.weights_bytes / 8)
+    assert any(f"(weights {plan.weights_bytes / 8 / GIB:.2f}, " in x for x in lines if x.startswith("  recompute"))
+    lora = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"))
+    plan = dry_run(lora, world=8, out=lambda line: None)["plan"]
+    zero = deepspeed_config(lora, 8, use_bf16=True, stage=3, **plan.deepspeed_sizes())["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == plan.lora_max_numel + 1 > 10_000
+
+
+def test_mntp_on_the_torch_loss_path_plans_its_logits():
+    """model.loss=torch (or auto off CUDA) runs masked_cross_entropy_reference: fp32 logits of the masked rows and
+    the fp32 copy of the head weight, 2.5 GiB at Llama-3-8B's shipped 4 x 512 micro-batch, which the plan left to
+    the 4 GiB workspace. The held part is measured here with saved-tensor hooks on the reference."""
+    from engine.dry_run import dry_run
+    from engine.memory import mntp_torch_loss_bytes
+    from llm2vec_kernels.masked_ce import masked_cross_entropy_reference
+
+    path = os.path.join(ROOT, "configs/llama3-8b/mntp.yaml")
+    triton = dry_run(load_config(path), world=8, out=lambda line: None)["plan"]
+    lines = []
+    torch_plan = dry_run(load_config(path, ["model.loss=torch"]), world=8, out=lines.append)["plan"]
+    rows = -(-2 * 2048 // 10)  # mask_prob 0.2 of 4 x 512 tokens
+    assert triton.loss_bytes == 0
+    assert torch_plan.loss_bytes == rows * 128256 * 4 * 3 + 128256 * 4096 * 4
+    assert torch_plan.total("full", 1) - triton.total("full", 1) == torch_plan.loss_bytes
+    assert any("MNTP loss on the torch path 2.54" in x for x in lines), lines
+    # what autograd holds, at a small shape: the logits and the fp32 weight copy (no soft-cap)
+    n, v, h = 37, 301, 24
+    hidden = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.bfloat16)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        masked_cross_entropy_reference(hidden, weight, torch.randint(0, v, (n,)), all_labelled=True)
+    big = {(t.numel(), t.dtype) for t in saved if t.numel() > n * h}
+    assert big == {(n * v, torch.float32), (v * h, torch.float32)}, big  # the logits, the weight copy (transposed)
+    cfg = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"))
+    text = type("TextConfig", (), {"vocab_size": v, "hidden_size": h})()
+    assert mntp_torch_loss_bytes(cfg, text, torch.bfloat16, torch.device("cuda")) == 0  # auto on CUDA: the kernel
+    assert mntp_torch_loss_bytes(cfg, text, torch.float32, torch.device("cpu")) % (v * 4 * 3) == 0  # no weight copy
+    assert mntp_torch_loss_bytes(cfg, text, torch.bfloat16, torch.device("cpu")) == (
+        mntp_torch_loss_bytes(cfg, text, torch.float32, torch.device("cpu")) + v * h * 4)
