@@ -181,3 +181,25 @@ def test_a_metrics_csv_that_does_not_read_is_one_line(tmp_path, capsys, damage, 
     assert pk.main([a, b]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {b}: ") and message in err[0], err
+
+
+# one other value per setting of engine.pick.MUST_MATCH (model.random_init: none, SmolLM2's own weights)
+OTHER = {"stage": "stage=simcse", "model.name_or_path": "model.name_or_path=HuggingFaceTB/SmolLM2-360M",
+         "model.gguf_file": "model.gguf_file=model.gguf", "model.tokenizer": "model.tokenizer=gpt2",
+         "model.random_init": "model.random_init=null", "model.bidirectional": "model.bidirectional=false",
+         "max_seq_len": "max_seq_len=32", "mntp.mask_prob": "mntp.mask_prob=0.4", "mntp.scheme": "mntp.scheme=all",
+         "mntp.mask_token": "mntp.mask_token=eos", "mntp.pack": "mntp.pack=false", "eval_batches": "eval_batches=3",
+         "micro_batch_size": "micro_batch_size=4", "eval_sts_pairs": "eval_sts_pairs=100"}
+
+
+@pytest.mark.parametrize("key", sorted(OTHER))
+def test_every_setting_a_reading_depends_on_is_refused_when_it_differs(tmp_path, capsys, key):
+    """Each setting a held-out reading depends on, differing between two runs that otherwise differ in seed only, is
+    one line naming it (the README lists them); a setting added to MUST_MATCH needs its case here."""
+    assert set(pk.MUST_MATCH) <= set(OTHER)
+    override = OTHER[key]
+    a = _run(tmp_path, "a", {6: 4.0, 12: 4.0})
+    b = _run(tmp_path, "b", {6: 4.0, 12: 3.0}, "seed=2", override)
+    assert pk.main([a, b]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"differ in {key} (" in err[0], err

@@ -549,3 +549,30 @@ def test_readme_says_the_committed_tables_have_no_intervals_as_they_do_not():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         readme = " ".join(f.read().split())
     assert "the two committed tables below were measured before it did; a rerun adds the intervals" in readme
+
+
+def test_the_readme_quality_commands_parse_and_each_has_its_own_work_folder(monkeypatch):
+    """The README gives the in-domain table's command and then the general recipe's. Both used the default --work
+    folder, which refuses a folder an earlier run used (fresh_work): the second, run in README order, exited 2.
+    Each command is parsed by the script's own parser here, up to the point where it claims its --work folder."""
+    import shlex
+
+    import benchmarks.quality_smollm2 as q
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        commands = [" ".join(c.split()) for c in re.findall(r"`(python benchmarks/quality_smollm2\.py[^`]*)`", f.read())]
+    assert len(commands) == 2, commands
+    claimed = []
+
+    class Claimed(Exception):
+        pass
+
+    def claim(work, flag="--work"):
+        claimed.append(os.path.abspath(work))
+        raise Claimed
+
+    monkeypatch.setattr(q, "fresh_work", claim)
+    for command in commands:
+        with pytest.raises(Claimed):
+            q.main(shlex.split(command)[2:])
+    assert len(set(claimed)) == len(commands), claimed
