@@ -69,7 +69,8 @@ if [ -z "${OUT:-}" ]; then
   exit 2
 fi
 mkdir -p "$OUT"
-WORK=$(mktemp -d /tmp/gpu_run.XXXXXX)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")  # scratch: what matters is copied into $OUT after every step
+trap 'rm -rf "$WORK" ${ASSETS:+"$ASSETS"}' EXIT
 LOG=$OUT/log.txt
 : > "$LOG"
 STEPS=$WORK/steps.tsv
@@ -171,7 +172,7 @@ export DS_ACCELERATOR=cuda TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 TOKENIZ
 export TRANSFORMERS_NO_ADVISORY_WARNINGS=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 [ "$CPU_MODE" = 1 ] && export DS_ACCELERATOR=cpu
 if [ -d .whl/assets ]; then  # tokenizer-only copy of the SmolLM2 asset, for GPU tests that need its tokenizer
-  ASSETS=$(mktemp -d /tmp/gpu_run_assets.XXXXXX)
+  ASSETS=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run_assets.XXXXXX")
   cp -r .whl/assets/. "$ASSETS/" && export LLM2VEC_ENGINE_CACHE=$ASSETS
 fi
 # The code the CSV rows name: git's short HEAD, or without git metadata on the device the commit .whl/COMMIT

@@ -260,10 +260,13 @@ def test_gpu_run_rehearses_another_structure(tmp_path):
     """GPU_RUN_ARCH=gemma2-9b (README): the CPU rehearsal times llm2vec's recipe and engine-auto on Gemma2's
     structure, each in its own process, runs the kernel checks and the attention benchmark, skips the Mistral-only
     steps, and the summary reports the ratio. GPU_RUN_SKIP leaves a named step out (here the GPU tests, whose
-    collection alone takes 12 s on CPU, where every one skips)."""
-    out = tmp_path / "out"
+    collection alone takes 12 s on CPU, where every one skips). Its scratch folder ($TMPDIR/gpu_run.*) is removed
+    at the end, once everything in it is in $OUT."""
+    out, scratch = tmp_path / "out", tmp_path / "tmp"
+    scratch.mkdir()
     r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")],
-                env={"GPU_RUN_CPU": "1", "GPU_RUN_ARCH": "gemma2-9b", "OUT": str(out), "GPU_RUN_SKIP": "pytest_gpu"},
+                env={"GPU_RUN_CPU": "1", "GPU_RUN_ARCH": "gemma2-9b", "OUT": str(out), "GPU_RUN_SKIP": "pytest_gpu",
+                     "TMPDIR": str(scratch)},
                 timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (out / "log.txt").read_text()
@@ -279,6 +282,7 @@ def test_gpu_run_rehearses_another_structure(tmp_path):
     assert "| gemma2-9b MNTP tokens/s: engine-auto over reference |" in (out / "summary.md").read_text()
     with open(out / "bench_attention.csv", newline="") as f:
         assert any("xcap50" in r["shape"] for r in csv.DictReader(f))
+    assert not [n for n in os.listdir(scratch) if n.startswith("gpu_run")], os.listdir(scratch)  # scratch removed
 
 
 def test_gpu_run_script_is_valid_bash():
