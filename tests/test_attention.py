@@ -273,16 +273,20 @@ def test_atomic_dq_matches_fp64_reference(case, monkeypatch):
     assert not dq_launches
 
 
-@pytest.mark.parametrize("form", [1, 2])
-def test_atomic_dq_forms_match_fp64_reference(form, monkeypatch):
-    # Both ways of forming the atomic dQ tile, (M, D) and transposed (D, M), on a ragged GQA batch: on CPU the
-    # launcher picks 2 without dropout and 1 with it, so each form is forced here for the other case too.
+@pytest.mark.parametrize("form,dropout", [(1, False), (2, True)])
+def test_atomic_dq_forms_match_fp64_reference(form, dropout, monkeypatch):
+    # Both ways of forming the atomic dQ tile, (M, D) and transposed (D, M), on a ragged GQA batch. The launcher's
+    # own pick for each case (on CPU: 2 without dropout, 1 with it) is test_atomic_dq_matches_fp64_reference's
+    # varlen-mixed-f16 and varlen-dropout-f32; here each case runs under the other form.
+    assert C.atomic_dq_form(C._arch(torch.empty(0)), dropout) != form  # the form the launcher would not take
     monkeypatch.setattr(C, "atomic_dq_form", lambda arch, dropout: form)
     lens = [1, 129, 17, 0, 63]
-    q, k, v = _inputs((sum(lens),), 8, 2, 64, F16)
-    _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens))
-    q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
-    _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens), dropout_p=0.25, seed=7)
+    if not dropout:
+        q, k, v = _inputs((sum(lens),), 8, 2, 64, F16)
+        _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens))
+    else:
+        q, k, v = _inputs((sum(lens),), 4, 2, 32, F32)
+        _assert_accurate(q, k, v, deterministic=False, cu_seqlens=_cu(lens), dropout_p=0.25, seed=7)
 
 
 @pytest.fixture
