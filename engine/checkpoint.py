@@ -458,6 +458,11 @@ def plan_resume(cfg, rank=0):
             raise ConfigError(
                 f"{cfg.output_dir} holds a different run ({complete[0]}); differing keys: {listing}. Use another "
                 f"output_dir, or resume=force to resume it with the new values")
+        newest = {t: step for step, t, _ in tags}[complete[0]]
+        if newest > cfg.max_steps:  # the loop would not run, and adapter/ would hold that step's weights as max_steps'
+            raise ConfigError(
+                f"resume=force: the newest checkpoint, {complete[0]}, is past max_steps {cfg.max_steps}; a run does "
+                f"not go back: set max_steps >= {newest}, or use another output_dir")
         warn0(rank, f"resume=force: resuming {complete[0]} of a different run; new values applied: {listing}")
     return complete, diff
 

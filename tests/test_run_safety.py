@@ -63,6 +63,19 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over(tmp_pa
         plan_resume(_cfg(out))
 
 
+def test_a_forced_resume_does_not_go_back_past_max_steps(tmp_path):
+    """resume=force with max_steps below the newest checkpoint's step ran no step and wrote adapter/ labelled
+    max_steps holding the later step's weights. It is refused in one line; max_steps at or past it resumes."""
+    out = str(tmp_path)
+    _fake_ckpt(out, 4, _cfg(out))
+    _set_latest(out, "step_0000004")
+    with pytest.raises(ConfigError, match=r"resume=force: the newest checkpoint, step_0000004, is past max_steps 2; "
+                                          r"a run does not go back: set max_steps >= 4"):
+        plan_resume(_cfg(out, "max_steps=2", "resume=force"))
+    assert plan_resume(_cfg(out, "max_steps=4", "resume=force", "learning_rate=3e-3"))[0] == ["step_0000004"]
+    assert plan_resume(_cfg(out, "max_steps=6", "resume=force"))[0] == ["step_0000004"]
+
+
 def _set_latest(out, tag):
     with open(os.path.join(out, "checkpoints", "latest"), "w") as f:
         f.write(tag)
