@@ -24,9 +24,10 @@ Terms (bytes, per rank):
   in the parameters' dtype; under ZeRO-3 also the gathered base weights alive at once, the module being run and
   the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the largest single parameter
   (the embedding table, gathered whole), in the weights' dtype;
-* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA; ``mntp_torch_loss_bytes``): the fp32
-  logits of the masked rows, held for the backward, and two more of their size while it runs, plus the fp32 copy
-  of the LM head's weight that the matmul keeps; the Triton kernel makes no logits (the workspace covers it);
+* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA; ``mntp_torch_loss_bytes``): five fp32
+  tensors of the masked rows' logits at the backward's peak, plus the fp32 copy of the LM head's weight that the
+  matmul keeps (measured: ``masked_ce_reference_peak``); the Triton kernel makes no logits (the workspace covers
+  it);
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack);
 * not modelled, on the safe side: ``offload_optimizer`` and ``offload_params`` (the plan keeps the optimizer state
   and the ZeRO-3 shard of the base on the GPU);
@@ -472,21 +473,24 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
 
 
 def mntp_torch_loss_bytes(cfg, text_config, dtype, device):
-    """Peak bytes of the MNTP loss when it takes the torch path (``model.loss=torch``, or auto off CUDA), else 0.
-
-    ``masked_cross_entropy_reference`` computes the fp32 logits of the masked rows, R = mask_prob x tokens, against
-    the V x H head: autograd keeps the logits (R V 4 bytes; twice with a soft-cap, whose tanh keeps its output) and,
-    in a 16-bit run, the fp32 copy of the head weight (V H 4) for the hidden states' gradient; the backward adds two
-    more R x V fp32 tensors (logsumexp's and gather's gradients). Llama-3-8B at 32 x 512 tokens and mask_prob 0.2:
-    3277 rows x 128256 x 4 x 3 = 4.7 GiB + 2.0 GiB of head weight. The Triton kernel makes no logits."""
+    """Peak bytes of the MNTP loss when it takes the torch path (``model.loss=torch``, or auto off CUDA), else 0:
+    :func:`masked_ce_reference_peak` over R = mask_prob x tokens rows. Llama-3-8B at 4 x 512 tokens and mask_prob
+    0.2: 410 rows x 128256 x 4 x 5 = 1.0 GiB + 2.0 GiB of fp32 head weight. The Triton kernel makes no logits."""
     impl = cfg.model.loss
     if cfg.stage != "mntp" or impl == "triton" or (impl == "auto" and device.type == "cuda"):
         return 0
     rows = math.ceil(cfg.mntp.mask_prob * tokens_per_micro_batch(cfg))
-    vocab, hidden = text_config.vocab_size, text_config.hidden_size
-    held = 2 if getattr(text_config, "final_logit_softcapping", None) else 1
-    weight = vocab * hidden * 4 if torch.empty((), dtype=dtype).element_size() < 4 else 0
-    return rows * vocab * 4 * (held + 2) + weight
+    return masked_ce_reference_peak(rows, text_config.vocab_size, text_config.hidden_size,
+                                    torch.empty((), dtype=dtype).element_size())
+
+
+def masked_ce_reference_peak(rows, vocab, hidden, itemsize):
+    """Peak bytes of ``masked_cross_entropy_reference``'s forward and backward over ``rows`` labelled rows: five
+    fp32 rows x vocab tensors alive at once in the backward (the logits autograd keeps, gather's scattered gradient,
+    logsumexp's softmax and its product, their sum; a soft-cap adds none to the peak) and a few fp32 values a row,
+    plus, for a 16-bit head, the fp32 copy of its weight that the matmul keeps. tests/test_memory_plan.py measures
+    it."""
+    return rows * (5 * vocab + 4) * 4 + (vocab * hidden * 4 if itemsize < 4 else 0)
 
 
 def fused_lora_limit(plan):

@@ -39,7 +39,8 @@ def _loss_and_grads(module, batch, impl):
             llm2vec_kernels.set_default_impl(op, "auto")
 
 
-def _parity(stage_name, device, dtype, n_items, hidden, heads):
+def _parity(stage_name, device, dtype, n_items, hidden, heads, between=lambda: None):
+    """(Triton loss, grads, torch loss, grads); ``between`` runs after the Triton pass."""
     cfg = load_config(f"configs/tiny/{stage_name}.yaml", [
         f"model.dtype={dtype}", "model.gradient_checkpointing=false", "lora.dropout=0.0",
         f"model.random_init={{model_type: llama, hidden_size: {hidden}, intermediate_size: {2 * hidden}, "
@@ -71,14 +72,34 @@ def _parity(stage_name, device, dtype, n_items, hidden, heads):
     batch.pop("truncated", None)
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
     lt, gt = _loss_and_grads(module, batch, "triton")
+    between()
     lr, gr = _loss_and_grads(module, batch, "torch")
     return lt, gt, lr, gr
 
 
+def _count_kernels(monkeypatch, stage_name):
+    """Launch lists of the kernels each op takes on this stage's step (the frozen LM head's masked CE on MNTP, the
+    contrastive loss on supervised): a Triton pass must launch each, a torch pass none."""
+    kernels = [("llm2vec_kernels.attention.flash", "_attn_fwd"), ("llm2vec_kernels.rms_norm", "_rms_norm_fwd_kernel"),
+               ("llm2vec_kernels.lora", "_lora_down_kernel"),
+               ("llm2vec_kernels.masked_ce", "_ce_grad_rows_kernel") if stage_name == "mntp"
+               else ("llm2vec_kernels.contrastive", "_contrastive_fwd_kernel")]
+    return {name: count_launches(monkeypatch, importlib.import_module(mod), name) for mod, name in kernels}
+
+
+def _check_launches(counts, after_triton):
+    assert all(after_triton.values()), after_triton  # each kernel ran in the Triton pass
+    grew = {name: len(grids) - after_triton[name] for name, grids in counts.items() if len(grids) > after_triton[name]}
+    assert not grew, f"the torch pass launched Triton kernels: {grew}"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("stage_name", ["mntp", "supervised"])
-def test_engine_step_triton_matches_torch_bf16(stage_name):
-    lt, gt, lr, gr = _parity(stage_name, "cuda", "bf16", 8, 256, 8)
+def test_engine_step_triton_matches_torch_bf16(stage_name, monkeypatch):
+    counts, after_triton = _count_kernels(monkeypatch, stage_name), {}
+    lt, gt, lr, gr = _parity(stage_name, "cuda", "bf16", 8, 256, 8,
+                             between=lambda: after_triton.update({n: len(g) for n, g in counts.items()}))
+    _check_launches(counts, after_triton)
     assert abs(lt - lr) <= 2e-2 * max(1.0, abs(lr)), (lt, lr)
     for name, g in gr.items():
         err = (gt[name] - g).norm() / (g.norm() + 1e-12)
@@ -91,12 +112,11 @@ def test_engine_step_triton_matches_torch_bf16(stage_name):
 def test_engine_step_triton_matches_torch_in_the_interpreter(stage_name, monkeypatch):
     # Wide interpreter blocks over the 49k vocabulary keep the interpreted row kernel to a few steps per row.
     monkeypatch.setitem(masked_ce._INTERP_CONFIG, "grad_rows", dict(BLOCK_V=8192, num_warps=4))
-    launches = count_launches(monkeypatch, masked_ce, "_ce_grad_rows_kernel")
-    norms = count_launches(monkeypatch, importlib.import_module("llm2vec_kernels.rms_norm"), "_rms_norm_fwd_kernel")
-    loras = count_launches(monkeypatch, importlib.import_module("llm2vec_kernels.lora"), "_lora_down_kernel")
-    lt, gt, lr, gr = _parity(stage_name, "cpu", "fp32", 4, 64, 4)
-    assert (len(launches) > 0) == (stage_name == "mntp")  # the frozen LM head took the eager strategy
-    assert norms and loras  # the fused decoder ops and LoRA kernels ran in the Triton pass (none in torch's)
+    counts, after_triton = _count_kernels(monkeypatch, stage_name), {}
+    lt, gt, lr, gr = _parity(stage_name, "cpu", "fp32", 4, 64, 4,
+                             between=lambda: after_triton.update({n: len(g) for n, g in counts.items()}))
+    # every op's kernel ran in the Triton pass (MNTP's frozen LM head: the eager masked-CE strategy), none in torch's
+    _check_launches(counts, after_triton)
     assert abs(lt - lr) <= 1e-4 * max(1.0, abs(lr)), (lt, lr)
     assert gr and set(gt) == set(gr)
     for name, g in gr.items():
