@@ -46,8 +46,8 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (ITERS, WARMUP, CsvWriter, check_outputs, cli_error, cli_names, measure,  # noqa: E402
-                               parser, peak_memory_mb, plot, write_json)
-from engine.cli import nonnegative_int, positive_int  # noqa: E402
+                               parser, peak_memory_mb, plot, probability, write_json)
+from engine.cli import nonnegative_int, positive_float, positive_int  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 
@@ -375,13 +375,13 @@ def main(argv=None):
                    help="labels from GPU_CASES, or TINY_CASES on CPU (default: all)")
     p.add_argument("--impls", default=",".join(IMPL_NAMES))
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=probability, default=0.0, help="attention dropout probability, in [0, 1)")
     p.add_argument("--warmup", type=nonnegative_int, default=WARMUP, help="untimed calls before the timed ones (GPU)")
     p.add_argument("--iters", type=positive_int, default=ITERS, help="timed calls: the row's ms is their median (GPU)")
     p.add_argument("--torch-max-scores", type=float, default=2.5e8,
                    help="run the torch reference only when B*Hq*S*S is below this (it materialises the scores)")
     p.add_argument("--sweep", action="store_true", help="time the Triton kernel's candidate launch configs")
-    p.add_argument("--budget-s", type=float, default=80.0,
+    p.add_argument("--budget-s", type=positive_float, default=80.0,
                    help="stop starting new cases / implementations after this many seconds (rows so far are kept)")
     args = p.parse_args(argv)
     check_outputs(args, "--out", "--plot")
@@ -398,7 +398,7 @@ def main(argv=None):
     want = set(cli_names(args.impls, IMPL_NAMES, "--impls"))  # before any work, as --cases
     if device == "cpu":
         if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise SystemExit("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
+            cli_error("CPU mode runs the Triton kernel in the interpreter: set TRITON_INTERPRET=1")
         dtype = torch.float32 if args.dtype == "bf16" else {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
         warmup, iters = 0, 1
     else:

@@ -27,8 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import check_outputs, cli_error, parser  # noqa: E402
-from engine.cli import positive_float  # noqa: E402
+from benchmarks.common import check_outputs, cli_error, int_at_least, parser  # noqa: E402
+from engine.cli import nonnegative_int, positive_float  # noqa: E402
 
 WORDS = ("the river valley storm flooded after summer heat dried violinist played concerto town hall sold "
          "instrument market old bridge rebuilt steel collapsed before anyone could cross young chef opened small "
@@ -71,8 +71,9 @@ def main(argv=None):
     ap.add_argument("--gb", type=positive_float, default=1.0, help="corpus size in GB (1e9 bytes)")
     ap.add_argument("--corpus", help="an existing text file instead of a generated one")
     ap.add_argument("--path", choices=("cache", "memory"), default="cache")
-    ap.add_argument("--max-seq-len", type=int, default=512)
-    ap.add_argument("--batches", type=int, default=200, help="random global batches of 32 blocks read after load")
+    ap.add_argument("--max-seq-len", type=int_at_least(2), default=512, help="tokens per block (>= 2, as the config)")
+    ap.add_argument("--batches", type=nonnegative_int, default=200,
+                    help="random global batches of 32 blocks read after load")
     ap.add_argument("--out", default="bench_data.csv")
     args = ap.parse_args(argv)
     check_outputs(args, "--out")  # said now, not after minutes of tokenising

@@ -151,7 +151,7 @@ def main(argv=None):
             if impl.startswith("triton"):
                 extra.update(_ratios(shape_name, ms, peak, results))
             rows.append(writer.add(shape, impl, "fwd+bwd", ms, tflops=flops / ms / 1e9, peak_mb=peak, **extra))
-        del hidden, weight, labels
+        hidden = weight = labels = None  # free the inputs (step() names them: no del)
         if device == "cuda":
             torch.cuda.empty_cache()
 

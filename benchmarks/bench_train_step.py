@@ -66,9 +66,11 @@ FLOPs (per step, T = real tokens, L_i = real sequence lengths, l = layers, Hq*D 
   --peak-tflops).
 
 Each measurement: --warmup (5) warm-up steps, then --steps (20) timed steps (1 and 2 with --tiny); the row
-reports the median, min and IQR. Timing stops early, after at least 5 steps, when the next steps would end
-past --budget-s (the row says cut=budget and timed_steps how many ran). An OOM or error is recorded as a row with
-ms=nan and extra status=oom/error, and the run goes on. Measurements run in priority order (reference and
+reports the median, min and IQR. A --big-batch configuration runs 1 warm-up + 1 timed step unless --warmup /
+--steps are given (below the protocol: its row's warmup and timed_steps say so, and so does the summary).
+Timing stops early, after at least 5 steps, when the next steps would end past --budget-s (the row says
+cut=budget and timed_steps how many ran). An OOM or error is recorded as a row with ms=nan and extra
+status=oom/error, and the run goes on. Measurements run in priority order (reference and
 engine for MNTP, supervised, SimCSE; then the ablations) and those that would end after --budget-s
 (default 135 s on the GPU) are recorded as status=skipped_budget. --budget-s counts from the process's start
 (train_step_measure.process_start), as the `timeout` gpu_run.sh runs it under does: imports count. A SIGTERM
@@ -121,7 +123,8 @@ from benchmarks.train_step_measure import (BENCH, GPU_SHAPES, MASK, T0, TINY_SHA
                                            catch_sigterm, log, shape_name, term_cut, terminated)
 from benchmarks.step_paths import ARCHS  # noqa: E402
 from benchmarks.train_step_own import OWN_MODEL, measure_own_model, row_shape  # noqa: E402
-from benchmarks.train_step_rows import IMPLS, Bench, _safe_parity, big_batch  # noqa: E402
+from benchmarks.train_step_rows import (BIG_BATCH_STEPS, BIG_BATCH_WARMUP, IMPLS, Bench, _safe_parity,  # noqa: E402
+                                         big_batch)
 
 ALL_IMPLS = OWN_MODEL + list(IMPLS)
 STAGE_ABLATIONS = {"mntp": ("attention", "masked_ce"), "simcse": ("attention", "contrastive"),
@@ -215,12 +218,15 @@ def _main(argv):
                          "structure than Mistral-7B's runs those rows only")
     ap.add_argument("--impls", default=None, help="comma list of (stage:)impl to run instead of the default plan, "
                     f"impl in {', '.join(ALL_IMPLS)}")
-    ap.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up steps per measurement (5; 1 with --tiny)")
-    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per measurement (20; 2 with --tiny)")
+    ap.add_argument("--warmup", type=nonnegative_int, default=None,
+                    help="warm-up steps per measurement (5; 1 with --tiny; 1 per configuration of --big-batch)")
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="timed steps per measurement (20; 2 with --tiny; 1 per configuration of --big-batch)")
     ap.add_argument("--budget-s", type=positive_float, default=None,
                     help="stop starting measurements that would end after this many seconds from start "
                          "(default 135 on GPU, none with --tiny)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="override the card's dense bf16 peak")
+    ap.add_argument("--peak-tflops", type=positive_float, default=None,
+                    help="override the card's dense bf16 peak (TFLOP/s, > 0)")
     ap.add_argument("--no-parity", action="store_true")
     ap.add_argument("--no-deepspeed", action="store_true",
                     help="plain torch optimizer step instead of DeepSpeed ZeRO-3 (also the automatic fallback)")
@@ -228,7 +234,7 @@ def _main(argv):
     ap.add_argument("--big-batch", default=None,
                     help="comma list of global batch sizes: measure only the supervised step's peak memory at these "
                          "batch sizes (short texts), without and with gradient caching (issue 6)")
-    ap.add_argument("--grad-cache-chunk", type=int, default=256, help="texts per chunk for --big-batch")
+    ap.add_argument("--grad-cache-chunk", type=positive_int, default=256, help="texts per chunk for --big-batch")
     args = ap.parse_args(argv)
     check_outputs(args, "--out")
     # bad input ends the run in one line (cli_error) before a model is built
@@ -240,6 +246,10 @@ def _main(argv):
         log("no CUDA device: running the --tiny CPU configuration instead")
         args.tiny = True
     MASK["gpu"], MASK["tiny"] = llm2vec_masking(GPU_MODEL["model_type"]), llm2vec_masking(TINY_MODEL["model_type"])
+    # --big-batch: 1 warm-up + 1 timed step per configuration by default (BIG_BATCH_WARMUP, BIG_BATCH_STEPS: a 7B
+    # step at batch 4096 takes tens of seconds), below the protocol, and its rows say so (warmup, timed_steps)
+    big_counts = (BIG_BATCH_WARMUP if args.warmup is None else args.warmup,
+                  BIG_BATCH_STEPS if args.steps is None else args.steps)
     if args.warmup is None:
         args.warmup = 1 if args.tiny else 5
     if args.steps is None:
@@ -284,7 +294,7 @@ def _main(argv):
     try:
         if args.big_batch:
             plan = []  # this invocation measures only the big-batch supervised steps
-            big_batch(bench, writer, sizes, args.grad_cache_chunk, budget)
+            big_batch(bench, writer, sizes, args.grad_cache_chunk, budget, *big_counts)
         for stage, impl in plan:
             if terminated():  # a handler that swallows exceptions (parity, a profile) took the SIGTERM
                 break

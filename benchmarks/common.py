@@ -18,6 +18,7 @@ median as ``ms`` and the spread in its extras (``Timing.extra``: min, quartiles,
 so a reader (``summarize.py``) can tell a difference from noise and a short run from a full one. CPU runs with
 tiny shapes (CI's smoke runs) time fewer calls and say so in the same extras.
 """
+import argparse
 import csv
 import dataclasses
 import datetime
@@ -125,6 +126,32 @@ def check_outputs(args, *flags):
         why = None if value is None else out_problem(value)
         if why:
             cli_error(f"{flag} {why}")
+
+
+def probability(text):
+    """An argparse type: a number in [0, 1) (a dropout probability; 1 would drop everything)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+def int_at_least(least):
+    """An argparse type: an integer >= ``least`` (e.g. a sequence length's floor)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is not an integer >= {least}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
 
 
 def cli_names(text, known, flag):

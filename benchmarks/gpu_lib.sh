@@ -24,6 +24,7 @@
 KILL_S=10
 MIN_STEP_S=15
 PAIR_KEEP_S=120
+PATH_MARGIN_S=10  # a train-step path's --budget-s is its step's LIMIT less this (gpu_run.sh's train_step)
 SOURCE_DIRS=(engine llm2vec_kernels benchmarks tests configs)
 declare -gA CAP=() FLOOR=() PARTNER=() MIN_S=() OFF=()  # plan_steps fills them
 STEP_ORDER=()

@@ -145,7 +145,7 @@ save_progress() {
 }
 
 # ------------------------------------------------------------------------------------------------
-say "start: $ROOT -> $OUT (cpu rehearsal: $CPU_MODE, budget ${BUDGET}s, structure $ARCH)"
+say "start: $ROOT -> $OUT (cpu rehearsal: $CPU_MODE, budget ${BUDGET}s, structure $ARCH, scratch $WORK)"
 if [ "$CPU_MODE" != 1 ]; then
   if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -235,7 +235,7 @@ train_step() {
   fi
   run_step "$name" "$limit" python3 -m benchmarks.bench_train_step "${TINY[@]+"${TINY[@]}"}" \
     "${extra[@]+"${extra[@]}"}" --stages "$stage" --impls "$stage:$path" --warmup "$TS_WARMUP" \
-    --steps "$TS_STEPS" --out "$WORK/$name.csv" --budget-s "$((limit - 10))"
+    --steps "$TS_STEPS" --out "$WORK/$name.csv" --budget-s "$((limit - PATH_MARGIN_S))"
 }
 
 # bf16 correctness: every kernel check in the registry (llm2vec_kernels/gpu_check/, `python -m

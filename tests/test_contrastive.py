@@ -121,17 +121,33 @@ def test_a_row_below_eps_counts_as_zero_on_both_paths(tiny):
     assert not (ker[1] if tiny == "query" else ker[2])[1].any()  # a zero vector's gradient: none
 
 
-def test_forward_and_backward_launch_on_their_inputs_device(monkeypatch):
-    """Every launcher enters its first input's device (Triton launches on the current one)."""
-    from .helpers import record_launch_devices
+LAUNCHERS = ("_row_inv_norm", "_contrastive_fwd", "_contrastive_bwd", "_normalize_bwd_")
 
-    seen = record_launch_devices(monkeypatch)
+
+def test_forward_and_backward_launch_on_their_inputs_device(monkeypatch):
+    """Every launcher enters its first input's device (Triton launches on the current one): each one of LAUNCHERS
+    is seen entering it, through on_input_device, with a tensor of its inputs' device."""
+    import contextlib
+    import sys
+
+    from llm2vec_kernels import _backend
+
+    seen = []
+
+    def recording(t):  # called by on_input_device's wrapper, whose frame holds the launcher it wraps
+        seen.append((sys._getframe(1).f_locals["launcher"].__name__, t))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(_backend, "on_device", recording)
     q, d = _make(4, 1, 32, torch.float32)
     q, d = q.requires_grad_(), d.requires_grad_()
     contrastive_loss(q, d, impl="triton").backward()
+    assert {name for name, _ in seen} == set(LAUNCHERS), [name for name, _ in seen]
+    assert all(callable(getattr(C, name)) for name in LAUNCHERS)  # the real names, not a stale list
+    assert all(t.device == q.device for _, t in seen)
     # fwd (norms, scores), bwd (scores, norms), each entering q's or d's device (the launchers get them after
     # _zero_tiny_rows, a copy with their shapes)
-    assert len(seen) >= 4 and {tuple(q.shape), tuple(d.shape)} <= {tuple(t.shape) for t in seen}
+    assert {tuple(q.shape), tuple(d.shape)} <= {tuple(t.shape) for _, t in seen}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -388,6 +404,17 @@ def test_benchmark_tiny(tmp_path):
         got = [r for r in rows if r["impl"] == impl]
         assert {r["pass"] for r in got} == {"fwd", "fwd+bwd"}, impl
         assert all("status=ok" in r["extra"] and float(r["ms"]) > 0 for r in got), got
+    # the triton step row states its time ratio to both dense baselines (CPU: no peak memory, no memory ratio)
+    ms = {r["impl"]: float(r["ms"]) for r in rows if r["pass"] == "fwd+bwd"}
+    extra = dict(kv.split("=", 1) for kv in next(r for r in rows if r["impl"] == "triton" and r["pass"] == "fwd+bwd")
+                 ["extra"].split(";"))
+    assert float(extra["time_vs_lowp"]) == pytest.approx(ms["triton"] / ms["torch_lowp"], rel=1e-3, abs=1e-3)
+    assert float(extra["time_vs_torch"]) == pytest.approx(ms["triton"] / ms["torch"], rel=1e-3, abs=1e-3)
+    # the dense baselines ran first (the ratios need them), whatever order --impls names them in
+    rows = bench_contrastive.main(["--tiny", "--out", str(tmp_path / "b.csv"), "--batches", "8",
+                                   "--impls", "triton,torch_lowp", "--budget-ms", "1"])
+    assert [r["impl"] for r in rows] == ["torch_lowp"] * 2 + ["triton"] * 2
+    assert "time_vs_lowp=" in rows[-1]["extra"] and "time_vs_torch" not in rows[-1]["extra"]
     assert png.exists()
 
 
