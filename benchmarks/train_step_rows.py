@@ -308,10 +308,11 @@ def big_batch(bench, writer, sizes, chunk, budget, warmup=BIG_BATCH_WARMUP, step
     with caching it is bounded by one chunk's activations plus the (n_texts, H) embeddings.
 
     Each configuration runs ``warmup`` untimed steps (the first compiles the Triton kernels for the new shapes and
-    carries DeepSpeed's first-step setup), then ``steps`` timed ones (fewer when the next would end past
-    ``budget``: cut=budget); ms is their median and the row's extras give the quartiles, warmup and timed_steps
-    (step_stats), so the summary can say a time below the protocol (5 + 20) is provisional. peak_mb is the peak
-    over every step, the first included: a batch fits only if its first step does."""
+    carries DeepSpeed's first-step setup), then ``steps`` timed ones (none or fewer when the next would end past
+    ``budget``, judged by the last step's time, the warm-up's for the first: cut=budget); ms is their median and
+    the row's extras give the quartiles, warmup and timed_steps (step_stats), so the summary can say a time below
+    the protocol (5 + 20) is provisional. peak_mb is the peak over every step, the first included (read after the
+    warm-up too, so a cut keeps it): a batch fits only if its first step does."""
     lo_q, hi_q, lo_d, hi_d = (4, 8, 6, 12) if bench.tiny else (8, 32, 16, 64)
     # Most needed first, so a run that is cut short keeps the issue-6 figure (the largest batch WITH caching):
     # every size with caching, largest first, then the sizes without it (the largest is expected to OOM).
@@ -339,13 +340,18 @@ def big_batch(bench, writer, sizes, chunk, budget, warmup=BIG_BATCH_WARMUP, step
         try:
             if bench.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(bench.device)
+            sync(bench.device)
+            t0 = time.perf_counter()
             for _ in range(warmup):
                 bench.train_step(batch)
+            sync(bench.device)
+            estimate = (time.perf_counter() - t0) / max(warmup, 1)  # a warm-up step's time, the first included
+            if bench.device.type == "cuda":  # the issue-6 figure survives a cut or a stop in the timed steps
+                peak = torch.cuda.max_memory_allocated(bench.device) / 2**20
             for _ in range(steps):
-                if times and time.perf_counter() - T0 + max(times) > budget:
+                if time.perf_counter() - T0 + (max(times) if times else estimate) > budget:
                     cut = "budget"
                     break
-                sync(bench.device)
                 t0 = time.perf_counter()
                 bench.train_step(batch)
                 sync(bench.device)

@@ -89,7 +89,7 @@ class MemoryPlan:
     world: int
     device_type: str
     layer_numel: int = 0  # parameters of one decoder layer (ZeRO-3 prefetch bucket)
-    lora_max_numel: int = 0  # largest trainable tensor (ZeRO-3 persistence threshold)
+    lora_max_numel: int = 0  # largest LoRA tensor, 0 without LoRA (ZeRO-3 persistence threshold)
     dtype: str = "float32"  # the parameters' dtype: bfloat16 picks stage 1 for a replicated base
     per_token_layer_zero3: dict = None  # the same under ZeRO-3 (LoRA through PEFT's layers); None: as above
     paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
@@ -496,8 +496,8 @@ def masked_ce_reference_peak(rows, vocab, hidden, itemsize):
 def fused_lora_limit(plan):
     """The largest base (bytes, in the plan's dtype) whose replicated copy still fits one GPU next to its LoRA
     state and full-recompute activations, i.e. the largest model that keeps the fused LoRA (stage < 3); the
-    LoRA state is scaled with the base. Independent of the GPU count."""
-    free = plan.budget_bytes - plan.workspace() - plan.activations("full", 0)
+    LoRA state is scaled with the base (the torch MNTP loss's bytes are not). Independent of the GPU count."""
+    free = plan.budget_bytes - plan.workspace() - plan.activations("full", 0) - plan.loss_bytes
     per_weight_byte = 1 + 16 * plan.trainable_params / max(plan.weights_bytes, 1)
     return max(int(free / per_weight_byte), 0)
 
@@ -507,7 +507,7 @@ def choose_zero_stage(cfg, plan):
     bf16 and fp16: see the module docstring), else 3."""
     if str(cfg.zero_stage) != "auto":
         return int(cfg.zero_stage), f"zero_stage={cfg.zero_stage} set in the config"
-    if plan.fits("full", 0):
+    if plan.fits("full", 1 if plan.dtype in ("bfloat16", "float16") else 0):  # the replicated stage it would take
         stage, how = (1, " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
                       ) if plan.flat_bf16_optimizer(1) else (1, " (stage 1: DeepSpeed's ZeRO-1 optimizer, its state "
                                                               "offloaded to the CPU)"

@@ -616,7 +616,8 @@ def test_full_fine_tuning_under_zero3_shards_the_trainable_base():
     from engine.dry_run import dry_run
 
     lines = []
-    cfg = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"), ["lora.enabled=false"])
+    # (auto replicates at stage 1 here: 8 ranks shard its fp32 state enough; the ZeRO-3 plan is forced)
+    cfg = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"), ["lora.enabled=false", "zero_stage=3"])
     out = dry_run(cfg, world=8, out=lines.append)
     plan = out["plan"]
     assert out["zero_stage"] == 3 and plan.lora_max_numel == 0 and not plan.lora
@@ -698,3 +699,21 @@ def test_mntp_on_the_torch_loss_path_is_in_the_plan():
     assert mntp_torch_loss_bytes(cfg, text, torch.bfloat16, torch.device("cuda")) == 0  # auto on CUDA: the kernel
     assert mntp_torch_loss_bytes(cfg, text, torch.bfloat16, torch.device("cpu")) == (
         mntp_torch_loss_bytes(cfg, text, torch.float32, torch.device("cpu")) + 301 * 24 * 4)  # no copy in fp32
+
+
+def test_auto_takes_a_replicated_stage_only_when_that_stage_fits():
+    """bf16 and fp16 replicate at stage 1, which can cost more than stage 0 (ZeRO-1's reduce buffer with
+    offload_optimizer or in fp16; on one rank its state is stage 0's). The choice checked stage 0 and returned 1: a
+    budget between the two took stage 1, whose plan did not fit."""
+    from engine.dry_run import dry_run
+
+    cfg = load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml"), ["offload_optimizer=true"])
+    plan = dry_run(cfg, world=1, out=lambda line: None)["plan"]
+    assert plan.total("full", 1) - plan.total("full", 0) == plan.reduce_buffer_bytes(1) > 0
+    # the workspace is 5% of the budget + 256 MiB: a budget B fits stage s when the rest of its total <= 0.95 B - 256 MiB
+    f0, f1 = (plan.total("full", s) - plan.workspace() for s in (0, 1))
+    between = dataclasses.replace(plan, budget_bytes=int(((f0 + f1) / 2 + (256 << 20)) / 0.95))
+    assert between.fits("full", 0) and not between.fits("full", 1)
+    assert choose_zero_stage(cfg, between)[0] == 3
+    roomy = dataclasses.replace(plan, budget_bytes=int((f1 + (256 << 20)) / 0.95) + 64)
+    assert roomy.fits("full", 1) and choose_zero_stage(cfg, roomy)[0] == 1
