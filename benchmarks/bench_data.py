@@ -27,8 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import check_outputs, cli_error, int_at_least, parser  # noqa: E402
-from engine.cli import nonnegative_int, positive_float  # noqa: E402
+from benchmarks.common import check_outputs, cli_error, parser  # noqa: E402
+from engine.cli import int_at_least, nonnegative_int, positive_float  # noqa: E402
 
 WORDS = ("the river valley storm flooded after summer heat dried violinist played concerto town hall sold "
          "instrument market old bridge rebuilt steel collapsed before anyone could cross young chef opened small "

@@ -139,21 +139,6 @@ def probability(text):
     return value
 
 
-def int_at_least(least):
-    """An argparse type: an integer >= ``least`` (e.g. a sequence length's floor)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"{value} is not an integer >= {least}")
-        return value
-
-    parse.__name__ = f"integer >= {least}"
-    return parse
-
-
 def cli_names(text, known, flag):
     """The comma-separated names of ``text``, each one of ``known`` (else cli_error naming the others and the
     choices)."""

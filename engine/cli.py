@@ -42,6 +42,15 @@ def _int_at_least(text, least, what):
     return value
 
 
+def int_at_least(least):
+    """An argparse type: an integer >= ``least`` (e.g. a sequence length's floor)."""
+    def parse(text):
+        return _int_at_least(text, least, f"not an integer >= {least}")
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
 def positive_int(text):
     """An argparse type: an integer >= 1."""
     return _int_at_least(text, 1, "not a positive integer")
