@@ -46,8 +46,8 @@ if not torch.cuda.is_available():  # the Triton kernel runs in the interpreter o
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import (ITERS, WARMUP, CsvWriter, check_outputs, cli_error, cli_names, measure,  # noqa: E402
-                               parser, peak_memory_mb, plot, probability, write_json)
-from engine.cli import nonnegative_int, positive_float, positive_int  # noqa: E402
+                               parser, peak_memory_mb, plot, write_json)
+from engine.cli import nonnegative_int, positive_float, positive_int, probability  # noqa: E402
 from llm2vec_kernels import attention as A  # noqa: E402
 from llm2vec_kernels.attention import configs as AC  # noqa: E402  (the launch configs the sweep swaps)
 

@@ -18,7 +18,6 @@ median as ``ms`` and the spread in its extras (``Timing.extra``: min, quartiles,
 so a reader (``summarize.py``) can tell a difference from noise and a short run from a full one. CPU runs with
 tiny shapes (CI's smoke runs) time fewer calls and say so in the same extras.
 """
-import argparse
 import csv
 import dataclasses
 import datetime
@@ -126,17 +125,6 @@ def check_outputs(args, *flags):
         why = None if value is None else out_problem(value)
         if why:
             cli_error(f"{flag} {why}")
-
-
-def probability(text):
-    """An argparse type: a number in [0, 1) (a dropout probability; 1 would drop everything)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
-    return value
 
 
 def cli_names(text, known, flag):

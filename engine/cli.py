@@ -61,14 +61,26 @@ def nonnegative_int(text):
     return _int_at_least(text, 0, "negative")
 
 
-def positive_float(text):
-    """An argparse type: a finite number > 0."""
+def _number(text):
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float(text):
+    """An argparse type: a finite number > 0."""
+    value = _number(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
+
+
+def probability(text):
+    """An argparse type: a number in [0, 1) (a dropout probability; 1 would drop everything)."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
     return value
 
 

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import on_input_device, resolve_impl
+from ._backend import KERNEL_DTYPES, on_input_device, resolve_impl
 
 _LOG2E = 1.4426950408889634
 _NORM_EPS = 1e-12  # same clamp as F.normalize
 _BWD_BUFFER_BYTES = 256 << 20
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,7 +389,7 @@ def _num_programs_target(device):
 
 
 def _check_launch(q, c):
-    if q.dtype not in _SUPPORTED:
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"contrastive_loss (triton): q dtype must be fp16/bf16/fp32, got {q.dtype}; use impl='torch'")
     if c.dtype != q.dtype:
         raise TypeError(f"contrastive_loss (triton): q and d must share a dtype, got {q.dtype} and {c.dtype}")

@@ -46,10 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import (dot_precision, dropout_threshold, keep_mask, on_input_device, philox_keep8,
+from ._backend import (KERNEL_DTYPES, dot_precision, dropout_threshold, keep_mask, on_input_device, philox_keep8,
                        resolve_impl)
-
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +414,7 @@ def lora_group(x, weights, lora_a, lora_b, scaling, dropout_p=0.0, biases=None, 
     rank_sum = sum(a.shape[0] for a in lora_a)
     fits = fits_one_tile(rank_sum)
     impl = resolve_impl("lora", impl, x, auto_dtypes=(torch.float16, torch.bfloat16), fits=fits)
-    if impl == "triton" and x.dtype not in _SUPPORTED:  # the reference takes any float (fp64 for checks)
+    if impl == "triton" and x.dtype not in KERNEL_DTYPES:  # the reference takes any float (fp64 for checks)
         raise TypeError(f"lora_group: unsupported dtype {x.dtype} for impl='triton' (fp16, bf16 or fp32)")
     if impl == "triton" and not fits:
         raise ValueError(f"lora_group: impl='triton' holds the group's summed rank ({rank_sum}) in one tile, "

@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import on_device, resolve_impl
+from ._backend import KERNEL_DTYPES, on_device, resolve_impl
 
 # Scratch budget for one backward vocab chunk of dZ (M x VC in the input dtype).
 BWD_SCRATCH_BYTES = 128 * 2**20
@@ -731,7 +731,7 @@ def masked_cross_entropy(
     host), so the labelled-row index is an arange and nothing syncs with the host.
     """
     # auto: fp64 (which the kernels do not take) runs the reference, as for the other ops
-    backend = resolve_impl("masked_ce", impl, hidden, auto_dtypes=(torch.float16, torch.bfloat16, torch.float32))
+    backend = resolve_impl("masked_ce", impl, hidden, auto_dtypes=KERNEL_DTYPES)
     if backend == "triton":
         return _masked_ce_triton(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
                                  softcap=softcap, z_loss=z_loss, all_labelled=all_labelled)

@@ -630,7 +630,7 @@ def _attn_bwd_dq(
 def _check_inputs(q, k, v, cu_seqlens):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"unsupported dtype {q.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device")
