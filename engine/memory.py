@@ -507,17 +507,17 @@ def choose_zero_stage(cfg, plan):
     bf16 and fp16: see the module docstring), else 3."""
     if str(cfg.zero_stage) != "auto":
         return int(cfg.zero_stage), f"zero_stage={cfg.zero_stage} set in the config"
-    if plan.fits("full", 1 if plan.dtype in ("bfloat16", "float16") else 0):  # the replicated stage it would take
-        stage, how = (1, " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
-                      ) if plan.flat_bf16_optimizer(1) else (1, " (stage 1: DeepSpeed's ZeRO-1 optimizer, its state "
-                                                              "offloaded to the CPU)"
-                                                              ) if plan.dtype == "bfloat16" else (1, " (stage 1: at stage 0 DeepSpeed's fp16 optimizer "
-                                                            "unscales gradients it never scaled)"
-                                                            ) if plan.dtype == "float16" else (0, "")
-        return stage, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "
-                       f"budget{how}: " + plan.describe("full", stage))
+    replicated = 1 if plan.dtype in ("bfloat16", "float16") else 0
+    if plan.fits("full", replicated):
+        how = ("" if replicated == 0
+               else " (stage 1: DeepSpeed's flat bf16 optimizer, fp32 master weights sharded over the ranks)"
+               if plan.flat_bf16_optimizer(1)
+               else " (stage 1: DeepSpeed's ZeRO-1 optimizer, its state offloaded to the CPU)" if plan.dtype == "bfloat16"
+               else " (stage 1: at stage 0 DeepSpeed's fp16 optimizer unscales gradients it never scaled)")
+        return replicated, (f"the replicated {plan.weights_bytes / GIB:.2f} GiB base + activations fit one rank's "
+                            f"budget{how}: " + plan.describe("full", replicated))
     return 3, ("the replicated base + activations do not fit one rank's budget ("
-               + plan.describe("full", 0) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks"
+               + plan.describe("full", replicated) + "); ZeRO-3 shards the base over " + f"{plan.world} ranks"
                + (", and LoRA runs through PEFT's layers (the fused groups need whole base weights; a base up to "
                   f"{fused_lora_limit(plan) / GIB:.1f} GiB would keep them)" if plan.path(3) != plan.path(0) else "")
                + ("" if plan.fits("full", 3) else "; NOTHING FITS, not even ZeRO-3 with full recompute: "

@@ -714,6 +714,7 @@ def test_auto_takes_a_replicated_stage_only_when_that_stage_fits():
     f0, f1 = (plan.total("full", s) - plan.workspace() for s in (0, 1))
     between = dataclasses.replace(plan, budget_bytes=int(((f0 + f1) / 2 + (256 << 20)) / 0.95))
     assert between.fits("full", 0) and not between.fits("full", 1)
-    assert choose_zero_stage(cfg, between)[0] == 3
+    stage, why = choose_zero_stage(cfg, between)
+    assert stage == 3 and f"do not fit one rank's budget ({between.describe('full', 1)})" in why, why
     roomy = dataclasses.replace(plan, budget_bytes=int((f1 + (256 << 20)) / 0.95) + 64)
     assert roomy.fits("full", 1) and choose_zero_stage(cfg, roomy)[0] == 1
