@@ -218,11 +218,19 @@ def leave():
             pass
 
 
+def local_world_size(default=None):
+    """The ranks on this host: LOCAL_SIZE (DeepSpeed's launcher) or LOCAL_WORLD_SIZE (torchrun), else ``default``,
+    else WORLD_SIZE (one host), else 1."""
+    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return int(default if default is not None else os.environ.get("WORLD_SIZE") or 1)
+
+
 def split_cpu_threads():
     """CPU ranks share this host's cores (engine.multi_device.share_cpu_cores): DeepSpeed's launcher, unlike
     torchrun, sets no OMP_NUM_THREADS, so every rank would otherwise run one thread per core."""
-    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE")
-                      or os.environ.get("WORLD_SIZE") or 1)
+    local_ranks = local_world_size()
     shared = share_cpu_cores(local_ranks)
     if shared:
         log0(f"CPU: {local_ranks} ranks on {shared[0]} cores, {shared[1]} intra-op thread(s) per rank "

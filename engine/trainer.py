@@ -25,7 +25,7 @@ from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_fi
                          drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
                          write_adapter)
 from .data import BatchPlan, DataError, is_sts_file
-from .distributed import init_distributed, log0, on_rank0, said_by_rank0, smallest, together, warn0
+from .distributed import init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest, together, warn0
 from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
@@ -155,7 +155,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         model, _ = load_model(cfg.model, self.device.type, self.tok)
         model, self.mem, self.zero_stage = setup_model(cfg, self.stage, model, world,
-                                                       int(os.environ.get("LOCAL_SIZE", world)), self.device)
+                                                       local_world_size(world), self.device)
         if self.device.type == "cuda":  # (train.py checks it on the meta model when the architecture is offline)
             too_big = base_too_big(self.mem.weights_bytes, torch.cuda.get_device_properties(self.device).total_memory,
                                    self.mem.dtype)
@@ -375,6 +375,9 @@ class Trainer:
             if bad:
                 warn0(self.rank, f"step {done}: not saving a checkpoint from a non-finite step")
             else:
+                # A checkpoint marks metrics.csv complete up to its step: this step's failed row (log) must end the
+                # run before it is marked, or a resume from here would never write that row (one collective).
+                self.raise_log_error()
                 self.ckpt.save(done, self.plan)
 
     # -- the end -------------------------------------------------------------------------------------------------

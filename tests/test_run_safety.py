@@ -399,6 +399,38 @@ def test_force_applies_the_new_learning_rate_and_max_steps(mntp_run, tmp_path):
     assert (saved["learning_rate"], saved["max_steps"]) == (0.05, 6)
 
 
+_FAILING_LOG = """
+import errno, sys
+from engine.metrics import MetricsLogger
+log = MetricsLogger.log
+def failing(self, step, row):
+    if step == 2:
+        raise OSError(errno.EIO, "injected metrics write failure")
+    return log(self, step, row)
+MetricsLogger.log = failing
+from engine.train import exit_with, main
+exit_with(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_metrics_write_at_a_save_step_ends_the_run_before_that_checkpoint_is_marked(tmp_path):
+    """A checkpoint says metrics.csv holds every row up to its step (a resume drops later rows and writes from
+    there). Rank 0's failed write of step 2's row was raised only at step 3's all-reduce, after step 2's checkpoint
+    was marked COMPLETE: the resume started at step 3 and row 2 was never written. The failure must end the run
+    before that checkpoint is marked; the rerun then starts before it and writes every row."""
+    out = str(tmp_path / "run")
+    r = run_cmd(["python", "-c", _FAILING_LOG, "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", *MNTP,
+                 "log_every=1"], timeout=600)
+    assert r.returncode != 0 and "injected metrics write failure" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    ckpts = os.path.join(out, "checkpoints")
+    assert not os.path.exists(os.path.join(ckpts, "step_0000002", COMPLETE))
+    assert not os.path.exists(os.path.join(ckpts, "latest"))
+    r = _train(out, "log_every=1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [int(x["step"]) for x in _metrics(out)] == [1, 2, 3, 4]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])  # bf16: DeepSpeed's flat BF16_Optimizer skips the step itself
 def test_non_finite_steps_stop_the_run_with_exit_3_and_keep_the_last_good_checkpoint(tmp_path, dtype):

@@ -374,6 +374,22 @@ def test_cpu_ranks_split_the_cores(monkeypatch):
         torch.set_num_threads(before)
 
 
+def test_ranks_per_host_read_from_the_deepspeed_launcher_or_torchrun(monkeypatch):
+    """The host-RAM budget and the CPU thread split are per host: torchrun says LOCAL_WORLD_SIZE, DeepSpeed's launcher
+    LOCAL_SIZE. The trainer read LOCAL_SIZE alone, so a multi-node torchrun run divided a host's RAM by the world."""
+    from engine.distributed import local_world_size
+
+    for var in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert local_world_size() == 1 and local_world_size(16) == 16
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert local_world_size() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert local_world_size() == 8 and local_world_size(16) == 8
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert local_world_size(16) == 4
+
+
 @pytest.mark.parametrize("stage_name", ["mntp", "supervised"])
 def test_held_out_eval_batches_go_to_the_engines_device(stage_name):
     """DeepSpeed's forward moves nothing: the held-out batches go to the engine's device as training batches do
