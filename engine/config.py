@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .chat import CHAT_SETTINGS
+
 STAGES = ("mntp", "simcse", "supervised")
 RESUME_MODES = ("auto", "never", "must", "force")
 RECOMPUTE_POLICIES = ("auto", "full", "selective", "none")
@@ -92,7 +94,7 @@ class ContrastiveConfig:
     grad_cache_chunk: int = 0  # >0: gradient caching with this many texts per chunk
     source_homogeneous_batches: bool = True
     # chat wrap of every text (query, positive, negatives): auto (llm2vec's: its supervised stage wraps the Instruct
-    # bases it names, SimCSE never) | none | llama3 | inst | gemma2 | qwen2 (engine/encoding.py CHAT_WRAPS); the
+    # bases it names, SimCSE never) | none | llama3 | inst | gemma2 | qwen2 (engine/chat.py CHAT_WRAPS); the
     # run records it and inference follows the record
     chat: str = "auto"
 
@@ -458,7 +460,7 @@ def validate(cfg: TrainConfig):
                          ("logger", ("csv", "tensorboard", "both")),
                          ("mntp.scheme", ("bert", "all")),
                          ("contrastive.pooling", ("mean", "weighted_mean", "eos", "last", "bos")),
-                         ("contrastive.chat", ("auto", "none", "llama3", "inst", "gemma2", "qwen2"))):
+                         ("contrastive.chat", CHAT_SETTINGS)):
         obj = cfg
         for part in key.split("."):
             obj = getattr(obj, part)

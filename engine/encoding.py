@@ -1,6 +1,7 @@
 """Tokenising texts (with optional instructions) and turning them into pooled embeddings."""
 import torch
 
+from .chat import CHAT_SETTINGS, CHAT_WRAP_BY_BASE, CHAT_WRAPS  # noqa: F401  (applied here, listed in .chat)
 from .modeling import packed_hidden_states
 from .pooling import pool
 from .refs import hub_id_of
@@ -62,23 +63,6 @@ def embed_batch(model, input_ids, attention_mask, pool_mask, pooling, packed=Tru
     return pool(hidden, attention_mask, pooling, pool_mask, check=layout is None)
 
 
-# llm2vec's chat wrapping (llm2vec/llm2vec.py ``prepare_for_tokenization`` and experiments/run_supervised.py): the
-# text, stripped, between a head and a tail, keyed on the base model's hub id. (head, tail)
-CHAT_WRAPS = {
-    "llama3": ("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>"),
-    "inst": ("[INST] ", " [/INST]"),
-    "gemma2": ("<bos><start_of_turn>user\n", "<end_of_turn>"),
-    "qwen2": ("<|im_start|>user\n", "<|im_end|>"),
-}
-CHAT_WRAP_BY_BASE = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": "llama3",
-    "mistralai/Mistral-7B-Instruct-v0.2": "inst",
-    "meta-llama/Llama-2-7b-chat-hf": "inst",
-    "google/gemma-2-9b-it": "gemma2",
-    "Qwen/Qwen2-1.5B-Instruct": "qwen2",
-    "Qwen/Qwen2-7B-Instruct": "qwen2",
-}
-CHAT_SETTINGS = ("auto", "none", *CHAT_WRAPS)
 # What a training run records (engine_encoder.json "text_format") for the rule below; runs without it predate it.
 # /2: under a chat wrap, the prompt is the tokens the text shares with it (_prefix_len), so a head ending in a space
 # no longer takes the text's first word out of the pooled tokens (/1 did; unwrapped texts read as in /1)

@@ -95,6 +95,26 @@ def test_bad_values():
         load_config(None, [])
 
 
+def test_the_config_takes_every_chat_wrap_and_pooling_mode_the_code_has(monkeypatch):
+    """contrastive.chat is checked against the wraps' own table (docs/adding-a-model-family.md: a family adds its
+    wrap there alone); a copy of the names in the config refused a wrap the encoder took."""
+    import engine.config as C
+    from engine.encoding import CHAT_SETTINGS
+    from engine.pooling import POOLING_MODES
+
+    assert C.CHAT_SETTINGS is CHAT_SETTINGS
+    for name in CHAT_SETTINGS:
+        assert load_config(None, ["model.name_or_path=x", f"contrastive.chat={name}"]).contrastive.chat == name
+    monkeypatch.setattr(C, "CHAT_SETTINGS", (*CHAT_SETTINGS, "newfamily"))
+    assert load_config(None, ["model.name_or_path=x", "contrastive.chat=newfamily"]).contrastive.chat == "newfamily"
+    with pytest.raises(ConfigError, match="contrastive.chat must be one of"):
+        load_config(None, ["model.name_or_path=x", "contrastive.chat=unknown"])
+    for mode in POOLING_MODES:
+        assert load_config(None, ["model.name_or_path=x", f"contrastive.pooling={mode}"]).contrastive.pooling == mode
+    with pytest.raises(ConfigError, match="contrastive.pooling must be one of"):
+        load_config(None, ["model.name_or_path=x", "contrastive.pooling=max"])
+
+
 def test_batch_not_divisible_by_world():
     cfg = load_config(None, ["model.name_or_path=x", "batch_size=32", "micro_batch_size=4"])
     assert grad_accum_steps(cfg, 2) == 4
