@@ -97,8 +97,8 @@ class SyntheticTokenizer:
 
 def build_model(spec, dtype, device, seed=0):
     """Random-weight CausalLM created directly on ``device`` in ``dtype`` (no CPU init on the GPU)."""
-    spec = dict(spec)
-    cfg = AutoConfig.for_model(spec.pop("model_type"), pad_token_id=0, bos_token_id=1, eos_token_id=2, **spec)
+    spec = dict(spec, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # SyntheticTokenizer's ids
+    cfg = AutoConfig.for_model(spec.pop("model_type"), **spec)
     cfg.use_cache = False
     torch.manual_seed(seed)
     with torch.device(device):

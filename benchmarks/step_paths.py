@@ -52,8 +52,11 @@ ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google/gemma-2-9b-it"), "qwe
 
 
 def tiny_of(spec):
-    """Counted and timed at tiny width: the same layers, heads and op sequence."""
-    return dict(spec, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2)
+    """Counted and timed at tiny width: the same layers, heads and op sequence, and the synthetic tokenizer's token
+    ids (harness.SyntheticTokenizer): a config class's defaults can lie beyond the tiny vocabulary (SmolLM3's pad
+    128004), which the embedding refuses."""
+    return dict(spec, vocab_size=1024, hidden_size=64, intermediate_size=224, head_dim=2, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)
 
 
 TINY = tiny_of(FULL)

@@ -96,6 +96,18 @@ def test_reference_path_computes_the_engines_mntp_loss(arch):
     assert ref.hf_eager == (arch == "gemma2-9b")
 
 
+def test_tiny_structures_build_whatever_token_ids_the_config_class_defaults_to():
+    """SmolLM3's config class defaults pad_token_id to 128004: a tiny structure that kept it could not be built
+    (the embedding refuses a padding index beyond its 1024 rows), so a family added by
+    docs/adding-a-model-family.md section 6 failed in the engine path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = step_paths.tiny_of(dict(step_paths.TINY, model_type="smollm3", num_hidden_layers=1))
+    cfg = AutoConfig.for_model(**spec)
+    assert cfg.pad_token_id == 0
+    AutoModelForCausalLM.from_config(cfg)  # the embedding checks its padding index
+
+
 def test_bad_override_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         so.main(["--set", "model.no_such_key=1"])
