@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from engine import Encoder
+from engine.bidirectional import SUPPORTED_ARCHITECTURES
 from engine.config import ModelConfig
 from engine.encoding import instruction_prefix
 from engine.modeling import load_tokenizer
@@ -142,6 +143,37 @@ def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, to
     short, long = ["Dogs bark."], ["Three children are playing football in a large green park."]
     np.testing.assert_allclose(st.encode(short), enc.encode(short), atol=1e-4, rtol=0)
     assert np.abs(st.encode(long) - enc.encode(long)).max() > 1e-3
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
+def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, model_type):
+    """The export makes a plain ``AutoModel.from_pretrained`` bidirectional through ``"is_causal": false`` in
+    config.json alone (no engine code at load time). Per family: the reloaded decoder's hidden states on a padded
+    batch equal the engine's bidirectional ones on the same weights (transformers honours the flag for it)."""
+    from transformers import AutoModel
+
+    from engine.bidirectional import make_bidirectional
+
+    from .test_oracles import ATOL, RTOL, oracle_hidden, padded_batch, tiny
+
+    model = tiny(model_type)
+    decoder = model.get_decoder()
+    decoder.config.is_causal = False  # what _write_export sets before its save
+    decoder.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    make_bidirectional(model)
+    ids, am = padded_batch("right")
+    with torch.no_grad():
+        want = oracle_hidden(model, ids, am)
+        got = reloaded(input_ids=ids, attention_mask=am,
+                       position_ids=(torch.cumsum(am, 1) - 1).clamp(min=0)).last_hidden_state
+    real = am.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=RTOL)
+    ids2 = ids.clone()
+    ids2[0, int(am[0].sum()) - 1] = 5  # the first text's last real token
+    with torch.no_grad():
+        moved = reloaded(input_ids=ids2, attention_mask=am).last_hidden_state[0, 0]
+    assert (moved - got[0, 0]).abs().max() > 1e-4  # its first token sees the last one
 
 
 def test_export_bad_input_exits_2(tmp_path):
