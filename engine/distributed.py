@@ -78,6 +78,16 @@ def on_rank0(fn):
     return out[0]
 
 
+def gathered(value):
+    """Every rank's ``value`` (picklable), in rank order, on every rank: one all-gather (``[value]`` without a
+    process group)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def smallest(value, device):
     """The smallest of every rank's ``value`` (a number), on every rank: one all-reduce."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -25,7 +25,8 @@ from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_fi
                          drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
                          write_adapter)
 from .data import BatchPlan, DataError, is_sts_file
-from .distributed import init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest, together, warn0
+from .distributed import (gathered, init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest, together,
+                          warn0)
 from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
@@ -119,8 +120,7 @@ class Trainer:
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
-        self.ckpt = Checkpointer(cfg, self.engine, self.module, self.tok, self.rank,
-                                 data=data_identity(cfg.data, len(self.items)))
+        self.ckpt = Checkpointer(cfg, self.engine, self.module, self.tok, self.rank, data=self.data_id)
         self.start = self.ckpt.resume(resume_tags)
         self.resumed_another_run = bool(self.start and resume_diff)  # resume=force over a checkpoint of other settings
         if self.start and resume_diff:
@@ -135,6 +135,8 @@ class Trainer:
         self.stage = build_stage(cfg, self.tok)
         self.items, stats, groups = self.stage.load(cfg.data, cfg.max_samples)
         log0(f"stage {cfg.stage}: data {stats.summary()}; {len(self.items)} training items")
+        self.data_id = data_identity(cfg.data, len(self.items))
+        self._check_same_data()
         self.eval_items, self.sts_eval = None, None
         if cfg.eval_data and cfg.eval_every:
             if len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
@@ -150,6 +152,22 @@ class Trainer:
                              f"({cfg.batch_size}) and are never trained on (every batch is drawn from one source, "
                              f"contrastive.source_homogeneous_batches): "
                              f"{', '.join(f'{g} ({n})' for g, n in self.plan.starved.items())}")
+
+    def _check_same_data(self):
+        """Every rank reads the data itself, and the batch plan assumes they all read the same items: nodes holding
+        different copies under the same paths (a stale file, an interrupted unpack) would each draw their share of
+        a different plan, training some items twice and others never. Refused before the model loads (one
+        all-gather of the item count and the sources' content hash)."""
+        import socket
+
+        seen = gathered((socket.gethostname(), self.data_id))
+        odd = [(r, host, d) for r, (host, d) in enumerate(seen) if d != seen[0][1]]
+        if odd:
+            what = lambda r, host, d: f"rank {r} on {host}: {d['items']} items, sha256 {d['sha256'][:12]}"  # noqa
+            raise said_by_rank0(DataError(
+                f"the ranks read different data under the same paths ({what(0, *seen[0])}; "
+                f"{'; '.join(what(*o) for o in odd[:3])}{'; ...' if len(odd) > 3 else ''}): every node must hold "
+                f"the same files"), self.rank)
 
     def _setup_model(self):
         cfg, world = self.cfg, self.world

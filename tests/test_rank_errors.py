@@ -165,3 +165,37 @@ def test_a_bad_timeout_is_one_line_before_the_run_starts(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error: DEEPSPEED_TIMEOUT='ten'") and len(err.splitlines()) == 1, err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_path):
+    """Each rank reads the data itself; nodes with different copies under one path (here each rank's working folder
+    holds its own corpus.txt) would each draw its share of a different batch plan. Refused on every rank before the
+    model loads: exit 2, one line naming both ranks' item counts."""
+    import subprocess
+
+    from engine.distributed import free_port
+
+    from .helpers import ROOT
+    from .launch import rank_commands
+
+    lines = [f"sentence number {i} about something" for i in range(40)]
+    for rank, n in ((0, 40), (1, 39)):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "corpus.txt").write_text("\n".join(lines[:n]) + "\n")
+    out = tmp_path / "run"
+    args = ["--config", os.path.join(ROOT, "configs", "tiny", "simcse.yaml"), f"output_dir={out}",
+            "data=corpus.txt", "eval_data=[]", "eval_every=0", "max_steps=2", "batch_size=8", "micro_batch_size=4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs = [subprocess.Popen(argv, env=e, cwd=tmp_path / f"node{rank}", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for rank, (argv, e) in enumerate(rank_commands(2, free_port(), os.path.join(ROOT, "engine", "train.py"),
+                                                            args, env))]
+    results = [p.communicate(timeout=300) for p in procs]
+    err = "".join(se for _, se in results)
+    said = [x for x in err.splitlines() if x.startswith("error:")]
+    assert [p.returncode for p in procs] == [2, 2], err[-3000:]
+    assert len(said) == 1 and "the ranks read different data under the same paths" in said[0], err[-3000:]
+    assert "rank 0 on " in said[0] and ": 40 items" in said[0] and ": 39 items" in said[0], said
+    assert "Traceback" not in err
