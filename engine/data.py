@@ -3,8 +3,10 @@
 Sources are local files or ``hf:NAME[:CONFIG[:SPLIT]]`` (needs the ``datasets`` package and network):
 
 * plain text: one document (or sentence) per line;
-* JSONL: a ``text`` field (MNTP/SimCSE), or ``query``/``positive``/``negative(s)``/``instruction``
-  (supervised; an optional ``source`` field groups examples so that each batch comes from one source);
+* JSONL: a ``text`` field (MNTP/SimCSE), or ``query``/``positive``/``negative(s)``/``instruction``/
+  ``doc_instruction`` (supervised; the row's own query and document instructions; an optional ``source`` field
+  groups examples so that each batch comes from one source); an ``hf:`` dataset's rows alike (MNTP/SimCSE: its
+  ``text`` column, or its only column);
 * the E5 directory (llm2vec's echo-data, supervised): one JSONL per dataset, with per-dataset instructions
   (:func:`e5_rows`);
 * the STS Benchmark TSV (genre, source, year, id, score, sentence1, sentence2[, extra columns...]).
@@ -188,6 +190,7 @@ def read_scored_pairs(sources, max_samples=0):
                 for key in ("sentence1", "sentence2"):
                     if not isinstance(obj[key], str):
                         raise DataError(f"{src}:{n}: field {key!r} must be a string, got {_json_type(obj[key])}")
+                    _utf8_text(obj[key], f"{src}:{n}", key)
                 try:  # a number, or a string holding one (as STS scores often come)
                     score = float(obj["score"])
                 except (TypeError, ValueError):
@@ -232,7 +235,10 @@ def _load_hf(spec):
         import datasets
     except ImportError:
         raise DataError(f"{spec}: Hugging Face datasets need `pip install datasets` (and network)") from None
-    return datasets.load_dataset(name, config, split=split)
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except (ValueError, FileNotFoundError) as e:  # a split or config it lacks (ValueError), no such dataset
+        raise DataError(f"{spec}: {' '.join(str(e).split())}") from None
 
 
 def split_pairs(pairs, seed):
@@ -306,20 +312,45 @@ def seed_orders(sources):
 
 
 def _raw_texts(src, room, seed):
-    """The raw texts of one source (``room``: how many more texts are wanted, 0 for all)."""
+    """The raw texts of one source (``room``: how many more texts are wanted, 0 for all). A ``.csv``/``.tsv`` file
+    is read only as an STS Benchmark TSV: another table's lines (its header row included) are no corpus."""
     if src.startswith("hf:"):
-        ds = _load_hf(src)
-        col = "text" if "text" in ds.column_names else ds.column_names[0]
-        return (r[col] for r in ds)
+        return _hf_texts(src)
     _check_file(src)
     if is_sts_file(src):
         pairs = read_sts(src)
         if room:  # keep whole pairs, so a cut file still separates them
             pairs = pairs[:max(1, (room + 1) // 2)]
         return split_pairs(pairs, seed)
+    if src.lower().endswith((".csv", ".tsv")):
+        raise DataError(f"{src}: not an STS Benchmark TSV (>= 7 tab-separated columns, a numeric score in column 5), "
+                        f"the one table the text stages read; they read .txt lines or .jsonl `text`")
     if src.endswith((".jsonl", ".json")):
         return _jsonl_field(src, "text")
     return _lines(src)
+
+
+def _hf_texts(spec):
+    """The ``text`` column of an ``hf:`` dataset, row by row (a null value is an empty text). A dataset without a
+    ``text`` column is refused, naming its columns, unless it has one column only, which is then the text; a value
+    that is no string is a DataError naming its row (counted from 1)."""
+    ds = _load_hf(spec)
+    names = list(ds.column_names)
+    if "text" in names:
+        col = "text"
+    elif len(names) == 1:
+        col = names[0]
+    else:
+        raise DataError(f"{spec}: no `text` column (its columns: {', '.join(names)}); the text stages read a "
+                        f"dataset's `text` column, or its only column")
+    for i, row in enumerate(ds, 1):
+        v = row[col]
+        if v is None:
+            yield ""
+            continue
+        if not isinstance(v, str):
+            raise DataError(f"{spec}:{i}: column {col!r} must be a string, got {_json_type(v)}")
+        yield _utf8_text(v, f"{spec}:{i}", col)
 
 
 def _lines(path):
@@ -350,7 +381,7 @@ def _jsonl_field(path, field):
             raise DataError(f"{path}:{n}: missing field {field!r}")
         if not isinstance(obj[field], str):
             raise DataError(f"{path}:{n}: field {field!r} must be a string, got {_json_type(obj[field])}")
-        yield obj[field]
+        yield _utf8_text(obj[field], f"{path}:{n}", field)
 
 
 def _json_type(v):
@@ -358,15 +389,35 @@ def _json_type(v):
             float: "a number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
+def _utf8_text(v, where, field):
+    """``v`` (a string) if it is valid Unicode, which UTF-8 encodes. JSON's ``\\ud800`` escape gives a lone UTF-16
+    surrogate that ``json.loads`` keeps and no tokenizer takes (a TypeError at the batch that draws it, hours into
+    a run): a DataError naming ``where`` and ``field`` when the data is read. (A file's bytes are decoded as strict
+    UTF-8, which yields no surrogate: only the values of JSON and ``hf:`` rows need the check.)"""
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{where}: field {field!r} holds an unpaired UTF-16 surrogate ({v[e.start]!r} at "
+                            f"character {e.start + 1}); text must be valid Unicode") from None
+    return v
+
+
 def _str_field(obj, key, where):
-    """obj[key] as a string; a missing, null or non-string value is a DataError."""
+    """obj[key] as a string; a missing, null or non-string value, or one holding a lone surrogate, is a DataError."""
     if key not in obj:
         raise DataError(f"{where}: missing field {key!r} (supervised rows need query, positive, negative or "
                         f"negatives)")
     v = obj[key]
     if not isinstance(v, str):
         raise DataError(f"{where}: field {key!r} must be a string, got {_json_type(v)}")
-    return v
+    return _utf8_text(v, where, key)
+
+
+def _opt_str_field(obj, key, where):
+    """obj[key] as a string, or None where the row has no such field or holds null there (the default applies)."""
+    v = obj.get(key)
+    return None if v is None else _str_field(obj, key, where)
 
 
 def read_supervised(sources, max_samples=0, default_instruction="", need_negatives=True):
@@ -453,16 +504,23 @@ def _supervised_example(obj, where, meta):
         got = _json_type(negs) if not isinstance(negs, list) else "an array holding " + ", ".join(
             sorted({_json_type(x) for x in negs if not isinstance(x, str)}))
         raise DataError(f"{where}: field {key!r} must be a string or a list of strings, got {got}")
-    instruction = obj.get("instruction")
-    if instruction is not None and not isinstance(instruction, str):
-        raise DataError(f"{where}: field 'instruction' must be a string, got {_json_type(instruction)}")
+    for x in negs:
+        _utf8_text(x, where, key)
+    # a row's own instructions (null: none of its own, the default applies)
+    instruction, doc_instruction = (_opt_str_field(obj, k, where) for k in ("instruction", "doc_instruction"))
+    source = _utf8_text(str(obj.get("source", meta["source"])), where, "source")
     if not q or not p:
         return None
     kept = [x.strip() for x in negs if x.strip()]
     return {"query": q, "positive": p, "negatives": kept, "blank_negatives": len(negs) - len(kept),
             "instruction": meta["instruction"] if instruction is None else instruction,
-            "doc_instruction": meta["doc_instruction"], "source": str(obj.get("source", meta["source"]))}
+            "doc_instruction": meta["doc_instruction"] if doc_instruction is None else doc_instruction,
+            "source": source}
 
+
+# The fields a supervised row's item is read from (in the rows rule digest: an engine reading another field, as
+# ``doc_instruction`` once was not, never reuses items built without it; nor items holding text it now refuses).
+ROW_FIELDS = ("query", "positive", "negative", "negatives", "instruction", "doc_instruction", "source")
 
 # The E5 training data as llm2vec reads it (llm2vec/dataset/E5Data.py, from the echo-embeddings release): one
 # ``<dataset>.jsonl`` per dataset (query, positive, negative), each with its own instruction, joined to the text
@@ -500,11 +558,11 @@ E5_WHOLE = {"allnli": ("allnli_split1", "allnli_split2"),  # one file, the halve
 
 def rows_rule_digest():
     """A digest of the rules that turn source rows into cached supervised items (the E5 instructions, joiner and
-    symmetric datasets; the STS-as-supervised thresholds): the item cache's key holds it, so an engine whose rules
-    changed never reuses items built under the old ones."""
+    symmetric datasets; the STS-as-supervised thresholds; the row fields read): the item cache's key holds it, so
+    an engine whose rules changed never reuses items built under the old ones."""
     import json
 
-    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), E5_WHOLE, STS_SUPERVISED_THRESHOLDS]
+    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), E5_WHOLE, STS_SUPERVISED_THRESHOLDS, ROW_FIELDS]
     return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 

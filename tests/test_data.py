@@ -207,3 +207,130 @@ def test_a_utf8_bom_is_not_part_of_the_first_text(tmp_path):
     mid = tmp_path / "mid.txt"  # only a leading mark is metadata: one inside the text is kept
     mid.write_text("a\ufeffb\n", encoding="utf-8")
     assert read_texts([str(mid)])[0] == ["a\ufeffb"]
+
+
+def test_a_lone_utf16_surrogate_is_refused_when_read(tmp_path):
+    """JSON's ``"\\ud800"`` escape gives a lone surrogate that json.loads keeps and no tokenizer takes: it passed the
+    readers and the item cache, then failed at the batch that drew it with the tokenizer's TypeError (MNTP: while
+    building its cache, naming no file). Every text a reader takes from JSON is refused at once, naming file:line
+    and field; a surrogate pair's escape (one character) reads as before."""
+    bad = "bad \ud83d text"
+    texts = tmp_path / "t.jsonl"
+    texts.write_text(json.dumps({"text": "fine \ud83d\ude00"}) + "\n" + json.dumps({"text": bad}) + "\n")
+    assert "\\ud83d" in texts.read_text()  # the escape, as a JSON writer leaves it
+    with pytest.raises(DataError, match=r"t.jsonl:2: field 'text' holds an unpaired UTF-16 surrogate \('\\ud83d' at "
+                                        r"character 5\)"):
+        read_texts([str(texts)])
+    texts.write_text(json.dumps({"text": "fine \ud83d\ude00"}) + "\n")
+    assert read_texts([str(texts)])[0] == ["fine \U0001f600"]
+    ok = {"query": "q", "positive": "p", "negative": "n"}
+    for key, row in (("query", {**ok, "query": bad}), ("positive", {**ok, "positive": bad}),
+                     ("negative", {**ok, "negative": bad}), ("negatives", {**ok, "negatives": ["n", bad]}),
+                     ("instruction", {**ok, "instruction": bad}), ("doc_instruction", {**ok, "doc_instruction": bad}),
+                     ("source", {**ok, "source": bad})):
+        p = tmp_path / f"s-{key}.jsonl"
+        p.write_text(json.dumps(ok) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(DataError, match=rf"s-{key}.jsonl:2: field '{key}' holds an unpaired UTF-16 surrogate"):
+            read_supervised([str(p)])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"sentence1": "a", "sentence2": bad, "score": 1}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl:1: field 'sentence2' holds an unpaired UTF-16 surrogate"):
+        read_scored_pairs([str(pairs)])
+
+
+def test_the_text_stages_read_no_table_but_an_sts_file(tmp_path):
+    """A .csv/.tsv that is no STS Benchmark TSV was read as text lines, its header row a document; an STS file (the
+    benchmark's own .csv files are tab-separated) is still read as its pairs' sentences."""
+    table = tmp_path / "pairs.csv"
+    table.write_text("sentence1,sentence2,score\na man plays,a person plays,4.0\n")
+    short = tmp_path / "pairs.tsv"
+    short.write_text("a man plays\ta person plays\t4.0\n")
+    for src in (table, short):
+        with pytest.raises(DataError, match=rf"{src.name}: not an STS Benchmark TSV .*read .txt lines or .jsonl"):
+            read_texts([str(src)])
+    sts = tmp_path / "sts.tsv"
+    sts.write_text("g\ts\t2012\t1\t4.0\tone\ttwo\n")
+    assert sorted(read_texts([str(sts)])[0]) == ["one", "two"]
+    lines = tmp_path / "lines.txt"  # commas in a text file are text
+    lines.write_text("a, b, c\n")
+    assert read_texts([str(lines)])[0] == ["a, b, c"]
+
+
+def _hf_dir(root, name, rows):
+    folder = root / name
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"hf:{folder}"
+
+
+def test_hf_sources_need_a_text_column_of_strings_and_a_split_they_hold(tmp_path, monkeypatch):
+    """Local `datasets` folders: a dataset without a `text` column trained on its first column, whatever it held
+    (an id column: an AttributeError at strip()), a non-string value was that traceback too, and a split the
+    dataset lacks was datasets' ValueError traceback (on every rank). Each is now one DataError line."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    good = _hf_dir(tmp_path, "good", [{"id": 1, "text": "first"}, {"id": 2, "text": None}, {"id": 3, "text": "x"}])
+    texts, stats = read_texts([good])
+    assert texts == ["first", "x"] and stats.empty == 1  # a null text is an empty one, counted
+    with pytest.raises(DataError, match=r"good::nosuch: Unknown split \"nosuch\""):
+        read_texts([good + "::nosuch"])
+    multi = _hf_dir(tmp_path, "multi", [{"id": 1, "sentence": "a"}])
+    with pytest.raises(DataError, match=r"multi: no `text` column \(its columns: id, sentence\)"):
+        read_texts([multi])
+    assert read_texts([_hf_dir(tmp_path, "one", [{"sentence": "a"}])])[0] == ["a"]  # its only column is the text
+    numbers = _hf_dir(tmp_path, "numbers", [{"text": 5}, {"text": 6}])
+    with pytest.raises(DataError, match=r"numbers:1: column 'text' must be a string, got a number"):
+        read_texts([numbers])
+
+
+def test_hf_rows_holding_a_lone_surrogate_are_refused(monkeypatch):
+    """(`datasets` itself will not build such a dataset from JSON, but a row of another builder could hold one.)"""
+    import sys
+    import types
+
+    class Rows(list):
+        column_names = ["text"]
+
+    mod = types.ModuleType("datasets")
+    mod.load_dataset = lambda name, config=None, split="train": Rows([{"text": "ok"}, {"text": "a \udc80"}])
+    monkeypatch.setitem(sys.modules, "datasets", mod)
+    with pytest.raises(DataError, match=r"hf:org/x:2: field 'text' holds an unpaired UTF-16 surrogate"):
+        read_texts(["hf:org/x"])
+
+
+def test_a_jsonl_row_names_its_own_document_instruction(tmp_path, monkeypatch):
+    """``doc_instruction`` on a JSONL row was ignored (documents went uninstructed) though the stage checks the rows'
+    own document instructions for room: it is read and type-checked as ``instruction`` is (null: the default,
+    none), reaches the documents at collate, and a too-long one is refused at load."""
+    import torch
+
+    from engine.config import ConfigError, load_config
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negative": f"n{i}", "doc_instruction": "Passage: "}
+            for i in range(4)]
+    p = tmp_path / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows + [{**rows[0], "doc_instruction": None}]))
+    ex, _ = read_supervised([str(p)])
+    assert [e["doc_instruction"] for e in ex] == ["Passage: "] * 4 + [""]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "doc_instruction": 3}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'doc_instruction' must be a string, got a number"):
+        read_supervised([str(bad)])
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "doc_instruction"}) + "\n" for r in rows))
+    lengths = []
+    for data in (plain, p):
+        cfg = load_config("configs/tiny/supervised.yaml", [f"data={data}", "max_samples=4"])
+        stage = build_stage(cfg, load_tokenizer(cfg.model))
+        items = stage.load(cfg.data)[0]
+        batch = stage.collate([items[i] for i in range(4)], torch.Generator())
+        lengths.append(batch["attention_mask"][4:].sum().item())  # the documents (positives, negatives)
+    assert lengths[1] > lengths[0]
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({**r, "doc_instruction": "word " * 40}) + "\n" for r in rows))
+    cfg = load_config("configs/tiny/supervised.yaml", [f"data={long}"])
+    with pytest.raises(ConfigError, match=r"a row's own document instruction.*leaves no room"):
+        build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data)

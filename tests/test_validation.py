@@ -310,3 +310,32 @@ def test_a_row_instruction_with_no_room_stops_the_run_at_load_in_one_line(tmp_pa
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "contrastive.max_len (a row's own instruction): instruction 'word word" in lines[0], lines
     assert "leaves no room" in lines[0] and "step 1" not in r.stderr, lines
+
+
+@pytest.mark.parametrize("config,row", [
+    ("mntp.yaml", {"text": "bad \ud800 text"}),
+    ("supervised.yaml", {"query": "bad \ud800", "positive": "p", "negative": "n"}),
+], ids=["mntp", "supervised"])
+def test_a_lone_surrogate_in_the_data_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, config, row):
+    """A JSONL text holding JSON's ``\\ud800`` escape: MNTP failed building its item cache with the tokenizer's
+    TypeError traceback, naming no file; supervised cached it and failed at the batch that drew it, hours into a
+    run. engine/train.py's main, in-process, up to the stage's data load (no model): one line naming file:line."""
+    import engine.trainer
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+    from engine.train import main
+
+    def load_only(cfg):
+        build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data)
+        raise AssertionError("the data loaded despite the surrogate")
+
+    monkeypatch.setenv("LLM2VEC_ENGINE_TOKEN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine.trainer, "train", load_only)
+    data = tmp_path / "d.jsonl"
+    ok = {k: "fine" for k in row}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [ok] * 40 + [row]))
+    rc = main(["--config", os.path.join(TINY, config), f"data={data}", f"output_dir={tmp_path / 'o'}", "eval_data=[]"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]  # (MNTP's tokenise bar is on stderr too)
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"d.jsonl:41: field '{next(iter(row))}' holds an unpaired UTF-16 surrogate" in lines[0], err

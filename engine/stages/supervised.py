@@ -1,7 +1,8 @@
 """Supervised contrastive learning on (query, positive, hard negatives) with instructions.
 
 Queries carry their instruction (attended, not pooled); documents carry none, except in E5's symmetric
-datasets (``doc_instruction``, :func:`engine.data.e5_rows`). Candidates are
+datasets (``doc_instruction``, :func:`engine.data.e5_rows`) and in rows naming their own (a JSONL or ``hf:`` row's
+``doc_instruction``). Candidates are
 [positives (B), hard negatives (B*n)], gathered across ranks with gradient, so each query sees
 world * B * (1 + n) candidates. With several sources, each global batch is drawn from one source.
 
