@@ -133,7 +133,9 @@ class Trainer:
         cfg = self.cfg
         self.tok = load_tokenizer(cfg.model)
         self.stage = build_stage(cfg, self.tok)
-        self.items, stats, groups = self.stage.load(cfg.data, cfg.max_samples)
+        # together: a rank that fails alone (a file missing on its node) tells the others, which would otherwise wait
+        # in the next collective until its timeout
+        self.items, stats, groups = together(lambda: self.stage.load(cfg.data, cfg.max_samples))
         log0(f"stage {cfg.stage}: data {stats.summary()}; {len(self.items)} training items")
         self.data_id = data_identity(cfg.data, len(self.items))
         self._check_same_data()
@@ -142,7 +144,8 @@ class Trainer:
             if len(cfg.eval_data) == 1 and is_sts_file(cfg.eval_data[0]):
                 self.sts_eval = cfg.eval_data[0]  # dev Spearman, and output_dir/best/ (MNTP logs its eval loss too)
             if self.sts_eval is None or self.stage.name == "mntp":
-                self.eval_items, eval_stats, _ = self.stage.load(cfg.eval_data, seed=EVAL_SEED)  # same text, any seed
+                self.eval_items, eval_stats, _ = together(  # same text, any seed
+                    lambda: self.stage.load(cfg.eval_data, seed=EVAL_SEED))
                 log0(f"eval data: {eval_stats.summary()}; {len(self.eval_items)} items")
         self.plan = BatchPlan(len(self.items), cfg.batch_size, cfg.micro_batch_size, self.world, self.rank, cfg.seed,
                               groups)
@@ -171,7 +174,7 @@ class Trainer:
 
     def _setup_model(self):
         cfg, world = self.cfg, self.world
-        model, _ = load_model(cfg.model, self.device.type, self.tok)
+        model, _ = together(lambda: load_model(cfg.model, self.device.type, self.tok))  # as the data (_setup_data)
         model, self.mem, self.zero_stage = setup_model(cfg, self.stage, model, world,
                                                        local_world_size(world), self.device)
         if self.device.type == "cuda":  # (train.py checks it on the meta model when the architecture is offline)

@@ -168,10 +168,13 @@ def test_a_bad_timeout_is_one_line_before_the_run_starts(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_path):
+@pytest.mark.parametrize("rank1_lines", [39, None], ids=["other-data", "bad-data"])
+def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_path, rank1_lines):
     """Each rank reads the data itself; nodes with different copies under one path (here each rank's working folder
     holds its own corpus.txt) would each draw its share of a different batch plan. Refused on every rank before the
-    model loads: exit 2, one line naming both ranks' item counts."""
+    model loads: exit 2, one line naming both ranks' item counts. A file that one node alone cannot read (here not
+    UTF-8): that rank's error reaches the other, which waited in the next collective (on NCCL until its timeout,
+    on gloo a traceback when the failed rank left): one line, exit 2 on both."""
     import subprocess
 
     from engine.distributed import free_port
@@ -180,9 +183,10 @@ def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_pat
     from .launch import rank_commands
 
     lines = [f"sentence number {i} about something" for i in range(40)]
-    for rank, n in ((0, 40), (1, 39)):
+    for rank, n in ((0, 40), (1, rank1_lines)):
         (tmp_path / f"node{rank}").mkdir()
-        (tmp_path / f"node{rank}" / "corpus.txt").write_text("\n".join(lines[:n]) + "\n")
+        data = ("\n".join(lines[:n]) + "\n").encode() if n is not None else b"sentence one\n\xff\xfe\n"
+        (tmp_path / f"node{rank}" / "corpus.txt").write_bytes(data)
     out = tmp_path / "run"
     args = ["--config", os.path.join(ROOT, "configs", "tiny", "simcse.yaml"), f"output_dir={out}",
             "data=corpus.txt", "eval_data=[]", "eval_every=0", "max_steps=2", "batch_size=8", "micro_batch_size=4"]
@@ -196,6 +200,10 @@ def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_pat
     err = "".join(se for _, se in results)
     said = [x for x in err.splitlines() if x.startswith("error:")]
     assert [p.returncode for p in procs] == [2, 2], err[-3000:]
-    assert len(said) == 1 and "the ranks read different data under the same paths" in said[0], err[-3000:]
-    assert "rank 0 on " in said[0] and ": 40 items" in said[0] and ": 39 items" in said[0], said
+    assert len(said) == 1, err[-3000:]
+    if rank1_lines is None:
+        assert "corpus.txt:2" in said[0] and "UTF-8" in said[0], said
+    else:
+        assert "the ranks read different data under the same paths" in said[0], said
+        assert "rank 0 on " in said[0] and ": 40 items" in said[0] and ": 39 items" in said[0], said
     assert "Traceback" not in err
