@@ -248,6 +248,10 @@ def _train(cfg):
 
             if from_other_rank(e) is not None:  # another rank's error (together): its traceback is that rank's
                 return 1
+            if type(e).__name__ == "DistStoreError" and "waiting for clients" in str(e):
+                # ranks that never connected: one ended in the checks before (its own line says why)
+                return _report(e, error_line(f"not every rank connected: {str(e).strip()} (DEEPSPEED_TIMEOUT "
+                                             f"minutes); a rank that ended before connecting says why"), 1)
             raise
         return _report(e, msg, 2)
     return 0

@@ -71,6 +71,26 @@ def test_a_failed_rank_says_its_line_once(monkeypatch, capsys, env, err, said, w
     assert waits == ([3] if waited else [])
 
 
+def test_ranks_that_never_connected_are_one_line(monkeypatch, capsys):
+    """A rank that ends in the checks made before the ranks connect (a data path missing on its node) leaves the
+    others waiting to connect until DEEPSPEED_TIMEOUT; torch then raises DistStoreError (measured with two ranks
+    and DEEPSPEED_TIMEOUT=1: "Timed out after 61 seconds waiting for clients. 1/2 clients joined."), said in one
+    line, exit 1, no traceback."""
+    import torch.distributed as dist
+
+    from engine.train import LOCAL_RANK_VARS, RANK_VARS
+
+    for var in RANK_VARS + LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    e = dist.DistStoreError("Timed out after 61 seconds waiting for clients. 1/2 clients joined.")
+    assert _fail_in_train(monkeypatch, e) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: not every rank connected: Timed out after 61 seconds waiting for clients. 1/2 "
+                          "clients joined.") and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(dist.DistStoreError):  # another store error is no such case: its traceback stays
+        _fail_in_train(monkeypatch, dist.DistStoreError("Connection refused"))
+
+
 def test_a_copy_of_another_ranks_unexpected_error_leaves_quietly(monkeypatch, capsys):
     """An error that is no bad input and no full disk (a metrics.csv rank 0 may not write, raised on every rank by
     together): its own rank shows the traceback, a copy leaves with exit 1 and nothing said."""
