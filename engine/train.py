@@ -228,6 +228,10 @@ def main(argv=None):
             remove_empty(created)  # nothing written (a failed run): no empty folder left behind
 
 
+# gloo's words for a collective whose peer process is gone
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
 def _train(cfg):
     from engine.bidirectional import UnsupportedArchitectureError
     from engine.data import DataError
@@ -248,6 +252,10 @@ def _train(cfg):
 
             if from_other_rank(e) is not None:  # another rank's error (together): its traceback is that rank's
                 return 1
+            if isinstance(e, RuntimeError) and any(m in str(e) for m in PEER_LOST):
+                # a collective whose peer left (another rank ended: its own line says why, or it was killed)
+                return _report(e, error_line(f"a rank left during a collective, so this rank stops too: "
+                                             f"{str(e).strip().splitlines()[0]}"), 1)
             if type(e).__name__ == "DistStoreError" and "waiting for clients" in str(e):
                 # ranks that never connected: one ended in the checks before (its own line says why)
                 return _report(e, error_line(f"not every rank connected: {str(e).strip()} (DEEPSPEED_TIMEOUT "

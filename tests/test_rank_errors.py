@@ -91,6 +91,23 @@ def test_ranks_that_never_connected_are_one_line(monkeypatch, capsys):
         _fail_in_train(monkeypatch, dist.DistStoreError("Connection refused"))
 
 
+def test_a_rank_whose_peer_left_during_a_collective_is_one_line(monkeypatch, capsys):
+    """SIGTERM to one rank (or its crash) leaves the other in its next collective, where gloo raises a RuntimeError
+    (text as torch 2.13 raises it with two ranks, one of which exited): one line, exit 1, no traceback."""
+    from engine.train import LOCAL_RANK_VARS, RANK_VARS
+
+    for var in RANK_VARS + LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+    e = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                     "[127.0.0.1]:35996. This is typically caused by a remote worker crashing.")
+    assert _fail_in_train(monkeypatch, e) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a rank left during a collective, so this rank stops too: [/pytorch/third_party/"
+                          "gloo") and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(RuntimeError):  # any other RuntimeError keeps its traceback
+        _fail_in_train(monkeypatch, RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
 def test_a_copy_of_another_ranks_unexpected_error_leaves_quietly(monkeypatch, capsys):
     """An error that is no bad input and no full disk (a metrics.csv rank 0 may not write, raised on every rank by
     together): its own rank shows the traceback, a copy leaves with exit 1 and nothing said."""
