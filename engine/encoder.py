@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import re
+from contextlib import contextmanager
 
-import numpy as np
 import torch
 
-from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, truncate_words
+from .encoding import CHAT_WRAP_BY_BASE, CHAT_WRAPS, encode_texts, instruction_prefix, truncate_words
 from .refs import hub_id_of, kind, not_found
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def _engine_text_settings(folder):
 
 
 def _st_settings(folder):
-    """Pooling, normalisation, max length and default prompt of a sentence-transformers folder (an export)."""
+    """Pooling, normalisation, max length, prompts and default prompt of a sentence-transformers folder (an
+    export)."""
     s = {}
     try:
         modules = _read_json(os.path.join(folder, "modules.json"))
@@ -137,6 +138,8 @@ def _st_settings(folder):
     stc = os.path.join(folder, "config_sentence_transformers.json")
     if os.path.isfile(stc):
         c = _read_json(stc)
+        if c.get("prompts"):
+            s["prompts"] = dict(c["prompts"])
         name = c.get("default_prompt_name")
         if name:
             s["instruction"] = (c.get("prompts") or {}).get(name, "")
@@ -421,13 +424,38 @@ def _device_list(device):
     return list(device) if isinstance(device, (list, tuple)) else None
 
 
+_ATTENTION = ("auto", "triton", "torch")
+
+
+@contextmanager
+def _attention(impl):
+    """The attention kernel ``impl`` while the block runs, the process-wide default it replaced afterwards: each
+    Encoder encodes with its own, whichever was loaded last (None: the default, untouched)."""
+    import llm2vec_kernels
+
+    if impl is None:
+        yield
+        return
+    before = llm2vec_kernels.get_default_impl("attention")
+    llm2vec_kernels.set_default_impl("attention", impl)
+    try:
+        yield
+    finally:
+        llm2vec_kernels.set_default_impl("attention", before)
+
+
 class Encoder:
     def __init__(self, model, tokenizer, pooling="mean", max_length=DEFAULT_MAX_LENGTH, instruction="", device=None,
-                 doc_max_length=None, skip_instruction=True, chat=None, normalize=False, attention="auto"):
+                 doc_max_length=None, skip_instruction=True, chat=None, normalize=False, attention=None):
+        """``attention``: the attention kernel this encoder's ``encode`` runs (auto, triton or torch), set around
+        each call and restored after it; None follows the process-wide default (``llm2vec_kernels``), as a
+        training run sets it."""
         if chat is not None and chat not in CHAT_WRAPS:
             raise ValueError(f"unknown chat wrapping {chat!r}; expected one of {sorted(CHAT_WRAPS)} or None")
         _positive_int("max_length", max_length)
         _positive_int("doc_max_length", doc_max_length, allow_none=True)
+        if attention is not None and attention not in _ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; expected one of {list(_ATTENTION)}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.pooling, self.max_length, self.default_instruction = pooling, max_length, instruction
         self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
@@ -464,9 +492,8 @@ class Encoder:
         dt = resolve_dtype(torch_dtype if torch_dtype is not None else dtype, dev.type)
         if bidirectional is None:
             bidirectional = enable_bidirectional if enable_bidirectional is not None else s.get("bidirectional", True)
-        import llm2vec_kernels
-
-        llm2vec_kernels.set_default_impl("attention", attention)
+        if attention not in _ATTENTION:  # applied around each encode (Encoder.encode), not process-wide
+            raise ValueError(f"unknown attention {attention!r}; expected one of {list(_ATTENTION)}")
         model, tok = load_encoder_model(info, dt, device_map=device_map, bidirectional=bidirectional, **model_kwargs)
         if device_map is None:
             model.to(dev)
@@ -481,13 +508,22 @@ class Encoder:
                   skip_instruction=skip_instruction if skip_instruction is not None else s.get("skip_instruction", True),
                   chat=chat, normalize=s.get("normalize", False), attention=attention)
         enc.train_max_length = s.get("train_max_length")
+        enc.folder_prompts = s.get("prompts")  # an export's sentence-transformers prompts
         enc.source = {k: info[k] for k in ("base", "base_id", "adapters", "random_init", "gguf_file", "engine_meta",
                                            "selected")}
         return enc
 
     @property
     def prompts(self):
-        return {"query": self.default_instruction} if self.default_instruction else {}
+        """sentence-transformers' prompts, as that library loads them from the same folder: an export's own
+        (``config_sentence_transformers.json``), else :func:`engine.task_instructions.mteb_prompts` of the default
+        instruction (llm2vec's task prompts; ``query`` the default instruction, ``document`` none)."""
+        from .task_instructions import mteb_prompts
+
+        prompts = {**mteb_prompts(self.default_instruction), **(getattr(self, "folder_prompts", None) or {})}
+        if self.default_instruction:  # from_pretrained(instruction=...) overrides the folder's
+            prompts["query"] = instruction_prefix(self.default_instruction)
+        return prompts
 
     def _split_inputs(self, sentences, instruction):
         """texts, per-text instructions: ``[[instruction, text], ...]`` (llm2vec) or plain strings."""
@@ -548,6 +584,10 @@ class Encoder:
             instruction = prompt
         _positive_int("batch_size", batch_size)
         _positive_int("max_length", max_length, allow_none=True)
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"encode: padding_side={padding_side!r}; expected 'left' or 'right'")
+        if isinstance(device, (list, tuple)) and not device:
+            raise ValueError("encode: device=[] names no device; give a device, a list of devices, or None")
         if isinstance(sentences, (dict, set, frozenset, bytes, bytearray)) or not (
                 isinstance(sentences, str) or hasattr(sentences, "__iter__")):
             raise TypeError(f"encode: sentences is {type(sentences).__name__}; expected a string or a list of strings "
@@ -558,9 +598,9 @@ class Encoder:
             raise ValueError("encode: empty list of texts")
         texts, instrs = self._split_inputs(items, instruction)
         instrs = [self.default_instruction if i is None else i for i in instrs]
-        stats = {"truncated": 0, "empty": 0, "doc_truncated": 0}
+        stats = {"truncated": 0, "empty": 0, "doc_truncated": 0, "doc_cut_to_tokens": 0}
         if self.doc_max_length:
-            texts, stats["doc_truncated"] = truncate_words(self.tokenizer, texts, self.doc_max_length)
+            texts, stats["doc_truncated"] = truncate_words(self.tokenizer, texts, self.doc_max_length, stats)
         if show_progress_bar is None:
             show_progress_bar = len(texts) > 1000
         devices = _device_list(device)
@@ -569,7 +609,8 @@ class Encoder:
         if devices and len(devices) > 1:
             from .multi_device import encode_multi_device
 
-            emb = encode_multi_device(self, texts, instrs, devices, kw, stats, show_progress_bar)
+            with _attention(self.attention):  # the workers take this encoder's kernel
+                emb = encode_multi_device(self, texts, instrs, devices, kw, stats, show_progress_bar)
         else:
             model = self.model
             if devices or device is not None:
@@ -577,20 +618,23 @@ class Encoder:
                 if target != self.device:
                     self.model.to(target)
                     self.device = target
-            emb = encode_texts(model, self.tokenizer, texts, instruction=instrs, device=self.device,
-                               show_progress_bar=show_progress_bar, stats=stats, **kw)
+            with _attention(self.attention):
+                emb = encode_texts(model, self.tokenizer, texts, instruction=instrs, device=self.device,
+                                   show_progress_bar=show_progress_bar, stats=stats, **kw)
         self.last_stats = stats
         if stats["truncated"] or stats["doc_truncated"] or stats["empty"]:
-            logger.warning("encode: %d of %d texts truncated to %d tokens, %d cut to doc_max_length=%s words, %d blank "
-                           "(embedded by their EOS token)", stats["truncated"], len(texts),
-                           kw["max_len"], stats["doc_truncated"], self.doc_max_length, stats["empty"])
+            logger.warning("encode: %d of %d texts truncated to %d tokens, %d cut to doc_max_length=%s tokens (%d of "
+                           "them, with no whole word within it, to their first tokens), %d blank (embedded by their "
+                           "EOS token)", stats["truncated"], len(texts), kw["max_len"], stats["doc_truncated"],
+                           self.doc_max_length, stats["doc_cut_to_tokens"], stats["empty"])
         if normalize_embeddings or normalize or (normalize is None and self.normalize):
-            emb = torch.nn.functional.normalize(emb, dim=-1)
+            # in place, as torch.nn.functional.normalize computes it: no second (N, H) copy
+            emb.div_(emb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
         if single:
             emb = emb[0]
         if convert_to_tensor or not convert_to_numpy:
             return emb
-        return emb.numpy().astype(np.float32)
+        return emb.numpy() if emb.dtype == torch.float32 else emb.float().numpy()  # fp32 already: no copy
 
     def similarity(self, a, b):
         """Cosine of every row of ``a`` with every row of ``b``: an (N, M) tensor, as

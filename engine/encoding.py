@@ -41,7 +41,10 @@ def tokenize_with_instruction(tokenizer, texts, instructions=None, max_len=512, 
 
 
 def pad_batch(seqs, pad_id, side="right", extra=()):
-    """Pad lists of ids to (B, S) tensors; returns ids, attention mask, and each `extra` list padded with 0."""
+    """Pad lists of ids to (B, S) tensors; returns ids, attention mask, and each `extra` list padded with 0.
+    ``side``: "right" or "left" (anything else is a ValueError)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side {side!r}: expected 'left' or 'right'")
     S = max(len(s) for s in seqs)
     B = len(seqs)
     ids = torch.full((B, S), pad_id, dtype=torch.long)
@@ -170,7 +173,8 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token: the engine pools an appended EOS (set tokenizer.eos_token)")
-    enc = tokenizer(joint, add_special_tokens=True)["input_ids"]
+    longest_prompt = max((len(prompt_tokens(tokenizer, p, cache)) for p in set(prefixes)), default=0)
+    enc = _tokenize_head(tokenizer, joint, max_len + longest_prompt)
     ids_out, pm_out, stats = [], [], {"truncated": 0, "empty": 0}
     for ids, prefix, text in zip(enc, prefixes, texts):
         if ids and ids[-1] == eos:
@@ -194,11 +198,38 @@ def tokenize_for_encoding(tokenizer, texts, instructions, max_len=512, pooling="
     return ids_out, pm_out, stats
 
 
-def truncate_words(tokenizer, texts, max_tokens):
+def _tokenize_head(tokenizer, texts, keep):
+    """Each text's ids (with the special tokens) as the tokenizer gives them in full, cut after ``keep + 8`` tokens.
+
+    The tokenizer cuts the ids after tokenising the whole text, so the ids kept are the full ids' first ones, bit
+    for bit; the margin over what :func:`tokenize_for_encoding` keeps (``max_len - 1`` tokens, after any prompt of
+    at most ``keep - max_len`` tokens) still tells a truncated text from one that fits, and counts the prompt the
+    same. The full ids of a long document would be ~150 bytes of Python ints a token (1.3M characters: ~90 MB)."""
+    return _head_ids(tokenizer, texts, keep + 8, add_special_tokens=True)
+
+
+def _head_ids(tokenizer, texts, max_length, add_special_tokens):
+    """The first ``max_length`` ids of each text's tokenisation (the special tokens counted), whatever the
+    tokenizer's own ``truncation_side``."""
+    side = getattr(tokenizer, "truncation_side", "right")
+    try:
+        tokenizer.truncation_side = "right"
+        return tokenizer(texts, add_special_tokens=add_special_tokens, truncation=True,
+                         max_length=max_length)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
+def truncate_words(tokenizer, texts, max_tokens, stats=None):
     """llm2vec's ``doc_max_length``: cut each text to whole words until it has at most ``max_tokens`` tokens.
     Returns (texts, number cut). The lengths are counted ``chunk`` texts at a time: the token ids of 100k long
-    documents at once would be several GB of Python ints."""
-    out, cut = list(texts), 0
+    documents at once would be several GB of Python ints.
+
+    Departure from llm2vec: a text that whole words would empty (no space within its first ``max_tokens`` tokens:
+    Chinese or Japanese text, a URL, code) keeps its first ``max_tokens`` tokens instead (decoded, at most
+    ``max_tokens`` tokens again); llm2vec embeds it as ``""``. Those texts are counted (among the cut ones) in
+    ``stats["doc_cut_to_tokens"]`` when ``stats`` (a dict) is given."""
+    out, cut, by_tokens = list(texts), 0, 0
     for i, n in enumerate(_token_counts(tokenizer, out)):
         if n <= max_tokens:
             continue
@@ -207,8 +238,25 @@ def truncate_words(tokenizer, texts, max_tokens):
         while n > max_tokens and words:
             words = words[:min(int(len(words) * max_tokens / n), len(words) - 1)]
             n = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
-        out[i] = " ".join(words)
+        if words:
+            out[i] = " ".join(words)
+        else:
+            out[i] = _first_tokens(tokenizer, out[i], max_tokens)
+            by_tokens += 1
+    if stats is not None:
+        stats["doc_cut_to_tokens"] = stats.get("doc_cut_to_tokens", 0) + by_tokens
     return out, cut
+
+
+def _first_tokens(tokenizer, text, max_tokens):
+    """The text of ``text``'s first tokens that re-tokenises to at most ``max_tokens`` tokens (a token that ends
+    inside a character, a byte-level piece, is dropped)."""
+    ids = _head_ids(tokenizer, [text], max_tokens, add_special_tokens=False)[0]
+    for k in range(len(ids), 0, -1):
+        head = tokenizer.decode(ids[:k], skip_special_tokens=True, clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        if head.strip() and len(tokenizer(head, add_special_tokens=False)["input_ids"]) <= max_tokens:
+            return head
+    return ""
 
 
 def _token_counts(tokenizer, texts, chunk=1024):

@@ -8,7 +8,9 @@ the result is in input order whatever the worker speeds. Counts (truncated, empt
 none encodes before all have loaded it. A worker that cannot start (a bad device index, out of memory while
 loading, an import error) or that dies mid-chunk (the OOM killer, a crash, a script without the ``__main__``
 guard) breaks the pool: encode raises one RuntimeError, naming the device that failed and why when the worker
-could say so, instead of encoding without that device or waiting for ever.
+could say so, instead of encoding without that device or waiting for ever. So does a model state that cannot be
+sent to the workers (weights larger than /dev/shm, an unpicklable tokenizer attribute), before any worker starts;
+and no worker outlives a call that failed.
 """
 import multiprocessing
 import os
@@ -21,6 +23,8 @@ import torch
 
 _WORKER = {}
 _POLL_S = 0.05  # how often a loaded worker looks for the go flag, and the parent for the workers' state
+_WORKER_POLL_S = 1.0  # how often a worker waiting for its state checks that the parent is still alive
+_START_TIMEOUT_S = 1800  # the longest the parent waits for every worker to load its model (then it fails the call)
 _MAIN_GUARD = ('a script that encodes on several devices must run its code under `if __name__ == "__main__":`, '
                'since each spawned worker imports the script again')
 
@@ -43,27 +47,40 @@ def share_cpu_cores(processes):
 
 
 def _init(device_queue, states, failures, flags):
-    """Worker start: take a (slot, device) and one copy of the state (model, tokenizer, settings) from the queues,
-    load the model there, mark ``flags[slot]``, then wait until the parent raises ``flags[-1]``, which it does once
-    every worker has loaded: no chunk is encoded unless all the devices came up (whatever the timing, one bad device
-    fails the call). A failure is put on ``failures`` as (device, "Type: message") before it propagates, so the
-    parent can say which device failed and why.
+    """Worker start: take a (slot, device) and one copy of the state (model, tokenizer, settings, pickled by the
+    parent) from the queues, load the model there, mark ``flags[slot]``, then wait until the parent raises
+    ``flags[-1]``, which it does once every worker has loaded: no chunk is encoded unless all the devices came up
+    (whatever the timing, one bad device fails the call). A failure is put on ``failures`` as (device,
+    "Type: message") before it propagates, so the parent can say which device failed and why.
 
     The flags are plain shared bytes, polled: a multiprocessing Barrier or Event would make the parent wait in
     ``notify`` for a waiter's wake-up that a worker killed while waiting (the pool terminates the others when one
-    dies) never sends. A worker whose parent is gone (killed while it waited) exits instead of keeping its model."""
-    slot, device = device_queue.get()
+    dies) never sends. A worker whose parent is gone (killed while it waited, or before it sent the state) exits
+    instead of keeping its model or waiting on the queues for ever."""
+    from multiprocessing.reduction import ForkingPickler
+
+    parent = multiprocessing.parent_process()
+    slot, device = _get(device_queue, parent)
     try:
-        _load(states.get(), torch.device(device))
+        _load(ForkingPickler.loads(_get(states, parent)), torch.device(device))
     except BaseException as e:
         failures.put((device, f"{type(e).__name__}: {e}"))
         raise
     flags[slot] = 1
-    parent = multiprocessing.parent_process()
     while not flags[-1]:
         if parent is not None and not parent.is_alive():
             os._exit(1)
         time.sleep(_POLL_S)
+
+
+def _get(q, parent):
+    """The next item of ``q``, polled: a worker whose parent died exits (a bare ``get`` would wait for ever)."""
+    while True:
+        try:
+            return q.get(timeout=_WORKER_POLL_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                os._exit(1)
 
 
 def _load(state, device):
@@ -115,15 +132,25 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
     The state travels through a queue, not as the pool's initargs: spawn writes a new process's arguments into a
     pipe whose reading end the parent itself keeps open until the write is done, so a child that dies before
     reading them all (a script without the ``__main__`` guard dies while re-importing itself) would block the
-    parent in ``submit`` for ever once they exceed the pipe's 64 KiB."""
-    state = {"model": model, "tokenizer": encoder.tokenizer, "attention": getattr(encoder, "attention", "auto"),
+    parent in ``submit`` for ever once they exceed the pipe's 64 KiB. It is pickled here, before any worker starts
+    (one copy per worker: each copy's shared-memory handles can be taken once): a state that cannot be sent (a
+    /dev/shm too small for the weights, an unpicklable tokenizer attribute) raises one error at once, where the
+    queue's own pickling in its feeder thread would only print it and leave the workers waiting for ever. The
+    workers never outlive a failed call: they are killed on every error path (a chunk that raised, a worker that
+    died, a start-up past ``_START_TIMEOUT_S``, an interrupt)."""
+    import llm2vec_kernels
+
+    attention = getattr(encoder, "attention", None) or llm2vec_kernels.get_default_impl("attention")
+    state = {"model": model, "tokenizer": encoder.tokenizer, "attention": attention,
              "cpu_workers": sum(torch.device(d).type == "cpu" for d in devices)}
+    payloads = [_serialise_state(state, devices) for _ in devices]
     device_queue, states, failures = ctx.Queue(), ctx.Queue(), ctx.Queue()
     flags = ctx.RawArray("b", len(devices) + 1)  # a worker's model loaded (one per slot), then go (the last)
     states.cancel_join_thread()  # a copy that no worker took must not hold this process at exit
-    for slot, d in enumerate(devices):
+    for slot, (d, payload) in enumerate(zip(devices, payloads)):
         device_queue.put((slot, d))
-        states.put(state)
+        states.put(payload)
+    del payloads
     bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
@@ -135,8 +162,12 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
     try:
         futures = [pool.submit(_work, job) for job in jobs]
         # every worker loaded, or the pool broke (only that completes a chunk before the go flag)
+        give_up = time.monotonic() + _START_TIMEOUT_S
         while not all(flags[:len(devices)]) and not wait(futures, _POLL_S, FIRST_COMPLETED)[0]:
-            pass
+            if time.monotonic() > give_up:
+                waiting = [d for slot, d in enumerate(devices) if not flags[slot]]
+                raise RuntimeError(f"encode on devices {devices}: the workers for {waiting} had not loaded the model "
+                                   f"after {_START_TIMEOUT_S} s; gave up")
         flags[-1] = 1
         out = _gather(futures, len(texts), stats, bar)
         done = True
@@ -144,11 +175,45 @@ def _encode_in_pool(ctx, model, encoder, texts, jobs, devices, stats, show_progr
     except BrokenProcessPool as e:
         raise RuntimeError(_broken_pool_message(devices, _drain(failures))) from e
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # after an error: no queued chunk starts, no worker outlives us
+        if not done:  # no queued chunk starts, and no worker outlives the call (one may still be loading or encoding)
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
         if not done:
-            _drain(states)  # the copies no worker took: their shared weights are freed, the queue's thread unblocked
+            _release(_drain(states))  # the copies no worker took: their shared weights are freed
         if bar is not None:
             bar.close()
+
+
+def _serialise_state(state, devices):
+    """``state`` pickled for one worker (the model's CPU weights move to shared memory, sent as handles), or one
+    RuntimeError saying why it cannot be sent."""
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        return bytes(ForkingPickler.dumps(state))  # a memoryview does not pickle onto the queue
+    except Exception as e:
+        head = f"encode on devices {devices}: cannot send the model to the worker processes"
+        msg = str(e)
+        if "No space left on device" in msg or "shared memory" in msg or "shm" in msg:
+            size = sum(t.numel() * t.element_size() for t in state["model"].state_dict().values())
+            raise RuntimeError(f"{head}: its {size / 2**30:.2f} GiB of weights do not fit in shared memory "
+                               f"(/dev/shm) ({type(e).__name__}: {msg.splitlines()[0] if msg else ''}); give the "
+                               f"container more (docker run --shm-size=<more than {size / 2**30:.1f}g> or "
+                               f"--ipc=host), or encode on one device") from e
+        raise RuntimeError(f"{head}: the state (model, tokenizer, settings) cannot be pickled "
+                           f"({type(e).__name__}: {msg})") from e
+
+
+def _release(payloads):
+    """Unpickle (and drop) the copies that no worker took, so their shared-memory handles are closed."""
+    from multiprocessing.reduction import ForkingPickler
+
+    for payload in payloads:
+        try:
+            ForkingPickler.loads(payload)
+        except Exception:
+            pass
 
 
 def _gather(futures, n, stats, bar):

@@ -128,3 +128,59 @@ def test_a_wrapped_text_pools_all_its_words_and_none_of_the_head(tmp_path, token
                 assert pooled.strip().startswith(text + tail.strip()[:1]) or pooled.strip().startswith(text + " "), \
                     (chat, instruction, pooled)
                 assert "hello" not in unpooled and (not instruction or instruction in unpooled), (chat, unpooled)
+
+
+def _tokenizers(tmp_path):
+    """smollm2 (no BOS), a Llama-style SentencePiece one (BOS), and that one appending EOS as an exported one does."""
+    from tokenizers import processors
+
+    sp = build_sp_tokenizer(str(tmp_path / "sp"))
+    eos_sp = build_sp_tokenizer(str(tmp_path / "sp_eos"))
+    eos_sp._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", eos_sp.bos_token_id), ("</s>", eos_sp.eos_token_id)])
+    return {"smollm2": load_tokenizer(ModelConfig(name_or_path="smollm2-135m")), "sentencepiece": sp,
+            "sentencepiece+eos": eos_sp}
+
+
+def test_tokenising_only_the_head_keeps_the_ids_of_a_full_tokenisation(tmp_path, monkeypatch):
+    """encode and training tokenise each text only up to a little past what they keep (a 1.3M-character document
+    cost ~146 bytes a token of Python ints in full); the ids, pool masks, truncated counts and errors are those of the
+    full tokenisation, for texts around the limit, with and without instruction and chat wrap, BOS or appended EOS."""
+    from engine import encoding
+    from engine.encoding import CHAT_WRAPS, NoRoomError
+
+    words = "hello world the stock market fell sharply on monday after the announcement".split()
+    texts = [" ".join(words[j % len(words)] for j in range(k)) for k in range(0, 24)] + ["", "  ", "x" * 200]
+
+    def full(tokenizer, texts, keep):  # the old rule: every token of every text
+        return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+    def run(tok, instr, max_len, chat):
+        try:
+            return tokenize_for_encoding(tok, texts, [instr] * len(texts), max_len, chat=chat)
+        except NoRoomError as e:
+            return str(e)
+
+    for name, tok in _tokenizers(tmp_path).items():
+        for chat in [None, *CHAT_WRAPS]:
+            for instr in ("", "Retrieve passages that answer the question"):
+                for max_len in (6, 9, 16, 33):
+                    new = run(tok, instr, max_len, chat)
+                    with monkeypatch.context() as m:
+                        m.setattr(encoding, "_tokenize_head", full)
+                        old = run(tok, instr, max_len, chat)
+                    assert new == old, (name, chat, instr, max_len)
+
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    longest, call = [], type(tok).__call__
+
+    def spy(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        ids = out["input_ids"]
+        longest.append(max((len(x) for x in ids), default=0) if ids and isinstance(ids[0], list) else len(ids))
+        return out
+
+    monkeypatch.setattr(type(tok), "__call__", spy)
+    ids, _, stats = tokenize_for_encoding(tok, ["word " * 200_000], [""], max_len=16)
+    assert len(ids[0]) == 16 and stats["truncated"] == 1
+    assert max(longest) <= 64, max(longest)

@@ -1,6 +1,7 @@
 """Encoder: invariance to batch size and padding side, save -> load -> encode, LLM2Vec layouts, evaluate CLI."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -365,3 +366,108 @@ def test_similarity_is_cos_sim_for_one_embedding_and_many():
         assert got.dtype == torch.float32 and got.shape == ref.shape == tuple(rows)
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert abs(float(enc.similarity(a[0], a[0])) - 1) < 1e-6
+
+
+def test_two_encoders_in_one_process_each_encode_with_their_own_attention(tmp_path, tok, monkeypatch):
+    """from_pretrained set the process-wide attention kernel: the last encoder loaded chose it for all (a torch
+    encoder then ran Triton, which fails on CPU tensors outside the interpreter). Each encode runs its own, and
+    restores the default."""
+    import llm2vec_kernels
+
+    from engine import bidirectional
+
+    _save_base(str(tmp_path / "base"), tok)
+    before = llm2vec_kernels.get_default_impl("attention")
+    seen, get = [], llm2vec_kernels.get_default_impl
+
+    def spy(op):  # the kernel each attention call of the bidirectional model picks
+        if sys._getframe(1).f_code.co_name == "_attention_call":
+            seen.append(get(op))
+        return get(op)
+
+    monkeypatch.setattr(bidirectional.llm2vec_kernels, "get_default_impl", spy)
+    a = Encoder.from_pretrained(str(tmp_path / "base"), device="cpu", attention="torch")
+    ref = a.encode(TEXTS[:2])
+    b = Encoder.from_pretrained(str(tmp_path / "base"), device="cpu", attention="triton")
+    seen.clear()
+    np.testing.assert_array_equal(a.encode(TEXTS[:2]), ref)
+    assert seen and set(seen) == {"torch"}
+    seen.clear()
+    b.encode(TEXTS[:2])  # tests run Triton in its interpreter (conftest): b runs its own choice, not a's
+    assert seen and set(seen) == {"triton"}
+    assert get("attention") == before
+    with pytest.raises(ValueError, match="unknown attention"):
+        Encoder.from_pretrained(str(tmp_path / "base"), device="cpu", attention="flash")
+
+
+def test_an_exports_prompts_are_the_encoders(tmp_path, tok):
+    """Encoder.prompts held only the query prompt: ``prompt_name="document"`` (or a task's name), which
+    sentence-transformers takes from the same export, was a ValueError. Both loaders of the folder now agree."""
+    from sentence_transformers import SentenceTransformer
+
+    from engine.export import export
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    with open(os.path.join(base, "engine_text.json"), "w") as f:
+        json.dump({"chat": None, "instruction": "Retrieve a passage that answers the question:"}, f)
+    with pytest.warns(UserWarning):
+        export(base, str(tmp_path / "exp"))
+    st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
+    enc = Encoder.from_pretrained(str(tmp_path / "exp"), device="cpu")
+    assert enc.prompts == st.prompts
+    task = next(k for k, v in st.prompts.items() if v and k != "query")
+    for name in ("document", "query", task):
+        np.testing.assert_allclose(enc.encode(TEXTS, prompt_name=name), st.encode(TEXTS, prompt_name=name),
+                                   atol=1e-5, rtol=0)
+    own = Encoder.from_pretrained(base, device="cpu")  # the folder it came from: the same prompts
+    assert own.prompts == st.prompts
+    np.testing.assert_allclose(own.encode(TEXTS, prompt_name="document"), st.encode(TEXTS, prompt_name="document"),
+                               atol=1e-5, rtol=0)
+
+
+def test_numpy_output_is_the_tensor_not_a_copy(tok):
+    """``emb.numpy().astype(np.float32)`` copied an fp32 array (1M x 4096: 16 GB more at the peak), and
+    normalising made another copy; the numpy result is the tensor's memory, normalised in place, same values."""
+    torch.manual_seed(0)
+    from transformers import LlamaModel
+
+    enc = Encoder(LlamaModel(tiny_llama_config(vocab_size=len(tok), hidden_size=48, num_attention_heads=4,
+                                                num_key_value_heads=2)), tok, device="cpu")
+    ref = enc.encode(TEXTS, convert_to_tensor=True)
+    made = []
+    real = torch.empty
+
+    def spy(*a, **kw):  # the (N, H) output tensor encode_texts allocates
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    import engine.encoding
+
+    torch.empty, engine.encoding.torch.empty = spy, spy
+    try:
+        out = enc.encode(TEXTS)
+        unit = enc.encode(TEXTS, normalize_embeddings=True)
+    finally:
+        torch.empty = engine.encoding.torch.empty = real
+    assert out.dtype == np.float32 and not out.flags.owndata and np.shares_memory(out, made[0].numpy())
+    assert not unit.flags.owndata and np.shares_memory(unit, made[-1].numpy())
+    np.testing.assert_array_equal(out, ref.numpy())
+    np.testing.assert_array_equal(unit, torch.nn.functional.normalize(ref, dim=-1).numpy())
+
+
+def test_a_padding_side_or_device_list_that_means_nothing_is_a_clear_error(tok):
+    """padding_side="middle" padded right without a word, and device=[] was torch's raw TypeError."""
+    torch.manual_seed(0)
+    from transformers import LlamaModel
+
+    enc = Encoder(LlamaModel(tiny_llama_config(vocab_size=len(tok), hidden_size=48, num_attention_heads=4,
+                                                num_key_value_heads=2)), tok, device="cpu")
+    with pytest.raises(ValueError, match="padding_side='middle'; expected 'left' or 'right'"):
+        enc.encode(TEXTS, padding_side="middle")
+    with pytest.raises(ValueError, match=r"device=\[\] names no device"):
+        enc.encode(TEXTS, device=[])
+    from engine.encoding import pad_batch
+
+    with pytest.raises(ValueError, match="padding side"):
+        pad_batch([[1, 2], [3]], 0, side="middle")

@@ -177,3 +177,36 @@ def test_a_save_into_a_new_folder_appears_whole_or_not_at_all(tmp_path, chain, m
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path / "out")) == ["both", "new"]
     assert "model.safetensors" in os.listdir(tmp_path / "out" / "both")
+
+
+def _whole_words(tokenizer, text, max_tokens):
+    """llm2vec's rule, as the engine applied it to every text before (the reference for texts with spaces)."""
+    n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    words = text.split()
+    while n > max_tokens and words:
+        words = words[:min(int(len(words) * max_tokens / n), len(words) - 1)]
+        n = len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"])
+    return " ".join(words) if n <= max_tokens or not words else text
+
+
+def test_doc_max_length_keeps_the_first_tokens_of_a_text_without_spaces(tmp_path, tok):  # noqa: F811
+    """llm2vec's whole-word cut emptied an over-long text with no space (Chinese, a URL, code): it was embedded by
+    its EOS alone and reported as blank. Such a text keeps its first tokens (counted apart); texts with words are
+    cut as before."""
+    from engine.encoding import truncate_words
+
+    cjk, url = "今天天气很好" * 20, "https://example.com/" + "a/very/long/path/" * 10
+    multi = ["one two three four five six seven eight nine ten eleven", "word " * 30, "a b", "短 句子 " * 9]
+    stats = {}
+    out, cut = truncate_words(tok, [cjk, url, *multi, ""], 8, stats)
+    for text in out[:2]:
+        assert text and len(tok(text, add_special_tokens=False)["input_ids"]) <= 8, text
+    assert out[0] == cjk[:len(out[0])] and out[1] == url[:len(out[1])]
+    assert out[2:6] == [_whole_words(tok, t, 8) for t in multi] and out[6] == ""
+    assert cut == 5 and stats == {"doc_cut_to_tokens": 2}
+
+    _save_base(str(tmp_path / "base"), tok)
+    enc = Encoder.from_pretrained(str(tmp_path / "base"), device="cpu", doc_max_length=8)
+    emb = enc.encode([cjk, url, ""], convert_to_tensor=True)
+    assert enc.last_stats["doc_cut_to_tokens"] == 2 and enc.last_stats["empty"] == 1
+    assert (emb[0] - emb[2]).abs().max() > 1e-3 and (emb[1] - emb[2]).abs().max() > 1e-3  # not the blank text's

@@ -5,6 +5,9 @@ instead of hanging the suite."""
 import os
 import signal
 import subprocess
+import sys
+import time
+import types
 from contextlib import contextmanager
 
 import pytest
@@ -28,6 +31,15 @@ class DiesInForward(LlamaModel):
 
     def forward(self, *args, **kwargs):
         os._exit(3)
+
+
+class LoadsSlowly(LlamaModel):
+    """A decoder whose move to the meta device takes a minute (a worker stuck while loading)."""
+
+    def to(self, *args, **kwargs):
+        if "meta" in map(str, args):
+            time.sleep(60)
+        return super().to(*args, **kwargs)
 
 
 class DiesLoadingOnMeta(LlamaModel):
@@ -166,3 +178,107 @@ def test_the_parent_frees_its_cached_gpu_memory_before_the_workers_start(monkeyp
     enc = types.SimpleNamespace(model=Model(), tokenizer=None, device=torch.device("cuda", 0))
     multi_device.encode_multi_device(enc, ["a"], [""], ["cuda:0", "cuda:1"], {}, {})
     assert events == ["to cpu", "empty_cache", "pool on ['cuda:0']", "to cuda:0"]  # one text: one chunk, one worker
+
+
+_UNPICKLABLE_SCRIPT = """
+import threading, time
+import psutil
+from transformers import LlamaModel
+from engine import Encoder
+from engine.config import ModelConfig
+from engine.modeling import load_tokenizer
+from tests.helpers import tiny_llama_config
+if __name__ == "__main__":
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    model = LlamaModel(tiny_llama_config(vocab_size=len(tok), hidden_size=48, num_attention_heads=4,
+                                         num_key_value_heads=2))
+    enc = Encoder(model, tok, device="cpu")
+    enc.tokenizer.lock = threading.Lock()  # state that cannot be pickled
+    t = time.monotonic()
+    try:
+        enc.encode(["a few words"] * 100, batch_size=8, device=["cpu", "cpu"])
+        print("encoded")
+    except Exception as e:
+        print(f"{type(e).__name__}: {e}")
+    print(f"seconds {time.monotonic() - t:.1f}")
+    print("children", [p.pid for p in psutil.Process().children(recursive=True)])
+"""
+
+
+@pytest.mark.slow
+def test_a_state_the_workers_cannot_receive_fails_at_once_and_leaves_no_process(tmp_path):
+    """The queue pickled the state in its feeder thread, which printed the error and dropped it: the workers waited
+    for it for ever, the parent for them, and the workers outlived it. It is pickled before any worker starts."""
+    script = tmp_path / "unpicklable.py"
+    script.write_text(_UNPICKLABLE_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and any worker it left
+        proc.communicate()
+        pytest.fail(f"an encode whose state cannot be pickled still waited after {DEADLINE_S} s")
+    lines = out.strip().splitlines()
+    assert lines[0] == ("RuntimeError: encode on devices ['cpu', 'cpu']: cannot send the model to the worker "
+                        "processes: the state (model, tokenizer, settings) cannot be pickled (TypeError: cannot "
+                        "pickle '_thread.lock' object)"), out + err
+    assert float(lines[1].split()[1]) < 5 and lines[2] == "children []", out
+    assert "Traceback" not in err, err
+
+
+def test_a_state_too_big_for_shared_memory_names_the_size_and_the_remedy(tok, monkeypatch):
+    """A /dev/shm too small for the weights (Docker's 64 MB default) failed in the queue's feeder thread, unseen;
+    it is one error, before any worker starts, naming the size and Docker's remedy."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from engine import multi_device
+
+    def no_space(obj, protocol=None):
+        raise RuntimeError("unable to allocate shared memory(shm) for file </torch_1_2_0>: No space left on "
+                           "device (28)")
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool started for a state that cannot be sent")
+
+    monkeypatch.setattr(ForkingPickler, "dumps", no_space)
+    monkeypatch.setattr(multi_device, "ProcessPoolExecutor", no_pool)
+    enc = _encoder(tok)
+    size = sum(t.numel() * t.element_size() for t in enc.model.state_dict().values()) / 2**30
+    with pytest.raises(RuntimeError, match=rf"its {size:.2f} GiB of weights do not fit in shared memory .*No space "
+                                           rf"left on device.*--shm-size=<more than {size:.1f}g> or --ipc=host"):
+        enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "cpu"])
+
+
+def test_a_worker_waiting_for_its_state_exits_when_the_parent_is_gone(monkeypatch):
+    """A worker waited in a bare ``states.get()``: with the parent gone, for ever. It polls, and exits."""
+    import queue
+
+    from engine import multi_device
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(multi_device.os, "_exit", exit_)
+    monkeypatch.setattr(multi_device, "_WORKER_POLL_S", 0.01)
+    with pytest.raises(SystemExit):
+        multi_device._get(queue.Queue(), types.SimpleNamespace(is_alive=lambda: False))
+    q = queue.Queue()
+    q.put("state")
+    assert multi_device._get(q, types.SimpleNamespace(is_alive=lambda: True)) == "state"
+
+
+@pytest.mark.slow
+def test_a_worker_that_never_loads_fails_the_encode_by_a_deadline_and_is_killed(tok, monkeypatch):
+    """The parent waited for every worker's "loaded" without a deadline; past it the call fails, and no worker
+    (the one still loading, the one waiting for the go) outlives it."""
+    import multiprocessing
+
+    from engine import multi_device
+
+    monkeypatch.setattr(multi_device, "_START_TIMEOUT_S", 2)
+    enc = _encoder(tok, LoadsSlowly)
+    t = time.monotonic()
+    with deadline(), pytest.raises(RuntimeError, match=r"for \[.*'meta'\] had not loaded the model after 2 s"):
+        enc.encode(TEXTS * 2, batch_size=1, device=["cpu", "meta"])
+    assert time.monotonic() - t < 50 and multiprocessing.active_children() == []
