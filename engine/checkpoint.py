@@ -30,7 +30,7 @@ from .config import ConfigError, load_config, to_dict
 from .data import read_sts
 from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
-from .files import sync_file, sync_folder, sync_tree, write_json, write_text
+from .files import share_safetensors, sync_file, sync_folder, sync_tree, write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
 
 
@@ -157,6 +157,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer, step=None):
         "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
         **({"step": step, "fingerprint": fingerprint(cfg)} if step is not None else {}),
     })
+    share_safetensors(tmp)  # safetensors writes 0600: readable as any other file the run writes
     sync_tree(tmp)  # on disk before the rename publishes it
     _replace_dir(tmp, dst)
     sync_folder(os.path.dirname(os.path.abspath(dst)))

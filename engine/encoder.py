@@ -376,7 +376,8 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
 
     from .bidirectional import check_architecture, make_bidirectional
     from .config import ModelConfig
-    from .modeling import decoder_of, load_model, load_tokenizer, loading, merge_loras, resolve_model_path
+    from .modeling import (ModelLoadError, decoder_of, load_model, load_tokenizer, load_weights, loading,
+                           merge_loras, resolve_model_path)
 
     if info["random_init"]:  # an engine test run on a random tiny model: rebuild it exactly as training did
         mcfg = ModelConfig(name_or_path=info["base"] or "", random_init=info["random_init"],
@@ -403,10 +404,13 @@ def load_encoder_model(info, dtype=torch.float32, device_map=None, bidirectional
         if bidirectional:  # an architecture the engine cannot make bidirectional fails before the weights load
             check_architecture(loading(f"the model config of {info['base']!r}", AutoConfig.from_pretrained, path,
                                         **({"gguf_file": gguf} if gguf else {})))
-        try:
-            model = AutoModel.from_pretrained(path, dtype=dtype, **kw)
-        except OSError as e:  # not cached offline, no such repo, no weights in the folder
-            raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e}") from e
+        try:  # a corrupt or truncated weights file (SafetensorError, ...) is one ModelLoadError line, as in training
+            model = load_weights(f"the base model {info['base']!r}", AutoModel.from_pretrained, path, dtype=dtype,
+                                 **kw)  # and weights missing from the checkpoint refused, never random
+        except ModelLoadError as e:
+            if isinstance(e.__cause__, OSError):  # not cached offline, no such repo, no weights in the folder
+                raise FileNotFoundError(f"base model {info['base']!r} could not be loaded: {e.__cause__}") from e
+            raise
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if info["adapters"]:

@@ -35,7 +35,7 @@ import torch
 from . import assets, refs
 from .cli import BAD_INPUT, ArgumentParser, disk_full_message, fail, missing_folders, positive_int, remove_empty
 from .encoder import RUN_ADAPTERS
-from .files import pid_alive
+from .files import pid_alive, share_safetensors
 
 # Serving engines that hard-code causal attention for these families ignore "is_causal": false.
 CAUSAL_ONLY_SERVERS = {"llama": ["text-embeddings-inference"], "mistral": ["text-embeddings-inference"]}
@@ -539,6 +539,7 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     best = _best_of(top)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(_model_card(meta, run, _eval_figures(run, best.get("step")), prompts, best))
+    share_safetensors(tmp)  # safetensors writes 0600: an export handed to another account must be readable
     meta["files"] = sorted(set(os.listdir(tmp)) | {EXPORT_MARKER})  # what --overwrite may replace
     with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
         json.dump(meta, f, indent=2)

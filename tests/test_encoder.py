@@ -471,3 +471,49 @@ def test_a_padding_side_or_device_list_that_means_nothing_is_a_clear_error(tok):
 
     with pytest.raises(ValueError, match="padding side"):
         pad_batch([[1, 2], [3]], 0, side="middle")
+
+
+def test_adapters_on_offloaded_weights_are_refused_and_a_cpu_device_map_merges(tmp_path, tok):
+    """device_map offload leaves the weights of disk layers on the meta device: merging there would silently do
+    nothing (wrong embeddings), so it is one clear ValueError; a device_map that keeps every layer on the CPU
+    merges as a plain load does."""
+    base, ad = str(tmp_path / "base"), str(tmp_path / "ad")
+    _save_adapter(_save_base(base, tok), ad, base, seed=1)
+    ref = Encoder.from_pretrained(ad, device="cpu").encode(TEXTS[:2], convert_to_tensor=True)
+    dm = {"embed_tokens": "cpu", "layers.0": "cpu", "layers.1": "disk", "norm": "cpu", "rotary_emb": "cpu"}
+    with pytest.raises(ValueError, match="cannot be merged into offloaded weights"):
+        Encoder.from_pretrained(ad, device_map=dm, offload_folder=str(tmp_path / "offload"))
+    on_cpu = Encoder.from_pretrained(ad, device_map={k: "cpu" for k in dm})
+    torch.testing.assert_close(on_cpu.encode(TEXTS[:2], convert_to_tensor=True), ref, atol=1e-5, rtol=0)
+
+
+def test_a_corrupt_weights_file_is_one_error_line_and_exit_2(tmp_path, tok, capsys):
+    """A damaged model.safetensors (SafetensorError, not an OSError) is the ModelLoadError training gives, so
+    engine.evaluate (and the export) says one line and exits 2 instead of a traceback."""
+    from engine.evaluate import main as evaluate
+    from engine.modeling import ModelLoadError
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    with open(os.path.join(base, "model.safetensors"), "r+b") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(ModelLoadError, match="could not load the base model"):
+        Encoder.from_pretrained(base, device="cpu")
+    capsys.readouterr()
+    assert evaluate(["--model", base, "--task", "sts", "--data", f"{STS}/sts-dev.csv"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SafetensorError" in err[0], err
+
+
+def test_a_config_deeper_than_its_weights_is_refused_not_random(tmp_path, tok):
+    """config.json asks for 3 layers, the weights file holds 2: transformers would initialise the third at random
+    (wrong embeddings, a log line at most). load_model and Encoder.from_pretrained refuse it, naming missing keys."""
+    from engine.modeling import ModelLoadError, load_model
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    update_json(os.path.join(base, "config.json"), num_hidden_layers=3)
+    with pytest.raises(ModelLoadError, match=r"its config asks for are not in the checkpoint \(model\.layers\.2"):
+        load_model(ModelConfig(name_or_path=base))
+    with pytest.raises(ModelLoadError, match=r"not in the checkpoint \(layers\.2\."):
+        Encoder.from_pretrained(base, device="cpu")

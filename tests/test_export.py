@@ -590,3 +590,20 @@ def test_an_export_named_by_hub_id_keeps_its_pooling_and_prompts(tmp_path, tok, 
     by_id = resolve_chain("someone/my-export")
     assert by_id["base"] == "someone/my-export" and by_id["settings"] == local, by_id["settings"]
     assert calls and all(p and all(x.endswith(".json") for x in p) for _, p in calls)  # never the weights
+
+
+def test_an_export_is_readable_by_the_account_it_is_handed_to(tmp_path, tok):
+    """safetensors 0.8 writes 0600 whatever the umask: an export handed to another account could not be loaded.
+    Under umask 022 its weights are 0644, as the rest of the folder."""
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    old = os.umask(0o022)
+    try:
+        with pytest.warns(UserWarning, match="hard-codes causal"):
+            export(sup, str(tmp_path / "exp"))
+    finally:
+        os.umask(old)
+    modes = {n: oct(os.stat(tmp_path / "exp" / n).st_mode & 0o777) for n in os.listdir(tmp_path / "exp")
+             if n.endswith(".safetensors")}
+    assert modes == {"model.safetensors": oct(0o644)}, modes

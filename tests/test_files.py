@@ -75,3 +75,33 @@ def test_sync_tree_fsyncs_the_files_it_is_asked_for_and_every_folder(tmp_path, m
     files.sync_tree(str(tmp_path), only=lambda name: "zero_pp_rank_1_" in name or name.endswith(".safetensors"))
     assert sorted(synced) == sorted([str(tmp_path / "zero_pp_rank_1_optim.pt"), str(tmp_path / "sub" / "adapter.safetensors"),
                                      str(tmp_path), str(tmp_path / "sub")])
+
+
+def test_an_adapter_write_leaves_safetensors_readable_by_other_accounts(tmp_path):
+    """engine.checkpoint.write_adapter: safetensors 0.8 writes 0600 whatever the umask; under umask 022 the adapter
+    a run hands to evaluate, export or another account is 0644 (engine.files.share_safetensors)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from engine.checkpoint import write_adapter
+    from engine.config import TrainConfig
+
+    from .helpers import tiny_llama_config
+
+    class Tok:
+        def save_pretrained(self, folder):
+            write_json(os.path.join(folder, "tokenizer_config.json"), {})
+
+    torch.manual_seed(0)
+    peft = get_peft_model(LlamaForCausalLM(tiny_llama_config()), LoraConfig(r=2, target_modules=["q_proj"]))
+    cfg = TrainConfig()
+    cfg.model.random_init = True
+    old = os.umask(0o022)
+    try:
+        write_adapter(peft, None, str(tmp_path / "adapter"), cfg, Tok())
+    finally:
+        os.umask(old)
+    modes = {n: oct(os.stat(tmp_path / "adapter" / n).st_mode & 0o777) for n in os.listdir(tmp_path / "adapter")
+             if n.endswith(".safetensors")}
+    assert modes == {"adapter_model.safetensors": oct(0o644)}, modes
