@@ -131,15 +131,18 @@ def test_a_wrapped_text_pools_all_its_words_and_none_of_the_head(tmp_path, token
 
 
 def _tokenizers(tmp_path):
-    """smollm2 (no BOS), a Llama-style SentencePiece one (BOS), and that one appending EOS as an exported one does."""
+    """smollm2 (no BOS), a Llama-style SentencePiece one (BOS), that one appending EOS as an exported one does, and
+    smollm2 set to truncate from the left."""
     from tokenizers import processors
 
     sp = build_sp_tokenizer(str(tmp_path / "sp"))
     eos_sp = build_sp_tokenizer(str(tmp_path / "sp_eos"))
     eos_sp._tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", eos_sp.bos_token_id), ("</s>", eos_sp.eos_token_id)])
+    left = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    left.truncation_side = "left"  # a tokenizer whose config cuts from the left: the head is still what is kept
     return {"smollm2": load_tokenizer(ModelConfig(name_or_path="smollm2-135m")), "sentencepiece": sp,
-            "sentencepiece+eos": eos_sp}
+            "sentencepiece+eos": eos_sp, "smollm2-truncating-left": left}
 
 
 def test_tokenising_only_the_head_keeps_the_ids_of_a_full_tokenisation(tmp_path, monkeypatch):
@@ -170,6 +173,7 @@ def test_tokenising_only_the_head_keeps_the_ids_of_a_full_tokenisation(tmp_path,
                         m.setattr(encoding, "_tokenize_head", full)
                         old = run(tok, instr, max_len, chat)
                     assert new == old, (name, chat, instr, max_len)
+        assert tok.truncation_side == ("left" if name.endswith("left") else "right")  # restored
 
     tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
     longest, call = [], type(tok).__call__

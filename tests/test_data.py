@@ -334,3 +334,13 @@ def test_a_jsonl_row_names_its_own_document_instruction(tmp_path, monkeypatch):
     cfg = load_config("configs/tiny/supervised.yaml", [f"data={long}"])
     with pytest.raises(ConfigError, match=r"a row's own document instruction.*leaves no room"):
         build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data)
+
+
+def test_the_item_cache_rules_digest_holds_the_row_fields_read(monkeypatch):
+    """An engine that reads another field of a supervised row (doc_instruction once was ignored) must not reuse
+    items cached without it: the fields read are in the rules digest the cache key holds."""
+    import engine.data as D
+
+    before = D.rows_rule_digest()
+    monkeypatch.setattr(D, "ROW_FIELDS", D.ROW_FIELDS[:-1])
+    assert D.rows_rule_digest() != before

@@ -413,16 +413,25 @@ def test_an_exports_prompts_are_the_encoders(tmp_path, tok):
         json.dump({"chat": None, "instruction": "Retrieve a passage that answers the question:"}, f)
     with pytest.warns(UserWarning):
         export(base, str(tmp_path / "exp"))
+    own = Encoder.from_pretrained(base, device="cpu")  # the folder it came from: the same prompts
+    # an export whose prompts were edited by hand (a custom one, another document prompt; in the form the export
+    # writes, instruction_prefix's, which the engine encodes as sentence-transformers does): read from the folder
+    stc = str(tmp_path / "exp" / "config_sentence_transformers.json")
+    with open(stc) as f:
+        c = json.load(f)
+    c["prompts"].update(custom="Find the matching sentence:\n", document="Passage:\n")
+    with open(stc, "w") as f:
+        json.dump(c, f)
     st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
     enc = Encoder.from_pretrained(str(tmp_path / "exp"), device="cpu")
-    assert enc.prompts == st.prompts
-    task = next(k for k, v in st.prompts.items() if v and k != "query")
-    for name in ("document", "query", task):
+    assert enc.prompts == st.prompts and enc.prompts["custom"] == "Find the matching sentence:\n"
+    task = next(k for k, v in st.prompts.items() if v and k not in ("query", "document", "custom"))
+    for name in ("document", "query", "custom", task):
         np.testing.assert_allclose(enc.encode(TEXTS, prompt_name=name), st.encode(TEXTS, prompt_name=name),
                                    atol=1e-5, rtol=0)
-    own = Encoder.from_pretrained(base, device="cpu")  # the folder it came from: the same prompts
-    assert own.prompts == st.prompts
-    np.testing.assert_allclose(own.encode(TEXTS, prompt_name="document"), st.encode(TEXTS, prompt_name="document"),
+    unedited = {k: v for k, v in st.prompts.items() if k != "custom"} | {"document": ""}
+    assert own.prompts == unedited
+    np.testing.assert_allclose(own.encode(TEXTS, prompt_name="query"), st.encode(TEXTS, prompt_name="query"),
                                atol=1e-5, rtol=0)
 
 

@@ -146,21 +146,30 @@ def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, to
 
 
 @pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
-def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, model_type):
-    """The export makes a plain ``AutoModel.from_pretrained`` bidirectional through ``"is_causal": false`` in
-    config.json alone (no engine code at load time). Per family: the reloaded decoder's hidden states on a padded
-    batch equal the engine's bidirectional ones on the same weights (transformers honours the flag for it)."""
+def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, tok, model_type):
+    """The export makes a plain ``AutoModel.from_pretrained`` bidirectional through ``"is_causal": false`` in its
+    config.json alone (no engine code at load time). Per family: a tiny base exported by engine.export.export,
+    reloaded by transformers, gives on a padded batch the engine's bidirectional states on the same weights (so
+    the export wrote the flag and transformers honours it for the family), and a later token moves the first."""
+    import warnings
+
     from transformers import AutoModel
 
     from engine.bidirectional import make_bidirectional
+    from engine.export import export
 
     from .test_oracles import ATOL, RTOL, oracle_hidden, padded_batch, tiny
 
-    model = tiny(model_type)
-    decoder = model.get_decoder()
-    decoder.config.is_causal = False  # what _write_export sets before its save
-    decoder.save_pretrained(tmp_path, safe_serialization=True)
-    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    model = tiny(model_type, vocab_size=len(tok))
+    base, out = str(tmp_path / "base"), str(tmp_path / "exp")
+    model.save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the causal-only servers of the family, where it has any
+        export(base, out)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["is_causal"] is False
+    reloaded = AutoModel.from_pretrained(out).eval()
     make_bidirectional(model)
     ids, am = padded_batch("right")
     with torch.no_grad():

@@ -196,14 +196,15 @@ def test_doc_max_length_keeps_the_first_tokens_of_a_text_without_spaces(tmp_path
     from engine.encoding import truncate_words
 
     cjk, url = "今天天气很好" * 20, "https://example.com/" + "a/very/long/path/" * 10
+    url_words = url + " and then some words"  # whole words would empty it too: its first word alone is too long
     multi = ["one two three four five six seven eight nine ten eleven", "word " * 30, "a b", "短 句子 " * 9]
     stats = {}
-    out, cut = truncate_words(tok, [cjk, url, *multi, ""], 8, stats)
-    for text in out[:2]:
+    out, cut = truncate_words(tok, [cjk, url, url_words, *multi, ""], 8, stats)
+    for text in out[:3]:
         assert text and len(tok(text, add_special_tokens=False)["input_ids"]) <= 8, text
-    assert out[0] == cjk[:len(out[0])] and out[1] == url[:len(out[1])]
-    assert out[2:6] == [_whole_words(tok, t, 8) for t in multi] and out[6] == ""
-    assert cut == 5 and stats == {"doc_cut_to_tokens": 2}
+    assert out[0] == cjk[:len(out[0])] and out[1] == url[:len(out[1])] and out[2] == url_words[:len(out[2])]
+    assert out[3:7] == [_whole_words(tok, t, 8) for t in multi] and out[7] == ""
+    assert cut == 6 and stats == {"doc_cut_to_tokens": 3}
 
     _save_base(str(tmp_path / "base"), tok)
     enc = Encoder.from_pretrained(str(tmp_path / "base"), device="cpu", doc_max_length=8)
