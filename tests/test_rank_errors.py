@@ -208,30 +208,43 @@ def test_a_bad_timeout_is_one_line_before_the_run_starts(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rank1_lines", [40, None], ids=["other-data", "bad-data"])
-def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_path, rank1_lines):
+@pytest.mark.parametrize("case", ["other-data", "bad-data", "bad-model"])
+def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_path, case):
     """Each rank reads the data itself; nodes with different copies under one path (here each rank's working folder
     holds its own corpus.txt) would each draw its share of a different batch plan. Refused on every rank before the
-    model loads: exit 2, one line naming both ranks' item counts. A file that one node alone cannot read (here not
-    UTF-8): that rank's error reaches the other, which waited in the next collective (on NCCL until its timeout,
-    on gloo a traceback when the failed rank left): one line, exit 2 on both."""
+    model loads: exit 2, one line naming both ranks' item counts. A data file or model folder that one node alone
+    cannot read (not UTF-8; a cut weights file): that rank's error reaches the other, which waited in the next
+    collective (on NCCL until its timeout, on gloo a traceback when the failed rank left): one line, exit 2 on
+    both."""
     import subprocess
 
+    from engine.config import ModelConfig
     from engine.distributed import free_port
+    from engine.modeling import load_tokenizer
 
     from .helpers import ROOT
     from .launch import rank_commands
+    from .test_encoder import _save_base
 
     lines = [f"sentence number {i} about something" for i in range(40)]
-    for rank, n in ((0, 40), (1, rank1_lines)):
+    for rank in (0, 1):
         (tmp_path / f"node{rank}").mkdir()
-        if rank == 1 and n is not None:  # as many lines, one of them another: the content hash tells them apart
+        if rank == 1 and case == "other-data":  # as many lines, one of them another: the content hash tells them apart
             lines[7] = "a sentence that the other node's copy does not hold"
-        data = ("\n".join(lines[:n]) + "\n").encode() if n is not None else b"sentence one\n\xff\xfe\n"
+        data = b"sentence one\n\xff\xfe\n" if rank == 1 and case == "bad-data" else ("\n".join(lines) + "\n").encode()
         (tmp_path / f"node{rank}" / "corpus.txt").write_bytes(data)
+    model_args = []
+    if case == "bad-model":  # the same base on both nodes, its weights file cut short on node 1
+        tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+        for rank in (0, 1):
+            _save_base(str(tmp_path / f"node{rank}" / "model"), tok)
+        weights = tmp_path / "node1" / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:20000])
+        model_args = ["model.random_init=null", "model.name_or_path=model", "model.tokenizer=smollm2-135m"]
     out = tmp_path / "run"
     args = ["--config", os.path.join(ROOT, "configs", "tiny", "simcse.yaml"), f"output_dir={out}",
-            "data=corpus.txt", "eval_data=[]", "eval_every=0", "max_steps=2", "batch_size=8", "micro_batch_size=4"]
+            "data=corpus.txt", "eval_data=[]", "eval_every=0", "max_steps=2", "batch_size=8", "micro_batch_size=4",
+            *model_args]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONUNBUFFERED"] = "1"
     procs = [subprocess.Popen(argv, env=e, cwd=tmp_path / f"node{rank}", stdout=subprocess.PIPE,
@@ -243,8 +256,10 @@ def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_pat
     said = [x for x in err.splitlines() if x.startswith("error:")]
     assert [p.returncode for p in procs] == [2, 2], err[-3000:]
     assert len(said) == 1, err[-3000:]
-    if rank1_lines is None:
+    if case == "bad-data":
         assert "corpus.txt:2" in said[0] and "UTF-8" in said[0], said
+    elif case == "bad-model":
+        assert "could not load the model 'model'" in said[0] and "SafetensorError" in said[0], said
     else:
         assert "the ranks read different data under the same paths" in said[0], said
         assert "rank 0 on " in said[0] and "rank 1 on " in said[0] and said[0].count(": 40 items") == 2, said
