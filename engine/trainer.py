@@ -25,8 +25,8 @@ from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_fi
                          drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
                          write_adapter)
 from .data import BatchPlan, DataError, is_sts_file
-from .distributed import (gathered, init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest, together,
-                          warn0)
+from .distributed import (gathered, init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest,
+                          together, warn0)
 from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
