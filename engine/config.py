@@ -35,7 +35,7 @@ class ModelConfig:
     gguf_file: typing.Optional[str] = None  # GGUF file name inside name_or_path (or a full path)
     tokenizer: typing.Optional[str] = None  # defaults to the model's own
     random_init: typing.Optional[dict] = None  # transformers config kwargs (with model_type): random weights, tests only
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    dtype: str = "auto"  # auto (bf16 on CUDA from Ampere, fp16 on older GPUs, fp32 on CPU) | bf16 | fp16 | fp32
     bidirectional: bool = True
     attention: str = "auto"  # attention kernel: auto (Triton on CUDA, torch on CPU) | triton | torch
     loss: str = "auto"  # masked-CE / contrastive kernels: auto | triton | torch

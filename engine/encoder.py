@@ -360,7 +360,9 @@ def resolve_dtype(dtype, device_type):
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
+        from .modeling import torch_dtype
+
+        return torch_dtype("auto", device_type)
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if dtype not in table:

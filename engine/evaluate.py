@@ -309,7 +309,7 @@ def main(argv=None):
     ap.add_argument("--causal", action="store_true", help="keep the causal attention of the base model")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                    help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)")
+                    help="weights dtype (auto: bf16 on CUDA from Ampere, fp16 on older GPUs, fp32 on CPU)")
     ap.add_argument("--max-length", type=positive_int, default=None,
                     help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--max-pairs", type=positive_int, default=None,

@@ -74,9 +74,20 @@ def resolve_model_path(name_or_path, gguf_file=None):
 
 
 def torch_dtype(name, device_type):
+    """``auto``: fp32 off CUDA; on CUDA bf16 where the GPU runs it natively (Ampere and later), else fp16 (a V100
+    or T4 only emulates bf16, slowly, and Triton's bf16 paths need sm80)."""
     if name == "auto":
-        return torch.bfloat16 if device_type == "cuda" else torch.float32
+        if device_type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if cuda_bf16_native() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def cuda_bf16_native():
+    """True unless a visible CUDA GPU lacks native bf16 (no GPU at all: True, the planning default)."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def load_tokenizer(mcfg):

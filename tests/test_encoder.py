@@ -167,6 +167,22 @@ def test_training_output_round_trip_and_evaluate_cli(tmp_path, capsys):
     assert len(err) == 1 and "expected >= 7 tab-separated columns" in err[0], err
 
 
+@pytest.mark.parametrize("native, want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_dtype_is_fp16_on_gpus_without_native_bf16(monkeypatch, native, want):
+    """A V100 or T4 only emulates bf16: ``auto`` gives fp16 there, for training and for encode() alike."""
+    from engine.encoder import resolve_dtype
+    from engine.modeling import torch_dtype
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: asked.append(
+        including_emulation) or native)
+    assert resolve_dtype("auto", "cuda") == want and torch_dtype("auto", "cuda") == want
+    assert asked == [False, False]  # native support, not emulation
+    assert resolve_dtype("auto", "cpu") == torch.float32 and torch_dtype("auto", "cpu") == torch.float32
+    assert torch_dtype("bf16", "cuda") == torch.bfloat16  # an explicit choice is kept
+
+
 def test_encode_takes_sentence_transformers_and_llm2vec_arguments(tmp_path, tok):
     base = str(tmp_path / "base")
     _save_base(base, tok)
@@ -174,7 +190,7 @@ def test_encode_takes_sentence_transformers_and_llm2vec_arguments(tmp_path, tok)
     assert type(enc.model).__name__ == "LlamaModel" and enc.max_length == 512  # no LM head; inference default
     from engine.encoder import resolve_dtype
 
-    assert resolve_dtype("auto", "cuda") == torch.bfloat16 and resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu") == torch.float32
     out = enc.encode(TEXTS)
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (5, 48)
     instr = "Represent the sentence: "
