@@ -235,10 +235,15 @@ def _load_hf(spec):
         import datasets
     except ImportError:
         raise DataError(f"{spec}: Hugging Face datasets need `pip install datasets` (and network)") from None
+    exc = getattr(datasets, "exceptions", None)
+    build_error = getattr(exc, "DatasetsError", ValueError)  # a file it cannot parse: DatasetGenerationError
     try:
         return datasets.load_dataset(name, config, split=split)
-    except (ValueError, FileNotFoundError) as e:  # a split or config it lacks (ValueError), no such dataset
-        raise DataError(f"{spec}: {' '.join(str(e).split())}") from None
+    except (ValueError, FileNotFoundError, build_error) as e:  # a split or config it lacks, no such dataset
+        cause = f" ({' '.join(str(e.__cause__).split())})" if e.__cause__ is not None else ""
+        raise DataError(f"{spec}: {' '.join(str(e).split())}{cause}") from None
+    except ConnectionError as e:  # offline, or the Hub is down: a local folder or file works without it
+        raise DataError(f"{spec}: {' '.join(str(e).split())}; give a local path instead when offline") from None
 
 
 def split_pairs(pairs, seed):

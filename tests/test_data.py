@@ -281,6 +281,23 @@ def test_hf_sources_need_a_text_column_of_strings_and_a_split_they_hold(tmp_path
     numbers = _hf_dir(tmp_path, "numbers", [{"text": 5}, {"text": 6}])
     with pytest.raises(DataError, match=r"numbers:1: column 'text' must be a string, got a number"):
         read_texts([numbers])
+    cut = _hf_dir(tmp_path, "cut", [{"text": "a"}])
+    with open(cut[3:] + "/train.jsonl", "a") as f:
+        f.write('{"text": \n')  # a file cut mid-row: datasets' DatasetGenerationError, a traceback before
+    with pytest.raises(DataError, match=r"cut: An error occurred while generating the dataset \(.*JSON"):
+        read_texts([cut])
+
+
+def test_hf_sources_offline_are_one_line(monkeypatch):
+    import sys
+    import types
+
+    def load_dataset(name, config=None, split="train"):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match=r"hf:org/x: Couldn't reach 'org/x' on the Hub .*give a local path instead"):
+        read_texts(["hf:org/x"])
 
 
 def test_hf_rows_holding_a_lone_surrogate_are_refused(monkeypatch):
