@@ -104,7 +104,7 @@ def _check_file(path):
 def check_sources(sources, e5_folders=True):
     """The checks every reader makes first on a local source (it exists, is a file and is not empty), made at
     once: a mistyped path is one line before anything heavy loads, not after the imports on every rank. ``hf:``
-    sources are left to their readers. A folder is E5 data (``e5_folders``: the supervised InfoNCE stage, the only
+    sources are left to their readers; a ``.csv``/``.tsv`` must be an STS Benchmark TSV. A folder is E5 data (``e5_folders``: the supervised InfoNCE stage, the only
     one that reads a folder), which must hold E5 files (:func:`e5_files`); elsewhere a folder is refused here, not
     after the tokenizer loads. Raises DataError."""
     for src in sources:
@@ -117,6 +117,15 @@ def check_sources(sources, e5_folders=True):
             e5_files(src)
         else:
             _check_file(src)
+            _check_table(src)
+
+
+def _check_table(src):
+    """A ``.csv``/``.tsv`` file is read only as an STS Benchmark TSV, by every stage: another table's lines (its
+    header row included) are no corpus, and no stage reads its columns."""
+    if src.lower().endswith((".csv", ".tsv")) and not is_sts_file(src):
+        raise DataError(f"{src}: not an STS Benchmark TSV (>= 7 tab-separated columns, a numeric score in column 5), "
+                        f"the one table the stages read; give .txt lines or .jsonl rows instead")
 
 
 def is_sts_file(path):
@@ -327,9 +336,7 @@ def _raw_texts(src, room, seed):
         if room:  # keep whole pairs, so a cut file still separates them
             pairs = pairs[:max(1, (room + 1) // 2)]
         return split_pairs(pairs, seed)
-    if src.lower().endswith((".csv", ".tsv")):
-        raise DataError(f"{src}: not an STS Benchmark TSV (>= 7 tab-separated columns, a numeric score in column 5), "
-                        f"the one table the text stages read; they read .txt lines or .jsonl `text`")
+    _check_table(src)
     if src.endswith((".jsonl", ".json")):
         return _jsonl_field(src, "text")
     return _lines(src)
@@ -491,6 +498,7 @@ def _supervised_rows(src, default_instruction):
     _check_file(src)
     if is_sts_file(src):
         return ((f"{src}:{i}", r, meta) for i, r in enumerate(sts_supervised_rows(src), 1))
+    _check_table(src)
     return ((f"{src}:{n}", r, meta) for n, r in _json_rows(src))
 
 

@@ -238,7 +238,7 @@ def test_a_lone_utf16_surrogate_is_refused_when_read(tmp_path):
         read_scored_pairs([str(pairs)])
 
 
-def test_the_text_stages_read_no_table_but_an_sts_file(tmp_path):
+def test_the_stages_read_no_table_but_an_sts_file(tmp_path):
     """A .csv/.tsv that is no STS Benchmark TSV was read as text lines, its header row a document; an STS file (the
     benchmark's own .csv files are tab-separated) is still read as its pairs' sentences."""
     table = tmp_path / "pairs.csv"
@@ -246,11 +246,14 @@ def test_the_text_stages_read_no_table_but_an_sts_file(tmp_path):
     short = tmp_path / "pairs.tsv"
     short.write_text("a man plays\ta person plays\t4.0\n")
     for src in (table, short):
-        with pytest.raises(DataError, match=rf"{src.name}: not an STS Benchmark TSV .*read .txt lines or .jsonl"):
-            read_texts([str(src)])
+        for read in (read_texts, lambda s: read_supervised(s, need_negatives=False), check_sources):
+            # check_sources: said before the imports and the tokenizer (train.py), as the readers would say it
+            with pytest.raises(DataError, match=rf"{src.name}: not an STS Benchmark TSV .*give .txt lines or .jsonl"):
+                read([str(src)])
     sts = tmp_path / "sts.tsv"
     sts.write_text("g\ts\t2012\t1\t4.0\tone\ttwo\n")
     assert sorted(read_texts([str(sts)])[0]) == ["one", "two"]
+    check_sources([str(sts)])
     lines = tmp_path / "lines.txt"  # commas in a text file are text
     lines.write_text("a, b, c\n")
     assert read_texts([str(lines)])[0] == ["a, b, c"]
