@@ -28,6 +28,10 @@ from .config import json_loads
 
 
 BOM = "\ufeff"
+# The version of the rules that turn a source into texts or rows (what is refused, which column is read): the token
+# cache's key holds it (:func:`read_rules`), so entries built under older rules are rebuilt, not reused. Bump it with
+# any change to what a reader yields or refuses. 2: lone surrogates, non-string hf: values and non-STS tables refused.
+READ_RULES = 2
 
 
 class DataError(ValueError):
@@ -104,9 +108,9 @@ def _check_file(path):
 def check_sources(sources, e5_folders=True):
     """The checks every reader makes first on a local source (it exists, is a file and is not empty), made at
     once: a mistyped path is one line before anything heavy loads, not after the imports on every rank. ``hf:``
-    sources are left to their readers; a ``.csv``/``.tsv`` must be an STS Benchmark TSV. A folder is E5 data (``e5_folders``: the supervised InfoNCE stage, the only
-    one that reads a folder), which must hold E5 files (:func:`e5_files`); elsewhere a folder is refused here, not
-    after the tokenizer loads. Raises DataError."""
+    sources are left to their readers; a ``.csv``/``.tsv`` must be an STS Benchmark TSV. A folder is E5 data
+    (``e5_folders``: the supervised InfoNCE stage, the only one that reads a folder), which must hold E5 files
+    (:func:`e5_files`); elsewhere a folder is refused here, not after the tokenizer loads. Raises DataError."""
     for src in sources:
         if src.startswith("hf:"):
             continue
@@ -575,7 +579,8 @@ def rows_rule_digest():
     an engine whose rules changed never reuses items built under the old ones."""
     import json
 
-    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), E5_WHOLE, STS_SUPERVISED_THRESHOLDS, ROW_FIELDS]
+    rules = [E5_INSTRUCTIONS, E5_JOINER, list(E5_SYMMETRIC), E5_WHOLE, STS_SUPERVISED_THRESHOLDS, ROW_FIELDS,
+             READ_RULES]
     return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]
 
 

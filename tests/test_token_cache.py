@@ -460,6 +460,36 @@ def test_a_jsonl_file_and_a_byte_identical_txt_file_are_other_entries(tmp_path):
     assert loaded[1] == read_texts([str(tmp_path / "c.txt")])[0] and loaded[1][0].startswith('{"text"')
 
 
+def test_entries_built_under_older_read_rules_are_rebuilt(tmp_path, _cache, monkeypatch):
+    """A reader that now refuses what it once read (a lone surrogate, a non-STS table) must not be bypassed by an
+    entry an older engine built: data.READ_RULES is in every stage's key. Under unchanged rules the entry is reused;
+    under newer ones each stage builds a new entry."""
+    from engine import data
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"sentence number {i}\n" for i in range(40)))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n"
+                             for i in range(8)))
+
+    def entries():
+        return sorted(n for n in os.listdir(_cache) if not n.startswith("."))
+
+    def load_all():
+        for stage, src in (("mntp", docs), ("simcse", docs), ("supervised", pairs)):
+            cfg = load_config(f"configs/tiny/{stage}.yaml", [f"data={src}"])
+            build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data, 0)
+
+    load_all()
+    first = entries()
+    assert len(first) == 3
+    load_all()
+    assert entries() == first  # reused
+    monkeypatch.setattr(data, "READ_RULES", data.READ_RULES + 1)
+    load_all()
+    assert len(entries()) == 6 and set(first) < set(entries())  # three new entries, the old ones untouched
+
+
 @pytest.mark.parametrize("name,cut", [("offsets.bin", 8), ("groups.bin", 4), ("data.bin", 1), ("data.bin", -1)])
 def test_a_truncated_entry_file_is_a_clear_error_on_open(_cache, name, cut):
     """Only meta.json was checked: an entry whose offsets.bin, groups.bin or data.bin a copy between nodes cut

@@ -12,7 +12,7 @@ import torch
 
 import llm2vec_kernels
 
-from .. import token_cache
+from .. import data, token_cache
 from ..data import BlockChunker, DataError, DataStats, SentenceRows, iter_texts, seed_orders, tokenized_batches
 from ..encoding import pad_batch
 from ..modeling import lm_head_of, packed_hidden_states, packing
@@ -122,7 +122,8 @@ class MNTPStage(Stage):
             stats.sources["blocks" if pack else "rows"] = writer.n
             return stats.to_cache()
 
-        settings = {"stage": "mntp", "max_seq_len": max_seq_len, "max_samples": max_samples}
+        settings = {"stage": "mntp", "read_rules": data.READ_RULES, "max_seq_len": max_seq_len,
+                    "max_samples": max_samples}
         if seed_orders(sources):  # a corpus's blocks are the same under every seed: one cache entry for all
             settings["seed"] = seed
         if not pack:  # packed caches keep their key

@@ -3,7 +3,7 @@
 dropout); the two views are each other's positive and the other sentences of the batch (across ranks too) are the
 negatives. A run with neither dropout is warned about (``engine.config.dropout_warning``)."""
 
-from .. import token_cache
+from .. import data, token_cache
 from ..data import DataError, DataStats, iter_texts, seed_orders
 from ..encoding import pad_batch, tokenize_with_instruction
 from .contrastive import ContrastiveStage
@@ -25,7 +25,7 @@ class SimCSEStage(ContrastiveStage):
                 raise DataError(f"no non-empty text in {sources} ({stats.summary()})")
             return stats.to_cache()
 
-        settings = {"stage": "simcse", "max_samples": max_samples, "dedup": True}
+        settings = {"stage": "simcse", "read_rules": data.READ_RULES, "max_samples": max_samples, "dedup": True}
         if seed_orders(sources):  # a corpus's sentences are the same under every seed: one cache entry for all
             settings["seed"] = seed
         texts, meta = token_cache.cached_items("json", None, sources, settings, build)
