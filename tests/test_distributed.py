@@ -187,3 +187,34 @@ def test_the_training_cli_leaves_the_process_group_before_it_exits(tmp_path, mon
         with pytest.raises(RuntimeError, match="a rank failed"):
             engine.train.main(args)
     assert calls == ["train", "leave"]
+
+
+def test_the_trainer_plans_memory_with_the_ranks_of_this_host(tmp_path, monkeypatch):
+    """The memory plan divides a host's RAM by the ranks on that host: the trainer passes
+    distributed.local_world_size(world) to setup_model, so torchrun's LOCAL_WORLD_SIZE is read, not only LOCAL_SIZE."""
+    import engine.train
+    import engine.trainer
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def spy(cfg, stage, model, world, local_world, device, **kw):
+        seen.append((world, local_world))
+        raise Stop
+
+    from engine.distributed import free_port
+
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    # as torchrun sets them for one rank of this host's three (the world of one keeps the run in this process)
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "3"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(engine.trainer, "setup_model", spy)
+    args = ["--config", "configs/tiny/mntp.yaml", f"output_dir={tmp_path / 'run'}", "max_steps=1"]
+    try:
+        engine.train.main(args)
+    except Stop:
+        pass
+    assert seen == [(1, 3)]
