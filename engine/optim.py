@@ -58,6 +58,17 @@ def lr_lambda(cfg, steps_per_epoch=None):
     return f
 
 
+def param_groups(module, weight_decay):
+    """AdamW's parameter groups: the trainable matrices (LoRA's A and B, or a full fine-tune's weights) decayed by
+    ``weight_decay``; the 1-D ones (norm weights, biases) never, as in Hugging Face's Trainer, since pulling a norm's
+    gain towards 0 shrinks its layer's output. Each group is tagged ``decay``; an empty group is left out (a LoRA run
+    has no 1-D trainable parameter, so it keeps one group)."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay, "decay": True},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0, "decay": False}]
+    return [g for g in groups if g["params"]]
+
+
 def apply_schedule(cfg, sched):
     """After resume=force: the new learning_rate / schedule apply from the resumed step on (the saved scheduler
     state only keeps the step count)."""
@@ -74,11 +85,11 @@ def apply_optimizer_settings(cfg, engine, sched):
     Returns one line reading the values back from the optimizer."""
     for group in sched.optimizer.param_groups:
         group["betas"] = tuple(cfg.adam_betas)
-        group["weight_decay"] = cfg.weight_decay
+        group["weight_decay"] = cfg.weight_decay if group.get("decay", True) else 0.0
     wrapper = getattr(engine, "optimizer", None)
     if wrapper is not None and hasattr(wrapper, "clip_grad"):
         wrapper.clip_grad = cfg.max_grad_norm
-    g = sched.optimizer.param_groups[0]
+    g = next((g for g in sched.optimizer.param_groups if g.get("decay", True)), sched.optimizer.param_groups[0])
     clip = getattr(wrapper, "clip_grad", None)
     clip = clip if clip is not None else engine.gradient_clipping()
     return (f"resume=force: optimizer now betas {tuple(float(b) for b in g['betas'])}, weight_decay "

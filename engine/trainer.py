@@ -33,7 +33,7 @@ from .lora import fuse_lora
 from .memory import base_too_big, choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
-from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda,
+from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, param_groups,
                     schedule_warnings, tune_optimizer_step)
 from .stages import build_stage
 from .stages.base import EVAL_SEED, to_device
@@ -195,9 +195,8 @@ class Trainer:
         import deepspeed
 
         cfg, dtype = self.cfg, self.dtype
-        params = [p for p in self.module.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas),
-                                weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(param_groups(self.module, cfg.weight_decay), lr=cfg.learning_rate,
+                                betas=tuple(cfg.adam_betas))
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.plan.steps_per_epoch))
         for warning in schedule_warnings(cfg, self.plan.steps_per_epoch):
             warn0(self.rank, warning)

@@ -135,3 +135,40 @@ def test_hf_without_datasets_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(DataError, match="pip install datasets"):
         read_texts(["hf:org/wiki"])
+
+
+def test_weight_decay_spares_norm_weights_and_biases():
+    """AdamW held every trainable parameter in one group, so a full fine-tune's RMSNorm gains and biases were decayed
+    towards 0 (a zero-gradient step took a gain from 1 to 0.9999 at lr 1e-3, wd 0.1). Matrices are decayed, 1-D
+    parameters not; LoRA's trainables are all matrices, so a LoRA run keeps a single group; resume=force's new
+    weight_decay reaches the decayed group only."""
+    from transformers import LlamaForCausalLM
+
+    from engine.modeling import add_lora
+    from engine.optim import apply_optimizer_settings, param_groups
+
+    from .helpers import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(attention_bias=True))
+    groups = param_groups(model, 0.1)
+    assert [g["decay"] for g in groups] == [True, False]
+    assert all(p.ndim == 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    norm, proj = model.model.norm.weight, model.model.layers[0].self_attn.q_proj
+    before = [t.detach().clone() for t in (norm, proj.bias, proj.weight)]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.equal(norm, before[0]) and torch.equal(proj.bias, before[1])
+    assert torch.allclose(proj.weight, before[2] * (1 - 1e-3 * 0.1))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    line = apply_optimizer_settings(_cfg(weight_decay=0.05), types.SimpleNamespace(gradient_clipping=lambda: 1.0),
+                                    sched)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0] and "weight_decay 0.05" in line
+
+    lora = add_lora(LlamaForCausalLM(tiny_llama_config()), _cfg().lora)
+    (only,) = param_groups(lora, 0.1)
+    assert only["decay"] and len(only["params"]) == sum(p.requires_grad for p in lora.parameters()) > 0
