@@ -211,3 +211,25 @@ def test_doc_max_length_keeps_the_first_tokens_of_a_text_without_spaces(tmp_path
     emb = enc.encode([cjk, url, ""], convert_to_tensor=True)
     assert enc.last_stats["doc_cut_to_tokens"] == 2 and enc.last_stats["empty"] == 1
     assert (emb[0] - emb[2]).abs().max() > 1e-3 and (emb[1] - emb[2]).abs().max() > 1e-3  # not the blank text's
+
+
+def test_a_first_tokens_head_that_re_tokenises_longer_is_cut_further():
+    """The first max_tokens ids of a text can decode to a string that tokenises into more ids (a merge that the
+    decoded text no longer makes); such a head is cut further until it re-tokenises within max_tokens. A tokenizer
+    whose 'x' decodes to 'xx' makes every head of k ids re-tokenise to 2k."""
+    from engine.encoding import truncate_words
+
+    class Doubling:
+        truncation_side = "right"
+
+        def __call__(self, texts, add_special_tokens=False, truncation=False, max_length=None):
+            one = isinstance(texts, str)
+            ids = [[ord(c) for c in t][:max_length if truncation else None] for t in ([texts] if one else texts)]
+            return {"input_ids": ids[0] if one else ids}
+
+        def decode(self, ids, **kw):
+            return "".join(chr(i) * (2 if chr(i) == "x" else 1) for i in ids)
+
+    stats = {}
+    out, cut = truncate_words(Doubling(), ["x" * 20, "ab" * 10], 8, stats)
+    assert out == ["x" * 8, "ab" * 4] and cut == 2 and stats == {"doc_cut_to_tokens": 2}
