@@ -542,7 +542,8 @@ def _check_numbers(cfg):
             raise ConfigError(f"{key} must be {what}, got {obj}")
     if cfg.lr_decay_steps and cfg.lr_decay_epochs:
         raise ConfigError(f"set lr_decay_steps ({cfg.lr_decay_steps}) or lr_decay_epochs ({cfg.lr_decay_epochs:g}), "
-                          f"not both: they are the same horizon, in steps or in epochs of the data")
+                          f"not both: they are the same horizon, in steps or in epochs of the data (to replace "
+                          f"one a config sets, add lr_decay_epochs=0 or lr_decay_steps=0)")
     c = cfg.contrastive
     if c.doc_max_len is not None and c.doc_max_len < 2:
         raise ConfigError(f"contrastive.doc_max_len must be >= 2 (or unset), got {c.doc_max_len}")
@@ -582,11 +583,14 @@ def negatives_warning(cfg: TrainConfig, world_size: int):
     if accum == 1 and gathered:
         return None
     seen = cfg.micro_batch_size * (world_size if gathered else 1)
+    fixes = [] if gathered else ["set contrastive.gather_across_ranks=true"]
+    if accum > 1:
+        fixes.append(f"set micro_batch_size={cfg.batch_size // world_size} with gradient caching "
+                     f"(contrastive.grad_cache_chunk > 0 bounds the activation memory)")
     return (f"each contrastive loss sees the in-batch negatives of {seen} examples, not the global batch "
             f"of {cfg.batch_size} (micro_batch_size {cfg.micro_batch_size} x {world_size} rank(s), {accum} "
-            f"accumulation steps{'' if gathered else ', gather_across_ranks off'}). For the whole batch set "
-            f"micro_batch_size={cfg.batch_size // world_size} with gradient caching (contrastive.grad_cache_chunk "
-            f"> 0 bounds the activation memory)")
+            f"accumulation steps{'' if gathered else ', gather_across_ranks off'}). For the whole batch "
+            f"{' and '.join(fixes)}")
 
 
 def dropout_warning(cfg: TrainConfig):
@@ -603,11 +607,21 @@ def dropout_warning(cfg: TrainConfig):
 
 
 def grad_accum_steps(cfg: TrainConfig, world_size: int) -> int:
+    """batch_size / (micro_batch_size x world_size); a ConfigError naming what keeps batch_size (the recipe's global
+    batch) when they do not divide it: the micro-batch sizes that would, or that this many ranks cannot."""
     per_step = cfg.micro_batch_size * world_size
     if cfg.batch_size % per_step != 0:
-        raise ConfigError(
-            f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {cfg.micro_batch_size} x world size "
-            f"{world_size} = {per_step}; choose a batch_size that is a multiple of {per_step}")
+        head = (f"batch_size {cfg.batch_size} is not divisible by micro_batch_size {cfg.micro_batch_size} x world "
+                f"size {world_size} = {per_step}")
+        if cfg.batch_size % world_size:
+            ranks = [w for w in range(1, 2 * world_size + 1) if cfg.batch_size % w == 0]
+            raise ConfigError(f"{head}: {world_size} ranks cannot share a batch of {cfg.batch_size} (rank counts "
+                              f"that can, up to {2 * world_size}: {', '.join(map(str, ranks))}); run on one of "
+                              f"those or change batch_size, which changes the recipe")
+        per_rank = cfg.batch_size // world_size
+        fits = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        raise ConfigError(f"{head}; to keep batch_size {cfg.batch_size}, micro_batch_size must divide "
+                          f"{per_rank} (batch_size / world size): one of {', '.join(map(str, fits))}")
     return cfg.batch_size // per_step
 
 

@@ -32,8 +32,9 @@ from . import config as config_mod
 from .bidirectional import check_architecture
 from .bidirectional import make_bidirectional
 from .lora import fuse_lora
-from .memory import choose_recompute, choose_zero_stage, fit_warning, plan_memory, text_lengths
+from .memory import choose_recompute, choose_zero_stage, context_warning, fit_warning, plan_memory, text_lengths
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
+from .optim import ignored_horizon
 
 GPU_MEMORY_GB = 79.65  # GiB: what an 80 GB H100 reports as its total memory, and so what a run there plans for
 
@@ -150,13 +151,20 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
         f"gradient_accumulation_steps {ds['gradient_accumulation_steps']}")
     horizon = (f"{cfg.lr_decay_epochs:g} epochs of the data (in steps once the data is read)" if cfg.lr_decay_epochs
                else cfg.lr_decay_steps or cfg.max_steps)
-    out(f"  schedule: {cfg.lr_schedule}, peak {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, decay horizon "
-        f"{horizon}, stop at {cfg.max_steps}")
+    decay = f"decay horizon {horizon}" if cfg.lr_schedule in ("linear", "cosine") else "no decay"
+    out(f"  schedule: {cfg.lr_schedule}, peak {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, {decay}, "
+        f"stop at {cfg.max_steps}")
+    ignored = ignored_horizon(cfg)
+    if ignored:
+        out("  WARNING: " + ignored)
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
         out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
     offload = config_mod.offload_warning(cfg, stage)
     if offload:
         out("  WARNING: " + offload)
+    context = context_warning(cfg, arch)
+    if context:
+        out("  WARNING: " + context)
     warning = config_mod.negatives_warning(cfg, world)
     if warning:
         out("  WARNING: " + warning)

@@ -233,6 +233,21 @@ def sequence_length(cfg):
     return max(text_lengths(cfg))
 
 
+def context_warning(cfg, arch):
+    """One line (or None) when the run's longest text (:func:`sequence_length`) exceeds ``arch``'s context window
+    (``max_position_embeddings`` of its text config): the positions past it were never trained (RoPE extrapolates
+    them; quality degrades), which a run otherwise does silently. A warning, not a refusal: extending the context
+    on purpose is the user's call."""
+    arch = getattr(arch, "text_config", None) or arch
+    limit, length = getattr(arch, "max_position_embeddings", None), sequence_length(cfg)
+    if not isinstance(limit, int) or length <= limit:
+        return None
+    knob = "max_seq_len" if cfg.stage == "mntp" else "contrastive.max_len / contrastive.doc_max_len"
+    return (f"texts of up to {length} tokens exceed the model's context window of {limit} positions "
+            f"(max_position_embeddings): positions past {limit} were never trained; set {knob} <= {limit} unless "
+            f"extending the context is the point")
+
+
 def _text_config(model):
     cfg = model.config
     return getattr(cfg, "text_config", None) or cfg

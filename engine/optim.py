@@ -31,6 +31,9 @@ def schedule_warnings(cfg, steps_per_epoch=None):
     if w and w >= cfg.max_steps:
         out.append(f"warmup_steps {w} >= max_steps {cfg.max_steps}: the run ends inside the warmup, at "
                    f"{cfg.max_steps / w:.0%} of learning_rate {cfg.learning_rate:g}")
+    ignored = ignored_horizon(cfg)
+    if ignored:
+        out.append(ignored)
     if cfg.lr_schedule in ("linear", "cosine"):
         horizon = decay_horizon(cfg, steps_per_epoch)
         if w and horizon <= w < cfg.max_steps:
@@ -40,6 +43,16 @@ def schedule_warnings(cfg, steps_per_epoch=None):
             out.append(f"the {cfg.lr_schedule} decay reaches 0 at step {horizon}, before max_steps {cfg.max_steps}: "
                        f"the LR is 0 from step {horizon + 1} on, and those steps train nothing")
     return out
+
+
+def ignored_horizon(cfg):
+    """A warning (or None) when a decay horizon is set under a schedule that does not decay: a shipped config's
+    ``lr_decay_epochs`` with ``lr_schedule=constant`` would otherwise be printed and logged as if it applied."""
+    if cfg.lr_schedule in ("linear", "cosine") or not (cfg.lr_decay_steps or cfg.lr_decay_epochs):
+        return None
+    what = f"lr_decay_steps {cfg.lr_decay_steps}" if cfg.lr_decay_steps else f"lr_decay_epochs {cfg.lr_decay_epochs:g}"
+    return (f"{what} is ignored: lr_schedule {cfg.lr_schedule} does not decay (the LR stays at learning_rate after "
+            f"the warmup); use linear or cosine to decay")
 
 
 def lr_lambda(cfg, steps_per_epoch=None):

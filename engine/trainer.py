@@ -30,7 +30,8 @@ from .distributed import (gathered, init_distributed, local_world_size, log0, on
 from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
-from .memory import base_too_big, choose_recompute, choose_zero_stage, enable_recompute, fit_warning, plan_memory
+from .memory import (base_too_big, choose_recompute, choose_zero_stage, context_warning, enable_recompute, fit_warning,
+                     plan_memory)
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, param_groups,
@@ -175,6 +176,9 @@ class Trainer:
     def _setup_model(self):
         cfg, world = self.cfg, self.world
         model, _ = together(lambda: load_model(cfg.model, self.device.type, self.tok))  # as the data (_setup_data)
+        beyond = context_warning(cfg, model.config)  # texts longer than the positions the model was trained on
+        if beyond:
+            warn0(self.rank, beyond)
         model, self.mem, self.zero_stage = setup_model(cfg, self.stage, model, world,
                                                        local_world_size(world), self.device)
         if self.device.type == "cuda":  # (train.py checks it on the meta model when the architecture is offline)
@@ -200,7 +204,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, self.plan.steps_per_epoch))
         for warning in schedule_warnings(cfg, self.plan.steps_per_epoch):
             warn0(self.rank, warning)
-        if cfg.lr_decay_epochs:
+        if cfg.lr_decay_epochs and cfg.lr_schedule in ("linear", "cosine"):
             log0(f"schedule: {cfg.lr_schedule} decay reaches 0 at step {decay_horizon(cfg, self.plan.steps_per_epoch)} "
                  f"= {cfg.lr_decay_epochs:g} epochs of {self.plan.steps_per_epoch} steps; the run stops at step "
                  f"{cfg.max_steps}")

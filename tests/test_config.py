@@ -118,8 +118,23 @@ def test_the_config_takes_every_chat_wrap_and_pooling_mode_the_code_has(monkeypa
 def test_batch_not_divisible_by_world():
     cfg = load_config(None, ["model.name_or_path=x", "batch_size=32", "micro_batch_size=4"])
     assert grad_accum_steps(cfg, 2) == 4
-    with pytest.raises(ConfigError, match=r"batch_size 32 is not divisible by micro_batch_size 4 x world size 3"):
+    with pytest.raises(ConfigError, match=r"batch_size 32 is not divisible by micro_batch_size 4 x world size 3 = "
+                       r"12: 3 ranks cannot share a batch of 32 \(rank counts that can, up to 6: 1, 2, 4\)"):
         grad_accum_steps(cfg, 3)
+    # the error said "choose a batch_size that is a multiple of 510" for the paper's 512 on 6 GPUs; with a world size
+    # that divides the batch it names the micro-batch sizes that keep it
+    with pytest.raises(ConfigError, match=r"to keep batch_size 32, micro_batch_size must divide 16 \(batch_size / "
+                       r"world size\): one of 1, 2, 4, 8, 16$"):
+        grad_accum_steps(load_config(None, ["model.name_or_path=x", "batch_size=32", "micro_batch_size=3"]), 2)
+    # the README's "On N GPUs" recipe: N in 1, 2, 4, 8 keeps the paper's batches; 3, 5, 6, 7 cannot
+    for stage, batch in (("supervised", 512), ("simcse", 128)):
+        for n in range(1, 9):
+            cfg = load_config(os.path.join(ROOT, f"configs/mistral-7b/{stage}.yaml"), [f"micro_batch_size={batch // n}"])
+            if n in (1, 2, 4, 8):
+                assert grad_accum_steps(cfg, n) == 1
+            else:
+                with pytest.raises(ConfigError, match=f"{n} ranks cannot share a batch of {batch}"):
+                    grad_accum_steps(cfg, n)
 
 
 def test_list_override_and_nested():
@@ -243,7 +258,11 @@ def test_fewer_negatives_than_the_global_batch_is_a_loud_warning():
     assert "in-batch negatives of 64 examples, not the global batch of 512" in w and "micro_batch_size=512" in w
     assert negatives_warning(load_config(path, ["micro_batch_size=512"]), 1) is None
     w = negatives_warning(load_config(path, ["contrastive.gather_across_ranks=false"]), 8)
-    assert "of 64 examples" in w and "gather_across_ranks off" in w
+    # the advice was micro_batch_size=64, which it already is: with no accumulation, gathering is the fix
+    assert "of 64 examples" in w and "gather_across_ranks off" in w and "micro_batch_size=" not in w
+    assert w.endswith("For the whole batch set contrastive.gather_across_ranks=true")
+    w = negatives_warning(load_config(path, ["contrastive.gather_across_ranks=false", "micro_batch_size=32"]), 8)
+    assert "set contrastive.gather_across_ranks=true and set micro_batch_size=64 with gradient caching" in w
     assert negatives_warning(load_config(os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")), 1) is None
 
 

@@ -2,6 +2,7 @@
 import dataclasses
 import glob
 import os
+import sys
 
 import pytest
 import yaml
@@ -9,7 +10,7 @@ import yaml
 from engine.config import load_config, to_dict
 from engine.train import main
 
-from .helpers import ROOT
+from .helpers import ROOT, run_cmd
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
 ARCHITECTURES = sorted(glob.glob(os.path.join(ROOT, "configs", "architectures", "*.json")))
@@ -43,6 +44,26 @@ def test_every_shipped_config_dry_runs_at_full_size(path, offline, capsys):
         assert " of 79.65 GiB (" in out, out
     if cfg.stage == "mntp":
         assert f"input_ids ({cfg.micro_batch_size}, {cfg.max_seq_len})" in out
+    assert "context window" not in out  # every shipped config stays within its model's positions
+
+
+def test_texts_beyond_the_context_window_are_warned_about_in_the_plan_and_the_run(tmp_path, offline, capsys):
+    """max_seq_len=16384 on Llama-2 (4096 positions) was planned and trained without a word (the positions past
+    4096 were never trained). The dry run and the run each say so in one warning line; the run still trains."""
+    assert main(["--config", os.path.join(ROOT, "configs/llama2-7b/mntp.yaml"), "--dry-run",
+                 "max_seq_len=16384"]) == 0
+    assert ("WARNING: texts of up to 16384 tokens exceed the model's context window of 4096 positions "
+            "(max_position_embeddings)" in capsys.readouterr().out)
+    assert main(["--config", os.path.join(ROOT, "configs/mistral-7b/supervised.yaml"), "--dry-run",
+                 "contrastive.doc_max_len=40000"]) == 0
+    assert "contrastive.max_len / contrastive.doc_max_len <= 32768" in capsys.readouterr().out
+    cfg = load_config("configs/tiny/mntp.yaml")
+    limit = cfg.model.random_init["max_position_embeddings"]
+    r = run_cmd([sys.executable, "engine/train.py", "--config", "configs/tiny/mntp.yaml", f"output_dir={tmp_path}",
+                 f"max_seq_len={limit + 8}", "max_steps=1", "save_every=0", "eval_every=0"])
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() + r.stdout.splitlines() if "context window" in line]
+    assert len(warned) == 1 and f"{limit + 8} tokens exceed the model's context window of {limit}" in warned[0]
 
 
 def test_the_recipe_configs_are_there():
@@ -201,6 +222,19 @@ def test_full_fine_tuning_reports_its_base_parameters(offline, capsys):
     assert main(["--config", path, "--dry-run", "lora.enabled=false"]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "0.494B base parameters" in out and "full fine-tuning: 494," in out, out
+
+
+def test_a_constant_schedule_prints_no_decay_horizon(offline, capsys):
+    """lr_schedule=constant on a config with lr_decay_epochs printed "decay horizon 3 epochs of the data" for a
+    schedule that never decays."""
+    path = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    assert main(["--config", path, "--dry-run", "lr_schedule=constant"]) == 0
+    out = capsys.readouterr().out
+    assert "schedule: constant, peak 0.0002, warmup 300, no decay, stop at 1000" in out and "decay horizon" not in out
+    assert "WARNING: lr_decay_epochs 3 is ignored: lr_schedule constant does not decay" in out
+    assert main(["--config", path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "decay horizon 3 epochs of the data" in out and "is ignored" not in out
 
 
 def test_offload_params_below_zero_3_is_warned_about(offline, capsys):

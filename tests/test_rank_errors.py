@@ -18,8 +18,9 @@ def test_a_bad_input_every_rank_meets_in_the_run_is_said_once(tmp_path):
                               launcher="deepspeed"), timeout=300)
     lines = [x for x in r.stderr.splitlines() if x.startswith(("error:", "config error:"))]
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
-    assert lines == ["error: batch_size 6 is not divisible by micro_batch_size 2 x world size 2 = 4; choose a "
-                     "batch_size that is a multiple of 4"], r.stderr[-3000:]
+    assert lines == ["error: batch_size 6 is not divisible by micro_batch_size 2 x world size 2 = 4; to keep "
+                     "batch_size 6, micro_batch_size must divide 3 (batch_size / world size): one of 1, 3"], \
+        r.stderr[-3000:]
     assert not out.exists()  # rank 0 removed the folder it made
 
 

@@ -58,7 +58,12 @@ def test_a_schedule_that_defeats_itself_is_warned_about():
     assert "decay reaches 0 at step 20" in w and "the LR is 0 from step 52 to max_steps 100" in w
     f = lr_lambda(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20))
     assert f(50) == 1.0 and f(51) == 0.0  # what the warning says: step 52 (1-based) applies f(51)
-    assert schedule_warnings(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20, lr_schedule="constant")) == []
+    # a horizon under a schedule that does not decay was ignored in silence (and the dry run printed it)
+    (w,) = schedule_warnings(_cfg(warmup_steps=50, max_steps=100, lr_decay_steps=20, lr_schedule="constant"))
+    assert w.startswith("lr_decay_steps 20 is ignored: lr_schedule constant does not decay")
+    (w,) = schedule_warnings(_cfg(max_steps=100, lr_decay_epochs=3, lr_schedule="constant_with_warmup"), 10)
+    assert w.startswith("lr_decay_epochs 3 is ignored: lr_schedule constant_with_warmup does not decay")
+    assert schedule_warnings(_cfg(warmup_steps=5, max_steps=100, lr_schedule="constant")) == []
     (w,) = schedule_warnings(_cfg(warmup_steps=30, max_steps=100, lr_decay_epochs=2), steps_per_epoch=10)
     assert "decay reaches 0 at step 20" in w
     # no warmup, a decay over 3 epochs of 3 steps each and 1000 steps: the LR is 0 from step 10 on
