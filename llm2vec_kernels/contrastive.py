@@ -444,15 +444,16 @@ def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None):
 
 
 @on_input_device
-def _normalize_bwd_(x, inv, gh, scale):
-    """In place: gh (R, E) holding dL/dxhat / scale becomes dL/dx."""
+def _normalize_bwd_(x, inv, gh, scale, out=None):
+    """gh (R, E) holding dL/dxhat / scale becomes dL/dx: in place, or written to ``out`` (another dtype) if given."""
     R, E = x.shape
+    out = gh if out is None else out
     _normalize_bwd_kernel[(triton.cdiv(R, _ROW_BLOCK_R),)](
-        x, inv, gh, gh, scale, R, E,
-        x.stride(0), x.stride(1), gh.stride(0), gh.stride(1), gh.stride(0), gh.stride(1),
+        x, inv, gh, out, scale, R, E,
+        x.stride(0), x.stride(1), gh.stride(0), gh.stride(1), out.stride(0), out.stride(1),
         1.0 / _NORM_EPS,
         BLOCK_R=_ROW_BLOCK_R, BLOCK_E=_ROW_BLOCK_E, num_warps=_ROW_WARPS)
-    return gh
+    return out
 
 
 def _unclamped_scale(inv):
@@ -478,18 +479,24 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
     N = c.shape[0]
     cfg = launch_config(q.dtype, not q.is_cuda)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    buffer_elems = max(1, (buffer_bytes or _BWD_BUFFER_BYTES) // q.element_size())
     # A row whose norm was clamped to eps (a zero embedding) has inv = 1/eps but xhat = 0, so it adds nothing to
     # either product: leave it out of the max and give it scale 0. Else 1/eps would be the max, every other row's
-    # scale ~1e-12, and the (input-dtype) ga/gb buffers would flush to 0 in fp16.
+    # scale ~1e-12: products of such tiny entries lose precision (in fp16 they would flush to 0).
     (a_max, row_scale), (b_max, col_scale) = _unclamped_scale(q_inv), _unclamped_scale(c_inv)
     ones_r = torch.ones(B, dtype=torch.float32, device=q.device)
     ones_c = torch.ones(N, dtype=torch.float32, device=q.device)
     base = grad.to(torch.float32) / (B * temperature)
     scale_q = (base * b_max).reshape(1)
     scale_c = (base * a_max).reshape(1)
-    dq = torch.empty_like(q) if need_q else None
-    dc = torch.empty_like(c) if need_c else None
+    # fp16: the products before the normalisation backward can leave fp16's range where dL/dq, dL/dc do not:
+    # (ga @ c)_i is up to 2 max|c| and (gb^T @ q)_j up to B max|q| (every query's mass on one candidate), so an
+    # element above 65504 / B is enough. Their buffers and products run in fp32 (bf16 and fp32 have the range):
+    # fp32 copies of q and c (B E + N E elements) and fp32 scores buffers, within the same buffer_bytes.
+    work = torch.float32 if q.dtype == torch.float16 else q.dtype
+    q_w, c_w = q.to(work), c.to(work)
+    buffer_elems = max(1, (buffer_bytes or _BWD_BUFFER_BYTES) // torch.empty((), dtype=work).element_size())
+    dq = torch.empty(q.shape, dtype=work, device=q.device) if need_q else None
+    dc = torch.empty(c.shape, dtype=work, device=q.device) if need_c else None
 
     def scores(row0, n_rows, col0, n_cols, out_a, scales_a, out_b=None, scales_b=None):
         grid = (triton.cdiv(n_rows, BM) * triton.cdiv(n_cols, BN),)
@@ -507,7 +514,7 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
 
     def buffer(n_rows, n_cols):
         # row stride padded to 64 elements: aligned, vectorised stores for any N (cuBLAS takes the stride)
-        return torch.empty((n_rows, triton.cdiv(n_cols, 64) * 64), dtype=q.dtype, device=q.device)[:, :n_cols]
+        return torch.empty((n_rows, triton.cdiv(n_cols, 64) * 64), dtype=work, device=q.device)[:, :n_cols]
 
     for_dq, for_dc = (ones_r, col_scale), (row_scale, ones_c)
     n_buffers = int(need_q) + int(need_c)
@@ -519,9 +526,9 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
         else:
             scores(0, B, 0, N, bufs[0], for_dq if need_q else for_dc)
         if need_q:
-            torch.mm(bufs[0], c, out=dq)
+            torch.mm(bufs[0], c_w, out=dq)
         if need_c:
-            torch.mm(bufs[-1].t(), q, out=dc)
+            torch.mm(bufs[-1].t(), q_w, out=dc)
         del bufs
     else:
         if need_q:  # query-row chunks: dq rows are complete after one product
@@ -531,7 +538,7 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
             for r0 in range(0, B, rows):
                 r = min(rows, B - r0)
                 scores(r0, r, 0, N, buf[:r], for_dq)
-                torch.mm(buf[:r], c, out=dq[r0:r0 + r])
+                torch.mm(buf[:r], c_w, out=dq[r0:r0 + r])
             del buf
         if need_c:  # candidate-column chunks: dc rows are complete after one product
             cols = max(1, buffer_elems // B)
@@ -540,12 +547,12 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
             for c0 in range(0, N, cols):
                 n = min(cols, N - c0)
                 scores(0, B, c0, n, buf[:, :n], for_dc)
-                torch.mm(buf[:, :n].t(), q, out=dc[c0:c0 + n])
+                torch.mm(buf[:, :n].t(), q_w, out=dc[c0:c0 + n])
             del buf
     if need_q:
-        _normalize_bwd_(q, q_inv, dq, scale_q)
+        dq = _normalize_bwd_(q, q_inv, dq, scale_q, out=torch.empty_like(q) if work != q.dtype else None)
     if need_c:
-        _normalize_bwd_(c, c_inv, dc, scale_c)
+        dc = _normalize_bwd_(c, c_inv, dc, scale_c, out=torch.empty_like(c) if work != c.dtype else None)
     return dq, dc
 
 

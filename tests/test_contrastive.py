@@ -121,6 +121,45 @@ def test_a_row_below_eps_counts_as_zero_on_both_paths(tiny):
     assert not (ker[1] if tiny == "query" else ker[2])[1].any()  # a zero vector's gradient: none
 
 
+def _far_positive_fp16(B=4, big=60000.0):
+    """fp16 q (B, 2B), d (2B, 2B): query i = e_i + e_{B+i} / 2; its positive big * (e_{B+i} - e_i) sits at cos -0.32,
+    its hard negative big * (e_{B+i} + e_i) at 0.95, so at T = 0.05 G_i = P_i - onehot is about +1 on the negative
+    and -1 on the positive, and (G @ d)_i,i = big - (-big) = 2 big, past fp16's 65504 for any big above ~3.3e4."""
+    E = 2 * B
+    q = torch.zeros(B, E, dtype=torch.float64)
+    d = torch.zeros(2 * B, E, dtype=torch.float64)
+    for i in range(B):
+        q[i, i], q[i, B + i] = 1.0, 0.5
+        d[i, i], d[i, B + i] = -big, big
+        d[B + i, i], d[B + i, B + i] = big, big
+    return q.half(), d.half()
+
+
+@pytest.mark.parametrize("buffer_bytes", [None, 32], ids=["one-pass", "chunks"])
+def test_fp16_embedding_elements_near_the_fp16_max_give_finite_gradients(buffer_bytes):
+    """The fp16 backward multiplied dL/ds by the embeddings in fp16: (G @ d)_i reaches 2 max|d| and (G^T @ q)_j
+    B max|q|, so elements above ~3.3e4 (or 65504 / B) made that product inf, and the normalisation backward turned
+    it into NaN where the fp64 reference is finite (review: every row of dq NaN for elements of 3e4 * randn). The
+    products now run in fp32 for fp16 inputs. Both the one-buffer path and the row / column chunks (buffer_bytes=32:
+    two fp32 elements a chunk) must match the reference, on the constructed worst case and on random elements of
+    that size."""
+    T = 0.05
+    run = lambda a, b: _contrastive_loss_triton(a, b, temperature=T, buffer_bytes=buffer_bytes)  # noqa: E731
+    q, d = _far_positive_fp16()
+    ref = _loss_and_grads(_ref64(T), q, d)
+    tor = _loss_and_grads(lambda a, b: _torch_same_dtype_loss(a.float(), b.float(), T), q, d)
+    _check(_loss_and_grads(run, q, d), tor, ref, torch.float16, T, f"constructed, buffer {buffer_bytes}")
+    # random rows of norm ~2.4e5: every gradient entry (~1e-5) is an fp16 subnormal, so the floor of its error is the
+    # subnormals' spacing, 2^-24
+    g = torch.Generator().manual_seed(0)
+    q, d = [(3e4 * torch.randn(n, 64, generator=g)).clamp(-6e4, 6e4).half() for n in (4, 8)]
+    ker, ref = _loss_and_grads(run, q, d), _loss_and_grads(_ref64(T), q, d)
+    assert abs(float(ker[0] - ref[0])) < 1e-5
+    for k in (1, 2):  # dq, dd
+        assert torch.isfinite(ker[k]).all() and float(ref[k].abs().max()) > 2 ** -17
+        assert float((ker[k] - ref[k]).abs().max()) <= 2 ** -24, k
+
+
 LAUNCHERS = ("_row_inv_norm", "_contrastive_fwd", "_contrastive_bwd", "_normalize_bwd_")
 
 
@@ -324,8 +363,9 @@ def _variants():
         fwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", part_ptr="*fp32", B="i32", N="i32",
                        E="i32", pos_offset="i32", blocks_per_split="i32", num_splits="i32", stride_qb="i32",
                        stride_cn="i32", stride_pk="i32", stride_ps="i32", scale_log2="fp32")
+        work = "*fp32" if dt == torch.float16 else p  # fp16's backward buffers and products are fp32
         bwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", lse2_ptr="*fp32", ra_ptr="*fp32",
-                       ca_ptr="*fp32", ga_ptr=p, rb_ptr="*fp32", cb_ptr="*fp32", gb_ptr=p, row0="i32",
+                       ca_ptr="*fp32", ga_ptr=work, rb_ptr="*fp32", cb_ptr="*fp32", gb_ptr=work, row0="i32",
                        n_rows="i32", col0="i32", n_cols="i32", E="i32", pos_offset="i32", stride_qb="i32",
                        stride_cn="i32", stride_gar="i32", stride_gbr="i32", scale_log2="fp32")
         unit = dict(stride_qe=1, stride_ce=1)
@@ -338,7 +378,7 @@ def _variants():
         out.append((C._row_inv_norm_kernel, dict(x_ptr=p, out_ptr="*fp32", R="i32", E="i32", stride_xr="i32",
                                                  eps="fp32"), dict(rows, stride_xe=1), C._ROW_WARPS, 3, True,
                     f"row_inv_norm {dt}"))
-        out.append((C._normalize_bwd_kernel, dict(x_ptr=p, inv_ptr="*fp32", gh_ptr=p, out_ptr=p, scale_ptr="*fp32",
+        out.append((C._normalize_bwd_kernel, dict(x_ptr=p, inv_ptr="*fp32", gh_ptr=work, out_ptr=p, scale_ptr="*fp32",
                                                   R="i32", E="i32", stride_xr="i32", stride_gr="i32",
                                                   stride_or="i32", inv_eps="fp32"),
                     dict(rows, stride_xe=1, stride_ge=1, stride_oe=1), C._ROW_WARPS, 3, True, f"normalize_bwd {dt}"))

@@ -172,6 +172,32 @@ def test_pairs_without_hard_negatives(tmp_path, monkeypatch):
     assert len(items) == 6 and batch["n_queries"] == 4 and batch["input_ids"].shape[0] == 8  # 4 queries, 4 positives
 
 
+def test_supervised_collate_takes_the_kth_negative_of_each_row_cycling_short_rows():
+    """With num_hard_negatives = n the candidates are [positives; each row's negative 0; ...; each row's negative
+    n-1], a row with fewer than n negatives reusing its own in turn (k mod its count). Every tested row had one
+    negative (the STS conversion), so taking negative 0 n times passed unseen: the second block would repeat the
+    first and each query would see its first hard negative twice and its second never."""
+    import torch
+
+    from engine.config import load_config
+    from engine.modeling import load_tokenizer
+    from engine.stages import build_stage
+
+    cfg = load_config("configs/tiny/supervised.yaml", ["contrastive.num_hard_negatives=2"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    negatives = [["neg 0a", "neg 0b", "neg 0c"], ["neg 1a", "neg 1b"], ["neg 2a"]]
+    items = [{"query": f"query {r}", "positive": f"positive {r}", "negatives": negs, "instruction": "Find: ",
+              "source": "s"} for r, negs in enumerate(negatives)]
+    batch = stage.collate(items, torch.Generator())
+    texts = [tok.decode(ids[:int(am.sum())], skip_special_tokens=True)
+             for ids, am in zip(batch["input_ids"], batch["attention_mask"])]
+    assert batch["n_queries"] == 3 and texts[:3] == ["Find:\nquery 0", "Find:\nquery 1", "Find:\nquery 2"]
+    assert texts[3:] == ["positive 0", "positive 1", "positive 2",
+                         "neg 0a", "neg 1a", "neg 2a",   # negative 0 of each row
+                         "neg 0b", "neg 1b", "neg 2a"]   # negative 1 of each row; row 2 has one: it comes again
+
+
 def test_batch_plan_reports_what_no_batch_holds():
     """Each epoch leaves out every group's last partial batch, and a group smaller than one global batch is never
     trained on: both counted (the trainer logs the summary and warns about the starved sources)."""

@@ -13,6 +13,9 @@ global batch, so:
   rank 0's then rank 1's; dropout off, since the two runs draw it over different micro-batches. With gradient
   caching (chunks of 3, which straddle the rank boundary of the 1-rank batch) and without.
 
+The held-out contrastive loss (Stage.evaluate, no trainer) is compared the same way in-process: two gloo ranks
+(torch.multiprocessing) against one process, on the same batches.
+
 A cross-rank gather without gradient, a wrong positive offset, a loss or gradient averaged the wrong way, or
 masks that depend on the world size all show up here as an O(1) relative difference.
 """
@@ -120,3 +123,55 @@ def test_a_step_without_a_masked_token_anywhere_updates_nothing(tmp_path):
     assert sorted(adapters[0]) == sorted(adapters[1]) and any("lora_A" in k for k in adapters[0])
     for k in adapters[0]:  # weight decay 0.1 would have shrunk lora_A at every step
         assert torch.equal(adapters[0][k], adapters[1][k]), k
+
+
+EVAL_WORLD = 2
+
+
+def _held_out_loss(world, rank):
+    """The supervised stage's held-out loss (Stage.evaluate, as the trainer calls it) on 8 hand-made items, 2
+    micro-batches of 4, with the tiny config's random model (seeded: the same weights in every process)."""
+    from engine.config import load_config
+    from engine.modeling import load_model, load_tokenizer
+    from engine.stages import build_stage
+    from engine.trainer import EngineModule
+
+    from .helpers import PlainEngine
+
+    cfg = load_config("configs/tiny/supervised.yaml", ["micro_batch_size=4", "contrastive.gather_across_ranks=true"])
+    tok = load_tokenizer(cfg.model)
+    stage = build_stage(cfg, tok)
+    topics = ["a cat sleeps on the mat", "the market fell sharply", "rain is expected tomorrow", "he plays guitar"]
+    items = [{"query": f"{topics[i % 4]} ({i})", "positive": f"{topics[i % 4]}, it says", "negatives":
+              [f"not {topics[(i + 1) % 4]} ({i})"], "instruction": "Find: ", "source": "s"} for i in range(8)]
+    model, _ = load_model(cfg.model, "cpu", tok)
+    engine = PlainEngine(EngineModule(model, stage).eval())
+    return stage.evaluate(engine, items, world, rank, max_batches=2)["eval_loss"]
+
+
+def _eval_rank(rank, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=EVAL_WORLD)
+    try:
+        with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(repr(_held_out_loss(EVAL_WORLD, rank)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_held_out_contrastive_loss_on_two_ranks_is_one_process_loss(tmp_path):
+    """Every rank scores the same held-out batches, so the contrastive eval loss must not gather candidates across
+    ranks (ContrastiveStage.evaluating): gathering W copies of one batch repeats each candidate W times and the
+    loss reads about log W too high. No test ran the eval on several ranks, so gathering there passed unseen. Two
+    gloo ranks (gather_across_ranks on, as in training) must each read the loss one process reads."""
+    import torch.multiprocessing as mp
+
+    from engine.distributed import free_port
+
+    mp.spawn(_eval_rank, args=(free_port(), str(tmp_path)), nprocs=EVAL_WORLD, join=True)
+    ranks = [float((tmp_path / f"rank{r}.txt").read_text()) for r in range(EVAL_WORLD)]
+    one = _held_out_loss(1, 0)
+    assert one > 0.1  # a real loss (8 candidates a query), not the 0 of a degenerate batch
+    for loss in ranks:
+        assert loss == pytest.approx(one, rel=1e-5, abs=1e-6), (ranks, one)

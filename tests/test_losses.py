@@ -77,7 +77,9 @@ def _ibn_by_hand(a, b, scores, lam, thr):
 
 
 def test_angle_matches_the_formula_by_hand():
-    lam, thr = 20.0, 2.5
+    """thr equals pair 2's score: positives are the pairs scoring >= positive_min_score, and with a threshold
+    strictly between the scores (it was 2.5) a `>` in place of `>=` passed unseen."""
+    lam, thr = 20.0, 3.0
     g = [_angle_by_hand(a, b) for a, b in zip(A, B)]
     # the real part of the quotient alone is the cosine: check the complex bookkeeping on pair 0
     z0 = [complex(A[0][0], A[0][2]), complex(A[0][1], A[0][3])]
@@ -87,7 +89,8 @@ def test_angle_matches_the_formula_by_hand():
         _cos(A[0], B[0]))
     cos = [_cos(a, b) for a, b in zip(A, B)]
     l_cos = _rank_by_hand(cos, S, lam)
-    l_ibn = _ibn_by_hand(A, B, S, lam, thr)  # pairs 0 and 2 are positives (4.5, 3.0 >= 2.5)
+    l_ibn = _ibn_by_hand(A, B, S, lam, thr)  # pairs 0 and 2 are positives (4.5, 3.0 >= 3.0)
+    assert l_ibn != pytest.approx(_ibn_by_hand(A, B, S, lam, 3.5))  # pair 2 counts
     l_angle = _rank_by_hand(g, S, lam)
     for w in ((1.0, 1.0, 1.0), (0.0, 0.0, 1.0), (0.0, 1.0, 0.0), (0.5, 0.0, 2.0)):
         want = w[0] * l_cos + w[1] * l_ibn + w[2] * l_angle
@@ -96,6 +99,21 @@ def test_angle_matches_the_formula_by_hand():
     # no positive pair: the in-batch term is 0, the rest stays
     got = angle_loss(_t(A), _t(B), _t(S), scale=lam, positive_min_score=10.0)
     assert float(got) == pytest.approx(l_cos + l_angle, rel=1e-12)
+
+
+def test_the_angle_term_is_the_absolute_value_of_re_plus_im():
+    """g = |Re q + Im q|: every pair of the hand test had Re + Im >= 0, so dropping the abs() passed unseen. Here the
+    pair a = (1, 0, 0, 0), b = (-1, 0, 0, 0) (opposite real vectors: Re + Im = -1, g = 1) scores 5 and the pair a,
+    b' = (1, 1, 0, 0) (g = 1/sqrt2) scores 0: ordered as their scores with the abs, reversed (-1 < 0.71) without."""
+    a = [[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
+    b = [[-1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+    s, lam = [5.0, 0.0], 20.0
+    g = [_angle_by_hand(x, y) for x, y in zip(a, b)]
+    assert g == pytest.approx([1.0, 1 / math.sqrt(2)])
+    want = _rank_by_hand(g, s, lam)  # log(1 + exp(20 (1/sqrt2 - 1))) = 0.0028
+    assert want == pytest.approx(math.log1p(math.exp(lam * (1 / math.sqrt(2) - 1))))
+    got = angle_loss(_t(a), _t(b), _t(s), scale=lam, weights=(0.0, 0.0, 1.0))
+    assert float(got) == pytest.approx(want, rel=1e-12)  # without the abs: log(1 + exp(20 * 1.71)) = 34.1
 
 
 def test_losses_backprop_and_reject_bad_shapes():
