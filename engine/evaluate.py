@@ -25,13 +25,16 @@ file and line), fewer than 3 pairs (also after --max-pairs) or one gold score fo
 mteb:STSBenchmarkLocal alike), a gold score that is not finite, an option the task does not use (--max-pairs
 outside mteb:STSBenchmarkLocal, --data with a hub task, --languages outside hub tasks), an unknown language code
 or a task with no subset in the languages asked for, a path that holds no model (empty, an
-unfinished run, another kind of folder), a bad choice, a negative --seed, a --scores file that cannot be written
-(its folder missing), an mteb task whose data cannot be fetched (naming the offline task that works), and a
---compare file that does not hold the same pairs or holds a cosine that is not finite. Cosines of this model that
+unfinished run, another kind of folder), a bad choice, a negative --seed, --bootstrap over 1000000, a --scores file
+that cannot be written (its folder missing) or that names the --data or --compare file, an mteb task whose data
+cannot be fetched (naming the offline task that works), and a --compare file that cannot be read, does not hold the
+same pairs (count, gold scores, sentences), holds a cosine that is not finite or was written before --scores kept
+the sentences' digest (rewrite it). Cosines of this model that
 are not finite (NaN weights, an overflow) leave no score: one line naming how many, exit 1 (after --scores has
 kept them). A figure that is not defined (constant cosines: no rank correlation) is printed as null.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -60,25 +63,44 @@ def sts_scores(encoder, pairs, batch_size=64, instruction=None, cos=None):
             "pairs": len(pairs)}
 
 
-SCORES_HEADER = "pair\tgold\tcosine"
+SCORES_TEXT_HEADER = "pair\tgold\ttext\tcosine"  # what --scores writes (the cosine last, as it was)
+SCORES_HEADER = "pair\tgold\tcosine"  # a file from before the text column: read_scores cannot check its sentences
+
+
+def text_digest(pair):
+    """A pair's ``text`` column in a --scores file: the first 12 hex digits of the SHA-256 of its sentence1, a tab
+    and its sentence2 (UTF-8), so that a file is matched to the sentences it was scored on, not only their golds."""
+    return hashlib.sha256(f"{pair[0]}\t{pair[1]}".encode("utf-8")).hexdigest()[:12]
 
 
 def write_scores(path, pairs, cos):
-    """One line a pair: its index in --data, the gold score and the model's cosine (repr, so it reads back exactly).
-    Written to a temporary name and renamed, so a reader never sees half a file."""
+    """SCORES_TEXT_HEADER, then one line a pair: its index in --data, the gold score, the text digest of its
+    sentences (:func:`text_digest`) and the model's cosine (repr, so that both numbers read back exactly). Written
+    to a temporary name and renamed, so a reader never sees half a file."""
     with atomic_open(path) as f:
-        f.write(SCORES_HEADER + "\n")
+        f.write(SCORES_TEXT_HEADER + "\n")
         for i, (p, c) in enumerate(zip(pairs, cos)):
-            f.write(f"{i}\t{p[2]!r}\t{float(c)!r}\n")
+            f.write(f"{i}\t{p[2]!r}\t{text_digest(p)}\t{float(c)!r}\n")
 
 
-def read_scores(path, pairs):
-    """The cosines of a file from ``--scores``, checked against ``pairs``: the same count and the same gold score on
-    every line, so that two models are compared on the same pairs. Raises ValueError naming the file and line."""
-    with open(path) as f:
-        lines = f.read().splitlines()
-    if not lines or lines[0] != SCORES_HEADER:
-        raise ValueError(f"{path}: not a --scores file (its first line must be {SCORES_HEADER!r})")
+def read_scores(path, pairs, flag="--compare", need_text=False):
+    """The cosines of a file from ``--scores``, checked against ``pairs``: the same count, and on every line the same
+    gold score and the same sentences (the text digest), so that two models are compared on the same pairs. A file
+    written before the text column (SCORES_HEADER) has no sentences to check: refused when ``need_text`` (as
+    --compare does), else checked by gold scores alone. Raises ValueError naming ``flag``, the file and line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:  # a folder, no permission, bytes that are not UTF-8
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"{flag} {path}: cannot be read as a --scores file ({type(e).__name__}: {why})") from None
+    header = lines[0] if lines else None
+    if header == SCORES_HEADER and need_text:
+        raise ValueError(f"{flag} {path}: written before --scores kept each pair's text digest, so its pairs cannot "
+                         f"be checked against --data's sentences: rewrite it with --scores")
+    if header not in (SCORES_TEXT_HEADER, SCORES_HEADER):
+        raise ValueError(f"{path}: not a --scores file (its first line must be {SCORES_TEXT_HEADER!r})")
+    text = header == SCORES_TEXT_HEADER
     rows = lines[1:]
     if len(rows) != len(pairs):
         raise ValueError(f"{path}: {len(rows)} pairs, but --data has {len(pairs)}: score both models on the same file")
@@ -86,14 +108,19 @@ def read_scores(path, pairs):
     for n, (line, p) in enumerate(zip(rows, pairs), start=2):
         parts = line.split("\t")
         try:
-            i, gold, c = int(parts[0]), float(parts[1]), float(parts[2])
-        except (IndexError, ValueError):
-            raise ValueError(f"{path}:{n}: expected 'pair<TAB>gold<TAB>cosine', got {line[:80]!r}") from None
+            if len(parts) != 3 + text:
+                raise ValueError
+            i, gold, c = int(parts[0]), float(parts[1]), float(parts[-1])
+        except ValueError:
+            raise ValueError(f"{path}:{n}: expected {header.replace(chr(9), '<TAB>')!r}, got {line[:80]!r}") from None
         if i != n - 2 or gold != p[2]:
             raise ValueError(f"{path}:{n}: pair {i} with gold {gold:g}, but --data's pair {n - 2} has gold {p[2]:g}: "
                              f"score both models on the same file")
+        if text and parts[2] != text_digest(p):
+            raise ValueError(f"{path}:{n}: pair {i} was scored on other sentences than --data's pair {n - 2} (text "
+                             f"digest {parts[2][:20]!r}, not {text_digest(p)!r}): score both models on the same file")
         if not math.isfinite(c):
-            raise ValueError(f"{path}:{n}: cosine {parts[2]!r} is not finite: that model's scores cannot be compared")
+            raise ValueError(f"{path}:{n}: cosine {parts[-1]!r} is not finite: that model's scores cannot be compared")
         cos.append(c)
     return cos
 
@@ -143,6 +170,7 @@ def model_failed(message):
 
 
 OFFLINE_TASK = "--task mteb:STSBenchmarkLocal --data data/stsbenchmark/sts-dev.csv"
+MAX_BOOTSTRAP = 1_000_000  # engine.stats.MAX_BOOT: named here so the check needs no numpy
 LOCAL_TASK = "mteb:STSBenchmarkLocal"  # engine.mteb_model.LOCAL_STS_NAME: named here so option checks need no mteb
 ENG_BENCHMARK = "MTEB(eng, v1)"  # the benchmark whose English figures the LLM2Vec paper reports
 
@@ -319,7 +347,8 @@ def main(argv=None):
                          "task, else its English-only subsets; all: every subset and split; eng,deu: the subsets "
                          "entirely in those languages)")
     ap.add_argument("--scores", default=None, metavar="FILE",
-                    help="task sts: also write each pair's gold score and cosine to FILE (for --compare)")
+                    help="task sts: also write each pair's gold score, cosine and sentence digest to FILE (for "
+                         "--compare; the format: engine.evaluate.write_scores)")
     ap.add_argument("--bootstrap", type=positive_int, default=None, metavar="N",
                     help="task sts: add a 95%% percentile bootstrap interval over the pairs from N resamples "
                          "(engine.stats; 2000 is plenty)")
@@ -341,10 +370,16 @@ def main(argv=None):
             return fail(f"--device {args.device!r}: {why}")
     if args.bootstrap is not None and args.bootstrap < 100:
         return fail(f"--bootstrap {args.bootstrap}: use at least 100 resamples")
+    if args.bootstrap is not None and args.bootstrap > MAX_BOOTSTRAP:
+        return fail(f"--bootstrap {args.bootstrap}: use at most {MAX_BOOTSTRAP} resamples (2000 is plenty)")
     if args.seed < 0:
         return fail(f"--seed {args.seed}: the bootstrap's seed must be >= 0")
     if args.scores is not None and unwritable(args.scores):  # said now, not after the whole evaluation
         return fail(f"--scores {unwritable(args.scores)}")
+    for flag, path in (("--compare", args.compare), ("--data", args.data)):
+        if args.scores and path and os.path.realpath(args.scores) == os.path.realpath(path):
+            return fail(f"--scores {args.scores} is the {flag} file: writing this model's scores would overwrite it; "
+                        f"name another file")
 
     from engine.data import DataError, read_sts
     from engine.encoder import ModelPathError, check_model_path
@@ -360,7 +395,7 @@ def main(argv=None):
         try:
             pairs = read_sts(args.data)
             check_pairs(args.data, pairs, MIN_PAIRS)
-            other = read_scores(args.compare, pairs) if args.compare is not None else None
+            other = read_scores(args.compare, pairs, need_text=True) if args.compare is not None else None
         except (DataError, OSError, ValueError) as e:
             return fail(e)
     elif not args.task.startswith("mteb:"):

@@ -28,8 +28,8 @@ their own seed's order, each on another sample: their losses do not compare, and
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
 the choice (atomically). A missing or unreadable run (a metrics.csv that is not UTF-8 CSV or has no ``step``
-column), incomparable runs, no finite reading, or a ``--json`` that cannot be written (checked before picking):
-one line, exit 2.
+column, an adapter/engine_encoder.json that is not the record the engine writes), incomparable runs, no finite
+reading, or a ``--json`` that cannot be written (checked before picking): one line, exit 2.
 """
 import csv
 import hashlib
@@ -113,6 +113,14 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise PickError(f"{path}: adapter/engine_encoder.json does not read ({type(e).__name__}: {e})") from None
+    what = ("is not a JSON object" if not isinstance(meta, dict)
+            else f"records step {meta['step']!r}, not a whole number" if "step" in meta
+            and (isinstance(meta["step"], bool) or not isinstance(meta["step"], int))
+            else "records a fingerprint that is not a JSON object" if "fingerprint" in meta
+            and not isinstance(meta["fingerprint"], dict) else None)
+    if what:  # damaged or hand-edited: not the record write_adapter keeps, so not known to be this run's
+        raise PickError(f"{path}: adapter/engine_encoder.json {what}: it is not the record the engine writes, so "
+                        f"adapter/ cannot be checked against the run")
     if "step" in meta and meta["step"] != cfg.max_steps:
         raise PickError(f"{path}: adapter/ holds step {meta['step']}, not the run's last step {cfg.max_steps}: it was "
                         f"left by an earlier run in this folder (this run did not write its own)")

@@ -3,7 +3,8 @@
 An STS score is Spearman's rank correlation rho(s, g) between the model's cosines s_i and the gold scores g_i
 over n pairs. The pairs are a sample, so the figure moves when they are drawn again. The percentile bootstrap
 draws B index vectors I_b (n indices each, with replacement, from a seeded generator), recomputes rho on each
-resample and reports the (1 - level)/2 and (1 + level)/2 quantiles of the B values.
+resample and reports the (1 - level)/2 and (1 + level)/2 quantiles of the B values. The index vectors are drawn
+and scored a chunk at a time (the same vectors as one draw of all B), and B is at most MAX_BOOT.
 
 Two models scored on the same pairs are compared through the paired difference
 d_b = rho(s^A[I_b], g[I_b]) - rho(s^B[I_b], g[I_b]): both models see the same resampled pairs, so the pairs'
@@ -52,10 +53,21 @@ def _check(gold, *preds):
     return gold, out
 
 
-def _draws(n, n_boot, seed):
+MAX_BOOT = 1_000_000  # more resamples move no figure a reader sees; engine.evaluate refuses more before loading
+CHUNK_VALUES = 1 << 22  # index values drawn at once: a few such arrays (32 MiB each) live while a chunk is scored
+
+
+def _resampled(fn, n, n_boot, seed):
+    """``fn(idx)`` of the ``n_boot`` resamples' index rows (``n`` indices each, with replacement), concatenated.
+    The rows come in chunks of about CHUNK_VALUES indices, drawn one after another from one seeded generator:
+    the same rows, so the same result, as one ``(n_boot, n)`` draw, without holding n_boot x n values at once."""
     if n_boot < 100:
         raise ValueError(f"n_boot {n_boot}: use at least 100 resamples")
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    if n_boot > MAX_BOOT:
+        raise ValueError(f"n_boot {n_boot}: use at most {MAX_BOOT} resamples")
+    rng, rows = np.random.default_rng(seed), max(1, CHUNK_VALUES // n)
+    return np.concatenate([fn(rng.integers(0, n, size=(min(rows, n_boot - start), n)))
+                           for start in range(0, n_boot, rows)])
 
 
 def _interval(values, level):
@@ -79,8 +91,7 @@ def bootstrap_spearman(pred, gold, n_boot=2000, level=0.95, seed=0):
     ``{"spearman", "ci", "level", "n_boot", "undefined", "pairs"}``; ``undefined``: the resamples with no rank
     correlation (all-equal scores), left out of the interval."""
     gold, (pred,) = _check(gold, pred)
-    idx = _draws(gold.size, n_boot, seed)
-    boot = _rowwise_spearman(pred[idx], gold[idx])
+    boot = _resampled(lambda idx: _rowwise_spearman(pred[idx], gold[idx]), gold.size, n_boot, seed)
     return {"spearman": spearman(pred, gold), "ci": _interval(boot, level), "level": level, "n_boot": n_boot,
             "undefined": int((~np.isfinite(boot)).sum()), "pairs": int(gold.size)}
 
@@ -90,9 +101,12 @@ def paired_bootstrap(pred_a, pred_b, gold, n_boot=2000, level=0.95, seed=0):
     ``{"difference", "ci", "share_at_or_below_0", "level", "n_boot", "undefined", "pairs"}`` (``undefined`` as in
     :func:`bootstrap_spearman`)."""
     gold, (pred_a, pred_b) = _check(gold, pred_a, pred_b)
-    idx = _draws(gold.size, n_boot, seed)
-    g = gold[idx]
-    d = _rowwise_spearman(pred_a[idx], g) - _rowwise_spearman(pred_b[idx], g)
+
+    def diff(idx):
+        g = gold[idx]
+        return _rowwise_spearman(pred_a[idx], g) - _rowwise_spearman(pred_b[idx], g)
+
+    d = _resampled(diff, gold.size, n_boot, seed)
     fin = d[np.isfinite(d)]
     share = float((fin <= 0).mean()) if fin.size else float("nan")  # every resample undefined: constant scores
     return {"difference": spearman(pred_a, gold) - spearman(pred_b, gold), "ci": _interval(d, level),

@@ -117,3 +117,28 @@ def test_the_dev_score_reads_the_tokens_evaluate_will(tmp_path):
         return sts_scores(Encoder(model, tok, pooling=cfg.contrastive.pooling, **kw), pairs)["spearman"]
 
     assert dev == score() and dev != score(max_length=6)
+
+
+def test_pick_refuses_an_adapter_record_that_is_not_the_engines(tmp_path, capsys):
+    """engine.pick read adapter/engine_encoder.json as a dict with an int step and a dict fingerprint: ``null`` and
+    a string fingerprint were tracebacks, a string step "12" the line 'holds step 12, not the run's last step 12'."""
+    import pytest
+
+    from engine import pick
+
+    from .test_pick import _run
+
+    for n, (meta, what) in enumerate([(None, "is not a JSON object"), ([12], "is not a JSON object"),
+                                      ({"step": 12, "fingerprint": "x"}, "records a fingerprint that is not"),
+                                      ({"step": "12"}, "records step '12', not a whole number"),
+                                      ({"step": True}, "records step True, not a whole number")]):
+        good = _run(tmp_path / str(n), "a", {12: 4.0})
+        bad = _run(tmp_path / str(n), "b", {12: 3.0}, "seed=2")
+        with open(os.path.join(bad, "adapter", "engine_encoder.json"), "w") as f:
+            json.dump(meta, f)
+        with pytest.raises(pick.PickError, match="engine_encoder.json " + what):
+            pick.pick([good, bad])
+        capsys.readouterr()
+        assert pick.main([good, bad]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and err[0].startswith("error: ") and what in err[0], err

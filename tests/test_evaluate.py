@@ -158,3 +158,103 @@ def test_local_mteb_sts_reads_its_file_once(tmp_path, monkeypatch):
     (task,), _ = _mteb_tasks("STSBenchmarkLocal", data, 4, None)
     task.load_data()
     assert reads == [data] and task.dataset["test"]["score"] == [0.0, 1.5, 2.0, 3.5]
+
+
+def _compare(capsys, model, data, other, *extra):
+    """engine.evaluate's JSON result of a --compare run (exit 0 asserted) and its ``compare``."""
+    from engine.evaluate import main
+
+    rc = main(["--model", model, "--data", data, "--compare", other, *extra])
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-2000:]
+    return json.loads(out)["compare"]
+
+
+def test_compare_subtracts_the_other_model_and_follows_the_seed(capsys, tmp_path, stub_model):  # noqa: F811
+    """Nothing checked that --compare reports this model minus the --scores file's (not the reverse) nor that
+    --seed reaches the paired bootstrap: a better model A against a worse file B must come out above 0."""
+    import numpy as np
+
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+
+    model, set_cosines = stub_model
+    rng = np.random.default_rng(0)
+    gold = np.round(rng.uniform(0, 5, 80), 2)
+    data = _sts(tmp_path / "pairs.csv", gold.tolist())
+    set_cosines(gold / 5 + rng.normal(0, 0.1, 80))  # A: close to the golds
+    write_scores(tmp_path / "b.tsv", read_sts(data), (gold / 5 + rng.normal(0, 0.6, 80)).tolist())  # B: noisier
+    one = _compare(capsys, model, data, str(tmp_path / "b.tsv"), "--bootstrap", "500", "--seed", "1")
+    assert one["difference"] > 0 and one["ci"][0] > 0 and one["share_at_or_below_0"] < 0.05, one
+    assert one["n_boot"] == 500 and one["pairs"] == 80
+    assert _compare(capsys, model, data, str(tmp_path / "b.tsv"), "--bootstrap", "500", "--seed", "1") == one
+    two = _compare(capsys, model, data, str(tmp_path / "b.tsv"), "--bootstrap", "500", "--seed", "2")
+    assert two["ci"] != one["ci"] and two["difference"] == one["difference"]
+
+
+def test_compare_checks_the_sentences_not_only_the_golds(capsys, tmp_path, stub_model):  # noqa: F811
+    """A --scores file of other sentences with the same gold scores was compared as if on the same pairs; a file
+    from before the text column cannot be checked, so --compare refuses it and says to rewrite it."""
+    from engine.data import read_sts
+    from engine.evaluate import read_scores, write_scores
+
+    model, set_cosines = stub_model
+    golds = [0.0, 1.5, 2.0, 3.5, 5.0]
+    data = _sts(tmp_path / "five.csv", golds)
+    set_cosines([0.1, 0.3, 0.2, 0.6, 0.9])
+    from engine.evaluate import main
+
+    assert main(["--model", model, "--data", data, "--scores", str(tmp_path / "mine.tsv")]) == 0
+    capsys.readouterr()
+    assert _compare(capsys, model, data, str(tmp_path / "mine.tsv"))["difference"] == 0  # its own file reads back
+    assert _StubEncoder.loads == 2
+    other = read_sts(data)
+    other[3] = ("Another sentence.", other[3][1], other[3][2])  # same gold, other text
+    write_scores(tmp_path / "other.tsv", other, [0.5] * 5)
+    rc, line = _evaluate(capsys, "--model", model, "--data", data, "--compare", str(tmp_path / "other.tsv"))
+    assert rc == 2 and "other.tsv:5: pair 3 was scored on other sentences" in line and _StubEncoder.loads == 2, line
+    lines = (tmp_path / "mine.tsv").read_text().splitlines()
+    assert lines[0] == "pair\tgold\ttext\tcosine" and lines[3].split("\t")[3] == repr(0.2)  # the cosine still last
+    old = [x.split("\t") for x in lines[1:]]
+    (tmp_path / "old.tsv").write_text("pair\tgold\tcosine\n" + "".join(f"{i}\t{g}\t{c}\n" for i, g, _, c in old))
+    rc, line = _evaluate(capsys, "--model", model, "--data", data, "--compare", str(tmp_path / "old.tsv"))
+    assert rc == 2 and "old.tsv: written before --scores kept each pair's text digest" in line, line
+    assert "rewrite it with --scores" in line and _StubEncoder.loads == 2
+    assert read_scores(str(tmp_path / "old.tsv"), read_sts(data)) == [0.1, 0.3, 0.2, 0.6, 0.9]  # benchmark readers
+
+
+@pytest.mark.parametrize("case,message", [
+    ("scores_is_compare", "--scores {p} is the --compare file: writing this model's scores would overwrite it"),
+    ("scores_is_data", "--scores {p} is the --data file"),
+    ("bootstrap_huge", "--bootstrap 1000001: use at most 1000000 resamples"),
+    ("compare_folder", "--compare {p}: cannot be read as a --scores file (IsADirectoryError"),
+    ("compare_not_utf8", "--compare {p}: cannot be read as a --scores file (UnicodeDecodeError"),
+])
+def test_evaluate_refuses_before_the_model_loads(capsys, tmp_path, stub_model, case, message):  # noqa: F811
+    """--scores naming the --compare or --data file overwrote it after the run (compared by real path here: one
+    spelled through '..'); --bootstrap had no cap (resamples x pairs held at once); a --compare folder or non-UTF-8
+    file was a bare OSError or codec line naming neither the flag nor (for the codec) the file."""
+    from engine.data import read_sts
+    from engine.evaluate import write_scores
+
+    model, _ = stub_model
+    data = _sts(tmp_path / "five.csv", [0.0, 1.5, 2.0, 3.5, 5.0])
+    write_scores(tmp_path / "b.tsv", read_sts(data), [0.1, 0.2, 0.3, 0.4, 0.5])
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "bin.tsv").write_bytes(b"pair\tgold\ttext\tcosine\n0\t0.0\t\xff\xfe\t0.5\n")
+    aside = str(tmp_path / "sub" / ".." / "{}")
+    path, args = {
+        "scores_is_compare": (aside.format("b.tsv"), ["--compare", str(tmp_path / "b.tsv")]),
+        "scores_is_data": (aside.format("five.csv"), []),
+        "bootstrap_huge": ("", ["--bootstrap", "1000001"]),
+        "compare_folder": (str(tmp_path / "sub"), []),
+        "compare_not_utf8": (str(tmp_path / "bin.tsv"), []),
+    }[case]
+    if case.startswith("scores"):
+        args += ["--scores", path]
+    elif case.startswith("compare"):
+        args += ["--compare", path]
+    before = {p: (tmp_path / p).read_bytes() for p in ("b.tsv", "five.csv")}
+    rc, line = _evaluate(capsys, "--model", model, "--data", data, *args)
+    assert rc == 2 and message.format(p=path) in line and _StubEncoder.loads == 0, line
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before

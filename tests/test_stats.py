@@ -147,3 +147,60 @@ def test_resamples_without_a_correlation_are_counted_not_hidden():
     assert one["n_boot"] == two["n_boot"] == 1000 and all(np.isfinite(one["ci"]))
     full = bootstrap_spearman(pred_a, np.arange(8.0), n_boot=200)
     assert full["undefined"] == 0
+
+
+def _scipy_spearman(pred, gold):
+    """scipy's Spearman x 100, NaN where it is undefined (a constant side)."""
+    if np.ptp(pred) == 0 or np.ptp(gold) == 0:
+        return float("nan")
+    return 100 * spearmanr(pred, gold).statistic
+
+
+def test_the_share_at_or_below_0_counts_the_defined_resamples_only():
+    """``(d <= 0).mean()`` over every resample (the undefined ones counted as above 0) survived the tests: here
+    some resamples are undefined (all-equal golds) and some defined ones have d <= 0, and the share, interval and
+    count are set against scipy's Spearman on the same index rows."""
+    rng = np.random.default_rng(4)
+    gold = np.r_[np.zeros(6), 1.0, 2.0]
+    pred_a, pred_b = rng.standard_normal(8), rng.standard_normal(8)
+    r = paired_bootstrap(pred_a, pred_b, gold, n_boot=1000, seed=9)
+    idx = np.random.default_rng(9).integers(0, 8, size=(1000, 8))
+    d = np.array([_scipy_spearman(pred_a[i], gold[i]) - _scipy_spearman(pred_b[i], gold[i]) for i in idx])
+    fin = d[np.isfinite(d)]
+    assert 50 < d.size - fin.size == r["undefined"] and 0.2 < (fin <= 0).mean() < 0.8
+    assert ((fin == 0) | (np.abs(fin) > 1e-6)).all() and (fin == 0).any()  # ties at 0 exactly: <= counts them
+    assert r["share_at_or_below_0"] == pytest.approx((fin <= 0).mean(), abs=1e-12)
+    assert r["ci"] == pytest.approx(np.quantile(fin, [0.025, 0.975]).tolist(), abs=1e-9)
+
+
+def test_resamples_are_scored_in_chunks_with_the_same_draws(monkeypatch):
+    """Every resample's indices were drawn at once (n_boot x n int64, then the gathered scores and their ranks:
+    2 GB and more at 20000 x 1379 pairs). Chunks drawn one after another from the one generator give the very same
+    figures, and hold little memory at a time."""
+    import tracemalloc
+
+    import engine.stats
+
+    rng = np.random.default_rng(6)
+    gold = rng.standard_normal(200)
+    a, b = _noisy(rng, gold, 0.8), _noisy(rng, gold, 1.2)
+    whole = paired_bootstrap(a, b, gold, n_boot=5000, seed=5), bootstrap_spearman(a, gold, n_boot=5000, seed=5)
+    monkeypatch.setattr(engine.stats, "CHUNK_VALUES", 1000, raising=False)  # 5 resamples a chunk
+    tracemalloc.start()
+    try:
+        chunked = paired_bootstrap(a, b, gold, n_boot=5000, seed=5), bootstrap_spearman(a, gold, n_boot=5000, seed=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert chunked == whole  # bit for bit
+    assert peak < 4e6, peak  # one draw of 5000 x 200 indices alone is 8 MB
+    with pytest.raises(ValueError, match="at most 1000000"):
+        bootstrap_spearman(gold, gold, n_boot=1_000_001)
+
+
+def test_the_cli_cap_on_resamples_is_the_maths_cap():
+    """engine.evaluate refuses --bootstrap above MAX_BOOTSTRAP before the model loads (without importing numpy);
+    engine.stats refuses above MAX_BOOT: the two must be one figure."""
+    from engine import evaluate, stats
+
+    assert evaluate.MAX_BOOTSTRAP == stats.MAX_BOOT
