@@ -500,6 +500,7 @@ def test_a_run_on_a_gpu_too_small_for_its_base_stops_before_the_trainer_starts(m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=12 * gib))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # dtype auto: bf16
 
     def trainer_started(cfg):
         raise AssertionError("the trainer started: the weights would load")
