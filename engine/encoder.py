@@ -94,16 +94,32 @@ def _is_adapter(name):
 
 
 def _llm2vec_settings(folder):
+    """Pooling, max_length, doc_max_length and skip_instruction from a folder's ``llm2vec_config.json``, each
+    type-checked here (ValueError naming the file and field), before any weights load."""
     s = {}
     p = os.path.join(folder, "llm2vec_config.json")
     if os.path.isfile(p):
         lc = _read_json(p)
+        if not isinstance(lc, dict):
+            raise ValueError(f"{p}: expected a JSON object, got {type(lc).__name__}")
+
+        def bad(field, want):
+            return ValueError(f"{p}: {field} must be {want}, got {lc[field]!r}")
+
         if "pooling_mode" in lc:
+            if not isinstance(lc["pooling_mode"], str):
+                raise bad("pooling_mode", f"a string (one of {sorted(_LLM2VEC_POOLING)})")
             s["pooling"] = _LLM2VEC_POOLING.get(lc["pooling_mode"], lc["pooling_mode"])
-        for k_in, k_out in (("max_length", "max_length"), ("doc_max_length", "doc_max_length"),
-                            ("skip_instruction", "skip_instruction")):
-            if k_in in lc:
-                s[k_out] = lc[k_in]
+        for field, none_ok in (("max_length", False), ("doc_max_length", True)):
+            if field in lc:
+                v = lc[field]
+                if not (v is None and none_ok) and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                    raise bad(field, "a positive integer" + (" or null" if none_ok else ""))
+                s[field] = v
+        if "skip_instruction" in lc:
+            if not isinstance(lc["skip_instruction"], bool):
+                raise bad("skip_instruction", "true or false")
+            s["skip_instruction"] = lc["skip_instruction"]
     return s
 
 

@@ -415,7 +415,7 @@ def _content_revision(folder):
 
 
 def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, adapter=None,
-           drop_chat_wrap=False, model_name=None):
+           drop_chat_wrap=False, model_name=None, allow_mismatch=False):
     """Write the export folder; returns its metadata dict. A training run folder exports its ``best/`` adapter
     when it kept one (``adapter="last"``: ``adapter/``). Checked before any model loads: the model path, that the
     model can be expressed as sentence-transformers modules, and that ``out`` may be written (``check_output``).
@@ -425,7 +425,10 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
     model's own instruction as ``query``. A model encoded with a chat wrap (the one its run trained with) cannot be
     expressed as sentence-transformers prompts (the wrap's tail follows the text): ExportError, unless
     ``drop_chat_wrap`` (the export then encodes unwrapped, which its metadata and card say).
-    ``model_name``: the name mteb files results under (default ``llm2vec-engine/<out folder name>``)."""
+    ``model_name``: the name mteb files results under (default ``llm2vec-engine/<out folder name>``).
+    A weighted_mean model with an instruction: ExportError (sentence-transformers weighs a prompted text's tokens
+    otherwise, so its embeddings would differ from engine.Encoder's), unless ``allow_mismatch``
+    (``--allow-mismatch``; the MTEB wrapper then files its scores under a revision of its own)."""
     from .encoder import chat_for, resolve_chain
 
     info = resolve_chain(model, adapter=adapter)
@@ -443,6 +446,12 @@ def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite
         raise ExportError("this model was trained and encodes with causal attention (model.bidirectional: false); "
                           "the export writes a bidirectional encoder (is_causal: false), which would embed "
                           "differently. Use engine.Encoder for this model")
+    if pooling == "weighted_mean" and s.get("instruction") and not allow_mismatch:
+        raise ExportError(f"weighted_mean pooling with the instruction {s['instruction']!r}: sentence-transformers "
+                          f"weighs a prompted text's tokens by their position in the whole sequence, the engine by "
+                          f"their rank among the text's tokens, so the export would embed differently from "
+                          f"engine.Encoder. Use engine.Encoder, or pass allow_mismatch=True (--allow-mismatch) to "
+                          f"export it anyway")
     if s.get("skip_instruction") is False:
         raise ExportError("skip_instruction=False (instruction tokens pooled) has no sentence-transformers "
                           "equivalent with prompts")
@@ -501,7 +510,8 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     if pooling == "weighted_mean":
         warnings.warn("weighted_mean: sentence-transformers weighs a prompted text's tokens by their position in the "
                       "whole sequence, the engine (as llm2vec) by their rank among the pooled tokens: with a prompt "
-                      "the export's embeddings differ from engine.Encoder's (without one they agree)")
+                      "(the instruction, an mteb task's) the export's embeddings differ from engine.Encoder's "
+                      "(without one they agree); the MTEB wrapper files its scores under a revision of its own")
     model_type = enc_model.config.model_type
     servers = CAUSAL_ONLY_SERVERS.get(model_type, [])
     if servers:
@@ -609,6 +619,10 @@ def main(argv=None):
                                                              f"{EXPORT_MARKER})")
     ap.add_argument("--drop-chat-wrap", action="store_true",
                     help="export a model trained with a chat wrap anyway, unwrapped (its embeddings then differ)")
+    ap.add_argument("--allow-mismatch", action="store_true",
+                    help="export a weighted_mean model trained with an instruction anyway (refused otherwise): "
+                         "sentence-transformers weighs prompted tokens differently, so its embeddings of prompted "
+                         "texts differ from engine.Encoder's (the MTEB wrapper files its scores apart)")
     args = ap.parse_args(argv)
     try:
         import sentence_transformers  # noqa: F401
@@ -618,7 +632,7 @@ def main(argv=None):
 
     try:
         meta = export(args.model, args.out, args.dtype, args.normalize, args.max_length, args.overwrite, args.adapter,
-                      drop_chat_wrap=args.drop_chat_wrap)
+                      drop_chat_wrap=args.drop_chat_wrap, allow_mismatch=args.allow_mismatch)
     except (ExportError, FileNotFoundError, ValueError, ModelLoadError) as e:
         return fail(e)
     except Exception as e:  # a full disk (OSError, or safetensors' own error), an unwritable folder: named, nothing

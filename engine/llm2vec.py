@@ -14,6 +14,9 @@ skip_instruction=..., **model kwargs)``, ``encode(sentences, batch_size=32, show
 convert_to_numpy=False, convert_to_tensor=False, device=None)``, ``save(output_path, merge_before_save=False,
 save_config=True)``); ``engine.Encoder`` keeps sentence-transformers' conventions (numpy by default) instead.
 
+As in llm2vec, ``encode`` gives a plain string no instruction (``["", text]``); a model's default instruction
+(a run's, recorded by ``save``) is ``Encoder.encode``'s default, not this class's.
+
 What differs from llm2vec, on purpose: texts are read with the engine's one rule
 (``engine.encoding.tokenize_for_encoding``: the instruction ends in a newline, not a space, and an EOS token is
 appended and pooled), so training, this class, ``Encoder`` and an exported folder embed identically; adapters are
@@ -42,6 +45,34 @@ def _check_kwargs(where, kwargs, allowed):
     bad = sorted(set(kwargs) - set(allowed))
     if bad:
         raise TypeError(f"{where}: unsupported keyword argument(s) {bad}; this drop-in supports {sorted(allowed)}")
+
+
+def _run_above(path):
+    """The nearest folder above ``path`` that is a training run's ``output_dir`` with its adapters or checkpoints
+    in it (``adapter/`` or ``best/`` adapters, or ``config.yaml`` and ``checkpoints/``), else None."""
+    from .encoder import RUN_ADAPTERS, _no_model_files
+
+    a = os.path.dirname(path)
+    while a != os.path.dirname(a):
+        if _no_model_files(a) and (
+                any(os.path.isfile(os.path.join(a, d, "adapter_config.json")) for d in RUN_ADAPTERS.values()) or
+                (os.path.isfile(os.path.join(a, "config.yaml")) and os.path.isdir(os.path.join(a, "checkpoints")))):
+            return a
+        a = os.path.dirname(a)
+    return None
+
+
+def _same_adapter_files(source, folder):
+    """Whether ``folder`` holds exactly the adapter files a save copies from ``source`` (an earlier save of this
+    adapter, or another rank's), byte for byte."""
+    import filecmp
+
+    if not source:
+        return False
+    names = [f for f in os.listdir(source) if f.startswith("adapter_") and os.path.isfile(os.path.join(source, f))]
+    return bool(names) and all(os.path.isfile(os.path.join(folder, f)) and
+                               filecmp.cmp(os.path.join(source, f), os.path.join(folder, f), shallow=False)
+                               for f in names)
 
 
 class LLM2Vec:
@@ -117,24 +148,28 @@ class LLM2Vec:
     def encode(self, sentences, batch_size=32, show_progress_bar=True, convert_to_numpy=False,
                convert_to_tensor=False, device=None):
         """Embeddings of ``sentences`` (a string, strings, or ``[instruction, text]`` pairs): a float32 CPU
-        ``torch.Tensor`` (N, H), or numpy with ``convert_to_numpy=True`` (``convert_to_tensor=True`` wins)."""
+        ``torch.Tensor`` (N, H), or numpy with ``convert_to_numpy=True`` (``convert_to_tensor=True`` wins).
+        As in llm2vec, a plain string is ``["", text]``: no instruction, not even the model's default one (which
+        ``Encoder.encode`` applies), so ``encode(documents)`` embeds documents plain; a pair keeps its own."""
         self._sync()
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         as_numpy = bool(convert_to_numpy) and not convert_to_tensor
         emb = self.encoder.encode(sentences, batch_size=batch_size, show_progress_bar=show_progress_bar,
-                                  convert_to_numpy=False, convert_to_tensor=True, device=device)
+                                  convert_to_numpy=False, convert_to_tensor=True, device=device, instruction="")
         if isinstance(sentences, str):
             emb = emb.unsqueeze(0)  # llm2vec treats a lone string as a list of one
         emb = emb.to(torch.float32).cpu()
         return emb.numpy() if as_numpy else emb
 
-    def _check_save_target(self, output_path):
+    def _check_save_target(self, output_path, merge_before_save=False):
         """A save writes into ``output_path`` in place (llm2vec's behaviour), so it must not be, hold or lie inside
-        a folder this model was loaded from, nor a training run folder: full weights saved into a run make it a
-        model folder (Encoder and the export would then load them instead of its best/ adapter), and an adapter
-        saved onto its own folder fails half-way (copying a file onto itself). ValueError, before anything is
-        written."""
+        a folder this model was loaded from, nor be or lie inside a training run folder (its ``best/``,
+        ``adapter/``, a checkpoint), nor hold another model's adapter (``adapter_config.json`` other than the one
+        this save copies, or a run's ``engine_encoder.json``): full weights saved into a run make it a model folder
+        (Encoder and the export would then load them instead of its best/ adapter), a save into another run's
+        ``best/`` replaces the adapter that run selected, and an adapter saved onto its own folder fails half-way
+        (copying a file onto itself). ValueError, before anything is written."""
         from .encoder import _holds_run_adapters, run_folder
         from .export import overlapping_folder
 
@@ -150,6 +185,15 @@ class LLM2Vec:
                              f"save to a folder of its own")
         if os.path.isdir(p) and _holds_run_adapters(p):
             raise ValueError(f"LLM2Vec.save: {output_path} is a training run folder: save to a folder of its own")
+        run = run_folder(p) or _run_above(p)
+        if run:
+            raise ValueError(f"LLM2Vec.save: {output_path} lies inside the training run folder {run}: save to a "
+                             f"folder of its own")
+        theirs = [f for f in ("engine_encoder.json", "adapter_config.json") if os.path.isfile(os.path.join(p, f))]
+        if theirs and not (theirs == ["adapter_config.json"] and not merge_before_save and
+                           _same_adapter_files(self._unmerged_adapter, p)):
+            raise ValueError(f"LLM2Vec.save: {output_path} holds another model's {theirs[0]}: save to a folder of "
+                             f"its own")
 
     def save(self, output_path, merge_before_save=False, save_config=True):
         """llm2vec's save: full (merged) weights and the tokenizer, or, for a model loaded with ``merge_peft=False``
@@ -159,7 +203,7 @@ class LLM2Vec:
         from .files import sync_folder, sync_tree
 
         self._sync()
-        self._check_save_target(output_path)
+        self._check_save_target(output_path, merge_before_save)
         final = os.path.normpath(os.path.expanduser(str(output_path)))
         if os.path.exists(final):
             self._write(final, merge_before_save, save_config)

@@ -8,10 +8,13 @@
 
 Both give the same score: every task gets its prompt from one dict (:func:`engine.task_instructions.mteb_prompts`,
 llm2vec's 67 instructions keyed as mteb reads a model's ``prompts``), which the export carries in its
-``config_sentence_transformers.json`` and this wrapper resolves with mteb's own lookup. A task the dict does not
-cover gets the model's own instruction where the export's ``default_prompt_name`` applies it (a task without a
-prompt type, for a model trained with an instruction), else mteb's own instruction for it here
-(``task_metadata.prompt``), which the export does not have.
+``config_sentence_transformers.json`` and this wrapper resolves with mteb's own lookup. Over an export, the wrapper
+takes the export's recorded prompts and applies them as sentence-transformers does (:func:`export_prompt_for`), so
+both paths embed every side of every task alike. Over a run or an adapter, a task the dict does not cover gets the
+model's own instruction where an export's ``default_prompt_name`` would apply it (a task without a prompt type, for
+a model trained with an instruction), else mteb's own instruction for it (``task_metadata.prompt``; never on the
+documents of a retrieval or reranking task), which an export does not have: such a model is filed under its own
+revision (``local-...``), never an export's.
 
 mteb names a model's results (and its cache folder) after ``ModelMeta.name`` / ``revision``, and its cache hands
 back a task's stored result by task name. This wrapper carries a real ``ModelMeta`` whose revision is a
@@ -39,10 +42,14 @@ TASK_INSTRUCTIONS[LOCAL_STS_NAME] = TASK_INSTRUCTIONS["STSBenchmark"]
 
 
 def mteb_own_instruction(task_metadata, prompt_type=None):
-    """mteb's instruction for a task (``TaskMetadata.prompt``: a string, or one per prompt type), else ''."""
+    """mteb's instruction for a task (``TaskMetadata.prompt``: a string, or one per prompt type), else ''. The
+    documents of a retrieval or reranking task get '' (llm2vec encodes them plain; mteb's plain-string prompt is the
+    query's)."""
+    key = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
+    if key == PromptType.document.value and getattr(task_metadata, "type", None) in ASYMMETRIC_TYPES:
+        return ""
     p = getattr(task_metadata, "prompt", None)
     if isinstance(p, dict):
-        key = prompt_type.value if isinstance(prompt_type, PromptType) else prompt_type
         p = p.get(key or PromptType.query.value)
     return p if isinstance(p, str) else ""
 
@@ -62,6 +69,25 @@ def prompt_for(prompts, task_metadata, prompt_type=None):
     if pt is None and prompts.get("query"):
         return prompts["query"]
     return instruction_prefix(mteb_own_instruction(task_metadata, pt))
+
+
+def export_prompt_for(prompts, task_metadata, prompt_type=None, default=""):
+    """The prompt sentence-transformers applies to one side of a task for an export with these ``prompts`` and
+    default prompt ``default`` (as mteb's ``SentenceTransformerEncoderWrapper`` calls it): the entry mteb's lookup
+    picks, else ``encode_query``'s ``query`` prompt / ``encode_document``'s ``document`` (``passage``, ``corpus``)
+    one, else the default prompt. Never mteb's own instruction: the export does not have it."""
+    from mteb.models.abs_encoder import AbsEncoder
+
+    pt = PromptType(prompt_type) if isinstance(prompt_type, str) else prompt_type
+    valid = AbsEncoder.validate_task_to_prompt_name(prompts, raise_for_invalid_keys=False)[0] or {}
+    name = get_prompt_name(valid, task_metadata, pt)
+    if name is not None:
+        return valid[name] or ""
+    sides = {PromptType.query: ("query",), PromptType.document: ("document", "passage", "corpus")}
+    for side in sides.get(pt, ()):
+        if side in prompts:
+            return prompts[side] or ""
+    return default or ""
 
 
 def with_subtasks(table):
@@ -93,8 +119,10 @@ class EngineMTEBModel(AbsEncoder):
     aggregate task's name covers the tasks it is made of). ``name`` / ``revision``: what mteb files (and caches)
     the results under. Default: an export's recorded name and revision (its content hash) when it is loaded as
     exported (no settings but ``dtype``; in another dtype than the export's, which computes other numbers, the
-    revision gets that dtype appended: ``<hash>-bf16``); else ``llm2vec-engine/<folder name>`` and
-    ``local-<fingerprint>`` (:func:`encoder_fingerprint`: the weights, settings and prompts), so mteb's result
+    revision gets that dtype appended: ``<hash>-bf16``; a weighted_mean export, whose prompted embeddings
+    sentence-transformers computes otherwise, gets :data:`WEIGHTED_MEAN_TAG`); else
+    ``llm2vec-engine/<folder name>`` and ``local-<fingerprint>`` (:func:`encoder_fingerprint`: the weights,
+    settings and prompts), so mteb's result
     cache never hands one model's score to another (another adapter of the run, a retrained run in the same
     folder, another ``Encoder``)."""
 
@@ -114,8 +142,18 @@ class EngineMTEBModel(AbsEncoder):
                     loaded = str(next(self.encoder.model.parameters()).dtype).replace("torch.", "")
                     same = loaded == export_dtype(model)
                     revision = recorded[1] if same else f"{recorded[1]}-{_DTYPE_TAGS.get(loaded, loaded)}"
+                    if self.encoder.pooling == "weighted_mean":  # sentence-transformers weighs prompted texts
+                        revision += WEIGHTED_MEAN_TAG  # otherwise: never the export's cache entry
         self.model = self.encoder
-        self.prompts = mteb_prompts(self.encoder.default_instruction, with_subtasks(instructions))
+        folder_prompts = getattr(self.encoder, "folder_prompts", None)
+        # over an export: its recorded prompts, applied as sentence-transformers applies them (export_prompt_for)
+        self.as_export = folder_prompts is not None and not instructions
+        if self.as_export:
+            self.prompts = dict(folder_prompts)
+            if self.encoder.default_instruction:  # from_pretrained(instruction=...) overrides the folder's
+                self.prompts["query"] = instruction_prefix(self.encoder.default_instruction)
+        else:
+            self.prompts = mteb_prompts(self.encoder.default_instruction, with_subtasks(instructions))
         if revision is None:  # mteb caches results by (name, revision): the revision names what this model computes
             revision = "local-" + encoder_fingerprint(self.encoder, self.prompts)
         base = os.path.basename(os.path.normpath(str(path))) or "encoder"
@@ -130,7 +168,11 @@ class EngineMTEBModel(AbsEncoder):
 
     def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs):
         texts = [t for batch in inputs for t in batch["text"]]
-        prompt = prompt_for(self.prompts, task_metadata, prompt_type)
+        if self.as_export:
+            prompt = export_prompt_for(self.prompts, task_metadata, prompt_type,
+                                       instruction_prefix(self.encoder.default_instruction))
+        else:
+            prompt = prompt_for(self.prompts, task_metadata, prompt_type)
         emb = self.encoder.encode(texts, instruction=prompt, batch_size=kwargs.get("batch_size", 32),
                                   show_progress_bar=kwargs.get("show_progress_bar", False))
         return np.asarray(emb, dtype=np.float32)
@@ -159,6 +201,10 @@ def encoder_fingerprint(encoder, prompts):
 
 
 _DTYPE_TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# appended to a weighted_mean export's revision in this wrapper: sentence-transformers weighs a prompted text's
+# tokens by their position in the whole sequence, the engine by their rank among the pooled tokens, so the two
+# paths' embeddings differ wherever a prompt applies (``engine.export`` refuses an instruction unless forced)
+WEIGHTED_MEAN_TAG = "-engine-weighted-mean"
 
 
 def _export_meta(folder):

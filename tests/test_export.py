@@ -616,3 +616,71 @@ def test_an_export_is_readable_by_the_account_it_is_handed_to(tmp_path, tok):
     modes = {n: oct(os.stat(tmp_path / "exp" / n).st_mode & 0o777) for n in os.listdir(tmp_path / "exp")
              if n.endswith(".safetensors")}
     assert modes == {"model.safetensors": oct(0o644)}, modes
+
+
+def _adapter(root, tok, llm2vec_config=None, instruction=None):
+    """A base and one adapter on it, with the given llm2vec_config.json and recorded instruction."""
+    from transformers import LlamaForCausalLM
+
+    base, sup = os.path.join(root, "base"), os.path.join(root, "sup")
+    if not os.path.isdir(base):
+        _save_base(base, tok)
+    _save_adapter(LlamaForCausalLM.from_pretrained(base), sup, base, seed=1)
+    if llm2vec_config is not None:
+        with open(os.path.join(sup, "llm2vec_config.json"), "w") as f:
+            json.dump(llm2vec_config, f)
+    if instruction is not None:
+        with open(os.path.join(sup, "engine_text.json"), "w") as f:
+            json.dump({"chat": None, "instruction": instruction}, f)
+    return sup
+
+
+def test_weighted_mean_with_an_instruction_is_refused_unless_forced(tmp_path, tok, capsys):
+    """A weighted_mean model with an instruction was exported with a warning only, though sentence-transformers
+    weighs a prompted text's tokens otherwise (its embeddings differed from Encoder's by 0.13-0.28). Refused in one
+    line, exit 2, unless --allow-mismatch; a forced export is then filed by the MTEB wrapper under a revision of its
+    own, never the export's (sentence-transformers') cache entry."""
+    from engine.export import export, main
+
+    sup = _adapter(str(tmp_path), tok, {"pooling_mode": "weighted_mean"}, INSTR)
+    out = str(tmp_path / "exp")
+    capsys.readouterr()  # the set-up's progress bars
+    rc, err = _export_cli(capsys, "--model", sup, "--out", out)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert "weighted_mean" in err[0] and "--allow-mismatch" in err[0] and not os.path.exists(out)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--allow-mismatch" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="weighted_mean"):
+        export(sup, out, allow_mismatch=True)
+    from engine.mteb_model import WEIGHTED_MEAN_TAG, EngineMTEBModel, export_identity, load_export
+
+    name, rev = export_identity(out)
+    st = load_export(out, device="cpu")
+    assert (st.model_card_data.model_name, st.model_card_data.base_model_revision) == (name, rev)
+    meta = EngineMTEBModel(out, device="cpu").mteb_model_meta
+    assert (meta.name, meta.revision) == (name, rev + WEIGHTED_MEAN_TAG)
+    enc = Encoder.from_pretrained(out, device="cpu")
+    assert np.abs(st.encode(TEXTS, prompt_name="query") - enc.encode(TEXTS, prompt_name="query")).max() > 1e-3
+
+
+@pytest.mark.parametrize("config, field", [({"pooling_mode": ["mean"]}, "pooling_mode"),
+                                           ({"max_length": "64"}, "max_length"),
+                                           ({"doc_max_length": "x"}, "doc_max_length")])
+def test_a_malformed_llm2vec_config_is_one_line_before_the_weights_load(tmp_path, tok, capsys, monkeypatch, config,
+                                                                         field):
+    """A wrongly typed field of llm2vec_config.json reached a comparison or a dict lookup: a TypeError traceback,
+    exit 1 (after the weights had loaded, for doc_max_length). Now one line naming the file and field, exit 2,
+    before any weights load."""
+    import engine.encoder
+
+    def no_weights(*a, **k):
+        raise AssertionError("the weights loaded")
+
+    monkeypatch.setattr(engine.encoder, "load_encoder_model", no_weights)
+    sup = _adapter(str(tmp_path), tok, config)
+    capsys.readouterr()  # the set-up's progress bars
+    rc, err = _export_cli(capsys, "--model", sup, "--out", str(tmp_path / "exp"))
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert os.path.join(sup, "llm2vec_config.json") in err[0] and field in err[0], err
+    assert not os.path.exists(tmp_path / "exp")

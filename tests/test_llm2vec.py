@@ -57,6 +57,10 @@ def test_llm2vec_readme_usage_verbatim(chain):
 
 
 def test_llm2vec_keywords_settings_and_save(tmp_path, chain):
+    """llm2vec's keywords, settings and save. A plain string gets no instruction, as in llm2vec (a string is
+    ``["", text]``): the drop-in gave it the model's default instruction, so llm2vec's README pattern
+    ``encode(documents)`` encoded a run's documents with its query instruction. The instruction is still saved,
+    for ``Encoder``, whose default it stays."""
     mntp, sup = chain
     with pytest.raises(TypeError, match="attn_implementation"):
         LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, attn_implementation="eager")
@@ -90,14 +94,17 @@ def test_llm2vec_keywords_settings_and_save(tmp_path, chain):
     torch.testing.assert_close(full.encode(texts), ref, atol=1e-5, rtol=0)
     l2v.save(str(tmp_path / "no-config"), merge_before_save=True, save_config=False)
     assert "llm2vec_config.json" not in os.listdir(tmp_path / "no-config")
-    # a run's recorded instruction (plain strings are encoded with it) survives the save
+    # a run's recorded instruction survives the save; plain strings get none here (llm2vec), Encoder applies it
     l2v.encoder.default_instruction = "Retrieve a sentence with the same meaning: "
-    inst = l2v.encode(["a dog runs"])
-    assert (inst - l2v.encode([["", "a dog runs"]])).abs().max() > 1e-4
+    plain = l2v.encode(["a dog runs"])
+    torch.testing.assert_close(plain, l2v.encode([["", "a dog runs"]]), atol=1e-6, rtol=0)
+    inst = l2v.encode([[l2v.encoder.default_instruction, "a dog runs"]])  # a pair keeps its instruction
+    assert (inst - plain).abs().max() > 1e-4
     l2v.save(str(tmp_path / "instructed"), merge_before_save=True)
     again = LLM2Vec.from_pretrained(str(tmp_path / "instructed"), device_map="cpu")
     assert again.encoder.default_instruction == l2v.encoder.default_instruction
-    torch.testing.assert_close(again.encode(["a dog runs"]), inst, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again.encode(["a dog runs"]), plain, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(again.encoder.encode(["a dog runs"]), inst.numpy(), atol=1e-5, rtol=0)
 
 
 def test_an_engine_export_is_not_cut_at_llm2vecs_400_tokens(tmp_path, chain):
@@ -138,6 +145,43 @@ def test_save_refuses_the_folders_the_model_came_from(tmp_path, chain):
     assert sorted(os.listdir(run)) == ["adapter"]
     l2v.save(str(tmp_path / "elsewhere" / "mine"))  # a folder of its own
     assert "adapter_config.json" in os.listdir(tmp_path / "elsewhere" / "mine")
+
+
+def test_save_refuses_a_folder_inside_a_training_run_or_holding_another_adapter(tmp_path, chain):
+    """Only a run folder itself was refused: a save into another run's best/ replaced the adapter that run had
+    selected (Encoder and the export of that run then loaded this model), and a save into a checkpoint or a
+    folder holding another adapter mixed two models' files. Refused before anything is written; saving this
+    model's own adapter again into its earlier save still works."""
+    import hashlib
+    import shutil
+
+    mntp, sup = chain
+    run = tmp_path / "other" / "run"
+    for d in ("best", "adapter", "checkpoints/step_0000003/adapter"):
+        shutil.copytree(mntp, run / d)
+    (run / "config.yaml").write_text("stage: simcse\n")
+    theirs = tmp_path / "theirs"
+    shutil.copytree(mntp, theirs)
+
+    def digest():
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted((tmp_path / "other").rglob("*"))
+                                       if p.is_file())).hexdigest()
+
+    before, theirs_before = digest(), sorted(os.listdir(theirs))
+    l2v = LLM2Vec.from_pretrained(mntp, peft_model_name_or_path=sup, merge_peft=False, device_map="cpu")
+    for target in ("best", "adapter", "new", "checkpoints/step_0000003/adapter", "checkpoints/step_0000003/x"):
+        for merge in (False, True):
+            with pytest.raises(ValueError, match="inside the training run folder"):
+                l2v.save(str(run / target), merge_before_save=merge)
+    with pytest.raises(ValueError, match="holds another model's adapter_config.json"):
+        l2v.save(str(theirs))
+    assert digest() == before and sorted(os.listdir(theirs)) == theirs_before
+    assert not os.path.exists(run / "new") and not os.path.exists(run / "checkpoints" / "step_0000003" / "x")
+    mine = str(tmp_path / "mine")
+    l2v.save(mine)
+    l2v.save(mine)  # the same adapter again (another rank's save, a re-run): allowed
+    with pytest.raises(ValueError, match="holds another model's adapter_config.json"):
+        l2v.save(mine, merge_before_save=True)  # full weights beside an adapter: a folder of two models
 
 
 def test_a_save_into_a_new_folder_appears_whole_or_not_at_all(tmp_path, chain, monkeypatch):

@@ -186,3 +186,83 @@ def test_an_export_run_in_another_dtype_is_filed_under_its_own_revision(tmp_path
         assert (meta.name, meta.revision) == (name, want), kwargs
     other = EngineMTEBModel(exp, device="cpu", pooling="eos").mteb_model_meta  # not as exported: its fingerprint
     assert other.revision.startswith("local-")
+
+
+# mteb tasks of each kind: one llm2vec's table names, tasks outside it with a plain-string mteb prompt (a retrieval
+# and a reranking task, whose documents must stay plain), a clustering task outside it, and an STS task
+SIDES = [("MSMARCO", "query"), ("MSMARCO", "document"), ("CorebT2CRetrieval", "query"),
+         ("CorebT2CRetrieval", "document"), ("CorebT2CReranking", "query"), ("CorebT2CReranking", "document"),
+         ("BuiltBenchClusteringS2S", None), ("STS12", None)]
+
+
+def _mteb_encode(model, texts, task, side, **kw):
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(Dataset.from_dict({"text": texts}), batch_size=8)
+    return model.encode(loader, task_metadata=mteb.get_task(task).metadata, hf_split="test", hf_subset="default",
+                        prompt_type=side and mteb.types.PromptType(side), **kw)
+
+
+def test_the_wrapper_over_an_export_embeds_every_task_side_as_sentence_transformers(tmp_path, tok):  # noqa: F811
+    """EngineMTEBModel(export) and load_export(export) report one (name, revision) to mteb, so its cache hands one
+    path's score to the other; yet for tasks outside llm2vec's table the wrapper applied mteb's own task prompt
+    (retrieval and reranking documents included) where sentence-transformers applies none: clustering and
+    reranking-document embeddings differed by 1.2-1.4. The wrapper now applies the export's recorded prompts as
+    sentence-transformers does, for every side of every task, with and without a model instruction."""
+    import numpy as np
+    from mteb.models.sentence_transformer_wrapper import SentenceTransformerEncoderWrapper
+
+    from engine.export import export
+    from engine.mteb_model import EngineMTEBModel, instruction_for, load_export, mteb_own_instruction
+
+    from .test_encoder import _save_base
+
+    texts = ["A man is playing a guitar.", "Dogs bark loudly at night.", "The stock market fell on Monday."]
+    base, instructed = str(tmp_path / "base"), str(tmp_path / "instructed")
+    _save_base(base, tok)
+    _save_base(instructed, tok)
+    with open(os.path.join(instructed, "engine_text.json"), "w") as f:
+        json.dump({"chat": None, "instruction": "Represent this sentence:"}, f)
+    for model in (base, instructed):
+        exp = model + "-exp"
+        export(model, exp)
+        wrapper = EngineMTEBModel(exp, device="cpu")
+        st = SentenceTransformerEncoderWrapper(load_export(exp, device="cpu"))
+        ident = (wrapper.mteb_model_meta.name, wrapper.mteb_model_meta.revision)
+        assert ident == (st.mteb_model_meta.name, st.mteb_model_meta.revision)  # one cache entry: one embedding
+        for task, side in SIDES:
+            a = _mteb_encode(wrapper, texts, task, side)
+            b = _mteb_encode(st, texts, task, side, show_progress_bar=False)
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"{model} {task} {side}")
+    # over a run or an adapter, mteb's own instruction reaches a retrieval / reranking task's queries, not its documents
+    for task in ("CorebT2CRetrieval", "CorebT2CReranking"):
+        md = mteb.get_task(task).metadata
+        assert isinstance(md.prompt, str) and instruction_for(md, "query") == md.prompt.rstrip() + "\n"
+        assert mteb_own_instruction(md, "document") == instruction_for(md, "document") == ""
+
+
+def test_the_wrapper_encodes_each_side_of_a_task_with_that_sides_prompt(tmp_path, tok):  # noqa: F811
+    """EngineMTEBModel.encode could drop mteb's prompt_type (every test passed with prompt_for(..., None)): a
+    retrieval task's queries get the task's instruction and its documents none, on a run and on an export."""
+    import numpy as np
+
+    from engine import Encoder
+    from engine.export import export
+    from engine.mteb_model import EngineMTEBModel
+    from engine.task_instructions import LLM2VEC_TASKS
+
+    from .test_encoder import _save_base
+
+    texts = ["how much protein should a female eat", "summit define"]
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    export(base, str(tmp_path / "exp"))
+    enc = Encoder.from_pretrained(base, device="cpu")
+    want = {"query": enc.encode(texts, instruction=LLM2VEC_TASKS["MSMARCO"][1]), "document": enc.encode(texts)}
+    assert np.abs(want["query"] - want["document"]).max() > 1e-3
+    exported = EngineMTEBModel(str(tmp_path / "exp"), device="cpu")
+    for what, model in (("run", EngineMTEBModel(enc)), ("export", exported)):
+        for side in ("query", "document"):
+            got = _mteb_encode(model, texts, "MSMARCO", side)
+            np.testing.assert_allclose(got, want[side], atol=1e-5, rtol=0, err_msg=f"{what} {side}")
