@@ -29,8 +29,9 @@ from .config import json_loads
 
 BOM = "\ufeff"
 # The version of the rules that turn a source into texts or rows (what is refused, which column is read): the token
-# cache's key holds it (:func:`read_rules`), so entries built under older rules are rebuilt, not reused. Bump it with
-# any change to what a reader yields or refuses. 2: lone surrogates, non-string hf: values and non-STS tables refused.
+# cache's key holds it (the text stages' settings, :func:`rows_rule_digest`), so entries built under older rules are
+# rebuilt, not reused. Bump it with any change to what a reader yields or refuses. 2: lone surrogates, non-string hf:
+# values and non-STS tables refused.
 READ_RULES = 2
 
 
