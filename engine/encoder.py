@@ -186,8 +186,13 @@ def is_run_folder(path):
 
 def _holds_run_adapters(path):
     """A run folder, or a folder holding ``adapter/`` or ``best/`` adapters as a run does (a copied run)."""
-    return is_run_folder(path) or (_no_model_files(path) and any(
-        os.path.isfile(os.path.join(path, d, "adapter_config.json")) for d in RUN_ADAPTERS.values()))
+    return is_run_folder(path) or has_run_adapters(path)
+
+
+def has_run_adapters(path):
+    """Whether ``path`` is no model folder and holds ``adapter/`` or ``best/`` adapters, as a run does."""
+    return _no_model_files(path) and any(
+        os.path.isfile(os.path.join(path, d, "adapter_config.json")) for d in RUN_ADAPTERS.values())
 
 
 def run_folder(path):

@@ -50,13 +50,12 @@ def _check_kwargs(where, kwargs, allowed):
 def _run_above(path):
     """The nearest folder above ``path`` that is a training run's ``output_dir`` with its adapters or checkpoints
     in it (``adapter/`` or ``best/`` adapters, or ``config.yaml`` and ``checkpoints/``), else None."""
-    from .encoder import RUN_ADAPTERS, _no_model_files
+    from .encoder import _no_model_files, has_run_adapters
 
     a = os.path.dirname(path)
     while a != os.path.dirname(a):
-        if _no_model_files(a) and (
-                any(os.path.isfile(os.path.join(a, d, "adapter_config.json")) for d in RUN_ADAPTERS.values()) or
-                (os.path.isfile(os.path.join(a, "config.yaml")) and os.path.isdir(os.path.join(a, "checkpoints")))):
+        if has_run_adapters(a) or (_no_model_files(a) and os.path.isfile(os.path.join(a, "config.yaml"))
+                                   and os.path.isdir(os.path.join(a, "checkpoints"))):
             return a
         a = os.path.dirname(a)
     return None

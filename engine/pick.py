@@ -113,11 +113,13 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise PickError(f"{path}: adapter/engine_encoder.json does not read ({type(e).__name__}: {e})") from None
-    what = ("is not a JSON object" if not isinstance(meta, dict)
-            else f"records step {meta['step']!r}, not a whole number" if "step" in meta
-            and (isinstance(meta["step"], bool) or not isinstance(meta["step"], int))
-            else "records a fingerprint that is not a JSON object" if "fingerprint" in meta
-            and not isinstance(meta["fingerprint"], dict) else None)
+    what = None
+    if not isinstance(meta, dict):
+        what = "is not a JSON object"
+    elif "step" in meta and (isinstance(meta["step"], bool) or not isinstance(meta["step"], int)):
+        what = f"records step {meta['step']!r}, not a whole number"
+    elif "fingerprint" in meta and not isinstance(meta["fingerprint"], dict):
+        what = "records a fingerprint that is not a JSON object"
     if what:  # damaged or hand-edited: not the record write_adapter keeps, so not known to be this run's
         raise PickError(f"{path}: adapter/engine_encoder.json {what}: it is not the record the engine writes, so "
                         f"adapter/ cannot be checked against the run")

@@ -491,9 +491,10 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
     # fp16: the products before the normalisation backward can leave fp16's range where dL/dq, dL/dc do not:
     # (ga @ c)_i is up to 2 max|c| and (gb^T @ q)_j up to B max|q| (every query's mass on one candidate), so an
     # element above 65504 / B is enough. Their buffers and products run in fp32 (bf16 and fp32 have the range):
-    # fp32 copies of q and c (B E + N E elements) and fp32 scores buffers, within the same buffer_bytes.
+    # fp32 copies of q and c (B E + N E elements, each only where its product needs it) and fp32 scores buffers,
+    # within the same buffer_bytes.
     work = torch.float32 if q.dtype == torch.float16 else q.dtype
-    q_w, c_w = q.to(work), c.to(work)
+    q_w, c_w = q.to(work) if need_c else None, c.to(work) if need_q else None
     buffer_elems = max(1, (buffer_bytes or _BWD_BUFFER_BYTES) // torch.empty((), dtype=work).element_size())
     dq = torch.empty(q.shape, dtype=work, device=q.device) if need_q else None
     dc = torch.empty(c.shape, dtype=work, device=q.device) if need_c else None
