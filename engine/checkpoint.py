@@ -32,6 +32,7 @@ from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import share_safetensors, sync_file, sync_folder, sync_tree, write_json, write_text
 from .modeling import resolve_model_path, save_encoder_meta
+from .stages.base import EVAL_LOSS_RULE
 
 
 # What defines a run: a checkpoint resumes only under a config with the same values for these keys.
@@ -155,7 +156,8 @@ def write_adapter(model, sd, dst, cfg, tokenizer, step=None):
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
         "instruction": c.instruction,
         "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
-        **({"step": step, "fingerprint": fingerprint(cfg)} if step is not None else {}),
+        **({"step": step, "fingerprint": fingerprint(cfg), "eval_loss_rule": EVAL_LOSS_RULE}
+           if step is not None else {}),
     })
     share_safetensors(tmp)  # safetensors writes 0600: readable as any other file the run writes
     sync_tree(tmp)  # on disk before the rename publishes it

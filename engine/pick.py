@@ -25,6 +25,8 @@ like the run read them, from the current folder when relative), and end at the s
 are listed. A run whose reading is not finite is left out and counted, as a run that ended on NaN has no adapter
 worth handing on. Runs trained before engine.stages.base.EVAL_SEED (commit 122fef8) read an STS-style eval file in
 their own seed's order, each on another sample: their losses do not compare, and nothing in the folder says so.
+MNTP runs trained before 2026-12-06 logged another definition of eval_loss (a mean of batch means; their adapter
+records no fingerprint): by eval_loss they are refused beside newer runs (engine.stages.base.EVAL_LOSS_RULE).
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
 the choice (atomically). A missing or unreadable run (a metrics.csv that is not UTF-8 CSV or has no ``step``
@@ -98,8 +100,9 @@ def read_run(path, by):
     adapter = os.path.join(path, "adapter")
     if not os.path.isdir(adapter):
         raise PickError(f"{path}: no adapter/ (the run did not finish)")
-    _check_adapter_is_the_runs(path, adapter, cfg)
-    return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter}
+    rule = _check_adapter_is_the_runs(path, adapter, cfg)
+    return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter,
+            "eval_loss_rule": rule}
 
 
 def _check_adapter_is_the_runs(path, adapter, cfg):
@@ -107,7 +110,8 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
     (resume=force) with more steps or other settings keeps the earlier run's adapter/ until its own last step
     writes one, so a run that failed at its end (a full disk at the final checkpoint) left the old adapter beside
     the new config and log. The adapter records its step and the run's fingerprint (adapters written before
-    2026-12-06 record neither and are taken as the run's)."""
+    2026-12-06 record neither and are taken as the run's). Returns the definition of the run's ``eval_loss``
+    (engine.stages.base.EVAL_LOSS_RULE) the adapter records or, for adapters that predate the record, implies."""
     try:
         with open(os.path.join(adapter, "engine_encoder.json"), encoding="utf-8") as f:
             meta = json.load(f)
@@ -120,6 +124,9 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
         what = f"records step {meta['step']!r}, not a whole number"
     elif "fingerprint" in meta and not isinstance(meta["fingerprint"], dict):
         what = "records a fingerprint that is not a JSON object"
+    elif "eval_loss_rule" in meta and (isinstance(meta["eval_loss_rule"], bool)
+                                       or not isinstance(meta["eval_loss_rule"], int)):
+        what = f"records eval_loss_rule {meta['eval_loss_rule']!r}, not a whole number"
     if what:  # damaged or hand-edited: not the record write_adapter keeps, so not known to be this run's
         raise PickError(f"{path}: adapter/engine_encoder.json {what}: it is not the record the engine writes, so "
                         f"adapter/ cannot be checked against the run")
@@ -131,6 +138,8 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
         if diff:
             raise PickError(f"{path}: adapter/ was trained under other settings than config.yaml ({', '.join(diff)}): "
                             f"it was left by an earlier run in this folder")
+    # no record: written before the rule was (2 once adapters recorded their fingerprint, 8c2120c; 1 before)
+    return meta.get("eval_loss_rule", 2 if "fingerprint" in meta else 1)
 
 
 def _readings(metrics_path, by):
@@ -169,6 +178,11 @@ def check_comparable(runs, by="eval_loss"):
         if [_source_id(s) for s in r["cfg"].eval_data] != ref_eval:
             raise PickError(f"{r['path']} and {first['path']} were scored on different eval_data: their held-out "
                             f"readings do not compare")
+        if by == "eval_loss" and first["cfg"].stage == "mntp" and r["eval_loss_rule"] != first["eval_loss_rule"]:
+            old = r if r["eval_loss_rule"] < first["eval_loss_rule"] else first
+            raise PickError(f"{r['path']} and {first['path']} hold two definitions of MNTP's eval_loss: {old['path']} "
+                            f"was trained before 2026-12-06, when it became the mean over every masked token, so "
+                            f"their losses do not compare (retrain it, or compare with --by eval_sts_spearman)")
         if r["step"] != first["step"]:
             raise PickError(f"{r['path']} ends at step {r['step']} and {first['path']} at {first['step']}: "
                             f"compare runs of the same length")

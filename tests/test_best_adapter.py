@@ -131,7 +131,9 @@ def test_pick_refuses_an_adapter_record_that_is_not_the_engines(tmp_path, capsys
     for n, (meta, what) in enumerate([(None, "is not a JSON object"), ([12], "is not a JSON object"),
                                       ({"step": 12, "fingerprint": "x"}, "records a fingerprint that is not"),
                                       ({"step": "12"}, "records step '12', not a whole number"),
-                                      ({"step": True}, "records step True, not a whole number")]):
+                                      ({"step": True}, "records step True, not a whole number"),
+                                      ({"step": 12, "eval_loss_rule": "2"},
+                                       "records eval_loss_rule '2', not a whole number")]):
         good = _run(tmp_path / str(n), "a", {12: 4.0})
         bad = _run(tmp_path / str(n), "b", {12: 3.0}, "seed=2")
         with open(os.path.join(bad, "adapter", "engine_encoder.json"), "w") as f:

@@ -115,9 +115,36 @@ def test_runs_that_do_not_compare_are_one_line_and_exit_2(tmp_path, capsys, case
 
 def test_an_adapter_that_records_no_step_is_taken_as_the_runs(tmp_path):
     """Adapters written before they recorded their step and fingerprint (2026-12-06) are read as before."""
-    a = _run(tmp_path, "a", {12: 4.0}, adapter_meta={"format": "llm2vec-engine/1"})
-    b = _run(tmp_path, "b", {12: 3.0}, "seed=2")
+    old = {"format": "llm2vec-engine/1"}
+    a = _run(tmp_path, "a", {12: 4.0}, adapter_meta=old)
+    b = _run(tmp_path, "b", {12: 3.0}, "seed=2", adapter_meta=old)
     assert pk.pick([a, b])["picked"]["path"] == b
+
+
+def test_mntp_losses_of_two_definitions_are_not_ranked(tmp_path, capsys):
+    """MNTP's eval_loss became the mean over every masked token on 2026-12-06 (a mean of batch means before): an
+    adapter without a fingerprint predates it, and a run from each side is refused by eval_loss (the old one is
+    named), not ranked; by dev Spearman, or within one definition, they are read. An explicit record wins."""
+    from engine.stages.base import EVAL_LOSS_RULE
+
+    new = _run(tmp_path, "new", {12: 4.0})
+    old = _run(tmp_path, "old", {12: 3.0}, "seed=2", adapter_meta={"format": "llm2vec-engine/1"})
+    for runs in ([new, old], [old, new]):
+        assert pk.main(runs) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"hold two definitions of MNTP's eval_loss: {old} was trained before" in err[0], err
+    assert pk.pick([new, old], by="eval_sts_spearman")["picked"]["path"] == new
+    cfg = load_config(CFG, ["seed=3"])
+    meta = {"step": 12, "fingerprint": fingerprint(cfg), "eval_loss_rule": EVAL_LOSS_RULE}
+    same = _run(tmp_path, "same", {12: 3.5}, "seed=3", adapter_meta=meta)
+    assert pk.pick([new, same])["picked"]["path"] == same
+    old_record = _run(tmp_path, "rule1", {12: 3.0}, "seed=3", adapter_meta=dict(meta, eval_loss_rule=1))
+    with pytest.raises(pk.PickError, match="two definitions"):
+        pk.pick([same, old_record])
+    # other stages' held-out loss was a mean of batch losses on both sides of the change
+    sim = [_run(tmp_path / "sim", n, {12: v}, "stage=simcse", f"seed={s}", adapter_meta=m)
+           for n, v, s, m in (("a", 2.0, 1, {"format": "llm2vec-engine/1"}), ("b", 1.0, 2, None))]
+    assert pk.pick(sim)["picked"]["path"] == sim[1]
 
 
 def test_held_out_files_compare_by_content_not_path(tmp_path):

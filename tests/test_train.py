@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.stages.base import EVAL_LOSS_RULE
+
 from .helpers import deepspeed_cmd, leaked_shm, rewind_run, run_cmd
 
 pytestmark = pytest.mark.slow
@@ -57,7 +59,9 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
     assert sorted(evals) == [6, 12] and all(0 < float(v) < 20 for v in evals.values())  # held-out MNTP loss
     _check_adapter(os.path.join(ref, "adapter"))
     with open(os.path.join(ref, "adapter", "engine_encoder.json")) as f:  # the base as the config named it (an alias)
-        assert json.load(f)["base_model_name"] == load_config(cfg).model.name_or_path == "smollm2-135m"
+        meta = json.load(f)
+    assert meta["base_model_name"] == load_config(cfg).model.name_or_path == "smollm2-135m"
+    assert meta["eval_loss_rule"] == EVAL_LOSS_RULE and meta["step"] == 12  # what engine.pick reads
     # Step 1 on two ranks is the step one rank computes on the same global batch: the same loss and gradients
     from .test_distributed_equality import assert_same_step, one_rank_step, step_one
 

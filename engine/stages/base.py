@@ -4,6 +4,11 @@ import torch
 # sentences. An STS-style eval file's pairs are shuffled by a seed (engine.data.split_pairs) and the eval reads
 # only its first eval_batches micro-batches, so with the run's seed each seed saw another 80-block sample of it.
 EVAL_SEED = 0
+# The definition of the held-out loss (:func:`held_out_mean`) a run's ``eval_loss`` column holds, recorded in its
+# adapter's engine_encoder.json so that engine.pick never ranks readings of two definitions. 1: a mean of the
+# batches' losses (MNTP before 2026-12-06, e8df566); 2: MNTP's mean over every masked token. Adapters that record
+# no rule but a fingerprint were written after that change (8c2120c), so they hold rule 2; older ones rule 1.
+EVAL_LOSS_RULE = 2
 
 
 class Stage:
