@@ -144,6 +144,14 @@ def _flash_attn_varlen(q, k, v, cu, max_len, scale, deterministic):
                                   causal=False, deterministic=deterministic)
 
 
+def window_binds(window, max_len):
+    """Whether a sliding window hides some key from some query of a ``max_len``-token sequence. A query at i sees
+    the keys with |i - j| <= window, as in transformers' bidirectional sliding-window mask (what an export loads
+    with) and flash-attn's ``window_size=(window, window)`` (llm2vec's bidirectional Mistral), so only sequences
+    of more than window + 1 tokens are cut."""
+    return window is not None and max_len > window + 1
+
+
 def _attention_call(q, k, v, max_len, dropout, window, softcap, layout, as_if=None):
     """What llm2vec_kernels.attention.dispatch decides on for this call (host-side facts only)."""
     # as_if: what a backward would need here, for a forward without one (dispatch_as_if_backward)
@@ -154,15 +162,14 @@ def _attention_call(q, k, v, max_len, dropout, window, softcap, layout, as_if=No
         arch=attn_dispatch.device_arch(q), dtype=q.dtype, head_dim=q.shape[-1],
         layout="varlen" if "cu_seqlens" in layout else ("padded" if "seqlens" in layout else "dense"),
         dropout=dropout, needs_grad=needs_grad, deterministic=_OPTIONS["deterministic"], softcap=softcap is not None,
-        window=window is not None and max_len > window, flash_attn=_flash_attn_available())
+        window=window_binds(window, max_len), flash_attn=_flash_attn_available())
 
 
 def _attend(q, k, v, max_len, scale, dropout, window, softcap, as_if=None, **layout):
     # layout: cu_seqlens= / max_seqlen= for packed q (T, Hq, D), k/v (T, Hkv, D); or seqlens= for a
     # right-padded q (B, S, Hq, D), k/v (B, S, Hkv, D). max_len: the longest sequence (decides the window).
     seed = _draw_seed() if dropout > 0 else None
-    needs_window = window is not None and max_len > window
-    if needs_window:
+    if window_binds(window, max_len):
         # The Triton kernel has no banded masks: take the exact torch path (soft-capping included).
         return llm2vec_kernels.flash_attention_reference(
             q, k, v, scale=scale, dropout_p=dropout, seed=seed, window=window, softcap=softcap, **layout)

@@ -87,9 +87,53 @@ def test_sliding_window_is_honoured_bidirectionally():
     ids2[0, 9] = (ids2[0, 9] + 7) % 97
     with torch.no_grad():
         a, b = hidden(model, ids), hidden(model, ids2)
-    # two layers of a +-3 band: position 9 reaches 9-6=3 at most
-    assert torch.allclose(a[0, :3], b[0, :3], atol=1e-6)
-    assert (a[0, 6] - b[0, 6]).abs().max() > 1e-4  # within reach, and from the right side (bidirectional)
+    # two layers of a |i - j| <= 4 band (transformers' bidirectional window, which an export loads with): position 9
+    # reaches 9 - 8 = 1 and no further
+    assert torch.allclose(a[0, :1], b[0, :1], atol=1e-6)
+    assert (a[0, 1] - b[0, 1]).abs().max() > 1e-4  # the band's edge, and from the right side (bidirectional)
+
+
+def test_a_window_binds_exactly_where_it_changes_the_attention():
+    """engine.bidirectional.window_binds (which sends a call to the exact torch path) is true exactly when the band
+    hides a key: for sequences up to window + 1 tokens the windowed reference equals full attention."""
+    from engine.bidirectional import window_binds
+
+    g = torch.Generator().manual_seed(0)
+    for window in (1, 4):
+        for length in range(1, window + 4):
+            q, k, v = (torch.randn(1, length, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+            full = llm2vec_kernels.flash_attention_reference(q, k, v, scale=0.5)
+            banded = llm2vec_kernels.flash_attention_reference(q, k, v, scale=0.5, window=window)
+            assert window_binds(window, length) == (not torch.allclose(full, banded)), (window, length)
+    assert not window_binds(None, 10**6)
+
+
+@pytest.mark.parametrize("model_type,window,impl", [("llama", None, "torch"), ("llama", None, "triton"),
+                                                     ("mistral", 2, "auto")])
+def test_attention_dropout_reaches_the_attention(model_type, window, impl):
+    """SimCSE's attention-probability dropout (model.attention_dropout, set by set_attention_dropout) is drawn in
+    train mode on every attention path: the kernel's and the reference's, and the exact torch path of a window
+    that cuts the sequence. With no other dropout in the model, two train-mode passes differ and eval-mode passes
+    agree; with p = 0 train mode is deterministic too. (No other test reads the attention's dropout apart from
+    LoRA's, so an attention that dropped it went unseen.)"""
+    from engine.bidirectional import set_attention_dropout
+
+    model = make_bidirectional(tiny(model_type, **({"sliding_window": window} if window else {})))
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    am = torch.ones_like(ids)
+    llm2vec_kernels.set_default_impl("attention", impl)
+    try:
+        with torch.no_grad():
+            model.train()
+            assert set_attention_dropout(model, 0.0) == 2
+            assert torch.equal(packed_hidden_states(model, ids, am), packed_hidden_states(model, ids, am))
+            set_attention_dropout(model, 0.3)
+            a, b = packed_hidden_states(model, ids, am), packed_hidden_states(model, ids, am)
+            assert (a - b).abs().max() > 1e-3
+            model.eval()
+            assert torch.equal(packed_hidden_states(model, ids, am), packed_hidden_states(model, ids, am))
+    finally:
+        llm2vec_kernels.set_default_impl("attention", "auto")
 
 
 def test_unsupported_architecture_is_a_clear_error():

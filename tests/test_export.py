@@ -145,12 +145,15 @@ def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, to
     assert np.abs(st.encode(long) - enc.encode(long)).max() > 1e-3
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED_ARCHITECTURES))
-def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, tok, model_type):
+@pytest.mark.parametrize("model_type,window", [(t, None) for t in sorted(SUPPORTED_ARCHITECTURES)]
+                         + [("mistral", 3), ("gemma2", 3)])
+def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, tok, model_type, window):
     """The export makes a plain ``AutoModel.from_pretrained`` bidirectional through ``"is_causal": false`` in its
     config.json alone (no engine code at load time). Per family: a tiny base exported by engine.export.export,
     reloaded by transformers, gives on a padded batch the engine's bidirectional states on the same weights (so
-    the export wrote the flag and transformers honours it for the family), and a later token moves the first."""
+    the export wrote the flag and transformers honours it for the family), and a later token moves the first.
+    ``window``: a sliding window shorter than the texts (Mistral-7B-v0.1's and Gemma2's 4096 under longer texts),
+    which the engine and the export must cut alike (the engine kept one key fewer each side before)."""
     import warnings
 
     from transformers import AutoModel
@@ -160,7 +163,7 @@ def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, to
 
     from .test_oracles import ATOL, RTOL, oracle_hidden, padded_batch, tiny
 
-    model = tiny(model_type, vocab_size=len(tok))
+    model = tiny(model_type, vocab_size=len(tok), **({"sliding_window": window} if window else {}))
     base, out = str(tmp_path / "base"), str(tmp_path / "exp")
     model.save_pretrained(base, safe_serialization=True)
     tok.save_pretrained(base)
@@ -178,11 +181,18 @@ def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, to
                        position_ids=(torch.cumsum(am, 1) - 1).clamp(min=0)).last_hidden_state
     real = am.bool()
     torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=RTOL)
-    ids2 = ids.clone()
-    ids2[0, int(am[0].sum()) - 1] = 5  # the first text's last real token
-    with torch.no_grad():
-        moved = reloaded(input_ids=ids2, attention_mask=am).last_hidden_state[0, 0]
-    assert (moved - got[0, 0]).abs().max() > 1e-4  # its first token sees the last one
+
+    def first_token_moves(pos):  # a changed token at ``pos`` of the first text moves its first token's state
+        ids2 = ids.clone()
+        ids2[0, pos] = 5 if ids[0, pos] != 5 else 6
+        with torch.no_grad():
+            moved = reloaded(input_ids=ids2, attention_mask=am).last_hidden_state[0, 0]
+        return bool((moved - got[0, 0]).abs().max() > 1e-4)
+
+    if model_type == "mistral" and window:  # every layer banded, |i - j| <= window: two layers reach 2 x window
+        assert first_token_moves(2 * window) and not first_token_moves(2 * window + 1)
+    else:
+        assert first_token_moves(int(am[0].sum()) - 1)  # the first text's last real token
 
 
 def test_export_bad_input_exits_2(tmp_path):

@@ -77,7 +77,7 @@ def _attend_one(q, k, v, scale, keep=None, dropout_p=0.0, causal=False, window=N
         if causal:
             allowed &= j <= i
         if window is not None:
-            allowed &= (i - j).abs() < window
+            allowed &= (i - j).abs() <= window  # flash-attn's window_size=(window, window)
         s = s.view(Hkv, group, S, S).masked_fill(~allowed, float("-inf")).view(Hkv, group * S, S)
     p = torch.softmax(s, dim=-1)
     if keep is not None:
@@ -96,7 +96,8 @@ def flash_attention_reference(
     ``dropout_mask``: optional keep-mask (bool) -- dense (B, Hq, S, S), or for varlen a list with one
     (Hq, L_b, L_b) mask per sequence -- so tests can replay the kernel's own mask exactly
     (:func:`flash_attention_dropout_mask` returns it in this format).
-    ``window`` (|i - j| < window) exists for the engine's fallback path (sliding windows shorter than the
+    ``window`` (|i - j| <= window: flash-attn's ``window_size=(window, window)``, transformers' bidirectional
+    sliding-window mask) exists for the engine's fallback path (sliding windows shorter than the
     sequence), which the Triton kernel does not take; ``softcap`` (Gemma2) both take.
     """
     if q.shape[-2] % k.shape[-2] != 0:
