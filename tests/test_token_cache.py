@@ -508,3 +508,56 @@ def test_a_truncated_entry_file_is_a_clear_error_on_open(_cache, name, cut):
     path.write_bytes(data[:-cut] if cut > 0 else data + b"\0" * -cut)
     with pytest.raises(DataError, match=f"damaged item cache entry .*{'g' * 32}: {name} is .*delete the folder"):
         token_cache.build_or_open("g" * 32, "json", build, progress=False)
+
+
+def test_folders_whose_names_hold_glob_characters_are_keyed_by_their_files(tmp_path):
+    """A folder's files were listed with glob on its unescaped path: ``e5[v1]`` is a pattern (``e5v`` or ``e51``),
+    so it listed nothing, and two such folders with other files had the same cache key (the second run was served
+    the first's entry) and the same checkpoint data identity (a resume missed the change)."""
+    folders = [tmp_path / "e5[v1]", tmp_path / "e5[v2]*?"]
+    for i, folder in enumerate(folders):
+        folder.mkdir()
+        (folder / "msmarco.jsonl").write_text(json.dumps({"query": f"q{i}", "positive": "p", "negative": "n"}) + "\n")
+    idents = [token_cache.source_identity(str(f)) for f in folders]
+    assert [[name for name, _ in ident["dir"]] for ident in idents] == [["msmarco.jsonl"]] * 2
+    assert idents[0] != idents[1]
+    settings = {"stage": "supervised"}
+    assert token_cache.cache_key(None, [str(folders[0])], settings) != token_cache.cache_key(None, [str(folders[1])],
+                                                                                              settings)
+    assert token_cache.data_identity([str(folders[0])], 1) != token_cache.data_identity([str(folders[1])], 1)
+
+
+def test_a_temp_folder_named_with_this_hosts_name_and_this_pid_does_not_block_the_build(_cache):
+    """A build killed in a container that restarts under the same host name and pid (a StatefulSet, a persistent
+    cache volume) left ``<key>.tmp-<host>-<pid>`` with this process's pid: the sweep skipped it as this process's own
+    and ``os.makedirs`` then failed on it, so every later build of the entry failed. Under the entry's lock no build
+    of it is live, this process's included: the folder is removed and the entry built. Another entry's folder with
+    this pid is kept (it may be this process's build in another thread)."""
+    import socket
+
+    host, pid = socket.gethostname(), os.getpid()
+    _cache.mkdir(parents=True, exist_ok=True)
+    left = _cache / f"{'h' * 32}.tmp-{host}-{pid}"
+    other = _cache / f"{'i' * 32}.tmp-{host}-{pid}"
+    for folder in (left, other):
+        folder.mkdir()
+        (folder / "data.bin").write_bytes(b"\1" * 64)  # a killed build's half-written items
+    items, meta = token_cache.build_or_open("h" * 32, "tokens", _two_items, progress=False)
+    assert items[:] == [[4, 5], [6]] and meta["items"] == 2 and meta["stats"] == {"n": 2}
+    assert not left.exists() and other.exists()
+
+
+def test_bench_datas_cache_hit_hashes_the_corpus_as_a_fresh_process_does(tmp_path, monkeypatch):
+    """token_cache remembers a source's SHA-256 for the life of the process, so bench_data's second load, timed as
+    the cache hit another rank or a resumed run sees, skipped the hashing those pay (the 1 GB hit measured 1.1 s,
+    the SHA-256 of the file). The timed hit hashes the corpus again: two hashes of it in the run, not one."""
+    from benchmarks import bench_data
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("".join(f"document {i}: some words here\n" for i in range(50)))
+    hashed, real = [], token_cache.sha256_of
+    monkeypatch.setattr(token_cache, "sha256_of", lambda path: hashed.append(os.path.abspath(path)) or real(path))
+    row = bench_data.main(["--corpus", str(docs), "--batches", "1", "--max-seq-len", "16",
+                           "--out", str(tmp_path / "bench_data.csv")])
+    assert hashed.count(str(docs)) == 2
+    assert "cache_hit_s=" in row["extra"]
