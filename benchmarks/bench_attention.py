@@ -424,7 +424,7 @@ def main(argv=None):
     if A.tuned_configs():  # what opt-in autotuning chose per bucket, with every candidate's time
         write_json(os.path.splitext(args.out)[0] + "_tuned.json", A.tuned_configs())
     if args.plot:
-        plot(args.out, args.plot, metric="ms", title=f"attention ({writer.meta['gpu']}, {writer.meta['commit']})")
+        plot(args.out, args.plot, metric="ms", title="attention", run=writer.meta)  # this run's rows, not the CSV's
     return writer.rows
 
 

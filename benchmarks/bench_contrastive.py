@@ -191,10 +191,10 @@ def main(argv=None):
             run_case(writer, impl, impls[impl], B, E, dtype, device, budget, ref_rows)
     print(f"{BENCH}: {len(writer.rows)} rows in {time.perf_counter() - t_start:.1f} s -> {args.out}", flush=True)
     if args.plot:
-        plot(args.out, args.plot, metric="ms", title=f"contrastive loss: time ({writer.meta['gpu']})")
+        plot(args.out, args.plot, metric="ms", title="contrastive loss: time", run=writer.meta)
         root, ext = os.path.splitext(args.plot)
-        plot(args.out, f"{root}_mem{ext or '.png'}", metric="peak_mb",
-             title=f"contrastive loss: peak memory ({writer.meta['gpu']})")
+        plot(args.out, f"{root}_mem{ext or '.png'}", metric="peak_mb", title="contrastive loss: peak memory",
+             run=writer.meta)
     return writer.rows
 
 

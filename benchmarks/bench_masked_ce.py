@@ -156,10 +156,10 @@ def main(argv=None):
             torch.cuda.empty_cache()
 
     if args.plot:
-        plot(args.out, args.plot, metric="ms", title="masked CE fwd+bwd (ms)")
+        plot(args.out, args.plot, metric="ms", title="masked CE fwd+bwd (ms)", run=writer.meta)
         if not tiny:
             plot(args.out, os.path.splitext(args.plot)[0] + "_mem.png", metric="peak_mb",
-                 title="masked CE fwd+bwd peak extra memory (MB)")
+                 title="masked CE fwd+bwd peak extra memory (MB)", run=writer.meta)
     return rows
 
 

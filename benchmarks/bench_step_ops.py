@@ -1,7 +1,7 @@
 """A CPU proxy of the GPU MNTP train step: kernel launches, host syncs, ZeRO hooks, host time and a predicted
 H200 step time for each path, so a change to the step can be judged without a GPU.
 
-    python -m benchmarks.bench_step_ops                       # all three paths, < 5 min on 2 cores
+    python -m benchmarks.bench_step_ops                       # all three paths, a few minutes on 2 cores
     python -m benchmarks.bench_step_ops --set model.fused_ops=triton --paths engine   # after an engine change
     python -m benchmarks.bench_step_ops --reduced             # CI: 2 layers, small batch, a few host steps
     python -m benchmarks.bench_step_ops --arch gemma2-9b      # the same recipe on Gemma2-9B's structure (or qwen3-8b)
@@ -60,9 +60,10 @@ Figures per row:
   opt           launches of the optimizer step alone (DeepSpeed's wrapper, clipping, AdamW), part of
                 launches; opt_syncs its host syncs (DeepSpeed's inf/NaN checks read bools back).
   zero_hooks    DeepSpeed ZeRO-3 module fetch_sub_module + release_sub_module calls in the step.
-  host_ms       CPU time of this thread per step at tiny width (one thread), min and median over --host-steps
-                steps on a --host-batch batch (the same op sequence; the launch count at that batch is kept
-                beside it). CPU time, not wall time, so that a loaded machine does not inflate it. Triton
+  host_ms       CPU time of this thread per step at tiny width (one thread): median (the table's figure), min and
+                quartiles over --host-steps timed steps (20) after --host-warmup untimed ones (5), the protocol of
+                benchmarks/common.py, on a --host-batch batch (the same op sequence; the launch count at that batch
+                is kept beside it). CPU time, not wall time, so that a loaded machine does not inflate it. Triton
                 launches cost nothing here (intercepted): this is dispatcher + Python + hooks + small CPU kernels.
   best_ms, pess_ms  the full-size step on an H200 from shapes alone: forward, backward and optimizer step run
                 on meta tensors (the batch and its index tensors stay real, so packing and row selection see
@@ -92,13 +93,12 @@ profile's GEMMs beat it), and a row of the path the profile measured at its toke
 Budgets are in CPU time (--cpu-budget-s per path, read from /proc), so the run finishes on a loaded machine;
 --timeout-s only caps a hung worker's wall time. The table goes to stdout; its last line is one JSON object keyed
 by row ("<path> <tokens>"), each with recompute, zero, launches, hook_launches, syncs, zero_hooks, host_ms
-({"min", "median"}) and predicted_ms ({"best", "pessimistic"}). Each path runs in its own process.
+({"min", "q1", "median", "q3"}) and predicted_ms ({"best", "pessimistic"}). Each path runs in its own process.
 """
 import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,13 +112,14 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from benchmarks.common import check_outputs, cli_error, parser, write_json  # noqa: E402
+from benchmarks.common import ITERS, WARMUP, Timing, check_outputs, cli_error, parser, write_json  # noqa: E402
 from benchmarks.harness import ROOT, llm2vec_masking  # noqa: E402
 from benchmarks.step_calibration import (PROFILED, calibration_lines, finish, fit_floor,  # noqa: E402
                                          launch_mismatches, profile_shape, read_profile)
 from benchmarks.step_census import TritonLaunches, count_step, gpu_like_ops  # noqa: E402
 from benchmarks.step_cost import CLASSES, HOST_FLOOR_US, predict_path  # noqa: E402
 from benchmarks.step_paths import ARCHS, CONFIG, FULL, Path, batch_for, engine_config, log, tiny_of  # noqa: E402
+from engine.cli import nonnegative_int, positive_int  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 
 PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
@@ -152,6 +153,21 @@ def _policy_sets(name, pred):
     return [f"model.gradient_checkpointing={pred['recompute']}", f"zero_stage={pred['zero_stage']}"]
 
 
+def host_time(step, batch, warmup, steps):
+    """A row's host_ms, host_warmup and host_steps: ``warmup`` untimed calls of step(batch), then ``steps`` timed ones
+    in CPU time of this thread (what a step costs, whatever the load); min, quartiles and median as common.Timing's."""
+    for _ in range(warmup):
+        step(batch)
+    times = []
+    for _ in range(steps):
+        t = time.thread_time()
+        step(batch)
+        times.append((time.thread_time() - t) * 1e3)
+    timing = Timing(tuple(times), warmup)
+    return {"host_ms": {"min": round(min(times), 2), "q1": round(timing.q1, 2), "median": round(timing.median, 2),
+                        "q3": round(timing.q3, 2)}, "host_warmup": warmup, "host_steps": len(times)}
+
+
 def _count(args, sets, micro, launches, mask):
     """Build the tiny-width path under sets, then its census and host CPU time per step."""
     tiny = dict(tiny_of(ARCHS[args.arch]), num_hidden_layers=args.layers)
@@ -174,13 +190,8 @@ def _count(args, sets, micro, launches, mask):
         out.update(count_step(path, big, launches))
         small = count_step(path, host_batch, launches)
         out["launches_host_batch"], out["census_host_batch"] = small["launches"], small["census"]
-        times, skipped0 = [], path.skipped_steps()
-        for _ in range(args.host_steps):  # CPU time of this thread: what a step costs, whatever the load
-            t = time.thread_time()
-            path.step(host_batch)
-            times.append((time.thread_time() - t) * 1e3)
-        out["host_ms"] = {"min": round(min(times), 2), "median": round(statistics.median(times), 2)}
-        out["host_steps"] = len(times)
+        skipped0 = path.skipped_steps()
+        out.update(host_time(path.step, host_batch, args.host_warmup, args.host_steps))
         out["host_skipped_steps"] = path.skipped_steps() - skipped0
         del path
     out["count_cpu_s"] = round(time.process_time() - t0, 1)
@@ -289,14 +300,15 @@ def table(results, args, fac, per_hook, tri=None):
         p = r["predicted_ms"]
         lines.append(f"{k:24s} {r['recompute']:>9s} {r['zero']:>4s} {r['launches']:8d} {r['hook_launches']:5d} "
                      f"{r['optimizer_launches']:4d} {r['syncs']:5d} {r['optimizer_syncs']:9d} {r['zero_hooks']:10d} "
-                     f"{r['host_ms']['min']:8.1f} {p['best']:8.1f} {p['pessimistic']:8.1f} "
+                     f"{r['host_ms']['median']:8.1f} {p['best']:8.1f} {p['pessimistic']:8.1f} "
                      f"{_ratio(p['best'], rp.get('best')):8.2f} {_ratio(p['best'], bp.get('best')):9.2f} "
                      f"{_ratio(p['pessimistic'], rp.get('pessimistic')):8.2f} "
                      f"{_ratio(r['launches'], ref.get('launches')):10.2f}")
     lines.append("launches: one optimizer step (forward, backward, optimizer, DeepSpeed), of which hooks in DeepSpeed's "
                  "gradient hooks and opt in the optimizer step; syncs: device->host in forward + backward; host_ms: "
-                 "min CPU time per step at tiny width; best_ms / pess_ms: predicted H200 step (step_calibration); "
-                 "x/ref: this row over the reference row of the same tokens (pessimistic over pessimistic)")
+                 "median CPU time per step at tiny width (quartiles in the JSON); best_ms / pess_ms: predicted H200 "
+                 "step (step_calibration); x/ref: this row over the reference row of the same tokens (pessimistic "
+                 "over pessimistic)")
     for k, r in results.items():
         if "predicted_best" in r:
             lines.append(f"predicted {k} by class, best / pessimistic (ms): " + ", ".join(
@@ -366,11 +378,14 @@ def main(argv=None):
                     "the micro-batch configs/mistral-7b/mntp.yaml ships); the first is the headline")
     ap.add_argument("--host-batch", default="2x64", help="batch x sequence of the host-time steps")
     ap.add_argument("--count-batch", default="4x64", help="batch x sequence of the counted real step")
-    ap.add_argument("--host-steps", type=int, default=10)
+    ap.add_argument("--host-steps", type=positive_int, default=ITERS, help="timed host steps (the protocol's 20)")
+    ap.add_argument("--host-warmup", type=nonnegative_int, default=WARMUP,
+                    help="untimed host steps before them (the protocol's 5)")
     ap.add_argument("--layers", type=int, default=None, help="default: the structure's")
     ap.add_argument("--mask-prob", type=float, default=None, help="default: llm2vec's Mistral setting (0.8)")
     ap.add_argument("--scheme", default=None, choices=("bert", "all"))
-    ap.add_argument("--reduced", action="store_true", help="CI: 2 layers, 4x64 tokens, 3 host steps, no calibration")
+    ap.add_argument("--reduced", action="store_true",
+                    help="CI: 2 layers, 4x64 tokens, 1 warm-up + 3 host steps, no calibration")
     ap.add_argument("--no-calibrate", dest="calibrate", action="store_false")
     ap.add_argument("--floor-us", type=float, default=HOST_FLOOR_US, help="per-launch floor of the prediction")
     ap.add_argument("--from-json", default=None, help="print the table of a run saved with --json (no measuring)")
@@ -390,7 +405,7 @@ def main(argv=None):
     if args.layers is None:
         args.layers = ARCHS[args.arch]["num_hidden_layers"]
     if args.reduced:
-        args.layers, args.host_steps, args.calibrate = 2, 3, False
+        args.layers, args.host_warmup, args.host_steps, args.calibrate = 2, 1, 3, False
         args.tokens, args.count_batch = args.tokens or "4x64", "4x32"
     args.tokens = args.tokens or f"32x512,{shipped_tokens()}"
     if args.worker:
@@ -451,7 +466,7 @@ def _run_workers(paths, args):
                 cmd = [sys.executable, "-m", "benchmarks.bench_step_ops", "--worker", p, "--result", out,
                        "--arch", args.arch,
                        "--tokens", args.tokens, "--host-batch", args.host_batch, "--host-steps", str(args.host_steps),
-                       "--count-batch", args.count_batch,
+                       "--host-warmup", str(args.host_warmup), "--count-batch", args.count_batch,
                        "--layers", str(args.layers), "--mask-prob", str(args.mask_prob), "--scheme", args.scheme]
                 cmd += [f"--set={s}" for s in args.set] + ([] if args.calibrate else ["--no-calibrate"])
                 errf = open(os.path.join(tmp, f"{p}.err"), "w+")

@@ -286,11 +286,12 @@ class CsvWriter:
         self.meta = {"gpu": device_name() if on_cuda else "cpu", "date": datetime.date.today().isoformat(),
                      "commit": git_commit()}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        new = not os.path.exists(path)
+        new = not os.path.exists(path) or os.path.getsize(path) == 0  # empty: a run killed before its first row
         self._f = open(path, "a", newline="")
         self._w = csv.DictWriter(self._f, fieldnames=FIELDS)
         if new:
             self._w.writeheader()
+            self._f.flush()  # on disk now, as each row is: a run killed next leaves a file that reads
         self.rows = []
         self.timing = timing or (timing_mode() if on_cuda else "wall")
 
@@ -312,14 +313,21 @@ def read_rows(path):
         return list(csv.DictReader(f))
 
 
-def plot(csv_path, png_path, metric="ms", title=None):
-    """Grouped bar chart of ``metric`` per (shape, pass), one bar per impl."""
+RUN = ("gpu", "date", "commit")  # the columns that tell one run's rows from another's (a CsvWriter's meta)
+
+
+def plot(csv_path, png_path, metric="ms", title=None, run=None):
+    """Grouped bar chart of ``metric`` per (shape, pass), one bar per impl, of one run's rows: those whose gpu, date
+    and commit are ``run``'s (a CsvWriter's meta; default: the file's last row's), never another run's appended to
+    the same CSV. The title names that run. None when the run has no row to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_rows(csv_path) if r[metric] not in ("nan", "")]
+    rows = read_rows(csv_path)
+    run = {k: (run or (rows[-1] if rows else {})).get(k) for k in RUN}
+    rows = [r for r in rows if r[metric] not in ("nan", "") and all(r.get(k) == run[k] for k in RUN)]
     if not rows:
         return None
     groups = sorted({(r["shape"], r["pass"]) for r in rows}, key=lambda g: (g[1], g[0]))
@@ -335,7 +343,7 @@ def plot(csv_path, png_path, metric="ms", title=None):
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
     ax.set_xticklabels([f"{s}\n{p}" for s, p in groups], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(metric)
-    ax.set_title(title or f"{os.path.basename(csv_path)} ({rows[0]['gpu']}, {rows[0]['commit']})")
+    ax.set_title(f"{title or os.path.basename(csv_path)} ({run['gpu']}, {run['commit']}, {run['date']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

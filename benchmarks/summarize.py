@@ -3,16 +3,17 @@
     python -m benchmarks.summarize --dir $OUT [--steps steps.tsv] [--md $OUT/summary.md] [--plot train_step.png]
     python -m benchmarks.summarize --dir <fetched $OUT> --archive benchmarks/results   # after the GPU run
 
-Reads bench_attention.csv, bench_masked_ce.csv, bench_contrastive.csv, bench_train_step.csv (common.py
-columns) and correctness.json from --dir. Every figure comes from those files; a target whose rows are
-missing is reported as n/a with the reason, and so is one whose row measured nothing (skipped, error).
-Train-step rows of follow-up calls in --dir's rerun/ replace the first call's (a ratio of two calls' rows is
-none), and a run from before llm2vec's HF recipe joined (its `reference` rows say zero=3) is read in today's
-names (legacy_rows). --steps is the tab-separated step log gpu_run.sh writes (name, exit code, seconds); kernel
-checks that did not run (ops of llm2vec_kernels.gpu_check.CHECKS absent from correctness.json) are NOT RUN rows.
---plot draws the train-step throughput and peak memory per stage and impl.
---archive ROOT copies a fetched $OUT (CSVs, correctness.json, log.txt, summary, and the plots, profiler text,
-environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/, with a README: what ran, card, commit.
+Reads bench_attention.csv, bench_masked_ce.csv, bench_contrastive.csv, bench_train_step.csv (common.py columns) and
+correctness.json from --dir. Every figure comes from those files; a target whose rows are missing is reported as n/a
+with the reason, and so is one whose row measured nothing (skipped, error). Train-step rows of follow-up calls in
+--dir's rerun/ replace the first call's, but for those of another GPU (left out, said in the notes); a ratio of two
+calls' or GPUs' rows is none; the header names every GPU and commit of the rows read. A run from before llm2vec's HF
+recipe joined (its `reference` rows say zero=3) is read in today's names (legacy_rows). --steps is the tab-separated
+step log gpu_run.sh writes (name, exit code, seconds); kernel checks that did not run (ops of
+llm2vec_kernels.gpu_check.CHECKS absent from correctness.json) are NOT RUN rows. --plot draws the train-step
+throughput and peak memory per stage and impl. --archive ROOT copies a fetched $OUT (CSVs, correctness.json, log.txt,
+summary, and the plots, profiler text, environment and step log unpacked from results.tar.gz) to ROOT/<date>-<gpu>/,
+with a README: what ran, card, commit.
 """
 import ast
 import csv
@@ -44,11 +45,10 @@ def gpu_checks(path=GPU_CHECK_SOURCE):
     return value if isinstance(value, tuple) and all(isinstance(v, str) for v in value) else ()
 
 
-def _rows(path):
-    if not os.path.isfile(path):
-        return None
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def _rows(path):  # None without the file
+    if os.path.isfile(path):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
 
 
 def _extra(row):
@@ -64,6 +64,11 @@ def _f(x):
 
 def _ok(v):
     return v == v and not math.isinf(v)
+
+
+def distinct(rows, key):
+    """The rows' values of ``key``, each once in the order met, comma-separated ("" when none has one)."""
+    return ", ".join(dict.fromkeys(r[key] for r in rows if r.get(key)))
 
 
 PROTOCOL = (5, 20)  # benchmarks/common.py's WARMUP and ITERS: the least a final timing verdict rests on
@@ -129,8 +134,7 @@ class Table:
         if not _ok(value):
             self.add(issue, target, "n/a", "n/a", detail or "no measurement")
             return
-        met = value <= limit if kind == "le" else value >= limit
-        verdict = "met" if met else "MISSED"
+        verdict = "met" if (value <= limit if kind == "le" else value >= limit) else "MISSED"
         doubts = timing_doubts(value, limit, *timing) if timing else []
         if doubts:
             verdict += " (provisional)"
@@ -139,17 +143,13 @@ class Table:
 
     def markdown(self):
         out = ["| issue | target | measured | verdict | where / notes |", "| --- | --- | --- | --- | --- |"]
-        for r in self.lines:
-            out.append("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
-        return "\n".join(out)
+        return "\n".join(out + ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in self.lines])
 
 
-# ---------------------------------------------------------------------------------------------------
 def attention_targets(t, rows):
     if rows is None:
-        t.add("4 attention", "dense D=128 S>=512 fwd+bwd <= 1.0x best SDPA", "n/a", "n/a",
-              "bench_attention.csv missing")
-        t.add("4 attention", "padded mix >= 2x SDPA + additive mask", "n/a", "n/a", "bench_attention.csv missing")
+        for target in ("dense D=128 S>=512 fwd+bwd <= 1.0x best SDPA", "padded mix >= 2x SDPA + additive mask"):
+            t.add("4 attention", target, "n/a", "n/a", "bench_attention.csv missing")
         return
     ok = [r for r in rows if _ok(_f(r["ms"])) and r["pass"] in ("fwd+bwd", "fwdbwd", "step")]
     by_shape, row_of = {}, {}
@@ -169,7 +169,6 @@ def attention_targets(t, rows):
             m, m_impl = min(masked)
             mixed.append((m / tri, label, (row_of[(shape, m_impl)], row_of[(shape, tri_impl)])))
         m = re.match(r"^(\d+)x(\d+)x(\d+)x(\d+)x(\d+)$", shape.strip())
-        d = s = None
         if m:
             s, d = int(m.group(2)), int(m.group(5))
         else:
@@ -214,10 +213,8 @@ def masked_ce_targets(t, rows):
         t.add(name, "Llama-3-8B: peak <= 5%, time <= 0.35x full logits, <= 1.0x gather", "n/a", "n/a",
               "bench_masked_ce.csv missing")
         return
-    sel = {}
-    for r in rows:
-        if r["shape"].startswith("llama3_8b") and r["pass"] == "fwd+bwd" and _ok(_f(r["ms"])):
-            sel[r["impl"]] = r
+    sel = {r["impl"]: r for r in rows  # each impl's last row
+           if r["shape"].startswith("llama3_8b") and r["pass"] == "fwd+bwd" and _ok(_f(r["ms"]))}
     tri, full, gat = sel.get("triton_fused"), sel.get("full_logits"), sel.get("gather_torch")
     if tri and full:
         t.ratio(name, "Llama-3-8B peak extra memory <= 0.05x full-logits path",
@@ -309,9 +306,7 @@ def legacy_rows(rows):
     rows say zero=3: today's `reference-zero3`. Today's `reference` is the HF recipe, without DeepSpeed (zero=none).
     In such a legacy run every `reference` row (profile rows too) is renamed."""
     legacy = any(r["impl"] == "reference" and r["pass"] == "step" and _extra(r).get("zero") == "3" for r in rows)
-    if not legacy:
-        return rows, False
-    return [dict(r, impl="reference-zero3") if r["impl"] == "reference" else r for r in rows], True
+    return [dict(r, impl="reference-zero3") if legacy and r["impl"] == "reference" else r for r in rows], legacy
 
 
 def _key(row):
@@ -319,23 +314,25 @@ def _key(row):
 
 
 def with_reruns(rows, folder):
-    """The train-step rows of a run folder with its follow-up calls' in place: a row of a CSV in FOLDER/rerun/
-    (same stage, impl and pass) replaces the first call's. A ratio of two rows from different calls is no
-    measurement (train_step_targets compares the rows' commits)."""
-    reruns = []
-    for path in sorted(glob.glob(os.path.join(folder, "rerun", "*.csv"))):
+    """(rows, apart): a run folder's train-step rows, a rerun/ CSV's row replacing the first call's of its stage, impl
+    and pass, unless on a GPU no first-call row names (apart: left out; no ratio mixes calls or GPUs either)."""
+    reruns, gpus = [], {r.get("gpu") for r in rows}
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "rerun", "*.csv"))):
         reruns += [r for r in _rows(path) or [] if r.get("bench") == "train_step"]
+    apart = [r for r in reruns if gpus and r.get("gpu") not in gpus]
+    reruns = [r for r in reruns if r not in apart]
     redone = {_key(r) for r in reruns}
-    return [r for r in rows if _key(r) not in redone] + reruns
+    return [r for r in rows if _key(r) not in redone] + reruns, apart
 
 
 def train_step_rows(folder):
-    """(bench_train_step.csv's rows with the folder's reruns in place and in today's impl names, legacy), or
-    (None, False) without that file."""
+    """(bench_train_step.csv's rows with the folder's reruns in place and in today's impl names, legacy, the rerun
+    rows left out for another GPU), or (None, False, []) without that file."""
     rows = _rows(os.path.join(folder, "bench_train_step.csv"))
     if rows is None:
-        return None, False
-    return legacy_rows(with_reruns(rows, folder))
+        return None, False, []
+    rows, apart = with_reruns(rows, folder)
+    return (*legacy_rows(rows), apart)
 
 
 def train_step_targets(t, rows, legacy=False):
@@ -346,19 +343,16 @@ def train_step_targets(t, rows, legacy=False):
         t.add(name, "MNTP >= 1.5x tokens/s, peak <= 0.6x; supervised >= 1.3x", "n/a", "n/a",
               "bench_train_step.csv missing")
         return {}
-    steps = {}
-    for r in rows:
-        if r["pass"] == "step":
-            steps[(r["shape"].split()[0], r["impl"])] = r
+    steps = {(r["shape"].split()[0], r["impl"]): r for r in rows if r["pass"] == "step"}  # each pair's last row
 
     def tps(stage, impl):
         r = steps.get((stage, impl))
         return _f(_extra(r).get("tokens_per_s")) if r else float("nan")
 
     def two_calls(stage, a, b):
-        """Why rows a and b of the stage make no ratio: measured by two calls (commits), else ""."""
-        ca, cb = (steps[(stage, i)].get("commit") for i in (a, b))
-        return f"{a} and {b} from two calls (commits {ca}, {cb}): no ratio" if ca != cb else ""
+        """Why rows a and b of the stage make no ratio: measured by two calls (commits) or on two GPUs, else ""."""
+        (ca, ga), (cb, gb) = ((steps[(stage, i)].get("commit"), steps[(stage, i)].get("gpu")) for i in (a, b))
+        return "" if (ca, ga) == (cb, gb) else f"{a} and {b} from two calls ({ca} on {ga}, {cb} on {gb}): no ratio"
 
     def why(stage):
         bad = [f"{i}: {_extra(r).get('status')} {_extra(r).get('detail', '')}".strip()
@@ -382,8 +376,9 @@ def train_step_targets(t, rows, legacy=False):
     for stage in sorted({s for s, _ in steps if s.endswith(":mntp")}):
         a, r = tps(stage, "engine-auto"), tps(stage, "reference")
         state = ", ".join(f"{i} {_extra(row).get('status')}" for (s, i), row in sorted(steps.items()) if s == stage)
+        apart = two_calls(stage, "engine-auto", "reference") if _ok(a) and _ok(r) else ""
         t.add(name, f"{stage.split(':')[0]} MNTP tokens/s: engine-auto over reference",
-              f"{a / r:.2f}x" if _ok(a) and _ok(r) and r else "n/a", "info", state)
+              f"{a / r:.2f}x" if _ok(a) and _ok(r) and r and not apart else "n/a", "info", apart or state)
     auto = steps.get(("mntp", "engine-auto"))
     head = "engine-auto" if auto and _extra(auto).get("status") == "ok" else "engine"
     mntp_ref = "reference-zero3" if legacy else "reference"
@@ -424,8 +419,7 @@ def train_step_targets(t, rows, legacy=False):
               why("mntp") or (re_ and rr and two_calls("mntp", head, ref_mem)) or "no peak memory (CPU run?)")
     for (stage, impl), r in sorted(steps.items()):
         if impl.startswith("engine-torch-"):
-            e = tps(stage, "engine")
-            a = _f(_extra(r).get("tokens_per_s"))
+            e, a = tps(stage, "engine"), _f(_extra(r).get("tokens_per_s"))
             apart = two_calls(stage, "engine", impl) if _ok(e) and _ok(a) else ""
             t.add(name, f"ablation {stage}: engine tokens/s / {impl} tokens/s (>1: the kernel helps)",
                   f"{e / a:.3f}x" if _ok(e) and _ok(a) and not apart else "n/a", "info",
@@ -526,7 +520,7 @@ def plot_train_step(rows, png):
         ax.set_xticklabels(stages)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"train step, {steps[0]['gpu']} @ {steps[0]['commit']}")
+    fig.suptitle(f"train step, {distinct(steps, 'gpu')} @ {distinct(steps, 'commit')}")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -557,23 +551,29 @@ def main(argv=None):
     t = Table()
     correctness_target(t, os.path.join(d, "correctness.json"), args.steps)
     try:
-        ts_rows, legacy = train_step_rows(d)
+        ts_rows, legacy, apart = train_step_rows(d)
     except Exception:
-        ts_rows, legacy = None, False
+        ts_rows, legacy, apart = None, False, []
+    every = list(ts_rows or [])  # the rows the table reads: the header names each GPU and commit among them
     for fn, csv_name in ((attention_targets, "bench_attention.csv"), (masked_ce_targets, "bench_masked_ce.csv"),
                          (contrastive_targets, "bench_contrastive.csv")):
         try:
-            fn(t, _rows(os.path.join(d, csv_name)), *([ts_rows] if fn is contrastive_targets else []))
+            rows = _rows(os.path.join(d, csv_name))
+            every += rows or []
+            fn(t, rows, *([ts_rows] if fn is contrastive_targets else []))
         except Exception as exc:  # one malformed file must not hide the rest
             t.add(csv_name, "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
     try:
         train_step_targets(t, ts_rows, legacy)
     except Exception as exc:
         t.add("bench_train_step.csv", "parse", "n/a", "n/a", f"{type(exc).__name__}: {exc}")
-    gpu = next((r["gpu"] for r in (ts_rows or []) if r.get("gpu")), None)
-    commit = next((r["commit"] for r in (ts_rows or []) if r.get("commit")), None)
-    lines = [f"# GPU run summary ({gpu or 'unknown device'}, commit {commit or 'unknown'})", "", t.markdown(), ""]
+    commits = distinct(every, "commit")
+    lines = [f"# GPU run summary ({distinct(every, 'gpu') or 'unknown device'}, commit{'s' * (', ' in commits)} "
+             f"{commits or 'unknown'})", "", t.markdown(), ""]
     notes = steps_notes(args.steps) + correctness(os.path.join(d, "correctness.json"))
+    if apart:
+        notes.append(f"- rerun/: {len(apart)} train-step rows measured on {distinct(apart, 'gpu')}, not the first "
+                     "call's GPU, left out (no ratio across GPUs): " + ", ".join("/".join(_key(r)) for r in apart))
     zero = {_extra(r).get("zero") for r in ts_rows or [] if r.get("pass") == "step"  # `reference`: no DeepSpeed
             and not r.get("impl", "").startswith("reference") or r.get("impl") == "reference-zero3"} - {None}
     if "none" in zero:

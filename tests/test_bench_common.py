@@ -222,3 +222,114 @@ def test_attention_flops_follow_the_train_steps_useful_work():
     mcfg = SimpleNamespace(num_hidden_layers=1, num_attention_heads=hq, head_dim=d, hidden_size=32, vocab_size=10)
     model, _ = stage_flops("mntp", {"tokens": 10, "lens": lens, "masked": 0}, mcfg, n_frozen=0, n_lora=0)
     assert model == bench_attention.PASS_FACTOR["fwd+bwd"] * fwd
+
+
+def _write_csv(path, rows):
+    """Rows with common.FIELDS columns (missing ones empty) as a benchmark's CSV."""
+    import csv
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=common.FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in common.FIELDS})
+
+
+def _step_row(gpu, impl, tokens_per_s, commit="abc1234"):
+    return {"gpu": gpu, "date": "2026-12-07", "commit": commit, "bench": "train_step", "shape": "mntp 32x512",
+            "impl": impl, "pass": "step", "ms": f"{1e3 * 16384 / tokens_per_s:.1f}", "peak_mb": "nan",
+            "extra": f"status=ok;tokens_per_s={tokens_per_s};q1_ms=1;q3_ms=1;warmup=5;timed_steps=20;zero=none"}
+
+
+H100, H200, MNTP_TARGET = "NVIDIA H100 80GB HBM3", "NVIDIA H200", "mntp step tokens/s >= 1.5x reference"
+
+
+def _summary_table(text):
+    """{target: [measured, verdict, notes]} of a summary's table."""
+    return {c[1]: c[2:] for c in (ln.strip("|").split(" | ") for ln in text.splitlines()) if len(c) == 5}
+
+
+def test_summary_leaves_out_a_rerun_on_another_gpu(tmp_path):
+    """A follow-up call (rerun/) on another card than the first call's (same commit) is not merged into its rows, and
+    the notes say so. (The rerun's H200 engine row replaced the H100 one: "2.000x met" of an H200 engine over an H100
+    reference.)"""
+    from benchmarks import summarize
+
+    run = tmp_path / "rerun-run"
+    _write_csv(str(run / "bench_train_step.csv"), [_step_row(H100, "reference", 1000), _step_row(H100, "engine", 1000)])
+    _write_csv(str(run / "rerun" / "train_step_again.csv"), [_step_row(H200, "engine", 2000)])
+    text = summarize.main(["--dir", str(run)])
+    got = _summary_table(text)[MNTP_TARGET]
+    assert got[0].strip() == "1.000x" and got[1].strip() == "MISSED", got  # the first call's H100 rows alone
+    assert text.splitlines()[0] == f"# GPU run summary ({H100}, commit abc1234)", text.splitlines()[0]
+    assert f"rerun/: 1 train-step rows measured on {H200}, not the first call's GPU, left out" in text
+    assert "mntp/engine/step" in text
+
+
+def test_summary_makes_no_ratio_of_two_gpus_rows_and_names_both(tmp_path):
+    """A train-step CSV holding two cards' rows (same commit) makes no ratio of them, and the header names every GPU
+    it read. (An H200 engine over an H100 reference read "2.000x met", under a header naming the H100 alone.)"""
+    from benchmarks import summarize
+
+    mixed = tmp_path / "mixed-run"
+    _write_csv(str(mixed / "bench_train_step.csv"),
+               [_step_row(H100, "reference", 1000), _step_row(H200, "engine", 2000)])
+    text = summarize.main(["--dir", str(mixed)])
+    got = _summary_table(text)[MNTP_TARGET]
+    assert got[:2] == ["n/a", "n/a"] and f"on {H100}" in got[2] and f"on {H200}" in got[2], got
+    assert text.splitlines()[0] == f"# GPU run summary ({H100}, {H200}, commit abc1234)", text.splitlines()[0]
+
+
+def _kernel_row(gpu, commit, impl, ms):
+    return {"gpu": gpu, "date": "2026-12-07", "commit": commit, "bench": "masked_ce", "shape": "llama3_8b",
+            "impl": impl, "pass": "fwd+bwd", "ms": str(ms), "tflops": "nan", "peak_mb": "nan", "extra": "status=ok"}
+
+
+def test_a_plot_draws_one_runs_rows_and_names_that_run(tmp_path, monkeypatch):
+    """Runs appended to one CSV: the chart draws the writer's run (its meta; by default the file's last row's), never
+    an earlier run's bars beside it, and its title names the run drawn. (An H100 run's full_logits 100 ms and a later
+    H200 run's triton 20 ms were drawn as one 5x chart, titled with the H100.)"""
+    import matplotlib.pyplot as plt
+
+    path = str(tmp_path / "rows.csv")
+    _write_csv(path, [_kernel_row("NVIDIA H100 80GB HBM3", "aaa1111", "full_logits", 100.0),
+                      _kernel_row("NVIDIA H100 80GB HBM3", "aaa1111", "triton_fused", 30.0),
+                      _kernel_row("NVIDIA H200", "bbb2222", "triton_fused", 20.0)])
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+
+    def drawn(**kw):
+        assert common.plot(path, str(tmp_path / "p.png"), **kw)
+        ax = figs.pop().axes[0]
+        bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+        return bars, ax.get_title()
+
+    bars, title = drawn(title="masked CE")  # the file's last run: the H200's
+    assert bars == {"triton_fused": [20.0]} and title == "masked CE (NVIDIA H200, bbb2222, 2026-12-07)", (bars, title)
+    meta = {"gpu": "NVIDIA H100 80GB HBM3", "date": "2026-12-07", "commit": "aaa1111"}
+    bars, title = drawn(run=meta)
+    assert bars == {"full_logits": [100.0], "triton_fused": [30.0]}, bars
+    assert title == "rows.csv (NVIDIA H100 80GB HBM3, aaa1111, 2026-12-07)", title
+    assert common.plot(path, str(tmp_path / "q.png"), run=dict(meta, commit="ccc3333")) is None  # no row of that run
+
+
+def test_a_csv_header_is_on_disk_before_the_first_row(tmp_path):
+    """The header is written through as soon as the writer opens a new file: a run killed before its first row leaves
+    a CSV that reads (it stayed in the buffer, and a SIGKILL left a 0-byte file)."""
+    path = tmp_path / "rows.csv"
+    w = common.CsvWriter(str(path), "x", device="cpu")
+    assert path.read_text().strip() == ",".join(common.FIELDS)  # before any row, without closing the writer
+    w._f.close()
+
+
+def test_a_csv_left_empty_by_a_killed_run_gets_its_header(tmp_path):
+    """A file a killed run left empty (0 bytes) is a new file: the next run writes the header, and its rows read back
+    (it wrote no header, and read_rows returned [])."""
+    path = tmp_path / "rows.csv"
+    path.write_text("")  # what a SIGKILL before the first row left
+    w = common.CsvWriter(str(path), "x", device="cpu")
+    w.add("s", "impl", "fwd", 1.0)
+    w._f.close()
+    rows = common.read_rows(str(path))
+    assert [(r["shape"], r["impl"], r["ms"]) for r in rows] == [("s", "impl", "1.0000")], rows
