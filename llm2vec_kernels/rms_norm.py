@@ -125,19 +125,22 @@ def _out_dtype(x, weight, gemma):
     return x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
 
 
-def _forward(x2, weight, eps, gemma, out_dtype):
+def _forward(x2, weight, eps, gemma, out_dtype, shape=None):
+    # shape: the output's own (x's) shape, allocated as such: an op output that is a view of a tensor made inside the
+    # autograd Function cannot be modified in place (a hook or a caller's y.mul_), where transformers' norm's can
     M, H = x2.shape
     weight = weight.contiguous()  # the kernels read it at unit stride (a no-op for a model's weight)
-    y = torch.empty((M, H), dtype=out_dtype, device=x2.device)
+    out = torch.empty(shape if shape is not None else (M, H), dtype=out_dtype, device=x2.device)
+    y = out.view(M, H)
     rstd = torch.empty((M,), dtype=torch.float32, device=x2.device)
     if M == 0:
-        return y, rstd
+        return out, rstd
     BLOCK_M, BLOCK_H, num_warps = launch_config(H)
     with on_device(x2):
         _rms_norm_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
             x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), float(eps),
             GEMMA=gemma, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H, num_warps=num_warps)
-    return y, rstd
+    return out, rstd
 
 
 def _backward(dy2, x2, weight, rstd, gemma, need_dw):
@@ -164,11 +167,11 @@ class _RMSNorm(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        y, rstd = _forward(x2, weight, eps, gemma, _out_dtype(x, weight, gemma))
+        y, rstd = _forward(x2, weight, eps, gemma, _out_dtype(x, weight, gemma), shape)
         # the weight is read back from saved_tensors in backward (ZeRO-3 gathers it again there)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.gemma, ctx.shape, ctx.weight_shape = gemma, shape, tuple(weight.shape)
-        return y.view(shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):

@@ -217,6 +217,38 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
 # the graded stage: data, collate, and gradient caching on detached embeddings
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("loss", ["cosent", "angle", "infonce"])
+def test_the_stage_loss_takes_the_configs_settings(loss):
+    """The contrastive stage's loss is engine.losses' (or the kernel's) under the config's own settings, not the
+    defaults: a non-default loss_scale, angle_weights, positive_min_score or temperature reaches it. (A stage that
+    passed 20.0, or dropped the AnglE weights, trained every graded run on the defaults, and no test saw it.)"""
+    import llm2vec_kernels
+    from engine import losses
+    from engine.stages import build_stage
+
+    g = torch.Generator().manual_seed(0)
+    q, d = torch.randn(6, 8, generator=g, dtype=torch.float64), torch.randn(6, 8, generator=g, dtype=torch.float64)
+    batch = {"scores": torch.tensor([0.5, 4.5, 2.0, 3.2, 5.0, 1.0], dtype=torch.float64)}
+    if loss == "infonce":
+        cfg = load_config("configs/tiny/simcse.yaml", ["contrastive.temperature=0.07"])
+        want = llm2vec_kernels.contrastive_loss(q, d, temperature=0.07)
+        default = llm2vec_kernels.contrastive_loss(q, d, temperature=0.05)
+    else:
+        cfg = load_config("configs/tiny/graded.yaml", [f"contrastive.loss={loss}", "contrastive.loss_scale=50",
+                                                       "contrastive.angle_weights=[0.5,1,2]",
+                                                       "contrastive.positive_min_score=3.0"])
+        if loss == "cosent":
+            want, default = (losses.cosent_loss(q, d, batch["scores"], scale=s) for s in (50.0, 20.0))
+        else:
+            want = losses.angle_loss(q, d, batch["scores"], scale=50.0, weights=(0.5, 1.0, 2.0),
+                                     positive_min_score=3.0)
+            default = losses.angle_loss(q, d, batch["scores"])
+    stage = build_stage(cfg, None)
+    got = stage.contrastive(q, d, batch)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got, default)  # the settings change the loss: the test can tell them apart
+
+
 @pytest.mark.parametrize("loss", ["cosent", "angle"])
 def test_graded_stage_grad_cache_matches_direct(loss):
     import copy

@@ -69,6 +69,25 @@ def test_frozen_weight_gets_no_gradient(gemma, monkeypatch):
 
 
 @needs_interpreter
+def test_the_output_can_be_modified_in_place_as_transformers_can():
+    """The kernel's output is its own tensor, not a view made inside the autograd Function: an in-place edit (a
+    forward hook's, a caller's y.mul_) raised "Output 0 of _RMSNorm is a view and is being modified inplace", where
+    transformers' RMSNorm output takes it. The gradient then flows through the edit."""
+    x = torch.randn(2, 3, 40, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(40, dtype=torch.float32)
+    y = rms_norm(x, w, 1e-6, impl="triton")
+    assert y.shape == (2, 3, 40) and not y._is_view()
+    y.mul_(2)
+    y[:, 0] = 0
+    y.sum().backward()
+    xr = x.detach().double().requires_grad_()
+    yr = rms_norm_reference(xr, w.double(), 1e-6) * 2
+    yr[:, 0] = 0
+    yr.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@needs_interpreter
 def test_many_row_blocks_reduce_dweight_over_programs():
     # more row blocks than backward programs (8 on CPU): each program walks several blocks
     x, w, dy = _inputs((301, 24), torch.float32, False, seed=3)

@@ -83,6 +83,21 @@ def test_contiguous_q_and_broadcast_cos():
 
 
 @needs_interpreter
+def test_cos_and_sin_whose_two_halves_differ():
+    """The kernel reads every column of cos and sin: HF repeats the frequencies over both halves, but nothing here
+    assumes it (a kernel that read the first half twice passed every test built on HF's construction)."""
+    q, k, _, _, dq, dk = _inputs(2, 4, 2, 5, 12, torch.float32, seed=7)
+    g = torch.Generator().manual_seed(8)
+    cos, sin = (torch.randn(2, 5, 12, generator=g) for _ in range(2))
+    assert not torch.equal(cos[..., :6], cos[..., 6:])
+    out = _run(rope, q, k, cos, sin, dq, dk, impl="triton")
+    ref = _run(rope_reference, q.double(), k.double(), cos.double(), sin.double(), dq.double(), dk.double())
+    tor = _run(rope_reference, q, k, cos, sin, dq, dk)
+    for name, o, r, t in zip(("q", "k", "dq", "dk"), out, ref, tor):
+        _assert_close(o, r, t, torch.float32, name)
+
+
+@needs_interpreter
 def test_backward_is_rotation_by_minus_sin():
     # with HF's repeated frequencies the backward equals the forward with -sin
     q, k, cos, sin, dq, dk = _inputs(1, 4, 2, 6, 16, torch.float32, seed=5)
