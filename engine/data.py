@@ -51,6 +51,7 @@ class DataStats:
     blank_negatives: int = 0  # blank hard negatives dropped (from any row, kept or not)
     negatives_per_row: dict = dataclasses.field(default_factory=dict)  # kept supervised rows by hard negatives held
     repeated_negatives: int = 0  # kept rows with fewer hard negatives than the stage uses: theirs are repeated
+    unused_negatives: int = 0  # kept rows with more hard negatives than the stage uses: the rest are never trained on
     not_counted: list = dataclasses.field(default_factory=list)  # "duplicates" / "truncated": not checked here
     missing: list = dataclasses.field(default_factory=list)  # E5 dataset files a folder lacks (not trained on)
     unread: list = dataclasses.field(default_factory=list)  # .jsonl files in an E5 folder that are no E5 dataset
@@ -58,7 +59,8 @@ class DataStats:
     def summary(self):
         extra = "".join(f", {k.replace('_', ' ')} {v}" for k, v in (("no_negative", self.no_negative),
                                                                    ("blank_negatives", self.blank_negatives),
-                                                                   ("repeated_negatives", self.repeated_negatives))
+                                                                   ("repeated_negatives", self.repeated_negatives),
+                                                                   ("unused_negatives", self.unused_negatives))
                         if v)
         if self.missing:
             extra += (f", MISSING {len(self.missing)} E5 dataset file(s) (not trained on): "
@@ -85,8 +87,11 @@ class DataStats:
 
     def count_repeated_negatives(self, n):
         """Set ``repeated_negatives``: the kept rows holding fewer than ``n`` (>= 1) hard negatives, which the
-        supervised batch repeats to fill n slots (E5 rows hold one), weighting each repeated negative more."""
+        supervised batch repeats to fill n slots (E5 rows hold one), weighting each repeated negative more; and
+        ``unused_negatives``: those holding more, of which the batch takes the first n in every epoch (the rest are
+        never trained on)."""
         self.repeated_negatives = sum(v for k, v in self.negatives_per_row.items() if 0 < int(k) < n)
+        self.unused_negatives = sum(v for k, v in self.negatives_per_row.items() if int(k) > n)
 
 
 def _check_file(path):

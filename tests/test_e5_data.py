@@ -157,6 +157,21 @@ def test_rows_with_fewer_negatives_than_the_stage_uses_are_counted(n, repeated):
     _, stats, _ = build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data, 0)
     assert stats.repeated_negatives == repeated
     assert ("repeated negatives 96" in stats.summary()) is bool(repeated)
+    assert stats.unused_negatives == 0 and "unused negatives" not in stats.summary()
+
+
+def test_rows_with_more_negatives_than_the_stage_uses_are_counted(tmp_path):
+    """A row's first num_hard_negatives negatives are its negatives in every epoch (collate takes the k-th): the
+    rows holding more, whose others are never trained on, are counted in the data line."""
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negative": [f"n{i}{c}" for c in "abc"[:1 + i % 3]]}
+            for i in range(9)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for n, unused, repeated in ((1, 6, 0), (2, 3, 3), (3, 0, 6)):
+        cfg = load_config("configs/tiny/supervised.yaml", [f"data={path}", f"contrastive.num_hard_negatives={n}"])
+        _, stats, _ = build_stage(cfg, load_tokenizer(cfg.model)).load(cfg.data, 0)
+        assert (stats.unused_negatives, stats.repeated_negatives) == (unused, repeated)
+        assert (f"unused negatives {unused}" in stats.summary()) is bool(unused)
 
 
 def test_the_item_cache_is_rebuilt_when_the_e5_rules_change(monkeypatch):
