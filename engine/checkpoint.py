@@ -5,13 +5,16 @@ PEFT format, safetensors) and ``run.json`` (the run's fingerprint and step). Aft
 rank 0 marks it ``COMPLETE`` and then replaces ``checkpoints/latest`` atomically, so a run killed mid-save resumes
 from the previous checkpoint. Only complete checkpoints are resumed, only one of the same run (same fingerprint)
 unless ``resume=force``, and a missing, dangling or unloadable ``latest`` falls back to the newest complete
-checkpoint with a warning, never to step 0. ``best/`` keeps the adapter with the highest dev STS Spearman.
+checkpoint with a warning, never to step 0. ``best/`` keeps the adapter with the highest dev STS Spearman; each
+checkpoint keeps best/ as of its step (``best/``, hard links, recorded in run.json), which a resume puts back. A file
+write that fails inside DeepSpeed's save on one rank ends every rank after its closing barrier (``_writes_kept``).
 
 The run folder has one owner: rank 0 holds an exclusive ``flock`` on ``<output_dir>/run.lock`` (holder's pid and host
 written inside) for the whole run; the kernel drops it when the process ends, however it ends. Checkpoint files are
 read with ``torch.load(weights_only=True)`` and an explicit allowlist of the types DeepSpeed stores
 (``checkpoint_globals``), DeepSpeed's own loads included: a file that needs anything else is refused, never unpickled.
 """
+import contextlib
 import fcntl
 import json
 import math
@@ -287,6 +290,42 @@ def release_run_folder(fd, output_dir):
     os.close(fd)  # closing the last descriptor drops the flock
 
 
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def _writes_kept(engine, failed):
+    """Inside the block, DeepSpeed's checkpoint writes on ``engine`` (its checkpoint engine's ``save`` and
+    ``makedirs``, the recovery scripts rank 0 copies) keep their first error in ``failed`` and return, and every
+    later one is skipped, so that DeepSpeed's ``save_checkpoint`` still reaches its closing barrier on this rank."""
+    def kept(fn):
+        def call(*args, **kwargs):
+            if failed:
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                failed.append(e)
+                return None
+        return call
+
+    patched = []
+    for obj, name in ((engine.checkpoint_engine, "save"), (engine.checkpoint_engine, "makedirs"),
+                      (engine, "_copy_recovery_script")):
+        fn = getattr(obj, name, None)
+        if fn is not None:
+            patched.append((obj, name, obj.__dict__.get(name, _UNSET)))
+            setattr(obj, name, kept(fn))
+    try:
+        yield
+    finally:
+        for obj, name, before in patched:
+            if before is _UNSET:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, before)
+
+
 def checkpoint_globals():
     """The non-tensor types DeepSpeed 0.19 pickles into its checkpoint files, found by listing the globals of real
     tiny checkpoints (``torch.serialization.get_unsafe_globals_in_checkpoint``) of ZeRO stages 0 to 3 in fp32 and
@@ -466,6 +505,14 @@ def plan_resume(cfg, rank=0):
             raise ConfigError(
                 f"resume=force: the newest checkpoint, {complete[0]}, is past max_steps {cfg.max_steps}; a run does "
                 f"not go back: set max_steps >= {newest}, or use another output_dir")
+        if newest == cfg.max_steps:  # no step would train under the new values, yet adapter/ and config.yaml would
+            # be written with them: engine.pick would take the trained run's weights for a run of other settings
+            raise ConfigError(
+                f"resume=force: the newest checkpoint, {complete[0]}, is at max_steps {cfg.max_steps}: no step would "
+                f"run under the new values ({diff_listing(diff, 'in the checkpoint', 'now', most=4)}), and the "
+                f"final adapter would be labelled with settings it did not train under; set max_steps > {newest} "
+                f"to train on under them, resume with the checkpoint's settings to finish that run, or take its "
+                f"adapter from {root}/{complete[0]}/adapter")
         warn0(rank, f"resume=force: resuming {complete[0]} of a different run; new values applied: {listing}")
     return complete, diff
 
@@ -480,10 +527,13 @@ class Checkpointer:
         self.cfg, self.engine, self.module, self.tok, self.rank = cfg, engine, module, tokenizer, rank
         self.data = data
         self.root = os.path.join(cfg.output_dir, "checkpoints")
+        self.resumed_tag, self.resumed_state = None, {}  # what resume() loaded: its tag and DeepSpeed client state
         if engine is not None:  # every file DeepSpeed's load_checkpoint reads goes through its checkpoint engine
             engine.checkpoint_engine.load = load_state_file
 
-    def save(self, step, plan):
+    def save(self, step, plan, state=None):
+        """Checkpoint ``step``. ``state``: the loop's counters to carry over a resume (in DeepSpeed's client state,
+        beside the step and the data position)."""
         tag = f"step_{step:07d}"
         path = os.path.join(self.root, tag)
         def unmark():  # rewriting a folder: it is incomplete until marked again
@@ -495,20 +545,35 @@ class Checkpointer:
         # checkpoint is then the LoRA weights and their optimizer state, not 14 GB more of bf16 base per save. Not
         # when MNTP added a mask token: its embedding row is drawn at random, and a resume must read it back
         frozen_rebuilt = not getattr(getattr(self.module, "stage", None), "added_token", False)
-        self.engine.save_checkpoint(self.root, tag=tag, save_latest=False, exclude_frozen_parameters=frozen_rebuilt,
-                                    client_state={"step": step, "data_position": list(plan.position(step))})
-        # this rank's DeepSpeed files on disk before the ranks agree and rank 0 writes COMPLETE (a power cut after
-        # COMPLETE must not leave an empty state file behind a checkpoint cleanup then trusts)
-        together(lambda: sync_tree(path, only=lambda name: _rank_state_file(name, self.rank, shared=self.rank == 0)))
+        # A file write that fails on one rank (a full disk, EIO) is kept, not raised inside DeepSpeed's save: that
+        # rank would leave it before the barrier at its end, where the other ranks then waited until the collective
+        # timeout (NCCL: 30 minutes). Every rank reaches the barrier, and the error ends every rank just after it.
+        failed = []
+        with _writes_kept(self.engine, failed):
+            self.engine.save_checkpoint(self.root, tag=tag, save_latest=False,
+                                        exclude_frozen_parameters=frozen_rebuilt,
+                                        client_state={**(state or {}), "step": step,
+                                                      "data_position": list(plan.position(step))})
+
+        def synced():
+            if failed:
+                raise failed[0]
+            # this rank's DeepSpeed files on disk before the ranks agree and rank 0 writes COMPLETE (a power cut
+            # after COMPLETE must not leave an empty state file behind a checkpoint cleanup then trusts)
+            sync_tree(path, only=lambda name: _rank_state_file(name, self.rank, shared=self.rank == 0))
+
+        together(synced)
         _fault_point(step, "state")  # (a failed fsync, EIO or a full disk, ends every rank, not only its own)
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
         def adapter_and_record():
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok, step)
+            best = keep_best(self.cfg.output_dir, path)
             write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
                                                       "world": dist.get_world_size(),
                                                       "zero_stage": self.engine.zero_optimization_stage(),
-                                                      **({"data": self.data} if self.data else {})})
+                                                      **({"data": self.data} if self.data else {}),
+                                                      **({"best": best[0]} if best else {})})
             _fault_point(step, "adapter")
 
         def mark_complete():
@@ -570,6 +635,7 @@ class Checkpointer:
             if ok:
                 if failed:
                     warn0(self.rank, f"fell back to {tag}: could not load {'; '.join(failed)}")
+                self.resumed_tag, self.resumed_state = tag, client
                 _check_data_of(self.cfg, self.rank, self.root, tag, self.data)
                 log0(f"resumed from {tag}: step {client['step']}, data position (epoch, batch) "
                      f"{client['data_position']}")
@@ -708,12 +774,117 @@ def drop_stale_best(output_dir, after=None):
             shutil.rmtree(os.path.join(output_dir, d))
 
 
+def _best_record(folder):
+    """A best adapter folder's record (``engine_best.json``: step, spearman, eval set) as a dict, or None when it is
+    missing or does not read as one."""
+    try:
+        with open(os.path.join(folder, BestAdapter.META), encoding="utf-8") as f:
+            rec = json.load(f)
+        float(rec["spearman"]), int(rec["step"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return rec
+
+
+def _link_tree(src, dst):
+    """``src``'s files under the new folder ``dst`` (absent), hard-linked where the filesystem allows, copied where
+    it does not, synced, and renamed into place at once. The adapters' files are never written in place (a new
+    folder replaces the old one), so a link shares bytes that do not change."""
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for root, _, files in os.walk(src):
+        into = os.path.join(tmp, os.path.relpath(root, src))
+        os.makedirs(into, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(root, name), os.path.join(into, name))
+            except OSError:  # no hard links (another device, some network and FUSE filesystems)
+                shutil.copy2(os.path.join(root, name), os.path.join(into, name))
+    sync_tree(tmp)
+    os.replace(tmp, dst)
+    sync_folder(os.path.dirname(os.path.abspath(dst)))
+
+
+def keep_best(output_dir, path):
+    """Keep ``output_dir/best/`` as it is at this checkpoint in the checkpoint folder ``path`` (``path/best/``, hard
+    links: no second copy of the bytes) for :func:`restore_best` (rank 0). Returns ``(record,)``, the record for
+    run.json (``(None,)``: no best adapter yet), or None when best/ holds no record that reads (nothing kept, no
+    record: a resume leaves best/ as it finds it)."""
+    src, dst = os.path.join(output_dir, "best"), os.path.join(path, "best")
+    shutil.rmtree(dst, ignore_errors=True)  # a folder written again
+    if not os.path.isdir(src):
+        return (None,)
+    rec = _best_record(src)
+    if rec is None:
+        return None
+    _link_tree(src, dst)
+    return (rec,)
+
+
+def restore_best(output_dir, root, tag, forced=False, rank=0):
+    """Make ``output_dir/best/`` the one checkpoint ``tag`` recorded (rank 0, before the resumed run's first eval).
+
+    A run that evaluated past its last checkpoint and was killed before the next one left a best/ of a step this run
+    trains again: kept, the rerun's identical score there tied it (its row said best_saved 0 where the uninterrupted
+    run said 1), and a lower one left that dead run's weights in best/, the best up to the checkpoint gone. So the
+    checkpoint's own best/ (:func:`keep_best`) is put back, or best/ removed when it had none; the rerun writes the
+    later one again when it scores it, as the uninterrupted run did. A checkpoint from before best/ was kept with it
+    leaves best/ as it is (``forced``: resume=force under other settings drops one from past the checkpoint,
+    :func:`drop_stale_best`)."""
+    saved = _saved_run(root, tag)
+    after = int(saved.get("step", _step_of(tag) or 0))
+    if "best" not in saved:
+        if forced:
+            drop_stale_best(output_dir, after=after)
+        return
+    rec, best = saved["best"], os.path.join(output_dir, "best")
+    _recover_best(best)
+    present = os.path.isdir(best)
+    now = _best_record(best) if present else None
+    if (rec is None and not present) or (rec is not None and now is not None and json_normal(now) == json_normal(rec)):
+        return
+    copy = os.path.join(root, tag, "best")
+    if rec is not None and json_normal(_best_record(copy)) != json_normal(rec):
+        warn0(rank, f"{copy} is missing or not the best adapter {tag} recorded (step {rec['step']}): best/ is left "
+                    f"as it is")
+        return
+    if forced and now is not None and int(now["step"]) > after:
+        drop_stale_best(output_dir, after=after)  # says so, as for a checkpoint without the record
+        if rec is not None:
+            warn0(rank, f"putting back the best adapter as of {tag} (step {rec['step']})")
+    else:
+        held = "is missing" if not present else (f"holds step {now['step']}'s adapter" if now is not None
+                                                 else "holds no record that reads")
+        past = " (a run that did not reach its next checkpoint evaluated past it)" \
+            if now is not None and int(now["step"]) > after else ""
+        then = f"putting back that one (step {rec['step']})" if rec is not None else "it had none yet: removing best/"
+        warn0(rank, f"best/ {held}, not the best adapter as of {tag}, which this run resumes{past}; {then}; this "
+                    f"run writes a later one where its own dev scores improve")
+    for d in (best, best + ".new", best + ".old"):
+        shutil.rmtree(d, ignore_errors=True)
+    if rec is not None:
+        _link_tree(copy, best)
+
+
+def _recover_best(folder):
+    """A replacement of best/ killed between its two renames (``_replace_dir``) left no best/: take the complete
+    new one, else put the old one back."""
+    new, old = folder + ".new", folder + ".old"
+    if os.path.isdir(folder):
+        return
+    if os.path.isfile(os.path.join(new, BestAdapter.META)):
+        os.replace(new, folder)
+    elif os.path.isdir(old):
+        os.replace(old, folder)
+
+
 class BestAdapter:
     """``output_dir/best/``: the adapter with the highest dev STS Spearman seen so far, beside the last one.
 
     Active when ``eval_every`` is set and ``eval_data`` is one STS file. ``best/engine_best.json`` records the
     step and score; a resumed run reads it back, so it only replaces a better adapter (a fresh run, start 0,
-    ignores a stale one and replaces it at its first eval). Rank 0 decides and
+    ignores a stale one and replaces it at its first eval). Each checkpoint keeps best/ as of its step
+    (:func:`keep_best`), which a resume puts back first (:func:`restore_best`). Rank 0 decides and
     broadcasts (ranks could differ in the last float bit); the adapter gather is collective, the write atomic.
     """
 
@@ -742,15 +913,7 @@ class BestAdapter:
                             f"score replaces it")
 
     def _recover(self):
-        """A replacement killed between its two renames (``_replace_dir``) left no best/: take the complete new
-        one, else put the old one back."""
-        new, old = self.dir + ".new", self.dir + ".old"
-        if os.path.isdir(self.dir):
-            return
-        if os.path.isfile(os.path.join(new, self.META)):
-            os.replace(new, self.dir)
-        elif os.path.isdir(old):
-            os.replace(old, self.dir)
+        _recover_best(self.dir)
 
     def update(self, step, spearman, module, cfg, tok, rank, device):
         flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)

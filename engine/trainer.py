@@ -22,8 +22,8 @@ from . import config as config_mod
 from .config import ConfigError
 from .bidirectional import set_deterministic_attention
 from .checkpoint import (BestAdapter, Checkpointer, adapter_state_dict, check_finite_state, check_shared_folder,
-                         drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, sts_spearman,
-                         write_adapter)
+                         drop_stale_best, hold_run_folder, last_good, plan_resume, release_run_folder, restore_best,
+                         sts_spearman, write_adapter)
 from .data import BatchPlan, DataError, is_sts_file
 from .distributed import (gathered, init_distributed, local_world_size, log0, on_rank0, said_by_rank0, smallest,
                           together, warn0)
@@ -89,6 +89,7 @@ class Trainer:
 
     log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
     truncated_unlogged = 0  # texts cut in steps whose rows log_every left out: carried into the next logged row
+    # (and over a resume: loop_state)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -224,8 +225,9 @@ class Trainer:
                 _write_config(cfg)
                 if self.start == 0:  # starting over (resume=force; auto refuses a best/ without a checkpoint)
                     drop_stale_best(cfg.output_dir)
-                elif self.resumed_another_run:  # a best/ from past the checkpoint: a trajectory this run replaces
-                    drop_stale_best(cfg.output_dir, after=self.start)
+                else:  # best/ as of the checkpoint: one written past it is of steps this run trains again
+                    restore_best(cfg.output_dir, self.ckpt.root, self.ckpt.resumed_tag,
+                                 forced=self.resumed_another_run)
             try:
                 logger = MetricsLogger(cfg, rank, self.start)
             except (UnicodeDecodeError, csv.Error) as e:
@@ -242,7 +244,11 @@ class Trainer:
 
             self.bar = tqdm(total=cfg.max_steps, initial=self.start, desc=cfg.stage, dynamic_ncols=True)
         self.bad_streak = 0  # non-finite steps in a row
-        self.empty_steps = 0  # steps with no loss unit in the global batch (empty_step)
+        # the counters a checkpoint carries (loop_state): a resumed run's rows and warnings count as the uninterrupted
+        # run's; a checkpoint from before they were kept resumes them at 0
+        carried = self.ckpt.resumed_state
+        self.empty_steps = int(carried.get("empty_steps", 0))  # steps with no loss unit in the batch (empty_step)
+        self.truncated_unlogged = int(carried.get("truncated_unlogged", 0))  # (log)
         self.engine.train()
         self.t_run = time.time()
 
@@ -402,7 +408,12 @@ class Trainer:
                 # A checkpoint marks metrics.csv complete up to its step: this step's failed row (log) must end the
                 # run before it is marked, or a resume from here would never write that row (one collective).
                 self.raise_log_error()
-                self.ckpt.save(done, self.plan)
+                self.ckpt.save(done, self.plan, self.loop_state())
+
+    def loop_state(self):
+        """The counters a checkpoint carries into a resumed run: the texts cut since the last logged row (a row
+        log_every leaves out counts into the next one) and the steps with no loss unit so far."""
+        return {"truncated_unlogged": int(self.truncated_unlogged), "empty_steps": int(self.empty_steps)}
 
     # -- the end -------------------------------------------------------------------------------------------------
 
@@ -417,7 +428,7 @@ class Trainer:
                 f"the run ended with {self.bad_streak} non-finite steps in a row; no final checkpoint or adapter "
                 f"written (last good checkpoint: {last_good(self.ckpt.root)})"), self.rank)
         if self.start < cfg.max_steps:
-            self.ckpt.save(cfg.max_steps, self.plan)
+            self.ckpt.save(cfg.max_steps, self.plan, self.loop_state())
         sd = adapter_state_dict(self.module.model)
         check_finite_state(sd, "the final adapter", self.rank)
         adapter = os.path.join(cfg.output_dir, "adapter")

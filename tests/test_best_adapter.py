@@ -144,3 +144,66 @@ def test_pick_refuses_an_adapter_record_that_is_not_the_engines(tmp_path, capsys
         assert pick.main([good, bad]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and err[0].startswith("error: ") and what in err[0], err
+
+
+def test_a_resume_puts_back_the_best_adapter_its_checkpoint_kept(tmp_path, capsys):
+    """eval_every=25, save_every=50: a run that wrote best/ at step 75 and died before 100 resumes from 50. Its
+    best/ is of a step the resumed run trains again; the best as of step 50 (step 25's) was overwritten by it. A
+    checkpoint keeps best/ as of its step (hard links) and records it in run.json; the resume puts that one back
+    (another score at step 75, on another rank count, must not leave the dead run's weights there)."""
+    import shutil
+
+    from engine.checkpoint import RUN_FILE, keep_best, restore_best
+
+    out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    cfg = load_config("configs/tiny/graded.yaml", [f"output_dir={out}"])
+
+    def best_at(step, score):  # what BestAdapter.update leaves in best/
+        folder = out / "best"
+        shutil.rmtree(folder, ignore_errors=True)  # (update replaces the folder: the old files are not written)
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(f"weights of step {step}".encode())
+        (folder / BestAdapter.META).write_text(json.dumps({"step": step, "spearman": score,
+                                                           "eval_data": cfg.eval_data[0],
+                                                           "eval_sts_pairs": cfg.eval_sts_pairs}))
+
+    def checkpoint(step):  # Checkpointer.save's record
+        path = root / f"step_{step:07d}"
+        path.mkdir(parents=True)
+        kept = keep_best(str(out), str(path))
+        (path / RUN_FILE).write_text(json.dumps({"step": step, **({"best": kept[0]} if kept else {})}))
+        return kept
+
+    assert checkpoint(10) == (None,)  # no best/ yet: recorded as none
+    best_at(25, 0.5)
+    rec = checkpoint(50)[0]
+    assert rec["step"] == 25
+    assert os.stat(out / "best" / "adapter_model.safetensors").st_ino == \
+        os.stat(root / "step_0000050" / "best" / "adapter_model.safetensors").st_ino  # linked, not a second copy
+    best_at(75, 0.7)  # the dead run's future
+    restore_best(str(out), str(root), "step_0000050")
+    assert "putting back that one (step 25)" in capsys.readouterr().out
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == b"weights of step 25"
+    assert not (out / "best.tmp").exists()
+    kept = BestAdapter(cfg, rank=0, resumed=True)
+    assert (kept.step, kept.score) == (25, 0.5)  # step 75's rerun is compared with step 25's score
+    restore_best(str(out), str(root), "step_0000050")  # already the checkpoint's: silent, untouched
+    assert capsys.readouterr().out == ""
+    # the dead run's best/ from past a checkpoint that had none: removed (the rerun writes it again)
+    best_at(30, 0.6)
+    restore_best(str(out), str(root), "step_0000010")
+    assert "it had none yet: removing best/" in capsys.readouterr().out and not (out / "best").exists()
+    # an interrupted swap's leftovers go with it; a missing best/ comes back
+    (out / "best.old").mkdir()
+    restore_best(str(out), str(root), "step_0000050")
+    assert (out / "best" / "adapter_model.safetensors").read_bytes() == b"weights of step 25"
+    assert not (out / "best.old").exists()
+    # a checkpoint from before the record: best/ as found (resume=force under other settings drops a later one)
+    legacy = root / "step_0000060"
+    legacy.mkdir()
+    (legacy / RUN_FILE).write_text(json.dumps({"step": 60}))
+    best_at(75, 0.7)
+    restore_best(str(out), str(root), "step_0000060")
+    assert json.loads((out / "best" / BestAdapter.META).read_text())["step"] == 75
+    restore_best(str(out), str(root), "step_0000060", forced=True)
+    assert not (out / "best").exists() and "past a best adapter of step 75" in capsys.readouterr().out

@@ -217,6 +217,44 @@ def test_an_fp16_checkpoint_of_stage_0_is_refused_as_unresumable(tmp_path, monke
         assert dtype == "fp32" or "zero_stage=0" not in str(e.value)
 
 
+def test_the_rank_count_rule_of_a_resume(tmp_path, monkeypatch):
+    """ZeRO stages 1-3 shard the optimizer state per rank: a checkpoint of 8 ranks resumed on 4 (or 16) is refused
+    in one line, at its own stage; stage 0 replicates it, so any rank count resumes a stage-0 checkpoint."""
+    import json
+    import types
+
+    import torch.distributed as dist
+
+    from engine.checkpoint import RUN_FILE, Checkpointer
+    from engine.config import ConfigError, load_config
+
+    os.makedirs(tmp_path / "step_0000002")
+    cfg = load_config("configs/tiny/mntp.yaml")
+
+    def check(saved_world, saved_stage, world, stage):
+        (tmp_path / "step_0000002" / RUN_FILE).write_text(json.dumps({"step": 2, "world": saved_world,
+                                                                      "zero_stage": saved_stage}))
+        monkeypatch.setattr(dist, "get_world_size", lambda: world)
+        me = types.SimpleNamespace(root=str(tmp_path), rank=0, cfg=cfg,
+                                   engine=types.SimpleNamespace(zero_optimization_stage=lambda: stage))
+        Checkpointer._check_layout(me, "step_0000002")
+
+    for zero in (1, 2, 3):
+        check(8, zero, 8, zero)  # the layout that wrote it
+        for world in (4, 16, 1):
+            with pytest.raises(ConfigError, match=rf"saved by 8 rank\(s\) at ZeRO stage {zero}; this run has {world} "
+                                                  rf"rank\(s\) at stage {zero}.*resume with 8 rank\(s\) and "
+                                                  rf"zero_stage={zero}"):
+                check(8, zero, world, zero)
+    for world in (8, 4, 16, 1):
+        check(8, 0, world, 0)  # replicated: resumes under any rank count
+    with pytest.raises(ConfigError, match="at ZeRO stage 0; this run has 4 rank"):
+        check(8, 0, 4, 1)  # but not at another stage
+    os.remove(tmp_path / "step_0000002" / RUN_FILE)  # a checkpoint that recorded no layout: not checked
+    Checkpointer._check_layout(types.SimpleNamespace(root=str(tmp_path), rank=0, cfg=cfg, engine=None),
+                               "step_0000002")
+
+
 def test_a_checkpoint_of_another_zero_stage_is_refused_in_one_line(staged, tmp_path):
     """DeepSpeed's ZeRO checkpoints hold the optimizer state per rank and stage: another stage (or rank count) failed
     inside its load, and the message said to delete checkpoints that load fine as they were written."""

@@ -65,14 +65,21 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_taken_over(tmp_pa
 
 def test_a_forced_resume_does_not_go_back_past_max_steps(tmp_path):
     """resume=force with max_steps below the newest checkpoint's step ran no step and wrote adapter/ labelled
-    max_steps holding the later step's weights. It is refused in one line; max_steps at or past it resumes."""
+    max_steps holding the later step's weights. It is refused in one line; max_steps past it resumes. At it, no step
+    would run under the new values, yet adapter/ and config.yaml were written with them (engine.pick then took the
+    trained run's weights for a run of the new settings): refused too, unless nothing differs (the same run
+    finishing: its final adapter, as resume=auto writes it)."""
     out = str(tmp_path)
     _fake_ckpt(out, 4, _cfg(out))
     _set_latest(out, "step_0000004")
     with pytest.raises(ConfigError, match=r"resume=force: the newest checkpoint, step_0000004, is past max_steps 2; "
                                           r"a run does not go back: set max_steps >= 4"):
         plan_resume(_cfg(out, "max_steps=2", "resume=force"))
-    assert plan_resume(_cfg(out, "max_steps=4", "resume=force", "learning_rate=3e-3"))[0] == ["step_0000004"]
+    with pytest.raises(ConfigError, match=r"resume=force: the newest checkpoint, step_0000004, is at max_steps 4: no "
+                                          r"step would run under the new values \(learning_rate: 0.01 in the "
+                                          r"checkpoint, 0.003 now\).*set max_steps > 4.*step_0000004/adapter"):
+        plan_resume(_cfg(out, "max_steps=4", "resume=force", "learning_rate=3e-3"))
+    assert plan_resume(_cfg(out, "max_steps=4", "resume=force")) == (["step_0000004"], [])
     assert plan_resume(_cfg(out, "max_steps=6", "resume=force"))[0] == ["step_0000004"]
 
 
@@ -230,8 +237,8 @@ def test_plan_resume_refuses_a_different_run(tmp_path):
         plan_resume(_cfg(out, "learning_rate=0.02"))
     with pytest.raises(ConfigError, match=r"differing keys: max_steps: 4 in the checkpoint, 8 now"):
         plan_resume(_cfg(out, "max_steps=8"))
-    tags, diff = plan_resume(_cfg(out, "learning_rate=0.02", "resume=force"))
-    assert tags == ["step_0000004"] and diff == [("learning_rate", 0.01, 0.02)]
+    tags, diff = plan_resume(_cfg(out, "learning_rate=0.02", "max_steps=8", "resume=force"))  # (steps to train)
+    assert tags == ["step_0000004"] and diff == [("learning_rate", 0.01, 0.02), ("max_steps", 4, 8)]
     # Keys that do not define the run (logging, saving, kernels) resume freely.
     assert plan_resume(_cfg(out, "log_every=2", "keep_checkpoints=5", "model.attention=torch"))[1] == []
 
@@ -509,3 +516,82 @@ def test_a_full_disk_in_rank_0s_metrics_write_ends_every_rank_alike_with_no_laun
             assert len(f.read().splitlines()) > 3  # steps were logged before the disk filled
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+_FAILING_SAVE = """
+import errno, os, sys, torch
+if os.environ.get("RANK") == "1":  # one rank's DeepSpeed state file of step 2 cannot be written (a full disk)
+    save = torch.save
+    def failing(obj, f, *args, **kwargs):
+        if "step_0000002" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return save(obj, f, *args, **kwargs)
+    torch.save = failing
+from engine.train import exit_with, main
+exit_with(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_state_file_that_one_rank_cannot_write_ends_every_rank_at_once(tmp_path):
+    """DeepSpeed's save_checkpoint ends in a barrier. A torch.save that raised on one rank (a full disk, EIO) took
+    that rank out of it, and the others waited there until the collective's timeout (NCCL: 30 minutes; gloo sees
+    the peer leave, and said so in a second line). The error is kept until the barrier and raised on every rank
+    after it: both ranks, started without a launcher to stop them, exit 2 at once with one line from the failed
+    rank, and the checkpoint is never marked complete."""
+    import subprocess
+    import time
+
+    from engine.distributed import free_port
+
+    from .launch import rank_commands
+
+    script = tmp_path / "failing_save.py"
+    script.write_text(_FAILING_SAVE)
+    out = tmp_path / "run"
+    args = ["--config", os.path.join(TINY, "mntp.yaml"), f"output_dir={out}", *MNTP, "zero_stage=1",
+            "memory_budget_gb=64", "progress_bar=false"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
+    procs = [subprocess.Popen(argv, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for argv, e in rank_commands(2, free_port(), str(script), args, env)]
+    results, t0 = [], time.time()
+    for p in procs:
+        try:
+            so, se = p.communicate(timeout=max(1, 300 - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a rank was still running 300 s after the start (waiting in a collective)")
+        results.append((p.returncode, so, se))
+    err = "".join(se for _, _, se in results)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert [rc for rc, _, _ in results] == [2, 2], err[-4000:]
+    assert len(lines) == 1 and "no space left on the device writing" in lines[0] and "step_0000002" in lines[0], \
+        err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    assert "ZeRO stage 1, " in results[0][1]  # each rank writes its own optimizer state file
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "step_0000002" / COMPLETE).exists() and not (ckpts / "latest").exists()
+    assert [int(x["step"]) for x in _metrics(str(out))] == [1, 2]  # (log_every 1: the steps before the save)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_counts_the_steps_without_a_masked_token_before_its_checkpoint(tmp_path):
+    """The run's count of steps with no masked token (its warning says how many so far) is carried in the
+    checkpoint, as the count of cut texts a row log_every left out is (test_train's contrastive resume): a resumed
+    run restarted both at 0."""
+    from .helpers import rewind_run
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "resumed")
+    empty = ["max_steps=2", "save_every=1", "eval_every=0", "model.gradient_checkpointing=false", "max_seq_len=32",
+             "batch_size=4", "micro_batch_size=2", "max_samples=100", "mntp.mask_prob=1e-9"]
+    r = _train(ref, extra=empty)
+    assert r.returncode == 0 and "step 2: no masked token" in r.stdout and "(2 such step(s) so far" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-3000:]
+    rewind_run(ref, out, 1)
+    r = _train(out, extra=empty)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step_0000001: step 1" in r.stdout
+    assert "step 2: no masked token in the whole global batch: no update, the schedule stays (2 such step(s) so far" \
+        in r.stdout, r.stdout[-3000:]

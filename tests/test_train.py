@@ -109,11 +109,12 @@ def test_contrastive_stage_is_killed_and_resumes_exactly(tmp_path, stage, nproc,
     # Dropout masks and the gradient cache's RNG replay are functions of (seed, step, micro-batch slot): a run
     # resumed from its step-2 checkpoint (helpers.rewind_run: the folder a kill just after it leaves; the kill
     # itself is the MNTP test's) continues with exactly the losses, gradient norms and final adapter of the
-    # uninterrupted run, and the same STS evaluation at the end.
+    # uninterrupted run, and the same STS evaluation at the end. log_every=3: row 3 counts the texts cut in steps
+    # 1 to 3, two of them before the checkpoint (the count is carried in it; a resumed run restarted it at 0).
     cfg = f"configs/tiny/{stage}.yaml"
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
     args = ["--config", cfg, "max_steps=4", "save_every=2", "batch_size=8", "micro_batch_size=2", "eval_every=0",
-            *extra]
+            "log_every=3", *extra]
 
     def cmd(out):
         return deepspeed_cmd(nproc, *args, f"output_dir={out}") if nproc > 1 else \
@@ -122,19 +123,42 @@ def test_contrastive_stage_is_killed_and_resumes_exactly(tmp_path, stage, nproc,
     r = run_cmd(cmd(ref))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = _metrics(ref)
-    assert [int(x["step"]) for x in rows] == [1, 2, 3, 4]
-    rewind_run(ref, crash, 2)
+    assert [int(x["step"]) for x in rows] == [3, 4]
+    rewind_run(ref, crash, 2)  # (keeps best/: a run killed after a later eval leaves it, of a step it trains again)
     r = run_cmd(cmd(crash))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from step_0000002: step 2" in r.stdout
     resumed = _metrics(crash)
-    assert [int(x["step"]) for x in resumed] == [1, 2, 3, 4]
-    for a, b in zip(rows[2:], resumed[2:]):
+    assert [int(x["step"]) for x in resumed] == [3, 4]
+    for a, b in zip(rows, resumed):
         for key in ("loss", "grad_norm"):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5, abs=1e-9), (a["step"], key)
+    assert [x["truncated"] for x in resumed] == [x["truncated"] for x in rows]
+    if stage == "supervised":  # texts are cut (max_len 32 after the instruction), so the carried count matters
+        assert int(rows[0]["truncated"]) > 0
     if stage == "simcse":  # the periodic STS eval runs at step 4 only, on the resumed model as on the other
         assert [int(x["step"]) for x in rows if x.get("eval_sts_spearman")] == [4]
-        assert float(resumed[3]["eval_sts_spearman"]) == pytest.approx(float(rows[3]["eval_sts_spearman"]), abs=1e-6)
+        assert float(resumed[1]["eval_sts_spearman"]) == pytest.approx(float(rows[1]["eval_sts_spearman"]), abs=1e-6)
+        # best/: the uninterrupted run wrote it at step 4; the resumed run found the killed run's step-4 best/ and
+        # must write it again (best_saved 1, as the uninterrupted row), not tie it, and end with the same best/
+        assert [x["best_saved"] for x in resumed] == [x["best_saved"] for x in rows] == ["", "1"]
+        recs = []
+        for out in (ref, crash):
+            with open(os.path.join(out, "best", "engine_best.json")) as f:
+                recs.append(json.load(f))
+        assert recs[0]["step"] == recs[1]["step"] == 4
+        assert recs[1]["spearman"] == pytest.approx(recs[0]["spearman"], abs=1e-6)
+        b_ref = load_file(os.path.join(ref, "best", "adapter_model.safetensors"))
+        b_res = load_file(os.path.join(crash, "best", "adapter_model.safetensors"))
+        assert sorted(b_ref) == sorted(b_res)
+        for k in b_ref:
+            torch.testing.assert_close(b_res[k], b_ref[k], rtol=1e-5, atol=1e-7)
+        # each checkpoint records best/ as of its step (none yet at step 2) and keeps it, for a resume to put back
+        with open(os.path.join(crash, "checkpoints", "step_0000002", "run.json")) as f:
+            assert json.load(f)["best"] is None
+        with open(os.path.join(crash, "checkpoints", "step_0000004", "run.json")) as f:
+            assert json.load(f)["best"] == recs[1]
+        assert _same_files(os.path.join(crash, "checkpoints", "step_0000004", "best"), os.path.join(crash, "best"))
     _check_adapter(os.path.join(ref, "adapter"))
     a_ref = load_file(os.path.join(ref, "adapter", "adapter_model.safetensors"))
     a_res = load_file(os.path.join(crash, "adapter", "adapter_model.safetensors"))
@@ -159,6 +183,17 @@ def test_contrastive_stage_is_killed_and_resumes_exactly(tmp_path, stage, nproc,
     enc = Encoder.from_pretrained(ref, device="cpu")
     emb = enc.encode(["A man is playing a guitar.", "Someone plays an instrument."], convert_to_tensor=True)
     assert emb.shape == (2, 64) and emb.isfinite().all()
+
+
+def _same_files(a, b):
+    names = sorted(os.listdir(a))
+    if names != sorted(os.listdir(b)):
+        return False
+    for n in names:
+        with open(os.path.join(a, n), "rb") as x, open(os.path.join(b, n), "rb") as y:
+            if x.read() != y.read():
+                return False
+    return True
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
