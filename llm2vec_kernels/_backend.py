@@ -10,7 +10,8 @@ Layout of the package (one op per module, this module for what they share):
   :func:`philox_keep` and the keep-mask kernel :func:`keep_mask_kernel`.
 
 Backend. Every public op takes ``impl`` in {"auto", "triton", "torch"}:
-  * "auto"   -> the Triton kernel on CUDA tensors (of the dtypes the op lists), the pure-torch reference elsewhere;
+  * "auto"   -> the Triton kernel on CUDA tensors of GPUs from sm_80 (of the dtypes the op lists; see
+    :data:`MIN_AUTO_ARCH`), the pure-torch reference elsewhere;
   * "triton" -> always the Triton kernel (on CPU this needs ``TRITON_INTERPRET=1``);
   * "torch"  -> always the reference.
 ``set_default_impl`` changes what "auto" resolves to for one op family, so a config key can force an
@@ -67,8 +68,25 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# "auto" takes a Triton kernel on GPUs of compute capability 8.0 and later: every fixed launch config is
+# compile-checked for sm_80 and sm_90 (sm_86 / sm_89 take sm_80's, within their 99 KB of shared memory). Older GPUs
+# (V100, T4) run the torch references under "auto": on sm_75 the attention configs ask for 80-96 KB of shared memory
+# (the card has 64 KB) and spill, and masked CE's spill. An explicit impl="triton" still runs the kernel.
+MIN_AUTO_ARCH = 80
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_arch(index):
+    """Compute capability x 10 of CUDA device ``index`` (86 for an A10)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
 def _on_cuda(tensor):  # what "auto" asks of the device (tests make a CPU tensor pass for a CUDA one here)
-    return tensor.is_cuda
+    if not tensor.is_cuda:
+        return False
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    return cuda_arch(index) >= MIN_AUTO_ARCH
 
 
 # The dtypes every Triton kernel here takes (fp64 and the rest run an op's reference): resolve_impl's auto_dtypes

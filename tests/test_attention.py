@@ -501,7 +501,8 @@ def _call(**kw):
     (dict(dropout=0.1), ["triton"], "triton"),                  # our Philox mask (replayed under checkpointing)
     (dict(dtype=torch.float32), ["triton"], "triton"),
     (dict(head_dim=100), ["triton"], "triton"),
-    (dict(arch=75), ["triton"], "triton"),
+    (dict(arch=75), ["torch"], "torch"),                      # below sm_80 the configs do not fit (MIN_AUTO_ARCH)
+    (dict(arch=75, impl="triton"), ["triton"], "triton"),      # unless asked for
     # packed varlen: flash-attn when installed, deterministic backward only when timed
     (dict(layout="varlen"), ["triton"], "triton"),
     (dict(layout="varlen", flash_attn=True), ["flash_attn", "triton"], "flash_attn"),

@@ -122,3 +122,25 @@ def test_engine_step_triton_matches_torch_in_the_interpreter(stage_name, monkeyp
     for name, g in gr.items():
         err = (gt[name] - g).norm() / (g.norm() + 1e-12)
         assert err < 1e-3, (name, float(err))
+
+
+@pytest.mark.parametrize("arch,auto", [(70, "torch"), (75, "torch"), (80, "triton"), (86, "triton"), (90, "triton")])
+def test_auto_takes_triton_from_sm_80_only(monkeypatch, arch, auto):
+    """"auto" runs a Triton kernel on GPUs whose launch configs are compile-checked (sm_80 and later); on a T4
+    (sm_75) the attention configs ask for more shared memory than the card has, so every op family, attention's
+    dispatch included, takes the torch path there unless impl="triton" is asked for. (A CUDA tensor is stood in
+    for by an object with its fields; the capability query is stubbed.)"""
+    import types
+
+    from llm2vec_kernels import _backend
+    from llm2vec_kernels.attention import dispatch
+
+    monkeypatch.setattr(_backend, "cuda_arch", lambda index: arch)
+    fake = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    for op in ("masked_ce", "contrastive", "fused_ops", "lora"):
+        assert _backend.resolve_impl(op, "auto", fake) == auto
+        assert _backend.resolve_impl(op, "triton", fake) == "triton"
+    call = dispatch.AttentionCall(impl="auto", device_type="cuda", arch=arch, dtype=torch.bfloat16, head_dim=128,
+                                  layout="varlen")
+    assert dispatch.choose_backend(call) == auto
+    assert dispatch.choose_backend(dispatch.AttentionCall(**{**call.__dict__, "impl": "triton"})) == "triton"

@@ -5,10 +5,11 @@ tables ``fwd_config`` / ``bwd_config``, which a benchmark sweep may monkeypatch)
 pruned candidate lists that opt-in autotuning (llm2vec_kernels/attention/tuning.py) times. Every entry compiles
 without register spills on its arch under both Triton versions CI checks (tests/test_attention.py).
 """
-import functools
 
 import torch
 import triton
+
+from .._backend import cuda_arch
 
 _PRE_BLOCK_M = 64
 
@@ -143,12 +144,6 @@ def tune_candidates(kernel, block_d, dtype, dropout, arch):
     return [tuple(c[:4]) for c in table if not (dropout and _ND in c[4:])]
 
 
-@functools.lru_cache(maxsize=None)
-def _device_arch(index):
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
-
-
 def _arch(t):
-    return _device_arch(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+    return cuda_arch(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
         if t.is_cuda else 90

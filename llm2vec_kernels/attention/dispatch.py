@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .._backend import MIN_AUTO_ARCH
 from . import tuning
 from .configs import _arch
 
@@ -65,8 +66,9 @@ def eligible(call):
     Triton always among them; ["torch"] where only the reference can (sliding windows) or the setting asks for
     it. Soft-capped scores (Gemma2) are Triton's alone: SDPA cannot soft-cap, and flash-attn's soft-capping (2.6 and
     later) is not wired here or measured against the kernels."""
-    if call.window or call.impl == "torch" or (call.impl == "auto" and call.device_type != "cuda"):
-        return ["torch"]
+    if call.window or call.impl == "torch" or (call.impl == "auto" and (call.device_type != "cuda"
+                                                                       or call.arch < MIN_AUTO_ARCH)):
+        return ["torch"]  # (below sm_80 the kernels' configs do not fit: llm2vec_kernels._backend.MIN_AUTO_ARCH)
     if call.impl == "auto" and call.head_dim > 256:  # past the kernels' limit: the reference, not a refusal
         return ["torch"]
     if call.impl == "triton" or call.device_type != "cuda" or call.softcap:
