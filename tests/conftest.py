@@ -57,5 +57,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if "tests.zygote" in sys.modules:
+        sys.modules["tests.zygote"].stop()
     if "tests.compile_variants" in sys.modules:
         sys.modules["tests.compile_variants"].JOBS.stop()

@@ -40,6 +40,20 @@ def tmpfs_mount(path, size):
 
 
 def run_cmd(args, env=None, timeout=600, cwd=ROOT):
+    e = child_env(env)
+    # engine/train.py and `-m engine.<cli>` children fork from tests/zygote.py's server, which has torch and
+    # transformers imported already (tests/test_zygote.py holds the equivalence); LLM2VEC_TEST_ZYGOTE=0: never.
+    from tests import zygote
+
+    if zygote.enabled():
+        if "tests.launch" in args:
+            e = zygote.prepare_launch(args, e, cwd)  # the light launcher's ranks fork from a server too
+        return zygote.run(args, cwd=cwd, env=e, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def child_env(env=None):
+    """The environment run_cmd gives a child: this process's, less what must not leak into one, plus ``env``."""
     e = dict(os.environ)
     e.pop("TRITON_INTERPRET", None)  # the engine's CPU path uses the torch references
     # An in-process test may have set up a world of one (engine.distributed.init_distributed): a child must not
@@ -49,7 +63,7 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
         e.pop(k, None)
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    return e
 
 
 def leaked_shm(cmd):

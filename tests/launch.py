@@ -41,6 +41,15 @@ def rank_commands(nproc, port, script, script_args, base_env):
     return out
 
 
+def _spawn(cmd, env, zygote_dir):
+    if zygote_dir:
+        from tests import zygote
+
+        zygote.SERVERS.attach(zygote_dir)
+        return zygote.popen(cmd, env=env)
+    return subprocess.Popen(cmd, env=env)
+
+
 def _terminate(procs):
     import psutil  # a deepspeed dependency, imported only on the failure path
 
@@ -68,7 +77,10 @@ def main(argv=None):
     ap.add_argument("script")
     ap.add_argument("script_args", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
-    procs = [subprocess.Popen(cmd, env=env)
+    # Under the tests (helpers.run_cmd), the folder of tests/zygote.py's servers: a rank that runs engine/train.py
+    # forks from one (same argv, environment and stdio); the ranks never see the variable.
+    zygote_dir = os.environ.pop("LLM2VEC_TEST_ZYGOTE_DIR", None)
+    procs = [_spawn(cmd, env, zygote_dir)
              for cmd, env in rank_commands(args.num_gpus, args.master_port, args.script, args.script_args, os.environ)]
 
     def on_signal(signum, frame):
