@@ -2,9 +2,9 @@
 
 Generates a text corpus of ``--gb`` GB (lines of 1 kB drawn from a seeded pool of word sequences: the
 content only has to tokenise like prose), then runs the MNTP stage's real ``load`` with SmolLM2's tokenizer
-(tokenise once into the memory-mapped cache, ``engine/token_cache.py``), opens it a second time (a resumed run
-or another rank: a cache hit, timed with the corpus hashed again for its key, as such a process does), and reads
-``--batches`` random global batches as training does.
+(tokenise once into the on-disk cache, ``engine/token_cache.py``: each item read when drawn, the offsets
+memory-mapped), opens it a second time (a resumed run or another rank: a cache hit, timed with the corpus hashed
+again for its key, as such a process does), and reads ``--batches`` random global batches as training does.
 
 Memory: ``VmHWM`` (peak RSS) of this process, minus its value after the imports and the tokenizer load, is the
 figure the whole run (build, cache hit and batch reads) adds. A thread samples ``/proc/self/status`` every 0.2 s

@@ -64,6 +64,26 @@ def test_a_zygote_child_starts_as_a_real_process_would(python, how, unbuffered):
 
 
 @needs_zygote
+def test_signals_the_requester_ignores_stay_ignored_as_across_exec():
+    """exec keeps SIG_IGN: under nohup (SIGHUP) or as a background job of a shell (SIGINT, SIGQUIT) a real child
+    starts with them ignored, and CPython leaves an ignored SIGINT ignored. (CI runs the suite under nohup: the
+    zygote's children reset SIGHUP to its default, where real ones kept it ignored.)"""
+    import signal
+
+    names = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in names}
+    try:
+        for s in names:
+            signal.signal(s, signal.SIG_IGN)
+        real, zy = _both(_cmd(sys.executable, True, "module", "start"))
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    a, b = _start(real)["signals"], _start(zy)["signals"]
+    assert a == b and a["SIGHUP"] == a["SIGINT"] == a["SIGUSR1"] == str(signal.SIG_IGN), (a, b)
+
+
+@needs_zygote
 @pytest.mark.parametrize("mode,code", [("exit0", 0), ("exit3", 3), ("exitmsg", 1), ("raise", 1), ("atexit", 0),
                                        ("grandchild", 0), ("interleave", 0)])
 @pytest.mark.parametrize("how", ["module", "script"])

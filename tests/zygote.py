@@ -423,7 +423,7 @@ def _spawn(args, env, cwd, fds, allow_modules=("engine.",), allow_scripts=(TRAIN
     os.umask(umask)
     req = {"kind": kind, "target": target, "rest": rest, "env": penv, "cwd": cwd, "executable": exe,
            "orig_argv": [orig0] + args[1:], "unbuffered": unbuffered or bool(penv.get("PYTHONUNBUFFERED")),
-           "umask": umask, "pgid": os.getpgid(0), "sid": os.getsid(0)}
+           "umask": umask, "pgid": os.getpgid(0), "sid": os.getsid(0), "ignored": _ignored_signals()}
     try:
         sock = _connect(sock_path)
         _send_msg(sock, req, fds)
@@ -661,12 +661,24 @@ def _serve(sock_path, parent_pid):
         pass
 
 
-def _reset_signals():
+def _ignored_signals():
+    """The signals this process ignores that a child it starts keeps ignored: exec keeps SIG_IGN (nohup's SIGHUP, a
+    background job's SIGINT and SIGQUIT), and subprocess puts SIGPIPE and SIGXFSZ back to SIG_DFL."""
+    skip = (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ)
+    return [int(s) for s in signal.valid_signals() if s not in skip and signal.getsignal(s) == signal.SIG_IGN]
+
+
+def _reset_signals(ignored=()):
+    """The dispositions a fresh CPython started by the requester has: what the requester ignores stays ignored
+    (``ignored``, :func:`_ignored_signals`; CPython keeps an ignored SIGINT), SIGINT raises KeyboardInterrupt,
+    SIGPIPE and SIGXFSZ are ignored, the rest default."""
     signal.set_wakeup_fd(-1)
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
-        if sig == signal.SIGINT:
+        if sig in ignored:
+            handler = signal.SIG_IGN
+        elif sig == signal.SIGINT:
             handler = signal.default_int_handler
         elif sig in (signal.SIGPIPE, signal.SIGXFSZ):
             handler = signal.SIG_IGN
@@ -710,7 +722,7 @@ def _child(req, fds, socks, pipes, path0, env_added, builtins):
         s.close()
     for fd in pipes:
         os.close(fd)
-    _reset_signals()
+    _reset_signals(set(req.get("ignored", ())))
     for i, fd in enumerate(fds):
         if fd != i:
             os.dup2(fd, i)

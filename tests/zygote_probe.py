@@ -25,7 +25,8 @@ os.umask(START["umask"])
 import signal  # noqa: E402
 
 START["signals"] = {s.name: str(signal.getsignal(s)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE,
-                                                               signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHUP)}
+                                                               signal.SIGXFSZ, signal.SIGCHLD, signal.SIGHUP,
+                                                               signal.SIGQUIT, signal.SIGUSR1)}
 START["torch_preloaded"] = "torch" in sys.modules
 
 
