@@ -568,12 +568,11 @@ class Checkpointer:
         check_finite_state(sd, f"checkpoint {tag}", self.rank)
         def adapter_and_record():
             write_adapter(self.module.model, sd, os.path.join(path, "adapter"), self.cfg, self.tok, step)
-            best = keep_best(self.cfg.output_dir, path)
             write_json(os.path.join(path, RUN_FILE), {"step": step, "fingerprint": fingerprint(self.cfg),
                                                       "world": dist.get_world_size(),
                                                       "zero_stage": self.engine.zero_optimization_stage(),
                                                       **({"data": self.data} if self.data else {}),
-                                                      **({"best": best[0]} if best else {})})
+                                                      **keep_best(self.cfg.output_dir, path)})
             _fault_point(step, "adapter")
 
         def mark_complete():
@@ -774,16 +773,21 @@ def drop_stale_best(output_dir, after=None):
             shutil.rmtree(os.path.join(output_dir, d))
 
 
+def _read_best_record(folder):
+    """A best adapter folder's record (``engine_best.json``: step, spearman, eval set) as a dict; OSError without
+    the file, ValueError, TypeError or KeyError when it does not read as a record with a score and a step."""
+    with open(os.path.join(folder, BestAdapter.META), encoding="utf-8") as f:
+        rec = json.load(f)
+    float(rec["spearman"]), int(rec["step"])
+    return rec
+
+
 def _best_record(folder):
-    """A best adapter folder's record (``engine_best.json``: step, spearman, eval set) as a dict, or None when it is
-    missing or does not read as one."""
+    """:func:`_read_best_record`, or None when the record is missing or does not read."""
     try:
-        with open(os.path.join(folder, BestAdapter.META), encoding="utf-8") as f:
-            rec = json.load(f)
-        float(rec["spearman"]), int(rec["step"])
+        return _read_best_record(folder)
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return rec
 
 
 def _link_tree(src, dst):
@@ -807,18 +811,18 @@ def _link_tree(src, dst):
 
 def keep_best(output_dir, path):
     """Keep ``output_dir/best/`` as it is at this checkpoint in the checkpoint folder ``path`` (``path/best/``, hard
-    links: no second copy of the bytes) for :func:`restore_best` (rank 0). Returns ``(record,)``, the record for
-    run.json (``(None,)``: no best adapter yet), or None when best/ holds no record that reads (nothing kept, no
-    record: a resume leaves best/ as it finds it)."""
+    links: no second copy of the bytes) for :func:`restore_best` (rank 0). Returns the fields for run.json:
+    ``{"best": record}`` (None: no best adapter yet), or ``{}`` when best/ holds no record that reads (nothing kept,
+    no record: a resume leaves best/ as it finds it)."""
     src, dst = os.path.join(output_dir, "best"), os.path.join(path, "best")
     shutil.rmtree(dst, ignore_errors=True)  # a folder written again
     if not os.path.isdir(src):
-        return (None,)
+        return {"best": None}
     rec = _best_record(src)
     if rec is None:
-        return None
+        return {}
     _link_tree(src, dst)
-    return (rec,)
+    return {"best": rec}
 
 
 def restore_best(output_dir, root, tag, forced=False, rank=0):
@@ -895,12 +899,10 @@ class BestAdapter:
         self.score, self.step = -math.inf, None  # rank 0's record: the best score and its step (None: none kept)
         meta = os.path.join(self.dir, self.META)
         if resumed and rank == 0:
-            self._recover()
+            _recover_best(self.dir)
         if resumed and rank == 0 and os.path.isfile(meta):  # (after the recovery, which may put best/ back)
             try:
-                with open(meta, encoding="utf-8") as f:
-                    kept = json.load(f)
-                float(kept["spearman"]), int(kept["step"])
+                kept = _read_best_record(self.dir)
             except (ValueError, TypeError, KeyError) as e:  # torn by a power cut: refused in one line
                 raise ConfigError(f"{meta} does not read ({type(e).__name__}: {e}): move best/ aside to resume, or "
                                   f"resume=force to start over") from None
@@ -911,9 +913,6 @@ class BestAdapter:
                 warn0(rank, f"best/ (step {kept['step']}) was selected on {kept.get('eval_data')} ({pairs} pairs); "
                             f"this run scores {cfg.eval_data[0]} ({cfg.eval_sts_pairs} pairs), so its next dev "
                             f"score replaces it")
-
-    def _recover(self):
-        _recover_best(self.dir)
 
     def update(self, step, spearman, module, cfg, tok, rank, device):
         flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)

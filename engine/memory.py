@@ -428,10 +428,11 @@ def _torch_attention_share(tc, layers, seq_len):
     those whose sliding window cuts a ``seq_len``-token sequence."""
     if layers is None or not seq_len or not _family(tc).get("sliding_window"):
         return 0.0
+    from .bidirectional import window_binds  # the rule _attend takes the torch path by
+
     # per layer where the module says (Qwen2/3, Gemma2 alternate), else the config's one window (Mistral)
     windows = [getattr(m.self_attn, "sliding_window", getattr(tc, "sliding_window", None)) for m in layers]
-    # as engine.bidirectional.window_binds: a query sees |i - j| <= w, so a window binds past w + 1 tokens
-    return sum(1 for w in windows if w is not None and seq_len > w + 1) / len(windows)
+    return sum(1 for w in windows if window_binds(w, seq_len)) / len(windows)
 
 
 def _decoder_layers(model, tc):

@@ -171,12 +171,12 @@ def test_a_resume_puts_back_the_best_adapter_its_checkpoint_kept(tmp_path, capsy
         path = root / f"step_{step:07d}"
         path.mkdir(parents=True)
         kept = keep_best(str(out), str(path))
-        (path / RUN_FILE).write_text(json.dumps({"step": step, **({"best": kept[0]} if kept else {})}))
+        (path / RUN_FILE).write_text(json.dumps({"step": step, **kept}))
         return kept
 
-    assert checkpoint(10) == (None,)  # no best/ yet: recorded as none
+    assert checkpoint(10) == {"best": None}  # no best/ yet: recorded as none
     best_at(25, 0.5)
-    rec = checkpoint(50)[0]
+    rec = checkpoint(50)["best"]
     assert rec["step"] == 25
     assert os.stat(out / "best" / "adapter_model.safetensors").st_ino == \
         os.stat(root / "step_0000050" / "best" / "adapter_model.safetensors").st_ino  # linked, not a second copy
