@@ -84,6 +84,33 @@ def test_signals_the_requester_ignores_stay_ignored_as_across_exec():
 
 
 @needs_zygote
+def test_a_disposition_c_code_changed_under_python_is_the_one_a_child_inherits():
+    """exec inherits the kernel's dispositions, not Python's record of them: C code that replaces an ignored SIGINT
+    (``import mteb`` does, with a handler of its own) leaves ``signal.getsignal`` saying SIG_IGN while a real child
+    starts with SIGINT at its default. The zygote read Python's record and started its children with SIGINT ignored
+    (found when the suite ran as a background job, where SIGINT starts ignored, after the MTEB tests)."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    names = (signal.SIGINT, signal.SIGUSR1)
+    before = {s: signal.getsignal(s) for s in names}
+    try:
+        for s in names:
+            signal.signal(s, signal.SIG_IGN)
+            libc.signal(int(s), 0)  # SIG_DFL underneath: Python still records SIG_IGN
+            assert signal.getsignal(s) == signal.SIG_IGN
+        real, zy = _both(_cmd(sys.executable, True, "module", "start"))
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    a, b = _start(real)["signals"], _start(zy)["signals"]
+    assert a == b and a["SIGINT"] == str(signal.default_int_handler) and a["SIGUSR1"] == str(signal.SIG_DFL), (a, b)
+
+
+@needs_zygote
 @pytest.mark.parametrize("mode,code", [("exit0", 0), ("exit3", 3), ("exitmsg", 1), ("raise", 1), ("atexit", 0),
                                        ("grandchild", 0), ("interleave", 0)])
 @pytest.mark.parametrize("how", ["module", "script"])

@@ -663,9 +663,18 @@ def _serve(sock_path, parent_pid):
 
 def _ignored_signals():
     """The signals this process ignores that a child it starts keeps ignored: exec keeps SIG_IGN (nohup's SIGHUP, a
-    background job's SIGINT and SIGQUIT), and subprocess puts SIGPIPE and SIGXFSZ back to SIG_DFL."""
+    background job's SIGINT and SIGQUIT), and subprocess puts SIGPIPE and SIGXFSZ back to SIG_DFL. Read from the
+    kernel (/proc/self/status SigIgn), which is what exec inherits: ``signal.getsignal`` is Python's record, and C
+    code can change a disposition under it (``import mteb`` installs a C handler for SIGINT over an inherited
+    SIG_IGN: Python still says SIG_IGN, and a real child starts with SIGINT at its default)."""
     skip = (signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE, signal.SIGXFSZ)
-    return [int(s) for s in signal.valid_signals() if s not in skip and signal.getsignal(s) == signal.SIG_IGN]
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        ignored = lambda s: bool(mask >> (int(s) - 1) & 1)  # noqa: E731
+    except (OSError, StopIteration, ValueError):  # no procfs: Python's record
+        ignored = lambda s: signal.getsignal(s) == signal.SIG_IGN  # noqa: E731
+    return [int(s) for s in signal.valid_signals() if s not in skip and ignored(s)]
 
 
 def _reset_signals(ignored=()):
