@@ -24,10 +24,14 @@ Terms (bytes, per rank):
   in the parameters' dtype; under ZeRO-3 also the gathered base weights alive at once, the module being run and
   the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the largest single parameter
   (the embedding table, gathered whole), in the weights' dtype;
-* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA; ``mntp_torch_loss_bytes``): five fp32
+* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA or before sm_80; ``mntp_torch_loss_bytes``): five fp32
   tensors of the masked rows' logits at the backward's peak, plus the fp32 copy of the LM head's weight that the
   matmul keeps (measured: ``masked_ce_reference_peak``); the Triton kernel makes no logits (the workspace covers
   it);
+* attention on the exact torch path (``flash_attention_reference``, fp32 L x L scores per head; see
+  :func:`activation_bytes`): in the layers whose sliding window cuts the sequence, and in every layer where the
+  attention dispatch sends no call to a kernel (:func:`attention_torch_reason`: ``model.attention=torch``; auto off
+  CUDA, on GPUs before sm_80 and past head dim 256). The dry run plans a GPU it does not have as an sm_80+ one;
 * workspace: 5% of the budget + 256 MiB (loss chunks, allocator slack);
 * not modelled, on the safe side: ``offload_optimizer`` and ``offload_params`` (the plan keeps the optimizer state
   and the ZeRO-3 shard of the base on the GPU);
@@ -95,6 +99,7 @@ class MemoryPlan:
     paths: tuple = ("fused", "fused")  # (path at stages 0-2, path under ZeRO-3), see activation_bytes
     torch_attention: float = 0.0  # share of the layers whose attention takes the exact torch path (LayerShape)
     seq_len: int = 0  # the padded sequence length the plan is for
+    torch_attention_why: str = ""  # why every layer takes it (attention_torch_reason); "": a sliding window
     max_param_numel: int = 0  # the largest parameter (ZeRO-3 gathers it whole: the embedding table)
     lora: bool = True  # the trainable tensors are LoRA's, whole on every rank under ZeRO-3 (else sharded)
     offload_optimizer: bool = False  # stage 1 then runs DeepSpeed's ZeRO-1 optimizer, not its flat bf16 one
@@ -194,9 +199,9 @@ class MemoryPlan:
                 + "activations "
                 f"{self.activations(policy, stage) / GIB:.2f} for {self.tokens} tokens x {self.layers} layers, "
                 f"{self.per_token(policy, stage) / 1024:.1f} KiB per token per layer on the {self.path(stage)} path"
-                + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers (a sliding "
-                   f"window under {self.seq_len} tokens), with fp32 L x L scores per head" if self.torch_attention
-                   else "") + ")" + start_s)
+                + (f"; attention on the exact torch path in {self.torch_attention:.0%} of the layers ("
+                   + (self.torch_attention_why or f"a sliding window under {self.seq_len} tokens")
+                   + "), with fp32 L x L scores per head" if self.torch_attention else "") + ")" + start_s)
 
 
 def text_lengths(cfg):
@@ -435,6 +440,60 @@ def _torch_attention_share(tc, layers, seq_len):
     return sum(1 for w in windows if window_binds(w, seq_len)) / len(windows)
 
 
+# The compute capability a plan assumes for a CUDA device it cannot query (the dry run, on a machine without the GPU):
+# sm_80 or later, where auto runs the kernels (H100, A100)
+PLANNED_ARCH = 90
+
+
+def device_arch(device):
+    """Compute capability x 10 of ``device``: 0 off CUDA, :data:`PLANNED_ARCH` for a CUDA device this machine lacks."""
+    if device.type != "cuda":
+        return 0
+    if not torch.cuda.is_available():
+        return PLANNED_ARCH
+    from llm2vec_kernels._backend import cuda_arch
+
+    return cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def kernel_arch_error(cfg, device):
+    """One line (or None) when ``model.attention=triton`` asks the attention kernels of a GPU before sm_80: their
+    fixed launch configs need 80-96 KB of shared memory per block and sm_75 (T4) has 64 KB, so the first launch
+    would fail, after the model has loaded. auto runs the exact torch path there."""
+    from llm2vec_kernels._backend import MIN_AUTO_ARCH
+
+    arch = device_arch(device)
+    if cfg.model.attention != "triton" or device.type != "cuda" or arch >= MIN_AUTO_ARCH:
+        return None
+    return (f"model.attention=triton needs a GPU of compute capability {MIN_AUTO_ARCH / 10:.1f} or later (this one "
+            f"is sm_{arch}: the attention kernels' tiles do not fit its shared memory); use model.attention=auto, "
+            f"which takes the exact torch path here")
+
+
+def attention_torch_reason(cfg, tc, device, dtype):
+    """Why every layer's attention takes the exact torch path on ``device`` (one phrase), or "" where the kernels
+    run: the attention dispatch's own rule (``llm2vec_kernels.attention.dispatch.eligible``) asked about a training
+    call of this run -- model.attention=torch, or auto off CUDA, before sm_80 (the kernels' launch configs do not fit
+    there) or past head dim 256."""
+    from llm2vec_kernels.attention import dispatch
+
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    arch = device_arch(device)
+    call = dispatch.AttentionCall(
+        impl=cfg.model.attention, device_type=device.type, arch=arch, dtype=dtype, head_dim=head_dim,
+        layout="padded", dropout=cfg.model.attention_dropout, needs_grad=True,
+        deterministic=cfg.model.deterministic_attention, softcap=getattr(tc, "attn_logit_softcapping", None) is not None)
+    if dispatch.eligible(call) != ["torch"]:
+        return ""
+    if cfg.model.attention == "torch":
+        return "model.attention=torch"
+    if device.type != "cuda":
+        return f"model.attention=auto on {device.type}"
+    if arch < dispatch.MIN_AUTO_ARCH:
+        return f"model.attention=auto on sm_{arch}, before sm_{dispatch.MIN_AUTO_ARCH}"
+    return f"model.attention=auto at head dim {head_dim}, past the kernels' 256"
+
+
 def _decoder_layers(model, tc):
     for m in model.modules():
         if isinstance(m, torch.nn.ModuleList) and len(m) == tc.num_hidden_layers:
@@ -464,6 +523,9 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         # DeepSpeed casts every parameter to the run's 16-bit dtype at initialize (PEFT's fp32 adapters included;
         # the fp32 master copies live in the optimizer), so the PEFT layers under ZeRO-3 keep 16-bit inputs
         shape = dataclasses.replace(shape, adapter_b=b)
+    why_torch = attention_torch_reason(cfg, tc, device, dtype)
+    if why_torch:
+        shape = dataclasses.replace(shape, torch_attention=1.0)
     paths = model_paths(cfg)
     return MemoryPlan(
         weights_bytes=sum(p.numel() for p in params) * b,
@@ -476,6 +538,7 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
         paths=paths,
         torch_attention=shape.torch_attention,
         seq_len=shape.seq_len,
+        torch_attention_why=why_torch,
         budget_bytes=budget_bytes(cfg, device, local_world),
         world=world,
         device_type=device.type,
@@ -490,11 +553,14 @@ def plan_memory(cfg, model, world, local_world, device, dtype=None):
 
 
 def mntp_torch_loss_bytes(cfg, text_config, dtype, device):
-    """Peak bytes of the MNTP loss when it takes the torch path (``model.loss=torch``, or auto off CUDA), else 0:
+    """Peak bytes of the MNTP loss when it takes the torch path (``model.loss=torch``, or auto off CUDA or before
+    sm_80, as ``llm2vec_kernels._backend.resolve_impl`` sends it), else 0:
     :func:`masked_ce_reference_peak` over R = mask_prob x tokens rows. Llama-3-8B at 4 x 512 tokens and mask_prob
     0.2: 410 rows x 128256 x 4 x 5 = 1.0 GiB + 2.0 GiB of fp32 head weight. The Triton kernel makes no logits."""
     impl = cfg.model.loss
-    if cfg.stage != "mntp" or impl == "triton" or (impl == "auto" and device.type == "cuda"):
+    from llm2vec_kernels._backend import MIN_AUTO_ARCH
+
+    if cfg.stage != "mntp" or impl == "triton" or (impl == "auto" and device_arch(device) >= MIN_AUTO_ARCH):
         return 0
     rows = math.ceil(cfg.mntp.mask_prob * tokens_per_micro_batch(cfg))
     return masked_ce_reference_peak(rows, text_config.vocab_size, text_config.hidden_size,

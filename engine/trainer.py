@@ -31,7 +31,7 @@ from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
 from .memory import (base_too_big, choose_recompute, choose_zero_stage, context_warning, enable_recompute, fit_warning,
-                     plan_memory)
+                     kernel_arch_error, plan_memory)
 from .metrics import MetricsLogger
 from .modeling import add_lora, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, param_groups,
@@ -102,6 +102,9 @@ class Trainer:
         (batch divisibility, a different run in output_dir) comes before any heavy work."""
         cfg = self.cfg
         self.device = init_distributed()
+        no_kernels = kernel_arch_error(cfg, self.device)  # before the model loads (minutes at 7B)
+        if no_kernels:
+            raise config_mod.ConfigError(no_kernels)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
         self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here

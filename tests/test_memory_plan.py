@@ -249,8 +249,8 @@ def test_the_torch_attention_path_keeps_k_and_v_once_per_kv_head():
 
 
 def test_the_plan_costs_the_torch_attention_path_and_says_so():
-    cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", "simcse.yaml"))
-    plan = lambda model: plan_memory(cfg, model, 8, 8, torch.device("meta"), torch.bfloat16)  # noqa: E731
+    cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", "simcse.yaml"), ["memory_budget_gb=80"])
+    plan = lambda model: plan_memory(cfg, model, 8, 8, torch.device("cuda"), torch.bfloat16)  # noqa: E731
     _, gemma2 = build(OTHER["gemma2-9b"](), "fused", "meta", layers=2)
     assert plan(gemma2).torch_attention == 0.0 and "torch path" not in plan(gemma2).describe("none", 1)
     # Gemma2 alternates sliding and global layers: with a window under the 128-token SimCSE texts, half the layers
@@ -261,6 +261,55 @@ def test_the_plan_costs_the_torch_attention_path_and_says_so():
     n, L = gemma2.config.num_attention_heads, p.seq_len
     assert p.per_token("none") - plan(gemma2).per_token("none") >= 0.5 * 4 * n * L * 4
     assert "torch path in 50% of the layers (a sliding window under 128 tokens)" in p.describe("none", 1)
+
+
+def test_the_plan_follows_the_attention_dispatch_where_no_kernel_runs(monkeypatch):
+    """model.attention=torch, and auto on a GPU before sm_80 (where the dispatch sends no call to a kernel), run the
+    exact torch attention path in every layer; auto there also runs the MNTP loss on its torch path. The plan used
+    to cost both as kernels. It now asks the dispatch's own rule, costs them and says why; an explicit
+    model.attention=triton there is refused (the kernels' tiles exceed sm_75's 64 KB of shared memory)."""
+    from engine import memory
+    from engine.dry_run import dry_run
+
+    path = os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")
+    run = lambda *over: dry_run(load_config(path, list(over)), world=8, out=lines.append)["plan"]  # noqa: E731
+    lines = []
+    kernels = run()
+    assert kernels.torch_attention == 0.0 and kernels.loss_bytes == 0 and not kernels.torch_attention_why
+    forced = run("model.attention=torch")
+    assert forced.torch_attention == 1.0 and forced.loss_bytes == 0  # the loss keeps its kernel
+    L, n = forced.seq_len, 32
+    assert L == 512 and forced.per_token("none") - kernels.per_token("none") > 4 * n * L  # fp32 scores per head
+    assert any("torch path in 100% of the layers (model.attention=torch)" in x for x in lines), lines
+    monkeypatch.setattr(memory, "device_arch", lambda device: 75 if device.type == "cuda" else 0)  # a T4
+    lines.clear()
+    t4 = run()
+    assert t4.torch_attention == 1.0 and t4.per_token("none") == forced.per_token("none")
+    mistral = type("TextConfig", (), {"vocab_size": 32000, "hidden_size": 4096})()  # the MNTP loss as off CUDA
+    assert t4.loss_bytes == memory.mntp_torch_loss_bytes(load_config(path), mistral, torch.bfloat16,
+                                                         torch.device("cpu")) > 1 * GIB
+    assert any("torch path in 100% of the layers (model.attention=auto on sm_75, before sm_80)" in x
+               for x in lines), lines
+    assert memory.kernel_arch_error(load_config(path), torch.device("cuda")) is None  # auto: the torch path
+    refused = memory.kernel_arch_error(load_config(path, ["model.attention=triton"]), torch.device("cuda"))
+    assert refused.startswith("model.attention=triton needs a GPU of compute capability 8.0 or later (this one is "
+                              "sm_75"), refused
+    assert memory.kernel_arch_error(load_config(path, ["model.attention=triton"]), torch.device("cpu")) is None
+    monkeypatch.setattr(memory, "device_arch", lambda device: 80 if device.type == "cuda" else 0)
+    assert run().torch_attention == 0.0
+    assert memory.kernel_arch_error(load_config(path, ["model.attention=triton"]), torch.device("cuda")) is None
+
+
+def test_the_trainer_refuses_triton_attention_on_an_older_gpu_before_anything_else(monkeypatch, tmp_path):
+    from engine import config as config_mod, memory, trainer
+
+    monkeypatch.setattr(trainer, "init_distributed", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "device_arch", lambda device: 75)
+    cfg = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"),
+                      [f"output_dir={tmp_path / 'run'}", "model.attention=triton"])
+    with pytest.raises(config_mod.ConfigError, match="needs a GPU of compute capability 8.0 or later"):
+        trainer.Trainer(cfg).setup()
+    assert not (tmp_path / "run").exists()  # nothing was held or written
 
 
 @pytest.mark.parametrize("size", ["mistral-7b", "llama2-7b", "small"])
@@ -456,9 +505,9 @@ def test_the_zero3_plan_counts_the_adapters_in_the_runs_dtype():
     """PEFT keeps adapters in fp32 over a bf16 base, but DeepSpeed casts every parameter to bf16 at initialize: the
     PEFT layers under ZeRO-3 then keep bf16 inputs. The plan read the fp32 adapters before initialize and
     overstated ZeRO-3's activations by about 30% (more recompute than needed)."""
-    cfg, model = build(MISTRAL_7B, "peft", "meta", layers=2)
+    cfg, model = build(MISTRAL_7B, "peft", "meta", layers=2, overrides=["memory_budget_gb=80"])
     assert layer_shape(model).adapter_b == 4  # PEFT's own
-    plan = plan_memory(cfg, model, 8, 8, torch.device("meta"), torch.bfloat16)
+    plan = plan_memory(cfg, model, 8, 8, torch.device("cuda"), torch.bfloat16)  # an sm_80+ GPU (PLANNED_ARCH)
     want = activation_bytes(dataclasses.replace(layer_shape(model), adapter_b=2), "peft", zero3_linear=True)
     assert plan.per_token("none", 3) == want["none"] < activation_bytes(layer_shape(model), "peft",
                                                                           zero3_linear=True)["none"]
