@@ -76,11 +76,21 @@ def fingerprint(cfg) -> dict:
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:
         out = {k: v for k, v in out.items() if not k.startswith("mntp.")}
-    return out
+    return _acting(out)
+
+
+def _acting(fp):
+    """``fp`` less the keys that do not act on its stage: max_seq_len is MNTP's alone (a contrastive stage cuts
+    texts at contrastive.max_len). Checkpoints saved before it was left out still carry it: dropped here too, so
+    they resume."""
+    if fp.get("stage", "mntp") != "mntp" and "max_seq_len" in fp:
+        fp = {k: v for k, v in fp.items() if k != "max_seq_len"}
+    return fp
 
 
 def fingerprint_diff(saved: dict, current: dict) -> list:
-    """[(key, saved value, current value)] for every key that differs."""
+    """[(key, saved value, current value)] for every key that differs (keys that do not act on the stage aside)."""
+    saved, current = _acting(saved), _acting(current)
     keys = sorted(set(saved) | set(current))
     return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
             if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]

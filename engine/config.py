@@ -110,7 +110,7 @@ class TrainConfig:
     eval_data: typing.List[str] = field(default_factory=list)
     max_samples: int = 0  # >0: use only the first N documents/examples (quick runs)
     output_dir: str = "outputs/run"
-    max_seq_len: int = 512
+    max_seq_len: int = 512  # MNTP's block / text length (contrastive stages cut texts at contrastive.max_len)
     batch_size: int = 32  # global batch per optimizer step
     micro_batch_size: int = 4  # per rank per forward
     learning_rate: float = 5e-5
@@ -335,11 +335,44 @@ def _override_value(key, text, tp):
     return stripped
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    ``lora:`` block at the bottom of a recipe would drop the first block's keys back to their defaults."""
+
+
+def _unique_mapping(loader, node):
+    seen = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} appears twice in one mapping (lines {seen[key]} and "
+                                    f"{key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:map", _unique_mapping)
+
+
+def safe_load_unique(stream):
+    """``yaml.safe_load`` (plain data only) that raises on a repeated key (see :class:`_UniqueKeyLoader`)."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)
+
+
 def _yaml_value(key, text):
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return safe_load_unique(text) if text.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}={text!r}: the value is not valid YAML: {_yaml_error(e)}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"override {key}={text!r}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value is nested too deeply") from None
 
 
 def parse_overrides(items):
@@ -364,7 +397,9 @@ def _read_yaml(path):
     """The YAML document in ``path`` (plain data only: safe_load); ConfigError for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
-            return yaml.safe_load(f) or {}
+            return safe_load_unique(f) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"config file {path}: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except yaml.constructor.ConstructorError as e:  # e.g. !!python/object: safe_load builds plain data only
@@ -447,6 +482,11 @@ def validate(cfg: TrainConfig):
         raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
     if not cfg.model.name_or_path and not cfg.model.random_init:
         raise ConfigError("model.name_or_path is required (or model.random_init for a random test model)")
+    # "~" in a path from the YAML file is the user's home, as the shell makes it of a command-line override (a
+    # literal "~" folder in the working directory is a trap)
+    cfg.output_dir = os.path.expanduser(cfg.output_dir)
+    cfg.data, cfg.eval_data = ([os.path.expanduser(p) for p in paths] for paths in (cfg.data, cfg.eval_data))
+    cfg.model.adapters = [os.path.expanduser(p) for p in cfg.model.adapters]
     gc = cfg.model.gradient_checkpointing
     cfg.model.gradient_checkpointing = RECOMPUTE_ALIASES.get(str(gc).lower(), str(gc))
     cfg.zero_stage = str(cfg.zero_stage)
@@ -591,6 +631,25 @@ def negatives_warning(cfg: TrainConfig, world_size: int):
             f"of {cfg.batch_size} (micro_batch_size {cfg.micro_batch_size} x {world_size} rank(s), {accum} "
             f"accumulation steps{'' if gathered else ', gather_across_ranks off'}). For the whole batch "
             f"{' and '.join(fixes)}")
+
+
+def eval_warning(cfg: TrainConfig):
+    """A warning (or None) when ``eval_data`` is given but the run would not score it where ``engine.pick`` and
+    ``best/`` need it: never (``eval_every`` 0, or above ``max_steps``), or not at the last step (``eval_every``
+    not dividing ``max_steps``, which pick refuses). Not an error: a smoke run of a recipe config is short on
+    purpose."""
+    e, m = cfg.eval_every, cfg.max_steps
+    if not cfg.eval_data:
+        return None
+    if not e:
+        return "eval_data is set but eval_every is 0: the run never evaluates (no dev curve, no best/); set eval_every"
+    if e > m:
+        return (f"eval_every {e} > max_steps {m}: the run never evaluates eval_data (no dev curve, no best/); set "
+                f"eval_every <= max_steps")
+    if m % e:
+        return (f"eval_every {e} does not divide max_steps {m}: the last evaluation is at step {m - m % e}, steps "
+                f"{m - m % e + 1}-{m} are never scored, and engine.pick refuses a run with no score at its last step")
+    return None
 
 
 def dropout_warning(cfg: TrainConfig):

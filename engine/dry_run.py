@@ -34,7 +34,7 @@ from .bidirectional import make_bidirectional
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, context_warning, fit_warning, plan_memory, text_lengths
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
-from .optim import ignored_horizon
+from .optim import schedule_warnings
 
 GPU_MEMORY_GB = 79.65  # GiB: what an 80 GB H100 reports as its total memory, and so what a run there plans for
 
@@ -154,9 +154,10 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
     decay = f"decay horizon {horizon}" if cfg.lr_schedule in ("linear", "cosine") else "no decay"
     out(f"  schedule: {cfg.lr_schedule}, peak {cfg.learning_rate:g}, warmup {cfg.warmup_steps}, {decay}, "
         f"stop at {cfg.max_steps}")
-    ignored = ignored_horizon(cfg)
-    if ignored:
-        out("  WARNING: " + ignored)
+    # the warnings the run gives, here before the GPUs are taken: the schedule, SimCSE without dropout, evaluation
+    for warning in [*schedule_warnings(cfg), config_mod.dropout_warning(cfg), config_mod.eval_warning(cfg)]:
+        if warning:
+            out("  WARNING: " + warning)
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
         out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
     offload = config_mod.offload_warning(cfg, stage)

@@ -34,7 +34,8 @@ def schedule_warnings(cfg, steps_per_epoch=None):
     ignored = ignored_horizon(cfg)
     if ignored:
         out.append(ignored)
-    if cfg.lr_schedule in ("linear", "cosine"):
+    if cfg.lr_schedule in ("linear", "cosine") and (steps_per_epoch or not cfg.lr_decay_epochs):
+        # (a horizon in epochs needs the data's size: a dry run, which reads no data, leaves it out)
         horizon = decay_horizon(cfg, steps_per_epoch)
         if w and horizon <= w < cfg.max_steps:
             out.append(f"the {cfg.lr_schedule} decay reaches 0 at step {horizon}, not after the warmup of {w} steps: "

@@ -168,10 +168,13 @@ def check_comparable(runs, by="eval_loss"):
     """The settings that differ between the runs; PickError if a must-match setting differs, or, by the held-out
     loss, anything but the seed."""
     first = runs[0]
-    ref = {k: _get(first["cfg"], k) for k in MUST_MATCH}
+    # the text length that acts on the stage: MNTP's max_seq_len, a contrastive stage's contrastive.max_len
+    keys = MUST_MATCH if first["cfg"].stage == "mntp" else tuple(
+        "contrastive.max_len" if k == "max_seq_len" else k for k in MUST_MATCH)
+    ref = {k: _get(first["cfg"], k) for k in keys}
     ref_eval = [_source_id(s) for s in first["cfg"].eval_data]
     for r in runs[1:]:
-        for k in MUST_MATCH:
+        for k in keys:
             if json.dumps(_get(r["cfg"], k), sort_keys=True) != json.dumps(ref[k], sort_keys=True):
                 raise PickError(f"{r['path']} and {first['path']} differ in {k} ({_get(r['cfg'], k)!r} against "
                                 f"{ref[k]!r}): their held-out readings do not compare")

@@ -158,7 +158,7 @@ def main(argv=None):
                          "what an 80 GB H100 reports)")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     ap.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (lora.r=8)")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides before and after flags alike
     planned = [flag for flag, value in (("--world", args.world), ("--gpu-memory-gb", args.gpu_memory_gb))
                if value is not None]
     if planned and not args.dry_run:  # a training run would ignore them: the launcher sets the ranks

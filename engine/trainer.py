@@ -111,9 +111,9 @@ class Trainer:
         few_negatives = config_mod.negatives_warning(cfg, self.world)  # fewer in-batch negatives than the batch
         if few_negatives:
             warn0(self.rank, few_negatives)
-        no_dropout = config_mod.dropout_warning(cfg)
-        if no_dropout:
-            warn0(self.rank, no_dropout)
+        for warning in (config_mod.dropout_warning(cfg), config_mod.eval_warning(cfg)):
+            if warning:
+                warn0(self.rank, warning)
         check_shared_folder(cfg.output_dir, self.rank)  # every rank sees the files rank 0 writes and resumes from
         # rank 0 decides what the run resumes and tells every rank (each reading the folder itself could differ)
         resume_tags, resume_diff = on_rank0(lambda: plan_resume(cfg, self.rank))

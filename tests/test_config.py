@@ -315,3 +315,100 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monke
     monkeypatch.setattr(engine.config, "open", io_error, raising=False)
     with pytest.raises(ConfigError, match="cannot be read: Input/output error"):
         load_config(str(path))
+
+
+def test_a_key_given_twice_is_refused_in_a_file_and_in_an_override(tmp_path):
+    """PyYAML keeps the last of a repeated key silently: a second `lora:` block at the bottom of a recipe dropped
+    the first block's keys back to their defaults (r 16 for the file's r 4), with exit 0."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model: {name_or_path: x}\nlora: {r: 4}\nlora: {alpha: 8}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: key 'lora' appears twice in one mapping \(lines 2 and 3\)"):
+        load_config(str(path))
+    path.write_text("model: {name_or_path: x}\nmax_steps: 10\nlora:\n  r: 4\n  r: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'r' appears twice in one mapping \(lines 4 and 5\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"override lora='\{r: 4, r: 5\}': key 'r' appears twice"):
+        load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lora={r: 4, r: 5}"])
+    # YAML merge keys are not repeats: an explicit key overrides a merged one
+    from engine.config import safe_load_unique
+
+    raw = safe_load_unique("a: &b {r: 4}\nc: {<<: *b, r: 8}\n")
+    assert raw == {"a": {"r": 4}, "c": {"r": 8}}
+
+
+def test_an_override_nested_too_deeply_is_one_config_error():
+    with pytest.raises(ConfigError, match="override lora.target_modules: the value is nested too deeply"):
+        load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"), ["lora.target_modules=" + "[" * 5000])
+
+
+def test_a_tilde_in_a_yaml_path_is_the_users_home(tmp_path, monkeypatch):
+    """The shell expands ~ in a command-line override, not in a YAML file: `output_dir: ~/runs/x` made a folder
+    named "~" in the working directory, and `data: ~/x.txt` was "not found"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "c.yaml"
+    path.write_text("stage: mntp\nmodel: {name_or_path: x, adapters: [~/a/adapter]}\noutput_dir: ~/runs/x\n"
+                    "data: [~/d.txt, hf:wikitext]\neval_data: [~/e.txt]\n")
+    cfg = load_config(str(path))
+    assert cfg.output_dir == str(tmp_path / "runs" / "x")
+    assert cfg.data == [str(tmp_path / "d.txt"), "hf:wikitext"] and cfg.eval_data == [str(tmp_path / "e.txt")]
+    assert cfg.model.adapters == [str(tmp_path / "a" / "adapter")]
+
+
+@pytest.mark.parametrize("over,want", [
+    (["eval_data=data/stsbenchmark/sts-dev.csv", "eval_every=0"], "eval_every is 0: the run never evaluates"),
+    (["eval_data=data/stsbenchmark/sts-dev.csv", "eval_every=25", "max_steps=20"],
+     "eval_every 25 > max_steps 20: the run never evaluates"),
+    (["eval_data=data/stsbenchmark/sts-dev.csv", "eval_every=4", "max_steps=10"],
+     "eval_every 4 does not divide max_steps 10: the last evaluation is at step 8, steps 9-10 are never scored"),
+    (["eval_data=data/stsbenchmark/sts-dev.csv", "eval_every=5", "max_steps=10"], None),
+    (["eval_data=[]", "eval_every=0"], None),
+])
+def test_an_evaluation_that_would_not_score_the_run_is_warned_about(over, want):
+    """eval_data with eval_every 0 or above max_steps never evaluates (no dev curve, no best/), and eval_every not
+    dividing max_steps leaves the last step unscored, which engine.pick refuses: said at load by the dry run and the
+    run, not after the run."""
+    from engine.config import eval_warning
+
+    w = eval_warning(load_config(os.path.join(ROOT, "configs/tiny/simcse.yaml"), over))
+    assert (w is None) if want is None else (want in w), w
+
+
+def test_the_dry_run_gives_the_warnings_the_run_gives(capsys):
+    """The schedule's, SimCSE's dropout and the evaluation warnings were given by the run only, after the model had
+    loaded; the dry run, the tool for vetting a config before taking the GPUs, said nothing."""
+    from engine.train import main
+
+    assert main(["--config", os.path.join(ROOT, "configs/tiny/simcse.yaml"), "--dry-run", "warmup_steps=50",
+                 "model.attention_dropout=0", "lora.dropout=0", "eval_data=data/stsbenchmark/sts-dev.csv",
+                 "eval_every=0"]) == 0
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if "WARNING" in ln]
+    assert any("warmup_steps 50 >= max_steps" in w for w in warnings), warnings
+    assert any("SimCSE with no dropout" in w for w in warnings), warnings
+    assert any("eval_every is 0: the run never evaluates" in w for w in warnings), warnings
+    # lr_decay_epochs needs the data's size, which a dry run does not read: no warning on it, and no error
+    assert main(["--config", os.path.join(ROOT, "configs/tiny/simcse.yaml"), "--dry-run", "lr_decay_epochs=1"]) == 0
+
+
+def test_overrides_may_come_after_a_flag(capsys):
+    from engine.train import main
+
+    assert main(["--config", os.path.join(ROOT, "configs/tiny/mntp.yaml"), "max_steps=20", "--print-config",
+                 "lora.r=4"]) == 0
+    out = capsys.readouterr().out
+    assert "\nmax_steps: 20\n" in out and "\n  r: 4\n" in out
+
+
+def test_max_seq_len_is_no_part_of_a_contrastive_runs_identity():
+    """A contrastive stage cuts texts at contrastive.max_len; max_seq_len (MNTP's) does nothing there but made
+    resume refuse the run's own checkpoint as another run's. A checkpoint saved with the key still resumes; an MNTP
+    run keeps it."""
+    from engine.checkpoint import fingerprint, fingerprint_diff
+
+    sup = os.path.join(ROOT, "configs/mistral-7b/supervised.yaml")
+    a, b = fingerprint(load_config(sup)), fingerprint(load_config(sup, ["max_seq_len=4096"]))
+    assert a == b and "max_seq_len" not in a
+    assert fingerprint_diff(dict(a, max_seq_len=512), b) == []  # saved before the key was left out
+    assert fingerprint_diff(a, fingerprint(load_config(sup, ["contrastive.max_len=256"])))[0][0] == "contrastive.max_len"
+    mntp = os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")
+    assert fingerprint_diff(fingerprint(load_config(mntp)), fingerprint(load_config(mntp, ["max_seq_len=256"]))) == [
+        ("max_seq_len", 512, 256)]

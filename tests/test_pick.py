@@ -230,3 +230,16 @@ def test_every_setting_a_reading_depends_on_is_refused_when_it_differs(tmp_path,
     assert pk.main([a, b]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"differ in {key} (" in err[0], err
+
+
+def test_contrastive_runs_must_match_in_their_own_text_length(tmp_path, capsys):
+    """A contrastive stage's held-out reading depends on contrastive.max_len, not on max_seq_len (MNTP's): runs
+    differing only in max_seq_len compare; runs differing in contrastive.max_len are refused, naming it."""
+    a = _run(tmp_path, "a", {6: 4.0, 12: 4.0}, "stage=simcse")
+    b = _run(tmp_path, "b", {6: 4.0, 12: 3.0}, "stage=simcse", "seed=2", "max_seq_len=32")
+    assert pk.main([a, b, "--by", "eval_loss"]) == 0
+    capsys.readouterr()
+    c = _run(tmp_path, "c", {6: 4.0, 12: 3.0}, "stage=simcse", "seed=2", "contrastive.max_len=16")
+    assert pk.main([a, c, "--by", "eval_loss"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differ in contrastive.max_len (" in err[0], err
