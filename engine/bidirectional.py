@@ -256,13 +256,21 @@ def register():
 
 
 def set_attention_dropout(model, p):
-    """Dropout on attention probabilities in every attention layer (active only in train mode)."""
+    """Dropout on attention probabilities in every attention layer (active only in train mode). A dropout that
+    reaches fewer attention layers than the model has decoder layers is refused: SimCSE's views would silently
+    be the same forward (an attention module this code does not recognise, e.g. a fused qkv projection)."""
     n = 0
     for mod in model.modules():
         if hasattr(mod, "attention_dropout") and hasattr(mod, "q_proj"):
             mod.attention_dropout = float(p)
             n += 1
     model.config.attention_dropout = float(p)
+    layers = getattr(getattr(model.config, "text_config", None) or model.config, "num_hidden_layers", None)
+    if p and layers and n != layers:
+        raise UnsupportedArchitectureError(
+            f"model.attention_dropout={p:g} reaches {n} of the {layers} attention layers of "
+            f"{type(model).__name__} (attention modules with a q_proj and an attention_dropout): this family's "
+            f"attention is not one the engine sets dropout on; use model.attention_dropout=0 and lora.dropout")
     return n
 
 

@@ -68,6 +68,22 @@ def test_adapter_of_another_shape_is_an_error(tmp_path):
         merge_adapter(model, str(tmp_path / "a"))
 
 
+def test_the_readme_names_the_merge_the_encoder_and_training_call(monkeypatch, tmp_path):
+    """README: one function folds the adapters, ``engine.modeling.merge_loras`` (merge_lora is its one-adapter
+    wrapper), at alpha/r or alpha/sqrt(r) under rsLoRA."""
+    import engine.encoder
+    import engine.modeling
+
+    readme = " ".join(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"),
+                           encoding="utf-8").read().split())
+    assert "(W += alpha/r · B A, alpha/√r under rsLoRA) by one function, `engine.modeling.merge_loras`" in readme
+    calls = []
+    monkeypatch.setattr(engine.modeling, "merge_loras", lambda model, folders: calls.append(folders) or [2])
+    _write_adapter(str(tmp_path / "a"), "base_model.model.", TARGETS)
+    engine.modeling.merge_lora(_causal_lm().model, str(tmp_path / "a"))
+    assert calls == [[str(tmp_path / "a")]]
+
+
 def test_encoder_and_training_merge_the_same_way(tmp_path):
     # The encoder (a bare decoder) and training (a causal LM) fold one llm2vec adapter into equal weights.
     from engine.modeling import merge_lora

@@ -136,6 +136,21 @@ def test_attention_dropout_reaches_the_attention(model_type, window, impl):
         llm2vec_kernels.set_default_impl("attention", "auto")
 
 
+def test_an_attention_dropout_that_misses_attention_layers_is_refused():
+    """set_attention_dropout finds attention modules by their q_proj: a family whose attention has another shape (a
+    fused qkv_proj, as Phi3's) got no dropout, and SimCSE's two views were the same forward without a word."""
+    from engine.bidirectional import UnsupportedArchitectureError, set_attention_dropout
+
+    model = tiny("llama")
+    assert set_attention_dropout(model, 0.3) == 2
+    attn = model.model.layers[1].self_attn
+    attn.qkv_proj = attn.q_proj  # one layer's attention no longer has a q_proj
+    del attn.q_proj
+    assert set_attention_dropout(model, 0.0) == 1  # no dropout asked: nothing to miss
+    with pytest.raises(UnsupportedArchitectureError, match=r"model.attention_dropout=0.3 reaches 1 of the 2 attention"):
+        set_attention_dropout(model, 0.3)
+
+
 def test_unsupported_architecture_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -181,6 +181,9 @@ def test_auto_dtype_is_fp16_on_gpus_without_native_bf16(monkeypatch, native, wan
     assert asked == [False, False]  # native support, not emulation
     assert resolve_dtype("auto", "cpu") == torch.float32 and torch_dtype("auto", "cpu") == torch.float32
     assert torch_dtype("bf16", "cuda") == torch.bfloat16  # an explicit choice is kept
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    assert "bf16 on Ampere and later GPUs, fp16 on older ones and fp32 on CPU (`model.dtype: auto`)" in readme
+    assert "bf16 on GPU and fp32 on CPU" not in readme  # (the training-loop line said so after 239deaf)
 
 
 def test_encode_takes_sentence_transformers_and_llm2vec_arguments(tmp_path, tok):

@@ -768,3 +768,27 @@ def test_auto_takes_a_replicated_stage_only_when_that_stage_fits():
     assert stage == 3 and f"do not fit one rank's budget ({between.describe('full', 1)})" in why, why
     roomy = dataclasses.replace(plan, budget_bytes=int((f1 + (256 << 20)) / 0.95) + 64)
     assert roomy.fits("full", 1) and choose_zero_stage(cfg, roomy)[0] == 1
+
+
+def test_the_readme_recompute_choices_for_every_7b_stage():
+    """README: MNTP (4 x 512) and SimCSE (32 texts of 128) plan `none` on an 80 GB card and an H200; MNTP at 32 x 512
+    `selective` on 80 GB (65 GiB planned) and `none` on an H200 (90 GiB); supervised (gradient caching, 64 texts of
+    512 a chunk) `full` on 80 GB and `selective` on an H200. test_auto_plan_fits_measured_bytes_at_7b holds MNTP's
+    plan to measured bytes; this holds the README's choices for the other stages."""
+    from engine.dry_run import dry_run
+
+    def pick(stage, card, *over):
+        cfg = load_config(os.path.join(ROOT, f"configs/mistral-7b/{stage}.yaml"), list(over))
+        res = dry_run(cfg, world=1, gpu_memory_gb=CARDS[card], out=lambda line: None)
+        return res["recompute"], res["plan"].total(res["recompute"], res["zero_stage"]) / GIB
+
+    for stage, want in (("mntp", ("none", "none")), ("simcse", ("none", "none")), ("supervised", ("full", "selective"))):
+        assert tuple(pick(stage, card)[0] for card in CARDS) == want, stage
+    big = ("micro_batch_size=32", "batch_size=32")  # one GPU, as test_auto_plan_fits_measured_bytes_at_7b
+    (p80, gib80), (p200, gib200) = (pick("mntp", card, *big) for card in CARDS)
+    assert (p80, p200) == ("selective", "none")
+    assert (round(gib80), round(gib200)) == (65, 90), (gib80, gib200)
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    assert ("at 32 x 512 it picks `selective` on 80 GB (65 GiB planned) and `none` on an H200 (90 GiB). The "
+            "supervised configs (gradient caching, 64 texts of 512 tokens a chunk) plan `full` on 80 GB and "
+            "`selective` on an H200") in readme
