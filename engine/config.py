@@ -22,7 +22,8 @@ from .chat import CHAT_SETTINGS
 STAGES = ("mntp", "simcse", "supervised")
 RESUME_MODES = ("auto", "never", "must", "force")
 RECOMPUTE_POLICIES = ("auto", "full", "selective", "none")
-RECOMPUTE_ALIASES = {"true": "full", "1": "full", "yes": "full", "false": "none", "0": "none", "no": "none"}
+RECOMPUTE_ALIASES = {"true": "full", "1": "full", "yes": "full", "on": "full", "false": "none", "0": "none", "no": "none",
+                     "off": "none"}  # YAML 1.1 reads on/off in a file as booleans: an override means the same
 
 
 class ConfigError(ValueError):
@@ -511,6 +512,7 @@ def validate(cfg: TrainConfig):
     c = cfg.contrastive
     if c.temperature is None:  # llm2vec's defaults: SimCSE scale 20, supervised scale 50
         c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
+        c._temperature_of_stage = True  # (not a field: --print-config prints it unset, see printable_dict)
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
     if c.loss not in ("infonce", "cosent", "angle"):
@@ -763,3 +765,18 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, use_bf16: bool, use_fp16
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def printable(cfg) -> str:
+    """``--print-config``'s YAML: the config as resolved, except a value that is a default of the stage
+    (contrastive.temperature unset), printed unset with its value in a comment, so that the printed file under
+    another stage takes that stage's default as the source file would."""
+    import yaml
+
+    d = to_dict(cfg)
+    note = ""
+    if getattr(cfg.contrastive, "_temperature_of_stage", False):
+        d["contrastive"]["temperature"] = None
+        note = (f"# contrastive.temperature unset: the {cfg.stage} stage's default, {cfg.contrastive.temperature:g} "
+                f"(0.02 for supervised, 0.05 otherwise)\n")
+    return yaml.safe_dump(d, sort_keys=False) + note

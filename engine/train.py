@@ -170,11 +170,9 @@ def main(argv=None):
     except ConfigError as e:
         return _said_once(error_line(e, CONFIG_ERROR))
     if args.print_config:
-        import yaml
+        from engine.config import printable
 
-        from engine.config import to_dict
-
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        print(printable(cfg), end="")
         return 0
     if args.dry_run:
         from engine.bidirectional import UnsupportedArchitectureError

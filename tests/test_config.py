@@ -412,3 +412,30 @@ def test_max_seq_len_is_no_part_of_a_contrastive_runs_identity():
     mntp = os.path.join(ROOT, "configs/mistral-7b/mntp.yaml")
     assert fingerprint_diff(fingerprint(load_config(mntp)), fingerprint(load_config(mntp, ["max_seq_len=256"]))) == [
         ("max_seq_len", 512, 256)]
+
+
+def test_recompute_on_and_off_mean_the_same_in_a_file_and_an_override():
+    """YAML 1.1 reads `gradient_checkpointing: off` in a file as false (none); the override `=off` was refused."""
+    tiny = os.path.join(ROOT, "configs/tiny/mntp.yaml")
+    for word, want in (("off", "none"), ("on", "full")):
+        assert load_config(tiny, [f"model.gradient_checkpointing={word}"]).model.gradient_checkpointing == want
+        # a section given as YAML is read as the file is: `off` a boolean
+        assert load_config(tiny, [f"model={{gradient_checkpointing: {word}}}"]).model.gradient_checkpointing == want
+
+
+def test_a_printed_config_run_as_another_stage_takes_that_stages_default(tmp_path, capsys):
+    """--print-config resolved contrastive.temperature by the stage in place: the printed MNTP config, switched to
+    stage=supervised, trained at SimCSE's 0.05 where its source gives supervised's 0.02."""
+    from engine.train import main
+
+    src = os.path.join(ROOT, "configs/tiny/mntp.yaml")
+    assert main(["--config", src, "--print-config"]) == 0
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    assert "# contrastive.temperature unset: the mntp stage's default, 0.05" in printed.read_text()
+    for stage, want in (("supervised", 0.02), ("simcse", 0.05)):
+        assert load_config(str(printed), [f"stage={stage}"]).contrastive.temperature == want
+        assert load_config(src, [f"stage={stage}"]).contrastive.temperature == want
+    # a temperature the config sets prints as set
+    assert main(["--config", src, "--print-config", "contrastive.temperature=0.1"]) == 0
+    assert "\n  temperature: 0.1\n" in capsys.readouterr().out

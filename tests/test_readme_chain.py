@@ -135,3 +135,24 @@ def test_readme_quick_start_chain_runs(tmp_path):
     assert "using best/" in evaluate.stderr and "using best/" in export.stderr  # the run's selected adapter
     assert 0 < json.loads(evaluate.stdout.strip().splitlines()[-1])["pairs"]
     assert st.stdout.strip().splitlines()[-1] == "(1, 64)"  # one text, the tiny model's width
+
+
+def test_every_readme_training_command_with_overrides_plans():
+    """Each `engine/train.py` command of the README that gives overrides loads its config with them and dry-runs at
+    its rank count (test_dry_run plans every shipped config as shipped; test_readme_quick_start_chain_runs runs the
+    quick start on the tiny configs): a README override the config no longer takes fails here."""
+    from engine.train import main
+
+    planned = 0
+    for block in _blocks("bash"):
+        for command in _commands(block):
+            argv = shlex.split(command)
+            if "engine/train.py" not in argv:
+                continue
+            args = argv[argv.index("engine/train.py") + 1:]
+            if not any("=" in a and not a.startswith("-") for a in args):
+                continue  # the config as shipped: test_dry_run
+            world = argv[argv.index("--num_gpus") + 1] if "--num_gpus" in argv else "1"
+            assert main([*args, "--dry-run", "--world", world]) == 0, command
+            planned += 1
+    assert planned >= 5  # the quick start's two stages and the three MNTP seeds
