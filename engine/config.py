@@ -237,10 +237,16 @@ def _fields(cls):
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _unknown(key, known, prefix):
+def _unknown(key, known, prefix, cls=None):
     if not isinstance(key, str):  # YAML reads `1:`, `null:` or 1.1's `on:` / `no:` as a number, None or a bool
         return ConfigError(f"config key {prefix}{key!r} is not a name (a {type(key).__name__}; quote it if meant) "
                            f"(valid: {', '.join(sorted(known))})")
+    # a section's key given at this level (temperature= for contrastive.temperature): name it there first
+    sections = [name for name, tp in (_fields(cls).items() if cls is not None else ())
+                if dataclasses.is_dataclass(tp) and key in _fields(tp)]
+    if sections:
+        return ConfigError(f"unknown config key '{prefix}{key}'; did you mean "
+                           f"{', '.join(repr(prefix + s + '.' + key) for s in sections)}?")
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
     return ConfigError(f"unknown config key '{prefix}{key}'{hint} (valid: {', '.join(sorted(known))})")
@@ -255,7 +261,7 @@ def _build(cls, raw, prefix=""):
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            raise _unknown(key, list(hints), prefix)
+            raise _unknown(key, list(hints), prefix, cls)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, prefix + key + ".")
@@ -272,7 +278,7 @@ def _set_dotted(raw, dotted, text, cls):
     for i, part in enumerate(parts):
         hints = _fields(node_cls)
         if part not in hints:
-            raise _unknown(part, list(hints), prefix)
+            raise _unknown(part, list(hints), prefix, node_cls)
         if i == len(parts) - 1:
             tp = hints[part]
             if dataclasses.is_dataclass(tp):

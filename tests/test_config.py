@@ -42,6 +42,14 @@ def test_unknown_key_names_it_and_suggests():
         load_config(None, ["model.name_or_path=x", "max_step=3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'lora.rr'.*'lora.r'"):
         load_config(None, ["model.name_or_path=x", "lora.rr=3"])
+    # a section's key at the top level names the section's key (difflib found no close top-level name for them)
+    for key, want in (("temperature", "contrastive.temperature"), ("r", "lora.r"), ("mask_prob", "mntp.mask_prob")):
+        with pytest.raises(ConfigError, match=rf"unknown config key '{key}'; did you mean '{want}'\?"):
+            load_config(None, ["model.name_or_path=x", f"{key}=1"])
+    from engine.config import TrainConfig, _build  # a file's key at the wrong level: the same
+
+    with pytest.raises(ConfigError, match=r"unknown config key 'temperature'; did you mean 'contrastive.temperature'"):
+        _build(TrainConfig, {"model": {"name_or_path": "x"}, "temperature": 0.1})
 
 
 @pytest.mark.parametrize("key", ["1", "null", "on", "no"])
