@@ -83,7 +83,20 @@ def _cu_from_positions(position_ids):
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-_OPTIONS = {"deterministic": True, "as_if_grad": None}
+_OPTIONS = {"deterministic": True, "as_if_grad": None, "shapes_only": False}
+
+
+@contextlib.contextmanager
+def shapes_only_attention():
+    """Attention calls on the meta device inside return their output's shape only (q's with v's head dim): the dry
+    run's meta forward wants shapes, and the exact torch path it would take there loops over every sequence of
+    every layer (seconds at a 7B shape). Off the meta device, and outside, nothing changes (the step proxy costs
+    the torch path's ops on meta)."""
+    prev, _OPTIONS["shapes_only"] = _OPTIONS["shapes_only"], True
+    try:
+        yield
+    finally:
+        _OPTIONS["shapes_only"] = prev
 
 
 def attention_gradient_reach(model):
@@ -168,6 +181,8 @@ def _attention_call(q, k, v, max_len, dropout, window, softcap, layout, as_if=No
 def _attend(q, k, v, max_len, scale, dropout, window, softcap, as_if=None, **layout):
     # layout: cu_seqlens= / max_seqlen= for packed q (T, Hq, D), k/v (T, Hkv, D); or seqlens= for a
     # right-padded q (B, S, Hq, D), k/v (B, S, Hkv, D). max_len: the longest sequence (decides the window).
+    if _OPTIONS["shapes_only"] and q.device.type == "meta":
+        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
     seed = _draw_seed() if dropout > 0 else None
     if window_binds(window, max_len):
         # The Triton kernel has no banded masks: take the exact torch path (soft-capping included).

@@ -22,8 +22,9 @@ from .chat import CHAT_SETTINGS
 STAGES = ("mntp", "simcse", "supervised")
 RESUME_MODES = ("auto", "never", "must", "force")
 RECOMPUTE_POLICIES = ("auto", "full", "selective", "none")
-RECOMPUTE_ALIASES = {"true": "full", "1": "full", "yes": "full", "on": "full", "false": "none", "0": "none", "no": "none",
-                     "off": "none"}  # YAML 1.1 reads on/off in a file as booleans: an override means the same
+# (YAML 1.1 reads on/off in a file as booleans: an override means the same)
+RECOMPUTE_ALIASES = {"true": "full", "1": "full", "yes": "full", "on": "full",
+                     "false": "none", "0": "none", "no": "none", "off": "none"}
 
 
 class ConfigError(ValueError):
@@ -518,7 +519,7 @@ def validate(cfg: TrainConfig):
     c = cfg.contrastive
     if c.temperature is None:  # llm2vec's defaults: SimCSE scale 20, supervised scale 50
         c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
-        c._temperature_of_stage = True  # (not a field: --print-config prints it unset, see printable_dict)
+        c._temperature_of_stage = True  # (not a field: --print-config prints it unset, see printable)
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
     if c.loss not in ("infonce", "cosent", "angle"):

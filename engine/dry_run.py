@@ -30,7 +30,7 @@ import torch
 
 from . import config as config_mod
 from .bidirectional import check_architecture
-from .bidirectional import make_bidirectional
+from .bidirectional import make_bidirectional, shapes_only_attention
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, context_warning, fit_warning, plan_memory, text_lengths
 from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
@@ -96,7 +96,8 @@ def meta_step(model, cfg, shapes, arch):
     from .pooling import pool
 
     ids = torch.randint(0, arch.vocab_size, shapes["input_ids"], device="meta")
-    hidden = decoder_of(model)(input_ids=ids).last_hidden_state
+    with shapes_only_attention():
+        hidden = decoder_of(model)(input_ids=ids).last_hidden_state
     out = {"hidden": tuple(hidden.shape)}
     if cfg.stage == "mntp":
         rows = max(1, int(cfg.mntp.mask_prob * ids.numel()))  # the expected number of masked tokens

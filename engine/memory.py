@@ -24,10 +24,10 @@ Terms (bytes, per rank):
   in the parameters' dtype; under ZeRO-3 also the gathered base weights alive at once, the module being run and
   the prefetched bucket (two buckets of max(5e7, one decoder layer) parameters) and the largest single parameter
   (the embedding table, gathered whole), in the weights' dtype;
-* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA or before sm_80; ``mntp_torch_loss_bytes``): five fp32
-  tensors of the masked rows' logits at the backward's peak, plus the fp32 copy of the LM head's weight that the
-  matmul keeps (measured: ``masked_ce_reference_peak``); the Triton kernel makes no logits (the workspace covers
-  it);
+* the MNTP loss on the torch path (``model.loss=torch``, or auto off CUDA or before sm_80;
+  ``mntp_torch_loss_bytes``): five fp32 tensors of the masked rows' logits at the backward's peak, plus the fp32
+  copy of the LM head's weight that the matmul keeps (measured: ``masked_ce_reference_peak``); the Triton kernel
+  makes no logits (the workspace covers it);
 * attention on the exact torch path (``flash_attention_reference``, fp32 L x L scores per head; see
   :func:`activation_bytes`): in the layers whose sliding window cuts the sequence, and in every layer where the
   attention dispatch sends no call to a kernel (:func:`attention_torch_reason`: ``model.attention=torch``; auto off
@@ -482,7 +482,8 @@ def attention_torch_reason(cfg, tc, device, dtype):
     call = dispatch.AttentionCall(
         impl=cfg.model.attention, device_type=device.type, arch=arch, dtype=dtype, head_dim=head_dim,
         layout="padded", dropout=cfg.model.attention_dropout, needs_grad=True,
-        deterministic=cfg.model.deterministic_attention, softcap=getattr(tc, "attn_logit_softcapping", None) is not None)
+        deterministic=cfg.model.deterministic_attention,
+        softcap=getattr(tc, "attn_logit_softcapping", None) is not None)
     if dispatch.eligible(call) != ["torch"]:
         return ""
     if cfg.model.attention == "torch":
@@ -557,9 +558,9 @@ def mntp_torch_loss_bytes(cfg, text_config, dtype, device):
     sm_80, as ``llm2vec_kernels._backend.resolve_impl`` sends it), else 0:
     :func:`masked_ce_reference_peak` over R = mask_prob x tokens rows. Llama-3-8B at 4 x 512 tokens and mask_prob
     0.2: 410 rows x 128256 x 4 x 5 = 1.0 GiB + 2.0 GiB of fp32 head weight. The Triton kernel makes no logits."""
-    impl = cfg.model.loss
     from llm2vec_kernels._backend import MIN_AUTO_ARCH
 
+    impl = cfg.model.loss
     if cfg.stage != "mntp" or impl == "triton" or (impl == "auto" and device_arch(device) >= MIN_AUTO_ARCH):
         return 0
     rows = math.ceil(cfg.mntp.mask_prob * tokens_per_micro_batch(cfg))

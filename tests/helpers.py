@@ -41,15 +41,21 @@ def tmpfs_mount(path, size):
 
 def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     e = child_env(env)
-    # engine/train.py and `-m engine.<cli>` children fork from tests/zygote.py's server, which has torch and
-    # transformers imported already (tests/test_zygote.py holds the equivalence); LLM2VEC_TEST_ZYGOTE=0: never.
+    # engine/train.py and `-m engine.<cli>` / `-m benchmarks.<x>` children fork from tests/zygote.py's server, which
+    # has torch and transformers imported already (tests/test_zygote.py holds the equivalence); LLM2VEC_TEST_ZYGOTE=0:
+    # never.
     from tests import zygote
 
     if zygote.enabled():
         if "tests.launch" in args:
             e = zygote.prepare_launch(args, e, cwd)  # the light launcher's ranks fork from a server too
-        return zygote.run(args, cwd=cwd, env=e, timeout=timeout)
+        return zygote.run(args, cwd=cwd, env=e, timeout=timeout, allow_modules=RUN_CMD_MODULES)
     return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+# the `-m` children run_cmd sends to the zygote: the engine's CLIs and the benchmarks' (whose own workers, started
+# with sys.executable, stay real processes)
+RUN_CMD_MODULES = ("engine.", "benchmarks.")
 
 
 def child_env(env=None):

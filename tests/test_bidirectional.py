@@ -313,3 +313,23 @@ def test_gradient_caching_dispatches_each_layer_as_its_backward_will():
     assert reach(layers[1].self_attn.v_proj.weight) == [False, True]
     assert reach(model.model.embed_tokens.weight) == [True, True]
     assert reach() == [False, False]
+
+
+def test_shapes_only_attention_is_the_dry_runs_and_the_meta_devices_alone(monkeypatch):
+    """The dry run's meta forward takes attention's output shape without running the exact torch path (which loops
+    over every sequence of every layer: seconds at 7B supervised shapes). Off the meta device inside, and on the
+    meta device outside (the step proxy costs those ops), attention runs as before."""
+    import engine.bidirectional as bd
+
+    q, k, v = torch.randn(2, 5, 4, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)
+    want = bd._attend(q, k, v, 5, None, 0.0, None, None)
+    calls = []
+    real = llm2vec_kernels.flash_attention
+    monkeypatch.setattr(bd.llm2vec_kernels, "flash_attention", lambda *a, **kw: calls.append(a[0].device.type)
+                        or real(*a, **kw))
+    meta = [t.to("meta") for t in (q, k, v)]
+    with bd.shapes_only_attention():
+        assert torch.equal(bd._attend(q, k, v, 5, None, 0.0, None, None), want) and calls == ["cpu"]
+        out = bd._attend(*meta, 5, None, 0.0, None, None)
+        assert out.shape == want.shape and out.device.type == "meta" and calls == ["cpu"]
+    assert bd._attend(*meta, 5, None, 0.0, None, None).shape == want.shape and calls == ["cpu", "meta"]

@@ -25,7 +25,7 @@ def test_the_docs_name_files_and_tests_that_exist(doc):
     with open(doc) as f:
         spans = CODE.findall(f.read())
     words = [w for s in spans for w in s.split()]  # a command's paths too (`python -m pytest tests/x.py ...`)
-    paths = [w.rstrip("/").split("::")[0] for w in words if "/" in w and not re.search(r"[<{…*]", w)
+    paths = [w.rstrip(",;:)").rstrip("/").split("::")[0] for w in words if "/" in w and not re.search(r"[<{…*]", w)
              and re.match(r"^(\.ci|benchmarks|configs|data|docs|engine|llm2vec_kernels|tests)(/|$)", w)]
     tests = [s for s in spans if re.fullmatch(r"test_\w+", s)] + [t for s in spans for t in re.findall(r"::(test_\w+)", s)]
     assert paths, "the doc names no file of the tree: the pattern above no longer reads it"
