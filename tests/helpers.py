@@ -53,9 +53,9 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 
-# the `-m` children run_cmd sends to the zygote: the engine's CLIs and the benchmarks' (whose own workers, started
-# with sys.executable, stay real processes)
-RUN_CMD_MODULES = ("engine.", "benchmarks.")
+# the `-m` children run_cmd sends to the zygote: the engine's CLIs, the benchmarks' (whose own workers, started
+# with sys.executable, stay real processes) and tests.run_check's check functions
+RUN_CMD_MODULES = ("engine.", "benchmarks.", "tests.run_check")
 
 
 def child_env(env=None):

@@ -632,7 +632,7 @@ def test_the_planned_reduce_buffer_is_the_one_deepspeed_allocates():
 
     from .helpers import run_cmd
 
-    r = run_cmd([sys.executable, "-c", "from tests.test_memory_plan import _reduce_buffer_check; _reduce_buffer_check()"],
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_memory_plan:_reduce_buffer_check"],
                 timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [x for x in r.stdout.splitlines() if x.startswith("stage ")]

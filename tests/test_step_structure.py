@@ -224,7 +224,7 @@ def test_flat_bf16_grad_norm_equals_deepspeeds_per_tensor_norm():
     (engine.optim._flat_bf16_grad_norm): the norm must be the one DeepSpeed's per-tensor path computes."""
     import sys
 
-    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _flat_norm_check; _flat_norm_check()"])
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_step_structure:_flat_norm_check"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "flat norm" in r.stdout
 
@@ -310,8 +310,7 @@ def _accumulation_check():
 
 @pytest.mark.slow
 def test_bf16_gradients_accumulate_in_fp32_at_zero_stages_2_and_3():
-    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _accumulation_check; "
-                                       "_accumulation_check()"])
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_step_structure:_accumulation_check"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "fp32 accumulation ok" in r.stdout
 
@@ -322,7 +321,7 @@ def test_a_skipped_stage_0_step_leaves_the_schedule_where_it_was():
     and does not advance the LR schedule: what DeepSpeed does with the steps it skips itself under ZeRO."""
     import sys
 
-    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _stage0_skip_check; _stage0_skip_check()"])
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_step_structure:_stage0_skip_check"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "stage 0 skip ok" in r.stdout
 
@@ -330,7 +329,7 @@ def test_a_skipped_stage_0_step_leaves_the_schedule_where_it_was():
 def test_fp16_trains_at_a_zero_stage_whose_optimizer_scales_the_loss():
     """fp16 with a replicated base is stage 1 (zero_stage auto), and its first update is the gradient's, not
     2^-16 of it as under DeepSpeed's stage-0 fp16 optimizer; zero_stage 0 with fp16 is a config error."""
-    r = run_cmd([sys.executable, "-c", "from tests.test_step_structure import _fp16_update_check; _fp16_update_check()"])
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_step_structure:_fp16_update_check"])
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "fp16 update ok at stage 1" in r.stdout
     from engine.config import ConfigError
