@@ -49,7 +49,8 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
     if zygote.enabled():
         if "tests.launch" in args:
             e = zygote.prepare_launch(args, e, cwd)  # the light launcher's ranks fork from a server too
-        return zygote.run(args, cwd=cwd, env=e, timeout=timeout, allow_modules=RUN_CMD_MODULES)
+        return zygote.run(args, cwd=cwd, env=e, timeout=timeout, allow_modules=RUN_CMD_MODULES,
+                          allow_scripts=(zygote.TRAIN, os.path.join(os.fspath(cwd), "engine", "train.py")))
     return subprocess.run(args, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
 

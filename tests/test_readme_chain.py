@@ -128,7 +128,10 @@ def test_readme_quick_start_chain_runs(tmp_path):
     assert real.eval_data and 0 < real.eval_every <= real.max_steps, (real.eval_every, real.max_steps)
     results = []
     for command in commands:
-        r = run_cmd(_for_tiny(command), cwd=clone, env={"PYTHONPATH": clone}, timeout=600)
+        # the engine's commands import the clone's engine/ as a real process in the clone would (cwd first on
+        # sys.path for -m, train.py its own root), and fork from the zygote there; the python -c snippet needs it said
+        env = {"PYTHONPATH": clone} if "-c" in shlex.split(command) else None
+        r = run_cmd(_for_tiny(command), cwd=clone, env=env, timeout=600)
         assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-4000:])
         results.append(r)
     evaluate, export, st = results[2:]

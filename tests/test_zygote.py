@@ -28,12 +28,12 @@ def _cmd(python, unbuffered, how, mode):
     return head + target + [mode]
 
 
-def _both(cmd, env=None, timeout=120):
+def _both(cmd, env=None, timeout=120, cwd=ROOT, allow=ALLOW):
     """(real, zygote) subprocess.run results of ``cmd``; the zygote's is checked to have come from a server."""
     e = child_env(env)
-    assert zygote.warm(cmd, e)
-    real = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-    zy = zygote.run(cmd, cwd=ROOT, env=e, timeout=timeout, **ALLOW)
+    assert zygote.warm(cmd, e, cwd)
+    real = subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    zy = zygote.run(cmd, cwd=cwd, env=e, timeout=timeout, **allow)
     return real, zy
 
 
@@ -81,6 +81,25 @@ def test_signals_the_requester_ignores_stay_ignored_as_across_exec():
             signal.signal(s, h)
     a, b = _start(real)["signals"], _start(zy)["signals"]
     assert a == b and a["SIGHUP"] == a["SIGINT"] == a["SIGUSR1"] == str(signal.SIG_IGN), (a, b)
+
+
+@needs_zygote
+@pytest.mark.parametrize("how", ["module", "abs_script"])
+def test_a_child_run_from_another_folder_starts_as_a_real_process_would(tmp_path, how):
+    """A child run from another folder (tests/test_readme_chain.py's plain clone): cwd, sys.path (that folder or the
+    script's first, then the interpreter's own), __file__ and the rest as a real process started there."""
+    import shutil
+
+    shutil.copy(PROBE, tmp_path / "zprobe.py")
+    cmd = [sys.executable, "-m", "zprobe", "start"] if how == "module" else [sys.executable, PROBE, "start"]
+    real, zy = _both(cmd, cwd=str(tmp_path), allow=dict(allow_modules=("zprobe",), allow_scripts=(PROBE,)))
+    a, b = _start(real), _start(zy)
+    assert not a["torch_preloaded"] and b["torch_preloaded"]
+    for k in {k for info in zygote.SERVERS.infos.values() for k in info["env_added"]}:
+        b["env"].pop(k, None)  # what `import torch` sets, as it would in the real child
+    a.pop("torch_preloaded"), b.pop("torch_preloaded")
+    assert a == b and a["cwd"] == str(tmp_path) and a["path0"] == (str(tmp_path) if how == "module"
+                                                                     else os.path.dirname(PROBE))
 
 
 @needs_zygote
@@ -230,7 +249,9 @@ def test_the_switch_and_other_commands_run_real_processes(monkeypatch):
     assert zygote.route([sys.executable, "-m", "deepspeed.launcher.runner"]) is None
     assert zygote.route([sys.executable, "benchmarks/bench_train_step.py"]) is None
     assert zygote.route(["python", "engine/train.py", "--config", "x"], cwd=ROOT)[:2] == ("script", "engine/train.py")
-    assert zygote.route([sys.executable, "-u", os.path.join(ROOT, "engine", "train.py")], cwd="/")  is None
+    assert zygote.route([sys.executable, "-u", os.path.join(ROOT, "engine", "train.py")], cwd="/")[:3] == (
+        "script", os.path.join(ROOT, "engine", "train.py"), True)  # any cwd (test_a_child_run_from_another_folder...)
+    assert zygote.route([sys.executable, "-u", os.path.join("/", "elsewhere", "engine", "train.py")], cwd="/") is None
     assert zygote.route([sys.executable, "-m", "engine.export"], cwd=ROOT)[:2] == ("module", "engine.export")
     from tests.helpers import RUN_CMD_MODULES  # run_cmd's: the benchmarks' CLIs too
 
