@@ -52,11 +52,12 @@ def _run(fn, q, k, v, do, **kw):
 
 
 def _assert_accurate(q, k, v, **kw):
-    res = accuracy_case(q.detach(), k.detach(), v.detach(), **kw)
+    out = accuracy_case(q.detach(), k.detach(), v.detach(), **kw)
+    res = out[0] if kw.get("return_outputs") else out
     for name, (err, torch_err) in res.items():
         bound = ERR_FACTOR * torch_err + ERR_FLOOR[q.dtype]
         assert err <= bound, f"{name}: error {err:.2e} > {bound:.2e} (eager torch {torch_err:.2e})"
-    return res
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,9 +319,8 @@ def test_right_padded_batch_without_unpadding(case, poisoned_outputs):
     else:
         q, k, v = _inputs((5, 37), 4, 2, 32, F32)
         kw = dict(causal=True)
-    _assert_accurate(q, k, v, seqlens=lens, **kw)
-    do = torch.randn_like(q)
-    out, dq, dk, dv = _run(flash_attention, q, k, v, do, seqlens=lens, impl="triton", **kw)
+    # the kernel run checked against fp64 is the one whose padding and packed equality are checked below
+    _, (out, dq, dk, dv), do = _assert_accurate(q, k, v, seqlens=lens, return_outputs=True, **kw)
     pad = torch.arange(37)[None, :] >= lens[:, None]
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert torch.isfinite(t).all() and not t[pad].any(), name

@@ -27,7 +27,8 @@ def test_the_docs_name_files_and_tests_that_exist(doc):
     words = [w for s in spans for w in s.split()]  # a command's paths too (`python -m pytest tests/x.py ...`)
     paths = [w.rstrip(",;:)").rstrip("/").split("::")[0] for w in words if "/" in w and not re.search(r"[<{…*]", w)
              and re.match(r"^(\.ci|benchmarks|configs|data|docs|engine|llm2vec_kernels|tests)(/|$)", w)]
-    tests = [s for s in spans if re.fullmatch(r"test_\w+", s)] + [t for s in spans for t in re.findall(r"::(test_\w+)", s)]
+    tests = [s for s in spans if re.fullmatch(r"test_\w+", s)]
+    tests += [t for s in spans for t in re.findall(r"::(test_\w+)", s)]  # tests/x.py::test_y
     assert paths, "the doc names no file of the tree: the pattern above no longer reads it"
     missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing, f"{os.path.basename(doc)} names files that do not exist: {missing}"
@@ -44,8 +45,8 @@ def test_the_hand_written_family_lists_are_the_table():
         readme = " ".join(f.read().split())
     with open(os.path.join(ROOT, "docs", "adding-a-model-family.md"), encoding="utf-8") as f:
         guide = " ".join(f.read().split())
-    for where, listing in (("README.md", re.search(r"\(model types (.*?); SmolLM is a Llama\)", readme)),
-                           ("docs/adding-a-model-family.md", re.search(r"A family is a transformers `model_type` \((.*?) "
-                                                                       r"today\)", guide))):
+    lists = {"README.md": re.search(r"\(model types (.*?); SmolLM is a Llama\)", readme),
+             "docs/adding-a-model-family.md": re.search(r"a transformers `model_type` \((.*?) today\)", guide)}
+    for where, listing in lists.items():
         assert listing, f"{where}: the family list is no longer where this test reads it"
         assert set(re.findall(r"`(\w+)`", listing.group(1))) == set(SUPPORTED_ARCHITECTURES), (where, listing.group(1))

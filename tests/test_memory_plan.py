@@ -782,7 +782,8 @@ def test_the_readme_recompute_choices_for_every_7b_stage():
         res = dry_run(cfg, world=1, gpu_memory_gb=CARDS[card], out=lambda line: None)
         return res["recompute"], res["plan"].total(res["recompute"], res["zero_stage"]) / GIB
 
-    for stage, want in (("mntp", ("none", "none")), ("simcse", ("none", "none")), ("supervised", ("full", "selective"))):
+    for stage, want in (("mntp", ("none", "none")), ("simcse", ("none", "none")),
+                        ("supervised", ("full", "selective"))):
         assert tuple(pick(stage, card)[0] for card in CARDS) == want, stage
     big = ("micro_batch_size=32", "batch_size=32")  # one GPU, as test_auto_plan_fits_measured_bytes_at_7b
     (p80, gib80), (p200, gib200) = (pick("mntp", card, *big) for card in CARDS)

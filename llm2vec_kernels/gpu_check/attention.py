@@ -47,12 +47,14 @@ def _eager_attention(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, dro
 
 
 def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0, causal=False, impl="triton",
-                  deterministic=True, seqlens=None, fn=None, softcap=None):
+                  deterministic=True, seqlens=None, fn=None, softcap=None, return_outputs=False):
     """Forward and all three gradients of :func:`flash_attention` (or ``fn``, same signature) against the fp64
     reference.
 
     Returns {tensor name: (kernel error, eager-torch error)}, each the max abs difference from the fp64 result
     divided by max(1, max abs of that result). Dropout uses the kernel's own mask for all three computations.
+    ``return_outputs``: (that dict, [out, dq, dk, dv] of the kernel, the output gradient ``do`` it was given), for
+    checks of the same kernel run beyond its accuracy.
     """
     g = torch.Generator(device="cpu").manual_seed(1234)
     do = torch.randn(q.shape, generator=g).to(q.device, q.dtype)
@@ -75,7 +77,7 @@ def accuracy_case(q, k, v, *, cu_seqlens=None, scale=None, dropout_p=0.0, seed=0
         denom = ref.abs().max().clamp_min(1.0)  # absolute error where the exact result is ~0 (e.g. L=1 grads)
         err = ((a.double() - ref).abs().max() / denom).item() if torch.isfinite(a).all() else float("inf")
         res[name] = (err, ((e.double() - ref).abs().max() / denom).item())
-    return res
+    return (res, got, do) if return_outputs else res
 
 
 # Error allowed: ERR_FACTOR x eager torch's error in the same dtype, plus this floor (relative to max |ref|).
