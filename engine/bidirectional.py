@@ -280,7 +280,7 @@ def set_attention_dropout(model, p):
             mod.attention_dropout = float(p)
             n += 1
     model.config.attention_dropout = float(p)
-    layers = getattr(getattr(model.config, "text_config", None) or model.config, "num_hidden_layers", None)
+    layers = getattr(model.config.get_text_config(), "num_hidden_layers", None)
     if p and layers and n != layers:
         raise UnsupportedArchitectureError(
             f"model.attention_dropout={p:g} reaches {n} of the {layers} attention layers of "

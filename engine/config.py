@@ -485,6 +485,11 @@ def check_output_dir(path):
         raise ConfigError(f"output_dir {path}: {parent} is not a folder")
 
 
+def stage_temperature(stage):
+    """contrastive.temperature when the config leaves it unset: llm2vec's defaults, SimCSE scale 20, supervised 50."""
+    return 0.02 if stage == "supervised" else 0.05
+
+
 def validate(cfg: TrainConfig):
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage must be one of {STAGES}, got {cfg.stage!r}")
@@ -517,8 +522,8 @@ def validate(cfg: TrainConfig):
     if cfg.resume not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {RESUME_MODES}, got {cfg.resume!r}")
     c = cfg.contrastive
-    if c.temperature is None:  # llm2vec's defaults: SimCSE scale 20, supervised scale 50
-        c.temperature = 0.02 if cfg.stage == "supervised" else 0.05
+    if c.temperature is None:
+        c.temperature = stage_temperature(cfg.stage)
         c._temperature_of_stage = True  # (not a field: --print-config prints it unset, see printable)
     if cfg.lora.enabled and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
@@ -785,5 +790,5 @@ def printable(cfg) -> str:
     if getattr(cfg.contrastive, "_temperature_of_stage", False):
         d["contrastive"]["temperature"] = None
         note = (f"# contrastive.temperature unset: the {cfg.stage} stage's default, {cfg.contrastive.temperature:g} "
-                f"(0.02 for supervised, 0.05 otherwise)\n")
+                f"({stage_temperature('supervised'):g} for supervised, {stage_temperature('simcse'):g} otherwise)\n")
     return yaml.safe_dump(d, sort_keys=False) + note

@@ -2,14 +2,13 @@
 
 Most of the suite's wall time went to children of the form ``python [-u] engine/train.py ...`` or
 ``python -m engine.<cli> ...`` (tests/helpers.py run_cmd, which also sends ``-m benchmarks.<x>``, and the ranks
-tests/launch.py spawns), each importing
-torch, transformers, peft and a modelling module before doing a second of work. A server started from the pytest
-process imports those libraries (``PRELOAD``; never deepspeed, which prints at import, nor anything from engine/ or
-llm2vec_kernels/ or benchmarks/, the subject of the tests, which every child imports fresh) and runs no torch op;
-then, for each
-request (argv, environment, cwd and the requester's stdin/stdout/stderr, passed as file descriptors over a unix
-socket) it forks a child that makes itself what ``python [-u] script`` / ``python -m module`` would be at its
-first line -- signal dispositions, fds 0/1/2, cwd, os.environ, sys.argv, sys.orig_argv, sys.executable, sys.path,
+tests/launch.py spawns), each importing torch, transformers, peft and a modelling module before doing a second of
+work. A server started from the pytest process imports those libraries (``PRELOAD``; never deepspeed, which prints
+at import, nor anything from engine/, llm2vec_kernels/ or benchmarks/, the subject of the tests, which every child
+imports fresh) and runs no torch op; then, for each request (argv, environment, cwd and the requester's
+stdin/stdout/stderr, passed as file descriptors over a unix socket) it forks a child that makes itself what
+``python [-u] script`` / ``python -m module`` would be at its first line -- signal dispositions, fds 0/1/2, cwd,
+os.environ, sys.argv, sys.orig_argv, sys.executable, sys.path,
 a fresh ``__main__``, stdio buffering as -u / PYTHONUNBUFFERED asks -- runs the target, and ends as CPython ends
 (SystemExit codes and messages, an uncaught exception's traceback through sys.excepthook and exit 1, a
 KeyboardInterrupt by SIGINT, then threading._shutdown, atexit, flushing stdio).
