@@ -183,8 +183,8 @@ def _coerce(value, tp, key):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (list, typing.List):
-        if isinstance(value, str):
-            value = [value] if value else []
+        if isinstance(value, str):  # comma-separated items, in a file as in an override (a YAML list keeps commas)
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
         return [_coerce(v, args[0], key) if args else v for v in value]
@@ -195,6 +195,8 @@ def _coerce(value, tp, key):
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, int) and value in (0, 1):  # YAML's 0 / 1, read as the override's "0" / "1" are
+            return bool(value)
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
             return value.strip().lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
@@ -288,7 +290,10 @@ def _set_dotted(raw, dotted, text, cls):
                     value = _merged(node[part], value)
                 node[part] = value
             else:
-                node[part] = _override_value(dotted, text, tp)
+                value = _override_value(dotted, text, tp)
+                if isinstance(value, dict) and isinstance(node.get(part), dict):  # model.random_init: merged too
+                    value = _merged(node[part], value)
+                node[part] = value
             return
         if not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"config key '{prefix}{part}' is not a section; cannot set '{dotted}'")
@@ -318,7 +323,8 @@ def _override_value(key, text, tp):
     * a number or a boolean is read from the text by :func:`_coerce` (``010`` is 10, ``1:30`` and ``true`` are not
       numbers);
     * a list is a YAML flow list (``[a, b]``) or comma-separated items (``q_proj,v_proj``, ``0.9,0.98``);
-    * a mapping (``model.random_init``) is YAML;
+    * a mapping (``model.random_init``) is YAML, merged into the file's mapping as a section's override is
+      (``model.random_init={num_hidden_layers: 4}`` keeps the file's other keys);
     * ``null`` or ``~`` unsets an optional key.
     """
     stripped = text.strip()

@@ -376,11 +376,9 @@ def merge_lora(model, folder):
 def add_lora(model, lcfg):
     from peft import LoraConfig, get_peft_model
 
-    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    targets = [t for t in lcfg.target_modules if t in present]
-    if not targets:
-        raise ValueError(f"none of lora.target_modules {lcfg.target_modules} exist in this model")
-    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
+    check_lora_targets(lcfg, model)  # a name that adapts nothing is refused, not dropped
+    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                      target_modules=list(lcfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, pcfg)
 

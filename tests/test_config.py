@@ -152,6 +152,28 @@ def test_list_override_and_nested():
     assert cfg.model.adapters == ["one"]
 
 
+def test_a_file_and_an_override_read_a_value_alike(tmp_path):
+    # the same text means the same in the YAML file as on the command line (helper-97's three traps)
+    p = tmp_path / "c.yaml"
+    p.write_text("stage: mntp\nmodel:\n  name_or_path: x\n  random_init: {model_type: llama, hidden_size: 32, "
+                 "num_hidden_layers: 2}\ndata: a.txt, b.txt\nprogress_bar: 0\nadam_betas: 0.9,0.98\n")
+    from_file = load_config(str(p))
+    from_cli = load_config(None, ["model.name_or_path=x", "data=a.txt, b.txt", "progress_bar=0",
+                                  "adam_betas=0.9,0.98",
+                                  "model.random_init={model_type: llama, hidden_size: 32, num_hidden_layers: 2}"])
+    for cfg in (from_file, from_cli):
+        assert cfg.data == ["a.txt", "b.txt"] and cfg.progress_bar is False and cfg.adam_betas == [0.9, 0.98]
+    assert load_config(str(p), ["progress_bar=1"]).progress_bar is True
+    # a mapping override merges into the file's mapping, as a section's does: the other keys stay
+    merged = load_config(str(p), ["model.random_init={num_hidden_layers: 4}"]).model.random_init
+    assert merged == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4}
+    assert load_config(str(p), ["model.random_init=null", "model.name_or_path=x"]).model.random_init is None
+    p.write_text("stage: mntp\nmodel:\n  name_or_path: x\ndata:\n  - 'a,b.txt'\nprogress_bar: 2\n")
+    with pytest.raises(ConfigError, match="expects true/false, got 2"):  # only 0 and 1 are booleans
+        load_config(str(p))
+    assert load_config(str(p), ["progress_bar=true"]).data == ["a,b.txt"]  # a YAML list keeps a comma
+
+
 def test_overrides_are_read_by_the_keys_type_not_by_yaml_guesses():
     e5 = "Given a web search query, retrieve relevant passages that answer the query: "
     cfg = load_config(None, ["model.name_or_path=x", f"contrastive.instruction={e5}", "mntp.mask_token=[MASK]",

@@ -204,3 +204,15 @@ def test_fused_lora_on_a_bf16_base_is_as_close_to_fp32_as_peft_is():
     e_peft, e_fused = err(g_peft), err(g_fused)
     assert 0 < e_peft < 0.05 and e_fused < 2 * e_peft, (e_peft, e_fused)
     assert abs(l_fused - l_ref) <= 2 * abs(l_peft - l_ref) + 1e-3 * abs(l_ref), (l_ref, l_peft, l_fused)
+
+
+def test_add_lora_refuses_a_target_the_model_lacks_rather_than_dropping_it():
+    # as a library call too (the CLI and the dry run check before loading): a mistyped name among real ones used
+    # to be dropped, and the run trained fewer projections than its config and adapter_config said
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config(), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"lora.target_modules \['qproj'\] name no Linear module of 'llama'"):
+        add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["qproj", "v_proj"]))
+    peft = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert sorted(peft.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
