@@ -291,8 +291,10 @@ def _set_dotted(raw, dotted, text, cls):
                 node[part] = value
             else:
                 value = _override_value(dotted, text, tp)
-                if isinstance(value, dict) and isinstance(node.get(part), dict):  # model.random_init: merged too
-                    value = _merged(node[part], value)
+                old = node.get(part)
+                if isinstance(value, dict) and isinstance(old, dict) and \
+                        value.get("model_type", old.get("model_type")) == old.get("model_type"):
+                    value = _merged(old, value)  # model.random_init: merged too, unless it names another family
                 node[part] = value
             return
         if not dataclasses.is_dataclass(hints[part]):
@@ -324,7 +326,8 @@ def _override_value(key, text, tp):
       numbers);
     * a list is a YAML flow list (``[a, b]``) or comma-separated items (``q_proj,v_proj``, ``0.9,0.98``);
     * a mapping (``model.random_init``) is YAML, merged into the file's mapping as a section's override is
-      (``model.random_init={num_hidden_layers: 4}`` keeps the file's other keys);
+      (``model.random_init={num_hidden_layers: 4}`` keeps the file's other keys; one naming another
+      ``model_type`` replaces it: the file's keys belong to the other family);
     * ``null`` or ``~`` unsets an optional key.
     """
     stripped = text.strip()

@@ -167,6 +167,8 @@ def test_a_file_and_an_override_read_a_value_alike(tmp_path):
     # a mapping override merges into the file's mapping, as a section's does: the other keys stay
     merged = load_config(str(p), ["model.random_init={num_hidden_layers: 4}"]).model.random_init
     assert merged == {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 4}
+    other = load_config(str(p), ["model.random_init={model_type: gpt2, n_embd: 16}"]).model.random_init
+    assert other == {"model_type": "gpt2", "n_embd": 16}  # another family's spec replaces the file's
     assert load_config(str(p), ["model.random_init=null", "model.name_or_path=x"]).model.random_init is None
     p.write_text("stage: mntp\nmodel:\n  name_or_path: x\ndata:\n  - 'a,b.txt'\nprogress_bar: 2\n")
     with pytest.raises(ConfigError, match="expects true/false, got 2"):  # only 0 and 1 are booleans
