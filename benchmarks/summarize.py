@@ -5,7 +5,9 @@
 
 Reads bench_attention.csv, bench_masked_ce.csv, bench_contrastive.csv, bench_train_step.csv (common.py columns) and
 correctness.json from --dir. Every figure comes from those files; a target whose rows are missing is reported as n/a
-with the reason, and so is one whose row measured nothing (skipped, error). Train-step rows of follow-up calls in
+with the reason, and so is one whose row measured nothing (skipped, error). A kernel CSV is read for its last
+row's device (newest_gpu: rows of another, a --tiny rehearsal's or another card's, are left out and counted in
+the notes). Train-step rows of follow-up calls in
 --dir's rerun/ replace the first call's, but for those of another GPU (left out, said in the notes); a ratio of two
 calls' or GPUs' rows is none; the header names every GPU and commit of the rows read. A run from before llm2vec's HF
 recipe joined (its `reference` rows say zero=3) is read in today's names (legacy_rows). --steps is the tab-separated
@@ -309,6 +311,17 @@ def legacy_rows(rows):
     return [dict(r, impl="reference-zero3") if legacy and r["impl"] == "reference" else r for r in rows], legacy
 
 
+def newest_gpu(rows):
+    """(kept, apart): a kernel CSV's rows measured on the GPU of its last row, and the others. A benchmark appends
+    to its CSV, so one file can hold a --tiny rehearsal's rows (gpu=cpu) or another card's run beside this one's;
+    a target pairs each impl's newest row, which could then pair two devices' times (an impl the GPU run skipped
+    keeps its CPU row). No ratio is made across devices, as for train-step rows."""
+    if not rows:
+        return rows, []
+    gpu = rows[-1].get("gpu")
+    return [r for r in rows if r.get("gpu") == gpu], [r for r in rows if r.get("gpu") != gpu]
+
+
 def _key(row):
     return row["shape"].split()[0], row["impl"], row["pass"]
 
@@ -555,10 +568,14 @@ def main(argv=None):
     except Exception:
         ts_rows, legacy, apart = None, False, []
     every = list(ts_rows or [])  # the rows the table reads: the header names each GPU and commit among them
+    left_out = []  # (csv name, rows of another device than the file's last row's)
     for fn, csv_name in ((attention_targets, "bench_attention.csv"), (masked_ce_targets, "bench_masked_ce.csv"),
                          (contrastive_targets, "bench_contrastive.csv")):
         try:
             rows = _rows(os.path.join(d, csv_name))
+            rows, other = newest_gpu(rows)
+            if other:
+                left_out.append((csv_name, rows[-1]["gpu"], other))
             every += rows or []
             fn(t, rows, *([ts_rows] if fn is contrastive_targets else []))
         except Exception as exc:  # one malformed file must not hide the rest
@@ -574,6 +591,9 @@ def main(argv=None):
     if apart:
         notes.append(f"- rerun/: {len(apart)} train-step rows measured on {distinct(apart, 'gpu')}, not the first "
                      "call's GPU, left out (no ratio across GPUs): " + ", ".join("/".join(_key(r)) for r in apart))
+    for csv_name, gpu, other in left_out:
+        notes.append(f"- {csv_name}: {len(other)} rows measured on {distinct(other, 'gpu')}, not its last row's "
+                     f"device ({gpu}), left out (no ratio across devices)")
     zero = {_extra(r).get("zero") for r in ts_rows or [] if r.get("pass") == "step"  # `reference`: no DeepSpeed
             and not r.get("impl", "").startswith("reference") or r.get("impl") == "reference-zero3"} - {None}
     if "none" in zero:

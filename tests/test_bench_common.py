@@ -286,6 +286,26 @@ def _kernel_row(gpu, commit, impl, ms):
             "impl": impl, "pass": "fwd+bwd", "ms": str(ms), "tflops": "nan", "peak_mb": "nan", "extra": "status=ok"}
 
 
+def test_summary_pairs_no_kernel_rows_of_two_devices(tmp_path):
+    """A kernel CSV holding a --tiny rehearsal's rows (gpu=cpu) before the GPU run's: a target reads the rows of the
+    file's last device alone, and the notes count the others. (The GPU run's full_logits row missing, its masked-CE
+    ratio was the H200 triton time over the CPU rehearsal's full_logits time: "0.002x met".)"""
+    from benchmarks import summarize
+
+    run = tmp_path / "appended"
+    rows = [_kernel_row("cpu", "abc1234", "full_logits", 5000.0), _kernel_row("cpu", "abc1234", "triton_fused", 900.0),
+            _kernel_row(H200, "abc1234", "triton_fused", 10.0)]
+    _write_csv(str(run / "bench_masked_ce.csv"), rows)
+    text = summarize.main(["--dir", str(run)])
+    got = _summary_table(text)["Llama-3-8B vs full logits (memory, time)"]
+    assert got[:2] == ["n/a", "n/a"], got
+    assert "bench_masked_ce.csv: 2 rows measured on cpu, not its last row's device (NVIDIA H200), left out" in text
+    assert text.splitlines()[0] == f"# GPU run summary ({H200}, commit abc1234)", text.splitlines()[0]
+    _write_csv(str(run / "bench_masked_ce.csv"), rows + [_kernel_row(H200, "abc1234", "full_logits", 40.0)])
+    got = _summary_table(summarize.main(["--dir", str(run)]))["Llama-3-8B fwd+bwd time <= 0.35x full-logits path"]
+    assert got[0].strip() == "0.250x" and got[1].strip().startswith("met"), got  # the H200's own pair
+
+
 def test_a_plot_draws_one_runs_rows_and_names_that_run(tmp_path, monkeypatch):
     """Runs appended to one CSV: the chart draws the writer's run (its meta; by default the file's last row's), never
     an earlier run's bars beside it, and its title names the run drawn. (An H100 run's full_logits 100 ms and a later
