@@ -34,6 +34,13 @@ ATTN_NAME = "llm2vec_bidirectional"
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
 _FUSED_LLAMA = {"norm": "llama", "layer_norms": _LLAMA_NORMS, "act_key": "hidden_act", "rope": True}
 
+# "fused_projections": {module: the Llama projections it holds}, for a family whose Linear computes several of
+# Llama's at once, their outputs concatenated in that order along the last dim: Phi3's qkv_proj is
+# x [W_q; W_k; W_v]^T = [q | k | v], its gate_up_proj [gate | up]. LoRA targets named the Llama way resolve to these
+# modules (engine.modeling.lora_targets), set_attention_dropout finds the attention by them, and the memory plan
+# costs what their outputs' views keep alive (engine.memory.layer_shape).
+_PHI3_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
 # model_type -> notes on what the switch must honour for that family.
 SUPPORTED_ARCHITECTURES = {
     "llama": {"fused_ops": _FUSED_LLAMA},
@@ -45,7 +52,14 @@ SUPPORTED_ARCHITECTURES = {
     "gemma2": {"sliding_window": True, "attn_softcap": True, "final_softcap": True, "fused_ops": {
         "norm": "gemma", "layer_norms": _LLAMA_NORMS + ("pre_feedforward_layernorm", "post_feedforward_layernorm"),
         "act_key": "hidden_activation", "rope": True}},
+    "phi3": {"sliding_window": True, "fused_projections": _PHI3_PROJECTIONS, "fused_ops": _FUSED_LLAMA},
 }
+
+
+def fused_projections(model_type):
+    """{fused module name: the Llama projections it holds} of a family ({} for one with separate projections or
+    not in the table)."""
+    return SUPPORTED_ARCHITECTURES.get(model_type, {}).get("fused_projections", {})
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -273,10 +287,14 @@ def register():
 def set_attention_dropout(model, p):
     """Dropout on attention probabilities in every attention layer (active only in train mode). A dropout that
     reaches fewer attention layers than the model has decoder layers is refused: SimCSE's views would silently
-    be the same forward (an attention module this code does not recognise, e.g. a fused qkv projection)."""
+    be the same forward (an attention module this code does not recognise). An attention module is one with an
+    ``attention_dropout`` and a query projection: ``q_proj``, or a family's fused module that holds it (Phi3's
+    ``qkv_proj``, from the table's ``fused_projections``)."""
+    query = {"q_proj"} | {name for spec in SUPPORTED_ARCHITECTURES.values()
+                          for name, parts in spec.get("fused_projections", {}).items() if "q_proj" in parts}
     n = 0
     for mod in model.modules():
-        if hasattr(mod, "attention_dropout") and hasattr(mod, "q_proj"):
+        if hasattr(mod, "attention_dropout") and any(hasattr(mod, name) for name in query):
             mod.attention_dropout = float(p)
             n += 1
     model.config.attention_dropout = float(p)
@@ -284,8 +302,9 @@ def set_attention_dropout(model, p):
     if p and layers and n != layers:
         raise UnsupportedArchitectureError(
             f"model.attention_dropout={p:g} reaches {n} of the {layers} attention layers of "
-            f"{type(model).__name__} (attention modules with a q_proj and an attention_dropout): this family's "
-            f"attention is not one the engine sets dropout on; use model.attention_dropout=0 and lora.dropout")
+            f"{type(model).__name__} (attention modules with a {' or '.join(sorted(query))} and an "
+            f"attention_dropout): this family's attention is not one the engine sets dropout on; use "
+            f"model.attention_dropout=0 and lora.dropout")
     return n
 
 

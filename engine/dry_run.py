@@ -33,7 +33,7 @@ from .bidirectional import check_architecture
 from .bidirectional import make_bidirectional, shapes_only_attention
 from .lora import fuse_lora
 from .memory import choose_recompute, choose_zero_stage, context_warning, fit_warning, plan_memory, text_lengths
-from .modeling import add_lora, architecture_config, check_lora_targets, meta_model
+from .modeling import add_lora, architecture_config, check_lora_targets, describe_lora_targets, meta_model
 from .optim import schedule_warnings
 
 GPU_MEMORY_GB = 79.65  # GiB: what an 80 GB H100 reports as its total memory, and so what a run there plans for
@@ -138,8 +138,8 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
         f"{arch.num_attention_heads}, kv heads {getattr(arch, 'num_key_value_heads', arch.num_attention_heads)}, "
         f"intermediate {arch.intermediate_size}, vocab {arch.vocab_size}; {(n_all - plan.trainable_params if cfg.lora.enabled else n_all) / 1e9:.3f}B "
         f"base parameters ({dtype})")
-    out(f"  LoRA: {plan.trainable_params:,} trainable parameters "
-        f"(r {cfg.lora.r}, alpha {cfg.lora.alpha}, targets {', '.join(cfg.lora.target_modules)})"
+    out(f"  LoRA: {plan.trainable_params:,} trainable parameters (r {cfg.lora.r}, alpha {cfg.lora.alpha}, "
+        f"targets {describe_lora_targets(cfg.lora.target_modules, arch.model_type)})"
         if cfg.lora.enabled else f"  full fine-tuning: {plan.trainable_params:,} trainable parameters")
     if cfg.model.adapters:
         out(f"  merged first (not loaded in a dry run): {', '.join(cfg.model.adapters)}")

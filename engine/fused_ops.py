@@ -10,13 +10,17 @@ One switch, ``model.fused_ops`` (auto | triton | torch), resolved per call like 
   ``llm2vec_kernels.rms_norm`` (Llama or Gemma form). The module, its weight and its hooks stay as they are, so
   PEFT, DeepSpeed ZeRO-3 (which gathers the weight in the module's pre-forward hook) and gradient
   checkpointing see no difference.
-* Gated MLPs: the instance ``forward`` becomes ``down_proj(glu(gate_proj(x), up_proj(x)))``. The
-  projections are looked up at call time, so LoRA layers added later by PEFT are used.
+* Gated MLPs: the instance ``forward`` becomes ``down_proj(glu(gate_proj(x), up_proj(x)))``, or for an MLP
+  with one ``gate_up_proj`` (Phi3: x [W_gate; W_up]^T = [gate | up], halves of its last dim)
+  ``down_proj(glu(*gate_up_proj(x).chunk(2, -1)))``. The projections are looked up at call time, so LoRA layers
+  added later by PEFT are used.
 * RoPE: transformers 5 has no per-module hook for it. Each attention module calls the function
   ``apply_rotary_pos_emb`` of its modeling module (``modeling_llama`` ...), looked up as a module global
   at call time; that global is the smallest public-enough seam, so it is replaced there by a wrapper. The
   wrapper is process-wide for that family (like the attention interface registration); it calls the
-  original function whenever the fused ops resolve to torch or the call is not the standard form.
+  original function whenever the fused ops resolve to torch or the call is not the standard form, which
+  includes a partial rotary embedding (``partial_rotary_factor`` < 1: cos and sin narrower than a head, the
+  rest of the head passed through), as Phi-4-mini's; the kernel rotates whole heads.
 
 Whenever the ops resolve to "torch" (impl="torch", or "auto" on CPU) the patched forwards call the
 modules' original forwards, so that path is exactly transformers' code. impl="torch" patches nothing.
@@ -67,6 +71,13 @@ def _mlp_forward(self, x):
     return self.down_proj(llm2vec_kernels.glu(self.gate_proj(x), self.up_proj(x), self._llm2vec_act, impl="triton"))
 
 
+def _gate_up_mlp_forward(self, x):
+    if not _use_triton(x):
+        return self._llm2vec_orig_forward(x)
+    gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # [gate | up], as the family's own forward splits it
+    return self.down_proj(llm2vec_kernels.glu(gate, up, self._llm2vec_act, impl="triton"))
+
+
 def _patch_forward(module, fn, kind, **attrs):
     if getattr(module, _TAG, None) is not None:
         return False
@@ -99,7 +110,8 @@ def _patch_rope(modeling_module):
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         standard = (not args or args == (1,)) and kwargs.get("unsqueeze_dim", 1) == 1 and len(kwargs) <= 1
-        if standard and q.dim() == 4 and cos.dim() == 3 and cos.dtype == q.dtype and _use_triton(q):
+        whole = cos.shape[-1] == q.shape[-1]  # a partial rotary embedding's cos covers the first dims only
+        if standard and whole and q.dim() == 4 and cos.dim() == 3 and cos.dtype == q.dtype and _use_triton(q):
             return llm2vec_kernels.rope(q, k, cos, sin, impl="triton")
         return orig(q, k, cos, sin, *args, **kwargs)
 
@@ -152,9 +164,14 @@ def apply_fused_ops(model, impl="auto"):
             counts["rms_norm"] += _patch_norm(_get(layer, path), spec["norm"], counts["skipped"])
         if act is not None:
             mlp = layer.mlp
-            if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-                raise TypeError(f"fused_ops: {type(mlp).__name__} is not a gated MLP (gate/up/down projections)")
-            counts["glu"] += _patch_forward(mlp, _mlp_forward, "glu", _llm2vec_act=act)
+            if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                forward = _mlp_forward
+            elif all(hasattr(mlp, n) for n in ("gate_up_proj", "down_proj")):
+                forward = _gate_up_mlp_forward
+            else:
+                raise TypeError(f"fused_ops: {type(mlp).__name__} is not a gated MLP (gate/up/down or gate_up/down "
+                                f"projections)")
+            counts["glu"] += _patch_forward(mlp, forward, "glu", _llm2vec_act=act)
         if spec["rope"]:
             rope_modules.add(type(layer.self_attn).__module__)
     counts["rms_norm"] += _patch_norm(decoder.norm, spec["norm"], counts["skipped"])

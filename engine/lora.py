@@ -13,7 +13,9 @@ member's class is swapped for a subclass of PEFT's ``lora.Linear`` whose forward
   a member called twice) computes afresh, so a model that calls them differently stays correct.
 
 Activation checkpointing re-runs the parent's forward, so the same call sequence happens again.
-Members that share no input (o_proj, down_proj) are groups of one: still one fused op each.
+Members that share no input (o_proj, down_proj) are groups of one: still one fused op each, as is a projection a
+family already computes in one Linear (Phi3's qkv_proj and gate_up_proj, which the default targets name through
+``engine.modeling.lora_targets``): its input is read once, by that one call.
 
 Parameters, names and shapes are untouched (only ``__class__`` changes), so the saved adapter is a
 plain PEFT adapter and ``PeftModel.from_pretrained`` loads it.

@@ -298,6 +298,7 @@ class LayerShape:
     softcap: bool = False  # attention logits soft-capped (Gemma2): one more L x L tensor on the torch path
     attn_dropout: bool = False  # attention-probability dropout p > 0: two more on the torch path
     max_rank: int = 0  # the largest LoRA rank: selective recompute keeps GEMM outputs whose K exceeds it
+    v_width: int = 0  # width of the tensor v is a view of: Q + 2KV where one Linear makes [q | k | v] (Phi3); 0: KV
 
 
 # path: (decoder elementwise ops, LoRA): "fused" = Triton RMSNorm / RoPE / GLU + fused LoRA groups with the Triton
@@ -311,14 +312,17 @@ def activation_bytes(s, path, zero3_linear=False):
     """{policy: bytes saved per token per decoder layer} for LayerShape ``s`` on ``path`` (see PATHS).
 
     b = activation bytes, a = PEFT adapter bytes, R = sum of LoRA ranks, X = sum of LoRA input widths,
-    Q = query heads x head dim (H for Llama, Mistral, Qwen; 4096 against H = 3584 for Gemma2-9B), n = heads.
+    Q = query heads x head dim (H for Llama, Mistral, Qwen; 4096 against H = 3584 for Gemma2-9B), n = heads,
+    V = the width of the tensor v is a view of: KV where v_proj makes v, Q + 2KV where one Linear makes [q | k | v]
+    (Phi3's qkv_proj; RoPE makes new q and k, v stays a view, and a saved view keeps its whole storage).
     Shared by every path under "none" (what backward reads):
-      attention  b (2Q + 2KV) + 4 n   the kernels (Triton, SDPA, flash-attn): RoPE'd q and k, v, the output (which
-                                o_proj reads), fp32 LSE;
-                 (b + 4) Q + 8 KV + 4 n L c   the exact torch path (``flash_attention_reference``), which a layer
-                                takes when its sliding window is shorter than the sequence (the kernels soft-cap,
-                                but have no band mask): the output, fp32 q, k and v, and c fp32 L x L score tensors
-                                per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
+      attention  b (2Q + KV + V) + 4 n   the kernels (Triton, SDPA, flash-attn): RoPE'd q and k, v, the output
+                                (which o_proj reads), fp32 LSE;
+                 (b + 4) Q + 4 KV + 4 V' + 4 n L c   the exact torch path (``flash_attention_reference``), which a
+                                layer takes when its sliding window is shorter than the sequence (the kernels
+                                soft-cap, but have no band mask): the output, fp32 q, k and v (V' = KV for 16-bit
+                                activations, whose fp32 v is a copy; V in fp32, where it is v itself), and c fp32
+                                L x L score tensors per head, c = 1 (softmax) + 1 with soft-capping (tanh) + 2 with
                                 attention dropout (the fp32 keep-mask and the dropped probabilities). Per token it
                                 grows with L, the padded sequence length. ``torch_attention`` is the share of the
                                 layers that take it. A sliding window's bool band mask (L bytes) is left out;
@@ -347,9 +351,10 @@ def activation_bytes(s, path, zero3_linear=False):
     """
     H, KV, I, b, a = s.hidden, s.kv, s.inter, s.b, s.adapter_b or s.b
     Q, n, L = s.q_width or H, s.heads, s.seq_len
+    V = s.v_width or KV
     elementwise = "torch" if path.endswith("torch") else "triton"
     scores = 4 * n * L * (1 + s.softcap + 2 * s.attn_dropout)
-    kernel, exact = b * (2 * Q + 2 * KV) + 4 * n, (b + 4) * Q + 8 * KV + scores
+    kernel, exact = b * (2 * Q + KV + V) + 4 * n, (b + 4) * Q + 4 * KV + 4 * (V if b == 4 else KV) + scores
     attention = (1 - s.torch_attention) * kernel + s.torch_attention * exact
     norms = sum(rows * ((4 if elementwise == "torch" else b) * w + 4) for w, rows in (s.norms or ((H, 1), (H, 1))))
     glu = (3 if elementwise == "torch" else 2) * b * I
@@ -398,10 +403,14 @@ def layer_shape(model, dtype=None, dropout=None, seq_len=0, attn_dropout=False):
             d = m.lora_dropout[adapter]
             drop = drop or float(getattr(d, "p", 0.0)) > 0
     softcap = getattr(tc, "attn_logit_softcapping", None) is not None
-    return LayerShape(hidden=H, kv=kv * head_dim, inter=getattr(tc, "intermediate_size", 4 * H),
+    Q, KV = tc.num_attention_heads * head_dim, kv * head_dim
+    widths = {"q_proj": Q, "k_proj": KV, "v_proj": KV}
+    v_width = next((sum(widths[p] for p in parts) for parts in _family(tc).get("fused_projections", {}).values()
+                    if "v_proj" in parts), 0)
+    return LayerShape(hidden=H, kv=KV, inter=getattr(tc, "intermediate_size", 4 * H),
                       heads=tc.num_attention_heads, b=torch.empty((), dtype=dtype).element_size(), lora_in=lora_in,
                       lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout,
-                      q_width=tc.num_attention_heads * head_dim,
+                      q_width=Q, v_width=v_width,
                       norms=_layer_norms(tc, layer[0] if layer is not None else None, kv),
                       torch_attention=_torch_attention_share(tc, layer, seq_len), seq_len=seq_len,
                       softcap=softcap, attn_dropout=bool(attn_dropout), max_rank=max_rank)

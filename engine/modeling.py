@@ -12,7 +12,8 @@ import os
 import torch
 
 from . import assets, refs
-from .bidirectional import check_architecture, is_bidirectional, make_bidirectional, set_attention_dropout
+from .bidirectional import (check_architecture, fused_projections, is_bidirectional, make_bidirectional,
+                            set_attention_dropout)
 from .files import write_json
 from .fused_ops import apply_fused_ops
 
@@ -176,19 +177,61 @@ def meta_model(config, dtype=torch.bfloat16):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
+def lora_targets(target_modules, model_type):
+    """{module name LoRA adapts: the ``lora.target_modules`` entries it stands for} on family ``model_type``, in
+    the config's order.
+
+    A family that fuses projections (``fused_projections`` in engine.bidirectional's table: Phi3's
+    qkv_proj = [q | k | v], gate_up_proj = [gate | up]) takes the Llama names of its parts: q_proj, k_proj and
+    v_proj together name qkv_proj, whose weight is [W_q; W_k; W_v], so the default targets adapt the same weights
+    on every family (one rank-r update B A of the stacked weight where Llama has one per part). Every other name,
+    the fused module's own included, names itself. Some parts of a fused module without the others (q_proj alone)
+    are a ValueError: a LoRA update of qkv_proj changes the k and v rows too, and a plain LoRA adapter (what PEFT
+    saves, merges and loads) cannot hold an update of the q rows alone, so the config would train weights it did
+    not name."""
+    holder = {part: (module, parts) for module, parts in fused_projections(model_type).items() for part in parts}
+    out = {}
+    for name in target_modules:
+        module, parts = holder.get(name, (name, (name,)))
+        missing = [p for p in parts if p not in target_modules]
+        if missing:
+            named = ", ".join(p for p in parts if p in target_modules)
+            raise ValueError(
+                f"lora.target_modules names {named} without {', '.join(missing)}: {model_type} computes "
+                f"{', '.join(parts)} in one Linear, {module} (their weights stacked), and LoRA on it adapts all of "
+                f"them; name all of {', '.join(parts)} (or {module}), or none")
+        names = out.setdefault(module, [])
+        if name not in names:
+            names.append(name)
+    return out
+
+
+def describe_lora_targets(target_modules, model_type):
+    """The adapted modules, a fused one followed by the config's names it stands for: the ``targets`` of the dry
+    run's and the run's LoRA line (``qkv_proj (q_proj, k_proj, v_proj), o_proj, ...`` on Phi3)."""
+    out = []
+    for module, names in lora_targets(target_modules, model_type).items():
+        parts = [n for n in names if n != module]
+        out.append(f"{module} ({', '.join(parts)})" if parts else module)
+    return ", ".join(out)
+
+
 def check_lora_targets(lcfg, model):
-    """Every ``lora.target_modules`` entry must name a Linear module of ``model`` (checked on the meta-built
-    architecture, before any weight loads). ValueError naming the unknown ones."""
+    """Every module :func:`lora_targets` resolves ``lora.target_modules`` to must be a Linear module of ``model``
+    (checked on the meta-built architecture, before any weight loads). ValueError naming the unknown ones, or a
+    fused projection named in part."""
     if not lcfg.enabled:
         return
     if not lcfg.target_modules:
         raise ValueError("lora.target_modules is empty: name the projections to adapt (e.g. q_proj, v_proj)")
     from transformers.pytorch_utils import Conv1D  # GPT-2-style projections, which PEFT adapts too
 
+    model_type = getattr(model.config, "model_type", None)
+    targets = lora_targets(lcfg.target_modules, model_type)
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
-    unknown = [t for t in lcfg.target_modules if t not in linear]
+    unknown = [name for module, names in targets.items() if module not in linear for name in names]
     if unknown:
-        raise ValueError(f"lora.target_modules {unknown} name no Linear module of {model.config.model_type!r} "
+        raise ValueError(f"lora.target_modules {unknown} name no Linear module of {model_type!r} "
                          f"(its Linear modules: {', '.join(sorted(linear))})")
 
 
@@ -377,8 +420,9 @@ def add_lora(model, lcfg):
     from peft import LoraConfig, get_peft_model
 
     check_lora_targets(lcfg, model)  # a name that adapts nothing is refused, not dropped
-    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
-                      target_modules=list(lcfg.target_modules),
+    # the modules' own names (Phi3's qkv_proj for q_proj, k_proj, v_proj): the adapter records these
+    targets = list(lora_targets(lcfg.target_modules, getattr(model.config, "model_type", None)))
+    pcfg = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout, target_modules=targets,
                       bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, pcfg)
 

@@ -33,7 +33,7 @@ from .lora import fuse_lora
 from .memory import (base_too_big, choose_recompute, choose_zero_stage, context_warning, enable_recompute, fit_warning,
                      kernel_arch_error, plan_memory)
 from .metrics import MetricsLogger
-from .modeling import add_lora, load_model, load_tokenizer
+from .modeling import add_lora, describe_lora_targets, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, param_groups,
                     schedule_warnings, tune_optimizer_step)
 from .stages import build_stage
@@ -64,7 +64,8 @@ def setup_model(cfg, stage, model, world, local_world, device, log=log0):
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
         fused = fuse_lora(model, cfg.model.fused_ops)
-        log(f"fused LoRA ({cfg.model.fused_ops}): {fused['layers']} projections in {fused['groups']} groups")
+        log(f"fused LoRA ({cfg.model.fused_ops}): {fused['layers']} projections in {fused['groups']} groups; targets "
+            f"{describe_lora_targets(cfg.lora.target_modules, model.config.model_type)}")
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -22,6 +22,8 @@ EXTRA = {
     "gemma2": {"sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
                "query_pre_attn_scalar": 8},
     "llama": {},
+    "phi3": {"sliding_window": 4096, "pad_token_id": None, "eos_token_id": 2,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
 }
 
 
@@ -109,13 +111,13 @@ def test_a_window_binds_exactly_where_it_changes_the_attention():
 
 
 @pytest.mark.parametrize("model_type,window,impl", [("llama", None, "torch"), ("llama", None, "triton"),
-                                                     ("mistral", 2, "auto")])
+                                                     ("mistral", 2, "auto"), ("phi3", None, "torch")])
 def test_attention_dropout_reaches_the_attention(model_type, window, impl):
     """SimCSE's attention-probability dropout (model.attention_dropout, set by set_attention_dropout) is drawn in
     train mode on every attention path: the kernel's and the reference's, and the exact torch path of a window
     that cuts the sequence. With no other dropout in the model, two train-mode passes differ and eval-mode passes
     agree; with p = 0 train mode is deterministic too. (No other test reads the attention's dropout apart from
-    LoRA's, so an attention that dropped it went unseen.)"""
+    LoRA's, so an attention that dropped it went unseen.) Phi3's attention has a qkv_proj, no q_proj."""
     from engine.bidirectional import set_attention_dropout
 
     model = make_bidirectional(tiny(model_type, **({"sliding_window": window} if window else {})))
@@ -137,14 +139,15 @@ def test_attention_dropout_reaches_the_attention(model_type, window, impl):
 
 
 def test_an_attention_dropout_that_misses_attention_layers_is_refused():
-    """set_attention_dropout finds attention modules by their q_proj: a family whose attention has another shape (a
-    fused qkv_proj, as Phi3's) got no dropout, and SimCSE's two views were the same forward without a word."""
+    """set_attention_dropout finds attention modules by their query projection (q_proj, or a fused one of the table
+    such as Phi3's qkv_proj): a family whose attention has another shape (GPT-NeoX's query_key_value) got no
+    dropout, and SimCSE's two views were the same forward without a word."""
     from engine.bidirectional import UnsupportedArchitectureError, set_attention_dropout
 
     model = tiny("llama")
     assert set_attention_dropout(model, 0.3) == 2
     attn = model.model.layers[1].self_attn
-    attn.qkv_proj = attn.q_proj  # one layer's attention no longer has a q_proj
+    attn.query_key_value = attn.q_proj  # one layer's attention no longer has a query projection the table names
     del attn.q_proj
     assert set_attention_dropout(model, 0.0) == 1  # no dropout asked: nothing to miss
     with pytest.raises(UnsupportedArchitectureError, match=r"model.attention_dropout=0.3 reaches 1 of the 2 attention"):

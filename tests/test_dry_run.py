@@ -89,6 +89,10 @@ def _broken(tmp_path, base, **changes):
 
 @pytest.mark.parametrize("changes,msg", [
     ({"lora.target_modules": ["q_proj", "qkv_proj"]}, "lora.target_modules ['qkv_proj'] name no Linear module"),
+    # Phi3's qkv_proj holds q, k and v: LoRA on it would adapt k too, which the config does not name
+    ({"model.name_or_path": "microsoft/Phi-3-mini-4k-instruct", "lora.target_modules": ["q_proj", "v_proj"]},
+     "lora.target_modules names q_proj, v_proj without k_proj: phi3 computes q_proj, k_proj, v_proj in one Linear, "
+     "qkv_proj"),
     ({"model.name_or_path": "no-such-org/no-such-7b"}, "no architecture for 'no-such-org/no-such-7b' offline"),
     ({"batch_size": 30}, "batch_size 30 is not divisible"),
 ])
@@ -111,7 +115,7 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
                  "meta-llama/Meta-Llama-3.1-8B-Instruct": 8_030_261_248,
                  "princeton-nlp/Sheared-LLaMA-1.3B": 1_345_423_360, "Qwen/Qwen2-0.5B-Instruct": 494_032_768,
                  "google/gemma-2-9b-it": 9_241_705_984, "Qwen/Qwen3-8B": 8_190_735_360,
-                 "google/gemma-7b-it": 8_537_680_896}
+                 "google/gemma-7b-it": 8_537_680_896, "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552}
     hub = os.path.basename(path)[:-len(".json")].replace("__", "/")
     arch, source = architecture_config(ModelConfig(name_or_path=hub))
     assert source == path or source == "the hub cache"
@@ -120,17 +124,25 @@ def test_shipped_architectures_have_the_published_parameter_counts(path):
 
 
 @pytest.mark.parametrize("stage", ["mntp", "simcse", "supervised"])
-@pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B", "google/gemma-7b-it"])
+@pytest.mark.parametrize("hub", ["google/gemma-2-9b-it", "Qwen/Qwen3-8B", "google/gemma-7b-it",
+                                 "microsoft/Phi-3-mini-4k-instruct"])
 def test_the_other_families_plan_every_stage_at_full_size(hub, stage, offline, capsys):
-    # No recipe config names Gemma2 or Qwen3 (llm2vec ships none), so the 7B recipe runs on them by override.
+    # No recipe config names Gemma2, Qwen3 or Phi3 (llm2vec ships none), so the 7B recipe runs on them by override,
+    # its default LoRA targets included: on Phi3 they adapt the fused qkv_proj and gate_up_proj, and the line says so.
     from engine.dry_run import dry_run
 
     cfg = load_config(os.path.join(ROOT, "configs", "mistral-7b", f"{stage}.yaml"),
                       [f"model.name_or_path={hub}", "model.adapters=[]"])
     out = dry_run(cfg, world=8, gpu_memory_gb=80, out=print)
     printed = capsys.readouterr().out
-    family = {"google/gemma-2-9b-it": "gemma2", "Qwen/Qwen3-8B": "qwen3", "google/gemma-7b-it": "gemma"}[hub]
+    family = {"google/gemma-2-9b-it": "gemma2", "Qwen/Qwen3-8B": "qwen3", "google/gemma-7b-it": "gemma",
+              "microsoft/Phi-3-mini-4k-instruct": "phi3"}[hub]
     assert f"model {hub} ({family}, architecture from" in printed
+    if family == "phi3":  # r (in + out) a module: qkv_proj H -> 3H (as many KV heads as heads), gate_up_proj H -> 2I
+        H, I, r = 3072, 8192, cfg.lora.r
+        assert out["plan"].trainable_params == 32 * r * ((H + 3 * H) + (H + H) + (H + 2 * I) + (I + H))
+        assert (f"r {r}, alpha {cfg.lora.alpha}, targets qkv_proj (q_proj, k_proj, v_proj), o_proj, gate_up_proj "
+                "(gate_proj, up_proj), down_proj)") in printed, printed
     assert out["plan"].total("full", out["zero_stage"]) <= out["plan"].budget_bytes
     assert (out["plan"].per_token("none") > out["plan"].per_token("selective") > out["plan"].per_token("full"))
     assert "torch path" not in printed, printed  # Gemma2's soft-capping runs in the kernels; no window is that short

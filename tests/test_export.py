@@ -146,7 +146,7 @@ def test_doc_max_length_is_warned_and_recorded_not_silently_dropped(tmp_path, to
 
 
 @pytest.mark.parametrize("model_type,window", [(t, None) for t in sorted(SUPPORTED_ARCHITECTURES)]
-                         + [("mistral", 3), ("gemma2", 3)])
+                         + [("mistral", 3), ("gemma2", 3), ("phi3", 3)])
 def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, tok, model_type, window):
     """The export makes a plain ``AutoModel.from_pretrained`` bidirectional through ``"is_causal": false`` in its
     config.json alone (no engine code at load time). Per family: a tiny base exported by engine.export.export,
@@ -189,10 +189,57 @@ def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, to
             moved = reloaded(input_ids=ids2, attention_mask=am).last_hidden_state[0, 0]
         return bool((moved - got[0, 0]).abs().max() > 1e-4)
 
-    if model_type == "mistral" and window:  # every layer banded, |i - j| <= window: two layers reach 2 x window
+    if model_type in ("mistral", "phi3") and window:  # every layer banded, |i - j| <= window: two layers, 2 x window
         assert first_token_moves(2 * window) and not first_token_moves(2 * window + 1)
     else:
         assert first_token_moves(int(am[0].sum()) - 1)  # the first text's last real token
+
+
+def test_an_engine_adapter_of_phi3s_fused_projections_reloads_and_exports(tmp_path, tok):
+    """The default LoRA targets on Phi3 adapt its qkv_proj and gate_up_proj (engine.modeling.lora_targets): the
+    adapter the engine writes names those modules in adapter_config.json, PEFT loads it back, and the export's merge
+    (engine.modeling.merge_loras) gives a folder whose plain AutoModel computes PEFT's own unmerged bidirectional
+    forward of the adapter."""
+    import warnings
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from engine.bidirectional import make_bidirectional
+    from engine.checkpoint import write_adapter
+    from engine.config import load_config
+    from engine.export import export
+    from engine.modeling import add_lora
+
+    from .test_oracles import oracle_hidden, padded_batch, tiny
+
+    base, adapter, out = (str(tmp_path / n) for n in ("base", "adapter", "exp"))
+    tiny("phi3", vocab_size=len(tok)).save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    cfg = load_config("configs/tiny/mntp.yaml", ["contrastive.pooling=mean"])
+    cfg.model.random_init, cfg.model.name_or_path, cfg.model.tokenizer = None, base, base
+    model = add_lora(AutoModelForCausalLM.from_pretrained(base), cfg.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(len(n)))
+    write_adapter(model, get_peft_model_state_dict(model), adapter, cfg, tok)
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert sorted(json.load(f)["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    peft = make_bidirectional(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        export(adapter, out)
+    reloaded = AutoModel.from_pretrained(out).eval()
+    ids, am = padded_batch("right")
+    real = am.bool()
+    with torch.no_grad():
+        want = oracle_hidden(peft, ids, am)
+        got = reloaded(input_ids=ids, attention_mask=am,
+                       position_ids=(torch.cumsum(am, 1) - 1).clamp(min=0)).last_hidden_state
+        base_states = oracle_hidden(make_bidirectional(AutoModelForCausalLM.from_pretrained(base)), ids, am)
+    assert (want[real] - base_states[real]).abs().max() > 1e-2  # the adapter changes the states
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
 
 
 def test_export_bad_input_exits_2(tmp_path):

@@ -8,18 +8,22 @@ import engine.lora as elora
 from engine.config import LoraConfig
 from engine.lora import fuse_lora
 from engine.memory import enable_recompute
-from engine.modeling import add_lora
+from engine.modeling import add_lora, describe_lora_targets, lora_targets
 
 from .helpers import perturb_lora_b, tiny_llama_config
 
 
 def _model(family, dropout, seed=0):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Phi3Config, Qwen2Config
 
     torch.manual_seed(seed)
     if family == "qwen2":  # q/k/v carry biases
         cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    elif family == "phi3":  # one qkv_proj, one gate_up_proj
+        cfg = Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=None, bos_token_id=1, eos_token_id=2)
     else:
         cfg = tiny_llama_config()
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -37,22 +41,25 @@ def _loss_and_grads(model, ids, seed=5):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_fused_lora_matches_peft_with_dropout_off(family, impl, monkeypatch):
     model = _model(family, dropout=0.0).train()
     fused = copy.deepcopy(model)
     info = fuse_lora(fused, impl)
-    assert info == {"groups": 8, "layers": 14}  # per layer: q/k/v, o, gate/up, down
+    # per layer: q/k/v, o, gate/up, down; Phi3's default targets are its 4 projections, each a group of one
+    projections = 4 if family == "phi3" else 7
+    assert info == {"groups": 8, "layers": 2 * projections}
     calls = []
     real = elora.lora_group
     monkeypatch.setattr(elora, "lora_group", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(1))
     l0, g0 = _loss_and_grads(model, ids)
     l1, g1 = _loss_and_grads(fused, ids)
-    assert sorted(calls) == [1, 1, 1, 1, 2, 2, 3, 3]  # q/k/v read their input once per layer, gate/up too
+    # q/k/v read their input once per layer, gate/up too (in one Linear on Phi3)
+    assert sorted(calls) == ([1] * 8 if family == "phi3" else [1, 1, 1, 1, 2, 2, 3, 3])
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-7)
-    assert g0.keys() == g1.keys() and len(g0) == 28  # names unchanged: the adapter stays a PEFT adapter
+    assert g0.keys() == g1.keys() and len(g0) == 4 * projections  # names unchanged: the adapter stays a PEFT one
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
     from peft import get_peft_model_state_dict
@@ -216,3 +223,45 @@ def test_add_lora_refuses_a_target_the_model_lacks_rather_than_dropping_it():
         add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["qproj", "v_proj"]))
     peft = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
     assert sorted(peft.peft_config["default"].target_modules) == ["q_proj", "v_proj"]
+
+
+def test_the_default_targets_adapt_phi3s_fused_projections_and_a_part_alone_is_refused():
+    """Phi3 computes q, k, v in one qkv_proj (weight [W_q; W_k; W_v]) and gate, up in one gate_up_proj. The default
+    targets (Llama's names) resolve to those modules, so a recipe adapts the same weights on Phi3; the adapter
+    records the modules' own names. q_proj without k_proj and v_proj is refused (LoRA on qkv_proj adapts all three
+    rows' weights; a plain LoRA adapter cannot hold the q rows alone); a module's own name is taken as it is."""
+    default = LoraConfig().target_modules
+    assert lora_targets(default, "phi3") == {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "o_proj": ["o_proj"],
+                                             "gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"]}
+    assert describe_lora_targets(default, "phi3") == ("qkv_proj (q_proj, k_proj, v_proj), o_proj, gate_up_proj "
+                                                      "(gate_proj, up_proj), down_proj")
+    assert list(lora_targets(default, "llama")) == default and describe_lora_targets(default, "llama") == \
+        ", ".join(default)
+    assert list(lora_targets(["qkv_proj", "down_proj"], "phi3")) == ["qkv_proj", "down_proj"]
+    model = _model("phi3", dropout=0.0)
+    assert sorted(model.peft_config["default"].target_modules) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    with pytest.raises(ValueError, match=r"names gate_proj without up_proj: phi3 computes gate_proj, up_proj in one "
+                                         r"Linear, gate_up_proj .* name all of gate_proj, up_proj \(or gate_up_proj\)"):
+        add_lora(model.get_base_model(), LoraConfig(r=4, alpha=8, target_modules=["gate_proj", "down_proj"]))
+
+
+def test_the_run_says_which_modules_its_lora_adapts(tmp_path):
+    """The run's LoRA line names the modules adapted (engine.trainer.setup_model), and the memory plan counts their
+    LoRA: r (in + out) per module, qkv_proj H -> Q + 2 KV and gate_up_proj H -> 2I on Phi3."""
+    from engine.config import load_config
+    from engine.modeling import load_model, load_tokenizer
+    from engine.stages import build_stage
+    from engine.trainer import setup_model
+
+    cfg = load_config("configs/tiny/mntp.yaml", [
+        "model.random_init={model_type: phi3, hidden_size: 32, intermediate_size: 48, num_hidden_layers: 1, "
+        "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 64, seed: 0}",
+        f"output_dir={tmp_path}"])
+    tok = load_tokenizer(cfg.model)
+    model, _ = load_model(cfg.model, "cpu", tok)
+    lines = []
+    model, plan, _ = setup_model(cfg, build_stage(cfg, tok), model, 1, 1, torch.device("cpu"), log=lines.append)
+    assert ("fused LoRA (auto): 4 projections in 4 groups; targets qkv_proj (q_proj, k_proj, v_proj), o_proj, "
+            "gate_up_proj (gate_proj, up_proj), down_proj") in lines, lines
+    H, Q, KV, I, r = 32, 32, 16, 48, cfg.lora.r
+    assert plan.trainable_params == r * ((H + Q + 2 * KV) + (Q + H) + (H + 2 * I) + (I + H))

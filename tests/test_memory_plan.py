@@ -204,7 +204,16 @@ OTHER = {"gemma2-9b": lambda: _shipped_arch("google__gemma-2-9b-it"),
          "gemma2-9b-window64": lambda: _shipped_arch("google__gemma-2-9b-it", sliding_window=64),
          "gemma2-small": lambda: _shipped_arch("google__gemma-2-9b-it", vocab_size=256, hidden_size=48, head_dim=16,
                                                 intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
-                                                query_pre_attn_scalar=16)}
+                                                query_pre_attn_scalar=16),
+         # Phi3 makes q, k, v in one qkv_proj: the v the attention saves is a view that keeps all of [q | k | v]
+         # (the kernels' path; the torch path's fp32 v is a copy in bf16, the view itself in fp32), and the default
+         # LoRA targets adapt qkv_proj and gate_up_proj (one rank each). The fp32 case is wide enough that the
+         # band mask the plan leaves out stays under the tolerance.
+         "phi3-mini": lambda: _shipped_arch("microsoft__Phi-3-mini-4k-instruct"),
+         "phi3-mini-window64": lambda: _shipped_arch("microsoft__Phi-3-mini-4k-instruct", sliding_window=64),
+         "phi3-small-window64": lambda: _shipped_arch(
+             "microsoft__Phi-3-mini-4k-instruct", vocab_size=256, hidden_size=384, head_dim=96, intermediate_size=384,
+             num_attention_heads=4, num_key_value_heads=2, sliding_window=64, pad_token_id=None, eos_token_id=2)}
 
 
 @pytest.mark.parametrize("attn_dropout", [0.0, 0.3])
@@ -214,11 +223,12 @@ def test_torch_attention_and_per_head_norms_match_measured_saved_bytes(size, pat
     """The torch attention path keeps fp32 q, k, v and L x L scores per head, so a token's bytes grow with the
     sequence: saved bytes are A + L (alpha + beta L) for one sequence of L tokens, and their slope between L1 and
     L2 is alpha + beta (L1 + L2), the formula at L = L1 + L2 (on the kernels' path beta = 0)."""
-    device = "cpu" if size.endswith("small") else "meta"
+    device = "cpu" if "small" in size else "meta"
     _, model = build(OTHER[size](), path, device, overrides=[f"model.attention_dropout={attn_dropout}"])
     lens = (128, 256)
     shape = layer_shape(model, seq_len=sum(lens), attn_dropout=attn_dropout > 0)
     assert shape.torch_attention == (1.0 if size.endswith("window64") else 0.0)
+    assert shape.v_width == (shape.q_width + 2 * shape.kv if size.startswith("phi3") else 0)
     formula = activation_bytes(shape, path)
     for p in ("none", "selective", "full"):
         measured = measured_per_token(model, p, lens)
