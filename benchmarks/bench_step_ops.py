@@ -124,7 +124,8 @@ from engine.config import ConfigError  # noqa: E402
 
 PATHS = ("reference", "reference-bf16", "reference-zero3", "engine")
 # reference-zero3 gives the engine's model SDPA and a dense mask, which cannot soft-cap: no Gemma2 row
-ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine"), "qwen3-8b": PATHS}
+ARCH_PATHS = {"mistral-7b": PATHS, "gemma2-9b": ("reference", "reference-bf16", "engine"), "qwen3-8b": PATHS,
+              "phi3-mini": PATHS}
 # the targets of issue 24, engine against the references on the headline shape
 TARGETS = (("best", "reference", 0.40), ("best", "reference-bf16", 0.55), ("pessimistic", "reference", 0.45))
 LAUNCH_TARGET = 0.4

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from engine.bidirectional import ATTN_NAME, make_bidirectional  # noqa: E402
 from engine.config import ContrastiveConfig, LoraConfig, MNTPConfig, ModelConfig, TrainConfig  # noqa: E402
 from engine.encoding import pad_batch  # noqa: E402
-from engine.modeling import decoder_of, lm_head_of  # noqa: E402
+from engine.modeling import decoder_of, lm_head_of, lora_targets  # noqa: E402
 from engine.pooling import pool  # noqa: E402
 from engine.stages.mntp import MNTPStage  # noqa: E402
 from engine.stages.simcse import SimCSEStage  # noqa: E402
@@ -175,8 +175,10 @@ def build_hf_reference(spec, dtype, device, lora, attn="sdpa", seed=0):
         if hasattr(mod, "is_causal"):
             mod.is_causal = False
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    pcfg = PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=LORA_TARGETS,
-                      bias="none", task_type="CAUSAL_LM")
+    # the same weights on every family: Phi3's qkv_proj for q/k/v, as the engine's add_lora adapts them
+    targets = list(lora_targets(LORA_TARGETS, model.config.model_type))
+    pcfg = PeftLoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=targets,
+                          bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, pcfg)
 
 

@@ -48,7 +48,8 @@ def _shipped(hub_id):
 
 # --arch of bench_step_ops: the structures the proxy can cost. The MNTP recipe (configs/mistral-7b/mntp.yaml) runs
 # on each; the calibration is always the Mistral-7B step the H200 profiled.
-ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google/gemma-2-9b-it"), "qwen3-8b": _shipped("Qwen/Qwen3-8B")}
+ARCHS = {"mistral-7b": FULL, "gemma2-9b": _shipped("google/gemma-2-9b-it"), "qwen3-8b": _shipped("Qwen/Qwen3-8B"),
+         "phi3-mini": _shipped("microsoft/Phi-3-mini-4k-instruct")}
 
 
 def tiny_of(spec):

@@ -69,7 +69,7 @@ def test_cost_model_on_one_mlp_gemm():
     assert pred["gemm"] == pytest.approx(2.4396, rel=1e-4)  # ms: 1.924 TFLOP at 790 TFLOP/s + 4 us
 
 
-@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b", "qwen3-8b"])
+@pytest.mark.parametrize("arch", ["mistral-7b", "gemma2-9b", "qwen3-8b", "phi3-mini"])
 def test_reference_path_computes_the_engines_mntp_loss(arch):
     """llm2vec's recipe (HF model + PEFT, SDPA without a mask, HF's loss on unshifted labels) and the engine's
     MNTP stage on the same weights and batch: the same loss before any step (LoRA B starts at zero). On Gemma2
@@ -94,6 +94,12 @@ def test_reference_path_computes_the_engines_mntp_loss(arch):
     assert batch.masked > 0
     assert abs(lr - le) < 1e-5 * abs(le), (lr, le)
     assert ref.hf_eager == (arch == "gemma2-9b")
+
+    def adapted(model):  # the LoRA-adapted modules, by their path within the decoder layers
+        return sorted({n.split("layers.", 1)[1].split(".lora_A")[0] for n, _ in model.named_parameters()
+                       if "lora_A" in n})
+
+    assert adapted(ref.model) == adapted(eng.module) and len(adapted(ref.model)) == 2 * (4 if "phi3" in arch else 7)
 
 
 def test_tiny_structures_build_whatever_token_ids_the_config_class_defaults_to():
