@@ -72,6 +72,8 @@ def fingerprint(cfg) -> dict:
         out["lr_decay_epochs"] = cfg.lr_decay_epochs
     if out.get("mntp.pack") is True:  # only when off: runs from before the key (all packed) keep their fingerprint
         del out["mntp.pack"]
+    if out.get("contrastive.mask_false_negatives") is False:  # only when on: runs from before the key (none masked)
+        del out["contrastive.mask_false_negatives"]  # keep their fingerprint
     if cfg.stage == "mntp":  # the contrastive section does not act on an MNTP run, nor mntp on a contrastive one
         out = {k: v for k, v in out.items() if not k.startswith("contrastive.")}
     else:

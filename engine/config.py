@@ -94,6 +94,7 @@ class ContrastiveConfig:
     num_hard_negatives: int = 1
     gather_across_ranks: bool = True
     grad_cache_chunk: int = 0  # >0: gradient caching with this many texts per chunk
+    mask_false_negatives: bool = False  # infonce: a copy of a query's positive text is no negative of it (README)
     source_homogeneous_batches: bool = True
     # chat wrap of every text (query, positive, negatives): auto (llm2vec's: its supervised stage wraps the Instruct
     # bases it names, SimCSE never) | none | llama3 | inst | gemma2 | qwen2 (engine/chat.py CHAT_WRAPS); the
@@ -541,6 +542,9 @@ def validate(cfg: TrainConfig):
     if c.loss != "infonce" and cfg.stage != "supervised":
         raise ConfigError(f"contrastive.loss={c.loss} trains on scored pairs: use it with stage: supervised "
                           f"(stage {cfg.stage} uses infonce)")
+    if c.mask_false_negatives and c.loss != "infonce" and cfg.stage == "supervised":
+        raise ConfigError(f"contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's "
+                          f"negatives; contrastive.loss={c.loss} ranks scored pairs: set one of the two back")
     if len(c.angle_weights) != 3 or any(w < 0 for w in c.angle_weights) or not any(c.angle_weights):
         raise ConfigError(f"contrastive.angle_weights must be 3 non-negative weights (cos, ibn, angle), not all 0, "
                           f"got {c.angle_weights}")

@@ -161,6 +161,9 @@ def dry_run(cfg, world=None, gpu_memory_gb=None, out=print):
             out("  WARNING: " + warning)
     if cfg.stage != "mntp" and cfg.contrastive.grad_cache_chunk:
         out(f"  gradient caching: {cfg.contrastive.grad_cache_chunk} texts per chunk")
+    if cfg.stage != "mntp" and cfg.contrastive.mask_false_negatives:
+        out("  false negatives masked: a candidate with the pooled token ids of a query's positive is no negative of "
+            "that query (contrastive.mask_false_negatives)")
     offload = config_mod.offload_warning(cfg, stage)
     if offload:
         out("  WARNING: " + offload)

@@ -91,6 +91,7 @@ class Trainer:
     log_error = None  # rank 0's failed metrics write, raised on every rank at the next all-reduce (log)
     truncated_unlogged = 0  # texts cut in steps whose rows log_every left out: carried into the next logged row
     # (and over a resume: loop_state)
+    false_negatives_unlogged = 0  # the same for the pairs contrastive.mask_false_negatives left out
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -253,6 +254,7 @@ class Trainer:
         carried = self.ckpt.resumed_state
         self.empty_steps = int(carried.get("empty_steps", 0))  # steps with no loss unit in the batch (empty_step)
         self.truncated_unlogged = int(carried.get("truncated_unlogged", 0))  # (log)
+        self.false_negatives_unlogged = int(carried.get("false_negatives_unlogged", 0))
         self.engine.train()
         self.t_run = time.time()
 
@@ -260,8 +262,8 @@ class Trainer:
 
     def train_step(self, step):
         """Optimizer step ``step`` (0-based): its micro-batches, then one all-reduce of (loss, tokens, truncated,
-        non-finite grad norm, rank 0's failed metrics write: :meth:`log`). Returns (the log row, whether the step was
-        non-finite on any rank)."""
+        non-finite grad norm, rank 0's failed metrics write: :meth:`log`, false negatives masked). Returns (the log row,
+        whether the step was non-finite on any rank)."""
         if step == self.fail_at and self.rank == 0:
             log0(f"fault injection: killing rank 0 at step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
@@ -269,7 +271,7 @@ class Trainer:
         lr = self.sched.get_last_lr()[0]  # the LR this step's update applies (the scheduler steps with it)
         t0 = time.time()
         # losses and token counts stay on the device: one read per optimizer step (the all-reduce below)
-        red = torch.zeros(5, dtype=torch.float64, device=self.device)
+        red = torch.zeros(6, dtype=torch.float64, device=self.device)
         truncated, batches = 0, []
         for a, idx in enumerate(self.plan.micro_batches(step)):  # collated first: their loss units weigh them
             seed = _micro_seed(self.cfg.seed, step, a * world + self.rank)
@@ -291,6 +293,7 @@ class Trainer:
             engine.step()
             red[0] += loss.detach().to(torch.float64) * weights[a]
             red[1] += metrics.get("tokens", 0)
+            red[5] += metrics.get("false_negatives", 0)  # contrastive.mask_false_negatives: pairs left out
         red[0] /= self.accum
         red[2] = truncated
         gn_raw = engine.get_global_grad_norm()
@@ -306,6 +309,8 @@ class Trainer:
         row = {"loss": red[0] / world, "lr": lr, "grad_norm": gn,
                "tokens_per_s": red[1] / dt, "step_s": dt, "truncated": int(red[2]),
                "epoch": self.plan.position(step)[0], "nonfinite": int(bad), "skipped_steps": int(engine.skipped_steps)}
+        if self.cfg.stage != "mntp" and self.cfg.contrastive.mask_false_negatives:
+            row["false_negatives"] = int(red[5])  # (query, candidate) pairs of the global batch left out of the loss
         return row, bad
 
     def unit_weights(self, units):
@@ -375,15 +380,19 @@ class Trainer:
 
     def log(self, done, row, always=False):
         """Rank 0 appends ``row`` to metrics.csv (and TensorBoard); its ``truncated`` counts the texts cut since the
-        last logged row (every step's, whatever ``log_every`` leaves out). A failed write (a full disk) is kept, not raised:
+        last logged row (every step's, whatever ``log_every`` leaves out), and so does ``false_negatives`` (the
+        (query, candidate) pairs ``contrastive.mask_false_negatives`` left out of the loss) where the row has it. A failed write (a full disk) is kept, not raised:
         the other ranks are already on their way into the next step's collectives, which rank 0 would never join.
         The next step's all-reduce carries a flag for it, and every rank raises it together (:meth:`raise_log_error`;
         after the last step, :meth:`finish`): one step later, at no cost to a step that logs fine."""
         cfg = self.cfg
         self.truncated_unlogged += row.get("truncated", 0)
+        self.false_negatives_unlogged += row.get("false_negatives", 0)
         if done % cfg.log_every == 0 or done == cfg.max_steps or always:
             row = {**row, "truncated": self.truncated_unlogged}  # every text cut since the last logged row
-            self.truncated_unlogged = 0
+            if "false_negatives" in row:
+                row["false_negatives"] = self.false_negatives_unlogged
+            self.truncated_unlogged = self.false_negatives_unlogged = 0
             if self.rank == 0 and self.log_error is None:
                 try:
                     self.logger.log(done, row)
@@ -415,9 +424,11 @@ class Trainer:
                 self.ckpt.save(done, self.plan, self.loop_state())
 
     def loop_state(self):
-        """The counters a checkpoint carries into a resumed run: the texts cut since the last logged row (a row
-        log_every leaves out counts into the next one) and the steps with no loss unit so far."""
-        return {"truncated_unlogged": int(self.truncated_unlogged), "empty_steps": int(self.empty_steps)}
+        """The counters a checkpoint carries into a resumed run: the texts cut and the false negatives left out since
+        the last logged row (a row log_every leaves out counts into the next one) and the steps with no loss unit so
+        far."""
+        return {"truncated_unlogged": int(self.truncated_unlogged), "empty_steps": int(self.empty_steps),
+                "false_negatives_unlogged": int(self.false_negatives_unlogged)}
 
     # -- the end -------------------------------------------------------------------------------------------------
 

@@ -27,6 +27,18 @@ O((B + N) E + buffer), the GEMMs run on tensor cores at cuBLAS speed, and nothin
 result is deterministic.
 
 fp32 inputs use IEEE fp32 dot products (no TF32); fp16/bf16 inputs accumulate in fp32. The loss is fp32.
+
+In-batch false negatives (opt-in, ``q_keys`` / ``d_keys``). Each text carries an integer key (equal texts, equal
+keys); ``q_keys[i]`` is the key of query i's positive, ``d_keys`` (gathered like d, rank-major, without gradient) one
+per candidate. Candidate j is a false negative of query i when it is another copy of the positive:
+
+    F(i) = { j != t(i) : k_j = q_keys[i] },   loss_i = logsumexp_{j not in F(i)} s_ij - s_i,t(i)
+
+i.e. s_ij = -inf on F(i): its softmax weight is 0, so c_j gets no gradient from query i (nor q_i from c_j). t(i) is
+never in F(i), so every row's LSE stays finite. Without keys every j != t(i) is a negative (llm2vec's loss) and the
+kernels run the code they ran before (``HAS_KEYS`` is a constexpr; the key pointers go unread). With keys the
+kernels compare int32 ids of the keys (:func:`_dense_ids`, exact), and |F| over this rank's queries is returned on
+request (``return_masked``, counted from the ids, :func:`_count_false_negatives`) for the trainer's log.
 """
 import functools
 
@@ -101,32 +113,79 @@ def _zero_tiny_rows(x):
     return torch.where(tiny, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
-def _global_layout(q, d, gather_across_ranks):
-    """Return (candidates this rank scores, index of query 0's positive among them).
+def _check_keys(q, d, q_keys, d_keys):
+    """(q_keys, d_keys) as contiguous int64 tensors on q's device, or (None, None): q_keys (B,), d_keys (M,)."""
+    if q_keys is None and d_keys is None:
+        return None, None
+    if q_keys is None or d_keys is None:
+        raise ValueError("contrastive_loss: give both q_keys and d_keys, or neither")
+    for name, k, n in (("q_keys", q_keys, q.shape[0]), ("d_keys", d_keys, d.shape[0])):
+        if not torch.is_tensor(k) or k.dim() != 1 or k.shape[0] != n:
+            raise ValueError(f"contrastive_loss: {name} must be a ({n},) tensor, got "
+                             f"{tuple(k.shape) if torch.is_tensor(k) else type(k).__name__}")
+        if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
+            raise TypeError(f"contrastive_loss: {name} must hold integers, got {k.dtype}")
+        if k.device != q.device:
+            raise ValueError(f"contrastive_loss: {name} on {k.device} but q on {q.device}")
+    return q_keys.to(torch.int64).contiguous(), d_keys.to(torch.int64).contiguous()
 
-    Query i's positive is candidate ``offset + i``: rank r's block starts at r*M in the gathered set.
+
+def _gathered(gather_across_ranks):
+    return bool(gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _all_gather_keys(k):
+    """(n,) integer keys on each rank -> (world * n,), rank-major as :func:`all_gather_with_grad`; no gradient."""
+    out = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, k)
+    return torch.cat(out)
+
+
+def _global_layout(q, d, gather_across_ranks, d_keys=None):
+    """Return (candidates this rank scores, index of query 0's positive among them, their keys or None).
+
+    Query i's positive is candidate ``offset + i``: rank r's block starts at r*M in the gathered set, and so do
+    the keys of its candidates.
     """
     _check_inputs(q, d)
-    if gather_across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return all_gather_with_grad(d), dist.get_rank() * d.shape[0]
-    return d, 0
+    if _gathered(gather_across_ranks):
+        keys = None if d_keys is None else _all_gather_keys(d_keys)
+        return all_gather_with_grad(d), dist.get_rank() * d.shape[0], keys
+    return d, 0, d_keys
 
 
-def contrastive_loss_reference(q, d, *, temperature=0.05, gather_across_ranks=False):
+def false_negative_mask(q_keys, c_keys, offset):
+    """(B, N) bool, F_ij = [c_keys[j] == q_keys[i] and j != offset + i]: the candidates left out of query i's
+    log-sum-exp (copies of its positive t(i) = offset + i other than t(i) itself)."""
+    B, N = q_keys.shape[0], c_keys.shape[0]
+    t = offset + torch.arange(B, device=q_keys.device)
+    return (q_keys[:, None] == c_keys[None, :]) & (torch.arange(N, device=q_keys.device)[None, :] != t[:, None])
+
+
+def contrastive_loss_reference(q, d, *, temperature=0.05, gather_across_ranks=False, q_keys=None, d_keys=None,
+                               return_masked=False):
     """q (B, E) queries, d (M, E) candidates with M = B*(1+n): d[i] is query i's positive, d[B:] hard negatives.
 
     Scores are cosine similarities / temperature; the loss is the mean over queries of
     logsumexp_j(s_ij) - s_i,pos. Computed in fp32 (or fp64 for fp64 inputs). A row of norm below 1e-12 counts as
-    zero (:func:`_zero_tiny_rows`).
+    zero (:func:`_zero_tiny_rows`). With ``q_keys`` / ``d_keys`` the false negatives F (:func:`false_negative_mask`)
+    score -inf. ``return_masked``: (loss, |F| as an int64 0-dim tensor).
     """
+    q_keys, d_keys = _check_keys(q, d, q_keys, d_keys)
     q, d = _zero_tiny_rows(q), _zero_tiny_rows(d)
-    cands, offset = _global_layout(q, d, gather_across_ranks)
+    cands, offset, c_keys = _global_layout(q, d, gather_across_ranks, d_keys)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     target = offset + torch.arange(q.shape[0], device=q.device)
     qn = F.normalize(q.to(cdt), dim=-1)
     dn = F.normalize(cands.to(cdt), dim=-1)
     scores = qn @ dn.t() / temperature  # (B, N)
-    return F.cross_entropy(scores, target)
+    masked = torch.zeros((), dtype=torch.int64, device=q.device)
+    if q_keys is not None:
+        fn = false_negative_mask(q_keys, c_keys, offset)
+        scores = scores.masked_fill(fn, float("-inf"))
+        masked = fn.sum()
+    loss = F.cross_entropy(scores, target)
+    return (loss, masked) if return_masked else loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,14 +240,16 @@ def _dot_tile(
 
 @triton.jit
 def _contrastive_fwd_kernel(
-    q_ptr, c_ptr, q_inv_ptr, c_inv_ptr, part_ptr,
+    q_ptr, c_ptr, q_inv_ptr, c_inv_ptr, q_key_ptr, c_key_ptr, part_ptr,
     B, N, E, pos_offset, blocks_per_split, num_splits,
     stride_qb, stride_qe, stride_cn, stride_ce, stride_pk, stride_ps,
     scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     # q (B, E), c (N, E), q_inv (B,), c_inv (N,) -> part (3, num_splits, B) fp32: [m, l, positive], base 2.
+    # HAS_KEYS: q_key (B,), c_key (N,) int32 ids (:func:`_dense_ids`: equal iff the int64 keys are); a false
+    # negative (c_key[j] == q_key[i], j != t(i)) scores -inf. Without keys the key pointers are never read.
     #
     # Log2 trick: with s2_ij = s_ij * log2(e) we have exp(s - m) = exp2(s2 - m2), and exp2 is the native
     # instruction. log2(e)/T is folded into the row factor a_i once per program, so every score costs
@@ -209,6 +270,8 @@ def _contrastive_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     pos = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_KEYS:
+        q_key = tl.load(q_key_ptr + rows, mask=rmask, other=0)
     c_begin = pid_s * blocks_per_split * BLOCK_N
     c_end = tl.minimum(c_begin + blocks_per_split * BLOCK_N, N)
     for c0 in range(c_begin, c_end, BLOCK_N):
@@ -219,11 +282,18 @@ def _contrastive_fwd_kernel(
         b = tl.load(c_inv_ptr + cols, mask=cmask, other=0.0)
         s2 = acc * a[:, None] * b[None, :]
         s2 = tl.where(cmask[None, :], s2, float("-inf"))
+        if HAS_KEYS:
+            c_key = tl.load(c_key_ptr + cols, mask=cmask, other=0)
+            s2 = tl.where((c_key[None, :] == q_key[:, None]) & (cols[None, :] != target[:, None]), float("-inf"), s2)
         # The positive is found by index, not by value: duplicate candidates tie in score but only
         # column t(i) is the label.
         pos += tl.sum(tl.where(cols[None, :] == target[:, None], s2, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s2 - m_new[:, None]), axis=1)
+        if HAS_KEYS:  # a tile whose every column is masked for a row keeps m = -inf: shift by 0 there, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s2 - m_ref[:, None]), axis=1)
         m_i = m_new
 
     out = part_ptr + pid_s * stride_ps + rows
@@ -237,10 +307,11 @@ def _lse_combine_kernel(
     part_ptr, lse2_ptr, loss_ptr,
     B, num_splits,
     stride_pk, stride_ps,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     # part (3, num_splits, B) -> lse2 (B,) base-2 LSE, loss (B,) natural-log per-row loss.
     # Merging (m1, l1) and (m2, l2): m = max(m1, m2), l = l1 2^(m1-m) + l2 2^(m2-m).
+    # HAS_KEYS: a split whose every candidate is a false negative of a row holds (m, l) = (-inf, 0) for it.
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     rmask = rows < B
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
@@ -252,7 +323,11 @@ def _lse_combine_kernel(
         l_s = tl.load(p + stride_pk, mask=rmask, other=1.0)
         pos += tl.load(p + 2 * stride_pk, mask=rmask, other=0.0)
         m_new = tl.maximum(m, m_s)
-        l = l * tl.exp2(m - m_new) + l_s * tl.exp2(m_s - m_new)
+        if HAS_KEYS:  # two empty partials: shift by 0, not by -inf (NaN)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        l = l * tl.exp2(m - m_ref) + l_s * tl.exp2(m_s - m_ref)
         m = m_new
     # (m - pos) first: two scores of similar size, so their difference is (nearly) exact and the small loss
     # does not inherit the rounding of the large lse (|s2| reaches log2(e)/T ~ 29 at T = 0.05).
@@ -262,17 +337,18 @@ def _lse_combine_kernel(
 
 @triton.jit
 def _contrastive_bwd_scores_kernel(
-    q_ptr, c_ptr, q_inv_ptr, c_inv_ptr, lse2_ptr,
+    q_ptr, c_ptr, q_inv_ptr, c_inv_ptr, lse2_ptr, q_key_ptr, c_key_ptr,
     ra_ptr, ca_ptr, ga_ptr, rb_ptr, cb_ptr, gb_ptr,
     row0, n_rows, col0, n_cols, E, pos_offset,
     stride_qb, stride_qe, stride_cn, stride_ce,
     stride_gar, stride_gac, stride_gbr, stride_gbc,
     scale_log2,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TWO_OUTPUTS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, TWO_OUTPUTS: tl.constexpr, HAS_KEYS: tl.constexpr,
 ):
     # Tile (rows row0 + [0, n_rows), cols col0 + [0, n_cols)) of
     #   G_ij = softmax_j(s_i)_j - [j == t(i)]          (dL/ds_ij up to the factor g / B)
+    # with softmax_j = 0 on the false negatives when HAS_KEYS (the forward's mask, recomputed from the keys),
     # written as ga[i - row0, j - col0] = G_ij * ra_i * ca_j, and with TWO_OUTPUTS also
     # gb[...] = G_ij * rb_i * cb_j, in the buffers' dtype. The launcher passes ca = b / max(b) (for
     # dq = ga @ c) or ra = a / max(a) (for dc = ga^T @ q), ones otherwise: the normalisation goes into the
@@ -300,6 +376,10 @@ def _contrastive_bwd_scores_kernel(
     b = tl.load(c_inv_ptr + cols, mask=cmask, other=0.0)
     lse2 = tl.load(lse2_ptr + rows, mask=rmask, other=0.0)
     p = tl.exp2(acc * a[:, None] * b[None, :] - lse2[:, None])
+    if HAS_KEYS:
+        q_key = tl.load(q_key_ptr + rows, mask=rmask, other=0)
+        c_key = tl.load(c_key_ptr + cols, mask=cmask, other=0)
+        p = tl.where((c_key[None, :] == q_key[:, None]) & (cols[None, :] != (pos_offset + rows)[:, None]), 0.0, p)
     g = p - tl.where(cols[None, :] == (pos_offset + rows)[:, None], 1.0, 0.0)
     mask = rmask[:, None] & cmask[None, :]
     lrows64 = lrows.to(tl.int64)[:, None]
@@ -399,6 +479,28 @@ def _check_launch(q, c):
         raise ValueError("contrastive_loss (triton): the embedding dim of q and d must be contiguous (stride 1)")
 
 
+def _dense_ids(q_keys, c_keys):
+    """int64 keys -> int32 ids in [0, B + N) with id_a == id_b iff key_a == key_b (rank of the key among the distinct
+    ones). The kernels compare 32-bit ids: int64 keys held across a score tile cost the 16-bit forward ~64 registers
+    a thread (it spilled at sm_90). Sort, compare and prefix sum: fixed sizes, no host sync."""
+    keys = torch.cat([q_keys, c_keys])
+    sorted_keys, order = torch.sort(keys)
+    rank = torch.zeros_like(keys)
+    rank[1:] = torch.cumsum((sorted_keys[1:] != sorted_keys[:-1]).to(torch.int64), 0)
+    ids = torch.empty(keys.shape, dtype=torch.int32, device=keys.device)
+    ids[order] = rank.to(torch.int32)
+    return ids[:q_keys.shape[0]], ids[q_keys.shape[0]:]
+
+
+def _count_false_negatives(q_ids, c_ids, offset):
+    """|F| = sum_i #{j : c_j = q_i} - #{i : c_t(i) = q_i} from the dense ids (:func:`_dense_ids`) without the (B, N)
+    comparison: a histogram of the candidates' ids (scatter-add, no host sync) read at each query's id."""
+    B = q_ids.shape[0]
+    hist = torch.zeros(B + c_ids.shape[0], dtype=torch.int64, device=c_ids.device)
+    hist.scatter_add_(0, c_ids.to(torch.int64), torch.ones_like(c_ids, dtype=torch.int64))
+    return hist[q_ids.to(torch.int64)].sum() - (c_ids[offset:offset + B] == q_ids).sum()
+
+
 @on_input_device
 def _row_inv_norm(x):
     R, E = x.shape
@@ -410,8 +512,9 @@ def _row_inv_norm(x):
 
 
 @on_input_device
-def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None):
-    """q (B, E), c (N, E) -> (loss () fp32, lse2 (B,) fp32, q_inv (B,), c_inv (N,))."""
+def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None, q_keys=None, c_keys=None):
+    """q (B, E), c (N, E) [, q_keys (B,), c_keys (N,) int32 ids, :func:`_dense_ids`] -> (loss () fp32, lse2 (B,) fp32,
+    q_inv (B,), c_inv (N,), number of false negatives () int64 (0 without keys))."""
     _check_launch(q, c)
     B, E = q.shape
     N = c.shape[0]
@@ -428,19 +531,25 @@ def _contrastive_fwd(q, c, temperature, pos_offset, num_splits=None):
     blocks_per_split = triton.cdiv(n_cb, num_splits)
     num_splits = triton.cdiv(n_cb, blocks_per_split)  # no empty splits
 
+    keyed = q_keys is not None
     part = torch.empty((3, num_splits, B), dtype=torch.float32, device=q.device)
     _contrastive_fwd_kernel[(n_rb * num_splits,)](
-        q, c, q_inv, c_inv, part,
+        q, c, q_inv, c_inv, q_keys if keyed else q_inv, c_keys if keyed else c_inv, part,
         B, N, E, pos_offset, blocks_per_split, num_splits,
         q.stride(0), q.stride(1), c.stride(0), c.stride(1), part.stride(0), part.stride(1),
         _LOG2E / temperature,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], INPUT_PRECISION=cfg["INPUT_PRECISION"],
-        UPCAST=cfg["UPCAST"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        UPCAST=cfg["UPCAST"], HAS_KEYS=keyed, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     lse2 = torch.empty(B, dtype=torch.float32, device=q.device)
     row_loss = torch.empty(B, dtype=torch.float32, device=q.device)
     _lse_combine_kernel[(triton.cdiv(B, _COMBINE_BLOCK),)](
-        part, lse2, row_loss, B, num_splits, part.stride(0), part.stride(1), BLOCK=_COMBINE_BLOCK, num_warps=4)
-    return row_loss.mean(), lse2, q_inv, c_inv
+        part, lse2, row_loss, B, num_splits, part.stride(0), part.stride(1), BLOCK=_COMBINE_BLOCK, HAS_KEYS=keyed,
+        num_warps=4)
+    if keyed:
+        masked = _count_false_negatives(q_keys, c_keys, pos_offset)
+    else:
+        masked = torch.zeros((), dtype=torch.int64, device=q.device)
+    return row_loss.mean(), lse2, q_inv, c_inv, masked
 
 
 @on_input_device
@@ -467,10 +576,11 @@ def _unclamped_scale(inv):
 
 @on_input_device
 def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, need_q=True, need_c=True,
-                     buffer_bytes=None):
+                     buffer_bytes=None, q_keys=None, c_keys=None):
     """dL/dq (B, E), dL/dc (N, E) in the input dtype (None where not needed).
 
-    With G_ij = P_ij - [j == t(i)] and g the upstream gradient of the mean loss:
+    With G_ij = P_ij - [j == t(i)] (P_ij = 0 on the false negatives when keys are given) and g the upstream
+    gradient of the mean loss:
         dL/dqhat_i = g/(B T) sum_j G_ij chat_j = g max(b)/(B T) * (ga @ c)_i,  ga_ij = G_ij b_j / max(b)
         dL/dchat_j = g/(B T) sum_i G_ij qhat_i = g max(a)/(B T) * (gb^T @ q)_j, gb_ij = G_ij a_i / max(a)
     then the normalisation backward turns dL/dxhat into dL/dx.
@@ -499,18 +609,21 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
     dq = torch.empty(q.shape, dtype=work, device=q.device) if need_q else None
     dc = torch.empty(c.shape, dtype=work, device=q.device) if need_c else None
 
+    keyed = q_keys is not None
+    keys = (q_keys, c_keys) if keyed else (q_inv, c_inv)  # never read without keys
+
     def scores(row0, n_rows, col0, n_cols, out_a, scales_a, out_b=None, scales_b=None):
         grid = (triton.cdiv(n_rows, BM) * triton.cdiv(n_cols, BN),)
         two = out_b is not None
         out_b, scales_b = (out_b, scales_b) if two else (out_a, scales_a)
         _contrastive_bwd_scores_kernel[grid](
-            q, c, q_inv, c_inv, lse2, *scales_a, out_a, *scales_b, out_b,
+            q, c, q_inv, c_inv, lse2, *keys, *scales_a, out_a, *scales_b, out_b,
             row0, n_rows, col0, n_cols, E, pos_offset,
             q.stride(0), q.stride(1), c.stride(0), c.stride(1),
             out_a.stride(0), out_a.stride(1), out_b.stride(0), out_b.stride(1),
             _LOG2E / temperature,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=cfg["BLOCK_K"], GROUP_M=_GROUP_M,
-            INPUT_PRECISION=cfg["INPUT_PRECISION"], UPCAST=cfg["UPCAST"], TWO_OUTPUTS=two,
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], UPCAST=cfg["UPCAST"], TWO_OUTPUTS=two, HAS_KEYS=keyed,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     def buffer(n_rows, n_cols):
@@ -559,48 +672,59 @@ def _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, temperature, pos_offset, ne
 
 class _ContrastiveLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, c, temperature, pos_offset, num_splits, buffer_bytes):
-        loss, lse2, q_inv, c_inv = _contrastive_fwd(q, c, temperature, pos_offset, num_splits)
-        ctx.save_for_backward(q, c, q_inv, c_inv, lse2)
+    def forward(ctx, q, c, temperature, pos_offset, num_splits, buffer_bytes, q_keys, c_keys):
+        loss, lse2, q_inv, c_inv, masked = _contrastive_fwd(q, c, temperature, pos_offset, num_splits, q_keys, c_keys)
+        ctx.save_for_backward(q, c, q_inv, c_inv, lse2, q_keys, c_keys)
         ctx.temperature, ctx.pos_offset, ctx.buffer_bytes = temperature, pos_offset, buffer_bytes
-        return loss
+        ctx.mark_non_differentiable(masked)
+        return loss, masked
 
     @staticmethod
-    def backward(ctx, grad):
-        q, c, q_inv, c_inv, lse2 = ctx.saved_tensors
+    def backward(ctx, grad, _masked_grad):
+        q, c, q_inv, c_inv, lse2, q_keys, c_keys = ctx.saved_tensors
         need_q, need_c = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq, dc = _contrastive_bwd(grad, q, c, q_inv, c_inv, lse2, ctx.temperature, ctx.pos_offset,
-                                  need_q=need_q, need_c=need_c, buffer_bytes=ctx.buffer_bytes)
-        return dq, dc, None, None, None, None
+                                  need_q=need_q, need_c=need_c, buffer_bytes=ctx.buffer_bytes,
+                                  q_keys=q_keys, c_keys=c_keys)
+        return dq, dc, None, None, None, None, None, None
 
 
 def _contrastive_loss_triton(q, d, *, temperature=0.05, gather_across_ranks=False, num_splits=None,
-                             buffer_bytes=None):
+                             buffer_bytes=None, q_keys=None, d_keys=None, return_masked=False):
     """The Triton path. ``num_splits`` / ``buffer_bytes`` override the launch heuristics (tests)."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    q_keys, d_keys = _check_keys(q, d, q_keys, d_keys)
     q, d = _zero_tiny_rows(q), _zero_tiny_rows(d)  # as the reference: a row below eps is a zero vector
-    cands, offset = _global_layout(q, d, gather_across_ranks)
+    cands, offset, c_keys = _global_layout(q, d, gather_across_ranks, d_keys)
     q = q if q.stride(-1) == 1 else q.contiguous()
     cands = cands if cands.stride(-1) == 1 else cands.contiguous()
-    return _ContrastiveLossFn.apply(q, cands, float(temperature), int(offset), num_splits, buffer_bytes)
+    q_ids, c_ids = (None, None) if q_keys is None else _dense_ids(q_keys, c_keys)
+    loss, masked = _ContrastiveLossFn.apply(q, cands, float(temperature), int(offset), num_splits, buffer_bytes,
+                                            q_ids, c_ids)
+    return (loss, masked) if return_masked else loss
 
 
-def contrastive_loss(q, d, *, temperature=0.05, gather_across_ranks=False, impl=None):
+def contrastive_loss(q, d, *, temperature=0.05, gather_across_ranks=False, impl=None, q_keys=None, d_keys=None,
+                     return_masked=False):
     """In-batch InfoNCE: q (B, E), d (M, E) with M = B*(1+n); d[i] is query i's positive, d[B:] hard negatives.
 
     Cosine similarity / temperature, mean over queries, fp32 result. With ``gather_across_ranks`` under
     torch.distributed, candidates from every rank are scored (rank-major) and their gradients flow back
     to their owners; the loss is the mean over this rank's queries (averaging gradients over ranks then
     gives the global-batch gradient when every rank has the same B).
+    q_keys (B,), d_keys (M,): integer keys of the texts (q_keys[i]: query i's positive's); a candidate other than
+    query i's positive whose key is q_keys[i] is left out of query i's log-sum-exp (a false negative; the keys are
+    gathered like d). ``return_masked``: (loss, number of (query, candidate) pairs left out, int64 0-dim tensor on
+    q's device, this rank's queries only).
     impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch"; fp64 "auto" uses the reference.
     """
     backend = resolve_impl("contrastive", impl, q)
     if backend == "triton" and q.dtype == torch.float64 and (impl or "auto") == "auto":
         backend = "torch"
-    if backend == "triton":
-        return _contrastive_loss_triton(q, d, temperature=temperature, gather_across_ranks=gather_across_ranks)
-    return contrastive_loss_reference(q, d, temperature=temperature, gather_across_ranks=gather_across_ranks)
+    fn = _contrastive_loss_triton if backend == "triton" else contrastive_loss_reference
+    return fn(q, d, temperature=temperature, gather_across_ranks=gather_across_ranks, q_keys=q_keys, d_keys=d_keys,
+              return_masked=return_masked)
 
 
 # ----------------------------------------------------------------------------------------------

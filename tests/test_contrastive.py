@@ -211,6 +211,139 @@ def test_all_identical_rows_give_log_n_and_zero_grad():
 
 
 # ----------------------------------------------------------------------------------------------
+# in-batch false negatives (q_keys / d_keys): Triton vs the fp64 reference, and the reference by hand
+# ----------------------------------------------------------------------------------------------
+
+def _keyed(B, n, E, dtype, seed, world=1, rank=0):
+    """q (B, E), d (M, E), q_keys (B,), d_keys (M,), and ``world - 1`` other ranks' candidates (before our block:
+    rank ``rank``) with their keys. Copies of a text copy its embedding and its key: positive 1 is positive 0, hard
+    negative B+2 is its own query's positive, hard negative B+3 another query's, and the other ranks hold a copy
+    of positive 4 and of positive 0. Hard negative B+4 has positive 3's low 32 key bits and differs above them (it
+    stays a negative). Keys are random int64s of either sign."""
+    M = B * (1 + n)
+    q, d = _make(B, n, E, torch.float64, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    others = torch.randn((world - 1) * M, E, generator=g, dtype=torch.float64)
+    keys = torch.randint(-2 ** 62, 2 ** 62, (M + len(others),), generator=g, dtype=torch.int64)
+    d_keys, o_keys = keys[:M].clone(), keys[M:].clone()
+    for dst, src in ((1, 0), (B + 2, 2), (B + 3, 4 % B)):
+        d[dst], d_keys[dst] = d[src], d_keys[src]
+    d_keys[B + 4] = d_keys[3] ^ (1 << 45)
+    if world > 1:
+        others[3], o_keys[3] = d[4 % B], d_keys[4 % B]
+        others[-1], o_keys[-1] = d[0], d_keys[0]
+    q_keys = d_keys[:B].clone()
+    return q.to(dtype), d.to(dtype), q_keys, d_keys, others.to(dtype), o_keys, rank * M
+
+
+def _as_rank(monkeypatch, others, o_keys, offset):
+    """Both paths score [others[:offset], d, others[offset:]] with query i's positive at offset + i, as rank
+    offset / M of a gathered batch (the other ranks' candidates are constants here)."""
+    def layout(q, d, gather_across_ranks, d_keys=None):
+        C._check_inputs(q, d)
+        keys = None if d_keys is None else torch.cat([o_keys[:offset], d_keys, o_keys[offset:]])
+        return torch.cat([others[:offset].to(d.dtype), d, others[offset:].to(d.dtype)]), offset, keys
+
+    monkeypatch.setattr(C, "_global_layout", layout)
+
+
+def _count_by_loop(q_keys, c_keys, offset):
+    return sum(1 for i in range(len(q_keys)) for j in range(len(c_keys))
+               if j != offset + i and int(c_keys[j]) == int(q_keys[i]))
+
+
+@pytest.mark.parametrize("B,n,E,dtype,T,world,rank,kw", [
+    (70, 2, 72, torch.float32, 0.05, 3, 1, {}),                              # 2 row blocks, 10 column blocks
+    (70, 2, 72, torch.float32, 0.05, 3, 2, dict(num_splits=4, buffer_bytes=4 * 630 * 50)),  # splits, chunks
+    (9, 3, 80, torch.float16, 0.05, 2, 1, {}),
+    (9, 3, 80, torch.float16, 0.1, 2, 0, dict(buffer_bytes=4 * 72 * 20)),    # fp32 work buffers in chunks
+    (5, 1, 72, torch.float32, 1.0, 1, 0, {}),
+], ids=["fp32-rank1", "fp32-rank2-splits-chunks", "fp16-rank1", "fp16-rank0-chunks", "fp32-one-rank"])
+def test_false_negative_masking_matches_the_fp64_reference(B, n, E, dtype, T, world, rank, kw, monkeypatch):
+    """With keys, Triton (forward, split combine, one-pass and chunked backward) matches the fp64 reference on the
+    same mask, for copies among the positives, among the hard negatives and in other ranks' blocks; both count
+    the masked (query, candidate) pairs as a loop over them does. Masking changes the loss: the test sees it."""
+    q, d, qk, dk, others, ok, offset = _keyed(B, n, E, dtype, seed=B + E + rank, world=world, rank=rank)
+    _as_rank(monkeypatch, others, ok, offset)
+    keys = dict(q_keys=qk, d_keys=dk)
+    ref = _loss_and_grads(lambda a, b: contrastive_loss_reference(a.double(), b.double(), temperature=T, **keys), q, d)
+    tor = _loss_and_grads(lambda a, b: contrastive_loss_reference(a.float(), b.float(), temperature=T, **keys), q, d)
+    ker = _loss_and_grads(lambda a, b: _contrastive_loss_triton(a, b, temperature=T, **keys, **kw), q, d)
+    _check(ker, tor, ref, dtype, T, f"keyed B={B} n={n} E={E} {dtype} rank {rank}/{world}")
+    unmasked = _loss_and_grads(lambda a, b: contrastive_loss_reference(a.double(), b.double(), temperature=T), q, d)
+    assert abs(float(unmasked[0] - ref[0])) > 0.01  # the copies weigh in the loss: the mask is seen
+    want = _count_by_loop(qk, torch.cat([ok[:offset], dk, ok[offset:]]), offset)
+    assert want >= 4 + (2 if world > 1 else 0)
+    for fn in (_contrastive_loss_triton, contrastive_loss_reference):
+        _, masked = fn(q, d, temperature=T, **keys, return_masked=True)
+        assert masked.dtype == torch.int64 and int(masked) == want, fn.__name__
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_distinct_keys_leave_the_loss_bit_for_bit_and_a_copy_changes_it(impl):
+    """Keys that never repeat mask nothing: loss and gradients are the key-less ones, bit for bit (the keyed
+    kernels only add selects that keep every value). One repeated key changes the loss."""
+    q, d = _make(7, 2, 72, torch.float32, seed=9)
+    d[12] = d[3]  # query 3's positive repeated as query 5's hard negative
+    dk = torch.arange(21, dtype=torch.int64) * 7919 - 50
+    run = lambda **k: _loss_and_grads(lambda a, b: contrastive_loss(a, b, impl=impl, **k), q, d)  # noqa: E731
+    plain, distinct = run(), run(q_keys=dk[:7], d_keys=dk)
+    for x, y in zip(plain, distinct):
+        assert torch.equal(x, y)
+    dk[12] = dk[3]  # and now its key says so
+    assert abs(float(run(q_keys=dk[:7], d_keys=dk)[0] - plain[0])) > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_false_negative_masking_by_hand(impl):
+    """B = 2, one hard negative each, T = 0.5 (s = 2 cos). Candidate 3 (query 1's hard negative) is a copy of query
+    0's positive (key 10): query 0's log-sum-exp runs over candidates 0, 1, 2 only; query 1 has no copy:
+
+        loss_0 = log(e^2 + e^0 + e^sqrt2) - 2,   loss_1 = log(e^0 + e^2 + e^sqrt2 + e^0) - 2
+
+    and query 0's gradient does not see candidate 3 (moving it leaves dq[0] as it was)."""
+    r = 2 ** -0.5
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    d = torch.tensor([[2.0, 0.0], [0.0, 3.0], [r, r], [2.0, 0.0]])
+    keys = dict(q_keys=torch.tensor([10, 20]), d_keys=torch.tensor([10, 20, 30, 10]))
+    s = 2 * r  # cos(q_0, d_2) / T = cos(q_1, d_2) / T = sqrt(2)
+    want = 0.5 * ((math.log(math.exp(2) + 1 + math.exp(s)) - 2) + (math.log(2 + math.exp(2) + math.exp(s)) - 2))
+    loss, masked = contrastive_loss(q, d, temperature=0.5, impl=impl, return_masked=True, **keys)
+    assert abs(float(loss) - want) < 1e-6 and int(masked) == 1
+    dq = _loss_and_grads(lambda a, b: contrastive_loss(a, b, temperature=0.5, impl=impl, **keys), q, d)[1]
+    moved = d.clone()
+    moved[3] = torch.tensor([0.3, -2.0])
+    dq_moved = _loss_and_grads(lambda a, b: contrastive_loss(a, b, temperature=0.5, impl=impl, **keys), q, moved)[1]
+    assert torch.allclose(dq_moved[0], dq[0], rtol=0, atol=1e-7) and not torch.allclose(dq_moved[1], dq[1])
+
+
+@pytest.mark.parametrize("impl,kw", [("torch", {}), ("triton", dict(num_splits=3))])
+def test_every_other_candidate_a_copy_leaves_the_positive_alone(impl, kw, monkeypatch):
+    """Analytic case: every candidate has the same key, so each query's log-sum-exp holds its positive only: loss 0,
+    no gradient, and every other pair masked. As rank 2 of 3 the positives sit past the first of 3 forward splits:
+    whole tiles and a whole split are masked for every row ((m, l) = (-inf, 0) partials), which must not give NaN."""
+    B, n, E = 6, 20, 16
+    q, d, _, _, others, _, offset = _keyed(B, n, E, torch.float32, seed=3, world=3, rank=2)
+    _as_rank(monkeypatch, others, torch.full((len(others),), 5), offset)
+    fn = _contrastive_loss_triton if impl == "triton" else contrastive_loss_reference
+    keys = dict(q_keys=torch.full((B,), 5), d_keys=torch.full((d.shape[0],), 5))
+    loss, dq, dd = _loss_and_grads(lambda a, b: fn(a, b, temperature=0.05, **keys, **kw), q, d)
+    assert float(loss) == 0.0 and not dq.any() and not dd.any()
+    assert int(fn(q, d, **keys, **kw, return_masked=True)[1]) == B * (3 * d.shape[0] - 1)
+
+
+def test_keys_are_checked():
+    q, d = _make(4, 1, 8, torch.float32, seed=1)
+    k = torch.arange(8)
+    with pytest.raises(ValueError, match="both q_keys and d_keys"):
+        contrastive_loss(q, d, q_keys=k[:4])
+    with pytest.raises(ValueError, match=r"d_keys must be a \(8,\) tensor"):
+        contrastive_loss(q, d, q_keys=k[:4], d_keys=k[:7], impl="triton")
+    with pytest.raises(TypeError, match="integers"):
+        contrastive_loss(q, d, q_keys=k[:4].float(), d_keys=k.float())
+
+
+# ----------------------------------------------------------------------------------------------
 # launch paths: split-N forward, chunked backward, partial gradients
 # ----------------------------------------------------------------------------------------------
 
@@ -286,13 +419,28 @@ def test_dispatch_and_validation():
 WORLD, RB, RN, RE, RT = 2, 3, 2, 16, 0.05  # per-rank B, hard negatives per query, E, temperature
 
 
-def _rank_data():
+# keyed: copies across the ranks (global d index <- the index it copies): rank 1's positive 0 is rank 0's positive
+# 1, rank 0's first hard negative is rank 1's positive 2
+_COPIES = ((RB, 1), (WORLD * RB, RB + 2))
+
+
+def _by_rank(x):
+    """Global rows (W*B positives in query order, then each rank's B*n negatives) -> each rank's block."""
+    negs = x[WORLD * RB:].reshape(WORLD, RB * RN, *x.shape[1:])
+    return [torch.cat([x[r * RB:(r + 1) * RB], negs[r]]) for r in range(WORLD)]
+
+
+def _rank_data(keyed=False):
     q, d = _make(WORLD * RB, RN, RE, torch.float32, seed=42)
+    dk = torch.arange(d.shape[0], dtype=torch.int64) * 1000003 - 7
+    if keyed:  # a copied text copies its embedding and its key
+        for dst, src in _COPIES:
+            d[dst], dk[dst] = d[src], dk[src]
     # rank r owns queries [r*B, (r+1)*B) and a d block of M = B*(1+n) rows: its positives, then negatives
     qs = [q[r * RB:(r + 1) * RB] for r in range(WORLD)]
-    negs = d[WORLD * RB:].reshape(WORLD, RB * RN, RE)
-    ds = [torch.cat([d[r * RB:(r + 1) * RB], negs[r]]) for r in range(WORLD)]
-    return q, d, qs, ds
+    if keyed:
+        return q, d, qs, _by_rank(d), dk, _by_rank(dk)
+    return q, d, qs, _by_rank(d)
 
 
 def _rank_worker(rank, port, out_dir):
@@ -306,6 +454,14 @@ def _rank_worker(rank, port, out_dir):
             res[impl] = _loss_and_grads(
                 lambda a, b: contrastive_loss(a, b, temperature=RT, gather_across_ranks=True, impl=impl),
                 qs[rank], ds[rank])
+        # mask_false_negatives: the keys are gathered with the candidates, rank-major
+        _, _, qs, ds, _, dks = _rank_data(keyed=True)
+        keys = dict(q_keys=dks[rank][:RB], d_keys=dks[rank])
+        for impl in ("torch", "triton"):
+            run = lambda a, b, **k: contrastive_loss(a, b, temperature=RT, gather_across_ranks=True, impl=impl,  # noqa
+                                                     **keys, **k)
+            res[f"{impl} keyed"] = (*_loss_and_grads(run, qs[rank], ds[rank]),
+                                    run(qs[rank], ds[rank], return_masked=True)[1])
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -333,6 +489,26 @@ def test_two_rank_gloo_equals_single_process(tmp_path):
         for got, sp, r64, name in zip((loss, dq, dd), single, ref, ("loss", "dq", "dd")):
             torch.testing.assert_close(got, sp, rtol=1e-5, atol=1e-7, msg=f"{impl} {name} vs single process")
             torch.testing.assert_close(got, r64, rtol=1e-4, atol=1e-6, msg=f"{impl} {name} vs fp64")
+    # with keys: each rank leaves out the copies among every rank's candidates, as one process does on the whole
+    # batch (the copies across ranks weigh in the loss: unmasked, it differs)
+    q, d, _, _, dk, _ = _rank_data(keyed=True)
+    keys = dict(q_keys=dk[:WORLD * RB], d_keys=dk)
+    ref = _loss_and_grads(lambda a, b: contrastive_loss_reference(a.double(), b.double(), temperature=RT, **keys),
+                          q, d)
+    assert abs(float(ref[0]) - float(_loss_and_grads(_ref64(RT), q, d)[0])) > 0.01
+    for impl in ("torch", "triton"):
+        run = lambda a, b, **k: contrastive_loss(a, b, temperature=RT, impl=impl, **keys, **k)  # noqa: E731
+        single = _loss_and_grads(run, q, d)
+        got = [r[f"{impl} keyed"] for r in ranks]
+        loss = sum(r[0] for r in got) / WORLD
+        dq = torch.cat([r[1] for r in got]) / WORLD
+        dd = torch.cat([torch.cat([r[2][:RB] for r in got]), torch.cat([r[2][RB:] for r in got])]) / WORLD
+        for x, sp, r64, name in zip((loss, dq, dd), single, ref, ("loss", "dq", "dd")):
+            # fp32 sums in another order (the gradients reach 0.65 here): within 1e-6, as vs fp64
+            torch.testing.assert_close(x, sp, rtol=1e-5, atol=1e-6, msg=f"{impl} keyed {name} vs single process")
+            torch.testing.assert_close(x, r64, rtol=1e-4, atol=1e-6, msg=f"{impl} keyed {name} vs fp64")
+        # queries 1 and B drop each other's positive, query B+2 its copy among rank 0's hard negatives
+        assert sum(int(r[3]) for r in got) == int(run(q, d, return_masked=True)[1]) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,26 +530,36 @@ def _variants():
     The launcher asserts unit stride along E, which the runtime specialises to a constant, so those
     strides are constexpr 1 here as well. ``aligned`` mirrors Triton's divisibility-by-16 specialisation
     of the E = 4096 launches; the unaligned (E = 3 style) specialisation of the bf16 score kernels is
-    compiled for sm_90 as well and its spills reported (allowed: only odd E launches it).
+    compiled for sm_90 as well and its spills reported (allowed: only odd E launches it). The ``keyed`` variants
+    (``contrastive.mask_false_negatives``: HAS_KEYS, int32 key ids) are compiled for sm_90 only (:func:`_sm90_only`;
+    they doubled the job's sm_80 compile time, and were spill-free there when added).
     """
     out = []
     for dt, p in _PTR.items():
         cfg = C.launch_config(dt)
         tiles = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "INPUT_PRECISION", "UPCAST")}
-        fwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", part_ptr="*fp32", B="i32", N="i32",
-                       E="i32", pos_offset="i32", blocks_per_split="i32", num_splits="i32", stride_qb="i32",
-                       stride_cn="i32", stride_pk="i32", stride_ps="i32", scale_log2="fp32")
+        # without keys the launchers pass the fp32 inverse norms as the (unread) key pointers
+        fwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", q_key_ptr="*fp32", c_key_ptr="*fp32",
+                       part_ptr="*fp32", B="i32", N="i32", E="i32", pos_offset="i32", blocks_per_split="i32",
+                       num_splits="i32", stride_qb="i32", stride_cn="i32", stride_pk="i32", stride_ps="i32",
+                       scale_log2="fp32")
         work = "*fp32" if dt == torch.float16 else p  # fp16's backward buffers and products are fp32
-        bwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", lse2_ptr="*fp32", ra_ptr="*fp32",
-                       ca_ptr="*fp32", ga_ptr=work, rb_ptr="*fp32", cb_ptr="*fp32", gb_ptr=work, row0="i32",
-                       n_rows="i32", col0="i32", n_cols="i32", E="i32", pos_offset="i32", stride_qb="i32",
-                       stride_cn="i32", stride_gar="i32", stride_gbr="i32", scale_log2="fp32")
+        bwd_sig = dict(q_ptr=p, c_ptr=p, q_inv_ptr="*fp32", c_inv_ptr="*fp32", lse2_ptr="*fp32", q_key_ptr="*fp32",
+                       c_key_ptr="*fp32", ra_ptr="*fp32", ca_ptr="*fp32", ga_ptr=work, rb_ptr="*fp32", cb_ptr="*fp32",
+                       gb_ptr=work, row0="i32", n_rows="i32", col0="i32", n_cols="i32", E="i32", pos_offset="i32",
+                       stride_qb="i32", stride_cn="i32", stride_gar="i32", stride_gbr="i32", scale_log2="fp32")
+        keyed = dict(q_key_ptr="*i32", c_key_ptr="*i32")  # mask_false_negatives: the keys' int32 ids
         unit = dict(stride_qe=1, stride_ce=1)
         w, s = cfg["num_warps"], cfg["num_stages"]
-        out.append((C._contrastive_fwd_kernel, fwd_sig, dict(tiles, **unit), w, s, True, f"fwd {dt}"))
-        for two in (False, True):
-            ce = dict(tiles, **unit, GROUP_M=C._GROUP_M, TWO_OUTPUTS=two, stride_gac=1, stride_gbc=1)
-            out.append((C._contrastive_bwd_scores_kernel, bwd_sig, ce, w, s, True, f"bwd_scores two={two} {dt}"))
+        for has_keys, kw in ((False, ""), (True, " keyed")):
+            sig = lambda base: dict(base, **(keyed if has_keys else {}))  # noqa: E731
+            out.append((C._contrastive_fwd_kernel, sig(fwd_sig), dict(tiles, **unit, HAS_KEYS=has_keys), w, s, True,
+                        f"fwd{kw} {dt}"))
+            for two in (False, True):
+                ce = dict(tiles, **unit, GROUP_M=C._GROUP_M, TWO_OUTPUTS=two, HAS_KEYS=has_keys, stride_gac=1,
+                          stride_gbc=1)
+                out.append((C._contrastive_bwd_scores_kernel, sig(bwd_sig), ce, w, s, True,
+                            f"bwd_scores{kw} two={two} {dt}"))
         rows = dict(BLOCK_R=C._ROW_BLOCK_R, BLOCK_E=C._ROW_BLOCK_E)
         out.append((C._row_inv_norm_kernel, dict(x_ptr=p, out_ptr="*fp32", R="i32", E="i32", stride_xr="i32",
                                                  eps="fp32"), dict(rows, stride_xe=1), C._ROW_WARPS, 3, True,
@@ -383,14 +569,22 @@ def _variants():
                                                   stride_or="i32", inv_eps="fp32"),
                     dict(rows, stride_xe=1, stride_ge=1, stride_oe=1), C._ROW_WARPS, 3, True, f"normalize_bwd {dt}"))
         if dt == torch.bfloat16:
-            out.append((C._contrastive_fwd_kernel, fwd_sig, dict(tiles, **unit), w, s, False, f"fwd {dt} unaligned"))
-            ce = dict(tiles, **unit, GROUP_M=C._GROUP_M, TWO_OUTPUTS=True, stride_gac=1, stride_gbc=1)
+            out.append((C._contrastive_fwd_kernel, fwd_sig, dict(tiles, **unit, HAS_KEYS=False), w, s, False,
+                        f"fwd {dt} unaligned"))
+            ce = dict(tiles, **unit, GROUP_M=C._GROUP_M, TWO_OUTPUTS=True, HAS_KEYS=False, stride_gac=1, stride_gbc=1)
             out.append((C._contrastive_bwd_scores_kernel, bwd_sig, ce, w, s, False,
                         f"bwd_scores two=True {dt} unaligned"))
-    out.append((C._lse_combine_kernel, dict(part_ptr="*fp32", lse2_ptr="*fp32", loss_ptr="*fp32", B="i32",
-                                            num_splits="i32", stride_pk="i32", stride_ps="i32"),
-                dict(BLOCK=C._COMBINE_BLOCK), 4, 3, True, "lse_combine"))
+    for has_keys in (False, True):
+        out.append((C._lse_combine_kernel, dict(part_ptr="*fp32", lse2_ptr="*fp32", loss_ptr="*fp32", B="i32",
+                                                num_splits="i32", stride_pk="i32", stride_ps="i32"),
+                    dict(BLOCK=C._COMBINE_BLOCK, HAS_KEYS=has_keys), 4, 3, True,
+                    "lse_combine keyed" if has_keys else "lse_combine"))
     return out
+
+
+def _sm90_only(variant):
+    """The odd-E specialisation and the keyed variants: compiled for the target GPU (sm_90) only."""
+    return not variant[5] or " keyed" in variant[6]
 
 
 def _compile_report(arch):
@@ -401,8 +595,9 @@ def _compile_report(arch):
     import tests.triton_compile as tc
 
     rows = []
-    for fn, sig, ce, warps, stages, aligned, tag in _variants():
-        if not aligned and arch != 90:  # the odd-E specialisation is reported for the target GPU only
+    for v in _variants():
+        fn, sig, ce, warps, stages, aligned, tag = v
+        if _sm90_only(v) and arch != 90:  # the odd-E specialisation is reported for the target GPU only
             continue
         divisible = [a for a in sig if a not in _NOT_DIVISIBLE and sig[a] != "fp32"
                      and (aligned or sig[a].startswith("*") or a in _ALWAYS_DIVISIBLE)]
@@ -416,7 +611,7 @@ def _compile_report(arch):
 def test_compile_every_variant_for_sm90_and_sm80():
     # one process per architecture, in parallel
     rows = job_rows("contrastive")
-    assert len(rows) == 2 * len(_variants()) - sum(1 for v in _variants() if not v[5])
+    assert len(rows) == 2 * len(_variants()) - sum(1 for v in _variants() if _sm90_only(v))
     for r in rows:
         print(f"{r['kernel']:40s} sm_{r['arch']} regs={r['registers']:3d} spills={r['spills']:4d} "
               f"shared={r['shared']}")

@@ -293,6 +293,23 @@ def test_graded_stage_grad_cache_matches_direct(loss):
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-4 * float(grads[n].abs().max()))
 
 
+@pytest.mark.parametrize("loss", ["cosent", "angle"])
+def test_graded_losses_refuse_false_negative_masking(loss):
+    """contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's denominator; a graded
+    loss ranks scored pairs and has no such positive, so the config refuses the pair of settings (the CLI and the
+    dry run: exit 2 before any model loads), and so does the stage built from a config set by hand."""
+    from engine.config import ConfigError
+    from engine.stages import build_stage
+
+    with pytest.raises(ConfigError, match=f"contrastive.mask_false_negatives .* contrastive.loss={loss} ranks"):
+        load_config("configs/tiny/graded.yaml", [f"contrastive.loss={loss}", "contrastive.mask_false_negatives=true"])
+    cfg = load_config("configs/tiny/graded.yaml", [f"contrastive.loss={loss}"])
+    build_stage(cfg, None)
+    cfg.contrastive.mask_false_negatives = True
+    with pytest.raises(ConfigError, match=f"contrastive.mask_false_negatives .* contrastive.loss={loss} ranks"):
+        build_stage(cfg, None)
+
+
 def test_scored_pairs_reader(tmp_path):
     import json
 

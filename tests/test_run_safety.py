@@ -128,6 +128,37 @@ def test_a_checkpoint_written_before_the_trainer_split_is_the_same_run(tmp_path)
         plan_resume(unpacked)
 
 
+def test_a_contrastive_checkpoint_from_before_mask_false_negatives_is_the_same_run(tmp_path, monkeypatch):
+    """contrastive.mask_false_negatives (default off, llm2vec's loss) enters the fingerprint only when on: a supervised
+    checkpoint saved before the key existed resumes under a config that leaves it off, and is another run with it on."""
+    import engine.checkpoint as checkpoint
+    from engine.config import to_dict
+
+    out = str(tmp_path)
+    cfg = load_config(os.path.join(TINY, "supervised.yaml"), [f"output_dir={out}"])
+
+    def before_the_key(c):  # the config dict as the engine wrote it before the key existed
+        d = to_dict(c)
+        del d["contrastive"]["mask_false_negatives"]
+        return d
+
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "to_dict", before_the_key)
+        old = fingerprint(cfg)
+    assert "contrastive.temperature" in old and fingerprint(cfg) == old
+    path = os.path.join(out, "checkpoints", "step_0000003")
+    os.makedirs(path)
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump({"step": 3, "fingerprint": old}, f)
+    open(os.path.join(path, COMPLETE), "w").close()
+    _set_latest(out, "step_0000003")
+    assert plan_resume(cfg) == (["step_0000003"], [])
+    masked = load_config(os.path.join(TINY, "supervised.yaml"), [f"output_dir={out}",
+                                                                 "contrastive.mask_false_negatives=true"])
+    with pytest.raises(ConfigError, match="contrastive.mask_false_negatives: '<unset>' in the checkpoint, True now"):
+        plan_resume(masked)
+
+
 def test_plan_resume_never_restarts_silently(tmp_path):
     out = str(tmp_path)
     cfg = _cfg(out)

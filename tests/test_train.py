@@ -276,3 +276,28 @@ def test_a_rank_leaves_through_os_exit_once_main_has_returned(monkeypatch):
         with pytest.raises(Left):
             T.exit_with(code)
     assert seen == [("os._exit", 2), ("sys.exit", 0)]
+
+
+def test_false_negatives_left_out_are_counted_per_logged_row_and_over_a_resume(tmp_path):
+    # contrastive.mask_false_negatives: every row's positive is one passage, so in each micro-batch of 2 queries each
+    # query's other candidate copy of it is left out: 2 pairs a micro-batch, 4 micro-batches a step, 8 a step.
+    # metrics.csv counts them since the last logged row, as it counts cut texts (log_every=2: row 2 holds steps 1
+    # and 2), and a run resumed from step 1's checkpoint carries step 1's count into row 2.
+    data = tmp_path / "same-positive.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"query": f"question number {i} about the river", "positive": "The river floods in spring.",
+                                "negative": f"Unrelated passage {i} on mountains and snow."}) + "\n")
+    ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
+    args = ["python", "engine/train.py", "--config", "configs/tiny/supervised.yaml", f"data={data}", "max_steps=3",
+            "save_every=1", "keep_checkpoints=3", "batch_size=8", "micro_batch_size=2", "eval_every=0", "log_every=2",
+            "contrastive.mask_false_negatives=true"]
+    r = run_cmd([*args, f"output_dir={ref}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = _metrics(ref)
+    assert [(int(x["step"]), int(x["false_negatives"])) for x in rows] == [(2, 16), (3, 8)], rows
+    rewind_run(ref, crash, 1)
+    r = run_cmd([*args, f"output_dir={crash}"])
+    assert r.returncode == 0 and "resumed from step_0000001" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [(x["step"], x["false_negatives"], x["loss"]) for x in _metrics(crash)] == \
+        [(x["step"], x["false_negatives"], x["loss"]) for x in rows]

@@ -9,7 +9,20 @@ through it as the surrogate loss sum(e * g).
 
 The loss is InfoNCE (``llm2vec_kernels.contrastive_loss``) or, for scored pairs (``contrastive.loss: cosent | angle``),
 one of ``engine.losses``; queries are then the pairs' first sentences, candidates their second ones.
+
+In-batch false negatives (``contrastive.mask_false_negatives``, InfoNCE only, off by default as in llm2vec): collate
+gives every text a key, :func:`text_key`, and the batch carries ``q_keys`` (B,) (the key of each query's positive)
+and ``d_keys`` (M,) (each candidate's). Two texts are the same text when the model reads the same tokens where it
+pools: the ids their pool mask marks (the text, the chat wrap's tail and EOS, as truncated to the max length; the
+instruction and the chat head are attended but not pooled, so a passage under two instructions is one text; with
+``bos`` pooling the mask covers the whole sequence, instruction included). A candidate other than query i's positive
+with that positive's key is left out of query i's InfoNCE denominator, across ranks too, in training, in gradient
+caching and in the held-out loss; each micro-step's metrics count such (query, candidate) pairs of this rank's
+queries (``false_negatives``).
 """
+import hashlib
+
+import numpy as np
 import torch
 
 import llm2vec_kernels
@@ -35,6 +48,20 @@ def _set_rng_state(st):
         torch.cuda.set_rng_state(st["cuda"])
 
 
+def text_key(ids, pool_mask):
+    """The 63-bit key of one tokenised text: the first 8 bytes of BLAKE2b over its pooled ids (``ids[pool_mask ==
+    1]``, little-endian int64), shifted right once so that it is a non-negative int64. Equal pooled ids give equal
+    keys on every rank and in every process (no salted hash); two different texts share a key with probability
+    2^-63, which would drop one real negative from one step's loss."""
+    kept = np.asarray(ids, dtype="<i8")[np.asarray(pool_mask, dtype=bool)]
+    return int.from_bytes(hashlib.blake2b(kept.tobytes(), digest_size=8).digest(), "little") >> 1
+
+
+def text_keys(ids, pool_masks):
+    """(len(ids),) int64 tensor: :func:`text_key` of each tokenised text."""
+    return torch.tensor([text_key(i, m) for i, m in zip(ids, pool_masks)], dtype=torch.int64)
+
+
 def chunks(batch, chunk):
     """[(start, end, sub-batch)]: ``batch``'s texts ``chunk`` at a time (gradient caching's pieces), each an
     ``"embed"`` micro-batch with its packed layout when collate built them for this chunk size."""
@@ -51,6 +78,19 @@ def chunks(batch, chunk):
 class ContrastiveStage(Stage):
     """Subclasses build batches with all texts in one (B_total, S) tensor; the first n_queries are queries.
     Every text (query, positive, negatives) is read in the chat wrap the run trains with (``self.chat``)."""
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        c = cfg.contrastive
+        if c.mask_false_negatives and c.loss != "infonce":
+            raise ConfigError(f"contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's "
+                              f"negatives; contrastive.loss={c.loss} ranks scored pairs and has no such positive: "
+                              f"set contrastive.mask_false_negatives=false (or contrastive.loss=infonce)")
+
+    @property
+    def masking(self):
+        """Whether collate keys the texts and the loss leaves false negatives out (``mask_false_negatives``)."""
+        return bool(self.cfg.contrastive.mask_false_negatives)
 
     @property
     def chat(self):
@@ -90,14 +130,25 @@ class ContrastiveStage(Stage):
     evaluating = False  # Stage.evaluate: every rank scores the same batches, so nothing is gathered
 
     def contrastive(self, q, d, batch=None):
+        """The loss of queries q against candidates d (the batch gives scores, and keys when masking)."""
+        return self.contrastive_counted(q, d, batch)[0]
+
+    def contrastive_counted(self, q, d, batch=None):
+        """(loss, metrics): the metrics hold ``false_negatives``, this rank's count of (query, candidate) pairs left
+        out of the loss (an int64 0-dim tensor on the loss's device), when the batch carries keys."""
         c = self.cfg.contrastive
         gather = c.gather_across_ranks and not self.evaluating
         if c.loss == "cosent":
-            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=gather)
+            return losses.cosent_loss(q, d, batch["scores"], scale=c.loss_scale, gather_across_ranks=gather), {}
         if c.loss == "angle":
             return losses.angle_loss(q, d, batch["scores"], scale=c.loss_scale, weights=tuple(c.angle_weights),
-                                     positive_min_score=c.positive_min_score, gather_across_ranks=gather)
-        return llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=gather)
+                                     positive_min_score=c.positive_min_score, gather_across_ranks=gather), {}
+        if batch is None or batch.get("q_keys") is None:
+            return llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=gather), {}
+        loss, masked = llm2vec_kernels.contrastive_loss(q, d, temperature=c.temperature, gather_across_ranks=gather,
+                                                        q_keys=batch["q_keys"], d_keys=batch["d_keys"],
+                                                        return_masked=True)
+        return loss, {"false_negatives": masked}
 
     def evaluate(self, engine, items, world, rank, max_batches):
         """The held-out loss without the cross-rank gather: every rank evaluates the same batches, and gathering W
@@ -122,7 +173,8 @@ class ContrastiveStage(Stage):
                              batch.get("layout"))
         q, d = self.split(emb, batch)
         tokens = batch.get("tokens")
-        return self.contrastive(q, d, batch), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
+        loss, counts = self.contrastive_counted(q, d, batch)
+        return loss, {"tokens": batch["attention_mask"].sum() if tokens is None else tokens, **counts}
 
     def train_micro_step(self, engine, batch, weight=1.0):
         if weight != 1.0:
@@ -142,7 +194,7 @@ class ContrastiveStage(Stage):
         # when small, and an fp16 surrogate's gradient (the loss scale itself, 2^16 at first) would overflow
         emb = torch.cat(embs).float().detach().requires_grad_(True)
         q, d = self.split(emb, batch)
-        loss = self.contrastive(q, d, batch)
+        loss, counts = self.contrastive_counted(q, d, batch)
         loss.backward()
         cached = emb.grad
         for (s, e, sub), st in zip(parts, states):
@@ -151,4 +203,4 @@ class ContrastiveStage(Stage):
             engine.backward((e_chunk.float() * cached[s:e]).sum())
         _set_rng_state(after)
         tokens = batch.get("tokens")
-        return loss.detach(), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens}
+        return loss.detach(), {"tokens": batch["attention_mask"].sum() if tokens is None else tokens, **counts}

@@ -1,12 +1,14 @@
 """Unsupervised SimCSE: every sentence passes twice under dropout (attention-probability dropout,
 ``model.attention_dropout``, 0.3 in the shipped SimCSE configs as in LLM2Vec (the key's default is 0), plus LoRA
 dropout); the two views are each other's positive and the other sentences of the batch (across ranks too) are the
-negatives. A run with neither dropout is warned about (``engine.config.dropout_warning``)."""
+negatives. A run with neither dropout is warned about (``engine.config.dropout_warning``). With
+``contrastive.mask_false_negatives`` a sentence met twice in one (gathered) batch is no negative of its copy's query
+(:mod:`engine.stages.contrastive`)."""
 
 from .. import data, token_cache
 from ..data import DataError, DataStats, iter_texts, seed_orders
 from ..encoding import pad_batch, tokenize_with_instruction
-from .contrastive import ContrastiveStage
+from .contrastive import ContrastiveStage, text_keys
 
 
 class SimCSEStage(ContrastiveStage):
@@ -39,5 +41,9 @@ class SimCSEStage(ContrastiveStage):
                                                         c.pooling, self.chat)
         both_ids, both_pm = ids + ids, pms + pms  # view 1 = queries, view 2 = positives
         t_ids, t_am, t_pm = pad_batch(both_ids, self.tok.pad_token_id, "right", extra=(both_pm,))
-        return self.host_layout({"input_ids": t_ids, "attention_mask": t_am, "pool_mask": t_pm,
-                                 "n_queries": len(items), "truncated": truncated})
+        batch = self.host_layout({"input_ids": t_ids, "attention_mask": t_am, "pool_mask": t_pm,
+                                  "n_queries": len(items), "truncated": truncated})
+        if self.masking:  # the candidates are the second views: query i's positive (its own view) is candidate i
+            keys = text_keys(ids, pms)
+            batch["q_keys"], batch["d_keys"] = keys, keys.clone()
+        return batch

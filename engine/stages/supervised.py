@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..data import (E5_INSTRUCTIONS, E5_SYMMETRIC, E5_WHOLE, DataError, DataStats, e5_files, iter_supervised,
                     read_scored_pairs, rows_rule_digest)
 from ..encoding import pad_batch, tokenize_with_instruction
-from .contrastive import ContrastiveStage
+from .contrastive import ContrastiveStage, text_keys
 
 
 class SupervisedStage(ContrastiveStage):
@@ -106,8 +106,12 @@ class SupervisedStage(ContrastiveStage):
         d_instr = [e.get("doc_instruction", "") for e in items] * (1 + n)  # E5's symmetric tasks: documents too
         d_ids, d_pm, t2 = tokenize_with_instruction(self.tok, docs, d_instr, doc_len, c.pooling, self.chat)
         ids, am, pm = pad_batch(q_ids + d_ids, self.tok.pad_token_id, "right", extra=(q_pm + d_pm,))
-        return self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
-                                 "truncated": t1 + t2})
+        batch = self.host_layout({"input_ids": ids, "attention_mask": am, "pool_mask": pm, "n_queries": len(items),
+                                  "truncated": t1 + t2})
+        if self.masking:  # candidates: positives, then negatives; query i's positive is candidate i
+            d_keys = text_keys(d_ids, d_pm)
+            batch["q_keys"], batch["d_keys"] = d_keys[:len(items)].clone(), d_keys
+        return batch
 
 
     def _collate_scored(self, items):
