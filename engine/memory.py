@@ -466,13 +466,22 @@ def device_arch(device):
 
 
 def kernel_arch_error(cfg, device):
-    """One line (or None) when ``model.attention=triton`` asks the attention kernels of a GPU before sm_80: their
-    fixed launch configs need 80-96 KB of shared memory per block and sm_75 (T4) has 64 KB, so the first launch
-    would fail, after the model has loaded. auto runs the exact torch path there."""
-    from llm2vec_kernels._backend import MIN_AUTO_ARCH
+    """One line (or None) when the run asks for kernels ``device`` cannot run, each of which would otherwise fail at
+    the first forward, after the model has loaded: ``model.attention`` / ``loss`` / ``fused_ops=triton`` off CUDA
+    without Triton's interpreter, or ``model.attention=triton`` on a GPU before sm_80 (the attention's fixed launch
+    configs need 80-96 KB of shared memory per block and sm_75, a T4, has 64 KB). auto runs the torch paths there."""
+    from llm2vec_kernels._backend import MIN_AUTO_ARCH, interpreter_enabled
 
+    if device.type != "cuda":  # the kernels need a GPU, or Triton's interpreter (TRITON_INTERPRET=1: tests, slow)
+        asked = [f"model.{key}=triton" for key in ("attention", "loss", "fused_ops")
+                 if getattr(cfg.model, key) == "triton"]
+        if asked and not interpreter_enabled():
+            return (f"{', '.join(asked)} runs Triton kernels, which need a CUDA GPU (this run is on the {device.type}; "
+                    f"TRITON_INTERPRET=1 runs them in Triton's interpreter, for tests); use auto, which takes the "
+                    f"torch path here")
+        return None
     arch = device_arch(device)
-    if cfg.model.attention != "triton" or device.type != "cuda" or arch >= MIN_AUTO_ARCH:
+    if cfg.model.attention != "triton" or arch >= MIN_AUTO_ARCH:
         return None
     return (f"model.attention=triton needs a GPU of compute capability {MIN_AUTO_ARCH / 10:.1f} or later (this one "
             f"is sm_{arch}: the attention kernels' tiles do not fit its shared memory); use model.attention=auto, "

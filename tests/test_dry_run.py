@@ -314,3 +314,16 @@ def test_a_file_the_dry_run_cannot_read_is_one_line_and_exit_2(offline, monkeypa
     assert main(["--config", os.path.join(ROOT, "configs/mistral-7b/supervised.yaml"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Permission denied: '/models/x/config.json'" in err[0], err
+
+
+def test_the_dry_run_plans_fused_ops_triton_as_auto_plans_it_on_the_gpu(offline):
+    """model.fused_ops=triton in a dry run (no GPU here): the meta forward gives the kernels' shapes through the
+    reference (a meta tensor holds no data to launch on) and the plan is auto's on the planned GPU, the fused path.
+    It was a traceback: the fused LoRA refused impl='triton' on a non-CUDA tensor."""
+    from engine.dry_run import dry_run
+
+    path = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
+    lines = []
+    auto = dry_run(load_config(path), world=8, out=lines.append)["plan"]
+    triton = dry_run(load_config(path, ["model.fused_ops=triton"]), world=8, out=lines.append)["plan"]
+    assert triton.per_token("none") == auto.per_token("none") and triton.paths == auto.paths and triton.paths[0] == "fused"

@@ -322,6 +322,25 @@ def test_the_trainer_refuses_triton_attention_on_an_older_gpu_before_anything_el
     assert not (tmp_path / "run").exists()  # nothing was held or written
 
 
+@pytest.mark.parametrize("key", ["attention", "loss", "fused_ops"])
+def test_the_trainer_refuses_triton_kernels_off_cuda_without_the_interpreter(key, monkeypatch, tmp_path):
+    """model.<key>=triton on a CPU run (no TRITON_INTERPRET) is one line before the model loads; it failed at the
+    first forward with a traceback from the kernels' dispatch. The interpreter (the suite's own setting) runs them."""
+    from engine import config as config_mod, memory, trainer
+
+    cfg = load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml"),
+                      [f"output_dir={tmp_path / 'run'}", f"model.{key}=triton"])
+    assert memory.kernel_arch_error(cfg, torch.device("cpu")) is None  # TRITON_INTERPRET=1 (conftest)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert memory.kernel_arch_error(load_config(os.path.join(ROOT, "configs/tiny/mntp.yaml")),
+                                    torch.device("cpu")) is None  # auto: the torch paths
+    monkeypatch.setattr(trainer, "init_distributed", lambda: torch.device("cpu"))
+    with pytest.raises(config_mod.ConfigError, match=rf"^model.{key}=triton runs Triton kernels, which need a CUDA GPU "
+                                                     r"\(this run is on the cpu; TRITON_INTERPRET=1"):
+        trainer.Trainer(cfg).setup()
+    assert not (tmp_path / "run").exists()  # nothing was held or written
+
+
 @pytest.mark.parametrize("size", ["mistral-7b", "llama2-7b", "small"])
 @pytest.mark.parametrize("path", ["peft", "peft-torch"])
 @pytest.mark.parametrize("dropout", [0.05, 0.0])
