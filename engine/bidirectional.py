@@ -62,6 +62,15 @@ def fused_projections(model_type):
     return SUPPORTED_ARCHITECTURES.get(model_type, {}).get("fused_projections", {})
 
 
+def lora_target_parts(target_modules):
+    """The Llama projections ``lora.target_modules`` adapts on whichever family, sorted, each once: a fused module's
+    name (``qkv_proj``) stands for its parts in every family that has it, so ``[qkv_proj, o_proj]`` and
+    ``[q_proj, k_proj, v_proj, o_proj]`` (the same adapter on Phi3) are one setting; order never mattered to PEFT."""
+    parts = {name: p for spec in SUPPORTED_ARCHITECTURES.values()
+             for name, p in spec.get("fused_projections", {}).items()}
+    return sorted({x for name in target_modules for x in parts.get(name, (name,))})
+
+
 class UnsupportedArchitectureError(ValueError):
     pass
 

@@ -90,12 +90,23 @@ def _acting(fp):
     return fp
 
 
+def _compared(key, value):
+    """A fingerprint value as runs are compared: ``lora.target_modules`` as the projections it adapts
+    (:func:`engine.bidirectional.lora_target_parts`: order aside, a fused module as its parts: ``[qkv_proj, ...]``
+    and ``[q_proj, k_proj, v_proj, ...]`` are one Phi3 adapter), the rest as JSON reads it."""
+    from .bidirectional import lora_target_parts
+
+    if key == "lora.target_modules" and isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return lora_target_parts(value)
+    return json_normal(value)
+
+
 def fingerprint_diff(saved: dict, current: dict) -> list:
     """[(key, saved value, current value)] for every key that differs (keys that do not act on the stage aside)."""
     saved, current = _acting(saved), _acting(current)
     keys = sorted(set(saved) | set(current))
     return [(k, saved.get(k, "<unset>"), current.get(k, "<unset>")) for k in keys
-            if json_normal(saved.get(k, "<unset>")) != json_normal(current.get(k, "<unset>"))]
+            if _compared(k, saved.get(k, "<unset>")) != _compared(k, current.get(k, "<unset>"))]
 
 
 def diff_listing(diff, then, now, most=None):

@@ -159,6 +159,32 @@ def test_a_contrastive_checkpoint_from_before_mask_false_negatives_is_the_same_r
         plan_resume(masked)
 
 
+def test_runs_are_compared_on_the_projections_their_lora_adapts(tmp_path):
+    """lora.target_modules in a fingerprint is the set of projections adapted: the order of the list, and a fused
+    module's name (Phi3's qkv_proj, gate_up_proj) against its parts' names, give the same adapter, so resume and pick
+    take them as one run; another set of projections is another run. (pick refused two bit-identical Phi3 runs.)"""
+    from engine.checkpoint import fingerprint_diff
+
+    out = str(tmp_path)
+    base = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}"])
+    fp = fingerprint(base)
+    for same in ("[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj]", "[qkv_proj,o_proj,gate_up_proj,down_proj]"):
+        cfg = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", f"lora.target_modules={same}"])
+        assert fingerprint_diff(fp, fingerprint(cfg)) == [], same
+    other = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", "lora.target_modules=[q_proj,v_proj]"])
+    assert [k for k, _, _ in fingerprint_diff(fp, fingerprint(other))] == ["lora.target_modules"]
+    path = os.path.join(out, "checkpoints", "step_0000002")
+    os.makedirs(path)
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump({"step": 2, "fingerprint": fp}, f)
+    open(os.path.join(path, COMPLETE), "w").close()
+    _set_latest(out, "step_0000002")
+    reordered = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}",
+                                                              "lora.target_modules=[o_proj,q_proj,k_proj,v_proj,"
+                                                              "gate_proj,up_proj,down_proj]"])
+    assert plan_resume(reordered) == (["step_0000002"], [])
+
+
 def test_plan_resume_never_restarts_silently(tmp_path):
     out = str(tmp_path)
     cfg = _cfg(out)
