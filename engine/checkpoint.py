@@ -176,6 +176,7 @@ def write_adapter(model, sd, dst, cfg, tokenizer, step=None):
         "base_model_name": cfg.model.name_or_path,  # as the config gave it: an alias, a hub id or a path
         "gguf_file": gguf,
         "random_init": cfg.model.random_init,
+        "model_type": getattr(model.config, "model_type", None),  # the family it adapts: merge_loras checks it
         "prior_adapters": [ref(a) for a in cfg.model.adapters],
         "bidirectional": cfg.model.bidirectional,
         "pooling": c.pooling,

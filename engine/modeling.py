@@ -373,6 +373,25 @@ def _lora_updates(folder, modules):
     return updates
 
 
+def _check_adapter_family(folder, model_type):
+    """ValueError when ``folder``'s engine record (``engine_encoder.json``: ``model_type``, or a random test base's
+    ``random_init``) names another family than ``model_type``. Names and shapes alone can fit across families
+    (Mistral-7B's and Llama-3-8B's projections have the same shapes), and such an adapter would merge silently into
+    the wrong model. An adapter without the record (a plain PEFT adapter, a run from before it) is not checked."""
+    try:
+        with open(os.path.join(folder, "engine_encoder.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict):
+        return
+    init = meta.get("random_init")
+    recorded = meta.get("model_type") or (init.get("model_type") if isinstance(init, dict) else None)
+    if recorded and model_type and recorded != model_type:
+        raise ValueError(f"{folder}: the adapter was trained on a {recorded} model; this model is a {model_type} "
+                         f"(its projections' names and shapes may fit, but the weights it learned on are another's)")
+
+
 @torch.no_grad()
 def merge_loras(model, folders):
     """Fold PEFT LoRA adapters (a chain: MNTP, then SimCSE or supervised trained on it merged) into ``model``'s
@@ -384,6 +403,7 @@ def merge_loras(model, folders):
     modules = dict(model.named_modules())
     per_module, counts = {}, []
     for folder in folders:
+        _check_adapter_family(folder, getattr(model.config, "model_type", None))
         updates = _lora_updates(folder, modules)
         counts.append(len(updates))
         for name, b, a, scale, fifo in updates:

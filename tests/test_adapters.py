@@ -209,3 +209,32 @@ def test_an_adapter_config_without_lora_alpha_merges_with_peft_default(tmp_path)
         delta = (sd[f"base_model.model.{name}.lora_B.weight"] @ sd[f"base_model.model.{name}.lora_A.weight"]) * scale
         torch.testing.assert_close(dict(model.named_parameters())[f"model.{name}.weight"],
                                    before[f"model.{name}.weight"] + delta)
+
+
+@pytest.mark.parametrize("record,refused", [
+    ({"model_type": "mistral"}, True),                          # a run's record: trained on another family
+    ({"random_init": {"model_type": "qwen2", "seed": 0}}, True),  # a random test base's spec, before the key
+    ({"model_type": "llama"}, False),
+    ({}, False),                                                # a record that names no family: not checked
+    (None, False),                                              # a plain PEFT adapter: no record
+])
+def test_an_adapter_recorded_on_another_family_is_refused_though_its_shapes_fit(tmp_path, record, refused):
+    """Mistral-7B's and Llama-3-8B's projections have the same names and shapes: an adapter of one merged silently
+    into the other. The engine records the family it trained (engine_encoder.json model_type; random_init for a random
+    test base) and refuses a merge into another, before any weight moves."""
+    model = _causal_lm()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    folder = str(tmp_path / "a")
+    _write_adapter(folder, "base_model.model.model.", TARGETS)
+    if record is not None:
+        with open(os.path.join(folder, "engine_encoder.json"), "w") as f:
+            json.dump({"format": "llm2vec-engine/1", **record}, f)
+    if refused:
+        with pytest.raises(ModelLoadError, match=r"the adapter was trained on a (mistral|qwen2) model; this model is "
+                                                 r"a llama"):
+            merge_adapter(model, folder)
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    else:
+        merge_adapter(model, folder)
+        assert not torch.equal(dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"],
+                               before["model.layers.0.self_attn.q_proj.weight"])

@@ -26,6 +26,8 @@ def _check_adapter(path):
     assert any(v.abs().sum() > 0 for k, v in sd.items() if "lora_B" in k), "LoRA B must have moved from zero"
     with open(os.path.join(path, "adapter_config.json")) as f:
         assert json.load(f)["peft_type"] == "LORA"
+    with open(os.path.join(path, "engine_encoder.json")) as f:  # the family a merge checks (the tiny configs': llama)
+        assert json.load(f)["model_type"] == "llama"
 
 
 def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
