@@ -18,8 +18,6 @@ summary, and the plots, profiler text, environment and step log unpacked from re
 with a README: what ran, card, commit.
 """
 import ast
-import csv
-import glob
 import json
 import math
 import os
@@ -27,6 +25,7 @@ import re
 import sys
 
 from benchmarks.archive_run import archive, step_log, steps_notes
+from benchmarks.summary_rows import extra as _extra, key as _key, newest_gpu, read as _rows, train_step_rows
 from engine.cli import ArgumentParser, fail, unwritable
 
 GPU_CHECK_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "llm2vec_kernels",
@@ -45,16 +44,6 @@ def gpu_checks(path=GPU_CHECK_SOURCE):
     except (OSError, SyntaxError, StopIteration, ValueError):
         return ()
     return value if isinstance(value, tuple) and all(isinstance(v, str) for v in value) else ()
-
-
-def _rows(path):  # None without the file
-    if os.path.isfile(path):
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-
-
-def _extra(row):
-    return dict(kv.split("=", 1) for kv in (row.get("extra") or "").split(";") if "=" in kv)
 
 
 def _f(x):
@@ -300,52 +289,6 @@ def fits_verdict(status, peak_mb):
     if status == "oom":
         return "oom", "MISSED"
     return f"not measured ({status})", "n/a"
-
-
-def legacy_rows(rows):
-    """Train-step rows in today's impl names, and whether they needed renaming. In runs before llm2vec's HF + PEFT
-    recipe joined the benchmark (the committed 2026-11-26 H200 run) `reference` was the ZeRO-3 ablation, whose step
-    rows say zero=3: today's `reference-zero3`. Today's `reference` is the HF recipe, without DeepSpeed (zero=none).
-    In such a legacy run every `reference` row (profile rows too) is renamed."""
-    legacy = any(r["impl"] == "reference" and r["pass"] == "step" and _extra(r).get("zero") == "3" for r in rows)
-    return [dict(r, impl="reference-zero3") if legacy and r["impl"] == "reference" else r for r in rows], legacy
-
-
-def newest_gpu(rows):
-    """(kept, apart): a kernel CSV's rows measured on the GPU of its last row, and the others. A benchmark appends
-    to its CSV, so one file can hold a --tiny rehearsal's rows (gpu=cpu) or another card's run beside this one's;
-    a target pairs each impl's newest row, which could then pair two devices' times (an impl the GPU run skipped
-    keeps its CPU row). No ratio is made across devices, as for train-step rows."""
-    if not rows:
-        return rows, []
-    gpu = rows[-1].get("gpu")
-    return [r for r in rows if r.get("gpu") == gpu], [r for r in rows if r.get("gpu") != gpu]
-
-
-def _key(row):
-    return row["shape"].split()[0], row["impl"], row["pass"]
-
-
-def with_reruns(rows, folder):
-    """(rows, apart): a run folder's train-step rows, a rerun/ CSV's row replacing the first call's of its stage, impl
-    and pass, unless on a GPU no first-call row names (apart: left out; no ratio mixes calls or GPUs either)."""
-    reruns, gpus = [], {r.get("gpu") for r in rows}
-    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "rerun", "*.csv"))):
-        reruns += [r for r in _rows(path) or [] if r.get("bench") == "train_step"]
-    apart = [r for r in reruns if gpus and r.get("gpu") not in gpus]
-    reruns = [r for r in reruns if r not in apart]
-    redone = {_key(r) for r in reruns}
-    return [r for r in rows if _key(r) not in redone] + reruns, apart
-
-
-def train_step_rows(folder):
-    """(bench_train_step.csv's rows with the folder's reruns in place and in today's impl names, legacy, the rerun
-    rows left out for another GPU), or (None, False, []) without that file."""
-    rows = _rows(os.path.join(folder, "bench_train_step.csv"))
-    if rows is None:
-        return None, False, []
-    rows, apart = with_reruns(rows, folder)
-    return (*legacy_rows(rows), apart)
 
 
 def train_step_targets(t, rows, legacy=False):

@@ -31,7 +31,7 @@ import torch
 from . import config as config_mod
 from .bidirectional import check_architecture
 from .bidirectional import make_bidirectional, shapes_only_attention
-from .lora import fuse_lora
+from .lora import fuse_lora, set_fused_impl
 from .memory import choose_recompute, choose_zero_stage, context_warning, fit_warning, plan_memory, text_lengths
 from .modeling import add_lora, architecture_config, check_lora_targets, describe_lora_targets, meta_model
 from .optim import schedule_warnings
@@ -67,7 +67,8 @@ def build_meta(cfg, dtype):
     check_lora_targets(cfg.lora, model)
     if cfg.lora.enabled:
         model = add_lora(model, cfg.lora)
-        fuse_lora(model, cfg.model.fused_ops)
+        fuse_lora(model, cfg.model.fused_ops)  # as the run fuses (triton: the kernels' rank limit checked)
+        set_fused_impl(model, "auto")  # the meta forward launches nothing: auto gives meta tensors the torch path
     else:
         for p in model.parameters():
             p.requires_grad_(True)

@@ -124,6 +124,16 @@ def _check_triton_rank(where, names, members):
                           f"PEFT's own forward runs anyway) or a lora.r of at most {MAX_BLOCK_N // len(members)}")
 
 
+def set_fused_impl(model, impl):
+    """Set the ``impl`` of every group :func:`fuse_lora` made in ``model`` (the groups it chose stay). The dry run
+    fuses as the run does (``model.fused_ops=triton`` checks the kernels' rank limit), then runs its meta forward
+    with "auto", which takes the torch path on meta tensors: same shapes, nothing launched."""
+    for m in model.modules():
+        group = getattr(m, "_llm2vec_group", None)
+        if group is not None:
+            group.impl = impl
+
+
 def fuse_lora(model, impl="auto"):
     """Group and swap every PEFT ``lora.Linear`` of ``model`` in place; returns {"groups": n, "layers": n}."""
     from peft.tuners.lora import Linear as LoraLinear

@@ -188,12 +188,12 @@ def lora_targets(target_modules, model_type):
     the fused module's own included, names itself. Some parts of a fused module without the others (q_proj alone)
     are a ValueError: a LoRA update of qkv_proj changes the k and v rows too, and a plain LoRA adapter (what PEFT
     saves, merges and loads) cannot hold an update of the q rows alone, so the config would train weights it did
-    not name."""
+    not name. A part named beside its module (``[qkv_proj, q_proj]``) stands for that module."""
     holder = {part: (module, parts) for module, parts in fused_projections(model_type).items() for part in parts}
     out = {}
     for name in target_modules:
         module, parts = holder.get(name, (name, (name,)))
-        missing = [p for p in parts if p not in target_modules]
+        missing = [] if module in target_modules else [p for p in parts if p not in target_modules]
         if missing:
             named = ", ".join(p for p in parts if p in target_modules)
             raise ValueError(

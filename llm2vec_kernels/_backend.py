@@ -98,8 +98,7 @@ def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None, fits=Tru
     """Return "triton" or "torch" for this call. ``op``: a family of ``_DEFAULTS`` (a new op joins one, or adds its
     own there). "auto" sends to Triton the CUDA tensors whose dtype is in ``auto_dtypes`` (None: all) when ``fits``
     (the op's kernel limits hold for this call: a width, a rank); an explicit "triton" is returned as asked, and the
-    op refuses a call that does not fit in one line. A meta tensor always gets "torch": it holds no data, and the
-    reference computes its output's shape and dtype."""
+    op refuses a call that does not fit in one line."""
     impl = impl or "auto"
     if impl not in _VALID:
         raise ValueError(f"unknown impl {impl!r} for {op}; expected one of {_VALID}")
@@ -111,8 +110,6 @@ def resolve_impl(op: str, impl, tensor: torch.Tensor, auto_dtypes=None, fits=Tru
     if impl == "auto":
         return "triton" if (_on_cuda(tensor) and fits and (auto_dtypes is None or tensor.dtype in auto_dtypes)) \
             else "torch"
-    if tensor.device.type == "meta":  # no data to launch on: the reference gives the shapes (the dry run's forward)
-        return "torch"
     if impl == "triton" and not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"{op}: impl='triton' on a CPU tensor needs TRITON_INTERPRET=1 (set before importing triton)"

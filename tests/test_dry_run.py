@@ -316,12 +316,14 @@ def test_a_file_the_dry_run_cannot_read_is_one_line_and_exit_2(offline, monkeypa
     assert len(err) == 1 and "Permission denied: '/models/x/config.json'" in err[0], err
 
 
-def test_the_dry_run_plans_fused_ops_triton_as_auto_plans_it_on_the_gpu(offline):
-    """model.fused_ops=triton in a dry run (no GPU here): the meta forward gives the kernels' shapes through the
-    reference (a meta tensor holds no data to launch on) and the plan is auto's on the planned GPU, the fused path.
-    It was a traceback: the fused LoRA refused impl='triton' on a non-CUDA tensor."""
+def test_the_dry_run_plans_fused_ops_triton_as_auto_plans_it_on_the_gpu(offline, monkeypatch):
+    """model.fused_ops=triton in a dry run (no GPU here): LoRA is fused as the run fuses it (the kernels' rank limit
+    checked), the meta forward launches nothing (auto: the torch path on meta tensors, the same shapes), and the plan
+    is auto's on the planned GPU, the fused path. It was a traceback: the fused LoRA refused impl='triton' on a
+    non-CUDA tensor."""
     from engine.dry_run import dry_run
 
+    monkeypatch.delenv("TRITON_INTERPRET")  # a user's machine without a GPU (the suite runs the interpreter)
     path = os.path.join(ROOT, "configs", "mistral-7b", "mntp.yaml")
     lines = []
     auto = dry_run(load_config(path), world=8, out=lines.append)["plan"]

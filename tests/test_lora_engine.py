@@ -238,6 +238,7 @@ def test_the_default_targets_adapt_phi3s_fused_projections_and_a_part_alone_is_r
     assert list(lora_targets(default, "llama")) == default and describe_lora_targets(default, "llama") == \
         ", ".join(default)
     assert list(lora_targets(["qkv_proj", "down_proj"], "phi3")) == ["qkv_proj", "down_proj"]
+    assert lora_targets(["qkv_proj", "q_proj"], "phi3") == {"qkv_proj": ["qkv_proj", "q_proj"]}  # the module named
     model = _model("phi3", dropout=0.0)
     assert sorted(model.peft_config["default"].target_modules) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     with pytest.raises(ValueError, match=r"names gate_proj without up_proj: phi3 computes gate_proj, up_proj in one "

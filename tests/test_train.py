@@ -303,3 +303,20 @@ def test_false_negatives_left_out_are_counted_per_logged_row_and_over_a_resume(t
     assert r.returncode == 0 and "resumed from step_0000001" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert [(x["step"], x["false_negatives"], x["loss"]) for x in _metrics(crash)] == \
         [(x["step"], x["false_negatives"], x["loss"]) for x in rows]
+
+
+def test_false_negatives_are_counted_over_the_ranks_gathered_candidates(tmp_path):
+    # Two ranks, the same one-positive data: each micro-step gathers 2 ranks x (2 positives + 2 negatives), 4 of them
+    # copies of every query's positive, so each of the 4 queries leaves out 3 (12 pairs), and a step of 2 micro-steps
+    # a rank logs 24: the count of the global batch, summed over the ranks (each counts its own queries).
+    data = tmp_path / "same-positive.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"query": f"question number {i} about the river", "positive": "The river floods in spring.",
+                                "negative": f"Unrelated passage {i} on mountains and snow."}) + "\n")
+    out = str(tmp_path / "run")
+    r = run_cmd(deepspeed_cmd(2, "--config", "configs/tiny/supervised.yaml", f"data={data}", "max_steps=1",
+                              "batch_size=8", "micro_batch_size=2", "eval_every=0", "contrastive.mask_false_negatives=true",
+                              f"output_dir={out}"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert [int(x["false_negatives"]) for x in _metrics(out)] == [24]

@@ -14,7 +14,8 @@ In-batch false negatives (``contrastive.mask_false_negatives``, InfoNCE only, of
 gives every text a key, :func:`text_key`, and the batch carries ``q_keys`` (B,) (the key of each query's positive)
 and ``d_keys`` (M,) (each candidate's). Two texts are the same text when the model reads the same tokens where it
 pools: the ids their pool mask marks (the text, the chat wrap's tail and EOS, as truncated to the max length; the
-instruction and the chat head are attended but not pooled, so a passage under two instructions is one text; with
+instruction and the chat head are attended but not pooled, so a passage under two instructions is one text where
+the tokenizer splits it alike after either (not so SentencePiece's leading "▁": that copy stays a negative); with
 ``bos`` pooling the mask covers the whole sequence, instruction included). A candidate other than query i's positive
 with that positive's key is left out of query i's InfoNCE denominator, across ranks too, in training, in gradient
 caching and in the held-out loss; each micro-step's metrics count such (query, candidate) pairs of this rank's

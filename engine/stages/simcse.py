@@ -2,8 +2,8 @@
 ``model.attention_dropout``, 0.3 in the shipped SimCSE configs as in LLM2Vec (the key's default is 0), plus LoRA
 dropout); the two views are each other's positive and the other sentences of the batch (across ranks too) are the
 negatives. A run with neither dropout is warned about (``engine.config.dropout_warning``). With
-``contrastive.mask_false_negatives`` a sentence met twice in one (gathered) batch is no negative of its copy's query
-(:mod:`engine.stages.contrastive`)."""
+``contrastive.mask_false_negatives`` two sentences that are the same once cut to ``max_len`` (repeated texts are
+dropped at load) are no negatives of each other's query in one (gathered) batch (:mod:`engine.stages.contrastive`)."""
 
 from .. import data, token_cache
 from ..data import DataError, DataStats, iter_texts, seed_orders
