@@ -318,7 +318,7 @@ def test_false_negative_masking_by_hand(impl):
 
 
 @pytest.mark.parametrize("impl,kw", [("torch", {}), ("triton", dict(num_splits=3))])
-def test_every_other_candidate_a_copy_leaves_the_positive_alone(impl, kw, monkeypatch):
+def test_when_every_other_text_is_a_copy_only_the_positive_is_left(impl, kw, monkeypatch):
     """Analytic case: every candidate has the same key, so each query's log-sum-exp holds its positive only: loss 0,
     no gradient, and every other pair masked. As rank 2 of 3 the positives sit past the first of 3 forward splits:
     whole tiles and a whole split are masked for every row ((m, l) = (-inf, 0) partials), which must not give NaN."""

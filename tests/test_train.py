@@ -305,7 +305,7 @@ def test_false_negatives_left_out_are_counted_per_logged_row_and_over_a_resume(t
         [(x["step"], x["false_negatives"], x["loss"]) for x in rows]
 
 
-def test_false_negatives_are_counted_over_the_ranks_gathered_candidates(tmp_path):
+def test_false_negatives_are_counted_over_the_ranks_gathered_texts(tmp_path):
     # Two ranks, the same one-positive data: each micro-step gathers 2 ranks x (2 positives + 2 negatives), 4 of them
     # copies of every query's positive, so each of the 4 queries leaves out 3 (12 pairs), and a step of 2 micro-steps
     # a rank logs 24: the count of the global batch, summed over the ranks (each counts its own queries).
