@@ -381,10 +381,11 @@ class Trainer:
     def log(self, done, row, always=False):
         """Rank 0 appends ``row`` to metrics.csv (and TensorBoard); its ``truncated`` counts the texts cut since the
         last logged row (every step's, whatever ``log_every`` leaves out), and so does ``false_negatives`` (the
-        (query, candidate) pairs ``contrastive.mask_false_negatives`` left out of the loss) where the row has it. A failed write (a full disk) is kept, not raised:
-        the other ranks are already on their way into the next step's collectives, which rank 0 would never join.
-        The next step's all-reduce carries a flag for it, and every rank raises it together (:meth:`raise_log_error`;
-        after the last step, :meth:`finish`): one step later, at no cost to a step that logs fine."""
+        (query, candidate) pairs ``contrastive.mask_false_negatives`` left out of the loss) where the row has it. A
+        failed write (a full disk) is kept, not raised: the other ranks are already on their way into the next step's
+        collectives, which rank 0 would never join. The next step's all-reduce carries a flag for it, and every rank
+        raises it together (:meth:`raise_log_error`; after the last step, :meth:`finish`): one step later, at no cost
+        to a step that logs fine."""
         cfg = self.cfg
         self.truncated_unlogged += row.get("truncated", 0)
         self.false_negatives_unlogged += row.get("false_negatives", 0)

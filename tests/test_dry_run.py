@@ -328,4 +328,5 @@ def test_the_dry_run_plans_fused_ops_triton_as_auto_plans_it_on_the_gpu(offline,
     lines = []
     auto = dry_run(load_config(path), world=8, out=lines.append)["plan"]
     triton = dry_run(load_config(path, ["model.fused_ops=triton"]), world=8, out=lines.append)["plan"]
-    assert triton.per_token("none") == auto.per_token("none") and triton.paths == auto.paths and triton.paths[0] == "fused"
+    assert triton.per_token("none") == auto.per_token("none")
+    assert triton.paths == auto.paths and triton.paths[0] == "fused"

@@ -168,7 +168,8 @@ def test_runs_are_compared_on_the_projections_their_lora_adapts(tmp_path):
     out = str(tmp_path)
     base = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}"])
     fp = fingerprint(base)
-    for same in ("[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj]", "[qkv_proj,o_proj,gate_up_proj,down_proj]"):
+    for same in ("[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj]",
+                 "[qkv_proj,o_proj,gate_up_proj,down_proj]"):
         cfg = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", f"lora.target_modules={same}"])
         assert fingerprint_diff(fp, fingerprint(cfg)) == [], same
     other = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", "lora.target_modules=[q_proj,v_proj]"])

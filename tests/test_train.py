@@ -280,16 +280,23 @@ def test_a_rank_leaves_through_os_exit_once_main_has_returned(monkeypatch):
     assert seen == [("os._exit", 2), ("sys.exit", 0)]
 
 
+def _one_positive_data(tmp_path):
+    """16 supervised rows whose positives are all one passage (each with its own query and hard negative)."""
+    data = tmp_path / "same-positive.jsonl"
+    with open(data, "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"query": f"question number {i} about the river",
+                                "positive": "The river floods in spring.",
+                                "negative": f"Unrelated passage {i} on mountains and snow."}) + "\n")
+    return data
+
+
 def test_false_negatives_left_out_are_counted_per_logged_row_and_over_a_resume(tmp_path):
     # contrastive.mask_false_negatives: every row's positive is one passage, so in each micro-batch of 2 queries each
     # query's other candidate copy of it is left out: 2 pairs a micro-batch, 4 micro-batches a step, 8 a step.
     # metrics.csv counts them since the last logged row, as it counts cut texts (log_every=2: row 2 holds steps 1
     # and 2), and a run resumed from step 1's checkpoint carries step 1's count into row 2.
-    data = tmp_path / "same-positive.jsonl"
-    with open(data, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"query": f"question number {i} about the river", "positive": "The river floods in spring.",
-                                "negative": f"Unrelated passage {i} on mountains and snow."}) + "\n")
+    data = _one_positive_data(tmp_path)
     ref, crash = str(tmp_path / "ref"), str(tmp_path / "crash")
     args = ["python", "engine/train.py", "--config", "configs/tiny/supervised.yaml", f"data={data}", "max_steps=3",
             "save_every=1", "keep_checkpoints=3", "batch_size=8", "micro_batch_size=2", "eval_every=0", "log_every=2",
@@ -309,14 +316,10 @@ def test_false_negatives_are_counted_over_the_ranks_gathered_texts(tmp_path):
     # Two ranks, the same one-positive data: each micro-step gathers 2 ranks x (2 positives + 2 negatives), 4 of them
     # copies of every query's positive, so each of the 4 queries leaves out 3 (12 pairs), and a step of 2 micro-steps
     # a rank logs 24: the count of the global batch, summed over the ranks (each counts its own queries).
-    data = tmp_path / "same-positive.jsonl"
-    with open(data, "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"query": f"question number {i} about the river", "positive": "The river floods in spring.",
-                                "negative": f"Unrelated passage {i} on mountains and snow."}) + "\n")
+    data = _one_positive_data(tmp_path)
     out = str(tmp_path / "run")
     r = run_cmd(deepspeed_cmd(2, "--config", "configs/tiny/supervised.yaml", f"data={data}", "max_steps=1",
-                              "batch_size=8", "micro_batch_size=2", "eval_every=0", "contrastive.mask_false_negatives=true",
-                              f"output_dir={out}"))
+                              "batch_size=8", "micro_batch_size=2", "eval_every=0",
+                              "contrastive.mask_false_negatives=true", f"output_dir={out}"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [int(x["false_negatives"]) for x in _metrics(out)] == [24]
