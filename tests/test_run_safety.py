@@ -30,12 +30,13 @@ def _cfg(out, *overrides, stage="mntp"):
     return load_config(os.path.join(TINY, f"{stage}.yaml"), [f"output_dir={out}", *MNTP, *overrides])
 
 
-def _fake_ckpt(out, step, cfg, complete=True):
+def _fake_ckpt(out, step, cfg, complete=True, fp=None):
+    """A checkpoint folder of ``cfg``'s run at ``step`` (``fp``: the fingerprint it records, cfg's by default)."""
     path = os.path.join(out, "checkpoints", f"step_{step:07d}")
     os.makedirs(path)
     if complete:
         with open(os.path.join(path, RUN_FILE), "w") as f:
-            json.dump({"step": step, "fingerprint": fingerprint(cfg)}, f)
+            json.dump({"step": step, "fingerprint": fingerprint(cfg) if fp is None else fp}, f)
         open(os.path.join(path, COMPLETE), "w").close()
     return path
 
@@ -146,11 +147,7 @@ def test_a_contrastive_checkpoint_from_before_mask_false_negatives_is_the_same_r
         m.setattr(checkpoint, "to_dict", before_the_key)
         old = fingerprint(cfg)
     assert "contrastive.temperature" in old and fingerprint(cfg) == old
-    path = os.path.join(out, "checkpoints", "step_0000003")
-    os.makedirs(path)
-    with open(os.path.join(path, RUN_FILE), "w") as f:
-        json.dump({"step": 3, "fingerprint": old}, f)
-    open(os.path.join(path, COMPLETE), "w").close()
+    _fake_ckpt(out, 3, cfg, fp=old)
     _set_latest(out, "step_0000003")
     assert plan_resume(cfg) == (["step_0000003"], [])
     masked = load_config(os.path.join(TINY, "supervised.yaml"), [f"output_dir={out}",
@@ -174,11 +171,7 @@ def test_runs_are_compared_on_the_projections_their_lora_adapts(tmp_path):
         assert fingerprint_diff(fp, fingerprint(cfg)) == [], same
     other = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}", "lora.target_modules=[q_proj,v_proj]"])
     assert [k for k, _, _ in fingerprint_diff(fp, fingerprint(other))] == ["lora.target_modules"]
-    path = os.path.join(out, "checkpoints", "step_0000002")
-    os.makedirs(path)
-    with open(os.path.join(path, RUN_FILE), "w") as f:
-        json.dump({"step": 2, "fingerprint": fp}, f)
-    open(os.path.join(path, COMPLETE), "w").close()
+    _fake_ckpt(out, 2, base)
     _set_latest(out, "step_0000002")
     reordered = load_config(os.path.join(TINY, "mntp.yaml"), [f"output_dir={out}",
                                                               "lora.target_modules=[o_proj,q_proj,k_proj,v_proj,"
