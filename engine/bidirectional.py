@@ -62,12 +62,17 @@ def fused_projections(model_type):
     return SUPPORTED_ARCHITECTURES.get(model_type, {}).get("fused_projections", {})
 
 
+def _every_fused_projection():
+    """{fused module name: the Llama projections it holds} over every family of the table."""
+    return {name: parts for spec in SUPPORTED_ARCHITECTURES.values()
+            for name, parts in spec.get("fused_projections", {}).items()}
+
+
 def lora_target_parts(target_modules):
     """The Llama projections ``lora.target_modules`` adapts on whichever family, sorted, each once: a fused module's
     name (``qkv_proj``) stands for its parts in every family that has it, so ``[qkv_proj, o_proj]`` and
     ``[q_proj, k_proj, v_proj, o_proj]`` (the same adapter on Phi3) are one setting; order never mattered to PEFT."""
-    parts = {name: p for spec in SUPPORTED_ARCHITECTURES.values()
-             for name, p in spec.get("fused_projections", {}).items()}
+    parts = _every_fused_projection()
     return sorted({x for name in target_modules for x in parts.get(name, (name,))})
 
 
@@ -299,8 +304,7 @@ def set_attention_dropout(model, p):
     be the same forward (an attention module this code does not recognise). An attention module is one with an
     ``attention_dropout`` and a query projection: ``q_proj``, or a family's fused module that holds it (Phi3's
     ``qkv_proj``, from the table's ``fused_projections``)."""
-    query = {"q_proj"} | {name for spec in SUPPORTED_ARCHITECTURES.values()
-                          for name, parts in spec.get("fused_projections", {}).items() if "q_proj" in parts}
+    query = {"q_proj"} | {name for name, parts in _every_fused_projection().items() if "q_proj" in parts}
     n = 0
     for mod in model.modules():
         if hasattr(mod, "attention_dropout") and any(hasattr(mod, name) for name in query):

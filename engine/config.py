@@ -276,7 +276,8 @@ def _build(cls, raw, prefix=""):
 
 def _set_dotted(raw, dotted, text, cls):
     """Apply the override ``dotted=text`` to the raw config mapping, reading ``text`` by the key's type
-    (:func:`_override_value`); a whole section given as a YAML mapping is merged into the file's section."""
+    (:func:`_override_value`); a whole section given as a YAML mapping is merged into the file's section, and so is a
+    mapping key's (``model.random_init``) unless it names another ``model_type``."""
     parts = dotted.split(".")
     node, node_cls, prefix = raw, cls, ""
     for i, part in enumerate(parts):
@@ -285,18 +286,12 @@ def _set_dotted(raw, dotted, text, cls):
             raise _unknown(part, list(hints), prefix, node_cls)
         if i == len(parts) - 1:
             tp = hints[part]
-            if dataclasses.is_dataclass(tp):
-                value = _yaml_value(dotted, text)
-                if isinstance(value, dict) and isinstance(node.get(part), dict):
-                    value = _merged(node[part], value)
-                node[part] = value
-            else:
-                value = _override_value(dotted, text, tp)
-                old = node.get(part)
-                if isinstance(value, dict) and isinstance(old, dict) and \
-                        value.get("model_type", old.get("model_type")) == old.get("model_type"):
-                    value = _merged(old, value)  # model.random_init: merged too, unless it names another family
-                node[part] = value
+            value = _yaml_value(dotted, text) if dataclasses.is_dataclass(tp) else _override_value(dotted, text, tp)
+            old = node.get(part)
+            if isinstance(value, dict) and isinstance(old, dict) and \
+                    value.get("model_type", old.get("model_type")) == old.get("model_type"):
+                value = _merged(old, value)  # another family's random_init replaces: its keys are the other's
+            node[part] = value
             return
         if not dataclasses.is_dataclass(hints[part]):
             raise ConfigError(f"config key '{prefix}{part}' is not a section; cannot set '{dotted}'")
@@ -495,6 +490,16 @@ def check_output_dir(path):
         raise ConfigError(f"output_dir {path}: {parent} is not a folder")
 
 
+def false_negatives_error(c):
+    """Why ``contrastive.mask_false_negatives`` cannot act with section ``c``'s loss (None where it can): it leaves
+    copies of a query's positive out of InfoNCE's negatives, and a graded loss has no such positive."""
+    if c.mask_false_negatives and c.loss != "infonce":
+        return (f"contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's negatives; "
+                f"contrastive.loss={c.loss} ranks scored pairs and has no such positive: set "
+                f"contrastive.mask_false_negatives=false (or contrastive.loss=infonce)")
+    return None
+
+
 def stage_temperature(stage):
     """contrastive.temperature when the config leaves it unset: llm2vec's defaults, SimCSE scale 20, supervised 50."""
     return 0.02 if stage == "supervised" else 0.05
@@ -542,9 +547,8 @@ def validate(cfg: TrainConfig):
     if c.loss != "infonce" and cfg.stage != "supervised":
         raise ConfigError(f"contrastive.loss={c.loss} trains on scored pairs: use it with stage: supervised "
                           f"(stage {cfg.stage} uses infonce)")
-    if c.mask_false_negatives and c.loss != "infonce" and cfg.stage == "supervised":
-        raise ConfigError(f"contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's "
-                          f"negatives; contrastive.loss={c.loss} ranks scored pairs: set one of the two back")
+    if false_negatives_error(c):
+        raise ConfigError(false_negatives_error(c))
     if len(c.angle_weights) != 3 or any(w < 0 for w in c.angle_weights) or not any(c.angle_weights):
         raise ConfigError(f"contrastive.angle_weights must be 3 non-negative weights (cos, ibn, angle), not all 0, "
                           f"got {c.angle_weights}")

@@ -239,6 +239,24 @@ def _dot_tile(
 
 
 @triton.jit
+def _copies(q_key, c_key, cols, target):
+    # (BLOCK_M, BLOCK_N) bool: column j is a false negative of row i, F(i): its key id is that of i's positive,
+    # and j is not t(i) itself
+    return (c_key[None, :] == q_key[:, None]) & (cols[None, :] != target[:, None])
+
+
+@triton.jit
+def _lse_shift(m, HAS_KEYS: tl.constexpr):
+    # the running max an online log-sum-exp shifts by. With keys a row may have seen only masked scores so far
+    # (m = -inf, sum 0): it shifts by 0 there, since exp2(-inf - -inf) is NaN. Without keys every row has a finite
+    # score in every tile and split, and m is returned as it is
+    shift = m
+    if HAS_KEYS:
+        shift = tl.where(m == float("-inf"), 0.0, m)
+    return shift
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     q_ptr, c_ptr, q_inv_ptr, c_inv_ptr, q_key_ptr, c_key_ptr, part_ptr,
     B, N, E, pos_offset, blocks_per_split, num_splits,
@@ -284,15 +302,12 @@ def _contrastive_fwd_kernel(
         s2 = tl.where(cmask[None, :], s2, float("-inf"))
         if HAS_KEYS:
             c_key = tl.load(c_key_ptr + cols, mask=cmask, other=0)
-            s2 = tl.where((c_key[None, :] == q_key[:, None]) & (cols[None, :] != target[:, None]), float("-inf"), s2)
+            s2 = tl.where(_copies(q_key, c_key, cols, target), float("-inf"), s2)
         # The positive is found by index, not by value: duplicate candidates tie in score but only
         # column t(i) is the label.
         pos += tl.sum(tl.where(cols[None, :] == target[:, None], s2, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-        if HAS_KEYS:  # a tile whose every column is masked for a row keeps m = -inf: shift by 0 there, not NaN
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
+        m_ref = _lse_shift(m_new, HAS_KEYS)  # a tile whose every column is masked for a row keeps m = -inf
         l_i = l_i * tl.exp2(m_i - m_ref) + tl.sum(tl.exp2(s2 - m_ref[:, None]), axis=1)
         m_i = m_new
 
@@ -323,10 +338,7 @@ def _lse_combine_kernel(
         l_s = tl.load(p + stride_pk, mask=rmask, other=1.0)
         pos += tl.load(p + 2 * stride_pk, mask=rmask, other=0.0)
         m_new = tl.maximum(m, m_s)
-        if HAS_KEYS:  # two empty partials: shift by 0, not by -inf (NaN)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_ref = m_new
+        m_ref = _lse_shift(m_new, HAS_KEYS)  # two empty partials
         l = l * tl.exp2(m - m_ref) + l_s * tl.exp2(m_s - m_ref)
         m = m_new
     # (m - pos) first: two scores of similar size, so their difference is (nearly) exact and the small loss
@@ -379,7 +391,7 @@ def _contrastive_bwd_scores_kernel(
     if HAS_KEYS:
         q_key = tl.load(q_key_ptr + rows, mask=rmask, other=0)
         c_key = tl.load(c_key_ptr + cols, mask=cmask, other=0)
-        p = tl.where((c_key[None, :] == q_key[:, None]) & (cols[None, :] != (pos_offset + rows)[:, None]), 0.0, p)
+        p = tl.where(_copies(q_key, c_key, cols, pos_offset + rows), 0.0, p)
     g = p - tl.where(cols[None, :] == (pos_offset + rows)[:, None], 1.0, 0.0)
     mask = rmask[:, None] & cmask[None, :]
     lrows64 = lrows.to(tl.int64)[:, None]

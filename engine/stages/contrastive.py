@@ -30,7 +30,7 @@ import llm2vec_kernels
 
 from .. import losses
 from ..bidirectional import dispatch_as_if_backward
-from ..config import ConfigError
+from ..config import ConfigError, false_negatives_error
 from ..encoding import NoRoomError, embed_batch, tokenize_for_encoding, training_wrap
 from ..modeling import packing
 from .base import Stage
@@ -82,11 +82,9 @@ class ContrastiveStage(Stage):
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        c = cfg.contrastive
-        if c.mask_false_negatives and c.loss != "infonce":
-            raise ConfigError(f"contrastive.mask_false_negatives leaves copies of a query's positive out of InfoNCE's "
-                              f"negatives; contrastive.loss={c.loss} ranks scored pairs and has no such positive: "
-                              f"set contrastive.mask_false_negatives=false (or contrastive.loss=infonce)")
+        refused = false_negatives_error(cfg.contrastive)  # as validate says it: a config set by hand too
+        if refused:
+            raise ConfigError(refused)
 
     @property
     def masking(self):
