@@ -284,10 +284,13 @@ def _base_names(info):
     """(label, hub id or None) of the base model. An engine alias is named as such, with the hub model its weights
     came from; a hub id, or a hub cache snapshot of one, is both; another local folder is its base name, with the
     hub id it says it came from (:func:`engine.refs.hub_id_of`, the id that chose the chat wrap) or none: the
-    card's ``base_model`` must name a hub model or be left out."""
+    card's ``base_model`` must name a hub model or be left out. An engine test run on random weights
+    (``model.random_init``) has no base model: only its architecture and tokenizer came from ``base``."""
     base = info["base"]
     if not base:
         return "random-init", None
+    if info.get("random_init"):
+        return f"random-init ({_base_names({**info, 'random_init': None})[0]} architecture)", None
     given = (info.get("engine_meta") or {}).get("base_model_name")
     alias = given if given and assets.is_alias(given) else assets.alias_of(base)
     if alias:

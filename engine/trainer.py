@@ -293,7 +293,8 @@ class Trainer:
             engine.step()
             red[0] += loss.detach().to(torch.float64) * weights[a]
             red[1] += metrics.get("tokens", 0)
-            red[5] += metrics.get("false_negatives", 0)  # contrastive.mask_false_negatives: pairs left out
+            if "false_negatives" in metrics:  # contrastive.mask_false_negatives: pairs left out (no op when off)
+                red[5] += metrics["false_negatives"]
         red[0] /= self.accum
         red[2] = truncated
         gn_raw = engine.get_global_grad_norm()

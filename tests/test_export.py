@@ -618,6 +618,10 @@ def test_base_and_adapter_names_say_what_they_are(tmp_path, monkeypatch):
     os.makedirs(snap)
     assert _base_names({"base": str(snap), "engine_meta": {}}) == ("Qwen/Qwen2-1.5B-Instruct",) * 2
     assert _base_names({"base": None, "engine_meta": {}}) == ("random-init", None)
+    # random weights: the card names no hub model, though the architecture and tokenizer came from one
+    assert _base_names({"base": "smollm2-135m", "random_init": {"hidden_size": 64},
+                        "engine_meta": {"base_model_name": "smollm2-135m"}}) == \
+        ("random-init (smollm2-135m architecture)", None)
     assert _base_line({"base_model": "smollm2-135m", "base_model_hub_id": hub}) == \
         f"`smollm2-135m` (from {hub}, Q4_1, de-quantised to fp32)"
     assert _base_line({"base_model": "mistralai/Mistral-7B-v0.1", "base_model_hub_id": "mistralai/Mistral-7B-v0.1"}) \
