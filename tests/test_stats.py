@@ -204,3 +204,37 @@ def test_the_cli_cap_on_resamples_is_the_maths_cap():
     from engine import evaluate, stats
 
     assert evaluate.MAX_BOOTSTRAP == stats.MAX_BOOT
+
+
+def _shared_sentence_groups(pairs):
+    """Sizes of the groups of pairs linked by a shared sentence (union-find over the two sentences of each pair)."""
+    parent = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b, _ in pairs:
+        parent[root(a)] = root(b)
+    sizes = {}
+    for a, _, _ in pairs:
+        sizes[root(a)] = sizes.get(root(a), 0) + 1
+    return sorted(sizes.values(), reverse=True)
+
+
+def test_the_readmes_count_of_pairs_sharing_a_sentence_in_sts_b_test():
+    """The README's reading of the pair bootstrap: on all of STS-B test pairs share sentences (an interval may be
+    slightly narrow), on its news pairs almost none do."""
+    import os
+
+    from engine.data import read_sts, sts_genre
+
+    path = os.path.join(os.path.dirname(__file__), "..", "data", "stsbenchmark", "sts-test.csv")
+    every = _shared_sentence_groups(read_sts(path))
+    assert (sum(every), len(every), every[0], sum(n for n in every if n > 1)) == (1379, 1179, 25, 275)
+    with open(path, encoding="utf-8") as f:
+        news_lines = [line for line in f if sts_genre(line.split("\t", 1)[0]) == "news"]
+    news = _shared_sentence_groups([(x[5], x[6].rstrip("\n"), None) for x in (line.split("\t") for line in news_lines)])
+    assert (sum(news), len(news)) == (500, 498)
