@@ -138,6 +138,14 @@ def _check_table(src):
                         f"the one table the stages read; give .txt lines or .jsonl rows instead")
 
 
+JSON_LINES = (".jsonl", ".json", ".ndjson")  # read as one JSON object a line, whatever the case of the extension
+
+
+def is_json_lines(path):
+    """Whether ``path`` is read as JSON lines (``.jsonl``, ``.json``, ``.ndjson``, in any case) rather than text."""
+    return path.lower().endswith(JSON_LINES)
+
+
 def is_sts_file(path):
     """STS Benchmark TSV: >= 7 tab-separated fields with a numeric score in column 5."""
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -194,7 +202,7 @@ def read_scored_pairs(sources, max_samples=0):
         _check_file(src)
         if is_sts_file(src):
             rows = read_sts(src)
-        elif src.endswith((".jsonl", ".json")):
+        elif is_json_lines(src):
             rows = []
             for n, obj in _json_rows(src):
                 if obj is None:
@@ -347,7 +355,7 @@ def _raw_texts(src, room, seed):
             pairs = pairs[:max(1, (room + 1) // 2)]
         return split_pairs(pairs, seed)
     _check_table(src)
-    if src.endswith((".jsonl", ".json")):
+    if is_json_lines(src):
         return _jsonl_field(src, "text")
     return _lines(src)
 
@@ -531,7 +539,8 @@ def _supervised_example(obj, where, meta):
         _utf8_text(x, where, key)
     # a row's own instructions (null: none of its own, the default applies)
     instruction, doc_instruction = (_opt_str_field(obj, k, where) for k in ("instruction", "doc_instruction"))
-    source = _utf8_text(str(obj.get("source", meta["source"])), where, "source")
+    source = obj.get("source")  # null: the file's own, as for the instructions (a number names a group too)
+    source = meta["source"] if source is None else _utf8_text(str(source), where, "source")
     if not q or not p:
         return None
     kept = [x.strip() for x in negs if x.strip()]

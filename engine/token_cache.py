@@ -50,7 +50,7 @@ from .config import ConfigError
 from .data import DataError
 from .files import pid_alive, sync_folder, write_json
 
-FORMAT = 2  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key
+FORMAT = 3  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key; 3: .JSONL, .ndjson read as JSON lines
 _DTYPES = {"tokens": np.uint32, "json": np.uint8}
 
 
@@ -114,9 +114,9 @@ def source_identity(src):
 
 def _keyed_source(src):
     """:func:`source_identity`, with a local file's extension: how a file is read depends on it
-    (``engine.data``: a ``.jsonl``/``.json`` file's ``text`` fields, another file's lines), so byte-identical
-    ``c.jsonl`` and ``c.txt`` are other items. (A directory's files are named with theirs already. The checkpoint's
-    :func:`data_identity` is left as it was: its fingerprint holds the paths.)"""
+    (``engine.data``: a ``.jsonl``/``.json``/``.ndjson`` file's ``text`` fields, another file's lines), so
+    byte-identical ``c.jsonl`` and ``c.txt`` are other items. (A directory's files are named with theirs already.
+    The checkpoint's :func:`data_identity` is left as it was: its fingerprint holds the paths.)"""
     ident = source_identity(src)
     if "file" in ident:
         ident = {**ident, "ext": os.path.splitext(src)[1]}

@@ -65,6 +65,18 @@ def test_jsonl_and_errors(tmp_path):
         read_texts([str(nofield)])
 
 
+@pytest.mark.parametrize("name", ["D.JSONL", "d.ndjson", "d.Json"])
+def test_json_lines_are_read_as_json_whatever_the_extensions_case(tmp_path, name):
+    """Every stage reads a .jsonl, .json or .ndjson file, in any case, as JSON lines: MNTP and SimCSE once read
+    ``C.JSONL`` and ``.ndjson`` as plain text and trained on the JSON syntax, while the supervised stage parsed them."""
+    p = tmp_path / name
+    p.write_text('{"text": "hello world"}\n{"text": "second doc"}\n')
+    assert read_texts([str(p)])[0] == ["hello world", "second doc"]
+    g = tmp_path / ("g" + name[1:])
+    g.write_text('{"sentence1": "a", "sentence2": "b", "score": 3}\n')
+    assert read_scored_pairs([str(g)])[0] == [("a", "b", 3.0)]
+
+
 
 def test_json_nested_too_deep_is_one_data_error(tmp_path):
     """100k nested brackets overflow the JSON parser's recursion: a DataError naming the line, for text and
@@ -106,6 +118,11 @@ def test_supervised_jsonl_and_sts_conversion(tmp_path):
     ex, stats = read_supervised([str(p)])
     assert [e["negatives"] for e in ex] == [["n1"], ["n2", "m2"]]
     assert ex[0]["instruction"] == "Find: " and ex[1]["source"] == "other"
+    # a null source (pandas or datasets write a missing value so) is the file's own group, not the group "None"
+    nulls = [tmp_path / "n1.jsonl", tmp_path / "n2.jsonl"]
+    for f in nulls:
+        f.write_text(json.dumps({"query": "q", "positive": "p", "negative": "n", "source": None}) + "\n")
+    assert [e["source"] for e in read_supervised([str(f) for f in nulls])[0]] == [str(nulls[0]), str(nulls[1])]
     assert stats.empty == 1
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"query": "q"}\n')
