@@ -23,7 +23,9 @@ data or other settings is another entry, never a stale one.
 
 One process builds an entry, under an exclusive lock on that entry (``<root>/.locks/<key>.lock``, fcntl): the
 ranks that wait on the lock then find the entry complete, and a run that needs another entry does not wait. A
-process that finds the lock taken says so in one line (which entry, that it waits) before it waits. A build writes
+process that finds the lock taken says so in one line (which entry, that it waits) before it waits. A build that
+meets bad data (a :class:`engine.data.DataError`) records it (``<root>/.locks/<key>.failed``), and the processes
+that waited on that build raise it rather than build again in turn; a later run builds again. A build writes
 into ``<key>.tmp-<host>-<pid>/`` and renames it into place, so a killed build leaves no entry, only a temp folder:
 the next build on that host, of any entry, removes every temp folder of this host whose process is gone (never
 another host's, nor one whose process lives), and every one of its own entry's (under that entry's lock none is
@@ -41,6 +43,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -264,12 +267,35 @@ def _sweep_dead_builds(root, key, host):
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _failure_path(root, key):
+    return os.path.join(root, ".locks", f"{key}.failed")
+
+
+def _failed_since(root, key, since):
+    """The DataError text of a build of ``key`` that failed at or after time ``since`` (None: none did). The ranks of
+    a run wait on one lock for one build: when that build meets bad data, each waiter re-raises its error instead of
+    building again, one after another (8 ranks took 8 build times to fail, and could outlast the collectives'
+    timeout). An older failure (an earlier run) is built again: the key holds the data's content, so a fixed
+    file is another entry anyway."""
+    try:
+        with open(_failure_path(root, key), encoding="utf-8") as f:
+            failed = json.load(f)
+        return failed["error"] if float(failed["time"]) >= since else None
+    except (OSError, ValueError, KeyError, TypeError):  # none, or a torn record: build
+        return None
+
+
 def _build_locked(root, folder, kind, build, progress):
-    """Build the entry ``folder`` under its lock (unless another process finished it meanwhile)."""
+    """Build the entry ``folder`` under its lock (unless another process finished it meanwhile, or its build failed
+    on bad data while this one waited: :func:`_failed_since`)."""
     host = socket.gethostname()
     key = os.path.basename(folder)
+    waited_from = time.time()
     with _entry_lock(root, key):
         if not _complete(folder):
+            failed = _failed_since(root, key, waited_from)
+            if failed is not None:
+                raise DataError(failed)
             _sweep_dead_builds(root, key, host)  # builds killed before their rename, on this host
             if os.path.isdir(folder) and not _complete(folder):  # a meta.json that does not read: rebuilt (asked
                 shutil.rmtree(folder)  # again just before: another host may have finished it meanwhile)
@@ -277,7 +303,14 @@ def _build_locked(root, folder, kind, build, progress):
             os.makedirs(tmp)
             try:
                 writer = _Writer(tmp, kind)
-                stats = build(writer, progress)
+                try:
+                    stats = build(writer, progress)
+                except DataError as e:  # bad data: the ranks waiting on this lock say it too (_failed_since)
+                    try:
+                        write_json(_failure_path(root, key), {"error": str(e), "time": time.time()}, indent=None)
+                    except OSError:  # (then they build and meet it themselves, as before)
+                        pass
+                    raise
                 writer.close()
                 names = sorted(writer.group_names, key=writer.group_names.get)
                 meta = {"format": FORMAT, "kind": kind, "items": writer.n, "stats": stats, "groups": names or None}

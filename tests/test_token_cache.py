@@ -415,6 +415,49 @@ def test_a_build_of_one_entry_does_not_wait_for_another_entrys_build(_cache, cap
     assert out["a"] == out["a2"] == [[4, 5], [6]] and calls == ["a"]
 
 
+def test_a_build_that_meets_bad_data_fails_every_waiting_rank_at_once(_cache, capsys):
+    """The ranks of a run wait on one entry's lock for one build. When that build met bad data, each waiter took the
+    lock in turn and built again to the same error: 8 ranks failed after 8 build times. Now the waiters re-raise the
+    build's DataError (one build), and a later run, which did not wait on that build, builds again."""
+    import threading
+
+    started, release, calls, out = threading.Event(), threading.Event(), [], {}
+
+    def bad(writer, progress):
+        calls.append("bad")
+        started.set()
+        assert release.wait(30)
+        raise DataError("rows.jsonl:1400000: field 'negative' must be a string, got null")
+
+    def run(name, build):
+        try:
+            out[name] = token_cache.build_or_open("f" * 32, "json", build, progress=False)[0][:]
+        except BaseException as e:  # noqa: BLE001 (reported by the asserts below)
+            out[name] = e
+
+    threads = [threading.Thread(target=run, args=("r0", bad), daemon=True)]
+    threads[0].start()
+    assert started.wait(30)
+    threads += [threading.Thread(target=run, args=(f"r{r}", bad), daemon=True) for r in (1, 2, 3)]
+    for t in threads[1:]:
+        t.start()
+    said = ""
+    for _ in range(400):  # every waiter has said that it waits (so it waits on the lock) before the build fails
+        said += capsys.readouterr().out
+        if said.count("this one waits for it") == 3:
+            break
+        threads[0].join(0.05)
+    else:
+        pytest.fail(f"the waiters did not all wait: {said!r}")
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert calls == ["bad"], "a waiting rank built the entry again"
+    assert [str(out[f"r{r}"]) for r in range(4)] == [str(out["r0"])] * 4 and isinstance(out["r3"], DataError)
+    assert "'negative' must be a string" in str(out["r0"])
+    assert token_cache.build_or_open("f" * 32, "json", lambda w, p: (w.add({"x": 1}), {})[1])[0][:] == [{"x": 1}]
+
+
 def test_a_killed_builds_temp_folder_is_removed_by_a_build_of_any_entry(_cache):
     """A build killed before its rename left ``<key>.tmp-<host>-<pid>`` (corpus-sized) until a later build of the
     same key; after a settings change (a new key) it stayed for ever. A build of any entry removes this host's temp
