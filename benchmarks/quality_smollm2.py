@@ -191,17 +191,12 @@ def _write(path, lines):
 
 def interleave_genres(lines):
     """STS TSV lines reordered genre by genre in turn (each genre's lines keep their order), so that the first N
-    lines of a dev file (``eval_sts_pairs``) hold every genre rather than the file's first one only."""
-    from engine.data import sts_genre
+    lines of a dev file (``eval_sts_pairs``) hold every genre rather than the file's first one only. The trainer's
+    dev score takes its pairs by the same rule (``engine.data.sts_eval_pairs``), so an interleaved file scores the
+    same pairs as the file it came from; the table's runs before that rule relied on this copy."""
+    from engine.data import in_turn, sts_genre
 
-    groups = {}
-    for line in lines:
-        groups.setdefault(sts_genre(line.split("\t", 1)[0]), []).append(line)
-    queues = [list(reversed(g)) for g in groups.values()]
-    out = []
-    while any(queues):
-        out += [q.pop() for q in queues if q]
-    return out
+    return in_turn(lines, lambda line: sts_genre(line.split("\t", 1)[0]))
 
 
 def interleaved_dev(dev, work):

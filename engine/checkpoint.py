@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import refs
 from .config import ConfigError, load_config, to_dict
-from .data import read_sts
+from .data import EVAL_STS_ORDER, read_sts, sts_eval_pairs
 from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import share_safetensors, sync_file, sync_folder, sync_tree, write_json, write_text
@@ -906,6 +906,15 @@ def _recover_best(folder):
         os.replace(old, folder)
 
 
+def _first_pairs_are_the_eval_pairs(cfg):
+    """Whether a best/ record from before ``eval_sts_order`` (scored on the file's first ``eval_sts_pairs`` pairs)
+    scored the pairs this run scores: yes where the file holds one genre, or no more pairs than that."""
+    try:
+        return read_sts(cfg.eval_data[0])[:cfg.eval_sts_pairs] == sts_eval_pairs(cfg.eval_data[0], cfg.eval_sts_pairs)
+    except (OSError, ValueError):  # (a DataError: the run's own eval says it) not comparable
+        return False
+
+
 class BestAdapter:
     """``output_dir/best/``: the adapter with the highest dev STS Spearman seen so far, beside the last one.
 
@@ -931,12 +940,15 @@ class BestAdapter:
                 raise ConfigError(f"{meta} does not read ({type(e).__name__}: {e}): move best/ aside to resume, or "
                                   f"resume=force to start over") from None
             pairs = kept.get("eval_sts_pairs", cfg.eval_sts_pairs)  # records before it was kept: as now
-            if (kept.get("eval_data"), pairs) == (cfg.eval_data[0], cfg.eval_sts_pairs):
+            same = (kept.get("eval_data"), pairs) == (cfg.eval_data[0], cfg.eval_sts_pairs) and (
+                kept.get("eval_sts_order") == EVAL_STS_ORDER or _first_pairs_are_the_eval_pairs(cfg))
+            if same:
                 self.score, self.step = float(kept["spearman"]), int(kept["step"])
             else:  # eval settings may change on resume: a score on other pairs does not compare
-                warn0(rank, f"best/ (step {kept['step']}) was selected on {kept.get('eval_data')} ({pairs} pairs); "
-                            f"this run scores {cfg.eval_data[0]} ({cfg.eval_sts_pairs} pairs), so its next dev "
-                            f"score replaces it")
+                order = kept.get("eval_sts_order", "the file's first")
+                warn0(rank, f"best/ (step {kept['step']}) was selected on {kept.get('eval_data')} ({pairs} pairs, "
+                            f"{order}); this run scores {cfg.eval_data[0]} ({cfg.eval_sts_pairs} pairs, "
+                            f"{EVAL_STS_ORDER}), so its next dev score replaces it")
 
     def update(self, step, spearman, module, cfg, tok, rank, device):
         flag = torch.tensor([1.0 if (rank == 0 and spearman > self.score) else 0.0], device=device)
@@ -951,7 +963,8 @@ class BestAdapter:
             write_adapter(module.model, sd, new, cfg, tok, step)
             write_json(os.path.join(new, self.META), {"step": step, "spearman": spearman,
                                                       "eval_data": cfg.eval_data[0],
-                                                      "eval_sts_pairs": cfg.eval_sts_pairs})
+                                                      "eval_sts_pairs": cfg.eval_sts_pairs,
+                                                      "eval_sts_order": EVAL_STS_ORDER})
             _replace_dir(new, self.dir)
 
         together(lambda: write() if rank == 0 else None)
@@ -966,8 +979,9 @@ class BestAdapter:
 
 
 def sts_spearman(module, stage, path, max_pairs=500):
-    """Spearman correlation of the model's cosine similarities with the gold scores of the first ``max_pairs``
-    pairs of an STS file (the dev score ``BestAdapter`` keeps the best adapter by)."""
+    """Spearman correlation of the model's cosine similarities with the gold scores of ``max_pairs`` pairs of an STS
+    file, taken genre by genre in turn (:func:`engine.data.sts_eval_pairs`): the dev score ``BestAdapter`` keeps the
+    best adapter by."""
     from .encoder import DEFAULT_MAX_LENGTH, Encoder
     from .evaluate import sts_scores
 
@@ -977,4 +991,4 @@ def sts_spearman(module, stage, path, max_pairs=500):
     # best/ reads the tokens the test score will
     enc = Encoder(module.model, stage.tok, pooling=c.pooling, max_length=DEFAULT_MAX_LENGTH, instruction=c.instruction,
                   chat=getattr(stage, "chat", None))
-    return sts_scores(enc, read_sts(path)[:max_pairs], batch_size=stage.cfg.micro_batch_size * 4)["spearman"]
+    return sts_scores(enc, sts_eval_pairs(path, max_pairs), batch_size=stage.cfg.micro_batch_size * 4)["spearman"]

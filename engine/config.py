@@ -134,7 +134,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0
     eval_batches: int = 20
-    eval_sts_pairs: int = 500  # an STS eval_data file: score its first N pairs (dev Spearman, best/ selection)
+    eval_sts_pairs: int = 500  # an STS eval_data file: score N pairs, genres in turn (dev Spearman, best/ selection)
     save_every: int = 0  # 0: save only at the end
     keep_checkpoints: int = 2
     logger: str = "csv"  # csv | tensorboard | both: metrics.csv is always written; tensorboard and both add TensorBoard

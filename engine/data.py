@@ -699,6 +699,36 @@ def sts_genre(value):
     return g if g.endswith("s") else g + "s"
 
 
+def in_turn(items, group_of):
+    """``items`` reordered group by group in turn (the groups in order of first appearance, each group's items in
+    their order): the first N then hold every group, as evenly as the groups' sizes allow."""
+    groups = {}
+    for x in items:
+        groups.setdefault(group_of(x), []).append(x)
+    queues = [list(reversed(g)) for g in groups.values()]
+    out = []
+    while any(queues):
+        out += [q.pop() for q in queues if q]
+    return out
+
+
+EVAL_STS_ORDER = "genres in turn"  # how sts_eval_pairs takes a part of an STS file (best/'s record holds it)
+
+
+def sts_eval_pairs(path, max_pairs):
+    """The pairs of an STS Benchmark TSV that the dev score reads (``eval_sts_pairs``): all of them in file order
+    when ``max_pairs`` covers the file, else ``max_pairs`` taken genre by genre in turn (:func:`in_turn` over
+    :func:`sts_genre`). STS-B dev is sorted by genre: its first 500 pairs are all image and video captions, so a
+    best/ chosen on them was chosen on captions alone (forums and news are 55% of STS-B test)."""
+    _check_file(path)
+    rows = list(_sts_rows(path))
+    if not rows:
+        raise DataError(f"no STS pairs in {path}")
+    if max_pairs < len(rows):
+        rows = in_turn(rows, lambda r: sts_genre(r[3][0]))[:max_pairs]
+    return [(a, b, score) for a, b, score, _ in rows]
+
+
 def sts_genre_lines(path, genres):
     """The rows of an STS Benchmark TSV whose genre (:func:`sts_genre`) is in ``genres``, as TSV lines in file
     order. A genre the file does not hold is a DataError naming the ones it does."""

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from engine.config import load_config
 from engine.modeling import add_lora, load_model, load_tokenizer
 from engine.checkpoint import BestAdapter, adapter_state_dict
+from engine.data import EVAL_STS_ORDER
 from engine.distributed import init_distributed
 
 
@@ -60,7 +61,8 @@ def test_a_resumed_run_recovers_an_interrupted_swap_and_rereads_its_eval_set(tmp
 
     def record(folder, step, score, **extra):
         folder.mkdir()
-        rec = {"step": step, "spearman": score, "eval_data": cfg.eval_data[0], "eval_sts_pairs": cfg.eval_sts_pairs}
+        rec = {"step": step, "spearman": score, "eval_data": cfg.eval_data[0], "eval_sts_pairs": cfg.eval_sts_pairs,
+               "eval_sts_order": EVAL_STS_ORDER}
         (folder / BestAdapter.META).write_text(json.dumps({**rec, **extra}))
 
     record(tmp_path / "best.old", 3, 20.0)
@@ -75,9 +77,15 @@ def test_a_resumed_run_recovers_an_interrupted_swap_and_rereads_its_eval_set(tmp
     assert kept.score == float("-inf") and kept.step is None
     assert "so its next dev score replaces it" in capsys.readouterr().out
     legacy = json.loads((best / BestAdapter.META).read_text())  # a record from before the pair count was kept
-    del legacy["eval_sts_pairs"]
+    del legacy["eval_sts_pairs"], legacy["eval_sts_order"]
     (best / BestAdapter.META).write_text(json.dumps(legacy))
-    assert BestAdapter(cfg, rank=0, resumed=True).step == 3
+    # and before the order: it scored sts-dev's first 500 pairs, all captions, where this run scores all genres
+    kept = BestAdapter(cfg, rank=0, resumed=True)
+    assert kept.step is None and "500 pairs, the file's first); this run" in capsys.readouterr().out
+    every = load_config("configs/tiny/graded.yaml", [f"output_dir={tmp_path}", "eval_sts_pairs=1500"])
+    legacy["eval_sts_pairs"] = 1500  # all of dev: the same pairs whichever the order
+    (best / BestAdapter.META).write_text(json.dumps(legacy))
+    assert BestAdapter(every, rank=0, resumed=True).step == 3
 
 
 def test_a_torn_best_record_is_one_line_not_a_traceback(tmp_path):
@@ -102,7 +110,7 @@ def test_the_dev_score_reads_the_tokens_evaluate_will(tmp_path):
 
     from engine import Encoder
     from engine.checkpoint import sts_spearman
-    from engine.data import read_sts
+    from engine.data import sts_eval_pairs
     from engine.evaluate import sts_scores
     from engine.stages import build_stage
 
@@ -110,7 +118,7 @@ def test_the_dev_score_reads_the_tokens_evaluate_will(tmp_path):
     tok = load_tokenizer(cfg.model)
     model, _ = load_model(cfg.model, "cpu", tok)
     stage = build_stage(cfg, tok)
-    pairs = read_sts("data/stsbenchmark/sts-dev.csv")[:60]
+    pairs = sts_eval_pairs("data/stsbenchmark/sts-dev.csv", 60)
     dev = sts_spearman(types.SimpleNamespace(model=model), stage, "data/stsbenchmark/sts-dev.csv", max_pairs=60)
 
     def score(**kw):
@@ -165,7 +173,8 @@ def test_a_resume_puts_back_the_best_adapter_its_checkpoint_kept(tmp_path, capsy
         (folder / "adapter_model.safetensors").write_bytes(f"weights of step {step}".encode())
         (folder / BestAdapter.META).write_text(json.dumps({"step": step, "spearman": score,
                                                            "eval_data": cfg.eval_data[0],
-                                                           "eval_sts_pairs": cfg.eval_sts_pairs}))
+                                                           "eval_sts_pairs": cfg.eval_sts_pairs,
+                                                           "eval_sts_order": EVAL_STS_ORDER}))
 
     def checkpoint(step):  # Checkpointer.save's record
         path = root / f"step_{step:07d}"

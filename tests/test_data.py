@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -407,3 +408,26 @@ def test_the_item_cache_rules_digest_holds_the_row_fields_read(monkeypatch):
     before = D.rows_rule_digest()
     monkeypatch.setattr(D, "ROW_FIELDS", D.ROW_FIELDS[:-1])
     assert D.rows_rule_digest() != before
+
+
+def test_the_dev_score_reads_every_genre_of_a_file_sorted_by_genre(tmp_path):
+    """STS-B dev is sorted by genre (625 captions, 375 forums, 500 news): its first 500 pairs, which the dev score
+    read, are all captions. eval_sts_pairs takes its pairs genre by genre in turn now; the whole file stays as it
+    is, and a file interleaved by hand (the quality benchmark's copy) gives the same pairs as its source."""
+    from collections import Counter
+
+    from engine.data import sts_eval_pairs, sts_genre
+
+    dev = os.path.join(STS, "sts-dev.csv")
+    with open(dev, encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f if line.strip()]
+    genre = {(x[5].strip(), x[6].strip()): sts_genre(x[0]) for x in (line.split("\t") for line in lines)}
+    assert Counter(genre[p[:2]] for p in read_sts(dev)[:500]) == {"captions": 500}
+    picked = sts_eval_pairs(dev, 500)
+    assert Counter(genre[p[:2]] for p in picked) == {"captions": 167, "forums": 167, "news": 166}
+    assert sts_eval_pairs(dev, 1500) == read_sts(dev) == sts_eval_pairs(dev, 10**6)
+    from benchmarks.quality_smollm2 import interleave_genres
+
+    copy = tmp_path / "sts-dev-interleaved.csv"
+    copy.write_text("\n".join(interleave_genres(lines)) + "\n")
+    assert read_sts(str(copy))[:500] == sts_eval_pairs(str(copy), 500) == picked

@@ -35,10 +35,10 @@ def test_graded_two_ranks_keeps_the_best_adapter(tmp_path):
            f"dev STS Spearman {best['spearman']:.4f})" in last, last
 
     from engine import Encoder
-    from engine.data import read_sts
+    from engine.data import sts_eval_pairs
     from engine.evaluate import sts_scores
 
     # the kept adapter really is the one that scored best: re-scoring it gives the logged figure
     enc = Encoder.from_pretrained(os.path.join(out, "best"), device="cpu")
-    again = sts_scores(enc, read_sts("data/stsbenchmark/sts-dev.csv")[:200], batch_size=16)["spearman"]
+    again = sts_scores(enc, sts_eval_pairs("data/stsbenchmark/sts-dev.csv", 200), batch_size=16)["spearman"]
     assert again == pytest.approx(best["spearman"], abs=1e-3)
