@@ -394,8 +394,8 @@ def _lines(path):
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{n}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r} at column "
                                 f"{e.start + 1})") from None
-            if n == 1 and line.startswith(BOM):
-                line = line[1:]  # a UTF-8 byte-order mark is file metadata, not the first text's first character
+            if line.startswith(BOM):  # a UTF-8 byte-order mark is file metadata, not the first text's first
+                line = line[1:]  # character: at the top of the file, or of each file `cat` joined into this one
             yield line[:-2] if line.endswith("\r\n") else line.rstrip("\n")
 
 
@@ -528,7 +528,9 @@ def _supervised_example(obj, where, meta):
                         f"{_json_type(obj)}")
     q, p = _str_field(obj, "query", where).strip(), _str_field(obj, "positive", where).strip()
     key = "negatives" if "negatives" in obj else "negative"
-    negs = obj.get(key, [])
+    negs = obj.get(key)
+    if negs is None:  # no field, or null (a gap in a column pandas or datasets wrote): a row without one, counted
+        negs = []
     if isinstance(negs, str):
         negs = [negs]
     if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):

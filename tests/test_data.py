@@ -119,6 +119,12 @@ def test_supervised_jsonl_and_sts_conversion(tmp_path):
     ex, stats = read_supervised([str(p)])
     assert [e["negatives"] for e in ex] == [["n1"], ["n2", "m2"]]
     assert ex[0]["instruction"] == "Find: " and ex[1]["source"] == "other"
+    # a null negative is a row without one (counted), as a missing field is, not an error that stops the build
+    gaps = tmp_path / "gaps.jsonl"
+    gaps.write_text("\n".join(json.dumps({"query": f"gap{i}", "positive": "p", key: None})
+                              for i, key in enumerate(("negative", "negatives"))) + "\n" + json.dumps(rows[0]) + "\n")
+    kept, gap_stats = read_supervised([str(gaps)])
+    assert [e["query"] for e in kept] == ["q1"] and gap_stats.no_negative == 2
     # a null source (pandas or datasets write a missing value so) is the file's own group, not the group "None"
     nulls = [tmp_path / "n1.jsonl", tmp_path / "n2.jsonl"]
     for f in nulls:
@@ -251,6 +257,9 @@ def test_a_utf8_bom_is_not_part_of_the_first_text(tmp_path):
     mid = tmp_path / "mid.txt"  # only a leading mark is metadata: one inside the text is kept
     mid.write_text("a\ufeffb\n", encoding="utf-8")
     assert read_texts([str(mid)])[0] == ["a\ufeffb"]
+    joined = tmp_path / "joined.txt"  # `cat` of two files that each begin with a mark: each is metadata
+    joined.write_bytes(txt.read_bytes() + txt.read_bytes())
+    assert read_texts([str(joined)])[0] == ["first", "second"] * 2
 
 
 def test_a_lone_utf16_surrogate_is_refused_when_read(tmp_path):
