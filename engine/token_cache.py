@@ -53,7 +53,7 @@ from .config import ConfigError
 from .data import DataError
 from .files import pid_alive, sync_folder, write_json
 
-FORMAT = 3  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key; 3: .JSONL, .ndjson as JSON lines, BOMs of lines
+FORMAT = 3  # 2: the tokenizer's pipeline, EOS and BOS/EOS flags in the key; 3: .JSONL/.ndjson as JSON, line BOMs
 _DTYPES = {"tokens": np.uint32, "json": np.uint8}
 
 
