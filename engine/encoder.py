@@ -335,6 +335,8 @@ def resolve_chain(name_or_path, peft_model_name_or_path=None, adapter=None):
         own = [a for a in extra["adapters"] if a not in info["adapters"]]
         info["adapters"] = info["adapters"] + own
         info["settings"] = {**info["settings"], **extra["settings"]}
+        if extra["engine_meta"] is not None:  # the top adapter's record: the chat wrap it trained with (or none)
+            info["engine_meta"] = extra["engine_meta"]
         if extra["tokenizer"] and not info["tokenizer"]:
             info["tokenizer"] = extra["tokenizer"]
     info["base_id"] = hub_id_of(info["base"])

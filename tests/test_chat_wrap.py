@@ -107,6 +107,14 @@ def test_training_encode_and_export_follow_the_recorded_wrap(tmp_path, style):
     _save_adapter(model, str(tmp_path / "published"), base, seed=3)
     assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu").chat == wrap
     assert Encoder.from_pretrained(str(tmp_path / "published"), device="cpu", chat="none").chat is None
+    # an engine run loaded llm2vec's way, on top of it (peft_model_name_or_path): the run's record wins there too;
+    # it reached neither Encoder nor LLM2Vec, and the hub-id guess wrapped a run that trained without the wrap
+    from engine import LLM2Vec
+
+    published, plain, run = (str(tmp_path / x) for x in ("published", "plain", "run"))
+    assert Encoder.from_pretrained(published, peft_model_name_or_path=plain, device="cpu").chat is None
+    assert LLM2Vec.from_pretrained(published, peft_model_name_or_path=plain, device_map="cpu").encoder.chat is None
+    assert Encoder.from_pretrained(published, peft_model_name_or_path=run, device="cpu").chat == wrap
 
 
 @pytest.mark.parametrize("tokenizer", ["smollm2", "sentencepiece"])
