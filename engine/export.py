@@ -486,6 +486,7 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
 
     s = info["settings"]
     pooling = s.get("pooling", "mean")
+    normalize = bool(normalize or s.get("normalize"))  # an export exported again keeps its Normalize module
     dt = resolve_dtype(dtype, "cpu")
     # Loaded in the export's dtype when the base is stored in it (a bf16 7B: 15 GB of host memory, not 30 + 15):
     # the adapters merge in fp32 with one rounding (merge_loras), so the bits are those of an fp32 load and cast.
@@ -524,6 +525,9 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
     # The weights and the tokenizer are written once, where sentence-transformers keeps its Transformer module's
     # (the folder's root); its own save of that module then writes only the module's config (below).
     enc_model.save_pretrained(tmp, safe_serialization=True)
+    # the engine keeps a long text's head and pads on the right (engine.encoding): a base tokenizer saved with left
+    # truncation (alignment-handbook's models) made sentence-transformers keep the tail, the instruction cut off
+    tok.truncation_side = tok.padding_side = "right"
     tok.save_pretrained(tmp)
     del enc_model
     # Text-only: sentence-transformers 6 would otherwise route plain strings through the tokenizer's chat template.

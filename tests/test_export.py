@@ -97,6 +97,50 @@ def test_export_moves_and_matches_encoder_in_sentence_transformers_and_automodel
         _check_bidirectional_automodel(moved, tok, enc)
 
 
+def test_a_left_truncating_base_tokenizer_exports_cutting_and_padding_as_the_engine_does(tmp_path, tok):
+    """The engine keeps a long text's head and pads on the right. A base tokenizer saved with truncation_side and
+    padding_side "left" (as alignment-handbook's models are) was copied into the export: sentence-transformers then
+    kept a long text's tail (with a prompt, the instruction was cut off). The export now cuts and pads on the right."""
+    from sentence_transformers import SentenceTransformer
+
+    from engine.export import export
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    cfg = os.path.join(base, "tokenizer_config.json")
+    with open(cfg) as f:
+        saved = json.load(f)
+    with open(cfg, "w") as f:
+        json.dump({**saved, "truncation_side": "left", "padding_side": "left"}, f)
+    with pytest.warns(UserWarning, match="hard-codes causal"):
+        export(base, str(tmp_path / "exp"), max_length=16)
+    enc = Encoder.from_pretrained(base, device="cpu", max_length=16)
+    st = SentenceTransformer(str(tmp_path / "exp"), device="cpu")
+    texts = ["Dogs bark.", " ".join(f"word{i}" for i in range(60))]
+    np.testing.assert_allclose(st.encode(texts), enc.encode(texts), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(st.encode(texts, prompt=instruction_prefix(INSTR)), enc.encode(texts, prompt=INSTR),
+                               atol=1e-4, rtol=0)
+    with open(tmp_path / "exp" / "tokenizer_config.json") as f:
+        exported = json.load(f)
+    assert (exported["truncation_side"], exported["padding_side"]) == ("right", "right")
+
+
+def test_an_export_exported_again_keeps_its_normalize_module(tmp_path, tok):
+    """Exporting an export again (another dtype, say) dropped its Normalize module: unit-length embeddings became
+    raw ones, which a dot-product vector store ranks differently."""
+    from engine.export import export
+
+    sup = _chain(str(tmp_path / "src"), tok, "mean")
+    with pytest.warns(UserWarning, match="hard-codes causal"):
+        export(sup, str(tmp_path / "exp"), normalize=True)
+        meta = export(str(tmp_path / "exp"), str(tmp_path / "again"))
+    assert meta["normalize"] is True
+    with open(tmp_path / "again" / "modules.json") as f:
+        assert [m["type"].rsplit(".", 1)[-1] for m in json.load(f)][-1] == "Normalize"
+    np.testing.assert_allclose(np.linalg.norm(Encoder.from_pretrained(str(tmp_path / "again"), device="cpu")
+                                              .encode(TEXTS), axis=1), 1.0, atol=1e-5)
+
+
 def test_the_weights_are_written_once(tmp_path, tok, monkeypatch):
     """The export wrote the weights twice (a scratch folder, then sentence-transformers' save): twice a 7B's disk at
     its peak. Once now, into the folder's root, where sentence-transformers reads them."""
