@@ -218,9 +218,15 @@ def _release(payloads):
 
 def _gather(futures, n, stats, bar):
     """Write each chunk's rows at its start as it completes, sum its counts into ``stats``. A worker that raised
-    re-raises here; a dead one raises BrokenProcessPool."""
+    re-raises here; a dead one raises BrokenProcessPool. Takes the futures out of the caller's list: a finished
+    future holds its chunk's rows (in shared memory) for as long as anything refers to it, so the list kept every
+    chunk alive until the call returned, twice the output at the end and half of it in /dev/shm."""
+    pending = set(futures)
+    futures.clear()
+    done = as_completed(pending)  # its own set, from which it drops each future it yields
+    del pending
     out = None
-    for future in as_completed(futures):
+    for future in done:
         start, emb, st = future.result()
         if out is None:
             out = torch.empty(n, emb.shape[-1], dtype=torch.float32)
