@@ -351,6 +351,18 @@ def _positive_int(name, value, allow_none=False):
     return value
 
 
+def _pooling_mode(name):
+    """The engine's pooling mode ``name`` names (llm2vec's names too: ``eos_token`` is ``eos``); ValueError for
+    another, said before a model loads rather than at its first encode."""
+    from .pooling import POOLING_MODES
+
+    mode = _LLM2VEC_POOLING.get(name, name)
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unknown pooling {name!r}; expected one of {list(POOLING_MODES)} (or llm2vec's "
+                         f"{sorted(set(_LLM2VEC_POOLING) - set(POOLING_MODES))})")
+    return mode
+
+
 def recorded_chat(info):
     """The chat wrap a checkpoint records: (found, wrap). An engine run records the wrap it trained with
     (``engine_encoder.json`` "chat", absent = trained unwrapped), an export the wrap it encodes with; a published
@@ -481,6 +493,7 @@ class Encoder:
         training run sets it."""
         if chat is not None and chat not in CHAT_WRAPS:
             raise ValueError(f"unknown chat wrapping {chat!r}; expected one of {sorted(CHAT_WRAPS)} or None")
+        pooling = _pooling_mode(pooling)
         _positive_int("max_length", max_length)
         _positive_int("doc_max_length", doc_max_length, allow_none=True)
         if attention is not None and attention not in _ATTENTION:
@@ -513,6 +526,9 @@ class Encoder:
             raise TypeError("Encoder.from_pretrained: merge_peft=False is not supported (adapters are always merged "
                             "into the weights); engine.LLM2Vec keeps llm2vec's default")
         _positive_int("max_length", max_length, allow_none=True)
+        for p in (pooling, pooling_mode):
+            if p is not None:
+                _pooling_mode(p)
         info = resolve_chain(base_model_name_or_path, peft_model_name_or_path, adapter=adapter)
         s = info["settings"]
         if isinstance(device_map, (str, torch.device)) and str(device_map) != "auto":

@@ -63,6 +63,24 @@ def test_encode_invariant_to_batch_size_and_padding_side(tmp_path, tok, pooling)
         enc.encode([])
 
 
+def test_a_pooling_name_is_checked_before_the_model_loads(tmp_path, tok, monkeypatch):
+    """An unknown pooling loaded (a 7B: minutes) and failed at the first encode; llm2vec's names (eos_token) were
+    refused there too. Both are settled before anything loads now."""
+    import engine.encoder as encoder
+
+    base = str(tmp_path / "base")
+    _save_base(base, tok)
+    assert Encoder.from_pretrained(base, pooling="eos_token", device="cpu").pooling == "eos"
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(encoder, "load_encoder_model", no_load)
+    for kw in ({"pooling": "cls"}, {"pooling_mode": "max"}):
+        with pytest.raises(ValueError, match="unknown pooling"):
+            Encoder.from_pretrained(base, device="cpu", **kw)
+
+
 def test_llm2vec_style_chain_base_mntp_supervised(tmp_path, tok):
     base, mntp, sup = (str(tmp_path / n) for n in ("base", "mntp", "sup"))
     model = _save_base(base, tok)
