@@ -626,16 +626,47 @@ def choose_zero_stage(cfg, plan):
                   + plan.describe("full", 3)))
 
 
+def selective_recompute_supported():
+    """Whether this torch hands a selective-checkpoint policy the op's output (``SelectiveCheckpointContext``'s
+    ``op_output``, torch 2.12 and later). :func:`selective_policy` reads it to keep the in-place writes into what it
+    saved; earlier releases ask the policy before the op runs, and again in the recompute."""
+    import inspect
+
+    from torch.utils.checkpoint import SelectiveCheckpointContext
+
+    return "op_output" in inspect.signature(SelectiveCheckpointContext.__init__).parameters
+
+
+def selective_recompute_error(cfg):
+    """One line (or None) when the config asks for selective recompute and this torch cannot run it: said before
+    the model loads, rather than as an AttributeError at the first forward."""
+    if cfg.model.gradient_checkpointing != "selective" or selective_recompute_supported():
+        return None
+    return (f"model.gradient_checkpointing=selective needs torch 2.12 or later (its policy reads each op's output; "
+            f"torch {torch.__version__} gives none); use auto (full recompute where selective cannot run), full or "
+            f"none")
+
+
 def choose_recompute(cfg, plan, stage):
-    """(policy, reason). model.gradient_checkpointing: auto -> full on CPU, else the least recompute that fits."""
+    """(policy, reason). model.gradient_checkpointing: auto -> full on CPU, else the least recompute that fits
+    (selective only on a torch that can run it: :func:`selective_recompute_supported`)."""
     policy = cfg.model.gradient_checkpointing
+    refused = selective_recompute_error(cfg)
+    if refused:
+        from .config import ConfigError
+
+        raise ConfigError(refused)
     if policy != "auto":
         return policy, f"model.gradient_checkpointing={policy} set in the config; " + plan.describe(policy, stage)
     if plan.device_type != "cuda":
         return "full", "auto on CPU means full recompute; " + plan.describe("full", stage)
+    selective = selective_recompute_supported()
     for p in POLICY_ORDER:
+        if p == "selective" and not selective:
+            continue
         if plan.fits(p, stage):
-            return p, f"least recompute that fits: {plan.describe(p, stage)}"
+            why = "" if selective or p != "full" else f" (selective needs torch 2.12+, this is {torch.__version__})"
+            return p, f"least recompute that fits{why}: {plan.describe(p, stage)}"
     return "full", "nothing fits the plan, full recompute is the least memory: " + plan.describe("full", stage)
 
 

@@ -31,7 +31,7 @@ from .encoding import NoRoomError
 from .files import write_text
 from .lora import fuse_lora
 from .memory import (base_too_big, choose_recompute, choose_zero_stage, context_warning, enable_recompute, fit_warning,
-                     kernel_arch_error, plan_memory)
+                     kernel_arch_error, plan_memory, selective_recompute_error)
 from .metrics import MetricsLogger
 from .modeling import add_lora, describe_lora_targets, load_model, load_tokenizer
 from .optim import (apply_optimizer_settings, apply_schedule, decay_horizon, is_nonfinite_step, lr_lambda, param_groups,
@@ -104,8 +104,8 @@ class Trainer:
         (batch divisibility, a different run in output_dir) comes before any heavy work."""
         cfg = self.cfg
         self.device = init_distributed()
-        no_kernels = kernel_arch_error(cfg, self.device)  # before the model loads (minutes at 7B)
-        if no_kernels:
+        no_kernels = kernel_arch_error(cfg, self.device) or selective_recompute_error(cfg)  # before the model loads
+        if no_kernels:  # (minutes at 7B)
             raise config_mod.ConfigError(no_kernels)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)

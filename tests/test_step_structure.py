@@ -124,6 +124,22 @@ def test_memory_plan_choices():
     assert choose_recompute(cfg, plan, 0)[0] == "selective"
     plan.budget_bytes = between("full", "selective")
     assert choose_recompute(cfg, plan, 0)[0] == "full"
+    # a torch before 2.12 gives the selective policy no op output (its first forward raised AttributeError there):
+    # auto takes full recompute instead, saying why, and an explicit selective is refused in one line
+    from engine import memory
+    from engine.config import ConfigError
+
+    assert memory.selective_recompute_supported()  # the torch this suite pins (2.13)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(memory, "selective_recompute_supported", lambda: False)
+        plan.budget_bytes = between("selective", "none")
+        policy, why = choose_recompute(cfg, plan, 0)
+        assert policy == "full" and "selective needs torch 2.12+" in why
+        explicit = load_config("configs/tiny/mntp.yaml", ["model.gradient_checkpointing=selective"])
+        assert "needs torch 2.12 or later" in memory.selective_recompute_error(explicit)
+        with pytest.raises(ConfigError, match="needs torch 2.12 or later"):
+            choose_recompute(explicit, plan, 0)
+        assert memory.selective_recompute_error(cfg) is None  # auto
     with pytest.raises(Exception, match="model.fused_ops must be one of"):
         load_config("configs/tiny/mntp.yaml", ["model.fused_ops=cuda"])
     with pytest.raises(Exception, match="model.gradient_checkpointing must be one of"):
