@@ -7,8 +7,11 @@ setup(
     packages=["engine", "llm2vec_kernels"],
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.0",
+        # the releases the suite was run on: torch 2.13 (CI) and 2.11 with Triton 3.6 (the GPU image's; there
+        # selective recompute is refused: engine.memory.selective_recompute_supported). Earlier ones fail: torch 2.4
+        # lacks torch.serialization.safe_globals (the checkpoint loader), Triton 3.0's interpreter gets attention wrong
+        "torch>=2.11",
+        "triton>=3.6",
         # 5.2.0: the oldest that builds an export's attention from its config's "is_causal": false (5.0 / 5.1 load
         # it silently causal) and reads its tokenizer (4.57 cannot); engine.export.TRANSFORMERS_FLOOR, in every
         # model card; tests/test_versions.py
