@@ -83,7 +83,7 @@ def test_supervised_data_errors(tmp_path):
     cases = [
         ({**ok, "query": None}, r":2: field 'query' must be a string, got null"),
         ({**ok, "positive": 3}, r":2: field 'positive' must be a string, got a number"),
-        ({"query": "q", "positive": "p", "negatives": None}, r":2: field 'negatives' must be a string or a list"),
+        ({"query": "q", "positive": "p", "negatives": 3}, r":2: field 'negatives' must be a string or a list"),
         ({"query": "q", "positive": "p", "negatives": ["a", None]}, r":2: .*got an array holding null"),
         ({**ok, "instruction": 1}, r":2: field 'instruction' must be a string"),
         ("a string line", r":2: expected a JSON object with query, positive"),
@@ -96,6 +96,11 @@ def test_supervised_data_errors(tmp_path):
     p = _write(tmp_path / "ok.jsonl", json.dumps({**ok, "instruction": None}) + "\n")
     rows, _ = read_supervised([p], default_instruction="Find: ")
     assert rows[0]["instruction"] == "Find: " and rows[0]["negatives"] == ["n"]
+    # and a null negative is a row without one, counted as a missing field is (tests/test_data.py)
+    gap = {"query": "q", "positive": "p", "negatives": None}
+    p = _write(tmp_path / "gap.jsonl", json.dumps(ok) + "\n" + json.dumps(gap) + "\n")
+    rows, stats = read_supervised([p])
+    assert len(rows) == 1 and stats.no_negative == 1
 
 
 def test_relative_data_path_error_says_where_it_was_looked_for(tmp_path, monkeypatch):
