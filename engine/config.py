@@ -547,8 +547,9 @@ def validate(cfg: TrainConfig):
     if c.loss != "infonce" and cfg.stage != "supervised":
         raise ConfigError(f"contrastive.loss={c.loss} trains on scored pairs: use it with stage: supervised "
                           f"(stage {cfg.stage} uses infonce)")
-    if false_negatives_error(c):
-        raise ConfigError(false_negatives_error(c))
+    refused = false_negatives_error(c)
+    if refused:
+        raise ConfigError(refused)
     if len(c.angle_weights) != 3 or any(w < 0 for w in c.angle_weights) or not any(c.angle_weights):
         raise ConfigError(f"contrastive.angle_weights must be 3 non-negative weights (cos, ibn, angle), not all 0, "
                           f"got {c.angle_weights}")

@@ -104,9 +104,9 @@ class Trainer:
         (batch divisibility, a different run in output_dir) comes before any heavy work."""
         cfg = self.cfg
         self.device = init_distributed()
-        no_kernels = kernel_arch_error(cfg, self.device) or selective_recompute_error(cfg)  # before the model loads
-        if no_kernels:  # (minutes at 7B)
-            raise config_mod.ConfigError(no_kernels)
+        refused = kernel_arch_error(cfg, self.device) or selective_recompute_error(cfg)  # before the model loads
+        if refused:  # (minutes at 7B)
+            raise config_mod.ConfigError(refused)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.accum = config_mod.grad_accum_steps(cfg, self.world)
         self.lock = hold_run_folder(cfg.output_dir, self.rank, self.device)  # a second run into it exits here
