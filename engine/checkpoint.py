@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import refs
 from .config import ConfigError, load_config, to_dict
-from .data import EVAL_STS_ORDER, read_sts, sts_eval_pairs
+from .data import EVAL_STS_ORDER, sts_eval_pairs, sts_eval_pairs_are_the_first
 from .distributed import log0, on_rank0, said_by_rank0, together, warn0
 from .encoding import TEXT_FORMAT, training_wrap
 from .files import share_safetensors, sync_file, sync_folder, sync_tree, write_json, write_text
@@ -183,8 +183,8 @@ def write_adapter(model, sd, dst, cfg, tokenizer, step=None):
         "max_length": c.max_len if cfg.stage != "mntp" else cfg.max_seq_len,
         "instruction": c.instruction,
         "chat": training_wrap(cfg), "text_format": TEXT_FORMAT,  # the wrap and text rule it trained with
-        **({"step": step, "fingerprint": fingerprint(cfg), "eval_loss_rule": EVAL_LOSS_RULE}
-           if step is not None else {}),
+        **({"step": step, "fingerprint": fingerprint(cfg), "eval_loss_rule": EVAL_LOSS_RULE,
+            "eval_sts_order": EVAL_STS_ORDER} if step is not None else {}),
     })
     share_safetensors(tmp)  # safetensors writes 0600: readable as any other file the run writes
     sync_tree(tmp)  # on disk before the rename publishes it
@@ -748,13 +748,21 @@ def _rank_state_file(name, rank, shared=True):
 
 def _check_data_of(cfg, rank, root, tag, now):
     """Refuse (ConfigError) to resume ``tag`` when the data under the run's paths is not what it trained on:
-    another item count or other content, so other batches at the same position. resume=force goes on, warned.
-    Checkpoints that recorded no data identity (older ones) are not checked."""
+    another item count or other content, so other batches at the same position, or the same files read by other
+    rules (an engine whose readers changed, ``engine.data.READ_RULES``). resume=force goes on, warned. Checkpoints
+    that recorded no data identity (older ones) are not checked, nor the rules of those that recorded none."""
     saved = _saved_run(root, tag).get("data")
     if not saved or not now or saved == now:
         return
-    what = (f"{saved['items']} items then, {now['items']} now" if saved.get("items") != now.get("items")
-            else f"the same {now['items']} items but other content")
+    if saved.get("items") != now.get("items"):
+        what = f"{saved['items']} items then, {now['items']} now"
+    elif saved.get("sha256") != now.get("sha256"):
+        what = f"the same {now['items']} items but other content"
+    elif "read_rules" not in saved:
+        return
+    else:
+        what = (f"the same files, but this engine reads them by rules {now.get('read_rules')} and {tag} was read by "
+                f"rules {saved['read_rules']}, engine.data.READ_RULES")
     msg = f"the data under {cfg.data} changed since {tag} ({what}): resuming would train on other batches"
     if cfg.resume != "force":
         raise said_by_rank0(ConfigError(f"{msg}; use another output_dir, or resume=force to go on with the new data"),
@@ -910,7 +918,7 @@ def _first_pairs_are_the_eval_pairs(cfg):
     """Whether a best/ record from before ``eval_sts_order`` (scored on the file's first ``eval_sts_pairs`` pairs)
     scored the pairs this run scores: yes where the file holds one genre, or no more pairs than that."""
     try:
-        return read_sts(cfg.eval_data[0])[:cfg.eval_sts_pairs] == sts_eval_pairs(cfg.eval_data[0], cfg.eval_sts_pairs)
+        return sts_eval_pairs_are_the_first(cfg.eval_data[0], cfg.eval_sts_pairs)
     except (OSError, ValueError):  # (a DataError: the run's own eval says it) not comparable
         return False
 

@@ -30,9 +30,11 @@ from .config import json_loads
 BOM = "\ufeff"
 # The version of the rules that turn a source into texts or rows (what is refused, which column is read): the token
 # cache's key holds it (the text stages' settings, :func:`rows_rule_digest`), so entries built under older rules are
-# rebuilt, not reused. Bump it with any change to what a reader yields or refuses. 2: lone surrogates, non-string hf:
-# values and non-STS tables refused.
-READ_RULES = 2
+# rebuilt, not reused, and a checkpoint's data identity (``engine.token_cache.data_identity``), so a resume under
+# other rules is refused. Bump it with any change to what a reader yields or refuses. 2: lone surrogates, non-string
+# hf: values and non-STS tables refused. 3: .JSONL, .Json and .ndjson read as JSON lines in every stage, a BOM
+# dropped at the start of any line, a null source or negative read as none.
+READ_RULES = 3
 
 
 class DataError(ValueError):
@@ -165,11 +167,16 @@ def is_sts_file(path):
 
 def read_sts(path):
     """[(sentence1, sentence2, score)] from an STS Benchmark TSV. Malformed rows are errors with a line number."""
+    return [(a, b, score) for a, b, score, _ in _sts_rows_of(path)]
+
+
+def _sts_rows_of(path):
+    """Every row of an STS Benchmark TSV as (sentence1, sentence2, score, columns); a DataError when it has none."""
     _check_file(path)
-    pairs = [(a, b, score) for a, b, score, _ in _sts_rows(path)]
-    if not pairs:
+    rows = list(_sts_rows(path))
+    if not rows:
         raise DataError(f"no STS pairs in {path}")
-    return pairs
+    return rows
 
 
 def _sts_rows(path):
@@ -722,13 +729,21 @@ def sts_eval_pairs(path, max_pairs):
     when ``max_pairs`` covers the file, else ``max_pairs`` taken genre by genre in turn (:func:`in_turn` over
     :func:`sts_genre`). STS-B dev is sorted by genre: its first 500 pairs are all image and video captions, so a
     best/ chosen on them was chosen on captions alone (forums and news are 55% of STS-B test)."""
-    _check_file(path)
-    rows = list(_sts_rows(path))
-    if not rows:
-        raise DataError(f"no STS pairs in {path}")
+    return _eval_pairs_of(_sts_rows_of(path), max_pairs)
+
+
+def _eval_pairs_of(rows, max_pairs):
     if max_pairs < len(rows):
         rows = in_turn(rows, lambda r: sts_genre(r[3][0]))[:max_pairs]
     return [(a, b, score) for a, b, score, _ in rows]
+
+
+def sts_eval_pairs_are_the_first(path, max_pairs):
+    """Whether :func:`sts_eval_pairs` gives the file's first ``max_pairs`` pairs, the ones a dev score took before
+    ``EVAL_STS_ORDER`` (2026-12-07): yes where ``max_pairs`` covers the file or its first pairs are already in
+    turn (a file of one genre). A score recorded under the old rule compares with a new one only then."""
+    rows = _sts_rows_of(path)
+    return _eval_pairs_of(rows, max_pairs) == [(a, b, score) for a, b, score, _ in rows[:max_pairs]]
 
 
 def sts_genre_lines(path, genres):

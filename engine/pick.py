@@ -27,6 +27,9 @@ worth handing on. Runs trained before engine.stages.base.EVAL_SEED (commit 122fe
 their own seed's order, each on another sample: their losses do not compare, and nothing in the folder says so.
 MNTP runs trained before 2026-12-06 logged another definition of eval_loss (a mean of batch means; their adapter
 records no fingerprint): by eval_loss they are refused beside newer runs (engine.stages.base.EVAL_LOSS_RULE).
+Runs trained before 2026-12-07 scored dev Spearman on the STS file's first ``eval_sts_pairs`` pairs, newer ones on
+pairs taken genre by genre in turn (engine.data.EVAL_STS_ORDER, which the adapter records): by eval_sts_spearman
+they are refused beside each other unless the two rules take the same pairs of that file.
 
 Prints one line per run, best first, and the chosen run's adapter. ``--json FILE`` also writes the readings and
 the choice (atomically). A missing or unreadable run (a metrics.csv that is not UTF-8 CSV or has no ``step``
@@ -43,6 +46,7 @@ import sys
 from .checkpoint import _PATH_KEYS, fingerprint, fingerprint_diff
 from .cli import ArgumentParser, fail, unwritable
 from .config import ConfigError, load_config
+from .data import EVAL_STS_ORDER, DataError, sts_eval_pairs_are_the_first
 from .files import write_json
 
 # metric: True when lower is better
@@ -51,6 +55,9 @@ METRICS = {"eval_loss": True, "eval_sts_spearman": False}
 MUST_MATCH = ("stage", "model.name_or_path", "model.gguf_file", "model.tokenizer", "model.random_init",
               "model.bidirectional", "max_seq_len", "mntp.mask_prob", "mntp.scheme", "mntp.mask_token", "mntp.pack",
               "eval_batches", "micro_batch_size", "eval_sts_pairs")
+
+
+FIRST_PAIRS = "the file's first"  # the dev pairs of an adapter that records no eval_sts_order (before 2026-12-07)
 
 
 class PickError(ValueError):
@@ -100,9 +107,9 @@ def read_run(path, by):
     adapter = os.path.join(path, "adapter")
     if not os.path.isdir(adapter):
         raise PickError(f"{path}: no adapter/ (the run did not finish)")
-    rule = _check_adapter_is_the_runs(path, adapter, cfg)
+    rule, order = _check_adapter_is_the_runs(path, adapter, cfg)
     return {"path": path, "cfg": cfg, "step": cfg.max_steps, "value": last[cfg.max_steps], "adapter": adapter,
-            "eval_loss_rule": rule}
+            "eval_loss_rule": rule, "eval_sts_order": order}
 
 
 def _check_adapter_is_the_runs(path, adapter, cfg):
@@ -111,7 +118,8 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
     writes one, so a run that failed at its end (a full disk at the final checkpoint) left the old adapter beside
     the new config and log. The adapter records its step and the run's fingerprint (adapters written before
     2026-12-06 record neither and are taken as the run's). Returns the definition of the run's ``eval_loss``
-    (engine.stages.base.EVAL_LOSS_RULE) the adapter records or, for adapters that predate the record, implies."""
+    (engine.stages.base.EVAL_LOSS_RULE) and the order its dev pairs were taken in (EVAL_STS_ORDER, or
+    :data:`FIRST_PAIRS`), as the adapter records them or, for adapters that predate the record, implies."""
     try:
         with open(os.path.join(adapter, "engine_encoder.json"), encoding="utf-8") as f:
             meta = json.load(f)
@@ -127,6 +135,8 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
     elif "eval_loss_rule" in meta and (isinstance(meta["eval_loss_rule"], bool)
                                        or not isinstance(meta["eval_loss_rule"], int)):
         what = f"records eval_loss_rule {meta['eval_loss_rule']!r}, not a whole number"
+    elif "eval_sts_order" in meta and not isinstance(meta["eval_sts_order"], str):
+        what = f"records eval_sts_order {meta['eval_sts_order']!r}, not a name"
     if what:  # damaged or hand-edited: not the record write_adapter keeps, so not known to be this run's
         raise PickError(f"{path}: adapter/engine_encoder.json {what}: it is not the record the engine writes, so "
                         f"adapter/ cannot be checked against the run")
@@ -139,7 +149,7 @@ def _check_adapter_is_the_runs(path, adapter, cfg):
             raise PickError(f"{path}: adapter/ was trained under other settings than config.yaml ({', '.join(diff)}): "
                             f"it was left by an earlier run in this folder")
     # no record: written before the rule was (2 once adapters recorded their fingerprint, 8c2120c; 1 before)
-    return meta.get("eval_loss_rule", 2 if "fingerprint" in meta else 1)
+    return meta.get("eval_loss_rule", 2 if "fingerprint" in meta else 1), meta.get("eval_sts_order", FIRST_PAIRS)
 
 
 def _readings(metrics_path, by):
@@ -186,6 +196,8 @@ def check_comparable(runs, by="eval_loss"):
             raise PickError(f"{r['path']} and {first['path']} hold two definitions of MNTP's eval_loss: {old['path']} "
                             f"was trained before 2026-12-06, when it became the mean over every masked token, so "
                             f"their losses do not compare (retrain it, or compare with --by eval_sts_spearman)")
+        if by == "eval_sts_spearman" and r["eval_sts_order"] != first["eval_sts_order"]:
+            _check_same_dev_pairs(first, r)
         if r["step"] != first["step"]:
             raise PickError(f"{r['path']} ends at step {r['step']} and {first['path']} at {first['step']}: "
                             f"compare runs of the same length")
@@ -199,6 +211,21 @@ def check_comparable(runs, by="eval_loss"):
                             f"(compare those with --by eval_sts_spearman)")
         differ |= keys
     return sorted(differ)
+
+
+def _check_same_dev_pairs(a, b):
+    """PickError unless runs whose dev Spearman took its pairs by two rules took the same pairs of the file."""
+    path, n = a["cfg"].eval_data[0], a["cfg"].eval_sts_pairs
+    old = a if a["eval_sts_order"] != EVAL_STS_ORDER else b
+    try:
+        if sts_eval_pairs_are_the_first(path, n):
+            return
+    except (OSError, DataError) as e:
+        raise PickError(f"eval_data {path} does not read as an STS file ({e}): the dev scores of {a['path']} and "
+                        f"{b['path']} cannot be compared") from None
+    raise PickError(f"{a['path']} and {b['path']} scored dev Spearman on other pairs of {path}: {old['path']} was "
+                    f"trained before 2026-12-07 and took its first {n} pairs, the newer run {n} pairs of its genres in "
+                    f"turn, so their dev scores do not compare (retrain it to compare them)")
 
 
 def pick(paths, by="eval_loss"):

@@ -50,6 +50,7 @@ import numpy as np
 
 from .assets import CacheLockError, cache_dir, cache_lock, sha256_of
 from .config import ConfigError
+from . import data
 from .data import DataError
 from .files import pid_alive, sync_folder, write_json
 
@@ -92,11 +93,13 @@ def _sha256_once(path):
 
 
 def data_identity(sources, n_items):
-    """What a checkpoint records of its run's data, beside the paths its fingerprint holds: the item count and a
-    hash of every source's content (:func:`source_identity`), so that a resume notices data changed under the same
-    paths (its batches would differ)."""
+    """What a checkpoint records of its run's data, beside the paths its fingerprint holds: the item count, a hash
+    of every source's content (:func:`source_identity`) and the rules that read them (``engine.data.READ_RULES``),
+    so that a resume notices data changed under the same paths, or read otherwise by a newer engine (its batches
+    would differ)."""
     ident = json.dumps([source_identity(s) for s in sources], sort_keys=True, default=str)
-    return {"items": int(n_items), "sha256": hashlib.sha256(ident.encode()).hexdigest()[:32]}
+    return {"items": int(n_items), "sha256": hashlib.sha256(ident.encode()).hexdigest()[:32],
+            "read_rules": data.READ_RULES}
 
 
 def source_identity(src):

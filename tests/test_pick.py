@@ -243,3 +243,38 @@ def test_contrastive_runs_must_match_in_their_own_text_length(tmp_path, capsys):
     assert pk.main([a, c, "--by", "eval_loss"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "differ in contrastive.max_len (" in err[0], err
+
+
+def test_dev_scores_over_two_pair_orders_are_not_ranked(tmp_path, capsys):
+    """Dev Spearman took the STS file's first ``eval_sts_pairs`` pairs until 2026-12-07 and its genres in turn since
+    (the adapter records the rule): on STS-B dev, sorted by genre, 500 pairs of each rule are other pairs, and a run
+    of each side is refused (the old one named). Where both rules take the same pairs (eval_sts_pairs covering the
+    file, or a file of one genre) they compare; a record that is not a name is refused as not the engine's."""
+    from engine.data import EVAL_STS_ORDER, sts_genre_lines
+
+    def runs(name, eval_data, *over):
+        new = _run(tmp_path / name, "new", {12: 4.0}, *over, eval_data=eval_data)
+        meta = json.load(open(os.path.join(new, "adapter", "engine_encoder.json")))
+        with open(os.path.join(new, "adapter", "engine_encoder.json"), "w") as f:
+            json.dump(dict(meta, eval_sts_order=EVAL_STS_ORDER), f)
+        return new, _run(tmp_path / name, "old", {12: 3.0}, "seed=2", *over, eval_data=eval_data)
+
+    dev = "data/stsbenchmark/sts-dev.csv"
+    new, old = runs("mixed", dev)
+    for order in ([new, old], [old, new]):
+        assert pk.main([*order, "--by", "eval_sts_spearman"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{old} was trained before 2026-12-07 and took its first 500 pairs" in err[0], err
+    assert pk.pick([new, old])["picked"]["path"] == old  # the held-out loss does not read the dev pairs
+    new, old = runs("whole", dev, "eval_sts_pairs=1500")
+    assert pk.pick([new, old], "eval_sts_spearman")["picked"]["path"] == new  # 40 > 30, on the same 1500 pairs
+    one = tmp_path / "captions.csv"
+    one.write_text("\n".join(sts_genre_lines(dev, ["main-captions"])) + "\n")
+    new, old = runs("one-genre", str(one))
+    assert pk.pick([new, old], "eval_sts_spearman")["picked"]["path"] == new
+    with open(os.path.join(new, "adapter", "engine_encoder.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(new, "adapter", "engine_encoder.json"), "w") as f:
+        json.dump(dict(meta, eval_sts_order=1), f)
+    with pytest.raises(pk.PickError, match="records eval_sts_order 1, not a name"):
+        pk.pick([new, old], "eval_sts_spearman")

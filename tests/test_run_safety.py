@@ -342,6 +342,15 @@ def test_resume_refuses_data_changed_under_the_same_paths(tmp_path, capsys):
     capsys.readouterr()
     _check_data_of(forced, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
     assert "resume=force: the data under" in capsys.readouterr().out
+    # the same files read by an engine whose readers changed since (data.READ_RULES): other items, refused
+    with open(os.path.join(path, RUN_FILE), "w") as f:
+        json.dump({**rec, "data": {**now, "read_rules": now["read_rules"] - 1}}, f)
+    with pytest.raises(ConfigError, match=rf"this engine reads them by rules {now['read_rules']} and step_0000002 "
+                                          rf"was read by rules {now['read_rules'] - 1}"):
+        _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
+    with open(os.path.join(path, RUN_FILE), "w") as f:  # a record from before the rules were kept: not judged
+        json.dump({**rec, "data": {k: v for k, v in now.items() if k != "read_rules"}}, f)
+    _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", now)
     with open(os.path.join(path, RUN_FILE), "w") as f:
         json.dump(rec, f)  # recorded before data identities were kept
     _check_data_of(cfg, 0, os.path.join(out, "checkpoints"), "step_0000002", now)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine.data import EVAL_STS_ORDER
 from engine.stages.base import EVAL_LOSS_RULE
 
 from .helpers import deepspeed_cmd, leaked_shm, rewind_run, run_cmd
@@ -64,6 +65,7 @@ def test_mntp_two_ranks_trains_is_killed_and_resumes_exactly(tmp_path):
         meta = json.load(f)
     assert meta["base_model_name"] == load_config(cfg).model.name_or_path == "smollm2-135m"
     assert meta["eval_loss_rule"] == EVAL_LOSS_RULE and meta["step"] == 12  # what engine.pick reads
+    assert meta["eval_sts_order"] == EVAL_STS_ORDER
     # Step 1 on two ranks is the step one rank computes on the same global batch: the same loss and gradients
     from .test_distributed_equality import assert_same_step, one_rank_step, step_one
 
