@@ -33,7 +33,8 @@ BOM = "\ufeff"
 # rebuilt, not reused, and a checkpoint's data identity (``engine.token_cache.data_identity``), so a resume under
 # other rules is refused. Bump it with any change to what a reader yields or refuses. 2: lone surrogates, non-string
 # hf: values and non-STS tables refused. 3: .JSONL, .Json and .ndjson read as JSON lines in every stage, a BOM
-# dropped at the start of any line, a null source or negative read as none.
+# dropped at the start of any line, a null source or negative(s) read as a missing field, a row setting both
+# negative and negatives refused (the second was dropped).
 READ_RULES = 3
 
 
@@ -534,9 +535,14 @@ def _supervised_example(obj, where, meta):
         raise DataError(f"{where}: expected a JSON object with query, positive and negative(s), got "
                         f"{_json_type(obj)}")
     q, p = _str_field(obj, "query", where).strip(), _str_field(obj, "positive", where).strip()
-    key = "negatives" if "negatives" in obj else "negative"
+    # null is a missing field (a gap in a column pandas or datasets wrote: a file mixing rows of either field holds
+    # both, one null); a row without either has no negative, counted
+    given = [k for k in ("negatives", "negative") if obj.get(k) is not None]
+    if len(given) == 2:
+        raise DataError(f"{where}: both 'negative' and 'negatives' are set: give a row's hard negatives in one of them")
+    key = given[0] if given else "negative"
     negs = obj.get(key)
-    if negs is None:  # no field, or null (a gap in a column pandas or datasets wrote): a row without one, counted
+    if negs is None:
         negs = []
     if isinstance(negs, str):
         negs = [negs]

@@ -417,7 +417,7 @@ def _content_revision(folder):
     return h.hexdigest()[:12]
 
 
-def export(model, out, dtype="fp32", normalize=False, max_length=None, overwrite=False, adapter=None,
+def export(model, out, dtype="fp32", normalize=None, max_length=None, overwrite=False, adapter=None,
            drop_chat_wrap=False, model_name=None, allow_mismatch=False):
     """Write the export folder; returns its metadata dict. A training run folder exports its ``best/`` adapter
     when it kept one (``adapter="last"``: ``adapter/``). Checked before any model loads: the model path, that the
@@ -486,7 +486,9 @@ def _write_export(model, info, tmp, out, dtype, normalize, max_length, chat, mod
 
     s = info["settings"]
     pooling = s.get("pooling", "mean")
-    normalize = bool(normalize or s.get("normalize"))  # an export exported again keeps its Normalize module
+    # None: as the model is (an export exported again keeps its Normalize module; a run has none); True/False: add
+    # it or leave it out
+    normalize = bool(s.get("normalize")) if normalize is None else bool(normalize)
     dt = resolve_dtype(dtype, "cpu")
     # Loaded in the export's dtype when the base is stored in it (a bf16 7B: 15 GB of host memory, not 30 + 15):
     # the adapters merge in fp32 with one rounding (merge_loras), so the bits are those of an fp32 load and cast.
@@ -619,7 +621,9 @@ def main(argv=None):
     ap.add_argument("--adapter", choices=sorted(RUN_ADAPTERS), default=None,
                     help="for a training run folder: best (the default when the run kept best/) or last (adapter/)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights dtype (default fp32)")
-    ap.add_argument("--normalize", action="store_true", help="add a Normalize module (unit-length embeddings)")
+    ap.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                    help="add a Normalize module (unit-length embeddings), or leave out an export's own with "
+                         "--no-normalize (default: as the model is)")
     ap.add_argument("--max-length", type=positive_int, default=None,
                     help="inference max tokens (default: the model's, else 512)")
     ap.add_argument("--overwrite", action="store_true", help="replace an earlier export (only a folder holding "

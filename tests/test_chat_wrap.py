@@ -115,6 +115,8 @@ def test_training_encode_and_export_follow_the_recorded_wrap(tmp_path, style):
     assert Encoder.from_pretrained(published, peft_model_name_or_path=plain, device="cpu").chat is None
     assert LLM2Vec.from_pretrained(published, peft_model_name_or_path=plain, device_map="cpu").encoder.chat is None
     assert Encoder.from_pretrained(published, peft_model_name_or_path=run, device="cpu").chat == wrap
+    # and a plain adapter (no record) on top of an engine run keeps the run's record: no wrap guessed from the hub id
+    assert Encoder.from_pretrained(plain, peft_model_name_or_path=published, device="cpu").chat is None
 
 
 @pytest.mark.parametrize("tokenizer", ["smollm2", "sentencepiece"])

@@ -125,6 +125,18 @@ def test_supervised_jsonl_and_sts_conversion(tmp_path):
                               for i, key in enumerate(("negative", "negatives"))) + "\n" + json.dumps(rows[0]) + "\n")
     kept, gap_stats = read_supervised([str(gaps)])
     assert [e["query"] for e in kept] == ["q1"] and gap_stats.no_negative == 2
+    # a file whose rows use either field holds both columns, the one a row lacks null: the other is its negatives
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"query": "b1", "positive": "p", "negative": "n1", "negatives": None}) + "\n"
+                    + json.dumps({"query": "b2", "positive": "p", "negative": None, "negatives": ["a", "b"]}) + "\n")
+    kept, both_stats = read_supervised([str(both)])
+    assert [e["negatives"] for e in kept] == [["n1"], ["a", "b"]] and both_stats.no_negative == 0
+    both.write_text(json.dumps({"query": "b3", "positive": "p", "negative": "n", "negatives": ["m"]}) + "\n")
+    with pytest.raises(DataError, match=r"both\.jsonl:1: both 'negative' and 'negatives' are set"):
+        read_supervised([str(both)])  # (the second was dropped, unsaid)
+    numbered = tmp_path / "numbered.jsonl"  # a number names a group as its text does
+    numbered.write_text(json.dumps({"query": "q", "positive": "p", "negative": "n", "source": 5}) + "\n")
+    assert read_supervised([str(numbered)])[0][0]["source"] == "5"
     # a null source (pandas or datasets write a missing value so) is the file's own group, not the group "None"
     nulls = [tmp_path / "n1.jsonl", tmp_path / "n2.jsonl"]
     for f in nulls:
@@ -278,7 +290,8 @@ def test_a_lone_utf16_surrogate_is_refused_when_read(tmp_path):
     assert read_texts([str(texts)])[0] == ["fine \U0001f600"]
     ok = {"query": "q", "positive": "p", "negative": "n"}
     for key, row in (("query", {**ok, "query": bad}), ("positive", {**ok, "positive": bad}),
-                     ("negative", {**ok, "negative": bad}), ("negatives", {**ok, "negatives": ["n", bad]}),
+                     ("negative", {**ok, "negative": bad}),
+                     ("negatives", {"query": "q", "positive": "p", "negatives": ["n", bad]}),
                      ("instruction", {**ok, "instruction": bad}), ("doc_instruction", {**ok, "doc_instruction": bad}),
                      ("source", {**ok, "source": bad})):
         p = tmp_path / f"s-{key}.jsonl"

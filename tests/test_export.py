@@ -139,6 +139,11 @@ def test_an_export_exported_again_keeps_its_normalize_module(tmp_path, tok):
         assert [m["type"].rsplit(".", 1)[-1] for m in json.load(f)][-1] == "Normalize"
     np.testing.assert_allclose(np.linalg.norm(Encoder.from_pretrained(str(tmp_path / "again"), device="cpu")
                                               .encode(TEXTS), axis=1), 1.0, atol=1e-5)
+    # --no-normalize (normalize=False) leaves it out: it could not be dropped once exported
+    with pytest.warns(UserWarning, match="hard-codes causal"):
+        assert export(str(tmp_path / "again"), str(tmp_path / "raw"), normalize=False)["normalize"] is False
+    with open(tmp_path / "raw" / "modules.json") as f:
+        assert "Normalize" not in [m["type"].rsplit(".", 1)[-1] for m in json.load(f)]
 
 
 def test_the_weights_are_written_once(tmp_path, tok, monkeypatch):

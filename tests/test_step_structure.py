@@ -153,6 +153,22 @@ def test_memory_plan_choices():
     assert choose_zero_stage(explicit, plan)[0] == 3 and explicit.model.gradient_checkpointing == "none"
 
 
+def test_the_trainer_refuses_selective_recompute_on_an_old_torch_before_the_model_loads(tmp_path, monkeypatch):
+    """On a torch without op_output (before 2.12) an explicit selective recompute is refused by Trainer.setup before
+    the run folder is taken or the base loads (minutes at 7B), not by the plan after it."""
+    from engine import memory, trainer
+    from engine.config import ConfigError
+
+    monkeypatch.setattr(memory, "selective_recompute_supported", lambda: False)
+    monkeypatch.setattr(trainer, "init_distributed", lambda: torch.device("cpu"))
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the base was loaded"))
+    out = tmp_path / "run"
+    cfg = load_config("configs/tiny/mntp.yaml", [f"output_dir={out}", "model.gradient_checkpointing=selective"])
+    with pytest.raises(ConfigError, match="needs torch 2.12 or later"):
+        trainer.Trainer(cfg).setup()
+    assert not out.exists()  # nothing held or written
+
+
 @pytest.mark.slow
 def test_zero_stage_auto_two_ranks_takes_stage_3_when_the_base_does_not_fit(tmp_path):
     # The other side, a base that fits (stage 0, torch AdamW without a DeepSpeed wrapper), is asserted on

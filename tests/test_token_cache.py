@@ -458,6 +458,34 @@ def test_a_build_that_meets_bad_data_fails_every_waiting_rank_at_once(_cache, ca
     assert token_cache.build_or_open("f" * 32, "json", lambda w, p: (w.add({"x": 1}), {})[1])[0][:] == [{"x": 1}]
 
 
+def test_only_bad_data_is_kept_for_the_waiting_ranks_and_only_for_its_entry(_cache, monkeypatch):
+    """The record a failed build leaves for the ranks waiting on it holds bad data (a DataError) of that entry only:
+    another failure (a filesystem or tokenizer error) is raised by the builder alone and the next build tries again,
+    and another entry (another run sharing the cache root) builds. One clock instant stands for "while it waited"."""
+    import types
+
+    monkeypatch.setattr(token_cache, "time", types.SimpleNamespace(time=lambda: 100.0))
+
+    def good(writer, progress):
+        writer.add({"x": 1})
+        return {}
+
+    def crash(writer, progress):
+        raise RuntimeError("tokenizer thread died")
+
+    def bad(writer, progress):
+        raise DataError("a.jsonl:3: bad row")
+
+    with pytest.raises(RuntimeError):
+        token_cache.build_or_open("c" * 32, "json", crash, progress=False)
+    assert token_cache.build_or_open("c" * 32, "json", good, progress=False)[0][:] == [{"x": 1}]
+    with pytest.raises(DataError, match="bad row"):
+        token_cache.build_or_open("a" * 32, "json", bad, progress=False)
+    with pytest.raises(DataError, match="bad row"):  # a rank that waited on that build: its error, no build
+        token_cache.build_or_open("a" * 32, "json", good, progress=False)
+    assert token_cache.build_or_open("b" * 32, "json", good, progress=False)[0][:] == [{"x": 1}]
+
+
 def test_a_killed_builds_temp_folder_is_removed_by_a_build_of_any_entry(_cache):
     """A build killed before its rename left ``<key>.tmp-<host>-<pid>`` (corpus-sized) until a later build of the
     same key; after a settings change (a new key) it stayed for ever. A build of any entry removes this host's temp
