@@ -5,10 +5,11 @@ weights, attention, LoRA GEMMs (and the fused LoRA's Triton kernels), elementwis
 dropout, reductions, and the Triton RMSNorm / RoPE / GLU kernels), loss, optimizer (everything in the optimizer
 step), hooks (DeepSpeed's gradient hooks: counted, never in a meta run) and other.
 
-FLOPs come from torch.utils.flop_counter's registry; the Triton attention kernels' from their role (triton(): each
-QK^T-sized product is 2 * sum(L^2) * Hq * D over the real sequence lengths L, bidirectional, so never halved; the
-forward runs 2 of them (Q K^T, P V), the dK/dV kernel 4 (Q K^T recomputed, dV, dP, dK), the dQ kernel 3 (Q K^T and
-dP recomputed, dQ): forward 4 * sum(L^2) * Hq * D, backward 14 * sum(L^2) * Hq * D).
+FLOPs come from torch.utils.flop_counter's registry (SDPA's with grouped K/V at the query's heads: full_head_kv);
+the Triton attention kernels' from their role (triton(): each QK^T-sized product is 2 * sum(L^2) * Hq * D over the
+real sequence lengths L, bidirectional, so never halved; the forward runs 2 of them (Q K^T, P V), the dK/dV kernel 4
+(Q K^T recomputed, dV, dP, dK), the dQ kernel 3 (Q K^T and dP recomputed, dQ): forward 4 * sum(L^2) * Hq * D,
+backward 14 * sum(L^2) * Hq * D).
 
 Bytes are what the op reads plus what it writes (op_bytes): every tensor input is read, except a target the op only
 overwrites (out= arguments, copy_ / fill_ / zero_ and the random fills' self; the scatters' self, of which only the
@@ -132,8 +133,13 @@ class CostMode(TorchDispatchMode):
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         outs = [t for t in outs if not any(t is i for i in ins)]
         fc = flop_registry.get(INPLACE_FLOPS.get(func, func.overloadpacket))
-        flops = fc(*args, **kwargs, out_val=out) if fc is not None else 0
         name = func.overloadpacket.__name__
+        if fc is None:
+            flops = 0
+        elif name in ATTENTION_OPS:
+            flops = fc(*full_head_kv(func, args), **kwargs, out_val=out)
+        else:
+            flops = fc(*args, **kwargs, out_val=out)
         dimset = {d for t in ins for d in t.shape}
         if name in ATTENTION_OPS:
             cat = "attention"
@@ -159,6 +165,29 @@ class CostMode(TorchDispatchMode):
         cat = ("attention" if "attention" in module else "loss" if "masked_ce" in module
                else "lora" if "lora" in module else "elementwise")  # rms_norm, rope, glu
         self.add("triton:" + name, cat, flops, _nbytes([t for t in ts if t.is_meta]), triton=True)
+
+
+def full_head_kv(func, args):
+    """An SDPA op's positional arguments with a grouped K and V replaced by meta tensors at the query's head count,
+    for its FLOPs alone.
+
+    With grouped-query attention (Hkv K/V heads, Hq = g Hkv query heads, enable_gqa) query head h attends to K/V
+    head h // g, and each of the Hq heads still computes its own L_q x L_k scores over D and its own P V: the FLOPs
+    are those of Hq-head attention, 4 B Hq L_q L_k D forward (2 B Hq L_q L_k D per product), whatever Hkv is.
+    torch 2.13's sdpa_flop_count counts so; torch 2.11's asserts that K and V have the query's heads. The bytes
+    stay the op's own (op_bytes): the kernel reads a grouped K/V once, Hkv heads."""
+    names = [a.name for a in func._schema.arguments]
+    qi, ki, vi = (names.index(n) for n in ("query", "key", "value"))
+    q, k = args[qi], args[ki]
+    if k.dim() != 4 or k.shape[1] == q.shape[1]:
+        return args
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{func}: {q.shape[1]} query heads are not groups of {k.shape[1]} K/V heads")
+    args = list(args)
+    for i in (ki, vi):
+        t = args[i]
+        args[i] = t.new_empty((t.shape[0], q.shape[1], *t.shape[2:]), device="meta")
+    return tuple(args)
 
 
 def _nbytes(ts):

@@ -20,7 +20,9 @@ One switch, ``model.fused_ops`` (auto | triton | torch), resolved per call like 
   wrapper is process-wide for that family (like the attention interface registration); it calls the
   original function whenever the fused ops resolve to torch or the call is not the standard form, which
   includes a partial rotary embedding (``partial_rotary_factor`` < 1: cos and sin narrower than a head, the
-  rest of the head passed through), as Phi-4-mini's; the kernel rotates whole heads.
+  rest of the head passed through), as Phi-4-mini's; the kernel rotates whole heads. The original function
+  stays picklable under another route (``_OriginalRope``), and so do the patched modules (their forwards are
+  partials of this module's functions): a patched model can be sent to worker processes.
 
 Whenever the ops resolve to "torch" (impl="torch", or "auto" on CPU) the patched forwards call the
 modules' original forwards, so that path is exactly transformers' code. impl="torch" patches nothing.
@@ -38,6 +40,7 @@ is the decoder layer's ``forward`` itself, i.e. a copy of HF's forward per famil
 not do (a transformers release that changes the layer would silently diverge from our copy). So the adds
 stay in transformers' code; the norms and the gated MLPs above are what is fused.
 """
+import functools
 import importlib
 import sys
 import types
@@ -84,7 +87,9 @@ def _patch_forward(module, fn, kind, **attrs):
     for k, v in attrs.items():
         setattr(module, k, v)
     module._llm2vec_orig_forward = module.forward
-    module.forward = types.MethodType(fn, module)
+    # partial(fn, module), not a bound method: a bound method pickles as getattr(module, "_norm_forward"), which
+    # the module does not have, so a patched model could not be sent to a worker process (engine.multi_device)
+    module.forward = functools.partial(fn, module)
     setattr(module, _TAG, kind)
     return True
 
@@ -98,6 +103,27 @@ def _patch_norm(module, form, skipped):
         skipped.add(f"RMSNorm wider than {_RMS_MAX_H}")
         return False
     return _patch_forward(module, _norm_forward, "rms_norm", _llm2vec_eps=float(eps), _llm2vec_gemma=form == "gemma")
+
+
+class _OriginalRope:
+    """pickle's route to transformers' own ``apply_rotary_pos_emb`` of a modeling module, in whichever process
+    loads: ``getattr(_ORIGINAL_ROPE, "transformers:models:llama:modeling_llama")`` (the module path, ":" for ".")
+    is that module's function, or what _patch_rope's wrapper wraps where the wrapper holds its name.
+
+    pickle sends a function as (module, qualified name) and checks that the name still leads to it. Once the
+    wrapper held transformers' name, the original failed that check, and so did every object that keeps it:
+    transformers 5.2 (``use_kernelized_func``) sets it as each attention module's ``rotary_fn``, so after one model
+    of a family was fused no model of that family, fused or not, could be sent to a multi-device encode's workers.
+    _patch_rope names the original by this route instead; a fresh worker resolves it to its own unpatched function."""
+
+    def __getattr__(self, key):
+        if key.startswith("__"):
+            raise AttributeError(key)
+        fn = importlib.import_module(key.replace(":", ".")).apply_rotary_pos_emb
+        return fn.__wrapped__ if getattr(fn, _TAG, None) is not None else fn
+
+
+_ORIGINAL_ROPE = _OriginalRope()
 
 
 def _patch_rope(modeling_module):
@@ -118,6 +144,8 @@ def _patch_rope(modeling_module):
     setattr(apply_rotary_pos_emb, _TAG, "rope")
     apply_rotary_pos_emb.__wrapped__ = orig
     mod.apply_rotary_pos_emb = apply_rotary_pos_emb
+    if isinstance(orig, types.FunctionType):  # (the kernels package's module-like wrapper pickles by its own rule)
+        orig.__module__, orig.__qualname__ = __name__, "_ORIGINAL_ROPE." + modeling_module.replace(".", ":")
     return True
 
 
@@ -139,6 +167,18 @@ def fused_ops_spec(config):
     return SUPPORTED_ARCHITECTURES.get(getattr(config, "model_type", None), {}).get("fused_ops")
 
 
+def glu_activation(config):
+    """The ``llm2vec_kernels.glu`` activation that computes this model's gated MLP as transformers does, or None
+    where none does: the MLP then keeps transformers' forward on every path. transformers builds the MLP's act_fn
+    from the config attribute the family's ``act_key`` names (Gemma: ``hidden_act``, Gemma2: ``hidden_activation``),
+    and only silu and tanh-approximated GELU have a kernel. Exact GELU, a(g) = g Phi(g) = 0.5 g (1 + erf(g / sqrt 2)),
+    has none: transformers 5.2 and 5.17 run Gemma-1's released ``hidden_act="gelu"`` as that (5.25's GemmaConfig
+    maps it to ``gelu_pytorch_tanh``). apply_fused_ops and the memory plan (engine.memory.layer_shape) both ask this,
+    so the plan costs the MLP that runs."""
+    spec = fused_ops_spec(config)
+    return None if spec is None else _ACTIVATIONS.get(getattr(config, spec["act_key"], None))
+
+
 def apply_fused_ops(model, impl="auto"):
     """Patch a loaded model (or a PEFT wrapper of one) in place; returns counts of what was patched.
 
@@ -154,10 +194,9 @@ def apply_fused_ops(model, impl="auto"):
         counts["skipped"].add(f"family {getattr(base.config, 'model_type', None)!r} has no fused ops")
         return _report(counts)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
-    act_name = getattr(base.config, spec["act_key"], None)
-    act = _ACTIVATIONS.get(act_name)
+    act = glu_activation(base.config)
     if act is None:
-        counts["skipped"].add(f"MLP activation {act_name!r} has no fused kernel")
+        counts["skipped"].add(f"MLP activation {getattr(base.config, spec['act_key'], None)!r} has no fused kernel")
     rope_modules = set()
     for layer in decoder.layers:
         for path in spec["layer_norms"]:

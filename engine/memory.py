@@ -299,6 +299,9 @@ class LayerShape:
     attn_dropout: bool = False  # attention-probability dropout p > 0: two more on the torch path
     max_rank: int = 0  # the largest LoRA rank: selective recompute keeps GEMM outputs whose K exceeds it
     v_width: int = 0  # width of the tensor v is a view of: Q + 2KV where one Linear makes [q | k | v] (Phi3); 0: KV
+    # the gated MLP keeps transformers' forward on the fused paths too: no GLU kernel has its activation
+    # (engine.fused_ops.glu_activation is None, e.g. exact GELU)
+    torch_glu: bool = False
 
 
 # path: (decoder elementwise ops, LoRA): "fused" = Triton RMSNorm / RoPE / GLU + fused LoRA groups with the Triton
@@ -330,7 +333,8 @@ def activation_bytes(s, path, zero3_linear=False):
                                 (4 w + 4) rows in torch: HF keeps the fp32 copy of the input instead. Two (H, 1) in
                                 Llama; four in Gemma2 (pre- and post-norms); Qwen3 adds q_norm (D, n) and k_norm
                                 (D, kv heads) per head;
-      GLU        2 b I        Triton: gate and up;  3 b I in torch: also act(gate).
+      GLU        2 b I        Triton: gate and up;  3 b I in torch: also act(gate). torch on the fused paths too
+                                where no kernel computes the model's activation (``torch_glu``).
     LoRA, "none":
       fused      b (2H + I) + b R   the groups' inputs (both norms' outputs, act(gate) * up; the attention output
                                     is already counted) and h = s drop(x) A^T; in torch with dropout also one bool
@@ -357,7 +361,7 @@ def activation_bytes(s, path, zero3_linear=False):
     kernel, exact = b * (2 * Q + KV + V) + 4 * n, (b + 4) * Q + 4 * KV + 4 * (V if b == 4 else KV) + scores
     attention = (1 - s.torch_attention) * kernel + s.torch_attention * exact
     norms = sum(rows * ((4 if elementwise == "torch" else b) * w + 4) for w, rows in (s.norms or ((H, 1), (H, 1))))
-    glu = (3 if elementwise == "torch" else 2) * b * I
+    glu = (3 if elementwise == "torch" or s.torch_glu else 2) * b * I
     inputs = b * (2 * H + I)
     if path.startswith("fused"):
         lora = inputs + b * s.lora_rank + ((3 * H + I) if elementwise == "torch" and s.dropout else 0)
@@ -407,13 +411,16 @@ def layer_shape(model, dtype=None, dropout=None, seq_len=0, attn_dropout=False):
     widths = {"q_proj": Q, "k_proj": KV, "v_proj": KV}
     v_width = next((sum(widths[p] for p in parts) for parts in _family(tc).get("fused_projections", {}).values()
                     if "v_proj" in parts), 0)
+    from .fused_ops import glu_activation  # what apply_fused_ops fuses the MLP with, if anything
+
     return LayerShape(hidden=H, kv=KV, inter=getattr(tc, "intermediate_size", 4 * H),
                       heads=tc.num_attention_heads, b=torch.empty((), dtype=dtype).element_size(), lora_in=lora_in,
                       lora_rank=lora_rank, adapter_b=adapter_b, dropout=drop if dropout is None else dropout,
                       q_width=Q, v_width=v_width,
                       norms=_layer_norms(tc, layer[0] if layer is not None else None, kv),
                       torch_attention=_torch_attention_share(tc, layer, seq_len), seq_len=seq_len,
-                      softcap=softcap, attn_dropout=bool(attn_dropout), max_rank=max_rank)
+                      softcap=softcap, attn_dropout=bool(attn_dropout), max_rank=max_rank,
+                      torch_glu=glu_activation(tc) is None)
 
 
 def _family(tc):

@@ -253,6 +253,29 @@ def test_meta_sdpa_keeps_grouped_kv_when_hf_passes_enable_gqa():
         assert (len(names) == 1) is gqa, names  # without enable_gqa, K and V are first repeated (copies costed)
 
 
+def test_grouped_kv_attention_costs_the_flops_of_every_query_head():
+    """Each of the Hq query heads computes its own scores and P V against its group's K/V: the FLOPs of SDPA with
+    8 K/V heads for 32 query heads are those with 32 (forward 4 B Hq L^2 D; the backward's 5 products 2.5x that),
+    while its bytes read the grouped K/V once. torch 2.11's flop formula asserted equal head counts (the proxy
+    failed on every GQA model there); torch 2.13's counts the query heads."""
+    B, Hq, L, D = 2, 32, 512, 128
+    rows = {}
+    for hkv in (8, Hq):
+        q, k, v = (torch.empty(B, h, L, D, dtype=torch.bfloat16, device="meta", requires_grad=True)
+                   for h in (Hq, hkv, hkv))
+        mode = step_cost.CostMode({"V": 32000, "r": 16}, [L] * B, ["fwd_bwd"])
+        with step_census.gpu_like_ops(meta=True), mode:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=hkv < Hq)
+            out.backward(torch.empty_like(out))
+        rows[hkv] = {name: (flops, nbytes) for name, cat, flops, nbytes, _, _ in mode.rows if cat == "attention"}
+    fwd, bwd = "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward"
+    assert rows[8].keys() == rows[Hq].keys() == {fwd, bwd}
+    assert rows[8][fwd][0] == rows[Hq][fwd][0] == 4 * B * Hq * L * L * D
+    assert rows[8][bwd][0] == rows[Hq][bwd][0] == 10 * B * Hq * L * L * D
+    kv_bytes = 2 * B * L * D * 2  # one K/V head of bf16 K and V
+    assert rows[Hq][fwd][1] - rows[8][fwd][1] == (Hq - 8) * kv_bytes  # K and V read at 8 heads, not 32
+
+
 def test_profile_classes_add_up_to_the_measured_kernel_time():
     prof = step_calibration.read_profile()
     with open(step_calibration.PROFILE) as f:

@@ -150,6 +150,37 @@ def test_torch_setting_patches_nothing_and_auto_keeps_hf_forwards_on_cpu():
         llm2vec_kernels.set_default_impl("fused_ops", "auto")
 
 
+def test_models_of_a_fused_family_still_pickle():
+    """Sending a model to another process (engine.multi_device) pickles it, and pickle sends a function by its
+    module and name, checking that the name still leads to it. transformers 5.2 keeps each attention module's RoPE
+    function as ``rotary_fn``: once _patch_rope had put its wrapper under transformers' name, no model of that family,
+    fused or not, could be pickled. The original now pickles by a route that any process resolves to its own
+    unpatched function (engine.fused_ops._ORIGINAL_ROPE)."""
+    import pickle
+    import sys
+
+    from transformers import LlamaForCausalLM
+
+    from .helpers import tiny_llama_config
+
+    plain = LlamaForCausalLM(tiny_llama_config())  # built before its family's RoPE is patched
+    fused = LlamaForCausalLM(tiny_llama_config())
+    try:
+        assert apply_fused_ops(fused, "auto")["rope"] == 1
+    finally:
+        llm2vec_kernels.set_default_impl("fused_ops", "auto")
+    for model in (plain, fused):
+        assert pickle.dumps(model)
+    name = type(fused.model.layers[0].self_attn).__module__
+    wrapper = sys.modules[name].apply_rotary_pos_emb
+    assert getattr(wrapper, "_llm2vec_fused") == "rope"
+    from engine.fused_ops import _ORIGINAL_ROPE
+
+    assert getattr(_ORIGINAL_ROPE, name.replace(".", ":")) is wrapper.__wrapped__
+    if isinstance(wrapper.__wrapped__, type(wrapper)):  # a plain function (not the kernels package's module form)
+        assert pickle.loads(pickle.dumps(wrapper.__wrapped__)) is wrapper.__wrapped__
+
+
 def test_config_key():
     assert load_config("configs/tiny/mntp.yaml").model.fused_ops == "auto"
     assert load_config("configs/tiny/mntp.yaml", ["model.fused_ops=triton"]).model.fused_ops == "triton"

@@ -126,6 +126,23 @@ def test_no_more_workers_than_chunks(tok, monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_a_model_with_fused_ops_reaches_the_workers(tok):
+    """engine.fused_ops patches a loaded model in place (its norms' and MLPs' forwards, its family's RoPE function).
+    The patched forwards were bound methods, which pickle as getattr(module, "_norm_forward"), a name the module
+    lacks: the worker could not load the model. On transformers 5.2 each attention module also keeps the unpatched
+    RoPE function (rotary_fn), which pickle refused once the patch held its name."""
+    from engine.fused_ops import apply_fused_ops
+
+    enc = _encoder(tok)
+    counts = apply_fused_ops(enc.model, "auto")  # auto on CPU: the kernels would run on CUDA, torch here
+    assert counts["rms_norm"] and counts["glu"] and counts["rope"], counts
+    ref = enc.encode(TEXTS, convert_to_tensor=True)
+    with deadline():
+        out = enc.encode(TEXTS, device=["cpu", "cpu"], convert_to_tensor=True)  # 5 texts: one chunk, one worker
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
 _UNGUARDED_SCRIPT = """
 import torch
 from transformers import LlamaModel
