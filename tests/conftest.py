@@ -27,6 +27,24 @@ import transformers.utils.logging  # noqa: E402
 transformers.utils.logging.get_logger("transformers")
 
 
+@pytest.fixture(scope="session")
+def gemma2_gpu_run_rehearsal(tmp_path_factory):
+    """benchmarks/gpu_run.sh's CPU rehearsal on Gemma2's structure (GPU_RUN_ARCH=gemma2-9b; GPU_RUN_SKIP leaves the
+    GPU tests out), run once for the session: (its $OUT, the TMPDIR it ran under, the finished process). Its steps
+    include the attention benchmark's tiny CPU run (`bench_attention --tiny --plot`), whose rows
+    test_attention.py checks; test_bench_train_step.py checks the run itself."""
+    from tests.helpers import ROOT, run_cmd
+
+    base = tmp_path_factory.mktemp("gpu_run_gemma2")
+    out, scratch = base / "out", base / "tmp"
+    scratch.mkdir()
+    r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")],
+                env={"GPU_RUN_CPU": "1", "GPU_RUN_ARCH": "gemma2-9b", "OUT": str(out), "GPU_RUN_SKIP": "pytest_gpu",
+                     "TMPDIR": str(scratch)},
+                timeout=400)
+    return out, scratch, r
+
+
 def _compile_job(item):
     marker = item.get_closest_marker("compile_check")
     return marker.args[0] if marker else None

@@ -59,6 +59,84 @@ def run_cmd(args, env=None, timeout=600, cwd=ROOT):
 RUN_CMD_MODULES = ("engine.", "benchmarks.", "tests.run_check")
 
 
+class Child:
+    """``subprocess.Popen(args, cwd=cwd, env=env, stdout=<file>, stderr=<file or the same>)`` for a test that
+    drives a child itself (signals it, kills it, starts ranks with no launcher): forked from tests/zygote.py's
+    server when it is one of run_cmd's commands (engine/train.py, ``-m`` RUN_CMD_MODULES), else a real process;
+    tests/test_zygote.py holds a zygote child equal to a real one (argv, env, cwd, stdio, exit codes, signals).
+    Its output goes to temporary files, so no pipe fills while the test waits on another process: ``output()``
+    reads what it wrote so far, ``communicate(timeout)`` waits for the end and returns (stdout, stderr) as text."""
+
+    def __init__(self, args, cwd=ROOT, env=None, stderr_to_stdout=False):
+        import tempfile
+
+        from tests import zygote
+
+        self.args = [os.fspath(a) for a in args]
+        env = dict(os.environ if env is None else env)
+        self._out = tempfile.TemporaryFile()
+        self._err = self._out if stderr_to_stdout else tempfile.TemporaryFile()
+        kw = dict(allow_modules=RUN_CMD_MODULES, allow_scripts=(zygote.TRAIN,))
+        if zygote.enabled() and zygote.route(self.args, cwd, **kw) is not None:
+            zygote.warm(self.args, env, cwd)  # a server for this environment, started now if none has it
+        self.proc = zygote.popen(self.args, env=env, cwd=cwd, stdout=self._out.fileno(), stderr=self._err.fileno(),
+                                 **kw)
+        self.pid = self.proc.pid
+
+    @property
+    def returncode(self):
+        return self.proc.returncode
+
+    def poll(self):
+        return self.proc.poll()
+
+    def wait(self, timeout=None):
+        return self.proc.wait(timeout)
+
+    def send_signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def kill(self):
+        self.proc.kill()
+
+    @staticmethod
+    def _text(f):
+        import locale
+
+        f.seek(0)
+        return f.read().decode(locale.getpreferredencoding(False)).replace("\r\n", "\n").replace("\r", "\n")
+
+    def output(self):
+        return self._text(self._out)
+
+    def communicate(self, timeout=None):
+        self.wait(timeout)
+        return self._text(self._out), ("" if self._err is self._out else self._text(self._err))
+
+
+def run_ranks(cmds, cwds, timeout=300):
+    """Start the ranks ``cmds`` ([(argv, env)], tests/launch.py rank_commands) as Children in ``cwds``, with no
+    launcher to stop them, and wait for them all: [(returncode, stdout, stderr)]. A rank still running ``timeout``
+    s after the start fails the test, every rank killed."""
+    import time
+
+    procs = [Child(argv, cwd=cwd, env=env) for (argv, env), cwd in zip(cmds, cwds)]
+    t0, results = time.time(), []
+    try:
+        for p in procs:
+            try:
+                results.append((p.wait(max(1, timeout - (time.time() - t0))), *p.communicate()))
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"a rank was still running {timeout} s after the start (waiting in a "
+                                     "collective)")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
 def child_env(env=None):
     """The environment run_cmd gives a child: this process's, less what must not leak into one, plus ``env``."""
     e = dict(os.environ)

@@ -1028,12 +1028,20 @@ def test_autotune_candidates_compile_without_spills(compile_reports):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(ON_GPU, reason="the tiny CPU benchmark; the GPU run calls the benchmark directly")
-def test_benchmark_tiny_runs(tmp_path):
-    from benchmarks import bench_attention
+def test_benchmark_tiny_runs(gemma2_gpu_run_rehearsal):
+    # `python -m benchmarks.bench_attention --tiny --out CSV --plot PNG` (TRITON_INTERPRET=1), run once for the
+    # session as a step of gpu_run.sh's CPU rehearsal (tests/conftest.py; test_bench_train_step.py checks the run):
+    # its CSV is in $OUT, the plot in results.tar.gz
+    import tarfile
 
-    csv_path, png = tmp_path / "attn.csv", tmp_path / "attn.png"
-    rows = bench_attention.main(["--tiny", "--out", str(csv_path), "--plot", str(png)])
-    assert csv_path.exists() and png.exists()
+    from benchmarks.common import read_rows
+
+    out, _, r = gemma2_gpu_run_rehearsal
+    assert "ok bench_attention in" in (out / "log.txt").read_text(), r.stdout[-3000:] + r.stderr[-3000:]
+    with tarfile.open(out / "results.tar.gz") as tar:
+        pngs = [m for m in tar.getmembers() if os.path.basename(m.name) == "bench_attention.png"]
+        assert len(pngs) == 1 and tar.extractfile(pngs[0]).read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = read_rows(str(out / "bench_attention.csv"))
     impls = {r["impl"] for r in rows}
     assert {"triton", "triton-atomicdq", "triton-padded", "triton-padded-atomicdq", "torch", "sdpa-math",
             "sdpa-padmask"} <= impls, impls

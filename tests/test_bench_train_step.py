@@ -256,18 +256,14 @@ def test_peak_lookup():
 
 
 @pytest.mark.slow
-def test_gpu_run_rehearses_another_structure(tmp_path):
+def test_gpu_run_rehearses_another_structure(gemma2_gpu_run_rehearsal):
     """GPU_RUN_ARCH=gemma2-9b (README): the CPU rehearsal times llm2vec's recipe and engine-auto on Gemma2's
     structure, each in its own process, runs the kernel checks and the attention benchmark, skips the Mistral-only
     steps, and the summary reports the ratio. GPU_RUN_SKIP leaves a named step out (here the GPU tests, whose
     collection alone takes 12 s on CPU, where every one skips). Its scratch folder ($TMPDIR/gpu_run.*, which the
-    log's start line names) is removed at the end, once everything in it is in $OUT."""
-    out, scratch = tmp_path / "out", tmp_path / "tmp"
-    scratch.mkdir()
-    r = run_cmd(["bash", os.path.join(ROOT, "benchmarks", "gpu_run.sh")],
-                env={"GPU_RUN_CPU": "1", "GPU_RUN_ARCH": "gemma2-9b", "OUT": str(out), "GPU_RUN_SKIP": "pytest_gpu",
-                     "TMPDIR": str(scratch)},
-                timeout=400)
+    log's start line names) is removed at the end, once everything in it is in $OUT. (The run: tests/conftest.py's
+    session fixture, whose attention benchmark rows test_attention.py's test_benchmark_tiny_runs checks.)"""
+    out, scratch, r = gemma2_gpu_run_rehearsal
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = (out / "log.txt").read_text()
     assert "structure gemma2-9b" in log and "SKIP pytest_gpu: GPU_RUN_SKIP" in log and "== pytest_gpu" not in log
@@ -765,25 +761,21 @@ def test_a_sigterm_writes_the_row_of_the_steps_timed_so_far(tmp_path):
     writes its row from the steps timed so far (status=ok, cut=term, timed_steps of them; the summary calls a
     verdict on it provisional) and the process ends, 143."""
     import signal
-    import subprocess
     import time
+
+    from .helpers import Child
 
     out = tmp_path / "ts.csv"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--stages", "mntp",
-                             "--impls", "reference", "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
+    proc = Child([sys.executable, "-m", "benchmarks.bench_train_step", "--tiny", "--stages", "mntp", "--impls",
+                  "reference", "--steps", "100000", "--out", str(out)], env=env, stderr_to_stdout=True)
 
     def timing():  # the warm-up done, then a few timed steps
         deadline = time.time() + 300
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "warm-up steps done" in line or not line:
-                break
-        assert "warm-up steps done" in lines[-1], "".join(lines)[-3000:]
+        while time.time() < deadline and "warm-up steps done" not in proc.output() and proc.poll() is None:
+            time.sleep(0.1)
+        assert "warm-up steps done" in proc.output(), proc.output()[-3000:]
         time.sleep(2.0)
 
     rest, _ = sigterm_when(proc, timing)

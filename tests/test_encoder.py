@@ -270,7 +270,8 @@ want = encode_texts(ref_model, tok, texts, instruction="Retrieve a sentence:", p
 plain = encode_texts(ref_model, tok, texts, instruction="Retrieve a sentence:", pooling=enc.pooling, max_len=enc.max_length)
 print(json.dumps({"chat": enc.chat, "n_adapters": len(enc.source["adapters"]), "pooling": enc.pooling,
                   "max_length": enc.max_length, "diff": float((got - want).abs().max()),
-                  "wrap_effect": float((got - plain).abs().max())}))
+                  "wrap_effect": float((got - plain).abs().max())}), flush=True)
+Encoder.from_pretrained("McGill-NLP/not-cached")  # not in the hub cache: fails, naming it (the process's end)
 '''
 
 
@@ -294,14 +295,14 @@ def test_llm2vec_published_layout_from_hub_cache_offline(tmp_path, tok):
     _save_adapter(p1.merge_and_unload(), sup, "McGill-NLP/LLM2Vec-Tiny-mntp", seed=2)
     with open(os.path.join(sup, "llm2vec_config.json"), "w") as f:
         json.dump({"pooling_mode": "mean", "max_length": 64, "doc_max_length": 400, "skip_instruction": True}, f)
+    # one process (each pays torch's and transformers' import): the cached chain, then a hub id not in the cache
     r = run_cmd(["python", "-c", _HUB_SCRIPT, base, mntp, sup],
                 env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    lines = r.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("{"), r.stderr[-3000:]  # the cached chain encoded, then the id failed
+    res = json.loads(lines[-1])
     assert res["chat"] == "inst" and res["n_adapters"] == 2 and res["max_length"] == 64
     assert res["diff"] < 1e-5 and res["wrap_effect"] > 1e-3
-    r = run_cmd(["python", "-c", "from engine import Encoder; Encoder.from_pretrained('McGill-NLP/not-cached')"],
-                env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}, timeout=120)
     assert r.returncode != 0 and "McGill-NLP/not-cached" in r.stderr
 
 

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import socket
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ from safetensors.torch import load_file
 
 from engine.checkpoint import LOCK_FILE, UnsafeCheckpointError, load_state_file
 
-from .helpers import ROOT, rewind_run, run_cmd, sigterm_when
+from .helpers import Child, rewind_run, run_cmd, sigterm_when
 
 pytestmark = pytest.mark.slow
 
@@ -69,8 +68,7 @@ def test_a_second_run_into_a_held_folder_exits_2_naming_the_holder_and_a_kill_le
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "TRITON_INTERPRET"):
         env.pop(k, None)
-    first = subprocess.Popen(_args(out, "max_steps=100000", "save_every=0"), cwd=ROOT, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = Child(_args(out, "max_steps=100000", "save_every=0"), env=env)
     try:
         lock = os.path.join(out, LOCK_FILE)
         deadline = time.time() + 300
@@ -110,8 +108,7 @@ def test_a_sigterm_ends_the_run_through_its_cleanup(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "TRITON_INTERPRET"):
         env.pop(k, None)
-    run = subprocess.Popen(_args(out, "max_steps=100000", "save_every=0", "log_every=1", "progress_bar=false"),
-                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = Child(_args(out, "max_steps=100000", "save_every=0", "log_every=1", "progress_bar=false"), env=env)
 
     def training():
         deadline = time.time() + 300

@@ -217,13 +217,11 @@ def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_pat
     cannot read (not UTF-8; a cut weights file): that rank's error reaches the other, which waited in the next
     collective (on NCCL until its timeout, on gloo a traceback when the failed rank left): one line, exit 2 on
     both."""
-    import subprocess
-
     from engine.config import ModelConfig
     from engine.distributed import free_port
     from engine.modeling import load_tokenizer
 
-    from .helpers import ROOT
+    from .helpers import ROOT, run_ranks
     from .launch import rank_commands
     from .test_encoder import _save_base
 
@@ -248,14 +246,11 @@ def test_ranks_that_read_different_data_under_the_same_paths_are_refused(tmp_pat
             *model_args]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONUNBUFFERED"] = "1"
-    procs = [subprocess.Popen(argv, env=e, cwd=tmp_path / f"node{rank}", stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for rank, (argv, e) in enumerate(rank_commands(2, free_port(), os.path.join(ROOT, "engine", "train.py"),
-                                                            args, env))]
-    results = [p.communicate(timeout=300) for p in procs]
-    err = "".join(se for _, se in results)
+    results = run_ranks(rank_commands(2, free_port(), os.path.join(ROOT, "engine", "train.py"), args, env),
+                        [tmp_path / "node0", tmp_path / "node1"], timeout=300)
+    err = "".join(se for _, _, se in results)
     said = [x for x in err.splitlines() if x.startswith("error:")]
-    assert [p.returncode for p in procs] == [2, 2], err[-3000:]
+    assert [rc for rc, _, _ in results] == [2, 2], err[-3000:]
     assert len(said) == 1, err[-3000:]
     if case == "bad-data":
         assert "corpus.txt:2" in said[0] and "UTF-8" in said[0], said

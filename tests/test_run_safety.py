@@ -466,18 +466,23 @@ def test_force_applies_the_new_learning_rate_and_max_steps(mntp_run, tmp_path):
     assert (saved["learning_rate"], saved["max_steps"]) == (0.05, 6)
 
 
-_FAILING_LOG = """
-import errno, sys
-from engine.metrics import MetricsLogger
-log = MetricsLogger.log
-def failing(self, step, row):
-    if step == 2:
-        raise OSError(errno.EIO, "injected metrics write failure")
-    return log(self, step, row)
-MetricsLogger.log = failing
-from engine.train import exit_with, main
-exit_with(main(sys.argv[1:]))
-"""
+def _failing_log():
+    """engine/train.py whose metrics.csv write of step 2's row fails (``python -m tests.run_check``, which run_cmd
+    forks from the zygote)."""
+    import errno
+    import sys
+
+    log = MetricsLogger.log
+
+    def failing(self, step, row):
+        if step == 2:
+            raise OSError(errno.EIO, "injected metrics write failure")
+        return log(self, step, row)
+
+    MetricsLogger.log = failing
+    from engine.train import exit_with, main
+
+    exit_with(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
@@ -487,8 +492,8 @@ def test_a_failed_metrics_write_at_a_save_step_ends_the_run_before_that_checkpoi
     was marked COMPLETE: the resume started at step 3 and row 2 was never written. The failure must end the run
     before that checkpoint is marked; the rerun then starts before it and writes every row."""
     out = str(tmp_path / "run")
-    r = run_cmd(["python", "-c", _FAILING_LOG, "--config", "configs/tiny/mntp.yaml", f"output_dir={out}", *MNTP,
-                 "log_every=1"], timeout=600)
+    r = run_cmd(["python", "-m", "tests.run_check", "tests.test_run_safety:_failing_log", "--config",
+                 "configs/tiny/mntp.yaml", f"output_dir={out}", *MNTP, "log_every=1"], timeout=600)
     assert r.returncode != 0 and "injected metrics write failure" in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     ckpts = os.path.join(out, "checkpoints")
     assert not os.path.exists(os.path.join(ckpts, "step_0000002", COMPLETE))
@@ -543,7 +548,7 @@ def test_a_full_disk_in_rank_0s_metrics_write_ends_every_rank_alike_with_no_laun
 
     from engine.distributed import free_port
 
-    from .helpers import tmpfs_mount
+    from .helpers import run_ranks, tmpfs_mount
     from .launch import rank_commands
 
     mnt = tmp_path / "small"
@@ -556,20 +561,10 @@ def test_a_full_disk_in_rank_0s_metrics_write_ends_every_rank_alike_with_no_laun
                 "micro_batch_size=1", "max_samples=40", "progress_bar=false", "logger=csv"]
         env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
         env["PYTHONUNBUFFERED"] = "1"
-        procs = [subprocess.Popen(argv, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for argv, e in rank_commands(2, free_port(), "engine/train.py", args, env)]
-        results = []
-        for p in procs:
-            try:
-                so, se = p.communicate(timeout=300)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise AssertionError("a rank was still running 300 s after the start (waiting in a collective)")
-            results.append((p.returncode, se))
-        err = "".join(se for _, se in results)
+        results = run_ranks(rank_commands(2, free_port(), "engine/train.py", args, env), [ROOT, ROOT], timeout=300)
+        err = "".join(se for _, _, se in results)
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-        assert [rc for rc, _ in results] == [2, 2], err[-4000:]
+        assert [rc for rc, _, _ in results] == [2, 2], err[-4000:]
         assert len(lines) == 1 and "no space left on the device writing" in lines[0], err[-4000:]
         assert "Traceback" not in err, err[-4000:]
         with open(out / "metrics.csv") as f:
@@ -578,18 +573,26 @@ def test_a_full_disk_in_rank_0s_metrics_write_ends_every_rank_alike_with_no_laun
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-_FAILING_SAVE = """
-import errno, os, sys, torch
-if os.environ.get("RANK") == "1":  # one rank's DeepSpeed state file of step 2 cannot be written (a full disk)
-    save = torch.save
-    def failing(obj, f, *args, **kwargs):
-        if "step_0000002" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return save(obj, f, *args, **kwargs)
-    torch.save = failing
-from engine.train import exit_with, main
-exit_with(main(sys.argv[1:]))
-"""
+def _failing_save():
+    """A rank of engine/train.py (``python -u -m tests.run_check``, forked from the zygote) whose DeepSpeed state
+    file of step 2 cannot be written on rank 1 (a full disk)."""
+    import errno
+    import sys
+
+    import torch
+
+    if os.environ.get("RANK") == "1":
+        save = torch.save
+
+        def failing(obj, f, *args, **kwargs):
+            if "step_0000002" in str(f):
+                raise OSError(errno.ENOSPC, "No space left on device", str(f))
+            return save(obj, f, *args, **kwargs)
+
+        torch.save = failing
+    from engine.train import exit_with, main
+
+    exit_with(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
@@ -599,31 +602,20 @@ def test_a_state_file_that_one_rank_cannot_write_ends_every_rank_at_once(tmp_pat
     the peer leave, and said so in a second line). The error is kept until the barrier and raised on every rank
     after it: both ranks, started without a launcher to stop them, exit 2 at once with one line from the failed
     rank, and the checkpoint is never marked complete."""
-    import subprocess
-    import time
-
     from engine.distributed import free_port
 
+    from .helpers import run_ranks
     from .launch import rank_commands
 
-    script = tmp_path / "failing_save.py"
-    script.write_text(_FAILING_SAVE)
     out = tmp_path / "run"
     args = ["--config", os.path.join(TINY, "mntp.yaml"), f"output_dir={out}", *MNTP, "zero_stage=1",
             "memory_budget_gb=64", "progress_bar=false"]
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")])))
-    procs = [subprocess.Popen(argv, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for argv, e in rank_commands(2, free_port(), str(script), args, env)]
-    results, t0 = [], time.time()
-    for p in procs:
-        try:
-            so, se = p.communicate(timeout=max(1, 300 - (time.time() - t0)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("a rank was still running 300 s after the start (waiting in a collective)")
-        results.append((p.returncode, so, se))
+    env["PYTHONUNBUFFERED"] = "1"
+    # each rank: python -u -m tests.run_check tests.test_run_safety:_failing_save --local_rank=R args (from ROOT)
+    cmds = [([argv[0], "-u", "-m", "tests.run_check", "tests.test_run_safety:_failing_save", *argv[3:]], e)
+            for argv, e in rank_commands(2, free_port(), "engine/train.py", args, env)]
+    results = run_ranks(cmds, [ROOT, ROOT], timeout=300)
     err = "".join(se for _, _, se in results)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert [rc for rc, _, _ in results] == [2, 2], err[-4000:]

@@ -65,6 +65,20 @@ def test_smollm2_mntp_steps(tmp_path):
     assert os.path.isfile(os.path.join(out, "adapter", "adapter_model.safetensors"))
 
 
+@pytest.fixture(scope="module")
+def gguf_file():
+    """The asset's GGUF file and one parse of it: gguf.GGUFReader, a read-only memory map of the file and its fields
+    (about 2 s a parse; transformers parses the file again for each of the config, the tokenizer and the weights)."""
+    import glob
+
+    from gguf import GGUFReader
+
+    from engine import assets
+
+    path = glob.glob(os.path.join(assets.cache_dir(), "smollm2-135m", "gguf", "*.gguf"))[0]
+    return path, GGUFReader(path)
+
+
 def _dequant_q4_1(raw):
     # GGML Q4_1 blocks of 32 weights, 20 bytes: fp16 scale d, fp16 minimum m, 16 bytes of 4-bit codes (the low
     # nibbles are weights 0-15, the high nibbles 16-31); weight = d * code + m.
@@ -82,18 +96,14 @@ def _dequant_q8_0(raw):
     return torch.from_numpy((d * b[..., 2:].copy().view(np.int8).astype(np.float32)).reshape(raw.shape[0], -1))
 
 
-def test_converted_folder_holds_the_gguf_weights_dequantised_independently():
+def test_converted_folder_holds_the_gguf_weights_dequantised_independently(gguf_file):
     # The cached folder (what every load uses) against a de-quantisation written here from the GGML block
     # layouts, not transformers' GGUF loader, which produced the folder. gguf.GGUFReader only reads raw bytes.
-    import glob
-
-    from gguf import GGUFReader
     from safetensors.torch import load_file
 
     from engine import assets
 
-    gguf = glob.glob(os.path.join(assets.cache_dir(), "smollm2-135m", "gguf", "*.gguf"))[0]
-    tensors = {t.name: t for t in GGUFReader(gguf).tensors}
+    tensors = {t.name: t for t in gguf_file[1].tensors}
     folder = load_file(os.path.join(assets.fetch("smollm2-135m", quiet=True), "model.safetensors"))
     assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_1"
     heads, hd = 9, 64
@@ -152,14 +162,30 @@ def test_mntp_loss_of_the_causal_model_is_next_token_loss(smol):
     assert float(loss) < MNTP_CAUSAL_MAX, float(loss)
 
 
-def test_gguf_file_loads_to_the_same_model_as_the_converted_folder(smol):
-    import glob
+def test_gguf_file_loads_to_the_same_model_as_the_converted_folder(smol, gguf_file, monkeypatch):
+    import gguf as gguf_py
 
-    from engine import assets
     from engine.config import ModelConfig
     from engine.modeling import load_model, packed_hidden_states
 
-    gguf = glob.glob(os.path.join(assets.cache_dir(), "smollm2-135m", "gguf", "*.gguf"))[0]
+    # transformers' GGUF loader parses the file once for each of the config (twice), the tokenizer and the weights,
+    # and builds gguf's tensor-name map anew for every module of the model (~400 times): here they share the
+    # fixture's parse and one map per (architecture, layers), read-only objects equal to fresh ones. Every step of
+    # the load (config, tokenizer, de-quantisation, renaming) still runs on them.
+    gguf, reader = gguf_file
+    real_reader, real_map, maps = gguf_py.GGUFReader, gguf_py.get_tensor_name_map, {}
+
+    def shared_reader(path, *args, **kwargs):
+        same = os.path.realpath(path) == os.path.realpath(gguf) and not args and not kwargs
+        return reader if same else real_reader(path, *args, **kwargs)
+
+    def shared_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = real_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    monkeypatch.setattr(gguf_py, "GGUFReader", shared_reader)
+    monkeypatch.setattr(gguf_py, "get_tensor_name_map", shared_map)
     direct, tok = load_model(ModelConfig(name_or_path=gguf, bidirectional=False))
     model, _ = smol
     b = tok(["A plane is taking off."], return_tensors="pt")
