@@ -541,9 +541,7 @@ def _supervised_example(obj, where, meta):
     if len(given) == 2:
         raise DataError(f"{where}: both 'negative' and 'negatives' are set: give a row's hard negatives in one of them")
     key = given[0] if given else "negative"
-    negs = obj.get(key)
-    if negs is None:
-        negs = []
+    negs = obj[key] if given else []
     if isinstance(negs, str):
         negs = [negs]
     if not isinstance(negs, list) or not all(isinstance(x, str) for x in negs):
