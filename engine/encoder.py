@@ -465,6 +465,31 @@ def _device_list(device):
     return list(device) if isinstance(device, (list, tuple)) else None
 
 
+def split_devices(model):
+    """The devices of a model that a device map spread over more than one (accelerate's ``hf_device_map``, which
+    ``device_map=`` sets), else None. Such a model is never moved whole: its layers' placement is the point."""
+    placed = getattr(model, "hf_device_map", None) or {}
+    devs = sorted({f"cuda:{v}" if isinstance(v, int) else str(v) for v in placed.values()})
+    return devs if len(devs) > 1 else None
+
+
+def _placement(model, here, device, who):
+    """Where ``model`` (now on ``here``, the device its inputs go to) runs when asked for ``device``: that device,
+    moved there, unless a device map split it. A split model stays where it is for ``device`` None or the bare
+    type of its first device (``"cuda"`` for one on cuda:0 and cuda:1, as llm2vec's default asks); any other
+    device is a ValueError, since moving it whole undoes the split (and may not fit)."""
+    if device is None:
+        return here
+    target = torch.device(device)
+    split = split_devices(model)
+    if split is None or target == here:
+        return target
+    if target.type == here.type and target.index is None:
+        return here
+    raise ValueError(f"{who}: the model is split across {split} by its device_map, so device={str(device)!r} would "
+                     f"move it whole; leave device out (its inputs go to {here}), or load it without device_map")
+
+
 _ATTENTION = ("auto", "triton", "torch")
 
 
@@ -503,7 +528,7 @@ class Encoder:
         self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
         self.normalize, self.attention = normalize, attention
         here = next(model.parameters()).device
-        self.device = torch.device(device) if device is not None else here
+        self.device = _placement(model, here, device, "Encoder")
         if self.device != here:  # the weights go where the inputs will (a device_map model names its first device)
             self.model.to(self.device)
         self.last_stats = {}
@@ -654,12 +679,17 @@ class Encoder:
         if devices and len(devices) > 1:
             from .multi_device import encode_multi_device
 
+            if split_devices(self.model):
+                raise ValueError(f"encode: the model is split across {split_devices(self.model)} by its device_map; "
+                                 f"device={devices} would copy it whole to each device; leave device out, or load "
+                                 f"it without device_map")
+
             with _attention(self.attention):  # the workers take this encoder's kernel
                 emb = encode_multi_device(self, texts, instrs, devices, kw, stats, show_progress_bar)
         else:
             model = self.model
             if devices or device is not None:
-                target = torch.device(devices[0] if devices else device)
+                target = _placement(self.model, self.device, devices[0] if devices else device, "encode")
                 if target != self.device:
                     self.model.to(target)
                     self.device = target

@@ -32,10 +32,10 @@ import socket
 
 import torch
 
-from .encoder import _LLM2VEC_POOLING, Encoder, resolve_chain
+from .encoder import _LLM2VEC_POOLING, Encoder, resolve_chain, split_devices
 
 ENCODER_KWARGS = ("pooling_mode", "max_length", "doc_max_length", "skip_instruction")
-MODEL_KWARGS = ("torch_dtype", "dtype", "device_map", "low_cpu_mem_usage")
+MODEL_KWARGS = ("torch_dtype", "dtype", "device_map", "max_memory", "offload_folder", "low_cpu_mem_usage")
 _POOLING_NAMES = {v: k for k, v in _LLM2VEC_POOLING.items()}
 # The chat wrap and default instruction a saved model encodes with (engine.encoder reads them)
 ENGINE_TEXT_FILE = "engine_text.json"
@@ -151,7 +151,7 @@ class LLM2Vec:
         As in llm2vec, a plain string is ``["", text]``: no instruction, not even the model's default one (which
         ``Encoder.encode`` applies), so ``encode(documents)`` embeds documents plain; a pair keeps its own."""
         self._sync()
-        if device is None:
+        if device is None and not split_devices(self.encoder.model):  # a device_map split stays where it is
             device = "cuda" if torch.cuda.is_available() else "cpu"
         as_numpy = bool(convert_to_numpy) and not convert_to_tensor
         emb = self.encoder.encode(sentences, batch_size=batch_size, show_progress_bar=show_progress_bar,

@@ -244,6 +244,55 @@ def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, to
         assert first_token_moves(int(am[0].sum()) - 1)  # the first text's last real token
 
 
+
+@pytest.mark.parametrize("model_type,window", [("llama", None), ("qwen2", None), ("gemma2", None), ("mistral", 3)])
+def test_the_export_is_bidirectional_under_flash_attention_2(tmp_path, tok, model_type, window, monkeypatch):
+    """``attn_implementation="flash_attention_2"`` (how a 7B is often served) gets the export's ``is_causal: false``
+    too: transformers hands the config's flag to the kernel as ``causal``. flash-attn needs CUDA, so its kernels
+    are stood in by torch maths (tests/flash_standin.py); transformers' own FA2 path (unpadding, varlen lengths,
+    softcap, window) runs as on a GPU. On a padded batch the states equal the default (SDPA / eager) path's, for
+    grouped K/V (Llama, Qwen2) and Gemma2's softcap. A sliding window shorter than the text is the exception,
+    which the README states: FA2 takes ``window_size=(w-1, w-1)``, one key fewer each side than SDPA's band."""
+    import warnings
+
+    from transformers import AutoModel
+
+    from engine.export import export
+
+    from . import flash_standin
+    from .test_oracles import padded_batch, tiny
+
+    model = tiny(model_type, vocab_size=len(tok), **({"sliding_window": window} if window else {}))
+    base, out = str(tmp_path / "base"), str(tmp_path / "exp")
+    model.save_pretrained(base, safe_serialization=True)
+    tok.save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        export(base, out)
+    default = AutoModel.from_pretrained(out).eval()
+    fa2 = AutoModel.from_pretrained(out).eval()
+    fa2.config._attn_implementation = "flash_attention_2"  # from_pretrained would refuse it without CUDA
+    flash_standin.install(monkeypatch)
+    ids, am = padded_batch("right")
+    real = am.bool()
+    assert not real.all()  # padded: transformers unpads to the varlen kernel
+    with torch.no_grad():
+        want = default(input_ids=ids, attention_mask=am).last_hidden_state
+        got = fa2(input_ids=ids, attention_mask=am).last_hidden_state
+    calls = flash_standin.CALLS
+    assert len(calls) == model.config.num_hidden_layers and not any(c["causal"] for c in calls)
+    if model_type == "gemma2":
+        assert {c["softcap"] for c in calls} == {model.config.attn_logit_softcapping}
+    if window:
+        assert {c["window_size"] for c in calls} == {(window - 1, window - 1)}
+        assert (got[real] - want[real]).abs().max() > 1e-2  # SDPA's band reaches |i - j| <= window
+    else:
+        torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-4)
+        fa2.config.is_causal = True  # the test can tell: causal through the same path differs
+        with torch.no_grad():
+            causal = fa2(input_ids=ids, attention_mask=am).last_hidden_state
+        assert flash_standin.CALLS[-1]["causal"] and (causal[real] - want[real]).abs().max() > 1e-2
+
 def test_an_engine_adapter_of_phi3s_fused_projections_reloads_and_exports(tmp_path, tok):
     """The default LoRA targets on Phi3 adapt its qkv_proj and gate_up_proj (engine.modeling.lora_targets): the
     adapter the engine writes names those modules in adapter_config.json, PEFT loads it back, and the export's merge
