@@ -473,6 +473,12 @@ def split_devices(model):
     return devs if len(devs) > 1 else None
 
 
+def _home(model):
+    """The device a model's inputs go to: that of its first weight not offloaded (a device map that offloads to
+    disk leaves the offloaded ones on ``meta``, and accelerate's hooks bring each in), else the CPU."""
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 def _placement(model, here, device, who):
     """Where ``model`` (now on ``here``, the device its inputs go to) runs when asked for ``device``: that device,
     moved there, unless a device map split it. A split model stays where it is for ``device`` None or the bare
@@ -527,7 +533,7 @@ class Encoder:
         self.pooling, self.max_length, self.default_instruction = pooling, max_length, instruction
         self.doc_max_length, self.skip_instruction, self.chat = doc_max_length, skip_instruction, chat
         self.normalize, self.attention = normalize, attention
-        here = next(model.parameters()).device
+        here = _home(model)
         self.device = _placement(model, here, device, "Encoder")
         if self.device != here:  # the weights go where the inputs will (a device_map model names its first device)
             self.model.to(self.device)
@@ -568,7 +574,7 @@ class Encoder:
         if device_map is None:
             model.to(dev)
         else:
-            dev = next(model.parameters()).device
+            dev = _home(model)
         chat = chat_for(info, chat)
         pool = pooling or (_LLM2VEC_POOLING.get(pooling_mode, pooling_mode) if pooling_mode else None)
         enc = cls(model, tok, pooling=pool or s.get("pooling", "mean"),

@@ -282,16 +282,18 @@ def test_a_first_tokens_head_that_re_tokenises_longer_is_cut_further():
 def test_a_model_split_by_a_device_map_is_not_moved_whole(tmp_path, tok, monkeypatch):  # noqa: F811
     """A model that a device map spreads over several devices (here accelerate's CPU + disk offload, the split a
     7B takes on a small GPU) encodes where it lies: LLM2Vec.encode's default device ("cuda" when one is
-    available, as in llm2vec) used to move it whole, and any device other than its first is refused in one line."""
+    available, as in llm2vec) used to move it whole, and any device other than its first is refused in one line.
+    Its inputs go to its first weight that is not offloaded: the embedding, offloaded here, is on ``meta``."""
     base = str(tmp_path / "base")
     _save_base(base, tok)
     texts = ["a text", "another, longer one"]
     ref = Encoder.from_pretrained(base, device="cpu").encode(texts, convert_to_tensor=True)
-    placed = {"embed_tokens": "cpu", "layers.0": "cpu", "layers.1": "disk", "norm": "cpu", "rotary_emb": "cpu"}
+    placed = {"embed_tokens": "disk", "layers.0": "cpu", "layers.1": "disk", "norm": "cpu", "rotary_emb": "cpu"}
     l2v = LLM2Vec.from_pretrained(base, device_map=placed, torch_dtype=torch.float32,
                                   offload_folder=str(tmp_path / "offload"))
     enc = l2v.encoder
     assert enc.model.hf_device_map == placed and enc.device == torch.device("cpu")
+    assert enc.model.get_input_embeddings().weight.device.type == "meta"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # llm2vec's default would ask for "cuda"
     torch.testing.assert_close(l2v.encode(texts), ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(enc.encode(texts, device="cpu", convert_to_tensor=True), ref, atol=1e-6, rtol=0)
