@@ -206,6 +206,7 @@ def init_distributed():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=timeout)
+        _deepspeed_world_group(timeout)
         if not cuda:
             _unlink_shm_allreduce_segment()
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -214,6 +215,21 @@ def init_distributed():
         return torch.device("cuda", local)
     split_cpu_threads()
     return torch.device("cpu")
+
+
+def _deepspeed_world_group(timeout):
+    """DeepSpeed's data-parallel group, which its gradient reduction and ZeRO's collectives use, is a copy of the
+    world that it makes with ``torch.distributed.new_group(ranks)``: torch's default timeout, 10 minutes under
+    NCCL, whatever the world was given. Made here first, with the world's timeout, so every collective of a run
+    waits ``DEEPSPEED_TIMEOUT`` minutes. A DeepSpeed without that copy (``deepspeed.utils.groups._WORLD_GROUP``,
+    read by ``_clone_world_group``) is an error here, not a silent 10 minutes."""
+    from deepspeed.utils import groups
+
+    if not hasattr(groups, "_clone_world_group") or not hasattr(groups, "_WORLD_GROUP"):
+        raise RuntimeError("engine.distributed: this DeepSpeed has no deepspeed.utils.groups._WORLD_GROUP; its "
+                           "data-parallel group's timeout cannot be set")
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def leave():

@@ -1,9 +1,13 @@
 """How a multi-rank run reports a failure: one line, not one per rank, without losing the line of an error only one
 rank meets; which process is which rank before the process group exists; the process group's timeout."""
 import os
+import sys
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed as dist
 
 from .helpers import deepspeed_cmd, run_cmd
 
@@ -194,6 +198,30 @@ def test_the_process_group_gets_the_timeout(monkeypatch):
     with pytest.raises(Joined) as seen:
         distributed.init_distributed()
     assert seen.value.args[0]["timeout"].total_seconds() == 45 * 60
+
+
+def _data_parallel_group_timeout():
+    """(tests.run_check) Join a world of one as a run does; 0 when DeepSpeed's data-parallel group has the world's
+    timeout (DEEPSPEED_TIMEOUT)."""
+    from deepspeed.utils import groups
+
+    from engine import distributed
+
+    distributed.init_distributed()
+    seen = {name: g._get_backend(torch.device("cpu")).options._timeout
+            for name, g in (("world", dist.group.WORLD), ("data parallel", groups._get_data_parallel_group()))}
+    print(seen)
+    distributed.leave()
+    return 0 if set(seen.values()) == {timedelta(minutes=int(os.environ["DEEPSPEED_TIMEOUT"]))} else 1
+
+
+def test_deepspeeds_data_parallel_group_gets_the_timeout_too():
+    """DeepSpeed reduces gradients on its own copy of the world, made by ``new_group`` with torch's default
+    timeout (10 minutes under NCCL, 30 under gloo) whatever the world's was. 45 minutes tells the two apart on
+    gloo: before the engine made that copy itself, the world had 45 and the data-parallel group 30."""
+    r = run_cmd([sys.executable, "-m", "tests.run_check", "tests.test_rank_errors:_data_parallel_group_timeout"],
+                env={"DEEPSPEED_TIMEOUT": "45"}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_a_bad_timeout_is_one_line_before_the_run_starts(tmp_path, monkeypatch, capsys):
