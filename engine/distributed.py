@@ -5,6 +5,7 @@ gets ``cores / local ranks`` intra-op threads (``engine.multi_device.share_cpu_c
 shm-allreduce segment once every peer mapped it, so no run leaves shared memory behind.
 """
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -242,6 +243,9 @@ def leave():
             dist.destroy_process_group()
         except Exception:  # leaving anyway; a failed run's error is already reported
             pass
+        groups = getattr(sys.modules.get("deepspeed.utils"), "groups", None)
+        if groups is not None:  # DeepSpeed's copy of the world went with it; a later world makes its own
+            groups._WORLD_GROUP = None
 
 
 def local_world_size(default=None):

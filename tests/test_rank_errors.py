@@ -212,6 +212,8 @@ def _data_parallel_group_timeout():
             for name, g in (("world", dist.group.WORLD), ("data parallel", groups._get_data_parallel_group()))}
     print(seen)
     distributed.leave()
+    if groups._WORLD_GROUP is not None:  # the destroyed world's copy would be a later world's group
+        return 2
     return 0 if set(seen.values()) == {timedelta(minutes=int(os.environ["DEEPSPEED_TIMEOUT"]))} else 1
 
 
