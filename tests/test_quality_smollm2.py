@@ -96,6 +96,30 @@ def test_readme_general_table_is_the_committed_general_measurement():
         assert f"{where['f']['spearman']:.2f} (f) to {col['k']['spearman']:.2f} (k)" in flat
 
 
+def test_readme_quotes_the_general_tables_rescore_at_head():
+    """The README's line on the 2026-12-08 re-score is that folder's results.json against the committed table:
+    the causal row equal to two decimals in both columns, the trained rows' ranges of moves, (j) above 70 and (g) on news."""
+    base = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
+    with open(os.path.join(base, "results.json")) as f:
+        old = json.load(f)
+    with open(os.path.join(base, "2026-12-08-at-head", "results.json")) as f:
+        new = json.load(f)
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        flat = " ".join(f.read().split())
+    cols = [(old["rows"], new["rows"]), (old["holdout"]["rows"], new["holdout"]["rows"])]
+    assert not new["complete"] and set(new["holdout"]["rows"]) == set("aghj")  # stopped before held-out (i), (k)
+    moves = []
+    for was, now in cols:
+        assert round(now["a"]["spearman"], 2) == round(was["a"]["spearman"], 2)  # float sums move the 5th digit
+        d = [round(now[k]["spearman"], 2) - round(was[k]["spearman"], 2) for k in now if k != "a"]
+        moves.append((min(d), max(d)))
+    (lo, hi), (hlo, hhi) = moves
+    assert f"move by {lo:+.2f} to {hi:+.2f} in-domain and {hlo:+.2f} to {hhi:+.2f} on news" in flat
+    j, g = new["rows"]["j"]["spearman"], new["holdout"]["rows"]["g"]["spearman"]
+    gap = g - new["holdout"]["rows"]["a"]["spearman"]
+    assert j >= 70 and f"(j) gives {j:.2f}, still above 70; (g) is {gap:+.2f} on news" in flat
+
+
 def test_same_pairs_split_the_general_tables_held_out_gap():
     """same-pairs.json scores the general table's own adapters by genre: the held-out adapters reproduce the
     table's news column, the rows that never see STS-B are one model in both columns, and the READMEs' reading of
