@@ -98,7 +98,8 @@ def test_readme_general_table_is_the_committed_general_measurement():
 
 def test_readme_quotes_the_general_tables_rescore_at_head():
     """The README's line on the 2026-12-08 re-score is that folder's results.json against the committed table:
-    the causal row equal to two decimals in both columns, the trained rows' ranges of moves, (j) above 70 and (g) on news."""
+    the causal row equal to two decimals in both columns, the trained rows' ranges of moves, (j) above 70 and
+    (g) on news."""
     base = os.path.join(ROOT, "benchmarks", "results", "quality-smollm2-135m-general")
     with open(os.path.join(base, "results.json")) as f:
         old = json.load(f)
