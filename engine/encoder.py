@@ -574,7 +574,7 @@ class Encoder:
         if device_map is None:
             model.to(dev)
         else:
-            dev = _home(model)
+            dev = None  # where the device map put it: Encoder takes its inputs' device from the model
         chat = chat_for(info, chat)
         pool = pooling or (_LLM2VEC_POOLING.get(pooling_mode, pooling_mode) if pooling_mode else None)
         enc = cls(model, tok, pooling=pool or s.get("pooling", "mean"),
@@ -685,10 +685,11 @@ class Encoder:
         if devices and len(devices) > 1:
             from .multi_device import encode_multi_device
 
-            if split_devices(self.model):
-                raise ValueError(f"encode: the model is split across {split_devices(self.model)} by its device_map; "
-                                 f"device={devices} would copy it whole to each device; leave device out, or load "
-                                 f"it without device_map")
+            split = split_devices(self.model)
+            if split:
+                raise ValueError(f"encode: the model is split across {split} by its device_map; device={devices} "
+                                 f"would copy it whole to each device; leave device out, or load it without "
+                                 f"device_map")
 
             with _attention(self.attention):  # the workers take this encoder's kernel
                 emb = encode_multi_device(self, texts, instrs, devices, kw, stats, show_progress_bar)

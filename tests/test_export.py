@@ -244,7 +244,6 @@ def test_every_family_reloads_bidirectional_from_the_exports_config(tmp_path, to
         assert first_token_moves(int(am[0].sum()) - 1)  # the first text's last real token
 
 
-
 @pytest.mark.parametrize("model_type,window", [("llama", None), ("qwen2", None), ("gemma2", None), ("mistral", 3)])
 def test_the_export_is_bidirectional_under_flash_attention_2(tmp_path, tok, model_type, window, monkeypatch):
     """``attn_implementation="flash_attention_2"`` (how a 7B is often served) gets the export's ``is_causal: false``
@@ -292,6 +291,7 @@ def test_the_export_is_bidirectional_under_flash_attention_2(tmp_path, tok, mode
         with torch.no_grad():
             causal = fa2(input_ids=ids, attention_mask=am).last_hidden_state
         assert flash_standin.CALLS[-1]["causal"] and (causal[real] - want[real]).abs().max() > 1e-2
+
 
 def test_an_engine_adapter_of_phi3s_fused_projections_reloads_and_exports(tmp_path, tok):
     """The default LoRA targets on Phi3 adapt its qkv_proj and gate_up_proj (engine.modeling.lora_targets): the
